@@ -1,0 +1,18 @@
+-- Exact integer arithmetic for money and quantities. DuckDB divides DECIMALs into DOUBLE, so every
+-- division that reaches an amount goes through HUGEINT with an explicit rounding rule.
+
+-- n / d rounded half-up (half away from zero for negative n); d > 0.
+create or replace macro div_half_up(n, d) as
+    case
+        when n::hugeint >= 0 then (2 * n::hugeint + d::hugeint) // (2 * d::hugeint)
+        else -((2 * (-n::hugeint) + d::hugeint) // (2 * d::hugeint))
+    end;
+
+-- ceil(n / d) for n >= 0, d > 0.
+create or replace macro ceil_div(n, d) as (n::hugeint + d::hugeint - 1) // d::hugeint;
+
+-- a DECIMAL with at most 9 decimal places as an exact integer count of 1e-9 units.
+create or replace macro to_nano(x) as (x::decimal(38, 9) * 1000000000)::hugeint;
+
+-- back from 1e-9 units to DECIMAL(38, 9), exactly.
+create or replace macro from_nano(n) as (n::decimal(38, 0) * 0.000000001::decimal(10, 9))::decimal(38, 9);

@@ -1,0 +1,123 @@
+-- Exact usage per customer, meter, dimension and UTC day: reset-aware counter increase, gauge integral and peak.
+/* config
+materialized: table
+partitioned_by: billing_daily
+time_column: day
+grain: [day, customer_id, meter_id, dimension]
+lookback_days: 35
+group: usage
+*/
+with edges as (
+    select * from fct_series_edges_by_day
+    where day >= $lookback_start_date::date and day < $end_date::date
+),
+
+series as (
+    select * from dim_series
+    where meter_id is not null and customer_id is not null
+),
+
+today as (
+    select * from edges
+    where day >= $start_date::date and day < $end_date::date
+),
+
+-- rule 3: each series' last sample before the day, from the edges of up to 35 earlier days
+previous as (
+    select
+        series_id,
+        arg_max(last_value, last_ts_ms) as prev_value,
+        max(last_ts_ms) as prev_ts_ms
+    from edges
+    where day < $start_date::date and samples > 0
+    group by series_id
+),
+
+joined as (
+    select
+        coalesce(today.series_id, previous.series_id) as series_id,
+        coalesce(today.samples, 0) as samples,
+        coalesce(today.dropped_samples, 0) as dropped_samples,
+        today.first_ts_ms,
+        today.first_value,
+        coalesce(today.in_day_increase, 0) as in_day_increase,
+        coalesce(today.resets, 0) as resets,
+        today.peak,
+        coalesce(today.in_day_integral, 0) as in_day_integral,
+        coalesce(today.in_day_covered_ms, 0) as in_day_covered_ms,
+        coalesce(today.max_gap_ms, 0) as max_gap_ms,
+        previous.prev_value,
+        previous.prev_ts_ms
+    from today
+    full outer join previous
+        on today.series_id = previous.series_id
+    where today.series_id is not null
+        or previous.prev_ts_ms + $staleness_ms > $start_ms
+),
+
+per_series as (
+    select
+        series.customer_id,
+        series.meter_id,
+        series.dimension,
+        series.kind,
+        joined.*,
+        -- rule 4: seen again after a gap longer than the lookback: flagged, its first value not counted
+        (joined.samples > 0 and joined.prev_value is null and series.first_seen_ms < $start_ms - $edge_lookback_ms)
+            as reappeared,
+        case
+            when joined.samples = 0 then 0
+            -- rule 2: the pair straddling midnight belongs to the later sample's day
+            when joined.prev_value is not null then
+                case
+                    when joined.first_value >= joined.prev_value
+                        then joined.first_value::decimal(38, 9) - joined.prev_value::decimal(38, 9)
+                    else joined.first_value::decimal(38, 9)
+                end
+            when series.first_seen_ms < $start_ms - $edge_lookback_ms then 0
+            -- rule 4: a new series started from zero
+            else joined.first_value::decimal(38, 9)
+        end as boundary_increase,
+        -- rule 5: yesterday's last gauge sample holds into today until the first sample or staleness
+        case
+            when joined.prev_ts_ms is null then 0
+            else greatest(
+                0,
+                least(coalesce(joined.first_ts_ms, $end_ms), joined.prev_ts_ms + $staleness_ms, $end_ms) - $start_ms
+            )
+        end as carry_in_ms
+    from joined
+    inner join series
+        on joined.series_id = series.series_id
+),
+
+final as (
+    select
+        $start_date::date as day,
+        customer_id,
+        meter_id,
+        dimension,
+        any_value(kind) as kind,
+        case when any_value(kind) = 'counter'
+            then sum(boundary_increase + in_day_increase)::decimal(38, 9)
+        end as usage,
+        case when any_value(kind) = 'gauge'
+            then sum(in_day_integral + coalesce(prev_value::decimal(38, 9), 0) * carry_in_ms)::decimal(38, 9)
+        end as gauge_integral,
+        case when any_value(kind) = 'gauge'
+            then sum(in_day_covered_ms + carry_in_ms)::bigint
+        end as gauge_covered_ms,
+        case when any_value(kind) = 'gauge'
+            then coalesce(sum(peak), 0)::decimal(38, 9)
+        end as gauge_peak,
+        count(*)::bigint as series,
+        sum(samples)::bigint as samples,
+        sum(dropped_samples)::bigint as dropped_samples,
+        sum(resets)::bigint as resets,
+        count(*) filter (where reappeared)::bigint as reappeared_series,
+        max(max_gap_ms)::bigint as max_gap_ms
+    from per_series
+    group by customer_id, meter_id, dimension
+)
+
+select * from final
