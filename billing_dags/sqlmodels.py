@@ -10,6 +10,7 @@ and a ``/* config ... */`` block in YAML:
     time_column: day             # every output row must fall in the partition window
     grain: [day, customer_id, meter_id, dimension]   # unique key, checked
     lookback_days: 35            # earlier daily partitions of upstream daily models it reads
+    require_complete_lookback: true  # fail if one of those days has raw data but no partition
     group: usage
     */
 

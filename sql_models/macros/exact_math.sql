@@ -12,7 +12,10 @@ create or replace macro div_half_up(n, d) as
 create or replace macro ceil_div(n, d) as (n::hugeint + d::hugeint - 1) // d::hugeint;
 
 -- a DECIMAL with at most 9 decimal places as an exact integer count of 1e-9 units.
-create or replace macro to_nano(x) as (x::decimal(38, 9) * 1000000000)::hugeint;
+-- (integer and fractional parts apart, so values past 10^20 do not overflow DECIMAL(38, 9))
+create or replace macro to_nano(x) as
+    trunc(x::decimal(38, 9))::hugeint * 1000000000
+    + ((x::decimal(38, 9) - trunc(x::decimal(38, 9))) * 1000000000)::hugeint;
 
 -- back from 1e-9 units to DECIMAL(38, 9), exactly.
 create or replace macro from_nano(n) as (n::decimal(38, 0) * 0.000000001::decimal(10, 9))::decimal(38, 9);

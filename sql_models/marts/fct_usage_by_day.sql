@@ -5,6 +5,7 @@ partitioned_by: billing_daily
 time_column: day
 grain: [day, customer_id, meter_id, dimension]
 lookback_days: 35
+require_complete_lookback: true  # a missing earlier day would bill a counter's whole value as new
 group: usage
 */
 with edges as (

@@ -1,0 +1,518 @@
+"""The `billing` command: demo, simulate, run, invoice(s), usage, plans, sql.
+
+Every command meets bad input with an error that names the input and the fix, and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .settings import PROJECT_ROOT, Paths, resolve_paths
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class CliError(Exception):
+    """Bad input to a command; the message names the input and the fix."""
+
+
+# --- argument parsing helpers ----------------------------------------------------------------
+
+_MONTH_RE = re.compile(r"^(\d{4})-(\d{2})$")
+
+
+def parse_month(value: str) -> date:
+    m = _MONTH_RE.match(value or "")
+    if not m or not 1 <= int(m.group(2)) <= 12:
+        raise CliError(f"month {value!r} is not YYYY-MM; give e.g. --month 2026-10")
+    return date(int(m.group(1)), int(m.group(2)), 1)
+
+
+def next_month(month: date) -> date:
+    return (month.replace(day=28) + timedelta(days=4)).replace(day=1)
+
+
+def last_complete_month(today: date | None = None) -> date:
+    today = today or datetime.now(timezone.utc).date()
+    return (today.replace(day=1) - timedelta(days=1)).replace(day=1)
+
+
+def check_billable_month(month: date, today: date | None = None) -> None:
+    from .defs.shared.partitions import PARTITIONS_START
+
+    today = today or datetime.now(timezone.utc).date()
+    start = date.fromisoformat(PARTITIONS_START)
+    if month < start:
+        raise CliError(f"month {month:%Y-%m} is before the first partition ({start:%Y-%m}); pick a later month")
+    if next_month(month) > today:
+        raise CliError(
+            f"month {month:%Y-%m} has not ended yet (today is {today}); the latest complete month is "
+            f"{last_complete_month(today):%Y-%m}"
+        )
+
+
+def _paths(args) -> Paths:
+    return resolve_paths(getattr(args, "data_dir", None), getattr(args, "seeds_dir", None))
+
+
+def _customers(paths: Paths) -> list[dict]:
+    from .seeds import load_seeds
+
+    return load_seeds(paths.seeds_dir)["customers"].to_pylist()
+
+
+def require_customer(paths: Paths, customer_id: str) -> dict:
+    from .seeds import SAFE_ID_RE
+
+    if not SAFE_ID_RE.match(customer_id or ""):
+        raise CliError(
+            f"customer id {customer_id!r} is not a safe identifier (lowercase letters, digits, '_', '-', '.'); "
+            "use the customer_id column of seeds/customers.csv"
+        )
+    customers = {c["customer_id"]: c for c in _customers(paths)}
+    if customer_id not in customers:
+        close = [c for c in customers if c.startswith(customer_id.split("-")[0])][:5] or sorted(customers)[:5]
+        raise CliError(
+            f"unknown customer {customer_id!r} in {paths.seeds_dir / 'customers.csv'}; known ids include "
+            f"{', '.join(close)} (see `billing sql \"select customer_id from seed_customers\"`)"
+        )
+    return customers[customer_id]
+
+
+def _emit(rows: list[dict], fmt: str, title: str | None = None) -> None:
+    if fmt == "json":
+        print(json.dumps(rows, indent=2, default=str))
+    elif fmt == "csv":
+        buf = io.StringIO()
+        if rows:
+            w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        print(buf.getvalue(), end="")
+    else:
+        table = Table(title=title, show_lines=False)
+        cols = list(rows[0]) if rows else []
+        for c in cols:
+            table.add_column(c, justify="right" if rows and isinstance(rows[0][c], (int, Decimal)) else "left", no_wrap=True)
+        for r in rows:
+            table.add_row(*["" if r[c] is None else str(r[c]) for c in cols])
+        console.print(table)
+
+
+# --- dagster plumbing --------------------------------------------------------------------------
+
+def _dagster_instance():
+    import dagster as dg
+
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        home = str(PROJECT_ROOT / ".dagster")
+        os.environ["DAGSTER_HOME"] = home
+    Path(home).mkdir(parents=True, exist_ok=True)
+    cfg = Path(home) / "dagster.yaml"
+    if not cfg.exists() and (PROJECT_ROOT / "dagster.yaml").exists():
+        shutil.copy(PROJECT_ROOT / "dagster.yaml", cfg)
+    return dg.DagsterInstance.get()
+
+
+def run_month(
+    paths: Paths,
+    month: date,
+    *,
+    ingest: bool = True,
+    seed: int = 42,
+    customers: int | None = None,
+    interval_s: int = 60,
+    as_of: str | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Materialize every asset for ``month``: seeds, each day in order, the month, the views."""
+    import warnings
+
+    import dagster as dg
+
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+    os.environ["BILLING_DATA_DIR"] = str(paths.data_dir)
+    os.environ["BILLING_SEEDS_DIR"] = str(paths.seeds_dir)
+    from .definitions import defs as load_defs
+
+    defs = load_defs() if callable(load_defs) else load_defs
+    instance = _dagster_instance()
+    sim = {"seed": seed, "interval_s": interval_s, "customers": customers}
+    t0 = time.perf_counter()
+    seeds_job = defs.resolve_job_def("refresh_seeds_and_views")
+    daily_job = defs.resolve_job_def("daily_usage")
+    monthly_job = defs.resolve_job_def("monthly_invoicing")
+    selection = None
+    if not ingest:
+        selection = [k for k in daily_job.asset_layer.executable_asset_keys if k.to_user_string() != "raw_samples"]
+
+    def check(result, what: str) -> None:
+        if not result.success:
+            reasons = []
+            for event in result.all_events:
+                if event.is_step_failure:
+                    error = event.step_failure_data.error
+                    while error.cause is not None and "Error occurred while executing" in error.message:
+                        error = error.cause
+                    reasons.append(f"{event.step_key}: {error.message.strip()}")
+            raise CliError(f"{what} failed: {'; '.join(reasons) or 'see the Dagster run log in the UI (make dev)'}")
+
+    quiet_logs = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    check(seeds_job.execute_in_process(instance=instance, run_config=quiet_logs, raise_on_error=False), "validating seeds")
+    quiet_logs = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    run_config = {"resources": {"simulation": {"config": sim}}, **quiet_logs}
+    # rule 3/4: a counter's first sample only counts as new usage when nothing precedes it, so
+    # the day before the month is ingested and its edges computed (not billed: it is not in the month)
+    warmup = month - timedelta(days=1)
+    from .defs.shared.partitions import PARTITIONS_START
+
+    if ingest and warmup >= date.fromisoformat(PARTITIONS_START):
+        edges_only = [dg.AssetKey("raw_samples"), dg.AssetKey("fct_series_edges_by_day")]
+        check(
+            daily_job.execute_in_process(partition_key=warmup.isoformat(), instance=instance, run_config=run_config, asset_selection=edges_only, raise_on_error=False),
+            f"warm-up day {warmup}",
+        )
+    days = []
+    d = month
+    while d < next_month(month):
+        days.append(d)
+        d += timedelta(days=1)
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, disable=quiet,
+    ) as progress:
+        task = progress.add_task(f"days of {month:%Y-%m}", total=len(days))
+        for day in days:
+            result = daily_job.execute_in_process(
+                partition_key=day.isoformat(), instance=instance, run_config=run_config,
+                asset_selection=selection, raise_on_error=False,
+            )
+            check(result, f"day {day}")
+            progress.advance(task)
+        mtask = progress.add_task("month: rating and invoices", total=1)
+        month_config = {"ops": {"invoices": {"config": {"as_of": as_of or ""}}}, **quiet_logs}
+        check(monthly_job.execute_in_process(partition_key=month.isoformat(), instance=instance, run_config=month_config, raise_on_error=False), f"month {month:%Y-%m}")
+        progress.advance(mtask)
+    check(seeds_job.execute_in_process(instance=instance, run_config=quiet_logs, raise_on_error=False), "refreshing warehouse views")
+    return {"days": len(days), "seconds": time.perf_counter() - t0}
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+def invoice_rows(paths: Paths, month: date) -> list[dict]:
+    folder = paths.invoices / f"{month:%Y-%m}"
+    rows = []
+    for f in sorted(folder.glob("*.json")):
+        if f.name == "registry.json":
+            continue
+        doc = json.loads(f.read_text())
+        if "customer_id" not in doc:
+            continue
+        rows.append(
+            {
+                "invoice": doc["invoice_number"],
+                "status": doc["status"],
+                "customer": doc["customer_id"],
+                "plan": doc.get("plan_id", ""),
+                "lines": len(doc["lines"]),
+                "total": f"{doc['total']} {doc['currency'].upper()}",
+            }
+        )
+    return rows
+
+
+def cmd_run(args) -> int:
+    paths = _paths(args)
+    month = parse_month(args.month)
+    check_billable_month(month)
+    if args.customers is not None and args.customers < 1:
+        raise CliError(f"--customers {args.customers} must be at least 1")
+    figures = run_month(paths, month, ingest=not args.no_ingest, seed=args.seed, customers=args.customers, interval_s=args.interval)
+    rows = invoice_rows(paths, month)
+    _emit(rows, "table", title=f"Invoices {month:%Y-%m}")
+    console.print(f"{figures['days']} days and the month in {figures['seconds']:.1f}s")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    paths = _paths(args)
+    month = parse_month(args.month) if args.month else last_complete_month()
+    check_billable_month(month)
+    console.print(f"[bold]billing_dags demo[/]: simulated usage for {month:%Y-%m}, Stripe dry-run, data in {paths.data_dir}")
+    figures = run_month(paths, month, seed=args.seed, customers=args.customers, interval_s=args.interval)
+    rows = invoice_rows(paths, month)
+    _emit(rows, "table", title=f"Invoices {month:%Y-%m} ({len(rows)} customers)")
+    console.print(f"\nRan {figures['days']} daily partitions and the month in {figures['seconds']:.1f}s.")
+    console.print(f"Invoices (JSON, CSV, HTML): {paths.invoices / f'{month:%Y-%m}'}")
+    console.print(f"DuckDB warehouse (views): duckdb {paths.warehouse_db}   or   billing sql \"select * from fct_invoice_lines limit 5\"")
+    console.print(f"Stripe outbox (dry-run): {paths.outbox}")
+    console.print("Dagster UI: make dev, then http://127.0.0.1:3000 (the runs above are in .dagster/)")
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from . import simulate
+
+    paths = _paths(args)
+    month = parse_month(args.month)
+    if args.interval <= 0:
+        raise CliError(f"--interval {args.interval} must be a positive number of seconds (e.g. 60)")
+    customers = _customers_table(paths)
+    n = args.customers
+    if n is not None and not 1 <= n <= customers.num_rows:
+        raise CliError(f"--customers {n}: seeds have {customers.num_rows} customers; give 1..{customers.num_rows} or add customers to {paths.seeds_dir / 'customers.csv'}")
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console) as progress:
+        task = progress.add_task(f"simulating {month:%Y-%m}", total=(next_month(month) - month).days)
+        figures = simulate.simulate_month(
+            paths, month, customers, seed=args.seed, interval_s=args.interval, n_customers=n,
+            progress=lambda day: progress.advance(task),
+        )
+    console.print(f"wrote {figures['samples']:,} samples of {figures['series']:,} series over {figures['days']} days to {paths.raw_samples}")
+    return 0
+
+
+def _customers_table(paths: Paths):
+    from .seeds import load_seeds
+
+    return load_seeds(paths.seeds_dir)["customers"]
+
+
+def _load_invoice(paths: Paths, customer_id: str, month: date) -> dict:
+    require_customer(paths, customer_id)
+    f = paths.invoices / f"{month:%Y-%m}" / f"{customer_id}.json"
+    if not f.exists():
+        raise CliError(f"no invoice for {customer_id} in {month:%Y-%m} under {f.parent}; run `billing run --month {month:%Y-%m}` first")
+    return json.loads(f.read_text())
+
+
+def cmd_invoice(args) -> int:
+    from .invoices import render_invoice
+
+    paths = _paths(args)
+    month = parse_month(args.month)
+    doc = _load_invoice(paths, args.customer, month)
+    if args.format == "table":
+        table = Table(title=f"{doc['invoice_number']} ({doc['status']}) {doc['customer_id']} {doc['period_start']}..{doc['period_end']}")
+        for col in ("#", "description", "quantity", "unit", "unit price", "amount"):
+            table.add_column(col, justify="right" if col in ("#", "quantity", "unit price", "amount") else "left")
+        for line in doc["lines"]:
+            table.add_row(str(line["line_number"]), line["description"], line["quantity"], line["unit"], line["unit_price"], line["amount"])
+        table.add_row("", "[bold]total", "", "", "", f"[bold]{doc['total']} {doc['currency'].upper()}")
+        console.print(table)
+    else:
+        sys.stdout.write(render_invoice(doc, args.format))
+    return 0
+
+
+def cmd_invoices(args) -> int:
+    paths = _paths(args)
+    month = parse_month(args.month)
+    rows = invoice_rows(paths, month)
+    if not rows:
+        raise CliError(f"no invoices for {month:%Y-%m} under {paths.invoices}; run `billing run --month {month:%Y-%m}` first")
+    _emit(rows, args.format, title=f"Invoices {month:%Y-%m}")
+    return 0
+
+
+def usage_rows(paths: Paths, customer_id: str, month: date) -> list[dict]:
+    from .warehouse import open_warehouse
+
+    con = open_warehouse(paths)
+    try:
+        try:
+            result = con.execute(
+                """
+                select u.meter_id, u.dimension, m.kind, m.aggregation, m.unit, m.billing_unit, un.divisor,
+                       u.usage, u.gauge_integral, u.gauge_covered_ms, u.gauge_peak, u.period_ms,
+                       u.days_with_data, u.samples, u.resets, u.dropped_samples
+                from fct_usage_by_month u
+                join seed_meters m using (meter_id)
+                join seed_units un on un.unit = m.unit and un.billing_unit = m.billing_unit
+                where u.customer_id = $customer and u.month = $month
+                order by u.meter_id, u.dimension
+                """,
+                {"customer": customer_id, "month": month},
+            ).fetchall()
+        except Exception:
+            raise CliError(f"no usage computed for {month:%Y-%m} in {paths.data_dir}; run `billing run --month {month:%Y-%m}` first") from None
+    finally:
+        con.close()
+    rows = []
+    for (meter, dim, kind, agg, unit, bunit, div, usage, integral, covered, peak, period, days, samples, resets, dropped) in result:
+        if agg == "sum":
+            base = usage
+        elif agg == "max":
+            base = peak
+        elif agg == "avg":
+            base = integral / covered if covered else Decimal(0)
+        elif agg == "unit_hours":
+            base = integral / 3_600_000
+        else:
+            base = integral / period
+        qty = (Decimal(base) / Decimal(div)).quantize(Decimal("0.000000001"))
+        suffix = {"unit_hours": "-hour", "unit_months": "-month"}.get(agg, "")
+        rows.append(
+            {
+                "meter": meter, "dimension": dim, "kind": kind, "aggregation": agg,
+                "quantity": f"{qty.normalize():f}", "unit": bunit + suffix,
+                "base_quantity": f"{Decimal(base).quantize(Decimal('0.000000001')).normalize():f}", "base_unit": unit,
+                "days": days, "samples": samples, "resets": resets, "dropped_samples": dropped,
+            }
+        )
+    return rows
+
+
+def cmd_usage(args) -> int:
+    paths = _paths(args)
+    month = parse_month(args.month)
+    require_customer(paths, args.customer)
+    rows = usage_rows(paths, args.customer, month)
+    if not rows:
+        raise CliError(f"no usage for {args.customer} in {month:%Y-%m}; check the month, or run `billing run --month {month:%Y-%m}`")
+    _emit(rows, args.format, title=f"Usage of {args.customer} in {month:%Y-%m}")
+    return 0
+
+
+def cmd_plans(args) -> int:
+    from .seeds import load_seeds
+
+    paths = _paths(args)
+    t = load_seeds(paths.seeds_dir)
+    prices: dict[tuple, list[dict]] = {}
+    for p in t["prices"].to_pylist():
+        prices.setdefault((p["plan_id"], p["version"]), []).append(p)
+    rows = []
+    for plan in t["plans"].to_pylist():
+        if args.plan and plan["plan_id"] != args.plan:
+            continue
+        lines = prices.get((plan["plan_id"], plan["version"]), [])
+        rows.append(
+            {
+                "plan": plan["plan_id"], "version": plan["version"], "from": str(plan["effective_from"]),
+                "name": plan["name"], "currency": plan["currency"], "base_fee": f"{plan['base_fee'].normalize():f}",
+                "risk_multiplier": f"{plan['risk_multiplier'].normalize():f}",
+                "prices": "; ".join(p["description"] for p in lines) if args.format == "table" else [
+                    {k: (f"{v.normalize():f}" if isinstance(v, Decimal) else v) for k, v in p.items()} for p in lines
+                ],
+            }
+        )
+    if args.plan and not rows:
+        raise CliError(f"unknown plan {args.plan!r}; plans: {', '.join(sorted({p['plan_id'] for p in t['plans'].to_pylist()}))}")
+    _emit(rows, args.format, title="Plans")
+    return 0
+
+
+def cmd_sql(args) -> int:
+    import duckdb
+
+    from .warehouse import open_warehouse
+
+    paths = _paths(args)
+    if not args.query.strip():
+        raise CliError('empty query; give SQL, e.g. billing sql "select * from fct_invoice_lines limit 5"')
+    con = open_warehouse(paths)
+    try:
+        try:
+            cur = con.execute(args.query)
+        except duckdb.Error as e:
+            raise CliError(f"query failed: {str(e).splitlines()[0]}; list views with billing sql \"show tables\"") from None
+        if cur.description is None:
+            return 0
+        cols = [d[0] for d in cur.description]
+        rows = [dict(zip(cols, r)) for r in cur.fetchmany(args.limit)]
+    finally:
+        con.close()
+    _emit(rows, args.format)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="billing", description="Prometheus-native usage billing: exact usage, invoices, Stripe meter events.")
+    parser.add_argument("--data-dir", help="warehouse folder (default $BILLING_DATA_DIR or ./data)")
+    parser.add_argument("--seeds-dir", help="seeds folder (default $BILLING_SEEDS_DIR or ./seeds)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def sim_args(p):
+        p.add_argument("--seed", type=int, default=42, help="simulation seed (default 42)")
+        p.add_argument("--customers", type=int, default=None, help="simulate the first N customers of the seeds (default all)")
+        p.add_argument("--interval", type=int, default=60, help="scrape interval in seconds (default 60)")
+
+    p = sub.add_parser("demo", help="simulate a month for every seeded customer, bill it, print the invoices")
+    p.add_argument("--month", help="YYYY-MM (default: the last complete month)")
+    sim_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("simulate", help="write deterministic simulated raw samples for a month")
+    p.add_argument("--month", required=True, help="YYYY-MM")
+    sim_args(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("run", help="materialize every asset for a month, in process")
+    p.add_argument("--month", required=True, help="YYYY-MM")
+    p.add_argument("--no-ingest", action="store_true", help="use the raw samples already in the data dir")
+    sim_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("invoice", help="show one customer's invoice for a month")
+    p.add_argument("customer")
+    p.add_argument("--month", required=True, help="YYYY-MM")
+    p.add_argument("--format", choices=["table", "json", "csv", "html"], default="table")
+    p.set_defaults(func=cmd_invoice)
+
+    p = sub.add_parser("invoices", help="list every invoice of a month with status and total")
+    p.add_argument("--month", required=True, help="YYYY-MM")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.set_defaults(func=cmd_invoices)
+
+    p = sub.add_parser("usage", help="one customer's usage for a month, per meter")
+    p.add_argument("customer")
+    p.add_argument("--month", required=True, help="YYYY-MM")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser("plans", help="the plans and prices in the seeds")
+    p.add_argument("--plan", help="only this plan id")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.set_defaults(func=cmd_plans)
+
+    p = sub.add_parser("sql", help="run an ad-hoc DuckDB query over the warehouse views")
+    p.add_argument("query")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--limit", type=int, default=1000, help="rows to print at most (default 1000)")
+    p.set_defaults(func=cmd_sql)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .seeds import SeedError
+    from .sqlmodels import ModelError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CliError, SeedError, ModelError) as e:
+        err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

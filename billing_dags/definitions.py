@@ -1,0 +1,33 @@
+"""The billing_dags code location: thin; each domain lives in billing_dags/defs/<domain>/."""
+
+import dagster as dg
+
+from billing_dags.defs.ingest.assets import raw_samples
+from billing_dags.defs.ingest.schedules import daily_usage_schedule
+from billing_dags.defs.ingest.sensors import late_raw_data_sensor
+from billing_dags.defs.invoicing.assets import invoices
+from billing_dags.defs.invoicing.schedules import finalization_schedule, monthly_draft_schedule
+from billing_dags.defs.jobs import build_jobs
+from billing_dags.defs.models.assets import model_assets
+from billing_dags.defs.seeds.assets import seed_assets
+from billing_dags.defs.shared.resources import build_resources
+from billing_dags.defs.stripe.assets import stripe_meter_events, stripe_outbox
+from billing_dags.defs.warehouse.assets import warehouse_views
+
+ASSETS = [*seed_assets, raw_samples, *model_assets, invoices, stripe_outbox, stripe_meter_events, warehouse_views]
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    jobs = build_jobs(ASSETS)
+    return dg.Definitions(
+        assets=ASSETS,
+        jobs=list(jobs.values()),
+        schedules=[
+            daily_usage_schedule(jobs["daily_usage"]),
+            monthly_draft_schedule(jobs["monthly_invoicing"]),
+            finalization_schedule(jobs["monthly_invoicing"]),
+        ],
+        sensors=[late_raw_data_sensor(jobs["daily_usage"])],
+        resources=build_resources(),
+    )

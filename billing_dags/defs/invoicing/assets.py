@@ -1,0 +1,80 @@
+"""Invoices: one per customer and month, as JSON, CSV and HTML, drafts until the grace period ends."""
+
+from datetime import datetime, timezone
+
+import dagster as dg
+import pyarrow.parquet as pq
+
+from billing_dags import invoices as inv
+from billing_dags.defs.shared.partitions import billing_monthly, window_of
+from billing_dags.defs.shared.resources import WarehouseResource
+from billing_dags.settings import DEFAULT_GRACE_DAYS
+from billing_dags.sqlmodels import load_project, partition_file, seed_snapshot_path
+
+
+class InvoiceConfig(dg.Config):
+    grace_days: int = DEFAULT_GRACE_DAYS
+    #: ISO timestamp standing in for "now" (reruns, tests); empty means the wall clock
+    as_of: str = ""
+
+
+def invoice_now(config: InvoiceConfig) -> datetime:
+    if not config.as_of:
+        return datetime.now(timezone.utc)
+    try:
+        now = datetime.fromisoformat(config.as_of)
+    except ValueError:
+        raise dg.Failure(f"as_of {config.as_of!r} is not an ISO timestamp; use e.g. 2026-11-04T00:00:00+00:00") from None
+    return now if now.tzinfo else now.replace(tzinfo=timezone.utc)
+
+
+@dg.asset(
+    partitions_def=billing_monthly,
+    group_name="billing",
+    kinds={"json", "html", "csv"},
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    deps=["fct_invoice_lines", "seed_customers", "seed_plans", "seed_currencies"],
+    check_specs=[dg.AssetCheckSpec("total_equals_sum_of_lines", asset="invoices", blocking=True)],
+)
+def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse: WarehouseResource):
+    """Invoice files per customer and month (JSON, CSV, HTML) under data/invoices/YYYY-MM/."""
+    paths = warehouse.paths()
+    window = window_of(context)
+    lines_model = load_project().models["fct_invoice_lines"]
+    lines = pq.read_table(partition_file(paths, lines_model, window)).to_pylist()
+    seeds = {n: pq.read_table(seed_snapshot_path(paths, n)).to_pylist() for n in ("customers", "plans", "currencies")}
+    manifest = inv.invoice_manifest(paths, window.start, paths.seeds_dir, inv.code_version())
+    docs = inv.build_invoices(
+        lines,
+        seeds["customers"],
+        seeds["plans"],
+        seeds["currencies"],
+        window.start,
+        now=invoice_now(config),
+        grace_days=config.grace_days,
+        manifest=manifest,
+        paths=paths,
+    )
+    figures = inv.write_invoice_files(paths, docs)
+    # the check recomputes each total from the lines table, independently of the invoice builder
+    by_customer: dict[str, int] = {}
+    for line in lines:
+        by_customer[line["customer_id"]] = by_customer.get(line["customer_id"], 0) + int(line["amount_minor"])
+    wrong = [d["customer_id"] for d in docs if d["total_minor"] != by_customer.get(d["customer_id"], 0) or d["total_minor"] != sum(l["amount_minor"] for l in d["lines"])]
+    missing = sorted(set(by_customer) - {d["customer_id"] for d in docs})
+    return dg.MaterializeResult(
+        metadata={
+            "invoices": len(docs),
+            "by_status": dg.MetadataValue.json(figures.get("by_status", {})),
+            "totals_by_currency": dg.MetadataValue.json(figures.get("totals_by_currency", {})),
+            "changed_after_finalization": dg.MetadataValue.json(figures.get("changed_after_finalization", [])),
+            "folder": dg.MetadataValue.path(str(paths.invoices / window.start.strftime("%Y-%m"))),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="total_equals_sum_of_lines",
+                passed=not wrong and not missing,
+                metadata={"wrong_totals": dg.MetadataValue.json(wrong), "customers_without_invoice": dg.MetadataValue.json(missing)},
+            )
+        ],
+    )

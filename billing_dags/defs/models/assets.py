@@ -1,0 +1,131 @@
+"""One Dagster asset per table model in sql_models/; dependencies come from the SQL itself."""
+
+from datetime import date, timedelta
+
+import dagster as dg
+import duckdb
+
+from billing_dags import raw
+from billing_dags.defs.models.checks import CHECKS, grain_is_unique
+from billing_dags.defs.shared.partitions import BY_NAME, window_of
+from billing_dags.defs.shared.resources import WarehouseResource
+from billing_dags.settings import Paths
+from billing_dags.sqlmodels import Model, ModelError, Project, Window, load_project, model_files, run_model, sources
+
+
+def _partition_mapping(model: Model, upstream: Model) -> dg.PartitionMapping | None:
+    if upstream.partitioned_by == "billing_daily" and model.partitioned_by == "billing_daily" and model.lookback_days:
+        return dg.TimeWindowPartitionMapping(
+            start_offset=-model.lookback_days, end_offset=0, allow_nonexistent_upstream_partitions=True
+        )
+    return None
+
+
+def _require_lookback(paths: Paths, project: Project, model: Model, window: Window) -> None:
+    """A day reads earlier days' partitions of its daily upstreams: they must exist where raw data does."""
+    if not model.lookback_days or not model.config.get("require_complete_lookback"):
+        return
+    tables, _ = project.table_deps(model.name)
+    raw_present = set(raw.raw_days(paths))
+    for name in tables:
+        up = project.models[name]
+        if up.partitioned_by != "billing_daily":
+            continue
+        have = {date.fromisoformat(p.parent.name.split("=", 1)[1]) for p in model_files(paths, up)}
+        day = window.start - timedelta(days=model.lookback_days)
+        missing = []
+        while day < window.end:
+            if day in raw_present and day not in have:
+                missing.append(day.isoformat())
+            day += timedelta(days=1)
+        if missing:
+            raise ModelError(
+                f"{model.name} for {window.start} reads {name} for the {model.lookback_days} days before it, but "
+                f"{len(missing)} of those days have raw samples and no {name} partition "
+                f"({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); materialize {name} for them first "
+                "(a backfill of the whole range runs them in order)"
+            )
+
+
+def _numeric_totals(con: duckdb.DuckDBPyConnection, table, model: Model) -> dict:
+    cols = [f.name for f in table.schema if str(f.type).startswith("decimal") or f.name in ("amount_minor", "samples")]
+    if not cols or not len(table):
+        return {}
+    con.register("t", table)
+    row = con.execute("select " + ", ".join(f"sum({c})::varchar" for c in cols) + " from t").fetchall()[0]
+    return {f"total_{c}": str(v) for c, v in zip(cols, row) if v is not None}
+
+
+def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
+    tables, srcs = project.table_deps(model.name)
+    known = sources()
+    deps = [dg.AssetDep(t, partition_mapping=_partition_mapping(model, project.models[t])) for t in sorted(tables)]
+    deps += [dg.AssetDep(a) for a in sorted({known[s].asset for s in srcs})]
+    check_specs = []
+    if model.grain:
+        check_specs.append(
+            dg.AssetCheckSpec(
+                "grain_is_unique",
+                asset=model.name,
+                blocking=True,
+                description=f"one row per ({', '.join(model.grain)})",
+            )
+        )
+    for check in CHECKS.get(model.name, []):
+        check_specs.append(
+            dg.AssetCheckSpec(check.__name__, asset=model.name, blocking=check.blocking, description=check.__doc__)
+        )
+
+    @dg.asset(
+        name=model.name,
+        description=model.description,
+        group_name=model.group,
+        kinds={"duckdb", "parquet"},
+        partitions_def=BY_NAME[model.partitioned_by],
+        deps=deps,
+        check_specs=check_specs,
+        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1) if model.partitioned_by != "none" else None,
+        metadata={
+            "sql": dg.MetadataValue.path(str(model.path)),
+            "grain": ", ".join(model.grain),
+            "partitioned_by": model.partitioned_by,
+            "lookback_days": model.lookback_days,
+        },
+    )
+    def _asset(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
+        paths = warehouse.paths()
+        window = window_of(context)
+        if window is not None:
+            _require_lookback(paths, project, model, window)
+        result = run_model(paths, model.name, window, project=project)
+        con = duckdb.connect()
+        try:
+            con.register("partition", result.table)
+            check_results = []
+            if model.grain:
+                check_results.append(grain_is_unique(con, model))
+            for check in CHECKS.get(model.name, []):
+                check_results.append(check(con, paths, window))
+            totals = _numeric_totals(con, result.table, model)
+        finally:
+            con.close()
+        context.log.info(f"{model.name} {window}: {result.rows} rows in {result.seconds:.2f}s -> {result.path}")
+        return dg.MaterializeResult(
+            metadata={
+                "rows": result.rows,
+                "seconds": round(result.seconds, 3),
+                "path": dg.MetadataValue.path(str(result.path)),
+                **totals,
+            },
+            check_results=check_results,
+        )
+
+    return _asset
+
+
+def build_model_assets() -> list[dg.AssetsDefinition]:
+    project = load_project()
+    return [build_model_asset(project, m) for m in project.models.values() if m.materialized == "table"]
+
+
+model_assets = build_model_assets()

@@ -1,0 +1,98 @@
+"""Asset checks on SQL model partitions. Each runs on the partition just written (view ``partition``).
+
+Blocking checks stop downstream assets in the same run: money depends on them.
+"""
+
+from typing import Callable
+
+import dagster as dg
+import duckdb
+
+from billing_dags.settings import Paths
+from billing_dags.sqlmodels import Model, Window, load_project, model_files
+
+
+def _blocking(blocking: bool):
+    def mark(fn: Callable) -> Callable:
+        fn.blocking = blocking
+        return fn
+
+    return mark
+
+
+def grain_is_unique(con: duckdb.DuckDBPyConnection, model: Model) -> dg.AssetCheckResult:
+    cols = ", ".join(model.grain)
+    dupes = con.execute(f"select count(*) from (select {cols} from partition group by all having count(*) > 1)").fetchall()[0][0]
+    return dg.AssetCheckResult(
+        check_name="grain_is_unique",
+        passed=dupes == 0,
+        metadata={"duplicate_keys": dupes, "grain": cols},
+    )
+
+
+@_blocking(True)
+def no_negative_usage(con, paths: Paths, window: Window) -> dg.AssetCheckResult:
+    """Counter usage, gauge integrals and peaks are never negative."""
+    bad = con.execute(
+        "select count(*) from partition where usage < 0 or gauge_integral < 0 or gauge_peak < 0"
+    ).fetchall()[0][0]
+    return dg.AssetCheckResult(check_name="no_negative_usage", passed=bad == 0, metadata={"negative_rows": bad})
+
+
+@_blocking(False)
+def scrape_completeness(con, paths: Paths, window: Window) -> dg.AssetCheckResult:
+    """Series with a scrape gap longer than 15 minutes in the day (warning: usage is still exact)."""
+    total, gappy, dropped = con.execute(
+        "select count(*), count(*) filter (where max_gap_ms > 900000), coalesce(sum(dropped_samples), 0) from partition"
+    ).fetchall()[0]
+    return dg.AssetCheckResult(
+        check_name="scrape_completeness",
+        passed=gappy == 0,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"series": total, "series_with_gaps_over_15m": gappy, "dropped_nan_or_stale_samples": int(dropped)},
+    )
+
+
+@_blocking(True)
+def daily_sum_equals_month(con, paths: Paths, window: Window) -> dg.AssetCheckResult:
+    """The month equals the sum of its days, to the unit, for every customer, meter and dimension."""
+    daily = load_project().models["fct_usage_by_day"]
+    files = [str(p) for p in model_files(paths, daily)]
+    days = con.sql(
+        "select * from read_parquet($files, hive_partitioning = false) where day >= $start and day < $end",
+        params={"files": files, "start": window.start, "end": window.end},
+    ).to_arrow_table()
+    con.register("days", days)
+    mismatches = con.execute(
+        """
+        with by_days as (
+            select customer_id, meter_id, dimension,
+                   sum(usage) as usage, sum(gauge_integral) as gauge_integral
+            from days group by all
+        )
+        select count(*) from by_days
+        full outer join partition using (customer_id, meter_id, dimension)
+        where by_days.usage is distinct from partition.usage
+           or by_days.gauge_integral is distinct from partition.gauge_integral
+        """
+    ).fetchall()[0][0]
+    return dg.AssetCheckResult(
+        check_name="daily_sum_equals_month", passed=mismatches == 0, metadata={"mismatched_rows": mismatches}
+    )
+
+
+@_blocking(True)
+def amounts_are_whole_minor_units(con, paths: Paths, window: Window) -> dg.AssetCheckResult:
+    """Every invoice line has an integer amount in minor units; usage and fee quantities are not negative."""
+    bad = con.execute(
+        "select count(*) from partition where amount_minor is null or (line_type <> 'risk_adjustment' and quantity < 0)"
+    ).fetchall()[0][0]
+    return dg.AssetCheckResult(check_name="amounts_are_whole_minor_units", passed=bad == 0, metadata={"bad_lines": bad})
+
+
+CHECKS: dict[str, list[Callable]] = {
+    "fct_series_edges_by_day": [scrape_completeness],
+    "fct_usage_by_day": [no_negative_usage],
+    "fct_usage_by_month": [daily_sum_equals_month],
+    "fct_invoice_lines": [amounts_are_whole_minor_units],
+}

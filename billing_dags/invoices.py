@@ -1,0 +1,825 @@
+"""Invoices: one per customer and month, built from ``fct_invoice_lines`` rows (DESIGN rules 7, 8, 11, 12).
+
+Pure functions, no Dagster. Money stays exact: line amounts arrive as integer minor units (each
+line rounded once, upstream, in SQL) and the total is their integer sum; quantities and prices
+are ``Decimal`` and are written as plain decimal strings (never floats, never exponent notation).
+
+An invoice is a ``draft`` until its period has closed and the grace period for late data has
+passed; then it is ``finalized``: it gets a gap-free per-year number (``INV-YYYY-000001``) kept in
+``<invoices>/registry.json`` and its files are never rewritten. A later rerun whose figures differ
+is recorded under ``<month>/pending_adjustments/`` for an adjustment line on a later invoice.
+
+Files are deterministic: no wall-clock time inside, sorted keys, fixed formatting, so rerunning
+unchanged inputs reproduces every file byte for byte.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import html
+import io
+import json
+import os
+import re
+import subprocess
+import threading
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from . import __version__
+from .raw import sample_files
+from .seeds import SAFE_ID_RE, seeds_digest
+from .settings import DEFAULT_GRACE_DAYS, PROJECT_ROOT, Paths
+
+SCHEMA_VERSION = 1
+STATUSES = ("draft", "finalized")
+LINE_TYPES = ("base_fee", "usage", "risk_adjustment")
+REGISTRY_FILE = "registry.json"
+REGISTRY_LOCK = ".registry.lock"
+PENDING_DIR = "pending_adjustments"
+FORMATS = ("json", "csv", "html", "table")
+DISPUTE_DAYS = 30
+
+CSV_COLUMNS = (
+    "invoice_number",
+    "status",
+    "customer_id",
+    "period_start",
+    "period_end",
+    "currency",
+    "line_number",
+    "line_type",
+    "meter_id",
+    "dimension",
+    "description",
+    "quantity",
+    "unit",
+    "unit_price",
+    "amount",
+    "amount_minor",
+)
+
+
+class InvoiceError(ValueError):
+    """Input that cannot be invoiced; the message names the input, the row and the fix."""
+
+
+# --------------------------------------------------------------------------- periods and status
+
+
+def _month_start(month: date) -> date:
+    if isinstance(month, datetime) or not isinstance(month, date):
+        raise InvoiceError(f"month {month!r} must be a datetime.date (the first day of the month)")
+    if month.day != 1:
+        raise InvoiceError(f"month {month.isoformat()} is not the first day of a month; pass {month.replace(day=1).isoformat()}")
+    return month
+
+
+def period_end(month_start: date) -> date:
+    """The exclusive end of a monthly period: the first day of the next month."""
+    m = _month_start(month_start)
+    return date(m.year + (m.month == 12), m.month % 12 + 1, 1)
+
+
+def _utc(now: datetime) -> datetime:
+    if not isinstance(now, datetime):
+        raise InvoiceError(f"now {now!r} must be a datetime")
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise InvoiceError(f"now {now.isoformat()} has no time zone; pass an aware datetime, e.g. datetime.now(timezone.utc)")
+    return now.astimezone(timezone.utc)
+
+
+def _check_grace(grace_days: int) -> int:
+    if isinstance(grace_days, bool) or not isinstance(grace_days, int) or grace_days < 0:
+        raise InvoiceError(f"grace_days {grace_days!r} must be a non-negative integer number of days")
+    return grace_days
+
+
+def finalization_date(month_start: date, grace_days: int = DEFAULT_GRACE_DAYS) -> date:
+    """The day (00:00 UTC) from which the month's invoices are final: period end + grace days."""
+    return period_end(month_start) + timedelta(days=_check_grace(grace_days))
+
+
+def invoice_status(month_start: date, now: datetime, grace_days: int = DEFAULT_GRACE_DAYS) -> str:
+    """``finalized`` once ``now`` >= period end (00:00 UTC of the next month's first day) + grace days, else ``draft``."""
+    fin = finalization_date(month_start, grace_days)
+    cutoff = datetime(fin.year, fin.month, fin.day, tzinfo=timezone.utc)
+    return "finalized" if _utc(now) >= cutoff else "draft"
+
+
+# --------------------------------------------------------------------------- exact formatting
+
+
+def _decimal(value: Any, what: str) -> Decimal:
+    """An exact Decimal from Decimal, int or a decimal string; floats are refused (rule 7)."""
+    if isinstance(value, bool):
+        raise InvoiceError(f"{what}: {value!r} is a boolean, not a number")
+    if isinstance(value, Decimal):
+        d = value
+    elif isinstance(value, int):
+        d = Decimal(value)
+    elif isinstance(value, str):
+        try:
+            d = Decimal(value.strip())
+        except InvalidOperation:
+            raise InvoiceError(f"{what}: {value!r} is not a decimal number") from None
+    elif isinstance(value, float):
+        raise InvoiceError(f"{what}: {value!r} is a float; pass a Decimal, an int or a decimal string (money is exact)")
+    else:
+        raise InvoiceError(f"{what}: {value!r} ({type(value).__name__}) is not a decimal number")
+    if not d.is_finite():
+        raise InvoiceError(f"{what}: {value!r} is not a finite number")
+    return d
+
+
+def _minor(value: Any, what: str) -> int:
+    """Integer minor units from int or an integral Decimal."""
+    if isinstance(value, bool):
+        raise InvoiceError(f"{what}: {value!r} is a boolean, not an amount")
+    if isinstance(value, int):
+        return value
+    d = _decimal(value, what)
+    if d != d.to_integral_value():
+        raise InvoiceError(f"{what}: {value!r} is not a whole number of minor units")
+    return int(d)
+
+
+def format_decimal(value: Any) -> str:
+    """Exact plain decimal string without needless trailing zeros and never in exponent notation."""
+    d = _decimal(value, "value")
+    if d == 0:
+        return "0"
+    s = format(d, "f")  # exact: no context rounding without a precision
+    if "." in s:
+        s = s.rstrip("0").rstrip(".")
+    return s
+
+
+def format_price(value: Any, exponent: int) -> str:
+    """A unit price: exact, with at least the currency's minor digits (``0.10``, ``0.0001``, ``10.00``)."""
+    s = format_decimal(value)
+    if exponent <= 0:
+        return s
+    whole, _, frac = s.partition(".")
+    if len(frac) < exponent:
+        frac = frac + "0" * (exponent - len(frac))
+    return f"{whole}.{frac}"
+
+
+def format_minor(amount_minor: int, exponent: int) -> str:
+    """Integer minor units as a decimal string with exactly ``exponent`` digits (1230, 2 -> ``12.30``)."""
+    amount_minor = _minor(amount_minor, "amount_minor")
+    if exponent < 0:
+        raise InvoiceError(f"minor unit exponent {exponent} must not be negative")
+    sign = "-" if amount_minor < 0 else ""
+    whole, frac = divmod(abs(amount_minor), 10**exponent)
+    return f"{sign}{whole}" if exponent == 0 else f"{sign}{whole}.{frac:0{exponent}d}"
+
+
+def _as_date(value: Any, what: str) -> date:
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    if isinstance(value, str):
+        try:
+            return date.fromisoformat(value)
+        except ValueError:
+            pass
+    raise InvoiceError(f"{what}: {value!r} is not a date (YYYY-MM-DD)")
+
+
+def _safe_customer_id(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not SAFE_ID_RE.match(value):
+        raise InvoiceError(
+            f"{where}: customer_id {value!r} is not a safe identifier (lowercase letters, digits, '_', '-', '.', "
+            "at most 63 characters, starting with a letter or digit); fix it in seeds/customers.csv"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------- numbering registry
+
+
+def _atomic_write_bytes(dest: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, rename over ``dest``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:
+        fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def registry_path(paths: Paths) -> Path:
+    return paths.invoices / REGISTRY_FILE
+
+
+def read_registry(paths: Paths) -> dict:
+    """The invoice-number registry: ``{"schema_version": 1, "numbers": {"YYYY-MM/<customer_id>": "INV-YYYY-000001"}}``."""
+    path = registry_path(paths)
+    if not path.exists():
+        return {"schema_version": SCHEMA_VERSION, "numbers": {}}
+    try:
+        reg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InvoiceError(f"{path}: invoice-number registry is unreadable ({e}); restore it from backup, never recreate it by hand") from None
+    if not isinstance(reg, dict) or not isinstance(reg.get("numbers"), dict):
+        raise InvoiceError(f"{path}: invoice-number registry has no 'numbers' object; restore it from backup")
+    return reg
+
+
+def assign_invoice_numbers(paths: Paths, month: date, customer_ids: Iterable[str]) -> dict[str, str]:
+    """Numbers for the finalized invoices of ``month``: reused from the registry, else the next of the
+    period's year, assigned in customer_id order. Read-modify-write under an exclusive file lock;
+    the registry is written atomically. Returns ``{customer_id: "INV-YYYY-NNNNNN"}``."""
+    month = _month_start(month)
+    ids = sorted({_safe_customer_id(c, "assign_invoice_numbers") for c in customer_ids})
+    paths.invoices.mkdir(parents=True, exist_ok=True)
+    prefix = f"INV-{month.year:04d}-"
+    with open(paths.invoices / REGISTRY_LOCK, "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            reg = read_registry(paths)
+            numbers: dict[str, str] = reg["numbers"]
+            used = sorted(int(n[len(prefix):]) for n in numbers.values() if n.startswith(prefix))
+            if used != list(range(1, len(used) + 1)):
+                raise InvoiceError(
+                    f"{registry_path(paths)}: numbers {prefix}* are not a gap-free sequence from 1; "
+                    "restore the registry from backup before finalizing more invoices"
+                )
+            nxt = len(used) + 1
+            out: dict[str, str] = {}
+            changed = False
+            for cid in ids:
+                key = f"{month:%Y-%m}/{cid}"
+                if key not in numbers:
+                    numbers[key] = f"{prefix}{nxt:06d}"
+                    nxt += 1
+                    changed = True
+                out[cid] = numbers[key]
+            if changed:
+                reg["schema_version"] = SCHEMA_VERSION
+                _atomic_write_bytes(registry_path(paths), _json_bytes(reg))
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    return out
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _formula(line: Mapping, out: dict, currency: str, exponent: int) -> str:
+    """Human text showing how a line's amount comes about (exact figures; the amount is rounded half-up once)."""
+    cur = currency.upper()
+    q, unit, price, amount = out["quantity"], out["unit"], out["unit_price"], out["amount"]
+    if out["line_type"] == "base_fee":
+        return f"{q} {unit} × {price} {cur} = {amount} {cur}"
+    if out["line_type"] == "risk_adjustment":
+        return f"(risk multiplier − 1) {q} × subtotal {price} {cur} = {amount} {cur}"
+    if out["line_type"] == "usage":
+        billable = line.get("billable_quantity")
+        included = line.get("included_quantity")
+        packages = line.get("packages")
+        package_size = line.get("package_size")
+        if billable is not None and included is not None:
+            head = f"{q} {unit} used − {format_decimal(included)} included = {format_decimal(billable)} {unit}"
+            if packages is not None and package_size is not None and int(package_size) > 1:
+                return f"{head} → {format_decimal(packages)} packages of {format_decimal(package_size)} × {price} {cur} = {amount} {cur}"
+            return f"{head} × {price} {cur} per {unit} = {amount} {cur}"
+        desc = out["description"]
+        return f"{q} {unit} used; {desc}" if desc else f"{q} {unit} used at {price} {cur} per {unit}"
+    return f"{q} {unit} × {price} {cur} = {amount} {cur}"
+
+
+def _dispute_text(number: str, status: str, finalized_on: date) -> str:
+    text = (
+        f"To dispute this invoice, reply to your billing contact within {DISPUTE_DAYS} days of "
+        f"{finalized_on.isoformat()}, "
+        f"quoting {number} and the line numbers concerned. Every line is recomputed from the raw usage "
+        "identified in the manifest (hashes of the raw sample files and seed files and the code version), "
+        "so a disputed figure can be reproduced exactly. A finalized invoice is never edited: any correction "
+        "appears as an adjustment line on a later invoice."
+    )
+    if status == "draft":
+        text = (
+            f"DRAFT: figures may still change as late usage arrives; this invoice is finalized on "
+            f"{finalized_on.isoformat()} (UTC). " + text
+        )
+    return text
+
+
+def _plain_json(value: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(value, sort_keys=True))
+    except (TypeError, ValueError) as e:
+        raise InvoiceError(f"{what} is not JSON-serialisable ({e}); pass strings, numbers, lists and dicts") from None
+
+
+def build_invoices(
+    lines: list[dict],
+    customers: list[dict],
+    plans: list[dict],
+    currencies: list[dict],
+    month: date,
+    *,
+    now: datetime,
+    grace_days: int = DEFAULT_GRACE_DAYS,
+    manifest: dict,
+    numbers: Mapping[str, str] | None = None,
+    paths: Paths | None = None,
+) -> list[dict]:
+    """One JSON-ready invoice per customer that has lines in ``month`` (fct_invoice_lines rows), in customer_id order.
+
+    Drafts are numbered ``DRAFT-YYYY-MM-<customer_id>``. Finalized invoices take their numbers from
+    ``numbers`` ({customer_id: number}) when given, else from the registry under ``paths.invoices``
+    (assigned there at first finalization, reused afterwards); one of the two is required then.
+    """
+    month = _month_start(month)
+    grace_days = _check_grace(grace_days)
+    status = invoice_status(month, now, grace_days)
+    end = period_end(month)
+    fin_on = finalization_date(month, grace_days)
+    manifest_json = _plain_json(manifest, "manifest")
+
+    customers_by_id = {c["customer_id"]: c for c in customers}
+    exponents: dict[str, int] = {}
+    for c in currencies:
+        exponents[c["currency"]] = _minor(c["minor_unit_exponent"], f"currencies.csv {c['currency']}: minor_unit_exponent")
+    # plans seed rows (version, name) or staged rows (plan_version, plan_name)
+    plan_names = {
+        (p["plan_id"], int(p["version"] if "version" in p else p["plan_version"])): p.get("name") or p.get("plan_name") or p["plan_id"]
+        for p in plans
+    }
+
+    grouped: dict[str, list[Mapping]] = {}
+    for i, line in enumerate(lines):
+        where = f"invoice line {i} (customer {line.get('customer_id')!r}, line_number {line.get('line_number')!r})"
+        cid = _safe_customer_id(line.get("customer_id"), where)
+        if cid not in customers_by_id:
+            raise InvoiceError(f"{where}: unknown customer {cid!r}; add it to seeds/customers.csv or rebuild fct_invoice_lines")
+        if line.get("month") is not None and _as_date(line["month"], f"{where}: month") != month:
+            raise InvoiceError(f"{where}: month {line['month']} is not the invoiced month {month.isoformat()}; pass only that month's lines")
+        grouped.setdefault(cid, []).append(line)
+
+    cids = sorted(grouped)
+    if status == "finalized":
+        if numbers is None:
+            if paths is None:
+                raise InvoiceError(
+                    f"invoices of {month:%Y-%m} are finalized and need numbers: pass paths= (registry) or numbers="
+                )
+            numbers = assign_invoice_numbers(paths, month, cids)
+        missing = [c for c in cids if not numbers.get(c)]
+        if missing:
+            raise InvoiceError(f"no invoice number given for finalized invoices of {month:%Y-%m}: {', '.join(missing)}")
+
+    invoices: list[dict] = []
+    for cid in cids:
+        customer = customers_by_id[cid]
+        rows = sorted(grouped[cid], key=lambda r: _minor(r.get("line_number"), f"customer {cid}: line_number"))
+        seen_numbers: set[int] = set()
+        currency = plan_id = plan_version = None
+        out_lines: list[dict] = []
+        for r in rows:
+            ln = _minor(r.get("line_number"), f"customer {cid}: line_number")
+            where = f"invoice line {ln} of customer {cid!r} ({month:%Y-%m})"
+            if ln in seen_numbers:
+                raise InvoiceError(f"{where}: duplicate line_number; fct_invoice_lines must have one row per (month, customer_id, line_number)")
+            seen_numbers.add(ln)
+            cur = r.get("currency")
+            if currency is None:
+                currency, plan_id, plan_version = cur, r.get("plan_id"), r.get("plan_version")
+            if (cur, r.get("plan_id"), r.get("plan_version")) != (currency, plan_id, plan_version):
+                raise InvoiceError(f"{where}: currency/plan ({cur}, {r.get('plan_id')} v{r.get('plan_version')}) differs from line {out_lines[0]['line_number']} ({currency}, {plan_id} v{plan_version}); one invoice has one currency and plan version")
+            if cur != customer.get("currency"):
+                raise InvoiceError(f"{where}: currency {cur!r} differs from the customer's currency {customer.get('currency')!r} in seeds/customers.csv")
+            if cur not in exponents:
+                raise InvoiceError(f"{where}: currency {cur!r} is not in seeds/currencies.csv; add it there")
+            exp = exponents[cur]
+            line_type = r.get("line_type")
+            if line_type not in LINE_TYPES:
+                raise InvoiceError(f"{where}: line_type {line_type!r} is not one of {', '.join(LINE_TYPES)}")
+            amount_minor = _minor(r.get("amount_minor"), f"{where}: amount_minor")
+            out = {
+                "line_number": ln,
+                "line_type": line_type,
+                "meter_id": r.get("meter_id"),
+                "dimension": r.get("dimension") or "",
+                "description": r.get("description") or "",
+                "quantity": format_decimal(_decimal(r.get("quantity"), f"{where}: quantity")),
+                "unit": r.get("unit") or "",
+                "unit_price": format_price(_decimal(r.get("unit_price"), f"{where}: unit_price"), exp),
+                "amount": format_minor(amount_minor, exp),
+                "amount_minor": amount_minor,
+            }
+            out["formula"] = _formula(r, out, cur, exp)
+            out_lines.append(out)
+        exp = exponents[currency]
+        total_minor = sum(line["amount_minor"] for line in out_lines)
+        number = numbers[cid] if status == "finalized" else f"DRAFT-{month:%Y-%m}-{cid}"
+        invoices.append(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "invoice_number": number,
+                "status": status,
+                "customer_id": cid,
+                "customer_name": customer.get("name") or cid,
+                "plan_id": plan_id,
+                "plan_version": int(plan_version) if plan_version is not None else None,
+                "plan_name": plan_names.get((plan_id, int(plan_version) if plan_version is not None else None), plan_id),
+                "period_start": month.isoformat(),
+                "period_end": end.isoformat(),
+                "currency": currency,
+                "minor_unit_exponent": exp,
+                "grace_days": grace_days,
+                "finalized_on": fin_on.isoformat() if status == "finalized" else None,
+                "lines": out_lines,
+                "subtotal": format_minor(total_minor, exp),
+                "subtotal_minor": total_minor,
+                "total": format_minor(total_minor, exp),
+                "total_minor": total_minor,
+                "dispute_instructions": _dispute_text(number, status, fin_on),
+                "manifest": manifest_json,
+            }
+        )
+    return invoices
+
+
+# --------------------------------------------------------------------------- manifest and code version
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def code_version(root: Path | str = PROJECT_ROOT) -> str:
+    """The package version, plus ``+g<commit>`` when ``root`` is a git checkout and ``git rev-parse HEAD`` works."""
+    version = __version__
+    root = Path(root)
+    if not (root / ".git").exists():
+        return version
+    try:
+        r = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+            env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+        )
+    except (OSError, subprocess.SubprocessError):
+        return version
+    sha = (r.stdout or "").strip()
+    if r.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", sha):
+        return f"{version}+g{sha}"
+    return version
+
+
+def invoice_manifest(paths: Paths, month: date, seeds_dir: Path | str, code_version: str) -> dict:
+    """What produced a month's invoices: SHA-256 of each raw samples Parquet file of the month's days
+    (path relative to the data dir -> hash), of each seed file, and the code version."""
+    month = _month_start(month)
+    end = period_end(month)
+    raw: dict[str, str] = {}
+    day = month
+    while day < end:
+        for f in sample_files(paths, day):
+            raw[f.relative_to(paths.data_dir).as_posix()] = _sha256_file(f)
+        day += timedelta(days=1)
+    return {
+        "month": f"{month:%Y-%m}",
+        "raw_samples": raw,
+        "seeds": seeds_digest(Path(seeds_dir)),
+        "code_version": code_version,
+    }
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _csv_text(value: Any) -> str:
+    """Text for a CSV cell; a leading formula character is neutralised for spreadsheets."""
+    s = "" if value is None else str(value)
+    if s and s[0] in "=+-@\t\r":
+        return "'" + s
+    return s
+
+
+def _render_json(invoice: dict) -> str:
+    return _json_bytes(invoice).decode("utf-8")
+
+
+def _render_csv(invoice: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    head = [invoice["invoice_number"], invoice["status"], invoice["customer_id"], invoice["period_start"], invoice["period_end"], invoice["currency"]]
+    for line in invoice["lines"]:
+        w.writerow(
+            head
+            + [
+                line["line_number"],
+                line["line_type"],
+                line["meter_id"] or "",
+                _csv_text(line["dimension"]),
+                _csv_text(line["description"]),
+                line["quantity"],
+                _csv_text(line["unit"]),
+                line["unit_price"],
+                line["amount"],
+                line["amount_minor"],
+            ]
+        )
+    w.writerow(head + ["", "total", "", "", "Total due", "", "", "", invoice["total"], invoice["total_minor"]])
+    return buf.getvalue()
+
+
+def _render_table(invoice: dict) -> str:
+    cur = invoice["currency"].upper()
+    out = [
+        f"Invoice {invoice['invoice_number']} ({invoice['status']})",
+        f"Customer: {invoice['customer_name']} ({invoice['customer_id']})",
+        f"Plan: {invoice.get('plan_name') or invoice['plan_id']} (v{invoice['plan_version']})",
+        f"Period: {invoice['period_start']} to {invoice['period_end']} (exclusive, UTC)",
+        "",
+    ]
+    header = ("#", "type", "description", "quantity", "unit", "unit price", f"amount {cur}")
+    rows = [
+        (str(l["line_number"]), l["line_type"], l["description"], l["quantity"], l["unit"], l["unit_price"], l["amount"])
+        for l in invoice["lines"]
+    ]
+    rows.append(("", "", "Total due", "", "", "", invoice["total"]))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    right = {0, 3, 5, 6}
+
+    def fmt(r: tuple) -> str:
+        return "  ".join(c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(r)).rstrip()
+
+    out.append(fmt(header))
+    out.append("  ".join("-" * w for w in widths))
+    out.extend(fmt(r) for r in rows[:-1])
+    out.append("  ".join("-" * w for w in widths))
+    out.append(fmt(rows[-1]))
+    out += ["", invoice["dispute_instructions"], ""]
+    return "\n".join(out)
+
+
+_HTML_STYLE = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #1f2328; margin: 2rem auto; max-width: 960px; padding: 0 1rem; }
+header { display: flex; justify-content: space-between; align-items: flex-start; border-bottom: 2px solid #1f2328; padding-bottom: 1rem; }
+h1 { margin: 0 0 .25rem 0; font-size: 1.6rem; }
+h2 { font-size: 1.1rem; margin-top: 2rem; }
+.status { display: inline-block; padding: .15rem .6rem; border-radius: 1rem; font-size: .85rem; font-weight: 600; text-transform: uppercase; }
+.status-draft { background: #fff8c5; color: #7d4e00; border: 1px solid #d4a72c; }
+.status-finalized { background: #dafbe1; color: #116329; border: 1px solid #4ac26b; }
+dl { display: grid; grid-template-columns: max-content auto; gap: .2rem 1rem; margin: 0; }
+dt { color: #59636e; } dd { margin: 0; }
+table { width: 100%; border-collapse: collapse; margin-top: .5rem; font-size: .92rem; }
+th, td { text-align: left; padding: .4rem .5rem; border-bottom: 1px solid #d1d9e0; vertical-align: top; }
+th { background: #f6f8fa; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.formula { color: #59636e; font-size: .85rem; }
+tr.total td { font-weight: 700; border-top: 2px solid #1f2328; border-bottom: none; font-size: 1.05rem; }
+.dispute { margin-top: 2rem; padding: 1rem; background: #f6f8fa; border-left: 4px solid #59636e; font-size: .88rem; }
+.manifest { margin-top: 1rem; color: #59636e; font-size: .75rem; word-break: break-all; }
+@media print { body { margin: 0; max-width: none; } .status { border: 1px solid #000; } th { background: none; } }
+""".strip()
+
+
+def _render_html(invoice: dict) -> str:
+    e = lambda v: html.escape("" if v is None else str(v), quote=True)  # noqa: E731
+    cur = invoice["currency"].upper()
+    status = invoice["status"] if invoice["status"] in STATUSES else "draft"
+    usage = [l for l in invoice["lines"] if l["line_type"] == "usage"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>Invoice {e(invoice['invoice_number'])} — {e(invoice['customer_name'])}</title>",
+        f"<style>\n{_HTML_STYLE}\n</style>",
+        "</head>",
+        "<body>",
+        "<header>",
+        "<div>",
+        f"<h1>Invoice {e(invoice['invoice_number'])}</h1>",
+        f'<span class="status status-{e(status)}">{e(invoice["status"])}</span>',
+        "</div>",
+        "<dl>",
+        f"<dt>Customer</dt><dd>{e(invoice['customer_name'])} ({e(invoice['customer_id'])})</dd>",
+        f"<dt>Plan</dt><dd>{e(invoice.get('plan_name') or invoice['plan_id'])} (v{e(invoice['plan_version'])})</dd>",
+        f"<dt>Period</dt><dd>{e(invoice['period_start'])} to {e(invoice['period_end'])} (exclusive, UTC)</dd>",
+        f"<dt>Currency</dt><dd>{e(cur)}</dd>",
+    ]
+    if invoice.get("finalized_on"):
+        parts.append(f"<dt>Finalized on</dt><dd>{e(invoice['finalized_on'])}</dd>")
+    parts += ["</dl>", "</header>", "<h2>Usage summary</h2>"]
+    if usage:
+        parts += [
+            "<table>",
+            '<thead><tr><th>Meter</th><th>Dimension</th><th class="num">Quantity</th><th>Unit</th></tr></thead>',
+            "<tbody>",
+        ]
+        for l in usage:
+            parts.append(
+                f"<tr><td>{e(l['meter_id'])}</td><td>{e(l['dimension'])}</td>"
+                f'<td class="num">{e(l["quantity"])}</td><td>{e(l["unit"])}</td></tr>'
+            )
+        parts += ["</tbody>", "</table>"]
+    else:
+        parts.append("<p>No metered usage in this period.</p>")
+    parts += [
+        "<h2>Charges</h2>",
+        "<table>",
+        "<thead><tr><th class=\"num\">#</th><th>Description</th><th class=\"num\">Quantity</th><th>Unit</th>"
+        f"<th class=\"num\">Unit price ({e(cur)})</th><th>How it is computed</th><th class=\"num\">Amount ({e(cur)})</th></tr></thead>",
+        "<tbody>",
+    ]
+    for l in invoice["lines"]:
+        parts.append(
+            f'<tr><td class="num">{e(l["line_number"])}</td><td>{e(l["description"])}</td>'
+            f'<td class="num">{e(l["quantity"])}</td><td>{e(l["unit"])}</td>'
+            f'<td class="num">{e(l["unit_price"])}</td><td class="formula">{e(l.get("formula", ""))}</td>'
+            f'<td class="num">{e(l["amount"])}</td></tr>'
+        )
+    parts += [
+        f'<tr class="total"><td></td><td colspan="5">Total due</td><td class="num">{e(cur)} {e(invoice["total"])}</td></tr>',
+        "</tbody>",
+        "</table>",
+        f'<div class="dispute"><strong>Disputes.</strong> {e(invoice["dispute_instructions"])}</div>',
+    ]
+    manifest = invoice.get("manifest") or {}
+    if manifest:
+        parts.append(
+            f'<div class="manifest">Manifest: code {e(manifest.get("code_version", ""))}; '
+            f'{e(len(manifest.get("raw_samples") or {}))} raw sample files and '
+            f'{e(len(manifest.get("seeds") or {}))} seed files hashed (SHA-256, listed in the JSON invoice).</div>'
+        )
+    parts += ["</body>", "</html>", ""]
+    return "\n".join(parts)
+
+
+def render_invoice(invoice: dict, fmt: str = "json") -> str:
+    """The invoice as text: ``json`` (canonical, as stored), ``csv`` (one row per line plus a total row),
+    ``html`` (a self-contained printable page) or ``table`` (plain text)."""
+    if fmt == "json":
+        return _render_json(invoice)
+    if fmt == "csv":
+        return _render_csv(invoice)
+    if fmt == "html":
+        return _render_html(invoice)
+    if fmt == "table":
+        return _render_table(invoice)
+    raise InvoiceError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+
+
+# --------------------------------------------------------------------------- files
+
+
+def invoice_dir(paths: Paths, month: date | str) -> Path:
+    key = month if isinstance(month, str) else f"{month:%Y-%m}"
+    if not re.fullmatch(r"\d{4}-\d{2}", key):
+        raise InvoiceError(f"month {month!r} must look like YYYY-MM")
+    return paths.invoices / key
+
+
+def invoice_files(paths: Paths, month: date | str, customer_id: str) -> dict[str, Path]:
+    """Where a customer's invoice of a month lives: {"json": ..., "csv": ..., "html": ...}."""
+    d = invoice_dir(paths, month)
+    cid = _safe_customer_id(customer_id, "invoice_files")
+    return {fmt: d / f"{cid}.{fmt}" for fmt in ("json", "csv", "html")}
+
+
+def read_invoice(paths: Paths, month: date | str, customer_id: str) -> dict | None:
+    """A stored invoice (JSON), or None if there is none."""
+    path = invoice_files(paths, month, customer_id)["json"]
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InvoiceError(f"{path}: stored invoice is unreadable ({e}); restore it from backup (a finalized invoice is never regenerated)") from None
+
+
+def _figures(invoice: Mapping) -> tuple:
+    """What money depends on; two invoices with equal figures bill the same."""
+    lines = tuple(
+        (
+            l["line_type"],
+            l.get("meter_id"),
+            l.get("dimension") or "",
+            Decimal(l["quantity"]),
+            l.get("unit") or "",
+            Decimal(l["unit_price"]),
+            int(l["amount_minor"]),
+        )
+        for l in sorted(invoice["lines"], key=lambda l: int(l["line_number"]))
+    )
+    return (invoice["currency"], invoice.get("plan_id"), invoice.get("plan_version"), int(invoice["total_minor"]), lines)
+
+
+def _write_if_changed(path: Path, data: bytes, written: list[str], unchanged: list[str]) -> None:
+    if path.exists() and path.read_bytes() == data:
+        unchanged.append(str(path))
+        return
+    _atomic_write_bytes(path, data)
+    written.append(str(path))
+
+
+def write_invoice_files(paths: Paths, invoices: list[dict]) -> dict:
+    """Write each invoice as ``<invoices>/YYYY-MM/<customer_id>.json|.csv|.html`` (atomic, deterministic).
+
+    A finalized invoice already on disk is never rewritten (rule 8): if the recomputed figures
+    differ, the customer is listed in ``changed_after_finalization`` and the new figures go to
+    ``YYYY-MM/pending_adjustments/<customer_id>.json``; a missing CSV/HTML of it is re-rendered from
+    the stored JSON. Files whose bytes would not change are left alone. Returns figures: counts by
+    status and totals by currency of the invoices as they now stand on disk, and the paths written.
+    """
+    written: list[str] = []
+    unchanged: list[str] = []
+    changed_after: list[str] = []
+    pending: list[str] = []
+    by_status: dict[str, int] = {s: 0 for s in STATUSES}
+    totals_minor: dict[str, int] = {}
+    exponents: dict[str, int] = {}
+    for inv in sorted(invoices, key=lambda i: (i["period_start"], i["customer_id"])):
+        month_key = inv["period_start"][:7]
+        cid = _safe_customer_id(inv["customer_id"], f"invoice {inv.get('invoice_number')!r}")
+        files = invoice_files(paths, month_key, cid)
+        pending_path = invoice_dir(paths, month_key) / PENDING_DIR / f"{cid}.json"
+        stored = read_invoice(paths, month_key, cid)
+        if stored is not None and stored.get("status") == "finalized":
+            effective = stored
+            if _figures(stored) != _figures(inv):
+                changed_after.append(cid)
+                adjustment = {
+                    "schema_version": SCHEMA_VERSION,
+                    "status": "pending",
+                    "customer_id": cid,
+                    "period_start": stored["period_start"],
+                    "period_end": stored["period_end"],
+                    "currency": stored["currency"],
+                    "minor_unit_exponent": stored["minor_unit_exponent"],
+                    "finalized_invoice_number": stored["invoice_number"],
+                    "finalized_total_minor": int(stored["total_minor"]),
+                    "recomputed_total_minor": int(inv["total_minor"]),
+                    "delta_minor": int(inv["total_minor"]) - int(stored["total_minor"]),
+                    "delta": format_minor(int(inv["total_minor"]) - int(stored["total_minor"]), int(stored["minor_unit_exponent"])),
+                    "recomputed_lines": inv["lines"],
+                    "recomputed_manifest": inv.get("manifest"),
+                }
+                _write_if_changed(pending_path, _json_bytes(adjustment), written, unchanged)
+                pending.append(str(pending_path))
+            elif pending_path.exists():
+                # usage went back to what was finalized: nothing left to adjust
+                pending_path.unlink()
+            for fmt in ("csv", "html"):
+                if not files[fmt].exists():
+                    _atomic_write_bytes(files[fmt], render_invoice(stored, fmt).encode("utf-8"))
+                    written.append(str(files[fmt]))
+        else:
+            effective = inv
+            for fmt in ("json", "csv", "html"):
+                _write_if_changed(files[fmt], render_invoice(inv, fmt).encode("utf-8"), written, unchanged)
+        by_status[effective["status"]] = by_status.get(effective["status"], 0) + 1
+        cur = effective["currency"]
+        totals_minor[cur] = totals_minor.get(cur, 0) + int(effective["total_minor"])
+        exponents[cur] = int(effective["minor_unit_exponent"])
+    return {
+        "invoices": len(invoices),
+        "by_status": by_status,
+        "totals_by_currency": {c: format_minor(totals_minor[c], exponents[c]) for c in sorted(totals_minor)},
+        "totals_minor_by_currency": dict(sorted(totals_minor.items())),
+        "written": written,
+        "unchanged": unchanged,
+        "changed_after_finalization": changed_after,
+        "pending_adjustments": pending,
+    }

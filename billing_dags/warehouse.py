@@ -1,0 +1,88 @@
+"""data/warehouse.duckdb: views over the Parquet partitions, for ad-hoc DuckDB queries.
+
+The file holds views only (partition outputs stay in Parquet), so concurrent partition runs never
+contend for it. ``open_warehouse`` gives the same views in memory without touching the file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import duckdb
+
+from .settings import Paths
+from .sqlmodels import connect, load_project, macros_sql, partition_dir, seed_snapshot_path
+
+
+def _lit(path: Path | str) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def view_statements(paths: Paths) -> list[str]:
+    """CREATE VIEW statements for sources, seeds, view models and every materialized table model."""
+    project = load_project()
+    stmts = list(macros_sql())
+    if any(paths.raw_samples.glob("date=*/*.parquet")):
+        stmts.append(
+            "create or replace view raw_samples as select series_id, ts, value, date::date as date "
+            f"from read_parquet({_lit(paths.raw_samples / 'date=*' / '*.parquet')}, hive_partitioning = true)"
+        )
+    if any(paths.raw_series.glob("date=*/*.parquet")):
+        stmts.append(
+            "create or replace view raw_series as select series_id, metric, labels, first_seen "
+            f"from read_parquet({_lit(paths.raw_series / 'date=*' / '*.parquet')}, hive_partitioning = false)"
+        )
+    for seed in sorted((paths.data_dir / "seeds").glob("*.parquet")):
+        stmts.append(f"create or replace view seed_{seed.stem} as select * from read_parquet({_lit(seed)})")
+    for name in project.order():
+        model = project.models[name]
+        if model.materialized == "table":
+            if any(partition_dir(paths, model).rglob("data.parquet")):
+                stmts.append(
+                    f"create or replace view {name} as select * from "
+                    f"read_parquet({_lit(partition_dir(paths, model) / '**' / 'data.parquet')}, hive_partitioning = false)"
+                )
+        else:
+            stmts.append(f"create or replace view {name} as {model.sql.strip().rstrip(';')}")
+    return stmts
+
+
+def _apply(con: duckdb.DuckDBPyConnection, stmts: list[str]) -> list[str]:
+    created, failed = [], []
+    for stmt in stmts:
+        try:
+            con.execute(stmt)
+            created.append(stmt)
+        except duckdb.Error:
+            failed.append(stmt)  # a view over a source that is not there yet
+    return failed
+
+
+def open_warehouse(paths: Paths) -> duckdb.DuckDBPyConnection:
+    """An in-memory connection with every warehouse view; nothing on disk is locked."""
+    con = connect()
+    _apply(con, view_statements(paths))
+    return con
+
+
+def refresh_views(paths: Paths, retries: int = 20) -> dict:
+    """Rewrite data/warehouse.duckdb with the current views (retrying while another process holds it)."""
+    paths.data_dir.mkdir(parents=True, exist_ok=True)
+    stmts = view_statements(paths)
+    tmp = paths.warehouse_db.with_name(f".{paths.warehouse_db.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    con = duckdb.connect(str(tmp), config={"autoinstall_known_extensions": False})
+    try:
+        failed = _apply(con, stmts)
+        views = [r[0] for r in con.execute("select view_name from duckdb_views() where not internal order by 1").fetchall()]
+    finally:
+        con.close()
+    for attempt in range(retries):
+        try:
+            os.replace(tmp, paths.warehouse_db)
+            break
+        except OSError:
+            time.sleep(0.25 * (attempt + 1))
+    return {"views": views, "skipped": len(failed), "path": str(paths.warehouse_db)}

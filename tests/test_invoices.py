@@ -1,0 +1,394 @@
+"""Invoices (rules 7, 8, 11, 12): status, exact totals, numbering, immutability, deterministic files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from billing_dags import invoices as inv
+from billing_dags.invoices import (
+    InvoiceError,
+    build_invoices,
+    code_version,
+    format_decimal,
+    format_minor,
+    invoice_manifest,
+    invoice_status,
+    read_registry,
+    render_invoice,
+    write_invoice_files,
+)
+from billing_dags.settings import Paths
+
+UTC = timezone.utc
+JAN = date(2025, 1, 1)
+FEB = date(2025, 2, 1)
+#: first instant at which January 2025 is final with the default 3 grace days
+JAN_FINAL = datetime(2025, 2, 4, tzinfo=UTC)
+FEB_FINAL = datetime(2025, 3, 4, tzinfo=UTC)
+JAN_DRAFT = datetime(2025, 1, 20, 12, 0, tzinfo=UTC)
+
+CUSTOMERS = [
+    {"customer_id": "acme", "name": "Acme Corp", "currency": "usd", "plan_id": "pro", "stripe_customer_id": "cus_A"},
+    {"customer_id": "beta", "name": "Beta & Sons", "currency": "usd", "plan_id": "pro", "stripe_customer_id": None},
+    {"customer_id": "cobalt", "name": "Cobalt", "currency": "usd", "plan_id": "pro", "stripe_customer_id": "cus_C"},
+    {"customer_id": "tokyo", "name": "Tokyo KK", "currency": "jpy", "plan_id": "jp", "stripe_customer_id": "cus_T"},
+]
+PLANS = [
+    {"plan_id": "pro", "version": 1, "name": "Pro", "currency": "usd"},
+    {"plan_id": "jp", "version": 2, "name": "Japan", "currency": "jpy"},
+]
+CURRENCIES = [{"currency": "usd", "minor_unit_exponent": 2}, {"currency": "jpy", "minor_unit_exponent": 0}]
+MANIFEST = {"month": "2025-01", "raw_samples": {"raw/samples/date=2025-01-01/part-sim.parquet": "ab" * 32}, "seeds": {"meters.csv": "cd" * 32}, "code_version": "0.1.0"}
+
+
+def paths_for(tmp_path) -> Paths:
+    return Paths(tmp_path / "data", tmp_path / "seeds")
+
+
+def lines_for(customer_id: str, month: date = JAN, *, usage_minor: int = 1234, currency: str = "usd") -> list[dict]:
+    plan = ("jp", 2) if currency == "jpy" else ("pro", 1)
+    common = {"month": month, "customer_id": customer_id, "plan_id": plan[0], "plan_version": plan[1], "currency": currency}
+    return [
+        {
+            **common,
+            "line_number": 1,
+            "line_type": "base_fee",
+            "meter_id": None,
+            "dimension": "",
+            "description": "Pro monthly base fee",
+            "quantity": Decimal("1.000000000"),
+            "unit": "month",
+            "unit_price": Decimal("10.000000000"),
+            "amount_minor": 1000,
+        },
+        {
+            **common,
+            "line_number": 2,
+            "line_type": "usage",
+            "meter_id": "proxy_bytes",
+            "dimension": "",
+            "description": "10 GiB included then $0.05 per GiB",
+            "quantity": Decimal("12.500000000"),
+            "unit": "gib",
+            "unit_price": Decimal("0.050000000"),
+            "amount_minor": usage_minor,
+        },
+        {
+            **common,
+            "line_number": 3,
+            "line_type": "risk_adjustment",
+            "meter_id": None,
+            "dimension": "",
+            "description": "Risk multiplier 0.90x on base fee and usage",
+            "quantity": Decimal("-0.100000000"),
+            "unit": "multiplier",
+            "unit_price": Decimal("22.340000000"),
+            "amount_minor": -223,
+        },
+    ]
+
+
+def build(lines, month=JAN, now=JAN_DRAFT, paths=None, customers=CUSTOMERS, manifest=MANIFEST):
+    return build_invoices(lines, customers, PLANS, CURRENCIES, month, now=now, grace_days=3, manifest=manifest, paths=paths)
+
+
+# --------------------------------------------------------------------------- status
+
+
+def test_status_boundary_exactly_at_period_end_plus_grace():
+    assert invoice_status(JAN, JAN_FINAL, 3) == "finalized"
+    assert invoice_status(JAN, JAN_FINAL - timedelta(seconds=1), 3) == "draft"
+    # another time zone naming the same instant
+    plus2 = timezone(timedelta(hours=2))
+    assert invoice_status(JAN, datetime(2025, 2, 4, 2, 0, tzinfo=plus2), 3) == "finalized"
+    assert invoice_status(JAN, datetime(2025, 2, 4, 1, 59, 59, tzinfo=plus2), 3) == "draft"
+    # grace 0: final at the period end itself; December rolls into the next year
+    assert invoice_status(JAN, datetime(2025, 2, 1, tzinfo=UTC), 0) == "finalized"
+    assert invoice_status(date(2024, 12, 1), datetime(2025, 1, 3, 23, 59, 59, tzinfo=UTC)) == "draft"
+    assert invoice_status(date(2024, 12, 1), datetime(2025, 1, 4, tzinfo=UTC)) == "finalized"
+
+
+def test_status_rejects_bad_input():
+    with pytest.raises(InvoiceError, match="time zone"):
+        invoice_status(JAN, datetime(2025, 3, 1))
+    with pytest.raises(InvoiceError, match="first day"):
+        invoice_status(date(2025, 1, 15), JAN_FINAL)
+    with pytest.raises(InvoiceError, match="grace_days"):
+        invoice_status(JAN, JAN_FINAL, -1)
+
+
+def test_finalized_invoice_carries_finalized_on(tmp_path):
+    (final,) = build(lines_for("acme"), now=JAN_FINAL, paths=paths_for(tmp_path))
+    assert final["status"] == "finalized"
+    assert final["finalized_on"] == "2025-02-04"
+    assert final["period_start"] == "2025-01-01" and final["period_end"] == "2025-02-01"
+    (draft,) = build(lines_for("acme"))
+    assert draft["status"] == "draft" and draft["finalized_on"] is None
+    assert draft["invoice_number"] == "DRAFT-2025-01-acme"
+
+
+# --------------------------------------------------------------------------- exact money
+
+
+def test_total_is_the_sum_of_rounded_lines():
+    lines = lines_for("acme")
+    (invoice,) = build(lines)
+    expected_minor = 1000 + 1234 - 223  # computed here, independently of the code under test
+    assert invoice["total_minor"] == expected_minor == 2011
+    assert invoice["total"] == invoice["subtotal"] == "20.11"
+    assert [l["amount_minor"] for l in invoice["lines"]] == [1000, 1234, -223]
+    assert [l["amount"] for l in invoice["lines"]] == ["10.00", "12.34", "-2.23"]
+    assert invoice["lines"][1]["quantity"] == "12.5"
+    assert invoice["lines"][1]["unit_price"] == "0.05"
+    assert invoice["lines"][2]["quantity"] == "-0.1"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=-10**12, max_value=10**12), min_size=1, max_size=12))
+def test_total_equals_sum_of_lines_property(amounts):
+    base = lines_for("acme")[1]
+    lines = [{**base, "line_number": i + 1, "meter_id": f"m{i:02d}", "amount_minor": a} for i, a in enumerate(amounts)]
+    (invoice,) = build(lines)
+    total = 0
+    for a in amounts:
+        total += a
+    assert invoice["total_minor"] == total
+    assert Decimal(invoice["total"]) == Decimal(total) / 100
+    assert sum(Decimal(l["amount"]) for l in invoice["lines"]) == Decimal(invoice["total"])
+
+
+def test_amount_strings_usd_two_digits_jpy_none():
+    assert format_minor(1230, 2) == "12.30"
+    assert format_minor(5, 2) == "0.05"
+    assert format_minor(-250, 2) == "-2.50"
+    assert format_minor(0, 2) == "0.00"
+    assert format_minor(1230, 0) == "1230"
+    assert format_minor(-7, 0) == "-7"
+    (jp,) = build(lines_for("tokyo", currency="jpy", usage_minor=1230))
+    assert jp["currency"] == "jpy" and jp["minor_unit_exponent"] == 0
+    assert [l["amount"] for l in jp["lines"]] == ["1000", "1230", "-223"]
+    assert jp["total"] == "2007" and jp["total_minor"] == 2007
+    assert jp["lines"][0]["unit_price"] == "10"  # no padding for a currency without minor digits
+    (us,) = build(lines_for("acme", usage_minor=1230))
+    assert us["lines"][1]["amount"] == "12.30"
+
+
+def test_decimal_strings_never_use_exponents():
+    assert format_decimal(Decimal("12.500000000")) == "12.5"
+    assert format_decimal(Decimal("1E+3")) == "1000"
+    assert format_decimal(Decimal("0E-9")) == "0"
+    assert format_decimal(Decimal("-0")) == "0"
+    assert format_decimal(Decimal("0.000000001")) == "0.000000001"
+    big = Decimal("12345678901234567890123456789.123456789")  # 38 digits: beyond the default context
+    assert format_decimal(big) == "12345678901234567890123456789.123456789"
+
+
+def test_bad_lines_are_rejected_with_a_clear_message():
+    lines = lines_for("acme")
+    with pytest.raises(InvoiceError, match="float"):
+        build([{**lines[0], "quantity": 1.0}])
+    with pytest.raises(InvoiceError, match="unknown customer 'ghost'"):
+        build([{**lines[0], "customer_id": "ghost"}])
+    with pytest.raises(InvoiceError, match="not a safe identifier"):
+        build([{**lines[0], "customer_id": "../etc"}])
+    with pytest.raises(InvoiceError, match="not the invoiced month"):
+        build([{**lines[0], "month": FEB}])
+    with pytest.raises(InvoiceError, match="duplicate line_number"):
+        build([lines[0], {**lines[1], "line_number": 1}])
+    with pytest.raises(InvoiceError, match="customer's currency"):
+        build([{**lines[0], "currency": "jpy"}])
+    with pytest.raises(InvoiceError, match="need numbers"):
+        build(lines, now=JAN_FINAL, paths=None)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_files_are_reproduced_byte_for_byte(tmp_path):
+    p = paths_for(tmp_path)
+    lines = lines_for("acme") + lines_for("beta") + lines_for("tokyo", currency="jpy")
+    first = write_invoice_files(p, build(lines))
+    files = sorted((p.invoices / "2025-01").glob("*.*"))
+    assert [f.name for f in files] == [f"{c}.{ext}" for c in ("acme", "beta", "tokyo") for ext in ("csv", "html", "json")]
+    before = {f.name: f.read_bytes() for f in files}
+    assert len(first["written"]) == 9
+    assert first["by_status"] == {"draft": 3, "finalized": 0}
+    assert first["totals_by_currency"] == {"jpy": "2011", "usd": "40.22"}  # 1000 + 1234 - 223 yen
+
+    again = write_invoice_files(p, build(lines))
+    assert again["written"] == [] and len(again["unchanged"]) == 9
+    assert {f.name: f.read_bytes() for f in sorted((p.invoices / "2025-01").glob("*.*"))} == before
+
+    # an independent data dir gets the very same bytes: no paths or clocks inside
+    other = paths_for(tmp_path / "other")
+    write_invoice_files(other, build(lines))
+    assert {f.name: f.read_bytes() for f in sorted((other.invoices / "2025-01").glob("*.*"))} == before
+
+    stored = json.loads(before["acme.json"])
+    assert stored["total_minor"] == 2011 and stored["manifest"] == MANIFEST
+    assert stored["lines"][1]["amount"] == "12.34"
+    csv_lines = before["acme.csv"].decode().splitlines()
+    assert csv_lines[0].startswith("invoice_number,status,customer_id")
+    assert len(csv_lines) == 1 + 3 + 1
+    assert csv_lines[-1].endswith(",total,,,Total due,,,,20.11,2011")
+
+
+def test_finalized_invoice_is_never_rewritten(tmp_path):
+    p = paths_for(tmp_path)
+    res = write_invoice_files(p, build(lines_for("acme"), now=JAN_FINAL, paths=p))
+    assert res["by_status"]["finalized"] == 1
+    json_path = p.invoices / "2025-01" / "acme.json"
+    original = {ext: (p.invoices / "2025-01" / f"acme.{ext}").read_bytes() for ext in ("json", "csv", "html")}
+    assert json.loads(original["json"])["invoice_number"] == "INV-2025-000001"
+
+    # same inputs later: nothing rewritten, nothing pending
+    res = write_invoice_files(p, build(lines_for("acme"), now=JAN_FINAL + timedelta(days=40), paths=p))
+    assert res["changed_after_finalization"] == [] and res["written"] == []
+
+    # late data changes the usage line: the finalized files stay, the new figures wait for an adjustment
+    changed = build(lines_for("acme", usage_minor=1500), now=JAN_FINAL + timedelta(days=40), paths=p)
+    res = write_invoice_files(p, changed)
+    assert res["changed_after_finalization"] == ["acme"]
+    assert {ext: (p.invoices / "2025-01" / f"acme.{ext}").read_bytes() for ext in ("json", "csv", "html")} == original
+    pending = json.loads((p.invoices / "2025-01" / "pending_adjustments" / "acme.json").read_text())
+    assert pending["finalized_invoice_number"] == "INV-2025-000001"
+    assert pending["finalized_total_minor"] == 2011
+    assert pending["recomputed_total_minor"] == 2011 - 1234 + 1500
+    assert pending["delta_minor"] == 266 and pending["delta"] == "2.66"
+    assert res["totals_by_currency"] == {"usd": "20.11"}  # what stands on disk is the finalized invoice
+    assert str(json_path) not in res["written"]
+
+    # a deleted rendering is restored from the stored JSON, not from the new figures
+    (p.invoices / "2025-01" / "acme.html").unlink()
+    write_invoice_files(p, changed)
+    assert (p.invoices / "2025-01" / "acme.html").read_bytes() == original["html"]
+
+
+def test_numbering_gap_free_across_months_and_stable_on_rerun(tmp_path):
+    p = paths_for(tmp_path)
+    jan_lines = lines_for("cobalt") + lines_for("acme") + lines_for("beta")
+    # drafts consume no numbers
+    assert [i["invoice_number"] for i in build(jan_lines, paths=p)] == ["DRAFT-2025-01-acme", "DRAFT-2025-01-beta", "DRAFT-2025-01-cobalt"]
+    assert read_registry(p)["numbers"] == {}
+
+    jan = build(jan_lines, now=JAN_FINAL, paths=p)
+    assert [(i["customer_id"], i["invoice_number"]) for i in jan] == [
+        ("acme", "INV-2025-000001"),
+        ("beta", "INV-2025-000002"),
+        ("cobalt", "INV-2025-000003"),
+    ]
+    write_invoice_files(p, jan)
+    feb = build(lines_for("cobalt", FEB) + lines_for("acme", FEB), FEB, now=FEB_FINAL, paths=p)
+    assert [i["invoice_number"] for i in feb] == ["INV-2025-000004", "INV-2025-000005"]
+
+    # reruns reuse the numbers; a later year starts again at 1
+    assert [i["invoice_number"] for i in build(jan_lines, now=FEB_FINAL, paths=p)] == ["INV-2025-000001", "INV-2025-000002", "INV-2025-000003"]
+    assert [i["invoice_number"] for i in build(lines_for("cobalt", FEB) + lines_for("acme", FEB), FEB, now=FEB_FINAL, paths=p)] == ["INV-2025-000004", "INV-2025-000005"]
+    dec = date(2025, 12, 1)
+    assert [i["invoice_number"] for i in build(lines_for("beta", dec), dec, now=datetime(2026, 1, 5, tzinfo=UTC), paths=p)] == ["INV-2025-000006"]
+    jan26 = date(2026, 1, 1)
+    assert [i["invoice_number"] for i in build(lines_for("beta", jan26), jan26, now=datetime(2026, 2, 5, tzinfo=UTC), paths=p)] == ["INV-2026-000001"]
+
+    numbers = read_registry(p)["numbers"]
+    seq_2025 = sorted(int(n.rsplit("-", 1)[1]) for n in numbers.values() if n.startswith("INV-2025-"))
+    assert seq_2025 == list(range(1, 7))
+    assert numbers["2025-02/acme"] == "INV-2025-000004"
+    assert not list(p.invoices.glob(".registry.json.tmp-*"))
+
+
+def test_html_escapes_customer_text(tmp_path):
+    evil = [{**CUSTOMERS[0], "name": "<script>alert('x')</script> & Co"}]
+    lines = lines_for("acme")
+    lines[1]["description"] = 'per GiB <b>"bold"</b>'
+    (invoice,) = build(lines, customers=evil)
+    page = render_invoice(invoice, "html")
+    assert "<script>" not in page and "<b>" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; Co" in page
+    assert "&lt;b&gt;&quot;bold&quot;&lt;/b&gt;" in page
+    assert page.startswith("<!DOCTYPE html>") and "DRAFT-2025-01-acme" in page
+    assert "Total due" in page and "USD 20.11" in page
+    assert "Usage summary" in page and "proxy_bytes" in page
+    assert "dispute" in page.lower()
+    # self-contained: no external resources
+    assert "http://" not in page and "https://" not in page and "<link" not in page
+
+
+def test_render_formats():
+    (invoice,) = build(lines_for("acme"))
+    assert json.loads(render_invoice(invoice, "json")) == invoice
+    table = render_invoice(invoice, "table")
+    assert "DRAFT-2025-01-acme" in table and "20.11" in table and "Total due" in table
+    assert render_invoice(invoice, "csv").count("\n") == 5
+    with pytest.raises(InvoiceError, match="format"):
+        render_invoice(invoice, "pdf")
+
+
+def test_csv_neutralises_formula_text():
+    lines = lines_for("acme")
+    lines[1]["description"] = "=HYPERLINK(\"http://x\")"
+    (invoice,) = build(lines)
+    assert "'=HYPERLINK" in render_invoice(invoice, "csv")
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def test_manifest_hashes_raw_files_of_the_month_and_seeds(tmp_path):
+    import hashlib
+
+    p = paths_for(tmp_path)
+    for d, content in [("2025-01-01", b"one"), ("2025-01-31", b"two"), ("2025-02-01", b"next month"), ("2024-12-31", b"before")]:
+        f = p.raw_samples / f"date={d}" / "part-sim.parquet"
+        f.parent.mkdir(parents=True)
+        f.write_bytes(content)
+    p.seeds_dir.mkdir(parents=True)
+    (p.seeds_dir / "meters.csv").write_text("meter_id\n")
+    m = invoice_manifest(p, JAN, p.seeds_dir, "0.1.0+gabc")
+    assert m["raw_samples"] == {
+        "raw/samples/date=2025-01-01/part-sim.parquet": hashlib.sha256(b"one").hexdigest(),
+        "raw/samples/date=2025-01-31/part-sim.parquet": hashlib.sha256(b"two").hexdigest(),
+    }
+    assert m["seeds"] == {"meters.csv": hashlib.sha256(b"meter_id\n").hexdigest()}
+    assert m["code_version"] == "0.1.0+gabc" and m["month"] == "2025-01"
+
+
+def test_code_version_falls_back_silently(tmp_path, monkeypatch):
+    from billing_dags import __version__
+
+    (tmp_path / ".git").mkdir()
+
+    def no_git(*a, **k):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(inv.subprocess, "run", no_git)
+    assert code_version(tmp_path) == __version__
+
+    def timeout(*a, **k):
+        raise subprocess.TimeoutExpired("git", 5)
+
+    monkeypatch.setattr(inv.subprocess, "run", timeout)
+    assert code_version(tmp_path) == __version__
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setattr(inv.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=sha + "\n", stderr=""))
+    assert code_version(tmp_path) == f"{__version__}+g{sha}"
+    # not a checkout: git is not asked at all
+    assert code_version(tmp_path / "elsewhere") == __version__
+
+
+def test_formula_uses_allowance_and_packages_when_the_line_has_them():
+    lines = lines_for("acme")
+    lines[1].update({"included_quantity": Decimal("10"), "billable_quantity": Decimal("2.5"), "package_size": 1, "packages": None, "amount_minor": 13})
+    (invoice,) = build(lines)
+    assert invoice["lines"][1]["formula"] == "12.5 gib used − 10 included = 2.5 gib × 0.05 USD per gib = 0.13 USD"
+    lines[1].update({"quantity": Decimal("2500"), "unit": "request", "unit_price": Decimal("0.5"), "included_quantity": Decimal("0"),
+                     "billable_quantity": Decimal("2500"), "package_size": 1000, "packages": 3, "amount_minor": 150})
+    (invoice,) = build(lines)
+    assert invoice["lines"][1]["formula"] == "2500 request used − 0 included = 2500 request → 3 packages of 1000 × 0.50 USD = 1.50 USD"
