@@ -177,7 +177,6 @@ def run_month(
 
     quiet_logs = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     check(seeds_job.execute_in_process(instance=instance, run_config=quiet_logs, raise_on_error=False), "validating seeds")
-    quiet_logs = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     run_config = {"resources": {"simulation": {"config": sim}}, **quiet_logs}
     # rule 3/4: a counter's first sample only counts as new usage when nothing precedes it, so
     # the day before the month is ingested and its edges computed (not billed: it is not in the month)

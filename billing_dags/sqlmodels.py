@@ -392,6 +392,9 @@ def check_window(model: Model, table: pa.Table, window: Window | None) -> None:
 def write_partition(paths: Paths, model: Model, window: Window | None, table: pa.Table) -> Path:
     """Delete-window-then-insert: the partition's file is replaced whole, atomically."""
     check_window(model, table, window)
+    if model.grain and len(table):
+        # deterministic bytes: DuckDB's parallel aggregation returns rows in any order
+        table = table.sort_by([(c, "ascending") for c in model.grain])
     dest = partition_file(paths, model, window)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")

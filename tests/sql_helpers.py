@@ -138,6 +138,7 @@ class Runner:
     def __init__(self, seeds: Mapping[str, pa.Table] | None = None):
         self.project = sqlmodels.load_project()
         self.con = sqlmodels.connect()
+        self.con.execute("set threads = 1")  # tiny fixture tables: parallelism only costs here
         self._prepared: set[str] = set()
         for name, table in (seeds if seeds is not None else seed_tables()).items():
             _create_table(self.con, f"seed_{name}", table)
@@ -252,10 +253,18 @@ def rate_month(
     usage_rows: Sequence[Mapping],
     window: Window,
     seeds: Mapping[str, pa.Table] | None = None,
+    *,
+    runner: Runner | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """fct_rated_usage then fct_invoice_lines for one month from fixture fct_usage_by_month rows."""
-    with Runner(seeds) as r:
+    """fct_rated_usage then fct_invoice_lines for one month from fixture fct_usage_by_month rows.
+
+    With ``runner`` (whose seeds are used) the month's partitions are replaced in its tables."""
+    r = runner or Runner(seeds)
+    try:
         r.set_table("fct_usage_by_month", usage_month_table(usage_rows))
         rated = r.run("fct_rated_usage", window).to_pylist()
         lines = r.run("fct_invoice_lines", window).to_pylist()
+    finally:
+        if runner is None:
+            r.close()
     return rated, lines

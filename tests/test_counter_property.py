@@ -45,14 +45,23 @@ COUNTERS = [
     Meta(101, "stratum_accepted_shares_total", {"client_id": "miner-001"}, "mp-001", "proxy_accepted_shares"),
     Meta(102, "stratum_accepted_shares_total", {"client_id": "miner-002"}, "mp-002", "proxy_accepted_shares"),
     Meta(103, "container_cpu_usage_seconds_total", {"namespace": "customer-001"}, "k8s-001", "k8s_cpu"),
+    Meta(104, "stratum_accepted_shares_total", {"client_id": "miner-004"}, "mp-004", "proxy_accepted_shares"),
+    Meta(105, "iot_http_requests_total", {"customer_id": "iot-002"}, "iot-002", "iot_http_requests"),
+    Meta(106, "container_cpu_usage_seconds_total", {"namespace": "customer-003"}, "k8s-003", "k8s_cpu"),
 ]
 GAUGES = [
     Meta(201, "container_memory_working_set_bytes", {"namespace": "customer-002"}, "k8s-002", "k8s_memory"),
     Meta(202, "iot_active_devices", {"customer_id": "iot-001"}, "iot-001", "iot_devices"),
+    Meta(203, "kubelet_volume_stats_used_bytes", {"namespace": "customer-004"}, "k8s-004", "k8s_storage"),
+    Meta(204, "stratum_active_connections", {"client_id": "miner-005"}, "mp-005", "proxy_connections"),
 ]
-# (scale, max value in units of 1/scale): integers when scale == 1, 3 decimals when 1000
-EXACT_RANGE = [(1, 2**32 - 1), (1, 100_000), (1000, 10**9)]
-FULL_RANGE = [(1, 10**12), (1, 10**12), (1000, 10**12)]
+# per series (scale, max value in units of 1/scale): integers when scale == 1, 3 decimals when 1000.
+# "exact range": values whose float64 -> DECIMAL(38, 9) cast is exact in DuckDB (v x 10^9 < 2^53 or
+# a small odd part), so only the day/pair/reset/gap logic is tested; "full range": up to 10^12.
+COUNTER_EXACT = [(1, 2**32 - 1), (1, 100_000), (1000, 10**9), (1, 1_000), (1, 2**32 - 1), (1000, 10**6)]
+COUNTER_FULL = [(1, 10**12), (1, 10**12), (1000, 10**12), (1, 10**9), (1, 10**12), (1000, 10**9)]
+GAUGE_EXACT = [(1, 2**32 - 1), (1, 100_000), (1000, 10**9), (1, 50)]
+GAUGE_FULL = [(1, 10**12), (1000, 10**9), (1, 10**12), (1000, 10**12)]
 
 PROPERTY = dict(deadline=None, database=None, suppress_health_check=list(HealthCheck))
 NO_SHRINK = (Phase.explicit, Phase.generate)  # a failing full-range example is reported as drawn
@@ -220,29 +229,29 @@ def check_gauges(runner, metas, n_days, series):
 
 # --- property tests ---------------------------------------------------------------------------
 
-@settings(max_examples=30, **PROPERTY)
-@given(scenario(COUNTERS, EXACT_RANGE, gauge=False))
+@settings(max_examples=20, **PROPERTY)
+@given(scenario(COUNTERS, COUNTER_EXACT, gauge=False))
 def test_counter_days_match_reference_exact_range(runner, case):
     n_days, series = case
     check_counters(runner, COUNTERS, n_days, series)
 
 
-@settings(max_examples=30, phases=NO_SHRINK, **PROPERTY)
-@given(scenario(COUNTERS, FULL_RANGE, gauge=False))
+@settings(max_examples=25, phases=NO_SHRINK, **PROPERTY)
+@given(scenario(COUNTERS, COUNTER_FULL, gauge=False))
 def test_counter_days_match_reference_full_range(runner, case):
     n_days, series = case
     check_counters(runner, COUNTERS, n_days, series)
 
 
-@settings(max_examples=25, **PROPERTY)
-@given(scenario(GAUGES, EXACT_RANGE[1:], gauge=True))
+@settings(max_examples=15, **PROPERTY)
+@given(scenario(GAUGES, GAUGE_EXACT, gauge=True))
 def test_gauge_days_match_reference_exact_range(runner, case):
     n_days, series = case
     check_gauges(runner, GAUGES, n_days, series)
 
 
-@settings(max_examples=25, phases=NO_SHRINK, **PROPERTY)
-@given(scenario(GAUGES, [(1, 10**12), (1000, 10**9)], gauge=True))
+@settings(max_examples=20, phases=NO_SHRINK, **PROPERTY)
+@given(scenario(GAUGES, GAUGE_FULL, gauge=True))
 def test_gauge_days_match_reference_full_range(runner, case):
     n_days, series = case
     check_gauges(runner, GAUGES, n_days, series)

@@ -15,7 +15,7 @@ from decimal import Decimal
 import pytest
 
 import reference as ref
-from sql_helpers import SEEDS_DIR, month_window, rate_month, seed_tables
+from sql_helpers import SEEDS_DIR, Runner, month_window, rate_month, seed_tables
 
 GIB = 2**30
 APRIL = month_window(2025, 4)  # 30 days
@@ -39,9 +39,22 @@ def usage(customer_id, meter_id, *, kind="counter", dimension="", usage=None, pe
     )
 
 
+_RUNNER: list[Runner] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_runner():
+    """One in-memory DuckDB with the real seeds for this module (each test replaces the month)."""
+    with Runner() as r:
+        _RUNNER.append(r)
+        yield
+        _RUNNER.clear()
+
+
 def invoice(rows, customer_id, window=APRIL, seeds=None):
     """(rated rows, invoice lines) of one customer; checks grain and window on the way."""
-    rated, lines = rate_month(rows, window, seeds)
+    runner = _RUNNER[0] if seeds is None and _RUNNER else None
+    rated, lines = rate_month(rows, window, seeds, runner=runner)
     rated = [r for r in rated if r["customer_id"] == customer_id]
     lines = [r for r in lines if r["customer_id"] == customer_id]
     assert all(r["month"] == window.start for r in rated + lines)

@@ -1,0 +1,92 @@
+"""Every CLI command meets bad input with exit code 2 and a message naming the input and the fix."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from billing_dags.cli import check_billable_month, last_complete_month, main, parse_month
+from datetime import date
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err.replace("\n", " ")
+
+
+@pytest.mark.parametrize("value", ["2026-13", "2026-1", "26-10", "", "2026-10-01", "october"])
+def test_bad_month_is_rejected_with_the_format(value):
+    with pytest.raises(Exception) as e:
+        parse_month(value)
+    assert repr(value) in str(e.value) and "YYYY-MM" in str(e.value)
+
+
+def test_open_and_too_early_months_are_rejected():
+    with pytest.raises(Exception, match="has not ended"):
+        check_billable_month(date(2026, 11, 1), today=date(2026, 11, 22))
+    with pytest.raises(Exception, match="before the first partition"):
+        check_billable_month(date(2020, 1, 1), today=date(2026, 11, 22))
+    assert last_complete_month(date(2026, 1, 15)) == date(2025, 12, 1)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run", "--month", "2026-13"], "'2026-13' is not YYYY-MM"),
+        (["run", "--month", "2099-01"], "has not ended"),
+        (["demo", "--month", "bad"], "'bad' is not YYYY-MM"),
+        (["invoice", "nobody", "--month", "2026-10"], "unknown customer 'nobody'"),
+        (["invoice", "../../etc/passwd", "--month", "2026-10"], "not a safe identifier"),
+        (["invoice", "mp-001", "--month", "2026-10"], "run `billing run --month 2026-10` first"),
+        (["invoices", "--month", "2026-10"], "no invoices for 2026-10"),
+        (["usage", "nobody", "--month", "2026-10"], "unknown customer 'nobody'"),
+        (["usage", "mp-001", "--month", "2026-10"], "run `billing run --month 2026-10` first"),
+        (["simulate", "--month", "2026-10", "--customers", "999"], "seeds have 5 customers"),
+        (["simulate", "--month", "2026-10", "--interval", "0"], "--interval 0 must be a positive"),
+        (["run", "--month", "2026-10", "--customers", "0"], "--customers 0 must be at least 1"),
+        (["plans", "--plan", "gold"], "unknown plan 'gold'"),
+        (["sql", "selec nothing"], "query failed"),
+        (["sql", "   "], "empty query"),
+    ],
+)
+def test_bad_input_exits_2_naming_input_and_fix(capsys, paths, args, expected):
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2
+    assert expected in err, err
+
+
+def test_malformed_seed_row_names_file_line_and_column(capsys, paths, small_seeds):
+    text = (small_seeds / "customers.csv").read_text().splitlines()
+    fields = text[2].split(",")
+    fields[4] = "gold_plan"  # plan_id
+    text[2] = ",".join(fields)
+    (small_seeds / "customers.csv").write_text("\n".join(text) + "\n")
+    code, out, err = run_cli(capsys, "plans")
+    assert code == 2
+    assert "customers.csv:3" in err and "plan 'gold_plan' is not in plans.csv" in err
+
+
+def test_seed_row_with_bad_decimal_is_rejected(capsys, paths, small_seeds):
+    with (small_seeds / "prices.csv").open("a") as f:
+        f.write("proxy_hybrid,1,proxy_submits,,ten,,0.01,1,bad allowance\n")
+    code, out, err = run_cli(capsys, "plans")
+    assert code == 2
+    assert "prices.csv:" in err and "column included_quantity" in err and "'ten' is not a decimal" in err
+
+
+def test_plans_lists_the_seeded_plans_as_json(capsys, paths):
+    code, out, err = run_cli(capsys, "plans", "--format", "json")
+    assert code == 0
+    plans = {p["plan"]: p for p in json.loads(out)}
+    assert plans["proxy_hybrid"]["base_fee"] == "5"
+    assert {p["meter_id"] for p in plans["proxy_hybrid"]["prices"]} == {"proxy_bytes", "proxy_accepted_shares"}
+
+
+def test_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "billing_dags.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("demo", "simulate", "run", "invoice", "invoices", "usage", "plans", "sql"):
+        assert command in out

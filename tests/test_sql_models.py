@@ -1,0 +1,303 @@
+"""SQL models on small fixture rows: dim_series resolution, edges (NaN, duplicates), half-open
+windows of every table model, partition independence; model parsing errors; no literal dates."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from billing_dags import sqlmodels
+from billing_dags.settings import SQL_MODELS_DIR
+from billing_dags.sqlmodels import ModelError, Window, parse_model
+from sql_helpers import DAY_MS, Runner, day_start_ms, day_window, ms, next_day, run_days, usage_month_table
+
+D0 = date(2025, 3, 30)  # the chain crosses into April
+NAN = float("nan")
+LLM_002 = "806fa31f757683af82faa077aa2c16c873ab6ecfe914edf145812061acdd50d4"
+
+SERIES = {
+    1: ("stratum_bytes_sent_total", {"client_id": "miner-003", "instance": "a"}, ms(D0, 1)),
+    2: ("stratum_bytes_received_total", {"client_id": "miner-003", "instance": "a"}, ms(D0, 1)),
+    3: ("llm_tokens_output_total", {"api_key_hash": LLM_002, "model": "claude-3-5-sonnet"}, ms(D0, 2)),
+    4: ("stratum_accepted_shares_total", {"client_id": "miner-999"}, ms(D0, 3)),  # no such customer
+    5: ("node_cpu_seconds_total", {"client_id": "miner-003"}, ms(D0, 4)),  # no meter reads this metric
+    6: ("iot_active_devices", {"customer_id": "iot-001"}, ms(D0, 5)),
+}
+
+
+@pytest.fixture
+def runner():
+    with Runner() as r:
+        yield r
+
+
+# --- dim_series -------------------------------------------------------------------------------
+
+def test_dim_series_resolves_customer_meter_and_dimension(runner):
+    runner.set_raw({}, SERIES)
+    rows = {r["series_id"]: r for r in runner.query("dim_series", None).to_pylist()}
+    pick = lambda sid: (rows[sid]["meter_id"], rows[sid]["customer_id"], rows[sid]["dimension"], rows[sid]["kind"])
+    assert pick(1) == ("proxy_bytes", "mp-003", "", "counter")
+    assert pick(2) == ("proxy_bytes", "mp-003", "", "counter")  # a meter made of two metrics
+    assert pick(3) == ("llm_output_tokens", "llm-002", "claude-3-5-sonnet", "counter")
+    assert pick(4) == ("proxy_accepted_shares", None, "", "counter")
+    assert rows[4]["customer_label_value"] == "miner-999"
+    assert pick(5)[:2] == (None, None)
+    assert pick(6) == ("iot_devices", "iot-001", "", "gauge")
+    assert len(rows) == len(SERIES)
+
+
+def test_dim_series_one_row_per_series_with_first_seen_minimum(runner):
+    """raw_series has a row per series and day seen; dim_series keeps one, with the earliest first_seen."""
+    runner.set_raw({}, {1: SERIES[1]})
+    runner.con.execute("insert into raw_series select series_id, metric, labels, first_seen - 86400000 from raw_series")
+    runner.con.execute("insert into raw_series select series_id, metric, labels, first_seen + 5 * 86400000 from raw_series")
+    rows = runner.query("dim_series", None).to_pylist()
+    assert len(rows) == 1
+    assert rows[0]["first_seen_ms"] == ms(D0, 1) - DAY_MS
+
+
+def test_unknown_customer_is_excluded_from_usage(runner):
+    samples = {
+        1: [(ms(D0, 1), 100.0), (ms(D0, 2), 300.0)],
+        2: [(ms(D0, 1), 10.0)],
+        4: [(ms(D0, 3), 5000.0), (ms(D0, 4), 6000.0)],  # miner-999: not a customer
+        5: [(ms(D0, 4), 1.0)],  # not a meter
+    }
+    chain = run_days(samples, SERIES, None, [D0], runner=runner)
+    rows = chain.days[D0]
+    assert [(r["customer_id"], r["meter_id"], r["usage"], r["series"]) for r in rows] == [
+        ("mp-003", "proxy_bytes", Decimal(310), 2)  # 100 + 200 (sent) + 10 (received)
+    ]
+    assert all(r["customer_id"] is not None for r in rows)
+    # the edges still see every series (data is kept, only billing excludes it)
+    assert {r["series_id"] for r in chain.edges[D0]} == {1, 2, 4, 5}
+
+
+# --- fct_series_edges_by_day -------------------------------------------------------------------
+
+def test_edges_drop_nan_and_count_duplicates_once(runner):
+    samples = {
+        1: [
+            (ms(D0, 1), 10.0),
+            (ms(D0, 1), 10.0),  # duplicate (same series and ts): counted once
+            (ms(D0, 2), NAN),
+            (ms(D0, 3), float("inf")),
+            (ms(D0, 4), 25.0),
+            (ms(D0, 4), 25.0),
+            (ms(D0, 5), float("-inf")),
+        ],
+        2: [(ms(D0, 6), NAN), (ms(D0, 7), NAN)],  # only dropped samples
+    }
+    chain = run_days(samples, SERIES, None, [D0], runner=runner)
+    edges = {r["series_id"]: r for r in chain.edges[D0]}
+    e1 = edges[1]
+    assert (e1["samples"], e1["dropped_samples"]) == (2, 3)
+    assert (e1["first_ts_ms"], e1["first_value"], e1["last_ts_ms"], e1["last_value"]) == (ms(D0, 1), 10.0, ms(D0, 4), 25.0)
+    assert e1["in_day_increase"] == 15
+    assert e1["resets"] == 0
+    assert e1["peak"] == 25
+    assert e1["max_gap_ms"] == 3 * 3_600_000
+    e2 = edges[2]
+    assert (e2["samples"], e2["dropped_samples"], e2["first_ts_ms"]) == (0, 2, None)
+    day = chain.days[D0][0]
+    assert (day["usage"], day["samples"], day["dropped_samples"]) == (Decimal(25), 2, 5)
+
+
+def test_edges_gauge_integral_within_day(runner):
+    """Gauge 4 at 00:00, 6 at 00:01, nothing else: 4 x 60,000 + 6 x 300,000 (staleness) = 2,040,000."""
+    samples = {6: [(ms(D0), 4.0), (ms(D0, 0, 1), 6.0)]}
+    chain = run_days(samples, SERIES, None, [D0], runner=runner)
+    e = chain.edges[D0][0]
+    assert e["in_day_integral"] == 2_040_000 and e["in_day_covered_ms"] == 360_000
+    assert chain.days[D0][0]["gauge_peak"] == 6
+
+
+# --- half-open windows --------------------------------------------------------------------------
+
+BOUNDARY_SAMPLES = {
+    1: [(ms(D0), 1.0), (ms(D0, 23, 59, 59, 999), 2.0), (ms(next_day(D0)), 4.0), (ms(next_day(D0), 23, 59, 59, 999), 8.0),
+        (ms(next_day(D0, 2)), 16.0), (ms(next_day(D0, 2), 12), 32.0)],
+    6: [(ms(D0, 23, 58), 3.0), (ms(next_day(D0, 2), 0, 1), 5.0)],
+}
+
+
+def test_every_table_model_stays_inside_its_window(runner):
+    """Each day's rows (and the samples they summarize) fall in [start, end); so do a month's."""
+    days = [D0, next_day(D0), next_day(D0, 2)]
+    chain = run_days(BOUNDARY_SAMPLES, SERIES, None, days, runner=runner)
+    project = runner.project
+    for d in days:
+        w = day_window(d)
+        for r in chain.edges[d]:
+            assert r["day"] == d
+            assert w.start_ms <= r["first_ts_ms"] <= r["last_ts_ms"] < w.end_ms
+        assert chain.days[d] and all(r["day"] == d for r in chain.days[d])
+        rolling = runner.run("fct_usage_30d", w)
+        assert rolling.num_rows and set(rolling.column("day").to_pylist()) == {d}
+    # the 00:00:00.000 sample is the first of its day, the 23:59:59.999 one the last of the previous
+    e = {d: {r["series_id"]: r for r in chain.edges[d]} for d in days}
+    assert e[D0][1]["last_ts_ms"] == ms(next_day(D0)) - 1 and e[next_day(D0)][1]["first_ts_ms"] == ms(next_day(D0))
+    usage = [next(r["usage"] for r in chain.days[d] if r["meter_id"] == "proxy_bytes") for d in days]
+    assert usage == [2, 6, 24]  # 1 + 1 | (4 - 2) + (8 - 4) | (16 - 8) + (32 - 16)
+    # monthly models over a window that ends on a month boundary: March only has 30 and 31
+    march = Window(date(2025, 3, 1), date(2025, 4, 1))
+    month = runner.run("fct_usage_by_month", march)
+    assert set(month.column("month").to_pylist()) == {march.start}
+    assert next(r for r in month.to_pylist() if r["meter_id"] == "proxy_bytes")["usage"] == 2 + 6
+    rated = runner.run("fct_rated_usage", march)
+    lines = runner.run("fct_invoice_lines", march)
+    for name, table in [("fct_usage_by_month", month), ("fct_rated_usage", rated), ("fct_invoice_lines", lines)]:
+        sqlmodels.check_window(project.models[name], table, march)
+        assert set(table.column("month").to_pylist()) == {march.start}
+
+
+def test_check_window_rejects_a_row_outside(runner):
+    model = runner.project.models["fct_usage_by_month"]
+    table = usage_month_table([{"month": date(2025, 4, 1), "customer_id": "x", "meter_id": "m", "kind": "counter", "period_ms": 1}])
+    with pytest.raises(ModelError, match="outside its partition"):
+        sqlmodels.check_window(model, table, Window(date(2025, 3, 1), date(2025, 4, 1)))
+
+
+def test_days_in_any_order_and_reruns_give_the_same_rows(runner):
+    """Rule 3: days computed in reverse order, then a rerun of one day, give identical results."""
+    days = [D0, next_day(D0), next_day(D0, 2)]
+    forward = run_days(BOUNDARY_SAMPLES, SERIES, None, days, runner=runner)
+    runner.set_raw(BOUNDARY_SAMPLES, SERIES)
+    for t in ("fct_series_edges_by_day", "fct_usage_by_day"):
+        runner.con.execute(f"drop table if exists {t}")
+    for d in reversed(days):
+        runner.run("fct_series_edges_by_day", day_window(d))
+    backward = {d: runner.run("fct_usage_by_day", day_window(d)).to_pylist() for d in reversed(days)}
+    rerun = runner.run("fct_usage_by_day", day_window(days[1])).to_pylist()
+    key = lambda rows: sorted(rows, key=lambda r: (r["customer_id"], r["meter_id"]))
+    for d in days:
+        assert key(backward[d]) == key(forward.days[d])
+    assert key(rerun) == key(forward.days[days[1]])
+    count = runner.con.execute("select count(*) from fct_usage_by_day where day = ?", [days[1]]).fetchall()[0][0]
+    assert count == len(rerun)  # replaced, not appended
+
+
+# --- parsing -------------------------------------------------------------------------------------
+
+GOOD = """\
+-- A test model.
+/* config
+materialized: table
+partitioned_by: billing_daily
+time_column: day
+grain: [day, series_id]
+*/
+with samples as (
+    select * from stg_raw__samples
+    where ts_ms >= $start_ms and ts_ms < $end_ms
+),
+
+final as (
+    select $start_date::date as day, series_id from samples
+)
+
+select * from final
+"""
+
+
+def write_models(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(textwrap.dedent(text))
+    return root
+
+
+def test_parse_model_reads_refs_params_and_config(tmp_path):
+    path = write_models(tmp_path, {"marts/fct_x_by_day.sql": GOOD}) / "marts/fct_x_by_day.sql"
+    m = parse_model(path)
+    assert m.name == "fct_x_by_day" and m.description == "A test model."
+    assert (m.materialized, m.partitioned_by, m.time_column, m.grain) == ("table", "billing_daily", "day", ("day", "series_id"))
+    assert m.refs == {"stg_raw__samples"}  # CTE names are not dependencies
+    assert m.params == {"start_ms", "end_ms", "start_date"}
+
+
+def test_real_project_dependencies_come_from_the_sql():
+    project = sqlmodels.load_project()
+    assert project.upstream_models("fct_usage_by_day") == {"fct_series_edges_by_day", "dim_series"}
+    assert project.table_deps("fct_usage_by_day")[0] == {"fct_series_edges_by_day"}
+    assert {"raw_series", "seed_meters", "seed_customers"} <= project.table_deps("fct_usage_by_day")[1]
+    order = project.order()
+    assert order.index("fct_series_edges_by_day") < order.index("fct_usage_by_day") < order.index("fct_usage_by_month")
+    assert order.index("fct_rated_usage") < order.index("fct_invoice_lines")
+
+
+def test_unknown_table_is_an_error_naming_it(tmp_path):
+    bad = GOOD.replace("from stg_raw__samples", "from raw_samplez")
+    root = write_models(tmp_path / "models", {"marts/fct_x_by_day.sql": bad, "macros/m.sql": "select 1;\n"})
+    with pytest.raises(ModelError, match=r"fct_x_by_day\.sql: reads raw_samplez.*neither a model"):
+        sqlmodels.load_project(root)
+
+
+def test_missing_config_block_is_an_error(tmp_path):
+    text = re.sub(r"/\* config.*?\*/\n", "", GOOD, flags=re.S)
+    path = write_models(tmp_path, {"marts/fct_x.sql": text}) / "marts/fct_x.sql"
+    with pytest.raises(ModelError, match=r"fct_x\.sql: missing the /\* config"):
+        parse_model(path)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.replace("-- A test model.\n", ""), "first line must be a '-- description'"),
+        (lambda t: t.replace("materialized: table", "materialized: tabel"), "materialized must be table or view"),
+        (lambda t: t.replace("partitioned_by: billing_daily", "partitioned_by: hourly"), "partitioned_by must be one of"),
+        (lambda t: t.replace("time_column: day\n", ""), "needs time_column"),
+        (lambda t: t.replace("grain: [day, series_id]", "grain: [day"), "not valid YAML"),
+        (lambda t: t.replace("select * from final", "select * fro final where"), "does not parse"),
+    ],
+)
+def test_bad_model_files_are_errors_naming_the_file(tmp_path, edit, message):
+    path = write_models(tmp_path, {"marts/fct_x.sql": edit(GOOD)}) / "marts/fct_x.sql"
+    with pytest.raises(ModelError, match=re.escape(message)) as e:
+        parse_model(path)
+    assert "fct_x.sql" in str(e.value)
+
+
+def test_unknown_parameter_is_an_error(tmp_path, runner):
+    text = GOOD.replace("$end_ms", "$end_millis")
+    path = write_models(tmp_path, {"marts/fct_x.sql": text}) / "marts/fct_x.sql"
+    with pytest.raises(ModelError, match=r"unknown parameters \['end_millis'\]"):
+        sqlmodels.query(runner.con, parse_model(path), day_window(D0))
+
+
+# --- no literal dates or epochs in SQL -------------------------------------------------------------
+
+SQL_FILES = sorted(SQL_MODELS_DIR.rglob("*.sql"))
+LITERAL_TIME = [
+    (re.compile(r"(?<![\d.])(19|20)\d{2}(?![\d])"), "a 4-digit year"),
+    (re.compile(r"\d{4}-\d{2}-\d{2}"), "a date"),
+    (re.compile(r"(?<!\d)(1[4-9]|2[0-2])\d{8}(\d{3})?(?!\d)"), "an epoch timestamp (s or ms)"),
+    (re.compile(r"(?i)\b(date|timestamp|timestamptz)\s*'"), "a typed date/timestamp literal"),
+]
+
+
+def test_there_are_sql_models():
+    assert len(SQL_FILES) >= 15
+
+
+@pytest.mark.parametrize("path", SQL_FILES, ids=lambda p: str(p.relative_to(SQL_MODELS_DIR)))
+def test_sql_has_no_literal_dates_or_epochs(path):
+    """Partition bounds reach the SQL only as bound parameters ($start_ms, $start_date ...)."""
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        for pattern, what in LITERAL_TIME:
+            m = pattern.search(line)
+            assert not m, f"{path}:{lineno}: {what} {m.group(0)!r} in SQL; use a bound parameter"
+
+
+def test_partitioned_models_filter_on_bound_parameters():
+    project = sqlmodels.load_project()
+    for m in project.models.values():
+        if m.partitioned_by != "none":
+            assert m.params & {"start_ms", "start_date"} and m.params & {"end_ms", "end_date"}, m.name
