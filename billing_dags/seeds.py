@@ -151,7 +151,8 @@ class SeedSpec:
 
     @property
     def schema(self) -> pa.Schema:
-        return pa.schema([pa.field(c.name, c.type) for c in self.columns])
+        """The CSV columns plus ``seed_line``, the row's line in the file (audit; order of pooled allowances)."""
+        return pa.schema([pa.field(c.name, c.type) for c in self.columns] + [pa.field("seed_line", pa.int32())])
 
 
 DEC = pa.decimal128(38, 9)
@@ -251,6 +252,7 @@ def read_seed(seeds_dir: Path, name: str) -> pa.Table:
     if not path.exists():
         raise SeedError(f"{path}: seed file missing; create it (columns: {', '.join(c.name for c in spec.columns)}) or point BILLING_SEEDS_DIR at a folder that has it")
     columns: dict[str, list] = {c.name: [] for c in spec.columns}
+    columns["seed_line"] = []
     seen: dict[tuple, int] = {}
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
@@ -279,6 +281,7 @@ def read_seed(seeds_dir: Path, name: str) -> pa.Table:
             seen[key] = line
             for k, v in parsed.items():
                 columns[k].append(v)
+            columns["seed_line"].append(line)
     return pa.table(columns, schema=spec.schema)
 
 

@@ -19,3 +19,8 @@ create or replace macro to_nano(x) as
 
 -- back from 1e-9 units to DECIMAL(38, 9), exactly.
 create or replace macro from_nano(n) as (n::decimal(38, 0) * 0.000000001::decimal(10, 9))::decimal(38, 9);
+
+-- a float64 sample value as an exact DECIMAL: through its shortest round-trip text (what
+-- Prometheus prints), because DuckDB's double -> decimal cast scales in floating point and
+-- corrupts the last digits of values above about 4.6e9.
+create or replace macro exact_value(v) as v::varchar::decimal(38, 9);

@@ -57,6 +57,10 @@ base_fee_lines as (
         1::decimal(38, 9) as quantity,
         'month' as unit,
         base_fee as unit_price,
+        null::decimal(38, 9) as included_quantity,
+        null::decimal(38, 9) as billable_quantity,
+        null::bigint as package_size,
+        null::bigint as packages,
         div_half_up(to_nano(base_fee) * minor_per_major, 1000000000)::bigint as amount_minor
     from customer_plans
     where base_fee > 0
@@ -73,6 +77,10 @@ usage_lines as (
         quantity,
         unit,
         unit_price,
+        included_quantity,
+        billable_quantity,
+        package_size,
+        packages,
         amount_minor
     from rated
 ),
@@ -99,6 +107,10 @@ risk_lines as (
         (customer_plans.risk_multiplier - 1)::decimal(38, 9) as quantity,
         'multiplier' as unit,
         from_nano(subtotals.subtotal_minor * 1000000000 // customer_plans.minor_per_major) as unit_price,
+        null::decimal(38, 9) as included_quantity,
+        null::decimal(38, 9) as billable_quantity,
+        null::bigint as package_size,
+        null::bigint as packages,
         div_half_up(subtotals.subtotal_minor * to_nano(customer_plans.risk_multiplier - 1), 1000000000)::bigint
             as amount_minor
     from customer_plans
@@ -133,6 +145,10 @@ final as (
         all_lines.quantity::decimal(38, 9) as quantity,
         all_lines.unit,
         all_lines.unit_price::decimal(38, 9) as unit_price,
+        all_lines.included_quantity::decimal(38, 9) as included_quantity,
+        all_lines.billable_quantity::decimal(38, 9) as billable_quantity,
+        all_lines.package_size::bigint as package_size,
+        all_lines.packages::bigint as packages,
         all_lines.amount_minor::bigint as amount_minor
     from all_lines
     inner join customer_plans

@@ -55,6 +55,7 @@ customer_prices as (
         prices.unit_price,
         prices.package_size,
         prices.price_description,
+        prices.price_line,
         meters.aggregation,
         meters.billing_unit,
         units.divisor,
@@ -110,6 +111,7 @@ matched as (
         any_value(customer_prices.unit_price) as unit_price,
         any_value(customer_prices.package_size) as package_size,
         any_value(customer_prices.price_description) as price_description,
+        any_value(customer_prices.price_line) as price_line,
         any_value(customer_prices.aggregation) as aggregation,
         any_value(customer_prices.billing_unit) as billing_unit,
         any_value(customer_prices.divisor) as divisor,
@@ -123,7 +125,7 @@ matched as (
     group by customer_prices.customer_id, customer_prices.meter_id, customer_prices.dimension
 ),
 
--- an allowance shared by a pool of price rows is used up in meter order
+-- an allowance shared by a pool of price rows is used up in the order of the rows in prices.csv
 pooled as (
     select
         *,
@@ -135,7 +137,7 @@ pooled as (
     from matched
     window pool as (
         partition by customer_id, coalesce(included_pool, meter_id || '/' || dimension)
-        order by meter_id, dimension
+        order by price_line
     )
 ),
 

@@ -49,14 +49,14 @@ per_series as (
         coalesce(sum(
             case
                 when prev_value is null then 0
-                when value >= prev_value then value::decimal(38, 9) - prev_value::decimal(38, 9)
-                else value::decimal(38, 9)
+                when value >= prev_value then exact_value(value) - exact_value(prev_value)
+                else exact_value(value)
             end
         ), 0)::decimal(38, 9) as in_day_increase,
         count(*) filter (where prev_value is not null and value < prev_value) as resets,
-        max(value)::decimal(38, 9) as peak,
+        exact_value(max(value)) as peak,
         -- rule 5: each sample holds until the next one, at most the staleness limit, within the day
-        sum(value::decimal(38, 9) * least(coalesce(next_ts_ms, $end_ms) - ts_ms, $staleness_ms))::decimal(38, 9)
+        sum(exact_value(value) * least(coalesce(next_ts_ms, $end_ms) - ts_ms, $staleness_ms))::decimal(38, 9)
             as in_day_integral,
         sum(least(coalesce(next_ts_ms, $end_ms) - ts_ms, $staleness_ms))::bigint as in_day_covered_ms,
         coalesce(max(ts_ms - prev_ts_ms), 0)::bigint as max_gap_ms

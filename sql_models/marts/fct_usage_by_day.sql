@@ -72,13 +72,15 @@ per_series as (
             when joined.prev_value is not null then
                 case
                     when joined.first_value >= joined.prev_value
-                        then joined.first_value::decimal(38, 9) - joined.prev_value::decimal(38, 9)
-                    else joined.first_value::decimal(38, 9)
+                        then exact_value(joined.first_value) - exact_value(joined.prev_value)
+                    else exact_value(joined.first_value)
                 end
             when series.first_seen_ms < $start_ms - $edge_lookback_ms then 0
             -- rule 4: a new series started from zero
-            else joined.first_value::decimal(38, 9)
+            else exact_value(joined.first_value)
         end as boundary_increase,
+        (joined.samples > 0 and joined.prev_value is not null and joined.first_value < joined.prev_value)::integer
+            as boundary_resets,
         -- rule 5: yesterday's last gauge sample holds into today until the first sample or staleness
         case
             when joined.prev_ts_ms is null then 0
@@ -103,7 +105,7 @@ final as (
             then sum(boundary_increase + in_day_increase)::decimal(38, 9)
         end as usage,
         case when any_value(kind) = 'gauge'
-            then sum(in_day_integral + coalesce(prev_value::decimal(38, 9), 0) * carry_in_ms)::decimal(38, 9)
+            then sum(in_day_integral + coalesce(exact_value(prev_value), 0) * carry_in_ms)::decimal(38, 9)
         end as gauge_integral,
         case when any_value(kind) = 'gauge'
             then sum(in_day_covered_ms + carry_in_ms)::bigint
@@ -114,7 +116,7 @@ final as (
         count(*)::bigint as series,
         sum(samples)::bigint as samples,
         sum(dropped_samples)::bigint as dropped_samples,
-        sum(resets)::bigint as resets,
+        sum(resets + boundary_resets)::bigint as resets,
         count(*) filter (where reappeared)::bigint as reappeared_series,
         max(max_gap_ms)::bigint as max_gap_ms
     from per_series

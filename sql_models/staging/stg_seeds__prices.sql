@@ -16,7 +16,8 @@ final as (
         included_pool::varchar as included_pool,
         unit_price::decimal(38, 9) as unit_price,
         package_size::bigint as package_size,
-        description::varchar as price_description
+        description::varchar as price_description,
+        seed_line::integer as price_line
     from source
 )
 

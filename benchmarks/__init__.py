@@ -1,0 +1,1 @@
+"""Reproducible performance workloads (`make bench`); figures are printed, not asserted."""
