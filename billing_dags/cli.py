@@ -24,7 +24,7 @@ from rich.table import Table
 
 from .settings import PROJECT_ROOT, Paths, resolve_paths
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True)
 
 
@@ -109,7 +109,7 @@ def _emit(rows: list[dict], fmt: str, title: str | None = None) -> None:
         table = Table(title=title, show_lines=False)
         cols = list(rows[0]) if rows else []
         for c in cols:
-            table.add_column(c, justify="right" if rows and isinstance(rows[0][c], (int, Decimal)) else "left", no_wrap=True)
+            table.add_column(c, justify="right" if rows and isinstance(rows[0][c], (int, Decimal)) else "left")
         for r in rows:
             table.add_row(*["" if r[c] is None else str(r[c]) for c in cols])
         console.print(table)
