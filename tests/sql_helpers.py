@@ -262,6 +262,7 @@ def rate_month(
     r = runner or Runner(seeds)
     try:
         r.set_table("fct_usage_by_month", usage_month_table(usage_rows))
+        r.run("dim_customer_plans_by_month", window)
         rated = r.run("fct_rated_usage", window).to_pylist()
         lines = r.run("fct_invoice_lines", window).to_pylist()
     finally:

@@ -11,39 +11,9 @@ with rated as (
     where month >= $start_date::date and month < $end_date::date
 ),
 
-customers as (
-    select * from stg_seeds__customers
-),
-
-plans as (
-    select * from stg_seeds__plans
-),
-
-currencies as (
-    select * from stg_seeds__currencies
-),
-
-plan_versions as (
-    select * from plans
-    where effective_from <= $start_date::date
-    qualify row_number() over (partition by plan_id order by effective_from desc, plan_version desc) = 1
-),
-
 customer_plans as (
-    select
-        customers.customer_id,
-        customers.currency,
-        plan_versions.plan_id,
-        plan_versions.plan_version,
-        plan_versions.plan_name,
-        plan_versions.base_fee,
-        plan_versions.risk_multiplier,
-        cast(pow(10, currencies.minor_unit_exponent) as bigint) as minor_per_major
-    from customers
-    inner join plan_versions
-        on customers.plan_id = plan_versions.plan_id
-    inner join currencies
-        on customers.currency = currencies.currency
+    select * from dim_customer_plans_by_month
+    where month >= $start_date::date and month < $end_date::date
 ),
 
 base_fee_lines as (

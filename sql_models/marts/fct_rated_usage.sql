@@ -11,12 +11,9 @@ with usage as (
     where month >= $start_date::date and month < $end_date::date
 ),
 
-customers as (
-    select * from stg_seeds__customers
-),
-
-plans as (
-    select * from stg_seeds__plans
+customer_plans as (
+    select * from dim_customer_plans_by_month
+    where month >= $start_date::date and month < $end_date::date
 ),
 
 prices as (
@@ -31,23 +28,12 @@ units as (
     select * from stg_seeds__units
 ),
 
-currencies as (
-    select * from stg_seeds__currencies
-),
-
--- the version of each plan in force at the start of the period
-plan_versions as (
-    select * from plans
-    where effective_from <= $start_date::date
-    qualify row_number() over (partition by plan_id order by effective_from desc, plan_version desc) = 1
-),
-
 customer_prices as (
     select
-        customers.customer_id,
-        customers.currency,
-        plan_versions.plan_id,
-        plan_versions.plan_version,
+        customer_plans.customer_id,
+        customer_plans.currency,
+        customer_plans.plan_id,
+        customer_plans.plan_version,
         prices.meter_id,
         prices.dimension,
         prices.included_quantity,
@@ -59,20 +45,16 @@ customer_prices as (
         meters.aggregation,
         meters.billing_unit,
         units.divisor,
-        cast(pow(10, currencies.minor_unit_exponent) as bigint) as minor_per_major
-    from customers
-    inner join plan_versions
-        on customers.plan_id = plan_versions.plan_id
+        customer_plans.minor_per_major
+    from customer_plans
     inner join prices
-        on prices.plan_id = plan_versions.plan_id
-        and prices.plan_version = plan_versions.plan_version
+        on customer_plans.plan_id = prices.plan_id
+        and customer_plans.plan_version = prices.plan_version
     inner join meters
         on prices.meter_id = meters.meter_id
     inner join units
         on meters.unit = units.unit
         and meters.billing_unit = units.billing_unit
-    inner join currencies
-        on customers.currency = currencies.currency
 ),
 
 -- quantity in base units x 1e9, by the meter's aggregation (rule 5); exact integer arithmetic
