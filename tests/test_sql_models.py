@@ -302,3 +302,17 @@ def test_partitioned_models_filter_on_bound_parameters():
     for m in project.models.values():
         if m.partitioned_by != "none":
             assert m.params & {"start_ms", "start_date"} and m.params & {"end_ms", "end_date"}, m.name
+
+
+def test_a_gauge_going_down_is_not_a_reset_but_a_counter_dropping_is(runner):
+    """Resets are a counter notion: devices going from 9 to 3 is not a restart."""
+    d = D0
+    samples = {
+        6: [(ms(d, 1), 9.0), (ms(d, 2), 3.0), (ms(d, 3), 5.0)],
+        1: [(ms(d, 1), 100.0), (ms(d, 2), 7.0), (ms(d, 3), 9.0)],
+    }
+    chain = run_days(samples, {6: SERIES[6], 1: SERIES[1]}, None, [d], runner=runner)
+    by_meter = {r["meter_id"]: r for r in chain.days[d]}
+    assert by_meter["iot_devices"]["resets"] == 0
+    assert by_meter["proxy_bytes"]["resets"] == 1
+    assert by_meter["proxy_bytes"]["usage"] == 100 + 7 + 2  # new series counts its first value

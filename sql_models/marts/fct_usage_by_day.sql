@@ -116,7 +116,8 @@ final as (
         count(*)::bigint as series,
         sum(samples)::bigint as samples,
         sum(dropped_samples)::bigint as dropped_samples,
-        sum(resets + boundary_resets)::bigint as resets,
+        -- a gauge going down is not a reset
+        case when any_value(kind) = 'counter' then sum(resets + boundary_resets) else 0 end::bigint as resets,
         count(*) filter (where reappeared)::bigint as reappeared_series,
         max(max_gap_ms)::bigint as max_gap_ms
     from per_series
