@@ -150,3 +150,31 @@ def test_warehouse_views_answer_adhoc_queries(month_run):
     con.close()
     assert n == 28
     assert unmatched >= 1  # the simulator's miner-unknown matches no customer and is billed to nobody
+
+
+def test_unpriced_model_usage_is_reported_not_silently_dropped(month_run):
+    """A token model with no price row shows up in the unpriced_usage check of fct_rated_usage."""
+    import duckdb
+
+    from billing_dags.defs.models.checks import unpriced_usage
+    from billing_dags.sqlmodels import Window, load_project, partition_file
+
+    paths, _, _ = month_run
+    window = Window(MONTH, date(2026, 3, 1))
+    usage_file = partition_file(paths, load_project().models["fct_usage_by_month"], window)
+    original = usage_file.read_bytes()
+    con = duckdb.connect()
+    try:
+        assert unpriced_usage(con, paths, window).passed
+        con.execute(
+            f"copy ((select * replace ('mystery-model' as dimension) from read_parquet('{usage_file}') "
+            f"where meter_id = 'llm_input_tokens' limit 1) union all by name (select * from read_parquet('{usage_file}'))) "
+            f"to '{usage_file}.tmp' (format parquet)"
+        )
+        usage_file.with_name(usage_file.name + ".tmp").replace(usage_file)
+        result = unpriced_usage(con, paths, window)
+        assert not result.passed
+        assert result.metadata["unpriced"].value == ["llm-001/llm_input_tokens/mystery-model"]
+    finally:
+        usage_file.write_bytes(original)
+        con.close()

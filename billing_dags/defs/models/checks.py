@@ -9,7 +9,7 @@ import dagster as dg
 import duckdb
 
 from billing_dags.settings import Paths
-from billing_dags.sqlmodels import Model, Window, load_project, model_files
+from billing_dags.sqlmodels import Model, Window, load_project, model_files, partition_file, seed_snapshot_path
 
 
 def _blocking(blocking: bool):
@@ -90,9 +90,47 @@ def amounts_are_whole_minor_units(con, paths: Paths, window: Window) -> dg.Asset
     return dg.AssetCheckResult(check_name="amounts_are_whole_minor_units", passed=bad == 0, metadata={"bad_lines": bad})
 
 
+@_blocking(False)
+def unpriced_usage(con, paths: Paths, window: Window) -> dg.AssetCheckResult:
+    """Usage of a meter the plan prices, in a dimension no price row covers (e.g. an unknown model): not billed."""
+    models = load_project().models
+    rows = con.sql(
+        """
+        with usage as (select * from read_parquet($usage)),
+        plans as (select * from read_parquet($plans)),
+        prices as (select * from read_parquet($prices))
+        select usage.customer_id, usage.meter_id, usage.dimension
+        from usage
+        inner join plans on usage.customer_id = plans.customer_id
+        where exists (
+            select 1 from prices
+            where prices.plan_id = plans.plan_id and prices.version = plans.plan_version and prices.meter_id = usage.meter_id
+        )
+        and not exists (
+            select 1 from prices
+            where prices.plan_id = plans.plan_id and prices.version = plans.plan_version and prices.meter_id = usage.meter_id
+                and (prices.dimension = '' or prices.dimension = usage.dimension)
+        )
+        order by all
+        """,
+        params={
+            "usage": str(partition_file(paths, models["fct_usage_by_month"], window)),
+            "plans": str(partition_file(paths, models["dim_customer_plans_by_month"], window)),
+            "prices": str(seed_snapshot_path(paths, "prices")),
+        },
+    ).fetchall()
+    return dg.AssetCheckResult(
+        check_name="unpriced_usage",
+        passed=not rows,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"unpriced": dg.MetadataValue.json([f"{c}/{m}/{d}" for c, m, d in rows])},
+    )
+
+
 CHECKS: dict[str, list[Callable]] = {
     "fct_series_edges_by_day": [scrape_completeness],
     "fct_usage_by_day": [no_negative_usage],
     "fct_usage_by_month": [daily_sum_equals_month],
+    "fct_rated_usage": [unpriced_usage],
     "fct_invoice_lines": [amounts_are_whole_minor_units],
 }
