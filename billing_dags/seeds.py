@@ -22,6 +22,8 @@ SAFE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 METRIC_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 KINDS = {"counter", "gauge"}
+PRICING_MODELS = {"per_unit", "package", "graduated", "volume"}
+PACKAGE_ROUNDING = {"up", "down", "half_up"}
 AGGREGATIONS = {
     "counter": {"sum"},
     "gauge": {"max", "avg", "unit_hours", "unit_months"},
@@ -57,6 +59,13 @@ def _non_negative_decimal(value: str) -> Decimal:
     d = _decimal(value)
     if d < 0:
         raise ValueError(f"{value!r} is negative")
+    return d
+
+
+def _percent(value: str) -> Decimal:
+    d = _non_negative_decimal(value)
+    if d > 100:
+        raise ValueError(f"{value!r} is more than 100 percent")
     return d
 
 
@@ -203,7 +212,6 @@ SPECS: dict[str, SeedSpec] = {
                 Column("name", pa.string(), _text),
                 Column("setup", pa.string(), _safe_id),
                 Column("label_value", pa.string(), _label_value),
-                Column("plan_id", pa.string(), _safe_id),
                 Column("currency", pa.string(), _iso_currency),
                 Column("stripe_customer_id", pa.string(), _optional(_label_value)),
             ),
@@ -220,10 +228,23 @@ SPECS: dict[str, SeedSpec] = {
                 Column("setup", pa.string(), _safe_id),
                 Column("currency", pa.string(), _iso_currency),
                 Column("base_fee", DEC, _non_negative_decimal),
+                Column("minimum_charge", DEC, _non_negative_decimal),
+                Column("discount_percent", DEC, _percent),
                 Column("risk_multiplier", DEC, _non_negative_decimal),
                 Column("description", pa.string(), _text),
             ),
             ("plan_id", "version"),
+        ),
+        SeedSpec(
+            "subscriptions",
+            "subscriptions.csv",
+            (
+                Column("customer_id", pa.string(), _safe_id),
+                Column("plan_id", pa.string(), _safe_id),
+                Column("start_date", pa.date32(), _date),
+                Column("end_date", pa.date32(), _optional(_date)),
+            ),
+            ("customer_id", "start_date"),
         ),
         SeedSpec(
             "prices",
@@ -235,11 +256,28 @@ SPECS: dict[str, SeedSpec] = {
                 Column("dimension", pa.string(), _text),
                 Column("included_quantity", DEC, _non_negative_decimal),
                 Column("included_pool", pa.string(), _optional(_safe_id)),
+                Column("pricing", pa.string(), _one_of(PRICING_MODELS)),
                 Column("unit_price", DEC, _non_negative_decimal),
                 Column("package_size", pa.int64(), _positive_int),
+                Column("package_rounding", pa.string(), _one_of(PACKAGE_ROUNDING)),
                 Column("description", pa.string(), _text),
             ),
             ("plan_id", "version", "meter_id", "dimension"),
+        ),
+        SeedSpec(
+            "price_tiers",
+            "price_tiers.csv",
+            (
+                Column("plan_id", pa.string(), _safe_id),
+                Column("version", pa.int32(), _positive_int),
+                Column("meter_id", pa.string(), _safe_id),
+                Column("dimension", pa.string(), _text),
+                Column("tier", pa.int32(), _positive_int),
+                Column("up_to", DEC, _optional(_non_negative_decimal)),
+                Column("unit_price", DEC, _non_negative_decimal),
+                Column("flat_fee", DEC, _non_negative_decimal),
+            ),
+            ("plan_id", "version", "meter_id", "dimension", "tier"),
         ),
     ]
 }
@@ -289,7 +327,7 @@ def load_seeds(seeds_dir: Path) -> dict[str, pa.Table]:
     """Read every seed and check references between them (meter, plan, unit, currency)."""
     seeds_dir = Path(seeds_dir)
     if not seeds_dir.is_dir():
-        raise SeedError(f"{seeds_dir}: seeds folder not found; set BILLING_SEEDS_DIR to a folder with meters.csv, customers.csv, plans.csv, prices.csv, units.csv, currencies.csv")
+        raise SeedError(f"{seeds_dir}: seeds folder not found; set BILLING_SEEDS_DIR to a folder with {', '.join(s.file for s in SPECS.values())}")
     tables = {name: read_seed(seeds_dir, name) for name in SPECS}
     _check_references(seeds_dir, tables)
     return tables
@@ -300,39 +338,79 @@ def _rows(table: pa.Table) -> list[dict]:
 
 
 def _check_references(seeds_dir: Path, t: dict[str, pa.Table]) -> None:
+    def fail(name: str, row: dict, problem: str) -> SeedError:
+        return SeedError(f"{seeds_dir / SPECS[name].file}:{row['seed_line']}: {problem}")
+
     units = {(r["unit"], r["billing_unit"]) for r in _rows(t["units"])}
-    currencies = {r["currency"] for r in _rows(t["currencies"])}
+    currencies = {r["currency"]: r["minor_unit_exponent"] for r in _rows(t["currencies"])}
     meters = {}
-    for i, m in enumerate(_rows(t["meters"]), start=2):
+    for m in _rows(t["meters"]):
         if m["aggregation"] not in AGGREGATIONS[m["kind"]]:
-            raise SeedError(f"{seeds_dir / 'meters.csv'}:{i}: aggregation {m['aggregation']!r} is not valid for a {m['kind']}; use one of {', '.join(sorted(AGGREGATIONS[m['kind']]))}")
+            raise fail("meters", m, f"aggregation {m['aggregation']!r} is not valid for a {m['kind']}; use one of {', '.join(sorted(AGGREGATIONS[m['kind']]))}")
         if (m["unit"], m["billing_unit"]) not in units:
-            raise SeedError(f"{seeds_dir / 'meters.csv'}:{i}: no conversion from unit {m['unit']!r} to billing unit {m['billing_unit']!r}; add a row to units.csv")
+            raise fail("meters", m, f"no conversion from unit {m['unit']!r} to billing unit {m['billing_unit']!r}; add a row to units.csv")
         meters[m["meter_id"]] = m
-    plans = {}
-    for i, p in enumerate(_rows(t["plans"]), start=2):
+    plans: dict[str, list[dict]] = {}
+    for p in _rows(t["plans"]):
         if p["currency"] not in currencies:
-            raise SeedError(f"{seeds_dir / 'plans.csv'}:{i}: currency {p['currency']!r} is not in currencies.csv; add it there")
+            raise fail("plans", p, f"currency {p['currency']!r} is not in currencies.csv; add it there")
+        for col in ("base_fee", "minimum_charge"):
+            if p[col] != p[col].quantize(Decimal(1).scaleb(-currencies[p["currency"]])):
+                raise fail("plans", p, f"column {col}: {p[col]} has more decimals than {p['currency']} allows; round it to the minor unit")
         plans.setdefault(p["plan_id"], []).append(p)
-    for i, p in enumerate(_rows(t["prices"]), start=2):
-        if (p["plan_id"], p["version"]) not in {(q["plan_id"], q["version"]) for q in plans.get(p["plan_id"], [])}:
-            raise SeedError(f"{seeds_dir / 'prices.csv'}:{i}: plan {p['plan_id']!r} version {p['version']} is not in plans.csv; add the plan or fix the id")
+    versions = {(p["plan_id"], p["version"]) for ps in plans.values() for p in ps}
+    priced: dict[tuple, dict] = {}
+    for p in _rows(t["prices"]):
+        if (p["plan_id"], p["version"]) not in versions:
+            raise fail("prices", p, f"plan {p['plan_id']!r} version {p['version']} is not in plans.csv; add the plan or fix the id")
         if p["meter_id"] not in meters:
-            raise SeedError(f"{seeds_dir / 'prices.csv'}:{i}: meter {p['meter_id']!r} is not in meters.csv; add the meter or fix the id")
+            raise fail("prices", p, f"meter {p['meter_id']!r} is not in meters.csv; add the meter or fix the id")
         if p["dimension"] and not meters[p["meter_id"]]["dimension_label"]:
-            raise SeedError(f"{seeds_dir / 'prices.csv'}:{i}: dimension {p['dimension']!r} given but meter {p['meter_id']!r} has no dimension_label; leave dimension empty")
-    labels: dict[str, int] = {}
-    for i, c in enumerate(_rows(t["customers"]), start=2):
-        if c["plan_id"] not in plans:
-            raise SeedError(f"{seeds_dir / 'customers.csv'}:{i}: plan {c['plan_id']!r} is not in plans.csv; use one of {', '.join(sorted(plans))}")
+            raise fail("prices", p, f"dimension {p['dimension']!r} given but meter {p['meter_id']!r} has no dimension_label; leave dimension empty")
+        priced[(p["plan_id"], p["version"], p["meter_id"], p["dimension"])] = p
+    tiers: dict[tuple, list[dict]] = {}
+    for r in _rows(t["price_tiers"]):
+        key = (r["plan_id"], r["version"], r["meter_id"], r["dimension"])
+        if key not in priced or priced[key]["pricing"] not in ("graduated", "volume"):
+            raise fail("price_tiers", r, f"no graduated or volume price row in prices.csv for plan {r['plan_id']} v{r['version']} meter {r['meter_id']} dimension {r['dimension']!r}; add one or remove the tier")
+        tiers.setdefault(key, []).append(r)
+    for key, p in priced.items():
+        if p["pricing"] in ("graduated", "volume"):
+            rows = sorted(tiers.get(key, []), key=lambda r: r["tier"])
+            if not rows:
+                raise fail("prices", p, f"pricing {p['pricing']} needs tiers in price_tiers.csv for plan {key[0]} v{key[1]} meter {key[2]}")
+            if [r["tier"] for r in rows] != list(range(1, len(rows) + 1)):
+                raise fail("price_tiers", rows[0], f"tiers of {key[2]} on plan {key[0]} v{key[1]} must be numbered 1..{len(rows)}")
+            bounds = [r["up_to"] for r in rows]
+            if bounds[-1] is not None or any(b is None for b in bounds[:-1]):
+                raise fail("price_tiers", rows[-1], "only the last tier has an empty up_to (no upper bound); give every other tier an up_to")
+            if any(a >= b for a, b in zip(bounds[:-2], bounds[1:-1])):
+                raise fail("price_tiers", rows[0], f"up_to values of {key[2]} on plan {key[0]} v{key[1]} must increase tier by tier")
+    customers = {c["customer_id"]: c for c in _rows(t["customers"])}
+    labels: dict[str, dict] = {}
+    for c in customers.values():
         if c["currency"] not in currencies:
-            raise SeedError(f"{seeds_dir / 'customers.csv'}:{i}: currency {c['currency']!r} is not in currencies.csv; add it there")
-        if any(c["currency"] != p["currency"] for p in plans[c["plan_id"]]):
-            raise SeedError(f"{seeds_dir / 'customers.csv'}:{i}: currency {c['currency']!r} differs from plan {c['plan_id']!r}'s currency; use a plan in the customer's currency")
-        key = c["label_value"]
-        if key in labels:
-            raise SeedError(f"{seeds_dir / 'customers.csv'}:{i}: label_value {c['label_value']!r} already identifies the customer on line {labels[key]}; each series must map to one customer")
-        labels[key] = i
+            raise fail("customers", c, f"currency {c['currency']!r} is not in currencies.csv; add it there")
+        if c["label_value"] in labels:
+            raise fail("customers", c, f"label_value {c['label_value']!r} already identifies the customer on line {labels[c['label_value']]['seed_line']}; each series must map to one customer")
+        labels[c["label_value"]] = c
+    periods: dict[str, list[dict]] = {}
+    for sub in _rows(t["subscriptions"]):
+        if sub["customer_id"] not in customers:
+            raise fail("subscriptions", sub, f"customer {sub['customer_id']!r} is not in customers.csv; add the customer or fix the id")
+        if sub["plan_id"] not in plans:
+            raise fail("subscriptions", sub, f"plan {sub['plan_id']!r} is not in plans.csv; use one of {', '.join(sorted(plans))}")
+        currency = customers[sub["customer_id"]]["currency"]
+        if any(p["currency"] != currency for p in plans[sub["plan_id"]]):
+            raise fail("subscriptions", sub, f"plan {sub['plan_id']!r} is not priced in the customer's currency {currency!r}; use a plan in {currency}")
+        if sub["end_date"] is not None and sub["end_date"] <= sub["start_date"]:
+            raise fail("subscriptions", sub, f"end_date {sub['end_date']} is not after start_date {sub['start_date']} (end_date is exclusive)")
+        periods.setdefault(sub["customer_id"], []).append(sub)
+    for subs in periods.values():
+        subs.sort(key=lambda r: r["start_date"])
+        for a, b in zip(subs, subs[1:]):
+            if a["end_date"] is None or a["end_date"] > b["start_date"]:
+                raise fail("subscriptions", b, f"subscription of {b['customer_id']} starting {b['start_date']} overlaps the one on line {a['seed_line']}; end that one on {b['start_date']} (end_date is exclusive)")
 
 
 def seeds_digest(seeds_dir: Path) -> dict[str, str]:

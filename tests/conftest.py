@@ -41,6 +41,13 @@ def small_seeds(tmp_path, monkeypatch) -> Path:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(picked)
+    keep = {row["customer_id"] for row in picked}
+    with (SEEDS / "subscriptions.csv").open(newline="") as f:
+        subs = list(csv.DictReader(f))
+    with (d / "subscriptions.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(subs[0]))
+        w.writeheader()
+        w.writerows(s for s in subs if s["customer_id"] in keep)
     monkeypatch.setenv("BILLING_SEEDS_DIR", str(d))
     return d
 

@@ -262,7 +262,13 @@ def rate_month(
     r = runner or Runner(seeds)
     try:
         r.set_table("fct_usage_by_month", usage_month_table(usage_rows))
-        r.run("dim_customer_plans_by_month", window)
+        r.run("dim_subscription_periods_by_month", window)
+        # the fixture month rows stand for the usage of each customer's (single) period
+        r.con.execute(
+            "create or replace table fct_usage_by_subscription_period as "
+            "select u.*, p.period_start, p.period_end, u.period_ms as month_ms "
+            "from fct_usage_by_month u join dim_subscription_periods_by_month p using (month, customer_id)"
+        )
         rated = r.run("fct_rated_usage", window).to_pylist()
         lines = r.run("fct_invoice_lines", window).to_pylist()
     finally:

@@ -60,30 +60,47 @@ def test_bad_input_exits_2_naming_input_and_fix(capsys, paths, args, expected):
 
 
 def test_malformed_seed_row_names_file_line_and_column(capsys, paths, small_seeds):
-    text = (small_seeds / "customers.csv").read_text().splitlines()
+    text = (small_seeds / "subscriptions.csv").read_text().splitlines()
     fields = text[2].split(",")
-    fields[4] = "gold_plan"  # plan_id
+    fields[1] = "gold_plan"  # plan_id
     text[2] = ",".join(fields)
-    (small_seeds / "customers.csv").write_text("\n".join(text) + "\n")
+    (small_seeds / "subscriptions.csv").write_text("\n".join(text) + "\n")
     code, out, err = run_cli(capsys, "plans")
     assert code == 2
-    assert "customers.csv:3" in err and "plan 'gold_plan' is not in plans.csv" in err
+    assert "subscriptions.csv:3" in err and "plan 'gold_plan' is not in plans.csv" in err
 
 
 def test_seed_row_with_bad_decimal_is_rejected(capsys, paths, small_seeds):
     with (small_seeds / "prices.csv").open("a") as f:
-        f.write("proxy_hybrid,1,proxy_submits,,ten,,0.01,1,bad allowance\n")
+        f.write("proxy_hybrid,1,proxy_submits,,ten,,per_unit,0.01,1,up,bad allowance\n")
     code, out, err = run_cli(capsys, "plans")
     assert code == 2
     assert "prices.csv:" in err and "column included_quantity" in err and "'ten' is not a decimal" in err
 
 
+def test_overlapping_subscriptions_are_rejected(capsys, paths, small_seeds):
+    with (small_seeds / "subscriptions.csv").open("a") as f:
+        f.write("mp-001,proxy_hybrid,2026-01-01,\n")
+    code, out, err = run_cli(capsys, "plans")
+    assert code == 2
+    assert "subscriptions.csv:" in err and "overlaps" in err and "end that one on 2026-01-01" in err
+
+
+def test_tiers_must_end_unbounded(capsys, paths, small_seeds):
+    text = (small_seeds / "price_tiers.csv").read_text().replace("proxy_tiered,1,proxy_bytes,,3,,0.05,0", "proxy_tiered,1,proxy_bytes,,3,500,0.05,0")
+    (small_seeds / "price_tiers.csv").write_text(text)
+    code, out, err = run_cli(capsys, "plans")
+    assert code == 2
+    assert "price_tiers.csv:" in err and "only the last tier has an empty up_to" in err
+
+
 def test_plans_lists_the_seeded_plans_as_json(capsys, paths):
     code, out, err = run_cli(capsys, "plans", "--format", "json")
     assert code == 0
-    plans = {p["plan"]: p for p in json.loads(out)}
-    assert plans["proxy_hybrid"]["base_fee"] == "5"
-    assert {p["meter_id"] for p in plans["proxy_hybrid"]["prices"]} == {"proxy_bytes", "proxy_accepted_shares"}
+    plans = {(p["plan"], p["version"]): p for p in json.loads(out)}
+    assert plans[("proxy_hybrid", 1)]["base_fee"] == "5"
+    assert plans[("proxy_hybrid", 2)]["base_fee"] == "6"
+    assert {p["meter_id"] for p in plans[("proxy_hybrid", 1)]["prices"]} == {"proxy_bytes", "proxy_accepted_shares"}
 
 
 def test_help_lists_every_command():

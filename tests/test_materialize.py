@@ -54,12 +54,16 @@ def month_run(tmp_path_factory):
     seeds = root / "seeds"
     shutil.copytree(PROJECT_ROOT / "seeds", seeds)
     rows = list(csv.DictReader((PROJECT_ROOT / "seeds" / "customers.csv").open()))
+    subs = list(csv.DictReader((PROJECT_ROOT / "seeds" / "subscriptions.csv").open()))
     picked = [next(r for r in rows if r["setup"] == s) for s in ("proxy", "iot", "testbed", "llm", "k8s")]
-    picked[0] = next(r for r in rows if r["plan_id"] == "proxy_hybrid")
-    with (seeds / "customers.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(picked)
+    hybrid = next(s["customer_id"] for s in subs if s["plan_id"] == "proxy_hybrid")
+    picked[0] = next(r for r in rows if r["customer_id"] == hybrid)
+    keep = {r["customer_id"] for r in picked}
+    for name, table in (("customers.csv", picked), ("subscriptions.csv", [s for s in subs if s["customer_id"] in keep])):
+        with (seeds / name).open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(table[0]))
+            w.writeheader()
+            w.writerows(table)
     paths = resolve_paths(root / "data", seeds)
     instance = dg.DagsterInstance.ephemeral()
     _materialize(paths, instance, [k for a in ASSETS if a.partitions_def is None for k in a.keys])

@@ -341,11 +341,13 @@ def test_zero_minor_digit_currency_jpy(tmp_path):
     seeds = tmp_path / "seeds"
     shutil.copytree(SEEDS_DIR, seeds)
     with (seeds / "plans.csv").open("a", newline="") as f:
-        csv.writer(f).writerow(["jp_shares", 1, "2024-01-01", "JP shares", "proxy", "jpy", "1000", "1", "yen plan"])
+        csv.writer(f).writerow(["jp_shares", 1, "2024-01-01", "JP shares", "proxy", "jpy", "1000", "0", "0", "1", "yen plan"])
     with (seeds / "prices.csv").open("a", newline="") as f:
-        csv.writer(f).writerow(["jp_shares", 1, "proxy_accepted_shares", "", "0", "", "0.5", 1, "¥0.5 per share"])
+        csv.writer(f).writerow(["jp_shares", 1, "proxy_accepted_shares", "", "0", "", "per_unit", "0.5", 1, "up", "¥0.5 per share"])
     with (seeds / "customers.csv").open("a", newline="") as f:
-        csv.writer(f).writerow(["mp-jp", "Miner JP", "proxy", "miner-jp", "jp_shares", "jpy", ""])
+        csv.writer(f).writerow(["mp-jp", "Miner JP", "proxy", "miner-jp", "jpy", ""])
+    with (seeds / "subscriptions.csv").open("a", newline="") as f:
+        csv.writer(f).writerow(["mp-jp", "jp_shares", "2024-01-01", ""])
     tables = seed_tables(seeds)
     for shares, yen in [(3, 2), (5, 3), (1, 1), (4, 2)]:
         _, lines = invoice([usage("mp-jp", "proxy_accepted_shares", usage=shares)], "mp-jp", seeds=tables)

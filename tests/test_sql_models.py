@@ -150,7 +150,8 @@ def test_every_table_model_stays_inside_its_window(runner):
     month = runner.run("fct_usage_by_month", march)
     assert set(month.column("month").to_pylist()) == {march.start}
     assert next(r for r in month.to_pylist() if r["meter_id"] == "proxy_bytes")["usage"] == 2 + 6
-    runner.run("dim_customer_plans_by_month", march)
+    runner.run("dim_subscription_periods_by_month", march)
+    runner.run("fct_usage_by_subscription_period", march)
     rated = runner.run("fct_rated_usage", march)
     lines = runner.run("fct_invoice_lines", march)
     for name, table in [("fct_usage_by_month", month), ("fct_rated_usage", rated), ("fct_invoice_lines", lines)]:

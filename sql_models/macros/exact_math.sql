@@ -24,3 +24,6 @@ create or replace macro from_nano(n) as (n::decimal(38, 0) * 0.000000001::decima
 -- Prometheus prints), because DuckDB's double -> decimal cast scales in floating point and
 -- corrupts the last digits of values above about 4.6e9.
 create or replace macro exact_value(v) as v::varchar::decimal(38, 9);
+
+-- a DECIMAL as text without trailing zeros: 10.500000000 -> 10.5, 3.000000000 -> 3
+create or replace macro fmt_decimal(x) as rtrim(rtrim(x::decimal(38, 9)::varchar, '0'), '.');

@@ -1,4 +1,4 @@
--- Customers from seeds/customers.csv: the label value that identifies their series, plan, currency.
+-- Customers from seeds/customers.csv: the label value that identifies their series, currency, Stripe id.
 /* config
 materialized: view
 */
@@ -12,7 +12,6 @@ final as (
         name::varchar as customer_name,
         setup::varchar as setup,
         label_value::varchar as label_value,
-        plan_id::varchar as plan_id,
         currency::varchar as currency,
         stripe_customer_id::varchar as stripe_customer_id
     from source

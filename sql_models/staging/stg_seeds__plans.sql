@@ -1,4 +1,4 @@
--- Versioned plans from seeds/plans.csv: base fee, risk multiplier, currency, effective date.
+-- Versioned plans from seeds/plans.csv: base fee, minimum, discount, risk multiplier, currency, effective date.
 /* config
 materialized: view
 */
@@ -15,6 +15,8 @@ final as (
         setup::varchar as setup,
         currency::varchar as currency,
         base_fee::decimal(38, 9) as base_fee,
+        minimum_charge::decimal(38, 9) as minimum_charge,
+        discount_percent::decimal(38, 9) as discount_percent,
         risk_multiplier::decimal(38, 9) as risk_multiplier,
         description::varchar as plan_description
     from source

@@ -115,7 +115,7 @@ def unpriced_usage(con, paths: Paths, window: Window) -> dg.AssetCheckResult:
         """,
         params={
             "usage": str(partition_file(paths, models["fct_usage_by_month"], window)),
-            "plans": str(partition_file(paths, models["dim_customer_plans_by_month"], window)),
+            "plans": str(partition_file(paths, models["dim_subscription_periods_by_month"], window)),
             "prices": str(seed_snapshot_path(paths, "prices")),
         },
     ).fetchall()
