@@ -50,6 +50,10 @@ class ModelError(RuntimeError):
     """A model that cannot be parsed or run; the message names the model and the fix."""
 
 
+class UseSQLEngine(Exception):
+    """Raised by a Python engine for input it does not handle: the model's SQL runs instead."""
+
+
 @dataclass(frozen=True)
 class Model:
     name: str
@@ -260,8 +264,8 @@ def _load_project_cached(models_dir: str, stamp: tuple) -> Project:
     known = sources()
     models: dict[str, Model] = {}
     for path in sorted(Path(models_dir).rglob("*.sql")):
-        if path.parent.name == "macros":
-            continue
+        if path.parent.name in ("macros", "analyses"):
+            continue  # macros are loaded first; analyses are queries for people (disputes), not models
         model = parse_model(path)
         if model.name in models:
             raise ModelError(f"{path}: model name {model.name} also used by {models[model.name].path}")
@@ -413,8 +417,26 @@ class RunResult:
     table: pa.Table
 
 
-def run_model(paths: Paths, name: str, window: Window | None, *, project: Project | None = None) -> RunResult:
-    """Compute one partition of a table model and write it (replacing the old partition)."""
+def python_engine(model: Model) -> Callable:
+    """The function named by ``python: module:function`` in a model's config (``engine: python``)."""
+    import importlib
+
+    target = model.config.get("python") or ""
+    module, _, func = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ModelError(f"{model.path}: engine python needs `python: module:function`, got {target!r} ({e})") from None
+
+
+def run_model(
+    paths: Paths, name: str, window: Window | None, *, project: Project | None = None, engine: str | None = None
+) -> RunResult:
+    """Compute one partition of a table model and write it (replacing the old partition).
+
+    ``engine`` overrides the model's configured engine: "sql" runs the SQL even where a model
+    names a Python implementation (tests and benchmarks compare the two).
+    """
     project = project or load_project()
     if name not in project.models:
         raise ModelError(f"unknown model {name!r}; models: {', '.join(sorted(project.models))}")
@@ -422,11 +444,19 @@ def run_model(paths: Paths, name: str, window: Window | None, *, project: Projec
     if model.partitioned_by != "none" and window is None:
         raise ModelError(f"model {name} is partitioned by {model.partitioned_by}; give a partition window")
     t0 = time.perf_counter()
-    con = connect()
-    try:
-        prepare(con, project, name, paths, window)
-        table = query(con, model, window)
-    finally:
-        con.close()
+    table = None
+    if (engine or model.config.get("engine", "sql")) == "python":
+        # a faster implementation of the same model; the SQL stays its specification (tests compare)
+        try:
+            table = python_engine(model)(paths, model, window)
+        except UseSQLEngine:
+            table = None
+    if table is None:
+        con = connect()
+        try:
+            prepare(con, project, name, paths, window)
+            table = query(con, model, window)
+        finally:
+            con.close()
     path = write_partition(paths, model, window, table)
     return RunResult(name, window, len(table), path, time.perf_counter() - t0, table)

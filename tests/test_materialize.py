@@ -182,3 +182,31 @@ def test_unpriced_model_usage_is_reported_not_silently_dropped(month_run):
     finally:
         usage_file.write_bytes(original)
         con.close()
+
+
+def test_dispute_ties_raw_evidence_to_the_bill_and_exports_a_pack(month_run, tmp_path):
+    from billing_dags.disputes import DisputeError, build_dispute, export_evidence
+    from billing_dags.warehouse import open_warehouse
+
+    paths, _, _ = month_run
+    dispute = build_dispute(paths, "mp-003", MONTH, by="hour")
+    counters = {m: t for m, t in dispute.tie_out["meters"].items()}
+    assert {"proxy_bytes", "proxy_accepted_shares"} <= set(counters)
+    assert all(t["ties_out"] for t in counters.values()), counters
+    # only this customer's series are in the evidence (the unknown miner and other customers are not)
+    series = pq.read_table(raw.series_files(paths)).to_pylist()
+    mine = {s["series_id"] for s in series if dict(s["labels"]).get("client_id") == "miner-003"}
+    assert set(dispute.evidence["series_id"].to_pylist()) <= mine
+    assert len({b["bucket"] for b in dispute.breakdown}) > 28 * 20  # hourly buckets over the month
+    files = export_evidence(dispute, tmp_path / "pack")
+    assert {f.name for f in files} == {"raw_samples.parquet", "breakdown_by_hour.csv", "events.csv", "reproduce.sql", "tie_out.json"}
+    con = open_warehouse(paths)
+    try:
+        again = con.sql((tmp_path / "pack" / "reproduce.sql").read_text()).to_arrow_table()
+    finally:
+        con.close()
+    assert again.column("increase").to_pylist() == dispute.evidence.column("increase").to_pylist()
+    with pytest.raises(DisputeError, match="no raw samples of meter 'nope'"):
+        build_dispute(paths, "mp-003", MONTH, meter_id="nope")
+    with pytest.raises(DisputeError, match="--by 'week'"):
+        build_dispute(paths, "mp-003", MONTH, by="week")

@@ -1,0 +1,253 @@
+"""`billing dispute`: how a customer's invoice follows from their raw samples, with an evidence pack.
+
+The evidence query (sql_models/analyses/dispute_breakdown.sql) applies the same counter rules as
+fct_usage_by_day to every raw sample of the customer's series; its per-meter totals must tie out
+to fct_usage_by_month, and the invoice's lines to its total. Only this customer's series are
+read or exported (DESIGN rule 12).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import raw
+from .settings import EDGE_LOOKBACK_DAYS, SQL_MODELS_DIR, Paths
+from .sqlmodels import Window, connect, load_project, partition_file, prepare
+
+EVIDENCE_SQL = SQL_MODELS_DIR / "analyses" / "dispute_breakdown.sql"
+BUCKETS_MS = {"hour": 3_600_000, "day": 86_400_000}
+GAP_FLAG_MS = 15 * 60 * 1000
+
+
+class DisputeError(ValueError):
+    """A dispute that cannot be built; the message names the input and the fix."""
+
+
+@dataclass
+class Dispute:
+    customer_id: str
+    month: date
+    meter_id: str
+    by: str
+    breakdown: list[dict]
+    totals: list[dict]
+    events: list[dict]
+    invoice: dict | None
+    lines: list[dict]
+    tie_out: dict = field(default_factory=dict)
+    evidence: pa.Table | None = None
+
+
+def _evidence_params(customer_id: str, meter_id: str, window: Window) -> dict:
+    return {
+        "customer_id": customer_id,
+        "meter_id": meter_id,
+        "start_ms": window.start_ms,
+        "end_ms": window.end_ms,
+        "edge_lookback_ms": EDGE_LOOKBACK_DAYS * raw.DAY_MS,
+    }
+
+
+def evidence(paths: Paths, customer_id: str, month: date, meter_id: str = "") -> pa.Table:
+    """Every raw sample of the customer's series in the month (plus the lookback), with its increase."""
+    end = (month.replace(day=28) + timedelta(days=4)).replace(day=1)
+    window = Window(month, end)
+    lookback = Window(month - timedelta(days=EDGE_LOOKBACK_DAYS), end)
+    project = load_project()
+    con = connect()
+    try:
+        # the view models the query reads, over raw days from the lookback to the month's end
+        for name in ("dim_series", "stg_raw__samples"):
+            prepare(con, project, name, paths, lookback)
+            con.execute(f"create or replace view {name} as {project.models[name].sql.strip().rstrip(';')}")
+        sql = EVIDENCE_SQL.read_text().strip().rstrip(";")
+        return con.sql(sql, params=_evidence_params(customer_id, meter_id, window)).to_arrow_table()
+    finally:
+        con.close()
+
+
+def build_dispute(paths: Paths, customer_id: str, month: date, *, meter_id: str = "", by: str = "day") -> Dispute:
+    if by not in BUCKETS_MS:
+        raise DisputeError(f"--by {by!r} is not one of hour, day")
+    table = evidence(paths, customer_id, month, meter_id)
+    if meter_id and not len(table):
+        raise DisputeError(f"no raw samples of meter {meter_id!r} for {customer_id} in {month:%Y-%m}; check the meter id (billing usage {customer_id} --month {month:%Y-%m} lists them)")
+    con = duckdb.connect()
+    try:
+        con.register("evidence", table)
+        breakdown = _rows(con.execute(
+            f"""
+            select meter_id, dimension, make_timestamp((ts_ms // {BUCKETS_MS[by]}) * {BUCKETS_MS[by]} * 1000) as bucket,
+                   count(*) as samples, sum(increase)::decimal(38, 9) as increase, max(value) as peak,
+                   count(*) filter (where is_reset) as resets, max(gap_ms) as max_gap_ms
+            from evidence group by all order by all
+            """
+        ))
+        totals = _rows(con.execute(
+            "select meter_id, any_value(kind) as kind, count(distinct series_id) as series, count(*) as samples, "
+            "sum(increase)::decimal(38, 9) as increase, count(*) filter (where is_reset) as resets "
+            "from evidence group by meter_id order by meter_id"
+        ))
+        events = _rows(con.execute(
+            f"""
+            select meter_id, series_id, ts,
+                   case when is_reset then 'reset' when is_reappearance then 'reappeared after lookback' else 'gap' end as event,
+                   prev_value, value, gap_ms
+            from evidence
+            where is_reset or is_reappearance or gap_ms > {GAP_FLAG_MS}
+            order by ts_ms, series_id
+            """
+        ))
+    finally:
+        con.close()
+    invoice = _read_invoice(paths, customer_id, month)
+    lines = [l for l in (invoice or {}).get("lines", []) if not meter_id or l.get("meter_id") == meter_id]
+    dispute = Dispute(customer_id, month, meter_id, by, breakdown, totals, events, invoice, lines, evidence=table)
+    dispute.tie_out = tie_out(paths, dispute)
+    return dispute
+
+
+def _rows(cursor) -> list[dict]:
+    cols = [d[0] for d in cursor.description]
+    return [dict(zip(cols, r)) for r in cursor.fetchall()]
+
+
+def _read_invoice(paths: Paths, customer_id: str, month: date) -> dict | None:
+    f = paths.invoices / f"{month:%Y-%m}" / f"{customer_id}.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def tie_out(paths: Paths, dispute: Dispute) -> dict:
+    """Raw evidence vs the billed month, and invoice lines vs the invoice total."""
+    end = (dispute.month.replace(day=28) + timedelta(days=4)).replace(day=1)
+    month_file = partition_file(paths, load_project().models["fct_usage_by_month"], Window(dispute.month, end))
+    billed: dict[str, Decimal] = {}
+    if month_file.exists():
+        for r in pq.read_table(month_file, partitioning=None).to_pylist():
+            if r["customer_id"] == dispute.customer_id and r["usage"] is not None:
+                billed[r["meter_id"]] = billed.get(r["meter_id"], Decimal(0)) + r["usage"]
+    meters = {}
+    for t in dispute.totals:
+        if t["kind"] != "counter":
+            continue
+        got = t["increase"] or Decimal(0)
+        want = billed.get(t["meter_id"])
+        meters[t["meter_id"]] = {"raw": got, "billed": want, "ties_out": want is not None and got == want}
+    result: dict = {"meters": meters}
+    if dispute.invoice:
+        lines_sum = sum(int(l["amount_minor"]) for l in dispute.invoice["lines"])
+        result["invoice_total_minor"] = int(dispute.invoice["total_minor"])
+        result["lines_sum_minor"] = lines_sum
+        result["invoice_ties_out"] = lines_sum == int(dispute.invoice.get("subtotal_minor", dispute.invoice["total_minor"])) or lines_sum == int(dispute.invoice["total_minor"])
+    return result
+
+
+def export_evidence(dispute: Dispute, folder: Path) -> list[Path]:
+    """Evidence pack: raw samples (this customer's series only), the breakdown, the reproducing SQL."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    samples = folder / "raw_samples.parquet"
+    pq.write_table(dispute.evidence, samples)
+    written.append(samples)
+    breakdown = folder / f"breakdown_by_{dispute.by}.csv"
+    with breakdown.open("w", newline="") as f:
+        if dispute.breakdown:
+            w = csv.DictWriter(f, fieldnames=list(dispute.breakdown[0]))
+            w.writeheader()
+            w.writerows(dispute.breakdown)
+    written.append(breakdown)
+    events = folder / "events.csv"
+    with events.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["meter_id", "series_id", "ts", "event", "prev_value", "value", "gap_ms"])
+        w.writeheader()
+        w.writerows(dispute.events)
+    written.append(events)
+    end = (dispute.month.replace(day=28) + timedelta(days=4)).replace(day=1)
+    params = _evidence_params(dispute.customer_id, dispute.meter_id, Window(dispute.month, end))
+    sql = folder / "reproduce.sql"
+    sql.write_text(
+        "-- Reproduces raw_samples.parquet (the increase of every sample) from the warehouse:\n"
+        "--   duckdb data/warehouse.duckdb < reproduce.sql\n"
+        f"-- parameters: {json.dumps(params, sort_keys=True)}\n"
+        + _bind_literals(EVIDENCE_SQL.read_text(), params)
+    )
+    written.append(sql)
+    summary = folder / "tie_out.json"
+    summary.write_text(json.dumps(dispute.tie_out, indent=2, sort_keys=True, default=str) + "\n")
+    written.append(summary)
+    return written
+
+
+def _bind_literals(sql: str, params: dict) -> str:
+    """The evidence query with its parameters written in as SQL literals, for a person to run."""
+    import re
+
+    def literal(m: re.Match) -> str:
+        value = params[m.group(1)]
+        return str(value) if isinstance(value, int) else "'" + str(value).replace("'", "''") + "'"
+
+    return re.sub(r"\$(" + "|".join(sorted(params, key=len, reverse=True)) + r")\b", literal, sql)
+
+
+# --- the `billing dispute` command ------------------------------------------------------------
+
+def register(sub) -> None:
+    p = sub.add_parser("dispute", help="how a customer's invoice follows from their raw samples (support)")
+    p.add_argument("customer")
+    p.add_argument("--month", required=True, help="YYYY-MM")
+    p.add_argument("--meter", default="", help="only this meter")
+    p.add_argument("--by", choices=sorted(BUCKETS_MS), default="day", help="breakdown per hour or day (default day)")
+    p.add_argument("--export", metavar="DIR", help="write an evidence pack (Parquet, CSV, SQL) to DIR")
+    p.set_defaults(func=cmd_dispute)
+
+
+def cmd_dispute(args) -> int:
+    from .cli import CliError, _emit, _paths, console, parse_month, require_customer
+
+    paths = _paths(args)
+    month = parse_month(args.month)
+    require_customer(paths, args.customer)
+    try:
+        dispute = build_dispute(paths, args.customer, month, meter_id=args.meter, by=args.by)
+    except DisputeError as e:
+        raise CliError(str(e)) from None
+    if not len(dispute.evidence):
+        raise CliError(f"no raw samples for {args.customer} in {month:%Y-%m} under {paths.raw_samples}; raw data older than the retention period is gone — the invoice manifest lists the hashes it was billed from")
+    _emit([{**r, "increase": _fmt(r["increase"])} for r in dispute.breakdown], "table", title=f"{args.customer} {month:%Y-%m}: usage by {args.by} from raw samples")
+    _emit([{**t, "increase": _fmt(t["increase"])} for t in dispute.totals], "table", title="Totals per meter (raw evidence)")
+    if dispute.events:
+        _emit(dispute.events[:200], "table", title=f"Resets, reappearances and gaps over 15 min ({len(dispute.events)})")
+    else:
+        console.print("No resets, reappearances or gaps over 15 minutes.")
+    if dispute.lines:
+        _emit([
+            {k: l.get(k) for k in ("line_number", "line_type", "meter_id", "dimension", "quantity", "unit", "included_quantity", "billable_quantity", "unit_price", "amount")}
+            for l in dispute.lines
+        ], "table", title=f"Invoice {dispute.invoice['invoice_number']} ({dispute.invoice['status']}) lines")
+    elif dispute.invoice is None:
+        console.print(f"No invoice for {args.customer} in {month:%Y-%m} yet (billing run --month {month:%Y-%m}).")
+    tie = dispute.tie_out
+    for meter, t in tie.get("meters", {}).items():
+        mark = "ties out" if t["ties_out"] else "DOES NOT TIE OUT"
+        console.print(f"{meter}: raw {_fmt(t['raw'])} vs billed {_fmt(t['billed'])} — {mark}")
+    if "invoice_total_minor" in tie:
+        console.print(f"invoice lines sum to {tie['lines_sum_minor']} minor units; invoice total {tie['invoice_total_minor']}")
+    if args.export:
+        written = export_evidence(dispute, Path(args.export))
+        console.print(f"evidence pack: {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _fmt(d) -> str:
+    if d is None:
+        return ""
+    return f"{Decimal(d).normalize():f}"
