@@ -24,6 +24,10 @@ METRIC_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 KINDS = {"counter", "gauge"}
 PRICING_MODELS = {"per_unit", "package", "graduated", "volume"}
 PACKAGE_ROUNDING = {"up", "down", "half_up"}
+ANOMALY_RULES = {
+    "week_over_week", "allowance_used", "outlier_mad", "scrape_gap", "counter_resets",
+    "reappeared_series", "dropped_samples", "unmatched_series",
+}
 AGGREGATIONS = {
     "counter": {"sum"},
     "gauge": {"max", "avg", "unit_hours", "unit_months"},
@@ -279,6 +283,18 @@ SPECS: dict[str, SeedSpec] = {
             ),
             ("plan_id", "version", "meter_id", "dimension", "tier"),
         ),
+        SeedSpec(
+            "anomaly_rules",
+            "anomaly_rules.csv",
+            (
+                Column("rule", pa.string(), _one_of(ANOMALY_RULES)),
+                Column("meter_id", pa.string(), _text),
+                Column("threshold", DEC, _non_negative_decimal),
+                Column("severity", pa.string(), _one_of({"info", "warning", "critical"})),
+                Column("description", pa.string(), _text),
+            ),
+            ("rule", "meter_id", "threshold"),
+        ),
     ]
 }
 
@@ -386,6 +402,9 @@ def _check_references(seeds_dir: Path, t: dict[str, pa.Table]) -> None:
                 raise fail("price_tiers", rows[-1], "only the last tier has an empty up_to (no upper bound); give every other tier an up_to")
             if any(a >= b for a, b in zip(bounds[:-2], bounds[1:-1])):
                 raise fail("price_tiers", rows[0], f"up_to values of {key[2]} on plan {key[0]} v{key[1]} must increase tier by tier")
+    for r in _rows(t["anomaly_rules"]):
+        if r["meter_id"] and r["meter_id"] not in meters:
+            raise fail("anomaly_rules", r, f"meter {r['meter_id']!r} is not in meters.csv; leave meter_id empty for every meter or fix the id")
     customers = {c["customer_id"]: c for c in _rows(t["customers"])}
     labels: dict[str, dict] = {}
     for c in customers.values():

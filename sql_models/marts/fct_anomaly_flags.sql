@@ -1,0 +1,234 @@
+-- Anomaly flags per customer, meter, rule and UTC day: value, threshold crossed and severity (rules in seeds/anomaly_rules.csv).
+/* config
+materialized: table
+partitioned_by: billing_daily
+time_column: day
+grain: [day, customer_id, meter_id, rule]
+lookback_days: 35
+group: quality
+*/
+with daily as (
+    select * from fct_usage_by_day
+    where day >= $lookback_start_date::date and day < $end_date::date
+),
+
+edges as (
+    select * from fct_series_edges_by_day
+    where day >= $start_date::date and day < $end_date::date
+),
+
+series as (
+    select * from dim_series
+),
+
+rules as (
+    select * from stg_seeds__anomaly_rules
+),
+
+meters as (
+    select * from stg_seeds__meters
+),
+
+subscriptions as (
+    select * from stg_seeds__subscriptions
+),
+
+plans as (
+    select * from stg_seeds__plans
+),
+
+prices as (
+    select * from stg_seeds__prices
+),
+
+units as (
+    select * from stg_seeds__units
+),
+
+today as (
+    select * from daily
+    where day >= $start_date::date
+),
+
+-- a meter's own rule rows win over the rows for every meter ('')
+meter_rules as (
+    select meters.meter_id, rules.*
+    from meters
+    cross join rules
+    where rules.rule_meter_id = meters.meter_id
+        or (
+            rules.rule_meter_id = ''
+            and not exists (
+                select 1 from rules as own
+                where own.rule = rules.rule and own.rule_meter_id = meters.meter_id
+            )
+        )
+),
+
+-- seed 000: usage of the last 7 days against the 7 before
+week_over_week as (
+    select
+        customer_id,
+        meter_id,
+        'week_over_week' as rule,
+        sum(usage) filter (where day > $start_date::date - interval 7 day) as this_week,
+        sum(usage) filter (
+            where day <= $start_date::date - interval 7 day and day > $start_date::date - interval 14 day
+        ) as last_week
+    from daily
+    where kind = 'counter'
+    group by customer_id, meter_id
+),
+
+-- a robust outlier against the customer's own previous 30 days: |x - median| / (1.4826 x MAD)
+baseline as (
+    select customer_id, meter_id, median(usage) as median_usage, count(*) as baseline_days
+    from daily
+    where kind = 'counter' and day < $start_date::date and day >= $start_date::date - interval 30 day
+    group by customer_id, meter_id
+),
+
+deviation as (
+    select baseline.customer_id, baseline.meter_id, median(abs(daily.usage - baseline.median_usage)) as mad
+    from daily
+    inner join baseline
+        on daily.customer_id = baseline.customer_id and daily.meter_id = baseline.meter_id
+    where daily.day < $start_date::date and daily.day >= $start_date::date - interval 30 day
+    group by baseline.customer_id, baseline.meter_id
+),
+
+-- seed 001: month-to-date usage against the included allowance of the plan in force today
+plan_today as (
+    select subscriptions.customer_id, plans.plan_id, plans.plan_version
+    from subscriptions
+    inner join plans
+        on subscriptions.plan_id = plans.plan_id
+        and plans.effective_from <= greatest(subscriptions.start_date, date_trunc('month', $start_date::date))
+    where subscriptions.start_date <= $start_date::date
+        and coalesce(subscriptions.end_date, $end_date::date) > $start_date::date
+    qualify row_number() over (
+        partition by subscriptions.customer_id order by plans.effective_from desc, plans.plan_version desc
+    ) = 1
+),
+
+allowances as (
+    select
+        plan_today.customer_id,
+        prices.meter_id,
+        prices.included_quantity * units.divisor as included_base
+    from plan_today
+    inner join prices
+        on plan_today.plan_id = prices.plan_id and plan_today.plan_version = prices.plan_version
+    inner join meters
+        on prices.meter_id = meters.meter_id
+    inner join units
+        on meters.unit = units.unit and meters.billing_unit = units.billing_unit
+    where prices.included_quantity > 0 and prices.dimension = '' and meters.aggregation = 'sum'
+),
+
+month_to_date as (
+    select customer_id, meter_id, sum(usage) as usage
+    from daily
+    where day >= date_trunc('month', $start_date::date)
+    group by customer_id, meter_id
+),
+
+unmatched as (
+    select
+        series.meter_id,
+        count(distinct series.series_id) as unmatched_series,
+        string_agg(distinct series.customer_label || '=' || coalesce(series.customer_label_value, '(missing)'), ', ') as labels
+    from edges
+    inner join series
+        on edges.series_id = series.series_id
+    where series.meter_id is not null and series.customer_id is null
+    group by series.meter_id
+),
+
+gaps as (
+    select series.customer_id, series.meter_id, max(edges.max_gap_ms) as max_gap_ms
+    from edges
+    inner join series
+        on edges.series_id = series.series_id
+    where series.customer_id is not null
+    group by series.customer_id, series.meter_id
+),
+
+candidates as (
+    select customer_id, meter_id, rule, (this_week / last_week)::decimal(38, 9) as value,
+        'usage ' || fmt_decimal(this_week) || ' in the last 7 days vs ' || fmt_decimal(last_week) || ' the 7 before' as detail
+    from week_over_week
+    where last_week > 0
+    union all
+    select today.customer_id, today.meter_id, 'outlier_mad',
+        (abs(today.usage - baseline.median_usage) / (1.4826 * deviation.mad))::decimal(38, 9),
+        'usage ' || fmt_decimal(today.usage) || ' vs 30-day median ' || fmt_decimal(baseline.median_usage)
+            || ' (MAD ' || fmt_decimal(deviation.mad) || ', ' || baseline.baseline_days || ' days)'
+    from today
+    inner join baseline on today.customer_id = baseline.customer_id and today.meter_id = baseline.meter_id
+    inner join deviation on today.customer_id = deviation.customer_id and today.meter_id = deviation.meter_id
+    where today.kind = 'counter' and baseline.baseline_days >= 7 and deviation.mad > 0
+    union all
+    select allowances.customer_id, allowances.meter_id, 'allowance_used',
+        (month_to_date.usage * 100 / allowances.included_base)::decimal(38, 9),
+        fmt_decimal(month_to_date.usage) || ' used this month of ' || fmt_decimal(allowances.included_base) || ' included (base units)'
+    from allowances
+    inner join month_to_date
+        on allowances.customer_id = month_to_date.customer_id and allowances.meter_id = month_to_date.meter_id
+    union all
+    select customer_id, meter_id, 'scrape_gap', max_gap_ms::decimal(38, 9),
+        'longest gap between two samples: ' || (max_gap_ms // 60000) || ' min'
+    from gaps
+    union all
+    select customer_id, meter_id, 'counter_resets', resets::decimal(38, 9), resets || ' counter resets'
+    from today
+    where kind = 'counter'
+    union all
+    select customer_id, meter_id, 'reappeared_series', reappeared_series::decimal(38, 9),
+        reappeared_series || ' series back after more than 35 days; their first value was not billed'
+    from today
+    union all
+    select customer_id, meter_id, 'dropped_samples', dropped_samples::decimal(38, 9),
+        dropped_samples || ' NaN or staleness samples dropped'
+    from today
+    union all
+    select '' as customer_id, meter_id, 'unmatched_series', unmatched_series::decimal(38, 9),
+        unmatched_series || ' series billed to nobody: ' || labels
+    from unmatched
+),
+
+crossed as (
+    select
+        candidates.*,
+        meter_rules.threshold,
+        meter_rules.severity,
+        meter_rules.rule_description
+    from candidates
+    inner join meter_rules
+        on candidates.meter_id = meter_rules.meter_id
+        and candidates.rule = meter_rules.rule
+    where case when candidates.rule = 'allowance_used'
+        then candidates.value >= meter_rules.threshold
+        else candidates.value > meter_rules.threshold
+    end
+    -- report the highest threshold crossed (80% and 100% of an allowance are two levels)
+    qualify row_number() over (
+        partition by candidates.customer_id, candidates.meter_id, candidates.rule order by meter_rules.threshold desc
+    ) = 1
+),
+
+final as (
+    select
+        $start_date::date as day,
+        customer_id,
+        meter_id,
+        rule,
+        value,
+        threshold,
+        severity,
+        rule_description,
+        detail
+    from crossed
+)
+
+select * from final

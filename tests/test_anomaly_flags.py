@@ -1,0 +1,79 @@
+"""fct_anomaly_flags on fixture rows: each rule fires at its threshold from seeds/anomaly_rules.csv."""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+from decimal import Decimal
+
+import pyarrow as pa
+
+from sql_helpers import Runner, day_window, ms
+from test_pricing_models import DAY_SCHEMA, day_row
+
+D = date(2026, 10, 20)
+GIB = 2**30
+
+EDGE_SCHEMA = pa.schema(
+    [
+        ("day", pa.date32()), ("series_id", pa.int64()), ("samples", pa.int64()), ("dropped_samples", pa.int64()),
+        ("first_ts_ms", pa.int64()), ("first_value", pa.float64()), ("last_ts_ms", pa.int64()), ("last_value", pa.float64()),
+        ("in_day_increase", pa.decimal128(38, 9)), ("resets", pa.int64()), ("peak", pa.decimal128(38, 9)),
+        ("in_day_integral", pa.decimal128(38, 9)), ("in_day_covered_ms", pa.int64()), ("max_gap_ms", pa.int64()),
+    ]
+)
+SERIES = {
+    1: ("stratum_bytes_sent_total", {"client_id": "miner-003"}, ms(D - timedelta(days=40), 0)),
+    2: ("stratum_accepted_shares_total", {"client_id": "miner-zzz"}, ms(D - timedelta(days=40), 0)),
+}
+
+
+def edge(series_id: int, max_gap_ms: int) -> dict:
+    return {
+        "day": D, "series_id": series_id, "samples": 100, "dropped_samples": 0, "first_ts_ms": ms(D, 0), "first_value": 1.0,
+        "last_ts_ms": ms(D, 23), "last_value": 2.0, "in_day_increase": Decimal(1), "resets": 0, "peak": Decimal(2),
+        "in_day_integral": Decimal(0), "in_day_covered_ms": 0, "max_gap_ms": max_gap_ms,
+    }
+
+
+def flags(days: list[dict], edges: list[dict]) -> dict:
+    with Runner() as r:
+        r.set_raw({}, SERIES)
+        r.set_table("fct_usage_by_day", pa.Table.from_pylist(days, schema=DAY_SCHEMA))
+        r.set_table("fct_series_edges_by_day", pa.Table.from_pylist(edges, schema=EDGE_SCHEMA))
+        rows = r.run("fct_anomaly_flags", day_window(D)).to_pylist()
+    return {(f["customer_id"], f["meter_id"], f["rule"]): f for f in rows}
+
+
+def test_week_over_week_outlier_allowance_gap_and_unmatched():
+    days = []
+    # mp-003 (proxy_hybrid v2: 12 GiB included): 0.1 GiB a day for 19 days, then 12 GiB on D
+    for i in range(1, 20):
+        days.append(day_row(D - timedelta(days=i), "mp-003", "proxy_bytes", usage=GIB // 10 + i))
+    days.append(day_row(D, "mp-003", "proxy_bytes", usage=12 * GIB))
+    got = flags(days, [edge(1, 2 * 3600_000), edge(2, 60_000)])
+    wow = got[("mp-003", "proxy_bytes", "week_over_week")]
+    # last 7 days: 12 GiB + days 1..6 (GIB//10 + i); the 7 before: days 7..13
+    this_week = 12 * GIB + sum(GIB // 10 + i for i in range(1, 7))
+    last_week = sum(GIB // 10 + i for i in range(7, 14))
+    assert wow["value"] == (Decimal(this_week) / Decimal(last_week)).quantize(Decimal("1e-9"))
+    assert wow["threshold"] == 10 and wow["severity"] == "warning"  # proxy_bytes has its own row: 10x
+    assert got[("mp-003", "proxy_bytes", "outlier_mad")]["severity"] == "warning"
+    # month to date: 12 GiB + Oct 1..19 -> over 100% of 12 GiB: the highest level crossed is reported
+    allowance = got[("mp-003", "proxy_bytes", "allowance_used")]
+    assert allowance["threshold"] == 100 and allowance["value"] > 100
+    assert got[("mp-003", "proxy_bytes", "scrape_gap")]["value"] == 2 * 3600_000
+    unmatched = got[("", "proxy_accepted_shares", "unmatched_series")]
+    assert unmatched["value"] == 1 and "client_id=miner-zzz" in unmatched["detail"]
+
+
+def test_quiet_customer_raises_nothing():
+    days = [day_row(D - timedelta(days=i), "mp-003", "proxy_bytes", usage=GIB // 10 + (i % 3)) for i in range(0, 20)]
+    got = flags(days, [edge(1, 60_000)])
+    assert not [k for k in got if k[0] == "mp-003"]
+
+
+def test_reappeared_series_is_critical():
+    row = day_row(D, "mp-003", "proxy_bytes", usage=5)
+    row["reappeared_series"] = 1
+    got = flags([row], [edge(1, 60_000)])
+    assert got[("mp-003", "proxy_bytes", "reappeared_series")]["severity"] == "critical"
