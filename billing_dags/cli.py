@@ -497,10 +497,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--limit", type=int, default=1000, help="rows to print at most (default 1000)")
     p.set_defaults(func=cmd_sql)
+    __import__("billing_dags.stripe_meters", fromlist=["register"]).register(sub)  # billing stripe sync-meters | send
+    __import__("billing_dags.remote_write.cli", fromlist=["register"]).register(sub)  # billing remote-write serve|compact|status
+    __import__("billing_dags.disputes", fromlist=["register"]).register(sub)  # billing dispute
+    __import__("billing_dags.retention", fromlist=["register"]).register(sub)  # billing retention
+    __import__("billing_dags.flags", fromlist=["register"]).register(sub)  # billing flags list|ack
+    __import__("billing_dags.reports", fromlist=["register"]).register(sub)  # billing report daily
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .disputes import DisputeError
     from .seeds import SeedError
     from .sqlmodels import ModelError
 
@@ -508,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (CliError, SeedError, ModelError) as e:
+    except (CliError, SeedError, ModelError, DisputeError) as e:
         err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
 

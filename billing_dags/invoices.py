@@ -9,6 +9,23 @@ passed; then it is ``finalized``: it gets a gap-free per-year number (``INV-YYYY
 ``<invoices>/registry.json`` and its files are never rewritten. A later rerun whose figures differ
 is recorded under ``<month>/pending_adjustments/`` for an adjustment line on a later invoice.
 
+Lines and totals (rules decided here):
+
+- **Charges** are the lines from ``fct_invoice_lines`` (base fee, usage, discount, risk
+  adjustment, minimum charge, ...); ``charges_minor`` is their sum. Only charges are compared when
+  a finalized month is recomputed.
+- **Adjustments** follow: for each earlier month M of the customer whose finalized charges were
+  recomputed differently, one ``adjustment`` line of (recomputed − finalized − already carried),
+  naming the original invoice number and the reason (late data / seed change / code change, from
+  the manifests). It goes on the customer's next invoice that is built; a draft shows it, a
+  finalized invoice consumes it (the finalized invoice's line, with ``adjusts``, is the record:
+  nothing is carried twice, and a later recomputation carries only the new difference).
+- **Credits** then: prepaid grants drawn in expiry order against charges + adjustments (see
+  ``billing_dags.credits``), as negative ``credit`` lines.
+- **Never below zero**: if charges + adjustments are negative, a ``carry_forward`` line brings the
+  total to 0 and the amount is owed back as an ``adjustment`` line (a credit) on the customer's
+  next invoice. The total due is always the sum of all lines.
+
 Files are deterministic: no wall-clock time inside, sorted keys, fixed formatting, so rerunning
 unchanged inputs reproduces every file byte for byte.
 """
@@ -31,13 +48,17 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from . import __version__
+from . import credits as _credits
 from .raw import sample_files
 from .seeds import SAFE_ID_RE, seeds_digest
 from .settings import DEFAULT_GRACE_DAYS, PROJECT_ROOT, Paths
 
 SCHEMA_VERSION = 1
 STATUSES = ("draft", "finalized")
-LINE_TYPES = ("base_fee", "usage", "risk_adjustment")
+#: charge line types fct_invoice_lines produces today; another safe identifier is accepted as a charge too
+LINE_TYPES = ("base_fee", "usage", "discount", "risk_adjustment", "minimum_charge")
+#: lines the invoice builder adds after the charges (never accepted from fct_invoice_lines)
+GENERATED_LINE_TYPES = ("adjustment", "credit", "carry_forward")
 REGISTRY_FILE = "registry.json"
 REGISTRY_LOCK = ".registry.lock"
 PENDING_DIR = "pending_adjustments"
@@ -337,6 +358,189 @@ def _plain_json(value: Any, what: str) -> Any:
         raise InvoiceError(f"{what} is not JSON-serialisable ({e}); pass strings, numbers, lists and dicts") from None
 
 
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InvoiceError(f"{path}: {what} is unreadable ({e}); restore it from backup") from None
+
+
+def _recompute_reason(finalized: Mapping | None, recomputed_manifest: Mapping | None) -> str:
+    """Why a finalized month's figures changed, from the two manifests."""
+    old = (finalized or {}).get("manifest") or {}
+    new = recomputed_manifest or {}
+    reasons = []
+    if old.get("raw_samples") != new.get("raw_samples"):
+        reasons.append("late data")
+    if old.get("seeds") != new.get("seeds"):
+        reasons.append("a seed change")
+    if old.get("code_version") != new.get("code_version"):
+        reasons.append("a code change")
+    return " and ".join(reasons) or "a rerun"
+
+
+def _open_adjustments(paths: Paths, cid: str, month: date, stored: list[dict], currency: str, exp: int) -> list[dict]:
+    """What earlier invoices of ``cid`` still leave to settle on the invoice of ``month``.
+
+    Two sources, each of a month before ``month``: a finalized invoice whose recomputed charges
+    differ (``<M>/pending_adjustments/<cid>.json``: recomputed − finalized charges), and an invoice
+    whose charges plus adjustments were negative (its ``carried_forward_minor``, owed back as a
+    credit). What adjustment lines of *finalized* invoices of other months already carried is
+    subtracted, so an amount is carried once; drafts show it without consuming it.
+    """
+    mk = f"{month:%Y-%m}"
+    carried: dict[tuple[str, str], int] = {}
+    for d in stored:
+        if d.get("status") != "finalized" or d["period_start"][:7] == mk:
+            continue
+        for line in d["lines"]:
+            src = line.get("adjusts")
+            if line.get("line_type") == "adjustment" and isinstance(src, dict):
+                key = (src.get("kind"), src.get("month"))
+                carried[key] = carried.get(key, 0) + int(line["amount_minor"])
+    by_month = {d["period_start"][:7]: d for d in stored}
+    out: list[dict] = []
+    for f in sorted(paths.invoices.glob(f"????-??/{PENDING_DIR}/{cid}.json")):
+        src = f.parent.parent.name
+        if src >= mk:
+            continue
+        pend = _read_json(f, "pending adjustment")
+        if pend.get("currency") != currency:
+            raise InvoiceError(
+                f"{f}: adjustment in {pend.get('currency')!r} cannot go on {cid}'s {mk} invoice in {currency!r}; "
+                "settle it by hand and remove the file"
+            )
+        fin = int(pend.get("finalized_charges_minor", pend.get("finalized_total_minor", 0)))
+        rec = int(pend.get("recomputed_charges_minor", pend.get("recomputed_total_minor", 0)))
+        done = carried.get(("recompute", src), 0)
+        amount = rec - fin - done
+        if amount == 0:
+            continue
+        number = pend.get("finalized_invoice_number") or src
+        reason = _recompute_reason(by_month.get(src), pend.get("recomputed_manifest"))
+        text = f"usage of {src} recomputed after {reason}: {number} charges {format_minor(fin, exp)} -> {format_minor(rec, exp)}"
+        if done:
+            text += f" ({format_minor(done, exp)} already adjusted)"
+        out.append({"kind": "recompute", "month": src, "invoice_number": number, "amount_minor": amount, "description": text,
+                    "formula": f"recomputed {format_minor(rec, exp)} − finalized {format_minor(fin, exp)}"
+                    + (f" − already adjusted {format_minor(done, exp)}" if done else "") + f" = {format_minor(amount, exp)} {currency.upper()}"})
+    for d in stored:
+        src = d["period_start"][:7]
+        owed = int(d.get("carried_forward_minor") or 0)
+        if src >= mk or not owed:
+            continue
+        amount = -owed - carried.get(("carry_forward", src), 0)
+        if amount == 0:
+            continue
+        out.append({"kind": "carry_forward", "month": src, "invoice_number": d["invoice_number"], "amount_minor": amount,
+                    "description": f"credit balance carried from {d['invoice_number']} ({src})",
+                    "formula": f"{format_minor(owed, exp)} {currency.upper()} owed back by {d['invoice_number']} = {format_minor(amount, exp)} {currency.upper()}"})
+    return sorted(out, key=lambda a: (a["month"], a["kind"]))
+
+
+def _generated_line(ln: int, line_type: str, amount_minor: int, exp: int, **fields: Any) -> dict:
+    return {
+        "line_number": ln,
+        "line_type": line_type,
+        "meter_id": None,
+        "dimension": fields.pop("dimension", ""),
+        "description": fields.pop("description"),
+        "quantity": "1",
+        "unit": fields.pop("unit"),
+        "unit_price": format_price(Decimal(amount_minor).scaleb(-exp), exp),
+        "amount": format_minor(amount_minor, exp),
+        "amount_minor": amount_minor,
+        **fields,
+    }
+
+
+def _settle(
+    charge_lines: list[dict],
+    charges_minor: int,
+    adjustments: list[dict],
+    grants: list[_credits.Grant],
+    earlier: list[dict],
+    month: date,
+    end: date,
+    currency: str,
+    exp: int,
+) -> tuple[list[dict], dict]:
+    """The lines after the charges (adjustments, credits, carry-forward) and the invoice's summary figures."""
+    cur = currency.upper()
+    fmt = lambda m: format_minor(m, exp)  # noqa: E731
+    ln = max((l["line_number"] for l in charge_lines), default=0) + 1
+    extra: list[dict] = []
+    for a in adjustments:
+        extra.append(
+            _generated_line(ln, "adjustment", a["amount_minor"], exp, dimension=a["month"], description=a["description"], unit="adjustment",
+                            adjusts={"kind": a["kind"], "month": a["month"], "invoice_number": a["invoice_number"]}, formula=a["formula"])
+        )
+        ln += 1
+    adjustments_minor = sum(a["amount_minor"] for a in adjustments)
+    subtotal = charges_minor + adjustments_minor
+    balances = _credits.balances_before(grants, earlier)
+    draws = _credits.draw(grants, balances, subtotal, month, end)
+    due = subtotal
+    for d in draws:
+        g = d["grant"]
+        until = f"usable through {(g.expires_on - timedelta(days=1)).isoformat()}" if g.expires_on else "no expiry"
+        label = f"{g.description}; {until}" if g.description else until
+        extra.append(
+            _generated_line(
+                ln, "credit", -d["drawn_minor"], exp, dimension=g.grant_id, unit="credit", grant_id=g.grant_id,
+                description=f"Prepaid credit {g.grant_id} ({label}): {fmt(d['remaining_minor'])} {cur} remaining",
+                formula=f"min(balance {fmt(d['available_minor'])}, due {fmt(due)}) = {fmt(d['drawn_minor'])} {cur} applied; "
+                f"{fmt(d['remaining_minor'])} {cur} remains",
+            )
+        )
+        due -= d["drawn_minor"]
+        ln += 1
+    credits_used = sum(d["drawn_minor"] for d in draws)
+    carried_forward = 0
+    if due < 0:
+        carried_forward = -due
+        extra.append(
+            _generated_line(
+                ln, "carry_forward", carried_forward, exp, unit="adjustment",
+                description="negative balance carried to the next invoice as a credit (a total is never below zero)",
+                formula=f"charges and adjustments {fmt(subtotal)} {cur} < 0: {fmt(carried_forward)} {cur} carried forward, total 0",
+            )
+        )
+        due = 0
+    drawn = {d["grant"].grant_id: d["drawn_minor"] for d in draws}
+    credit_rows = []
+    for g in sorted((g for g in grants if g.usable_for(month, end)), key=lambda g: g.order):
+        available = balances.get(g.grant_id, g.amount_minor)
+        if available <= 0:
+            continue
+        used = drawn.get(g.grant_id, 0)
+        credit_rows.append(
+            {
+                "grant_id": g.grant_id,
+                "description": g.description,
+                "expires_on": g.expires_on.isoformat() if g.expires_on else None,
+                "available": fmt(available),
+                "used": fmt(used),
+                "remaining": fmt(available - used),
+                "remaining_minor": available - used,
+            }
+        )
+    summary = {
+        "charges": fmt(charges_minor),
+        "charges_minor": charges_minor,
+        "adjustments": fmt(adjustments_minor),
+        "adjustments_minor": adjustments_minor,
+        "subtotal": fmt(subtotal),
+        "subtotal_minor": subtotal,
+        "credits_used": fmt(credits_used),
+        "credits_used_minor": credits_used,
+        "credits": credit_rows,
+        "carried_forward": fmt(carried_forward),
+        "carried_forward_minor": carried_forward,
+    }
+    return extra, summary
+
+
 def build_invoices(
     lines: list[dict],
     customers: list[dict],
@@ -349,13 +553,22 @@ def build_invoices(
     manifest: dict,
     numbers: Mapping[str, str] | None = None,
     paths: Paths | None = None,
+    grants: Iterable[_credits.Grant] = (),
 ) -> list[dict]:
     """One JSON-ready invoice per customer that has lines in ``month`` (fct_invoice_lines rows), in customer_id order.
 
     Drafts are numbered ``DRAFT-YYYY-MM-<customer_id>``. Finalized invoices take their numbers from
     ``numbers`` ({customer_id: number}) when given, else from the registry under ``paths.invoices``
     (assigned there at first finalization, reused afterwards); one of the two is required then.
+
+    After the charge lines come, numbered on: ``adjustment`` lines (open adjustments of earlier
+    finalized invoices and credit balances carried from earlier invoices; needs ``paths``), then
+    ``credit`` lines drawing on ``grants`` (prepaid credits, see ``billing_dags.credits``; balances
+    from the stored invoices of earlier months under ``paths``), then, if charges plus adjustments
+    are negative, a ``carry_forward`` line bringing the total to zero. The total is the sum of the
+    lines and never below zero.
     """
+    grants = list(grants)
     month = _month_start(month)
     grace_days = _check_grace(grace_days)
     status = invoice_status(month, now, grace_days)
@@ -419,8 +632,11 @@ def build_invoices(
                 raise InvoiceError(f"{where}: currency {cur!r} is not in seeds/currencies.csv; add it there")
             exp = exponents[cur]
             line_type = r.get("line_type")
-            if line_type not in LINE_TYPES:
-                raise InvoiceError(f"{where}: line_type {line_type!r} is not one of {', '.join(LINE_TYPES)}")
+            if line_type in GENERATED_LINE_TYPES or not isinstance(line_type, str) or not SAFE_ID_RE.match(line_type):
+                raise InvoiceError(
+                    f"{where}: line_type {line_type!r} is not a charge line type (e.g. {', '.join(LINE_TYPES)}); "
+                    f"{', '.join(GENERATED_LINE_TYPES)} lines are added by the invoice builder, never by fct_invoice_lines"
+                )
             amount_minor = _minor(r.get("amount_minor"), f"{where}: amount_minor")
             out = {
                 "line_number": ln,
@@ -437,8 +653,15 @@ def build_invoices(
             out["formula"] = _formula(r, out, cur, exp)
             out_lines.append(out)
         exp = exponents[currency]
-        total_minor = sum(line["amount_minor"] for line in out_lines)
+        charges_minor = sum(line["amount_minor"] for line in out_lines)
         number = numbers[cid] if status == "finalized" else f"DRAFT-{month:%Y-%m}-{cid}"
+        stored = _credits.stored_invoices(paths.invoices, cid) if paths is not None else []
+        earlier = [d for d in stored if d["period_start"] < month.isoformat()]
+        adjustments = _open_adjustments(paths, cid, month, stored, currency, exp) if paths is not None else []
+        customer_grants = [g for g in grants if g.customer_id == cid and g.currency == currency]
+        extra, summary = _settle(out_lines, charges_minor, adjustments, customer_grants, earlier, month, end, currency, exp)
+        out_lines += extra
+        total_minor = sum(line["amount_minor"] for line in out_lines)
         invoices.append(
             {
                 "schema_version": SCHEMA_VERSION,
@@ -456,8 +679,7 @@ def build_invoices(
                 "grace_days": grace_days,
                 "finalized_on": fin_on.isoformat() if status == "finalized" else None,
                 "lines": out_lines,
-                "subtotal": format_minor(total_minor, exp),
-                "subtotal_minor": total_minor,
+                **summary,
                 "total": format_minor(total_minor, exp),
                 "total_minor": total_minor,
                 "dispute_instructions": _dispute_text(number, status, fin_on),
@@ -513,10 +735,14 @@ def invoice_manifest(paths: Paths, month: date, seeds_dir: Path | str, code_vers
         for f in sample_files(paths, day):
             raw[f.relative_to(paths.data_dir).as_posix()] = _sha256_file(f)
         day += timedelta(days=1)
+    seeds = seeds_digest(Path(seeds_dir))
+    credits_file = Path(seeds_dir) / _credits.CREDITS_FILE
+    if credits_file.exists():  # also while seeds.SPECS has no credits entry
+        seeds.setdefault(_credits.CREDITS_FILE, _sha256_file(credits_file))
     return {
         "month": f"{month:%Y-%m}",
         "raw_samples": raw,
-        "seeds": seeds_digest(Path(seeds_dir)),
+        "seeds": dict(sorted(seeds.items())),
         "code_version": code_version,
     }
 
@@ -557,8 +783,27 @@ def _render_csv(invoice: dict) -> str:
                 line["amount_minor"],
             ]
         )
+    if int(invoice.get("credits_used_minor") or 0):
+        # a summary row (not a charge): the credit lines above already hold these amounts, negated
+        w.writerow(head + ["", "credits_used", "", "", "Prepaid credits used", "", "", "", invoice["credits_used"], invoice["credits_used_minor"]])
     w.writerow(head + ["", "total", "", "", "Total due", "", "", "", invoice["total"], invoice["total_minor"]])
     return buf.getvalue()
+
+
+def _summary_rows(invoice: Mapping) -> list[tuple[str, str]]:
+    """(label, amount) rows summing up to the total due; only the rows that apply (stored invoices
+    written before credits existed have none but the total)."""
+    rows: list[tuple[str, str]] = []
+    if int(invoice.get("adjustments_minor") or 0):
+        rows.append(("Adjustments of earlier invoices", invoice["adjustments"]))
+    if int(invoice.get("credits_used_minor") or 0):
+        rows.append(("Prepaid credits used", "-" + invoice["credits_used"]))
+    if int(invoice.get("carried_forward_minor") or 0):
+        rows.append(("Credit carried to the next invoice", invoice["carried_forward"]))
+    if rows:
+        rows.insert(0, ("Charges for the period", invoice["charges"]))
+    rows.append(("Total due", invoice["total"]))
+    return rows
 
 
 def _render_table(invoice: dict) -> str:
@@ -575,6 +820,8 @@ def _render_table(invoice: dict) -> str:
         (str(l["line_number"]), l["line_type"], l["description"], l["quantity"], l["unit"], l["unit_price"], l["amount"])
         for l in invoice["lines"]
     ]
+    summary = _summary_rows(invoice)
+    rows.extend(("", "", label, "", "", "", value) for label, value in summary[:-1])
     rows.append(("", "", "Total due", "", "", "", invoice["total"]))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     right = {0, 3, 5, 6}
@@ -584,9 +831,14 @@ def _render_table(invoice: dict) -> str:
 
     out.append(fmt(header))
     out.append("  ".join("-" * w for w in widths))
-    out.extend(fmt(r) for r in rows[:-1])
+    n_sum = len(summary) - 1
+    out.extend(fmt(r) for r in rows[: len(rows) - 1 - n_sum])
     out.append("  ".join("-" * w for w in widths))
+    out.extend(fmt(r) for r in rows[len(rows) - 1 - n_sum : -1])
     out.append(fmt(rows[-1]))
+    for c in invoice.get("credits") or []:
+        out.append(f"Prepaid credit {c['grant_id']}: {c['available']} available, {c['used']} used, {c['remaining']} {cur} remaining"
+                   + (f" (expires {c['expires_on']}, exclusive)" if c.get("expires_on") else ""))
     out += ["", invoice["dispute_instructions"], ""]
     return "\n".join(out)
 
@@ -674,6 +926,33 @@ def _render_html(invoice: dict) -> str:
         f'<tr class="total"><td></td><td colspan="5">Total due</td><td class="num">{e(cur)} {e(invoice["total"])}</td></tr>',
         "</tbody>",
         "</table>",
+        "<h2>Summary</h2>",
+        '<table class="summary">',
+        "<tbody>",
+    ]
+    summary = _summary_rows(invoice)
+    for label, value in summary[:-1]:
+        parts.append(f'<tr><td>{e(label)}</td><td class="num">{e(cur)} {e(value)}</td></tr>')
+    parts += [
+        f'<tr class="total"><td>Total due</td><td class="num">{e(cur)} {e(invoice["total"])}</td></tr>',
+        "</tbody>",
+        "</table>",
+    ]
+    if invoice.get("credits"):
+        parts += [
+            "<h2>Prepaid credits</h2>",
+            "<table>",
+            "<thead><tr><th>Grant</th><th>Description</th><th>Expires (exclusive)</th>"
+            f'<th class="num">Available ({e(cur)})</th><th class="num">Used ({e(cur)})</th><th class="num">Remaining ({e(cur)})</th></tr></thead>',
+            "<tbody>",
+        ]
+        for c in invoice["credits"]:
+            parts.append(
+                f"<tr><td>{e(c['grant_id'])}</td><td>{e(c['description'])}</td><td>{e(c['expires_on'] or 'never')}</td>"
+                f'<td class="num">{e(c["available"])}</td><td class="num">{e(c["used"])}</td><td class="num">{e(c["remaining"])}</td></tr>'
+            )
+        parts += ["</tbody>", "</table>"]
+    parts += [
         f'<div class="dispute"><strong>Disputes.</strong> {e(invoice["dispute_instructions"])}</div>',
     ]
     manifest = invoice.get("manifest") or {}
@@ -729,8 +1008,19 @@ def read_invoice(paths: Paths, month: date | str, customer_id: str) -> dict | No
         raise InvoiceError(f"{path}: stored invoice is unreadable ({e}); restore it from backup (a finalized invoice is never regenerated)") from None
 
 
+def _charge_lines(invoice: Mapping) -> list[Mapping]:
+    return [l for l in invoice["lines"] if l["line_type"] not in GENERATED_LINE_TYPES]
+
+
+def charges_minor(invoice: Mapping) -> int:
+    """The period's own charges: the sum of the lines from fct_invoice_lines (before adjustments and credits)."""
+    return sum(int(l["amount_minor"]) for l in _charge_lines(invoice))
+
+
 def _figures(invoice: Mapping) -> tuple:
-    """What money depends on; two invoices with equal figures bill the same."""
+    """What the period's charges depend on; two invoices with equal figures charge the same. Adjustment,
+    credit and carry-forward lines are left out: they settle other months and the prepaid ledger, and a
+    finalized invoice's draws stand as stored."""
     lines = tuple(
         (
             l["line_type"],
@@ -741,9 +1031,22 @@ def _figures(invoice: Mapping) -> tuple:
             Decimal(l["unit_price"]),
             int(l["amount_minor"]),
         )
-        for l in sorted(invoice["lines"], key=lambda l: int(l["line_number"]))
+        for l in sorted(_charge_lines(invoice), key=lambda l: int(l["line_number"]))
     )
-    return (invoice["currency"], invoice.get("plan_id"), invoice.get("plan_version"), int(invoice["total_minor"]), lines)
+    return (invoice["currency"], invoice.get("plan_id"), invoice.get("plan_version"), charges_minor(invoice), lines)
+
+
+def _carried_elsewhere(paths: Paths, cid: str, source_month: str) -> int:
+    """What finalized invoices of ``cid`` already carried as adjustments of ``source_month``'s recomputation."""
+    total = 0
+    for d in _credits.stored_invoices(paths.invoices, cid):
+        if d.get("status") != "finalized" or d["period_start"][:7] == source_month:
+            continue
+        for line in d["lines"]:
+            src = line.get("adjusts")
+            if line.get("line_type") == "adjustment" and isinstance(src, dict) and src.get("kind") == "recompute" and src.get("month") == source_month:
+                total += int(line["amount_minor"])
+    return total
 
 
 def _write_if_changed(path: Path, data: bytes, written: list[str], unchanged: list[str]) -> None:
@@ -778,8 +1081,13 @@ def write_invoice_files(paths: Paths, invoices: list[dict]) -> dict:
         stored = read_invoice(paths, month_key, cid)
         if stored is not None and stored.get("status") == "finalized":
             effective = stored
-            if _figures(stored) != _figures(inv):
-                changed_after.append(cid)
+            differs = _figures(stored) != _figures(inv)
+            if differs or (pending_path.exists() and _carried_elsewhere(paths, cid, month_key)):
+                # a recomputation that later returns to the finalized figures keeps its file while some of it
+                # was already carried, so that the reversal is carried too
+                if differs:
+                    changed_after.append(cid)
+                fin_charges, rec_charges = charges_minor(stored), charges_minor(inv)
                 adjustment = {
                     "schema_version": SCHEMA_VERSION,
                     "status": "pending",
@@ -791,9 +1099,13 @@ def write_invoice_files(paths: Paths, invoices: list[dict]) -> dict:
                     "finalized_invoice_number": stored["invoice_number"],
                     "finalized_total_minor": int(stored["total_minor"]),
                     "recomputed_total_minor": int(inv["total_minor"]),
-                    "delta_minor": int(inv["total_minor"]) - int(stored["total_minor"]),
-                    "delta": format_minor(int(inv["total_minor"]) - int(stored["total_minor"]), int(stored["minor_unit_exponent"])),
-                    "recomputed_lines": inv["lines"],
+                    # charges: the period's own lines, before adjustments and credits; the delta is what an
+                    # adjustment line on the customer's next invoice carries (less what was already carried)
+                    "finalized_charges_minor": fin_charges,
+                    "recomputed_charges_minor": rec_charges,
+                    "delta_minor": rec_charges - fin_charges,
+                    "delta": format_minor(rec_charges - fin_charges, int(stored["minor_unit_exponent"])),
+                    "recomputed_lines": _charge_lines(inv),
                     "recomputed_manifest": inv.get("manifest"),
                 }
                 _write_if_changed(pending_path, _json_bytes(adjustment), written, unchanged)

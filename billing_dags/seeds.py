@@ -284,6 +284,20 @@ SPECS: dict[str, SeedSpec] = {
             ("plan_id", "version", "meter_id", "dimension", "tier"),
         ),
         SeedSpec(
+            "credits",
+            "credits.csv",
+            (
+                Column("grant_id", pa.string(), _safe_id),
+                Column("customer_id", pa.string(), _safe_id),
+                Column("currency", pa.string(), _iso_currency),
+                Column("amount", DEC, _non_negative_decimal),
+                Column("granted_on", pa.date32(), _date),
+                Column("expires_on", pa.date32(), _optional(_date)),
+                Column("description", pa.string(), _text),
+            ),
+            ("grant_id",),
+        ),
+        SeedSpec(
             "anomaly_rules",
             "anomaly_rules.csv",
             (
@@ -413,6 +427,9 @@ def _check_references(seeds_dir: Path, t: dict[str, pa.Table]) -> None:
         if c["label_value"] in labels:
             raise fail("customers", c, f"label_value {c['label_value']!r} already identifies the customer on line {labels[c['label_value']]['seed_line']}; each series must map to one customer")
         labels[c["label_value"]] = c
+    from .credits import validate_grants  # prepaid credits: amounts, customers, currencies, expiry
+
+    validate_grants(_rows(t["credits"]), customers.values(), _rows(t["currencies"]), source=seeds_dir / SPECS["credits"].file)
     periods: dict[str, list[dict]] = {}
     for sub in _rows(t["subscriptions"]):
         if sub["customer_id"] not in customers:

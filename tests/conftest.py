@@ -42,12 +42,15 @@ def small_seeds(tmp_path, monkeypatch) -> Path:
         w.writeheader()
         w.writerows(picked)
     keep = {row["customer_id"] for row in picked}
-    with (SEEDS / "subscriptions.csv").open(newline="") as f:
-        subs = list(csv.DictReader(f))
-    with (d / "subscriptions.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(subs[0]))
-        w.writeheader()
-        w.writerows(s for s in subs if s["customer_id"] in keep)
+    for name in ("subscriptions.csv", "credits.csv"):
+        with (SEEDS / name).open(newline="") as f:
+            reader = csv.DictReader(f)
+            kept = [r for r in reader if r["customer_id"] in keep]
+            fields = reader.fieldnames
+        with (d / name).open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(kept)
     monkeypatch.setenv("BILLING_SEEDS_DIR", str(d))
     return d
 

@@ -159,9 +159,13 @@ def test_total_equals_sum_of_lines_property(amounts):
     total = 0
     for a in amounts:
         total += a
-    assert invoice["total_minor"] == total
-    assert Decimal(invoice["total"]) == Decimal(total) / 100
+    assert invoice["charges_minor"] == total
+    # never below zero: a negative balance is carried forward by a line of its own
+    assert invoice["total_minor"] == max(total, 0)
+    assert invoice["carried_forward_minor"] == max(-total, 0)
+    assert Decimal(invoice["total"]) == Decimal(max(total, 0)) / 100
     assert sum(Decimal(l["amount"]) for l in invoice["lines"]) == Decimal(invoice["total"])
+    assert sum(l["amount_minor"] for l in invoice["lines"]) == invoice["total_minor"]
 
 
 def test_amount_strings_usd_two_digits_jpy_none():

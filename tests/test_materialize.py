@@ -59,14 +59,19 @@ def month_run(tmp_path_factory):
     hybrid = next(s["customer_id"] for s in subs if s["plan_id"] == "proxy_hybrid")
     picked[0] = next(r for r in rows if r["customer_id"] == hybrid)
     keep = {r["customer_id"] for r in picked}
-    for name, table in (("customers.csv", picked), ("subscriptions.csv", [s for s in subs if s["customer_id"] in keep])):
+    grants = list(csv.DictReader((PROJECT_ROOT / "seeds" / "credits.csv").open()))
+    for name, table, fields in (
+        ("customers.csv", picked, list(rows[0])),
+        ("subscriptions.csv", [s for s in subs if s["customer_id"] in keep], list(subs[0])),
+        ("credits.csv", [g for g in grants if g["customer_id"] in keep], list(grants[0])),
+    ):
         with (seeds / name).open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(table[0]))
+            w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             w.writerows(table)
     paths = resolve_paths(root / "data", seeds)
     instance = dg.DagsterInstance.ephemeral()
-    _materialize(paths, instance, [k for a in ASSETS if a.partitions_def is None for k in a.keys])
+    _materialize(paths, instance, [k for a in ASSETS if a.partitions_def is None for k in a.keys if k.to_user_string() != "raw_retention"])
     for day in DAYS:
         _materialize(paths, instance, _keys(billing_daily), partition_key=day.isoformat())
     result = _materialize(paths, instance, _keys(billing_monthly), partition_key=MONTH.isoformat())
@@ -210,3 +215,21 @@ def test_dispute_ties_raw_evidence_to_the_bill_and_exports_a_pack(month_run, tmp
         build_dispute(paths, "mp-003", MONTH, meter_id="nope")
     with pytest.raises(DisputeError, match="--by 'week'"):
         build_dispute(paths, "mp-003", MONTH, by="week")
+
+
+def test_daily_summary_report_totals_match_the_usage_partition(month_run, capsys):
+    from billing_dags.cli import main
+
+    paths, _, _ = month_run
+    day = DAYS[12]
+    md = (paths.data_dir / "reports" / "daily" / f"{day}.md").read_text()
+    usage = pq.read_table(paths.models / "fct_usage_by_day" / f"day={day}" / "data.parquet", partitioning=None).to_pylist()
+    byte_meters = {"proxy_bytes", "iot_mqtt_bytes", "iot_http_bytes", "testbed_network", "k8s_network"}
+    expected = sum(r["usage"] for r in usage if r["meter_id"] in byte_meters)
+    assert f"- Bytes transferred: {expected.normalize():,f}" in md
+    assert "## Top 10 customers by bytes" in md and "## Anomalies" in md
+    where = ["--data-dir", str(paths.data_dir), "--seeds-dir", str(paths.seeds_dir)]
+    assert main([*where, "report", "daily", "--date", str(day)]) == 0
+    assert capsys.readouterr().out == md
+    assert main([*where, "report", "daily", "--date", "2026-02-30"]) == 2
+    assert "--date '2026-02-30' is not YYYY-MM-DD" in capsys.readouterr().err

@@ -10,7 +10,6 @@ def _keys(assets: list[dg.AssetsDefinition], partitions_def) -> list[dg.AssetKey
 
 
 def build_jobs(assets: list[dg.AssetsDefinition]) -> dict:
-    unpartitioned = [key for a in assets if a.partitions_def is None for key in a.keys]
     return {
         "daily_usage": dg.define_asset_job(
             "daily_usage",
@@ -26,7 +25,7 @@ def build_jobs(assets: list[dg.AssetsDefinition]) -> dict:
         ),
         "refresh_seeds_and_views": dg.define_asset_job(
             "refresh_seeds_and_views",
-            selection=dg.AssetSelection.assets(*unpartitioned),
+            selection=dg.AssetSelection.groups("seeds") | dg.AssetSelection.assets("warehouse_views"),
             description="Validate and snapshot the seeds, and rebuild the warehouse views.",
         ),
     }

@@ -114,7 +114,7 @@ discount_lines as (
         null::varchar as meter_id,
         '' as dimension,
         fmt_decimal(discount_percent) || '% discount on base fee and usage' as description,
-        -discount_percent as quantity,
+        discount_percent as quantity,
         'percent' as unit,
         from_nano(subtotal_minor * 1000000000 // minor_per_major) as unit_price,
         null::decimal(38, 9) as included_quantity,

@@ -21,18 +21,13 @@ def raw_samples(
     prometheus: PrometheusResource,
     simulation: SimulationResource,
 ) -> dg.MaterializeResult:
-    """Raw samples of one UTC day (series_id, ts, value) and the series they belong to."""
+    """Raw samples of one UTC day (series_id, ts, value) and their series: pulled from PROMETHEUS_URL, else simulated."""
     from billing_dags import simulate
 
     window = window_of(context)
     paths = warehouse.paths()
     if prometheus.enabled:
-        raise dg.Failure(
-            description=(
-                f"PROMETHEUS_URL is set ({prometheus.url}) but pulling from Prometheus is not built yet "
-                "(issue 3); unset PROMETHEUS_URL to use simulated usage"
-            )
-        )
+        return _pull_from_prometheus(context, paths, window.start, prometheus)
     t0 = time.perf_counter()
     customers = read_seed(paths.seeds_dir, "customers")
     figures = simulate.write_simulated_day(
@@ -54,3 +49,34 @@ def raw_samples(
             "path": dg.MetadataValue.path(figures["path"]),
         }
     )
+
+
+def _pull_from_prometheus(context: dg.AssetExecutionContext, paths, day, prometheus: PrometheusResource) -> dg.MaterializeResult:
+    """Exact raw samples of ``day`` for every meter of seeds/meters.csv (billing_dags.prometheus)."""
+    from billing_dags import prometheus as prom
+    from billing_dags.seeds import SeedError
+
+    try:
+        meters, label_values = prom.meters_and_label_values(paths.seeds_dir)
+        with prometheus.client() as client:
+            report = prom.ingest_day(client, paths, day, meters, label_values, prometheus.options(), log=context.log.info)
+    except (prom.PrometheusError, SeedError) as e:
+        raise dg.Failure(description=f"raw_samples {day}: {e}; nothing was written for this day") from None
+    if report.unmatched_series:
+        context.log.warning(
+            f"{report.unmatched_series} series of {day} match no customer in customers.csv (billed to nobody): "
+            + ", ".join(report.unmatched_examples)
+        )
+    if not report.previous_day_ingested:
+        context.log.warning(
+            f"{day}: the previous day has no raw partition; recorded {report.edge_samples} last samples before the day "
+            f"in {', '.join(report.edge_days) or 'no day'} (part-{prom.EDGE_SOURCE}); ingest those days in full before billing them"
+        )
+    meta = report.metadata()
+    meta["bytes_per_sample"] = round(report.bytes / max(report.samples, 1), 2)
+    meta["path"] = dg.MetadataValue.path(report.path)
+    meta["server"] = prom.redact_url(prometheus.url or "")
+    meta["unmatched_examples"] = dg.MetadataValue.json(report.unmatched_examples)
+    meta["warnings"] = dg.MetadataValue.json(report.warnings)
+    meta["edge_days"] = dg.MetadataValue.json(report.edge_days)
+    return dg.MaterializeResult(metadata=meta)

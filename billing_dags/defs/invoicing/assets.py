@@ -5,7 +5,9 @@ from datetime import datetime, timezone
 import dagster as dg
 import pyarrow.parquet as pq
 
+from billing_dags import credits as cr
 from billing_dags import invoices as inv
+from billing_dags.seeds import SPECS, SeedError
 from billing_dags.defs.shared.partitions import billing_monthly, window_of
 from billing_dags.defs.shared.resources import WarehouseResource
 from billing_dags.settings import DEFAULT_GRACE_DAYS
@@ -33,16 +35,22 @@ def invoice_now(config: InvoiceConfig) -> datetime:
     group_name="billing",
     kinds={"json", "html", "csv"},
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
-    deps=["fct_invoice_lines", "seed_customers", "seed_plans", "seed_currencies"],
+    # seeds/credits.csv is read at invoicing time (validated against the customer and currency snapshots);
+    # it is a dependency too once seeds.SPECS has a "credits" entry (then seed_credits is an asset)
+    deps=["fct_invoice_lines", "seed_customers", "seed_plans", "seed_currencies", *(["seed_credits"] if "credits" in SPECS else [])],
     check_specs=[dg.AssetCheckSpec("total_equals_sum_of_lines", asset="invoices", blocking=True)],
 )
 def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse: WarehouseResource):
-    """Invoice files per customer and month (JSON, CSV, HTML) under data/invoices/YYYY-MM/."""
+    """Invoice files per customer and month (JSON, CSV, HTML) under data/invoices/YYYY-MM/, with adjustments, prepaid credits and the credits ledger."""
     paths = warehouse.paths()
     window = window_of(context)
     lines_model = load_project().models["fct_invoice_lines"]
     lines = pq.read_table(partition_file(paths, lines_model, window)).to_pylist()
     seeds = {n: pq.read_table(seed_snapshot_path(paths, n)).to_pylist() for n in ("customers", "plans", "currencies")}
+    try:
+        grants = cr.load_grants(paths.seeds_dir, seeds["customers"], seeds["currencies"])
+    except SeedError as e:
+        raise dg.Failure(str(e)) from None
     manifest = inv.invoice_manifest(paths, window.start, paths.seeds_dir, inv.code_version())
     docs = inv.build_invoices(
         lines,
@@ -54,13 +62,22 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
         grace_days=config.grace_days,
         manifest=manifest,
         paths=paths,
+        grants=grants,
     )
     figures = inv.write_invoice_files(paths, docs)
-    # the check recomputes each total from the lines table, independently of the invoice builder
+    ledger = cr.write_ledger(paths, grants, {c["currency"]: int(c["minor_unit_exponent"]) for c in seeds["currencies"]})
+    # the check recomputes each invoice's charges from the lines table, independently of the invoice builder,
+    # and checks that the total due is the sum of all lines (charges, adjustments, credits) and never negative
     by_customer: dict[str, int] = {}
     for line in lines:
         by_customer[line["customer_id"]] = by_customer.get(line["customer_id"], 0) + int(line["amount_minor"])
-    wrong = [d["customer_id"] for d in docs if d["total_minor"] != by_customer.get(d["customer_id"], 0) or d["total_minor"] != sum(l["amount_minor"] for l in d["lines"])]
+    wrong = [
+        d["customer_id"]
+        for d in docs
+        if d["charges_minor"] != by_customer.get(d["customer_id"], 0)
+        or d["total_minor"] != sum(l["amount_minor"] for l in d["lines"])
+        or d["total_minor"] < 0
+    ]
     missing = sorted(set(by_customer) - {d["customer_id"] for d in docs})
     return dg.MaterializeResult(
         metadata={
@@ -68,6 +85,10 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
             "by_status": dg.MetadataValue.json(figures.get("by_status", {})),
             "totals_by_currency": dg.MetadataValue.json(figures.get("totals_by_currency", {})),
             "changed_after_finalization": dg.MetadataValue.json(figures.get("changed_after_finalization", [])),
+            "credits_used_by_currency": dg.MetadataValue.json(_credits_used(docs)),
+            "credit_grants": ledger["grants"],
+            "overdrawn_grants": dg.MetadataValue.json(ledger["overdrawn"]),
+            "credits_ledger": dg.MetadataValue.path(ledger["path"]),
             "folder": dg.MetadataValue.path(str(paths.invoices / window.start.strftime("%Y-%m"))),
         },
         check_results=[
@@ -78,3 +99,12 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
             )
         ],
     )
+
+
+def _credits_used(docs: list[dict]) -> dict[str, str]:
+    used: dict[str, int] = {}
+    exps: dict[str, int] = {}
+    for d in docs:
+        used[d["currency"]] = used.get(d["currency"], 0) + int(d["credits_used_minor"])
+        exps[d["currency"]] = int(d["minor_unit_exponent"])
+    return {c: inv.format_minor(used[c], exps[c]) for c in sorted(used)}

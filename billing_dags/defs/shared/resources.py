@@ -27,14 +27,67 @@ class SimulationResource(dg.ConfigurableResource):
 
 
 class PrometheusResource(dg.ConfigurableResource):
-    """A Prometheus server to pull raw samples from (PROMETHEUS_URL); unset means simulated usage."""
+    """A Prometheus server to pull raw samples from (PROMETHEUS_URL); unset means simulated usage.
+
+    Mimir/Cortex/Thanos: point ``url`` at the Prometheus-compatible API root (e.g.
+    ``https://mimir.example/prometheus``) and set ``tenant`` (sent as X-Scope-OrgID). Secrets come
+    from environment variables (EnvVar) so they never show in the UI or in run config.
+    """
 
     url: Optional[str] = None
-    timeout_s: float = 30.0
+    timeout_s: float = 60.0
+    connect_timeout_s: float = 5.0
+    max_retries: int = 4
+    backoff_s: float = 0.5
+    bearer_token: Optional[str] = None
+    username: Optional[str] = None
+    password: Optional[str] = None
+    tenant: Optional[str] = None
+    #: extra HTTP headers: a JSON object or "Name: value; Name2: value"
+    headers: Optional[str] = None
+    verify_tls: bool = True
+    ca_bundle: Optional[str] = None
+    #: "exact" (raw samples, the default) or "range" (query_range at step_s)
+    mode: str = "exact"
+    chunk_s: int = 3600
+    customers_per_query: int = 20
+    step_s: int = 60
+    #: matchers added to every selector, e.g. job="billing" or cluster="prod"
+    extra_matchers: Optional[str] = None
+    fail_on_warnings: bool = True
 
     @property
     def enabled(self) -> bool:
         return bool(self.url)
+
+    def client(self):
+        from billing_dags.prometheus import PrometheusClient, parse_headers
+
+        return PrometheusClient(
+            self.url or "",
+            timeout_s=self.timeout_s,
+            connect_timeout_s=self.connect_timeout_s,
+            max_retries=self.max_retries,
+            backoff_s=self.backoff_s,
+            bearer_token=self.bearer_token or None,
+            username=self.username or None,
+            password=self.password or None,
+            tenant=self.tenant or None,
+            headers=parse_headers(self.headers),
+            verify_tls=(self.ca_bundle or True) if self.verify_tls else False,
+            fail_on_warnings=self.fail_on_warnings,
+        )
+
+    def options(self):
+        from billing_dags.prometheus import IngestOptions
+
+        return IngestOptions(
+            mode=self.mode,
+            chunk_s=self.chunk_s,
+            customers_per_query=self.customers_per_query,
+            step_s=self.step_s,
+            extra_matchers=self.extra_matchers or "",
+        )
 
 
 class StripeResource(dg.ConfigurableResource):
@@ -60,6 +113,18 @@ def build_resources() -> dict:
     return {
         "warehouse": WarehouseResource(data_dir=_env("BILLING_DATA_DIR"), seeds_dir=_env("BILLING_SEEDS_DIR")),
         "simulation": SimulationResource(),
-        "prometheus": PrometheusResource(url=_env("PROMETHEUS_URL")),
+        "prometheus": PrometheusResource(
+            url=_env("PROMETHEUS_URL"),
+            bearer_token=_env("PROMETHEUS_BEARER_TOKEN"),
+            username=_env("PROMETHEUS_USERNAME"),
+            password=_env("PROMETHEUS_PASSWORD"),
+            tenant=_env("PROMETHEUS_TENANT"),
+            headers=_env("PROMETHEUS_HEADERS"),
+            ca_bundle=_env("PROMETHEUS_CA_BUNDLE"),
+            extra_matchers=_env("PROMETHEUS_EXTRA_MATCHERS"),
+            # read when the code location loads, never at import time
+            verify_tls=os.environ.get("PROMETHEUS_TLS_VERIFY", "true").strip().lower() not in ("0", "false", "no", "off"),
+            mode=os.environ.get("PROMETHEUS_MODE", "exact").strip() or "exact",
+        ),
         "stripe": StripeResource(api_key=_env("STRIPE_API_KEY"), api_base=_env("STRIPE_API_BASE")),
     }

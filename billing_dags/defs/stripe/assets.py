@@ -50,12 +50,25 @@ def stripe_meter_events(context: dg.AssetExecutionContext, warehouse: WarehouseR
     """Sends the day's pending outbox events to Stripe (dry-run without STRIPE_API_KEY) and records acks."""
     paths = warehouse.paths()
     window = window_of(context)
-    client = stripe.client()
-    rows = ob.send_outbox(ob.read_outbox(paths, window.start), client, now=datetime.now(timezone.utc))
+    sender = ob.Sender(stripe.client(), now=datetime.now(timezone.utc), log=context.log.warning)
+    rows = sender.send(ob.read_outbox(paths, window.start))
     path = ob.write_outbox(paths, window.start, rows)
     counts = _counts(rows)
-    if counts.get("failed"):
-        context.log.warning(f"{counts['failed']} meter events failed; they are retried on the next run")
+    if sender.stats["failed"]:
+        context.log.warning(f"{sender.stats['failed']} meter events failed; they are retried on the next run (see last_error in {path})")
+    if sender.stats["too_old"]:
+        context.log.warning(f"{sender.stats['too_old']} meter events are older than Stripe accepts (35 days) and were not sent")
     return dg.MaterializeResult(
-        metadata={"mode": "live" if client else "dry_run", "by_status": dg.MetadataValue.json(counts), "path": dg.MetadataValue.path(str(path))}
+        metadata={
+            "mode": sender.mode,
+            "events": len(rows),
+            "by_status": dg.MetadataValue.json(counts),
+            "sent_now": sender.stats["sent"],
+            "failed_now": sender.stats["failed"],
+            "rate_limit_retries": sender.stats["retried"],
+            "flagged_too_old": counts.get("too_old", 0),
+            "flagged_future": counts.get("future", 0),
+            "stopped_early": sender.aborted,
+            "path": dg.MetadataValue.path(str(path)),
+        }
     )

@@ -1,0 +1,90 @@
+"""One benchmark step in its own process: `python -m benchmarks.steps STEP DATA_DIR [--repeat N]`.
+
+Prints one JSON line: best wall seconds over the repeats, the process's peak RSS (so steps do not
+share a peak), and step-specific figures. Run by `python -m benchmarks`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from datetime import timedelta
+
+from billing_dags import raw
+from billing_dags.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.sqlmodels import Window, connect, load_project, partition_file, prepare, query, run_model
+
+from .workload import DAY
+
+WINDOW = Window(DAY, DAY + timedelta(days=1))
+
+
+def _scan(files: list[str], sql: str):
+    def run():
+        con = connect()
+        con.execute("set enable_progress_bar = false")
+        con.execute(sql.replace("$f", "read_parquet($f)"), {"f": files}).fetchall()
+        con.close()
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("step", choices=["scan1", "scan3", "fast", "fast_edges", "sql"])
+    ap.add_argument("data_dir")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    paths = resolve_paths(args.data_dir, PROJECT_ROOT / "seeds")
+    files = [str(f) for f in raw.sample_files(paths, DAY)]
+    project = load_project()
+    extra: dict = {}
+    if args.step == "scan1":
+        fn = _scan(files, "select sum(value) from $f")
+    elif args.step == "scan3":
+        fn = _scan(files, "select sum(series_id), sum(ts), sum(value) from $f")
+    elif args.step in ("fast", "fast_edges"):
+        def fn():
+            r = run_model(paths, "fct_series_edges_by_day", WINDOW, project=project)
+            extra["edges_rows"] = r.rows
+            extra["edges_s"] = min(extra.get("edges_s", 1e9), r.seconds)
+            if args.step == "fast":
+                u = run_model(paths, "fct_usage_by_day", WINDOW, project=project)
+                extra["usage_rows"] = u.rows
+                extra["usage_s"] = min(extra.get("usage_s", 1e9), u.seconds)
+    else:  # the SQL reference: computed in memory (the fast step's partition file is left alone)
+        model = project.models["fct_series_edges_by_day"]
+
+        def fn():
+            con = connect()
+            try:
+                prepare(con, project, model.name, paths, WINDOW)
+                extra["table"] = query(con, model, WINDOW)
+            finally:
+                con.close()
+    best = float("inf")
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    out = {"step": args.step, "seconds": best, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if args.step == "sql":
+        import pyarrow.parquet as pq
+
+        sql = extra.pop("table").sort_by([("day", "ascending"), ("series_id", "ascending")])
+        fast_file = partition_file(paths, project.models["fct_series_edges_by_day"], WINDOW)
+        fast = pq.read_table(fast_file)
+        same = fast.num_rows == sql.num_rows and all(fast[c].equals(sql[c]) for c in sql.column_names)
+        same = same and [f.type for f in fast.schema] == [f.type for f in sql.schema]
+        out["equal_to_fast_path"] = bool(same)
+        out["rows"] = sql.num_rows
+        out["total_in_day_increase"] = str(sum(x for x in sql["in_day_increase"].to_pylist()))
+    out.update(extra)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

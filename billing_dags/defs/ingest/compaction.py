@@ -1,0 +1,124 @@
+"""Remote-write compaction: landing segments -> raw day partitions, and the sensor that runs it."""
+
+import json
+from datetime import date, datetime, timedelta, timezone
+
+import dagster as dg
+
+from billing_dags.defs.shared.partitions import PARTITIONS_START, billing_daily, window_of
+from billing_dags.defs.shared.resources import WarehouseResource
+
+
+@dg.asset(
+    partitions_def=billing_daily,
+    group_name="ingest",
+    kinds={"prometheus", "parquet"},
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    metadata={"source": "remote_write", "landing": "data/landing/seg-*.seg"},
+)
+def remote_write_samples(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+    """Remote-write landing segments of one UTC day merged into its raw partition, deduplicated on (series, ts)."""
+    from billing_dags.compaction import compact
+
+    paths = warehouse.paths()
+    window = window_of(context)
+    days = []
+    d = window.start
+    while d < window.end:
+        days.append(d.isoformat())
+        d += timedelta(days=1)
+    result = compact(paths, days=days)
+    per_day = result["days"]
+    for r in result["recovered_segments"]:
+        context.log.warning(f"sealed landing segment {r} left open by a stopped receiver (torn tail dropped)")
+    for r in per_day:
+        context.log.info(
+            f"{r['day']}: {r['landing_samples']} landing samples from {r['segments']} segments, "
+            f"{r['new_samples']} new, {r['duplicates']} duplicates, {r['samples']} in the partition"
+        )
+        if r.get("unknown_customer"):
+            context.log.warning(
+                f"{r['day']}: {r['unknown_customer']} samples name no customer in the seeds "
+                f"(customer label values: {', '.join(map(str, r['unknown_customers']))}); add them to seeds/customers.csv"
+            )
+    total = lambda key: sum(r.get(key, 0) for r in per_day)  # noqa: E731
+    metadata = {
+        "landing_segments": total("segments"),
+        "landing_samples": total("landing_samples"),
+        "new_samples": total("new_samples"),
+        "duplicates_dropped": total("duplicates"),
+        "samples_in_partition": total("samples"),
+        "series": total("series"),
+        "staleness_markers": total("stale"),
+        "nonfinite_samples": total("nonfinite"),
+        "unknown_customer_samples": total("unknown_customer"),
+        "segments_removed": total("segments_removed"),
+        "rewritten": any(r["written"] for r in per_day),
+        "seconds": result["seconds"],
+    }
+    paths_written = [r["path"] for r in per_day if r.get("path")]
+    if paths_written:
+        metadata["path"] = dg.MetadataValue.path(paths_written[0])
+    unknown = {k: v for r in per_day for k, v in r.get("unknown_customers", {}).items()}
+    if unknown:
+        metadata["unknown_customers"] = dg.MetadataValue.json(unknown)
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def partition_days(today: date | None = None) -> tuple[date, date]:
+    """The first and last day that are billing_daily partitions (today is one once it has ended)."""
+    today = today or datetime.now(timezone.utc).date()
+    return date.fromisoformat(PARTITIONS_START), today - timedelta(days=1)
+
+
+def landing_run_requests(paths, today: date | None = None) -> tuple[list[dg.RunRequest], list[str]]:
+    """One run request per partition day with landing samples not yet compacted; and days waiting."""
+    from billing_dags.compaction import pending_days
+
+    first, last = partition_days(today)
+    requests, waiting = [], []
+    for day, entry in pending_days(paths).items():
+        d = date.fromisoformat(day)
+        if not first <= d <= last:
+            waiting.append(day)
+            continue
+        segments = sorted(entry["segments"])
+        figures = entry["figures"]
+        requests.append(
+            dg.RunRequest(
+                # a new segment for the same day makes a new key; the same pending set never runs twice
+                run_key=f"remote-write-{day}-{segments[-1]}-{len(segments)}",
+                partition_key=day,
+                tags={
+                    "billing/reason": "remote-write landing data",
+                    "billing/landing_segments": str(len(segments)),
+                    "billing/landing_samples": str(figures.get("samples", 0)),
+                    "billing/newest_segment": segments[-1],
+                },
+            )
+        )
+    return requests, waiting
+
+
+def remote_write_landing_sensor() -> dg.SensorDefinition:
+    @dg.sensor(
+        asset_selection=[remote_write_samples],
+        minimum_interval_seconds=60,
+        name="remote_write_landing_sensor",
+        description=(
+            "Compacts remote-write landing segments: requests remote_write_samples for exactly the UTC days "
+            "the new sealed segments hold (late_raw_data_sensor then reruns usage for those days)."
+        ),
+        default_status=dg.DefaultSensorStatus.STOPPED,
+    )
+    def _sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource):
+        requests, waiting = landing_run_requests(warehouse.paths())
+        context.update_cursor(json.dumps({"requested": [r.partition_key for r in requests], "waiting": waiting}))
+        if not requests:
+            why = "no sealed landing segment waits for compaction"
+            if waiting:
+                why = f"landing data only for days that are not partitions yet (today) or before {PARTITIONS_START}: {', '.join(waiting)}"
+            return dg.SkipReason(why)
+        return requests
+
+    return _sensor

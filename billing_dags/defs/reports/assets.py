@@ -1,0 +1,30 @@
+"""The daily summary report (Markdown + HTML) for each UTC day."""
+
+import dagster as dg
+
+from billing_dags.defs.shared.partitions import billing_daily, window_of
+from billing_dags.defs.shared.resources import WarehouseResource
+from billing_dags.reports import build_daily_summary, write_daily_summary
+
+
+@dg.asset(
+    partitions_def=billing_daily,
+    group_name="reports",
+    kinds={"html", "markdown"},
+    deps=["fct_usage_by_day", "fct_anomaly_flags", "seed_meters"],
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+)
+def daily_summary(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+    """Daily summary: active customers, bytes, shares accepted/rejected, top 10 by bytes, anomalies."""
+    paths = warehouse.paths()
+    summary = build_daily_summary(paths, window_of(context).start)
+    written = write_daily_summary(paths, summary)
+    return dg.MaterializeResult(
+        metadata={
+            "active_customers": summary.active_customers,
+            "bytes_total": str(summary.bytes_total),
+            "anomalies": len(summary.flags),
+            "markdown": dg.MetadataValue.path(str(written[0])),
+            "html": dg.MetadataValue.path(str(written[1])),
+        }
+    )

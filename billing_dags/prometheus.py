@@ -1,0 +1,908 @@
+"""Pulling raw samples from Prometheus (or Mimir, Cortex, Thanos) into the raw layout.
+
+No Dagster here: the ``raw_samples`` asset calls :func:`ingest_day`, tests and the benchmark call
+the same functions.
+
+Exact mode (the default, DESIGN rules 1-3). The raw samples of a day are read with instant
+queries of a range selector, ``{__name__="m", label=~"batch"}[<chunk>ms]`` evaluated at the
+chunk's end minus 1 ms. Prometheus 2.x includes both ends of a range, 3.x excludes the start;
+evaluating at ``end - 1 ms`` over ``end - start`` ms returns ``[start - 1 ms, end - 1 ms]`` (2.x)
+or ``[start, end - 1 ms]`` (3.x), i.e. every sample of ``[start, end)`` on both. Samples
+outside ``[start, end)`` are dropped and duplicates of (series, timestamp) removed, so a sample
+at exactly midnight belongs to the next day, never to both. Requests are split by time
+(``chunk_s``, default 1 h) and by series (``customers_per_query`` customers of a meter's
+customer label per request, plus one request for the series whose label matches no customer), so
+no response is huge.
+
+Range mode (``mode="range"``): ``/api/v1/query_range`` at ``step_s``, split so that no request
+asks for more than 11,000 points per series. For backends without raw access (downsampled
+Thanos) or expression meters; a counter billed from range mode misses what happens between steps.
+
+Customer label values come from seeds and are escaped (:func:`promql_string`,
+:func:`regex_quote`) before they go into PromQL. Series whose customer label matches no seeded
+customer are still written (a corrected customer mapping re-bills without re-ingesting; the
+models bill them to nobody) and are counted and reported.
+
+Previous-day edge (rule 3). The usage of day D needs each series' last sample before D. It
+normally comes from day D-1's own partition. When D-1 has no full partition, the ingest also
+walks back through the days that have none (at most ``edge_lookback_days``) and records each
+series' last sample before D in ``part-prometheus-edge.parquet`` of the day that sample belongs
+to. Those are genuine Prometheus samples: when that day is later ingested in full, its full
+partition contains them too, the edge file is removed, and the models deduplicate
+(series, timestamp) in any case, so nothing is counted twice. A day holding only an edge file is
+not a billable day: ingest it in full before billing its month.
+
+Errors (rule 11): an unreachable server (after bounded retries with backoff on connection
+errors, 5xx and 429), bad PromQL, any other HTTP 4xx, Prometheus warnings (partial responses of
+Thanos/Mimir come as warnings) and malformed responses raise :class:`PrometheusError`, whose
+message names the meter, the query and the server. Nothing is written for a day that failed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from typing import Callable, Iterable, Iterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import pyarrow as pa
+
+from . import raw
+from .settings import EDGE_LOOKBACK_DAYS, Paths
+
+SOURCE = "prometheus"
+EDGE_SOURCE = "prometheus-edge"
+#: Prometheus refuses a query_range with more points per series than this
+MAX_POINTS_PER_SERIES = 11_000
+_QUERY_IN_MESSAGE = 400
+
+
+class PrometheusError(RuntimeError):
+    """A request to Prometheus that failed; the message names the meter, the query and the server."""
+
+
+# --------------------------------------------------------------------------- PromQL text
+
+
+def promql_string(value: str) -> str:
+    """``value`` as a double-quoted PromQL string literal (Go escape rules).
+
+    Backslash and double quote are escaped, control characters (newline included) and the Unicode
+    line separators become ``\\uXXXX`` escapes; every other character, non-ASCII included, is kept
+    as is (PromQL strings are UTF-8). The literal always decodes back to exactly ``value``.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"label value must be a str, not {type(value).__name__}")
+    out = ['"']
+    for ch in value:
+        o = ord(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == '"':
+            out.append('\\"')
+        elif ch == "\n":
+            out.append("\\n")
+        elif o < 0x20 or o == 0x7F or o in (0x2028, 0x2029):
+            out.append(f"\\u{o:04x}")
+        elif 0xD800 <= o <= 0xDFFF:
+            raise ValueError(f"label value {value!r} contains a lone surrogate (not valid UTF-8)")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+_RE2_META = set("\\.+*?()|[]{}^$")
+
+
+def regex_quote(value: str) -> str:
+    """A RE2 pattern matching exactly ``value`` (like Go's regexp.QuoteMeta)."""
+    return "".join("\\" + ch if ch in _RE2_META else ch for ch in value)
+
+
+_METRIC_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Selector:
+    """The series of one meter metric: those of a batch of customer label values, or (``values``
+    None) those whose label matches none of ``others`` (the unmatched ones)."""
+
+    meter_id: str
+    metric: str
+    customer_label: str
+    values: tuple[str, ...] | None
+    others: tuple[str, ...] = ()
+    extra_matchers: str = ""
+
+    def promql(self) -> str:
+        if not _METRIC_RE.match(self.metric):
+            raise ValueError(f"meter {self.meter_id}: {self.metric!r} is not a Prometheus metric name")
+        if not _LABEL_RE.match(self.customer_label):
+            raise ValueError(f"meter {self.meter_id}: {self.customer_label!r} is not a Prometheus label name")
+        # {__name__="..."} rather than a bare name: a metric called `sum` or `offset` still parses
+        parts = [f"__name__={promql_string(self.metric)}"]
+        if self.values is not None:
+            if len(self.values) == 1:
+                parts.append(f"{self.customer_label}={promql_string(self.values[0])}")
+            else:
+                parts.append(f"{self.customer_label}=~{promql_string('|'.join(regex_quote(v) for v in self.values))}")
+        elif self.others:
+            parts.append(f"{self.customer_label}!~{promql_string('|'.join(regex_quote(v) for v in self.others))}")
+        if self.extra_matchers.strip():
+            parts.append(self.extra_matchers.strip())
+        return "{" + ", ".join(parts) + "}"
+
+    @property
+    def unmatched(self) -> bool:
+        return self.values is None
+
+
+def plan_selectors(
+    meters: Sequence[dict], label_values: Sequence[str], customers_per_query: int, extra_matchers: str = ""
+) -> list[Selector]:
+    """One selector per meter metric and batch of customer label values, plus one for the rest."""
+    if customers_per_query < 1:
+        raise ValueError("customers_per_query must be at least 1")
+    values = tuple(sorted(set(label_values)))
+    out: list[Selector] = []
+    seen: set[tuple[str, str]] = set()
+    for m in meters:
+        for metric in m["metrics"].split():
+            if (metric, m["customer_label"]) in seen:
+                continue  # the same series, already pulled for another meter
+            seen.add((metric, m["customer_label"]))
+            for i in range(0, len(values), customers_per_query):
+                out.append(Selector(m["meter_id"], metric, m["customer_label"], values[i : i + customers_per_query], (), extra_matchers))
+            out.append(Selector(m["meter_id"], metric, m["customer_label"], None, values, extra_matchers))
+    return out
+
+
+def plan_chunks(start_ms: int, end_ms: int, chunk_ms: int) -> list[tuple[int, int]]:
+    """Consecutive half-open windows [a, b) of at most ``chunk_ms`` covering [start, end)."""
+    if chunk_ms <= 0:
+        raise ValueError("chunk length must be positive")
+    out, a = [], start_ms
+    while a < end_ms:
+        b = min(a + chunk_ms, end_ms)
+        out.append((a, b))
+        a = b
+    return out
+
+
+def exact_query(selector_promql: str, start_ms: int, end_ms: int) -> tuple[str, int]:
+    """The instant query returning the raw samples of [start, end) on Prometheus 2.x and 3.x.
+
+    Evaluated at ``end - 1 ms`` over ``end - start`` ms: 2.x gives [start - 1, end - 1] (both ends),
+    3.x gives (start - 1, end - 1]; the caller keeps [start, end) and deduplicates.
+    """
+    return f"{selector_promql}[{end_ms - start_ms}ms]", end_ms - 1
+
+
+def plan_range_requests(start_ms: int, end_ms: int, step_ms: int, max_points: int = MAX_POINTS_PER_SERIES) -> list[tuple[int, int]]:
+    """query_range (start, end) pairs, both inclusive, with points on ``start + k*step`` in [start, end),
+    each asking for at most ``max_points`` points per series."""
+    if step_ms <= 0:
+        raise ValueError("step must be positive")
+    out = []
+    t = start_ms
+    span = (max_points - 1) * step_ms
+    while t < end_ms:
+        last = min(t + span, end_ms - 1)
+        last = t + ((last - t) // step_ms) * step_ms
+        out.append((t, last))
+        t = last + step_ms
+    return out
+
+
+def format_time(ms: int) -> str:
+    """Epoch milliseconds as the seconds string Prometheus parses to the same millisecond."""
+    sign = "-" if ms < 0 else ""
+    ms = abs(ms)
+    return f"{sign}{ms // 1000}.{ms % 1000:03d}"
+
+
+def _short(promql: str) -> str:
+    return promql if len(promql) <= _QUERY_IN_MESSAGE else promql[: _QUERY_IN_MESSAGE - 20] + f"... ({len(promql)} chars)"
+
+
+def redact_url(url: str) -> str:
+    """The URL without user:password@ and without the query string (never print credentials)."""
+    p = urlsplit(url)
+    host = p.hostname or ""
+    if p.port:
+        host += f":{p.port}"
+    return urlunsplit((p.scheme, host, p.path, "", ""))
+
+
+# --------------------------------------------------------------------------- HTTP client
+
+
+@dataclass
+class QueryResult:
+    result_type: str
+    result: list
+    warnings: list[str]
+    seconds: float
+    stats: dict | None = None
+
+
+class PrometheusClient:
+    """The Prometheus HTTP API over a requests Session: auth, tenant header, retries, error messages."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 60.0,
+        connect_timeout_s: float = 5.0,
+        max_retries: int = 4,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 15.0,
+        bearer_token: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        tenant: str | None = None,
+        headers: dict[str, str] | None = None,
+        verify_tls: bool | str = True,
+        fail_on_warnings: bool = True,
+        session=None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        import requests
+
+        if not url or not urlsplit(url).scheme in ("http", "https") or not urlsplit(url).hostname:
+            raise PrometheusError(f"PROMETHEUS_URL {redact_url(url or '')!r} is not an http(s) URL; set it like http://127.0.0.1:9090")
+        if bearer_token and (username or password):
+            raise PrometheusError("give either a bearer token or a username/password for Prometheus, not both")
+        if max_retries < 0:
+            raise PrometheusError("max_retries must not be negative")
+        self.base = url.rstrip("/")
+        self.server = redact_url(self.base)
+        self.timeout = (connect_timeout_s, timeout_s)
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.fail_on_warnings = fail_on_warnings
+        self.sleep = sleep
+        self.session = session or requests.Session()
+        self.session.verify = verify_tls
+        self.session.headers.update({"Accept": "application/json", "User-Agent": "billing_dags"})
+        if headers:
+            self.session.headers.update(headers)
+        if tenant:
+            self.session.headers["X-Scope-OrgID"] = tenant
+        if bearer_token:
+            self.session.headers["Authorization"] = f"Bearer {bearer_token}"
+        elif username or password:
+            self.session.auth = (username or "", password or "")
+        p = urlsplit(url)
+        if p.username and not (username or bearer_token):
+            self.session.auth = (p.username, p.password or "")
+        self.requests = 0
+        self.request_seconds = 0.0
+        self.warnings: list[str] = []
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- low level
+
+    def _fail(self, what: str, promql: str | None, reason: str) -> PrometheusError:
+        q = f"; query: {_short(promql)}" if promql else ""
+        return PrometheusError(f"{what}: Prometheus at {self.server} {reason}{q}")
+
+    def _post(self, path: str, params: dict, what: str, promql: str | None) -> dict:
+        import requests
+
+        url = self.base + path
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            retry_after = None
+            t0 = time.perf_counter()
+            try:
+                resp = self.session.post(url, data=params, timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as e:
+                last = f"is unreachable ({type(e).__name__})"
+            except requests.RequestException as e:
+                raise self._fail(what, promql, f"request failed ({type(e).__name__}: {e})") from None
+            else:
+                self.requests += 1
+                self.request_seconds += time.perf_counter() - t0
+                if resp.status_code == 429 or resp.status_code >= 500:
+                    last = f"answered HTTP {resp.status_code}{_error_of(resp)}"
+                    ra = resp.headers.get("Retry-After", "")
+                    retry_after = float(ra) if ra.replace(".", "", 1).isdigit() else None
+                elif resp.status_code >= 400:
+                    raise self._fail(what, promql, f"rejected the request with HTTP {resp.status_code}{_error_of(resp)}")
+                else:
+                    try:
+                        body = resp.json()
+                    except ValueError:
+                        raise self._fail(what, promql, f"sent a response that is not JSON (HTTP {resp.status_code}, {len(resp.content)} bytes)") from None
+                    if not isinstance(body, dict) or body.get("status") != "success" or "data" not in body:
+                        err = body.get("error") if isinstance(body, dict) else None
+                        raise self._fail(what, promql, f"answered status {body.get('status') if isinstance(body, dict) else '?'!r}: {err}")
+                    warnings = [str(w) for w in (body.get("warnings") or [])]
+                    if warnings:
+                        if self.fail_on_warnings:
+                            raise self._fail(
+                                what, promql,
+                                f"returned warnings (a partial or incomplete result): {'; '.join(warnings)[:500]}",
+                            )
+                        self.warnings.extend(warnings)
+                    return body
+            if attempt < self.max_retries:
+                delay = min(self.max_backoff_s, self.backoff_s * (2**attempt))
+                if retry_after is not None:
+                    delay = min(self.max_backoff_s, max(delay, retry_after))
+                self.sleep(delay)
+        raise self._fail(what, promql, f"{last} after {self.max_retries + 1} attempts")
+
+    # -- API
+
+    def query(self, promql: str, time_ms: int, *, what: str = "query", stats: bool = False) -> QueryResult:
+        t0 = time.perf_counter()
+        params = {"query": promql, "time": format_time(time_ms), "partial_response": "false"}
+        if stats:
+            params["stats"] = "all"
+        body = self._post("/api/v1/query", params, what, promql)
+        return self._result(body, t0, what, promql)
+
+    def query_range(self, promql: str, start_ms: int, end_ms: int, step_ms: int, *, what: str = "query", stats: bool = False) -> QueryResult:
+        if (end_ms - start_ms) // step_ms + 1 > MAX_POINTS_PER_SERIES:
+            raise self._fail(what, promql, f"would refuse more than {MAX_POINTS_PER_SERIES} points per series; split the range (plan_range_requests)")
+        t0 = time.perf_counter()
+        params = {
+            "query": promql,
+            "start": format_time(start_ms),
+            "end": format_time(end_ms),
+            "step": format_time(step_ms),
+            "partial_response": "false",
+        }
+        if stats:
+            params["stats"] = "all"
+        body = self._post("/api/v1/query_range", params, what, promql)
+        return self._result(body, t0, what, promql)
+
+    def series(self, match: str, start_ms: int, end_ms: int, *, what: str = "series") -> list[dict]:
+        params = {"match[]": match, "start": format_time(start_ms), "end": format_time(end_ms)}
+        body = self._post("/api/v1/series", params, what, match)
+        if not isinstance(body["data"], list):
+            raise self._fail(what, match, "sent a series response that is not a list")
+        return body["data"]
+
+    def _result(self, body: dict, t0: float, what: str, promql: str) -> QueryResult:
+        data = body["data"]
+        if not isinstance(data, dict) or "resultType" not in data or not isinstance(data.get("result"), list):
+            raise self._fail(what, promql, "sent a malformed query response (no resultType/result)")
+        return QueryResult(data["resultType"], data["result"], [str(w) for w in body.get("warnings") or []],
+                           time.perf_counter() - t0, data.get("stats"))
+
+
+def _error_of(resp) -> str:
+    try:
+        body = resp.json()
+        if isinstance(body, dict) and body.get("error"):
+            return f" ({body.get('errorType', 'error')}: {str(body['error'])[:300]})"
+    except ValueError:
+        pass
+    text = (resp.text or "").strip().replace("\n", " ")
+    return f" ({text[:200]})" if text else ""
+
+
+# --------------------------------------------------------------------------- samples
+
+
+@dataclass
+class _Series:
+    metric: str
+    labels: tuple[tuple[str, str], ...]
+    first_seen: int
+
+
+@dataclass
+class Collector:
+    """Raw samples accumulated per series as numpy arrays (16 bytes a sample), turned into Arrow
+    tables once: filled series by series into preallocated columns, already sorted by
+    (series_id, ts) and without duplicate timestamps, releasing the pieces as it goes."""
+
+    series: dict[int, _Series] = field(default_factory=dict)
+    _parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    samples: int = 0
+    non_finite: int = 0
+
+    def add(self, sid: int, metric: str, labels: tuple, ts: np.ndarray, values: np.ndarray) -> None:
+        if not len(ts):
+            return
+        first = int(ts.min())
+        s = self.series.get(sid)
+        if s is None:
+            self.series[sid] = _Series(metric, labels, first)
+        elif first < s.first_seen:
+            s.first_seen = first
+        self._parts.setdefault(sid, []).append((ts, values))
+        self.samples += len(ts)
+        self.non_finite += int((~np.isfinite(values)).sum())
+
+    def tables(self) -> tuple[pa.Table, pa.Table]:
+        ids = sorted(self.series)
+        sid_col = np.empty(self.samples, dtype=np.int64)
+        ts_col = np.empty(self.samples, dtype=np.int64)
+        val_col = np.empty(self.samples, dtype=np.float64)
+        n = 0
+        for sid in ids:
+            parts = self._parts.pop(sid)
+            ts = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
+            vals = parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts])
+            del parts
+            if len(ts) > 1 and not (ts[1:] > ts[:-1]).all():
+                order = np.argsort(ts, kind="stable")
+                ts, vals = ts[order], vals[order]
+                keep = np.concatenate([[True], ts[1:] != ts[:-1]])
+                ts, vals = ts[keep], vals[keep]
+            k = len(ts)
+            sid_col[n : n + k] = sid
+            ts_col[n : n + k] = ts
+            val_col[n : n + k] = vals
+            n += k
+        self.samples = n
+        samples = pa.table(
+            {"series_id": sid_col[:n], "ts": ts_col[:n], "value": val_col[:n]}, schema=raw.SAMPLES_SCHEMA
+        )
+        series = pa.table(
+            {
+                "series_id": pa.array(ids, pa.int64()),
+                "metric": pa.array([self.series[i].metric for i in ids], pa.string()),
+                "labels": pa.array([list(self.series[i].labels) for i in ids], pa.map_(pa.string(), pa.string())),
+                "first_seen": pa.array([self.series[i].first_seen for i in ids], pa.int64()),
+            },
+            schema=raw.SERIES_SCHEMA,
+        )
+        return samples, series
+
+
+def parse_series(item: dict, default_metric: str, key: str = "values") -> tuple[int, str, tuple, np.ndarray, np.ndarray]:
+    """One matrix entry -> (series_id, metric, sorted labels, ts ms int64, values float64)."""
+    labels = dict(item.get("metric") or {})
+    metric = labels.pop("__name__", default_metric)
+    pairs = item.get(key) or []
+    n = len(pairs)
+    ts = np.fromiter((p[0] for p in pairs), dtype=np.float64, count=n)
+    ts = np.rint(ts * 1000.0).astype(np.int64)
+    values = np.fromiter((float(p[1]) for p in pairs), dtype=np.float64, count=n)
+    return raw.series_id(metric, labels), metric, tuple(sorted(labels.items())), ts, values
+
+
+def keep_window(ts: np.ndarray, values: np.ndarray, start_ms: int, end_ms: int) -> tuple[np.ndarray, np.ndarray]:
+    """Samples with start <= ts < end (a range selector's both-ends samples are cut here)."""
+    mask = (ts >= start_ms) & (ts < end_ms)
+    if mask.all():
+        return ts, values
+    return ts[mask], values[mask]
+
+
+def dedupe_samples(table: pa.Table) -> pa.Table:
+    """Sorted by (series_id, ts), one row per (series_id, ts) (the first one kept)."""
+    table = table.sort_by([("series_id", "ascending"), ("ts", "ascending")])
+    if len(table) < 2:
+        return table
+    sid = table["series_id"].to_numpy()
+    ts = table["ts"].to_numpy()
+    keep = np.concatenate([[True], (sid[1:] != sid[:-1]) | (ts[1:] != ts[:-1])])
+    return table if keep.all() else table.filter(pa.array(keep))
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+@dataclass
+class IngestOptions:
+    mode: str = "exact"  # or "range"
+    chunk_s: int = 3600
+    customers_per_query: int = 20
+    step_s: int = 60  # range mode only
+    extra_matchers: str = ""
+    edge_lookback_days: int = EDGE_LOOKBACK_DAYS
+    skip_empty_metrics: bool = True  # ask /api/v1/series first; no series -> no sample queries
+
+
+@dataclass
+class IngestReport:
+    day: date
+    series: int = 0
+    samples: int = 0
+    bytes: int = 0
+    path: str = ""
+    non_finite_samples: int = 0
+    unmatched_series: int = 0
+    unmatched_examples: list[str] = field(default_factory=list)
+    requests: int = 0
+    query_seconds: float = 0.0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    edge_samples: int = 0
+    edge_days: list[str] = field(default_factory=list)
+    previous_day_ingested: bool = True
+
+    def metadata(self) -> dict:
+        return {
+            "source": SOURCE,
+            "series": self.series,
+            "samples": self.samples,
+            "bytes": self.bytes,
+            "non_finite_samples": self.non_finite_samples,
+            "unmatched_series": self.unmatched_series,
+            "unmatched_examples": self.unmatched_examples,
+            "requests": self.requests,
+            "query_seconds": round(self.query_seconds, 3),
+            "seconds": round(self.seconds, 3),
+            "samples_per_second": round(self.samples / self.seconds) if self.seconds else 0,
+            "warnings": self.warnings,
+            "previous_day_ingested": self.previous_day_ingested,
+            "edge_samples": self.edge_samples,
+            "edge_days": self.edge_days,
+        }
+
+
+def _what(sel: Selector) -> str:
+    return f"meter {sel.meter_id} (metric {sel.metric})"
+
+
+def _fetch_exact(client: PrometheusClient, sel: Selector, a: int, b: int) -> Iterator[tuple]:
+    promql, t = exact_query(sel.promql(), a, b)
+    res = client.query(promql, t, what=_what(sel))
+    if res.result_type != "matrix":
+        raise client._fail(_what(sel), promql, f"returned a {res.result_type}, not a matrix of raw samples")
+    for item in res.result:
+        sid, metric, labels, ts, values = parse_series(item, sel.metric)
+        ts, values = keep_window(ts, values, a, b)
+        yield sid, metric, labels, ts, values
+
+
+def _fetch_range(client: PrometheusClient, sel: Selector, a: int, b: int, step_ms: int) -> Iterator[tuple]:
+    promql = sel.promql()
+    for s, e in plan_range_requests(a, b, step_ms):
+        res = client.query_range(promql, s, e, step_ms, what=_what(sel))
+        if res.result_type != "matrix":
+            raise client._fail(_what(sel), promql, f"returned a {res.result_type}, not a matrix")
+        for item in res.result:
+            sid, metric, labels, ts, values = parse_series(item, sel.metric)
+            ts, values = keep_window(ts, values, a, b)
+            yield sid, metric, labels, ts, values
+
+
+def _label_of(labels: tuple, name: str) -> str:
+    return next((v for k, v in labels if k == name), "")
+
+
+def _full_days(paths: Paths, day: date) -> bool:
+    """The day has a raw partition from some source other than an edge file."""
+    return any(not p.name.startswith(f"part-{EDGE_SOURCE}.") for p in raw.sample_files(paths, day))
+
+
+def ingest_day(
+    client: PrometheusClient,
+    paths: Paths,
+    day: date,
+    meters: Sequence[dict],
+    label_values: Sequence[str],
+    options: IngestOptions | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> IngestReport:
+    """Pull every meter's series for ``day`` and replace the day's ``part-prometheus`` files."""
+    opt = options or IngestOptions()
+    if opt.mode not in ("exact", "range"):
+        raise PrometheusError(f"mode {opt.mode!r} is not one of exact, range")
+    t0 = time.perf_counter()
+    req0, sec0 = client.requests, client.request_seconds
+    start_ms, end_ms = raw.day_bounds_ms(day)
+    selectors = plan_selectors(meters, label_values, opt.customers_per_query, opt.extra_matchers)
+    chunks = plan_chunks(start_ms, end_ms, opt.chunk_s * 1000)
+    report = IngestReport(day)
+    col = Collector()
+    unmatched: dict[int, str] = {}
+    active: list[Selector] = []
+    for sel in selectors:
+        if opt.skip_empty_metrics and not client.series(sel.promql(), start_ms, end_ms - 1, what=_what(sel)):
+            continue
+        active.append(sel)
+    for sel in active:
+        if opt.mode == "exact":
+            parts = (item for a, b in chunks for item in _fetch_exact(client, sel, a, b))
+        else:
+            parts = _fetch_range(client, sel, start_ms, end_ms, opt.step_s * 1000)
+        for sid, metric, labels, ts, values in parts:
+            if not len(ts):
+                continue
+            col.add(sid, metric, labels, ts, values)
+            if sel.unmatched and sid not in unmatched:
+                unmatched[sid] = f"{metric}{{{sel.customer_label}={_label_of(labels, sel.customer_label)!r}}}"
+    non_finite = col.non_finite
+    previous_full = _full_days(paths, day - timedelta(days=1))
+    edges: dict[date, tuple[pa.Table, pa.Table]] = {}
+    if not previous_full and opt.mode == "exact":
+        edges = fetch_edges(client, paths, day, active, opt, log)
+    # no local reference to the samples table: write_day's sorted copy replaces it in memory
+    figures = raw.write_day(paths, day, *col.tables(), SOURCE)
+    del col
+    # this day is now whole: an edge file recorded here by a later day's ingest is redundant
+    for d in (raw.samples_day_dir(paths, day), raw.series_day_dir(paths, day)):
+        (d / f"part-{EDGE_SOURCE}.parquet").unlink(missing_ok=True)
+    for d, (es, eser) in sorted(edges.items()):
+        n = write_edges(paths, d, es, eser)
+        if n:
+            report.edge_samples += n
+            report.edge_days.append(d.isoformat())
+    report.series = figures["series"]
+    report.samples = figures["samples"]
+    report.bytes = figures["bytes"]
+    report.path = figures["path"]
+    report.non_finite_samples = non_finite
+    report.unmatched_series = len(unmatched)
+    report.unmatched_examples = sorted(unmatched.values())[:10]
+    report.requests = client.requests - req0
+    report.query_seconds = client.request_seconds - sec0
+    report.warnings = list(client.warnings)
+    report.previous_day_ingested = previous_full
+    report.seconds = time.perf_counter() - t0
+    log(
+        f"prometheus {day}: {report.series} series, {report.samples} samples, {report.unmatched_series} unmatched, "
+        f"{report.requests} requests in {report.query_seconds:.2f}s"
+    )
+    return report
+
+
+def fetch_edges(
+    client: PrometheusClient,
+    paths: Paths,
+    day: date,
+    selectors: Sequence[Selector],
+    opt: IngestOptions,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[date, tuple[pa.Table, pa.Table]]:
+    """Each series' last sample before ``day``, from the days before it that have no full partition.
+
+    Walks back chunk by chunk (latest first) until every series Prometheus knows in the lookback is
+    found, a day with a full partition is reached (its own data holds the edge), or
+    ``edge_lookback_days`` have been searched. Returns the samples grouped by their UTC day.
+    """
+    start_ms, _ = raw.day_bounds_ms(day)
+    lookback_start = start_ms - opt.edge_lookback_days * raw.DAY_MS
+    stop_ms = lookback_start
+    d = day - timedelta(days=1)
+    while raw.day_bounds_ms(d)[0] >= lookback_start:
+        if _full_days(paths, d):
+            stop_ms = raw.day_bounds_ms(d)[1]
+            break
+        d -= timedelta(days=1)
+    if stop_ms >= start_ms:
+        return {}
+    last: dict[int, tuple[str, tuple, int, float]] = {}
+    for sel in selectors:
+        expected = set()
+        for s in client.series(sel.promql(), stop_ms, start_ms - 1, what=_what(sel)):
+            labels = dict(s)
+            metric = labels.pop("__name__", sel.metric)
+            expected.add(raw.series_id(metric, labels))
+        missing = set(expected)
+        b = start_ms
+        while missing and b > stop_ms:
+            a = max(stop_ms, b - opt.chunk_s * 1000)
+            for sid, metric, labels, ts, values in _fetch_exact(client, sel, a, b):
+                if len(ts) and sid in missing:
+                    i = int(np.argmax(ts))
+                    last[sid] = (metric, labels, int(ts[i]), float(values[i]))
+                    missing.discard(sid)
+            b = a
+    by_day: dict[date, Collector] = {}
+    for sid, (metric, labels, ts, value) in last.items():
+        by_day.setdefault(raw.day_of_ms(ts), Collector()).add(sid, metric, labels, np.array([ts], np.int64), np.array([value]))
+    if last:
+        log(f"prometheus {day}: previous day not ingested; recorded the last sample before the day of {len(last)} series")
+    return {d: c.tables() for d, c in by_day.items()}
+
+
+def write_edges(paths: Paths, day: date, samples: pa.Table, series: pa.Table) -> int:
+    """Merge edge samples into ``day``'s edge file, unless the day has been ingested in full."""
+    if _full_days(paths, day) or not len(samples):
+        return 0
+    import pyarrow.parquet as pq
+
+    sample_path = raw.samples_day_dir(paths, day) / f"part-{EDGE_SOURCE}.parquet"
+    series_path = raw.series_day_dir(paths, day) / f"part-{EDGE_SOURCE}.parquet"
+    if sample_path.exists() and series_path.exists():
+        old_s, old_ser = pq.read_table(sample_path), pq.read_table(series_path)
+        samples = pa.concat_tables([old_s.cast(raw.SAMPLES_SCHEMA), samples])
+        merged = pa.concat_tables([old_ser.cast(raw.SERIES_SCHEMA), series]).sort_by([("series_id", "ascending"), ("first_seen", "ascending")])
+        ids = merged["series_id"].to_numpy()
+        keep = np.concatenate([[True], ids[1:] != ids[:-1]]) if len(ids) else np.array([], bool)
+        series = merged.filter(pa.array(keep))
+    samples = dedupe_samples(samples)
+    raw.write_day(paths, day, samples, series, EDGE_SOURCE)
+    return len(samples)
+
+
+# --------------------------------------------------------------------------- helpers for callers
+
+
+def parse_headers(text: str | None) -> dict[str, str]:
+    """Extra HTTP headers from a JSON object or ``Name: value`` pairs separated by newlines or ';'."""
+    if not text or not text.strip():
+        return {}
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except ValueError as e:
+            raise PrometheusError(f"PROMETHEUS_HEADERS is not valid JSON ({e}); use {{\"Name\": \"value\"}} or Name: value; Name2: value") from None
+        if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in obj.items()):
+            raise PrometheusError("PROMETHEUS_HEADERS must be a JSON object of strings")
+        return obj
+    out = {}
+    for part in re.split(r"[;\n]", text):
+        if not part.strip():
+            continue
+        name, sep, value = part.partition(":")
+        if not sep or not re.match(r"^[A-Za-z0-9-]+$", name.strip()):
+            raise PrometheusError(f"PROMETHEUS_HEADERS entry {name.strip()[:40]!r} is not 'Name: value'; use Name: value; Name2: value")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def meters_and_label_values(seeds_dir) -> tuple[list[dict], list[str]]:
+    """The meters (dicts) and every customer label value of the seeds."""
+    from .seeds import read_seed
+
+    meters = read_seed(seeds_dir, "meters").to_pylist()
+    values = read_seed(seeds_dir, "customers")["label_value"].to_pylist()
+    return meters, values
+
+
+def iter_days(start: date, end: date) -> Iterable[date]:
+    d = start
+    while d < end:
+        yield d
+        d += timedelta(days=1)
+
+
+# --------------------------------------------------------------------------- a local server (tests, benchmarks)
+
+
+def openmetrics_label_value(value: str) -> str:
+    """A label value escaped for the OpenMetrics text format (backslash, quote, newline)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _om_number(v: float) -> str:
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return str(int(v)) if v.is_integer() and abs(v) < 2**53 else repr(v)
+
+
+def write_openmetrics(path, families: dict[str, tuple[str, list[tuple[dict[str, str], Sequence[int], Sequence[float]]]]]) -> int:
+    """Write ``{family: (type, [(labels incl. __name__, ts_ms, values), ...])}`` as an OpenMetrics file
+    for ``promtool tsdb create-blocks-from openmetrics`` (timestamps in seconds). Returns the sample count."""
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for family, (kind, series) in families.items():
+            f.write(f"# TYPE {family} {kind}\n")
+            for labels, ts_ms, values in series:
+                labels = dict(labels)
+                name = labels.pop("__name__")
+                lab = ",".join(f'{k}="{openmetrics_label_value(v)}"' for k, v in sorted(labels.items()))
+                head = f"{name}{{{lab}}}" if lab else name
+                lines = [f"{head} {_om_number(float(v))} {format_time(int(t))}\n" for t, v in zip(ts_ms, values)]
+                f.writelines(lines)
+                n += len(lines)
+        f.write("# EOF\n")
+    return n
+
+
+def backfill(openmetrics_file, tsdb_dir, promtool: str = "promtool", timeout_s: float = 1800) -> float:
+    """``promtool tsdb create-blocks-from openmetrics``; returns the seconds it took."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [promtool, "tsdb", "create-blocks-from", "openmetrics", str(openmetrics_file), str(tsdb_dir)],
+        capture_output=True, text=True, timeout=timeout_s,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"promtool backfill of {openmetrics_file} failed: {proc.stderr.strip()[-2000:]}")
+    return time.perf_counter() - t0
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalPrometheus:
+    """``prometheus`` on 127.0.0.1 (a free port) over ``tsdb_dir``, in its own process group.
+
+    Use as a context manager; :meth:`stop` sends SIGTERM to the group (SIGKILL after 10 s).
+    """
+
+    def __init__(self, tsdb_dir, binary: str = "prometheus", port: int | None = None, log_file=None):
+        self.tsdb_dir = str(tsdb_dir)
+        self.binary = binary
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_file = log_file
+        self.proc = None
+
+    def start(self, ready_timeout_s: float = 30.0) -> "LocalPrometheus":
+        import os
+        import subprocess
+
+        import requests
+
+        from pathlib import Path
+
+        config = Path(self.tsdb_dir).parent / f"prometheus-{self.port}.yml"
+        config.write_text("global:\n  scrape_interval: 1m\nscrape_configs: []\n")
+        log = open(self.log_file or os.devnull, "ab")
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={self.tsdb_dir}",
+                "--storage.tsdb.retention.time=10y",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited with code {self.proc.returncode} (log: {self.log_file})")
+            try:
+                if requests.get(self.url + "/-/ready", timeout=1).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"prometheus on {self.url} not ready after {ready_timeout_s}s")
+
+    def stop(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> "LocalPrometheus":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

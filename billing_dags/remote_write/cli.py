@@ -1,0 +1,118 @@
+"""`billing remote-write serve|compact|status`: registered on the main parser by billing_dags.cli."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+_LISTEN_RE = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
+
+
+def _size(value: str) -> int:
+    m = re.match(r"^(\d+)\s*([kmg]i?b?)?$", value.strip().lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a size; give bytes or e.g. 16MiB, 512KiB, 1GiB")
+    n = int(m.group(1))
+    unit = (m.group(2) or "").rstrip("b").rstrip("i")
+    return n * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    from billing_dags.cli import CliError
+
+    m = _LISTEN_RE.match(value or "")
+    if not m or not 0 < int(m.group("port")) < 65536:
+        raise CliError(f"--listen {value!r} is not HOST:PORT; give e.g. --listen 127.0.0.1:9201")
+    return m.group("host").strip("[]"), int(m.group("port"))
+
+
+def read_token(path: str | None) -> str | None:
+    from billing_dags.cli import CliError
+
+    if not path:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise CliError(f"--token-file {path}: cannot read it ({e.strerror}); give a readable file holding the bearer token") from None
+    if not token or any(c.isspace() for c in token):
+        raise CliError(f"--token-file {path}: the token must be one non-empty word on one line")
+    return token
+
+
+def cmd_serve(args) -> int:
+    from billing_dags.settings import resolve_paths
+
+    from .server import ReceiverConfig, serve
+
+    host, port = parse_listen(args.listen)
+    paths = resolve_paths(args.data_dir, args.seeds_dir)
+    config = ReceiverConfig(
+        landing_dir=paths.landing,
+        seeds_dir=paths.seeds_dir,
+        token=read_token(args.token_file),
+        max_body_bytes=args.max_body_bytes,
+        max_decoded_bytes=args.max_decoded_bytes,
+        max_in_flight=args.max_in_flight,
+        max_segment_bytes=args.segment_max_bytes,
+        max_segment_age_s=args.segment_max_age,
+        min_free_bytes=args.min_free_bytes,
+    )
+    print(f"remote-write receiver on http://{host}:{port}/api/v1/write, landing in {paths.landing}", file=sys.stderr, flush=True)
+    serve(config, host, port)
+    return 0
+
+
+def cmd_compact(args) -> int:
+    from billing_dags.cli import CliError
+    from billing_dags.compaction import compact
+    from billing_dags.settings import resolve_paths
+
+    paths = resolve_paths(args.data_dir, args.seeds_dir)
+    days = None
+    if args.day:
+        from datetime import date
+
+        try:
+            days = [date.fromisoformat(d).isoformat() for d in args.day]
+        except ValueError:
+            raise CliError(f"--day {args.day}: give days as YYYY-MM-DD, e.g. --day 2026-10-15") from None
+    result = compact(paths, days=days)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from billing_dags.compaction import landing_status
+    from billing_dags.settings import resolve_paths
+
+    print(json.dumps(landing_status(resolve_paths(args.data_dir, args.seeds_dir)), indent=2, default=str))
+    return 0
+
+
+def register(sub) -> None:
+    """Add `remote-write` and its subcommands to the `billing` parser."""
+    p = sub.add_parser("remote-write", help="receive Prometheus remote write into landing segments; compact them")
+    rw = p.add_subparsers(dest="rw_command", required=True, metavar="SUBCOMMAND")
+
+    s = rw.add_parser("serve", help="run the receiver (POST /api/v1/write)")
+    s.add_argument("--listen", default=os.environ.get("BILLING_REMOTE_WRITE_LISTEN", "127.0.0.1:9201"), help="HOST:PORT (default 127.0.0.1:9201)")
+    s.add_argument("--token-file", help="file holding the bearer token Prometheus must send (default: no auth)")
+    s.add_argument("--max-body-bytes", type=_size, default=16 << 20, help="largest compressed body (default 16MiB); larger gets 413")
+    s.add_argument("--max-decoded-bytes", type=_size, default=64 << 20, help="largest decompressed body (default 64MiB); larger gets 413")
+    s.add_argument("--max-in-flight", type=int, default=64, help="concurrent requests before answering 503 (default 64)")
+    s.add_argument("--segment-max-bytes", type=_size, default=64 << 20, help="seal a landing segment at this size (default 64MiB)")
+    s.add_argument("--segment-max-age", type=float, default=60.0, help="seal a landing segment after this many seconds (default 60)")
+    s.add_argument("--min-free-bytes", type=_size, default=64 << 20, help="answer 503 when the landing disk has less free (default 64MiB)")
+    s.set_defaults(func=cmd_serve)
+
+    c = rw.add_parser("compact", help="move sealed landing segments into the raw day partitions (any day, today included)")
+    c.add_argument("--day", action="append", help="only this UTC day (YYYY-MM-DD); repeatable")
+    c.set_defaults(func=cmd_compact)
+
+    st = rw.add_parser("status", help="landing segments waiting for compaction, by day")
+    st.set_defaults(func=cmd_status)

@@ -1,0 +1,221 @@
+"""The remote-write receiver: a Starlette app served by uvicorn.
+
+``POST /api/v1/write`` answers:
+
+- 204 once the batch is appended to a landing segment and fsynced (or carries no samples, e.g.
+  a metadata-only request);
+- 400 undecodable body, bad snappy block, a series without a metric name or with unsorted or
+  duplicate labels (Prometheus drops the batch and does not retry);
+- 401 without the configured bearer token; 413 body (or its decoded size) over the limit;
+  415 wrong Content-Type or Content-Encoding;
+- 503 landing disk full (below ``min_free_bytes`` or a failed write) or more than
+  ``max_in_flight`` requests at once (Prometheus retries 5xx with backoff).
+
+``GET /metrics`` exposes the receiver's counters (requests by code, samples, staleness markers,
+non-finite values, unknown-customer samples, fsync and decode time); ``GET /-/ready``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from .customers import CustomerResolver
+from .decode import BadRequest, Decoder, TooLarge
+from .landing import DiskFull, SegmentWriter, recover_orphans
+
+log = logging.getLogger("billing_dags.remote_write")
+
+WRITE_PATH = "/api/v1/write"
+
+
+@dataclass
+class ReceiverConfig:
+    landing_dir: Path
+    seeds_dir: Path | None = None
+    token: str | None = None
+    max_body_bytes: int = 16 << 20  # compressed
+    max_decoded_bytes: int = 64 << 20
+    max_in_flight: int = 64
+    max_segment_bytes: int = 64 << 20
+    max_segment_age_s: float = 60.0
+    min_free_bytes: int = 64 << 20
+    decode_threads: int = 2
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "billing_remote_write_"
+        self.requests = Counter(p + "requests", "Remote-write requests by HTTP status", ["code"], registry=r)
+        self.samples = Counter(p + "samples", "Samples made durable (acknowledged with 204)", registry=r)
+        self.stale = Counter(p + "stale_samples", "Staleness markers received (kept in raw, not usage)", registry=r)
+        self.nonfinite = Counter(p + "nonfinite_samples", "NaN/Inf samples that are not staleness markers", registry=r)
+        self.unknown = Counter(p + "unknown_customer_samples", "Samples of metered series naming no known customer", registry=r)
+        self.metadata = Counter(p + "metadata", "Metric metadata entries received (not stored)", registry=r)
+        self.exemplars = Counter(p + "exemplars", "Exemplars received (not stored)", registry=r)
+        self.histograms = Counter(p + "histograms", "Native histogram samples received (not stored)", registry=r)
+        self.bytes = Counter(p + "body_bytes", "Compressed request bytes received", registry=r)
+        self.decode_cpu = Counter(p + "decode_cpu_seconds", "CPU seconds spent decoding (snappy + protobuf + columns)", registry=r)
+        self.in_flight = Gauge(p + "in_flight_requests", "Requests being processed", registry=r)
+        self.fsyncs = Gauge(p + "fsyncs", "fsync calls on landing segments (one per commit group)", registry=r)
+        self.fsync_seconds = Gauge(p + "fsync_seconds", "Seconds spent in fsync of landing segments", registry=r)
+        self.latency = Histogram(
+            p + "request_duration_seconds",
+            "Time from request start to the answer of accepted requests",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+
+
+def _text(status: int, message: str, **headers) -> Response:
+    return PlainTextResponse(message + "\n", status_code=status, headers=headers or None)
+
+
+def create_app(config: ReceiverConfig) -> Starlette:
+    metrics = _Metrics()
+    state: dict = {"in_flight": 0}
+    expected_auth = f"Bearer {config.token}".encode() if config.token else None
+
+    @asynccontextmanager
+    async def lifespan(app):
+        resolver = CustomerResolver.from_seeds(config.seeds_dir)
+        recovered = recover_orphans(config.landing_dir, resolver)
+        for r in recovered:
+            log.warning(
+                "recovered landing segment %s left by a stopped receiver: %s records, %s torn tail bytes dropped",
+                r["segment"], r.get("records"), r.get("torn_tail_bytes_dropped", 0),
+            )
+        state["decoder"] = Decoder(resolver, config.max_decoded_bytes)
+        state["writer"] = SegmentWriter(
+            config.landing_dir,
+            max_segment_bytes=config.max_segment_bytes,
+            max_segment_age_s=config.max_segment_age_s,
+            min_free_bytes=config.min_free_bytes,
+        )
+        state["pool"] = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="rw-decode")
+        app.state.receiver = state
+        try:
+            yield
+        finally:
+            state["writer"].close()
+            state["pool"].shutdown(wait=True)
+
+    def answer(code: int, message: str = "", **headers) -> Response:
+        metrics.requests.labels(str(code)).inc()
+        if code == 204:
+            return Response(status_code=204)
+        return _text(code, message, **headers)
+
+    async def write(request: Request) -> Response:
+        if expected_auth is not None:
+            got = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(got, expected_auth):
+                return answer(401, "missing or wrong bearer token", **{"WWW-Authenticate": 'Bearer realm="remote-write"'})
+        ctype = request.headers.get("content-type", "")
+        media, _, params = ctype.partition(";")
+        proto = [p.strip() for p in params.split(";") if p.strip().startswith("proto=")]
+        if media.strip().lower() != "application/x-protobuf" or (proto and proto[0] != "proto=prometheus.WriteRequest"):
+            return answer(415, f"Content-Type {ctype!r} is not supported; send application/x-protobuf (remote write 1.0)")
+        encoding = request.headers.get("content-encoding", "")
+        if encoding.strip().lower() != "snappy":
+            return answer(415, f"Content-Encoding {encoding!r} is not supported; send snappy (block format)")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+            return answer(413, f"body of {length} bytes is over the limit of {config.max_body_bytes}")
+        if state["in_flight"] >= config.max_in_flight:
+            return answer(503, f"over the in-flight limit of {config.max_in_flight} requests; retry later")
+        writer: SegmentWriter = state["writer"]
+        state["in_flight"] += 1
+        metrics.in_flight.inc()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            chunks, size = [], 0
+            try:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > config.max_body_bytes:
+                        return answer(413, f"body is over the limit of {config.max_body_bytes} bytes")
+                    chunks.append(chunk)
+            except ClientDisconnect:
+                return answer(400, "client disconnected before the body was complete")
+            body = b"".join(chunks)
+            metrics.bytes.inc(len(body))
+            if writer.disk_full():
+                return answer(503, "landing disk is full; retry later")
+            try:
+                batch = await loop.run_in_executor(state["pool"], state["decoder"].decode, body)
+            except TooLarge as e:
+                return answer(413, str(e))
+            except BadRequest as e:
+                return answer(400, str(e))
+            metrics.decode_cpu.inc(batch.decode_cpu_s)
+            metrics.metadata.inc(batch.metadata)
+            metrics.exemplars.inc(batch.exemplars)
+            metrics.histograms.inc(batch.histograms)
+            if batch.samples:
+                try:
+                    await asyncio.wrap_future(writer.submit(batch))
+                except DiskFull as e:
+                    log.error("landing write failed, answering 503: %s", e)
+                    return answer(503, "landing write failed (disk full or I/O error); retry later")
+                metrics.samples.inc(batch.samples)
+                metrics.stale.inc(batch.stale)
+                metrics.nonfinite.inc(batch.nonfinite)
+                metrics.unknown.inc(batch.unknown_customer)
+            metrics.latency.observe(loop.time() - t0)
+            return answer(204)
+        finally:
+            state["in_flight"] -= 1
+            metrics.in_flight.dec()
+
+    async def method_not_allowed(request: Request) -> Response:
+        return answer(405, "use POST", Allow="POST")
+
+    async def metrics_endpoint(request: Request) -> Response:
+        writer = state.get("writer")
+        if writer is not None:
+            metrics.fsyncs.set(writer.fsyncs)
+            metrics.fsync_seconds.set(writer.fsync_seconds)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def ready(request: Request) -> Response:
+        return PlainTextResponse("ready\n")
+
+    routes = [
+        Route(WRITE_PATH, write, methods=["POST"]),
+        Route(WRITE_PATH, method_not_allowed, methods=["GET", "PUT", "DELETE", "PATCH"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/-/ready", ready, methods=["GET"]),
+        Route("/-/healthy", ready, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def serve(config: ReceiverConfig, host: str, port: int, log_level: str = "warning") -> None:
+    """Run the receiver until SIGINT/SIGTERM; the open segment is sealed on the way out."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(config),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,  # no request details in logs (DESIGN rule 12)
+        timeout_graceful_shutdown=10,
+        server_header=False,
+    )

@@ -1,0 +1,121 @@
+"""Retention (DESIGN rule 13): raw samples and landing segments are kept for 90 days, then removed.
+
+A raw day is removed only when it is older than the retention period AND its month has been
+invoiced with every invoice finalized: data behind a draft (or not yet billed) month stays.
+Aggregates (data/models), invoices and the Stripe outbox are never touched here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+from .settings import Paths
+
+DEFAULT_RETENTION_DAYS = 90
+
+
+@dataclass(frozen=True)
+class Candidate:
+    path: Path
+    day: date | None
+    bytes: int
+    action: str  # remove | keep
+    reason: str
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def month_fully_finalized(paths: Paths, month: date) -> tuple[bool, str]:
+    """(True, "") when the month has invoices and all are finalized; else (False, why)."""
+    folder = paths.invoices / f"{month:%Y-%m}"
+    docs = [json.loads(f.read_text()) for f in sorted(folder.glob("*.json")) if f.name != "registry.json"]
+    docs = [d for d in docs if isinstance(d, dict) and "status" in d]
+    if not docs:
+        return False, f"{month:%Y-%m} has no invoices yet"
+    drafts = [d["customer_id"] for d in docs if d["status"] != "finalized"]
+    if drafts:
+        return False, f"{month:%Y-%m} has {len(drafts)} draft invoice(s) ({', '.join(drafts[:3])}{'...' if len(drafts) > 3 else ''})"
+    return True, ""
+
+
+def plan(paths: Paths, *, today: date | None = None, retention_days: int = DEFAULT_RETENTION_DAYS) -> list[Candidate]:
+    """What retention would do today: every raw day and landing file older than the cut-off."""
+    if retention_days < 1:
+        raise ValueError(f"retention of {retention_days} days: give at least 1 (DESIGN default 90)")
+    today = today or datetime.now(timezone.utc).date()
+    cutoff = today - timedelta(days=retention_days)
+    out: list[Candidate] = []
+    finalized: dict[date, tuple[bool, str]] = {}
+    for root in (paths.raw_samples, paths.raw_series):
+        for day_dir in sorted(root.glob("date=*")):
+            try:
+                day = date.fromisoformat(day_dir.name[5:])
+            except ValueError:
+                continue
+            if day >= cutoff:
+                continue
+            month = day.replace(day=1)
+            if month not in finalized:
+                finalized[month] = month_fully_finalized(paths, month)
+            ok, why = finalized[month]
+            action, reason = ("remove", f"older than {retention_days} days ({cutoff})") if ok else ("keep", why)
+            out.append(Candidate(day_dir, day, _size(day_dir), action, reason))
+    if paths.landing.exists():
+        cutoff_ts = datetime(cutoff.year, cutoff.month, cutoff.day, tzinfo=timezone.utc).timestamp()
+        for f in sorted(p for p in paths.landing.rglob("*") if p.is_file()):
+            if f.stat().st_mtime < cutoff_ts:
+                out.append(Candidate(f, None, f.stat().st_size, "remove", f"landing file untouched for {retention_days} days"))
+    return out
+
+
+def apply(candidates: list[Candidate], *, log=print) -> dict:
+    """Remove what the plan says; log every path removed or kept and why."""
+    removed = kept = freed = 0
+    for c in candidates:
+        if c.action == "remove":
+            if c.path.is_dir():
+                shutil.rmtree(c.path)
+            else:
+                c.path.unlink(missing_ok=True)
+            removed += 1
+            freed += c.bytes
+            log(f"removed {c.path} ({c.bytes} bytes): {c.reason}")
+        else:
+            kept += 1
+            log(f"kept {c.path}: {c.reason}")
+    return {"removed": removed, "kept": kept, "bytes_freed": freed}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("retention", help="remove raw data past the retention period (never behind a draft invoice)")
+    p.add_argument("--days", type=int, default=DEFAULT_RETENTION_DAYS, help="retention in days (default 90)")
+    p.add_argument("--dry-run", action="store_true", help="show what would be removed, remove nothing")
+    p.set_defaults(func=cmd_retention)
+
+
+def cmd_retention(args) -> int:
+    from .cli import CliError, _emit, _paths, console
+
+    paths = _paths(args)
+    try:
+        candidates = plan(paths, retention_days=args.days)
+    except ValueError as e:
+        raise CliError(f"--days {args.days}: {e}") from None
+    rows = [{"action": c.action, "path": str(c.path), "bytes": c.bytes, "reason": c.reason} for c in candidates]
+    if not rows:
+        console.print(f"nothing is older than {args.days} days under {paths.data_dir}")
+        return 0
+    if args.dry_run:
+        _emit(rows, "table", title=f"Retention plan ({args.days} days), dry run: nothing removed")
+        return 0
+    figures = apply(candidates, log=lambda msg: console.print(msg, highlight=False))
+    console.print(f"removed {figures['removed']} paths ({figures['bytes_freed']:,} bytes), kept {figures['kept']}")
+    return 0

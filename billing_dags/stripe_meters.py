@@ -1,0 +1,285 @@
+"""Stripe meters for the seeds, and the `billing stripe ...` commands (DESIGN rule 9).
+
+Every meter of ``seeds/meters.csv`` with a ``stripe_event_name`` needs a Stripe billing meter with
+that event name, configured so that the outbox's events mean what they say: ``sum`` aggregation,
+``event_time_window=day`` (the newest event of a customer's UTC day replaces the earlier ones, so
+a corrected day sent as a new revision overwrites rather than adds), customers mapped by id from
+``payload[stripe_customer_id]`` (the ``stripe_customer_id`` of ``seeds/customers.csv``) and the
+value read from ``payload[value]``.
+
+``sync_meters`` lists the account's meters (every page), creates the missing ones and reports
+each as ``existing``, ``created`` or ``conflicting``. Stripe meters are immutable except their
+display name, so a meter with the right event name but other settings (or deactivated) is
+reported with the differences and never modified: fix it in the Stripe Dashboard or pick another
+event name in the seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from typing import Any, Callable, Iterable, Mapping
+
+#: the settings every billing_dags meter has in Stripe
+CUSTOMER_PAYLOAD_KEY = "stripe_customer_id"
+VALUE_PAYLOAD_KEY = "value"
+FORMULA = "sum"
+EVENT_TIME_WINDOW = "day"
+DISPLAY_NAME_MAX = 250
+
+
+class StripeMeterError(ValueError):
+    """Seeds or Stripe state that sync-meters cannot act on; the message names it and the fix."""
+
+
+def desired_meter(meter: Mapping) -> dict:
+    """The Stripe meter a seeds meter needs (as nested create parameters)."""
+    name = meter.get("description") or meter["meter_id"]
+    display = f"{name} ({meter['meter_id']})" if meter.get("description") else name
+    return {
+        "display_name": display[:DISPLAY_NAME_MAX],
+        "event_name": meter["stripe_event_name"],
+        "default_aggregation": {"formula": FORMULA},
+        "customer_mapping": {"event_payload_key": CUSTOMER_PAYLOAD_KEY, "type": "by_id"},
+        "value_settings": {"event_payload_key": VALUE_PAYLOAD_KEY},
+        "event_time_window": EVENT_TIME_WINDOW,
+    }
+
+
+def desired_meters(meters: Iterable[Mapping]) -> list[dict]:
+    """One desired Stripe meter per seeds meter with a stripe_event_name, sorted by event name."""
+    out: dict[str, dict] = {}
+    for m in meters:
+        ev = m.get("stripe_event_name")
+        if not ev:
+            continue
+        if ev in out:
+            raise StripeMeterError(
+                f"seeds/meters.csv: meters {out[ev]['meter_id']!r} and {m['meter_id']!r} share stripe_event_name {ev!r}; "
+                "give each meter its own event name (Stripe sums every event of a name into one meter)"
+            )
+        out[ev] = {**desired_meter(m), "meter_id": m["meter_id"]}
+    return [out[k] for k in sorted(out)]
+
+
+def _get(obj: Any, *keys: str) -> Any:
+    for k in keys:
+        if obj is None:
+            return None
+        obj = obj.get(k) if isinstance(obj, Mapping) else getattr(obj, k, None)
+    return obj
+
+
+def differences(existing: Any, desired: Mapping) -> list[str]:
+    """How an existing Stripe meter differs from the desired one (display name ignored: it is cosmetic)."""
+    diffs = []
+    checks = [
+        ("status", _get(existing, "status"), "active"),
+        ("default_aggregation.formula", _get(existing, "default_aggregation", "formula"), desired["default_aggregation"]["formula"]),
+        ("event_time_window", _get(existing, "event_time_window"), desired["event_time_window"]),
+        ("customer_mapping.event_payload_key", _get(existing, "customer_mapping", "event_payload_key"), desired["customer_mapping"]["event_payload_key"]),
+        ("customer_mapping.type", _get(existing, "customer_mapping", "type"), desired["customer_mapping"]["type"]),
+        ("value_settings.event_payload_key", _get(existing, "value_settings", "event_payload_key"), desired["value_settings"]["event_payload_key"]),
+    ]
+    for what, have, want in checks:
+        if have != want:
+            diffs.append(f"{what} is {have!r}, needs {want!r}")
+    return diffs
+
+
+def list_meters(client) -> list:
+    """Every meter of the account (all pages, active and inactive)."""
+    page = client.v1.billing.meters.list(params={"limit": 100})
+    return list(page.auto_paging_iter())
+
+
+@dataclass
+class MeterSync:
+    event_name: str
+    meter_id: str
+    action: str  # existing | created | conflicting | missing (dry-run) | failed
+    stripe_meter_id: str | None = None
+    detail: str = ""
+
+
+@dataclass
+class SyncReport:
+    mode: str
+    items: list[MeterSync] = field(default_factory=list)
+
+    def by_action(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for i in self.items:
+            out[i.action] = out.get(i.action, 0) + 1
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not any(i.action in ("conflicting", "failed") for i in self.items)
+
+
+def _create_key(desired: Mapping) -> str:
+    """Idempotency-Key of a meter creation: the same settings give the same key (a retried create
+    never makes a second meter)."""
+    settings = "|".join(str(desired[k]) for k in ("event_name", "default_aggregation", "customer_mapping", "value_settings", "event_time_window"))
+    return "billing-dags-meter-" + hashlib.sha256(settings.encode()).hexdigest()[:32]
+
+
+def sync_meters(client, meters: Iterable[Mapping]) -> SyncReport:
+    """Create the Stripe meters the seeds need and report the rest; ``client`` None is a dry run
+    (nothing listed, nothing created: every meter is reported ``missing``)."""
+    import stripe
+
+    from .stripe_outbox import _error_text
+
+    wanted = desired_meters(meters)
+    if client is None:
+        return SyncReport("dry_run", [MeterSync(d["event_name"], d["meter_id"], "missing", None, "dry-run: no STRIPE_API_KEY") for d in wanted])
+    by_event: dict[str, list] = {}
+    for m in list_meters(client):
+        by_event.setdefault(_get(m, "event_name"), []).append(m)
+    report = SyncReport("live")
+    for d in wanted:
+        found = by_event.get(d["event_name"], [])
+        active = [m for m in found if _get(m, "status") == "active"]
+        candidates = active or found
+        if candidates:
+            match = next((m for m in candidates if not differences(m, d)), None)
+            if match is not None:
+                report.items.append(MeterSync(d["event_name"], d["meter_id"], "existing", _get(match, "id")))
+            else:
+                m = candidates[0]
+                report.items.append(MeterSync(d["event_name"], d["meter_id"], "conflicting", _get(m, "id"),
+                                              "; ".join(differences(m, d)) + " (meters are immutable: fix it in the Stripe Dashboard or change stripe_event_name in seeds/meters.csv)"))
+            continue
+        params = {k: v for k, v in d.items() if k != "meter_id"}
+        try:
+            created = client.v1.billing.meters.create(params=params, options={"idempotency_key": _create_key(d)})
+        except stripe.StripeError as e:
+            report.items.append(MeterSync(d["event_name"], d["meter_id"], "failed", None, _error_text(e)))
+            continue
+        report.items.append(MeterSync(d["event_name"], d["meter_id"], "created", _get(created, "id")))
+    return report
+
+
+# --------------------------------------------------------------------------- sending days
+
+
+def days_of(day: str | None, month: str | None) -> list[date]:
+    """The UTC days of ``--day YYYY-MM-DD`` or ``--month YYYY-MM``."""
+    from .cli import CliError, next_month, parse_month
+
+    if bool(day) == bool(month):
+        raise CliError("give exactly one of --day YYYY-MM-DD or --month YYYY-MM")
+    if day:
+        try:
+            return [date.fromisoformat(day)]
+        except ValueError:
+            raise CliError(f"day {day!r} is not YYYY-MM-DD; give e.g. --day 2026-10-03") from None
+    start = parse_month(month)
+    out, d = [], start
+    while d < next_month(start):
+        out.append(d)
+        d += timedelta(days=1)
+    return out
+
+
+def send_days(paths, days: list[date], client, *, now: datetime, log: Callable[[str], None] | None = None, **sender_options) -> tuple[list[dict], Any]:
+    """Send the outbox of each day with one sender (so a down API stops the whole run) and store
+    the outcome after each day. Returns (one summary row per day with an outbox, the sender)."""
+    from . import stripe_outbox as ob
+
+    sender = ob.Sender(client, now=now, log=log, **sender_options)
+    summary = []
+    for d in days:
+        rows = ob.read_outbox(paths, d)
+        if not rows:
+            continue
+        before = dict(sender.stats)
+        out = sender.send(rows)
+        if out != rows:  # a rerun with nothing to do leaves the file alone
+            ob.write_outbox(paths, d, out)
+        counts = {s: 0 for s in ob.STATUSES}
+        for r in out:
+            counts[r["status"]] += 1
+        summary.append({"day": d.isoformat(), "events": len(out), "sent_now": sender.stats["sent"] - before["sent"],
+                        "failed_now": sender.stats["failed"] - before["failed"], **counts})
+    return summary, sender
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _client_from_env():
+    from .stripe_outbox import make_client
+
+    retries = os.environ.get("STRIPE_MAX_NETWORK_RETRIES") or "3"
+    if not retries.isdigit():
+        from .cli import CliError
+
+        raise CliError(f"STRIPE_MAX_NETWORK_RETRIES={retries!r} is not a whole number; unset it or give e.g. 3")
+    return make_client(os.environ.get("STRIPE_API_KEY"), os.environ.get("STRIPE_API_BASE"), int(retries))
+
+
+def cmd_sync_meters(args) -> int:
+    from .cli import CliError, _emit, _paths, console
+    from .seeds import load_seeds
+
+    paths = _paths(args)
+    seeds = load_seeds(paths.seeds_dir)
+    try:
+        report = sync_meters(_client_from_env(), seeds["meters"].to_pylist())
+    except StripeMeterError as e:
+        raise CliError(str(e)) from None
+    rows = [{"event_name": i.event_name, "meter": i.meter_id, "action": i.action, "stripe_meter": i.stripe_meter_id or "", "detail": i.detail} for i in report.items]
+    _emit(rows, args.format, title=f"Stripe meters ({report.mode})")
+    customers = seeds["customers"].to_pylist()
+    without = [c["customer_id"] for c in customers if not c.get("stripe_customer_id")]
+    if args.format == "table":
+        console.print(f"{report.by_action()}; {len(customers) - len(without)} of {len(customers)} customers have a stripe_customer_id"
+                      + (f" (not sent to Stripe: {', '.join(without[:10])}{' ...' if len(without) > 10 else ''})" if without else ""))
+        if report.mode == "dry_run":
+            console.print("dry-run: set STRIPE_API_KEY (and STRIPE_API_BASE for a proxy or test server) to create them")
+    return 0 if report.ok else 1
+
+
+def cmd_send(args) -> int:
+    from .cli import _emit, _paths, console
+
+    paths = _paths(args)
+    days = days_of(args.day, args.month)
+    client = _client_from_env()
+    summary, sender = send_days(paths, days, client, now=datetime.now(timezone.utc), log=lambda m: print(m, file=sys.stderr))
+    if not summary:
+        console.print(f"no outbox for {days[0]}{'' if len(days) == 1 else f' .. {days[-1]}'} in {paths.outbox}; run the stripe_outbox asset (billing run) first")
+        return 0
+    _emit(summary, args.format, title=f"Stripe meter events ({sender.mode})")
+    if args.format == "table":
+        console.print(f"{sender.mode}: {sender.stats}")
+        if sender.stats["failed"]:
+            from . import stripe_outbox as ob
+
+            for d in days:
+                for r in ob.read_outbox(paths, d):
+                    if r["status"] == "failed":
+                        console.print(f"failed {r['identifier']}: {r['last_error']}", highlight=False, soft_wrap=True)
+    return 1 if sender.stats["failed"] or sender.aborted else 0
+
+
+def register(sub) -> None:
+    """Adds `billing stripe sync-meters` and `billing stripe send` to the `billing` parser."""
+    p = sub.add_parser("stripe", help="Stripe: create the meters, send the outbox (dry-run without STRIPE_API_KEY)")
+    ssub = p.add_subparsers(dest="stripe_command", required=True, metavar="SUBCOMMAND")
+
+    s = ssub.add_parser("sync-meters", help="create the Stripe meters the seeds need (sum, daily window); report conflicts")
+    s.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    s.set_defaults(func=cmd_sync_meters)
+
+    s = ssub.add_parser("send", help="send the outbox of a day or a month; already sent events are never sent again")
+    s.add_argument("--day", help="YYYY-MM-DD")
+    s.add_argument("--month", help="YYYY-MM")
+    s.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    s.set_defaults(func=cmd_send)

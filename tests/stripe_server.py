@@ -1,0 +1,480 @@
+"""A local Stripe-compatible HTTP server for tests (billing meters and v1 meter events).
+
+It answers the few endpoints billing_dags uses, through the real ``stripe`` library pointed at it
+with ``base_addresses={"api": server.url}`` (STRIPE_API_BASE):
+
+- ``GET /v1/billing/meters`` (list: ``object``/``data``/``has_more``/``url``, ``limit``,
+  ``starting_after``, ``ending_before``, ``status``), ``GET /v1/billing/meters/{id}``,
+  ``POST /v1/billing/meters`` (create; a second active meter with the same ``event_name`` is a 400),
+- ``GET /v1/billing/meters/{id}/event_summaries`` (per day/hour or per whole range),
+- ``POST /v1/billing/meter_events`` with the checks Stripe documents: a meter for ``event_name``,
+  the meter's customer and value payload keys, an integer value, ``identifier`` at most 100
+  characters and unique, ``timestamp`` within the past 35 days and at most 5 minutes ahead.
+
+Every object is built from Stripe's own example objects in ``../shared/stripe/fixtures3.json``
+(``billing.meter``, ``billing.meter_event``, ``billing.meter_event_summary``), with the fields the
+request decides replaced. Errors are shaped like Stripe's (``{"error": {"type", "code", "message",
+"param", "doc_url"}}``); the messages are modelled on Stripe's, not copied from it.
+
+Idempotency works as Stripe documents it: a POST with an ``Idempotency-Key`` seen before replays
+the saved response (``Idempotent-Replayed: true``) if the parameters are the same and is a 400
+``idempotency_error`` otherwise; only requests that started executing are saved (validation
+errors and injected faults are not). Meters with ``event_time_window`` day or hour keep only the
+newest event per customer and window, so a test can read back what a corrected day is worth.
+
+The server validates timestamps against an injected ``now`` (epoch seconds), never the wall
+clock, so tests are deterministic. Fault injection: ``fail_next(n, status)`` (500/502/503...),
+``rate_limit_next(n, retry_after)`` (429 with Retry-After), ``delay_next(seconds)`` (the request
+executes, then the response is held back past the client's timeout), ``reject_identifier(ident)``
+(a 400 for one event). Standard-library ``ThreadingHTTPServer``: a test fixture, not a product.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "stripe" / "fixtures3.json"
+MAX_PAST_S = 35 * 86_400
+MAX_FUTURE_S = 300
+IDENTIFIER_MAX = 100
+_INT_RE = re.compile(r"^-?\d+$")
+_DOC = "https://stripe.com/docs/error-codes"
+
+
+def load_fixtures(path: Path = FIXTURES) -> dict[str, dict]:
+    return json.loads(Path(path).read_text())["resources"]
+
+
+class StripeHTTPError(Exception):
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}
+        err: dict[str, Any] = {"message": message, "type": type_}
+        if code:
+            err["code"] = code
+            err["doc_url"] = f"{_DOC}#{code.replace('_', '-')}"
+        if param:
+            err["param"] = param
+        self.body = {"error": err}
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> StripeHTTPError:
+    return StripeHTTPError(400, message, param=param, code=code)
+
+
+def _missing(param: str) -> StripeHTTPError:
+    return _bad(f"Missing required param: {param}.", param=param, code="parameter_missing")
+
+
+@dataclass
+class Fault:
+    status: int | None = None  # respond with this status instead of executing
+    retry_after: int | None = None
+    delay_s: float = 0.0  # execute, then hold the response back this long
+    path: str = "/v1/billing/meter_events"
+
+
+@dataclass
+class Received:
+    """One request as the server saw it (the API key itself is not kept, only whether it matched)."""
+
+    method: str
+    path: str
+    form: dict[str, str]
+    idempotency_key: str | None
+    authorized: bool
+    content_type: str | None
+    status: int = 0
+    replayed: bool = False
+    key_in_body: bool = False
+
+
+@dataclass
+class AcceptedEvent:
+    seq: int
+    meter_id: str
+    event_name: str
+    customer: str
+    value: int
+    identifier: str
+    timestamp: int
+    idempotency_key: str | None
+    obj: dict = field(repr=False, default_factory=dict)
+
+
+class StripeServer:
+    """``with StripeServer(now=...) as s: ... s.url ...``; state and counters are plain attributes."""
+
+    def __init__(self, *, now: int | datetime, api_key: str | None = None, fixtures: Path = FIXTURES, page_limit_default: int = 10):
+        self.now = int(now.timestamp()) if isinstance(now, datetime) else int(now)
+        self.api_key = api_key  # None: any "sk_test_..." bearer key is accepted
+        self.fixtures = load_fixtures(fixtures)
+        self.page_limit_default = page_limit_default
+        self.lock = threading.RLock()
+        self.requests: list[Received] = []
+        self.meters: dict[str, dict] = {}  # id -> billing.meter, insertion (creation) order
+        self.events: list[AcceptedEvent] = []
+        self.by_identifier: dict[str, AcceptedEvent] = {}
+        self.idempotency: dict[str, tuple[dict, int, dict]] = {}  # key -> (params, status, body)
+        self.faults: deque[Fault] = deque()
+        self.rejected_identifiers: dict[str, str] = {}
+        self._seq = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                # headers and body go out as separate writes: without this, Nagle's algorithm and
+                # delayed ACKs add ~40 ms to every keep-alive request
+                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def do_GET(self):  # noqa: N802
+                outer._handle(self, "GET")
+
+            def do_POST(self):  # noqa: N802
+                outer._handle(self, "POST")
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="stripe-server", daemon=True)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> "StripeServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> "StripeServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ fault injection
+
+    def fail_next(self, n: int = 1, status: int = 500, path: str = "/v1/billing/meter_events") -> None:
+        with self.lock:
+            self.faults.extend(Fault(status=status, path=path) for _ in range(n))
+
+    def rate_limit_next(self, n: int = 1, retry_after: int | None = 1, path: str = "/v1/billing/meter_events") -> None:
+        with self.lock:
+            self.faults.extend(Fault(status=429, retry_after=retry_after, path=path) for _ in range(n))
+
+    def delay_next(self, seconds: float, n: int = 1, path: str = "/v1/billing/meter_events") -> None:
+        with self.lock:
+            self.faults.extend(Fault(delay_s=seconds, path=path) for _ in range(n))
+
+    def reject_identifier(self, identifier: str, message: str = "This event was rejected by the test server.") -> None:
+        with self.lock:
+            self.rejected_identifiers[identifier] = message
+
+    # ------------------------------------------------------------------ helpers for tests
+
+    def add_meter(self, event_name: str, *, display_name: str | None = None, formula: str = "sum",
+                  event_time_window: str | None = "day", customer_key: str = "stripe_customer_id",
+                  value_key: str = "value", status: str = "active") -> dict:
+        with self.lock:
+            return self._create_meter(
+                {
+                    "display_name": display_name or event_name,
+                    "event_name": event_name,
+                    "default_aggregation[formula]": formula,
+                    "customer_mapping[event_payload_key]": customer_key,
+                    "customer_mapping[type]": "by_id",
+                    "value_settings[event_payload_key]": value_key,
+                    **({"event_time_window": event_time_window} if event_time_window else {}),
+                },
+                status=status,
+            )
+
+    def event_posts(self) -> list[Received]:
+        return [r for r in self.requests if r.method == "POST" and r.path == "/v1/billing/meter_events"]
+
+    def window_values(self, event_name: str) -> dict[tuple[str, date], int]:
+        """{(customer, UTC day): value} for a meter, as its aggregation and event window see it."""
+        with self.lock:
+            meter = self._meter_by_event(event_name)
+            assert meter is not None, f"no meter for {event_name!r}"
+            out: dict[tuple[str, date], int] = {}
+            for (customer, start), value in self._windows(meter).items():
+                d = datetime.fromtimestamp(start, timezone.utc).date()
+                out[(customer, d)] = out.get((customer, d), 0) + value
+            return out
+
+    # ------------------------------------------------------------------ request handling
+
+    def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        split = urlsplit(h.path)
+        length = int(h.headers.get("Content-Length") or 0)
+        raw = h.rfile.read(length).decode() if length else ""
+        query = split.query if method == "GET" else raw
+        form = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+        auth = h.headers.get("Authorization") or ""
+        key = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+        authorized = bool(key) and (key == self.api_key if self.api_key else key.startswith(("sk_test_", "rk_test_")))
+        rec = Received(method, split.path, form, h.headers.get("Idempotency-Key"), authorized, h.headers.get("Content-Type"),
+                       key_in_body=bool(key) and key in raw)
+        headers: dict[str, str] = {}
+        delay = 0.0
+        with self.lock:
+            self.requests.append(rec)
+            fault = self._take_fault(split.path, method)
+        try:
+            if not key:
+                raise StripeHTTPError(401, "You did not provide an API key. You need to provide your API key in the Authorization header, using Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY').")
+            if not authorized:
+                raise StripeHTTPError(401, f"Invalid API Key provided: {key[:8]}{'*' * 8}{key[-4:]}", code="api_key_invalid")
+            if fault is not None and fault.status is not None:
+                if fault.status == 429:
+                    raise StripeHTTPError(429, "Request rate limit exceeded. Retry after a short delay.", code="rate_limit",
+                                          headers={"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {})
+                raise StripeHTTPError(fault.status, "An unknown error occurred while processing the request.", type_="api_error")
+            if fault is not None:
+                delay = fault.delay_s
+            status, body, replayed = self._route(method, split.path, form, rec.idempotency_key)
+            if replayed:
+                headers["Idempotent-Replayed"] = "true"
+                rec.replayed = True
+        except StripeHTTPError as e:
+            status, body = e.status, e.body
+            headers.update(e.headers)
+        rec.status = status
+        if delay:
+            time.sleep(delay)
+        self._reply(h, status, body, headers)
+
+    def _take_fault(self, path: str, method: str) -> Fault | None:
+        if method != "POST":
+            return None
+        for i, f in enumerate(self.faults):
+            if f.path == path:
+                del self.faults[i]
+                return f
+        return None
+
+    def _reply(self, h: BaseHTTPRequestHandler, status: int, body: dict, headers: dict[str, str]) -> None:
+        data = json.dumps(body).encode()
+        try:
+            h.send_response(status)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(data)))
+            h.send_header("Request-Id", f"req_test{len(self.requests):06d}")
+            h.send_header("Stripe-Version", "2026-10-28")
+            for k, v in headers.items():
+                h.send_header(k, v)
+            h.end_headers()
+            h.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout); it retries with the same Idempotency-Key
+
+    def _route(self, method: str, path: str, form: dict[str, str], idem: str | None) -> tuple[int, dict, bool]:
+        with self.lock:
+            if method == "POST" and idem:
+                saved = self.idempotency.get(idem)
+                if saved is not None:
+                    params, status, body = saved
+                    if params != (path, form):
+                        raise StripeHTTPError(400, f"Keys for idempotent requests can only be used with the same parameters they were first used with. Try using a key other than '{idem}' if you meant to execute a different request.", type_="idempotency_error")
+                    return status, copy.deepcopy(body), True
+            status, body = self._execute(method, path, form)
+            if method == "POST" and idem:
+                self.idempotency[idem] = ((path, form), status, copy.deepcopy(body))
+            return status, body, False
+
+    def _execute(self, method: str, path: str, form: dict[str, str]) -> tuple[int, dict]:
+        parts = path.strip("/").split("/")
+        if method == "POST" and path == "/v1/billing/meter_events":
+            return 200, self._create_event(form)
+        if path == "/v1/billing/meters":
+            if method == "POST":
+                return 200, self._create_meter(form)
+            return 200, self._list_meters(form)
+        if len(parts) == 4 and parts[:3] == ["v1", "billing", "meters"] and method == "GET":
+            return 200, self._get_meter(parts[3])
+        if len(parts) == 5 and parts[:3] == ["v1", "billing", "meters"] and parts[4] == "event_summaries" and method == "GET":
+            return 200, self._event_summaries(self._get_meter(parts[3]), form)
+        raise StripeHTTPError(404, f"Unrecognized request URL ({method}: {path}). Please see https://stripe.com/docs or we can help at https://support.stripe.com/.")
+
+    # ------------------------------------------------------------------ meters
+
+    def _meter_by_event(self, event_name: str) -> dict | None:
+        for m in self.meters.values():
+            if m["event_name"] == event_name and m["status"] == "active":
+                return m
+        return None
+
+    def _get_meter(self, meter_id: str) -> dict:
+        m = self.meters.get(meter_id)
+        if m is None:
+            raise StripeHTTPError(404, f"No such billing.meter: '{meter_id}'", code="resource_missing", param="id")
+        return copy.deepcopy(m)
+
+    def _create_meter(self, form: dict[str, str], status: str = "active") -> dict:
+        for p in ("display_name", "event_name", "default_aggregation[formula]"):
+            if not form.get(p):
+                raise _missing(p)
+        formula = form["default_aggregation[formula]"]
+        if formula not in ("count", "sum", "last"):
+            raise _bad(f"Invalid default_aggregation[formula]: must be one of count, sum, or last", param="default_aggregation[formula]", code="parameter_invalid")
+        window = form.get("event_time_window") or None
+        if window not in (None, "day", "hour"):
+            raise _bad("Invalid event_time_window: must be one of day or hour", param="event_time_window", code="parameter_invalid")
+        mapping_type = form.get("customer_mapping[type]", "by_id")
+        if mapping_type != "by_id":
+            raise _bad("Invalid customer_mapping[type]: must be by_id", param="customer_mapping[type]", code="parameter_invalid")
+        if len(form["display_name"]) > 250:
+            raise _bad("display_name must be at most 250 characters.", param="display_name", code="parameter_invalid")
+        if self._meter_by_event(form["event_name"]) is not None:
+            raise _bad(f"A meter with event_name '{form['event_name']}' already exists.", param="event_name", code="resource_already_exists")
+        self._seq += 1
+        meter = copy.deepcopy(self.fixtures["billing.meter"])
+        meter.update(
+            {
+                "id": f"mtr_test_61{self._seq:030d}",
+                "created": self.now,
+                "updated": self.now,
+                "livemode": False,
+                "display_name": form["display_name"],
+                "event_name": form["event_name"],
+                "default_aggregation": {"formula": formula},
+                "customer_mapping": {"event_payload_key": form.get("customer_mapping[event_payload_key]", "stripe_customer_id"), "type": mapping_type},
+                "value_settings": {"event_payload_key": form.get("value_settings[event_payload_key]", "value")},
+                "event_time_window": window,
+                "status": status,
+                "status_transitions": {"deactivated_at": None if status == "active" else self.now},
+            }
+        )
+        self.meters[meter["id"]] = meter
+        return copy.deepcopy(meter)
+
+    def _list_meters(self, form: dict[str, str]) -> dict:
+        try:
+            limit = int(form.get("limit") or self.page_limit_default)
+        except ValueError:
+            raise _bad("Invalid integer: limit", param="limit", code="parameter_invalid") from None
+        if not 1 <= limit <= 100:
+            raise _bad("Invalid limit: must be between 1 and 100", param="limit", code="parameter_invalid")
+        items = list(reversed(self.meters.values()))  # newest first, as Stripe lists
+        if form.get("status"):
+            items = [m for m in items if m["status"] == form["status"]]
+        ids = [m["id"] for m in items]
+        if form.get("starting_after"):
+            if form["starting_after"] not in ids:
+                raise StripeHTTPError(404, f"No such billing.meter: '{form['starting_after']}'", code="resource_missing", param="starting_after")
+            items = items[ids.index(form["starting_after"]) + 1:]
+            page, has_more = items[:limit], len(items) > limit
+        elif form.get("ending_before"):
+            if form["ending_before"] not in ids:
+                raise StripeHTTPError(404, f"No such billing.meter: '{form['ending_before']}'", code="resource_missing", param="ending_before")
+            items = items[: ids.index(form["ending_before"])]
+            page, has_more = items[-limit:], len(items) > limit
+        else:
+            page, has_more = items[:limit], len(items) > limit
+        return {"object": "list", "data": copy.deepcopy(page), "has_more": has_more, "url": "/v1/billing/meters"}
+
+    # ------------------------------------------------------------------ meter events
+
+    def _create_event(self, form: dict[str, str]) -> dict:
+        for p in ("event_name", "payload"):
+            if not form.get(p) and not any(k.startswith(p + "[") for k in form):
+                raise _missing(p)
+        event_name = form["event_name"]
+        meter = self._meter_by_event(event_name)
+        if meter is None:
+            raise _bad(f"No active meter was found matching event_name '{event_name}'.", param="event_name", code="resource_missing")
+        ckey, vkey = meter["customer_mapping"]["event_payload_key"], meter["value_settings"]["event_payload_key"]
+        customer = form.get(f"payload[{ckey}]")
+        if not customer:
+            raise _bad(f"The payload is missing the customer mapping key '{ckey}' required by the meter for event_name '{event_name}'.", param=f"payload[{ckey}]", code="parameter_missing")
+        value = form.get(f"payload[{vkey}]")
+        if value is None:
+            raise _bad(f"The payload is missing the value key '{vkey}'.", param=f"payload[{vkey}]", code="parameter_missing")
+        if not _INT_RE.match(value):
+            raise _bad(f"Invalid value '{value}' for payload[{vkey}]: meter event values must be whole numbers.", param=f"payload[{vkey}]", code="parameter_invalid")
+        identifier = form.get("identifier")
+        if identifier is not None and not 1 <= len(identifier) <= IDENTIFIER_MAX:
+            raise _bad(f"identifier must be between 1 and {IDENTIFIER_MAX} characters.", param="identifier", code="parameter_invalid")
+        if identifier in self.rejected_identifiers:
+            raise _bad(self.rejected_identifiers[identifier], param="payload")
+        if "timestamp" in form:
+            if not _INT_RE.match(form["timestamp"]):
+                raise _bad("Invalid integer: timestamp", param="timestamp", code="parameter_invalid")
+            ts = int(form["timestamp"])
+        else:
+            ts = self.now
+        if ts < self.now - MAX_PAST_S:
+            raise _bad("Timestamp must be within the past 35 days.", param="timestamp", code="timestamp_too_far_in_past")
+        if ts > self.now + MAX_FUTURE_S:
+            raise _bad("Timestamp must not be more than 5 minutes in the future.", param="timestamp", code="timestamp_in_future")
+        if identifier is None:
+            identifier = f"auto_{self._seq + 1:012d}"
+        if identifier in self.by_identifier:
+            raise _bad(f"An event with identifier '{identifier}' already exists. Identifiers must be unique.", param="identifier", code="resource_already_exists")
+        self._seq += 1
+        obj = copy.deepcopy(self.fixtures["billing.meter_event"])
+        obj.update({"created": self.now, "event_name": event_name, "identifier": identifier, "livemode": False,
+                    "payload": {k[len("payload["):-1]: v for k, v in form.items() if k.startswith("payload[")}, "timestamp": ts})
+        ev = AcceptedEvent(self._seq, meter["id"], event_name, customer, int(value), identifier, ts, None, obj)
+        self.events.append(ev)
+        self.by_identifier[identifier] = ev
+        return copy.deepcopy(obj)
+
+    def _windows(self, meter: dict) -> dict[tuple[str, int], int]:
+        """{(customer, window start): aggregated value}; with a day/hour window only the newest event
+        of each (customer, window) counts, without one every event of the day counts."""
+        size = {"day": 86_400, "hour": 3_600}.get(meter["event_time_window"] or "", 86_400)
+        kept: dict[tuple[str, int], list[AcceptedEvent]] = {}
+        for ev in sorted((e for e in self.events if e.meter_id == meter["id"]), key=lambda e: e.seq):
+            key = (ev.customer, ev.timestamp - ev.timestamp % size)
+            if meter["event_time_window"]:
+                kept[key] = [ev]  # the newest event replaces the earlier ones of its window
+            else:
+                kept.setdefault(key, []).append(ev)
+        formula = meter["default_aggregation"]["formula"]
+        agg = {"sum": lambda evs: sum(e.value for e in evs), "count": len, "last": lambda evs: evs[-1].value}[formula]
+        return {k: agg(v) for k, v in kept.items()}
+
+    def _event_summaries(self, meter: dict, form: dict[str, str]) -> dict:
+        for p in ("customer", "start_time", "end_time"):
+            if not form.get(p):
+                raise _missing(p)
+        start, end = int(form["start_time"]), int(form["end_time"])
+        grouping = form.get("value_grouping_window")
+        size = {"day": 86_400, "hour": 3_600}.get(grouping or "")
+        buckets: dict[int, int] = {}
+        for (customer, wstart), value in self._windows(meter).items():
+            if customer != form["customer"] or not start <= wstart < end:
+                continue
+            b = wstart - wstart % size if size else start
+            buckets[b] = buckets.get(b, 0) + value
+        data = []
+        for b in sorted(buckets):
+            s = copy.deepcopy(self.fixtures["billing.meter_event_summary"])
+            s.update({"id": f"mtrusg_test_{meter['id'][-8:]}_{b}", "aggregated_value": buckets[b], "start_time": b,
+                      "end_time": b + size if size else end, "meter": meter["id"], "livemode": False})
+            data.append(s)
+        return {"object": "list", "data": data, "has_more": False, "url": f"/v1/billing/meters/{meter['id']}/event_summaries"}

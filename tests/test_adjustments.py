@@ -1,0 +1,157 @@
+"""Adjustments (issue 5.5; rule 8): a finalized invoice is never edited; a recomputation that changes its
+charges is carried once, as a signed adjustment line with the reason, on the customer's next invoice;
+credits apply after adjustments and a total never goes below zero."""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime, timezone
+from decimal import Decimal
+
+import pytest
+
+from billing_dags import credits as cr
+from billing_dags.credits import Grant
+from billing_dags.invoices import build_invoices, write_invoice_files
+from billing_dags.settings import Paths
+
+UTC = timezone.utc
+JAN, FEB, MAR, APR = date(2025, 1, 1), date(2025, 2, 1), date(2025, 3, 1), date(2025, 4, 1)
+LATER = datetime(2025, 6, 1, tzinfo=UTC)  # January..April are final
+CUSTOMERS = [{"customer_id": "acme", "name": "Acme", "currency": "usd", "plan_id": "pro"}]
+PLANS = [{"plan_id": "pro", "version": 1, "name": "Pro", "currency": "usd"}]
+CURRENCIES = [{"currency": "usd", "minor_unit_exponent": 2}]
+
+
+def manifest(raw_hash: str = "aa") -> dict:
+    return {"month": "x", "raw_samples": {"raw/samples/date=2025-01-31/part-sim.parquet": raw_hash * 32}, "seeds": {"meters.csv": "cd" * 32}, "code_version": "1"}
+
+
+def lines(month: date, usage_minor: int) -> list[dict]:
+    common = {"month": month, "customer_id": "acme", "plan_id": "pro", "plan_version": 1, "currency": "usd", "dimension": ""}
+    return [
+        {**common, "line_number": 1, "line_type": "base_fee", "meter_id": None, "description": "Pro base fee",
+         "quantity": Decimal(1), "unit": "month", "unit_price": Decimal("10"), "amount_minor": 1000},
+        {**common, "line_number": 2, "line_type": "usage", "meter_id": "proxy_bytes", "description": "per GiB",
+         "quantity": Decimal("12.5"), "unit": "gib", "unit_price": Decimal("0.05"), "amount_minor": usage_minor},
+    ]
+
+
+def bill(p: Paths, month: date, usage_minor: int, *, now=LATER, raw="aa", grants=()) -> dict:
+    docs = build_invoices(lines(month, usage_minor), CUSTOMERS, PLANS, CURRENCIES, month, now=now, manifest=manifest(raw), paths=p, grants=list(grants))
+    res = write_invoice_files(p, docs)
+    cr.write_ledger(p, list(grants), {"usd": 2})
+    stored = json.loads((p.invoices / f"{month:%Y-%m}" / "acme.json").read_text())
+    stored["_result"] = res
+    return stored
+
+
+def adjustments(doc: dict) -> list[tuple[str, int, str]]:
+    return [(l["adjusts"]["month"], l["amount_minor"], l["description"]) for l in doc["lines"] if l["line_type"] == "adjustment"]
+
+
+def all_files(p: Paths) -> dict:
+    return {f.relative_to(p.invoices).as_posix(): f.read_bytes() for f in sorted(p.invoices.rglob("*")) if f.is_file() and not f.name.startswith(".")}
+
+
+@pytest.fixture
+def p(tmp_path) -> Paths:
+    return Paths(tmp_path / "data", tmp_path / "seeds")
+
+
+def test_recomputed_finalized_invoice_is_adjusted_exactly_once_on_the_next_invoice(p):
+    jan = bill(p, JAN, 1234)  # 10.00 + 12.34
+    assert jan["invoice_number"] == "INV-2025-000001" and jan["total"] == "22.34"
+    jan_bytes = (p.invoices / "2025-01" / "acme.json").read_bytes()
+
+    # late data raises January's usage by 2.66: January stays as it was, the difference waits
+    rerun = bill(p, JAN, 1500, raw="bb")
+    assert rerun["_result"]["changed_after_finalization"] == ["acme"]
+    assert (p.invoices / "2025-01" / "acme.json").read_bytes() == jan_bytes
+    pending = json.loads((p.invoices / "2025-01" / "pending_adjustments" / "acme.json").read_text())
+    assert (pending["finalized_charges_minor"], pending["recomputed_charges_minor"], pending["delta"]) == (2234, 2500, "2.66")
+
+    feb = bill(p, FEB, 1000)
+    reason = "usage of 2025-01 recomputed after late data: INV-2025-000001 charges 22.34 -> 25.00"
+    assert adjustments(feb) == [("2025-01", 266, reason)]
+    assert feb["lines"][2]["line_number"] == 3 and feb["lines"][2]["amount"] == "2.66"
+    assert feb["lines"][2]["adjusts"] == {"kind": "recompute", "month": "2025-01", "invoice_number": "INV-2025-000001"}
+    assert (feb["charges_minor"], feb["adjustments_minor"], feb["total_minor"]) == (2000, 266, 2266)
+
+    # consumed: not on March, and rerunning February or January changes nothing
+    mar = bill(p, MAR, 1000)
+    assert adjustments(mar) == [] and mar["total_minor"] == 2000
+    before = all_files(p)
+    bill(p, JAN, 1500, raw="bb")
+    bill(p, FEB, 1000)
+    bill(p, MAR, 1000)
+    assert all_files(p) == before
+
+
+def test_negative_adjustment_and_only_the_new_difference_after_a_second_recomputation(p):
+    bill(p, JAN, 1234)
+    bill(p, JAN, 1000, raw="bb")  # usage corrected down by 2.34
+    feb = bill(p, FEB, 1000)
+    assert [(m, a) for m, a, _ in adjustments(feb)] == [("2025-01", -234)]
+    assert "INV-2025-000001 charges 22.34 -> 20.00" in adjustments(feb)[0][2]
+    # January recomputed again (now +1.00 against what was finalized): only what was not yet carried follows
+    bill(p, JAN, 1334, raw="cc")
+    mar = bill(p, MAR, 1000)
+    assert adjustments(mar) == [("2025-01", 334, "usage of 2025-01 recomputed after late data: INV-2025-000001 charges 22.34 -> 23.34 (-2.34 already adjusted)")]
+    # back to the finalized figures: the carried corrections are reversed once more
+    bill(p, JAN, 1234)
+    apr = bill(p, APR, 1000)
+    assert [(m, a) for m, a, _ in adjustments(apr)] == [("2025-01", -100)]
+    assert bill(p, date(2025, 5, 1), 1000, now=datetime(2025, 7, 1, tzinfo=UTC))["adjustments_minor"] == 0
+
+
+def test_drafts_show_an_adjustment_without_consuming_it(p):
+    bill(p, JAN, 1234)
+    bill(p, JAN, 1500, raw="bb")
+    feb_draft_time = datetime(2025, 3, 2, tzinfo=UTC)  # February is still in its grace period
+    feb = bill(p, FEB, 1000, now=feb_draft_time)
+    assert feb["status"] == "draft" and [a for _, a, _ in adjustments(feb)] == [266]
+    assert [a for _, a, _ in adjustments(bill(p, FEB, 1000, now=feb_draft_time))] == [266]  # still once, not twice
+    feb = bill(p, FEB, 1000)  # finalized: consumes it
+    assert feb["status"] == "finalized" and [a for _, a, _ in adjustments(feb)] == [266]
+    assert adjustments(bill(p, MAR, 1000)) == []
+
+
+def test_credits_apply_after_adjustments(p):
+    grants = [Grant("g", "acme", "usd", 1000, date(2024, 12, 1), None, "Prepaid")]
+    jan = bill(p, JAN, 1234, grants=grants)
+    assert jan["total_minor"] == 2234 - 1000 and jan["credits_used"] == "10.00"
+    bill(p, JAN, 1500, raw="bb", grants=grants)  # the finalized credit draw stands; the charge difference follows
+    feb = bill(p, FEB, 1000, grants=grants)
+    assert [l["line_type"] for l in feb["lines"]] == ["base_fee", "usage", "adjustment"]  # the grant is used up
+    assert feb["total_minor"] == 2000 + 266
+
+
+def test_a_total_never_goes_below_zero_and_the_remainder_is_carried(p):
+    grants = [Grant("g", "acme", "usd", 500, date(2024, 12, 1), None, "Prepaid")]
+    bill(p, JAN, 5000, grants=grants)  # 60.00 - 5.00 credit
+    bill(p, JAN, 0, raw="bb", grants=grants)  # January's usage was wrong: -50.00
+    feb = bill(p, FEB, 1000, grants=grants)  # 20.00 - 50.00 = -30.00
+    types = [(l["line_type"], l["amount_minor"]) for l in feb["lines"]]
+    assert types == [("base_fee", 1000), ("usage", 1000), ("adjustment", -5000), ("carry_forward", 3000)]
+    assert (feb["total_minor"], feb["credits_used_minor"], feb["carried_forward"]) == (0, 0, "30.00")
+    mar = bill(p, MAR, 4000, grants=grants)  # 50.00 - 30.00 carried, then no credit left
+    assert adjustments(mar) == [("2025-02", -3000, "credit balance carried from INV-2025-000002 (2025-02)")]
+    assert mar["total_minor"] == 2000 and mar["credits_used_minor"] == 0
+    assert adjustments(bill(p, APR, 1000, grants=grants)) == []
+
+
+def test_unchanged_inputs_reproduce_every_file_including_the_ledger(p):
+    grants = [Grant("g1", "acme", "usd", 1500, date(2024, 12, 1), date(2025, 3, 1), "Early"), Grant("g2", "acme", "usd", 4000, date(2024, 12, 1), None, "Late")]
+
+    def history():
+        bill(p, JAN, 1234, grants=grants)
+        bill(p, JAN, 1500, raw="bb", grants=grants)
+        bill(p, FEB, 1000, grants=grants)
+        bill(p, MAR, 800, now=datetime(2025, 4, 2, tzinfo=UTC), grants=grants)  # March still a draft
+
+    history()
+    first = all_files(p)
+    assert {"credits_ledger.json", "registry.json", "2025-01/pending_adjustments/acme.json", "2025-03/acme.html"} <= set(first)
+    history()
+    assert all_files(p) == first

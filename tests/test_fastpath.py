@@ -1,0 +1,175 @@
+"""The Python engine of fct_series_edges_by_day (billing_dags/fastpath.py) against its SQL spec.
+
+Every test runs both engines on the same raw partition and asserts the Arrow tables are equal:
+same schema, rows and values, to the unit (DECIMAL(38, 9) sums included).
+"""
+
+from __future__ import annotations
+
+from datetime import date
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from billing_dags import fastpath, raw, simulate
+from billing_dags.seeds import read_seed
+from billing_dags.settings import STALENESS_MS
+from billing_dags.sqlmodels import Window, load_project, run_model
+
+DAY = date(2026, 3, 10)
+WINDOW = Window(DAY, date(2026, 3, 11))
+START, END = raw.day_bounds_ms(DAY)
+STALE = np.array([simulate.STALE_NAN_BITS], dtype=np.uint64).view(np.float64)[0]
+
+
+def both(paths) -> tuple[pa.Table, pa.Table]:
+    sql = run_model(paths, "fct_series_edges_by_day", WINDOW, engine="sql").table
+    fast = run_model(paths, "fct_series_edges_by_day", WINDOW).table  # the configured engine
+    key = [("series_id", "ascending")]
+    return sql.sort_by(key), fast.sort_by(key)
+
+
+def assert_same(sql: pa.Table, fast: pa.Table) -> None:
+    assert fast.schema == sql.schema
+    assert fast.num_rows == sql.num_rows
+    for name in sql.column_names:
+        assert fast[name].equals(sql[name]), (name, sql[name].to_pylist()[:5], fast[name].to_pylist()[:5])
+    assert fast.equals(sql)
+
+
+def write_raw(paths, rows: list[tuple[int, int, float]], name: str = "part-test.parquet", row_group_size=None) -> None:
+    """Write samples as given (sorted by series and ts, duplicates kept): write_day would dedup."""
+    sid, ts, val = (list(c) for c in zip(*rows)) if rows else ([], [], [])
+    t = pa.table({"series_id": pa.array(sid, pa.int64()), "ts": pa.array(ts, pa.int64()), "value": pa.array(val, pa.float64())})
+    d = raw.samples_day_dir(paths, DAY)
+    d.mkdir(parents=True, exist_ok=True)
+    pq.write_table(t, d / name, row_group_size=row_group_size)
+
+
+def test_the_model_is_configured_to_run_in_python():
+    model = load_project().models["fct_series_edges_by_day"]
+    assert model.config["engine"] == "python"
+    assert model.config["python"] == "billing_dags.fastpath:edges_by_day"
+
+
+def test_simulated_day_equals_the_sql(paths):
+    customers = read_seed(paths.seeds_dir, "customers")
+    simulate.write_simulated_day(paths, DAY, customers, interval_s=60)
+    sql, fast = both(paths)
+    assert fast.num_rows > 20 and sum(fast["resets"].to_pylist()) >= 0
+    assert_same(sql, fast)
+
+
+def test_edge_cases_equal_the_sql(paths):
+    m = 60_000
+    rows = []
+    # a counter with a reset, a gap longer than staleness, NaN, Inf, a staleness marker
+    vals = [10, 15, 15, 3, float("nan"), 9, float("inf"), STALE, 12]
+    rows += [(1, START + i * m * (7 if i == 6 else 1), v) for i, v in enumerate(vals)]
+    # duplicates of (series, ts): the SQL keeps the smallest finite value
+    rows += [(2, START, 5.0), (2, START, 4.0), (2, START + m, 7.0), (2, START + m, float("nan")), (2, START + m, 6.0), (2, START + 2 * m, 8.0)]
+    # a series entirely NaN / stale
+    rows += [(3, START + i * m, float("nan") if i % 2 else STALE) for i in range(4)]
+    # fractional values: short decimals, 1/3 (more than 9 decimals), tiny, halves at 1e-9
+    rows += [(4, START + i * m, v) for i, v in enumerate([0.1, 0.2, 1 / 3, 1e-10, 2.5e-9, 12345678.123456789, 0.7, -1.5e-9])]
+    # integers near and beyond 2**53, and a counter big enough to wrap int64 products
+    rows += [(5, START + i * m, float(v)) for i, v in enumerate([2**53 - 1, 2**53, 2**53 + 2, 2**60, 1e20, 3])]
+    rows += [(6, START + i * 15_000, 1e15 + i * 1_000_003.0) for i in range(5760)]
+    # a single sample, at the last millisecond of the day
+    rows += [(7, END - 1, 42.0)]
+    # negative gauge values, fractional with 3 decimals (cpu seconds) large enough for scale 3 only
+    rows += [(8, START + i * 15_000, v) for i, v in enumerate([-5.0, -2.0, 3.25, 1234567890.123, 1234567891.5])]
+    # a series id at the extremes of int64
+    rows += [(-(2**63), START, 1.0), (-(2**63), START + m, 2.0), (2**63 - 1, START + 5, 7.0)]
+    rows.sort(key=lambda r: (r[0], r[1]))
+    write_raw(paths, rows)
+    sql, fast = both(paths)
+    assert_same(sql, fast)
+    by_id = {r["series_id"]: r for r in fast.to_pylist()}
+    assert by_id[3]["samples"] == 0 and by_id[3]["dropped_samples"] == 4 and by_id[3]["peak"] is None
+    assert by_id[2]["first_value"] == 4.0 and by_id[2]["samples"] == 3
+    assert by_id[7]["in_day_covered_ms"] == 1 and by_id[7]["max_gap_ms"] == 0
+
+
+def test_several_files_and_row_groups(paths):
+    """Sources whose series overlap are merged; disjoint ones stream row group by row group."""
+    rng = np.random.default_rng(7)
+    rows_a, rows_b = [], []
+    for s in range(40):
+        ts = START + np.sort(rng.choice(86_400, size=200, replace=False)) * 1000
+        vals = np.cumsum(rng.integers(0, 1000, size=200)).astype(float)
+        vals[rng.random(200) < 0.02] = np.nan
+        for t, v in zip(ts.tolist(), vals.tolist()):
+            (rows_a if (s < 20 or t % 2) else rows_b).append((s * 1_000_003 - 20_000_000, t, v))
+    rows_b.append((rows_a[0][0], rows_a[0][1], -1.0))  # a duplicate across sources, smaller
+    write_raw(paths, sorted(rows_a), "part-a.parquet", row_group_size=1000)
+    write_raw(paths, sorted(rows_b), "part-b.parquet", row_group_size=700)
+    sql, fast = both(paths)
+    assert_same(sql, fast)
+
+
+def test_random_values_of_every_kind(paths):
+    rng = np.random.default_rng(3)
+    rows = []
+    for s in range(60):
+        n = int(rng.integers(1, 400))
+        ts = START + np.sort(rng.choice(86_400_000 // 250, size=n, replace=False)) * 250
+        kind = s % 6
+        if kind == 0:
+            v = np.cumsum(rng.integers(0, 10**12, size=n)).astype(float)  # bytes counter
+        elif kind == 1:
+            v = np.round(np.cumsum(rng.random(n) * 10), 3)  # cpu seconds
+        elif kind == 2:
+            v = rng.normal(0, 1e6, n)  # arbitrary doubles
+        elif kind == 3:
+            v = rng.integers(-(2**53), 2**53, size=n).astype(float)
+        elif kind == 4:
+            v = np.round(rng.random(n) * 1e6, 6)
+        else:
+            v = np.where(rng.random(n) < 0.3, np.nan, rng.integers(0, 50, size=n).astype(float))
+        v[rng.random(n) < 0.05] = np.nan
+        resets = rng.random(n) < 0.05
+        v[resets] = v[resets] / 7
+        rows += [(int(rng.integers(-(2**62), 2**62)) if s % 10 == 0 else s, int(t), float(x)) for t, x in zip(ts, v)]
+    rows.sort(key=lambda r: (r[0], r[1]))
+    write_raw(paths, rows, row_group_size=3000)
+    sql, fast = both(paths)
+    assert_same(sql, fast)
+
+
+def test_empty_day(paths):
+    write_raw(paths, [])
+    sql, fast = both(paths)
+    assert_same(sql, fast)
+
+
+def test_timestamps_going_back_raise_a_clear_error(paths):
+    write_raw(paths, [(9, START + 2000, 1.0), (9, START + 1000, 2.0)])
+    with pytest.raises(raw.RawLayoutError, match=r"series 9 go back in time.*part-test.parquet|part-test.parquet.*series 9 go back in time"):
+        fastpath.edges_by_day(paths, None, WINDOW)
+
+
+def test_unsorted_series_raise_a_clear_error(paths):
+    write_raw(paths, [(5, START, 1.0), (3, START, 2.0), (5, START + 1, 3.0)])
+    with pytest.raises(raw.RawLayoutError, match="not sorted by"):
+        fastpath.edges_by_day(paths, None, WINDOW)
+
+
+def test_exact_value_scales_match_duckdb():
+    """The scale rule (k = rint(v * 10**s) when it round-trips) agrees with exact_value()."""
+    rng = np.random.default_rng(11)
+    vals = np.concatenate([
+        [round(float(x), int(d)) for x, d in zip(rng.random(3000) * 10.0 ** rng.integers(-3, 15, 3000), rng.integers(0, 10, 3000))],
+        rng.normal(0, 1e9, 500), [0.0, -0.0, 2.0**53, 2.0**53 + 2, 1e-9, 5e-10, 4194303.999999999, 1e22],
+    ])
+    assert list(fastpath._nano_of(vals)) == list(fastpath._duckdb_nano(vals))
+
+
+def test_staleness_and_day_end_bound_the_gauge_integral(paths):
+    write_raw(paths, [(1, START, 2.0), (1, START + 10 * 60_000, 4.0), (1, END - 1000, 8.0)])
+    sql, fast = both(paths)
+    assert_same(sql, fast)
+    row = fast.to_pylist()[0]
+    assert row["in_day_covered_ms"] == 2 * STALENESS_MS + 1000

@@ -1,0 +1,350 @@
+"""Against a real Prometheus: backfilled with promtool, pulled by the raw_samples asset, billed exactly.
+
+The fixture generates a few series at 60 s from 2025-02-28 20:00 to 2025-03-04 00:00 UTC (counter
+resets, a 5-hour scrape gap, a series born mid-period, one that stops, label values with a quote,
+a backslash and non-ASCII characters, samples off the minute grid so midnight falls between two
+samples, and samples exactly at midnight), writes them as OpenMetrics, backfills them with
+``promtool tsdb create-blocks-from openmetrics`` and starts ``prometheus`` on 127.0.0.1 with its
+own storage path. The billed usage of 2025-03-01..03 must equal a Decimal computation made
+directly from the generated samples.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import shutil
+from datetime import date, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+
+from billing_dags import prometheus as prom
+from billing_dags import raw
+from billing_dags.definitions import ASSETS
+from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, StripeResource, WarehouseResource
+from billing_dags.settings import PROJECT_ROOT, resolve_paths
+
+pytestmark = pytest.mark.integration
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+if not (Path(PROMETHEUS).exists() and Path(PROMTOOL).exists()):
+    pytest.skip(
+        "prometheus/promtool not installed (apt-get install -y --no-install-recommends prometheus); CI installs them",
+        allow_module_level=True,
+    )
+
+DAYS = [date(2025, 3, 1), date(2025, 3, 2), date(2025, 3, 3)]
+START_MS = raw.day_bounds_ms(date(2025, 2, 28))[0] + 20 * 3_600_000
+END_MS = raw.day_bounds_ms(date(2025, 3, 4))[0]  # inclusive: a sample exactly at 03-04 00:00
+H = 3_600_000
+QUOTED = 'mi"ner\\ü'  # quote, backslash, non-ASCII
+ZURICH = "Zürich-矿工"
+CUSTOMERS = {"miner-001": "mp-001", QUOTED: "mp-quote", ZURICH: "mp-zurich"}
+PROBE_VALUES = ['a"b', "back\\slash", "new\nline", ZURICH, "miner-001", "miner-0.1", "x|y", ".*", 'a\\"b', "ü"]
+
+
+def _counter(rng, ts, start_value, reset_at=None, step=(0, 50)):
+    values, v = [], start_value
+    for t in ts:
+        if reset_at is not None and t >= reset_at and (not values or ts[len(values) - 1] < reset_at):
+            v = rng.randint(0, 3)
+        else:
+            v += rng.randint(*step)
+        values.append(float(v))
+    return values
+
+
+def _generate() -> list[tuple[dict, list[int], list[float]]]:
+    rng = random.Random(20250301)
+    grid = list(range(START_MS, END_MS + 1, 60_000))
+    off = [t + 30_000 for t in grid if t + 30_000 < END_MS]
+    d1, d2 = raw.day_bounds_ms(DAYS[0])[0], raw.day_bounds_ms(DAYS[1])[0]
+    gap = [t for t in off if not (d1 + 13 * H <= t < d1 + 18 * H)]  # 5 hours without scrapes
+    out = []
+    # off the minute grid (midnight between two samples), a 5-hour gap and a reset on 03-02 10:00
+    out.append(({"__name__": "stratum_accepted_shares_total", "client_id": "miner-001", "pool_host": "eu1"},
+                gap, _counter(rng, gap, 1_000_000, reset_at=d2 + 10 * H)))
+    # quote/backslash/non-ASCII label, values near 2**50, samples exactly at every midnight
+    out.append(({"__name__": "stratum_accepted_shares_total", "client_id": QUOTED},
+                grid, _counter(rng, grid, 2**50, step=(0, 5000))))
+    # born mid-period: its first value counts (rule 4)
+    born = [t for t in off if t >= d2 + 7 * H + 13 * 60_000]
+    out.append(({"__name__": "stratum_accepted_shares_total", "client_id": ZURICH}, born, _counter(rng, born, 5000)))
+    # stops on 03-02 at noon, reset on 03-01 at 06:00
+    gone = [t for t in grid if t <= d2 + 12 * H]
+    out.append(({"__name__": "stratum_bytes_sent_total", "client_id": "miner-001"}, gone,
+                _counter(rng, gone, 10**9, reset_at=d1 + 6 * H, step=(0, 10**6))))
+    out.append(({"__name__": "stratum_bytes_received_total", "client_id": ZURICH}, born,
+                _counter(rng, born, 0, step=(0, 10**5))))
+    # no such customer: ingested, counted as unmatched, billed to nobody
+    out.append(({"__name__": "stratum_accepted_shares_total", "client_id": "miner-unknown"}, grid, _counter(rng, grid, 7)))
+    # a gauge with a NaN sample
+    gv = [float(rng.randint(0, 40)) for _ in grid]
+    gv[340] = math.nan  # 2025-03-01 01:40
+    out.append(({"__name__": "stratum_active_connections", "client_id": "miner-001"}, grid, gv))
+    for i, v in enumerate(PROBE_VALUES):
+        out.append(({"__name__": "escape_probe", "v": v}, grid[:10], [float(i)] * 10))
+    return out
+
+
+def _families(series) -> dict:
+    fam: dict[str, tuple[str, list]] = {}
+    for labels, ts, values in series:
+        name = labels["__name__"]
+        family, kind = (name[: -len("_total")], "counter") if name.endswith("_total") else (name, "gauge")
+        fam.setdefault(family, (kind, []))[1].append((labels, ts, values))
+    return fam
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prom")
+    series = _generate()
+    om = root / "data.om"
+    prom.write_openmetrics(om, _families(series))
+    tsdb = root / "tsdb"
+    prom.backfill(om, tsdb, PROMTOOL)
+    with prom.LocalPrometheus(tsdb, PROMETHEUS, log_file=root / "prometheus.log") as p:
+        yield p, series
+
+
+@pytest.fixture
+def seeds(tmp_path, monkeypatch) -> Path:
+    d = tmp_path / "seeds"
+    shutil.copytree(PROJECT_ROOT / "seeds", d)
+    with (PROJECT_ROOT / "seeds" / "customers.csv").open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    base = next(r for r in rows if r["customer_id"] == "mp-001")
+    picked = []
+    for label, cid in CUSTOMERS.items():
+        picked.append({**base, "customer_id": cid, "name": f"Customer {cid}", "label_value": label,
+                       "stripe_customer_id": f"cus_{cid.replace('-', '')}"})
+    with (d / "customers.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(picked)
+    # other seeds that name customers (subscriptions, credits...): mp-001's rows, copied to each test customer
+    for f in sorted(d.glob("*.csv")):
+        if f.name == "customers.csv":
+            continue
+        with f.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            fields, other = reader.fieldnames or [], list(reader)
+        if "customer_id" not in fields:
+            continue
+        mine = [{**r, "customer_id": cid} for cid in CUSTOMERS.values() for r in other if r["customer_id"] == "mp-001"]
+        with f.open("w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields)
+            w.writeheader()
+            w.writerows(mine)
+    monkeypatch.setenv("BILLING_SEEDS_DIR", str(d))
+    return d
+
+
+def _assets(*names):
+    return [a for a in ASSETS if any(k.to_user_string() in names for k in a.keys) or (a.partitions_def is None and
+            any(k.to_user_string().startswith("seed_") for k in a.keys))]
+
+
+def _resources(paths, url, **prom_kw) -> dict:
+    return {
+        "warehouse": WarehouseResource(data_dir=str(paths.data_dir), seeds_dir=str(paths.seeds_dir)),
+        "simulation": SimulationResource(),
+        "prometheus": PrometheusResource(url=url, **prom_kw),
+        "stripe": StripeResource(),
+    }
+
+
+PULL = dict(chunk_s=6 * 3600, customers_per_query=2)
+
+
+def _run(paths, instance, url, names, partition_key=None, **kw):
+    assets = _assets(*names)
+    selection = [k for a in assets for k in a.keys if k.to_user_string() in names or (not names and a.partitions_def is None)]
+    return dg.materialize(assets, selection=selection, partition_key=partition_key,
+                          resources=_resources(paths, url, **{**PULL, **kw}), instance=instance)
+
+
+def _exact_reference(series, days) -> tuple[dict, dict]:
+    """Usage per (day, customer, meter) from the generated samples: v - prev, or v after a reset or at birth."""
+    meters = {"stratum_accepted_shares_total": "proxy_accepted_shares", "stratum_bytes_sent_total": "proxy_bytes",
+              "stratum_bytes_received_total": "proxy_bytes"}
+    usage: dict[tuple, Decimal] = {}
+    peaks: dict[tuple, Decimal] = {}
+    for labels, ts, values in series:
+        customer = CUSTOMERS.get(labels.get("client_id"))
+        if customer is None:
+            continue
+        prev = None
+        for t, v in zip(ts, values):
+            if math.isnan(v):
+                continue
+            day = raw.day_of_ms(t)
+            if labels["__name__"] in meters and day in days:
+                d = Decimal(int(v))
+                key = (day, customer, meters[labels["__name__"]])
+                usage[key] = usage.get(key, Decimal(0)) + (d if prev is None or d < prev else d - prev)
+            if labels["__name__"] == "stratum_active_connections" and day in days:
+                key = (day, customer, "proxy_connections")
+                peaks[key] = max(peaks.get(key, Decimal(0)), Decimal(int(v)))
+            prev = Decimal(int(v))
+    return usage, peaks
+
+
+def test_label_escaping_selects_exactly_that_value_on_a_real_server(server):
+    p, _ = server
+    t = START_MS + 5 * 60_000
+    with prom.PrometheusClient(p.url) as client:
+        for v in PROBE_VALUES:
+            for matcher in (f"v={prom.promql_string(v)}", f"v=~{prom.promql_string(prom.regex_quote(v))}"):
+                res = client.query(f"escape_probe{{{matcher}}}", t)
+                assert [r["metric"]["v"] for r in res.result] == [v], (v, matcher)
+        sel = prom.Selector("probe", "escape_probe", "v", ("miner-0.1", ".*", 'a"b'))
+        res = client.query(sel.promql(), t)
+        assert sorted(r["metric"]["v"] for r in res.result) == sorted(["miner-0.1", ".*", 'a"b'])
+        rest = prom.Selector("probe", "escape_probe", "v", None, ("miner-0.1", ".*", 'a"b'))
+        res = client.query(rest.promql(), t)
+        assert sorted(r["metric"]["v"] for r in res.result) == sorted(set(PROBE_VALUES) - {"miner-0.1", ".*", 'a"b'})
+
+
+def test_exact_fetch_returns_every_raw_sample_once(server):
+    """Chunked range selectors: every generated sample of the day exactly once, midnight in the next day."""
+    p, series = server
+    day = DAYS[1]
+    s, e = raw.day_bounds_ms(day)
+    with prom.PrometheusClient(p.url) as client:
+        col = prom.Collector()
+        sel = prom.Selector("proxy_accepted_shares", "stratum_accepted_shares_total", "client_id", (QUOTED,))
+        for a, b in prom.plan_chunks(s, e, 7 * 60_000 + 13):  # odd chunk length: boundaries fall on samples too
+            for sid, metric, labels, ts, values in prom._fetch_exact(client, sel, a, b):
+                col.add(sid, metric, labels, ts, values)
+    added = col.samples
+    samples, _ = col.tables()
+    labels, ts, values = next(x for x in series if x[0].get("client_id") == QUOTED)
+    want = [(t, v) for t, v in zip(ts, values) if s <= t < e]
+    assert list(zip(samples["ts"].to_pylist(), samples["value"].to_pylist())) == want
+    assert added == len(want)  # after the window cut, no chunk returned a sample another chunk returned
+
+
+def test_month_from_live_prometheus_equals_exact_usage(server, tmp_path, seeds):
+    p, series = server
+    paths = resolve_paths(tmp_path / "data", seeds)
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(paths, instance, p.url, ()).success  # seeds
+    # out of order on purpose: 03-02 before 03-01, with nothing ingested before either
+    reports = {}
+    for day in (DAYS[1], DAYS[0], DAYS[2]):
+        r = _run(paths, instance, p.url, ("raw_samples",), day.isoformat())
+        assert r.success
+        reports[day] = r.asset_materializations_for_node("raw_samples")[0].metadata
+    # 03-02 recorded 03-01's last samples; the full ingest of 03-01 then removed that edge file
+    assert reports[DAYS[1]]["previous_day_ingested"].value is False
+    assert not (raw.samples_day_dir(paths, DAYS[0]) / "part-prometheus-edge.parquet").exists()
+    # 03-01 recorded the last sample before it of every series alive on 02-28
+    feb28 = [f.name for f in raw.sample_files(paths, date(2025, 2, 28))]
+    assert feb28 == ["part-prometheus-edge.parquet"]
+    assert reports[DAYS[0]]["edge_samples"].value == 5  # miner-001 x3, quoted, unknown (not Zürich: born later)
+    assert reports[DAYS[2]]["previous_day_ingested"].value is True
+    for day in DAYS:
+        md = reports[day]
+        assert md["unmatched_series"].value == 1
+        assert "miner-unknown" in str(md["unmatched_examples"].value)
+        assert md["non_finite_samples"].value == (1 if day == DAYS[0] else 0)
+    assert reports[DAYS[2]]["series"].value == 6  # bytes_sent stopped on 03-02, the two Zürich series were born
+    # the models: the edge day first (its edges only), then the days in order, then the month
+    for day in [date(2025, 2, 28), *DAYS]:
+        names = ("fct_series_edges_by_day",) if day < DAYS[0] else ("fct_series_edges_by_day", "fct_usage_by_day")
+        assert _run(paths, instance, p.url, names, day.isoformat()).success
+    assert _run(paths, instance, p.url, ("fct_usage_by_month",), "2025-03-01").success
+
+    usage, peaks = _exact_reference(series, set(DAYS))
+    got_usage, got_peaks = {}, {}
+    for day in DAYS:
+        for r in pq.read_table(paths.models / "fct_usage_by_day" / f"day={day}" / "data.parquet").to_pylist():
+            if r["kind"] == "counter":
+                got_usage[(day, r["customer_id"], r["meter_id"])] = r["usage"]
+            else:
+                got_peaks[(day, r["customer_id"], r["meter_id"])] = r["gauge_peak"]
+    assert {k: v for k, v in got_usage.items() if v} == {k: v for k, v in usage.items() if v}
+    assert got_peaks == peaks
+    month = pq.read_table(paths.models / "fct_usage_by_month" / "month=2025-03" / "data.parquet").to_pylist()
+    by_month = {(r["customer_id"], r["meter_id"]): r["usage"] for r in month if r["kind"] == "counter"}
+    want_month: dict[tuple, Decimal] = {}
+    for (day, c, m), v in usage.items():
+        want_month[(c, m)] = want_month.get((c, m), Decimal(0)) + v
+    assert by_month == want_month
+    assert "mp-quote" in {c for c, _ in by_month} and "mp-zurich" in {c for c, _ in by_month}
+    # the reset and the gap are there: the shares of miner-001 on 03-02 include a reset
+    resets = {(r["customer_id"], r["meter_id"]): r["resets"] for r in month}
+    assert resets[("mp-001", "proxy_accepted_shares")] == 1 and resets[("mp-001", "proxy_bytes")] == 1
+
+    # a rerun of a day gives the same bytes; ingesting 02-28 in full drops its edge file, usage unchanged
+    f = raw.samples_day_dir(paths, DAYS[1]) / "part-prometheus.parquet"
+    before = f.read_bytes(), (raw.series_day_dir(paths, DAYS[1]) / "part-prometheus.parquet").read_bytes()
+    assert _run(paths, instance, p.url, ("raw_samples",), DAYS[1].isoformat()).success
+    assert (f.read_bytes(), (raw.series_day_dir(paths, DAYS[1]) / "part-prometheus.parquet").read_bytes()) == before
+    assert _run(paths, instance, p.url, ("raw_samples",), "2025-02-28").success
+    assert [x.name for x in raw.sample_files(paths, date(2025, 2, 28))] == ["part-prometheus.parquet"]
+    for day in [date(2025, 2, 28), DAYS[0]]:
+        assert _run(paths, instance, p.url, ("fct_series_edges_by_day",), day.isoformat()).success
+    assert _run(paths, instance, p.url, ("fct_usage_by_day",), DAYS[0].isoformat()).success
+    again = pq.read_table(paths.models / "fct_usage_by_day" / f"day={DAYS[0]}" / "data.parquet").to_pylist()
+    assert {(DAYS[0], r["customer_id"], r["meter_id"]): r["usage"] for r in again if r["kind"] == "counter" and r["usage"]} == {
+        k: v for k, v in usage.items() if k[0] == DAYS[0] and v
+    }
+
+
+def _failure_message(result) -> str:
+    failures = [e for e in result.all_events if e.is_step_failure]
+    assert failures
+    return failures[0].event_specific_data.error.message + str(failures[0].event_specific_data.user_failure_data)
+
+
+def test_bad_query_fails_the_partition_naming_meter_query_and_server(server, tmp_path, seeds):
+    p, _ = server
+    paths = resolve_paths(tmp_path / "data", seeds)
+    instance = dg.DagsterInstance.ephemeral()
+    assets = _assets("raw_samples")
+    result = dg.materialize(
+        assets, selection=["raw_samples"], partition_key=DAYS[0].isoformat(), instance=instance, raise_on_error=False,
+        resources=_resources(paths, p.url, extra_matchers='job=~"("', **PULL),
+    )
+    assert not result.success
+    msg = _failure_message(result)
+    assert "meter proxy_bytes" in msg and p.url in msg and 'job=~"("' in msg and "bad_data" in msg
+    assert not raw.sample_files(paths, DAYS[0])  # nothing written
+
+
+def test_stopped_server_fails_the_partition_naming_meter_query_and_server(tmp_path, seeds):
+    tsdb = tmp_path / "tsdb"
+    tsdb.mkdir()
+    with prom.LocalPrometheus(tsdb, PROMETHEUS) as p:
+        url = p.url
+    paths = resolve_paths(tmp_path / "data", seeds)
+    result = dg.materialize(
+        _assets("raw_samples"), selection=["raw_samples"], partition_key=DAYS[0].isoformat(),
+        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False,
+        resources=_resources(paths, url, max_retries=2, backoff_s=0.01, **PULL),
+    )
+    assert not result.success
+    msg = _failure_message(result)
+    assert "unreachable" in msg and url in msg and "meter proxy_bytes" in msg and "query:" in msg and "3 attempts" in msg
+    assert not raw.sample_files(paths, DAYS[0])
+
+
+def test_range_mode_splits_under_the_point_limit(server):
+    """query_range over a day at 5 s needs 17,280 points: split into requests Prometheus accepts."""
+    p, series = server
+    s, e = raw.day_bounds_ms(DAYS[1])
+    sel = prom.Selector("proxy_accepted_shares", "stratum_accepted_shares_total", "client_id", (QUOTED,))
+    with prom.PrometheusClient(p.url) as client:
+        items = list(prom._fetch_range(client, sel, s, e, 5_000))
+        assert client.requests == 2
+    ts = [t for *_, tsa, _ in items for t in tsa.tolist()]
+    assert len(ts) == 17_280 and ts[0] == s and ts[-1] == e - 5_000

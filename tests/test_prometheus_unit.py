@@ -1,0 +1,371 @@
+"""billing_dags.prometheus without a Prometheus: escaping, planning, dedupe, errors, retries, auth."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from billing_dags import prometheus as prom
+from billing_dags import raw
+
+# --------------------------------------------------------------------------- escaping
+
+_SIMPLE = {"n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v": "\v", "\\": "\\", '"': '"', "'": "'"}
+
+
+def go_unquote(literal: str) -> str:
+    """A reference decoder of a double-quoted Go/PromQL string literal (what Prometheus' lexer accepts)."""
+    assert literal[0] == '"' and literal[-1] == '"'
+    body, out, i = literal[1:-1], [], 0
+    while i < len(body):
+        c = body[i]
+        assert c != "\n", "raw newline in a PromQL string"
+        assert c != '"', "unescaped quote ends the string early"
+        if c != "\\":
+            out.append(c)
+            i += 1
+            continue
+        e = body[i + 1]
+        if e in _SIMPLE:
+            out.append(_SIMPLE[e])
+            i += 2
+        elif e == "u":
+            out.append(chr(int(body[i + 2 : i + 6], 16)))
+            i += 6
+        elif e == "U":
+            out.append(chr(int(body[i + 2 : i + 10], 16)))
+            i += 10
+        else:
+            raise AssertionError(f"unknown escape \\{e}")
+    return "".join(out)
+
+
+TRICKY = ['a"b', "back\\slash", "new\nline", "Zürich-矿工", "\u2028", 'end\\', '\\"', "tab\tx", "\x7f", "🙂", ""]
+
+
+@pytest.mark.parametrize("value", TRICKY)
+def test_promql_string_round_trips_tricky_values(value):
+    assert go_unquote(prom.promql_string(value)) == value
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=60))
+def test_promql_string_round_trips_any_text(value):
+    literal = prom.promql_string(value)
+    assert "\n" not in literal and "\r" not in literal
+    assert go_unquote(literal) == value
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=30), st.text(min_size=1, max_size=5))
+def test_regex_quote_matches_only_that_value(value, suffix):
+    pattern = prom.regex_quote(value)
+    assert re.fullmatch(pattern, value, flags=re.DOTALL)
+    assert not re.fullmatch(pattern, value + suffix, flags=re.DOTALL)
+    assert not re.fullmatch(pattern, suffix + value, flags=re.DOTALL)
+
+
+def test_lone_surrogate_is_rejected():
+    with pytest.raises(ValueError, match="surrogate"):
+        prom.promql_string("a\ud800")
+
+
+def test_a_value_cannot_select_another_customer():
+    """A customer label value crafted as PromQL stays one literal matcher."""
+    evil = 'x"} or {client_id=~".*'
+    sel = prom.Selector("m", "metric_total", "client_id", (evil,))
+    text = sel.promql()
+    assert text == '{__name__="metric_total", client_id="x\\"} or {client_id=~\\".*"}'
+    batch = prom.Selector("m", "metric_total", "client_id", (".*", "a|b"))
+    assert batch.promql() == '{__name__="metric_total", client_id=~"\\\\.\\\\*|a\\\\|b"}'
+    assert go_unquote(batch.promql().split("=~", 1)[1][:-1]) == r"\.\*|a\|b"
+
+
+def test_plan_selectors_batches_customers_and_adds_one_rest_selector():
+    meters = [
+        {"meter_id": "bytes", "metrics": "a_total b_total", "customer_label": "client_id"},
+        {"meter_id": "again", "metrics": "a_total", "customer_label": "client_id"},  # same series: skipped
+    ]
+    sels = prom.plan_selectors(meters, ["c3", "c1", "c2", "c1"], customers_per_query=2)
+    assert [(s.metric, s.values) for s in sels] == [
+        ("a_total", ("c1", "c2")), ("a_total", ("c3",)), ("a_total", None),
+        ("b_total", ("c1", "c2")), ("b_total", ("c3",)), ("b_total", None),
+    ]
+    assert sels[2].promql() == '{__name__="a_total", client_id!~"c1|c2|c3"}'
+    assert sels[1].promql() == '{__name__="a_total", client_id="c3"}'
+    extra = prom.Selector("m", "a_total", "client_id", ("c1",), (), 'job="billing"').promql()
+    assert extra == '{__name__="a_total", client_id="c1", job="billing"}'
+
+
+def test_selector_rejects_bad_names():
+    with pytest.raises(ValueError, match="meter m"):
+        prom.Selector("m", "bad-metric", "client_id", ("x",)).promql()
+    with pytest.raises(ValueError, match="label name"):
+        prom.Selector("m", "ok", "bad label", ("x",)).promql()
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 10**12), st.integers(1, 3 * raw.DAY_MS), st.integers(1, 2000))
+def test_plan_chunks_cover_the_window_without_overlap(start, length, pieces):
+    chunk = max(1, length // pieces + pieces % 7)
+    chunks = prom.plan_chunks(start, start + length, chunk)
+    assert chunks[0][0] == start and chunks[-1][1] == start + length
+    assert all(b - a <= chunk and a < b for a, b in chunks)
+    assert all(chunks[i][1] == chunks[i + 1][0] for i in range(len(chunks) - 1))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 40_000), st.sampled_from([1000, 5000, 15000, 60000, 7]), st.integers(2, 11000))
+def test_plan_range_requests_respect_the_point_limit(points_wanted, step, max_points):
+    start = 1_700_000_000_000
+    length = points_wanted * step - (points_wanted % 3)
+    reqs = prom.plan_range_requests(start, start + length, step, max_points)
+    points = [t for s, e in reqs for t in range(s, e + 1, step)]
+    assert all((e - s) // step + 1 <= max_points for s, e in reqs)
+    assert points == list(range(start, start + length, step))
+
+
+def test_two_days_at_15s_need_two_range_requests():
+    s, _ = raw.day_bounds_ms(raw.day_of_ms(1_700_000_000_000))
+    reqs = prom.plan_range_requests(s, s + 2 * raw.DAY_MS, 15_000)
+    assert len(reqs) == 2 and all((e - a) // 15_000 + 1 <= 11_000 for a, e in reqs)
+
+
+def test_exact_query_is_evaluated_one_ms_before_the_end():
+    q, t = prom.exact_query('{__name__="m"}', 1_000_000, 4_600_000)
+    assert q == '{__name__="m"}[3600000ms]' and t == 4_599_999
+    assert prom.format_time(4_599_999) == "4599.999" and prom.format_time(5_000) == "5.000"
+
+
+def test_both_ends_samples_are_kept_once_and_midnight_goes_to_the_next_day():
+    """Prometheus 2.x returns both ends of each range: the shared boundary sample appears twice."""
+    day_start, day_end = raw.day_bounds_ms(raw.day_of_ms(1_700_000_000_000))
+    col = prom.Collector()
+    chunks = prom.plan_chunks(day_start, day_end, 12 * 3_600_000)
+    grid = np.arange(day_start - 60_000, day_end + 60_001, 60_000, dtype=np.int64)
+    for a, b in chunks:
+        # what a both-ends range selector over [a - 1, b - 1] plus a sloppy server could return
+        sel = grid[(grid >= a - 60_000) & (grid <= b)]
+        ts, values = prom.keep_window(sel, sel.astype(float), a, b)
+        col.add(7, "m", (), ts, values)
+        col.add(7, "m", (), ts[:3], values[:3])  # and a duplicate of the chunk's first samples
+    samples = prom.dedupe_samples(col.tables()[0])
+    ts = samples["ts"].to_pylist()
+    assert ts == list(range(day_start, day_end, 60_000))
+    assert day_end not in ts and day_start in ts
+
+
+def test_parse_series_converts_prometheus_json_exactly():
+    item = {"metric": {"__name__": "m_total", "b": "2", "a": "ü"},
+            "values": [[1709251199.999, "9007199254740991"], [1709251200, "NaN"], [1709251200.001, "+Inf"]]}
+    sid, metric, labels, ts, values = prom.parse_series(item, "x")
+    assert metric == "m_total" and labels == (("a", "ü"), ("b", "2"))
+    assert sid == raw.series_id("m_total", {"a": "ü", "b": "2"})
+    assert ts.tolist() == [1709251199999, 1709251200000, 1709251200001]
+    assert values[0] == 9007199254740991.0 and np.isnan(values[1]) and np.isinf(values[2])
+
+
+def test_collector_tables_fit_the_raw_layout():
+    col = prom.Collector()
+    col.add(5, "m", (("k", "v"),), np.array([20, 10], np.int64), np.array([2.0, np.nan]))
+    col.add(3, "m", (), np.array([30], np.int64), np.array([1.0]))
+    samples, series = col.tables()
+    assert samples.schema == raw.SAMPLES_SCHEMA and series.schema == raw.SERIES_SCHEMA
+    assert series["series_id"].to_pylist() == [3, 5] and series["first_seen"].to_pylist() == [30, 10]
+    assert col.non_finite == 1 and col.samples == 3
+
+
+def test_parse_headers():
+    assert prom.parse_headers('{"X-Scope-OrgID": "t1"}') == {"X-Scope-OrgID": "t1"}
+    assert prom.parse_headers("X-A: 1; X-B: two words") == {"X-A": "1", "X-B": "two words"}
+    assert prom.parse_headers(None) == {}
+    with pytest.raises(prom.PrometheusError, match="Name: value"):
+        prom.parse_headers("nonsense")
+
+
+def test_redact_url_drops_credentials():
+    assert prom.redact_url("https://user:secret@mimir.example:8443/prometheus?x=1") == "https://mimir.example:8443/prometheus"
+
+
+# --------------------------------------------------------------------------- HTTP behaviour
+
+
+class FakePrometheus:
+    """A tiny HTTP server answering a scripted list of (status, body, headers); records requests."""
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.requests: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                form = parse_qs(self.rfile.read(length).decode())
+                outer.requests.append({"path": self.path, "form": form, "headers": dict(self.headers)})
+                status, body, headers = outer.script.pop(0) if len(outer.script) > 1 else outer.script[0]
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+OK = {"status": "success", "data": {"resultType": "matrix", "result": [
+    {"metric": {"__name__": "m_total", "client_id": "c1"}, "values": [[100, "1"], [160, "2"]]}]}}
+BAD = {"status": "error", "errorType": "bad_data", "error": "1:5: parse error: unexpected character"}
+
+
+def test_retries_503_then_succeeds_with_backoff():
+    sleeps = []
+    with FakePrometheus([(503, {"status": "error", "errorType": "unavailable", "error": "busy"}, None),
+                         (503, b"overloaded", None), (200, OK, None)]) as fake:
+        client = prom.PrometheusClient(fake.url, max_retries=3, backoff_s=0.25, sleep=sleeps.append)
+        res = client.query("m_total[1h]", 3_600_000, what="meter m")
+    assert res.result[0]["values"] == [[100, "1"], [160, "2"]]
+    assert sleeps == [0.25, 0.5] and len(fake.requests) == 3
+    form = fake.requests[0]["form"]
+    assert form["query"] == ["m_total[1h]"] and form["time"] == ["3600.000"]
+
+
+def test_429_honours_retry_after_and_gives_up_after_bounded_attempts():
+    sleeps = []
+    with FakePrometheus([(429, b"slow down", {"Retry-After": "2"})]) as fake:
+        client = prom.PrometheusClient(fake.url, max_retries=2, backoff_s=0.1, max_backoff_s=5, sleep=sleeps.append)
+        with pytest.raises(prom.PrometheusError) as e:
+            client.query('{__name__="m_total"}[1h]', 0, what="meter proxy_bytes (metric m_total)")
+    assert sleeps == [2.0, 2.0] and len(fake.requests) == 3
+    msg = str(e.value)
+    assert "meter proxy_bytes" in msg and fake.url in msg and "HTTP 429" in msg and "after 3 attempts" in msg
+    assert 'query: {__name__="m_total"}[1h]' in msg
+
+
+def test_bad_promql_fails_at_once_naming_meter_query_and_server():
+    sleeps = []
+    with FakePrometheus([(400, BAD, None)]) as fake:
+        client = prom.PrometheusClient(fake.url, sleep=sleeps.append)
+        with pytest.raises(prom.PrometheusError) as e:
+            client.query("m_total{", 0, what="meter proxy_bytes (metric m_total)")
+    msg = str(e.value)
+    assert not sleeps and len(fake.requests) == 1
+    assert "meter proxy_bytes" in msg and fake.url in msg and "HTTP 400" in msg and "bad_data" in msg and "m_total{" in msg
+
+
+def test_warnings_fail_unless_allowed():
+    warned = {**OK, "warnings": ["partial response: store gateway unavailable"]}
+    with FakePrometheus([(200, warned, None)]) as fake:
+        with pytest.raises(prom.PrometheusError, match="warnings.*store gateway"):
+            prom.PrometheusClient(fake.url).query("m", 0, what="meter m")
+        client = prom.PrometheusClient(fake.url, fail_on_warnings=False)
+        client.query("m", 0)
+        assert client.warnings == ["partial response: store gateway unavailable"]
+
+
+def test_non_json_and_error_status_fail():
+    with FakePrometheus([(200, b"<html>proxy login</html>", None)]) as fake:
+        with pytest.raises(prom.PrometheusError, match="not JSON"):
+            prom.PrometheusClient(fake.url).query("m", 0, what="meter m")
+    with FakePrometheus([(200, {"status": "error", "error": "boom"}, None)]) as fake:
+        with pytest.raises(prom.PrometheusError, match="boom"):
+            prom.PrometheusClient(fake.url).query("m", 0, what="meter m")
+
+
+def test_unreachable_server_names_the_server_and_the_query():
+    port = prom.free_port()
+    client = prom.PrometheusClient(f"http://127.0.0.1:{port}", max_retries=1, sleep=lambda s: None, connect_timeout_s=1)
+    with pytest.raises(prom.PrometheusError) as e:
+        client.query("m_total[1h]", 0, what="meter k8s_network (metric m_total)")
+    msg = str(e.value)
+    assert f"127.0.0.1:{port}" in msg and "unreachable" in msg and "meter k8s_network" in msg and "m_total[1h]" in msg
+
+
+def test_auth_tenant_and_extra_headers_are_sent_and_never_printed():
+    with FakePrometheus([(200, OK, None)]) as fake:
+        prom.PrometheusClient(fake.url, bearer_token="tok123", tenant="team-a", headers={"X-Extra": "1"}).query("m", 0)
+        prom.PrometheusClient(fake.url.replace("http://", "http://alice:pw@")).query("m", 0)
+        h1, h2 = fake.requests[0]["headers"], fake.requests[1]["headers"]
+    assert h1["Authorization"] == "Bearer tok123" and h1["X-Scope-OrgID"] == "team-a" and h1["X-Extra"] == "1"
+    assert h2["Authorization"] == "Basic " + base64.b64encode(b"alice:pw").decode()
+    with FakePrometheus([(400, BAD, None)]) as fake:
+        with pytest.raises(prom.PrometheusError) as e:
+            prom.PrometheusClient(fake.url.replace("http://", "http://alice:pw@"), password="pw", username="alice").query("m", 0)
+    assert "pw" not in str(e.value).replace("alice", "") and "alice" not in str(e.value)
+
+
+def test_client_rejects_bad_configuration():
+    with pytest.raises(prom.PrometheusError, match="not an http"):
+        prom.PrometheusClient("localhost:9090")
+    with pytest.raises(prom.PrometheusError, match="not both"):
+        prom.PrometheusClient("http://x", bearer_token="t", username="u")
+
+
+def test_query_range_refuses_more_than_11000_points():
+    client = prom.PrometheusClient("http://127.0.0.1:1")
+    with pytest.raises(prom.PrometheusError, match="11000 points"):
+        client.query_range("m", 0, 2 * raw.DAY_MS, 15_000, what="meter m")
+
+
+# --------------------------------------------------------------------------- resource wiring
+
+
+def test_resource_defaults_to_simulation_and_wires_env(monkeypatch):
+    import dagster as dg
+
+    from billing_dags.defs.shared.resources import PrometheusResource, build_resources
+
+    assert not PrometheusResource().enabled
+    for var in ("PROMETHEUS_URL", "PROMETHEUS_BEARER_TOKEN", "PROMETHEUS_TENANT", "PROMETHEUS_HEADERS"):
+        monkeypatch.delenv(var, raising=False)
+    assert build_resources()["prometheus"].url is None
+    monkeypatch.setenv("PROMETHEUS_URL", "http://127.0.0.1:9090")
+    monkeypatch.setenv("PROMETHEUS_TENANT", "tenant-1")
+    monkeypatch.setenv("PROMETHEUS_BEARER_TOKEN", "secret")
+    monkeypatch.setenv("PROMETHEUS_TLS_VERIFY", "false")
+    r = build_resources()["prometheus"]
+    assert r.url == dg.EnvVar("PROMETHEUS_URL") and r.tenant == dg.EnvVar("PROMETHEUS_TENANT")
+    assert r.bearer_token == dg.EnvVar("PROMETHEUS_BEARER_TOKEN") and r.verify_tls is False
+    client = PrometheusResource(url="http://127.0.0.1:9090", tenant="t", headers="X-A: 1", verify_tls=False).client()
+    assert client.session.headers["X-Scope-OrgID"] == "t" and client.session.headers["X-A"] == "1"
+    assert client.session.verify is False
+
+
+def test_ingest_day_writes_nothing_when_a_query_fails(tmp_path):
+    from billing_dags.settings import resolve_paths
+
+    paths = resolve_paths(tmp_path / "data", tmp_path)
+    meters = [{"meter_id": "m", "metrics": "m_total", "customer_label": "client_id"}]
+    series_ok = {"status": "success", "data": [{"__name__": "m_total", "client_id": "c1"}]}
+    with FakePrometheus([(200, series_ok, None), (200, series_ok, None), (200, OK, None), (400, BAD, None)]) as fake:
+        client = prom.PrometheusClient(fake.url)
+        with pytest.raises(prom.PrometheusError, match="meter m"):
+            prom.ingest_day(client, paths, raw.day_of_ms(0), meters, ["c1"])
+    assert not raw.sample_files(paths, raw.day_of_ms(0))
