@@ -554,6 +554,7 @@ def build_invoices(
     numbers: Mapping[str, str] | None = None,
     paths: Paths | None = None,
     grants: Iterable[_credits.Grant] = (),
+    held: Mapping[str, str] | None = None,
 ) -> list[dict]:
     """One JSON-ready invoice per customer that has lines in ``month`` (fct_invoice_lines rows), in customer_id order.
 
@@ -567,8 +568,12 @@ def build_invoices(
     from the stored invoices of earlier months under ``paths``), then, if charges plus adjustments
     are negative, a ``carry_forward`` line bringing the total to zero. The total is the sum of the
     lines and never below zero.
+
+    ``held`` ({customer_id: reason}) keeps those customers' invoices in draft although the grace
+    period has passed (an unacknowledged critical anomaly flag); the reason is on the invoice.
     """
     grants = list(grants)
+    held = dict(held or {})
     month = _month_start(month)
     grace_days = _check_grace(grace_days)
     status = invoice_status(month, now, grace_days)
@@ -603,8 +608,8 @@ def build_invoices(
                 raise InvoiceError(
                     f"invoices of {month:%Y-%m} are finalized and need numbers: pass paths= (registry) or numbers="
                 )
-            numbers = assign_invoice_numbers(paths, month, cids)
-        missing = [c for c in cids if not numbers.get(c)]
+            numbers = assign_invoice_numbers(paths, month, [c for c in cids if c not in held])
+        missing = [c for c in cids if c not in held and not numbers.get(c)]
         if missing:
             raise InvoiceError(f"no invoice number given for finalized invoices of {month:%Y-%m}: {', '.join(missing)}")
 
@@ -654,7 +659,8 @@ def build_invoices(
             out_lines.append(out)
         exp = exponents[currency]
         charges_minor = sum(line["amount_minor"] for line in out_lines)
-        number = numbers[cid] if status == "finalized" else f"DRAFT-{month:%Y-%m}-{cid}"
+        customer_status = "draft" if cid in held else status
+        number = numbers[cid] if customer_status == "finalized" else f"DRAFT-{month:%Y-%m}-{cid}"
         stored = _credits.stored_invoices(paths.invoices, cid) if paths is not None else []
         earlier = [d for d in stored if d["period_start"] < month.isoformat()]
         adjustments = _open_adjustments(paths, cid, month, stored, currency, exp) if paths is not None else []
@@ -666,7 +672,8 @@ def build_invoices(
             {
                 "schema_version": SCHEMA_VERSION,
                 "invoice_number": number,
-                "status": status,
+                "status": customer_status,
+                **({"held_reason": held[cid]} if cid in held else {}),
                 "customer_id": cid,
                 "customer_name": customer.get("name") or cid,
                 "plan_id": plan_id,
@@ -677,12 +684,12 @@ def build_invoices(
                 "currency": currency,
                 "minor_unit_exponent": exp,
                 "grace_days": grace_days,
-                "finalized_on": fin_on.isoformat() if status == "finalized" else None,
+                "finalized_on": fin_on.isoformat() if customer_status == "finalized" else None,
                 "lines": out_lines,
                 **summary,
                 "total": format_minor(total_minor, exp),
                 "total_minor": total_minor,
-                "dispute_instructions": _dispute_text(number, status, fin_on),
+                "dispute_instructions": _dispute_text(number, customer_status, fin_on),
                 "manifest": manifest_json,
             }
         )

@@ -152,7 +152,7 @@ def parse_model(path: Path) -> Model:
 @dataclass(frozen=True)
 class Source:
     name: str
-    asset: str  # the Dagster asset that produces it
+    assets: tuple[str, ...]  # the Dagster assets that produce it
     register: Callable[[duckdb.DuckDBPyConnection, Paths, "Window | None"], None]
 
 
@@ -199,19 +199,23 @@ def _seed_source(name: str) -> Source:
             raise ModelError(f"seed snapshot {path} is missing; materialize the seed_{name} asset (or run `billing run`)")
         con.execute(f"create or replace view seed_{name} as select * from read_parquet({_sql_list([path])}, hive_partitioning = false)")
 
-    return Source(f"seed_{name}", f"seed_{name}", register)
+    return Source(f"seed_{name}", (f"seed_{name}",), register)
 
 
 def seed_snapshot_path(paths: Paths, name: str) -> Path:
     return paths.data_dir / "seeds" / f"{name}.parquet"
 
 
+RAW_ASSETS = ("raw_samples", "remote_write_samples")
+
+
 def sources() -> dict[str, Source]:
     from .seeds import SPECS
 
     out = {
-        "raw_samples": Source("raw_samples", "raw_samples", _register_raw_samples),
-        "raw_series": Source("raw_series", "raw_samples", _register_raw_series),
+        # every ingestion source writes the raw layout: Prometheus pull or simulation, and remote write
+        "raw_samples": Source("raw_samples", RAW_ASSETS, _register_raw_samples),
+        "raw_series": Source("raw_series", RAW_ASSETS, _register_raw_series),
     }
     for name in SPECS:
         out[f"seed_{name}"] = _seed_source(name)

@@ -6,6 +6,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 
 from billing_dags import credits as cr
+from billing_dags.flags import unacknowledged_critical
 from billing_dags import invoices as inv
 from billing_dags.seeds import SPECS, SeedError
 from billing_dags.defs.shared.partitions import billing_monthly, window_of
@@ -37,7 +38,7 @@ def invoice_now(config: InvoiceConfig) -> datetime:
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
     # seeds/credits.csv is read at invoicing time (validated against the customer and currency snapshots);
     # it is a dependency too once seeds.SPECS has a "credits" entry (then seed_credits is an asset)
-    deps=["fct_invoice_lines", "seed_customers", "seed_plans", "seed_currencies", *(["seed_credits"] if "credits" in SPECS else [])],
+    deps=["fct_invoice_lines", "fct_anomaly_flags", "seed_customers", "seed_plans", "seed_currencies", *(["seed_credits"] if "credits" in SPECS else [])],
     check_specs=[dg.AssetCheckSpec("total_equals_sum_of_lines", asset="invoices", blocking=True)],
 )
 def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse: WarehouseResource):
@@ -52,6 +53,13 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
     except SeedError as e:
         raise dg.Failure(str(e)) from None
     manifest = inv.invoice_manifest(paths, window.start, paths.seeds_dir, inv.code_version())
+    # a critical anomaly flag nobody has acknowledged (billing flags ack) holds finalization
+    held = {
+        customer: "held by unacknowledged critical flags: " + ", ".join(sorted({f"{f['rule']} on {f['meter_id']}" for f in flags}))
+        for customer, flags in unacknowledged_critical(paths, window.start).items()
+    }
+    if held:
+        context.log.warning(f"invoices held in draft: {', '.join(sorted(held))}")
     docs = inv.build_invoices(
         lines,
         seeds["customers"],
@@ -63,6 +71,7 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
         manifest=manifest,
         paths=paths,
         grants=grants,
+        held=held,
     )
     figures = inv.write_invoice_files(paths, docs)
     ledger = cr.write_ledger(paths, grants, {c["currency"]: int(c["minor_unit_exponent"]) for c in seeds["currencies"]})
@@ -81,6 +90,7 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
     missing = sorted(set(by_customer) - {d["customer_id"] for d in docs})
     return dg.MaterializeResult(
         metadata={
+            "held_by_critical_flags": dg.MetadataValue.json(held),
             "invoices": len(docs),
             "by_status": dg.MetadataValue.json(figures.get("by_status", {})),
             "totals_by_currency": dg.MetadataValue.json(figures.get("totals_by_currency", {})),

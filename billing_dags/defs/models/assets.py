@@ -60,7 +60,7 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
     tables, srcs = project.table_deps(model.name)
     known = sources()
     deps = [dg.AssetDep(t, partition_mapping=_partition_mapping(model, project.models[t])) for t in sorted(tables)]
-    deps += [dg.AssetDep(a) for a in sorted({known[s].asset for s in srcs})]
+    deps += [dg.AssetDep(a) for a in sorted({a for s in srcs for a in known[s].assets})]
     check_specs = []
     if model.grain:
         check_specs.append(
