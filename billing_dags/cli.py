@@ -238,6 +238,20 @@ def invoice_rows(paths: Paths, month: date) -> list[dict]:
     return rows
 
 
+def outbox_summary(paths: Paths, month: date) -> str:
+    """Meter events of the month's days by status, e.g. '1,234 events: 900 dry_run, 334 too_old'."""
+    from .stripe_outbox import read_outbox
+
+    counts: dict[str, int] = {}
+    day = month
+    while day < next_month(month):
+        for row in read_outbox(paths, day):
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        day += timedelta(days=1)
+    total = sum(counts.values())
+    return f"{total:,} meter events: " + ", ".join(f"{n:,} {status}" for status, n in sorted(counts.items()))
+
+
 def cmd_run(args) -> int:
     paths = _paths(args)
     month = parse_month(args.month)
@@ -262,7 +276,7 @@ def cmd_demo(args) -> int:
     console.print(f"\nRan {figures['days']} daily partitions and the month in {figures['seconds']:.1f}s.")
     console.print(f"Invoices (JSON, CSV, HTML): {paths.invoices / f'{month:%Y-%m}'}")
     console.print(f"DuckDB warehouse (views): duckdb {paths.warehouse_db}   or   billing sql \"select * from fct_invoice_lines limit 5\"")
-    console.print(f"Stripe outbox (dry-run): {paths.outbox}")
+    console.print(f"Stripe outbox (dry-run): {paths.outbox} — {outbox_summary(paths, month)}")
     console.print("Dagster UI: make dev, then http://127.0.0.1:3000 (the runs above are in .dagster/)")
     return 0
 
