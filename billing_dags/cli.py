@@ -131,6 +131,50 @@ def _dagster_instance():
     return dg.DagsterInstance.get()
 
 
+QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def _definitions(paths: Paths):
+    """The code location and the Dagster instance (DAGSTER_HOME), pointed at ``paths``."""
+    import warnings
+
+    import dagster as dg
+
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+    os.environ["BILLING_DATA_DIR"] = str(paths.data_dir)
+    os.environ["BILLING_SEEDS_DIR"] = str(paths.seeds_dir)
+    from .definitions import defs as load_defs
+
+    defs = load_defs() if callable(load_defs) else load_defs
+    return defs, _dagster_instance()
+
+
+def _check_run(result, what: str) -> None:
+    if not result.success:
+        reasons = []
+        for event in result.all_events:
+            if event.is_step_failure:
+                error = event.step_failure_data.error
+                while error.cause is not None and "Error occurred while executing" in error.message:
+                    error = error.cause
+                reasons.append(f"{event.step_key}: {error.message.strip()}")
+        raise CliError(f"{what} failed: {'; '.join(reasons) or 'see the Dagster run log in the UI (make dev)'}")
+
+
+def run_invoices(paths: Paths, month: date, *, as_of: str = "") -> None:
+    """Rerun the month's invoices asset, as of ``as_of`` (ISO timestamp; empty = now)."""
+    import dagster as dg
+
+    defs, instance = _definitions(paths)
+    config = {"ops": {"invoices": {"config": {"as_of": as_of}}}, **QUIET_LOGS}
+    result = defs.resolve_job_def("monthly_invoicing").execute_in_process(
+        partition_key=month.isoformat(), instance=instance, run_config=config,
+        asset_selection=[dg.AssetKey("invoices")], raise_on_error=False,
+    )
+    _check_run(result, f"invoices of {month:%Y-%m}")
+
+
 def run_month(
     paths: Paths,
     month: date,
@@ -143,18 +187,9 @@ def run_month(
     quiet: bool = False,
 ) -> dict:
     """Materialize every asset for ``month``: seeds, each day in order, the month, the views."""
-    import warnings
-
     import dagster as dg
 
-    warnings.filterwarnings("ignore", category=dg.BetaWarning)
-    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
-    os.environ["BILLING_DATA_DIR"] = str(paths.data_dir)
-    os.environ["BILLING_SEEDS_DIR"] = str(paths.seeds_dir)
-    from .definitions import defs as load_defs
-
-    defs = load_defs() if callable(load_defs) else load_defs
-    instance = _dagster_instance()
+    defs, instance = _definitions(paths)
     sim = {"seed": seed, "interval_s": interval_s, "customers": customers}
     t0 = time.perf_counter()
     seeds_job = defs.resolve_job_def("refresh_seeds_and_views")
@@ -164,20 +199,8 @@ def run_month(
     if not ingest:
         selection = [k for k in daily_job.asset_layer.executable_asset_keys if k.to_user_string() != "raw_samples"]
 
-    def check(result, what: str) -> None:
-        if not result.success:
-            reasons = []
-            for event in result.all_events:
-                if event.is_step_failure:
-                    error = event.step_failure_data.error
-                    while error.cause is not None and "Error occurred while executing" in error.message:
-                        error = error.cause
-                    reasons.append(f"{event.step_key}: {error.message.strip()}")
-            raise CliError(f"{what} failed: {'; '.join(reasons) or 'see the Dagster run log in the UI (make dev)'}")
-
-    quiet_logs = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-    check(seeds_job.execute_in_process(instance=instance, run_config=quiet_logs, raise_on_error=False), "validating seeds")
-    run_config = {"resources": {"simulation": {"config": sim}}, **quiet_logs}
+    _check_run(seeds_job.execute_in_process(instance=instance, run_config=QUIET_LOGS, raise_on_error=False), "validating seeds")
+    run_config = {"resources": {"simulation": {"config": sim}}, **QUIET_LOGS}
     # rule 3/4: a counter's first sample only counts as new usage when nothing precedes it, so
     # the day before the month is ingested and its edges computed (not billed: it is not in the month)
     warmup = month - timedelta(days=1)
@@ -185,7 +208,7 @@ def run_month(
 
     if ingest and warmup >= date.fromisoformat(PARTITIONS_START):
         edges_only = [dg.AssetKey("raw_samples"), dg.AssetKey("fct_series_edges_by_day")]
-        check(
+        _check_run(
             daily_job.execute_in_process(partition_key=warmup.isoformat(), instance=instance, run_config=run_config, asset_selection=edges_only, raise_on_error=False),
             f"warm-up day {warmup}",
         )
@@ -204,13 +227,13 @@ def run_month(
                 partition_key=day.isoformat(), instance=instance, run_config=run_config,
                 asset_selection=selection, raise_on_error=False,
             )
-            check(result, f"day {day}")
+            _check_run(result, f"day {day}")
             progress.advance(task)
         mtask = progress.add_task("month: rating and invoices", total=1)
-        month_config = {"ops": {"invoices": {"config": {"as_of": as_of or ""}}}, **quiet_logs}
-        check(monthly_job.execute_in_process(partition_key=month.isoformat(), instance=instance, run_config=month_config, raise_on_error=False), f"month {month:%Y-%m}")
+        month_config = {"ops": {"invoices": {"config": {"as_of": as_of or ""}}}, **QUIET_LOGS}
+        _check_run(monthly_job.execute_in_process(partition_key=month.isoformat(), instance=instance, run_config=month_config, raise_on_error=False), f"month {month:%Y-%m}")
         progress.advance(mtask)
-    check(seeds_job.execute_in_process(instance=instance, run_config=quiet_logs, raise_on_error=False), "refreshing warehouse views")
+    _check_run(seeds_job.execute_in_process(instance=instance, run_config=QUIET_LOGS, raise_on_error=False), "refreshing warehouse views")
     return {"days": len(days), "seconds": time.perf_counter() - t0}
 
 
@@ -270,9 +293,20 @@ def cmd_demo(args) -> int:
     month = parse_month(args.month) if args.month else last_complete_month()
     check_billable_month(month)
     console.print(f"[bold]billing_dags demo[/]: simulated usage for {month:%Y-%m}, Stripe dry-run, data in {paths.data_dir}")
-    figures = run_month(paths, month, seed=args.seed, customers=args.customers, interval_s=args.interval)
+    # the lifecycle as the schedules run it: drafts on the 1st of the next month, while late data
+    # may still arrive; then finalization once the grace period has passed (here: now)
+    on_the_first = datetime.combine(next_month(month), datetime.min.time(), tzinfo=timezone.utc) + timedelta(hours=2)
+    figures = run_month(paths, month, seed=args.seed, customers=args.customers, interval_s=args.interval, as_of=on_the_first.isoformat())
+    drafts = invoice_rows(paths, month)
+    example = next((r for r in drafts if not r["total"].startswith("0.00")), drafts[0] if drafts else None)
+    console.print(
+        f"\nOn {on_the_first:%Y-%m-%d %H:%M} UTC the month's invoices are drafts "
+        f"({sum(r['status'] == 'draft' for r in drafts)} of {len(drafts)}), e.g. {example['invoice']} {example['total']}."
+        if drafts else "\nNo invoices."
+    )
+    run_invoices(paths, month)
     rows = invoice_rows(paths, month)
-    _emit(rows, "table", title=f"Invoices {month:%Y-%m} ({len(rows)} customers)")
+    _emit(rows, "table", title=f"Invoices {month:%Y-%m} as of now ({len(rows)} customers)")
     console.print(f"\nRan {figures['days']} daily partitions and the month in {figures['seconds']:.1f}s.")
     console.print(f"Invoices (JSON, CSV, HTML): {paths.invoices / f'{month:%Y-%m}'}")
     console.print(f"DuckDB warehouse (views): duckdb {paths.warehouse_db}   or   billing sql \"select * from fct_invoice_lines limit 5\"")
@@ -397,6 +431,10 @@ def cmd_usage(args) -> int:
     paths = _paths(args)
     month = parse_month(args.month)
     require_customer(paths, args.customer)
+    from . import projection
+
+    if projection.month_state(month) != "closed":  # the current month: month-to-date and projected (seed 000)
+        return projection.emit_usage_report(paths, args.customer, month, args.format)
     rows = usage_rows(paths, args.customer, month)
     if not rows:
         raise CliError(f"no usage for {args.customer} in {month:%Y-%m}; check the month, or run `billing run --month {month:%Y-%m}`")
@@ -517,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     __import__("billing_dags.retention", fromlist=["register"]).register(sub)  # billing retention
     __import__("billing_dags.flags", fromlist=["register"]).register(sub)  # billing flags list|ack
     __import__("billing_dags.reports", fromlist=["register"]).register(sub)  # billing report daily
+    __import__("billing_dags.metrics_export", fromlist=["register"]).register(sub)  # billing export-metrics
     return parser
 
 

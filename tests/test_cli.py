@@ -107,3 +107,18 @@ def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "billing_dags.cli", "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("demo", "simulate", "run", "invoice", "invoices", "usage", "plans", "sql"):
         assert command in out
+
+
+def test_run_a_month_in_process_then_show_invoices_usage_and_sql(capsys, paths):
+    """`billing run` end to end on five customers (one per set-up) at an hourly scrape interval."""
+    code, out, err = run_cli(capsys, "run", "--month", "2026-02", "--interval", "3600")
+    assert code == 0, err
+    assert "INV-2026-" in out and "28 days and the month" in out
+    code, out, err = run_cli(capsys, "invoice", "mp-001", "--month", "2026-02", "--format", "json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["status"] == "finalized" and doc["total_minor"] == sum(l["amount_minor"] for l in doc["lines"])
+    code, out, err = run_cli(capsys, "usage", "mp-001", "--month", "2026-02", "--format", "json")
+    assert code == 0 and {r["meter"] for r in json.loads(out)} >= {"proxy_bytes", "proxy_accepted_shares"}
+    code, out, err = run_cli(capsys, "sql", "select count(distinct day) as days from fct_usage_by_day", "--format", "json")
+    assert code == 0 and json.loads(out) == [{"days": 28}]
