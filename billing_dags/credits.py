@@ -25,39 +25,20 @@ the balance after it, derived from the grants and the stored invoices, determini
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
-import pyarrow as pa
 
 from . import seeds as _seeds
-from .seeds import SeedError, SeedSpec, Column
+from .seeds import SeedError
 
 CREDITS_FILE = "credits.csv"
 LEDGER_FILE = "credits_ledger.json"
 SCHEMA_VERSION = 1
-
-#: the seed spec; ``seeds.SPECS`` may carry the same entry (then seed_credits is a Dagster asset too)
-CREDITS_SPEC: SeedSpec = _seeds.SPECS.get("credits") or SeedSpec(
-    "credits",
-    CREDITS_FILE,
-    (
-        Column("grant_id", pa.string(), _seeds._safe_id),
-        Column("customer_id", pa.string(), _seeds._safe_id),
-        Column("currency", pa.string(), _seeds._iso_currency),
-        Column("amount", _seeds.DEC, _seeds._non_negative_decimal),
-        Column("granted_on", pa.date32(), _seeds._date),
-        Column("expires_on", pa.date32(), _seeds._optional(_seeds._date)),
-        Column("description", pa.string(), _seeds._text),
-    ),
-    ("grant_id",),
-)
-
 
 @dataclass(frozen=True)
 class Grant:
@@ -82,48 +63,9 @@ class Grant:
 # --------------------------------------------------------------------------- reading and validation
 
 
-def _read_spec(seeds_dir: Path, spec: SeedSpec) -> list[dict]:
-    """Rows of a seed file parsed with ``spec`` (the same checks and messages as ``seeds.read_seed``)."""
-    if _seeds.SPECS.get(spec.name) is spec:
-        return _seeds.read_seed(seeds_dir, spec.name).to_pylist()
-    path = Path(seeds_dir) / spec.file
-    if not path.exists():
-        raise SeedError(f"{path}: seed file missing; create it (columns: {', '.join(c.name for c in spec.columns)}) or point BILLING_SEEDS_DIR at a folder that has it")
-    expected = [c.name for c in spec.columns]
-    out: list[dict] = []
-    seen: dict[tuple, int] = {}
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise SeedError(f"{path}:1: file is empty; add the header row {','.join(expected)}") from None
-        if header != expected:
-            raise SeedError(f"{path}:1: header is {','.join(header)}; expected {','.join(expected)}")
-        for row in reader:
-            line = reader.line_num
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if len(row) != len(expected):
-                raise SeedError(f"{path}:{line}: {len(row)} fields, expected {len(expected)} ({','.join(expected)}); quote values that contain commas")
-            parsed: dict[str, Any] = {}
-            for col, raw in zip(spec.columns, row):
-                try:
-                    parsed[col.name] = col.parse(raw.strip() if col.name != "description" else raw)
-                except ValueError as e:
-                    raise SeedError(f"{path}:{line}: column {col.name}: {e}; fix this value") from None
-            key = tuple(parsed[k] for k in spec.key)
-            if key in seen:
-                raise SeedError(f"{path}:{line}: duplicate key {dict(zip(spec.key, key))} (first on line {seen[key]}); keep one row per key")
-            seen[key] = line
-            parsed["seed_line"] = line
-            out.append(parsed)
-    return out
-
-
 def read_credit_rows(seeds_dir: Path | str) -> list[dict]:
     """The parsed rows of ``seeds/credits.csv`` (columns checked one by one, no references yet)."""
-    return _read_spec(Path(seeds_dir), CREDITS_SPEC)
+    return _seeds.read_seed(Path(seeds_dir), "credits").to_pylist()
 
 
 def validate_grants(rows: Iterable[Mapping], customers: Iterable[Mapping], currencies: Iterable[Mapping], *, source: Path | str = "seeds/credits.csv") -> list[Grant]:
@@ -170,7 +112,7 @@ def validate_grants(rows: Iterable[Mapping], customers: Iterable[Mapping], curre
 def load_grants(seeds_dir: Path | str, customers: Iterable[Mapping], currencies: Iterable[Mapping]) -> list[Grant]:
     """Read and validate ``seeds/credits.csv`` against the given customer and currency rows."""
     seeds_dir = Path(seeds_dir)
-    return validate_grants(read_credit_rows(seeds_dir), customers, currencies, source=seeds_dir / CREDITS_SPEC.file)
+    return validate_grants(read_credit_rows(seeds_dir), customers, currencies, source=seeds_dir / CREDITS_FILE)
 
 
 # --------------------------------------------------------------------------- the ledger

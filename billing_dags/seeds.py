@@ -26,7 +26,7 @@ PRICING_MODELS = {"per_unit", "package", "graduated", "volume"}
 PACKAGE_ROUNDING = {"up", "down", "half_up"}
 ANOMALY_RULES = {
     "week_over_week", "allowance_used", "outlier_mad", "scrape_gap", "counter_resets",
-    "reappeared_series", "dropped_samples", "unmatched_series",
+    "reappeared_series", "dropped_samples", "unmatched_series", "rate_per_minute", "pool_share_mismatch",
 }
 AGGREGATIONS = {
     "counter": {"sum"},

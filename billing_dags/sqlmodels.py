@@ -192,6 +192,26 @@ def _register_raw_series(con, paths: Paths, window: Window | None) -> None:
     con.execute(f"create or replace view raw_series as select series_id, metric, labels, first_seen from read_parquet({_sql_list(files)}, hive_partitioning = false)")
 
 
+def pool_shares_dir(paths: Paths) -> Path:
+    """Pool-reported accepted shares (seed 000's correlation check), when an operator supplies them."""
+    return paths.data_dir / "external" / "pool_shares"
+
+
+def _register_pool_shares(con, paths: Paths, window: Window | None) -> None:
+    files = sorted(pool_shares_dir(paths).glob("*.csv"))
+    if not files:
+        con.execute(
+            "create or replace view external_pool_shares as select * from (select null::date as day, "
+            "null::varchar as customer_id, null::decimal(38, 9) as accepted_shares) where false"
+        )
+        return
+    con.execute(
+        "create or replace view external_pool_shares as select * from read_csv("
+        f"{_sql_list(files)}, header = true, "
+        "columns = {'day': 'DATE', 'customer_id': 'VARCHAR', 'accepted_shares': 'DECIMAL(38, 9)'})"
+    )
+
+
 def _seed_source(name: str) -> Source:
     def register(con, paths: Paths, window: Window | None) -> None:
         path = seed_snapshot_path(paths, name)
@@ -216,6 +236,8 @@ def sources() -> dict[str, Source]:
         # every ingestion source writes the raw layout: Prometheus pull or simulation, and remote write
         "raw_samples": Source("raw_samples", RAW_ASSETS, _register_raw_samples),
         "raw_series": Source("raw_series", RAW_ASSETS, _register_raw_series),
+        # CSV files an operator drops in data/external/pool_shares/ (day, customer_id, accepted_shares)
+        "external_pool_shares": Source("external_pool_shares", (), _register_pool_shares),
     }
     for name in SPECS:
         out[f"seed_{name}"] = _seed_source(name)

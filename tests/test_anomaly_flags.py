@@ -24,6 +24,7 @@ EDGE_SCHEMA = pa.schema(
 SERIES = {
     1: ("stratum_bytes_sent_total", {"client_id": "miner-003"}, ms(D - timedelta(days=40), 0)),
     2: ("stratum_accepted_shares_total", {"client_id": "miner-zzz"}, ms(D - timedelta(days=40), 0)),
+    3: ("stratum_submits_total", {"client_id": "miner-003"}, ms(D - timedelta(days=40), 0)),
 }
 
 
@@ -35,9 +36,13 @@ def edge(series_id: int, max_gap_ms: int) -> dict:
     }
 
 
-def flags(days: list[dict], edges: list[dict]) -> dict:
+POOL_SCHEMA = pa.schema([("day", pa.date32()), ("customer_id", pa.string()), ("accepted_shares", pa.decimal128(38, 9))])
+
+
+def flags(days: list[dict], edges: list[dict], *, samples: dict | None = None, pool: list[dict] = ()) -> dict:
     with Runner() as r:
-        r.set_raw({}, SERIES)
+        r.set_raw(samples or {}, SERIES)
+        r.set_table("external_pool_shares", pa.Table.from_pylist(list(pool), schema=POOL_SCHEMA))
         r.set_table("fct_usage_by_day", pa.Table.from_pylist(days, schema=DAY_SCHEMA))
         r.set_table("fct_series_edges_by_day", pa.Table.from_pylist(edges, schema=EDGE_SCHEMA))
         rows = r.run("fct_anomaly_flags", day_window(D)).to_pylist()
@@ -77,3 +82,26 @@ def test_reappeared_series_is_critical():
     row["reappeared_series"] = 1
     got = flags([row], [edge(1, 60_000)])
     assert got[("mp-003", "proxy_bytes", "reappeared_series")]["severity"] == "critical"
+
+
+def test_submit_rate_above_200_per_minute():
+    # one scrape a minute; +100 a minute, then +250 in one minute (over 200), then a reset to 5
+    values = [1000 + 100 * i for i in range(10)] + [1900 + 250, 5, 105]
+    samples = {3: [(ms(D, 1) + 60_000 * i, float(v)) for i, v in enumerate(values)]}
+    got = flags([day_row(D, "mp-003", "proxy_submits", usage=1)], [edge(3, 60_000)], samples=samples)
+    rate = got[("mp-003", "proxy_submits", "rate_per_minute")]
+    assert rate["value"] == 250 and rate["threshold"] == 200
+    # at most 200 a minute: no flag
+    calm = {3: [(ms(D, 1) + 60_000 * i, float(1000 + 200 * i)) for i in range(10)]}
+    got = flags([day_row(D, "mp-003", "proxy_submits", usage=1)], [edge(3, 60_000)], samples=calm)
+    assert ("mp-003", "proxy_submits", "rate_per_minute") not in got
+
+
+def test_proxy_shares_against_the_pool_figures():
+    # proxy counted 1,100 accepted shares, the pool 1,000: 10% apart, over the 5% tolerance
+    days = [day_row(D, "mp-003", "proxy_accepted_shares", usage=1100)]
+    got = flags(days, [edge(1, 60_000)], pool=[{"day": D, "customer_id": "mp-003", "accepted_shares": Decimal(1000)}])
+    mismatch = got[("mp-003", "proxy_accepted_shares", "pool_share_mismatch")]
+    assert mismatch["value"] == 10 and "the pool reported 1000" in mismatch["detail"]
+    got = flags(days, [edge(1, 60_000)], pool=[{"day": D, "customer_id": "mp-003", "accepted_shares": Decimal(1060)}])
+    assert ("mp-003", "proxy_accepted_shares", "pool_share_mismatch") not in got

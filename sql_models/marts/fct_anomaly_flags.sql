@@ -65,6 +65,45 @@ meter_rules as (
         )
 ),
 
+pool_shares as (
+    select * from stg_external__pool_shares
+    where day >= $start_date::date and day < $end_date::date
+),
+
+-- seed 000 rate limiting: the raw samples of the day, only for series of meters with a rate rule
+rate_series as (
+    select series.series_id, series.customer_id, series.meter_id
+    from series
+    where series.customer_id is not null
+        and series.meter_id in (select meter_id from meter_rules where rule = 'rate_per_minute')
+),
+
+rate_samples as (
+    select series_id, ts_ms, value
+    from stg_raw__samples
+    where ts_ms >= $start_ms and ts_ms < $end_ms
+        and isfinite(value)
+        and series_id in (select series_id from rate_series)
+),
+
+rates as (
+    select
+        series_id,
+        max(
+            case when prev_ts_ms is not null and ts_ms > prev_ts_ms and ts_ms - prev_ts_ms <= $staleness_ms
+                then (case when value >= prev_value then value - prev_value else value end) * 60000 / (ts_ms - prev_ts_ms)
+            end
+        ) as max_per_minute
+    from (
+        select series_id, ts_ms, value,
+            lag(value) over by_time as prev_value,
+            lag(ts_ms) over by_time as prev_ts_ms
+        from rate_samples
+        window by_time as (partition by series_id order by ts_ms)
+    )
+    group by series_id
+),
+
 -- seed 000: usage of the last 7 days against the 7 before
 week_over_week as (
     select
@@ -191,6 +230,21 @@ candidates as (
     select customer_id, meter_id, 'dropped_samples', dropped_samples::decimal(38, 9),
         dropped_samples || ' NaN or staleness samples dropped'
     from today
+    union all
+    select rate_series.customer_id, rate_series.meter_id, 'rate_per_minute',
+        max(rates.max_per_minute)::decimal(38, 9),
+        'highest rate between two scrapes: ' || round(max(rates.max_per_minute), 1) || ' per minute'
+    from rates
+    inner join rate_series on rates.series_id = rate_series.series_id
+    where rates.max_per_minute is not null
+    group by rate_series.customer_id, rate_series.meter_id
+    union all
+    select today.customer_id, today.meter_id, 'pool_share_mismatch',
+        (abs(today.usage - pool_shares.pool_accepted_shares) * 100 / pool_shares.pool_accepted_shares)::decimal(38, 9),
+        'proxy counted ' || fmt_decimal(today.usage) || ', the pool reported ' || fmt_decimal(pool_shares.pool_accepted_shares)
+    from today
+    inner join pool_shares on today.customer_id = pool_shares.customer_id
+    where today.kind = 'counter' and pool_shares.pool_accepted_shares > 0
     union all
     select '' as customer_id, meter_id, 'unmatched_series', unmatched_series::decimal(38, 9),
         unmatched_series || ' series billed to nobody: ' || labels
