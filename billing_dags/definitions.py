@@ -13,11 +13,11 @@ from billing_dags.defs.models.assets import model_assets
 from billing_dags.defs.seeds.assets import seed_assets
 from billing_dags.defs.shared.resources import build_resources
 from billing_dags.defs.stripe.assets import stripe_meter_events, stripe_outbox
-from billing_dags.defs.reports.assets import daily_summary
+from billing_dags.defs.reports.assets import billing_metrics_textfile, daily_summary, metrics_job, metrics_schedule
 from billing_dags.defs.retention.assets import raw_retention, retention_job, retention_schedule
 from billing_dags.defs.warehouse.assets import warehouse_views
 
-ASSETS = [*seed_assets, raw_samples, remote_write_samples, *model_assets, invoices, stripe_outbox, stripe_meter_events, warehouse_views, raw_retention, daily_summary]
+ASSETS = [*seed_assets, raw_samples, remote_write_samples, *model_assets, invoices, stripe_outbox, stripe_meter_events, warehouse_views, raw_retention, daily_summary, billing_metrics_textfile]
 
 
 @dg.definitions
@@ -25,12 +25,13 @@ def defs() -> dg.Definitions:
     jobs = build_jobs(ASSETS)
     return dg.Definitions(
         assets=ASSETS,
-        jobs=[*jobs.values(), retention_job],
+        jobs=[*jobs.values(), retention_job, metrics_job],
         schedules=[
             daily_usage_schedule(jobs["daily_usage"]),
             monthly_draft_schedule(jobs["monthly_invoicing"]),
             finalization_schedule(jobs["monthly_invoicing"]),
             retention_schedule,
+            metrics_schedule,
         ],
         sensors=[late_raw_data_sensor(jobs["daily_usage"]), remote_write_landing_sensor()],
         resources=build_resources(),

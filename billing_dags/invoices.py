@@ -249,6 +249,68 @@ def _atomic_write_bytes(dest: Path, data: bytes) -> None:
         pass
 
 
+class _DurableBatch:
+    """Atomic replacements made durable together (what ``_atomic_write_bytes`` does, for many files).
+
+    ``write`` puts each file under a temporary name in its folder; ``commit`` fsyncs all of them (in
+    parallel, so the file system commits them together instead of one journal commit per file), then
+    renames each over its destination and fsyncs each folder once. A reader sees a file's old or new
+    bytes, never a mix; once ``commit`` returns every file is durable. ``abort`` removes the temporary
+    files (the destinations keep their old bytes). A month of 10,000 invoices is 30,000 files: one
+    fsync of the file and one of its folder per file cost about 30 s on a VM disk.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Path, Path]] = []
+
+    def write(self, dest: Path, data: bytes) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}-{len(self.pending)}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.pending.append((tmp, dest))
+
+    def commit(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        if not self.pending:
+            return
+
+        def sync(path: Path) -> None:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        try:
+            with ThreadPoolExecutor(min(16, len(self.pending))) as pool:
+                list(pool.map(sync, [tmp for tmp, _ in self.pending]))
+        except BaseException:
+            self.abort()
+            raise
+        folders = []
+        for tmp, dest in self.pending:
+            os.replace(tmp, dest)
+            if dest.parent not in folders:
+                folders.append(dest.parent)
+        self.pending = []
+        for folder in folders:
+            try:
+                sync(folder)
+            except OSError:
+                pass
+
+    def abort(self) -> None:
+        for tmp, _ in self.pending:
+            tmp.unlink(missing_ok=True)
+        self.pending = []
+
+
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -1056,11 +1118,11 @@ def _carried_elsewhere(paths: Paths, cid: str, source_month: str) -> int:
     return total
 
 
-def _write_if_changed(path: Path, data: bytes, written: list[str], unchanged: list[str]) -> None:
+def _write_if_changed(path: Path, data: bytes, written: list[str], unchanged: list[str], write=_atomic_write_bytes) -> None:
     if path.exists() and path.read_bytes() == data:
         unchanged.append(str(path))
         return
-    _atomic_write_bytes(path, data)
+    write(path, data)
     written.append(str(path))
 
 
@@ -1080,58 +1142,19 @@ def write_invoice_files(paths: Paths, invoices: list[dict]) -> dict:
     by_status: dict[str, int] = {s: 0 for s in STATUSES}
     totals_minor: dict[str, int] = {}
     exponents: dict[str, int] = {}
-    for inv in sorted(invoices, key=lambda i: (i["period_start"], i["customer_id"])):
-        month_key = inv["period_start"][:7]
-        cid = _safe_customer_id(inv["customer_id"], f"invoice {inv.get('invoice_number')!r}")
-        files = invoice_files(paths, month_key, cid)
-        pending_path = invoice_dir(paths, month_key) / PENDING_DIR / f"{cid}.json"
-        stored = read_invoice(paths, month_key, cid)
-        if stored is not None and stored.get("status") == "finalized":
-            effective = stored
-            differs = _figures(stored) != _figures(inv)
-            if differs or (pending_path.exists() and _carried_elsewhere(paths, cid, month_key)):
-                # a recomputation that later returns to the finalized figures keeps its file while some of it
-                # was already carried, so that the reversal is carried too
-                if differs:
-                    changed_after.append(cid)
-                fin_charges, rec_charges = charges_minor(stored), charges_minor(inv)
-                adjustment = {
-                    "schema_version": SCHEMA_VERSION,
-                    "status": "pending",
-                    "customer_id": cid,
-                    "period_start": stored["period_start"],
-                    "period_end": stored["period_end"],
-                    "currency": stored["currency"],
-                    "minor_unit_exponent": stored["minor_unit_exponent"],
-                    "finalized_invoice_number": stored["invoice_number"],
-                    "finalized_total_minor": int(stored["total_minor"]),
-                    "recomputed_total_minor": int(inv["total_minor"]),
-                    # charges: the period's own lines, before adjustments and credits; the delta is what an
-                    # adjustment line on the customer's next invoice carries (less what was already carried)
-                    "finalized_charges_minor": fin_charges,
-                    "recomputed_charges_minor": rec_charges,
-                    "delta_minor": rec_charges - fin_charges,
-                    "delta": format_minor(rec_charges - fin_charges, int(stored["minor_unit_exponent"])),
-                    "recomputed_lines": _charge_lines(inv),
-                    "recomputed_manifest": inv.get("manifest"),
-                }
-                _write_if_changed(pending_path, _json_bytes(adjustment), written, unchanged)
-                pending.append(str(pending_path))
-            elif pending_path.exists():
-                # usage went back to what was finalized: nothing left to adjust
-                pending_path.unlink()
-            for fmt in ("csv", "html"):
-                if not files[fmt].exists():
-                    _atomic_write_bytes(files[fmt], render_invoice(stored, fmt).encode("utf-8"))
-                    written.append(str(files[fmt]))
-        else:
-            effective = inv
-            for fmt in ("json", "csv", "html"):
-                _write_if_changed(files[fmt], render_invoice(inv, fmt).encode("utf-8"), written, unchanged)
-        by_status[effective["status"]] = by_status.get(effective["status"], 0) + 1
-        cur = effective["currency"]
-        totals_minor[cur] = totals_minor.get(cur, 0) + int(effective["total_minor"])
-        exponents[cur] = int(effective["minor_unit_exponent"])
+    # the files of a month are made durable together (see _DurableBatch), before the next month is read
+    batch = _DurableBatch()
+    batch_month = None
+    try:
+        for inv in sorted(invoices, key=lambda i: (i["period_start"], i["customer_id"])):
+            if inv["period_start"][:7] != batch_month:
+                batch.commit()
+                batch_month = inv["period_start"][:7]
+            _write_invoice(paths, inv, batch, written, unchanged, changed_after, pending, by_status, totals_minor, exponents)
+        batch.commit()
+    except BaseException:
+        batch.abort()
+        raise
     return {
         "invoices": len(invoices),
         "by_status": by_status,
@@ -1142,3 +1165,59 @@ def write_invoice_files(paths: Paths, invoices: list[dict]) -> dict:
         "changed_after_finalization": changed_after,
         "pending_adjustments": pending,
     }
+
+
+def _write_invoice(paths: Paths, inv: dict, batch: _DurableBatch, written: list[str], unchanged: list[str], changed_after: list[str],
+                   pending: list[str], by_status: dict[str, int], totals_minor: dict[str, int], exponents: dict[str, int]) -> None:
+    """One invoice of write_invoice_files: its files go into ``batch``; the figures are added up."""
+    month_key = inv["period_start"][:7]
+    cid = _safe_customer_id(inv["customer_id"], f"invoice {inv.get('invoice_number')!r}")
+    files = invoice_files(paths, month_key, cid)
+    pending_path = invoice_dir(paths, month_key) / PENDING_DIR / f"{cid}.json"
+    stored = read_invoice(paths, month_key, cid)
+    if stored is not None and stored.get("status") == "finalized":
+        effective = stored
+        differs = _figures(stored) != _figures(inv)
+        if differs or (pending_path.exists() and _carried_elsewhere(paths, cid, month_key)):
+            # a recomputation that later returns to the finalized figures keeps its file while some of it
+            # was already carried, so that the reversal is carried too
+            if differs:
+                changed_after.append(cid)
+            fin_charges, rec_charges = charges_minor(stored), charges_minor(inv)
+            adjustment = {
+                "schema_version": SCHEMA_VERSION,
+                "status": "pending",
+                "customer_id": cid,
+                "period_start": stored["period_start"],
+                "period_end": stored["period_end"],
+                "currency": stored["currency"],
+                "minor_unit_exponent": stored["minor_unit_exponent"],
+                "finalized_invoice_number": stored["invoice_number"],
+                "finalized_total_minor": int(stored["total_minor"]),
+                "recomputed_total_minor": int(inv["total_minor"]),
+                # charges: the period's own lines, before adjustments and credits; the delta is what an
+                # adjustment line on the customer's next invoice carries (less what was already carried)
+                "finalized_charges_minor": fin_charges,
+                "recomputed_charges_minor": rec_charges,
+                "delta_minor": rec_charges - fin_charges,
+                "delta": format_minor(rec_charges - fin_charges, int(stored["minor_unit_exponent"])),
+                "recomputed_lines": _charge_lines(inv),
+                "recomputed_manifest": inv.get("manifest"),
+            }
+            _write_if_changed(pending_path, _json_bytes(adjustment), written, unchanged, batch.write)
+            pending.append(str(pending_path))
+        elif pending_path.exists():
+            # usage went back to what was finalized: nothing left to adjust
+            pending_path.unlink()
+        for fmt in ("csv", "html"):
+            if not files[fmt].exists():
+                batch.write(files[fmt], render_invoice(stored, fmt).encode("utf-8"))
+                written.append(str(files[fmt]))
+    else:
+        effective = inv
+        for fmt in ("json", "csv", "html"):
+            _write_if_changed(files[fmt], render_invoice(inv, fmt).encode("utf-8"), written, unchanged, batch.write)
+    by_status[effective["status"]] = by_status.get(effective["status"], 0) + 1
+    cur = effective["currency"]
+    totals_minor[cur] = totals_minor.get(cur, 0) + int(effective["total_minor"])
+    exponents[cur] = int(effective["minor_unit_exponent"])

@@ -39,7 +39,13 @@ def invoice_now(config: InvoiceConfig) -> datetime:
     # seeds/credits.csv is read at invoicing time (validated against the customer and currency snapshots);
     # it is a dependency too once seeds.SPECS has a "credits" entry (then seed_credits is an asset)
     deps=["fct_invoice_lines", "fct_anomaly_flags", "seed_customers", "seed_plans", "seed_currencies", *(["seed_credits"] if "credits" in SPECS else [])],
-    check_specs=[dg.AssetCheckSpec("total_equals_sum_of_lines", asset="invoices", blocking=True)],
+    check_specs=[
+        dg.AssetCheckSpec("total_equals_sum_of_lines", asset="invoices", blocking=True),
+        dg.AssetCheckSpec(
+            "critical_flags_acknowledged", asset="invoices",
+            description="No invoice is held in draft by an unacknowledged critical anomaly flag (billing flags ack).",
+        ),
+    ],
 )
 def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse: WarehouseResource):
     """Invoice files per customer and month (JSON, CSV, HTML) under data/invoices/YYYY-MM/, with adjustments, prepaid credits and the credits ledger."""
@@ -106,7 +112,13 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
                 check_name="total_equals_sum_of_lines",
                 passed=not wrong and not missing,
                 metadata={"wrong_totals": dg.MetadataValue.json(wrong), "customers_without_invoice": dg.MetadataValue.json(missing)},
-            )
+            ),
+            dg.AssetCheckResult(
+                check_name="critical_flags_acknowledged",
+                passed=not held,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={"held": dg.MetadataValue.json(held)},
+            ),
         ],
     )
 

@@ -28,3 +28,24 @@ def daily_summary(context: dg.AssetExecutionContext, warehouse: WarehouseResourc
             "html": dg.MetadataValue.path(str(written[1])),
         }
     )
+
+
+@dg.asset(group_name="reports", kinds={"prometheus"}, deps=["fct_usage_by_day", "invoices"])
+def billing_metrics_textfile(warehouse: WarehouseResource) -> dg.MaterializeResult:
+    """Billing aggregates in Prometheus exposition format (data/metrics/billing.prom) for a textfile collector."""
+    from billing_dags.metrics_export import export_metrics
+
+    paths = warehouse.paths()
+    dest = paths.data_dir / "metrics" / "billing.prom"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    text = export_metrics(paths, None, dest)
+    return dg.MaterializeResult(
+        metadata={"bytes": len(text), "series": text.count(b"\n") - text.count(b"\n#"), "path": dg.MetadataValue.path(str(dest))}
+    )
+
+
+metrics_job = dg.define_asset_job("billing_metrics_job", selection=[billing_metrics_textfile], description="Refresh data/metrics/billing.prom.")
+metrics_schedule = dg.ScheduleDefinition(
+    name="billing_metrics_schedule", job=metrics_job, cron_schedule="15 * * * *", execution_timezone="UTC",
+    description="Every hour: refresh the billing metrics Grafana reads (month to date and projected).",
+)

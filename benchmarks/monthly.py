@@ -1,0 +1,335 @@
+"""`python -m benchmarks.monthly`: the monthly stage for 10,000 customers (issue 7, item 4).
+
+Target: usage by month -> rated usage -> invoice lines -> invoice files and the Stripe outbox for
+10,000 customers in under 30 s and 1 GB.
+
+Workload (cached under tmp/benchmarks/out/monthly-<N>c-<month>/): a seeds folder (a copy of
+seeds/ with customers.csv and subscriptions.csv for N customers spread evenly over the five
+set-ups, unique label values and Stripe ids, one customer in 20 changing plan mid-month and one
+in 50 starting mid-month; credits.csv empty unless --grants), its validated seed snapshots
+(`write_seed_snapshots`), and synthetic `fct_usage_by_day` partitions for every day of the month
+(the model's exact schema, written with `sqlmodels.write_partition` as the model writes them):
+one row per customer, meter and dimension of its set-up and day (proxy 5, IoT 6, testbed 5,
+LLM 2 meters x 4 models, Kubernetes 5 -- 5.8 rows per customer-day on average).
+
+The stage runs in one fresh process (peak RSS of the whole stage): the five monthly SQL models
+with `run_model`, the invoices as the `invoices` asset builds them (lines, seed snapshots,
+credits, manifest, held customers, `build_invoices`, `write_invoice_files`, credits ledger) --
+once as drafts on the 1st and once finalized on the 4th (numbers assigned, files rewritten) --
+and the Stripe outbox of one day (`build_outbox` + `write_outbox`). Outputs of earlier runs are
+removed first, so every run starts from the same state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from billing_dags.settings import PROJECT_ROOT, resolve_paths
+
+OUT = PROJECT_ROOT / "tmp" / "benchmarks" / "out"
+SETUPS = {  # set-up -> (customer id prefix, plans to rotate through)
+    "proxy": ("mp", ["proxy_per_gb", "proxy_per_share", "proxy_hybrid", "proxy_basic", "proxy_pro", "proxy_tiered"]),
+    "iot": ("iot", ["iot_starter", "iot_professional"]),
+    "testbed": ("tb", ["testbed_basic", "testbed_professional", "testbed_enterprise"]),
+    "llm": ("llm", ["llm_payg"]),
+    "k8s": ("k8s", ["k8s_starter", "k8s_professional", "k8s_enterprise"]),
+}
+LLM_MODELS = ["gpt-4o", "gpt-4o-mini", "claude-3-5-sonnet", "llama-3.1-70b"]
+MONTHLY_MODELS = [
+    "fct_usage_by_month",
+    "dim_subscription_periods_by_month",
+    "fct_usage_by_subscription_period",
+    "fct_rated_usage",
+    "fct_invoice_lines",
+]
+DAY_MS = 86_400_000
+
+
+def _month_end(month: date) -> date:
+    return (month + timedelta(days=32)).replace(day=1)
+
+
+# --------------------------------------------------------------------------- workload
+
+
+def write_seeds(seeds_dir: Path, n_customers: int, month: date, grants: int) -> list[tuple[str, str]]:
+    """The seeds folder; returns [(customer_id, setup)]."""
+    if seeds_dir.exists():
+        shutil.rmtree(seeds_dir)
+    shutil.copytree(PROJECT_ROOT / "seeds", seeds_dir)
+    setups = list(SETUPS)
+    customers, subs = [], []
+    mid = month + timedelta(days=15)
+    late = month + timedelta(days=9)
+    for i in range(n_customers):
+        setup = setups[i % len(setups)]
+        prefix, plans = SETUPS[setup]
+        cid = f"{prefix}-b{i:05d}"
+        customers.append((cid, setup))
+        plan = plans[(i // len(setups)) % len(plans)]
+        with_label = f"{setup}-bench-{i:05d}"
+        customers_row = [cid, f"Bench {setup} {i:05d}", setup, with_label, "usd", f"cus_bench{i:05d}"]
+        customers[-1] = (cid, setup, customers_row)
+        if i % 20 == 7 and len(plans) > 1:  # plan change mid-month: two periods, prorated fees
+            subs.append([cid, plan, "2025-01-01", mid.isoformat()])
+            subs.append([cid, plans[(plans.index(plan) + 1) % len(plans)], mid.isoformat(), ""])
+        elif i % 50 == 13:  # starts mid-month
+            subs.append([cid, plan, late.isoformat(), ""])
+        else:
+            subs.append([cid, plan, "2025-01-01", ""])
+    with open(seeds_dir / "customers.csv", "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["customer_id", "name", "setup", "label_value", "currency", "stripe_customer_id"])
+        w.writerows(c[2] for c in customers)
+    with open(seeds_dir / "subscriptions.csv", "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["customer_id", "plan_id", "start_date", "end_date"])
+        w.writerows(subs)
+    with open(seeds_dir / "credits.csv", "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["grant_id", "customer_id", "currency", "amount", "granted_on", "expires_on", "description"])
+        step = max(1, n_customers // grants) if grants else 0
+        for k in range(grants):
+            cid = customers[(k * step) % n_customers][0]
+            w.writerow([f"{cid}-g{k}", cid, "usd", "50.00", (month - timedelta(days=60)).isoformat(), "", "Benchmark credit"])
+    return [(c[0], c[1]) for c in customers]
+
+
+def meter_rows(seeds_dir: Path) -> dict[str, list[tuple[str, str, str]]]:
+    """set-up -> [(meter_id, dimension, kind)] of the meters the set-up exports."""
+    prefixes = {"proxy": "proxy_", "iot": "iot_", "testbed": "testbed_", "llm": "llm_", "k8s": "k8s_"}
+    with open(seeds_dir / "meters.csv") as f:
+        meters = list(csv.DictReader(f))
+    out: dict[str, list[tuple[str, str, str]]] = {}
+    for setup, prefix in prefixes.items():
+        rows = []
+        for m in meters:
+            if m["meter_id"].startswith(prefix):
+                dims = LLM_MODELS if m["dimension_label"] else [""]
+                rows += [(m["meter_id"], d, m["kind"]) for d in dims]
+        out[setup] = rows
+    return out
+
+
+def usage_day(day: date, customers: list[tuple[str, str]], meters: dict, rng: np.random.Generator) -> pa.Table:
+    """One synthetic fct_usage_by_day partition (the model's columns and types)."""
+    cid, mid, dim, kind = [], [], [], []
+    for c, setup in customers:
+        for m, d, k in meters[setup]:
+            cid.append(c)
+            mid.append(m)
+            dim.append(d)
+            kind.append(k)
+    n = len(cid)
+    is_gauge = np.array([k == "gauge" for k in kind])
+    series = rng.integers(1, 5, n)
+    counter = rng.integers(1_000, 20_000_000_000, n)  # bytes, shares, tokens, ms ... per day
+    peak = rng.integers(1, 50_000_000_000, n)  # a peak below 50 GB keeps peak * day-ms in int64
+    covered = np.full(n, DAY_MS, dtype=np.int64) * series
+    integral = (peak // 2) * DAY_MS // 1  # peak/2 held all day
+    dec = pa.decimal128(38, 9)
+
+    def decimal(values: np.ndarray, mask: np.ndarray) -> pa.Array:
+        return pc.cast(pa.array(values, type=pa.int64(), mask=mask), dec)
+
+    return pa.table(
+        {
+            "day": pa.array([day] * n, pa.date32()),
+            "customer_id": pa.array(cid, pa.string()),
+            "meter_id": pa.array(mid, pa.string()),
+            "dimension": pa.array(dim, pa.string()),
+            "kind": pa.array(kind, pa.string()),
+            "usage": decimal(counter, is_gauge),
+            "gauge_integral": decimal(integral, ~is_gauge),
+            "gauge_covered_ms": pa.array(covered, pa.int64(), mask=~is_gauge),
+            "gauge_peak": decimal(peak, ~is_gauge),
+            "series": pa.array(series, pa.int64()),
+            "samples": pa.array(series * 1440, pa.int64()),
+            "dropped_samples": pa.array(np.zeros(n, dtype=np.int64)),
+            "resets": pa.array((rng.random(n) < 0.01).astype(np.int64)),
+            "reappeared_series": pa.array(np.zeros(n, dtype=np.int64)),
+            "max_gap_ms": pa.array(np.full(n, 60_000, dtype=np.int64)),
+        }
+    )
+
+
+def prepare(root: Path, n_customers: int, month: date, grants: int, log=print) -> tuple[Path, Path, int]:
+    from billing_dags.defs.seeds.assets import write_seed_snapshots
+    from billing_dags.sqlmodels import Window, load_project, write_partition
+
+    data_dir, seeds_dir = root / "data", root / "seeds"
+    marker = root / "ready.json"
+    if marker.exists():
+        info = json.loads(marker.read_text())
+        if info == {"customers": n_customers, "month": month.isoformat(), "grants": grants}:
+            return data_dir, seeds_dir, 0
+    t0 = time.perf_counter()
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    customers = write_seeds(seeds_dir, n_customers, month, grants)
+    paths = resolve_paths(data_dir, seeds_dir)
+    write_seed_snapshots(paths)
+    t1 = time.perf_counter()
+    model = load_project().models["fct_usage_by_day"]
+    meters = meter_rows(seeds_dir)
+    rng = np.random.default_rng(42)
+    rows = 0
+    day = month
+    while day < _month_end(month):
+        table = usage_day(day, customers, meters, rng)
+        write_partition(paths, model, Window(day, day + timedelta(days=1)), table)
+        rows += table.num_rows
+        day += timedelta(days=1)
+    log(f"workload: seeds for {n_customers:,} customers validated and snapshotted in {t1 - t0:.1f}s; "
+        f"{rows:,} fct_usage_by_day rows written in {time.perf_counter() - t1:.1f}s")
+    marker.write_text(json.dumps({"customers": n_customers, "month": month.isoformat(), "grants": grants}))
+    return data_dir, seeds_dir, rows
+
+
+# --------------------------------------------------------------------------- the stage (own process)
+
+
+def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
+    import pyarrow.parquet as pq
+
+    from billing_dags import credits as cr
+    from billing_dags import invoices as inv
+    from billing_dags import stripe_outbox as ob
+    from billing_dags.flags import unacknowledged_critical
+    from billing_dags.sqlmodels import Window, load_project, partition_file, run_model, seed_snapshot_path
+
+    paths = resolve_paths(data_dir, seeds_dir)
+    for model in MONTHLY_MODELS:  # start from the same state every run
+        shutil.rmtree(paths.models / model, ignore_errors=True)
+    shutil.rmtree(paths.invoices, ignore_errors=True)
+    shutil.rmtree(paths.outbox, ignore_errors=True)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    project = load_project()
+    window = Window(month, _month_end(month))
+    steps: list[dict] = []
+    for name in MONTHLY_MODELS:
+        t0 = time.perf_counter()
+        r = run_model(paths, name, window, project=project)
+        steps.append({"step": name, "seconds": time.perf_counter() - t0, "rows": r.rows})
+
+    def invoices_at(now: datetime) -> dict:
+        # the call sequence of billing_dags/defs/invoicing/assets.py::invoices
+        lines = pq.read_table(partition_file(paths, project.models["fct_invoice_lines"], window)).to_pylist()
+        seeds = {n: pq.read_table(seed_snapshot_path(paths, n)).to_pylist() for n in ("customers", "plans", "currencies")}
+        grants = cr.load_grants(paths.seeds_dir, seeds["customers"], seeds["currencies"])
+        manifest = inv.invoice_manifest(paths, window.start, paths.seeds_dir, inv.code_version())
+        held = {c: "held" for c in unacknowledged_critical(paths, window.start)}
+        t_build = time.perf_counter()
+        docs = inv.build_invoices(lines, seeds["customers"], seeds["plans"], seeds["currencies"], window.start, now=now,
+                                  manifest=manifest, paths=paths, grants=grants, held=held)
+        t_write = time.perf_counter()
+        figures = inv.write_invoice_files(paths, docs)
+        cr.write_ledger(paths, grants, {c["currency"]: int(c["minor_unit_exponent"]) for c in seeds["currencies"]})
+        return {"invoices": len(docs), "lines": len(lines), "by_status": figures["by_status"], "files_written": len(figures["written"]),
+                "build_s": t_write - t_build, "write_s": time.perf_counter() - t_write}
+
+    for label, now in [
+        ("invoices: drafts (run on the 1st)", datetime.combine(window.end, datetime.min.time(), timezone.utc) + timedelta(minutes=30)),
+        ("invoices: finalized (run on the 4th)", datetime.combine(window.end + timedelta(days=3), datetime.min.time(), timezone.utc) + timedelta(minutes=30)),
+    ]:
+        t0 = time.perf_counter()
+        figures = invoices_at(now)
+        steps.append({"step": label, "seconds": time.perf_counter() - t0, "rows": figures["invoices"], **figures})
+
+    day = window.end - timedelta(days=1)
+    t0 = time.perf_counter()
+    usage = pq.read_table(partition_file(paths, project.models["fct_usage_by_day"], Window(day, window.end))).to_pylist()
+    customers = pq.read_table(seed_snapshot_path(paths, "customers")).to_pylist()
+    meters = pq.read_table(seed_snapshot_path(paths, "meters")).to_pylist()
+    rows = ob.build_outbox(day, usage, customers, meters, ob.read_outbox(paths, day))
+    ob.write_outbox(paths, day, rows)
+    steps.append({"step": f"Stripe outbox of one day ({day})", "seconds": time.perf_counter() - t0, "rows": len(rows)})
+    # the stage as the issue states it: models, invoice files (the run on the 1st) and the outbox; the run on the
+    # 4th that finalizes the same invoices is shown on its own row, outside the total
+    total = sum(s["seconds"] for s in steps if not s["step"].startswith("invoices: finalized"))
+    invoice_bytes = sum(f.stat().st_size for f in paths.invoices.rglob("*") if f.is_file())
+    return {
+        "steps": steps,
+        "seconds": total,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_after_imports_bytes": rss0,
+        "invoice_bytes": invoice_bytes,
+    }
+
+
+def run_stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.monthly", "--stage", str(data_dir), str(seeds_dir), "--month", month.strftime("%Y-%m")],
+        capture_output=True, text=True, env=env, cwd=PROJECT_ROOT,
+    )
+    if proc.returncode:
+        raise SystemExit(f"monthly stage failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.monthly", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--customers", type=int, default=10_000)
+    ap.add_argument("--month", default="2026-10", help="YYYY-MM (default 2026-10)")
+    ap.add_argument("--grants", type=int, default=0, help="prepaid credit grants in credits.csv (default 0: header only)")
+    ap.add_argument("--repeat", type=int, default=2, help="stage runs, each in a fresh process (default 2; best total reported)")
+    ap.add_argument("--stage", nargs=2, metavar=("DATA_DIR", "SEEDS_DIR"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    month = date.fromisoformat(args.month + "-01")
+    if args.stage:
+        print(json.dumps(stage(Path(args.stage[0]), Path(args.stage[1]), month), default=str))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=130)
+    root = OUT / (f"monthly-{args.customers}c-{args.month}" + (f"-{args.grants}g" if args.grants else ""))
+    data_dir, seeds_dir, _ = prepare(root, args.customers, month, args.grants, log=console.print)
+    runs = []
+    for i in range(args.repeat):
+        console.print(f"  monthly stage, run {i + 1}/{args.repeat} ...")
+        runs.append(run_stage(data_dir, seeds_dir, month))
+    best = min(runs, key=lambda r: r["seconds"])
+    usage_rows = sum(s["rows"] for s in best["steps"] if s["step"] == "fct_usage_by_month")
+    t = Table(title=f"monthly stage, {args.customers:,} customers, {args.month} (best of {args.repeat} runs, each in a fresh process)")
+    for col in ("step", "wall (s)", "share", "rows out"):
+        t.add_column(col, justify="left" if col == "step" else "right")
+    for s in best["steps"]:
+        if not s["step"].startswith("invoices: finalized"):
+            t.add_row(s["step"], f"{s['seconds']:.2f}", f"{s['seconds'] / best['seconds']:.0%}", f"{s['rows']:,}")
+    t.add_row("monthly stage (models + invoice files + outbox)", f"{best['seconds']:.2f}", "100%", "")
+    for s in best["steps"]:
+        if s["step"].startswith("invoices: finalized"):
+            t.add_row(f"(not in the total) {s['step']}", f"{s['seconds']:.2f}", "", f"{s['rows']:,}")
+    console.print(t)
+    inv_steps = [s for s in best["steps"] if s["step"].startswith("invoices")]
+    for s in inv_steps:
+        console.print(f"  {s['step']}: build {s['build_s']:.2f}s, write {s['write_s']:.2f}s ({s['files_written']:,} files), {s['by_status']}")
+    peak = max(r["peak_rss_bytes"] for r in runs)
+    walls = ", ".join(f"{r['seconds']:.2f}s" for r in runs)
+    console.print(f"all runs: {walls}; peak RSS of the stage process (both invoice runs included) {peak / 2**20:,.0f} MB "
+                  f"({best['rss_after_imports_bytes'] / 2**20:.0f} MB after imports); invoice files {best['invoice_bytes'] / 2**20:.0f} MB")
+    console.print(f"target (30 s, 1 GB): wall {'met' if best['seconds'] < 30 else 'MISSED'} ({best['seconds'] / 30:.2f} of the budget), "
+                  f"memory {'met' if peak < 2**30 else 'MISSED'} ({peak / 2**30:.2f} of the budget); "
+                  f"{usage_rows:,} customer-meter-month rows")
+
+
+if __name__ == "__main__":
+    main()
