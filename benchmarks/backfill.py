@@ -3,7 +3,7 @@
 Target: a 30-day backfill uses both cores (parallel partitions, no shared DuckDB file lock);
 report the speed-up over one at a time.
 
-Workload (cached under tmp/benchmarks/out/backfill-<N>c-<interval>s-<month>/): a simulated month
+Workload (cached under benchmarks/out/backfill-<N>c-<interval>s-<month>/): a simulated month
 (`billing_dags.simulate.simulate_month`) for N customers (the first 50 from seeds/, more are
 generated like benchmarks.monthly's seeds) at the given scrape interval, in the real raw layout.
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from billing_dags.settings import PROJECT_ROOT, resolve_paths
 
-OUT = PROJECT_ROOT / "tmp" / "benchmarks" / "out"
+OUT = PROJECT_ROOT / "benchmarks" / "out"
 MODELS = ["fct_series_edges_by_day", "fct_usage_by_day"]
 
 

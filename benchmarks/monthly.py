@@ -3,7 +3,7 @@
 Target: usage by month -> rated usage -> invoice lines -> invoice files and the Stripe outbox for
 10,000 customers in under 30 s and 1 GB.
 
-Workload (cached under tmp/benchmarks/out/monthly-<N>c-<month>/): a seeds folder (a copy of
+Workload (cached under benchmarks/out/monthly-<N>c-<month>/): a seeds folder (a copy of
 seeds/ with customers.csv and subscriptions.csv for N customers spread evenly over the five
 set-ups, unique label values and Stripe ids, one customer in 20 changing plan mid-month and one
 in 50 starting mid-month; credits.csv empty unless --grants), its validated seed snapshots
@@ -26,7 +26,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -40,7 +39,7 @@ import pyarrow.compute as pc
 
 from billing_dags.settings import PROJECT_ROOT, resolve_paths
 
-OUT = PROJECT_ROOT / "tmp" / "benchmarks" / "out"
+OUT = PROJECT_ROOT / "benchmarks" / "out"
 SETUPS = {  # set-up -> (customer id prefix, plans to rotate through)
     "proxy": ("mp", ["proxy_per_gb", "proxy_per_share", "proxy_hybrid", "proxy_basic", "proxy_pro", "proxy_tiered"]),
     "iot": ("iot", ["iot_starter", "iot_professional"]),
@@ -204,6 +203,13 @@ def prepare(root: Path, n_customers: int, month: date, grants: int, log=print) -
 # --------------------------------------------------------------------------- the stage (own process)
 
 
+def _hwm_bytes() -> int:
+    """This process's peak RSS (VmHWM; ru_maxrss would carry the parent's peak over fork/exec)."""
+    from .backfill import _hwm_bytes as hwm
+
+    return hwm()
+
+
 def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
     import pyarrow.parquet as pq
 
@@ -218,7 +224,7 @@ def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
         shutil.rmtree(paths.models / model, ignore_errors=True)
     shutil.rmtree(paths.invoices, ignore_errors=True)
     shutil.rmtree(paths.outbox, ignore_errors=True)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss0 = _hwm_bytes()
     project = load_project()
     window = Window(month, _month_end(month))
     steps: list[dict] = []
@@ -266,7 +272,7 @@ def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
     return {
         "steps": steps,
         "seconds": total,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": max(_hwm_bytes(), 0),
         "rss_after_imports_bytes": rss0,
         "invoice_bytes": invoice_bytes,
     }

@@ -38,6 +38,13 @@ from billing_dags.settings import PROJECT_ROOT
 
 from .remote_write import HEADERS, _cpu_seconds, _free_port
 
+
+def _scratch() -> Path:
+    """Scratch space on the project's disk (fsync costs what it costs for data/), gitignored."""
+    out = PROJECT_ROOT / "benchmarks" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
 PROMETHEUS = "/usr/bin/prometheus"
 
 
@@ -183,7 +190,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {"ours": [], "prometheus": []}
     for rnd in range(args.rounds):
         for name, start in (("ours", start_ours), ("prometheus", start_prometheus)):
-            root = Path(tempfile.mkdtemp(prefix=f"billing-rw-vs-{name}-", dir=PROJECT_ROOT / "tmp"))
+            root = Path(tempfile.mkdtemp(prefix=f"billing-rw-vs-{name}-", dir=_scratch()))
             proc, url = start(root)
             try:
                 r = replay(url, shards, warm, proc.pid)
