@@ -230,22 +230,13 @@ class Projection:
         return len(self.computed_days)
 
 
-def _create(con, name: str, table: pa.Table) -> None:
-    tmp = f"__arrow_{name}"
-    con.register(tmp, table)
-    try:
-        con.execute(f"create or replace table {name} as select * from {tmp}")
-    finally:
-        con.unregister(tmp)
-
-
 def project_month(paths: Paths, month: date, today: date | None = None) -> Projection:
     """Month-to-date and projected usage and charges of every customer for the open ``month``.
 
     Reads data/models and the seeds; writes nothing.
     """
     from . import sqlmodels
-    from .sqlmodels import Window
+    from .sqlmodels import Window, create_table
 
     today = today or utc_today()
     check_open_month(month, today)
@@ -264,12 +255,12 @@ def project_month(paths: Paths, month: date, today: date | None = None) -> Proje
     con = sqlmodels.connect()
     try:
         for name, table in seeds.items():
-            _create(con, f"seed_{name}", table)
+            create_table(con, f"seed_{name}", table)
         month_model = project.models["fct_usage_by_month"]
         sqlmodels.prepare(con, project, "fct_usage_by_month", None, window)
-        _create(con, "fct_usage_by_day", actual)
+        create_table(con, "fct_usage_by_day", actual)
         mtd_rows = sqlmodels.query(con, month_model, window).to_pylist()
-        _create(con, "fct_usage_by_day", projected)
+        create_table(con, "fct_usage_by_day", projected)
         proj_rows = sqlmodels.query(con, month_model, window).to_pylist()
         lines = None
         for name in PRICING_MODELS:
@@ -277,7 +268,7 @@ def project_month(paths: Paths, month: date, today: date | None = None) -> Proje
             sqlmodels.prepare(con, project, name, None, window)
             out = sqlmodels.query(con, model, window)
             sqlmodels.check_window(model, out, window)
-            _create(con, name, out)
+            create_table(con, name, out)
             lines = out
         allowances = con.sql(
             """

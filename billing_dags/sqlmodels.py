@@ -333,6 +333,16 @@ def connect() -> duckdb.DuckDBPyConnection:
     return con
 
 
+def create_table(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> None:
+    """Replace table ``name`` in ``con`` with the rows of an Arrow table (fixtures, projections)."""
+    tmp = f"__arrow_{name}"
+    con.register(tmp, table)
+    try:
+        con.execute(f"create or replace table {name} as select * from {tmp}")
+    finally:
+        con.unregister(tmp)
+
+
 def partition_dir(paths: Paths, model: Model) -> Path:
     return paths.models / model.name
 

@@ -82,13 +82,7 @@ def seed_tables(seeds_dir: Path | None = None) -> dict[str, pa.Table]:
     return _real_seeds() if seeds_dir is None else load_seeds(seeds_dir)
 
 
-def _create_table(con, name: str, table: pa.Table) -> None:
-    tmp = f"__arrow_{name}"
-    con.register(tmp, table)
-    try:
-        con.execute(f"create or replace table {name} as select * from {tmp}")
-    finally:
-        con.unregister(tmp)
+_create_table = sqlmodels.create_table
 
 
 def _append_partition(con, name: str, table: pa.Table, time_column: str, window: Window) -> None:
