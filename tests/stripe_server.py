@@ -11,7 +11,7 @@ with ``base_addresses={"api": server.url}`` (STRIPE_API_BASE):
   the meter's customer and value payload keys, an integer value, ``identifier`` at most 100
   characters and unique, ``timestamp`` within the past 35 days and at most 5 minutes ahead.
 
-Every object is built from Stripe's own example objects in ``../shared/stripe/fixtures3.json``
+Every object is built from Stripe's own example objects (``tests/fixtures/stripe_fixtures.json``, a subset of ../shared/stripe/fixtures3.json)
 (``billing.meter``, ``billing.meter_event``, ``billing.meter_event_summary``), with the fields the
 request decides replaced. Errors are shaped like Stripe's (``{"error": {"type", "code", "message",
 "param", "doc_url"}}``); the messages are modelled on Stripe's, not copied from it.
@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "stripe" / "fixtures3.json"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "stripe_fixtures.json"
 MAX_PAST_S = 35 * 86_400
 MAX_FUTURE_S = 300
 IDENTIFIER_MAX = 100
