@@ -1,4 +1,4 @@
-"""Retention (DESIGN rule 13): raw samples and landing segments are kept for 90 days, then removed.
+"""Retention (DESIGN rule 13): raw samples, raw events and landing segments are kept for 90 days, then removed.
 
 A raw day is removed only when it is older than the retention period AND its month has been
 invoiced with every invoice finalized: data behind a draft (or not yet billed) month stays.
@@ -54,7 +54,7 @@ def plan(paths: Paths, *, today: date | None = None, retention_days: int = DEFAU
     cutoff = today - timedelta(days=retention_days)
     out: list[Candidate] = []
     finalized: dict[date, tuple[bool, str]] = {}
-    for root in (paths.raw_samples, paths.raw_series):
+    for root in (paths.raw_samples, paths.raw_series, paths.data_dir / "raw" / "events"):
         for day_dir in sorted(root.glob("date=*")):
             try:
                 day = date.fromisoformat(day_dir.name[5:])

@@ -192,6 +192,33 @@ def _register_raw_series(con, paths: Paths, window: Window | None) -> None:
     con.execute(f"create or replace view raw_series as select series_id, metric, labels, first_seen from read_parquet({_sql_list(files)}, hive_partitioning = false)")
 
 
+EVENTS_EMPTY_SQL = (
+    "select * from (select ''::varchar as event_id, 0::bigint as ts, ''::varchar as customer_key, ''::varchar as meter_id, "
+    "''::varchar as dimension, ''::varchar as kind, 0::decimal(38, 9) as quantity, "
+    "map([]::varchar[], []::varchar[]) as attributes) where false"
+)
+
+
+def _register_raw_events(con, paths: Paths, window: Window | None) -> None:
+    from . import events
+
+    if window is None:
+        files = sorted(events.events_root(paths).glob("date=*/*.parquet"))
+    else:
+        files = []
+        d = window.start
+        while d < window.end:
+            files += events.event_files(paths, d)
+            d = date.fromordinal(d.toordinal() + 1)
+    if not files:
+        con.execute(f"create or replace view raw_events as {EVENTS_EMPTY_SQL}")
+        return
+    con.execute(
+        "create or replace view raw_events as select event_id, ts, customer_key, meter_id, dimension, kind, quantity, "
+        f"attributes from read_parquet({_sql_list(files)}, hive_partitioning = false)"
+    )
+
+
 def pool_shares_dir(paths: Paths) -> Path:
     """Pool-reported accepted shares (seed 000's correlation check), when an operator supplies them."""
     return paths.data_dir / "external" / "pool_shares"
@@ -227,6 +254,8 @@ def seed_snapshot_path(paths: Paths, name: str) -> Path:
 
 
 RAW_ASSETS = ("raw_samples", "remote_write_samples")
+#: the assets that write the raw events layout (billing_dags/events.py)
+EVENT_ASSETS = ("usage_events",)
 
 
 def sources() -> dict[str, Source]:
@@ -236,6 +265,8 @@ def sources() -> dict[str, Source]:
         # every ingestion source writes the raw layout: Prometheus pull or simulation, and remote write
         "raw_samples": Source("raw_samples", RAW_ASSETS, _register_raw_samples),
         "raw_series": Source("raw_series", RAW_ASSETS, _register_raw_series),
+        # usage that is not a Prometheus counter (raw/events: PostgreSQL usage_events, ...)
+        "raw_events": Source("raw_events", EVENT_ASSETS, _register_raw_events),
         # CSV files an operator drops in data/external/pool_shares/ (day, customer_id, accepted_shares)
         "external_pool_shares": Source("external_pool_shares", (), _register_pool_shares),
     }

@@ -136,6 +136,12 @@ class Runner:
         self._prepared: set[str] = set()
         for name, table in (seeds if seeds is not None else seed_tables()).items():
             _create_table(self.con, f"seed_{name}", table)
+        self.con.execute(f"create or replace table raw_events as {sqlmodels.EVENTS_EMPTY_SQL}")
+
+    def set_events(self, events: pa.Table) -> None:
+        """Fixture raw events (the layout of billing_dags/events.py) as the raw_events source."""
+        _create_table(self.con, "raw_events", events)
+        self._prepared.clear()
 
     def close(self) -> None:
         self.con.close()

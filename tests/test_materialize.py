@@ -15,7 +15,13 @@ import pytest
 from billing_dags import raw
 from billing_dags.definitions import ASSETS
 from billing_dags.defs.shared.partitions import billing_daily, billing_monthly
-from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, StripeResource, WarehouseResource
+from billing_dags.defs.shared.resources import (
+    PrometheusResource,
+    SimulationResource,
+    StripeResource,
+    UsageEventsResource,
+    WarehouseResource,
+)
 
 MONTH = date(2026, 2, 1)  # 28 days keeps the test short
 DAYS = [MONTH + timedelta(days=i) for i in range(28)]
@@ -26,6 +32,7 @@ def _resources(paths) -> dict:
         "warehouse": WarehouseResource(data_dir=str(paths.data_dir), seeds_dir=str(paths.seeds_dir)),
         "simulation": SimulationResource(seed=7, interval_s=300),
         "prometheus": PrometheusResource(),
+        "usage_events": UsageEventsResource(),  # no DSN: records "no source configured", writes nothing
         "stripe": StripeResource(),
     }
 

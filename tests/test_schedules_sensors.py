@@ -84,3 +84,20 @@ def test_sensor_requests_each_late_day_once(paths):
         ctx.update_cursor(ctx.cursor)
         second = sensor(ctx)
         assert isinstance(second, dg.SkipReason)
+
+
+def test_late_usage_events_are_found_against_the_usage_partition(paths):
+    from billing_dags.events import events_day_dir
+
+    day = date(2026, 5, 4)
+    f = events_day_dir(paths, day) / "part-postgres.parquet"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_bytes(b"")
+    usage = partition_file(paths, load_project().models["fct_usage_by_day"], Window(day, date(2026, 5, 5)))
+    usage.parent.mkdir(parents=True, exist_ok=True)
+    usage.write_bytes(b"")
+    past = time.time() - 3600
+    os.utime(usage, (past, past))
+    assert [d for d, _ in late_days(paths)] == ["2026-05-04"]
+    os.utime(f, (past - 60, past - 60))
+    assert late_days(paths) == []

@@ -1,4 +1,4 @@
--- Exact usage per customer, meter, dimension and UTC day: reset-aware counter increase, gauge integral and peak.
+-- Exact usage per customer, meter, dimension and UTC day: reset-aware counter increase, gauge integral and peak, plus delta events.
 /* config
 materialized: table
 partitioned_by: billing_daily
@@ -94,6 +94,68 @@ per_series as (
         on joined.series_id = series.series_id
 ),
 
+-- usage events (raw/events): a 'delta' adds its quantity to the counter usage of the customer whose
+-- label_value is the event's customer_key; unknown keys are not billed (like unmatched series)
+events as (
+    select * from stg_raw__events
+    where ts_ms >= $start_ms and ts_ms < $end_ms and kind = 'delta'
+),
+
+event_usage as (
+    select
+        customers.customer_id,
+        events.meter_id,
+        events.dimension,
+        meters.kind,
+        sum(events.quantity)::decimal(38, 9) as quantity,
+        count(*)::bigint as events
+    from events
+    inner join stg_seeds__customers as customers
+        on customers.label_value = events.customer_key
+    inner join stg_seeds__meters as meters
+        on meters.meter_id = events.meter_id and meters.kind = 'counter'
+    group by customers.customer_id, events.meter_id, events.dimension, meters.kind
+),
+
+-- one row per series (samples) and per (customer, meter, dimension) of events, summed below
+contributions as (
+    select
+        customer_id,
+        meter_id,
+        dimension,
+        kind,
+        boundary_increase + in_day_increase as increase,
+        in_day_integral + coalesce(exact_value(prev_value), 0) * carry_in_ms as integral,
+        in_day_covered_ms + carry_in_ms as covered_ms,
+        peak,
+        1 as series,
+        samples,
+        dropped_samples,
+        resets + boundary_resets as resets,
+        reappeared,
+        max_gap_ms,
+        0 as events
+    from per_series
+    union all by name
+    select
+        customer_id,
+        meter_id,
+        dimension,
+        kind,
+        quantity as increase,
+        0 as integral,
+        0 as covered_ms,
+        null as peak,
+        0 as series,
+        0 as samples,
+        0 as dropped_samples,
+        0 as resets,
+        false as reappeared,
+        0 as max_gap_ms,
+        events
+    from event_usage
+),
+
 final as (
     select
         $start_date::date as day,
@@ -102,25 +164,26 @@ final as (
         dimension,
         any_value(kind) as kind,
         case when any_value(kind) = 'counter'
-            then sum(boundary_increase + in_day_increase)::decimal(38, 9)
+            then sum(increase)::decimal(38, 9)
         end as usage,
         case when any_value(kind) = 'gauge'
-            then sum(in_day_integral + coalesce(exact_value(prev_value), 0) * carry_in_ms)::decimal(38, 9)
+            then sum(integral)::decimal(38, 9)
         end as gauge_integral,
         case when any_value(kind) = 'gauge'
-            then sum(in_day_covered_ms + carry_in_ms)::bigint
+            then sum(covered_ms)::bigint
         end as gauge_covered_ms,
         case when any_value(kind) = 'gauge'
             then coalesce(sum(peak), 0)::decimal(38, 9)
         end as gauge_peak,
-        count(*)::bigint as series,
+        sum(series)::bigint as series,
         sum(samples)::bigint as samples,
         sum(dropped_samples)::bigint as dropped_samples,
         -- a gauge going down is not a reset
-        case when any_value(kind) = 'counter' then sum(resets + boundary_resets) else 0 end::bigint as resets,
+        case when any_value(kind) = 'counter' then sum(resets) else 0 end::bigint as resets,
         count(*) filter (where reappeared)::bigint as reappeared_series,
-        max(max_gap_ms)::bigint as max_gap_ms
-    from per_series
+        max(max_gap_ms)::bigint as max_gap_ms,
+        sum(events)::bigint as events
+    from contributions
     group by customer_id, meter_id, dimension
 )
 

@@ -11,19 +11,27 @@ from billing_dags.sqlmodels import Window
 
 
 def late_days(paths) -> list[tuple[str, float]]:
-    """Days whose newest raw file is newer than their fct_series_edges_by_day partition."""
-    edges = load_project().models["fct_series_edges_by_day"]
-    out = []
-    for day_dir in sorted(paths.raw_samples.glob("date=*")):
-        files = list(day_dir.glob("*.parquet"))
-        if not files:
-            continue
-        day = date.fromisoformat(day_dir.name[5:])
-        newest = max(f.stat().st_mtime for f in files)
-        edge = partition_file(paths, edges, Window(day, date.fromordinal(day.toordinal() + 1)))
-        if edge.exists() and edge.stat().st_mtime < newest:
-            out.append((day.isoformat(), newest))
-    return out
+    """Days whose newest raw file is newer than the first model that reads it for that day.
+
+    Raw samples feed fct_series_edges_by_day; raw usage events feed fct_usage_by_day directly.
+    A day never computed is not "late" (the schedule or a backfill will compute it).
+    """
+    from billing_dags.events import events_root
+
+    models = load_project().models
+    readers = [(paths.raw_samples, models["fct_series_edges_by_day"]), (events_root(paths), models["fct_usage_by_day"])]
+    newest_by_day: dict[date, float] = {}
+    for root, model in readers:
+        for day_dir in sorted(root.glob("date=*")):
+            files = list(day_dir.glob("*.parquet"))
+            if not files:
+                continue
+            day = date.fromisoformat(day_dir.name[5:])
+            newest = max(f.stat().st_mtime for f in files)
+            computed = partition_file(paths, model, Window(day, date.fromordinal(day.toordinal() + 1)))
+            if computed.exists() and computed.stat().st_mtime < newest:
+                newest_by_day[day] = max(newest, newest_by_day.get(day, 0.0))
+    return [(day.isoformat(), mtime) for day, mtime in sorted(newest_by_day.items())]
 
 
 def late_raw_data_sensor(job) -> dg.SensorDefinition:
@@ -31,7 +39,7 @@ def late_raw_data_sensor(job) -> dg.SensorDefinition:
         job=job,
         minimum_interval_seconds=60,
         name="late_raw_data_sensor",
-        description="Reruns the day partitions whose raw samples changed after their usage was computed.",
+        description="Reruns the day partitions whose raw samples or usage events changed after their usage was computed.",
         default_status=dg.DefaultSensorStatus.STOPPED,
     )
     def _sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource):

@@ -90,6 +90,47 @@ class PrometheusResource(dg.ConfigurableResource):
         )
 
 
+class UsageEventsResource(dg.ConfigurableResource):
+    """A PostgreSQL ``usage_events`` table (seed 003) to copy LLM usage from (BILLING_USAGE_EVENTS_DSN).
+
+    Unset ``dsn`` means no source: the usage_events asset writes nothing. Table and column names
+    default to seed 003's; ``billable_statuses`` is a comma-separated list of statuses that bill.
+    """
+
+    dsn: Optional[str] = None
+    table: str = "usage_events"
+    id_column: str = "id"
+    created_at_column: str = "created_at"
+    api_key_hash_column: str = "api_key_hash"
+    model_column: str = "model"
+    provider_column: str = "provider"
+    status_column: str = "status"
+    tokens_input_column: str = "tokens_input"
+    tokens_output_column: str = "tokens_output"
+    billable_statuses: str = "success,completed"
+    batch_rows: int = 10_000
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.dsn)
+
+    def source_table(self):
+        from billing_dags.postgres_events import UsageEventsTable
+
+        return UsageEventsTable(
+            table=self.table,
+            id=self.id_column,
+            created_at=self.created_at_column,
+            api_key_hash=self.api_key_hash_column,
+            model=self.model_column,
+            provider=self.provider_column,
+            status=self.status_column,
+            tokens_input=self.tokens_input_column,
+            tokens_output=self.tokens_output_column,
+            billable_statuses=tuple(s.strip() for s in self.billable_statuses.split(",") if s.strip()),
+        )
+
+
 class StripeResource(dg.ConfigurableResource):
     """Stripe meter events (STRIPE_API_KEY, STRIPE_API_BASE); no key means dry-run."""
 
@@ -126,5 +167,6 @@ def build_resources() -> dict:
             verify_tls=os.environ.get("PROMETHEUS_TLS_VERIFY", "true").strip().lower() not in ("0", "false", "no", "off"),
             mode=os.environ.get("PROMETHEUS_MODE", "exact").strip() or "exact",
         ),
+        "usage_events": UsageEventsResource(dsn=_env("BILLING_USAGE_EVENTS_DSN")),
         "stripe": StripeResource(api_key=_env("STRIPE_API_KEY"), api_base=_env("STRIPE_API_BASE")),
     }

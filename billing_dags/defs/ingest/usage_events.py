@@ -1,0 +1,48 @@
+"""LLM usage events: one UTC day of PostgreSQL usage_events (seed 003) copied into raw/events."""
+
+import time
+
+import dagster as dg
+
+from billing_dags.defs.shared.partitions import billing_daily, window_of
+from billing_dags.defs.shared.resources import UsageEventsResource, WarehouseResource
+
+
+@dg.asset(
+    partitions_def=billing_daily,
+    group_name="ingest",
+    kinds={"postgres", "parquet"},
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    metadata={"source": "postgres", "layout": "data/raw/events/date=YYYY-MM-DD/part-postgres.parquet"},
+)
+def usage_events(
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource, usage_events: UsageEventsResource
+) -> dg.MaterializeResult:
+    """Billable usage_events rows of one UTC day (tokens per model, API keys as SHA-256) from BILLING_USAGE_EVENTS_DSN."""
+    from billing_dags import postgres_events as pg
+    from billing_dags.events import EventsLayoutError
+    from billing_dags.seeds import SeedError
+
+    window = window_of(context)
+    if not usage_events.enabled:
+        context.log.info("no source configured (BILLING_USAGE_EVENTS_DSN is unset): nothing written")
+        return dg.MaterializeResult(metadata={"source": "no source configured", "events": 0})
+    paths = warehouse.paths()
+    cfg = usage_events.source_table()
+    t0 = time.perf_counter()
+    try:
+        figures = pg.ingest_day(usage_events.dsn, paths, window.start, cfg, batch_rows=usage_events.batch_rows)
+    except (pg.PostgresEventsError, EventsLayoutError, SeedError) as e:
+        raise dg.Failure(description=f"usage_events {window.start}: {e}; nothing was written for this day") from None
+    return dg.MaterializeResult(
+        metadata={
+            "source": "postgres",
+            "table": cfg.table,
+            "billable_statuses": ", ".join(cfg.billable_statuses),
+            "events": figures["events"],
+            "duplicates_dropped": figures["duplicates_dropped"],
+            "bytes": figures["bytes"],
+            "seconds": round(time.perf_counter() - t0, 3),
+            "path": dg.MetadataValue.path(figures["path"]),
+        }
+    )

@@ -1,0 +1,194 @@
+"""The raw events layout: usage that is not a Prometheus counter (e.g. LLM usage_events rows).
+
+``raw/events/date=YYYY-MM-DD/part-<source>.parquet``, one row per (event, meter):
+
+- ``event_id`` (string): unique per source; a usage_events row with input and output tokens
+  becomes two rows, ``<id>:in`` and ``<id>:out``
+- ``ts`` (int64 ms UTC): inside the day's window [00:00, 24:00)
+- ``customer_key`` (string): the value of the meter's customer label (``api_key_hash`` for the
+  LLM meters), matched against ``customers.label_value`` by the models
+- ``meter_id`` (string): a meter of seeds/meters.csv; ``dimension`` (string, '' if none)
+- ``kind``: ``delta`` (an increment of a counter meter); ``gauge`` is reserved for levels and
+  refused until the models bill it
+- ``quantity`` (decimal128(38, 9)): exact, never negative for a delta
+- ``attributes`` (map<string, string>): provider, status, ...
+
+A source writes a whole day at a time, through :func:`write_events_day` only: the rows are
+validated, de-duplicated on ``event_id`` (the last row of an id wins), sorted by (ts, event_id)
+and written to a temporary name, fsynced and renamed, so a reader sees the old day or the new
+day, never half of one, and rewriting a day with the same events gives the same bytes. Input is
+streamed (record batches) through a spill file and DuckDB, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from datetime import date
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import raw
+from .settings import Paths
+
+EVENTS_SCHEMA = pa.schema(
+    [
+        pa.field("event_id", pa.string(), nullable=False),
+        pa.field("ts", pa.int64(), nullable=False),
+        pa.field("customer_key", pa.string(), nullable=False),
+        pa.field("meter_id", pa.string(), nullable=False),
+        pa.field("dimension", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("quantity", pa.decimal128(38, 9), nullable=False),
+        pa.field("attributes", pa.map_(pa.string(), pa.string()), nullable=False),
+    ]
+)
+KINDS = {"delta", "gauge"}
+_SOURCE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,40}$")
+_BATCH_ROWS = 65_536
+
+
+class EventsLayoutError(ValueError):
+    """Events that do not fit the raw events layout (wrong day, unknown meter, bad types)."""
+
+
+def events_root(paths: Paths) -> Path:
+    return paths.data_dir / "raw" / "events"
+
+
+def events_day_dir(paths: Paths, day: date) -> Path:
+    return events_root(paths) / f"date={day.isoformat()}"
+
+
+def event_files(paths: Paths, day: date) -> list[Path]:
+    return sorted(events_day_dir(paths, day).glob("*.parquet"))
+
+
+def _meter_kinds(paths: Paths) -> dict[str, str]:
+    from .seeds import read_seed
+
+    meters = read_seed(paths.seeds_dir, "meters")
+    return dict(zip(meters["meter_id"].to_pylist(), meters["kind"].to_pylist()))
+
+
+def _as_batches(events: pa.Table | pa.RecordBatch | Iterable[pa.RecordBatch]) -> Iterable[pa.RecordBatch]:
+    if isinstance(events, pa.Table):
+        yield from events.to_batches(max_chunksize=_BATCH_ROWS)
+    elif isinstance(events, pa.RecordBatch):
+        yield events
+    else:
+        yield from events
+
+
+def _conform(batch: pa.RecordBatch | pa.Table, day: date, source: str, meter_kinds: dict[str, str]) -> pa.Table:
+    """One input batch checked and cast to EVENTS_SCHEMA; raises EventsLayoutError naming the problem."""
+    table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+    where = f"events for {day} from source {source!r}"
+    missing = [n for n in EVENTS_SCHEMA.names if n not in table.column_names and n not in ("dimension", "attributes")]
+    if missing:
+        raise EventsLayoutError(f"{where}: missing columns {missing}; the layout is {EVENTS_SCHEMA.names}")
+    n = len(table)
+    if "dimension" not in table.column_names:
+        table = table.append_column("dimension", pa.array([""] * n, pa.string()))
+    if "attributes" not in table.column_names:
+        table = table.append_column("attributes", pa.array([[]] * n, pa.map_(pa.string(), pa.string())))
+    table = table.select(EVENTS_SCHEMA.names)
+    table = table.set_column(table.schema.get_field_index("dimension"), "dimension", pc.fill_null(table["dimension"], ""))
+    try:
+        table = table.cast(pa.schema([f.with_nullable(True) for f in EVENTS_SCHEMA]))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise EventsLayoutError(f"{where}: columns do not cast to the events layout ({e})") from None
+    for name in EVENTS_SCHEMA.names:
+        if name != "attributes" and table[name].null_count:
+            raise EventsLayoutError(f"{where}: column {name} has {table[name].null_count} null values")
+    if table["attributes"].null_count:
+        table = table.set_column(table.schema.get_field_index("attributes"), "attributes", pc.if_else(pc.is_null(table["attributes"]), pa.scalar([], EVENTS_SCHEMA.field("attributes").type), table["attributes"]))
+    if not n:
+        return table.cast(EVENTS_SCHEMA)
+    start_ms, end_ms = raw.day_bounds_ms(day)
+    lo, hi = pc.min(table["ts"]).as_py(), pc.max(table["ts"]).as_py()
+    if lo < start_ms or hi >= end_ms:
+        raise EventsLayoutError(
+            f"{where}: timestamps {lo}..{hi} ms outside [{start_ms}, {end_ms}); split events by UTC day before writing"
+        )
+    bad_kinds = set(pc.unique(table["kind"]).to_pylist()) - KINDS
+    if bad_kinds:
+        raise EventsLayoutError(f"{where}: kind {sorted(bad_kinds)} is not one of {sorted(KINDS)}")
+    if pc.any(pc.equal(table["kind"], "gauge")).as_py():
+        raise EventsLayoutError(f"{where}: gauge events are not billed yet (only 'delta' events of counter meters)")
+    for meter in pc.unique(table["meter_id"]).to_pylist():
+        kind = meter_kinds.get(meter)
+        if kind is None:
+            raise EventsLayoutError(f"{where}: meter_id {meter!r} is not in seeds/meters.csv; add the meter or fix the source")
+        if kind != "counter":
+            raise EventsLayoutError(f"{where}: meter {meter!r} is a {kind}; delta events need a counter meter")
+    negative = pc.less(table["quantity"], pa.scalar(0, pa.decimal128(38, 9)))
+    if pc.any(negative).as_py():
+        first = table.filter(negative)["event_id"][0].as_py()
+        raise EventsLayoutError(f"{where}: event {first!r} has a negative quantity; a delta never decreases usage")
+    if pc.any(pc.equal(table["event_id"], "")).as_py():
+        raise EventsLayoutError(f"{where}: an event has an empty event_id")
+    return table
+
+
+def write_events_day(
+    paths: Paths, day: date, table: pa.Table | pa.RecordBatch | Iterable[pa.RecordBatch], source: str
+) -> dict:
+    """Replace one source's raw events partition of ``day`` with ``table`` (or a stream of batches).
+
+    Every event must lie in the day's window. Duplicates of ``event_id`` are dropped, the last
+    one in input order kept. On any error nothing is written (the old partition stays). Returns
+    figures for asset metadata.
+    """
+    import duckdb
+
+    if not _SOURCE_RE.match(source):
+        raise EventsLayoutError(f"source name {source!r} must match {_SOURCE_RE.pattern}")
+    meter_kinds = _meter_kinds(paths)
+    dest = events_day_dir(paths, day) / f"part-{source}.parquet"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    rows_in = 0
+    with tempfile.TemporaryDirectory(prefix=".events-", dir=dest.parent) as work:
+        # 1. stream the input, checked, to a spill file with its input order (last write wins)
+        spill = Path(work) / "spill.parquet"
+        spill_schema = pa.schema([*[f.with_nullable(True) for f in EVENTS_SCHEMA], pa.field("_seq", pa.int64())])
+        with pq.ParquetWriter(spill, spill_schema, compression="zstd") as writer:
+            for batch in _as_batches(table):
+                t = _conform(batch, day, source, meter_kinds)
+                t = t.append_column("_seq", pa.array(range(rows_in, rows_in + len(t)), pa.int64()))
+                rows_in += len(t)
+                writer.write_table(t.cast(spill_schema))
+        # 2. de-duplicate and sort out of core (DuckDB spills to the work folder), write the day
+        con = duckdb.connect(config={"temp_directory": work, "memory_limit": "512MB", "threads": 2})
+        try:
+            reader = con.sql(
+                f"select {', '.join(EVENTS_SCHEMA.names)} from read_parquet('{spill}') "
+                "qualify row_number() over (partition by event_id order by _seq desc) = 1 "
+                "order by ts, event_id"
+            ).to_arrow_reader(_BATCH_ROWS)
+            rows_out = 0
+            with pq.ParquetWriter(tmp, EVENTS_SCHEMA, compression="zstd") as writer:
+                for batch in reader:
+                    rows_out += batch.num_rows
+                    writer.write_table(pa.Table.from_batches([batch]).cast(EVENTS_SCHEMA))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            con.close()
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)
+    return {
+        "events_in": rows_in,
+        "events": rows_out,
+        "duplicates_dropped": rows_in - rows_out,
+        "bytes": dest.stat().st_size,
+        "path": str(dest),
+    }
