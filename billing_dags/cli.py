@@ -71,10 +71,15 @@ def _paths(args) -> Paths:
     return resolve_paths(getattr(args, "data_dir", None), getattr(args, "seeds_dir", None))
 
 
-def _customers(paths: Paths) -> list[dict]:
+def _seeds(paths: Paths) -> dict:
+    """Every seed table, validated (a bad row stops the command with file, line and fix)."""
     from .seeds import load_seeds
 
-    return load_seeds(paths.seeds_dir)["customers"].to_pylist()
+    return load_seeds(paths.seeds_dir)
+
+
+def _customers(paths: Paths) -> list[dict]:
+    return _seeds(paths)["customers"].to_pylist()
 
 
 def require_customer(paths: Paths, customer_id: str) -> dict:
@@ -263,16 +268,17 @@ def invoice_rows(paths: Paths, month: date) -> list[dict]:
 
 def outbox_summary(paths: Paths, month: date) -> str:
     """Meter events of the month's days by status, e.g. '1,234 events: 900 dry_run, 334 too_old'."""
-    from .stripe_outbox import read_outbox
+    from .stripe_outbox import read_outbox, summarize
 
-    counts: dict[str, int] = {}
+    rows = []
     day = month
     while day < next_month(month):
-        for row in read_outbox(paths, day):
-            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        rows += read_outbox(paths, day)
         day += timedelta(days=1)
-    total = sum(counts.values())
-    return f"{total:,} meter events: " + ", ".join(f"{n:,} {status}" for status, n in sorted(counts.items()))
+    summary = summarize(rows)
+    return f"{summary['rows']:,} meter events: " + ", ".join(
+        f"{n:,} {status}" for status, n in sorted(summary["by_status"].items()) if n
+    )
 
 
 def cmd_run(args) -> int:
@@ -322,7 +328,7 @@ def cmd_simulate(args) -> int:
     month = parse_month(args.month)
     if args.interval <= 0:
         raise CliError(f"--interval {args.interval} must be a positive number of seconds (e.g. 60)")
-    customers = _customers_table(paths)
+    customers = _seeds(paths)["customers"]
     n = args.customers
     if n is not None and not 1 <= n <= customers.num_rows:
         raise CliError(f"--customers {n}: seeds have {customers.num_rows} customers; give 1..{customers.num_rows} or add customers to {paths.seeds_dir / 'customers.csv'}")
@@ -334,12 +340,6 @@ def cmd_simulate(args) -> int:
         )
     console.print(f"wrote {figures['samples']:,} samples of {figures['series']:,} series over {figures['days']} days to {paths.raw_samples}")
     return 0
-
-
-def _customers_table(paths: Paths):
-    from .seeds import load_seeds
-
-    return load_seeds(paths.seeds_dir)["customers"]
 
 
 def _load_invoice(paths: Paths, customer_id: str, month: date) -> dict:
@@ -443,10 +443,8 @@ def cmd_usage(args) -> int:
 
 
 def cmd_plans(args) -> int:
-    from .seeds import load_seeds
-
     paths = _paths(args)
-    t = load_seeds(paths.seeds_dir)
+    t = _seeds(paths)
     prices: dict[tuple, list[dict]] = {}
     for p in t["prices"].to_pylist():
         prices.setdefault((p["plan_id"], p["version"]), []).append(p)

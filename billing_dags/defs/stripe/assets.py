@@ -11,11 +11,9 @@ from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
 from billing_dags.sqlmodels import load_project, partition_file, seed_snapshot_path
 
 
-def _counts(rows: list[dict]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in rows:
-        out[r["status"]] = out.get(r["status"], 0) + 1
-    return out
+def _by_status(rows: list[dict]) -> dict[str, int]:
+    """Outbox rows per status, statuses with no rows left out."""
+    return {status: n for status, n in ob.summarize(rows)["by_status"].items() if n}
 
 
 @dg.asset(
@@ -35,7 +33,7 @@ def stripe_outbox(context: dg.AssetExecutionContext, warehouse: WarehouseResourc
     rows = ob.build_outbox(window.start, usage, customers, meters, ob.read_outbox(paths, window.start))
     path = ob.write_outbox(paths, window.start, rows)
     return dg.MaterializeResult(
-        metadata={"events": len(rows), "by_status": dg.MetadataValue.json(_counts(rows)), "path": dg.MetadataValue.path(str(path))}
+        metadata={"events": len(rows), "by_status": dg.MetadataValue.json(_by_status(rows)), "path": dg.MetadataValue.path(str(path))}
     )
 
 
@@ -53,7 +51,7 @@ def stripe_meter_events(context: dg.AssetExecutionContext, warehouse: WarehouseR
     sender = ob.Sender(stripe.client(), now=datetime.now(timezone.utc), log=context.log.warning)
     rows = sender.send(ob.read_outbox(paths, window.start))
     path = ob.write_outbox(paths, window.start, rows)
-    counts = _counts(rows)
+    counts = _by_status(rows)
     if sender.stats["failed"]:
         context.log.warning(f"{sender.stats['failed']} meter events failed; they are retried on the next run (see last_error in {path})")
     if sender.stats["too_old"]:
