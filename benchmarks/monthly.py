@@ -81,7 +81,7 @@ def write_seeds(seeds_dir: Path, n_customers: int, month: date, grants: int) -> 
         customers.append((cid, setup))
         plan = plans[(i // len(setups)) % len(plans)]
         with_label = f"{setup}-bench-{i:05d}"
-        customers_row = [cid, f"Bench {setup} {i:05d}", setup, with_label, "usd", f"cus_bench{i:05d}"]
+        customers_row = [cid, f"Bench {setup} {i:05d}", setup, with_label, "usd", f"cus_bench{i:05d}", "prometheus"]
         customers[-1] = (cid, setup, customers_row)
         if i % 20 == 7 and len(plans) > 1:  # plan change mid-month: two periods, prorated fees
             subs.append([cid, plan, "2025-01-01", mid.isoformat()])
@@ -92,12 +92,14 @@ def write_seeds(seeds_dir: Path, n_customers: int, month: date, grants: int) -> 
             subs.append([cid, plan, "2025-01-01", ""])
     with open(seeds_dir / "customers.csv", "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(["customer_id", "name", "setup", "label_value", "currency", "stripe_customer_id"])
+        w.writerow(["customer_id", "name", "setup", "label_value", "currency", "stripe_customer_id", "usage_source"])
         w.writerows(c[2] for c in customers)
     with open(seeds_dir / "subscriptions.csv", "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["customer_id", "plan_id", "start_date", "end_date"])
         w.writerows(subs)
+    with open(seeds_dir / "report_tokens.csv", "w", newline="") as f:  # the demo token names a demo customer
+        csv.writer(f, lineterminator="\n").writerow(["customer_id", "token_sha256", "description"])
     with open(seeds_dir / "credits.csv", "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["grant_id", "customer_id", "currency", "amount", "granted_on", "expires_on", "description"])

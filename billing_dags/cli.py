@@ -281,6 +281,58 @@ def outbox_summary(paths: Paths, month: date) -> str:
     )
 
 
+def event_billed_lines(paths: Paths, month: date, n_customers: int | None = None) -> list[str]:
+    """One line per customer (of the first ``n_customers``) billed from usage events or usage reports."""
+    import duckdb
+
+    from .warehouse import open_warehouse
+
+    customers = _customers(paths)[:n_customers]
+    picked = [c for c in customers if c.get("usage_source", "prometheus") != "prometheus"]
+    if not picked:
+        return []
+    con = open_warehouse(paths)
+    try:
+        rows = con.execute(
+            """
+            select customer_id, meter_id, sum(events)::bigint, sum(usage), max(gauge_peak)
+            from fct_usage_by_day
+            where day >= $start and day < $end and list_contains($customers, customer_id)
+            group by customer_id, meter_id
+            """,
+            {"start": month, "end": next_month(month), "customers": [c["customer_id"] for c in picked]},
+        ).fetchall()
+    except duckdb.Error:
+        return []  # no usage computed yet: nothing to summarize
+    finally:
+        con.close()
+    usage: dict[str, dict[str, tuple]] = {}
+    for customer, meter, events, total, peak in rows:
+        usage.setdefault(customer, {})[meter] = (events or 0, Decimal(total or 0), Decimal(peak or 0))
+    totals = {r["customer"]: r["total"] for r in invoice_rows(paths, month)}
+    mega, gib = Decimal(10) ** 6, Decimal(2) ** 30
+    lines = []
+    for c in picked:
+        cid, meters = c["customer_id"], usage.get(c["customer_id"], {})
+        get = lambda meter, i: meters.get(meter, (0, Decimal(0), Decimal(0)))[i]  # noqa: E731
+        total = totals.get(cid, "no invoice")
+        if c["usage_source"] == "usage_events":
+            events = sum(m[0] for m in meters.values())
+            tokens_in, tokens_out = get("llm_input_tokens", 1) / mega, get("llm_output_tokens", 1) / mega
+            lines.append(
+                f"{cid} (usage_events): {events:,} events, {tokens_in:,.1f}M input / {tokens_out:,.1f}M output tokens, "
+                f"invoice total {total}"
+            )
+        else:
+            reports = max((m[0] for m in meters.values()), default=0)
+            traffic = (get("iot_mqtt_bytes", 1) + get("iot_http_bytes", 1)) / gib
+            lines.append(
+                f"{cid} (usage reports): {reports:,} reports, peak {get('iot_devices', 2):,.0f} devices, "
+                f"{traffic:,.1f} GiB traffic, peak storage {get('iot_storage', 2) / gib:,.1f} GiB, invoice total {total}"
+            )
+    return lines
+
+
 def cmd_run(args) -> int:
     paths = _paths(args)
     month = parse_month(args.month)
@@ -313,6 +365,8 @@ def cmd_demo(args) -> int:
     run_invoices(paths, month)
     rows = invoice_rows(paths, month)
     _emit(rows, "table", title=f"Invoices {month:%Y-%m} as of now ({len(rows)} customers)")
+    for line in event_billed_lines(paths, month, args.customers):
+        console.print(line, highlight=False)
     console.print(f"\nRan {figures['days']} daily partitions and the month in {figures['seconds']:.1f}s.")
     console.print(f"Invoices (JSON, CSV, HTML): {paths.invoices / f'{month:%Y-%m}'}")
     console.print(f"DuckDB warehouse (views): duckdb {paths.warehouse_db}   or   billing sql \"select * from fct_invoice_lines limit 5\"")

@@ -3,8 +3,10 @@
 import dagster as dg
 
 from billing_dags.defs.ingest.assets import raw_samples
+from billing_dags.defs.ingest.checks import INGEST_CHECKS
 from billing_dags.defs.ingest.compaction import remote_write_landing_sensor, remote_write_samples
 from billing_dags.defs.ingest.usage_events import usage_events
+from billing_dags.defs.ingest.usage_reports import usage_reports, usage_reports_sensor
 from billing_dags.defs.ingest.schedules import daily_usage_schedule
 from billing_dags.defs.ingest.sensors import late_raw_data_sensor
 from billing_dags.defs.invoicing.assets import invoices
@@ -18,7 +20,7 @@ from billing_dags.defs.reports.assets import billing_metrics_textfile, daily_sum
 from billing_dags.defs.retention.assets import raw_retention, retention_job, retention_schedule
 from billing_dags.defs.warehouse.assets import warehouse_views
 
-ASSETS = [*seed_assets, raw_samples, remote_write_samples, usage_events, *model_assets, invoices, stripe_outbox, stripe_meter_events, warehouse_views, raw_retention, daily_summary, billing_metrics_textfile]
+ASSETS = [*seed_assets, raw_samples, remote_write_samples, usage_events, usage_reports, *model_assets, invoices, stripe_outbox, stripe_meter_events, warehouse_views, raw_retention, daily_summary, billing_metrics_textfile]
 
 
 @dg.definitions
@@ -26,6 +28,7 @@ def defs() -> dg.Definitions:
     jobs = build_jobs(ASSETS)
     return dg.Definitions(
         assets=ASSETS,
+        asset_checks=INGEST_CHECKS,
         jobs=[*jobs.values(), retention_job, metrics_job],
         schedules=[
             daily_usage_schedule(jobs["daily_usage"]),
@@ -34,6 +37,6 @@ def defs() -> dg.Definitions:
             retention_schedule,
             metrics_schedule,
         ],
-        sensors=[late_raw_data_sensor(jobs["daily_usage"]), remote_write_landing_sensor()],
+        sensors=[late_raw_data_sensor(jobs["daily_usage"]), remote_write_landing_sensor(), usage_reports_sensor()],
         resources=build_resources(),
     )

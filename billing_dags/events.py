@@ -1,4 +1,4 @@
-"""The raw events layout: usage that is not a Prometheus counter (e.g. LLM usage_events rows).
+"""The raw events layout: usage that is not a Prometheus series (LLM usage_events rows, usage reports).
 
 ``raw/events/date=YYYY-MM-DD/part-<source>.parquet``, one row per (event, meter):
 
@@ -6,11 +6,18 @@
   becomes two rows, ``<id>:in`` and ``<id>:out``
 - ``ts`` (int64 ms UTC): inside the day's window [00:00, 24:00)
 - ``customer_key`` (string): the value of the meter's customer label (``api_key_hash`` for the
-  LLM meters), matched against ``customers.label_value`` by the models
+  LLM meters), matched against ``customers.label_value`` by the models (unknown keys are billed
+  to nobody)
 - ``meter_id`` (string): a meter of seeds/meters.csv; ``dimension`` (string, '' if none)
-- ``kind``: ``delta`` (an increment of a counter meter); ``gauge`` is reserved for levels and
-  refused until the models bill it
-- ``quantity`` (decimal128(38, 9)): exact, never negative for a delta
+- ``kind``: ``delta`` (an increment of a ``counter`` meter) or ``gauge`` (a level of a ``gauge``
+  meter); any other pairing of kind and meter is refused
+- ``quantity`` (decimal128(38, 9)): exact, never negative (an increment, or a level)
+- ``hold_ms`` (int64): 0 for a delta. For a gauge, how long the level holds at most: it holds
+  until the next gauge event of the same (customer_key, meter_id, dimension) or ``ts + hold_ms``,
+  whichever is first (DESIGN rule 5: e.g. the report interval plus the 5-minute staleness
+  limit); 1 ms .. 86,400,000 ms (one day). A gauge event near midnight holds into the next
+  day: the models read the day before each window for that carry-in. An input without the
+  column is all deltas (hold_ms 0).
 - ``attributes`` (map<string, string>): provider, status, ...
 
 A source writes a whole day at a time, through :func:`write_events_day` only: the rows are
@@ -18,6 +25,10 @@ validated, de-duplicated on ``event_id`` (the last row of an id wins), sorted by
 and written to a temporary name, fsynced and renamed, so a reader sees the old day or the new
 day, never half of one, and rewriting a day with the same events gives the same bytes. Input is
 streamed (record batches) through a spill file and DuckDB, so memory stays bounded.
+
+De-duplication is per source and day only: :func:`cross_day_duplicates` finds event ids of a
+source's day that the same source also wrote on another day (an event the source moved to another
+day; both copies would be billed until the other day is rerun).
 """
 
 from __future__ import annotations
@@ -45,10 +56,17 @@ EVENTS_SCHEMA = pa.schema(
         pa.field("dimension", pa.string(), nullable=False),
         pa.field("kind", pa.string(), nullable=False),
         pa.field("quantity", pa.decimal128(38, 9), nullable=False),
+        pa.field("hold_ms", pa.int64(), nullable=False),
         pa.field("attributes", pa.map_(pa.string(), pa.string()), nullable=False),
     ]
 )
 KINDS = {"delta", "gauge"}
+#: the meter kind (seeds/meters.csv) each event kind needs
+METER_KIND = {"delta": "counter", "gauge": "gauge"}
+#: a gauge level holds at most one day (so a day's carry-in comes from the day before only)
+MAX_HOLD_MS = raw.DAY_MS
+#: columns an input may leave out: their defaults
+_OPTIONAL = ("dimension", "hold_ms", "attributes")
 _SOURCE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,40}$")
 _BATCH_ROWS = 65_536
 
@@ -89,12 +107,14 @@ def _conform(batch: pa.RecordBatch | pa.Table, day: date, source: str, meter_kin
     """One input batch checked and cast to EVENTS_SCHEMA; raises EventsLayoutError naming the problem."""
     table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
     where = f"events for {day} from source {source!r}"
-    missing = [n for n in EVENTS_SCHEMA.names if n not in table.column_names and n not in ("dimension", "attributes")]
+    missing = [n for n in EVENTS_SCHEMA.names if n not in table.column_names and n not in _OPTIONAL]
     if missing:
         raise EventsLayoutError(f"{where}: missing columns {missing}; the layout is {EVENTS_SCHEMA.names}")
     n = len(table)
     if "dimension" not in table.column_names:
         table = table.append_column("dimension", pa.array([""] * n, pa.string()))
+    if "hold_ms" not in table.column_names:  # an input without hold_ms is all deltas
+        table = table.append_column("hold_ms", pa.array([0] * n, pa.int64()))
     if "attributes" not in table.column_names:
         table = table.append_column("attributes", pa.array([[]] * n, pa.map_(pa.string(), pa.string())))
     table = table.select(EVENTS_SCHEMA.names)
@@ -119,18 +139,42 @@ def _conform(batch: pa.RecordBatch | pa.Table, day: date, source: str, meter_kin
     bad_kinds = set(pc.unique(table["kind"]).to_pylist()) - KINDS
     if bad_kinds:
         raise EventsLayoutError(f"{where}: kind {sorted(bad_kinds)} is not one of {sorted(KINDS)}")
-    if pc.any(pc.equal(table["kind"], "gauge")).as_py():
-        raise EventsLayoutError(f"{where}: gauge events are not billed yet (only 'delta' events of counter meters)")
-    for meter in pc.unique(table["meter_id"]).to_pylist():
-        kind = meter_kinds.get(meter)
-        if kind is None:
+    pairs = pa.table({"meter_id": table["meter_id"], "kind": table["kind"]}).group_by(["meter_id", "kind"]).aggregate([])
+    for meter, kind in sorted(zip(pairs["meter_id"].to_pylist(), pairs["kind"].to_pylist())):
+        meter_kind = meter_kinds.get(meter)
+        if meter_kind is None:
             raise EventsLayoutError(f"{where}: meter_id {meter!r} is not in seeds/meters.csv; add the meter or fix the source")
-        if kind != "counter":
-            raise EventsLayoutError(f"{where}: meter {meter!r} is a {kind}; delta events need a counter meter")
+        if meter_kind != METER_KIND[kind]:
+            fix = (
+                "send its increments as kind 'delta' (hold_ms 0)" if meter_kind == "counter"
+                else "send its levels as kind 'gauge' with a hold_ms"
+            )
+            raise EventsLayoutError(
+                f"{where}: meter {meter!r} is a {meter_kind}; {kind} events need a {METER_KIND[kind]} meter ({fix}, "
+                "or fix meter_id)"
+            )
     negative = pc.less(table["quantity"], pa.scalar(0, pa.decimal128(38, 9)))
     if pc.any(negative).as_py():
-        first = table.filter(negative)["event_id"][0].as_py()
-        raise EventsLayoutError(f"{where}: event {first!r} has a negative quantity; a delta never decreases usage")
+        first = table.filter(negative).slice(0, 1).to_pylist()[0]
+        why = "a delta never decreases usage" if first["kind"] == "delta" else "a gauge level is never below zero"
+        raise EventsLayoutError(f"{where}: event {first['event_id']!r} has a negative quantity; {why}")
+    is_gauge = pc.equal(table["kind"], "gauge")
+    bad_hold = pc.if_else(
+        is_gauge,
+        pc.or_(pc.less(table["hold_ms"], 1), pc.greater(table["hold_ms"], MAX_HOLD_MS)),
+        pc.not_equal(table["hold_ms"], 0),
+    )
+    if pc.any(bad_hold).as_py():
+        first = table.filter(bad_hold).slice(0, 1).to_pylist()[0]
+        if first["kind"] == "gauge":
+            raise EventsLayoutError(
+                f"{where}: gauge event {first['event_id']!r} has hold_ms {first['hold_ms']}; give how long the level "
+                f"holds at most, 1..{MAX_HOLD_MS} ms (one day), e.g. the report interval plus the 5-minute staleness limit"
+            )
+        raise EventsLayoutError(
+            f"{where}: delta event {first['event_id']!r} has hold_ms {first['hold_ms']}; hold_ms is 0 for a delta "
+            "(only a gauge level holds): set it to 0, or send the event as kind 'gauge' of a gauge meter"
+        )
     if pc.any(pc.equal(table["event_id"], "")).as_py():
         raise EventsLayoutError(f"{where}: an event has an empty event_id")
     return table
@@ -192,3 +236,44 @@ def write_events_day(
         "bytes": dest.stat().st_size,
         "path": str(dest),
     }
+
+
+def cross_day_duplicates(
+    paths: Paths, day: date, source: str, lookback_days: int = 35, lookahead_days: int = 35
+) -> list[tuple[str, str]]:
+    """(event_id, other_day) for each event id of ``source``'s partition of ``day`` that the same
+    source also wrote in its partition of another day in [day - lookback_days, day + lookahead_days].
+
+    Such an id is billed once per day it is in: the source moved the event to another day (e.g. a
+    corrected timestamp) and the other day was not rewritten. Reads only the event_id column.
+    Sorted by (other_day, event_id); empty when ``day`` has no partition of ``source``.
+    """
+    import duckdb
+
+    if not _SOURCE_RE.match(source):
+        raise EventsLayoutError(f"source name {source!r} must match {_SOURCE_RE.pattern}")
+    if lookback_days < 0 or lookahead_days < 0:
+        raise EventsLayoutError(f"lookback_days ({lookback_days}) and lookahead_days ({lookahead_days}) must be >= 0")
+    name = f"part-{source}.parquet"
+    mine = events_day_dir(paths, day) / name
+    if not mine.exists():
+        return []
+    others: dict[str, str] = {}
+    for offset in range(-lookback_days, lookahead_days + 1):
+        other = date.fromordinal(day.toordinal() + offset)
+        f = events_day_dir(paths, other) / name
+        if offset and f.exists():
+            others[str(f)] = other.isoformat()
+    if not others:
+        return []
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "threads": 2})
+    try:
+        rows = con.execute(
+            "with mine as (select distinct event_id from read_parquet($mine, hive_partitioning = false)), "
+            "others as (select event_id, filename from read_parquet($others, hive_partitioning = false, filename = true)) "
+            "select distinct others.event_id, others.filename from others semi join mine on others.event_id = mine.event_id",
+            {"mine": [str(mine)], "others": list(others)},
+        ).fetchall()
+    finally:
+        con.close()
+    return sorted(((event_id, others[filename]) for event_id, filename in rows), key=lambda r: (r[1], r[0]))

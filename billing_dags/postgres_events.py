@@ -67,9 +67,18 @@ def _query(cfg: UsageEventsTable):
     )
 
 
-def _rows_to_batch(rows: list[tuple], cfg: UsageEventsTable) -> pa.RecordBatch:
+def rows_to_batch(rows: list[tuple], cfg: UsageEventsTable) -> pa.RecordBatch:
+    """usage_events rows ``(id, created_at ms, api_key_hash, model, provider, status, tokens_input, tokens_output)``
+    (numbers as text or Decimal) as a raw-events batch: the one conversion of every usage_events source.
+
+    Rows whose status is not billable are skipped (the PostgreSQL query already leaves them out;
+    simulated rows carry them).
+    """
+    billable = set(cfg.billable_statuses)
     cols: dict[str, list] = {n: [] for n in events.EVENTS_SCHEMA.names}
     for rid, ts, key, model, provider, status, tin, tout in rows:
+        if status not in billable:
+            continue
         if key is None or not SHA256_HEX.match(key):
             raise PostgresEventsError(
                 f"{cfg.table} row id={rid}: column {cfg.api_key_hash} is not a SHA-256 hex digest (64 lowercase hex "
@@ -91,8 +100,12 @@ def _rows_to_batch(rows: list[tuple], cfg: UsageEventsTable) -> pa.RecordBatch:
             cols["dimension"].append(model)
             cols["kind"].append("delta")
             cols["quantity"].append(q)
+            cols["hold_ms"].append(0)  # a delta holds nothing
             cols["attributes"].append([("provider", provider), ("status", status)])
     return pa.RecordBatch.from_pydict(cols, schema=events.EVENTS_SCHEMA)
+
+
+_rows_to_batch = rows_to_batch  # the former private name (tests import it)
 
 
 def read_day(conn, day: date, cfg: UsageEventsTable, *, batch_rows: int = 10_000) -> Iterator[pa.RecordBatch]:
@@ -105,7 +118,7 @@ def read_day(conn, day: date, cfg: UsageEventsTable, *, batch_rows: int = 10_000
             cur.itersize = batch_rows
             cur.execute(_query(cfg), params)
             while rows := cur.fetchmany(batch_rows):
-                yield _rows_to_batch(rows, cfg)
+                yield rows_to_batch(rows, cfg)
 
 
 def ingest_day(dsn: str, paths: Paths, day: date, cfg: UsageEventsTable | None = None, *, batch_rows: int = 10_000) -> dict:

@@ -25,6 +25,8 @@ class Candidate:
     bytes: int
     action: str  # remove | keep
     reason: str
+    #: "path" (a file or folder) or "reports" (the day's rows of the usage-report store at ``path``)
+    what: str = "path"
 
 
 def _size(path: Path) -> int:
@@ -54,6 +56,15 @@ def plan(paths: Paths, *, today: date | None = None, retention_days: int = DEFAU
     cutoff = today - timedelta(days=retention_days)
     out: list[Candidate] = []
     finalized: dict[date, tuple[bool, str]] = {}
+
+    def decide(day: date, why_old: str) -> tuple[str, str]:
+        """remove (with why it is old) when the day's month is fully finalized, else keep (and why)."""
+        month = day.replace(day=1)
+        if month not in finalized:
+            finalized[month] = month_fully_finalized(paths, month)
+        ok, why = finalized[month]
+        return ("remove", why_old) if ok else ("keep", why)
+
     for root in (paths.raw_samples, paths.raw_series, paths.data_dir / "raw" / "events"):
         for day_dir in sorted(root.glob("date=*")):
             try:
@@ -62,15 +73,21 @@ def plan(paths: Paths, *, today: date | None = None, retention_days: int = DEFAU
                 continue
             if day >= cutoff:
                 continue
-            month = day.replace(day=1)
-            if month not in finalized:
-                finalized[month] = month_fully_finalized(paths, month)
-            ok, why = finalized[month]
-            action, reason = ("remove", f"older than {retention_days} days ({cutoff})") if ok else ("keep", why)
+            action, reason = decide(day, f"older than {retention_days} days ({cutoff})")
             out.append(Candidate(day_dir, day, _size(day_dir), action, reason))
+    from .usage_reports import ReportStore, store_path
+
+    with ReportStore.open(paths, readonly=True) as store:
+        for day_text, (n, _) in store.day_counts().items():
+            day = date.fromisoformat(day_text)
+            if day >= cutoff:
+                continue
+            action, reason = decide(day, f"{n} usage reports older than {retention_days} days ({cutoff})")
+            out.append(Candidate(store_path(paths), day, 0, action, reason, what="reports"))
     if paths.landing.exists():
         cutoff_ts = datetime(cutoff.year, cutoff.month, cutoff.day, tzinfo=timezone.utc).timestamp()
-        for f in sorted(p for p in paths.landing.rglob("*") if p.is_file()):
+        reports_dir = store_path(paths).parent
+        for f in sorted(p for p in paths.landing.rglob("*") if p.is_file() and reports_dir not in p.parents):
             if f.stat().st_mtime < cutoff_ts:
                 out.append(Candidate(f, None, f.stat().st_size, "remove", f"landing file untouched for {retention_days} days"))
     return out
@@ -80,7 +97,14 @@ def apply(candidates: list[Candidate], *, log=print) -> dict:
     """Remove what the plan says; log every path removed or kept and why."""
     removed = kept = freed = 0
     for c in candidates:
-        if c.action == "remove":
+        if c.action == "remove" and c.what == "reports":
+            from .usage_reports import ReportStore
+
+            with ReportStore(c.path) as store:
+                n = store.delete_day(c.day)
+            removed += 1
+            log(f"removed {n} usage reports of {c.day} from {c.path}: {c.reason}")
+        elif c.action == "remove":
             if c.path.is_dir():
                 shutil.rmtree(c.path)
             else:

@@ -28,6 +28,11 @@ ANOMALY_RULES = {
     "week_over_week", "allowance_used", "outlier_mad", "scrape_gap", "counter_resets",
     "reappeared_series", "dropped_samples", "unmatched_series", "rate_per_minute", "pool_share_mismatch",
 }
+#: where a customer's usage arrives from (the simulator follows it; informational otherwise)
+USAGE_SOURCES = {"prometheus", "usage_events", "usage_reports"}
+#: how a usage-report field becomes an event: a per-interval increment or a level
+REPORT_FIELD_KINDS = {"delta", "gauge"}
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 AGGREGATIONS = {
     "counter": {"sum"},
     "gauge": {"max", "avg", "unit_hours", "unit_months"},
@@ -112,6 +117,18 @@ def _one_of(options: set[str]) -> Callable[[str], str]:
 def _label_name(value: str) -> str:
     if not LABEL_NAME_RE.match(value):
         raise ValueError(f"{value!r} is not a Prometheus label name")
+    return value
+
+
+def _sha256(value: str) -> str:
+    if not SHA256_RE.match(value):
+        raise ValueError("is not a SHA-256 hex digest (64 lowercase hex digits); store sha256(token), never the token")
+    return value
+
+
+def _report_field(value: str) -> str:
+    if not LABEL_NAME_RE.match(value):
+        raise ValueError(f"{value!r} is not a JSON field name of letters, digits and '_'")
     return value
 
 
@@ -218,6 +235,7 @@ SPECS: dict[str, SeedSpec] = {
                 Column("label_value", pa.string(), _label_value),
                 Column("currency", pa.string(), _iso_currency),
                 Column("stripe_customer_id", pa.string(), _optional(_label_value)),
+                Column("usage_source", pa.string(), _one_of(USAGE_SOURCES)),
             ),
             ("customer_id",),
         ),
@@ -296,6 +314,28 @@ SPECS: dict[str, SeedSpec] = {
                 Column("description", pa.string(), _text),
             ),
             ("grant_id",),
+        ),
+        SeedSpec(
+            "report_fields",
+            "report_fields.csv",
+            (
+                Column("field", pa.string(), _report_field),
+                Column("meter_id", pa.string(), _safe_id),
+                Column("kind", pa.string(), _one_of(REPORT_FIELD_KINDS)),
+                Column("scale", DEC, _non_negative_decimal),
+                Column("description", pa.string(), _text),
+            ),
+            ("field",),
+        ),
+        SeedSpec(
+            "report_tokens",
+            "report_tokens.csv",
+            (
+                Column("customer_id", pa.string(), _safe_id),
+                Column("token_sha256", pa.string(), _sha256),
+                Column("description", pa.string(), _text),
+            ),
+            ("token_sha256",),
         ),
         SeedSpec(
             "anomaly_rules",
@@ -427,6 +467,18 @@ def _check_references(seeds_dir: Path, t: dict[str, pa.Table]) -> None:
         if c["label_value"] in labels:
             raise fail("customers", c, f"label_value {c['label_value']!r} already identifies the customer on line {labels[c['label_value']]['seed_line']}; each series must map to one customer")
         labels[c["label_value"]] = c
+    for f in _rows(t["report_fields"]):
+        m = meters.get(f["meter_id"])
+        if m is None:
+            raise fail("report_fields", f, f"meter {f['meter_id']!r} is not in meters.csv; add the meter or fix the id")
+        want = "counter" if f["kind"] == "delta" else "gauge"
+        if m["kind"] != want:
+            raise fail("report_fields", f, f"a {f['kind']} field needs a {want} meter but {f['meter_id']!r} is a {m['kind']}; fix kind or meter_id")
+        if f["scale"] == 0:
+            raise fail("report_fields", f, "scale 0 would bill nothing; give the number of meter units per reported unit (e.g. 1048576 for MB as bytes / 1024 / 1024)")
+    for tok in _rows(t["report_tokens"]):
+        if tok["customer_id"] not in customers:
+            raise fail("report_tokens", tok, f"customer {tok['customer_id']!r} is not in customers.csv; add the customer or remove the token")
     from .credits import validate_grants  # prepaid credits: amounts, customers, currencies, expiry
 
     validate_grants(_rows(t["credits"]), customers.values(), _rows(t["currencies"]), source=seeds_dir / SPECS["credits"].file)

@@ -29,14 +29,22 @@ Realism the pipeline must handle (all deterministic):
 Samples lie on multiples of ``interval_s`` since the UTC epoch; timestamps are int64 ms.
 Counters are integers (``container_cpu_usage_seconds_total`` is an integer ms counter / 1000),
 gauges are integer-valued; all values stay far below 2**53.
+
+Customers follow their ``usage_source`` (seeds/customers.csv): only ``prometheus`` customers get
+samples. ``usage_events`` customers (LLM) get seed-003 rows from :func:`simulate_usage_events_rows`
+and ``usage_reports`` customers (IoT) hourly seed-001 reports from :func:`simulate_usage_reports`;
+:func:`write_simulated_usage_events` and :func:`accept_simulated_usage_reports` feed them through
+the real paths (the PostgreSQL rows conversion; parse_report and the report store).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import random
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Callable
 
 import numpy as np
@@ -346,7 +354,9 @@ def _customer_rows(customers: pa.Table, n_customers: int | None) -> list[dict]:
             )
         customers = customers.slice(0, int(n_customers))
     rows = customers.select(["customer_id", "setup", "label_value"]).to_pylist()
-    for i, r in enumerate(rows):
+    sources = customers["usage_source"].to_pylist() if "usage_source" in customers.column_names else [None] * len(rows)
+    for i, (r, source) in enumerate(zip(rows, sources)):
+        r["usage_source"] = source or "prometheus"
         if r["setup"] not in PROFILES:
             raise ValueError(
                 f"customers row {i} ({r['customer_id']!r}) has setup {r['setup']!r}; use one of {', '.join(SETUPS)}"
@@ -360,7 +370,8 @@ def _customer_rows(customers: pa.Table, n_customers: int | None) -> list[dict]:
 
 
 def _day_specs(day: date, rows: list[dict], seed: int) -> list[_Spec]:
-    specs = [s for r in rows for s in PROFILES[r["setup"]](r, seed, day)]
+    # customers billed from usage events or usage reports expose no Prometheus series
+    specs = [s for r in rows if r["usage_source"] == "prometheus" for s in PROFILES[r["setup"]](r, seed, day)]
     return specs + _unknown(seed)
 
 
@@ -564,3 +575,229 @@ def simulate_month(
         day += timedelta(days=1)
     totals["series"] = len(seen)
     return totals
+
+
+# --------------------------------------------------------------------------- usage events and usage reports
+#
+# Customers whose usage_source is not ``prometheus`` have no series: an LLM customer billed from
+# ``usage_events`` gets seed-003 rows (one per API request), an IoT customer billed from
+# ``usage_reports`` gets seed-001 hourly reports. Both are deterministic per (seed, customer, day)
+# (a local random.Random seeded from blake2b, or a hash per hour) and a day depends on nothing else.
+
+#: the provider of each simulated model (seed 003's ``provider`` column)
+LLM_PROVIDERS = {"gpt-4o": "openai", "gpt-4o-mini": "openai", "claude-3-5-sonnet": "anthropic", "llama-3.1-70b": "together"}
+#: share of usage_events rows that failed (tokens spent upstream, never billed)
+P_FAILED = 0.03
+#: usage_events ids are ``days since epoch * ID_BLOCK + n``: unique across days, increasing in time
+ID_BLOCK = 10_000_000
+REPORT_INTERVAL_S = 3600
+#: storage and registered devices grow from this day (a closed form of time, like the counters)
+_GROWTH_ANCHOR = date(2024, 1, 1)
+_CENT = Decimal("0.01")
+
+
+def _source_rows(customers: pa.Table, n_customers: int | None, source: str, setup: str) -> list[dict]:
+    """The first ``n_customers`` customers whose usage_source is ``source`` (they must be of ``setup``)."""
+    picked = []
+    for i, r in enumerate(_customer_rows(customers, n_customers)):
+        if r["usage_source"] != source:
+            continue
+        if r["setup"] != setup:
+            raise ValueError(
+                f"customers row {i} ({r['customer_id']!r}) has usage_source {source!r} but setup {r['setup']!r}; "
+                f"the simulator makes {source} for the {setup} set-up only: set its usage_source to prometheus "
+                f"or its setup to {setup}"
+            )
+        picked.append(r)
+    return picked
+
+
+def _normal(rng: random.Random) -> float:
+    """A standard normal number from two rng.random() draws (Box-Muller; random() is the stable stream)."""
+    return math.sqrt(-2.0 * math.log(1.0 - rng.random())) * math.cos(2 * math.pi * rng.random())
+
+
+def _llm_requests(c: dict, seed: int, day: date) -> list[dict]:
+    lv = c["label_value"]
+    u = lambda name: _u(seed, "usage_events", lv, name)  # noqa: E731
+    models = sorted(LLM_MODELS, key=lambda m: u(f"model/{m}"))[: 2 + int(3 * u("models"))]
+    weights = [0.2 + u(f"weight/{m}") for m in models]
+    per_day = _lu(u("requests"), 400, 3000)
+    prompt, completion = _lu(u("prompt"), 300, 3000), _lu(u("completion"), 80, 800)
+    amp, peak = 0.5 + 0.4 * u("amp"), DAY_S * (0.4 + 0.3 * u("peak"))
+    m = 0.75 + 0.5 * _u(seed, "usage_events", lv, "day", day.isoformat())
+    if day.weekday() >= 5:
+        m *= 0.6
+    rng = random.Random(_key(seed, "usage_events", lv, day.isoformat()))
+    start = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+    rows = []
+    for _ in range(round(per_day * m)):
+        while True:  # a diurnal time of day (rejection sampling)
+            ms = int(rng.random() * DAY_S * 1000)
+            if rng.random() * (1 + amp) < 1 + amp * math.cos(_W * (ms / 1000 - peak)):
+                break
+        model = rng.choices(models, weights)[0]
+        tokens_in = max(1, int(prompt * math.exp(0.8 * _normal(rng))))
+        tokens_out = max(1, int(completion * math.exp(0.7 * _normal(rng))))
+        failed = rng.random() < P_FAILED
+        rows.append(
+            {
+                "api_key_hash": lv,
+                "tokens_input": tokens_in,
+                "tokens_output": 0 if failed else tokens_out,
+                "provider": LLM_PROVIDERS[model],
+                "model": model,
+                "status": "failed" if failed else "success",
+                "created_at": start + timedelta(milliseconds=ms),
+            }
+        )
+    return rows
+
+
+def simulate_usage_events_rows(
+    day: date, customers: pa.Table, *, seed: int = 42, n_customers: int | None = None
+) -> list[dict]:
+    """Seed-003 usage_events rows of one UTC day for the customers (first ``n_customers``) whose usage_source is usage_events.
+
+    One row per API request: id, api_key_hash (the customer's label_value), tokens_input,
+    tokens_output, provider, model, status ('success', or 'failed': never billed) and created_at
+    (a UTC datetime inside the day, whole milliseconds), ordered by created_at like a bigserial.
+    """
+    day = _check_day(day)
+    rows = [r for c in _source_rows(customers, n_customers, "usage_events", "llm") for r in _llm_requests(c, int(seed), day)]
+    rows.sort(key=lambda r: (r["created_at"], r["api_key_hash"], r["model"], r["tokens_input"], r["tokens_output"]))
+    if len(rows) >= ID_BLOCK:
+        raise ValueError(f"{len(rows):,} simulated usage_events rows on {day}: at most {ID_BLOCK - 1:,}; pass fewer customers")
+    base = (day - date(1970, 1, 1)).days * ID_BLOCK
+    return [{"id": base + i + 1, **r} for i, r in enumerate(rows)]
+
+
+def _hourly(seed: int, lv: str, name: str, hour: int) -> float:
+    return _u(seed, "usage_reports", lv, name, hour)
+
+
+def _iot_report(c: dict, seed: int, day: date, hour: int) -> dict:
+    """The report an instance sends at ``hour`` (hours since the epoch): usage of the hour before it."""
+    lv = c["label_value"]
+    u = lambda name: _u(seed, "usage_reports", lv, name)  # noqa: E731
+    h = lambda name: _hourly(seed, lv, name, hour)  # noqa: E731
+    t_s = hour * 3600
+    # counters: the hour [t - 1h, t), a diurnal rate and a daily multiplier of the hour's day
+    mid = t_s - 1800
+    mid_day = datetime.fromtimestamp(mid, timezone.utc).date()
+    amp, peak = 0.2 + 0.3 * u("amp"), DAY_S * u("peak")
+    f = (1 + amp * math.cos(_W * (mid % DAY_S - peak))) * (0.75 + 0.5 * _u(seed, "usage_reports", lv, "day", mid_day.isoformat()))
+    weekend = 0.7 if mid_day.weekday() >= 5 else 1.0
+    per_hour = 1 / 720  # a 30-day month
+    traffic = _lu(u("traffic"), 5, 150) * GIB * per_hour * f
+    mqtt = traffic * (0.7 + 0.25 * u("mqtt"))
+    http = (traffic - mqtt) * weekend
+    mq_sent, http_sent = 0.3 + 0.4 * u("mqtt-sent"), 0.2 + 0.4 * u("http-sent")
+    msgs = mqtt / _lu(u("msg-size"), 200, 2000)
+    published = 0.3 + 0.4 * u("published")
+    requests = _lu(u("requests"), 10_000, 1_000_000) * per_hour * f * weekend
+    n = lambda x, name: Decimal(int(x * (0.9 + 0.2 * h(name))))  # noqa: E731
+    # gauges: levels at t; devices drift slowly (a 23-day wave) with +-1 of jitter; storage grows
+    devices = _lu(u("devices"), 15, 120)
+    wave = 1 + 0.12 * math.sin(2 * math.pi * (t_s / (23 * DAY_S) + u("devices-phase")))
+    active = max(0, round(devices * wave + (2 * h("devices") - 1)))
+    grown_days = max(0.0, t_s / DAY_S - (_GROWTH_ANCHOR - date(1970, 1, 1)).days)
+    registered = max(active, round(devices * (1.15 + 0.1 * u("registered")) + grown_days / 90))
+    mb = lambda name, lo, hi, glo, ghi: (  # noqa: E731
+        Decimal(round((_lu(u(name), lo, hi) + _lu(u(name + "-growth"), glo, ghi) * grown_days) * 100)) * _CENT
+    )
+    report = {
+        "report_id": f"{day.isoformat()}T{hour % 24:02d}:00Z",
+        "customer_id": c["customer_id"],
+        "reported_at": f"{day.isoformat()}T{hour % 24:02d}:00:00Z",
+        "interval_seconds": Decimal(REPORT_INTERVAL_S),
+        "active_devices": Decimal(active),
+        "total_devices": Decimal(registered),
+        "mqtt_messages_published": n(msgs * published, "published"),
+        "mqtt_messages_received": n(msgs * (1 - published), "received"),
+        "mqtt_bytes_sent": n(mqtt * mq_sent, "mqtt-sent"),
+        "mqtt_bytes_received": n(mqtt * (1 - mq_sent), "mqtt-received"),
+        "mqtt_connections": Decimal(active + int(3 * h("connections"))),
+        "http_requests": n(requests, "requests"),
+        "http_bytes_sent": n(http * http_sent, "http-sent"),
+        "http_bytes_received": n(http * (1 - http_sent), "http-received"),
+        "postgres_size_mb": mb("postgres", 200, 5000, 1, 15),
+        "influxdb_size_mb": mb("influxdb", 1000, 20000, 5, 40),
+        "influxdb_points": Decimal(registered * (10 + int(20 * u("points")))),
+    }
+    return report
+
+
+def simulate_usage_reports(
+    day: date, customers: pa.Table, *, seed: int = 42, n_customers: int | None = None
+) -> list[dict]:
+    """Seed-001 usage reports of one UTC day for the customers (first ``n_customers``) whose usage_source is usage_reports.
+
+    One report per customer at each HH:00 of the day, as the endpoint decodes it (numbers as
+    Decimal): report_id ``YYYY-MM-DDTHH:00Z``, customer_id, reported_at (RFC 3339, Z),
+    interval_seconds 3600 and every field of seeds/report_fields.csv: the counters are the whole
+    units of the hour before reported_at, the gauges are levels at reported_at (storage in MB with
+    two decimals, growing; devices drifting slowly).
+    """
+    day = _check_day(day)
+    first_hour = (day - date(1970, 1, 1)).days * 24
+    return [
+        _iot_report(c, int(seed), day, first_hour + i)
+        for c in _source_rows(customers, n_customers, "usage_reports", "iot")
+        for i in range(24)
+    ]
+
+
+def _usage_events_tuple(row: dict) -> tuple:
+    """A simulated row in the shape the PostgreSQL query returns (id and numbers as text, created_at in ms)."""
+    ms = (row["created_at"] - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(milliseconds=1)
+    return (str(row["id"]), ms, row["api_key_hash"], row["model"], row["provider"], row["status"],
+            str(row["tokens_input"]), str(row["tokens_output"]))
+
+
+def write_simulated_usage_events(
+    paths: Paths, day: date, customers: pa.Table, *, seed: int = 42, n_customers: int | None = None, cfg=None
+) -> dict:
+    """Simulate the day's usage_events rows and write them as raw events (source ``simulate``) through
+    the PostgreSQL path's conversion (:func:`billing_dags.postgres_events.rows_to_batch`)."""
+    from . import events, postgres_events
+
+    cfg = cfg or postgres_events.UsageEventsTable()
+    rows = simulate_usage_events_rows(day, customers, seed=seed, n_customers=n_customers)
+    batch = postgres_events.rows_to_batch([_usage_events_tuple(r) for r in rows], cfg)
+    figures = events.write_events_day(paths, _check_day(day), batch, SOURCE)
+    billable = set(cfg.billable_statuses)
+    return {
+        **figures,
+        "rows": len(rows),
+        "unbilled_rows": sum(r["status"] not in billable for r in rows),
+        "customers": len({r["api_key_hash"] for r in rows}),
+    }
+
+
+def accept_simulated_usage_reports(
+    paths: Paths, day: date, customers: pa.Table, *, seed: int = 42, n_customers: int | None = None, schema=None
+) -> dict:
+    """Simulate the day's usage reports and accept them into the report store as the endpoint does
+    (parse_report, then ReportStore.accept); returns {'reports', 'accepted', 'duplicate'}.
+
+    A report is parsed as if received one second after its reported_at, so past days are accepted.
+    Raises ReportError (a report the schema refuses) or ReportConflict (the store holds a different
+    report under the same id, e.g. simulated with another seed).
+    """
+    from . import usage_reports as ur
+
+    day = _check_day(day)
+    schema = schema or ur.ReportSchema.from_seeds(paths.seeds_dir)
+    docs = simulate_usage_reports(day, customers, seed=seed, n_customers=n_customers)
+    counts = {"reports": len(docs), "accepted": 0, "duplicate": 0}
+    if not docs:
+        return counts
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    with ur.ReportStore.open(paths) as store:
+        for doc in docs:
+            reported_at = datetime.fromisoformat(doc["reported_at"].replace("Z", "+00:00"))
+            received_ms = (reported_at - epoch) // timedelta(milliseconds=1) + 1000
+            report = ur.parse_report(doc, schema, now_ms=received_ms, max_age_days=ur.DEFAULT_MAX_AGE_DAYS)
+            counts[store.accept(report, now_ms=received_ms)] += 1
+    return counts

@@ -154,6 +154,8 @@ class Source:
     name: str
     assets: tuple[str, ...]  # the Dagster assets that produce it
     register: Callable[[duckdb.DuckDBPyConnection, Paths, "Window | None"], None]
+    #: earlier daily partitions of its assets a window reads too (raw_events: yesterday's gauge levels)
+    lookback_days: int = 0
 
 
 def _view_over(con: duckdb.DuckDBPyConnection, name: str, files: list[Path], what: str, fix: str) -> None:
@@ -194,7 +196,7 @@ def _register_raw_series(con, paths: Paths, window: Window | None) -> None:
 
 EVENTS_EMPTY_SQL = (
     "select * from (select ''::varchar as event_id, 0::bigint as ts, ''::varchar as customer_key, ''::varchar as meter_id, "
-    "''::varchar as dimension, ''::varchar as kind, 0::decimal(38, 9) as quantity, "
+    "''::varchar as dimension, ''::varchar as kind, 0::decimal(38, 9) as quantity, 0::bigint as hold_ms, "
     "map([]::varchar[], []::varchar[]) as attributes) where false"
 )
 
@@ -205,8 +207,11 @@ def _register_raw_events(con, paths: Paths, window: Window | None) -> None:
     if window is None:
         files = sorted(events.events_root(paths).glob("date=*/*.parquet"))
     else:
+        # the window's days plus the day before: a gauge event of yesterday holds into today (up to
+        # hold_ms <= one day), so its carry-in needs it. Models bill delta events, and gauge time,
+        # only inside [$start_ms, $end_ms): the extra day is never billed twice.
         files = []
-        d = window.start
+        d = date.fromordinal(window.start.toordinal() - 1)
         while d < window.end:
             files += events.event_files(paths, d)
             d = date.fromordinal(d.toordinal() + 1)
@@ -215,7 +220,7 @@ def _register_raw_events(con, paths: Paths, window: Window | None) -> None:
         return
     con.execute(
         "create or replace view raw_events as select event_id, ts, customer_key, meter_id, dimension, kind, quantity, "
-        f"attributes from read_parquet({_sql_list(files)}, hive_partitioning = false)"
+        f"hold_ms, attributes from read_parquet({_sql_list(files)}, hive_partitioning = false)"
     )
 
 
@@ -255,7 +260,7 @@ def seed_snapshot_path(paths: Paths, name: str) -> Path:
 
 RAW_ASSETS = ("raw_samples", "remote_write_samples")
 #: the assets that write the raw events layout (billing_dags/events.py)
-EVENT_ASSETS = ("usage_events",)
+EVENT_ASSETS = ("usage_events", "usage_reports")
 
 
 def sources() -> dict[str, Source]:
@@ -266,7 +271,7 @@ def sources() -> dict[str, Source]:
         "raw_samples": Source("raw_samples", RAW_ASSETS, _register_raw_samples),
         "raw_series": Source("raw_series", RAW_ASSETS, _register_raw_series),
         # usage that is not a Prometheus counter (raw/events: PostgreSQL usage_events, ...)
-        "raw_events": Source("raw_events", EVENT_ASSETS, _register_raw_events),
+        "raw_events": Source("raw_events", EVENT_ASSETS, _register_raw_events, lookback_days=1),
         # CSV files an operator drops in data/external/pool_shares/ (day, customer_id, accepted_shares)
         "external_pool_shares": Source("external_pool_shares", (), _register_pool_shares),
     }

@@ -42,7 +42,7 @@ def small_seeds(tmp_path, monkeypatch) -> Path:
         w.writeheader()
         w.writerows(picked)
     keep = {row["customer_id"] for row in picked}
-    for name in ("subscriptions.csv", "credits.csv"):
+    for name in ("subscriptions.csv", "credits.csv", "report_tokens.csv"):
         with (SEEDS / name).open(newline="") as f:
             reader = csv.DictReader(f)
             kept = [r for r in reader if r["customer_id"] in keep]

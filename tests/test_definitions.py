@@ -35,6 +35,7 @@ def test_checks_schedules_sensors_and_jobs_are_registered():
     assert ("fct_usage_by_month", "daily_sum_equals_month") in checks
     assert ("invoices", "total_equals_sum_of_lines") in checks
     assert ("fct_usage_by_day", "grain_is_unique") in checks
+    assert ("usage_events", "event_ids_unique_across_days") in checks  # billing_dags/defs/ingest/checks.py
     schedules = {s.name for s in defs.schedules}
     assert {"daily_usage_schedule", "monthly_invoice_draft_schedule", "monthly_invoice_finalization_schedule"} <= schedules
     assert "late_raw_data_sensor" in {s.name for s in defs.sensors}

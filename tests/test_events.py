@@ -23,9 +23,9 @@ K2 = "806fa31f757683af82faa077aa2c16c873ab6ecfe914edf145812061acdd50d4"  # llm-0
 UNKNOWN = hashlib.sha256(b"nobody").hexdigest()
 
 
-def ev(event_id, ts, key, meter, dim, qty, kind="delta", attrs=None):
+def ev(event_id, ts, key, meter, dim, qty, kind="delta", attrs=None, hold_ms=0):
     return {"event_id": event_id, "ts": ts, "customer_key": key, "meter_id": meter, "dimension": dim,
-            "kind": kind, "quantity": Decimal(qty), "attributes": list((attrs or {}).items())}
+            "kind": kind, "quantity": Decimal(qty), "hold_ms": hold_ms, "attributes": list((attrs or {}).items())}
 
 
 def table(rows):
@@ -67,7 +67,9 @@ def test_write_dedupes_last_wins_sorts_and_is_byte_stable(paths):
         (ev("x", ms(DAY, 1), K1, "no_such_meter", "", "1"), "not in seeds/meters.csv"),
         (ev("x", ms(DAY, 1), K1, "proxy_connections", "", "1"), "delta events need a counter meter"),
         (ev("x", ms(DAY, 1), K1, "llm_input_tokens", "", "-1"), "negative"),
-        (ev("x", ms(DAY, 1), K1, "llm_input_tokens", "", "1", kind="gauge"), "gauge events are not billed"),
+        (ev("x", ms(DAY, 1), K1, "llm_input_tokens", "", "1", kind="gauge", hold_ms=1000), "gauge events need a gauge meter"),
+        (ev("x", ms(DAY, 1), K1, "llm_input_tokens", "", "1", hold_ms=1000), "hold_ms is 0 for a delta"),
+        ({**ev("x", ms(DAY, 1), K1, "llm_input_tokens", "", "1"), "hold_ms": None}, "hold_ms has 1 null"),
         (ev("x", ms(DAY, 1), K1, "llm_input_tokens", "", "1", kind="level"), "not one of"),
         ({**ev("x", ms(DAY, 1), K1, "llm_input_tokens", "", "1"), "customer_key": None}, "customer_key has 1 null"),
     ],

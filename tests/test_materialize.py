@@ -67,10 +67,12 @@ def month_run(tmp_path_factory):
     picked[0] = next(r for r in rows if r["customer_id"] == hybrid)
     keep = {r["customer_id"] for r in picked}
     grants = list(csv.DictReader((PROJECT_ROOT / "seeds" / "credits.csv").open()))
+    tokens = list(csv.DictReader((PROJECT_ROOT / "seeds" / "report_tokens.csv").open()))
     for name, table, fields in (
         ("customers.csv", picked, list(rows[0])),
         ("subscriptions.csv", [s for s in subs if s["customer_id"] in keep], list(subs[0])),
         ("credits.csv", [g for g in grants if g["customer_id"] in keep], list(grants[0])),
+        ("report_tokens.csv", [r for r in tokens if r["customer_id"] in keep], list(tokens[0])),
     ):
         with (seeds / name).open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields)

@@ -345,7 +345,7 @@ def test_zero_minor_digit_currency_jpy(tmp_path):
     with (seeds / "prices.csv").open("a", newline="") as f:
         csv.writer(f).writerow(["jp_shares", 1, "proxy_accepted_shares", "", "0", "", "per_unit", "0.5", 1, "up", "¥0.5 per share"])
     with (seeds / "customers.csv").open("a", newline="") as f:
-        csv.writer(f).writerow(["mp-jp", "Miner JP", "proxy", "miner-jp", "jpy", ""])
+        csv.writer(f).writerow(["mp-jp", "Miner JP", "proxy", "miner-jp", "jpy", "", "prometheus"])
     with (seeds / "subscriptions.csv").open("a", newline="") as f:
         csv.writer(f).writerow(["mp-jp", "jp_shares", "2024-01-01", ""])
     tables = seed_tables(seeds)

@@ -8,7 +8,6 @@ import os
 import random
 import socket
 import struct
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +16,6 @@ import cramjam
 import numpy as np
 import pytest
 import requests
-import uvicorn
 
 from billing_dags import raw
 from billing_dags.remote_write import corpus
@@ -31,6 +29,7 @@ from billing_dags.remote_write.landing import (
     sealed_segments,
 )
 from billing_dags.remote_write.server import WRITE_PATH, ReceiverConfig, create_app
+from servers import serve_app
 
 STALE = struct.unpack("<d", struct.pack("<Q", STALE_NAN_BITS))[0]
 T0 = 1_780_000_000_000  # 2026-05-28 UTC, ms
@@ -189,29 +188,12 @@ def test_a_failed_write_is_truncated_and_reported_as_disk_full(tmp_path, monkeyp
 # --- the HTTP server -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def receiver(tmp_path: Path, **overrides):
     config = ReceiverConfig(landing_dir=tmp_path / "landing", min_free_bytes=0, **overrides)
     app = create_app(config)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 10
-    while not server.started:
-        assert time.time() < deadline, "receiver did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serve_app(app) as url:
+        yield url, app
 
 
 def post(url, body, headers=HEADERS, **kw):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from datetime import date
+from datetime import date, datetime, timezone
+from decimal import Decimal
 
 import pytest
 
@@ -56,3 +57,25 @@ def test_dry_run_removes_nothing_and_bad_days_are_rejected(paths, capsys):
     assert "--days 0" in capsys.readouterr().err
     assert main(["retention"]) == 0
     assert not (paths.raw_samples / "date=2024-01-02").exists()
+
+
+def test_usage_reports_go_by_day_like_raw_days(paths):
+    from billing_dags.usage_reports import Report, ReportStore, store_path
+
+    today = date(2026, 11, 22)
+    ms = lambda d: int(datetime(d.year, d.month, d.day, 12, tzinfo=timezone.utc).timestamp()) * 1000  # noqa: E731
+    with ReportStore.open(paths) as store:
+        for i, d in enumerate((date(2026, 7, 30), date(2026, 8, 2), date(2026, 11, 1))):
+            store.accept(Report(f"r{i}", "iot-001", ms(d), 3600, {"active_devices": Decimal(3)}))
+    _invoices(paths, "2026-07", ["finalized"])
+    _invoices(paths, "2026-08", ["draft"])
+    plan = {str(c.day): c for c in retention.plan(paths, today=today) if c.what == "reports"}
+    assert plan["2026-07-30"].action == "remove" and plan["2026-08-02"].action == "keep"
+    assert "2026-11-01" not in plan
+    # the store itself is never removed as an old landing file
+    assert all(c.path != store_path(paths) or c.what == "reports" for c in retention.plan(paths, today=date(2027, 12, 1)))
+    logged: list[str] = []
+    retention.apply(list(plan.values()), log=logged.append)
+    with ReportStore.open(paths, readonly=True) as store:
+        assert list(store.day_counts()) == ["2026-08-02", "2026-11-01"]
+    assert any("removed 1 usage reports of 2026-07-30" in line for line in logged)

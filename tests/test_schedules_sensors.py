@@ -101,3 +101,19 @@ def test_late_usage_events_are_found_against_the_usage_partition(paths):
     assert [d for d, _ in late_days(paths)] == ["2026-05-04"]
     os.utime(f, (past - 60, past - 60))
     assert late_days(paths) == []
+
+
+def test_late_events_also_rerun_the_next_day_which_reads_their_gauge_levels(paths):
+    from billing_dags.events import events_day_dir
+
+    day, nxt = date(2026, 5, 4), date(2026, 5, 5)
+    f = events_day_dir(paths, day) / "part-usage_reports.parquet"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_bytes(b"")
+    past = time.time() - 3600
+    for d in (day, nxt, date(2026, 5, 6)):
+        usage = partition_file(paths, load_project().models["fct_usage_by_day"], Window(d, date.fromordinal(d.toordinal() + 1)))
+        usage.parent.mkdir(parents=True, exist_ok=True)
+        usage.write_bytes(b"")
+        os.utime(usage, (past, past))
+    assert [d for d, _ in late_days(paths)] == ["2026-05-04", "2026-05-05"]  # not the 6th

@@ -268,3 +268,206 @@ def test_bad_month_and_setup(tmp_path, customers):
     odd = customers.slice(0, 1).set_column(2, "setup", pa.array(["mainframe"]))
     with pytest.raises(ValueError, match="setup 'mainframe'; use one of proxy, iot, testbed, llm, k8s"):
         simulate.simulate_day(MONTH, odd)
+
+
+# --------------------------------------------------------------------------- usage events and usage reports
+
+EVENT_DAY = date(2026, 2, 10)
+
+
+def _index(customers: pa.Table, *ids: str) -> list[int]:
+    all_ids = customers["customer_id"].to_pylist()
+    return [all_ids.index(i) for i in ids]
+
+
+def _label(customers: pa.Table, customer_id: str) -> str:
+    return customers["label_value"].to_pylist()[_index(customers, customer_id)[0]]
+
+
+def test_non_prometheus_customers_get_no_samples(customers):
+    both = customers.take(_index(customers, "iot-001", "iot-010", "llm-001", "llm-010"))
+    assert both["usage_source"].to_pylist() == ["prometheus", "usage_reports", "prometheus", "usage_events"]
+    samples, series = simulate.simulate_day(EVENT_DAY, both, interval_s=300)
+    keys = {v for labels in series["labels"].to_pylist() for k, v in labels if k in ("customer_id", "api_key_hash")}
+    assert {_label(customers, "iot-001"), _label(customers, "llm-001")} <= keys
+    assert not {_label(customers, "iot-010"), _label(customers, "llm-010")} & keys
+    # the Prometheus customers' samples do not depend on the others being there
+    alone = simulate.simulate_day(EVENT_DAY, customers.take(_index(customers, "iot-001", "llm-001")), interval_s=300)
+    assert_same(alone[0], samples)
+    assert alone[1].equals(series)
+
+
+def test_usage_events_rows_are_deterministic_seed_003_rows(customers):
+    rows = simulate.simulate_usage_events_rows(EVENT_DAY, customers)
+    assert rows == simulate.simulate_usage_events_rows(EVENT_DAY, customers)
+    assert rows != simulate.simulate_usage_events_rows(EVENT_DAY, customers, seed=7)
+    assert rows != simulate.simulate_usage_events_rows(EVENT_DAY + timedelta(days=1), customers)
+    assert {r["api_key_hash"] for r in rows} == {_label(customers, "llm-010")}  # the only usage_events customer
+    assert set(rows[0]) == {"id", "api_key_hash", "tokens_input", "tokens_output", "provider", "model", "status", "created_at"}
+    start, end = raw.day_bounds_ms(EVENT_DAY)
+    ms = [int(r["created_at"].timestamp() * 1000) for r in rows]
+    assert all(start <= t < end for t in ms) and ms == sorted(ms)
+    ids = [r["id"] for r in rows]
+    assert ids == sorted(set(ids))
+    next_ids = {r["id"] for r in simulate.simulate_usage_events_rows(EVENT_DAY + timedelta(days=1), customers)}
+    assert not set(ids) & next_ids, "ids are unique across days"
+    assert {r["model"] for r in rows} <= set(simulate.LLM_MODELS)
+    assert all(r["provider"] == simulate.LLM_PROVIDERS[r["model"]] for r in rows)
+    assert all(isinstance(r["tokens_input"], int) and r["tokens_input"] > 0 for r in rows)
+    statuses = {r["status"] for r in rows}
+    assert statuses == {"success", "failed"}, "some rows failed (they must not bill)"
+    # n_customers keeps the first N customers, as for the samples: llm-010 is row 40
+    (i,) = _index(customers, "llm-010")
+    assert simulate.simulate_usage_events_rows(EVENT_DAY, customers, n_customers=i) == []
+    assert simulate.simulate_usage_events_rows(EVENT_DAY, customers, n_customers=i + 1) == rows
+
+
+def test_usage_reports_are_deterministic_seed_001_reports(customers):
+    from decimal import Decimal
+
+    from billing_dags import usage_reports as ur
+
+    reports = simulate.simulate_usage_reports(EVENT_DAY, customers)
+    assert reports == simulate.simulate_usage_reports(EVENT_DAY, customers)
+    assert reports != simulate.simulate_usage_reports(EVENT_DAY, customers, seed=7)
+    assert [r["reported_at"] for r in reports] == [f"{EVENT_DAY}T{h:02d}:00:00Z" for h in range(24)]
+    assert {r["customer_id"] for r in reports} == {"iot-010"}
+    assert len({r["report_id"] for r in reports}) == 24 and all(r["interval_seconds"] == 3600 for r in reports)
+    schema = ur.ReportSchema.from_seeds(PROJECT_ROOT / "seeds")
+    for r in reports:
+        assert set(r) == set(ur.ENVELOPE) | set(schema.fields)
+        assert all(isinstance(v, Decimal) for k, v in r.items() if k in schema.fields)
+        for name, spec in schema.fields.items():
+            if spec.kind == "delta":
+                assert r[name] == r[name].to_integral_value() and r[name] >= 0, name
+        assert -r["postgres_size_mb"].as_tuple().exponent == 2
+        assert r["total_devices"] >= r["active_devices"] > 0
+        # what the endpoint does: parse_report accepts it (as of one second after reported_at)
+        parsed = ur.parse_report(r, schema, now_ms=raw.day_bounds_ms(EVENT_DAY)[1])
+        assert parsed.values == {k: v for k, v in r.items() if k in schema.fields}
+    storage = [r["postgres_size_mb"] + r["influxdb_size_mb"] for r in reports]
+    assert storage == sorted(storage) and storage[0] < storage[-1], "storage grows"
+    devices = [int(r["active_devices"]) for r in reports]
+    assert max(devices) - min(devices) <= 0.2 * max(devices) + 2, "devices drift slowly"
+    (i,) = _index(customers, "iot-010")
+    assert simulate.simulate_usage_reports(EVENT_DAY, customers, n_customers=i) == []
+
+
+def test_simulated_rows_become_events_through_the_postgres_conversion(tmp_path, customers):
+    from billing_dags import events
+
+    paths = resolve_paths(tmp_path / "data", PROJECT_ROOT / "seeds")
+    figures = simulate.write_simulated_usage_events(paths, EVENT_DAY, customers, seed=3)
+    rows = simulate.simulate_usage_events_rows(EVENT_DAY, customers, seed=3)
+    billed = [r for r in rows if r["status"] == "success"]
+    assert figures["rows"] == len(rows) and figures["unbilled_rows"] == len(rows) - len(billed) > 0
+    written = pq.read_table(events.events_day_dir(paths, EVENT_DAY) / "part-simulate.parquet").to_pylist()
+    assert len(written) == sum((r["tokens_input"] > 0) + (r["tokens_output"] > 0) for r in billed)
+    failed_ids = {str(r["id"]) for r in rows if r["status"] == "failed"}
+    assert not {e["event_id"].split(":")[0] for e in written} & failed_ids
+    assert {dict(e["attributes"])["status"] for e in written} == {"success"}
+
+
+def test_the_rows_conversion_skips_statuses_that_do_not_bill():
+    from billing_dags.postgres_events import UsageEventsTable, rows_to_batch
+
+    key = "ab" * 32
+    rows = [("1", 0, key, "gpt-4o", "openai", "success", "5", "1"), ("2", 0, key, "gpt-4o", "openai", "failed", "7", "0")]
+    assert [e["event_id"] for e in rows_to_batch(rows, UsageEventsTable()).to_pylist()] == ["1:in", "1:out"]
+
+
+def _event_seeds(small_seeds):
+    """small_seeds plus llm-010 (usage_events) and iot-010 (usage_reports) with their subscriptions."""
+    for name in ("customers.csv", "subscriptions.csv"):
+        with (PROJECT_ROOT / "seeds" / name).open(newline="") as f:
+            extra = [line for line in f.read().splitlines()[1:] if line.split(",")[0] in ("iot-010", "llm-010")]
+        assert len(extra) == 2, name
+        with (small_seeds / name).open("a", newline="") as f:
+            f.write("\n".join(extra) + "\n")
+    return small_seeds
+
+
+def test_one_day_through_dagster_bills_the_simulated_events_and_reports(data_dir, small_seeds):
+    """raw_samples, usage_events, usage_reports and the usage models for one day, against an independent Decimal sum."""
+    from decimal import Decimal
+
+    import dagster as dg
+
+    from billing_dags.definitions import ASSETS
+    from billing_dags.defs.shared.resources import (
+        PrometheusResource,
+        SimulationResource,
+        StripeResource,
+        UsageEventsResource,
+        WarehouseResource,
+    )
+
+    seeds = _event_seeds(small_seeds)
+    paths = resolve_paths(data_dir, seeds)
+    resources = {
+        "warehouse": WarehouseResource(data_dir=str(paths.data_dir), seeds_dir=str(paths.seeds_dir)),
+        "simulation": SimulationResource(seed=7, interval_s=300),
+        "prometheus": PrometheusResource(),
+        "usage_events": UsageEventsResource(),
+        "stripe": StripeResource(),
+    }
+    instance = dg.DagsterInstance.ephemeral()
+    seed_keys = [k for a in ASSETS for k in a.keys if a.group_names_by_key.get(k) == "seeds"]
+    assert dg.materialize(ASSETS, selection=seed_keys, resources=resources, instance=instance).success
+    names = ("raw_samples", "usage_events", "usage_reports", "fct_series_edges_by_day", "fct_usage_by_day")
+    day_keys = [dg.AssetKey(n) for n in names]
+    result = dg.materialize(ASSETS, selection=day_keys, partition_key=EVENT_DAY.isoformat(), resources=resources, instance=instance)
+    assert result.success
+    meta = {n: result.asset_materializations_for_node(n)[0].metadata for n in ("usage_events", "usage_reports")}
+    assert meta["usage_events"]["source"].value == "simulate" and meta["usage_reports"]["source"].value == "simulate"
+    assert meta["usage_reports"]["simulated_accepted"].value == 24 and meta["usage_reports"]["reports"].value == 24
+
+    customers = load_seeds(seeds)["customers"]
+    usage = pq.read_table(paths.models / "fct_usage_by_day" / f"day={EVENT_DAY}" / "data.parquet", partitioning=None).to_pylist()
+    got = {(r["customer_id"], r["meter_id"], r["dimension"]): r for r in usage if r["customer_id"] in ("llm-010", "iot-010")}
+    assert all(r["samples"] == 0 and r["series"] == 0 for r in got.values()), "no Prometheus series for them"
+
+    # llm-010: billable tokens per model, summed from the simulated rows
+    want: dict[tuple, Decimal] = {}
+    for r in simulate.simulate_usage_events_rows(EVENT_DAY, customers, seed=7):
+        if r["status"] != "success":
+            continue
+        for meter, column in (("llm_input_tokens", "tokens_input"), ("llm_output_tokens", "tokens_output")):
+            if r[column]:
+                k = ("llm-010", meter, r["model"])
+                want[k] = want.get(k, Decimal(0)) + Decimal(r[column])
+    assert {k: r["usage"] for k, r in got.items() if k[0] == "llm-010"} == want
+
+    # iot-010: counters are the sum of the hourly fields of each meter
+    reports = simulate.simulate_usage_reports(EVENT_DAY, customers, seed=7)
+    assert len(reports) == 24
+    counters = {
+        "iot_mqtt_messages": ("mqtt_messages_published", "mqtt_messages_received"),
+        "iot_mqtt_bytes": ("mqtt_bytes_sent", "mqtt_bytes_received"),
+        "iot_http_requests": ("http_requests",),
+        "iot_http_bytes": ("http_bytes_sent", "http_bytes_received"),
+    }
+    for meter, fields in counters.items():
+        assert got[("iot-010", meter, "")]["usage"] == sum(Decimal(r[f]) for r in reports for f in fields), meter
+        assert got[("iot-010", meter, "")]["events"] == 24
+
+    # GAUGES (needs the gauge-event SQL of fct_usage_by_day): the peak is the highest reported level,
+    # and each hourly level holds for its hour (the last one until midnight)
+    hour_ms = 3_600_000
+    gauges = {
+        "iot_devices": [Decimal(r["active_devices"]) for r in reports],
+        "iot_storage": [(r["postgres_size_mb"] + r["influxdb_size_mb"]) * 1_048_576 for r in reports],
+    }
+    for meter, levels in gauges.items():
+        row = got[("iot-010", meter, "")]
+        assert row["gauge_peak"] == max(levels), meter
+        assert row["gauge_integral"] == sum(levels) * hour_ms, meter
+        assert row["gauge_covered_ms"] == 24 * hour_ms, meter
+
+    # the demo's closing lines read the same models
+    from billing_dags.cli import event_billed_lines
+
+    events = sum(r["events"] for k, r in got.items() if k[0] == "llm-010")
+    lines = event_billed_lines(paths, EVENT_DAY.replace(day=1))
+    assert lines[0].startswith(f"iot-010 (usage reports): 24 reports, peak {max(gauges['iot_devices'])} devices, ")
+    assert lines[1].startswith(f"llm-010 (usage_events): {events:,} events, ") and lines[1].endswith("invoice total no invoice")

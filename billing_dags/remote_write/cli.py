@@ -62,7 +62,12 @@ def cmd_serve(args) -> int:
         max_segment_age_s=args.segment_max_age,
         min_free_bytes=args.min_free_bytes,
     )
-    print(f"remote-write receiver on http://{host}:{port}/api/v1/write, landing in {paths.landing}", file=sys.stderr, flush=True)
+    print(
+        f"remote-write receiver on http://{host}:{port}/api/v1/write, usage reports on http://{host}:{port}/api/usage/report, "
+        f"landing in {paths.landing}",
+        file=sys.stderr,
+        flush=True,
+    )
     serve(config, host, port)
     return 0
 
@@ -90,7 +95,13 @@ def cmd_status(args) -> int:
     from billing_dags.compaction import landing_status
     from billing_dags.settings import resolve_paths
 
-    print(json.dumps(landing_status(resolve_paths(args.data_dir, args.seeds_dir)), indent=2, default=str))
+    from billing_dags.usage_reports import ReportStore
+
+    paths = resolve_paths(args.data_dir, args.seeds_dir)
+    status = landing_status(paths)
+    with ReportStore.open(paths, readonly=True) as store:
+        status["usage_reports_waiting"] = store.pending_days()
+    print(json.dumps(status, indent=2, default=str))
     return 0
 
 
@@ -99,7 +110,7 @@ def register(sub) -> None:
     p = sub.add_parser("remote-write", help="receive Prometheus remote write into landing segments; compact them")
     rw = p.add_subparsers(dest="rw_command", required=True, metavar="SUBCOMMAND")
 
-    s = rw.add_parser("serve", help="run the receiver (POST /api/v1/write)")
+    s = rw.add_parser("serve", help="run the receiver (POST /api/v1/write) and the usage-report endpoint (POST /api/usage/report)")
     s.add_argument("--listen", default=os.environ.get("BILLING_REMOTE_WRITE_LISTEN", "127.0.0.1:9201"), help="HOST:PORT (default 127.0.0.1:9201)")
     s.add_argument("--token-file", help="file holding the bearer token Prometheus must send (default: no auth)")
     s.add_argument("--max-body-bytes", type=_size, default=16 << 20, help="largest compressed body (default 16MiB); larger gets 413")
@@ -114,5 +125,5 @@ def register(sub) -> None:
     c.add_argument("--day", action="append", help="only this UTC day (YYYY-MM-DD); repeatable")
     c.set_defaults(func=cmd_compact)
 
-    st = rw.add_parser("status", help="landing segments waiting for compaction, by day")
+    st = rw.add_parser("status", help="landing segments and usage reports waiting for compaction, by day")
     st.set_defaults(func=cmd_status)

@@ -11,6 +11,15 @@
 - 503 landing disk full (below ``min_free_bytes`` or a failed write) or more than
   ``max_in_flight`` requests at once (Prometheus retries 5xx with backoff).
 
+``POST /api/usage/report`` takes an instance's usage report (seed 001, JSON; see
+billing_dags/usage_reports.py) with the customer's own bearer token (seeds/report_tokens.csv):
+
+- 201 once the report is committed (fsynced) to the report store, 200 when the same report was
+  already accepted (a retry), 409 when its report_id was used for a different report;
+- 400 naming the bad field (JSON body ``{"error", "field"}``), 401 without a token of the
+  customer the report names, 413 over ``max_report_bytes``, 415 not JSON, 503 when the store
+  cannot commit (disk full, I/O error) or no seeds are configured.
+
 ``GET /metrics`` exposes the receiver's counters (requests by code, samples, staleness markers,
 non-finite values, unknown-customer samples, fsync and decode time); ``GET /-/ready``.
 """
@@ -20,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,8 +39,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+
+from billing_dags.seeds import SeedError
+from billing_dags.usage_reports import (
+    ReportConflict,
+    ReportError,
+    ReportSchema,
+    ReportStore,
+    decode_body,
+    landing_store_path,
+    parse_customer_id,
+    parse_report,
+)
 
 from .customers import CustomerResolver
 from .decode import BadRequest, Decoder, TooLarge
@@ -39,6 +61,7 @@ from .landing import DiskFull, SegmentWriter, recover_orphans
 log = logging.getLogger("billing_dags.remote_write")
 
 WRITE_PATH = "/api/v1/write"
+REPORT_PATH = "/api/usage/report"
 
 
 @dataclass
@@ -53,6 +76,9 @@ class ReceiverConfig:
     max_segment_age_s: float = 60.0
     min_free_bytes: int = 64 << 20
     decode_threads: int = 2
+    max_report_bytes: int = 64 << 10
+    #: the usage-report store; default landing_dir/reports/reports.sqlite
+    reports_db: Path | None = None
 
 
 class _Metrics:
@@ -72,12 +98,48 @@ class _Metrics:
         self.in_flight = Gauge(p + "in_flight_requests", "Requests being processed", registry=r)
         self.fsyncs = Gauge(p + "fsyncs", "fsync calls on landing segments (one per commit group)", registry=r)
         self.fsync_seconds = Gauge(p + "fsync_seconds", "Seconds spent in fsync of landing segments", registry=r)
+        self.report_requests = Counter("billing_usage_report_requests", "Usage-report requests by HTTP status", ["code"], registry=r)
+        self.reports = Counter("billing_usage_reports", "Usage reports committed to the report store", registry=r)
+        self.report_duplicates = Counter("billing_usage_report_duplicates", "Usage reports received again (idempotent retries)", registry=r)
         self.latency = Histogram(
             p + "request_duration_seconds",
             "Time from request start to the answer of accepted requests",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r,
         )
+
+
+class _SchemaCache:
+    """The usage-report schema from the seeds, reloaded when one of its seed files changes."""
+
+    def __init__(self, seeds_dir: Path | None):
+        self.seeds_dir = seeds_dir
+        self._stamp: tuple | None = None
+        self._schema: ReportSchema | None = None
+
+    def get(self) -> ReportSchema:
+        if self.seeds_dir is None:
+            raise SeedError("the receiver was started without a seeds folder (--seeds-dir / BILLING_SEEDS_DIR)")
+        files = ReportSchema.seed_files(self.seeds_dir)
+        stamp = tuple(f.stat().st_mtime_ns if f.exists() else None for f in files)
+        if stamp != self._stamp or self._schema is None:
+            self._schema = ReportSchema.from_seeds(self.seeds_dir)
+            self._stamp = stamp
+        return self._schema
+
+
+async def _read_body(request: Request, limit: int) -> bytes | tuple[int, str]:
+    """The whole body, or (status, message) when it is over ``limit`` or the client went away."""
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return 413, f"body is over the limit of {limit} bytes"
+            chunks.append(chunk)
+    except ClientDisconnect:
+        return 400, "client disconnected before the body was complete"
+    return b"".join(chunks)
 
 
 def _text(status: int, message: str, **headers) -> Response:
@@ -106,12 +168,17 @@ def create_app(config: ReceiverConfig) -> Starlette:
             min_free_bytes=config.min_free_bytes,
         )
         state["pool"] = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="rw-decode")
+        state["reports"] = ReportStore(config.reports_db or landing_store_path(config.landing_dir))
+        state["report_pool"] = ThreadPoolExecutor(1, thread_name_prefix="report-commit")
+        state["schema"] = _SchemaCache(config.seeds_dir)
         app.state.receiver = state
         try:
             yield
         finally:
             state["writer"].close()
             state["pool"].shutdown(wait=True)
+            state["report_pool"].shutdown(wait=True)
+            state["reports"].close()
 
     def answer(code: int, message: str = "", **headers) -> Response:
         metrics.requests.labels(str(code)).inc()
@@ -143,16 +210,9 @@ def create_app(config: ReceiverConfig) -> Starlette:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
-            chunks, size = [], 0
-            try:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > config.max_body_bytes:
-                        return answer(413, f"body is over the limit of {config.max_body_bytes} bytes")
-                    chunks.append(chunk)
-            except ClientDisconnect:
-                return answer(400, "client disconnected before the body was complete")
-            body = b"".join(chunks)
+            body = await _read_body(request, config.max_body_bytes)
+            if isinstance(body, tuple):
+                return answer(*body)
             metrics.bytes.inc(len(body))
             if writer.disk_full():
                 return answer(503, "landing disk is full; retry later")
@@ -182,6 +242,61 @@ def create_app(config: ReceiverConfig) -> Starlette:
             state["in_flight"] -= 1
             metrics.in_flight.dec()
 
+    def report_answer(code: int, body: dict, **headers) -> Response:
+        metrics.report_requests.labels(str(code)).inc()
+        return JSONResponse(body, status_code=code, headers=headers or None)
+
+    def report_error(code: int, message: str, field: str | None = None, **headers) -> Response:
+        body = {"error": message}
+        if field is not None:
+            body["field"] = field
+        return report_answer(code, body, **headers)
+
+    async def usage_report(request: Request) -> Response:
+        unauthorized = dict(code=401, message="send Authorization: Bearer <the customer's report token>")
+        challenge = {"WWW-Authenticate": 'Bearer realm="usage-report"'}
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return report_error(**unauthorized, **challenge)
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media != "application/json":
+            return report_error(415, f"Content-Type {media or 'none'!r} is not supported; send application/json")
+        body = await _read_body(request, config.max_report_bytes)
+        if isinstance(body, tuple):
+            return report_error(*body)
+        try:
+            schema = state["schema"].get()
+        except SeedError as e:
+            log.error("usage reports refused: %s", e)
+            return report_error(503, "usage reports are not configured on this server (seeds missing or invalid); retry later")
+        try:
+            doc = decode_body(body)
+            customer_id = parse_customer_id(doc)
+        except ReportError as e:
+            return report_error(400, str(e), e.field)
+        if not schema.authorized(customer_id, token.strip()):
+            return report_error(**unauthorized, **challenge)
+        try:
+            report = parse_report(doc, schema)
+        except ReportError as e:
+            return report_error(400, str(e), e.field)
+        if state["writer"].disk_full():
+            return report_error(503, "landing disk is full; retry later")
+        loop = asyncio.get_running_loop()
+        try:
+            status = await loop.run_in_executor(state["report_pool"], state["reports"].accept, report)
+        except ReportConflict as e:
+            return report_error(409, str(e), "report_id")
+        except (sqlite3.Error, OSError) as e:
+            log.error("usage report store failed, answering 503: %s", e)
+            return report_error(503, "report store write failed (disk full or I/O error); retry later")
+        if status == "duplicate":
+            metrics.report_duplicates.inc()
+        else:
+            metrics.reports.inc()
+        body = {"report_id": report.report_id, "customer_id": report.customer_id, "status": status, "day": report.day.isoformat()}
+        return report_answer(200 if status == "duplicate" else 201, body)
+
     async def method_not_allowed(request: Request) -> Response:
         return answer(405, "use POST", Allow="POST")
 
@@ -198,6 +313,7 @@ def create_app(config: ReceiverConfig) -> Starlette:
     routes = [
         Route(WRITE_PATH, write, methods=["POST"]),
         Route(WRITE_PATH, method_not_allowed, methods=["GET", "PUT", "DELETE", "PATCH"]),
+        Route(REPORT_PATH, usage_report, methods=["POST"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/-/ready", ready, methods=["GET"]),
         Route("/-/healthy", ready, methods=["GET"]),

@@ -1,4 +1,4 @@
--- Exact usage per customer, meter, dimension and UTC day: reset-aware counter increase, gauge integral and peak, plus delta events.
+-- Exact usage per customer, meter, dimension and UTC day: reset-aware counter increase, gauge integral and peak, plus delta and gauge events.
 /* config
 materialized: table
 partitioned_by: billing_daily
@@ -94,27 +94,59 @@ per_series as (
         on joined.series_id = series.series_id
 ),
 
--- usage events (raw/events): a 'delta' adds its quantity to the counter usage of the customer whose
--- label_value is the event's customer_key; unknown keys are not billed (like unmatched series)
+-- usage events (raw/events) of the customer whose label_value is the event's customer_key (unknown
+-- keys are not billed, like unmatched series). A 'delta' adds its quantity to a counter's usage. A
+-- 'gauge' is a level that holds until the next gauge event of its stream (customer_key, meter_id,
+-- dimension) or ts + hold_ms, whichever is first; raw_events also holds the day before the window,
+-- whose last levels carry into today (hold_ms <= one day), like yesterday's last gauge sample.
 events as (
     select * from stg_raw__events
-    where ts_ms >= $start_ms and ts_ms < $end_ms and kind = 'delta'
+    where ts_ms >= $start_ms - 86400000 and ts_ms < $end_ms
+),
+
+event_spans as (
+    select
+        customer_key,
+        meter_id,
+        dimension,
+        kind,
+        ts_ms >= $start_ms as today,
+        quantity,
+        case when kind = 'gauge' then
+            -- two events at the same ts: the later event_id holds, the other covers nothing
+            greatest(
+                0,
+                least(coalesce(lead(ts_ms) over by_stream, $end_ms), ts_ms + hold_ms, $end_ms)
+                    - greatest(ts_ms, $start_ms)
+            )
+        else 0 end::bigint as covered_ms
+    from events
+    window by_stream as (partition by customer_key, meter_id, dimension, kind order by ts_ms, event_id)
 ),
 
 event_usage as (
     select
         customers.customer_id,
-        events.meter_id,
-        events.dimension,
+        event_spans.meter_id,
+        event_spans.dimension,
         meters.kind,
-        sum(events.quantity)::decimal(38, 9) as quantity,
-        count(*)::bigint as events
-    from events
+        coalesce(sum(event_spans.quantity) filter (where event_spans.kind = 'delta' and event_spans.today), 0)
+            ::decimal(38, 9) as increase,
+        -- decimal(38, 9) * bigint stays decimal(38, 9): exact
+        sum(event_spans.quantity * event_spans.covered_ms)::decimal(38, 9) as integral,
+        sum(event_spans.covered_ms)::bigint as covered_ms,
+        -- like samples: a level carried in from yesterday does not set today's peak
+        (max(event_spans.quantity) filter (where event_spans.kind = 'gauge' and event_spans.today))
+            ::decimal(38, 9) as peak,
+        (count(*) filter (where event_spans.today))::bigint as events
+    from event_spans
     inner join stg_seeds__customers as customers
-        on customers.label_value = events.customer_key
+        on customers.label_value = event_spans.customer_key
     inner join stg_seeds__meters as meters
-        on meters.meter_id = events.meter_id and meters.kind = 'counter'
-    group by customers.customer_id, events.meter_id, events.dimension, meters.kind
+        on meters.meter_id = event_spans.meter_id
+        and meters.kind = case event_spans.kind when 'delta' then 'counter' else 'gauge' end
+    where event_spans.today or event_spans.covered_ms > 0
+    group by customers.customer_id, event_spans.meter_id, event_spans.dimension, meters.kind
 ),
 
 -- one row per series (samples) and per (customer, meter, dimension) of events, summed below
@@ -142,10 +174,10 @@ contributions as (
         meter_id,
         dimension,
         kind,
-        quantity as increase,
-        0 as integral,
-        0 as covered_ms,
-        null as peak,
+        increase,
+        integral,
+        covered_ms,
+        peak,
         0 as series,
         0 as samples,
         0 as dropped_samples,
@@ -172,6 +204,7 @@ final as (
         case when any_value(kind) = 'gauge'
             then sum(covered_ms)::bigint
         end as gauge_covered_ms,
+        -- the sum of each series' and each event stream's peak: an upper bound (seeds/README.md)
         case when any_value(kind) = 'gauge'
             then coalesce(sum(peak), 0)::decimal(38, 9)
         end as gauge_peak,

@@ -1,4 +1,4 @@
--- Raw usage events of the partition being computed (one row per event and meter), renamed and cast.
+-- Raw usage events of the partition being computed and the day before it (gauge carry-in), renamed and cast.
 /* config
 materialized: view
 */
@@ -15,6 +15,7 @@ final as (
         coalesce(dimension, '')::varchar as dimension,
         kind::varchar as kind,
         quantity::decimal(38, 9) as quantity,
+        hold_ms::bigint as hold_ms,
         attributes::map(varchar, varchar) as attributes
     from source
 )

@@ -100,25 +100,37 @@ def landing_run_requests(paths, today: date | None = None) -> tuple[list[dg.RunR
     return requests, waiting
 
 
-def remote_write_landing_sensor() -> dg.SensorDefinition:
+def pending_days_sensor(name: str, asset, description: str, run_requests, idle: str, waiting_why: str) -> dg.SensorDefinition:
+    """A sensor that requests ``asset`` for the partition days ``run_requests(paths)`` returns.
+
+    ``run_requests`` gives (run requests, days with data that are not partitions yet); ``idle``
+    and ``waiting_why`` (formatted with ``days``) explain a skip in the UI.
+    """
+
     @dg.sensor(
-        asset_selection=[remote_write_samples],
+        asset_selection=[asset],
         minimum_interval_seconds=60,
-        name="remote_write_landing_sensor",
-        description=(
-            "Compacts remote-write landing segments: requests remote_write_samples for exactly the UTC days "
-            "the new sealed segments hold (late_raw_data_sensor then reruns usage for those days)."
-        ),
+        name=name,
+        description=description,
         default_status=dg.DefaultSensorStatus.STOPPED,
     )
     def _sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource):
-        requests, waiting = landing_run_requests(warehouse.paths())
+        requests, waiting = run_requests(warehouse.paths())
         context.update_cursor(json.dumps({"requested": [r.partition_key for r in requests], "waiting": waiting}))
         if not requests:
-            why = "no sealed landing segment waits for compaction"
-            if waiting:
-                why = f"landing data only for days that are not partitions yet (today) or before {PARTITIONS_START}: {', '.join(waiting)}"
-            return dg.SkipReason(why)
+            return dg.SkipReason(waiting_why.format(days=", ".join(waiting)) if waiting else idle)
         return requests
 
     return _sensor
+
+
+def remote_write_landing_sensor() -> dg.SensorDefinition:
+    return pending_days_sensor(
+        "remote_write_landing_sensor",
+        remote_write_samples,
+        "Compacts remote-write landing segments: requests remote_write_samples for exactly the UTC days "
+        "the new sealed segments hold (late_raw_data_sensor then reruns usage for those days).",
+        landing_run_requests,
+        idle="no sealed landing segment waits for compaction",
+        waiting_why=f"landing data only for days that are not partitions yet (today) or before {PARTITIONS_START}: {{days}}",
+    )

@@ -13,24 +13,28 @@ from billing_dags.sqlmodels import Window
 def late_days(paths) -> list[tuple[str, float]]:
     """Days whose newest raw file is newer than the first model that reads it for that day.
 
-    Raw samples feed fct_series_edges_by_day; raw usage events feed fct_usage_by_day directly.
+    Raw samples feed fct_series_edges_by_day; raw usage events feed fct_usage_by_day directly, of
+    their own day and of the next (a gauge level carries over midnight).
     A day never computed is not "late" (the schedule or a backfill will compute it).
     """
     from billing_dags.events import events_root
 
     models = load_project().models
-    readers = [(paths.raw_samples, models["fct_series_edges_by_day"]), (events_root(paths), models["fct_usage_by_day"])]
+    # (raw root, the first model reading it, how many later days read a raw day too: the next day's
+    # usage reads today's last gauge event level)
+    readers = [(paths.raw_samples, models["fct_series_edges_by_day"], 0), (events_root(paths), models["fct_usage_by_day"], 1)]
     newest_by_day: dict[date, float] = {}
-    for root, model in readers:
+    for root, model, later_days in readers:
         for day_dir in sorted(root.glob("date=*")):
             files = list(day_dir.glob("*.parquet"))
             if not files:
                 continue
-            day = date.fromisoformat(day_dir.name[5:])
+            raw_day = date.fromisoformat(day_dir.name[5:])
             newest = max(f.stat().st_mtime for f in files)
-            computed = partition_file(paths, model, Window(day, date.fromordinal(day.toordinal() + 1)))
-            if computed.exists() and computed.stat().st_mtime < newest:
-                newest_by_day[day] = max(newest, newest_by_day.get(day, 0.0))
+            for day in (date.fromordinal(raw_day.toordinal() + i) for i in range(later_days + 1)):
+                computed = partition_file(paths, model, Window(day, date.fromordinal(day.toordinal() + 1)))
+                if computed.exists() and computed.stat().st_mtime < newest:
+                    newest_by_day[day] = max(newest, newest_by_day.get(day, 0.0))
     return [(day.isoformat(), mtime) for day, mtime in sorted(newest_by_day.items())]
 
 

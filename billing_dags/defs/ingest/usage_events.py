@@ -1,11 +1,16 @@
-"""LLM usage events: one UTC day of PostgreSQL usage_events (seed 003) copied into raw/events."""
+"""LLM usage events: one UTC day of PostgreSQL usage_events (seed 003), or simulated rows, copied into raw/events."""
 
 import time
 
 import dagster as dg
 
 from billing_dags.defs.shared.partitions import billing_daily, window_of
-from billing_dags.defs.shared.resources import UsageEventsResource, WarehouseResource
+from billing_dags.defs.shared.resources import (
+    PrometheusResource,
+    SimulationResource,
+    UsageEventsResource,
+    WarehouseResource,
+)
 
 
 @dg.asset(
@@ -13,19 +18,25 @@ from billing_dags.defs.shared.resources import UsageEventsResource, WarehouseRes
     group_name="ingest",
     kinds={"postgres", "parquet"},
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
-    metadata={"source": "postgres", "layout": "data/raw/events/date=YYYY-MM-DD/part-postgres.parquet"},
+    metadata={"source": "postgres", "layout": "data/raw/events/date=YYYY-MM-DD/part-postgres.parquet (part-simulate.parquet when simulated)"},
 )
 def usage_events(
-    context: dg.AssetExecutionContext, warehouse: WarehouseResource, usage_events: UsageEventsResource
+    context: dg.AssetExecutionContext,
+    warehouse: WarehouseResource,
+    usage_events: UsageEventsResource,
+    simulation: SimulationResource,
+    prometheus: PrometheusResource,
 ) -> dg.MaterializeResult:
-    """Billable usage_events rows of one UTC day (tokens per model, API keys as SHA-256) from BILLING_USAGE_EVENTS_DSN."""
+    """Billable usage_events rows of one UTC day (tokens per model, API keys as SHA-256) from BILLING_USAGE_EVENTS_DSN, else simulated."""
     from billing_dags import postgres_events as pg
     from billing_dags.events import EventsLayoutError
     from billing_dags.seeds import SeedError
 
     window = window_of(context)
     if not usage_events.enabled:
-        context.log.info("no source configured (BILLING_USAGE_EVENTS_DSN is unset): nothing written")
+        if simulation.applies(prometheus):
+            return _simulate(context, warehouse, usage_events, simulation)
+        context.log.info("no source configured (BILLING_USAGE_EVENTS_DSN is unset, simulation off): nothing written")
         return dg.MaterializeResult(metadata={"source": "no source configured", "events": 0})
     paths = warehouse.paths()
     cfg = usage_events.source_table()
@@ -41,6 +52,45 @@ def usage_events(
             "billable_statuses": ", ".join(cfg.billable_statuses),
             "events": figures["events"],
             "duplicates_dropped": figures["duplicates_dropped"],
+            "bytes": figures["bytes"],
+            "seconds": round(time.perf_counter() - t0, 3),
+            "path": dg.MetadataValue.path(figures["path"]),
+        }
+    )
+
+
+def _simulate(
+    context: dg.AssetExecutionContext,
+    warehouse: WarehouseResource,
+    usage_events: UsageEventsResource,
+    simulation: SimulationResource,
+) -> dg.MaterializeResult:
+    """Simulated seed-003 rows of the day's usage_events customers, converted exactly as PostgreSQL rows are."""
+    from billing_dags import postgres_events as pg
+    from billing_dags import simulate
+    from billing_dags.events import EventsLayoutError
+    from billing_dags.seeds import SeedError, read_seed
+
+    window = window_of(context)
+    paths = warehouse.paths()
+    cfg = usage_events.source_table()
+    t0 = time.perf_counter()
+    try:
+        customers = read_seed(paths.seeds_dir, "customers")
+        figures = simulate.write_simulated_usage_events(
+            paths, window.start, customers, seed=simulation.seed, n_customers=simulation.customers, cfg=cfg
+        )
+    except (pg.PostgresEventsError, EventsLayoutError, SeedError, ValueError) as e:
+        raise dg.Failure(description=f"usage_events {window.start} (simulated): {e}; nothing was written for this day") from None
+    return dg.MaterializeResult(
+        metadata={
+            "source": "simulate",
+            "seed": simulation.seed,
+            "customers": figures["customers"],
+            "rows": figures["rows"],
+            "unbilled_rows": figures["unbilled_rows"],
+            "billable_statuses": ", ".join(cfg.billable_statuses),
+            "events": figures["events"],
             "bytes": figures["bytes"],
             "seconds": round(time.perf_counter() - t0, 3),
             "path": dg.MetadataValue.path(figures["path"]),

@@ -21,6 +21,13 @@ def _partition_mapping(model: Model, upstream: Model) -> dg.PartitionMapping | N
     return None
 
 
+def _source_mapping(model: Model, lookback_days: int) -> dg.PartitionMapping | None:
+    """A daily model that reads earlier days of a source depends on those days of its assets."""
+    if lookback_days and model.partitioned_by == "billing_daily":
+        return dg.TimeWindowPartitionMapping(start_offset=-lookback_days, end_offset=0, allow_nonexistent_upstream_partitions=True)
+    return None
+
+
 def _require_lookback(paths: Paths, project: Project, model: Model, window: Window) -> None:
     """A day reads earlier days' partitions of its daily upstreams: they must exist where raw data does."""
     if not model.lookback_days or not model.config.get("require_complete_lookback"):
@@ -60,7 +67,11 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
     tables, srcs = project.table_deps(model.name)
     known = sources()
     deps = [dg.AssetDep(t, partition_mapping=_partition_mapping(model, project.models[t])) for t in sorted(tables)]
-    deps += [dg.AssetDep(a) for a in sorted({a for s in srcs for a in known[s].assets})]
+    lookback = {}
+    for s in srcs:
+        for a in known[s].assets:
+            lookback[a] = max(lookback.get(a, 0), known[s].lookback_days)
+    deps += [dg.AssetDep(a, partition_mapping=_source_mapping(model, lookback[a])) for a in sorted(lookback)]
     check_specs = []
     if model.grain:
         check_specs.append(

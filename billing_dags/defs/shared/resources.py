@@ -19,11 +19,20 @@ class WarehouseResource(dg.ConfigurableResource):
 
 
 class SimulationResource(dg.ConfigurableResource):
-    """Simulated usage for the embedded default (no Prometheus): deterministic per seed and day."""
+    """Simulated usage for the embedded default (no Prometheus): deterministic per seed and day.
+
+    ``enabled`` decides for the event sources (usage_events rows, usage reports): None (auto)
+    simulates when PROMETHEUS_URL is unset, the rule raw_samples follows; True or False force it.
+    """
 
     seed: int = 42
     interval_s: int = 60
     customers: Optional[int] = None
+    enabled: Optional[bool] = None
+
+    def applies(self, prometheus: "PrometheusResource") -> bool:
+        """Whether usage is simulated: forced by ``enabled``, else when no Prometheus server is configured."""
+        return self.enabled if self.enabled is not None else simulated_by_default(prometheus)
 
 
 class PrometheusResource(dg.ConfigurableResource):
@@ -90,10 +99,16 @@ class PrometheusResource(dg.ConfigurableResource):
         )
 
 
+def simulated_by_default(prometheus: "PrometheusResource") -> bool:
+    """The auto rule: usage is simulated when PROMETHEUS_URL is unset (raw_samples always follows it)."""
+    return not prometheus.enabled
+
+
 class UsageEventsResource(dg.ConfigurableResource):
     """A PostgreSQL ``usage_events`` table (seed 003) to copy LLM usage from (BILLING_USAGE_EVENTS_DSN).
 
-    Unset ``dsn`` means no source: the usage_events asset writes nothing. Table and column names
+    Unset ``dsn`` means no source: the usage_events asset simulates rows when simulation applies
+    (SimulationResource), else writes nothing. Table and column names
     default to seed 003's; ``billable_statuses`` is a comma-separated list of statuses that bill.
     """
 

@@ -1,0 +1,117 @@
+"""IoT usage reports: the reports of one UTC day (POST /api/usage/report, seed 001) turned into raw events."""
+
+import time
+from datetime import date
+
+import dagster as dg
+
+from billing_dags.defs.ingest.compaction import partition_days, pending_days_sensor
+from billing_dags.defs.shared.partitions import billing_daily, window_of
+from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, WarehouseResource
+
+
+@dg.asset(
+    partitions_def=billing_daily,
+    group_name="ingest",
+    kinds={"sqlite", "parquet"},
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    metadata={"source": "usage_reports", "layout": "data/raw/events/date=YYYY-MM-DD/part-usage_reports.parquet"},
+)
+def usage_reports(
+    context: dg.AssetExecutionContext,
+    warehouse: WarehouseResource,
+    simulation: SimulationResource,
+    prometheus: PrometheusResource,
+) -> dg.MaterializeResult:
+    """Usage reports of one UTC day from the report store (data/landing/reports; simulated ones first when simulating) as raw events."""
+    from billing_dags import simulate
+    from billing_dags import usage_reports as ur
+    from billing_dags.events import EventsLayoutError
+    from billing_dags.seeds import SeedError, read_seed
+
+    window = window_of(context)
+    paths = warehouse.paths()
+    t0 = time.perf_counter()
+    simulated = None
+    if simulation.applies(prometheus):
+        # the day's simulated reports go through parse_report and ReportStore.accept, as the endpoint does
+        try:
+            customers = read_seed(paths.seeds_dir, "customers")
+            simulated = simulate.accept_simulated_usage_reports(
+                paths, window.start, customers, seed=simulation.seed, n_customers=simulation.customers
+            )
+        except ur.ReportConflict as e:
+            raise dg.Failure(
+                description=(
+                    f"usage_reports {window.start} (simulated): {e}. The store {ur.store_path(paths)} holds reports "
+                    "simulated with another seed (or real ones); accepted reports are never replaced: use a fresh "
+                    "BILLING_DATA_DIR for another seed, or delete that file if it holds simulated reports only"
+                )
+            ) from None
+        except (ur.ReportError, SeedError, ValueError) as e:
+            raise dg.Failure(description=f"usage_reports {window.start} (simulated): {e}; nothing was written for this day") from None
+    try:
+        figures = ur.compact_day(paths, window.start)
+    except (ur.ReportError, EventsLayoutError, SeedError) as e:
+        raise dg.Failure(description=f"usage_reports {window.start}: {e}; nothing was written for this day") from None
+    if figures["unknown_customers"]:
+        context.log.warning(
+            f"{window.start}: reports of customers no longer in seeds/customers.csv are kept but not billed: "
+            + ", ".join(figures["unknown_customers"])
+        )
+    source = {"source": "report store"}
+    if simulated is not None:
+        source = {
+            "source": "simulate",
+            "seed": simulation.seed,
+            "simulated_reports": simulated["reports"],
+            "simulated_accepted": simulated["accepted"],
+            "simulated_duplicates": simulated["duplicate"],
+        }
+    return dg.MaterializeResult(
+        metadata={
+            **source,
+            "reports": figures["reports"],
+            "customers": figures["customers"],
+            "events": figures["events"],
+            "bytes": figures["bytes"],
+            "seconds": round(time.perf_counter() - t0, 3),
+            "store": dg.MetadataValue.path(str(ur.store_path(paths))),
+            "path": dg.MetadataValue.path(figures["path"]),
+        }
+    )
+
+
+def report_run_requests(paths, today: date | None = None) -> tuple[list[dg.RunRequest], list[str]]:
+    """One run request per partition day with reports accepted after its last compaction; and days waiting."""
+    from billing_dags.usage_reports import ReportStore
+
+    first, last = partition_days(today)
+    with ReportStore.open(paths, readonly=True) as store:
+        pending = store.pending_days()
+    requests, waiting = [], []
+    for day, entry in pending.items():
+        if not first <= date.fromisoformat(day) <= last:
+            waiting.append(day)
+            continue
+        requests.append(
+            dg.RunRequest(
+                # a newer report for the day makes a new key; the same pending state never runs twice
+                run_key=f"usage-reports-{day}-{entry['max_rowid']}",
+                partition_key=day,
+                tags={"billing/reason": "usage reports received", "billing/reports": str(entry["reports"])},
+            )
+        )
+    return requests, waiting
+
+
+def usage_reports_sensor() -> dg.SensorDefinition:
+    return pending_days_sensor(
+        "usage_reports_sensor",
+        usage_reports,
+        "Turns newly accepted usage reports into raw events: requests usage_reports for exactly the UTC days "
+        "with reports received since their last run (late_raw_data_sensor then reruns usage for those days).",
+        report_run_requests,
+        idle="no usage report waits to become events",
+        waiting_why="reports only for days that are not partitions yet (today): {days}",
+    )
