@@ -274,3 +274,27 @@ def test_endpoint_without_seeds_answers_503(tmp_path):
     with serve_app(create_app(ReceiverConfig(landing_dir=tmp_path / "landing", min_free_bytes=0))) as url:
         r = send(url + REPORT_PATH, body(reported_at=recent()))
         assert r.status_code == 503 and "not configured" in r.json()["error"]
+
+
+def test_endpoint_503_over_the_in_flight_limit(tmp_path, monkeypatch):
+    import threading
+
+    inside, gate = threading.Event(), threading.Event()
+    accept = ur.ReportStore.accept
+
+    def slow(self, report, **kw):
+        inside.set()
+        gate.wait(10)
+        return accept(self, report, **kw)
+
+    monkeypatch.setattr(ur.ReportStore, "accept", slow)
+    with receiver(tmp_path, max_in_flight=1) as url:
+        first: list = []
+        t = threading.Thread(target=lambda: first.append(send(url, body(report_id="a", reported_at=recent()))))
+        t.start()
+        assert inside.wait(10)  # the first report holds the only slot while its commit waits
+        r = send(url, body(report_id="b", reported_at=recent()))
+        gate.set()
+        t.join(10)
+    assert r.status_code == 503 and "in-flight" in r.json()["error"]
+    assert first[0].status_code == 201

@@ -282,6 +282,9 @@ def create_app(config: ReceiverConfig) -> Starlette:
             return report_error(400, str(e), e.field)
         if state["writer"].disk_full():
             return report_error(503, "landing disk is full; retry later")
+        if state["in_flight"] >= config.max_in_flight:
+            return report_error(503, f"over the in-flight limit of {config.max_in_flight} requests; retry later")
+        state["in_flight"] += 1
         loop = asyncio.get_running_loop()
         try:
             status = await loop.run_in_executor(state["report_pool"], state["reports"].accept, report)
@@ -290,6 +293,8 @@ def create_app(config: ReceiverConfig) -> Starlette:
         except (sqlite3.Error, OSError) as e:
             log.error("usage report store failed, answering 503: %s", e)
             return report_error(503, "report store write failed (disk full or I/O error); retry later")
+        finally:
+            state["in_flight"] -= 1
         if status == "duplicate":
             metrics.report_duplicates.inc()
         else:
