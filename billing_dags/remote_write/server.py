@@ -18,7 +18,7 @@ billing_dags/usage_reports.py) with the customer's own bearer token (seeds/repor
   already accepted (a retry), 409 when its report_id was used for a different report;
 - 400 naming the bad field (JSON body ``{"error", "field"}``), 401 without a token of the
   customer the report names, 413 over ``max_report_bytes``, 415 not JSON, 503 when the store
-  cannot commit (disk full, I/O error) or no seeds are configured.
+  cannot commit (disk full, I/O error), over ``max_in_flight`` or no seeds are configured.
 
 ``GET /metrics`` exposes the receiver's counters (requests by code, samples, staleness markers,
 non-finite values, unknown-customer samples, fsync and decode time); ``GET /-/ready``.
