@@ -105,3 +105,14 @@ def test_proxy_shares_against_the_pool_figures():
     assert mismatch["value"] == 10 and "the pool reported 1000" in mismatch["detail"]
     got = flags(days, [edge(1, 60_000)], pool=[{"day": D, "customer_id": "mp-003", "accepted_shares": Decimal(1060)}])
     assert ("mp-003", "proxy_accepted_shares", "pool_share_mismatch") not in got
+
+
+def test_usage_of_an_unknown_llm_model_is_flagged_critical_not_priced_at_zero():
+    # llm-001 is on llm_payg, which prices llm_input_tokens per model (gpt-4o, gpt-4o-mini, ...)
+    known = {**day_row(D, "llm-001", "llm_input_tokens", usage=1_000_000), "dimension": "gpt-4o"}
+    unknown = {**day_row(D, "llm-001", "llm_input_tokens", usage=5_000), "dimension": "gpt-9-preview"}
+    got = flags([known, unknown], [])
+    flag = got[("llm-001", "llm_input_tokens", "unpriced_usage")]
+    assert flag["severity"] == "critical" and flag["value"] == 1
+    assert "gpt-9-preview (5000)" in flag["detail"] and "gpt-4o (" not in flag["detail"]
+    assert not [k for k in flags([known], []) if k[2] == "unpriced_usage"]

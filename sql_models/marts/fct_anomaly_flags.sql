@@ -172,6 +172,33 @@ month_to_date as (
     group by customer_id, meter_id
 ),
 
+-- usage in a dimension (e.g. an LLM model) of a meter the plan in force prices per dimension, that no
+-- price row covers: it is not billed, never priced at zero silently
+unpriced as (
+    select
+        today.customer_id,
+        today.meter_id,
+        count(*) as dimensions,
+        string_agg(
+            coalesce(nullif(today.dimension, ''), '(none)') || ' (' || fmt_decimal(coalesce(today.usage, today.gauge_peak)) || ')',
+            ', ' order by today.dimension
+        ) as detail
+    from today
+    inner join plan_today
+        on today.customer_id = plan_today.customer_id
+    where exists (
+        select 1 from prices
+        where prices.plan_id = plan_today.plan_id and prices.plan_version = plan_today.plan_version
+            and prices.meter_id = today.meter_id
+    )
+    and not exists (
+        select 1 from prices
+        where prices.plan_id = plan_today.plan_id and prices.plan_version = plan_today.plan_version
+            and prices.meter_id = today.meter_id and (prices.dimension = '' or prices.dimension = today.dimension)
+    )
+    group by today.customer_id, today.meter_id
+),
+
 unmatched as (
     select
         series.meter_id,
@@ -245,6 +272,10 @@ candidates as (
     from today
     inner join pool_shares on today.customer_id = pool_shares.customer_id
     where today.kind = 'counter' and pool_shares.pool_accepted_shares > 0
+    union all
+    select customer_id, meter_id, 'unpriced_usage', dimensions::decimal(38, 9),
+        'usage no price row of the plan covers (not billed): ' || detail
+    from unpriced
     union all
     select '' as customer_id, meter_id, 'unmatched_series', unmatched_series::decimal(38, 9),
         unmatched_series || ' series billed to nobody: ' || labels
