@@ -6,24 +6,35 @@ two. It exists because the SQL's window functions (LAG/LEAD over every sample) c
 plain scan and gigabytes of memory, while the raw layout already gives what they compute: each
 file is sorted by (series_id, ts) with every series whole inside one row group.
 
-How: the day's row groups are read one at a time with pyarrow (two worker threads, at most a few
-row groups in flight, so memory is bounded by the row-group size, not the day) and reduced with
-vectorised numpy per series: np.*.reduceat over series boundaries for counts, sums and maxima;
-deltas and held times with a series-boundary mask; the reset mask is ``v < v_prev``.
+How: the day's row groups are decoded with pyarrow a batch of rows at a time (two worker
+threads, a few row groups in flight, so memory is bounded by the row-group size, not the day)
+and each batch is reduced by compiled code (numba, ``nogil``: both threads compute at once,
+while the rows are still in the CPU cache; a series cut by the end of a batch is completed with
+the start of the next). Per series, ``_fast`` makes two vectorised passes when the series is
+simple (timestamps strictly increasing inside the window, every finite value exact at one
+decimal scale): one converts the values to integers and checks, one sums over consecutive
+samples; non-finite values are dropped between runs of finite ones. Anything else (duplicates,
+rows outside the window, values that need different scales) goes sample by sample through
+``_general``. The compiled code is cached next to this file (``__pycache__``): compiling takes
+several seconds once, loading it about a second per process.
 
 Exactness (the SQL's ``exact_value(v) = v::varchar::decimal(38, 9)``): a float64 whose shortest
 round-trip text has at most ``s`` decimals is the integer ``K = rint(v * 10**s)`` scaled by
 10**-s, provided ``float(K) / 10**s == v`` and ``|v| * 10**s < 2**50`` (so K is found without
 rounding error and is the only such decimal in v's rounding interval); an integer-valued float
-with ``|v| <= 2**53`` is itself (s = 0). Each series gets the smallest scale in (0, 3, 6, 9) that
-holds for all its samples; sums run in int64, split into 24-bit limbs where a bound check says
-they could overflow, and are combined per series in Python integers. Series no scale fits (e.g.
-1/3, or fractional values above 2**20) go through DuckDB's own ``exact_value`` for their samples.
+with ``|v| <= 2**53`` is itself (s = 0). ``_exact`` gives a value's smallest scale in
+(0, 3, 6, 9); ``_fast`` uses one scale for the whole series (the same exact values). The sums of
+K * held ms and of the K before each reset are kept per scale in two int64 limbs (K split at
+bit 32): they cannot overflow while the window is under 2**30 ms, since a series' held times add
+up to at most the window and it has at most one sample per ms. The limbs are combined per series
+in Python integers (the in-day increase is ``K_last - K_first`` plus the values before resets).
+Series with a value no scale fits (e.g. 1/3, or fractional values above 2**20) go through
+DuckDB's own ``exact_value`` for their samples.
 
 Checks stay on: series ids ascending within a row group and row groups of different series
-disjoint; timestamps non-decreasing within a series (exact duplicates of (series, ts) are
-collapsed to the smallest value, as the SQL does); a violation raises ``raw.RawLayoutError``
-naming the file, row group and series. Raw inputs that are not in this layout (overlapping files)
+disjoint; timestamps non-decreasing within a series, over all its rows (exact duplicates of
+(series, ts) are collapsed to the smallest value, as the SQL does); a violation raises
+``raw.RawLayoutError`` naming the file, row group and series. Raw inputs that are not in this layout (overlapping files)
 are merged per overlapping group of row groups, or, past a size limit, computed by the SQL.
 """
 
@@ -39,6 +50,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from numba import njit
 
 from . import raw
 from .settings import STALENESS_MS, Paths
@@ -66,11 +78,28 @@ SCHEMA = pa.schema(
 )
 COLUMNS = ["series_id", "ts", "value"]
 SCALES = (0, 3, 6, 9)
-_LIMB = 24
-_LIMB_MASK = (1 << _LIMB) - 1
+#: 10**(9 - s) for each scale index: K * _NANO[i] counts 10**-9 units
+_NANO = np.array([10**9, 10**6, 10**3, 1], dtype=object)
+#: rows decoded at a time (the compiled code reads them while they are in the CPU cache)
+BATCH_ROWS = 131_072
 #: rows of overlapping row groups merged in memory before falling back to the SQL
 MERGE_LIMIT_ROWS = int(os.environ.get("BILLING_FASTPATH_MERGE_ROWS", 8_000_000))
 _MAX_DEC = 10**38
+_F2_50 = 2.0**50
+_F2_53 = 2.0**53
+_LIMB = 32  # the exact sums are split into limbs at bit 32 (see the docstring)
+_MAX_WINDOW_BITS = 30  # longer windows could overflow the limbs: computed by the SQL
+_KMIN = -(2**63)
+_BLOCK = 256  # rows per block of the first pass (non-finite values are located per block)
+
+# the compiled pass's integer output, one row per series (columns), and its float output
+(_SID, _SAMPLES, _DROPPED, _FIRST_TS, _LAST_TS, _RESETS, _COVERED, _MAX_GAP,
+ _K_FIRST, _S_FIRST, _K_LAST, _S_LAST, _K_PEAK, _S_PEAK, _SLOW, _ROW0, _ROW1) = range(17)
+_ACC = 17  # + 16 limb sums: integral high (4 scales), integral low, reset high, reset low
+_NCOL = _ACC + 16
+_FIRST_V, _LAST_V, _PEAK = range(3)
+# statuses of the compiled pass
+_DONE, _FULL, _TS_BACK, _SERIES_BACK = range(4)
 
 
 class FallbackToSQL(UseSQLEngine):
@@ -85,7 +114,6 @@ class _Unit:
     lo: int | None
     hi: int | None
     rows: int
-    in_window: bool  # statistics say every ts is inside [start, end)
 
 
 # --------------------------------------------------------------------------- planning
@@ -108,14 +136,13 @@ def _plan(files: list[Path], start_ms: int, end_ms: int) -> list[_Unit]:
             lo = hi = None
             if s is not None and s.has_min_max:
                 lo, hi = int(s.min), int(s.max)
-            inside = t is not None and t.has_min_max and t.min >= start_ms and t.max < end_ms
             if t is not None and t.has_min_max and (t.max < start_ms or t.min >= end_ms):
                 continue  # nothing of this row group is in the window
-            groups.append((lo, hi, f, g, rg.num_rows, inside))
+            groups.append((lo, hi, f, g, rg.num_rows))
     if any(lo is None for lo, *_ in groups):
         if len(groups) > 1:
             raise FallbackToSQL("row groups without series_id statistics")
-        return [_Unit(((g[2], g[3]),), None, None, g[4], g[5]) for g in groups]
+        return [_Unit(((g[2], g[3]),), None, None, g[4]) for g in groups]
     groups.sort(key=lambda g: (g[0], g[1]))
     units: list[list] = []
     hi = None
@@ -131,35 +158,423 @@ def _plan(files: list[Path], start_ms: int, end_ms: int) -> list[_Unit]:
         rows = sum(g[4] for g in u)
         if len(u) > 1 and rows > MERGE_LIMIT_ROWS:
             raise FallbackToSQL(f"{len(u)} overlapping row groups with {rows:,} rows")
-        out.append(_Unit(tuple((g[2], g[3]) for g in u), u[0][0], max(g[1] for g in u), rows, all(g[5] for g in u)))
+        out.append(_Unit(tuple((g[2], g[3]) for g in u), u[0][0], max(g[1] for g in u), rows))
     return out
 
 
-# --------------------------------------------------------------------------- exact helpers
+# --------------------------------------------------------------------------- the compiled pass
 
 
-def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Row indices of the concatenated half-open ranges [starts[i], ends[i])."""
-    lengths = ends - starts
-    total = int(lengths.sum())
-    if total == 0:
-        return np.empty(0, dtype=np.int64)
-    offs = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-    return offs + np.arange(total, dtype=np.int64)
+@njit(nogil=True, cache=True, error_model="numpy")
+def _exact(x):
+    """(K, i): x is exactly the decimal K * 10**-SCALES[i] (its shortest text); i = -1 if no scale fits."""
+    a = abs(x)
+    if a <= _F2_53:
+        k = np.int64(x)
+        if k == x:
+            return k, 0
+    p = 1.0
+    for i in range(1, 4):
+        p *= 1000.0
+        if a < _F2_50 / p:
+            r = np.rint(x * p)
+            if r / p == x:
+                return np.int64(r), i
+    return np.int64(0), -1
 
 
-def _scaled(v: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
-    """(K, ok): K = v * 10**s as int64 and whether that is exactly v's shortest decimal."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        if s == 0:
-            k = v.astype(np.int64)
-            ok = (k == v) & (np.abs(v) <= 2.0**53)
+@njit(nogil=True, cache=True, error_model="numpy")
+def _exact_all(values, k, i):
+    for j in range(len(values)):
+        k[j], i[j] = _exact(values[j])
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _put(o, f, s, nsamp, dropped, first_t, last_t, resets, covered, maxgap, kf, sf, kl, sl, kp, sp, slow, r0, r1,
+         first_v, last_v, peak):
+    o[_SID] = s
+    o[_SAMPLES] = nsamp
+    o[_DROPPED] = dropped
+    o[_FIRST_TS] = first_t
+    o[_LAST_TS] = last_t
+    o[_RESETS] = resets
+    o[_COVERED] = covered
+    o[_MAX_GAP] = maxgap
+    o[_K_FIRST] = kf
+    o[_S_FIRST] = sf
+    o[_K_LAST] = kl
+    o[_S_LAST] = sl
+    o[_K_PEAK] = kp
+    o[_S_PEAK] = sp
+    o[_SLOW] = slow
+    o[_ROW0] = r0
+    o[_ROW1] = r1
+    f[_FIRST_V] = first_v
+    f[_LAST_V] = last_v
+    f[_PEAK] = peak
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _scan(sid, ts, v, s, scale, k, nanblocks):
+    """First pass over one series' rows (sid, ts, v are its slices): k[j] = K of v[j] at ``scale``.
+
+    Vectorised (unsigned indices: no wrap-around checks). Returns (rows of another series,
+    smallest ts step, values not exact at the scale or not finite, non-finite values, largest
+    finite K, blocks with a non-finite value, whose starts go to ``nanblocks``).
+    """
+    n = np.uint64(len(ts))
+    one = np.uint64(1)
+    step = np.uint64(_BLOCK)
+    p = 1.0
+    for _ in range(scale):
+        p *= 1000.0
+    lim = _F2_53 + 2.0 if scale == 0 else _F2_50 / p  # |x| <= 2**53 at scale 0
+    other = np.int64(0)
+    bad = np.int64(0)
+    nonfin = np.int64(0)
+    kmax = np.int64(_KMIN)
+    mind = np.int64(1)
+    nb = 0
+    b0 = np.uint64(0)
+    while b0 < n:
+        b1 = min(b0 + step, n)
+        nf = np.int64(0)
+        if scale == 0:
+            for j in range(b0, b1):
+                x = v[j]
+                inr = abs(x) < lim
+                kj = np.int64(x if inr else 0.0)
+                k[j] = kj
+                fin = x - x == 0.0
+                nf += np.int64(not fin)
+                bad += np.int64(not (inr & (np.float64(kj) == x)))
+                kmax = max(kmax, kj if fin else _KMIN)
+                other += np.int64(sid[j] != s)
         else:
-            p = 10.0**s
-            r = np.rint(v * p)
-            ok = (np.abs(v) < 2.0**50 / p) & (r / p == v)
-            k = np.where(ok, r, 0).astype(np.int64)
-    return k, ok
+            for j in range(b0, b1):
+                x = v[j]
+                r = np.rint(x * p)
+                inr = abs(x) < lim
+                kj = np.int64(r if inr else 0.0)
+                k[j] = kj
+                fin = x - x == 0.0
+                nf += np.int64(not fin)
+                bad += np.int64(not (inr & (r / p == x)))
+                kmax = max(kmax, kj if fin else _KMIN)
+                other += np.int64(sid[j] != s)
+        for j in range(max(b0, one), b1):
+            mind = min(mind, ts[j] - ts[j - one])
+        if nf:
+            nanblocks[nb] = np.int64(b0)
+            nb += 1
+            nonfin += nf
+        b0 = b1
+    return other, mind, bad, nonfin, kmax, nb
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _pairs(ts, v, k, a, b, stale_ms):
+    """Consecutive samples (j - 1, j) for j in (a, b), all finite: sample j - 1 holds until ts[j].
+
+    Vectorised. Returns (largest gap, held ms, resets, integral high limb, low limb, reset high, low).
+    """
+    one = np.uint64(1)
+    m32 = np.int64(0xFFFFFFFF)
+    m31 = np.int64(0x7FFFFFFF)
+    maxgap = np.int64(0)
+    covered = np.int64(0)
+    resets = np.int64(0)
+    ih = np.int64(0)
+    il = np.int64(0)
+    rh = np.int64(0)
+    rl = np.int64(0)
+    for j in range(np.uint64(a) + one, np.uint64(b)):
+        d = ts[j] - ts[j - one]
+        maxgap = max(maxgap, d)
+        held = min(d, stale_ms) & m31  # 0 < held < 2**31 here: 32-bit multiplies
+        covered += held
+        kp = k[j - one]
+        hi = kp >> 32
+        lo = kp & m32
+        ih += hi * held
+        il += lo * held
+        m = -np.int64(v[j] < v[j - one])  # all ones at a reset
+        resets -= m
+        rh += hi & m
+        rl += lo & m
+    return maxgap, covered, resets, ih, il, rh, rl
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _fast(s, sid, ts, v, start_ms, end_ms, stale_ms, scale, k, nanblocks, o, f):  # noqa: C901
+    """One series (slices of its rows) when it is simple: timestamps strictly increasing inside
+    the window, every finite value exact at ``scale`` (index into SCALES). Returns 0 (output row
+    written), 1 (a value is not exact at this scale: try another) or 2 (not simple: duplicates,
+    rows outside the window, timestamps or series out of order)."""
+    n = len(ts)
+    if ts[0] < start_ms or ts[n - 1] >= end_ms:
+        return 2
+    other, mind, bad, nonfin, kmax, nb = _scan(sid, ts, v, s, scale, k, nanblocks)
+    if other or mind <= 0:
+        return 2
+    if bad > nonfin:
+        return 1
+    if nonfin == n:  # every sample dropped
+        o[:] = 0
+        f[:] = 0.0
+        o[_SID] = s
+        o[_DROPPED] = n
+        return 0
+    m32 = np.int64(0xFFFFFFFF)
+    maxgap = np.int64(0)
+    covered = np.int64(0)
+    resets = np.int64(0)
+    ih = np.int64(0)
+    il = np.int64(0)
+    rh = np.int64(0)
+    rl = np.int64(0)
+    # the runs of finite values, between the non-finite ones (found in the flagged blocks)
+    runs = np.empty(2 * (nonfin + 1), dtype=np.int64)
+    nr = 0
+    a = 0
+    for q in range(nb):
+        for j in range(nanblocks[q], min(nanblocks[q] + _BLOCK, n)):
+            if not np.isfinite(v[j]):
+                if j > a:
+                    runs[nr] = a
+                    runs[nr + 1] = j
+                    nr += 2
+                a = j + 1
+    if n > a:
+        runs[nr] = a
+        runs[nr + 1] = n
+        nr += 2
+    last = -1  # the last finite sample summed so far
+    for q in range(0, nr, 2):
+        a = runs[q]
+        if last >= 0:  # the sample before the non-finite ones holds until the run's first
+            d = ts[a] - ts[last]
+            maxgap = max(maxgap, d)
+            held = min(d, stale_ms)
+            covered += held
+            ih += (k[last] >> 32) * held
+            il += (k[last] & m32) * held
+            if v[a] < v[last]:
+                resets += 1
+                rh += k[last] >> 32
+                rl += k[last] & m32
+        g, c, r, a1, a2, a3, a4 = _pairs(ts, v, k, a, runs[q + 1], stale_ms)
+        maxgap = max(maxgap, g)
+        covered += c
+        resets += r
+        ih += a1
+        il += a2
+        rh += a3
+        rl += a4
+        last = runs[q + 1] - 1
+    first = runs[0]
+    held = min(end_ms - ts[last], stale_ms)
+    covered += held
+    ih += (k[last] >> 32) * held
+    il += (k[last] & m32) * held
+    p = 1.0
+    for _ in range(scale):
+        p *= 1000.0
+    _put(o, f, s, n - nonfin, nonfin, ts[first], ts[last], resets, covered, maxgap, k[first], scale, k[last], scale,
+         kmax, scale, np.int64(0), np.int64(0), np.int64(n), v[first], v[last], kmax / p)
+    o[_ACC:_ACC + 16] = 0
+    o[_ACC + scale] = ih
+    o[_ACC + 4 + scale] = il
+    o[_ACC + 8 + scale] = rh
+    o[_ACC + 12 + scale] = rl
+    return 0
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _general(s, ts, v, start_ms, end_ms, stale_ms, o, f):  # noqa: C901
+    """One series (its slices), sample by sample: the window, duplicates (the smallest value is kept)
+    and each value at its own smallest scale. Returns (status, error row, error value); no row of
+    the series inside the window leaves o[_SAMPLES] = o[_DROPPED] = 0."""
+    m32 = np.int64(0xFFFFFFFF)
+    acc = o[_ACC:_ACC + 16]
+    acc[:] = 0
+    n = len(ts)
+    seen = np.int64(-9223372036854775807) - 1
+    dropped = 0
+    nsamp = 0
+    resets = 0
+    covered = np.int64(0)
+    maxgap = np.int64(0)
+    slow = 0
+    first_t = np.int64(0)
+    last_t = np.int64(0)
+    first_v = 0.0
+    last_v = 0.0
+    peak = 0.0
+    kf = np.int64(0)
+    sf = 0
+    kl = np.int64(0)
+    sl = 0
+    have = False
+    pt = np.int64(0)
+    pv = 0.0
+    t = np.int64(0)
+    x = 0.0
+    row = 0
+    while True:
+        final = False
+        if row < n:
+            t = ts[row]
+            x = v[row]
+            row += 1
+            if t < seen:
+                return _TS_BACK, row - 1, seen
+            seen = t
+            if t < start_ms or t >= end_ms:
+                continue
+            if not np.isfinite(x):
+                dropped += 1
+                continue
+            if not have:
+                pt = t
+                pv = x
+                have = True
+                continue
+            if t == pt:  # a duplicate of (series, ts): the smallest value stays
+                if x < pv:
+                    pv = x
+                continue
+            nt = t
+        else:
+            if not have:
+                break
+            nt = end_ms
+            final = True
+        # the pending sample (pt, pv) is final: it holds until nt, at most the staleness limit
+        k, i = _exact(pv)
+        held = min(nt - pt, stale_ms)
+        covered += held
+        if nsamp == 0:
+            first_t = pt
+            first_v = pv
+            kf = k
+            sf = i
+            peak = pv
+        else:
+            maxgap = max(maxgap, pt - last_t)
+            if pv < last_v:
+                resets += 1
+                if sl >= 0:
+                    acc[8 + sl] += kl >> 32
+                    acc[12 + sl] += kl & m32
+            if pv > peak:
+                peak = pv
+        if i >= 0:
+            acc[i] += (k >> 32) * held
+            acc[4 + i] += (k & m32) * held
+        else:
+            slow = 1
+        nsamp += 1
+        last_t = pt
+        last_v = pv
+        kl = k
+        sl = i
+        if final:
+            break
+        pt = t
+        pv = x
+    kp, sp = _exact(peak)
+    _put(o, f, s, nsamp, dropped, first_t, last_t, resets, covered, maxgap, kf, sf, kl, sl, kp, sp, slow, np.int64(0), np.int64(n),
+         first_v, last_v, peak)
+    return _DONE, 0, 0
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _series_end(sid, r0, s, guess):
+    """The first row after r0 of another series than s, if the rows are sorted (checked by _scan)."""
+    n = len(sid)
+    hi = r0 + guess
+    if hi <= n and sid[hi - 1] == s and (hi == n or sid[hi] != s):
+        return hi
+    lo = r0  # sid[lo] == s; gallop, then bisect
+    step = 1
+    hi = lo + step
+    while hi < n and sid[hi] == s:
+        lo = hi
+        step *= 2
+        hi = lo + step
+    hi = min(hi, n)
+    while hi - lo > 1:
+        mid = (lo + hi) >> 1
+        if sid[mid] == s:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _edges(sid, ts, v, row, cur, have_cur, partial, start_ms, end_ms, stale_ms, oi, of):
+    """Reduce rows [row, len) (sorted by series, ts) into one output row per series.
+
+    Returns (series written, next row, status, error row, error value, last series id, have one).
+    With ``partial``, the last series (the one reaching the end of the arrays, which may go on in
+    the next batch) is left: the next row is its first. Stops with _FULL at a series boundary
+    when ``oi`` is full (call again from the next row), or at the first row that breaks the
+    layout (_TS_BACK: error value = the previous ts; _SERIES_BACK: error value = the previous
+    series).
+    """
+    n = len(sid)
+    cap = oi.shape[0]
+    nout = 0
+    scale = np.int64(0)  # the last series' scale: neighbours are usually alike
+    length = 1
+    k = np.empty(8192, dtype=np.int64)
+    nanblocks = np.empty(8192 // _BLOCK + 1, dtype=np.int64)
+    while row < n:
+        s = sid[row]
+        if have_cur and s <= cur:
+            return nout, row, _SERIES_BACK, row, cur, cur, have_cur
+        if nout == cap:
+            return nout, row, _FULL, 0, 0, cur, have_cur
+        r0 = row
+        r1 = _series_end(sid, r0, s, length)
+        if partial and r1 == n:
+            break
+        cur = s
+        have_cur = 1
+        if r1 - r0 > len(k):
+            k = np.empty(2 * (r1 - r0), dtype=np.int64)
+            nanblocks = np.empty(len(k) // _BLOCK + 1, dtype=np.int64)
+        o = oi[nout]
+        f = of[nout]
+        st = _fast(s, sid[r0:r1], ts[r0:r1], v[r0:r1], start_ms, end_ms, stale_ms, scale, k, nanblocks, o, f)
+        if st == 1:  # not exact at the last series' scale: the others, smallest first
+            tried = scale
+            for scale in range(4):
+                if scale != tried:
+                    st = _fast(s, sid[r0:r1], ts[r0:r1], v[r0:r1], start_ms, end_ms, stale_ms, scale, k, nanblocks, o, f)
+                    if st != 1:
+                        break
+        if st != 0:
+            scale = np.int64(0)
+            r1 = r0 + 1
+            while r1 < n and sid[r1] == s:
+                r1 += 1
+            st, err_row, err_val = _general(s, ts[r0:r1], v[r0:r1], start_ms, end_ms, stale_ms, o, f)
+            if st != _DONE:
+                return nout, r0 + err_row, st, r0 + err_row, err_val, cur, have_cur
+        row = r1
+        length = r1 - r0
+        if o[_SAMPLES] == 0 and o[_DROPPED] == 0:
+            continue  # no row of this series inside the window
+        o[_ROW0] = r0
+        o[_ROW1] = r1
+        nout += 1
+    return nout, row, _DONE, 0, 0, cur, have_cur
+
+
+# --------------------------------------------------------------------------- exact helpers
 
 
 def _duckdb_nano(values: np.ndarray) -> np.ndarray:
@@ -176,205 +591,170 @@ def _duckdb_nano(values: np.ndarray) -> np.ndarray:
 
 
 def _nano_of(values: np.ndarray) -> np.ndarray:
-    """exact_value(v) * 10**9 for each value, as an object array of Python ints."""
-    out = np.empty(len(values), dtype=object)
-    todo = np.ones(len(values), dtype=bool)
-    for s in SCALES:
-        if not todo.any():
-            break
-        k, ok = _scaled(values, s)
-        ok &= todo
-        if ok.any():
-            out[ok] = k[ok].astype(object) * 10 ** (9 - s)
-        todo &= ~ok
-    if todo.any():
-        out[todo] = _duckdb_nano(values[todo])
+    """exact_value(v) * 10**9 for each value, as an object array of Python ints (the compiled
+    code's scale rule, ``_exact``; DuckDB for values no scale fits)."""
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    k = np.empty(len(values), dtype=np.int64)
+    i = np.empty(len(values), dtype=np.int64)
+    _exact_all(values, k, i)
+    out = k.astype(object) * _NANO[np.maximum(i, 0)]
+    slow = i < 0
+    if slow.any():
+        out[slow] = _duckdb_nano(values[slow])
     return out
 
 
-def _integral(k, v, held, starts, maxabs: int, scale, window_ms: int, max_len: int) -> np.ndarray:
-    """Per-series sum of k * held as Python ints (held sums to at most window_ms per series)."""
-    if maxabs * window_ms < 2**62:
-        return np.add.reduceat(k * held, starts).astype(object)
-    # The int64 sums wrap (mod 2**64); a float64 sum of v * held * 10**s is within far less than
-    # 2**62 of the true value, which picks the one integer congruent to the wrapped sum.
-    err = (max_len + 2) * 2.0**-52 * maxabs * window_ms * 2
-    if err < 2.0**61:
-        with np.errstate(over="ignore"):
-            wrapped = np.add.reduceat(k * held, starts).astype(object)
-        approx = np.add.reduceat(v * held, starts) * (10.0 ** scale)
-        out = np.empty(len(starts), dtype=object)
-        for i, (w, a) in enumerate(zip(wrapped.tolist(), approx.tolist())):
-            out[i] = w + (round((a - w) / 2.0**64) << 64)
-        return out
-    # else: split k into 24-bit limbs so no partial sum can overflow int64
-    hi = k >> _LIMB
-    lo = k & _LIMB_MASK
-    hi *= held
-    lo *= held
-    return np.add.reduceat(hi, starts).astype(object) * (1 << _LIMB) + np.add.reduceat(lo, starts).astype(object)
+def _slow_sums(ts: np.ndarray, v: np.ndarray, spans: np.ndarray, start_ms: int, end_ms: int) -> list[tuple[int, int]]:
+    """(in-day increase, integral) in 10**-9 units of the series in rows spans[j] = (row0, row1), by DuckDB's exact_value."""
+    series = []
+    for r0, r1 in spans.tolist():
+        t, x = ts[r0:r1], v[r0:r1]
+        keep = (t >= start_ms) & (t < end_ms) & np.isfinite(x)
+        t, x = t[keep], x[keep]
+        order = np.lexsort((x, t))  # duplicates of a ts: the smallest value first, and kept
+        t, x = t[order], x[order]
+        first = np.r_[True, t[1:] != t[:-1]]
+        series.append((t[first], x[first]))
+    nano = _duckdb_nano(np.concatenate([x for _, x in series]))
+    out = []
+    pos = 0
+    for t, x in series:
+        nn = nano[pos:pos + len(x)]
+        pos += len(x)
+        held = np.minimum(np.diff(t, append=end_ms), STALENESS_MS).astype(object)
+        before_reset = np.flatnonzero(x[1:] < x[:-1])
+        out.append((nn[-1] - nn[0] + int(nn[before_reset].sum()), int((nn * held).sum())))
+    return out
 
 
-def _increase(k: np.ndarray, starts: np.ndarray, last: np.ndarray, reset_rows: np.ndarray) -> np.ndarray:
-    """Per-series sum of (k - k_prev, or k after a reset) = k_last - k_first + sum of k_prev at resets."""
-    inc = (k[last] - k[starts]).astype(object) if k.dtype != object else k[last] - k[starts]
-    if len(reset_rows):
-        owner = np.searchsorted(starts, reset_rows, side="right") - 1
-        np.add.at(inc, owner, k[reset_rows - 1].astype(object))
-    return inc
+def _arrays(batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(series_id, ts, value) of a record batch or table as read-only contiguous int64, int64,
+    float64 arrays (one compiled specialisation: Arrow's own are read-only)."""
+    out = []
+    for name, typ in zip(COLUMNS, (np.int64, np.int64, np.float64)):
+        col = batch.column(name)
+        if isinstance(col, pa.ChunkedArray):
+            col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+        a = col.to_numpy(zero_copy_only=False)
+        if a.dtype != typ or not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a, dtype=typ)
+        a.flags.writeable = False
+        out.append(a)
+    return tuple(out)
 
 
-def _read(unit: _Unit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    tables = [pq.ParquetFile(f).read_row_group(g, columns=COLUMNS, use_threads=False) for f, g in unit.parts]
-    t = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-    sid = t.column("series_id").to_numpy()
-    ts = t.column("ts").to_numpy()
-    v = t.column("value").to_numpy()
-    if sid.dtype != np.int64 or ts.dtype != np.int64:
-        sid, ts = sid.astype(np.int64), ts.astype(np.int64)
-    if v.dtype != np.float64:
-        v = v.astype(np.float64)
-    return sid, ts, v
+def _batches(unit: _Unit, start_ms: int, end_ms: int):
+    """The unit's rows as (series_id, ts, value) arrays, in order, a few thousand series at a time."""
+    if len(unit.parts) == 1:
+        f, g = unit.parts[0]
+        for b in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, row_groups=[g], columns=COLUMNS, use_threads=False):
+            yield _arrays(b)
+        return
+    # overlapping sources: merge (value as the last key: duplicates keep the smallest)
+    t = pa.concat_tables([pq.ParquetFile(f).read_row_group(g, columns=COLUMNS, use_threads=False) for f, g in unit.parts])
+    sid, ts, v = _arrays(t)
+    keep = (ts >= start_ms) & (ts < end_ms)
+    sid, ts, v = sid[keep], ts[keep], v[keep]
+    order = np.lexsort((v, ts, sid))
+    out = sid[order], ts[order], v[order]
+    for a in out:
+        a.flags.writeable = False
+    yield out
 
 
 def _where(unit: _Unit) -> str:
     return ", ".join(f"{f} row group {g}" for f, g in unit.parts)
 
 
-def _reduce(unit: _Unit, start_ms: int, end_ms: int) -> dict | None:
-    sid, ts, v = _read(unit)
-    if not unit.in_window:
-        m = (ts >= start_ms) & (ts < end_ms)
-        if not m.all():
-            sid, ts, v = sid[m], ts[m], v[m]
-    if len(sid) == 0:
-        return None
-    if len(unit.parts) > 1:  # overlapping sources: merge (value as the last key: duplicates keep the smallest)
-        order = np.lexsort((v, ts, sid))
-        sid, ts, v = sid[order], ts[order], v[order]
-    dropped_ids = dropped_counts = None
-    with np.errstate(invalid="ignore", over="ignore"):
-        total = v.sum()
-    if not np.isfinite(total) and not (finite := np.isfinite(v)).all():  # a finite sum: all finite
-        dropped_ids, dropped_counts = np.unique(sid[~finite], return_counts=True)
-        sid, ts, v = sid[finite], ts[finite], v[finite]
-    n = len(sid)
-    if n == 0:
-        return {"dropped": (dropped_ids, dropped_counts)}
-    new = np.empty(n, dtype=bool)
-    new[0] = True
-    np.not_equal(sid[1:], sid[:-1], out=new[1:])
-    starts = np.flatnonzero(new)
-    dts = np.empty(n, dtype=np.int64)
-    dts[0] = 0
-    np.subtract(ts[1:], ts[:-1], out=dts[1:])
-    dts[starts] = 1
-    ordered = int(dts.min()) > 0
-    dts[starts] = 0
-    # the layout's promises, checked: each series contiguous, series ascending, ts non-decreasing
-    if not ordered:
-        if len(unit.parts) == 1 and bool(np.any(dts < 0)):
-            i = int(np.flatnonzero(dts < 0)[0])
-            raise raw.RawLayoutError(
-                f"{_where(unit)}: timestamps of series {int(sid[i])} go back in time ({int(ts[i - 1])} then "
-                f"{int(ts[i])} ms); raw files must be sorted by (series_id, ts) — rewrite the day with raw.write_day"
+class _Sink:
+    """The output rows of one unit, appended call after call of the compiled code."""
+
+    def __init__(self, unit: _Unit, start_ms: int, end_ms: int):
+        self.unit, self.start_ms, self.end_ms = unit, start_ms, end_ms
+        cap = max(64, unit.rows // 1024)
+        self.oi = np.empty((cap, _NCOL), dtype=np.int64)
+        self.of = np.empty((cap, 3), dtype=np.float64)
+        self.n = 0
+        self.cur = self.have_cur = 0
+        self.slow: dict[int, tuple[int, int]] = {}  # output row -> (increase, integral), by DuckDB
+
+    def run(self, sid: np.ndarray, ts: np.ndarray, v: np.ndarray, partial: bool) -> int:
+        """Reduce the series of these rows (with ``partial``, all but the last); returns the next row."""
+        row = 0
+        while True:
+            if self.n == len(self.oi):
+                self.oi = np.concatenate([self.oi, np.empty_like(self.oi)])
+                self.of = np.concatenate([self.of, np.empty_like(self.of)])
+            nout, row, status, err_row, err_val, self.cur, self.have_cur = _edges(
+                sid, ts, v, row, self.cur, self.have_cur, partial, self.start_ms, self.end_ms, STALENESS_MS,
+                self.oi[self.n:], self.of[self.n:],
             )
-        # exact duplicates of (series, ts): keep the smallest value, like the SQL
-        dup = dts == 0
-        dup[starts] = False
-        if len(unit.parts) == 1:
-            # only values move (within runs of equal (series, ts)): new, dts and dup stay valid
-            order = np.lexsort((v, ts, sid))
-            sid, ts, v = sid[order], ts[order], v[order]
-        keep = ~dup
-        sid, ts, v, new, dts = sid[keep], ts[keep], v[keep], new[keep], dts[keep]
-        n = len(sid)
-        starts = np.flatnonzero(new)
-    sids = sid[starts]
-    if len(sids) > 1 and not bool(np.all(sids[1:] > sids[:-1])):
-        i = int(np.flatnonzero(sids[1:] <= sids[:-1])[0])
-        raise raw.RawLayoutError(
-            f"{_where(unit)}: series {int(sids[i + 1])} follows series {int(sids[i])}: the rows are not sorted by "
-            "(series_id, ts) with each series contiguous; rewrite the day with raw.write_day"
-        )
-    if unit.lo is not None and (int(sids[0]) < unit.lo or int(sids[-1]) > unit.hi):
-        raise raw.RawLayoutError(f"{_where(unit)}: series ids outside the row group's statistics")
-    nser = len(starts)
-    ends = np.empty_like(starts)
-    ends[:-1] = starts[1:]
-    ends[-1] = n
-    last = ends - 1
-    held = np.empty(n, dtype=np.int64)
-    held[:-1] = dts[1:]
-    held[last] = end_ms - ts[last]
-    np.minimum(held, STALENESS_MS, out=held)
-    reset = np.empty(n, dtype=bool)
-    reset[0] = False
-    np.less(v[1:], v[:-1], out=reset[1:])
-    reset[starts] = False
-    reset_rows = np.flatnonzero(reset)
-    resets = np.zeros(nser, dtype=np.int64)
-    if len(reset_rows):
-        np.add.at(resets, np.searchsorted(starts, reset_rows, side="right") - 1, 1)
-    out = {
-        "series_id": sids,
-        "samples": ends - starts,
-        "first_ts_ms": ts[starts],
-        "first_value": v[starts],
-        "last_ts_ms": ts[last],
-        "last_value": v[last],
-        "resets": resets,
-        "peak_f": np.maximum.reduceat(v, starts),
-        "in_day_covered_ms": np.add.reduceat(held, starts),
-        "max_gap_ms": np.maximum.reduceat(dts, starts),
-        "dropped": (dropped_ids, dropped_counts),
-    }
-    # exact values: per series, the smallest decimal scale s that represents all its samples
-    # exactly as integers k = v * 10**s (see the module docstring); sums in units of 10**-s
-    scale = np.zeros(nser, dtype=np.int64)
-    with np.errstate(invalid="ignore", over="ignore"):
-        k = v.astype(np.int64)
-        exact = k == v
-    slow = None
-    kmin, kmax = int(k.min()), int(k.max())
-    if not (-(2**53) <= kmin and kmax <= 2**53 and exact.all()):
-        slow = np.empty(0, dtype=np.int64)
-        exact &= np.abs(v) <= 2.0**53
-        frac = np.flatnonzero(~np.logical_and.reduceat(exact, starts))
-        rows = _ranges(starts[frac], ends[frac])
-        k[rows] = 0
-        vv = v[rows]
-        st = np.concatenate([[0], np.cumsum(ends[frac] - starts[frac])[:-1]])
-        todo = np.ones(len(frac), dtype=bool)
-        for s_ in SCALES[1:]:
-            kk, ok = _scaled(vv, s_)
-            good = np.logical_and.reduceat(ok, st) & todo
-            if good.any():
-                sel = _ranges(st[good], np.r_[st[1:], len(vv)][good])
-                k[rows[sel]] = kk[sel]
-                scale[frac[good]] = s_
-                todo &= ~good
-            if not todo.any():
-                break
-        slow = frac[todo]
-    maxabs = max(abs(kmax), abs(kmin)) if slow is None else max(abs(int(k.max())), abs(int(k.min())))
-    slow = np.empty(0, dtype=np.int64) if slow is None else slow
-    inc = _increase(k, starts, last, reset_rows)
-    integral = _integral(k, v, held, starts, maxabs, scale, end_ms - start_ms, int((ends - starts).max()))
-    factor = np.array([10**9, 10**6, 10**3, 1], dtype=object)[scale // 3]
-    inc = inc * factor
-    integral = integral * factor
-    if len(slow):  # no decimal scale fits: DuckDB's own exact_value for these series' samples
-        rows = _ranges(starts[slow], ends[slow])
-        lens = ends[slow] - starts[slow]
-        st = np.concatenate([[0], np.cumsum(lens)[:-1]])
-        nano = _duckdb_nano(v[rows])
-        r = np.flatnonzero(reset[rows])
-        inc[slow] = _increase(nano, st, st + lens - 1, r)
-        integral[slow] = np.add.reduceat(nano * held[rows].astype(object), st)
-    out["in_day_increase"] = inc
-    out["in_day_integral"] = integral
-    return out
+            if status == _TS_BACK:
+                raise raw.RawLayoutError(
+                    f"{_where(self.unit)}: timestamps of series {int(sid[err_row])} go back in time ({err_val} then "
+                    f"{int(ts[err_row])} ms); raw files must be sorted by (series_id, ts) — rewrite the day with raw.write_day"
+                )
+            if status == _SERIES_BACK:
+                raise raw.RawLayoutError(
+                    f"{_where(self.unit)}: series {int(sid[err_row])} follows series {err_val}: the rows are not sorted by "
+                    "(series_id, ts) with each series contiguous; rewrite the day with raw.write_day"
+                )
+            new = self.oi[self.n:self.n + nout]
+            slow = np.flatnonzero(new[:, _SLOW])
+            if len(slow):  # no decimal scale fits some value: DuckDB's exact_value for these series
+                sums = _slow_sums(ts, v, new[slow][:, [_ROW0, _ROW1]], self.start_ms, self.end_ms)
+                self.slow.update(zip((self.n + slow).tolist(), sums))
+            self.n += nout
+            if status == _DONE:
+                return row
+
+    def result(self) -> dict | None:
+        oi, of = self.oi[:self.n], self.of[:self.n]
+        if len(oi) == 0:
+            return None
+        unit = self.unit
+        if unit.lo is not None and (int(oi[0, _SID]) < unit.lo or int(oi[-1, _SID]) > unit.hi):
+            raise raw.RawLayoutError(f"{_where(unit)}: series ids outside the row group's statistics")
+        # exact sums in 10**-9 units, Python ints: the limbs per scale
+        integral = np.zeros(len(oi), dtype=object)
+        increase = np.zeros(len(oi), dtype=object)
+        for i in range(4):
+            a = oi[:, _ACC + i:_ACC + 16:4]  # integral high, low, reset high, low at scale i
+            if a.any():
+                integral += (a[:, 0].astype(object) * (1 << _LIMB) + a[:, 1].astype(object)) * _NANO[i]
+                increase += (a[:, 2].astype(object) * (1 << _LIMB) + a[:, 3].astype(object)) * _NANO[i]
+        live = oi[:, _SAMPLES] > 0
+        increase += np.where(live, oi[:, _K_LAST].astype(object) * _NANO[oi[:, _S_LAST] & 3], 0)
+        increase -= np.where(live, oi[:, _K_FIRST].astype(object) * _NANO[oi[:, _S_FIRST] & 3], 0)
+        for j, (inc, integ) in self.slow.items():
+            increase[j] = inc
+            integral[j] = integ
+        return {"ints": oi, "floats": of, "in_day_increase": increase, "in_day_integral": integral}
+
+
+def _reduce(unit: _Unit, start_ms: int, end_ms: int) -> dict | None:
+    sink = _Sink(unit, start_ms, end_ms)
+    tail = None  # the rows of a series cut by the end of a batch, to complete with the next
+    for sid, ts, v in _batches(unit, start_ms, end_ms):
+        if len(sid) == 0:
+            continue
+        if tail is not None and len(tail[0]):
+            s = tail[0][0]
+            end = _series_end(sid, 0, s, 1) if sid[0] == s else 0
+            tail = tuple(np.concatenate([a, b[:end]]) for a, b in zip(tail, (sid, ts, v)))
+            if end == len(sid):
+                continue
+            for a in tail:
+                a.flags.writeable = False
+            sink.run(*tail, partial=False)
+            sid, ts, v = sid[end:], ts[end:], v[end:]
+        row = sink.run(sid, ts, v, partial=True)
+        tail = (sid[row:], ts[row:], v[row:])
+    if tail is not None and len(tail[0]):
+        for a in tail:
+            a.flags.writeable = False
+        sink.run(*tail, partial=False)
+    return sink.result()
 
 
 # --------------------------------------------------------------------------- assembly
@@ -385,78 +765,55 @@ def _decimal_array(nano: np.ndarray, valid: np.ndarray | None = None) -> pa.Arra
     n = len(nano)
     if valid is not None and not valid.all():
         nano = np.where(valid, nano, 0)
-    buf = bytearray(16 * n)
-    for i, x in enumerate(nano.tolist()):
-        x = int(x)
-        if not -_MAX_DEC < x < _MAX_DEC:
-            raise OverflowError(f"value {x}e-9 does not fit DECIMAL(38, 9)")
-        buf[16 * i:16 * i + 16] = x.to_bytes(16, "little", signed=True)
-    arr = pa.Array.from_buffers(DEC, n, [None, pa.py_buffer(bytes(buf))])
+    if n and ((nano >= _MAX_DEC) | (nano <= -_MAX_DEC)).any():
+        x = next(int(x) for x in nano if not -_MAX_DEC < x < _MAX_DEC)
+        raise OverflowError(f"value {x}e-9 does not fit DECIMAL(38, 9)")
+    words = np.empty((n, 2), dtype=np.uint64)  # little-endian: low 64 bits, then high 64 bits
+    if n:
+        words[:, 0] = (nano & 0xFFFFFFFFFFFFFFFF).astype(np.uint64)
+        words[:, 1] = (nano >> 64).astype(np.int64).view(np.uint64)
+    arr = pa.Array.from_buffers(DEC, n, [None, pa.py_buffer(words)])
     if valid is not None and not valid.all():
         arr = pc.if_else(pa.array(valid), arr, pa.scalar(None, DEC))
     return arr
 
 
 def _assemble(day: date, parts: list[dict]) -> pa.Table:
-    cols = ["series_id", "samples", "first_ts_ms", "first_value", "last_ts_ms", "last_value", "resets",
-            "peak_f", "in_day_covered_ms", "max_gap_ms", "in_day_increase", "in_day_integral"]
-    live = [p for p in parts if "series_id" in p]
-    if live:
-        c = {k: np.concatenate([p[k] for p in live]) for k in cols}
+    if parts:
+        oi = np.concatenate([p["ints"] for p in parts])
+        of = np.concatenate([p["floats"] for p in parts])
+        increase = np.concatenate([p["in_day_increase"] for p in parts])
+        integral = np.concatenate([p["in_day_integral"] for p in parts])
     else:
-        c = {k: np.empty(0, dtype=object if k.startswith("in_day_i") else np.float64 if k.endswith(("value", "_f")) else np.int64) for k in cols}
-    d_ids = [p["dropped"][0] for p in parts if p["dropped"][0] is not None]
-    d_cnt = [p["dropped"][1] for p in parts if p["dropped"][1] is not None]
-    nlive = len(c["series_id"])
-    valid = np.ones(nlive, dtype=bool)
-    dropped = np.zeros(nlive, dtype=np.int64)
-    if d_ids:
-        ids = np.concatenate(d_ids)
-        cnt = np.concatenate(d_cnt).astype(np.int64)
-        ids, inv = np.unique(ids, return_inverse=True)
-        cnt = np.bincount(inv, weights=cnt, minlength=len(ids)).astype(np.int64)
-        order = np.argsort(c["series_id"], kind="stable")
-        pos = np.searchsorted(c["series_id"], ids, sorter=order)
-        pos_c = np.minimum(pos, max(nlive - 1, 0))
-        found = (pos < nlive) & (c["series_id"][order[pos_c]] == ids) if nlive else np.zeros(len(ids), dtype=bool)
-        dropped[order[pos_c[found]]] = cnt[found]
-        extra = ids[~found]
-        if len(extra):  # series whose every sample in the day was dropped
-            m = len(extra)
-            c = {
-                **{k: np.concatenate([c[k], np.zeros(m, dtype=c[k].dtype)]) for k in cols if k not in ("in_day_increase", "in_day_integral")},
-                "in_day_increase": np.concatenate([c["in_day_increase"], np.zeros(m, dtype=object)]),
-                "in_day_integral": np.concatenate([c["in_day_integral"], np.zeros(m, dtype=object)]),
-            }
-            c["series_id"][nlive:] = extra
-            dropped = np.concatenate([dropped, cnt[~found]])
-            valid = np.concatenate([valid, np.zeros(m, dtype=bool)])
-    n = len(c["series_id"])
+        oi, of = np.empty((0, _NCOL), dtype=np.int64), np.empty((0, 3))
+        increase = integral = np.empty(0, dtype=object)
+    n = len(oi)
+    valid = oi[:, _SAMPLES] > 0  # a series whose every sample in the window was dropped has nulls
     nulls = None if valid.all() else ~valid
 
     def opt(a, typ):
         return pa.array(a, type=typ, mask=nulls)
 
-    peak = np.empty(n, dtype=object)
-    if n:
-        peak[valid] = _nano_of(c["peak_f"][valid])
-    peak[~valid] = 0
+    peak = oi[:, _K_PEAK].astype(object) * _NANO[oi[:, _S_PEAK] & 3]
+    by_duckdb = valid & (oi[:, _S_PEAK] < 0)  # no decimal scale fits the peak
+    if by_duckdb.any():
+        peak[by_duckdb] = _duckdb_nano(of[by_duckdb, _PEAK])
     return pa.table(
         [
             pa.array(np.full(n, (day - date(1970, 1, 1)).days, dtype=np.int32), pa.int32()).cast(pa.date32()),
-            pa.array(c["series_id"], pa.int64()),
-            pa.array(c["samples"], pa.int64()),
-            pa.array(dropped, pa.int64()),
-            opt(c["first_ts_ms"], pa.int64()),
-            opt(c["first_value"], pa.float64()),
-            opt(c["last_ts_ms"], pa.int64()),
-            opt(c["last_value"], pa.float64()),
-            _decimal_array(c["in_day_increase"]),
-            pa.array(c["resets"], pa.int64()),
+            pa.array(oi[:, _SID], pa.int64()),
+            pa.array(oi[:, _SAMPLES], pa.int64()),
+            pa.array(oi[:, _DROPPED], pa.int64()),
+            opt(oi[:, _FIRST_TS], pa.int64()),
+            opt(of[:, _FIRST_V], pa.float64()),
+            opt(oi[:, _LAST_TS], pa.int64()),
+            opt(of[:, _LAST_V], pa.float64()),
+            _decimal_array(increase),
+            pa.array(oi[:, _RESETS], pa.int64()),
             _decimal_array(peak, valid),
-            _decimal_array(c["in_day_integral"]),
-            pa.array(c["in_day_covered_ms"], pa.int64()),
-            pa.array(c["max_gap_ms"], pa.int64()),
+            _decimal_array(integral),
+            pa.array(oi[:, _COVERED], pa.int64()),
+            pa.array(oi[:, _MAX_GAP], pa.int64()),
         ],
         schema=SCHEMA,
     )
@@ -481,6 +838,8 @@ def _keep_freed_memory() -> None:
 
 def series_edges(files: list[Path], day: date, start_ms: int, end_ms: int, *, threads: int | None = None) -> pa.Table:
     """fct_series_edges_by_day for the window [start_ms, end_ms) (``day`` = its first day) from raw files."""
+    if (end_ms - start_ms).bit_length() > _MAX_WINDOW_BITS:
+        raise FallbackToSQL(f"a window of {end_ms - start_ms:,} ms")
     _keep_freed_memory()
     units = _plan([Path(f) for f in files], start_ms, end_ms)
     threads = threads or min(2, os.cpu_count() or 1)

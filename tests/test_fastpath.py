@@ -173,3 +173,69 @@ def test_staleness_and_day_end_bound_the_gauge_integral(paths):
     assert_same(sql, fast)
     row = fast.to_pylist()[0]
     assert row["in_day_covered_ms"] == 2 * STALENESS_MS + 1000
+
+
+def test_exact_sums_that_overflow_int64_and_mixed_scales(paths):
+    """Sums far past int64 (limbs), resets at huge values, values with no common decimal scale."""
+    rows = []
+    # a sawtooth counter near 2**53: a reset every other sample, integral ~2**53 x 86.4M ms
+    rows += [(1, START + i * 15_000, float(2**53 - (i % 2) * 7 - i)) for i in range(5760)]
+    # negative huge gauge (fast path, scale 0) and a gauge at scale 9 (|v| < 2**20)
+    rows += [(2, START + i * 15_000, -float(2**52 + i * 3)) for i in range(5760)]
+    rows += [(3, START + i * 15_000, round(((i * 7919) % 1000) / 1000 + (i % 9) * 1e-9, 9)) for i in range(5760)]
+    # no common scale: integers above 2**40 and fractions in one series (each value at its own scale)
+    rows += [(4, START + i * 60_000, v) for i, v in enumerate([2.0**45, 0.5, 2.0**45 + 1, 1e-9, 3.0, 2.0**52, 0.125, 7.0])]
+    # the same, with a duplicate timestamp (the sample-by-sample path) and a value no scale fits
+    rows += [(5, START + (i // 2) * 60_000, v) for i, v in enumerate([2.0**45, 0.5, 0.25, 1 / 3, 2.0**45 + 1, 0.001])]
+    rows.sort(key=lambda r: (r[0], r[1]))
+    write_raw(paths, rows)
+    sql, fast = both(paths)
+    assert_same(sql, fast)
+    by_id = {r["series_id"]: r for r in fast.to_pylist()}
+    assert by_id[1]["resets"] > 2000 and by_id[1]["in_day_integral"] > 2**63
+
+
+def test_rows_outside_the_window_and_many_small_series(paths):
+    """Rows of the days around are ignored; thousands of tiny series fill more than one output buffer."""
+    m = 60_000
+    rows = [(1, START - 2 * m, 5.0), (1, START - m, 9.0), (1, START, 3.0), (1, START + m, 4.0), (1, END, 1.0), (1, END + m, 2.0)]
+    rows += [(2, START - m, 1.0), (2, END + 5, 2.0)]  # nothing inside the day: no row
+    rows += [(3, START - m, float("nan")), (3, START + m, float("nan"))]  # one dropped sample inside
+    rows += [(10 + i, START + (i % 50) * m + j * 1000, float(i + j * (i % 3))) for i in range(3000) for j in range(1 + i % 3)]
+    rows.sort(key=lambda r: (r[0], r[1]))
+    write_raw(paths, rows, row_group_size=2500)
+    sql, fast = both(paths)
+    assert_same(sql, fast)
+    assert 2 not in fast["series_id"].to_pylist()
+
+
+def test_series_cut_by_decoding_batches(paths, monkeypatch):
+    """Row groups are decoded a few rows at a time: series running over batch ends come out whole."""
+    monkeypatch.setattr(fastpath, "BATCH_ROWS", 7)
+    rng = np.random.default_rng(5)
+    rows = []
+    for s in range(30):
+        n = int(rng.integers(1, 40))
+        ts = START + np.sort(rng.choice(86_400, size=n, replace=False)) * 1000
+        v = np.cumsum(rng.integers(0, 100, size=n)).astype(float)
+        v[rng.random(n) < 0.1] = np.nan
+        v[rng.random(n) < 0.1] /= 3
+        rows += [(s, int(t), float(x)) for t, x in zip(ts, v)]
+        if s % 7 == 0:  # a duplicate of (series, ts)
+            rows.append((s, int(ts[0]), 0.5))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    write_raw(paths, rows, row_group_size=100)
+    sql, fast = both(paths)
+    assert_same(sql, fast)
+
+
+def test_layout_errors_inside_later_batches(paths, monkeypatch):
+    monkeypatch.setattr(fastpath, "BATCH_ROWS", 4)
+    rows = [(1, START + i, 1.0) for i in range(10)] + [(2, START + 5, 1.0), (2, START + 4, float("nan"))]
+    write_raw(paths, rows)
+    with pytest.raises(raw.RawLayoutError, match=r"series 2 go back in time \(" + str(START + 5)):
+        fastpath.edges_by_day(paths, None, WINDOW)
+    rows = [(1, START + i, 1.0) for i in range(10)] + [(3, START, 1.0), (2, START, 1.0)]
+    write_raw(paths, rows)
+    with pytest.raises(raw.RawLayoutError, match="series 2 follows series 3"):
+        fastpath.edges_by_day(paths, None, WINDOW)
