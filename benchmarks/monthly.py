@@ -9,8 +9,8 @@ set-ups, unique label values and Stripe ids, one customer in 20 changing plan mi
 in 50 starting mid-month; credits.csv empty unless --grants), its validated seed snapshots
 (`write_seed_snapshots`), and synthetic `fct_usage_by_day` partitions for every day of the month
 (the model's exact schema, written with `sqlmodels.write_partition` as the model writes them):
-one row per customer, meter and dimension of its set-up and day (proxy 5, IoT 6, testbed 5,
-LLM 2 meters x 4 models, Kubernetes 5 -- 5.8 rows per customer-day on average).
+one row per customer, meter and dimension of its set-up and day (proxy 5, IoT 9, testbed 5,
+LLM 2 meters x 4 models, Kubernetes 5 -- 6.4 rows per customer-day on average).
 
 The stage runs in one fresh process (peak RSS of the whole stage): the five monthly SQL models
 with `run_model`, the invoices as the `invoices` asset builds them (lines, seed snapshots,

@@ -26,6 +26,8 @@ the balance after it, derived from the grants and the stored invoices, determini
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
@@ -123,13 +125,60 @@ def stored_invoices(invoices_dir: Path, customer_id: str | None = None) -> list[
     pattern = f"????-??/{customer_id}.json" if customer_id else "????-??/*.json"
     docs = []
     for f in sorted(Path(invoices_dir).glob(pattern)):
-        try:
-            doc = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise SeedError(f"{f}: stored invoice is unreadable ({e}); restore it from backup") from None
-        if isinstance(doc, dict) and "customer_id" in doc and "lines" in doc:
+        doc = _stored_invoice(f)
+        if doc is not None:
             docs.append(doc)
     return sorted(docs, key=lambda d: (d["period_start"], d["customer_id"]))
+
+
+def _stored_invoice(f: Path) -> dict | None:
+    try:
+        doc = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SeedError(f"{f}: stored invoice is unreadable ({e}); restore it from backup") from None
+    return doc if isinstance(doc, dict) and "customer_id" in doc and "lines" in doc else None
+
+
+_MONTH_DIR = re.compile(r"(?s).{4}-.{2}")  # the glob ????-??
+
+
+class StoredInvoices:
+    """The folders under ``invoices_dir`` listed once, for many per-customer look-ups (building a month
+    of 10,000 invoices): ``invoices(cid)`` is ``stored_invoices(invoices_dir, cid)`` and ``pending(cid)``
+    is ``sorted(invoices_dir.glob("????-??/pending_adjustments/<cid>.json"))``, without two globs per
+    customer. Files are read when asked for; the listing is taken when the object is made."""
+
+    def __init__(self, invoices_dir: Path, pending_dir: str = "pending_adjustments") -> None:
+        self.dir = Path(invoices_dir)
+        self.pending_dir = pending_dir
+        self.months: list[tuple[str, frozenset[str], frozenset[str]]] = []  # (folder, file names, pending file names)
+        try:
+            entries = sorted((e.name for e in os.scandir(self.dir) if _MONTH_DIR.fullmatch(e.name) and e.is_dir()))
+        except (FileNotFoundError, NotADirectoryError):
+            entries = []
+        for name in entries:
+            names = frozenset(os.listdir(self.dir / name))
+            pending = frozenset()
+            if pending_dir in names and (self.dir / name / pending_dir).is_dir():
+                pending = frozenset(os.listdir(self.dir / name / pending_dir))
+            self.months.append((name, names, pending))
+
+    def invoices(self, customer_id: str) -> list[dict]:
+        file = f"{customer_id}.json"
+        docs = []
+        for name, names, _ in self.months:
+            if file in names:
+                f = self.dir / name / file
+                if not f.exists():  # a dangling link, as the glob skips it
+                    continue
+                doc = _stored_invoice(f)
+                if doc is not None:
+                    docs.append(doc)
+        return sorted(docs, key=lambda d: (d["period_start"], d["customer_id"]))
+
+    def pending(self, customer_id: str) -> list[Path]:
+        file = f"{customer_id}.json"
+        return [f for name, _, pending in self.months if file in pending and (f := self.dir / name / self.pending_dir / file).exists()]
 
 
 def draws_of(invoice: Mapping) -> dict[str, int]:

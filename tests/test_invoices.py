@@ -396,3 +396,97 @@ def test_formula_uses_allowance_and_packages_when_the_line_has_them():
                      "billable_quantity": Decimal("2500"), "package_size": 1000, "packages": 3, "amount_minor": 150})
     (invoice,) = build(lines)
     assert invoice["lines"][1]["formula"] == "2500 request used − 0 included = 2500 request → 3 packages of 1000 × 0.50 USD = 1.50 USD"
+
+
+# --------------------------------------------------------------------------- writing many files (issue 7)
+
+
+def _stdlib_json(obj) -> bytes:
+    return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def test_json_files_are_the_json_module_bytes_with_or_without_orjson(monkeypatch):
+    customers = [{**CUSTOMERS[0], "name": 'Acmé "Ünïcode" <b>&</b> \u2028 \x01 \\ / 😀'}]
+    lines = lines_for("acme")
+    lines[1]["description"] = "tab\there, newline\nthere, \u0000 nul, ° and — dashes"
+    (invoice,) = build(lines, customers=customers)
+    invoice["nested"] = {"empty_list": [], "empty_dict": {}, "z": [1, [2, {}]], "a": None, "t": True, "f": False}
+    invoice["big"] = -(2**63)
+    assert inv._json_bytes(invoice) == _stdlib_json(invoice)
+    assert inv.render_invoice(invoice, "json") == _stdlib_json(invoice).decode("utf-8")
+    # what orjson refuses (an integer beyond 64 bits, a non-string key) still gets the same bytes
+    for odd in ({**invoice, "big": 2**64 + 1}, {"numbers": {1: "a"}}):
+        assert inv._json_bytes(odd) == _stdlib_json(odd)
+    monkeypatch.setattr(inv, "_orjson", None)
+    assert inv._json_bytes(invoice) == _stdlib_json(invoice)
+
+
+@pytest.mark.parametrize("durability", ["syncfs", "fsync each file"])
+def test_many_files_are_durable_the_same_either_way(tmp_path, monkeypatch, durability):
+    if durability == "syncfs":
+        if inv._SYNCFS is None:
+            pytest.skip("no syncfs (Linux 5.8 or later) here")
+        monkeypatch.setattr(inv._DurableBatch, "SYNCFS_MIN_FILES", 1)
+    else:
+        monkeypatch.setattr(inv, "_SYNCFS", None)
+    p = paths_for(tmp_path)
+    lines = lines_for("acme") + lines_for("beta") + lines_for("tokyo", currency="jpy")
+    res = write_invoice_files(p, build(lines))
+    assert len(res["written"]) == 9
+    files = sorted((p.invoices / "2025-01").iterdir())
+    assert [f.name for f in files] == [f"{c}.{ext}" for c in ("acme", "beta", "tokyo") for ext in ("csv", "html", "json")]
+    reference = paths_for(tmp_path / "reference")
+    monkeypatch.undo()
+    write_invoice_files(reference, build(lines))
+    assert {f.name: f.read_bytes() for f in files} == {f.name: f.read_bytes() for f in sorted((reference.invoices / "2025-01").iterdir())}
+
+
+@pytest.mark.parametrize("durability", ["syncfs", "fsync each file"])
+def test_a_failed_flush_leaves_the_old_files_and_no_temporary_ones(tmp_path, monkeypatch, durability):
+    p = paths_for(tmp_path)
+    lines = lines_for("acme") + lines_for("beta")
+    write_invoice_files(p, build(lines))
+    folder = p.invoices / "2025-01"
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    if durability == "syncfs":
+        monkeypatch.setattr(inv._DurableBatch, "SYNCFS_MIN_FILES", 1)
+        monkeypatch.setattr(inv, "_SYNCFS", lambda fd: -1)
+    else:
+        monkeypatch.setattr(inv, "_SYNCFS", None)
+
+        def failing_fsync(path):
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(inv, "_fsync_path", failing_fsync)
+    with pytest.raises(OSError):
+        write_invoice_files(p, build(lines_for("acme", usage_minor=999) + lines_for("beta", usage_minor=998)))
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before  # old bytes, no .tmp- files left
+
+
+def test_stored_invoices_listing_matches_the_globs(tmp_path):
+    from billing_dags import credits as cr
+
+    def doc(month, cid):
+        return json.dumps({"customer_id": cid, "lines": [], "period_start": f"{month}-01"})
+
+    d = tmp_path / "invoices"
+    for month in ("2025-02", "2025-01", "2024-1x"):
+        (d / month / "pending_adjustments").mkdir(parents=True)
+        for cid in ("acme", "beta"):
+            (d / month / f"{cid}.json").write_text(doc(month, cid))
+        (d / month / "pending_adjustments" / "acme.json").write_text("{}")
+    (d / "2025-03").mkdir()
+    (d / "2025-03" / "acme.json").write_text(json.dumps({"not": "an invoice"}))
+    (d / "2025-03" / "beta.json").symlink_to(d / "nowhere.json")  # dangling: the glob skips it
+    (d / "2025-04").write_text("a file, not a folder")
+    (d / "notamonth").mkdir()
+    (d / "notamonth" / "acme.json").write_text(doc("2025-05", "acme"))
+    listing = cr.StoredInvoices(d)
+    for cid in ("acme", "beta", "nobody"):
+        assert listing.invoices(cid) == cr.stored_invoices(d, cid)
+        assert listing.pending(cid) == sorted(d.glob(f"????-??/pending_adjustments/{cid}.json"))
+    assert [x["period_start"] for x in listing.invoices("acme")] == ["2024-1x-01", "2025-01-01", "2025-02-01"]
+    assert cr.StoredInvoices(tmp_path / "missing").invoices("acme") == []
+    (d / "2025-01" / "beta.json").write_text("{ not json")
+    with pytest.raises(Exception, match="stored invoice is unreadable"):
+        cr.StoredInvoices(d).invoices("beta")
