@@ -105,9 +105,6 @@ def rows_to_batch(rows: list[tuple], cfg: UsageEventsTable) -> pa.RecordBatch:
     return pa.RecordBatch.from_pydict(cols, schema=events.EVENTS_SCHEMA)
 
 
-_rows_to_batch = rows_to_batch  # the former private name (tests import it)
-
-
 def read_day(conn, day: date, cfg: UsageEventsTable, *, batch_rows: int = 10_000) -> Iterator[pa.RecordBatch]:
     """The day's billable rows as raw-events record batches (a server-side cursor, ``batch_rows`` at a time)."""
     start = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)

@@ -41,7 +41,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from . import raw
-from .settings import Paths
+from .retention import DEFAULT_RETENTION_DAYS
+from .settings import STALENESS_MS, Paths
 
 SOURCE = "usage_reports"
 REPORT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
@@ -52,8 +53,8 @@ MAX_INTERVAL_S = 86_400
 #: a report time this far ahead of the server clock is refused (clock skew allowance)
 MAX_FUTURE_MS = 5 * 60 * 1000
 MAX_QUANTITY = Decimal(10) ** 18
-STALENESS_MS = 5 * 60 * 1000
-DEFAULT_MAX_AGE_DAYS = 90
+#: reports older than the raw retention period are refused (they could never be billed)
+DEFAULT_MAX_AGE_DAYS = DEFAULT_RETENTION_DAYS
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 

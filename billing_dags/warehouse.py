@@ -12,6 +12,7 @@ from pathlib import Path
 
 import duckdb
 
+from .events import events_root
 from .settings import Paths
 from .sqlmodels import connect, load_project, macros_sql, partition_dir, seed_snapshot_path
 
@@ -33,6 +34,14 @@ def view_statements(paths: Paths) -> list[str]:
         stmts.append(
             "create or replace view raw_series as select series_id, metric, labels, first_seen "
             f"from read_parquet({_lit(paths.raw_series / 'date=*' / '*.parquet')}, hive_partitioning = false)"
+        )
+    events = events_root(paths)
+    if any(events.glob("date=*/*.parquet")):
+        stmts.append(
+            "create or replace view raw_events as select event_id, ts, customer_key, meter_id, dimension, kind, "
+            "quantity, hold_ms, attributes, date::date as date, "
+            "regexp_extract(filename, 'part-(.*)\\.parquet$', 1) as source "
+            f"from read_parquet({_lit(events / 'date=*' / '*.parquet')}, hive_partitioning = true, filename = true)"
         )
     for seed in sorted((paths.data_dir / "seeds").glob("*.parquet")):
         stmts.append(f"create or replace view seed_{seed.stem} as select * from read_parquet({_lit(seed)})")

@@ -12,7 +12,7 @@ import pytest
 
 from billing_dags import events, retention
 from billing_dags.events import EVENTS_SCHEMA, EventsLayoutError, write_events_day
-from billing_dags.postgres_events import PostgresEventsError, UsageEventsTable, _rows_to_batch
+from billing_dags.postgres_events import PostgresEventsError, UsageEventsTable, rows_to_batch
 from billing_dags.settings import resolve_paths
 from billing_dags.sqlmodels import Window
 from sql_helpers import SEEDS_DIR, Runner, day_window, ms
@@ -86,13 +86,13 @@ def test_bad_events_are_refused_and_the_old_day_stays(paths, row, match):
 def test_raw_api_key_is_refused_naming_row_and_column():
     cfg = UsageEventsTable()
     ok = ("7", ms(DAY, 1), K1, "gpt-4o", "openai", "success", "5", "0")
-    batch = _rows_to_batch([ok], cfg)
+    batch = rows_to_batch([ok], cfg)
     assert batch.to_pylist()[0]["event_id"] == "7:in" and batch.num_rows == 1  # zero output tokens: no row
     with pytest.raises(PostgresEventsError, match=r"row id=8: column api_key_hash is not a SHA-256") as e:
-        _rows_to_batch([ok, ("8", ms(DAY, 2), "sk-live-abc", "gpt-4o", "openai", "success", "5", "1")], cfg)
+        rows_to_batch([ok, ("8", ms(DAY, 2), "sk-live-abc", "gpt-4o", "openai", "success", "5", "1")], cfg)
     assert "sk-live-abc" not in str(e.value)
     with pytest.raises(PostgresEventsError, match="row id=9: column api_key_hash"):
-        _rows_to_batch([("9", ms(DAY, 2), K1.upper(), "gpt-4o", "openai", "success", "5", "1")], cfg)
+        rows_to_batch([("9", ms(DAY, 2), K1.upper(), "gpt-4o", "openai", "success", "5", "1")], cfg)
 
 
 def test_retention_covers_raw_events(paths):

@@ -188,7 +188,7 @@ def test_gauge_integral_stays_decimal_inside_the_model():
         r.run("fct_series_edges_by_day", day_window(DAY))
         r.query("fct_usage_by_day", day_window(DAY))
         sql = r.project.models["fct_usage_by_day"].sql
-        body = sql[sql.index("\nevents as (") + 1:sql.index("-- one row per series")]
+        body = "events as (select * from stg_raw__events), " + sql[sql.index("event_spans as ("):sql.index("-- one row per series")]
         params = day_window(DAY).params()
         types = r.con.execute(
             "with " + body.rstrip().rstrip(",")

@@ -471,3 +471,19 @@ def test_one_day_through_dagster_bills_the_simulated_events_and_reports(data_dir
     lines = event_billed_lines(paths, EVENT_DAY.replace(day=1))
     assert lines[0].startswith(f"iot-010 (usage reports): 24 reports, peak {max(gauges['iot_devices'])} devices, ")
     assert lines[1].startswith(f"llm-010 (usage_events): {events:,} events, ") and lines[1].endswith("invoice total no invoice")
+    # support reads the evidence behind event usage from the warehouse: the reported numbers per event
+    from billing_dags.warehouse import open_warehouse
+
+    con = open_warehouse(paths)
+    try:
+        per_source = dict(con.execute("select source, count(*) from raw_events group by source").fetchall())
+        storage = con.execute(
+            "select attributes['postgres_size_mb'], attributes['influxdb_size_mb'], quantity from stg_raw__events "
+            "where customer_key = 'iot-010' and meter_id = 'iot_storage' order by ts_ms limit 1"
+        ).fetchall()
+    finally:
+        con.close()
+    assert per_source["usage_reports"] == sum(r["events"] for k, r in got.items() if k[0] == "iot-010")
+    assert per_source["simulate"] == events
+    pg_mb, influx_mb, quantity = storage[0]
+    assert quantity == (Decimal(pg_mb) + Decimal(influx_mb)) * 1024 * 1024

@@ -18,6 +18,10 @@ series as (
     where meter_id is not null and customer_id is not null
 ),
 
+events as (
+    select * from stg_raw__events
+),
+
 today as (
     select * from edges
     where day >= $start_date::date and day < $end_date::date
@@ -99,12 +103,14 @@ per_series as (
 -- 'gauge' is a level that holds until the next gauge event of its stream (customer_key, meter_id,
 -- dimension) or ts + hold_ms, whichever is first; raw_events also holds the day before the window,
 -- whose last levels carry into today (hold_ms <= one day), like yesterday's last gauge sample.
-events as (
-    select * from stg_raw__events
-    where ts_ms >= $start_ms - 86400000 and ts_ms < $end_ms
-),
-
+-- Deltas of the day only; gauges of the day and the day before (the carry-in), each with the part of
+-- its span inside today. Two scans with plain filters, so the Parquet reader skips what it can and
+-- only gauges are sorted for the window.
 event_spans as (
+    select customer_key, meter_id, dimension, kind, true as today, quantity, 0::bigint as covered_ms
+    from events
+    where kind = 'delta' and ts_ms >= $start_ms and ts_ms < $end_ms
+    union all
     select
         customer_key,
         meter_id,
@@ -112,16 +118,15 @@ event_spans as (
         kind,
         ts_ms >= $start_ms as today,
         quantity,
-        case when kind = 'gauge' then
-            -- two events at the same ts: the later event_id holds, the other covers nothing
-            greatest(
-                0,
-                least(coalesce(lead(ts_ms) over by_stream, $end_ms), ts_ms + hold_ms, $end_ms)
-                    - greatest(ts_ms, $start_ms)
-            )
-        else 0 end::bigint as covered_ms
+        -- two events at the same ts: the later event_id holds, the other covers nothing
+        greatest(
+            0,
+            least(coalesce(lead(ts_ms) over by_stream, $end_ms), ts_ms + hold_ms, $end_ms)
+                - greatest(ts_ms, $start_ms)
+        )::bigint as covered_ms
     from events
-    window by_stream as (partition by customer_key, meter_id, dimension, kind order by ts_ms, event_id)
+    where kind = 'gauge' and ts_ms >= $start_ms - 86400000 and ts_ms < $end_ms
+    window by_stream as (partition by customer_key, meter_id, dimension order by ts_ms, event_id)
 ),
 
 event_usage as (
@@ -130,7 +135,7 @@ event_usage as (
         event_spans.meter_id,
         event_spans.dimension,
         meters.kind,
-        coalesce(sum(event_spans.quantity) filter (where event_spans.kind = 'delta' and event_spans.today), 0)
+        coalesce(sum(event_spans.quantity) filter (where event_spans.kind = 'delta'), 0)
             ::decimal(38, 9) as increase,
         -- decimal(38, 9) * bigint stays decimal(38, 9): exact
         sum(event_spans.quantity * event_spans.covered_ms)::decimal(38, 9) as integral,

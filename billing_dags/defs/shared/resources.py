@@ -32,7 +32,7 @@ class SimulationResource(dg.ConfigurableResource):
 
     def applies(self, prometheus: "PrometheusResource") -> bool:
         """Whether usage is simulated: forced by ``enabled``, else when no Prometheus server is configured."""
-        return self.enabled if self.enabled is not None else simulated_by_default(prometheus)
+        return self.enabled if self.enabled is not None else not prometheus.enabled
 
 
 class PrometheusResource(dg.ConfigurableResource):
@@ -97,11 +97,6 @@ class PrometheusResource(dg.ConfigurableResource):
             step_s=self.step_s,
             extra_matchers=self.extra_matchers or "",
         )
-
-
-def simulated_by_default(prometheus: "PrometheusResource") -> bool:
-    """The auto rule: usage is simulated when PROMETHEUS_URL is unset (raw_samples always follows it)."""
-    return not prometheus.enabled
 
 
 class UsageEventsResource(dg.ConfigurableResource):
