@@ -1,5 +1,6 @@
 """Decode one remote-write request body: snappy block format (cramjam), then a protobuf
-WriteRequest (protobuf runtime), then validated columns of samples.
+WriteRequest (the compiled reader of wire.py for the usual shape, the protobuf runtime for any
+other), then validated columns of samples.
 
 A body that cannot be used raises ``BadRequest`` (the receiver answers 400; Prometheus does not
 retry it) or ``TooLarge`` (413). Messages name the problem and the series index, never label
@@ -19,8 +20,9 @@ from google.protobuf.message import DecodeError
 
 from billing_dags import raw
 
+from . import wire
 from .customers import UNKNOWN, CustomerResolver
-from .proto import Label, WriteRequestKeyed
+from .proto import TimeSeries, WriteRequestKeyed
 
 #: Prometheus staleness marker: a NaN with this exact bit pattern
 STALE_NAN_BITS = 0x7FF0000000000002
@@ -44,6 +46,8 @@ class SeriesInfo:
     labels: tuple[tuple[str, str], ...]  # metric name excluded, sorted by name
     customer: str  # KNOWN / UNKNOWN / UNMETERED
     customer_label: str | None
+    #: for an unknown customer: the index of customer_label in the decoder's list of them, else -1
+    unknown_code: int = -1
 
 
 @dataclass
@@ -81,14 +85,23 @@ def _snappy_declared_length(body: bytes) -> int:
 
 
 class Decoder:
-    """Decodes request bodies; keeps a cache of label sets -> series (id, customer)."""
+    """Decodes request bodies; keeps a cache of label sets -> series (id, customer).
 
-    def __init__(self, resolver: CustomerResolver | None = None, max_decoded_bytes: int = 64 << 20):
+    The compiled reader (wire.py) takes the usual request shape; everything else, and every body
+    when ``compiled`` is False (the reference the tests compare with), goes through the protobuf
+    runtime.
+    """
+
+    def __init__(self, resolver: CustomerResolver | None = None, max_decoded_bytes: int = 64 << 20, compiled: bool = True):
         self.resolver = resolver or CustomerResolver()
         self.max_decoded_bytes = max_decoded_bytes
-        self._cache: dict[tuple, SeriesInfo] = {}
+        self.compiled = compiled
+        self._cache: dict[bytes, SeriesInfo] = {}
+        self._unknown_labels: list[str | None] = []
+        self._unknown_codes: dict[str | None, int] = {}
 
-    def _series(self, key: tuple, index: int) -> SeriesInfo:
+    def _series(self, key: bytes, index: int) -> SeriesInfo:
+        """The series of ``key`` (its encoded label fields), parsed and checked on a cache miss."""
         info = self._cache.get(key)
         if info is not None:
             return info
@@ -96,7 +109,7 @@ class Decoder:
         prev = None
         labels: list[tuple[str, str]] = []
         try:
-            pairs = [(lab.name, lab.value) for lab in map(Label.FromString, key)]
+            pairs = [(lab.name, lab.value) for lab in TimeSeries.FromString(key).labels]
         except DecodeError:
             raise BadRequest(f"series {index}: a label is not a valid prometheus.Label (invalid UTF-8?)") from None
         for name, value in pairs:
@@ -114,9 +127,12 @@ class Decoder:
             raise BadRequest(f"series {index}: no metric name (__name__ label missing or empty)")
         label_map = dict(labels)
         customer, seen = self.resolver.resolve(metric, label_map)
-        info = SeriesInfo(raw.series_id(metric, label_map), metric, tuple(labels), customer, seen)
-        if len(self._cache) >= SERIES_CACHE_MAX:
-            self._cache.clear()
+        code = -1
+        if customer == UNKNOWN:
+            code = self._unknown_codes.setdefault(seen, len(self._unknown_labels))
+            if code == len(self._unknown_labels):
+                self._unknown_labels.append(seen)
+        info = SeriesInfo(raw.series_id(metric, label_map), metric, tuple(labels), customer, seen, code)
         self._cache[key] = info
         return info
 
@@ -126,68 +142,97 @@ class Decoder:
         if declared > self.max_decoded_bytes:
             raise TooLarge(f"body decodes to {declared} bytes, more than the limit of {self.max_decoded_bytes}")
         try:
-            data = cramjam.snappy.decompress_raw(body)
+            data = bytes(cramjam.snappy.decompress_raw(body))
         except Exception as e:  # cramjam.DecompressionError and friends
             raise BadRequest(f"bad snappy block ({type(e).__name__}); send Content-Encoding: snappy in block format") from None
-        try:
-            req = WriteRequestKeyed.FromString(bytes(data))
-        except DecodeError:
-            raise BadRequest("body is not a protobuf prometheus.WriteRequest") from None
-        series: dict[int, SeriesInfo] = {}
-        sids: list[int] = []
-        tss: list[int] = []
-        vals: list[float] = []
-        per_series: list[tuple[SeriesInfo, int]] = []
-        exemplars = histograms = 0
-        cache_get, series_of = self._cache.get, self._series
-        sids_ext, tss_app, vals_app = sids.extend, tss.append, vals.append
-        for index, ts in enumerate(req.timeseries):
-            key = tuple(ts.labels)
-            info = cache_get(key) or series_of(key, index)
-            samples = ts.samples
-            n = len(samples)
-            if n == 1:  # the usual shape: one sample per series per request
-                s = samples[0]
-                tss_app(s.timestamp)
-                vals_app(s.value)
-            else:
-                for s in samples:
-                    tss_app(s.timestamp)
-                    vals_app(s.value)
-            if n:
-                series[info.series_id] = info
-                sids_ext([info.series_id] * n)
-                per_series.append((info, n))
-            if ts.exemplars:
-                exemplars += len(ts.exemplars)
-            if ts.histograms:
-                histograms += len(ts.histograms)
-        sid_a = np.array(sids, dtype=np.int64)
-        ts_a = np.array(tss, dtype=np.int64)
-        val_a = np.array(vals, dtype=np.float64)
-        batch = Batch(series, sid_a, ts_a, val_a, metadata=len(req.metadata), exemplars=exemplars, histograms=histograms)
-        if len(ts_a):
-            stale = val_a.view(np.uint64) == STALE_NAN_BITS
-            nonfinite = ~np.isfinite(val_a) & ~stale
-            unknown = np.zeros(len(ts_a), dtype=bool)
-            offset = 0
-            for info, n in per_series:
-                if info.customer == UNKNOWN:
-                    unknown[offset : offset + n] = True
-                    batch.unknown_customers[info.customer_label] += n
-                offset += n
-            batch.stale, batch.nonfinite, batch.unknown_customer = int(stale.sum()), int(nonfinite.sum()), int(unknown.sum())
-            day = ts_a // DAY_MS
-            for d in np.unique(day).tolist():
-                m = day == d
-                batch.days[d] = {
-                    "samples": int(m.sum()),
-                    "stale": int((stale & m).sum()),
-                    "nonfinite": int((nonfinite & m).sum()),
-                    "unknown_customer": int((unknown & m).sum()),
-                }
+        if len(self._cache) >= SERIES_CACHE_MAX:  # bounded memory: start over, re-filled on demand
+            self._cache.clear()
+            self._unknown_labels.clear()
+            self._unknown_codes.clear()
+        parsed = wire.parse(data) if self.compiled else None
+        if parsed is None:
+            batch = self._decode_reference(data)
+        else:
+            cache_get, series_of = self._cache.get, self._series
+            infos = [cache_get(key) or series_of(key, index) for index, key in enumerate(parsed.keys)]
+            batch = self._batch(infos, parsed.counts, parsed.ts, parsed.value)
         batch.decode_cpu_s = time.thread_time() - t0
         return batch
+
+    def _decode_reference(self, data: bytes) -> Batch:
+        """Decode with the protobuf runtime: every shape the compiled reader leaves to it (see wire.py)."""
+        try:
+            req = WriteRequestKeyed.FromString(data)
+        except DecodeError:
+            raise BadRequest("body is not a protobuf prometheus.WriteRequest") from None
+        infos: list[SeriesInfo] = []
+        counts: list[int] = []
+        tss: list[int] = []
+        vals: list[float] = []
+        exemplars = histograms = 0
+        for index, ts in enumerate(req.timeseries):
+            # the same key as the compiled reader's: the encoded label fields, in order
+            key = b"".join(_LABEL_TAG + _uvarint(len(lab)) + lab for lab in ts.labels)
+            infos.append(self._series(key, index))
+            counts.append(len(ts.samples))
+            for s in ts.samples:
+                tss.append(s.timestamp)
+                vals.append(s.value)
+            exemplars += len(ts.exemplars)
+            histograms += len(ts.histograms)
+        batch = self._batch(infos, np.array(counts, dtype=np.int64), np.array(tss, dtype=np.int64), np.array(vals, dtype=np.float64))
+        batch.metadata, batch.exemplars, batch.histograms = len(req.metadata), exemplars, histograms
+        return batch
+
+    def _batch(self, infos: list[SeriesInfo], counts: np.ndarray, ts_a: np.ndarray, val_a: np.ndarray) -> Batch:
+        """A batch from the series of a request (in order) and their samples' columns."""
+        sids = np.array([info.series_id for info in infos], dtype=np.int64)
+        batch = Batch({}, np.repeat(sids, counts), ts_a, val_a)
+        if not len(ts_a):
+            return batch
+        batch.series = {info.series_id: info for info in infos}
+        if counts.min() == 0:  # a series sent without samples is not in the batch
+            batch.series = {info.series_id: info for info, n in zip(infos, counts.tolist()) if n}
+        stale = val_a.view(np.uint64) == STALE_NAN_BITS
+        nonfinite = ~np.isfinite(val_a) & ~stale
+        codes = np.array([info.unknown_code for info in infos], dtype=np.int64)
+        if codes.max() >= 0:
+            unknown_series = codes >= 0
+            unknown = np.repeat(unknown_series, counts)
+            per_code = np.bincount(codes[unknown_series], weights=counts[unknown_series]).astype(np.int64)
+            present = np.flatnonzero(per_code)
+            names = self._unknown_labels
+            batch.unknown_customers.update(dict(zip([names[c] for c in present.tolist()], per_code[present].tolist())))
+        else:
+            unknown = np.zeros(len(ts_a), dtype=bool)
+        batch.stale, batch.nonfinite = int(np.count_nonzero(stale)), int(np.count_nonzero(nonfinite))
+        batch.unknown_customer = int(np.count_nonzero(unknown))
+        day = ts_a // DAY_MS
+        first = int(day[0])
+        if (day == first).all():  # the usual request: one UTC day
+            batch.days[first] = {"samples": len(ts_a), "stale": batch.stale, "nonfinite": batch.nonfinite, "unknown_customer": batch.unknown_customer}
+            return batch
+        for d in np.unique(day).tolist():
+            m = day == d
+            batch.days[d] = {
+                "samples": int(np.count_nonzero(m)),
+                "stale": int(np.count_nonzero(stale & m)),
+                "nonfinite": int(np.count_nonzero(nonfinite & m)),
+                "unknown_customer": int(np.count_nonzero(unknown & m)),
+            }
+        return batch
+
+
+def _uvarint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_LABEL_TAG = b"\x0a"  # field 1, length-delimited
 
 
 def is_stale(value: float) -> bool:

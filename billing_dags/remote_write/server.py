@@ -54,6 +54,7 @@ from billing_dags.usage_reports import (
     parse_report,
 )
 
+from . import wire
 from .customers import CustomerResolver
 from .decode import BadRequest, Decoder, TooLarge
 from .landing import DiskFull, SegmentWriter, recover_orphans
@@ -161,6 +162,7 @@ def create_app(config: ReceiverConfig) -> Starlette:
                 r["segment"], r.get("records"), r.get("torn_tail_bytes_dropped", 0),
             )
         state["decoder"] = Decoder(resolver, config.max_decoded_bytes)
+        wire.parse(b"")  # load the compiled reader now rather than in the first request
         state["writer"] = SegmentWriter(
             config.landing_dir,
             max_segment_bytes=config.max_segment_bytes,
