@@ -5,6 +5,9 @@ Backfills N counter series x 1 UTC day at --interval seconds with promtool, star
 (what the raw_samples asset runs) and reports samples/s and peak RSS, with Prometheus's own
 evaluation time for the same data beside it: the server-side time (stats=all) of the same raw
 range-selector queries, and of one count_over_time over the whole day.
+
+Issue 7, item 6 (``figures``): 1,000 series at 15 s (quick: 100 at 60 s), the backfilled TSDB
+cached under OUT/prometheus-pull-<series>x<interval>s.
 """
 
 from __future__ import annotations
@@ -24,8 +27,15 @@ from billing_dags import prometheus as prom
 from billing_dags import raw
 from billing_dags.settings import PROJECT_ROOT, resolve_paths
 
+from .figures import Figure, scratch
+
 DAY = date(2025, 6, 15)
 METRIC = "stratum_accepted_shares_total"
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+INSTALL = "apt-get install -y --no-install-recommends prometheus"
+FULL = {"series": 1_000, "interval": 15}
+QUICK = {"series": 100, "interval": 60}
 
 
 def _rss_mb() -> float:
@@ -52,79 +62,144 @@ def write_day(path: Path, n_series: int, interval_s: int, label_values: list[str
     return n
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.prometheus_pull", description=__doc__)
-    parser.add_argument("--series", type=int, default=500, help="series to backfill and pull (default 500; try 2000)")
-    parser.add_argument("--interval", type=int, default=15, help="scrape interval in seconds (default 15)")
-    parser.add_argument("--chunk-s", type=int, default=3600, help="seconds of samples per request (default 3600)")
-    parser.add_argument("--customers-per-query", type=int, default=10)
-    parser.add_argument("--keep", help="keep the generated data in this folder (a rerun with the same --series/--interval reuses the backfilled TSDB)")
-    parser.add_argument("--prometheus", default=shutil.which("prometheus") or "/usr/bin/prometheus")
-    parser.add_argument("--promtool", default=shutil.which("promtool") or "/usr/bin/promtool")
-    args = parser.parse_args()
-    console = Console(width=170)
-    root = Path(args.keep or tempfile.mkdtemp(prefix="billing-prom-bench-"))
+def missing_tools(prometheus: str, promtool: str) -> str | None:
+    """What to install when prometheus or promtool is not there, else None."""
+    missing = [Path(p).name for p in (prometheus, promtool) if not Path(p).exists()]
+    return f"{' and '.join(missing)} not installed ({INSTALL})" if missing else None
+
+
+def prepare_tsdb(root: Path, n_series: int, interval_s: int, promtool: str, label_values: list[str], reuse: bool, log=print) -> int:
+    """Backfill ``root/tsdb`` with the day (or, with ``reuse``, keep the one backfilled with the same
+    parameters); returns the number of samples."""
+    tsdb, marker = root / "tsdb", root / "tsdb.params"
+    params = f"{n_series} {interval_s} {DAY}"
+    n_samples = n_series * (86_400 // interval_s)
+    if reuse and tsdb.is_dir() and marker.exists() and marker.read_text() == params:
+        log(f"reusing the backfilled TSDB in {tsdb} ({n_samples:,} samples)")
+        return n_samples
+    marker.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    om = root / "day.om"
+    n_samples = write_day(om, n_series, interval_s, label_values)
+    gen_s = time.perf_counter() - t0
+    shutil.rmtree(tsdb, ignore_errors=True)
+    backfill_s = prom.backfill(om, tsdb, promtool)
+    om.unlink()
+    marker.write_text(params)
+    log(f"backfilled {n_series} series x 1 day at {interval_s}s = {n_samples:,} samples "
+        f"(generate {gen_s:.1f}s, promtool {backfill_s:.1f}s)")
+    return n_samples
+
+
+def _exec_time(res: prom.QueryResult) -> float:
+    return float((res.stats or {}).get("timings", {}).get("execTotalTime", 0.0))
+
+
+def measure(root: Path, *, series: int = FULL["series"], interval: int = FULL["interval"], chunk_s: int = 3600,
+            customers_per_query: int = 10, prometheus: str = PROMETHEUS, promtool: str = PROMTOOL, reuse: bool = True,
+            log=print) -> dict:
+    """Backfill (or reuse) the day in ``root/tsdb``, ingest it into ``root/data`` with ingest_day, then ask
+    Prometheus for its own evaluation time of the same queries. Returns the figures."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(root / "data", ignore_errors=True)
     paths = resolve_paths(root / "data", PROJECT_ROOT / "seeds")
     meters, label_values = prom.meters_and_label_values(paths.seeds_dir)
     meters = [m for m in meters if METRIC in m["metrics"].split()]
-
+    n_samples = prepare_tsdb(root, series, interval, promtool, label_values, reuse, log)
     tsdb = root / "tsdb"
-    marker = root / "tsdb.params"
-    params = f"{args.series} {args.interval} {DAY}"
-    if args.keep and marker.exists() and marker.read_text() == params:
-        n_samples = args.series * (86_400 // args.interval)
-        console.print(f"reusing the backfilled TSDB in {tsdb} ({n_samples:,} samples)")
-    else:
-        t0 = time.perf_counter()
-        om = root / "day.om"
-        n_samples = write_day(om, args.series, args.interval, label_values)
-        gen_s = time.perf_counter() - t0
-        shutil.rmtree(tsdb, ignore_errors=True)
-        backfill_s = prom.backfill(om, tsdb, args.promtool)
-        om.unlink()
-        marker.write_text(params)
-        console.print(f"backfilled {args.series} series x 1 day at {args.interval}s = {n_samples:,} samples "
-                      f"(generate {gen_s:.1f}s, promtool {backfill_s:.1f}s)")
 
     start, end = raw.day_bounds_ms(DAY)
     rss_before = _rss_mb()
     try:
-        with prom.LocalPrometheus(tsdb, args.prometheus, log_file=root / "prometheus.log") as server:
-            opts = prom.IngestOptions(chunk_s=args.chunk_s, customers_per_query=args.customers_per_query)
+        with prom.LocalPrometheus(tsdb, prometheus, log_file=root / "prometheus.log") as server:
+            opts = prom.IngestOptions(chunk_s=chunk_s, customers_per_query=customers_per_query)
             with prom.PrometheusClient(server.url, timeout_s=300) as client:
                 report = prom.ingest_day(client, paths, DAY, meters, label_values, opts)
             rss_after = _rss_mb()
             # Prometheus's own time for the same raw queries, and for one aggregate over the day
             server_eval = 0.0
             with prom.PrometheusClient(server.url, timeout_s=300) as client:
-                for sel in prom.plan_selectors(meters, label_values, args.customers_per_query):
-                    for a, b in prom.plan_chunks(start, end, args.chunk_s * 1000):
+                for sel in prom.plan_selectors(meters, label_values, customers_per_query):
+                    for a, b in prom.plan_chunks(start, end, chunk_s * 1000):
                         q, t = prom.exact_query(sel.promql(), a, b)
-                        res = client.query(q, t, stats=True)
-                        server_eval += float((res.stats or {}).get("timings", {}).get("execTotalTime", 0.0))
+                        server_eval += _exec_time(client.query(q, t, stats=True))
                 res = client.query(f"count_over_time({METRIC}[1d])", end - 1, stats=True)
-                count_eval = float((res.stats or {}).get("timings", {}).get("execTotalTime", 0.0))
-                count_wall = res.seconds
                 counted = sum(int(float(r["value"][1])) for r in res.result)
+    finally:
+        for config in root.glob("prometheus-*.yml"):  # LocalPrometheus's, one per port
+            config.unlink()
+    if not report.samples == n_samples == counted:
+        raise RuntimeError(f"samples: ingested {report.samples:,}, backfilled {n_samples:,}, counted by Prometheus {counted:,}")
+    return {"series": series, "interval": interval, "chunk_s": chunk_s, "customers_per_query": customers_per_query,
+            "report": report, "samples": n_samples, "rss_before_mb": rss_before, "rss_after_mb": rss_after,
+            "server_eval_s": server_eval, "count_eval_s": _exec_time(res), "count_wall_s": res.seconds, "counted": counted}
+
+
+def figures(quick: bool, out: Path, console: Console) -> list[Figure]:
+    """Issue 7, item 6: one day pulled from Prometheus, against Prometheus's own evaluation of it."""
+    size = QUICK if quick else FULL
+    n_samples = size["series"] * (86_400 // size["interval"])
+    figure = (f"Prometheus pull: one day of {size['series']:,} series at {size['interval']} s ({n_samples:,} samples) "
+              "through ingest_day (exact, to Parquet)")
+    target = "reported as a ratio"
+    missing = missing_tools(PROMETHEUS, PROMTOOL)
+    if missing:
+        return [Figure(6, figure, f"not measured: {missing}", "-", "-", target, None)]
+    # the backfilled TSDB is cached per workload; the ingested Parquet is not kept
+    root = scratch(out, f"prometheus-pull-{size['series']}x{size['interval']}s")
+    try:
+        m = measure(root, **size, log=console.print)
+    finally:
+        shutil.rmtree(root / "data", ignore_errors=True)
+    r, ev = m["report"], m["server_eval_s"]
+    return [Figure(
+        6, figure,
+        f"{r.samples / r.seconds:,.0f} samples/s ({r.seconds:.2f} s wall, {r.query_seconds:.2f} s of it in HTTP, {r.requests} requests)",
+        f"{m['samples'] / ev:,.0f} samples/s (Prometheus's evaluation of the same queries: {ev:.2f} s, "
+        "sum of execTotalTime, stats=all)" if ev else "-",
+        f"our wall = {r.seconds / ev:.1f}x its evaluation time" if ev else "-",
+        target, None,
+    )]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.prometheus_pull", description=__doc__)
+    parser.add_argument("--series", type=int, default=500, help="series to backfill and pull (default 500; the issue-7 table: 1000)")
+    parser.add_argument("--interval", type=int, default=15, help="scrape interval in seconds (default 15)")
+    parser.add_argument("--chunk-s", type=int, default=3600, help="seconds of samples per request (default 3600)")
+    parser.add_argument("--customers-per-query", type=int, default=10)
+    parser.add_argument("--keep", help="keep the generated data in this folder (a rerun with the same --series/--interval reuses the backfilled TSDB)")
+    parser.add_argument("--prometheus", default=PROMETHEUS)
+    parser.add_argument("--promtool", default=PROMTOOL)
+    args = parser.parse_args()
+    missing = missing_tools(args.prometheus, args.promtool)
+    if missing:
+        raise SystemExit(missing)
+    console = Console(width=170)
+    root = Path(args.keep or tempfile.mkdtemp(prefix="billing-prom-bench-"))
+    try:
+        m = measure(root, series=args.series, interval=args.interval, chunk_s=args.chunk_s,
+                    customers_per_query=args.customers_per_query, prometheus=args.prometheus, promtool=args.promtool,
+                    reuse=bool(args.keep), log=console.print)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
-    assert report.samples == n_samples == counted, (report.samples, n_samples, counted)
+    report, server_eval, counted = m["report"], m["server_eval_s"], m["counted"]
     table = Table(title=f"Pull one day from Prometheus 2.42: {args.series} series at {args.interval}s, "
                         f"{args.chunk_s}s chunks, {args.customers_per_query} customers/query")
     for col in ("step", "samples", "wall s", "samples/s", "notes"):
         table.add_column(col, justify="right" if col != "step" and col != "notes" else "left")
     table.add_row("ingest_day (exact, to Parquet)", f"{report.samples:,}", f"{report.seconds:.2f}",
                   f"{report.samples / report.seconds:,.0f}",
-                  f"{report.requests} requests, {report.query_seconds:.2f}s in HTTP+JSON; peak RSS {rss_after:.0f} MB "
-                  f"(before {rss_before:.0f} MB); {report.bytes / max(report.samples, 1):.2f} bytes/sample")
-    table.add_row("Prometheus server time, same raw queries", f"{n_samples:,}", f"{server_eval:.2f}",
-                  f"{n_samples / server_eval:,.0f}" if server_eval else "-", "sum of execTotalTime (stats=all)")
-    table.add_row(f"Prometheus count_over_time({METRIC}[1d])", f"{counted:,}", f"{count_eval:.2f}",
-                  f"{counted / count_eval:,.0f}" if count_eval else "-", f"server side; {count_wall:.2f}s wall")
+                  f"{report.requests} requests, {report.query_seconds:.2f}s in HTTP (until the body is read); peak RSS {m['rss_after_mb']:.0f} MB "
+                  f"(before {m['rss_before_mb']:.0f} MB); {report.bytes / max(report.samples, 1):.2f} bytes/sample")
+    table.add_row("Prometheus server time, same raw queries", f"{m['samples']:,}", f"{server_eval:.2f}",
+                  f"{m['samples'] / server_eval:,.0f}" if server_eval else "-", "sum of execTotalTime (stats=all)")
+    table.add_row(f"Prometheus count_over_time({METRIC}[1d])", f"{counted:,}", f"{m['count_eval_s']:.2f}",
+                  f"{counted / m['count_eval_s']:,.0f}" if m["count_eval_s"] else "-", f"server side; {m['count_wall_s']:.2f}s wall")
     console.print(table)
 
 

@@ -4,10 +4,11 @@ Target: accepted samples/s, with fsync, at least that of Prometheus's own remote
 (`prometheus --web.enable-remote-write-receiver`, Debian package) on the same request corpus and
 the same client, side by side.
 
-Both servers run on 127.0.0.1 on free ports with their own temporary storage: `billing
-remote-write serve` (answers 204 only after the batch is appended to a landing segment and
-fsynced) and `/usr/bin/prometheus --web.enable-remote-write-receiver` (appends to its head block
-and WAL; its WAL is not fsynced per request). The corpus is built once (label sets like the five
+Both servers run on 127.0.0.1 on free ports with their own temporary storage under
+OUT/receiver-vs-prometheus (--out; removed after each run): `billing remote-write serve` (answers
+204 only after the batch is appended to a landing segment and fsynced) and `/usr/bin/prometheus
+--web.enable-remote-write-receiver` (appends to its head block and WAL; its WAL is not fsynced per
+request). The corpus is built once (label sets like the five
 set-ups, one sample per series per scrape 15 s apart, counters increasing, snappy block format)
 and split into shards the way Prometheus's queue manager does: each series belongs to one shard,
 each shard is one client connection sending its requests in order (Prometheus's TSDB rejects a
@@ -15,6 +16,9 @@ sample older than the series' last one, so a shared queue would not be a fair cl
 client replays the same bodies against each server in turn, --rounds times, each round against
 fresh servers; the first scrape's requests of each shard warm both up (series creation) and are
 not timed. Reported: samples/s acknowledged (204), server CPU seconds, and our/Prometheus ratios.
+
+Issue 7, item 5 (``figures``): full is the defaults (10,000 series, 400 requests, 3 rounds), quick
+2,000 series, 200 requests, 1 round.
 """
 
 from __future__ import annotations
@@ -31,21 +35,20 @@ import time
 from pathlib import Path
 
 import requests
+from rich.console import Console
+from rich.table import Table
 
 from billing_dags.remote_write import corpus
 from billing_dags.remote_write.proto import TimeSeries, WriteRequest
 from billing_dags.settings import PROJECT_ROOT
 
+from .figures import DEFAULT_OUT, Figure, scratch
 from .remote_write import HEADERS, _cpu_seconds, _free_port
 
-
-def _scratch() -> Path:
-    """Scratch space on the project's disk (fsync costs what it costs for data/), gitignored."""
-    out = PROJECT_ROOT / "benchmarks" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
 PROMETHEUS = "/usr/bin/prometheus"
+INSTALL = "apt-get install -y --no-install-recommends prometheus"
+FULL = {"series": 10_000, "requests": 400, "rounds": 3}
+QUICK = {"series": 2_000, "requests": 200, "rounds": 1}
 
 
 def sharded_corpus(n_series: int, samples_per_request: int, n_requests: int, shards: int, start_ms: int, interval_ms: int = 15_000):
@@ -92,7 +95,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, what: str) -> None:
         except requests.RequestException:
             pass
         if proc.poll() is not None or time.time() > deadline:
-            raise SystemExit(f"{what} did not start (exit code {proc.poll()})")
+            raise RuntimeError(f"{what} did not start (exit code {proc.poll()})")
         time.sleep(0.1)
 
 
@@ -148,7 +151,7 @@ def replay(url: str, shards: list[list[tuple[bytes, int]]], warm: int, pid: int)
     cpu, client = _cpu_seconds(pid) - cpu0, time.process_time() - client0
     samples = sum(n for b in shards for _, n in b[warm:])
     if set(codes) != {204} or set(warm_codes) != {204}:
-        raise SystemExit(f"{url}: not every request was accepted: warm-up {warm_codes}, timed {codes}")
+        raise RuntimeError(f"{url}: not every request was accepted: warm-up {warm_codes}, timed {codes}")
     return {"samples": samples, "requests": sum(codes.values()), "seconds": wall, "cpu_s": cpu, "client_cpu_s": client}
 
 
@@ -161,67 +164,122 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def prometheus_version() -> str | None:
+    """The first line of ``prometheus --version``, or None when it is not installed."""
+    if not Path(PROMETHEUS).exists():
+        return None
+    return subprocess.run([PROMETHEUS, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def measure(out: Path, *, series: int = FULL["series"], samples_per_request: int = 2000, requests: int = FULL["requests"],
+            concurrency: int = 8, rounds: int = FULL["rounds"], log=print) -> dict:
+    """Both receivers, ``rounds`` times each on fresh servers with storage under ``out``.
+
+    Returns the per-round results (``runs``), per receiver the best and median samples/s and the
+    median samples per server CPU second, and the ours/Prometheus ratios (of the medians, per round,
+    per CPU second)."""
+    version = prometheus_version()
+    if version is None:
+        raise RuntimeError(f"{PROMETHEUS} not found: {INSTALL}")
+    t0 = time.perf_counter()
+    start_ms = (int(time.time() * 1000) // 3_600_000 - 1) * 3_600_000  # an hour ago, on the hour: inside Prometheus's head
+    shards = sharded_corpus(series, samples_per_request, requests, concurrency, start_ms)
+    n_bodies = sum(map(len, shards))
+    kib = sum(len(b) for s in shards for b, _ in s) / n_bodies / 1024
+    warm = max(1, -(-(series // concurrency) // samples_per_request))  # one scrape of each shard's series
+    log(f"corpus: {n_bodies} requests x {samples_per_request} samples over {series:,} series in {concurrency} shards, "
+        f"{kib:.1f} KiB/request, built in {time.perf_counter() - t0:.1f}s; {warm} request(s) per shard warm up, untimed")
+    runs: dict[str, list[dict]] = {"ours": [], "prometheus": []}
+    # on the disk of `out` (the project's by default): fsync costs what it costs for data/
+    work = scratch(out, "receiver-vs-prometheus")
+    try:
+        for rnd in range(rounds):
+            for name, start in (("ours", start_ours), ("prometheus", start_prometheus)):
+                root = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
+                try:
+                    proc, url = start(root)
+                    try:
+                        r = replay(url, shards, warm, proc.pid)
+                    finally:
+                        stop(proc)
+                finally:
+                    shutil.rmtree(root, ignore_errors=True)
+                runs[name].append(r)
+                log(f"  round {rnd + 1}, {name}: {r['samples'] / r['seconds']:,.0f} samples/s (server {r['cpu_s']:.2f} CPU s, "
+                    f"client {r['client_cpu_s']:.2f} CPU s, wall {r['seconds']:.2f} s)")
+    finally:
+        try:
+            work.rmdir()  # only when empty: nothing is kept
+        except OSError:
+            pass
+    m = {"version": version, "requests": n_bodies, "timed_samples": runs["ours"][0]["samples"], "runs": runs}
+    for name, rs in runs.items():
+        rates = [r["samples"] / r["seconds"] for r in rs]
+        m[name] = {"best": max(rates), "median": _median(rates), "per_cpu": _median([r["samples"] / r["cpu_s"] for r in rs])}
+    m["ratio"] = m["ours"]["median"] / m["prometheus"]["median"]
+    m["per_round"] = [o["samples"] / o["seconds"] / (p["samples"] / p["seconds"]) for o, p in zip(runs["ours"], runs["prometheus"])]
+    m["per_cpu_ratio"] = m["ours"]["per_cpu"] / m["prometheus"]["per_cpu"]
+    return m
+
+
+def figures(quick: bool, out: Path, console: Console) -> list[Figure]:
+    """Issue 7, item 5: our receiver's accepted samples/s (fsynced) against Prometheus's own."""
+    size = QUICK if quick else FULL
+    target = ">= Prometheus's own (1.0x)"
+
+    def figure(n_requests: int) -> str:
+        return (f"remote-write receiver, accepted samples/s with fsync: {size['series']:,} series, {n_requests} requests x 2,000 "
+                f"samples, 8 connections, same corpus and client")
+
+    if prometheus_version() is None:
+        return [Figure(5, figure(size["requests"]), f"not measured: prometheus not installed ({INSTALL})", "-", "-", target, None)]
+    m = measure(out, **size, log=console.print)
+    rounds = len(m["per_round"])
+    spread = (f"median of {rounds} rounds, per round {min(m['per_round']):.2f}-{max(m['per_round']):.2f}x Prometheus"
+              if rounds > 1 else "1 round")
+    version = m["version"].split()[2] if m["version"].startswith("prometheus, version ") else m["version"]
+    return [Figure(
+        5, figure(m["requests"]),
+        f"{m['ours']['median']:,.0f} samples/s ({spread})",
+        f"{m['prometheus']['median']:,.0f} samples/s (Prometheus {version} --web.enable-remote-write-receiver, "
+        "WAL not fsynced per request)",
+        f"{m['ratio']:.2f}x", target, m["ratio"] >= 1,
+    )]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.receiver_vs_prometheus", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--series", type=int, default=10_000)
+    ap.add_argument("--series", type=int, default=FULL["series"])
     ap.add_argument("--samples-per-request", type=int, default=2000, help="Prometheus max_samples_per_send (default 2000)")
-    ap.add_argument("--requests", type=int, default=400, help="requests in the corpus (default 400: 800,000 samples)")
+    ap.add_argument("--requests", type=int, default=FULL["requests"], help="requests in the corpus (default 400: 800,000 samples)")
     ap.add_argument("--concurrency", type=int, default=8, help="shards = client connections (default 8)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of (ours, Prometheus), fresh servers each (default 3)")
+    ap.add_argument("--rounds", type=int, default=FULL["rounds"], help="rounds of (ours, Prometheus), fresh servers each (default 3)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the servers' storage goes under OUT/receiver-vs-prometheus (default {DEFAULT_OUT})")
     args = ap.parse_args()
-    if not Path(PROMETHEUS).exists():
-        raise SystemExit(f"{PROMETHEUS} not found: apt-get install -y --no-install-recommends prometheus")
-    version = subprocess.run([PROMETHEUS, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console(width=130)
-    t0 = time.perf_counter()
-    start_ms = (int(time.time() * 1000) // 3_600_000 - 1) * 3_600_000  # an hour ago, on the hour: inside Prometheus's head
-    shards = sharded_corpus(args.series, args.samples_per_request, args.requests, args.concurrency, start_ms)
-    n_bodies = sum(map(len, shards))
-    kib = sum(len(b) for s in shards for b, _ in s) / n_bodies / 1024
-    per_scrape = args.series // args.concurrency
-    warm = max(1, -(-per_scrape // args.samples_per_request))  # one scrape of each shard's series
-    console.print(f"corpus: {n_bodies} requests x {args.samples_per_request} samples over {args.series:,} series in {args.concurrency} shards, "
-                  f"{kib:.1f} KiB/request, built in {time.perf_counter() - t0:.1f}s; {warm} request(s) per shard warm up, untimed")
-    results: dict[str, list[dict]] = {"ours": [], "prometheus": []}
-    for rnd in range(args.rounds):
-        for name, start in (("ours", start_ours), ("prometheus", start_prometheus)):
-            root = Path(tempfile.mkdtemp(prefix=f"billing-rw-vs-{name}-", dir=_scratch()))
-            proc, url = start(root)
-            try:
-                r = replay(url, shards, warm, proc.pid)
-            finally:
-                stop(proc)
-                shutil.rmtree(root, ignore_errors=True)
-            results[name].append(r)
-            console.print(f"  round {rnd + 1}, {name}: {r['samples'] / r['seconds']:,.0f} samples/s (server {r['cpu_s']:.2f} CPU s, client {r['client_cpu_s']:.2f} CPU s, wall {r['seconds']:.2f} s)")
+    try:
+        m = measure(args.out, series=args.series, samples_per_request=args.samples_per_request, requests=args.requests,
+                    concurrency=args.concurrency, rounds=args.rounds, log=console.print)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
     t = Table(title=f"remote write, same corpus and client: {args.concurrency} connections, {args.samples_per_request} samples/request, "
-                    f"{results['ours'][0]['samples']:,} timed samples per run; {version}")
+                    f"{m['timed_samples']:,} timed samples per run; {m['version']}")
     for col in ("receiver", "samples/s (best)", "samples/s (median)", "samples per CPU s", "durable at 204"):
         t.add_column(col, justify="left" if col in ("receiver", "durable at 204") else "right")
-
-    def med(xs):
-        xs = sorted(xs)
-        return xs[len(xs) // 2]
-
-    figs = {}
     for name, label, durable in (("ours", "billing remote-write serve", "yes: landing segment fdatasync'ed"),
                                  ("prometheus", "prometheus --web.enable-remote-write-receiver", "no: WAL written, not fsynced per request")):
-        rs = results[name]
-        rates = [r["samples"] / r["seconds"] for r in rs]
-        per_cpu = med([r["samples"] / r["cpu_s"] for r in rs])
-        figs[name] = (max(rates), med(rates), per_cpu)
-        t.add_row(label, f"{max(rates):,.0f}", f"{med(rates):,.0f}", f"{per_cpu:,.0f}", durable)
+        f = m[name]
+        t.add_row(label, f"{f['best']:,.0f}", f"{f['median']:,.0f}", f"{f['per_cpu']:,.0f}", durable)
     console.print(t)
-    pairs = [o["samples"] / o["seconds"] / (p["samples"] / p["seconds"]) for o, p in zip(results["ours"], results["prometheus"])]
-    ratio = figs["ours"][1] / figs["prometheus"][1]
-    console.print(f"ours / Prometheus: {ratio:.2f} (medians), per round {', '.join(f'{x:.2f}' for x in pairs)}; "
-                  f"per CPU second {figs['ours'][2] / figs['prometheus'][2]:.2f}")
-    console.print(f"target (ours >= Prometheus): {'met' if ratio >= 1 else 'MISSED'}")
+    console.print(f"ours / Prometheus: {m['ratio']:.2f} (medians), per round {', '.join(f'{x:.2f}' for x in m['per_round'])}; "
+                  f"per CPU second {m['per_cpu_ratio']:.2f}")
+    console.print(f"target (ours >= Prometheus): {'met' if m['ratio'] >= 1 else 'MISSED'}")
 
 
 if __name__ == "__main__":

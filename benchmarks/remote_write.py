@@ -4,7 +4,7 @@ A corpus of realistic WriteRequests (label sets like the five set-ups, one sampl
 scrape, counters increasing, snappy block format) is replayed over loopback by a concurrent client
 against `billing remote-write serve` running in its own process. Reported: samples/s acknowledged
 (every 204 means appended and fsynced), the receiver's CPU and the share of it spent decoding
-(snappy + protobuf + columns, measured per request with thread CPU time), fsync calls (group
+(snappy + the compiled protobuf reader + columns, measured per request with thread CPU time), fsync calls (group
 commit), then compaction samples/s of the landed segments into raw day partitions, and decoding
 alone in one process for reference.
 """

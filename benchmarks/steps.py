@@ -1,7 +1,9 @@
-"""One benchmark step in its own process: `python -m benchmarks.steps STEP DATA_DIR [--repeat N]`.
+"""One benchmark step in its own process: `python -m benchmarks.steps STEP DATA_DIR [--repeat N] [--warmup N]`.
 
-Prints one JSON line: best wall seconds over the repeats, the process's peak RSS (so steps do not
-share a peak), and step-specific figures. Run by `python -m benchmarks`.
+Prints one JSON line: best wall seconds over the repeats (after --warmup untimed runs, which load
+the fast path's compiled code and warm the page cache), the process's peak RSS (so steps do not
+share a peak), and step-specific figures. Run by `python -m benchmarks.daily` in the workload's folder
+(any DATA_DIR works: nothing here assumes benchmarks/out).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def main() -> None:
     ap.add_argument("step", choices=["scan1", "scan3", "fast", "fast_edges", "sql"])
     ap.add_argument("data_dir")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=0, help="untimed runs before the timed ones")
     args = ap.parse_args()
     paths = resolve_paths(args.data_dir, PROJECT_ROOT / "seeds")
     files = [str(f) for f in raw.sample_files(paths, DAY)]
@@ -77,6 +80,9 @@ def main() -> None:
                 extra["table"] = query(con, model, WINDOW)
             finally:
                 con.close()
+    for _ in range(args.warmup):
+        fn()
+    extra.clear()  # the step-specific figures (best edges_s, usage_s) of the timed runs only
     best = float("inf")
     for _ in range(args.repeat):
         t0 = time.perf_counter()

@@ -9,8 +9,9 @@ replica has its own magnitude. Counters are integers except ``container_cpu_usag
 
 Day D-1 holds only each series' last sample (what fct_usage_by_day needs from the day before, via
 the small per-day edge table). The day is written with `raw.write_day` in chunks of series (one
-file per chunk, disjoint series ranges) to bound memory, and cached under benchmarks/out/ so
-reruns skip generation. Deterministic for a given (series, interval, seed).
+file per chunk, disjoint series ranges) to bound memory, and cached under
+``<out>/workload-<N>x<interval>s-seed<seed>/`` (``out`` defaults to benchmarks/out/) so reruns
+with the same parameters skip generation. Deterministic for a given (series, interval, seed).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import pyarrow as pa
 from billing_dags import raw, simulate
 from billing_dags.settings import PROJECT_ROOT, Paths, resolve_paths
 
-OUT = Path(__file__).resolve().parent / "out"
+from .figures import DEFAULT_OUT
+
 DAY = date(2026, 10, 15)
 GENERATOR_VERSION = 3
 #: files per day: the series are written in this many chunks (the cost-growth subsets are 1/4, 1/2, all)
@@ -164,9 +166,9 @@ def generate(root: Path, n_series: int, interval_s: int = 15, seed: int = 42, lo
     return paths
 
 
-def standard(n_series: int = 20_000, interval_s: int = 15, seed: int = 42, log=print) -> Paths:
-    """The cached workload for (n_series, interval, seed): generated on first use."""
-    root = OUT / f"workload-{n_series}x{interval_s}s-seed{seed}"
+def standard(n_series: int = 20_000, interval_s: int = 15, seed: int = 42, log=print, out: Path = DEFAULT_OUT) -> Paths:
+    """The cached workload for (n_series, interval, seed) under ``out``: generated on first use."""
+    root = Path(out) / f"workload-{n_series}x{interval_s}s-seed{seed}"
     stamp = root / "workload.json"
     meta = {"version": GENERATOR_VERSION, "series": n_series, "interval_s": interval_s, "seed": seed}
     if stamp.exists() and json.loads(stamp.read_text()) == meta:
