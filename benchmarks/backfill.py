@@ -19,7 +19,10 @@ its workers, counted from the start of the timed section) over wall seconds.
 
 In the product the same backfill is launched from the Dagster UI, one run per partition
 (`BackfillPolicy.multi_run(1)`); dagster.yaml's run queue lets at most 2 runs tagged
-`dagster/backfill` (and 4 runs in all) be in progress at a time, the "2 at a time" measured here.
+`dagster/backfill` (and 4 runs in all) be in progress at a time, the "2 at a time" measured here,
+and each of those runs gives its partition its share of the cores (`WarehouseResource.threads_for`:
+DuckDB's pool and the fast path's readers on 1 thread each on 2 cores) instead of all of them; the
+parallel phase here uses the same rule, one at a time uses every core.
 
 `figures()` (for `python -m benchmarks`), item 7: full = 500 customers at 60 s over 2026-10,
 quick = 30 customers at 300 s (still 31 day partitions); 2 at a time against one at a time.
@@ -101,13 +104,13 @@ def _hwm_bytes() -> int:
     return 0
 
 
-def _one(args: tuple[str, str, str, str]) -> tuple[str, float, int, int]:
+def _one(args: tuple[str, str, str, str, int | None]) -> tuple[str, float, int, int]:
     from billing_dags.sqlmodels import Window, run_model
 
-    data_dir, seeds_dir, model, day = args
+    data_dir, seeds_dir, model, day, threads = args
     d = date.fromisoformat(day)
     t0 = time.perf_counter()
-    r = run_model(resolve_paths(data_dir, seeds_dir), model, Window(d, d + timedelta(days=1)))
+    r = run_model(resolve_paths(data_dir, seeds_dir), model, Window(d, d + timedelta(days=1)), threads=threads)
     return day, time.perf_counter() - t0, r.rows, _hwm_bytes()
 
 
@@ -121,8 +124,12 @@ def phase(data_dir: str, seeds_dir: str, model: str, month: date, workers: int) 
     def cpu_s() -> float:
         return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
 
+    from billing_dags.defs.shared.resources import WarehouseResource
+
+    # the threads a partition gets in the product: all cores alone, its share in a backfill run
+    threads = WarehouseResource(backfill_parallel=workers).threads_for({"dagster/backfill": "benchmark"} if workers > 1 else {})
     days = [d.isoformat() for d in _days(month)]
-    jobs = [(data_dir, seeds_dir, model, d) for d in days]
+    jobs = [(data_dir, seeds_dir, model, d, threads) for d in days]
     cpu0 = cpu_s()  # not the imports above
     t0 = time.perf_counter()
     if workers == 1:

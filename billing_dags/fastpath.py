@@ -866,11 +866,11 @@ def series_edges(files: list[Path], day: date, start_ms: int, end_ms: int, *, th
     return _assemble(day, parts)
 
 
-def edges_by_day(paths: Paths, model, window) -> pa.Table:
+def edges_by_day(paths: Paths, model, window, threads: int | None = None) -> pa.Table:
     """Engine entry point (``python: billing_dags.fastpath:edges_by_day`` in the model's config)."""
     files = []
     d = window.start
     while d < window.end:
         files += raw.sample_files(paths, d)
         d = date.fromordinal(d.toordinal() + 1)
-    return series_edges(files, window.start, window.start_ms, window.end_ms)
+    return series_edges(files, window.start, window.start_ms, window.end_ms, threads=threads)

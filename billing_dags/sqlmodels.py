@@ -359,8 +359,9 @@ def macros_sql(models_dir: Path = SQL_MODELS_DIR) -> list[str]:
 
 # --- running ---------------------------------------------------------------------------------
 
-def connect() -> duckdb.DuckDBPyConnection:
-    threads = os.environ.get("BILLING_DUCKDB_THREADS")
+def connect(threads: int | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection; ``threads`` (else BILLING_DUCKDB_THREADS, else every core) caps its pool."""
+    threads = threads or os.environ.get("BILLING_DUCKDB_THREADS")
     config = {"autoinstall_known_extensions": False, "autoload_known_extensions": True}
     if threads:
         config["threads"] = int(threads)
@@ -502,12 +503,20 @@ def python_engine(model: Model) -> Callable:
 
 
 def run_model(
-    paths: Paths, name: str, window: Window | None, *, project: Project | None = None, engine: str | None = None
+    paths: Paths,
+    name: str,
+    window: Window | None,
+    *,
+    project: Project | None = None,
+    engine: str | None = None,
+    threads: int | None = None,
 ) -> RunResult:
     """Compute one partition of a table model and write it (replacing the old partition).
 
     ``engine`` overrides the model's configured engine: "sql" runs the SQL even where a model
-    names a Python implementation (tests and benchmarks compare the two).
+    names a Python implementation (tests and benchmarks compare the two). ``threads`` caps the
+    threads of this partition's work (DuckDB's pool, the Python engine's readers); None uses
+    every core, which is right for one partition at a time, not for several in parallel.
     """
     project = project or load_project()
     if name not in project.models:
@@ -520,11 +529,11 @@ def run_model(
     if (engine or model.config.get("engine", "sql")) == "python":
         # a faster implementation of the same model; the SQL stays its specification (tests compare)
         try:
-            table = python_engine(model)(paths, model, window)
+            table = python_engine(model)(paths, model, window, threads=threads)
         except UseSQLEngine:
             table = None
     if table is None:
-        con = connect()
+        con = connect(threads)
         try:
             prepare(con, project, name, paths, window)
             table = query(con, model, window)

@@ -62,6 +62,38 @@ def test_simulated_day_equals_the_sql(paths):
     assert_same(sql, fast)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_backfill_partition_on_its_share_of_the_cores_gives_the_same_bytes(paths, threads):
+    from billing_dags.defs.seeds.assets import write_seed_snapshots
+
+    write_seed_snapshots(paths)
+    customers = read_seed(paths.seeds_dir, "customers")
+    simulate.write_simulated_day(paths, DAY, customers, interval_s=60)
+    for model in ("fct_series_edges_by_day", "fct_usage_by_day"):
+        every_core = run_model(paths, model, WINDOW)
+        first = every_core.path.read_bytes()
+        limited = run_model(paths, model, WINDOW, threads=threads)
+        assert limited.rows == every_core.rows > 0
+        assert limited.path.read_bytes() == first
+
+
+@pytest.mark.parametrize(
+    "tags, parallel, cores, expected",
+    [
+        ({}, 2, 2, None),  # a single run: every core
+        ({"dagster/backfill": "abc"}, 2, 2, 1),
+        ({"dagster/backfill": "abc"}, 2, 8, 4),
+        ({"dagster/backfill": "abc"}, 4, 2, 1),  # never below one thread
+        ({"dagster/backfill": "abc"}, 1, 8, None),  # one backfill run at a time: every core
+    ],
+)
+def test_threads_of_a_partition_run(monkeypatch, tags, parallel, cores, expected):
+    from billing_dags.defs.shared.resources import WarehouseResource
+
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    assert WarehouseResource(backfill_parallel=parallel).threads_for(tags) == expected
+
+
 def test_edge_cases_equal_the_sql(paths):
     m = 60_000
     rows = []

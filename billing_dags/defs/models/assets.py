@@ -111,7 +111,8 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
         window = window_of(context)
         if window is not None:
             _require_lookback(paths, project, model, window)
-        result = run_model(paths, model.name, window, project=project)
+        threads = warehouse.threads_for(context.run.tags)
+        result = run_model(paths, model.name, window, project=project, threads=threads)
         con = duckdb.connect()
         try:
             con.register("partition", result.table)
@@ -123,7 +124,10 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
             totals = _numeric_totals(con, result.table, model)
         finally:
             con.close()
-        context.log.info(f"{model.name} {window}: {result.rows} rows in {result.seconds:.2f}s -> {result.path}")
+        context.log.info(
+            f"{model.name} {window}: {result.rows} rows in {result.seconds:.2f}s"
+            f"{f' on {threads} thread(s) (backfill)' if threads else ''} -> {result.path}"
+        )
         return dg.MaterializeResult(
             metadata={
                 "rows": result.rows,

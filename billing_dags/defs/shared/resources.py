@@ -9,13 +9,25 @@ from billing_dags.settings import Paths, resolve_paths
 
 
 class WarehouseResource(dg.ConfigurableResource):
-    """The local warehouse (BILLING_DATA_DIR) and the seeds it is priced from (BILLING_SEEDS_DIR)."""
+    """The local warehouse (BILLING_DATA_DIR) and the seeds it is priced from (BILLING_SEEDS_DIR).
+
+    ``backfill_parallel``: how many partition runs of a backfill execute at once (dagster.yaml's
+    run-queue limit on the ``dagster/backfill`` tag, 2); each of them then uses its share of the
+    cores instead of all of them (benchmarks/backfill.py measures the difference).
+    """
 
     data_dir: Optional[str] = None
     seeds_dir: Optional[str] = None
+    backfill_parallel: int = 2
 
     def paths(self) -> Paths:
         return resolve_paths(self.data_dir, self.seeds_dir)
+
+    def threads_for(self, run_tags: dict) -> Optional[int]:
+        """Threads for one partition: its share of the cores in a backfill run, every core (None) otherwise."""
+        if "dagster/backfill" not in run_tags or self.backfill_parallel <= 1:
+            return None
+        return max(1, (os.cpu_count() or 1) // self.backfill_parallel)
 
 
 class SimulationResource(dg.ConfigurableResource):
