@@ -28,7 +28,7 @@ dev: $(STAMP)
 	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml || true
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-# every issue-7 benchmark, one table: the issue's workloads (by hand, 15-20 min) / a smoke run
+# every issue-7 benchmark, one table: the issue's workloads (by hand, about 5 min cached, 10-15 the first time) / a smoke run (2 min)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks --full
 
