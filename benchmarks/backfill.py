@@ -51,6 +51,7 @@ from pathlib import Path
 from billing_dags.settings import PROJECT_ROOT, resolve_paths
 
 from .figures import DEFAULT_OUT, Figure
+from .proc import peak_rss_bytes
 
 MODELS = ["fct_series_edges_by_day", "fct_usage_by_day"]
 FULL = {"customers": 500, "interval_s": 60}
@@ -96,14 +97,6 @@ def prepare(root: Path, n_customers: int, interval_s: int, month: date, log=prin
 # --------------------------------------------------------------------------- phases (own process)
 
 
-def _hwm_bytes() -> int:
-    """This process's peak RSS (VmHWM: unlike ru_maxrss it is not inherited from the parent across fork/exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def _one(args: tuple[str, str, str, str, int | None]) -> tuple[str, float, int, int]:
     from billing_dags.sqlmodels import Window, run_model
 
@@ -111,7 +104,7 @@ def _one(args: tuple[str, str, str, str, int | None]) -> tuple[str, float, int, 
     d = date.fromisoformat(day)
     t0 = time.perf_counter()
     r = run_model(resolve_paths(data_dir, seeds_dir), model, Window(d, d + timedelta(days=1)), threads=threads)
-    return day, time.perf_counter() - t0, r.rows, _hwm_bytes()
+    return day, time.perf_counter() - t0, r.rows, peak_rss_bytes()
 
 
 def phase(data_dir: str, seeds_dir: str, model: str, month: date, workers: int) -> dict:
@@ -142,7 +135,7 @@ def phase(data_dir: str, seeds_dir: str, model: str, month: date, workers: int) 
         "model": model, "workers": workers, "seconds": wall, "partitions": len(results), "rows": sum(r[2] for r in results),
         "sum_partition_s": sum(r[1] for r in results),
         "cpu_s": cpu_s() - cpu0,  # the pool's workers are joined (and so counted) when it shuts down
-        "peak_rss_bytes": max([_hwm_bytes()] + [r[3] for r in results]),
+        "peak_rss_bytes": max([peak_rss_bytes()] + [r[3] for r in results]),
     }
 
 

@@ -150,6 +150,9 @@ def report(m: dict, console: Console) -> None:
         t.add_row(label, f"{r['seconds']:.2f}", f"{r['seconds'] / base:.2f}", f"{r['peak_rss_bytes'] / MB:.0f}")
     t.add_row("  of which edges (fast path)", f"{fast['edges_s']:.2f}", f"{fast['edges_s'] / base:.2f}", "")
     t.add_row("  of which usage by day", f"{fast['usage_s']:.2f}", f"{fast['usage_s'] / base:.2f}", "")
+    alt = m["alternate"]
+    t.add_row(f"daily models by turns with the scan in one process (best of {len(alt['fast_s'])}; item 1's ratio)",
+              f"{min(alt['fast_s']):.2f}", f"{min(alt['fast_s']) / min(alt['scan_s']):.2f}", "")
     g = Table(title="cost growth: the daily models (edges fast path + usage by day) at 1/4, 1/2 and all series")
     for col in ("series", "samples", "wall (s)", "ns/sample", "peak RSS (MB)", "RSS bytes/sample"):
         g.add_column(col, justify="right")

@@ -50,6 +50,7 @@ import pyarrow.compute as pc
 from billing_dags.settings import PROJECT_ROOT, resolve_paths
 
 from .figures import DEFAULT_OUT, Figure
+from .proc import peak_rss_bytes
 
 FULL = {"customers": 10_000, "repeat": 2}
 QUICK = {"customers": 400, "repeat": 1}
@@ -219,13 +220,6 @@ def prepare(root: Path, n_customers: int, month: date, grants: int, log=print) -
 # --------------------------------------------------------------------------- the stage (own process)
 
 
-def _hwm_bytes() -> int:
-    """This process's peak RSS (VmHWM; ru_maxrss would carry the parent's peak over fork/exec)."""
-    from .backfill import _hwm_bytes as hwm
-
-    return hwm()
-
-
 def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
     import pyarrow.parquet as pq
 
@@ -240,7 +234,7 @@ def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
         shutil.rmtree(paths.models / model, ignore_errors=True)
     shutil.rmtree(paths.invoices, ignore_errors=True)
     shutil.rmtree(paths.outbox, ignore_errors=True)
-    rss0 = _hwm_bytes()
+    rss0 = peak_rss_bytes()
     project = load_project()
     window = Window(month, _month_end(month))
     steps: list[dict] = []
@@ -285,7 +279,7 @@ def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
     # 4th that finalizes the same invoices is shown on its own row, outside the total
     total = sum(s["seconds"] for s in steps if not s["step"].startswith("invoices: finalized"))
     invoice_bytes = sum(f.stat().st_size for f in paths.invoices.rglob("*") if f.is_file())
-    peak = _hwm_bytes()  # before the reference scan, which is not part of the stage
+    peak = peak_rss_bytes()  # before the reference scan, which is not part of the stage
     scan_s, scan_rows = scan_month(paths, project, window)
     return {
         "steps": steps,

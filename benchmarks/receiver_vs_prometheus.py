@@ -38,13 +38,15 @@ import requests
 from rich.console import Console
 from rich.table import Table
 
+from billing_dags.prometheus import free_port
 from billing_dags.remote_write import corpus
 from billing_dags.remote_write.proto import TimeSeries, WriteRequest
 from billing_dags.settings import PROJECT_ROOT
 
 from .figures import DEFAULT_OUT, Figure, scratch
-from .remote_write import HEADERS, _cpu_seconds, _free_port
+from .proc import cpu_seconds
 
+HEADERS = {"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy", "X-Prometheus-Remote-Write-Version": "0.1.0"}
 PROMETHEUS = "/usr/bin/prometheus"
 INSTALL = "apt-get install -y --no-install-recommends prometheus"
 FULL = {"series": 10_000, "requests": 400, "rounds": 3}
@@ -100,7 +102,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, what: str) -> None:
 
 
 def start_ours(root: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "billing_dags.cli", "--data-dir", str(root / "data"), "--seeds-dir", str(PROJECT_ROOT / "seeds"),
            "remote-write", "serve", "--listen", f"127.0.0.1:{port}", "--min-free-bytes", "0", "--segment-max-age", "600"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -110,7 +112,7 @@ def start_ours(root: Path) -> tuple[subprocess.Popen, str]:
 
 
 def start_prometheus(root: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     (root / "prometheus.yml").write_text("global:\n  scrape_interval: 15s\n")
     cmd = [PROMETHEUS, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'tsdb'}",
            f"--web.listen-address=127.0.0.1:{port}", "--web.enable-remote-write-receiver", "--storage.tsdb.retention.time=10y",
@@ -146,9 +148,9 @@ def replay(url: str, shards: list[list[tuple[bytes, int]]], warm: int, pid: int)
     run(lambda b: b[:warm])
     warm_codes = dict(codes)
     codes.clear()
-    cpu0, client0 = _cpu_seconds(pid), time.process_time()
+    cpu0, client0 = cpu_seconds(pid), time.process_time()
     wall = run(lambda b: b[warm:])
-    cpu, client = _cpu_seconds(pid) - cpu0, time.process_time() - client0
+    cpu, client = cpu_seconds(pid) - cpu0, time.process_time() - client0
     samples = sum(n for b in shards for _, n in b[warm:])
     if set(codes) != {204} or set(warm_codes) != {204}:
         raise RuntimeError(f"{url}: not every request was accepted: warm-up {warm_codes}, timed {codes}")

@@ -12,13 +12,8 @@ alone in one process for reference.
 from __future__ import annotations
 
 import argparse
-import os
 import queue
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,19 +26,10 @@ from billing_dags.remote_write import corpus
 from billing_dags.remote_write.decode import Decoder
 from billing_dags.settings import PROJECT_ROOT, resolve_paths
 
-HEADERS = {"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy", "X-Prometheus-Remote-Write-Version": "0.1.0"}
+from .proc import cpu_seconds
+from .receiver_vs_prometheus import HEADERS, start_ours, stop
+
 START_MS = 1_780_000_000_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _metric(url: str, name: str) -> float:
@@ -79,22 +65,8 @@ def main() -> None:
         n += dec.decode(b).samples
     decode_alone = n / (time.process_time() - t0)
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "billing_dags.cli", "--data-dir", str(paths.data_dir), "--seeds-dir", str(paths.seeds_dir),
-           "remote-write", "serve", "--listen", f"127.0.0.1:{port}", "--min-free-bytes", "0", "--segment-max-age", "600"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc, url = start_ours(root)
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                if requests.get(url + "/-/ready", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() > deadline:
-                raise SystemExit("receiver did not start")
-            time.sleep(0.1)
         # warm-up: the series cache fills on the first scrape's worth of requests
         warm = max(1, args.series // args.samples_per_request)
         s = requests.Session()
@@ -117,7 +89,7 @@ def main() -> None:
                 with lock:
                     codes.append(r.status_code)
 
-        cpu0 = _cpu_seconds(proc.pid)
+        cpu0 = cpu_seconds(proc.pid)
         dec0 = _metric(url, "billing_remote_write_decode_cpu_seconds_total")
         fs0 = _metric(url, "billing_remote_write_fsyncs")
         t0 = time.perf_counter()
@@ -127,14 +99,13 @@ def main() -> None:
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
-        cpu = _cpu_seconds(proc.pid) - cpu0
+        cpu = cpu_seconds(proc.pid) - cpu0
         decode_cpu = _metric(url, "billing_remote_write_decode_cpu_seconds_total") - dec0
         fsyncs = _metric(url, "billing_remote_write_fsyncs") - fs0
         accepted = sum(1 for c in codes if c == 204) * args.samples_per_request
         assert all(c == 204 for c in codes), {c: codes.count(c) for c in set(codes)}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # seals the open segment
-        proc.wait(30)
+        stop(proc)  # SIGTERM seals the open segment
 
     landing_bytes = sum(p.stat().st_size for p in paths.landing.glob("seg-*.seg"))
     t0 = time.perf_counter()

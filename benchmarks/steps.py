@@ -10,30 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from datetime import timedelta
-from pathlib import Path
 
 from billing_dags import raw
 from billing_dags.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.sqlmodels import Window, connect, load_project, partition_file, prepare, query, run_model
 
+from .proc import peak_rss_bytes
 from .workload import DAY
 
 WINDOW = Window(DAY, DAY + timedelta(days=1))
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak RSS: VmHWM (ru_maxrss would carry the parent's peak over fork/exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _scan(files: list[str], sql: str):
@@ -105,7 +93,7 @@ def main() -> None:
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
-    out = {"step": args.step, "seconds": best, "peak_rss_bytes": _peak_rss_bytes()}
+    out = {"step": args.step, "seconds": best, "peak_rss_bytes": peak_rss_bytes()}
     if args.step == "sql":
         import pyarrow.parquet as pq
 

@@ -12,7 +12,6 @@ import hashlib
 import os
 import random
 import signal
-import socket
 import subprocess
 import time
 from datetime import date, datetime, timedelta, timezone
@@ -26,6 +25,7 @@ from billing_dags import events
 from billing_dags.definitions import ASSETS
 from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, StripeResource, UsageEventsResource, WarehouseResource
 from billing_dags.settings import PROJECT_ROOT, resolve_paths
+from servers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -52,12 +52,6 @@ create table usage_events (
 )"""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def pg(tmp_path_factory):
     import pwd
@@ -81,7 +75,7 @@ def pg(tmp_path_factory):
             os.chown(p_, pw.pw_uid, pw.pw_gid)
     subprocess.run([*user, f"{BINDIR}/initdb", "-D", str(data), "-A", "trust", "-U", "billing", "-E", "UTF8", "--no-sync"], check=True,
                    capture_output=True, env=env)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([*user, f"{BINDIR}/postgres", "-D", str(data), "-p", str(port), "-k", str(sock), "-c",
                              "listen_addresses=127.0.0.1", "-c", "fsync=off"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True, env=env)

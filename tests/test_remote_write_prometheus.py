@@ -11,7 +11,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,9 +23,10 @@ import requests
 
 from billing_dags import raw
 from billing_dags.compaction import compact
-from billing_dags.remote_write.decode import STALE_NAN_BITS
+from billing_dags.remote_write.decode import is_stale
 from billing_dags.remote_write.landing import read_segment
 from billing_dags.settings import PROJECT_ROOT, resolve_paths
+from servers import free_port
 
 PROMETHEUS = "/usr/bin/prometheus"
 pytestmark = [
@@ -34,12 +34,6 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists(PROMETHEUS), reason="needs /usr/bin/prometheus (apt-get install --no-install-recommends prometheus)"),
 ]
 TOKEN = "it-token-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(pred, timeout: float, what: str, step: float = 0.2):
@@ -98,12 +92,6 @@ def landed(landing: Path) -> dict[tuple[int, int], float]:
             for s, t, v in zip(d.series_id.tolist(), d.ts.tolist(), d.value.tolist()):
                 out[(s, t)] = v
     return out
-
-
-def is_stale(v: float) -> bool:
-    import struct
-
-    return math.isnan(v) and struct.unpack("<Q", struct.pack("<d", v))[0] == STALE_NAN_BITS
 
 
 def test_partitions_equal_prometheus_storage_across_a_sigkill(tmp_path):

@@ -13,7 +13,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from billing_dags import events
 from billing_dags.definitions import ASSETS
 from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, StripeResource, UsageEventsResource, WarehouseResource
 from billing_dags.settings import PROJECT_ROOT, resolve_paths
+from servers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -36,12 +36,6 @@ TOKEN = "demo-report-token-iot-010"
 GIB = Decimal(2**30)
 MIB = 2**20
 HOUR_MS = 3_600_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _month() -> date:
@@ -101,7 +95,7 @@ def _json(doc: dict) -> str:
 
 @pytest.fixture
 def server(tmp_path):
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "receiver.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "billing_dags.cli", "--data-dir", str(tmp_path / "data"), "--seeds-dir", str(PROJECT_ROOT / "seeds"),

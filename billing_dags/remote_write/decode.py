@@ -22,7 +22,7 @@ from billing_dags import raw
 
 from . import wire
 from .customers import UNKNOWN, CustomerResolver
-from .proto import TimeSeries, WriteRequestKeyed
+from .proto import TimeSeries, TimeSeriesKeyed, WriteRequestKeyed
 
 #: Prometheus staleness marker: a NaN with this exact bit pattern
 STALE_NAN_BITS = 0x7FF0000000000002
@@ -172,7 +172,7 @@ class Decoder:
         exemplars = histograms = 0
         for index, ts in enumerate(req.timeseries):
             # the same key as the compiled reader's: the encoded label fields, in order
-            key = b"".join(_LABEL_TAG + _uvarint(len(lab)) + lab for lab in ts.labels)
+            key = TimeSeriesKeyed(labels=ts.labels).SerializeToString()
             infos.append(self._series(key, index))
             counts.append(len(ts.samples))
             for s in ts.samples:
@@ -221,18 +221,6 @@ class Decoder:
                 "unknown_customer": int(np.count_nonzero(unknown & m)),
             }
         return batch
-
-
-def _uvarint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-_LABEL_TAG = b"\x0a"  # field 1, length-delimited
 
 
 def is_stale(value: float) -> bool:

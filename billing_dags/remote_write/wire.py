@@ -7,7 +7,7 @@ code (numba, GIL released) and returns, per series, the byte span of its encoded
 a cache miss) and its sample count, and per sample the timestamp and the value's exact 64 bits.
 
 It reads a subset of the format on purpose. Anything else — a malformed or truncated message,
-an unexpected wire type, a group, label fields not next to each other, exemplars, native
+an unexpected wire type, a group, a label field after a sample, exemplars, native
 histograms, metadata — makes it return ``None`` and the caller decodes the body with the
 protobuf runtime (billing_dags.remote_write.proto), which is the reference: it accepts or refuses
 exactly what it always did, with the same message. Fields this reader does not know are skipped
