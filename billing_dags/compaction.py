@@ -33,6 +33,7 @@ from .remote_write.landing import (
     SealedSegment,
     SegmentData,
     fsync_dir,
+    quarantined_segments,
     read_segment,
     recover_orphans,
     remove_segment,
@@ -78,6 +79,8 @@ def landing_status(paths: Paths) -> dict:
         "landing": str(landing),
         "open_segments": open_segments,
         "pending_days": {d: {"segments": len(e["segments"]), **e["figures"]} for d, e in pending_days(paths).items()},
+        # segments that could not be indexed, moved whole to landing/quarantine/ (their indexable samples salvaged)
+        "quarantined_segments": quarantined_segments(landing),
     }
 
 
@@ -201,7 +204,8 @@ def compact(paths: Paths, days: list[str] | None = None, recover: bool = True) -
     landing_samples = sum(r["landing_samples"] for r in results)
     return {
         "days": results,
-        "recovered_segments": [r["segment"] for r in recovered],
+        "recovered_segments": [r["segment"] for r in recovered if not r.get("quarantined")],
+        "quarantined_segments": [r["segment"] for r in recovered if r.get("quarantined")],
         "landing_samples": landing_samples,
         "new_samples": sum(r["new_samples"] for r in results),
         "duplicates": sum(r["duplicates"] for r in results),
