@@ -10,7 +10,9 @@ deleted once every day it holds is done. Rerunning is idempotent: a day with not
 rewritten (its files keep their mtime, so the late-data sensor does not fire for nothing).
 
 Staleness markers and NaN/Inf stay in raw (the SQL models drop and count them) and are counted
-here and in the segment index; samples of unknown customers are kept and reported.
+here and in the segment index; samples of unknown customers are kept and reported. A segment that
+cannot be indexed is quarantined by landing (its indexable samples salvaged into a new segment)
+and listed by ``landing_status``; compaction carries on without it.
 """
 
 from __future__ import annotations

@@ -382,3 +382,21 @@ def test_cli_rejects_a_bad_listen_address_and_token_file(tmp_path, capsys):
     assert "--token-file" in capsys.readouterr().err
     assert main(["--data-dir", str(tmp_path), "remote-write", "status"]) == 0
     assert '"pending_days": {}' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--min-sample-time", "1960-01-01"], "earliest sample time"),
+        (["--min-sample-time", "yesterday"], "--min-sample-time"),
+        (["--max-sample-future", "-1"], "future margin"),
+        (["--max-sample-future", "1e12"], "future margin"),
+        (["--max-labels", "0"], "max_labels"),
+        (["--max-label-value-bytes", "0"], "max_label_value_bytes"),
+    ],
+)
+def test_cli_rejects_limits_that_could_open_the_window_or_refuse_everything(tmp_path, capsys, flags, message):
+    from billing_dags.cli import main
+
+    assert main(["--data-dir", str(tmp_path), "remote-write", "serve", *flags]) == 2
+    assert message in capsys.readouterr().err
