@@ -10,7 +10,9 @@ deleted once every day it holds is done. Rerunning is idempotent: a day with not
 rewritten (its files keep their mtime, so the late-data sensor does not fire for nothing).
 
 Staleness markers and NaN/Inf stay in raw (the SQL models drop and count them) and are counted
-here and in the segment index; samples of unknown customers are kept and reported.
+here and in the segment index; samples of unknown customers are kept and reported. A segment that
+cannot be indexed is quarantined by landing (its indexable samples salvaged into a new segment)
+and listed by ``landing_status``; compaction carries on without it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .remote_write.landing import (
     SealedSegment,
     SegmentData,
     fsync_dir,
+    quarantined_segments,
     read_segment,
     recover_orphans,
     remove_segment,
@@ -78,6 +81,8 @@ def landing_status(paths: Paths) -> dict:
         "landing": str(landing),
         "open_segments": open_segments,
         "pending_days": {d: {"segments": len(e["segments"]), **e["figures"]} for d, e in pending_days(paths).items()},
+        # segments that could not be indexed, moved whole to landing/quarantine/ (their indexable samples salvaged)
+        "quarantined_segments": quarantined_segments(landing),
     }
 
 
@@ -201,7 +206,8 @@ def compact(paths: Paths, days: list[str] | None = None, recover: bool = True) -
     landing_samples = sum(r["landing_samples"] for r in results)
     return {
         "days": results,
-        "recovered_segments": [r["segment"] for r in recovered],
+        "recovered_segments": [r["segment"] for r in recovered if not r.get("quarantined")],
+        "quarantined_segments": [r["segment"] for r in recovered if r.get("quarantined")],
         "landing_samples": landing_samples,
         "new_samples": sum(r["new_samples"] for r in results),
         "duplicates": sum(r["duplicates"] for r in results),

@@ -1,13 +1,18 @@
-"""Servers for tests: a free 127.0.0.1 port, and an ASGI app served by uvicorn in a thread."""
+"""Servers for tests: a free 127.0.0.1 port, an ASGI app served by uvicorn in a thread, waiting on a
+condition and stopping a server process (its whole process group)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
 
+import requests
 import uvicorn
 
 
@@ -33,3 +38,30 @@ def serve_app(app, timeout_s: float = 10) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout_s)
+
+
+def wait_for(pred, timeout: float, what: str, step: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            value = pred()
+            if value:
+                return value
+        except (requests.RequestException, OSError):
+            pass
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 15) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(5)

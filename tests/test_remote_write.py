@@ -185,6 +185,52 @@ def test_a_failed_write_is_truncated_and_reported_as_disk_full(tmp_path, monkeyp
     assert read_segment(seg.path).records == 2 and not read_segment(seg.path).torn
 
 
+def _far_future_batch(dec):
+    """A batch with a sample at 10000-01-01, built past the decoder (which refuses it)."""
+    b = _batch(dec)
+    b.ts = b.ts.copy()
+    b.ts[-1] = 253_402_300_800_000
+    return b
+
+
+def test_the_writer_refuses_a_batch_it_could_not_index_and_keeps_writing(tmp_path):
+    from billing_dags.remote_write.landing import Unindexable
+
+    dec = Decoder()
+    w = SegmentWriter(tmp_path, max_segment_bytes=1, max_segment_age_s=3600)  # sealed after every group
+    with pytest.raises(Unindexable, match="253402300800000"):
+        w.submit(_far_future_batch(dec)).result(5)
+    w.submit(_batch(dec, start=T0 + 5000)).result(5)
+    w.submit(_batch(dec, start=T0 + 9000)).result(5)
+    w.close()
+    data = [read_segment(s.path) for s in sealed_segments(tmp_path)]
+    assert sorted(t for d in data for t in d.ts.tolist()) == [T0 + 5000, T0 + 6000, T0 + 7000, T0 + 9000, T0 + 10000, T0 + 11000]
+
+
+def test_the_writer_survives_an_unexpected_error_and_nothing_acknowledged_is_lost(tmp_path, monkeypatch):
+    from billing_dags.remote_write import landing
+
+    dec = Decoder()
+    real_seal = landing.seal
+    calls = {"n": 0}
+
+    def seal_fails_once(*args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("a bug in sealing")
+        return real_seal(*args)
+
+    monkeypatch.setattr(landing, "seal", seal_fails_once)
+    w = SegmentWriter(tmp_path, max_segment_bytes=1, max_segment_age_s=3600)
+    w.submit(_batch(dec)).result(5)  # acknowledged; then its segment fails to seal
+    w.submit(_batch(dec, start=T0 + 5000)).result(5)  # the writer is still there
+    w.close()
+    assert calls["n"] == 2
+    recover_orphans(tmp_path)  # the segment that failed to seal is an orphan: recovery seals it
+    data = [read_segment(s.path) for s in sealed_segments(tmp_path)]
+    assert sorted(t for d in data for t in d.ts.tolist()) == [T0, T0 + 1000, T0 + 2000, T0 + 5000, T0 + 6000, T0 + 7000]
+
+
 # --- the HTTP server -------------------------------------------------------------------------
 
 
@@ -336,3 +382,21 @@ def test_cli_rejects_a_bad_listen_address_and_token_file(tmp_path, capsys):
     assert "--token-file" in capsys.readouterr().err
     assert main(["--data-dir", str(tmp_path), "remote-write", "status"]) == 0
     assert '"pending_days": {}' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--min-sample-time", "1960-01-01"], "earliest sample time"),
+        (["--min-sample-time", "yesterday"], "--min-sample-time"),
+        (["--max-sample-future", "-1"], "future margin"),
+        (["--max-sample-future", "1e12"], "future margin"),
+        (["--max-labels", "0"], "max_labels"),
+        (["--max-label-value-bytes", "0"], "max_label_value_bytes"),
+    ],
+)
+def test_cli_rejects_limits_that_could_open_the_window_or_refuse_everything(tmp_path, capsys, flags, message):
+    from billing_dags.cli import main
+
+    assert main(["--data-dir", str(tmp_path), "remote-write", "serve", *flags]) == 2
+    assert message in capsys.readouterr().err

@@ -26,7 +26,7 @@ from billing_dags.compaction import compact
 from billing_dags.remote_write.decode import is_stale
 from billing_dags.remote_write.landing import read_segment
 from billing_dags.settings import PROJECT_ROOT, resolve_paths
-from servers import free_port
+from servers import free_port, stop, wait_for
 
 PROMETHEUS = "/usr/bin/prometheus"
 pytestmark = [
@@ -34,33 +34,6 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists(PROMETHEUS), reason="needs /usr/bin/prometheus (apt-get install --no-install-recommends prometheus)"),
 ]
 TOKEN = "it-token-123"
-
-
-def wait_for(pred, timeout: float, what: str, step: float = 0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            value = pred()
-            if value:
-                return value
-        except (requests.RequestException, OSError):
-            pass
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 15) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(5)
 
 
 class Receiver:

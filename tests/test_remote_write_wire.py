@@ -17,7 +17,7 @@ import pytest
 
 from billing_dags.remote_write import corpus, wire
 from billing_dags.remote_write.customers import CustomerResolver
-from billing_dags.remote_write.decode import STALE_NAN_BITS, BadRequest, Decoder, TooLarge
+from billing_dags.remote_write.decode import STALE_NAN_BITS, BadRequest, Decoder, Limits, OutOfWindow, TooLarge
 from billing_dags.remote_write.proto import WriteRequest
 
 T0 = 1_780_000_000_000
@@ -81,6 +81,64 @@ def test_values_keep_their_exact_bits_and_timestamps_their_sign(value, ts):
     assert parsed.value.view(np.uint64).tolist() == [struct.unpack("<Q", struct.pack("<d", value))[0]]
     fast, reference = both(body)
     assert fast == reference
+    assert isinstance(fast, tuple) == (ts < Limits().min_sample_ms or ts > 2**61)  # refused outside the window, alike
+
+
+NOW_S = T0 / 1000 + 3600  # the receiver's clock in these tests
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["compiled", "protobuf"])
+@pytest.mark.parametrize(
+    "bad_ts",
+    [253_402_300_800_000, -62_135_596_800_001, 2**63 - 1, -(2**63), -1, 0, 946_684_799_999, T0 + 3_600_000 + 600_001],
+    ids=["year-10000", "before-year-1", "int64-max", "int64-min", "before-1970", "1970", "before-2000", "11-min-ahead"],
+)
+def test_samples_outside_the_window_are_refused_alike_by_both_readers(bad_ts, fallback):
+    series = [
+        ({"__name__": "up", "job": "a"}, [(T0, 1.0)]),
+        ({"__name__": "node_load1", "job": "a"}, [(T0, 1.0), (bad_ts, 2.0), (bad_ts, 3.0)]),
+    ]
+    data = corpus.write_request(series, metadata=[("up", 1, "x")] if fallback else []).SerializeToString()
+    lo, hi = Limits().window(int(NOW_S * 1000))
+    parsed = wire.parse(data, lo, hi)
+    if fallback:
+        assert parsed is None
+    else:  # counted in the compiled loop itself
+        assert (parsed.out_of_window, parsed.first_out_of_window) == (2, (1, bad_ts))
+    outcomes = []
+    for compiled in (True, False):
+        with pytest.raises(OutOfWindow) as e:
+            Decoder(compiled=compiled, clock=lambda: NOW_S).decode(corpus.compress(data))
+        assert e.value.samples == 2
+        outcomes.append(str(e.value))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0].startswith(f"series 1 (node_load1): sample timestamp {bad_ts} ms") and "--max-sample-future" in outcomes[0]
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_the_window_edges_are_accepted(compiled):
+    edges = [Limits().min_sample_ms, T0 + 3_600_000 + 600_000]  # 2000-01-01T00:00Z; exactly 10 minutes ahead
+    body = corpus.body([({"__name__": "up", "job": "a"}, [(t, 1.0) for t in edges])])
+    assert Decoder(compiled=compiled, clock=lambda: NOW_S).decode(body).ts.tolist() == edges
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ({"__name__": "up", "a": "1", "b": "2", "c": "3", "d": "4"}, "series 0: 5 labels, over the limit of 4 (--max-labels); drop some with write_relabel_configs"),
+        ({"__name__": "up", "x" * 17: "1"}, "series 0: label name 'xxxxxxxxxxxxxxxxx' is 17 bytes, over the limit of 16 (--max-label-name-bytes)"),
+        ({"__name__": "up", "a": "é" * 17}, "series 0: the value of label 'a' is 34 bytes, over the limit of 32 (--max-label-value-bytes)"),
+        ({"__name__": "u" * 33}, "series 0: the value of label '__name__' is 33 bytes, over the limit of 32 (--max-label-value-bytes)"),
+    ],
+    ids=["count", "name", "value-bytes-not-characters", "metric-name"],
+)
+def test_label_limits_are_enforced_alike_by_both_readers(labels, message):
+    limits = Limits(max_labels=4, max_label_name_bytes=16, max_label_value_bytes=32)
+    body = corpus.body([(labels, [(T0, 1.0)])])
+    fast = outcome(Decoder(limits=limits), body)
+    assert fast == outcome(Decoder(compiled=False, limits=limits), body) == ("BadRequest", message)
+    at_limit = {"__name__": "u" * 32, "n" * 16: "é" * 16, "b": "", "c": ""}  # 4 labels, 16-byte name, 32-byte values
+    assert outcome(Decoder(limits=limits), corpus.body([(at_limit, [(T0, 1.0)])]))["figures"][0] == 1
 
 
 def test_a_request_spanning_two_days_is_counted_per_day():

@@ -44,12 +44,38 @@ def read_token(path: str | None) -> str | None:
     return token
 
 
+def _limits(args):
+    """The receiver's input limits from the flags; a bad one is a CliError naming the flag."""
+    from datetime import date, datetime, timezone
+
+    from billing_dags.cli import CliError
+
+    from .decode import Limits
+
+    try:
+        day = date.fromisoformat(args.min_sample_time)
+    except ValueError:
+        raise CliError(f"--min-sample-time {args.min_sample_time!r}: give a UTC day as YYYY-MM-DD, e.g. 2000-01-01") from None
+    try:
+        return Limits(
+            min_sample_ms=int(datetime(day.year, day.month, day.day, tzinfo=timezone.utc).timestamp() * 1000),
+            max_future_ms=round(args.max_sample_future * 1000),
+            max_labels=args.max_labels,
+            max_label_name_bytes=args.max_label_name_bytes,
+            max_label_value_bytes=args.max_label_value_bytes,
+            max_cache_bytes=args.series_cache_bytes,
+        )
+    except ValueError as e:
+        raise CliError(f"{e}; see billing remote-write serve --help") from None
+
+
 def cmd_serve(args) -> int:
     from billing_dags.settings import resolve_paths
 
     from .server import ReceiverConfig, serve
 
     host, port = parse_listen(args.listen)
+    limits = _limits(args)
     paths = resolve_paths(args.data_dir, args.seeds_dir)
     config = ReceiverConfig(
         landing_dir=paths.landing,
@@ -61,6 +87,7 @@ def cmd_serve(args) -> int:
         max_segment_bytes=args.segment_max_bytes,
         max_segment_age_s=args.segment_max_age,
         min_free_bytes=args.min_free_bytes,
+        limits=limits,
     )
     print(
         f"remote-write receiver on http://{host}:{port}/api/v1/write, usage reports on http://{host}:{port}/api/usage/report, "
@@ -119,11 +146,18 @@ def register(sub) -> None:
     s.add_argument("--segment-max-bytes", type=_size, default=64 << 20, help="seal a landing segment at this size (default 64MiB)")
     s.add_argument("--segment-max-age", type=float, default=60.0, help="seal a landing segment after this many seconds (default 60)")
     s.add_argument("--min-free-bytes", type=_size, default=64 << 20, help="answer 503 when the landing disk has less free (default 64MiB)")
+    s.add_argument("--min-sample-time", default="2000-01-01", help="refuse (400) samples before this UTC day (default 2000-01-01; from 1970-01-01)")
+    s.add_argument("--max-sample-future", type=float, default=600.0,
+                   help="refuse (400) samples more than this many seconds ahead of the receiver's clock (default 600)")
+    s.add_argument("--max-labels", type=int, default=64, help="refuse (400) series with more labels, __name__ included (default 64)")
+    s.add_argument("--max-label-name-bytes", type=int, default=1024, help="refuse (400) series with a longer label name (default 1024)")
+    s.add_argument("--max-label-value-bytes", type=int, default=2048, help="refuse (400) series with a longer label value or metric name (default 2048)")
+    s.add_argument("--series-cache-bytes", type=_size, default=256 << 20, help="memory of the series cache before it starts over (default 256MiB)")
     s.set_defaults(func=cmd_serve)
 
     c = rw.add_parser("compact", help="move sealed landing segments into the raw day partitions (any day, today included)")
     c.add_argument("--day", action="append", help="only this UTC day (YYYY-MM-DD); repeatable")
     c.set_defaults(func=cmd_compact)
 
-    st = rw.add_parser("status", help="landing segments and usage reports waiting for compaction, by day")
+    st = rw.add_parser("status", help="landing segments and usage reports waiting for compaction, by day; quarantined segments")
     st.set_defaults(func=cmd_status)

@@ -5,6 +5,11 @@ other), then validated columns of samples.
 A body that cannot be used raises ``BadRequest`` (the receiver answers 400; Prometheus does not
 retry it) or ``TooLarge`` (413). Messages name the problem and the series index, never label
 values or sample values (DESIGN rule 12: no payloads in logs).
+
+``Limits`` bounds what is accepted (README "Receiving remote write"): sample timestamps in a
+window (a sample outside it refuses the whole request with ``OutOfWindow``, like Prometheus's
+own receiver answers 400 "out of bounds"), labels per series, label name and value bytes, and the
+bytes the series cache may hold.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 
 import cramjam
 import numpy as np
@@ -29,14 +35,77 @@ STALE_NAN_BITS = 0x7FF0000000000002
 DAY_MS = raw.DAY_MS
 #: series cache entries kept before the cache is cleared (bounded memory, re-filled on demand)
 SERIES_CACHE_MAX = 500_000
+#: what a cache entry holds besides twice its key's bytes (the key, then the parsed labels): the
+#: SeriesInfo, its tuples and the dict slot, measured with tracemalloc
+CACHE_ENTRY_OVERHEAD, CACHE_LABEL_OVERHEAD = 400, 170
+
+#: The widest timestamp window any setting may open, [floor, ceiling): every instant in it is a
+#: Python date, an Arrow or DuckDB timestamp, even a nanosecond timestamp (pandas, Polars: 2262).
+#: Landing refuses to index anything outside it (landing.py), so nothing acknowledged can be.
+TS_FLOOR_MS = 0  # 1970-01-01T00:00Z
+TS_CEILING_MS = 7_258_118_400_000  # 2200-01-01T00:00Z
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def describe_ms(ms: int) -> str:
+    """A timestamp in ms as ISO 8601 UTC, for messages; one past Python's dates says so."""
+    try:
+        return (_EPOCH + timedelta(milliseconds=ms)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    except OverflowError:
+        return "after year 9999" if ms > 0 else "before year 1"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the receiver accepts (defaults: README "Receiving remote write", limits)."""
+
+    #: no sample before this (ms); --min-sample-time, default 2000-01-01T00:00Z
+    min_sample_ms: int = 946_684_800_000
+    #: no sample more than this ahead of the receiver's clock (ms); --max-sample-future, default
+    #: 10 minutes, like Prometheus (its scrapes; newer versions of its receiver too) and Mimir
+    max_future_ms: int = 600_000
+    #: labels per series, __name__ included (Prometheus label_limit, Mimir max_label_names_per_series 30)
+    max_labels: int = 64
+    #: bytes of a label name (Prometheus label_name_length_limit; Mimir's default 1024)
+    max_label_name_bytes: int = 1024
+    #: bytes of a label value, the metric name included (label_value_length_limit; Mimir's 2048)
+    max_label_value_bytes: int = 2048
+    #: bytes the series cache may hold before it starts over (--series-cache-bytes)
+    max_cache_bytes: int = 256 << 20
+
+    def __post_init__(self) -> None:
+        if not TS_FLOOR_MS <= self.min_sample_ms < TS_CEILING_MS:
+            raise ValueError(f"the earliest sample time must be from {describe_ms(TS_FLOOR_MS)} to before {describe_ms(TS_CEILING_MS)}")
+        if not 0 <= self.max_future_ms <= 366 * DAY_MS:
+            raise ValueError("the future margin must be from 0 to 366 days (31622400 s)")
+        for name in ("max_labels", "max_label_name_bytes", "max_label_value_bytes", "max_cache_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+    def window(self, now_ms: int) -> tuple[int, int]:
+        """The accepted sample timestamps [lo, hi] at ``now_ms``, never past the ceiling."""
+        return self.min_sample_ms, min(now_ms + self.max_future_ms, TS_CEILING_MS - 1)
 
 
 class BadRequest(ValueError):
     """An undecodable or invalid body: answer 400."""
 
 
+class OutOfWindow(BadRequest):
+    """Samples with a timestamp outside the accepted window: answer 400, count ``samples``."""
+
+    def __init__(self, message: str, samples: int):
+        super().__init__(message)
+        self.samples = samples
+
+
 class TooLarge(ValueError):
     """A body that would decode to more than the configured limit: answer 413."""
+
+
+def _short(name: str) -> str:
+    """A label name for a message: quoted, cut at 40 characters."""
+    return repr(name if len(name) <= 40 else name[:40] + "…")
 
 
 @dataclass
@@ -92,13 +161,29 @@ class Decoder:
     runtime.
     """
 
-    def __init__(self, resolver: CustomerResolver | None = None, max_decoded_bytes: int = 64 << 20, compiled: bool = True):
+    def __init__(
+        self,
+        resolver: CustomerResolver | None = None,
+        max_decoded_bytes: int = 64 << 20,
+        compiled: bool = True,
+        limits: Limits = Limits(),
+        clock=time.time,
+    ):
         self.resolver = resolver or CustomerResolver()
         self.max_decoded_bytes = max_decoded_bytes
         self.compiled = compiled
+        self.limits = limits
+        self.clock = clock
         self._cache: dict[bytes, SeriesInfo] = {}
         self._unknown_labels: list[str | None] = []
         self._unknown_codes: dict[str | None, int] = {}
+        self._cache_bytes = 0
+        self._cache_full = False
+
+    @property
+    def cache_bytes(self) -> int:
+        """The bytes the series cache holds (estimated per entry; see CACHE_ENTRY_OVERHEAD)."""
+        return self._cache_bytes
 
     def _series(self, key: bytes, index: int) -> SeriesInfo:
         """The series of ``key`` (its encoded label fields), parsed and checked on a cache miss."""
@@ -108,13 +193,26 @@ class Decoder:
         metric = None
         prev = None
         labels: list[tuple[str, str]] = []
+        limits = self.limits
         try:
             pairs = [(lab.name, lab.value) for lab in TimeSeries.FromString(key).labels]
         except DecodeError:
             raise BadRequest(f"series {index}: a label is not a valid prometheus.Label (invalid UTF-8?)") from None
+        if len(pairs) > limits.max_labels:
+            raise BadRequest(f"series {index}: {len(pairs)} labels, over the limit of {limits.max_labels} (--max-labels); drop some with write_relabel_configs")
         for name, value in pairs:
             if not name:
                 raise BadRequest(f"series {index}: a label has an empty name")
+            if len(name.encode()) > limits.max_label_name_bytes:
+                raise BadRequest(
+                    f"series {index}: label name {_short(name)} is {len(name.encode())} bytes, "
+                    f"over the limit of {limits.max_label_name_bytes} (--max-label-name-bytes)"
+                )
+            if len(value.encode()) > limits.max_label_value_bytes:
+                raise BadRequest(
+                    f"series {index}: the value of label {_short(name)} is {len(value.encode())} bytes, "
+                    f"over the limit of {limits.max_label_value_bytes} (--max-label-value-bytes)"
+                )
             if prev is not None and name <= prev:
                 what = "duplicate" if name == prev else "unsorted"
                 raise BadRequest(f"series {index}: {what} label {name!r} (labels must be sorted by name, each once)")
@@ -128,13 +226,29 @@ class Decoder:
         label_map = dict(labels)
         customer, seen = self.resolver.resolve(metric, label_map)
         code = -1
+        cost = CACHE_ENTRY_OVERHEAD + CACHE_LABEL_OVERHEAD * len(pairs) + 2 * len(key)
         if customer == UNKNOWN:
             code = self._unknown_codes.setdefault(seen, len(self._unknown_labels))
             if code == len(self._unknown_labels):
                 self._unknown_labels.append(seen)
+                self._cache_bytes += CACHE_LABEL_OVERHEAD + len(seen)
         info = SeriesInfo(raw.series_id(metric, label_map), metric, tuple(labels), customer, seen, code)
-        self._cache[key] = info
+        if self._cache_bytes + cost <= limits.max_cache_bytes and len(self._cache) < SERIES_CACHE_MAX:
+            self._cache[key] = info
+            self._cache_bytes += cost
+        else:  # full: not kept; the next request starts the cache over (codes stay valid within a request)
+            self._cache_full = True
         return info
+
+    def _out_of_window(self, infos: list[SeriesInfo], index: int, ts: int, samples: int) -> OutOfWindow:
+        limits = self.limits
+        return OutOfWindow(
+            f"series {index} ({infos[index].metric[:100]}): sample timestamp {ts} ms ({describe_ms(ts)}) is outside "
+            f"the accepted window: not before {describe_ms(limits.min_sample_ms)} (--min-sample-time), not more than "
+            f"{limits.max_future_ms // 1000} s ahead of the receiver's clock (--max-sample-future); "
+            f"{samples} sample(s) of this request are outside it, the request is refused whole",
+            samples,
+        )
 
     def decode(self, body: bytes) -> Batch:
         t0 = time.thread_time()
@@ -145,21 +259,25 @@ class Decoder:
             data = bytes(cramjam.snappy.decompress_raw(body))
         except Exception as e:  # cramjam.DecompressionError and friends
             raise BadRequest(f"bad snappy block ({type(e).__name__}); send Content-Encoding: snappy in block format") from None
-        if len(self._cache) >= SERIES_CACHE_MAX:  # bounded memory: start over, re-filled on demand
+        if self._cache_full:  # bounded memory: start over, re-filled on demand
             self._cache.clear()
             self._unknown_labels.clear()
             self._unknown_codes.clear()
-        parsed = wire.parse(data) if self.compiled else None
+            self._cache_bytes, self._cache_full = 0, False
+        lo, hi = self.limits.window(int(self.clock() * 1000))
+        parsed = wire.parse(data, lo, hi) if self.compiled else None
         if parsed is None:
-            batch = self._decode_reference(data)
+            batch = self._decode_reference(data, lo, hi)
         else:
             cache_get, series_of = self._cache.get, self._series
             infos = [cache_get(key) or series_of(key, index) for index, key in enumerate(parsed.keys)]
+            if parsed.out_of_window:  # after every series' labels were checked, as in the reference
+                raise self._out_of_window(infos, *parsed.first_out_of_window, parsed.out_of_window)
             batch = self._batch(infos, parsed.counts, parsed.ts, parsed.value)
         batch.decode_cpu_s = time.thread_time() - t0
         return batch
 
-    def _decode_reference(self, data: bytes) -> Batch:
+    def _decode_reference(self, data: bytes, lo: int, hi: int) -> Batch:
         """Decode with the protobuf runtime: every shape the compiled reader leaves to it (see wire.py)."""
         try:
             req = WriteRequestKeyed.FromString(data)
@@ -180,7 +298,13 @@ class Decoder:
                 vals.append(s.value)
             exemplars += len(ts.exemplars)
             histograms += len(ts.histograms)
-        batch = self._batch(infos, np.array(counts, dtype=np.int64), np.array(tss, dtype=np.int64), np.array(vals, dtype=np.float64))
+        counts_a, ts_a = np.array(counts, dtype=np.int64), np.array(tss, dtype=np.int64)
+        outside = (ts_a < lo) | (ts_a > hi)
+        if outside.any():
+            first = int(np.argmax(outside))
+            index = int(np.searchsorted(np.cumsum(counts_a), first, side="right"))
+            raise self._out_of_window(infos, index, int(ts_a[first]), int(np.count_nonzero(outside)))
+        batch = self._batch(infos, counts_a, ts_a, np.array(vals, dtype=np.float64))
         batch.metadata, batch.exemplars, batch.histograms = len(req.metadata), exemplars, histograms
         return batch
 

@@ -15,11 +15,20 @@ their requests is answered. A write that fails (disk full) is truncated away and
 A SIGKILL can leave a torn last record: its CRC (or its length) does not match, the reader stops
 there, and recovery truncates it — it was never acknowledged, Prometheus retries it.
 
+Everything the writer appends can be indexed: it refuses a batch with a timestamp outside
+[decode.TS_FLOOR_MS, decode.TS_CEILING_MS) before writing it. A segment that still cannot be
+indexed (written by an older receiver, damaged, crafted: a sample outside that window, a sample
+of a series it never defines, a record with a right CRC but no valid payload) is quarantined:
+moved whole to ``quarantine/`` with a ``<name>.quarantine.json`` saying why, after its indexable
+samples were written to a new segment ``<name>-salvaged`` (``billing remote-write status``).
+
 The writer holds an exclusive ``flock`` on its open segment. It seals a segment when it reaches
 the size or age limit, or at shutdown: an index ``<name>.idx.json`` (the UTC days it holds, with
 sample, staleness, non-finite and unknown-customer counts) is written, then the file is renamed
-``.seg``. An ``.open`` file that nobody holds the lock on belongs to a dead receiver; recovery
-(at receiver start and before compaction) cuts its torn tail and seals it the same way.
+``.seg``. An ``.open`` file that nobody holds the lock on belongs to a dead receiver, or to a
+writer that met an unexpected error (it fails that group with 503, lets go of its segment and
+carries on); recovery (at receiver start and before compaction) cuts its torn tail and seals it
+the same way, with an index rebuilt from its records.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ import numpy as np
 from billing_dags import raw
 
 from .customers import UNKNOWN, CustomerResolver
-from .decode import STALE_NAN_BITS, Batch
+from .decode import STALE_NAN_BITS, TS_CEILING_MS, TS_FLOOR_MS, Batch, describe_ms
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,7 @@ REC_MAGIC = b"BRWR"
 REC_HEADER = struct.Struct("<4sII")
 PAYLOAD_HEADER = struct.Struct("<II")
 OPEN_SUFFIX, SEALED_SUFFIX, INDEX_SUFFIX = ".open", ".seg", ".idx.json"
+QUARANTINE_DIR, QUARANTINE_SUFFIX, SALVAGED_SUFFIX = "quarantine", ".quarantine.json", "-salvaged"
 #: the largest record accepted when reading (a corrupt length must not allocate gigabytes)
 MAX_RECORD_BYTES = 1 << 30
 UNKNOWN_CUSTOMERS_KEPT = 50
@@ -61,6 +71,22 @@ UNKNOWN_CUSTOMERS_KEPT = 50
 
 class DiskFull(OSError):
     """The batch could not be made durable (no space, quota, I/O error): answer 503."""
+
+
+class Unindexable(ValueError):
+    """Samples a segment index cannot hold (see ``problem``): never written; a segment holding
+    them is quarantined."""
+
+
+def _outside_window(lo: int, hi: int) -> str | None:
+    """Why samples with timestamps from ``lo`` to ``hi`` cannot be indexed, or None."""
+    for ts in (lo, hi):
+        if not TS_FLOOR_MS <= ts < TS_CEILING_MS:
+            return (
+                f"sample timestamp {ts} ms ({describe_ms(ts)}) is outside the window a segment can index, "
+                f"{describe_ms(TS_FLOOR_MS)} to {describe_ms(TS_CEILING_MS)}"
+            )
+    return None
 
 
 def day_name(day_number: int) -> str:
@@ -130,18 +156,19 @@ class IndexBuilder:
 
 
 def encode_record(batch: Batch, new_series: list[int]) -> bytes:
-    series_json = json.dumps(
-        [[sid, batch.series[sid].metric, [list(kv) for kv in batch.series[sid].labels]] for sid in new_series],
-        separators=(",", ":"),
-    ).encode()
-    n = batch.samples
+    defs = [[sid, batch.series[sid].metric, [list(kv) for kv in batch.series[sid].labels]] for sid in new_series]
+    return _record(defs, batch.series_id, batch.ts, batch.value)
+
+
+def _record(defs: list, series_id: np.ndarray, ts: np.ndarray, value: np.ndarray) -> bytes:
+    series_json = json.dumps(defs, separators=(",", ":")).encode()
     payload = b"".join(
         [
-            PAYLOAD_HEADER.pack(n, len(series_json)),
+            PAYLOAD_HEADER.pack(len(ts), len(series_json)),
             series_json,
-            batch.series_id.astype("<i8", copy=False).tobytes(),
-            batch.ts.astype("<i8", copy=False).tobytes(),
-            batch.value.astype("<f8", copy=False).tobytes(),
+            series_id.astype("<i8", copy=False).tobytes(),
+            ts.astype("<i8", copy=False).tobytes(),
+            value.astype("<f8", copy=False).tobytes(),
         ]
     )
     return REC_HEADER.pack(REC_MAGIC, len(payload), zlib.crc32(payload)) + payload
@@ -215,7 +242,7 @@ class SegmentWriter:
 
     def submit(self, batch: Batch) -> Future:
         fut: Future = Future()
-        if self._closed:
+        if self._closed or not self._thread.is_alive():
             fut.set_exception(DiskFull(errno.EIO, "the landing writer is shut down"))
         else:
             self._queue.put((batch, fut))
@@ -254,14 +281,17 @@ class SegmentWriter:
                     stop = True
                     break
                 group.append(item)
-            if group:
-                self._write_group(group)
-            if self._seg is not None and (
-                stop
-                or self._seg.size >= self.max_segment_bytes
-                or time.monotonic() - self._seg.created >= self.max_segment_age_s
-            ):
-                self._seal_current()
+            try:
+                if group:
+                    self._write_group(group)
+                if self._seg is not None and (
+                    stop
+                    or self._seg.size >= self.max_segment_bytes
+                    or time.monotonic() - self._seg.created >= self.max_segment_age_s
+                ):
+                    self._seal_current()
+            except Exception as e:  # a bug must cost one group a retry, never the writer
+                self._survive(e, group)
         # anything submitted after the stop marker
         while True:
             try:
@@ -271,7 +301,29 @@ class SegmentWriter:
             if item:
                 item[1].set_exception(DiskFull(errno.EIO, "the landing writer is shut down"))
 
+    def _survive(self, error: Exception, group: list) -> None:
+        """Fail the group's unanswered requests (503: Prometheus retries them) and let go of the
+        open segment: what it holds was acknowledged, recovery seals it from its records."""
+        log.error("landing writer: %s: %s; failing %d request(s) with 503 and carrying on", type(error).__name__, error, len(group))
+        for _, fut in group:
+            if not fut.done():
+                fut.set_exception(DiskFull(errno.EIO, f"the landing writer failed ({type(error).__name__})"))
+        seg, self._seg = self._seg, None
+        if seg is not None:
+            log.error("landing writer: leaving %s to recovery", seg.path.name)
+            try:
+                os.close(seg.fd)  # releases the flock: recover_orphans may take it
+            except OSError:
+                pass
+
     def _write_group(self, group: list) -> None:
+        checks = [(fut, _outside_window(int(b.ts.min()), int(b.ts.max()))) for b, fut in group if b.samples]
+        for fut, problem in checks:
+            if problem:
+                fut.set_exception(Unindexable(problem))
+        group = [(b, fut) for b, fut in group if not fut.done()]
+        if not group:
+            return
         try:
             if self._seg is None:
                 self._seq += 1
@@ -339,7 +391,7 @@ class SegmentWriter:
         except OSError as e:
             log.error("could not seal %s (%s); recovery will seal it", seg.path.name, e.strerror)
         finally:
-            os.close(seg.fd)  # releases the flock
+            os.close(seg.fd)  # releases the flock; on any other error the segment is left to recovery
 
 
 def seal(directory: Path, open_path: Path, index: dict) -> Path:
@@ -365,6 +417,20 @@ class SegmentData:
     valid_bytes: int
     torn: bool  # bytes after the last good record (a write cut short by a crash)
     record_sizes: list[int] = field(default_factory=list)
+    #: a record with a right CRC but no valid payload stopped the reading (never written by the
+    #: writer: damage or tampering); recovery quarantines such a segment instead of cutting it
+    corrupt: bool = False
+
+
+def _series_defs(raw_json: bytes) -> list[tuple[int, str, dict[str, str]]]:
+    defs = json.loads(raw_json)
+    out = []
+    for sid, metric, labels in defs:
+        labels = dict(labels)
+        if not (isinstance(sid, int) and -(2**63) <= sid < 2**63 and isinstance(metric, str) and all(isinstance(x, str) for kv in labels.items() for x in kv)):
+            raise ValueError("a series definition is not [id, metric, [[name, value], ...]]")
+        out.append((sid, metric, labels))
+    return out
 
 
 def read_segment(path: Path) -> SegmentData:
@@ -375,7 +441,7 @@ def read_segment(path: Path) -> SegmentData:
     if data[: len(FILE_MAGIC)] != FILE_MAGIC:
         return SegmentData({}, *(np.empty(0, t) for t in ("<i8", "<i8", "<f8")), 0, 0, bool(data))
     pos = len(FILE_MAGIC)
-    torn = False
+    torn = corrupt = False
     while pos < len(data):
         if pos + REC_HEADER.size > len(data):
             torn = True
@@ -389,10 +455,17 @@ def read_segment(path: Path) -> SegmentData:
         if zlib.crc32(payload) != crc:
             torn = True
             break
-        n, jlen = PAYLOAD_HEADER.unpack_from(payload, 0)
-        o = PAYLOAD_HEADER.size
-        for sid, metric, labels in json.loads(bytes(payload[o : o + jlen])):
-            series[sid] = (metric, dict(labels))
+        try:
+            n, jlen = PAYLOAD_HEADER.unpack_from(payload, 0)
+            o = PAYLOAD_HEADER.size
+            if o + jlen + 24 * n != len(payload):
+                raise ValueError("the payload's lengths do not add up")
+            defs = _series_defs(bytes(payload[o : o + jlen]))
+        except (struct.error, ValueError, TypeError):  # json.JSONDecodeError is a ValueError
+            corrupt = True
+            break
+        for sid, metric, labels in defs:
+            series[sid] = (metric, labels)
         o += jlen
         sids.append(np.frombuffer(payload, "<i8", n, o))
         tss.append(np.frombuffer(payload, "<i8", n, o + 8 * n))
@@ -400,11 +473,29 @@ def read_segment(path: Path) -> SegmentData:
         sizes.append(end - pos)
         pos = end
     cat = lambda parts, t: np.concatenate(parts).astype(t) if parts else np.empty(0, t)  # noqa: E731
-    return SegmentData(series, cat(sids, np.int64), cat(tss, np.int64), cat(vals, np.float64), len(sizes), pos, torn, sizes)
+    return SegmentData(series, cat(sids, np.int64), cat(tss, np.int64), cat(vals, np.float64), len(sizes), pos, torn, sizes, corrupt)
+
+
+def _indexable(seg: SegmentData) -> tuple[np.ndarray, str | None]:
+    """Which samples an index can hold, and why not all of them (None: all)."""
+    ok = (seg.ts >= TS_FLOOR_MS) & (seg.ts < TS_CEILING_MS)
+    problems = []
+    if seg.corrupt:
+        problems.append(f"record {seg.records + 1} (at byte {seg.valid_bytes}) has a right CRC but no valid payload")
+    if not ok.all():
+        outside = seg.ts[~ok]
+        problems.append(f"{len(outside)} sample(s) outside the window, e.g. {_outside_window(int(outside.min()), int(outside.max()))}")
+    defined = np.isin(seg.series_id, np.fromiter(seg.series, dtype=np.int64, count=len(seg.series)))
+    if not defined.all():
+        problems.append(f"{int(np.count_nonzero(~defined))} sample(s) of series the segment never defines")
+    return ok & defined, "; ".join(problems) or None
 
 
 def index_from_data(seg: SegmentData, resolver: CustomerResolver | None = None) -> IndexBuilder:
-    """Rebuild a segment's figures by reading it (recovery)."""
+    """Rebuild a segment's figures by reading it (recovery); ``Unindexable`` when it cannot be."""
+    _, problem = _indexable(seg)
+    if problem:
+        raise Unindexable(problem)
     idx = IndexBuilder(records=seg.records, samples=len(seg.ts), series=len(seg.series))
     if not len(seg.ts):
         return idx
@@ -432,7 +523,8 @@ def index_from_data(seg: SegmentData, resolver: CustomerResolver | None = None) 
 
 
 def recover_orphans(directory: Path, resolver: CustomerResolver | None = None) -> list[dict]:
-    """Seal every ``.open`` segment no live writer holds: cut its torn tail, index it, rename it."""
+    """Seal every ``.open`` segment no live writer holds: cut its torn tail, index it, rename it;
+    quarantine one that cannot be indexed (entries with ``"quarantined": True``)."""
     directory = Path(directory)
     out = []
     if not directory.is_dir():
@@ -451,6 +543,11 @@ def recover_orphans(directory: Path, resolver: CustomerResolver | None = None) -
                 continue
             seg = read_segment(path)
             name = path.name[: -len(OPEN_SUFFIX)]
+            try:
+                index = index_from_data(seg, resolver).to_json(name, recovered=True)
+            except Unindexable as e:
+                out.append(set_aside(directory, path, seg, str(e), resolver))
+                continue
             dropped = os.fstat(fd).st_size - seg.valid_bytes
             if seg.torn:
                 os.ftruncate(fd, max(seg.valid_bytes, len(FILE_MAGIC)))
@@ -460,13 +557,58 @@ def recover_orphans(directory: Path, resolver: CustomerResolver | None = None) -
                 fsync_dir(directory)
                 out.append({"segment": name, "records": 0, "removed": True, "torn": seg.torn})
                 continue
-            index = index_from_data(seg, resolver).to_json(name, recovered=True)
             index["torn_tail_bytes_dropped"] = dropped
             seal(directory, path, index)
             out.append({**index, "torn": seg.torn})
         finally:
             os.close(fd)
     return out
+
+
+def set_aside(directory: Path, path: Path, seg: SegmentData, reason: str, resolver: CustomerResolver | None = None) -> dict:
+    """Quarantine a segment that cannot be indexed: first its indexable samples go to a new sealed
+    segment ``<name>-salvaged`` (nothing acknowledged becomes unprocessable), then the file moves,
+    every byte of it, to ``quarantine/`` next to a ``.quarantine.json`` saying why."""
+    directory = Path(directory)
+    name = path.name.rsplit(".", 1)[0]
+    keep, _ = _indexable(seg)
+    entry = {
+        "segment": name,
+        "quarantined": True,
+        "reason": reason,
+        "bytes": path.stat().st_size,
+        "records": seg.records,
+        "samples": len(seg.ts),
+        "salvaged_samples": int(np.count_nonzero(keep)),
+        "salvaged_segment": None,
+        "quarantined_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if keep.any():
+        sids = seg.series_id[keep]
+        defs = [[sid, *seg.series[sid]] for sid in np.unique(sids).tolist()]
+        defs = [[sid, metric, sorted(labels.items())] for sid, metric, labels in defs]
+        salvaged = directory / f"{name}{SALVAGED_SUFFIX}{OPEN_SUFFIX}"
+        with open(salvaged, "wb") as f:
+            f.write(FILE_MAGIC + _record(defs, sids, seg.ts[keep], seg.value[keep]))
+            f.flush()
+            os.fsync(f.fileno())
+        data = read_segment(salvaged)
+        seal(directory, salvaged, index_from_data(data, resolver).to_json(salvaged.stem, recovered=True))
+        entry["salvaged_segment"] = salvaged.stem
+    qdir = directory / QUARANTINE_DIR
+    qdir.mkdir(exist_ok=True)
+    _write_json_atomic(qdir / f"{name}{QUARANTINE_SUFFIX}", entry)
+    os.replace(path, qdir / path.name)
+    fsync_dir(qdir)
+    fsync_dir(directory)
+    log.error("landing segment %s cannot be indexed (%s): quarantined in %s, %d sample(s) salvaged", name, reason, qdir, entry["salvaged_samples"])
+    return entry
+
+
+def quarantined_segments(directory: Path) -> list[dict]:
+    """What ``set_aside`` moved to ``quarantine/``, oldest first."""
+    qdir = Path(directory) / QUARANTINE_DIR
+    return [json.loads(p.read_text()) for p in sorted(qdir.glob(f"seg-*{QUARANTINE_SUFFIX}"))] if qdir.is_dir() else []
 
 
 @dataclass(frozen=True)
@@ -500,7 +642,15 @@ def sealed_segments(directory: Path, resolver: CustomerResolver | None = None) -
         except (FileNotFoundError, ValueError):
             if not path.exists():
                 continue
-            index = index_from_data(read_segment(path), resolver).to_json(name, recovered=True)
+            data = read_segment(path)
+            try:
+                index = index_from_data(data, resolver).to_json(name, recovered=True)
+            except Unindexable as e:
+                salvaged = set_aside(directory, path, data, str(e), resolver)["salvaged_segment"]
+                if salvaged:  # after this one in name order: not in the listing taken above
+                    spath = directory / f"{salvaged}{SEALED_SUFFIX}"
+                    out.append(SealedSegment(salvaged, spath, json.loads((directory / f"{salvaged}{INDEX_SUFFIX}").read_text())))
+                continue
             _write_json_atomic(idx_path, index)
         out.append(SealedSegment(name, path, index))
     return out

@@ -5,11 +5,13 @@
 - 204 once the batch is appended to a landing segment and fsynced (or carries no samples, e.g.
   a metadata-only request);
 - 400 undecodable body, bad snappy block, a series without a metric name or with unsorted or
-  duplicate labels (Prometheus drops the batch and does not retry);
+  duplicate labels, a sample outside the accepted time window, more labels or longer label names
+  or values than the limits (``Limits``; Prometheus drops the batch and does not retry);
 - 401 without the configured bearer token; 413 body (or its decoded size) over the limit;
   415 wrong Content-Type or Content-Encoding;
-- 503 landing disk full (below ``min_free_bytes`` or a failed write) or more than
-  ``max_in_flight`` requests at once (Prometheus retries 5xx with backoff).
+- 503 landing disk full (below ``min_free_bytes`` or a failed write), a failure of the landing
+  writer on this batch, or more than ``max_in_flight`` requests at once (Prometheus retries 5xx
+  with backoff).
 
 ``POST /api/usage/report`` takes an instance's usage report (seed 001, JSON; see
 billing_dags/usage_reports.py) with the customer's own bearer token (seeds/report_tokens.csv):
@@ -21,7 +23,8 @@ billing_dags/usage_reports.py) with the customer's own bearer token (seeds/repor
   cannot commit (disk full, I/O error), over ``max_in_flight`` or no seeds are configured.
 
 ``GET /metrics`` exposes the receiver's counters (requests by code, samples, staleness markers,
-non-finite values, unknown-customer samples, fsync and decode time); ``GET /-/ready``.
+non-finite values, unknown-customer samples, samples refused for their timestamp, series-cache
+bytes, fsync and decode time); ``GET /-/ready``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import logging
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -56,8 +59,8 @@ from billing_dags.usage_reports import (
 
 from . import wire
 from .customers import CustomerResolver
-from .decode import BadRequest, Decoder, TooLarge
-from .landing import DiskFull, SegmentWriter, recover_orphans
+from .decode import BadRequest, Decoder, Limits, OutOfWindow, TooLarge
+from .landing import DiskFull, SegmentWriter, Unindexable, recover_orphans
 
 log = logging.getLogger("billing_dags.remote_write")
 
@@ -80,6 +83,8 @@ class ReceiverConfig:
     max_report_bytes: int = 64 << 10
     #: the usage-report store; default landing_dir/reports/reports.sqlite
     reports_db: Path | None = None
+    #: sample time window, label count and sizes, series-cache bytes
+    limits: Limits = field(default_factory=Limits)
 
 
 class _Metrics:
@@ -91,6 +96,10 @@ class _Metrics:
         self.stale = Counter(p + "stale_samples", "Staleness markers received (kept in raw, not usage)", registry=r)
         self.nonfinite = Counter(p + "nonfinite_samples", "NaN/Inf samples that are not staleness markers", registry=r)
         self.unknown = Counter(p + "unknown_customer_samples", "Samples of metered series naming no known customer", registry=r)
+        self.out_of_window = Counter(
+            p + "out_of_window_samples", "Samples refused (their request answered 400) for a timestamp outside the accepted window", registry=r
+        )
+        self.cache_bytes = Gauge(p + "series_cache_bytes", "Bytes held by the series cache (bounded by --series-cache-bytes)", registry=r)
         self.metadata = Counter(p + "metadata", "Metric metadata entries received (not stored)", registry=r)
         self.exemplars = Counter(p + "exemplars", "Exemplars received (not stored)", registry=r)
         self.histograms = Counter(p + "histograms", "Native histogram samples received (not stored)", registry=r)
@@ -157,11 +166,13 @@ def create_app(config: ReceiverConfig) -> Starlette:
         resolver = CustomerResolver.from_seeds(config.seeds_dir)
         recovered = recover_orphans(config.landing_dir, resolver)
         for r in recovered:
+            if r.get("quarantined"):  # already logged as an error by landing; status lists it
+                continue
             log.warning(
                 "recovered landing segment %s left by a stopped receiver: %s records, %s torn tail bytes dropped",
                 r["segment"], r.get("records"), r.get("torn_tail_bytes_dropped", 0),
             )
-        state["decoder"] = Decoder(resolver, config.max_decoded_bytes)
+        state["decoder"] = Decoder(resolver, config.max_decoded_bytes, limits=config.limits)
         wire.parse(b"")  # load the compiled reader now rather than in the first request
         state["writer"] = SegmentWriter(
             config.landing_dir,
@@ -222,6 +233,9 @@ def create_app(config: ReceiverConfig) -> Starlette:
                 batch = await loop.run_in_executor(state["pool"], state["decoder"].decode, body)
             except TooLarge as e:
                 return answer(413, str(e))
+            except OutOfWindow as e:
+                metrics.out_of_window.inc(e.samples)
+                return answer(400, str(e))
             except BadRequest as e:
                 return answer(400, str(e))
             metrics.decode_cpu.inc(batch.decode_cpu_s)
@@ -234,6 +248,8 @@ def create_app(config: ReceiverConfig) -> Starlette:
                 except DiskFull as e:
                     log.error("landing write failed, answering 503: %s", e)
                     return answer(503, "landing write failed (disk full or I/O error); retry later")
+                except Unindexable as e:  # the decoder's window is inside the landing's: a safety net
+                    return answer(400, str(e))
                 metrics.samples.inc(batch.samples)
                 metrics.stale.inc(batch.stale)
                 metrics.nonfinite.inc(batch.nonfinite)
@@ -312,6 +328,7 @@ def create_app(config: ReceiverConfig) -> Starlette:
         if writer is not None:
             metrics.fsyncs.set(writer.fsyncs)
             metrics.fsync_seconds.set(writer.fsync_seconds)
+            metrics.cache_bytes.set(state["decoder"].cache_bytes)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def ready(request: Request) -> Response:

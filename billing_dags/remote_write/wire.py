@@ -5,6 +5,8 @@ fields first, then one or a few samples per series. ``parse`` walks those bytes 
 code (numba, GIL released) and returns, per series, the byte span of its encoded label fields
 (the receiver's series-cache key; labels are parsed and validated by the protobuf runtime only on
 a cache miss) and its sample count, and per sample the timestamp and the value's exact 64 bits.
+In the same pass it counts the samples whose timestamp is outside the accepted window
+``[lo, hi]`` and remembers the first of them (series index, timestamp).
 
 It reads a subset of the format on purpose. Anything else — a malformed or truncated message,
 an unexpected wire type, a group, a label field after a sample, exemplars, native
@@ -83,8 +85,9 @@ def _field(tag):
 
 
 @njit(cache=True, nogil=True)
-def _parse(buf, lab_start, lab_end, counts, ts, bits):
-    """Fill the output arrays; returns (status, n_series, n_samples)."""
+def _parse(buf, lab_start, lab_end, counts, ts, bits, lo, hi, window):
+    """Fill the output arrays and ``window`` (samples outside [lo, hi], the first one's series
+    index and timestamp); returns (status, n_series, n_samples)."""
     end = len(buf)
     p = 0
     n_series = 0
@@ -135,6 +138,11 @@ def _parse(buf, lab_start, lab_end, counts, ts, bits):
                         p = _skip(buf, p, msg_end, wt)
                         if p < 0:
                             return _FALLBACK, 0, 0
+                if t < lo or t > hi:
+                    if window[0] == 0:
+                        window[1] = n_series
+                        window[2] = t
+                    window[0] += 1
                 ts[n_samples] = t
                 bits[n_samples] = v
                 n_samples += 1
@@ -156,17 +164,28 @@ class Parsed(NamedTuple):
     counts: np.ndarray  # int64 per series: samples
     ts: np.ndarray  # int64 per sample, ms
     value: np.ndarray  # float64 per sample, the exact bits sent
+    #: samples with a timestamp outside [lo, hi], and the first one's (series index, timestamp)
+    out_of_window: int = 0
+    first_out_of_window: tuple[int, int] | None = None
 
 
-def parse(data: bytes) -> Parsed | None:
+_INT64 = np.iinfo(np.int64)
+
+
+def parse(data: bytes, lo: int = _INT64.min, hi: int = _INT64.max) -> Parsed | None:
     """The series and samples of a serialized WriteRequest, or None: decode it with the protobuf runtime."""
     buf = np.frombuffer(data, dtype=np.uint8)
     # every TimeSeries and every Sample takes at least 2 bytes on the wire (tag + length)
     cap = len(data) // 2 + 1
     out = np.empty((5, cap), dtype=np.int64)  # one allocation: series starts, ends, counts; sample ts, value bits
     lab_start, lab_end, counts, ts, bits = out
-    status, n_series, n_samples = _parse(buf, lab_start, lab_end, counts, ts, bits)
+    window = np.zeros(3, dtype=np.int64)
+    status, n_series, n_samples = _parse(buf, lab_start, lab_end, counts, ts, bits, np.int64(lo), np.int64(hi), window)
     if status != _OK:
         return None
     keys = [data[a:b] for a, b in zip(lab_start[:n_series].tolist(), lab_end[:n_series].tolist())]
-    return Parsed(keys, counts[:n_series].copy(), ts[:n_samples].copy(), bits[:n_samples].copy().view(np.float64))
+    n_out, series_index, first_ts = window.tolist()
+    return Parsed(
+        keys, counts[:n_series].copy(), ts[:n_samples].copy(), bits[:n_samples].copy().view(np.float64),
+        n_out, (series_index, first_ts) if n_out else None,
+    )
