@@ -194,6 +194,7 @@ def run_month(
     """Materialize every asset for ``month``: seeds, each day in order, the month, the views."""
     import dagster as dg
 
+    _seeds(paths)  # a bad seed stops here with its file, line and fix, before any run starts
     defs, instance = _definitions(paths)
     sim = {"seed": seed, "interval_s": interval_s, "customers": customers}
     t0 = time.perf_counter()

@@ -50,6 +50,7 @@ from typing import Any, Iterable, Mapping
 
 from . import __version__
 from . import credits as _credits
+from . import flags as _flags
 from .raw import sample_files
 from .seeds import SAFE_ID_RE, seeds_digest
 from .settings import DEFAULT_GRACE_DAYS, PROJECT_ROOT, Paths
@@ -870,6 +871,45 @@ def build_invoices(
             }
         )
     return invoices
+
+
+def uninvoiced_customers(
+    month: date,
+    subscriptions: Iterable[Mapping],
+    usage: Iterable[Mapping],
+    invoiced: Iterable[str],
+    flags: Iterable[Mapping],
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Customers with a subscription or usage in ``month`` and no invoice: (silently unbilled, named).
+
+    ``subscriptions`` are seed rows, ``usage`` the month's fct_usage_by_month rows, ``flags`` its
+    fct_anomaly_flags rows. A customer subscribed in the month must have an invoice. One with usage
+    and no subscription in the month has none to have: its usage must be named by a flag of
+    ``OUTSIDE_SUBSCRIPTION_RULES``, else nobody would know it is billed to nobody.
+    """
+    start, end = _month_start(month), period_end(month)
+    invoiced = set(invoiced)
+    subscribed: dict[str, list[str]] = {}
+    for sub in subscriptions:
+        if sub["start_date"] < end and (sub["end_date"] is None or sub["end_date"] > start):
+            subscribed.setdefault(sub["customer_id"], []).append(sub["plan_id"])
+    used = {
+        r["customer_id"] for r in usage
+        if any((r[c] or 0) > 0 for c in ("usage", "gauge_peak", "gauge_integral"))
+    }
+    named: dict[str, set[str]] = {}
+    for f in flags:
+        if f["rule"] in _flags.OUTSIDE_SUBSCRIPTION_RULES:
+            named.setdefault(f["customer_id"], set()).add(f"{f['rule']} on {f['meter_id']}")
+    unbilled, with_reason = {}, {}
+    for cid in sorted((set(subscribed) | used) - invoiced):
+        if cid in subscribed:
+            unbilled[cid] = f"subscribed to {', '.join(sorted(subscribed[cid]))} in the month, no invoice"
+        elif cid in named:
+            with_reason[cid] = "flagged " + ", ".join(sorted(named[cid]))
+        else:
+            unbilled[cid] = "usage in the month, no subscription, no invoice"
+    return unbilled, with_reason
 
 
 # --------------------------------------------------------------------------- manifest and code version

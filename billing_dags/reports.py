@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from .flags import OUTSIDE_SUBSCRIPTION_RULES
 from .settings import Paths
 from .sqlmodels import Window, load_project, partition_file, seed_snapshot_path
 
@@ -32,6 +33,8 @@ class DailySummary:
     meters: list[dict]
     top_by_bytes: list[dict]
     flags: list[dict]
+    #: "customer (meter, ...)" for usage on a day no subscription covers: on no invoice
+    outside_subscription: list[str]
 
 
 def _read(path: Path) -> list[dict]:
@@ -57,6 +60,10 @@ def build_daily_summary(paths: Paths, day: date) -> DailySummary:
         if r["meter_id"] in byte_meters and r["usage"]:
             per_customer[r["customer_id"]] = per_customer.get(r["customer_id"], Decimal(0)) + r["usage"]
     top = sorted(per_customer.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+    outside: dict[str, set[str]] = {}
+    for f in flags:
+        if f["rule"] in OUTSIDE_SUBSCRIPTION_RULES:
+            outside.setdefault(f["customer_id"], set()).add(f["meter_id"])
     meter_rows = []
     for meter_id in sorted({r["meter_id"] for r in usage}):
         rows = [r for r in usage if r["meter_id"] == meter_id]
@@ -77,6 +84,7 @@ def build_daily_summary(paths: Paths, day: date) -> DailySummary:
         meters=meter_rows,
         top_by_bytes=[{"rank": i + 1, "customer": c, "bytes": b, "gib": (b / GIB).quantize(Decimal("0.001"))} for i, (c, b) in enumerate(top)],
         flags=sorted(flags, key=lambda f: ({"critical": 0, "warning": 1, "info": 2}[f["severity"]], f["customer_id"], f["meter_id"], f["rule"])),
+        outside_subscription=[f"{c} ({', '.join(sorted(m))})" for c, m in sorted(outside.items())],
     )
 
 
@@ -93,6 +101,7 @@ def to_markdown(s: DailySummary) -> str:
         f"- Peak proxy connections (sum of per-client peaks): {_n(s.peak_connections)}",
         f"- Bytes transferred: {_n(s.bytes_total)} ({_n((s.bytes_total / GIB).quantize(Decimal('0.001')))} GiB)",
         f"- Shares accepted / rejected: {_n(s.shares_accepted)} / {_n(s.shares_rejected)}",
+        f"- Usage outside any subscription (not billed): {'; '.join(s.outside_subscription) or 'none'}",
         "",
         "## Top 10 customers by bytes",
         "",
@@ -133,7 +142,8 @@ def to_html(s: DailySummary) -> str:
         f"<li>Active customers: {s.active_customers}</li>"
         f"<li>Peak proxy connections: {e(_n(s.peak_connections))}</li>"
         f"<li>Bytes transferred: {e(_n(s.bytes_total))}</li>"
-        f"<li>Shares accepted / rejected: {e(_n(s.shares_accepted))} / {e(_n(s.shares_rejected))}</li></ul>"
+        f"<li>Shares accepted / rejected: {e(_n(s.shares_accepted))} / {e(_n(s.shares_rejected))}</li>"
+        f"<li>Usage outside any subscription (not billed): {e('; '.join(s.outside_subscription) or 'none')}</li></ul>"
         "<h2>Top 10 customers by bytes</h2>"
         + table(["#", "customer", "bytes", "GiB"], [[t["rank"], t["customer"], _n(t["bytes"]), _n(t["gib"])] for t in s.top_by_bytes])
         + "<h2>Meters</h2>"

@@ -27,7 +27,7 @@ PACKAGE_ROUNDING = {"up", "down", "half_up"}
 ANOMALY_RULES = {
     "week_over_week", "allowance_used", "outlier_mad", "scrape_gap", "counter_resets",
     "reappeared_series", "dropped_samples", "unmatched_series", "rate_per_minute", "pool_share_mismatch",
-    "unpriced_usage",
+    "unpriced_usage", "outside_subscription", "outside_subscription_unpriced",
 }
 #: where a customer's usage arrives from (the simulator follows it; informational otherwise)
 USAGE_SOURCES = {"prometheus", "usage_events", "usage_reports"}
@@ -431,6 +431,7 @@ def _check_references(seeds_dir: Path, t: dict[str, pa.Table]) -> None:
         plans.setdefault(p["plan_id"], []).append(p)
     versions = {(p["plan_id"], p["version"]) for ps in plans.values() for p in ps}
     priced: dict[tuple, dict] = {}
+    by_meter: dict[tuple, dict[bool, dict]] = {}
     for p in _rows(t["prices"]):
         if (p["plan_id"], p["version"]) not in versions:
             raise fail("prices", p, f"plan {p['plan_id']!r} version {p['version']} is not in plans.csv; add the plan or fix the id")
@@ -438,6 +439,17 @@ def _check_references(seeds_dir: Path, t: dict[str, pa.Table]) -> None:
             raise fail("prices", p, f"meter {p['meter_id']!r} is not in meters.csv; add the meter or fix the id")
         if p["dimension"] and not meters[p["meter_id"]]["dimension_label"]:
             raise fail("prices", p, f"dimension {p['dimension']!r} given but meter {p['meter_id']!r} has no dimension_label; leave dimension empty")
+        # a row with an empty dimension prices the meter over every dimension: beside per-dimension
+        # rows of the same meter and plan version it would bill the same usage a second time
+        rows_of_meter = by_meter.setdefault((p["plan_id"], p["version"], p["meter_id"]), {})
+        rows_of_meter.setdefault(p["dimension"] == "", p)
+        if len(rows_of_meter) == 2:
+            catch_all, specific = rows_of_meter[True], rows_of_meter[False]
+            raise fail("prices", catch_all, (
+                f"this row prices meter {p['meter_id']!r} on plan {p['plan_id']} v{p['version']} in every dimension, and line "
+                f"{specific['seed_line']} prices its dimension {specific['dimension']!r}: that usage would be billed twice; "
+                "give this row a dimension of its own, or remove the per-dimension rows of the meter"
+            ))
         priced[(p["plan_id"], p["version"], p["meter_id"], p["dimension"])] = p
     tiers: dict[tuple, list[dict]] = {}
     for r in _rows(t["price_tiers"]):
@@ -492,6 +504,13 @@ def _check_references(seeds_dir: Path, t: dict[str, pa.Table]) -> None:
         currency = customers[sub["customer_id"]]["currency"]
         if any(p["currency"] != currency for p in plans[sub["plan_id"]]):
             raise fail("subscriptions", sub, f"plan {sub['plan_id']!r} is not priced in the customer's currency {currency!r}; use a plan in {currency}")
+        first = min(plans[sub["plan_id"]], key=lambda p: p["effective_from"])
+        if sub["start_date"] < first["effective_from"]:
+            raise fail("subscriptions", sub, (
+                f"start_date {sub['start_date']} is before the first version of plan {sub['plan_id']!r} (version {first['version']}, "
+                f"effective {first['effective_from']}, plans.csv line {first['seed_line']}): no price is in force on its first days; "
+                f"start it on or after {first['effective_from']}, or add a version of the plan effective on or before {sub['start_date']}"
+            ))
         if sub["end_date"] is not None and sub["end_date"] <= sub["start_date"]:
             raise fail("subscriptions", sub, f"end_date {sub['end_date']} is not after start_date {sub['start_date']} (end_date is exclusive)")
         periods.setdefault(sub["customer_id"], []).append(sub)

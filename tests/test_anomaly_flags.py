@@ -116,3 +116,88 @@ def test_usage_of_an_unknown_llm_model_is_flagged_critical_not_priced_at_zero():
     assert flag["severity"] == "critical" and flag["value"] == 1
     assert "gpt-9-preview (5000)" in flag["detail"] and "gpt-4o (" not in flag["detail"]
     assert not [k for k in flags([known], []) if k[2] == "unpriced_usage"]
+
+
+def _seeds_with_an_unsubscribed_customer(tmp_path):
+    """The real seeds plus mp-nosub, a customer with no subscription at all."""
+    import shutil
+
+    from sql_helpers import SEEDS_DIR
+
+    seeds = tmp_path / "seeds"
+    shutil.copytree(SEEDS_DIR, seeds)
+    with (seeds / "customers.csv").open("a") as f:
+        f.write("mp-nosub,Miner no subscription,proxy,miner-nosub,usd,,prometheus\n")
+    return seeds
+
+
+def _flags_of_day(seeds_dir, day: date, days: list[dict]) -> dict:
+    from sql_helpers import seed_tables
+
+    with Runner(seed_tables(seeds_dir)) as r:
+        r.set_raw({}, SERIES)
+        r.set_table("external_pool_shares", pa.Table.from_pylist([], schema=POOL_SCHEMA))
+        r.set_table("fct_usage_by_day", pa.Table.from_pylist(days, schema=DAY_SCHEMA))
+        r.set_table("fct_series_edges_by_day", pa.Table.from_pylist([], schema=EDGE_SCHEMA))
+        rows = r.run("fct_anomaly_flags", day_window(day)).to_pylist()
+    return {(f["customer_id"], f["meter_id"], f["rule"]): f for f in rows}
+
+
+OUTSIDE = ("outside_subscription", "outside_subscription_unpriced")
+
+
+def test_usage_outside_every_subscription_is_flagged(tmp_path):
+    seeds = _seeds_with_an_unsubscribed_customer(tmp_path)
+    # tb-004 joins testbed_basic on 2026-10-10 (which prices API calls): 1,000 calls on the 5th are on no invoice
+    before = date(2026, 10, 5)
+    got = _flags_of_day(seeds, before, [
+        day_row(before, "tb-004", "testbed_api_calls", usage=1000),
+        day_row(before, "tb-001", "testbed_api_calls", usage=500),  # subscribed since 2025: billed
+    ])
+    flag = got[("tb-004", "testbed_api_calls", "outside_subscription")]
+    assert flag["severity"] == "critical" and flag["value"] == 1000
+    assert "before the subscription to testbed_basic starting 2026-10-10" in flag["detail"]
+    assert not [k for k in got if k[0] == "tb-001" and k[2] in OUTSIDE]
+
+    # k8s-005 left k8s_starter on 2026-10-21 (exclusive): 5 GiB of network on the 25th
+    after = date(2026, 10, 25)
+    got = _flags_of_day(seeds, after, [day_row(after, "k8s-005", "k8s_network", usage=5 * GIB)])
+    flag = got[("k8s-005", "k8s_network", "outside_subscription")]
+    assert flag["severity"] == "critical" and flag["value"] == 5 * GIB
+    assert "after the subscription to k8s_starter ended 2026-10-21" in flag["detail"]
+
+    # mp-nosub has no subscription: 2 GiB (a meter plans price) is critical; rejected shares, which
+    # no plan prices, change no money: a warning
+    got = _flags_of_day(seeds, D, [
+        day_row(D, "mp-nosub", "proxy_bytes", usage=2 * GIB),
+        day_row(D, "mp-nosub", "proxy_rejected_shares", usage=7),
+        day_row(D, "tb-004", "testbed_api_calls", usage=1000),  # subscribed by now
+    ])
+    flag = got[("mp-nosub", "proxy_bytes", "outside_subscription")]
+    assert flag["severity"] == "critical" and flag["value"] == 2 * GIB and "no subscription" in flag["detail"]
+    flag = got[("mp-nosub", "proxy_rejected_shares", "outside_subscription_unpriced")]
+    assert flag["severity"] == "warning" and flag["value"] == 7
+    assert ("mp-nosub", "proxy_rejected_shares", "outside_subscription") not in got
+    assert not [k for k in got if k[0] == "tb-004" and k[2] in OUTSIDE]
+
+
+def test_daily_summary_lists_usage_outside_every_subscription(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from billing_dags.cli import main
+
+    seeds = _seeds_with_an_unsubscribed_customer(tmp_path)
+    days = [
+        day_row(D, "mp-nosub", "proxy_bytes", usage=2 * GIB),
+        day_row(D, "mp-003", "proxy_bytes", usage=GIB),
+    ]
+    flags_rows = list(_flags_of_day(seeds, D, days).values())
+    data = tmp_path / "data"
+    for model, rows, schema in (("fct_usage_by_day", days, DAY_SCHEMA), ("fct_anomaly_flags", flags_rows, None)):
+        f = data / "models" / model / f"day={D}" / "data.parquet"
+        f.parent.mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
+    assert main(["--data-dir", str(data), "--seeds-dir", str(seeds), "report", "daily", "--date", str(D)]) == 0
+    out = capsys.readouterr().out
+    assert "- Usage outside any subscription (not billed): mp-nosub (proxy_bytes)" in out
+    assert "| critical | mp-nosub | proxy_bytes | outside_subscription |" in out

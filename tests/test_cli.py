@@ -122,3 +122,41 @@ def test_run_a_month_in_process_then_show_invoices_usage_and_sql(capsys, paths):
     assert code == 0 and {r["meter"] for r in json.loads(out)} >= {"proxy_bytes", "proxy_accepted_shares"}
     code, out, err = run_cli(capsys, "sql", "select count(distinct day) as days from fct_usage_by_day", "--format", "json")
     assert code == 0 and json.loads(out) == [{"days": 28}]
+
+
+def _append(path, line: str) -> int:
+    """Append one CSV row; returns its line number in the file."""
+    with path.open("a") as f:
+        f.write(line + "\n")
+    return len(path.read_text().splitlines())
+
+
+def test_run_rejects_a_subscription_that_starts_before_its_plans_first_version(capsys, paths, small_seeds):
+    # the plan's only version is in force from 2026-10-15; a subscription from 2026-10-01 would have
+    # no price on its first 14 days (the model used to drop the whole period: no invoice, exit 0)
+    plan_line = _append(small_seeds / "plans.csv", "proxy_new,1,2026-10-15,Proxy new,proxy,usd,31.00,0,0,1,new plan")
+    _append(small_seeds / "prices.csv", "proxy_new,1,proxy_bytes,,0,,per_unit,0.10,1,up,$0.10 per GiB")
+    _append(small_seeds / "customers.csv", "mp-new,Miner new,proxy,miner-new,usd,,prometheus")
+    sub_line = _append(small_seeds / "subscriptions.csv", "mp-new,proxy_new,2026-10-01,")
+    code, out, err = run_cli(capsys, "run", "--month", "2026-02")
+    assert code == 2
+    assert f"subscriptions.csv:{sub_line}:" in err, err
+    assert f"plans.csv line {plan_line}" in err and "2026-10-15" in err
+    assert "start it on or after 2026-10-15" in err  # the fix
+    assert "Traceback" not in err and "Stack Trace" not in err
+
+
+def test_run_rejects_a_catch_all_price_beside_per_model_prices(capsys, paths, small_seeds):
+    # llm_payg prices llm_input_tokens per model ($2.50 per 1M gpt-4o tokens); a row with an empty
+    # dimension ($1.00 per 1M, every model) would bill the same 1M gpt-4o tokens $2.50 + $1.00
+    gpt4o_line = next(
+        i for i, l in enumerate((small_seeds / "prices.csv").read_text().splitlines(), 1)
+        if l.startswith("llm_payg,1,llm_input_tokens,gpt-4o,")
+    )
+    line = _append(small_seeds / "prices.csv", "llm_payg,1,llm_input_tokens,,0,,per_unit,1.00,1,up,$1.00 per 1M tokens")
+    code, out, err = run_cli(capsys, "run", "--month", "2026-02")
+    assert code == 2
+    assert f"prices.csv:{line}:" in err, err
+    assert f"line {gpt4o_line}" in err and "billed twice" in err
+    assert "give this row a dimension" in err  # the fix
+    assert "Traceback" not in err and "Stack Trace" not in err

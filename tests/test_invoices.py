@@ -490,3 +490,32 @@ def test_stored_invoices_listing_matches_the_globs(tmp_path):
     (d / "2025-01" / "beta.json").write_text("{ not json")
     with pytest.raises(Exception, match="stored invoice is unreadable"):
         cr.StoredInvoices(d).invoices("beta")
+
+
+def test_customers_subscribed_or_using_the_service_without_an_invoice_are_named():
+    oct_ = date(2026, 10, 1)
+
+    def sub(cid, plan, start, end=None):
+        return {"customer_id": cid, "plan_id": plan, "start_date": date.fromisoformat(start), "end_date": end and date.fromisoformat(end)}
+
+    def use(cid, usage=None, peak=None):
+        return {"customer_id": cid, "usage": usage, "gauge_peak": peak, "gauge_integral": None}
+
+    subs = [
+        sub("acme", "pro", "2025-01-01"),
+        sub("late", "proxy_new", "2026-10-01"),  # its period was dropped: no invoice line
+        sub("gone", "pro", "2025-01-01", "2026-10-01"),  # ended before October: nothing expected
+        sub("joiner", "pro", "2026-10-31"),  # one day of October: expected
+    ]
+    usage = [use("acme", usage=Decimal(5)), use("nosub", usage=Decimal(7)), use("flagged", peak=Decimal(3)),
+             use("idle", usage=Decimal(0))]
+    flags = [{"customer_id": "flagged", "meter_id": "iot_devices", "rule": "outside_subscription"},
+             {"customer_id": "nosub", "meter_id": "proxy_bytes", "rule": "scrape_gap"}]  # names nothing about billing
+    unbilled, named = inv.uninvoiced_customers(oct_, subs, usage, {"acme"}, flags)
+    assert unbilled == {
+        "joiner": "subscribed to pro in the month, no invoice",
+        "late": "subscribed to proxy_new in the month, no invoice",
+        "nosub": "usage in the month, no subscription, no invoice",
+    }
+    assert named == {"flagged": "flagged outside_subscription on iot_devices"}
+    assert inv.uninvoiced_customers(oct_, subs, usage, {"acme", "late", "joiner", "nosub"}, flags)[0] == {}

@@ -8,6 +8,7 @@ from datetime import date, timedelta
 from decimal import Decimal
 
 import dagster as dg
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -135,6 +136,7 @@ def test_invoices_written_and_total_is_sum_of_lines(month_run):
     assert checks["daily_sum_equals_month"] is True
     assert checks["total_equals_sum_of_lines"] is True
     assert checks["amounts_are_whole_minor_units"] is True
+    assert checks["every_customer_invoiced"] is True
 
 
 def test_rerunning_a_day_and_the_month_reproduces_files_byte_for_byte(month_run):
@@ -252,3 +254,43 @@ def test_metrics_textfile_asset_writes_parseable_exposition(month_run):
     text = (paths.data_dir / "metrics" / "billing.prom").read_text()
     names = {f.name for f in text_string_to_metric_families(text)}
     assert "billing_currency_minor_per_major" in names
+
+
+def test_a_customer_with_usage_and_no_invoice_fails_the_blocking_check_unless_a_flag_names_why(paths, small_seeds):
+    """mp-nosub has usage in October 2026 and no subscription: no invoice line can bill it. Without a flag
+    naming it (the outside_subscription rules removed), the invoices asset fails its blocking check."""
+    from test_projection import DAY_SCHEMA, day_row
+
+    with (small_seeds / "customers.csv").open("a") as f:
+        f.write("mp-nosub,Miner no subscription,proxy,miner-nosub,usd,,prometheus\n")
+    rules = (small_seeds / "anomaly_rules.csv").read_text().splitlines(keepends=True)
+    (small_seeds / "anomaly_rules.csv").write_text("".join(r for r in rules if not r.startswith("outside_subscription")))
+    day = date(2026, 10, 5)
+    f = paths.models / "fct_usage_by_day" / f"day={day}" / "data.parquet"
+    f.parent.mkdir(parents=True)
+    rows = [day_row(day, "mp-001", "proxy_bytes", usage=2**30), day_row(day, "mp-nosub", "proxy_bytes", usage=2 * 2**30)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=DAY_SCHEMA), f)
+    instance = dg.DagsterInstance.ephemeral()
+    _materialize(paths, instance, [k for a in ASSETS for k in a.keys if a.group_names_by_key.get(k) == "seeds"])
+    month = _keys(billing_monthly)
+    result = dg.materialize(
+        ASSETS, selection=month, partition_key="2026-10-01", resources=_resources(paths), instance=instance, raise_on_error=False
+    )
+    assert not result.success
+    check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "every_customer_invoiced")
+    assert check.passed is False and check.blocking
+    assert check.metadata["unbilled"].value == {"mp-nosub": "usage in the month, no subscription, no invoice"}
+    assert sorted(p.stem for p in (paths.invoices / "2026-10").glob("*.json")) == ["iot-001", "k8s-001", "llm-001", "mp-001", "tb-001"]
+
+    # the daily flag (as fct_anomaly_flags raises it) names why mp-nosub has no invoice: the check passes
+    flag = {
+        "day": day, "customer_id": "mp-nosub", "meter_id": "proxy_bytes", "rule": "outside_subscription",
+        "value": Decimal(2 * 2**30), "threshold": Decimal(0), "severity": "critical", "rule_description": "", "detail": "",
+    }
+    f = paths.models / "fct_anomaly_flags" / f"day={day}" / "data.parquet"
+    f.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([flag]), f)
+    result = _materialize(paths, instance, [dg.AssetKey("invoices")], partition_key="2026-10-01")
+    check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "every_customer_invoiced")
+    assert check.passed is True
+    assert check.metadata["not_invoiced_with_reason"].value == {"mp-nosub": "flagged outside_subscription on proxy_bytes"}

@@ -11,6 +11,7 @@ import csv
 import shutil
 from datetime import date, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -162,3 +163,57 @@ def test_plan_version_in_force_at_period_start():
     assert total(oct_lines, "mp-003") == 605
     assert total(sep_lines, "mp-003") == 515
     assert {l["plan_version"] for l in oct_lines if l["customer_id"] == "mp-003"} == {2}
+
+
+def _seeds_with_a_late_plan(tmp_path, start: str) -> Path:
+    """The real seeds plus proxy_new (one version, in force from 2026-10-15: $31 a month, $0.10 per GiB)
+    and mp-new subscribed to it from ``start``."""
+    seeds = tmp_path / "seeds"
+    shutil.copytree(SEEDS_DIR, seeds)
+    for name, row in (
+        ("plans.csv", ["proxy_new", 1, "2026-10-15", "Proxy new", "proxy", "usd", "31.00", "0", "0", "1", "new plan"]),
+        ("prices.csv", ["proxy_new", 1, "proxy_bytes", "", "0", "", "per_unit", "0.10", 1, "up", "$0.10 per GiB"]),
+        ("customers.csv", ["mp-new", "Miner new", "proxy", "miner-new", "usd", "", "prometheus"]),
+        ("subscriptions.csv", ["mp-new", "proxy_new", start, ""]),
+    ):
+        with (seeds / name).open("a", newline="") as f:
+            csv.writer(f).writerow(row)
+    return seeds
+
+
+def test_a_period_with_no_plan_version_in_force_fails_instead_of_vanishing(tmp_path):
+    # seed validation rejects such a subscription; read file by file (no cross-checks) the model
+    # must still not drop the period silently: it used to return no row (no invoice, no error)
+    from billing_dags.seeds import SPECS, read_seed
+    from billing_dags.sqlmodels import ModelError
+
+    seeds = _seeds_with_a_late_plan(tmp_path, "2026-10-01")
+    unchecked = {name: read_seed(seeds, name) for name in SPECS}
+    rows = [day_row(date(2026, 10, 20), "mp-new", "proxy_bytes", usage=10 * GIB)]
+    with pytest.raises(ModelError, match=r"mp-new.*proxy_new.*2026-10-01.*no version"):
+        bill(rows, OCT, unchecked)
+
+
+def test_a_subscription_from_its_plans_first_version_is_billed(tmp_path):
+    # mp-new on proxy_new from 2026-10-15: 17 of 31 days. Base fee $31 x 17/31 = $17.00;
+    # 10 GiB on the 20th x $0.10 = $1.00. Total $18.00.
+    seeds = seed_tables(_seeds_with_a_late_plan(tmp_path, "2026-10-15"))
+    lines = bill([day_row(date(2026, 10, 20), "mp-new", "proxy_bytes", usage=10 * GIB)], OCT, seeds)
+    assert lines_of(lines, "mp-new") == [("base_fee", None, 1700), ("usage", "proxy_bytes", 100)]
+    assert total(lines, "mp-new") == 1800
+
+
+def test_catch_all_price_beside_per_model_prices_is_rejected(tmp_path):
+    # with both, 1M gpt-4o input tokens would be billed $2.50 (gpt-4o row) + $1.00 (catch-all row)
+    from billing_dags.seeds import SeedError
+
+    seeds = tmp_path / "seeds"
+    shutil.copytree(SEEDS_DIR, seeds)
+    with (seeds / "prices.csv").open("a", newline="") as f:
+        csv.writer(f).writerow(["llm_payg", 1, "llm_input_tokens", "", "0", "", "per_unit", "1.00", 1, "up", "$1.00 per 1M"])
+    line = len((seeds / "prices.csv").read_text().splitlines())
+    with pytest.raises(SeedError, match=rf"prices.csv:{line}: .*llm_input_tokens.*billed twice"):
+        seed_tables(seeds)
+    # the shipped per-model rows alone: 1M gpt-4o input tokens = $2.50
+    lines = bill([{**day_row(date(2026, 10, 2), "llm-001", "llm_input_tokens", usage=1_000_000), "dimension": "gpt-4o"}], OCT)
+    assert [(l["dimension"], l["amount_minor"]) for l in lines if l["customer_id"] == "llm-001" and l["amount_minor"]] == [("gpt-4o", 250)]

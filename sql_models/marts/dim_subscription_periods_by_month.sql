@@ -37,6 +37,7 @@ periods as (
 versioned as (
     select
         periods.customer_id,
+        periods.plan_id as subscribed_plan_id,
         periods.period_start,
         periods.period_end,
         plans.plan_id,
@@ -48,7 +49,7 @@ versioned as (
         plans.discount_percent,
         plans.risk_multiplier
     from periods
-    inner join plans
+    left join plans
         on periods.plan_id = plans.plan_id
         and plans.effective_from <= periods.period_start
     qualify row_number() over (
@@ -57,34 +58,50 @@ versioned as (
     ) = 1
 ),
 
+-- a period with no version of its plan in force would bill nothing: fail, never drop it (seed
+-- validation rejects a subscription that starts before its plan's first version)
+in_force as (
+    select
+        * replace (
+            case
+                when plan_version is null then error(
+                    'subscription of ' || customer_id || ' to plan ' || subscribed_plan_id || ' from ' || period_start
+                    || ': no version of the plan is in force; start it on or after the first version''s effective_from in plans.csv'
+                )
+                else plan_version
+            end as plan_version
+        )
+    from versioned
+),
+
 final as (
     select
         $start_date::date as month,
-        versioned.customer_id,
+        in_force.customer_id,
         customers.customer_name,
-        versioned.period_start,
-        versioned.period_end,
-        date_diff('day', versioned.period_start, versioned.period_end)::bigint as period_days,
+        in_force.period_start,
+        in_force.period_end,
+        date_diff('day', in_force.period_start, in_force.period_end)::bigint as period_days,
         date_diff('day', $start_date::date, $end_date::date)::bigint as month_days,
         ($end_ms - $start_ms)::bigint as month_ms,
-        versioned.plan_id,
-        versioned.plan_version,
-        versioned.plan_name,
-        versioned.currency,
-        versioned.base_fee,
-        versioned.minimum_charge,
-        versioned.discount_percent,
-        versioned.risk_multiplier,
+        in_force.plan_id,
+        in_force.plan_version,
+        in_force.plan_name,
+        in_force.currency,
+        in_force.base_fee,
+        in_force.minimum_charge,
+        in_force.discount_percent,
+        in_force.risk_multiplier,
         currencies.minor_unit_exponent,
         cast(pow(10, currencies.minor_unit_exponent) as bigint) as minor_per_major,
         -- the plan the invoice is headed with: the last period of the month
-        row_number() over (partition by versioned.customer_id order by versioned.period_start desc) = 1
+        row_number() over (partition by in_force.customer_id order by in_force.period_start desc) = 1
             as is_invoice_plan
-    from versioned
+    from in_force
     inner join customers
-        on versioned.customer_id = customers.customer_id
+        on in_force.customer_id = customers.customer_id
     inner join currencies
-        on versioned.currency = currencies.currency
+        on in_force.currency = currencies.currency
 )
 
 select * from final

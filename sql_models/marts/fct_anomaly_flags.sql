@@ -199,6 +199,52 @@ unpriced as (
     group by today.customer_id, today.meter_id
 ),
 
+-- usage on a day no subscription of the customer covers (before it starts, after it ends, or none
+-- at all) is on no invoice; it would change money when a plan prices the meter: one of the
+-- customer's plans, or any plan for a customer with no subscription
+uncovered as (
+    select
+        today.customer_id,
+        today.meter_id,
+        sum(coalesce(today.usage, today.gauge_peak)) as quantity
+    from today
+    where coalesce(today.usage, today.gauge_peak) > 0
+        and not exists (
+            select 1 from subscriptions
+            where subscriptions.customer_id = today.customer_id
+                and subscriptions.start_date <= $start_date::date
+                and coalesce(subscriptions.end_date, $end_date::date) > $start_date::date
+        )
+    group by today.customer_id, today.meter_id
+),
+
+uncovered_context as (
+    select
+        uncovered.customer_id,
+        uncovered.meter_id,
+        uncovered.quantity,
+        exists (
+            select 1 from prices
+            inner join subscriptions
+                on prices.plan_id = subscriptions.plan_id
+            where prices.meter_id = uncovered.meter_id and subscriptions.customer_id = uncovered.customer_id
+        ) or (
+            exists (select 1 from prices where prices.meter_id = uncovered.meter_id)
+            and not exists (select 1 from subscriptions where subscriptions.customer_id = uncovered.customer_id)
+        ) as priced,
+        (
+            select arg_max(subscriptions.plan_id || ' ended ' || subscriptions.end_date, subscriptions.end_date)
+            from subscriptions
+            where subscriptions.customer_id = uncovered.customer_id and subscriptions.end_date <= $start_date::date
+        ) as ended,
+        (
+            select arg_min(subscriptions.plan_id || ' starting ' || subscriptions.start_date, subscriptions.start_date)
+            from subscriptions
+            where subscriptions.customer_id = uncovered.customer_id and subscriptions.start_date > $start_date::date
+        ) as starting
+    from uncovered
+),
+
 unmatched as (
     select
         series.meter_id,
@@ -276,6 +322,20 @@ candidates as (
     select customer_id, meter_id, 'unpriced_usage', dimensions::decimal(38, 9),
         'usage no price row of the plan covers (not billed): ' || detail
     from unpriced
+    union all
+    select customer_id, meter_id,
+        case when priced then 'outside_subscription' else 'outside_subscription_unpriced' end,
+        quantity::decimal(38, 9),
+        fmt_decimal(quantity) || ' used (base units) '
+            || case
+                when ended is not null and starting is not null
+                    then 'between the subscription to ' || ended || ' and the one to ' || starting
+                when ended is not null then 'after the subscription to ' || ended
+                when starting is not null then 'before the subscription to ' || starting
+                else 'with no subscription'
+            end
+            || ': on no invoice'
+    from uncovered_context
     union all
     select '' as customer_id, meter_id, 'unmatched_series', unmatched_series::decimal(38, 9),
         unmatched_series || ' series billed to nobody: ' || labels

@@ -6,7 +6,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 
 from billing_dags import credits as cr
-from billing_dags.flags import unacknowledged_critical
+from billing_dags.flags import month_flags, unacknowledged_critical
 from billing_dags import invoices as inv
 from billing_dags.seeds import SPECS, SeedError
 from billing_dags.defs.shared.partitions import billing_monthly, window_of
@@ -38,9 +38,17 @@ def invoice_now(config: InvoiceConfig) -> datetime:
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
     # seeds/credits.csv is read at invoicing time (validated against the customer and currency snapshots);
     # it is a dependency too once seeds.SPECS has a "credits" entry (then seed_credits is an asset)
-    deps=["fct_invoice_lines", "fct_anomaly_flags", "seed_customers", "seed_plans", "seed_currencies", *(["seed_credits"] if "credits" in SPECS else [])],
+    deps=[
+        "fct_invoice_lines", "fct_usage_by_month", "fct_anomaly_flags", "seed_customers", "seed_plans", "seed_currencies",
+        "seed_subscriptions", *(["seed_credits"] if "credits" in SPECS else []),
+    ],
     check_specs=[
         dg.AssetCheckSpec("total_equals_sum_of_lines", asset="invoices", blocking=True),
+        dg.AssetCheckSpec(
+            "every_customer_invoiced", asset="invoices", blocking=True,
+            description="Every customer with a subscription or usage in the month has an invoice, or a flag naming "
+            "why not (usage outside every subscription): nobody is left unbilled silently.",
+        ),
         dg.AssetCheckSpec(
             "critical_flags_acknowledged", asset="invoices",
             description="No invoice is held in draft by an unacknowledged critical anomaly flag (billing flags ack).",
@@ -51,8 +59,8 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
     """Invoice files per customer and month (JSON, CSV, HTML) under data/invoices/YYYY-MM/, with adjustments, prepaid credits and the credits ledger."""
     paths = warehouse.paths()
     window = window_of(context)
-    lines_model = load_project().models["fct_invoice_lines"]
-    lines = pq.read_table(partition_file(paths, lines_model, window)).to_pylist()
+    models = load_project().models
+    lines = pq.read_table(partition_file(paths, models["fct_invoice_lines"], window)).to_pylist()
     seeds = {n: pq.read_table(seed_snapshot_path(paths, n)).to_pylist() for n in ("customers", "plans", "currencies")}
     try:
         grants = cr.load_grants(paths.seeds_dir, seeds["customers"], seeds["currencies"])
@@ -94,6 +102,16 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
         or d["total_minor"] < 0
     ]
     missing = sorted(set(by_customer) - {d["customer_id"] for d in docs})
+    usage = pq.read_table(
+        partition_file(paths, models["fct_usage_by_month"], window),
+        columns=["customer_id", "usage", "gauge_peak", "gauge_integral"],
+    ).to_pylist()
+    unbilled, not_invoiced = inv.uninvoiced_customers(
+        window.start, pq.read_table(seed_snapshot_path(paths, "subscriptions")).to_pylist(), usage,
+        {d["customer_id"] for d in docs}, month_flags(paths, window.start),
+    )
+    if unbilled:
+        context.log.error(f"customers with no invoice and no flag naming why: {unbilled}")
     return dg.MaterializeResult(
         metadata={
             "held_by_critical_flags": dg.MetadataValue.json(held),
@@ -112,6 +130,11 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
                 check_name="total_equals_sum_of_lines",
                 passed=not wrong and not missing,
                 metadata={"wrong_totals": dg.MetadataValue.json(wrong), "customers_without_invoice": dg.MetadataValue.json(missing)},
+            ),
+            dg.AssetCheckResult(
+                check_name="every_customer_invoiced",
+                passed=not unbilled,
+                metadata={"unbilled": dg.MetadataValue.json(unbilled), "not_invoiced_with_reason": dg.MetadataValue.json(not_invoiced)},
             ),
             dg.AssetCheckResult(
                 check_name="critical_flags_acknowledged",
