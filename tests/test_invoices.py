@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from billing_dags import durable
 from billing_dags import invoices as inv
 from billing_dags.invoices import (
     InvoiceError,
@@ -424,11 +425,11 @@ def test_json_files_are_the_json_module_bytes_with_or_without_orjson(monkeypatch
 @pytest.mark.parametrize("durability", ["syncfs", "fsync each file"])
 def test_many_files_are_durable_the_same_either_way(tmp_path, monkeypatch, durability):
     if durability == "syncfs":
-        if inv._SYNCFS is None:
+        if durable._SYNCFS is None:
             pytest.skip("no syncfs (Linux 5.8 or later) here")
-        monkeypatch.setattr(inv._DurableBatch, "SYNCFS_MIN_FILES", 1)
+        monkeypatch.setattr(durable.Batch, "SYNCFS_MIN_FILES", 1)
     else:
-        monkeypatch.setattr(inv, "_SYNCFS", None)
+        monkeypatch.setattr(durable, "_SYNCFS", None)
     p = paths_for(tmp_path)
     lines = lines_for("acme") + lines_for("beta") + lines_for("tokyo", currency="jpy")
     res = write_invoice_files(p, build(lines))
@@ -449,15 +450,15 @@ def test_a_failed_flush_leaves_the_old_files_and_no_temporary_ones(tmp_path, mon
     folder = p.invoices / "2025-01"
     before = {f.name: f.read_bytes() for f in folder.iterdir()}
     if durability == "syncfs":
-        monkeypatch.setattr(inv._DurableBatch, "SYNCFS_MIN_FILES", 1)
-        monkeypatch.setattr(inv, "_SYNCFS", lambda fd: -1)
+        monkeypatch.setattr(durable.Batch, "SYNCFS_MIN_FILES", 1)
+        monkeypatch.setattr(durable, "_SYNCFS", lambda fd: -1)
     else:
-        monkeypatch.setattr(inv, "_SYNCFS", None)
+        monkeypatch.setattr(durable, "_SYNCFS", None)
 
         def failing_fsync(path):
             raise OSError(5, "Input/output error")
 
-        monkeypatch.setattr(inv, "_fsync_path", failing_fsync)
+        monkeypatch.setattr(durable, "fsync_path", failing_fsync)
     with pytest.raises(OSError):
         write_invoice_files(p, build(lines_for("acme", usage_minor=999) + lines_for("beta", usage_minor=998)))
     assert {f.name: f.read_bytes() for f in folder.iterdir()} == before  # old bytes, no .tmp- files left
