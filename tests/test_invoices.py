@@ -491,3 +491,57 @@ def test_stored_invoices_listing_matches_the_globs(tmp_path):
     (d / "2025-01" / "beta.json").write_text("{ not json")
     with pytest.raises(Exception, match="stored invoice is unreadable"):
         cr.StoredInvoices(d).invoices("beta")
+
+
+# --------------------------------------------------------------------------- validated before anything is written
+
+
+def test_invoices_failing_the_total_check_write_no_file(tmp_path, monkeypatch):
+    """The invoices asset checks totals against fct_invoice_lines before writing: a failure leaves no invoice file."""
+    import dagster as dg
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from billing_dags.defs.invoicing.assets import invoices as invoices_asset
+    from billing_dags.defs.seeds.assets import write_seed_snapshots
+    from billing_dags.defs.shared.resources import WarehouseResource
+    from billing_dags.settings import PROJECT_ROOT
+    from billing_dags.sqlmodels import Window, load_project, partition_file
+
+    p = Paths(tmp_path / "data", PROJECT_ROOT / "seeds")
+    write_seed_snapshots(p)
+    common = {"month": JAN, "customer_id": "mp-001", "plan_id": "proxy_hybrid", "plan_version": 1, "currency": "usd", "dimension": ""}
+    rows = [
+        {**common, "line_number": 1, "line_type": "base_fee", "meter_id": None, "description": "base fee", "quantity": Decimal(1),
+         "unit": "month", "unit_price": Decimal(5), "amount_minor": 500},
+        {**common, "line_number": 2, "line_type": "usage", "meter_id": "proxy_bytes", "description": "per GiB", "quantity": Decimal("12.5"),
+         "unit": "gib", "unit_price": Decimal("0.05"), "amount_minor": 63},
+    ]
+    f = partition_file(p, load_project().models["fct_invoice_lines"], Window(JAN, FEB))
+    f.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), f)
+    real_build = inv.build_invoices
+
+    def miscounted(*args, **kwargs):
+        docs = real_build(*args, **kwargs)
+        docs[0]["total_minor"] += 1  # a builder bug: the total is not the sum of the lines
+        return docs
+
+    def materialize():
+        resources = {"warehouse": WarehouseResource(data_dir=str(p.data_dir), seeds_dir=str(p.seeds_dir))}
+        return dg.materialize([invoices_asset], partition_key=JAN.isoformat(), resources=resources,
+                              instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+
+    monkeypatch.setattr(inv, "build_invoices", miscounted)
+    result = materialize()
+    assert not result.success
+    month_folder = p.invoices / "2025-01"
+    assert (sorted(f.name for f in month_folder.rglob("*")) if month_folder.exists() else []) == []
+    assert not (p.invoices / "credits_ledger.json").exists()
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    assert "total_equals_sum_of_lines failed, no invoice file was written" in failure.step_failure_data.error.message
+    assert "mp-001" in failure.step_failure_data.error.message
+
+    monkeypatch.setattr(inv, "build_invoices", real_build)
+    assert materialize().success
+    assert sorted(f.name for f in (p.invoices / "2025-01").iterdir()) == ["mp-001.csv", "mp-001.html", "mp-001.json"]
