@@ -49,9 +49,12 @@ from typing import Any, Iterable, Mapping
 from . import __version__
 from . import credits as _credits
 from . import durable
+from .events import event_files
 from .raw import sample_files
 from .seeds import SAFE_ID_RE, seeds_digest
 from .settings import DEFAULT_GRACE_DAYS, PROJECT_ROOT, Paths
+from .usage_reports import SOURCE as REPORTS_SOURCE
+from .usage_reports import ReportStore
 
 SCHEMA_VERSION = 1
 STATUSES = ("draft", "finalized")
@@ -356,7 +359,8 @@ def _dispute_text(number: str, status: str, finalized_on: date) -> str:
         f"To dispute this invoice, reply to your billing contact within {DISPUTE_DAYS} days of "
         f"{finalized_on.isoformat()}, "
         f"quoting {number} and the line numbers concerned. Every line is recomputed from the raw usage "
-        "identified in the manifest (hashes of the raw sample files and seed files and the code version), "
+        "identified in the manifest (hashes of the raw sample and raw event files, of the usage reports and "
+        "seed files, and the code version), "
         "so a disputed figure can be reproduced exactly. A finalized invoice is never edited: any correction "
         "appears as an adjustment line on a later invoice."
     )
@@ -383,12 +387,25 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def _recompute_reason(finalized: Mapping | None, recomputed_manifest: Mapping | None) -> str:
-    """Why a finalized month's figures changed, from the two manifests."""
+    """Why a finalized month's figures changed, from the two manifests. Raw events and usage reports
+    are compared only when the finalized manifest has them (manifests written before they were
+    fingerprinted do not); the usage reports' own events file is explained by the reports."""
     old = (finalized or {}).get("manifest") or {}
     new = recomputed_manifest or {}
     reasons = []
     if old.get("raw_samples") != new.get("raw_samples"):
         reasons.append("late data")
+    if "raw_events" in old:
+        reports_part = f"/part-{REPORTS_SOURCE}.parquet"
+        others = lambda m: {k: v for k, v in (m.get("raw_events") or {}).items() if not k.endswith(reports_part)}  # noqa: E731
+        if others(old) != others(new):
+            reasons.append("late usage events")
+    if "usage_reports" in old and old["usage_reports"] != new.get("usage_reports"):
+        before, after = old["usage_reports"], new.get("usage_reports") or {}
+        days = sorted(d for d in set(before) | set(after) if before.get(d) != after.get(d))
+        added = sum(after.get(d, {}).get("reports", 0) - before.get(d, {}).get("reports", 0) for d in days)
+        what = f"{added} late usage report{'s' if added != 1 else ''}" if added > 0 else "changed usage reports"
+        reasons.append(f"{what} ({', '.join(days)})")
     if old.get("seeds") != new.get("seeds"):
         reasons.append("a seed change")
     if old.get("code_version") != new.get("code_version"):
@@ -765,16 +782,23 @@ def code_version(root: Path | str = PROJECT_ROOT) -> str:
 
 
 def invoice_manifest(paths: Paths, month: date, seeds_dir: Path | str, code_version: str) -> dict:
-    """What produced a month's invoices: SHA-256 of each raw samples Parquet file of the month's days
-    (path relative to the data dir -> hash), of each seed file, and the code version."""
+    """What produced a month's invoices: SHA-256 of each raw samples and raw events Parquet file of the
+    month's days (path relative to the data dir -> hash), the usage reports accepted for each day
+    (count and SHA-256, from the report store: a late report changes it), each seed file's SHA-256,
+    and the code version."""
     month = _month_start(month)
     end = period_end(month)
     raw: dict[str, str] = {}
+    raw_events: dict[str, str] = {}
     day = month
     while day < end:
         for f in sample_files(paths, day):
             raw[f.relative_to(paths.data_dir).as_posix()] = _sha256_file(f)
+        for f in event_files(paths, day):
+            raw_events[f.relative_to(paths.data_dir).as_posix()] = _sha256_file(f)
         day += timedelta(days=1)
+    with ReportStore.open(paths, readonly=True) as store:
+        reports = store.fingerprints(month, end)
     seeds = seeds_digest(Path(seeds_dir))
     credits_file = Path(seeds_dir) / _credits.CREDITS_FILE
     if credits_file.exists():  # also while seeds.SPECS has no credits entry
@@ -782,6 +806,8 @@ def invoice_manifest(paths: Paths, month: date, seeds_dir: Path | str, code_vers
     return {
         "month": f"{month:%Y-%m}",
         "raw_samples": raw,
+        "raw_events": raw_events,
+        "usage_reports": reports,
         "seeds": dict(sorted(seeds.items())),
         "code_version": code_version,
     }
@@ -1007,7 +1033,9 @@ def _render_html(invoice: dict) -> str:
     if manifest:
         parts.append(
             f'<div class="manifest">Manifest: code {e(manifest.get("code_version", ""))}; '
-            f'{e(len(manifest.get("raw_samples") or {}))} raw sample files and '
+            f'{e(len(manifest.get("raw_samples") or {}))} raw sample files, '
+            f'{e(len(manifest.get("raw_events") or {}))} raw event files, '
+            f'{e(sum(d["reports"] for d in (manifest.get("usage_reports") or {}).values()))} usage reports and '
             f'{e(len(manifest.get("seeds") or {}))} seed files hashed (SHA-256, listed in the JSON invoice).</div>'
         )
     parts += ["</body>", "</html>", ""]

@@ -364,6 +364,38 @@ def test_manifest_hashes_raw_files_of_the_month_and_seeds(tmp_path):
     assert m["code_version"] == "0.1.0+gabc" and m["month"] == "2025-01"
 
 
+def test_manifest_fingerprints_raw_events_and_usage_reports_of_the_month(tmp_path):
+    """An invoice billed from usage events or usage reports carries a fingerprint of them too."""
+    import hashlib
+
+    from billing_dags.usage_reports import Report, ReportStore
+
+    p = paths_for(tmp_path)
+    for d, name, content in [("2025-01-05", "part-postgres.parquet", b"pg"), ("2025-01-31", "part-usage_reports.parquet", b"ur"),
+                             ("2025-02-01", "part-postgres.parquet", b"next month")]:
+        f = p.data_dir / "raw" / "events" / f"date={d}" / name
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(content)
+    p.seeds_dir.mkdir(parents=True)
+    (p.seeds_dir / "meters.csv").write_text("meter_id\n")
+    at = lambda d, h: int(datetime(d.year, d.month, d.day, h, tzinfo=UTC).timestamp()) * 1000  # noqa: E731
+    with ReportStore.open(p) as store:
+        store.accept(Report("r1", "iot-001", at(date(2025, 1, 31), 10), 3600, {"active_devices": Decimal(3)}))
+        store.accept(Report("r9", "iot-001", at(FEB, 10), 3600, {"active_devices": Decimal(3)}))  # February's
+    m = invoice_manifest(p, JAN, p.seeds_dir, "0.1.0")
+    assert m["raw_events"] == {
+        "raw/events/date=2025-01-05/part-postgres.parquet": hashlib.sha256(b"pg").hexdigest(),
+        "raw/events/date=2025-01-31/part-usage_reports.parquet": hashlib.sha256(b"ur").hexdigest(),
+    }
+    assert list(m["usage_reports"]) == ["2025-01-31"] and m["usage_reports"]["2025-01-31"]["reports"] == 1
+    first = m["usage_reports"]["2025-01-31"]["sha256"]
+    assert len(first) == 64 and first == invoice_manifest(p, JAN, p.seeds_dir, "0.1.0")["usage_reports"]["2025-01-31"]["sha256"]
+    with ReportStore.open(p) as store:  # a late report of the same day
+        store.accept(Report("r2", "iot-001", at(date(2025, 1, 31), 11), 3600, {"active_devices": Decimal(4)}))
+    late = invoice_manifest(p, JAN, p.seeds_dir, "0.1.0")["usage_reports"]["2025-01-31"]
+    assert late["reports"] == 2 and late["sha256"] != first
+
+
 def test_code_version_falls_back_silently(tmp_path, monkeypatch):
     from billing_dags import __version__
 
