@@ -14,7 +14,7 @@ import duckdb
 from . import durable
 from .events import events_root
 from .settings import Paths
-from .sqlmodels import connect, load_project, macros_sql, partition_dir, seed_snapshot_path
+from .sqlmodels import connect, load_project, macros_sql, partition_dir
 
 
 def _lit(path: Path | str) -> str:

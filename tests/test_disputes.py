@@ -79,7 +79,8 @@ def test_late_data_after_finalization_shows_the_difference_and_the_pending_adjus
     _bill(paths)
     assert (paths.invoices / "2026-02" / "mp-001.json").read_bytes() == invoice_before  # never edited
     out = dispute(capsys, paths)
-    assert "proxy_bytes: raw 16106127360 vs recomputed month 16106127360 — ties out" in out
+    # raw and the recomputed month agree, but the finalized invoice bills what was known when it was finalized
     assert "usage proxy_bytes: invoice INV-2026-000004 (finalized) 10 gib, 1.00 vs recomputed 15 gib, 1.50 — DIFFERS" in out, out
     assert ("The recomputed month differs from finalized invoice INV-2026-000004 because of late data after finalization; "
             "a finalized invoice is never edited: 0.50 USD is pending as an adjustment on mp-001's next invoice") in out
+    assert "proxy_bytes: raw 16106127360 vs recomputed month 16106127360 — ties out" in out

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from billing_dags.settings import PROJECT_ROOT, Paths
-from sql_helpers import SEEDS_DIR, day_window, ms, series_table, samples_table, usage_month_table
+from sql_helpers import SEEDS_DIR, ms, samples_table, series_table, usage_month_table
 
 DAY = date(2025, 1, 10)
 JAN = date(2025, 1, 1)

@@ -14,7 +14,7 @@ import pytest
 from billing_dags import sqlmodels
 from billing_dags.settings import SQL_MODELS_DIR
 from billing_dags.sqlmodels import ModelError, Window, parse_model
-from sql_helpers import DAY_MS, Runner, day_start_ms, day_window, ms, next_day, run_days, usage_month_table
+from sql_helpers import DAY_MS, Runner, day_window, ms, next_day, run_days, usage_month_table
 
 D0 = date(2025, 3, 30)  # the chain crosses into April
 NAN = float("nan")
