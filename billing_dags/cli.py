@@ -151,7 +151,7 @@ def _dagster_instance():
 #: warnings and failures itself (_execute)
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 #: step errors caused by bad input (exit 2); any other error is a bug (exit 1)
-INPUT_ERRORS = ("Failure", "CliError", "ModelError", "SeedError", "InvoiceError", "DisputeError", "EventsLayoutError", "RawLayoutError", "ReportError")
+INPUT_ERRORS = ("Failure", "ModelError", "SeedError", "InvoiceError", "DisputeError", "EventsLayoutError", "RawLayoutError", "ReportError")
 
 
 def _definitions(paths: Paths):

@@ -24,7 +24,6 @@ import pyarrow.parquet as pq
 
 from . import invoices as inv
 from . import raw
-from .invoices import format_minor
 from .settings import EDGE_LOOKBACK_DAYS, SQL_MODELS_DIR, Paths
 from .sqlmodels import Window, connect, load_project, partition_file, prepare
 
@@ -294,7 +293,7 @@ def cmd_dispute(args) -> int:
     versus = tie.get("invoice_vs_recomputed")
     if versus:
         exp = int(dispute.invoice["minor_unit_exponent"])
-        amount = lambda m: "" if m is None else format_minor(m, exp)  # noqa: E731
+        amount = lambda m: "" if m is None else inv.format_minor(m, exp)  # noqa: E731
         console.print(f"The recomputed month (fct_invoice_lines) vs invoice {versus['invoice_number']} ({versus['status']}):")
         for r in versus["lines"]:
             what = " ".join(x for x in (r["line_type"], r["meter_id"], r["dimension"]) if x)

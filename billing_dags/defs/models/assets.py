@@ -123,7 +123,7 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
             con = duckdb.connect()
             try:
                 con.register("partition", table)
-                results = [(grain_is_unique(con, model), True)] if model.grain else []
+                results = [(grain_is_unique(model), True)] if model.grain else []
                 results += [(check(con, paths, window), check.blocking) for check in CHECKS.get(model.name, [])]
             finally:
                 con.close()
