@@ -31,6 +31,17 @@ err_console = Console(stderr=True)
 class CliError(Exception):
     """Bad input to a command; the message names the input and the fix."""
 
+    exit_code = 2
+
+
+class RunFailed(CliError):
+    """A Dagster run of the command failed: exit 2 when bad input explains it (a failed blocking check, a
+    ``dg.Failure`` or one of the project's input errors), else 1 (a bug: see the run log)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
 
 # --- argument parsing helpers ----------------------------------------------------------------
 
@@ -136,7 +147,11 @@ def _dagster_instance():
     return dg.DagsterInstance.get()
 
 
-QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+#: Dagster's console logger stays silent (its failures carry stack traces); the CLI prints the run's
+#: warnings and failures itself (_execute)
+QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+#: step errors caused by bad input (exit 2); any other error is a bug (exit 1)
+INPUT_ERRORS = ("Failure", "ModelError", "SeedError", "InvoiceError", "DisputeError", "EventsLayoutError", "RawLayoutError", "ReportError")
 
 
 def _definitions(paths: Paths):
@@ -155,16 +170,44 @@ def _definitions(paths: Paths):
     return defs, _dagster_instance()
 
 
+def _execute(job, instance, what: str, run_config: dict | None = None, **kwargs) -> None:
+    """Run ``job`` in process (quietly), print its warnings, and raise RunFailed naming why it failed."""
+    import logging
+
+    result = job.execute_in_process(instance=instance, run_config={**QUIET_LOGS, **(run_config or {})}, raise_on_error=False, **kwargs)
+    for entry in instance.all_logs(result.run_id):
+        if not entry.is_dagster_event and entry.level == logging.WARNING:  # context.log.warning (skipped steps log ERROR)
+            err_console.print(f"[yellow]warning:[/] {entry.step_key or what}: {entry.user_message}", highlight=False, soft_wrap=True)
+    _check_run(result, what)
+
+
 def _check_run(result, what: str) -> None:
-    if not result.success:
-        reasons = []
-        for event in result.all_events:
-            if event.is_step_failure:
-                error = event.step_failure_data.error
-                while error.cause is not None and "Error occurred while executing" in error.message:
-                    error = error.cause
-                reasons.append(f"{event.step_key}: {error.message.strip()}")
-        raise CliError(f"{what} failed: {'; '.join(reasons) or 'see the Dagster run log in the UI (make dev)'}")
+    """Nothing when the run succeeded; else RunFailed with each failed blocking check's own message (its
+    description, else its metadata) and each failed step's error message, never a stack trace."""
+    if result.success:
+        return
+    reasons = []
+    exit_code = 2
+    for evaluation in result.get_asset_check_evaluations():
+        if evaluation.passed or not evaluation.blocking:
+            continue
+        detail = evaluation.description or ", ".join(f"{k}: {getattr(v, 'value', v)}" for k, v in evaluation.metadata.items())
+        reasons.append(f"check {evaluation.asset_key.to_user_string()} {evaluation.check_name} failed: {detail}")
+    for event in result.all_events:
+        if not event.is_step_failure:
+            continue
+        error = event.step_failure_data.error
+        if error.cls_name == "DagsterAssetCheckFailedError":
+            continue  # the failed checks above say why
+        while error.cause is not None and "Error occurred while executing" in error.message:
+            error = error.cause
+        if error.cls_name not in INPUT_ERRORS:
+            exit_code = 1
+        message = re.sub(r"^[\w.]+(Error|Failure|Exception): ", "", error.message.strip())
+        reasons.append(f"{event.step_key}: {message}")
+    if not reasons:
+        reasons, exit_code = ["see the Dagster run log in the UI (make dev)"], 1
+    raise RunFailed(f"{what} failed: " + "; ".join(reasons), exit_code)
 
 
 def run_invoices(paths: Paths, month: date, *, as_of: str = "") -> None:
@@ -172,12 +215,10 @@ def run_invoices(paths: Paths, month: date, *, as_of: str = "") -> None:
     import dagster as dg
 
     defs, instance = _definitions(paths)
-    config = {"ops": {"invoices": {"config": {"as_of": as_of}}}, **QUIET_LOGS}
-    result = defs.resolve_job_def("monthly_invoicing").execute_in_process(
-        partition_key=month.isoformat(), instance=instance, run_config=config,
-        asset_selection=[dg.AssetKey("invoices")], raise_on_error=False,
+    _execute(
+        defs.resolve_job_def("monthly_invoicing"), instance, f"invoices of {month:%Y-%m}",
+        {"ops": {"invoices": {"config": {"as_of": as_of}}}}, partition_key=month.isoformat(), asset_selection=[dg.AssetKey("invoices")],
     )
-    _check_run(result, f"invoices of {month:%Y-%m}")
 
 
 def run_month(
@@ -205,8 +246,8 @@ def run_month(
     if not ingest:
         selection = [k for k in daily_job.asset_layer.executable_asset_keys if k.to_user_string() != "raw_samples"]
 
-    _check_run(seeds_job.execute_in_process(instance=instance, run_config=QUIET_LOGS, raise_on_error=False), "validating seeds")
-    run_config = {"resources": {"simulation": {"config": sim}}, **QUIET_LOGS}
+    _execute(seeds_job, instance, "validating seeds")
+    run_config = {"resources": {"simulation": {"config": sim}}}
     # rule 3/4: a counter's first sample only counts as new usage when nothing precedes it, so
     # the day before the month is ingested and its edges computed (not billed: it is not in the month)
     warmup = month - timedelta(days=1)
@@ -214,10 +255,7 @@ def run_month(
 
     if ingest and warmup >= date.fromisoformat(PARTITIONS_START):
         edges_only = [dg.AssetKey("raw_samples"), dg.AssetKey("fct_series_edges_by_day")]
-        _check_run(
-            daily_job.execute_in_process(partition_key=warmup.isoformat(), instance=instance, run_config=run_config, asset_selection=edges_only, raise_on_error=False),
-            f"warm-up day {warmup}",
-        )
+        _execute(daily_job, instance, f"warm-up day {warmup}", run_config, partition_key=warmup.isoformat(), asset_selection=edges_only)
     days = []
     d = month
     while d < next_month(month):
@@ -229,17 +267,13 @@ def run_month(
     ) as progress:
         task = progress.add_task(f"days of {month:%Y-%m}", total=len(days))
         for day in days:
-            result = daily_job.execute_in_process(
-                partition_key=day.isoformat(), instance=instance, run_config=run_config,
-                asset_selection=selection, raise_on_error=False,
-            )
-            _check_run(result, f"day {day}")
+            _execute(daily_job, instance, f"day {day}", run_config, partition_key=day.isoformat(), asset_selection=selection)
             progress.advance(task)
         mtask = progress.add_task("month: rating and invoices", total=1)
-        month_config = {"ops": {"invoices": {"config": {"as_of": as_of or ""}}}, **QUIET_LOGS}
-        _check_run(monthly_job.execute_in_process(partition_key=month.isoformat(), instance=instance, run_config=month_config, raise_on_error=False), f"month {month:%Y-%m}")
+        month_config = {"ops": {"invoices": {"config": {"as_of": as_of or ""}}}}
+        _execute(monthly_job, instance, f"month {month:%Y-%m}", month_config, partition_key=month.isoformat())
         progress.advance(mtask)
-    _check_run(seeds_job.execute_in_process(instance=instance, run_config=QUIET_LOGS, raise_on_error=False), "refreshing warehouse views")
+    _execute(seeds_job, instance, "refreshing warehouse views")
     return {"days": len(days), "seconds": time.perf_counter() - t0}
 
 
@@ -623,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (CliError, SeedError, ModelError, DisputeError) as e:
         err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
-        return 2
+        return e.exit_code if isinstance(e, CliError) else 2
 
 
 if __name__ == "__main__":

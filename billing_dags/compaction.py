@@ -30,11 +30,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import raw
+from .durable import fsync_path
 from .remote_write.customers import CustomerResolver
 from .remote_write.landing import (
     SealedSegment,
     SegmentData,
-    fsync_dir,
     quarantined_segments,
     read_segment,
     recover_orphans,
@@ -94,7 +94,7 @@ def _fsync_tree(path: Path, stop: Path) -> None:
     """fsync a directory and its parents up to ``stop`` (renames and new date= folders are durable)."""
     path = Path(path)
     while True:
-        fsync_dir(path)
+        fsync_path(path)
         if path == stop or path.parent == path:
             break
         path = path.parent
@@ -181,7 +181,7 @@ def compact_day(paths: Paths, day: str, cache: dict[str, SegmentData] | None = N
                 f.write(f"{result['landing_samples']}\n")
                 f.flush()
                 os.fsync(f.fileno())
-        fsync_dir(paths.landing)
+        fsync_path(paths.landing)
         for seg in segs:
             if not seg.pending_days():
                 remove_segment(seg)

@@ -276,12 +276,13 @@ def ledger(grants: Iterable[Grant], invoices: Iterable[Mapping], exponents: Mapp
 def write_ledger(paths, grants: Iterable[Grant], exponents: Mapping[str, int]) -> dict:
     """Write ``<invoices>/credits_ledger.json`` from the grants and every stored invoice (only when its bytes change).
     Returns {"path", "written", "grants", "overdrawn"}."""
-    from .invoices import _atomic_write_bytes, _json_bytes
+    from .durable import write_bytes
+    from .invoices import _json_bytes
 
     doc = ledger(grants, stored_invoices(paths.invoices), exponents)
     data = _json_bytes(doc)
     path = Path(paths.invoices) / LEDGER_FILE
     written = not (path.exists() and path.read_bytes() == data)
     if written:
-        _atomic_write_bytes(path, data)
+        write_bytes(path, data)
     return {"path": str(path), "written": written, "grants": len(doc["grants"]), "overdrawn": [r["grant_id"] for r in doc["grants"] if r["overdrawn"]]}

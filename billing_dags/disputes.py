@@ -1,9 +1,12 @@
 """`billing dispute`: how a customer's invoice follows from their raw samples, with an evidence pack.
 
 The evidence query (sql_models/analyses/dispute_breakdown.sql) applies the same counter rules as
-fct_usage_by_day to every raw sample of the customer's series; its per-meter totals must tie out
-to fct_usage_by_month, and the invoice's lines to its total. Only this customer's series are
-read or exported (DESIGN rule 12).
+fct_usage_by_day to every raw sample of the customer's series. Two tie-outs: its per-meter totals
+against the recomputed month (fct_usage_by_month), and the recomputed month's invoice lines
+(fct_invoice_lines) against the invoice as stored, quantity and amount per line. A finalized
+invoice is never edited, so the second can differ: the manifests say why (late data, a seed or
+code change) and the pending adjustment says what the next invoice carries. The invoice's lines
+must also sum to its total. Only this customer's series are read or exported (DESIGN rule 12).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import invoices as inv
 from . import raw
 from .settings import EDGE_LOOKBACK_DAYS, SQL_MODELS_DIR, Paths
 from .sqlmodels import Window, connect, load_project, partition_file, prepare
@@ -127,28 +131,74 @@ def _read_invoice(paths: Paths, customer_id: str, month: date) -> dict | None:
 
 
 def tie_out(paths: Paths, dispute: Dispute) -> dict:
-    """Raw evidence vs the billed month, and invoice lines vs the invoice total."""
+    """Raw evidence vs the recomputed month, the recomputed month vs the invoice, and invoice lines vs its total."""
     end = (dispute.month.replace(day=28) + timedelta(days=4)).replace(day=1)
-    month_file = partition_file(paths, load_project().models["fct_usage_by_month"], Window(dispute.month, end))
-    billed: dict[str, Decimal] = {}
-    if month_file.exists():
-        for r in pq.read_table(month_file, partitioning=None).to_pylist():
-            if r["customer_id"] == dispute.customer_id and r["usage"] is not None:
-                billed[r["meter_id"]] = billed.get(r["meter_id"], Decimal(0)) + r["usage"]
+    models = load_project().models
+    recomputed: dict[str, Decimal] = {}
+    for r in _partition_rows(partition_file(paths, models["fct_usage_by_month"], Window(dispute.month, end)), dispute.customer_id):
+        if r["usage"] is not None:
+            recomputed[r["meter_id"]] = recomputed.get(r["meter_id"], Decimal(0)) + r["usage"]
     meters = {}
     for t in dispute.totals:
         if t["kind"] != "counter":
             continue
         got = t["increase"] or Decimal(0)
-        want = billed.get(t["meter_id"])
-        meters[t["meter_id"]] = {"raw": got, "billed": want, "ties_out": want is not None and got == want}
+        want = recomputed.get(t["meter_id"])
+        meters[t["meter_id"]] = {"raw": got, "recomputed": want, "ties_out": want is not None and got == want}
     result: dict = {"meters": meters}
     if dispute.invoice:
+        lines = [l for l in _partition_rows(partition_file(paths, models["fct_invoice_lines"], Window(dispute.month, end)), dispute.customer_id)
+                 if not dispute.meter_id or l["meter_id"] == dispute.meter_id]
+        result["invoice_vs_recomputed"] = invoice_vs_recomputed(paths, dispute.invoice, dispute.lines, lines)
         lines_sum = sum(int(l["amount_minor"]) for l in dispute.invoice["lines"])
         result["invoice_total_minor"] = int(dispute.invoice["total_minor"])
         result["lines_sum_minor"] = lines_sum
         result["invoice_ties_out"] = lines_sum == int(dispute.invoice.get("subtotal_minor", dispute.invoice["total_minor"])) or lines_sum == int(dispute.invoice["total_minor"])
     return result
+
+
+def _partition_rows(path: Path, customer_id: str) -> list[dict]:
+    if not path.exists():
+        return []
+    return [r for r in pq.read_table(path, partitioning=None).to_pylist() if r["customer_id"] == customer_id]
+
+
+def invoice_vs_recomputed(paths: Paths, invoice: dict, invoice_lines: list[dict], recomputed_lines: list[dict]) -> dict:
+    """The invoice's charge lines against the recomputed month's (fct_invoice_lines), by line type, meter and
+    dimension: quantity and amount of each. When they differ: why (from the manifests) and what follows
+    (a finalized invoice: the pending adjustment; a draft: the next run rewrites it)."""
+    key = lambda l: (l["line_type"], l.get("meter_id") or "", l.get("dimension") or "")  # noqa: E731
+    billed = {key(l): l for l in invoice_lines if l["line_type"] not in inv.GENERATED_LINE_TYPES}
+    again = {key(l): l for l in recomputed_lines}
+    rows = []
+    for k in sorted(set(billed) | set(again)):
+        b, r = billed.get(k), again.get(k)
+        row = {
+            "line_type": k[0], "meter_id": k[1], "dimension": k[2], "unit": (b or r).get("unit") or "",
+            "invoiced_quantity": Decimal(b["quantity"]) if b else None, "invoiced_amount_minor": int(b["amount_minor"]) if b else None,
+            "recomputed_quantity": r["quantity"] if r else None, "recomputed_amount_minor": int(r["amount_minor"]) if r else None,
+        }
+        row["same"] = (row["invoiced_quantity"], row["invoiced_amount_minor"]) == (row["recomputed_quantity"], row["recomputed_amount_minor"])
+        rows.append(row)
+    out: dict = {"invoice_number": invoice["invoice_number"], "status": invoice["status"], "lines": rows, "same": all(r["same"] for r in rows)}
+    if out["same"]:
+        return out
+    month, cid, exp = invoice["period_start"][:7], invoice["customer_id"], int(invoice["minor_unit_exponent"])
+    if invoice["status"] != "finalized":
+        out["explanation"] = f"draft {invoice['invoice_number']} was built before the latest recomputation; the next invoice run rewrites it"
+        return out
+    pending_file = paths.invoices / month / inv.PENDING_DIR / f"{cid}.json"
+    pending = json.loads(pending_file.read_text()) if pending_file.exists() else None
+    manifest = pending["recomputed_manifest"] if pending else inv.invoice_manifest(paths, date.fromisoformat(invoice["period_start"]), paths.seeds_dir, inv.code_version())
+    out["reason"] = inv._recompute_reason(invoice, manifest)
+    text = f"the recomputed month differs from finalized invoice {invoice['invoice_number']} because of {out['reason']} after finalization; a finalized invoice is never edited: "
+    if pending:
+        out["pending_adjustment_minor"] = int(pending["delta_minor"])
+        text += f"{inv.format_minor(int(pending['delta_minor']), exp)} {invoice['currency'].upper()} is pending as an adjustment on {cid}'s next invoice ({pending_file})"
+    else:
+        text += f"no adjustment is recorded yet; rerun the invoices of {month} (billing run) to record it for {cid}'s next invoice"
+    out["explanation"] = text[0].upper() + text[1:]
+    return out
 
 
 def export_evidence(dispute: Dispute, folder: Path) -> list[Path]:
@@ -236,9 +286,24 @@ def cmd_dispute(args) -> int:
     elif dispute.invoice is None:
         console.print(f"No invoice for {args.customer} in {month:%Y-%m} yet (billing run --month {month:%Y-%m}).")
     tie = dispute.tie_out
+    console.print("Raw samples vs the recomputed month (fct_usage_by_month):")
     for meter, t in tie.get("meters", {}).items():
         mark = "ties out" if t["ties_out"] else "DOES NOT TIE OUT"
-        console.print(f"{meter}: raw {_fmt(t['raw'])} vs billed {_fmt(t['billed'])} — {mark}")
+        console.print(f"  {meter}: raw {_fmt(t['raw'])} vs recomputed month {_fmt(t['recomputed'])} — {mark}", highlight=False)
+    versus = tie.get("invoice_vs_recomputed")
+    if versus:
+        exp = int(dispute.invoice["minor_unit_exponent"])
+        amount = lambda m: "" if m is None else inv.format_minor(m, exp)  # noqa: E731
+        console.print(f"The recomputed month (fct_invoice_lines) vs invoice {versus['invoice_number']} ({versus['status']}):")
+        for r in versus["lines"]:
+            what = " ".join(x for x in (r["line_type"], r["meter_id"], r["dimension"]) if x)
+            console.print(
+                f"  {what}: invoice {versus['invoice_number']} ({versus['status']}) {_fmt(r['invoiced_quantity'])} {r['unit']}, "
+                f"{amount(r['invoiced_amount_minor'])} vs recomputed {_fmt(r['recomputed_quantity'])} {r['unit']}, "
+                f"{amount(r['recomputed_amount_minor'])} — {'same' if r['same'] else 'DIFFERS'}",
+                highlight=False,
+            )
+        console.print(versus.get("explanation") or f"The {versus['status']} invoice bills the recomputed month.", highlight=False)
     if "invoice_total_minor" in tie:
         console.print(f"invoice lines sum to {tie['lines_sum_minor']} minor units; invoice total {tie['invoice_total_minor']}")
     if args.export:

@@ -22,7 +22,7 @@
 
 A source writes a whole day at a time, through :func:`write_events_day` only: the rows are
 validated, de-duplicated on ``event_id`` (the last row of an id wins), sorted by (ts, event_id)
-and written to a temporary name, fsynced and renamed, so a reader sees the old day or the new
+and published durably (temporary name, fsync, rename, fsync of the folder), so a reader sees the old day or the new
 day, never half of one, and rewriting a day with the same events gives the same bytes. Input is
 streamed (record batches) through a spill file and DuckDB, so memory stays bounded.
 
@@ -33,7 +33,6 @@ day; both copies would be billed until the other day is rerun).
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 from datetime import date
@@ -44,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import raw
+from . import durable, raw
 from .settings import Paths
 
 EVENTS_SCHEMA = pa.schema(
@@ -195,10 +194,8 @@ def write_events_day(
         raise EventsLayoutError(f"source name {source!r} must match {_SOURCE_RE.pattern}")
     meter_kinds = _meter_kinds(paths)
     dest = events_day_dir(paths, day) / f"part-{source}.parquet"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     rows_in = 0
-    with tempfile.TemporaryDirectory(prefix=".events-", dir=dest.parent) as work:
+    with durable.staged(dest) as tmp, tempfile.TemporaryDirectory(prefix=".events-", dir=dest.parent) as work:
         # 1. stream the input, checked, to a spill file with its input order (last write wins)
         spill = Path(work) / "spill.parquet"
         spill_schema = pa.schema([*[f.with_nullable(True) for f in EVENTS_SCHEMA], pa.field("_seq", pa.int64())])
@@ -221,14 +218,8 @@ def write_events_day(
                 for batch in reader:
                     rows_out += batch.num_rows
                     writer.write_table(pa.Table.from_batches([batch]).cast(EVENTS_SCHEMA))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         finally:
             con.close()
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
     return {
         "events_in": rows_in,
         "events": rows_out,

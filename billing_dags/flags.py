@@ -8,12 +8,12 @@ the customer's invoice for that month in draft.
 from __future__ import annotations
 
 import json
-import os
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from . import durable
 from .settings import Paths
 from .sqlmodels import load_project, partition_dir
 
@@ -77,11 +77,7 @@ def acknowledge(paths: Paths, customer_id: str, month: date, rule: str, meter_id
         ack = {"customer_id": customer_id, "month": f"{month:%Y-%m}", "meter_id": meter, "rule": rule, "by": by, "reason": reason, "at": stamp}
         acks = [a for a in acks if _ack_key(a) != _ack_key(ack)] + [ack]
         added.append(ack)
-    dest = acks_path(paths)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(sorted(acks, key=_ack_key), indent=2) + "\n")
-    os.replace(tmp, dest)
+    durable.write_bytes(acks_path(paths), (json.dumps(sorted(acks, key=_ack_key), indent=2) + "\n").encode())
     return {"acknowledged": added}
 
 

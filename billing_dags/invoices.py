@@ -33,7 +33,6 @@ unchanged inputs reproduces every file byte for byte.
 from __future__ import annotations
 
 import csv
-import errno
 import fcntl
 import hashlib
 import html
@@ -42,7 +41,6 @@ import json
 import os
 import re
 import subprocess
-import threading
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -50,10 +48,14 @@ from typing import Any, Iterable, Mapping
 
 from . import __version__
 from . import credits as _credits
+from . import durable
 from . import flags as _flags
+from .events import event_files
 from .raw import sample_files
 from .seeds import SAFE_ID_RE, seeds_digest
 from .settings import DEFAULT_GRACE_DAYS, PROJECT_ROOT, Paths
+from .usage_reports import SOURCE as REPORTS_SOURCE
+from .usage_reports import ReportStore
 
 SCHEMA_VERSION = 1
 STATUSES = ("draft", "finalized")
@@ -251,148 +253,6 @@ def _safe_customer_id(value: Any, where: str) -> str:
 # --------------------------------------------------------------------------- numbering registry
 
 
-def _atomic_write_bytes(dest: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, rename over ``dest``."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:
-        fd = os.open(dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def _syncfs_function() -> Any:
-    """libc ``syncfs`` where it reports write-back errors (Linux 5.8 on), else None."""
-    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
-        return None
-    try:
-        major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", os.uname().release).groups())
-        if (major, minor) < (5, 8):
-            return None
-        import ctypes
-
-        fn = ctypes.CDLL(None, use_errno=True).syncfs
-    except (AttributeError, OSError, TypeError, ValueError):
-        return None
-    fn.argtypes = [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNCFS: Any = _syncfs_function()
-
-
-class _DurableBatch:
-    """Atomic replacements made durable together (what ``_atomic_write_bytes`` does, for many files).
-
-    ``write`` puts each file under a temporary name in its folder; ``commit`` makes all of them
-    durable, then renames each over its destination and fsyncs each folder once. A reader sees a
-    file's old or new bytes, never a mix; once ``commit`` returns every file is durable. ``abort``
-    removes the temporary files (the destinations keep their old bytes).
-
-    Making them durable: a month of 10,000 invoices is 30,000 files. One fsync of the file and one
-    of its folder per file, one after the other, cost about 30 s on a VM disk; fsyncs in parallel
-    (a thread pool) about 7 s, as each fsync of a new file also writes its folder and flushes the
-    disk cache. A batch of at least ``SYNCFS_MIN_FILES`` files on Linux (5.8 or later, where
-    ``syncfs`` reports write-back errors) is made durable with one ``syncfs`` per file system
-    instead: everything dirty on it is written and the disk cache is flushed once (it also writes
-    other programs' dirty data on that file system: a batch takes longer while another program
-    has much unwritten data there). An error reported by it (on any file of that file system since
-    the batch began) fails the batch. Smaller batches, and other systems, fsync each file.
-    """
-
-    SYNCFS_MIN_FILES = 256
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[Path, Path]] = []
-        self._folders: set[Path] = set()
-        self._devices: dict[int, int] = {}  # st_dev -> descriptor of a folder on it, opened before its first file
-
-    def write(self, dest: Path, data: bytes) -> None:
-        folder = dest.parent
-        if folder not in self._folders:
-            folder.mkdir(parents=True, exist_ok=True)
-            if _SYNCFS is not None:
-                dev = os.stat(folder).st_dev
-                if dev not in self._devices:  # syncfs reports errors since this descriptor was opened
-                    self._devices[dev] = os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
-            self._folders.add(folder)
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}-{len(self.pending)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-        self.pending.append((tmp, dest))
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-
-    def _sync_files(self) -> None:
-        if _SYNCFS is not None and self._devices and len(self.pending) >= self.SYNCFS_MIN_FILES:
-            for fd in self._devices.values():
-                if _SYNCFS(fd) != 0:
-                    import ctypes
-
-                    err = ctypes.get_errno() or errno.EIO
-                    raise OSError(err, f"syncfs: {os.strerror(err)}")
-            return
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(16, len(self.pending))) as pool:
-            list(pool.map(_fsync_path, [tmp for tmp, _ in self.pending]))
-
-    def commit(self) -> None:
-        if not self.pending:
-            return
-        try:
-            self._sync_files()
-        except BaseException:
-            self.abort()
-            raise
-        folders: dict[Path, None] = {}
-        for tmp, dest in self.pending:
-            os.replace(tmp, dest)
-            folders[dest.parent] = None
-        self.pending = []
-        for folder in folders:
-            try:
-                _fsync_path(folder)
-            except OSError:
-                pass
-
-    def abort(self) -> None:
-        for tmp, _ in self.pending:
-            tmp.unlink(missing_ok=True)
-        self.pending = []
-
-    def close(self) -> None:
-        """Close the descriptors kept for ``syncfs`` (after ``commit`` or ``abort``)."""
-        for fd in self._devices.values():
-            os.close(fd)
-        self._devices = {}
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 try:  # the same bytes as the json module below, about 10x faster (the indent=2 encoder is pure Python)
     import orjson as _orjson
 except ImportError:  # pragma: no cover - orjson is a dependency; the json module writes the same bytes
@@ -463,7 +323,7 @@ def assign_invoice_numbers(paths: Paths, month: date, customer_ids: Iterable[str
                 out[cid] = numbers[key]
             if changed:
                 reg["schema_version"] = SCHEMA_VERSION
-                _atomic_write_bytes(registry_path(paths), _json_bytes(reg))
+                durable.write_bytes(registry_path(paths), _json_bytes(reg))
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
     return out
@@ -500,7 +360,8 @@ def _dispute_text(number: str, status: str, finalized_on: date) -> str:
         f"To dispute this invoice, reply to your billing contact within {DISPUTE_DAYS} days of "
         f"{finalized_on.isoformat()}, "
         f"quoting {number} and the line numbers concerned. Every line is recomputed from the raw usage "
-        "identified in the manifest (hashes of the raw sample files and seed files and the code version), "
+        "identified in the manifest (hashes of the raw sample and raw event files, of the usage reports and "
+        "seed files, and the code version), "
         "so a disputed figure can be reproduced exactly. A finalized invoice is never edited: any correction "
         "appears as an adjustment line on a later invoice."
     )
@@ -527,12 +388,25 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def _recompute_reason(finalized: Mapping | None, recomputed_manifest: Mapping | None) -> str:
-    """Why a finalized month's figures changed, from the two manifests."""
+    """Why a finalized month's figures changed, from the two manifests. Raw events and usage reports
+    are compared only when the finalized manifest has them (manifests written before they were
+    fingerprinted do not); the usage reports' own events file is explained by the reports."""
     old = (finalized or {}).get("manifest") or {}
     new = recomputed_manifest or {}
     reasons = []
     if old.get("raw_samples") != new.get("raw_samples"):
         reasons.append("late data")
+    if "raw_events" in old:
+        reports_part = f"/part-{REPORTS_SOURCE}.parquet"
+        others = lambda m: {k: v for k, v in (m.get("raw_events") or {}).items() if not k.endswith(reports_part)}  # noqa: E731
+        if others(old) != others(new):
+            reasons.append("late usage events")
+    if "usage_reports" in old and old["usage_reports"] != new.get("usage_reports"):
+        before, after = old["usage_reports"], new.get("usage_reports") or {}
+        days = sorted(d for d in set(before) | set(after) if before.get(d) != after.get(d))
+        added = sum(after.get(d, {}).get("reports", 0) - before.get(d, {}).get("reports", 0) for d in days)
+        what = f"{added} late usage report{'s' if added != 1 else ''}" if added > 0 else "changed usage reports"
+        reasons.append(f"{what} ({', '.join(days)})")
     if old.get("seeds") != new.get("seeds"):
         reasons.append("a seed change")
     if old.get("code_version") != new.get("code_version"):
@@ -948,16 +822,23 @@ def code_version(root: Path | str = PROJECT_ROOT) -> str:
 
 
 def invoice_manifest(paths: Paths, month: date, seeds_dir: Path | str, code_version: str) -> dict:
-    """What produced a month's invoices: SHA-256 of each raw samples Parquet file of the month's days
-    (path relative to the data dir -> hash), of each seed file, and the code version."""
+    """What produced a month's invoices: SHA-256 of each raw samples and raw events Parquet file of the
+    month's days (path relative to the data dir -> hash), the usage reports accepted for each day
+    (count and SHA-256, from the report store: a late report changes it), each seed file's SHA-256,
+    and the code version."""
     month = _month_start(month)
     end = period_end(month)
     raw: dict[str, str] = {}
+    raw_events: dict[str, str] = {}
     day = month
     while day < end:
         for f in sample_files(paths, day):
             raw[f.relative_to(paths.data_dir).as_posix()] = _sha256_file(f)
+        for f in event_files(paths, day):
+            raw_events[f.relative_to(paths.data_dir).as_posix()] = _sha256_file(f)
         day += timedelta(days=1)
+    with ReportStore.open(paths, readonly=True) as store:
+        reports = store.fingerprints(month, end)
     seeds = seeds_digest(Path(seeds_dir))
     credits_file = Path(seeds_dir) / _credits.CREDITS_FILE
     if credits_file.exists():  # also while seeds.SPECS has no credits entry
@@ -965,6 +846,8 @@ def invoice_manifest(paths: Paths, month: date, seeds_dir: Path | str, code_vers
     return {
         "month": f"{month:%Y-%m}",
         "raw_samples": raw,
+        "raw_events": raw_events,
+        "usage_reports": reports,
         "seeds": dict(sorted(seeds.items())),
         "code_version": code_version,
     }
@@ -1190,7 +1073,9 @@ def _render_html(invoice: dict) -> str:
     if manifest:
         parts.append(
             f'<div class="manifest">Manifest: code {e(manifest.get("code_version", ""))}; '
-            f'{e(len(manifest.get("raw_samples") or {}))} raw sample files and '
+            f'{e(len(manifest.get("raw_samples") or {}))} raw sample files, '
+            f'{e(len(manifest.get("raw_events") or {}))} raw event files, '
+            f'{e(sum(d["reports"] for d in (manifest.get("usage_reports") or {}).values()))} usage reports and '
             f'{e(len(manifest.get("seeds") or {}))} seed files hashed (SHA-256, listed in the JSON invoice).</div>'
         )
     parts += ["</body>", "</html>", ""]
@@ -1306,7 +1191,7 @@ def _same_bytes(path: Path, data: bytes) -> bool:
         return False
 
 
-def _write_if_changed(path: Path, data: bytes, written: list[str], unchanged: list[str], write=_atomic_write_bytes) -> None:
+def _write_if_changed(path: Path, data: bytes, written: list[str], unchanged: list[str], write) -> None:
     if _same_bytes(path, data):
         unchanged.append(str(path))
         return
@@ -1330,8 +1215,8 @@ def write_invoice_files(paths: Paths, invoices: list[dict]) -> dict:
     by_status: dict[str, int] = {s: 0 for s in STATUSES}
     totals_minor: dict[str, int] = {}
     exponents: dict[str, int] = {}
-    # the files of a month are made durable together (see _DurableBatch), before the next month is read
-    batch = _DurableBatch()
+    # the files of a month are made durable together (see durable.Batch), before the next month is read
+    batch = durable.Batch()
     batch_month = None
     try:
         for inv in sorted(invoices, key=lambda i: (i["period_start"], i["customer_id"])):
@@ -1357,7 +1242,7 @@ def write_invoice_files(paths: Paths, invoices: list[dict]) -> dict:
     }
 
 
-def _write_invoice(paths: Paths, inv: dict, batch: _DurableBatch, written: list[str], unchanged: list[str], changed_after: list[str],
+def _write_invoice(paths: Paths, inv: dict, batch: durable.Batch, written: list[str], unchanged: list[str], changed_after: list[str],
                    pending: list[str], by_status: dict[str, int], totals_minor: dict[str, int], exponents: dict[str, int]) -> None:
     """One invoice of write_invoice_files: its files go into ``batch``; the figures are added up."""
     month_key = inv["period_start"][:7]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from datetime import date, timedelta
@@ -33,10 +32,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import yaml
-from prometheus_client import CollectorRegistry, generate_latest, write_to_textfile
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from . import projection
+from . import durable, projection
 from .settings import PROJECT_ROOT, Paths
 
 RULES_FILE = PROJECT_ROOT / "prometheus" / "billing_recording_rules.yml"
@@ -183,14 +182,11 @@ def build_registry(paths: Paths, month: date | None = None, today: date | None =
 
 
 def export_metrics(paths: Paths, month: date | None = None, output: Path | None = None, today: date | None = None) -> bytes:
-    """The exposition text; with ``output`` also written atomically (temp file + rename)."""
-    registry = build_registry(paths, month, today)
+    """The exposition text; with ``output`` also published durably (temp file, fsync, rename)."""
+    text = generate_latest(build_registry(paths, month, today))
     if output is not None:
-        output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        write_to_textfile(str(output), registry)  # temp file in the same folder, then os.replace
-        return output.read_bytes()
-    return generate_latest(registry)
+        durable.write_bytes(Path(output), text)
+    return text
 
 
 def cmd_export_metrics(args) -> int:
@@ -278,10 +274,7 @@ def main(argv: list[str] | None = None) -> int:
 
     text = render_recording_rules(load_seeds(Path(args.seeds_dir)))
     if args.write_rules:
-        RULES_FILE.parent.mkdir(parents=True, exist_ok=True)
-        tmp = RULES_FILE.with_name(f".{RULES_FILE.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, RULES_FILE)
+        durable.write_bytes(RULES_FILE, text.encode())
     else:
         sys.stdout.write(text)
     return 0

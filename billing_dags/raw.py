@@ -13,7 +13,6 @@ samples gives the same bytes.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -22,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import durable
 from .settings import Paths
 
 SAMPLES_SCHEMA = pa.schema(
@@ -92,15 +92,6 @@ class RawLayoutError(ValueError):
     """Samples that do not fit the raw layout (wrong day, unsorted, bad types)."""
 
 
-def _atomic_write(table: pa.Table, dest: Path, **kwargs) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, **kwargs)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
-
-
 def _row_group_boundaries(series: pa.Array) -> list[int]:
     """Row offsets where a row group may end: only where the series id changes."""
     n = len(series)
@@ -154,9 +145,7 @@ def write_day(paths: Paths, day: date, samples: pa.Table, series: pa.Table, sour
 
     sample_path = samples_day_dir(paths, day) / f"part-{source}.parquet"
     cuts = _row_group_boundaries(samples["series_id"])
-    sample_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = sample_path.with_name(f".{sample_path.name}.tmp-{os.getpid()}")
-    with pq.ParquetWriter(
+    with durable.staged(sample_path) as tmp, pq.ParquetWriter(
         tmp,
         SAMPLES_SCHEMA,
         compression="zstd",
@@ -170,11 +159,8 @@ def write_day(paths: Paths, day: date, samples: pa.Table, series: pa.Table, sour
             prev = cut
         if not cuts:
             writer.write_table(samples)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, sample_path)
-    series_path = series_day_dir(paths, day) / f"part-{source}.parquet"
-    _atomic_write(series, series_path, compression="zstd")
+    with durable.staged(series_day_dir(paths, day) / f"part-{source}.parquet") as tmp:
+        pq.write_table(series, tmp, compression="zstd")
     return {
         "samples": len(samples),
         "series": len(series),

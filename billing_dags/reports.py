@@ -7,7 +7,6 @@ HTML to data/reports/daily/YYYY-MM-DD.{md,html}; deterministic for the same inpu
 from __future__ import annotations
 
 import html
-import os
 from dataclasses import dataclass
 from datetime import date, timedelta
 from decimal import Decimal
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from . import durable
 from .flags import OUTSIDE_SUBSCRIPTION_RULES
 from .settings import Paths
 from .sqlmodels import Window, load_project, partition_file, seed_snapshot_path
@@ -162,9 +162,7 @@ def write_daily_summary(paths: Paths, s: DailySummary) -> list[Path]:
     written = []
     for suffix, text in ((".md", to_markdown(s)), (".html", to_html(s))):
         dest = folder / f"{s.day}{suffix}"
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, dest)
+        durable.write_bytes(dest, text.encode())
         written.append(dest)
     return written
 

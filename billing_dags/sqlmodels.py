@@ -39,7 +39,7 @@ import sqlglot
 import yaml
 from sqlglot import exp
 
-from . import raw
+from . import durable, raw
 from .settings import EDGE_LOOKBACK_DAYS, SQL_MODELS_DIR, STALENESS_MS, Paths
 
 _CONFIG_RE = re.compile(r"/\*\s*config\s*\n(.*?)\*/", re.S)
@@ -466,17 +466,39 @@ def check_window(model: Model, table: pa.Table, window: Window | None) -> None:
         )
 
 
-def write_partition(paths: Paths, model: Model, window: Window | None, table: pa.Table) -> Path:
-    """Delete-window-then-insert: the partition's file is replaced whole, atomically."""
+def check_grain(model: Model, table: pa.Table) -> None:
+    """One output row per grain key (the model config's ``grain``)."""
+    if not model.grain or len(table) < 2:
+        return
+    counts = table.group_by(list(model.grain), use_threads=False).aggregate([([], "count_all")])
+    dupes = counts.filter(pc.greater(counts["count_all"], 1))
+    if len(dupes):
+        shown = "; ".join(", ".join(f"{c}={r[c]}" for c in model.grain) for r in dupes.slice(0, 3).to_pylist())
+        raise ModelError(
+            f"model {model.name}: {len(dupes)} keys of its grain ({', '.join(model.grain)}) have more than one row, e.g. {shown}; "
+            f"nothing was written (the previous partition stays). Fix {model.path} so it returns one row per key"
+        )
+
+
+def write_partition(
+    paths: Paths, model: Model, window: Window | None, table: pa.Table, validate: Callable[[pa.Table], None] | None = None
+) -> Path:
+    """Delete-window-then-insert: the partition's file is replaced whole, durably, once it is valid.
+
+    The window and grain are checked, then ``validate`` (e.g. the asset's blocking checks, raising to
+    refuse the rows), all before the new file is published: a partition that fails a check is never
+    visible, and the previous one stays.
+    """
     check_window(model, table, window)
+    check_grain(model, table)
+    if validate is not None:
+        validate(table)
     if model.grain and len(table):
         # deterministic bytes: DuckDB's parallel aggregation returns rows in any order
         table = table.sort_by([(c, "ascending") for c in model.grain])
     dest = partition_file(paths, model, window)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, dest)
+    with durable.staged(dest) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
     return dest
 
 
@@ -510,6 +532,7 @@ def run_model(
     project: Project | None = None,
     engine: str | None = None,
     threads: int | None = None,
+    validate: Callable[[pa.Table], None] | None = None,
 ) -> RunResult:
     """Compute one partition of a table model and write it (replacing the old partition).
 
@@ -517,6 +540,7 @@ def run_model(
     names a Python implementation (tests and benchmarks compare the two). ``threads`` caps the
     threads of this partition's work (DuckDB's pool, the Python engine's readers); None uses
     every core, which is right for one partition at a time, not for several in parallel.
+    ``validate`` runs on the rows before they are published (see ``write_partition``).
     """
     project = project or load_project()
     if name not in project.models:
@@ -539,5 +563,5 @@ def run_model(
             table = query(con, model, window)
         finally:
             con.close()
-    path = write_partition(paths, model, window, table)
+    path = write_partition(paths, model, window, table, validate)
     return RunResult(name, window, len(table), path, time.perf_counter() - t0, table)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import calendar
 import hashlib
-import os
 import re
 import time
 from datetime import date, datetime, timezone
@@ -29,6 +28,7 @@ from typing import Any, Callable, Iterable, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import durable
 from .settings import EDGE_LOOKBACK_DAYS, Paths
 
 STATUSES = ("pending", "sent", "dry_run", "too_old", "future", "failed")
@@ -265,7 +265,7 @@ def read_outbox(paths: Paths, day: date) -> list[dict]:
 
 
 def write_outbox(paths: Paths, day: date, rows: list[dict]) -> Path:
-    """Replace the outbox of ``day`` with ``rows`` (atomic: temp file, fsync, rename). Same rows, same bytes."""
+    """Replace the outbox of ``day`` with ``rows`` (durable: temp file, fsync, rename, fsync of the folder). Same rows, same bytes."""
     for r in rows:
         if _row_day(r) != day:
             raise OutboxError(f"outbox row {r.get('identifier')!r} is for {r.get('day')}, not {day}")
@@ -277,12 +277,8 @@ def write_outbox(paths: Paths, day: date, rows: list[dict]) -> Path:
     ordered = sorted(rows, key=lambda r: (r["customer_id"], r["meter_id"]))
     table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in OUTBOX_SCHEMA} for r in ordered], schema=OUTBOX_SCHEMA)
     dest = outbox_path(paths, day)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dest)
+    with durable.staged(dest) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
     return dest
 
 

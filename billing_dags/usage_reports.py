@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -401,6 +402,23 @@ class ReportStore:
             cur = self._con.execute("delete from reports where day = ?", (day.isoformat(),))
             self._con.execute("delete from compactions where day = ?", (day.isoformat(),))
         return cur.rowcount
+
+    def fingerprints(self, start: date, end: date) -> dict[str, dict]:
+        """{day: {"reports": n, "sha256": ...}} for the days in [start, end) with reports: the SHA-256 over
+        each report's customer, id and digest (in key order), so an added or changed report changes it."""
+        if self._con is None:
+            return {}
+        with self._lock:
+            rows = self._con.execute(
+                "select day, customer_id, report_id, digest from reports where day >= ? and day < ? order by day, customer_id, report_id",
+                (start.isoformat(), end.isoformat()),
+            ).fetchall()
+        out: dict[str, dict] = {}
+        hashes: dict[str, Any] = {}
+        for day, customer_id, report_id, digest in rows:
+            hashes.setdefault(day, hashlib.sha256()).update(f"{customer_id}/{report_id}:{digest}\n".encode())
+            out.setdefault(day, {"reports": 0})["reports"] += 1
+        return {day: {**out[day], "sha256": hashes[day].hexdigest()} for day in out}
 
     def day_counts(self) -> dict[str, tuple[int, int]]:
         """{day: (reports, max rowid)} for every day in the store."""

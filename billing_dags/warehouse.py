@@ -6,15 +6,15 @@ contend for it. ``open_warehouse`` gives the same views in memory without touchi
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import duckdb
 
+from . import durable
 from .events import events_root
 from .settings import Paths
-from .sqlmodels import connect, load_project, macros_sql, partition_dir, seed_snapshot_path
+from .sqlmodels import connect, load_project, macros_sql, partition_dir
 
 
 def _lit(path: Path | str) -> str:
@@ -80,7 +80,7 @@ def refresh_views(paths: Paths, retries: int = 20) -> dict:
     """Rewrite data/warehouse.duckdb with the current views (retrying while another process holds it)."""
     paths.data_dir.mkdir(parents=True, exist_ok=True)
     stmts = view_statements(paths)
-    tmp = paths.warehouse_db.with_name(f".{paths.warehouse_db.name}.tmp-{os.getpid()}")
+    tmp = durable.temp_path(paths.warehouse_db)
     tmp.unlink(missing_ok=True)
     con = duckdb.connect(str(tmp), config={"autoinstall_known_extensions": False})
     try:
@@ -90,7 +90,7 @@ def refresh_views(paths: Paths, retries: int = 20) -> dict:
         con.close()
     for attempt in range(retries):
         try:
-            os.replace(tmp, paths.warehouse_db)
+            durable.publish(tmp, paths.warehouse_db)
             break
         except OSError:
             time.sleep(0.25 * (attempt + 1))

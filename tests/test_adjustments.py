@@ -155,3 +155,29 @@ def test_unchanged_inputs_reproduce_every_file_including_the_ledger(p):
     assert {"credits_ledger.json", "registry.json", "2025-01/pending_adjustments/acme.json", "2025-03/acme.html"} <= set(first)
     history()
     assert all_files(p) == first
+
+
+def test_a_late_usage_report_after_finalization_is_named_in_the_adjustment(p):
+    """The manifests fingerprint usage reports: a report accepted after finalization is the reason, not "a rerun"."""
+    from billing_dags.invoices import invoice_manifest
+    from billing_dags.usage_reports import Report, ReportStore
+
+    p.seeds_dir.mkdir(parents=True)
+    (p.seeds_dir / "meters.csv").write_text("meter_id\n")
+    at = int(datetime(2025, 1, 31, 10, tzinfo=UTC).timestamp()) * 1000
+
+    def bill_with(month: date, usage_minor: int, manifest: dict) -> dict:
+        write_invoice_files(p, build_invoices(lines(month, usage_minor), CUSTOMERS, PLANS, CURRENCIES, month, now=LATER, manifest=manifest, paths=p))
+        return json.loads((p.invoices / f"{month:%Y-%m}" / "acme.json").read_text())
+
+    with ReportStore.open(p) as store:
+        store.accept(Report("h10", "acme", at, 3600, {"active_devices": Decimal(3)}))
+    jan = bill_with(JAN, 1234, invoice_manifest(p, JAN, p.seeds_dir, "1"))
+    assert jan["status"] == "finalized" and jan["manifest"]["usage_reports"]["2025-01-31"]["reports"] == 1
+    with ReportStore.open(p) as store:  # received after January was finalized
+        store.accept(Report("h11", "acme", at + 3_600_000, 3600, {"active_devices": Decimal(5)}))
+    bill_with(JAN, 1500, invoice_manifest(p, JAN, p.seeds_dir, "1"))
+    feb = bill_with(FEB, 1000, invoice_manifest(p, FEB, p.seeds_dir, "1"))
+    assert adjustments(feb) == [
+        ("2025-01", 266, "usage of 2025-01 recomputed after 1 late usage report (2025-01-31): INV-2025-000001 charges 22.34 -> 25.00")
+    ]

@@ -160,3 +160,29 @@ def test_run_rejects_a_catch_all_price_beside_per_model_prices(capsys, paths, sm
     assert f"line {gpt4o_line}" in err and "billed twice" in err
     assert "give this row a dimension" in err  # the fix
     assert "Traceback" not in err and "Stack Trace" not in err
+
+
+def test_a_failed_blocking_check_shows_its_message_and_exits_2_without_a_traceback(paths):
+    """`billing run` where the source wrote the same event id on two days: the check's own message, no stack trace."""
+    import os
+    from decimal import Decimal
+
+    import pyarrow as pa
+
+    from billing_dags.events import EVENTS_SCHEMA, write_events_day
+    from billing_dags.raw import day_bounds_ms
+    from billing_dags.settings import PROJECT_ROOT
+
+    for day in (date(2026, 2, 1), date(2026, 2, 2)):
+        event = {"event_id": "req-42", "ts": day_bounds_ms(day)[0] + 3_600_000, "customer_key": "k", "meter_id": "llm_input_tokens",
+                 "dimension": "gpt-4o", "kind": "delta", "quantity": Decimal(5), "hold_ms": 0, "attributes": []}
+        write_events_day(paths, day, pa.Table.from_pylist([event], schema=EVENTS_SCHEMA), "postgres")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "billing_dags.cli", "run", "--month", "2026-02", "--customers", "1", "--interval", "3600"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    out = (r.stdout + r.stderr).replace("\n", " ")
+    assert r.returncode == 2, out
+    assert "usage_events event_ids_unique_across_days" in out
+    assert "req-42 (also on 2026-02-02)" in out and "rerun usage_events for 2026-02-02" in out
+    for noise in ("Traceback", "Stack Trace", "DagsterAssetCheckFailedError", "blocking asset check failed"):
+        assert noise not in out, out

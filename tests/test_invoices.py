@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from billing_dags import durable
 from billing_dags import invoices as inv
 from billing_dags.invoices import (
     InvoiceError,
@@ -363,6 +364,38 @@ def test_manifest_hashes_raw_files_of_the_month_and_seeds(tmp_path):
     assert m["code_version"] == "0.1.0+gabc" and m["month"] == "2025-01"
 
 
+def test_manifest_fingerprints_raw_events_and_usage_reports_of_the_month(tmp_path):
+    """An invoice billed from usage events or usage reports carries a fingerprint of them too."""
+    import hashlib
+
+    from billing_dags.usage_reports import Report, ReportStore
+
+    p = paths_for(tmp_path)
+    for d, name, content in [("2025-01-05", "part-postgres.parquet", b"pg"), ("2025-01-31", "part-usage_reports.parquet", b"ur"),
+                             ("2025-02-01", "part-postgres.parquet", b"next month")]:
+        f = p.data_dir / "raw" / "events" / f"date={d}" / name
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(content)
+    p.seeds_dir.mkdir(parents=True)
+    (p.seeds_dir / "meters.csv").write_text("meter_id\n")
+    at = lambda d, h: int(datetime(d.year, d.month, d.day, h, tzinfo=UTC).timestamp()) * 1000  # noqa: E731
+    with ReportStore.open(p) as store:
+        store.accept(Report("r1", "iot-001", at(date(2025, 1, 31), 10), 3600, {"active_devices": Decimal(3)}))
+        store.accept(Report("r9", "iot-001", at(FEB, 10), 3600, {"active_devices": Decimal(3)}))  # February's
+    m = invoice_manifest(p, JAN, p.seeds_dir, "0.1.0")
+    assert m["raw_events"] == {
+        "raw/events/date=2025-01-05/part-postgres.parquet": hashlib.sha256(b"pg").hexdigest(),
+        "raw/events/date=2025-01-31/part-usage_reports.parquet": hashlib.sha256(b"ur").hexdigest(),
+    }
+    assert list(m["usage_reports"]) == ["2025-01-31"] and m["usage_reports"]["2025-01-31"]["reports"] == 1
+    first = m["usage_reports"]["2025-01-31"]["sha256"]
+    assert len(first) == 64 and first == invoice_manifest(p, JAN, p.seeds_dir, "0.1.0")["usage_reports"]["2025-01-31"]["sha256"]
+    with ReportStore.open(p) as store:  # a late report of the same day
+        store.accept(Report("r2", "iot-001", at(date(2025, 1, 31), 11), 3600, {"active_devices": Decimal(4)}))
+    late = invoice_manifest(p, JAN, p.seeds_dir, "0.1.0")["usage_reports"]["2025-01-31"]
+    assert late["reports"] == 2 and late["sha256"] != first
+
+
 def test_code_version_falls_back_silently(tmp_path, monkeypatch):
     from billing_dags import __version__
 
@@ -424,11 +457,11 @@ def test_json_files_are_the_json_module_bytes_with_or_without_orjson(monkeypatch
 @pytest.mark.parametrize("durability", ["syncfs", "fsync each file"])
 def test_many_files_are_durable_the_same_either_way(tmp_path, monkeypatch, durability):
     if durability == "syncfs":
-        if inv._SYNCFS is None:
+        if durable._SYNCFS is None:
             pytest.skip("no syncfs (Linux 5.8 or later) here")
-        monkeypatch.setattr(inv._DurableBatch, "SYNCFS_MIN_FILES", 1)
+        monkeypatch.setattr(durable.Batch, "SYNCFS_MIN_FILES", 1)
     else:
-        monkeypatch.setattr(inv, "_SYNCFS", None)
+        monkeypatch.setattr(durable, "_SYNCFS", None)
     p = paths_for(tmp_path)
     lines = lines_for("acme") + lines_for("beta") + lines_for("tokyo", currency="jpy")
     res = write_invoice_files(p, build(lines))
@@ -449,15 +482,15 @@ def test_a_failed_flush_leaves_the_old_files_and_no_temporary_ones(tmp_path, mon
     folder = p.invoices / "2025-01"
     before = {f.name: f.read_bytes() for f in folder.iterdir()}
     if durability == "syncfs":
-        monkeypatch.setattr(inv._DurableBatch, "SYNCFS_MIN_FILES", 1)
-        monkeypatch.setattr(inv, "_SYNCFS", lambda fd: -1)
+        monkeypatch.setattr(durable.Batch, "SYNCFS_MIN_FILES", 1)
+        monkeypatch.setattr(durable, "_SYNCFS", lambda fd: -1)
     else:
-        monkeypatch.setattr(inv, "_SYNCFS", None)
+        monkeypatch.setattr(durable, "_SYNCFS", None)
 
         def failing_fsync(path):
             raise OSError(5, "Input/output error")
 
-        monkeypatch.setattr(inv, "_fsync_path", failing_fsync)
+        monkeypatch.setattr(durable, "fsync_path", failing_fsync)
     with pytest.raises(OSError):
         write_invoice_files(p, build(lines_for("acme", usage_minor=999) + lines_for("beta", usage_minor=998)))
     assert {f.name: f.read_bytes() for f in folder.iterdir()} == before  # old bytes, no .tmp- files left
@@ -519,3 +552,57 @@ def test_customers_subscribed_or_using_the_service_without_an_invoice_are_named(
     }
     assert named == {"flagged": "flagged outside_subscription on iot_devices"}
     assert inv.uninvoiced_customers(oct_, subs, usage, {"acme", "late", "joiner", "nosub"}, flags)[0] == {}
+
+
+# --------------------------------------------------------------------------- validated before anything is written
+
+
+def test_invoices_failing_the_total_check_write_no_file(tmp_path, monkeypatch):
+    """The invoices asset checks totals against fct_invoice_lines before writing: a failure leaves no invoice file."""
+    import dagster as dg
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from billing_dags.defs.invoicing.assets import invoices as invoices_asset
+    from billing_dags.defs.seeds.assets import write_seed_snapshots
+    from billing_dags.defs.shared.resources import WarehouseResource
+    from billing_dags.settings import PROJECT_ROOT
+    from billing_dags.sqlmodels import Window, load_project, partition_file
+
+    p = Paths(tmp_path / "data", PROJECT_ROOT / "seeds")
+    write_seed_snapshots(p)
+    common = {"month": JAN, "customer_id": "mp-001", "plan_id": "proxy_hybrid", "plan_version": 1, "currency": "usd", "dimension": ""}
+    rows = [
+        {**common, "line_number": 1, "line_type": "base_fee", "meter_id": None, "description": "base fee", "quantity": Decimal(1),
+         "unit": "month", "unit_price": Decimal(5), "amount_minor": 500},
+        {**common, "line_number": 2, "line_type": "usage", "meter_id": "proxy_bytes", "description": "per GiB", "quantity": Decimal("12.5"),
+         "unit": "gib", "unit_price": Decimal("0.05"), "amount_minor": 63},
+    ]
+    f = partition_file(p, load_project().models["fct_invoice_lines"], Window(JAN, FEB))
+    f.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), f)
+    real_build = inv.build_invoices
+
+    def miscounted(*args, **kwargs):
+        docs = real_build(*args, **kwargs)
+        docs[0]["total_minor"] += 1  # a builder bug: the total is not the sum of the lines
+        return docs
+
+    def materialize():
+        resources = {"warehouse": WarehouseResource(data_dir=str(p.data_dir), seeds_dir=str(p.seeds_dir))}
+        return dg.materialize([invoices_asset], partition_key=JAN.isoformat(), resources=resources,
+                              instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+
+    monkeypatch.setattr(inv, "build_invoices", miscounted)
+    result = materialize()
+    assert not result.success
+    month_folder = p.invoices / "2025-01"
+    assert (sorted(f.name for f in month_folder.rglob("*")) if month_folder.exists() else []) == []
+    assert not (p.invoices / "credits_ledger.json").exists()
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    assert "total_equals_sum_of_lines failed, no invoice file was written" in failure.step_failure_data.error.message
+    assert "mp-001" in failure.step_failure_data.error.message
+
+    monkeypatch.setattr(inv, "build_invoices", real_build)
+    assert materialize().success
+    assert sorted(f.name for f in (p.invoices / "2025-01").iterdir()) == ["mp-001.csv", "mp-001.html", "mp-001.json"]

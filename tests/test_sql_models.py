@@ -14,7 +14,7 @@ import pytest
 from billing_dags import sqlmodels
 from billing_dags.settings import SQL_MODELS_DIR
 from billing_dags.sqlmodels import ModelError, Window, parse_model
-from sql_helpers import DAY_MS, Runner, day_start_ms, day_window, ms, next_day, run_days, usage_month_table
+from sql_helpers import DAY_MS, Runner, day_window, ms, next_day, run_days, usage_month_table
 
 D0 = date(2025, 3, 30)  # the chain crosses into April
 NAN = float("nan")
@@ -319,3 +319,27 @@ def test_a_gauge_going_down_is_not_a_reset_but_a_counter_dropping_is(runner):
     assert by_meter["iot_devices"]["resets"] == 0
     assert by_meter["proxy_bytes"]["resets"] == 1
     assert by_meter["proxy_bytes"]["usage"] == 100 + 7 + 2  # new series counts its first value
+
+
+def test_a_partition_failing_its_grain_or_a_blocking_check_is_never_published(tmp_path):
+    """The previous partition stays, byte for byte, and no temporary file is left."""
+    import os
+
+    from billing_dags.settings import Paths
+
+    paths = Paths(tmp_path / "data", tmp_path / "seeds")
+    model = sqlmodels.load_project().models["fct_usage_by_month"]
+    march = Window(date(2025, 3, 1), date(2025, 4, 1))
+    row = {"month": march.start, "customer_id": "x", "meter_id": "m", "kind": "counter", "period_ms": 1, "usage": Decimal(1)}
+    dest = sqlmodels.write_partition(paths, model, march, usage_month_table([row]))
+    before = dest.read_bytes()
+    with pytest.raises(ModelError, match=r"fct_usage_by_month: 1 keys of its grain .* customer_id=x, meter_id=m.*nothing was written"):
+        sqlmodels.write_partition(paths, model, march, usage_month_table([{**row, "usage": Decimal(2)}, {**row, "usage": Decimal(3)}]))
+    assert dest.read_bytes() == before and os.listdir(dest.parent) == ["data.parquet"]
+
+    def refuse(table):
+        raise ModelError("no_negative_usage failed")
+
+    with pytest.raises(ModelError, match="no_negative_usage"):
+        sqlmodels.write_partition(paths, model, march, usage_month_table([{**row, "usage": Decimal(-1)}]), refuse)
+    assert dest.read_bytes() == before and os.listdir(dest.parent) == ["data.parquet"]

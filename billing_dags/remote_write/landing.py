@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from billing_dags import raw
+from billing_dags import durable, raw
 
 from .customers import UNKNOWN, CustomerResolver
 from .decode import STALE_NAN_BITS, TS_CEILING_MS, TS_FLOOR_MS, Batch, describe_ms
@@ -93,21 +93,8 @@ def day_name(day_number: int) -> str:
     return raw.day_of_ms(day_number * raw.DAY_MS).isoformat()
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, sort_keys=True, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    durable.write_bytes(path, json.dumps(obj, sort_keys=True, indent=1).encode())
 
 
 # --- index -----------------------------------------------------------------------------------
@@ -184,7 +171,7 @@ class _Segment:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.write(self.fd, FILE_MAGIC)
             os.fsync(self.fd)
-            fsync_dir(directory)  # the file's name is durable before anything in it is acknowledged
+            durable.fsync_path(directory)  # the file's name is durable before anything in it is acknowledged
         except OSError:
             os.close(self.fd)
             self.path.unlink(missing_ok=True)
@@ -384,7 +371,7 @@ class SegmentWriter:
             os.fsync(seg.fd)
             if seg.index.records == 0:
                 seg.path.unlink()
-                fsync_dir(self.directory)
+                durable.fsync_path(self.directory)
             else:
                 seal(self.directory, seg.path, seg.index.to_json(seg.name))
                 self.sealed += 1
@@ -399,8 +386,7 @@ def seal(directory: Path, open_path: Path, index: dict) -> Path:
     name = open_path.name[: -len(OPEN_SUFFIX)]
     _write_json_atomic(directory / f"{name}{INDEX_SUFFIX}", index)
     sealed = directory / f"{name}{SEALED_SUFFIX}"
-    os.replace(open_path, sealed)
-    fsync_dir(directory)
+    durable.publish(open_path, sealed)
     return sealed
 
 
@@ -554,7 +540,7 @@ def recover_orphans(directory: Path, resolver: CustomerResolver | None = None) -
                 os.fsync(fd)
             if seg.records == 0:
                 path.unlink()
-                fsync_dir(directory)
+                durable.fsync_path(directory)
                 out.append({"segment": name, "records": 0, "removed": True, "torn": seg.torn})
                 continue
             index["torn_tail_bytes_dropped"] = dropped
@@ -598,9 +584,8 @@ def set_aside(directory: Path, path: Path, seg: SegmentData, reason: str, resolv
     qdir = directory / QUARANTINE_DIR
     qdir.mkdir(exist_ok=True)
     _write_json_atomic(qdir / f"{name}{QUARANTINE_SUFFIX}", entry)
-    os.replace(path, qdir / path.name)
-    fsync_dir(qdir)
-    fsync_dir(directory)
+    durable.publish(path, qdir / path.name)
+    durable.fsync_path(directory)
     log.error("landing segment %s cannot be indexed (%s): quarantined in %s, %d sample(s) salvaged", name, reason, qdir, entry["salvaged_samples"])
     return entry
 
@@ -661,7 +646,7 @@ def remove_segment(seg: SealedSegment) -> None:
     seg.path.unlink(missing_ok=True)
     for p in seg.path.parent.glob(f"{seg.name}.*"):
         p.unlink(missing_ok=True)
-    fsync_dir(seg.path.parent)
+    durable.fsync_path(seg.path.parent)
 
 
 def parse_day(day: str) -> date:

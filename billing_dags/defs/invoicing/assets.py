@@ -87,21 +87,22 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
         grants=grants,
         held=held,
     )
+    # validated before anything is written: a finalized invoice's files are never rewritten
+    wrong, missing = _total_problems(lines, docs)
+    if wrong or missing:
+        raise dg.Failure(
+            description=(
+                f"invoices of {window.start:%Y-%m}: check total_equals_sum_of_lines failed, no invoice file was written: "
+                + "; ".join(
+                    ([f"charges or total do not add up to the lines of fct_invoice_lines for {', '.join(wrong)}"] if wrong else [])
+                    + ([f"no invoice built for {', '.join(missing)}"] if missing else [])
+                )
+                + ". Rerun fct_invoice_lines for the month, then the invoices; if it persists, it is a bug in the invoice builder"
+            ),
+            metadata={"wrong_totals": dg.MetadataValue.json(wrong), "customers_without_invoice": dg.MetadataValue.json(missing)},
+        )
     figures = inv.write_invoice_files(paths, docs)
     ledger = cr.write_ledger(paths, grants, {c["currency"]: int(c["minor_unit_exponent"]) for c in seeds["currencies"]})
-    # the check recomputes each invoice's charges from the lines table, independently of the invoice builder,
-    # and checks that the total due is the sum of all lines (charges, adjustments, credits) and never negative
-    by_customer: dict[str, int] = {}
-    for line in lines:
-        by_customer[line["customer_id"]] = by_customer.get(line["customer_id"], 0) + int(line["amount_minor"])
-    wrong = [
-        d["customer_id"]
-        for d in docs
-        if d["charges_minor"] != by_customer.get(d["customer_id"], 0)
-        or d["total_minor"] != sum(l["amount_minor"] for l in d["lines"])
-        or d["total_minor"] < 0
-    ]
-    missing = sorted(set(by_customer) - {d["customer_id"] for d in docs})
     usage = pq.read_table(
         partition_file(paths, models["fct_usage_by_month"], window),
         columns=["customer_id", "usage", "gauge_peak", "gauge_integral"],
@@ -128,12 +129,18 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
         check_results=[
             dg.AssetCheckResult(
                 check_name="total_equals_sum_of_lines",
-                passed=not wrong and not missing,
-                metadata={"wrong_totals": dg.MetadataValue.json(wrong), "customers_without_invoice": dg.MetadataValue.json(missing)},
+                passed=True,  # a failure raised above, before any file was written
+                description="verified on the built invoices before any file was written",
+                metadata={"invoices_checked": len(docs)},
             ),
             dg.AssetCheckResult(
                 check_name="every_customer_invoiced",
                 passed=not unbilled,
+                description=(
+                    "no invoice and no flag naming why: "
+                    + "; ".join(f"{c}: {why}" for c, why in sorted(unbilled.items()))
+                    + ". Fix the customer's subscription in seeds/subscriptions.csv or rerun the month's models"
+                ) if unbilled else None,
                 metadata={"unbilled": dg.MetadataValue.json(unbilled), "not_invoiced_with_reason": dg.MetadataValue.json(not_invoiced)},
             ),
             dg.AssetCheckResult(
@@ -144,6 +151,26 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
             ),
         ],
     )
+
+
+def _total_problems(lines: list[dict], docs: list[dict]) -> tuple[list[str], list[str]]:
+    """Customers whose invoice does not add up, and customers with lines but no invoice.
+
+    Each invoice's charges are recomputed from the lines table, independently of the invoice builder;
+    the total due must be the sum of all its lines (charges, adjustments, credits) and never negative.
+    """
+    by_customer: dict[str, int] = {}
+    for line in lines:
+        by_customer[line["customer_id"]] = by_customer.get(line["customer_id"], 0) + int(line["amount_minor"])
+    wrong = [
+        d["customer_id"]
+        for d in docs
+        if d["charges_minor"] != by_customer.get(d["customer_id"], 0)
+        or d["total_minor"] != sum(l["amount_minor"] for l in d["lines"])
+        or d["total_minor"] < 0
+    ]
+    missing = sorted(set(by_customer) - {d["customer_id"] for d in docs})
+    return wrong, missing
 
 
 def _credits_used(docs: list[dict]) -> dict[str, str]:

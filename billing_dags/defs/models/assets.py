@@ -63,6 +63,10 @@ def _numeric_totals(con: duckdb.DuckDBPyConnection, table, model: Model) -> dict
     return {f"total_{c}": str(v) for c, v in zip(cols, row) if v is not None}
 
 
+def _metadata_text(metadata: dict) -> str:
+    return ", ".join(f"{k}: {getattr(v, 'value', v)}" for k, v in metadata.items())
+
+
 def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
     tables, srcs = project.table_deps(model.name)
     known = sources()
@@ -112,15 +116,28 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
         if window is not None:
             _require_lookback(paths, project, model, window)
         threads = warehouse.threads_for(context.run.tags)
-        result = run_model(paths, model.name, window, project=project, threads=threads)
+        check_results: list[dg.AssetCheckResult] = []
+
+        def run_checks(table) -> None:
+            """The asset checks, on the new rows before they are published; a failed blocking one publishes nothing."""
+            con = duckdb.connect()
+            try:
+                con.register("partition", table)
+                results = [(grain_is_unique(model), True)] if model.grain else []
+                results += [(check(con, paths, window), check.blocking) for check in CHECKS.get(model.name, [])]
+            finally:
+                con.close()
+            failed = [r for r, blocking in results if blocking and not r.passed]
+            if failed:
+                raise dg.Failure(
+                    description=f"{model.name} {window}: blocking check failed, nothing was published (the previous partition stays): "
+                    + "; ".join(f"{r.check_name} ({_metadata_text(r.metadata)})" for r in failed)
+                )
+            check_results.extend(r for r, _ in results)
+
+        result = run_model(paths, model.name, window, project=project, threads=threads, validate=run_checks)
         con = duckdb.connect()
         try:
-            con.register("partition", result.table)
-            check_results = []
-            if model.grain:
-                check_results.append(grain_is_unique(con, model))
-            for check in CHECKS.get(model.name, []):
-                check_results.append(check(con, paths, window))
             totals = _numeric_totals(con, result.table, model)
         finally:
             con.close()

@@ -1,11 +1,11 @@
 """One asset per seed file: validated CSV -> Parquet snapshot the SQL models read."""
 
 import hashlib
-import os
 
 import dagster as dg
 import pyarrow.parquet as pq
 
+from billing_dags import durable
 from billing_dags.defs.shared.resources import WarehouseResource
 from billing_dags.seeds import SPECS, load_seeds
 from billing_dags.sqlmodels import seed_snapshot_path
@@ -19,10 +19,8 @@ def write_seed_snapshots(paths, names=None) -> dict[str, dict]:
         if names is not None and name not in names:
             continue
         dest = seed_snapshot_path(paths, name)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-        pq.write_table(table, tmp)
-        os.replace(tmp, dest)
+        with durable.staged(dest) as tmp:
+            pq.write_table(table, tmp)
         src = paths.seeds_dir / SPECS[name].file
         out[name] = {"rows": table.num_rows, "path": dest, "source": src, "sha256": hashlib.sha256(src.read_bytes()).hexdigest()}
     return out
