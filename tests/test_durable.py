@@ -147,7 +147,7 @@ def _seed_snapshot(p: Paths):
 def _daily_summary(p: Paths):
     from billing_dags.reports import DailySummary, write_daily_summary
 
-    s = DailySummary(DAY, 0, Decimal(0), Decimal(0), Decimal(0), Decimal(0), [], [], [])
+    s = DailySummary(DAY, 0, Decimal(0), Decimal(0), Decimal(0), Decimal(0), [], [], [], [])
     return lambda: write_daily_summary(p, s)
 
 

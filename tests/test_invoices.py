@@ -569,7 +569,12 @@ def test_invoices_failing_the_total_check_write_no_file(tmp_path, monkeypatch):
     from billing_dags.settings import PROJECT_ROOT
     from billing_dags.sqlmodels import Window, load_project, partition_file
 
-    p = Paths(tmp_path / "data", PROJECT_ROOT / "seeds")
+    import shutil
+
+    seeds = shutil.copytree(PROJECT_ROOT / "seeds", tmp_path / "seeds")
+    subs = (seeds / "subscriptions.csv").read_text().splitlines()
+    (seeds / "subscriptions.csv").write_text("\n".join([subs[0], *(l for l in subs[1:] if l.startswith("mp-001,"))]) + "\n")
+    p = Paths(tmp_path / "data", seeds)
     write_seed_snapshots(p)
     common = {"month": JAN, "customer_id": "mp-001", "plan_id": "proxy_hybrid", "plan_version": 1, "currency": "usd", "dimension": ""}
     rows = [
@@ -581,6 +586,11 @@ def test_invoices_failing_the_total_check_write_no_file(tmp_path, monkeypatch):
     f = partition_file(p, load_project().models["fct_invoice_lines"], Window(JAN, FEB))
     f.parent.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows), f)
+    usage = partition_file(p, load_project().models["fct_usage_by_month"], Window(JAN, FEB))
+    usage.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([
+        {"customer_id": "mp-001", "usage": Decimal("12.5"), "gauge_peak": None, "gauge_integral": None},
+    ]), usage)
     real_build = inv.build_invoices
 
     def miscounted(*args, **kwargs):
