@@ -1001,6 +1001,19 @@ def _csv_text(value: Any) -> str:
     return s
 
 
+DOCUMENT_TITLES = {"adjustment_invoice": "Adjustment invoice", "credit_note": "Credit note"}
+
+
+def document_title(invoice: Mapping) -> str:
+    """``Invoice``, ``Adjustment invoice`` or ``Credit note`` (an adjustment invoice with a negative total)."""
+    return DOCUMENT_TITLES.get(invoice.get("document"), "Invoice")
+
+
+def total_label(invoice: Mapping) -> str:
+    """``Total due``, or ``Total refunded`` on a credit note."""
+    return "Total refunded" if invoice.get("document") == "credit_note" else "Total due"
+
+
 def _render_json(invoice: dict) -> str:
     return _json_bytes(invoice).decode("utf-8")
 
@@ -1029,7 +1042,7 @@ def _render_csv(invoice: dict) -> str:
     if int(invoice.get("credits_used_minor") or 0):
         # a summary row (not a charge): the credit lines above already hold these amounts, negated
         w.writerow(head + ["", "credits_used", "", "", "Prepaid credits used", "", "", "", invoice["credits_used"], invoice["credits_used_minor"]])
-    w.writerow(head + ["", "total", "", "", "Total due", "", "", "", invoice["total"], invoice["total_minor"]])
+    w.writerow(head + ["", "total", "", "", total_label(invoice), "", "", "", invoice["total"], invoice["total_minor"]])
     return buf.getvalue()
 
 
@@ -1045,14 +1058,14 @@ def _summary_rows(invoice: Mapping) -> list[tuple[str, str]]:
         rows.append(("Credit carried to the next invoice", invoice["carried_forward"]))
     if rows:
         rows.insert(0, ("Charges for the period", invoice["charges"]))
-    rows.append(("Total due", invoice["total"]))
+    rows.append((total_label(invoice), invoice["total"]))
     return rows
 
 
 def _render_table(invoice: dict) -> str:
     cur = invoice["currency"].upper()
     out = [
-        f"Invoice {invoice['invoice_number']} ({invoice['status']})",
+        f"{document_title(invoice)} {invoice['invoice_number']} ({invoice['status']})",
         f"Customer: {invoice['customer_name']} ({invoice['customer_id']})",
         f"Plan: {invoice.get('plan_name') or invoice['plan_id']} (v{invoice['plan_version']})",
         f"Period: {invoice['period_start']} to {invoice['period_end']} (exclusive, UTC)",
@@ -1065,7 +1078,7 @@ def _render_table(invoice: dict) -> str:
     ]
     summary = _summary_rows(invoice)
     rows.extend(("", "", label, "", "", "", value) for label, value in summary[:-1])
-    rows.append(("", "", "Total due", "", "", "", invoice["total"]))
+    rows.append(("", "", total_label(invoice), "", "", "", invoice["total"]))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     right = {0, 3, 5, 6}
 
@@ -1127,13 +1140,13 @@ def _render_html(invoice: dict) -> str:
         "<head>",
         '<meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>Invoice {e(invoice['invoice_number'])} — {e(invoice['customer_name'])}</title>",
+        f"<title>{e(document_title(invoice))} {e(invoice['invoice_number'])} — {e(invoice['customer_name'])}</title>",
         f"<style>\n{_HTML_STYLE}\n</style>",
         "</head>",
         "<body>",
         "<header>",
         "<div>",
-        f"<h1>Invoice {e(invoice['invoice_number'])}</h1>",
+        f"<h1>{e(document_title(invoice))} {e(invoice['invoice_number'])}</h1>",
         f'<span class="status status-{e(status)}">{e(invoice["status"])}</span>',
         "</div>",
         "<dl>",
@@ -1144,7 +1157,11 @@ def _render_html(invoice: dict) -> str:
     ]
     if invoice.get("finalized_on"):
         parts.append(f"<dt>Finalized on</dt><dd>{e(invoice['finalized_on'])}</dd>")
-    parts += ["</dl>", "</header>", "<h2>Usage summary</h2>"]
+    parts += ["</dl>", "</header>"]
+    if invoice.get("corrects"):
+        parts.append(f"<p>Corrects {e(', '.join(invoice['corrects']))} (finalized; see the adjustment lines for the reason). "
+                     "No subscription in this period, so the correction is issued on its own.</p>")
+    parts.append("<h2>Usage summary</h2>")
     if usage:
         parts += [
             "<table>",
@@ -1174,7 +1191,7 @@ def _render_html(invoice: dict) -> str:
             f'<td class="num">{e(l["amount"])}</td></tr>'
         )
     parts += [
-        f'<tr class="total"><td></td><td colspan="5">Total due</td><td class="num">{e(cur)} {e(invoice["total"])}</td></tr>',
+        f'<tr class="total"><td></td><td colspan="5">{e(total_label(invoice))}</td><td class="num">{e(cur)} {e(invoice["total"])}</td></tr>',
         "</tbody>",
         "</table>",
         "<h2>Summary</h2>",
@@ -1185,7 +1202,7 @@ def _render_html(invoice: dict) -> str:
     for label, value in summary[:-1]:
         parts.append(f'<tr><td>{e(label)}</td><td class="num">{e(cur)} {e(value)}</td></tr>')
     parts += [
-        f'<tr class="total"><td>Total due</td><td class="num">{e(cur)} {e(invoice["total"])}</td></tr>',
+        f'<tr class="total"><td>{e(total_label(invoice))}</td><td class="num">{e(cur)} {e(invoice["total"])}</td></tr>',
         "</tbody>",
         "</table>",
     ]

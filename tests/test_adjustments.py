@@ -12,7 +12,7 @@ import pytest
 
 from billing_dags import credits as cr
 from billing_dags.credits import Grant
-from billing_dags.invoices import build_invoices, write_invoice_files
+from billing_dags.invoices import build_invoices, render_invoice, settle_drafts, write_invoice_files
 from billing_dags.settings import Paths
 
 UTC = timezone.utc
@@ -40,6 +40,7 @@ def lines(month: date, usage_minor: int) -> list[dict]:
 def bill(p: Paths, month: date, usage_minor: int, *, now=LATER, raw="aa", grants=()) -> dict:
     docs = build_invoices(lines(month, usage_minor), CUSTOMERS, PLANS, CURRENCIES, month, now=now, manifest=manifest(raw), paths=p, grants=list(grants))
     res = write_invoice_files(p, docs)
+    settle_drafts(p, month, docs, list(grants))
     cr.write_ledger(p, list(grants), {"usd": 2})
     stored = json.loads((p.invoices / f"{month:%Y-%m}" / "acme.json").read_text())
     stored["_result"] = res
@@ -155,3 +156,108 @@ def test_unchanged_inputs_reproduce_every_file_including_the_ledger(p):
     assert {"credits_ledger.json", "registry.json", "2025-01/pending_adjustments/acme.json", "2025-03/acme.html"} <= set(first)
     history()
     assert all_files(p) == first
+
+
+# --------------------------------------------------------------------------- customers who leave
+
+# "gone" subscribed to Pro until 1 February 2025 (exclusive): fct_invoice_lines has no line of it from February on
+WITH_LEAVER = CUSTOMERS + [{"customer_id": "gone", "name": "Gone Ltd", "currency": "usd", "plan_id": "pro"}]
+
+
+def bill_all(p: Paths, month: date, usage_minor: dict[str, int], *, now=LATER, raw="aa", grants=()) -> dict[str, dict]:
+    """Bill the customers in ``usage_minor`` (base fee 10.00 + usage each); every stored invoice of the month by customer."""
+    rows = [{**line, "customer_id": cid} for cid, usage in usage_minor.items() for line in lines(month, usage)]
+    docs = build_invoices(rows, WITH_LEAVER, PLANS, CURRENCIES, month, now=now, manifest=manifest(raw), paths=p, grants=list(grants))
+    write_invoice_files(p, docs)
+    settle_drafts(p, month, docs, list(grants))
+    cr.write_ledger(p, list(grants), {"usd": 2})
+    return {f.stem: json.loads(f.read_text()) for f in sorted((p.invoices / f"{month:%Y-%m}").glob("*.json"))}
+
+
+def test_late_data_for_a_customer_who_left_is_billed_on_an_adjustment_invoice(p):
+    jan = bill_all(p, JAN, {"acme": 1234, "gone": 1234})  # 10.00 + 12.34 each
+    assert (jan["acme"]["invoice_number"], jan["gone"]["invoice_number"], jan["gone"]["total"]) == ("INV-2025-000001", "INV-2025-000002", "22.34")
+    bill_all(p, JAN, {"acme": 1234, "gone": 1500}, raw="bb")  # late data: gone's usage 12.34 -> 15.00
+
+    feb = bill_all(p, FEB, {"acme": 1000})  # gone has no subscription in February, so no invoice lines
+    assert feb["acme"]["invoice_number"] == "INV-2025-000003" and feb["acme"]["total_minor"] == 2000
+    adj = feb["gone"]
+    assert (adj["invoice_number"], adj["status"], adj["document"], adj["corrects"]) == ("INV-2025-000004", "finalized", "adjustment_invoice", ["INV-2025-000002"])
+    assert adj["period_start"] == "2025-02-01" and adj["finalized_on"] == "2025-03-04"
+    assert [(l["line_number"], l["line_type"], l["amount_minor"], l["description"]) for l in adj["lines"]] == [
+        (1, "adjustment", 1500 - 1234, "usage of 2025-01 recomputed after late data: INV-2025-000002 charges 22.34 -> 25.00"),
+    ]
+    assert adj["lines"][0]["adjusts"] == {"kind": "recompute", "month": "2025-01", "invoice_number": "INV-2025-000002"}
+    assert (adj["charges_minor"], adj["adjustments_minor"], adj["total"], adj["total_minor"]) == (0, 266, "2.66", 266)
+    # rendered like an invoice and listed with the month's invoices
+    html = (p.invoices / "2025-02" / "gone.html").read_text()
+    assert "<h1>Adjustment invoice INV-2025-000004</h1>" in html and "Corrects INV-2025-000002" in html and "USD 2.66" in html
+    csv_text = (p.invoices / "2025-02" / "gone.csv").read_text()
+    assert "INV-2025-000004,finalized,gone,2025-02-01,2025-03-01,usd,1,adjustment," in csv_text
+    assert csv_text.splitlines()[-1] == "INV-2025-000004,finalized,gone,2025-02-01,2025-03-01,usd,,total,,,Total due,,,,2.66,266"
+    assert render_invoice(adj, "table").startswith("Adjustment invoice INV-2025-000004 (finalized)")
+    from billing_dags.cli import invoice_rows
+
+    rows = {r["customer"]: r for r in invoice_rows(p, FEB)}
+    assert (rows["gone"]["invoice"], rows["gone"]["document"], rows["gone"]["total"]) == ("INV-2025-000004", "adjustment invoice", "2.66 USD")
+    assert rows["acme"]["document"] == "invoice"
+
+    # issued once: March has no invoice for gone, and rerunning every month changes no byte
+    assert set(bill_all(p, MAR, {"acme": 1000})) == {"acme"}
+    before = all_files(p)
+    bill_all(p, JAN, {"acme": 1234, "gone": 1500}, raw="bb")
+    bill_all(p, FEB, {"acme": 1000})
+    bill_all(p, MAR, {"acme": 1000})
+    assert all_files(p) == before
+
+
+def test_a_negative_correction_for_a_customer_who_left_is_a_credit_note(p):
+    bill_all(p, JAN, {"acme": 1234, "gone": 1234})
+    bill_all(p, JAN, {"acme": 1234, "gone": 0}, raw="bb")  # gone's January usage was wrong: 22.34 -> 10.00
+    feb_draft_time = datetime(2025, 3, 2, tzinfo=UTC)
+    draft = bill_all(p, FEB, {"acme": 1000}, now=feb_draft_time)["gone"]  # shown while February is a draft
+    assert (draft["invoice_number"], draft["status"], draft["document"], draft["total"]) == ("DRAFT-2025-02-gone", "draft", "credit_note", "-12.34")
+    assert bill_all(p, FEB, {"acme": 1000}, now=feb_draft_time)["gone"] == draft  # not consumed by a draft
+    note = bill_all(p, FEB, {"acme": 1000})["gone"]
+    assert (note["invoice_number"], note["status"], note["document"]) == ("INV-2025-000004", "finalized", "credit_note")
+    # refunded, not carried: the total is negative and there is no carry-forward line
+    assert [(l["line_type"], l["amount_minor"]) for l in note["lines"]] == [("adjustment", 0 - 1234)]
+    assert (note["total"], note["total_minor"], note["carried_forward_minor"]) == ("-12.34", -1234, 0)
+    assert "<h1>Credit note INV-2025-000004</h1>" in (p.invoices / "2025-02" / "gone.html").read_text()
+    last = (p.invoices / "2025-02" / "gone.csv").read_text().splitlines()[-1]
+    assert last == "INV-2025-000004,finalized,gone,2025-02-01,2025-03-01,usd,,total,,,Total refunded,,,,-12.34,-1234"
+    assert set(bill_all(p, MAR, {"acme": 1000})) == {"acme"}
+
+
+def test_a_correction_after_the_next_month_was_finalized_goes_on_the_following_months_run(p):
+    bill_all(p, JAN, {"acme": 1234, "gone": 1234})
+    bill_all(p, FEB, {"acme": 1000})  # nothing to adjust yet: no invoice for gone
+    bill_all(p, JAN, {"acme": 1234, "gone": 1500}, raw="bb")  # the correction arrives after February was finalized
+    assert set(bill_all(p, FEB, {"acme": 1000})) == {"acme"}  # a rerun of the closed month issues nothing new
+    mar = bill_all(p, MAR, {"acme": 1000})
+    assert (mar["gone"]["invoice_number"], mar["gone"]["total_minor"]) == ("INV-2025-000005", 266)
+    # January corrected once more (+1.00): only the new difference, on April's run
+    bill_all(p, JAN, {"acme": 1234, "gone": 1600}, raw="cc")
+    apr = bill_all(p, APR, {"acme": 1000})
+    assert [(l["amount_minor"], l["description"]) for l in apr["gone"]["lines"]] == [
+        (100, "usage of 2025-01 recomputed after late data: INV-2025-000002 charges 22.34 -> 26.00 (2.66 already adjusted)")
+    ]
+
+
+def test_a_draft_adjustment_invoice_is_withdrawn_when_the_correction_is_undone(p):
+    bill_all(p, JAN, {"acme": 1234, "gone": 1234})
+    bill_all(p, JAN, {"acme": 1234, "gone": 1500}, raw="bb")
+    feb_draft_time = datetime(2025, 3, 2, tzinfo=UTC)
+    assert bill_all(p, FEB, {"acme": 1000}, now=feb_draft_time)["gone"]["total_minor"] == 266
+    bill_all(p, JAN, {"acme": 1234, "gone": 1234})  # back to the finalized figures: nothing left to adjust
+    assert set(bill_all(p, FEB, {"acme": 1000}, now=feb_draft_time)) == {"acme"}
+    assert not list((p.invoices / "2025-02").glob("gone.*"))
+
+
+def test_prepaid_credit_pays_an_adjustment_invoice(p):
+    grants = [Grant("g", "gone", "usd", 500, date(2025, 2, 1), None, "Goodwill")]  # granted after January closed
+    bill_all(p, JAN, {"acme": 1234, "gone": 1234}, grants=grants)
+    bill_all(p, JAN, {"acme": 1234, "gone": 1500}, raw="bb", grants=grants)
+    adj = bill_all(p, FEB, {"acme": 1000}, grants=grants)["gone"]
+    assert [(l["line_type"], l["amount_minor"]) for l in adj["lines"]] == [("adjustment", 266), ("credit", -266)]
+    assert adj["total_minor"] == 0 and adj["document"] == "adjustment_invoice"
