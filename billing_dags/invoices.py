@@ -20,8 +20,16 @@ Lines and totals (rules decided here):
   the manifests). It goes on the customer's next invoice that is built; a draft shows it, a
   finalized invoice consumes it (the finalized invoice's line, with ``adjusts``, is the record:
   nothing is carried twice, and a later recomputation carries only the new difference).
+- **Adjustment invoices**: a customer with no lines in the month being invoiced (no subscription
+  in it, e.g. one who left) whose earlier invoices leave open adjustments gets an invoice of its
+  own for that month at ``<month>/<customer>.json`` (``document``: ``adjustment_invoice``, or
+  ``credit_note`` when its total is negative, which is refunded rather than carried; ``corrects``:
+  the finalized invoice numbers). It follows the month: a draft while the month is, finalized
+  with the month's invoices and numbered from the same gap-free series. A month already finalized
+  by an earlier run issues no new one: a correction arriving after that goes to the next month's run.
 - **Credits** then: prepaid grants drawn in expiry order against charges + adjustments (see
-  ``billing_dags.credits``), as negative ``credit`` lines.
+  ``billing_dags.credits``: drafts draw in month order after every finalized draw), as negative
+  ``credit`` lines; ``settle_drafts`` keeps the stored drafts of other months in step.
 - **Never below zero**: if charges + adjustments are negative, a ``carry_forward`` line brings the
   total to 0 and the amount is owed back as an ``adjustment`` line (a credit) on the customer's
   next invoice. The total due is always the sum of all lines.
@@ -786,6 +794,9 @@ def build_invoices(
 
     ``held`` ({customer_id: reason}) keeps those customers' invoices in draft although the grace
     period has passed (an unacknowledged critical anomaly flag); the reason is on the invoice.
+
+    With ``paths``, a customer of ``customers`` without lines in ``month`` but with open adjustments of
+    earlier invoices gets an adjustment invoice (or credit note) of ``month`` among the returned invoices.
     """
     grants = list(grants)
     held = dict(held or {})
@@ -1459,21 +1470,23 @@ def settle_drafts(paths: Paths, month: date, invoices: Iterable[Mapping], grants
     invoice left with nothing to adjust (in any month, ``month`` included) is withdrawn: its files are
     removed. Returns the paths written or removed."""
     month_iso = _month_start(month).isoformat()
+    mk = month_iso[:7]
     grants = list(grants)
     index = _credits.StoredInvoices(paths.invoices, PENDING_DIR)
     billed = {d["customer_id"] for d in invoices}
     changed: list[str] = []
     for name, names, _ in index.months:
-        if name != month_iso[:7]:
-            continue
-        for file in sorted(names):
-            cid = file[: -len(".json")] if file.endswith(".json") else None
-            if cid and cid not in billed and SAFE_ID_RE.match(cid):
+        for file in sorted(names) if name == mk else ():  # this month's draft adjustment invoices not issued again
+            cid = file[: -len(".json")]
+            if file.endswith(".json") and cid not in billed and SAFE_ID_RE.match(cid):
                 doc = _read_stored(paths.invoices / name / file)
                 if doc and doc.get("status") == "draft" and doc.get("document"):
                     changed += _withdraw(paths, month, cid)
     for cid in sorted(billed):
+        if not any(name != mk and f"{cid}.json" in names for name, names, _ in index.months):
+            continue  # no invoice in another month: nothing to read
         stored = index.invoices(cid)
+        own = [g for g in grants if g.customer_id == cid]
         for doc in list(stored):
             if doc.get("status") != "draft" or doc["period_start"] == month_iso:
                 continue
@@ -1485,7 +1498,6 @@ def settle_drafts(paths: Paths, month: date, invoices: Iterable[Mapping], grants
                 changed += _withdraw(paths, start, cid)
                 del stored[position]
                 continue
-            own = [g for g in grants if g.customer_id == cid]
             settled = _settled(_charge_lines(doc), adjustments, own, stored, start, currency, exp, credit_note=bool(doc.get("document")))
             new = {**doc, **settled}
             if doc.get("document"):
