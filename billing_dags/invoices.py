@@ -936,7 +936,7 @@ def build_invoices(
     for cid, (stored, adjustments) in leavers.items():
         currency = customers_by_id[cid]["currency"]
         exp = exponents[currency]
-        last = [d for d in stored if d["period_start"] < month.isoformat()][-1]  # the plan of the last invoice
+        last = next((d for d in reversed(stored) if d["period_start"] < month.isoformat()), {})  # the plan of the last invoice
         settled = _settled([], adjustments, grants_by_customer.get(cid, ()), stored, month, currency, exp, credit_note=True)
         invoices.append(document(cid, last.get("plan_id"), last.get("plan_version"), last.get("plan_name"), currency, exp, settled,
                                  **_adjustment_document(adjustments, settled["total_minor"])))

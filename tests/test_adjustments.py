@@ -211,6 +211,52 @@ def test_late_data_for_a_customer_who_left_is_billed_on_an_adjustment_invoice(p)
     assert all_files(p) == before
 
 
+def test_a_subscription_that_ended_gets_its_last_months_late_data_on_an_adjustment_invoice(tmp_path):
+    """Seeds in tmp (mp-001 on proxy_per_gb, 0.10 USD per GiB, until 1 February 2025; mp-004 on the 10.00 flat
+    plan), invoice lines from the SQL models, then the invoices as the monthly runs make them."""
+    import csv
+    import shutil
+
+    from sql_helpers import SEEDS_DIR, month_window, rate_month, seed_tables
+
+    seeds_dir = tmp_path / "seeds"
+    shutil.copytree(SEEDS_DIR, seeds_dir)
+    subs = list(csv.DictReader((seeds_dir / "subscriptions.csv").open()))
+    for row in subs:
+        if row["customer_id"] == "mp-001":
+            row["end_date"] = "2025-02-01"
+    with (seeds_dir / "subscriptions.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(subs[0]))
+        w.writeheader()
+        w.writerows(subs)
+    seeds = seed_tables(seeds_dir)
+    customers, plans, currencies = (seeds[n].to_pylist() for n in ("customers", "plans", "currencies"))
+    p = Paths(tmp_path / "data", seeds_dir)
+
+    def run(month: date, gib: int, raw: str = "aa") -> dict[str, dict]:
+        window = month_window(month.year, month.month)
+        usage = [{"month": month, "customer_id": cid, "meter_id": "proxy_bytes", "dimension": "", "kind": "counter",
+                  "usage": Decimal(gib * 2**30), "period_ms": window.end_ms - window.start_ms} for cid in ("mp-001", "mp-004")]
+        lines_ = [r for r in rate_month(usage, window, seeds)[1] if r["customer_id"] in ("mp-001", "mp-004")]
+        docs = build_invoices(lines_, customers, plans, currencies, month, now=LATER, manifest=manifest(raw), paths=p)
+        write_invoice_files(p, docs)
+        settle_drafts(p, month, docs, [])
+        return {d["customer_id"]: d for d in docs}
+
+    jan = run(JAN, 100)  # mp-001: 100 GiB x 0.10 = 10.00
+    assert (jan["mp-001"]["invoice_number"], jan["mp-001"]["total"]) == ("INV-2025-000001", "10.00")
+    run(JAN, 150, raw="bb")  # late data: 150 GiB, 15.00
+    feb = run(FEB, 150)  # mp-001 has no subscription in February: no invoice lines, an adjustment invoice
+    assert [l["line_type"] for l in feb["mp-004"]["lines"]] == ["base_fee"]
+    adj = feb["mp-001"]
+    assert (adj["invoice_number"], adj["document"], adj["status"], adj["plan_id"]) == ("INV-2025-000003", "adjustment_invoice", "finalized", "proxy_per_gb")  # numbered in customer order
+    assert [(l["amount_minor"], l["description"]) for l in adj["lines"]] == [
+        (1500 - 1000, "usage of 2025-01 recomputed after late data: INV-2025-000001 charges 10.00 -> 15.00")
+    ]
+    assert adj["total"] == "5.00" and (p.invoices / "2025-02" / "mp-001.html").exists()
+    assert "mp-001" not in run(MAR, 150)
+
+
 def test_a_negative_correction_for_a_customer_who_left_is_a_credit_note(p):
     bill_all(p, JAN, {"acme": 1234, "gone": 1234})
     bill_all(p, JAN, {"acme": 1234, "gone": 0}, raw="bb")  # gone's January usage was wrong: 22.34 -> 10.00
@@ -227,6 +273,16 @@ def test_a_negative_correction_for_a_customer_who_left_is_a_credit_note(p):
     last = (p.invoices / "2025-02" / "gone.csv").read_text().splitlines()[-1]
     assert last == "INV-2025-000004,finalized,gone,2025-02-01,2025-03-01,usd,,total,,,Total refunded,,,,-12.34,-1234"
     assert set(bill_all(p, MAR, {"acme": 1000})) == {"acme"}
+
+
+def test_a_credit_carried_from_the_last_invoice_of_a_customer_who_left_is_refunded(p):
+    bill_all(p, JAN, {"acme": 1234, "gone": 1234})
+    bill_all(p, JAN, {"acme": 1234, "gone": 0}, raw="bb")  # -12.34 for January
+    feb = bill_all(p, FEB, {"acme": 1000, "gone": 0})["gone"]  # its last month: 10.00 - 12.34 < 0, 2.34 carried
+    assert (feb["invoice_number"], feb["total_minor"], feb["carried_forward_minor"]) == ("INV-2025-000004", 0, 1234 - 1000)
+    note = bill_all(p, MAR, {"acme": 1000})["gone"]  # no next invoice: the 2.34 is refunded
+    assert (note["invoice_number"], note["document"], note["corrects"], note["total_minor"]) == ("INV-2025-000006", "credit_note", ["INV-2025-000004"], -234)
+    assert [l["description"] for l in note["lines"]] == ["credit balance carried from INV-2025-000004 (2025-02)"]
 
 
 def test_a_correction_after_the_next_month_was_finalized_goes_on_the_following_months_run(p):
