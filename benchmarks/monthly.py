@@ -15,7 +15,7 @@ dimension of its set-up and day (proxy 5, IoT 9, testbed 5, LLM 2 meters x 4 mod
 
 The stage runs in one fresh process (peak RSS of the whole stage): the five monthly SQL models
 with `run_model`, the invoices as the `invoices` asset builds them (lines, seed snapshots,
-credits, manifest, held customers, `build_invoices`, `write_invoice_files`, credits ledger) --
+credits, manifest, held customers, `build_invoices`, `write_invoice_files`, `settle_drafts`, credits ledger) --
 once as drafts on the 1st and once finalized on the 4th (numbers assigned, files rewritten) --
 and the Stripe outbox of one day (`build_outbox` + `write_outbox`). Outputs of earlier runs are
 removed first, so every run starts from the same state. The best total of --repeat runs is kept.
@@ -255,6 +255,7 @@ def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
                                   manifest=manifest, paths=paths, grants=grants, held=held)
         t_write = time.perf_counter()
         written = inv.write_invoice_files(paths, docs)
+        inv.settle_drafts(paths, window.start, docs, grants)
         cr.write_ledger(paths, grants, {c["currency"]: int(c["minor_unit_exponent"]) for c in seeds["currencies"]})
         return {"invoices": len(docs), "lines": len(lines), "by_status": written["by_status"], "files_written": len(written["written"]),
                 "build_s": t_write - t_build, "write_s": time.perf_counter() - t_write}

@@ -280,6 +280,8 @@ def run_month(
 # --- commands ----------------------------------------------------------------------------------
 
 def invoice_rows(paths: Paths, month: date) -> list[dict]:
+    from .invoices import document_title
+
     folder = paths.invoices / f"{month:%Y-%m}"
     rows = []
     for f in sorted(folder.glob("*.json")):
@@ -291,6 +293,7 @@ def invoice_rows(paths: Paths, month: date) -> list[dict]:
         rows.append(
             {
                 "invoice": doc["invoice_number"],
+                "document": document_title(doc).lower(),
                 "status": doc["status"],
                 "customer": doc["customer_id"],
                 "plan": doc.get("plan_id", ""),
@@ -440,18 +443,18 @@ def _load_invoice(paths: Paths, customer_id: str, month: date) -> dict:
 
 
 def cmd_invoice(args) -> int:
-    from .invoices import render_invoice
+    from .invoices import document_title, render_invoice, total_label
 
     paths = _paths(args)
     month = parse_month(args.month)
     doc = _load_invoice(paths, args.customer, month)
     if args.format == "table":
-        table = Table(title=f"{doc['invoice_number']} ({doc['status']}) {doc['customer_id']} {doc['period_start']}..{doc['period_end']}")
+        table = Table(title=f"{document_title(doc)} {doc['invoice_number']} ({doc['status']}) {doc['customer_id']} {doc['period_start']}..{doc['period_end']}")
         for col in ("#", "description", "quantity", "unit", "unit price", "amount"):
             table.add_column(col, justify="right" if col in ("#", "quantity", "unit price", "amount") else "left")
         for line in doc["lines"]:
             table.add_row(str(line["line_number"]), line["description"], line["quantity"], line["unit"], line["unit_price"], line["amount"])
-        table.add_row("", "[bold]total", "", "", "", f"[bold]{doc['total']} {doc['currency'].upper()}")
+        table.add_row("", f"[bold]{total_label(doc).lower()}", "", "", "", f"[bold]{doc['total']} {doc['currency'].upper()}")
         console.print(table)
     else:
         sys.stdout.write(render_invoice(doc, args.format))

@@ -13,10 +13,14 @@ Rules (decided here):
 - **Draw order**: ``expires_on`` ascending (never-expiring last), then ``granted_on``, then
   ``grant_id``; each grant gives ``min(its balance, what is still due)``.
 - **Balance of a grant for month M** = amount − the draws recorded on the stored invoices
-  (``<invoices>/YYYY-MM/<customer>.json``, credit lines carry ``grant_id``) of every month
-  before M, finalized or draft. Later months never count, so rerunning a month reproduces its
-  invoice byte for byte; billing months in order gives a consistent ledger (after rerunning a
-  draft month, rerun the later draft months too — the monthly schedule does).
+  (``<invoices>/YYYY-MM/<customer>.json``, credit lines carry ``grant_id``) of every finalized
+  invoice of another month, earlier or later (a finalized draw stands), and of every draft of an
+  earlier month. So drafts draw in month order from what the finalized draws leave, and the draws
+  of all stored invoices of a grant add up to at most its amount: a month held in draft (a
+  critical flag) and recomputed after a later month was finalized draws only what that one left.
+  A month's run settles the customer's stored drafts of other months again in month order
+  (``invoices.settle_drafts``), so a draft always shows what it would draw if rerun, and
+  rerunning an unchanged draft reproduces it byte for byte.
 - Everything is integer minor units; no float touches an amount.
 
 The ledger view ``<invoices>/credits_ledger.json`` lists every grant with each invoice's draw and
@@ -190,8 +194,17 @@ def draws_of(invoice: Mapping) -> dict[str, int]:
     return out
 
 
+def drawn_before(invoices: Iterable[Mapping], period_start: str) -> list[dict]:
+    """The stored invoices (of one customer) whose draws come before those of its invoice starting on
+    ``period_start`` (ISO date): every finalized invoice of another month and every draft of an earlier month."""
+    return [
+        d for d in invoices
+        if d["period_start"] != period_start and (d.get("status") == "finalized" or d["period_start"] < period_start)
+    ]
+
+
 def balances_before(grants: Iterable[Grant], earlier_invoices: Iterable[Mapping]) -> dict[str, int]:
-    """Balance of each grant (minor units) after the draws of ``earlier_invoices``."""
+    """Balance of each grant (minor units) after the draws of ``earlier_invoices`` (see ``drawn_before``)."""
     bal = {g.grant_id: g.amount_minor for g in grants}
     for inv in earlier_invoices:
         for gid, drawn in draws_of(inv).items():

@@ -20,8 +20,16 @@ Lines and totals (rules decided here):
   the manifests). It goes on the customer's next invoice that is built; a draft shows it, a
   finalized invoice consumes it (the finalized invoice's line, with ``adjusts``, is the record:
   nothing is carried twice, and a later recomputation carries only the new difference).
+- **Adjustment invoices**: a customer with no lines in the month being invoiced (no subscription
+  in it, e.g. one who left) whose earlier invoices leave open adjustments gets an invoice of its
+  own for that month at ``<month>/<customer>.json`` (``document``: ``adjustment_invoice``, or
+  ``credit_note`` when its total is negative, which is refunded rather than carried; ``corrects``:
+  the finalized invoice numbers). It follows the month: a draft while the month is, finalized
+  with the month's invoices and numbered from the same gap-free series. A month already finalized
+  by an earlier run issues no new one: a correction arriving after that goes to the next month's run.
 - **Credits** then: prepaid grants drawn in expiry order against charges + adjustments (see
-  ``billing_dags.credits``), as negative ``credit`` lines.
+  ``billing_dags.credits``: drafts draw in month order after every finalized draw), as negative
+  ``credit`` lines; ``settle_drafts`` keeps the stored drafts of other months in step.
 - **Never below zero**: if charges + adjustments are negative, a ``carry_forward`` line brings the
   total to 0 and the amount is owed back as an ``adjustment`` line (a credit) on the customer's
   next invoice. The total due is always the sum of all lines.
@@ -497,13 +505,17 @@ def _settle(
     charges_minor: int,
     adjustments: list[dict],
     grants: list[_credits.Grant],
-    earlier: list[dict],
+    drawn_before: list[dict],
     month: date,
     end: date,
     currency: str,
     exp: int,
+    credit_note: bool = False,
 ) -> tuple[list[dict], dict]:
-    """The lines after the charges (adjustments, credits, carry-forward) and the invoice's summary figures."""
+    """The lines after the charges (adjustments, credits, carry-forward) and the invoice's summary figures.
+
+    ``drawn_before``: the stored invoices whose credit draws come first (``credits.drawn_before``).
+    A ``credit_note`` (an adjustment invoice) keeps a negative total: it is refunded, not carried."""
     cur = currency.upper()
     fmt = lambda m: format_minor(m, exp)  # noqa: E731
     ln = max((l["line_number"] for l in charge_lines), default=0) + 1
@@ -516,7 +528,7 @@ def _settle(
         ln += 1
     adjustments_minor = sum(a["amount_minor"] for a in adjustments)
     subtotal = charges_minor + adjustments_minor
-    balances = _credits.balances_before(grants, earlier)
+    balances = _credits.balances_before(grants, drawn_before)
     draws = _credits.draw(grants, balances, subtotal, month, end)
     due = subtotal
     for d in draws:
@@ -535,7 +547,7 @@ def _settle(
         ln += 1
     credits_used = sum(d["drawn_minor"] for d in draws)
     carried_forward = 0
-    if due < 0:
+    if due < 0 and not credit_note:
         carried_forward = -due
         extra.append(
             _generated_line(
@@ -579,6 +591,54 @@ def _settle(
     return extra, summary
 
 
+def _settled(charge_lines: list[dict], adjustments: list[dict], grants: Iterable[_credits.Grant], stored: list[dict],
+             month: date, currency: str, exp: int, credit_note: bool = False) -> dict:
+    """The lines (charges, then what ``_settle`` adds), summary figures and total of a customer's invoice of
+    ``month``; ``stored`` are the customer's stored invoices (credit draws of other months)."""
+    charges = sum(line["amount_minor"] for line in charge_lines)
+    extra, summary = _settle(charge_lines, charges, adjustments, [g for g in grants if g.currency == currency],
+                             _credits.drawn_before(stored, month.isoformat()), month, period_end(month), currency, exp, credit_note)
+    lines = [*charge_lines, *extra]
+    total_minor = sum(line["amount_minor"] for line in lines)
+    return {"lines": lines, **summary, "total": format_minor(total_minor, exp), "total_minor": total_minor}
+
+
+def _adjustment_document(adjustments: list[dict], total_minor: int) -> dict:
+    """The fields that make an invoice an adjustment invoice: its kind and the finalized invoices it corrects."""
+    return {
+        "document": "credit_note" if total_minor < 0 else "adjustment_invoice",
+        "corrects": sorted({a["invoice_number"] for a in adjustments}),
+    }
+
+
+def _leaver_adjustments(paths: Paths, index: _credits.StoredInvoices, month: date, customers_by_id: Mapping[str, Mapping],
+                        billed: set[str], exponents: Mapping[str, int], closing: bool) -> dict[str, tuple[list[dict], list[dict]]]:
+    """Customers without lines in ``month`` (no subscription in it) whose earlier invoices leave adjustments:
+    {customer_id: (their stored invoices, the open adjustments)}. ``closing``: the month's invoices are being
+    finalized; if some were finalized by an earlier run, the month is closed and only a customer that already
+    has its adjustment invoice there keeps it (a later correction goes to the next month's run)."""
+    mk = f"{month:%Y-%m}"
+    registry = None
+    out: dict[str, tuple[list[dict], list[dict]]] = {}
+    for cid in sorted(customers_by_id):
+        if cid in billed or not any(name < mk and f"{cid}.json" in names for name, names, _ in index.months):
+            continue
+        currency = customers_by_id[cid].get("currency")
+        if currency not in exponents:
+            raise InvoiceError(f"customer {cid!r}: currency {currency!r} is not in seeds/currencies.csv; add it there")
+        stored = index.invoices(_safe_customer_id(cid, "customers.csv"))
+        adjustments = _open_adjustments(paths, cid, month, stored, currency, exponents[currency], index.pending(cid))
+        if not adjustments:
+            continue
+        if closing:
+            if registry is None:
+                registry = read_registry(paths)["numbers"]
+            if f"{mk}/{cid}" not in registry and any(k.startswith(f"{mk}/") for k in registry):
+                continue
+        out[cid] = (stored, adjustments)
+    return out
+
+
 def build_invoices(
     lines: list[dict],
     customers: list[dict],
@@ -609,6 +669,9 @@ def build_invoices(
 
     ``held`` ({customer_id: reason}) keeps those customers' invoices in draft although the grace
     period has passed (an unacknowledged critical anomaly flag); the reason is on the invoice.
+
+    With ``paths``, a customer of ``customers`` without lines in ``month`` but with open adjustments of
+    earlier invoices gets an adjustment invoice (or credit note) of ``month`` among the returned invoices.
     """
     grants = list(grants)
     held = dict(held or {})
@@ -645,25 +708,55 @@ def build_invoices(
         grouped.setdefault(cid, []).append(line)
 
     cids = sorted(grouped)
+    # every stored invoice and pending adjustment under paths.invoices, listed once (not a glob per customer)
+    stored_index = _credits.StoredInvoices(paths.invoices, PENDING_DIR) if paths is not None else None
+    leavers = {}
+    if stored_index is not None:
+        leavers = _leaver_adjustments(paths, stored_index, month, customers_by_id, set(grouped), exponents,
+                                      status == "finalized" and numbers is None)
+    numbered = sorted(c for c in [*cids, *leavers] if c not in held)
     if status == "finalized":
         if numbers is None:
             if paths is None:
                 raise InvoiceError(
                     f"invoices of {month:%Y-%m} are finalized and need numbers: pass paths= (registry) or numbers="
                 )
-            numbers = assign_invoice_numbers(paths, month, [c for c in cids if c not in held])
-        missing = [c for c in cids if c not in held and not numbers.get(c)]
+            numbers = assign_invoice_numbers(paths, month, numbered)
+        missing = [c for c in numbered if not numbers.get(c)]
         if missing:
             raise InvoiceError(f"no invoice number given for finalized invoices of {month:%Y-%m}: {', '.join(missing)}")
 
     month_key = f"{month:%Y-%m}"
-    month_iso = month.isoformat()
     grants_by_customer: dict[str, list[_credits.Grant]] = {}
     for g in grants:
         grants_by_customer.setdefault(g.customer_id, []).append(g)
-    # every stored invoice and pending adjustment under paths.invoices, listed once (not a glob per customer)
-    stored_index = _credits.StoredInvoices(paths.invoices, PENDING_DIR) if paths is not None else None
     invoices: list[dict] = []
+
+    def document(cid: str, plan_id: Any, plan_version: Any, plan_name: Any, currency: str, exp: int, settled: dict, **extra: Any) -> dict:
+        customer_status = "draft" if cid in held else status
+        number = numbers[cid] if customer_status == "finalized" else f"DRAFT-{month_key}-{cid}"
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "invoice_number": number,
+            "status": customer_status,
+            **({"held_reason": held[cid]} if cid in held else {}),
+            **extra,
+            "customer_id": cid,
+            "customer_name": customers_by_id[cid].get("name") or cid,
+            "plan_id": plan_id,
+            "plan_version": plan_version,
+            "plan_name": plan_name,
+            "period_start": month.isoformat(),
+            "period_end": end.isoformat(),
+            "currency": currency,
+            "minor_unit_exponent": exp,
+            "grace_days": grace_days,
+            "finalized_on": fin_on.isoformat() if customer_status == "finalized" else None,
+            **settled,
+            "dispute_instructions": _dispute_text(number, customer_status, fin_on),
+            "manifest": manifest_json,
+        }
+
     for cid in cids:
         customer = customers_by_id[cid]
         line_number_what = lambda: f"customer {cid}: line_number"  # noqa: E731
@@ -709,42 +802,20 @@ def build_invoices(
             out["formula"] = _formula(r, out, cur, exp)
             out_lines.append(out)
         exp = exponents[currency]
-        charges_minor = sum(line["amount_minor"] for line in out_lines)
-        customer_status = "draft" if cid in held else status
-        number = numbers[cid] if customer_status == "finalized" else f"DRAFT-{month_key}-{cid}"
         stored = stored_index.invoices(cid) if stored_index is not None else []  # _credits.stored_invoices(paths.invoices, cid)
-        earlier = [d for d in stored if d["period_start"] < month_iso]
         adjustments = _open_adjustments(paths, cid, month, stored, currency, exp, stored_index.pending(cid)) if stored_index is not None else []
-        customer_grants = [g for g in grants_by_customer.get(cid, ()) if g.currency == currency]
-        extra, summary = _settle(out_lines, charges_minor, adjustments, customer_grants, earlier, month, end, currency, exp)
-        out_lines += extra
-        total_minor = sum(line["amount_minor"] for line in out_lines)
-        invoices.append(
-            {
-                "schema_version": SCHEMA_VERSION,
-                "invoice_number": number,
-                "status": customer_status,
-                **({"held_reason": held[cid]} if cid in held else {}),
-                "customer_id": cid,
-                "customer_name": customer.get("name") or cid,
-                "plan_id": plan_id,
-                "plan_version": int(plan_version) if plan_version is not None else None,
-                "plan_name": plan_names.get((plan_id, int(plan_version) if plan_version is not None else None), plan_id),
-                "period_start": month.isoformat(),
-                "period_end": end.isoformat(),
-                "currency": currency,
-                "minor_unit_exponent": exp,
-                "grace_days": grace_days,
-                "finalized_on": fin_on.isoformat() if customer_status == "finalized" else None,
-                "lines": out_lines,
-                **summary,
-                "total": format_minor(total_minor, exp),
-                "total_minor": total_minor,
-                "dispute_instructions": _dispute_text(number, customer_status, fin_on),
-                "manifest": manifest_json,
-            }
-        )
-    return invoices
+        settled = _settled(out_lines, adjustments, grants_by_customer.get(cid, ()), stored, month, currency, exp)
+        version = int(plan_version) if plan_version is not None else None
+        invoices.append(document(cid, plan_id, version, plan_names.get((plan_id, version), plan_id), currency, exp, settled))
+    # an adjustment invoice (a credit note when negative) for each customer that has no invoice this month
+    for cid, (stored, adjustments) in leavers.items():
+        currency = customers_by_id[cid]["currency"]
+        exp = exponents[currency]
+        last = next((d for d in reversed(stored) if d["period_start"] < month.isoformat()), {})  # the plan of the last invoice
+        settled = _settled([], adjustments, grants_by_customer.get(cid, ()), stored, month, currency, exp, credit_note=True)
+        invoices.append(document(cid, last.get("plan_id"), last.get("plan_version"), last.get("plan_name"), currency, exp, settled,
+                                 **_adjustment_document(adjustments, settled["total_minor"])))
+    return sorted(invoices, key=lambda d: d["customer_id"])
 
 
 def uninvoiced_customers(
@@ -864,6 +935,19 @@ def _csv_text(value: Any) -> str:
     return s
 
 
+DOCUMENT_TITLES = {"adjustment_invoice": "Adjustment invoice", "credit_note": "Credit note"}
+
+
+def document_title(invoice: Mapping) -> str:
+    """``Invoice``, ``Adjustment invoice`` or ``Credit note`` (an adjustment invoice with a negative total)."""
+    return DOCUMENT_TITLES.get(invoice.get("document"), "Invoice")
+
+
+def total_label(invoice: Mapping) -> str:
+    """``Total due``, or ``Total refunded`` on a credit note."""
+    return "Total refunded" if invoice.get("document") == "credit_note" else "Total due"
+
+
 def _render_json(invoice: dict) -> str:
     return _json_bytes(invoice).decode("utf-8")
 
@@ -892,7 +976,7 @@ def _render_csv(invoice: dict) -> str:
     if int(invoice.get("credits_used_minor") or 0):
         # a summary row (not a charge): the credit lines above already hold these amounts, negated
         w.writerow(head + ["", "credits_used", "", "", "Prepaid credits used", "", "", "", invoice["credits_used"], invoice["credits_used_minor"]])
-    w.writerow(head + ["", "total", "", "", "Total due", "", "", "", invoice["total"], invoice["total_minor"]])
+    w.writerow(head + ["", "total", "", "", total_label(invoice), "", "", "", invoice["total"], invoice["total_minor"]])
     return buf.getvalue()
 
 
@@ -908,14 +992,14 @@ def _summary_rows(invoice: Mapping) -> list[tuple[str, str]]:
         rows.append(("Credit carried to the next invoice", invoice["carried_forward"]))
     if rows:
         rows.insert(0, ("Charges for the period", invoice["charges"]))
-    rows.append(("Total due", invoice["total"]))
+    rows.append((total_label(invoice), invoice["total"]))
     return rows
 
 
 def _render_table(invoice: dict) -> str:
     cur = invoice["currency"].upper()
     out = [
-        f"Invoice {invoice['invoice_number']} ({invoice['status']})",
+        f"{document_title(invoice)} {invoice['invoice_number']} ({invoice['status']})",
         f"Customer: {invoice['customer_name']} ({invoice['customer_id']})",
         f"Plan: {invoice.get('plan_name') or invoice['plan_id']} (v{invoice['plan_version']})",
         f"Period: {invoice['period_start']} to {invoice['period_end']} (exclusive, UTC)",
@@ -928,7 +1012,7 @@ def _render_table(invoice: dict) -> str:
     ]
     summary = _summary_rows(invoice)
     rows.extend(("", "", label, "", "", "", value) for label, value in summary[:-1])
-    rows.append(("", "", "Total due", "", "", "", invoice["total"]))
+    rows.append(("", "", total_label(invoice), "", "", "", invoice["total"]))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     right = {0, 3, 5, 6}
 
@@ -990,13 +1074,13 @@ def _render_html(invoice: dict) -> str:
         "<head>",
         '<meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>Invoice {e(invoice['invoice_number'])} — {e(invoice['customer_name'])}</title>",
+        f"<title>{e(document_title(invoice))} {e(invoice['invoice_number'])} — {e(invoice['customer_name'])}</title>",
         f"<style>\n{_HTML_STYLE}\n</style>",
         "</head>",
         "<body>",
         "<header>",
         "<div>",
-        f"<h1>Invoice {e(invoice['invoice_number'])}</h1>",
+        f"<h1>{e(document_title(invoice))} {e(invoice['invoice_number'])}</h1>",
         f'<span class="status status-{e(status)}">{e(invoice["status"])}</span>',
         "</div>",
         "<dl>",
@@ -1007,7 +1091,11 @@ def _render_html(invoice: dict) -> str:
     ]
     if invoice.get("finalized_on"):
         parts.append(f"<dt>Finalized on</dt><dd>{e(invoice['finalized_on'])}</dd>")
-    parts += ["</dl>", "</header>", "<h2>Usage summary</h2>"]
+    parts += ["</dl>", "</header>"]
+    if invoice.get("corrects"):
+        parts.append(f"<p>Corrects {e(', '.join(invoice['corrects']))} (finalized; see the adjustment lines for the reason). "
+                     "No subscription in this period, so the correction is issued on its own.</p>")
+    parts.append("<h2>Usage summary</h2>")
     if usage:
         parts += [
             "<table>",
@@ -1037,7 +1125,7 @@ def _render_html(invoice: dict) -> str:
             f'<td class="num">{e(l["amount"])}</td></tr>'
         )
     parts += [
-        f'<tr class="total"><td></td><td colspan="5">Total due</td><td class="num">{e(cur)} {e(invoice["total"])}</td></tr>',
+        f'<tr class="total"><td></td><td colspan="5">{e(total_label(invoice))}</td><td class="num">{e(cur)} {e(invoice["total"])}</td></tr>',
         "</tbody>",
         "</table>",
         "<h2>Summary</h2>",
@@ -1048,7 +1136,7 @@ def _render_html(invoice: dict) -> str:
     for label, value in summary[:-1]:
         parts.append(f'<tr><td>{e(label)}</td><td class="num">{e(cur)} {e(value)}</td></tr>')
     parts += [
-        f'<tr class="total"><td>Total due</td><td class="num">{e(cur)} {e(invoice["total"])}</td></tr>',
+        f'<tr class="total"><td>{e(total_label(invoice))}</td><td class="num">{e(cur)} {e(invoice["total"])}</td></tr>',
         "</tbody>",
         "</table>",
     ]
@@ -1297,3 +1385,59 @@ def _write_invoice(paths: Paths, inv: dict, batch: durable.Batch, written: list[
     cur = effective["currency"]
     totals_minor[cur] = totals_minor.get(cur, 0) + int(effective["total_minor"])
     exponents[cur] = int(effective["minor_unit_exponent"])
+
+
+def settle_drafts(paths: Paths, month: date, invoices: Iterable[Mapping], grants: Iterable[_credits.Grant]) -> list[str]:
+    """After ``write_invoice_files`` of ``month``: settle the stored drafts of those customers in other
+    months again, in month order, from their stored charge lines (adjustment, credit and carry-forward
+    lines and totals recomputed; see ``credits.drawn_before``), so that every stored draft shows what
+    rerunning it gives and the draws of all stored invoices never exceed a grant. A draft adjustment
+    invoice left with nothing to adjust (in any month, ``month`` included) is withdrawn: its files are
+    removed. Returns the paths written or removed."""
+    month_iso = _month_start(month).isoformat()
+    mk = month_iso[:7]
+    grants = list(grants)
+    index = _credits.StoredInvoices(paths.invoices, PENDING_DIR)
+    billed = {d["customer_id"] for d in invoices}
+    changed: list[str] = []
+    for name, names, _ in index.months:
+        for file in sorted(names) if name == mk else ():  # this month's draft adjustment invoices not issued again
+            cid = file[: -len(".json")]
+            if file.endswith(".json") and cid not in billed and SAFE_ID_RE.match(cid):
+                doc = _read_stored(paths.invoices / name / file)
+                if doc and doc.get("status") == "draft" and doc.get("document"):
+                    changed += _withdraw(paths, month, cid)
+    for cid in sorted(billed):
+        if not any(name != mk and f"{cid}.json" in names for name, names, _ in index.months):
+            continue  # no invoice in another month: nothing to read
+        stored = index.invoices(cid)
+        own = [g for g in grants if g.customer_id == cid]
+        for doc in list(stored):
+            if doc.get("status") != "draft" or doc["period_start"] == month_iso:
+                continue
+            start = date.fromisoformat(doc["period_start"])
+            currency, exp = doc["currency"], int(doc["minor_unit_exponent"])
+            adjustments = _open_adjustments(paths, cid, start, stored, currency, exp, index.pending(cid))
+            position = stored.index(doc)
+            if doc.get("document") and not adjustments:
+                changed += _withdraw(paths, start, cid)
+                del stored[position]
+                continue
+            settled = _settled(_charge_lines(doc), adjustments, own, stored, start, currency, exp, credit_note=bool(doc.get("document")))
+            new = {**doc, **settled}
+            if doc.get("document"):
+                new.update(_adjustment_document(adjustments, settled["total_minor"]))
+            stored[position] = new
+            for fmt, path in invoice_files(paths, start, cid).items():
+                _write_if_changed(path, _render_bytes(new, fmt), changed, [])
+    return changed
+
+
+def _withdraw(paths: Paths, month: date, customer_id: str) -> list[str]:
+    """Remove a draft's files; returns the paths removed."""
+    removed = []
+    for path in invoice_files(paths, month, customer_id).values():
+        if path.exists():
+            path.unlink()
+            removed.append(str(path))
+    return removed

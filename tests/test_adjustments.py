@@ -12,7 +12,7 @@ import pytest
 
 from billing_dags import credits as cr
 from billing_dags.credits import Grant
-from billing_dags.invoices import build_invoices, write_invoice_files
+from billing_dags.invoices import build_invoices, render_invoice, settle_drafts, write_invoice_files
 from billing_dags.settings import Paths
 
 UTC = timezone.utc
@@ -40,6 +40,7 @@ def lines(month: date, usage_minor: int) -> list[dict]:
 def bill(p: Paths, month: date, usage_minor: int, *, now=LATER, raw="aa", grants=()) -> dict:
     docs = build_invoices(lines(month, usage_minor), CUSTOMERS, PLANS, CURRENCIES, month, now=now, manifest=manifest(raw), paths=p, grants=list(grants))
     res = write_invoice_files(p, docs)
+    settle_drafts(p, month, docs, list(grants))
     cr.write_ledger(p, list(grants), {"usd": 2})
     stored = json.loads((p.invoices / f"{month:%Y-%m}" / "acme.json").read_text())
     stored["_result"] = res
@@ -181,3 +182,164 @@ def test_a_late_usage_report_after_finalization_is_named_in_the_adjustment(p):
     assert adjustments(feb) == [
         ("2025-01", 266, "usage of 2025-01 recomputed after 1 late usage report (2025-01-31): INV-2025-000001 charges 22.34 -> 25.00")
     ]
+
+
+# --------------------------------------------------------------------------- customers who leave
+
+# "gone" subscribed to Pro until 1 February 2025 (exclusive): fct_invoice_lines has no line of it from February on
+WITH_LEAVER = CUSTOMERS + [{"customer_id": "gone", "name": "Gone Ltd", "currency": "usd", "plan_id": "pro"}]
+
+
+def bill_all(p: Paths, month: date, usage_minor: dict[str, int], *, now=LATER, raw="aa", grants=()) -> dict[str, dict]:
+    """Bill the customers in ``usage_minor`` (base fee 10.00 + usage each); every stored invoice of the month by customer."""
+    rows = [{**line, "customer_id": cid} for cid, usage in usage_minor.items() for line in lines(month, usage)]
+    docs = build_invoices(rows, WITH_LEAVER, PLANS, CURRENCIES, month, now=now, manifest=manifest(raw), paths=p, grants=list(grants))
+    write_invoice_files(p, docs)
+    settle_drafts(p, month, docs, list(grants))
+    cr.write_ledger(p, list(grants), {"usd": 2})
+    return {f.stem: json.loads(f.read_text()) for f in sorted((p.invoices / f"{month:%Y-%m}").glob("*.json"))}
+
+
+def test_late_data_for_a_customer_who_left_is_billed_on_an_adjustment_invoice(p):
+    jan = bill_all(p, JAN, {"acme": 1234, "gone": 1234})  # 10.00 + 12.34 each
+    assert (jan["acme"]["invoice_number"], jan["gone"]["invoice_number"], jan["gone"]["total"]) == ("INV-2025-000001", "INV-2025-000002", "22.34")
+    bill_all(p, JAN, {"acme": 1234, "gone": 1500}, raw="bb")  # late data: gone's usage 12.34 -> 15.00
+
+    feb = bill_all(p, FEB, {"acme": 1000})  # gone has no subscription in February, so no invoice lines
+    assert feb["acme"]["invoice_number"] == "INV-2025-000003" and feb["acme"]["total_minor"] == 2000
+    adj = feb["gone"]
+    assert (adj["invoice_number"], adj["status"], adj["document"], adj["corrects"]) == ("INV-2025-000004", "finalized", "adjustment_invoice", ["INV-2025-000002"])
+    assert adj["period_start"] == "2025-02-01" and adj["finalized_on"] == "2025-03-04"
+    assert [(l["line_number"], l["line_type"], l["amount_minor"], l["description"]) for l in adj["lines"]] == [
+        (1, "adjustment", 1500 - 1234, "usage of 2025-01 recomputed after late data: INV-2025-000002 charges 22.34 -> 25.00"),
+    ]
+    assert adj["lines"][0]["adjusts"] == {"kind": "recompute", "month": "2025-01", "invoice_number": "INV-2025-000002"}
+    assert (adj["charges_minor"], adj["adjustments_minor"], adj["total"], adj["total_minor"]) == (0, 266, "2.66", 266)
+    # rendered like an invoice and listed with the month's invoices
+    html = (p.invoices / "2025-02" / "gone.html").read_text()
+    assert "<h1>Adjustment invoice INV-2025-000004</h1>" in html and "Corrects INV-2025-000002" in html and "USD 2.66" in html
+    csv_text = (p.invoices / "2025-02" / "gone.csv").read_text()
+    assert "INV-2025-000004,finalized,gone,2025-02-01,2025-03-01,usd,1,adjustment," in csv_text
+    assert csv_text.splitlines()[-1] == "INV-2025-000004,finalized,gone,2025-02-01,2025-03-01,usd,,total,,,Total due,,,,2.66,266"
+    assert render_invoice(adj, "table").startswith("Adjustment invoice INV-2025-000004 (finalized)")
+    from billing_dags.cli import invoice_rows
+
+    rows = {r["customer"]: r for r in invoice_rows(p, FEB)}
+    assert (rows["gone"]["invoice"], rows["gone"]["document"], rows["gone"]["total"]) == ("INV-2025-000004", "adjustment invoice", "2.66 USD")
+    assert rows["acme"]["document"] == "invoice"
+
+    # issued once: March has no invoice for gone, and rerunning every month changes no byte
+    assert set(bill_all(p, MAR, {"acme": 1000})) == {"acme"}
+    before = all_files(p)
+    bill_all(p, JAN, {"acme": 1234, "gone": 1500}, raw="bb")
+    bill_all(p, FEB, {"acme": 1000})
+    bill_all(p, MAR, {"acme": 1000})
+    assert all_files(p) == before
+
+
+def test_a_subscription_that_ended_gets_its_last_months_late_data_on_an_adjustment_invoice(tmp_path):
+    """Seeds in tmp (mp-001 on proxy_per_gb, 0.10 USD per GiB, until 1 February 2025; mp-004 on the 10.00 flat
+    plan), invoice lines from the SQL models, then the invoices as the monthly runs make them."""
+    import csv
+    import shutil
+
+    from sql_helpers import SEEDS_DIR, month_window, rate_month, seed_tables
+
+    seeds_dir = tmp_path / "seeds"
+    shutil.copytree(SEEDS_DIR, seeds_dir)
+    subs = list(csv.DictReader((seeds_dir / "subscriptions.csv").open()))
+    for row in subs:
+        if row["customer_id"] == "mp-001":
+            row["end_date"] = "2025-02-01"
+    with (seeds_dir / "subscriptions.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(subs[0]))
+        w.writeheader()
+        w.writerows(subs)
+    seeds = seed_tables(seeds_dir)
+    customers, plans, currencies = (seeds[n].to_pylist() for n in ("customers", "plans", "currencies"))
+    p = Paths(tmp_path / "data", seeds_dir)
+
+    def run(month: date, gib: int, raw: str = "aa") -> dict[str, dict]:
+        window = month_window(month.year, month.month)
+        usage = [{"month": month, "customer_id": cid, "meter_id": "proxy_bytes", "dimension": "", "kind": "counter",
+                  "usage": Decimal(gib * 2**30), "period_ms": window.end_ms - window.start_ms} for cid in ("mp-001", "mp-004")]
+        lines_ = [r for r in rate_month(usage, window, seeds)[1] if r["customer_id"] in ("mp-001", "mp-004")]
+        docs = build_invoices(lines_, customers, plans, currencies, month, now=LATER, manifest=manifest(raw), paths=p)
+        write_invoice_files(p, docs)
+        settle_drafts(p, month, docs, [])
+        return {d["customer_id"]: d for d in docs}
+
+    jan = run(JAN, 100)  # mp-001: 100 GiB x 0.10 = 10.00
+    assert (jan["mp-001"]["invoice_number"], jan["mp-001"]["total"]) == ("INV-2025-000001", "10.00")
+    run(JAN, 150, raw="bb")  # late data: 150 GiB, 15.00
+    feb = run(FEB, 150)  # mp-001 has no subscription in February: no invoice lines, an adjustment invoice
+    assert [l["line_type"] for l in feb["mp-004"]["lines"]] == ["base_fee"]
+    adj = feb["mp-001"]
+    assert (adj["invoice_number"], adj["document"], adj["status"], adj["plan_id"]) == ("INV-2025-000003", "adjustment_invoice", "finalized", "proxy_per_gb")  # numbered in customer order
+    assert [(l["amount_minor"], l["description"]) for l in adj["lines"]] == [
+        (1500 - 1000, "usage of 2025-01 recomputed after late data: INV-2025-000001 charges 10.00 -> 15.00")
+    ]
+    assert adj["total"] == "5.00" and (p.invoices / "2025-02" / "mp-001.html").exists()
+    assert "mp-001" not in run(MAR, 150)
+
+
+def test_a_negative_correction_for_a_customer_who_left_is_a_credit_note(p):
+    bill_all(p, JAN, {"acme": 1234, "gone": 1234})
+    bill_all(p, JAN, {"acme": 1234, "gone": 0}, raw="bb")  # gone's January usage was wrong: 22.34 -> 10.00
+    feb_draft_time = datetime(2025, 3, 2, tzinfo=UTC)
+    draft = bill_all(p, FEB, {"acme": 1000}, now=feb_draft_time)["gone"]  # shown while February is a draft
+    assert (draft["invoice_number"], draft["status"], draft["document"], draft["total"]) == ("DRAFT-2025-02-gone", "draft", "credit_note", "-12.34")
+    assert bill_all(p, FEB, {"acme": 1000}, now=feb_draft_time)["gone"] == draft  # not consumed by a draft
+    note = bill_all(p, FEB, {"acme": 1000})["gone"]
+    assert (note["invoice_number"], note["status"], note["document"]) == ("INV-2025-000004", "finalized", "credit_note")
+    # refunded, not carried: the total is negative and there is no carry-forward line
+    assert [(l["line_type"], l["amount_minor"]) for l in note["lines"]] == [("adjustment", 0 - 1234)]
+    assert (note["total"], note["total_minor"], note["carried_forward_minor"]) == ("-12.34", -1234, 0)
+    assert "<h1>Credit note INV-2025-000004</h1>" in (p.invoices / "2025-02" / "gone.html").read_text()
+    last = (p.invoices / "2025-02" / "gone.csv").read_text().splitlines()[-1]
+    assert last == "INV-2025-000004,finalized,gone,2025-02-01,2025-03-01,usd,,total,,,Total refunded,,,,-12.34,-1234"
+    assert set(bill_all(p, MAR, {"acme": 1000})) == {"acme"}
+
+
+def test_a_credit_carried_from_the_last_invoice_of_a_customer_who_left_is_refunded(p):
+    bill_all(p, JAN, {"acme": 1234, "gone": 1234})
+    bill_all(p, JAN, {"acme": 1234, "gone": 0}, raw="bb")  # -12.34 for January
+    feb = bill_all(p, FEB, {"acme": 1000, "gone": 0})["gone"]  # its last month: 10.00 - 12.34 < 0, 2.34 carried
+    assert (feb["invoice_number"], feb["total_minor"], feb["carried_forward_minor"]) == ("INV-2025-000004", 0, 1234 - 1000)
+    note = bill_all(p, MAR, {"acme": 1000})["gone"]  # no next invoice: the 2.34 is refunded
+    assert (note["invoice_number"], note["document"], note["corrects"], note["total_minor"]) == ("INV-2025-000006", "credit_note", ["INV-2025-000004"], -234)
+    assert [l["description"] for l in note["lines"]] == ["credit balance carried from INV-2025-000004 (2025-02)"]
+
+
+def test_a_correction_after_the_next_month_was_finalized_goes_on_the_following_months_run(p):
+    bill_all(p, JAN, {"acme": 1234, "gone": 1234})
+    bill_all(p, FEB, {"acme": 1000})  # nothing to adjust yet: no invoice for gone
+    bill_all(p, JAN, {"acme": 1234, "gone": 1500}, raw="bb")  # the correction arrives after February was finalized
+    assert set(bill_all(p, FEB, {"acme": 1000})) == {"acme"}  # a rerun of the closed month issues nothing new
+    mar = bill_all(p, MAR, {"acme": 1000})
+    assert (mar["gone"]["invoice_number"], mar["gone"]["total_minor"]) == ("INV-2025-000005", 266)
+    # January corrected once more (+1.00): only the new difference, on April's run
+    bill_all(p, JAN, {"acme": 1234, "gone": 1600}, raw="cc")
+    apr = bill_all(p, APR, {"acme": 1000})
+    assert [(l["amount_minor"], l["description"]) for l in apr["gone"]["lines"]] == [
+        (100, "usage of 2025-01 recomputed after late data: INV-2025-000002 charges 22.34 -> 26.00 (2.66 already adjusted)")
+    ]
+
+
+def test_a_draft_adjustment_invoice_is_withdrawn_when_the_correction_is_undone(p):
+    bill_all(p, JAN, {"acme": 1234, "gone": 1234})
+    bill_all(p, JAN, {"acme": 1234, "gone": 1500}, raw="bb")
+    feb_draft_time = datetime(2025, 3, 2, tzinfo=UTC)
+    assert bill_all(p, FEB, {"acme": 1000}, now=feb_draft_time)["gone"]["total_minor"] == 266
+    bill_all(p, JAN, {"acme": 1234, "gone": 1234})  # back to the finalized figures: nothing left to adjust
+    assert set(bill_all(p, FEB, {"acme": 1000}, now=feb_draft_time)) == {"acme"}
+    assert not list((p.invoices / "2025-02").glob("gone.*"))
+
+
+def test_prepaid_credit_pays_an_adjustment_invoice(p):
+    grants = [Grant("g", "gone", "usd", 500, date(2025, 2, 1), None, "Goodwill")]  # granted after January closed
+    bill_all(p, JAN, {"acme": 1234, "gone": 1234}, grants=grants)
+    bill_all(p, JAN, {"acme": 1234, "gone": 1500}, raw="bb", grants=grants)
+    adj = bill_all(p, FEB, {"acme": 1000}, grants=grants)["gone"]
+    assert [(l["line_type"], l["amount_minor"]) for l in adj["lines"]] == [("adjustment", 266), ("credit", -266)]
+    assert adj["total_minor"] == 0 and adj["document"] == "adjustment_invoice"

@@ -102,6 +102,7 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
             metadata={"wrong_totals": dg.MetadataValue.json(wrong), "customers_without_invoice": dg.MetadataValue.json(missing)},
         )
     figures = inv.write_invoice_files(paths, docs)
+    inv.settle_drafts(paths, window.start, docs, grants)  # other months' drafts follow this month's draws
     ledger = cr.write_ledger(paths, grants, {c["currency"]: int(c["minor_unit_exponent"]) for c in seeds["currencies"]})
     usage = pq.read_table(
         partition_file(paths, models["fct_usage_by_month"], window),
@@ -157,7 +158,8 @@ def _total_problems(lines: list[dict], docs: list[dict]) -> tuple[list[str], lis
     """Customers whose invoice does not add up, and customers with lines but no invoice.
 
     Each invoice's charges are recomputed from the lines table, independently of the invoice builder;
-    the total due must be the sum of all its lines (charges, adjustments, credits) and never negative.
+    the total due must be the sum of all its lines (charges, adjustments, credits) and never negative,
+    but on a credit note (an adjustment invoice refunding a correction to a customer without an invoice this month).
     """
     by_customer: dict[str, int] = {}
     for line in lines:
@@ -167,7 +169,7 @@ def _total_problems(lines: list[dict], docs: list[dict]) -> tuple[list[str], lis
         for d in docs
         if d["charges_minor"] != by_customer.get(d["customer_id"], 0)
         or d["total_minor"] != sum(l["amount_minor"] for l in d["lines"])
-        or d["total_minor"] < 0
+        or (d["total_minor"] < 0 and d.get("document") != "credit_note")
     ]
     missing = sorted(set(by_customer) - {d["customer_id"] for d in docs})
     return wrong, missing
