@@ -1429,7 +1429,7 @@ def settle_drafts(paths: Paths, month: date, invoices: Iterable[Mapping], grants
                 new.update(_adjustment_document(adjustments, settled["total_minor"]))
             stored[position] = new
             for fmt, path in invoice_files(paths, start, cid).items():
-                _write_if_changed(path, _render_bytes(new, fmt), changed, [])
+                _write_if_changed(path, _render_bytes(new, fmt), changed, [], durable.write_bytes)
     return changed
 
 
