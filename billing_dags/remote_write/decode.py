@@ -3,7 +3,8 @@ WriteRequest (the compiled reader of wire.py for the usual shape, the protobuf r
 other), then validated columns of samples.
 
 A body that cannot be used raises ``BadRequest`` (the receiver answers 400; Prometheus does not
-retry it) or ``TooLarge`` (413). Messages name the problem and the series index, never label
+retry it) or ``TooLarge`` (413): among them a metric or label name that is not a Prometheus name
+(control characters included), and a series whose id another label set already has. Messages name the problem and the series index, never label
 values or sample values (DESIGN rule 12: no payloads in logs).
 """
 
@@ -97,6 +98,8 @@ class Decoder:
         self.max_decoded_bytes = max_decoded_bytes
         self.compiled = compiled
         self._cache: dict[bytes, SeriesInfo] = {}
+        #: the series of each id in the cache: a second label set with one id is refused
+        self._by_id: dict[int, SeriesInfo] = {}
         self._unknown_labels: list[str | None] = []
         self._unknown_codes: dict[str | None, int] = {}
 
@@ -126,14 +129,23 @@ class Decoder:
         if not metric:
             raise BadRequest(f"series {index}: no metric name (__name__ label missing or empty)")
         label_map = dict(labels)
+        problem = raw.series_problem(metric, label_map)
+        if problem:
+            raise BadRequest(f"series {index}: {problem}")
+        sid = raw.series_id(metric, label_map)
+        other = self._by_id.get(sid)
+        if other is not None and (other.metric, other.labels) != (metric, tuple(labels)):
+            clash = raw.Collision(sid, metric, tuple(labels), other.metric, other.labels, "a series this receiver took earlier")
+            raise BadRequest(f"series {index}: {clash}; refused so that neither is merged into the other")
         customer, seen = self.resolver.resolve(metric, label_map)
         code = -1
         if customer == UNKNOWN:
             code = self._unknown_codes.setdefault(seen, len(self._unknown_labels))
             if code == len(self._unknown_labels):
                 self._unknown_labels.append(seen)
-        info = SeriesInfo(raw.series_id(metric, label_map), metric, tuple(labels), customer, seen, code)
+        info = SeriesInfo(sid, metric, tuple(labels), customer, seen, code)
         self._cache[key] = info
+        self._by_id.setdefault(sid, info)
         return info
 
     def decode(self, body: bytes) -> Batch:
@@ -147,6 +159,7 @@ class Decoder:
             raise BadRequest(f"bad snappy block ({type(e).__name__}); send Content-Encoding: snappy in block format") from None
         if len(self._cache) >= SERIES_CACHE_MAX:  # bounded memory: start over, re-filled on demand
             self._cache.clear()
+            self._by_id.clear()
             self._unknown_labels.clear()
             self._unknown_codes.clear()
         parsed = wire.parse(data) if self.compiled else None

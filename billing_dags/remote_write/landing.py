@@ -45,7 +45,7 @@ import numpy as np
 from billing_dags import raw
 
 from .customers import UNKNOWN, CustomerResolver
-from .decode import STALE_NAN_BITS, Batch
+from .decode import STALE_NAN_BITS, BadRequest, Batch, SeriesInfo
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,19 @@ def encode_record(batch: Batch, new_series: list[int]) -> bytes:
     return REC_HEADER.pack(REC_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
+def _new_series(batch: Batch, *known: dict[int, SeriesInfo]) -> tuple[list[int], raw.Collision | None]:
+    """The batch's series whose labels the segment does not hold yet, or the first series whose id
+    the segment holds with another label set."""
+    new = []
+    for sid, info in batch.series.items():
+        prev = next((k[sid] for k in known if sid in k), None)
+        if prev is None:
+            new.append(sid)
+        elif prev is not info and (prev.metric, prev.labels) != (info.metric, info.labels):
+            return [], raw.Collision(sid, info.metric, info.labels, prev.metric, prev.labels, "the receiver's open landing segment")
+    return new, None
+
+
 class _Segment:
     def __init__(self, directory: Path, seq: int):
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
@@ -164,7 +177,7 @@ class _Segment:
             raise
         self.size = len(FILE_MAGIC)
         self.created = time.monotonic()
-        self.series: set[int] = set()
+        self.series: dict[int, SeriesInfo] = {}  # the series whose labels this segment holds
         self.index = IndexBuilder()
 
 
@@ -282,13 +295,16 @@ class SegmentWriter:
             return
         seg = self._seg
         start = seg.size
-        added: set[int] = set()
-        news: list[list[int]] = []
+        added: dict[int, SeriesInfo] = {}
+        written: list[tuple[Batch, Future, int]] = []
         try:
-            for batch, _ in group:
-                new = [sid for sid in batch.series if sid not in seg.series and sid not in added]
-                added.update(new)
-                news.append(new)
+            for batch, fut in group:
+                new, clash = _new_series(batch, seg.series, added)
+                if clash is not None:  # its samples would be read as the other series': refused (400)
+                    fut.set_exception(BadRequest(f"{clash}; refused so that neither is merged into the other"))
+                    continue
+                added.update((sid, batch.series[sid]) for sid in new)
+                written.append((batch, fut, len(new)))
                 rec = encode_record(batch, new)
                 view = memoryview(rec)
                 while view:
@@ -304,11 +320,12 @@ class SegmentWriter:
             code = getattr(e, "errno", None) or errno.EIO
             reason = getattr(e, "strerror", None) or type(e).__name__
             for _, fut in group:
-                fut.set_exception(DiskFull(code, f"landing write failed: {reason}"))
+                if not fut.done():
+                    fut.set_exception(DiskFull(code, f"landing write failed: {reason}"))
             return
         seg.series.update(added)
-        for (batch, fut), new in zip(group, news):
-            seg.index.add(batch, len(new))
+        for batch, fut, n_new in written:
+            seg.index.add(batch, n_new)
             fut.set_result(None)
 
     def _rollback(self, seg: _Segment, size: int) -> None:
@@ -365,12 +382,15 @@ class SegmentData:
     valid_bytes: int
     torn: bool  # bytes after the last good record (a write cut short by a crash)
     record_sizes: list[int] = field(default_factory=list)
+    #: ids the segment defines twice with different labels (the first definition is in ``series``)
+    conflicts: set[int] = field(default_factory=set)
 
 
 def read_segment(path: Path) -> SegmentData:
     """Every intact record of a segment, in order; stops at the first torn or corrupt record."""
     data = Path(path).read_bytes()
     series: dict[int, tuple[str, dict[str, str]]] = {}
+    conflicts: set[int] = set()
     sids, tss, vals, sizes = [], [], [], []
     if data[: len(FILE_MAGIC)] != FILE_MAGIC:
         return SegmentData({}, *(np.empty(0, t) for t in ("<i8", "<i8", "<f8")), 0, 0, bool(data))
@@ -392,7 +412,9 @@ def read_segment(path: Path) -> SegmentData:
         n, jlen = PAYLOAD_HEADER.unpack_from(payload, 0)
         o = PAYLOAD_HEADER.size
         for sid, metric, labels in json.loads(bytes(payload[o : o + jlen])):
-            series[sid] = (metric, dict(labels))
+            label_map = dict(labels)
+            if series.setdefault(sid, (metric, label_map)) != (metric, label_map):
+                conflicts.add(sid)
         o += jlen
         sids.append(np.frombuffer(payload, "<i8", n, o))
         tss.append(np.frombuffer(payload, "<i8", n, o + 8 * n))
@@ -400,7 +422,7 @@ def read_segment(path: Path) -> SegmentData:
         sizes.append(end - pos)
         pos = end
     cat = lambda parts, t: np.concatenate(parts).astype(t) if parts else np.empty(0, t)  # noqa: E731
-    return SegmentData(series, cat(sids, np.int64), cat(tss, np.int64), cat(vals, np.float64), len(sizes), pos, torn, sizes)
+    return SegmentData(series, cat(sids, np.int64), cat(tss, np.int64), cat(vals, np.float64), len(sizes), pos, torn, sizes, conflicts)
 
 
 def index_from_data(seg: SegmentData, resolver: CustomerResolver | None = None) -> IndexBuilder:

@@ -5,7 +5,9 @@
 - 204 once the batch is appended to a landing segment and fsynced (or carries no samples, e.g.
   a metadata-only request);
 - 400 undecodable body, bad snappy block, a series without a metric name or with unsorted or
-  duplicate labels (Prometheus drops the batch and does not retry);
+  duplicate labels, a metric or label name that is not a Prometheus name (control characters
+  included), a series whose id another label set already has (Prometheus drops the batch and
+  does not retry);
 - 401 without the configured bearer token; 413 body (or its decoded size) over the limit;
   415 wrong Content-Type or Content-Encoding;
 - 503 landing disk full (below ``min_free_bytes`` or a failed write) or more than
@@ -234,6 +236,8 @@ def create_app(config: ReceiverConfig) -> Starlette:
                 except DiskFull as e:
                     log.error("landing write failed, answering 503: %s", e)
                     return answer(503, "landing write failed (disk full or I/O error); retry later")
+                except BadRequest as e:  # a series id the landing segment holds with another label set
+                    return answer(400, str(e))
                 metrics.samples.inc(batch.samples)
                 metrics.stale.inc(batch.stale)
                 metrics.nonfinite.inc(batch.nonfinite)
