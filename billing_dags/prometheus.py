@@ -468,6 +468,7 @@ class Collector:
         self._parts.setdefault(sid, []).append((ts, values))
         self.samples += len(ts)
         self.non_finite += int((~np.isfinite(values)).sum())
+        return True
 
     def tables(self) -> tuple[pa.Table, pa.Table]:
         ids = sorted(self.series)
