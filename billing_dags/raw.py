@@ -72,8 +72,9 @@ def series_key(metric: str, labels: dict[str, str]) -> bytes:
     Injective: no name or value encodes to a byte 0xFF (as in Prometheus's own label hashing), so
     two different label sets never give the same key. The one definition every writer uses.
     """
-    items = sorted({**labels, "__name__": metric}.items())
-    return b"".join(b"".join((k.encode(), _KEY_SEP, v.encode(), _KEY_SEP)) for k, v in items)
+    parts = [x.encode() for item in sorted({**labels, "__name__": metric}.items()) for x in item]
+    parts.append(b"")
+    return _KEY_SEP.join(parts)
 
 
 def series_id(metric: str, labels: dict[str, str]) -> int:
@@ -164,15 +165,17 @@ def known_series(paths: Paths, ids) -> dict[int, tuple[str, Labels, str]]:
 
 def collisions(paths: Paths, series: pa.Table) -> list[Collision]:
     """Rows of ``series`` (a series table) whose id another row or data/raw/series holds with other labels."""
-    ids = series["series_id"].to_pylist()
-    metrics = series["metric"].to_pylist()
     labels = [tuple(sorted(x)) for x in series["labels"].to_pylist()]
+    return _collisions(paths, series["series_id"].to_pylist(), list(zip(series["metric"].to_pylist(), labels)))
+
+
+def _collisions(paths: Paths, ids: list[int], defs: list[tuple[str, Labels]]) -> list[Collision]:
     out: list[Collision] = []
     first: dict[int, tuple[str, Labels]] = {}
-    for sid, metric, lab in zip(ids, metrics, labels):
-        seen = first.setdefault(sid, (metric, lab))
-        if seen != (metric, lab):
-            out.append(Collision(sid, metric, lab, *seen, "the same write"))
+    for sid, mine in zip(ids, defs):
+        seen = first.setdefault(sid, mine)
+        if seen != mine:
+            out.append(Collision(sid, *mine, *seen, "the same write"))
     for sid, (metric, lab, where) in known_series(paths, first).items():
         if first[sid] != (metric, lab):
             out.append(Collision(sid, *first[sid], metric, lab, where))
@@ -248,11 +251,12 @@ def _row_group_boundaries(series: pa.Array) -> list[int]:
     return cuts
 
 
-def _checked_series(series: pa.Table, what: str) -> pa.Table:
-    """The series table with each row's labels sorted by name, once every row is a valid series
-    whose id is ``series_id`` of its labels (a writer's own hashing would break the one identity)."""
+def _checked_series(series: pa.Table, what: str) -> tuple[pa.Table, list[tuple[str, Labels]]]:
+    """The series table with each row's labels sorted by name, and each row's (metric, labels),
+    once every row is a valid series whose id is ``series_id`` of its labels (a writer's own
+    hashing would break the one identity)."""
     rows = zip(series["series_id"].to_pylist(), series["metric"].to_pylist(), series["labels"].to_pylist())
-    canonical, changed = [], False
+    canonical, defs, changed = [], [], False
     for i, (sid, metric, labels) in enumerate(rows):
         label_map = dict(labels)
         problem = series_problem(metric, label_map) if len(label_map) == len(labels) else f"metric {metric} has a label twice"
@@ -264,11 +268,13 @@ def _checked_series(series: pa.Table, what: str) -> pa.Table:
                 f"labels; compute ids with billing_dags.raw.series_id"
             )
         ordered = sorted(labels)
-        changed = changed or ordered != list(labels)
+        changed = changed or ordered != labels
         canonical.append(ordered)
-    if not changed:
-        return series
-    return series.set_column(series.schema.get_field_index("labels"), SERIES_SCHEMA.field("labels"), pa.array(canonical, SERIES_SCHEMA.field("labels").type))
+        defs.append((metric, tuple(ordered)))
+    if changed:
+        labels_type = SERIES_SCHEMA.field("labels")
+        series = series.set_column(series.schema.get_field_index("labels"), labels_type, pa.array(canonical, labels_type.type))
+    return series, defs
 
 
 def write_day(paths: Paths, day: date, samples: pa.Table, series: pa.Table, source: str) -> dict:
@@ -285,7 +291,7 @@ def write_day(paths: Paths, day: date, samples: pa.Table, series: pa.Table, sour
         raise RawLayoutError(f"source name {source!r} must match {_SOURCE_RE.pattern}")
     what = f"series for {day} from source {source!r}"
     samples = samples.select(SAMPLES_SCHEMA.names).cast(SAMPLES_SCHEMA)
-    series = _checked_series(series.select(SERIES_SCHEMA.names).cast(SERIES_SCHEMA), what)
+    series, defs = _checked_series(series.select(SERIES_SCHEMA.names).cast(SERIES_SCHEMA), what)
     start_ms, end_ms = day_bounds_ms(day)
     if len(samples):
         lo, hi = pc.min(samples["ts"]).as_py(), pc.max(samples["ts"]).as_py()
@@ -305,6 +311,7 @@ def write_day(paths: Paths, day: date, samples: pa.Table, series: pa.Table, sour
     missing = set(pc.unique(samples["series_id"]).to_pylist()) - set(series["series_id"].to_pylist())
     if missing:
         raise RawLayoutError(f"{len(missing)} series ids in samples of {day} have no row in the series table")
+    ids = series["series_id"].to_pylist()
     series = series.sort_by("series_id")
 
     sample_path = samples_day_dir(paths, day) / f"part-{source}.parquet"
@@ -330,7 +337,7 @@ def write_day(paths: Paths, day: date, samples: pa.Table, series: pa.Table, sour
     series_path = series_day_dir(paths, day) / f"part-{source}.parquet"
     try:
         with series_lock(paths):
-            found = collisions(paths, series)
+            found = _collisions(paths, ids, defs)
             if found:
                 raise SeriesCollision(found, what)
             os.replace(tmp, sample_path)

@@ -147,15 +147,24 @@ def encode_record(batch: Batch, new_series: list[int]) -> bytes:
     return REC_HEADER.pack(REC_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
-def _new_series(batch: Batch, *known: dict[int, SeriesInfo]) -> tuple[list[int], raw.Collision | None]:
-    """The batch's series whose labels the segment does not hold yet, or the first series whose id
-    the segment holds with another label set."""
+def _new_series(batch: Batch, held: dict[int, SeriesInfo], added: dict[int, SeriesInfo]) -> tuple[list[int], raw.Collision | None]:
+    """The batch's series whose labels the segment (``held``, ``added`` in this group) does not hold
+    yet, or the first series whose id it holds with another label set."""
+    series = batch.series
+    held_get, added_get = held.get, added.get
+    if list(map(held_get, series)) == list(series.values()):  # compares by identity first, in C
+        return [], None  # the usual batch: every series held, as the decoder's same cached object
     new = []
-    for sid, info in batch.series.items():
-        prev = next((k[sid] for k in known if sid in k), None)
+    for sid, info in series.items():
+        prev = held_get(sid)
+        if prev is info:  # the usual case: the decoder's cached series
+            continue
         if prev is None:
-            new.append(sid)
-        elif prev is not info and (prev.metric, prev.labels) != (info.metric, info.labels):
+            prev = added_get(sid)
+            if prev is None:
+                new.append(sid)
+                continue
+        if prev is not info and (prev.metric, prev.labels) != (info.metric, info.labels):
             return [], raw.Collision(sid, info.metric, info.labels, prev.metric, prev.labels, "the receiver's open landing segment")
     return new, None
 
