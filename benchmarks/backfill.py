@@ -66,13 +66,15 @@ def _days(month: date) -> list[date]:
 
 
 def prepare(root: Path, n_customers: int, interval_s: int, month: date, log=print) -> tuple[Path, Path]:
+    from billing_dags import raw
     from billing_dags.defs.seeds.assets import write_seed_snapshots
     from billing_dags.seeds import read_seed
     from billing_dags.simulate import simulate_month
 
     data_dir, seeds_dir = root / "data", root / "seeds"
     marker = root / "ready.json"
-    key = {"customers": n_customers, "interval_s": interval_s, "month": month.isoformat()}
+    # the series ids in the cached files: a change of raw.series_id's encoding simulates the month again
+    key = {"customers": n_customers, "interval_s": interval_s, "month": month.isoformat(), "series_id_of_up": raw.series_id("up", {})}
     if marker.exists() and json.loads(marker.read_text()).get("key") == key:
         return data_dir, seeds_dir
     if root.exists():

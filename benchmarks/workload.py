@@ -170,7 +170,9 @@ def standard(n_series: int = 20_000, interval_s: int = 15, seed: int = 42, log=p
     """The cached workload for (n_series, interval, seed) under ``out``: generated on first use."""
     root = Path(out) / f"workload-{n_series}x{interval_s}s-seed{seed}"
     stamp = root / "workload.json"
-    meta = {"version": GENERATOR_VERSION, "series": n_series, "interval_s": interval_s, "seed": seed}
+    # the series ids in the cached files: a change of raw.series_id's encoding regenerates the workload
+    meta = {"version": GENERATOR_VERSION, "series": n_series, "interval_s": interval_s, "seed": seed,
+            "series_id_of_up": raw.series_id("up", {})}
     if stamp.exists() and json.loads(stamp.read_text()) == meta:
         return resolve_paths(root / "data", PROJECT_ROOT / "seeds")
     shutil.rmtree(root, ignore_errors=True)

@@ -651,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .disputes import DisputeError
+    from .raw import RawLayoutError
     from .seeds import SeedError
     from .sqlmodels import ModelError
 
@@ -658,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (CliError, SeedError, ModelError, DisputeError) as e:
+    except (CliError, SeedError, ModelError, DisputeError, RawLayoutError) as e:
         err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         return e.exit_code if isinstance(e, CliError) else 2
 

@@ -10,9 +10,17 @@ deleted once every day it holds is done. Rerunning is idempotent: a day with not
 rewritten (its files keep their mtime, so the late-data sensor does not fire for nothing).
 
 Staleness markers and NaN/Inf stay in raw (the SQL models drop and count them) and are counted
-here and in the segment index; samples of unknown customers are kept and reported. A segment that
-cannot be indexed is quarantined by landing (its indexable samples salvaged into a new segment)
-and listed by ``landing_status``; compaction carries on without it.
+here and in the segment index; samples of unknown customers are kept and reported.
+
+Series ids in a segment are recomputed from its labels. A series whose id already stands for
+another label set (in data/raw/series or an earlier segment), whose names are not Prometheus
+names, or that its segment defines twice is not merged: its samples are quarantined
+(``data/landing/quarantine/date=D/<segment>.parquet``, with labels and the reason) before the
+segment is marked done, and reported (``quarantined``): acknowledged samples are never merged
+into another series and never silently lost.
+
+A segment that cannot be indexed at all is quarantined whole by landing (its indexable samples
+salvaged into a new segment) and listed by ``landing_status``; compaction carries on without it.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import raw
+from . import durable
 from .durable import fsync_path
 from .remote_write.customers import CustomerResolver
 from .remote_write.landing import (
@@ -100,6 +109,79 @@ def _fsync_tree(path: Path, stop: Path) -> None:
         path = path.parent
 
 
+def quarantine_file(paths: Paths, day: str, segment: str) -> Path:
+    """Where compaction keeps a segment's samples of ``day`` that it refused to merge."""
+    return paths.landing / "quarantine" / f"date={day}" / f"{segment}.parquet"
+
+
+QUARANTINE_SCHEMA = pa.schema([*raw.SERIES_SCHEMA.remove(3), *raw.SAMPLES_SCHEMA.remove(0), pa.field("reason", pa.string(), nullable=False)])
+
+
+def _resolve_series(paths: Paths, day: str, parts: list[tuple[SealedSegment, SegmentData, np.ndarray]]):
+    """The landing samples of ``day`` under ids computed from their labels, and the label set of each id.
+
+    A segment's stored ids are not trusted: each is recomputed with ``raw.series_id`` from the labels
+    the segment holds. A series is refused — its samples quarantined (``quarantine_file``, written and
+    fsynced here, before any segment is marked done), never merged and never dropped — when its
+    names are not Prometheus names, when its segment defines its id twice, or when its id already
+    stands for another label set: in data/raw/series, else in an earlier segment (the first wins).
+    Returns (ids, ts, values per segment, {id: (metric, labels)}, the quarantined series).
+    """
+    views = []
+    for seg, data, m in parts:
+        stored, inverse = np.unique(data.series_id[m], return_inverse=True)
+        defs = []
+        for sid in stored.tolist():
+            metric, label_map = data.series[sid]
+            problem = raw.series_problem(metric, label_map)
+            if problem is None and sid in data.conflicts:
+                problem = "its landing segment defines its id with two label sets"
+            labels = tuple(sorted(label_map.items()))
+            defs.append((raw.series_id(metric, label_map) if problem is None else None, metric, labels, problem))
+        views.append((seg, data, m, inverse, defs))
+    known = raw.known_series(paths, {d[0] for *_, defs in views for d in defs if d[0] is not None})
+    reference = {sid: (metric, labels) for sid, (metric, labels, _) in known.items()}
+    sids, tss, vals, quarantined = [], [], [], []
+    for seg, data, m, inverse, defs in views:
+        new_ids = np.array([d[0] if d[0] is not None else 0 for d in defs], dtype=np.int64)
+        refused = np.zeros(len(defs), dtype=bool)
+        reasons = []
+        for j, (sid, metric, labels, problem) in enumerate(defs):
+            if problem is None:
+                ref = reference.setdefault(sid, (metric, labels))
+                if ref != (metric, labels):
+                    where = known[sid][2] if sid in known else "an earlier landing segment"
+                    problem = str(raw.Collision(sid, metric, labels, *ref, where))
+            refused[j] = problem is not None
+            reasons.append(problem)
+        ids, ts, val = new_ids[inverse], data.ts[m], data.value[m]
+        bad = refused[inverse]
+        if bad.any():
+            q = pa.table(
+                {
+                    "series_id": ids[bad],
+                    "metric": [defs[j][1] for j in inverse[bad].tolist()],
+                    "labels": [list(defs[j][2]) for j in inverse[bad].tolist()],
+                    "ts": ts[bad],
+                    "value": val[bad],
+                    "reason": [reasons[j] for j in inverse[bad].tolist()],
+                },
+                schema=QUARANTINE_SCHEMA,
+            )
+            path = quarantine_file(paths, day, seg.name)
+            with durable.staged(path) as tmp:
+                pq.write_table(q, tmp)
+            _fsync_tree(path.parent, paths.data_dir)
+            counts = np.bincount(inverse[bad], minlength=len(defs))
+            for j in np.flatnonzero(refused).tolist():
+                quarantined.append({"segment": seg.name, "series": raw.describe(defs[j][1], defs[j][2]),
+                                    "samples": int(counts[j]), "reason": reasons[j], "file": str(path)})
+        sids.append(ids[~bad])
+        tss.append(ts[~bad])
+        vals.append(val[~bad])
+    return sids, tss, vals, reference, quarantined
+
+
 def compact_day(paths: Paths, day: str, cache: dict[str, SegmentData] | None = None) -> dict:
     """Merge every pending landing sample of ``day`` (YYYY-MM-DD) into its raw partition."""
     t0 = time.perf_counter()
@@ -114,20 +196,15 @@ def compact_day(paths: Paths, day: str, cache: dict[str, SegmentData] | None = N
             return result
         figures: Counter = Counter()
         unknown: Counter = Counter()
-        sids, tss, vals = [], [], []
-        series_defs: dict[int, tuple[str, dict[str, str]]] = {}
+        parts = []
         for seg in segs:
             data = cache.get(seg.name)
             if data is None:
                 data = cache[seg.name] = read_segment(seg.path)
-            m = (data.ts >= start) & (data.ts < end)
-            sids.append(data.series_id[m])
-            tss.append(data.ts[m])
-            vals.append(data.value[m])
-            for sid in np.unique(data.series_id[m]).tolist():
-                series_defs.setdefault(sid, data.series[sid])
+            parts.append((seg, data, (data.ts >= start) & (data.ts < end)))
             figures.update(seg.index["days"].get(day, {}))
             unknown.update(seg.index.get("unknown_customers", {}))
+        sids, tss, vals, reference, quarantined = _resolve_series(paths, day, parts)
         new_sid, new_ts, new_val = np.concatenate(sids), np.concatenate(tss), np.concatenate(vals)
 
         sample_path = raw.samples_day_dir(paths, d) / f"part-{SOURCE}.parquet"
@@ -145,8 +222,10 @@ def compact_day(paths: Paths, day: str, cache: dict[str, SegmentData] | None = N
             keep[1:] = (sid[1:] != sid[:-1]) | (ts[1:] != ts[:-1])
         sid, ts, val = sid[keep], ts[keep], val[keep]
         added = len(sid) - n_existing
+        n_quarantined = sum(q["samples"] for q in quarantined)
         result.update(
-            landing_samples=len(new_ts), new_samples=added, duplicates=len(new_ts) - added, existing_samples=n_existing,
+            landing_samples=len(new_ts) + n_quarantined, new_samples=added, duplicates=len(new_ts) - added, existing_samples=n_existing,
+            quarantined_samples=n_quarantined, quarantined=quarantined,
             samples=len(sid), stale=figures.get("stale", 0), nonfinite=figures.get("nonfinite", 0),
             unknown_customer=figures.get("unknown_customer", 0),
             unknown_customers=dict(unknown.most_common(20)) if figures.get("unknown_customer") else {},
@@ -161,8 +240,7 @@ def compact_day(paths: Paths, day: str, cache: dict[str, SegmentData] | None = N
                 if s in old:
                     metric, labels = old[s]["metric"], list(old[s]["labels"])
                 else:
-                    metric, label_map = series_defs[s]
-                    labels = sorted(label_map.items())
+                    metric, labels = reference[s]
                 rows["series_id"].append(s)
                 rows["metric"].append(metric)
                 rows["labels"].append(labels)

@@ -32,6 +32,11 @@ partition contains them too, the edge file is removed, and the models deduplicat
 (series, timestamp) in any case, so nothing is counted twice. A day holding only an edge file is
 not a billable day: ingest it in full before billing its month.
 
+Refused series (rule 12): a series whose metric or label names are not Prometheus names
+(control characters included), or whose id another label set already holds (earlier in the same
+pull, or in data/raw/series), is skipped — never merged into the other — and reported
+(``refused_series``, ``refused_examples``, and a warning of the asset); the rest of the day is written.
+
 Errors (rule 11): an unreachable server (after bounded retries with backoff on connection
 errors, 5xx and 429), bad PromQL, any other HTTP 4xx, Prometheus warnings (partial responses of
 Thanos/Mimir come as warnings) and malformed responses raise :class:`PrometheusError`, whose
@@ -53,6 +58,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from . import raw
 from .settings import EDGE_LOOKBACK_DAYS, Paths
@@ -435,18 +441,26 @@ class _Series:
 class Collector:
     """Raw samples accumulated per series as numpy arrays (16 bytes a sample), turned into Arrow
     tables once: filled series by series into preallocated columns, already sorted by
-    (series_id, ts) and without duplicate timestamps, releasing the pieces as it goes."""
+    (series_id, ts) and without duplicate timestamps, releasing the pieces as it goes.
+
+    A series whose id an earlier series of another label set holds is refused (kept out, its
+    reason in ``refused``): the first label set keeps the id."""
 
     series: dict[int, _Series] = field(default_factory=dict)
     _parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
     samples: int = 0
     non_finite: int = 0
+    refused: dict[str, None] = field(default_factory=dict)
 
-    def add(self, sid: int, metric: str, labels: tuple, ts: np.ndarray, values: np.ndarray) -> None:
-        if not len(ts):
-            return
-        first = int(ts.min())
+    def add(self, sid: int, metric: str, labels: tuple, ts: np.ndarray, values: np.ndarray) -> bool:
+        """Add a series' samples; False when the series is refused."""
         s = self.series.get(sid)
+        if s is not None and (s.metric, s.labels) != (metric, labels):
+            self.refused[str(raw.Collision(sid, metric, labels, s.metric, s.labels, "the same pull"))] = None
+            return False
+        if not len(ts):
+            return True
+        first = int(ts.min())
         if s is None:
             self.series[sid] = _Series(metric, labels, first)
         elif first < s.first_seen:
@@ -454,6 +468,7 @@ class Collector:
         self._parts.setdefault(sid, []).append((ts, values))
         self.samples += len(ts)
         self.non_finite += int((~np.isfinite(values)).sum())
+        return True
 
     def tables(self) -> tuple[pa.Table, pa.Table]:
         ids = sorted(self.series)
@@ -492,10 +507,20 @@ class Collector:
         return samples, series
 
 
+class InvalidSeries(ValueError):
+    """A series that cannot be stored (see raw.series_problem): skipped and reported."""
+
+
 def parse_series(item: dict, default_metric: str, key: str = "values") -> tuple[int, str, tuple, np.ndarray, np.ndarray]:
-    """One matrix entry -> (series_id, metric, sorted labels, ts ms int64, values float64)."""
+    """One matrix entry -> (series_id, metric, sorted labels, ts ms int64, values float64).
+
+    Raises InvalidSeries for names that are not Prometheus names (or values that are not UTF-8).
+    """
     labels = dict(item.get("metric") or {})
     metric = labels.pop("__name__", default_metric)
+    problem = raw.series_problem(metric, labels)
+    if problem:
+        raise InvalidSeries(problem)
     pairs = item.get(key) or []
     times, texts = zip(*pairs) if pairs else ((), ())
     ts = np.rint(np.array(times, dtype=np.float64) * 1000.0).astype(np.int64)
@@ -547,6 +572,8 @@ class IngestReport:
     non_finite_samples: int = 0
     unmatched_series: int = 0
     unmatched_examples: list[str] = field(default_factory=list)
+    refused_series: int = 0
+    refused_examples: list[str] = field(default_factory=list)
     requests: int = 0
     query_seconds: float = 0.0
     seconds: float = 0.0
@@ -564,6 +591,8 @@ class IngestReport:
             "non_finite_samples": self.non_finite_samples,
             "unmatched_series": self.unmatched_series,
             "unmatched_examples": self.unmatched_examples,
+            "refused_series": self.refused_series,
+            "refused_examples": self.refused_examples,
             "requests": self.requests,
             "query_seconds": round(self.query_seconds, 3),
             "seconds": round(self.seconds, 3),
@@ -579,27 +608,46 @@ def _what(sel: Selector) -> str:
     return f"meter {sel.meter_id} (metric {sel.metric})"
 
 
-def _fetch_exact(client: PrometheusClient, sel: Selector, a: int, b: int) -> Iterator[tuple]:
-    promql, t = exact_query(sel.promql(), a, b)
-    res = client.query(promql, t, what=_what(sel))
-    if res.result_type != "matrix":
-        raise client._fail(_what(sel), promql, f"returned a {res.result_type}, not a matrix of raw samples")
-    for item in res.result:
-        sid, metric, labels, ts, values = parse_series(item, sel.metric)
+def _parsed(result: list, sel: Selector, a: int, b: int, refused: dict[str, None] | None) -> Iterator[tuple]:
+    """The matrix entries in [a, b); an invalid series is skipped and its reason put in ``refused``."""
+    refused = {} if refused is None else refused
+    for item in result:
+        try:
+            sid, metric, labels, ts, values = parse_series(item, sel.metric)
+        except InvalidSeries as e:
+            refused[f"{_what(sel)}: {e}"] = None
+            continue
         ts, values = keep_window(ts, values, a, b)
         yield sid, metric, labels, ts, values
 
 
-def _fetch_range(client: PrometheusClient, sel: Selector, a: int, b: int, step_ms: int) -> Iterator[tuple]:
+def _fetch_exact(client: PrometheusClient, sel: Selector, a: int, b: int, refused: dict[str, None] | None = None) -> Iterator[tuple]:
+    promql, t = exact_query(sel.promql(), a, b)
+    res = client.query(promql, t, what=_what(sel))
+    if res.result_type != "matrix":
+        raise client._fail(_what(sel), promql, f"returned a {res.result_type}, not a matrix of raw samples")
+    yield from _parsed(res.result, sel, a, b, refused)
+
+
+def _fetch_range(client: PrometheusClient, sel: Selector, a: int, b: int, step_ms: int, refused: dict[str, None] | None = None) -> Iterator[tuple]:
     promql = sel.promql()
     for s, e in plan_range_requests(a, b, step_ms):
         res = client.query_range(promql, s, e, step_ms, what=_what(sel))
         if res.result_type != "matrix":
             raise client._fail(_what(sel), promql, f"returned a {res.result_type}, not a matrix")
-        for item in res.result:
-            sid, metric, labels, ts, values = parse_series(item, sel.metric)
-            ts, values = keep_window(ts, values, a, b)
-            yield sid, metric, labels, ts, values
+        yield from _parsed(res.result, sel, a, b, refused)
+
+
+def _without_collisions(paths: Paths, tables: tuple[pa.Table, pa.Table], refused: dict[str, None]) -> tuple[pa.Table, pa.Table]:
+    """(samples, series) without the series whose id data/raw/series holds with other labels (reasons into ``refused``)."""
+    samples, series = tables
+    found = raw.collisions(paths, series)
+    if not found:
+        return samples, series
+    refused.update((str(c), None) for c in found)
+    bad = pa.array([c.series_id for c in found], pa.int64())
+    keep = lambda t: t.filter(pc.invert(pc.is_in(t["series_id"], value_set=bad)))  # noqa: E731
+    return keep(samples), keep(series)
 
 
 def _label_of(labels: tuple, name: str) -> str:
@@ -631,6 +679,7 @@ def ingest_day(
     chunks = plan_chunks(start_ms, end_ms, opt.chunk_s * 1000)
     report = IngestReport(day)
     col = Collector()
+    refused = col.refused
     unmatched: dict[int, str] = {}
     active: list[Selector] = []
     for sel in selectors:
@@ -639,28 +688,27 @@ def ingest_day(
         active.append(sel)
     for sel in active:
         if opt.mode == "exact":
-            parts = (item for a, b in chunks for item in _fetch_exact(client, sel, a, b))
+            parts = (item for a, b in chunks for item in _fetch_exact(client, sel, a, b, refused))
         else:
-            parts = _fetch_range(client, sel, start_ms, end_ms, opt.step_s * 1000)
+            parts = _fetch_range(client, sel, start_ms, end_ms, opt.step_s * 1000, refused)
         for sid, metric, labels, ts, values in parts:
-            if not len(ts):
+            if not len(ts) or not col.add(sid, metric, labels, ts, values):
                 continue
-            col.add(sid, metric, labels, ts, values)
             if sel.unmatched and sid not in unmatched:
                 unmatched[sid] = f"{metric}{{{sel.customer_label}={_label_of(labels, sel.customer_label)!r}}}"
     non_finite = col.non_finite
     previous_full = _full_days(paths, day - timedelta(days=1))
     edges: dict[date, tuple[pa.Table, pa.Table]] = {}
     if not previous_full and opt.mode == "exact":
-        edges = fetch_edges(client, paths, day, active, opt, log)
+        edges = fetch_edges(client, paths, day, active, opt, log, refused)
     # no local reference to the samples table: write_day's sorted copy replaces it in memory
-    figures = raw.write_day(paths, day, *col.tables(), SOURCE)
+    figures = raw.write_day(paths, day, *_without_collisions(paths, col.tables(), refused), SOURCE)
     del col
     # this day is now whole: an edge file recorded here by a later day's ingest is redundant
     for d in (raw.samples_day_dir(paths, day), raw.series_day_dir(paths, day)):
         (d / f"part-{EDGE_SOURCE}.parquet").unlink(missing_ok=True)
-    for d, (es, eser) in sorted(edges.items()):
-        n = write_edges(paths, d, es, eser)
+    for d, tables in sorted(edges.items()):
+        n = write_edges(paths, d, *_without_collisions(paths, tables, refused))
         if n:
             report.edge_samples += n
             report.edge_days.append(d.isoformat())
@@ -671,6 +719,8 @@ def ingest_day(
     report.non_finite_samples = non_finite
     report.unmatched_series = len(unmatched)
     report.unmatched_examples = sorted(unmatched.values())[:10]
+    report.refused_series = len(refused)
+    report.refused_examples = list(refused)[:10]
     report.requests = client.requests - req0
     report.query_seconds = client.request_seconds - sec0
     report.warnings = list(client.warnings)
@@ -690,13 +740,16 @@ def fetch_edges(
     selectors: Sequence[Selector],
     opt: IngestOptions,
     log: Callable[[str], None] = lambda _: None,
+    refused: dict[str, None] | None = None,
 ) -> dict[date, tuple[pa.Table, pa.Table]]:
     """Each series' last sample before ``day``, from the days before it that have no full partition.
 
     Walks back chunk by chunk (latest first) until every series Prometheus knows in the lookback is
     found, a day with a full partition is reached (its own data holds the edge), or
     ``edge_lookback_days`` have been searched. Returns the samples grouped by their UTC day.
+    Invalid series are skipped, their reasons put in ``refused``.
     """
+    refused = {} if refused is None else refused
     start_ms, _ = raw.day_bounds_ms(day)
     lookback_start = start_ms - opt.edge_lookback_days * raw.DAY_MS
     stop_ms = lookback_start
@@ -714,12 +767,13 @@ def fetch_edges(
         for s in client.series(sel.promql(), stop_ms, start_ms - 1, what=_what(sel)):
             labels = dict(s)
             metric = labels.pop("__name__", sel.metric)
-            expected.add(raw.series_id(metric, labels))
+            if raw.series_problem(metric, labels) is None:  # an invalid one is refused where its samples come
+                expected.add(raw.series_id(metric, labels))
         missing = set(expected)
         b = start_ms
         while missing and b > stop_ms:
             a = max(stop_ms, b - opt.chunk_s * 1000)
-            for sid, metric, labels, ts, values in _fetch_exact(client, sel, a, b):
+            for sid, metric, labels, ts, values in _fetch_exact(client, sel, a, b, refused):
                 if len(ts) and sid in missing:
                     i = int(np.argmax(ts))
                     last[sid] = (metric, labels, int(ts[i]), float(values[i]))

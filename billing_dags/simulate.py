@@ -395,7 +395,13 @@ def _render(day: date, specs: list[_Spec], seed: int, interval_s: int) -> tuple[
 
     specs = [s for s in specs if in_day(s)]
     sids = [raw.series_id(s.metric, s.labels) for s in specs]
-    if len(set(sids)) != len(sids):
+    first: dict[int, tuple[str, raw.Labels]] = {}
+    for s, sid in zip(specs, sids):
+        key = (s.metric, tuple(sorted(s.labels.items())))
+        other = first.setdefault(sid, key)
+        if other != key:  # two label sets with one id: refused, never merged
+            raise raw.SeriesCollision([raw.Collision(sid, *key, *other, "the same simulated day")], f"simulated series for {day}")
+    if len(first) != len(sids):
         raise ValueError("two simulated series have the same labels; give every customer a distinct label_value")
     order = sorted(range(len(specs)), key=lambda i: sids[i])
     specs = [specs[i] for i in order]

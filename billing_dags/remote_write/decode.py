@@ -3,7 +3,8 @@ WriteRequest (the compiled reader of wire.py for the usual shape, the protobuf r
 other), then validated columns of samples.
 
 A body that cannot be used raises ``BadRequest`` (the receiver answers 400; Prometheus does not
-retry it) or ``TooLarge`` (413). Messages name the problem and the series index, never label
+retry it) or ``TooLarge`` (413): among them a metric or label name that is not a Prometheus name
+(control characters included), and a series whose id another label set already has. Messages name the problem and the series index, never label
 values or sample values (DESIGN rule 12: no payloads in logs).
 
 ``Limits`` bounds what is accepted (README "Receiving remote write"): sample timestamps in a
@@ -175,6 +176,8 @@ class Decoder:
         self.limits = limits
         self.clock = clock
         self._cache: dict[bytes, SeriesInfo] = {}
+        #: the series of each id in the cache: a second label set with one id is refused
+        self._by_id: dict[int, SeriesInfo] = {}
         self._unknown_labels: list[str | None] = []
         self._unknown_codes: dict[str | None, int] = {}
         self._cache_bytes = 0
@@ -224,6 +227,14 @@ class Decoder:
         if not metric:
             raise BadRequest(f"series {index}: no metric name (__name__ label missing or empty)")
         label_map = dict(labels)
+        problem = raw.series_problem(metric, label_map)
+        if problem:
+            raise BadRequest(f"series {index}: {problem}")
+        sid = raw.series_id(metric, label_map)
+        other = self._by_id.get(sid)
+        if other is not None and (other.metric, other.labels) != (metric, tuple(labels)):
+            clash = raw.Collision(sid, metric, tuple(labels), other.metric, other.labels, "a series this receiver took earlier")
+            raise BadRequest(f"series {index}: {clash}; refused so that neither is merged into the other")
         customer, seen = self.resolver.resolve(metric, label_map)
         code = -1
         cost = CACHE_ENTRY_OVERHEAD + CACHE_LABEL_OVERHEAD * len(pairs) + 2 * len(key)
@@ -232,7 +243,8 @@ class Decoder:
             if code == len(self._unknown_labels):
                 self._unknown_labels.append(seen)
                 self._cache_bytes += CACHE_LABEL_OVERHEAD + len(seen)
-        info = SeriesInfo(raw.series_id(metric, label_map), metric, tuple(labels), customer, seen, code)
+        info = SeriesInfo(sid, metric, tuple(labels), customer, seen, code)
+        self._by_id.setdefault(sid, info)  # cleared with the cache: within a request it holds every series
         if self._cache_bytes + cost <= limits.max_cache_bytes and len(self._cache) < SERIES_CACHE_MAX:
             self._cache[key] = info
             self._cache_bytes += cost
@@ -261,6 +273,7 @@ class Decoder:
             raise BadRequest(f"bad snappy block ({type(e).__name__}); send Content-Encoding: snappy in block format") from None
         if self._cache_full:  # bounded memory: start over, re-filled on demand
             self._cache.clear()
+            self._by_id.clear()
             self._unknown_labels.clear()
             self._unknown_codes.clear()
             self._cache_bytes, self._cache_full = 0, False

@@ -54,7 +54,7 @@ import numpy as np
 from billing_dags import durable, raw
 
 from .customers import UNKNOWN, CustomerResolver
-from .decode import STALE_NAN_BITS, TS_CEILING_MS, TS_FLOOR_MS, Batch, describe_ms
+from .decode import STALE_NAN_BITS, TS_CEILING_MS, TS_FLOOR_MS, BadRequest, Batch, SeriesInfo, describe_ms
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,28 @@ def _record(defs: list, series_id: np.ndarray, ts: np.ndarray, value: np.ndarray
     return REC_HEADER.pack(REC_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
+def _new_series(batch: Batch, held: dict[int, SeriesInfo], added: dict[int, SeriesInfo]) -> tuple[list[int], raw.Collision | None]:
+    """The batch's series whose labels the segment (``held``, ``added`` in this group) does not hold
+    yet, or the first series whose id it holds with another label set."""
+    series = batch.series
+    held_get, added_get = held.get, added.get
+    if list(map(held_get, series)) == list(series.values()):  # compares by identity first, in C
+        return [], None  # the usual batch: every series held, as the decoder's same cached object
+    new = []
+    for sid, info in series.items():
+        prev = held_get(sid)
+        if prev is info:  # the usual case: the decoder's cached series
+            continue
+        if prev is None:
+            prev = added_get(sid)
+            if prev is None:
+                new.append(sid)
+                continue
+        if prev is not info and (prev.metric, prev.labels) != (info.metric, info.labels):
+            return [], raw.Collision(sid, info.metric, info.labels, prev.metric, prev.labels, "the receiver's open landing segment")
+    return new, None
+
+
 class _Segment:
     def __init__(self, directory: Path, seq: int):
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
@@ -178,7 +200,7 @@ class _Segment:
             raise
         self.size = len(FILE_MAGIC)
         self.created = time.monotonic()
-        self.series: set[int] = set()
+        self.series: dict[int, SeriesInfo] = {}  # the series whose labels this segment holds
         self.index = IndexBuilder()
 
 
@@ -321,13 +343,16 @@ class SegmentWriter:
             return
         seg = self._seg
         start = seg.size
-        added: set[int] = set()
-        news: list[list[int]] = []
+        added: dict[int, SeriesInfo] = {}
+        written: list[tuple[Batch, Future, int]] = []
         try:
-            for batch, _ in group:
-                new = [sid for sid in batch.series if sid not in seg.series and sid not in added]
-                added.update(new)
-                news.append(new)
+            for batch, fut in group:
+                new, clash = _new_series(batch, seg.series, added)
+                if clash is not None:  # its samples would be read as the other series': refused (400)
+                    fut.set_exception(BadRequest(f"{clash}; refused so that neither is merged into the other"))
+                    continue
+                added.update((sid, batch.series[sid]) for sid in new)
+                written.append((batch, fut, len(new)))
                 rec = encode_record(batch, new)
                 view = memoryview(rec)
                 while view:
@@ -343,11 +368,12 @@ class SegmentWriter:
             code = getattr(e, "errno", None) or errno.EIO
             reason = getattr(e, "strerror", None) or type(e).__name__
             for _, fut in group:
-                fut.set_exception(DiskFull(code, f"landing write failed: {reason}"))
+                if not fut.done():
+                    fut.set_exception(DiskFull(code, f"landing write failed: {reason}"))
             return
         seg.series.update(added)
-        for (batch, fut), new in zip(group, news):
-            seg.index.add(batch, len(new))
+        for batch, fut, n_new in written:
+            seg.index.add(batch, n_new)
             fut.set_result(None)
 
     def _rollback(self, seg: _Segment, size: int) -> None:
@@ -407,6 +433,9 @@ class SegmentData:
     #: writer: damage or tampering); recovery quarantines such a segment instead of cutting it
     corrupt: bool = False
 
+    #: ids the segment defines twice with different labels (the first definition is in ``series``)
+    conflicts: set[int] = field(default_factory=set)
+
 
 def _series_defs(raw_json: bytes) -> list[tuple[int, str, dict[str, str]]]:
     defs = json.loads(raw_json)
@@ -423,6 +452,7 @@ def read_segment(path: Path) -> SegmentData:
     """Every intact record of a segment, in order; stops at the first torn or corrupt record."""
     data = Path(path).read_bytes()
     series: dict[int, tuple[str, dict[str, str]]] = {}
+    conflicts: set[int] = set()
     sids, tss, vals, sizes = [], [], [], []
     if data[: len(FILE_MAGIC)] != FILE_MAGIC:
         return SegmentData({}, *(np.empty(0, t) for t in ("<i8", "<i8", "<f8")), 0, 0, bool(data))
@@ -451,7 +481,8 @@ def read_segment(path: Path) -> SegmentData:
             corrupt = True
             break
         for sid, metric, labels in defs:
-            series[sid] = (metric, labels)
+            if series.setdefault(sid, (metric, labels)) != (metric, labels):
+                conflicts.add(sid)
         o += jlen
         sids.append(np.frombuffer(payload, "<i8", n, o))
         tss.append(np.frombuffer(payload, "<i8", n, o + 8 * n))
@@ -459,7 +490,7 @@ def read_segment(path: Path) -> SegmentData:
         sizes.append(end - pos)
         pos = end
     cat = lambda parts, t: np.concatenate(parts).astype(t) if parts else np.empty(0, t)  # noqa: E731
-    return SegmentData(series, cat(sids, np.int64), cat(tss, np.int64), cat(vals, np.float64), len(sizes), pos, torn, sizes, corrupt)
+    return SegmentData(series, cat(sids, np.int64), cat(tss, np.int64), cat(vals, np.float64), len(sizes), pos, torn, sizes, corrupt, conflicts)
 
 
 def _indexable(seg: SegmentData) -> tuple[np.ndarray, str | None]:

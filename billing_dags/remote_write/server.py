@@ -5,8 +5,10 @@
 - 204 once the batch is appended to a landing segment and fsynced (or carries no samples, e.g.
   a metadata-only request);
 - 400 undecodable body, bad snappy block, a series without a metric name or with unsorted or
-  duplicate labels, a sample outside the accepted time window, more labels or longer label names
-  or values than the limits (``Limits``; Prometheus drops the batch and does not retry);
+  duplicate labels, a metric or label name that is not a Prometheus name (control characters
+  included), a series whose id another label set already has, a sample outside the accepted time
+  window, more labels or longer label names or values than the limits (``Limits``; Prometheus
+  drops the batch and does not retry);
 - 401 without the configured bearer token; 413 body (or its decoded size) over the limit;
   415 wrong Content-Type or Content-Encoding;
 - 503 landing disk full (below ``min_free_bytes`` or a failed write), a failure of the landing
@@ -248,7 +250,7 @@ def create_app(config: ReceiverConfig) -> Starlette:
                 except DiskFull as e:
                     log.error("landing write failed, answering 503: %s", e)
                     return answer(503, "landing write failed (disk full or I/O error); retry later")
-                except Unindexable as e:  # the decoder's window is inside the landing's: a safety net
+                except (Unindexable, BadRequest) as e:  # outside the landing's window (a safety net), or an id the segment holds with another label set
                     return answer(400, str(e))
                 metrics.samples.inc(batch.samples)
                 metrics.stale.inc(batch.stale)

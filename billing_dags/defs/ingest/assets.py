@@ -54,14 +54,20 @@ def raw_samples(
 def _pull_from_prometheus(context: dg.AssetExecutionContext, paths, day, prometheus: PrometheusResource) -> dg.MaterializeResult:
     """Exact raw samples of ``day`` for every meter of seeds/meters.csv (billing_dags.prometheus)."""
     from billing_dags import prometheus as prom
+    from billing_dags.raw import RawLayoutError
     from billing_dags.seeds import SeedError
 
     try:
         meters, label_values = prom.meters_and_label_values(paths.seeds_dir)
         with prometheus.client() as client:
             report = prom.ingest_day(client, paths, day, meters, label_values, prometheus.options(), log=context.log.info)
-    except (prom.PrometheusError, SeedError) as e:
+    except (prom.PrometheusError, SeedError, RawLayoutError) as e:
         raise dg.Failure(description=f"raw_samples {day}: {e}; nothing was written for this day") from None
+    if report.refused_series:
+        context.log.warning(
+            f"{report.refused_series} series of {day} were refused (not written, not billed; fix them at the exporter or "
+            f"in Prometheus, then rerun the day): " + "; ".join(report.refused_examples)
+        )
     if report.unmatched_series:
         context.log.warning(
             f"{report.unmatched_series} series of {day} match no customer in customers.csv (billed to nobody): "
@@ -77,6 +83,7 @@ def _pull_from_prometheus(context: dg.AssetExecutionContext, paths, day, prometh
     meta["path"] = dg.MetadataValue.path(report.path)
     meta["server"] = prom.redact_url(prometheus.url or "")
     meta["unmatched_examples"] = dg.MetadataValue.json(report.unmatched_examples)
+    meta["refused_examples"] = dg.MetadataValue.json(report.refused_examples)
     meta["warnings"] = dg.MetadataValue.json(report.warnings)
     meta["edge_days"] = dg.MetadataValue.json(report.edge_days)
     return dg.MaterializeResult(metadata=meta)

@@ -36,6 +36,11 @@ def remote_write_samples(context: dg.AssetExecutionContext, warehouse: Warehouse
             f"{r['day']}: {r['landing_samples']} landing samples from {r['segments']} segments, "
             f"{r['new_samples']} new, {r['duplicates']} duplicates, {r['samples']} in the partition"
         )
+        for q in r.get("quarantined", []):
+            context.log.warning(
+                f"{r['day']}: {q['samples']} samples of {q['series']} from {q['segment']} quarantined in {q['file']}, "
+                f"not merged and not billed: {q['reason']}"
+            )
         if r.get("unknown_customer"):
             context.log.warning(
                 f"{r['day']}: {r['unknown_customer']} samples name no customer in the seeds "
@@ -52,6 +57,7 @@ def remote_write_samples(context: dg.AssetExecutionContext, warehouse: Warehouse
         "staleness_markers": total("stale"),
         "nonfinite_samples": total("nonfinite"),
         "unknown_customer_samples": total("unknown_customer"),
+        "quarantined_samples": total("quarantined_samples"),
         "segments_removed": total("segments_removed"),
         "rewritten": any(r["written"] for r in per_day),
         "seconds": result["seconds"],
