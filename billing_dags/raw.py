@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass

@@ -119,8 +119,9 @@ def _model_partition(p: Paths):
 def _raw_day(p: Paths):
     from billing_dags import raw
 
-    samples = samples_table({1: [(ms(DAY, 1), 1.0)]})
-    series = series_table({1: ("stratum_bytes_sent_total", {"client_id": "miner-001"}, ms(DAY, 1))})
+    sid = raw.series_id("stratum_bytes_sent_total", {"client_id": "miner-001"})
+    samples = samples_table({sid: [(ms(DAY, 1), 1.0)]})
+    series = series_table({sid: ("stratum_bytes_sent_total", {"client_id": "miner-001"}, ms(DAY, 1))})
     return lambda: (raw.write_day(p, DAY, samples, series, "sim"), [*raw.sample_files(p, DAY), *raw.series_files(p)])[1]
 
 
