@@ -524,25 +524,38 @@ def cmd_plans(args) -> int:
 
 
 def cmd_sql(args) -> int:
+    """Queries only, on a locked-down connection (billing_dags.warehouse.open_read_only)."""
+    import tempfile
+
     import duckdb
 
-    from .warehouse import open_warehouse
+    from .warehouse import RefusedStatement, open_read_only, query_statements
 
     paths = _paths(args)
+    empty = 'empty query; give SQL, e.g. billing sql "select * from fct_invoice_lines limit 5"'
     if not args.query.strip():
-        raise CliError('empty query; give SQL, e.g. billing sql "select * from fct_invoice_lines limit 5"')
-    con = open_warehouse(paths)
-    try:
+        raise CliError(empty)
+    with tempfile.TemporaryDirectory(prefix="billing-sql-") as spill_dir:
+        con = open_read_only(paths, Path(spill_dir))
         try:
-            cur = con.execute(args.query)
-        except duckdb.Error as e:
-            raise CliError(f"query failed: {str(e).splitlines()[0]}; list views with billing sql \"show tables\"") from None
-        if cur.description is None:
-            return 0
-        cols = [d[0] for d in cur.description]
-        rows = [dict(zip(cols, r)) for r in cur.fetchmany(args.limit)]
-    finally:
-        con.close()
+            try:
+                statements = query_statements(con, args.query)
+                if not statements:
+                    raise CliError(empty)
+                for statement in statements:
+                    cur = con.execute(statement)
+                cols = [d[0] for d in cur.description]
+                rows = [dict(zip(cols, r)) for r in cur.fetchmany(args.limit)]
+            except RefusedStatement as e:
+                raise CliError(str(e)) from None
+            except duckdb.PermissionException as e:
+                raise CliError(
+                    f"query refused: {str(e).splitlines()[0]}; billing sql reads only the warehouse's files under {paths.data_dir}"
+                ) from None
+            except duckdb.Error as e:
+                raise CliError(f"query failed: {str(e).splitlines()[0]}; list views with billing sql \"show tables\"") from None
+        finally:
+            con.close()
     _emit(rows, args.format)
     return 0
 
