@@ -347,6 +347,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .usage_reports import ReportSchema, demo_report_token
+
     paths = _paths(args)
     month = parse_month(args.month) if args.month else last_complete_month()
     check_billable_month(month)
@@ -367,6 +369,13 @@ def cmd_demo(args) -> int:
     _emit(rows, "table", title=f"Invoices {month:%Y-%m} as of now ({len(rows)} customers)")
     for line in event_billed_lines(paths, month, args.customers):
         console.print(line, highlight=False)
+    schema = ReportSchema.from_seeds(paths.seeds_dir)
+    for cid in sorted(c for c in schema.tokens if schema.authorized(c, demo_report_token(c))):
+        console.print(
+            f"{cid} may POST usage reports (billing remote-write serve) with Authorization: Bearer {demo_report_token(cid)} "
+            "(its demo token, derived now; the seeds hold only its SHA-256)",
+            highlight=False,
+        )
     console.print(f"\nRan {figures['days']} daily partitions and the month in {figures['seconds']:.1f}s.")
     console.print(f"Invoices (JSON, CSV, HTML): {paths.invoices / f'{month:%Y-%m}'}")
     console.print(f"DuckDB warehouse (views): duckdb {paths.warehouse_db}   or   billing sql \"select * from fct_invoice_lines limit 5\"")

@@ -122,6 +122,11 @@ class ReportSchema:
         return _token_in(token, [h for hashes in self.tokens.values() for h in hashes])
 
 
+def demo_report_token(customer_id: str) -> str:
+    """The demo's report token of a customer: derived when needed, never stored (the seeds hold its SHA-256)."""
+    return "demo-" + hashlib.sha256(f"billing_dags demo report token/{customer_id}".encode()).hexdigest()[:32]
+
+
 def _token_in(token: str | None, hashes) -> bool:
     if not token:
         return False
