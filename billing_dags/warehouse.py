@@ -83,7 +83,8 @@ class RefusedStatement(ValueError):
 
 
 #: the statement types `billing sql` runs: DuckDB parses WITH, VALUES, FROM-first, SHOW, DESCRIBE,
-#: SUMMARIZE and PIVOT as SELECT. EXPLAIN is left out: EXPLAIN ANALYZE runs the statement it explains.
+#: SUMMARIZE as SELECT. EXPLAIN is left out (EXPLAIN ANALYZE runs the statement it explains), and so is
+#: PIVOT (a MULTI statement: it creates a type first).
 QUERY_STATEMENTS = frozenset({"SELECT"})
 
 
