@@ -385,6 +385,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .usage_reports import ReportSchema, demo_report_token
+
     paths = _paths(args)
     month = parse_month(args.month) if args.month else last_complete_month()
     check_billable_month(month)
@@ -405,6 +407,13 @@ def cmd_demo(args) -> int:
     _emit(rows, "table", title=f"Invoices {month:%Y-%m} as of now ({len(rows)} customers)")
     for line in event_billed_lines(paths, month, args.customers):
         console.print(line, highlight=False)
+    schema = ReportSchema.from_seeds(paths.seeds_dir)
+    for cid in sorted(c for c in schema.tokens if schema.authorized(c, demo_report_token(c))):
+        console.print(
+            f"{cid} may POST usage reports (billing remote-write serve) with Authorization: Bearer {demo_report_token(cid)} "
+            "(its demo token, derived now; the seeds hold only its SHA-256)",
+            highlight=False,
+        )
     console.print(f"\nRan {figures['days']} daily partitions and the month in {figures['seconds']:.1f}s.")
     console.print(f"Invoices (JSON, CSV, HTML): {paths.invoices / f'{month:%Y-%m}'}")
     console.print(f"DuckDB warehouse (views): duckdb {paths.warehouse_db}   or   billing sql \"select * from fct_invoice_lines limit 5\"")
@@ -562,25 +571,38 @@ def cmd_plans(args) -> int:
 
 
 def cmd_sql(args) -> int:
+    """Queries only, on a locked-down connection (billing_dags.warehouse.open_read_only)."""
+    import tempfile
+
     import duckdb
 
-    from .warehouse import open_warehouse
+    from .warehouse import RefusedStatement, open_read_only, query_statements
 
     paths = _paths(args)
+    empty = 'empty query; give SQL, e.g. billing sql "select * from fct_invoice_lines limit 5"'
     if not args.query.strip():
-        raise CliError('empty query; give SQL, e.g. billing sql "select * from fct_invoice_lines limit 5"')
-    con = open_warehouse(paths)
-    try:
+        raise CliError(empty)
+    with tempfile.TemporaryDirectory(prefix="billing-sql-") as spill_dir:
+        con = open_read_only(paths, Path(spill_dir))
         try:
-            cur = con.execute(args.query)
-        except duckdb.Error as e:
-            raise CliError(f"query failed: {str(e).splitlines()[0]}; list views with billing sql \"show tables\"") from None
-        if cur.description is None:
-            return 0
-        cols = [d[0] for d in cur.description]
-        rows = [dict(zip(cols, r)) for r in cur.fetchmany(args.limit)]
-    finally:
-        con.close()
+            try:
+                statements = query_statements(con, args.query)
+                if not statements:
+                    raise CliError(empty)
+                for statement in statements:
+                    cur = con.execute(statement)
+                cols = [d[0] for d in cur.description]
+                rows = [dict(zip(cols, r)) for r in cur.fetchmany(args.limit)]
+            except RefusedStatement as e:
+                raise CliError(str(e)) from None
+            except duckdb.PermissionException as e:
+                raise CliError(
+                    f"query refused: {str(e).splitlines()[0]}; billing sql reads only the warehouse's files under {paths.data_dir}"
+                ) from None
+            except duckdb.Error as e:
+                raise CliError(f"query failed: {str(e).splitlines()[0]}; list views with billing sql \"show tables\"") from None
+        finally:
+            con.close()
     _emit(rows, args.format)
     return 0
 

@@ -54,6 +54,11 @@ MAX_INTERVAL_S = 86_400
 #: a report time this far ahead of the server clock is refused (clock skew allowance)
 MAX_FUTURE_MS = 5 * 60 * 1000
 MAX_QUANTITY = Decimal(10) ** 18
+#: a report is one flat object: JSON nested deeper is refused before it is parsed
+MAX_JSON_DEPTH = 4
+#: JSON numbers longer than this, or beyond 10^±30, are no usage figure (and cost to print or round)
+MAX_NUMBER_CHARS = 64
+MAX_NUMBER_EXPONENT = 30
 #: reports older than the raw retention period are refused (they could never be billed)
 DEFAULT_MAX_AGE_DAYS = DEFAULT_RETENTION_DAYS
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -111,13 +116,26 @@ class ReportSchema:
 
     def authorized(self, customer_id: str, token: str | None) -> bool:
         """True when ``token`` is one of the customer's report tokens (constant-time compare)."""
-        if not token:
-            return False
-        digest = hashlib.sha256(token.encode("utf-8")).hexdigest()
-        ok = False
-        for known in self.tokens.get(customer_id, ()):
-            ok |= hmac.compare_digest(digest, known)
-        return ok
+        return _token_in(token, self.tokens.get(customer_id, ()))
+
+    def known_token(self, token: str | None) -> bool:
+        """True when ``token`` is some customer's report token: checked before a body is read."""
+        return _token_in(token, [h for hashes in self.tokens.values() for h in hashes])
+
+
+def demo_report_token(customer_id: str) -> str:
+    """The demo's report token of a customer: derived when needed, never stored (the seeds hold its SHA-256)."""
+    return "demo-" + hashlib.sha256(f"billing_dags demo report token/{customer_id}".encode()).hexdigest()[:32]
+
+
+def _token_in(token: str | None, hashes) -> bool:
+    if not token:
+        return False
+    digest = hashlib.sha256(token.encode("utf-8")).hexdigest()
+    ok = False
+    for known in hashes:
+        ok |= hmac.compare_digest(digest, known)
+    return ok
 
 
 @dataclass(frozen=True)
@@ -160,6 +178,31 @@ def _reject_constant(name: str):
     raise ReportError("body", f"{name} is not a number; send finite JSON numbers")
 
 
+class OutOfRange(str):
+    """A JSON number too long or too far from 1 to be a usage figure (its text); parse_report names the field."""
+
+
+def _number(text: str) -> Decimal | OutOfRange:
+    if len(text) > MAX_NUMBER_CHARS:
+        return OutOfRange(text)
+    value = Decimal(text)
+    if value and not -MAX_NUMBER_EXPONENT <= value.adjusted() <= MAX_NUMBER_EXPONENT:
+        return OutOfRange(text)
+    return value
+
+
+_JSON_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _depth(text: str) -> int:
+    """How deep arrays and objects nest in JSON ``text`` (brackets inside strings do not count)."""
+    depth = deepest = 0
+    for c in re.findall(r"[\[\]{}]", _JSON_STRING_RE.sub("", text)):
+        depth += 1 if c in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def parse_customer_id(doc: object) -> str:
     """The ``customer_id`` of a decoded body (needed before authentication)."""
     if not isinstance(doc, dict):
@@ -171,13 +214,15 @@ def parse_customer_id(doc: object) -> str:
 
 
 def decode_body(body: bytes) -> object:
-    """JSON with numbers as Decimal (exact) and NaN/Infinity refused."""
+    """JSON with numbers as Decimal (exact), NaN/Infinity refused, nesting and number size bounded."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise ReportError("body", "is not UTF-8; send a UTF-8 JSON object") from None
+    if _depth(text) > MAX_JSON_DEPTH:
+        raise ReportError("body", f"nests arrays or objects deeper than {MAX_JSON_DEPTH} levels; send one flat JSON object")
     try:
-        return json.loads(text, parse_float=Decimal, parse_int=Decimal, parse_constant=_reject_constant)
+        return json.loads(text, parse_float=_number, parse_int=_number, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         raise ReportError("body", f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
 
@@ -237,6 +282,8 @@ def parse_report(
             )
         if value is None:
             continue  # not measured this time: no event (a gauge is not 0 because a reading is missing)
+        if isinstance(value, OutOfRange):
+            raise ReportError(name, f"{value[:24]}{'...' * (len(value) > 24)} is out of range; usage figures are below 10^18 with at most 9 decimals")
         if isinstance(value, bool) or not isinstance(value, Decimal):
             raise ReportError(name, f"must be a JSON number, got {type(value).__name__}")
         if value < 0:

@@ -1,7 +1,9 @@
 """data/warehouse.duckdb: views over the Parquet partitions, for ad-hoc DuckDB queries.
 
 The file holds views only (partition outputs stay in Parquet), so concurrent partition runs never
-contend for it. ``open_warehouse`` gives the same views in memory without touching the file.
+contend for it. ``open_warehouse`` gives the same views in memory without touching the file;
+``open_read_only`` locks that connection down for `billing sql` and ``query_statements`` admits
+queries only.
 """
 
 from __future__ import annotations
@@ -74,6 +76,50 @@ def open_warehouse(paths: Paths) -> duckdb.DuckDBPyConnection:
     con = connect()
     _apply(con, view_statements(paths))
     return con
+
+
+class RefusedStatement(ValueError):
+    """A statement `billing sql` does not run (anything but a query); the message names it."""
+
+
+#: the statement types `billing sql` runs: DuckDB parses WITH, VALUES, FROM-first, SHOW, DESCRIBE,
+#: SUMMARIZE as SELECT. EXPLAIN is left out (EXPLAIN ANALYZE runs the statement it explains), and so is
+#: PIVOT (a MULTI statement: it creates a type first).
+QUERY_STATEMENTS = frozenset({"SELECT"})
+
+
+def open_read_only(paths: Paths, spill_dir: Path) -> duckdb.DuckDBPyConnection:
+    """``open_warehouse`` locked down for ad-hoc queries.
+
+    Files are readable only under the data dir (and DuckDB's own spill files go to ``spill_dir``),
+    no extension is installed or loaded, no network, and the configuration is locked so no query
+    can undo it. Nothing here stops a write statement inside the data dir: ``query_statements``
+    does, before anything runs.
+    """
+    con = open_warehouse(paths)
+    con.execute("set temp_directory = ?", [str(spill_dir)])
+    con.execute("set allowed_directories = ?", [[f"{paths.data_dir}{os.sep}"]])
+    for setting in ("autoinstall_known_extensions", "autoload_known_extensions", "allow_community_extensions", "enable_external_access"):
+        con.execute(f"set {setting} = false")
+    con.execute("set lock_configuration = true")
+    return con
+
+
+def query_statements(con: duckdb.DuckDBPyConnection, sql: str) -> list[duckdb.Statement]:
+    """The statements of ``sql`` when every one is a query; else RefusedStatement naming the first that is not."""
+    statements = con.extract_statements(sql)  # a syntax error raises duckdb.ParserException
+    for number, statement in enumerate(statements, 1):
+        try:
+            kind = statement.type.name
+        except ValueError:  # a statement type the Python client does not know (e.g. UPDATE EXTENSIONS)
+            kind = "an unknown statement type"
+        if kind not in QUERY_STATEMENTS:
+            text = " ".join(statement.query.split())
+            raise RefusedStatement(
+                f"statement {number} refused ({kind}): {text[:120]!r}; billing sql runs queries only "
+                "(SELECT, WITH, SHOW, DESCRIBE, SUMMARIZE) and ran nothing"
+            )
+    return statements
 
 
 def refresh_views(paths: Paths, retries: int = 20) -> dict:

@@ -8,7 +8,9 @@ import os
 import random
 import socket
 import struct
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -329,15 +331,31 @@ def test_503_when_the_disk_is_full(tmp_path, monkeypatch):
     assert sorted(set(data.ts.tolist())) == [T0 + 20_000, T0 + 21_000, T0 + 22_000]  # nothing of the 503s
 
 
-def test_503_over_the_in_flight_limit(tmp_path):
+def test_503_over_the_in_flight_limit(tmp_path, monkeypatch):
+    """The limit counts requests being decoded and written: a body still trickling in holds no slot."""
+    held, decoding, release = good_body(T0 + 20_000), threading.Event(), threading.Event()
+    decode = Decoder.decode
+
+    def slow_decode(self, body):
+        if body == held:
+            decoding.set()
+            release.wait(10)
+        return decode(self, body)
+
+    monkeypatch.setattr(Decoder, "decode", slow_decode)
     with receiver(tmp_path, max_in_flight=1) as (url, _):
         host, port = url.removeprefix("http://").split(":")
         body = good_body()
         slow = socket.create_connection((host, int(port)))
         head = "".join(f"{k}: {v}\r\n" for k, v in HEADERS.items())
         slow.sendall(f"POST {WRITE_PATH} HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {len(body)}\r\n\r\n".encode() + body[:5])
-        time.sleep(0.3)  # the slow request holds the only slot while its body trickles in
-        assert post(url, good_body(T0 + 50_000)).status_code == 503
+        assert post(url, good_body(T0 + 10_000)).status_code == 204
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(post, url, held)
+            assert decoding.wait(10)  # the first request holds the only slot while it is decoded
+            assert post(url, good_body(T0 + 50_000)).status_code == 503
+            release.set()
+            assert first.result().status_code == 204
         slow.sendall(body[5:])
         assert slow.recv(100).startswith(b"HTTP/1.1 204")
         slow.close()

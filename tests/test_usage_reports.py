@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 from contextlib import contextmanager
 from datetime import date, datetime, timezone
@@ -20,7 +21,7 @@ from billing_dags.settings import PROJECT_ROOT, resolve_paths
 from servers import serve_app
 
 SEEDS = PROJECT_ROOT / "seeds"
-TOKEN = "demo-report-token-iot-010"  # its SHA-256 is in seeds/report_tokens.csv
+TOKEN = ur.demo_report_token("iot-010")  # its SHA-256 is in seeds/report_tokens.csv
 NOW = datetime(2026, 11, 21, 14, 0, tzinfo=timezone.utc)
 NOW_MS = int(NOW.timestamp()) * 1000
 
@@ -118,7 +119,15 @@ def test_tokens_are_per_customer_and_compared_by_hash(schema):
     assert not schema.authorized("iot-001", TOKEN)  # another customer's token
     assert not schema.authorized("iot-010", None)
     assert hashlib.sha256(TOKEN.encode()).hexdigest() in (SEEDS / "report_tokens.csv").read_text()
-    assert TOKEN not in (SEEDS / "report_tokens.csv").read_text().split("demo token")[0]
+
+
+def test_no_report_token_is_written_in_clear_in_seeds_or_docs():
+    """Only hashes: no word of a seed file (snapshotted into every data dir) or of the docs hashes to a token hash."""
+    hashes = {h for per_customer in ur.ReportSchema.from_seeds(SEEDS).tokens.values() for h in per_customer}
+    files = sorted(SEEDS.glob("*.csv")) + [PROJECT_ROOT / "README.md"] + sorted((PROJECT_ROOT / "docs").glob("*.md"))
+    for f in files:
+        for word in set(re.findall(r"[A-Za-z0-9._~+/=-]{8,}", f.read_text())):
+            assert hashlib.sha256(word.encode()).hexdigest() not in hashes, f"a report token in clear in {f.name}"
 
 
 def test_report_events_sum_fields_per_meter_and_scale_mb_to_bytes(schema):

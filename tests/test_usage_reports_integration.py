@@ -28,11 +28,12 @@ from billing_dags import events
 from billing_dags.definitions import ASSETS
 from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, StripeResource, UsageEventsResource, WarehouseResource
 from billing_dags.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.usage_reports import demo_report_token
 from servers import free_port
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "demo-report-token-iot-010"
+TOKEN = demo_report_token("iot-010")
 GIB = Decimal(2**30)
 MIB = 2**20
 HOUR_MS = 3_600_000

@@ -21,6 +21,16 @@ def _size(value: str) -> int:
     return n * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < 86_400:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds between 0 and 86400; give e.g. 60 or 0.5")
+    return seconds
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     from billing_dags.cli import CliError
 
@@ -88,6 +98,9 @@ def cmd_serve(args) -> int:
         max_segment_age_s=args.segment_max_age,
         min_free_bytes=args.min_free_bytes,
         limits=limits,
+        read_timeout_s=args.read_timeout,
+        idle_timeout_s=args.idle_timeout,
+        max_connections=args.max_connections,
     )
     print(
         f"remote-write receiver on http://{host}:{port}/api/v1/write, usage reports on http://{host}:{port}/api/usage/report, "
@@ -145,6 +158,9 @@ def register(sub) -> None:
     s.add_argument("--max-in-flight", type=int, default=64, help="concurrent requests before answering 503 (default 64)")
     s.add_argument("--segment-max-bytes", type=_size, default=64 << 20, help="seal a landing segment at this size (default 64MiB)")
     s.add_argument("--segment-max-age", type=float, default=60.0, help="seal a landing segment after this many seconds (default 60)")
+    s.add_argument("--read-timeout", type=_seconds, default=60.0, help="seconds a request body may take to arrive (default 60); slower gets 408")
+    s.add_argument("--idle-timeout", type=_seconds, default=15.0, help="seconds a connection may go without sending a request head (default 15)")
+    s.add_argument("--max-connections", type=int, default=512, help="open connections at most (default 512, lowered to fit the file limit); the longest idle makes room")
     s.add_argument("--min-free-bytes", type=_size, default=64 << 20, help="answer 503 when the landing disk has less free (default 64MiB)")
     s.add_argument("--min-sample-time", default="2000-01-01", help="refuse (400) samples before this UTC day (default 2000-01-01; from 1970-01-01)")
     s.add_argument("--max-sample-future", type=float, default=600.0,

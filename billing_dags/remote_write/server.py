@@ -10,7 +10,8 @@
   window, more labels or longer label names or values than the limits (``Limits``; Prometheus
   drops the batch and does not retry);
 - 401 without the configured bearer token; 413 body (or its decoded size) over the limit;
-  415 wrong Content-Type or Content-Encoding;
+  415 wrong Content-Type or Content-Encoding; 408 a body that did not arrive within
+  ``read_timeout_s`` (slow uploads);
 - 503 landing disk full (below ``min_free_bytes`` or a failed write), a failure of the landing
   writer on this batch, or more than ``max_in_flight`` requests at once (Prometheus retries 5xx
   with backoff).
@@ -21,8 +22,14 @@ billing_dags/usage_reports.py) with the customer's own bearer token (seeds/repor
 - 201 once the report is committed (fsynced) to the report store, 200 when the same report was
   already accepted (a retry), 409 when its report_id was used for a different report;
 - 400 naming the bad field (JSON body ``{"error", "field"}``), 401 without a token of the
-  customer the report names, 413 over ``max_report_bytes``, 415 not JSON, 503 when the store
-  cannot commit (disk full, I/O error), over ``max_in_flight`` or no seeds are configured.
+  customer the report names, 413 over ``max_report_bytes``, 415 not JSON, 408 a slow body, 503
+  when the store cannot commit (disk full, I/O error), over ``max_in_flight`` or no seeds are
+  configured. The token is checked (against every customer's) before the body is read.
+
+Both endpoints answer 401/413/415 without reading the body and close the connection. Slow or idle
+clients cannot hold the receiver: see ``guarded_protocol`` (connection cap, idle limit) and the
+body read timeout; ``max_in_flight`` counts requests being decoded and written, not bodies still
+arriving.
 
 ``GET /metrics`` exposes the receiver's counters (requests by code, samples, staleness markers,
 non-finite values, unknown-customer samples, samples refused for their timestamp, series-cache
@@ -34,6 +41,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
+import resource
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -87,6 +96,12 @@ class ReceiverConfig:
     reports_db: Path | None = None
     #: sample time window, label count and sizes, series-cache bytes
     limits: Limits = field(default_factory=Limits)
+    #: seconds a request body may take to arrive; slower gets 408 and the connection is closed
+    read_timeout_s: float = 60.0
+    #: seconds a connection may go without a complete request head (after opening or an answer)
+    idle_timeout_s: float = 15.0
+    #: open connections at most (lowered to fit the file limit); the longest idle makes room
+    max_connections: int = 512
 
 
 class _Metrics:
@@ -113,6 +128,10 @@ class _Metrics:
         self.report_requests = Counter("billing_usage_report_requests", "Usage-report requests by HTTP status", ["code"], registry=r)
         self.reports = Counter("billing_usage_reports", "Usage reports committed to the report store", registry=r)
         self.report_duplicates = Counter("billing_usage_report_duplicates", "Usage reports received again (idempotent retries)", registry=r)
+        self.closed = Counter(
+            p + "connections_closed", "Connections closed by the receiver: idle, evicted (over the cap, idle) or refused (over the cap)",
+            ["reason"], registry=r,
+        )
         self.latency = Histogram(
             p + "request_duration_seconds",
             "Time from request start to the answer of accepted requests",
@@ -140,18 +159,107 @@ class _SchemaCache:
         return self._schema
 
 
-async def _read_body(request: Request, limit: int) -> bytes | tuple[int, str]:
-    """The whole body, or (status, message) when it is over ``limit`` or the client went away."""
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes | tuple[int, str]:
+    """The whole body, or (status, message) when it is over ``limit``, slower than ``timeout_s`` or the client went away."""
     chunks, size = [], 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return 413, f"body is over the limit of {limit} bytes"
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    return 413, f"body is over the limit of {limit} bytes"
+                chunks.append(chunk)
     except ClientDisconnect:
         return 400, "client disconnected before the body was complete"
+    except TimeoutError:
+        return 408, f"the body did not arrive within {timeout_s:g} s; send it at once"
     return b"".join(chunks)
+
+
+def _declared_too_large(request: Request, limit: int) -> bool:
+    length = request.headers.get("content-length")
+    return length is not None and length.isdigit() and int(length) > limit
+
+
+#: the header of answers given without reading the body: the rest of it is not worth waiting for
+CLOSE = {"Connection": "close"}
+#: file descriptors kept free of connections (landing segments, the report store, seeds, libraries)
+FD_RESERVE = 64
+_REFUSED = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: 45\r\n\r\n"
+    b"over the connection limit; retry in a moment\n"
+)
+
+
+def connection_cap(max_connections: int) -> int:
+    """``max_connections``, lowered to leave FD_RESERVE descriptors of the process's file limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or max_connections <= soft - FD_RESERVE:
+        return max_connections
+    log.warning("file limit %s: at most %s connections instead of %s", soft, max(1, soft - FD_RESERVE), max_connections)
+    return max(1, soft - FD_RESERVE)
+
+
+def guarded_protocol(max_connections: int, idle_timeout_s: float, closed: Counter) -> type:
+    """uvicorn's HTTP protocol with a connection cap and an idle limit.
+
+    A connection must complete a request head within ``idle_timeout_s`` of opening or of its
+    previous answer, else it is closed: idle connections and slow headers alike (uvicorn alone
+    times out only keep-alive connections that send nothing at all). A request whose head is in
+    is governed by the body read timeout instead. Over ``max_connections`` the connection idle the
+    longest is closed to make room, so idle connections never lock writers out; when every
+    connection is inside a request the new one gets 503 and is closed.
+    """
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class GuardedProtocol(AutoHTTPProtocol):
+        _idle_timer: asyncio.TimerHandle | None = None
+        _idle_since = 0.0
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+            if len(self.connections) > max_connections:
+                idle = [c for c in self.connections if c is not self and not c._in_request()]
+                if idle:
+                    min(idle, key=lambda c: c._idle_since)._close("evicted")
+                else:
+                    transport.write(_REFUSED)
+                    self._close("refused")
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _in_request(self) -> bool:
+            return self.cycle is not None and not self.cycle.response_complete
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._idle_since = self.loop.time()
+            self._idle_timer = self.loop.call_later(idle_timeout_s, self._expire)
+
+        def _disarm(self) -> None:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
+
+        def _expire(self) -> None:
+            self._idle_timer = None
+            if not self._in_request():  # inside a request the body read timeout applies; the answer rearms
+                self._close("idle")
+
+        def _close(self, reason: str) -> None:
+            self._disarm()
+            if not self.transport.is_closing():
+                closed.labels(reason).inc()
+                self.transport.close()
+
+    return GuardedProtocol
 
 
 def _text(status: int, message: str, **headers) -> Response:
@@ -205,29 +313,28 @@ def create_app(config: ReceiverConfig) -> Starlette:
         if expected_auth is not None:
             got = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(got, expected_auth):
-                return answer(401, "missing or wrong bearer token", **{"WWW-Authenticate": 'Bearer realm="remote-write"'})
+                return answer(401, "missing or wrong bearer token", **{"WWW-Authenticate": 'Bearer realm="remote-write"'}, **CLOSE)
         ctype = request.headers.get("content-type", "")
         media, _, params = ctype.partition(";")
         proto = [p.strip() for p in params.split(";") if p.strip().startswith("proto=")]
         if media.strip().lower() != "application/x-protobuf" or (proto and proto[0] != "proto=prometheus.WriteRequest"):
-            return answer(415, f"Content-Type {ctype!r} is not supported; send application/x-protobuf (remote write 1.0)")
+            return answer(415, f"Content-Type {ctype!r} is not supported; send application/x-protobuf (remote write 1.0)", **CLOSE)
         encoding = request.headers.get("content-encoding", "")
         if encoding.strip().lower() != "snappy":
-            return answer(415, f"Content-Encoding {encoding!r} is not supported; send snappy (block format)")
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-            return answer(413, f"body of {length} bytes is over the limit of {config.max_body_bytes}")
+            return answer(415, f"Content-Encoding {encoding!r} is not supported; send snappy (block format)", **CLOSE)
+        if _declared_too_large(request, config.max_body_bytes):
+            return answer(413, f"body of {request.headers['content-length']} bytes is over the limit of {config.max_body_bytes}", **CLOSE)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        body = await _read_body(request, config.max_body_bytes, config.read_timeout_s)
+        if isinstance(body, tuple):
+            return answer(*body, **CLOSE)
         if state["in_flight"] >= config.max_in_flight:
             return answer(503, f"over the in-flight limit of {config.max_in_flight} requests; retry later")
         writer: SegmentWriter = state["writer"]
         state["in_flight"] += 1
         metrics.in_flight.inc()
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
         try:
-            body = await _read_body(request, config.max_body_bytes)
-            if isinstance(body, tuple):
-                return answer(*body)
             metrics.bytes.inc(len(body))
             if writer.disk_full():
                 return answer(503, "landing disk is full; retry later")
@@ -276,25 +383,30 @@ def create_app(config: ReceiverConfig) -> Starlette:
         unauthorized = dict(code=401, message="send Authorization: Bearer <the customer's report token>")
         challenge = {"WWW-Authenticate": 'Bearer realm="usage-report"'}
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return report_error(**unauthorized, **challenge)
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return report_error(**unauthorized, **challenge, **CLOSE)
         media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if media != "application/json":
-            return report_error(415, f"Content-Type {media or 'none'!r} is not supported; send application/json")
-        body = await _read_body(request, config.max_report_bytes)
-        if isinstance(body, tuple):
-            return report_error(*body)
+            return report_error(415, f"Content-Type {media or 'none'!r} is not supported; send application/json", **CLOSE)
         try:
             schema = state["schema"].get()
         except SeedError as e:
             log.error("usage reports refused: %s", e)
-            return report_error(503, "usage reports are not configured on this server (seeds missing or invalid); retry later")
+            return report_error(503, "usage reports are not configured on this server (seeds missing or invalid); retry later", **CLOSE)
+        if not schema.known_token(token):  # before the body is read: strangers cost no reading or parsing
+            return report_error(**unauthorized, **challenge, **CLOSE)
+        if _declared_too_large(request, config.max_report_bytes):
+            return report_error(413, f"body of {request.headers['content-length']} bytes is over the limit of {config.max_report_bytes}", **CLOSE)
+        body = await _read_body(request, config.max_report_bytes, config.read_timeout_s)
+        if isinstance(body, tuple):
+            return report_error(*body, **CLOSE)
         try:
             doc = decode_body(body)
             customer_id = parse_customer_id(doc)
         except ReportError as e:
             return report_error(400, str(e), e.field)
-        if not schema.authorized(customer_id, token.strip()):
+        if not schema.authorized(customer_id, token):
             return report_error(**unauthorized, **challenge)
         try:
             report = parse_report(doc, schema)
@@ -344,7 +456,9 @@ def create_app(config: ReceiverConfig) -> Starlette:
         Route("/-/ready", ready, methods=["GET"]),
         Route("/-/healthy", ready, methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.metrics = metrics
+    return app
 
 
 def serve(config: ReceiverConfig, host: str, port: int, log_level: str = "warning") -> None:
@@ -352,12 +466,15 @@ def serve(config: ReceiverConfig, host: str, port: int, log_level: str = "warnin
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(config)
     uvicorn.run(
-        create_app(config),
+        app,
         host=host,
         port=port,
         log_level=log_level,
         access_log=False,  # no request details in logs (DESIGN rule 12)
         timeout_graceful_shutdown=10,
         server_header=False,
+        http=guarded_protocol(connection_cap(config.max_connections), config.idle_timeout_s, app.state.metrics.closed),
+        timeout_keep_alive=max(1, math.ceil(config.idle_timeout_s)),
     )
