@@ -251,24 +251,21 @@ def test_month_from_live_prometheus_equals_exact_usage(server, tmp_path, seeds):
         r = _run(paths, instance, p.url, ("raw_samples",), day.isoformat())
         assert r.success
         reports[day] = r.asset_materializations_for_node("raw_samples")[0].metadata
-    # 03-02 recorded 03-01's last samples; the full ingest of 03-01 then removed that edge file
-    assert reports[DAYS[1]]["previous_day_ingested"].value is False
-    assert not (raw.samples_day_dir(paths, DAYS[0]) / "part-prometheus-edge.parquet").exists()
-    # 03-01 recorded the last sample before it of every series alive on 02-28
-    feb28 = [f.name for f in raw.sample_files(paths, date(2025, 2, 28))]
-    assert feb28 == ["part-prometheus-edge.parquet"]
-    assert reports[DAYS[0]]["edge_samples"].value == 5  # miner-001 x3, quoted, unknown (not Zürich: born later)
-    assert reports[DAYS[2]]["previous_day_ingested"].value is True
+    # each day recorded its own carry-in (every series' last sample before it) and wrote nothing elsewhere
+    assert reports[DAYS[0]]["carry_in_series"].value == 5  # miner-001 x3, quoted, unknown (not Zürich: born later)
+    assert reports[DAYS[1]]["carry_in_series"].value == 5
+    assert reports[DAYS[2]]["carry_in_series"].value == 7  # + the two Zürich series; bytes_sent stopped on 03-02
+    assert sorted(d.name for d in paths.raw_samples.iterdir()) == [f"date={d}" for d in DAYS]
+    assert sorted(d.name for d in paths.raw_carry_in.iterdir()) == [f"date={d}" for d in DAYS]
     for day in DAYS:
         md = reports[day]
         assert md["unmatched_series"].value == 1
         assert "miner-unknown" in str(md["unmatched_examples"].value)
         assert md["non_finite_samples"].value == (1 if day == DAYS[0] else 0)
     assert reports[DAYS[2]]["series"].value == 6  # bytes_sent stopped on 03-02, the two Zürich series were born
-    # the models: the edge day first (its edges only), then the days in order, then the month
-    for day in [date(2025, 2, 28), *DAYS]:
-        names = ("fct_series_edges_by_day",) if day < DAYS[0] else ("fct_series_edges_by_day", "fct_usage_by_day")
-        assert _run(paths, instance, p.url, names, day.isoformat()).success
+    # the models: the days in order, then the month
+    for day in DAYS:
+        assert _run(paths, instance, p.url, ("fct_series_edges_by_day", "fct_usage_by_day"), day.isoformat()).success
     assert _run(paths, instance, p.url, ("fct_usage_by_month",), "2025-03-01").success
 
     usage, peaks = _exact_reference(series, set(DAYS))
@@ -292,13 +289,13 @@ def test_month_from_live_prometheus_equals_exact_usage(server, tmp_path, seeds):
     resets = {(r["customer_id"], r["meter_id"]): r["resets"] for r in month}
     assert resets[("mp-001", "proxy_accepted_shares")] == 1 and resets[("mp-001", "proxy_bytes")] == 1
 
-    # a rerun of a day gives the same bytes; ingesting 02-28 in full drops its edge file, usage unchanged
-    f = raw.samples_day_dir(paths, DAYS[1]) / "part-prometheus.parquet"
-    before = f.read_bytes(), (raw.series_day_dir(paths, DAYS[1]) / "part-prometheus.parquet").read_bytes()
+    # a rerun of a day gives the same bytes (its carry-in too); with 02-28 ingested and its edges, 03-01 is unchanged
+    files = [raw.samples_day_dir(paths, DAYS[1]) / "part-prometheus.parquet", raw.series_day_dir(paths, DAYS[1]) / "part-prometheus.parquet",
+             raw.carry_in_day_dir(paths, DAYS[1]) / "part-prometheus.parquet"]
+    before = [f.read_bytes() for f in files]
     assert _run(paths, instance, p.url, ("raw_samples",), DAYS[1].isoformat()).success
-    assert (f.read_bytes(), (raw.series_day_dir(paths, DAYS[1]) / "part-prometheus.parquet").read_bytes()) == before
+    assert [f.read_bytes() for f in files] == before
     assert _run(paths, instance, p.url, ("raw_samples",), "2025-02-28").success
-    assert [x.name for x in raw.sample_files(paths, date(2025, 2, 28))] == ["part-prometheus.parquet"]
     for day in [date(2025, 2, 28), DAYS[0]]:
         assert _run(paths, instance, p.url, ("fct_series_edges_by_day",), day.isoformat()).success
     assert _run(paths, instance, p.url, ("fct_usage_by_day",), DAYS[0].isoformat()).success
