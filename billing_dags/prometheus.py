@@ -57,7 +57,6 @@ from . import raw
 from .settings import EDGE_LOOKBACK_DAYS, Paths
 
 SOURCE = "prometheus"
-EDGE_SOURCE = "prometheus-edge"
 #: Prometheus refuses a query_range with more points per series than this
 MAX_POINTS_PER_SERIES = 11_000
 _QUERY_IN_MESSAGE = 400
