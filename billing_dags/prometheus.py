@@ -23,14 +23,13 @@ Customer label values come from seeds and are escaped (:func:`promql_string`,
 customer are still written (a corrected customer mapping re-bills without re-ingesting; the
 models bill them to nobody) and are counted and reported.
 
-Previous-day edge (rule 3). The usage of day D needs each series' last sample before D. It
-normally comes from day D-1's own partition. When D-1 has no full partition, the ingest also
-walks back through the days that have none (at most ``edge_lookback_days``) and records each
-series' last sample before D in ``part-prometheus-edge.parquet`` of the day that sample belongs
-to. Those are genuine Prometheus samples: when that day is later ingested in full, its full
-partition contains them too, the edge file is removed, and the models deduplicate
-(series, timestamp) in any case, so nothing is counted twice. A day holding only an edge file is
-not a billable day: ingest it in full before billing its month.
+Carry-in (rule 3). The usage of day D needs each series' last sample before D. Every exact-mode
+ingest of D records it in D's own partition (``raw/carry_in/date=D/part-prometheus.parquet``, looked
+back ``edge_lookback_days``; :func:`fetch_carry_in`), so D never needs an earlier day's partition and
+an ingest writes nothing outside its own day: days are pulled in any order and in parallel, and the
+result does not depend on which days are already on disk. They are genuine Prometheus samples; the
+usage model takes the latest of the carry-in and the earlier days' edges, so nothing is counted
+twice. Range mode records no carry-in: its days rely on the earlier days' edges.
 
 Refused series (rule 12): a series whose metric or label names are not Prometheus names
 (control characters included), or whose id another label set already holds (earlier in the same
@@ -64,7 +63,6 @@ from . import raw
 from .settings import EDGE_LOOKBACK_DAYS, Paths
 
 SOURCE = "prometheus"
-EDGE_SOURCE = "prometheus-edge"
 #: Prometheus refuses a query_range with more points per series than this
 MAX_POINTS_PER_SERIES = 11_000
 _QUERY_IN_MESSAGE = 400
@@ -537,17 +535,6 @@ def keep_window(ts: np.ndarray, values: np.ndarray, start_ms: int, end_ms: int) 
     return ts[mask], values[mask]
 
 
-def dedupe_samples(table: pa.Table) -> pa.Table:
-    """Sorted by (series_id, ts), one row per (series_id, ts) (the first one kept)."""
-    table = table.sort_by([("series_id", "ascending"), ("ts", "ascending")])
-    if len(table) < 2:
-        return table
-    sid = table["series_id"].to_numpy()
-    ts = table["ts"].to_numpy()
-    keep = np.concatenate([[True], (sid[1:] != sid[:-1]) | (ts[1:] != ts[:-1])])
-    return table if keep.all() else table.filter(pa.array(keep))
-
-
 # --------------------------------------------------------------------------- ingest
 
 
@@ -578,9 +565,7 @@ class IngestReport:
     query_seconds: float = 0.0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
-    edge_samples: int = 0
-    edge_days: list[str] = field(default_factory=list)
-    previous_day_ingested: bool = True
+    carry_in_series: int = 0
 
     def metadata(self) -> dict:
         return {
@@ -598,9 +583,7 @@ class IngestReport:
             "seconds": round(self.seconds, 3),
             "samples_per_second": round(self.samples / self.seconds) if self.seconds else 0,
             "warnings": self.warnings,
-            "previous_day_ingested": self.previous_day_ingested,
-            "edge_samples": self.edge_samples,
-            "edge_days": self.edge_days,
+            "carry_in_series": self.carry_in_series,
         }
 
 
@@ -654,11 +637,6 @@ def _label_of(labels: tuple, name: str) -> str:
     return next((v for k, v in labels if k == name), "")
 
 
-def _full_days(paths: Paths, day: date) -> bool:
-    """The day has a raw partition from some source other than an edge file."""
-    return any(not p.name.startswith(f"part-{EDGE_SOURCE}.") for p in raw.sample_files(paths, day))
-
-
 def ingest_day(
     client: PrometheusClient,
     paths: Paths,
@@ -668,7 +646,8 @@ def ingest_day(
     options: IngestOptions | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> IngestReport:
-    """Pull every meter's series for ``day`` and replace the day's ``part-prometheus`` files."""
+    """Pull every meter's series for ``day`` and replace the day's ``part-prometheus`` files and, in
+    exact mode, its carry-in (each series' last sample before the day)."""
     opt = options or IngestOptions()
     if opt.mode not in ("exact", "range"):
         raise PrometheusError(f"mode {opt.mode!r} is not one of exact, range")
@@ -697,21 +676,18 @@ def ingest_day(
             if sel.unmatched and sid not in unmatched:
                 unmatched[sid] = f"{metric}{{{sel.customer_label}={_label_of(labels, sel.customer_label)!r}}}"
     non_finite = col.non_finite
-    previous_full = _full_days(paths, day - timedelta(days=1))
-    edges: dict[date, tuple[pa.Table, pa.Table]] = {}
-    if not previous_full and opt.mode == "exact":
-        edges = fetch_edges(client, paths, day, active, opt, log, refused)
+    # every selector, not only those with series today: a gauge's last sample holds into the day
+    carry_in = fetch_carry_in(client, day, selectors, opt, refused) if opt.mode == "exact" else None
+    # the carry-in first: the day's samples file is what makes it a raw day
+    if carry_in is not None:
+        carried = _without_collisions(paths, carry_in.tables(), refused)
+        report.carry_in_series = raw.write_carry_in(paths, day, *carried, SOURCE, opt.edge_lookback_days)
+    else:  # range mode records none; a carry-in of an earlier exact ingest would not match this day
+        (raw.carry_in_day_dir(paths, day) / f"part-{SOURCE}.parquet").unlink(missing_ok=True)
+        (raw.series_day_dir(paths, day) / f"part-{SOURCE}-carry-in.parquet").unlink(missing_ok=True)
     # no local reference to the samples table: write_day's sorted copy replaces it in memory
     figures = raw.write_day(paths, day, *_without_collisions(paths, col.tables(), refused), SOURCE)
     del col
-    # this day is now whole: an edge file recorded here by a later day's ingest is redundant
-    for d in (raw.samples_day_dir(paths, day), raw.series_day_dir(paths, day)):
-        (d / f"part-{EDGE_SOURCE}.parquet").unlink(missing_ok=True)
-    for d, tables in sorted(edges.items()):
-        n = write_edges(paths, d, *_without_collisions(paths, tables, refused))
-        if n:
-            report.edge_samples += n
-            report.edge_days.append(d.isoformat())
     report.series = figures["series"]
     report.samples = figures["samples"]
     report.bytes = figures["bytes"]
@@ -724,87 +700,81 @@ def ingest_day(
     report.requests = client.requests - req0
     report.query_seconds = client.request_seconds - sec0
     report.warnings = list(client.warnings)
-    report.previous_day_ingested = previous_full
     report.seconds = time.perf_counter() - t0
     log(
         f"prometheus {day}: {report.series} series, {report.samples} samples, {report.unmatched_series} unmatched, "
-        f"{report.requests} requests in {report.query_seconds:.2f}s"
+        f"{report.carry_in_series} carried in, {report.requests} requests in {report.query_seconds:.2f}s"
     )
     return report
 
 
-def fetch_edges(
-    client: PrometheusClient,
-    paths: Paths,
-    day: date,
-    selectors: Sequence[Selector],
-    opt: IngestOptions,
-    log: Callable[[str], None] = lambda _: None,
-    refused: dict[str, None] | None = None,
-) -> dict[date, tuple[pa.Table, pa.Table]]:
-    """Each series' last sample before ``day``, from the days before it that have no full partition.
+def fetch_carry_in(
+    client: PrometheusClient, day: date, selectors: Sequence[Selector], opt: IngestOptions, refused: dict[str, None] | None = None
+) -> Collector:
+    """Each series' last finite sample before ``day``, at most ``edge_lookback_days`` earlier (rule 3).
 
-    Walks back chunk by chunk (latest first) until every series Prometheus knows in the lookback is
-    found, a day with a full partition is reached (its own data holds the edge), or
-    ``edge_lookback_days`` have been searched. Returns the samples grouped by their UTC day.
+    Per selector: the series of the lookback (``/api/v1/series``), then the chunk just before the day
+    (where every series alive at midnight has its last sample). Series not found there are located
+    with one ``count_over_time(sel[chunk])`` range query over the rest of the lookback (a point per
+    chunk that holds samples), and the chunks holding their last samples are read exactly, latest
+    first; a chunk whose samples turn out all NaN (or only 1 ms before it, Prometheus 2.x's range
+    end) sends its series on to their next chunk. Nothing depends on which days are on disk.
     Invalid series are skipped, their reasons put in ``refused``.
     """
     refused = {} if refused is None else refused
     start_ms, _ = raw.day_bounds_ms(day)
-    lookback_start = start_ms - opt.edge_lookback_days * raw.DAY_MS
-    stop_ms = lookback_start
-    d = day - timedelta(days=1)
-    while raw.day_bounds_ms(d)[0] >= lookback_start:
-        if _full_days(paths, d):
-            stop_ms = raw.day_bounds_ms(d)[1]
-            break
-        d -= timedelta(days=1)
-    if stop_ms >= start_ms:
-        return {}
-    last: dict[int, tuple[str, tuple, int, float]] = {}
+    lo = start_ms - opt.edge_lookback_days * raw.DAY_MS
+    chunk = opt.chunk_s * 1000
+    col = Collector()
     for sel in selectors:
         expected = set()
-        for s in client.series(sel.promql(), stop_ms, start_ms - 1, what=_what(sel)):
+        for s in client.series(sel.promql(), lo, start_ms - 1, what=_what(sel)):
             labels = dict(s)
             metric = labels.pop("__name__", sel.metric)
             if raw.series_problem(metric, labels) is None:  # an invalid one is refused where its samples come
                 expected.add(raw.series_id(metric, labels))
-        missing = set(expected)
-        b = start_ms
-        while missing and b > stop_ms:
-            a = max(stop_ms, b - opt.chunk_s * 1000)
+        if not expected:
+            continue
+        found: set[int] = set()
+
+        def take_last(a: int, b: int) -> None:
             for sid, metric, labels, ts, values in _fetch_exact(client, sel, a, b, refused):
-                if len(ts) and sid in missing:
-                    i = int(np.argmax(ts))
-                    last[sid] = (metric, labels, int(ts[i]), float(values[i]))
-                    missing.discard(sid)
-            b = a
-    by_day: dict[date, Collector] = {}
-    for sid, (metric, labels, ts, value) in last.items():
-        by_day.setdefault(raw.day_of_ms(ts), Collector()).add(sid, metric, labels, np.array([ts], np.int64), np.array([value]))
-    if last:
-        log(f"prometheus {day}: previous day not ingested; recorded the last sample before the day of {len(last)} series")
-    return {d: c.tables() for d, c in by_day.items()}
+                finite = np.isfinite(values)
+                if sid not in found and finite.any():
+                    i = int(np.argmax(np.where(finite, ts, np.iinfo(np.int64).min)))
+                    if col.add(sid, metric, labels, ts[i : i + 1], values[i : i + 1]):
+                        found.add(sid)
 
-
-def write_edges(paths: Paths, day: date, samples: pa.Table, series: pa.Table) -> int:
-    """Merge edge samples into ``day``'s edge file, unless the day has been ingested in full."""
-    if _full_days(paths, day) or not len(samples):
-        return 0
-    import pyarrow.parquet as pq
-
-    sample_path = raw.samples_day_dir(paths, day) / f"part-{EDGE_SOURCE}.parquet"
-    series_path = raw.series_day_dir(paths, day) / f"part-{EDGE_SOURCE}.parquet"
-    if sample_path.exists() and series_path.exists():
-        old_s, old_ser = pq.read_table(sample_path), pq.read_table(series_path)
-        samples = pa.concat_tables([old_s.cast(raw.SAMPLES_SCHEMA), samples])
-        merged = pa.concat_tables([old_ser.cast(raw.SERIES_SCHEMA), series]).sort_by([("series_id", "ascending"), ("first_seen", "ascending")])
-        ids = merged["series_id"].to_numpy()
-        keep = np.concatenate([[True], ids[1:] != ids[:-1]]) if len(ids) else np.array([], bool)
-        series = merged.filter(pa.array(keep))
-    samples = dedupe_samples(samples)
-    raw.write_day(paths, day, samples, series, EDGE_SOURCE)
-    return len(samples)
+        a = max(lo, start_ms - chunk)
+        take_last(a, start_ms)
+        if expected <= found or a <= lo:
+            continue
+        # chunk ends e = a - k * chunk; count_over_time at e - 1 ms covers [e - chunk, e) (and e - chunk - 1 on 2.x)
+        n = -(-(a - lo) // chunk)
+        ends: dict[int, list[int]] = {}
+        promql = f"count_over_time({sel.promql()}[{chunk}ms])"
+        for s, e in plan_range_requests(a - 1 - (n - 1) * chunk, a, chunk):
+            res = client.query_range(promql, s, e, chunk, what=_what(sel))
+            if res.result_type != "matrix":
+                raise client._fail(_what(sel), promql, f"returned a {res.result_type}, not a matrix")
+            for item in res.result:
+                # count_over_time drops the metric name: the selector's one metric is the series' name
+                labels = dict(item.get("metric") or {})
+                sid = raw.series_id(labels.pop("__name__", sel.metric), labels)
+                if sid not in found:
+                    ends.setdefault(sid, []).extend(int(round(float(t) * 1000)) + 1 for t, _ in item.get("values") or [])
+        pending = {sid: sorted(set(e), reverse=True) for sid, e in ends.items()}
+        while pending:
+            b = max(e[0] for e in pending.values())
+            take_last(max(lo, b - chunk), b)
+            for sid in list(pending):
+                if sid in found:
+                    del pending[sid]
+                elif pending[sid][0] == b:
+                    pending[sid].pop(0)
+                    if not pending[sid]:
+                        del pending[sid]
+    return col
 
 
 # --------------------------------------------------------------------------- helpers for callers

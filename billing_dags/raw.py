@@ -4,6 +4,10 @@
 value (float64); sorted by (series_id, ts), each series whole inside one row group.
 ``raw/series/date=YYYY-MM-DD/part-<source>.parquet``: series_id, metric, labels (all of them,
 metric name excluded), first_seen (ms, the first sample of the series in that day).
+``raw/carry_in/date=YYYY-MM-DD/part-<source>.parquet`` (same columns as samples): the day's carry-in,
+each series' last sample before the day (at most ``EDGE_LOOKBACK_DAYS`` earlier), for a source that
+records it (a Prometheus pull); its series rows are ``raw/series/date=.../part-<source>-carry-in.parquet``
+(first_seen = that sample). With it the day needs no earlier day's partition (DESIGN rule 3).
 
 A source writes a whole day at a time; the write goes to a temporary name and is renamed, so a
 reader sees the old day or the new day, never half of one. Rewriting a day with the same
@@ -218,6 +222,14 @@ def sample_files(paths: Paths, day: date) -> list[Path]:
     return sorted(samples_day_dir(paths, day).glob("*.parquet"))
 
 
+def carry_in_day_dir(paths: Paths, day: date) -> Path:
+    return paths.raw_carry_in / f"date={day.isoformat()}"
+
+
+def carry_in_files(paths: Paths, day: date) -> list[Path]:
+    return sorted(carry_in_day_dir(paths, day).glob("*.parquet"))
+
+
 def series_files(paths: Paths) -> list[Path]:
     return sorted(paths.raw_series.glob("date=*/*.parquet"))
 
@@ -344,3 +356,26 @@ def write_day(paths: Paths, day: date, samples: pa.Table, series: pa.Table, sour
         "bytes": sample_path.stat().st_size,
         "path": str(sample_path),
     }
+
+
+def write_carry_in(paths: Paths, day: date, samples: pa.Table, series: pa.Table, source: str, lookback_days: int) -> int:
+    """Replace ``source``'s carry-in of ``day``: one sample per series, each before the day and at most
+    ``lookback_days`` earlier (an empty table records that there is none). Returns the number of series."""
+    if not _SOURCE_RE.match(source):
+        raise RawLayoutError(f"source name {source!r} must match {_SOURCE_RE.pattern}")
+    samples = samples.select(SAMPLES_SCHEMA.names).cast(SAMPLES_SCHEMA).sort_by("series_id")
+    series = series.select(SERIES_SCHEMA.names).cast(SERIES_SCHEMA).sort_by("series_id")
+    start_ms, _ = day_bounds_ms(day)
+    if len(samples):
+        lo, hi = pc.min(samples["ts"]).as_py(), pc.max(samples["ts"]).as_py()
+        if lo < start_ms - lookback_days * DAY_MS or hi >= start_ms:
+            raise RawLayoutError(
+                f"carry-in of {day} from source {source!r} has timestamps {lo}..{hi} ms outside the "
+                f"{lookback_days} days before the day; it holds each series' last sample before the day"
+            )
+    ids = samples["series_id"]
+    if pc.count_distinct(ids).as_py() != len(ids) or set(ids.to_pylist()) != set(series["series_id"].to_pylist()):
+        raise RawLayoutError(f"carry-in of {day} from source {source!r} must hold one sample and one series row per series")
+    _atomic_write(samples, carry_in_day_dir(paths, day) / f"part-{source}.parquet", compression="zstd")
+    _atomic_write(series, series_day_dir(paths, day) / f"part-{source}-carry-in.parquet", compression="zstd")
+    return len(samples)

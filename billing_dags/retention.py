@@ -1,4 +1,4 @@
-"""Retention (DESIGN rule 13): raw samples, raw events and landing segments are kept for 90 days, then removed.
+"""Retention (DESIGN rule 13): raw samples (their carry-in too), raw events and landing segments are kept for 90 days, then removed.
 
 A raw day is removed only when it is older than the retention period AND its month has been
 invoiced with every invoice finalized: data behind a draft (or not yet billed) month stays.
@@ -65,7 +65,7 @@ def plan(paths: Paths, *, today: date | None = None, retention_days: int = DEFAU
         ok, why = finalized[month]
         return ("remove", why_old) if ok else ("keep", why)
 
-    for root in (paths.raw_samples, paths.raw_series, paths.data_dir / "raw" / "events"):
+    for root in (paths.raw_samples, paths.raw_series, paths.raw_carry_in, paths.data_dir / "raw" / "events"):
         for day_dir in sorted(root.glob("date=*")):
             try:
                 day = date.fromisoformat(day_dir.name[5:])

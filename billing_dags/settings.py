@@ -33,6 +33,10 @@ class Paths:
         return self.data_dir / "raw" / "series"
 
     @property
+    def raw_carry_in(self) -> Path:
+        return self.data_dir / "raw" / "carry_in"
+
+    @property
     def landing(self) -> Path:
         return self.data_dir / "landing"
 

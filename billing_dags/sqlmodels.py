@@ -168,19 +168,28 @@ def _sql_list(files: list[Path]) -> str:
     return "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
 
 
-def _register_raw_samples(con, paths: Paths, window: Window | None) -> None:
+def _register_day_samples(con, name: str, root: Path, files_of: Callable[[date], list[Path]], window: Window | None) -> None:
+    """View ``name`` (series_id, ts, value) over the day files of ``root``: the window's days, or all."""
     if window is None:
-        files = sorted(paths.raw_samples.glob("date=*/*.parquet"))
+        files = sorted(root.glob("date=*/*.parquet"))
     else:
         files = []
         d = window.start
         while d < window.end:
-            files += raw.sample_files(paths, d)
+            files += files_of(d)
             d = date.fromordinal(d.toordinal() + 1)
     if not files:
-        con.execute("create or replace view raw_samples as select * from (select 0::bigint as series_id, 0::bigint as ts, 0::double as value) where false")
+        con.execute(f"create or replace view {name} as select * from (select 0::bigint as series_id, 0::bigint as ts, 0::double as value) where false")
         return
-    con.execute(f"create or replace view raw_samples as select series_id, ts, value from read_parquet({_sql_list(files)}, hive_partitioning = false)")
+    con.execute(f"create or replace view {name} as select series_id, ts, value from read_parquet({_sql_list(files)}, hive_partitioning = false)")
+
+
+def _register_raw_samples(con, paths: Paths, window: Window | None) -> None:
+    _register_day_samples(con, "raw_samples", paths.raw_samples, lambda d: raw.sample_files(paths, d), window)
+
+
+def _register_raw_carry_in(con, paths: Paths, window: Window | None) -> None:
+    _register_day_samples(con, "raw_carry_in", paths.raw_carry_in, lambda d: raw.carry_in_files(paths, d), window)
 
 
 def _register_raw_series(con, paths: Paths, window: Window | None) -> None:
@@ -270,6 +279,8 @@ def sources() -> dict[str, Source]:
         # every ingestion source writes the raw layout: Prometheus pull or simulation, and remote write
         "raw_samples": Source("raw_samples", RAW_ASSETS, _register_raw_samples),
         "raw_series": Source("raw_series", RAW_ASSETS, _register_raw_series),
+        # each series' last sample before the day, recorded by the day's own ingest (raw.write_carry_in)
+        "raw_carry_in": Source("raw_carry_in", RAW_ASSETS, _register_raw_carry_in),
         # usage that is not a Prometheus counter (raw/events: PostgreSQL usage_events, ...)
         "raw_events": Source("raw_events", EVENT_ASSETS, _register_raw_events, lookback_days=1),
         # CSV files an operator drops in data/external/pool_shares/ (day, customer_id, accepted_shares)

@@ -1,12 +1,13 @@
 """Run the SQL models on fixture rows in an in-memory DuckDB.
 
-Sources (raw_samples, raw_series, seed_*) are created as tables from fixture rows; each upstream
+Sources (raw_samples, raw_series, raw_carry_in, seed_*) are created as tables from fixture rows; each upstream
 table model is a table named like the model, filled with what ``query()`` of that model returned,
 day by day (delete-then-insert, as the real runs do).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -137,6 +138,7 @@ class Runner:
         for name, table in (seeds if seeds is not None else seed_tables()).items():
             _create_table(self.con, f"seed_{name}", table)
         self.con.execute(f"create or replace table raw_events as {sqlmodels.EVENTS_EMPTY_SQL}")
+        _create_table(self.con, "raw_carry_in", SAMPLES_SCHEMA.empty_table())
 
     def set_events(self, events: pa.Table) -> None:
         """Fixture raw events (the layout of billing_dags/events.py) as the raw_events source."""
@@ -156,6 +158,11 @@ class Runner:
         _create_table(self.con, "raw_samples", samples_table(samples_by_series))
         _create_table(self.con, "raw_series", series_table(series_labels))
         self._prepared.clear()  # views bound to the old sources are recreated
+
+    def set_carry_in(self, samples: Mapping[int, tuple[int, float]]) -> None:
+        """The window's carry-in (series_id -> its last sample before the day) as the raw_carry_in source."""
+        _create_table(self.con, "raw_carry_in", samples_table({sid: [s] for sid, s in samples.items()}))
+        self._prepared.clear()
 
     def set_table(self, name: str, table: pa.Table) -> None:
         _create_table(self.con, name, table)
@@ -216,6 +223,35 @@ def run_days(
     finally:
         if own:
             r.close()
+
+
+def run_days_alone(
+    samples_by_series: Mapping[int, Sequence[tuple[int, float]]],
+    series_labels: Mapping[int, tuple],
+    days: Sequence[date],
+    runner: Runner,
+) -> DayChain:
+    """Each day in the order given, alone: no earlier day's edges, only the day's carry-in (each
+    series' last finite sample before the day, at most 35 days earlier), as a pulled day records it."""
+    runner.set_raw(samples_by_series, series_labels)
+    out = DayChain()
+    try:
+        for d in days:
+            for t in ("fct_series_edges_by_day", "fct_usage_by_day"):
+                runner.con.execute(f"drop table if exists {t}")
+            start = day_start_ms(d)
+            carry_in = {}
+            for sid, samples in samples_by_series.items():
+                earlier = [(t, v) for t, v in samples if start - 35 * DAY_MS <= t < start and math.isfinite(v)]
+                if earlier:
+                    carry_in[sid] = max(earlier)
+            runner.set_carry_in(carry_in)
+            w = day_window(d)
+            out.edges[d] = runner.run("fct_series_edges_by_day", w).to_pylist()
+            out.days[d] = runner.run("fct_usage_by_day", w).to_pylist()
+    finally:
+        runner.set_carry_in({})
+    return out
 
 
 def usage_month_table(rows: Sequence[Mapping]) -> pa.Table:

@@ -1,5 +1,6 @@
-"""Rules 1, 2, 4, 5: the daily SQL chain (fct_series_edges_by_day -> fct_usage_by_day ->
-fct_usage_by_month) agrees with the pure-Python reference, day by day and over the whole window.
+"""Rules 1-5: the daily SQL chain (fct_series_edges_by_day -> fct_usage_by_day ->
+fct_usage_by_month) agrees with the pure-Python reference, day by day and over the whole window;
+so does every day computed alone, latest first, from its own raw samples and its carry-in.
 
 Random counters and gauges over 3-4 UTC days with resets, gaps of hours (one spanning midnight),
 NaN/Inf samples, a sample at 00:00:00.000 (it belongs to the new day) and one at 23:59:59.999.
@@ -23,7 +24,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import reference as ref
-from sql_helpers import DAY_MS, Runner, day_start_ms, ms, next_day, run_days
+from sql_helpers import DAY_MS, Runner, day_start_ms, ms, next_day, run_days, run_days_alone
 
 D0 = date(2025, 3, 10)
 T0 = day_start_ms(D0)
@@ -157,6 +158,12 @@ def run_chain(runner, metas, series, n_days):
     return days, run_days(series, labels, None, days, runner=runner)
 
 
+def days_alone(runner, metas, series, days):
+    """Rule 3: every day alone (latest first), from its raw samples and its carry-in only."""
+    labels = {m.series_id: (m.metric, m.labels, min(t for t, _ in series[m.series_id])) for m in metas}
+    return run_days_alone(series, labels, days[::-1], runner).days
+
+
 def row_for(rows, meta):
     found = [r for r in rows if r["customer_id"] == meta.customer_id and r["meter_id"] == meta.meter_id]
     assert len(found) <= 1, found
@@ -171,6 +178,7 @@ def _fmt(problems, series):
 
 def check_counters(runner, metas, n_days, series):
     days, chain = run_chain(runner, metas, series, n_days)
+    alone = days_alone(runner, metas, series, days)
     problems = []
     for meta in metas:
         samples = series[meta.series_id]
@@ -179,10 +187,11 @@ def check_counters(runner, metas, n_days, series):
             start = day_start_ms(d)
             expected = ref.counter_usage(samples, start, start + DAY_MS, ref.last_before(samples, start), True)
             daily_ref.append(expected)
-            row = row_for(chain.days[d], meta)
-            got = row["usage"] if row else Decimal(0)
-            if got != expected:
-                problems.append(f"{meta.meter_id}/{meta.customer_id} {d}: sql {got} != reference {expected} (diff {got - expected})")
+            for how, rows in (("", chain.days[d]), (" alone", alone[d])):
+                row = row_for(rows, meta)
+                got = row["usage"] if row else Decimal(0)
+                if got != expected:
+                    problems.append(f"{meta.meter_id}/{meta.customer_id} {d}{how}: sql {got} != reference {expected} (diff {got - expected})")
         # rule 2: the sum of days equals one pass over the whole window, to the unit
         one_pass = ref.counter_usage(samples, T0, T0 + n_days * DAY_MS, None, True)
         assert sum(daily_ref) == one_pass, "reference is not additive over days"
@@ -198,6 +207,7 @@ def check_counters(runner, metas, n_days, series):
 
 def check_gauges(runner, metas, n_days, series):
     days, chain = run_chain(runner, metas, series, n_days)
+    alone = days_alone(runner, metas, series, days)
     problems = []
     for meta in metas:
         samples = series[meta.series_id]
@@ -209,15 +219,16 @@ def check_gauges(runner, metas, n_days, series):
             covered = ref.gauge_covered_ms(samples, start, end, prev)
             peak = ref.gauge_peak(samples, start, end)
             daily_ref.append(expected)
-            row = row_for(chain.days[d], meta)
-            got = row["gauge_integral"] if row else Decimal(0)
-            if got != expected:
-                problems.append(f"{meta.meter_id} {d}: integral sql {got} != reference {expected} (diff {got - expected})")
-            got_cov = row["gauge_covered_ms"] if row else 0
-            if got_cov != covered:
-                problems.append(f"{meta.meter_id} {d}: covered_ms sql {got_cov} != reference {covered}")
-            if peak is not None and (row is None or row["gauge_peak"] != peak):
-                problems.append(f"{meta.meter_id} {d}: peak sql {row and row['gauge_peak']} != reference {peak}")
+            for how, rows in (("", chain.days[d]), (" alone", alone[d])):
+                row = row_for(rows, meta)
+                got = row["gauge_integral"] if row else Decimal(0)
+                if got != expected:
+                    problems.append(f"{meta.meter_id} {d}{how}: integral sql {got} != reference {expected} (diff {got - expected})")
+                got_cov = row["gauge_covered_ms"] if row else 0
+                if got_cov != covered:
+                    problems.append(f"{meta.meter_id} {d}{how}: covered_ms sql {got_cov} != reference {covered}")
+                if peak is not None and (row is None or row["gauge_peak"] != peak):
+                    problems.append(f"{meta.meter_id} {d}{how}: peak sql {row and row['gauge_peak']} != reference {peak}")
         one_pass = ref.gauge_integral(samples, T0, T0 + n_days * DAY_MS, None)
         assert sum(daily_ref) == one_pass, "reference is not additive over days"
         month = row_for(chain.month, meta)

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import random
 import shutil
+import subprocess
+import sys
 from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -114,15 +117,14 @@ def server(tmp_path_factory):
         yield p, series
 
 
-@pytest.fixture
-def seeds(tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "seeds"
+def _write_seeds(d: Path, customers: dict[str, str]) -> Path:
+    """A copy of the seeds at ``d`` with ``customers`` ({label value: customer id}), each with mp-001's plan."""
     shutil.copytree(PROJECT_ROOT / "seeds", d)
     with (PROJECT_ROOT / "seeds" / "customers.csv").open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     base = next(r for r in rows if r["customer_id"] == "mp-001")
     picked = []
-    for label, cid in CUSTOMERS.items():
+    for label, cid in customers.items():
         picked.append({**base, "customer_id": cid, "name": f"Customer {cid}", "label_value": label,
                        "stripe_customer_id": f"cus_{cid.replace('-', '')}"})
     with (d / "customers.csv").open("w", newline="", encoding="utf-8") as f:
@@ -138,11 +140,17 @@ def seeds(tmp_path, monkeypatch) -> Path:
             fields, other = reader.fieldnames or [], list(reader)
         if "customer_id" not in fields:
             continue
-        mine = [{**r, "customer_id": cid} for cid in CUSTOMERS.values() for r in other if r["customer_id"] == "mp-001"]
+        mine = [{**r, "customer_id": cid} for cid in customers.values() for r in other if r["customer_id"] == "mp-001"]
         with f.open("w", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=fields)
             w.writeheader()
             w.writerows(mine)
+    return d
+
+
+@pytest.fixture
+def seeds(tmp_path, monkeypatch) -> Path:
+    d = _write_seeds(tmp_path / "seeds", CUSTOMERS)
     monkeypatch.setenv("BILLING_SEEDS_DIR", str(d))
     return d
 
@@ -171,14 +179,14 @@ def _run(paths, instance, url, names, partition_key=None, **kw):
                           resources=_resources(paths, url, **{**PULL, **kw}), instance=instance)
 
 
-def _exact_reference(series, days) -> tuple[dict, dict]:
+def _exact_reference(series, days, customers=CUSTOMERS) -> tuple[dict, dict]:
     """Usage per (day, customer, meter) from the generated samples: v - prev, or v after a reset or at birth."""
     meters = {"stratum_accepted_shares_total": "proxy_accepted_shares", "stratum_bytes_sent_total": "proxy_bytes",
               "stratum_bytes_received_total": "proxy_bytes"}
     usage: dict[tuple, Decimal] = {}
     peaks: dict[tuple, Decimal] = {}
     for labels, ts, values in series:
-        customer = CUSTOMERS.get(labels.get("client_id"))
+        customer = customers.get(labels.get("client_id"))
         if customer is None:
             continue
         prev = None
@@ -243,24 +251,21 @@ def test_month_from_live_prometheus_equals_exact_usage(server, tmp_path, seeds):
         r = _run(paths, instance, p.url, ("raw_samples",), day.isoformat())
         assert r.success
         reports[day] = r.asset_materializations_for_node("raw_samples")[0].metadata
-    # 03-02 recorded 03-01's last samples; the full ingest of 03-01 then removed that edge file
-    assert reports[DAYS[1]]["previous_day_ingested"].value is False
-    assert not (raw.samples_day_dir(paths, DAYS[0]) / "part-prometheus-edge.parquet").exists()
-    # 03-01 recorded the last sample before it of every series alive on 02-28
-    feb28 = [f.name for f in raw.sample_files(paths, date(2025, 2, 28))]
-    assert feb28 == ["part-prometheus-edge.parquet"]
-    assert reports[DAYS[0]]["edge_samples"].value == 5  # miner-001 x3, quoted, unknown (not Zürich: born later)
-    assert reports[DAYS[2]]["previous_day_ingested"].value is True
+    # each day recorded its own carry-in (every series' last sample before it) and wrote nothing elsewhere
+    assert reports[DAYS[0]]["carry_in_series"].value == 5  # miner-001 x3, quoted, unknown (not Zürich: born later)
+    assert reports[DAYS[1]]["carry_in_series"].value == 5
+    assert reports[DAYS[2]]["carry_in_series"].value == 7  # + the two Zürich series; bytes_sent stopped on 03-02
+    assert sorted(d.name for d in paths.raw_samples.iterdir()) == [f"date={d}" for d in DAYS]
+    assert sorted(d.name for d in paths.raw_carry_in.iterdir()) == [f"date={d}" for d in DAYS]
     for day in DAYS:
         md = reports[day]
         assert md["unmatched_series"].value == 1
         assert "miner-unknown" in str(md["unmatched_examples"].value)
         assert md["non_finite_samples"].value == (1 if day == DAYS[0] else 0)
     assert reports[DAYS[2]]["series"].value == 6  # bytes_sent stopped on 03-02, the two Zürich series were born
-    # the models: the edge day first (its edges only), then the days in order, then the month
-    for day in [date(2025, 2, 28), *DAYS]:
-        names = ("fct_series_edges_by_day",) if day < DAYS[0] else ("fct_series_edges_by_day", "fct_usage_by_day")
-        assert _run(paths, instance, p.url, names, day.isoformat()).success
+    # the models: the days in order, then the month
+    for day in DAYS:
+        assert _run(paths, instance, p.url, ("fct_series_edges_by_day", "fct_usage_by_day"), day.isoformat()).success
     assert _run(paths, instance, p.url, ("fct_usage_by_month",), "2025-03-01").success
 
     usage, peaks = _exact_reference(series, set(DAYS))
@@ -284,13 +289,13 @@ def test_month_from_live_prometheus_equals_exact_usage(server, tmp_path, seeds):
     resets = {(r["customer_id"], r["meter_id"]): r["resets"] for r in month}
     assert resets[("mp-001", "proxy_accepted_shares")] == 1 and resets[("mp-001", "proxy_bytes")] == 1
 
-    # a rerun of a day gives the same bytes; ingesting 02-28 in full drops its edge file, usage unchanged
-    f = raw.samples_day_dir(paths, DAYS[1]) / "part-prometheus.parquet"
-    before = f.read_bytes(), (raw.series_day_dir(paths, DAYS[1]) / "part-prometheus.parquet").read_bytes()
+    # a rerun of a day gives the same bytes (its carry-in too); with 02-28 ingested and its edges, 03-01 is unchanged
+    files = [raw.samples_day_dir(paths, DAYS[1]) / "part-prometheus.parquet", raw.series_day_dir(paths, DAYS[1]) / "part-prometheus.parquet",
+             raw.carry_in_day_dir(paths, DAYS[1]) / "part-prometheus.parquet"]
+    before = [f.read_bytes() for f in files]
     assert _run(paths, instance, p.url, ("raw_samples",), DAYS[1].isoformat()).success
-    assert (f.read_bytes(), (raw.series_day_dir(paths, DAYS[1]) / "part-prometheus.parquet").read_bytes()) == before
+    assert [f.read_bytes() for f in files] == before
     assert _run(paths, instance, p.url, ("raw_samples",), "2025-02-28").success
-    assert [x.name for x in raw.sample_files(paths, date(2025, 2, 28))] == ["part-prometheus.parquet"]
     for day in [date(2025, 2, 28), DAYS[0]]:
         assert _run(paths, instance, p.url, ("fct_series_edges_by_day",), day.isoformat()).success
     assert _run(paths, instance, p.url, ("fct_usage_by_day",), DAYS[0].isoformat()).success
@@ -348,3 +353,108 @@ def test_range_mode_splits_under_the_point_limit(server):
         assert client.requests == 2
     ts = [t for *_, tsa, _ in items for t in tsa.tolist()]
     assert len(ts) == 17_280 and ts[0] == s and ts[-1] == e - 5_000
+
+
+# --------------------------------------------------------------------------- a first month, days in any order
+
+OCT_CUSTOMERS = {"miner-001": "mp-001", "miner-002": "mp-002"}
+OCTOBER = [date(2026, 10, 1) + timedelta(days=i) for i in range(31)]
+AROUND = [date(2026, 9, 30), date(2026, 10, 1), date(2026, 10, 2)]
+
+
+def _october() -> list[tuple[dict, list[int], list[float]]]:
+    """A few series at 60 s around the 2026-09/10 boundary (small: promtool backfills it in seconds)."""
+    rng = random.Random(20261001)
+    sep28, sep29, sep30, oct1, oct2 = (raw.day_bounds_ms(date(2026, 9, 28) + timedelta(days=i))[0] for i in range(5))
+
+    def grid(a, b, offset=30_000):
+        return list(range(a + offset, b, 60_000))
+
+    shares = "stratum_accepted_shares_total"
+    out = []
+    # across the month boundary, off the minute grid
+    a = grid(sep29 + 18 * H, oct2 + 6 * H)
+    out.append(({"__name__": shares, "client_id": "miner-001"}, a, _counter(rng, a, 10**6)))
+    # silent on 09-30, the day before the month: its last sample before 10-01 is on 09-29
+    b = grid(sep28 + 20 * H, sep29 + 20 * H) + grid(oct1 + 6 * H, oct2)
+    out.append(({"__name__": shares, "client_id": "miner-002"}, b, _counter(rng, b, 5 * 10**5)))
+    # on the minute grid (a sample exactly at midnight), a reset on 10-01 at noon
+    c = grid(sep30 + 20 * H, oct1 + 23 * H, offset=0)
+    out.append(({"__name__": "stratum_bytes_sent_total", "client_id": "miner-001"}, c,
+                _counter(rng, c, 10**9, reset_at=oct1 + 12 * H, step=(0, 10**6))))
+    # born in the month: its first value counts (rule 4)
+    d = grid(oct1 + 3 * H, oct2 + 2 * H)
+    out.append(({"__name__": "stratum_bytes_received_total", "client_id": "miner-002"}, d, _counter(rng, d, 0, step=(0, 10**5))))
+    # a gauge whose last sample (09-30 23:59:30) holds into 10-01, which has none of its samples
+    g = grid(sep30 + 20 * H, oct1)
+    out.append(({"__name__": "stratum_active_connections", "client_id": "miner-001"}, g, [float(rng.randint(1, 40)) for _ in g]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def october_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prom-october")
+    series = _october()
+    om = root / "data.om"
+    prom.write_openmetrics(om, _families(series))
+    prom.backfill(om, root / "tsdb", PROMTOOL)
+    with prom.LocalPrometheus(root / "tsdb", PROMETHEUS, log_file=root / "prometheus.log") as p:
+        yield p, series
+
+
+def test_billing_run_of_a_first_month_against_prometheus_on_an_empty_data_dir(october_server, tmp_path):
+    """`billing run --month` (the real CLI, a subprocess) on an empty data dir bills the exact usage."""
+    p, series = october_server
+    seeds = _write_seeds(tmp_path / "seeds", OCT_CUSTOMERS)
+    data = tmp_path / "data"
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PROMETHEUS_", "STRIPE_", "BILLING_"))}
+    env.update(PROMETHEUS_URL=p.url, BILLING_DATA_DIR=str(data), BILLING_SEEDS_DIR=str(seeds), DAGSTER_HOME=str(home))
+    proc = subprocess.run([sys.executable, "-m", "billing_dags.cli", "run", "--month", "2026-10"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    usage, _ = _exact_reference(series, set(OCTOBER), OCT_CUSTOMERS)
+    want: dict[tuple, Decimal] = {}
+    for (_, c, m), v in usage.items():
+        want[(c, m)] = want.get((c, m), Decimal(0)) + v
+    month = pq.read_table(data / "models" / "fct_usage_by_month" / "month=2026-10" / "data.parquet").to_pylist()
+    got = {(r["customer_id"], r["meter_id"]): r["usage"] for r in month if r["kind"] == "counter" and r["usage"]}
+    assert got == {k: v for k, v in want.items() if v}
+    assert {("mp-001", "proxy_accepted_shares"), ("mp-002", "proxy_accepted_shares"), ("mp-002", "proxy_bytes")} <= set(got)
+    assert sorted(f.name for f in (data / "invoices" / "2026-10").glob("*.json")) == ["mp-001.json", "mp-002.json"]
+
+
+def _usage_by_day(paths, day) -> list[dict]:
+    return pq.read_table(paths.models / "fct_usage_by_day" / f"day={day}" / "data.parquet").to_pylist()
+
+
+def test_days_materialized_in_any_order_give_the_usage_of_days_in_order(october_server, tmp_path):
+    """Rule 3: each day (raw_samples, its edges, its usage) materialized alone, in any order, on an empty data dir."""
+    p, series = october_server
+    seeds = _write_seeds(tmp_path / "seeds", OCT_CUSTOMERS)
+    names = ("raw_samples", "fct_series_edges_by_day", "fct_usage_by_day")
+    orders = {"in order": AROUND, "reverse": AROUND[::-1], "shuffled": [AROUND[1], AROUND[2], AROUND[0]]}
+    results = {}
+    for label, order in orders.items():
+        paths = resolve_paths(tmp_path / label.replace(" ", "_"), seeds)
+        instance = dg.DagsterInstance.ephemeral()
+        assert _run(paths, instance, p.url, ()).success
+        for day in order:
+            assert _run(paths, instance, p.url, names, day.isoformat()).success, (label, day)
+        results[label] = {day: _usage_by_day(paths, day) for day in AROUND}
+        # a day's ingest writes inside its own partition only: nothing for a day nobody asked for
+        written = {d.name for root in (paths.raw_samples, paths.raw_series) for d in root.iterdir()}
+        assert written == {f"date={day}" for day in AROUND}, label
+    assert results["reverse"] == results["in order"]
+    assert results["shuffled"] == results["in order"]
+    usage, _ = _exact_reference(series, set(AROUND), OCT_CUSTOMERS)
+    got = {(day, r["customer_id"], r["meter_id"]): r["usage"]
+           for day, rows in results["in order"].items() for r in rows if r["kind"] == "counter" and r["usage"]}
+    assert got == {k: v for k, v in usage.items() if v}
+    # the gauge's last sample of 09-30 (23:59:30) holds for the staleness limit (5 min), 4.5 min into 10-01
+    _, ts, values = next(s for s in series if s[0]["__name__"] == "stratum_active_connections")
+    gauge = next(r for r in results["in order"][AROUND[1]] if r["meter_id"] == "proxy_connections")
+    assert (gauge["gauge_covered_ms"], gauge["gauge_integral"]) == (270_000, Decimal(int(values[-1])) * 270_000)

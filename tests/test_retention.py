@@ -13,7 +13,7 @@ from billing_dags.cli import main
 
 
 def _raw_day(paths, day: date, size: int = 10) -> None:
-    for root in (paths.raw_samples, paths.raw_series):
+    for root in (paths.raw_samples, paths.raw_series, paths.raw_carry_in):
         d = root / f"date={day}"
         d.mkdir(parents=True, exist_ok=True)
         (d / "part-simulate.parquet").write_bytes(b"x" * size)
@@ -36,12 +36,13 @@ def test_old_days_go_only_when_their_month_is_fully_finalized(paths):
     plan = {(c.path.parent.name, str(c.day)): c for c in retention.plan(paths, today=today)}
     assert plan[("samples", "2026-07-30")].action == "remove"
     assert plan[("series", "2026-07-30")].action == "remove"
+    assert plan[("carry_in", "2026-07-30")].action == "remove"  # the day's carry-in goes with it
     assert plan[("samples", "2026-08-02")].action == "keep" and "draft" in plan[("samples", "2026-08-02")].reason
     assert plan[("samples", "2026-06-15")].action == "keep" and "no invoices" in plan[("samples", "2026-06-15")].reason
     assert ("samples", "2026-08-30") not in plan  # inside the 90 days
     logged: list[str] = []
     figures = retention.apply(list(plan.values()), log=logged.append)
-    assert figures["removed"] == 2 and figures["bytes_freed"] == 20
+    assert figures["removed"] == 3 and figures["bytes_freed"] == 30
     assert not (paths.raw_samples / "date=2026-07-30").exists()
     assert (paths.raw_samples / "date=2026-08-02").exists() and (paths.raw_samples / "date=2026-08-30").exists()
     assert any("removed" in line and "2026-07-30" in line for line in logged)

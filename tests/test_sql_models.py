@@ -228,10 +228,11 @@ def test_parse_model_reads_refs_params_and_config(tmp_path):
 def test_real_project_dependencies_come_from_the_sql():
     project = sqlmodels.load_project()
     assert project.upstream_models("fct_usage_by_day") == {
-        "fct_series_edges_by_day", "dim_series", "stg_raw__events", "stg_seeds__customers", "stg_seeds__meters"
+        "fct_series_edges_by_day", "dim_series", "stg_raw__events", "stg_raw__carry_in", "stg_seeds__customers",
+        "stg_seeds__meters",
     }
     assert project.table_deps("fct_usage_by_day")[0] == {"fct_series_edges_by_day"}
-    assert {"raw_series", "raw_events", "seed_meters", "seed_customers"} <= project.table_deps("fct_usage_by_day")[1]
+    assert {"raw_series", "raw_events", "raw_carry_in", "seed_meters", "seed_customers"} <= project.table_deps("fct_usage_by_day")[1]
     order = project.order()
     assert order.index("fct_series_edges_by_day") < order.index("fct_usage_by_day") < order.index("fct_usage_by_month")
     assert order.index("fct_rated_usage") < order.index("fct_invoice_lines")

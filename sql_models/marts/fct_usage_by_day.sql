@@ -22,20 +22,35 @@ events as (
     select * from stg_raw__events
 ),
 
+-- the day's own carry-in (each series' last sample before it), where its ingest records one
+carry_in as (
+    select * from stg_raw__carry_in
+    where ts_ms >= $start_ms - $edge_lookback_ms and ts_ms < $start_ms and isfinite(value)
+),
+
 today as (
     select * from edges
     where day >= $start_date::date and day < $end_date::date
 ),
 
--- rule 3: each series' last sample before the day, from the edges of up to 35 earlier days
+-- rule 3: each series' last sample before the day: the latest of the edges of up to 35 earlier days
+-- and the day's carry-in (the same sample when both hold it; ties keep the smaller value, like edges)
+earlier_samples as (
+    select series_id, last_ts_ms as ts_ms, last_value as value
+    from edges
+    where day < $start_date::date and samples > 0
+    union all
+    select series_id, ts_ms, value
+    from carry_in
+),
+
 previous as (
     select
         series_id,
-        arg_max(last_value, last_ts_ms) as prev_value,
-        max(last_ts_ms) as prev_ts_ms
-    from edges
-    where day < $start_date::date and samples > 0
-    group by series_id
+        value as prev_value,
+        ts_ms as prev_ts_ms
+    from earlier_samples
+    qualify row_number() over (partition by series_id order by ts_ms desc, value) = 1
 ),
 
 joined as (

@@ -73,11 +73,6 @@ def _pull_from_prometheus(context: dg.AssetExecutionContext, paths, day, prometh
             f"{report.unmatched_series} series of {day} match no customer in customers.csv (billed to nobody): "
             + ", ".join(report.unmatched_examples)
         )
-    if not report.previous_day_ingested:
-        context.log.warning(
-            f"{day}: the previous day has no raw partition; recorded {report.edge_samples} last samples before the day "
-            f"in {', '.join(report.edge_days) or 'no day'} (part-{prom.EDGE_SOURCE}); ingest those days in full before billing them"
-        )
     meta = report.metadata()
     meta["bytes_per_sample"] = round(report.bytes / max(report.samples, 1), 2)
     meta["path"] = dg.MetadataValue.path(report.path)
@@ -85,5 +80,4 @@ def _pull_from_prometheus(context: dg.AssetExecutionContext, paths, day, prometh
     meta["unmatched_examples"] = dg.MetadataValue.json(report.unmatched_examples)
     meta["refused_examples"] = dg.MetadataValue.json(report.refused_examples)
     meta["warnings"] = dg.MetadataValue.json(report.warnings)
-    meta["edge_days"] = dg.MetadataValue.json(report.edge_days)
     return dg.MaterializeResult(metadata=meta)

@@ -29,11 +29,13 @@ def _source_mapping(model: Model, lookback_days: int) -> dg.PartitionMapping | N
 
 
 def _require_lookback(paths: Paths, project: Project, model: Model, window: Window) -> None:
-    """A day reads earlier days' partitions of its daily upstreams: they must exist where raw data does."""
+    """A day reads earlier days' partitions of its daily upstreams: they must exist where raw data does,
+    unless the day's own carry-in covers every source of that earlier day (rule 3)."""
     if not model.lookback_days or not model.config.get("require_complete_lookback"):
         return
     tables, _ = project.table_deps(model.name)
     raw_present = set(raw.raw_days(paths))
+    carried = {p.name for p in raw.carry_in_files(paths, window.start)}
     for name in tables:
         up = project.models[name]
         if up.partitioned_by != "billing_daily":
@@ -42,7 +44,9 @@ def _require_lookback(paths: Paths, project: Project, model: Model, window: Wind
         day = window.start - timedelta(days=model.lookback_days)
         missing = []
         while day < window.end:
-            if day in raw_present and day not in have:
+            if day in raw_present and day not in have and not (
+                day < window.start and {p.name for p in raw.sample_files(paths, day)} <= carried
+            ):
                 missing.append(day.isoformat())
             day += timedelta(days=1)
         if missing:
