@@ -363,8 +363,9 @@ def write_carry_in(paths: Paths, day: date, samples: pa.Table, series: pa.Table,
     ``lookback_days`` earlier (an empty table records that there is none). Returns the number of series."""
     if not _SOURCE_RE.match(source):
         raise RawLayoutError(f"source name {source!r} must match {_SOURCE_RE.pattern}")
+    what = f"carry-in series of {day} from source {source!r}"
     samples = samples.select(SAMPLES_SCHEMA.names).cast(SAMPLES_SCHEMA).sort_by("series_id")
-    series = series.select(SERIES_SCHEMA.names).cast(SERIES_SCHEMA).sort_by("series_id")
+    series, defs = _checked_series(series.select(SERIES_SCHEMA.names).cast(SERIES_SCHEMA).sort_by("series_id"), what)
     start_ms, _ = day_bounds_ms(day)
     if len(samples):
         lo, hi = pc.min(samples["ts"]).as_py(), pc.max(samples["ts"]).as_py()
@@ -376,6 +377,14 @@ def write_carry_in(paths: Paths, day: date, samples: pa.Table, series: pa.Table,
     ids = samples["series_id"]
     if pc.count_distinct(ids).as_py() != len(ids) or set(ids.to_pylist()) != set(series["series_id"].to_pylist()):
         raise RawLayoutError(f"carry-in of {day} from source {source!r} must hold one sample and one series row per series")
-    _atomic_write(samples, carry_in_day_dir(paths, day) / f"part-{source}.parquet", compression="zstd")
-    _atomic_write(series, series_day_dir(paths, day) / f"part-{source}-carry-in.parquet", compression="zstd")
+    with series_lock(paths):
+        found = _collisions(paths, series["series_id"].to_pylist(), defs)
+        if found:
+            raise SeriesCollision(found, what)
+        for table, dest in (
+            (samples, carry_in_day_dir(paths, day) / f"part-{source}.parquet"),
+            (series, series_day_dir(paths, day) / f"part-{source}-carry-in.parquet"),
+        ):
+            with durable.staged(dest) as tmp:
+                pq.write_table(table, tmp, compression="zstd")
     return len(samples)
