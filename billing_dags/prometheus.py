@@ -8,7 +8,7 @@ queries of a range selector, ``{__name__="m", label=~"batch"}[<chunk>ms]`` evalu
 chunk's end minus 1 ms. Prometheus 2.x includes both ends of a range, 3.x excludes the start;
 evaluating at ``end - 1 ms`` over ``end - start`` ms returns ``[start - 1 ms, end - 1 ms]`` (2.x)
 or ``[start, end - 1 ms]`` (3.x), i.e. every sample of ``[start, end)`` on both. Samples
-outside ``[start, end)`` are dropped and duplicates of (series, timestamp) removed, so a sample
+outside ``[start, end)`` are dropped and identical (series, timestamp, value) rows kept once, so a sample
 at exactly midnight belongs to the next day, never to both. Requests are split by time
 (``chunk_s``, default 1 h) and by series (``customers_per_query`` customers of a meter's
 customer label per request, plus one request for the series whose label matches no customer), so
@@ -435,7 +435,7 @@ class _Series:
 class Collector:
     """Raw samples accumulated per series as numpy arrays (16 bytes a sample), turned into Arrow
     tables once: filled series by series into preallocated columns, already sorted by
-    (series_id, ts) and without duplicate timestamps, releasing the pieces as it goes."""
+    (series_id, ts) with identical samples once, releasing the pieces as it goes."""
 
     series: dict[int, _Series] = field(default_factory=dict)
     _parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
@@ -467,10 +467,8 @@ class Collector:
             vals = parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts])
             del parts
             if len(ts) > 1 and not (ts[1:] > ts[:-1]).all():
-                order = np.argsort(ts, kind="stable")
-                ts, vals = ts[order], vals[order]
-                keep = np.concatenate([[True], ts[1:] != ts[:-1]])
-                ts, vals = ts[keep], vals[keep]
+                order, keep = raw.distinct_samples(np.zeros(len(ts)), ts, vals)
+                ts, vals = ts[order][keep], vals[order][keep]
             k = len(ts)
             sid_col[n : n + k] = sid
             ts_col[n : n + k] = ts
@@ -513,14 +511,11 @@ def keep_window(ts: np.ndarray, values: np.ndarray, start_ms: int, end_ms: int) 
 
 
 def dedupe_samples(table: pa.Table) -> pa.Table:
-    """Sorted by (series_id, ts), one row per (series_id, ts) (the first one kept)."""
-    table = table.sort_by([("series_id", "ascending"), ("ts", "ascending")])
+    """Sorted by (series_id, ts), identical rows once (``raw.distinct_samples``)."""
     if len(table) < 2:
         return table
-    sid = table["series_id"].to_numpy()
-    ts = table["ts"].to_numpy()
-    keep = np.concatenate([[True], (sid[1:] != sid[:-1]) | (ts[1:] != ts[:-1])])
-    return table if keep.all() else table.filter(pa.array(keep))
+    order, keep = raw.distinct_samples(table["series_id"].to_numpy(), table["ts"].to_numpy(), table["value"].to_numpy())
+    return table.take(pa.array(order[keep]))
 
 
 # --------------------------------------------------------------------------- ingest

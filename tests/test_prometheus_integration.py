@@ -259,7 +259,7 @@ def test_month_from_live_prometheus_equals_exact_usage(server, tmp_path, seeds):
     assert reports[DAYS[2]]["series"].value == 6  # bytes_sent stopped on 03-02, the two Zürich series were born
     # the models: the edge day first (its edges only), then the days in order, then the month
     for day in [date(2025, 2, 28), *DAYS]:
-        names = ("fct_series_edges_by_day",) if day < DAYS[0] else ("fct_series_edges_by_day", "fct_usage_by_day")
+        names = ("fct_series_edges_by_day",) if day < DAYS[0] else ("fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day")
         assert _run(paths, instance, p.url, names, day.isoformat()).success
     assert _run(paths, instance, p.url, ("fct_usage_by_month",), "2025-03-01").success
 
