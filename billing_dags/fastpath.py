@@ -36,6 +36,14 @@ disjoint; timestamps non-decreasing within a series, over all its rows (exact du
 (series, ts) are collapsed to the larger value and counted as conflicts, as the SQL does); a violation raises
 ``raw.RawLayoutError`` naming the file, row group and series. Raw inputs that are not in this layout (overlapping files)
 are merged per overlapping group of row groups, or, past a size limit, computed by the SQL.
+
+``gauge_peaks_by_day`` is the engine of ``fct_gauge_peaks_by_day`` (the peak over time of each
+customer's sum of gauge levels): the gauge series, their carried-in samples and the gauge event
+spans come from the model's own CTEs (DuckDB, small tables); the day's samples of those series are
+gathered from the raw row groups, and compiled code turns them into level changes per customer,
+meter and dimension (one per sample, plus one where a level goes stale), orders them by time (a
+counting sort) and sums them exactly in int64 at the group's largest decimal scale (values no
+scale fits, or sums that could pass 2**62, run the SQL instead).
 """
 
 from __future__ import annotations
