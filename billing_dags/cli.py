@@ -212,7 +212,7 @@ def run_month(
     from .defs.shared.partitions import PARTITIONS_START
 
     if ingest and warmup >= date.fromisoformat(PARTITIONS_START):
-        edges_only = [dg.AssetKey("raw_samples"), dg.AssetKey("fct_series_edges_by_day")]
+        edges_only = [dg.AssetKey(k) for k in ("raw_samples", "fct_series_edges_by_day", "fct_gauge_peaks_by_day")]
         _check_run(
             daily_job.execute_in_process(partition_key=warmup.isoformat(), instance=instance, run_config=run_config, asset_selection=edges_only, raise_on_error=False),
             f"warm-up day {warmup}",

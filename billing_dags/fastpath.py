@@ -1165,6 +1165,8 @@ def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None) -> p
 
     # the day's samples of these series, in series order (units are disjoint series ranges, in order)
     units = _plan([Path(f) for f in raw.sample_files(paths, window.start)], start_ms, end_ms) if n else []
+    # row groups whose series range holds no gauge series are not read
+    units = [u for u in units if u.lo is None or np.searchsorted(gsid, u.lo) < np.searchsorted(gsid, u.hi, side="right")]
     threads = threads or min(2, os.cpu_count() or 1)
     if threads <= 1 or len(units) <= 1:
         parts = [_gauge_gather(u, gsid, start_ms, end_ms) for u in units]
