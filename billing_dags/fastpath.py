@@ -1185,10 +1185,24 @@ def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None) -> p
     group0 = np.searchsorted(sgroup[group_series], np.arange(ngroups + 1)).astype(np.int64)
     ev_group0 = np.searchsorted(ev_group, np.arange(ngroups + 1)).astype(np.int64)
     peak_k, peak_scale, held = np.zeros(ngroups, np.int64), np.zeros(ngroups, np.int64), np.zeros(ngroups, np.int64)
-    status, which = _gauge_sweep(
-        sidx, ts, v, sample0, carried_ts, carried_v, has_carried, group_series, group0,
-        ev_group0, ev_from, ev_until, ev_k, ev_scale, start_ms, end_ms, STALENESS_MS, peak_k, peak_scale, held,
-    )
+
+    def sweep(a: int, b: int) -> tuple[int, int]:  # groups [a, b), on their own rows of the outputs
+        return _gauge_sweep(
+            sidx, ts, v, sample0, carried_ts, carried_v, has_carried, group_series, group0[a:b + 1],
+            ev_group0[a:b + 1], ev_from, ev_until, ev_k, ev_scale, start_ms, end_ms, STALENESS_MS,
+            peak_k[a:b], peak_scale[a:b], held[a:b],
+        )
+
+    # the groups in ``threads`` slices of about as many samples each (the compiled code releases the GIL)
+    work = np.cumsum(np.diff(sample0)[group_series])[np.maximum(group0[1:] - 1, 0)] if n else np.zeros(ngroups)
+    cuts = [0, *np.searchsorted(work, [work[-1] * i / threads for i in range(1, threads)]).tolist(), ngroups] if ngroups else [0, 0]
+    slices = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+    if len(slices) <= 1:
+        results = [(*sweep(a, b), a) for a, b in slices]
+    else:
+        with ThreadPoolExecutor(len(slices)) as pool:
+            results = [(*f.result(), a) for f, (a, b) in zip([pool.submit(sweep, a, b) for a, b in slices], slices)]
+    status, which = next(((st, w + (a if st == 3 else 0)) for st, w, a in results if st), (0, 0))
     if status == 1:
         raise raw.RawLayoutError(f"raw samples of {window.start}: timestamps of series {int(gsid[which])} go back in time; rewrite the day with raw.write_day")
     if status in (2, 3):
