@@ -53,7 +53,7 @@ from billing_dags.settings import PROJECT_ROOT, resolve_paths
 from .figures import DEFAULT_OUT, Figure
 from .proc import peak_rss_bytes
 
-MODELS = ["fct_series_edges_by_day", "fct_usage_by_day"]
+MODELS = ["fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day"]
 FULL = {"customers": 500, "interval_s": 60}
 QUICK = {"customers": 30, "interval_s": 300}
 WORKERS = 2  # partitions at a time: the machine's cores, and dagster.yaml's backfill limit

@@ -179,6 +179,9 @@ def usage_day(day: date, customers: list[tuple[str, str]], meters: dict, rng: np
             "resets": pa.array((rng.random(n) < 0.01).astype(np.int64)),
             "reappeared_series": pa.array(np.zeros(n, dtype=np.int64)),
             "max_gap_ms": pa.array(np.full(n, 60_000, dtype=np.int64)),
+            "events": pa.array(np.zeros(n, dtype=np.int64)),
+            "duplicate_conflicts": pa.array(np.zeros(n, dtype=np.int64)),
+            "gauge_held_ms": pa.array(np.where(is_gauge, 86_400_000, 0), pa.int64(), mask=~is_gauge),
         }
     )
 

@@ -55,12 +55,13 @@ def main() -> None:
             extra["edges_rows"] = r.rows
             extra["edges_s"] = min(extra.get("edges_s", 1e9), r.seconds)
             if args.step == "fast":
+                run_model(paths, "fct_gauge_peaks_by_day", WINDOW, project=project)
                 u = run_model(paths, "fct_usage_by_day", WINDOW, project=project)
                 extra["usage_rows"] = u.rows
                 extra["usage_s"] = min(extra.get("usage_s", 1e9), u.seconds)
     elif args.step == "alternate":
         # the 3-column scan and the daily models by turns in one process, so that a noisy neighbour
-        # slows both alike: each round times one scan then one fast path (edges + usage by day)
+        # slows both alike: each round times one scan then one fast path (edges + gauge peaks + usage by day)
         scan = _scan(files, "select sum(series_id), sum(ts), sum(value) from $f")
 
         def timed(f) -> float:
@@ -70,6 +71,7 @@ def main() -> None:
 
         def models():
             run_model(paths, "fct_series_edges_by_day", WINDOW, project=project)
+            run_model(paths, "fct_gauge_peaks_by_day", WINDOW, project=project)
             run_model(paths, "fct_usage_by_day", WINDOW, project=project)
 
         def fn():

@@ -2,9 +2,9 @@
 
 For a day D: under a per-day lock, every sealed segment that still has samples of D is read;
 its samples of D are merged with what ``raw/samples/date=D/part-remote_write.parquet`` already
-holds (existing rows first), de-duplicated on (series_id, ts) keeping the first (so a sample
-already in the partition keeps its value, and a batch Prometheus resent after a lost 204 is
-counted once), and the day is rewritten with ``raw.write_day`` (temp file, fsync, rename) plus
+holds, identical rows once (``raw.distinct_samples``: a batch Prometheus resent after a lost 204
+is counted once; two different values at one (series_id, ts) are both kept, and the models bill
+the larger and flag the conflict), and the day is rewritten with ``raw.write_day`` (temp file, fsync, rename) plus
 an fsync of the directories. Only then does each segment get a ``.done-D`` marker; a segment is
 deleted once every day it holds is done. Rerunning is idempotent: a day with nothing new is not
 rewritten (its files keep their mtime, so the late-data sensor does not fire for nothing).
@@ -215,12 +215,8 @@ def compact_day(paths: Paths, day: str, cache: dict[str, SegmentData] | None = N
         sid = np.concatenate([existing["series_id"].to_numpy(), new_sid])
         ts = np.concatenate([existing["ts"].to_numpy(), new_ts])
         val = np.concatenate([existing["value"].to_numpy(), new_val])
-        order = np.lexsort((ts, sid))  # stable: the existing row comes first among equal keys
-        sid, ts, val = sid[order], ts[order], val[order]
-        keep = np.ones(len(sid), dtype=bool)
-        if len(sid) > 1:
-            keep[1:] = (sid[1:] != sid[:-1]) | (ts[1:] != ts[:-1])
-        sid, ts, val = sid[keep], ts[keep], val[keep]
+        order, keep = raw.distinct_samples(sid, ts, val)  # a resent batch is counted once
+        sid, ts, val = sid[order][keep], ts[order][keep], val[order][keep]
         added = len(sid) - n_existing
         n_quarantined = sum(q["samples"] for q in quarantined)
         result.update(

@@ -33,9 +33,17 @@ DuckDB's own ``exact_value`` for their samples.
 
 Checks stay on: series ids ascending within a row group and row groups of different series
 disjoint; timestamps non-decreasing within a series, over all its rows (exact duplicates of
-(series, ts) are collapsed to the smallest value, as the SQL does); a violation raises
+(series, ts) are collapsed to the larger value and counted as conflicts, as the SQL does); a violation raises
 ``raw.RawLayoutError`` naming the file, row group and series. Raw inputs that are not in this layout (overlapping files)
 are merged per overlapping group of row groups, or, past a size limit, computed by the SQL.
+
+``gauge_peaks_by_day`` is the engine of ``fct_gauge_peaks_by_day`` (the peak over time of each
+customer's sum of gauge levels): the gauge series, their carried-in samples and the gauge event
+spans come from the model's own CTEs (DuckDB, small tables); the day's samples of those series are
+gathered from the raw row groups, and compiled code turns them into level changes per customer,
+meter and dimension (one per sample, plus one where a level goes stale), orders them by time (a
+counting sort) and sums them exactly in int64 at the group's largest decimal scale (values no
+scale fits, or sums that could pass 2**62, run the SQL instead).
 """
 
 from __future__ import annotations
@@ -74,6 +82,7 @@ SCHEMA = pa.schema(
         ("in_day_integral", DEC),
         ("in_day_covered_ms", pa.int64()),
         ("max_gap_ms", pa.int64()),
+        ("duplicate_conflicts", pa.int64()),
     ]
 )
 COLUMNS = ["series_id", "ts", "value"]
@@ -94,8 +103,8 @@ _BLOCK = 256  # rows per block of the first pass (non-finite values are located 
 
 # the compiled pass's integer output, one row per series (columns), and its float output
 (_SID, _SAMPLES, _DROPPED, _FIRST_TS, _LAST_TS, _RESETS, _COVERED, _MAX_GAP,
- _K_FIRST, _S_FIRST, _K_LAST, _S_LAST, _K_PEAK, _S_PEAK, _SLOW, _ROW0, _ROW1) = range(17)
-_ACC = 17  # + 16 limb sums: integral high (4 scales), integral low, reset high, reset low
+ _K_FIRST, _S_FIRST, _K_LAST, _S_LAST, _K_PEAK, _S_PEAK, _SLOW, _ROW0, _ROW1, _CONFLICTS) = range(18)
+_ACC = 18  # + 16 limb sums: integral high (4 scales), integral low, reset high, reset low
 _NCOL = _ACC + 16
 _FIRST_V, _LAST_V, _PEAK = range(3)
 # statuses of the compiled pass
@@ -191,7 +200,7 @@ def _exact_all(values, k, i):
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _put(o, f, s, nsamp, dropped, first_t, last_t, resets, covered, maxgap, kf, sf, kl, sl, kp, sp, slow, r0, r1,
-         first_v, last_v, peak):
+         conflicts, first_v, last_v, peak):
     o[_SID] = s
     o[_SAMPLES] = nsamp
     o[_DROPPED] = dropped
@@ -209,6 +218,7 @@ def _put(o, f, s, nsamp, dropped, first_t, last_t, resets, covered, maxgap, kf, 
     o[_SLOW] = slow
     o[_ROW0] = r0
     o[_ROW1] = r1
+    o[_CONFLICTS] = conflicts
     f[_FIRST_V] = first_v
     f[_LAST_V] = last_v
     f[_PEAK] = peak
@@ -381,7 +391,7 @@ def _fast(s, sid, ts, v, start_ms, end_ms, stale_ms, scale, k, nanblocks, o, f):
     for _ in range(scale):
         p *= 1000.0
     _put(o, f, s, n - nonfin, nonfin, ts[first], ts[last], resets, covered, maxgap, k[first], scale, k[last], scale,
-         kmax, scale, np.int64(0), np.int64(0), np.int64(n), v[first], v[last], kmax / p)
+         kmax, scale, np.int64(0), np.int64(0), np.int64(n), np.int64(0), v[first], v[last], kmax / p)
     o[_ACC:_ACC + 16] = 0
     o[_ACC + scale] = ih
     o[_ACC + 4 + scale] = il
@@ -392,8 +402,9 @@ def _fast(s, sid, ts, v, start_ms, end_ms, stale_ms, scale, k, nanblocks, o, f):
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def _general(s, ts, v, start_ms, end_ms, stale_ms, o, f):  # noqa: C901
-    """One series (its slices), sample by sample: the window, duplicates (the smallest value is kept)
-    and each value at its own smallest scale. Returns (status, error row, error value); no row of
+    """One series (its slices), sample by sample: the window, duplicates (the larger value is kept,
+    a timestamp with different values counted once as a conflict) and each value at its own
+    smallest scale. Returns (status, error row, error value); no row of
     the series inside the window leaves o[_SAMPLES] = o[_DROPPED] = 0."""
     m32 = np.int64(0xFFFFFFFF)
     acc = o[_ACC:_ACC + 16]
@@ -403,6 +414,8 @@ def _general(s, ts, v, start_ms, end_ms, stale_ms, o, f):  # noqa: C901
     dropped = 0
     nsamp = 0
     resets = 0
+    conflicts = 0
+    conflict = False  # the pending timestamp already counted as a conflict
     covered = np.int64(0)
     maxgap = np.int64(0)
     slow = 0
@@ -440,8 +453,11 @@ def _general(s, ts, v, start_ms, end_ms, stale_ms, o, f):  # noqa: C901
                 pv = x
                 have = True
                 continue
-            if t == pt:  # a duplicate of (series, ts): the smallest value stays
-                if x < pv:
+            if t == pt:  # a duplicate of (series, ts): the larger value stays
+                if x != pv and not conflict:
+                    conflicts += 1
+                    conflict = True
+                if x > pv:
                     pv = x
                 continue
             nt = t
@@ -483,9 +499,10 @@ def _general(s, ts, v, start_ms, end_ms, stale_ms, o, f):  # noqa: C901
             break
         pt = t
         pv = x
+        conflict = False
     kp, sp = _exact(peak)
     _put(o, f, s, nsamp, dropped, first_t, last_t, resets, covered, maxgap, kf, sf, kl, sl, kp, sp, slow, np.int64(0), np.int64(n),
-         first_v, last_v, peak)
+         conflicts, first_v, last_v, peak)
     return _DONE, 0, 0
 
 
@@ -611,7 +628,7 @@ def _slow_sums(ts: np.ndarray, v: np.ndarray, spans: np.ndarray, start_ms: int, 
         t, x = ts[r0:r1], v[r0:r1]
         keep = (t >= start_ms) & (t < end_ms) & np.isfinite(x)
         t, x = t[keep], x[keep]
-        order = np.lexsort((x, t))  # duplicates of a ts: the smallest value first, and kept
+        order = np.lexsort((-x, t))  # duplicates of a ts: the larger value first, and kept
         t, x = t[order], x[order]
         first = np.r_[True, t[1:] != t[:-1]]
         series.append((t[first], x[first]))
@@ -650,7 +667,7 @@ def _batches(unit: _Unit, start_ms: int, end_ms: int):
         for b in pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS, row_groups=[g], columns=COLUMNS, use_threads=False):
             yield _arrays(b)
         return
-    # overlapping sources: merge (value as the last key: duplicates keep the smallest)
+    # overlapping sources: merge (the sample-by-sample pass resolves duplicates of a ts)
     t = pa.concat_tables([pq.ParquetFile(f).read_row_group(g, columns=COLUMNS, use_threads=False) for f, g in unit.parts])
     sid, ts, v = _arrays(t)
     keep = (ts >= start_ms) & (ts < end_ms)
@@ -814,6 +831,7 @@ def _assemble(day: date, parts: list[dict]) -> pa.Table:
             _decimal_array(integral),
             pa.array(oi[:, _COVERED], pa.int64()),
             pa.array(oi[:, _MAX_GAP], pa.int64()),
+            pa.array(oi[:, _CONFLICTS], pa.int64()),
         ],
         schema=SCHEMA,
     )
@@ -874,3 +892,339 @@ def edges_by_day(paths: Paths, model, window, threads: int | None = None) -> pa.
         files += raw.sample_files(paths, d)
         d = date.fromordinal(d.toordinal() + 1)
     return series_edges(files, window.start, window.start_ms, window.end_ms, threads=threads)
+
+
+# --------------------------------------------------------------------------- fct_gauge_peaks_by_day
+
+PEAKS_SCHEMA = pa.schema(
+    [
+        ("day", pa.date32()),
+        ("customer_id", pa.string()),
+        ("meter_id", pa.string()),
+        ("dimension", pa.string()),
+        ("gauge_peak", DEC),
+        ("gauge_held_ms", pa.int64()),
+    ]
+)
+_BOUND = 2.0**62  # the sum of a group's levels at one scale must stay below this (int64 sums)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _gauge_rows(sid, ts, v, gsid, start_ms, end_ms):
+    """Rows of the gauge series ``gsid`` (sorted) inside [start_ms, end_ms) with a finite value:
+    (row indices, index of each row's series in gsid). Rows are sorted by series (one binary search per series)."""
+    n = len(sid)
+    keep = np.empty(n, dtype=np.int64)
+    where = np.empty(n, dtype=np.int32)
+    m = 0
+    r = 0
+    while r < n:
+        s = sid[r]
+        r1 = r + 1
+        while r1 < n and sid[r1] == s:
+            r1 += 1
+        g = np.searchsorted(gsid, s)
+        if g < len(gsid) and gsid[g] == s:
+            for j in range(r, r1):
+                if ts[j] >= start_ms and ts[j] < end_ms and np.isfinite(v[j]):
+                    keep[m] = j
+                    where[m] = g
+                    m += 1
+        r = r1
+    return keep[:m], where[:m]
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _pow1000(e):
+    p = np.int64(1)
+    for _ in range(e):
+        p *= 1000
+    return p
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _time_order(at, start_ms, end_ms):
+    """Indices that sort ``at`` (times in [start_ms, end_ms)): a counting sort into about one bucket
+    per 4 values, then insertion sort inside each bucket (a crowded bucket by argsort)."""
+    m = len(at)
+    nb = max(1, m // 4)
+    span = end_ms - start_ms
+    count = np.zeros(nb + 1, dtype=np.int64)
+    for r in range(m):
+        count[(at[r] - start_ms) * nb // span + 1] += 1
+    for b in range(nb):
+        count[b + 1] += count[b]
+    order = np.empty(m, dtype=np.int64)
+    fill = count[:nb].copy()
+    for r in range(m):
+        b = (at[r] - start_ms) * nb // span
+        order[fill[b]] = r
+        fill[b] += 1
+    for b in range(nb):
+        lo, hi = count[b], count[b + 1]
+        if hi - lo > 64:
+            sub = order[lo:hi].copy()
+            order[lo:hi] = sub[np.argsort(at[sub], kind="mergesort")]
+            continue
+        for r in range(lo + 1, hi):
+            x = order[r]
+            q = r - 1
+            while q >= lo and at[order[q]] > at[x]:
+                order[q + 1] = order[q]
+                q -= 1
+            order[q + 1] = x
+    return order
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _gauge_sweep(sidx, ts, v, sample0, carried_ts, carried_v, has_carried, group_series, group0,
+                 ev_group0, ev_from, ev_until, ev_k, ev_scale, start_ms, end_ms, stale_ms, peak_k, peak_scale, held_ms):
+    """For each group (its series group_series[group0[g]:group0[g + 1]], samples sidx-sorted in
+    rows sample0[s]:sample0[s + 1], and its event spans ev_*[ev_group0[g]:ev_group0[g + 1]]): the
+    peak over time of the sum of the levels held, exactly (int64 at the group's largest decimal
+    scale), and the time some level holds. Returns (status, series or group): 0 done; 1 timestamps
+    of a series go back; 2 a value no decimal scale fits; 3 the group's sums could overflow."""
+    ngroups = len(group0) - 1
+    for g in range(ngroups):
+        # the group's decimal scale and a bound on its sums (at most one level per series at a time)
+        scale = 0
+        bound = 0.0
+        npoints = 0
+        for q in range(group0[g], group0[g + 1]):
+            s = group_series[q]
+            top = abs(carried_v[s]) if has_carried[s] else 0.0
+            for j in range(sample0[s], sample0[s + 1]):
+                if j > sample0[s] and ts[j] < ts[j - 1]:
+                    return 1, s
+                k, i = _exact(v[j])
+                if i < 0:
+                    return 2, s
+                scale = max(scale, i)
+                top = max(top, abs(v[j]))
+            if has_carried[s]:
+                k, i = _exact(carried_v[s])
+                if i < 0:
+                    return 2, s
+                scale = max(scale, i)
+            bound += top
+            npoints += sample0[s + 1] - sample0[s] + 1
+        for e in range(ev_group0[g], ev_group0[g + 1]):
+            scale = max(scale, ev_scale[e])
+        p = 1.0
+        for _ in range(scale):
+            p *= 1000.0
+        bound *= p
+        for e in range(ev_group0[g], ev_group0[g + 1]):
+            bound += abs(float(ev_k[e])) * _pow1000(scale - ev_scale[e])
+        if bound >= _BOUND:
+            return 3, g
+        # the level changes: where a sample starts to hold (the change from the level it replaces),
+        # and where a level stops holding (staleness) before the day's end
+        nev = 2 * (npoints + ev_group0[g + 1] - ev_group0[g])
+        at = np.empty(nev, dtype=np.int64)
+        dk = np.empty(nev, dtype=np.int64)
+        dh = np.empty(nev, dtype=np.int64)
+        m = 0
+        for q in range(group0[g], group0[g + 1]):
+            s = group_series[q]
+            j0, j1 = sample0[s], sample0[s + 1]
+            j = j0 - 1 if has_carried[s] else j0  # j0 - 1 stands for the carried sample
+            k_held = np.int64(0)  # the series' level holding at ``until_held``
+            until_held = start_ms
+            holding = False
+            while j < j1:
+                if j < j0:
+                    t, x = carried_ts[s], carried_v[s]
+                    nxt = j0
+                else:
+                    t, x = ts[j], v[j]
+                    nxt = j + 1
+                    while nxt < j1 and ts[nxt] == t:  # duplicates of a ts: the larger value
+                        x = max(x, v[nxt])
+                        nxt += 1
+                until = min(ts[nxt] if nxt < j1 else end_ms, t + stale_ms, end_ms)
+                frm = max(t, start_ms)
+                if until > frm:
+                    k, i = _exact(x)
+                    k *= _pow1000(scale - i)
+                    if holding and until_held == frm:  # the previous level holds up to here: one change
+                        at[m], dk[m], dh[m] = frm, k - k_held, 0
+                    else:
+                        if holding:
+                            at[m], dk[m], dh[m] = until_held, -k_held, -1
+                            m += 1
+                        at[m], dk[m], dh[m] = frm, k, 1
+                    m += 1
+                    k_held, until_held, holding = k, until, True
+                j = nxt
+            if holding and until_held < end_ms:
+                at[m], dk[m], dh[m] = until_held, -k_held, -1
+                m += 1
+        for e in range(ev_group0[g], ev_group0[g + 1]):
+            k = ev_k[e] * _pow1000(scale - ev_scale[e])
+            at[m], dk[m], dh[m] = ev_from[e], k, 1
+            m += 1
+            if ev_until[e] < end_ms:
+                at[m], dk[m], dh[m] = ev_until[e], -k, -1
+                m += 1
+        order = _time_order(at[:m], start_ms, end_ms)
+        level = np.int64(0)
+        held = np.int64(0)
+        have = False
+        best = np.int64(0)
+        covered = np.int64(0)
+        for r in range(m):
+            i = order[r]
+            level += dk[i]
+            held += dh[i]
+            if r + 1 < m and at[order[r + 1]] == at[i]:
+                continue  # every change at this instant first
+            if held > 0:
+                if not have or level > best:
+                    best = level
+                    have = True
+                covered += (at[order[r + 1]] if r + 1 < m else end_ms) - at[i]
+        peak_k[g] = best
+        peak_scale[g] = scale
+        held_ms[g] = covered
+    return 0, 0
+
+
+def _model_cte(con, model, window, cte: str) -> pa.Table:
+    """Rows of one CTE of a model's SQL (its ``select * from final`` pointed at ``cte``)."""
+    sql = model.sql.strip().rstrip(";")
+    tail = "select * from final"
+    if not sql.endswith(tail):
+        raise FallbackToSQL(f"{model.path} does not end with {tail!r}")
+    sql = sql[: -len(tail)] + f"select * from {cte}"
+    used = {k: v for k, v in window.params().items() if f"${k}" in sql}
+    return con.sql(sql, params=used or None).to_arrow_table()
+
+
+def _decimal_scaled(values) -> tuple[np.ndarray, np.ndarray]:
+    """DECIMAL(38, 9) values as (K, scale index): value = K * 10**-SCALES[i], the smallest scale that fits int64."""
+    ks, scales = np.empty(len(values), dtype=np.int64), np.empty(len(values), dtype=np.int64)
+    for j, d in enumerate(values):
+        nano = int(d.scaleb(9))
+        for i in range(4):
+            step = 10 ** (9 - SCALES[i])
+            if nano % step == 0 and abs(nano // step) < 2**62:
+                ks[j], scales[j] = nano // step, i
+                break
+        else:
+            raise FallbackToSQL(f"gauge event level {d} too large for the compiled path")
+    return ks, scales
+
+
+def _gauge_gather(unit: _Unit, gsid: np.ndarray, start_ms: int, end_ms: int) -> tuple[np.ndarray, ...]:
+    parts = []
+    for sid, ts, v in _batches(unit, start_ms, end_ms):
+        rows, where = _gauge_rows(sid, ts, v, gsid, start_ms, end_ms)
+        if len(rows):
+            parts.append((where, ts[rows], v[rows]))
+    if not parts:
+        return np.empty(0, np.int32), np.empty(0, np.int64), np.empty(0, np.float64)
+    return tuple(np.concatenate(c) for c in zip(*parts))
+
+
+def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None) -> pa.Table:
+    """fct_gauge_peaks_by_day for ``window`` (one day): the series, carried samples and event spans
+    come from the model's own CTEs (DuckDB, small), the day's gauge samples from the raw files."""
+    from .sqlmodels import connect, load_project, prepare
+
+    start_ms, end_ms = window.start_ms, window.end_ms
+    if (end_ms - start_ms).bit_length() > _MAX_WINDOW_BITS:
+        raise FallbackToSQL(f"a window of {end_ms - start_ms:,} ms")
+    con = connect(threads)
+    try:
+        prepare(con, load_project(), model.name, paths, window)
+        series = _model_cte(con, model, window, "series").sort_by("series_id")
+        carried = _model_cte(con, model, window, "carried")
+        events = _model_cte(con, model, window, "event_spans").sort_by("customer_id")
+    finally:
+        con.close()
+    groups: dict[tuple[str, str, str], int] = {}
+    gsid = series["series_id"].to_numpy()
+    sgroup = np.array(
+        [groups.setdefault(k, len(groups)) for k in zip(*(series[c].to_pylist() for c in ("customer_id", "meter_id", "dimension")))],
+        dtype=np.int64,
+    )
+    n = len(gsid)
+    carried_ts, carried_v, has_carried = np.zeros(n, np.int64), np.zeros(n, np.float64), np.zeros(n, np.bool_)
+    if len(carried):
+        at = np.searchsorted(gsid, carried["series_id"].to_numpy())
+        carried_ts[at], carried_v[at], has_carried[at] = carried["ts_ms"].to_numpy(), carried["value"].to_numpy(), True
+    ev = sorted(
+        (groups.setdefault((cid, mid, dim), len(groups)), frm, until, level)
+        for cid, mid, dim, frm, until, level in zip(*(events[c].to_pylist() for c in events.column_names))
+    )
+    ev_group = np.array([e[0] for e in ev], dtype=np.int64)
+    ev_k, ev_scale = _decimal_scaled([e[3] for e in ev])
+    ev_from = np.array([e[1] for e in ev], dtype=np.int64)
+    ev_until = np.array([e[2] for e in ev], dtype=np.int64)
+
+    # the day's samples of these series, in series order (units are disjoint series ranges, in order)
+    units = _plan([Path(f) for f in raw.sample_files(paths, window.start)], start_ms, end_ms) if n else []
+    # row groups whose series range holds no gauge series are not read
+    units = [u for u in units if u.lo is None or np.searchsorted(gsid, u.lo) < np.searchsorted(gsid, u.hi, side="right")]
+    threads = threads or min(2, os.cpu_count() or 1)
+    if threads <= 1 or len(units) <= 1:
+        parts = [_gauge_gather(u, gsid, start_ms, end_ms) for u in units]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(lambda u: _gauge_gather(u, gsid, start_ms, end_ms), units))
+    if parts:
+        sidx, ts, v = (np.concatenate(c) for c in zip(*parts))
+    else:
+        sidx, ts, v = np.empty(0, np.int32), np.empty(0, np.int64), np.empty(0, np.float64)
+    if len(sidx) > 1 and (sidx[1:] < sidx[:-1]).any():
+        raise raw.RawLayoutError(f"raw samples of {window.start}: series are not sorted within and across row groups; rewrite the day with raw.write_day")
+    sample0 = np.searchsorted(sidx, np.arange(n + 1)).astype(np.int64)
+    ngroups = len(groups)
+    group_series = np.argsort(sgroup, kind="stable").astype(np.int64)
+    group0 = np.searchsorted(sgroup[group_series], np.arange(ngroups + 1)).astype(np.int64)
+    ev_group0 = np.searchsorted(ev_group, np.arange(ngroups + 1)).astype(np.int64)
+    peak_k, peak_scale, held = np.zeros(ngroups, np.int64), np.zeros(ngroups, np.int64), np.zeros(ngroups, np.int64)
+
+    def sweep(a: int, b: int) -> tuple[int, int]:  # groups [a, b), on their own rows of the outputs
+        return _gauge_sweep(
+            sidx, ts, v, sample0, carried_ts, carried_v, has_carried, group_series, group0[a:b + 1],
+            ev_group0[a:b + 1], ev_from, ev_until, ev_k, ev_scale, start_ms, end_ms, STALENESS_MS,
+            peak_k[a:b], peak_scale[a:b], held[a:b],
+        )
+
+    # the groups in ``threads`` slices of about as many samples each (the compiled code releases the GIL)
+    work = np.cumsum(np.diff(sample0)[group_series])[np.maximum(group0[1:] - 1, 0)] if n else np.zeros(ngroups)
+    cuts = [0, *np.searchsorted(work, [work[-1] * i / threads for i in range(1, threads)]).tolist(), ngroups] if ngroups else [0, 0]
+    slices = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+    if len(slices) <= 1:
+        results = [(*sweep(a, b), a) for a, b in slices]
+    else:
+        with ThreadPoolExecutor(len(slices)) as pool:
+            results = [(*f.result(), a) for f, (a, b) in zip([pool.submit(sweep, a, b) for a, b in slices], slices)]
+    status, which = next(((st, w + (a if st == 3 else 0)) for st, w, a in results if st), (0, 0))
+    if status == 1:
+        raise raw.RawLayoutError(f"raw samples of {window.start}: timestamps of series {int(gsid[which])} go back in time; rewrite the day with raw.write_day")
+    if status in (2, 3):
+        raise FallbackToSQL("a gauge value no decimal scale fits, or sums beyond int64")
+    keys = list(groups)
+    live = np.flatnonzero(held > 0)
+    nano = peak_k[live].astype(object) * _NANO[peak_scale[live]]
+    return pa.table(
+        [
+            pa.array(np.full(len(live), (window.start - date(1970, 1, 1)).days, dtype=np.int32), pa.int32()).cast(pa.date32()),
+            pa.array([keys[g][0] for g in live], pa.string()),
+            pa.array([keys[g][1] for g in live], pa.string()),
+            pa.array([keys[g][2] for g in live], pa.string()),
+            _decimal_array(nano),
+            pa.array(held[live], pa.int64()),
+        ],
+        schema=PEAKS_SCHEMA,
+    )
+
+
+def gauge_peaks_by_day(paths: Paths, model, window, threads: int | None = None) -> pa.Table:
+    """Engine entry point (``python: billing_dags.fastpath:gauge_peaks_by_day`` in the model's config)."""
+    if window.end.toordinal() - window.start.toordinal() != 1:
+        raise FallbackToSQL("the compiled path computes one day at a time")
+    return gauge_peaks(paths, model, window, threads=threads)

@@ -189,6 +189,7 @@ def project_days(actual: pa.Table, month: date, computed: list[date], aggregatio
             "customer_id": customer, "meter_id": meter, "dimension": dimension, "kind": g["kind"],
             "usage": None, "gauge_integral": None, "gauge_covered_ms": None, "gauge_peak": None,
             "series": 0, "samples": 0, "dropped_samples": 0, "resets": 0, "reappeared_series": 0, "max_gap_ms": 0,
+            "events": 0, "duplicate_conflicts": 0,
         }
         per_day: list[dict] = []
         if agg in ADDITIVE:

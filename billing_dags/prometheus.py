@@ -8,7 +8,7 @@ queries of a range selector, ``{__name__="m", label=~"batch"}[<chunk>ms]`` evalu
 chunk's end minus 1 ms. Prometheus 2.x includes both ends of a range, 3.x excludes the start;
 evaluating at ``end - 1 ms`` over ``end - start`` ms returns ``[start - 1 ms, end - 1 ms]`` (2.x)
 or ``[start, end - 1 ms]`` (3.x), i.e. every sample of ``[start, end)`` on both. Samples
-outside ``[start, end)`` are dropped and duplicates of (series, timestamp) removed, so a sample
+outside ``[start, end)`` are dropped and identical (series, timestamp, value) rows kept once, so a sample
 at exactly midnight belongs to the next day, never to both. Requests are split by time
 (``chunk_s``, default 1 h) and by series (``customers_per_query`` customers of a meter's
 customer label per request, plus one request for the series whose label matches no customer), so
@@ -439,7 +439,7 @@ class _Series:
 class Collector:
     """Raw samples accumulated per series as numpy arrays (16 bytes a sample), turned into Arrow
     tables once: filled series by series into preallocated columns, already sorted by
-    (series_id, ts) and without duplicate timestamps, releasing the pieces as it goes.
+    (series_id, ts) with identical samples once, releasing the pieces as it goes.
 
     A series whose id an earlier series of another label set holds is refused (kept out, its
     reason in ``refused``): the first label set keeps the id."""
@@ -480,10 +480,8 @@ class Collector:
             vals = parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts])
             del parts
             if len(ts) > 1 and not (ts[1:] > ts[:-1]).all():
-                order = np.argsort(ts, kind="stable")
-                ts, vals = ts[order], vals[order]
-                keep = np.concatenate([[True], ts[1:] != ts[:-1]])
-                ts, vals = ts[keep], vals[keep]
+                order, keep = raw.distinct_samples(np.zeros(len(ts)), ts, vals)
+                ts, vals = ts[order][keep], vals[order][keep]
             k = len(ts)
             sid_col[n : n + k] = sid
             ts_col[n : n + k] = ts

@@ -2,6 +2,9 @@
 
 ``raw/samples/date=YYYY-MM-DD/part-<source>.parquet``: series_id (int64), ts (int64 ms UTC),
 value (float64); sorted by (series_id, ts), each series whole inside one row group.
+Identical rows are stored once; two *different* values at one (series_id, ts) are both kept: the
+models choose between them (the larger value, and count the conflict), so that rule lives in one
+place whatever the source.
 ``raw/series/date=YYYY-MM-DD/part-<source>.parquet``: series_id, metric, labels (all of them,
 metric name excluded), first_seen (ms, the first sample of the series in that day).
 ``raw/carry_in/date=YYYY-MM-DD/part-<source>.parquet`` (same columns as samples): the day's carry-in,
@@ -238,6 +241,23 @@ def raw_days(paths: Paths) -> list[date]:
     return sorted(date.fromisoformat(p.name[5:]) for p in paths.raw_samples.glob("date=*") if any(p.glob("*.parquet")))
 
 
+def distinct_samples(sid, ts, value):
+    """(order, keep): ``order`` sorts the rows by (series_id, ts, value bits) (stable, so equal
+    rows keep their input order) and ``keep`` marks, in that order, the first of each identical
+    (series_id, ts, value) row. Different values at one (series_id, ts) are all kept: choosing
+    between them is the models' rule (the larger value), not the writer's."""
+    sid, ts = np.asarray(sid, dtype=np.int64), np.asarray(ts, dtype=np.int64)
+    if len(sid) < 2 or ((sid[1:] > sid[:-1]) | ((sid[1:] == sid[:-1]) & (ts[1:] > ts[:-1]))).all():
+        return np.arange(len(sid)), np.ones(len(sid), dtype=bool)  # sorted, no (series_id, ts) twice
+    bits = np.asarray(value, dtype=np.float64).view(np.int64)
+    order = np.lexsort((bits, ts, sid))
+    keep = np.ones(len(order), dtype=bool)
+    if len(order) > 1:
+        s, t, b = sid[order], ts[order], bits[order]
+        keep[1:] = (s[1:] != s[:-1]) | (t[1:] != t[:-1]) | (b[1:] != b[:-1])
+    return order, keep
+
+
 
 
 def _row_group_boundaries(series: pa.Array) -> list[int]:
@@ -286,8 +306,8 @@ def _checked_series(series: pa.Table, what: str) -> tuple[pa.Table, list[tuple[s
 def write_day(paths: Paths, day: date, samples: pa.Table, series: pa.Table, source: str) -> dict:
     """Replace one source's raw partition of ``day`` with ``samples`` and ``series``.
 
-    Samples must lie in the day's window [00:00, 24:00) UTC. They are sorted by (series_id, ts)
-    and exact duplicates of (series_id, ts) are dropped (first value kept after a stable sort).
+    Samples must lie in the day's window [00:00, 24:00) UTC. They are sorted by (series_id, ts,
+    value) and identical rows are written once (``distinct_samples``).
     Every series row must be valid (``series_problem``) with ``series_id`` of its labels, and no id
     may be held by another label set in the write or in data/raw/series (``SeriesCollision``,
     checked and published under ``series_lock``): nothing is written then.
@@ -306,14 +326,9 @@ def write_day(paths: Paths, day: date, samples: pa.Table, series: pa.Table, sour
                 f"samples for {day} from source {source!r} have timestamps {lo}..{hi} ms outside "
                 f"[{start_ms}, {end_ms}); split samples by UTC day before writing"
             )
-    samples = samples.sort_by([("series_id", "ascending"), ("ts", "ascending")])
-    if len(samples) > 1:
-        sid = samples["series_id"].to_numpy()
-        ts = samples["ts"].to_numpy()
-        dup = (sid[1:] == sid[:-1]) & (ts[1:] == ts[:-1])
-        if dup.any():
-            keep = np.concatenate([[True], ~dup])
-            samples = samples.filter(pa.array(keep))
+    if len(samples):
+        order, keep = distinct_samples(samples["series_id"].to_numpy(), samples["ts"].to_numpy(), samples["value"].to_numpy())
+        samples = samples.take(pa.array(order[keep]))
     missing = set(pc.unique(samples["series_id"]).to_pylist()) - set(series["series_id"].to_pylist())
     if missing:
         raise RawLayoutError(f"{len(missing)} series ids in samples of {day} have no row in the series table")

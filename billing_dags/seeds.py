@@ -27,7 +27,7 @@ PACKAGE_ROUNDING = {"up", "down", "half_up"}
 ANOMALY_RULES = {
     "week_over_week", "allowance_used", "outlier_mad", "scrape_gap", "counter_resets",
     "reappeared_series", "dropped_samples", "unmatched_series", "rate_per_minute", "pool_share_mismatch",
-    "unpriced_usage", "outside_subscription", "outside_subscription_unpriced",
+    "unpriced_usage", "outside_subscription", "outside_subscription_unpriced", "duplicate_conflicts", "low_coverage",
 }
 #: where a customer's usage arrives from (the simulator follows it; informational otherwise)
 USAGE_SOURCES = {"prometheus", "usage_events", "usage_reports"}

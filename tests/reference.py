@@ -28,14 +28,13 @@ def sample_decimal(value: float) -> Decimal:
 
 
 def clean(samples: Iterable[Sample]) -> list[tuple[int, Decimal]]:
-    """Rule 5: drop NaN/+-Inf; rule 10: identical (ts, value) duplicates count once; sort by time."""
+    """Rule 5: drop NaN/+-Inf; rule 10: identical (ts, value) duplicates count once, and of two
+    different values at one ts the larger is the sample (never a reset that did not happen); sort by time."""
     by_ts: dict[int, float] = {}
     for ts, value in samples:
         if not math.isfinite(value):
             continue
-        if ts in by_ts and by_ts[ts] != value:
-            raise ValueError(f"two different values at ts={ts}: {by_ts[ts]} and {value}")
-        by_ts[ts] = value
+        by_ts[ts] = max(by_ts.get(ts, value), value)
     return [(ts, sample_decimal(by_ts[ts])) for ts in sorted(by_ts)]
 
 
@@ -130,9 +129,55 @@ def gauge_covered_ms(samples: Sequence[Sample], start_ms: int, end_ms: int, prev
     return int(gauge_integral(ones, start_ms, end_ms, p, staleness_ms))
 
 
-def gauge_peak(samples: Sequence[Sample], start_ms: int, end_ms: int) -> Optional[Decimal]:
-    inside = [v for ts, v in clean(samples) if start_ms <= ts < end_ms]
-    return max(inside) if inside else None
+def gauge_peak(samples: Sequence[Sample], start_ms: int, end_ms: int, prev: Optional[Sample] = None,
+               staleness_ms: int = STALENESS_MS) -> Optional[Decimal]:
+    """The highest level one series holds inside the window (``prev`` may hold into it)."""
+    return peak_of_sum([(samples, prev)], start_ms, end_ms, staleness_ms)
+
+
+def _held(points: list[tuple[int, Decimal]], t: int, staleness_ms: int) -> Optional[Decimal]:
+    """The level a series holds at instant ``t``: its last sample at or before t, until the next
+    sample or the staleness limit."""
+    level = None
+    for i, (ts, v) in enumerate(points):
+        if ts > t:
+            break
+        until = ts + staleness_ms
+        if i + 1 < len(points):
+            until = min(until, points[i + 1][0])
+        level = v if t < until else None
+    return level
+
+
+def peak_of_sum(
+    series: Sequence[Tuple[Sequence[Sample], Optional[Sample]]],
+    start_ms: int,
+    end_ms: int,
+    staleness_ms: int = STALENESS_MS,
+) -> Optional[Decimal]:
+    """Rule 5: the maximum over instants t in [start_ms, end_ms) of the sum of the levels the series
+    hold at t (instants where none holds do not count; None if there is none).
+
+    Each series is (samples, prev): prev, its last sample before the window, may hold into it. By
+    brute force: the sum only changes where a sample starts or a level stops holding, so it is
+    evaluated at each such instant (and at start_ms), series by series.
+    """
+    tracks = []
+    for samples, prev in series:
+        points = [(ts, v) for ts, v in clean(samples) if start_ms <= ts < end_ms]
+        if prev is not None and math.isfinite(prev[1]):
+            points = [(prev[0], sample_decimal(prev[1]))] + points
+        tracks.append(points)
+    instants = {start_ms}
+    for points in tracks:
+        for ts, _ in points:
+            instants.update((ts, ts + staleness_ms))
+    best = None
+    for t in sorted(i for i in instants if start_ms <= i < end_ms):
+        levels = [lv for lv in (_held(points, t, staleness_ms) for points in tracks) if lv is not None]
+        if levels and (best is None or sum(levels) > best):
+            best = sum(levels)
+    return best
 
 
 # --- rating (rule 7) -----------------------------------------------------------------------------

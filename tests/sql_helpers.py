@@ -188,10 +188,15 @@ class Runner:
         return self.con.execute(sql, params or []).to_arrow_table().to_pylist()
 
 
+#: the daily usage models, in the order a day is computed
+DAILY_MODELS = ("fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day")
+
+
 @dataclass
 class DayChain:
     edges: dict[date, list[dict]] = field(default_factory=dict)
     days: dict[date, list[dict]] = field(default_factory=dict)
+    peaks: dict[date, list[dict]] = field(default_factory=dict)
     month: list[dict] = field(default_factory=list)
 
 
@@ -204,18 +209,19 @@ def run_days(
     month_window: Window | None = None,
     runner: Runner | None = None,
 ) -> DayChain:
-    """Run fct_series_edges_by_day then fct_usage_by_day for each day (in order), then
+    """Run fct_series_edges_by_day, fct_gauge_peaks_by_day then fct_usage_by_day for each day (in order), then
     fct_usage_by_month over ``month_window`` (default: from the first day to after the last)."""
     own = runner is None
     r = runner or Runner(seeds)
     try:
         r.set_raw(samples_by_series, series_labels)
-        for t in ("fct_series_edges_by_day", "fct_usage_by_day"):
+        for t in DAILY_MODELS:
             r.con.execute(f"drop table if exists {t}")
         out = DayChain()
         for d in days:
             w = day_window(d)
             out.edges[d] = r.run("fct_series_edges_by_day", w).to_pylist()
+            out.peaks[d] = r.run("fct_gauge_peaks_by_day", w).to_pylist()
             out.days[d] = r.run("fct_usage_by_day", w).to_pylist()
         mw = month_window or Window(min(days), next_day(max(days)))
         out.month = r.query("fct_usage_by_month", mw).to_pylist()
@@ -237,7 +243,7 @@ def run_days_alone(
     out = DayChain()
     try:
         for d in days:
-            for t in ("fct_series_edges_by_day", "fct_usage_by_day"):
+            for t in DAILY_MODELS:
                 runner.con.execute(f"drop table if exists {t}")
             start = day_start_ms(d)
             carry_in = {}
@@ -248,6 +254,7 @@ def run_days_alone(
             runner.set_carry_in(carry_in)
             w = day_window(d)
             out.edges[d] = runner.run("fct_series_edges_by_day", w).to_pylist()
+            out.peaks[d] = runner.run("fct_gauge_peaks_by_day", w).to_pylist()
             out.days[d] = runner.run("fct_usage_by_day", w).to_pylist()
     finally:
         runner.set_carry_in({})
@@ -302,7 +309,7 @@ def rate_month(
         # the fixture month rows stand for the usage of each customer's (single) period
         r.con.execute(
             "create or replace table fct_usage_by_subscription_period as "
-            "select u.*, p.period_start, p.period_end, u.period_ms as month_ms "
+            "select u.*, p.period_start, p.period_end, u.period_ms as month_ms, u.samples as observations "
             "from fct_usage_by_month u join dim_subscription_periods_by_month p using (month, customer_id)"
         )
         rated = r.run("fct_rated_usage", window).to_pylist()

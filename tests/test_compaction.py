@@ -76,18 +76,19 @@ def test_compaction_merges_with_the_day_and_is_idempotent(paths):
     compact(paths)
     f = raw.samples_day_dir(paths, DAY) / "part-remote_write.parquet"
     before = f.read_bytes()
-    # a later batch: one sample already there (with another value: the first one stays), one new
-    land(paths, [(S(), [(T0 + 1000, 99.0), (T0 + 2000, 3.0)])])
+    # a later batch: another value at a ts already there (both kept: the models bill the larger and
+    # flag the conflict), one new sample, and one identical to a stored sample (stored once)
+    land(paths, [(S(), [(T0 + 1000, 99.0), (T0 + 2000, 3.0), (T0, 1.0)])])
     r = compact(paths)["days"][0]
-    assert (r["existing_samples"], r["new_samples"], r["duplicates"], r["samples"]) == (2, 1, 1, 3)
-    assert part(paths)["value"].to_pylist() == [1.0, 2.0, 3.0]
+    assert (r["existing_samples"], r["new_samples"], r["duplicates"], r["samples"]) == (2, 2, 1, 4)
+    assert part(paths)["value"].to_pylist() == [1.0, 2.0, 99.0, 3.0]
     # the same data again changes nothing and does not rewrite the day (no spurious late-data rerun)
     land(paths, [(S(), [(T0, 1.0), (T0 + 2000, 3.0)])])
     mtime = f.stat().st_mtime_ns
     r = compact(paths)["days"][0]
     assert r["new_samples"] == 0 and not r["written"] and f.stat().st_mtime_ns == mtime
     assert compact(paths)["days"] == []
-    assert f.read_bytes() != before and part(paths).num_rows == 3
+    assert f.read_bytes() != before and part(paths).num_rows == 4
 
 
 def test_staleness_markers_and_nan_stay_in_raw_and_are_counted(paths):

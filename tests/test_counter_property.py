@@ -217,7 +217,7 @@ def check_gauges(runner, metas, n_days, series):
             prev = ref.last_before(samples, start)
             expected = ref.gauge_integral(samples, start, end, prev)
             covered = ref.gauge_covered_ms(samples, start, end, prev)
-            peak = ref.gauge_peak(samples, start, end)
+            peak = ref.gauge_peak(samples, start, end, prev)
             daily_ref.append(expected)
             for how, rows in (("", chain.days[d]), (" alone", alone[d])):
                 row = row_for(rows, meta)

@@ -124,6 +124,7 @@ def test_delta_events_add_to_daily_usage_exactly_and_price_per_model():
         r.set_raw({}, {})
         r.set_events(table(rows))
         r.run("fct_series_edges_by_day", day_window(DAY))
+        r.run("fct_gauge_peaks_by_day", day_window(DAY))
         day = r.run("fct_usage_by_day", day_window(DAY)).to_pylist()
         got = {(x["customer_id"], x["meter_id"], x["dimension"]): x["usage"] for x in day}
         assert got == want  # the unknown key is billed to nobody

@@ -62,6 +62,26 @@ def test_simulated_day_equals_the_sql(paths):
     assert_same(sql, fast)
 
 
+def test_gauge_peaks_of_simulated_days_equal_the_sql(paths):
+    """fct_gauge_peaks_by_day: the compiled engine equals its SQL on two simulated days (the second
+    with levels carried in from the first), with one and two threads."""
+    from billing_dags.defs.seeds.assets import write_seed_snapshots
+
+    write_seed_snapshots(paths)
+    customers = read_seed(paths.seeds_dir, "customers")
+    prev = Window(date(2026, 3, 9), DAY)
+    for w in (prev, WINDOW):
+        simulate.write_simulated_day(paths, w.start, customers, interval_s=60)
+        run_model(paths, "fct_series_edges_by_day", w)
+    model = load_project().models["fct_gauge_peaks_by_day"]
+    key = [(c, "ascending") for c in ("customer_id", "meter_id", "dimension")]
+    sql = run_model(paths, "fct_gauge_peaks_by_day", WINDOW, engine="sql").table.sort_by(key)
+    assert sql.num_rows >= 5 and all(r["gauge_held_ms"] > 0 for r in sql.to_pylist())
+    for threads in (1, 2):
+        fast = fastpath.gauge_peaks_by_day(paths, model, WINDOW, threads=threads).sort_by(key)
+        assert_same(sql, fast)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_backfill_partition_on_its_share_of_the_cores_gives_the_same_bytes(paths, threads):
     from billing_dags.defs.seeds.assets import write_seed_snapshots
@@ -69,7 +89,7 @@ def test_a_backfill_partition_on_its_share_of_the_cores_gives_the_same_bytes(pat
     write_seed_snapshots(paths)
     customers = read_seed(paths.seeds_dir, "customers")
     simulate.write_simulated_day(paths, DAY, customers, interval_s=60)
-    for model in ("fct_series_edges_by_day", "fct_usage_by_day"):
+    for model in ("fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day"):
         every_core = run_model(paths, model, WINDOW)
         first = every_core.path.read_bytes()
         limited = run_model(paths, model, WINDOW, threads=threads)
@@ -100,7 +120,7 @@ def test_edge_cases_equal_the_sql(paths):
     # a counter with a reset, a gap longer than staleness, NaN, Inf, a staleness marker
     vals = [10, 15, 15, 3, float("nan"), 9, float("inf"), STALE, 12]
     rows += [(1, START + i * m * (7 if i == 6 else 1), v) for i, v in enumerate(vals)]
-    # duplicates of (series, ts): the SQL keeps the smallest finite value
+    # duplicates of (series, ts): the larger finite value is kept, each such ts is one conflict
     rows += [(2, START, 5.0), (2, START, 4.0), (2, START + m, 7.0), (2, START + m, float("nan")), (2, START + m, 6.0), (2, START + 2 * m, 8.0)]
     # a series entirely NaN / stale
     rows += [(3, START + i * m, float("nan") if i % 2 else STALE) for i in range(4)]
@@ -121,7 +141,7 @@ def test_edge_cases_equal_the_sql(paths):
     assert_same(sql, fast)
     by_id = {r["series_id"]: r for r in fast.to_pylist()}
     assert by_id[3]["samples"] == 0 and by_id[3]["dropped_samples"] == 4 and by_id[3]["peak"] is None
-    assert by_id[2]["first_value"] == 4.0 and by_id[2]["samples"] == 3
+    assert by_id[2]["first_value"] == 5.0 and by_id[2]["samples"] == 3 and by_id[2]["duplicate_conflicts"] == 2
     assert by_id[7]["in_day_covered_ms"] == 1 and by_id[7]["max_gap_ms"] == 0
 
 

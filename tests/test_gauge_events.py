@@ -75,12 +75,12 @@ def reference(rows, day: date) -> dict[tuple, Expected]:
             if i + 1 < len(stream):
                 held_until = min(held_until, stream[i + 1]["ts"])
             lo, hi = max(r["ts"], start), min(held_until, end)
-            if hi > lo:
+            if hi > lo:  # a level held today, carried in or not, is a candidate for the peak
                 acc.integral += r["quantity"] * (hi - lo)
                 acc.covered_ms += hi - lo
+                acc.peak = r["quantity"] if acc.peak is None else max(acc.peak, r["quantity"])
                 touched = True
             if start <= r["ts"] < end:
-                acc.peak = r["quantity"] if acc.peak is None else max(acc.peak, r["quantity"])
                 acc.events += 1
                 touched = True
         if touched:
@@ -115,31 +115,31 @@ CASES = {
             24 * H - 55 * M, Decimal("123.125"), 23,
         ),
     ),
-    # yesterday 23:30 (500, 65 min) carries in until today's first report at 00:10; it does not set
-    # today's peak and is not one of today's events
+    # yesterday 23:30 (500, 65 min) carries in until today's first report at 00:10: it is not one of
+    # today's events, but its level held today, so it is today's peak
     "carry-in from 23:30 until the first report": (
         [gauge("y1", ms(PREV, 22), "7"), gauge("y2", ms(PREV, 23, 30), "500"), gauge("t1", ms(DAY, 0, 10), "10")],
-        Expected(Decimal(500) * 10 * M + Decimal(10) * 65 * M, 75 * M, Decimal(10), 1),
+        Expected(Decimal(500) * 10 * M + Decimal(10) * 65 * M, 75 * M, Decimal(500), 1),
     ),
     # yesterday 23:30 holds 65 min: to 00:35 today, before today's first report at 02:00
     "carry-in cut by its hold": (
         [gauge("y2", ms(PREV, 23, 30), "500"), gauge("t1", ms(DAY, 2), "3", 30 * M)],
-        Expected(Decimal(500) * 35 * M + Decimal(3) * 30 * M, 65 * M, Decimal(3), 1),
+        Expected(Decimal(500) * 35 * M + Decimal(3) * 30 * M, 65 * M, Decimal(500), 1),
     ),
-    # only a carry-in: a row with the carried time, no events, peak 0 (like a carried-in sample)
+    # only a carry-in: a row with the carried time and level, no events
     "carry-in only": (
         [gauge("y2", ms(PREV, 23, 30), "500")],
-        Expected(Decimal(500) * 35 * M, 35 * M, None, 0),
+        Expected(Decimal(500) * 35 * M, 35 * M, Decimal(500), 0),
     ),
     # a one-day hold from yesterday 00:00:00.001 reaches 1 ms into today; from 00:00:00.000 none
     "one-day hold reaches 1 ms past midnight": (
         [gauge("y0", ms(PREV), "8", DAY_MS, key=KEY2), gauge("y1", ms(PREV, millis=1), "9", DAY_MS)],
-        Expected(Decimal(9), 1, None, 0),
+        Expected(Decimal(9), 1, Decimal(9), 0),
     ),
-    # two reports at the same ts: the later event_id holds; both are today's reports (peak 9)
+    # two reports at the same ts: the later event_id holds (peak 7: 9 never holds); both are today's reports
     "two events at the same ts": (
         [gauge("a", ms(DAY, 12), "9", H), gauge("b", ms(DAY, 12), "7", H)],
-        Expected(Decimal(7) * H, H, Decimal(9), 2),
+        Expected(Decimal(7) * H, H, Decimal(7), 2),
     ),
     # an unknown customer key is billed to nobody; the known one is billed alone
     "unknown customer key": (
@@ -186,6 +186,7 @@ def test_gauge_integral_stays_decimal_inside_the_model():
         r.set_raw({}, {})
         r.set_events(table([gauge("x", ms(DAY, 1), "1.5", H)]))
         r.run("fct_series_edges_by_day", day_window(DAY))
+        r.run("fct_gauge_peaks_by_day", day_window(DAY))
         r.query("fct_usage_by_day", day_window(DAY))
         sql = r.project.models["fct_usage_by_day"].sql
         body = "events as (select * from stg_raw__events), " + sql[sql.index("event_spans as ("):sql.index("-- one row per series")]
@@ -240,7 +241,7 @@ def test_month_gauge_integral_is_the_sum_of_its_days():
 
 def test_gauge_samples_and_gauge_events_of_a_customer_add_up():
     """Samples (4 at 06:00, 6 at 06:01: 2,040,000 over 360,000 ms, peak 6) and an event (10 for 1 h):
-    integrals and covered time add; the peaks add too (the documented upper bound of several series)."""
+    integrals and covered time add; the peak is the sum's over time: they never hold at once, so 10."""
     series = {7: ("container_memory_working_set_bytes", {"namespace": KEY, "pod": "a"}, ms(DAY, 6))}
     samples = {7: [(ms(DAY, 6), 4.0), (ms(DAY, 6, 1), 6.0)]}
     with Runner() as r:
@@ -251,7 +252,7 @@ def test_gauge_samples_and_gauge_events_of_a_customer_add_up():
     assert (x["customer_id"], x["meter_id"], x["kind"]) == (CUSTOMER, METER, "gauge")
     assert x["gauge_integral"] == 2_040_000 + 10 * H
     assert x["gauge_covered_ms"] == 360_000 + H
-    assert x["gauge_peak"] == 6 + 10
+    assert x["gauge_peak"] == 10
     assert (x["series"], x["samples"], x["events"]) == (1, 2, 1)
 
 
@@ -302,11 +303,13 @@ def test_models_read_the_day_before_for_gauges_and_never_bill_its_deltas_twice(p
     write_events_day(paths, DAY, table([gauge("t", ms(DAY, 0, 10), "10"), delta("d1", ms(DAY, 1), "7")]), "reports")
     w = day_window(DAY)
     run_model(paths, "fct_series_edges_by_day", w, engine="sql")
+    run_model(paths, "fct_gauge_peaks_by_day", w)
     got = {(x["customer_id"], x["meter_id"]): x for x in run_model(paths, "fct_usage_by_day", w).table.to_pylist()}
     assert got[("llm-001", "llm_input_tokens")]["usage"] == 7  # DAY's 7; PREV's 1000 is PREV's
     g = got[(CUSTOMER, METER)]
+    # the 500 carried in from PREV holds 00:00-00:10: it is today's peak of the sum
     assert (g["gauge_integral"], g["gauge_covered_ms"], g["gauge_peak"], g["events"]) == (
-        500 * 10 * M + 10 * 65 * M, 75 * M, 10, 1)
+        500 * 10 * M + 10 * 65 * M, 75 * M, 500, 1)
 
 
 # --- cross-day duplicate event ids ----------------------------------------------------------------

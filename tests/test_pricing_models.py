@@ -29,7 +29,8 @@ DAY_SCHEMA = pa.schema(
         ("kind", pa.string()), ("usage", pa.decimal128(38, 9)), ("gauge_integral", pa.decimal128(38, 9)),
         ("gauge_covered_ms", pa.int64()), ("gauge_peak", pa.decimal128(38, 9)), ("series", pa.int64()),
         ("samples", pa.int64()), ("dropped_samples", pa.int64()), ("resets", pa.int64()),
-        ("reappeared_series", pa.int64()), ("max_gap_ms", pa.int64()),
+        ("reappeared_series", pa.int64()), ("max_gap_ms", pa.int64()), ("events", pa.int64()),
+        ("duplicate_conflicts", pa.int64()), ("gauge_held_ms", pa.int64()),
     ]
 )
 
@@ -40,6 +41,7 @@ def day_row(day, customer, meter, *, usage=None, peak=None, kind="counter"):
         "usage": None if usage is None else Decimal(usage), "gauge_integral": None if peak is None else Decimal(0),
         "gauge_covered_ms": None if peak is None else 0, "gauge_peak": None if peak is None else Decimal(peak),
         "series": 1, "samples": 1, "dropped_samples": 0, "resets": 0, "reappeared_series": 0, "max_gap_ms": 0,
+        "events": 0, "duplicate_conflicts": 0, "gauge_held_ms": None if peak is None else 86_400_000,
     }
 
 

@@ -171,10 +171,12 @@ def test_days_in_any_order_and_reruns_give_the_same_rows(runner):
     days = [D0, next_day(D0), next_day(D0, 2)]
     forward = run_days(BOUNDARY_SAMPLES, SERIES, None, days, runner=runner)
     runner.set_raw(BOUNDARY_SAMPLES, SERIES)
-    for t in ("fct_series_edges_by_day", "fct_usage_by_day"):
+    for t in ("fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day"):
         runner.con.execute(f"drop table if exists {t}")
     for d in reversed(days):
         runner.run("fct_series_edges_by_day", day_window(d))
+    for d in reversed(days):
+        runner.run("fct_gauge_peaks_by_day", day_window(d))
     backward = {d: runner.run("fct_usage_by_day", day_window(d)).to_pylist() for d in reversed(days)}
     rerun = runner.run("fct_usage_by_day", day_window(days[1])).to_pylist()
     key = lambda rows: sorted(rows, key=lambda r: (r["customer_id"], r["meter_id"]))
@@ -228,13 +230,14 @@ def test_parse_model_reads_refs_params_and_config(tmp_path):
 def test_real_project_dependencies_come_from_the_sql():
     project = sqlmodels.load_project()
     assert project.upstream_models("fct_usage_by_day") == {
-        "fct_series_edges_by_day", "dim_series", "stg_raw__events", "stg_raw__carry_in", "stg_seeds__customers",
-        "stg_seeds__meters",
+        "fct_series_edges_by_day", "fct_gauge_peaks_by_day", "dim_series", "stg_raw__events", "stg_raw__carry_in",
+        "stg_seeds__customers", "stg_seeds__meters",
     }
-    assert project.table_deps("fct_usage_by_day")[0] == {"fct_series_edges_by_day"}
+    assert project.table_deps("fct_usage_by_day")[0] == {"fct_series_edges_by_day", "fct_gauge_peaks_by_day"}
     assert {"raw_series", "raw_events", "raw_carry_in", "seed_meters", "seed_customers"} <= project.table_deps("fct_usage_by_day")[1]
     order = project.order()
-    assert order.index("fct_series_edges_by_day") < order.index("fct_usage_by_day") < order.index("fct_usage_by_month")
+    assert order.index("fct_series_edges_by_day") < order.index("fct_gauge_peaks_by_day") < order.index("fct_usage_by_day")
+    assert order.index("fct_usage_by_day") < order.index("fct_usage_by_month")
     assert order.index("fct_rated_usage") < order.index("fct_invoice_lines")
 
 

@@ -304,6 +304,16 @@ candidates as (
         dropped_samples || ' NaN or staleness samples dropped'
     from today
     union all
+    select customer_id, meter_id, 'duplicate_conflicts', duplicate_conflicts::decimal(38, 9),
+        duplicate_conflicts || ' timestamps of a series with different values (the larger was billed)'
+    from today
+    union all
+    -- a level meter's day is billed from the time some level holds: report the rest as uncovered
+    select customer_id, meter_id, 'low_coverage', from_nano(div_half_up((86400000 - gauge_held_ms) * 100000000000, 86400000)),
+        'a level held ' || (gauge_held_ms // 60000) || ' of 1440 min'
+    from today
+    where kind = 'gauge'
+    union all
     select rate_series.customer_id, rate_series.meter_id, 'rate_per_minute',
         max(rates.max_per_minute)::decimal(38, 9),
         'highest rate between two scrapes: ' || round(max(rates.max_per_minute), 1) || ' per minute'

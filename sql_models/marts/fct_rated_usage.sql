@@ -77,8 +77,9 @@ usage_quantities as (
         case meters.aggregation
             when 'sum' then to_nano(usage.usage)
             when 'max' then to_nano(usage.gauge_peak)
+            -- over the covered time; a period without a sample or event of its own bills nothing
             when 'avg' then
-                case when usage.gauge_covered_ms > 0
+                case when usage.gauge_covered_ms > 0 and usage.observations > 0
                     then div_half_up(to_nano(usage.gauge_integral), usage.gauge_covered_ms)
                     else 0
                 end

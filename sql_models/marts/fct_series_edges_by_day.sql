@@ -1,4 +1,4 @@
--- Per series and UTC day: first and last sample, exact in-day counter increase, resets, gauge integral.
+-- Per series and UTC day: first and last sample, exact in-day counter increase, resets, gauge integral, conflicting duplicates.
 /* config
 materialized: table
 partitioned_by: billing_daily
@@ -15,11 +15,13 @@ with samples as (
     where ts_ms >= $start_ms and ts_ms < $end_ms
 ),
 
+-- one sample per (series, ts): of different values the larger (a counter never gets a reset that
+-- did not happen), each such timestamp counted as a conflict
 deduplicated as (
-    select series_id, ts_ms, value
+    select series_id, ts_ms, max(value) as value, (min(value) <> max(value))::integer as conflict
     from samples
     where isfinite(value)
-    qualify row_number() over (partition by series_id, ts_ms order by value) = 1
+    group by series_id, ts_ms
 ),
 
 dropped as (
@@ -34,6 +36,7 @@ ordered as (
         series_id,
         ts_ms,
         value,
+        conflict,
         lag(value) over by_time as prev_value,
         lag(ts_ms) over by_time as prev_ts_ms,
         lead(ts_ms) over by_time as next_ts_ms
@@ -63,7 +66,8 @@ per_series as (
         sum(exact_value(value) * least(coalesce(next_ts_ms, $end_ms) - ts_ms, $staleness_ms))::decimal(38, 9)
             as in_day_integral,
         sum(least(coalesce(next_ts_ms, $end_ms) - ts_ms, $staleness_ms))::bigint as in_day_covered_ms,
-        coalesce(max(ts_ms - prev_ts_ms), 0)::bigint as max_gap_ms
+        coalesce(max(ts_ms - prev_ts_ms), 0)::bigint as max_gap_ms,
+        sum(conflict)::bigint as duplicate_conflicts
     from ordered
     group by series_id
 ),
@@ -83,7 +87,8 @@ final as (
         per_series.peak,
         coalesce(per_series.in_day_integral, 0)::decimal(38, 9) as in_day_integral,
         coalesce(per_series.in_day_covered_ms, 0)::bigint as in_day_covered_ms,
-        coalesce(per_series.max_gap_ms, 0)::bigint as max_gap_ms
+        coalesce(per_series.max_gap_ms, 0)::bigint as max_gap_ms,
+        coalesce(per_series.duplicate_conflicts, 0)::bigint as duplicate_conflicts
     from per_series
     full outer join dropped
         on per_series.series_id = dropped.series_id

@@ -1,4 +1,4 @@
--- Exact usage per customer, meter, dimension and UTC day: reset-aware counter increase, gauge integral and peak, plus delta and gauge events.
+-- Exact usage per customer, meter, dimension and UTC day: reset-aware counter increase, gauge integral and peak of the sum, plus delta and gauge events.
 /* config
 materialized: table
 partitioned_by: billing_daily
@@ -28,13 +28,18 @@ carry_in as (
     where ts_ms >= $start_ms - $edge_lookback_ms and ts_ms < $start_ms and isfinite(value)
 ),
 
+peaks as (
+    select * from fct_gauge_peaks_by_day
+    where day >= $start_date::date and day < $end_date::date
+),
+
 today as (
     select * from edges
     where day >= $start_date::date and day < $end_date::date
 ),
 
 -- rule 3: each series' last sample before the day: the latest of the edges of up to 35 earlier days
--- and the day's carry-in (the same sample when both hold it; ties keep the smaller value, like edges)
+-- and the day's carry-in (the same sample when both hold it; ties keep the larger value, like edges)
 earlier_samples as (
     select series_id, last_ts_ms as ts_ms, last_value as value
     from edges
@@ -50,7 +55,7 @@ previous as (
         value as prev_value,
         ts_ms as prev_ts_ms
     from earlier_samples
-    qualify row_number() over (partition by series_id order by ts_ms desc, value) = 1
+    qualify row_number() over (partition by series_id order by ts_ms desc, value desc) = 1
 ),
 
 joined as (
@@ -62,10 +67,10 @@ joined as (
         today.first_value,
         coalesce(today.in_day_increase, 0) as in_day_increase,
         coalesce(today.resets, 0) as resets,
-        today.peak,
         coalesce(today.in_day_integral, 0) as in_day_integral,
         coalesce(today.in_day_covered_ms, 0) as in_day_covered_ms,
         coalesce(today.max_gap_ms, 0) as max_gap_ms,
+        coalesce(today.duplicate_conflicts, 0) as duplicate_conflicts,
         previous.prev_value,
         previous.prev_ts_ms
     from today
@@ -155,9 +160,6 @@ event_usage as (
         -- decimal(38, 9) * bigint stays decimal(38, 9): exact
         sum(event_spans.quantity * event_spans.covered_ms)::decimal(38, 9) as integral,
         sum(event_spans.covered_ms)::bigint as covered_ms,
-        -- like samples: a level carried in from yesterday does not set today's peak
-        (max(event_spans.quantity) filter (where event_spans.kind = 'gauge' and event_spans.today))
-            ::decimal(38, 9) as peak,
         (count(*) filter (where event_spans.today))::bigint as events
     from event_spans
     inner join stg_seeds__customers as customers
@@ -179,13 +181,13 @@ contributions as (
         boundary_increase + in_day_increase as increase,
         in_day_integral + coalesce(exact_value(prev_value), 0) * carry_in_ms as integral,
         in_day_covered_ms + carry_in_ms as covered_ms,
-        peak,
         1 as series,
         samples,
         dropped_samples,
         resets + boundary_resets as resets,
         reappeared,
         max_gap_ms,
+        duplicate_conflicts,
         0 as events
     from per_series
     union all by name
@@ -197,20 +199,19 @@ contributions as (
         increase,
         integral,
         covered_ms,
-        peak,
         0 as series,
         0 as samples,
         0 as dropped_samples,
         0 as resets,
         false as reappeared,
         0 as max_gap_ms,
+        0 as duplicate_conflicts,
         events
     from event_usage
 ),
 
-final as (
+usage as (
     select
-        $start_date::date as day,
         customer_id,
         meter_id,
         dimension,
@@ -224,10 +225,6 @@ final as (
         case when any_value(kind) = 'gauge'
             then sum(covered_ms)::bigint
         end as gauge_covered_ms,
-        -- the sum of each series' and each event stream's peak: an upper bound (seeds/README.md)
-        case when any_value(kind) = 'gauge'
-            then coalesce(sum(peak), 0)::decimal(38, 9)
-        end as gauge_peak,
         sum(series)::bigint as series,
         sum(samples)::bigint as samples,
         sum(dropped_samples)::bigint as dropped_samples,
@@ -235,9 +232,40 @@ final as (
         case when any_value(kind) = 'counter' then sum(resets) else 0 end::bigint as resets,
         count(*) filter (where reappeared)::bigint as reappeared_series,
         max(max_gap_ms)::bigint as max_gap_ms,
-        sum(events)::bigint as events
+        sum(events)::bigint as events,
+        -- (series, ts) with different values: the larger was billed (fct_series_edges_by_day)
+        sum(duplicate_conflicts)::bigint as duplicate_conflicts
     from contributions
     group by customer_id, meter_id, dimension
+),
+
+final as (
+    select
+        $start_date::date as day,
+        usage.customer_id,
+        usage.meter_id,
+        usage.dimension,
+        usage.kind,
+        usage.usage,
+        usage.gauge_integral,
+        usage.gauge_covered_ms,
+        -- rule 5: the peak over time of the customer's sum of series and gauge event streams
+        case when usage.kind = 'gauge' then coalesce(peaks.gauge_peak, 0)::decimal(38, 9) end as gauge_peak,
+        usage.series,
+        usage.samples,
+        usage.dropped_samples,
+        usage.resets,
+        usage.reappeared_series,
+        usage.max_gap_ms,
+        usage.events,
+        usage.duplicate_conflicts,
+        -- the time some level of the customer holds (gauge_covered_ms adds up every series' time)
+        case when usage.kind = 'gauge' then coalesce(peaks.gauge_held_ms, 0)::bigint end as gauge_held_ms
+    from usage
+    left join peaks
+        on usage.customer_id = peaks.customer_id
+        and usage.meter_id = peaks.meter_id
+        and usage.dimension = peaks.dimension
 )
 
 select * from final

@@ -30,7 +30,9 @@ final as (
         sum(daily.gauge_covered_ms)::bigint as gauge_covered_ms,
         max(daily.gauge_peak)::decimal(38, 9) as gauge_peak,
         ($end_ms - $start_ms)::bigint as month_ms,
-        count(*)::bigint as days_with_data
+        count(*)::bigint as days_with_data,
+        -- samples and events inside the period (a level carried in from before it is not one)
+        sum(daily.samples + daily.events)::bigint as observations
     from daily
     inner join periods
         on daily.customer_id = periods.customer_id
