@@ -43,6 +43,10 @@ def fast_days(paths, samples_by_series, series_labels, days, months=()) -> dict:
     engines (checking the compiled ones against their SQL), then the monthly models of ``months``.
     Returns {model: [rows of every run]}."""
     write_seed_snapshots(paths)
+    # the fixtures' short ids become the ids of their labels (raw.write_day refuses any other)
+    real = {s: raw.series_id(metric, labels) for s, (metric, labels, _) in series_labels.items()}
+    samples_by_series = {real[s]: xs for s, xs in samples_by_series.items()}
+    series_labels = {real[s]: v for s, v in series_labels.items()}
     out: dict[str, list] = {}
     for d in days:
         w = day_window(d)
@@ -97,13 +101,14 @@ def test_a_duplicate_timestamp_keeps_the_larger_value_in_the_fast_path(paths):
 
 
 def test_ingest_keeps_different_values_of_a_timestamp_and_identical_ones_once(paths):
-    t = samples_table({1: [(ms(D, 2), 500.0), (ms(D, 2), 2000.0), (ms(D, 2), 500.0), (ms(D, 1), 7.0)]})
-    raw.write_day(paths, D, t, series_table(CALLS), "test")
+    sid = raw.series_id(*CALLS[1][:2])
+    t = samples_table({sid: [(ms(D, 2), 500.0), (ms(D, 2), 2000.0), (ms(D, 2), 500.0), (ms(D, 1), 7.0)]})
+    raw.write_day(paths, D, t, series_table({sid: CALLS[1]}), "test")
     (f,) = raw.sample_files(paths, D)
     assert pq.read_table(f).to_pylist() == [
-        {"series_id": 1, "ts": ms(D, 1), "value": 7.0},
-        {"series_id": 1, "ts": ms(D, 2), "value": 500.0},
-        {"series_id": 1, "ts": ms(D, 2), "value": 2000.0},
+        {"series_id": sid, "ts": ms(D, 1), "value": 7.0},
+        {"series_id": sid, "ts": ms(D, 2), "value": 500.0},
+        {"series_id": sid, "ts": ms(D, 2), "value": 2000.0},
     ]
 
 
