@@ -8,6 +8,7 @@ queries only.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 

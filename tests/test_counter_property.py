@@ -13,7 +13,6 @@ Two value ranges are tested separately so that a failure says what broke:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal

@@ -22,8 +22,8 @@ from billing_dags.defs.shared.partitions import billing_daily
 from billing_dags.defs.shared.resources import WarehouseResource
 from billing_dags.events import EVENTS_SCHEMA, EventsLayoutError, cross_day_duplicates, write_events_day
 from billing_dags.settings import resolve_paths
-from billing_dags.sqlmodels import Window, run_model
-from sql_helpers import DAY_MS, SEEDS_DIR, Runner, day_start_ms, day_window, ms, next_day, run_days
+from billing_dags.sqlmodels import run_model
+from sql_helpers import DAY_MS, SEEDS_DIR, Runner, day_start_ms, day_window, ms, run_days
 
 PREV, DAY, NEXT = date(2025, 3, 9), date(2025, 3, 10), date(2025, 3, 11)
 H, M = 3_600_000, 60_000

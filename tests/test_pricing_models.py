@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import shutil
-from datetime import date, timedelta
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
 

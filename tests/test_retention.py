@@ -6,7 +6,6 @@ import json
 from datetime import date, datetime, timezone
 from decimal import Decimal
 
-import pytest
 
 from billing_dags import retention
 from billing_dags.cli import main

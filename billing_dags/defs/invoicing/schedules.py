@@ -1,6 +1,6 @@
 """Monthly invoicing: drafts on the 1st for the previous month, finalization after the grace period."""
 
-from datetime import date, timedelta
+from datetime import timedelta
 
 import dagster as dg
 
