@@ -24,8 +24,9 @@ AFTER_GRACE = datetime(2026, 3, 10, tzinfo=timezone.utc)  # February is final
 
 def _samples(paths, day: date, start_gib: int, end_gib: int) -> None:
     """mp-001's proxy_bytes counter (client_id miner-001) climbing from start_gib to end_gib GiB over the day."""
-    series = series_table({1: ("stratum_bytes_sent_total", {"client_id": "miner-001"}, ms(D3, 1))})
-    raw.write_day(paths, day, samples_table({1: [(ms(day, 1), start_gib * GIB), (ms(day, 20), end_gib * GIB)]}), series, "sim")
+    sid = raw.series_id("stratum_bytes_sent_total", {"client_id": "miner-001"})
+    series = series_table({sid: ("stratum_bytes_sent_total", {"client_id": "miner-001"}, ms(D3, 1))})
+    raw.write_day(paths, day, samples_table({sid: [(ms(day, 1), start_gib * GIB), (ms(day, 20), end_gib * GIB)]}), series, "sim")
 
 
 def _run_models(paths, days: list[date]) -> None:
