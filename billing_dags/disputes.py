@@ -70,8 +70,8 @@ def evidence(paths: Paths, customer_id: str, month: date, meter_id: str = "") ->
     con = connect()
     try:
         # the view models the query reads, over raw days from the lookback to the month's end
-        for name in ("dim_series", "stg_raw__samples"):
-            prepare(con, project, name, paths, lookback)
+        for name, over in (("dim_series", lookback), ("stg_raw__samples", lookback), ("stg_raw__carry_in", window)):
+            prepare(con, project, name, paths, over)
             con.execute(f"create or replace view {name} as {project.models[name].sql.strip().rstrip(';')}")
         sql = EVIDENCE_SQL.read_text().strip().rstrip(";")
         return con.sql(sql, params=_evidence_params(customer_id, meter_id, window)).to_arrow_table()

@@ -38,6 +38,16 @@ def view_statements(paths: Paths) -> list[str]:
             "create or replace view raw_series as select series_id, metric, labels, first_seen "
             f"from read_parquet({_lit(paths.raw_series / 'date=*' / '*.parquet')}, hive_partitioning = false)"
         )
+    if any(paths.raw_carry_in.glob("date=*/*.parquet")):
+        stmts.append(
+            "create or replace view raw_carry_in as select series_id, ts, value, date::date as date "
+            f"from read_parquet({_lit(paths.raw_carry_in / 'date=*' / '*.parquet')}, hive_partitioning = true)"
+        )
+    else:  # no pulled day yet: an empty carry-in, so the dispute evidence SQL runs on any warehouse
+        stmts.append(
+            "create or replace view raw_carry_in as select * from "
+            "(select 0::bigint as series_id, 0::bigint as ts, 0::double as value, null::date as date) where false"
+        )
     events = events_root(paths)
     if any(events.glob("date=*/*.parquet")):
         stmts.append(

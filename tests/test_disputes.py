@@ -85,3 +85,49 @@ def test_late_data_after_finalization_shows_the_difference_and_the_pending_adjus
     assert ("The recomputed month differs from finalized invoice INV-2026-000004 because of late data after finalization; "
             "a finalized invoice is never edited: 0.50 USD is pending as an adjustment on mp-001's next invoice") in out
     assert "proxy_bytes: raw 16106127360 vs recomputed month 16106127360 — ties out" in out
+
+
+def _prepare(paths, samples: list[tuple[int, float]], carry_in: tuple[int, float] | None = None) -> None:
+    """February for mp-001 from the given proxy_bytes samples of Feb 3 (and a carry-in before it), finalized."""
+    write_seed_snapshots(paths)
+    labels = ("stratum_bytes_sent_total", {"client_id": "miner-001"})
+    sid = raw.series_id(*labels)
+    series = series_table({sid: (*labels, ms(D3, 1))})
+    if carry_in is not None:
+        raw.write_carry_in(paths, D3, samples_table({sid: [carry_in]}), series, "prometheus", 35)
+    raw.write_day(paths, D3, samples_table({sid: samples}), series, "prometheus")
+    _run_models(paths, [D3])
+    _bill(paths)
+
+
+def test_a_duplicate_timestamp_ties_out_with_the_larger_value(paths, capsys):
+    # a new counter at 5 GiB, then at 10:00 both 8 GiB and a stray 3 GiB, then 10 GiB: the models keep
+    # the larger (5 + 3 + 2 = 10 GiB); keeping the smaller would make up a reset (5 + 3 + 7 = 15 GiB)
+    _prepare(paths, [(ms(D3, 1), 5 * GIB), (ms(D3, 10), 8 * GIB), (ms(D3, 10), 3 * GIB), (ms(D3, 20), 10 * GIB)])
+    out = dispute(capsys, paths)
+    assert "proxy_bytes: raw 10737418240 vs recomputed month 10737418240 — ties out" in out, out
+
+
+def test_a_pulled_first_month_ties_out_with_its_carry_in(paths, capsys):
+    # the first day pulled from Prometheus records the counter's last sample before it (4 GiB on Feb 2,
+    # a day never ingested): February's usage is 10 - 4 = 6 GiB, and the evidence must count the same
+    _prepare(paths, [(ms(D3, 1), 5 * GIB), (ms(D3, 20), 10 * GIB)], carry_in=(ms(date(2026, 2, 2), 23), 4 * GIB))
+    out = dispute(capsys, paths)
+    assert "proxy_bytes: raw 6442450944 vs recomputed month 6442450944 — ties out" in out, out
+
+
+@pytest.mark.parametrize("carry_in", [None, (ms(date(2026, 2, 2), 23), 4 * GIB)], ids=["simulated", "pulled"])
+def test_the_exported_sql_reproduces_the_evidence_in_the_warehouse(paths, capsys, tmp_path, carry_in):
+    from billing_dags.disputes import build_dispute, export_evidence
+    from billing_dags.warehouse import open_warehouse
+
+    _prepare(paths, [(ms(D3, 1), 5 * GIB), (ms(D3, 20), 10 * GIB)], carry_in=carry_in)
+    d = build_dispute(paths, "mp-001", FEB)
+    sql = next(f for f in export_evidence(d, tmp_path / "pack") if f.name == "reproduce.sql").read_text()
+    con = open_warehouse(paths)
+    try:
+        got = con.execute(sql).to_arrow_table()
+    finally:
+        con.close()
+    assert got.select(["series_id", "ts_ms", "increase"]).to_pylist() == d.evidence.select(["series_id", "ts_ms", "increase"]).to_pylist()
+    assert sum(r["increase"] for r in got.to_pylist()) == (6 if carry_in else 10) * GIB

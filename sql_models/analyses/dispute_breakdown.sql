@@ -8,14 +8,29 @@ with series as (
         and ($meter_id = '' or meter_id = $meter_id)
 ),
 
+raw_samples as (
+    select * from stg_raw__samples
+    where ts_ms >= $start_ms - $edge_lookback_ms and ts_ms < $end_ms
+),
+
+-- the carry-in of the month's days (each series' last sample before a pulled day, where a pull
+-- recorded one): the usage model takes it as a previous sample, never as usage of its own day
+carry_in as (
+    select * from stg_raw__carry_in
+    where ts_ms >= $start_ms - $edge_lookback_ms and ts_ms < $end_ms
+),
+
+-- one sample per (series, timestamp): the larger value, as in the usage models (a raw sample before
+-- a carried-in copy of it)
 samples as (
-    select stg_raw__samples.*
-    from stg_raw__samples
-    where series_id in (select series_id from series)
-        and ts_ms >= $start_ms - $edge_lookback_ms
-        and ts_ms < $end_ms
-        and isfinite(value)
-    qualify row_number() over (partition by series_id, ts_ms order by value) = 1
+    select series_id, ts_ms, value, carried
+    from (
+        select series_id, ts_ms, value, false as carried from raw_samples
+        union all
+        select series_id, ts_ms, value, true as carried from carry_in
+    ) as candidates
+    where series_id in (select series_id from series) and isfinite(value)
+    qualify row_number() over (partition by series_id, ts_ms order by value desc, carried) = 1
 ),
 
 ordered as (
@@ -24,7 +39,8 @@ ordered as (
         ts_ms,
         value,
         lag(value) over by_time as prev_value,
-        lag(ts_ms) over by_time as prev_ts_ms
+        lag(ts_ms) over by_time as prev_ts_ms,
+        carried
     from samples
     window by_time as (partition by series_id order by ts_ms)
 ),
@@ -42,7 +58,7 @@ classified as (
     from ordered
     inner join series
         on ordered.series_id = series.series_id
-    where ordered.ts_ms >= $start_ms
+    where ordered.ts_ms >= $start_ms and not ordered.carried
 ),
 
 deltas as (
