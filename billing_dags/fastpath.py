@@ -1114,13 +1114,13 @@ def _gauge_sweep(ts, v, sample0, carried_ts, carried_v, has_carried, group_serie
     return 0, 0
 
 
-def _model_cte(con, model, window, cte: str) -> pa.Table:
-    """Rows of one CTE of a model's SQL (its ``select * from final`` pointed at ``cte``)."""
+def _model_cte(con, model, window, select: str) -> pa.Table:
+    """Rows of a query over a model's CTEs (its ``select * from final`` replaced by ``select``)."""
     sql = model.sql.strip().rstrip(";")
     tail = "select * from final"
     if not sql.endswith(tail):
         raise FallbackToSQL(f"{model.path} does not end with {tail!r}")
-    sql = sql[: -len(tail)] + f"select * from {cte}"
+    sql = sql[: -len(tail)] + select
     used = {k: v for k, v in window.params().items() if f"${k}" in sql}
     return con.sql(sql, params=used or None).to_arrow_table()
 
@@ -1172,9 +1172,11 @@ def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None) -> p
     con = connect(threads)
     try:
         prepare(con, load_project(), model.name, paths, window)
-        series = _model_cte(con, model, window, "series").sort_by("series_id")
-        carried = _model_cte(con, model, window, "carried")
-        events = _model_cte(con, model, window, "event_spans").sort_by("customer_id")
+        # the series with their carried sample in one query (the CTEs they share are computed once)
+        series = _model_cte(con, model, window, (
+            "select series.series_id, series.customer_id, series.meter_id, series.dimension, carried.ts_ms, carried.value "
+            "from series left join carried on carried.series_id = series.series_id order by series.series_id"))
+        events = _model_cte(con, model, window, "select * from event_spans").sort_by("customer_id")
     finally:
         con.close()
     groups: dict[tuple[str, str, str], int] = {}
@@ -1184,10 +1186,10 @@ def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None) -> p
         dtype=np.int64,
     )
     n = len(gsid)
-    carried_ts, carried_v, has_carried = np.zeros(n, np.int64), np.zeros(n, np.float64), np.zeros(n, np.bool_)
-    if len(carried):
-        at = np.searchsorted(gsid, carried["series_id"].to_numpy())
-        carried_ts[at], carried_v[at], has_carried[at] = carried["ts_ms"].to_numpy(), carried["value"].to_numpy(), True
+    # a series id listed twice: its samples and its carried one go to the first of its rows (as its samples do)
+    has_carried = series["ts_ms"].is_valid().to_numpy(zero_copy_only=False) & (np.searchsorted(gsid, gsid) == np.arange(n))
+    carried_ts = series["ts_ms"].fill_null(0).to_numpy().astype(np.int64)
+    carried_v = series["value"].fill_null(0.0).to_numpy().astype(np.float64)
     ev = sorted(
         (groups.setdefault((cid, mid, dim), len(groups)), frm, until, level)
         for cid, mid, dim, frm, until, level in zip(*(events[c].to_pylist() for c in events.column_names))
