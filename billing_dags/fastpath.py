@@ -1172,27 +1172,32 @@ def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None) -> p
     con = connect(threads)
     try:
         prepare(con, load_project(), model.name, paths, window)
-        # the series with their carried sample in one query (the CTEs they share are computed once)
-        series = _model_cte(con, model, window, (
-            "select series.series_id, series.customer_id, series.meter_id, series.dimension, carried.ts_ms, carried.value "
-            "from series left join carried on carried.series_id = series.series_id order by series.series_id"))
-        events = _model_cte(con, model, window, "select * from event_spans").sort_by("customer_id")
+        # the series with their carried sample, then the event spans, in one query (shared CTEs computed once)
+        rows = _model_cte(con, model, window, (
+            "select 0 as part, series.series_id, series.customer_id, series.meter_id, series.dimension, "
+            "carried.ts_ms as from_ms, carried.value, null::bigint as until_ms, null::decimal(38, 9) as level "
+            "from series left join carried on carried.series_id = series.series_id "
+            "union all select 1, null, customer_id, meter_id, dimension, from_ms, null, until_ms, level from event_spans "
+            "order by part, series_id, customer_id"))
     finally:
         con.close()
+    nseries = pc.sum(pc.equal(rows["part"], 0)).as_py() or 0
+    series, events = rows.slice(0, nseries), rows.slice(nseries)
     groups: dict[tuple[str, str, str], int] = {}
-    gsid = series["series_id"].to_numpy()
+    gsid = series["series_id"].to_numpy().astype(np.int64)
     sgroup = np.array(
         [groups.setdefault(k, len(groups)) for k in zip(*(series[c].to_pylist() for c in ("customer_id", "meter_id", "dimension")))],
         dtype=np.int64,
     )
     n = len(gsid)
     # a series id listed twice: its samples and its carried one go to the first of its rows (as its samples do)
-    has_carried = series["ts_ms"].is_valid().to_numpy(zero_copy_only=False) & (np.searchsorted(gsid, gsid) == np.arange(n))
-    carried_ts = series["ts_ms"].fill_null(0).to_numpy().astype(np.int64)
+    has_carried = series["from_ms"].is_valid().to_numpy(zero_copy_only=False) & (np.searchsorted(gsid, gsid) == np.arange(n))
+    carried_ts = series["from_ms"].fill_null(0).to_numpy().astype(np.int64)
     carried_v = series["value"].fill_null(0.0).to_numpy().astype(np.float64)
+    ev_columns = ("customer_id", "meter_id", "dimension", "from_ms", "until_ms", "level")
     ev = sorted(
         (groups.setdefault((cid, mid, dim), len(groups)), frm, until, level)
-        for cid, mid, dim, frm, until, level in zip(*(events[c].to_pylist() for c in events.column_names))
+        for cid, mid, dim, frm, until, level in zip(*(events[c].to_pylist() for c in ev_columns))
     )
     ev_group = np.array([e[0] for e in ev], dtype=np.int64)
     ev_k, ev_scale = _decimal_scaled([e[3] for e in ev])
