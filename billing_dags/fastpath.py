@@ -39,8 +39,10 @@ are merged per overlapping group of row groups, or, past a size limit, computed 
 
 ``gauge_peaks_by_day`` is the engine of ``fct_gauge_peaks_by_day`` (the peak over time of each
 customer's sum of gauge levels): the gauge series, their carried-in samples and the gauge event
-spans come from the model's own CTEs (DuckDB, small tables); the day's samples of those series are
-gathered from the raw row groups, and compiled code turns them into level changes per customer,
+spans come from the model's own CTEs (one DuckDB query, small tables); the day's samples of those
+series are gathered from the raw row groups by compiled code, each row group into its own slice of
+two arrays sized from its series ids (12 bytes a sample: ms after the day's start as int32, the
+value), then packed; compiled code turns them into level changes per customer,
 meter and dimension (one per sample, plus one where a level goes stale), orders them by time (a
 counting sort) and sums them exactly in int64 at the group's largest decimal scale (values no
 scale fits, or sums that could pass 2**62, run the SQL instead).
