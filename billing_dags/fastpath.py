@@ -39,8 +39,10 @@ are merged per overlapping group of row groups, or, past a size limit, computed 
 
 ``gauge_peaks_by_day`` is the engine of ``fct_gauge_peaks_by_day`` (the peak over time of each
 customer's sum of gauge levels): the gauge series, their carried-in samples and the gauge event
-spans come from the model's own CTEs (DuckDB, small tables); the day's samples of those series are
-gathered from the raw row groups, and compiled code turns them into level changes per customer,
+spans come from the model's own CTEs (one DuckDB query, small tables); the day's samples of those
+series are gathered from the raw row groups by compiled code, each row group into its own slice of
+two arrays sized from its series ids (12 bytes a sample: ms after the day's start as int32, the
+value), then packed; compiled code turns them into level changes per customer,
 meter and dimension (one per sample, plus one where a level goes stale), orders them by time (a
 counting sort) and sums them exactly in int64 at the group's largest decimal scale (values no
 scale fits, or sums that could pass 2**62, run the SQL instead).
@@ -910,12 +912,9 @@ _BOUND = 2.0**62  # the sum of a group's levels at one scale must stay below thi
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _gauge_rows(sid, ts, v, gsid, start_ms, end_ms):
-    """Rows of the gauge series ``gsid`` (sorted) inside [start_ms, end_ms) with a finite value:
-    (row indices, index of each row's series in gsid). Rows are sorted by series (one binary search per series)."""
+def _gauge_count(sid, gsid):
+    """Rows of ``sid`` (a row group's series ids) that belong to the gauge series ``gsid`` (sorted)."""
     n = len(sid)
-    keep = np.empty(n, dtype=np.int64)
-    where = np.empty(n, dtype=np.int32)
     m = 0
     r = 0
     while r < n:
@@ -925,13 +924,40 @@ def _gauge_rows(sid, ts, v, gsid, start_ms, end_ms):
             r1 += 1
         g = np.searchsorted(gsid, s)
         if g < len(gsid) and gsid[g] == s:
+            m += r1 - r
+        r = r1
+    return m
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _gauge_take(sid, ts, v, gsid, start_ms, end_ms, out_t, out_v, m, count, first, last):
+    """Append the rows of the gauge series ``gsid`` (sorted) inside [start_ms, end_ms) with a finite
+    value to out_t (ms after start_ms, int32) and out_v from position m, counting them per series
+    in ``count``. ``first``, ``last``: the indices in gsid of the first and the previous gauge series
+    seen (-1: none); returns (new m, first, last, status): status 1 when a gauge series comes after a
+    later one (rows not sorted by series)."""
+    n = len(sid)
+    r = 0
+    while r < n:
+        s = sid[r]
+        r1 = r + 1
+        while r1 < n and sid[r1] == s:
+            r1 += 1
+        g = np.searchsorted(gsid, s)
+        if g < len(gsid) and gsid[g] == s:
+            if g < last:
+                return m, first, last, 1
+            if first < 0:
+                first = g
+            last = g
             for j in range(r, r1):
                 if ts[j] >= start_ms and ts[j] < end_ms and np.isfinite(v[j]):
-                    keep[m] = j
-                    where[m] = g
+                    out_t[m] = ts[j] - start_ms
+                    out_v[m] = v[j]
                     m += 1
+                    count[g] += 1
         r = r1
-    return keep[:m], where[:m]
+    return m, first, last, 0
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -977,11 +1003,11 @@ def _time_order(at, start_ms, end_ms):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _gauge_sweep(sidx, ts, v, sample0, carried_ts, carried_v, has_carried, group_series, group0,
+def _gauge_sweep(ts, v, sample0, carried_ts, carried_v, has_carried, group_series, group0,
                  ev_group0, ev_from, ev_until, ev_k, ev_scale, start_ms, end_ms, stale_ms, peak_k, peak_scale, held_ms):
-    """For each group (its series group_series[group0[g]:group0[g + 1]], samples sidx-sorted in
+    """For each group (its series group_series[group0[g]:group0[g + 1]], samples in
     rows sample0[s]:sample0[s + 1], and its event spans ev_*[ev_group0[g]:ev_group0[g + 1]]): the
-    peak over time of the sum of the levels held, exactly (int64 at the group's largest decimal
+    peak over time of the sum of the levels held (samples at ts ms after start_ms), exactly (int64 at the group's largest decimal
     scale), and the time some level holds. Returns (status, series or group): 0 done; 1 timestamps
     of a series go back; 2 a value no decimal scale fits; 3 the group's sums could overflow."""
     ngroups = len(group0) - 1
@@ -1037,12 +1063,12 @@ def _gauge_sweep(sidx, ts, v, sample0, carried_ts, carried_v, has_carried, group
                     t, x = carried_ts[s], carried_v[s]
                     nxt = j0
                 else:
-                    t, x = ts[j], v[j]
+                    t, x = start_ms + ts[j], v[j]
                     nxt = j + 1
-                    while nxt < j1 and ts[nxt] == t:  # duplicates of a ts: the larger value
+                    while nxt < j1 and start_ms + ts[nxt] == t:  # duplicates of a ts: the larger value
                         x = max(x, v[nxt])
                         nxt += 1
-                until = min(ts[nxt] if nxt < j1 else end_ms, t + stale_ms, end_ms)
+                until = min(start_ms + ts[nxt] if nxt < j1 else end_ms, t + stale_ms, end_ms)
                 frm = max(t, start_ms)
                 if until > frm:
                     k, i = _exact(x)
@@ -1090,13 +1116,13 @@ def _gauge_sweep(sidx, ts, v, sample0, carried_ts, carried_v, has_carried, group
     return 0, 0
 
 
-def _model_cte(con, model, window, cte: str) -> pa.Table:
-    """Rows of one CTE of a model's SQL (its ``select * from final`` pointed at ``cte``)."""
+def _model_cte(con, model, window, select: str) -> pa.Table:
+    """Rows of a query over a model's CTEs (its ``select * from final`` replaced by ``select``)."""
     sql = model.sql.strip().rstrip(";")
     tail = "select * from final"
     if not sql.endswith(tail):
         raise FallbackToSQL(f"{model.path} does not end with {tail!r}")
-    sql = sql[: -len(tail)] + f"select * from {cte}"
+    sql = sql[: -len(tail)] + select
     used = {k: v for k, v in window.params().items() if f"${k}" in sql}
     return con.sql(sql, params=used or None).to_arrow_table()
 
@@ -1116,15 +1142,25 @@ def _decimal_scaled(values) -> tuple[np.ndarray, np.ndarray]:
     return ks, scales
 
 
-def _gauge_gather(unit: _Unit, gsid: np.ndarray, start_ms: int, end_ms: int) -> tuple[np.ndarray, ...]:
-    parts = []
+def _gauge_rows_of(unit: _Unit, gsid: np.ndarray) -> int:
+    """An upper bound on the unit's rows of the gauge series ``gsid``: its rows of those series (series ids only)."""
+    return sum(
+        _gauge_count(np.ascontiguousarray(pq.ParquetFile(f).read_row_group(g, columns=["series_id"], use_threads=False)
+                                          .column(0).to_numpy(), dtype=np.int64), gsid)
+        for f, g in unit.parts
+    )
+
+
+def _gauge_gather(unit: _Unit, gsid: np.ndarray, start_ms: int, end_ms: int, out_t: np.ndarray, out_v: np.ndarray,
+                  count: np.ndarray) -> tuple[int, int, int]:
+    """The unit's samples of the gauge series into out_t, out_v (its own slice of the day's arrays),
+    counted per series in ``count``: (rows written, first and last gauge series index, -1 if none)."""
+    m, first, last = 0, -1, -1
     for sid, ts, v in _batches(unit, start_ms, end_ms):
-        rows, where = _gauge_rows(sid, ts, v, gsid, start_ms, end_ms)
-        if len(rows):
-            parts.append((where, ts[rows], v[rows]))
-    if not parts:
-        return np.empty(0, np.int32), np.empty(0, np.int64), np.empty(0, np.float64)
-    return tuple(np.concatenate(c) for c in zip(*parts))
+        m, first, last, status = _gauge_take(sid, ts, v, gsid, start_ms, end_ms, out_t, out_v, m, count, first, last)
+        if status:
+            raise raw.RawLayoutError(f"{_where(unit)}: series are not sorted by series_id; rewrite the day with raw.write_day")
+    return m, first, last
 
 
 def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None) -> pa.Table:
@@ -1138,25 +1174,32 @@ def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None) -> p
     con = connect(threads)
     try:
         prepare(con, load_project(), model.name, paths, window)
-        series = _model_cte(con, model, window, "series").sort_by("series_id")
-        carried = _model_cte(con, model, window, "carried")
-        events = _model_cte(con, model, window, "event_spans").sort_by("customer_id")
+        # the series with their carried sample, then the event spans, in one query (shared CTEs computed once)
+        rows = _model_cte(con, model, window, (
+            "select 0 as part, series.series_id, series.customer_id, series.meter_id, series.dimension, "
+            "carried.ts_ms as from_ms, carried.value, null::bigint as until_ms, null::decimal(38, 9) as level "
+            "from series left join carried on carried.series_id = series.series_id "
+            "union all select 1, null, customer_id, meter_id, dimension, from_ms, null, until_ms, level from event_spans "
+            "order by part, series_id, customer_id"))
     finally:
         con.close()
+    nseries = pc.sum(pc.equal(rows["part"], 0)).as_py() or 0
+    series, events = rows.slice(0, nseries), rows.slice(nseries)
     groups: dict[tuple[str, str, str], int] = {}
-    gsid = series["series_id"].to_numpy()
+    gsid = series["series_id"].to_numpy().astype(np.int64)
     sgroup = np.array(
         [groups.setdefault(k, len(groups)) for k in zip(*(series[c].to_pylist() for c in ("customer_id", "meter_id", "dimension")))],
         dtype=np.int64,
     )
     n = len(gsid)
-    carried_ts, carried_v, has_carried = np.zeros(n, np.int64), np.zeros(n, np.float64), np.zeros(n, np.bool_)
-    if len(carried):
-        at = np.searchsorted(gsid, carried["series_id"].to_numpy())
-        carried_ts[at], carried_v[at], has_carried[at] = carried["ts_ms"].to_numpy(), carried["value"].to_numpy(), True
+    # a series id listed twice: its samples and its carried one go to the first of its rows (as its samples do)
+    has_carried = series["from_ms"].is_valid().to_numpy(zero_copy_only=False) & (np.searchsorted(gsid, gsid) == np.arange(n))
+    carried_ts = series["from_ms"].fill_null(0).to_numpy().astype(np.int64)
+    carried_v = series["value"].fill_null(0.0).to_numpy().astype(np.float64)
+    ev_columns = ("customer_id", "meter_id", "dimension", "from_ms", "until_ms", "level")
     ev = sorted(
         (groups.setdefault((cid, mid, dim), len(groups)), frm, until, level)
-        for cid, mid, dim, frm, until, level in zip(*(events[c].to_pylist() for c in events.column_names))
+        for cid, mid, dim, frm, until, level in zip(*(events[c].to_pylist() for c in ev_columns))
     )
     ev_group = np.array([e[0] for e in ev], dtype=np.int64)
     ev_k, ev_scale = _decimal_scaled([e[3] for e in ev])
@@ -1168,18 +1211,32 @@ def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None) -> p
     # row groups whose series range holds no gauge series are not read
     units = [u for u in units if u.lo is None or np.searchsorted(gsid, u.lo) < np.searchsorted(gsid, u.hi, side="right")]
     threads = threads or min(2, os.cpu_count() or 1)
-    if threads <= 1 or len(units) <= 1:
-        parts = [_gauge_gather(u, gsid, start_ms, end_ms) for u in units]
-    else:
-        with ThreadPoolExecutor(threads) as pool:
-            parts = list(pool.map(lambda u: _gauge_gather(u, gsid, start_ms, end_ms), units))
-    if parts:
-        sidx, ts, v = (np.concatenate(c) for c in zip(*parts))
-    else:
-        sidx, ts, v = np.empty(0, np.int32), np.empty(0, np.int64), np.empty(0, np.float64)
-    if len(sidx) > 1 and (sidx[1:] < sidx[:-1]).any():
-        raise raw.RawLayoutError(f"raw samples of {window.start}: series are not sorted within and across row groups; rewrite the day with raw.write_day")
-    sample0 = np.searchsorted(sidx, np.arange(n + 1)).astype(np.int64)
+    pool = ThreadPoolExecutor(threads) if threads > 1 and len(units) > 1 else None
+    try:
+        each = pool.map if pool else map
+        # each unit gets its slice of the day's arrays (sized by its rows of gauge series), then the slices are packed
+        bounds = np.fromiter(each(lambda u: _gauge_rows_of(u, gsid), units), dtype=np.int64, count=len(units))
+        offsets = np.concatenate([[0], np.cumsum(bounds)])
+        ts = np.empty(int(offsets[-1]), dtype=np.int32)  # ms after start_ms (the window is under 2**30 ms)
+        v = np.empty(len(ts), dtype=np.float64)
+        count = np.zeros(n, dtype=np.int64)
+        got = list(each(lambda i: _gauge_gather(units[i], gsid, start_ms, end_ms, ts[offsets[i]:offsets[i + 1]],
+                                                 v[offsets[i]:offsets[i + 1]], count), range(len(units))))
+    finally:
+        if pool:
+            pool.shutdown()
+    pos, prev = 0, -1
+    for i, (m, first, last) in enumerate(got):
+        if first < 0:
+            continue
+        if first <= prev:
+            raise raw.RawLayoutError(f"raw samples of {window.start}: series are not sorted within and across row groups; rewrite the day with raw.write_day")
+        prev = last
+        if pos != offsets[i]:
+            ts[pos:pos + m], v[pos:pos + m] = ts[offsets[i]:offsets[i] + m], v[offsets[i]:offsets[i] + m]
+        pos += m
+    ts, v = ts[:pos], v[:pos]
+    sample0 = np.concatenate([[0], np.cumsum(count)]).astype(np.int64)
     ngroups = len(groups)
     group_series = np.argsort(sgroup, kind="stable").astype(np.int64)
     group0 = np.searchsorted(sgroup[group_series], np.arange(ngroups + 1)).astype(np.int64)
@@ -1188,7 +1245,7 @@ def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None) -> p
 
     def sweep(a: int, b: int) -> tuple[int, int]:  # groups [a, b), on their own rows of the outputs
         return _gauge_sweep(
-            sidx, ts, v, sample0, carried_ts, carried_v, has_carried, group_series, group0[a:b + 1],
+            ts, v, sample0, carried_ts, carried_v, has_carried, group_series, group0[a:b + 1],
             ev_group0[a:b + 1], ev_from, ev_until, ev_k, ev_scale, start_ms, end_ms, STALENESS_MS,
             peak_k[a:b], peak_scale[a:b], held[a:b],
         )

@@ -83,6 +83,27 @@ def test_gauge_peaks_of_simulated_days_equal_the_sql(paths):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+def test_gauge_peaks_refuse_raw_rows_not_sorted_by_series(paths, threads):
+    """The compiled gather checks the series order as it copies: the day's rows rewritten with the
+    series in descending order (one row group) are a layout error naming the fix, not a wrong peak."""
+    from billing_dags.defs.seeds.assets import write_seed_snapshots
+
+    write_seed_snapshots(paths)
+    simulate.write_simulated_day(paths, DAY, read_seed(paths.seeds_dir, "customers"), interval_s=60)
+    run_model(paths, "fct_series_edges_by_day", WINDOW)
+    model = load_project().models["fct_gauge_peaks_by_day"]
+    assert fastpath.gauge_peaks_by_day(paths, model, WINDOW, threads=threads).num_rows > 0
+    files = raw.sample_files(paths, DAY)
+    t = pa.concat_tables([pq.read_table(f) for f in files])
+    for f in files:
+        f.unlink()
+    t = t.sort_by([("series_id", "descending"), ("ts", "ascending")])
+    pq.write_table(t, raw.samples_day_dir(paths, DAY) / "part-test.parquet", row_group_size=t.num_rows)
+    with pytest.raises(raw.RawLayoutError, match="not sorted by series_id.*rewrite the day"):
+        fastpath.gauge_peaks_by_day(paths, model, WINDOW, threads=threads)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 def test_a_backfill_partition_on_its_share_of_the_cores_gives_the_same_bytes(paths, threads):
     from billing_dags.defs.seeds.assets import write_seed_snapshots
 
