@@ -161,7 +161,7 @@ def test_environment_variables_are_not_readable(wh, query):
 @pytest.mark.parametrize(
     "query, refused",
     [
-        # the audit: an invoice line's amount rewritten in its partition, a raw day emptied
+        # an invoice line's amount rewritten in its partition, a raw day emptied
         ("copy (select * replace (amount_minor * 100 as amount_minor) from fct_invoice_lines) "
          "to 'data/models/fct_invoice_lines/month=2026-10/data.parquet' (format parquet)", "COPY"),
         ("copy (select * from raw_samples where false) to 'data/raw/samples/date=2026-10-12/part-simulated.parquet' (format parquet)", "COPY"),
