@@ -824,13 +824,16 @@ def uninvoiced_customers(
     usage: Iterable[Mapping],
     invoiced: Iterable[str],
     flags: Iterable[Mapping],
+    plans: Iterable[Mapping],
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Customers with a subscription or usage in ``month`` and no invoice: (silently unbilled, named).
 
     ``subscriptions`` are seed rows, ``usage`` the month's fct_usage_by_month rows, ``flags`` its
-    fct_anomaly_flags rows. A customer subscribed in the month must have an invoice. One with usage
-    and no subscription in the month has none to have: its usage must be named by a flag of
-    ``OUTSIDE_SUBSCRIPTION_RULES``, else nobody would know it is billed to nobody.
+    fct_anomaly_flags rows, ``plans`` the plans seed. A customer subscribed in the month must have an
+    invoice, unless it has no usage in the month and no version of its plans has a base fee or a
+    minimum charge (nothing to bill). One with usage and no subscription in the month has none to
+    have: its usage must be named by a flag of ``OUTSIDE_SUBSCRIPTION_RULES``, else nobody would know
+    it is billed to nobody.
     """
     start, end = _month_start(month), period_end(month)
     invoiced = set(invoiced)
@@ -846,9 +849,13 @@ def uninvoiced_customers(
     for f in flags:
         if f["rule"] in _flags.OUTSIDE_SUBSCRIPTION_RULES:
             named.setdefault(f["customer_id"], set()).add(f"{f['rule']} on {f['meter_id']}")
+    fixed_charge = {p["plan_id"] for p in plans if (p["base_fee"] or 0) > 0 or (p["minimum_charge"] or 0) > 0}
     unbilled, with_reason = {}, {}
     for cid in sorted((set(subscribed) | used) - invoiced):
-        if cid in subscribed:
+        if cid in subscribed and cid not in used and not fixed_charge & set(subscribed[cid]):
+            plan_ids = ", ".join(sorted(subscribed[cid]))
+            with_reason[cid] = f"nothing to bill: no usage in the month on {plan_ids}, which has no base fee or minimum charge"
+        elif cid in subscribed:
             unbilled[cid] = f"subscribed to {', '.join(sorted(subscribed[cid]))} in the month, no invoice"
         elif cid in named:
             with_reason[cid] = "flagged " + ", ".join(sorted(named[cid]))

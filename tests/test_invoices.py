@@ -544,14 +544,34 @@ def test_customers_subscribed_or_using_the_service_without_an_invoice_are_named(
              use("idle", usage=Decimal(0))]
     flags = [{"customer_id": "flagged", "meter_id": "iot_devices", "rule": "outside_subscription"},
              {"customer_id": "nosub", "meter_id": "proxy_bytes", "rule": "scrape_gap"}]  # names nothing about billing
-    unbilled, named = inv.uninvoiced_customers(oct_, subs, usage, {"acme"}, flags)
+    plans = [{"plan_id": "pro", "base_fee": Decimal(10), "minimum_charge": Decimal(0)},
+             {"plan_id": "proxy_new", "base_fee": Decimal(31), "minimum_charge": Decimal(0)}]
+    unbilled, named = inv.uninvoiced_customers(oct_, subs, usage, {"acme"}, flags, plans)
     assert unbilled == {
         "joiner": "subscribed to pro in the month, no invoice",
         "late": "subscribed to proxy_new in the month, no invoice",
         "nosub": "usage in the month, no subscription, no invoice",
     }
     assert named == {"flagged": "flagged outside_subscription on iot_devices"}
-    assert inv.uninvoiced_customers(oct_, subs, usage, {"acme", "late", "joiner", "nosub"}, flags)[0] == {}
+    assert inv.uninvoiced_customers(oct_, subs, usage, {"acme", "late", "joiner", "nosub"}, flags, plans)[0] == {}
+
+
+def test_an_idle_customer_of_a_plan_without_fixed_charges_is_not_unbilled():
+    # a pay-as-you-go customer with no usage in the month has nothing to bill: no invoice lines, and
+    # that must not hold every other customer's invoices; a plan with a base fee or a minimum still must bill
+    oct_ = date(2026, 10, 1)
+    subs = [{"customer_id": c, "plan_id": p, "start_date": date(2025, 1, 1), "end_date": None}
+            for c, p in (("idle", "payg"), ("fee", "pro"), ("minimum", "floor"), ("busy", "payg"))]
+    plans = [
+        {"plan_id": "payg", "version": 1, "base_fee": Decimal(0), "minimum_charge": Decimal(0)},
+        {"plan_id": "pro", "version": 1, "base_fee": Decimal(0), "minimum_charge": Decimal(0)},
+        {"plan_id": "pro", "version": 2, "base_fee": Decimal(10), "minimum_charge": Decimal(0)},
+        {"plan_id": "floor", "version": 1, "base_fee": Decimal(0), "minimum_charge": Decimal(5)},
+    ]
+    usage = [{"customer_id": "busy", "usage": Decimal(3), "gauge_peak": None, "gauge_integral": None}]
+    unbilled, named = inv.uninvoiced_customers(oct_, subs, usage, set(), [], plans)
+    assert sorted(unbilled) == ["busy", "fee", "minimum"]
+    assert named == {"idle": "nothing to bill: no usage in the month on payg, which has no base fee or minimum charge"}
 
 
 # --------------------------------------------------------------------------- validated before anything is written

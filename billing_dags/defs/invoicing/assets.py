@@ -110,7 +110,7 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
     ).to_pylist()
     unbilled, not_invoiced = inv.uninvoiced_customers(
         window.start, pq.read_table(seed_snapshot_path(paths, "subscriptions")).to_pylist(), usage,
-        {d["customer_id"] for d in docs}, month_flags(paths, window.start),
+        {d["customer_id"] for d in docs}, month_flags(paths, window.start), seeds["plans"],
     )
     if unbilled:
         context.log.error(f"customers with no invoice and no flag naming why: {unbilled}")
