@@ -18,10 +18,6 @@ from .settings import Paths
 from .sqlmodels import load_project, partition_dir
 
 
-#: the rules fct_anomaly_flags raises for usage on a day no subscription covers (it is on no invoice)
-OUTSIDE_SUBSCRIPTION_RULES = ("outside_subscription", "outside_subscription_unpriced")
-
-
 def acks_path(paths: Paths) -> Path:
     return paths.data_dir / "flags" / "acks.json"
 

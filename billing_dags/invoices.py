@@ -57,10 +57,9 @@ from typing import Any, Iterable, Mapping
 from . import __version__
 from . import credits as _credits
 from . import durable
-from . import flags as _flags
 from .events import event_files
 from .raw import sample_files
-from .seeds import SAFE_ID_RE, seeds_digest
+from .seeds import OUTSIDE_SUBSCRIPTION_RULES, SAFE_ID_RE, seeds_digest
 from .settings import DEFAULT_GRACE_DAYS, PROJECT_ROOT, Paths
 from .usage_reports import SOURCE as REPORTS_SOURCE
 from .usage_reports import ReportStore
@@ -847,7 +846,7 @@ def uninvoiced_customers(
     }
     named: dict[str, set[str]] = {}
     for f in flags:
-        if f["rule"] in _flags.OUTSIDE_SUBSCRIPTION_RULES:
+        if f["rule"] in OUTSIDE_SUBSCRIPTION_RULES:
             named.setdefault(f["customer_id"], set()).add(f"{f['rule']} on {f['meter_id']}")
     fixed_charge = {p["plan_id"] for p in plans if (p["base_fee"] or 0) > 0 or (p["minimum_charge"] or 0) > 0}
     unbilled, with_reason = {}, {}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from . import durable
-from .flags import OUTSIDE_SUBSCRIPTION_RULES
+from .seeds import OUTSIDE_SUBSCRIPTION_RULES
 from .settings import Paths
 from .sqlmodels import Window, load_project, partition_file, seed_snapshot_path
 

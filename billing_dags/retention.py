@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
-from .settings import Paths
-
-DEFAULT_RETENTION_DAYS = 90
+from .settings import DEFAULT_RETENTION_DAYS, Paths
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,12 @@ METRIC_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 KINDS = {"counter", "gauge"}
 PRICING_MODELS = {"per_unit", "package", "graduated", "volume"}
 PACKAGE_ROUNDING = {"up", "down", "half_up"}
+#: the rules fct_anomaly_flags raises for usage on a day no subscription covers (it is on no invoice)
+OUTSIDE_SUBSCRIPTION_RULES = ("outside_subscription", "outside_subscription_unpriced")
 ANOMALY_RULES = {
     "week_over_week", "allowance_used", "outlier_mad", "scrape_gap", "counter_resets",
     "reappeared_series", "dropped_samples", "unmatched_series", "rate_per_minute", "pool_share_mismatch",
-    "unpriced_usage", "outside_subscription", "outside_subscription_unpriced", "duplicate_conflicts", "low_coverage",
+    "unpriced_usage", *OUTSIDE_SUBSCRIPTION_RULES, "duplicate_conflicts", "low_coverage",
 }
 #: where a customer's usage arrives from (the simulator follows it; informational otherwise)
 USAGE_SOURCES = {"prometheus", "usage_events", "usage_reports"}

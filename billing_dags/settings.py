@@ -15,6 +15,8 @@ EDGE_LOOKBACK_DAYS = 35
 STALENESS_MS = 5 * 60 * 1000
 #: days after a period's end before its invoice may be finalized (rule 8)
 DEFAULT_GRACE_DAYS = 3
+#: days raw samples, landing segments and usage reports are kept (rule 13)
+DEFAULT_RETENTION_DAYS = 90
 
 
 @dataclass(frozen=True)

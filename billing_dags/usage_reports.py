@@ -42,8 +42,7 @@ from typing import Any
 import pyarrow as pa
 
 from . import raw
-from .retention import DEFAULT_RETENTION_DAYS
-from .settings import STALENESS_MS, Paths
+from .settings import DEFAULT_RETENTION_DAYS, STALENESS_MS, Paths
 
 SOURCE = "usage_reports"
 REPORT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
