@@ -167,16 +167,26 @@ def invoice_vs_recomputed(paths: Paths, invoice: dict, invoice_lines: list[dict]
     """The invoice's charge lines against the recomputed month's (fct_invoice_lines), by line type, meter and
     dimension: quantity and amount of each. When they differ: why (from the manifests) and what follows
     (a finalized invoice: the pending adjustment; a draft: the next run rewrites it)."""
-    key = lambda l: (l["line_type"], l.get("meter_id") or "", l.get("dimension") or "")  # noqa: E731
-    billed = {key(l): l for l in invoice_lines if l["line_type"] not in inv.GENERATED_LINE_TYPES}
-    again = {key(l): l for l in recomputed_lines}
+
+    def by_key(lines) -> dict[tuple, dict]:
+        # a month with a plan change has a line per subscription period: summed per key, none dropped
+        out: dict[tuple, dict] = {}
+        for line in lines:
+            k = (line["line_type"], line.get("meter_id") or "", line.get("dimension") or "")
+            acc = out.setdefault(k, {"unit": line.get("unit") or "", "quantity": Decimal(0), "amount_minor": 0})
+            acc["quantity"] += Decimal(line["quantity"])
+            acc["amount_minor"] += int(line["amount_minor"])
+        return out
+
+    billed = by_key(l for l in invoice_lines if l["line_type"] not in inv.GENERATED_LINE_TYPES)
+    again = by_key(recomputed_lines)
     rows = []
     for k in sorted(set(billed) | set(again)):
         b, r = billed.get(k), again.get(k)
         row = {
-            "line_type": k[0], "meter_id": k[1], "dimension": k[2], "unit": (b or r).get("unit") or "",
-            "invoiced_quantity": Decimal(b["quantity"]) if b else None, "invoiced_amount_minor": int(b["amount_minor"]) if b else None,
-            "recomputed_quantity": r["quantity"] if r else None, "recomputed_amount_minor": int(r["amount_minor"]) if r else None,
+            "line_type": k[0], "meter_id": k[1], "dimension": k[2], "unit": (b or r)["unit"],
+            "invoiced_quantity": b["quantity"] if b else None, "invoiced_amount_minor": b["amount_minor"] if b else None,
+            "recomputed_quantity": r["quantity"] if r else None, "recomputed_amount_minor": r["amount_minor"] if r else None,
         }
         row["same"] = (row["invoiced_quantity"], row["invoiced_amount_minor"]) == (row["recomputed_quantity"], row["recomputed_amount_minor"])
         rows.append(row)

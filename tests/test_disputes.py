@@ -5,6 +5,7 @@ adjustment on the next invoice)."""
 from __future__ import annotations
 
 from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
 
 import pyarrow.parquet as pq
 import pytest
@@ -131,3 +132,20 @@ def test_the_exported_sql_reproduces_the_evidence_in_the_warehouse(paths, capsys
         con.close()
     assert got.select(["series_id", "ts_ms", "increase"]).to_pylist() == d.evidence.select(["series_id", "ts_ms", "increase"]).to_pylist()
     assert sum(r["increase"] for r in got.to_pylist()) == (6 if carry_in else 10) * GIB
+
+
+def test_lines_of_two_subscription_periods_are_all_compared(paths):
+    # a plan change mid-month gives a usage line per period for one meter: a difference in the first
+    # period must show, not be hidden behind the second period's line
+    from billing_dags.disputes import invoice_vs_recomputed
+
+    def line(quantity, amount):
+        return {"line_type": "usage", "meter_id": "proxy_bytes", "dimension": "", "unit": "gib", "quantity": quantity, "amount_minor": amount}
+
+    invoice = {"invoice_number": "DRAFT-2026-02-mp-001", "status": "draft", "period_start": "2026-02-01", "customer_id": "mp-001",
+               "minor_unit_exponent": 2}
+    out = invoice_vs_recomputed(paths, invoice, [line("4", 40), line("6", 60)], [line(Decimal(5), 50), line(Decimal(6), 60)])
+    assert not out["same"]
+    assert [(r["invoiced_quantity"], r["invoiced_amount_minor"], r["recomputed_quantity"], r["recomputed_amount_minor"]) for r in out["lines"]] == [
+        (Decimal(10), 100, Decimal(11), 110)
+    ]
