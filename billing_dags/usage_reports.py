@@ -177,8 +177,14 @@ def _reject_constant(name: str):
     raise ReportError("body", f"{name} is not a number; send finite JSON numbers")
 
 
-class OutOfRange(str):
-    """A JSON number too long or too far from 1 to be a usage figure (its text); parse_report names the field."""
+class OutOfRange:
+    """A JSON number too long or too far from 1 to be a usage figure (its text); parse_report names the field.
+    Not a string, so it never passes as an id."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
 
 
 def _number(text: str) -> Decimal | OutOfRange:
@@ -190,7 +196,9 @@ def _number(text: str) -> Decimal | OutOfRange:
     return value
 
 
-_JSON_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
+# a string runs to its closing quote, or to the end of an unterminated body (linear, never backtracking
+# from every quote)
+_JSON_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\Z)', re.S)
 
 
 def _depth(text: str) -> int:
@@ -282,7 +290,7 @@ def parse_report(
         if value is None:
             continue  # not measured this time: no event (a gauge is not 0 because a reading is missing)
         if isinstance(value, OutOfRange):
-            raise ReportError(name, f"{value[:24]}{'...' * (len(value) > 24)} is out of range; usage figures are below 10^18 with at most 9 decimals")
+            raise ReportError(name, f"{value.text[:24]}{'...' * (len(value.text) > 24)} is out of range; usage figures are below 10^18 with at most 9 decimals")
         if isinstance(value, bool) or not isinstance(value, Decimal):
             raise ReportError(name, f"must be a JSON number, got {type(value).__name__}")
         if value < 0:

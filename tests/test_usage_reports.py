@@ -307,3 +307,21 @@ def test_endpoint_503_over_the_in_flight_limit(tmp_path, monkeypatch):
         t.join(10)
     assert r.status_code == 503 and "in-flight" in r.json()["error"]
     assert first[0].status_code == 201
+
+
+def test_json_numbers_out_of_range_never_pass_as_ids():
+    doc = ur.decode_body(b'{"report_id": 1e99, "customer_id": 1e40}')
+    with pytest.raises(ur.ReportError) as e:
+        ur.parse_customer_id(doc)
+    assert e.value.field == "customer_id"
+
+
+def test_an_unterminated_string_is_refused_in_bounded_time():
+    # a 64 KB body of escaped quotes with no closing quote: the nesting scan must stay linear (it took
+    # 24 s, holding the receiver's event loop); run apart, with a bound far above the linear time
+    import subprocess
+    import sys
+
+    code = "from billing_dags import usage_reports as ur\ntry:\n    ur.decode_body(b'\"' + b'\\\\\"' * 32000)\nexcept ur.ReportError as e:\n    print(e.field)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=10, cwd=PROJECT_ROOT)
+    assert out.stdout.strip() == "body", out.stderr
