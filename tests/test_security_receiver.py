@@ -268,3 +268,24 @@ def test_the_series_cache_is_bounded_in_bytes():
     tracemalloc.stop()
     assert 0 < dec.cache_bytes <= limit
     assert held < 2 * limit, held  # what the decoder really holds, not only what it counts
+
+
+def test_salvage_never_merges_two_label_sets_a_segment_gives_one_id(tmp_path):
+    # a crafted segment defines one id twice with different labels, and holds a sample at year 10000:
+    # the salvaged segment must not carry the id's samples under one of the two label sets
+    from billing_dags.remote_write.landing import read_segment, recover_orphans
+
+    base = now_ms() - 7_200_000
+    labels = {k: v for k, v in LEGIT.items() if k != "__name__"}
+    other = {**labels, "instance": "someone-else"}
+    path = tmp_path / "seg-20261101T000000000000Z-999-000003.open"
+    path.write_bytes(FILE_MAGIC + _series_defs_record([
+        ([(LEGIT_SID, LEGIT["__name__"], labels)], [LEGIT_SID], [base], [1.0]),
+        ([(LEGIT_SID, LEGIT["__name__"], other)], [LEGIT_SID], [base + 1000], [1e15]),
+        ([(7, "other_metric", {})], [7, 7], [base, YEAR_10000_MS], [2.0, 3.0]),
+    ]))
+    (entry,) = [r for r in recover_orphans(tmp_path) if r.get("quarantined")]
+    assert entry["salvaged_samples"] == 1  # only series 7's sample in the window
+    salvaged = read_segment(next(tmp_path.glob(f"{entry['salvaged_segment']}.*")))
+    assert LEGIT_SID not in salvaged.series_id.tolist()
+    assert (tmp_path / "quarantine" / path.name).exists() and not path.exists()  # both label sets kept there

@@ -589,6 +589,8 @@ def set_aside(directory: Path, path: Path, seg: SegmentData, reason: str, resolv
     directory = Path(directory)
     name = path.name.rsplit(".", 1)[0]
     keep, _ = _indexable(seg)
+    if seg.conflicts:  # ids the segment defines twice: salvaged under one label set they would merge; kept here only
+        keep &= ~np.isin(seg.series_id, np.fromiter(seg.conflicts, dtype=np.int64, count=len(seg.conflicts)))
     entry = {
         "segment": name,
         "quarantined": True,
