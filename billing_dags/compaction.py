@@ -216,7 +216,8 @@ def compact_day(paths: Paths, day: str, cache: dict[str, SegmentData] | None = N
         ts = np.concatenate([existing["ts"].to_numpy(), new_ts])
         val = np.concatenate([existing["value"].to_numpy(), new_val])
         order, keep = raw.distinct_samples(sid, ts, val)  # a resent batch is counted once
-        sid, ts, val = sid[order][keep], ts[order][keep], val[order][keep]
+        idx = order[keep]
+        sid, ts, val = sid[idx], ts[idx], val[idx]
         added = len(sid) - n_existing
         n_quarantined = sum(q["samples"] for q in quarantined)
         result.update(

@@ -57,6 +57,17 @@ def staged(dest: Path | str) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def remove(path: Path | str) -> bool:
+    """Remove ``path`` durably (unlink, fsync its folder); False when it was not there."""
+    path = Path(path)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    fsync_path(path.parent)
+    return True
+
+
 def write_bytes(dest: Path | str, data: bytes) -> None:
     """Publish ``data`` as ``dest``."""
     with staged(dest) as tmp:

@@ -801,7 +801,7 @@ def build_invoices(
             out["formula"] = _formula(r, out, cur, exp)
             out_lines.append(out)
         exp = exponents[currency]
-        stored = stored_index.invoices(cid) if stored_index is not None else []  # _credits.stored_invoices(paths.invoices, cid)
+        stored = stored_index.invoices(cid) if stored_index is not None else []
         adjustments = _open_adjustments(paths, cid, month, stored, currency, exp, stored_index.pending(cid)) if stored_index is not None else []
         settled = _settled(out_lines, adjustments, grants_by_customer.get(cid, ()), stored, month, currency, exp)
         version = int(plan_version) if plan_version is not None else None
@@ -1443,7 +1443,6 @@ def _withdraw(paths: Paths, month: date, customer_id: str) -> list[str]:
     """Remove a draft's files; returns the paths removed."""
     removed = []
     for path in invoice_files(paths, month, customer_id).values():
-        if path.exists():
-            path.unlink()
+        if durable.remove(path):
             removed.append(str(path))
     return removed

@@ -480,8 +480,9 @@ class Collector:
             vals = parts[0][1] if len(parts) == 1 else np.concatenate([p[1] for p in parts])
             del parts
             if len(ts) > 1 and not (ts[1:] > ts[:-1]).all():
-                order, keep = raw.distinct_samples(np.zeros(len(ts)), ts, vals)
-                ts, vals = ts[order][keep], vals[order][keep]
+                order, keep = raw.distinct_samples(np.zeros(len(ts), np.int64), ts, vals)
+                idx = order[keep]
+                ts, vals = ts[idx], vals[idx]
             k = len(ts)
             sid_col[n : n + k] = sid
             ts_col[n : n + k] = ts

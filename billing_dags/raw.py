@@ -64,7 +64,7 @@ _SOURCE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,40}$")
 
 
 class RawLayoutError(ValueError):
-    """Samples that do not fit the raw layout (wrong day, unsorted, bad types)."""
+    """Samples or series that do not fit the raw layout (wrong day, bad types, invalid names, an id another label set holds)."""
 
 
 #: Prometheus's metric and label names (control characters, separators and other bytes refused)
@@ -256,8 +256,6 @@ def distinct_samples(sid, ts, value):
         s, t, b = sid[order], ts[order], bits[order]
         keep[1:] = (s[1:] != s[:-1]) | (t[1:] != t[:-1]) | (b[1:] != b[:-1])
     return order, keep
-
-
 
 
 def _row_group_boundaries(series: pa.Array) -> list[int]:
