@@ -186,12 +186,14 @@ def _check_run(result, what: str) -> None:
     description, else its metadata) and each failed step's error message, never a stack trace."""
     if result.success:
         return
+    from .defs.models.assets import metadata_text
+
     reasons = []
     exit_code = 2
     for evaluation in result.get_asset_check_evaluations():
         if evaluation.passed or not evaluation.blocking:
             continue
-        detail = evaluation.description or ", ".join(f"{k}: {getattr(v, 'value', v)}" for k, v in evaluation.metadata.items())
+        detail = evaluation.description or metadata_text(evaluation.metadata)
         reasons.append(f"check {evaluation.asset_key.to_user_string()} {evaluation.check_name} failed: {detail}")
     for event in result.all_events:
         if not event.is_step_failure:

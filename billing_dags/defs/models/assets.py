@@ -67,7 +67,8 @@ def _numeric_totals(con: duckdb.DuckDBPyConnection, table, model: Model) -> dict
     return {f"total_{c}": str(v) for c, v in zip(cols, row) if v is not None}
 
 
-def _metadata_text(metadata: dict) -> str:
+def metadata_text(metadata: dict) -> str:
+    """Asset check metadata as one line of text (for failure messages)."""
     return ", ".join(f"{k}: {getattr(v, 'value', v)}" for k, v in metadata.items())
 
 
@@ -135,7 +136,7 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
             if failed:
                 raise dg.Failure(
                     description=f"{model.name} {window}: blocking check failed, nothing was published (the previous partition stays): "
-                    + "; ".join(f"{r.check_name} ({_metadata_text(r.metadata)})" for r in failed)
+                    + "; ".join(f"{r.check_name} ({metadata_text(r.metadata)})" for r in failed)
                 )
             check_results.extend(r for r, _ in results)
 
