@@ -332,3 +332,25 @@ def test_an_oversized_body_is_answered_before_it_is_read(start):
         answers.append(_status(answer))
         assert _status(answer) == expected, (path, token, answer[:300])
     r.figures = {"oversized_requests": len(OVERSIZED), "answers": answers}
+
+
+def test_bodies_being_received_are_bounded_in_bytes(start):
+    """Bodies still arriving are not counted by --max-in-flight: their bytes are, all connections together
+    (max-in-flight x max-body-bytes), so fast senders of big bodies cannot make the receiver hold unbounded memory."""
+    r = start("--max-in-flight", "2", "--max-body-bytes", "1000000", "--read-timeout", "30")
+    sockets = []
+    for _ in range(3):  # 3 x 900 kB of 1 MB bodies: over the 2 MB the receiver holds at most
+        s = _connect(r)
+        s.sendall(_head(WRITE_PATH, WRITE_TOKEN, "application/x-protobuf", 1_000_000) + b"x" * 900_000)
+        sockets.append(s)
+    statuses = []
+    for s in sockets:
+        s.settimeout(2)
+        try:
+            statuses.append(_status(_answer(s)))
+        except socket.timeout:
+            statuses.append(None)  # still being received
+        s.close()
+    r.figures = {"bodies": len(sockets), "answers": statuses}
+    assert 503 in statuses and set(statuses) <= {503, None}, statuses
+    assert legit_write(r, 1) == 204  # the budget is given back

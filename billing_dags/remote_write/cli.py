@@ -155,7 +155,7 @@ def register(sub) -> None:
     s.add_argument("--token-file", help="file holding the bearer token Prometheus must send (default: no auth)")
     s.add_argument("--max-body-bytes", type=_size, default=16 << 20, help="largest compressed body (default 16MiB); larger gets 413")
     s.add_argument("--max-decoded-bytes", type=_size, default=64 << 20, help="largest decompressed body (default 64MiB); larger gets 413")
-    s.add_argument("--max-in-flight", type=int, default=64, help="concurrent requests before answering 503 (default 64)")
+    s.add_argument("--max-in-flight", type=int, default=64, help="requests being decoded and written at once before answering 503 (default 64); bodies being received are bounded by this times --max-body-bytes")
     s.add_argument("--segment-max-bytes", type=_size, default=64 << 20, help="seal a landing segment at this size (default 64MiB)")
     s.add_argument("--segment-max-age", type=float, default=60.0, help="seal a landing segment after this many seconds (default 60)")
     s.add_argument("--read-timeout", type=_seconds, default=60.0, help="seconds a request body may take to arrive (default 60); slower gets 408")

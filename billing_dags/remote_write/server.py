@@ -26,10 +26,10 @@ billing_dags/usage_reports.py) with the customer's own bearer token (seeds/repor
   when the store cannot commit (disk full, I/O error), over ``max_in_flight`` or no seeds are
   configured. The token is checked (against every customer's) before the body is read.
 
-Both endpoints answer 401/413/415 without reading the body and close the connection. Slow or idle
-clients cannot hold the receiver: see ``guarded_protocol`` (connection cap, idle limit) and the
-body read timeout; ``max_in_flight`` counts requests being decoded and written, not bodies still
-arriving.
+Both endpoints answer 401 for an unknown token, 413 and 415 without reading the body and close the
+connection. Slow or idle clients cannot hold the receiver: see ``guarded_protocol`` (connection cap,
+idle limit) and the body read timeout; ``max_in_flight`` counts requests being decoded and written,
+and ``BodyBudget`` the bytes of bodies still arriving (503 over it).
 
 ``GET /metrics`` exposes the receiver's counters (requests by code, samples, staleness markers,
 non-finite values, unknown-customer samples, samples refused for their timestamp, series-cache
@@ -159,20 +159,35 @@ class _SchemaCache:
         return self._schema
 
 
-async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes | tuple[int, str]:
-    """The whole body, or (status, message) when it is over ``limit``, slower than ``timeout_s`` or the client went away."""
+@dataclass
+class BodyBudget:
+    """Bytes of request bodies being received, all connections together, at most ``limit``: bodies still
+    arriving are not counted by ``max_in_flight``, so this bounds their memory (slow senders hold little)."""
+
+    limit: int
+    held: int = 0
+
+
+async def _read_body(request: Request, limit: int, timeout_s: float, budget: BodyBudget) -> bytes | tuple[int, str]:
+    """The whole body, or (status, message) when it is over ``limit``, slower than ``timeout_s``, over the
+    receiver's ``budget`` of bodies being received, or the client went away."""
     chunks, size = [], 0
     try:
         async with asyncio.timeout(timeout_s):
             async for chunk in request.stream():
                 size += len(chunk)
+                budget.held += len(chunk)
                 if size > limit:
                     return 413, f"body is over the limit of {limit} bytes"
+                if budget.held > budget.limit:
+                    return 503, f"the receiver holds {budget.limit} bytes of bodies being received; retry later"
                 chunks.append(chunk)
     except ClientDisconnect:
         return 400, "client disconnected before the body was complete"
     except TimeoutError:
         return 408, f"the body did not arrive within {timeout_s:g} s; send it at once"
+    finally:
+        budget.held -= size
     return b"".join(chunks)
 
 
@@ -269,6 +284,8 @@ def _text(status: int, message: str, **headers) -> Response:
 def create_app(config: ReceiverConfig) -> Starlette:
     metrics = _Metrics()
     state: dict = {"in_flight": 0}
+    # as much as max_in_flight bodies of the largest size; bodies read then wait on max_in_flight
+    bodies = BodyBudget(config.max_in_flight * config.max_body_bytes)
     expected_auth = f"Bearer {config.token}".encode() if config.token else None
 
     @asynccontextmanager
@@ -326,7 +343,7 @@ def create_app(config: ReceiverConfig) -> Starlette:
             return answer(413, f"body of {request.headers['content-length']} bytes is over the limit of {config.max_body_bytes}", **CLOSE)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        body = await _read_body(request, config.max_body_bytes, config.read_timeout_s)
+        body = await _read_body(request, config.max_body_bytes, config.read_timeout_s, bodies)
         if isinstance(body, tuple):
             return answer(*body, **CLOSE)
         if state["in_flight"] >= config.max_in_flight:
@@ -398,7 +415,7 @@ def create_app(config: ReceiverConfig) -> Starlette:
             return report_error(**unauthorized, **challenge, **CLOSE)
         if _declared_too_large(request, config.max_report_bytes):
             return report_error(413, f"body of {request.headers['content-length']} bytes is over the limit of {config.max_report_bytes}", **CLOSE)
-        body = await _read_body(request, config.max_report_bytes, config.read_timeout_s)
+        body = await _read_body(request, config.max_report_bytes, config.read_timeout_s, bodies)
         if isinstance(body, tuple):
             return report_error(*body, **CLOSE)
         try:
