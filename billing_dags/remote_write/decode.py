@@ -116,8 +116,6 @@ class SeriesInfo:
     labels: tuple[tuple[str, str], ...]  # metric name excluded, sorted by name
     customer: str  # KNOWN / UNKNOWN / UNMETERED
     customer_label: str | None
-    #: for an unknown customer: the index of customer_label in the decoder's list of them, else -1
-    unknown_code: int = -1
 
 
 @dataclass
@@ -178,8 +176,6 @@ class Decoder:
         self._cache: dict[bytes, SeriesInfo] = {}
         #: the series of each id in the cache: a second label set with one id is refused
         self._by_id: dict[int, SeriesInfo] = {}
-        self._unknown_labels: list[str | None] = []
-        self._unknown_codes: dict[str | None, int] = {}
         self._cache_bytes = 0
         self._cache_full = False
 
@@ -236,19 +232,15 @@ class Decoder:
             clash = raw.Collision(sid, metric, tuple(labels), other.metric, other.labels, "a series this receiver took earlier")
             raise BadRequest(f"series {index}: {clash}; refused so that neither is merged into the other")
         customer, seen = self.resolver.resolve(metric, label_map)
-        code = -1
         cost = CACHE_ENTRY_OVERHEAD + CACHE_LABEL_OVERHEAD * len(pairs) + 2 * len(key)
         if customer == UNKNOWN:
-            code = self._unknown_codes.setdefault(seen, len(self._unknown_labels))
-            if code == len(self._unknown_labels):
-                self._unknown_labels.append(seen)
-                self._cache_bytes += CACHE_LABEL_OVERHEAD + len(seen)
-        info = SeriesInfo(sid, metric, tuple(labels), customer, seen, code)
+            cost += CACHE_LABEL_OVERHEAD + len(seen or "")
+        info = SeriesInfo(sid, metric, tuple(labels), customer, seen)
         self._by_id.setdefault(sid, info)  # cleared with the cache: within a request it holds every series
         if self._cache_bytes + cost <= limits.max_cache_bytes and len(self._cache) < SERIES_CACHE_MAX:
             self._cache[key] = info
             self._cache_bytes += cost
-        else:  # full: not kept; the next request starts the cache over (codes stay valid within a request)
+        else:  # full: not kept; the next request starts the cache over
             self._cache_full = True
         return info
 
@@ -274,8 +266,6 @@ class Decoder:
         if self._cache_full:  # bounded memory: start over, re-filled on demand
             self._cache.clear()
             self._by_id.clear()
-            self._unknown_labels.clear()
-            self._unknown_codes.clear()
             self._cache_bytes, self._cache_full = 0, False
         lo, hi = self.limits.window(int(self.clock() * 1000))
         parsed = wire.parse(data, lo, hi) if self.compiled else None
@@ -332,14 +322,18 @@ class Decoder:
             batch.series = {info.series_id: info for info, n in zip(infos, counts.tolist()) if n}
         stale = val_a.view(np.uint64) == STALE_NAN_BITS
         nonfinite = ~np.isfinite(val_a) & ~stale
-        codes = np.array([info.unknown_code for info in infos], dtype=np.int64)
+        # unknown customers' label values numbered within this request (the decode threads share nothing here)
+        names: dict[str | None, int] = {}
+        codes = np.array(
+            [names.setdefault(info.customer_label, len(names)) if info.customer == UNKNOWN else -1 for info in infos], dtype=np.int64
+        )
         if codes.max() >= 0:
             unknown_series = codes >= 0
             unknown = np.repeat(unknown_series, counts)
             per_code = np.bincount(codes[unknown_series], weights=counts[unknown_series]).astype(np.int64)
             present = np.flatnonzero(per_code)
-            names = self._unknown_labels
-            batch.unknown_customers.update(dict(zip([names[c] for c in present.tolist()], per_code[present].tolist())))
+            labels = list(names)
+            batch.unknown_customers.update(dict(zip([labels[c] for c in present.tolist()], per_code[present].tolist())))
         else:
             unknown = np.zeros(len(ts_a), dtype=bool)
         batch.stale, batch.nonfinite = int(np.count_nonzero(stale)), int(np.count_nonzero(nonfinite))
