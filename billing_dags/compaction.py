@@ -135,15 +135,16 @@ def _resolve_series(paths: Paths, day: str, parts: list[tuple[SealedSegment, Seg
             metric, label_map = data.series[sid]
             problem = raw.series_problem(metric, label_map)
             if problem is None and sid in data.conflicts:
-                problem = "its landing segment defines its id with two label sets"
+                problem = "its landing segment defines its id with two label sets (the labels shown are the first)"
             labels = tuple(sorted(label_map.items()))
             defs.append((raw.series_id(metric, label_map) if problem is None else None, metric, labels, problem))
-        views.append((seg, data, m, inverse, defs))
+        views.append((seg, data, m, stored, inverse, defs))
     known = raw.known_series(paths, {d[0] for *_, defs in views for d in defs if d[0] is not None})
     reference = {sid: (metric, labels) for sid, (metric, labels, _) in known.items()}
     sids, tss, vals, quarantined = [], [], [], []
-    for seg, data, m, inverse, defs in views:
-        new_ids = np.array([d[0] if d[0] is not None else 0 for d in defs], dtype=np.int64)
+    for seg, data, m, stored, inverse, defs in views:
+        # a refused series keeps the id its segment stored (for the quarantine file); it is never written to raw
+        new_ids = np.array([d[0] if d[0] is not None else sid for d, sid in zip(defs, stored.tolist())], dtype=np.int64)
         refused = np.zeros(len(defs), dtype=bool)
         reasons = []
         for j, (sid, metric, labels, problem) in enumerate(defs):
