@@ -105,15 +105,18 @@ def _families(series) -> dict:
     return fam
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prom")
-    series = _generate()
+def _prometheus_with(root: Path, series: list):
+    """A real Prometheus on 127.0.0.1 serving ``series``, backfilled with promtool into ``root``."""
     om = root / "data.om"
     prom.write_openmetrics(om, _families(series))
-    tsdb = root / "tsdb"
-    prom.backfill(om, tsdb, PROMTOOL)
-    with prom.LocalPrometheus(tsdb, PROMETHEUS, log_file=root / "prometheus.log") as p:
+    prom.backfill(om, root / "tsdb", PROMTOOL)
+    return prom.LocalPrometheus(root / "tsdb", PROMETHEUS, log_file=root / "prometheus.log")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    series = _generate()
+    with _prometheus_with(tmp_path_factory.mktemp("prom"), series) as p:
         yield p, series
 
 
@@ -393,12 +396,8 @@ def _october() -> list[tuple[dict, list[int], list[float]]]:
 
 @pytest.fixture(scope="module")
 def october_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prom-october")
     series = _october()
-    om = root / "data.om"
-    prom.write_openmetrics(om, _families(series))
-    prom.backfill(om, root / "tsdb", PROMTOOL)
-    with prom.LocalPrometheus(root / "tsdb", PROMETHEUS, log_file=root / "prometheus.log") as p:
+    with _prometheus_with(tmp_path_factory.mktemp("prom-october"), series) as p:
         yield p, series
 
 
