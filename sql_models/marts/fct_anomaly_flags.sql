@@ -309,8 +309,9 @@ candidates as (
     from today
     union all
     -- a level meter's day is billed from the time some level holds: report the rest as uncovered
-    select customer_id, meter_id, 'low_coverage', from_nano(div_half_up((86400000 - gauge_held_ms) * 100000000000, 86400000)),
-        'a level held ' || (gauge_held_ms // 60000) || ' of 1440 min'
+    select customer_id, meter_id, 'low_coverage',
+        from_nano(div_half_up((($end_ms - $start_ms) - gauge_held_ms)::hugeint * 100000000000, $end_ms - $start_ms)),
+        'a level held ' || (gauge_held_ms // 60000) || ' of ' || (($end_ms - $start_ms) // 60000) || ' min'
     from today
     where kind = 'gauge'
     union all
