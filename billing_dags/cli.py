@@ -64,13 +64,17 @@ def last_complete_month(today: date | None = None) -> date:
     return (today.replace(day=1) - timedelta(days=1)).replace(day=1)
 
 
-def check_billable_month(month: date, today: date | None = None) -> None:
-    from .defs.shared.partitions import PARTITIONS_START
+def check_billable_month(month: date, today: date | None = None, seeds_dir: Path | None = None) -> None:
+    """``month`` has ended and is a partition (the partitions start as the code location's do, for these seeds)."""
+    from .settings import partitions_start
 
     today = today or datetime.now(timezone.utc).date()
-    start = date.fromisoformat(PARTITIONS_START)
+    start = partitions_start(seeds_dir=seeds_dir)
     if month < start:
-        raise CliError(f"month {month:%Y-%m} is before the first partition ({start:%Y-%m}); pick a later month")
+        raise CliError(
+            f"month {month:%Y-%m} is before the first partition ({start:%Y-%m}); pick a later month, or set "
+            f"BILLING_PARTITIONS_START={month:%Y-%m} to start the partitions earlier"
+        )
     if next_month(month) > today:
         raise CliError(
             f"month {month:%Y-%m} has not ended yet (today is {today}); the latest complete month is "
@@ -376,7 +380,7 @@ def event_billed_lines(paths: Paths, month: date, n_customers: int | None = None
 def cmd_run(args) -> int:
     paths = _paths(args)
     month = parse_month(args.month)
-    check_billable_month(month)
+    check_billable_month(month, seeds_dir=paths.seeds_dir)
     if args.customers is not None and args.customers < 1:
         raise CliError(f"--customers {args.customers} must be at least 1")
     figures = run_month(paths, month, ingest=not args.no_ingest, seed=args.seed, customers=args.customers, interval_s=args.interval)
@@ -391,7 +395,7 @@ def cmd_demo(args) -> int:
 
     paths = _paths(args)
     month = parse_month(args.month) if args.month else last_complete_month()
-    check_billable_month(month)
+    check_billable_month(month, seeds_dir=paths.seeds_dir)
     console.print(f"[bold]billing_dags demo[/]: simulated usage for {month:%Y-%m}, Stripe dry-run, data in {paths.data_dir}")
     # the lifecycle as the schedules run it: drafts on the 1st of the next month, while late data
     # may still arrive; then finalization once the grace period has passed (here: now)
@@ -677,13 +681,14 @@ def main(argv: list[str] | None = None) -> int:
     from .disputes import DisputeError
     from .raw import RawLayoutError
     from .seeds import SeedError
+    from .settings import SettingsError
     from .sqlmodels import ModelError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (CliError, SeedError, ModelError, DisputeError, RawLayoutError) as e:
+    except (CliError, SeedError, ModelError, DisputeError, RawLayoutError, SettingsError) as e:
         err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         return e.exit_code if isinstance(e, CliError) else 2
 

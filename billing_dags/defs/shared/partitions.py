@@ -4,9 +4,12 @@ from datetime import date, datetime
 
 import dagster as dg
 
+from billing_dags.settings import partitions_start
 from billing_dags.sqlmodels import Window
 
-PARTITIONS_START = "2025-01-01"
+#: the first day of both partitions (YYYY-MM-DD): BILLING_PARTITIONS_START, else the first month of the
+#: earliest subscription in the seeds (settings.partitions_start); read once, when the code location loads
+PARTITIONS_START = partitions_start().isoformat()
 
 #: UTC days; today is not a partition until it has ended
 billing_daily = dg.DailyPartitionsDefinition(start_date=PARTITIONS_START, timezone="UTC")
