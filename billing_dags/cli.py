@@ -160,12 +160,6 @@ INPUT_ERRORS = ("Failure", "ModelError", "SeedError", "InvoiceError", "DisputeEr
 
 def _definitions(paths: Paths):
     """The code location and the Dagster instance (DAGSTER_HOME), pointed at ``paths``."""
-    import warnings
-
-    import dagster as dg
-
-    warnings.filterwarnings("ignore", category=dg.BetaWarning)
-    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
     os.environ["BILLING_DATA_DIR"] = str(paths.data_dir)
     os.environ["BILLING_SEEDS_DIR"] = str(paths.seeds_dir)
     from .definitions import defs as load_defs

@@ -14,13 +14,15 @@ from billing_dags.defs.invoicing.schedules import finalization_schedule, monthly
 from billing_dags.defs.jobs import build_jobs
 from billing_dags.defs.models.assets import model_assets
 from billing_dags.defs.seeds.assets import seed_assets
+from billing_dags.defs.shared.metadata import with_owners
 from billing_dags.defs.shared.resources import build_resources
 from billing_dags.defs.stripe.assets import stripe_meter_events, stripe_outbox
 from billing_dags.defs.reports.assets import billing_metrics_textfile, daily_summary, metrics_job, metrics_schedule
 from billing_dags.defs.retention.assets import raw_retention, retention_job, retention_schedule
 from billing_dags.defs.warehouse.assets import warehouse_views
 
-ASSETS = [*seed_assets, raw_samples, remote_write_samples, usage_events, usage_reports, *model_assets, invoices, stripe_outbox, stripe_meter_events, warehouse_views, raw_retention, daily_summary, billing_metrics_textfile]
+#: every asset, each with the billing owners (defs/shared/metadata.py)
+ASSETS = dg.map_asset_specs(with_owners, [*seed_assets, raw_samples, remote_write_samples, usage_events, usage_reports, *model_assets, invoices, stripe_outbox, stripe_meter_events, warehouse_views, raw_retention, daily_summary, billing_metrics_textfile])
 
 
 @dg.definitions

@@ -14,13 +14,11 @@ def build_jobs(assets: list[dg.AssetsDefinition]) -> dict:
         "daily_usage": dg.define_asset_job(
             "daily_usage",
             selection=dg.AssetSelection.assets(*_keys(assets, billing_daily)),
-            partitions_def=billing_daily,
             description="Ingest one UTC day, compute exact usage, and hand it to Stripe.",
         ),
         "monthly_invoicing": dg.define_asset_job(
             "monthly_invoicing",
             selection=dg.AssetSelection.assets(*_keys(assets, billing_monthly)),
-            partitions_def=billing_monthly,
             description="Monthly usage, rating, invoice lines and invoice files for one calendar month.",
         ),
         "refresh_seeds_and_views": dg.define_asset_job(

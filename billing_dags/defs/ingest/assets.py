@@ -4,6 +4,7 @@ import time
 
 import dagster as dg
 
+from billing_dags.defs.shared.metadata import raw_result
 from billing_dags.defs.shared.partitions import billing_daily, window_of
 from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, WarehouseResource
 from billing_dags.seeds import read_seed
@@ -27,7 +28,7 @@ def raw_samples(
     window = window_of(context)
     paths = warehouse.paths()
     if prometheus.enabled:
-        return _pull_from_prometheus(context, paths, window.start, prometheus)
+        return raw_result(_pull_from_prometheus(context, paths, window.start, prometheus), paths, window)
     t0 = time.perf_counter()
     customers = read_seed(paths.seeds_dir, "customers")
     figures = simulate.write_simulated_day(
@@ -38,7 +39,7 @@ def raw_samples(
         interval_s=simulation.interval_s,
         n_customers=simulation.customers,
     )
-    return dg.MaterializeResult(
+    result = dg.MaterializeResult(
         metadata={
             "source": "simulate",
             "series": figures["series"],
@@ -49,6 +50,7 @@ def raw_samples(
             "path": dg.MetadataValue.path(figures["path"]),
         }
     )
+    return raw_result(result, paths, window)
 
 
 def _pull_from_prometheus(context: dg.AssetExecutionContext, paths, day, prometheus: PrometheusResource) -> dg.MaterializeResult:

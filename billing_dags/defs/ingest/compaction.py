@@ -5,6 +5,7 @@ from datetime import date, datetime, timedelta, timezone
 
 import dagster as dg
 
+from billing_dags.defs.shared.metadata import raw_result
 from billing_dags.defs.shared.partitions import PARTITIONS_START, billing_daily, window_of
 from billing_dags.defs.shared.resources import WarehouseResource
 
@@ -68,7 +69,7 @@ def remote_write_samples(context: dg.AssetExecutionContext, warehouse: Warehouse
     unknown = {k: v for r in per_day for k, v in r.get("unknown_customers", {}).items()}
     if unknown:
         metadata["unknown_customers"] = dg.MetadataValue.json(unknown)
-    return dg.MaterializeResult(metadata=metadata)
+    return raw_result(dg.MaterializeResult(metadata=metadata), paths, window)
 
 
 def partition_days(today: date | None = None) -> tuple[date, date]:

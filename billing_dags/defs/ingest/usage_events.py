@@ -4,6 +4,7 @@ import time
 
 import dagster as dg
 
+from billing_dags.defs.shared.metadata import raw_result
 from billing_dags.defs.shared.partitions import billing_daily, window_of
 from billing_dags.defs.shared.resources import (
     PrometheusResource,
@@ -11,6 +12,9 @@ from billing_dags.defs.shared.resources import (
     UsageEventsResource,
     WarehouseResource,
 )
+
+#: where this asset's rows land (a part per source, standard metadata: defs/shared/metadata.py)
+EVENTS = ("raw_events", ("postgres", "simulate"))
 
 
 @dg.asset(
@@ -35,9 +39,9 @@ def usage_events(
     window = window_of(context)
     if not usage_events.enabled:
         if simulation.applies(prometheus):
-            return _simulate(context, warehouse, usage_events, simulation)
+            return raw_result(_simulate(context, warehouse, usage_events, simulation), warehouse.paths(), window, *EVENTS)
         context.log.info("no source configured (BILLING_USAGE_EVENTS_DSN is unset, simulation off): nothing written")
-        return dg.MaterializeResult(metadata={"source": "no source configured", "events": 0})
+        return raw_result(dg.MaterializeResult(metadata={"source": "no source configured", "events": 0}), warehouse.paths(), window, *EVENTS)
     paths = warehouse.paths()
     cfg = usage_events.source_table()
     t0 = time.perf_counter()
@@ -45,7 +49,7 @@ def usage_events(
         figures = pg.ingest_day(usage_events.dsn, paths, window.start, cfg, batch_rows=usage_events.batch_rows)
     except (pg.PostgresEventsError, EventsLayoutError, SeedError) as e:
         raise dg.Failure(description=f"usage_events {window.start}: {e}; nothing was written for this day") from None
-    return dg.MaterializeResult(
+    result = dg.MaterializeResult(
         metadata={
             "source": "postgres",
             "table": cfg.table,
@@ -57,6 +61,7 @@ def usage_events(
             "path": dg.MetadataValue.path(figures["path"]),
         }
     )
+    return raw_result(result, paths, window, *EVENTS)
 
 
 def _simulate(

@@ -6,6 +6,7 @@ from datetime import date
 import dagster as dg
 
 from billing_dags.defs.ingest.compaction import partition_days, pending_days_sensor
+from billing_dags.defs.shared.metadata import raw_result
 from billing_dags.defs.shared.partitions import billing_daily, window_of
 from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, WarehouseResource
 
@@ -68,7 +69,7 @@ def usage_reports(
             "simulated_accepted": simulated["accepted"],
             "simulated_duplicates": simulated["duplicate"],
         }
-    return dg.MaterializeResult(
+    result = dg.MaterializeResult(
         metadata={
             **source,
             "reports": figures["reports"],
@@ -80,6 +81,7 @@ def usage_reports(
             "path": dg.MetadataValue.path(figures["path"]),
         }
     )
+    return raw_result(result, paths, window, "raw_events", ("usage_reports",))
 
 
 def report_run_requests(paths, today: date | None = None) -> tuple[list[dg.RunRequest], list[str]]:

@@ -9,7 +9,15 @@ from billing_dags.settings import DEFAULT_GRACE_DAYS
 
 def monthly_draft_schedule(job) -> dg.ScheduleDefinition:
     return dg.build_schedule_from_partitioned_job(
-        job, day_of_month=1, hour_of_day=2, minute_of_hour=0, name="monthly_invoice_draft_schedule"
+        job,
+        day_of_month=1,
+        hour_of_day=2,
+        minute_of_hour=0,
+        name="monthly_invoice_draft_schedule",
+        description=(
+            "On the 1st at 02:00 UTC: last month's partition of monthly_invoicing (monthly usage, rating, draft "
+            f"invoices; late data may still arrive for {DEFAULT_GRACE_DAYS} days)."
+        ),
     )
 
 

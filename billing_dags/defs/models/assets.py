@@ -7,6 +7,7 @@ import duckdb
 
 from billing_dags import raw
 from billing_dags.defs.models.checks import CHECKS, grain_is_unique
+from billing_dags.defs.shared.metadata import data_version, model_code_version, model_metadata
 from billing_dags.defs.shared.partitions import BY_NAME, window_of
 from billing_dags.defs.shared.resources import WarehouseResource
 from billing_dags.settings import Paths
@@ -58,15 +59,6 @@ def _require_lookback(paths: Paths, project: Project, model: Model, window: Wind
             )
 
 
-def _numeric_totals(con: duckdb.DuckDBPyConnection, table, model: Model) -> dict:
-    cols = [f.name for f in table.schema if str(f.type).startswith("decimal") or f.name in ("amount_minor", "samples")]
-    if not cols or not len(table):
-        return {}
-    con.register("t", table)
-    row = con.execute("select " + ", ".join(f"sum({c})::varchar" for c in cols) + " from t").fetchall()[0]
-    return {f"total_{c}": str(v) for c, v in zip(cols, row) if v is not None}
-
-
 def metadata_text(metadata: dict) -> str:
     """Asset check metadata as one line of text (for failure messages)."""
     return ", ".join(f"{k}: {getattr(v, 'value', v)}" for k, v in metadata.items())
@@ -104,6 +96,7 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
         partitions_def=BY_NAME[model.partitioned_by],
         deps=deps,
         check_specs=check_specs,
+        code_version=model_code_version(project, model),
         backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1) if model.partitioned_by != "none" else None,
         metadata={
             "sql": dg.MetadataValue.path(str(model.path)),
@@ -143,7 +136,8 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
         result = run_model(paths, model.name, window, project=project, threads=threads, validate=run_checks)
         con = duckdb.connect()
         try:
-            totals = _numeric_totals(con, result.table, model)
+            standard = model_metadata(con, paths, project, model, result.table, partitioned=window is not None)
+            version = data_version(con, result.table)
         finally:
             con.close()
         context.log.info(
@@ -155,9 +149,10 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
                 "rows": result.rows,
                 "seconds": round(result.seconds, 3),
                 "path": dg.MetadataValue.path(str(result.path)),
-                **totals,
+                **standard,
             },
             check_results=check_results,
+            data_version=version,
         )
 
     return _asset
