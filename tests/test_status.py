@@ -25,14 +25,18 @@ DAILY = ["raw_samples", "fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fc
 USAGE = dg.AssetKey("fct_usage_by_day")
 
 
-def _materialize(paths, instance, names, partition_key=None, seed=7):
-    resources = {
+def _resources(paths, seed=7) -> dict:
+    return {
         "warehouse": WarehouseResource(data_dir=str(paths.data_dir), seeds_dir=str(paths.seeds_dir)),
         "simulation": SimulationResource(seed=seed, interval_s=3600, customers=2),
         "prometheus": PrometheusResource(),
         "usage_events": UsageEventsResource(),
         "stripe": StripeResource(),
     }
+
+
+def _materialize(paths, instance, names, partition_key=None, seed=7):
+    resources = _resources(paths, seed)
     result = dg.materialize(
         ASSETS, selection=[dg.AssetKey(n) for n in names], partition_key=partition_key, resources=resources, instance=instance
     )
@@ -75,6 +79,24 @@ def test_rerun_of_a_day_marks_later_days_unsynced_only_when_its_rows_changed(pat
     assert by_meter and all(r.data["unit"] for r in by_meter)
     assert {r.data["meter_id"] for r in by_meter} <= {m.data["meter_id"] for m in by_meter}
     assert event.asset_materialization.tags.get("dagster/data_version")
+
+    # checks: recorded with their partition, and executable alone on the published partition
+    check = dg.AssetCheckKey(USAGE, "no_negative_usage")
+    grain = dg.AssetCheckKey(USAGE, "grain_is_unique")
+    history = instance.event_log_storage.get_asset_check_execution_history(check, limit=10)
+    assert history[0].partition == DAYS[2]
+    materializations = len(instance.fetch_materializations(USAGE, limit=100).records)
+    # as the UI launches a check alone: the daily job subset to the checks, for one partition
+    defs = dg.Definitions(assets=ASSETS, jobs=[dg.define_asset_job("daily", selection=DAILY)], resources=_resources(paths))
+    job = defs.resolve_job_def("daily").get_subset(asset_selection=set(), asset_check_selection={check, grain})
+    result = job.execute_in_process(partition_key=DAYS[1], instance=instance)
+    assert result.success
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert set(evaluations) == {"no_negative_usage", "grain_is_unique"}
+    assert all(e.passed for e in evaluations.values())
+    assert evaluations["grain_is_unique"].description == "checked on the published partition"
+    assert instance.event_log_storage.get_asset_check_execution_history(check, limit=1)[0].partition == DAYS[1]
+    assert len(instance.fetch_materializations(USAGE, limit=100).records) == materializations  # nothing rewritten
 
 
 def test_every_asset_has_owners_and_every_model_a_code_version():

@@ -6,7 +6,7 @@ import dagster as dg
 import duckdb
 
 from billing_dags import raw
-from billing_dags.defs.models.checks import CHECKS, grain_is_unique
+from billing_dags.defs.models.checks import CHECKS, evaluate, evaluate_published
 from billing_dags.defs.shared.metadata import data_version, model_code_version, model_metadata
 from billing_dags.defs.shared.partitions import BY_NAME, window_of
 from billing_dags.defs.shared.resources import WarehouseResource
@@ -81,36 +81,55 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
                 asset=model.name,
                 blocking=True,
                 description=f"one row per ({', '.join(model.grain)})",
+                partitions_def=BY_NAME[model.partitioned_by],
             )
         )
     for check in CHECKS.get(model.name, []):
         check_specs.append(
-            dg.AssetCheckSpec(check.__name__, asset=model.name, blocking=check.blocking, description=check.__doc__)
+            dg.AssetCheckSpec(
+                check.__name__,
+                asset=model.name,
+                blocking=check.blocking,
+                description=check.__doc__,
+                partitions_def=BY_NAME[model.partitioned_by],
+            )
         )
 
-    @dg.asset(
+    # a multi-asset of one asset, so that its checks can run alone (can_subset): from a check's page
+    # they re-run on the published partition; with the asset they run on the new rows before publishing
+    @dg.multi_asset(
         name=model.name,
-        description=model.description,
-        group_name=model.group,
-        kinds={"duckdb", "parquet"},
+        specs=[
+            dg.AssetSpec(
+                model.name,
+                description=model.description,
+                group_name=model.group,
+                kinds={"duckdb", "parquet"},
+                deps=deps,
+                code_version=model_code_version(project, model),
+                metadata={
+                    "sql": dg.MetadataValue.path(str(model.path)),
+                    "grain": ", ".join(model.grain),
+                    "partitioned_by": model.partitioned_by,
+                    "lookback_days": model.lookback_days,
+                    # engine python: a faster implementation of the same SQL (which stays its tested spec)
+                    "engine": model.config.get("engine", "sql"),
+                    **({"python": model.config["python"]} if model.config.get("python") else {}),
+                },
+            )
+        ],
         partitions_def=BY_NAME[model.partitioned_by],
-        deps=deps,
         check_specs=check_specs,
-        code_version=model_code_version(project, model),
+        can_subset=True,
         backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1) if model.partitioned_by != "none" else None,
-        metadata={
-            "sql": dg.MetadataValue.path(str(model.path)),
-            "grain": ", ".join(model.grain),
-            "partitioned_by": model.partitioned_by,
-            "lookback_days": model.lookback_days,
-            # engine python: a faster implementation of the same SQL (which stays its tested spec)
-            "engine": model.config.get("engine", "sql"),
-            **({"python": model.config["python"]} if model.config.get("python") else {}),
-        },
     )
     def _asset(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
         paths = warehouse.paths()
         window = window_of(context)
+        selected = {k.name for k in context.selected_asset_check_keys}
+        if dg.AssetKey(model.name) not in context.selected_asset_keys:
+            yield from (r for r in evaluate_published(model, paths, window) if r.check_name in selected)
+            return
         if window is not None:
             _require_lookback(paths, project, model, window)
         threads = warehouse.threads_for(context.run.tags)
@@ -118,20 +137,14 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
 
         def run_checks(table) -> None:
             """The asset checks, on the new rows before they are published; a failed blocking one publishes nothing."""
-            con = duckdb.connect()
-            try:
-                con.register("partition", table)
-                results = [(grain_is_unique(model), True)] if model.grain else []
-                results += [(check(con, paths, window), check.blocking) for check in CHECKS.get(model.name, [])]
-            finally:
-                con.close()
+            results = evaluate(model, paths, window, table)
             failed = [r for r, blocking in results if blocking and not r.passed]
             if failed:
                 raise dg.Failure(
                     description=f"{model.name} {window}: blocking check failed, nothing was published (the previous partition stays): "
                     + "; ".join(f"{r.check_name} ({metadata_text(r.metadata)})" for r in failed)
                 )
-            check_results.extend(r for r, _ in results)
+            check_results.extend(r for r, _ in results if r.check_name in selected)
 
         result = run_model(paths, model.name, window, project=project, threads=threads, validate=run_checks)
         con = duckdb.connect()
@@ -144,7 +157,8 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
             f"{model.name} {window}: {result.rows} rows in {result.seconds:.2f}s"
             f"{f' on {threads} thread(s) (backfill)' if threads else ''} -> {result.path}"
         )
-        return dg.MaterializeResult(
+        yield dg.MaterializeResult(
+            asset_key=model.name,
             metadata={
                 "rows": result.rows,
                 "seconds": round(result.seconds, 3),
