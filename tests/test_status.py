@@ -52,6 +52,8 @@ def _status(instance, key: dg.AssetKey, day: str) -> StaleStatus:
 def test_rerun_of_a_day_marks_later_days_unsynced_only_when_its_rows_changed(paths):
     instance = dg.DagsterInstance.ephemeral()
     _materialize(paths, instance, ["seed_customers", "seed_meters"])
+    seed = instance.get_latest_materialization_event(dg.AssetKey("seed_meters")).asset_materialization
+    assert seed.metadata["dagster/row_count"].value > 0 and "dagster/column_schema" in seed.metadata
     for day in DAYS:
         _materialize(paths, instance, DAILY, day)
     assert [_status(instance, USAGE, d) for d in DAYS] == [StaleStatus.FRESH] * 3
@@ -114,6 +116,13 @@ def test_every_schedule_and_sensor_has_a_description():
     defs = load_defs()
     missing = [s.name for s in [*defs.schedules, *defs.sensors] if not s.description]
     assert not missing
+
+
+def test_going_live_guide_names_every_schedule_and_sensor():
+    guide = (PROJECT_ROOT / "docs" / "going-live.md").read_text()
+    defs = load_defs()
+    assert [s.name for s in [*defs.schedules, *defs.sensors] if f"`{s.name}`" not in guide] == []
+    assert "docs/going-live.md" in (PROJECT_ROOT / "README.md").read_text()
 
 
 def test_loading_the_code_location_prints_no_dagster_warnings():

@@ -33,7 +33,12 @@ def stripe_outbox(context: dg.AssetExecutionContext, warehouse: WarehouseResourc
     rows = ob.build_outbox(window.start, usage, customers, meters, ob.read_outbox(paths, window.start))
     path = ob.write_outbox(paths, window.start, rows)
     return dg.MaterializeResult(
-        metadata={"events": len(rows), "by_status": dg.MetadataValue.json(_by_status(rows)), "path": dg.MetadataValue.path(str(path))}
+        metadata={
+            "events": len(rows),
+            "dagster/partition_row_count": len(rows),
+            "by_status": dg.MetadataValue.json(_by_status(rows)),
+            "path": dg.MetadataValue.path(str(path)),
+        }
     )
 
 
