@@ -159,3 +159,85 @@ def test_a_late_correction_reruns_the_models_of_the_affected_days_in_one_run_and
     _rewrite_same_bytes(samples)
     assert deployment.operate() == []
 
+
+# --- content, not time: billing_dags.late_data on hand-made partitions ----------------------------
+
+
+def _computed_edges(paths, day: date) -> None:
+    """Raw samples of ``day`` and an edges partition recorded as computed from them."""
+    from billing_dags import late_data
+    from billing_dags.sqlmodels import Window, load_project, partition_file
+
+    project = load_project()
+    model = project.models["fct_series_edges_by_day"]
+    window = Window(day, day + timedelta(days=1))
+    start, _ = raw.day_bounds_ms(day)
+    sid = raw.series_id("stratum_submits_total", {"client_id": "miner-001"})
+    samples = pa.table({"series_id": [sid, sid], "ts": [start + 1000, start + 2000], "value": [1.0, 2.0]})
+    series = pa.table(
+        {"series_id": [sid], "metric": ["stratum_submits_total"], "labels": [[("client_id", "miner-001")]], "first_seen": [start + 1000]},
+        schema=raw.SERIES_SCHEMA,
+    )
+    raw.write_day(paths, day, samples, series, "test")
+    inputs = late_data.inputs_before(paths, project, model, window)
+    part = partition_file(paths, model, window)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.write_bytes(b"")
+    late_data.record_inputs(paths, model, window, inputs)
+
+
+def _late(paths, hashes=None):
+    from billing_dags.late_data import late_model_days
+
+    late, used = late_model_days(paths, hashes)
+    return sorted((d.model, d.day.isoformat()) for d in late), used
+
+
+def test_a_touched_or_identically_rewritten_raw_file_is_not_late_and_is_hashed_once(paths, monkeypatch):
+    from billing_dags import late_data
+
+    day = date(2026, 5, 1)
+    _computed_edges(paths, day)
+    assert _late(paths)[0] == []
+    (f,) = raw.sample_files(paths, day)
+    _rewrite_same_bytes(f)
+    hashed = []
+    real = late_data.sha256_file
+    monkeypatch.setattr(late_data, "sha256_file", lambda p: hashed.append(p) or real(p))
+    late, used = _late(paths)
+    assert late == [] and hashed == [f]
+    late, used = _late(paths, used)  # the next evaluation passes the hashes back: nothing is read again
+    assert late == [] and hashed == [f]
+
+
+def test_other_bytes_an_added_file_or_a_removed_one_make_the_day_late_but_retention_does_not(paths):
+    day = date(2026, 5, 1)
+    _computed_edges(paths, day)
+    (f,) = raw.sample_files(paths, day)
+    original = f.read_bytes()
+    _change_last_sample(f)
+    assert _late(paths)[0] == [("fct_series_edges_by_day", "2026-05-01")]
+    f.write_bytes(original)  # the correction undone: the content the partition was computed from
+    assert _late(paths)[0] == []
+    extra = f.with_name("part-late.parquet")
+    extra.write_bytes(original)
+    assert _late(paths)[0] == [("fct_series_edges_by_day", "2026-05-01")]
+    f.unlink()  # part-late.parquet stays: a file of the day went away
+    assert _late(paths)[0] == [("fct_series_edges_by_day", "2026-05-01")]
+    extra.unlink()  # the whole raw day removed (retention): the models keep what they computed
+    assert _late(paths)[0] == []
+
+
+def test_rerun_ranges_run_from_the_first_late_day_through_the_computed_days_that_read_it():
+    from billing_dags.late_data import rerun_ranges
+
+    d = lambda i: date(2026, 11, i)  # noqa: E731
+    computed = {d(i) for i in range(1, 13)}
+    assert rerun_ranges(set(), computed, 35) == []
+    assert rerun_ranges({d(10)}, computed, 35) == [(d(10), d(12))]
+    assert rerun_ranges({d(3), d(5)}, computed, 1) == [(d(3), d(6))]
+    # a day never computed (the schedule will compute it) splits the range; days after it that
+    # read no late day directly are left to their own runs
+    computed.discard(d(7))
+    assert rerun_ranges({d(3), d(9)}, computed, 35) == [(d(3), d(6)), (d(9), d(12))]
+    assert rerun_ranges({d(3)}, computed, 35) == [(d(3), d(6))]
