@@ -241,3 +241,46 @@ def test_rerun_ranges_run_from_the_first_late_day_through_the_computed_days_that
     computed.discard(d(7))
     assert rerun_ranges({d(3), d(9)}, computed, 35) == [(d(3), d(6)), (d(9), d(12))]
     assert rerun_ranges({d(3)}, computed, 35) == [(d(3), d(6))]
+
+
+def test_late_events_request_the_models_reading_them_and_their_downstream_not_the_edges_nor_ingest(paths):
+    from billing_dags import late_data
+    from billing_dags.defs.ingest.sensors import rerun_plan
+    from billing_dags.events import events_day_dir
+    from billing_dags.sqlmodels import Window, load_project, partition_file
+
+    project = load_project()
+    day, nxt = date(2026, 5, 4), date(2026, 5, 5)
+    f = events_day_dir(paths, day) / "part-usage_reports.parquet"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"first version")
+    for d in (day, nxt):
+        window = Window(d, d + timedelta(days=1))
+        for name in late_data.raw_readers(project):
+            model = project.models[name]
+            inputs = late_data.inputs_before(paths, project, model, window)
+            partition_file(paths, model, window).parent.mkdir(parents=True, exist_ok=True)
+            partition_file(paths, model, window).write_bytes(b"")
+            late_data.record_inputs(paths, model, window, inputs)
+    asset_graph = load_defs().get_repository_def().asset_graph
+    assert rerun_plan(paths, asset_graph)[0] == []
+    f.write_bytes(b"second version")
+    (request,), _, late = rerun_plan(paths, asset_graph)
+    # the next day reads this day's gauge levels
+    assert sorted((d.model, d.day.isoformat()) for d in late) == [
+        ("fct_gauge_peaks_by_day", "2026-05-04"),
+        ("fct_gauge_peaks_by_day", "2026-05-05"),
+        ("fct_usage_by_day", "2026-05-04"),
+        ("fct_usage_by_day", "2026-05-05"),
+    ]
+    assert request.partition_key_range == dg.PartitionKeyRange("2026-05-04", "2026-05-05")
+    assert sorted(k.to_user_string() for k in request.asset_selection) == [
+        "daily_summary",
+        "fct_anomaly_flags",
+        "fct_gauge_peaks_by_day",
+        "fct_usage_30d",
+        "fct_usage_by_day",
+        "stripe_meter_events",
+        "stripe_outbox",
+    ]
+    assert request.tags["billing/late_days"] == "2026-05-04,2026-05-05"
