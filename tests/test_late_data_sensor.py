@@ -284,3 +284,28 @@ def test_late_events_request_the_models_reading_them_and_their_downstream_not_th
         "stripe_outbox",
     ]
     assert request.tags["billing/late_days"] == "2026-05-04,2026-05-05"
+
+
+def test_the_sensor_waits_while_a_run_writes_raw_days_or_daily_usage(paths):
+    day = date(2026, 5, 1)
+    _computed_edges(paths, day)
+    (f,) = raw.sample_files(paths, day)
+    _change_last_sample(f)
+    defs = load_defs()
+    sensor = defs.resolve_sensor_def("late_raw_data_sensor")
+    instance = dg.DagsterInstance.ephemeral()
+
+    def evaluate():
+        with dg.build_sensor_context(instance=instance, definitions=defs, resources={"warehouse": defs.resources["warehouse"]}) as ctx:
+            return sensor.evaluate_tick(ctx)
+
+    other = dg.DagsterRun(job_name="refresh_seeds_and_views", run_id="a" * 36, status=dg.DagsterRunStatus.STARTED)
+    ingest = dg.DagsterRun(
+        job_name="__ASSET_JOB", run_id="b" * 36, status=dg.DagsterRunStatus.STARTED, asset_selection=frozenset({dg.AssetKey("usage_reports")})
+    )
+    instance.add_run(other)
+    instance.add_run(ingest)
+    data = evaluate()
+    assert not data.run_requests and "waiting for 1 run(s)" in data.skip_message and "bbbbbbbb" in data.skip_message
+    instance.delete_run(ingest.run_id)
+    assert [r.partition_key for r in evaluate().run_requests] == ["2026-05-01"]

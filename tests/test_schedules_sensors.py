@@ -78,7 +78,8 @@ def test_sensor_requests_each_late_day_once(paths):
     os.utime(f, (time.time() - 3600,) * 2)
     defs = _defs()
     sensor = defs.resolve_sensor_def("late_raw_data_sensor")
-    with dg.build_sensor_context(resources={"warehouse": defs.resources["warehouse"]}, definitions=defs) as ctx:
+    instance = dg.DagsterInstance.ephemeral()  # the sensor waits for unfinished runs; it looks them up there
+    with dg.build_sensor_context(instance=instance, resources={"warehouse": defs.resources["warehouse"]}, definitions=defs) as ctx:
         first = sensor(ctx)
         assert [r.partition_key for r in first] == ["2026-05-01"]
         ctx.update_cursor(ctx.cursor)

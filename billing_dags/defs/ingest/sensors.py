@@ -57,6 +57,28 @@ def rerun_plan(paths, asset_graph, hashes: dict | None = None) -> tuple[list[dg.
     return requests, used, late
 
 
+UNFINISHED = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+
+
+def runs_under_way(instance, asset_graph, job_name: str) -> list[str]:
+    """Unfinished runs that write raw days or the daily assets computed from them (the job's own
+    runs, ingest runs, backfills of those assets): ids (short) of each."""
+    ingest = dg.AssetSelection.assets(*(k for k in INGEST_ASSETS if asset_graph.has(dg.AssetKey(k))))
+    relevant = ingest.downstream().resolve(asset_graph)
+    out = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=UNFINISHED), limit=200):
+        keys = run.asset_selection
+        if (keys is None and run.job_name == job_name) or (keys and set(keys) & relevant):
+            out.append(run.run_id[:8])
+    return out
+
+
 def late_raw_data_sensor(job) -> dg.SensorDefinition:
     @dg.sensor(
         job=job,
@@ -71,6 +93,11 @@ def late_raw_data_sensor(job) -> dg.SensorDefinition:
     )
     def _sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource):
         cursor = json.loads(context.cursor) if context.cursor else {}
+        # raw days being written, or models being computed, are looked at once their runs end: a
+        # rerun next to them would race them (and find their half-written days late)
+        busy = runs_under_way(context.instance, context.repository_def.asset_graph, job.name)
+        if busy:
+            return dg.SkipReason(f"waiting for {len(busy)} run(s) writing raw days or daily usage to finish: {', '.join(busy[:5])}")
         requests, used, late = rerun_plan(warehouse.paths(), context.repository_def.asset_graph, cursor.get("hashes"))
         requested = set(cursor.get("requested", []))
         context.update_cursor(json.dumps({"hashes": used, "requested": sorted(r.run_key for r in requests)}, sort_keys=True))
