@@ -103,10 +103,13 @@ def read_inputs(path: Path) -> Entries | None:
 def inputs_before(paths: Paths, project: Project, model: Model, window: Window | None) -> Entries | None:
     """The raw inputs of a model partition about to be computed (None for a model reading none);
     taken before it reads them, so a file changing while it runs makes the partition late."""
-    reads = raw_readers(project).get(model.name)
+    readers = raw_readers(project)
+    reads = readers.get(model.name)
     if window is None or not reads:
         return None
-    return snapshot(paths, input_files(paths, reads, window), read_inputs(inputs_path(paths, model, window)))
+    # the records of this window's other models: a file they hashed in its current version is not read again
+    known = [read_inputs(inputs_path(paths, project.models[name], window)) for name in [model.name, *sorted(readers)]]
+    return snapshot(paths, input_files(paths, reads, window), *known)
 
 
 def record_inputs(paths: Paths, model: Model, window: Window, entries: Entries) -> None:
@@ -155,6 +158,8 @@ def late_model_days(paths: Paths, hashes: Entries | None = None, project: Projec
             day = date.fromisoformat(part.parent.name.split("=", 1)[1])
             window = Window(day, day + timedelta(days=1))
             files = input_files(paths, reads, window)
+            if not files:  # none left (retention removed the raw days) or none ever: nothing can be late
+                continue
             recorded = read_inputs(part.with_name(INPUTS_FILE))
             if recorded is None:
                 newest = max((f.stat().st_mtime_ns for f in files), default=0)
