@@ -1,13 +1,16 @@
 """Late raw data: which computed model days read raw files whose content changed since.
 
 A daily model that reads raw day files (samples, carry-in, events) records, next to each partition
-it writes, the files it read: name, size, modification time and SHA-256 (``inputs.json``). A model
-day is late when the raw files of its window now differ by content from that record: a file added,
-removed (not a whole day: retention removes those) or with other bytes. A file only touched or rewritten with the same bytes is not late: its
-time changed, so it is hashed again, and the hash decides.
+it writes, the files it read: name, size and SHA-256 (``inputs.json``, the same bytes for the same
+inputs however the partition was computed). A model day is late when the raw files of its window
+now differ by content from that record: a file added, removed (not a whole day: retention removes
+those) or with other bytes. A file only touched or rewritten with the same bytes is not late: it
+is hashed again, and the hash decides.
 
-Hashing is paid once per file version: a file whose size and time still match the record is taken
-as recorded, and the hashes of touched files are kept by the caller (the sensor's cursor).
+Hashing is paid once per file version: a file of the recorded size not written since the record
+was (its time is older) is taken as recorded, without reading it; the hashes of files written
+since are kept by the caller (the sensor's cursor) with their size and time. A file that changed
+while the model ran is recorded with no hash, so it is never taken as recorded.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ DAY_FILES: dict[str, Callable[[Paths, date], list[Path]]] = {
     "raw_events": events.event_files,
 }
 
-#: {relative path: [size, mtime_ns, sha256]}
+#: {relative path: [size, mtime_ns, sha256]}: what a file is now (or was when it was hashed)
 Entries = dict[str, list]
+#: {relative path: [size, sha256]}: what a partition was computed from ("" when it changed meanwhile)
+Recorded = dict[str, list]
 
 
 def raw_readers(project: Project) -> dict[str, dict[str, int]]:
@@ -71,32 +76,53 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def snapshot(paths: Paths, files: list[Path], *known: Entries | None) -> Entries:
-    """Size, time and SHA-256 of ``files`` (keyed by their path under the data dir); a file whose
-    size and time match an entry of ``known`` keeps that hash instead of being read again."""
+@dataclass(frozen=True)
+class Record:
+    files: Recorded
+    written_ns: int  # the record's own modification time
+
+
+def snapshot(
+    paths: Paths, files: list[Path], records: list[Record | None] = (), cache: Entries | None = None, collect: Entries | None = None
+) -> Entries:
+    """Size, time and SHA-256 of ``files`` (keyed by their path under the data dir). A file is read
+    only when no record knows it (same size, older than the record) and neither ``collect`` nor
+    ``cache`` does (same size and time); every file no record knows is added to ``collect``."""
     out: Entries = {}
     for f in files:
         st = f.stat()
         rel = f.relative_to(paths.data_dir).as_posix()
-        for entries in known:
-            prior = (entries or {}).get(rel)
-            if prior and prior[0] == st.st_size and prior[1] == st.st_mtime_ns:
-                out[rel] = [st.st_size, st.st_mtime_ns, prior[2]]
-                break
-        else:
-            out[rel] = [st.st_size, st.st_mtime_ns, sha256_file(f)]
+        sha = next((r.files[rel][1] for r in records if r and _unwritten(r, rel, st)), None)
+        if sha is None:
+            for known in (collect, cache):
+                prior = (known or {}).get(rel)
+                if prior and prior[0] == st.st_size and prior[1] == st.st_mtime_ns:
+                    sha = prior[2]
+                    break
+            else:
+                sha = sha256_file(f)
+            if collect is not None:
+                collect[rel] = [st.st_size, st.st_mtime_ns, sha]
+        out[rel] = [st.st_size, st.st_mtime_ns, sha]
     return out
+
+
+def _unwritten(record: Record, rel: str, st) -> bool:
+    """The file is as recorded and not written since (same size, older than the record)."""
+    entry = record.files.get(rel)
+    return bool(entry and entry[1] and entry[0] == st.st_size and st.st_mtime_ns < record.written_ns)
 
 
 def inputs_path(paths: Paths, model: Model, window: Window) -> Path:
     return partition_file(paths, model, window).with_name(INPUTS_FILE)
 
 
-def read_inputs(path: Path) -> Entries | None:
+def read_record(path: Path) -> Record | None:
     """A partition's recorded inputs; None when none was recorded (or it cannot be read)."""
     try:
-        return json.loads(path.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        written = path.stat().st_mtime_ns
+        return Record({rel: [int(e[0]), str(e[1])] for rel, e in json.loads(path.read_text())["files"].items()}, written)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
 
 
@@ -107,14 +133,23 @@ def inputs_before(paths: Paths, project: Project, model: Model, window: Window |
     reads = readers.get(model.name)
     if window is None or not reads:
         return None
-    # the records of this window's other models: a file they hashed in its current version is not read again
-    known = [read_inputs(inputs_path(paths, project.models[name], window)) for name in [model.name, *sorted(readers)]]
-    return snapshot(paths, input_files(paths, reads, window), *known)
+    # the records of this window's models: a file one of them hashed, unwritten since, is not read again
+    records = [read_record(inputs_path(paths, project.models[name], window)) for name in sorted(readers)]
+    return snapshot(paths, input_files(paths, reads, window), records)
 
 
 def record_inputs(paths: Paths, model: Model, window: Window, entries: Entries) -> None:
-    """Publish the inputs a partition was computed from, next to it (after the partition)."""
-    body = {"model": model.name, "day": window.start.isoformat(), "files": entries}
+    """Publish the inputs a partition was computed from, next to it (after the partition). A file
+    written since ``entries`` were taken is recorded with no hash: it may not be what the model read."""
+    files: Recorded = {}
+    for rel, (size, mtime_ns, sha) in entries.items():
+        try:
+            st = (paths.data_dir / rel).stat()
+            same = (st.st_size, st.st_mtime_ns) == (size, mtime_ns)
+        except FileNotFoundError:
+            same = False
+        files[rel] = [size, sha if same else ""]
+    body = {"model": model.name, "day": window.start.isoformat(), "files": files}
     durable.write_bytes(inputs_path(paths, model, window), json.dumps(body, sort_keys=True, indent=1).encode())
 
 
@@ -125,7 +160,7 @@ class LateDay:
     why: str  # e.g. "raw/samples/date=.../part-x.parquet changed"
 
 
-def _changed(recorded: Entries, current: Entries) -> str | None:
+def _changed(recorded: Recorded, current: Entries) -> str | None:
     """What differs by content; a raw day folder emptied altogether (retention removes whole raw days
     once their month is invoiced) is not a change: the models keep what they computed from it."""
     present = {rel.rsplit("/", 1)[0] for rel in current}
@@ -136,15 +171,15 @@ def _changed(recorded: Entries, current: Entries) -> str | None:
             continue
         if rel not in recorded:
             return f"{rel} added"
-        if recorded[rel][2] != current[rel][2]:
+        if recorded[rel][1] != current[rel][2]:
             return f"{rel} changed"
     return None
 
 
 def late_model_days(paths: Paths, hashes: Entries | None = None, project: Project | None = None) -> tuple[list[LateDay], Entries]:
     """Model days whose raw inputs changed by content since they were computed; and the hashes of
-    the files whose time no longer matches any record (to pass back next time, so a touched file is
-    hashed once, not on every call).
+    the files written since a record of them (to pass back next time, so a touched file is hashed
+    once, not on every call).
 
     A partition computed before inputs were recorded is late when a raw input is newer than it.
     """
@@ -160,17 +195,14 @@ def late_model_days(paths: Paths, hashes: Entries | None = None, project: Projec
             files = input_files(paths, reads, window)
             if not files:  # none left (retention removed the raw days) or none ever: nothing can be late
                 continue
-            recorded = read_inputs(part.with_name(INPUTS_FILE))
-            if recorded is None:
-                newest = max((f.stat().st_mtime_ns for f in files), default=0)
+            record = read_record(part.with_name(INPUTS_FILE))
+            if record is None:
+                newest = max(f.stat().st_mtime_ns for f in files)
                 if newest > part.stat().st_mtime_ns:
                     late.append(LateDay(name, day, "raw data newer than the partition (computed before inputs were recorded)"))
                 continue
-            current = snapshot(paths, files, recorded, hashes, used)
-            for rel, entry in current.items():
-                if recorded.get(rel, [None, None])[:2] != entry[:2]:
-                    used[rel] = entry
-            why = _changed(recorded, current)
+            current = snapshot(paths, files, [record], hashes, used)
+            why = _changed(record.files, current)
             if why:
                 late.append(LateDay(name, day, why))
     return late, used

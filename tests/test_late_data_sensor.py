@@ -309,3 +309,25 @@ def test_the_sensor_waits_while_a_run_writes_raw_days_or_daily_usage(paths):
     assert not data.run_requests and "waiting for 1 run(s)" in data.skip_message and "bbbbbbbb" in data.skip_message
     instance.delete_run(ingest.run_id)
     assert [r.partition_key for r in evaluate().run_requests] == ["2026-05-01"]
+
+
+def test_the_record_holds_sizes_and_hashes_only_and_a_file_changed_during_the_run_is_late(paths):
+    import json
+
+    from billing_dags import late_data
+    from billing_dags.sqlmodels import Window, load_project, partition_file
+
+    day = date(2026, 5, 1)
+    _computed_edges(paths, day)
+    project = load_project()
+    model = project.models["fct_series_edges_by_day"]
+    window = Window(day, day + timedelta(days=1))
+    (f,) = raw.sample_files(paths, day)
+    record = json.loads(late_data.inputs_path(paths, model, window).read_text())
+    # the same bytes for the same inputs, whenever and however the partition was computed
+    assert record["files"] == {f.relative_to(paths.data_dir).as_posix(): [f.stat().st_size, late_data.sha256_file(f)]}
+    inputs = late_data.inputs_before(paths, project, model, window)
+    _rewrite_same_bytes(f)  # while the model runs: it may have read either version
+    late_data.record_inputs(paths, model, window, inputs)
+    assert partition_file(paths, model, window).exists()
+    assert _late(paths)[0] == [("fct_series_edges_by_day", "2026-05-01")]
