@@ -57,13 +57,17 @@ def raw_readers(project: Project) -> dict[str, dict[str, int]]:
     return out
 
 
-def input_files(paths: Paths, reads: dict[str, int], window: Window) -> list[Path]:
-    """The raw day files a model reading ``reads`` reads for ``window``."""
+def input_files(paths: Paths, reads: dict[str, int], window: Window, listed: dict | None = None) -> list[Path]:
+    """The raw day files a model reading ``reads`` reads for ``window`` (``listed`` keeps the
+    listings of (source, day) for the next call)."""
+    listed = {} if listed is None else listed
     files = []
     for source, lookback in reads.items():
         d = window.start - timedelta(days=lookback)
         while d < window.end:
-            files += DAY_FILES[source](paths, d)
+            if (source, d) not in listed:
+                listed[source, d] = DAY_FILES[source](paths, d)
+            files += listed[source, d]
             d += timedelta(days=1)
     return sorted(set(files))
 
@@ -158,6 +162,7 @@ class LateDay:
     model: str
     day: date
     why: str  # e.g. "raw/samples/date=.../part-x.parquet changed"
+    inputs: str = ""  # SHA-256 over the current inputs' names and hashes (another change, another value)
 
 
 def _changed(recorded: Recorded, current: Entries) -> str | None:
@@ -187,12 +192,13 @@ def late_model_days(paths: Paths, hashes: Entries | None = None, project: Projec
     hashes = hashes or {}
     used: Entries = {}
     late: list[LateDay] = []
+    listed: dict = {}
     for name, reads in raw_readers(project).items():
         model = project.models[name]
         for part in model_files(paths, model):
             day = date.fromisoformat(part.parent.name.split("=", 1)[1])
             window = Window(day, day + timedelta(days=1))
-            files = input_files(paths, reads, window)
+            files = input_files(paths, reads, window, listed)
             if not files:  # none left (retention removed the raw days) or none ever: nothing can be late
                 continue
             record = read_record(part.with_name(INPUTS_FILE))
@@ -204,7 +210,8 @@ def late_model_days(paths: Paths, hashes: Entries | None = None, project: Projec
             current = snapshot(paths, files, [record], hashes, used)
             why = _changed(record.files, current)
             if why:
-                late.append(LateDay(name, day, why))
+                digest = hashlib.sha256(json.dumps(sorted([rel, e[2]] for rel, e in current.items())).encode()).hexdigest()
+                late.append(LateDay(name, day, why, digest))
     return late, used
 
 

@@ -284,6 +284,11 @@ def test_late_events_request_the_models_reading_them_and_their_downstream_not_th
         "stripe_outbox",
     ]
     assert request.tags["billing/late_days"] == "2026-05-04,2026-05-05"
+    # the same late content keeps its run key (requested once), however often it is touched; new content makes a new one
+    _rewrite_same_bytes(f)
+    assert rerun_plan(paths, asset_graph)[0][0].run_key == request.run_key
+    f.write_bytes(b"third version")
+    assert rerun_plan(paths, asset_graph)[0][0].run_key != request.run_key
 
 
 def test_the_sensor_waits_while_a_run_writes_raw_days_or_daily_usage(paths):

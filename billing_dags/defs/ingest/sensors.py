@@ -9,6 +9,7 @@ gauge levels, rolling 30-day sums, anomaly baselines), so a late day changes the
 
 import hashlib
 import json
+
 import dagster as dg
 
 from billing_dags.defs.shared.partitions import billing_daily
@@ -38,10 +39,7 @@ def rerun_plan(paths, asset_graph, hashes: dict | None = None) -> tuple[list[dg.
     for start, end in rerun_ranges({d.day for d in late}, computed_days(paths, models), follow):
         days = [d for d in late if start <= d.day <= end]
         # the same late state makes the same key: an evaluation while its run is under way requests nothing new
-        state = json.dumps(
-            [[d.model, d.day.isoformat(), d.why] for d in days]
-            + sorted([rel, entry[2]] for rel, entry in used.items()),
-        )
+        state = json.dumps([[d.model, d.day.isoformat(), d.why, d.inputs] for d in days])
         key = hashlib.sha256(state.encode()).hexdigest()[:16]
         tags = {
             "billing/reason": "late raw data",
