@@ -114,7 +114,8 @@ def test_usage_of_an_unknown_llm_model_is_flagged_critical_not_priced_at_zero():
     got = flags([known, unknown], [])
     flag = got[("llm-001", "llm_input_tokens", "unpriced_usage")]
     assert flag["severity"] == "critical" and flag["value"] == 1
-    assert "gpt-9-preview (5000)" in flag["detail"] and "gpt-4o (" not in flag["detail"]
+    # in the meter's billing unit: 5,000 tokens are 0.005 million
+    assert "gpt-9-preview (0.005 mtok)" in flag["detail"] and "gpt-4o (" not in flag["detail"]
     assert not [k for k in flags([known], []) if k[2] == "unpriced_usage"]
 
 
@@ -253,12 +254,12 @@ def test_allowance_flag_is_raised_once_per_crossing_and_level_again_each_month()
 
 
 def test_week_over_week_is_raised_on_the_day_the_ratio_crosses_not_while_it_stays_above():
-    # 0.1 GiB a day, 12 GiB on D: the last 7 days stay over 10x the 7 before for D..D+6
+    # 1 GiB a day, 100 GiB on D: the last 7 days stay over 10x the 7 before for D..D+6
     run = _span(D - timedelta(days=20), D + timedelta(days=10))
-    days = [day_row(d, "mp-003", "proxy_bytes", usage=12 * GIB if d == D else GIB // 10) for d in run]
+    days = [day_row(d, "mp-003", "proxy_bytes", usage=100 * GIB if d == D else GIB) for d in run]
     got = raised(flags_per_day(days, [], run), ("mp-003", "proxy_bytes", "week_over_week"))
     assert list(got) == [D]
-    assert "usage 12.6 gib in the last 7 days vs 0.7 gib the 7 before" in got[D]["detail"]
+    assert "usage 106 gib in the last 7 days vs 7 gib the 7 before" in got[D]["detail"]
 
 
 def test_scrape_gaps_on_consecutive_days_are_one_flag_per_run():
