@@ -292,3 +292,23 @@ def test_quantities_in_messages_are_in_billing_units():
     assert flag["value"] == 5 * GIB + GIB // 2
     assert flag["detail"].startswith("5.5 gib used after the subscription")
     assert flag["quantity"] == Decimal("5.5") and flag["unit"] == "gib"
+
+
+def test_a_gap_across_midnight_or_over_whole_days_is_a_scrape_gap():
+    # series 1 (mp-003, proxy_bytes) samples 00:00-23:00 each day with data: nothing on Oct 28, so
+    # the gap before Oct 29's first sample is 25 hours; Oct 30 starts 1 hour after Oct 29's last
+    # sample (not over the threshold); Oct 31 starts at 00:30, 90 minutes after Oct 30's last
+    def at(day: date, first: int, last: int) -> dict:
+        return {**edge_on(day, 1, 60_000), "first_ts_ms": first, "last_ts_ms": last}
+
+    edges = [
+        at(date(2026, 10, 27), ms(date(2026, 10, 27), 0), ms(date(2026, 10, 27), 23)),
+        at(date(2026, 10, 29), ms(date(2026, 10, 29), 0), ms(date(2026, 10, 29), 23)),
+        at(date(2026, 10, 30), ms(date(2026, 10, 30), 0), ms(date(2026, 10, 30), 23)),
+        at(date(2026, 10, 31), ms(date(2026, 10, 31), 0, 30), ms(date(2026, 10, 31), 23)),
+    ]
+    run = _span(date(2026, 10, 27), date(2026, 10, 31))
+    days = [day_row(d, "mp-003", "proxy_bytes", usage=GIB // 10) for d in run]
+    gaps = raised(flags_per_day(days, edges, run), ("mp-003", "proxy_bytes", "scrape_gap"))
+    assert {d: f["value"] for d, f in gaps.items()} == {date(2026, 10, 29): 25 * 3600_000, date(2026, 10, 31): 90 * 60_000}
+    assert "longest gap between two samples: 1500 min" in gaps[date(2026, 10, 29)]["detail"]

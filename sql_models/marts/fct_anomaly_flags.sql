@@ -303,14 +303,28 @@ unmatched as (
     where day = $start_date::date
 ),
 
+-- per series and day of the lookback: the longest gap between two samples, with the one before the
+-- day's first sample from the series' last sample on an earlier day (across midnight, or whole days
+-- without samples)
+series_gaps_by_day as (
+    select
+        day,
+        series_id,
+        greatest(
+            max_gap_ms, coalesce(first_ts_ms - lag(last_ts_ms) over (partition by series_id order by day), 0)
+        ) as max_gap_ms
+    from edges
+    where samples > 0
+),
+
 -- the longest gap between two samples of a customer's series of a meter, per day of the lookback
 gaps_by_day as (
-    select edges.day, series.customer_id, series.meter_id, max(edges.max_gap_ms) as max_gap_ms
-    from edges
+    select series_gaps_by_day.day, series.customer_id, series.meter_id, max(series_gaps_by_day.max_gap_ms) as max_gap_ms
+    from series_gaps_by_day
     inner join series
-        on edges.series_id = series.series_id
+        on series_gaps_by_day.series_id = series.series_id
     where series.customer_id is not null
-    group by edges.day, series.customer_id, series.meter_id
+    group by series_gaps_by_day.day, series.customer_id, series.meter_id
 ),
 
 gaps as (
