@@ -287,8 +287,11 @@ def test_quantities_in_messages_are_in_billing_units():
     # k8s-005 left k8s_starter on 2026-10-21: 5 GiB of network after it is 5 GiB (the value stays
     # the quantity compared against the threshold, in base units)
     after = date(2026, 10, 25)
-    got = flags_per_day([day_row(after, "k8s-005", "k8s_network", usage=5 * GIB + GIB // 2)], [], [after])[after]
-    flag = got[("k8s-005", "k8s_network", "outside_subscription")]
+    run = [after, after + timedelta(days=1)]
+    per_day = flags_per_day([day_row(d, "k8s-005", "k8s_network", usage=5 * GIB + GIB // 2) for d in run], [], run)
+    # money depends on it: raised on every day it holds, not once
+    assert list(raised(per_day, ("k8s-005", "k8s_network", "outside_subscription"))) == run
+    flag = per_day[after][("k8s-005", "k8s_network", "outside_subscription")]
     assert flag["value"] == 5 * GIB + GIB // 2
     assert flag["detail"].startswith("5.5 gib used after the subscription")
     assert flag["quantity"] == Decimal("5.5") and flag["unit"] == "gib"
