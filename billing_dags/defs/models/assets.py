@@ -5,10 +5,10 @@ from datetime import date, timedelta
 import dagster as dg
 import duckdb
 
-from billing_dags import raw
+from billing_dags import late_data, raw
 from billing_dags.defs.models.checks import CHECKS, evaluate, evaluate_published
 from billing_dags.defs.shared.metadata import data_version, model_code_version, model_metadata
-from billing_dags.defs.shared.partitions import BY_NAME, window_of
+from billing_dags.defs.shared.partitions import BY_NAME, SINGLE_RUN, combined_check_result, materialize_each, partitions_of
 from billing_dags.defs.shared.resources import WarehouseResource
 from billing_dags.settings import Paths
 from billing_dags.sqlmodels import Model, ModelError, Project, Window, load_project, model_files, run_model, sources
@@ -121,55 +121,82 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
         partitions_def=BY_NAME[model.partitioned_by],
         check_specs=check_specs,
         can_subset=True,
-        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1) if model.partitioned_by != "none" else None,
+        backfill_policy=SINGLE_RUN if model.partitioned_by != "none" else None,
     )
     def _asset(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
         paths = warehouse.paths()
-        window = window_of(context)
         selected = {k.name for k in context.selected_asset_check_keys}
         if dg.AssetKey(model.name) not in context.selected_asset_keys:
-            yield from (r for r in evaluate_published(model, paths, window) if r.check_name in selected)
+            # the checks alone (from a check's page): on the partitions as they were published
+            published: dict[str, list[tuple[Window | None, dg.AssetCheckResult]]] = {}
+            for _, window in partitions_of(context) or [(None, None)]:
+                for r in evaluate_published(model, paths, window):
+                    if r.check_name in selected:
+                        published.setdefault(r.check_name, []).append((window, r))
+            yield from (combined_check_result(results) for results in published.values())
             return
-        if window is not None:
-            _require_lookback(paths, project, model, window)
         threads = warehouse.threads_for(context.run.tags)
-        check_results: list[dg.AssetCheckResult] = []
+        # every partition of the run in order (a range: each day reads the earlier days this step
+        # has just written); the checks cover every partition, a blocking one failing stops the
+        # step before that partition is published
+        by_check: dict[str, list[tuple[Window | None, dg.AssetCheckResult]]] = {}
+        versions: dict[str | None, dg.DataVersion] = {}
 
-        def run_checks(table) -> None:
-            """The asset checks, on the new rows before they are published; a failed blocking one publishes nothing."""
-            results = evaluate(model, paths, window, table)
-            failed = [r for r, blocking in results if blocking and not r.passed]
-            if failed:
-                raise dg.Failure(
-                    description=f"{model.name} {window}: blocking check failed, nothing was published (the previous partition stays): "
-                    + "; ".join(f"{r.check_name} ({metadata_text(r.metadata)})" for r in failed)
-                )
-            check_results.extend(r for r, _ in results if r.check_name in selected)
+        def one_partition(key: str | None, window: Window | None) -> dict:
+            if window is not None:
+                _require_lookback(paths, project, model, window)
 
-        result = run_model(paths, model.name, window, project=project, threads=threads, validate=run_checks)
-        con = duckdb.connect()
-        try:
-            standard = model_metadata(con, paths, project, model, result.table, partitioned=window is not None)
-            version = data_version(con, result.table)
-        finally:
-            con.close()
-        context.log.info(
-            f"{model.name} {window}: {result.rows} rows in {result.seconds:.2f}s"
-            f"{f' on {threads} thread(s) (backfill)' if threads else ''} -> {result.path}"
-        )
-        yield dg.MaterializeResult(
-            asset_key=model.name,
-            metadata={
+            def run_checks(table) -> None:
+                """The asset checks, on the new rows before they are published; a failed blocking one publishes nothing."""
+                results = evaluate(model, paths, window, table)
+                failed = [r for r, blocking in results if blocking and not r.passed]
+                if failed:
+                    raise dg.Failure(
+                        description=f"{model.name} {_label(window)}: blocking check failed, nothing was published for it "
+                        "(its previous partition stays): "
+                        + "; ".join(f"{r.check_name} ({metadata_text(r.metadata)})" for r in failed)
+                    )
+                for r, _ in results:
+                    by_check.setdefault(r.check_name, []).append((window, r))
+
+            inputs = late_data.inputs_before(paths, project, model, window)
+            result = run_model(paths, model.name, window, project=project, threads=threads, validate=run_checks)
+            if inputs is not None:
+                late_data.record_inputs(paths, model, window, inputs)
+            con = duckdb.connect()
+            try:
+                standard = model_metadata(con, paths, project, model, result.table, partitioned=window is not None)
+                versions[key] = data_version(con, result.table)
+            finally:
+                con.close()
+            context.log.info(
+                f"{model.name} {_label(window)}: {result.rows} rows in {result.seconds:.2f}s"
+                f"{f' on {threads} thread(s) (backfill)' if threads else ''} -> {result.path}"
+            )
+            return {
                 "rows": result.rows,
                 "seconds": round(result.seconds, 3),
                 "path": dg.MetadataValue.path(str(result.path)),
                 **standard,
-            },
-            check_results=check_results,
-            data_version=version,
+            }
+
+        materialize_each(context, one_partition)
+        yield dg.MaterializeResult(
+            asset_key=model.name,
+            check_results=[combined_check_result(results) for name, results in by_check.items() if name in selected],
+            # the rows' own version, when the run has one partition (Dagster records one data version for
+            # every partition of a range run; there the default applies: code version + input versions)
+            data_version=next(iter(versions.values())) if len(versions) == 1 else None,
         )
 
     return _asset
+
+
+def _label(window: Window | None) -> str:
+    """The partition a window is: its day, or its month."""
+    if window is None:
+        return "(unpartitioned)"
+    return window.start.isoformat() if (window.end - window.start).days == 1 else f"{window.start:%Y-%m}"
 
 
 def build_model_assets() -> list[dg.AssetsDefinition]:

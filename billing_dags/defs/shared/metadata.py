@@ -204,8 +204,8 @@ def _days(window):
         d += timedelta(days=1)
 
 
-def raw_result(result: dg.MaterializeResult, paths, window, table: str = "raw_samples", sources=None) -> dg.MaterializeResult:
-    """``result`` of an ingest asset with the standard metadata of the raw files of its window and a data version.
+def raw_metadata(paths, window, table: str = "raw_samples", sources=None) -> tuple[dict, dg.DataVersion]:
+    """The standard metadata of the raw files an ingest asset wrote for ``window``, and their data version.
 
     ``table`` is raw_samples (the day's sample files) or raw_events (the day's event files of ``sources``,
     e.g. ``["postgres", "simulate"]``: each source writes its own part-<source>.parquet).
@@ -220,13 +220,26 @@ def raw_result(result: dg.MaterializeResult, paths, window, table: str = "raw_sa
         parts = {f"part-{s}.parquet" for s in sources or ()}
         files = [f for d in _days(window) for f in event_files(paths, d) if f.name in parts]
         every = sorted(f for f in events_root(paths).glob("date=*/*.parquet") if f.name in parts)
-    meta = dict(result.metadata or {})
+    meta = {}
     if files:
-        meta.update(table_metadata(pq.read_schema(files[0]), table, partition_rows=total_rows(files), files=every))
-    return dg.MaterializeResult(
-        metadata=meta,
-        data_version=files_data_version(files),
-        check_results=result.check_results,
-        asset_key=result.asset_key,
-        tags=result.tags,
-    )
+        meta = table_metadata(pq.read_schema(files[0]), table, partition_rows=total_rows(files), files=every)
+    return meta, files_data_version(files)
+
+
+def materialize_raw_each(context, paths, compute, table: str = "raw_samples", sources=None) -> dg.MaterializeResult:
+    """``partitions.materialize_each`` for an ingest asset: each partition's metadata gets the standard
+    metadata of its raw files; a one-partition run also reports their data version (Dagster records one
+    data version for all partitions of a range run, so a range keeps Dagster's default)."""
+    from billing_dags.defs.shared.partitions import materialize_each
+
+    versions = {}
+
+    def with_standard(key, window) -> dict:
+        meta = compute(key, window)
+        standard, versions[key] = raw_metadata(paths, window, table, sources)
+        return {**meta, **standard}
+
+    result = materialize_each(context, with_standard)
+    if len(versions) == 1:
+        return dg.MaterializeResult(metadata=result.metadata, data_version=next(iter(versions.values())))
+    return result
