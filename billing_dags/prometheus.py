@@ -918,7 +918,8 @@ def _remote_read_exact(client: PrometheusClient, sel: Selector, a: int, b: int) 
     except _Refused as e:
         if client.remote_read_ok is None:
             return _no_remote_read(client, what, desc, f"/api/v1/read answered {e}")
-        raise client._fail(what, desc, f"refused the remote read ({e})") from None
+        hint = "; set read_api to auto or query for a server without remote read" if client.read_api == "remote_read" else ""
+        raise client._fail(what, desc, f"refused the remote read at /api/v1/read ({e}){hint}") from None
     client.remote_read_ok = True
     return got
 
@@ -1225,7 +1226,8 @@ class LocalPrometheus:
     Use as a context manager; :meth:`stop` sends SIGTERM to the group (SIGKILL after 10 s).
     """
 
-    def __init__(self, tsdb_dir, binary: str = "prometheus", port: int | None = None, log_file=None):
+    def __init__(self, tsdb_dir, binary: str = "prometheus", port: int | None = None, log_file=None, extra_args: Sequence[str] = ()):
+        self.extra_args = list(extra_args)
         self.tsdb_dir = str(tsdb_dir)
         self.binary = binary
         self.port = port or free_port()
@@ -1252,6 +1254,7 @@ class LocalPrometheus:
                 "--storage.tsdb.retention.time=10y",
                 f"--web.listen-address=127.0.0.1:{self.port}",
                 "--log.level=warn",
+                *self.extra_args,
             ],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
         )
