@@ -354,6 +354,7 @@ class PrometheusClient:
         sleep: Callable[[float], None] = time.sleep,
         read_api: str = "query",
         log: Callable[[str], None] | None = None,
+        remote_read_chunks: bool = True,
     ):
         import requests
 
@@ -373,6 +374,8 @@ class PrometheusClient:
         #: why auto fell back to the query API (None: it did not)
         self.fallback_reason: str | None = None
         self.log = log or (lambda _: None)
+        #: remote read asks for the stored chunks first (STREAMED_XOR_CHUNKS), samples second
+        self.remote_read_chunks = remote_read_chunks
         self._labels_cache: dict[bytes, tuple] = {}
         self.base = url.rstrip("/")
         self.server = redact_url(self.base)
@@ -507,8 +510,11 @@ class PrometheusClient:
     def remote_read(self, matchers: Sequence[tuple[int, str, str]], start_ms: int, end_ms: int, *, what: str = "remote read",
                     promql: str | None = None) -> "RemoteSeries":
         """Raw samples of [start, end] (both inclusive, as remote read defines them) of the series
-        ``matchers`` select, over ``POST /api/v1/read`` (a snappy-compressed ReadRequest, response
-        type SAMPLES): every sample as sent, stale markers included (see :class:`RemoteSeries`).
+        ``matchers`` select, over ``POST /api/v1/read`` (a snappy-compressed ReadRequest): every
+        sample as stored, stale markers included (see :class:`RemoteSeries`). Asks for the stored
+        XOR chunks (STREAMED_XOR_CHUNKS: the server copies them, we decode them; whole chunks, so
+        samples outside the range too) when ``remote_read_chunks``, else or when the server does
+        not stream, for samples (SAMPLES).
 
         Raises _Refused when the server answers a status of REMOTE_READ_REFUSED or a body that is
         not a remote-read response (auto mode falls back on it), PrometheusError otherwise.
@@ -521,21 +527,25 @@ class PrometheusClient:
         q = req.queries.add(start_timestamp_ms=start_ms, end_timestamp_ms=end_ms)
         for kind, name, value in matchers:
             q.matchers.add(type=kind, name=name, value=value)
-        req.accepted_response_types.append(0)  # SAMPLES
+        # in order of preference: the server answers with the first one it supports
+        req.accepted_response_types.extend([1, 0] if self.remote_read_chunks else [0])  # STREAMED_XOR_CHUNKS, SAMPLES
         body = bytes(cramjam.snappy.compress_raw(req.SerializeToString()))
         headers = {
             "Content-Type": "application/x-protobuf",
             "Content-Encoding": "snappy",
-            "Accept": "application/x-protobuf",
-            # the body is snappy already; gzip on top would cost both sides time for nothing
+            "Accept": "application/x-protobuf, application/x-streamed-protobuf",
+            # the body is compressed or binary already; gzip on top would cost both sides time for nothing
             "Accept-Encoding": "identity",
             "X-Prometheus-Remote-Read-Version": "0.1.0",
         }
         resp = self._request("/api/v1/read", body, what, promql, headers, REMOTE_READ_REFUSED)
         ctype = resp.headers.get("Content-Type", "")
-        if not ctype.startswith("application/x-protobuf"):
+        streamed = ctype.startswith("application/x-streamed-protobuf")
+        if not (streamed or ctype.startswith("application/x-protobuf")):
             raise _Refused(f"HTTP {resp.status_code} with Content-Type {ctype or 'none'!r}, not a remote-read response")
         try:
+            if streamed:
+                return _chunked_series(resp.content)
             results = _read_results(bytes(cramjam.snappy.decompress_raw(resp.content)))
             if len(results) != 1:
                 raise ValueError(f"{len(results)} results for 1 query")
@@ -667,6 +677,40 @@ def _query_result_series(payload: bytes) -> RemoteSeries:
             ts.append(sample.timestamp)
             values.append(sample.value)
     return RemoteSeries(keys, np.array(counts, np.int64), np.array(ts, np.int64), np.array(values, np.float64))
+
+
+def _chunked_series(body: bytes) -> RemoteSeries:
+    """A STREAMED_XOR_CHUNKS response (one query): its frames, their series (a series split over
+    frames joined again) and their XOR chunks decoded."""
+    from google.protobuf.message import DecodeError
+
+    from .remote_write import xor
+    from .remote_write.proto import ChunkedReadResponse, TimeSeries
+
+    keys: list[bytes] = []
+    chunks_per_series: list[int] = []
+    datas: list[bytes] = []
+    for frame in xor.frames(body):
+        try:
+            msg = ChunkedReadResponse.FromString(frame)
+        except DecodeError as e:
+            raise ValueError(str(e)) from None
+        if msg.query_index != 0:
+            raise ValueError(f"chunks of query {msg.query_index} for 1 query")
+        for series in msg.chunked_series:
+            key = TimeSeries(labels=series.labels).SerializeToString()
+            mine = [c.data for c in series.chunks if c.type == xor.XOR]
+            if keys and keys[-1] == key:
+                chunks_per_series[-1] += len(mine)
+            else:
+                keys.append(key)
+                chunks_per_series.append(len(mine))
+            datas.extend(mine)
+    per_chunk, ts, values = xor.decode_chunks(datas)
+    n_chunks = np.array(chunks_per_series, dtype=np.int64)
+    ends = np.cumsum(n_chunks)
+    before = np.concatenate([np.zeros(1, np.int64), np.cumsum(per_chunk)])  # samples before chunk i
+    return RemoteSeries(keys, before[ends] - before[ends - n_chunks], ts, values)
 
 
 def _labels_of_key(client: "PrometheusClient", key: bytes, default_metric: str) -> tuple[int, str, tuple]:

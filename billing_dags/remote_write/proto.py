@@ -104,6 +104,24 @@ def _file() -> descriptor_pb2.FileDescriptorProto:
         rtype.value.add(name=name, number=number)
     message("QueryResult", _field("timeseries", 1, _F.TYPE_MESSAGE, _REPEATED, ".prometheus.TimeSeries"))
     message("ReadResponse", _field("results", 1, _F.TYPE_MESSAGE, _REPEATED, ".prometheus.QueryResult"))
+    # the frames of a STREAMED_XOR_CHUNKS response (the chunk encoding is an enum upstream, read as int)
+    message(
+        "Chunk",
+        _field("min_time_ms", 1, _F.TYPE_INT64),
+        _field("max_time_ms", 2, _F.TYPE_INT64),
+        _field("type", 3, _F.TYPE_INT32),
+        _field("data", 4, _F.TYPE_BYTES),
+    )
+    message(
+        "ChunkedSeries",
+        _field("labels", 1, _F.TYPE_MESSAGE, _REPEATED, ".prometheus.Label"),
+        _field("chunks", 2, _F.TYPE_MESSAGE, _REPEATED, ".prometheus.Chunk"),
+    )
+    message(
+        "ChunkedReadResponse",
+        _field("chunked_series", 1, _F.TYPE_MESSAGE, _REPEATED, ".prometheus.ChunkedSeries"),
+        _field("query_index", 2, _F.TYPE_INT64),
+    )
     return fd
 
 
@@ -126,3 +144,4 @@ LabelMatcher = _cls("LabelMatcher")
 ReadRequest = _cls("ReadRequest")
 ReadResponse = _cls("ReadResponse")
 QueryResultMessage = _cls("QueryResult")
+ChunkedReadResponse = _cls("ChunkedReadResponse")
