@@ -858,6 +858,9 @@ class IngestOptions:
     extra_matchers: str = ""
     edge_lookback_days: int = EDGE_LOOKBACK_DAYS
     skip_empty_metrics: bool = True  # ask /api/v1/series first; no series -> no sample queries
+    #: exact mode over remote read: seconds of samples per request (the day: the stored chunks are
+    #: sent whole, so shorter windows send the chunks across their bounds twice)
+    remote_read_s: int = 86_400
 
 
 @dataclass
@@ -931,6 +934,23 @@ def _fetch_exact(client: PrometheusClient, sel: Selector, a: int, b: int, refuse
     if res.result_type != "matrix":
         raise client._fail(_what(sel), promql, f"returned a {res.result_type}, not a matrix of raw samples")
     yield from _parsed(res.result, sel, a, b, refused)
+
+
+def _fetch_day(client: PrometheusClient, sel: Selector, start: int, end: int, opt: IngestOptions,
+               refused: dict[str, None]) -> Iterator[tuple]:
+    """Exact mode: the selector's samples of [start, end), over remote read in windows of
+    ``remote_read_s`` (while the client reads remotely), else over the query API in ``chunk_s`` windows."""
+    a = start
+    if client.remote_read_ok is not False:
+        for a, b in plan_chunks(start, end, opt.remote_read_s * 1000):
+            got = _remote_read_exact(client, sel, a, b)
+            if got is None:  # auto mode, refused: the query API from this window on
+                break
+            yield from _parsed_remote(client, got, sel, a, b, refused)
+        else:
+            return
+    for a, b in plan_chunks(a, end, opt.chunk_s * 1000):
+        yield from _fetch_exact(client, sel, a, b, refused)
 
 
 def _no_remote_read(client: PrometheusClient, what: str, desc: str, reason: str) -> None:
@@ -1041,7 +1061,7 @@ def ingest_day(
     client.log = log
     start_ms, end_ms = raw.day_bounds_ms(day)
     selectors = plan_selectors(meters, label_values, opt.customers_per_query, opt.extra_matchers)
-    chunks = plan_chunks(start_ms, end_ms, opt.chunk_s * 1000)
+    plan_chunks(start_ms, end_ms, opt.chunk_s * 1000)  # a bad chunk_s fails before any request
     report = IngestReport(day)
     col = Collector()
     refused = col.refused
@@ -1053,7 +1073,7 @@ def ingest_day(
         active.append(sel)
     for sel in active:
         if opt.mode == "exact":
-            parts = (item for a, b in chunks for item in _fetch_exact(client, sel, a, b, refused))
+            parts = _fetch_day(client, sel, start_ms, end_ms, opt, refused)
         else:
             parts = _fetch_range(client, sel, start_ms, end_ms, opt.step_s * 1000, refused)
         for sid, metric, labels, ts, values in parts:

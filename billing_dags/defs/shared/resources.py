@@ -79,6 +79,8 @@ class PrometheusResource(dg.ConfigurableResource):
     #: how exact mode reads raw samples: "auto" (remote read, /api/v1/read; the query API when the
     #: server refuses it, logged), "remote_read" (only remote read) or "query" (only the query API)
     read_api: str = "auto"
+    #: seconds of samples per remote-read request (default a day)
+    remote_read_s: int = 86_400
 
     @property
     def enabled(self) -> bool:
@@ -112,6 +114,7 @@ class PrometheusResource(dg.ConfigurableResource):
             customers_per_query=self.customers_per_query,
             step_s=self.step_s,
             extra_matchers=self.extra_matchers or "",
+            remote_read_s=self.remote_read_s,
         )
 
 
