@@ -1091,7 +1091,7 @@ def ingest_day(
     else:  # range mode records none; a carry-in of an earlier exact ingest would not match this day
         (raw.carry_in_day_dir(paths, day) / f"part-{SOURCE}.parquet").unlink(missing_ok=True)
         (raw.series_day_dir(paths, day) / f"part-{SOURCE}-carry-in.parquet").unlink(missing_ok=True)
-    # no local reference to the samples table: write_day's sorted copy replaces it in memory
+    # no local reference to the samples table: write_day sorts a copy only when it is out of order
     figures = raw.write_day(paths, day, *_without_collisions(paths, col.tables(), refused), SOURCE)
     del col
     report.series = figures["series"]

@@ -462,12 +462,12 @@ def test_days_materialized_in_any_order_give_the_usage_of_days_in_order(october_
 # --------------------------------------------------------------------------- remote read (/api/v1/read)
 
 
-def _ingest_files(url: str, root: Path, seeds: Path, days, read_api: str) -> tuple[dict, list, list]:
+def _ingest_files(url: str, root: Path, seeds: Path, days, read_api: str, chunks: bool = True) -> tuple[dict, list, list]:
     """Every Parquet file ingest_day writes for ``days`` (relative path -> bytes), the reports and the log."""
     paths = resolve_paths(root, seeds)
     meters, label_values = prom.meters_and_label_values(seeds)
     logs: list[str] = []
-    with prom.PrometheusClient(url, read_api=read_api) as client:
+    with prom.PrometheusClient(url, read_api=read_api, remote_read_chunks=chunks) as client:
         reports = [prom.ingest_day(client, paths, day, meters, label_values, prom.IngestOptions(**PULL), log=logs.append)
                    for day in days]
     files = {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*.parquet"))}
@@ -477,11 +477,12 @@ def _ingest_files(url: str, root: Path, seeds: Path, days, read_api: str) -> tup
 READ_DAYS = [date(2025, 2, 28), *DAYS, date(2025, 3, 4)]  # 03-04: only the samples exactly at its midnight
 
 
-def test_remote_read_writes_the_raw_partitions_of_the_query_api_byte_for_byte(server, tmp_path, seeds):
+@pytest.mark.parametrize("chunks", [True, False], ids=["xor-chunks", "samples"])
+def test_remote_read_writes_the_raw_partitions_of_the_query_api_byte_for_byte(server, tmp_path, seeds, chunks):
     """Resets, the 5-hour gap, a NaN, samples exactly at midnight, 6-hour chunk bounds on samples: same bytes."""
     p, series = server
     via_query, q_reports, _ = _ingest_files(p.url, tmp_path / "query", seeds, READ_DAYS, "query")
-    via_read, r_reports, _ = _ingest_files(p.url, tmp_path / "read", seeds, READ_DAYS, "remote_read")
+    via_read, r_reports, _ = _ingest_files(p.url, tmp_path / "read", seeds, READ_DAYS, "remote_read", chunks)
     assert [r.read_api for r in q_reports] == ["query"] * 5 and [r.read_api for r in r_reports] == ["remote_read"] * 5
     assert sorted(via_read) == sorted(via_query) and len(via_read) >= 3 * len(READ_DAYS)  # samples, series, carry-in
     assert via_read == via_query
@@ -524,13 +525,15 @@ def test_remote_read_drops_stale_markers_as_range_selectors_do(tmp_path, seeds):
         resp = requests.post(p.url + "/api/v1/write", data=corpus.body(written), timeout=30, headers={
             "Content-Type": "application/x-protobuf", "Content-Encoding": "snappy", "X-Prometheus-Remote-Write-Version": "0.1.0"})
         assert resp.status_code == 204, resp.text
-        with prom.PrometheusClient(p.url, read_api="remote_read") as client:  # remote read does send them
-            got = client.remote_read([(prom.EQ, "__name__", "stratum_accepted_shares_total")], s, e)
-            assert int((got.values.view(np.int64) == prom.STALE_NAN_BITS).sum()) == 4
+        for chunks in (True, False):  # remote read does send them, either way
+            with prom.PrometheusClient(p.url, read_api="remote_read", remote_read_chunks=chunks) as client:
+                got = client.remote_read([(prom.EQ, "__name__", "stratum_accepted_shares_total")], s, e)
+                assert int((got.values.view(np.int64) == prom.STALE_NAN_BITS).sum()) == 4
         days = [day - timedelta(days=1), day, day + timedelta(days=1)]
         via_query, _, _ = _ingest_files(p.url, tmp_path / "query", seeds, days, "query")
         via_read, reports, _ = _ingest_files(p.url, tmp_path / "read", seeds, days, "remote_read")
-    assert via_read == via_query
+        via_samples, _, _ = _ingest_files(p.url, tmp_path / "samples", seeds, days, "remote_read", chunks=False)
+    assert via_read == via_query == via_samples
     r = reports[1]
     assert r.read_api == "remote_read" and r.non_finite_samples == 1 and r.carry_in_series == 2
     assert r.samples == sum(1 for t, v in shares if s <= t < e and v is not stale) + sum(1 for t, v in gauge if s <= t < e)

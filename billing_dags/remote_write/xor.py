@@ -81,9 +81,12 @@ def _bits(buf, pos, n, endbit):
     if pos < 0 or pos + n > endbit:
         return np.int64(0), np.int64(-1)
     v = np.int64(0)
-    for _ in range(n):
-        v = (v << 1) | ((buf[pos >> 3] >> (7 - (pos & 7))) & 1)
-        pos += 1
+    while n > 0:  # up to a byte at a time
+        avail = 8 - (pos & 7)
+        take = min(avail, n)
+        v = (v << take) | ((np.int64(buf[pos >> 3]) >> (avail - take)) & ((1 << take) - 1))
+        pos += take
+        n -= take
     return v, pos
 
 
