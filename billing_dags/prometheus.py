@@ -924,7 +924,7 @@ def _parsed(result: list, sel: Selector, a: int, b: int, refused: dict[str, None
 def _fetch_exact(client: PrometheusClient, sel: Selector, a: int, b: int, refused: dict[str, None] | None = None) -> Iterator[tuple]:
     """The raw samples of [a, b) of the selector's series: over remote read (``client.read_api``
     remote_read, or auto until the server refuses it), else range selectors over the query API."""
-    if client.remote_read_ok is not False:
+    if _reads_remotely(client):
         got = _remote_read_exact(client, sel, a, b)
         if got is not None:
             yield from _parsed_remote(client, got, sel, a, b, refused)
@@ -936,12 +936,18 @@ def _fetch_exact(client: PrometheusClient, sel: Selector, a: int, b: int, refuse
     yield from _parsed(res.result, sel, a, b, refused)
 
 
+def _reads_remotely(client) -> bool:
+    """Whether exact mode reads over remote read (auto: until the server refused it); False for
+    anything but a PrometheusClient (test doubles of the query API)."""
+    return isinstance(client, PrometheusClient) and client.remote_read_ok is not False
+
+
 def _fetch_day(client: PrometheusClient, sel: Selector, start: int, end: int, opt: IngestOptions,
                refused: dict[str, None]) -> Iterator[tuple]:
     """Exact mode: the selector's samples of [start, end), over remote read in windows of
     ``remote_read_s`` (while the client reads remotely), else over the query API in ``chunk_s`` windows."""
     a = start
-    if client.remote_read_ok is not False:
+    if _reads_remotely(client):
         for a, b in plan_chunks(start, end, opt.remote_read_s * 1000):
             got = _remote_read_exact(client, sel, a, b)
             if got is None:  # auto mode, refused: the query API from this window on
@@ -1058,7 +1064,8 @@ def ingest_day(
         raise PrometheusError(f"mode {opt.mode!r} is not one of exact, range")
     t0 = time.perf_counter()
     req0, sec0 = client.requests, client.request_seconds
-    client.log = log
+    if isinstance(client, PrometheusClient):
+        client.log = log
     start_ms, end_ms = raw.day_bounds_ms(day)
     selectors = plan_selectors(meters, label_values, opt.customers_per_query, opt.extra_matchers)
     plan_chunks(start_ms, end_ms, opt.chunk_s * 1000)  # a bad chunk_s fails before any request
@@ -1106,7 +1113,7 @@ def ingest_day(
     report.requests = client.requests - req0
     report.query_seconds = client.request_seconds - sec0
     report.warnings = list(client.warnings)
-    report.read_api = "query_range" if opt.mode == "range" else "remote_read" if client.remote_read_ok else "query"
+    report.read_api = "query_range" if opt.mode == "range" else "remote_read" if _reads_remotely(client) else "query"
     report.seconds = time.perf_counter() - t0
     log(
         f"prometheus {day}: {report.series} series, {report.samples} samples, {report.unmatched_series} unmatched, "
