@@ -14,6 +14,17 @@ at exactly midnight belongs to the next day, never to both. Requests are split b
 customer label per request, plus one request for the series whose label matches no customer), so
 no response is huge.
 
+Remote read (``read_api``: "auto", the resource's default, "remote_read" or "query", the
+client's default). Exact mode reads the same samples over ``POST /api/v1/read`` (snappy-compressed
+protobuf), one request per selector and ``remote_read_s`` (a day): the stored XOR chunks when the
+server streams them (STREAMED_XOR_CHUNKS, remote_write/xor.py), else plain samples (SAMPLES). The
+rows are the query API's: ``[start, end)`` (remote read includes the end), no stale markers (range
+selectors skip them), every other NaN as ``float('nan')``; the Parquet files are byte-identical.
+``auto`` falls back to the query API for the rest of the client's life, logged, when the first
+remote read is refused (REMOTE_READ_REFUSED, or a body that is not a remote-read response), when
+``extra_matchers`` are not plain label matchers, or when the server has external labels (which
+remote read adds to every series); ``remote_read`` raises PrometheusError instead.
+
 Range mode (``mode="range"``): ``/api/v1/query_range`` at ``step_s``, split so that no request
 asks for more than 11,000 points per series. For backends without raw access (downsampled
 Thanos) or expression meters; a counter billed from range mode misses what happens between steps.
@@ -377,6 +388,7 @@ class PrometheusClient:
         #: remote read asks for the stored chunks first (STREAMED_XOR_CHUNKS), samples second
         self.remote_read_chunks = remote_read_chunks
         self._labels_cache: dict[bytes, tuple] = {}
+        self._external_labels_checked = False
         self.base = url.rstrip("/")
         self.server = redact_url(self.base)
         self.timeout = (connect_timeout_s, timeout_s)
@@ -977,7 +989,7 @@ def _remote_read_exact(client: PrometheusClient, sel: Selector, a: int, b: int) 
         matchers = sel.matchers()
     except ValueError as e:
         return _no_remote_read(client, what, desc, f"extra matchers {sel.extra_matchers!r}: {e}")
-    if not getattr(client, "_external_labels_checked", False):
+    if not client._external_labels_checked:
         client._external_labels_checked = True
         ext = client.external_labels()
         if ext:
@@ -1068,7 +1080,8 @@ def ingest_day(
         client.log = log
     start_ms, end_ms = raw.day_bounds_ms(day)
     selectors = plan_selectors(meters, label_values, opt.customers_per_query, opt.extra_matchers)
-    plan_chunks(start_ms, end_ms, opt.chunk_s * 1000)  # a bad chunk_s fails before any request
+    if opt.chunk_s <= 0 or opt.remote_read_s <= 0:
+        raise PrometheusError(f"chunk_s ({opt.chunk_s}) and remote_read_s ({opt.remote_read_s}) must be positive seconds")
     report = IngestReport(day)
     col = Collector()
     refused = col.refused
