@@ -239,7 +239,7 @@ def cross_day_duplicates(
     corrected timestamp) and the other day was not rewritten. Reads only the event_id column.
     Sorted by (other_day, event_id); empty when ``day`` has no partition of ``source``.
     """
-    import duckdb
+    from .duck import session
 
     if not _SOURCE_RE.match(source):
         raise EventsLayoutError(f"source name {source!r} must match {_SOURCE_RE.pattern}")
@@ -257,14 +257,11 @@ def cross_day_duplicates(
             others[str(f)] = other.isoformat()
     if not others:
         return []
-    con = duckdb.connect(config={"autoinstall_known_extensions": False, "threads": 2})
-    try:
+    with session() as con:
         rows = con.execute(
             "with mine as (select distinct event_id from read_parquet($mine, hive_partitioning = false)), "
             "others as (select event_id, filename from read_parquet($others, hive_partitioning = false, filename = true)) "
             "select distinct others.event_id, others.filename from others semi join mine on others.event_id = mine.event_id",
             {"mine": [str(mine)], "others": list(others)},
         ).fetchall()
-    finally:
-        con.close()
     return sorted(((event_id, others[filename]) for event_id, filename in rows), key=lambda r: (r[1], r[0]))

@@ -1166,13 +1166,12 @@ def _gauge_gather(unit: _Unit, gsid: np.ndarray, start_ms: int, end_ms: int, out
 def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None) -> pa.Table:
     """fct_gauge_peaks_by_day for ``window`` (one day): the series, carried samples and event spans
     come from the model's own CTEs (DuckDB, small), the day's gauge samples from the raw files."""
-    from .sqlmodels import connect, load_project, prepare
+    from .sqlmodels import load_project, prepare, session
 
     start_ms, end_ms = window.start_ms, window.end_ms
     if (end_ms - start_ms).bit_length() > _MAX_WINDOW_BITS:
         raise FallbackToSQL(f"a window of {end_ms - start_ms:,} ms")
-    con = connect(threads)
-    try:
+    with session(threads) as con:
         prepare(con, load_project(), model.name, paths, window)
         # the series with their carried sample, then the event spans, in one query (shared CTEs computed once)
         rows = _model_cte(con, model, window, (
@@ -1181,8 +1180,6 @@ def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None) -> p
             "from series left join carried on carried.series_id = series.series_id "
             "union all select 1, null, customer_id, meter_id, dimension, from_ms, null, until_ms, level from event_spans "
             "order by part, series_id, customer_id"))
-    finally:
-        con.close()
     nseries = pc.sum(pc.equal(rows["part"], 0)).as_py() or 0
     series, events = rows.slice(0, nseries), rows.slice(nseries)
     groups: dict[tuple[str, str, str], int] = {}

@@ -40,6 +40,7 @@ import yaml
 from sqlglot import exp
 
 from . import durable, raw
+from .duck import connect, session  # noqa: F401 - the models' connections (re-exported)
 from .settings import EDGE_LOOKBACK_DAYS, SQL_MODELS_DIR, STALENESS_MS, Paths
 
 _CONFIG_RE = re.compile(r"/\*\s*config\s*\n(.*?)\*/", re.S)
@@ -370,17 +371,6 @@ def macros_sql(models_dir: Path = SQL_MODELS_DIR) -> list[str]:
 
 # --- running ---------------------------------------------------------------------------------
 
-def connect(threads: int | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection; ``threads`` (else BILLING_DUCKDB_THREADS, else every core) caps its pool."""
-    threads = threads or os.environ.get("BILLING_DUCKDB_THREADS")
-    config = {"autoinstall_known_extensions": False, "autoload_known_extensions": True}
-    if threads:
-        config["threads"] = int(threads)
-    con = duckdb.connect(config=config)
-    con.execute("set timezone = 'UTC'")
-    return con
-
-
 def create_table(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> None:
     """Replace table ``name`` in ``con`` with the rows of an Arrow table (fixtures, projections)."""
     tmp = f"__arrow_{name}"
@@ -568,11 +558,8 @@ def run_model(
         except UseSQLEngine:
             table = None
     if table is None:
-        con = connect(threads)
-        try:
+        with session(threads) as con:
             prepare(con, project, name, paths, window)
             table = query(con, model, window)
-        finally:
-            con.close()
     path = write_partition(paths, model, window, table, validate)
     return RunResult(name, window, len(table), path, time.perf_counter() - t0, table)

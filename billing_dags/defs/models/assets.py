@@ -10,7 +10,7 @@ from billing_dags.defs.models.checks import CHECKS, grain_is_unique
 from billing_dags.defs.shared.partitions import BY_NAME, window_of
 from billing_dags.defs.shared.resources import WarehouseResource
 from billing_dags.settings import Paths
-from billing_dags.sqlmodels import Model, ModelError, Project, Window, load_project, model_files, run_model, sources
+from billing_dags.sqlmodels import Model, ModelError, Project, Window, load_project, model_files, run_model, session, sources
 
 
 def _partition_mapping(model: Model, upstream: Model) -> dg.PartitionMapping | None:
@@ -125,13 +125,10 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
 
         def run_checks(table) -> None:
             """The asset checks, on the new rows before they are published; a failed blocking one publishes nothing."""
-            con = duckdb.connect()
-            try:
+            with session() as con:
                 con.register("partition", table)
                 results = [(grain_is_unique(model), True)] if model.grain else []
                 results += [(check(con, paths, window), check.blocking) for check in CHECKS.get(model.name, [])]
-            finally:
-                con.close()
             failed = [r for r, blocking in results if blocking and not r.passed]
             if failed:
                 raise dg.Failure(
@@ -141,11 +138,8 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
             check_results.extend(r for r, _ in results)
 
         result = run_model(paths, model.name, window, project=project, threads=threads, validate=run_checks)
-        con = duckdb.connect()
-        try:
+        with session() as con:
             totals = _numeric_totals(con, result.table, model)
-        finally:
-            con.close()
         context.log.info(
             f"{model.name} {window}: {result.rows} rows in {result.seconds:.2f}s"
             f"{f' on {threads} thread(s) (backfill)' if threads else ''} -> {result.path}"
