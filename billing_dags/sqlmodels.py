@@ -627,7 +627,8 @@ def run_model_days(
     session for all windows, the macros and view models created once, and the sources that do
     not depend on the window and the upstream tables read once into memory (the model does not
     write them, so they cannot change meanwhile; daily upstreams from the first window's start
-    minus the model's lookback). Python engines (and other partitionings) run window by window.
+    minus the model's lookback). A Python engine gets that session when it says it takes one
+    (``takes_session``); other engines and partitionings run window by window.
     """
     project = project or load_project()
     if name not in project.models:
@@ -637,7 +638,8 @@ def run_model_days(
     if model.partitioned_by != "none" and any(w is None for w in windows):
         raise ModelError(f"model {name} is partitioned by {model.partitioned_by}; give a partition window")
     python = (engine or model.config.get("engine", "sql")) == "python"
-    if python or model.partitioned_by != "billing_daily" or len(windows) < 2:
+    fn = python_engine(model) if python else None
+    if (python and not getattr(fn, "takes_session", False)) or model.partitioned_by != "billing_daily" or len(windows) < 2:
         return [
             run_model(paths, name, w, project=project, engine=engine, threads=threads,
                       validate=(lambda t, w=w: validate(w, t)) if validate else None)
@@ -653,7 +655,14 @@ def run_model_days(
                 t0 = time.perf_counter()
             for s in per_window:
                 known[s].register(con, paths, window)
-            table = query(con, model, window)
+            table = None
+            if fn is not None:
+                try:
+                    table = fn(paths, model, window, threads=threads, con=con)
+                except UseSQLEngine:
+                    table = None
+            if table is None:
+                table = query(con, model, window)
             path = write_partition(paths, model, window, table, (lambda t, w=window: validate(w, t)) if validate else None)
             results.append(RunResult(name, window, len(table), path, time.perf_counter() - t0, table))
     return results
