@@ -435,44 +435,14 @@ def prepare(
 
 
 def _prepare_range(con: duckdb.DuckDBPyConnection, project: Project, name: str, paths: Paths, windows: list[Window]) -> list[str]:
-    """``prepare`` for several windows of a daily model at once: what does not depend on the window
-    is created once, its files read once into memory (the sources every window reads alike, and the
-    upstream tables' partitions the windows read: those of the days from the first window's start
-    minus the model's lookback to the last window's end). Returns the sources to register per window."""
-    model = project.models[name]
-    for sql in macros_sql():
-        con.execute(sql)
-    tables, srcs = project.table_deps(name)
+    """``prepare`` for several windows of a model at once: the macros, the view models, the upstream
+    tables' views and the sources that do not depend on the window are created once (over the same
+    files as ``prepare``: the same plans, so the same rows in the same order). Returns the sources
+    to register again for each window."""
+    prepare(con, project, name, paths, windows[0])
+    _, srcs = project.table_deps(name)
     known = sources()
-    first = min(w.start for w in windows)
-    last = max(w.end for w in windows)
-    lookback = max(model.lookback_days, EDGE_LOOKBACK_DAYS)
-    for s in sorted(srcs):
-        known[s].register(con, paths, windows[0])
-        if not known[s].windowed:
-            _materialize(con, s)
-    for t in sorted(tables):
-        m = project.models[t]
-        every = model_files(paths, m)
-        files = every
-        if m.partitioned_by == "billing_daily":
-            lo = date.fromordinal(first.toordinal() - lookback).isoformat()
-            files = [f for f in every if lo <= f.parent.name.split("=", 1)[1] < last.isoformat()]
-        _view_over(
-            con, t, files or every[:1], f"materialized partitions of {t} under {partition_dir(paths, m)}",
-            f"materialize {t} first (its partitions for the window this run reads)",
-        )
-        _materialize(con, t, empty=not files)
-    for v in project.views_needed(name):
-        con.execute(f"create or replace view {v} as {_strip_trailing(project.models[v].sql)}")
     return [s for s in sorted(srcs) if known[s].windowed]
-
-
-def _materialize(con: duckdb.DuckDBPyConnection, name: str, empty: bool = False) -> None:
-    """Replace view ``name`` by a table of its rows (read once, in the view's order), or none of them."""
-    con.execute(f"create table __rows_{name} as select * from {name}{' limit 0' if empty else ''}")
-    con.execute(f"drop view {name}")
-    con.execute(f"alter table __rows_{name} rename to {name}")
 
 
 def _strip_trailing(sql: str) -> str:
@@ -624,11 +594,13 @@ def run_model_days(
     runs on each window's rows before they are published.
 
     Faster than one ``run_model`` per window for a SQL model partitioned by day: one DuckDB
-    session for all windows, the macros and view models created once, and the sources that do
-    not depend on the window and the upstream tables read once into memory (the model does not
-    write them, so they cannot change meanwhile; daily upstreams from the first window's start
-    minus the model's lookback). A Python engine gets that session when it says it takes one
-    (``takes_session``); other engines and partitionings run window by window.
+    session for all windows, with the macros, view models, upstream tables' views and the
+    sources that do not depend on the window created once (the model does not write its
+    upstreams, so their partitions cannot change meanwhile); only the raw sources of each window
+    are registered per window. The views read the same files as ``run_model``'s, so DuckDB runs
+    the same plans: some SQL (e.g. a ``qualify`` over ties) depends on the order rows arrive in.
+    A Python engine gets that session when it says it takes one (``takes_session``); other
+    engines and partitionings run window by window.
     """
     project = project or load_project()
     if name not in project.models:
