@@ -39,7 +39,7 @@ MODULES = {
     "receiver_vs_prometheus": (5,),
     "prometheus_pull": (6,),
     "backfill": (7,),
-    "demo": (9,),
+    "demo_month": (9,),
 }
 #: figures about correctness, not speed: they must hold at any size, quick mode included
 CORRECTNESS = {2, 3, 7, 9}

@@ -25,10 +25,8 @@ def data_dir(tmp_path, monkeypatch) -> Path:
     return d
 
 
-@pytest.fixture
-def small_seeds(tmp_path, monkeypatch) -> Path:
-    """A copy of the seeds with one customer per set-up (five customers)."""
-    d = tmp_path / "seeds"
+def copy_small_seeds(d: Path) -> Path:
+    """A copy of the seeds in ``d`` with one customer per set-up (five customers)."""
     shutil.copytree(SEEDS, d)
     with (SEEDS / "customers.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -51,6 +49,13 @@ def small_seeds(tmp_path, monkeypatch) -> Path:
             w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             w.writerows(kept)
+    return d
+
+
+@pytest.fixture
+def small_seeds(tmp_path, monkeypatch) -> Path:
+    """A copy of the seeds with one customer per set-up (five customers)."""
+    d = copy_small_seeds(tmp_path / "seeds")
     monkeypatch.setenv("BILLING_SEEDS_DIR", str(d))
     return d
 
