@@ -18,7 +18,7 @@ DEFAULT_OUT = PROJECT_ROOT / "benchmarks" / "out"
 
 @dataclass(frozen=True)
 class Figure:
-    item: int  # the issue's target number (1-8)
+    item: int  # the target number (1-8: issue 7; 9: the demo month)
     figure: str  # what is measured, with the workload
     ours: str  # our value, formatted with its unit
     reference: str  # the side-by-side reference ("-" when the target has none)

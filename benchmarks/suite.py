@@ -3,7 +3,7 @@
 Runs each benchmark module's ``figures()`` in turn — the daily models against a plain DuckDB
 scan (items 1, 2, 3, 8), the monthly stage (4), our remote-write receiver against Prometheus's
 own (5), the Prometheus pull against Prometheus's evaluation time (6), a 30-day backfill two
-partitions at a time against one at a time (7) — and prints one table: figure, our value, the
+partitions at a time against one at a time (7), `billing demo` against a reference commit (9) — and prints one table: figure, our value, the
 side-by-side reference measured in the same run, the ratio, the target and whether it holds.
 
 --full (what `make bench` runs, by hand, about 15-20 minutes with cached workloads) uses the
@@ -39,9 +39,10 @@ MODULES = {
     "receiver_vs_prometheus": (5,),
     "prometheus_pull": (6,),
     "backfill": (7,),
+    "demo_month": (9,),
 }
 #: figures about correctness, not speed: they must hold at any size, quick mode included
-CORRECTNESS = {2, 3, 7}
+CORRECTNESS = {2, 3, 7, 9}
 
 
 def machine() -> str:
@@ -80,19 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--full", action="store_true", help="the issue's workloads (by hand; `make bench`)")
     mode.add_argument("--quick", action="store_true", help="small sizes, a smoke run (the default; `make bench-quick`)")
-    ap.add_argument("--only", help="comma-separated item numbers, e.g. --only 1,5 (default: all of 1-8)")
+    ap.add_argument("--only", help="comma-separated item numbers, e.g. --only 1,5 (default: all of 1-9)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"cache and scratch folder (default {DEFAULT_OUT})")
     ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     ap.add_argument("--markdown", type=Path, help="also write the table as Markdown (for the README) to this file")
     args = ap.parse_args(argv)
-    items = set(range(1, 9))
+    items = set(range(1, 10))
     if args.only:
         try:
             items = {int(x) for x in args.only.split(",") if x.strip()}
         except ValueError:
-            ap.error(f"--only {args.only!r}: give item numbers 1-8 separated by commas, e.g. --only 1,5")
-        if not items or not items <= set(range(1, 9)):
-            ap.error(f"--only {args.only!r}: item numbers are 1-8")
+            ap.error(f"--only {args.only!r}: give item numbers 1-9 separated by commas, e.g. --only 1,5")
+        if not items or not items <= set(range(1, 10)):
+            ap.error(f"--only {args.only!r}: item numbers are 1-9")
     quick = not args.full
     console = Console(width=160)
     started = datetime.now(timezone.utc)

@@ -188,8 +188,6 @@ def write_events_day(
     one in input order kept. On any error nothing is written (the old partition stays). Returns
     figures for asset metadata.
     """
-    import duckdb
-
     if not _SOURCE_RE.match(source):
         raise EventsLayoutError(f"source name {source!r} must match {_SOURCE_RE.pattern}")
     meter_kinds = _meter_kinds(paths)
@@ -205,21 +203,16 @@ def write_events_day(
                 t = t.append_column("_seq", pa.array(range(rows_in, rows_in + len(t)), pa.int64()))
                 rows_in += len(t)
                 writer.write_table(t.cast(spill_schema))
-        # 2. de-duplicate and sort out of core (DuckDB spills to the work folder), write the day
-        con = duckdb.connect(config={"temp_directory": work, "memory_limit": "512MB", "threads": 2})
-        try:
-            reader = con.sql(
-                f"select {', '.join(EVENTS_SCHEMA.names)} from read_parquet('{spill}') "
-                "qualify row_number() over (partition by event_id order by _seq desc) = 1 "
-                "order by ts, event_id"
-            ).to_arrow_reader(_BATCH_ROWS)
-            rows_out = 0
+        # 2. de-duplicate and sort, write the day: a day that fits one batch in memory, else out of
+        # core (DuckDB spills to the work folder)
+        if rows_in <= _BATCH_ROWS:
+            out = _latest_per_id_in_order(pq.read_table(spill))
+            rows_out = len(out)
             with pq.ParquetWriter(tmp, EVENTS_SCHEMA, compression="zstd") as writer:
-                for batch in reader:
-                    rows_out += batch.num_rows
-                    writer.write_table(pa.Table.from_batches([batch]).cast(EVENTS_SCHEMA))
-        finally:
-            con.close()
+                if rows_out:
+                    writer.write_table(out.cast(EVENTS_SCHEMA))
+        else:
+            rows_out = _latest_per_id_out_of_core(spill, work, tmp)
     return {
         "events_in": rows_in,
         "events": rows_out,
@@ -227,6 +220,40 @@ def write_events_day(
         "bytes": dest.stat().st_size,
         "path": str(dest),
     }
+
+
+def _latest_per_id_out_of_core(spill: Path, work: str, dest: Path) -> int:
+    """``_latest_per_id_in_order`` of a spill file too large for memory, written to ``dest``; returns its rows."""
+    import duckdb
+
+    con = duckdb.connect(config={"temp_directory": work, "memory_limit": "512MB", "threads": 2})
+    try:
+        reader = con.sql(
+            f"select {', '.join(EVENTS_SCHEMA.names)} from read_parquet('{spill}') "
+            "qualify row_number() over (partition by event_id order by _seq desc) = 1 "
+            "order by ts, event_id"
+        ).to_arrow_reader(_BATCH_ROWS)
+        rows_out = 0
+        with pq.ParquetWriter(dest, EVENTS_SCHEMA, compression="zstd") as writer:
+            for batch in reader:
+                rows_out += batch.num_rows
+                writer.write_table(pa.Table.from_batches([batch]).cast(EVENTS_SCHEMA))
+    finally:
+        con.close()
+    return rows_out
+
+
+def _latest_per_id_in_order(spill: pa.Table) -> pa.Table:
+    """The last row (largest ``_seq``) of each event_id, sorted by (ts, event_id), without ``_seq``:
+    the out-of-core query's rows, in memory."""
+    if not len(spill):
+        return spill.drop_columns(["_seq"])
+    by_id = spill.sort_by([("event_id", "ascending"), ("_seq", "descending")])
+    ids = by_id["event_id"]
+    first = pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))
+    keep = pa.concat_arrays([pa.array([True]), *pc.fill_null(first, True).chunks]) if len(ids) > 1 else pa.array([True])
+    latest = by_id.filter(keep)
+    return latest.sort_by([("ts", "ascending"), ("event_id", "ascending")]).drop_columns(["_seq"])
 
 
 def cross_day_duplicates(
@@ -239,7 +266,7 @@ def cross_day_duplicates(
     corrected timestamp) and the other day was not rewritten. Reads only the event_id column.
     Sorted by (other_day, event_id); empty when ``day`` has no partition of ``source``.
     """
-    import duckdb
+    from .duck import session
 
     if not _SOURCE_RE.match(source):
         raise EventsLayoutError(f"source name {source!r} must match {_SOURCE_RE.pattern}")
@@ -257,14 +284,11 @@ def cross_day_duplicates(
             others[str(f)] = other.isoformat()
     if not others:
         return []
-    con = duckdb.connect(config={"autoinstall_known_extensions": False, "threads": 2})
-    try:
+    with session() as con:
         rows = con.execute(
             "with mine as (select distinct event_id from read_parquet($mine, hive_partitioning = false)), "
             "others as (select event_id, filename from read_parquet($others, hive_partitioning = false, filename = true)) "
             "select distinct others.event_id, others.filename from others semi join mine on others.event_id = mine.event_id",
             {"mine": [str(mine)], "others": list(others)},
         ).fetchall()
-    finally:
-        con.close()
     return sorted(((event_id, others[filename]) for event_id, filename in rows), key=lambda r: (r[1], r[0]))

@@ -1163,26 +1163,32 @@ def _gauge_gather(unit: _Unit, gsid: np.ndarray, start_ms: int, end_ms: int, out
     return m, first, last
 
 
-def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None) -> pa.Table:
+#: the series with their carried sample, then the event spans, in one query (shared CTEs computed once)
+_GAUGE_INPUTS = (
+    "select 0 as part, series.series_id, series.customer_id, series.meter_id, series.dimension, "
+    "carried.ts_ms as from_ms, carried.value, null::bigint as until_ms, null::decimal(38, 9) as level "
+    "from series left join carried on carried.series_id = series.series_id "
+    "union all select 1, null, customer_id, meter_id, dimension, from_ms, null, until_ms, level from event_spans "
+    "order by part, series_id, customer_id"
+)
+
+
+def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None, con=None) -> pa.Table:
     """fct_gauge_peaks_by_day for ``window`` (one day): the series, carried samples and event spans
-    come from the model's own CTEs (DuckDB, small), the day's gauge samples from the raw files."""
-    from .sqlmodels import connect, load_project, prepare
+    come from the model's own CTEs (DuckDB, small), the day's gauge samples from the raw files.
+    ``con``: a session where everything the model reads for the window is already created
+    (``sqlmodels.run_model_days``), else one is opened and prepared for the window."""
+    from .sqlmodels import load_project, prepare, session
 
     start_ms, end_ms = window.start_ms, window.end_ms
     if (end_ms - start_ms).bit_length() > _MAX_WINDOW_BITS:
         raise FallbackToSQL(f"a window of {end_ms - start_ms:,} ms")
-    con = connect(threads)
-    try:
-        prepare(con, load_project(), model.name, paths, window)
-        # the series with their carried sample, then the event spans, in one query (shared CTEs computed once)
-        rows = _model_cte(con, model, window, (
-            "select 0 as part, series.series_id, series.customer_id, series.meter_id, series.dimension, "
-            "carried.ts_ms as from_ms, carried.value, null::bigint as until_ms, null::decimal(38, 9) as level "
-            "from series left join carried on carried.series_id = series.series_id "
-            "union all select 1, null, customer_id, meter_id, dimension, from_ms, null, until_ms, level from event_spans "
-            "order by part, series_id, customer_id"))
-    finally:
-        con.close()
+    if con is not None:
+        rows = _model_cte(con, model, window, _GAUGE_INPUTS)
+    else:
+        with session(threads) as con:
+            prepare(con, load_project(), model.name, paths, window)
+            rows = _model_cte(con, model, window, _GAUGE_INPUTS)
     nseries = pc.sum(pc.equal(rows["part"], 0)).as_py() or 0
     series, events = rows.slice(0, nseries), rows.slice(nseries)
     groups: dict[tuple[str, str, str], int] = {}
@@ -1280,8 +1286,12 @@ def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None) -> p
     )
 
 
-def gauge_peaks_by_day(paths: Paths, model, window, threads: int | None = None) -> pa.Table:
-    """Engine entry point (``python: billing_dags.fastpath:gauge_peaks_by_day`` in the model's config)."""
+def gauge_peaks_by_day(paths: Paths, model, window, threads: int | None = None, con=None) -> pa.Table:
+    """Engine entry point (``python: billing_dags.fastpath:gauge_peaks_by_day`` in the model's config).
+    It takes a prepared session (``con``): ``sqlmodels.run_model_days`` prepares one for all its windows."""
     if window.end.toordinal() - window.start.toordinal() != 1:
         raise FallbackToSQL("the compiled path computes one day at a time")
-    return gauge_peaks(paths, model, window, threads=threads)
+    return gauge_peaks(paths, model, window, threads=threads, con=con)
+
+
+gauge_peaks_by_day.takes_session = True

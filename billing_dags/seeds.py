@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import re
 from dataclasses import dataclass
 from datetime import date
@@ -356,16 +357,34 @@ SPECS: dict[str, SeedSpec] = {
 }
 
 
+#: validated seed tables by (name, file path, SHA-256 of the file's bytes): a seed is read many times
+#: a run (every day's assets), and parsing and checking it costs far more than reading its bytes
+_PARSED: dict[tuple[str, str, bytes], pa.Table] = {}
+_PARSED_MAX = 64
+
+
 def read_seed(seeds_dir: Path, name: str) -> pa.Table:
     """Read and validate one seed file into an Arrow table with its declared schema."""
     spec = SPECS[name]
     path = Path(seeds_dir) / spec.file
     if not path.exists():
         raise SeedError(f"{path}: seed file missing; create it (columns: {', '.join(c.name for c in spec.columns)}) or point BILLING_SEEDS_DIR at a folder that has it")
+    data = path.read_bytes()
+    key = (name, str(path), hashlib.sha256(data).digest())
+    table = _PARSED.get(key)
+    if table is None:
+        table = _parse_seed(path, spec, data.decode("utf-8"))
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[key] = table
+    return table
+
+
+def _parse_seed(path: Path, spec: SeedSpec, text: str) -> pa.Table:
     columns: dict[str, list] = {c.name: [] for c in spec.columns}
     columns["seed_line"] = []
     seen: dict[tuple, int] = {}
-    with path.open(newline="", encoding="utf-8") as f:
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f)
         try:
             header = next(reader)

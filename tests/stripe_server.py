@@ -339,7 +339,7 @@ class StripeServer:
                 raise _missing(p)
         formula = form["default_aggregation[formula]"]
         if formula not in ("count", "sum", "last"):
-            raise _bad(f"Invalid default_aggregation[formula]: must be one of count, sum, or last", param="default_aggregation[formula]", code="parameter_invalid")
+            raise _bad("Invalid default_aggregation[formula]: must be one of count, sum, or last", param="default_aggregation[formula]", code="parameter_invalid")
         window = form.get("event_time_window") or None
         if window not in (None, "day", "hour"):
             raise _bad("Invalid event_time_window: must be one of day or hour", param="event_time_window", code="parameter_invalid")

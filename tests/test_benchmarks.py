@@ -31,15 +31,17 @@ def test_quick_suite_measures_every_item_and_the_correctness_figures_hold(tmp_pa
     doc = json.loads(result.read_text())
     assert doc["errors"] == []
     rows = {f["item"]: f for f in doc["figures"]}
-    assert sorted(rows) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     for item in (2, 3):
         assert rows[item]["met"] is True, rows[item]
     # at smoke size the backfill is judged on byte-identical partitions only (False when they differ)
     assert rows[7]["met"] is not False, rows[7]
+    # the demo month against the reference commit: the same outputs (False when any file differs)
+    assert rows[9]["met"] is not False, rows[9]
     assert "issue 7, quick" in proc.stdout
     # the Markdown table (for the README) has the same rows
     md = (tmp_path / "t.md").read_text()
-    assert md.count("\n| ") == 9  # header + 8 rows
+    assert md.count("\n| ") == 10  # header + 9 rows
     for f in rows.values():
         assert f"| {f['item']} | {f['figure'].replace('|', chr(92) + '|')} |" in md
     # the workloads were cached under --out, not in the project's benchmarks/out
@@ -48,5 +50,5 @@ def test_quick_suite_measures_every_item_and_the_correctness_figures_hold(tmp_pa
 
 def test_bad_item_numbers_are_refused_with_the_fix(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "9"], capture_output=True, text=True, env=env, cwd=PROJECT_ROOT)
-    assert proc.returncode == 2 and "item numbers are 1-8" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "10"], capture_output=True, text=True, env=env, cwd=PROJECT_ROOT)
+    assert proc.returncode == 2 and "item numbers are 1-9" in proc.stderr

@@ -59,6 +59,23 @@ def test_write_dedupes_last_wins_sorts_and_is_byte_stable(paths):
     assert [p.name for p in events.event_files(paths, DAY)] == ["part-postgres.parquet"]
 
 
+def test_a_day_larger_than_a_batch_keeps_the_same_rows_as_a_day_in_memory(paths, monkeypatch):
+    """Days of at most one batch are de-duplicated in memory, larger ones out of core by DuckDB: same rows."""
+    import random
+
+    rnd = random.Random(5)
+    rows = [ev(f"e{rnd.randrange(400)}:{'in' if i % 2 else 'out'}", ms(DAY, rnd.randrange(24)), K1, "llm_input_tokens",
+               rnd.choice(["gpt-4o", "claude"]), str(i)) for i in range(1000)]
+    f = events.events_day_dir(paths, DAY) / "part-postgres.parquet"
+    small = write_events_day(paths, DAY, table(rows), "postgres")
+    in_memory = pq.read_table(f)
+    monkeypatch.setattr(events, "_BATCH_ROWS", 64)
+    large = write_events_day(paths, DAY, table(rows), "postgres")
+    assert pq.ParquetFile(f).metadata.num_row_groups > 1  # the out-of-core path wrote it
+    assert small == {**large, "bytes": small["bytes"]} and small["duplicates_dropped"] > 0
+    assert pq.read_table(f).equals(in_memory)
+
+
 @pytest.mark.parametrize(
     "row, match",
     [

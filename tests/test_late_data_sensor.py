@@ -9,7 +9,6 @@ from datetime import date, timedelta
 
 import dagster as dg
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 

@@ -294,3 +294,52 @@ def test_a_customer_with_usage_and_no_invoice_fails_the_blocking_check_unless_a_
     check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "every_customer_invoiced")
     assert check.passed is True
     assert check.metadata["not_invoiced_with_reason"].value == {"mp-nosub": "flagged outside_subscription on proxy_bytes"}
+
+
+def test_run_model_days_writes_every_day_as_run_model_does(month_run, tmp_path):
+    """Every daily model over the month in one call per model (one session, its inputs read once),
+    in the order a range run takes them: each partition has run_model's bytes; validate sees each day."""
+    import shutil
+
+    from billing_dags.settings import Paths
+    from billing_dags.sqlmodels import Window, load_project, partition_file, run_model_days
+
+    paths, _, _ = month_run
+    copy = Paths(tmp_path / "data", paths.seeds_dir)
+    shutil.copytree(paths.data_dir, copy.data_dir)
+    project = load_project()
+    windows = [Window(d, d + timedelta(days=1)) for d in DAYS]
+    daily = [n for n in project.order() if project.models[n].materialized == "table" and project.models[n].partitioned_by == "billing_daily"]
+    assert {"fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day", "fct_anomaly_flags"} <= set(daily)
+    for name in daily:
+        model = project.models[name]
+        for w in windows:
+            partition_file(copy, model, w).unlink()
+        seen = []
+        results = run_model_days(copy, name, windows, project=project, validate=lambda w, t: seen.append((w, len(t))))
+        assert [r.window for r in results] == windows and seen == [(r.window, r.rows) for r in results]
+        for w in windows:
+            assert partition_file(copy, model, w).read_bytes() == partition_file(paths, model, w).read_bytes(), (name, w)
+
+
+def test_run_model_days_stops_at_the_first_failing_day(month_run, tmp_path):
+    import shutil
+
+    from billing_dags.settings import Paths
+    from billing_dags.sqlmodels import ModelError, Window, load_project, partition_file, run_model_days
+
+    paths, _, _ = month_run
+    copy = Paths(tmp_path / "data", paths.seeds_dir)
+    shutil.copytree(paths.data_dir, copy.data_dir)
+    model = load_project().models["fct_usage_30d"]
+    windows = [Window(d, d + timedelta(days=1)) for d in DAYS[:6]]
+    for w in windows:
+        partition_file(copy, model, w).unlink()
+
+    def refuse_the_fourth(window, table):
+        if window == windows[3]:
+            raise ModelError("refused")
+
+    with pytest.raises(ModelError, match="refused"):
+        run_model_days(copy, model.name, windows, validate=refuse_the_fourth)
+    assert [partition_file(copy, model, w).exists() for w in windows] == [True, True, True, False, False, False]

@@ -347,3 +347,50 @@ def test_a_partition_failing_its_grain_or_a_blocking_check_is_never_published(tm
     with pytest.raises(ModelError, match="no_negative_usage"):
         sqlmodels.write_partition(paths, model, march, usage_month_table([{**row, "usage": Decimal(-1)}]), refuse)
     assert dest.read_bytes() == before and os.listdir(dest.parent) == ["data.parquet"]
+
+
+def test_sessions_share_a_database_but_never_each_others_objects():
+    """Model runs take cursors of one DuckDB database per process; each works in a schema of its own,
+    dropped with the session, so two runs (also in threads at once) never see each other's views."""
+    import threading
+
+    import duckdb
+
+    seen = {}
+
+    def run(x: int) -> None:
+        with sqlmodels.session() as con:
+            con.execute(f"create or replace macro plus(v) as v + {x}")
+            con.execute("create view raw_samples as select plus(0) as x")
+            barrier.wait(timeout=30)
+            seen[x] = con.sql("select x from raw_samples").fetchall()
+
+    barrier = threading.Barrier(2)
+    threads = [threading.Thread(target=run, args=(x,)) for x in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert seen == {1: [(1,)], 2: [(2,)]}
+    with sqlmodels.session() as con:
+        with pytest.raises(duckdb.CatalogException):
+            con.sql("select * from raw_samples").fetchall()
+        assert con.sql("select count(*) from duckdb_schemas() where schema_name like 'session_%'").fetchall() == [(1,)]
+
+
+def test_a_seed_edited_in_place_is_read_again(tmp_path):
+    """Seeds are parsed once per content: an edit of the same size, at once, is seen."""
+    import shutil
+
+    from billing_dags.seeds import read_seed
+    from billing_dags.settings import PROJECT_ROOT
+
+    seeds = tmp_path / "seeds"
+    shutil.copytree(PROJECT_ROOT / "seeds", seeds)
+    first = read_seed(seeds, "meters")
+    text = (seeds / "meters.csv").read_text()
+    meter = first["meter_id"][0].as_py()
+    edited = meter[:-1] + ("x" if meter[-1] != "x" else "y")
+    (seeds / "meters.csv").write_text(text.replace(meter, edited, 1))
+    assert read_seed(seeds, "meters")["meter_id"][0].as_py() == edited
+    assert read_seed(seeds, "meters").equals(read_seed(seeds, "meters"))

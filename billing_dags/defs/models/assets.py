@@ -3,7 +3,6 @@
 from datetime import date, timedelta
 
 import dagster as dg
-import duckdb
 
 from billing_dags import late_data, raw
 from billing_dags.defs.models.checks import CHECKS, evaluate, evaluate_published
@@ -11,7 +10,7 @@ from billing_dags.defs.shared.metadata import data_version, model_code_version, 
 from billing_dags.defs.shared.partitions import BY_NAME, SINGLE_RUN, combined_check_result, materialize_each, partitions_of
 from billing_dags.defs.shared.resources import WarehouseResource
 from billing_dags.settings import Paths
-from billing_dags.sqlmodels import Model, ModelError, Project, Window, load_project, model_files, run_model, sources
+from billing_dags.sqlmodels import Model, ModelError, Project, Window, load_project, model_files, run_model, session, sources
 
 
 def _partition_mapping(model: Model, upstream: Model) -> dg.PartitionMapping | None:
@@ -164,12 +163,9 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
             result = run_model(paths, model.name, window, project=project, threads=threads, validate=run_checks)
             if inputs is not None:
                 late_data.record_inputs(paths, model, window, inputs)
-            con = duckdb.connect()
-            try:
+            with session() as con:
                 standard = model_metadata(con, paths, project, model, result.table, partitioned=window is not None)
                 versions[key] = data_version(con, result.table)
-            finally:
-                con.close()
             done.append((window, result))
             return {
                 "rows": result.rows,

@@ -6,11 +6,10 @@ Blocking checks stop downstream assets in the same run: money depends on them.
 from typing import Callable
 
 import dagster as dg
-import duckdb
 import pyarrow.parquet as pq
 
 from billing_dags.settings import Paths
-from billing_dags.sqlmodels import Model, Window, load_project, model_files, partition_file, seed_snapshot_path
+from billing_dags.sqlmodels import Model, Window, load_project, model_files, partition_file, seed_snapshot_path, session
 
 
 def _blocking(blocking: bool):
@@ -154,13 +153,10 @@ CHECKS: dict[str, list[Callable]] = {
 def evaluate(model: Model, paths: Paths, window: Window | None, table, *, published: bool = False) -> list[tuple[dg.AssetCheckResult, bool]]:
     """Every check of ``model`` on ``table`` (its new rows, or with ``published`` its published partition),
     with whether it blocks."""
-    con = duckdb.connect()
-    try:
+    with session() as con:
         con.register("partition", table)
         results = [(grain_is_unique(model, table if published else None), True)] if model.grain else []
         results += [(check(con, paths, window), check.blocking) for check in CHECKS.get(model.name, [])]
-    finally:
-        con.close()
     return results
 
 
