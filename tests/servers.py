@@ -88,6 +88,13 @@ TERMINAL_RUN = {"SUCCESS", "FAILURE", "CANCELED"}
 TERMINAL_BACKFILL = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
 
 
+def _signal_group(pgid: int, sig) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 class GraphQLError(AssertionError):
     pass
 
@@ -116,6 +123,8 @@ class DagsterServer:
         self.env.update({
             "DAGSTER_HOME": str(self.home),
             "BILLING_DATA_DIR": str(self.data_dir),
+            # a loaded machine can take a while to start a run's process; launches time out after 60 s by default
+            "DAGSTER_GRPC_TIMEOUT_SECONDS": "180",
             # this checkout's code, whatever is installed in the venv
             "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
         })
@@ -129,6 +138,11 @@ class DagsterServer:
         self.home.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.home / "dagster.yaml").write_text((self.project / "dagster.yaml").read_text())
+        # the storage exists before two processes start: both creating it at once races on its schema
+        from dagster import DagsterInstance
+
+        with DagsterInstance.from_config(str(self.home)):
+            pass
         bin_dir = Path(sys.executable).parent
         self._spawn("webserver", [str(bin_dir / "dagster-webserver"), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(self.port)])
         self._spawn("daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", "workspace.yaml"])
@@ -147,9 +161,21 @@ class DagsterServer:
         finally:
             log.close()
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 15) -> None:
+        """SIGTERM both process groups, then SIGKILL whatever of them is left after ``grace`` seconds
+        (code servers and run workers can outlive their leader)."""
         for proc in self.procs.values():
-            stop(proc, timeout=20)
+            if proc.poll() is None:
+                _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs.values():
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait(10)
 
     def __enter__(self) -> "DagsterServer":
         return self.start()
@@ -220,6 +246,75 @@ class DagsterServer:
         r.raise_for_status()
         return body["data"]
 
+    def launch_run(self, job: str, partition: str | None = None, run_config: dict | None = None, tags: dict | None = None) -> str:
+        """Launch a run of ``job`` (of the partition) as the Launchpad does; its run id (it is queued for the daemon)."""
+        tags = dict(tags or {})
+        if partition is not None:
+            tags["dagster/partition"] = partition
+        data = self.graphql(
+            """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
+                 ... on LaunchRunSuccess { run { id } } ... on PythonError { message } ... on Error { message }
+                 ... on RunConfigValidationInvalid { errors { message } } } }""",
+            {"p": {"selector": {"repositoryLocationName": "billing_dags", "repositoryName": "__repository__", "jobName": job},
+                   "runConfigData": run_config or {},
+                   "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]}}},
+        )
+        got = data["launchRun"]
+        if got["__typename"] != "LaunchRunSuccess":
+            raise GraphQLError(f"launching {job}: {got}")
+        return got["run"]["id"]
+
+    def asset_keys(self, job: str) -> list[dict]:
+        """The asset keys (as GraphQL inputs) of the assets of ``job``, as the Catalog selects them."""
+        nodes = self.graphql("{ assetNodes { assetKey { path } jobNames } }")["assetNodes"]
+        return [{"path": n["assetKey"]["path"]} for n in nodes if job in n["jobNames"]]
+
+    def partition_keys(self, asset: str) -> list[str]:
+        data = self.graphql("query($k: AssetKeyInput!) { assetNodeOrError(assetKey: $k) { ... on AssetNode { partitionKeys } } }",
+                            {"k": {"path": [asset]}})
+        return data["assetNodeOrError"]["partitionKeys"]
+
+    def launch_asset_backfill(self, assets: list[dict], partitions: list[str]) -> str:
+        """An asset backfill, as "Materialize…" with several partitions in the Catalog or Lineage launches it; its id."""
+        data = self.graphql(
+            """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) { __typename
+                 ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } ... on Error { message } } }""",
+            {"p": {"assetSelection": assets, "partitionNames": partitions}},
+        )
+        got = data["launchPartitionBackfill"]
+        if got["__typename"] != "LaunchBackfillSuccess":
+            raise GraphQLError(f"launching a backfill of {partitions}: {got}")
+        return got["backfillId"]
+
+    def reexecute(self, run_id: str, strategy: str) -> str:
+        """Re-execute run ``run_id`` (strategy ALL_STEPS, FROM_FAILURE or FROM_ASSET_FAILURE) as the run page does; the new run's id."""
+        data = self.graphql(
+            """mutation($p: ReexecutionParams!) { launchRunReexecution(reexecutionParams: $p) { __typename
+                 ... on LaunchRunSuccess { run { id } } ... on PythonError { message } ... on Error { message } } }""",
+            {"p": {"parentRunId": run_id, "strategy": strategy}},
+        )
+        got = data["launchRunReexecution"]
+        if got["__typename"] != "LaunchRunSuccess":
+            raise GraphQLError(f"re-executing run {run_id} ({strategy}): {got}")
+        return got["run"]["id"]
+
+    def runs(self, job: str, tags: dict) -> list[dict]:
+        data = self.graphql(
+            """query($f: RunsFilter) { runsOrError(filter: $f) { __typename
+                 ... on Runs { results { id status tags { key value } } } ... on PythonError { message } } }""",
+            {"f": {"pipelineName": job, "tags": [{"key": k, "value": v} for k, v in tags.items()]}},
+        )
+        return data["runsOrError"]["results"]
+
+    def published(self, day: str) -> dict[str, bool]:
+        """Whether the day's raw samples and its partition of each daily usage model are on disk."""
+        data = self.data_dir
+        return {
+            "raw samples": any((data / "raw" / "samples" / f"date={day}").glob("*.parquet")),
+            **{m: (data / "models" / m / f"day={day}" / "data.parquet").exists()
+               for m in ("fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day")},
+        }
+
     def run(self, run_id: str) -> dict:
         data = self.graphql(
             """query($id: ID!) { runOrError(runId: $id) { __typename
@@ -241,14 +336,15 @@ class DagsterServer:
             """query($id: ID!) { logsForRun(runId: $id, limit: 5000) { __typename
                  ... on EventConnection { events { __typename
                    ... on MessageEvent { message level }
-                   ... on ExecutionStepFailureEvent { stepKey error { message } }
-                   ... on RunFailureEvent { error { message } } } } } }""",
+                   ... on ExecutionStepFailureEvent { stepKey error { message causes { message } } }
+                   ... on RunFailureEvent { error { message causes { message } } } } } } }""",
             {"id": run_id},
         )
         events = data["logsForRun"].get("events") or []
         lines = []
         for e in events:
-            err = (e.get("error") or {}).get("message")
+            error = e.get("error") or {}
+            err = " <- ".join(m.strip() for m in [error.get("message"), *(c["message"] for c in error.get("causes") or [])] if m)
             if err or e.get("level") == "ERROR":
                 lines.append(f"{e['__typename']} {e.get('stepKey') or ''}: {err or e.get('message')}".strip())
         return "\n".join(lines)[-6000:]

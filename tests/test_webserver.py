@@ -1,11 +1,9 @@
 """Integration: the Dagster webserver (what `make dev` serves) loads the code location on 127.0.0.1,
-with the daemon beside it (tests/servers.py `DagsterServer`)."""
+with the daemon beside it (tests/servers.py `DagsterServer`, the session's `dagster_server`)."""
 
 from __future__ import annotations
 
 import pytest
-
-from servers import DagsterServer
 
 pytestmark = pytest.mark.integration
 
@@ -26,9 +24,8 @@ QUERY = """
 """
 
 
-def test_webserver_serves_the_code_location(tmp_path):
-    with DagsterServer(tmp_path) as server:
-        data = server.graphql(QUERY)
+def test_webserver_serves_the_code_location(dagster_server):
+    data = dagster_server.graphql(QUERY)
     repo = data["workspaceOrError"]["locationEntries"][0]["locationOrLoadError"]["repositories"][0]
     assets = {"/".join(a["assetKey"]["path"]) for a in repo["assetNodes"]}
     assert {"raw_samples", "fct_usage_by_day", "fct_invoice_lines", "invoices", "stripe_outbox"} <= assets
