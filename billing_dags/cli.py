@@ -170,11 +170,91 @@ def _definitions(paths: Paths):
     return defs, _dagster_instance()
 
 
-def _execute(job, instance, what: str, run_config: dict | None = None, **kwargs) -> None:
-    """Run ``job`` in process (quietly), print its warnings, and raise RunFailed naming why it failed."""
+#: the code location of workspace.yaml (and pyproject's [tool.dagster]): the CLI's runs name it as their
+#: origin, so the UI can re-execute them (all of them, or from failure) like the runs it launched
+CODE_LOCATION = "billing_dags"
+#: tags of every run the CLI starts (the Runs page filters on them)
+CLI_TAGS = {"billing/launched_by": "cli"}
+
+
+def _remote_origin(job_name: str):
+    """The origin a run launched from the UI over workspace.yaml's code location would have.
+
+    Dagster's execute_in_process records no origin, and the UI refuses to re-execute such a run
+    ("Expected non-None value"); re-execution looks the job up by the origin's location and
+    repository names in the workspace, then launches it there as any UI run (the code location
+    must see the same BILLING_DATA_DIR, as the daemon's runs must).
+    """
+    from dagster._core.remote_origin import (
+        ManagedGrpcPythonEnvCodeLocationOrigin,
+        RemoteJobOrigin,
+        RemoteRepositoryOrigin,
+    )
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    location = ManagedGrpcPythonEnvCodeLocationOrigin(
+        loadable_target_origin=LoadableTargetOrigin(
+            executable_path=sys.executable, module_name="billing_dags.definitions", working_directory=str(PROJECT_ROOT)
+        ),
+        location_name=CODE_LOCATION,
+    )
+    return RemoteJobOrigin(RemoteRepositoryOrigin(location, "__repository__"), job_name)
+
+
+def _execute(
+    job,
+    instance,
+    what: str,
+    run_config: dict | None = None,
+    *,
+    partition_key: str | None = None,
+    partition_range: tuple[str, str] | None = None,
+    asset_selection=None,
+    progress=None,
+) -> None:
+    """Run ``job`` in this process (quietly) for one partition or a range of them (one run), print its
+    warnings, and raise RunFailed naming why it failed.
+
+    The run is created with the code location's origin (re-executable from the UI) and the
+    CLI's tags; its steps run one after another here, as the in-process executor runs them.
+    ``progress`` (rich Progress, task id) advances by one per finished step.
+    """
     import logging
 
-    result = job.execute_in_process(instance=instance, run_config={**QUIET_LOGS, **(run_config or {})}, raise_on_error=False, **kwargs)
+    from dagster._core.definitions.job_base import InMemoryJob
+    from dagster._core.events import DagsterEventType
+    from dagster._core.execution.api import create_execution_plan, execute_run_iterator
+    from dagster._core.execution.execute_in_process_result import ExecuteInProcessResult
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG, PARTITION_NAME_TAG
+
+    run_config = {**QUIET_LOGS, **(run_config or {})}
+    tags = {**CLI_TAGS}
+    if partition_key is not None:
+        tags[PARTITION_NAME_TAG] = partition_key
+    if partition_range is not None:
+        tags[ASSET_PARTITION_RANGE_START_TAG], tags[ASSET_PARTITION_RANGE_END_TAG] = partition_range
+    selection = frozenset(asset_selection) if asset_selection else None
+    recon = InMemoryJob(job)
+    if selection:
+        recon = recon.get_subset(asset_selection=selection)
+    plan = create_execution_plan(recon, run_config=run_config, instance_ref=instance.get_ref() if instance.is_persistent else None, tags=tags)
+    run = instance.create_run_for_job(
+        job_def=recon.get_definition(),
+        execution_plan=plan,
+        run_config=run_config,
+        tags={**job.run_tags, **tags},
+        asset_selection=selection,
+        remote_job_origin=_remote_origin(job.name),
+    )
+    if progress is not None:
+        bar, task = progress
+        bar.update(task, total=len(plan.step_keys_to_execute), completed=0)
+    events = []
+    for event in execute_run_iterator(InMemoryJob(job), run, instance):
+        events.append(event)
+        if progress is not None and event.event_type in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE, DagsterEventType.STEP_SKIPPED):
+            bar.advance(task)
+    result = ExecuteInProcessResult(job_def=recon.get_definition(), event_list=events, dagster_run=instance.get_run_by_id(run.run_id), output_capture={})
     for entry in instance.all_logs(result.run_id):
         if not entry.is_dagster_event and entry.level == logging.WARNING:  # context.log.warning (skipped steps log ERROR)
             err_console.print(f"[yellow]warning:[/] {entry.step_key or what}: {entry.user_message}", highlight=False, soft_wrap=True)
@@ -267,14 +347,16 @@ def run_month(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err_console, disable=quiet,
     ) as progress:
-        task = progress.add_task(f"days of {month:%Y-%m}", total=len(days))
-        for day in days:
-            _execute(daily_job, instance, f"day {day}", run_config, partition_key=day.isoformat(), asset_selection=selection)
-            progress.advance(task)
-        mtask = progress.add_task("month: rating and invoices", total=1)
+        # the month's days are one run over the partition range, as a backfill from the UI is: each
+        # step (asset) processes every day in order, after the assets it reads; the bar counts steps
+        task = progress.add_task(f"days {days[0]} to {days[-1]} (one run, step by step)", total=None)
+        _execute(
+            daily_job, instance, f"days {days[0]} to {days[-1]}", run_config,
+            partition_range=(days[0].isoformat(), days[-1].isoformat()), asset_selection=selection, progress=(progress, task),
+        )
+        mtask = progress.add_task("month: rating and invoices", total=None)
         month_config = {"ops": {"invoices": {"config": {"as_of": as_of or ""}}}}
-        _execute(monthly_job, instance, f"month {month:%Y-%m}", month_config, partition_key=month.isoformat())
-        progress.advance(mtask)
+        _execute(monthly_job, instance, f"month {month:%Y-%m}", month_config, partition_key=month.isoformat(), progress=(progress, mtask))
     _execute(seeds_job, instance, "refreshing warehouse views")
     return {"days": len(days), "seconds": time.perf_counter() - t0}
 

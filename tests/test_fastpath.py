@@ -126,6 +126,7 @@ def test_a_backfill_partition_on_its_share_of_the_cores_gives_the_same_bytes(pat
         ({"dagster/backfill": "abc"}, 2, 8, 4),
         ({"dagster/backfill": "abc"}, 4, 2, 1),  # never below one thread
         ({"dagster/backfill": "abc"}, 1, 8, None),  # one backfill run at a time: every core
+        ({"dagster/backfill": "abc", "dagster/asset_partition_range_start": "2026-02-01"}, 2, 8, None),  # the range in one run
     ],
 )
 def test_threads_of_a_partition_run(monkeypatch, tags, parallel, cores, expected):

@@ -4,7 +4,7 @@ import time
 
 import dagster as dg
 
-from billing_dags.defs.shared.partitions import billing_daily, window_of
+from billing_dags.defs.shared.partitions import SINGLE_RUN, billing_daily, materialize_each
 from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, WarehouseResource
 from billing_dags.seeds import read_seed
 
@@ -13,7 +13,7 @@ from billing_dags.seeds import read_seed
     partitions_def=billing_daily,
     group_name="ingest",
     kinds={"prometheus", "parquet"},
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    backfill_policy=SINGLE_RUN,
 )
 def raw_samples(
     context: dg.AssetExecutionContext,
@@ -21,25 +21,25 @@ def raw_samples(
     prometheus: PrometheusResource,
     simulation: SimulationResource,
 ) -> dg.MaterializeResult:
-    """Raw samples of one UTC day (series_id, ts, value) and their series: pulled from PROMETHEUS_URL, else simulated."""
+    """Raw samples of each UTC day (series_id, ts, value) and their series: pulled from PROMETHEUS_URL, else simulated."""
     from billing_dags import simulate
 
-    window = window_of(context)
     paths = warehouse.paths()
     if prometheus.enabled:
-        return _pull_from_prometheus(context, paths, window.start, prometheus)
-    t0 = time.perf_counter()
+        return materialize_each(context, lambda key, window: _pull_from_prometheus(context, paths, window.start, prometheus))
     customers = read_seed(paths.seeds_dir, "customers")
-    figures = simulate.write_simulated_day(
-        paths,
-        window.start,
-        customers,
-        seed=simulation.seed,
-        interval_s=simulation.interval_s,
-        n_customers=simulation.customers,
-    )
-    return dg.MaterializeResult(
-        metadata={
+
+    def one_day(key, window) -> dict:
+        t0 = time.perf_counter()
+        figures = simulate.write_simulated_day(
+            paths,
+            window.start,
+            customers,
+            seed=simulation.seed,
+            interval_s=simulation.interval_s,
+            n_customers=simulation.customers,
+        )
+        return {
             "source": "simulate",
             "series": figures["series"],
             "samples": figures["samples"],
@@ -48,10 +48,11 @@ def raw_samples(
             "seconds": round(time.perf_counter() - t0, 3),
             "path": dg.MetadataValue.path(figures["path"]),
         }
-    )
+
+    return materialize_each(context, one_day)
 
 
-def _pull_from_prometheus(context: dg.AssetExecutionContext, paths, day, prometheus: PrometheusResource) -> dg.MaterializeResult:
+def _pull_from_prometheus(context: dg.AssetExecutionContext, paths, day, prometheus: PrometheusResource) -> dict:
     """Exact raw samples of ``day`` for every meter of seeds/meters.csv (billing_dags.prometheus)."""
     from billing_dags import prometheus as prom
     from billing_dags.raw import RawLayoutError
@@ -80,4 +81,4 @@ def _pull_from_prometheus(context: dg.AssetExecutionContext, paths, day, prometh
     meta["unmatched_examples"] = dg.MetadataValue.json(report.unmatched_examples)
     meta["refused_examples"] = dg.MetadataValue.json(report.refused_examples)
     meta["warnings"] = dg.MetadataValue.json(report.warnings)
-    return dg.MaterializeResult(metadata=meta)
+    return meta

@@ -5,7 +5,7 @@ from datetime import date, datetime, timedelta, timezone
 
 import dagster as dg
 
-from billing_dags.defs.shared.partitions import PARTITIONS_START, billing_daily, window_of
+from billing_dags.defs.shared.partitions import PARTITIONS_START, SINGLE_RUN, billing_daily, partitions_of, record
 from billing_dags.defs.shared.resources import WarehouseResource
 
 
@@ -13,21 +13,17 @@ from billing_dags.defs.shared.resources import WarehouseResource
     partitions_def=billing_daily,
     group_name="ingest",
     kinds={"prometheus", "parquet"},
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    backfill_policy=SINGLE_RUN,
     metadata={"source": "remote_write", "landing": "data/landing/seg-*.seg"},
 )
 def remote_write_samples(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
-    """Remote-write landing segments of one UTC day merged into its raw partition, deduplicated on (series, ts)."""
+    """Remote-write landing segments of each UTC day merged into its raw partition, deduplicated on (series, ts)."""
     from billing_dags.compaction import compact
 
     paths = warehouse.paths()
-    window = window_of(context)
-    days = []
-    d = window.start
-    while d < window.end:
-        days.append(d.isoformat())
-        d += timedelta(days=1)
-    result = compact(paths, days=days)
+    parts = partitions_of(context)
+    # one call for every day of the run: segments are read once however many days they hold
+    result = compact(paths, days=[window.start.isoformat() for _, window in parts])
     per_day = result["days"]
     for r in result["recovered_segments"]:
         context.log.warning(f"sealed landing segment {r} left open by a stopped receiver (torn tail dropped)")
@@ -46,6 +42,15 @@ def remote_write_samples(context: dg.AssetExecutionContext, warehouse: Warehouse
                 f"{r['day']}: {r['unknown_customer']} samples name no customer in the seeds "
                 f"(customer label values: {', '.join(map(str, r['unknown_customers']))}); add them to seeds/customers.csv"
             )
+    by_day = {r["day"]: r for r in per_day}
+    for key, window in parts:
+        day = window.start.isoformat()
+        record(context, key, _figures([by_day[day]] if day in by_day else [], result["seconds"]))
+    return dg.MaterializeResult()
+
+
+def _figures(per_day: list[dict], seconds: float) -> dict:
+    """The metadata of one partition's compaction (``seconds``: the whole step's)."""
     total = lambda key: sum(r.get(key, 0) for r in per_day)  # noqa: E731
     metadata = {
         "landing_segments": total("segments"),
@@ -60,7 +65,7 @@ def remote_write_samples(context: dg.AssetExecutionContext, warehouse: Warehouse
         "quarantined_samples": total("quarantined_samples"),
         "segments_removed": total("segments_removed"),
         "rewritten": any(r["written"] for r in per_day),
-        "seconds": result["seconds"],
+        "seconds": seconds,
     }
     paths_written = [r["path"] for r in per_day if r.get("path")]
     if paths_written:
@@ -68,7 +73,7 @@ def remote_write_samples(context: dg.AssetExecutionContext, warehouse: Warehouse
     unknown = {k: v for r in per_day for k, v in r.get("unknown_customers", {}).items()}
     if unknown:
         metadata["unknown_customers"] = dg.MetadataValue.json(unknown)
-    return dg.MaterializeResult(metadata=metadata)
+    return metadata
 
 
 def partition_days(today: date | None = None) -> tuple[date, date]:

@@ -4,20 +4,21 @@ import time
 
 import dagster as dg
 
-from billing_dags.defs.shared.partitions import billing_daily, window_of
+from billing_dags.defs.shared.partitions import SINGLE_RUN, billing_daily, materialize_each
 from billing_dags.defs.shared.resources import (
     PrometheusResource,
     SimulationResource,
     UsageEventsResource,
     WarehouseResource,
 )
+from billing_dags.sqlmodels import Window
 
 
 @dg.asset(
     partitions_def=billing_daily,
     group_name="ingest",
     kinds={"postgres", "parquet"},
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    backfill_policy=SINGLE_RUN,
     metadata={"source": "postgres", "layout": "data/raw/events/date=YYYY-MM-DD/part-postgres.parquet (part-simulate.parquet when simulated)"},
 )
 def usage_events(
@@ -27,26 +28,26 @@ def usage_events(
     simulation: SimulationResource,
     prometheus: PrometheusResource,
 ) -> dg.MaterializeResult:
-    """Billable usage_events rows of one UTC day (tokens per model, API keys as SHA-256) from BILLING_USAGE_EVENTS_DSN, else simulated."""
+    """Billable usage_events rows of each UTC day (tokens per model, API keys as SHA-256) from BILLING_USAGE_EVENTS_DSN, else simulated."""
     from billing_dags import postgres_events as pg
     from billing_dags.events import EventsLayoutError
     from billing_dags.seeds import SeedError
 
-    window = window_of(context)
     if not usage_events.enabled:
         if simulation.applies(prometheus):
-            return _simulate(context, warehouse, usage_events, simulation)
+            return materialize_each(context, lambda key, window: _simulate(window, warehouse, usage_events, simulation))
         context.log.info("no source configured (BILLING_USAGE_EVENTS_DSN is unset, simulation off): nothing written")
-        return dg.MaterializeResult(metadata={"source": "no source configured", "events": 0})
+        return materialize_each(context, lambda key, window: {"source": "no source configured", "events": 0})
     paths = warehouse.paths()
     cfg = usage_events.source_table()
-    t0 = time.perf_counter()
-    try:
-        figures = pg.ingest_day(usage_events.dsn, paths, window.start, cfg, batch_rows=usage_events.batch_rows)
-    except (pg.PostgresEventsError, EventsLayoutError, SeedError) as e:
-        raise dg.Failure(description=f"usage_events {window.start}: {e}; nothing was written for this day") from None
-    return dg.MaterializeResult(
-        metadata={
+
+    def one_day(key, window) -> dict:
+        t0 = time.perf_counter()
+        try:
+            figures = pg.ingest_day(usage_events.dsn, paths, window.start, cfg, batch_rows=usage_events.batch_rows)
+        except (pg.PostgresEventsError, EventsLayoutError, SeedError) as e:
+            raise dg.Failure(description=f"usage_events {window.start}: {e}; nothing was written for this day") from None
+        return {
             "source": "postgres",
             "table": cfg.table,
             "billable_statuses": ", ".join(cfg.billable_statuses),
@@ -56,22 +57,22 @@ def usage_events(
             "seconds": round(time.perf_counter() - t0, 3),
             "path": dg.MetadataValue.path(figures["path"]),
         }
-    )
+
+    return materialize_each(context, one_day)
 
 
 def _simulate(
-    context: dg.AssetExecutionContext,
+    window: Window,
     warehouse: WarehouseResource,
     usage_events: UsageEventsResource,
     simulation: SimulationResource,
-) -> dg.MaterializeResult:
+) -> dict:
     """Simulated seed-003 rows of the day's usage_events customers, converted exactly as PostgreSQL rows are."""
     from billing_dags import postgres_events as pg
     from billing_dags import simulate
     from billing_dags.events import EventsLayoutError
     from billing_dags.seeds import SeedError, read_seed
 
-    window = window_of(context)
     paths = warehouse.paths()
     cfg = usage_events.source_table()
     t0 = time.perf_counter()
@@ -82,17 +83,15 @@ def _simulate(
         )
     except (pg.PostgresEventsError, EventsLayoutError, SeedError, ValueError) as e:
         raise dg.Failure(description=f"usage_events {window.start} (simulated): {e}; nothing was written for this day") from None
-    return dg.MaterializeResult(
-        metadata={
-            "source": "simulate",
-            "seed": simulation.seed,
-            "customers": figures["customers"],
-            "rows": figures["rows"],
-            "unbilled_rows": figures["unbilled_rows"],
-            "billable_statuses": ", ".join(cfg.billable_statuses),
-            "events": figures["events"],
-            "bytes": figures["bytes"],
-            "seconds": round(time.perf_counter() - t0, 3),
-            "path": dg.MetadataValue.path(figures["path"]),
-        }
-    )
+    return {
+        "source": "simulate",
+        "seed": simulation.seed,
+        "customers": figures["customers"],
+        "rows": figures["rows"],
+        "unbilled_rows": figures["unbilled_rows"],
+        "billable_statuses": ", ".join(cfg.billable_statuses),
+        "events": figures["events"],
+        "bytes": figures["bytes"],
+        "seconds": round(time.perf_counter() - t0, 3),
+        "path": dg.MetadataValue.path(figures["path"]),
+    }

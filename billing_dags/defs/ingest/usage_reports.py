@@ -6,7 +6,7 @@ from datetime import date
 import dagster as dg
 
 from billing_dags.defs.ingest.compaction import partition_days, pending_days_sensor
-from billing_dags.defs.shared.partitions import billing_daily, window_of
+from billing_dags.defs.shared.partitions import SINGLE_RUN, billing_daily, materialize_each
 from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, WarehouseResource
 
 
@@ -14,7 +14,7 @@ from billing_dags.defs.shared.resources import PrometheusResource, SimulationRes
     partitions_def=billing_daily,
     group_name="ingest",
     kinds={"sqlite", "parquet"},
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    backfill_policy=SINGLE_RUN,
     metadata={"source": "usage_reports", "layout": "data/raw/events/date=YYYY-MM-DD/part-usage_reports.parquet"},
 )
 def usage_reports(
@@ -23,53 +23,53 @@ def usage_reports(
     simulation: SimulationResource,
     prometheus: PrometheusResource,
 ) -> dg.MaterializeResult:
-    """Usage reports of one UTC day from the report store (data/landing/reports; simulated ones first when simulating) as raw events."""
+    """Usage reports of each UTC day from the report store (data/landing/reports; simulated ones first when simulating) as raw events."""
     from billing_dags import simulate
     from billing_dags import usage_reports as ur
     from billing_dags.events import EventsLayoutError
     from billing_dags.seeds import SeedError, read_seed
 
-    window = window_of(context)
     paths = warehouse.paths()
-    t0 = time.perf_counter()
-    simulated = None
-    if simulation.applies(prometheus):
-        # the day's simulated reports go through parse_report and ReportStore.accept, as the endpoint does
-        try:
-            customers = read_seed(paths.seeds_dir, "customers")
-            simulated = simulate.accept_simulated_usage_reports(
-                paths, window.start, customers, seed=simulation.seed, n_customers=simulation.customers
-            )
-        except ur.ReportConflict as e:
-            raise dg.Failure(
-                description=(
-                    f"usage_reports {window.start} (simulated): {e}. The store {ur.store_path(paths)} holds reports "
-                    "simulated with another seed (or real ones); accepted reports are never replaced: use a fresh "
-                    "BILLING_DATA_DIR for another seed, or delete that file if it holds simulated reports only"
+
+    def one_day(key, window) -> dict:
+        t0 = time.perf_counter()
+        simulated = None
+        if simulation.applies(prometheus):
+            # the day's simulated reports go through parse_report and ReportStore.accept, as the endpoint does
+            try:
+                customers = read_seed(paths.seeds_dir, "customers")
+                simulated = simulate.accept_simulated_usage_reports(
+                    paths, window.start, customers, seed=simulation.seed, n_customers=simulation.customers
                 )
-            ) from None
-        except (ur.ReportError, SeedError, ValueError) as e:
-            raise dg.Failure(description=f"usage_reports {window.start} (simulated): {e}; nothing was written for this day") from None
-    try:
-        figures = ur.compact_day(paths, window.start)
-    except (ur.ReportError, EventsLayoutError, SeedError) as e:
-        raise dg.Failure(description=f"usage_reports {window.start}: {e}; nothing was written for this day") from None
-    if figures["unknown_customers"]:
-        context.log.warning(
-            f"{window.start}: reports of customers no longer in seeds/customers.csv are kept but not billed: "
-            + ", ".join(figures["unknown_customers"])
-        )
-    source = {"source": "report store"}
-    if simulated is not None:
-        source = {
-            "source": "simulate",
-            "seed": simulation.seed,
-            "simulated_reports": simulated["reports"],
-            "simulated_accepted": simulated["accepted"],
-            "simulated_duplicates": simulated["duplicate"],
-        }
-    return dg.MaterializeResult(
-        metadata={
+            except ur.ReportConflict as e:
+                raise dg.Failure(
+                    description=(
+                        f"usage_reports {window.start} (simulated): {e}. The store {ur.store_path(paths)} holds reports "
+                        "simulated with another seed (or real ones); accepted reports are never replaced: use a fresh "
+                        "BILLING_DATA_DIR for another seed, or delete that file if it holds simulated reports only"
+                    )
+                ) from None
+            except (ur.ReportError, SeedError, ValueError) as e:
+                raise dg.Failure(description=f"usage_reports {window.start} (simulated): {e}; nothing was written for this day") from None
+        try:
+            figures = ur.compact_day(paths, window.start)
+        except (ur.ReportError, EventsLayoutError, SeedError) as e:
+            raise dg.Failure(description=f"usage_reports {window.start}: {e}; nothing was written for this day") from None
+        if figures["unknown_customers"]:
+            context.log.warning(
+                f"{window.start}: reports of customers no longer in seeds/customers.csv are kept but not billed: "
+                + ", ".join(figures["unknown_customers"])
+            )
+        source = {"source": "report store"}
+        if simulated is not None:
+            source = {
+                "source": "simulate",
+                "seed": simulation.seed,
+                "simulated_reports": simulated["reports"],
+                "simulated_accepted": simulated["accepted"],
+                "simulated_duplicates": simulated["duplicate"],
+            }
+        return {
             **source,
             "reports": figures["reports"],
             "customers": figures["customers"],
@@ -79,7 +79,8 @@ def usage_reports(
             "store": dg.MetadataValue.path(str(ur.store_path(paths))),
             "path": dg.MetadataValue.path(figures["path"]),
         }
-    )
+
+    return materialize_each(context, one_day)
 
 
 def report_run_requests(paths, today: date | None = None) -> tuple[list[dg.RunRequest], list[str]]:

@@ -9,7 +9,7 @@ from billing_dags import credits as cr
 from billing_dags.flags import month_flags, unacknowledged_critical
 from billing_dags import invoices as inv
 from billing_dags.seeds import SPECS, SeedError
-from billing_dags.defs.shared.partitions import billing_monthly, window_of
+from billing_dags.defs.shared.partitions import SINGLE_RUN, billing_monthly, combined_check_result, materialize_each
 from billing_dags.defs.shared.resources import WarehouseResource
 from billing_dags.settings import DEFAULT_GRACE_DAYS
 from billing_dags.sqlmodels import load_project, partition_file, seed_snapshot_path
@@ -35,7 +35,7 @@ def invoice_now(config: InvoiceConfig) -> datetime:
     partitions_def=billing_monthly,
     group_name="billing",
     kinds={"json", "html", "csv"},
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    backfill_policy=SINGLE_RUN,
     # seeds/credits.csv is read at invoicing time (validated against the customer and currency snapshots);
     # it is a dependency too once seeds.SPECS has a "credits" entry (then seed_credits is an asset)
     deps=[
@@ -56,78 +56,67 @@ def invoice_now(config: InvoiceConfig) -> datetime:
     ],
 )
 def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse: WarehouseResource):
-    """Invoice files per customer and month (JSON, CSV, HTML) under data/invoices/YYYY-MM/, with adjustments, prepaid credits and the credits ledger."""
+    """Invoice files per customer and month, month by month (JSON, CSV, HTML) under data/invoices/YYYY-MM/, with adjustments, prepaid credits and the credits ledger."""
     paths = warehouse.paths()
-    window = window_of(context)
     models = load_project().models
-    lines = pq.read_table(partition_file(paths, models["fct_invoice_lines"], window)).to_pylist()
-    seeds = {n: pq.read_table(seed_snapshot_path(paths, n)).to_pylist() for n in ("customers", "plans", "currencies")}
-    try:
-        grants = cr.load_grants(paths.seeds_dir, seeds["customers"], seeds["currencies"])
-    except SeedError as e:
-        raise dg.Failure(str(e)) from None
-    manifest = inv.invoice_manifest(paths, window.start, paths.seeds_dir, inv.code_version())
-    # a critical anomaly flag nobody has acknowledged (billing flags ack) holds finalization
-    held = {
-        customer: "held by unacknowledged critical flags: " + ", ".join(sorted({f"{f['rule']} on {f['meter_id']}" for f in flags}))
-        for customer, flags in unacknowledged_critical(paths, window.start).items()
-    }
-    if held:
-        context.log.warning(f"invoices held in draft: {', '.join(sorted(held))}")
-    docs = inv.build_invoices(
-        lines,
-        seeds["customers"],
-        seeds["plans"],
-        seeds["currencies"],
-        window.start,
-        now=invoice_now(config),
-        grace_days=config.grace_days,
-        manifest=manifest,
-        paths=paths,
-        grants=grants,
-        held=held,
-    )
-    # validated before anything is written: a finalized invoice's files are never rewritten
-    wrong, missing = _total_problems(lines, docs)
-    if wrong or missing:
-        raise dg.Failure(
-            description=(
-                f"invoices of {window.start:%Y-%m}: check total_equals_sum_of_lines failed, no invoice file was written: "
-                + "; ".join(
-                    ([f"charges or total do not add up to the lines of fct_invoice_lines for {', '.join(wrong)}"] if wrong else [])
-                    + ([f"no invoice built for {', '.join(missing)}"] if missing else [])
-                )
-                + ". Rerun fct_invoice_lines for the month, then the invoices; if it persists, it is a bug in the invoice builder"
-            ),
-            metadata={"wrong_totals": dg.MetadataValue.json(wrong), "customers_without_invoice": dg.MetadataValue.json(missing)},
+    by_check: dict[str, list] = {}
+
+    def one_month(key, window) -> dict:
+        lines = pq.read_table(partition_file(paths, models["fct_invoice_lines"], window)).to_pylist()
+        seeds = {n: pq.read_table(seed_snapshot_path(paths, n)).to_pylist() for n in ("customers", "plans", "currencies")}
+        try:
+            grants = cr.load_grants(paths.seeds_dir, seeds["customers"], seeds["currencies"])
+        except SeedError as e:
+            raise dg.Failure(str(e)) from None
+        manifest = inv.invoice_manifest(paths, window.start, paths.seeds_dir, inv.code_version())
+        # a critical anomaly flag nobody has acknowledged (billing flags ack) holds finalization
+        held = {
+            customer: "held by unacknowledged critical flags: " + ", ".join(sorted({f"{f['rule']} on {f['meter_id']}" for f in flags}))
+            for customer, flags in unacknowledged_critical(paths, window.start).items()
+        }
+        if held:
+            context.log.warning(f"invoices held in draft: {', '.join(sorted(held))}")
+        docs = inv.build_invoices(
+            lines,
+            seeds["customers"],
+            seeds["plans"],
+            seeds["currencies"],
+            window.start,
+            now=invoice_now(config),
+            grace_days=config.grace_days,
+            manifest=manifest,
+            paths=paths,
+            grants=grants,
+            held=held,
         )
-    figures = inv.write_invoice_files(paths, docs)
-    inv.settle_drafts(paths, window.start, docs, grants)  # other months' drafts follow this month's draws
-    ledger = cr.write_ledger(paths, grants, {c["currency"]: int(c["minor_unit_exponent"]) for c in seeds["currencies"]})
-    usage = pq.read_table(
-        partition_file(paths, models["fct_usage_by_month"], window),
-        columns=["customer_id", "usage", "gauge_peak", "gauge_integral"],
-    ).to_pylist()
-    unbilled, not_invoiced = inv.uninvoiced_customers(
-        window.start, pq.read_table(seed_snapshot_path(paths, "subscriptions")).to_pylist(), usage,
-        {d["customer_id"] for d in docs}, month_flags(paths, window.start), seeds["plans"],
-    )
-    if unbilled:
-        context.log.error(f"customers with no invoice and no flag naming why: {unbilled}")
-    return dg.MaterializeResult(
-        metadata={
-            "held_by_critical_flags": dg.MetadataValue.json(held),
-            "invoices": len(docs),
-            "by_status": dg.MetadataValue.json(figures.get("by_status", {})),
-            "totals_by_currency": dg.MetadataValue.json(figures.get("totals_by_currency", {})),
-            "changed_after_finalization": dg.MetadataValue.json(figures.get("changed_after_finalization", [])),
-            "credits_used_by_currency": dg.MetadataValue.json(_credits_used(docs)),
-            "credit_grants": ledger["grants"],
-            "overdrawn_grants": dg.MetadataValue.json(ledger["overdrawn"]),
-            "credits_ledger": dg.MetadataValue.path(ledger["path"]),
-            "folder": dg.MetadataValue.path(str(paths.invoices / window.start.strftime("%Y-%m"))),
-        },
-        check_results=[
+        # validated before anything is written: a finalized invoice's files are never rewritten
+        wrong, missing = _total_problems(lines, docs)
+        if wrong or missing:
+            raise dg.Failure(
+                description=(
+                    f"invoices of {window.start:%Y-%m}: check total_equals_sum_of_lines failed, no invoice file was written: "
+                    + "; ".join(
+                        ([f"charges or total do not add up to the lines of fct_invoice_lines for {', '.join(wrong)}"] if wrong else [])
+                        + ([f"no invoice built for {', '.join(missing)}"] if missing else [])
+                    )
+                    + ". Rerun fct_invoice_lines for the month, then the invoices; if it persists, it is a bug in the invoice builder"
+                ),
+                metadata={"wrong_totals": dg.MetadataValue.json(wrong), "customers_without_invoice": dg.MetadataValue.json(missing)},
+            )
+        figures = inv.write_invoice_files(paths, docs)
+        inv.settle_drafts(paths, window.start, docs, grants)  # other months' drafts follow this month's draws
+        ledger = cr.write_ledger(paths, grants, {c["currency"]: int(c["minor_unit_exponent"]) for c in seeds["currencies"]})
+        usage = pq.read_table(
+            partition_file(paths, models["fct_usage_by_month"], window),
+            columns=["customer_id", "usage", "gauge_peak", "gauge_integral"],
+        ).to_pylist()
+        unbilled, not_invoiced = inv.uninvoiced_customers(
+            window.start, pq.read_table(seed_snapshot_path(paths, "subscriptions")).to_pylist(), usage,
+            {d["customer_id"] for d in docs}, month_flags(paths, window.start), seeds["plans"],
+        )
+        if unbilled:
+            context.log.error(f"customers with no invoice and no flag naming why: {unbilled}")
+        for result in (
             dg.AssetCheckResult(
                 check_name="total_equals_sum_of_lines",
                 passed=True,  # a failure raised above, before any file was written
@@ -150,8 +139,24 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
                 severity=dg.AssetCheckSeverity.WARN,
                 metadata={"held": dg.MetadataValue.json(held)},
             ),
-        ],
-    )
+        ):
+            by_check.setdefault(result.check_name, []).append((window, result))
+        return {
+            "held_by_critical_flags": dg.MetadataValue.json(held),
+            "invoices": len(docs),
+            "by_status": dg.MetadataValue.json(figures.get("by_status", {})),
+            "totals_by_currency": dg.MetadataValue.json(figures.get("totals_by_currency", {})),
+            "changed_after_finalization": dg.MetadataValue.json(figures.get("changed_after_finalization", [])),
+            "credits_used_by_currency": dg.MetadataValue.json(_credits_used(docs)),
+            "credit_grants": ledger["grants"],
+            "overdrawn_grants": dg.MetadataValue.json(ledger["overdrawn"]),
+            "credits_ledger": dg.MetadataValue.path(ledger["path"]),
+            "folder": dg.MetadataValue.path(str(paths.invoices / window.start.strftime("%Y-%m"))),
+        }
+
+    # month by month in order: a month's drafts settle against the credits earlier months drew
+    materialize_each(context, one_month)
+    return dg.MaterializeResult(check_results=[combined_check_result(r) for r in by_check.values()])
 
 
 def _total_problems(lines: list[dict], docs: list[dict]) -> tuple[list[str], list[str]]:

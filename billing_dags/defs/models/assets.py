@@ -7,7 +7,7 @@ import duckdb
 
 from billing_dags import raw
 from billing_dags.defs.models.checks import CHECKS, grain_is_unique
-from billing_dags.defs.shared.partitions import BY_NAME, window_of
+from billing_dags.defs.shared.partitions import BY_NAME, SINGLE_RUN, combined_check_result, materialize_each
 from billing_dags.defs.shared.resources import WarehouseResource
 from billing_dags.settings import Paths
 from billing_dags.sqlmodels import Model, ModelError, Project, Window, load_project, model_files, run_model, sources
@@ -104,7 +104,7 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
         partitions_def=BY_NAME[model.partitioned_by],
         deps=deps,
         check_specs=check_specs,
-        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1) if model.partitioned_by != "none" else None,
+        backfill_policy=SINGLE_RUN if model.partitioned_by != "none" else None,
         metadata={
             "sql": dg.MetadataValue.path(str(model.path)),
             "grain": ", ".join(model.grain),
@@ -117,50 +117,63 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
     )
     def _asset(context: dg.AssetExecutionContext, warehouse: WarehouseResource):
         paths = warehouse.paths()
-        window = window_of(context)
-        if window is not None:
-            _require_lookback(paths, project, model, window)
         threads = warehouse.threads_for(context.run.tags)
-        check_results: list[dg.AssetCheckResult] = []
+        # every partition of the run in order (a range: each day reads the earlier days this step
+        # has just written); the checks cover every partition, a blocking one failing stops the
+        # step before that partition is published
+        by_check: dict[str, list[tuple[Window | None, dg.AssetCheckResult]]] = {}
 
-        def run_checks(table) -> None:
-            """The asset checks, on the new rows before they are published; a failed blocking one publishes nothing."""
+        def one_partition(key: str | None, window: Window | None) -> dict:
+            if window is not None:
+                _require_lookback(paths, project, model, window)
+
+            def run_checks(table) -> None:
+                """The asset checks, on the new rows before they are published; a failed blocking one publishes nothing."""
+                con = duckdb.connect()
+                try:
+                    con.register("partition", table)
+                    results = [(grain_is_unique(model), True)] if model.grain else []
+                    results += [(check(con, paths, window), check.blocking) for check in CHECKS.get(model.name, [])]
+                finally:
+                    con.close()
+                failed = [r for r, blocking in results if blocking and not r.passed]
+                if failed:
+                    raise dg.Failure(
+                        description=f"{model.name} {_label(window)}: blocking check failed, nothing was published for it "
+                        "(its previous partition stays): "
+                        + "; ".join(f"{r.check_name} ({metadata_text(r.metadata)})" for r in failed)
+                    )
+                for r, _ in results:
+                    by_check.setdefault(r.check_name, []).append((window, r))
+
+            result = run_model(paths, model.name, window, project=project, threads=threads, validate=run_checks)
             con = duckdb.connect()
             try:
-                con.register("partition", table)
-                results = [(grain_is_unique(model), True)] if model.grain else []
-                results += [(check(con, paths, window), check.blocking) for check in CHECKS.get(model.name, [])]
+                totals = _numeric_totals(con, result.table, model)
             finally:
                 con.close()
-            failed = [r for r, blocking in results if blocking and not r.passed]
-            if failed:
-                raise dg.Failure(
-                    description=f"{model.name} {window}: blocking check failed, nothing was published (the previous partition stays): "
-                    + "; ".join(f"{r.check_name} ({metadata_text(r.metadata)})" for r in failed)
-                )
-            check_results.extend(r for r, _ in results)
-
-        result = run_model(paths, model.name, window, project=project, threads=threads, validate=run_checks)
-        con = duckdb.connect()
-        try:
-            totals = _numeric_totals(con, result.table, model)
-        finally:
-            con.close()
-        context.log.info(
-            f"{model.name} {window}: {result.rows} rows in {result.seconds:.2f}s"
-            f"{f' on {threads} thread(s) (backfill)' if threads else ''} -> {result.path}"
-        )
-        return dg.MaterializeResult(
-            metadata={
+            context.log.info(
+                f"{model.name} {_label(window)}: {result.rows} rows in {result.seconds:.2f}s"
+                f"{f' on {threads} thread(s) (backfill)' if threads else ''} -> {result.path}"
+            )
+            return {
                 "rows": result.rows,
                 "seconds": round(result.seconds, 3),
                 "path": dg.MetadataValue.path(str(result.path)),
                 **totals,
-            },
-            check_results=check_results,
-        )
+            }
+
+        materialize_each(context, one_partition)
+        return dg.MaterializeResult(check_results=[combined_check_result(results) for results in by_check.values()])
 
     return _asset
+
+
+def _label(window: Window | None) -> str:
+    """The partition a window is: its day, or its month."""
+    if window is None:
+        return "(unpartitioned)"
+    return window.start.isoformat() if (window.end - window.start).days == 1 else f"{window.start:%Y-%m}"
 
 
 def build_model_assets() -> list[dg.AssetsDefinition]:

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from billing_dags.defs.shared.partitions import billing_daily, window_of
+from billing_dags.defs.shared.partitions import SINGLE_RUN, billing_daily, materialize_each
 from billing_dags.defs.shared.resources import WarehouseResource
 from billing_dags.reports import build_daily_summary, write_daily_summary
 
@@ -12,22 +12,24 @@ from billing_dags.reports import build_daily_summary, write_daily_summary
     group_name="reports",
     kinds={"html", "markdown"},
     deps=["fct_usage_by_day", "fct_anomaly_flags", "seed_meters"],
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    backfill_policy=SINGLE_RUN,
 )
 def daily_summary(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
     """Daily summary: active customers, bytes, shares accepted/rejected, top 10 by bytes, anomalies."""
     paths = warehouse.paths()
-    summary = build_daily_summary(paths, window_of(context).start)
-    written = write_daily_summary(paths, summary)
-    return dg.MaterializeResult(
-        metadata={
+
+    def one_day(key, window) -> dict:
+        summary = build_daily_summary(paths, window.start)
+        written = write_daily_summary(paths, summary)
+        return {
             "active_customers": summary.active_customers,
             "bytes_total": str(summary.bytes_total),
             "anomalies": len(summary.flags),
             "markdown": dg.MetadataValue.path(str(written[0])),
             "html": dg.MetadataValue.path(str(written[1])),
         }
-    )
+
+    return materialize_each(context, one_day)
 
 
 @dg.asset(group_name="reports", kinds={"prometheus"}, deps=["fct_usage_by_day", "invoices"])

@@ -1,6 +1,14 @@
-"""The two partitions of billing_dags, defined once and imported everywhere."""
+"""The two partitions of billing_dags, defined once and imported everywhere.
 
+A run targets one partition or a range of them (a backfill with a single-run policy, `billing run`,
+"Materialize" of several partitions in the UI): every partitioned asset processes each partition of
+its range in order with ``partitions_of`` and records each partition's own metadata on that
+partition's materialization (``record``).
+"""
+
+from collections.abc import Callable
 from datetime import date, datetime
+from typing import Any
 
 import dagster as dg
 
@@ -19,13 +27,115 @@ BY_NAME: dict[str, dg.PartitionsDefinition | None] = {
     "none": None,
 }
 
+#: the backfill policy of every partitioned asset: a backfill of N partitions is one run, in which
+#: each asset's step processes the whole range (day by day, in order) after the steps of the assets
+#: it depends on. One run per partition would start a process and pay Dagster's per-run overhead for
+#: every day, and assets reading earlier days (lookback) could not run with their upstreams.
+SINGLE_RUN = dg.BackfillPolicy.single_run()
+
+
+def partitions_of(
+    context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext,
+    partitions_def: dg.TimeWindowPartitionsDefinition | None = None,
+) -> list[tuple[str, Window]]:
+    """(partition key, half-open [start, end) window) of every partition the run targets, in order.
+
+    One entry for a one-partition run, one per day (or month) of a partition range; empty when
+    the run targets no partition. ``partitions_def`` defaults to the asset's own.
+    """
+    if not (context.has_partition_key or context.has_partition_key_range):
+        return []
+    if partitions_def is None:
+        partitions_def = context.assets_def.partitions_def
+    out = []
+    for key in context.partition_keys:
+        tw = partitions_def.time_window_for_partition_key(key)
+        out.append((key, Window(_as_date(tw.start), _as_date(tw.end))))
+    return out
+
+
+def days_of(context, partitions_def=None) -> list[Window]:
+    """The windows of ``partitions_of``: one day (or month) each, in order."""
+    return [w for _, w in partitions_of(context, partitions_def)]
+
 
 def window_of(context: dg.AssetExecutionContext) -> Window | None:
-    """The half-open [start, end) window of the partition being materialized."""
-    if not context.has_partition_key:
+    """The window of a run of exactly one partition (None when unpartitioned).
+
+    A run over a range of partitions has no single window: assets use ``partitions_of``.
+    """
+    windows = days_of(context)
+    if not windows:
         return None
-    tw = context.partition_time_window
-    return Window(_as_date(tw.start), _as_date(tw.end))
+    if len(windows) > 1:
+        raise dg.Failure(
+            f"this step covers {len(windows)} partitions ({windows[0].start} to {windows[-1].start}) "
+            "but reads one window; process each with partitions_of(context)"
+        )
+    return windows[0]
+
+
+def record(context: dg.AssetExecutionContext, key: str | None, metadata: dict[str, Any]) -> None:
+    """``metadata`` on the materialization of partition ``key`` only (of the whole asset when None)."""
+    if key is None:
+        context.add_asset_metadata(metadata)
+    else:
+        context.add_asset_metadata(metadata, partition_key=key)
+
+
+def materialize_each(
+    context: dg.AssetExecutionContext, compute: Callable[[str | None, Window | None], dict[str, Any]]
+) -> dg.MaterializeResult:
+    """``compute(key, window)`` for every partition of the run in order (once with None, None when
+    unpartitioned); each returns the metadata of its own partition's materialization.
+
+    A partition that fails stops the step there: the partitions before it were published, so their
+    materializations are recorded before the error propagates (the log names the failing partition),
+    and a rerun or "re-execute from failure" processes the range again.
+    """
+    parts = partitions_of(context) or [(None, None)]
+    done: list[tuple[str | None, dict[str, Any]]] = []
+    for key, window in parts:
+        try:
+            done.append((key, compute(key, window)))
+        except BaseException:
+            if len(parts) > 1:
+                asset = context.assets_def.key
+                for k, metadata in done:
+                    context.log_event(dg.AssetMaterialization(asset_key=asset, partition=k, metadata=metadata))
+                context.log.error(
+                    f"{asset.to_user_string()} failed on partition {key} ({len(done)} of {len(parts)} partitions of "
+                    f"{parts[0][0]}..{parts[-1][0]} were published before it; the rest were not run)"
+                )
+            raise
+    for key, metadata in done:
+        record(context, key, metadata)
+    return dg.MaterializeResult()
+
+
+def combined_check_result(results: list[tuple[Window | None, dg.AssetCheckResult]]) -> dg.AssetCheckResult:
+    """One check's result over the run's partitions, in order: its own result for one partition;
+    else passed when every partition passed, with each partition's metadata and a description
+    naming the failing partitions."""
+    if len(results) == 1:
+        return results[0][1]
+    first = results[0][1]
+    failing = [(w, r) for w, r in results if not r.passed]
+    plain = lambda r: {k: getattr(v, "value", v) for k, v in r.metadata.items()}  # noqa: E731
+    return dg.AssetCheckResult(
+        check_name=first.check_name,
+        asset_key=first.asset_key,
+        passed=not failing,
+        severity=first.severity,
+        metadata={
+            "partitions": len(results),
+            "failing_partitions": dg.MetadataValue.json([str(w.start) for w, _ in failing]),
+            "by_partition": dg.MetadataValue.json({str(w.start): plain(r) for w, r in results}),
+        },
+        description=(
+            "; ".join(f"{w.start}: {r.description or plain(r)}" for w, r in failing) if failing else first.description
+        ),
+    )
 
 
 def _as_date(d: datetime) -> date:

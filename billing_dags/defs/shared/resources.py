@@ -11,9 +11,10 @@ from billing_dags.settings import Paths, resolve_paths
 class WarehouseResource(dg.ConfigurableResource):
     """The local warehouse (BILLING_DATA_DIR) and the seeds it is priced from (BILLING_SEEDS_DIR).
 
-    ``backfill_parallel``: how many partition runs of a backfill execute at once (dagster.yaml's
+    ``backfill_parallel``: how many one-partition runs of a backfill execute at once (dagster.yaml's
     run-queue limit on the ``dagster/backfill`` tag, 2); each of them then uses its share of the
-    cores instead of all of them (benchmarks/backfill.py measures the difference).
+    cores instead of all of them (benchmarks/backfill.py measures the difference). A backfill of the
+    partitioned assets is one run over the whole range (BackfillPolicy.single_run): it uses every core.
     """
 
     data_dir: Optional[str] = None
@@ -24,8 +25,8 @@ class WarehouseResource(dg.ConfigurableResource):
         return resolve_paths(self.data_dir, self.seeds_dir)
 
     def threads_for(self, run_tags: dict) -> Optional[int]:
-        """Threads for one partition: its share of the cores in a backfill run, every core (None) otherwise."""
-        if "dagster/backfill" not in run_tags or self.backfill_parallel <= 1:
+        """Threads for one partition: its share of the cores in a one-partition backfill run, every core (None) otherwise."""
+        if "dagster/backfill" not in run_tags or self.backfill_parallel <= 1 or "dagster/asset_partition_range_start" in run_tags:
             return None
         return max(1, (os.cpu_count() or 1) // self.backfill_parallel)
 

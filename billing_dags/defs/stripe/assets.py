@@ -6,7 +6,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 
 from billing_dags import stripe_outbox as ob
-from billing_dags.defs.shared.partitions import billing_daily, window_of
+from billing_dags.defs.shared.partitions import SINGLE_RUN, billing_daily, materialize_each
 from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
 from billing_dags.sqlmodels import load_project, partition_file, seed_snapshot_path
 
@@ -19,45 +19,47 @@ def _by_status(rows: list[dict]) -> dict[str, int]:
 @dg.asset(
     partitions_def=billing_daily,
     group_name="stripe",
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    backfill_policy=SINGLE_RUN,
     kinds={"stripe", "parquet"},
     deps=["fct_usage_by_day", "seed_customers", "seed_meters"],
 )
 def stripe_outbox(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
     """Meter events to send to Stripe: one per customer, meter and day, with a revisioned identifier."""
     paths = warehouse.paths()
-    window = window_of(context)
-    usage = pq.read_table(partition_file(paths, load_project().models["fct_usage_by_day"], window)).to_pylist()
+    usage_model = load_project().models["fct_usage_by_day"]
     customers = pq.read_table(seed_snapshot_path(paths, "customers")).to_pylist()
     meters = pq.read_table(seed_snapshot_path(paths, "meters")).to_pylist()
-    rows = ob.build_outbox(window.start, usage, customers, meters, ob.read_outbox(paths, window.start))
-    path = ob.write_outbox(paths, window.start, rows)
-    return dg.MaterializeResult(
-        metadata={"events": len(rows), "by_status": dg.MetadataValue.json(_by_status(rows)), "path": dg.MetadataValue.path(str(path))}
-    )
+
+    def one_day(key, window) -> dict:
+        usage = pq.read_table(partition_file(paths, usage_model, window)).to_pylist()
+        rows = ob.build_outbox(window.start, usage, customers, meters, ob.read_outbox(paths, window.start))
+        path = ob.write_outbox(paths, window.start, rows)
+        return {"events": len(rows), "by_status": dg.MetadataValue.json(_by_status(rows)), "path": dg.MetadataValue.path(str(path))}
+
+    return materialize_each(context, one_day)
 
 
 @dg.asset(
     partitions_def=billing_daily,
     group_name="stripe",
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=1),
+    backfill_policy=SINGLE_RUN,
     kinds={"stripe"},
     deps=[stripe_outbox],
 )
 def stripe_meter_events(context: dg.AssetExecutionContext, warehouse: WarehouseResource, stripe: StripeResource) -> dg.MaterializeResult:
-    """Sends the day's pending outbox events to Stripe (dry-run without STRIPE_API_KEY) and records acks."""
+    """Sends each day's pending outbox events to Stripe (dry-run without STRIPE_API_KEY) and records acks."""
     paths = warehouse.paths()
-    window = window_of(context)
-    sender = ob.Sender(stripe.client(), now=datetime.now(timezone.utc), log=context.log.warning)
-    rows = sender.send(ob.read_outbox(paths, window.start))
-    path = ob.write_outbox(paths, window.start, rows)
-    counts = _by_status(rows)
-    if sender.stats["failed"]:
-        context.log.warning(f"{sender.stats['failed']} meter events failed; they are retried on the next run (see last_error in {path})")
-    if sender.stats["too_old"]:
-        context.log.warning(f"{sender.stats['too_old']} meter events are older than Stripe accepts (35 days) and were not sent")
-    return dg.MaterializeResult(
-        metadata={
+
+    def one_day(key, window) -> dict:
+        sender = ob.Sender(stripe.client(), now=datetime.now(timezone.utc), log=context.log.warning)
+        rows = sender.send(ob.read_outbox(paths, window.start))
+        path = ob.write_outbox(paths, window.start, rows)
+        counts = _by_status(rows)
+        if sender.stats["failed"]:
+            context.log.warning(f"{window.start}: {sender.stats['failed']} meter events failed; they are retried on the next run (see last_error in {path})")
+        if sender.stats["too_old"]:
+            context.log.warning(f"{window.start}: {sender.stats['too_old']} meter events are older than Stripe accepts (35 days) and were not sent")
+        return {
             "mode": sender.mode,
             "events": len(rows),
             "by_status": dg.MetadataValue.json(counts),
@@ -69,4 +71,5 @@ def stripe_meter_events(context: dg.AssetExecutionContext, warehouse: WarehouseR
             "stopped_early": sender.aborted,
             "path": dg.MetadataValue.path(str(path)),
         }
-    )
+
+    return materialize_each(context, one_day)
