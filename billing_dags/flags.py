@@ -96,6 +96,12 @@ def register(sub) -> None:
     ap.set_defaults(func=cmd_ack)
 
 
+def _quantity(flag: dict) -> str:
+    """The quantity a flag states, in the meter's billing unit ("9.75 gib"); "" for flags without one."""
+    q = flag.get("quantity")
+    return "" if q is None else f"{q.normalize():f} {flag.get('unit') or ''}".strip()
+
+
 def cmd_list(args) -> int:
     from .cli import _emit, _paths, console, parse_month
 
@@ -111,6 +117,7 @@ def cmd_list(args) -> int:
         rows.append({
             "day": f["day"], "customer": f["customer_id"] or "(none)", "meter": f["meter_id"], "rule": f["rule"],
             "severity": f["severity"], "value": f"{f['value'].normalize():f}", "threshold": f"{f['threshold'].normalize():f}",
+            "quantity": _quantity(f),
             "acknowledged": (f["customer_id"], f"{month:%Y-%m}", f["meter_id"], f["rule"]) in acked, "detail": f["detail"],
         })
     if not rows:

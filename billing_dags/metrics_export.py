@@ -13,7 +13,7 @@ file. Grafana (grafana/billing_dashboard.json) reads these gauges:
 - ``billing_projected_amount_minor{customer_id, currency, month}``: projected month-end charges.
 - ``billing_invoice_total_minor{customer_id, currency, status, month}``: every stored invoice.
 - ``billing_currency_minor_per_major{currency}``: divide a ``_minor`` amount by it for major units.
-- ``billing_anomaly_flags{customer_id, meter_id, rule, severity, month}``: days flagged in the month.
+- ``billing_anomaly_flags{customer_id, meter_id, rule, severity, month}``: flags raised in the month.
 - ``billing_projection_days{month, kind="elapsed|in_month"}`` and ``billing_export_timestamp_seconds``.
 
 Exposition values are float64 by nature: money is exported as integer minor units (cents), exact
@@ -111,7 +111,7 @@ class BillingCollector:
         )
         flags = GaugeMetricFamily(
             "billing_anomaly_flags",
-            "Days of the month with an anomaly flag (seeds/anomaly_rules.csv); customer_id is empty for unmatched series",
+            "Anomaly flags raised in the month (a condition lasting several days is raised once; seeds/anomaly_rules.csv); customer_id is empty for unmatched series",
             labels=["customer_id", "meter_id", "rule", "severity", "month"],
         )
         days = GaugeMetricFamily(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from billing_dags.settings import resolve_paths
-from seed_copies import small_seeds_copy
+from seed_copies import copy_small_seeds  # noqa: F401 (tests import it from here too)
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def data_dir(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def small_seeds(tmp_path, monkeypatch) -> Path:
     """A copy of the seeds with one customer per set-up (five customers)."""
-    d = small_seeds_copy(tmp_path / "seeds")
+    d = copy_small_seeds(tmp_path / "seeds")
     monkeypatch.setenv("BILLING_SEEDS_DIR", str(d))
     return d
 
@@ -44,7 +44,7 @@ def dagster_server(tmp_path_factory):
     from servers import DagsterServer
 
     root = tmp_path_factory.mktemp("instance")
-    with DagsterServer(root, seeds_dir=small_seeds_copy(root / "seeds")) as server:
+    with DagsterServer(root, seeds_dir=copy_small_seeds(root / "seeds")) as server:
         run = server.wait_run(server.launch_run("refresh_seeds_and_views"), 600)
         assert run["status"] == "SUCCESS", server.run_errors(run["id"])
         yield server

@@ -11,7 +11,7 @@ from billing_dags.settings import PROJECT_ROOT
 SEEDS = PROJECT_ROOT / "seeds"
 
 
-def small_seeds_copy(d: Path) -> Path:
+def copy_small_seeds(d: Path) -> Path:
     """A copy of the seeds in ``d`` with one customer per set-up (five customers)."""
     shutil.copytree(SEEDS, d)
     with (SEEDS / "customers.csv").open(newline="") as f:

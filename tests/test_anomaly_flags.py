@@ -114,7 +114,8 @@ def test_usage_of_an_unknown_llm_model_is_flagged_critical_not_priced_at_zero():
     got = flags([known, unknown], [])
     flag = got[("llm-001", "llm_input_tokens", "unpriced_usage")]
     assert flag["severity"] == "critical" and flag["value"] == 1
-    assert "gpt-9-preview (5000)" in flag["detail"] and "gpt-4o (" not in flag["detail"]
+    # in the meter's billing unit: 5,000 tokens are 0.005 million
+    assert "gpt-9-preview (0.005 mtok)" in flag["detail"] and "gpt-4o (" not in flag["detail"]
     assert not [k for k in flags([known], []) if k[2] == "unpriced_usage"]
 
 
@@ -201,3 +202,116 @@ def test_daily_summary_lists_usage_outside_every_subscription(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "- Usage outside any subscription (not billed): mp-nosub (proxy_bytes)" in out
     assert "| critical | mp-nosub | proxy_bytes | outside_subscription |" in out
+
+
+def edge_on(day: date, series_id: int, max_gap_ms: int) -> dict:
+    return {**edge(series_id, max_gap_ms), "day": day, "first_ts_ms": ms(day, 0), "last_ts_ms": ms(day, 23)}
+
+
+def flags_per_day(days: list[dict], edges: list[dict], run: list[date]) -> dict[date, dict]:
+    """fct_anomaly_flags of each day of ``run``, computed in the order given (each day reads only its lookback)."""
+    out = {}
+    with Runner() as r:
+        r.set_raw({}, SERIES)
+        r.set_table("external_pool_shares", pa.Table.from_pylist([], schema=POOL_SCHEMA))
+        r.set_table("fct_usage_by_day", pa.Table.from_pylist(days, schema=DAY_SCHEMA))
+        r.set_table("fct_series_edges_by_day", pa.Table.from_pylist(edges, schema=EDGE_SCHEMA))
+        for d in run:
+            rows = r.query("fct_anomaly_flags", day_window(d)).to_pylist()
+            out[d] = {(f["customer_id"], f["meter_id"], f["rule"]): f for f in rows}
+    return out
+
+
+def raised(per_day: dict[date, dict], key: tuple) -> dict[date, dict]:
+    return {d: got[key] for d, got in sorted(per_day.items()) if key in got}
+
+
+def _span(first: date, last: date) -> list[date]:
+    return [first + timedelta(days=i) for i in range((last - first).days + 1)]
+
+
+def test_allowance_flag_is_raised_once_per_crossing_and_level_again_each_month():
+    # mp-003 (proxy_hybrid v2: 12 GiB included): 1 GiB a day in October and November. 80% (9.6 GiB)
+    # is crossed on the 10th, 100% on the 12th; every other day already over a level raises nothing
+    # mp-008 (same plan) uses nothing until 13 GiB on Oct 5: both levels at once, the higher reported
+    run = _span(date(2026, 10, 1), date(2026, 11, 30))
+    days = [day_row(d, "mp-003", "proxy_bytes", usage=GIB) for d in run]
+    days += [day_row(d, "mp-008", "proxy_bytes", usage=13 * GIB if d == date(2026, 10, 5) else 0) for d in run]
+    in_order = flags_per_day(days, [], run)
+    got = raised(in_order, ("mp-003", "proxy_bytes", "allowance_used"))
+    assert {d: f["threshold"] for d, f in got.items()} == {
+        date(2026, 10, 10): 80, date(2026, 10, 12): 100, date(2026, 11, 10): 80, date(2026, 11, 12): 100,
+    }
+    oct10 = got[date(2026, 10, 10)]
+    assert oct10["severity"] == "info" and oct10["value"] == Decimal("83.333333333")
+    # in the meter's billing unit (GiB), not bytes
+    assert "10 gib used this month of 12 gib included" in oct10["detail"]
+    assert oct10["quantity"] == 10 and oct10["unit"] == "gib"
+    jump = raised(in_order, ("mp-008", "proxy_bytes", "allowance_used"))
+    assert {d: f["threshold"] for d, f in jump.items()} == {date(2026, 10, 5): 100}
+    # a day computed alone (here: the days in reverse order) gives the same flags
+    assert flags_per_day(days, [], run[::-1]) == in_order
+
+
+def test_week_over_week_is_raised_on_the_day_the_ratio_crosses_not_while_it_stays_above():
+    # 1 GiB a day, 100 GiB on D: the last 7 days stay over 10x the 7 before for D..D+6
+    run = _span(D - timedelta(days=20), D + timedelta(days=10))
+    days = [day_row(d, "mp-003", "proxy_bytes", usage=100 * GIB if d == D else GIB) for d in run]
+    got = raised(flags_per_day(days, [], run), ("mp-003", "proxy_bytes", "week_over_week"))
+    assert list(got) == [D]
+    assert "usage 106 gib in the last 7 days vs 7 gib the 7 before" in got[D]["detail"]
+
+
+def test_scrape_gaps_on_consecutive_days_are_one_flag_per_run():
+    # series 1 (mp-003, proxy_bytes): 2-hour gaps on Oct 27, then Oct 29 .. Nov 2 (not Oct 28, no
+    # data on Nov 3). Raised on the first day of each run, and again on Nov 1 (a run still going
+    # when a month starts, so each month lists it), carrying the day the run started
+    run = _span(date(2026, 10, 27), date(2026, 11, 3))
+    gap_days = {date(2026, 10, 27), *_span(date(2026, 10, 29), date(2026, 11, 2))}
+    edges = [edge_on(d, 1, 2 * 3600_000 if d in gap_days else 60_000) for d in run if d != date(2026, 11, 3)]
+    # series 2 bills to nobody (miner-zzz) on every day: one flag when it starts, again on Nov 1
+    edges += [edge_on(d, 2, 60_000) for d in run]
+    days = [day_row(d, "mp-003", "proxy_bytes", usage=GIB // 10) for d in run]
+    in_order = flags_per_day(days, edges, run)
+    gaps = raised(in_order, ("mp-003", "proxy_bytes", "scrape_gap"))
+    assert list(gaps) == [date(2026, 10, 27), date(2026, 10, 29), date(2026, 11, 1)]
+    assert gaps[date(2026, 10, 29)]["value"] == 2 * 3600_000
+    assert "since 2026-10-29 (4 days)" in gaps[date(2026, 11, 1)]["detail"]
+    assert "since" not in gaps[date(2026, 10, 29)]["detail"]
+    unmatched = raised(in_order, ("", "proxy_accepted_shares", "unmatched_series"))
+    assert list(unmatched) == [date(2026, 10, 27), date(2026, 11, 1)]
+    assert flags_per_day(days, edges, run[::-1]) == in_order
+
+
+def test_quantities_in_messages_are_in_billing_units():
+    # k8s-005 left k8s_starter on 2026-10-21: 5 GiB of network after it is 5 GiB (the value stays
+    # the quantity compared against the threshold, in base units)
+    after = date(2026, 10, 25)
+    run = [after, after + timedelta(days=1)]
+    per_day = flags_per_day([day_row(d, "k8s-005", "k8s_network", usage=5 * GIB + GIB // 2) for d in run], [], run)
+    # money depends on it: raised on every day it holds, not once
+    assert list(raised(per_day, ("k8s-005", "k8s_network", "outside_subscription"))) == run
+    flag = per_day[after][("k8s-005", "k8s_network", "outside_subscription")]
+    assert flag["value"] == 5 * GIB + GIB // 2
+    assert flag["detail"].startswith("5.5 gib used after the subscription")
+    assert flag["quantity"] == Decimal("5.5") and flag["unit"] == "gib"
+
+
+def test_a_gap_across_midnight_or_over_whole_days_is_a_scrape_gap():
+    # series 1 (mp-003, proxy_bytes) samples 00:00-23:00 each day with data: nothing on Oct 28, so
+    # the gap before Oct 29's first sample is 25 hours; Oct 30 starts 1 hour after Oct 29's last
+    # sample (not over the threshold); Oct 31 starts at 00:30, 90 minutes after Oct 30's last
+    def at(day: date, first: int, last: int) -> dict:
+        return {**edge_on(day, 1, 60_000), "first_ts_ms": first, "last_ts_ms": last}
+
+    edges = [
+        at(date(2026, 10, 27), ms(date(2026, 10, 27), 0), ms(date(2026, 10, 27), 23)),
+        at(date(2026, 10, 29), ms(date(2026, 10, 29), 0), ms(date(2026, 10, 29), 23)),
+        at(date(2026, 10, 30), ms(date(2026, 10, 30), 0), ms(date(2026, 10, 30), 23)),
+        at(date(2026, 10, 31), ms(date(2026, 10, 31), 0, 30), ms(date(2026, 10, 31), 23)),
+    ]
+    run = _span(date(2026, 10, 27), date(2026, 10, 31))
+    days = [day_row(d, "mp-003", "proxy_bytes", usage=GIB // 10) for d in run]
+    gaps = raised(flags_per_day(days, edges, run), ("mp-003", "proxy_bytes", "scrape_gap"))
+    assert {d: f["value"] for d, f in gaps.items()} == {date(2026, 10, 29): 25 * 3600_000, date(2026, 10, 31): 90 * 60_000}
+    assert "longest gap between two samples: 1500 min" in gaps[date(2026, 10, 29)]["detail"]

@@ -64,3 +64,15 @@ def test_flags_cli_lists_and_rejects_unknown_flags(paths, capsys):
     assert main(["flags", "ack", "mp-001", "--month", "2026-05", "--rule", "outlier_mad", "--by", "bob", "--reason", "x"]) == 2
     assert "no 'outlier_mad' flag for mp-001 in 2026-05" in capsys.readouterr().err
     assert main(["flags", "ack", "mp-001", "--month", "2026-05", "--rule", "reappeared_series", "--by", "bob", "--reason", "ok"]) == 0
+
+
+def test_flags_list_shows_the_quantity_in_billing_units(paths, capsys):
+    _write_flags(paths, date(2026, 5, 10), [
+        {"customer_id": "mp-001", "meter_id": "proxy_bytes", "rule": "allowance_used", "severity": "info",
+         "quantity": Decimal("9.75"), "unit": "gib"},
+        {"customer_id": "mp-001", "meter_id": "proxy_bytes", "rule": "scrape_gap", "severity": "warning",
+         "quantity": None, "unit": None},
+    ])
+    assert main(["flags", "list", "--month", "2026-05", "--format", "json"]) == 0
+    out = capsys.readouterr().out
+    assert '"quantity": "9.75 gib"' in out and '"quantity": ""' in out

@@ -27,3 +27,7 @@ create or replace macro exact_value(v) as v::varchar::decimal(38, 9);
 
 -- a DECIMAL as text without trailing zeros: 10.500000000 -> 10.5, 3.000000000 -> 3
 create or replace macro fmt_decimal(x) as rtrim(rtrim(x::decimal(38, 9)::varchar, '0'), '.');
+
+-- a quantity in base units in billing units (the divisor of seeds/units.csv), rounded half-up to
+-- 1e-9 as invoice lines round it: 5905580032 bytes -> 5.5 (GiB)
+create or replace macro to_billing_units(x, divisor) as from_nano(div_half_up(to_nano(x), divisor));

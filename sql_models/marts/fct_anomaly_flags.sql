@@ -1,4 +1,4 @@
--- Anomaly flags per customer, meter, rule and UTC day: value, threshold crossed and severity (rules in seeds/anomaly_rules.csv).
+-- Anomaly flags per customer, meter, rule and UTC day: value, threshold crossed and severity (rules in seeds/anomaly_rules.csv); a condition that lasts is raised once.
 /* config
 materialized: table
 partitioned_by: billing_daily
@@ -12,9 +12,10 @@ with daily as (
     where day >= $lookback_start_date::date and day < $end_date::date
 ),
 
+-- the lookback too: a scrape gap or an unmatched series is raised on the first day of a run of days
 edges as (
     select * from fct_series_edges_by_day
-    where day >= $start_date::date and day < $end_date::date
+    where day >= $lookback_start_date::date and day < $end_date::date
 ),
 
 series as (
@@ -43,6 +44,14 @@ prices as (
 
 units as (
     select * from stg_seeds__units
+),
+
+-- quantities in messages are in the meter's billing unit (GiB, not bytes), rounded as invoice lines are
+meter_units as (
+    select meters.meter_id, meters.billing_unit, units.divisor
+    from meters
+    inner join units
+        on meters.unit = units.unit and meters.billing_unit = units.billing_unit
 ),
 
 today as (
@@ -113,7 +122,13 @@ week_over_week as (
         sum(usage) filter (where day > $start_date::date - interval 7 day) as this_week,
         sum(usage) filter (
             where day <= $start_date::date - interval 7 day and day > $start_date::date - interval 14 day
-        ) as last_week
+        ) as last_week,
+        sum(usage) filter (
+            where day > $start_date::date - interval 8 day and day < $start_date::date
+        ) as this_week_before,
+        sum(usage) filter (
+            where day <= $start_date::date - interval 8 day and day > $start_date::date - interval 15 day
+        ) as last_week_before
     from daily
     where kind = 'counter'
     group by customer_id, meter_id
@@ -136,40 +151,59 @@ deviation as (
     group by baseline.customer_id, baseline.meter_id
 ),
 
--- seed 001: month-to-date usage against the included allowance of the plan in force today
-plan_today as (
-    select subscriptions.customer_id, plans.plan_id, plans.plan_version
-    from subscriptions
+-- seed 001: month-to-date usage against the included allowance of the plan in force that day, today
+-- and yesterday (a level is raised on the day it is crossed)
+check_days as (
+    select $start_date::date as check_day
+    union all
+    select ($start_date::date - interval 1 day)::date
+    where $start_date::date - interval 1 day >= date_trunc('month', $start_date::date)
+),
+
+plan_on_day as (
+    select check_days.check_day, subscriptions.customer_id, plans.plan_id, plans.plan_version
+    from check_days
+    inner join subscriptions
+        on subscriptions.start_date <= check_days.check_day
+        and coalesce(subscriptions.end_date, check_days.check_day + interval 1 day) > check_days.check_day
     inner join plans
         on subscriptions.plan_id = plans.plan_id
         and plans.effective_from <= greatest(subscriptions.start_date, date_trunc('month', $start_date::date))
-    where subscriptions.start_date <= $start_date::date
-        and coalesce(subscriptions.end_date, $end_date::date) > $start_date::date
     qualify row_number() over (
-        partition by subscriptions.customer_id order by plans.effective_from desc, plans.plan_version desc
+        partition by check_days.check_day, subscriptions.customer_id
+        order by plans.effective_from desc, plans.plan_version desc
     ) = 1
+),
+
+plan_today as (
+    select customer_id, plan_id, plan_version
+    from plan_on_day
+    where check_day = $start_date::date
 ),
 
 allowances as (
     select
-        plan_today.customer_id,
+        plan_on_day.check_day,
+        plan_on_day.customer_id,
         prices.meter_id,
-        prices.included_quantity * units.divisor as included_base
-    from plan_today
+        prices.included_quantity,
+        prices.included_quantity * meter_units.divisor as included_base
+    from plan_on_day
     inner join prices
-        on plan_today.plan_id = prices.plan_id and plan_today.plan_version = prices.plan_version
+        on plan_on_day.plan_id = prices.plan_id and plan_on_day.plan_version = prices.plan_version
     inner join meters
         on prices.meter_id = meters.meter_id
-    inner join units
-        on meters.unit = units.unit and meters.billing_unit = units.billing_unit
+    inner join meter_units
+        on prices.meter_id = meter_units.meter_id
     where prices.included_quantity > 0 and prices.dimension = '' and meters.aggregation = 'sum'
 ),
 
 month_to_date as (
-    select customer_id, meter_id, sum(usage) as usage
-    from daily
-    where day >= date_trunc('month', $start_date::date)
-    group by customer_id, meter_id
+    select check_days.check_day, daily.customer_id, daily.meter_id, sum(daily.usage) as usage
+    from check_days
+    inner join daily
+        on daily.day >= date_trunc('month', $start_date::date) and daily.day <= check_days.check_day
+    group by check_days.check_day, daily.customer_id, daily.meter_id
 ),
 
 -- usage in a dimension (e.g. an LLM model) of a meter the plan in force prices per dimension, that no
@@ -179,13 +213,18 @@ unpriced as (
         today.customer_id,
         today.meter_id,
         count(*) as dimensions,
+        sum(coalesce(today.usage, today.gauge_peak)) as quantity,
         string_agg(
-            coalesce(nullif(today.dimension, ''), '(none)') || ' (' || fmt_decimal(coalesce(today.usage, today.gauge_peak)) || ')',
+            coalesce(nullif(today.dimension, ''), '(none)') || ' ('
+                || fmt_decimal(to_billing_units(coalesce(today.usage, today.gauge_peak), meter_units.divisor))
+                || ' ' || meter_units.billing_unit || ')',
             ', ' order by today.dimension
         ) as detail
     from today
     inner join plan_today
         on today.customer_id = plan_today.customer_id
+    inner join meter_units
+        on today.meter_id = meter_units.meter_id
     where exists (
         select 1 from prices
         where prices.plan_id = plan_today.plan_id and prices.plan_version = plan_today.plan_version
@@ -245,8 +284,9 @@ uncovered_context as (
     from uncovered
 ),
 
-unmatched as (
+unmatched_by_day as (
     select
+        edges.day,
         series.meter_id,
         count(distinct series.series_id) as unmatched_series,
         string_agg(distinct series.customer_label || '=' || coalesce(series.customer_label_value, '(missing)'), ', ') as labels
@@ -254,70 +294,140 @@ unmatched as (
     inner join series
         on edges.series_id = series.series_id
     where series.meter_id is not null and series.customer_id is null
-    group by series.meter_id
+        and edges.day >= $start_date::date - interval 1 day
+    group by edges.day, series.meter_id
+),
+
+unmatched as (
+    select * from unmatched_by_day
+    where day = $start_date::date
+),
+
+-- per series and day of the lookback: the longest gap between two samples, with the one before the
+-- day's first sample from the series' last sample on an earlier day (across midnight, or whole days
+-- without samples)
+series_gaps_by_day as (
+    select
+        day,
+        series_id,
+        greatest(
+            max_gap_ms, coalesce(first_ts_ms - lag(last_ts_ms) over (partition by series_id order by day), 0)
+        ) as max_gap_ms
+    from edges
+    where samples > 0
+),
+
+-- the longest gap between two samples of a customer's series of a meter, per day of the lookback
+gaps_by_day as (
+    select series_gaps_by_day.day, series.customer_id, series.meter_id, max(series_gaps_by_day.max_gap_ms) as max_gap_ms
+    from series_gaps_by_day
+    inner join series
+        on series_gaps_by_day.series_id = series.series_id
+    where series.customer_id is not null
+    group by series_gaps_by_day.day, series.customer_id, series.meter_id
 ),
 
 gaps as (
-    select series.customer_id, series.meter_id, max(edges.max_gap_ms) as max_gap_ms
-    from edges
-    inner join series
-        on edges.series_id = series.series_id
-    where series.customer_id is not null
-    group by series.customer_id, series.meter_id
+    select * from gaps_by_day
+    where day = $start_date::date
 ),
 
+-- runs of consecutive days with a gap over the rule's (lowest) threshold: the first day of the run
+-- that reaches today (a day with no samples at all ends a run)
+gap_days as (
+    select gaps_by_day.day, gaps_by_day.customer_id, gaps_by_day.meter_id
+    from gaps_by_day
+    inner join meter_rules
+        on gaps_by_day.meter_id = meter_rules.meter_id and meter_rules.rule = 'scrape_gap'
+    group by gaps_by_day.day, gaps_by_day.customer_id, gaps_by_day.meter_id
+    having max(gaps_by_day.max_gap_ms) > min(meter_rules.threshold)
+),
+
+gap_runs as (
+    select customer_id, meter_id, min(day) as run_start, count(*) as run_days
+    from (
+        select *, day - (row_number() over (partition by customer_id, meter_id order by day))::integer as island
+        from gap_days
+    )
+    group by customer_id, meter_id, island
+    having max(day) = $start_date::date
+),
+
+-- quantity: in base units, the one the message states (shown in billing units)
 candidates as (
-    select customer_id, meter_id, rule, (this_week / last_week)::decimal(38, 9) as value,
-        'usage ' || fmt_decimal(this_week) || ' in the last 7 days vs ' || fmt_decimal(last_week) || ' the 7 before' as detail
+    select week_over_week.customer_id, week_over_week.meter_id, rule,
+        (this_week / last_week)::decimal(38, 9) as value,
+        'usage ' || fmt_decimal(to_billing_units(this_week, divisor)) || ' ' || billing_unit || ' in the last 7 days vs '
+            || fmt_decimal(to_billing_units(last_week, divisor)) || ' ' || billing_unit || ' the 7 before' as detail,
+        this_week as quantity
     from week_over_week
+    inner join meter_units on week_over_week.meter_id = meter_units.meter_id
     where last_week > 0
     union all
     select today.customer_id, today.meter_id, 'outlier_mad',
         (abs(today.usage - baseline.median_usage) / (1.4826 * deviation.mad))::decimal(38, 9),
-        'usage ' || fmt_decimal(today.usage) || ' vs 30-day median ' || fmt_decimal(baseline.median_usage)
-            || ' (MAD ' || fmt_decimal(deviation.mad) || ', ' || baseline.baseline_days || ' days)'
+        'usage ' || fmt_decimal(to_billing_units(today.usage, divisor)) || ' ' || billing_unit || ' vs 30-day median '
+            || fmt_decimal(to_billing_units(baseline.median_usage, divisor)) || ' ' || billing_unit
+            || ' (MAD ' || fmt_decimal(to_billing_units(deviation.mad, divisor)) || ' ' || billing_unit || ', '
+            || baseline.baseline_days || ' days)',
+        today.usage
     from today
     inner join baseline on today.customer_id = baseline.customer_id and today.meter_id = baseline.meter_id
     inner join deviation on today.customer_id = deviation.customer_id and today.meter_id = deviation.meter_id
+    inner join meter_units on today.meter_id = meter_units.meter_id
     where today.kind = 'counter' and baseline.baseline_days >= 7 and deviation.mad > 0
     union all
     select allowances.customer_id, allowances.meter_id, 'allowance_used',
         (month_to_date.usage * 100 / allowances.included_base)::decimal(38, 9),
-        fmt_decimal(month_to_date.usage) || ' used this month of ' || fmt_decimal(allowances.included_base) || ' included (base units)'
+        fmt_decimal(to_billing_units(month_to_date.usage, meter_units.divisor)) || ' ' || meter_units.billing_unit
+            || ' used this month of ' || fmt_decimal(allowances.included_quantity) || ' ' || meter_units.billing_unit
+            || ' included',
+        month_to_date.usage
     from allowances
     inner join month_to_date
-        on allowances.customer_id = month_to_date.customer_id and allowances.meter_id = month_to_date.meter_id
+        on allowances.check_day = month_to_date.check_day
+        and allowances.customer_id = month_to_date.customer_id
+        and allowances.meter_id = month_to_date.meter_id
+    inner join meter_units on allowances.meter_id = meter_units.meter_id
+    where allowances.check_day = $start_date::date
     union all
-    select customer_id, meter_id, 'scrape_gap', max_gap_ms::decimal(38, 9),
-        'longest gap between two samples: ' || (max_gap_ms // 60000) || ' min'
+    select gaps.customer_id, gaps.meter_id, 'scrape_gap', gaps.max_gap_ms::decimal(38, 9),
+        'longest gap between two samples: ' || (gaps.max_gap_ms // 60000) || ' min'
+            || case
+                when gap_runs.run_start < $start_date::date
+                    then '; gaps every day since ' || gap_runs.run_start || ' (' || gap_runs.run_days || ' days)'
+                else ''
+            end,
+        null
     from gaps
+    left join gap_runs on gaps.customer_id = gap_runs.customer_id and gaps.meter_id = gap_runs.meter_id
     union all
-    select customer_id, meter_id, 'counter_resets', resets::decimal(38, 9), resets || ' counter resets'
+    select customer_id, meter_id, 'counter_resets', resets::decimal(38, 9), resets || ' counter resets', null
     from today
     where kind = 'counter'
     union all
     select customer_id, meter_id, 'reappeared_series', reappeared_series::decimal(38, 9),
-        reappeared_series || ' series back after more than 35 days; their first value was not billed'
+        reappeared_series || ' series back after more than 35 days; their first value was not billed', null
     from today
     union all
     select customer_id, meter_id, 'dropped_samples', dropped_samples::decimal(38, 9),
-        dropped_samples || ' NaN or staleness samples dropped'
+        dropped_samples || ' NaN or staleness samples dropped', null
     from today
     union all
     select customer_id, meter_id, 'duplicate_conflicts', duplicate_conflicts::decimal(38, 9),
-        duplicate_conflicts || ' timestamps of a series with different values (the larger was billed)'
+        duplicate_conflicts || ' timestamps of a series with different values (the larger was billed)', null
     from today
     union all
     -- a level meter's day is billed from the time some level holds: report the rest as uncovered
     select customer_id, meter_id, 'low_coverage',
         from_nano(div_half_up((($end_ms - $start_ms) - gauge_held_ms)::hugeint * 100000000000, $end_ms - $start_ms)),
-        'a level held ' || (gauge_held_ms // 60000) || ' of ' || (($end_ms - $start_ms) // 60000) || ' min'
+        'a level held ' || (gauge_held_ms // 60000) || ' of ' || (($end_ms - $start_ms) // 60000) || ' min', null
     from today
     where kind = 'gauge'
     union all
     select rate_series.customer_id, rate_series.meter_id, 'rate_per_minute',
         max(rates.max_per_minute)::decimal(38, 9),
-        'highest rate between two scrapes: ' || round(max(rates.max_per_minute), 1) || ' per minute'
+        'highest rate between two scrapes: ' || round(max(rates.max_per_minute), 1) || ' per minute', null
     from rates
     inner join rate_series on rates.series_id = rate_series.series_id
     where rates.max_per_minute is not null
@@ -325,19 +435,22 @@ candidates as (
     union all
     select today.customer_id, today.meter_id, 'pool_share_mismatch',
         (abs(today.usage - pool_shares.pool_accepted_shares) * 100 / pool_shares.pool_accepted_shares)::decimal(38, 9),
-        'proxy counted ' || fmt_decimal(today.usage) || ', the pool reported ' || fmt_decimal(pool_shares.pool_accepted_shares)
+        'proxy counted ' || fmt_decimal(to_billing_units(today.usage, divisor)) || ' ' || billing_unit
+            || ', the pool reported ' || fmt_decimal(to_billing_units(pool_shares.pool_accepted_shares, divisor)) || ' ' || billing_unit,
+        today.usage
     from today
     inner join pool_shares on today.customer_id = pool_shares.customer_id
+    inner join meter_units on today.meter_id = meter_units.meter_id
     where today.kind = 'counter' and pool_shares.pool_accepted_shares > 0
     union all
     select customer_id, meter_id, 'unpriced_usage', dimensions::decimal(38, 9),
-        'usage no price row of the plan covers (not billed): ' || detail
+        'usage no price row of the plan covers (not billed): ' || detail, quantity
     from unpriced
     union all
     select customer_id, meter_id,
         case when priced then 'outside_subscription' else 'outside_subscription_unpriced' end,
         quantity::decimal(38, 9),
-        fmt_decimal(quantity) || ' used (base units) '
+        fmt_decimal(to_billing_units(quantity, divisor)) || ' ' || billing_unit || ' used '
             || case
                 when ended is not null and starting is not null
                     then 'between the subscription to ' || ended || ' and the one to ' || starting
@@ -345,46 +458,103 @@ candidates as (
                 when starting is not null then 'before the subscription to ' || starting
                 else 'with no subscription'
             end
-            || ': on no invoice'
+            || ': on no invoice',
+        quantity
     from uncovered_context
+    inner join meter_units using (meter_id)
     union all
     select '' as customer_id, meter_id, 'unmatched_series', unmatched_series::decimal(38, 9),
-        unmatched_series || ' series billed to nobody: ' || labels
+        unmatched_series || ' series billed to nobody: ' || labels, null
     from unmatched
 ),
 
-crossed as (
-    select
-        candidates.*,
-        meter_rules.threshold,
-        meter_rules.severity,
-        meter_rules.rule_description
-    from candidates
+-- the same rules for yesterday, for the conditions that last: a flag is raised on the day its
+-- condition starts (or reaches a higher level), not on every day it still holds
+candidates_yesterday as (
+    select customer_id, meter_id, rule, (this_week_before / last_week_before)::decimal(38, 9) as value
+    from week_over_week
+    where last_week_before > 0
+    union all
+    select allowances.customer_id, allowances.meter_id, 'allowance_used',
+        (month_to_date.usage * 100 / allowances.included_base)::decimal(38, 9)
+    from allowances
+    inner join month_to_date
+        on allowances.check_day = month_to_date.check_day
+        and allowances.customer_id = month_to_date.customer_id
+        and allowances.meter_id = month_to_date.meter_id
+    where allowances.check_day < $start_date::date
+    union all
+    select customer_id, meter_id, 'scrape_gap', max_gap_ms::decimal(38, 9)
+    from gaps_by_day
+    where day = $start_date::date - interval 1 day
+    union all
+    select '', meter_id, 'unmatched_series', unmatched_series::decimal(38, 9)
+    from unmatched_by_day
+    where day = $start_date::date - interval 1 day
+),
+
+-- every level (threshold row) a value crosses, today and yesterday
+levels as (
+    select all_candidates.*, meter_rules.threshold, meter_rules.severity, meter_rules.rule_description
+    from (
+        select *, true as is_today from candidates
+        union all by name
+        select *, false as is_today from candidates_yesterday
+    ) as all_candidates
     inner join meter_rules
-        on candidates.meter_id = meter_rules.meter_id
-        and candidates.rule = meter_rules.rule
-    where case when candidates.rule = 'allowance_used'
-        then candidates.value >= meter_rules.threshold
-        else candidates.value > meter_rules.threshold
+        on all_candidates.meter_id = meter_rules.meter_id
+        and all_candidates.rule = meter_rules.rule
+    where case when all_candidates.rule = 'allowance_used'
+        then all_candidates.value >= meter_rules.threshold
+        else all_candidates.value > meter_rules.threshold
     end
-    -- report the highest threshold crossed (80% and 100% of an allowance are two levels)
-    qualify row_number() over (
-        partition by candidates.customer_id, candidates.meter_id, candidates.rule order by meter_rules.threshold desc
-    ) = 1
+),
+
+crossed_yesterday as (
+    select customer_id, meter_id, rule, max(threshold) as threshold
+    from levels
+    where not is_today
+    group by customer_id, meter_id, rule
+),
+
+-- report the highest threshold crossed (80% and 100% of an allowance are two levels)
+crossed as (
+    select * exclude (is_today)
+    from levels
+    where is_today
+    qualify row_number() over (partition by customer_id, meter_id, rule order by threshold desc) = 1
+),
+
+-- a lasting condition is raised again on the 1st of a month while it holds, so each month lists it
+raised as (
+    select crossed.*
+    from crossed
+    left join crossed_yesterday
+        on crossed.customer_id = crossed_yesterday.customer_id
+        and crossed.meter_id = crossed_yesterday.meter_id
+        and crossed.rule = crossed_yesterday.rule
+    where crossed.rule not in ('allowance_used', 'week_over_week', 'scrape_gap', 'unmatched_series')
+        or crossed_yesterday.threshold is null
+        or crossed.threshold > crossed_yesterday.threshold
+        or day($start_date::date) = 1
 ),
 
 final as (
     select
         $start_date::date as day,
-        customer_id,
-        meter_id,
-        rule,
-        value,
-        threshold,
-        severity,
-        rule_description,
-        detail
-    from crossed
+        raised.customer_id,
+        raised.meter_id,
+        raised.rule,
+        raised.value,
+        raised.threshold,
+        raised.severity,
+        raised.rule_description,
+        raised.detail,
+        to_billing_units(raised.quantity, meter_units.divisor) as quantity,
+        case when raised.quantity is not null then meter_units.billing_unit end as unit
+    from raised
+    left join meter_units
+        on raised.meter_id = meter_units.meter_id
 )
 
 select * from final

@@ -1,41 +1,80 @@
-"""Late data: a raw day rewritten after its usage was computed gets its day partitions rerun."""
+"""Late data: raw day files whose content changed after a model computed from them get that model,
+and everything daily downstream of it, recomputed in one run over the affected days.
 
+The run never includes an ingest asset: the raw files are already what changed (pulling the day
+from Prometheus again could lose samples it has since dropped). Later days are recomputed in the
+same run, not one a minute: a day's usage reads the days before it (last samples, yesterday's
+gauge levels, rolling 30-day sums, anomaly baselines), so a late day changes the days after it.
+"""
+
+import hashlib
 import json
-from datetime import date
 
 import dagster as dg
 
+from billing_dags.defs.shared.partitions import billing_daily
 from billing_dags.defs.shared.resources import WarehouseResource
-from billing_dags.sqlmodels import load_project, partition_file
-from billing_dags.sqlmodels import Window
+
+INGEST_ASSETS = ("raw_samples", "remote_write_samples", "usage_events", "usage_reports")
 
 
-def late_days(paths) -> list[tuple[str, float]]:
-    """Days whose newest raw file is newer than the first model that reads it for that day.
+def rerun_plan(paths, asset_graph, hashes: dict | None = None) -> tuple[list[dg.RunRequest], dict, list]:
+    """The run requests for the late model days of ``paths`` (see billing_dags.late_data), the hashes
+    to keep for the next evaluation, and the late model days found."""
+    from billing_dags.late_data import computed_days, late_model_days, rerun_ranges
+    from billing_dags.sqlmodels import load_project, sources
 
-    Raw samples feed fct_series_edges_by_day; raw usage events feed fct_usage_by_day directly, of
-    their own day and of the next (a gauge level carries over midnight).
-    A day never computed is not "late" (the schedule or a backfill will compute it).
-    """
-    from billing_dags.events import events_root
+    project = load_project()
+    late, used = late_model_days(paths, hashes, project)
+    if not late:
+        return [], used, late
+    late_models = sorted({d.model for d in late})
+    daily = {k for k in asset_graph.materializable_asset_keys if asset_graph.get(k).partitions_def == billing_daily}
+    selected = dg.AssetSelection.assets(*late_models).downstream().resolve(asset_graph) & daily
+    selected -= {dg.AssetKey(a) for a in INGEST_ASSETS}
+    models = [project.models[k.to_user_string()] for k in selected if k.to_user_string() in project.models]
+    # later days read a late one through the lookback of every daily model (edges, usage) and of the sources
+    follow = max([m.lookback_days for m in models] + [s.lookback_days for s in sources().values()] + [1])
+    requests = []
+    for start, end in rerun_ranges({d.day for d in late}, computed_days(paths, models), follow):
+        days = [d for d in late if start <= d.day <= end]
+        # the same late state makes the same key: an evaluation while its run is under way requests nothing new
+        state = json.dumps([[d.model, d.day.isoformat(), d.why, d.inputs] for d in days])
+        key = hashlib.sha256(state.encode()).hexdigest()[:16]
+        tags = {
+            "billing/reason": "late raw data",
+            "billing/late_days": ",".join(sorted({d.day.isoformat() for d in days})),
+            "billing/late_example": f"{days[0].model} {days[0].day}: {days[0].why}"[:200],
+        }
+        if start == end:
+            requests.append(dg.RunRequest(run_key=f"late-{start}-{key}", partition_key=start.isoformat(), asset_selection=sorted(selected), tags=tags))
+        else:
+            tags["dagster/asset_partition_range_start"] = start.isoformat()
+            tags["dagster/asset_partition_range_end"] = end.isoformat()
+            requests.append(dg.RunRequest(run_key=f"late-{start}-{end}-{key}", asset_selection=sorted(selected), tags=tags))
+    return requests, used, late
 
-    models = load_project().models
-    # (raw root, the first model reading it, how many later days read a raw day too: the next day's
-    # usage reads today's last gauge event level)
-    readers = [(paths.raw_samples, models["fct_series_edges_by_day"], 0), (events_root(paths), models["fct_usage_by_day"], 1)]
-    newest_by_day: dict[date, float] = {}
-    for root, model, later_days in readers:
-        for day_dir in sorted(root.glob("date=*")):
-            files = list(day_dir.glob("*.parquet"))
-            if not files:
-                continue
-            raw_day = date.fromisoformat(day_dir.name[5:])
-            newest = max(f.stat().st_mtime for f in files)
-            for day in (date.fromordinal(raw_day.toordinal() + i) for i in range(later_days + 1)):
-                computed = partition_file(paths, model, Window(day, date.fromordinal(day.toordinal() + 1)))
-                if computed.exists() and computed.stat().st_mtime < newest:
-                    newest_by_day[day] = max(newest, newest_by_day.get(day, 0.0))
-    return [(day.isoformat(), mtime) for day, mtime in sorted(newest_by_day.items())]
+
+UNFINISHED = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+
+
+def runs_under_way(instance, asset_graph, job_name: str) -> list[str]:
+    """Unfinished runs that write raw days or the daily assets computed from them (the job's own
+    runs, ingest runs, backfills of those assets): ids (short) of each."""
+    ingest = dg.AssetSelection.assets(*(k for k in INGEST_ASSETS if asset_graph.has(dg.AssetKey(k))))
+    relevant = ingest.downstream().resolve(asset_graph)
+    out = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=UNFINISHED), limit=200):
+        keys = run.asset_selection
+        if (keys is None and run.job_name == job_name) or (keys and set(keys) & relevant):
+            out.append(run.run_id[:8])
+    return out
 
 
 def late_raw_data_sensor(job) -> dg.SensorDefinition:
@@ -43,26 +82,42 @@ def late_raw_data_sensor(job) -> dg.SensorDefinition:
         job=job,
         minimum_interval_seconds=60,
         name="late_raw_data_sensor",
-        description="Reruns the day partitions whose raw samples or usage events changed after their usage was computed.",
+        description=(
+            "Recomputes the daily models (and Stripe hand-off, summaries) downstream of raw day files whose content "
+            "changed after they were computed, in one run from the first late day through the days that read it; "
+            "never re-ingests. A file only touched, or rewritten with the same bytes, requests nothing."
+        ),
         default_status=dg.DefaultSensorStatus.STOPPED,
     )
     def _sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource):
-        seen = json.loads(context.cursor) if context.cursor else {}
-        requests = []
-        for day, mtime in late_days(warehouse.paths()):
-            if seen.get(day, 0) >= mtime:
-                continue
-            seen[day] = mtime
-            requests.append(
-                dg.RunRequest(
-                    run_key=f"late-{day}-{int(mtime)}",
-                    partition_key=day,
-                    tags={"billing/reason": "late raw data"},
-                )
-            )
-        context.update_cursor(json.dumps(seen, sort_keys=True))
+        cursor = json.loads(context.cursor) if context.cursor else {}
+        # raw days being written, or models being computed, are looked at once their runs end: a
+        # rerun next to them would race them (and find their half-written days late)
+        busy = runs_under_way(context.instance, context.repository_def.asset_graph, job.name)
+        if busy:
+            return dg.SkipReason(f"waiting for {len(busy)} run(s) writing raw days or daily usage to finish: {', '.join(busy[:5])}")
+        requests, used, late = rerun_plan(warehouse.paths(), context.repository_def.asset_graph, cursor.get("hashes"))
+        requested = set(cursor.get("requested", []))
+        context.update_cursor(json.dumps({"hashes": used, "requested": sorted(r.run_key for r in requests)}, sort_keys=True))
         if not requests:
-            return dg.SkipReason("no raw day changed after its usage was computed")
-        return requests
+            return dg.SkipReason("no raw day file changed by content since the models computed from it")
+        new = [r for r in requests if r.run_key not in requested]
+        if not new:
+            return dg.SkipReason(
+                "the late days are requested already (their run has not finished, or failed: rerun it from the UI): "
+                + "; ".join(r.tags["billing/late_days"] for r in requests)
+            )
+        for d in late[:20]:
+            context.log.info(f"late: {d.model} {d.day}: {d.why}")
+        return new
 
     return _sensor
+
+
+def late_days(paths) -> list[str]:
+    """The days with a model partition computed from raw files that have changed since."""
+    from billing_dags.late_data import late_model_days
+
+    late, _ = late_model_days(paths)
+    return sorted({d.day.isoformat() for d in late})
+

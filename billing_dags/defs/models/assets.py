@@ -5,7 +5,7 @@ from datetime import date, timedelta
 import dagster as dg
 import duckdb
 
-from billing_dags import raw
+from billing_dags import late_data, raw
 from billing_dags.defs.models.checks import CHECKS, grain_is_unique
 from billing_dags.defs.shared.partitions import BY_NAME, SINGLE_RUN, combined_check_result, materialize_each
 from billing_dags.defs.shared.resources import WarehouseResource
@@ -146,7 +146,10 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
                 for r, _ in results:
                     by_check.setdefault(r.check_name, []).append((window, r))
 
+            inputs = late_data.inputs_before(paths, project, model, window)
             result = run_model(paths, model.name, window, project=project, threads=threads, validate=run_checks)
+            if inputs is not None:
+                late_data.record_inputs(paths, model, window, inputs)
             con = duckdb.connect()
             try:
                 totals = _numeric_totals(con, result.table, model)
