@@ -14,6 +14,17 @@ at exactly midnight belongs to the next day, never to both. Requests are split b
 customer label per request, plus one request for the series whose label matches no customer), so
 no response is huge.
 
+Remote read (``read_api``: "auto", the resource's default, "remote_read" or "query", the
+client's default). Exact mode reads the same samples over ``POST /api/v1/read`` (snappy-compressed
+protobuf), one request per selector and ``remote_read_s`` (a day): the stored XOR chunks when the
+server streams them (STREAMED_XOR_CHUNKS, remote_write/xor.py), else plain samples (SAMPLES). The
+rows are the query API's: ``[start, end)`` (remote read includes the end), no stale markers (range
+selectors skip them), every other NaN as ``float('nan')``; the Parquet files are byte-identical.
+``auto`` falls back to the query API for the rest of the client's life, logged, when the first
+remote read is refused (REMOTE_READ_REFUSED, or a body that is not a remote-read response), when
+``extra_matchers`` are not plain label matchers, or when the server has external labels (which
+remote read adds to every series); ``remote_read`` raises PrometheusError instead.
+
 Range mode (``mode="range"``): ``/api/v1/query_range`` at ``step_s``, split so that no request
 asks for more than 11,000 points per series. For backends without raw access (downsampled
 Thanos) or expression meters; a counter billed from range mode misses what happens between steps.
@@ -70,6 +81,21 @@ _QUERY_IN_MESSAGE = 400
 
 class PrometheusError(RuntimeError):
     """A request to Prometheus that failed; the message names the meter, the query and the server."""
+
+
+class _Refused(Exception):
+    """The server refused a remote read in a way that means it does not serve it (auto falls back)."""
+
+
+#: exact mode's ways of reading raw samples (PrometheusClient read_api)
+READ_APIS = ("auto", "remote_read", "query")
+#: statuses meaning "no remote read here": not found, method not allowed, not acceptable,
+#: unsupported media type, not implemented
+REMOTE_READ_REFUSED = (404, 405, 406, 415, 501)
+#: Prometheus staleness marker: a NaN with this exact bit pattern
+STALE_NAN_BITS = 0x7FF0000000000002
+#: label sets of remote-read series kept decoded per client (cleared when full)
+_LABELS_CACHE_MAX = 200_000
 
 
 # --------------------------------------------------------------------------- PromQL text
@@ -145,9 +171,86 @@ class Selector:
             parts.append(self.extra_matchers.strip())
         return "{" + ", ".join(parts) + "}"
 
+    def matchers(self) -> list[tuple[int, str, str]]:
+        """The same selection as :meth:`promql`, as remote-read label matchers (type, name, value);
+        ValueError when ``extra_matchers`` is not a list of ``name op "value"`` matchers."""
+        self.promql()  # the same name checks
+        out = [(EQ, "__name__", self.metric)]
+        if self.values is not None:
+            if len(self.values) == 1:
+                out.append((EQ, self.customer_label, self.values[0]))
+            else:
+                out.append((RE, self.customer_label, "|".join(regex_quote(v) for v in self.values)))
+        elif self.others:
+            out.append((NRE, self.customer_label, "|".join(regex_quote(v) for v in self.others)))
+        return out + parse_matchers(self.extra_matchers)
+
     @property
     def unmatched(self) -> bool:
         return self.values is None
+
+
+#: remote-read LabelMatcher types
+EQ, NEQ, RE, NRE = 0, 1, 2, 3
+_OPS = {"=": EQ, "!=": NEQ, "=~": RE, "!~": NRE}
+_MATCHER_RE = re.compile(
+    r"""\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*("(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|`[^`]*`)\s*(,|$)""",
+    re.DOTALL,
+)
+_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\", "'": "'", '"': '"'}
+
+
+def _go_unquote(literal: str) -> str:
+    """A PromQL string literal's value (Go strconv.Unquote rules); ValueError when it is not one."""
+    if literal[0] == "`":
+        return literal[1:-1]
+    body, quote = literal[1:-1], literal[0]
+    out = bytearray()
+    i = 0
+    while i < len(body):
+        ch = body[i]
+        if ch != "\\":
+            out += ch.encode()
+            i += 1
+            continue
+        e = body[i + 1]
+        if e in _ESCAPES and not (e == "'" and quote == '"') and not (e == '"' and quote == "'"):
+            out += _ESCAPES[e].encode()
+            i += 2
+        elif e == "x" and re.fullmatch(r"[0-9a-fA-F]{2}", body[i + 2 : i + 4]):
+            out.append(int(body[i + 2 : i + 4], 16))
+            i += 4
+        elif e in "01234567" and re.fullmatch(r"[0-7]{3}", body[i + 1 : i + 4]) and int(body[i + 1 : i + 4], 8) < 256:
+            out.append(int(body[i + 1 : i + 4], 8))
+            i += 4
+        elif e in "uU":
+            n = 4 if e == "u" else 8
+            digits = body[i + 2 : i + 2 + n]
+            if not re.fullmatch(r"[0-9a-fA-F]{%d}" % n, digits) or int(digits, 16) > 0x10FFFF or 0xD800 <= int(digits, 16) <= 0xDFFF:
+                raise ValueError(f"bad escape \\{e}{digits} in {literal}")
+            out += chr(int(digits, 16)).encode()
+            i += 2 + n
+        else:
+            raise ValueError(f"bad escape \\{e} in {literal}")
+    return out.decode()  # UnicodeDecodeError is a ValueError
+
+
+def parse_matchers(text: str) -> list[tuple[int, str, str]]:
+    """``job="billing", cluster=~"prod|eu"`` (PromQL label matchers, as in ``extra_matchers``) as
+    remote-read matchers (type, name, value); ValueError naming the part it does not understand."""
+    out: list[tuple[int, str, str]] = []
+    text = (text or "").strip()
+    pos = 0
+    while pos < len(text):
+        m = _MATCHER_RE.match(text, pos)
+        if not m:
+            raise ValueError(f"cannot read label matchers from {text[pos:pos + 60]!r} (expected name op \"value\", ...)")
+        out.append((_OPS[m.group(2)], m.group(1), _go_unquote(m.group(3))))
+        pos = m.end()
+        if m.group(4) == ",":
+            while pos < len(text) and text[pos].isspace():
+                pos += 1
+    return out
 
 
 def plan_selectors(
@@ -260,6 +363,9 @@ class PrometheusClient:
         fail_on_warnings: bool = True,
         session=None,
         sleep: Callable[[float], None] = time.sleep,
+        read_api: str = "query",
+        log: Callable[[str], None] | None = None,
+        remote_read_chunks: bool = True,
     ):
         import requests
 
@@ -269,6 +375,20 @@ class PrometheusClient:
             raise PrometheusError("give either a bearer token or a username/password for Prometheus, not both")
         if max_retries < 0:
             raise PrometheusError("max_retries must not be negative")
+        if read_api not in READ_APIS:
+            raise PrometheusError(f"read_api {read_api!r} is not one of {', '.join(READ_APIS)}")
+        #: how exact mode reads raw samples: "remote_read" (/api/v1/read), "query" (range selectors
+        #: over the JSON API) or "auto" (remote read; the query API when the server refuses it)
+        self.read_api = read_api
+        #: auto: None until the first remote read, then whether remote read is used
+        self.remote_read_ok: bool | None = {"remote_read": True, "query": False}.get(read_api)
+        #: why auto fell back to the query API (None: it did not)
+        self.fallback_reason: str | None = None
+        self.log = log or (lambda _: None)
+        #: remote read asks for the stored chunks first (STREAMED_XOR_CHUNKS), samples second
+        self.remote_read_chunks = remote_read_chunks
+        self._labels_cache: dict[bytes, tuple] = {}
+        self._external_labels_checked = False
         self.base = url.rstrip("/")
         self.server = redact_url(self.base)
         self.timeout = (connect_timeout_s, timeout_s)
@@ -310,7 +430,10 @@ class PrometheusClient:
         q = f"; query: {_short(promql)}" if promql else ""
         return PrometheusError(f"{what}: Prometheus at {self.server} {reason}{q}")
 
-    def _post(self, path: str, params: dict, what: str, promql: str | None) -> dict:
+    def _request(self, path: str, data, what: str, promql: str | None, headers: dict | None = None,
+                 refused_statuses: tuple[int, ...] = ()):
+        """POST with bounded retries (connection errors, 5xx, 429); the response of a 2xx. Any other
+        status raises PrometheusError, or _Refused when it is in ``refused_statuses``."""
         import requests
 
         url = self.base + path
@@ -319,7 +442,7 @@ class PrometheusClient:
             retry_after = None
             t0 = time.perf_counter()
             try:
-                resp = self.session.post(url, data=params, timeout=self.timeout)
+                resp = self.session.post(url, data=data, headers=headers, timeout=self.timeout)
             except (requests.ConnectionError, requests.Timeout) as e:
                 last = f"is unreachable ({type(e).__name__})"
             except requests.RequestException as e:
@@ -327,6 +450,8 @@ class PrometheusClient:
             else:
                 self.requests += 1
                 self.request_seconds += time.perf_counter() - t0
+                if resp.status_code in refused_statuses:
+                    raise _Refused(f"HTTP {resp.status_code}{_error_of(resp)}")
                 if resp.status_code == 429 or resp.status_code >= 500:
                     last = f"answered HTTP {resp.status_code}{_error_of(resp)}"
                     ra = resp.headers.get("Retry-After", "")
@@ -334,28 +459,32 @@ class PrometheusClient:
                 elif resp.status_code >= 400:
                     raise self._fail(what, promql, f"rejected the request with HTTP {resp.status_code}{_error_of(resp)}")
                 else:
-                    try:
-                        body = _json(resp)
-                    except ValueError:
-                        raise self._fail(what, promql, f"sent a response that is not JSON (HTTP {resp.status_code}, {len(resp.content)} bytes)") from None
-                    if not isinstance(body, dict) or body.get("status") != "success" or "data" not in body:
-                        err = body.get("error") if isinstance(body, dict) else None
-                        raise self._fail(what, promql, f"answered status {body.get('status') if isinstance(body, dict) else '?'!r}: {err}")
-                    warnings = [str(w) for w in (body.get("warnings") or [])]
-                    if warnings:
-                        if self.fail_on_warnings:
-                            raise self._fail(
-                                what, promql,
-                                f"returned warnings (a partial or incomplete result): {'; '.join(warnings)[:500]}",
-                            )
-                        self.warnings.extend(warnings)
-                    return body
+                    return resp
             if attempt < self.max_retries:
                 delay = min(self.max_backoff_s, self.backoff_s * (2**attempt))
                 if retry_after is not None:
                     delay = min(self.max_backoff_s, max(delay, retry_after))
                 self.sleep(delay)
         raise self._fail(what, promql, f"{last} after {self.max_retries + 1} attempts")
+
+    def _post(self, path: str, params: dict, what: str, promql: str | None) -> dict:
+        resp = self._request(path, params, what, promql)
+        try:
+            body = _json(resp)
+        except ValueError:
+            raise self._fail(what, promql, f"sent a response that is not JSON (HTTP {resp.status_code}, {len(resp.content)} bytes)") from None
+        if not isinstance(body, dict) or body.get("status") != "success" or "data" not in body:
+            err = body.get("error") if isinstance(body, dict) else None
+            raise self._fail(what, promql, f"answered status {body.get('status') if isinstance(body, dict) else '?'!r}: {err}")
+        warnings = [str(w) for w in (body.get("warnings") or [])]
+        if warnings:
+            if self.fail_on_warnings:
+                raise self._fail(
+                    what, promql,
+                    f"returned warnings (a partial or incomplete result): {'; '.join(warnings)[:500]}",
+                )
+            self.warnings.extend(warnings)
+        return body
 
     # -- API
 
@@ -390,6 +519,67 @@ class PrometheusClient:
             raise self._fail(what, match, "sent a series response that is not a list")
         return body["data"]
 
+    def remote_read(self, matchers: Sequence[tuple[int, str, str]], start_ms: int, end_ms: int, *, what: str = "remote read",
+                    promql: str | None = None) -> "RemoteSeries":
+        """Raw samples of [start, end] (both inclusive, as remote read defines them) of the series
+        ``matchers`` select, over ``POST /api/v1/read`` (a snappy-compressed ReadRequest): every
+        sample as stored, stale markers included (see :class:`RemoteSeries`). Asks for the stored
+        XOR chunks (STREAMED_XOR_CHUNKS: the server copies them, we decode them; whole chunks, so
+        samples outside the range too) when ``remote_read_chunks``, else or when the server does
+        not stream, for samples (SAMPLES).
+
+        Raises _Refused when the server answers a status of REMOTE_READ_REFUSED or a body that is
+        not a remote-read response (auto mode falls back on it), PrometheusError otherwise.
+        """
+        import cramjam
+
+        from .remote_write.proto import ReadRequest
+
+        req = ReadRequest()
+        q = req.queries.add(start_timestamp_ms=start_ms, end_timestamp_ms=end_ms)
+        for kind, name, value in matchers:
+            q.matchers.add(type=kind, name=name, value=value)
+        # in order of preference: the server answers with the first one it supports
+        req.accepted_response_types.extend([1, 0] if self.remote_read_chunks else [0])  # STREAMED_XOR_CHUNKS, SAMPLES
+        body = bytes(cramjam.snappy.compress_raw(req.SerializeToString()))
+        headers = {
+            "Content-Type": "application/x-protobuf",
+            "Content-Encoding": "snappy",
+            "Accept": "application/x-protobuf, application/x-streamed-protobuf",
+            # the body is compressed or binary already; gzip on top would cost both sides time for nothing
+            "Accept-Encoding": "identity",
+            "X-Prometheus-Remote-Read-Version": "0.1.0",
+        }
+        resp = self._request("/api/v1/read", body, what, promql, headers, REMOTE_READ_REFUSED)
+        ctype = resp.headers.get("Content-Type", "")
+        streamed = ctype.startswith("application/x-streamed-protobuf")
+        if not (streamed or ctype.startswith("application/x-protobuf")):
+            raise _Refused(f"HTTP {resp.status_code} with Content-Type {ctype or 'none'!r}, not a remote-read response")
+        try:
+            if streamed:
+                return _chunked_series(resp.content)
+            results = _read_results(bytes(cramjam.snappy.decompress_raw(resp.content)))
+            if len(results) != 1:
+                raise ValueError(f"{len(results)} results for 1 query")
+            return _query_result_series(results[0])
+        except (cramjam.DecompressionError, ValueError) as e:
+            raise self._fail(what, promql, f"sent a remote-read response that cannot be decoded ({type(e).__name__}: {str(e)[:200]})") from None
+
+    def external_labels(self) -> dict[str, str]:
+        """The server's global external_labels (/api/v1/status/config; {} when it does not say): remote
+        read adds them to every series, the query API does not."""
+        import requests
+        import yaml
+
+        try:
+            resp = self.session.get(self.base + "/api/v1/status/config", timeout=self.timeout)
+            if resp.status_code != 200:
+                return {}
+            config = yaml.safe_load(_json(resp)["data"]["yaml"]) or {}
+            return {str(k): str(v) for k, v in ((config.get("global") or {}).get("external_labels") or {}).items()}
+        except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError):
+            return {}
+
     def _result(self, body: dict, t0: float, what: str, promql: str) -> QueryResult:
         data = body["data"]
         if not isinstance(data, dict) or "resultType" not in data or not isinstance(data.get("result"), list):
@@ -423,6 +613,140 @@ def _error_of(resp) -> str:
         pass
     text = (resp.text or "").strip().replace("\n", " ")
     return f" ({text[:200]})" if text else ""
+
+
+# --------------------------------------------------------------------------- remote-read responses
+
+
+@dataclass
+class RemoteSeries:
+    """The series of one remote-read query result: per series its encoded label fields and sample
+    count, per sample (series after series) the timestamp in ms and the value with its exact bits."""
+
+    keys: list[bytes]
+    counts: np.ndarray
+    ts: np.ndarray
+    values: np.ndarray
+
+
+def _varint(data: bytes, p: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if p >= len(data) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        b = data[p]
+        p += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, p
+        shift += 7
+
+
+def _read_results(data: bytes) -> list[bytes]:
+    """The serialized QueryResult messages of a serialized ReadResponse (field 1); other fields skipped."""
+    out, p = [], 0
+    while p < len(data):
+        tag, p = _varint(data, p)
+        field, wire_type = tag >> 3, tag & 7
+        if wire_type == 2:
+            n, p = _varint(data, p)
+            if p + n > len(data):
+                raise ValueError("truncated field")
+            if field == 1:
+                out.append(data[p : p + n])
+            p += n
+        elif wire_type == 0:
+            _, p = _varint(data, p)
+        elif wire_type in (1, 5):
+            p += 8 if wire_type == 1 else 4
+        else:
+            raise ValueError(f"unexpected wire type {wire_type}")
+        if p > len(data):
+            raise ValueError("truncated field")
+    return out
+
+
+def _query_result_series(payload: bytes) -> RemoteSeries:
+    """A serialized QueryResult: TimeSeries as in a remote-write WriteRequest, read by the
+    receiver's compiled reader, or by the protobuf runtime for any shape it leaves to it."""
+    from google.protobuf.message import DecodeError
+
+    from .remote_write import wire
+    from .remote_write.proto import QueryResultMessage, TimeSeries
+
+    parsed = wire.parse(payload)
+    if parsed is not None:
+        return RemoteSeries(parsed.keys, parsed.counts, parsed.ts, parsed.value)
+    try:
+        msg = QueryResultMessage.FromString(payload)
+    except DecodeError as e:
+        raise ValueError(str(e)) from None
+    keys, counts, ts, values = [], [], [], []
+    for series in msg.timeseries:
+        keys.append(TimeSeries(labels=series.labels).SerializeToString())
+        counts.append(len(series.samples))
+        for sample in series.samples:
+            ts.append(sample.timestamp)
+            values.append(sample.value)
+    return RemoteSeries(keys, np.array(counts, np.int64), np.array(ts, np.int64), np.array(values, np.float64))
+
+
+def _chunked_series(body: bytes) -> RemoteSeries:
+    """A STREAMED_XOR_CHUNKS response (one query): its frames, their series (a series split over
+    frames joined again) and their XOR chunks decoded."""
+    from google.protobuf.message import DecodeError
+
+    from .remote_write import xor
+    from .remote_write.proto import ChunkedReadResponse, TimeSeries
+
+    keys: list[bytes] = []
+    chunks_per_series: list[int] = []
+    datas: list[bytes] = []
+    for frame in xor.frames(body):
+        try:
+            msg = ChunkedReadResponse.FromString(frame)
+        except DecodeError as e:
+            raise ValueError(str(e)) from None
+        if msg.query_index != 0:
+            raise ValueError(f"chunks of query {msg.query_index} for 1 query")
+        for series in msg.chunked_series:
+            key = TimeSeries(labels=series.labels).SerializeToString()
+            mine = [c.data for c in series.chunks if c.type == xor.XOR]
+            if keys and keys[-1] == key:
+                chunks_per_series[-1] += len(mine)
+            else:
+                keys.append(key)
+                chunks_per_series.append(len(mine))
+            datas.extend(mine)
+    per_chunk, ts, values = xor.decode_chunks(datas)
+    n_chunks = np.array(chunks_per_series, dtype=np.int64)
+    ends = np.cumsum(n_chunks)
+    before = np.concatenate([np.zeros(1, np.int64), np.cumsum(per_chunk)])  # samples before chunk i
+    return RemoteSeries(keys, before[ends] - before[ends - n_chunks], ts, values)
+
+
+def _labels_of_key(client: "PrometheusClient", key: bytes, default_metric: str) -> tuple[int, str, tuple]:
+    """(series_id, metric, sorted labels) of a series' encoded label fields; InvalidSeries as parse_series."""
+    got = client._labels_cache.get(key)
+    if got is None:
+        from google.protobuf.message import DecodeError
+
+        from .remote_write.proto import TimeSeries
+
+        try:
+            labels = {lab.name: lab.value for lab in TimeSeries.FromString(key).labels}
+        except DecodeError:
+            got = InvalidSeries("a label of the series is not valid UTF-8")
+        else:
+            metric = labels.pop("__name__", default_metric)
+            problem = raw.series_problem(metric, labels)
+            got = InvalidSeries(problem) if problem else (raw.series_id(metric, labels), metric, tuple(sorted(labels.items())))
+        if len(client._labels_cache) >= _LABELS_CACHE_MAX:
+            client._labels_cache.clear()
+        client._labels_cache[key] = got
+    if isinstance(got, InvalidSeries):
+        raise got
+    return got
 
 
 # --------------------------------------------------------------------------- samples
@@ -546,6 +870,9 @@ class IngestOptions:
     extra_matchers: str = ""
     edge_lookback_days: int = EDGE_LOOKBACK_DAYS
     skip_empty_metrics: bool = True  # ask /api/v1/series first; no series -> no sample queries
+    #: exact mode over remote read: seconds of samples per request (the day: the stored chunks are
+    #: sent whole, so shorter windows send the chunks across their bounds twice)
+    remote_read_s: int = 86_400
 
 
 @dataclass
@@ -565,6 +892,8 @@ class IngestReport:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     carry_in_series: int = 0
+    #: how raw samples were read: "remote_read" or "query" (range mode: "query_range")
+    read_api: str = ""
 
     def metadata(self) -> dict:
         return {
@@ -583,6 +912,7 @@ class IngestReport:
             "samples_per_second": round(self.samples / self.seconds) if self.seconds else 0,
             "warnings": self.warnings,
             "carry_in_series": self.carry_in_series,
+            "read_api": self.read_api,
         }
 
 
@@ -604,11 +934,105 @@ def _parsed(result: list, sel: Selector, a: int, b: int, refused: dict[str, None
 
 
 def _fetch_exact(client: PrometheusClient, sel: Selector, a: int, b: int, refused: dict[str, None] | None = None) -> Iterator[tuple]:
+    """The raw samples of [a, b) of the selector's series: over remote read (``client.read_api``
+    remote_read, or auto until the server refuses it), else range selectors over the query API."""
+    if _reads_remotely(client):
+        got = _remote_read_exact(client, sel, a, b)
+        if got is not None:
+            yield from _parsed_remote(client, got, sel, a, b, refused)
+            return
     promql, t = exact_query(sel.promql(), a, b)
     res = client.query(promql, t, what=_what(sel))
     if res.result_type != "matrix":
         raise client._fail(_what(sel), promql, f"returned a {res.result_type}, not a matrix of raw samples")
     yield from _parsed(res.result, sel, a, b, refused)
+
+
+def _reads_remotely(client) -> bool:
+    """Whether exact mode reads over remote read (auto: until the server refused it); False for
+    anything but a PrometheusClient (test doubles of the query API)."""
+    return isinstance(client, PrometheusClient) and client.remote_read_ok is not False
+
+
+def _fetch_day(client: PrometheusClient, sel: Selector, start: int, end: int, opt: IngestOptions,
+               refused: dict[str, None]) -> Iterator[tuple]:
+    """Exact mode: the selector's samples of [start, end), over remote read in windows of
+    ``remote_read_s`` (while the client reads remotely), else over the query API in ``chunk_s`` windows."""
+    a = start
+    if _reads_remotely(client):
+        for a, b in plan_chunks(start, end, opt.remote_read_s * 1000):
+            got = _remote_read_exact(client, sel, a, b)
+            if got is None:  # auto mode, refused: the query API from this window on
+                break
+            yield from _parsed_remote(client, got, sel, a, b, refused)
+        else:
+            return
+    for a, b in plan_chunks(a, end, opt.chunk_s * 1000):
+        yield from _fetch_exact(client, sel, a, b, refused)
+
+
+def _no_remote_read(client: PrometheusClient, what: str, desc: str, reason: str) -> None:
+    """auto: use the query API from now on (logged); remote_read: PrometheusError."""
+    if client.read_api == "remote_read":
+        raise client._fail(what, desc, f"cannot be read over remote read: {reason}; set read_api to auto or query")
+    client.remote_read_ok = False
+    client.fallback_reason = reason
+    client.log(f"prometheus at {client.server}: no remote read ({reason}); reading raw samples over the query API")
+    return None
+
+
+def _remote_read_exact(client: PrometheusClient, sel: Selector, a: int, b: int) -> RemoteSeries | None:
+    """The selector's series in [a, b] over remote read, or None when auto mode falls back."""
+    what = _what(sel)
+    desc = f"remote read {sel.promql()} from {format_time(a)} to {format_time(b - 1)}"
+    try:
+        matchers = sel.matchers()
+    except ValueError as e:
+        return _no_remote_read(client, what, desc, f"extra matchers {sel.extra_matchers!r}: {e}")
+    if not client._external_labels_checked:
+        client._external_labels_checked = True
+        ext = client.external_labels()
+        if ext:
+            # remote read adds them to each series (the query API does not): other series ids
+            return _no_remote_read(client, what, desc, f"the server adds external_labels {sorted(ext)} to series read remotely")
+    try:
+        got = client.remote_read(matchers, a, b - 1, what=what, promql=desc)
+    except _Refused as e:
+        if client.remote_read_ok is None:
+            return _no_remote_read(client, what, desc, f"/api/v1/read answered {e}")
+        hint = "; set read_api to auto or query for a server without remote read" if client.read_api == "remote_read" else ""
+        raise client._fail(what, desc, f"refused the remote read at /api/v1/read ({e}){hint}") from None
+    client.remote_read_ok = True
+    return got
+
+
+def _parsed_remote(client: PrometheusClient, got: RemoteSeries, sel: Selector, a: int, b: int,
+                   refused: dict[str, None] | None) -> Iterator[tuple]:
+    """The series of a remote read as the query API gives them: samples in [a, b) (remote read's
+    end is inclusive), without stale markers (range selectors skip them), every other NaN with the
+    bits float('nan') has; series left without samples skipped; invalid series into ``refused``."""
+    refused = {} if refused is None else refused
+    ts, values, counts = got.ts, got.values, got.counts
+    keep = (ts >= a) & (ts < b) & (values.view(np.int64) != STALE_NAN_BITS)
+    if not keep.all():
+        owner = np.repeat(np.arange(len(counts)), counts)
+        counts = np.bincount(owner[keep], minlength=len(counts))
+        ts, values = ts[keep], values[keep]
+    nan = np.isnan(values)
+    if nan.any():
+        values[nan] = np.nan
+    ends = np.cumsum(counts).tolist()
+    start = 0
+    for key, end in zip(got.keys, ends):
+        if end == start:
+            continue
+        try:
+            sid, metric, labels = _labels_of_key(client, key, sel.metric)
+        except InvalidSeries as e:
+            refused[f"{_what(sel)}: {e}"] = None
+        else:
+            yield sid, metric, labels, ts[start:end], values[start:end]
+        start = end
 
 
 def _fetch_range(client: PrometheusClient, sel: Selector, a: int, b: int, step_ms: int, refused: dict[str, None] | None = None) -> Iterator[tuple]:
@@ -652,9 +1076,12 @@ def ingest_day(
         raise PrometheusError(f"mode {opt.mode!r} is not one of exact, range")
     t0 = time.perf_counter()
     req0, sec0 = client.requests, client.request_seconds
+    if isinstance(client, PrometheusClient):
+        client.log = log
     start_ms, end_ms = raw.day_bounds_ms(day)
     selectors = plan_selectors(meters, label_values, opt.customers_per_query, opt.extra_matchers)
-    chunks = plan_chunks(start_ms, end_ms, opt.chunk_s * 1000)
+    if opt.chunk_s <= 0 or opt.remote_read_s <= 0:
+        raise PrometheusError(f"chunk_s ({opt.chunk_s}) and remote_read_s ({opt.remote_read_s}) must be positive seconds")
     report = IngestReport(day)
     col = Collector()
     refused = col.refused
@@ -666,7 +1093,7 @@ def ingest_day(
         active.append(sel)
     for sel in active:
         if opt.mode == "exact":
-            parts = (item for a, b in chunks for item in _fetch_exact(client, sel, a, b, refused))
+            parts = _fetch_day(client, sel, start_ms, end_ms, opt, refused)
         else:
             parts = _fetch_range(client, sel, start_ms, end_ms, opt.step_s * 1000, refused)
         for sid, metric, labels, ts, values in parts:
@@ -684,7 +1111,7 @@ def ingest_day(
     else:  # range mode records none; a carry-in of an earlier exact ingest would not match this day
         (raw.carry_in_day_dir(paths, day) / f"part-{SOURCE}.parquet").unlink(missing_ok=True)
         (raw.series_day_dir(paths, day) / f"part-{SOURCE}-carry-in.parquet").unlink(missing_ok=True)
-    # no local reference to the samples table: write_day's sorted copy replaces it in memory
+    # no local reference to the samples table: write_day sorts a copy only when it is out of order
     figures = raw.write_day(paths, day, *_without_collisions(paths, col.tables(), refused), SOURCE)
     del col
     report.series = figures["series"]
@@ -699,10 +1126,11 @@ def ingest_day(
     report.requests = client.requests - req0
     report.query_seconds = client.request_seconds - sec0
     report.warnings = list(client.warnings)
+    report.read_api = "query_range" if opt.mode == "range" else "remote_read" if _reads_remotely(client) else "query"
     report.seconds = time.perf_counter() - t0
     log(
         f"prometheus {day}: {report.series} series, {report.samples} samples, {report.unmatched_series} unmatched, "
-        f"{report.carry_in_series} carried in, {report.requests} requests in {report.query_seconds:.2f}s"
+        f"{report.carry_in_series} carried in, {report.requests} requests ({report.read_api}) in {report.query_seconds:.2f}s"
     )
     return report
 
@@ -882,7 +1310,8 @@ class LocalPrometheus:
     Use as a context manager; :meth:`stop` sends SIGTERM to the group (SIGKILL after 10 s).
     """
 
-    def __init__(self, tsdb_dir, binary: str = "prometheus", port: int | None = None, log_file=None):
+    def __init__(self, tsdb_dir, binary: str = "prometheus", port: int | None = None, log_file=None, extra_args: Sequence[str] = ()):
+        self.extra_args = list(extra_args)
         self.tsdb_dir = str(tsdb_dir)
         self.binary = binary
         self.port = port or free_port()
@@ -909,6 +1338,7 @@ class LocalPrometheus:
                 "--storage.tsdb.retention.time=10y",
                 f"--web.listen-address=127.0.0.1:{self.port}",
                 "--log.level=warn",
+                *self.extra_args,
             ],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
         )

@@ -326,7 +326,8 @@ def write_day(paths: Paths, day: date, samples: pa.Table, series: pa.Table, sour
             )
     if len(samples):
         order, keep = distinct_samples(samples["series_id"].to_numpy(), samples["ts"].to_numpy(), samples["value"].to_numpy())
-        samples = samples.take(pa.array(order[keep]))
+        if not (keep.all() and (order == np.arange(len(order))).all()):  # already in order: no copy
+            samples = samples.take(pa.array(order[keep]))
     missing = set(pc.unique(samples["series_id"]).to_pylist()) - set(series["series_id"].to_pylist())
     if missing:
         raise RawLayoutError(f"{len(missing)} series ids in samples of {day} have no row in the series table")

@@ -457,3 +457,163 @@ def test_days_materialized_in_any_order_give_the_usage_of_days_in_order(october_
     _, ts, values = next(s for s in series if s[0]["__name__"] == "stratum_active_connections")
     gauge = next(r for r in results["in order"][AROUND[1]] if r["meter_id"] == "proxy_connections")
     assert (gauge["gauge_covered_ms"], gauge["gauge_integral"]) == (270_000, Decimal(int(values[-1])) * 270_000)
+
+
+# --------------------------------------------------------------------------- remote read (/api/v1/read)
+
+
+def _ingest_files(url: str, root: Path, seeds: Path, days, read_api: str, chunks: bool = True) -> tuple[dict, list, list]:
+    """Every Parquet file ingest_day writes for ``days`` (relative path -> bytes), the reports and the log."""
+    paths = resolve_paths(root, seeds)
+    meters, label_values = prom.meters_and_label_values(seeds)
+    logs: list[str] = []
+    with prom.PrometheusClient(url, read_api=read_api, remote_read_chunks=chunks) as client:
+        reports = [prom.ingest_day(client, paths, day, meters, label_values, prom.IngestOptions(**PULL), log=logs.append)
+                   for day in days]
+    files = {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*.parquet"))}
+    return files, reports, logs
+
+
+READ_DAYS = [date(2025, 2, 28), *DAYS, date(2025, 3, 4)]  # 03-04: only the samples exactly at its midnight
+
+
+@pytest.mark.parametrize("chunks", [True, False], ids=["xor-chunks", "samples"])
+def test_remote_read_writes_the_raw_partitions_of_the_query_api_byte_for_byte(server, tmp_path, seeds, chunks):
+    """Resets, the 5-hour gap, a NaN, samples exactly at midnight, 6-hour chunk bounds on samples: same bytes."""
+    p, series = server
+    via_query, q_reports, _ = _ingest_files(p.url, tmp_path / "query", seeds, READ_DAYS, "query")
+    via_read, r_reports, _ = _ingest_files(p.url, tmp_path / "read", seeds, READ_DAYS, "remote_read", chunks)
+    assert [r.read_api for r in q_reports] == ["query"] * 5 and [r.read_api for r in r_reports] == ["remote_read"] * 5
+    assert sorted(via_read) == sorted(via_query) and len(via_read) >= 3 * len(READ_DAYS)  # samples, series, carry-in
+    assert via_read == via_query
+    by_day = {r.day: r for r in r_reports}
+    assert by_day[DAYS[0]].non_finite_samples == 1
+    # 03-04 holds exactly the samples at its midnight (the on-grid series), 03-03 none of them
+    s4 = raw.day_bounds_ms(date(2025, 3, 4))[0]
+    assert by_day[date(2025, 3, 4)].samples == sum(1 for _, ts, _ in series for t in ts if t == s4) > 0
+    want = sum(1 for _, ts, _ in series for t in ts if raw.day_bounds_ms(DAYS[2])[0] <= t < s4)
+    assert by_day[DAYS[2]].samples == want
+
+
+def test_remote_read_drops_stale_markers_as_range_selectors_do(tmp_path, seeds):
+    """Stale markers (written over remote write, as scrapes make them) are not samples on either path;
+    an ordinary NaN is, with the same bits."""
+    import struct
+
+    import numpy as np
+    import requests
+
+    from billing_dags.remote_write import corpus
+
+    stale = struct.unpack("<d", struct.pack("<Q", prom.STALE_NAN_BITS))[0]
+    day = DAYS[0]
+    s, e = raw.day_bounds_ms(day)
+    grid = list(range(s - 2 * H, e + 2 * 60_000, 60_000))  # samples exactly at both midnights
+    shares, v = [], 1000.0
+    for t in grid:
+        v = 3.0 if t == s + 10 * H else v + 7  # a reset at 10:00
+        value = stale if t in (s, s + 3 * H, s + 3 * H + 60_000, e) else math.nan if t == s + 5 * H else v
+        shares.append((t, value))
+    # a gauge whose last sample before the day is a stale marker: the carry-in is the sample before it
+    gauge = [(t, stale if t == s - 60_000 else float(t % 7)) for t in grid if t < s + H]
+    written = [({"__name__": "stratum_accepted_shares_total", "client_id": "miner-001", "pool_host": "eu1"}, shares),
+               ({"__name__": "stratum_active_connections", "client_id": "miner-001"}, gauge)]
+    tsdb = tmp_path / "tsdb"
+    tsdb.mkdir()
+    with prom.LocalPrometheus(tsdb, PROMETHEUS, log_file=tmp_path / "prometheus.log",
+                              extra_args=["--web.enable-remote-write-receiver"]) as p:
+        resp = requests.post(p.url + "/api/v1/write", data=corpus.body(written), timeout=30, headers={
+            "Content-Type": "application/x-protobuf", "Content-Encoding": "snappy", "X-Prometheus-Remote-Write-Version": "0.1.0"})
+        assert resp.status_code == 204, resp.text
+        for chunks in (True, False):  # remote read does send them, either way
+            with prom.PrometheusClient(p.url, read_api="remote_read", remote_read_chunks=chunks) as client:
+                got = client.remote_read([(prom.EQ, "__name__", "stratum_accepted_shares_total")], s, e)
+                assert int((got.values.view(np.int64) == prom.STALE_NAN_BITS).sum()) == 4
+        days = [day - timedelta(days=1), day, day + timedelta(days=1)]
+        via_query, _, _ = _ingest_files(p.url, tmp_path / "query", seeds, days, "query")
+        via_read, reports, _ = _ingest_files(p.url, tmp_path / "read", seeds, days, "remote_read")
+        via_samples, _, _ = _ingest_files(p.url, tmp_path / "samples", seeds, days, "remote_read", chunks=False)
+    assert via_read == via_query == via_samples
+    r = reports[1]
+    assert r.read_api == "remote_read" and r.non_finite_samples == 1 and r.carry_in_series == 2
+    assert r.samples == sum(1 for t, v in shares if s <= t < e and v is not stale) + sum(1 for t, v in gauge if s <= t < e)
+    samples = pq.read_table(tmp_path / "read" / raw.samples_day_dir(resolve_paths(tmp_path / "read", seeds), day).relative_to(tmp_path / "read") / "part-prometheus.parquet")
+    bits = np.asarray(samples["value"]).view(np.uint64)
+    assert int((bits == prom.STALE_NAN_BITS).sum()) == 0 and int(np.isnan(samples["value"].to_numpy()).sum()) == 1
+
+
+class _NoRemoteRead:
+    """A stub in front of a real Prometheus: 404 on /api/v1/read (as Thanos Query or a proxy
+    without it answers), everything else passed through."""
+
+    def __init__(self, upstream: str):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import requests
+
+        self.paths: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _relay(self, method):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                outer.paths.append(self.path)
+                if self.path.startswith("/api/v1/read"):
+                    status, data, ctype = 404, b"404 page not found\n", "text/plain"
+                else:
+                    r = requests.request(method, upstream + self.path, data=body, timeout=60,
+                                         headers={"Content-Type": self.headers.get("Content-Type", "")})
+                    status, data, ctype = r.status_code, r.content, r.headers.get("Content-Type", "")
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                self._relay("POST")
+
+            def do_GET(self):
+                self._relay("GET")
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_auto_falls_back_to_the_query_api_when_the_server_has_no_remote_read(server, tmp_path, seeds):
+    p, _ = server
+    days = DAYS[:2]
+    via_query, _, _ = _ingest_files(p.url, tmp_path / "query", seeds, days, "query")
+    with _NoRemoteRead(p.url) as stub:
+        via_auto, reports, logs = _ingest_files(stub.url, tmp_path / "auto", seeds, days, "auto")
+        assert stub.paths.count("/api/v1/read") == 1  # asked once, then the query API for the rest
+        with pytest.raises(prom.PrometheusError) as err:
+            _ingest_files(stub.url, tmp_path / "forced", seeds, days[:1], "remote_read")
+    assert via_auto == via_query
+    assert [r.read_api for r in reports] == ["query", "query"]
+    assert any("no remote read" in m and "HTTP 404" in m and stub.url in m for m in logs), logs
+    msg = str(err.value)
+    assert "/api/v1/read" in msg and "HTTP 404" in msg and stub.url in msg and "meter " in msg and "read_api" in msg
+    assert not raw.sample_files(resolve_paths(tmp_path / "forced", seeds), days[0])
+
+
+def test_the_raw_samples_asset_reads_over_remote_read_by_default(server, tmp_path, seeds):
+    p, _ = server
+    paths = resolve_paths(tmp_path / "data", seeds)
+    instance = dg.DagsterInstance.ephemeral()
+    assert _run(paths, instance, p.url, ()).success
+    r = _run(paths, instance, p.url, ("raw_samples",), DAYS[0].isoformat())
+    assert r.asset_materializations_for_node("raw_samples")[0].metadata["read_api"].value == "remote_read"

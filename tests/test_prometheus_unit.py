@@ -212,8 +212,9 @@ class FakePrometheus:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
-                form = parse_qs(self.rfile.read(length).decode())
-                outer.requests.append({"path": self.path, "form": form, "headers": dict(self.headers)})
+                body = self.rfile.read(length)
+                form = parse_qs(body.decode(errors="replace"))
+                outer.requests.append({"path": self.path, "form": form, "headers": dict(self.headers), "body": body})
                 status, body, headers = outer.script.pop(0) if len(outer.script) > 1 else outer.script[0]
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
@@ -368,3 +369,149 @@ def test_ingest_day_writes_nothing_when_a_query_fails(tmp_path):
         with pytest.raises(prom.PrometheusError, match="meter m"):
             prom.ingest_day(client, paths, raw.day_of_ms(0), meters, ["c1"])
     assert not raw.sample_files(paths, raw.day_of_ms(0))
+
+
+# --------------------------------------------------------------------------- remote read
+
+
+@pytest.mark.parametrize("value", TRICKY)
+@pytest.mark.parametrize("op,kind", [("=", prom.EQ), ("!=", prom.NEQ), ("=~", prom.RE), ("!~", prom.NRE)])
+def test_parse_matchers_reads_what_promql_string_writes(value, op, kind):
+    text = f"job={prom.promql_string(value)}, x{op}{prom.promql_string(value + 'z')} ,"
+    assert prom.parse_matchers(text) == [(prom.EQ, "job", value), (kind, "x", value + "z")]
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30))
+@settings(max_examples=200, deadline=None)
+def test_parse_matchers_round_trips_any_text(value):
+    assert prom.parse_matchers(f"a={prom.promql_string(value)}") == [(prom.EQ, "a", value)]
+
+
+def test_parse_matchers_other_quotes_and_errors():
+    assert prom.parse_matchers("a=`x\\y`, b='it\\'s', c=\"\\x41\\101\\u00fc\"") == [
+        (prom.EQ, "a", "x\\y"), (prom.EQ, "b", "it's"), (prom.EQ, "c", "AAü")]
+    assert prom.parse_matchers("  ") == []
+    for bad in ("job", 'job="x" cluster="y"', 'job=x', '1a="x"', 'a="\\q"', 'a="x'):
+        with pytest.raises(ValueError):
+            prom.parse_matchers(bad)
+
+
+def test_selector_matchers_select_what_its_promql_selects():
+    sel = prom.Selector("m", "m_total", "client_id", ("a.b", "c"), (), 'job="x"')
+    assert sel.matchers() == [(prom.EQ, "__name__", "m_total"), (prom.RE, "client_id", "a\\.b|c"), (prom.EQ, "job", "x")]
+    one = prom.Selector("m", "m_total", "client_id", ('q"',))
+    assert one.matchers() == [(prom.EQ, "__name__", "m_total"), (prom.EQ, "client_id", 'q"')]
+    rest = prom.Selector("m", "m_total", "client_id", None, ("a", "b|c"))
+    assert rest.matchers() == [(prom.EQ, "__name__", "m_total"), (prom.NRE, "client_id", "a|b\\|c")]
+
+
+STALE = float(np.frombuffer(np.uint64(prom.STALE_NAN_BITS).tobytes(), np.float64)[0])
+ODD_NAN = float(np.frombuffer(np.uint64(0x7FF8000000000001).tobytes(), np.float64)[0])  # Go's math.NaN()
+
+
+def read_response(series, histogram: bool = False) -> bytes:
+    """A snappy-compressed ReadResponse with one QueryResult of ``series`` [(labels, [(ts, value)])]."""
+    import cramjam
+
+    from billing_dags.remote_write.proto import ReadResponse
+
+    resp = ReadResponse()
+    result = resp.results.add()
+    for labels, samples in series:
+        ts = result.timeseries.add()
+        for k, v in sorted(labels.items()):
+            ts.labels.add(name=k, value=v)
+        for t, v in samples:
+            ts.samples.add(timestamp=t, value=v)
+        if histogram:
+            ts.histograms.add(timestamp=samples[0][0])
+    return bytes(cramjam.snappy.compress_raw(resp.SerializeToString()))
+
+
+PB = {"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy"}
+SEL = prom.Selector("m", "m_total", "client_id", ("c1",), (), 'job="j"')
+
+
+@pytest.mark.parametrize("histogram", [False, True])  # the compiled reader, and the protobuf runtime behind it
+def test_remote_read_rows_are_the_query_apis_rows(histogram):
+    """[a, b) (remote read's end is inclusive), no stale markers, a NaN with float('nan')'s bits, as the JSON path."""
+    import cramjam
+
+    from billing_dags.remote_write.proto import ReadRequest
+
+    a, b = 1_000_000, 2_000_000
+    series = [({"__name__": "m_total", "client_id": "c1", "job": "j"},
+               [(a - 1, 1.0), (a, 2.0), (a + 10, STALE), (a + 20, ODD_NAN), (a + 30, 2.5), (b - 1, 3.0), (b, 4.0)]),
+              ({"__name__": "m_total", "client_id": "c1", "job": "j", "pool": "x"}, [(a + 5, STALE)]),  # only a stale marker
+              ({"__name__": "m_total", "client_id": "c1", "job": "j", "bad-name": "x"}, [(a + 5, 1.0)])]
+    with FakePrometheus([(200, read_response(series, histogram), PB)]) as fake:
+        client = prom.PrometheusClient(fake.url, read_api="remote_read", tenant="t1", bearer_token="tok")
+        refused: dict = {}
+        rows = list(prom._fetch_exact(client, SEL, a, b, refused))
+    assert len(rows) == 1
+    sid, metric, labels, ts, values = rows[0]
+    assert (metric, labels) == ("m_total", (("client_id", "c1"), ("job", "j")))
+    assert sid == raw.series_id("m_total", {"client_id": "c1", "job": "j"})
+    assert ts.tolist() == [a, a + 20, a + 30, b - 1]
+    assert values.view(np.uint64).tolist() == np.array([2.0, np.nan, 2.5, 3.0]).view(np.uint64).tolist()
+    assert len(refused) == 1 and "bad-name" in next(iter(refused))
+    req = fake.requests[0]
+    assert req["path"] == "/api/v1/read"
+    h = req["headers"]
+    assert h["Content-Encoding"] == "snappy" and h["X-Prometheus-Remote-Read-Version"] == "0.1.0"
+    assert h["X-Scope-OrgID"] == "t1" and h["Authorization"] == "Bearer tok"
+    q = ReadRequest.FromString(bytes(cramjam.snappy.decompress_raw(req["body"]))).queries[0]
+    assert (q.start_timestamp_ms, q.end_timestamp_ms) == (a, b - 1)
+    assert [(m.type, m.name, m.value) for m in q.matchers] == SEL.matchers()
+
+
+def test_auto_falls_back_when_remote_read_is_refused_and_logs_why():
+    logs = []
+    for refusal in [(404, b"404 page not found", None), (405, b"", None), (200, b"<html>", {"Content-Type": "text/html"})]:
+        with FakePrometheus([refusal, (200, OK, None)]) as fake:
+            client = prom.PrometheusClient(fake.url, read_api="auto", log=logs.append)
+            rows = list(prom._fetch_exact(client, SEL, 100_000, 200_000))
+            rows += list(prom._fetch_exact(client, SEL, 100_000, 200_000))
+        assert [r["path"] for r in fake.requests] == ["/api/v1/read", "/api/v1/query", "/api/v1/query"]
+        assert client.remote_read_ok is False and len(rows) == 2 and rows[0][3].tolist() == [100_000, 160_000]
+    assert len(logs) == 3 and all("no remote read" in m and "query API" in m for m in logs)
+    assert "HTTP 404" in logs[0] and "HTTP 405" in logs[1] and "text/html" in logs[2]
+
+
+def test_remote_read_errors_name_meter_query_and_server():
+    with FakePrometheus([(400, b"invalid regular expression", None)]) as fake:
+        with pytest.raises(prom.PrometheusError, match=r"meter m .*HTTP 400 \(invalid regular expression\).*query: remote read"):
+            list(prom._fetch_exact(prom.PrometheusClient(fake.url, read_api="auto"), SEL, 0, 1000))
+    with FakePrometheus([(200, b"not snappy at all", PB)]) as fake:
+        with pytest.raises(prom.PrometheusError, match="cannot be decoded") as err:
+            list(prom._fetch_exact(prom.PrometheusClient(fake.url, read_api="remote_read"), SEL, 0, 1000))
+        assert fake.url in str(err.value)
+    with FakePrometheus([(404, b"404 page not found", None)]) as fake:
+        with pytest.raises(prom.PrometheusError, match="HTTP 404.*read_api"):
+            list(prom._fetch_exact(prom.PrometheusClient(fake.url, read_api="remote_read"), SEL, 0, 1000))
+    # once remote read worked, a refusal is an error, not a silent switch
+    good = read_response([({"__name__": "m_total", "client_id": "c1"}, [(5, 1.0)])])
+    with FakePrometheus([(200, good, PB), (404, b"gone", None)]) as fake:
+        client = prom.PrometheusClient(fake.url, read_api="auto")
+        assert len(list(prom._fetch_exact(client, SEL, 0, 1000))) == 1
+        with pytest.raises(prom.PrometheusError, match="HTTP 404"):
+            list(prom._fetch_exact(client, SEL, 0, 1000))
+    # extra matchers remote read cannot express: auto uses the query API, remote_read says why
+    odd = prom.Selector("m", "m_total", "client_id", ("c1",), (), "job")
+    with FakePrometheus([(200, OK, None)]) as fake:
+        client = prom.PrometheusClient(fake.url, read_api="auto")
+        list(prom._fetch_exact(client, odd, 0, 1000))  # Prometheus itself judges the PromQL (this stub does not)
+        assert client.remote_read_ok is False and "extra matchers" in client.fallback_reason
+        assert [r["path"] for r in fake.requests] == ["/api/v1/query"]
+    with pytest.raises(prom.PrometheusError, match="extra matchers 'job'.*read_api"):
+        list(prom._fetch_exact(prom.PrometheusClient("http://127.0.0.1:1", read_api="remote_read"), odd, 0, 1000))
+    with pytest.raises(prom.PrometheusError, match="read_api"):
+        prom.PrometheusClient("http://127.0.0.1:1", read_api="grpc")
+
+
+def test_resource_read_api_defaults_to_auto_and_reads_the_environment(monkeypatch):
+    from billing_dags.defs.shared.resources import PrometheusResource, build_resources
+
+    assert PrometheusResource(url="http://127.0.0.1:9090").client().read_api == "auto"
+    monkeypatch.setenv("PROMETHEUS_READ_API", "query")
+    assert build_resources()["prometheus"].read_api == "query"

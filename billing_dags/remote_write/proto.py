@@ -1,4 +1,4 @@
-"""Prometheus remote-write 1.0 messages (prometheus/prompb types.proto + remote.proto), built at
+"""Prometheus remote-write 1.0 and remote-read messages (prometheus/prompb types.proto + remote.proto), built at
 import time from a descriptor with the protobuf runtime: no generated code, no hand-rolled decoder.
 
 Only the fields the receiver reads are declared; any other field (native-histogram buckets,
@@ -77,6 +77,51 @@ def _file() -> descriptor_pb2.FileDescriptorProto:
         _field("timeseries", 1, _F.TYPE_MESSAGE, _REPEATED, ".prometheus.TimeSeriesKeyed"),
         _field("metadata", 3, _F.TYPE_MESSAGE, _REPEATED, ".prometheus.MetricMetadata"),
     )
+    # Remote read (the client side of /api/v1/read, billing_dags.prometheus): the request, and the
+    # response of the SAMPLES response type, whose QueryResult holds TimeSeries like a WriteRequest
+    matcher = message(
+        "LabelMatcher",
+        _field("type", 1, _F.TYPE_ENUM, type_name=".prometheus.LabelMatcher.Type"),
+        _field("name", 2, _F.TYPE_STRING),
+        _field("value", 3, _F.TYPE_STRING),
+    )
+    mtype = matcher.enum_type.add(name="Type")
+    for number, name in enumerate(["EQ", "NEQ", "RE", "NRE"]):
+        mtype.value.add(name=name, number=number)
+    message(
+        "Query",
+        _field("start_timestamp_ms", 1, _F.TYPE_INT64),
+        _field("end_timestamp_ms", 2, _F.TYPE_INT64),
+        _field("matchers", 3, _F.TYPE_MESSAGE, _REPEATED, ".prometheus.LabelMatcher"),
+    )
+    read = message(
+        "ReadRequest",
+        _field("queries", 1, _F.TYPE_MESSAGE, _REPEATED, ".prometheus.Query"),
+        _field("accepted_response_types", 2, _F.TYPE_ENUM, _REPEATED, ".prometheus.ReadRequest.ResponseType"),
+    )
+    rtype = read.enum_type.add(name="ResponseType")
+    for number, name in enumerate(["SAMPLES", "STREAMED_XOR_CHUNKS"]):
+        rtype.value.add(name=name, number=number)
+    message("QueryResult", _field("timeseries", 1, _F.TYPE_MESSAGE, _REPEATED, ".prometheus.TimeSeries"))
+    message("ReadResponse", _field("results", 1, _F.TYPE_MESSAGE, _REPEATED, ".prometheus.QueryResult"))
+    # the frames of a STREAMED_XOR_CHUNKS response (the chunk encoding is an enum upstream, read as int)
+    message(
+        "Chunk",
+        _field("min_time_ms", 1, _F.TYPE_INT64),
+        _field("max_time_ms", 2, _F.TYPE_INT64),
+        _field("type", 3, _F.TYPE_INT32),
+        _field("data", 4, _F.TYPE_BYTES),
+    )
+    message(
+        "ChunkedSeries",
+        _field("labels", 1, _F.TYPE_MESSAGE, _REPEATED, ".prometheus.Label"),
+        _field("chunks", 2, _F.TYPE_MESSAGE, _REPEATED, ".prometheus.Chunk"),
+    )
+    message(
+        "ChunkedReadResponse",
+        _field("chunked_series", 1, _F.TYPE_MESSAGE, _REPEATED, ".prometheus.ChunkedSeries"),
+        _field("query_index", 2, _F.TYPE_INT64),
+    )
     return fd
 
 
@@ -95,3 +140,8 @@ Sample = _cls("Sample")
 MetricMetadata = _cls("MetricMetadata")
 WriteRequestKeyed = _cls("WriteRequestKeyed")
 TimeSeriesKeyed = _cls("TimeSeriesKeyed")
+LabelMatcher = _cls("LabelMatcher")
+ReadRequest = _cls("ReadRequest")
+ReadResponse = _cls("ReadResponse")
+QueryResultMessage = _cls("QueryResult")
+ChunkedReadResponse = _cls("ChunkedReadResponse")

@@ -122,6 +122,7 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
         # has just written); the checks cover every partition, a blocking one failing stops the
         # step before that partition is published
         by_check: dict[str, list[tuple[Window | None, dg.AssetCheckResult]]] = {}
+        done: list = []  # (window, run_model's result) of each partition published
 
         def one_partition(key: str | None, window: Window | None) -> dict:
             if window is not None:
@@ -155,10 +156,7 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
                 totals = _numeric_totals(con, result.table, model)
             finally:
                 con.close()
-            context.log.info(
-                f"{model.name} {_label(window)}: {result.rows} rows in {result.seconds:.2f}s"
-                f"{f' on {threads} thread(s) (backfill)' if threads else ''} -> {result.path}"
-            )
+            done.append((window, result))
             return {
                 "rows": result.rows,
                 "seconds": round(result.seconds, 3),
@@ -167,6 +165,17 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
             }
 
         materialize_each(context, one_partition)
+        # one line per step: each log line is an event the instance stores (a range's days have
+        # their rows, seconds and path in their own materialization's metadata)
+        on = f" on {threads} thread(s) (backfill)" if threads else ""
+        if len(done) == 1:
+            window, result = done[0]
+            context.log.info(f"{model.name} {_label(window)}: {result.rows} rows in {result.seconds:.2f}s{on} -> {result.path}")
+        elif done:
+            context.log.info(
+                f"{model.name} {_label(done[0][0])} to {_label(done[-1][0])}: {len(done)} partitions, "
+                f"{sum(r.rows for _, r in done)} rows in {sum(r.seconds for _, r in done):.2f}s{on}"
+            )
         return dg.MaterializeResult(check_results=[combined_check_result(results) for results in by_check.values()])
 
     return _asset

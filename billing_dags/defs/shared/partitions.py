@@ -98,7 +98,7 @@ def materialize_each(
     for key, window in parts:
         try:
             done.append((key, compute(key, window)))
-        except BaseException:
+        except Exception:
             if len(parts) > 1:
                 asset = context.assets_def.key
                 for k, metadata in done:

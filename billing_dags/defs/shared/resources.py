@@ -77,6 +77,11 @@ class PrometheusResource(dg.ConfigurableResource):
     #: matchers added to every selector, e.g. job="billing" or cluster="prod"
     extra_matchers: Optional[str] = None
     fail_on_warnings: bool = True
+    #: how exact mode reads raw samples: "auto" (remote read, /api/v1/read; the query API when the
+    #: server refuses it, logged), "remote_read" (only remote read) or "query" (only the query API)
+    read_api: str = "auto"
+    #: seconds of samples per remote-read request (default a day)
+    remote_read_s: int = 86_400
 
     @property
     def enabled(self) -> bool:
@@ -98,6 +103,7 @@ class PrometheusResource(dg.ConfigurableResource):
             headers=parse_headers(self.headers),
             verify_tls=(self.ca_bundle or True) if self.verify_tls else False,
             fail_on_warnings=self.fail_on_warnings,
+            read_api=self.read_api,
         )
 
     def options(self):
@@ -109,6 +115,7 @@ class PrometheusResource(dg.ConfigurableResource):
             customers_per_query=self.customers_per_query,
             step_s=self.step_s,
             extra_matchers=self.extra_matchers or "",
+            remote_read_s=self.remote_read_s,
         )
 
 
@@ -189,6 +196,7 @@ def build_resources() -> dict:
             # read when the code location loads, never at import time
             verify_tls=os.environ.get("PROMETHEUS_TLS_VERIFY", "true").strip().lower() not in ("0", "false", "no", "off"),
             mode=os.environ.get("PROMETHEUS_MODE", "exact").strip() or "exact",
+            read_api=os.environ.get("PROMETHEUS_READ_API", "auto").strip() or "auto",
         ),
         "usage_events": UsageEventsResource(dsn=_env("BILLING_USAGE_EVENTS_DSN")),
         "stripe": StripeResource(api_key=_env("STRIPE_API_KEY"), api_base=_env("STRIPE_API_BASE")),

@@ -1,0 +1,194 @@
+"""Streamed remote-read responses: the XOR chunk decoder (billing_dags.remote_write.xor) against a
+reference encoder written from Prometheus's tsdb/chunkenc/xor.go, the frames' CRC-32C, and a
+streamed response read by the client as the same rows as a samples response."""
+
+from __future__ import annotations
+
+import math
+import random
+import struct
+
+import cramjam
+import numpy as np
+import pytest
+
+from billing_dags import prometheus as prom
+from billing_dags.remote_write import xor
+from billing_dags.remote_write.proto import ChunkedReadResponse, ReadRequest
+
+MASK = (1 << 64) - 1
+STALE_BITS = prom.STALE_NAN_BITS
+
+
+class _Bits:
+    def __init__(self):
+        self.bits: list[int] = []
+
+    def write(self, value: int, n: int) -> None:
+        self.bits.extend((value >> i) & 1 for i in range(n - 1, -1, -1))
+
+    def data(self) -> bytes:
+        bits = self.bits + [0] * (-len(self.bits) % 8)
+        return bytes(int("".join(map(str, bits[i : i + 8])), 2) for i in range(0, len(bits), 8))
+
+
+def _uvarint(x: int) -> list[int]:
+    out = []
+    while x >= 0x80:
+        out.append((x & 0x7F) | 0x80)
+        x >>= 7
+    return out + [x]
+
+
+def _fbits(v: float) -> int:
+    return struct.unpack("<Q", struct.pack("<d", v))[0]
+
+
+def xor_chunk(samples: list[tuple[int, int]]) -> bytes:
+    """[(ts ms, value bits)] as Prometheus's xorAppender writes them."""
+    w = _Bits()
+    leading, trailing = 0xFF, 0
+    t_prev = v_prev = t_delta = 0
+    for i, (t, v) in enumerate(samples):
+        if i == 0:
+            for b in _uvarint(((t << 1) ^ (t >> 63)) & MASK):  # binary.PutVarint (zigzag)
+                w.write(b, 8)
+            w.write(v, 64)
+        else:
+            if i == 1:
+                t_delta = t - t_prev
+                for b in _uvarint(t_delta):
+                    w.write(b, 8)
+            else:
+                d = t - t_prev
+                dod = d - t_delta
+                t_delta = d
+                if dod == 0:
+                    w.write(0, 1)
+                else:
+                    for prefix, plen, size in ((0b10, 2, 14), (0b110, 3, 17), (0b1110, 4, 20), (0b1111, 4, 64)):
+                        if size == 64 or -((1 << (size - 1)) - 1) <= dod <= 1 << (size - 1):
+                            w.write(prefix, plen)
+                            w.write(dod & ((1 << size) - 1), size)
+                            break
+            delta = v ^ v_prev
+            if delta == 0:
+                w.write(0, 1)
+            else:
+                w.write(1, 1)
+                lead = min(64 - delta.bit_length(), 31)
+                trail = (delta & -delta).bit_length() - 1
+                if leading != 0xFF and lead >= leading and trail >= trailing:
+                    w.write(0, 1)
+                    w.write(delta >> trailing, 64 - leading - trailing)
+                else:
+                    leading, trailing = lead, trail
+                    sig = 64 - lead - trail
+                    w.write(1, 1)
+                    w.write(lead, 5)
+                    w.write(sig & 63, 6)
+                    w.write(delta >> trail, sig)
+        t_prev, v_prev = t, v
+    return struct.pack(">H", len(samples)) + w.data()
+
+
+def _series(rng: random.Random, n: int) -> list[tuple[int, int]]:
+    t = rng.choice([0, 1_749_945_600_000, 1_749_945_600_000 + rng.randint(1, 999), 2**40 + 17])
+    v = rng.random() * 1e6
+    out = []
+    for _ in range(n):
+        kind = rng.random()
+        t += rng.choice([15_000, 15_000, 15_000, 15_001, 14_999, 60_000, 1, 3_600_000, 86_400_000 * 40, 8_191, 8_193, 131_073])
+        if kind < 0.4:
+            v += rng.randint(0, 50)  # a counter
+        elif kind < 0.5:
+            v = rng.uniform(-1e300, 1e300)
+        elif kind < 0.6:
+            v = rng.choice([math.nan, math.inf, -math.inf, -0.0, 0.0, 5e-324])
+        out.append((t, _fbits(v)))
+    for i in rng.sample(range(n), k=min(3, n)):
+        out[i] = (out[i][0], STALE_BITS)
+    if n > 2:
+        out[1] = (out[1][0], out[0][1])  # an unchanged value
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_xor_chunks_decode_to_the_samples_encoded(seed):
+    rng = random.Random(seed)
+    chunks = [_series(rng, rng.choice([1, 2, 3, 120, 240])) for _ in range(rng.randint(1, 5))]
+    counts, ts, values = xor.decode_chunks([xor_chunk(c) for c in chunks])
+    assert counts.tolist() == [len(c) for c in chunks]
+    assert ts.tolist() == [t for c in chunks for t, _ in c]
+    assert values.view(np.uint64).tolist() == [v for c in chunks for _, v in c]
+
+
+def test_a_truncated_chunk_is_refused():
+    data = xor_chunk(_series(random.Random(1), 120))
+    with pytest.raises(ValueError, match="does not decode"):
+        xor.decode_chunks([data[: len(data) // 2]])
+    with pytest.raises(ValueError):
+        xor.decode_chunks([b"\x00"])
+
+
+def _frame(payload: bytes, crc: int | None = None) -> bytes:
+    size = bytes(_uvarint(len(payload)))
+    return size + struct.pack(">I", xor.crc32c(payload) if crc is None else crc) + payload
+
+
+def test_frames_and_their_crc32c():
+    assert xor.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert xor.frames(_frame(b"abc") + _frame(b"") + _frame(b"x" * 300)) == [b"abc", b"", b"x" * 300]
+    with pytest.raises(ValueError, match="checksum"):
+        xor.frames(_frame(b"abc", crc=1))
+    with pytest.raises(ValueError, match="truncated"):
+        xor.frames(_frame(b"abcdef")[:-2])
+
+
+def _streamed(series: list[tuple[dict, list[list[tuple[int, int]]]]]) -> bytes:
+    """One frame per (series, chunk list) entry, as Prometheus streams them."""
+    body = b""
+    for labels, chunk_lists in series:
+        msg = ChunkedReadResponse()
+        cs = msg.chunked_series.add()
+        for k, v in sorted(labels.items()):
+            cs.labels.add(name=k, value=v)
+        for samples in chunk_lists:
+            cs.chunks.add(min_time_ms=samples[0][0], max_time_ms=samples[-1][0], type=xor.XOR, data=xor_chunk(samples))
+        cs.chunks.add(min_time_ms=0, max_time_ms=1, type=2, data=b"\x01\x02")  # a histogram chunk: not float samples
+        body += _frame(msg.SerializeToString())
+    return body
+
+
+def test_a_streamed_response_gives_the_rows_of_a_samples_response():
+    """A series split over two frames, chunks reaching outside [a, b), stale markers: the rows of the JSON path."""
+    from test_prometheus_unit import FakePrometheus
+
+    a, b = 1_000_000, 2_000_000
+    labels = {"__name__": "m_total", "client_id": "c1", "job": "j"}
+    first = [(a - 15, _fbits(1.0)), (a, _fbits(2.0)), (a + 10, STALE_BITS)]
+    second = [(a + 20, _fbits(3.0)), (b - 1, _fbits(4.0)), (b, _fbits(5.0)), (b + 10, _fbits(6.0))]
+    other = [(a + 5, STALE_BITS), (a + 6, _fbits(math.nan))]
+    body = _streamed([(labels, [first]), (labels, [second]), ({**labels, "pool": "x"}, [other])])
+    sel = prom.Selector("m", "m_total", "client_id", ("c1",), (), 'job="j"')
+    with FakePrometheus([(200, body, {"Content-Type": "application/x-streamed-protobuf; proto=prometheus.ChunkedReadResponse"})]) as fake:
+        client = prom.PrometheusClient(fake.url, read_api="remote_read")
+        rows = list(prom._fetch_exact(client, sel, a, b))
+    req = ReadRequest.FromString(bytes(cramjam.snappy.decompress_raw(fake.requests[0]["body"])))
+    assert list(req.accepted_response_types) == [1, 0]  # chunks first, samples second
+    got = [(labels, ts.tolist(), values.view(np.uint64).tolist()) for _, _, labels, ts, values in rows]
+    assert got == [
+        ((("client_id", "c1"), ("job", "j")), [a, a + 20, b - 1], [_fbits(2.0), _fbits(3.0), _fbits(4.0)]),
+        ((("client_id", "c1"), ("job", "j"), ("pool", "x")), [a + 6], [_fbits(float("nan"))]),
+    ]
+
+
+def test_a_corrupt_stream_fails_naming_the_server():
+    from test_prometheus_unit import FakePrometheus
+
+    body = _frame(b"\x0a\x05garbage-that-is-not-a-message")
+    sel = prom.Selector("m", "m_total", "client_id", ("c1",))
+    with FakePrometheus([(200, body, {"Content-Type": "application/x-streamed-protobuf"})]) as fake:
+        with pytest.raises(prom.PrometheusError, match="cannot be decoded") as err:
+            list(prom._fetch_exact(prom.PrometheusClient(fake.url, read_api="remote_read"), sel, 0, 1000))
+    assert fake.url in str(err.value) and "meter m" in str(err.value)
