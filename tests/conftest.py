@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import csv
-import shutil
 from pathlib import Path
 
 import pytest
 
-from billing_dags.settings import PROJECT_ROOT, resolve_paths
-
-SEEDS = PROJECT_ROOT / "seeds"
+from billing_dags.settings import resolve_paths
+from seed_copies import copy_small_seeds  # noqa: F401 (tests import it from here too)
 
 
 @pytest.fixture
@@ -25,33 +22,6 @@ def data_dir(tmp_path, monkeypatch) -> Path:
     return d
 
 
-def copy_small_seeds(d: Path) -> Path:
-    """A copy of the seeds in ``d`` with one customer per set-up (five customers)."""
-    shutil.copytree(SEEDS, d)
-    with (SEEDS / "customers.csv").open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    picked, seen = [], set()
-    for row in rows:
-        if row["setup"] not in seen:
-            seen.add(row["setup"])
-            picked.append(row)
-    with (d / "customers.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(picked)
-    keep = {row["customer_id"] for row in picked}
-    for name in ("subscriptions.csv", "credits.csv", "report_tokens.csv"):
-        with (SEEDS / name).open(newline="") as f:
-            reader = csv.DictReader(f)
-            kept = [r for r in reader if r["customer_id"] in keep]
-            fields = reader.fieldnames
-        with (d / name).open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(kept)
-    return d
-
-
 @pytest.fixture
 def small_seeds(tmp_path, monkeypatch) -> Path:
     """A copy of the seeds with one customer per set-up (five customers)."""
@@ -63,3 +33,18 @@ def small_seeds(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def paths(data_dir, small_seeds):
     return resolve_paths(data_dir, small_seeds)
+
+
+@pytest.fixture(scope="session")
+def dagster_server(tmp_path_factory):
+    """One real Dagster instance (webserver + daemon, tests/servers.py) for the integration tests that
+    drive the UI's GraphQL API or a browser: starting one takes ~40 s. It bills the small seeds (five
+    customers, simulated usage); the seeds are materialized once, as an operator does first. Each
+    test works on days of its own (see the `days` picks in each test)."""
+    from servers import DagsterServer
+
+    root = tmp_path_factory.mktemp("instance")
+    with DagsterServer(root, seeds_dir=copy_small_seeds(root / "seeds")) as server:
+        run = server.wait_run(server.launch_run("refresh_seeds_and_views"), 600)
+        assert run["status"] == "SUCCESS", server.run_errors(run["id"])
+        yield server

@@ -1,5 +1,6 @@
 """Servers for tests: a free 127.0.0.1 port, an ASGI app served by uvicorn in a thread, waiting on a
-condition and stopping a server process (its whole process group)."""
+condition, stopping a server process (its whole process group), and a real Dagster instance
+(`DagsterServer`: webserver + daemon) to drive over GraphQL."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import requests
@@ -65,3 +68,305 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 15) -> Non
         except ProcessLookupError:
             pass
         proc.wait(5)
+
+
+# --------------------------------------------------------------------------- a real Dagster instance
+
+#: variables of the developer's shell that would point the instance at real systems
+_ISOLATED = ("PROMETHEUS_URL", "STRIPE_API_KEY", "STRIPE_API_BASE", "BILLING_USAGE_EVENTS_DSN", "DAGSTER_HOME",
+             "BILLING_DATA_DIR", "BILLING_SEEDS_DIR")
+
+_READY = """
+{
+  workspaceOrError { ... on Workspace { locationEntries { name loadStatus
+    locationOrLoadError { __typename ... on PythonError { message } } } } }
+  instance { daemonHealth { allDaemonStatuses { daemonType required healthy } } }
+}
+"""
+
+TERMINAL_RUN = {"SUCCESS", "FAILURE", "CANCELED"}
+TERMINAL_BACKFILL = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
+
+
+def _signal_group(pgid: int, sig) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class GraphQLError(AssertionError):
+    pass
+
+
+class DagsterServer:
+    """``dagster-webserver`` and ``dagster-daemon run`` over the project's workspace.yaml, each in its own
+    process group, with DAGSTER_HOME (the project's dagster.yaml copied in) and BILLING_DATA_DIR under ``root``.
+
+    ``start()`` returns once GraphQL answers, the code location is LOADED and every required daemon
+    reports a healthy heartbeat; ``stop()`` ends both groups (their code servers and runs with them).
+    Their output goes to ``root/webserver.log`` and ``root/daemon.log`` (``log_tail()`` for failures).
+    """
+
+    def __init__(self, root: Path, seeds_dir: Path | None = None, env: dict | None = None):
+        from billing_dags.settings import PROJECT_ROOT
+
+        self.project = PROJECT_ROOT
+        self.root = Path(root)
+        self.home = self.root / "dagster_home"
+        self.data_dir = self.root / "data"
+        self.seeds_dir = seeds_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = {k: v for k, v in os.environ.items() if k not in _ISOLATED}
+        self.env.update({
+            "DAGSTER_HOME": str(self.home),
+            "BILLING_DATA_DIR": str(self.data_dir),
+            # a loaded machine can take a while to start a run's process; launches time out after 60 s by default
+            "DAGSTER_GRPC_TIMEOUT_SECONDS": "180",
+            # this checkout's code, whatever is installed in the venv
+            "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        })
+        if seeds_dir is not None:
+            self.env["BILLING_SEEDS_DIR"] = str(seeds_dir)
+        self.env.update(env or {})
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, timeout: float = 180) -> "DagsterServer":
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.home / "dagster.yaml").write_text((self.project / "dagster.yaml").read_text())
+        # the storage exists before two processes start: both creating it at once races on its schema
+        from dagster import DagsterInstance
+
+        with DagsterInstance.from_config(str(self.home)):
+            pass
+        bin_dir = Path(sys.executable).parent
+        self._spawn("webserver", [str(bin_dir / "dagster-webserver"), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(self.port)])
+        self._spawn("daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", "workspace.yaml"])
+        try:
+            self.wait(self._ready, timeout, "webserver answering, code location LOADED, daemons healthy")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = open(self.root / f"{name}.log", "ab")
+        try:
+            self.procs[name] = subprocess.Popen(argv, cwd=self.project, env=self.env, stdin=subprocess.DEVNULL,
+                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            log.close()
+
+    def stop(self, grace: float = 15) -> None:
+        """SIGTERM both process groups, then SIGKILL whatever of them is left after ``grace`` seconds
+        (code servers and run workers can outlive their leader)."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs.values():
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+    def __enter__(self) -> "DagsterServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def log_tail(self, chars: int = 3000) -> str:
+        out = []
+        for name in self.procs:
+            f = self.root / f"{name}.log"
+            if f.exists():
+                out.append(f"--- {name}.log\n" + f.read_text(errors="replace")[-chars:])
+        return "\n".join(out)
+
+    def pids(self) -> list[int]:
+        """The webserver, the daemon and every process in their groups (code servers, runs)."""
+        groups = {p.pid for p in self.procs.values() if p.poll() is None}
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if os.getpgid(int(entry.name)) in groups:
+                        found.append(int(entry.name))
+                except (ProcessLookupError, PermissionError):
+                    pass
+        return found
+
+    # ------------------------------------------------------------------ waiting
+
+    def wait(self, pred, timeout: float, what: str, step: float = 0.5):
+        """``pred()`` until it is truthy, failing at once if a server process exits, and at the deadline."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise AssertionError(f"{name} exited with {proc.returncode} while waiting for {what}\n{self.log_tail()}")
+            try:
+                value = pred()
+                if value:
+                    return value
+            except (requests.RequestException, OSError, GraphQLError, KeyError, TypeError) as e:
+                last = e
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last!r})\n{self.log_tail()}")
+            time.sleep(step)
+
+    def _ready(self) -> bool:
+        data = self.graphql(_READY)
+        entries = data["workspaceOrError"]["locationEntries"]
+        if not entries or any(e["loadStatus"] != "LOADED" for e in entries):
+            return False
+        for e in entries:
+            if e["locationOrLoadError"]["__typename"] != "RepositoryLocation":
+                raise AssertionError(f"code location {e['name']} failed to load: {e['locationOrLoadError']}")
+        daemons = data["instance"]["daemonHealth"]["allDaemonStatuses"]
+        return bool(daemons) and all(d["healthy"] for d in daemons if d["required"])
+
+    # ------------------------------------------------------------------ GraphQL
+
+    def graphql(self, query: str, variables: dict | None = None, timeout: float = 60) -> dict:
+        """The ``data`` of a GraphQL answer; GraphQLError if it has ``errors``."""
+        r = requests.post(f"{self.url}/graphql", json={"query": query, "variables": variables or {}}, timeout=timeout)
+        body = r.json()
+        if body.get("errors"):
+            raise GraphQLError(f"GraphQL errors: {body['errors']}")
+        r.raise_for_status()
+        return body["data"]
+
+    def launch_run(self, job: str, partition: str | None = None, run_config: dict | None = None, tags: dict | None = None) -> str:
+        """Launch a run of ``job`` (of the partition) as the Launchpad does; its run id (it is queued for the daemon)."""
+        tags = dict(tags or {})
+        if partition is not None:
+            tags["dagster/partition"] = partition
+        data = self.graphql(
+            """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
+                 ... on LaunchRunSuccess { run { id } } ... on PythonError { message } ... on Error { message }
+                 ... on RunConfigValidationInvalid { errors { message } } } }""",
+            {"p": {"selector": {"repositoryLocationName": "billing_dags", "repositoryName": "__repository__", "jobName": job},
+                   "runConfigData": run_config or {},
+                   "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]}}},
+        )
+        got = data["launchRun"]
+        if got["__typename"] != "LaunchRunSuccess":
+            raise GraphQLError(f"launching {job}: {got}")
+        return got["run"]["id"]
+
+    def asset_keys(self, job: str) -> list[dict]:
+        """The asset keys (as GraphQL inputs) of the assets of ``job``, as the Catalog selects them."""
+        nodes = self.graphql("{ assetNodes { assetKey { path } jobNames } }")["assetNodes"]
+        return [{"path": n["assetKey"]["path"]} for n in nodes if job in n["jobNames"]]
+
+    def partition_keys(self, asset: str) -> list[str]:
+        data = self.graphql("query($k: AssetKeyInput!) { assetNodeOrError(assetKey: $k) { ... on AssetNode { partitionKeys } } }",
+                            {"k": {"path": [asset]}})
+        return data["assetNodeOrError"]["partitionKeys"]
+
+    def launch_asset_backfill(self, assets: list[dict], partitions: list[str]) -> str:
+        """An asset backfill, as "Materialize…" with several partitions in the Catalog or Lineage launches it; its id."""
+        data = self.graphql(
+            """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) { __typename
+                 ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } ... on Error { message } } }""",
+            {"p": {"assetSelection": assets, "partitionNames": partitions}},
+        )
+        got = data["launchPartitionBackfill"]
+        if got["__typename"] != "LaunchBackfillSuccess":
+            raise GraphQLError(f"launching a backfill of {partitions}: {got}")
+        return got["backfillId"]
+
+    def reexecute(self, run_id: str, strategy: str) -> str:
+        """Re-execute run ``run_id`` (strategy ALL_STEPS, FROM_FAILURE or FROM_ASSET_FAILURE) as the run page does; the new run's id."""
+        data = self.graphql(
+            """mutation($p: ReexecutionParams!) { launchRunReexecution(reexecutionParams: $p) { __typename
+                 ... on LaunchRunSuccess { run { id } } ... on PythonError { message } ... on Error { message } } }""",
+            {"p": {"parentRunId": run_id, "strategy": strategy}},
+        )
+        got = data["launchRunReexecution"]
+        if got["__typename"] != "LaunchRunSuccess":
+            raise GraphQLError(f"re-executing run {run_id} ({strategy}): {got}")
+        return got["run"]["id"]
+
+    def runs(self, job: str, tags: dict) -> list[dict]:
+        data = self.graphql(
+            """query($f: RunsFilter) { runsOrError(filter: $f) { __typename
+                 ... on Runs { results { id status tags { key value } } } ... on PythonError { message } } }""",
+            {"f": {"pipelineName": job, "tags": [{"key": k, "value": v} for k, v in tags.items()]}},
+        )
+        return data["runsOrError"]["results"]
+
+    def published(self, day: str) -> dict[str, bool]:
+        """Whether the day's raw samples and its partition of each daily usage model are on disk."""
+        data = self.data_dir
+        return {
+            "raw samples": any((data / "raw" / "samples" / f"date={day}").glob("*.parquet")),
+            **{m: (data / "models" / m / f"day={day}" / "data.parquet").exists()
+               for m in ("fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day")},
+        }
+
+    def run(self, run_id: str) -> dict:
+        data = self.graphql(
+            """query($id: ID!) { runOrError(runId: $id) { __typename
+                 ... on Run { id status tags { key value } } ... on PythonError { message } } }""",
+            {"id": run_id},
+        )
+        run = data["runOrError"]
+        if run["__typename"] != "Run":
+            raise GraphQLError(f"run {run_id}: {run}")
+        return run
+
+    def wait_run(self, run_id: str, timeout: float) -> dict:
+        """The run once it has finished (SUCCESS, FAILURE or CANCELED)."""
+        return self.wait(lambda: (r := self.run(run_id))["status"] in TERMINAL_RUN and r, timeout, f"run {run_id} to finish")
+
+    def run_errors(self, run_id: str) -> str:
+        """The messages and errors of a run's failure events, for assertion messages."""
+        data = self.graphql(
+            """query($id: ID!) { logsForRun(runId: $id, limit: 5000) { __typename
+                 ... on EventConnection { events { __typename
+                   ... on MessageEvent { message level }
+                   ... on ExecutionStepFailureEvent { stepKey error { message causes { message } } }
+                   ... on RunFailureEvent { error { message causes { message } } } } } } }""",
+            {"id": run_id},
+        )
+        events = data["logsForRun"].get("events") or []
+        lines = []
+        for e in events:
+            error = e.get("error") or {}
+            err = " <- ".join(m.strip() for m in [error.get("message"), *(c["message"] for c in error.get("causes") or [])] if m)
+            if err or e.get("level") == "ERROR":
+                lines.append(f"{e['__typename']} {e.get('stepKey') or ''}: {err or e.get('message')}".strip())
+        return "\n".join(lines)[-6000:]
+
+    def backfill(self, backfill_id: str) -> dict:
+        data = self.graphql(
+            """query($id: String!) { partitionBackfillOrError(backfillId: $id) { __typename
+                 ... on PartitionBackfill { id status partitionNames error { message }
+                   runs { id status tags { key value } } }
+                 ... on PythonError { message } } }""",
+            {"id": backfill_id},
+        )
+        b = data["partitionBackfillOrError"]
+        if b["__typename"] != "PartitionBackfill":
+            raise GraphQLError(f"backfill {backfill_id}: {b}")
+        return b
+
+    def wait_backfill(self, backfill_id: str, timeout: float) -> dict:
+        """The backfill once it is done and none of its runs is still going."""
+
+        def done():
+            b = self.backfill(backfill_id)
+            return b["status"] in TERMINAL_BACKFILL and all(r["status"] in TERMINAL_RUN for r in b["runs"]) and b
+
+        return self.wait(done, timeout, f"backfill {backfill_id} to finish", step=1)
