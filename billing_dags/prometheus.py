@@ -629,21 +629,10 @@ class RemoteSeries:
     values: np.ndarray
 
 
-def _varint(data: bytes, p: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if p >= len(data) or shift > 63:
-            raise ValueError("truncated or overlong varint")
-        b = data[p]
-        p += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, p
-        shift += 7
-
-
 def _read_results(data: bytes) -> list[bytes]:
     """The serialized QueryResult messages of a serialized ReadResponse (field 1); other fields skipped."""
+    from .remote_write.xor import varint as _varint
+
     out, p = [], 0
     while p < len(data):
         tag, p = _varint(data, p)

@@ -19,6 +19,26 @@ import requests
 import uvicorn
 
 
+class HandlerServer:
+    """A standard-library HTTP server for one handler class on 127.0.0.1 (port 0, read back as
+    ``url``), served from a thread while the ``with`` block lasts."""
+
+    def __init__(self, handler, poll_interval: float = 0.05):
+        from http.server import ThreadingHTTPServer
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": poll_interval}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -31,6 +31,7 @@ from billing_dags import raw
 from billing_dags.definitions import ASSETS
 from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, StripeResource, WarehouseResource
 from billing_dags.settings import PROJECT_ROOT, resolve_paths
+from servers import HandlerServer
 
 pytestmark = pytest.mark.integration
 
@@ -542,13 +543,12 @@ def test_remote_read_drops_stale_markers_as_range_selectors_do(tmp_path, seeds):
     assert int((bits == prom.STALE_NAN_BITS).sum()) == 0 and int(np.isnan(samples["value"].to_numpy()).sum()) == 1
 
 
-class _NoRemoteRead:
+class _NoRemoteRead(HandlerServer):
     """A stub in front of a real Prometheus: 404 on /api/v1/read (as Thanos Query or a proxy
     without it answers), everything else passed through."""
 
     def __init__(self, upstream: str):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
 
         import requests
 
@@ -580,17 +580,7 @@ class _NoRemoteRead:
             def log_message(self, *a):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler, poll_interval=0.05)
 
 
 def test_auto_falls_back_to_the_query_api_when_the_server_has_no_remote_read(server, tmp_path, seeds):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs
 
 import numpy as np
@@ -16,6 +15,7 @@ from hypothesis import strategies as st
 
 from billing_dags import prometheus as prom
 from billing_dags import raw
+from servers import HandlerServer
 
 # --------------------------------------------------------------------------- escaping
 
@@ -201,7 +201,7 @@ def test_redact_url_drops_credentials():
 # --------------------------------------------------------------------------- HTTP behaviour
 
 
-class FakePrometheus:
+class FakePrometheus(HandlerServer):
     """A tiny HTTP server answering a scripted list of (status, body, headers); records requests."""
 
     def __init__(self, script):
@@ -227,17 +227,7 @@ class FakePrometheus:
             def log_message(self, *a):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler, poll_interval=0.02)
 
 
 OK = {"status": "success", "data": {"resultType": "matrix", "result": [

@@ -50,21 +50,26 @@ def crc32c(data: bytes) -> int:
     return int(_crc32c(np.frombuffer(data, dtype=np.uint8), 0, len(data), _CRC_TABLE))
 
 
+def varint(data: bytes, p: int) -> tuple[int, int]:
+    """The protobuf varint at ``data[p:]`` and the position after it; ValueError when truncated or overlong."""
+    result = shift = 0
+    while True:
+        if p >= len(data) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        b = data[p]
+        p += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, p
+        shift += 7
+
+
 def frames(data: bytes) -> list[bytes]:
     """The payloads of a streamed response's frames; ValueError on a truncated frame or a bad checksum."""
     buf = np.frombuffer(data, dtype=np.uint8)
     out, p = [], 0
     while p < len(data):
-        size = shift = 0
-        while True:
-            if p >= len(data) or shift > 63:
-                raise ValueError("truncated frame header")
-            b = data[p]
-            p += 1
-            size |= (b & 0x7F) << shift
-            if b < 0x80:
-                break
-            shift += 7
+        size, p = varint(data, p)
         if p + 4 + size > len(data):
             raise ValueError(f"truncated frame ({size} bytes announced, {len(data) - p - 4} left)")
         want = int.from_bytes(data[p : p + 4], "big")
