@@ -21,12 +21,13 @@ def connect(threads: int | None = None) -> duckdb.DuckDBPyConnection:
     return con
 
 
-#: this process's in-memory DuckDB databases, one per thread cap, that sessions open cursors on
-_SHARED: dict[int | None, duckdb.DuckDBPyConnection] = {}
+#: the in-memory DuckDB databases that sessions open cursors on, one per (process id, thread cap).
+#: Keyed by process: a forked child must not use its parent's database (its threads are not there)
+#: and must not close it either (DuckDB would join threads that do not exist in the child and
+#: crash, e.g. in a subprocess's preexec_fn), so it leaves the parent's entry alone and opens its own.
+_SHARED: dict[tuple[int, int | None], duckdb.DuckDBPyConnection] = {}
 _SHARED_LOCK = threading.Lock()
 _SESSION_IDS = itertools.count()
-# a forked child must not use its parent's database (its threads are not there): it opens its own
-os.register_at_fork(after_in_child=_SHARED.clear)
 
 
 @contextmanager
@@ -39,11 +40,11 @@ def session(threads: int | None = None):
     once in threads. ``threads`` caps the database's pool as ``connect`` does.
     """
     threads = threads or os.environ.get("BILLING_DUCKDB_THREADS")
-    key = int(threads) if threads else None
+    key = (os.getpid(), int(threads) if threads else None)
     with _SHARED_LOCK:
         db = _SHARED.get(key)
         if db is None:
-            db = _SHARED[key] = connect(key)
+            db = _SHARED[key] = connect(key[1])
             db.execute("set global timezone = 'UTC'")
         con = db.cursor()
     schema = f"session_{next(_SESSION_IDS)}"

@@ -394,3 +394,35 @@ def test_a_seed_edited_in_place_is_read_again(tmp_path):
     (seeds / "meters.csv").write_text(text.replace(meter, edited, 1))
     assert read_seed(seeds, "meters")["meter_id"][0].as_py() == edited
     assert read_seed(seeds, "meters").equals(read_seed(seeds, "meters"))
+
+
+def test_a_process_with_a_session_database_can_fork_and_start_programs():
+    """After a session opened this process's shared database, starting a program with a preexec_fn
+    (which runs fork handlers in the child) must not crash the child, and a forked child that opens
+    a session works on a database of its own."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import os, subprocess, sys
+        from billing_dags import sqlmodels
+        with sqlmodels.session() as con:
+            con.execute("select 1").fetchall()
+        proc = subprocess.run([sys.executable, "-c", "print('child ok')"], preexec_fn=lambda: None, capture_output=True, text=True)
+        assert proc.returncode == 0 and "child ok" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+        pid = os.fork()
+        if pid == 0:
+            with sqlmodels.session() as con:
+                ok = con.execute("select 41 + 1").fetchall() == [(42,)]
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        with sqlmodels.session() as con:
+            assert con.execute("select 2").fetchall() == [(2,)]
+        print("parent ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "parent ok" in proc.stdout, proc.stderr[-3000:]
