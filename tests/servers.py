@@ -37,6 +37,7 @@ class HandlerServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.thread.join(timeout=5)
 
 
 def free_port() -> int:

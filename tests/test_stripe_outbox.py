@@ -4,11 +4,10 @@ real HTTP round trip through the stripe library against a server on 127.0.0.1.""
 from __future__ import annotations
 
 import json
-import threading
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from fractions import Fraction
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs
 
 import pytest
@@ -29,6 +28,7 @@ from billing_dags.stripe_outbox import (
     send_outbox,
     write_outbox,
 )
+from servers import HandlerServer
 
 UTC = timezone.utc
 DAY = date(2025, 3, 10)
@@ -255,7 +255,7 @@ def test_send_requires_an_aware_now():
 # --------------------------------------------------------------------------- real HTTP round trip
 
 
-class FakeStripe:
+class FakeStripe(HandlerServer):
     """A tiny Stripe stand-in on 127.0.0.1: POST /v1/billing/meter_events, scripted failures."""
 
     def __init__(self, fail_once_500=(), fail_once_429=(), reject_400=()):
@@ -315,18 +315,7 @@ class FakeStripe:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        super().__init__(Handler)
 
 
 @pytest.fixture
