@@ -911,6 +911,21 @@ PEAKS_SCHEMA = pa.schema(
 _BOUND = 2.0**62  # the sum of a group's levels at one scale must stay below this (int64 sums)
 
 
+@njit(nogil=True, cache=True, error_model="numpy", inline="always")
+def _series_run(sid, r, gsid):
+    """The end of the run of equal series ids that starts at row ``r``, and that series' index in
+    ``gsid`` (sorted gauge series ids; -1 when it is not one of them)."""
+    n = len(sid)
+    s = sid[r]
+    r1 = r + 1
+    while r1 < n and sid[r1] == s:
+        r1 += 1
+    g = np.searchsorted(gsid, s)
+    if g < len(gsid) and gsid[g] == s:
+        return r1, g
+    return r1, -1
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def _gauge_count(sid, gsid):
     """Rows of ``sid`` (a row group's series ids) that belong to the gauge series ``gsid`` (sorted)."""
@@ -918,12 +933,8 @@ def _gauge_count(sid, gsid):
     m = 0
     r = 0
     while r < n:
-        s = sid[r]
-        r1 = r + 1
-        while r1 < n and sid[r1] == s:
-            r1 += 1
-        g = np.searchsorted(gsid, s)
-        if g < len(gsid) and gsid[g] == s:
+        r1, g = _series_run(sid, r, gsid)
+        if g >= 0:
             m += r1 - r
         r = r1
     return m
@@ -939,12 +950,8 @@ def _gauge_take(sid, ts, v, gsid, start_ms, end_ms, out_t, out_v, m, count, firs
     n = len(sid)
     r = 0
     while r < n:
-        s = sid[r]
-        r1 = r + 1
-        while r1 < n and sid[r1] == s:
-            r1 += 1
-        g = np.searchsorted(gsid, s)
-        if g < len(gsid) and gsid[g] == s:
+        r1, g = _series_run(sid, r, gsid)
+        if g >= 0:
             if g < last:
                 return m, first, last, 1
             if first < 0:
