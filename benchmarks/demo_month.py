@@ -10,8 +10,7 @@ cached there). The two demos run one after the other in the same benchmark run, 
 the machine's load, each after an untimed small demo of its tree (1 customer, hourly samples)
 that compiles and caches its fast path. Measured: wall seconds, CPU seconds (the demo process and its children),
 the sum of the step times of its Dagster runs (from their event logs) per asset, and the rest
-(imports, definitions, run overhead between steps, the demo's own post-steps). `python -m
-benchmarks.demo` runs any trees' demos side by side without the comparison of outputs.
+(imports, definitions, run overhead between steps, the demo's own post-steps).
 
 Correctness (item 9 holds only if it is true): every Parquet file of both data dirs has the
 same schema and rows (NaN equal to NaN), and every invoice JSON file has the same bytes but
