@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -38,7 +39,6 @@ from pathlib import Path
 
 from billing_dags.settings import PROJECT_ROOT
 
-from .demo import _children_cpu
 from .figures import DEFAULT_OUT, Figure, scratch
 
 FULL = {"customers": 50, "interval_s": 60}
@@ -46,6 +46,12 @@ QUICK = {"customers": 10, "interval_s": 300}
 TARGET_S = 20.0
 #: outbox columns that record when the dry-run sender handled an event (differ run to run)
 OUTBOX_TIME_COLUMNS = ("sent_at", "last_attempt_at", "acknowledged_at", "updated_at", "created_at")
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of this process's waited-for children."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def last_complete_month(today: date | None = None) -> str:
