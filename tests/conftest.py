@@ -1,4 +1,8 @@
-"""Shared fixtures: every test gets its own data dir; nothing on disk is shared between tests."""
+"""Shared fixtures: every test gets its own data dir; nothing on disk is shared between tests.
+
+`make test` runs the suite on several workers (pytest-xdist, ``--dist loadgroup``): a test that uses a
+fixture built once for many tests (session or module scope, defined here or in its module) runs on the
+worker that holds that fixture, so nothing expensive is built twice (see ``pytest_collection_modifyitems``)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,28 @@ import pytest
 
 from billing_dags.core.settings import resolve_paths
 from seed_copies import copy_small_seeds  # noqa: F401 (tests import it from here too)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Group the tests of each shared fixture for xdist's loadgroup: those of a session-scoped fixture
+    of ours (e.g. ``dagster_server``) under its name, those of a module-scoped one under their module.
+    Without xdist the marks change nothing."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        session, module = None, None
+        for name in item.fixturenames:
+            defs = info.name2fixturedefs.get(name)
+            if not defs or not defs[-1].baseid:  # pytest's own fixtures (tmp_path_factory...) have no baseid
+                continue
+            if defs[-1].scope == "session":
+                session = session or name
+            elif defs[-1].scope in ("module", "package"):
+                module = module or item.nodeid.split("::")[0]
+        if session or module:
+            item.add_marker(pytest.mark.xdist_group(session or module))
 
 
 @pytest.fixture
