@@ -20,6 +20,7 @@ demo: $(STAMP)
 
 # the whole suite on every core (pytest-xdist: tests that share a fixture run on one worker), then the 15 slowest
 test: $(STAMP)
+	$(BIN)/python -m compileall -q billing_dags tests benchmarks
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup --durations=15
 
 test-fast: $(STAMP)

@@ -143,7 +143,6 @@ class Runner:
     def set_events(self, events: pa.Table) -> None:
         """Fixture raw events (the layout of billing_dags/ingest/events.py) as the raw_events source."""
         _create_table(self.con, "raw_events", events)
-        self._prepared.clear()
 
     def close(self) -> None:
         self.con.close()
@@ -157,12 +156,11 @@ class Runner:
     def set_raw(self, samples_by_series, series_labels) -> None:
         _create_table(self.con, "raw_samples", samples_table(samples_by_series))
         _create_table(self.con, "raw_series", series_table(series_labels))
-        self._prepared.clear()  # views bound to the old sources are recreated
+        # the views already created stay: DuckDB binds a view's tables by name each time it is queried
 
     def set_carry_in(self, samples: Mapping[int, tuple[int, float]]) -> None:
         """The window's carry-in (series_id -> its last sample before the day) as the raw_carry_in source."""
         _create_table(self.con, "raw_carry_in", samples_table({sid: [s] for sid, s in samples.items()}))
-        self._prepared.clear()
 
     def set_table(self, name: str, table: pa.Table) -> None:
         _create_table(self.con, name, table)

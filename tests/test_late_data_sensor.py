@@ -84,8 +84,8 @@ def _describe(r: dg.RunRequest) -> str:
 
 @pytest.fixture(scope="module")
 def computed(tmp_path_factory):
-    """Seeds and four simulated days, every daily asset materialized through the daily_usage job,
-    once per module; each test works on its own copy."""
+    """Seeds and four simulated days, every daily asset materialized through the daily_usage job (one
+    run over the four days, as a backfill runs them), once per module; each test works on its own copy."""
     root = tmp_path_factory.mktemp("computed")
     with pytest.MonkeyPatch.context() as mp:
         (root / "dagster_home").mkdir()
@@ -97,8 +97,8 @@ def computed(tmp_path_factory):
         d = Deployment(root)
         try:
             assert d.defs.resolve_job_def("refresh_seeds_and_views").execute_in_process(instance=d.instance).success
-            for day in DAYS:
-                assert d.job.execute_in_process(partition_key=day.isoformat(), instance=d.instance).success
+            days = {"dagster/asset_partition_range_start": DAYS[0].isoformat(), "dagster/asset_partition_range_end": DAYS[-1].isoformat()}
+            assert d.job.execute_in_process(tags=days, instance=d.instance).success
         finally:
             d.close()
     return root / "data"
