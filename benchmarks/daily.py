@@ -12,8 +12,8 @@ once untimed (the fast path's compiled code loads on its first call, about 2 s; 
 warms), then --repeat times, keeping the best wall time; the SQL reference runs once, with no
 untimed run. Ratios are against the 3-column scan measured in the same run. Steps: DuckDB scan of
 one column and of (series_id, ts, value); the daily models as configured
-(fct_series_edges_by_day on the Python fast path, then fct_usage_by_day); the SQL reference of
-fct_series_edges_by_day (DuckDB window functions) on --reference-parts of the 8 files of the
+(int_series_edges_by_day on the Python fast path, then fct_usage_by_day); the SQL reference of
+int_series_edges_by_day (DuckDB window functions) on --reference-parts of the 8 files of the
 day, whose output is compared with the fast path's to the unit; bytes per sample of the raw
 layout; cost growth: the daily models on 1/4, 1/2 and all of the series (best of --repeat - 1).
 Item 1's ratio comes from one more process that runs the 3-column scan and the daily models by
@@ -86,7 +86,7 @@ def samples_of(paths) -> tuple[int, int]:
 def prepare_previous_day(paths) -> None:
     """D-1's edges (the small per-day file fct_usage_by_day reads instead of D-1's raw samples)."""
     prev = workload.DAY - timedelta(days=1)
-    run_model(paths, "fct_series_edges_by_day", Window(prev, workload.DAY))
+    run_model(paths, "int_series_edges_by_day", Window(prev, workload.DAY))
 
 
 def measure(n_series: int, interval_s: int = 15, repeat: int = 3, reference_parts: int | None = workload.CHUNKS,

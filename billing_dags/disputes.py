@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from . import invoices as inv
 from . import raw
-from .settings import EDGE_LOOKBACK_DAYS, SQL_MODELS_DIR, Paths
+from .settings import SQL_MODELS_DIR, Paths
 from .sqlmodels import Window, connect, load_project, partition_file, prepare
 
 EVIDENCE_SQL = SQL_MODELS_DIR / "analyses" / "dispute_breakdown.sql"
@@ -51,13 +51,17 @@ class Dispute:
     evidence: pa.Table | None = None
 
 
-def _evidence_params(customer_id: str, meter_id: str, window: Window) -> dict:
+#: the model whose counter rules the evidence query applies (and whose lookback it uses)
+USAGE_MODEL = "fct_usage_by_day"
+
+
+def _evidence_params(customer_id: str, meter_id: str, window: Window, lookback_days: int) -> dict:
     return {
         "customer_id": customer_id,
         "meter_id": meter_id,
         "start_ms": window.start_ms,
         "end_ms": window.end_ms,
-        "edge_lookback_ms": EDGE_LOOKBACK_DAYS * raw.DAY_MS,
+        "edge_lookback_ms": lookback_days * raw.DAY_MS,
     }
 
 
@@ -65,8 +69,9 @@ def evidence(paths: Paths, customer_id: str, month: date, meter_id: str = "") ->
     """Every raw sample of the customer's series in the month (plus the lookback), with its increase."""
     end = (month.replace(day=28) + timedelta(days=4)).replace(day=1)
     window = Window(month, end)
-    lookback = Window(month - timedelta(days=EDGE_LOOKBACK_DAYS), end)
     project = load_project()
+    lookback_days = project.models[USAGE_MODEL].lookback_days
+    lookback = Window(month - timedelta(days=lookback_days), end)
     con = connect()
     try:
         # the view models the query reads, over raw days from the lookback to the month's end
@@ -74,7 +79,7 @@ def evidence(paths: Paths, customer_id: str, month: date, meter_id: str = "") ->
             prepare(con, project, name, paths, over)
             con.execute(f"create or replace view {name} as {project.models[name].sql.strip().rstrip(';')}")
         sql = EVIDENCE_SQL.read_text().strip().rstrip(";")
-        return con.sql(sql, params=_evidence_params(customer_id, meter_id, window)).to_arrow_table()
+        return con.sql(sql, params=_evidence_params(customer_id, meter_id, window, lookback_days)).to_arrow_table()
     finally:
         con.close()
 
@@ -232,7 +237,9 @@ def export_evidence(dispute: Dispute, folder: Path) -> list[Path]:
         w.writerows(dispute.events)
     written.append(events)
     end = (dispute.month.replace(day=28) + timedelta(days=4)).replace(day=1)
-    params = _evidence_params(dispute.customer_id, dispute.meter_id, Window(dispute.month, end))
+    params = _evidence_params(
+        dispute.customer_id, dispute.meter_id, Window(dispute.month, end), load_project().models[USAGE_MODEL].lookback_days
+    )
     sql = folder / "reproduce.sql"
     sql.write_text(
         "-- Reproduces raw_samples.parquet (the increase of every sample) from the warehouse:\n"

@@ -1,6 +1,6 @@
 """Anomaly flags for people: list them, acknowledge critical ones so their invoices can finalize.
 
-Flags are the partitions of fct_anomaly_flags. An acknowledgement (who, why, when) is kept in
+Flags are the partitions of fct_anomaly_flags_by_day. An acknowledgement (who, why, when) is kept in
 data/flags/acks.json, keyed by customer, month, meter and rule; a critical flag without one holds
 the customer's invoice for that month in draft.
 """
@@ -34,7 +34,7 @@ def _ack_key(a: dict) -> tuple:
 def month_flags(paths: Paths, month: date) -> list[dict]:
     """Every flag raised on a day of ``month``."""
     end = (month.replace(day=28) + timedelta(days=4)).replace(day=1)
-    model = load_project().models["fct_anomaly_flags"]
+    model = load_project().models["fct_anomaly_flags_by_day"]
     rows: list[dict] = []
     for f in sorted(partition_dir(paths, model).glob("day=*/data.parquet")):
         day = date.fromisoformat(f.parent.name[4:])
@@ -121,7 +121,7 @@ def cmd_list(args) -> int:
             "acknowledged": (f["customer_id"], f"{month:%Y-%m}", f["meter_id"], f["rule"]) in acked, "detail": f["detail"],
         })
     if not rows:
-        console.print(f"no flags in {month:%Y-%m}" + (" (fct_anomaly_flags not materialized yet?)" if not month_flags(paths, month) else ""))
+        console.print(f"no flags in {month:%Y-%m}" + (" (fct_anomaly_flags_by_day not materialized yet?)" if not month_flags(paths, month) else ""))
         return 0
     _emit(rows, args.format, title=f"Anomaly flags {month:%Y-%m}")
     return 0

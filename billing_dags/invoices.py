@@ -828,7 +828,7 @@ def uninvoiced_customers(
     """Customers with a subscription or usage in ``month`` and no invoice: (silently unbilled, named).
 
     ``subscriptions`` are seed rows, ``usage`` the month's fct_usage_by_month rows, ``flags`` its
-    fct_anomaly_flags rows, ``plans`` the plans seed. A customer subscribed in the month must have an
+    fct_anomaly_flags_by_day rows, ``plans`` the plans seed. A customer subscribed in the month must have an
     invoice, unless it has no usage in the month and no version of its plans has a base fee or a
     minimum charge (nothing to bill). One with usage and no subscription in the month has none to
     have: its usage must be named by a flag of ``OUTSIDE_SUBSCRIPTION_RULES``, else nobody would know

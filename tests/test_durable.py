@@ -103,7 +103,7 @@ def _ledger(p: Paths):
 def _flag_ack(p: Paths):
     from billing_dags.flags import acknowledge, acks_path
 
-    f = p.models / "fct_anomaly_flags" / f"day={DAY}" / "data.parquet"
+    f = p.models / "fct_anomaly_flags_by_day" / f"day={DAY}" / "data.parquet"
     f.parent.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist([{"day": DAY, "customer_id": "acme", "meter_id": "proxy_bytes", "rule": "spike", "severity": "critical"}]), f)
     return lambda: (acknowledge(p, "acme", JAN, "spike", "", "ops", "checked"), [acks_path(p)])[1]

@@ -16,7 +16,7 @@ from test_invoices import CURRENCIES, CUSTOMERS, JAN, JAN_FINAL, MANIFEST, PLANS
 
 
 def _write_flags(paths, day: date, rows: list[dict]) -> None:
-    f = paths.models / "fct_anomaly_flags" / f"day={day}" / "data.parquet"
+    f = paths.models / "fct_anomaly_flags_by_day" / f"day={day}" / "data.parquet"
     f.parent.mkdir(parents=True, exist_ok=True)
     full = [
         {"day": day, "value": Decimal(1), "threshold": Decimal(0), "rule_description": "", "detail": "", **r}

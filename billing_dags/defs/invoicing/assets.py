@@ -39,7 +39,7 @@ def invoice_now(config: InvoiceConfig) -> datetime:
     # seeds/credits.csv is read at invoicing time (validated against the customer and currency snapshots);
     # it is a dependency too once seeds.SPECS has a "credits" entry (then seed_credits is an asset)
     deps=[
-        "fct_invoice_lines", "fct_usage_by_month", "fct_anomaly_flags", "seed_customers", "seed_plans", "seed_currencies",
+        "fct_invoice_lines", "fct_usage_by_month", "fct_anomaly_flags_by_day", "seed_customers", "seed_plans", "seed_currencies",
         "seed_subscriptions", *(["seed_credits"] if "credits" in SPECS else []),
     ],
     check_specs=[

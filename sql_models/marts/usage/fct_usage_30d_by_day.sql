@@ -5,11 +5,10 @@ partitioned_by: billing_daily
 time_column: day
 grain: [day, customer_id, meter_id, dimension]
 lookback_days: 29
-group: usage
 */
 with daily as (
     select * from fct_usage_by_day
-    where day >= $start_date::date - interval 29 day and day < $end_date::date
+    where day >= $lookback_start_date::date and day < $end_date::date
 ),
 
 final as (

@@ -4,7 +4,6 @@ materialized: table
 partitioned_by: billing_monthly
 time_column: month
 grain: [month, customer_id, meter_id, dimension]
-group: usage
 */
 with daily as (
     select * from fct_usage_by_day
