@@ -193,8 +193,8 @@ def test_unpriced_model_usage_is_reported_not_silently_dropped(month_run):
     try:
         assert unpriced_usage().passed
         con.execute(
-            f"copy ((select * replace ('mystery-model' as dimension) from read_parquet('{usage_file}') "
-            f"where meter_id = 'llm_input_tokens' limit 1) union all by name (select * from read_parquet('{usage_file}'))) "
+            f"copy ((select * replace ('mystery-model' as dimension) from read_parquet('{usage_file}', hive_partitioning = false) "
+            f"where meter_id = 'llm_input_tokens' limit 1) union all by name (select * from read_parquet('{usage_file}', hive_partitioning = false))) "
             f"to '{usage_file}.tmp' (format parquet)"
         )
         usage_file.with_name(usage_file.name + ".tmp").replace(usage_file)
