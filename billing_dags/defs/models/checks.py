@@ -2,16 +2,16 @@
 
 The checks are the model's grain (``grain`` in its config, guarded by ``sqlmodels.write_partition``)
 and its audits: SQL files next to the model (``audits/<model>__<audit>.sql``, run by
-``billing_dags.audits``) that return the failing rows. Blocking checks stop downstream assets in
+``billing_dags.models.audits``) that return the failing rows. Blocking checks stop downstream assets in
 the same run: money depends on them; the others are warnings.
 """
 
 import dagster as dg
 import pyarrow.parquet as pq
 
-from billing_dags.audits import AuditResult, audits_of, run_audits
-from billing_dags.settings import Paths
-from billing_dags.sqlmodels import Model, Window, partition_file
+from billing_dags.core.settings import Paths
+from billing_dags.models.audits import AuditResult, audits_of, run_audits
+from billing_dags.models.sqlmodels import Model, Window, partition_file
 
 
 def grain_is_unique(model: Model, published=None) -> dg.AssetCheckResult:
