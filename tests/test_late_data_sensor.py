@@ -267,18 +267,18 @@ def test_late_events_request_the_models_reading_them_and_their_downstream_not_th
     (request,), _, late = rerun_plan(paths, asset_graph)
     # the next day reads this day's gauge levels
     assert sorted((d.model, d.day.isoformat()) for d in late) == [
-        ("int_gauge_peaks_by_day", "2026-05-04"),
-        ("int_gauge_peaks_by_day", "2026-05-05"),
         ("fct_usage_by_day", "2026-05-04"),
         ("fct_usage_by_day", "2026-05-05"),
+        ("int_gauge_peaks_by_day", "2026-05-04"),
+        ("int_gauge_peaks_by_day", "2026-05-05"),
     ]
     assert request.partition_key_range == dg.PartitionKeyRange("2026-05-04", "2026-05-05")
     assert sorted(k.to_user_string() for k in request.asset_selection) == [
         "daily_summary",
         "fct_anomaly_flags_by_day",
-        "int_gauge_peaks_by_day",
         "fct_usage_30d_by_day",
         "fct_usage_by_day",
+        "int_gauge_peaks_by_day",
         "stripe_meter_events",
         "stripe_outbox",
     ]
