@@ -60,16 +60,25 @@ def test_the_issue_pattern_can_match():
     assert not ISSUE_NUMBER.search("a known issue with 7 days")
 
 
+def _anchors(md: Path) -> set[str]:
+    """GitHub's heading anchors: lowercase, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"^```.*?^```", "", md.read_text(encoding="utf-8"), flags=re.MULTILINE | re.DOTALL)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", text, re.MULTILINE)}
+
+
 @pytest.mark.parametrize("md", _markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
-def test_relative_links_point_to_existing_files(md):
+def test_relative_links_point_to_existing_files_and_headings(md):
     broken = []
     for target in LINK.findall(md.read_text(encoding="utf-8")):
-        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE) or target.startswith("#"):
-            continue  # http(s):, mailto:, an anchor in the same file
-        path = target.split("#", 1)[0]
-        if not (md.parent / path).exists():
-            broken.append(target)
-    assert not broken, f"{md.relative_to(ROOT)} links to missing files: {broken}"
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.IGNORECASE):
+            continue  # http(s):, mailto:
+        path, _, anchor = target.partition("#")
+        file = md.parent / path if path else md
+        if not file.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
+            broken.append(f"{target} (no heading #{anchor} in {file.name})")
+    assert not broken, f"{md.relative_to(ROOT)} links to what does not exist: {broken}"
 
 
 # ----------------------------------------------------------------------------- the CLI table
