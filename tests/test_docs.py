@@ -15,7 +15,8 @@ README_MAX_BYTES = 12 * 1024
 
 #: "issue 7", "Issue #12", "issue-7", "issue7"
 ISSUE_NUMBER = re.compile(r"issue[ -]?#?\d+", re.IGNORECASE)
-PRODUCT = ["README.md", "docs", "benchmarks", "billing_dags", "sql_models", "Makefile", "pyproject.toml"]
+PRODUCT = ["README.md", "docs", "benchmarks", "billing_dags", "sql_models", "seeds", "grafana", "prometheus",
+           "Makefile", "pyproject.toml", "dagster.yaml", "workspace.yaml"]
 TEXT_SUFFIXES = {".py", ".md", ".sql", ".toml", ".yaml", ".yml", ".txt", ".csv", ".json", ".cfg", ".ini", ""}
 SKIP_DIRS = {"__pycache__", "out", ".pytest_cache"}
 
