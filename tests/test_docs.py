@@ -86,10 +86,8 @@ def test_relative_links_point_to_existing_files_and_headings(md):
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    try:
-        from billing_dags.cli.main import build_parser
-    except ImportError:  # before the package moved: billing_dags/cli.py
-        from billing_dags.cli import build_parser
+    from billing_dags.cli.main import build_parser
+
     return build_parser()
 
 
@@ -143,3 +141,11 @@ def test_readme_cli_table_names_real_subcommands_and_flags():
             if flag not in _options(parser):
                 problems.append(f"{row!r}: `{' '.join(path)}` has no option {flag}")
     assert not problems, "\n".join(problems)
+
+
+def test_readme_configuration_names_every_environment_variable_the_code_reads():
+    code = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "billing_dags").rglob("*.py"))
+    read = set(re.findall(r"\b(?:BILLING|PROMETHEUS|STRIPE)_[A-Z][A-Z_]*[A-Z]\b", code))
+    assert read, "no BILLING_/PROMETHEUS_/STRIPE_ variable found in billing_dags: is the pattern still right?"
+    missing = sorted(read - set(re.findall(r"\b(?:BILLING|PROMETHEUS|STRIPE)_[A-Z_]+", README.read_text(encoding="utf-8"))))
+    assert not missing, f"README.md's configuration does not name {missing}"

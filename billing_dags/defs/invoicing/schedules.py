@@ -4,7 +4,7 @@ from datetime import timedelta
 
 import dagster as dg
 
-from billing_dags.settings import DEFAULT_GRACE_DAYS
+from billing_dags.core.settings import DEFAULT_GRACE_DAYS
 
 
 def monthly_draft_schedule(job) -> dg.ScheduleDefinition:
