@@ -149,3 +149,13 @@ def test_readme_configuration_names_every_environment_variable_the_code_reads():
     assert read, "no BILLING_/PROMETHEUS_/STRIPE_ variable found in billing_dags: is the pattern still right?"
     missing = sorted(read - set(re.findall(r"\b(?:BILLING|PROMETHEUS|STRIPE)_[A-Z_]+", README.read_text(encoding="utf-8"))))
     assert not missing, f"README.md's configuration does not name {missing}"
+
+
+def test_readme_cli_table_lists_every_subcommand():
+    def leaves(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        subs = _subcommands(parser)
+        return [leaf for name, sub in subs.items() for leaf in leaves(sub, f"{path} {name}")] if subs else [path]
+
+    rows = _cli_table_rows()
+    missing = [cmd for cmd in leaves(_build_parser(), "billing") if not any(re.match(re.escape(cmd) + r"( |$)", row) for row in rows)]
+    assert not missing, f"README.md's command-line table has no row for {missing}"
