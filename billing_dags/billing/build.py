@@ -166,6 +166,35 @@ def _grouped_lines(lines: list[dict], ctx: _Month) -> dict[str, list[Mapping]]:
     return grouped
 
 
+def _leaver_adjustments(paths: Paths, index: _credits.StoredInvoices, ctx: _Month, billed: set[str],
+                        closing: bool) -> dict[str, tuple[list[dict], list[dict]]]:
+    """Customers without lines in ``month`` (no subscription in it) whose earlier invoices leave adjustments:
+    {customer_id: (their stored invoices, the open adjustments)}. ``closing``: the month's invoices are being
+    finalized; if some were finalized by an earlier run, the month is closed and only a customer that already
+    has its adjustment invoice there keeps it (a later correction goes to the next month's run)."""
+    month, customers_by_id, exponents = ctx.month, ctx.customers, ctx.exponents
+    mk = f"{month:%Y-%m}"
+    registry = None
+    out: dict[str, tuple[list[dict], list[dict]]] = {}
+    for cid in sorted(customers_by_id):
+        if cid in billed or not any(name < mk and f"{cid}.json" in names for name, names, _ in index.months):
+            continue
+        currency = customers_by_id[cid].get("currency")
+        if currency not in exponents:
+            raise InvoiceError(f"customer {cid!r}: currency {currency!r} is not in seeds/currencies.csv; add it there")
+        stored = index.invoices(safe_customer_id(cid, "customers.csv"))
+        adjustments = open_adjustments(paths, cid, month, stored, currency, exponents[currency], index.pending(cid))
+        if not adjustments:
+            continue
+        if closing:
+            if registry is None:
+                registry = read_registry(paths)["numbers"]
+            if f"{mk}/{cid}" not in registry and any(k.startswith(f"{mk}/") for k in registry):
+                continue
+        out[cid] = (stored, adjustments)
+    return out
+
+
 def _numbers(ctx: _Month, numbers: Mapping[str, str] | None, paths: Paths | None, numbered: list[str]) -> Mapping[str, str] | None:
     """The numbers of the month's finalized invoices: ``numbers`` as given, else assigned in the registry."""
     if ctx.status != "finalized":
@@ -281,35 +310,6 @@ def _document(ctx: _Month, cid: str, plan_id: Any, plan_version: Any, plan_name:
         "dispute_instructions": _dispute_text(number, customer_status, ctx.finalized_on),
         "manifest": ctx.manifest,
     }
-
-
-def _leaver_adjustments(paths: Paths, index: _credits.StoredInvoices, ctx: _Month, billed: set[str],
-                        closing: bool) -> dict[str, tuple[list[dict], list[dict]]]:
-    """Customers without lines in ``month`` (no subscription in it) whose earlier invoices leave adjustments:
-    {customer_id: (their stored invoices, the open adjustments)}. ``closing``: the month's invoices are being
-    finalized; if some were finalized by an earlier run, the month is closed and only a customer that already
-    has its adjustment invoice there keeps it (a later correction goes to the next month's run)."""
-    month, customers_by_id, exponents = ctx.month, ctx.customers, ctx.exponents
-    mk = f"{month:%Y-%m}"
-    registry = None
-    out: dict[str, tuple[list[dict], list[dict]]] = {}
-    for cid in sorted(customers_by_id):
-        if cid in billed or not any(name < mk and f"{cid}.json" in names for name, names, _ in index.months):
-            continue
-        currency = customers_by_id[cid].get("currency")
-        if currency not in exponents:
-            raise InvoiceError(f"customer {cid!r}: currency {currency!r} is not in seeds/currencies.csv; add it there")
-        stored = index.invoices(safe_customer_id(cid, "customers.csv"))
-        adjustments = open_adjustments(paths, cid, month, stored, currency, exponents[currency], index.pending(cid))
-        if not adjustments:
-            continue
-        if closing:
-            if registry is None:
-                registry = read_registry(paths)["numbers"]
-            if f"{mk}/{cid}" not in registry and any(k.startswith(f"{mk}/") for k in registry):
-                continue
-        out[cid] = (stored, adjustments)
-    return out
 
 
 def _formula(line: Mapping, out: dict, currency: str, exponent: int) -> str:

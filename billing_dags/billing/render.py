@@ -6,15 +6,20 @@ Every renderer is deterministic: the same invoice gives the same bytes.
 from __future__ import annotations
 
 import csv
+import functools
 import html
 import io
+from pathlib import Path
 from typing import Any, Mapping
+
+import jinja2
 
 from billing_dags.billing.document import STATUSES
 from billing_dags.billing.errors import InvoiceError
 from billing_dags.core import durable
 
 FORMATS = ("json", "csv", "html", "table")
+TEMPLATES = Path(__file__).parent / "templates"
 
 CSV_COLUMNS = (
     "invoice_number",
@@ -142,28 +147,6 @@ def _render_table(invoice: dict) -> str:
     return "\n".join(out)
 
 
-_HTML_STYLE = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #1f2328; margin: 2rem auto; max-width: 960px; padding: 0 1rem; }
-header { display: flex; justify-content: space-between; align-items: flex-start; border-bottom: 2px solid #1f2328; padding-bottom: 1rem; }
-h1 { margin: 0 0 .25rem 0; font-size: 1.6rem; }
-h2 { font-size: 1.1rem; margin-top: 2rem; }
-.status { display: inline-block; padding: .15rem .6rem; border-radius: 1rem; font-size: .85rem; font-weight: 600; text-transform: uppercase; }
-.status-draft { background: #fff8c5; color: #7d4e00; border: 1px solid #d4a72c; }
-.status-finalized { background: #dafbe1; color: #116329; border: 1px solid #4ac26b; }
-dl { display: grid; grid-template-columns: max-content auto; gap: .2rem 1rem; margin: 0; }
-dt { color: #59636e; } dd { margin: 0; }
-table { width: 100%; border-collapse: collapse; margin-top: .5rem; font-size: .92rem; }
-th, td { text-align: left; padding: .4rem .5rem; border-bottom: 1px solid #d1d9e0; vertical-align: top; }
-th { background: #f6f8fa; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.formula { color: #59636e; font-size: .85rem; }
-tr.total td { font-weight: 700; border-top: 2px solid #1f2328; border-bottom: none; font-size: 1.05rem; }
-.dispute { margin-top: 2rem; padding: 1rem; background: #f6f8fa; border-left: 4px solid #59636e; font-size: .88rem; }
-.manifest { margin-top: 1rem; color: #59636e; font-size: .75rem; word-break: break-all; }
-@media print { body { margin: 0; max-width: none; } .status { border: 1px solid #000; } th { background: none; } }
-""".strip()
-
-
 def _escape(value: Any) -> str:
     """``html.escape(str(value), quote=True)`` ("" for None), without the five replacements when nothing needs them."""
     s = "" if value is None else value if type(value) is str else str(value)
@@ -173,110 +156,32 @@ def _escape(value: Any) -> str:
 
 
 def _render_html(invoice: dict) -> str:
-    e = _escape
-    cur = invoice["currency"].upper()
+    """The self-contained printable page (``templates/invoice.html``); every value HTML-escaped."""
     status = invoice["status"] if invoice["status"] in STATUSES else "draft"
-    usage = [l for l in invoice["lines"] if l["line_type"] == "usage"]
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{e(document_title(invoice))} {e(invoice['invoice_number'])} — {e(invoice['customer_name'])}</title>",
-        f"<style>\n{_HTML_STYLE}\n</style>",
-        "</head>",
-        "<body>",
-        "<header>",
-        "<div>",
-        f"<h1>{e(document_title(invoice))} {e(invoice['invoice_number'])}</h1>",
-        f'<span class="status status-{e(status)}">{e(invoice["status"])}</span>',
-        "</div>",
-        "<dl>",
-        f"<dt>Customer</dt><dd>{e(invoice['customer_name'])} ({e(invoice['customer_id'])})</dd>",
-        f"<dt>Plan</dt><dd>{e(invoice.get('plan_name') or invoice['plan_id'])} (v{e(invoice['plan_version'])})</dd>",
-        f"<dt>Period</dt><dd>{e(invoice['period_start'])} to {e(invoice['period_end'])} (exclusive, UTC)</dd>",
-        f"<dt>Currency</dt><dd>{e(cur)}</dd>",
-    ]
-    if invoice.get("finalized_on"):
-        parts.append(f"<dt>Finalized on</dt><dd>{e(invoice['finalized_on'])}</dd>")
-    parts += ["</dl>", "</header>"]
-    if invoice.get("corrects"):
-        parts.append(f"<p>Corrects {e(', '.join(invoice['corrects']))} (finalized; see the adjustment lines for the reason). "
-                     "No subscription in this period, so the correction is issued on its own.</p>")
-    parts.append("<h2>Usage summary</h2>")
-    if usage:
-        parts += [
-            "<table>",
-            '<thead><tr><th>Meter</th><th>Dimension</th><th class="num">Quantity</th><th>Unit</th></tr></thead>',
-            "<tbody>",
-        ]
-        for l in usage:
-            parts.append(
-                f"<tr><td>{e(l['meter_id'])}</td><td>{e(l['dimension'])}</td>"
-                f'<td class="num">{e(l["quantity"])}</td><td>{e(l["unit"])}</td></tr>'
-            )
-        parts += ["</tbody>", "</table>"]
-    else:
-        parts.append("<p>No metered usage in this period.</p>")
-    parts += [
-        "<h2>Charges</h2>",
-        "<table>",
-        "<thead><tr><th class=\"num\">#</th><th>Description</th><th class=\"num\">Quantity</th><th>Unit</th>"
-        f"<th class=\"num\">Unit price ({e(cur)})</th><th>How it is computed</th><th class=\"num\">Amount ({e(cur)})</th></tr></thead>",
-        "<tbody>",
-    ]
-    for l in invoice["lines"]:
-        parts.append(
-            f'<tr><td class="num">{e(l["line_number"])}</td><td>{e(l["description"])}</td>'
-            f'<td class="num">{e(l["quantity"])}</td><td>{e(l["unit"])}</td>'
-            f'<td class="num">{e(l["unit_price"])}</td><td class="formula">{e(l.get("formula", ""))}</td>'
-            f'<td class="num">{e(l["amount"])}</td></tr>'
-        )
-    parts += [
-        f'<tr class="total"><td></td><td colspan="5">{e(total_label(invoice))}</td><td class="num">{e(cur)} {e(invoice["total"])}</td></tr>',
-        "</tbody>",
-        "</table>",
-        "<h2>Summary</h2>",
-        '<table class="summary">',
-        "<tbody>",
-    ]
-    summary = _summary_rows(invoice)
-    for label, value in summary[:-1]:
-        parts.append(f'<tr><td>{e(label)}</td><td class="num">{e(cur)} {e(value)}</td></tr>')
-    parts += [
-        f'<tr class="total"><td>{e(total_label(invoice))}</td><td class="num">{e(cur)} {e(invoice["total"])}</td></tr>',
-        "</tbody>",
-        "</table>",
-    ]
-    if invoice.get("credits"):
-        parts += [
-            "<h2>Prepaid credits</h2>",
-            "<table>",
-            "<thead><tr><th>Grant</th><th>Description</th><th>Expires (exclusive)</th>"
-            f'<th class="num">Available ({e(cur)})</th><th class="num">Used ({e(cur)})</th><th class="num">Remaining ({e(cur)})</th></tr></thead>',
-            "<tbody>",
-        ]
-        for c in invoice["credits"]:
-            parts.append(
-                f"<tr><td>{e(c['grant_id'])}</td><td>{e(c['description'])}</td><td>{e(c['expires_on'] or 'never')}</td>"
-                f'<td class="num">{e(c["available"])}</td><td class="num">{e(c["used"])}</td><td class="num">{e(c["remaining"])}</td></tr>'
-            )
-        parts += ["</tbody>", "</table>"]
-    parts += [
-        f'<div class="dispute"><strong>Disputes.</strong> {e(invoice["dispute_instructions"])}</div>',
-    ]
-    manifest = invoice.get("manifest") or {}
-    if manifest:
-        parts.append(
-            f'<div class="manifest">Manifest: code {e(manifest.get("code_version", ""))}; '
-            f'{e(len(manifest.get("raw_samples") or {}))} raw sample files, '
-            f'{e(len(manifest.get("raw_events") or {}))} raw event files, '
-            f'{e(sum(d["reports"] for d in (manifest.get("usage_reports") or {}).values()))} usage reports and '
-            f'{e(len(manifest.get("seeds") or {}))} seed files hashed (SHA-256, listed in the JSON invoice).</div>'
-        )
-    parts += ["</body>", "</html>", ""]
-    return "\n".join(parts)
+    return _html_template().render(
+        inv=invoice,
+        title=document_title(invoice),
+        total_label=total_label(invoice),
+        status_class=status,
+        cur=invoice["currency"].upper(),
+        usage=[l for l in invoice["lines"] if l["line_type"] == "usage"],
+        summary=_summary_rows(invoice)[:-1],
+        manifest=invoice.get("manifest") or {},
+    )
+
+
+@functools.cache
+def _html_template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=False,  # every value goes through _escape instead: html.escape's entities, as before
+        finalize=_escape,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    return env.get_template("invoice.html")
 
 
 def render_bytes(invoice: dict, fmt: str) -> bytes:
