@@ -257,7 +257,7 @@ def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
         held = {c: "held" for c in unacknowledged_critical(paths, window.start)}
         t_build = time.perf_counter()
         docs = build.build_invoices(lines, seeds["customers"], seeds["plans"], seeds["currencies"], window.start, now=now,
-                                  manifest=manifest, paths=paths, grants=grants, held=held)
+                                    manifest=manifest, paths=paths, grants=grants, held=held)
         t_write = time.perf_counter()
         written = store.write_invoice_files(paths, docs)
         settlement.settle_drafts(paths, window.start, docs, grants)

@@ -114,7 +114,7 @@ def _generated_line(ln: int, line_type: str, amount_minor: int, exp: int, **fiel
 
 
 def _settle(
-    charge_lines: list[dict],
+    charges: list[dict],
     charges_minor: int,
     adjustments: list[dict],
     grants: list[_credits.Grant],
@@ -131,7 +131,7 @@ def _settle(
     A ``credit_note`` (an adjustment invoice) keeps a negative total: it is refunded, not carried."""
     cur = currency.upper()
     fmt = lambda m: format_minor(m, exp)  # noqa: E731
-    ln = max((l["line_number"] for l in charge_lines), default=0) + 1
+    ln = max((l["line_number"] for l in charges), default=0) + 1
     extra: list[dict] = []
     for a in adjustments:
         extra.append(
@@ -204,14 +204,14 @@ def _settle(
     return extra, summary
 
 
-def settle(charge_lines: list[dict], adjustments: list[dict], grants: Iterable[_credits.Grant], stored: list[dict],
-             month: date, currency: str, exp: int, credit_note: bool = False) -> dict:
-    """The lines (charges, then what ``_settle`` adds), summary figures and total of a customer's invoice of
-    ``month``; ``stored`` are the customer's stored invoices (credit draws of other months)."""
-    charges = sum(line["amount_minor"] for line in charge_lines)
-    extra, summary = _settle(charge_lines, charges, adjustments, [g for g in grants if g.currency == currency],
+def settle(charges: list[dict], adjustments: list[dict], grants: Iterable[_credits.Grant], stored: list[dict],
+           month: date, currency: str, exp: int, credit_note: bool = False) -> dict:
+    """The lines (the charge lines ``charges``, then what ``_settle`` adds), summary figures and total of a
+    customer's invoice of ``month``; ``stored`` are the customer's stored invoices (credit draws of other months)."""
+    charges_minor = sum(line["amount_minor"] for line in charges)
+    extra, summary = _settle(charges, charges_minor, adjustments, [g for g in grants if g.currency == currency],
                              _credits.drawn_before(stored, month.isoformat()), month, period_end(month), currency, exp, credit_note)
-    lines = [*charge_lines, *extra]
+    lines = [*charges, *extra]
     total_minor = sum(line["amount_minor"] for line in lines)
     return {"lines": lines, **summary, "total": format_minor(total_minor, exp), "total_minor": total_minor}
 
