@@ -1,4 +1,4 @@
-"""`python -m benchmarks.backfill`: a 30-day backfill one partition at a time vs two at a time (issue 7, item 7).
+"""`python -m benchmarks.backfill`: a 30-day backfill one partition at a time vs two at a time (item 7).
 
 Target: a 30-day backfill uses both cores (parallel partitions, no shared DuckDB file lock);
 report the speed-up over one at a time.

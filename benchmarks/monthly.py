@@ -1,4 +1,4 @@
-"""`python -m benchmarks.monthly`: the monthly stage for 10,000 customers (issue 7, item 4).
+"""`python -m benchmarks.monthly`: the monthly stage for 10,000 customers (item 4).
 
 Target: usage by month -> rated usage -> invoice lines -> invoice files and the Stripe outbox for
 10,000 customers in under 30 s and 1 GB.
@@ -20,7 +20,7 @@ once as drafts on the 1st and once finalized on the 4th (numbers assigned, files
 and the Stripe outbox of one day (`build_outbox` + `write_outbox`). Outputs of earlier runs are
 removed first, so every run starts from the same state. The best total of --repeat runs is kept.
 
-Reference (the issue names none): after the stage, in the same process and after its peak RSS is
+Reference (the target names none): after the stage, in the same process and after its peak RSS is
 read, a plain DuckDB scan of the month's `fct_usage_by_day` partitions (count and sums of usage,
 gauge integral and samples over every row; best of 3) -- the cost of reading the stage's input
 once, so the ratio says how much the stage costs beyond that.
@@ -281,7 +281,7 @@ def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
     rows = ob.build_outbox(day, usage, customers, meters, ob.read_outbox(paths, day))
     ob.write_outbox(paths, day, rows)
     steps.append({"step": f"Stripe outbox of one day ({day})", "seconds": time.perf_counter() - t0, "rows": len(rows)})
-    # the stage as the issue states it: models, invoice files (the run on the 1st) and the outbox; the run on the
+    # the stage as the target counts it: models, invoice files (the run on the 1st) and the outbox; the run on the
     # 4th that finalizes the same invoices is shown on its own row, outside the total
     total = sum(s["seconds"] for s in steps if not s["step"].startswith("invoices: finalized"))
     invoice_bytes = sum(f.stat().st_size for f in paths.invoices.rglob("*") if f.is_file())

@@ -1,4 +1,4 @@
-"""Adjustments (issue 5.5; rule 8): a finalized invoice is never edited; a recomputation that changes its
+"""Adjustments (rule 8): a finalized invoice is never edited; a recomputation that changes its
 charges is carried once, as a signed adjustment line with the reason, on the customer's next invoice;
 credits apply after adjustments and a total never goes below zero."""
 

@@ -1,4 +1,4 @@
-"""Prepaid credits (issue 5.3; rules 7, 8, 11): expiry-ordered draw-down, balances carried across months,
+"""Prepaid credits (rules 7, 8, 11): expiry-ordered draw-down, balances carried across months,
 never below zero, exact minor units, clear seed errors, a deterministic ledger."""
 
 from __future__ import annotations

@@ -428,7 +428,7 @@ def test_formula_uses_allowance_and_packages_when_the_line_has_them():
     assert invoice["lines"][1]["formula"] == "2500 request used − 0 included = 2500 request → 3 packages of 1000 × 0.50 USD = 1.50 USD"
 
 
-# --------------------------------------------------------------------------- writing many files (issue 7)
+# --------------------------------------------------------------------------- writing many files at once
 
 
 def _stdlib_json(obj) -> bytes:
