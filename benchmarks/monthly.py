@@ -228,7 +228,8 @@ def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
 
     from billing_dags.billing import credits as cr
     from billing_dags.seeds.catalog import load_grants
-    from billing_dags.billing import invoices as inv
+    from billing_dags.billing import build, settlement, store
+    from billing_dags.billing.manifest import code_version, invoice_manifest
     from billing_dags.stripe import outbox as ob
     from billing_dags.operations.flags import unacknowledged_critical
     from billing_dags.models.sqlmodels import Window, load_project, partition_file, run_model, seed_snapshot_path
@@ -252,14 +253,14 @@ def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
         lines = pq.read_table(partition_file(paths, project.models["fct_invoice_lines"], window)).to_pylist()
         seeds = {n: pq.read_table(seed_snapshot_path(paths, n)).to_pylist() for n in ("customers", "plans", "currencies")}
         grants = load_grants(paths.seeds_dir, seeds["customers"], seeds["currencies"])
-        manifest = inv.invoice_manifest(paths, window.start, paths.seeds_dir, inv.code_version())
+        manifest = invoice_manifest(paths, window.start, paths.seeds_dir, code_version())
         held = {c: "held" for c in unacknowledged_critical(paths, window.start)}
         t_build = time.perf_counter()
-        docs = inv.build_invoices(lines, seeds["customers"], seeds["plans"], seeds["currencies"], window.start, now=now,
-                                  manifest=manifest, paths=paths, grants=grants, held=held)
+        docs = build.build_invoices(lines, seeds["customers"], seeds["plans"], seeds["currencies"], window.start, now=now,
+                                    manifest=manifest, paths=paths, grants=grants, held=held)
         t_write = time.perf_counter()
-        written = inv.write_invoice_files(paths, docs)
-        inv.settle_drafts(paths, window.start, docs, grants)
+        written = store.write_invoice_files(paths, docs)
+        settlement.settle_drafts(paths, window.start, docs, grants)
         cr.write_ledger(paths, grants, {c["currency"]: int(c["minor_unit_exponent"]) for c in seeds["currencies"]})
         return {"invoices": len(docs), "lines": len(lines), "by_status": written["by_status"], "files_written": len(written["written"]),
                 "build_s": t_write - t_build, "write_s": time.perf_counter() - t_write}

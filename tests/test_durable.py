@@ -80,7 +80,8 @@ INVOICE_LINES = [
 
 
 def _invoice_files(p: Paths):
-    from billing_dags.billing.invoices import build_invoices, write_invoice_files
+    from billing_dags.billing.build import build_invoices
+    from billing_dags.billing.store import write_invoice_files
 
     docs = build_invoices(INVOICE_LINES, [{"customer_id": "acme", "name": "Acme", "currency": "usd"}],
                           [{"plan_id": "pro", "version": 1, "name": "Pro"}], [{"currency": "usd", "minor_unit_exponent": 2}], JAN,
@@ -89,7 +90,7 @@ def _invoice_files(p: Paths):
 
 
 def _registry(p: Paths):
-    from billing_dags.billing.invoices import assign_invoice_numbers, registry_path
+    from billing_dags.billing.numbering import assign_invoice_numbers, registry_path
 
     return lambda: (assign_invoice_numbers(p, JAN, ["acme"]), [registry_path(p)])[1]
 

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from billing_dags.core.calendar import month_days, next_month, utc_today
 from billing_dags.core.errors import InputError
+from billing_dags.core.money import format_minor
 from billing_dags.core.settings import Paths
 
 NANO = 10**9
@@ -114,10 +115,6 @@ def base_quantity(aggregation: str, row: dict) -> Decimal:
 
 def fmt(x: Decimal) -> str:
     return f"{Decimal(x).quantize(Decimal('0.000000001')).normalize():f}"
-
-
-def format_minor(amount_minor: int, exponent: int) -> str:
-    return f"{Decimal(amount_minor).scaleb(-exponent):.{exponent}f}"
 
 
 # --- inputs ------------------------------------------------------------------------------------

@@ -22,8 +22,11 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from billing_dags.billing import invoices as inv
+from billing_dags.billing.document import GENERATED_LINE_TYPES
+from billing_dags.billing.manifest import code_version, invoice_manifest, recompute_reason
+from billing_dags.billing.store import PENDING_DIR
 from billing_dags.core.errors import InputError
+from billing_dags.core.money import format_minor
 from billing_dags.core.settings import SQL_MODELS_DIR, Paths
 from billing_dags.ingest import raw
 from billing_dags.models.sqlmodels import Window, connect, load_project, partition_file, prepare
@@ -184,7 +187,7 @@ def invoice_vs_recomputed(paths: Paths, invoice: dict, invoice_lines: list[dict]
             acc["amount_minor"] += int(line["amount_minor"])
         return out
 
-    billed = by_key(l for l in invoice_lines if l["line_type"] not in inv.GENERATED_LINE_TYPES)
+    billed = by_key(l for l in invoice_lines if l["line_type"] not in GENERATED_LINE_TYPES)
     again = by_key(recomputed_lines)
     rows = []
     for k in sorted(set(billed) | set(again)):
@@ -203,14 +206,14 @@ def invoice_vs_recomputed(paths: Paths, invoice: dict, invoice_lines: list[dict]
     if invoice["status"] != "finalized":
         out["explanation"] = f"draft {invoice['invoice_number']} was built before the latest recomputation; the next invoice run rewrites it"
         return out
-    pending_file = paths.invoices / month / inv.PENDING_DIR / f"{cid}.json"
+    pending_file = paths.invoices / month / PENDING_DIR / f"{cid}.json"
     pending = json.loads(pending_file.read_text()) if pending_file.exists() else None
-    manifest = pending["recomputed_manifest"] if pending else inv.invoice_manifest(paths, date.fromisoformat(invoice["period_start"]), paths.seeds_dir, inv.code_version())
-    out["reason"] = inv._recompute_reason(invoice, manifest)
+    manifest = pending["recomputed_manifest"] if pending else invoice_manifest(paths, date.fromisoformat(invoice["period_start"]), paths.seeds_dir, code_version())
+    out["reason"] = recompute_reason(invoice, manifest)
     text = f"the recomputed month differs from finalized invoice {invoice['invoice_number']} because of {out['reason']} after finalization; a finalized invoice is never edited: "
     if pending:
         out["pending_adjustment_minor"] = int(pending["delta_minor"])
-        text += f"{inv.format_minor(int(pending['delta_minor']), exp)} {invoice['currency'].upper()} is pending as an adjustment on {cid}'s next invoice ({pending_file})"
+        text += f"{format_minor(int(pending['delta_minor']), exp)} {invoice['currency'].upper()} is pending as an adjustment on {cid}'s next invoice ({pending_file})"
     else:
         text += f"no adjustment is recorded yet; rerun the invoices of {month} (billing run) to record it for {cid}'s next invoice"
     out["explanation"] = text[0].upper() + text[1:]
