@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from billing_dags.ingest import raw
-from billing_dags.definitions import ASSETS
+from billing_dags.definitions import defs as load_defs
 from billing_dags.defs.shared.partitions import billing_daily, billing_monthly
 from billing_dags.defs.shared.resources import (
     PrometheusResource,
@@ -23,6 +23,9 @@ from billing_dags.defs.shared.resources import (
     UsageEventsResource,
     WarehouseResource,
 )
+
+#: every asset of the code location, as loaded from the defs folder
+ASSETS = load_defs().assets
 
 MONTH = date(2026, 2, 1)  # 28 days keeps the test short
 DAYS = [MONTH + timedelta(days=i) for i in range(28)]

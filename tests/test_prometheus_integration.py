@@ -28,11 +28,14 @@ import pytest
 
 from billing_dags.ingest import prometheus as prom
 from billing_dags.ingest import raw
-from billing_dags.definitions import ASSETS
+from billing_dags.definitions import defs as load_defs
 from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, StripeResource, WarehouseResource
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 import prometheus_harness as harness
 from servers import HandlerServer
+
+#: every asset of the code location, as loaded from the defs folder
+ASSETS = load_defs().assets
 
 pytestmark = pytest.mark.integration
 

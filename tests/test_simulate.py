@@ -393,7 +393,7 @@ def test_one_day_through_dagster_bills_the_simulated_events_and_reports(data_dir
 
     import dagster as dg
 
-    from billing_dags.definitions import ASSETS
+    from billing_dags.definitions import defs as load_defs
     from billing_dags.defs.shared.resources import (
         PrometheusResource,
         SimulationResource,
@@ -412,6 +412,7 @@ def test_one_day_through_dagster_bills_the_simulated_events_and_reports(data_dir
         "stripe": StripeResource(),
     }
     instance = dg.DagsterInstance.ephemeral()
+    ASSETS = load_defs().assets
     seed_keys = [k for a in ASSETS for k in a.keys if a.group_names_by_key.get(k) == "seeds"]
     assert dg.materialize(ASSETS, selection=seed_keys, resources=resources, instance=instance).success
     names = ("raw_samples", "usage_events", "usage_reports", "fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day")

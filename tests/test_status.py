@@ -10,7 +10,7 @@ import dagster as dg
 from dagster._core.definitions.data_version import StaleStatus
 from dagster._utils.test.data_versions import get_stale_status_resolver
 
-from billing_dags.definitions import ASSETS, defs as load_defs
+from billing_dags.definitions import defs as load_defs
 from billing_dags.defs.shared.resources import (
     PrometheusResource,
     SimulationResource,
@@ -19,6 +19,9 @@ from billing_dags.defs.shared.resources import (
     WarehouseResource,
 )
 from billing_dags.core.settings import PROJECT_ROOT
+
+#: every asset of the code location, as loaded from the defs folder
+ASSETS = load_defs().assets
 
 DAYS = ["2026-02-01", "2026-02-02", "2026-02-03"]
 DAILY = ["raw_samples", "fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day"]

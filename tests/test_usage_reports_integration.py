@@ -25,11 +25,14 @@ import pytest
 import requests
 
 from billing_dags.ingest import events
-from billing_dags.definitions import ASSETS
+from billing_dags.definitions import defs as load_defs
 from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, StripeResource, UsageEventsResource, WarehouseResource
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.ingest.usage_reports import demo_report_token
 from servers import free_port
+
+#: every asset of the code location, as loaded from the defs folder
+ASSETS = load_defs().assets
 
 pytestmark = pytest.mark.integration
 

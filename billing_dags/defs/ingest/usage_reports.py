@@ -107,13 +107,12 @@ def report_run_requests(paths, today: date | None = None) -> tuple[list[dg.RunRe
     return requests, waiting
 
 
-def usage_reports_sensor() -> dg.SensorDefinition:
-    return pending_days_sensor(
-        "usage_reports_sensor",
-        usage_reports,
-        "Turns newly accepted usage reports into raw events: requests usage_reports for exactly the UTC days "
-        "with reports received since their last run (late_raw_data_sensor then reruns usage for those days).",
-        report_run_requests,
-        idle="no usage report waits to become events",
-        waiting_why="reports only for days that are not partitions yet (today): {days}",
-    )
+usage_reports_sensor = pending_days_sensor(
+    "usage_reports_sensor",
+    usage_reports,
+    "Turns newly accepted usage reports into raw events: requests usage_reports for exactly the UTC days "
+    "with reports received since their last run (late_raw_data_sensor then reruns usage for those days).",
+    report_run_requests,
+    idle="no usage report waits to become events",
+    waiting_why="reports only for days that are not partitions yet (today): {days}",
+)

@@ -201,3 +201,9 @@ def build_resources() -> dict:
         "usage_events": UsageEventsResource(dsn=_env("BILLING_USAGE_EVENTS_DSN")),
         "stripe": StripeResource(api_key=_env("STRIPE_API_KEY"), api_base=_env("STRIPE_API_BASE")),
     }
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The code location's resources, built when it loads (the environment is read then)."""
+    return dg.Definitions(resources=build_resources())
