@@ -120,3 +120,53 @@ def test_the_code_location_defines_exactly_these_assets_checks_jobs_schedules_an
     assert {s.name for s in repo.sensor_defs} == EXPECTED_SENSORS
     # every run of every job runs its steps in the run's own process
     assert {j.executor_def.name for j in repo.get_all_jobs()} == {"in_process"}
+
+
+def test_the_environment_chooses_the_usage_sources(monkeypatch):
+    from billing_dags.defs.ingest import sources
+
+    for var in ("PROMETHEUS_URL", "BILLING_USAGE_EVENTS_DSN"):
+        monkeypatch.delenv(var, raising=False)
+
+    def chosen() -> dict:
+        return {k: type(v).__name__ for k, v in sources.usage_sources().items() if k.endswith("_source")}
+
+    assert chosen() == {"sample_source": "SimulatedSamples", "event_source": "SimulatedEvents", "report_source": "SimulatedReports"}
+    monkeypatch.setenv("BILLING_USAGE_EVENTS_DSN", "postgresql://billing@127.0.0.1/app")
+    assert chosen() == {"sample_source": "SimulatedSamples", "event_source": "PostgresEvents", "report_source": "SimulatedReports"}
+    monkeypatch.setenv("PROMETHEUS_URL", "http://127.0.0.1:9090")
+    assert chosen() == {"sample_source": "PrometheusSamples", "event_source": "PostgresEvents", "report_source": "ReceivedReports"}
+    monkeypatch.delenv("BILLING_USAGE_EVENTS_DSN")
+    assert chosen() == {"sample_source": "PrometheusSamples", "event_source": "NoEvents", "report_source": "ReceivedReports"}
+
+
+def test_the_ingest_assets_read_only_the_warehouse_and_their_source():
+    graph = _defs().resolve_asset_graph()
+    needs = {
+        name: graph.get(dg.AssetKey(name)).assets_def.required_resource_keys - {"io_manager"}
+        for name in ("raw_samples", "usage_events", "usage_reports")
+    }
+    assert needs == {
+        "raw_samples": {"warehouse", "sample_source"},
+        "usage_events": {"warehouse", "event_source"},
+        "usage_reports": {"warehouse", "report_source"},
+    }
+
+
+def test_any_sample_source_bound_by_configuration_feeds_raw_samples(paths):
+    """A source the assets have never heard of: raw_samples calls it for each day of the run."""
+    from billing_dags.defs.ingest.sources import SampleSource
+    from billing_dags.defs.shared.resources import WarehouseResource
+
+    class RecordedSamples(SampleSource):
+        def write_day(self, context, paths, day) -> dict:
+            return {"source": "recorded", "day": day.isoformat()}
+
+    assets = [a for a in _defs().assets if dg.AssetKey("raw_samples") in a.keys]
+    resources = {
+        "warehouse": WarehouseResource(data_dir=str(paths.data_dir), seeds_dir=str(paths.seeds_dir)),
+        "sample_source": RecordedSamples(),
+    }
+    result = dg.materialize(assets, partition_key="2026-10-02", resources=resources, instance=dg.DagsterInstance.ephemeral())
+    meta = result.asset_materializations_for_node("raw_samples")[0].metadata
+    assert meta["source"].value == "recorded" and meta["day"].value == "2026-10-02"

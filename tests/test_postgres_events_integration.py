@@ -23,7 +23,8 @@ import pytest
 
 from billing_dags.ingest import events
 from billing_dags.definitions import defs as load_defs
-from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, StripeResource, UsageEventsResource, WarehouseResource
+from billing_dags.defs.ingest.sources import PostgresEvents, SimulationResource, simulated_sources
+from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from servers import free_port
 
@@ -120,8 +121,8 @@ def _rows():
 def _resources(paths, dsn):
     return {
         "warehouse": WarehouseResource(data_dir=str(paths.data_dir), seeds_dir=str(paths.seeds_dir)),
-        "simulation": SimulationResource(), "prometheus": PrometheusResource(), "stripe": StripeResource(),
-        "usage_events": UsageEventsResource(dsn=dsn),
+        **simulated_sources(SimulationResource()), "stripe": StripeResource(),
+        "event_source": PostgresEvents(dsn=dsn),
     }
 
 

@@ -394,21 +394,14 @@ def test_one_day_through_dagster_bills_the_simulated_events_and_reports(data_dir
     import dagster as dg
 
     from billing_dags.definitions import defs as load_defs
-    from billing_dags.defs.shared.resources import (
-        PrometheusResource,
-        SimulationResource,
-        StripeResource,
-        UsageEventsResource,
-        WarehouseResource,
-    )
+    from billing_dags.defs.ingest.sources import SimulationResource, simulated_sources
+    from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
 
     seeds = _event_seeds(small_seeds)
     paths = resolve_paths(data_dir, seeds)
     resources = {
         "warehouse": WarehouseResource(data_dir=str(paths.data_dir), seeds_dir=str(paths.seeds_dir)),
-        "simulation": SimulationResource(seed=7, interval_s=300),
-        "prometheus": PrometheusResource(),
-        "usage_events": UsageEventsResource(),
+        **simulated_sources(SimulationResource(seed=7, interval_s=300)),
         "stripe": StripeResource(),
     }
     instance = dg.DagsterInstance.ephemeral()

@@ -26,7 +26,8 @@ import requests
 
 from billing_dags.ingest import events
 from billing_dags.definitions import defs as load_defs
-from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, StripeResource, UsageEventsResource, WarehouseResource
+from billing_dags.defs.ingest.sources import NoEvents, ReceivedReports, SimulatedSamples, SimulationResource
+from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.ingest.usage_reports import demo_report_token
 from servers import free_port
@@ -131,8 +132,9 @@ def _post(url, text, token=TOKEN):
 def _run(paths, instance, names, key=None):
     resources = {
         "warehouse": WarehouseResource(data_dir=str(paths.data_dir), seeds_dir=str(paths.seeds_dir)),
-        "simulation": SimulationResource(enabled=False), "prometheus": PrometheusResource(), "stripe": StripeResource(),
-        "usage_events": UsageEventsResource(),
+        "sample_source": SimulatedSamples(simulation=SimulationResource()), "stripe": StripeResource(),
+        # only the reports the test POSTs: no simulated reports, no usage_events rows
+        "event_source": NoEvents(), "report_source": ReceivedReports(),
     }
     sel = [k for a in ASSETS for k in a.keys if k.to_user_string() in names]
     return dg.materialize(ASSETS, selection=sel, partition_key=key, resources=resources, instance=instance, raise_on_error=False)
