@@ -459,7 +459,7 @@ def test_one_day_through_dagster_bills_the_simulated_events_and_reports(data_dir
         assert row["gauge_covered_ms"] == 24 * hour_ms, meter
 
     # the demo's closing lines read the same models
-    from billing_dags.cli.main import event_billed_lines
+    from billing_dags.operations.reports import event_billed_lines
 
     events = sum(r["events"] for k, r in got.items() if k[0] == "llm-010")
     lines = event_billed_lines(paths, EVENT_DAY.replace(day=1))

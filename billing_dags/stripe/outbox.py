@@ -493,3 +493,13 @@ def summarize(rows: Iterable[Mapping]) -> dict:
         by_status[r["status"]] = by_status.get(r["status"], 0) + 1
         values[r["event_name"]] = values.get(r["event_name"], 0) + int(r["value"])
     return {"rows": sum(by_status.values()), "by_status": by_status, "value_by_event": dict(sorted(values.items()))}
+
+
+def outbox_summary(paths: Paths, month: date) -> str:
+    """Meter events of the month's days by status, e.g. '1,234 meter events: 900 dry_run, 334 too_old'."""
+    from billing_dags.core.calendar import month_days
+
+    summary = summarize(row for day in month_days(month) for row in read_outbox(paths, day))
+    return f"{summary['rows']:,} meter events: " + ", ".join(
+        f"{n:,} {status}" for status, n in sorted(summary["by_status"].items()) if n
+    )
