@@ -10,7 +10,7 @@ from billing_dags.core.settings import Paths
 
 def invoice_rows(paths: Paths, month: date) -> list[dict]:
     """One row per customer invoice file of ``month`` (the registry and other files skipped), by file name."""
-    from billing_dags.billing.invoices import document_title
+    from billing_dags.billing.render import document_title
 
     folder = paths.invoices / f"{month:%Y-%m}"
     rows = []

@@ -111,7 +111,7 @@ def _load_invoice(paths: Paths, customer_id: str, month: date) -> dict:
 
 
 def cmd_invoice(args) -> int:
-    from billing_dags.billing.invoices import document_title, render_invoice, total_label
+    from billing_dags.billing.render import document_title, render_invoice, total_label
 
     paths = paths_of(args)
     month = parse_month(args.month)
