@@ -63,8 +63,8 @@ def test_partition_mapping_reaches_back_35_days_for_usage():
 
 #: everything the code location defines, by name: loading the defs folder finds exactly these
 EXPECTED_ASSETS = {
-    "billing_metrics_textfile", "daily_summary", "dim_subscription_periods_by_month", "fct_anomaly_flags",
-    "fct_gauge_peaks_by_day", "fct_invoice_lines", "fct_rated_usage", "fct_series_edges_by_day", "fct_usage_30d",
+    "billing_metrics_textfile", "daily_summary", "dim_subscription_periods_by_month", "fct_anomaly_flags_by_day",
+    "int_gauge_peaks_by_day", "fct_invoice_lines", "fct_rated_usage_by_subscription_period", "int_series_edges_by_day", "fct_usage_30d_by_day",
     "fct_usage_by_day", "fct_usage_by_month", "fct_usage_by_subscription_period", "invoices", "raw_retention",
     "raw_samples", "remote_write_samples", "seed_anomaly_rules", "seed_credits", "seed_currencies", "seed_customers",
     "seed_meters", "seed_plans", "seed_price_tiers", "seed_prices", "seed_report_fields", "seed_report_tokens",
@@ -72,11 +72,11 @@ EXPECTED_ASSETS = {
     "warehouse_views",
 }
 EXPECTED_CHECKS = {
-    "dim_subscription_periods_by_month:grain_is_unique", "fct_anomaly_flags:grain_is_unique",
-    "fct_gauge_peaks_by_day:grain_is_unique", "fct_invoice_lines:amounts_are_whole_minor_units",
-    "fct_invoice_lines:grain_is_unique", "fct_rated_usage:grain_is_unique", "fct_rated_usage:unpriced_usage",
-    "fct_series_edges_by_day:grain_is_unique", "fct_series_edges_by_day:scrape_completeness",
-    "fct_usage_30d:grain_is_unique", "fct_usage_by_day:grain_is_unique", "fct_usage_by_day:no_negative_usage",
+    "dim_subscription_periods_by_month:grain_is_unique", "fct_anomaly_flags_by_day:grain_is_unique",
+    "int_gauge_peaks_by_day:grain_is_unique", "fct_invoice_lines:amounts_are_whole_minor_units",
+    "fct_invoice_lines:grain_is_unique", "fct_rated_usage_by_subscription_period:grain_is_unique", "fct_rated_usage_by_subscription_period:unpriced_usage",
+    "int_series_edges_by_day:grain_is_unique", "int_series_edges_by_day:scrape_completeness",
+    "fct_usage_30d_by_day:grain_is_unique", "fct_usage_by_day:grain_is_unique", "fct_usage_by_day:no_negative_usage",
     "fct_usage_by_month:daily_sum_equals_month", "fct_usage_by_month:grain_is_unique",
     "fct_usage_by_subscription_period:grain_is_unique", "invoices:critical_flags_acknowledged",
     "invoices:every_customer_invoiced", "invoices:total_equals_sum_of_lines",
@@ -84,12 +84,12 @@ EXPECTED_CHECKS = {
 }
 EXPECTED_JOBS = {
     "daily_usage": {
-        "daily_summary", "fct_anomaly_flags", "fct_gauge_peaks_by_day", "fct_series_edges_by_day", "fct_usage_30d",
+        "daily_summary", "fct_anomaly_flags_by_day", "int_gauge_peaks_by_day", "int_series_edges_by_day", "fct_usage_30d_by_day",
         "fct_usage_by_day", "raw_samples", "remote_write_samples", "stripe_meter_events", "stripe_outbox",
         "usage_events", "usage_reports",
     },
     "monthly_invoicing": {
-        "dim_subscription_periods_by_month", "fct_invoice_lines", "fct_rated_usage", "fct_usage_by_month",
+        "dim_subscription_periods_by_month", "fct_invoice_lines", "fct_rated_usage_by_subscription_period", "fct_usage_by_month",
         "fct_usage_by_subscription_period", "invoices",
     },
     "refresh_seeds_and_views": {
