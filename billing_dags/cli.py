@@ -563,6 +563,8 @@ def cmd_invoices(args) -> int:
 
 
 def usage_rows(paths: Paths, customer_id: str, month: date) -> list[dict]:
+    """The month's billable quantities of a customer, per subscription period, as the invoice rates them
+    (int_billable_usage_by_subscription_period), with the month's sample counts beside them."""
     from .warehouse import open_warehouse
 
     con = open_warehouse(paths)
@@ -570,14 +572,15 @@ def usage_rows(paths: Paths, customer_id: str, month: date) -> list[dict]:
         try:
             result = con.execute(
                 """
-                select u.meter_id, u.dimension, m.kind, m.aggregation, m.unit, m.billing_unit, un.divisor,
-                       u.usage, u.gauge_integral, u.gauge_covered_ms, u.gauge_peak, u.period_ms,
-                       u.days_with_data, u.samples, u.resets, u.dropped_samples
-                from fct_usage_by_month u
+                select b.period_start, b.meter_id, b.dimension, m.kind, b.aggregation, b.quantity, b.unit,
+                       b.base_quantity, b.base_unit, b.days_with_data, u.samples, u.resets, u.dropped_samples
+                from int_billable_usage_by_subscription_period b
                 join seed_meters m using (meter_id)
-                join seed_units un on un.unit = m.unit and un.billing_unit = m.billing_unit
-                where u.customer_id = $customer and u.month = $month
-                order by u.meter_id, u.dimension
+                left join fct_usage_by_month u
+                    on u.month = b.month and u.customer_id = b.customer_id
+                    and u.meter_id = b.meter_id and u.dimension = b.dimension
+                where b.customer_id = $customer and b.month = $month
+                order by b.period_start, b.meter_id, b.dimension
                 """,
                 {"customer": customer_id, "month": month},
             ).fetchall()
@@ -585,29 +588,15 @@ def usage_rows(paths: Paths, customer_id: str, month: date) -> list[dict]:
             raise CliError(f"no usage computed for {month:%Y-%m} in {paths.data_dir}; run `billing run --month {month:%Y-%m}` first") from None
     finally:
         con.close()
-    rows = []
-    for (meter, dim, kind, agg, unit, bunit, div, usage, integral, covered, peak, period, days, samples, resets, dropped) in result:
-        if agg == "sum":
-            base = usage
-        elif agg == "max":
-            base = peak
-        elif agg == "avg":
-            base = integral / covered if covered else Decimal(0)
-        elif agg == "unit_hours":
-            base = integral / 3_600_000
-        else:
-            base = integral / period
-        qty = (Decimal(base) / Decimal(div)).quantize(Decimal("0.000000001"))
-        suffix = {"unit_hours": "-hour", "unit_months": "-month"}.get(agg, "")
-        rows.append(
-            {
-                "meter": meter, "dimension": dim, "kind": kind, "aggregation": agg,
-                "quantity": f"{qty.normalize():f}", "unit": bunit + suffix,
-                "base_quantity": f"{Decimal(base).quantize(Decimal('0.000000001')).normalize():f}", "base_unit": unit,
-                "days": days, "samples": samples, "resets": resets, "dropped_samples": dropped,
-            }
-        )
-    return rows
+    return [
+        {
+            "period_start": period.isoformat(), "meter": meter, "dimension": dim, "kind": kind, "aggregation": agg,
+            "quantity": f"{qty.normalize():f}", "unit": unit,
+            "base_quantity": f"{base.normalize():f}", "base_unit": base_unit,
+            "days": days, "samples": samples, "resets": resets, "dropped_samples": dropped,
+        }
+        for (period, meter, dim, kind, agg, qty, unit, base, base_unit, days, samples, resets, dropped) in result
+    ]
 
 
 def cmd_usage(args) -> int:

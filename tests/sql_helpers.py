@@ -36,6 +36,18 @@ SERIES_SCHEMA = pa.schema(
     ]
 )
 
+#: fct_usage_by_day rows, for fixture partitions
+USAGE_BY_DAY_SCHEMA = pa.schema(
+    [
+        ("day", pa.date32()), ("customer_id", pa.string()), ("meter_id", pa.string()), ("dimension", pa.string()),
+        ("kind", pa.string()), ("usage", pa.decimal128(38, 9)), ("gauge_integral", pa.decimal128(38, 9)),
+        ("gauge_covered_ms", pa.int64()), ("gauge_peak", pa.decimal128(38, 9)), ("series", pa.int64()),
+        ("samples", pa.int64()), ("dropped_samples", pa.int64()), ("resets", pa.int64()),
+        ("reappeared_series", pa.int64()), ("max_gap_ms", pa.int64()), ("events", pa.int64()),
+        ("duplicate_conflicts", pa.int64()), ("gauge_held_ms", pa.int64()),
+    ]
+)
+
 USAGE_BY_MONTH_SCHEMA = pa.schema(
     [
         ("month", pa.date32()),
@@ -312,6 +324,7 @@ def rate_month(
             "select u.*, p.period_start, p.period_end, u.period_ms as month_ms, u.samples as observations "
             "from fct_usage_by_month u join dim_subscription_periods_by_month p using (month, customer_id)"
         )
+        r.run("int_billable_usage_by_subscription_period", window)
         rated = r.run("fct_rated_usage", window).to_pylist()
         lines = r.run("fct_invoice_lines", window).to_pylist()
     finally:
