@@ -11,7 +11,6 @@ import io
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from datetime import date, datetime, timedelta, timezone
@@ -22,6 +21,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from . import durable
+from .core import calendar
+from .core.calendar import month_days, next_month
 from .settings import PROJECT_ROOT, Paths, resolve_paths
 
 console = Console(width=None if sys.stdout.isatty() else 140)
@@ -55,13 +57,8 @@ def parse_month(value: str) -> date:
     return date(int(m.group(1)), int(m.group(2)), 1)
 
 
-def next_month(month: date) -> date:
-    return (month.replace(day=28) + timedelta(days=4)).replace(day=1)
-
-
 def last_complete_month(today: date | None = None) -> date:
-    today = today or datetime.now(timezone.utc).date()
-    return (today.replace(day=1) - timedelta(days=1)).replace(day=1)
+    return calendar.last_complete_month(today or datetime.now(timezone.utc).date())
 
 
 def check_billable_month(month: date, today: date | None = None, seeds_dir: Path | None = None) -> None:
@@ -147,7 +144,7 @@ def _dagster_instance():
     Path(home).mkdir(parents=True, exist_ok=True)
     cfg = Path(home) / "dagster.yaml"
     if not cfg.exists() and (PROJECT_ROOT / "dagster.yaml").exists():
-        shutil.copy(PROJECT_ROOT / "dagster.yaml", cfg)
+        durable.write_bytes(cfg, (PROJECT_ROOT / "dagster.yaml").read_bytes())
     return dg.DagsterInstance.get()
 
 
@@ -336,11 +333,7 @@ def run_month(
     if ingest and warmup >= date.fromisoformat(PARTITIONS_START):
         edges_only = [dg.AssetKey(k) for k in ("raw_samples", "fct_series_edges_by_day", "fct_gauge_peaks_by_day")]
         _execute(daily_job, instance, f"warm-up day {warmup}", run_config, partition_key=warmup.isoformat(), asset_selection=edges_only)
-    days = []
-    d = month
-    while d < next_month(month):
-        days.append(d)
-        d += timedelta(days=1)
+    days = month_days(month)
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err_console, disable=quiet,
@@ -390,11 +383,7 @@ def outbox_summary(paths: Paths, month: date) -> str:
     """Meter events of the month's days by status, e.g. '1,234 events: 900 dry_run, 334 too_old'."""
     from .stripe_outbox import read_outbox, summarize
 
-    rows = []
-    day = month
-    while day < next_month(month):
-        rows += read_outbox(paths, day)
-        day += timedelta(days=1)
+    rows = [row for day in month_days(month) for row in read_outbox(paths, day)]
     summary = summarize(rows)
     return f"{summary['rows']:,} meter events: " + ", ".join(
         f"{n:,} {status}" for status, n in sorted(summary["by_status"].items()) if n
@@ -516,7 +505,7 @@ def cmd_simulate(args) -> int:
     if n is not None and not 1 <= n <= customers.num_rows:
         raise CliError(f"--customers {n}: seeds have {customers.num_rows} customers; give 1..{customers.num_rows} or add customers to {paths.seeds_dir / 'customers.csv'}")
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console) as progress:
-        task = progress.add_task(f"simulating {month:%Y-%m}", total=(next_month(month) - month).days)
+        task = progress.add_task(f"simulating {month:%Y-%m}", total=calendar.days_in_month(month))
         figures = simulate.simulate_month(
             paths, month, customers, seed=args.seed, interval_s=args.interval, n_customers=n,
             progress=lambda day: progress.advance(task),

@@ -57,6 +57,7 @@ from typing import Any, Iterable, Mapping
 from . import __version__
 from . import credits as _credits
 from . import durable
+from .core.calendar import month_start, next_month
 from .events import event_files
 from .raw import sample_files
 from .seeds import OUTSIDE_SUBSCRIPTION_RULES, SAFE_ID_RE, seeds_digest
@@ -107,14 +108,13 @@ def _month_start(month: date) -> date:
     if isinstance(month, datetime) or not isinstance(month, date):
         raise InvoiceError(f"month {month!r} must be a datetime.date (the first day of the month)")
     if month.day != 1:
-        raise InvoiceError(f"month {month.isoformat()} is not the first day of a month; pass {month.replace(day=1).isoformat()}")
+        raise InvoiceError(f"month {month.isoformat()} is not the first day of a month; pass {month_start(month).isoformat()}")
     return month
 
 
 def period_end(month_start: date) -> date:
     """The exclusive end of a monthly period: the first day of the next month."""
-    m = _month_start(month_start)
-    return date(m.year + (m.month == 12), m.month % 12 + 1, 1)
+    return next_month(_month_start(month_start))
 
 
 def _utc(now: datetime) -> datetime:

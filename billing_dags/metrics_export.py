@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from . import durable, projection
-from .core.calendar import next_month
+from .core.calendar import month_start, next_month, previous_month
 from .settings import PROJECT_ROOT, Paths
 from .sqlmodels import Window, billable_quantities
 
@@ -73,7 +73,7 @@ class BillingCollector:
     def __init__(self, paths: Paths, month: date | None = None, today: date | None = None):
         self.paths = paths
         self.today = today or projection.utc_today()
-        self.month = month or self.today.replace(day=1)
+        self.month = month or month_start(self.today)
         self.families = self._build()
 
     def collect(self):
@@ -133,7 +133,7 @@ class BillingCollector:
             raise projection._error(
                 f"month {month:%Y-%m} has not started yet (today is {today}); give the current month {today:%Y-%m} or an earlier one"
             )
-        closed = month if state == "closed" else (month - timedelta(days=1)).replace(day=1)
+        closed = month if state == "closed" else previous_month(month)
         if (paths.models / "fct_usage_by_month" / f"month={closed:%Y-%m}" / "data.parquet").exists():  # the month was closed
             for r in quantities(closed, next_month(closed)):
                 usage.add_metric([r["customer_id"], r["meter_id"], r["dimension"], r["unit"], "month", f"{closed:%Y-%m}"], float(r["quantity"]))

@@ -38,6 +38,7 @@ from decimal import Decimal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .core.calendar import month_days, next_month
 from .settings import Paths
 
 NANO = 10**9
@@ -55,15 +56,6 @@ NOTE = "projected, not an invoice"
 
 def utc_today() -> date:
     return datetime.now(timezone.utc).date()
-
-
-def next_month(month: date) -> date:
-    return (month.replace(day=28) + timedelta(days=4)).replace(day=1)
-
-
-def month_days(month: date) -> list[date]:
-    end = next_month(month)
-    return [month + timedelta(days=i) for i in range((end - month).days)]
 
 
 def month_state(month: date, today: date | None = None) -> str:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+from .core.calendar import month_start
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SQL_MODELS_DIR = PROJECT_ROOT / "sql_models"
 
@@ -114,7 +116,7 @@ def earliest_subscription_month(seeds_dir: Path) -> date | None:
                 starts.append(date.fromisoformat((row.get("start_date") or "").strip()))
             except ValueError:
                 continue
-    return min(starts).replace(day=1) if starts else None
+    return month_start(min(starts)) if starts else None
 
 
 def partitions_start(environ: dict | None = None, seeds_dir: str | os.PathLike | None = None) -> date:

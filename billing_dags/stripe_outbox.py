@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import durable
-from .core.calendar import next_month
+from .core.calendar import month_start, next_month
 from .settings import EDGE_LOOKBACK_DAYS, Paths
 from .sqlmodels import Window, billable_quantities
 
@@ -94,7 +94,7 @@ def day_quantities(day: date, usage: pa.Table, seeds: Mapping[str, pa.Table]) ->
             raise OutboxError(f"{where}: day {row['day']} is not the outbox day {day}; pass only that day's rows of fct_usage_by_day")
         if row["meter_id"] not in known:
             raise OutboxError(f"{where}: unknown meter {row['meter_id']!r}; add it to seeds/meters.csv or rebuild fct_usage_by_day")
-    month = Window(day.replace(day=1), next_month(day))
+    month = Window(month_start(day), next_month(day))
     return billable_quantities(usage, {k: seeds[k] for k in ("meters", "units")}, month, Window(day, day + timedelta(days=1)))
 
 

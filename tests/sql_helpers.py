@@ -20,6 +20,7 @@ import pyarrow as pa
 from billing_dags import sqlmodels
 from billing_dags.seeds import load_seeds
 from billing_dags.settings import PROJECT_ROOT
+from billing_dags.core.calendar import next_month
 from billing_dags.sqlmodels import Window
 
 SEEDS_DIR = PROJECT_ROOT / "seeds"
@@ -300,8 +301,7 @@ def usage_month_table(rows: Sequence[Mapping]) -> pa.Table:
 
 def month_window(year: int, month: int) -> Window:
     start = date(year, month, 1)
-    end = date(year + (month == 12), month % 12 + 1, 1)
-    return Window(start, end)
+    return Window(start, next_month(start))
 
 
 def rate_month(

@@ -1,9 +1,8 @@
 """Monthly invoicing: drafts on the 1st for the previous month, finalization after the grace period."""
 
-from datetime import timedelta
-
 import dagster as dg
 
+from billing_dags.core.calendar import last_complete_month
 from billing_dags.settings import DEFAULT_GRACE_DAYS
 
 
@@ -33,7 +32,7 @@ def finalization_schedule(job) -> dg.ScheduleDefinition:
     )
     def _schedule(context: dg.ScheduleEvaluationContext):
         today = context.scheduled_execution_time.date()
-        previous = (today.replace(day=1) - timedelta(days=1)).replace(day=1)
+        previous = last_complete_month(today)
         key = previous.isoformat()
         return dg.RunRequest(run_key=f"finalize-{key}", partition_key=key, tags={"billing/reason": "finalize"})
 
