@@ -5,7 +5,7 @@ report the speed-up over one at a time.
 
 Workload (cached under <out>/backfill-<N>c-<interval>s-<month>/, ``--out`` default benchmarks/out;
 a second run with the same parameters reuses it): a simulated month
-(`billing_dags.simulate.simulate_month`) for N customers (the first 50 from seeds/, more are
+(`billing_dags.ingest.simulate.simulate_month`) for N customers (the first 50 from seeds/, more are
 generated like benchmarks.monthly's seeds) at the given scrape interval, in the real raw layout.
 
 Measured, each phase in its own process: the 30 (or 31) day partitions of
@@ -48,8 +48,8 @@ from concurrent.futures import ProcessPoolExecutor
 from datetime import date, timedelta
 from pathlib import Path
 
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.core.calendar import month_days
-from billing_dags.settings import PROJECT_ROOT, resolve_paths
 
 from .figures import DEFAULT_OUT, Figure
 from .proc import peak_rss_bytes
@@ -62,10 +62,10 @@ BUSY_CORES = 1.5  # the parallel run must keep more than this many cores busy on
 
 
 def prepare(root: Path, n_customers: int, interval_s: int, month: date, log=print) -> tuple[Path, Path]:
-    from billing_dags import raw
+    from billing_dags.ingest import raw
     from billing_dags.defs.seeds.assets import write_seed_snapshots
-    from billing_dags.seeds import read_seed
-    from billing_dags.simulate import simulate_month
+    from billing_dags.seeds.catalog import read_seed
+    from billing_dags.ingest.simulate import simulate_month
 
     data_dir, seeds_dir = root / "data", root / "seeds"
     marker = root / "ready.json"
@@ -96,7 +96,7 @@ def prepare(root: Path, n_customers: int, interval_s: int, month: date, log=prin
 
 
 def _one(args: tuple[str, str, str, str, int | None]) -> tuple[str, float, int, int]:
-    from billing_dags.sqlmodels import Window, run_model
+    from billing_dags.models.sqlmodels import Window, run_model
 
     data_dir, seeds_dir, model, day, threads = args
     d = date.fromisoformat(day)
@@ -109,8 +109,8 @@ def phase(data_dir: str, seeds_dir: str, model: str, month: date, workers: int) 
     import resource
 
     # imported before the pool forks, so that the workers do not each pay for importing duckdb, pyarrow, sqlglot
-    import billing_dags.fastpath  # noqa: F401
-    import billing_dags.sqlmodels  # noqa: F401
+    import billing_dags.models.fastpath  # noqa: F401
+    import billing_dags.models.sqlmodels  # noqa: F401
 
     def cpu_s() -> float:
         return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))

@@ -45,9 +45,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from billing_dags import raw
-from billing_dags.settings import PROJECT_ROOT
-from billing_dags.sqlmodels import Window, run_model
+from billing_dags.ingest import raw
+from billing_dags.core.settings import PROJECT_ROOT
+from billing_dags.models.sqlmodels import Window, run_model
 
 from . import workload
 from .figures import DEFAULT_OUT, Figure

@@ -37,8 +37,8 @@ import time
 from datetime import date, datetime, timezone
 from pathlib import Path
 
+from billing_dags.core.settings import PROJECT_ROOT
 from billing_dags.core import calendar
-from billing_dags.settings import PROJECT_ROOT
 
 from .figures import DEFAULT_OUT, Figure, scratch
 
@@ -103,7 +103,7 @@ def run_demo(tree: Path, root: Path, month: str, customers: int, interval_s: int
     data, home = root / "data", root / "home"
     env = {**os.environ, "PYTHONPATH": str(tree), "BILLING_DATA_DIR": str(data), "DAGSTER_HOME": str(home)}
     env.pop("BILLING_SEEDS_DIR", None)
-    cmd = [sys.executable, "-m", "billing_dags.cli", "demo", "--month", month, "--customers", str(customers), "--interval", str(interval_s)]
+    cmd = [sys.executable, "-m", "billing_dags.cli.main", "demo", "--month", month, "--customers", str(customers), "--interval", str(interval_s)]
     cpu0, t0 = _children_cpu(), time.perf_counter()
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0

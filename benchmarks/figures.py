@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from billing_dags.settings import PROJECT_ROOT
+from billing_dags.core.settings import PROJECT_ROOT
 
 #: cached workloads and scratch space (gitignored); ``python -m benchmarks --out`` moves it
 DEFAULT_OUT = PROJECT_ROOT / "benchmarks" / "out"

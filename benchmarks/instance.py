@@ -20,17 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import threading
 import time
 from pathlib import Path
 
-from billing_dags.settings import PROJECT_ROOT
 
 from .figures import DEFAULT_OUT
 
-sys.path.insert(0, str(PROJECT_ROOT / "tests"))  # the test harness starts and stops the instance
-from servers import DagsterServer  # noqa: E402
+from servers import DagsterServer  # the test harness starts and stops the instance
 
 
 def rss_bytes(pids: list[int]) -> int:

@@ -47,8 +47,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.core.calendar import next_month
-from billing_dags.settings import PROJECT_ROOT, resolve_paths
 
 from .figures import DEFAULT_OUT, Figure
 from .proc import peak_rss_bytes
@@ -186,7 +186,7 @@ def usage_day(day: date, customers: list[tuple[str, str]], meters: dict, rng: np
 
 def prepare(root: Path, n_customers: int, month: date, grants: int, log=print) -> tuple[Path, Path, int]:
     from billing_dags.defs.seeds.assets import write_seed_snapshots
-    from billing_dags.sqlmodels import Window, load_project, write_partition
+    from billing_dags.models.sqlmodels import Window, load_project, write_partition
 
     data_dir, seeds_dir = root / "data", root / "seeds"
     marker = root / "ready.json"
@@ -224,11 +224,12 @@ def prepare(root: Path, n_customers: int, month: date, grants: int, log=print) -
 def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
     import pyarrow.parquet as pq
 
-    from billing_dags import credits as cr
-    from billing_dags import invoices as inv
-    from billing_dags import stripe_outbox as ob
-    from billing_dags.flags import unacknowledged_critical
-    from billing_dags.sqlmodels import Window, load_project, partition_file, run_model, seed_snapshot_path
+    from billing_dags.billing import credits as cr
+    from billing_dags.seeds.catalog import load_grants
+    from billing_dags.billing import invoices as inv
+    from billing_dags.stripe import outbox as ob
+    from billing_dags.operations.flags import unacknowledged_critical
+    from billing_dags.models.sqlmodels import Window, load_project, partition_file, run_model, seed_snapshot_path
 
     paths = resolve_paths(data_dir, seeds_dir)
     for model in MONTHLY_MODELS:  # start from the same state every run
@@ -248,7 +249,7 @@ def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
         # the call sequence of billing_dags/defs/invoicing/assets.py::invoices
         lines = pq.read_table(partition_file(paths, project.models["fct_invoice_lines"], window)).to_pylist()
         seeds = {n: pq.read_table(seed_snapshot_path(paths, n)).to_pylist() for n in ("customers", "plans", "currencies")}
-        grants = cr.load_grants(paths.seeds_dir, seeds["customers"], seeds["currencies"])
+        grants = load_grants(paths.seeds_dir, seeds["customers"], seeds["currencies"])
         manifest = inv.invoice_manifest(paths, window.start, paths.seeds_dir, inv.code_version())
         held = {c: "held" for c in unacknowledged_critical(paths, window.start)}
         t_build = time.perf_counter()
@@ -296,7 +297,7 @@ def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
 
 def scan_month(paths, project, window, repeat: int = 3) -> tuple[float, int]:
     """The reference: best wall of a plain DuckDB scan of the month's fct_usage_by_day partitions."""
-    from billing_dags.sqlmodels import connect, model_files
+    from billing_dags.models.sqlmodels import connect, model_files
 
     files = [f for f in model_files(paths, project.models["fct_usage_by_day"])
              if window.start <= date.fromisoformat(f.parent.name.removeprefix("day=")) < window.end]

@@ -1,7 +1,7 @@
 """`python -m benchmarks.prometheus_pull`: pull one day of N series from a local Prometheus.
 
 Backfills N counter series x 1 UTC day at --interval seconds with promtool, starts prometheus on
-127.0.0.1 (its own tmp storage), runs the exact ingest of billing_dags.prometheus for that day
+127.0.0.1 (its own tmp storage), runs the exact ingest of billing_dags.ingest.prometheus for that day
 (what the raw_samples asset runs) twice in one process: over the query API (range selectors,
 JSON) and over remote read (/api/v1/read, protobuf), checks both wrote the same Parquet bytes, and
 reports samples/s and peak RSS of each, with Prometheus's own evaluation time for the same data
@@ -25,9 +25,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from billing_dags import prometheus as prom
-from billing_dags import raw
-from billing_dags.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.ingest import prometheus as prom
+from billing_dags.ingest import raw
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
+import prometheus_harness as harness
 
 from .figures import Figure, scratch
 
@@ -51,7 +52,7 @@ def write_day(path: Path, n_series: int, interval_s: int, label_values: list[str
     with open(path, "w", encoding="utf-8") as f:
         f.write(f"# TYPE {METRIC[:-6]} counter\n")
         for i in range(n_series):
-            lv = prom.openmetrics_label_value(label_values[i % len(label_values)])
+            lv = harness.openmetrics_label_value(label_values[i % len(label_values)])
             head = f'{METRIC}{{client_id="{lv}",pool_host="pool-{i // len(label_values)}"}}'
             v = i * 1000
             lines = []
@@ -85,7 +86,7 @@ def prepare_tsdb(root: Path, n_series: int, interval_s: int, promtool: str, labe
     n_samples = write_day(om, n_series, interval_s, label_values)
     gen_s = time.perf_counter() - t0
     shutil.rmtree(tsdb, ignore_errors=True)
-    backfill_s = prom.backfill(om, tsdb, promtool)
+    backfill_s = harness.backfill(om, tsdb, promtool)
     om.unlink()
     marker.write_text(params)
     log(f"backfilled {n_series} series x 1 day at {interval_s}s = {n_samples:,} samples "
@@ -127,7 +128,7 @@ def measure(root: Path, *, series: int = FULL["series"], interval: int = FULL["i
     rss_before = _rss_mb()
     opts = prom.IngestOptions(chunk_s=chunk_s, customers_per_query=customers_per_query)
     try:
-        with prom.LocalPrometheus(tsdb, prometheus, log_file=root / "prometheus.log") as server:
+        with harness.LocalPrometheus(tsdb, prometheus, log_file=root / "prometheus.log") as server:
             # Prometheus's own time for the same raw queries, and for one aggregate over the day (first:
             # it also brings the TSDB into the page cache for both pulls)
             server_eval = 0.0

@@ -38,10 +38,10 @@ import requests
 from rich.console import Console
 from rich.table import Table
 
-from billing_dags.prometheus import free_port
-from billing_dags.remote_write import corpus
-from billing_dags.remote_write.proto import TimeSeries, WriteRequest
-from billing_dags.settings import PROJECT_ROOT
+import remote_write_corpus as corpus
+from billing_dags.core.settings import PROJECT_ROOT
+from billing_dags.ingest.remote_write.proto import TimeSeries, WriteRequest
+from servers import free_port
 
 from .figures import DEFAULT_OUT, Figure, scratch
 from .proc import cpu_seconds
@@ -103,7 +103,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, what: str) -> None:
 
 def start_ours(root: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "billing_dags.cli", "--data-dir", str(root / "data"), "--seeds-dir", str(PROJECT_ROOT / "seeds"),
+    cmd = [sys.executable, "-m", "billing_dags.cli.main", "--data-dir", str(root / "data"), "--seeds-dir", str(PROJECT_ROOT / "seeds"),
            "remote-write", "serve", "--listen", f"127.0.0.1:{port}", "--min-free-bytes", "0", "--segment-max-age", "600"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

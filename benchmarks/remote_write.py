@@ -21,10 +21,10 @@ from pathlib import Path
 
 import requests
 
-from billing_dags.compaction import compact
-from billing_dags.remote_write import corpus
-from billing_dags.remote_write.decode import Decoder
-from billing_dags.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.ingest.compaction import compact
+import remote_write_corpus as corpus
+from billing_dags.ingest.remote_write.decode import Decoder
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 
 from .proc import cpu_seconds
 from .receiver_vs_prometheus import HEADERS, start_ours, stop

@@ -14,9 +14,9 @@ import sys
 import time
 from datetime import timedelta
 
-from billing_dags import raw
-from billing_dags.settings import PROJECT_ROOT, resolve_paths
-from billing_dags.sqlmodels import Window, connect, load_project, partition_file, prepare, query, run_model
+from billing_dags.ingest import raw
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.models.sqlmodels import Window, connect, load_project, partition_file, prepare, query, run_model
 
 from .proc import peak_rss_bytes
 from .workload import DAY

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from billing_dags import raw, simulate
-from billing_dags.settings import PROJECT_ROOT, Paths, resolve_paths
+from billing_dags.ingest import raw, simulate
+from billing_dags.core.settings import PROJECT_ROOT, Paths, resolve_paths
 
 from .figures import DEFAULT_OUT
 
@@ -44,7 +44,7 @@ GAUGES = {"stratum_active_connections", "iot_storage_used_bytes", "iot_active_de
 
 def _templates(seed: int) -> list[dict]:
     """The simulated series of one day (50 customers), with a per-step rate or level each."""
-    from billing_dags.seeds import read_seed
+    from billing_dags.seeds.catalog import read_seed
 
     customers = read_seed(PROJECT_ROOT / "seeds", "customers")
     samples, series = simulate.simulate_day(DAY, customers, seed=seed, interval_s=60)

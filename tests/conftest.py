@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from billing_dags.settings import resolve_paths
+from billing_dags.core.settings import resolve_paths
 from seed_copies import copy_small_seeds  # noqa: F401 (tests import it from here too)
 
 

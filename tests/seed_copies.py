@@ -6,7 +6,7 @@ import csv
 import shutil
 from pathlib import Path
 
-from billing_dags.settings import PROJECT_ROOT
+from billing_dags.core.settings import PROJECT_ROOT
 
 SEEDS = PROJECT_ROOT / "seeds"
 

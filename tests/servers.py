@@ -130,7 +130,7 @@ class DagsterServer:
     """
 
     def __init__(self, root: Path, seeds_dir: Path | None = None, env: dict | None = None):
-        from billing_dags.settings import PROJECT_ROOT
+        from billing_dags.core.settings import PROJECT_ROOT
 
         self.project = PROJECT_ROOT
         self.root = Path(root)

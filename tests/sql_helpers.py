@@ -17,11 +17,11 @@ from typing import Iterable, Mapping, Sequence
 
 import pyarrow as pa
 
-from billing_dags import sqlmodels
-from billing_dags.seeds import load_seeds
-from billing_dags.settings import PROJECT_ROOT
+from billing_dags.models import sqlmodels
+from billing_dags.seeds.catalog import load_seeds
+from billing_dags.core.settings import PROJECT_ROOT
+from billing_dags.models.sqlmodels import Window
 from billing_dags.core.calendar import next_month
-from billing_dags.sqlmodels import Window
 
 SEEDS_DIR = PROJECT_ROOT / "seeds"
 DAY_MS = 86_400_000
@@ -154,7 +154,7 @@ class Runner:
         _create_table(self.con, "raw_carry_in", SAMPLES_SCHEMA.empty_table())
 
     def set_events(self, events: pa.Table) -> None:
-        """Fixture raw events (the layout of billing_dags/events.py) as the raw_events source."""
+        """Fixture raw events (the layout of billing_dags/ingest/events.py) as the raw_events source."""
         _create_table(self.con, "raw_events", events)
         self._prepared.clear()
 

@@ -10,10 +10,10 @@ from decimal import Decimal
 
 import pytest
 
-from billing_dags import credits as cr
-from billing_dags.credits import Grant
-from billing_dags.invoices import build_invoices, render_invoice, settle_drafts, write_invoice_files
-from billing_dags.settings import Paths
+from billing_dags.billing import credits as cr
+from billing_dags.seeds.credits import Grant
+from billing_dags.billing.invoices import build_invoices, render_invoice, settle_drafts, write_invoice_files
+from billing_dags.core.settings import Paths
 
 UTC = timezone.utc
 JAN, FEB, MAR, APR = date(2025, 1, 1), date(2025, 2, 1), date(2025, 3, 1), date(2025, 4, 1)
@@ -160,8 +160,8 @@ def test_unchanged_inputs_reproduce_every_file_including_the_ledger(p):
 
 def test_a_late_usage_report_after_finalization_is_named_in_the_adjustment(p):
     """The manifests fingerprint usage reports: a report accepted after finalization is the reason, not "a rerun"."""
-    from billing_dags.invoices import invoice_manifest
-    from billing_dags.usage_reports import Report, ReportStore
+    from billing_dags.billing.invoices import invoice_manifest
+    from billing_dags.ingest.usage_reports import Report, ReportStore
 
     p.seeds_dir.mkdir(parents=True)
     (p.seeds_dir / "meters.csv").write_text("meter_id\n")
@@ -222,7 +222,7 @@ def test_late_data_for_a_customer_who_left_is_billed_on_an_adjustment_invoice(p)
     assert "INV-2025-000004,finalized,gone,2025-02-01,2025-03-01,usd,1,adjustment," in csv_text
     assert csv_text.splitlines()[-1] == "INV-2025-000004,finalized,gone,2025-02-01,2025-03-01,usd,,total,,,Total due,,,,2.66,266"
     assert render_invoice(adj, "table").startswith("Adjustment invoice INV-2025-000004 (finalized)")
-    from billing_dags.cli import invoice_rows
+    from billing_dags.cli.main import invoice_rows
 
     rows = {r["customer"]: r for r in invoice_rows(p, FEB)}
     assert (rows["gone"]["invoice"], rows["gone"]["document"], rows["gone"]["total"]) == ("INV-2025-000004", "adjustment invoice", "2.66 USD")

@@ -185,7 +185,7 @@ def test_usage_outside_every_subscription_is_flagged(tmp_path):
 def test_daily_summary_lists_usage_outside_every_subscription(tmp_path, capsys):
     import pyarrow.parquet as pq
 
-    from billing_dags.cli import main
+    from billing_dags.cli.main import main
 
     seeds = _seeds_with_an_unsubscribed_customer(tmp_path)
     days = [

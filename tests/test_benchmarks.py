@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from billing_dags.settings import PROJECT_ROOT
+from billing_dags.core.settings import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 

@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from billing_dags import sqlmodels
-from billing_dags.cli import main
-from billing_dags.seeds import load_seeds
-from billing_dags.settings import PROJECT_ROOT, resolve_paths
-from billing_dags.sqlmodels import Window
+from billing_dags.cli.main import main
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.models import sqlmodels
+from billing_dags.models.sqlmodels import Window
+from billing_dags.seeds.catalog import load_seeds
 from sql_helpers import USAGE_BY_DAY_SCHEMA as DAY_SCHEMA
 
 OCT, NOV = date(2026, 10, 1), date(2026, 11, 1)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from billing_dags.cli import check_billable_month, last_complete_month, main, parse_month
+from billing_dags.cli.main import check_billable_month, last_complete_month, main, parse_month
 from datetime import date
 
 
@@ -104,7 +104,7 @@ def test_plans_lists_the_seeded_plans_as_json(capsys, paths):
 
 
 def test_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "billing_dags.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "billing_dags.cli.main", "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("demo", "simulate", "run", "invoice", "invoices", "usage", "plans", "sql"):
         assert command in out
 
@@ -169,16 +169,16 @@ def test_a_failed_blocking_check_shows_its_message_and_exits_2_without_a_traceba
 
     import pyarrow as pa
 
-    from billing_dags.events import EVENTS_SCHEMA, write_events_day
-    from billing_dags.raw import day_bounds_ms
-    from billing_dags.settings import PROJECT_ROOT
+    from billing_dags.ingest.events import EVENTS_SCHEMA, write_events_day
+    from billing_dags.ingest.raw import day_bounds_ms
+    from billing_dags.core.settings import PROJECT_ROOT
 
     for day in (date(2026, 2, 1), date(2026, 2, 2)):
         event = {"event_id": "req-42", "ts": day_bounds_ms(day)[0] + 3_600_000, "customer_key": "k", "meter_id": "llm_input_tokens",
                  "dimension": "gpt-4o", "kind": "delta", "quantity": Decimal(5), "hold_ms": 0, "attributes": []}
         write_events_day(paths, day, pa.Table.from_pylist([event], schema=EVENTS_SCHEMA), "postgres")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-m", "billing_dags.cli", "run", "--month", "2026-02", "--customers", "1", "--interval", "3600"],
+    r = subprocess.run([sys.executable, "-m", "billing_dags.cli.main", "run", "--month", "2026-02", "--customers", "1", "--interval", "3600"],
                        capture_output=True, text=True, env=env, timeout=600)
     out = (r.stdout + r.stderr).replace("\n", " ")
     assert r.returncode == 2, out

@@ -11,12 +11,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from billing_dags import compaction, raw
-from billing_dags.compaction import compact, pending_days
-from billing_dags.remote_write import corpus
-from billing_dags.remote_write.customers import CustomerResolver
-from billing_dags.remote_write.decode import STALE_NAN_BITS, Decoder
-from billing_dags.remote_write.landing import SegmentWriter, sealed_segments
+from billing_dags.ingest import compaction, raw
+from billing_dags.ingest.compaction import compact, pending_days
+import remote_write_corpus as corpus
+from billing_dags.ingest.remote_write.customers import CustomerResolver
+from billing_dags.ingest.remote_write.decode import STALE_NAN_BITS, Decoder
+from billing_dags.ingest.remote_write.landing import SegmentWriter, sealed_segments
 
 STALE = struct.unpack("<d", struct.pack("<Q", STALE_NAN_BITS))[0]
 DAY = date(2026, 5, 28)

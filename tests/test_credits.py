@@ -12,11 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from billing_dags import credits as cr
-from billing_dags.credits import Grant, load_grants
-from billing_dags.invoices import build_invoices, render_invoice, settle_drafts, write_invoice_files
-from billing_dags.seeds import SeedError
-from billing_dags.settings import Paths
+from billing_dags.billing import credits as cr
+from billing_dags.seeds.catalog import load_grants
+from billing_dags.seeds.credits import Grant
+from billing_dags.billing.invoices import build_invoices, render_invoice, settle_drafts, write_invoice_files
+from billing_dags.seeds.catalog import SeedError
+from billing_dags.core.settings import Paths
 
 UTC = timezone.utc
 JAN, FEB, MAR = date(2025, 1, 1), date(2025, 2, 1), date(2025, 3, 1)
@@ -301,8 +302,8 @@ def test_duplicate_grant_and_missing_file(tmp_path):
 
 
 def test_project_seed_credits_are_valid():
-    from billing_dags.seeds import read_seed
-    from billing_dags.settings import PROJECT_ROOT
+    from billing_dags.seeds.catalog import read_seed
+    from billing_dags.core.settings import PROJECT_ROOT
 
     seeds = PROJECT_ROOT / "seeds"
     grants = load_grants(seeds, read_seed(seeds, "customers").to_pylist(), read_seed(seeds, "currencies").to_pylist())
@@ -313,7 +314,7 @@ def test_project_seed_credits_are_valid():
 
 
 def test_invoice_list_shows_the_total_due_after_credits(p):
-    from billing_dags.cli import invoice_rows
+    from billing_dags.cli.main import invoice_rows
 
     bill(p, JAN, charges("acme", JAN, 1234), [grant("g", 1000)])
     (row,) = invoice_rows(p, JAN)

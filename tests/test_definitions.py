@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from billing_dags.definitions import defs as load_defs
-from billing_dags.sqlmodels import load_project
+from billing_dags.models.sqlmodels import load_project
 
 
 def _defs() -> dg.Definitions:

@@ -10,11 +10,11 @@ from decimal import Decimal
 import pyarrow.parquet as pq
 import pytest
 
-from billing_dags import raw
-from billing_dags.cli import main
+from billing_dags.ingest import raw
+from billing_dags.cli.main import main
 from billing_dags.defs.seeds.assets import write_seed_snapshots
-from billing_dags.invoices import build_invoices, code_version, invoice_manifest, write_invoice_files
-from billing_dags.sqlmodels import Window, load_project, partition_file, run_model, seed_snapshot_path
+from billing_dags.billing.invoices import build_invoices, code_version, invoice_manifest, write_invoice_files
+from billing_dags.models.sqlmodels import Window, load_project, partition_file, run_model, seed_snapshot_path
 from sql_helpers import ms, samples_table, series_table
 
 FEB, MAR = date(2026, 2, 1), date(2026, 3, 1)
@@ -119,8 +119,8 @@ def test_a_pulled_first_month_ties_out_with_its_carry_in(paths, capsys):
 
 @pytest.mark.parametrize("carry_in", [None, (ms(date(2026, 2, 2), 23), 4 * GIB)], ids=["simulated", "pulled"])
 def test_the_exported_sql_reproduces_the_evidence_in_the_warehouse(paths, capsys, tmp_path, carry_in):
-    from billing_dags.disputes import build_dispute, export_evidence
-    from billing_dags.warehouse import open_warehouse
+    from billing_dags.operations.disputes import build_dispute, export_evidence
+    from billing_dags.operations.warehouse import open_warehouse
 
     _prepare(paths, [(ms(D3, 1), 5 * GIB), (ms(D3, 20), 10 * GIB)], carry_in=carry_in)
     d = build_dispute(paths, "mp-001", FEB)
@@ -137,7 +137,7 @@ def test_the_exported_sql_reproduces_the_evidence_in_the_warehouse(paths, capsys
 def test_lines_of_two_subscription_periods_are_all_compared(paths):
     # a plan change mid-month gives a usage line per period for one meter: a difference in the first
     # period must show, not be hidden behind the second period's line
-    from billing_dags.disputes import invoice_vs_recomputed
+    from billing_dags.operations.disputes import invoice_vs_recomputed
 
     def line(quantity, amount):
         return {"line_type": "usage", "meter_id": "proxy_bytes", "dimension": "", "unit": "gib", "quantity": quantity, "amount_minor": amount}

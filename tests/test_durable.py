@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from billing_dags.settings import PROJECT_ROOT, Paths
+from billing_dags.core.settings import PROJECT_ROOT, Paths
 from sql_helpers import SEEDS_DIR, ms, samples_table, series_table, usage_month_table
 
 DAY = date(2025, 1, 10)
@@ -80,7 +80,7 @@ INVOICE_LINES = [
 
 
 def _invoice_files(p: Paths):
-    from billing_dags.invoices import build_invoices, write_invoice_files
+    from billing_dags.billing.invoices import build_invoices, write_invoice_files
 
     docs = build_invoices(INVOICE_LINES, [{"customer_id": "acme", "name": "Acme", "currency": "usd"}],
                           [{"plan_id": "pro", "version": 1, "name": "Pro"}], [{"currency": "usd", "minor_unit_exponent": 2}], JAN,
@@ -89,19 +89,19 @@ def _invoice_files(p: Paths):
 
 
 def _registry(p: Paths):
-    from billing_dags.invoices import assign_invoice_numbers, registry_path
+    from billing_dags.billing.invoices import assign_invoice_numbers, registry_path
 
     return lambda: (assign_invoice_numbers(p, JAN, ["acme"]), [registry_path(p)])[1]
 
 
 def _ledger(p: Paths):
-    from billing_dags.credits import write_ledger
+    from billing_dags.billing.credits import write_ledger
 
     return lambda: [Path(write_ledger(p, [], {"usd": 2})["path"])]
 
 
 def _flag_ack(p: Paths):
-    from billing_dags.flags import acknowledge, acks_path
+    from billing_dags.operations.flags import acknowledge, acks_path
 
     f = p.models / "fct_anomaly_flags" / f"day={DAY}" / "data.parquet"
     f.parent.mkdir(parents=True)
@@ -110,14 +110,14 @@ def _flag_ack(p: Paths):
 
 
 def _model_partition(p: Paths):
-    from billing_dags.sqlmodels import Window, load_project, write_partition
+    from billing_dags.models.sqlmodels import Window, load_project, write_partition
 
     table = usage_month_table([{"month": JAN, "customer_id": "acme", "meter_id": "m", "kind": "counter", "period_ms": 1}])
     return lambda: [write_partition(p, load_project().models["fct_usage_by_month"], Window(JAN, date(2025, 2, 1)), table)]
 
 
 def _raw_day(p: Paths):
-    from billing_dags import raw
+    from billing_dags.ingest import raw
 
     sid = raw.series_id("stratum_bytes_sent_total", {"client_id": "miner-001"})
     samples = samples_table({sid: [(ms(DAY, 1), 1.0)]})
@@ -126,7 +126,7 @@ def _raw_day(p: Paths):
 
 
 def _events_day(p: Paths):
-    from billing_dags.events import EVENTS_SCHEMA, event_files, write_events_day
+    from billing_dags.ingest.events import EVENTS_SCHEMA, event_files, write_events_day
 
     table = pa.Table.from_pylist([{"event_id": "e1", "ts": ms(DAY, 1), "customer_key": "k", "meter_id": "llm_input_tokens", "dimension": "",
                                    "kind": "delta", "quantity": Decimal(1), "hold_ms": 0, "attributes": []}], schema=EVENTS_SCHEMA)
@@ -134,7 +134,7 @@ def _events_day(p: Paths):
 
 
 def _outbox(p: Paths):
-    from billing_dags.stripe_outbox import write_outbox
+    from billing_dags.stripe.outbox import write_outbox
 
     return lambda: [write_outbox(p, DAY, [])]
 
@@ -146,35 +146,35 @@ def _seed_snapshot(p: Paths):
 
 
 def _daily_summary(p: Paths):
-    from billing_dags.reports import DailySummary, write_daily_summary
+    from billing_dags.operations.reports import DailySummary, write_daily_summary
 
     s = DailySummary(DAY, 0, Decimal(0), Decimal(0), Decimal(0), Decimal(0), [], [], [], [])
     return lambda: write_daily_summary(p, s)
 
 
 def _metrics_textfile(p: Paths):
-    from billing_dags.metrics_export import export_metrics
+    from billing_dags.operations.metrics_export import export_metrics
 
     out = p.data_dir / "metrics" / "billing.prom"
     return lambda: (export_metrics(p, output=out, today=DAY), [out])[1]
 
 
 def _recording_rules(p: Paths, monkeypatch):
-    from billing_dags import metrics_export
+    from billing_dags.cli import metrics
 
     out = p.data_dir / "rules" / "billing_recording_rules.yml"
-    monkeypatch.setattr(metrics_export, "RULES_FILE", out)
-    return lambda: (metrics_export.main(["--write-rules", "--seeds-dir", str(SEEDS_DIR)]), [out])[1]
+    monkeypatch.setattr(metrics, "RULES_FILE", out)
+    return lambda: (metrics.main(["--write-rules", "--seeds-dir", str(SEEDS_DIR)]), [out])[1]
 
 
 def _warehouse(p: Paths):
-    from billing_dags.warehouse import refresh_views
+    from billing_dags.operations.warehouse import refresh_views
 
     return lambda: [Path(refresh_views(p)["path"])]
 
 
 def _landing_seal(p: Paths):
-    from billing_dags.remote_write.landing import INDEX_SUFFIX, OPEN_SUFFIX, seal
+    from billing_dags.ingest.remote_write.landing import INDEX_SUFFIX, OPEN_SUFFIX, seal
 
     folder = p.data_dir / "landing"
     folder.mkdir(parents=True)
@@ -183,7 +183,7 @@ def _landing_seal(p: Paths):
 
 
 def _dispute_evidence(p: Paths):
-    from billing_dags.disputes import Dispute, export_evidence
+    from billing_dags.operations.disputes import Dispute, export_evidence
 
     evidence = pa.Table.from_pylist([{"series_id": 1, "ts_ms": ms(DAY, 1), "value": 1.0, "increase": Decimal(1)}])
     row = {"meter_id": "proxy_bytes", "series_id": 1, "ts": ms(DAY, 1), "event": "reset", "prev_value": 2.0, "value": 1.0, "gap_ms": 0}
@@ -224,7 +224,7 @@ def test_every_publish_fsyncs_the_file_renames_then_fsyncs_the_folder(name, p, r
 
 
 def test_only_the_durable_module_renames_files():
-    """No module but billing_dags/durable.py renames a file into place (os.replace, os.rename, Path.rename/replace)."""
+    """No module but billing_dags/core/durable.py renames a file into place (os.replace, os.rename, Path.rename/replace)."""
     offenders = []
     for f in sorted((PROJECT_ROOT / "billing_dags").rglob("*.py")):
         if f.name == "durable.py":
@@ -242,9 +242,8 @@ def test_only_the_durable_module_renames_files():
 #: record by record; a segment is published by sealing it through durable.publish) and the
 #: invoice numbering lock file (opened to hold a lock, never published)
 WRITES_IN_PLACE = {
-    "remote_write/landing.py": "the append-only landing segment",
-    "invoices.py": "the numbering lock file",
-    "prometheus.py": "the local Prometheus test harness",
+    "ingest/remote_write/landing.py": "the append-only landing segment",
+    "billing/invoices.py": "the numbering lock file",
 }
 
 
@@ -254,7 +253,7 @@ def test_only_the_durable_module_writes_files_in_place():
     offenders = []
     for f in sorted((PROJECT_ROOT / "billing_dags").rglob("*.py")):
         rel = f.relative_to(PROJECT_ROOT / "billing_dags").as_posix()
-        if rel == "durable.py" or rel in WRITES_IN_PLACE:
+        if rel == "core/durable.py" or rel in WRITES_IN_PLACE:
             continue
         for node in ast.walk(ast.parse(f.read_text())):
             if not isinstance(node, ast.Call):
@@ -276,7 +275,7 @@ def test_only_the_durable_module_writes_files_in_place():
 
 
 def test_a_failed_write_inside_staged_publishes_nothing(tmp_path):
-    from billing_dags import durable
+    from billing_dags.core import durable
 
     dest = tmp_path / "out" / "file.json"
     durable.write_bytes(dest, b"old\n")

@@ -1,4 +1,4 @@
-"""The raw events layout (billing_dags/events.py) and delta events billed through fct_usage_by_day."""
+"""The raw events layout (billing_dags/ingest/events.py) and delta events billed through fct_usage_by_day."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from billing_dags import events, retention
-from billing_dags.events import EVENTS_SCHEMA, EventsLayoutError, write_events_day
-from billing_dags.postgres_events import PostgresEventsError, UsageEventsTable, rows_to_batch
-from billing_dags.settings import resolve_paths
-from billing_dags.sqlmodels import Window
+from billing_dags.ingest import events
+
+from billing_dags.operations import retention
+from billing_dags.ingest.events import EVENTS_SCHEMA, EventsLayoutError, write_events_day
+from billing_dags.ingest.postgres_events import PostgresEventsError, UsageEventsTable, rows_to_batch
+from billing_dags.core.settings import resolve_paths
+from billing_dags.models.sqlmodels import Window
 from sql_helpers import SEEDS_DIR, Runner, day_window, ms
 
 DAY = date(2025, 3, 10)

@@ -1,4 +1,4 @@
-"""The Python engine of fct_series_edges_by_day (billing_dags/fastpath.py) against its SQL spec.
+"""The Python engine of fct_series_edges_by_day (billing_dags/models/fastpath.py) against its SQL spec.
 
 Every test runs both engines on the same raw partition and asserts the Arrow tables are equal:
 same schema, rows and values, to the unit (DECIMAL(38, 9) sums included).
@@ -15,10 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from billing_dags import fastpath, raw, simulate
-from billing_dags.seeds import read_seed
-from billing_dags.settings import STALENESS_MS
-from billing_dags.sqlmodels import Window, load_project, run_model
+from billing_dags.models import fastpath
+
+from billing_dags.ingest import raw, simulate
+from billing_dags.seeds.catalog import read_seed
+from billing_dags.core.settings import STALENESS_MS
+from billing_dags.models.sqlmodels import Window, load_project, run_model
 
 DAY = date(2026, 3, 10)
 WINDOW = Window(DAY, date(2026, 3, 11))
@@ -53,7 +55,7 @@ def write_raw(paths, rows: list[tuple[int, int, float]], name: str = "part-test.
 def test_the_model_is_configured_to_run_in_python():
     model = load_project().models["fct_series_edges_by_day"]
     assert model.config["engine"] == "python"
-    assert model.config["python"] == "billing_dags.fastpath:edges_by_day"
+    assert model.config["python"] == "billing_dags.models.fastpath:edges_by_day"
 
 
 def test_simulated_day_equals_the_sql(paths):

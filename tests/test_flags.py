@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from billing_dags import invoices as inv
-from billing_dags.cli import main
-from billing_dags.flags import acknowledge, read_acks, unacknowledged_critical
+from billing_dags.billing import invoices as inv
+from billing_dags.cli.main import main
+from billing_dags.operations.flags import acknowledge, read_acks, unacknowledged_critical
 from test_invoices import CURRENCIES, CUSTOMERS, JAN, JAN_FINAL, MANIFEST, PLANS, lines_for, paths_for
 
 

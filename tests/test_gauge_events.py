@@ -15,14 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from billing_dags import events
+from billing_dags.ingest import events
 from billing_dags.defs.ingest.checks import event_ids_unique_across_days_check
 from billing_dags.defs.seeds.assets import write_seed_snapshots
 from billing_dags.defs.shared.partitions import billing_daily
 from billing_dags.defs.shared.resources import WarehouseResource
-from billing_dags.events import EVENTS_SCHEMA, EventsLayoutError, cross_day_duplicates, write_events_day
-from billing_dags.settings import resolve_paths
-from billing_dags.sqlmodels import run_model
+from billing_dags.ingest.events import EVENTS_SCHEMA, EventsLayoutError, cross_day_duplicates, write_events_day
+from billing_dags.core.settings import resolve_paths
+from billing_dags.models.sqlmodels import run_model
 from sql_helpers import DAY_MS, SEEDS_DIR, Runner, day_start_ms, day_window, ms, run_days
 
 PREV, DAY, NEXT = date(2025, 3, 9), date(2025, 3, 10), date(2025, 3, 11)
@@ -256,7 +256,7 @@ def test_gauge_samples_and_gauge_events_of_a_customer_add_up():
     assert (x["series"], x["samples"], x["events"]) == (1, 2, 1)
 
 
-# --- the writer (billing_dags/events.py) ------------------------------------------------------
+# --- the writer (billing_dags/ingest/events.py) ------------------------------------------------------
 
 @pytest.fixture
 def paths(tmp_path):

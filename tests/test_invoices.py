@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from billing_dags import durable
-from billing_dags import invoices as inv
-from billing_dags.invoices import (
+from billing_dags.core import durable
+from billing_dags.billing import invoices as inv
+from billing_dags.billing.invoices import (
     InvoiceError,
     build_invoices,
     code_version,
@@ -25,7 +25,7 @@ from billing_dags.invoices import (
     render_invoice,
     write_invoice_files,
 )
-from billing_dags.settings import Paths
+from billing_dags.core.settings import Paths
 
 UTC = timezone.utc
 JAN = date(2025, 1, 1)
@@ -368,7 +368,7 @@ def test_manifest_fingerprints_raw_events_and_usage_reports_of_the_month(tmp_pat
     """An invoice billed from usage events or usage reports carries a fingerprint of them too."""
     import hashlib
 
-    from billing_dags.usage_reports import Report, ReportStore
+    from billing_dags.ingest.usage_reports import Report, ReportStore
 
     p = paths_for(tmp_path)
     for d, name, content in [("2025-01-05", "part-postgres.parquet", b"pg"), ("2025-01-31", "part-usage_reports.parquet", b"ur"),
@@ -445,13 +445,13 @@ def test_json_files_are_the_json_module_bytes_with_or_without_orjson(monkeypatch
     (invoice,) = build(lines, customers=customers)
     invoice["nested"] = {"empty_list": [], "empty_dict": {}, "z": [1, [2, {}]], "a": None, "t": True, "f": False}
     invoice["big"] = -(2**63)
-    assert inv._json_bytes(invoice) == _stdlib_json(invoice)
+    assert durable.canonical_json(invoice) == _stdlib_json(invoice)
     assert inv.render_invoice(invoice, "json") == _stdlib_json(invoice).decode("utf-8")
     # what orjson refuses (an integer beyond 64 bits, a non-string key) still gets the same bytes
     for odd in ({**invoice, "big": 2**64 + 1}, {"numbers": {1: "a"}}):
-        assert inv._json_bytes(odd) == _stdlib_json(odd)
-    monkeypatch.setattr(inv, "_orjson", None)
-    assert inv._json_bytes(invoice) == _stdlib_json(invoice)
+        assert durable.canonical_json(odd) == _stdlib_json(odd)
+    monkeypatch.setattr(durable, "_orjson", None)
+    assert durable.canonical_json(invoice) == _stdlib_json(invoice)
 
 
 @pytest.mark.parametrize("durability", ["syncfs", "fsync each file"])
@@ -497,7 +497,7 @@ def test_a_failed_flush_leaves_the_old_files_and_no_temporary_ones(tmp_path, mon
 
 
 def test_stored_invoices_listing_matches_the_globs(tmp_path):
-    from billing_dags import credits as cr
+    from billing_dags.billing import credits as cr
 
     def doc(month, cid):
         return json.dumps({"customer_id": cid, "lines": [], "period_start": f"{month}-01"})
@@ -586,8 +586,8 @@ def test_invoices_failing_the_total_check_write_no_file(tmp_path, monkeypatch):
     from billing_dags.defs.invoicing.assets import invoices as invoices_asset
     from billing_dags.defs.seeds.assets import write_seed_snapshots
     from billing_dags.defs.shared.resources import WarehouseResource
-    from billing_dags.settings import PROJECT_ROOT
-    from billing_dags.sqlmodels import Window, load_project, partition_file
+    from billing_dags.core.settings import PROJECT_ROOT
+    from billing_dags.models.sqlmodels import Window, load_project, partition_file
 
     import shutil
 

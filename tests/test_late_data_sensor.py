@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from billing_dags import raw
+from billing_dags.ingest import raw
 from billing_dags.definitions import defs as load_defs
-from billing_dags.events import event_files
+from billing_dags.ingest.events import event_files
 from conftest import copy_small_seeds
 
 FIRST = date(2026, 11, 9)
@@ -159,13 +159,13 @@ def test_a_late_correction_reruns_the_models_of_the_affected_days_in_one_run_and
     assert deployment.operate() == []
 
 
-# --- content, not time: billing_dags.late_data on hand-made partitions ----------------------------
+# --- content, not time: billing_dags.models.late_data on hand-made partitions ----------------------------
 
 
 def _computed_edges(paths, day: date) -> None:
     """Raw samples of ``day`` and an edges partition recorded as computed from them."""
-    from billing_dags import late_data
-    from billing_dags.sqlmodels import Window, load_project, partition_file
+    from billing_dags.models import late_data
+    from billing_dags.models.sqlmodels import Window, load_project, partition_file
 
     project = load_project()
     model = project.models["fct_series_edges_by_day"]
@@ -186,14 +186,14 @@ def _computed_edges(paths, day: date) -> None:
 
 
 def _late(paths, hashes=None):
-    from billing_dags.late_data import late_model_days
+    from billing_dags.models.late_data import late_model_days
 
     late, used = late_model_days(paths, hashes)
     return sorted((d.model, d.day.isoformat()) for d in late), used
 
 
 def test_a_touched_or_identically_rewritten_raw_file_is_not_late_and_is_hashed_once(paths, monkeypatch):
-    from billing_dags import late_data
+    from billing_dags.models import late_data
 
     day = date(2026, 5, 1)
     _computed_edges(paths, day)
@@ -228,7 +228,7 @@ def test_other_bytes_an_added_file_or_a_removed_one_make_the_day_late_but_retent
 
 
 def test_rerun_ranges_run_from_the_first_late_day_through_the_computed_days_that_read_it():
-    from billing_dags.late_data import rerun_ranges
+    from billing_dags.models.late_data import rerun_ranges
 
     d = lambda i: date(2026, 11, i)  # noqa: E731
     computed = {d(i) for i in range(1, 13)}
@@ -243,10 +243,10 @@ def test_rerun_ranges_run_from_the_first_late_day_through_the_computed_days_that
 
 
 def test_late_events_request_the_models_reading_them_and_their_downstream_not_the_edges_nor_ingest(paths):
-    from billing_dags import late_data
+    from billing_dags.models import late_data
     from billing_dags.defs.ingest.sensors import rerun_plan
-    from billing_dags.events import events_day_dir
-    from billing_dags.sqlmodels import Window, load_project, partition_file
+    from billing_dags.ingest.events import events_day_dir
+    from billing_dags.models.sqlmodels import Window, load_project, partition_file
 
     project = load_project()
     day, nxt = date(2026, 5, 4), date(2026, 5, 5)
@@ -318,8 +318,8 @@ def test_the_sensor_waits_while_a_run_writes_raw_days_or_daily_usage(paths):
 def test_the_record_holds_sizes_and_hashes_only_and_a_file_changed_during_the_run_is_late(paths):
     import json
 
-    from billing_dags import late_data
-    from billing_dags.sqlmodels import Window, load_project, partition_file
+    from billing_dags.models import late_data
+    from billing_dags.models.sqlmodels import Window, load_project, partition_file
 
     day = date(2026, 5, 1)
     _computed_edges(paths, day)

@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reference as ref
-from billing_dags import raw
+from billing_dags.ingest import raw
 from billing_dags.defs.seeds.assets import write_seed_snapshots
-from billing_dags.settings import resolve_paths
-from billing_dags.sqlmodels import run_model
+from billing_dags.core.settings import resolve_paths
+from billing_dags.models.sqlmodels import run_model
 from sql_helpers import (
     DAILY_MODELS, SEEDS_DIR, Runner, day_window, month_window, ms, next_day, run_days, samples_table, seed_tables,
     series_table,

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from billing_dags import raw
+from billing_dags.ingest import raw
 from billing_dags.definitions import ASSETS
 from billing_dags.defs.shared.partitions import billing_daily, billing_monthly
 from billing_dags.defs.shared.resources import (
@@ -56,7 +56,7 @@ def month_run(tmp_path_factory):
     import csv
     import shutil
 
-    from billing_dags.settings import PROJECT_ROOT, resolve_paths
+    from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 
     root = tmp_path_factory.mktemp("month")
     seeds = root / "seeds"
@@ -162,7 +162,7 @@ def test_stripe_outbox_has_one_event_per_customer_meter_day_and_flags_old_days(m
 
 def test_warehouse_views_answer_adhoc_queries(month_run):
     paths, _, _ = month_run
-    from billing_dags.warehouse import open_warehouse
+    from billing_dags.operations.warehouse import open_warehouse
 
     con = open_warehouse(paths)
     n = con.execute("select count(distinct day) from fct_usage_by_day").fetchall()[0][0]
@@ -177,7 +177,7 @@ def test_unpriced_model_usage_is_reported_not_silently_dropped(month_run):
     import duckdb
 
     from billing_dags.defs.models.checks import unpriced_usage
-    from billing_dags.sqlmodels import Window, load_project, partition_file
+    from billing_dags.models.sqlmodels import Window, load_project, partition_file
 
     paths, _, _ = month_run
     window = Window(MONTH, date(2026, 3, 1))
@@ -201,8 +201,8 @@ def test_unpriced_model_usage_is_reported_not_silently_dropped(month_run):
 
 
 def test_dispute_ties_raw_evidence_to_the_bill_and_exports_a_pack(month_run, tmp_path):
-    from billing_dags.disputes import DisputeError, build_dispute, export_evidence
-    from billing_dags.warehouse import open_warehouse
+    from billing_dags.operations.disputes import DisputeError, build_dispute, export_evidence
+    from billing_dags.operations.warehouse import open_warehouse
 
     paths, _, _ = month_run
     dispute = build_dispute(paths, "mp-003", MONTH, by="hour")
@@ -229,7 +229,7 @@ def test_dispute_ties_raw_evidence_to_the_bill_and_exports_a_pack(month_run, tmp
 
 
 def test_daily_summary_report_totals_match_the_usage_partition(month_run, capsys):
-    from billing_dags.cli import main
+    from billing_dags.cli.main import main
 
     paths, _, _ = month_run
     day = DAYS[12]
@@ -301,8 +301,8 @@ def test_run_model_days_writes_every_day_as_run_model_does(month_run, tmp_path):
     in the order a range run takes them: each partition has run_model's bytes; validate sees each day."""
     import shutil
 
-    from billing_dags.settings import Paths
-    from billing_dags.sqlmodels import Window, load_project, partition_file, run_model_days
+    from billing_dags.core.settings import Paths
+    from billing_dags.models.sqlmodels import Window, load_project, partition_file, run_model_days
 
     paths, _, _ = month_run
     copy = Paths(tmp_path / "data", paths.seeds_dir)
@@ -325,8 +325,8 @@ def test_run_model_days_writes_every_day_as_run_model_does(month_run, tmp_path):
 def test_run_model_days_stops_at_the_first_failing_day(month_run, tmp_path):
     import shutil
 
-    from billing_dags.settings import Paths
-    from billing_dags.sqlmodels import ModelError, Window, load_project, partition_file, run_model_days
+    from billing_dags.core.settings import Paths
+    from billing_dags.models.sqlmodels import ModelError, Window, load_project, partition_file, run_model_days
 
     paths, _, _ = month_run
     copy = Paths(tmp_path / "data", paths.seeds_dir)

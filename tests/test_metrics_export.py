@@ -14,10 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from billing_dags import metrics_export, projection
-from billing_dags.cli import main
-from billing_dags.seeds import load_seeds
-from billing_dags.sqlmodels import Window, run_model
+from billing_dags.operations import metrics_export
+
+from billing_dags.billing import projection
+from billing_dags.cli.main import main
+from billing_dags.seeds.catalog import load_seeds
+from billing_dags.models.sqlmodels import Window, run_model
 from test_projection import DAYS, GIB, OCT, TODAY, day_row, oct_paths, write_days  # noqa: F401 (fixture)
 
 SEP = date(2026, 9, 1)
@@ -127,7 +129,7 @@ def test_dashboard_loads_and_every_metric_it_queries_is_exported(warehouse):
 def test_recording_rules_file_is_generated_from_the_seeds():
     seeds = load_seeds(metrics_export.PROJECT_ROOT / "seeds")
     assert metrics_export.RULES_FILE.read_text() == metrics_export.render_recording_rules(seeds), (
-        "prometheus/billing_recording_rules.yml is out of date: run python -m billing_dags.metrics_export --write-rules"
+        "prometheus/billing_recording_rules.yml is out of date: run python -m billing_dags.operations.metrics_export --write-rules"
     )
     rules = metrics_export.recording_rules(seeds)["groups"][0]["rules"]
     records = [r["record"] for r in rules]

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from billing_dags.defs.shared.partitions import billing_daily, billing_monthly
-from billing_dags.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
@@ -147,8 +147,8 @@ def _duplicate_event(paths, days: tuple[date, ...]) -> list[Path]:
 
     import pyarrow as pa
 
-    from billing_dags.events import EVENTS_SCHEMA, write_events_day
-    from billing_dags.raw import day_bounds_ms
+    from billing_dags.ingest.events import EVENTS_SCHEMA, write_events_day
+    from billing_dags.ingest.raw import day_bounds_ms
 
     written = []
     for day in days:
@@ -218,7 +218,7 @@ def test_cli_runs_carry_the_code_locations_origin_and_reexecute(tmp_path, small_
     """The UI re-executes a run by its origin's code location and repository: the CLI's runs name the workspace's."""
     from dagster._core.definitions.reconstruct import ReconstructableRepository
 
-    from billing_dags import cli
+    from billing_dags.cli.main import main as cli
 
     paths = resolve_paths(data_dir, small_seeds)
     defs, instance = cli._definitions(paths)

@@ -9,8 +9,8 @@ from datetime import date
 
 import pytest
 
-from billing_dags.cli import main
-from billing_dags.settings import PROJECT_ROOT, SettingsError, parse_partitions_start, partitions_start
+from billing_dags.cli.main import main
+from billing_dags.core.settings import PROJECT_ROOT, SettingsError, parse_partitions_start, partitions_start
 
 LOAD = (
     "from billing_dags.defs.shared.partitions import billing_daily, billing_monthly\n"

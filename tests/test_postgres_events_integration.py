@@ -21,10 +21,10 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 
-from billing_dags import events
+from billing_dags.ingest import events
 from billing_dags.definitions import ASSETS
 from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, StripeResource, UsageEventsResource, WarehouseResource
-from billing_dags.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from servers import free_port
 
 pytestmark = pytest.mark.integration

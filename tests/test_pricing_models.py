@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from billing_dags.sqlmodels import Window
+from billing_dags.models.sqlmodels import Window
 from sql_helpers import SEEDS_DIR, Runner, seed_tables
 from sql_helpers import USAGE_BY_DAY_SCHEMA as DAY_SCHEMA
 
@@ -176,8 +176,8 @@ def _seeds_with_a_late_plan(tmp_path, start: str) -> Path:
 def test_a_period_with_no_plan_version_in_force_fails_instead_of_vanishing(tmp_path):
     # seed validation rejects such a subscription; read file by file (no cross-checks) the model
     # must still not drop the period silently: it used to return no row (no invoice, no error)
-    from billing_dags.seeds import SPECS, read_seed
-    from billing_dags.sqlmodels import ModelError
+    from billing_dags.seeds.catalog import SPECS, read_seed
+    from billing_dags.models.sqlmodels import ModelError
 
     seeds = _seeds_with_a_late_plan(tmp_path, "2026-10-01")
     unchecked = {name: read_seed(seeds, name) for name in SPECS}
@@ -197,7 +197,7 @@ def test_a_subscription_from_its_plans_first_version_is_billed(tmp_path):
 
 def test_catch_all_price_beside_per_model_prices_is_rejected(tmp_path):
     # with both, 1M gpt-4o input tokens would be billed $2.50 (gpt-4o row) + $1.00 (catch-all row)
-    from billing_dags.seeds import SeedError
+    from billing_dags.seeds.catalog import SeedError
 
     seeds = tmp_path / "seeds"
     shutil.copytree(SEEDS_DIR, seeds)

@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from billing_dags import projection
-from billing_dags.cli import main
-from billing_dags.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.billing import projection
+from billing_dags.cli.main import main
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from sql_helpers import USAGE_BY_DAY_SCHEMA as DAY_SCHEMA
 
 GIB = 2**30

@@ -26,11 +26,12 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 
-from billing_dags import prometheus as prom
-from billing_dags import raw
+from billing_dags.ingest import prometheus as prom
+from billing_dags.ingest import raw
 from billing_dags.definitions import ASSETS
 from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, StripeResource, WarehouseResource
-from billing_dags.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
+import prometheus_harness as harness
 from servers import HandlerServer
 
 pytestmark = pytest.mark.integration
@@ -109,9 +110,9 @@ def _families(series) -> dict:
 def _prometheus_with(root: Path, series: list):
     """A real Prometheus on 127.0.0.1 serving ``series``, backfilled with promtool into ``root``."""
     om = root / "data.om"
-    prom.write_openmetrics(om, _families(series))
-    prom.backfill(om, root / "tsdb", PROMTOOL)
-    return prom.LocalPrometheus(root / "tsdb", PROMETHEUS, log_file=root / "prometheus.log")
+    harness.write_openmetrics(om, _families(series))
+    harness.backfill(om, root / "tsdb", PROMTOOL)
+    return harness.LocalPrometheus(root / "tsdb", PROMETHEUS, log_file=root / "prometheus.log")
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +334,7 @@ def test_bad_query_fails_the_partition_naming_meter_query_and_server(server, tmp
 def test_stopped_server_fails_the_partition_naming_meter_query_and_server(tmp_path, seeds):
     tsdb = tmp_path / "tsdb"
     tsdb.mkdir()
-    with prom.LocalPrometheus(tsdb, PROMETHEUS) as p:
+    with harness.LocalPrometheus(tsdb, PROMETHEUS) as p:
         url = p.url
     paths = resolve_paths(tmp_path / "data", seeds)
     result = dg.materialize(
@@ -412,7 +413,7 @@ def test_billing_run_of_a_first_month_against_prometheus_on_an_empty_data_dir(oc
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PROMETHEUS_", "STRIPE_", "BILLING_"))}
     env.update(PROMETHEUS_URL=p.url, BILLING_DATA_DIR=str(data), BILLING_SEEDS_DIR=str(seeds), DAGSTER_HOME=str(home))
-    proc = subprocess.run([sys.executable, "-m", "billing_dags.cli", "run", "--month", "2026-10"],
+    proc = subprocess.run([sys.executable, "-m", "billing_dags.cli.main", "run", "--month", "2026-10"],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -504,7 +505,7 @@ def test_remote_read_drops_stale_markers_as_range_selectors_do(tmp_path, seeds):
     import numpy as np
     import requests
 
-    from billing_dags.remote_write import corpus
+    import remote_write_corpus as corpus
 
     stale = struct.unpack("<d", struct.pack("<Q", prom.STALE_NAN_BITS))[0]
     day = DAYS[0]
@@ -521,7 +522,7 @@ def test_remote_read_drops_stale_markers_as_range_selectors_do(tmp_path, seeds):
                ({"__name__": "stratum_active_connections", "client_id": "miner-001"}, gauge)]
     tsdb = tmp_path / "tsdb"
     tsdb.mkdir()
-    with prom.LocalPrometheus(tsdb, PROMETHEUS, log_file=tmp_path / "prometheus.log",
+    with harness.LocalPrometheus(tsdb, PROMETHEUS, log_file=tmp_path / "prometheus.log",
                               extra_args=["--web.enable-remote-write-receiver"]) as p:
         resp = requests.post(p.url + "/api/v1/write", data=corpus.body(written), timeout=30, headers={
             "Content-Type": "application/x-protobuf", "Content-Encoding": "snappy", "X-Prometheus-Remote-Write-Version": "0.1.0"})

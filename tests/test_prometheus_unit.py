@@ -1,4 +1,4 @@
-"""billing_dags.prometheus without a Prometheus: escaping, planning, dedupe, errors, retries, auth."""
+"""billing_dags.ingest.prometheus without a Prometheus: escaping, planning, dedupe, errors, retries, auth."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from billing_dags import prometheus as prom
-from billing_dags import raw
-from servers import HandlerServer
+from billing_dags.ingest import prometheus as prom
+from billing_dags.ingest import raw
+from servers import HandlerServer, free_port
 
 # --------------------------------------------------------------------------- escaping
 
@@ -290,7 +290,7 @@ def test_non_json_and_error_status_fail():
 
 
 def test_unreachable_server_names_the_server_and_the_query():
-    port = prom.free_port()
+    port = free_port()
     client = prom.PrometheusClient(f"http://127.0.0.1:{port}", max_retries=1, sleep=lambda s: None, connect_timeout_s=1)
     with pytest.raises(prom.PrometheusError) as e:
         client.query("m_total[1h]", 0, what="meter k8s_network (metric m_total)")
@@ -349,7 +349,7 @@ def test_resource_defaults_to_simulation_and_wires_env(monkeypatch):
 
 
 def test_ingest_day_writes_nothing_when_a_query_fails(tmp_path):
-    from billing_dags.settings import resolve_paths
+    from billing_dags.core.settings import resolve_paths
 
     paths = resolve_paths(tmp_path / "data", tmp_path)
     meters = [{"meter_id": "m", "metrics": "m_total", "customer_label": "client_id"}]
@@ -403,7 +403,7 @@ def read_response(series, histogram: bool = False) -> bytes:
     """A snappy-compressed ReadResponse with one QueryResult of ``series`` [(labels, [(ts, value)])]."""
     import cramjam
 
-    from billing_dags.remote_write.proto import ReadResponse
+    from billing_dags.ingest.remote_write.proto import ReadResponse
 
     resp = ReadResponse()
     result = resp.results.add()
@@ -427,7 +427,7 @@ def test_remote_read_rows_are_the_query_apis_rows(histogram):
     """[a, b) (remote read's end is inclusive), no stale markers, a NaN with float('nan')'s bits, as the JSON path."""
     import cramjam
 
-    from billing_dags.remote_write.proto import ReadRequest
+    from billing_dags.ingest.remote_write.proto import ReadRequest
 
     a, b = 1_000_000, 2_000_000
     series = [({"__name__": "m_total", "client_id": "c1", "job": "j"},

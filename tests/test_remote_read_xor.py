@@ -1,4 +1,4 @@
-"""Streamed remote-read responses: the XOR chunk decoder (billing_dags.remote_write.xor) against a
+"""Streamed remote-read responses: the XOR chunk decoder (billing_dags.ingest.remote_write.xor) against a
 reference encoder written from Prometheus's tsdb/chunkenc/xor.go, the frames' CRC-32C, and a
 streamed response read by the client as the same rows as a samples response."""
 
@@ -12,9 +12,9 @@ import cramjam
 import numpy as np
 import pytest
 
-from billing_dags import prometheus as prom
-from billing_dags.remote_write import xor
-from billing_dags.remote_write.proto import ChunkedReadResponse, ReadRequest
+from billing_dags.ingest import prometheus as prom
+from billing_dags.ingest.remote_write import xor
+from billing_dags.ingest.remote_write.proto import ChunkedReadResponse, ReadRequest
 
 MASK = (1 << 64) - 1
 STALE_BITS = prom.STALE_NAN_BITS

@@ -19,18 +19,18 @@ import numpy as np
 import pytest
 import requests
 
-from billing_dags import raw
-from billing_dags.remote_write import corpus
-from billing_dags.remote_write.customers import CustomerResolver
-from billing_dags.remote_write.decode import STALE_NAN_BITS, BadRequest, Decoder, TooLarge
-from billing_dags.remote_write.landing import (
+from billing_dags.ingest import raw
+import remote_write_corpus as corpus
+from billing_dags.ingest.remote_write.customers import CustomerResolver
+from billing_dags.ingest.remote_write.decode import STALE_NAN_BITS, BadRequest, Decoder, TooLarge
+from billing_dags.ingest.remote_write.landing import (
     OPEN_SUFFIX,
     SegmentWriter,
     read_segment,
     recover_orphans,
     sealed_segments,
 )
-from billing_dags.remote_write.server import WRITE_PATH, ReceiverConfig, create_app
+from billing_dags.ingest.remote_write.server import WRITE_PATH, ReceiverConfig, create_app
 from servers import serve_app
 
 STALE = struct.unpack("<d", struct.pack("<Q", STALE_NAN_BITS))[0]
@@ -162,7 +162,7 @@ def test_a_torn_tail_is_ignored_and_cut_by_recovery(tmp_path):
 
 
 def test_a_failed_write_is_truncated_and_reported_as_disk_full(tmp_path, monkeypatch):
-    from billing_dags.remote_write import landing
+    from billing_dags.ingest.remote_write import landing
 
     dec = Decoder()
     w = SegmentWriter(tmp_path, max_segment_age_s=3600)
@@ -196,7 +196,7 @@ def _far_future_batch(dec):
 
 
 def test_the_writer_refuses_a_batch_it_could_not_index_and_keeps_writing(tmp_path):
-    from billing_dags.remote_write.landing import Unindexable
+    from billing_dags.ingest.remote_write.landing import Unindexable
 
     dec = Decoder()
     w = SegmentWriter(tmp_path, max_segment_bytes=1, max_segment_age_s=3600)  # sealed after every group
@@ -210,7 +210,7 @@ def test_the_writer_refuses_a_batch_it_could_not_index_and_keeps_writing(tmp_pat
 
 
 def test_the_writer_survives_an_unexpected_error_and_nothing_acknowledged_is_lost(tmp_path, monkeypatch):
-    from billing_dags.remote_write import landing
+    from billing_dags.ingest.remote_write import landing
 
     dec = Decoder()
     real_seal = landing.seal
@@ -316,7 +316,7 @@ def test_503_when_the_disk_is_full(tmp_path, monkeypatch):
         writer.min_free_bytes = 1 << 62  # below the free-space reserve
         assert post(url, good_body()).status_code == 503
         writer.min_free_bytes = 0
-        from billing_dags.remote_write import landing
+        from billing_dags.ingest.remote_write import landing
 
         real = os.fdatasync
 
@@ -392,7 +392,7 @@ def test_fuzz_random_and_truncated_bodies_get_400_and_the_server_stays_up(tmp_pa
 
 
 def test_cli_rejects_a_bad_listen_address_and_token_file(tmp_path, capsys):
-    from billing_dags.cli import main
+    from billing_dags.cli.main import main
 
     assert main(["--data-dir", str(tmp_path), "remote-write", "serve", "--listen", "localhost"]) == 2
     assert "HOST:PORT" in capsys.readouterr().err
@@ -414,7 +414,7 @@ def test_cli_rejects_a_bad_listen_address_and_token_file(tmp_path, capsys):
     ],
 )
 def test_cli_rejects_limits_that_could_open_the_window_or_refuse_everything(tmp_path, capsys, flags, message):
-    from billing_dags.cli import main
+    from billing_dags.cli.main import main
 
     assert main(["--data-dir", str(tmp_path), "remote-write", "serve", *flags]) == 2
     assert message in capsys.readouterr().err

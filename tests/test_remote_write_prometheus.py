@@ -21,11 +21,11 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from billing_dags import raw
-from billing_dags.compaction import compact
-from billing_dags.remote_write.decode import is_stale
-from billing_dags.remote_write.landing import read_segment
-from billing_dags.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.ingest import raw
+from billing_dags.ingest.compaction import compact
+from billing_dags.ingest.remote_write.decode import is_stale
+from billing_dags.ingest.remote_write.landing import read_segment
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from servers import free_port, stop, wait_for
 
 PROMETHEUS = "/usr/bin/prometheus"
@@ -39,7 +39,7 @@ TOKEN = "it-token-123"
 class Receiver:
     def __init__(self, data_dir: Path, port: int, token_file: Path, log: Path):
         self.cmd = [
-            sys.executable, "-m", "billing_dags.cli", "--data-dir", str(data_dir), "--seeds-dir", str(PROJECT_ROOT / "seeds"),
+            sys.executable, "-m", "billing_dags.cli.main", "--data-dir", str(data_dir), "--seeds-dir", str(PROJECT_ROOT / "seeds"),
             "remote-write", "serve", "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file),
             "--segment-max-age", "1", "--min-free-bytes", "0",
         ]

@@ -15,10 +15,12 @@ import struct
 import numpy as np
 import pytest
 
-from billing_dags.remote_write import corpus, wire
-from billing_dags.remote_write.customers import CustomerResolver
-from billing_dags.remote_write.decode import STALE_NAN_BITS, BadRequest, Decoder, Limits, OutOfWindow, TooLarge
-from billing_dags.remote_write.proto import WriteRequest
+import remote_write_corpus as corpus
+
+from billing_dags.ingest.remote_write import wire
+from billing_dags.ingest.remote_write.customers import CustomerResolver
+from billing_dags.ingest.remote_write.decode import STALE_NAN_BITS, BadRequest, Decoder, Limits, OutOfWindow, TooLarge
+from billing_dags.ingest.remote_write.proto import WriteRequest
 
 T0 = 1_780_000_000_000
 STALE = struct.unpack("<d", struct.pack("<Q", STALE_NAN_BITS))[0]

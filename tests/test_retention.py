@@ -7,8 +7,8 @@ from datetime import date, datetime, timezone
 from decimal import Decimal
 
 
-from billing_dags import retention
-from billing_dags.cli import main
+from billing_dags.operations import retention
+from billing_dags.cli.main import main
 
 
 def _raw_day(paths, day: date, size: int = 10) -> None:
@@ -60,7 +60,7 @@ def test_dry_run_removes_nothing_and_bad_days_are_rejected(paths, capsys):
 
 
 def test_usage_reports_go_by_day_like_raw_days(paths):
-    from billing_dags.usage_reports import Report, ReportStore, store_path
+    from billing_dags.ingest.usage_reports import Report, ReportStore, store_path
 
     today = date(2026, 11, 22)
     ms = lambda d: int(datetime(d.year, d.month, d.day, 12, tzinfo=timezone.utc).timestamp()) * 1000  # noqa: E731

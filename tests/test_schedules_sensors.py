@@ -9,10 +9,10 @@ from datetime import date, datetime, timezone
 import dagster as dg
 import pyarrow as pa
 
-from billing_dags import raw
+from billing_dags.ingest import raw
 from billing_dags.definitions import defs as load_defs
 from billing_dags.defs.ingest.sensors import late_days
-from billing_dags.sqlmodels import Window, load_project, partition_file
+from billing_dags.models.sqlmodels import Window, load_project, partition_file
 
 
 def _defs() -> dg.Definitions:
@@ -88,7 +88,7 @@ def test_sensor_requests_each_late_day_once(paths):
 
 
 def test_late_usage_events_are_found_against_the_usage_partition(paths):
-    from billing_dags.events import events_day_dir
+    from billing_dags.ingest.events import events_day_dir
 
     day = date(2026, 5, 4)
     f = events_day_dir(paths, day) / "part-postgres.parquet"
@@ -105,7 +105,7 @@ def test_late_usage_events_are_found_against_the_usage_partition(paths):
 
 
 def test_late_events_also_rerun_the_next_day_which_reads_their_gauge_levels(paths):
-    from billing_dags.events import events_day_dir
+    from billing_dags.ingest.events import events_day_dir
 
     day, nxt = date(2026, 5, 4), date(2026, 5, 5)
     f = events_day_dir(paths, day) / "part-usage_reports.parquet"

@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from billing_dags.remote_write import corpus
-from billing_dags.remote_write.server import REPORT_PATH, WRITE_PATH
-from billing_dags.settings import PROJECT_ROOT
+import remote_write_corpus as corpus
+from billing_dags.ingest.remote_write.server import REPORT_PATH, WRITE_PATH
+from billing_dags.core.settings import PROJECT_ROOT
 from servers import free_port
 
 pytestmark = pytest.mark.integration
@@ -68,7 +68,7 @@ def _start(tmp_path: Path, *flags: str, nofile: int | None = None) -> Receiver:
 
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "billing_dags.cli", "--data-dir", str(tmp_path / "data"), "--seeds-dir", str(seeds),
+            [sys.executable, "-m", "billing_dags.cli.main", "--data-dir", str(tmp_path / "data"), "--seeds-dir", str(seeds),
              "remote-write", "serve", "--listen", f"127.0.0.1:{port}", "--token-file", str(tmp_path / "token"),
              "--min-free-bytes", "0", *flags],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=limit_files,

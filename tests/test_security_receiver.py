@@ -23,11 +23,11 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from billing_dags import raw
-from billing_dags.remote_write import corpus
-from billing_dags.remote_write.decode import Batch, SeriesInfo
-from billing_dags.remote_write.landing import FILE_MAGIC, REC_HEADER, REC_MAGIC, encode_record
-from billing_dags.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.ingest import raw
+import remote_write_corpus as corpus
+from billing_dags.ingest.remote_write.decode import Batch, SeriesInfo
+from billing_dags.ingest.remote_write.landing import FILE_MAGIC, REC_HEADER, REC_MAGIC, encode_record
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from servers import free_port, stop, wait_for
 
 pytestmark = pytest.mark.integration
@@ -53,7 +53,7 @@ class Receiver:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [
-            sys.executable, "-m", "billing_dags.cli", "--data-dir", str(self.data_dir), "--seeds-dir", str(SEEDS),
+            sys.executable, "-m", "billing_dags.cli.main", "--data-dir", str(self.data_dir), "--seeds-dir", str(SEEDS),
             "remote-write", "serve", "--listen", f"127.0.0.1:{self.port}", "--segment-max-age", "0.5", "--min-free-bytes", "0",
             *extra,
         ]
@@ -92,7 +92,7 @@ class Receiver:
 
 def cli(capsys, data_dir: Path, *args: str) -> tuple[int, str]:
     """`billing remote-write ARGS` (in this process: the command's own code, without a second start-up)."""
-    from billing_dags.cli import main
+    from billing_dags.cli.main import main
 
     capsys.readouterr()
     code = main(["--data-dir", str(data_dir), "--seeds-dir", str(SEEDS), "remote-write", *args])
@@ -253,7 +253,7 @@ def test_oversized_labels_get_400_naming_the_label_and_the_receiver_keeps_servin
 
 
 def test_the_series_cache_is_bounded_in_bytes():
-    from billing_dags.remote_write.decode import Decoder, Limits
+    from billing_dags.ingest.remote_write.decode import Decoder, Limits
 
     limit = 4 << 20
     dec = Decoder(limits=Limits(max_cache_bytes=limit))
@@ -273,7 +273,7 @@ def test_the_series_cache_is_bounded_in_bytes():
 def test_salvage_never_merges_two_label_sets_a_segment_gives_one_id(tmp_path):
     # a crafted segment defines one id twice with different labels, and holds a sample at year 10000:
     # the salvaged segment must not carry the id's samples under one of the two label sets
-    from billing_dags.remote_write.landing import read_segment, recover_orphans
+    from billing_dags.ingest.remote_write.landing import read_segment, recover_orphans
 
     base = now_ms() - 7_200_000
     labels = {k: v for k, v in LEGIT.items() if k != "__name__"}

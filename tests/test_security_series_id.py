@@ -18,13 +18,13 @@ import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from billing_dags import prometheus as prom
-from billing_dags import raw, simulate
-from billing_dags.compaction import compact
+from billing_dags.ingest import prometheus as prom
+from billing_dags.ingest import raw, simulate
+from billing_dags.ingest.compaction import compact
 from billing_dags.defs.seeds.assets import write_seed_snapshots
-from billing_dags.remote_write import corpus
-from billing_dags.remote_write.decode import BadRequest, Decoder
-from billing_dags.remote_write.landing import (
+import remote_write_corpus as corpus
+from billing_dags.ingest.remote_write.decode import BadRequest, Decoder
+from billing_dags.ingest.remote_write.landing import (
     FILE_MAGIC,
     OPEN_SUFFIX,
     SegmentWriter,
@@ -33,10 +33,10 @@ from billing_dags.remote_write.landing import (
     recover_orphans,
     sealed_segments,
 )
-from billing_dags.remote_write.server import WRITE_PATH, ReceiverConfig, create_app
-from billing_dags.seeds import read_seed
-from billing_dags.settings import PROJECT_ROOT, resolve_paths
-from billing_dags.sqlmodels import Window, run_model
+from billing_dags.ingest.remote_write.server import WRITE_PATH, ReceiverConfig, create_app
+from billing_dags.seeds.catalog import read_seed
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.models.sqlmodels import Window, run_model
 from servers import free_port, serve_app
 
 DAY = date(2026, 5, 28)
@@ -55,7 +55,7 @@ class ReceiverProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
-            sys.executable, "-m", "billing_dags.cli", "--data-dir", str(data_dir), "--seeds-dir", str(PROJECT_ROOT / "seeds"),
+            sys.executable, "-m", "billing_dags.cli.main", "--data-dir", str(data_dir), "--seeds-dir", str(PROJECT_ROOT / "seeds"),
             "remote-write", "serve", "--listen", f"127.0.0.1:{self.port}", "--min-free-bytes", "0",
         ]
         self.proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)

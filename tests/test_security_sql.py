@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from billing_dags.cli import main
-from billing_dags.settings import PROJECT_ROOT
+from billing_dags.cli.main import main
+from billing_dags.core.settings import PROJECT_ROOT
 
 README = PROJECT_ROOT / "README.md"
 CUSTOMER = "mp-003"  # the customer of the README's dispute queries
@@ -51,7 +51,7 @@ def built(tmp_path_factory) -> Path:
             w.writeheader()
             w.writerows(rows)
     subprocess.run(
-        [sys.executable, "-m", "billing_dags.cli", "--data-dir", str(root / "data"), "--seeds-dir", str(seeds),
+        [sys.executable, "-m", "billing_dags.cli.main", "--data-dir", str(root / "data"), "--seeds-dir", str(seeds),
          "run", "--month", "2026-10", "--interval", "3600"],
         cwd=root, env=_env(root), capture_output=True, text=True, check=True, timeout=900,
     )
@@ -69,7 +69,7 @@ def wh(built, tmp_path) -> Path:
 def billing_sql(wh: Path, query: str, *args: str) -> subprocess.CompletedProcess:
     """`billing sql QUERY --format json`, run from the folder holding data/ (as the README does)."""
     return subprocess.run(
-        [sys.executable, "-m", "billing_dags.cli", "--data-dir", str(wh / "data"), "--seeds-dir", str(wh / "seeds"),
+        [sys.executable, "-m", "billing_dags.cli.main", "--data-dir", str(wh / "data"), "--seeds-dir", str(wh / "seeds"),
          "sql", query, "--format", "json", *args],
         cwd=wh, env=_env(wh, STRIPE_API_KEY=CANARY, BILLING_REPORT_TOKEN=CANARY), capture_output=True, text=True, timeout=120,
     )

@@ -11,9 +11,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from billing_dags import raw, simulate
-from billing_dags.seeds import load_seeds
-from billing_dags.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.ingest import raw, simulate
+from billing_dags.seeds.catalog import load_seeds
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 
 MONTH = date(2024, 5, 1)
 DAYS = [MONTH + timedelta(days=i) for i in range(31)]
@@ -325,7 +325,7 @@ def test_usage_events_rows_are_deterministic_seed_003_rows(customers):
 def test_usage_reports_are_deterministic_seed_001_reports(customers):
     from decimal import Decimal
 
-    from billing_dags import usage_reports as ur
+    from billing_dags.ingest import usage_reports as ur
 
     reports = simulate.simulate_usage_reports(EVENT_DAY, customers)
     assert reports == simulate.simulate_usage_reports(EVENT_DAY, customers)
@@ -354,7 +354,7 @@ def test_usage_reports_are_deterministic_seed_001_reports(customers):
 
 
 def test_simulated_rows_become_events_through_the_postgres_conversion(tmp_path, customers):
-    from billing_dags import events
+    from billing_dags.ingest import events
 
     paths = resolve_paths(tmp_path / "data", PROJECT_ROOT / "seeds")
     figures = simulate.write_simulated_usage_events(paths, EVENT_DAY, customers, seed=3)
@@ -369,7 +369,7 @@ def test_simulated_rows_become_events_through_the_postgres_conversion(tmp_path, 
 
 
 def test_the_rows_conversion_skips_statuses_that_do_not_bill():
-    from billing_dags.postgres_events import UsageEventsTable, rows_to_batch
+    from billing_dags.ingest.postgres_events import UsageEventsTable, rows_to_batch
 
     key = "ab" * 32
     rows = [("1", 0, key, "gpt-4o", "openai", "success", "5", "1"), ("2", 0, key, "gpt-4o", "openai", "failed", "7", "0")]
@@ -465,14 +465,14 @@ def test_one_day_through_dagster_bills_the_simulated_events_and_reports(data_dir
         assert row["gauge_covered_ms"] == 24 * hour_ms, meter
 
     # the demo's closing lines read the same models
-    from billing_dags.cli import event_billed_lines
+    from billing_dags.cli.main import event_billed_lines
 
     events = sum(r["events"] for k, r in got.items() if k[0] == "llm-010")
     lines = event_billed_lines(paths, EVENT_DAY.replace(day=1))
     assert lines[0].startswith(f"iot-010 (usage reports): 24 reports, peak {max(gauges['iot_devices'])} devices, ")
     assert lines[1].startswith(f"llm-010 (usage_events): {events:,} events, ") and lines[1].endswith("invoice total no invoice")
     # support reads the evidence behind event usage from the warehouse: the reported numbers per event
-    from billing_dags.warehouse import open_warehouse
+    from billing_dags.operations.warehouse import open_warehouse
 
     con = open_warehouse(paths)
     try:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from billing_dags import sqlmodels
-from billing_dags.settings import SQL_MODELS_DIR
-from billing_dags.sqlmodels import ModelError, Window, parse_model
+from billing_dags.models import sqlmodels
+from billing_dags.core.settings import SQL_MODELS_DIR
+from billing_dags.models.sqlmodels import ModelError, Window, parse_model
 from sql_helpers import DAY_MS, Runner, day_window, ms, next_day, run_days, usage_month_table
 
 D0 = date(2025, 3, 30)  # the chain crosses into April
@@ -330,7 +330,7 @@ def test_a_partition_failing_its_grain_or_a_blocking_check_is_never_published(tm
     """The previous partition stays, byte for byte, and no temporary file is left."""
     import os
 
-    from billing_dags.settings import Paths
+    from billing_dags.core.settings import Paths
 
     paths = Paths(tmp_path / "data", tmp_path / "seeds")
     model = sqlmodels.load_project().models["fct_usage_by_month"]
@@ -383,8 +383,8 @@ def test_a_seed_edited_in_place_is_read_again(tmp_path):
     """Seeds are parsed once per content: an edit of the same size, at once, is seen."""
     import shutil
 
-    from billing_dags.seeds import read_seed
-    from billing_dags.settings import PROJECT_ROOT
+    from billing_dags.seeds.catalog import read_seed
+    from billing_dags.core.settings import PROJECT_ROOT
 
     seeds = tmp_path / "seeds"
     shutil.copytree(PROJECT_ROOT / "seeds", seeds)
@@ -408,7 +408,7 @@ def test_a_process_with_a_session_database_can_fork_and_start_programs():
     script = textwrap.dedent(
         """
         import os, subprocess, sys
-        from billing_dags import sqlmodels
+        from billing_dags.models import sqlmodels
         with sqlmodels.session() as con:
             con.execute("select 1").fetchall()
         proc = subprocess.run([sys.executable, "-c", "print('child ok')"], preexec_fn=lambda: None, capture_output=True, text=True)

@@ -18,7 +18,7 @@ from billing_dags.defs.shared.resources import (
     UsageEventsResource,
     WarehouseResource,
 )
-from billing_dags.settings import PROJECT_ROOT
+from billing_dags.core.settings import PROJECT_ROOT
 
 DAYS = ["2026-02-01", "2026-02-02", "2026-02-03"]
 DAILY = ["raw_samples", "fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day"]
@@ -103,7 +103,7 @@ def test_rerun_of_a_day_marks_later_days_unsynced_only_when_its_rows_changed(pat
 
 def test_every_asset_has_owners_and_every_model_a_code_version():
     defs = load_defs()
-    from billing_dags.sqlmodels import load_project
+    from billing_dags.models.sqlmodels import load_project
 
     tables = {n for n, m in load_project().models.items() if m.materialized == "table"}
     for spec in defs.resolve_all_asset_specs():

@@ -14,9 +14,9 @@ from decimal import Decimal
 import pytest
 import requests
 
-from billing_dags import stripe_outbox as ob
-from billing_dags.settings import Paths
-from billing_dags.stripe_meters import desired_meters, send_days, sync_meters
+from billing_dags.stripe import outbox as ob
+from billing_dags.core.settings import Paths
+from billing_dags.stripe.meters import desired_meters, send_days, sync_meters
 
 from stripe_server import StripeServer
 
@@ -102,8 +102,8 @@ def synced(server) -> None:
 
 
 def test_sync_meters_creates_missing_once_then_is_a_no_op(server):
-    from billing_dags.seeds import load_seeds
-    from billing_dags.settings import PROJECT_ROOT
+    from billing_dags.seeds.catalog import load_seeds
+    from billing_dags.core.settings import PROJECT_ROOT
 
     seeds_meters = load_seeds(PROJECT_ROOT / "seeds")["meters"].to_pylist()
     wanted = desired_meters(seeds_meters)
@@ -388,7 +388,7 @@ def test_server_enforces_stripes_documented_limits(server):
 @pytest.fixture
 def seed_paths(data_dir, monkeypatch) -> Paths:
     """A fresh data dir and the project's seeds (read, never written)."""
-    from billing_dags.settings import PROJECT_ROOT
+    from billing_dags.core.settings import PROJECT_ROOT
 
     monkeypatch.setenv("BILLING_SEEDS_DIR", str(PROJECT_ROOT / "seeds"))
     return Paths(data_dir, PROJECT_ROOT / "seeds")
@@ -399,7 +399,7 @@ def _yesterday() -> date:
 
 
 def _write_seed_outbox(paths: Paths, day: date) -> list[dict]:
-    from billing_dags.seeds import load_seeds
+    from billing_dags.seeds.catalog import load_seeds
 
     seeds = load_seeds(paths.seeds_dir)
     customers, meters = seeds["customers"].to_pylist(), seeds["meters"].to_pylist()
@@ -411,7 +411,7 @@ def _write_seed_outbox(paths: Paths, day: date) -> list[dict]:
 
 
 def test_cli_sync_meters_and_send(seed_paths, no_proxy, monkeypatch, capsys):
-    from billing_dags.cli import main
+    from billing_dags.cli.main import main
 
     paths = seed_paths
     day = _yesterday()
@@ -454,7 +454,7 @@ def test_stripe_meter_events_asset_reports_counts(seed_paths, no_proxy):
     rows = _write_seed_outbox(paths, day)
     with StripeServer(now=datetime.now(UTC), api_key=API_KEY) as s:
         client = ob.make_client(API_KEY, s.url)
-        from billing_dags.seeds import load_seeds
+        from billing_dags.seeds.catalog import load_seeds
 
         sync_meters(client, load_seeds(paths.seeds_dir)["meters"].to_pylist())
         s.reject_identifier(rows[0]["identifier"], "No such customer")

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from billing_dags.settings import Paths
 import pyarrow as pa
 
-from billing_dags.stripe_outbox import (
+from billing_dags.core.settings import Paths
+from billing_dags.stripe.outbox import (
     OUTBOX_SCHEMA,
     OutboxError,
     build_outbox,

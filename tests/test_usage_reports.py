@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from billing_dags import usage_reports as ur
-from billing_dags.remote_write.server import REPORT_PATH, ReceiverConfig, create_app
-from billing_dags.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.ingest import usage_reports as ur
+from billing_dags.ingest.remote_write.server import REPORT_PATH, ReceiverConfig, create_app
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 
 from servers import serve_app
 
@@ -322,6 +322,6 @@ def test_an_unterminated_string_is_refused_in_bounded_time():
     import subprocess
     import sys
 
-    code = "from billing_dags import usage_reports as ur\ntry:\n    ur.decode_body(b'\"' + b'\\\\\"' * 32000)\nexcept ur.ReportError as e:\n    print(e.field)\n"
+    code = "from billing_dags.ingest import usage_reports as ur\ntry:\n    ur.decode_body(b'\"' + b'\\\\\"' * 32000)\nexcept ur.ReportError as e:\n    print(e.field)\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=10, cwd=PROJECT_ROOT)
     assert out.stdout.strip() == "body", out.stderr

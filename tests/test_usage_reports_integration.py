@@ -24,12 +24,12 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 
-from billing_dags import events
+from billing_dags.ingest import events
 from billing_dags.core.calendar import last_complete_month, month_days, next_month
 from billing_dags.definitions import ASSETS
 from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, StripeResource, UsageEventsResource, WarehouseResource
-from billing_dags.settings import PROJECT_ROOT, resolve_paths
-from billing_dags.usage_reports import demo_report_token
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.ingest.usage_reports import demo_report_token
 from servers import free_port
 
 pytestmark = pytest.mark.integration
@@ -95,7 +95,7 @@ def server(tmp_path):
     port = free_port()
     log = open(tmp_path / "receiver.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "billing_dags.cli", "--data-dir", str(tmp_path / "data"), "--seeds-dir", str(PROJECT_ROOT / "seeds"),
+        [sys.executable, "-m", "billing_dags.cli.main", "--data-dir", str(tmp_path / "data"), "--seeds-dir", str(PROJECT_ROOT / "seeds"),
          "remote-write", "serve", "--listen", f"127.0.0.1:{port}", "--min-free-bytes", "0"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )

@@ -1,10 +1,27 @@
-"""Calendar months in UTC dates: the one place month arithmetic is written."""
+"""Months and days in UTC, the one place month arithmetic is written: parsing ``YYYY-MM``, a month's
+start, the next and previous month, a month's days and length, the last complete month."""
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+import re
+from datetime import date, datetime, timedelta, timezone
 
+from billing_dags.core.errors import InputError
+
+_MONTH_RE = re.compile(r"^(\d{4})-(\d{2})$")
 DAY_MS = 86_400_000
+
+
+def utc_today() -> date:
+    return datetime.now(timezone.utc).date()
+
+
+def parse_month(value: str) -> date:
+    """``YYYY-MM`` as the month's first day; an InputError naming the value otherwise."""
+    m = _MONTH_RE.match(value or "")
+    if not m or not 1 <= int(m.group(2)) <= 12:
+        raise InputError(f"month {value!r} is not YYYY-MM; give e.g. --month 2026-10")
+    return date(int(m.group(1)), int(m.group(2)), 1)
 
 
 def month_start(day: date) -> date:
@@ -38,6 +55,6 @@ def month_ms(day: date) -> int:
     return days_in_month(day) * DAY_MS
 
 
-def last_complete_month(today: date) -> date:
-    """The first day of the last month that has ended before ``today``."""
-    return previous_month(today)
+def last_complete_month(today: date | None = None) -> date:
+    """The first day of the latest month that has ended before ``today`` (default: today, UTC)."""
+    return previous_month(today or utc_today())

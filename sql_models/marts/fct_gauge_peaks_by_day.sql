@@ -10,7 +10,7 @@ group: usage
 # the hot path: gauge samples gathered by streaming the raw day and summed by compiled code (same
 # output, to the unit); this SQL is its specification (tests/test_fastpath.py compares them)
 engine: python
-python: billing_dags.fastpath:gauge_peaks_by_day
+python: billing_dags.models.fastpath:gauge_peaks_by_day
 */
 with samples as (
     select * from stg_raw__samples

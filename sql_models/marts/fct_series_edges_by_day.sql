@@ -8,7 +8,7 @@ group: usage
 # the hot path: computed by streaming the raw row groups (same output, to the unit); this SQL is
 # its specification, which tests/test_fastpath.py and `make bench` compare it against
 engine: python
-python: billing_dags.fastpath:edges_by_day
+python: billing_dags.models.fastpath:edges_by_day
 */
 with samples as (
     select * from stg_raw__samples

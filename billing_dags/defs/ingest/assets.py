@@ -7,7 +7,7 @@ import dagster as dg
 from billing_dags.defs.shared.metadata import materialize_raw_each
 from billing_dags.defs.shared.partitions import SINGLE_RUN, billing_daily
 from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, WarehouseResource
-from billing_dags.seeds import read_seed
+from billing_dags.seeds.catalog import read_seed
 
 
 @dg.asset(
@@ -23,7 +23,7 @@ def raw_samples(
     simulation: SimulationResource,
 ) -> dg.MaterializeResult:
     """Raw samples of each UTC day (series_id, ts, value) and their series: pulled from PROMETHEUS_URL, else simulated."""
-    from billing_dags import simulate
+    from billing_dags.ingest import simulate
 
     paths = warehouse.paths()
     if prometheus.enabled:
@@ -54,10 +54,10 @@ def raw_samples(
 
 
 def _pull_from_prometheus(context: dg.AssetExecutionContext, paths, day, prometheus: PrometheusResource) -> dict:
-    """Exact raw samples of ``day`` for every meter of seeds/meters.csv (billing_dags.prometheus)."""
-    from billing_dags import prometheus as prom
-    from billing_dags.raw import RawLayoutError
-    from billing_dags.seeds import SeedError
+    """Exact raw samples of ``day`` for every meter of seeds/meters.csv (billing_dags.ingest.prometheus)."""
+    from billing_dags.ingest import prometheus as prom
+    from billing_dags.ingest.raw import RawLayoutError
+    from billing_dags.seeds.catalog import SeedError
 
     try:
         meters, label_values = prom.meters_and_label_values(paths.seeds_dir)

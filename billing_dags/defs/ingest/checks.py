@@ -1,4 +1,4 @@
-"""Asset checks on the raw events a source writes (billing_dags/events.py), one factory per rule."""
+"""Asset checks on the raw events a source writes (billing_dags/ingest/events.py), one factory per rule."""
 
 from datetime import date
 
@@ -24,7 +24,7 @@ def event_ids_unique_across_days_check(asset_key_name: str, source: str) -> dg.A
     )
     def _check(context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource) -> dg.AssetCheckResult:
         """Every day of the run's partitions (one, or each day of a range), in order."""
-        from billing_dags.events import cross_day_duplicates
+        from billing_dags.ingest.events import cross_day_duplicates
 
         paths = warehouse.paths()
         duplicates, failed = [], []

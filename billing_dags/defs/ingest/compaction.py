@@ -19,7 +19,7 @@ from billing_dags.defs.shared.resources import WarehouseResource
 )
 def remote_write_samples(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
     """Remote-write landing segments of each UTC day merged into its raw partition, deduplicated on (series, ts)."""
-    from billing_dags.compaction import compact
+    from billing_dags.ingest.compaction import compact
 
     paths = warehouse.paths()
     parts = partitions_of(context)
@@ -89,7 +89,7 @@ def partition_days(today: date | None = None) -> tuple[date, date]:
 
 def landing_run_requests(paths, today: date | None = None) -> tuple[list[dg.RunRequest], list[str]]:
     """One run request per partition day with landing samples not yet compacted; and days waiting."""
-    from billing_dags.compaction import pending_days
+    from billing_dags.ingest.compaction import pending_days
 
     first, last = partition_days(today)
     requests, waiting = [], []

@@ -19,10 +19,10 @@ INGEST_ASSETS = ("raw_samples", "remote_write_samples", "usage_events", "usage_r
 
 
 def rerun_plan(paths, asset_graph, hashes: dict | None = None) -> tuple[list[dg.RunRequest], dict, list]:
-    """The run requests for the late model days of ``paths`` (see billing_dags.late_data), the hashes
+    """The run requests for the late model days of ``paths`` (see billing_dags.models.late_data), the hashes
     to keep for the next evaluation, and the late model days found."""
-    from billing_dags.late_data import computed_days, late_model_days, rerun_ranges
-    from billing_dags.sqlmodels import load_project, sources
+    from billing_dags.models.late_data import computed_days, late_model_days, rerun_ranges
+    from billing_dags.models.sqlmodels import load_project, sources
 
     project = load_project()
     late, used = late_model_days(paths, hashes, project)
@@ -116,7 +116,7 @@ def late_raw_data_sensor(job) -> dg.SensorDefinition:
 
 def late_days(paths) -> list[str]:
     """The days with a model partition computed from raw files that have changed since."""
-    from billing_dags.late_data import late_model_days
+    from billing_dags.models.late_data import late_model_days
 
     late, _ = late_model_days(paths)
     return sorted({d.day.isoformat() for d in late})

@@ -12,7 +12,7 @@ from billing_dags.defs.shared.resources import (
     UsageEventsResource,
     WarehouseResource,
 )
-from billing_dags.sqlmodels import Window
+from billing_dags.models.sqlmodels import Window
 
 #: where this asset's rows land (a part per source; standard metadata: defs/shared/metadata.py)
 EVENTS = ("raw_events", ("postgres", "simulate"))
@@ -33,9 +33,9 @@ def usage_events(
     prometheus: PrometheusResource,
 ) -> dg.MaterializeResult:
     """Billable usage_events rows of each UTC day (tokens per model, API keys as SHA-256) from BILLING_USAGE_EVENTS_DSN, else simulated."""
-    from billing_dags import postgres_events as pg
-    from billing_dags.events import EventsLayoutError
-    from billing_dags.seeds import SeedError
+    from billing_dags.ingest import postgres_events as pg
+    from billing_dags.ingest.events import EventsLayoutError
+    from billing_dags.seeds.catalog import SeedError
 
     if not usage_events.enabled:
         if simulation.applies(prometheus):
@@ -72,10 +72,10 @@ def _simulate(
     simulation: SimulationResource,
 ) -> dict:
     """Simulated seed-003 rows of the day's usage_events customers, converted exactly as PostgreSQL rows are."""
-    from billing_dags import postgres_events as pg
-    from billing_dags import simulate
-    from billing_dags.events import EventsLayoutError
-    from billing_dags.seeds import SeedError, read_seed
+    from billing_dags.ingest import postgres_events as pg
+    from billing_dags.ingest import simulate
+    from billing_dags.ingest.events import EventsLayoutError
+    from billing_dags.seeds.catalog import SeedError, read_seed
 
     paths = warehouse.paths()
     cfg = usage_events.source_table()

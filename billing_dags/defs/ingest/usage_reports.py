@@ -25,10 +25,10 @@ def usage_reports(
     prometheus: PrometheusResource,
 ) -> dg.MaterializeResult:
     """Usage reports of each UTC day from the report store (data/landing/reports; simulated ones first when simulating) as raw events."""
-    from billing_dags import simulate
-    from billing_dags import usage_reports as ur
-    from billing_dags.events import EventsLayoutError
-    from billing_dags.seeds import SeedError, read_seed
+    from billing_dags.ingest import simulate
+    from billing_dags.ingest import usage_reports as ur
+    from billing_dags.ingest.events import EventsLayoutError
+    from billing_dags.seeds.catalog import SeedError, read_seed
 
     paths = warehouse.paths()
 
@@ -86,7 +86,7 @@ def usage_reports(
 
 def report_run_requests(paths, today: date | None = None) -> tuple[list[dg.RunRequest], list[str]]:
     """One run request per partition day with reports accepted after its last compaction; and days waiting."""
-    from billing_dags.usage_reports import ReportStore
+    from billing_dags.ingest.usage_reports import ReportStore
 
     first, last = partition_days(today)
     with ReportStore.open(paths, readonly=True) as store:

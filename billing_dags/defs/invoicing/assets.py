@@ -5,14 +5,15 @@ from datetime import datetime, timezone
 import dagster as dg
 import pyarrow.parquet as pq
 
-from billing_dags import credits as cr
-from billing_dags.flags import month_flags, unacknowledged_critical
-from billing_dags import invoices as inv
-from billing_dags.seeds import SPECS, SeedError
+from billing_dags.billing import credits as cr
+from billing_dags.seeds.catalog import load_grants
+from billing_dags.operations.flags import month_flags, unacknowledged_critical
+from billing_dags.billing import invoices as inv
+from billing_dags.seeds.catalog import SPECS, SeedError
 from billing_dags.defs.shared.partitions import SINGLE_RUN, billing_monthly, combined_check_result, materialize_each
 from billing_dags.defs.shared.resources import WarehouseResource
-from billing_dags.settings import DEFAULT_GRACE_DAYS
-from billing_dags.sqlmodels import load_project, partition_file, seed_snapshot_path
+from billing_dags.core.settings import DEFAULT_GRACE_DAYS
+from billing_dags.models.sqlmodels import load_project, partition_file, seed_snapshot_path
 
 
 class InvoiceConfig(dg.Config):
@@ -65,7 +66,7 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
         lines = pq.read_table(partition_file(paths, models["fct_invoice_lines"], window)).to_pylist()
         seeds = {n: pq.read_table(seed_snapshot_path(paths, n)).to_pylist() for n in ("customers", "plans", "currencies")}
         try:
-            grants = cr.load_grants(paths.seeds_dir, seeds["customers"], seeds["currencies"])
+            grants = load_grants(paths.seeds_dir, seeds["customers"], seeds["currencies"])
         except SeedError as e:
             raise dg.Failure(str(e)) from None
         manifest = inv.invoice_manifest(paths, window.start, paths.seeds_dir, inv.code_version())

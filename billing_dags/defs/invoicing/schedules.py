@@ -2,8 +2,8 @@
 
 import dagster as dg
 
+from billing_dags.core.settings import DEFAULT_GRACE_DAYS
 from billing_dags.core.calendar import last_complete_month
-from billing_dags.settings import DEFAULT_GRACE_DAYS
 
 
 def monthly_draft_schedule(job) -> dg.ScheduleDefinition:

@@ -4,13 +4,15 @@ from datetime import date, timedelta
 
 import dagster as dg
 
-from billing_dags import late_data, raw
+from billing_dags.models import late_data
+
+from billing_dags.ingest import raw
 from billing_dags.defs.models.checks import CHECKS, evaluate, evaluate_published
 from billing_dags.defs.shared.metadata import data_version, model_code_version, model_metadata
 from billing_dags.defs.shared.partitions import BY_NAME, SINGLE_RUN, combined_check_result, materialize_each, partitions_of
 from billing_dags.defs.shared.resources import WarehouseResource
-from billing_dags.settings import Paths
-from billing_dags.sqlmodels import Model, ModelError, Project, Window, load_project, model_files, run_model, session, sources
+from billing_dags.core.settings import Paths
+from billing_dags.models.sqlmodels import Model, ModelError, Project, Window, load_project, model_files, run_model, session, sources
 
 
 def _partition_mapping(model: Model, upstream: Model) -> dg.PartitionMapping | None:

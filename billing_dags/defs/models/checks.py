@@ -8,8 +8,8 @@ from typing import Callable
 import dagster as dg
 import pyarrow.parquet as pq
 
-from billing_dags.settings import Paths
-from billing_dags.sqlmodels import Model, Window, load_project, model_files, partition_file, seed_snapshot_path, session
+from billing_dags.core.settings import Paths
+from billing_dags.models.sqlmodels import Model, Window, load_project, model_files, partition_file, seed_snapshot_path, session
 
 
 def _blocking(blocking: bool):

@@ -4,7 +4,7 @@ import dagster as dg
 
 from billing_dags.defs.shared.partitions import SINGLE_RUN, billing_daily, materialize_each
 from billing_dags.defs.shared.resources import WarehouseResource
-from billing_dags.reports import build_daily_summary, write_daily_summary
+from billing_dags.operations.reports import build_daily_summary, write_daily_summary
 
 
 @dg.asset(
@@ -35,7 +35,7 @@ def daily_summary(context: dg.AssetExecutionContext, warehouse: WarehouseResourc
 @dg.asset(group_name="reports", kinds={"prometheus"}, deps=["fct_usage_by_day", "invoices"])
 def billing_metrics_textfile(warehouse: WarehouseResource) -> dg.MaterializeResult:
     """Billing aggregates in Prometheus exposition format (data/metrics/billing.prom) for a textfile collector."""
-    from billing_dags.metrics_export import export_metrics
+    from billing_dags.operations.metrics_export import export_metrics
 
     paths = warehouse.paths()
     dest = paths.data_dir / "metrics" / "billing.prom"

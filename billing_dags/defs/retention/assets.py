@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from billing_dags import retention
+from billing_dags.operations import retention
 from billing_dags.defs.shared.resources import WarehouseResource
 
 

@@ -5,11 +5,11 @@ import hashlib
 import dagster as dg
 import pyarrow.parquet as pq
 
-from billing_dags import durable
+from billing_dags.core import durable
 from billing_dags.defs.shared.metadata import table_metadata
 from billing_dags.defs.shared.resources import WarehouseResource
-from billing_dags.seeds import SPECS, load_seeds
-from billing_dags.sqlmodels import seed_snapshot_path
+from billing_dags.seeds.catalog import SPECS, load_seeds
+from billing_dags.models.sqlmodels import seed_snapshot_path
 
 
 def write_seed_snapshots(paths, names=None) -> dict[str, dict]:

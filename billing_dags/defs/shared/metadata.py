@@ -43,7 +43,7 @@ def code_version(*parts: str) -> str:
 def model_code_version(project, model) -> str:
     """The model's SQL, the SQL of the views and ephemeral models it reads (transitively), and its Python
     engine's source when it has one: a change to any of them is a new code version."""
-    from billing_dags.sqlmodels import python_engine
+    from billing_dags.models.sqlmodels import python_engine
 
     parts, seen, todo = [], set(), [model.name]
     while todo:
@@ -172,7 +172,7 @@ def meter_units(seeds_dir: Path) -> dict[str, str]:
 
 def model_metadata(con: duckdb.DuckDBPyConnection, paths, project, model, table: pa.Table, partitioned: bool) -> dict:
     """Everything above for one published model table (or partition of it)."""
-    from billing_dags.sqlmodels import model_files
+    from billing_dags.models.sqlmodels import model_files
 
     meta = table_metadata(
         table,
@@ -210,8 +210,8 @@ def raw_metadata(paths, window, table: str = "raw_samples", sources=None) -> tup
     ``table`` is raw_samples (the day's sample files) or raw_events (the day's event files of ``sources``,
     e.g. ``["postgres", "simulate"]``: each source writes its own part-<source>.parquet).
     """
-    from billing_dags import raw
-    from billing_dags.events import event_files, events_root
+    from billing_dags.ingest import raw
+    from billing_dags.ingest.events import event_files, events_root
 
     if table == "raw_samples":
         files = [f for d in _days(window) for f in raw.sample_files(paths, d)]

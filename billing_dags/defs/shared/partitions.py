@@ -12,8 +12,8 @@ from typing import Any
 
 import dagster as dg
 
-from billing_dags.settings import partitions_start
-from billing_dags.sqlmodels import Window
+from billing_dags.core.settings import partitions_start
+from billing_dags.models.sqlmodels import Window
 
 #: the first day of both partitions (YYYY-MM-DD): BILLING_PARTITIONS_START, else the first month of the
 #: earliest subscription in the seeds (settings.partitions_start); read once, when the code location loads

@@ -5,7 +5,7 @@ from typing import Optional
 
 import dagster as dg
 
-from billing_dags.settings import Paths, resolve_paths
+from billing_dags.core.settings import Paths, resolve_paths
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -88,7 +88,7 @@ class PrometheusResource(dg.ConfigurableResource):
         return bool(self.url)
 
     def client(self):
-        from billing_dags.prometheus import PrometheusClient, parse_headers
+        from billing_dags.ingest.prometheus import PrometheusClient, parse_headers
 
         return PrometheusClient(
             self.url or "",
@@ -107,7 +107,7 @@ class PrometheusResource(dg.ConfigurableResource):
         )
 
     def options(self):
-        from billing_dags.prometheus import IngestOptions
+        from billing_dags.ingest.prometheus import IngestOptions
 
         return IngestOptions(
             mode=self.mode,
@@ -145,7 +145,7 @@ class UsageEventsResource(dg.ConfigurableResource):
         return bool(self.dsn)
 
     def source_table(self):
-        from billing_dags.postgres_events import UsageEventsTable
+        from billing_dags.ingest.postgres_events import UsageEventsTable
 
         return UsageEventsTable(
             table=self.table,
@@ -169,7 +169,7 @@ class StripeResource(dg.ConfigurableResource):
     max_network_retries: int = 3
 
     def client(self):
-        from billing_dags.stripe_outbox import make_client
+        from billing_dags.stripe.outbox import make_client
 
         return make_client(self.api_key, self.api_base, self.max_network_retries)
 

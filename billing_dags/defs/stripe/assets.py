@@ -5,10 +5,10 @@ from datetime import datetime, timezone
 import dagster as dg
 import pyarrow.parquet as pq
 
-from billing_dags import stripe_outbox as ob
+from billing_dags.stripe import outbox as ob
 from billing_dags.defs.shared.partitions import SINGLE_RUN, billing_daily, materialize_each
 from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
-from billing_dags.sqlmodels import load_project, partition_file, seed_snapshot_path
+from billing_dags.models.sqlmodels import load_project, partition_file, seed_snapshot_path
 
 
 def _by_status(rows: list[dict]) -> dict[str, int]:

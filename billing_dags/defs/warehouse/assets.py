@@ -3,7 +3,7 @@
 import dagster as dg
 
 from billing_dags.defs.shared.resources import WarehouseResource
-from billing_dags.warehouse import refresh_views
+from billing_dags.operations.warehouse import refresh_views
 
 
 @dg.asset(group_name="warehouse", kinds={"duckdb"})

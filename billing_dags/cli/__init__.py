@@ -1,0 +1,1 @@
+"""The `billing` command line: the only package that knows argparse and rich."""

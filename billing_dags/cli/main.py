@@ -1,0 +1,413 @@
+"""The `billing` command: demo, simulate, run, invoice(s), usage, plans, sql.
+
+Every command meets bad input with an error that names the input and the fix, and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from billing_dags.cli import disputes, flags, metrics, reports, retention, stripe
+from billing_dags.cli import remote_write as remote_write_cli
+from billing_dags.cli.projection import emit_usage_report
+from billing_dags.cli.common import CliError, console, customers_of, emit, err_console, paths_of, require_customer, seeds_of, check_billable_month
+from billing_dags.cli.runs import run_month, run_invoices
+from billing_dags.core.calendar import days_in_month, last_complete_month, month_days, next_month, parse_month
+from billing_dags.core.errors import InputError
+from billing_dags.core.settings import Paths
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+def invoice_rows(paths: Paths, month: date) -> list[dict]:
+    from billing_dags.billing.invoices import document_title
+
+    folder = paths.invoices / f"{month:%Y-%m}"
+    rows = []
+    for f in sorted(folder.glob("*.json")):
+        if f.name == "registry.json":
+            continue
+        doc = json.loads(f.read_text())
+        if "customer_id" not in doc:
+            continue
+        rows.append(
+            {
+                "invoice": doc["invoice_number"],
+                "document": document_title(doc).lower(),
+                "status": doc["status"],
+                "customer": doc["customer_id"],
+                "plan": doc.get("plan_id", ""),
+                "lines": len(doc["lines"]),
+                "total": f"{doc['total']} {doc['currency'].upper()}",
+            }
+        )
+    return rows
+
+
+def outbox_summary(paths: Paths, month: date) -> str:
+    """Meter events of the month's days by status, e.g. '1,234 events: 900 dry_run, 334 too_old'."""
+    from billing_dags.stripe.outbox import read_outbox, summarize
+
+    rows = [row for day in month_days(month) for row in read_outbox(paths, day)]
+    summary = summarize(rows)
+    return f"{summary['rows']:,} meter events: " + ", ".join(
+        f"{n:,} {status}" for status, n in sorted(summary["by_status"].items()) if n
+    )
+
+
+def event_billed_lines(paths: Paths, month: date, n_customers: int | None = None) -> list[str]:
+    """One line per customer (of the first ``n_customers``) billed from usage events or usage reports."""
+    import duckdb
+
+    from billing_dags.operations.warehouse import open_warehouse
+
+    customers = customers_of(paths)[:n_customers]
+    picked = [c for c in customers if c.get("usage_source", "prometheus") != "prometheus"]
+    if not picked:
+        return []
+    con = open_warehouse(paths)
+    try:
+        rows = con.execute(
+            """
+            select customer_id, meter_id, sum(events)::bigint, sum(usage), max(gauge_peak)
+            from fct_usage_by_day
+            where day >= $start and day < $end and list_contains($customers, customer_id)
+            group by customer_id, meter_id
+            """,
+            {"start": month, "end": next_month(month), "customers": [c["customer_id"] for c in picked]},
+        ).fetchall()
+    except duckdb.Error:
+        return []  # no usage computed yet: nothing to summarize
+    finally:
+        con.close()
+    usage: dict[str, dict[str, tuple]] = {}
+    for customer, meter, events, total, peak in rows:
+        usage.setdefault(customer, {})[meter] = (events or 0, Decimal(total or 0), Decimal(peak or 0))
+    totals = {r["customer"]: r["total"] for r in invoice_rows(paths, month)}
+    mega, gib = Decimal(10) ** 6, Decimal(2) ** 30
+    lines = []
+    for c in picked:
+        cid, meters = c["customer_id"], usage.get(c["customer_id"], {})
+        get = lambda meter, i: meters.get(meter, (0, Decimal(0), Decimal(0)))[i]  # noqa: E731
+        total = totals.get(cid, "no invoice")
+        if c["usage_source"] == "usage_events":
+            events = sum(m[0] for m in meters.values())
+            tokens_in, tokens_out = get("llm_input_tokens", 1) / mega, get("llm_output_tokens", 1) / mega
+            lines.append(
+                f"{cid} (usage_events): {events:,} events, {tokens_in:,.1f}M input / {tokens_out:,.1f}M output tokens, "
+                f"invoice total {total}"
+            )
+        else:
+            reports = max((m[0] for m in meters.values()), default=0)
+            traffic = (get("iot_mqtt_bytes", 1) + get("iot_http_bytes", 1)) / gib
+            lines.append(
+                f"{cid} (usage reports): {reports:,} reports, peak {get('iot_devices', 2):,.0f} devices, "
+                f"{traffic:,.1f} GiB traffic, peak storage {get('iot_storage', 2) / gib:,.1f} GiB, invoice total {total}"
+            )
+    return lines
+
+
+def cmd_run(args) -> int:
+    paths = paths_of(args)
+    month = parse_month(args.month)
+    check_billable_month(month, seeds_dir=paths.seeds_dir)
+    if args.customers is not None and args.customers < 1:
+        raise CliError(f"--customers {args.customers} must be at least 1")
+    figures = run_month(paths, month, ingest=not args.no_ingest, seed=args.seed, customers=args.customers, interval_s=args.interval)
+    rows = invoice_rows(paths, month)
+    emit(rows, "table", title=f"Invoices {month:%Y-%m}")
+    console.print(f"{figures['days']} days and the month in {figures['seconds']:.1f}s")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from billing_dags.ingest.usage_reports import ReportSchema, demo_report_token
+
+    paths = paths_of(args)
+    month = parse_month(args.month) if args.month else last_complete_month()
+    check_billable_month(month, seeds_dir=paths.seeds_dir)
+    console.print(f"[bold]billing_dags demo[/]: simulated usage for {month:%Y-%m}, Stripe dry-run, data in {paths.data_dir}")
+    # the lifecycle as the schedules run it: drafts on the 1st of the next month, while late data
+    # may still arrive; then finalization once the grace period has passed (here: now)
+    on_the_first = datetime.combine(next_month(month), datetime.min.time(), tzinfo=timezone.utc) + timedelta(hours=2)
+    figures = run_month(paths, month, seed=args.seed, customers=args.customers, interval_s=args.interval, as_of=on_the_first.isoformat())
+    drafts = invoice_rows(paths, month)
+    example = next((r for r in drafts if not r["total"].startswith("0.00")), drafts[0] if drafts else None)
+    console.print(
+        f"\nOn {on_the_first:%Y-%m-%d %H:%M} UTC the month's invoices are drafts "
+        f"({sum(r['status'] == 'draft' for r in drafts)} of {len(drafts)}), e.g. {example['invoice']} {example['total']}."
+        if drafts else "\nNo invoices."
+    )
+    run_invoices(paths, month)
+    rows = invoice_rows(paths, month)
+    emit(rows, "table", title=f"Invoices {month:%Y-%m} as of now ({len(rows)} customers)")
+    for line in event_billed_lines(paths, month, args.customers):
+        console.print(line, highlight=False)
+    schema = ReportSchema.from_seeds(paths.seeds_dir)
+    for cid in sorted(c for c in schema.tokens if schema.authorized(c, demo_report_token(c))):
+        console.print(
+            f"{cid} may POST usage reports (billing remote-write serve) with Authorization: Bearer {demo_report_token(cid)} "
+            "(its demo token, derived now; the seeds hold only its SHA-256)",
+            highlight=False,
+        )
+    console.print(f"\nRan {figures['days']} daily partitions and the month in {figures['seconds']:.1f}s.")
+    console.print(f"Invoices (JSON, CSV, HTML): {paths.invoices / f'{month:%Y-%m}'}")
+    console.print(f"DuckDB warehouse (views): duckdb {paths.warehouse_db}   or   billing sql \"select * from fct_invoice_lines limit 5\"")
+    console.print(f"Stripe outbox (dry-run): {paths.outbox} — {outbox_summary(paths, month)}")
+    console.print("Dagster UI: make dev, then http://127.0.0.1:3000 (the runs above are in .dagster/)")
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from billing_dags.ingest import simulate
+
+    paths = paths_of(args)
+    month = parse_month(args.month)
+    if args.interval <= 0:
+        raise CliError(f"--interval {args.interval} must be a positive number of seconds (e.g. 60)")
+    customers = seeds_of(paths)["customers"]
+    n = args.customers
+    if n is not None and not 1 <= n <= customers.num_rows:
+        raise CliError(f"--customers {n}: seeds have {customers.num_rows} customers; give 1..{customers.num_rows} or add customers to {paths.seeds_dir / 'customers.csv'}")
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console) as progress:
+        task = progress.add_task(f"simulating {month:%Y-%m}", total=days_in_month(month))
+        figures = simulate.simulate_month(
+            paths, month, customers, seed=args.seed, interval_s=args.interval, n_customers=n,
+            progress=lambda day: progress.advance(task),
+        )
+    console.print(f"wrote {figures['samples']:,} samples of {figures['series']:,} series over {figures['days']} days to {paths.raw_samples}")
+    return 0
+
+
+def _load_invoice(paths: Paths, customer_id: str, month: date) -> dict:
+    require_customer(paths, customer_id)
+    f = paths.invoices / f"{month:%Y-%m}" / f"{customer_id}.json"
+    if not f.exists():
+        raise CliError(f"no invoice for {customer_id} in {month:%Y-%m} under {f.parent}; run `billing run --month {month:%Y-%m}` first")
+    return json.loads(f.read_text())
+
+
+def cmd_invoice(args) -> int:
+    from billing_dags.billing.invoices import document_title, render_invoice, total_label
+
+    paths = paths_of(args)
+    month = parse_month(args.month)
+    doc = _load_invoice(paths, args.customer, month)
+    if args.format == "table":
+        table = Table(title=f"{document_title(doc)} {doc['invoice_number']} ({doc['status']}) {doc['customer_id']} {doc['period_start']}..{doc['period_end']}")
+        for col in ("#", "description", "quantity", "unit", "unit price", "amount"):
+            table.add_column(col, justify="right" if col in ("#", "quantity", "unit price", "amount") else "left")
+        for line in doc["lines"]:
+            table.add_row(str(line["line_number"]), line["description"], line["quantity"], line["unit"], line["unit_price"], line["amount"])
+        table.add_row("", f"[bold]{total_label(doc).lower()}", "", "", "", f"[bold]{doc['total']} {doc['currency'].upper()}")
+        console.print(table)
+    else:
+        sys.stdout.write(render_invoice(doc, args.format))
+    return 0
+
+
+def cmd_invoices(args) -> int:
+    paths = paths_of(args)
+    month = parse_month(args.month)
+    rows = invoice_rows(paths, month)
+    if not rows:
+        raise CliError(f"no invoices for {month:%Y-%m} under {paths.invoices}; run `billing run --month {month:%Y-%m}` first")
+    emit(rows, args.format, title=f"Invoices {month:%Y-%m}")
+    return 0
+
+
+def usage_rows(paths: Paths, customer_id: str, month: date) -> list[dict]:
+    """The month's billable quantities of a customer, per subscription period, as the invoice rates them
+    (int_billable_usage_by_subscription_period), with the month's sample counts beside them."""
+    from billing_dags.operations.warehouse import open_warehouse
+
+    con = open_warehouse(paths)
+    try:
+        try:
+            result = con.execute(
+                """
+                select b.period_start, b.meter_id, b.dimension, m.kind, b.aggregation, b.quantity, b.unit,
+                       b.base_quantity, b.base_unit, b.days_with_data, u.samples, u.resets, u.dropped_samples
+                from int_billable_usage_by_subscription_period b
+                join seed_meters m using (meter_id)
+                left join fct_usage_by_month u
+                    on u.month = b.month and u.customer_id = b.customer_id
+                    and u.meter_id = b.meter_id and u.dimension = b.dimension
+                where b.customer_id = $customer and b.month = $month
+                order by b.period_start, b.meter_id, b.dimension
+                """,
+                {"customer": customer_id, "month": month},
+            ).fetchall()
+        except Exception:
+            raise CliError(f"no usage computed for {month:%Y-%m} in {paths.data_dir}; run `billing run --month {month:%Y-%m}` first") from None
+    finally:
+        con.close()
+    return [
+        {
+            "period_start": period.isoformat(), "meter": meter, "dimension": dim, "kind": kind, "aggregation": agg,
+            "quantity": f"{qty.normalize():f}", "unit": unit,
+            "base_quantity": f"{base.normalize():f}", "base_unit": base_unit,
+            "days": days, "samples": samples, "resets": resets, "dropped_samples": dropped,
+        }
+        for (period, meter, dim, kind, agg, qty, unit, base, base_unit, days, samples, resets, dropped) in result
+    ]
+
+
+def cmd_usage(args) -> int:
+    paths = paths_of(args)
+    month = parse_month(args.month)
+    require_customer(paths, args.customer)
+    from billing_dags.billing import projection
+
+    if projection.month_state(month) != "closed":  # the current month: month-to-date and projected (seed 000)
+        return emit_usage_report(paths, args.customer, month, args.format)
+    rows = usage_rows(paths, args.customer, month)
+    if not rows:
+        raise CliError(f"no usage for {args.customer} in {month:%Y-%m}; check the month, or run `billing run --month {month:%Y-%m}`")
+    emit(rows, args.format, title=f"Usage of {args.customer} in {month:%Y-%m}")
+    return 0
+
+
+def cmd_plans(args) -> int:
+    paths = paths_of(args)
+    t = seeds_of(paths)
+    prices: dict[tuple, list[dict]] = {}
+    for p in t["prices"].to_pylist():
+        prices.setdefault((p["plan_id"], p["version"]), []).append(p)
+    rows = []
+    for plan in t["plans"].to_pylist():
+        if args.plan and plan["plan_id"] != args.plan:
+            continue
+        lines = prices.get((plan["plan_id"], plan["version"]), [])
+        rows.append(
+            {
+                "plan": plan["plan_id"], "version": plan["version"], "from": str(plan["effective_from"]),
+                "name": plan["name"], "currency": plan["currency"], "base_fee": f"{plan['base_fee'].normalize():f}",
+                "risk_multiplier": f"{plan['risk_multiplier'].normalize():f}",
+                "prices": "; ".join(p["description"] for p in lines) if args.format == "table" else [
+                    {k: (f"{v.normalize():f}" if isinstance(v, Decimal) else v) for k, v in p.items()} for p in lines
+                ],
+            }
+        )
+    if args.plan and not rows:
+        raise CliError(f"unknown plan {args.plan!r}; plans: {', '.join(sorted({p['plan_id'] for p in t['plans'].to_pylist()}))}")
+    emit(rows, args.format, title="Plans")
+    return 0
+
+
+def cmd_sql(args) -> int:
+    """Queries only, on a locked-down connection (billing_dags.operations.warehouse.open_read_only)."""
+    import tempfile
+
+    import duckdb
+
+    from billing_dags.operations.warehouse import RefusedStatement, open_read_only, query_statements
+
+    paths = paths_of(args)
+    empty = 'empty query; give SQL, e.g. billing sql "select * from fct_invoice_lines limit 5"'
+    if not args.query.strip():
+        raise CliError(empty)
+    with tempfile.TemporaryDirectory(prefix="billing-sql-") as spill_dir:
+        con = open_read_only(paths, Path(spill_dir))
+        try:
+            try:
+                statements = query_statements(con, args.query)
+                if not statements:
+                    raise CliError(empty)
+                for statement in statements:
+                    cur = con.execute(statement)
+                cols = [d[0] for d in cur.description]
+                rows = [dict(zip(cols, r)) for r in cur.fetchmany(args.limit)]
+            except RefusedStatement as e:
+                raise CliError(str(e)) from None
+            except duckdb.PermissionException as e:
+                raise CliError(
+                    f"query refused: {str(e).splitlines()[0]}; billing sql reads only the warehouse's files under {paths.data_dir}"
+                ) from None
+            except duckdb.Error as e:
+                raise CliError(f"query failed: {str(e).splitlines()[0]}; list views with billing sql \"show tables\"") from None
+        finally:
+            con.close()
+    emit(rows, args.format)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="billing", description="Prometheus-native usage billing: exact usage, invoices, Stripe meter events.")
+    parser.add_argument("--data-dir", help="warehouse folder (default $BILLING_DATA_DIR or ./data)")
+    parser.add_argument("--seeds-dir", help="seeds folder (default $BILLING_SEEDS_DIR or ./seeds)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def sim_args(p):
+        p.add_argument("--seed", type=int, default=42, help="simulation seed (default 42)")
+        p.add_argument("--customers", type=int, default=None, help="simulate the first N customers of the seeds (default all)")
+        p.add_argument("--interval", type=int, default=60, help="scrape interval in seconds (default 60)")
+
+    p = sub.add_parser("demo", help="simulate a month for every seeded customer, bill it, print the invoices")
+    p.add_argument("--month", help="YYYY-MM (default: the last complete month)")
+    sim_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("simulate", help="write deterministic simulated raw samples for a month")
+    p.add_argument("--month", required=True, help="YYYY-MM")
+    sim_args(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("run", help="materialize every asset for a month, in process")
+    p.add_argument("--month", required=True, help="YYYY-MM")
+    p.add_argument("--no-ingest", action="store_true", help="use the raw samples already in the data dir")
+    sim_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("invoice", help="show one customer's invoice for a month")
+    p.add_argument("customer")
+    p.add_argument("--month", required=True, help="YYYY-MM")
+    p.add_argument("--format", choices=["table", "json", "csv", "html"], default="table")
+    p.set_defaults(func=cmd_invoice)
+
+    p = sub.add_parser("invoices", help="list every invoice of a month with status and total")
+    p.add_argument("--month", required=True, help="YYYY-MM")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.set_defaults(func=cmd_invoices)
+
+    p = sub.add_parser("usage", help="one customer's usage for a month, per meter")
+    p.add_argument("customer")
+    p.add_argument("--month", required=True, help="YYYY-MM")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser("plans", help="the plans and prices in the seeds")
+    p.add_argument("--plan", help="only this plan id")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.set_defaults(func=cmd_plans)
+
+    p = sub.add_parser("sql", help="run an ad-hoc DuckDB query over the warehouse views")
+    p.add_argument("query")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--limit", type=int, default=1000, help="rows to print at most (default 1000)")
+    p.set_defaults(func=cmd_sql)
+    for commands in (stripe, remote_write_cli, disputes, retention, flags, reports, metrics):
+        commands.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as e:
+        err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        return e.exit_code if isinstance(e, CliError) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""`billing report daily`: the daily summary of a UTC day."""
+
+from __future__ import annotations
+
+from datetime import date
+from billing_dags.operations.reports import build_daily_summary, to_html, to_markdown, write_daily_summary
+from billing_dags.cli.common import CliError, paths_of
+
+
+def register(sub) -> None:
+    p = sub.add_parser("report", help="reports: the daily summary")
+    rsub = p.add_subparsers(dest="report_command", required=True, metavar="REPORT")
+    dp = rsub.add_parser("daily", help="the daily summary of a UTC day (Markdown)")
+    dp.add_argument("--date", required=True, help="YYYY-MM-DD")
+    dp.add_argument("--format", choices=["markdown", "html"], default="markdown")
+    dp.set_defaults(func=cmd_daily)
+
+
+def cmd_daily(args) -> int:
+    import sys
+
+    try:
+        day = date.fromisoformat(args.date)
+    except ValueError:
+        raise CliError(f"--date {args.date!r} is not YYYY-MM-DD; give e.g. --date 2026-10-15") from None
+    paths = paths_of(args)
+    try:
+        summary = build_daily_summary(paths, day)
+    except FileNotFoundError as e:
+        raise CliError(str(e)) from None
+    write_daily_summary(paths, summary)
+    sys.stdout.write(to_markdown(summary) if args.format == "markdown" else to_html(summary))
+    return 0

@@ -1,0 +1,236 @@
+"""Running the code location's jobs from the CLI: in this process, re-executable from the UI, failures explained."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from billing_dags.cli.common import RunFailed, err_console, seeds_of
+from billing_dags.core import durable
+from billing_dags.core.calendar import month_days
+from billing_dags.core.errors import input_error_names
+from billing_dags.core.settings import PROJECT_ROOT, Paths
+
+
+def dagster_instance():
+    import dagster as dg
+
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        home = str(PROJECT_ROOT / ".dagster")
+        os.environ["DAGSTER_HOME"] = home
+    Path(home).mkdir(parents=True, exist_ok=True)
+    cfg = Path(home) / "dagster.yaml"
+    if not cfg.exists() and (PROJECT_ROOT / "dagster.yaml").exists():
+        durable.write_bytes(cfg, (PROJECT_ROOT / "dagster.yaml").read_bytes())
+    return dg.DagsterInstance.get()
+
+
+#: Dagster's console logger stays silent (its failures carry stack traces); the CLI prints the run's
+#: warnings and failures itself (_execute)
+QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+#: a step that failed with dg.Failure or an InputError failed on bad input (exit 2); any other error is a bug (exit 1)
+INPUT_FAILURES = ("Failure",)
+
+
+def definitions_of(paths: Paths):
+    """The code location and the Dagster instance (DAGSTER_HOME), pointed at ``paths``."""
+    os.environ["BILLING_DATA_DIR"] = str(paths.data_dir)
+    os.environ["BILLING_SEEDS_DIR"] = str(paths.seeds_dir)
+    from billing_dags.definitions import defs as load_defs
+
+    defs = load_defs() if callable(load_defs) else load_defs
+    return defs, dagster_instance()
+
+
+#: the code location of workspace.yaml (and pyproject's [tool.dagster]): the CLI's runs name it as their
+#: origin, so the UI can re-execute them (all of them, or from failure) like the runs it launched
+CODE_LOCATION = "billing_dags"
+#: tags of every run the CLI starts (the Runs page filters on them)
+CLI_TAGS = {"billing/launched_by": "cli"}
+
+
+def remote_origin(job_name: str):
+    """The origin a run launched from the UI over workspace.yaml's code location would have.
+
+    Dagster's execute_in_process records no origin, and the UI refuses to re-execute such a run
+    ("Expected non-None value"); re-execution looks the job up by the origin's location and
+    repository names in the workspace, then launches it there as any UI run (the code location
+    must see the same BILLING_DATA_DIR, as the daemon's runs must).
+    """
+    from dagster._core.remote_origin import (
+        ManagedGrpcPythonEnvCodeLocationOrigin,
+        RemoteJobOrigin,
+        RemoteRepositoryOrigin,
+    )
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    location = ManagedGrpcPythonEnvCodeLocationOrigin(
+        loadable_target_origin=LoadableTargetOrigin(
+            executable_path=sys.executable, module_name="billing_dags.definitions", working_directory=str(PROJECT_ROOT)
+        ),
+        location_name=CODE_LOCATION,
+    )
+    return RemoteJobOrigin(RemoteRepositoryOrigin(location, "__repository__"), job_name)
+
+
+def execute(
+    job,
+    instance,
+    what: str,
+    run_config: dict | None = None,
+    *,
+    partition_key: str | None = None,
+    partition_range: tuple[str, str] | None = None,
+    asset_selection=None,
+    progress=None,
+) -> None:
+    """Run ``job`` in this process (quietly) for one partition or a range of them (one run), print its
+    warnings, and raise RunFailed naming why it failed.
+
+    The run is created with the code location's origin (re-executable from the UI) and the
+    CLI's tags; its steps run one after another here, as the in-process executor runs them.
+    ``progress`` (rich Progress, task id) advances by one per finished step.
+    """
+    import logging
+
+    from dagster._core.definitions.job_base import InMemoryJob
+    from dagster._core.events import DagsterEventType
+    from dagster._core.execution.api import create_execution_plan, execute_run_iterator
+    from dagster._core.execution.execute_in_process_result import ExecuteInProcessResult
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG, PARTITION_NAME_TAG
+
+    run_config = {**QUIET_LOGS, **(run_config or {})}
+    tags = {**CLI_TAGS}
+    if partition_key is not None:
+        tags[PARTITION_NAME_TAG] = partition_key
+    if partition_range is not None:
+        tags[ASSET_PARTITION_RANGE_START_TAG], tags[ASSET_PARTITION_RANGE_END_TAG] = partition_range
+    selection = frozenset(asset_selection) if asset_selection else None
+    recon = InMemoryJob(job)
+    if selection:
+        recon = recon.get_subset(asset_selection=selection)
+    plan = create_execution_plan(recon, run_config=run_config, instance_ref=instance.get_ref() if instance.is_persistent else None, tags=tags)
+    run = instance.create_run_for_job(
+        job_def=recon.get_definition(),
+        execution_plan=plan,
+        run_config=run_config,
+        tags={**job.run_tags, **tags},
+        asset_selection=selection,
+        remote_job_origin=remote_origin(job.name),
+    )
+    if progress is not None:
+        bar, task = progress
+        bar.update(task, total=len(plan.step_keys_to_execute), completed=0)
+    events = []
+    for event in execute_run_iterator(InMemoryJob(job), run, instance):
+        events.append(event)
+        if progress is not None and event.event_type in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE, DagsterEventType.STEP_SKIPPED):
+            bar.advance(task)
+    result = ExecuteInProcessResult(job_def=recon.get_definition(), event_list=events, dagster_run=instance.get_run_by_id(run.run_id), output_capture={})
+    for entry in instance.all_logs(result.run_id):
+        if not entry.is_dagster_event and entry.level == logging.WARNING:  # context.log.warning (skipped steps log ERROR)
+            err_console.print(f"[yellow]warning:[/] {entry.step_key or what}: {entry.user_message}", highlight=False, soft_wrap=True)
+    check_run(result, what)
+
+
+def check_run(result, what: str) -> None:
+    """Nothing when the run succeeded; else RunFailed with each failed blocking check's own message (its
+    description, else its metadata) and each failed step's error message, never a stack trace."""
+    if result.success:
+        return
+    from billing_dags.defs.models.assets import metadata_text
+
+    reasons = []
+    exit_code = 2
+    for evaluation in result.get_asset_check_evaluations():
+        if evaluation.passed or not evaluation.blocking:
+            continue
+        detail = evaluation.description or metadata_text(evaluation.metadata)
+        reasons.append(f"check {evaluation.asset_key.to_user_string()} {evaluation.check_name} failed: {detail}")
+    for event in result.all_events:
+        if not event.is_step_failure:
+            continue
+        error = event.step_failure_data.error
+        if error.cls_name == "DagsterAssetCheckFailedError":
+            continue  # the failed checks above say why
+        while error.cause is not None and "Error occurred while executing" in error.message:
+            error = error.cause
+        if error.cls_name not in INPUT_FAILURES and error.cls_name not in input_error_names():
+            exit_code = 1
+        message = re.sub(r"^[\w.]+(Error|Failure|Exception): ", "", error.message.strip())
+        reasons.append(f"{event.step_key}: {message}")
+    if not reasons:
+        reasons, exit_code = ["see the Dagster run log in the UI (make dev)"], 1
+    raise RunFailed(f"{what} failed: " + "; ".join(reasons), exit_code)
+
+
+def run_invoices(paths: Paths, month: date, *, as_of: str = "") -> None:
+    """Rerun the month's invoices asset, as of ``as_of`` (ISO timestamp; empty = now)."""
+    import dagster as dg
+
+    defs, instance = definitions_of(paths)
+    execute(
+        defs.resolve_job_def("monthly_invoicing"), instance, f"invoices of {month:%Y-%m}",
+        {"ops": {"invoices": {"config": {"as_of": as_of}}}}, partition_key=month.isoformat(), asset_selection=[dg.AssetKey("invoices")],
+    )
+
+
+def run_month(
+    paths: Paths,
+    month: date,
+    *,
+    ingest: bool = True,
+    seed: int = 42,
+    customers: int | None = None,
+    interval_s: int = 60,
+    as_of: str | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Materialize every asset for ``month``: seeds, each day in order, the month, the views."""
+    import dagster as dg
+
+    seeds_of(paths)  # a bad seed stops here with its file, line and fix, before any run starts
+    defs, instance = definitions_of(paths)
+    sim = {"seed": seed, "interval_s": interval_s, "customers": customers}
+    t0 = time.perf_counter()
+    seeds_job = defs.resolve_job_def("refresh_seeds_and_views")
+    daily_job = defs.resolve_job_def("daily_usage")
+    monthly_job = defs.resolve_job_def("monthly_invoicing")
+    selection = None
+    if not ingest:
+        selection = [k for k in daily_job.asset_layer.executable_asset_keys if k.to_user_string() != "raw_samples"]
+
+    execute(seeds_job, instance, "validating seeds")
+    run_config = {"resources": {"simulation": {"config": sim}}}
+    # rule 3/4: a counter's first sample only counts as new usage when nothing precedes it, so
+    # the day before the month is ingested and its edges computed (not billed: it is not in the month)
+    warmup = month - timedelta(days=1)
+    from billing_dags.defs.shared.partitions import PARTITIONS_START
+
+    if ingest and warmup >= date.fromisoformat(PARTITIONS_START):
+        edges_only = [dg.AssetKey(k) for k in ("raw_samples", "fct_series_edges_by_day", "fct_gauge_peaks_by_day")]
+        execute(daily_job, instance, f"warm-up day {warmup}", run_config, partition_key=warmup.isoformat(), asset_selection=edges_only)
+    days = month_days(month)
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, disable=quiet,
+    ) as progress:
+        # the month's days are one run over the partition range, as a backfill from the UI is: each
+        # step (asset) processes every day in order, after the assets it reads; the bar counts steps
+        task = progress.add_task(f"days {days[0]} to {days[-1]} (one run, step by step)", total=None)
+        execute(
+            daily_job, instance, f"days {days[0]} to {days[-1]}", run_config,
+            partition_range=(days[0].isoformat(), days[-1].isoformat()), asset_selection=selection, progress=(progress, task),
+        )
+        mtask = progress.add_task("month: rating and invoices", total=None)
+        month_config = {"ops": {"invoices": {"config": {"as_of": as_of or ""}}}}
+        execute(monthly_job, instance, f"month {month:%Y-%m}", month_config, partition_key=month.isoformat(), progress=(progress, mtask))
+    execute(seeds_job, instance, "refreshing warehouse views")
+    return {"days": len(days), "seconds": time.perf_counter() - t0}

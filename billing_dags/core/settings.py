@@ -1,0 +1,140 @@
+"""Where things live. Resolved when called (never at import time) from the environment."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from billing_dags.core.errors import InputError
+
+from billing_dags.core.calendar import month_start
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SQL_MODELS_DIR = PROJECT_ROOT / "sql_models"
+
+#: lookback for a series' previous sample (DESIGN rule 3) and the Stripe send horizon (rule 9)
+EDGE_LOOKBACK_DAYS = 35
+#: gauge samples hold until the next sample, at most this long (Prometheus staleness, rule 5)
+STALENESS_MS = 5 * 60 * 1000
+#: days after a period's end before its invoice may be finalized (rule 8)
+DEFAULT_GRACE_DAYS = 3
+#: days raw samples, landing segments and usage reports are kept (rule 13)
+DEFAULT_RETENTION_DAYS = 90
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The on-disk layout under BILLING_DATA_DIR (see DESIGN.md, "Raw layout")."""
+
+    data_dir: Path
+    seeds_dir: Path
+
+    @property
+    def raw_samples(self) -> Path:
+        return self.data_dir / "raw" / "samples"
+
+    @property
+    def raw_series(self) -> Path:
+        return self.data_dir / "raw" / "series"
+
+    @property
+    def raw_carry_in(self) -> Path:
+        return self.data_dir / "raw" / "carry_in"
+
+    @property
+    def landing(self) -> Path:
+        return self.data_dir / "landing"
+
+    @property
+    def models(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def invoices(self) -> Path:
+        return self.data_dir / "invoices"
+
+    @property
+    def outbox(self) -> Path:
+        return self.data_dir / "outbox"
+
+    @property
+    def warehouse_db(self) -> Path:
+        return self.data_dir / "warehouse.duckdb"
+
+
+def resolve_paths(data_dir: str | os.PathLike | None = None, seeds_dir: str | os.PathLike | None = None) -> Paths:
+    """Paths from explicit arguments, else BILLING_DATA_DIR / BILLING_SEEDS_DIR, else ./data and ./seeds."""
+    data = data_dir or os.environ.get("BILLING_DATA_DIR") or "data"
+    seeds = seeds_dir or os.environ.get("BILLING_SEEDS_DIR")
+    if not seeds:
+        seeds = "seeds" if Path("seeds/meters.csv").exists() else PROJECT_ROOT / "seeds"
+    return Paths(Path(data).expanduser().resolve(), Path(seeds).expanduser().resolve())
+
+
+class SettingsError(InputError):
+    """A setting from the environment that cannot be used; the message names the variable and the fix."""
+
+
+_MONTH_START_RE = re.compile(r"^(\d{4})-(\d{2})(?:-(\d{2}))?$")
+
+
+def parse_partitions_start(value: str) -> date:
+    """BILLING_PARTITIONS_START as a date: a month (YYYY-MM) or its first day (YYYY-MM-01)."""
+    m = _MONTH_START_RE.match(value.strip())
+    fix = "set it to the first month to bill, e.g. BILLING_PARTITIONS_START=2026-10 (or unset it to start at the earliest subscription)"
+    if not m:
+        raise SettingsError(f"BILLING_PARTITIONS_START={value!r} is not a month (YYYY-MM); {fix}")
+    year, month, day = int(m.group(1)), int(m.group(2)), int(m.group(3) or 1)
+    try:
+        start = date(year, month, day)
+    except ValueError:
+        raise SettingsError(f"BILLING_PARTITIONS_START={value!r} is not a valid date; {fix}") from None
+    if day != 1:
+        raise SettingsError(
+            f"BILLING_PARTITIONS_START={value!r} is not the first day of a month (monthly invoices start with the "
+            f"daily partitions); use {start:%Y-%m}"
+        )
+    if start.year < 2000:
+        raise SettingsError(f"BILLING_PARTITIONS_START={value!r} is before 2000; {fix}")
+    return start
+
+
+def earliest_subscription_month(seeds_dir: Path) -> date | None:
+    """The first day of the month of the earliest subscription start_date in the seeds (None: no subscription).
+
+    Only the start_date column is read (the seeds' own validation reports bad rows, with line and fix).
+    """
+    path = seeds_dir / "subscriptions.csv"
+    if not path.exists():
+        return None
+    starts = []
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                starts.append(date.fromisoformat((row.get("start_date") or "").strip()))
+            except ValueError:
+                continue
+    return month_start(min(starts)) if starts else None
+
+
+def partitions_start(environ: dict | None = None, seeds_dir: str | os.PathLike | None = None) -> date:
+    """The first daily and monthly partition: BILLING_PARTITIONS_START, else the month of the earliest subscription.
+
+    No usage is billed before a subscription starts, so earlier partitions would only show as missing in the UI.
+    """
+    env = os.environ if environ is None else environ
+    value = env.get("BILLING_PARTITIONS_START", "").strip()
+    if value:
+        return parse_partitions_start(value)
+    seeds = resolve_paths(seeds_dir=seeds_dir or env.get("BILLING_SEEDS_DIR") or None).seeds_dir
+    first = earliest_subscription_month(seeds)
+    if first is None:
+        raise SettingsError(
+            f"BILLING_PARTITIONS_START is not set and {seeds / 'subscriptions.csv'} has no subscription start_date to "
+            "start the partitions at; set BILLING_PARTITIONS_START to the first month to bill (e.g. 2026-10), or "
+            "BILLING_SEEDS_DIR to the seeds folder"
+        )
+    return first

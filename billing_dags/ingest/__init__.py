@@ -1,0 +1,1 @@
+"""Ingest: each usage source (Prometheus, remote write, PostgreSQL events, usage reports, simulation) lands raw day partitions."""

@@ -1,0 +1,405 @@
+"""The raw layout: the contract between every ingestion source and the SQL models.
+
+``raw/samples/date=YYYY-MM-DD/part-<source>.parquet``: series_id (int64), ts (int64 ms UTC),
+value (float64); sorted by (series_id, ts), each series whole inside one row group.
+Identical rows are stored once; two *different* values at one (series_id, ts) are both kept: the
+models choose between them (the larger value, and count the conflict), so that rule lives in one
+place whatever the source.
+``raw/series/date=YYYY-MM-DD/part-<source>.parquet``: series_id, metric, labels (all of them,
+metric name excluded), first_seen (ms, the first sample of the series in that day).
+``raw/carry_in/date=YYYY-MM-DD/part-<source>.parquet`` (same columns as samples): the day's carry-in,
+each series' last sample before the day (at most ``EDGE_LOOKBACK_DAYS`` earlier), for a source that
+records it (a Prometheus pull); its series rows are ``raw/series/date=.../part-<source>-carry-in.parquet``
+(first_seen = that sample). With it the day needs no earlier day's partition (DESIGN rule 3).
+
+A source writes a whole day at a time; the write goes to a temporary name and is renamed, so a
+reader sees the old day or the new day, never half of one. Rewriting a day with the same
+samples gives the same bytes.
+
+Series identity: ``series_id`` is a 64-bit hash of ``series_key``, an injective encoding of the
+label set (names and values separated by 0xFF, a byte valid UTF-8 never holds). The hash alone is
+never trusted: ``write_day`` refuses series whose names are not Prometheus names, ids not computed
+by ``series_id``, and an id that data/raw/series (or the write itself) already holds with another
+label set (``SeriesCollision``), so two label sets are never merged under one id.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from billing_dags.core import durable
+from billing_dags.core.settings import Paths
+from billing_dags.core.errors import InputError
+
+SAMPLES_SCHEMA = pa.schema(
+    [
+        pa.field("series_id", pa.int64(), nullable=False),
+        pa.field("ts", pa.int64(), nullable=False),
+        pa.field("value", pa.float64(), nullable=False),
+    ]
+)
+SERIES_SCHEMA = pa.schema(
+    [
+        pa.field("series_id", pa.int64(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("labels", pa.map_(pa.string(), pa.string()), nullable=False),
+        pa.field("first_seen", pa.int64(), nullable=False),
+    ]
+)
+#: rows per row group, at least; a series is never split across row groups
+ROW_GROUP_TARGET = 1_000_000
+DAY_MS = 86_400_000
+_SOURCE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,40}$")
+
+
+class RawLayoutError(InputError):
+    """Samples or series that do not fit the raw layout (wrong day, bad types, invalid names, an id another label set holds)."""
+
+
+#: Prometheus's metric and label names (control characters, separators and other bytes refused)
+METRIC_NAME_RE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+LABEL_NAME_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+#: ends every name and value in a series key: 0xFF never occurs in UTF-8, so the key is injective
+_KEY_SEP = b"\xff"
+
+
+def series_key(metric: str, labels: dict[str, str]) -> bytes:
+    """The label set, metric name included as ``__name__``, sorted by name: ``name 0xFF value 0xFF`` each.
+
+    Injective: no name or value encodes to a byte 0xFF (as in Prometheus's own label hashing), so
+    two different label sets never give the same key. The one definition every writer uses.
+    """
+    parts = [x.encode() for item in sorted({**labels, "__name__": metric}.items()) for x in item]
+    parts.append(b"")
+    return _KEY_SEP.join(parts)
+
+
+def series_id(metric: str, labels: dict[str, str]) -> int:
+    """64-bit hash of ``series_key`` (signed, to fit Parquet int64)."""
+    return int.from_bytes(hashlib.blake2b(series_key(metric, labels), digest_size=8).digest(), "big", signed=True)
+
+
+def _show(name: str) -> str:
+    return repr(name[:60] + ("..." if len(name) > 60 else ""))
+
+
+def series_problem(metric: str, labels: dict[str, str]) -> str | None:
+    """Why a series cannot be stored (a name that is not a Prometheus name, a value that is not
+    UTF-8), or None. Names its metric or label name, never a label value."""
+    if not METRIC_NAME_RE.fullmatch(metric):
+        return f"metric name {_show(metric)} is not a Prometheus metric name ([a-zA-Z_:][a-zA-Z0-9_:]*)"
+    for name, value in labels.items():
+        if not LABEL_NAME_RE.fullmatch(name) or name == "__name__":
+            return f"label name {_show(name)} of metric {metric} is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)"
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return f"the value of label {name} of metric {metric} is not valid UTF-8"
+    return None
+
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def describe(metric: str, labels: Labels) -> str:
+    """A series by its metric and label names (no label values: they are payload)."""
+    return f"{metric}{{{', '.join(k for k, _ in labels)}}}"
+
+
+@dataclass(frozen=True)
+class Collision:
+    """Two label sets with one series id: the one refused and the one already holding the id."""
+
+    series_id: int
+    metric: str
+    labels: Labels
+    other_metric: str
+    other_labels: Labels
+    where: str  # where the other one is: a raw/series file, or the batch being written
+
+    def __str__(self) -> str:
+        return (
+            f"series id {self.series_id} of {describe(self.metric, self.labels)} is already "
+            f"{describe(self.other_metric, self.other_labels)} (other label values) in {self.where}"
+        )
+
+
+class SeriesCollision(RawLayoutError):
+    """A write would put two label sets under one series id: refused, nothing written."""
+
+    def __init__(self, collisions: list[Collision], context: str):
+        self.collisions = collisions
+        shown = "; ".join(map(str, collisions[:5])) + (f"; and {len(collisions) - 5} more" if len(collisions) > 5 else "")
+        super().__init__(
+            f"{context}: {len(collisions)} series share a series id with another label set, refused so that "
+            f"neither is merged into the other: {shown}"
+        )
+
+
+def known_series(paths: Paths, ids) -> dict[int, tuple[str, Labels, str]]:
+    """(metric, sorted labels, file) that data/raw/series holds for each of ``ids`` it holds.
+
+    Each id is looked up in the newest file that has it: every write keeps one label set per id
+    (``write_day`` checks under a lock), so one row per id is enough. Files are opened for their
+    series_id column; labels are read only from files holding ids not yet found.
+    """
+    want = np.unique(np.asarray(list(ids), dtype=np.int64))
+    found: dict[int, tuple[str, Labels, str]] = {}
+    for f in sorted(series_files(paths), reverse=True):
+        if not len(want):
+            break
+        file_ids = pq.read_table(f, columns=["series_id"])["series_id"].to_numpy()
+        hit = np.isin(file_ids, want)
+        if not hit.any():
+            continue
+        rows = pq.read_table(f, columns=["series_id", "metric", "labels"]).filter(pa.array(hit))
+        where = str(f.relative_to(paths.data_dir))
+        for sid, metric, labels in zip(rows["series_id"].to_pylist(), rows["metric"].to_pylist(), rows["labels"].to_pylist()):
+            found.setdefault(sid, (metric, tuple(sorted(labels)), where))
+        want = want[~np.isin(want, file_ids[hit])]
+    return found
+
+
+def collisions(paths: Paths, series: pa.Table) -> list[Collision]:
+    """Rows of ``series`` (a series table) whose id another row or data/raw/series holds with other labels."""
+    labels = [tuple(sorted(x)) for x in series["labels"].to_pylist()]
+    return _collisions(paths, series["series_id"].to_pylist(), list(zip(series["metric"].to_pylist(), labels)))
+
+
+def _collisions(paths: Paths, ids: list[int], defs: list[tuple[str, Labels]]) -> list[Collision]:
+    out: list[Collision] = []
+    first: dict[int, tuple[str, Labels]] = {}
+    for sid, mine in zip(ids, defs):
+        seen = first.setdefault(sid, mine)
+        if seen != mine:
+            out.append(Collision(sid, *mine, *seen, "the same write"))
+    for sid, (metric, lab, where) in known_series(paths, first).items():
+        if first[sid] != (metric, lab):
+            out.append(Collision(sid, *first[sid], metric, lab, where))
+    return out
+
+
+@contextmanager
+def series_lock(paths: Paths):
+    """One check-and-publish of series at a time, across processes (flock on data/raw/.series.lock)."""
+    paths.raw_series.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.raw_series.parent / ".series.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def day_bounds_ms(day: date) -> tuple[int, int]:
+    """The half-open UTC window [start, end) of a day, in epoch milliseconds."""
+    start = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+    start_ms = int(start.timestamp()) * 1000
+    return start_ms, start_ms + DAY_MS
+
+
+def day_of_ms(ts_ms: int) -> date:
+    return (datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(milliseconds=ts_ms)).date()
+
+
+def samples_day_dir(paths: Paths, day: date) -> Path:
+    return paths.raw_samples / f"date={day.isoformat()}"
+
+
+def series_day_dir(paths: Paths, day: date) -> Path:
+    return paths.raw_series / f"date={day.isoformat()}"
+
+
+def sample_files(paths: Paths, day: date) -> list[Path]:
+    return sorted(samples_day_dir(paths, day).glob("*.parquet"))
+
+
+def carry_in_day_dir(paths: Paths, day: date) -> Path:
+    return paths.raw_carry_in / f"date={day.isoformat()}"
+
+
+def carry_in_files(paths: Paths, day: date) -> list[Path]:
+    return sorted(carry_in_day_dir(paths, day).glob("*.parquet"))
+
+
+def series_files(paths: Paths) -> list[Path]:
+    return sorted(paths.raw_series.glob("date=*/*.parquet"))
+
+
+def raw_days(paths: Paths) -> list[date]:
+    return sorted(date.fromisoformat(p.name[5:]) for p in paths.raw_samples.glob("date=*") if any(p.glob("*.parquet")))
+
+
+def distinct_samples(sid, ts, value):
+    """(order, keep): ``order`` sorts the rows by (series_id, ts, value bits) (stable, so equal
+    rows keep their input order) and ``keep`` marks, in that order, the first of each identical
+    (series_id, ts, value) row. Different values at one (series_id, ts) are all kept: choosing
+    between them is the models' rule (the larger value), not the writer's."""
+    sid, ts = np.asarray(sid, dtype=np.int64), np.asarray(ts, dtype=np.int64)
+    if len(sid) < 2 or ((sid[1:] > sid[:-1]) | ((sid[1:] == sid[:-1]) & (ts[1:] > ts[:-1]))).all():
+        return np.arange(len(sid)), np.ones(len(sid), dtype=bool)  # sorted, no (series_id, ts) twice
+    bits = np.asarray(value, dtype=np.float64).view(np.int64)
+    order = np.lexsort((bits, ts, sid))
+    keep = np.ones(len(order), dtype=bool)
+    if len(order) > 1:
+        s, t, b = sid[order], ts[order], bits[order]
+        keep[1:] = (s[1:] != s[:-1]) | (t[1:] != t[:-1]) | (b[1:] != b[:-1])
+    return order, keep
+
+
+def _row_group_boundaries(series: pa.Array) -> list[int]:
+    """Row offsets where a row group may end: only where the series id changes."""
+    n = len(series)
+    if n == 0:
+        return []
+    cuts: list[int] = []
+    start = 0
+    s = series.to_numpy(zero_copy_only=False)
+    while start < n:
+        end = min(start + ROW_GROUP_TARGET, n)
+        while end < n and s[end] == s[end - 1]:
+            end += 1
+        cuts.append(end)
+        start = end
+    return cuts
+
+
+def _checked_series(series: pa.Table, what: str) -> tuple[pa.Table, list[tuple[str, Labels]]]:
+    """The series table with each row's labels sorted by name, and each row's (metric, labels),
+    once every row is a valid series whose id is ``series_id`` of its labels (a writer's own
+    hashing would break the one identity)."""
+    rows = zip(series["series_id"].to_pylist(), series["metric"].to_pylist(), series["labels"].to_pylist())
+    canonical, defs, changed = [], [], False
+    for i, (sid, metric, labels) in enumerate(rows):
+        label_map = dict(labels)
+        problem = series_problem(metric, label_map) if len(label_map) == len(labels) else f"metric {metric} has a label twice"
+        if problem:
+            raise RawLayoutError(f"{what}: series row {i}: {problem}; fix or drop the series before writing")
+        if series_id(metric, label_map) != sid:
+            raise RawLayoutError(
+                f"{what}: series row {i} ({describe(metric, tuple(labels))}) has series_id {sid}, not the id of its "
+                f"labels; compute ids with billing_dags.ingest.raw.series_id"
+            )
+        ordered = sorted(labels)
+        changed = changed or ordered != labels
+        canonical.append(ordered)
+        defs.append((metric, tuple(ordered)))
+    if changed:
+        labels_type = SERIES_SCHEMA.field("labels")
+        series = series.set_column(series.schema.get_field_index("labels"), labels_type, pa.array(canonical, labels_type.type))
+    return series, defs
+
+
+def write_day(paths: Paths, day: date, samples: pa.Table, series: pa.Table, source: str) -> dict:
+    """Replace one source's raw partition of ``day`` with ``samples`` and ``series``.
+
+    Samples must lie in the day's window [00:00, 24:00) UTC. They are sorted by (series_id, ts,
+    value) and identical rows are written once (``distinct_samples``).
+    Every series row must be valid (``series_problem``) with ``series_id`` of its labels, and no id
+    may be held by another label set in the write or in data/raw/series (``SeriesCollision``,
+    checked and published under ``series_lock``): nothing is written then.
+    Returns figures for asset metadata.
+    """
+    if not _SOURCE_RE.match(source):
+        raise RawLayoutError(f"source name {source!r} must match {_SOURCE_RE.pattern}")
+    what = f"series for {day} from source {source!r}"
+    samples = samples.select(SAMPLES_SCHEMA.names).cast(SAMPLES_SCHEMA)
+    series, defs = _checked_series(series.select(SERIES_SCHEMA.names).cast(SERIES_SCHEMA), what)
+    start_ms, end_ms = day_bounds_ms(day)
+    if len(samples):
+        lo, hi = pc.min(samples["ts"]).as_py(), pc.max(samples["ts"]).as_py()
+        if lo < start_ms or hi >= end_ms:
+            raise RawLayoutError(
+                f"samples for {day} from source {source!r} have timestamps {lo}..{hi} ms outside "
+                f"[{start_ms}, {end_ms}); split samples by UTC day before writing"
+            )
+    if len(samples):
+        order, keep = distinct_samples(samples["series_id"].to_numpy(), samples["ts"].to_numpy(), samples["value"].to_numpy())
+        if not (keep.all() and (order == np.arange(len(order))).all()):  # already in order: no copy
+            samples = samples.take(pa.array(order[keep]))
+    missing = set(pc.unique(samples["series_id"]).to_pylist()) - set(series["series_id"].to_pylist())
+    if missing:
+        raise RawLayoutError(f"{len(missing)} series ids in samples of {day} have no row in the series table")
+    ids = series["series_id"].to_pylist()
+    series = series.sort_by("series_id")
+
+    sample_path = samples_day_dir(paths, day) / f"part-{source}.parquet"
+    series_path = series_day_dir(paths, day) / f"part-{source}.parquet"
+    cuts = _row_group_boundaries(samples["series_id"])
+    sample_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = durable.temp_path(sample_path)
+    try:
+        with pq.ParquetWriter(
+            tmp,
+            SAMPLES_SCHEMA,
+            compression="zstd",
+            use_dictionary=False,
+            column_encoding={"series_id": "DELTA_BINARY_PACKED", "ts": "DELTA_BINARY_PACKED", "value": "BYTE_STREAM_SPLIT"},
+            write_statistics=True,
+        ) as writer:
+            prev = 0
+            for cut in cuts:
+                writer.write_table(samples.slice(prev, cut - prev), row_group_size=cut - prev)
+                prev = cut
+            if not cuts:
+                writer.write_table(samples)
+        # checked and published under one lock: no other writer can take an id between check and rename
+        with series_lock(paths):
+            found = _collisions(paths, ids, defs)
+            if found:
+                raise SeriesCollision(found, what)
+            durable.publish(tmp, sample_path)
+            with durable.staged(series_path) as series_tmp:
+                pq.write_table(series, series_tmp, compression="zstd")
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {
+        "samples": len(samples),
+        "series": len(series),
+        "bytes": sample_path.stat().st_size,
+        "path": str(sample_path),
+    }
+
+
+def write_carry_in(paths: Paths, day: date, samples: pa.Table, series: pa.Table, source: str, lookback_days: int) -> int:
+    """Replace ``source``'s carry-in of ``day``: one sample per series, each before the day and at most
+    ``lookback_days`` earlier (an empty table records that there is none). Returns the number of series."""
+    if not _SOURCE_RE.match(source):
+        raise RawLayoutError(f"source name {source!r} must match {_SOURCE_RE.pattern}")
+    what = f"carry-in series of {day} from source {source!r}"
+    samples = samples.select(SAMPLES_SCHEMA.names).cast(SAMPLES_SCHEMA).sort_by("series_id")
+    series, defs = _checked_series(series.select(SERIES_SCHEMA.names).cast(SERIES_SCHEMA).sort_by("series_id"), what)
+    start_ms, _ = day_bounds_ms(day)
+    if len(samples):
+        lo, hi = pc.min(samples["ts"]).as_py(), pc.max(samples["ts"]).as_py()
+        if lo < start_ms - lookback_days * DAY_MS or hi >= start_ms:
+            raise RawLayoutError(
+                f"carry-in of {day} from source {source!r} has timestamps {lo}..{hi} ms outside the "
+                f"{lookback_days} days before the day; it holds each series' last sample before the day"
+            )
+    ids = samples["series_id"]
+    if pc.count_distinct(ids).as_py() != len(ids) or set(ids.to_pylist()) != set(series["series_id"].to_pylist()):
+        raise RawLayoutError(f"carry-in of {day} from source {source!r} must hold one sample and one series row per series")
+    with series_lock(paths):
+        found = _collisions(paths, series["series_id"].to_pylist(), defs)
+        if found:
+            raise SeriesCollision(found, what)
+        for table, dest in (
+            (samples, carry_in_day_dir(paths, day) / f"part-{source}.parquet"),
+            (series, series_day_dir(paths, day) / f"part-{source}-carry-in.parquet"),
+        ):
+            with durable.staged(dest) as tmp:
+                pq.write_table(table, tmp, compression="zstd")
+    return len(samples)

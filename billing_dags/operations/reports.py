@@ -1,0 +1,169 @@
+"""The daily summary (seed 000's daily email): activity, traffic, shares, top customers, anomalies.
+
+Built from the day's fct_usage_by_day and fct_anomaly_flags partitions; written as Markdown and
+HTML to data/reports/daily/YYYY-MM-DD.{md,html}; deterministic for the same inputs.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from datetime import date, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from billing_dags.core import durable
+from billing_dags.seeds.catalog import OUTSIDE_SUBSCRIPTION_RULES
+from billing_dags.core.settings import Paths
+from billing_dags.models.sqlmodels import Window, load_project, partition_file, seed_snapshot_path
+
+GIB = Decimal(2**30)
+
+
+@dataclass
+class DailySummary:
+    day: date
+    active_customers: int
+    peak_connections: Decimal
+    bytes_total: Decimal
+    shares_accepted: Decimal
+    shares_rejected: Decimal
+    meters: list[dict]
+    top_by_bytes: list[dict]
+    flags: list[dict]
+    #: "customer (meter, ...)" for usage on a day no subscription covers: on no invoice
+    outside_subscription: list[str]
+
+
+def _read(path: Path) -> list[dict]:
+    return pq.read_table(path, partitioning=None).to_pylist() if path.exists() else []
+
+
+def build_daily_summary(paths: Paths, day: date) -> DailySummary:
+    window = Window(day, day + timedelta(days=1))
+    models = load_project().models
+    usage_file = partition_file(paths, models["fct_usage_by_day"], window)
+    if not usage_file.exists():
+        raise FileNotFoundError(f"no usage computed for {day}: {usage_file} is missing; materialize fct_usage_by_day for {day} (billing run)")
+    usage = _read(usage_file)
+    flags = _read(partition_file(paths, models["fct_anomaly_flags"], window))
+    meters = {m["meter_id"]: m for m in _read(seed_snapshot_path(paths, "meters"))}
+
+    def total(meter_id: str, column: str = "usage") -> Decimal:
+        return sum((r[column] or Decimal(0) for r in usage if r["meter_id"] == meter_id), Decimal(0))
+
+    byte_meters = {m for m, row in meters.items() if row["unit"] == "byte" and row["kind"] == "counter"}
+    per_customer: dict[str, Decimal] = {}
+    for r in usage:
+        if r["meter_id"] in byte_meters and r["usage"]:
+            per_customer[r["customer_id"]] = per_customer.get(r["customer_id"], Decimal(0)) + r["usage"]
+    top = sorted(per_customer.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+    outside: dict[str, set[str]] = {}
+    for f in flags:
+        if f["rule"] in OUTSIDE_SUBSCRIPTION_RULES:
+            outside.setdefault(f["customer_id"], set()).add(f["meter_id"])
+    meter_rows = []
+    for meter_id in sorted({r["meter_id"] for r in usage}):
+        rows = [r for r in usage if r["meter_id"] == meter_id]
+        kind = rows[0]["kind"]
+        value = total(meter_id) if kind == "counter" else total(meter_id, "gauge_peak")
+        meter_rows.append({
+            "meter": meter_id, "kind": kind, "customers": len({r["customer_id"] for r in rows}),
+            "total": value, "unit": meters.get(meter_id, {}).get("unit", ""),
+            "resets": sum(r["resets"] for r in rows), "dropped_samples": sum(r["dropped_samples"] for r in rows),
+        })
+    return DailySummary(
+        day=day,
+        active_customers=len({r["customer_id"] for r in usage if (r["usage"] or 0) > 0 or (r["gauge_peak"] or 0) > 0}),
+        peak_connections=total("proxy_connections", "gauge_peak"),
+        bytes_total=sum((total(m) for m in byte_meters), Decimal(0)),
+        shares_accepted=total("proxy_accepted_shares"),
+        shares_rejected=total("proxy_rejected_shares"),
+        meters=meter_rows,
+        top_by_bytes=[{"rank": i + 1, "customer": c, "bytes": b, "gib": (b / GIB).quantize(Decimal("0.001"))} for i, (c, b) in enumerate(top)],
+        flags=sorted(flags, key=lambda f: ({"critical": 0, "warning": 1, "info": 2}[f["severity"]], f["customer_id"], f["meter_id"], f["rule"])),
+        outside_subscription=[f"{c} ({', '.join(sorted(m))})" for c, m in sorted(outside.items())],
+    )
+
+
+def _n(d) -> str:
+    d = Decimal(d)
+    return f"{d.normalize():,f}" if d == d.to_integral_value() else f"{d.normalize():f}"
+
+
+def to_markdown(s: DailySummary) -> str:
+    out = [
+        f"# Daily summary {s.day} (UTC)",
+        "",
+        f"- Active customers: {s.active_customers}",
+        f"- Peak proxy connections (sum of per-client peaks): {_n(s.peak_connections)}",
+        f"- Bytes transferred: {_n(s.bytes_total)} ({_n((s.bytes_total / GIB).quantize(Decimal('0.001')))} GiB)",
+        f"- Shares accepted / rejected: {_n(s.shares_accepted)} / {_n(s.shares_rejected)}",
+        f"- Usage outside any subscription (not billed): {'; '.join(s.outside_subscription) or 'none'}",
+        "",
+        "## Top 10 customers by bytes",
+        "",
+        "| # | customer | bytes | GiB |",
+        "|---|---|---:|---:|",
+        *[f"| {t['rank']} | {t['customer']} | {_n(t['bytes'])} | {_n(t['gib'])} |" for t in s.top_by_bytes],
+        "",
+        "## Meters",
+        "",
+        "| meter | kind | customers | total | unit | resets | dropped samples |",
+        "|---|---|---:|---:|---|---:|---:|",
+        *[f"| {m['meter']} | {m['kind']} | {m['customers']} | {_n(m['total'])} | {m['unit']} | {m['resets']} | {m['dropped_samples']} |" for m in s.meters],
+        "",
+        f"## Anomalies ({len(s.flags)})",
+        "",
+    ]
+    if s.flags:
+        out += ["| severity | customer | meter | rule | detail |", "|---|---|---|---|---|"]
+        out += [f"| {f['severity']} | {f['customer_id'] or '(none)'} | {f['meter_id']} | {f['rule']} | {f['detail']} |" for f in s.flags]
+    else:
+        out.append("None.")
+    return "\n".join(out) + "\n"
+
+
+def to_html(s: DailySummary) -> str:
+    e = html.escape
+
+    def table(headers: list[str], rows: list[list]) -> str:
+        head = "".join(f"<th>{e(h)}</th>" for h in headers)
+        body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Daily summary " + e(str(s.day)) + "</title>"
+        "<style>body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border-bottom:1px solid #ddd;padding:4px 10px;text-align:left}th{background:#f4f5f7}</style></head><body>"
+        f"<h1>Daily summary {e(str(s.day))} (UTC)</h1><ul>"
+        f"<li>Active customers: {s.active_customers}</li>"
+        f"<li>Peak proxy connections: {e(_n(s.peak_connections))}</li>"
+        f"<li>Bytes transferred: {e(_n(s.bytes_total))}</li>"
+        f"<li>Shares accepted / rejected: {e(_n(s.shares_accepted))} / {e(_n(s.shares_rejected))}</li>"
+        f"<li>Usage outside any subscription (not billed): {e('; '.join(s.outside_subscription) or 'none')}</li></ul>"
+        "<h2>Top 10 customers by bytes</h2>"
+        + table(["#", "customer", "bytes", "GiB"], [[t["rank"], t["customer"], _n(t["bytes"]), _n(t["gib"])] for t in s.top_by_bytes])
+        + "<h2>Meters</h2>"
+        + table(["meter", "kind", "customers", "total", "unit", "resets", "dropped samples"],
+                [[m["meter"], m["kind"], m["customers"], _n(m["total"]), m["unit"], m["resets"], m["dropped_samples"]] for m in s.meters])
+        + f"<h2>Anomalies ({len(s.flags)})</h2>"
+        + table(["severity", "customer", "meter", "rule", "detail"],
+                [[f["severity"], f["customer_id"] or "(none)", f["meter_id"], f["rule"], f["detail"]] for f in s.flags])
+        + "</body></html>\n"
+    )
+
+
+def write_daily_summary(paths: Paths, s: DailySummary) -> list[Path]:
+    folder = paths.data_dir / "reports" / "daily"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for suffix, text in ((".md", to_markdown(s)), (".html", to_html(s))):
+        dest = folder / f"{s.day}{suffix}"
+        durable.write_bytes(dest, text.encode())
+        written.append(dest)
+    return written
+
+

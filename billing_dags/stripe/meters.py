@@ -1,0 +1,195 @@
+"""Stripe meters for the seeds, and the `billing stripe ...` commands (DESIGN rule 9).
+
+Every meter of ``seeds/meters.csv`` with a ``stripe_event_name`` needs a Stripe billing meter with
+that event name, configured so that the outbox's events mean what they say: ``sum`` aggregation,
+``event_time_window=day`` (the newest event of a customer's UTC day replaces the earlier ones, so
+a corrected day sent as a new revision overwrites rather than adds), customers mapped by id from
+``payload[stripe_customer_id]`` (the ``stripe_customer_id`` of ``seeds/customers.csv``) and the
+value read from ``payload[value]``.
+
+``sync_meters`` lists the account's meters (every page), creates the missing ones and reports
+each as ``existing``, ``created`` or ``conflicting``. Stripe meters are immutable except their
+display name, so a meter with the right event name but other settings (or deactivated) is
+reported with the differences and never modified: fix it in the Stripe Dashboard or pick another
+event name in the seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any, Callable, Iterable, Mapping
+from billing_dags.core.errors import InputError
+
+#: the settings every billing_dags meter has in Stripe
+CUSTOMER_PAYLOAD_KEY = "stripe_customer_id"
+VALUE_PAYLOAD_KEY = "value"
+FORMULA = "sum"
+EVENT_TIME_WINDOW = "day"
+DISPLAY_NAME_MAX = 250
+
+
+class StripeMeterError(InputError):
+    """Seeds or Stripe state that sync-meters cannot act on; the message names it and the fix."""
+
+
+def desired_meter(meter: Mapping) -> dict:
+    """The Stripe meter a seeds meter needs (as nested create parameters)."""
+    name = meter.get("description") or meter["meter_id"]
+    display = f"{name} ({meter['meter_id']})" if meter.get("description") else name
+    return {
+        "display_name": display[:DISPLAY_NAME_MAX],
+        "event_name": meter["stripe_event_name"],
+        "default_aggregation": {"formula": FORMULA},
+        "customer_mapping": {"event_payload_key": CUSTOMER_PAYLOAD_KEY, "type": "by_id"},
+        "value_settings": {"event_payload_key": VALUE_PAYLOAD_KEY},
+        "event_time_window": EVENT_TIME_WINDOW,
+    }
+
+
+def desired_meters(meters: Iterable[Mapping]) -> list[dict]:
+    """One desired Stripe meter per seeds meter with a stripe_event_name, sorted by event name."""
+    out: dict[str, dict] = {}
+    for m in meters:
+        ev = m.get("stripe_event_name")
+        if not ev:
+            continue
+        if ev in out:
+            raise StripeMeterError(
+                f"seeds/meters.csv: meters {out[ev]['meter_id']!r} and {m['meter_id']!r} share stripe_event_name {ev!r}; "
+                "give each meter its own event name (Stripe sums every event of a name into one meter)"
+            )
+        out[ev] = {**desired_meter(m), "meter_id": m["meter_id"]}
+    return [out[k] for k in sorted(out)]
+
+
+def _get(obj: Any, *keys: str) -> Any:
+    for k in keys:
+        if obj is None:
+            return None
+        obj = obj.get(k) if isinstance(obj, Mapping) else getattr(obj, k, None)
+    return obj
+
+
+def differences(existing: Any, desired: Mapping) -> list[str]:
+    """How an existing Stripe meter differs from the desired one (display name ignored: it is cosmetic)."""
+    diffs = []
+    checks = [
+        ("status", _get(existing, "status"), "active"),
+        ("default_aggregation.formula", _get(existing, "default_aggregation", "formula"), desired["default_aggregation"]["formula"]),
+        ("event_time_window", _get(existing, "event_time_window"), desired["event_time_window"]),
+        ("customer_mapping.event_payload_key", _get(existing, "customer_mapping", "event_payload_key"), desired["customer_mapping"]["event_payload_key"]),
+        ("customer_mapping.type", _get(existing, "customer_mapping", "type"), desired["customer_mapping"]["type"]),
+        ("value_settings.event_payload_key", _get(existing, "value_settings", "event_payload_key"), desired["value_settings"]["event_payload_key"]),
+    ]
+    for what, have, want in checks:
+        if have != want:
+            diffs.append(f"{what} is {have!r}, needs {want!r}")
+    return diffs
+
+
+def list_meters(client) -> list:
+    """Every meter of the account (all pages, active and inactive)."""
+    page = client.v1.billing.meters.list(params={"limit": 100})
+    return list(page.auto_paging_iter())
+
+
+@dataclass
+class MeterSync:
+    event_name: str
+    meter_id: str
+    action: str  # existing | created | conflicting | missing (dry-run) | failed
+    stripe_meter_id: str | None = None
+    detail: str = ""
+
+
+@dataclass
+class SyncReport:
+    mode: str
+    items: list[MeterSync] = field(default_factory=list)
+
+    def by_action(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for i in self.items:
+            out[i.action] = out.get(i.action, 0) + 1
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not any(i.action in ("conflicting", "failed") for i in self.items)
+
+
+def _create_key(desired: Mapping) -> str:
+    """Idempotency-Key of a meter creation: the same settings give the same key (a retried create
+    never makes a second meter)."""
+    settings = "|".join(str(desired[k]) for k in ("event_name", "default_aggregation", "customer_mapping", "value_settings", "event_time_window"))
+    return "billing-dags-meter-" + hashlib.sha256(settings.encode()).hexdigest()[:32]
+
+
+def sync_meters(client, meters: Iterable[Mapping]) -> SyncReport:
+    """Create the Stripe meters the seeds need and report the rest; ``client`` None is a dry run
+    (nothing listed, nothing created: every meter is reported ``missing``)."""
+    import stripe
+
+    from billing_dags.stripe.outbox import _error_text
+
+    wanted = desired_meters(meters)
+    if client is None:
+        return SyncReport("dry_run", [MeterSync(d["event_name"], d["meter_id"], "missing", None, "dry-run: no STRIPE_API_KEY") for d in wanted])
+    by_event: dict[str, list] = {}
+    for m in list_meters(client):
+        by_event.setdefault(_get(m, "event_name"), []).append(m)
+    report = SyncReport("live")
+    for d in wanted:
+        found = by_event.get(d["event_name"], [])
+        active = [m for m in found if _get(m, "status") == "active"]
+        candidates = active or found
+        if candidates:
+            match = next((m for m in candidates if not differences(m, d)), None)
+            if match is not None:
+                report.items.append(MeterSync(d["event_name"], d["meter_id"], "existing", _get(match, "id")))
+            else:
+                m = candidates[0]
+                report.items.append(MeterSync(d["event_name"], d["meter_id"], "conflicting", _get(m, "id"),
+                                              "; ".join(differences(m, d)) + " (meters are immutable: fix it in the Stripe Dashboard or change stripe_event_name in seeds/meters.csv)"))
+            continue
+        params = {k: v for k, v in d.items() if k != "meter_id"}
+        try:
+            created = client.v1.billing.meters.create(params=params, options={"idempotency_key": _create_key(d)})
+        except stripe.StripeError as e:
+            report.items.append(MeterSync(d["event_name"], d["meter_id"], "failed", None, _error_text(e)))
+            continue
+        report.items.append(MeterSync(d["event_name"], d["meter_id"], "created", _get(created, "id")))
+    return report
+
+
+# --------------------------------------------------------------------------- sending days
+
+
+def send_days(paths, days: list[date], client, *, now: datetime, log: Callable[[str], None] | None = None, **sender_options) -> tuple[list[dict], Any]:
+    """Send the outbox of each day with one sender (so a down API stops the whole run) and store
+    the outcome after each day. Returns (one summary row per day with an outbox, the sender)."""
+    from billing_dags.stripe import outbox as ob
+
+    sender = ob.Sender(client, now=now, log=log, **sender_options)
+    summary = []
+    for d in days:
+        rows = ob.read_outbox(paths, d)
+        if not rows:
+            continue
+        before = dict(sender.stats)
+        out = sender.send(rows)
+        if out != rows:  # a rerun with nothing to do leaves the file alone
+            ob.write_outbox(paths, d, out)
+        counts = {s: 0 for s in ob.STATUSES}
+        for r in out:
+            counts[r["status"]] += 1
+        summary.append({"day": d.isoformat(), "events": len(out), "sent_now": sender.stats["sent"] - before["sent"],
+                        "failed_now": sender.stats["failed"] - before["failed"], **counts})
+    return summary, sender
+
+
+# --------------------------------------------------------------------------- CLI
+
+
