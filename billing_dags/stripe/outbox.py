@@ -20,7 +20,6 @@ import hashlib
 import re
 import time
 from datetime import date, datetime, timedelta, timezone
-from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -72,9 +71,8 @@ class OutboxError(InputError):
 # --------------------------------------------------------------------------- values
 
 
-def round_half_up(x: Fraction | Decimal) -> int:
+def round_half_up(x: Fraction) -> int:
     """Nearest integer, halves away from zero (as Decimal ROUND_HALF_UP and the SQL div_half_up)."""
-    x = Fraction(x)
     n, d = x.numerator, x.denominator  # d > 0
     if n >= 0:
         return (2 * n + d) // (2 * d)
@@ -155,7 +153,7 @@ def build_outbox(
         c, m = customers_by_id.get(cid), meters_by_id.get(mid)
         return bool(c and c.get("stripe_customer_id") and m and m.get("stripe_event_name"))
 
-    sums: dict[tuple[str, str], Decimal] = {}
+    sums: dict[tuple[str, str], Fraction] = {}  # exact at any size (Decimal arithmetic keeps 28 digits)
     for i, row in enumerate(quantities):
         cid, mid = row.get("customer_id"), row.get("meter_id")
         where = f"usage row {i} ({cid!r}, {mid!r}, {row.get('dimension')!r})"
@@ -168,7 +166,7 @@ def build_outbox(
             raise OutboxError(f"{where}: unknown meter {mid!r}; add it to seeds/meters.csv or rebuild fct_usage_by_day")
         if not eligible(cid, mid):
             continue
-        sums[(cid, mid)] = sums.get((cid, mid), Decimal(0)) + row["base_quantity"]
+        sums[(cid, mid)] = sums.get((cid, mid), Fraction(0)) + Fraction(row["base_quantity"])
 
     prev_by_key: dict[tuple[str, str], dict] = {}
     for p in previous:
@@ -179,7 +177,7 @@ def build_outbox(
 
     for key in prev_by_key:
         if key not in sums and eligible(*key):
-            sums[key] = Decimal(0)
+            sums[key] = Fraction(0)
 
     ts = day_timestamp(day)
     out: list[dict] = []
