@@ -33,7 +33,7 @@ def counter_day(day: date, customer: str, meter: str, usage: int | str) -> dict:
 
 def month_models(project: sqlmodels.Project) -> list[str]:
     """The monthly models the rating reads, and the rating and the month's usage, in dependency order."""
-    wanted = {"fct_rated_usage", "fct_usage_by_month"}
+    wanted = {"fct_rated_usage_by_subscription_period", "fct_usage_by_month"}
     stack = list(wanted)
     while stack:
         for up in project.upstream_models(stack.pop()):
@@ -69,7 +69,7 @@ def closed_month(tmp_path, monkeypatch):
 
 def test_billing_usage_shows_the_invoiced_quantity_rounded_half_up(closed_month, capsys):
     paths, project = closed_month
-    rated = pq.read_table(sqlmodels.partition_file(paths, project.models["fct_rated_usage"], Window(OCT, NOV))).to_pylist()
+    rated = pq.read_table(sqlmodels.partition_file(paths, project.models["fct_rated_usage_by_subscription_period"], Window(OCT, NOV))).to_pylist()
     invoiced = {r["meter_id"]: r["quantity"] for r in rated if r["customer_id"] == "mp-003"}
     assert invoiced["proxy_bytes"] == Decimal("1907.348632813")  # half-up, as every invoice quantity
 

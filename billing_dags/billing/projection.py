@@ -4,7 +4,7 @@ Seed 000 asks for Grafana panels with "current billing period usage" and "projec
 A projection is never an invoice and never touches ``data/models``: it reads the daily usage
 partitions already computed for the month and prices a projected month in an in-memory DuckDB
 with the same SQL models the invoices use (dim_subscription_periods_by_month ->
-fct_usage_by_subscription_period -> int_billable_usage_by_subscription_period -> fct_rated_usage ->
+fct_usage_by_subscription_period -> int_billable_usage_by_subscription_period -> fct_rated_usage_by_subscription_period ->
 fct_invoice_lines). The month-to-date and projected quantities shown per customer, meter and
 dimension come from the same billable-quantity model, over the whole month as one period: the
 month-to-date one over the computed days only (no partial window: unit-months still divide by the
@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from billing_dags.core.calendar import month_days, next_month, utc_today
 from billing_dags.core.errors import InputError
+from billing_dags.core.money import format_minor
 from billing_dags.core.settings import Paths
 
 NANO = 10**9
@@ -47,7 +48,7 @@ PRICING_MODELS = (
     "dim_subscription_periods_by_month",
     "fct_usage_by_subscription_period",
     "int_billable_usage_by_subscription_period",
-    "fct_rated_usage",
+    "fct_rated_usage_by_subscription_period",
     "fct_invoice_lines",
 )
 ADDITIVE = {"sum": "usage", "unit_hours": "gauge_integral", "unit_months": "gauge_integral"}
@@ -105,10 +106,6 @@ def div_half_up(n: int, d: int) -> int:
 
 def fmt(x: Decimal) -> str:
     return f"{Decimal(x).quantize(Decimal('0.000000001')).normalize():f}"
-
-
-def format_minor(amount_minor: int, exponent: int) -> str:
-    return f"{Decimal(amount_minor).scaleb(-exponent):.{exponent}f}"
 
 
 # --- inputs ------------------------------------------------------------------------------------

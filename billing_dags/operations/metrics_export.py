@@ -57,8 +57,8 @@ def _daily_usage(paths: Paths, start: date, end: date) -> pa.Table | None:
 
 
 def _latest_30d(paths: Paths, before: date) -> date | None:
-    """The last day before ``before`` whose rolling 30 days (fct_usage_30d) are computed."""
-    folder = paths.models / "fct_usage_30d"
+    """The last day before ``before`` whose rolling 30 days (fct_usage_30d_by_day) are computed."""
+    folder = paths.models / "fct_usage_30d_by_day"
     days = sorted(
         date.fromisoformat(p.name[4:]) for p in folder.glob("day=*") if (p / "data.parquet").exists()
     ) if folder.exists() else []
@@ -163,7 +163,7 @@ class BillingCollector:
             per_major.add_metric([currency], float(10**exp))
         counts: dict[tuple, int] = {}
         for d in month_days(month):
-            for r in _model_rows(paths, "fct_anomaly_flags", f"day={d.isoformat()}"):
+            for r in _model_rows(paths, "fct_anomaly_flags_by_day", f"day={d.isoformat()}"):
                 key = (r["customer_id"] or "", r["meter_id"] or "", r["rule"], r["severity"])
                 counts[key] = counts.get(key, 0) + 1
         for key, n in sorted(counts.items()):
