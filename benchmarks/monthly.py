@@ -68,7 +68,7 @@ MONTHLY_MODELS = [
     "fct_usage_by_month",
     "dim_subscription_periods_by_month",
     "fct_usage_by_subscription_period",
-    "int_billable_usage_by_subscription_period",
+    "fct_billable_usage_by_subscription_period",
     "fct_rated_usage_by_subscription_period",
     "fct_invoice_lines",
 ]

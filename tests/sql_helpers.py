@@ -324,7 +324,7 @@ def rate_month(
             "select u.*, p.period_start, p.period_end, u.period_ms as month_ms, u.samples as observations "
             "from fct_usage_by_month u join dim_subscription_periods_by_month p using (month, customer_id)"
         )
-        r.run("int_billable_usage_by_subscription_period", window)
+        r.run("fct_billable_usage_by_subscription_period", window)
         rated = r.run("fct_rated_usage_by_subscription_period", window).to_pylist()
         lines = r.run("fct_invoice_lines", window).to_pylist()
     finally:

@@ -1,4 +1,4 @@
-"""The billable quantity of a closed month is computed once (int_billable_usage_by_subscription_period):
+"""The billable quantity of a closed month is computed once (fct_billable_usage_by_subscription_period):
 `billing usage` shows the quantity the invoice bills, rounded the same way (half-up to 1e-9)."""
 
 from __future__ import annotations

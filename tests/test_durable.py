@@ -244,7 +244,7 @@ def test_only_the_durable_module_renames_files():
 #: invoice numbering lock file (opened to hold a lock, never published)
 WRITES_IN_PLACE = {
     "ingest/remote_write/landing.py": "the append-only landing segment",
-    "billing/invoices.py": "the numbering lock file",
+    "billing/numbering.py": "the numbering lock file",
 }
 
 

@@ -161,7 +161,7 @@ def test_a_month_of_posted_reports_is_billed_exactly(server, tmp_path):
     for d in days:
         for names in (("usage_reports",), ("int_series_edges_by_day",), ("int_gauge_peaks_by_day",), ("fct_usage_by_day",)):
             assert _run(paths, instance, set(names), d.isoformat()).success, (d, names)
-    for m in ("fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "int_billable_usage_by_subscription_period", "fct_rated_usage_by_subscription_period", "fct_invoice_lines"):
+    for m in ("fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_billable_usage_by_subscription_period", "fct_rated_usage_by_subscription_period", "fct_invoice_lines"):
         assert _run(paths, instance, {m}, month.isoformat()).success, m
 
     # --- the independent bill, from what was sent (the next month's 00:00 report is not this month's)

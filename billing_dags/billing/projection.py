@@ -4,7 +4,7 @@ Seed 000 asks for Grafana panels with "current billing period usage" and "projec
 A projection is never an invoice and never touches ``data/models``: it reads the daily usage
 partitions already computed for the month and prices a projected month in an in-memory DuckDB
 with the same SQL models the invoices use (dim_subscription_periods_by_month ->
-fct_usage_by_subscription_period -> int_billable_usage_by_subscription_period -> fct_rated_usage_by_subscription_period ->
+fct_usage_by_subscription_period -> fct_billable_usage_by_subscription_period -> fct_rated_usage_by_subscription_period ->
 fct_invoice_lines). The month-to-date and projected quantities shown per customer, meter and
 dimension come from the same billable-quantity model, over the whole month as one period: the
 month-to-date one over the computed days only (no partial window: unit-months still divide by the
@@ -47,7 +47,7 @@ NANO = 10**9
 PRICING_MODELS = (
     "dim_subscription_periods_by_month",
     "fct_usage_by_subscription_period",
-    "int_billable_usage_by_subscription_period",
+    "fct_billable_usage_by_subscription_period",
     "fct_rated_usage_by_subscription_period",
     "fct_invoice_lines",
 )

@@ -226,7 +226,7 @@ def cmd_invoices(args) -> int:
 
 def usage_rows(paths: Paths, customer_id: str, month: date) -> list[dict]:
     """The month's billable quantities of a customer, per subscription period, as the invoice rates them
-    (int_billable_usage_by_subscription_period), with the month's sample counts beside them."""
+    (fct_billable_usage_by_subscription_period), with the month's sample counts beside them."""
     from billing_dags.operations.warehouse import open_warehouse
 
     con = open_warehouse(paths)
@@ -236,7 +236,7 @@ def usage_rows(paths: Paths, customer_id: str, month: date) -> list[dict]:
                 """
                 select b.period_start, b.meter_id, b.dimension, m.kind, b.aggregation, b.quantity, b.unit,
                        b.base_quantity, b.base_unit, b.days_with_data, u.samples, u.resets, u.dropped_samples
-                from int_billable_usage_by_subscription_period b
+                from fct_billable_usage_by_subscription_period b
                 join seed_meters m using (meter_id)
                 left join fct_usage_by_month u
                     on u.month = b.month and u.customer_id = b.customer_id

@@ -718,7 +718,7 @@ def run_model_days(
 
 # --- the billable quantity outside the monthly job ------------------------------------------------
 
-BILLABLE_MODEL = "int_billable_usage_by_subscription_period"
+BILLABLE_MODEL = "fct_billable_usage_by_subscription_period"
 
 
 def billable_quantities(
@@ -731,7 +731,7 @@ def billable_quantities(
 ) -> list[dict]:
     """The billable quantity of ``daily`` (fct_usage_by_day rows) per customer, meter and dimension,
     computed by the models the invoices use (fct_usage_by_subscription_period ->
-    int_billable_usage_by_subscription_period) with every customer in one period, ``period`` (default
+    fct_billable_usage_by_subscription_period) with every customer in one period, ``period`` (default
     the whole window): the days of the period are summed, then each meter's aggregation applies.
     ``window`` is the month the quantity belongs to (unit-months divide by its length). In memory;
     nothing is written. Rows as the model returns them, sorted by customer, meter and dimension."""

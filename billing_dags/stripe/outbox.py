@@ -81,7 +81,7 @@ def round_half_up(x: Fraction) -> int:
 
 def day_quantities(day: date, usage: pa.Table, seeds: Mapping[str, pa.Table]) -> list[dict]:
     """The day's billable quantity per customer, meter and dimension, in the meter's base unit: the
-    invoices' model (int_billable_usage_by_subscription_period) over ``usage`` (the day's
+    invoices' model (fct_billable_usage_by_subscription_period) over ``usage`` (the day's
     fct_usage_by_day rows) taken as a one-day period of its month (unit-months divide by the month).
     ``seeds`` holds at least the ``meters`` and ``units`` seed tables."""
     if isinstance(day, datetime) or not isinstance(day, date):

@@ -6,7 +6,7 @@ time_column: month
 grain: [month, customer_id, period_start, meter_id, dimension]
 */
 with billable_usage as (
-    select * from int_billable_usage_by_subscription_period
+    select * from fct_billable_usage_by_subscription_period
     where month >= $start_date::date and month < $end_date::date
 ),
 
