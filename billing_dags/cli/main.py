@@ -21,7 +21,7 @@ from billing_dags.cli import remote_write as remote_write_cli
 from billing_dags.cli.projection import emit_usage_report
 from billing_dags.cli.common import CliError, console, emit, err_console, paths_of, require_customer, seeds_of, check_billable_month
 from billing_dags.cli.runs import run_month, run_invoices
-from billing_dags.core.calendar import last_complete_month, next_month, parse_month
+from billing_dags.core.calendar import days_in_month, last_complete_month, next_month, parse_month
 from billing_dags.core.errors import InputError
 from billing_dags.core.settings import Paths
 
@@ -93,7 +93,7 @@ def cmd_simulate(args) -> int:
     if n is not None and not 1 <= n <= customers.num_rows:
         raise CliError(f"--customers {n}: seeds have {customers.num_rows} customers; give 1..{customers.num_rows} or add customers to {paths.seeds_dir / 'customers.csv'}")
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console) as progress:
-        task = progress.add_task(f"simulating {month:%Y-%m}", total=(next_month(month) - month).days)
+        task = progress.add_task(f"simulating {month:%Y-%m}", total=days_in_month(month))
         figures = simulate.simulate_month(
             paths, month, customers, seed=args.seed, interval_s=args.interval, n_customers=n,
             progress=lambda day: progress.advance(task),
@@ -140,6 +140,8 @@ def cmd_invoices(args) -> int:
 
 
 def usage_rows(paths: Paths, customer_id: str, month: date) -> list[dict]:
+    """The month's billable quantities of a customer, per subscription period, as the invoice rates them
+    (fct_billable_usage_by_subscription_period), with the month's sample counts beside them."""
     from billing_dags.operations.warehouse import open_warehouse
 
     con = open_warehouse(paths)
@@ -147,14 +149,15 @@ def usage_rows(paths: Paths, customer_id: str, month: date) -> list[dict]:
         try:
             result = con.execute(
                 """
-                select u.meter_id, u.dimension, m.kind, m.aggregation, m.unit, m.billing_unit, un.divisor,
-                       u.usage, u.gauge_integral, u.gauge_covered_ms, u.gauge_peak, u.period_ms,
-                       u.days_with_data, u.samples, u.resets, u.dropped_samples
-                from fct_usage_by_month u
+                select b.period_start, b.meter_id, b.dimension, m.kind, b.aggregation, b.quantity, b.unit,
+                       b.base_quantity, b.base_unit, b.days_with_data, u.samples, u.resets, u.dropped_samples
+                from fct_billable_usage_by_subscription_period b
                 join seed_meters m using (meter_id)
-                join seed_units un on un.unit = m.unit and un.billing_unit = m.billing_unit
-                where u.customer_id = $customer and u.month = $month
-                order by u.meter_id, u.dimension
+                left join fct_usage_by_month u
+                    on u.month = b.month and u.customer_id = b.customer_id
+                    and u.meter_id = b.meter_id and u.dimension = b.dimension
+                where b.customer_id = $customer and b.month = $month
+                order by b.period_start, b.meter_id, b.dimension
                 """,
                 {"customer": customer_id, "month": month},
             ).fetchall()
@@ -162,29 +165,15 @@ def usage_rows(paths: Paths, customer_id: str, month: date) -> list[dict]:
             raise CliError(f"no usage computed for {month:%Y-%m} in {paths.data_dir}; run `billing run --month {month:%Y-%m}` first") from None
     finally:
         con.close()
-    rows = []
-    for (meter, dim, kind, agg, unit, bunit, div, usage, integral, covered, peak, period, days, samples, resets, dropped) in result:
-        if agg == "sum":
-            base = usage
-        elif agg == "max":
-            base = peak
-        elif agg == "avg":
-            base = integral / covered if covered else Decimal(0)
-        elif agg == "unit_hours":
-            base = integral / 3_600_000
-        else:
-            base = integral / period
-        qty = (Decimal(base) / Decimal(div)).quantize(Decimal("0.000000001"))
-        suffix = {"unit_hours": "-hour", "unit_months": "-month"}.get(agg, "")
-        rows.append(
-            {
-                "meter": meter, "dimension": dim, "kind": kind, "aggregation": agg,
-                "quantity": f"{qty.normalize():f}", "unit": bunit + suffix,
-                "base_quantity": f"{Decimal(base).quantize(Decimal('0.000000001')).normalize():f}", "base_unit": unit,
-                "days": days, "samples": samples, "resets": resets, "dropped_samples": dropped,
-            }
-        )
-    return rows
+    return [
+        {
+            "period_start": period.isoformat(), "meter": meter, "dimension": dim, "kind": kind, "aggregation": agg,
+            "quantity": f"{qty.normalize():f}", "unit": unit,
+            "base_quantity": f"{base.normalize():f}", "base_unit": base_unit,
+            "days": days, "samples": samples, "resets": resets, "dropped_samples": dropped,
+        }
+        for (period, meter, dim, kind, agg, qty, unit, base, base_unit, days, samples, resets, dropped) in result
+    ]
 
 
 def cmd_usage(args) -> int:

@@ -1,10 +1,9 @@
 """Monthly invoicing: drafts on the 1st for the previous month, finalization after the grace period."""
 
-from datetime import timedelta
-
 import dagster as dg
 
 from billing_dags.core.settings import DEFAULT_GRACE_DAYS
+from billing_dags.core.calendar import last_complete_month
 from billing_dags.defs.jobs import monthly_invoicing
 
 monthly_invoice_draft_schedule = dg.build_schedule_from_partitioned_job(
@@ -30,6 +29,6 @@ monthly_invoice_draft_schedule = dg.build_schedule_from_partitioned_job(
 def monthly_invoice_finalization_schedule(context: dg.ScheduleEvaluationContext):
     """On the day the grace period has passed, rerun the previous month so its invoices finalize."""
     today = context.scheduled_execution_time.date()
-    previous = (today.replace(day=1) - timedelta(days=1)).replace(day=1)
+    previous = last_complete_month(today)
     key = previous.isoformat()
     return dg.RunRequest(run_key=f"finalize-{key}", partition_key=key, tags={"billing/reason": "finalize"})
