@@ -64,6 +64,7 @@ def test_partition_mapping_reaches_back_35_days_for_usage():
 #: everything the code location defines, by name: loading the defs folder finds exactly these
 EXPECTED_ASSETS = {
     "billing_metrics_textfile", "daily_summary", "dim_subscription_periods_by_month", "fct_anomaly_flags_by_day",
+    "fct_billable_usage_by_subscription_period",
     "int_gauge_peaks_by_day", "fct_invoice_lines", "fct_rated_usage_by_subscription_period", "int_series_edges_by_day", "fct_usage_30d_by_day",
     "fct_usage_by_day", "fct_usage_by_month", "fct_usage_by_subscription_period", "invoices", "raw_retention",
     "raw_samples", "remote_write_samples", "seed_anomaly_rules", "seed_credits", "seed_currencies", "seed_customers",
@@ -73,6 +74,7 @@ EXPECTED_ASSETS = {
 }
 EXPECTED_CHECKS = {
     "dim_subscription_periods_by_month:grain_is_unique", "fct_anomaly_flags_by_day:grain_is_unique",
+    "fct_billable_usage_by_subscription_period:grain_is_unique",
     "int_gauge_peaks_by_day:grain_is_unique", "fct_invoice_lines:amounts_are_whole_minor_units",
     "fct_invoice_lines:grain_is_unique", "fct_rated_usage_by_subscription_period:grain_is_unique", "fct_rated_usage_by_subscription_period:unpriced_usage",
     "int_series_edges_by_day:grain_is_unique", "int_series_edges_by_day:scrape_completeness",
@@ -89,8 +91,8 @@ EXPECTED_JOBS = {
         "usage_events", "usage_reports",
     },
     "monthly_invoicing": {
-        "dim_subscription_periods_by_month", "fct_invoice_lines", "fct_rated_usage_by_subscription_period", "fct_usage_by_month",
-        "fct_usage_by_subscription_period", "invoices",
+        "dim_subscription_periods_by_month", "fct_billable_usage_by_subscription_period", "fct_invoice_lines",
+        "fct_rated_usage_by_subscription_period", "fct_usage_by_month", "fct_usage_by_subscription_period", "invoices",
     },
     "refresh_seeds_and_views": {
         "seed_anomaly_rules", "seed_credits", "seed_currencies", "seed_customers", "seed_meters", "seed_plans",
