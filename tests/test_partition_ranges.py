@@ -219,14 +219,15 @@ def test_cli_runs_carry_the_code_locations_origin_and_reexecute(tmp_path, small_
     """The UI re-executes a run by its origin's code location and repository: the CLI's runs name the workspace's."""
     from dagster._core.definitions.reconstruct import ReconstructableRepository
 
-    from billing_dags.cli.main import main as cli
+    from billing_dags.cli import runs
+    from billing_dags.cli.common import RunFailed
 
     paths = resolve_paths(data_dir, small_seeds)
-    defs, instance = cli._definitions(paths)
-    cli._execute(defs.resolve_job_def("refresh_seeds_and_views"), instance, "seeds")
+    defs, instance = runs.definitions_of(paths)
+    runs.execute(defs.resolve_job_def("refresh_seeds_and_views"), instance, "seeds")
     bad = _duplicate_event(paths, (DAYS[0], DAYS[1]))
-    with pytest.raises(cli.RunFailed) as failed:
-        cli._execute(defs.resolve_job_def("daily_usage"), instance, f"days {DAYS[0]} to {DAYS[1]}", _config(),
+    with pytest.raises(RunFailed) as failed:
+        runs.execute(defs.resolve_job_def("daily_usage"), instance, f"days {DAYS[0]} to {DAYS[1]}", _config(),
                      partition_range=(DAYS[0].isoformat(), DAYS[1].isoformat()))
     assert f"days {DAYS[0]} to {DAYS[1]} failed" in str(failed.value) and f"rerun usage_events for {DAYS[1]}" in str(failed.value)
     run = instance.get_runs(filters=dg.RunsFilter(job_name="daily_usage"))[0]
