@@ -286,7 +286,7 @@ def test_month_from_live_prometheus_equals_exact_usage(server, tmp_path, seeds):
     month = pq.read_table(paths.models / "fct_usage_by_month" / "month=2025-03" / "data.parquet").to_pylist()
     by_month = {(r["customer_id"], r["meter_id"]): r["usage"] for r in month if r["kind"] == "counter"}
     want_month: dict[tuple, Decimal] = {}
-    for (day, c, m), v in usage.items():
+    for (_day, c, m), v in usage.items():
         want_month[(c, m)] = want_month.get((c, m), Decimal(0)) + v
     assert by_month == want_month
     assert "mp-quote" in {c for c, _ in by_month} and "mp-zurich" in {c for c, _ in by_month}
