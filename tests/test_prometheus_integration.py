@@ -350,7 +350,7 @@ def test_stopped_server_fails_the_partition_naming_meter_query_and_server(tmp_pa
 
 def test_range_mode_splits_under_the_point_limit(server):
     """query_range over a day at 5 s needs 17,280 points: split into requests Prometheus accepts."""
-    p, series = server
+    p, _series = server
     s, e = raw.day_bounds_ms(DAYS[1])
     sel = prom.Selector("proxy_accepted_shares", "stratum_accepted_shares_total", "client_id", (QUOTED,))
     with prom.PrometheusClient(p.url) as client:
@@ -456,7 +456,7 @@ def test_days_materialized_in_any_order_give_the_usage_of_days_in_order(october_
            for day, rows in results["in order"].items() for r in rows if r["kind"] == "counter" and r["usage"]}
     assert got == {k: v for k, v in usage.items() if v}
     # the gauge's last sample of 09-30 (23:59:30) holds for the staleness limit (5 min), 4.5 min into 10-01
-    _, ts, values = next(s for s in series if s[0]["__name__"] == "stratum_active_connections")
+    _, _ts, values = next(s for s in series if s[0]["__name__"] == "stratum_active_connections")
     gauge = next(r for r in results["in order"][AROUND[1]] if r["meter_id"] == "proxy_connections")
     assert (gauge["gauge_covered_ms"], gauge["gauge_integral"]) == (270_000, Decimal(int(values[-1])) * 270_000)
 
