@@ -46,7 +46,7 @@ dev: $(STAMP)
 	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml || true
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-# every issue-7 benchmark, one table: the issue's workloads (by hand, about 5 min cached, 10-15 the first time) / a smoke run (2 min)
+# every benchmark, one table (benchmarks/README.md): the standard workloads (by hand; workloads cached in benchmarks/out) / a smoke run at small sizes
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks --full
 

@@ -1,4 +1,4 @@
-"""`python -m benchmarks`: every issue-7 figure in one table (see benchmarks/suite.py)."""
+"""`python -m benchmarks`: every benchmark figure in one table (see benchmarks/suite.py)."""
 
 import sys
 

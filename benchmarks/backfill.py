@@ -1,4 +1,4 @@
-"""`python -m benchmarks.backfill`: a 30-day backfill one partition at a time vs two at a time (issue 7, item 7).
+"""`python -m benchmarks.backfill`: a 30-day backfill one partition at a time vs two at a time (item 7).
 
 Target: a 30-day backfill uses both cores (parallel partitions, no shared DuckDB file lock);
 report the speed-up over one at a time.
@@ -9,7 +9,7 @@ a second run with the same parameters reuses it): a simulated month
 generated like benchmarks.monthly's seeds) at the given scrape interval, in the real raw layout.
 
 Measured, each phase in its own process: the 30 (or 31) day partitions of
-`fct_series_edges_by_day` (independent per day; the Python fast path) computed one after another,
+`int_series_edges_by_day` (independent per day; the Python fast path) computed one after another,
 then with a `ProcessPoolExecutor` of --workers processes calling `run_model` per day, then the
 same for `fct_usage_by_day` (each day reads the edges of up to 35 earlier days, which all exist by
 then, so its days are independent too). The partitions of the parallel run are compared with the
@@ -53,7 +53,7 @@ from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from .figures import DEFAULT_OUT, Figure
 from .proc import peak_rss_bytes
 
-MODELS = ["fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day"]
+MODELS = ["int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day"]
 FULL = {"customers": 500, "interval_s": 60}
 QUICK = {"customers": 30, "interval_s": 300}
 WORKERS = 2  # partitions at a time: the machine's cores, and dagster.yaml's backfill limit

@@ -1,10 +1,10 @@
 """`python -m benchmarks.daily`: the daily models against a plain DuckDB scan of the same Parquet
-(issue 7, items 1, 2, 3 and 8).
+(items 1, 2, 3 and 8).
 
 Workload (benchmarks/workload.py): N series x 1 UTC day at a 15 s scrape interval in the real raw
 layout, with resets, gaps, NaN and staleness markers; cached under ``--out`` (default
 benchmarks/out/), so a second run with the same parameters does not generate it again. Quick by
-default (2,000 series, 11.5M samples); ``--standard`` is the issue's workload (20,000 series,
+default (2,000 series, 11.5M samples); ``--standard`` is the standard day (20,000 series,
 115.2M samples).
 
 Method: every step runs in its own process (benchmarks/steps.py: peak RSS per step, not shared),
@@ -12,8 +12,8 @@ once untimed (the fast path's compiled code loads on its first call, about 2 s; 
 warms), then --repeat times, keeping the best wall time; the SQL reference runs once, with no
 untimed run. Ratios are against the 3-column scan measured in the same run. Steps: DuckDB scan of
 one column and of (series_id, ts, value); the daily models as configured
-(fct_series_edges_by_day on the Python fast path, then fct_usage_by_day); the SQL reference of
-fct_series_edges_by_day (DuckDB window functions) on --reference-parts of the 8 files of the
+(int_series_edges_by_day on the Python fast path, then fct_usage_by_day); the SQL reference of
+int_series_edges_by_day (DuckDB window functions) on --reference-parts of the 8 files of the
 day, whose output is compared with the fast path's to the unit; bytes per sample of the raw
 layout; cost growth: the daily models on 1/4, 1/2 and all of the series (best of --repeat - 1).
 Item 1's ratio comes from one more process that runs the 3-column scan and the daily models by
@@ -22,7 +22,7 @@ slows both sides alike instead of whichever step it happens to overlap; the best
 compared, and the per-round range is shown beside it. Its peak memory is the daily models' own
 process's (the alternating process also holds DuckDB's).
 
-``figures(quick, out, console)`` gives the suite's rows. Full mode is the issue's standard day
+``figures(quick, out, console)`` gives the suite's rows. Full mode is the standard day
 (20,000 series, best of 3, SQL reference on 1/8 of the series); quick mode 2,000 series, 1 run,
 SQL reference on all of them. Targets: item 1, the daily models in at most 1.5x the 3-column scan
 and 512 MB; item 2, the raw layout at most 5.5 bytes per sample; item 3, the fast path equal to
@@ -57,7 +57,7 @@ STANDARD_SERIES = 20_000
 MB = 2**20
 #: item 1: at most this many times the 3-column scan, in at most this much peak RSS
 SCAN_RATIO_MAX, PEAK_MB_MAX = 1.5, 512
-#: item 2: raw layout, bytes per sample on disk (the issue measured plain zstd at 7.7)
+#: item 2: raw layout, bytes per sample on disk (plain zstd Parquet of the same samples: 7.7)
 RAW_BYTES_MAX = 5.5
 #: item 8: per-sample cost at all of the series over that at 1/4 of them
 GROWTH_MAX = 1.25
@@ -86,7 +86,7 @@ def samples_of(paths) -> tuple[int, int]:
 def prepare_previous_day(paths) -> None:
     """D-1's edges (the small per-day file fct_usage_by_day reads instead of D-1's raw samples)."""
     prev = workload.DAY - timedelta(days=1)
-    run_model(paths, "fct_series_edges_by_day", Window(prev, workload.DAY))
+    run_model(paths, "int_series_edges_by_day", Window(prev, workload.DAY))
 
 
 def measure(n_series: int, interval_s: int = 15, repeat: int = 3, reference_parts: int | None = workload.CHUNKS,
@@ -183,7 +183,7 @@ def to_figures(m: dict) -> list[Figure]:
                f"{fast_s:.2f} s, {peak:.0f} MB (best of {len(rounds)} rounds alternating with the scan; per round "
                f"{rounds[0]:.2f}-{rounds[-1]:.2f}x)", f"3-column DuckDB scan {scan_s:.2f} s", f"{ratio:.2f}x",
                f"<= {SCAN_RATIO_MAX}x the 3-column scan, <= {PEAK_MB_MAX} MB", ratio <= SCAN_RATIO_MAX and peak <= PEAK_MB_MAX),
-        Figure(2, f"raw layout on disk, {day}", f"{bps:.2f} B/sample", "plain zstd 7.7 B/sample (issue)", "-",
+        Figure(2, f"raw layout on disk, {day}", f"{bps:.2f} B/sample", "plain zstd Parquet 7.7 B/sample", "-",
                f"<= {RAW_BYTES_MAX} B/sample", bps <= RAW_BYTES_MAX),
     ]
     if sql:
@@ -205,7 +205,7 @@ def to_figures(m: dict) -> list[Figure]:
 
 def figures(quick: bool, out: Path, console: Console) -> list[Figure]:
     """Items 1, 2, 3 and 8; quick: 2,000 series, 1 run, SQL reference on all of them; full: the
-    issue's standard day, best of 3, SQL reference on 1/8 of the series."""
+    standard day, best of 3, SQL reference on 1/8 of the series."""
     if quick:
         m = measure(QUICK_SERIES, repeat=1, reference_parts=workload.CHUNKS, out=out, log=console.print)
     else:
@@ -217,7 +217,7 @@ def figures(quick: bool, out: Path, console: Console) -> list[Figure]:
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.daily", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--standard", action="store_true", help="the issue's workload: 20,000 series (115.2M samples)")
+    ap.add_argument("--standard", action="store_true", help="the standard day: 20,000 series (115.2M samples)")
     ap.add_argument("--series", type=int, help="number of series (default 2,000; 20,000 with --standard)")
     ap.add_argument("--interval", type=int, default=15, help="scrape interval in seconds (default 15)")
     ap.add_argument("--repeat", type=int, default=3)

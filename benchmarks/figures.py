@@ -1,4 +1,4 @@
-"""One row of the issue-7 table, and the table: figure, our value, the side-by-side reference,
+"""One row of the benchmark table, and the table: figure, our value, the side-by-side reference,
 the ratio, the target, and whether it holds.
 
 Every benchmark module exposes ``figures(quick, out, console) -> list[Figure]`` for the items it
@@ -18,12 +18,12 @@ DEFAULT_OUT = PROJECT_ROOT / "benchmarks" / "out"
 
 @dataclass(frozen=True)
 class Figure:
-    item: int  # the target number (1-8: issue 7; 9: the demo month)
+    item: int  # the figure's number (1-9, as in benchmarks/README.md)
     figure: str  # what is measured, with the workload
     ours: str  # our value, formatted with its unit
     reference: str  # the side-by-side reference ("-" when the target has none)
     ratio: str  # ours / reference, or "-"
-    target: str  # the target as the issue states it
+    target: str  # the target the figure is judged against
     met: bool | None  # None: reported, no threshold (or not measurable here)
 
     def to_json(self) -> dict:

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.monthly`: the monthly stage for 10,000 customers (issue 7, item 4).
+"""`python -m benchmarks.monthly`: the monthly stage for 10,000 customers (item 4).
 
 Target: usage by month -> rated usage -> invoice lines -> invoice files and the Stripe outbox for
 10,000 customers in under 30 s and 1 GB.
@@ -20,7 +20,7 @@ once as drafts on the 1st and once finalized on the 4th (numbers assigned, files
 and the Stripe outbox of one day (`build_outbox` + `write_outbox`). Outputs of earlier runs are
 removed first, so every run starts from the same state. The best total of --repeat runs is kept.
 
-Reference (the issue names none): after the stage, in the same process and after its peak RSS is
+Reference (the target names none): after the stage, in the same process and after its peak RSS is
 read, a plain DuckDB scan of the month's `fct_usage_by_day` partitions (count and sums of usage,
 gauge integral and samples over every row; best of 3) -- the cost of reading the stage's input
 once, so the ratio says how much the stage costs beyond that.
@@ -67,7 +67,7 @@ MONTHLY_MODELS = [
     "fct_usage_by_month",
     "dim_subscription_periods_by_month",
     "fct_usage_by_subscription_period",
-    "fct_rated_usage",
+    "fct_rated_usage_by_subscription_period",
     "fct_invoice_lines",
 ]
 DAY_MS = 86_400_000
@@ -228,7 +228,8 @@ def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
 
     from billing_dags.billing import credits as cr
     from billing_dags.seeds.catalog import load_grants
-    from billing_dags.billing import invoices as inv
+    from billing_dags.billing import build, settlement, store
+    from billing_dags.billing.manifest import code_version, invoice_manifest
     from billing_dags.stripe import outbox as ob
     from billing_dags.operations.flags import unacknowledged_critical
     from billing_dags.models.sqlmodels import Window, load_project, partition_file, run_model, seed_snapshot_path
@@ -252,14 +253,14 @@ def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
         lines = pq.read_table(partition_file(paths, project.models["fct_invoice_lines"], window)).to_pylist()
         seeds = {n: pq.read_table(seed_snapshot_path(paths, n)).to_pylist() for n in ("customers", "plans", "currencies")}
         grants = load_grants(paths.seeds_dir, seeds["customers"], seeds["currencies"])
-        manifest = inv.invoice_manifest(paths, window.start, paths.seeds_dir, inv.code_version())
+        manifest = invoice_manifest(paths, window.start, paths.seeds_dir, code_version())
         held = {c: "held" for c in unacknowledged_critical(paths, window.start)}
         t_build = time.perf_counter()
-        docs = inv.build_invoices(lines, seeds["customers"], seeds["plans"], seeds["currencies"], window.start, now=now,
-                                  manifest=manifest, paths=paths, grants=grants, held=held)
+        docs = build.build_invoices(lines, seeds["customers"], seeds["plans"], seeds["currencies"], window.start, now=now,
+                                    manifest=manifest, paths=paths, grants=grants, held=held)
         t_write = time.perf_counter()
-        written = inv.write_invoice_files(paths, docs)
-        inv.settle_drafts(paths, window.start, docs, grants)
+        written = store.write_invoice_files(paths, docs)
+        settlement.settle_drafts(paths, window.start, docs, grants)
         cr.write_ledger(paths, grants, {c["currency"]: int(c["minor_unit_exponent"]) for c in seeds["currencies"]})
         return {"invoices": len(docs), "lines": len(lines), "by_status": written["by_status"], "files_written": len(written["written"]),
                 "build_s": t_write - t_build, "write_s": time.perf_counter() - t_write}
@@ -280,7 +281,7 @@ def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
     rows = ob.build_outbox(day, usage, customers, meters, ob.read_outbox(paths, day))
     ob.write_outbox(paths, day, rows)
     steps.append({"step": f"Stripe outbox of one day ({day})", "seconds": time.perf_counter() - t0, "rows": len(rows)})
-    # the stage as the issue states it: models, invoice files (the run on the 1st) and the outbox; the run on the
+    # the stage as the target counts it: models, invoice files (the run on the 1st) and the outbox; the run on the
     # 4th that finalizes the same invoices is shown on its own row, outside the total
     total = sum(s["seconds"] for s in steps if not s["step"].startswith("invoices: finalized"))
     invoice_bytes = sum(f.stat().st_size for f in paths.invoices.rglob("*") if f.is_file())

@@ -8,7 +8,7 @@ reports samples/s and peak RSS of each, with Prometheus's own evaluation time fo
 beside them: the server-side time (stats=all) of the same raw range-selector queries, and of one
 count_over_time over the whole day.
 
-Issue 7, item 6 (``figures``): 1,000 series at 15 s (quick: 100 at 60 s), the backfilled TSDB
+Item 6 (``figures``): 1,000 series at 15 s (quick: 100 at 60 s), the backfilled TSDB
 cached under OUT/prometheus-pull-<series>x<interval>s.
 """
 
@@ -195,7 +195,7 @@ def figures(quick: bool, out: Path, console: Console) -> list[Figure]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.prometheus_pull", description=__doc__)
-    parser.add_argument("--series", type=int, default=500, help="series to backfill and pull (default 500; the issue-7 table: 1000)")
+    parser.add_argument("--series", type=int, default=500, help="series to backfill and pull (default 500; the suite's full run: 1000)")
     parser.add_argument("--interval", type=int, default=15, help="scrape interval in seconds (default 15)")
     parser.add_argument("--chunk-s", type=int, default=3600, help="seconds of samples per request (default 3600)")
     parser.add_argument("--customers-per-query", type=int, default=10)

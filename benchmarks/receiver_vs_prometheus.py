@@ -1,4 +1,4 @@
-"""`python -m benchmarks.receiver_vs_prometheus`: our remote-write receiver against Prometheus's own (issue 7, item 5).
+"""`python -m benchmarks.receiver_vs_prometheus`: our remote-write receiver against Prometheus's own (item 5).
 
 Target: accepted samples/s, with fsync, at least that of Prometheus's own remote-write receiver
 (`prometheus --web.enable-remote-write-receiver`, Debian package) on the same request corpus and
@@ -17,7 +17,7 @@ client replays the same bodies against each server in turn, --rounds times, each
 fresh servers; the first scrape's requests of each shard warm both up (series creation) and are
 not timed. Reported: samples/s acknowledged (204), server CPU seconds, and our/Prometheus ratios.
 
-Issue 7, item 5 (``figures``): full is the defaults (10,000 series, 400 requests, 3 rounds), quick
+Item 5 (``figures``): full is the defaults (10,000 series, 400 requests, 3 rounds), quick
 2,000 series, 200 requests, 1 round.
 """
 
@@ -230,7 +230,7 @@ def measure(out: Path, *, series: int = FULL["series"], samples_per_request: int
 
 
 def figures(quick: bool, out: Path, console: Console) -> list[Figure]:
-    """Issue 7, item 5: our receiver's accepted samples/s (fsynced) against Prometheus's own."""
+    """Item 5: our receiver's accepted samples/s (fsynced) against Prometheus's own."""
     size = QUICK if quick else FULL
     target = ">= Prometheus's own (1.0x)"
 

@@ -51,11 +51,11 @@ def main() -> None:
         fn = _scan(files, "select sum(series_id), sum(ts), sum(value) from $f")
     elif args.step in ("fast", "fast_edges"):
         def fn():
-            r = run_model(paths, "fct_series_edges_by_day", WINDOW, project=project)
+            r = run_model(paths, "int_series_edges_by_day", WINDOW, project=project)
             extra["edges_rows"] = r.rows
             extra["edges_s"] = min(extra.get("edges_s", 1e9), r.seconds)
             if args.step == "fast":
-                run_model(paths, "fct_gauge_peaks_by_day", WINDOW, project=project)
+                run_model(paths, "int_gauge_peaks_by_day", WINDOW, project=project)
                 u = run_model(paths, "fct_usage_by_day", WINDOW, project=project)
                 extra["usage_rows"] = u.rows
                 extra["usage_s"] = min(extra.get("usage_s", 1e9), u.seconds)
@@ -70,15 +70,15 @@ def main() -> None:
             return time.perf_counter() - t0
 
         def models():
-            run_model(paths, "fct_series_edges_by_day", WINDOW, project=project)
-            run_model(paths, "fct_gauge_peaks_by_day", WINDOW, project=project)
+            run_model(paths, "int_series_edges_by_day", WINDOW, project=project)
+            run_model(paths, "int_gauge_peaks_by_day", WINDOW, project=project)
             run_model(paths, "fct_usage_by_day", WINDOW, project=project)
 
         def fn():
             extra.setdefault("scan_s", []).append(timed(scan))
             extra.setdefault("fast_s", []).append(timed(models))
     else:  # the SQL reference: computed in memory (the fast step's partition file is left alone)
-        model = project.models["fct_series_edges_by_day"]
+        model = project.models["int_series_edges_by_day"]
 
         def fn():
             con = connect()
@@ -100,7 +100,7 @@ def main() -> None:
         import pyarrow.parquet as pq
 
         sql = extra.pop("table").sort_by([("day", "ascending"), ("series_id", "ascending")])
-        fast_file = partition_file(paths, project.models["fct_series_edges_by_day"], WINDOW)
+        fast_file = partition_file(paths, project.models["int_series_edges_by_day"], WINDOW)
         fast = pq.read_table(fast_file)
         same = fast.num_rows == sql.num_rows and all(fast[c].equals(sql[c]) for c in sql.column_names)
         same = same and [f.type for f in fast.schema] == [f.type for f in sql.schema]

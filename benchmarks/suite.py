@@ -1,4 +1,4 @@
-"""`python -m benchmarks` (`make bench`, `make bench-quick`): every figure of issue 7 in one table.
+"""`python -m benchmarks` (`make bench`, `make bench-quick`): every performance and correctness figure in one table.
 
 Runs each benchmark module's ``figures()`` in turn — the daily models against a plain DuckDB
 scan (items 1, 2, 3, 8), the monthly stage (4), our remote-write receiver against Prometheus's
@@ -7,7 +7,7 @@ partitions at a time against one at a time (7), `billing demo` against a referen
 side-by-side reference measured in the same run, the ratio, the target and whether it holds.
 
 --full (what `make bench` runs, by hand, about 15-20 minutes with cached workloads) uses the
-issue's workloads; the default quick mode (`make bench-quick`, a smoke run for CI, a few
+standard workloads; the default quick mode (`make bench-quick`, a smoke run for CI, a few
 minutes) runs every benchmark at a small size, so only the correctness figures (exactness, raw
 bytes, byte-identical parallel partitions) are meaningful there. Workloads are cached under
 --out (default benchmarks/out, gitignored).
@@ -32,7 +32,7 @@ from rich.console import Console
 
 from .figures import DEFAULT_OUT, Figure, markdown, table
 
-#: module -> the items it measures (the issue's target numbers)
+#: module -> the items it measures (the numbers of the figures in benchmarks/README.md)
 MODULES = {
     "daily": (1, 2, 3, 8),
     "monthly": (4,),
@@ -79,7 +79,7 @@ def run(quick: bool, out: Path, items: set[int], console: Console) -> tuple[list
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--full", action="store_true", help="the issue's workloads (by hand; `make bench`)")
+    mode.add_argument("--full", action="store_true", help="the standard workloads (by hand; `make bench`)")
     mode.add_argument("--quick", action="store_true", help="small sizes, a smoke run (the default; `make bench-quick`)")
     ap.add_argument("--only", help="comma-separated item numbers, e.g. --only 1,5 (default: all of 1-9)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"cache and scratch folder (default {DEFAULT_OUT})")
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     figures, errors = run(quick, args.out, items, console)
-    mode_name = "quick (smoke sizes)" if quick else "full (the issue's workloads)"
-    title = (f"issue 7, {mode_name}: {started:%Y-%m-%d %H:%M} UTC, {time.perf_counter() - t0:.0f} s; {machine()}")
+    mode_name = "quick (smoke sizes)" if quick else "full (standard workloads)"
+    title = (f"billing_dags benchmarks, {mode_name}: {started:%Y-%m-%d %H:%M} UTC, {time.perf_counter() - t0:.0f} s; {machine()}")
     console.print(table(figures, title))
     if args.json:
         args.json.write_text(json.dumps({"mode": "quick" if quick else "full", "started": started.isoformat(), "machine": machine(),

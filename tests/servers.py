@@ -330,7 +330,7 @@ class DagsterServer:
         return {
             "raw samples": any((data / "raw" / "samples" / f"date={day}").glob("*.parquet")),
             **{m: (data / "models" / m / f"day={day}" / "data.parquet").exists()
-               for m in ("fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day")},
+               for m in ("int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day")},
         }
 
     def run(self, run_id: str) -> dict:

@@ -189,7 +189,7 @@ class Runner:
 
 
 #: the daily usage models, in the order a day is computed
-DAILY_MODELS = ("fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day")
+DAILY_MODELS = ("int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day")
 
 
 @dataclass
@@ -209,7 +209,7 @@ def run_days(
     month_window: Window | None = None,
     runner: Runner | None = None,
 ) -> DayChain:
-    """Run fct_series_edges_by_day, fct_gauge_peaks_by_day then fct_usage_by_day for each day (in order), then
+    """Run int_series_edges_by_day, int_gauge_peaks_by_day then fct_usage_by_day for each day (in order), then
     fct_usage_by_month over ``month_window`` (default: from the first day to after the last)."""
     own = runner is None
     r = runner or Runner(seeds)
@@ -220,8 +220,8 @@ def run_days(
         out = DayChain()
         for d in days:
             w = day_window(d)
-            out.edges[d] = r.run("fct_series_edges_by_day", w).to_pylist()
-            out.peaks[d] = r.run("fct_gauge_peaks_by_day", w).to_pylist()
+            out.edges[d] = r.run("int_series_edges_by_day", w).to_pylist()
+            out.peaks[d] = r.run("int_gauge_peaks_by_day", w).to_pylist()
             out.days[d] = r.run("fct_usage_by_day", w).to_pylist()
         mw = month_window or Window(min(days), next_day(max(days)))
         out.month = r.query("fct_usage_by_month", mw).to_pylist()
@@ -253,8 +253,8 @@ def run_days_alone(
                     carry_in[sid] = max(earlier)
             runner.set_carry_in(carry_in)
             w = day_window(d)
-            out.edges[d] = runner.run("fct_series_edges_by_day", w).to_pylist()
-            out.peaks[d] = runner.run("fct_gauge_peaks_by_day", w).to_pylist()
+            out.edges[d] = runner.run("int_series_edges_by_day", w).to_pylist()
+            out.peaks[d] = runner.run("int_gauge_peaks_by_day", w).to_pylist()
             out.days[d] = runner.run("fct_usage_by_day", w).to_pylist()
     finally:
         runner.set_carry_in({})
@@ -299,7 +299,7 @@ def rate_month(
     *,
     runner: Runner | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """fct_rated_usage then fct_invoice_lines for one month from fixture fct_usage_by_month rows.
+    """fct_rated_usage_by_subscription_period then fct_invoice_lines for one month from fixture fct_usage_by_month rows.
 
     With ``runner`` (whose seeds are used) the month's partitions are replaced in its tables."""
     r = runner or Runner(seeds)
@@ -312,7 +312,7 @@ def rate_month(
             "select u.*, p.period_start, p.period_end, u.period_ms as month_ms, u.samples as observations "
             "from fct_usage_by_month u join dim_subscription_periods_by_month p using (month, customer_id)"
         )
-        rated = r.run("fct_rated_usage", window).to_pylist()
+        rated = r.run("fct_rated_usage_by_subscription_period", window).to_pylist()
         lines = r.run("fct_invoice_lines", window).to_pylist()
     finally:
         if runner is None:

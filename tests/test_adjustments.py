@@ -1,4 +1,4 @@
-"""Adjustments (issue 5.5; rule 8): a finalized invoice is never edited; a recomputation that changes its
+"""Adjustments (rule 8): a finalized invoice is never edited; a recomputation that changes its
 charges is carried once, as a signed adjustment line with the reason, on the customer's next invoice;
 credits apply after adjustments and a total never goes below zero."""
 
@@ -12,7 +12,10 @@ import pytest
 
 from billing_dags.billing import credits as cr
 from billing_dags.seeds.credits import Grant
-from billing_dags.billing.invoices import build_invoices, render_invoice, settle_drafts, write_invoice_files
+from billing_dags.billing.build import build_invoices
+from billing_dags.billing.render import render_invoice
+from billing_dags.billing.settlement import settle_drafts
+from billing_dags.billing.store import write_invoice_files
 from billing_dags.core.settings import Paths
 
 UTC = timezone.utc
@@ -160,7 +163,7 @@ def test_unchanged_inputs_reproduce_every_file_including_the_ledger(p):
 
 def test_a_late_usage_report_after_finalization_is_named_in_the_adjustment(p):
     """The manifests fingerprint usage reports: a report accepted after finalization is the reason, not "a rerun"."""
-    from billing_dags.billing.invoices import invoice_manifest
+    from billing_dags.billing.manifest import invoice_manifest
     from billing_dags.ingest.usage_reports import Report, ReportStore
 
     p.seeds_dir.mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""fct_anomaly_flags on fixture rows: each rule fires at its threshold from seeds/anomaly_rules.csv."""
+"""fct_anomaly_flags_by_day on fixture rows: each rule fires at its threshold from seeds/anomaly_rules.csv."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def flags(days: list[dict], edges: list[dict], *, samples: dict | None = None, p
         r.set_raw(samples or {}, SERIES)
         r.set_table("external_pool_shares", pa.Table.from_pylist(list(pool), schema=POOL_SCHEMA))
         r.set_table("fct_usage_by_day", pa.Table.from_pylist(days, schema=DAY_SCHEMA))
-        r.set_table("fct_series_edges_by_day", pa.Table.from_pylist(edges, schema=EDGE_SCHEMA))
-        rows = r.run("fct_anomaly_flags", day_window(D)).to_pylist()
+        r.set_table("int_series_edges_by_day", pa.Table.from_pylist(edges, schema=EDGE_SCHEMA))
+        rows = r.run("fct_anomaly_flags_by_day", day_window(D)).to_pylist()
     return {(f["customer_id"], f["meter_id"], f["rule"]): f for f in rows}
 
 
@@ -139,8 +139,8 @@ def _flags_of_day(seeds_dir, day: date, days: list[dict]) -> dict:
         r.set_raw({}, SERIES)
         r.set_table("external_pool_shares", pa.Table.from_pylist([], schema=POOL_SCHEMA))
         r.set_table("fct_usage_by_day", pa.Table.from_pylist(days, schema=DAY_SCHEMA))
-        r.set_table("fct_series_edges_by_day", pa.Table.from_pylist([], schema=EDGE_SCHEMA))
-        rows = r.run("fct_anomaly_flags", day_window(day)).to_pylist()
+        r.set_table("int_series_edges_by_day", pa.Table.from_pylist([], schema=EDGE_SCHEMA))
+        rows = r.run("fct_anomaly_flags_by_day", day_window(day)).to_pylist()
     return {(f["customer_id"], f["meter_id"], f["rule"]): f for f in rows}
 
 
@@ -194,7 +194,7 @@ def test_daily_summary_lists_usage_outside_every_subscription(tmp_path, capsys):
     ]
     flags_rows = list(_flags_of_day(seeds, D, days).values())
     data = tmp_path / "data"
-    for model, rows, schema in (("fct_usage_by_day", days, DAY_SCHEMA), ("fct_anomaly_flags", flags_rows, None)):
+    for model, rows, schema in (("fct_usage_by_day", days, DAY_SCHEMA), ("fct_anomaly_flags_by_day", flags_rows, None)):
         f = data / "models" / model / f"day={D}" / "data.parquet"
         f.parent.mkdir(parents=True)
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), f)
@@ -209,15 +209,15 @@ def edge_on(day: date, series_id: int, max_gap_ms: int) -> dict:
 
 
 def flags_per_day(days: list[dict], edges: list[dict], run: list[date]) -> dict[date, dict]:
-    """fct_anomaly_flags of each day of ``run``, computed in the order given (each day reads only its lookback)."""
+    """fct_anomaly_flags_by_day of each day of ``run``, computed in the order given (each day reads only its lookback)."""
     out = {}
     with Runner() as r:
         r.set_raw({}, SERIES)
         r.set_table("external_pool_shares", pa.Table.from_pylist([], schema=POOL_SCHEMA))
         r.set_table("fct_usage_by_day", pa.Table.from_pylist(days, schema=DAY_SCHEMA))
-        r.set_table("fct_series_edges_by_day", pa.Table.from_pylist(edges, schema=EDGE_SCHEMA))
+        r.set_table("int_series_edges_by_day", pa.Table.from_pylist(edges, schema=EDGE_SCHEMA))
         for d in run:
-            rows = r.query("fct_anomaly_flags", day_window(d)).to_pylist()
+            rows = r.query("fct_anomaly_flags_by_day", day_window(d)).to_pylist()
             out[d] = {(f["customer_id"], f["meter_id"], f["rule"]): f for f in rows}
     return out
 

@@ -1,4 +1,4 @@
-"""`make bench-quick`: every issue-7 benchmark runs at smoke size and prints its row of the table.
+"""`make bench-quick`: every benchmark runs at smoke size and prints its row of the table.
 
 Speed figures at smoke size say nothing (the machine is shared and the sizes are small), so this
 checks that every item is measured and that the correctness figures hold: the raw layout's bytes
@@ -38,8 +38,8 @@ def test_quick_suite_measures_every_item_and_the_correctness_figures_hold(tmp_pa
         assert rows[item]["met"] is True, rows[item]
     # at smoke size the backfill is judged on byte-identical partitions only (False when they differ)
     assert rows[7]["met"] is not False, rows[7]
-    assert "issue 7, quick" in proc.stdout
-    # the Markdown table (for the README) has the same rows
+    assert "billing_dags benchmarks, quick" in proc.stdout
+    # the Markdown table (for benchmarks/README.md) has the same rows
     md = (tmp_path / "t.md").read_text()
     assert md.count("\n| ") == 1 + len(doc["figures"])  # header + a row per figure (item 6 has two)
     for f in doc["figures"]:

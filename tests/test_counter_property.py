@@ -1,4 +1,4 @@
-"""Rules 1-5: the daily SQL chain (fct_series_edges_by_day -> fct_usage_by_day ->
+"""Rules 1-5: the daily SQL chain (int_series_edges_by_day -> fct_usage_by_day ->
 fct_usage_by_month) agrees with the pure-Python reference, day by day and over the whole window;
 so does every day computed alone, latest first, from its own raw samples and its carry-in.
 

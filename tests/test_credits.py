@@ -1,4 +1,4 @@
-"""Prepaid credits (issue 5.3; rules 7, 8, 11): expiry-ordered draw-down, balances carried across months,
+"""Prepaid credits (rules 7, 8, 11): expiry-ordered draw-down, balances carried across months,
 never below zero, exact minor units, clear seed errors, a deterministic ledger."""
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ from hypothesis import strategies as st
 from billing_dags.billing import credits as cr
 from billing_dags.seeds.catalog import load_grants
 from billing_dags.seeds.credits import Grant
-from billing_dags.billing.invoices import build_invoices, render_invoice, settle_drafts, write_invoice_files
+from billing_dags.billing.build import build_invoices
+from billing_dags.billing.render import render_invoice
+from billing_dags.billing.settlement import settle_drafts
+from billing_dags.billing.store import write_invoice_files
 from billing_dags.seeds.catalog import SeedError
 from billing_dags.core.settings import Paths
 

@@ -21,10 +21,10 @@ def test_definitions_load_with_every_model_and_stage():
     for stage in ("raw_samples", "invoices", "stripe_outbox", "stripe_meter_events", "warehouse_views", "seed_meters", "seed_customers"):
         assert stage in keys
     # dependencies are read from the SQL: usage by day reads the edges, the month reads the days
-    assert dg.AssetKey("fct_series_edges_by_day") in graph.get(dg.AssetKey("fct_usage_by_day")).parent_keys
+    assert dg.AssetKey("int_series_edges_by_day") in graph.get(dg.AssetKey("fct_usage_by_day")).parent_keys
     assert dg.AssetKey("fct_usage_by_day") in graph.get(dg.AssetKey("fct_usage_by_month")).parent_keys
-    assert dg.AssetKey("raw_samples") in graph.get(dg.AssetKey("fct_series_edges_by_day")).parent_keys
-    assert dg.AssetKey("seed_prices") in graph.get(dg.AssetKey("fct_rated_usage")).parent_keys
+    assert dg.AssetKey("raw_samples") in graph.get(dg.AssetKey("int_series_edges_by_day")).parent_keys
+    assert dg.AssetKey("seed_prices") in graph.get(dg.AssetKey("fct_rated_usage_by_subscription_period")).parent_keys
 
 
 def test_checks_schedules_sensors_and_jobs_are_registered():
@@ -55,7 +55,7 @@ def test_partition_mapping_reaches_back_35_days_for_usage():
     defs = _defs()
     graph = defs.resolve_asset_graph()
     node = graph.get(dg.AssetKey("fct_usage_by_day"))
-    mapping = graph.get_partition_mapping(dg.AssetKey("fct_usage_by_day"), dg.AssetKey("fct_series_edges_by_day"))
+    mapping = graph.get_partition_mapping(dg.AssetKey("fct_usage_by_day"), dg.AssetKey("int_series_edges_by_day"))
     assert isinstance(mapping, dg.TimeWindowPartitionMapping)
     assert mapping.start_offset == -35 and mapping.end_offset == 0
     assert node.partitions_def is not None

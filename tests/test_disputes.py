@@ -13,7 +13,9 @@ import pytest
 from billing_dags.ingest import raw
 from billing_dags.cli.main import main
 from billing_dags.defs.seeds.assets import write_seed_snapshots
-from billing_dags.billing.invoices import build_invoices, code_version, invoice_manifest, write_invoice_files
+from billing_dags.billing.build import build_invoices
+from billing_dags.billing.manifest import code_version, invoice_manifest
+from billing_dags.billing.store import write_invoice_files
 from billing_dags.models.sqlmodels import Window, load_project, partition_file, run_model, seed_snapshot_path
 from sql_helpers import ms, samples_table, series_table
 

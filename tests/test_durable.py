@@ -80,7 +80,8 @@ INVOICE_LINES = [
 
 
 def _invoice_files(p: Paths):
-    from billing_dags.billing.invoices import build_invoices, write_invoice_files
+    from billing_dags.billing.build import build_invoices
+    from billing_dags.billing.store import write_invoice_files
 
     docs = build_invoices(INVOICE_LINES, [{"customer_id": "acme", "name": "Acme", "currency": "usd"}],
                           [{"plan_id": "pro", "version": 1, "name": "Pro"}], [{"currency": "usd", "minor_unit_exponent": 2}], JAN,
@@ -89,7 +90,7 @@ def _invoice_files(p: Paths):
 
 
 def _registry(p: Paths):
-    from billing_dags.billing.invoices import assign_invoice_numbers, registry_path
+    from billing_dags.billing.numbering import assign_invoice_numbers, registry_path
 
     return lambda: (assign_invoice_numbers(p, JAN, ["acme"]), [registry_path(p)])[1]
 
@@ -103,7 +104,7 @@ def _ledger(p: Paths):
 def _flag_ack(p: Paths):
     from billing_dags.operations.flags import acknowledge, acks_path
 
-    f = p.models / "fct_anomaly_flags" / f"day={DAY}" / "data.parquet"
+    f = p.models / "fct_anomaly_flags_by_day" / f"day={DAY}" / "data.parquet"
     f.parent.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist([{"day": DAY, "customer_id": "acme", "meter_id": "proxy_bytes", "rule": "spike", "severity": "critical"}]), f)
     return lambda: (acknowledge(p, "acme", JAN, "spike", "", "ops", "checked"), [acks_path(p)])[1]

@@ -142,8 +142,8 @@ def test_delta_events_add_to_daily_usage_exactly_and_price_per_model():
     with Runner() as r:
         r.set_raw({}, {})
         r.set_events(table(rows))
-        r.run("fct_series_edges_by_day", day_window(DAY))
-        r.run("fct_gauge_peaks_by_day", day_window(DAY))
+        r.run("int_series_edges_by_day", day_window(DAY))
+        r.run("int_gauge_peaks_by_day", day_window(DAY))
         day = r.run("fct_usage_by_day", day_window(DAY)).to_pylist()
         got = {(x["customer_id"], x["meter_id"], x["dimension"]): x["usage"] for x in day}
         assert got == want  # the unknown key is billed to nobody
@@ -151,7 +151,7 @@ def test_delta_events_add_to_daily_usage_exactly_and_price_per_model():
         assert sum(x["events"] for x in day) == sum(1 for x in rows if x["customer_key"] != UNKNOWN) - 1
         month = Window(date(2025, 3, 1), date(2025, 4, 1))
         for model in ("fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period",
-                      "fct_rated_usage", "fct_invoice_lines"):
+                      "fct_rated_usage_by_subscription_period", "fct_invoice_lines"):
             out = r.run(model, month)
         lines = out.to_pylist()
     price = {("llm_input_tokens", "gpt-4o"): Decimal("2.50"), ("llm_output_tokens", "gpt-4o"): Decimal("10.00"),

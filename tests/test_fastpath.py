@@ -1,4 +1,4 @@
-"""The Python engine of fct_series_edges_by_day (billing_dags/models/fastpath.py) against its SQL spec.
+"""The Python engine of int_series_edges_by_day (billing_dags/models/fastpath.py) against its SQL spec.
 
 Every test runs both engines on the same raw partition and asserts the Arrow tables are equal:
 same schema, rows and values, to the unit (DECIMAL(38, 9) sums included).
@@ -27,8 +27,8 @@ STALE = np.array([simulate.STALE_NAN_BITS], dtype=np.uint64).view(np.float64)[0]
 
 
 def both(paths) -> tuple[pa.Table, pa.Table]:
-    sql = run_model(paths, "fct_series_edges_by_day", WINDOW, engine="sql").table
-    fast = run_model(paths, "fct_series_edges_by_day", WINDOW).table  # the configured engine
+    sql = run_model(paths, "int_series_edges_by_day", WINDOW, engine="sql").table
+    fast = run_model(paths, "int_series_edges_by_day", WINDOW).table  # the configured engine
     key = [("series_id", "ascending")]
     return sql.sort_by(key), fast.sort_by(key)
 
@@ -51,7 +51,7 @@ def write_raw(paths, rows: list[tuple[int, int, float]], name: str = "part-test.
 
 
 def test_the_model_is_configured_to_run_in_python():
-    model = load_project().models["fct_series_edges_by_day"]
+    model = load_project().models["int_series_edges_by_day"]
     assert model.config["engine"] == "python"
     assert model.config["python"] == "billing_dags.models.fastpath:edges_by_day"
 
@@ -65,7 +65,7 @@ def test_simulated_day_equals_the_sql(paths):
 
 
 def test_gauge_peaks_of_simulated_days_equal_the_sql(paths):
-    """fct_gauge_peaks_by_day: the compiled engine equals its SQL on two simulated days (the second
+    """int_gauge_peaks_by_day: the compiled engine equals its SQL on two simulated days (the second
     with levels carried in from the first), with one and two threads."""
     from billing_dags.defs.seeds.assets import write_seed_snapshots
 
@@ -74,10 +74,10 @@ def test_gauge_peaks_of_simulated_days_equal_the_sql(paths):
     prev = Window(date(2026, 3, 9), DAY)
     for w in (prev, WINDOW):
         simulate.write_simulated_day(paths, w.start, customers, interval_s=60)
-        run_model(paths, "fct_series_edges_by_day", w)
-    model = load_project().models["fct_gauge_peaks_by_day"]
+        run_model(paths, "int_series_edges_by_day", w)
+    model = load_project().models["int_gauge_peaks_by_day"]
     key = [(c, "ascending") for c in ("customer_id", "meter_id", "dimension")]
-    sql = run_model(paths, "fct_gauge_peaks_by_day", WINDOW, engine="sql").table.sort_by(key)
+    sql = run_model(paths, "int_gauge_peaks_by_day", WINDOW, engine="sql").table.sort_by(key)
     assert sql.num_rows >= 5 and all(r["gauge_held_ms"] > 0 for r in sql.to_pylist())
     for threads in (1, 2):
         fast = fastpath.gauge_peaks_by_day(paths, model, WINDOW, threads=threads).sort_by(key)
@@ -92,8 +92,8 @@ def test_gauge_peaks_refuse_raw_rows_not_sorted_by_series(paths, threads):
 
     write_seed_snapshots(paths)
     simulate.write_simulated_day(paths, DAY, read_seed(paths.seeds_dir, "customers"), interval_s=60)
-    run_model(paths, "fct_series_edges_by_day", WINDOW)
-    model = load_project().models["fct_gauge_peaks_by_day"]
+    run_model(paths, "int_series_edges_by_day", WINDOW)
+    model = load_project().models["int_gauge_peaks_by_day"]
     assert fastpath.gauge_peaks_by_day(paths, model, WINDOW, threads=threads).num_rows > 0
     files = raw.sample_files(paths, DAY)
     t = pa.concat_tables([pq.read_table(f) for f in files])
@@ -112,7 +112,7 @@ def test_a_backfill_partition_on_its_share_of_the_cores_gives_the_same_bytes(pat
     write_seed_snapshots(paths)
     customers = read_seed(paths.seeds_dir, "customers")
     simulate.write_simulated_day(paths, DAY, customers, interval_s=60)
-    for model in ("fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day"):
+    for model in ("int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day"):
         every_core = run_model(paths, model, WINDOW)
         first = every_core.path.read_bytes()
         limited = run_model(paths, model, WINDOW, threads=threads)

@@ -9,14 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from billing_dags.billing import invoices as inv
+from billing_dags.billing.build import build_invoices
 from billing_dags.cli.main import main
 from billing_dags.operations.flags import acknowledge, read_acks, unacknowledged_critical
 from test_invoices import CURRENCIES, CUSTOMERS, JAN, JAN_FINAL, MANIFEST, PLANS, lines_for, paths_for
 
 
 def _write_flags(paths, day: date, rows: list[dict]) -> None:
-    f = paths.models / "fct_anomaly_flags" / f"day={day}" / "data.parquet"
+    f = paths.models / "fct_anomaly_flags_by_day" / f"day={day}" / "data.parquet"
     f.parent.mkdir(parents=True, exist_ok=True)
     full = [
         {"day": day, "value": Decimal(1), "threshold": Decimal(0), "rule_description": "", "detail": "", **r}
@@ -37,7 +37,7 @@ def test_critical_flag_holds_finalization_until_acknowledged(tmp_path):
     held = unacknowledged_critical(paths, JAN)
     assert list(held) == ["acme"]
     reasons = {c: "held: " + ", ".join(f["rule"] for f in flags) for c, flags in held.items()}
-    docs = inv.build_invoices(
+    docs = build_invoices(
         lines_for("acme") + lines_for("beta"), CUSTOMERS, PLANS, CURRENCIES, JAN,
         now=JAN_FINAL, manifest=MANIFEST, paths=paths, held=reasons,
     )

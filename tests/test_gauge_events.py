@@ -185,8 +185,8 @@ def test_gauge_integral_stays_decimal_inside_the_model():
     with Runner() as r:
         r.set_raw({}, {})
         r.set_events(table([gauge("x", ms(DAY, 1), "1.5", H)]))
-        r.run("fct_series_edges_by_day", day_window(DAY))
-        r.run("fct_gauge_peaks_by_day", day_window(DAY))
+        r.run("int_series_edges_by_day", day_window(DAY))
+        r.run("int_gauge_peaks_by_day", day_window(DAY))
         r.query("fct_usage_by_day", day_window(DAY))
         sql = r.project.models["fct_usage_by_day"].sql
         body = "events as (select * from stg_raw__events), " + sql[sql.index("event_spans as ("):sql.index("-- one row per series")]
@@ -302,8 +302,8 @@ def test_models_read_the_day_before_for_gauges_and_never_bill_its_deltas_twice(p
     write_events_day(paths, PREV, table([gauge("y", ms(PREV, 23, 30), "500"), delta("p1", ms(PREV, 12), "1000")]), "reports")
     write_events_day(paths, DAY, table([gauge("t", ms(DAY, 0, 10), "10"), delta("d1", ms(DAY, 1), "7")]), "reports")
     w = day_window(DAY)
-    run_model(paths, "fct_series_edges_by_day", w, engine="sql")
-    run_model(paths, "fct_gauge_peaks_by_day", w)
+    run_model(paths, "int_series_edges_by_day", w, engine="sql")
+    run_model(paths, "int_gauge_peaks_by_day", w)
     got = {(x["customer_id"], x["meter_id"]): x for x in run_model(paths, "fct_usage_by_day", w).table.to_pylist()}
     assert got[("llm-001", "llm_input_tokens")]["usage"] == 7  # DAY's 7; PREV's 1000 is PREV's
     g = got[(CUSTOMER, METER)]

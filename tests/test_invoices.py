@@ -12,19 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from billing_dags.core import durable
-from billing_dags.billing import invoices as inv
-from billing_dags.billing.invoices import (
-    InvoiceError,
-    build_invoices,
-    code_version,
-    format_decimal,
-    format_minor,
-    invoice_manifest,
-    invoice_status,
-    read_registry,
-    render_invoice,
-    write_invoice_files,
-)
+from billing_dags.billing import build as build_module
+from billing_dags.billing import manifest as manifest_module
+from billing_dags.billing.build import build_invoices, uninvoiced_customers
+from billing_dags.billing.errors import InvoiceError
+from billing_dags.billing.manifest import code_version, invoice_manifest
+from billing_dags.billing.numbering import read_registry
+from billing_dags.billing.periods import invoice_status
+from billing_dags.billing.render import render_invoice
+from billing_dags.billing.store import write_invoice_files
+from billing_dags.core.money import format_decimal, format_minor
 from billing_dags.core.settings import Paths
 
 UTC = timezone.utc
@@ -404,17 +401,17 @@ def test_code_version_falls_back_silently(tmp_path, monkeypatch):
     def no_git(*a, **k):
         raise FileNotFoundError("git")
 
-    monkeypatch.setattr(inv.subprocess, "run", no_git)
+    monkeypatch.setattr(manifest_module.subprocess, "run", no_git)
     assert code_version(tmp_path) == __version__
 
     def timeout(*a, **k):
         raise subprocess.TimeoutExpired("git", 5)
 
-    monkeypatch.setattr(inv.subprocess, "run", timeout)
+    monkeypatch.setattr(manifest_module.subprocess, "run", timeout)
     assert code_version(tmp_path) == __version__
 
     sha = "0123456789abcdef0123456789abcdef01234567"
-    monkeypatch.setattr(inv.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=sha + "\n", stderr=""))
+    monkeypatch.setattr(manifest_module.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=sha + "\n", stderr=""))
     assert code_version(tmp_path) == f"{__version__}+g{sha}"
     # not a checkout: git is not asked at all
     assert code_version(tmp_path / "elsewhere") == __version__
@@ -431,7 +428,7 @@ def test_formula_uses_allowance_and_packages_when_the_line_has_them():
     assert invoice["lines"][1]["formula"] == "2500 request used − 0 included = 2500 request → 3 packages of 1000 × 0.50 USD = 1.50 USD"
 
 
-# --------------------------------------------------------------------------- writing many files (issue 7)
+# --------------------------------------------------------------------------- writing many files at once
 
 
 def _stdlib_json(obj) -> bytes:
@@ -446,7 +443,7 @@ def test_json_files_are_the_json_module_bytes_with_or_without_orjson(monkeypatch
     invoice["nested"] = {"empty_list": [], "empty_dict": {}, "z": [1, [2, {}]], "a": None, "t": True, "f": False}
     invoice["big"] = -(2**63)
     assert durable.canonical_json(invoice) == _stdlib_json(invoice)
-    assert inv.render_invoice(invoice, "json") == _stdlib_json(invoice).decode("utf-8")
+    assert render_invoice(invoice, "json") == _stdlib_json(invoice).decode("utf-8")
     # what orjson refuses (an integer beyond 64 bits, a non-string key) still gets the same bytes
     for odd in ({**invoice, "big": 2**64 + 1}, {"numbers": {1: "a"}}):
         assert durable.canonical_json(odd) == _stdlib_json(odd)
@@ -546,14 +543,14 @@ def test_customers_subscribed_or_using_the_service_without_an_invoice_are_named(
              {"customer_id": "nosub", "meter_id": "proxy_bytes", "rule": "scrape_gap"}]  # names nothing about billing
     plans = [{"plan_id": "pro", "base_fee": Decimal(10), "minimum_charge": Decimal(0)},
              {"plan_id": "proxy_new", "base_fee": Decimal(31), "minimum_charge": Decimal(0)}]
-    unbilled, named = inv.uninvoiced_customers(oct_, subs, usage, {"acme"}, flags, plans)
+    unbilled, named = uninvoiced_customers(oct_, subs, usage, {"acme"}, flags, plans)
     assert unbilled == {
         "joiner": "subscribed to pro in the month, no invoice",
         "late": "subscribed to proxy_new in the month, no invoice",
         "nosub": "usage in the month, no subscription, no invoice",
     }
     assert named == {"flagged": "flagged outside_subscription on iot_devices"}
-    assert inv.uninvoiced_customers(oct_, subs, usage, {"acme", "late", "joiner", "nosub"}, flags, plans)[0] == {}
+    assert uninvoiced_customers(oct_, subs, usage, {"acme", "late", "joiner", "nosub"}, flags, plans)[0] == {}
 
 
 def test_an_idle_customer_of_a_plan_without_fixed_charges_is_not_unbilled():
@@ -569,7 +566,7 @@ def test_an_idle_customer_of_a_plan_without_fixed_charges_is_not_unbilled():
         {"plan_id": "floor", "version": 1, "base_fee": Decimal(0), "minimum_charge": Decimal(5)},
     ]
     usage = [{"customer_id": "busy", "usage": Decimal(3), "gauge_peak": None, "gauge_integral": None}]
-    unbilled, named = inv.uninvoiced_customers(oct_, subs, usage, set(), [], plans)
+    unbilled, named = uninvoiced_customers(oct_, subs, usage, set(), [], plans)
     assert sorted(unbilled) == ["busy", "fee", "minimum"]
     assert named == {"idle": "nothing to bill: no usage in the month on payg, which has no base fee or minimum charge"}
 
@@ -611,7 +608,7 @@ def test_invoices_failing_the_total_check_write_no_file(tmp_path, monkeypatch):
     pq.write_table(pa.Table.from_pylist([
         {"customer_id": "mp-001", "usage": Decimal("12.5"), "gauge_peak": None, "gauge_integral": None},
     ]), usage)
-    real_build = inv.build_invoices
+    real_build = build_module.build_invoices
 
     def miscounted(*args, **kwargs):
         docs = real_build(*args, **kwargs)
@@ -623,7 +620,7 @@ def test_invoices_failing_the_total_check_write_no_file(tmp_path, monkeypatch):
         return dg.materialize([invoices_asset], partition_key=JAN.isoformat(), resources=resources,
                               instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
 
-    monkeypatch.setattr(inv, "build_invoices", miscounted)
+    monkeypatch.setattr(build_module, "build_invoices", miscounted)
     result = materialize()
     assert not result.success
     month_folder = p.invoices / "2025-01"
@@ -633,6 +630,6 @@ def test_invoices_failing_the_total_check_write_no_file(tmp_path, monkeypatch):
     assert "total_equals_sum_of_lines failed, no invoice file was written" in failure.step_failure_data.error.message
     assert "mp-001" in failure.step_failure_data.error.message
 
-    monkeypatch.setattr(inv, "build_invoices", real_build)
+    monkeypatch.setattr(build_module, "build_invoices", real_build)
     assert materialize().success
     assert sorted(f.name for f in (p.invoices / "2025-01").iterdir()) == ["mp-001.csv", "mp-001.html", "mp-001.json"]

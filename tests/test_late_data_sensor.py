@@ -150,9 +150,9 @@ def test_a_late_correction_reruns_the_models_of_the_affected_days_in_one_run_and
     # one to the newest computed one is recomputed, since later days read its edges and usage
     assert not INGEST & set(run), sorted(run)
     later = {d.isoformat() for d in DAYS if d >= LATE}
-    assert run["fct_series_edges_by_day"] == later
+    assert run["int_series_edges_by_day"] == later
     assert run["fct_usage_by_day"] == later
-    assert run["fct_usage_30d"] == later
+    assert run["fct_usage_30d_by_day"] == later
     # the correction reached the usage and the sensor settled: touching again requests nothing
     assert deployment.operate() == []
     _rewrite_same_bytes(samples)
@@ -168,7 +168,7 @@ def _computed_edges(paths, day: date) -> None:
     from billing_dags.models.sqlmodels import Window, load_project, partition_file
 
     project = load_project()
-    model = project.models["fct_series_edges_by_day"]
+    model = project.models["int_series_edges_by_day"]
     window = Window(day, day + timedelta(days=1))
     start, _ = raw.day_bounds_ms(day)
     sid = raw.series_id("stratum_submits_total", {"client_id": "miner-001"})
@@ -215,14 +215,14 @@ def test_other_bytes_an_added_file_or_a_removed_one_make_the_day_late_but_retent
     (f,) = raw.sample_files(paths, day)
     original = f.read_bytes()
     _change_last_sample(f)
-    assert _late(paths)[0] == [("fct_series_edges_by_day", "2026-05-01")]
+    assert _late(paths)[0] == [("int_series_edges_by_day", "2026-05-01")]
     f.write_bytes(original)  # the correction undone: the content the partition was computed from
     assert _late(paths)[0] == []
     extra = f.with_name("part-late.parquet")
     extra.write_bytes(original)
-    assert _late(paths)[0] == [("fct_series_edges_by_day", "2026-05-01")]
+    assert _late(paths)[0] == [("int_series_edges_by_day", "2026-05-01")]
     f.unlink()  # part-late.parquet stays: a file of the day went away
-    assert _late(paths)[0] == [("fct_series_edges_by_day", "2026-05-01")]
+    assert _late(paths)[0] == [("int_series_edges_by_day", "2026-05-01")]
     extra.unlink()  # the whole raw day removed (retention): the models keep what they computed
     assert _late(paths)[0] == []
 
@@ -267,18 +267,18 @@ def test_late_events_request_the_models_reading_them_and_their_downstream_not_th
     (request,), _, late = rerun_plan(paths, asset_graph)
     # the next day reads this day's gauge levels
     assert sorted((d.model, d.day.isoformat()) for d in late) == [
-        ("fct_gauge_peaks_by_day", "2026-05-04"),
-        ("fct_gauge_peaks_by_day", "2026-05-05"),
         ("fct_usage_by_day", "2026-05-04"),
         ("fct_usage_by_day", "2026-05-05"),
+        ("int_gauge_peaks_by_day", "2026-05-04"),
+        ("int_gauge_peaks_by_day", "2026-05-05"),
     ]
     assert request.partition_key_range == dg.PartitionKeyRange("2026-05-04", "2026-05-05")
     assert sorted(k.to_user_string() for k in request.asset_selection) == [
         "daily_summary",
-        "fct_anomaly_flags",
-        "fct_gauge_peaks_by_day",
-        "fct_usage_30d",
+        "fct_anomaly_flags_by_day",
+        "fct_usage_30d_by_day",
         "fct_usage_by_day",
+        "int_gauge_peaks_by_day",
         "stripe_meter_events",
         "stripe_outbox",
     ]
@@ -324,7 +324,7 @@ def test_the_record_holds_sizes_and_hashes_only_and_a_file_changed_during_the_ru
     day = date(2026, 5, 1)
     _computed_edges(paths, day)
     project = load_project()
-    model = project.models["fct_series_edges_by_day"]
+    model = project.models["int_series_edges_by_day"]
     window = Window(day, day + timedelta(days=1))
     (f,) = raw.sample_files(paths, day)
     record = json.loads(late_data.inputs_path(paths, model, window).read_text())
@@ -334,4 +334,4 @@ def test_the_record_holds_sizes_and_hashes_only_and_a_file_changed_during_the_ru
     _rewrite_same_bytes(f)  # while the model runs: it may have read either version
     late_data.record_inputs(paths, model, window, inputs)
     assert partition_file(paths, model, window).exists()
-    assert _late(paths)[0] == [("fct_series_edges_by_day", "2026-05-01")]
+    assert _late(paths)[0] == [("int_series_edges_by_day", "2026-05-01")]

@@ -1,6 +1,6 @@
 """Level meters and duplicates, in both engines: the SQL chain on fixture rows (tests/sql_helpers.py)
-and the configured engines (the compiled fast path of fct_series_edges_by_day and
-fct_gauge_peaks_by_day) on a data dir written with raw.write_day, each against figures worked out
+and the configured engines (the compiled fast path of int_series_edges_by_day and
+int_gauge_peaks_by_day) on a data dir written with raw.write_day, each against figures worked out
 by hand here.
 
 * A duplicate (series, ts) with different values keeps the larger one: no counter reset is made up.
@@ -63,7 +63,7 @@ def fast_days(paths, samples_by_series, series_labels, days, months=()) -> dict:
                 run_model(paths, name, w)  # the configured engine's partition stays
             out.setdefault(name, []).extend(got.to_pylist())
     for month in months:
-        for name in ("fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_rated_usage"):
+        for name in ("fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_rated_usage_by_subscription_period"):
             out.setdefault(name, []).extend(run_model(paths, name, month).table.to_pylist())
     return out
 
@@ -89,7 +89,7 @@ def test_a_duplicate_timestamp_keeps_the_larger_value_in_sql():
         assert (day["usage"], day["resets"]) == (2870, 0)
         assert day["duplicate_conflicts"] == 1
         r.set_table("external_pool_shares", POOL_SCHEMA.empty_table())
-        flags = {(f["meter_id"], f["rule"]): f for f in r.run("fct_anomaly_flags", day_window(D)).to_pylist()}
+        flags = {(f["meter_id"], f["rule"]): f for f in r.run("fct_anomaly_flags_by_day", day_window(D)).to_pylist()}
         assert flags[("testbed_api_calls", "duplicate_conflicts")]["value"] == 1
 
 
@@ -97,7 +97,7 @@ def test_a_duplicate_timestamp_keeps_the_larger_value_in_the_fast_path(paths):
     got = fast_days(paths, CALL_SAMPLES, CALLS, [D])
     day = row(got["fct_usage_by_day"], "tb-001", "testbed_api_calls")
     assert (day["usage"], day["resets"]) == (2870, 0)
-    assert [e["duplicate_conflicts"] for e in got["fct_series_edges_by_day"]] == [1] == [day["duplicate_conflicts"]]
+    assert [e["duplicate_conflicts"] for e in got["int_series_edges_by_day"]] == [1] == [day["duplicate_conflicts"]]
 
 
 def test_ingest_keeps_different_values_of_a_timestamp_and_identical_ones_once(paths):
@@ -155,8 +155,8 @@ def test_peak_of_the_customers_sum_in_the_fast_path(paths):
     assert (days[D]["gauge_peak"], days[D2]["gauge_peak"]) == (PEAK_D, PEAK_D2)
     assert row(got["fct_usage_by_month"], "iot-001", "iot_devices")["gauge_peak"] == 9
     # iot_starter: 10 devices included, so the true peak of 9 bills nothing (15 would have billed 5 x $2)
-    assert row(got["fct_rated_usage"], "iot-001", "iot_devices")["quantity"] == 9
-    assert row(got["fct_rated_usage"], "iot-001", "iot_devices")["amount_minor"] == 0
+    assert row(got["fct_rated_usage_by_subscription_period"], "iot-001", "iot_devices")["quantity"] == 9
+    assert row(got["fct_rated_usage_by_subscription_period"], "iot-001", "iot_devices")["amount_minor"] == 0
 
 
 # random step functions: a few series of one customer, samples in the last and first minutes of two
@@ -228,10 +228,10 @@ def test_an_avg_month_without_a_sample_bills_nothing_in_sql(tmp_path):
         for month in (month_window(2026, 10), month_window(2026, 11)):
             for name in ("dim_subscription_periods_by_month", "fct_usage_by_subscription_period"):
                 r.run(name, month)
-            rated[month.start] = r.run("fct_rated_usage", month).to_pylist()
+            rated[month.start] = r.run("fct_rated_usage_by_subscription_period", month).to_pylist()
         r.set_table("external_pool_shares", POOL_SCHEMA.empty_table())
         nov = r.rows("select * from fct_usage_by_subscription_period where month = '2026-11-01' and meter_id = 'iot_storage'")
-        flags = {(f["meter_id"], f["rule"]): f for f in r.run("fct_anomaly_flags", day_window(NOV1)).to_pylist()}
+        flags = {(f["meter_id"], f["rule"]): f for f in r.run("fct_anomaly_flags_by_day", day_window(NOV1)).to_pylist()}
     assert nov[0]["observations"] == 0 and nov[0]["gauge_covered_ms"] == 4 * M
     assert _storage_line(rated[NOV1])["amount_minor"] == NOV_AMOUNT
     assert _storage_line(rated[OCT31.replace(day=1)])["amount_minor"] == OCT_AMOUNT
@@ -243,6 +243,6 @@ def test_an_avg_month_without_a_sample_bills_nothing_in_sql(tmp_path):
 def test_an_avg_month_without_a_sample_bills_nothing_in_the_fast_path(tmp_path):
     paths = resolve_paths(tmp_path / "data", avg_seeds(tmp_path / "seeds"))
     got = fast_days(paths, STORED, STORAGE, [OCT31, NOV1], months=[month_window(2026, 10), month_window(2026, 11)])
-    by_month = {r["month"]: r for r in got["fct_rated_usage"] if r["customer_id"] == "iot-001" and r["meter_id"] == "iot_storage"}
+    by_month = {r["month"]: r for r in got["fct_rated_usage_by_subscription_period"] if r["customer_id"] == "iot-001" and r["meter_id"] == "iot_storage"}
     assert by_month[NOV1]["amount_minor"] == NOV_AMOUNT
     assert by_month[date(2026, 10, 1)]["amount_minor"] == OCT_AMOUNT

@@ -173,28 +173,34 @@ def test_warehouse_views_answer_adhoc_queries(month_run):
 
 
 def test_unpriced_model_usage_is_reported_not_silently_dropped(month_run):
-    """A token model with no price row shows up in the unpriced_usage check of fct_rated_usage."""
+    """A token model with no price row shows up in the unpriced_usage check of fct_rated_usage_by_subscription_period."""
     import duckdb
 
-    from billing_dags.defs.models.checks import unpriced_usage
+    from billing_dags.models.audits import run_audits
     from billing_dags.models.sqlmodels import Window, load_project, partition_file
 
     paths, _, _ = month_run
     window = Window(MONTH, date(2026, 3, 1))
+    rated = load_project().models["fct_rated_usage_by_subscription_period"]
+    rows = pq.read_table(partition_file(paths, rated, window))
+
+    def unpriced_usage():
+        return next(r for r in run_audits(paths, rated, window, rows) if r.audit.name == "unpriced_usage")
+
     usage_file = partition_file(paths, load_project().models["fct_usage_by_month"], window)
     original = usage_file.read_bytes()
     con = duckdb.connect()
     try:
-        assert unpriced_usage(con, paths, window).passed
+        assert unpriced_usage().passed
         con.execute(
-            f"copy ((select * replace ('mystery-model' as dimension) from read_parquet('{usage_file}') "
-            f"where meter_id = 'llm_input_tokens' limit 1) union all by name (select * from read_parquet('{usage_file}'))) "
+            f"copy ((select * replace ('mystery-model' as dimension) from read_parquet('{usage_file}', hive_partitioning = false) "
+            f"where meter_id = 'llm_input_tokens' limit 1) union all by name (select * from read_parquet('{usage_file}', hive_partitioning = false))) "
             f"to '{usage_file}.tmp' (format parquet)"
         )
         usage_file.with_name(usage_file.name + ".tmp").replace(usage_file)
-        result = unpriced_usage(con, paths, window)
-        assert not result.passed
-        assert result.metadata["unpriced"].value == ["llm-001/llm_input_tokens/mystery-model"]
+        result = unpriced_usage()
+        assert not result.passed and not result.audit.blocking
+        assert result.examples == ({"customer_id": "llm-001", "meter_id": "llm_input_tokens", "dimension": "mystery-model"},)
     finally:
         usage_file.write_bytes(original)
         con.close()
@@ -282,12 +288,12 @@ def test_a_customer_with_usage_and_no_invoice_fails_the_blocking_check_unless_a_
     assert check.metadata["unbilled"].value == {"mp-nosub": "usage in the month, no subscription, no invoice"}
     assert sorted(p.stem for p in (paths.invoices / "2026-10").glob("*.json")) == ["iot-001", "k8s-001", "llm-001", "mp-001", "tb-001"]
 
-    # the daily flag (as fct_anomaly_flags raises it) names why mp-nosub has no invoice: the check passes
+    # the daily flag (as fct_anomaly_flags_by_day raises it) names why mp-nosub has no invoice: the check passes
     flag = {
         "day": day, "customer_id": "mp-nosub", "meter_id": "proxy_bytes", "rule": "outside_subscription",
         "value": Decimal(2 * 2**30), "threshold": Decimal(0), "severity": "critical", "rule_description": "", "detail": "",
     }
-    f = paths.models / "fct_anomaly_flags" / f"day={day}" / "data.parquet"
+    f = paths.models / "fct_anomaly_flags_by_day" / f"day={day}" / "data.parquet"
     f.parent.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist([flag]), f)
     result = _materialize(paths, instance, [dg.AssetKey("invoices")], partition_key="2026-10-01")
@@ -310,7 +316,7 @@ def test_run_model_days_writes_every_day_as_run_model_does(month_run, tmp_path):
     project = load_project()
     windows = [Window(d, d + timedelta(days=1)) for d in DAYS]
     daily = [n for n in project.order() if project.models[n].materialized == "table" and project.models[n].partitioned_by == "billing_daily"]
-    assert {"fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day", "fct_anomaly_flags"} <= set(daily)
+    assert {"int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day", "fct_anomaly_flags_by_day"} <= set(daily)
     for name in daily:
         model = project.models[name]
         for w in windows:
@@ -331,7 +337,7 @@ def test_run_model_days_stops_at_the_first_failing_day(month_run, tmp_path):
     paths, _, _ = month_run
     copy = Paths(tmp_path / "data", paths.seeds_dir)
     shutil.copytree(paths.data_dir, copy.data_dir)
-    model = load_project().models["fct_usage_30d"]
+    model = load_project().models["fct_usage_30d_by_day"]
     windows = [Window(d, d + timedelta(days=1)) for d in DAYS[:6]]
     for w in windows:
         partition_file(copy, model, w).unlink()

@@ -40,11 +40,11 @@ def warehouse(oct_paths):
     extra = pa.Table.from_pylist([day_row(OCT, "llm-001", "llm_input_tokens", usage=3_000_000, dimension=WEIRD)], schema=t.schema)
     pq.write_table(pa.concat_tables([t, extra]), f)
     run_model(paths, "fct_usage_by_month", Window(SEP, OCT))
-    run_model(paths, "fct_usage_30d", Window(DAYS[-1], TODAY))
+    run_model(paths, "fct_usage_30d_by_day", Window(DAYS[-1], TODAY))
     inv = paths.invoices / "2026-09" / "mp-003.json"
     inv.parent.mkdir(parents=True)
     inv.write_text(json.dumps({"customer_id": "mp-003", "currency": "usd", "status": "finalized", "total": "7.30", "total_minor": 730, "lines": []}))
-    flags = paths.models / "fct_anomaly_flags"
+    flags = paths.models / "fct_anomaly_flags_by_day"
     for day in (DAYS[2], DAYS[3]):
         (flags / f"day={day}").mkdir(parents=True)
         pq.write_table(pa.Table.from_pylist([{

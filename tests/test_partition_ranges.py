@@ -4,6 +4,7 @@ partition writes; a failed range run can be re-executed from failure; the CLI's 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 from datetime import date, timedelta
@@ -196,16 +197,16 @@ def test_a_blocking_model_check_failing_on_one_day_of_a_range_names_the_day_and_
     instance = dg.DagsterInstance.ephemeral()
     defs = _defs(data_dir, small_seeds, monkeypatch)
     _run(defs, "refresh_seeds_and_views", instance)
-    real = checks.no_negative_usage
+    real = checks.run_audits
 
-    @checks._blocking(True)
-    def no_negative_usage(con, paths, window):
-        result = real(con, paths, window)
-        if window.start != DAYS[1]:
-            return result
-        return dg.AssetCheckResult(check_name="no_negative_usage", passed=False, metadata={"negative_rows": 1})
+    def run_audits(paths, model, window, table, **kw):
+        """DAYS[1] fails fct_usage_by_day's blocking audit no_negative_usage."""
+        results = real(paths, model, window, table, **kw)
+        if model.name != "fct_usage_by_day" or window.start != DAYS[1]:
+            return results
+        return [dataclasses.replace(r, failing_rows=1) if r.audit.name == "no_negative_usage" else r for r in results]
 
-    monkeypatch.setitem(checks.CHECKS, "fct_usage_by_day", [no_negative_usage])
+    monkeypatch.setattr(checks, "run_audits", run_audits)
     result = _run(defs, "daily_usage", instance, first=DAYS[0].isoformat(), last=DAYS[-1].isoformat(), ok=False)
     errors = [e.step_failure_data.error.message for e in result.all_events if e.is_step_failure and e.step_key == "fct_usage_by_day"]
     assert errors and f"fct_usage_by_day {DAYS[1]}: blocking check failed" in errors[0]

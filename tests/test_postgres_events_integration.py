@@ -139,10 +139,10 @@ def test_month_of_usage_events_is_billed_exactly(pg, tmp_path):
     instance = dg.DagsterInstance.ephemeral()
     assert _run(paths, pg, instance, {a.key.to_user_string() for a in ASSETS if a.key.to_user_string().startswith("seed_")}).success
     for d in DAYS:
-        for names in (("usage_events",), ("fct_series_edges_by_day",), ("fct_gauge_peaks_by_day",), ("fct_usage_by_day",)):
+        for names in (("usage_events",), ("int_series_edges_by_day",), ("int_gauge_peaks_by_day",), ("fct_usage_by_day",)):
             assert _run(paths, pg, instance, set(names), d.isoformat()).success, (d, names)
     month = ("fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period",
-             "fct_rated_usage", "fct_invoice_lines")
+             "fct_rated_usage_by_subscription_period", "fct_invoice_lines")
     for m in month:
         assert _run(paths, pg, instance, {m}, "2025-04-01").success, m
 

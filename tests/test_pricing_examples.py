@@ -1,6 +1,6 @@
 """Worked pricing examples from the seed documents (reference/000-004), by hand.
 
-Each test builds a fixture fct_usage_by_month for one customer, runs fct_rated_usage and
+Each test builds a fixture fct_usage_by_month for one customer, runs fct_rated_usage_by_subscription_period and
 fct_invoice_lines with the real seeds, and compares the amounts with literal cents worked out
 in the comment (never computed by the code under test). DESIGN rule 6 (explicit units: GiB is
 2^30 bytes, GB/MB are powers of 10) and rule 7 (one half-up rounding per line) apply.

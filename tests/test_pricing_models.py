@@ -2,7 +2,7 @@
 
 Usage enters as fct_usage_by_day fixture rows; the real seeds decide plans, prices and tiers;
 the models dim_subscription_periods_by_month -> fct_usage_by_subscription_period ->
-fct_rated_usage -> fct_invoice_lines run in an in-memory DuckDB.
+fct_rated_usage_by_subscription_period -> fct_invoice_lines run in an in-memory DuckDB.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def day_row(day, customer, meter, *, usage=None, peak=None, kind="counter"):
 def bill(rows, window, seeds=None) -> list[dict]:
     with Runner(seeds) as r:
         r.set_table("fct_usage_by_day", pa.Table.from_pylist(rows, schema=DAY_SCHEMA))
-        for model in ("dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_rated_usage", "fct_invoice_lines"):
+        for model in ("dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_rated_usage_by_subscription_period", "fct_invoice_lines"):
             out = r.run(model, window)
         return out.to_pylist()
 

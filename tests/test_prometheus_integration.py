@@ -270,7 +270,7 @@ def test_month_from_live_prometheus_equals_exact_usage(server, tmp_path, seeds):
     assert reports[DAYS[2]]["series"].value == 6  # bytes_sent stopped on 03-02, the two Zürich series were born
     # the models: the days in order, then the month
     for day in DAYS:
-        assert _run(paths, instance, p.url, ("fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day"), day.isoformat()).success
+        assert _run(paths, instance, p.url, ("int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day"), day.isoformat()).success
     assert _run(paths, instance, p.url, ("fct_usage_by_month",), "2025-03-01").success
 
     usage, peaks = _exact_reference(series, set(DAYS))
@@ -302,7 +302,7 @@ def test_month_from_live_prometheus_equals_exact_usage(server, tmp_path, seeds):
     assert [f.read_bytes() for f in files] == before
     assert _run(paths, instance, p.url, ("raw_samples",), "2025-02-28").success
     for day in [date(2025, 2, 28), DAYS[0]]:
-        assert _run(paths, instance, p.url, ("fct_series_edges_by_day", "fct_gauge_peaks_by_day"), day.isoformat()).success
+        assert _run(paths, instance, p.url, ("int_series_edges_by_day", "int_gauge_peaks_by_day"), day.isoformat()).success
     assert _run(paths, instance, p.url, ("fct_usage_by_day",), DAYS[0].isoformat()).success
     again = pq.read_table(paths.models / "fct_usage_by_day" / f"day={DAYS[0]}" / "data.parquet").to_pylist()
     assert {(DAYS[0], r["customer_id"], r["meter_id"]): r["usage"] for r in again if r["kind"] == "counter" and r["usage"]} == {
@@ -436,7 +436,7 @@ def test_days_materialized_in_any_order_give_the_usage_of_days_in_order(october_
     """Rule 3: each day (raw_samples, its edges, its usage) materialized alone, in any order, on an empty data dir."""
     p, series = october_server
     seeds = _write_seeds(tmp_path / "seeds", OCT_CUSTOMERS)
-    names = ("raw_samples", "fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day")
+    names = ("raw_samples", "int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day")
     orders = {"in order": AROUND, "reverse": AROUND[::-1], "shuffled": [AROUND[1], AROUND[2], AROUND[0]]}
     results = {}
     for label, order in orders.items():

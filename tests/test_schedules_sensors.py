@@ -55,7 +55,7 @@ def test_late_raw_data_is_found_only_for_days_computed_before_it(paths):
     d1, d2, d3 = date(2026, 5, 1), date(2026, 5, 2), date(2026, 5, 3)
     for d in (d1, d2, d3):
         _write_day(paths, d)
-    edges = load_project().models["fct_series_edges_by_day"]
+    edges = load_project().models["int_series_edges_by_day"]
     past = time.time() - 3600
     for d in (d1, d2):  # d3 never computed: not "late", just not run yet
         f = partition_file(paths, edges, Window(d, date.fromordinal(d.toordinal() + 1)))
@@ -71,7 +71,7 @@ def test_late_raw_data_is_found_only_for_days_computed_before_it(paths):
 def test_sensor_requests_each_late_day_once(paths):
     d1 = date(2026, 5, 1)
     _write_day(paths, d1)
-    edges = load_project().models["fct_series_edges_by_day"]
+    edges = load_project().models["int_series_edges_by_day"]
     f = partition_file(paths, edges, Window(d1, date(2026, 5, 2)))
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_bytes(b"")

@@ -98,8 +98,8 @@ def _proxy_usage(paths) -> dict[str, object]:
     """The day's proxy_bytes usage per customer, computed by the real models."""
     write_seed_snapshots(paths)
     w = Window(DAY, date.fromordinal(DAY.toordinal() + 1))
-    run_model(paths, "fct_series_edges_by_day", w)
-    run_model(paths, "fct_gauge_peaks_by_day", w)
+    run_model(paths, "int_series_edges_by_day", w)
+    run_model(paths, "int_gauge_peaks_by_day", w)
     rows = run_model(paths, "fct_usage_by_day", w).table.to_pylist()
     return {r["customer_id"]: r["usage"] for r in rows if r["meter_id"] == "proxy_bytes"}
 

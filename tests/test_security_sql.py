@@ -22,8 +22,8 @@ import pytest
 from billing_dags.cli.main import main
 from billing_dags.core.settings import PROJECT_ROOT
 
-README = PROJECT_ROOT / "README.md"
-CUSTOMER = "mp-003"  # the customer of the README's dispute queries
+DOCS = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
+CUSTOMER = "mp-003"  # the customer of the dispute queries in docs/disputes.md
 CANARY = "sk_test_canary_4f1d9a"  # an environment value no query may reveal
 
 
@@ -87,8 +87,8 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 
 def readme_queries() -> list[str]:
-    """Every `billing sql "..."` example of the README and the dispute section's SQL block."""
-    text = README.read_text()
+    """Every `billing sql "..."` example of the README and docs/, and the dispute guide's SQL block."""
+    text = "\n".join(doc.read_text() for doc in DOCS)
     queries = re.findall(r'billing sql "([^"]+)"', text)
     block = re.search(r"Five queries support\s+uses:\s+```sql\n(.*?)```", text, re.S).group(1)
     body = "\n".join(line for line in block.splitlines() if not line.startswith("--"))
@@ -107,7 +107,7 @@ def test_readme_queries_are_found():
 
 
 def test_every_readme_query_still_works(wh):
-    """The dispute queries and every other `billing sql` example of the README answer with rows."""
+    """The dispute queries and every other `billing sql` example of the docs answer with rows."""
     for query in readme_queries() + CLI_QUERIES:
         r = billing_sql(wh, query)
         assert r.returncode == 0, (query, r.stderr)

@@ -415,7 +415,7 @@ def test_one_day_through_dagster_bills_the_simulated_events_and_reports(data_dir
     instance = dg.DagsterInstance.ephemeral()
     seed_keys = [k for a in ASSETS for k in a.keys if a.group_names_by_key.get(k) == "seeds"]
     assert dg.materialize(ASSETS, selection=seed_keys, resources=resources, instance=instance).success
-    names = ("raw_samples", "usage_events", "usage_reports", "fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day")
+    names = ("raw_samples", "usage_events", "usage_reports", "int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day")
     day_keys = [dg.AssetKey(n) for n in names]
     result = dg.materialize(ASSETS, selection=day_keys, partition_key=EVENT_DAY.isoformat(), resources=resources, instance=instance)
     assert result.success

@@ -80,7 +80,7 @@ def test_unknown_customer_is_excluded_from_usage(runner):
     assert {r["series_id"] for r in chain.edges[D0]} == {1, 2, 4, 5}
 
 
-# --- fct_series_edges_by_day -------------------------------------------------------------------
+# --- int_series_edges_by_day -------------------------------------------------------------------
 
 def test_edges_drop_nan_and_count_duplicates_once(runner):
     samples = {
@@ -139,7 +139,7 @@ def test_every_table_model_stays_inside_its_window(runner):
             assert r["day"] == d
             assert w.start_ms <= r["first_ts_ms"] <= r["last_ts_ms"] < w.end_ms
         assert chain.days[d] and all(r["day"] == d for r in chain.days[d])
-        rolling = runner.run("fct_usage_30d", w)
+        rolling = runner.run("fct_usage_30d_by_day", w)
         assert rolling.num_rows and set(rolling.column("day").to_pylist()) == {d}
     # the 00:00:00.000 sample is the first of its day, the 23:59:59.999 one the last of the previous
     e = {d: {r["series_id"]: r for r in chain.edges[d]} for d in days}
@@ -153,9 +153,9 @@ def test_every_table_model_stays_inside_its_window(runner):
     assert next(r for r in month.to_pylist() if r["meter_id"] == "proxy_bytes")["usage"] == 2 + 6
     runner.run("dim_subscription_periods_by_month", march)
     runner.run("fct_usage_by_subscription_period", march)
-    rated = runner.run("fct_rated_usage", march)
+    rated = runner.run("fct_rated_usage_by_subscription_period", march)
     lines = runner.run("fct_invoice_lines", march)
-    for name, table in [("fct_usage_by_month", month), ("fct_rated_usage", rated), ("fct_invoice_lines", lines)]:
+    for name, table in [("fct_usage_by_month", month), ("fct_rated_usage_by_subscription_period", rated), ("fct_invoice_lines", lines)]:
         sqlmodels.check_window(project.models[name], table, march)
         assert set(table.column("month").to_pylist()) == {march.start}
 
@@ -172,12 +172,12 @@ def test_days_in_any_order_and_reruns_give_the_same_rows(runner):
     days = [D0, next_day(D0), next_day(D0, 2)]
     forward = run_days(BOUNDARY_SAMPLES, SERIES, None, days, runner=runner)
     runner.set_raw(BOUNDARY_SAMPLES, SERIES)
-    for t in ("fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day"):
+    for t in ("int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day"):
         runner.con.execute(f"drop table if exists {t}")
     for d in reversed(days):
-        runner.run("fct_series_edges_by_day", day_window(d))
+        runner.run("int_series_edges_by_day", day_window(d))
     for d in reversed(days):
-        runner.run("fct_gauge_peaks_by_day", day_window(d))
+        runner.run("int_gauge_peaks_by_day", day_window(d))
     backward = {d: runner.run("fct_usage_by_day", day_window(d)).to_pylist() for d in reversed(days)}
     rerun = runner.run("fct_usage_by_day", day_window(days[1])).to_pylist()
     def key(rows):
@@ -232,15 +232,15 @@ def test_parse_model_reads_refs_params_and_config(tmp_path):
 def test_real_project_dependencies_come_from_the_sql():
     project = sqlmodels.load_project()
     assert project.upstream_models("fct_usage_by_day") == {
-        "fct_series_edges_by_day", "fct_gauge_peaks_by_day", "dim_series", "stg_raw__events", "stg_raw__carry_in",
+        "int_series_edges_by_day", "int_gauge_peaks_by_day", "dim_series", "stg_raw__events", "stg_raw__carry_in",
         "stg_seeds__customers", "stg_seeds__meters",
     }
-    assert project.table_deps("fct_usage_by_day")[0] == {"fct_series_edges_by_day", "fct_gauge_peaks_by_day"}
+    assert project.table_deps("fct_usage_by_day")[0] == {"int_series_edges_by_day", "int_gauge_peaks_by_day"}
     assert {"raw_series", "raw_events", "raw_carry_in", "seed_meters", "seed_customers"} <= project.table_deps("fct_usage_by_day")[1]
     order = project.order()
-    assert order.index("fct_series_edges_by_day") < order.index("fct_gauge_peaks_by_day") < order.index("fct_usage_by_day")
+    assert order.index("int_series_edges_by_day") < order.index("int_gauge_peaks_by_day") < order.index("fct_usage_by_day")
     assert order.index("fct_usage_by_day") < order.index("fct_usage_by_month")
-    assert order.index("fct_rated_usage") < order.index("fct_invoice_lines")
+    assert order.index("fct_rated_usage_by_subscription_period") < order.index("fct_invoice_lines")
 
 
 def test_unknown_table_is_an_error_naming_it(tmp_path):
@@ -428,3 +428,191 @@ def test_a_process_with_a_session_database_can_fork_and_start_programs():
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "parent ok" in proc.stdout, proc.stderr[-3000:]
+
+
+# --- the tree: layers, subjects, names that state their grain --------------------------------------
+
+STG_SAMPLES = "-- Raw samples.\n/* config\nmaterialized: view\n*/\nselect * from raw_samples\n"
+
+def test_models_are_found_in_subject_folders_and_audits_macros_analyses_are_not_models(tmp_path):
+    root = write_models(tmp_path / "models", {
+        "staging/raw/stg_raw__samples.sql": STG_SAMPLES,
+        "marts/usage/fct_x_by_day.sql": GOOD,
+        "marts/usage/audits/fct_x_by_day__never.sql": "-- Never.\n/* audit\nblocking: true\n*/\nselect * from fct_x_by_day where false\n",
+        "analyses/a.sql": "select * from nowhere\n",
+        "macros/m.sql": "create or replace macro one() as 1;\n",
+    })
+    project = sqlmodels.load_project(root)
+    assert set(project.models) == {"stg_raw__samples", "fct_x_by_day"}
+    model = project.models["fct_x_by_day"]
+    assert (model.layer, model.group) == ("marts", "usage")  # the subject folder is the Dagster group
+
+
+def test_the_tree_reads_staging_intermediate_marts_by_subject():
+    """staging/<source>/stg_<source>__*, intermediate/<subject>/int_*, marts/<subject>/fct_* and dim_*;
+    a layer reads only its own and earlier layers, and the dimensions (dim_*, views every layer above
+    staging may join: dim_series resolves a series to its meter and customer)."""
+    project = sqlmodels.load_project()
+    prefix = {"staging": ("stg_",), "intermediate": ("int_",), "marts": ("fct_", "dim_")}
+    rank = {layer: i for i, layer in enumerate(sqlmodels.LAYERS)}
+    for m in project.models.values():
+        rel = m.path.relative_to(SQL_MODELS_DIR).parts
+        assert len(rel) == 3 and rel[0] in rank, f"{m.path}: a model sits in <layer>/<subject>/"
+        assert m.name.startswith(prefix[m.layer]), m.name
+        if m.layer == "staging":
+            assert m.name.startswith(f"stg_{rel[1]}__"), f"{m.name} belongs in staging/{m.name[4:].split('__')[0]}/"
+        dims = {n for n in project.models if n.startswith("dim_")} if m.layer != "staging" else set()
+        for up in project.upstream_models(m.name) - dims:
+            assert rank[project.models[up].layer] <= rank[m.layer], f"{m.name} ({m.layer}) reads {up} ({project.models[up].layer})"
+
+
+def test_every_table_model_name_states_its_grain():
+    """A daily model ends in _by_day; a monthly one in _by_month, _by_subscription_period or names its
+    row (invoice lines); and the name's grain is in the model's grain."""
+    project = sqlmodels.load_project()
+    suffix_key = {"_by_day": "day", "_by_month": "month", "_by_subscription_period": "period_start", "_lines": "line_number"}
+    for m in project.models.values():
+        if m.materialized != "table":
+            continue
+        suffix = next((s for s in suffix_key if m.name.endswith(s)), None)
+        assert suffix, f"{m.name}: the name states no grain ({', '.join(m.grain)})"
+        assert suffix_key[suffix] in m.grain, f"{m.name}: grain ({', '.join(m.grain)}) has no {suffix_key[suffix]}"
+        if m.partitioned_by == "billing_daily":
+            assert suffix == "_by_day", m.name
+
+
+# --- lookbacks: declared once, in the config ------------------------------------------------------
+
+def test_lookback_parameters_come_from_the_models_lookback_days():
+    w = day_window(D0)
+    assert w.params(29)["lookback_start_date"] == date(2025, 3, 1)
+    assert w.params(35)["lookback_start_ms"] == w.start_ms - 35 * DAY_MS
+    assert w.params()["lookback_start_date"] == D0
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.replace("grain: [day, series_id]", "grain: [day, series_id]\nlookback_days: 3"), "reads no earlier day"),
+        (lambda t: t.replace("where ts_ms >= $start_ms", "where ts_ms >= $lookback_start_ms"), "declares no lookback_days"),
+        (lambda t: t.replace("grain: [day, series_id]", "grain: [day, series_id]\nlookback_days: -1").replace(
+            "where ts_ms >= $start_ms", "where ts_ms >= $lookback_start_ms"), "whole number of days"),
+    ],
+)
+def test_a_lookback_is_declared_once_in_the_config_and_read_as_a_parameter(tmp_path, edit, message):
+    path = write_models(tmp_path, {"marts/fct_x_by_day.sql": edit(GOOD)}) / "marts/fct_x_by_day.sql"
+    with pytest.raises(ModelError, match=re.escape(message)):
+        parse_model(path)
+
+
+def test_no_model_reaches_back_past_its_declared_lookback():
+    """Days before the window in the SQL ($start_date - interval N day) stay within lookback_days."""
+    for m in sqlmodels.load_project().models.values():
+        for n in re.findall(r"\$start_date::date\s*-\s*interval\s+(\d+)\s+day", m.sql):
+            assert int(n) <= m.lookback_days, f"{m.path}: reads {n} days back, lookback_days is {m.lookback_days}"
+
+
+def test_the_rolling_30_days_read_the_lookback_days_and_no_more(runner):
+    """fct_usage_30d_by_day sums the day and its 29 days before (lookback_days: 29), not the 30th."""
+    model = runner.project.models["fct_usage_30d_by_day"]
+    assert model.lookback_days == 29
+    end = date(2025, 4, 30)
+    days = [date.fromordinal(end.toordinal() - k) for k in range(31)]
+    row = {"customer_id": "x", "meter_id": "m", "dimension": "", "kind": "counter", "gauge_integral": None,
+           "gauge_covered_ms": None, "gauge_peak": None, "samples": 1, "resets": 0}
+    import pyarrow as pa
+
+    rows = [{**row, "day": d, "usage": Decimal(2) ** i} for i, d in enumerate(sorted(days))]
+    sqlmodels.create_table(runner.con, "fct_usage_by_day", pa.Table.from_pylist(rows))
+    got = runner.query("fct_usage_30d_by_day", day_window(end)).to_pylist()
+    assert [r["usage"] for r in got] == [sum(Decimal(2) ** i for i in range(1, 31))]  # not the oldest day (2 ** 0)
+
+
+# --- audits: SQL next to the models that returns the failing rows ---------------------------------
+
+#: every audit of the project: its model, name and whether it blocks publishing (Dagster shows these checks)
+AUDITS = {
+    ("int_series_edges_by_day", "scrape_completeness"): False,
+    ("fct_usage_by_day", "no_negative_usage"): True,
+    ("fct_usage_by_month", "daily_sum_equals_month"): True,
+    ("fct_rated_usage_by_subscription_period", "unpriced_usage"): False,
+    ("fct_invoice_lines", "amounts_are_whole_minor_units"): True,
+}
+
+
+def test_the_projects_audits_sit_next_to_their_models():
+    from billing_dags.models.audits import load_audits
+
+    audits = load_audits()
+    assert {(a.model, a.name): a.blocking for found in audits.values() for a in found} == AUDITS
+    project = sqlmodels.load_project()
+    for found in audits.values():
+        for a in found:
+            assert a.path.parent == project.models[a.model].path.parent / "audits"
+            assert a.path.name == f"{a.model}__{a.name}.sql" and a.description
+
+
+AUDIT = "-- Nothing negative.\n/* audit\nblocking: true\n*/\nwith x as (\n    select * from fct_x_by_day\n),\n\nfinal as (\n    select * from x where series_id < 0\n)\n\nselect * from final\n"
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("fct_x_by_day_never.sql", AUDIT, "named <model>__<audit>.sql"),
+        ("fct_y_by_day__never.sql", AUDIT, "audits fct_y_by_day, which is not a table model"),
+        ("fct_x_by_day__never.sql", AUDIT.replace("-- Nothing negative.\n", ""), "'-- description'"),
+        ("fct_x_by_day__never.sql", AUDIT.replace("blocking: true", "blocking: yes please"), "blocking: true"),
+        ("fct_x_by_day__never.sql", AUDIT.replace("/* audit", "/* config"), "missing the /* audit"),
+        ("fct_x_by_day__never.sql", AUDIT.replace("from x", "from nowhere"), "reads nowhere"),
+    ],
+)
+def test_bad_audit_files_are_errors_naming_the_file(tmp_path, name, text, message):
+    from billing_dags.models.audits import load_audits
+
+    root = write_models(tmp_path / "models", {
+        "staging/raw/stg_raw__samples.sql": STG_SAMPLES, "marts/usage/fct_x_by_day.sql": GOOD, f"marts/usage/audits/{name}": text,
+    })
+    with pytest.raises(ModelError, match=re.escape(message)) as e:
+        load_audits(root)
+    assert name in str(e.value)
+
+
+def test_an_audit_sits_next_to_its_model(tmp_path):
+    from billing_dags.models.audits import load_audits
+
+    root = write_models(tmp_path / "models", {
+        "staging/raw/stg_raw__samples.sql": STG_SAMPLES, "marts/usage/fct_x_by_day.sql": GOOD,
+        "marts/billing/audits/fct_x_by_day__never.sql": AUDIT,
+    })
+    with pytest.raises(ModelError, match=r"an audit sits next to its model, in .*marts/usage/audits"):
+        load_audits(root)
+
+
+def test_audits_return_the_failing_rows_of_the_rows_under_audit(tmp_path):
+    """The model's name stands for the rows under audit; other models are read from their partitions."""
+    import pyarrow as pa
+
+    from billing_dags.models.audits import run_audits
+    from billing_dags.core.settings import Paths
+
+    paths = Paths(tmp_path / "data", tmp_path / "seeds")
+    project = sqlmodels.load_project()
+    day = project.models["fct_usage_by_day"]
+    month = project.models["fct_usage_by_month"]
+    march = Window(date(2025, 3, 1), date(2025, 4, 1))
+    key = {"customer_id": "x", "meter_id": "m", "dimension": "", "kind": "counter", "gauge_integral": None, "gauge_peak": None}
+    days = usage_month_table([{**key, "month": date(2025, 3, d), "usage": Decimal(d), "period_ms": 1} for d in (1, 2)])
+    days = days.rename_columns(["day" if c == "month" else c for c in days.column_names])
+    for d in (1, 2):
+        sqlmodels.write_partition(paths, day, day_window(date(2025, 3, d)), days.filter(pa.compute.equal(days["day"], date(2025, 3, d))))
+
+    good = usage_month_table([{**key, "month": march.start, "usage": Decimal(3), "period_ms": 1}])
+    bad = usage_month_table([{**key, "month": march.start, "usage": Decimal(4), "period_ms": 1}])
+    [ok] = run_audits(paths, month, march, good, project=project)
+    [failed] = run_audits(paths, month, march, bad, project=project)
+    assert (ok.audit.name, ok.passed, ok.rows_checked) == ("daily_sum_equals_month", True, 1)
+    assert not failed.passed and failed.failing_rows == 1 and failed.audit.blocking
+    assert failed.examples[0]["usage_of_days"].startswith("3") and failed.examples[0]["usage_of_month"].startswith("4")
+    [negative] = run_audits(paths, day, day_window(date(2025, 3, 1)), days.slice(0, 1).set_column(
+        days.column_names.index("usage"), "usage", pa.array([Decimal(-1)], days.schema.field("usage").type)))
+    assert (negative.audit.name, negative.failing_rows) == ("no_negative_usage", 1)

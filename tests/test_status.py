@@ -21,7 +21,7 @@ from billing_dags.defs.shared.resources import (
 from billing_dags.core.settings import PROJECT_ROOT
 
 DAYS = ["2026-02-01", "2026-02-02", "2026-02-03"]
-DAILY = ["raw_samples", "fct_series_edges_by_day", "fct_gauge_peaks_by_day", "fct_usage_by_day"]
+DAILY = ["raw_samples", "int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day"]
 USAGE = dg.AssetKey("fct_usage_by_day")
 
 

@@ -1,4 +1,4 @@
-"""Stripe end to end (issue 5, items 7-9; DESIGN rule 9): the outbox and sync-meters through the real
+"""Stripe end to end (DESIGN rule 9): the outbox and sync-meters through the real
 ``stripe`` library against the local Stripe-compatible server of tests/stripe_server.py.
 
 The server checks timestamps against the same fixed ``NOW`` the sender is given, so nothing here

@@ -67,7 +67,7 @@ def test_a_failed_backfill_run_is_reexecuted_from_the_failed_step(dagster_server
     errors = server.run_errors(run["id"])
     failed_steps = {line.split(":")[0].split()[-1] for line in errors.splitlines() if line.startswith("ExecutionStepFailureEvent")}
     assert failed_steps == {"fct_usage_by_day"}, errors
-    assert server.published(day)["fct_series_edges_by_day"]
+    assert server.published(day)["int_series_edges_by_day"]
 
     blocker.unlink()
     child = server.wait_run(server.reexecute(run["id"], "FROM_FAILURE"), RUN_TIMEOUT)

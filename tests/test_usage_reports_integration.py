@@ -162,9 +162,9 @@ def test_a_month_of_posted_reports_is_billed_exactly(server, tmp_path):
     month_end_ms = _ms(_next_month(month))
     stamps = [int(datetime.strptime(r["reported_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()) * 1000 for r in sent]
     for d in days:
-        for names in (("usage_reports",), ("fct_series_edges_by_day",), ("fct_gauge_peaks_by_day",), ("fct_usage_by_day",)):
+        for names in (("usage_reports",), ("int_series_edges_by_day",), ("int_gauge_peaks_by_day",), ("fct_usage_by_day",)):
             assert _run(paths, instance, set(names), d.isoformat()).success, (d, names)
-    for m in ("fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_rated_usage", "fct_invoice_lines"):
+    for m in ("fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_rated_usage_by_subscription_period", "fct_invoice_lines"):
         assert _run(paths, instance, {m}, month.isoformat()).success, m
 
     # --- the independent bill, from what was sent (the next month's 00:00 report is not this month's)

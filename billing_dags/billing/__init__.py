@@ -1,1 +1,7 @@
-"""Billing: invoices (lifecycle, numbering, settlement, credits, build, manifest, rendering, store) and the month-to-date projection."""
+"""Billing: invoices, prepaid credits and the month-to-date projection.
+
+Invoices, one module per job: ``periods`` (status, grace, finalization), ``numbering`` (the gap-free
+registry), ``document`` (schema, line types, charges), ``settlement`` (adjustments, credits,
+carry-forward), ``build`` (fct_invoice_lines rows -> invoices), ``manifest`` (what produced them),
+``render`` (JSON, CSV, HTML, text) and ``store`` (the files); ``errors`` holds ``InvoiceError``.
+"""

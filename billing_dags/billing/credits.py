@@ -19,7 +19,7 @@ Rules (decided here):
   of all stored invoices of a grant add up to at most its amount: a month held in draft (a
   critical flag) and recomputed after a later month was finalized draws only what that one left.
   A month's run settles the customer's stored drafts of other months again in month order
-  (``invoices.settle_drafts``), so a draft always shows what it would draw if rerun, and
+  (``settlement.settle_drafts``), so a draft always shows what it would draw if rerun, and
   rerunning an unchanged draft reproduces it byte for byte.
 - Everything is integer minor units; no float touches an amount.
 

@@ -4,7 +4,7 @@ Seed 000 asks for Grafana panels with "current billing period usage" and "projec
 A projection is never an invoice and never touches ``data/models``: it reads the daily usage
 partitions already computed for the month and prices a projected month in an in-memory DuckDB
 with the same SQL models the invoices use (dim_subscription_periods_by_month ->
-fct_usage_by_subscription_period -> fct_rated_usage -> fct_invoice_lines).
+fct_usage_by_subscription_period -> fct_rated_usage_by_subscription_period -> fct_invoice_lines).
 
 How the month-end quantity is projected (per customer, meter and dimension):
 
@@ -36,13 +36,14 @@ import pyarrow.parquet as pq
 
 from billing_dags.core.calendar import month_days, next_month, utc_today
 from billing_dags.core.errors import InputError
+from billing_dags.core.money import format_minor
 from billing_dags.core.settings import Paths
 
 NANO = 10**9
 PRICING_MODELS = (
     "dim_subscription_periods_by_month",
     "fct_usage_by_subscription_period",
-    "fct_rated_usage",
+    "fct_rated_usage_by_subscription_period",
     "fct_invoice_lines",
 )
 ADDITIVE = {"sum": "usage", "unit_hours": "gauge_integral", "unit_months": "gauge_integral"}
@@ -114,10 +115,6 @@ def base_quantity(aggregation: str, row: dict) -> Decimal:
 
 def fmt(x: Decimal) -> str:
     return f"{Decimal(x).quantize(Decimal('0.000000001')).normalize():f}"
-
-
-def format_minor(amount_minor: int, exponent: int) -> str:
-    return f"{Decimal(amount_minor).scaleb(-exponent):.{exponent}f}"
 
 
 # --- inputs ------------------------------------------------------------------------------------

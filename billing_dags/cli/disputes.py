@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from billing_dags.billing import invoices as inv
+from billing_dags.core.money import format_minor
 from pathlib import Path
 from billing_dags.operations.disputes import BUCKETS_MS, DisputeError, _fmt, build_dispute, export_evidence
 from billing_dags.cli.common import CliError, console, emit, paths_of, require_customer
@@ -50,7 +50,7 @@ def cmd_dispute(args) -> int:
     versus = tie.get("invoice_vs_recomputed")
     if versus:
         exp = int(dispute.invoice["minor_unit_exponent"])
-        amount = lambda m: "" if m is None else inv.format_minor(m, exp)  # noqa: E731
+        amount = lambda m: "" if m is None else format_minor(m, exp)  # noqa: E731
         console.print(f"The recomputed month (fct_invoice_lines) vs invoice {versus['invoice_number']} ({versus['status']}):")
         for r in versus["lines"]:
             what = " ".join(x for x in (r["line_type"], r["meter_id"], r["dimension"]) if x)

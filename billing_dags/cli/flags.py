@@ -43,7 +43,7 @@ def cmd_list(args) -> int:
             "acknowledged": (f["customer_id"], f"{month:%Y-%m}", f["meter_id"], f["rule"]) in acked, "detail": f["detail"],
         })
     if not rows:
-        console.print(f"no flags in {month:%Y-%m}" + (" (fct_anomaly_flags not materialized yet?)" if not month_flags(paths, month) else ""))
+        console.print(f"no flags in {month:%Y-%m}" + (" (fct_anomaly_flags_by_day not materialized yet?)" if not month_flags(paths, month) else ""))
         return 0
     emit(rows, args.format, title=f"Anomaly flags {month:%Y-%m}")
     return 0

@@ -28,7 +28,7 @@ from billing_dags.core.settings import Paths
 # --- commands ----------------------------------------------------------------------------------
 
 def invoice_rows(paths: Paths, month: date) -> list[dict]:
-    from billing_dags.billing.invoices import document_title
+    from billing_dags.billing.render import document_title
 
     folder = paths.invoices / f"{month:%Y-%m}"
     rows = []
@@ -200,7 +200,7 @@ def _load_invoice(paths: Paths, customer_id: str, month: date) -> dict:
 
 
 def cmd_invoice(args) -> int:
-    from billing_dags.billing.invoices import document_title, render_invoice, total_label
+    from billing_dags.billing.render import document_title, render_invoice, total_label
 
     paths = paths_of(args)
     month = parse_month(args.month)

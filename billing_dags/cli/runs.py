@@ -215,7 +215,7 @@ def run_month(
     from billing_dags.defs.shared.partitions import PARTITIONS_START
 
     if ingest and warmup >= date.fromisoformat(PARTITIONS_START):
-        edges_only = [dg.AssetKey(k) for k in ("raw_samples", "fct_series_edges_by_day", "fct_gauge_peaks_by_day")]
+        edges_only = [dg.AssetKey(k) for k in ("raw_samples", "int_series_edges_by_day", "int_gauge_peaks_by_day")]
         execute(daily_job, instance, f"warm-up day {warmup}", run_config, partition_key=warmup.isoformat(), asset_selection=edges_only)
     days = []
     d = month

@@ -1,6 +1,6 @@
-"""Python engine for the hot daily model: fct_series_edges_by_day computed by streaming the raw day.
+"""Python engine for the hot daily model: int_series_edges_by_day computed by streaming the raw day.
 
-``sql_models/marts/fct_series_edges_by_day.sql`` stays the specification: this module computes
+``sql_models/intermediate/usage/int_series_edges_by_day.sql`` stays the specification: this module computes
 exactly its output (same columns, types, rows and values, to the unit) and the tests compare the
 two. It exists because the SQL's window functions (LAG/LEAD over every sample) cost about 9x a
 plain scan and gigabytes of memory, while the raw layout already gives what they compute: each
@@ -37,7 +37,7 @@ disjoint; timestamps non-decreasing within a series, over all its rows (exact du
 ``raw.RawLayoutError`` naming the file, row group and series. Raw inputs that are not in this layout (overlapping files)
 are merged per overlapping group of row groups, or, past a size limit, computed by the SQL.
 
-``gauge_peaks_by_day`` is the engine of ``fct_gauge_peaks_by_day`` (the peak over time of each
+``gauge_peaks_by_day`` is the engine of ``int_gauge_peaks_by_day`` (the peak over time of each
 customer's sum of gauge levels): the gauge series, their carried-in samples and the gauge event
 spans come from the model's own CTEs (one DuckDB query, small tables); the day's samples of those
 series are gathered from the raw row groups by compiled code, each row group into its own slice of
@@ -67,7 +67,7 @@ from billing_dags.ingest import raw
 from billing_dags.core.settings import STALENESS_MS, Paths
 from billing_dags.models.sqlmodels import UseSQLEngine
 
-#: output schema of fct_series_edges_by_day (what DuckDB's to_arrow_table gives for the SQL)
+#: output schema of int_series_edges_by_day (what DuckDB's to_arrow_table gives for the SQL)
 DEC = pa.decimal128(38, 9)
 SCHEMA = pa.schema(
     [
@@ -858,7 +858,7 @@ def _keep_freed_memory() -> None:
 
 
 def series_edges(files: list[Path], day: date, start_ms: int, end_ms: int, *, threads: int | None = None) -> pa.Table:
-    """fct_series_edges_by_day for the window [start_ms, end_ms) (``day`` = its first day) from raw files."""
+    """int_series_edges_by_day for the window [start_ms, end_ms) (``day`` = its first day) from raw files."""
     if (end_ms - start_ms).bit_length() > _MAX_WINDOW_BITS:
         raise FallbackToSQL(f"a window of {end_ms - start_ms:,} ms")
     _keep_freed_memory()
@@ -897,7 +897,7 @@ def edges_by_day(paths: Paths, model, window, threads: int | None = None) -> pa.
     return series_edges(files, window.start, window.start_ms, window.end_ms, threads=threads)
 
 
-# --------------------------------------------------------------------------- fct_gauge_peaks_by_day
+# --------------------------------------------------------------------------- int_gauge_peaks_by_day
 
 PEAKS_SCHEMA = pa.schema(
     [
@@ -1131,7 +1131,7 @@ def _model_cte(con, model, window, select: str) -> pa.Table:
     if not sql.endswith(tail):
         raise FallbackToSQL(f"{model.path} does not end with {tail!r}")
     sql = sql[: -len(tail)] + select
-    used = {k: v for k, v in window.params().items() if f"${k}" in sql}
+    used = {k: v for k, v in window.params(model.lookback_days).items() if f"${k}" in sql}
     return con.sql(sql, params=used or None).to_arrow_table()
 
 
@@ -1182,7 +1182,7 @@ _GAUGE_INPUTS = (
 
 
 def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None, con=None) -> pa.Table:
-    """fct_gauge_peaks_by_day for ``window`` (one day): the series, carried samples and event spans
+    """int_gauge_peaks_by_day for ``window`` (one day): the series, carried samples and event spans
     come from the model's own CTEs (DuckDB, small), the day's gauge samples from the raw files.
     ``con``: a session where everything the model reads for the window is already created
     (``sqlmodels.run_model_days``), else one is opened and prepared for the window."""

@@ -1,5 +1,14 @@
 """SQL models: one DuckDB file per model under sql_models/, dependencies read from the SQL.
 
+The tree reads in data-flow order, each layer grouped by subject (the subject folder is the
+model's Dagster group):
+
+    sql_models/staging/<source>/stg_<source>__<entity>.sql   renamed and cast sources (views)
+    sql_models/intermediate/<subject>/int_<what>_by_<grain>.sql  building blocks of the marts
+    sql_models/marts/<subject>/fct_<what>_by_<grain>.sql, dim_<what>.sql
+    sql_models/<layer>/<subject>/audits/<model>__<audit>.sql  queries returning a model's failing rows
+    sql_models/macros/*.sql (loaded first), sql_models/analyses/*.sql (queries for people, not models)
+
 A model file starts with a one-line ``--`` comment (its description, shown in the Dagster UI)
 and a ``/* config ... */`` block in YAML:
 
@@ -9,14 +18,15 @@ and a ``/* config ... */`` block in YAML:
     partitioned_by: billing_daily  # billing_daily | billing_monthly | none
     time_column: day             # every output row must fall in the partition window
     grain: [day, customer_id, meter_id, dimension]   # unique key, checked
-    lookback_days: 35            # earlier daily partitions of upstream daily models it reads
+    lookback_days: 35            # earlier days it reads: $lookback_start_date / $lookback_start_ms
     require_complete_lookback: true  # fail if one of those days has raw data but no partition
-    group: usage
     */
 
 Every table the SQL reads is either another model (a dependency) or a source (raw samples,
 seeds). Nothing else declares dependencies. Partition bounds reach the SQL only as bound
-parameters ($start_ms, $end_ms, $start_date, $end_date, $edge_lookback_ms, $staleness_ms).
+parameters ($start_ms, $end_ms, $start_date, $end_date, $staleness_ms), and so does the
+lookback: ``lookback_days`` in the config is its only declaration, the SQL reads it as
+$lookback_start_date (the window's start less that many days) or $lookback_start_ms.
 """
 
 from __future__ import annotations
@@ -39,14 +49,18 @@ import yaml
 from sqlglot import exp
 
 from billing_dags.core import durable
-
-from billing_dags.ingest import raw
 from billing_dags.core.duck import connect, session  # noqa: F401 - the models' connections (re-exported)
-from billing_dags.core.settings import EDGE_LOOKBACK_DAYS, SQL_MODELS_DIR, STALENESS_MS, Paths
 from billing_dags.core.errors import InputError
+from billing_dags.core.settings import SQL_MODELS_DIR, STALENESS_MS, Paths
+from billing_dags.ingest import raw
 
-_CONFIG_RE = re.compile(r"/\*\s*config\s*\n(.*?)\*/", re.S)
 PARTITIONINGS = {"billing_daily", "billing_monthly", "none"}
+#: the folders of the tree, in data-flow order
+LAYERS = ("staging", "intermediate", "marts")
+#: folders whose SQL files are not models (anywhere in the tree)
+NOT_MODELS = {"macros", "analyses", "audits"}
+#: the parameters a model with ``lookback_days`` reads its earlier days by
+LOOKBACK_PARAMS = {"lookback_start_date", "lookback_start_ms"}
 
 
 class ModelError(InputError, RuntimeError):
@@ -75,7 +89,8 @@ class Model:
 
     @property
     def layer(self) -> str:
-        return self.path.parent.name
+        """staging, intermediate or marts: the layer folder the model sits in."""
+        return next((p for p in reversed(self.path.parent.parts) if p in LAYERS), self.path.parent.name)
 
 
 @dataclass(frozen=True)
@@ -93,31 +108,52 @@ class Window:
     def end_ms(self) -> int:
         return raw.day_bounds_ms(self.end)[0]
 
-    def params(self) -> dict:
+    def params(self, lookback_days: int = 0) -> dict:
+        """The bound parameters of a model's SQL for this window; ``lookback_days`` is the model's
+        (its config's ``lookback_days``): the earlier days it reads start at $lookback_start_date."""
         return {
             "start_ms": self.start_ms,
             "end_ms": self.end_ms,
             "start_date": self.start,
             "end_date": self.end,
-            "lookback_start_date": date.fromordinal(self.start.toordinal() - EDGE_LOOKBACK_DAYS),
-            "edge_lookback_ms": EDGE_LOOKBACK_DAYS * raw.DAY_MS,
+            "lookback_start_date": date.fromordinal(self.start.toordinal() - lookback_days),
+            "lookback_start_ms": self.start_ms - lookback_days * raw.DAY_MS,
             "staleness_ms": STALENESS_MS,
         }
 
 
-def parse_model(path: Path) -> Model:
+def read_header(path: Path, block: str, keys: str) -> tuple[str, str, dict]:
+    """A model's or an audit's text, its description (the first ``--`` line) and the YAML of its
+    ``/* <block> ... */`` comment (``keys`` names what goes there, for the error message)."""
     text = path.read_text()
-    name = path.stem
     first = text.lstrip().splitlines()[0] if text.strip() else ""
     if not first.startswith("--"):
         raise ModelError(f"{path}: the first line must be a '-- description' comment")
-    m = _CONFIG_RE.search(text)
+    m = re.search(r"/\*\s*" + block + r"\s*\n(.*?)\*/", text, re.S)
     if not m:
-        raise ModelError(f"{path}: missing the /* config ... */ block (materialized, partitioned_by, ...)")
+        raise ModelError(f"{path}: missing the /* {block} ... */ block ({keys})")
     try:
         config = yaml.safe_load(m.group(1)) or {}
     except yaml.YAMLError as e:
-        raise ModelError(f"{path}: config block is not valid YAML: {e}") from None
+        raise ModelError(f"{path}: {block} block is not valid YAML: {e}") from None
+    return text, first.lstrip("-").strip(), config
+
+
+def parse_sql(path: Path, text: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The tables a model's or an audit's SQL reads (its CTEs aside) and the bound parameters it uses."""
+    try:
+        tree = sqlglot.parse_one(text, read="duckdb")
+    except sqlglot.errors.ParseError as e:
+        raise ModelError(f"{path}: SQL does not parse: {e}") from None
+    ctes = {c.alias_or_name for c in tree.find_all(exp.CTE)}
+    refs = frozenset(t.name for t in tree.find_all(exp.Table) if t.name and t.name not in ctes)
+    params = frozenset(p.name for p in tree.find_all(exp.Placeholder) if p.name)
+    return refs, params
+
+
+def parse_model(path: Path) -> Model:
+    name = path.stem
+    text, description, config = read_header(path, "config", "materialized, partitioned_by, ...")
     materialized = config.get("materialized", "table")
     partitioned_by = config.get("partitioned_by", "none")
     if materialized not in {"table", "view"}:
@@ -126,28 +162,40 @@ def parse_model(path: Path) -> Model:
         raise ModelError(f"{path}: partitioned_by must be one of {sorted(PARTITIONINGS)}, not {partitioned_by!r}")
     if partitioned_by != "none" and not config.get("time_column"):
         raise ModelError(f"{path}: a partitioned model needs time_column (the column that must fall in the window)")
-    try:
-        tree = sqlglot.parse_one(text, read="duckdb")
-    except sqlglot.errors.ParseError as e:
-        raise ModelError(f"{path}: SQL does not parse: {e}") from None
-    ctes = {c.alias_or_name for c in tree.find_all(exp.CTE)}
-    refs = frozenset(t.name for t in tree.find_all(exp.Table) if t.name and t.name not in ctes)
-    params = frozenset(p.name for p in tree.find_all(exp.Placeholder) if p.name)
+    refs, params = parse_sql(path, text)
+    lookback_days = config.get("lookback_days", 0)
+    if not isinstance(lookback_days, int) or lookback_days < 0:
+        raise ModelError(f"{path}: lookback_days must be a whole number of days >= 0, not {lookback_days!r}")
+    if lookback_days and not params & LOOKBACK_PARAMS:
+        raise ModelError(
+            f"{path}: declares lookback_days: {lookback_days} but its SQL reads no earlier day; bound what it "
+            "reads with $lookback_start_date (or $lookback_start_ms), or drop lookback_days"
+        )
+    if params & LOOKBACK_PARAMS and not lookback_days:
+        raise ModelError(
+            f"{path}: reads ${' and $'.join(sorted(params & LOOKBACK_PARAMS))} but declares no lookback_days; "
+            "add lookback_days: N (the earlier days it reads) to its config"
+        )
     return Model(
         name=name,
         path=path,
         sql=text,
-        description=first.lstrip("-").strip(),
+        description=description,
         materialized=materialized,
         partitioned_by=partitioned_by,
         time_column=config.get("time_column"),
         grain=tuple(config.get("grain") or ()),
-        lookback_days=int(config.get("lookback_days", 0)),
+        lookback_days=lookback_days,
         group=config.get("group", path.parent.name),
         refs=refs,
         params=params,
         config=config,
     )
+
+
+def is_model_file(path: Path, models_dir: Path) -> bool:
+    """A .sql file of the tree that is a model (not a macro, an analysis or an audit)."""
+    return not NOT_MODELS & set(path.relative_to(models_dir).parts[:-1])
 
 
 # --- sources: what models read that is not a model -------------------------------------------
@@ -310,8 +358,12 @@ class Project:
 
     def table_deps(self, name: str) -> tuple[set[str], set[str]]:
         """Tables and sources a model needs, seen through view models (which are inlined)."""
-        tables, srcs = set(), set(self.upstream_sources(name))
-        for up in self.upstream_models(name):
+        return self.reads_deps(self.models[name].refs)
+
+    def reads_deps(self, refs: frozenset[str] | set[str]) -> tuple[set[str], set[str]]:
+        """Tables and sources a query reading ``refs`` needs, seen through view models."""
+        tables, srcs = set(), {r for r in refs if r not in self.models}
+        for up in {r for r in refs if r in self.models}:
             if self.models[up].materialized == "table":
                 tables.add(up)
             else:
@@ -322,15 +374,19 @@ class Project:
 
     def views_needed(self, name: str) -> list[str]:
         """View models needed by ``name``, in dependency order."""
+        return self.views_read(self.models[name].refs)
+
+    def views_read(self, refs: frozenset[str] | set[str]) -> list[str]:
+        """View models a query reading ``refs`` needs, in dependency order."""
         needed: dict[str, set[str]] = {}
 
-        def visit(n: str) -> None:
-            for up in self.upstream_models(n):
+        def visit(ups: set[str]) -> None:
+            for up in ups:
                 if self.models[up].materialized == "view" and up not in needed:
                     needed[up] = {u for u in self.upstream_models(up) if self.models[u].materialized == "view"}
-                    visit(up)
+                    visit(self.upstream_models(up))
 
-        visit(name)
+        visit({r for r in refs if r in self.models})
         return list(TopologicalSorter(needed).static_order())
 
     def order(self) -> list[str]:
@@ -342,8 +398,8 @@ def _load_project_cached(models_dir: str, stamp: tuple) -> Project:
     known = sources()
     models: dict[str, Model] = {}
     for path in sorted(Path(models_dir).rglob("*.sql")):
-        if path.parent.name in ("macros", "analyses"):
-            continue  # macros are loaded first; analyses are queries for people (disputes), not models
+        if not is_model_file(path, Path(models_dir)):
+            continue  # macros are loaded first; analyses are queries for people (disputes); audits check models
         model = parse_model(path)
         if model.name in models:
             raise ModelError(f"{path}: model name {model.name} also used by {models[model.name].path}")
@@ -416,9 +472,22 @@ def prepare(
     With ``paths=None`` the caller has already created the sources and upstream tables (tests do
     this with fixture rows); only macros and view models are created.
     """
+    prepare_reads(con, project, project.models[name].refs, paths, window, models_dir=models_dir)
+
+
+def prepare_reads(
+    con: duckdb.DuckDBPyConnection,
+    project: Project,
+    refs: frozenset[str] | set[str],
+    paths: Paths | None,
+    window: Window | None,
+    *,
+    models_dir: Path = SQL_MODELS_DIR,
+) -> None:
+    """``prepare`` for any query of the project (a model, an audit) that reads the tables ``refs``."""
     for sql in macros_sql(models_dir):
         con.execute(sql)
-    tables, srcs = project.table_deps(name)
+    tables, srcs = project.reads_deps(refs)
     if paths is not None:
         known = sources()
         for s in sorted(srcs):
@@ -432,7 +501,7 @@ def prepare(
                 f"materialized partitions of {t} under {partition_dir(paths, m)}",
                 f"materialize {t} first (its partitions for the window this run reads)",
             )
-    for v in project.views_needed(name):
+    for v in project.views_read(refs):
         con.execute(f"create or replace view {v} as {_strip_trailing(project.models[v].sql)}")
 
 
@@ -451,16 +520,21 @@ def _strip_trailing(sql: str) -> str:
     return sql.strip().rstrip(";")
 
 
+def bound_params(what: str, path: Path, used: frozenset[str], window: Window | None, lookback_days: int) -> dict:
+    """The values of the bound parameters ``used`` by a model's or an audit's SQL (``what`` names it)."""
+    if not used:
+        return {}
+    if window is None:
+        raise ModelError(f"{what} uses parameters {sorted(used)} and needs a partition window")
+    available = window.params(lookback_days)
+    missing = used - set(available)
+    if missing:
+        raise ModelError(f"{path}: unknown parameters {sorted(missing)}; available: {sorted(available)}")
+    return {k: available[k] for k in used}
+
+
 def query(con: duckdb.DuckDBPyConnection, model: Model, window: Window | None) -> pa.Table:
-    params = {}
-    if model.params:
-        if window is None:
-            raise ModelError(f"model {model.name} uses parameters {sorted(model.params)} and needs a partition window")
-        available = window.params()
-        missing = model.params - set(available)
-        if missing:
-            raise ModelError(f"{model.path}: unknown parameters {sorted(missing)}; available: {sorted(available)}")
-        params = {k: available[k] for k in model.params}
+    params = bound_params(f"model {model.name}", model.path, model.params, window, model.lookback_days)
     try:
         return con.sql(_strip_trailing(model.sql), params=params or None).to_arrow_table()
     except duckdb.Error as e:

@@ -22,11 +22,14 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from billing_dags.billing import invoices as inv
-from billing_dags.ingest import raw
-from billing_dags.core.settings import EDGE_LOOKBACK_DAYS, SQL_MODELS_DIR, Paths
-from billing_dags.models.sqlmodels import Window, connect, load_project, partition_file, prepare
+from billing_dags.billing.document import GENERATED_LINE_TYPES
+from billing_dags.billing.manifest import code_version, invoice_manifest, recompute_reason
+from billing_dags.billing.store import PENDING_DIR
 from billing_dags.core.errors import InputError
+from billing_dags.core.money import format_minor
+from billing_dags.core.settings import SQL_MODELS_DIR, Paths
+from billing_dags.ingest import raw
+from billing_dags.models.sqlmodels import Window, connect, load_project, partition_file, prepare
 
 EVIDENCE_SQL = SQL_MODELS_DIR / "analyses" / "dispute_breakdown.sql"
 BUCKETS_MS = {"hour": 3_600_000, "day": 86_400_000}
@@ -52,13 +55,17 @@ class Dispute:
     evidence: pa.Table | None = None
 
 
-def _evidence_params(customer_id: str, meter_id: str, window: Window) -> dict:
+#: the model whose counter rules the evidence query applies (and whose lookback it uses)
+USAGE_MODEL = "fct_usage_by_day"
+
+
+def _evidence_params(customer_id: str, meter_id: str, window: Window, lookback_days: int) -> dict:
     return {
         "customer_id": customer_id,
         "meter_id": meter_id,
         "start_ms": window.start_ms,
         "end_ms": window.end_ms,
-        "edge_lookback_ms": EDGE_LOOKBACK_DAYS * raw.DAY_MS,
+        "edge_lookback_ms": lookback_days * raw.DAY_MS,
     }
 
 
@@ -66,8 +73,9 @@ def evidence(paths: Paths, customer_id: str, month: date, meter_id: str = "") ->
     """Every raw sample of the customer's series in the month (plus the lookback), with its increase."""
     end = (month.replace(day=28) + timedelta(days=4)).replace(day=1)
     window = Window(month, end)
-    lookback = Window(month - timedelta(days=EDGE_LOOKBACK_DAYS), end)
     project = load_project()
+    lookback_days = project.models[USAGE_MODEL].lookback_days
+    lookback = Window(month - timedelta(days=lookback_days), end)
     con = connect()
     try:
         # the view models the query reads, over raw days from the lookback to the month's end
@@ -75,7 +83,7 @@ def evidence(paths: Paths, customer_id: str, month: date, meter_id: str = "") ->
             prepare(con, project, name, paths, over)
             con.execute(f"create or replace view {name} as {project.models[name].sql.strip().rstrip(';')}")
         sql = EVIDENCE_SQL.read_text().strip().rstrip(";")
-        return con.sql(sql, params=_evidence_params(customer_id, meter_id, window)).to_arrow_table()
+        return con.sql(sql, params=_evidence_params(customer_id, meter_id, window, lookback_days)).to_arrow_table()
     finally:
         con.close()
 
@@ -179,7 +187,7 @@ def invoice_vs_recomputed(paths: Paths, invoice: dict, invoice_lines: list[dict]
             acc["amount_minor"] += int(line["amount_minor"])
         return out
 
-    billed = by_key(l for l in invoice_lines if l["line_type"] not in inv.GENERATED_LINE_TYPES)
+    billed = by_key(l for l in invoice_lines if l["line_type"] not in GENERATED_LINE_TYPES)
     again = by_key(recomputed_lines)
     rows = []
     for k in sorted(set(billed) | set(again)):
@@ -198,14 +206,14 @@ def invoice_vs_recomputed(paths: Paths, invoice: dict, invoice_lines: list[dict]
     if invoice["status"] != "finalized":
         out["explanation"] = f"draft {invoice['invoice_number']} was built before the latest recomputation; the next invoice run rewrites it"
         return out
-    pending_file = paths.invoices / month / inv.PENDING_DIR / f"{cid}.json"
+    pending_file = paths.invoices / month / PENDING_DIR / f"{cid}.json"
     pending = json.loads(pending_file.read_text()) if pending_file.exists() else None
-    manifest = pending["recomputed_manifest"] if pending else inv.invoice_manifest(paths, date.fromisoformat(invoice["period_start"]), paths.seeds_dir, inv.code_version())
-    out["reason"] = inv._recompute_reason(invoice, manifest)
+    manifest = pending["recomputed_manifest"] if pending else invoice_manifest(paths, date.fromisoformat(invoice["period_start"]), paths.seeds_dir, code_version())
+    out["reason"] = recompute_reason(invoice, manifest)
     text = f"the recomputed month differs from finalized invoice {invoice['invoice_number']} because of {out['reason']} after finalization; a finalized invoice is never edited: "
     if pending:
         out["pending_adjustment_minor"] = int(pending["delta_minor"])
-        text += f"{inv.format_minor(int(pending['delta_minor']), exp)} {invoice['currency'].upper()} is pending as an adjustment on {cid}'s next invoice ({pending_file})"
+        text += f"{format_minor(int(pending['delta_minor']), exp)} {invoice['currency'].upper()} is pending as an adjustment on {cid}'s next invoice ({pending_file})"
     else:
         text += f"no adjustment is recorded yet; rerun the invoices of {month} (billing run) to record it for {cid}'s next invoice"
     out["explanation"] = text[0].upper() + text[1:]
@@ -233,7 +241,9 @@ def export_evidence(dispute: Dispute, folder: Path) -> list[Path]:
         w.writerows(dispute.events)
     written.append(events)
     end = (dispute.month.replace(day=28) + timedelta(days=4)).replace(day=1)
-    params = _evidence_params(dispute.customer_id, dispute.meter_id, Window(dispute.month, end))
+    params = _evidence_params(
+        dispute.customer_id, dispute.meter_id, Window(dispute.month, end), load_project().models[USAGE_MODEL].lookback_days
+    )
     sql = folder / "reproduce.sql"
     sql.write_text(
         "-- Reproduces raw_samples.parquet (the increase of every sample) from the warehouse:\n"

@@ -1,6 +1,6 @@
 """Anomaly flags for people: list them, acknowledge critical ones so their invoices can finalize.
 
-Flags are the partitions of fct_anomaly_flags. An acknowledgement (who, why, when) is kept in
+Flags are the partitions of fct_anomaly_flags_by_day. An acknowledgement (who, why, when) is kept in
 data/flags/acks.json, keyed by customer, month, meter and rule; a critical flag without one holds
 the customer's invoice for that month in draft.
 """
@@ -34,7 +34,7 @@ def _ack_key(a: dict) -> tuple:
 def month_flags(paths: Paths, month: date) -> list[dict]:
     """Every flag raised on a day of ``month``."""
     end = (month.replace(day=28) + timedelta(days=4)).replace(day=1)
-    model = load_project().models["fct_anomaly_flags"]
+    model = load_project().models["fct_anomaly_flags_by_day"]
     rows: list[dict] = []
     for f in sorted(partition_dir(paths, model).glob("day=*/data.parquet")):
         day = date.fromisoformat(f.parent.name[4:])

@@ -53,14 +53,14 @@ def _model_rows(paths: Paths, model: str, key: str) -> list[dict]:
 
 
 def _latest_30d(paths: Paths, before: date) -> tuple[date | None, list[dict]]:
-    folder = paths.models / "fct_usage_30d"
+    folder = paths.models / "fct_usage_30d_by_day"
     days = sorted(
         date.fromisoformat(p.name[4:]) for p in folder.glob("day=*") if (p / "data.parquet").exists()
     ) if folder.exists() else []
     days = [d for d in days if d < before]
     if not days:
         return None, []
-    return days[-1], _model_rows(paths, "fct_usage_30d", f"day={days[-1].isoformat()}")
+    return days[-1], _model_rows(paths, "fct_usage_30d_by_day", f"day={days[-1].isoformat()}")
 
 
 class BillingCollector:
@@ -166,7 +166,7 @@ class BillingCollector:
             per_major.add_metric([currency], float(10**exp))
         counts: dict[tuple, int] = {}
         for d in projection.month_days(month):
-            for r in _model_rows(paths, "fct_anomaly_flags", f"day={d.isoformat()}"):
+            for r in _model_rows(paths, "fct_anomaly_flags_by_day", f"day={d.isoformat()}"):
                 key = (r["customer_id"] or "", r["meter_id"] or "", r["rule"], r["severity"])
                 counts[key] = counts.get(key, 0) + 1
         for key, n in sorted(counts.items()):

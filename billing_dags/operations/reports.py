@@ -1,6 +1,6 @@
 """The daily summary (seed 000's daily email): activity, traffic, shares, top customers, anomalies.
 
-Built from the day's fct_usage_by_day and fct_anomaly_flags partitions; written as Markdown and
+Built from the day's fct_usage_by_day and fct_anomaly_flags_by_day partitions; written as Markdown and
 HTML to data/reports/daily/YYYY-MM-DD.{md,html}; deterministic for the same inputs.
 """
 
@@ -48,7 +48,7 @@ def build_daily_summary(paths: Paths, day: date) -> DailySummary:
     if not usage_file.exists():
         raise FileNotFoundError(f"no usage computed for {day}: {usage_file} is missing; materialize fct_usage_by_day for {day} (billing run)")
     usage = _read(usage_file)
-    flags = _read(partition_file(paths, models["fct_anomaly_flags"], window))
+    flags = _read(partition_file(paths, models["fct_anomaly_flags_by_day"], window))
     meters = {m["meter_id"]: m for m in _read(seed_snapshot_path(paths, "meters"))}
 
     def total(meter_id: str, column: str = "usage") -> Decimal:

@@ -28,7 +28,7 @@ METRIC_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 KINDS = {"counter", "gauge"}
 PRICING_MODELS = {"per_unit", "package", "graduated", "volume"}
 PACKAGE_ROUNDING = {"up", "down", "half_up"}
-#: the rules fct_anomaly_flags raises for usage on a day no subscription covers (it is on no invoice)
+#: the rules fct_anomaly_flags_by_day raises for usage on a day no subscription covers (it is on no invoice)
 OUTSIDE_SUBSCRIPTION_RULES = ("outside_subscription", "outside_subscription_unpriced")
 ANOMALY_RULES = {
     "week_over_week", "allowance_used", "outlier_mad", "scrape_gap", "counter_resets",

@@ -1,5 +1,5 @@
 -- Dispute evidence: every raw sample of one customer's series in a month, with the exact increase it adds.
--- Parameters: $customer_id, $meter_id ('' = all), $start_ms, $end_ms (the month), $edge_lookback_ms (35 days). Same rules as fct_usage_by_day: the pair
+-- Parameters: $customer_id, $meter_id ('' = all), $start_ms, $end_ms (the month), $edge_lookback_ms (fct_usage_by_day's lookback_days). Same rules as fct_usage_by_day: the pair
 -- straddling a boundary belongs to the later sample; a new series counts its first value; a
 -- series seen again after more than the lookback is flagged and its first value not counted.
 with series as (

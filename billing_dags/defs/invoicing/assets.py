@@ -8,10 +8,12 @@ import pyarrow.parquet as pq
 from billing_dags.billing import credits as cr
 from billing_dags.seeds.catalog import load_grants
 from billing_dags.operations.flags import month_flags, unacknowledged_critical
-from billing_dags.billing import invoices as inv
+from billing_dags.billing import build, settlement, store
+from billing_dags.billing.manifest import code_version, invoice_manifest
 from billing_dags.seeds.catalog import SPECS, SeedError
 from billing_dags.defs.shared.partitions import SINGLE_RUN, billing_monthly, combined_check_result, materialize_each
 from billing_dags.defs.shared.resources import WarehouseResource
+from billing_dags.core.money import format_minor
 from billing_dags.core.settings import DEFAULT_GRACE_DAYS
 from billing_dags.models.sqlmodels import load_project, partition_file, seed_snapshot_path
 
@@ -40,7 +42,7 @@ def invoice_now(config: InvoiceConfig) -> datetime:
     # seeds/credits.csv is read at invoicing time (validated against the customer and currency snapshots);
     # it is a dependency too once seeds.SPECS has a "credits" entry (then seed_credits is an asset)
     deps=[
-        "fct_invoice_lines", "fct_usage_by_month", "fct_anomaly_flags", "seed_customers", "seed_plans", "seed_currencies",
+        "fct_invoice_lines", "fct_usage_by_month", "fct_anomaly_flags_by_day", "seed_customers", "seed_plans", "seed_currencies",
         "seed_subscriptions", *(["seed_credits"] if "credits" in SPECS else []),
     ],
     check_specs=[
@@ -69,7 +71,7 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
             grants = load_grants(paths.seeds_dir, seeds["customers"], seeds["currencies"])
         except SeedError as e:
             raise dg.Failure(str(e)) from None
-        manifest = inv.invoice_manifest(paths, window.start, paths.seeds_dir, inv.code_version())
+        manifest = invoice_manifest(paths, window.start, paths.seeds_dir, code_version())
         # a critical anomaly flag nobody has acknowledged (billing flags ack) holds finalization
         held = {
             customer: "held by unacknowledged critical flags: " + ", ".join(sorted({f"{f['rule']} on {f['meter_id']}" for f in flags}))
@@ -77,7 +79,7 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
         }
         if held:
             context.log.warning(f"invoices held in draft: {', '.join(sorted(held))}")
-        docs = inv.build_invoices(
+        docs = build.build_invoices(
             lines,
             seeds["customers"],
             seeds["plans"],
@@ -104,14 +106,14 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
                 ),
                 metadata={"wrong_totals": dg.MetadataValue.json(wrong), "customers_without_invoice": dg.MetadataValue.json(missing)},
             )
-        figures = inv.write_invoice_files(paths, docs)
-        inv.settle_drafts(paths, window.start, docs, grants)  # other months' drafts follow this month's draws
+        figures = store.write_invoice_files(paths, docs)
+        settlement.settle_drafts(paths, window.start, docs, grants)  # other months' drafts follow this month's draws
         ledger = cr.write_ledger(paths, grants, {c["currency"]: int(c["minor_unit_exponent"]) for c in seeds["currencies"]})
         usage = pq.read_table(
             partition_file(paths, models["fct_usage_by_month"], window),
             columns=["customer_id", "usage", "gauge_peak", "gauge_integral"],
         ).to_pylist()
-        unbilled, not_invoiced = inv.uninvoiced_customers(
+        unbilled, not_invoiced = build.uninvoiced_customers(
             window.start, pq.read_table(seed_snapshot_path(paths, "subscriptions")).to_pylist(), usage,
             {d["customer_id"] for d in docs}, month_flags(paths, window.start), seeds["plans"],
         )
@@ -187,4 +189,4 @@ def _credits_used(docs: list[dict]) -> dict[str, str]:
     for d in docs:
         used[d["currency"]] = used.get(d["currency"], 0) + int(d["credits_used_minor"])
         exps[d["currency"]] = int(d["minor_unit_exponent"])
-    return {c: inv.format_minor(used[c], exps[c]) for c in sorted(used)}
+    return {c: format_minor(used[c], exps[c]) for c in sorted(used)}

@@ -4,10 +4,9 @@ from datetime import date, timedelta
 
 import dagster as dg
 
-from billing_dags.models import late_data
-
+from billing_dags.defs.models.checks import check_specs, evaluate, evaluate_published
 from billing_dags.ingest import raw
-from billing_dags.defs.models.checks import CHECKS, evaluate, evaluate_published
+from billing_dags.models import late_data
 from billing_dags.defs.shared.metadata import data_version, model_code_version, model_metadata
 from billing_dags.defs.shared.partitions import BY_NAME, SINGLE_RUN, combined_check_result, materialize_each, partitions_of
 from billing_dags.defs.shared.resources import WarehouseResource
@@ -74,28 +73,6 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
         for a in known[s].assets:
             lookback[a] = max(lookback.get(a, 0), known[s].lookback_days)
     deps += [dg.AssetDep(a, partition_mapping=_source_mapping(model, lookback[a])) for a in sorted(lookback)]
-    check_specs = []
-    if model.grain:
-        check_specs.append(
-            dg.AssetCheckSpec(
-                "grain_is_unique",
-                asset=model.name,
-                blocking=True,
-                description=f"one row per ({', '.join(model.grain)})",
-                partitions_def=BY_NAME[model.partitioned_by],
-            )
-        )
-    for check in CHECKS.get(model.name, []):
-        check_specs.append(
-            dg.AssetCheckSpec(
-                check.__name__,
-                asset=model.name,
-                blocking=check.blocking,
-                description=check.__doc__,
-                partitions_def=BY_NAME[model.partitioned_by],
-            )
-        )
-
     # a multi-asset of one asset, so that its checks can run alone (can_subset): from a check's page
     # they re-run on the published partition; with the asset they run on the new rows before publishing
     @dg.multi_asset(
@@ -120,7 +97,7 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
             )
         ],
         partitions_def=BY_NAME[model.partitioned_by],
-        check_specs=check_specs,
+        check_specs=check_specs(model, BY_NAME[model.partitioned_by]),
         can_subset=True,
         backfill_policy=SINGLE_RUN if model.partitioned_by != "none" else None,
     )

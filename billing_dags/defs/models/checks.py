@@ -1,23 +1,17 @@
-"""Asset checks on SQL model partitions. Each runs on the new rows (view ``partition``) before they are published.
+"""Asset checks on SQL model partitions. Each runs on the new rows before they are published.
 
-Blocking checks stop downstream assets in the same run: money depends on them.
+The checks are the model's grain (``grain`` in its config, guarded by ``sqlmodels.write_partition``)
+and its audits: SQL files next to the model (``audits/<model>__<audit>.sql``, run by
+``billing_dags.models.audits``) that return the failing rows. Blocking checks stop downstream assets in
+the same run: money depends on them; the others are warnings.
 """
-
-from typing import Callable
 
 import dagster as dg
 import pyarrow.parquet as pq
 
 from billing_dags.core.settings import Paths
-from billing_dags.models.sqlmodels import Model, Window, load_project, model_files, partition_file, seed_snapshot_path, session
-
-
-def _blocking(blocking: bool):
-    def mark(fn: Callable) -> Callable:
-        fn.blocking = blocking
-        return fn
-
-    return mark
+from billing_dags.models.audits import AuditResult, audits_of, run_audits
+from billing_dags.models.sqlmodels import Model, Window, partition_file
 
 
 def grain_is_unique(model: Model, published=None) -> dg.AssetCheckResult:
@@ -44,119 +38,53 @@ def grain_is_unique(model: Model, published=None) -> dg.AssetCheckResult:
     )
 
 
-@_blocking(True)
-def no_negative_usage(con, paths: Paths, window: Window) -> dg.AssetCheckResult:
-    """Counter usage, gauge integrals and peaks are never negative."""
-    bad = con.execute(
-        "select count(*) from partition where usage < 0 or gauge_integral < 0 or gauge_peak < 0"
-    ).fetchall()[0][0]
-    return dg.AssetCheckResult(check_name="no_negative_usage", passed=bad == 0, metadata={"negative_rows": bad})
+def check_specs(model: Model, partitions_def) -> list[dg.AssetCheckSpec]:
+    """The model's checks as Dagster shows them: the grain, then one per audit file."""
+    specs = []
+    if model.grain:
+        specs.append(
+            dg.AssetCheckSpec(
+                "grain_is_unique",
+                asset=model.name,
+                blocking=True,
+                description=f"one row per ({', '.join(model.grain)})",
+                partitions_def=partitions_def,
+            )
+        )
+    for audit in audits_of(model.name):
+        specs.append(
+            dg.AssetCheckSpec(
+                audit.name,
+                asset=model.name,
+                blocking=audit.blocking,
+                description=audit.description,
+                partitions_def=partitions_def,
+                metadata={"sql": dg.MetadataValue.path(str(audit.path))},
+            )
+        )
+    return specs
 
 
-@_blocking(False)
-def scrape_completeness(con, paths: Paths, window: Window) -> dg.AssetCheckResult:
-    """Series with a scrape gap longer than 15 minutes in the day (warning: usage is still exact)."""
-    total, gappy, dropped = con.execute(
-        "select count(*), count(*) filter (where max_gap_ms > 900000), coalesce(sum(dropped_samples), 0) from partition"
-    ).fetchall()[0]
+def audit_check_result(result: AuditResult) -> dg.AssetCheckResult:
+    """An audit's result as an asset check result: a non-blocking audit fails as a warning."""
     return dg.AssetCheckResult(
-        check_name="scrape_completeness",
-        passed=gappy == 0,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={"series": total, "series_with_gaps_over_15m": gappy, "dropped_nan_or_stale_samples": int(dropped)},
-    )
-
-
-@_blocking(True)
-def daily_sum_equals_month(con, paths: Paths, window: Window) -> dg.AssetCheckResult:
-    """The month equals the sum of its days, to the unit, for every customer, meter and dimension."""
-    daily = load_project().models["fct_usage_by_day"]
-    files = [str(p) for p in model_files(paths, daily)]
-    days = con.sql(
-        "select * from read_parquet($files, hive_partitioning = false) where day >= $start and day < $end",
-        params={"files": files, "start": window.start, "end": window.end},
-    ).to_arrow_table()
-    con.register("days", days)
-    mismatches = con.execute(
-        """
-        with by_days as (
-            select customer_id, meter_id, dimension,
-                   sum(usage) as usage, sum(gauge_integral) as gauge_integral
-            from days group by all
-        )
-        select count(*) from by_days
-        full outer join partition using (customer_id, meter_id, dimension)
-        where by_days.usage is distinct from partition.usage
-           or by_days.gauge_integral is distinct from partition.gauge_integral
-        """
-    ).fetchall()[0][0]
-    return dg.AssetCheckResult(
-        check_name="daily_sum_equals_month", passed=mismatches == 0, metadata={"mismatched_rows": mismatches}
-    )
-
-
-@_blocking(True)
-def amounts_are_whole_minor_units(con, paths: Paths, window: Window) -> dg.AssetCheckResult:
-    """Every invoice line has an integer amount in minor units; usage and fee quantities are not negative."""
-    bad = con.execute(
-        "select count(*) from partition where amount_minor is null or (line_type <> 'risk_adjustment' and quantity < 0)"
-    ).fetchall()[0][0]
-    return dg.AssetCheckResult(check_name="amounts_are_whole_minor_units", passed=bad == 0, metadata={"bad_lines": bad})
-
-
-@_blocking(False)
-def unpriced_usage(con, paths: Paths, window: Window) -> dg.AssetCheckResult:
-    """Usage of a meter the plan prices, in a dimension no price row covers (e.g. an unknown model): not billed."""
-    models = load_project().models
-    rows = con.sql(
-        """
-        with usage as (select * from read_parquet($usage)),
-        plans as (select * from read_parquet($plans)),
-        prices as (select * from read_parquet($prices))
-        select usage.customer_id, usage.meter_id, usage.dimension
-        from usage
-        inner join plans on usage.customer_id = plans.customer_id
-        where exists (
-            select 1 from prices
-            where prices.plan_id = plans.plan_id and prices.version = plans.plan_version and prices.meter_id = usage.meter_id
-        )
-        and not exists (
-            select 1 from prices
-            where prices.plan_id = plans.plan_id and prices.version = plans.plan_version and prices.meter_id = usage.meter_id
-                and (prices.dimension = '' or prices.dimension = usage.dimension)
-        )
-        order by all
-        """,
-        params={
-            "usage": str(partition_file(paths, models["fct_usage_by_month"], window)),
-            "plans": str(partition_file(paths, models["dim_subscription_periods_by_month"], window)),
-            "prices": str(seed_snapshot_path(paths, "prices")),
+        check_name=result.audit.name,
+        passed=result.passed,
+        severity=dg.AssetCheckSeverity.ERROR if result.audit.blocking else dg.AssetCheckSeverity.WARN,
+        metadata={
+            "failing_rows": result.failing_rows,
+            "rows_checked": result.rows_checked,
+            "examples": dg.MetadataValue.json(list(result.examples)),
+            "sql": dg.MetadataValue.path(str(result.audit.path)),
         },
-    ).fetchall()
-    return dg.AssetCheckResult(
-        check_name="unpriced_usage",
-        passed=not rows,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={"unpriced": dg.MetadataValue.json([f"{c}/{m}/{d}" for c, m, d in rows])},
     )
-
-
-CHECKS: dict[str, list[Callable]] = {
-    "fct_series_edges_by_day": [scrape_completeness],
-    "fct_usage_by_day": [no_negative_usage],
-    "fct_usage_by_month": [daily_sum_equals_month],
-    "fct_rated_usage": [unpriced_usage],
-    "fct_invoice_lines": [amounts_are_whole_minor_units],
-}
 
 
 def evaluate(model: Model, paths: Paths, window: Window | None, table, *, published: bool = False) -> list[tuple[dg.AssetCheckResult, bool]]:
     """Every check of ``model`` on ``table`` (its new rows, or with ``published`` its published partition),
     with whether it blocks."""
-    with session() as con:
-        con.register("partition", table)
-        results = [(grain_is_unique(model, table if published else None), True)] if model.grain else []
-        results += [(check(con, paths, window), check.blocking) for check in CHECKS.get(model.name, [])]
+    results = [(grain_is_unique(model, table if published else None), True)] if model.grain else []
+    results += [(audit_check_result(r), r.audit.blocking) for r in run_audits(paths, model, window, table)]
     return results
 
 
@@ -165,7 +93,7 @@ def evaluate_published(model: Model, paths: Paths, window: Window | None) -> lis
     path = partition_file(paths, model, window)
     if not path.exists():
         what = f"{window.start}" if window else "the table"
-        names = (["grain_is_unique"] if model.grain else []) + [c.__name__ for c in CHECKS.get(model.name, [])]
+        names = (["grain_is_unique"] if model.grain else []) + [a.name for a in audits_of(model.name)]
         return [
             dg.AssetCheckResult(
                 check_name=name,

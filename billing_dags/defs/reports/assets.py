@@ -11,7 +11,7 @@ from billing_dags.operations.reports import build_daily_summary, write_daily_sum
     partitions_def=billing_daily,
     group_name="reports",
     kinds={"html", "markdown"},
-    deps=["fct_usage_by_day", "fct_anomaly_flags", "seed_meters"],
+    deps=["fct_usage_by_day", "fct_anomaly_flags_by_day", "seed_meters"],
     backfill_policy=SINGLE_RUN,
 )
 def daily_summary(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:

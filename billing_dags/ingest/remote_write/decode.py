@@ -7,7 +7,7 @@ retry it) or ``TooLarge`` (413): among them a metric or label name that is not a
 (control characters included), and a series whose id another label set already has. Messages name the problem and the series index, never label
 values or sample values (DESIGN rule 12: no payloads in logs).
 
-``Limits`` bounds what is accepted (README "Receiving remote write"): sample timestamps in a
+``Limits`` bounds what is accepted (docs/remote-write.md, "Limits"): sample timestamps in a
 window (a sample outside it refuses the whole request with ``OutOfWindow``, like Prometheus's
 own receiver answers 400 "out of bounds"), labels per series, label name and value bytes, and the
 bytes the series cache may hold.
@@ -59,7 +59,7 @@ def describe_ms(ms: int) -> str:
 
 @dataclass(frozen=True)
 class Limits:
-    """What the receiver accepts (defaults: README "Receiving remote write", limits)."""
+    """What the receiver accepts (defaults: docs/remote-write.md, "Limits")."""
 
     #: no sample before this (ms); --min-sample-time, default 2000-01-01T00:00Z
     min_sample_ms: int = 946_684_800_000

@@ -5,7 +5,6 @@ partitioned_by: billing_daily
 time_column: day
 grain: [day, customer_id, meter_id, rule]
 lookback_days: 35
-group: quality
 */
 with daily as (
     select * from fct_usage_by_day
@@ -14,7 +13,7 @@ with daily as (
 
 -- the lookback too: a scrape gap or an unmatched series is raised on the first day of a run of days
 edges as (
-    select * from fct_series_edges_by_day
+    select * from int_series_edges_by_day
     where day >= $lookback_start_date::date and day < $end_date::date
 ),
 

@@ -6,7 +6,6 @@ time_column: day
 grain: [day, customer_id, meter_id, dimension]
 lookback_days: 35
 require_complete_lookback: true  # a series' last sample before the day holds into it
-group: usage
 # the hot path: gauge samples gathered by streaming the raw day and summed by compiled code (same
 # output, to the unit); this SQL is its specification (tests/test_fastpath.py compares them)
 engine: python
@@ -18,14 +17,14 @@ with samples as (
 ),
 
 edges as (
-    select * from fct_series_edges_by_day
+    select * from int_series_edges_by_day
     where day >= $lookback_start_date::date and day < $start_date::date and samples > 0
 ),
 
 -- the day's own carry-in (each series' last sample before it), where its ingest records one
 carry_in as (
     select * from stg_raw__carry_in
-    where ts_ms >= $start_ms - $edge_lookback_ms and ts_ms < $start_ms and isfinite(value)
+    where ts_ms >= $lookback_start_ms and ts_ms < $start_ms and isfinite(value)
 ),
 
 series as (
@@ -45,7 +44,7 @@ meters as (
     select * from stg_seeds__meters
 ),
 
--- one sample per (series, ts), as in fct_series_edges_by_day: the larger value
+-- one sample per (series, ts), as in int_series_edges_by_day: the larger value
 deduplicated as (
     select samples.series_id, samples.ts_ms, max(samples.value) as value
     from samples

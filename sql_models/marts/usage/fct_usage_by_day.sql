@@ -6,10 +6,9 @@ time_column: day
 grain: [day, customer_id, meter_id, dimension]
 lookback_days: 35
 require_complete_lookback: true  # a missing earlier day would bill a counter's whole value as new
-group: usage
 */
 with edges as (
-    select * from fct_series_edges_by_day
+    select * from int_series_edges_by_day
     where day >= $lookback_start_date::date and day < $end_date::date
 ),
 
@@ -25,11 +24,11 @@ events as (
 -- the day's own carry-in (each series' last sample before it), where its ingest records one
 carry_in as (
     select * from stg_raw__carry_in
-    where ts_ms >= $start_ms - $edge_lookback_ms and ts_ms < $start_ms and isfinite(value)
+    where ts_ms >= $lookback_start_ms and ts_ms < $start_ms and isfinite(value)
 ),
 
 peaks as (
-    select * from fct_gauge_peaks_by_day
+    select * from int_gauge_peaks_by_day
     where day >= $start_date::date and day < $end_date::date
 ),
 
@@ -88,7 +87,7 @@ per_series as (
         series.kind,
         joined.*,
         -- rule 4: seen again after a gap longer than the lookback: flagged, its first value not counted
-        (joined.samples > 0 and joined.prev_value is null and series.first_seen_ms < $start_ms - $edge_lookback_ms)
+        (joined.samples > 0 and joined.prev_value is null and series.first_seen_ms < $lookback_start_ms)
             as reappeared,
         case
             when joined.samples = 0 then 0
@@ -99,7 +98,7 @@ per_series as (
                         then exact_value(joined.first_value) - exact_value(joined.prev_value)
                     else exact_value(joined.first_value)
                 end
-            when series.first_seen_ms < $start_ms - $edge_lookback_ms then 0
+            when series.first_seen_ms < $lookback_start_ms then 0
             -- rule 4: a new series started from zero
             else exact_value(joined.first_value)
         end as boundary_increase,
@@ -233,7 +232,7 @@ usage as (
         count(*) filter (where reappeared)::bigint as reappeared_series,
         max(max_gap_ms)::bigint as max_gap_ms,
         sum(events)::bigint as events,
-        -- (series, ts) with different values: the larger was billed (fct_series_edges_by_day)
+        -- (series, ts) with different values: the larger was billed (int_series_edges_by_day)
         sum(duplicate_conflicts)::bigint as duplicate_conflicts
     from contributions
     group by customer_id, meter_id, dimension

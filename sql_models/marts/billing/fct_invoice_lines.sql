@@ -4,10 +4,9 @@ materialized: table
 partitioned_by: billing_monthly
 time_column: month
 grain: [month, customer_id, line_number]
-group: billing
 */
 with rated as (
-    select * from fct_rated_usage
+    select * from fct_rated_usage_by_subscription_period
     where month >= $start_date::date and month < $end_date::date
 ),
 

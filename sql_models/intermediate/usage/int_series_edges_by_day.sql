@@ -4,7 +4,6 @@ materialized: table
 partitioned_by: billing_daily
 time_column: day
 grain: [day, series_id]
-group: usage
 # the hot path: computed by streaming the raw row groups (same output, to the unit); this SQL is
 # its specification, which tests/test_fastpath.py and `make bench` compare it against
 engine: python

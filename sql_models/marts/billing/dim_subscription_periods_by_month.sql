@@ -4,7 +4,6 @@ materialized: table
 partitioned_by: billing_monthly
 time_column: month
 grain: [month, customer_id, period_start]
-group: billing
 */
 with subscriptions as (
     select * from stg_seeds__subscriptions

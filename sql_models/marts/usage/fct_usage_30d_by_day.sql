@@ -1,19 +1,19 @@
--- Usage per customer, meter and dimension for a calendar month: the sum of its UTC days.
+-- Rolling 30-day usage per customer, meter and dimension, ending with (and including) each UTC day.
 /* config
 materialized: table
-partitioned_by: billing_monthly
-time_column: month
-grain: [month, customer_id, meter_id, dimension]
-group: usage
+partitioned_by: billing_daily
+time_column: day
+grain: [day, customer_id, meter_id, dimension]
+lookback_days: 29
 */
 with daily as (
     select * from fct_usage_by_day
-    where day >= $start_date::date and day < $end_date::date
+    where day >= $lookback_start_date::date and day < $end_date::date
 ),
 
 final as (
     select
-        $start_date::date as month,
+        $start_date::date as day,
         customer_id,
         meter_id,
         dimension,
@@ -22,12 +22,9 @@ final as (
         sum(gauge_integral)::decimal(38, 9) as gauge_integral,
         sum(gauge_covered_ms)::bigint as gauge_covered_ms,
         max(gauge_peak)::decimal(38, 9) as gauge_peak,
-        ($end_ms - $start_ms)::bigint as period_ms,
         count(*)::bigint as days_with_data,
         sum(samples)::bigint as samples,
-        sum(dropped_samples)::bigint as dropped_samples,
-        sum(resets)::bigint as resets,
-        sum(reappeared_series)::bigint as reappeared_series
+        sum(resets)::bigint as resets
     from daily
     group by customer_id, meter_id, dimension
 )

@@ -4,7 +4,6 @@ materialized: table
 partitioned_by: billing_monthly
 time_column: month
 grain: [month, customer_id, period_start, meter_id, dimension]
-group: billing
 */
 with usage as (
     select * from fct_usage_by_subscription_period

@@ -1,0 +1,206 @@
+"""Rendering an invoice: canonical JSON (as stored), CSV, a self-contained printable HTML page, a plain-text table.
+
+Every renderer is deterministic: the same invoice gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import html
+import io
+from pathlib import Path
+from typing import Any, Mapping
+
+import jinja2
+
+from billing_dags.billing.document import STATUSES
+from billing_dags.billing.errors import InvoiceError
+from billing_dags.core import durable
+
+FORMATS = ("json", "csv", "html", "table")
+TEMPLATES = Path(__file__).parent / "templates"
+
+CSV_COLUMNS = (
+    "invoice_number",
+    "status",
+    "customer_id",
+    "period_start",
+    "period_end",
+    "currency",
+    "line_number",
+    "line_type",
+    "meter_id",
+    "dimension",
+    "description",
+    "quantity",
+    "unit",
+    "unit_price",
+    "amount",
+    "amount_minor",
+)
+
+
+def _csv_text(value: Any) -> str:
+    """Text for a CSV cell; a leading formula character is neutralised for spreadsheets."""
+    s = "" if value is None else str(value)
+    if s and s[0] in "=+-@\t\r":
+        return "'" + s
+    return s
+
+
+DOCUMENT_TITLES = {"adjustment_invoice": "Adjustment invoice", "credit_note": "Credit note"}
+
+
+def document_title(invoice: Mapping) -> str:
+    """``Invoice``, ``Adjustment invoice`` or ``Credit note`` (an adjustment invoice with a negative total)."""
+    return DOCUMENT_TITLES.get(invoice.get("document"), "Invoice")
+
+
+def total_label(invoice: Mapping) -> str:
+    """``Total due``, or ``Total refunded`` on a credit note."""
+    return "Total refunded" if invoice.get("document") == "credit_note" else "Total due"
+
+
+def _render_json(invoice: dict) -> str:
+    return durable.canonical_json(invoice).decode("utf-8")
+
+
+def _render_csv(invoice: dict) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    head = [invoice["invoice_number"], invoice["status"], invoice["customer_id"], invoice["period_start"], invoice["period_end"], invoice["currency"]]
+    for line in invoice["lines"]:
+        w.writerow(
+            head
+            + [
+                line["line_number"],
+                line["line_type"],
+                line["meter_id"] or "",
+                _csv_text(line["dimension"]),
+                _csv_text(line["description"]),
+                line["quantity"],
+                _csv_text(line["unit"]),
+                line["unit_price"],
+                line["amount"],
+                line["amount_minor"],
+            ]
+        )
+    if int(invoice.get("credits_used_minor") or 0):
+        # a summary row (not a charge): the credit lines above already hold these amounts, negated
+        w.writerow(head + ["", "credits_used", "", "", "Prepaid credits used", "", "", "", invoice["credits_used"], invoice["credits_used_minor"]])
+    w.writerow(head + ["", "total", "", "", total_label(invoice), "", "", "", invoice["total"], invoice["total_minor"]])
+    return buf.getvalue()
+
+
+def _summary_rows(invoice: Mapping) -> list[tuple[str, str]]:
+    """(label, amount) rows summing up to the total due; only the rows that apply (stored invoices
+    written before credits existed have none but the total)."""
+    rows: list[tuple[str, str]] = []
+    if int(invoice.get("adjustments_minor") or 0):
+        rows.append(("Adjustments of earlier invoices", invoice["adjustments"]))
+    if int(invoice.get("credits_used_minor") or 0):
+        rows.append(("Prepaid credits used", "-" + invoice["credits_used"]))
+    if int(invoice.get("carried_forward_minor") or 0):
+        rows.append(("Credit carried to the next invoice", invoice["carried_forward"]))
+    if rows:
+        rows.insert(0, ("Charges for the period", invoice["charges"]))
+    rows.append((total_label(invoice), invoice["total"]))
+    return rows
+
+
+def _render_table(invoice: dict) -> str:
+    cur = invoice["currency"].upper()
+    out = [
+        f"{document_title(invoice)} {invoice['invoice_number']} ({invoice['status']})",
+        f"Customer: {invoice['customer_name']} ({invoice['customer_id']})",
+        f"Plan: {invoice.get('plan_name') or invoice['plan_id']} (v{invoice['plan_version']})",
+        f"Period: {invoice['period_start']} to {invoice['period_end']} (exclusive, UTC)",
+        "",
+    ]
+    header = ("#", "type", "description", "quantity", "unit", "unit price", f"amount {cur}")
+    rows = [
+        (str(l["line_number"]), l["line_type"], l["description"], l["quantity"], l["unit"], l["unit_price"], l["amount"])
+        for l in invoice["lines"]
+    ]
+    summary = _summary_rows(invoice)
+    rows.extend(("", "", label, "", "", "", value) for label, value in summary[:-1])
+    rows.append(("", "", total_label(invoice), "", "", "", invoice["total"]))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    right = {0, 3, 5, 6}
+
+    def fmt(r: tuple) -> str:
+        return "  ".join(c.rjust(widths[i]) if i in right else c.ljust(widths[i]) for i, c in enumerate(r)).rstrip()
+
+    out.append(fmt(header))
+    out.append("  ".join("-" * w for w in widths))
+    n_sum = len(summary) - 1
+    out.extend(fmt(r) for r in rows[: len(rows) - 1 - n_sum])
+    out.append("  ".join("-" * w for w in widths))
+    out.extend(fmt(r) for r in rows[len(rows) - 1 - n_sum : -1])
+    out.append(fmt(rows[-1]))
+    for c in invoice.get("credits") or []:
+        out.append(f"Prepaid credit {c['grant_id']}: {c['available']} available, {c['used']} used, {c['remaining']} {cur} remaining"
+                   + (f" (expires {c['expires_on']}, exclusive)" if c.get("expires_on") else ""))
+    out += ["", invoice["dispute_instructions"], ""]
+    return "\n".join(out)
+
+
+def _escape(value: Any) -> str:
+    """``html.escape(str(value), quote=True)`` ("" for None), without the five replacements when nothing needs them."""
+    s = "" if value is None else value if type(value) is str else str(value)
+    if "&" in s or "<" in s or ">" in s or '"' in s or "'" in s:
+        return html.escape(s, quote=True)
+    return s
+
+
+def _render_html(invoice: dict) -> str:
+    """The self-contained printable page (``templates/invoice.html``); every value HTML-escaped."""
+    status = invoice["status"] if invoice["status"] in STATUSES else "draft"
+    return _html_template().render(
+        inv=invoice,
+        title=document_title(invoice),
+        total_label=total_label(invoice),
+        status_class=status,
+        cur=invoice["currency"].upper(),
+        usage=[l for l in invoice["lines"] if l["line_type"] == "usage"],
+        summary=_summary_rows(invoice)[:-1],
+        manifest=invoice.get("manifest") or {},
+    )
+
+
+@functools.cache
+def _html_template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        # every {{ value }} goes through _escape: html.escape's entities (&quot; &#x27;), not markupsafe's (&#34; &#39;)
+        autoescape=False,
+        finalize=_escape,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    return env.get_template("invoice.html")
+
+
+def render_bytes(invoice: dict, fmt: str) -> bytes:
+    """The stored bytes of one of an invoice's files (json, csv or html)."""
+    if fmt == "json":
+        return durable.canonical_json(invoice)
+    return render_invoice(invoice, fmt).encode("utf-8")
+
+
+def render_invoice(invoice: dict, fmt: str = "json") -> str:
+    """The invoice as text: ``json`` (canonical, as stored), ``csv`` (one row per line plus a total row),
+    ``html`` (a self-contained printable page) or ``table`` (plain text)."""
+    if fmt == "json":
+        return _render_json(invoice)
+    if fmt == "csv":
+        return _render_csv(invoice)
+    if fmt == "html":
+        return _render_html(invoice)
+    if fmt == "table":
+        return _render_table(invoice)
+    raise InvoiceError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
