@@ -353,8 +353,8 @@ gap_runs as (
 ),
 
 -- one union branch per rule: the column names are the first branch's, each branch reads its own
--- CTEs (unqualified where one table is read; `using (meter_id)` merges the key)
--- noqa: disable=AL03,RF02,ST07
+-- CTEs (unqualified where one table is read)
+-- noqa: disable=AL03,RF02
 -- quantity: in base units, the one the message states (shown in billing units)
 candidates as (
     select week_over_week.customer_id, week_over_week.meter_id, rule,
@@ -469,7 +469,7 @@ candidates as (
         unmatched_series || ' series billed to nobody: ' || labels, null
     from unmatched
 ),
--- noqa: enable=AL03,RF02,ST07
+-- noqa: enable=AL03,RF02
 
 -- the same rules for yesterday, for the conditions that last: a flag is raised on the day its
 -- condition starts (or reaches a higher level), not on every day it still holds
