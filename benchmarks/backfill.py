@@ -49,6 +49,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.core.calendar import month_days
 
 from .figures import DEFAULT_OUT, Figure
 from .proc import peak_rss_bytes
@@ -58,11 +59,6 @@ FULL = {"customers": 500, "interval_s": 60}
 QUICK = {"customers": 30, "interval_s": 300}
 WORKERS = 2  # partitions at a time: the machine's cores, and dagster.yaml's backfill limit
 BUSY_CORES = 1.5  # the parallel run must keep more than this many cores busy on average
-
-
-def _days(month: date) -> list[date]:
-    end = (month + timedelta(days=32)).replace(day=1)
-    return [month + timedelta(days=i) for i in range((end - month).days)]
 
 
 def prepare(root: Path, n_customers: int, interval_s: int, month: date, log=print) -> tuple[Path, Path]:
@@ -123,7 +119,7 @@ def phase(data_dir: str, seeds_dir: str, model: str, month: date, workers: int) 
 
     # the threads a partition gets in the product: all cores alone, its share in a backfill run
     threads = WarehouseResource(backfill_parallel=workers).threads_for({"dagster/backfill": "benchmark"} if workers > 1 else {})
-    days = [d.isoformat() for d in _days(month)]
+    days = [d.isoformat() for d in month_days(month)]
     jobs = [(data_dir, seeds_dir, model, d, threads) for d in days]
     cpu0 = cpu_s()  # not the imports above
     t0 = time.perf_counter()
@@ -166,7 +162,7 @@ def measure(out: Path, n_customers: int, interval_s: int, month: date, workers: 
     root = Path(out).resolve() / f"backfill-{n_customers}c-{interval_s}s-{month.strftime('%Y-%m')}"
     data_dir, seeds_dir = prepare(root, n_customers, interval_s, month, log=log)
     paths = resolve_paths(data_dir, seeds_dir)
-    n_days = len(_days(month))
+    n_days = len(month_days(month))
     models = []
     for model in MODELS:
         # one at a time first (usage needs every day's edges, which the sequential edges run leaves behind)

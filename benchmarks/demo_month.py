@@ -38,6 +38,7 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 
 from billing_dags.core.settings import PROJECT_ROOT
+from billing_dags.core import calendar
 
 from .figures import DEFAULT_OUT, Figure, scratch
 
@@ -55,10 +56,7 @@ def _children_cpu() -> float:
 
 
 def last_complete_month(today: date | None = None) -> str:
-    today = today or datetime.now(timezone.utc).date()
-    first = today.replace(day=1)
-    prev = date.fromordinal(first.toordinal() - 1).replace(day=1)
-    return prev.strftime("%Y-%m")
+    return calendar.last_complete_month(today or datetime.now(timezone.utc).date()).strftime("%Y-%m")
 
 
 def reference_tree(out: Path, ref: str) -> tuple[Path, str]:

@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.core.calendar import next_month
 
 from .figures import DEFAULT_OUT, Figure
 from .proc import peak_rss_bytes
@@ -67,14 +68,11 @@ MONTHLY_MODELS = [
     "fct_usage_by_month",
     "dim_subscription_periods_by_month",
     "fct_usage_by_subscription_period",
+    "fct_billable_usage_by_subscription_period",
     "fct_rated_usage_by_subscription_period",
     "fct_invoice_lines",
 ]
 DAY_MS = 86_400_000
-
-
-def _month_end(month: date) -> date:
-    return (month + timedelta(days=32)).replace(day=1)
 
 
 # --------------------------------------------------------------------------- workload
@@ -209,7 +207,7 @@ def prepare(root: Path, n_customers: int, month: date, grants: int, log=print) -
     rng = np.random.default_rng(42)
     rows = 0
     day = month
-    while day < _month_end(month):
+    while day < next_month(month):
         table = usage_day(day, customers, meters, rng)
         write_partition(paths, model, Window(day, day + timedelta(days=1)), table)
         rows += table.num_rows
@@ -241,7 +239,7 @@ def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
     shutil.rmtree(paths.outbox, ignore_errors=True)
     rss0 = peak_rss_bytes()
     project = load_project()
-    window = Window(month, _month_end(month))
+    window = Window(month, next_month(month))
     steps: list[dict] = []
     for name in MONTHLY_MODELS:
         t0 = time.perf_counter()

@@ -6,15 +6,9 @@
 from __future__ import annotations
 
 import math
-import os
-import signal
-import socket
-import subprocess
 import time
-from pathlib import Path
 from typing import Sequence
 
-import requests
 
 from billing_dags.ingest.prometheus import format_time
 from servers import free_port

@@ -21,6 +21,7 @@ from billing_dags.models import sqlmodels
 from billing_dags.seeds.catalog import load_seeds
 from billing_dags.core.settings import PROJECT_ROOT
 from billing_dags.models.sqlmodels import Window
+from billing_dags.core.calendar import next_month
 
 SEEDS_DIR = PROJECT_ROOT / "seeds"
 DAY_MS = 86_400_000
@@ -33,6 +34,18 @@ SERIES_SCHEMA = pa.schema(
         ("metric", pa.string()),
         ("labels", pa.map_(pa.string(), pa.string())),
         ("first_seen", pa.int64()),
+    ]
+)
+
+#: fct_usage_by_day rows, for fixture partitions
+USAGE_BY_DAY_SCHEMA = pa.schema(
+    [
+        ("day", pa.date32()), ("customer_id", pa.string()), ("meter_id", pa.string()), ("dimension", pa.string()),
+        ("kind", pa.string()), ("usage", pa.decimal128(38, 9)), ("gauge_integral", pa.decimal128(38, 9)),
+        ("gauge_covered_ms", pa.int64()), ("gauge_peak", pa.decimal128(38, 9)), ("series", pa.int64()),
+        ("samples", pa.int64()), ("dropped_samples", pa.int64()), ("resets", pa.int64()),
+        ("reappeared_series", pa.int64()), ("max_gap_ms", pa.int64()), ("events", pa.int64()),
+        ("duplicate_conflicts", pa.int64()), ("gauge_held_ms", pa.int64()),
     ]
 )
 
@@ -288,8 +301,7 @@ def usage_month_table(rows: Sequence[Mapping]) -> pa.Table:
 
 def month_window(year: int, month: int) -> Window:
     start = date(year, month, 1)
-    end = date(year + (month == 12), month % 12 + 1, 1)
-    return Window(start, end)
+    return Window(start, next_month(start))
 
 
 def rate_month(
@@ -312,6 +324,7 @@ def rate_month(
             "select u.*, p.period_start, p.period_end, u.period_ms as month_ms, u.samples as observations "
             "from fct_usage_by_month u join dim_subscription_periods_by_month p using (month, customer_id)"
         )
+        r.run("fct_billable_usage_by_subscription_period", window)
         rated = r.run("fct_rated_usage_by_subscription_period", window).to_pylist()
         lines = r.run("fct_invoice_lines", window).to_pylist()
     finally:

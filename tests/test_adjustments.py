@@ -225,7 +225,7 @@ def test_late_data_for_a_customer_who_left_is_billed_on_an_adjustment_invoice(p)
     assert "INV-2025-000004,finalized,gone,2025-02-01,2025-03-01,usd,1,adjustment," in csv_text
     assert csv_text.splitlines()[-1] == "INV-2025-000004,finalized,gone,2025-02-01,2025-03-01,usd,,total,,,Total due,,,,2.66,266"
     assert render_invoice(adj, "table").startswith("Adjustment invoice INV-2025-000004 (finalized)")
-    from billing_dags.cli.main import invoice_rows
+    from billing_dags.billing.listing import invoice_rows
 
     rows = {r["customer"]: r for r in invoice_rows(p, FEB)}
     assert (rows["gone"]["invoice"], rows["gone"]["document"], rows["gone"]["total"]) == ("INV-2025-000004", "adjustment invoice", "2.66 USD")

@@ -317,7 +317,7 @@ def test_project_seed_credits_are_valid():
 
 
 def test_invoice_list_shows_the_total_due_after_credits(p):
-    from billing_dags.cli.main import invoice_rows
+    from billing_dags.billing.listing import invoice_rows
 
     bill(p, JAN, charges("acme", JAN, 1234), [grant("g", 1000)])
     (row,) = invoice_rows(p, JAN)

@@ -183,6 +183,16 @@ def _landing_seal(p: Paths):
     return lambda: [seal(folder, folder / f"seg-1{OPEN_SUFFIX}", {"records": 1}), folder / f"seg-1{INDEX_SUFFIX}"]
 
 
+def _dispute_evidence(p: Paths):
+    from billing_dags.operations.disputes import Dispute, export_evidence
+
+    evidence = pa.Table.from_pylist([{"series_id": 1, "ts_ms": ms(DAY, 1), "value": 1.0, "increase": Decimal(1)}])
+    row = {"meter_id": "proxy_bytes", "series_id": 1, "ts": ms(DAY, 1), "event": "reset", "prev_value": 2.0, "value": 1.0, "gap_ms": 0}
+    dispute = Dispute("acme", JAN, "", "day", [{"meter_id": "proxy_bytes", "increase": Decimal(1)}], [], [row], None, [],
+                      tie_out={"meters": {}}, evidence=evidence)
+    return lambda: export_evidence(dispute, p.data_dir / "disputes" / "acme")
+
+
 PUBLISH_PATHS = {
     "invoice files": _invoice_files,
     "invoice number registry": _registry,
@@ -198,6 +208,7 @@ PUBLISH_PATHS = {
     "recording rules": _recording_rules,
     "warehouse views": _warehouse,
     "landing segment and index": _landing_seal,
+    "dispute evidence pack": _dispute_evidence,
 }
 
 
@@ -225,6 +236,42 @@ def test_only_the_durable_module_renames_files():
                 path_replace = node.func.attr == "replace" and len(node.args) == 1 and not node.keywords  # Path.replace(target)
                 if (isinstance(target, ast.Name) and target.id == "os") or node.func.attr == "rename" or path_replace:
                     offenders.append(f"{f.relative_to(PROJECT_ROOT)}:{node.lineno}")
+    assert offenders == []
+
+
+#: modules that write files in place on purpose: the receiver's landing log (appended and fsynced
+#: record by record; a segment is published by sealing it through durable.publish) and the
+#: invoice numbering lock file (opened to hold a lock, never published)
+WRITES_IN_PLACE = {
+    "ingest/remote_write/landing.py": "the append-only landing segment",
+    "billing/numbering.py": "the numbering lock file",
+}
+
+
+def test_only_the_durable_module_writes_files_in_place():
+    """Files are written under a temporary name that durable publishes: no module writes a destination
+    directly (Path.write_text/write_bytes, open(..., "w"/"a"/"x"), shutil.copy/move), but the listed ones."""
+    offenders = []
+    for f in sorted((PROJECT_ROOT / "billing_dags").rglob("*.py")):
+        rel = f.relative_to(PROJECT_ROOT / "billing_dags").as_posix()
+        if rel == "core/durable.py" or rel in WRITES_IN_PLACE:
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+            if name in ("write_text", "write_bytes") and isinstance(func, ast.Attribute) and not (
+                isinstance(func.value, ast.Name) and func.value.id in ("durable", "batch")
+            ):
+                offenders.append(f"{rel}:{node.lineno} {name}")
+            elif name in ("copy", "copy2", "copyfile", "move") and isinstance(func, ast.Attribute) and getattr(func.value, "id", "") == "shutil":
+                offenders.append(f"{rel}:{node.lineno} shutil.{name}")
+            elif name == "open" and (isinstance(func, ast.Name) or getattr(func.value, "id", "") != "os"):
+                modes = [a.value for a in node.args[1:2] if isinstance(a, ast.Constant)]
+                modes += [k.value.value for k in node.keywords if k.arg == "mode" and isinstance(k.value, ast.Constant)]
+                if any(c in m for m in modes for c in "wax"):
+                    offenders.append(f"{rel}:{node.lineno} open({modes[0]!r})")
     assert offenders == []
 
 

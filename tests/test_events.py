@@ -150,7 +150,7 @@ def test_delta_events_add_to_daily_usage_exactly_and_price_per_model():
         assert all(x["kind"] == "counter" and x["series"] == 0 and x["samples"] == 0 for x in day)
         assert sum(x["events"] for x in day) == sum(1 for x in rows if x["customer_key"] != UNKNOWN) - 1
         month = Window(date(2025, 3, 1), date(2025, 4, 1))
-        for model in ("fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period",
+        for model in ("fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_billable_usage_by_subscription_period",
                       "fct_rated_usage_by_subscription_period", "fct_invoice_lines"):
             out = r.run(model, month)
         lines = out.to_pylist()

@@ -12,6 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from billing_dags.models import fastpath
 
@@ -211,6 +213,32 @@ def test_random_values_of_every_kind(paths):
         rows += [(int(rng.integers(-(2**62), 2**62)) if s % 10 == 0 else s, int(t), float(x)) for t, x in zip(ts, v)]
     rows.sort(key=lambda r: (r[0], r[1]))
     write_raw(paths, rows, row_group_size=3000)
+    sql, fast = both(paths)
+    assert_same(sql, fast)
+
+
+# one step of a counter: ms since the previous sample, what it adds, whether the counter restarts from
+# zero first (a reset: the step is then the whole value), and a second copy of the sample at the same ts
+_STEP = st.tuples(st.integers(1, 3_600_000), st.integers(0, 10**12), st.booleans(), st.sampled_from([None, 0, -1]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(series=st.lists(st.tuples(st.sampled_from([1, 1000]), st.lists(_STEP, min_size=1, max_size=40)), min_size=1, max_size=4))
+def test_the_counter_rule_of_the_engine_equals_the_sql(paths, series):
+    """The counter rule (increase, resets, duplicates) has two implementations, the SQL model and the
+    compiled engine: equal on any counter, integer or with 3 decimals."""
+    rows = []
+    for sid, (scale, steps) in enumerate(series, 1):
+        t, units = START, 0
+        for gap, add, reset, duplicate in steps:
+            t += gap
+            if t >= END:
+                break
+            units = add if reset else units + add
+            rows.append((sid, t, units / scale))
+            if duplicate is not None:  # the same ts again: an equal or a smaller value (a conflict)
+                rows.append((sid, t, (units + duplicate) / scale))
+    write_raw(paths, sorted(rows))
     sql, fast = both(paths)
     assert_same(sql, fast)
 

@@ -63,7 +63,7 @@ def fast_days(paths, samples_by_series, series_labels, days, months=()) -> dict:
                 run_model(paths, name, w)  # the configured engine's partition stays
             out.setdefault(name, []).extend(got.to_pylist())
     for month in months:
-        for name in ("fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_rated_usage_by_subscription_period"):
+        for name in ("fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_billable_usage_by_subscription_period", "fct_rated_usage_by_subscription_period"):
             out.setdefault(name, []).extend(run_model(paths, name, month).table.to_pylist())
     return out
 
@@ -226,7 +226,7 @@ def test_an_avg_month_without_a_sample_bills_nothing_in_sql(tmp_path):
         run_days(STORED, STORAGE, seeds, [OCT31, NOV1], runner=r)
         rated = {}
         for month in (month_window(2026, 10), month_window(2026, 11)):
-            for name in ("dim_subscription_periods_by_month", "fct_usage_by_subscription_period"):
+            for name in ("dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_billable_usage_by_subscription_period"):
                 r.run(name, month)
             rated[month.start] = r.run("fct_rated_usage_by_subscription_period", month).to_pylist()
         r.set_table("external_pool_shares", POOL_SCHEMA.empty_table())

@@ -14,15 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from billing_dags.ingest import raw
-from billing_dags.definitions import ASSETS
+from billing_dags.definitions import defs as load_defs
 from billing_dags.defs.shared.partitions import billing_daily, billing_monthly
-from billing_dags.defs.shared.resources import (
-    PrometheusResource,
-    SimulationResource,
-    StripeResource,
-    UsageEventsResource,
-    WarehouseResource,
-)
+from billing_dags.defs.ingest.sources import SimulationResource, simulated_sources
+from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
+
+#: every asset of the code location, as loaded from the defs folder
+ASSETS = load_defs().assets
 
 MONTH = date(2026, 2, 1)  # 28 days keeps the test short
 DAYS = [MONTH + timedelta(days=i) for i in range(28)]
@@ -31,9 +29,7 @@ DAYS = [MONTH + timedelta(days=i) for i in range(28)]
 def _resources(paths) -> dict:
     return {
         "warehouse": WarehouseResource(data_dir=str(paths.data_dir), seeds_dir=str(paths.seeds_dir)),
-        "simulation": SimulationResource(seed=7, interval_s=300),
-        "prometheus": PrometheusResource(),
-        "usage_events": UsageEventsResource(),  # no DSN: records "no source configured", writes nothing
+        **simulated_sources(SimulationResource(seed=7, interval_s=300)),
         "stripe": StripeResource(),
     }
 

@@ -22,10 +22,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from billing_dags.ingest import events
-from billing_dags.definitions import ASSETS
-from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, StripeResource, UsageEventsResource, WarehouseResource
+from billing_dags.definitions import defs as load_defs
+from billing_dags.defs.ingest.sources import PostgresEvents, SimulationResource, simulated_sources
+from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from servers import free_port
+
+#: every asset of the code location, as loaded from the defs folder
+ASSETS = load_defs().assets
 
 pytestmark = pytest.mark.integration
 
@@ -117,8 +121,8 @@ def _rows():
 def _resources(paths, dsn):
     return {
         "warehouse": WarehouseResource(data_dir=str(paths.data_dir), seeds_dir=str(paths.seeds_dir)),
-        "simulation": SimulationResource(), "prometheus": PrometheusResource(), "stripe": StripeResource(),
-        "usage_events": UsageEventsResource(dsn=dsn),
+        **simulated_sources(SimulationResource()), "stripe": StripeResource(),
+        "event_source": PostgresEvents(dsn=dsn),
     }
 
 
@@ -141,7 +145,7 @@ def test_month_of_usage_events_is_billed_exactly(pg, tmp_path):
     for d in DAYS:
         for names in (("usage_events",), ("int_series_edges_by_day",), ("int_gauge_peaks_by_day",), ("fct_usage_by_day",)):
             assert _run(paths, pg, instance, set(names), d.isoformat()).success, (d, names)
-    month = ("fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period",
+    month = ("fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_billable_usage_by_subscription_period",
              "fct_rated_usage_by_subscription_period", "fct_invoice_lines")
     for m in month:
         assert _run(paths, pg, instance, {m}, "2025-04-01").success, m

@@ -1,7 +1,7 @@
 """Pricing models beyond per-unit, and subscriptions with dates, each with a worked example by hand.
 
 Usage enters as fct_usage_by_day fixture rows; the real seeds decide plans, prices and tiers;
-the models dim_subscription_periods_by_month -> fct_usage_by_subscription_period ->
+the models dim_subscription_periods_by_month -> fct_usage_by_subscription_period -> fct_billable_usage_by_subscription_period ->
 fct_rated_usage_by_subscription_period -> fct_invoice_lines run in an in-memory DuckDB.
 """
 
@@ -18,21 +18,11 @@ import pytest
 
 from billing_dags.models.sqlmodels import Window
 from sql_helpers import SEEDS_DIR, Runner, seed_tables
+from sql_helpers import USAGE_BY_DAY_SCHEMA as DAY_SCHEMA
 
 GIB = 2**30
 OCT = Window(date(2026, 10, 1), date(2026, 11, 1))  # 31 days
 APR = Window(date(2025, 4, 1), date(2025, 5, 1))  # 30 days
-
-DAY_SCHEMA = pa.schema(
-    [
-        ("day", pa.date32()), ("customer_id", pa.string()), ("meter_id", pa.string()), ("dimension", pa.string()),
-        ("kind", pa.string()), ("usage", pa.decimal128(38, 9)), ("gauge_integral", pa.decimal128(38, 9)),
-        ("gauge_covered_ms", pa.int64()), ("gauge_peak", pa.decimal128(38, 9)), ("series", pa.int64()),
-        ("samples", pa.int64()), ("dropped_samples", pa.int64()), ("resets", pa.int64()),
-        ("reappeared_series", pa.int64()), ("max_gap_ms", pa.int64()), ("events", pa.int64()),
-        ("duplicate_conflicts", pa.int64()), ("gauge_held_ms", pa.int64()),
-    ]
-)
 
 
 def day_row(day, customer, meter, *, usage=None, peak=None, kind="counter"):
@@ -48,7 +38,7 @@ def day_row(day, customer, meter, *, usage=None, peak=None, kind="counter"):
 def bill(rows, window, seeds=None) -> list[dict]:
     with Runner(seeds) as r:
         r.set_table("fct_usage_by_day", pa.Table.from_pylist(rows, schema=DAY_SCHEMA))
-        for model in ("dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_rated_usage_by_subscription_period", "fct_invoice_lines"):
+        for model in ("dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_billable_usage_by_subscription_period", "fct_rated_usage_by_subscription_period", "fct_invoice_lines"):
             out = r.run(model, window)
         return out.to_pylist()
 

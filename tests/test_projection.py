@@ -17,22 +17,12 @@ import pytest
 from billing_dags.billing import projection
 from billing_dags.cli.main import main
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
+from sql_helpers import USAGE_BY_DAY_SCHEMA as DAY_SCHEMA
 
 GIB = 2**30
 OCT = date(2026, 10, 1)
 TODAY = date(2026, 10, 11)  # days 1..10 computed: E = 10, D = 31
 DAYS = [OCT + timedelta(days=i) for i in range(10)]
-
-DAY_SCHEMA = pa.schema(
-    [
-        ("day", pa.date32()), ("customer_id", pa.string()), ("meter_id", pa.string()), ("dimension", pa.string()),
-        ("kind", pa.string()), ("usage", pa.decimal128(38, 9)), ("gauge_integral", pa.decimal128(38, 9)),
-        ("gauge_covered_ms", pa.int64()), ("gauge_peak", pa.decimal128(38, 9)), ("series", pa.int64()),
-        ("samples", pa.int64()), ("dropped_samples", pa.int64()), ("resets", pa.int64()),
-        ("reappeared_series", pa.int64()), ("max_gap_ms", pa.int64()), ("events", pa.int64()),
-        ("duplicate_conflicts", pa.int64()), ("gauge_held_ms", pa.int64()),
-    ]
-)
 
 
 def day_row(day, customer, meter, *, usage=None, peak=None, integral=None, covered=None, dimension=""):

@@ -28,11 +28,15 @@ import pytest
 
 from billing_dags.ingest import prometheus as prom
 from billing_dags.ingest import raw
-from billing_dags.definitions import ASSETS
-from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, StripeResource, WarehouseResource
+from billing_dags.definitions import defs as load_defs
+from billing_dags.defs.ingest.sources import NoEvents, PrometheusSamples, ReceivedReports
+from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 import prometheus_harness as harness
 from servers import HandlerServer
+
+#: every asset of the code location, as loaded from the defs folder
+ASSETS = load_defs().assets
 
 pytestmark = pytest.mark.integration
 
@@ -168,8 +172,9 @@ def _assets(*names):
 def _resources(paths, url, **prom_kw) -> dict:
     return {
         "warehouse": WarehouseResource(data_dir=str(paths.data_dir), seeds_dir=str(paths.seeds_dir)),
-        "simulation": SimulationResource(),
-        "prometheus": PrometheusResource(url=url, **prom_kw),
+        "sample_source": PrometheusSamples(url=url, **prom_kw),
+        "event_source": NoEvents(),
+        "report_source": ReceivedReports(),
         "stripe": StripeResource(),
     }
 

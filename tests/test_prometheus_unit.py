@@ -330,20 +330,20 @@ def test_query_range_refuses_more_than_11000_points():
 def test_resource_defaults_to_simulation_and_wires_env(monkeypatch):
     import dagster as dg
 
-    from billing_dags.defs.shared.resources import PrometheusResource, build_resources
+    from billing_dags.defs.ingest.sources import PrometheusSamples, SimulatedSamples, usage_sources
 
-    assert not PrometheusResource().enabled
     for var in ("PROMETHEUS_URL", "PROMETHEUS_BEARER_TOKEN", "PROMETHEUS_TENANT", "PROMETHEUS_HEADERS"):
         monkeypatch.delenv(var, raising=False)
-    assert build_resources()["prometheus"].url is None
+    assert isinstance(usage_sources()["sample_source"], SimulatedSamples)
     monkeypatch.setenv("PROMETHEUS_URL", "http://127.0.0.1:9090")
     monkeypatch.setenv("PROMETHEUS_TENANT", "tenant-1")
     monkeypatch.setenv("PROMETHEUS_BEARER_TOKEN", "secret")
     monkeypatch.setenv("PROMETHEUS_TLS_VERIFY", "false")
-    r = build_resources()["prometheus"]
+    r = usage_sources()["sample_source"]
+    assert isinstance(r, PrometheusSamples)
     assert r.url == dg.EnvVar("PROMETHEUS_URL") and r.tenant == dg.EnvVar("PROMETHEUS_TENANT")
     assert r.bearer_token == dg.EnvVar("PROMETHEUS_BEARER_TOKEN") and r.verify_tls is False
-    client = PrometheusResource(url="http://127.0.0.1:9090", tenant="t", headers="X-A: 1", verify_tls=False).client()
+    client = PrometheusSamples(url="http://127.0.0.1:9090", tenant="t", headers="X-A: 1", verify_tls=False).client()
     assert client.session.headers["X-Scope-OrgID"] == "t" and client.session.headers["X-A"] == "1"
     assert client.session.verify is False
 
@@ -502,8 +502,9 @@ def test_remote_read_errors_name_meter_query_and_server():
 
 
 def test_resource_read_api_defaults_to_auto_and_reads_the_environment(monkeypatch):
-    from billing_dags.defs.shared.resources import PrometheusResource, build_resources
+    from billing_dags.defs.ingest.sources import PrometheusSamples, usage_sources
 
-    assert PrometheusResource(url="http://127.0.0.1:9090").client().read_api == "auto"
+    assert PrometheusSamples(url="http://127.0.0.1:9090").client().read_api == "auto"
+    monkeypatch.setenv("PROMETHEUS_URL", "http://127.0.0.1:9090")
     monkeypatch.setenv("PROMETHEUS_READ_API", "query")
-    assert build_resources()["prometheus"].read_api == "query"
+    assert usage_sources()["sample_source"].read_api == "query"

@@ -394,25 +394,19 @@ def test_one_day_through_dagster_bills_the_simulated_events_and_reports(data_dir
 
     import dagster as dg
 
-    from billing_dags.definitions import ASSETS
-    from billing_dags.defs.shared.resources import (
-        PrometheusResource,
-        SimulationResource,
-        StripeResource,
-        UsageEventsResource,
-        WarehouseResource,
-    )
+    from billing_dags.definitions import defs as load_defs
+    from billing_dags.defs.ingest.sources import SimulationResource, simulated_sources
+    from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
 
     seeds = _event_seeds(small_seeds)
     paths = resolve_paths(data_dir, seeds)
     resources = {
         "warehouse": WarehouseResource(data_dir=str(paths.data_dir), seeds_dir=str(paths.seeds_dir)),
-        "simulation": SimulationResource(seed=7, interval_s=300),
-        "prometheus": PrometheusResource(),
-        "usage_events": UsageEventsResource(),
+        **simulated_sources(SimulationResource(seed=7, interval_s=300)),
         "stripe": StripeResource(),
     }
     instance = dg.DagsterInstance.ephemeral()
+    ASSETS = load_defs().assets
     seed_keys = [k for a in ASSETS for k in a.keys if a.group_names_by_key.get(k) == "seeds"]
     assert dg.materialize(ASSETS, selection=seed_keys, resources=resources, instance=instance).success
     names = ("raw_samples", "usage_events", "usage_reports", "int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day")
@@ -466,7 +460,7 @@ def test_one_day_through_dagster_bills_the_simulated_events_and_reports(data_dir
         assert row["gauge_covered_ms"] == 24 * hour_ms, meter
 
     # the demo's closing lines read the same models
-    from billing_dags.cli.main import event_billed_lines
+    from billing_dags.operations.reports import event_billed_lines
 
     events = sum(r["events"] for k, r in got.items() if k[0] == "llm-010")
     lines = event_billed_lines(paths, EVENT_DAY.replace(day=1))

@@ -153,6 +153,7 @@ def test_every_table_model_stays_inside_its_window(runner):
     assert next(r for r in month.to_pylist() if r["meter_id"] == "proxy_bytes")["usage"] == 2 + 6
     runner.run("dim_subscription_periods_by_month", march)
     runner.run("fct_usage_by_subscription_period", march)
+    runner.run("fct_billable_usage_by_subscription_period", march)
     rated = runner.run("fct_rated_usage_by_subscription_period", march)
     lines = runner.run("fct_invoice_lines", march)
     for name, table in [("fct_usage_by_month", month), ("fct_rated_usage_by_subscription_period", rated), ("fct_invoice_lines", lines)]:

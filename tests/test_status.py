@@ -10,15 +10,13 @@ import dagster as dg
 from dagster._core.definitions.data_version import StaleStatus
 from dagster._utils.test.data_versions import get_stale_status_resolver
 
-from billing_dags.definitions import ASSETS, defs as load_defs
-from billing_dags.defs.shared.resources import (
-    PrometheusResource,
-    SimulationResource,
-    StripeResource,
-    UsageEventsResource,
-    WarehouseResource,
-)
+from billing_dags.definitions import defs as load_defs
+from billing_dags.defs.ingest.sources import SimulationResource, simulated_sources
+from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
 from billing_dags.core.settings import PROJECT_ROOT
+
+#: every asset of the code location, as loaded from the defs folder
+ASSETS = load_defs().assets
 
 DAYS = ["2026-02-01", "2026-02-02", "2026-02-03"]
 DAILY = ["raw_samples", "int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day"]
@@ -28,9 +26,7 @@ USAGE = dg.AssetKey("fct_usage_by_day")
 def _resources(paths, seed=7) -> dict:
     return {
         "warehouse": WarehouseResource(data_dir=str(paths.data_dir), seeds_dir=str(paths.seeds_dir)),
-        "simulation": SimulationResource(seed=seed, interval_s=3600, customers=2),
-        "prometheus": PrometheusResource(),
-        "usage_events": UsageEventsResource(),
+        **simulated_sources(SimulationResource(seed=seed, interval_s=3600, customers=2)),
         "stripe": StripeResource(),
     }
 

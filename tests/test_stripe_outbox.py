@@ -14,14 +14,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import pyarrow as pa
+
 from billing_dags.core.settings import Paths
 from billing_dags.stripe.outbox import (
     OUTBOX_SCHEMA,
     OutboxError,
     build_outbox,
+    day_quantities,
     day_timestamp,
     event_identifier,
-    event_value,
     make_client,
     read_outbox,
     round_half_up,
@@ -29,6 +31,7 @@ from billing_dags.stripe.outbox import (
     write_outbox,
 )
 from servers import HandlerServer
+from sql_helpers import USAGE_BY_DAY_SCHEMA as DAY_SCHEMA
 
 UTC = timezone.utc
 DAY = date(2025, 3, 10)
@@ -51,14 +54,37 @@ CUSTOMERS = [
 ]
 
 
+#: the seed tables the billable-quantity model reads for the meters above (base unit = billing unit)
+SEEDS = {
+    "meters": pa.Table.from_pylist([
+        {"meter_id": m["meter_id"], "metrics": m["meter_id"], "kind": m["kind"], "aggregation": m["aggregation"], "unit": "u",
+         "billing_unit": "u", "customer_label": "customer_id", "dimension_label": "", "stripe_event_name": m["stripe_event_name"],
+         "description": m["meter_id"]}
+        for m in METERS.values()
+    ]),
+    "units": pa.Table.from_pylist([{"unit": "u", "billing_unit": "u", "divisor": 1}]),
+}
+
+
 def counter(cid, mid, usage, dimension="", day=DAY):
     return {"day": day, "customer_id": cid, "meter_id": mid, "dimension": dimension, "kind": "counter", "usage": Decimal(usage),
-            "gauge_integral": None, "gauge_covered_ms": None, "gauge_peak": None}
+            "gauge_integral": None, "gauge_covered_ms": None, "gauge_peak": None, "samples": 1, "events": 0}
 
 
 def gauge(cid, mid, *, integral="0", covered=0, peak="0", dimension="", day=DAY):
     return {"day": day, "customer_id": cid, "meter_id": mid, "dimension": dimension, "kind": "gauge", "usage": None,
-            "gauge_integral": Decimal(integral), "gauge_covered_ms": covered, "gauge_peak": Decimal(peak)}
+            "gauge_integral": Decimal(integral), "gauge_covered_ms": covered, "gauge_peak": Decimal(peak), "samples": 1, "events": 0}
+
+
+def outbox_of(day, rows, customers, meters, previous):
+    """build_outbox over the billable quantities of fixture fct_usage_by_day rows (as the asset builds it)."""
+    return build_outbox(day, day_quantities(day, pa.Table.from_pylist(rows, schema=DAY_SCHEMA), SEEDS), customers, meters, previous)
+
+
+def event_value(row, meter, day):
+    """The meter event value of one usage row."""
+    out = outbox_of(day, [row], CUSTOMERS, list(METERS.values()), [])
+    return next(r["value"] for r in out if r["meter_id"] == meter["meter_id"])
 
 
 # --------------------------------------------------------------------------- values
@@ -101,11 +127,6 @@ def test_round_half_up_is_symmetric():
     assert round_half_up(Fraction(0)) == 0
 
 
-def test_event_value_refuses_floats():
-    with pytest.raises(OutboxError, match="float"):
-        event_value({**counter("acme", "bytes", "1"), "usage": 1.5}, METERS["bytes"], DAY)
-
-
 # --------------------------------------------------------------------------- building
 
 
@@ -118,7 +139,7 @@ def test_build_outbox_sums_dimensions_and_skips_non_stripe():
         counter("acme", "quiet", "7"),  # meter without a stripe event name
         gauge("beta", "peak", peak="3"),
     ]
-    out = build_outbox(DAY, rows, CUSTOMERS, list(METERS.values()), [])
+    out = outbox_of(DAY, rows, CUSTOMERS, list(METERS.values()), [])
     assert [(r["customer_id"], r["meter_id"], r["value"]) for r in out] == [("acme", "bytes", 21), ("beta", "bytes", 5), ("beta", "peak", 3)]
     first = out[0]
     assert first == {
@@ -138,36 +159,36 @@ def test_build_outbox_sums_dimensions_and_skips_non_stripe():
     }
     assert day_timestamp(DAY) == int(datetime(2025, 3, 10, tzinfo=UTC).timestamp())
     # deterministic whatever the input order
-    assert build_outbox(DAY, list(reversed(rows)), CUSTOMERS, list(METERS.values()), []) == out
+    assert outbox_of(DAY, list(reversed(rows)), CUSTOMERS, list(METERS.values()), []) == out
 
 
 def test_build_outbox_rejects_bad_input():
     with pytest.raises(OutboxError, match="unknown customer 'ghost'"):
-        build_outbox(DAY, [counter("ghost", "bytes", "1")], CUSTOMERS, list(METERS.values()), [])
+        outbox_of(DAY, [counter("ghost", "bytes", "1")], CUSTOMERS, list(METERS.values()), [])
     with pytest.raises(OutboxError, match="unknown meter 'nope'"):
-        build_outbox(DAY, [counter("acme", "nope", "1")], CUSTOMERS, list(METERS.values()), [])
+        outbox_of(DAY, [counter("acme", "nope", "1")], CUSTOMERS, list(METERS.values()), [])
     with pytest.raises(OutboxError, match="not the outbox day"):
-        build_outbox(DAY, [counter("acme", "bytes", "1", day=DAY + timedelta(days=1))], CUSTOMERS, list(METERS.values()), [])
+        outbox_of(DAY, [counter("acme", "bytes", "1", day=DAY + timedelta(days=1))], CUSTOMERS, list(METERS.values()), [])
 
 
 def test_revision_bumps_only_when_value_changes():
     meters = list(METERS.values())
-    first = build_outbox(DAY, [counter("acme", "bytes", "100"), counter("beta", "bytes", "5")], CUSTOMERS, meters, [])
+    first = outbox_of(DAY, [counter("acme", "bytes", "100"), counter("beta", "bytes", "5")], CUSTOMERS, meters, [])
     stored = [{**r, "status": "sent", "attempts": 1, "stripe_response_id": r["identifier"]} for r in first]
 
-    same = build_outbox(DAY, [counter("acme", "bytes", "100.2"), counter("beta", "bytes", "5")], CUSTOMERS, meters, stored)
+    same = outbox_of(DAY, [counter("acme", "bytes", "100.2"), counter("beta", "bytes", "5")], CUSTOMERS, meters, stored)
     assert same == stored  # 100.2 rounds to the same 100: rows kept, status included
 
-    changed = build_outbox(DAY, [counter("acme", "bytes", "101"), counter("beta", "bytes", "5")], CUSTOMERS, meters, stored)
+    changed = outbox_of(DAY, [counter("acme", "bytes", "101"), counter("beta", "bytes", "5")], CUSTOMERS, meters, stored)
     acme, beta = changed
     assert (acme["value"], acme["revision"], acme["status"], acme["attempts"]) == (101, 2, "pending", 0)
     assert acme["identifier"] == "acme-bytes-20250310-r2" and acme["stripe_response_id"] is None
     assert beta == stored[1]
 
     # beta's usage vanished (e.g. a corrected customer mapping): a zero event undoes what was sent
-    gone = build_outbox(DAY, [counter("acme", "bytes", "101")], CUSTOMERS, meters, changed)
+    gone = outbox_of(DAY, [counter("acme", "bytes", "101")], CUSTOMERS, meters, changed)
     assert [(r["customer_id"], r["value"], r["revision"], r["status"]) for r in gone] == [("acme", 101, 2, "pending"), ("beta", 0, 2, "pending")]
-    again = build_outbox(DAY, [counter("acme", "bytes", "101")], CUSTOMERS, meters, gone)
+    again = outbox_of(DAY, [counter("acme", "bytes", "101")], CUSTOMERS, meters, gone)
     assert again == gone
 
 
@@ -195,7 +216,7 @@ def test_identifier_for_long_ids_stays_within_stripe_limit():
 def test_outbox_parquet_round_trip_is_atomic_and_deterministic(tmp_path):
     paths = Paths(tmp_path / "data", tmp_path / "seeds")
     assert read_outbox(paths, DAY) == []
-    rows = build_outbox(DAY, [counter("beta", "bytes", "5"), counter("acme", "bytes", "7")], CUSTOMERS, list(METERS.values()), [])
+    rows = outbox_of(DAY, [counter("beta", "bytes", "5"), counter("acme", "bytes", "7")], CUSTOMERS, list(METERS.values()), [])
     dest = write_outbox(paths, DAY, rows)
     assert dest == paths.outbox / "date=2025-03-10" / "outbox.parquet"
     assert read_outbox(paths, DAY) == rows
@@ -215,7 +236,7 @@ def test_outbox_parquet_round_trip_is_atomic_and_deterministic(tmp_path):
 
 def test_dry_run_without_a_key():
     assert make_client(None) is None and make_client("") is None
-    rows = build_outbox(DAY, [counter("acme", "bytes", "7")], CUSTOMERS, list(METERS.values()), [])
+    rows = outbox_of(DAY, [counter("acme", "bytes", "7")], CUSTOMERS, list(METERS.values()), [])
     out = send_outbox(rows, None, now=NOW)
     assert [r["status"] for r in out] == ["dry_run"]
     assert out[0]["attempts"] == 0 and rows[0]["status"] == "pending"  # input untouched
@@ -235,7 +256,7 @@ def test_too_old_rows_are_flagged_never_sent():
     edge_day = (now - timedelta(days=35)).date()  # starts 35 days 12 h before now
     rows = []
     for d in (old_day, edge_day):
-        rows += build_outbox(d, [counter("acme", "bytes", "7", day=d)], CUSTOMERS, list(METERS.values()), [])
+        rows += outbox_of(d, [counter("acme", "bytes", "7", day=d)], CUSTOMERS, list(METERS.values()), [])
     out = send_outbox(rows, Exploding(), now=now)
     assert [r["status"] for r in out] == ["too_old", "too_old"]
     assert all(r["attempts"] == 0 for r in out)
@@ -243,7 +264,7 @@ def test_too_old_rows_are_flagged_never_sent():
     assert [r["status"] for r in send_outbox(rows, None, now=now)] == ["too_old", "too_old"]
     # 34 days back is still within the horizon
     ok_day = (now - timedelta(days=34)).date()
-    ok = build_outbox(ok_day, [counter("acme", "bytes", "7", day=ok_day)], CUSTOMERS, list(METERS.values()), [])
+    ok = outbox_of(ok_day, [counter("acme", "bytes", "7", day=ok_day)], CUSTOMERS, list(METERS.values()), [])
     assert [r["status"] for r in send_outbox(ok, None, now=now)] == ["dry_run"]
 
 
@@ -329,7 +350,7 @@ def no_proxy(monkeypatch):
 def test_http_round_trip_retries_with_the_same_idempotency_key(no_proxy):
     meters = list(METERS.values())
     usage = [counter("acme", "bytes", "1048576.5"), gauge("acme", "peak", peak="12"), counter("beta", "bytes", "42"), gauge("beta", "peak", peak="1")]
-    rows = build_outbox(DAY, usage, CUSTOMERS, meters, [])
+    rows = outbox_of(DAY, usage, CUSTOMERS, meters, [])
     by_id = {r["identifier"]: r for r in rows}
     assert set(by_id) == {"acme-bytes-20250310-r1", "acme-peak-20250310-r1", "beta-bytes-20250310-r1", "beta-peak-20250310-r1"}
     # one row was already acknowledged and must not be sent again
@@ -379,7 +400,7 @@ def test_connection_errors_mark_rows_failed_without_the_key(no_proxy):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
-    rows = build_outbox(DAY, [counter("acme", "bytes", "7")], CUSTOMERS, list(METERS.values()), [])
+    rows = outbox_of(DAY, [counter("acme", "bytes", "7")], CUSTOMERS, list(METERS.values()), [])
     out = send_outbox(rows, make_client(API_KEY, f"http://127.0.0.1:{port}", max_network_retries=0), now=NOW)
     assert out[0]["status"] == "failed" and out[0]["attempts"] == 1
     assert out[0]["last_error"] and API_KEY not in out[0]["last_error"]

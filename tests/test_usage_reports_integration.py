@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 
 import dagster as dg
@@ -25,11 +25,16 @@ import pytest
 import requests
 
 from billing_dags.ingest import events
-from billing_dags.definitions import ASSETS
-from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, StripeResource, UsageEventsResource, WarehouseResource
+from billing_dags.core.calendar import last_complete_month, month_days, next_month
+from billing_dags.definitions import defs as load_defs
+from billing_dags.defs.ingest.sources import NoEvents, ReceivedReports, SimulatedSamples, SimulationResource
+from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.ingest.usage_reports import demo_report_token
 from servers import free_port
+
+#: every asset of the code location, as loaded from the defs folder
+ASSETS = load_defs().assets
 
 pytestmark = pytest.mark.integration
 
@@ -41,16 +46,11 @@ HOUR_MS = 3_600_000
 
 def _month() -> date:
     """The last complete month: always inside the 90-day window the endpoint accepts."""
-    first = datetime.now(timezone.utc).date().replace(day=1)
-    return (first - timedelta(days=1)).replace(day=1)
+    return last_complete_month(datetime.now(timezone.utc).date())
 
 
 def _ms(d: date) -> int:
     return int(datetime(d.year, d.month, d.day, tzinfo=timezone.utc).timestamp()) * 1000
-
-
-def _next_month(d: date) -> date:
-    return (d + timedelta(days=32)).replace(day=1)
 
 
 def _iso(ms: int) -> str:
@@ -59,7 +59,7 @@ def _iso(ms: int) -> str:
 
 def _reports(month: date) -> list[dict]:
     rng = random.Random(1)
-    start, end = _ms(month), _ms(_next_month(month))
+    start, end = _ms(month), _ms(next_month(month))
     out = []
     storage_mb = Decimal("40000.00")
     for ts in range(start, end + HOUR_MS, HOUR_MS):  # the last one is 00:00 of the next month
@@ -127,8 +127,9 @@ def _post(url, text, token=TOKEN):
 def _run(paths, instance, names, key=None):
     resources = {
         "warehouse": WarehouseResource(data_dir=str(paths.data_dir), seeds_dir=str(paths.seeds_dir)),
-        "simulation": SimulationResource(enabled=False), "prometheus": PrometheusResource(), "stripe": StripeResource(),
-        "usage_events": UsageEventsResource(),
+        "sample_source": SimulatedSamples(simulation=SimulationResource()), "stripe": StripeResource(),
+        # only the reports the test POSTs: no simulated reports, no usage_events rows
+        "event_source": NoEvents(), "report_source": ReceivedReports(),
     }
     sel = [k for a in ASSETS for k in a.keys if k.to_user_string() in names]
     return dg.materialize(ASSETS, selection=sel, partition_key=key, resources=resources, instance=instance, raise_on_error=False)
@@ -158,13 +159,13 @@ def test_a_month_of_posted_reports_is_billed_exactly(server, tmp_path):
     paths = resolve_paths(tmp_path / "data", PROJECT_ROOT / "seeds")
     instance = dg.DagsterInstance.ephemeral()
     assert _run(paths, instance, {a.key.to_user_string() for a in ASSETS if a.key.to_user_string().startswith("seed_")}).success
-    days = [month + timedelta(days=i) for i in range((_next_month(month) - month).days)]
-    month_end_ms = _ms(_next_month(month))
+    days = month_days(month)
+    month_end_ms = _ms(next_month(month))
     stamps = [int(datetime.strptime(r["reported_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()) * 1000 for r in sent]
     for d in days:
         for names in (("usage_reports",), ("int_series_edges_by_day",), ("int_gauge_peaks_by_day",), ("fct_usage_by_day",)):
             assert _run(paths, instance, set(names), d.isoformat()).success, (d, names)
-    for m in ("fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_rated_usage_by_subscription_period", "fct_invoice_lines"):
+    for m in ("fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_billable_usage_by_subscription_period", "fct_rated_usage_by_subscription_period", "fct_invoice_lines"):
         assert _run(paths, instance, {m}, month.isoformat()).success, m
 
     # --- the independent bill, from what was sent (the next month's 00:00 report is not this month's)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import date, datetime, timedelta, timezone
 
 from billing_dags.billing.errors import InvoiceError
+from billing_dags.core import calendar
 from billing_dags.core.calendar import next_month
 from billing_dags.core.settings import DEFAULT_GRACE_DAYS
 
@@ -19,7 +20,7 @@ def checked_month(month: date) -> date:
     if isinstance(month, datetime) or not isinstance(month, date):
         raise InvoiceError(f"month {month!r} must be a datetime.date (the first day of the month)")
     if month.day != 1:
-        raise InvoiceError(f"month {month.isoformat()} is not the first day of a month; pass {month.replace(day=1).isoformat()}")
+        raise InvoiceError(f"month {month.isoformat()} is not the first day of a month; pass {calendar.month_start(month).isoformat()}")
     return month
 
 

@@ -4,7 +4,11 @@ Seed 000 asks for Grafana panels with "current billing period usage" and "projec
 A projection is never an invoice and never touches ``data/models``: it reads the daily usage
 partitions already computed for the month and prices a projected month in an in-memory DuckDB
 with the same SQL models the invoices use (dim_subscription_periods_by_month ->
-fct_usage_by_subscription_period -> fct_rated_usage_by_subscription_period -> fct_invoice_lines).
+fct_usage_by_subscription_period -> fct_billable_usage_by_subscription_period -> fct_rated_usage_by_subscription_period ->
+fct_invoice_lines). The month-to-date and projected quantities shown per customer, meter and
+dimension come from the same billable-quantity model, over the whole month as one period: the
+month-to-date one over the computed days only (no partial window: unit-months still divide by the
+whole month), the projected one over the computed and the synthetic days.
 
 How the month-end quantity is projected (per customer, meter and dimension):
 
@@ -43,6 +47,7 @@ NANO = 10**9
 PRICING_MODELS = (
     "dim_subscription_periods_by_month",
     "fct_usage_by_subscription_period",
+    "fct_billable_usage_by_subscription_period",
     "fct_rated_usage_by_subscription_period",
     "fct_invoice_lines",
 )
@@ -97,20 +102,6 @@ def div_half_up(n: int, d: int) -> int:
     if n >= 0:
         return (2 * n + d) // (2 * d)
     return -((2 * -n + d) // (2 * d))
-
-
-def base_quantity(aggregation: str, row: dict) -> Decimal:
-    """The quantity in the meter's base unit from a usage row (month or sum of days), as `billing usage` shows it."""
-    if aggregation == "sum":
-        return Decimal(row["usage"] or 0)
-    if aggregation == "max":
-        return Decimal(row["gauge_peak"] or 0)
-    if aggregation == "avg":
-        covered = row["gauge_covered_ms"] or 0
-        return Decimal(row["gauge_integral"] or 0) / covered if covered else Decimal(0)
-    if aggregation == "unit_hours":
-        return Decimal(row["gauge_integral"] or 0) / 3_600_000
-    return Decimal(row["gauge_integral"] or 0) / row["period_ms"]
 
 
 def fmt(x: Decimal) -> str:
@@ -241,12 +232,7 @@ def project_month(paths: Paths, month: date, today: date | None = None) -> Proje
     try:
         for name, table in seeds.items():
             create_table(con, f"seed_{name}", table)
-        month_model = project.models["fct_usage_by_month"]
-        sqlmodels.prepare(con, project, "fct_usage_by_month", None, window)
-        create_table(con, "fct_usage_by_day", actual)
-        mtd_rows = sqlmodels.query(con, month_model, window).to_pylist()
         create_table(con, "fct_usage_by_day", projected)
-        proj_rows = sqlmodels.query(con, month_model, window).to_pylist()
         lines = None
         for name in PRICING_MODELS:
             model = project.models[name]
@@ -269,24 +255,21 @@ def project_month(paths: Paths, month: date, today: date | None = None) -> Proje
         exponents = {r[0]: r[1] for r in con.execute("select currency, minor_unit_exponent from stg_seeds__currencies").fetchall()}
     finally:
         con.close()
-    units = {(u["unit"], u["billing_unit"]): u["divisor"] for u in seeds["units"].to_pylist()}
-    proj_by_key = {(r["customer_id"], r["meter_id"], r["dimension"]): r for r in proj_rows}
+    mtd_rows = sqlmodels.billable_quantities(actual, seeds, window, project=project)
+    proj_by_key = {
+        (r["customer_id"], r["meter_id"], r["dimension"]): r
+        for r in sqlmodels.billable_quantities(projected, seeds, window, project=project)
+    }
     usage = []
-    for r in sorted(mtd_rows, key=lambda r: (r["customer_id"], r["meter_id"], r["dimension"])):
-        m = meters.get(r["meter_id"])
-        if m is None:
-            continue
-        div = Decimal(units[(m["unit"], m["billing_unit"])])
+    for r in mtd_rows:
         p = proj_by_key.get((r["customer_id"], r["meter_id"], r["dimension"]), r)
-        mtd_base, proj_base = base_quantity(m["aggregation"], r), base_quantity(m["aggregation"], p)
         usage.append(
             {
                 "customer_id": r["customer_id"], "meter_id": r["meter_id"], "dimension": r["dimension"],
-                "kind": m["kind"], "aggregation": m["aggregation"],
-                "unit": m["billing_unit"] + {"unit_hours": "-hour", "unit_months": "-month"}.get(m["aggregation"], ""),
-                "base_unit": m["unit"],
-                "month_to_date": mtd_base / div, "projected": proj_base / div,
-                "month_to_date_base": mtd_base, "projected_base": proj_base,
+                "kind": meters[r["meter_id"]]["kind"], "aggregation": r["aggregation"], "unit": r["unit"],
+                "base_unit": r["base_unit"],
+                "month_to_date": r["quantity"], "projected": p["quantity"],
+                "month_to_date_base": r["base_quantity"], "projected_base": p["base_quantity"],
                 "days_with_data": r["days_with_data"],
             }
         )

@@ -15,109 +15,18 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from billing_dags.billing.listing import invoice_rows
 from billing_dags.cli import disputes, flags, metrics, reports, retention, stripe
 from billing_dags.cli import remote_write as remote_write_cli
 from billing_dags.cli.projection import emit_usage_report
-from billing_dags.cli.common import CliError, console, customers_of, emit, err_console, paths_of, require_customer, seeds_of, check_billable_month
+from billing_dags.cli.common import CliError, console, emit, err_console, paths_of, require_customer, seeds_of, check_billable_month
 from billing_dags.cli.runs import run_month, run_invoices
-from billing_dags.core.calendar import last_complete_month, next_month, parse_month
+from billing_dags.core.calendar import days_in_month, last_complete_month, next_month, parse_month
 from billing_dags.core.errors import InputError
 from billing_dags.core.settings import Paths
 
 
 # --- commands ----------------------------------------------------------------------------------
-
-def invoice_rows(paths: Paths, month: date) -> list[dict]:
-    from billing_dags.billing.render import document_title
-
-    folder = paths.invoices / f"{month:%Y-%m}"
-    rows = []
-    for f in sorted(folder.glob("*.json")):
-        if f.name == "registry.json":
-            continue
-        doc = json.loads(f.read_text())
-        if "customer_id" not in doc:
-            continue
-        rows.append(
-            {
-                "invoice": doc["invoice_number"],
-                "document": document_title(doc).lower(),
-                "status": doc["status"],
-                "customer": doc["customer_id"],
-                "plan": doc.get("plan_id", ""),
-                "lines": len(doc["lines"]),
-                "total": f"{doc['total']} {doc['currency'].upper()}",
-            }
-        )
-    return rows
-
-
-def outbox_summary(paths: Paths, month: date) -> str:
-    """Meter events of the month's days by status, e.g. '1,234 events: 900 dry_run, 334 too_old'."""
-    from billing_dags.stripe.outbox import read_outbox, summarize
-
-    rows = []
-    day = month
-    while day < next_month(month):
-        rows += read_outbox(paths, day)
-        day += timedelta(days=1)
-    summary = summarize(rows)
-    return f"{summary['rows']:,} meter events: " + ", ".join(
-        f"{n:,} {status}" for status, n in sorted(summary["by_status"].items()) if n
-    )
-
-
-def event_billed_lines(paths: Paths, month: date, n_customers: int | None = None) -> list[str]:
-    """One line per customer (of the first ``n_customers``) billed from usage events or usage reports."""
-    import duckdb
-
-    from billing_dags.operations.warehouse import open_warehouse
-
-    customers = customers_of(paths)[:n_customers]
-    picked = [c for c in customers if c.get("usage_source", "prometheus") != "prometheus"]
-    if not picked:
-        return []
-    con = open_warehouse(paths)
-    try:
-        rows = con.execute(
-            """
-            select customer_id, meter_id, sum(events)::bigint, sum(usage), max(gauge_peak)
-            from fct_usage_by_day
-            where day >= $start and day < $end and list_contains($customers, customer_id)
-            group by customer_id, meter_id
-            """,
-            {"start": month, "end": next_month(month), "customers": [c["customer_id"] for c in picked]},
-        ).fetchall()
-    except duckdb.Error:
-        return []  # no usage computed yet: nothing to summarize
-    finally:
-        con.close()
-    usage: dict[str, dict[str, tuple]] = {}
-    for customer, meter, events, total, peak in rows:
-        usage.setdefault(customer, {})[meter] = (events or 0, Decimal(total or 0), Decimal(peak or 0))
-    totals = {r["customer"]: r["total"] for r in invoice_rows(paths, month)}
-    mega, gib = Decimal(10) ** 6, Decimal(2) ** 30
-    lines = []
-    for c in picked:
-        cid, meters = c["customer_id"], usage.get(c["customer_id"], {})
-        get = lambda meter, i, meters=meters: meters.get(meter, (0, Decimal(0), Decimal(0)))[i]  # noqa: E731
-        total = totals.get(cid, "no invoice")
-        if c["usage_source"] == "usage_events":
-            events = sum(m[0] for m in meters.values())
-            tokens_in, tokens_out = get("llm_input_tokens", 1) / mega, get("llm_output_tokens", 1) / mega
-            lines.append(
-                f"{cid} (usage_events): {events:,} events, {tokens_in:,.1f}M input / {tokens_out:,.1f}M output tokens, "
-                f"invoice total {total}"
-            )
-        else:
-            reports = max((m[0] for m in meters.values()), default=0)
-            traffic = (get("iot_mqtt_bytes", 1) + get("iot_http_bytes", 1)) / gib
-            lines.append(
-                f"{cid} (usage reports): {reports:,} reports, peak {get('iot_devices', 2):,.0f} devices, "
-                f"{traffic:,.1f} GiB traffic, peak storage {get('iot_storage', 2) / gib:,.1f} GiB, invoice total {total}"
-            )
-    return lines
-
 
 def cmd_run(args) -> int:
     paths = paths_of(args)
@@ -134,6 +43,8 @@ def cmd_run(args) -> int:
 
 def cmd_demo(args) -> int:
     from billing_dags.ingest.usage_reports import ReportSchema, demo_report_token
+    from billing_dags.operations.reports import event_billed_lines
+    from billing_dags.stripe.outbox import outbox_summary
 
     paths = paths_of(args)
     month = parse_month(args.month) if args.month else last_complete_month()
@@ -182,7 +93,7 @@ def cmd_simulate(args) -> int:
     if n is not None and not 1 <= n <= customers.num_rows:
         raise CliError(f"--customers {n}: seeds have {customers.num_rows} customers; give 1..{customers.num_rows} or add customers to {paths.seeds_dir / 'customers.csv'}")
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console) as progress:
-        task = progress.add_task(f"simulating {month:%Y-%m}", total=(next_month(month) - month).days)
+        task = progress.add_task(f"simulating {month:%Y-%m}", total=days_in_month(month))
         figures = simulate.simulate_month(
             paths, month, customers, seed=args.seed, interval_s=args.interval, n_customers=n,
             progress=lambda day: progress.advance(task),
@@ -229,6 +140,8 @@ def cmd_invoices(args) -> int:
 
 
 def usage_rows(paths: Paths, customer_id: str, month: date) -> list[dict]:
+    """The month's billable quantities of a customer, per subscription period, as the invoice rates them
+    (fct_billable_usage_by_subscription_period), with the month's sample counts beside them."""
     from billing_dags.operations.warehouse import open_warehouse
 
     con = open_warehouse(paths)
@@ -236,14 +149,15 @@ def usage_rows(paths: Paths, customer_id: str, month: date) -> list[dict]:
         try:
             result = con.execute(
                 """
-                select u.meter_id, u.dimension, m.kind, m.aggregation, m.unit, m.billing_unit, un.divisor,
-                       u.usage, u.gauge_integral, u.gauge_covered_ms, u.gauge_peak, u.period_ms,
-                       u.days_with_data, u.samples, u.resets, u.dropped_samples
-                from fct_usage_by_month u
+                select b.period_start, b.meter_id, b.dimension, m.kind, b.aggregation, b.quantity, b.unit,
+                       b.base_quantity, b.base_unit, b.days_with_data, u.samples, u.resets, u.dropped_samples
+                from fct_billable_usage_by_subscription_period b
                 join seed_meters m using (meter_id)
-                join seed_units un on un.unit = m.unit and un.billing_unit = m.billing_unit
-                where u.customer_id = $customer and u.month = $month
-                order by u.meter_id, u.dimension
+                left join fct_usage_by_month u
+                    on u.month = b.month and u.customer_id = b.customer_id
+                    and u.meter_id = b.meter_id and u.dimension = b.dimension
+                where b.customer_id = $customer and b.month = $month
+                order by b.period_start, b.meter_id, b.dimension
                 """,
                 {"customer": customer_id, "month": month},
             ).fetchall()
@@ -251,29 +165,15 @@ def usage_rows(paths: Paths, customer_id: str, month: date) -> list[dict]:
             raise CliError(f"no usage computed for {month:%Y-%m} in {paths.data_dir}; run `billing run --month {month:%Y-%m}` first") from None
     finally:
         con.close()
-    rows = []
-    for (meter, dim, kind, agg, unit, bunit, div, usage, integral, covered, peak, period, days, samples, resets, dropped) in result:
-        if agg == "sum":
-            base = usage
-        elif agg == "max":
-            base = peak
-        elif agg == "avg":
-            base = integral / covered if covered else Decimal(0)
-        elif agg == "unit_hours":
-            base = integral / 3_600_000
-        else:
-            base = integral / period
-        qty = (Decimal(base) / Decimal(div)).quantize(Decimal("0.000000001"))
-        suffix = {"unit_hours": "-hour", "unit_months": "-month"}.get(agg, "")
-        rows.append(
-            {
-                "meter": meter, "dimension": dim, "kind": kind, "aggregation": agg,
-                "quantity": f"{qty.normalize():f}", "unit": bunit + suffix,
-                "base_quantity": f"{Decimal(base).quantize(Decimal('0.000000001')).normalize():f}", "base_unit": unit,
-                "days": days, "samples": samples, "resets": resets, "dropped_samples": dropped,
-            }
-        )
-    return rows
+    return [
+        {
+            "period_start": period.isoformat(), "meter": meter, "dimension": dim, "kind": kind, "aggregation": agg,
+            "quantity": f"{qty.normalize():f}", "unit": unit,
+            "base_quantity": f"{base.normalize():f}", "base_unit": base_unit,
+            "days": days, "samples": samples, "resets": resets, "dropped_samples": dropped,
+        }
+        for (period, meter, dim, kind, agg, qty, unit, base, base_unit, days, samples, resets, dropped) in result
+    ]
 
 
 def cmd_usage(args) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import sys
 import time
 from datetime import date, timedelta
@@ -13,7 +12,8 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from billing_dags.cli.common import RunFailed, err_console, seeds_of
-from billing_dags.core.calendar import next_month
+from billing_dags.core import durable
+from billing_dags.core.calendar import month_days
 from billing_dags.core.errors import input_error_names
 from billing_dags.core.settings import PROJECT_ROOT, Paths
 
@@ -28,7 +28,7 @@ def dagster_instance():
     Path(home).mkdir(parents=True, exist_ok=True)
     cfg = Path(home) / "dagster.yaml"
     if not cfg.exists() and (PROJECT_ROOT / "dagster.yaml").exists():
-        shutil.copy(PROJECT_ROOT / "dagster.yaml", cfg)
+        durable.write_bytes(cfg, (PROJECT_ROOT / "dagster.yaml").read_bytes())
     return dg.DagsterInstance.get()
 
 
@@ -217,11 +217,7 @@ def run_month(
     if ingest and warmup >= date.fromisoformat(PARTITIONS_START):
         edges_only = [dg.AssetKey(k) for k in ("raw_samples", "int_series_edges_by_day", "int_gauge_peaks_by_day")]
         execute(daily_job, instance, f"warm-up day {warmup}", run_config, partition_key=warmup.isoformat(), asset_selection=edges_only)
-    days = []
-    d = month
-    while d < next_month(month):
-        days.append(d)
-        d += timedelta(days=1)
+    days = month_days(month)
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err_console, disable=quiet,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 import os
 import sys
 from billing_dags.stripe.meters import StripeMeterError, send_days, sync_meters
 from billing_dags.cli.common import CliError, console, emit, paths_of
-from billing_dags.core.calendar import next_month, parse_month
+from billing_dags.core.calendar import month_days, parse_month
 
 
 def days_of(day: str | None, month: str | None) -> list[date]:
@@ -19,12 +19,7 @@ def days_of(day: str | None, month: str | None) -> list[date]:
             return [date.fromisoformat(day)]
         except ValueError:
             raise CliError(f"day {day!r} is not YYYY-MM-DD; give e.g. --day 2026-10-03") from None
-    start = parse_month(month)
-    out, d = [], start
-    while d < next_month(start):
-        out.append(d)
-        d += timedelta(days=1)
-    return out
+    return month_days(parse_month(month))
 
 
 def _client_from_env():

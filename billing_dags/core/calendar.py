@@ -1,4 +1,5 @@
-"""Months and days in UTC: parsing ``YYYY-MM``, the next month, a month's days, the last complete month."""
+"""Months and days in UTC, the one place month arithmetic is written: parsing ``YYYY-MM``, a month's
+start, the next and previous month, a month's days and length, the last complete month."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from datetime import date, datetime, timedelta, timezone
 from billing_dags.core.errors import InputError
 
 _MONTH_RE = re.compile(r"^(\d{4})-(\d{2})$")
+DAY_MS = 86_400_000
 
 
 def utc_today() -> date:
@@ -22,18 +24,37 @@ def parse_month(value: str) -> date:
     return date(int(m.group(1)), int(m.group(2)), 1)
 
 
-def next_month(month: date) -> date:
-    """The first day of the month after ``month``'s."""
-    return (month.replace(day=28) + timedelta(days=4)).replace(day=1)
+def month_start(day: date) -> date:
+    """The first day of the month of ``day``."""
+    return day.replace(day=1)
 
 
-def month_days(month: date) -> list[date]:
-    """Every day of ``month``, in order."""
-    end = next_month(month)
-    return [month + timedelta(days=i) for i in range((end - month).days)]
+def next_month(day: date) -> date:
+    """The first day of the month after the month of ``day``."""
+    return date(day.year + day.month // 12, day.month % 12 + 1, 1)
+
+
+def previous_month(day: date) -> date:
+    """The first day of the month before the month of ``day``."""
+    return date(day.year - (day.month == 1), (day.month - 2) % 12 + 1, 1)
+
+
+def days_in_month(day: date) -> int:
+    """How many days the month of ``day`` has."""
+    return (next_month(day) - month_start(day)).days
+
+
+def month_days(day: date) -> list[date]:
+    """Every day of the month of ``day``, in order."""
+    start = month_start(day)
+    return [start + timedelta(days=i) for i in range(days_in_month(day))]
+
+
+def month_ms(day: date) -> int:
+    """Milliseconds in the month of ``day``."""
+    return days_in_month(day) * DAY_MS
 
 
 def last_complete_month(today: date | None = None) -> date:
     """The first day of the latest month that has ended before ``today`` (default: today, UTC)."""
-    today = today or utc_today()
-    return (today.replace(day=1) - timedelta(days=1)).replace(day=1)
+    return previous_month(today or utc_today())

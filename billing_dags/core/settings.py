@@ -10,6 +10,8 @@ from datetime import date
 from pathlib import Path
 from billing_dags.core.errors import InputError
 
+from billing_dags.core.calendar import month_start
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SQL_MODELS_DIR = PROJECT_ROOT / "sql_models"
 
@@ -115,7 +117,7 @@ def earliest_subscription_month(seeds_dir: Path) -> date | None:
                 starts.append(date.fromisoformat((row.get("start_date") or "").strip()))
             except ValueError:
                 continue
-    return min(starts).replace(day=1) if starts else None
+    return month_start(min(starts)) if starts else None
 
 
 def partitions_start(environ: dict | None = None, seeds_dir: str | os.PathLike | None = None) -> date:

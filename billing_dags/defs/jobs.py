@@ -1,29 +1,38 @@
 """Jobs: every daily-partitioned asset, every monthly-partitioned asset, and the seeds + views refresh."""
 
+from collections.abc import Set
+
 import dagster as dg
 
 from billing_dags.defs.shared.partitions import billing_daily, billing_monthly
 
 
-def _keys(assets: list[dg.AssetsDefinition], partitions_def) -> list[dg.AssetKey]:
-    return [key for a in assets if a.partitions_def == partitions_def for key in a.keys]
+class PartitionedBy(dg.AssetSelection):
+    """Every materializable asset partitioned by ``partitions_def``, wherever in defs/ it is defined.
+
+    A job over a partitions definition then needs no list of assets: an asset added to the daily
+    chain joins daily_usage by its partitions alone.
+    """
+
+    def __init__(self, partitions_def: dg.PartitionsDefinition):
+        self.partitions_def = partitions_def
+
+    def resolve_inner(self, asset_graph, allow_missing: bool) -> Set[dg.AssetKey]:
+        return {key for key in asset_graph.materializable_asset_keys if asset_graph.get(key).partitions_def == self.partitions_def}
 
 
-def build_jobs(assets: list[dg.AssetsDefinition]) -> dict:
-    return {
-        "daily_usage": dg.define_asset_job(
-            "daily_usage",
-            selection=dg.AssetSelection.assets(*_keys(assets, billing_daily)),
-            description="Ingest one UTC day, compute exact usage, and hand it to Stripe.",
-        ),
-        "monthly_invoicing": dg.define_asset_job(
-            "monthly_invoicing",
-            selection=dg.AssetSelection.assets(*_keys(assets, billing_monthly)),
-            description="Monthly usage, rating, invoice lines and invoice files for one calendar month.",
-        ),
-        "refresh_seeds_and_views": dg.define_asset_job(
-            "refresh_seeds_and_views",
-            selection=dg.AssetSelection.groups("seeds") | dg.AssetSelection.assets("warehouse_views"),
-            description="Validate and snapshot the seeds, and rebuild the warehouse views.",
-        ),
-    }
+daily_usage = dg.define_asset_job(
+    "daily_usage",
+    selection=PartitionedBy(billing_daily),
+    description="Ingest one UTC day, compute exact usage, and hand it to Stripe.",
+)
+monthly_invoicing = dg.define_asset_job(
+    "monthly_invoicing",
+    selection=PartitionedBy(billing_monthly),
+    description="Monthly usage, rating, invoice lines and invoice files for one calendar month.",
+)
+refresh_seeds_and_views = dg.define_asset_job(
+    "refresh_seeds_and_views",
+    selection=dg.AssetSelection.groups("seeds") | dg.AssetSelection.assets("warehouse_views"),
+    description="Validate and snapshot the seeds, and rebuild the warehouse views.",
+)

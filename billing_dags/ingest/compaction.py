@@ -251,13 +251,14 @@ def compact_day(paths: Paths, day: str, cache: dict[str, SegmentData] | None = N
         else:
             result["series"] = len(existing_series)
         # the day is durable: mark it done in each segment, then drop segments with nothing left
-        for seg in segs:
-            marker = seg.done_marker(day)
-            with open(marker, "w") as f:
-                f.write(f"{result['landing_samples']}\n")
-                f.flush()
-                os.fsync(f.fileno())
-        fsync_path(paths.landing)
+        batch = durable.Batch()
+        try:
+            for seg in segs:
+                batch.write(seg.done_marker(day), f"{result['landing_samples']}\n".encode())
+            batch.commit()
+        finally:
+            batch.abort()
+            batch.close()
         for seg in segs:
             if not seg.pending_days():
                 remove_segment(seg)

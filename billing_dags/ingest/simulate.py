@@ -52,6 +52,7 @@ import pyarrow as pa
 
 from billing_dags.ingest import raw
 from billing_dags.core.settings import Paths
+from billing_dags.core.calendar import month_start, next_month, previous_month
 
 SOURCE = "simulate"
 #: Prometheus' staleness marker (value.StaleNaN): a NaN with this exact bit pattern
@@ -284,9 +285,7 @@ def _k8s(c: dict, seed: int, day: date) -> list[_Spec]:
     pods = [(p, w / total_w, life) for p, w, life in pods]
     if u("batch") < 0.5:  # a batch pod replaced on day 10 of every month (rolling)
         share = 0.1 + 0.2 * u("batch-share")
-        this = day.replace(day=1)
-        prev = (this - timedelta(days=1)).replace(day=1)
-        nxt = (this + timedelta(days=32)).replace(day=1)
+        this, prev, nxt = month_start(day), previous_month(day), next_month(day)
         born = {m: _at(m.replace(day=10), _u(seed, "k8s", ns, "batch-born", f"{m:%Y-%m}"), 2, 20) for m in (prev, this, nxt)}
         pods.append((_pod_name("batch", ns, f"{prev:%Y-%m}"), share, dict(born_ms=born[prev], stop_ms=born[this])))
         pods.append((_pod_name("batch", ns, f"{this:%Y-%m}"), share, dict(born_ms=born[this], stop_ms=born[nxt])))
@@ -561,10 +560,10 @@ def simulate_month(
     """Write every day of ``month`` (its first day); returns totals: samples, series (distinct), bytes, days."""
     month = _check_day(month, "month")
     if month.day != 1:
-        raise ValueError(f"month={month.isoformat()} is not the first day of a month; pass {month.replace(day=1)!r}")
+        raise ValueError(f"month={month.isoformat()} is not the first day of a month; pass {month_start(month)!r}")
     _check_interval(interval_s)
     _customer_rows(customers, n_customers)
-    nxt = (month + timedelta(days=32)).replace(day=1)
+    nxt = next_month(month)
     totals = {"samples": 0, "series": 0, "series_days": 0, "bytes": 0, "days": 0}
     seen: set[int] = set()
     day = month

@@ -714,3 +714,41 @@ def run_model_days(
             path = write_partition(paths, model, window, table, (lambda t, w=window: validate(w, t)) if validate else None)
             results.append(RunResult(name, window, len(table), path, time.perf_counter() - t0, table))
     return results
+
+
+# --- the billable quantity outside the monthly job ------------------------------------------------
+
+BILLABLE_MODEL = "fct_billable_usage_by_subscription_period"
+
+
+def billable_quantities(
+    daily: pa.Table,
+    seeds: dict[str, pa.Table],
+    window: Window,
+    period: Window | None = None,
+    *,
+    project: Project | None = None,
+) -> list[dict]:
+    """The billable quantity of ``daily`` (fct_usage_by_day rows) per customer, meter and dimension,
+    computed by the models the invoices use (fct_usage_by_subscription_period ->
+    fct_billable_usage_by_subscription_period) with every customer in one period, ``period`` (default
+    the whole window): the days of the period are summed, then each meter's aggregation applies.
+    ``window`` is the month the quantity belongs to (unit-months divide by its length). In memory;
+    nothing is written. Rows as the model returns them, sorted by customer, meter and dimension."""
+    project = project or load_project()
+    period = period or window
+    with session(1) as con:
+        for name, table in seeds.items():
+            create_table(con, f"seed_{name}", table)
+        create_table(con, "fct_usage_by_day", daily)
+        con.execute(
+            "create or replace table dim_subscription_periods_by_month as select distinct "
+            "$month::date as month, customer_id, $start::date as period_start, $end::date as period_end "
+            "from fct_usage_by_day",
+            {"month": window.start, "start": period.start, "end": period.end},
+        )
+        for name in ("fct_usage_by_subscription_period", BILLABLE_MODEL):
+            prepare(con, project, name, None, window)
+            create_table(con, name, query(con, project.models[name], window))
+        rows = con.sql(f"select * from {BILLABLE_MODEL} order by customer_id, meter_id, dimension").to_arrow_table()
+    return rows.to_pylist()

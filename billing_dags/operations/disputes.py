@@ -12,6 +12,7 @@ must also sum to its total. Only this customer's series are read or exported (DE
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -26,6 +27,8 @@ from billing_dags.billing.document import GENERATED_LINE_TYPES
 from billing_dags.billing.manifest import code_version, invoice_manifest, recompute_reason
 from billing_dags.billing.store import PENDING_DIR
 from billing_dags.core.errors import InputError
+from billing_dags.core import durable
+from billing_dags.core.calendar import next_month
 from billing_dags.core.money import format_minor
 from billing_dags.core.settings import SQL_MODELS_DIR, Paths
 from billing_dags.ingest import raw
@@ -71,7 +74,7 @@ def _evidence_params(customer_id: str, meter_id: str, window: Window, lookback_d
 
 def evidence(paths: Paths, customer_id: str, month: date, meter_id: str = "") -> pa.Table:
     """Every raw sample of the customer's series in the month (plus the lookback), with its increase."""
-    end = (month.replace(day=28) + timedelta(days=4)).replace(day=1)
+    end = next_month(month)
     window = Window(month, end)
     project = load_project()
     lookback_days = project.models[USAGE_MODEL].lookback_days
@@ -141,7 +144,7 @@ def _read_invoice(paths: Paths, customer_id: str, month: date) -> dict | None:
 
 def tie_out(paths: Paths, dispute: Dispute) -> dict:
     """Raw evidence vs the recomputed month, the recomputed month vs the invoice, and invoice lines vs its total."""
-    end = (dispute.month.replace(day=28) + timedelta(days=4)).replace(day=1)
+    end = next_month(dispute.month)
     models = load_project().models
     recomputed: dict[str, Decimal] = {}
     for r in _partition_rows(partition_file(paths, models["fct_usage_by_month"], Window(dispute.month, end)), dispute.customer_id):
@@ -221,41 +224,44 @@ def invoice_vs_recomputed(paths: Paths, invoice: dict, invoice_lines: list[dict]
 
 
 def export_evidence(dispute: Dispute, folder: Path) -> list[Path]:
-    """Evidence pack: raw samples (this customer's series only), the breakdown, the reproducing SQL."""
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    samples = folder / "raw_samples.parquet"
-    pq.write_table(dispute.evidence, samples)
-    written.append(samples)
-    breakdown = folder / f"breakdown_by_{dispute.by}.csv"
-    with breakdown.open("w", newline="") as f:
-        if dispute.breakdown:
-            w = csv.DictWriter(f, fieldnames=list(dispute.breakdown[0]))
+    """Evidence pack: raw samples (this customer's series only), the breakdown, the reproducing SQL;
+    published durably, each file whole."""
+
+    def csv_bytes(rows: list[dict], fieldnames: list[str]) -> bytes:
+        out = io.StringIO(newline="")
+        w = csv.DictWriter(out, fieldnames=fieldnames)
+        if fieldnames:
             w.writeheader()
-            w.writerows(dispute.breakdown)
-    written.append(breakdown)
+            w.writerows(rows)
+        return out.getvalue().encode()
+
+    samples = folder / "raw_samples.parquet"
+    with durable.staged(samples) as tmp:
+        pq.write_table(dispute.evidence, tmp)
+    breakdown = folder / f"breakdown_by_{dispute.by}.csv"
     events = folder / "events.csv"
-    with events.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["meter_id", "series_id", "ts", "event", "prev_value", "value", "gap_ms"])
-        w.writeheader()
-        w.writerows(dispute.events)
-    written.append(events)
-    end = (dispute.month.replace(day=28) + timedelta(days=4)).replace(day=1)
+    end = next_month(dispute.month)
     params = _evidence_params(
         dispute.customer_id, dispute.meter_id, Window(dispute.month, end), load_project().models[USAGE_MODEL].lookback_days
     )
     sql = folder / "reproduce.sql"
-    sql.write_text(
-        "-- Reproduces raw_samples.parquet (the increase of every sample) from the warehouse:\n"
-        "--   duckdb data/warehouse.duckdb < reproduce.sql\n"
-        f"-- parameters: {json.dumps(params, sort_keys=True)}\n"
-        + _bind_literals(EVIDENCE_SQL.read_text(), params)
-    )
-    written.append(sql)
     summary = folder / "tie_out.json"
-    summary.write_text(json.dumps(dispute.tie_out, indent=2, sort_keys=True, default=str) + "\n")
-    written.append(summary)
-    return written
+    batch = durable.Batch()
+    try:
+        batch.write(breakdown, csv_bytes(dispute.breakdown, list(dispute.breakdown[0]) if dispute.breakdown else []))
+        batch.write(events, csv_bytes(dispute.events, ["meter_id", "series_id", "ts", "event", "prev_value", "value", "gap_ms"]))
+        batch.write(sql, (
+            "-- Reproduces raw_samples.parquet (the increase of every sample) from the warehouse:\n"
+            "--   duckdb data/warehouse.duckdb < reproduce.sql\n"
+            f"-- parameters: {json.dumps(params, sort_keys=True)}\n"
+            + _bind_literals(EVIDENCE_SQL.read_text(), params)
+        ).encode())
+        batch.write(summary, (json.dumps(dispute.tie_out, indent=2, sort_keys=True, default=str) + "\n").encode())
+        batch.commit()
+    finally:
+        batch.abort()
+        batch.close()
+    return [samples, breakdown, events, sql, summary]
 
 
 def _bind_literals(sql: str, params: dict) -> str:

@@ -8,7 +8,7 @@ the customer's invoice for that month in draft.
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from billing_dags.core import durable
 from billing_dags.core.settings import Paths
 from billing_dags.models.sqlmodels import load_project, partition_dir
+from billing_dags.core.calendar import next_month
 
 
 def acks_path(paths: Paths) -> Path:
@@ -33,7 +34,7 @@ def _ack_key(a: dict) -> tuple:
 
 def month_flags(paths: Paths, month: date) -> list[dict]:
     """Every flag raised on a day of ``month``."""
-    end = (month.replace(day=28) + timedelta(days=4)).replace(day=1)
+    end = next_month(month)
     model = load_project().models["fct_anomaly_flags_by_day"]
     rows: list[dict] = []
     for f in sorted(partition_dir(paths, model).glob("day=*/data.parquet")):

@@ -25,26 +25,22 @@ from __future__ import annotations
 import json
 import time
 from datetime import date, timedelta
-from decimal import Decimal
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from billing_dags.core import durable
-
 from billing_dags.billing import projection
+from billing_dags.core import durable
+from billing_dags.core.calendar import month_days, month_start, next_month, previous_month
 from billing_dags.core.settings import PROJECT_ROOT, Paths
+from billing_dags.models.sqlmodels import Window, billable_quantities
 
 RULES_FILE = PROJECT_ROOT / "prometheus" / "billing_recording_rules.yml"
 DASHBOARD_FILE = PROJECT_ROOT / "grafana" / "billing_dashboard.json"
-SUFFIX = {"unit_hours": "-hour", "unit_months": "-month"}
-
-
-def _unit(meter: dict) -> str:
-    return meter["billing_unit"] + SUFFIX.get(meter["aggregation"], "")
 
 
 def _model_rows(paths: Paths, model: str, key: str) -> list[dict]:
@@ -52,15 +48,22 @@ def _model_rows(paths: Paths, model: str, key: str) -> list[dict]:
     return pq.read_table(f).to_pylist() if f.exists() else []
 
 
-def _latest_30d(paths: Paths, before: date) -> tuple[date | None, list[dict]]:
+def _daily_usage(paths: Paths, start: date, end: date) -> pa.Table | None:
+    """The computed fct_usage_by_day partitions of the days in [start, end), None when there are none."""
+    files = [paths.models / "fct_usage_by_day" / f"day={d.isoformat()}" / "data.parquet"
+             for d in (start + timedelta(days=i) for i in range((end - start).days))]
+    tables = [pq.read_table(f) for f in files if f.exists()]
+    return pa.concat_tables(tables, promote_options="default") if tables else None
+
+
+def _latest_30d(paths: Paths, before: date) -> date | None:
+    """The last day before ``before`` whose rolling 30 days (fct_usage_30d_by_day) are computed."""
     folder = paths.models / "fct_usage_30d_by_day"
     days = sorted(
         date.fromisoformat(p.name[4:]) for p in folder.glob("day=*") if (p / "data.parquet").exists()
     ) if folder.exists() else []
     days = [d for d in days if d < before]
-    if not days:
-        return None, []
-    return days[-1], _model_rows(paths, "fct_usage_30d_by_day", f"day={days[-1].isoformat()}")
+    return days[-1] if days else None
 
 
 class BillingCollector:
@@ -69,7 +72,7 @@ class BillingCollector:
     def __init__(self, paths: Paths, month: date | None = None, today: date | None = None):
         self.paths = paths
         self.today = today or projection.utc_today()
-        self.month = month or self.today.replace(day=1)
+        self.month = month or month_start(self.today)
         self.families = self._build()
 
     def collect(self):
@@ -78,8 +81,6 @@ class BillingCollector:
     def _build(self) -> list[GaugeMetricFamily]:
         paths, month, today = self.paths, self.month, self.today
         seeds = projection.seed_tables(paths)
-        meters = {m["meter_id"]: m for m in seeds["meters"].to_pylist()}
-        units = {(u["unit"], u["billing_unit"]): Decimal(u["divisor"]) for u in seeds["units"].to_pylist()}
         exponents = {c["currency"]: int(c["minor_unit_exponent"]) for c in seeds["currencies"].to_pylist()}
 
         usage = GaugeMetricFamily(
@@ -121,22 +122,20 @@ class BillingCollector:
         )
         stamp = GaugeMetricFamily("billing_export_timestamp_seconds", "When this file was written (Unix seconds)")
 
-        def quantity(meter_id: str, row: dict) -> Decimal | None:
-            m = meters.get(meter_id)
-            if m is None:
-                return None
-            return projection.base_quantity(m["aggregation"], row) / units[(m["unit"], m["billing_unit"])]
+        def quantities(start: date, end: date) -> list[dict]:
+            """The billable quantities of the computed days in [start, end), the window taken as one period."""
+            table = _daily_usage(paths, start, end)
+            return [] if table is None else billable_quantities(table, seeds, Window(start, end))
 
         state = projection.month_state(month, today)
         if state == "future":
             raise projection._error(
                 f"month {month:%Y-%m} has not started yet (today is {today}); give the current month {today:%Y-%m} or an earlier one"
             )
-        closed = month if state == "closed" else (month - timedelta(days=1)).replace(day=1)
-        for r in _model_rows(paths, "fct_usage_by_month", f"month={closed:%Y-%m}"):
-            q = quantity(r["meter_id"], r)
-            if q is not None:
-                usage.add_metric([r["customer_id"], r["meter_id"], r["dimension"], _unit(meters[r["meter_id"]]), "month", f"{closed:%Y-%m}"], float(q))
+        closed = month if state == "closed" else previous_month(month)
+        if (paths.models / "fct_usage_by_month" / f"month={closed:%Y-%m}" / "data.parquet").exists():  # the month was closed
+            for r in quantities(closed, next_month(closed)):
+                usage.add_metric([r["customer_id"], r["meter_id"], r["dimension"], r["unit"], "month", f"{closed:%Y-%m}"], float(r["quantity"]))
         if state == "open":
             computed, _ = projection.daily_partitions(paths, month)
             if computed:
@@ -150,12 +149,10 @@ class BillingCollector:
                     allowance.add_metric([a["customer_id"], a["meter_id"], a["dimension"], a["unit"], a["included_pool"] or ""], float(a["included_quantity"]))
                 days.add_metric([f"{month:%Y-%m}", "elapsed"], float(p.days_elapsed))
                 days.add_metric([f"{month:%Y-%m}", "in_month"], float(p.days_in_month))
-        end_30d, rows_30d = _latest_30d(paths, min(today, projection.next_month(month)))
-        for r in rows_30d:
-            r = {**r, "period_ms": 30 * 86_400_000}
-            q = quantity(r["meter_id"], r)
-            if q is not None:
-                usage.add_metric([r["customer_id"], r["meter_id"], r["dimension"], _unit(meters[r["meter_id"]]), "30d", f"{end_30d:%Y-%m}"], float(q))
+        end_30d = _latest_30d(paths, min(today, next_month(month)))
+        if end_30d is not None:
+            for r in quantities(end_30d - timedelta(days=29), end_30d + timedelta(days=1)):
+                usage.add_metric([r["customer_id"], r["meter_id"], r["dimension"], r["unit"], "30d", f"{end_30d:%Y-%m}"], float(r["quantity"]))
         for folder in sorted(paths.invoices.glob("[0-9][0-9][0-9][0-9]-[0-9][0-9]")) if paths.invoices.exists() else []:
             for f in sorted(folder.glob("*.json")):
                 doc = json.loads(f.read_text())
@@ -165,7 +162,7 @@ class BillingCollector:
         for currency, exp in sorted(exponents.items()):
             per_major.add_metric([currency], float(10**exp))
         counts: dict[tuple, int] = {}
-        for d in projection.month_days(month):
+        for d in month_days(month):
             for r in _model_rows(paths, "fct_anomaly_flags_by_day", f"day={d.isoformat()}"):
                 key = (r["customer_id"] or "", r["meter_id"] or "", r["rule"], r["severity"])
                 counts[key] = counts.get(key, 0) + 1

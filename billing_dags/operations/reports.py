@@ -167,3 +167,59 @@ def write_daily_summary(paths: Paths, s: DailySummary) -> list[Path]:
     return written
 
 
+
+
+def event_billed_lines(paths: Paths, month: date, n_customers: int | None = None) -> list[str]:
+    """One line per customer (of the first ``n_customers``) billed from usage events or usage reports:
+    the month's events or reports, tokens or devices and traffic, and the invoice total."""
+    import duckdb
+
+    from billing_dags.billing.listing import invoice_rows
+    from billing_dags.core.calendar import next_month
+    from billing_dags.operations.warehouse import open_warehouse
+    from billing_dags.seeds.catalog import load_seeds
+
+    customers = load_seeds(paths.seeds_dir)["customers"].to_pylist()[:n_customers]
+    picked = [c for c in customers if c.get("usage_source", "prometheus") != "prometheus"]
+    if not picked:
+        return []
+    con = open_warehouse(paths)
+    try:
+        rows = con.execute(
+            """
+            select customer_id, meter_id, sum(events)::bigint, sum(usage), max(gauge_peak)
+            from fct_usage_by_day
+            where day >= $start and day < $end and list_contains($customers, customer_id)
+            group by customer_id, meter_id
+            """,
+            {"start": month, "end": next_month(month), "customers": [c["customer_id"] for c in picked]},
+        ).fetchall()
+    except duckdb.Error:
+        return []  # no usage computed yet: nothing to summarize
+    finally:
+        con.close()
+    usage: dict[str, dict[str, tuple]] = {}
+    for customer, meter, events, total, peak in rows:
+        usage.setdefault(customer, {})[meter] = (events or 0, Decimal(total or 0), Decimal(peak or 0))
+    totals = {r["customer"]: r["total"] for r in invoice_rows(paths, month)}
+    mega = Decimal(10) ** 6
+    lines = []
+    for c in picked:
+        cid, meters = c["customer_id"], usage.get(c["customer_id"], {})
+        get = lambda meter, i, meters=meters: meters.get(meter, (0, Decimal(0), Decimal(0)))[i]  # noqa: E731
+        total = totals.get(cid, "no invoice")
+        if c["usage_source"] == "usage_events":
+            events = sum(m[0] for m in meters.values())
+            tokens_in, tokens_out = get("llm_input_tokens", 1) / mega, get("llm_output_tokens", 1) / mega
+            lines.append(
+                f"{cid} (usage_events): {events:,} events, {tokens_in:,.1f}M input / {tokens_out:,.1f}M output tokens, "
+                f"invoice total {total}"
+            )
+        else:
+            reports = max((m[0] for m in meters.values()), default=0)
+            traffic = (get("iot_mqtt_bytes", 1) + get("iot_http_bytes", 1)) / GIB
+            lines.append(
+                f"{cid} (usage reports): {reports:,} reports, peak {get('iot_devices', 2):,.0f} devices, "
+                f"{traffic:,.1f} GiB traffic, peak storage {get('iot_storage', 2) / GIB:,.1f} GiB, invoice total {total}"
+            )
+    return lines

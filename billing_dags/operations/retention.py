@@ -14,6 +14,7 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 from billing_dags.core.settings import DEFAULT_RETENTION_DAYS, Paths
+from billing_dags.core.calendar import month_start
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def plan(paths: Paths, *, today: date | None = None, retention_days: int = DEFAU
 
     def decide(day: date, why_old: str) -> tuple[str, str]:
         """remove (with why it is old) when the day's month is fully finalized, else keep (and why)."""
-        month = day.replace(day=1)
+        month = month_start(day)
         if month not in finalized:
             finalized[month] = month_fully_finalized(paths, month)
         ok, why = finalized[month]

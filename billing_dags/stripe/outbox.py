@@ -19,8 +19,7 @@ import calendar
 import hashlib
 import re
 import time
-from datetime import date, datetime, timezone
-from decimal import Decimal, InvalidOperation
+from datetime import date, datetime, timedelta, timezone
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -31,6 +30,8 @@ import pyarrow.parquet as pq
 from billing_dags.core import durable
 from billing_dags.core.settings import EDGE_LOOKBACK_DAYS, Paths
 from billing_dags.core.errors import InputError
+from billing_dags.core.calendar import month_start, next_month
+from billing_dags.models.sqlmodels import Window, billable_quantities
 
 STATUSES = ("pending", "sent", "dry_run", "too_old", "future", "failed")
 #: statuses the sender (re)tries: a failed row is retried, a future one once it is due, a dry-run
@@ -39,7 +40,6 @@ SENDABLE = ("pending", "failed", "dry_run", "future")
 #: seconds before a request to Stripe times out (the library default is 80)
 DEFAULT_TIMEOUT_S = 30.0
 IDENTIFIER_MAX = 100
-MS_PER_HOUR = 3_600_000
 #: Stripe accepts timestamps at most 5 minutes ahead; keep the same margin at the old end
 CLOCK_SLACK_S = 300
 #: Stripe keys, and the masked form Stripe echoes in errors (sk_test_********1234)
@@ -71,28 +71,6 @@ class OutboxError(InputError):
 # --------------------------------------------------------------------------- values
 
 
-def _exact(value: Any, what: str) -> Fraction:
-    """An exact rational from Decimal, int or a decimal string (floats refused: they are not exact)."""
-    if value is None:
-        return Fraction(0)
-    if isinstance(value, bool):
-        raise OutboxError(f"{what}: {value!r} is a boolean, not a number")
-    if isinstance(value, int):
-        return Fraction(value)
-    if isinstance(value, str):
-        try:
-            value = Decimal(value.strip())
-        except InvalidOperation:
-            raise OutboxError(f"{what}: {value!r} is not a decimal number") from None
-    if isinstance(value, Decimal):
-        if not value.is_finite():
-            raise OutboxError(f"{what}: {value!r} is not finite")
-        return Fraction(value)
-    if isinstance(value, float):
-        raise OutboxError(f"{what}: {value!r} is a float; pass a Decimal, int or decimal string")
-    raise OutboxError(f"{what}: {value!r} ({type(value).__name__}) is not a number")
-
-
 def round_half_up(x: Fraction) -> int:
     """Nearest integer, halves away from zero (as Decimal ROUND_HALF_UP and the SQL div_half_up)."""
     n, d = x.numerator, x.denominator  # d > 0
@@ -101,36 +79,22 @@ def round_half_up(x: Fraction) -> int:
     return -((2 * -n + d) // (2 * d))
 
 
-def month_ms(day: date) -> int:
-    """Milliseconds in the calendar month of ``day``."""
-    return calendar.monthrange(day.year, day.month)[1] * 86_400_000
-
-
-def exact_event_value(row: Mapping, meter: Mapping, day: date) -> Fraction:
-    """The day's usage of one fct_usage_by_day row in the meter's base unit, exactly (before rounding)."""
-    where = f"usage of {row.get('customer_id')!r}/{row.get('meter_id')!r}/{row.get('dimension')!r} on {day}"
-    aggregation = meter.get("aggregation")
-    kind = row.get("kind") or meter.get("kind")
-    if kind == "counter" or aggregation == "sum":
-        return _exact(row.get("usage"), f"{where}: usage")
-    integral = _exact(row.get("gauge_integral"), f"{where}: gauge_integral")
-    if aggregation == "max":
-        return _exact(row.get("gauge_peak"), f"{where}: gauge_peak")
-    if aggregation == "avg":
-        covered = _exact(row.get("gauge_covered_ms"), f"{where}: gauge_covered_ms")
-        return integral / covered if covered > 0 else Fraction(0)
-    if aggregation == "unit_hours":
-        return integral / MS_PER_HOUR
-    if aggregation == "unit_months":
-        return integral / month_ms(day)
-    raise OutboxError(f"{where}: meter {meter.get('meter_id')!r} has aggregation {aggregation!r}; use sum, max, avg, unit_hours or unit_months")
-
-
-def event_value(row: Mapping, meter: Mapping, day: date) -> int:
-    """The day's usage as an integer in the meter's base unit, rounded half-up: counters -> usage;
-    gauges: max -> peak, avg -> integral / covered ms, unit_hours -> integral / 3,600,000,
-    unit_months -> integral / milliseconds in the day's calendar month."""
-    return round_half_up(exact_event_value(row, meter, day))
+def day_quantities(day: date, usage: pa.Table, seeds: Mapping[str, pa.Table]) -> list[dict]:
+    """The day's billable quantity per customer, meter and dimension, in the meter's base unit: the
+    invoices' model (fct_billable_usage_by_subscription_period) over ``usage`` (the day's
+    fct_usage_by_day rows) taken as a one-day period of its month (unit-months divide by the month).
+    ``seeds`` holds at least the ``meters`` and ``units`` seed tables."""
+    if isinstance(day, datetime) or not isinstance(day, date):
+        raise OutboxError(f"day {day!r} must be a datetime.date")
+    known = set(seeds["meters"].column("meter_id").to_pylist())
+    for i, row in enumerate(usage.select(["day", "customer_id", "meter_id", "dimension"]).to_pylist()):
+        where = f"usage row {i} ({row['customer_id']!r}, {row['meter_id']!r}, {row['dimension']!r})"
+        if row["day"] != day:
+            raise OutboxError(f"{where}: day {row['day']} is not the outbox day {day}; pass only that day's rows of fct_usage_by_day")
+        if row["meter_id"] not in known:
+            raise OutboxError(f"{where}: unknown meter {row['meter_id']!r}; add it to seeds/meters.csv or rebuild fct_usage_by_day")
+    month = Window(month_start(day), next_month(day))
+    return billable_quantities(usage, {k: seeds[k] for k in ("meters", "units")}, month, Window(day, day + timedelta(days=1)))
 
 
 # --------------------------------------------------------------------------- building the outbox
@@ -165,13 +129,14 @@ def _row_day(row: Mapping) -> date | None:
 
 def build_outbox(
     day: date,
-    usage_rows: list[dict],
+    quantities: list[dict],
     customers: list[dict],
     meters: list[dict],
     previous: list[dict],
 ) -> list[dict]:
     """The outbox rows of ``day``: one per customer (with a stripe_customer_id) and meter (with a
-    stripe_event_name), usage summed exactly over dimensions and rounded once, half-up.
+    stripe_event_name), the base-unit quantities of ``quantities`` (``day_quantities``) summed exactly
+    over dimensions and rounded once, half-up, to a whole number.
 
     Against ``previous`` (the rows stored for the day): same customer and meter with the same value,
     Stripe customer and event name -> that row unchanged (status included); otherwise the revision
@@ -188,11 +153,11 @@ def build_outbox(
         c, m = customers_by_id.get(cid), meters_by_id.get(mid)
         return bool(c and c.get("stripe_customer_id") and m and m.get("stripe_event_name"))
 
-    sums: dict[tuple[str, str], Fraction] = {}
-    for i, row in enumerate(usage_rows):
+    sums: dict[tuple[str, str], Fraction] = {}  # exact at any size (Decimal arithmetic keeps 28 digits)
+    for i, row in enumerate(quantities):
         cid, mid = row.get("customer_id"), row.get("meter_id")
         where = f"usage row {i} ({cid!r}, {mid!r}, {row.get('dimension')!r})"
-        rd = _row_day(row)
+        rd = row.get("period_start")
         if rd is not None and rd != day:
             raise OutboxError(f"{where}: day {rd} is not the outbox day {day}; pass only that day's rows of fct_usage_by_day")
         if cid not in customers_by_id:
@@ -201,7 +166,7 @@ def build_outbox(
             raise OutboxError(f"{where}: unknown meter {mid!r}; add it to seeds/meters.csv or rebuild fct_usage_by_day")
         if not eligible(cid, mid):
             continue
-        sums[(cid, mid)] = sums.get((cid, mid), Fraction(0)) + exact_event_value(row, meters_by_id[mid], day)
+        sums[(cid, mid)] = sums.get((cid, mid), Fraction(0)) + Fraction(row["base_quantity"])
 
     prev_by_key: dict[tuple[str, str], dict] = {}
     for p in previous:
@@ -493,3 +458,13 @@ def summarize(rows: Iterable[Mapping]) -> dict:
         by_status[r["status"]] = by_status.get(r["status"], 0) + 1
         values[r["event_name"]] = values.get(r["event_name"], 0) + int(r["value"])
     return {"rows": sum(by_status.values()), "by_status": by_status, "value_by_event": dict(sorted(values.items()))}
+
+
+def outbox_summary(paths: Paths, month: date) -> str:
+    """Meter events of the month's days by status, e.g. '1,234 meter events: 900 dry_run, 334 too_old'."""
+    from billing_dags.core.calendar import month_days
+
+    summary = summarize(row for day in month_days(month) for row in read_outbox(paths, day))
+    return f"{summary['rows']:,} meter events: " + ", ".join(
+        f"{n:,} {status}" for status, n in sorted(summary["by_status"].items()) if n
+    )

@@ -66,12 +66,11 @@ deltas as (
         *,
         case
             when kind <> 'counter' then null
-            when coalesce(has_prev, false) then
-                case when value >= prev_value then exact_value(value) - exact_value(prev_value) else exact_value(value) end
+            when coalesce(has_prev, false) then counter_increase(value, prev_value)
             when seen_before_lookback then 0
             else exact_value(value)
         end as increase,
-        coalesce(has_prev, false) and value < prev_value and kind = 'counter' as is_reset,
+        coalesce(has_prev, false) and counter_reset(value, prev_value) and kind = 'counter' as is_reset,
         not coalesce(has_prev, false) and seen_before_lookback as is_reappearance,
         coalesce(ts_ms - prev_ts_ms, 0) as gap_ms
     from classified

@@ -140,13 +140,12 @@ def pending_days_sensor(name: str, asset, description: str, run_requests, idle: 
     return _sensor
 
 
-def remote_write_landing_sensor() -> dg.SensorDefinition:
-    return pending_days_sensor(
-        "remote_write_landing_sensor",
-        remote_write_samples,
-        "Compacts remote-write landing segments: requests remote_write_samples for exactly the UTC days "
-        "the new sealed segments hold (late_raw_data_sensor then reruns usage for those days).",
-        landing_run_requests,
-        idle="no sealed landing segment waits for compaction",
-        waiting_why=f"landing data only for days that are not partitions yet (today) or before {PARTITIONS_START}: {{days}}",
-    )
+remote_write_landing_sensor = pending_days_sensor(
+    "remote_write_landing_sensor",
+    remote_write_samples,
+    "Compacts remote-write landing segments: requests remote_write_samples for exactly the UTC days "
+    "the new sealed segments hold (late_raw_data_sensor then reruns usage for those days).",
+    landing_run_requests,
+    idle="no sealed landing segment waits for compaction",
+    waiting_why=f"landing data only for days that are not partitions yet (today) or before {PARTITIONS_START}: {{days}}",
+)

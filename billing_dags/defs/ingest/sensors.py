@@ -12,6 +12,7 @@ import json
 
 import dagster as dg
 
+from billing_dags.defs.jobs import daily_usage
 from billing_dags.defs.shared.partitions import billing_daily
 from billing_dags.defs.shared.resources import WarehouseResource
 
@@ -77,41 +78,38 @@ def runs_under_way(instance, asset_graph, job_name: str) -> list[str]:
     return out
 
 
-def late_raw_data_sensor(job) -> dg.SensorDefinition:
-    @dg.sensor(
-        job=job,
-        minimum_interval_seconds=60,
-        name="late_raw_data_sensor",
-        description=(
-            "Recomputes the daily models (and Stripe hand-off, summaries) downstream of raw day files whose content "
-            "changed after they were computed, in one run from the first late day through the days that read it; "
-            "never re-ingests. A file only touched, or rewritten with the same bytes, requests nothing."
-        ),
-        default_status=dg.DefaultSensorStatus.STOPPED,
-    )
-    def _sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource):
-        cursor = json.loads(context.cursor) if context.cursor else {}
-        # raw days being written, or models being computed, are looked at once their runs end: a
-        # rerun next to them would race them (and find their half-written days late)
-        busy = runs_under_way(context.instance, context.repository_def.asset_graph, job.name)
-        if busy:
-            return dg.SkipReason(f"waiting for {len(busy)} run(s) writing raw days or daily usage to finish: {', '.join(busy[:5])}")
-        requests, used, late = rerun_plan(warehouse.paths(), context.repository_def.asset_graph, cursor.get("hashes"))
-        requested = set(cursor.get("requested", []))
-        context.update_cursor(json.dumps({"hashes": used, "requested": sorted(r.run_key for r in requests)}, sort_keys=True))
-        if not requests:
-            return dg.SkipReason("no raw day file changed by content since the models computed from it")
-        new = [r for r in requests if r.run_key not in requested]
-        if not new:
-            return dg.SkipReason(
-                "the late days are requested already (their run has not finished, or failed: rerun it from the UI): "
-                + "; ".join(r.tags["billing/late_days"] for r in requests)
-            )
-        for d in late[:20]:
-            context.log.info(f"late: {d.model} {d.day}: {d.why}")
-        return new
-
-    return _sensor
+@dg.sensor(
+    job=daily_usage,
+    minimum_interval_seconds=60,
+    name="late_raw_data_sensor",
+    description=(
+        "Recomputes the daily models (and Stripe hand-off, summaries) downstream of raw day files whose content "
+        "changed after they were computed, in one run from the first late day through the days that read it; "
+        "never re-ingests. A file only touched, or rewritten with the same bytes, requests nothing."
+    ),
+    default_status=dg.DefaultSensorStatus.STOPPED,
+)
+def late_raw_data_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource):
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    # raw days being written, or models being computed, are looked at once their runs end: a
+    # rerun next to them would race them (and find their half-written days late)
+    busy = runs_under_way(context.instance, context.repository_def.asset_graph, daily_usage.name)
+    if busy:
+        return dg.SkipReason(f"waiting for {len(busy)} run(s) writing raw days or daily usage to finish: {', '.join(busy[:5])}")
+    requests, used, late = rerun_plan(warehouse.paths(), context.repository_def.asset_graph, cursor.get("hashes"))
+    requested = set(cursor.get("requested", []))
+    context.update_cursor(json.dumps({"hashes": used, "requested": sorted(r.run_key for r in requests)}, sort_keys=True))
+    if not requests:
+        return dg.SkipReason("no raw day file changed by content since the models computed from it")
+    new = [r for r in requests if r.run_key not in requested]
+    if not new:
+        return dg.SkipReason(
+            "the late days are requested already (their run has not finished, or failed: rerun it from the UI): "
+            + "; ".join(r.tags["billing/late_days"] for r in requests)
+        )
+    for d in late[:20]:
+        context.log.info(f"late: {d.model} {d.day}: {d.why}")
+    return new
 
 
 def late_days(paths) -> list[str]:

@@ -6,9 +6,10 @@ from datetime import date
 import dagster as dg
 
 from billing_dags.defs.ingest.compaction import partition_days, pending_days_sensor
+from billing_dags.defs.ingest.sources import ReportSource
 from billing_dags.defs.shared.metadata import materialize_raw_each
 from billing_dags.defs.shared.partitions import SINGLE_RUN, billing_daily
-from billing_dags.defs.shared.resources import PrometheusResource, SimulationResource, WarehouseResource
+from billing_dags.defs.shared.resources import WarehouseResource
 
 
 @dg.asset(
@@ -18,40 +19,17 @@ from billing_dags.defs.shared.resources import PrometheusResource, SimulationRes
     backfill_policy=SINGLE_RUN,
     metadata={"source": "usage_reports", "layout": "data/raw/events/date=YYYY-MM-DD/part-usage_reports.parquet"},
 )
-def usage_reports(
-    context: dg.AssetExecutionContext,
-    warehouse: WarehouseResource,
-    simulation: SimulationResource,
-    prometheus: PrometheusResource,
-) -> dg.MaterializeResult:
+def usage_reports(context: dg.AssetExecutionContext, warehouse: WarehouseResource, report_source: ReportSource) -> dg.MaterializeResult:
     """Usage reports of each UTC day from the report store (data/landing/reports; simulated ones first when simulating) as raw events."""
-    from billing_dags.ingest import simulate
     from billing_dags.ingest import usage_reports as ur
     from billing_dags.ingest.events import EventsLayoutError
-    from billing_dags.seeds.catalog import SeedError, read_seed
+    from billing_dags.seeds.catalog import SeedError
 
     paths = warehouse.paths()
 
     def one_day(key, window) -> dict:
         t0 = time.perf_counter()
-        simulated = None
-        if simulation.applies(prometheus):
-            # the day's simulated reports go through parse_report and ReportStore.accept, as the endpoint does
-            try:
-                customers = read_seed(paths.seeds_dir, "customers")
-                simulated = simulate.accept_simulated_usage_reports(
-                    paths, window.start, customers, seed=simulation.seed, n_customers=simulation.customers
-                )
-            except ur.ReportConflict as e:
-                raise dg.Failure(
-                    description=(
-                        f"usage_reports {window.start} (simulated): {e}. The store {ur.store_path(paths)} holds reports "
-                        "simulated with another seed (or real ones); accepted reports are never replaced: use a fresh "
-                        "BILLING_DATA_DIR for another seed, or delete that file if it holds simulated reports only"
-                    )
-                ) from None
-            except (ur.ReportError, SeedError, ValueError) as e:
-                raise dg.Failure(description=f"usage_reports {window.start} (simulated): {e}; nothing was written for this day") from None
+        source = report_source.deliver_day(paths, window.start)
         try:
             figures = ur.compact_day(paths, window.start)
         except (ur.ReportError, EventsLayoutError, SeedError) as e:
@@ -61,15 +39,6 @@ def usage_reports(
                 f"{window.start}: reports of customers no longer in seeds/customers.csv are kept but not billed: "
                 + ", ".join(figures["unknown_customers"])
             )
-        source = {"source": "report store"}
-        if simulated is not None:
-            source = {
-                "source": "simulate",
-                "seed": simulation.seed,
-                "simulated_reports": simulated["reports"],
-                "simulated_accepted": simulated["accepted"],
-                "simulated_duplicates": simulated["duplicate"],
-            }
         return {
             **source,
             "reports": figures["reports"],
@@ -107,13 +76,12 @@ def report_run_requests(paths, today: date | None = None) -> tuple[list[dg.RunRe
     return requests, waiting
 
 
-def usage_reports_sensor() -> dg.SensorDefinition:
-    return pending_days_sensor(
-        "usage_reports_sensor",
-        usage_reports,
-        "Turns newly accepted usage reports into raw events: requests usage_reports for exactly the UTC days "
-        "with reports received since their last run (late_raw_data_sensor then reruns usage for those days).",
-        report_run_requests,
-        idle="no usage report waits to become events",
-        waiting_why="reports only for days that are not partitions yet (today): {days}",
-    )
+usage_reports_sensor = pending_days_sensor(
+    "usage_reports_sensor",
+    usage_reports,
+    "Turns newly accepted usage reports into raw events: requests usage_reports for exactly the UTC days "
+    "with reports received since their last run (late_raw_data_sensor then reruns usage for those days).",
+    report_run_requests,
+    idle="no usage report waits to become events",
+    waiting_why="reports only for days that are not partitions yet (today): {days}",
+)

@@ -21,18 +21,19 @@ def _by_status(rows: list[dict]) -> dict[str, int]:
     group_name="stripe",
     backfill_policy=SINGLE_RUN,
     kinds={"stripe", "parquet"},
-    deps=["fct_usage_by_day", "seed_customers", "seed_meters"],
+    deps=["fct_usage_by_day", "seed_customers", "seed_meters", "seed_units"],
 )
 def stripe_outbox(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
     """Meter events to send to Stripe: one per customer, meter and day, with a revisioned identifier."""
     paths = warehouse.paths()
     usage_model = load_project().models["fct_usage_by_day"]
     customers = pq.read_table(seed_snapshot_path(paths, "customers")).to_pylist()
-    meters = pq.read_table(seed_snapshot_path(paths, "meters")).to_pylist()
+    seeds = {name: pq.read_table(seed_snapshot_path(paths, name)) for name in ("meters", "units")}
+    meters = seeds["meters"].to_pylist()
 
     def one_day(key, window) -> dict:
-        usage = pq.read_table(partition_file(paths, usage_model, window)).to_pylist()
-        rows = ob.build_outbox(window.start, usage, customers, meters, ob.read_outbox(paths, window.start))
+        quantities = ob.day_quantities(window.start, pq.read_table(partition_file(paths, usage_model, window)), seeds)
+        rows = ob.build_outbox(window.start, quantities, customers, meters, ob.read_outbox(paths, window.start))
         path = ob.write_outbox(paths, window.start, rows)
         return {
             "events": len(rows),

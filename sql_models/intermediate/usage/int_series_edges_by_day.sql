@@ -53,13 +53,9 @@ per_series as (
         arg_max(value, ts_ms) as last_value,
         -- rule 1: v - v_prev when v >= v_prev, else v (a reset); pairs inside the day only
         coalesce(sum(
-            case
-                when prev_value is null then 0
-                when value >= prev_value then exact_value(value) - exact_value(prev_value)
-                else exact_value(value)
-            end
+            case when prev_value is null then 0 else counter_increase(value, prev_value) end
         ), 0)::decimal(38, 9) as in_day_increase,
-        count(*) filter (where prev_value is not null and value < prev_value) as resets,
+        count(*) filter (where prev_value is not null and counter_reset(value, prev_value)) as resets,
         exact_value(max(value)) as peak,
         -- rule 5: each sample holds until the next one, at most the staleness limit, within the day
         sum(exact_value(value) * least(coalesce(next_ts_ms, $end_ms) - ts_ms, $staleness_ms))::decimal(38, 9)

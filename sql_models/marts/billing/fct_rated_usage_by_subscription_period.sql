@@ -5,8 +5,8 @@ partitioned_by: billing_monthly
 time_column: month
 grain: [month, customer_id, period_start, meter_id, dimension]
 */
-with usage as (
-    select * from fct_usage_by_subscription_period
+with billable_usage as (
+    select * from fct_billable_usage_by_subscription_period
     where month >= $start_date::date and month < $end_date::date
 ),
 
@@ -66,28 +66,15 @@ period_prices as (
         and meters.billing_unit = units.billing_unit
 ),
 
--- quantity in base units x 1e9, by the meter's aggregation (rule 5); exact integer arithmetic
+-- the billable quantity in base units x 1e9 (the meter's aggregation, applied once upstream)
 usage_quantities as (
     select
-        usage.customer_id,
-        usage.period_start,
-        usage.meter_id,
-        usage.dimension,
-        case meters.aggregation
-            when 'sum' then to_nano(usage.usage)
-            when 'max' then to_nano(usage.gauge_peak)
-            -- over the covered time; a period without a sample or event of its own bills nothing
-            when 'avg' then
-                case when usage.gauge_covered_ms > 0 and usage.observations > 0
-                    then div_half_up(to_nano(usage.gauge_integral), usage.gauge_covered_ms)
-                    else 0
-                end
-            when 'unit_hours' then div_half_up(to_nano(usage.gauge_integral), 3600000)
-            when 'unit_months' then div_half_up(to_nano(usage.gauge_integral), usage.month_ms)
-        end as quantity_nano
-    from usage
-    inner join meters
-        on usage.meter_id = meters.meter_id
+        customer_id,
+        period_start,
+        meter_id,
+        dimension,
+        to_nano(base_quantity) as quantity_nano
+    from billable_usage
 ),
 
 -- a price row with an empty dimension prices the meter's usage over all dimensions

@@ -99,7 +99,7 @@ rates as (
         series_id,
         max(
             case when prev_ts_ms is not null and ts_ms > prev_ts_ms and ts_ms - prev_ts_ms <= $staleness_ms
-                then (case when value >= prev_value then value - prev_value else value end) * 60000 / (ts_ms - prev_ts_ms)
+                then counter_increase(value, prev_value) * 60000 / (ts_ms - prev_ts_ms)
             end
         ) as max_per_minute
     from (

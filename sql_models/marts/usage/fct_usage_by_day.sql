@@ -92,17 +92,12 @@ per_series as (
         case
             when joined.samples = 0 then 0
             -- rule 2: the pair straddling midnight belongs to the later sample's day
-            when joined.prev_value is not null then
-                case
-                    when joined.first_value >= joined.prev_value
-                        then exact_value(joined.first_value) - exact_value(joined.prev_value)
-                    else exact_value(joined.first_value)
-                end
+            when joined.prev_value is not null then counter_increase(joined.first_value, joined.prev_value)
             when series.first_seen_ms < $lookback_start_ms then 0
             -- rule 4: a new series started from zero
             else exact_value(joined.first_value)
         end as boundary_increase,
-        (joined.samples > 0 and joined.prev_value is not null and joined.first_value < joined.prev_value)::integer
+        (joined.samples > 0 and joined.prev_value is not null and counter_reset(joined.first_value, joined.prev_value))::integer
             as boundary_resets,
         -- rule 5: yesterday's last gauge sample holds into today until the first sample or staleness
         case
