@@ -5,13 +5,19 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME := $(CURDIR)/.dagster
 
-.PHONY: demo test test-fast dev bench bench-quick install clean
+.PHONY: demo test test-fast lint lint-fix dev bench bench-quick install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv
 	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[test]'
 	touch $(STAMP)
+
+# the linters: a stamp of their own, so `make test` does not install them
+LINT_STAMP := $(VENV)/.installed-lint
+$(LINT_STAMP): $(STAMP)
+	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[test,lint]'
+	touch $(LINT_STAMP)
 
 install: $(STAMP)
 
@@ -25,6 +31,18 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
+
+# ruff (lint + format) and sqlfluff, configured in pyproject.toml; CI runs this before the tests
+lint: $(LINT_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/sqlfluff lint sql_models
+
+# applies what the linters can fix by themselves; review the diff, then `make lint`
+lint-fix: $(LINT_STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+	$(BIN)/sqlfluff fix sql_models
 
 dev: $(STAMP)
 	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml || true

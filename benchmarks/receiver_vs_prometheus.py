@@ -117,8 +117,8 @@ def start_prometheus(root: Path) -> tuple[subprocess.Popen, str]:
     cmd = [PROMETHEUS, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'tsdb'}",
            f"--web.listen-address=127.0.0.1:{port}", "--web.enable-remote-write-receiver", "--storage.tsdb.retention.time=10y",
            "--log.level=warn"]
-    log = open(root / "prometheus.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+    with open(root / "prometheus.log", "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     _wait_ready(url, proc, "prometheus")
     return proc, url

@@ -34,7 +34,7 @@ START_MS = 1_780_000_000_000
 
 def _metric(url: str, name: str) -> float:
     text = requests.get(url + "/metrics", timeout=5).text
-    return sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith(name + " ") or l.startswith(name + "{"))
+    return sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith((name + " ", name + "{")))
 
 
 def main() -> None:

@@ -48,8 +48,6 @@ def write_openmetrics(path, families: dict[str, tuple[str, list[tuple[dict[str, 
 
 def backfill(openmetrics_file, tsdb_dir, promtool: str = "promtool", timeout_s: float = 1800) -> float:
     """``promtool tsdb create-blocks-from openmetrics``; returns the seconds it took."""
-    import subprocess
-
     t0 = time.perf_counter()
     proc = subprocess.run(
         [promtool, "tsdb", "create-blocks-from", "openmetrics", str(openmetrics_file), str(tsdb_dir)],
@@ -76,29 +74,21 @@ class LocalPrometheus:
         self.proc = None
 
     def start(self, ready_timeout_s: float = 30.0) -> "LocalPrometheus":
-        import os
-        import subprocess
-
-        import requests
-
-        from pathlib import Path
-
         config = Path(self.tsdb_dir).parent / f"prometheus-{self.port}.yml"
         config.write_text("global:\n  scrape_interval: 1m\nscrape_configs: []\n")
-        log = open(self.log_file or os.devnull, "ab")
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={self.tsdb_dir}",
-                "--storage.tsdb.retention.time=10y",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--log.level=warn",
-                *self.extra_args,
-            ],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-        log.close()
+        with open(self.log_file or os.devnull, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    self.binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={self.tsdb_dir}",
+                    "--storage.tsdb.retention.time=10y",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--log.level=warn",
+                    *self.extra_args,
+                ],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -113,10 +103,6 @@ class LocalPrometheus:
         raise RuntimeError(f"prometheus on {self.url} not ready after {ready_timeout_s}s")
 
     def stop(self) -> None:
-        import os
-        import signal
-        import subprocess
-
         if self.proc is None or self.proc.poll() is not None:
             return
         try:

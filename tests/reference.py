@@ -109,7 +109,7 @@ def gauge_integral(
     if prev is not None and math.isfinite(prev[1]):
         if prev[0] >= start_ms:
             raise ValueError("prev must be before the window")
-        points = [(prev[0], sample_decimal(prev[1]))] + points
+        points = [(prev[0], sample_decimal(prev[1])), *points]
     total = Decimal(0)
     for i, (ts, v) in enumerate(points):
         hold_end = ts + staleness_ms
@@ -166,7 +166,7 @@ def peak_of_sum(
     for samples, prev in series:
         points = [(ts, v) for ts, v in clean(samples) if start_ms <= ts < end_ms]
         if prev is not None and math.isfinite(prev[1]):
-            points = [(prev[0], sample_decimal(prev[1]))] + points
+            points = [(prev[0], sample_decimal(prev[1])), *points]
         tracks.append(points)
     instants = {start_ms}
     for points in tracks:

@@ -175,12 +175,9 @@ class DagsterServer:
         return self
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        log = open(self.root / f"{name}.log", "ab")
-        try:
+        with open(self.root / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(argv, cwd=self.project, env=self.env, stdin=subprocess.DEVNULL,
                                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        finally:
-            log.close()
 
     def stop(self, grace: float = 15) -> None:
         """SIGTERM both process groups, then SIGKILL whatever of them is left after ``grace`` seconds

@@ -190,7 +190,7 @@ def test_a_late_usage_report_after_finalization_is_named_in_the_adjustment(p):
 # --------------------------------------------------------------------------- customers who leave
 
 # "gone" subscribed to Pro until 1 February 2025 (exclusive): fct_invoice_lines has no line of it from February on
-WITH_LEAVER = CUSTOMERS + [{"customer_id": "gone", "name": "Gone Ltd", "currency": "usd", "plan_id": "pro"}]
+WITH_LEAVER = [*CUSTOMERS, {"customer_id": "gone", "name": "Gone Ltd", "currency": "usd", "plan_id": "pro"}]
 
 
 def bill_all(p: Paths, month: date, usage_minor: dict[str, int], *, now=LATER, raw="aa", grants=()) -> dict[str, dict]:

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from billing_dags.core.errors import InputError
 from billing_dags.cli.main import check_billable_month, last_complete_month, main, parse_month
 from datetime import date
 
@@ -20,7 +21,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("value", ["2026-13", "2026-1", "26-10", "", "2026-10-01", "october"])
 def test_bad_month_is_rejected_with_the_format(value):
-    with pytest.raises(Exception) as e:
+    with pytest.raises(InputError) as e:
         parse_month(value)
     assert repr(value) in str(e.value) and "YYYY-MM" in str(e.value)
 
@@ -34,7 +35,7 @@ def test_open_and_too_early_months_are_rejected():
 
 
 @pytest.mark.parametrize(
-    "args, expected",
+    ("args", "expected"),
     [
         (["run", "--month", "2026-13"], "'2026-13' is not YYYY-MM"),
         (["run", "--month", "2099-01"], "has not ended"),
@@ -54,7 +55,7 @@ def test_open_and_too_early_months_are_rejected():
     ],
 )
 def test_bad_input_exits_2_naming_input_and_fix(capsys, paths, args, expected):
-    code, out, err = run_cli(capsys, *args)
+    code, _out, err = run_cli(capsys, *args)
     assert code == 2
     assert expected in err, err
 
@@ -65,7 +66,7 @@ def test_malformed_seed_row_names_file_line_and_column(capsys, paths, small_seed
     fields[1] = "gold_plan"  # plan_id
     text[2] = ",".join(fields)
     (small_seeds / "subscriptions.csv").write_text("\n".join(text) + "\n")
-    code, out, err = run_cli(capsys, "plans")
+    code, _out, err = run_cli(capsys, "plans")
     assert code == 2
     assert "subscriptions.csv:3" in err and "plan 'gold_plan' is not in plans.csv" in err
 
@@ -73,7 +74,7 @@ def test_malformed_seed_row_names_file_line_and_column(capsys, paths, small_seed
 def test_seed_row_with_bad_decimal_is_rejected(capsys, paths, small_seeds):
     with (small_seeds / "prices.csv").open("a") as f:
         f.write("proxy_hybrid,1,proxy_submits,,ten,,per_unit,0.01,1,up,bad allowance\n")
-    code, out, err = run_cli(capsys, "plans")
+    code, _out, err = run_cli(capsys, "plans")
     assert code == 2
     assert "prices.csv:" in err and "column included_quantity" in err and "'ten' is not a decimal" in err
 
@@ -81,7 +82,7 @@ def test_seed_row_with_bad_decimal_is_rejected(capsys, paths, small_seeds):
 def test_overlapping_subscriptions_are_rejected(capsys, paths, small_seeds):
     with (small_seeds / "subscriptions.csv").open("a") as f:
         f.write("mp-001,proxy_hybrid,2026-01-01,\n")
-    code, out, err = run_cli(capsys, "plans")
+    code, _out, err = run_cli(capsys, "plans")
     assert code == 2
     assert "subscriptions.csv:" in err and "overlaps" in err and "end that one on 2026-01-01" in err
 
@@ -89,13 +90,13 @@ def test_overlapping_subscriptions_are_rejected(capsys, paths, small_seeds):
 def test_tiers_must_end_unbounded(capsys, paths, small_seeds):
     text = (small_seeds / "price_tiers.csv").read_text().replace("proxy_tiered,1,proxy_bytes,,3,,0.05,0", "proxy_tiered,1,proxy_bytes,,3,500,0.05,0")
     (small_seeds / "price_tiers.csv").write_text(text)
-    code, out, err = run_cli(capsys, "plans")
+    code, _out, err = run_cli(capsys, "plans")
     assert code == 2
     assert "price_tiers.csv:" in err and "only the last tier has an empty up_to" in err
 
 
 def test_plans_lists_the_seeded_plans_as_json(capsys, paths):
-    code, out, err = run_cli(capsys, "plans", "--format", "json")
+    code, out, _err = run_cli(capsys, "plans", "--format", "json")
     assert code == 0
     plans = {(p["plan"], p["version"]): p for p in json.loads(out)}
     assert plans[("proxy_hybrid", 1)]["base_fee"] == "5"
@@ -138,7 +139,7 @@ def test_run_rejects_a_subscription_that_starts_before_its_plans_first_version(c
     _append(small_seeds / "prices.csv", "proxy_new,1,proxy_bytes,,0,,per_unit,0.10,1,up,$0.10 per GiB")
     _append(small_seeds / "customers.csv", "mp-new,Miner new,proxy,miner-new,usd,,prometheus")
     sub_line = _append(small_seeds / "subscriptions.csv", "mp-new,proxy_new,2026-10-01,")
-    code, out, err = run_cli(capsys, "run", "--month", "2026-02")
+    code, _out, err = run_cli(capsys, "run", "--month", "2026-02")
     assert code == 2
     assert f"subscriptions.csv:{sub_line}:" in err, err
     assert f"plans.csv line {plan_line}" in err and "2026-10-15" in err
@@ -154,7 +155,7 @@ def test_run_rejects_a_catch_all_price_beside_per_model_prices(capsys, paths, sm
         if l.startswith("llm_payg,1,llm_input_tokens,gpt-4o,")
     )
     line = _append(small_seeds / "prices.csv", "llm_payg,1,llm_input_tokens,,0,,per_unit,1.00,1,up,$1.00 per 1M tokens")
-    code, out, err = run_cli(capsys, "run", "--month", "2026-02")
+    code, _out, err = run_cli(capsys, "run", "--month", "2026-02")
     assert code == 2
     assert f"prices.csv:{line}:" in err, err
     assert f"line {gpt4o_line}" in err and "billed twice" in err

@@ -113,7 +113,7 @@ def test_segments_stay_when_the_partition_write_fails(paths, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(compaction.raw, "write_day", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left on device"):
         compact(paths)
     assert len(sealed_segments(paths.landing)) == 1 and part(paths) is None
     monkeypatch.undo()

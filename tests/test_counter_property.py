@@ -13,6 +13,7 @@ Two value ranges are tested separately so that a failure says what broke:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
@@ -171,7 +172,7 @@ def row_for(rows, meta):
 
 def _fmt(problems, series):
     lines = [f"{len(problems)} mismatch(es):"] + [f"  {p}" for p in problems[:12]]
-    lines.append("samples: " + repr({k: v for k, v in series.items()}))
+    lines.append("samples: " + repr(dict(series.items())))
     return "\n".join(lines)
 
 
@@ -329,7 +330,7 @@ def prometheus_increase(samples, range_start_ms, range_end_ms) -> float:
     """Prometheus increase() (promql extrapolatedRate, isCounter=True) over the samples in a range."""
     pts = [(t, v) for t, v in samples if range_start_ms < t <= range_end_ms]
     (t0, v0), (tn, vn) = pts[0], pts[-1]
-    delta = vn - v0 + sum(a for (_, a), (_, b) in zip(pts, pts[1:]) if b < a)
+    delta = vn - v0 + sum(a for (_, a), (_, b) in itertools.pairwise(pts) if b < a)
     sampled = (tn - t0) / 1000
     to_start = (t0 - range_start_ms) / 1000
     to_end = (range_end_ms - tn) / 1000
@@ -357,7 +358,7 @@ def test_increase_would_extrapolate_but_usage_is_the_integer_sum(runner):
     """
     day1 = [(ms(D1, 0, m, 30), float(1000 + (100 * m) // 59)) for m in range(60)]
     assert day1[-1][1] == 1100.0
-    samples = [(ms(D0, 23, 59, 30), 1000.0)] + day1
+    samples = [(ms(D0, 23, 59, 30), 1000.0), *day1]
     prom = prometheus_increase(samples, ms(D1), ms(D1, 1))
     assert abs(prom - 100 * 3600 / 3540) < 1e-9 and prom != int(prom)
     labels = {SHARES.series_id: (SHARES.metric, SHARES.labels, ms(D0, 23, 59, 30))}
@@ -368,7 +369,7 @@ def test_increase_would_extrapolate_but_usage_is_the_integer_sum(runner):
     assert got != Decimal(repr(prom))
 
 
-@pytest.mark.parametrize("gap_days, expected_usage, flagged", [(30, 80, 0), (35, 80, 0), (36, 30, 1), (40, 30, 1)])
+@pytest.mark.parametrize(("gap_days", "expected_usage", "flagged"), [(30, 80, 0), (35, 80, 0), (36, 30, 1), (40, 30, 1)])
 def test_series_reappearing_after_the_lookback_is_flagged(runner, gap_days, expected_usage, flagged):
     """Rule 4: seen again after a gap longer than the 35-day lookback -> flagged, first value not counted.
 

@@ -274,7 +274,7 @@ def test_seed_file_loads_with_exact_minor_units(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "row, message",
+    ("row", "message"),
     [
         ("g1,acme,usd,10.005,2025-01-01,,x", "credits.csv:2: column amount: 10.005 has more decimal places than usd allows (2); round the grant to 2 decimal places"),
         ("g1,tokyo,jpy,100.5,2025-01-01,,x", "credits.csv:2: column amount: 100.5 has more decimal places than jpy allows (0)"),
@@ -300,7 +300,7 @@ def test_duplicate_grant_and_missing_file(tmp_path):
     write_credits(tmp_path, "g1,acme,usd,10,2025-01-01,,x", "g1,acme,usd,20,2025-01-01,,y")
     with pytest.raises(SeedError, match=r"credits.csv:3: duplicate key \{'grant_id': 'g1'\} \(first on line 2\)"):
         load_grants(tmp_path, CUSTOMERS, CURRENCIES)
-    with pytest.raises(SeedError, match="credits.csv: seed file missing"):
+    with pytest.raises(SeedError, match=r"credits\.csv: seed file missing"):
         load_grants(tmp_path / "nowhere", CUSTOMERS, CURRENCIES)
 
 

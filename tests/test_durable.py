@@ -221,7 +221,7 @@ def test_every_publish_fsyncs_the_file_renames_then_fsyncs_the_folder(name, p, r
     assert published
     for dest in published:
         rec.assert_durable(Path(dest))
-    assert not [f for f in p.data_dir.rglob(".*tmp*")], "temporary files left behind"
+    assert not list(p.data_dir.rglob(".*tmp*")), "temporary files left behind"
 
 
 def test_only_the_durable_module_renames_files():
@@ -280,8 +280,7 @@ def test_a_failed_write_inside_staged_publishes_nothing(tmp_path):
 
     dest = tmp_path / "out" / "file.json"
     durable.write_bytes(dest, b"old\n")
-    with pytest.raises(ValueError):
-        with durable.staged(dest) as tmp:
-            tmp.write_bytes(b"half")
-            raise ValueError("validation failed")
+    with pytest.raises(ValueError, match="validation failed"), durable.staged(dest) as tmp:  # noqa: PT012 (the failure is inside the block)
+        tmp.write_bytes(b"half")
+        raise ValueError("validation failed")
     assert dest.read_bytes() == b"old\n" and sorted(os.listdir(dest.parent)) == ["file.json"]

@@ -79,7 +79,7 @@ def test_a_day_larger_than_a_batch_keeps_the_same_rows_as_a_day_in_memory(paths,
 
 
 @pytest.mark.parametrize(
-    "row, match",
+    ("row", "match"),
     [
         (ev("x", ms(DAY) - 1, K1, "llm_input_tokens", "", "1"), "outside"),
         (ev("x", ms(DAY, 24), K1, "llm_input_tokens", "", "1"), "outside"),
@@ -97,7 +97,7 @@ def test_bad_events_are_refused_and_the_old_day_stays(paths, row, match):
     good = [ev("ok", ms(DAY, 1), K1, "llm_input_tokens", "gpt-4o", "1")]
     write_events_day(paths, DAY, table(good), "postgres")
     with pytest.raises(EventsLayoutError, match=match):
-        write_events_day(paths, DAY, pa.Table.from_pylist(good + [row], schema=pa.schema([f.with_nullable(True) for f in EVENTS_SCHEMA])), "postgres")
+        write_events_day(paths, DAY, pa.Table.from_pylist([*good, row], schema=pa.schema([f.with_nullable(True) for f in EVENTS_SCHEMA])), "postgres")
     assert [r["event_id"] for r in pq.read_table(events.event_files(paths, DAY)[0]).to_pylist()] == ["ok"]
     assert not [p for p in events.events_day_dir(paths, DAY).iterdir() if p.name.startswith(".")]
 

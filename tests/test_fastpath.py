@@ -103,7 +103,7 @@ def test_gauge_peaks_refuse_raw_rows_not_sorted_by_series(paths, threads):
         f.unlink()
     t = t.sort_by([("series_id", "descending"), ("ts", "ascending")])
     pq.write_table(t, raw.samples_day_dir(paths, DAY) / "part-test.parquet", row_group_size=t.num_rows)
-    with pytest.raises(raw.RawLayoutError, match="not sorted by series_id.*rewrite the day"):
+    with pytest.raises(raw.RawLayoutError, match=r"not sorted by series_id.*rewrite the day"):
         fastpath.gauge_peaks_by_day(paths, model, WINDOW, threads=threads)
 
 
@@ -123,7 +123,7 @@ def test_a_backfill_partition_on_its_share_of_the_cores_gives_the_same_bytes(pat
 
 
 @pytest.mark.parametrize(
-    "tags, parallel, cores, expected",
+    ("tags", "parallel", "cores", "expected"),
     [
         ({}, 2, 2, None),  # a single run: every core
         ({"dagster/backfill": "abc"}, 2, 2, 1),

@@ -275,7 +275,7 @@ def test_gauge_events_are_written_and_hold_ms_defaults_to_zero_for_deltas(paths)
 
 
 @pytest.mark.parametrize(
-    "row, match",
+    ("row", "match"),
     [
         (gauge("x", ms(DAY, 1), "1", meter="llm_input_tokens", key=LLM_KEY), r"meter 'llm_input_tokens' is a counter; gauge events need a gauge meter \(send its increments as kind 'delta'"),
         (delta("x", ms(DAY, 1), "1", meter="k8s_memory", key=KEY, dim=""), r"meter 'k8s_memory' is a gauge; delta events need a counter meter \(send its levels as kind 'gauge'"),
@@ -290,7 +290,7 @@ def test_bad_gauge_and_delta_events_are_refused(paths, row, match):
     good = [gauge("ok", ms(DAY, 1), "1")]
     write_events_day(paths, DAY, table(good), "reports")
     with pytest.raises(EventsLayoutError, match=match) as e:
-        write_events_day(paths, DAY, table(good + [row]), "reports")
+        write_events_day(paths, DAY, table([*good, row]), "reports")
     assert f"events for {DAY} from source 'reports'" in str(e.value)
     assert [r["event_id"] for r in pq.read_table(events.event_files(paths, DAY)[0]).to_pylist()] == ["ok"]
 

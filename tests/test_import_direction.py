@@ -141,7 +141,7 @@ def test_there_is_no_import_cycle():
     assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
 
 
-@pytest.mark.parametrize("source, expected", [
+@pytest.mark.parametrize(("source", "expected"), [
     ("from billing_dags.cli.main import x\n", {"billing_dags.cli.main"}),
     ("def f():\n    from billing_dags.billing import build\n", {"billing_dags.billing.build"}),
 ])

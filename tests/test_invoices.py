@@ -488,7 +488,7 @@ def test_a_failed_flush_leaves_the_old_files_and_no_temporary_ones(tmp_path, mon
             raise OSError(5, "Input/output error")
 
         monkeypatch.setattr(durable, "fsync_path", failing_fsync)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="Input/output error"):
         write_invoice_files(p, build(lines_for("acme", usage_minor=999) + lines_for("beta", usage_minor=998)))
     assert {f.name: f.read_bytes() for f in folder.iterdir()} == before  # old bytes, no .tmp- files left
 

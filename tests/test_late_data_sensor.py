@@ -144,7 +144,7 @@ def test_a_late_correction_reruns_the_models_of_the_affected_days_in_one_run_and
     _change_last_sample(samples)
     rounds = deployment.operate()
     assert len(rounds) == 1, [[_describe(r) for r in rs] for rs in rounds]
-    (request,) = rounds[0]
+    (_request,) = rounds[0]
     (run,) = deployment.runs
     # no ingest reruns (it would pull the day from Prometheus again); every model day from the late
     # one to the newest computed one is recomputed, since later days read its edges and usage

@@ -208,7 +208,7 @@ def test_dispute_ties_raw_evidence_to_the_bill_and_exports_a_pack(month_run, tmp
 
     paths, _, _ = month_run
     dispute = build_dispute(paths, "mp-003", MONTH, by="hour")
-    counters = {m: t for m, t in dispute.tie_out["meters"].items()}
+    counters = dict(dispute.tie_out["meters"].items())
     assert {"proxy_bytes", "proxy_accepted_shares"} <= set(counters)
     assert all(t["ties_out"] for t in counters.values()), counters
     # only this customer's series are in the evidence (the unknown miner and other customers are not)
@@ -319,7 +319,7 @@ def test_run_model_days_writes_every_day_as_run_model_does(month_run, tmp_path):
         for w in windows:
             partition_file(copy, model, w).unlink()
         seen = []
-        results = run_model_days(copy, name, windows, project=project, validate=lambda w, t: seen.append((w, len(t))))
+        results = run_model_days(copy, name, windows, project=project, validate=lambda w, t, seen=seen: seen.append((w, len(t))))
         assert [r.window for r in results] == windows and seen == [(r.window, r.rows) for r in results]
         for w in windows:
             assert partition_file(copy, model, w).read_bytes() == partition_file(paths, model, w).read_bytes(), (name, w)

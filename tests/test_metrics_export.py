@@ -118,7 +118,7 @@ def test_dashboard_loads_and_every_metric_it_queries_is_exported(warehouse):
     assert variables["customer"]["definition"] == "label_values(billing_usage_quantity, customer_id)"
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     assert all(t["datasource"]["uid"] == "${datasource}" for p in dash["panels"] for t in p["targets"])
-    referenced = {m for e in exprs + [variables["customer"]["definition"]] for m in re.findall(r"\bbilling_[a-z_]+", e)}
+    referenced = {m for e in [*exprs, variables["customer"]["definition"]] for m in re.findall(r"\bbilling_[a-z_]+", e)}
     exported = set(samples(metrics_export.export_metrics(warehouse, OCT, today=TODAY).decode()))
     assert referenced and referenced <= exported, referenced - exported
     titles = " ".join(p["title"] for p in dash["panels"]).lower()

@@ -25,7 +25,7 @@ def _load(env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "value, fix",
+    ("value", "fix"),
     [
         ("oct", "is not a month (YYYY-MM)"),
         ("2026-13", "is not a valid date"),
@@ -46,7 +46,7 @@ def test_default_is_the_first_month_of_the_earliest_subscription(tmp_path):
     assert partitions_start({}, seeds_dir=tmp_path) == date(2026, 3, 1)
     assert partitions_start({"BILLING_PARTITIONS_START": "2026-10"}, seeds_dir=tmp_path) == date(2026, 10, 1)
     (tmp_path / "subscriptions.csv").write_text("customer_id,plan_id,start_date,end_date\n")
-    with pytest.raises(SettingsError, match="BILLING_PARTITIONS_START is not set .* no subscription start_date"):
+    with pytest.raises(SettingsError, match=r"BILLING_PARTITIONS_START is not set .* no subscription start_date"):
         partitions_start({}, seeds_dir=tmp_path)
 
 

@@ -171,7 +171,7 @@ def test_iot_pooled_allowance_is_shared_once():
 def test_iot_api_call_packages_round_up():
     """$0.50 per 1,000 calls: 1,000 -> 1 package (50 cents); 1,001 -> 2 (100 cents); 0 -> 0."""
     for calls, cents in [(0, 0), (1, 50), (1_000, 50), (1_001, 100), (2_500, 150)]:
-        rated, lines = invoice([usage("iot-003", "iot_http_requests", usage=calls)], "iot-003")
+        _rated, lines = invoice([usage("iot-003", "iot_http_requests", usage=calls)], "iot-003")
         assert amounts(lines)["iot_http_requests"] == cents, calls
 
 
@@ -307,7 +307,7 @@ def test_k8s_professional_large_storage_gauge():
 # --- rounding (rule 7) ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
-    "customer, meter, dimension, quantity, cents",
+    ("customer", "meter", "dimension", "quantity", "cents"),
     [
         # proxy_per_share: $0.0001 per share
         ("mp-002", "proxy_accepted_shares", "", 150, 2),  # $0.015 = 1.5 cents, exactly half -> 2

@@ -63,7 +63,7 @@ def test_graduated_tiers_price_each_slice():
 
 
 @pytest.mark.parametrize(
-    "shares, cents",
+    ("shares", "cents"),
     [
         (100_000, 1000),  # exactly at the top of tier 1: 100,000 x $0.0001 = $10.00
         (250_000, 2000),  # tier 2 prices every unit: 250,000 x $0.00008 = $20.00
@@ -77,7 +77,7 @@ def test_volume_tiers_price_every_unit_at_the_reached_tier(shares, cents):
     assert line["amount_minor"] == cents
 
 
-@pytest.mark.parametrize("requests, packages", [(2_500_000, 3), (2_499_999, 2), (400_000, 0), (500_000, 1)])
+@pytest.mark.parametrize(("requests", "packages"), [(2_500_000, 3), (2_499_999, 2), (400_000, 0), (500_000, 1)])
 def test_package_rounding_half_up(requests, packages):
     # k8s_enterprise: $0.40 per 1M requests, rounded to the nearest million (half up)
     lines = bill([day_row(date(2025, 4, 3), "k8s-010", "k8s_http_requests", usage=requests)], APR)

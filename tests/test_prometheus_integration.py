@@ -291,7 +291,7 @@ def test_month_from_live_prometheus_equals_exact_usage(server, tmp_path, seeds):
     month = pq.read_table(paths.models / "fct_usage_by_month" / "month=2025-03" / "data.parquet").to_pylist()
     by_month = {(r["customer_id"], r["meter_id"]): r["usage"] for r in month if r["kind"] == "counter"}
     want_month: dict[tuple, Decimal] = {}
-    for (day, c, m), v in usage.items():
+    for (_day, c, m), v in usage.items():
         want_month[(c, m)] = want_month.get((c, m), Decimal(0)) + v
     assert by_month == want_month
     assert "mp-quote" in {c for c, _ in by_month} and "mp-zurich" in {c for c, _ in by_month}
@@ -355,7 +355,7 @@ def test_stopped_server_fails_the_partition_naming_meter_query_and_server(tmp_pa
 
 def test_range_mode_splits_under_the_point_limit(server):
     """query_range over a day at 5 s needs 17,280 points: split into requests Prometheus accepts."""
-    p, series = server
+    p, _series = server
     s, e = raw.day_bounds_ms(DAYS[1])
     sel = prom.Selector("proxy_accepted_shares", "stratum_accepted_shares_total", "client_id", (QUOTED,))
     with prom.PrometheusClient(p.url) as client:
@@ -461,7 +461,7 @@ def test_days_materialized_in_any_order_give_the_usage_of_days_in_order(october_
            for day, rows in results["in order"].items() for r in rows if r["kind"] == "counter" and r["usage"]}
     assert got == {k: v for k, v in usage.items() if v}
     # the gauge's last sample of 09-30 (23:59:30) holds for the staleness limit (5 min), 4.5 min into 10-01
-    _, ts, values = next(s for s in series if s[0]["__name__"] == "stratum_active_connections")
+    _, _ts, values = next(s for s in series if s[0]["__name__"] == "stratum_active_connections")
     gauge = next(r for r in results["in order"][AROUND[1]] if r["meter_id"] == "proxy_connections")
     assert (gauge["gauge_covered_ms"], gauge["gauge_integral"]) == (270_000, Decimal(int(values[-1])) * 270_000)
 

@@ -273,7 +273,7 @@ def test_bad_promql_fails_at_once_naming_meter_query_and_server():
 def test_warnings_fail_unless_allowed():
     warned = {**OK, "warnings": ["partial response: store gateway unavailable"]}
     with FakePrometheus([(200, warned, None)]) as fake:
-        with pytest.raises(prom.PrometheusError, match="warnings.*store gateway"):
+        with pytest.raises(prom.PrometheusError, match=r"warnings.*store gateway"):
             prom.PrometheusClient(fake.url).query("m", 0, what="meter m")
         client = prom.PrometheusClient(fake.url, fail_on_warnings=False)
         client.query("m", 0)
@@ -365,7 +365,7 @@ def test_ingest_day_writes_nothing_when_a_query_fails(tmp_path):
 
 
 @pytest.mark.parametrize("value", TRICKY)
-@pytest.mark.parametrize("op,kind", [("=", prom.EQ), ("!=", prom.NEQ), ("=~", prom.RE), ("!~", prom.NRE)])
+@pytest.mark.parametrize(("op", "kind"), [("=", prom.EQ), ("!=", prom.NEQ), ("=~", prom.RE), ("!~", prom.NRE)])
 def test_parse_matchers_reads_what_promql_string_writes(value, op, kind):
     text = f"job={prom.promql_string(value)}, x{op}{prom.promql_string(value + 'z')} ,"
     assert prom.parse_matchers(text) == [(prom.EQ, "job", value), (kind, "x", value + "z")]
@@ -382,7 +382,7 @@ def test_parse_matchers_other_quotes_and_errors():
         (prom.EQ, "a", "x\\y"), (prom.EQ, "b", "it's"), (prom.EQ, "c", "AAü")]
     assert prom.parse_matchers("  ") == []
     for bad in ("job", 'job="x" cluster="y"', 'job=x', '1a="x"', 'a="\\q"', 'a="x'):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"cannot read label matchers|bad escape"):
             prom.parse_matchers(bad)
 
 
@@ -469,15 +469,17 @@ def test_auto_falls_back_when_remote_read_is_refused_and_logs_why():
 
 
 def test_remote_read_errors_name_meter_query_and_server():
-    with FakePrometheus([(400, b"invalid regular expression", None)]) as fake:
-        with pytest.raises(prom.PrometheusError, match=r"meter m .*HTTP 400 \(invalid regular expression\).*query: remote read"):
-            list(prom._fetch_exact(prom.PrometheusClient(fake.url, read_api="auto"), SEL, 0, 1000))
+    with (
+        FakePrometheus([(400, b"invalid regular expression", None)]) as fake,
+        pytest.raises(prom.PrometheusError, match=r"meter m .*HTTP 400 \(invalid regular expression\).*query: remote read"),
+    ):
+        list(prom._fetch_exact(prom.PrometheusClient(fake.url, read_api="auto"), SEL, 0, 1000))
     with FakePrometheus([(200, b"not snappy at all", PB)]) as fake:
         with pytest.raises(prom.PrometheusError, match="cannot be decoded") as err:
             list(prom._fetch_exact(prom.PrometheusClient(fake.url, read_api="remote_read"), SEL, 0, 1000))
         assert fake.url in str(err.value)
     with FakePrometheus([(404, b"404 page not found", None)]) as fake:
-        with pytest.raises(prom.PrometheusError, match="HTTP 404.*read_api"):
+        with pytest.raises(prom.PrometheusError, match=r"HTTP 404.*read_api"):
             list(prom._fetch_exact(prom.PrometheusClient(fake.url, read_api="remote_read"), SEL, 0, 1000))
     # once remote read worked, a refusal is an error, not a silent switch
     good = read_response([({"__name__": "m_total", "client_id": "c1"}, [(5, 1.0)])])
@@ -493,7 +495,7 @@ def test_remote_read_errors_name_meter_query_and_server():
         list(prom._fetch_exact(client, odd, 0, 1000))  # Prometheus itself judges the PromQL (this stub does not)
         assert client.remote_read_ok is False and "extra matchers" in client.fallback_reason
         assert [r["path"] for r in fake.requests] == ["/api/v1/query"]
-    with pytest.raises(prom.PrometheusError, match="extra matchers 'job'.*read_api"):
+    with pytest.raises(prom.PrometheusError, match=r"extra matchers 'job'.*read_api"):
         list(prom._fetch_exact(prom.PrometheusClient("http://127.0.0.1:1", read_api="remote_read"), odd, 0, 1000))
     with pytest.raises(prom.PrometheusError, match="read_api"):
         prom.PrometheusClient("http://127.0.0.1:1", read_api="grpc")

@@ -37,7 +37,7 @@ def _uvarint(x: int) -> list[int]:
     while x >= 0x80:
         out.append((x & 0x7F) | 0x80)
         x >>= 7
-    return out + [x]
+    return [*out, x]
 
 
 def _fbits(v: float) -> int:
@@ -127,7 +127,7 @@ def test_a_truncated_chunk_is_refused():
     data = xor_chunk(_series(random.Random(1), 120))
     with pytest.raises(ValueError, match="does not decode"):
         xor.decode_chunks([data[: len(data) // 2]])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="shorter than its header"):
         xor.decode_chunks([b"\x00"])
 
 
@@ -188,7 +188,9 @@ def test_a_corrupt_stream_fails_naming_the_server():
 
     body = _frame(b"\x0a\x05garbage-that-is-not-a-message")
     sel = prom.Selector("m", "m_total", "client_id", ("c1",))
-    with FakePrometheus([(200, body, {"Content-Type": "application/x-streamed-protobuf"})]) as fake:
-        with pytest.raises(prom.PrometheusError, match="cannot be decoded") as err:
-            list(prom._fetch_exact(prom.PrometheusClient(fake.url, read_api="remote_read"), sel, 0, 1000))
+    with (
+        FakePrometheus([(200, body, {"Content-Type": "application/x-streamed-protobuf"})]) as fake,
+        pytest.raises(prom.PrometheusError, match="cannot be decoded") as err,
+    ):
+        list(prom._fetch_exact(prom.PrometheusClient(fake.url, read_api="remote_read"), sel, 0, 1000))
     assert fake.url in str(err.value) and "meter m" in str(err.value)

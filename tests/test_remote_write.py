@@ -72,7 +72,7 @@ def test_metadata_only_request_decodes_to_no_samples():
 
 
 @pytest.mark.parametrize(
-    "make, message",
+    ("make", "message"),
     [
         (lambda: corpus.body([({"job": "x"}, [(T0, 1.0)])]), "no metric name"),
         (lambda: corpus.body([({"__name__": "", "job": "x"}, [(T0, 1.0)])]), "no metric name"),
@@ -253,7 +253,7 @@ def good_body(start=T0, n=3):
 
 
 def test_204_means_the_batch_is_in_a_fsynced_segment(tmp_path):
-    with receiver(tmp_path, max_segment_age_s=3600) as (url, app):
+    with receiver(tmp_path, max_segment_age_s=3600) as (url, _app):
         r = post(url, good_body())
         assert r.status_code == 204
         # durable before the answer: the open segment already holds the record
@@ -270,7 +270,7 @@ def test_204_means_the_batch_is_in_a_fsynced_segment(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "body, headers, code, message",
+    ("body", "headers", "code", "message"),
     [
         (b"garbage", HEADERS, 400, "snappy"),
         (corpus.compress(b"\xff\x01\x02"), HEADERS, 400, "protobuf"),
@@ -403,7 +403,7 @@ def test_cli_rejects_a_bad_listen_address_and_token_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "flags, message",
+    ("flags", "message"),
     [
         (["--min-sample-time", "1960-01-01"], "earliest sample time"),
         (["--min-sample-time", "yesterday"], "--min-sample-time"),

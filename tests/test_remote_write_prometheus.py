@@ -48,7 +48,8 @@ class Receiver:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(lambda: requests.get(self.url + "/-/ready", timeout=1).ok, 20, "the receiver")
 
     def samples(self) -> float:
@@ -123,14 +124,15 @@ remote_write:
     try:
         receiver.start()
         t_start = time.time()
-        prom = subprocess.Popen(
-            [
-                PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{prom_port}", "--storage.remote.flush-deadline=2s",
-                "--storage.tsdb.retention.time=1d",
-            ],
-            stdout=open(tmp_path / "prometheus.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(tmp_path / "prometheus.log", "wb") as log:
+            prom = subprocess.Popen(
+                [
+                    PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}", "--storage.remote.flush-deadline=2s",
+                    "--storage.tsdb.retention.time=1d",
+                ],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         wait_for(lambda: requests.get(prom_url + "/-/ready", timeout=1).ok, 20, "prometheus")
         wait_for(lambda: receiver.samples() > 20, 20, "the first remote-write batches")
         time.sleep(2.5)

@@ -125,7 +125,7 @@ def test_the_window_edges_are_accepted(compiled):
 
 
 @pytest.mark.parametrize(
-    "labels, message",
+    ("labels", "message"),
     [
         ({"__name__": "up", "a": "1", "b": "2", "c": "3", "d": "4"}, "series 0: 5 labels, over the limit of 4 (--max-labels); drop some with write_relabel_configs"),
         ({"__name__": "up", "x" * 17: "1"}, "series 0: label name 'xxxxxxxxxxxxxxxxx' is 17 bytes, over the limit of 16 (--max-label-name-bytes)"),
@@ -179,7 +179,7 @@ def _unknown_fields() -> bytes:
 
 
 @pytest.mark.parametrize(
-    "make, compiled",
+    ("make", "compiled"),
     [
         (lambda: corpus.write_request([], metadata=[("up", 2, "ok")]).SerializeToString(), False),
         (lambda: corpus.write_request([({"__name__": "up", "job": "a"}, [(T0, 1.0)])], metadata=[("up", 2, "ok")]).SerializeToString(), False),

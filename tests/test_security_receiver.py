@@ -61,7 +61,8 @@ class Receiver:
         self.session = requests.Session()
 
     def start(self) -> "Receiver":
-        self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
         def ready():
             assert self.proc.poll() is None, f"the receiver exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}"
@@ -128,7 +129,7 @@ def test_out_of_window_timestamps_get_400_and_the_receiver_keeps_serving_and_res
     base = now_ms() - 3_600_000
     try:
         k = 0
-        for ts in OUT_OF_WINDOW + ["future"]:
+        for ts in [*OUT_OF_WINDOW, "future"]:
             for make in (corpus.body, with_metadata):  # the compiled reader and the protobuf fallback
                 bad_ts = now_ms() + 86_400_000 if ts == "future" else ts
                 other = {**LEGIT, "client_id": "miner-002"}

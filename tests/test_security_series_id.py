@@ -58,7 +58,8 @@ class ReceiverProcess:
             sys.executable, "-m", "billing_dags.cli.main", "--data-dir", str(data_dir), "--seeds-dir", str(PROJECT_ROOT / "seeds"),
             "remote-write", "serve", "--listen", f"127.0.0.1:{self.port}", "--min-free-bytes", "0",
         ]
-        self.proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 30
         while True:
             assert self.proc.poll() is None, f"the receiver exited: {log.read_text()[-2000:]}"
@@ -169,7 +170,7 @@ def test_the_attack_label_sets_get_different_ids():
 
 
 @pytest.mark.parametrize(
-    "metric, labels, problem",
+    ("metric", "labels", "problem"),
     [
         ("up", {}, None),
         ("a:b_c9", {"_x": "any \x00\x01 value \U0010ffff", "Y9": ""}, None),
@@ -191,7 +192,7 @@ def test_series_problem_follows_prometheus_names(metric, labels, problem):
 
 
 @pytest.mark.parametrize(
-    "labels, message",
+    ("labels", "message"),
     [
         ({"__name__": "stratum_bytes_sent_total\x01client_id\x00miner-002"}, "metric name"),
         ({"__name__": "up\n"}, "metric name"),
@@ -400,10 +401,10 @@ def test_write_day_refuses_an_id_raw_series_holds_with_other_labels_and_writes_n
 
     raw.write_day(paths, DAY, *tables("miner-001", 1.0), "simulate")
     before = [f.read_bytes() for f in raw.sample_files(paths, DAY)]
-    with pytest.raises(raw.SeriesCollision, match="part-simulate.parquet"):
+    with pytest.raises(raw.SeriesCollision, match=r"part-simulate\.parquet"):
         raw.write_day(paths, DAY, *tables("miner-002", 1e15), "other")
+    samples, series = tables("miner-002", 1e15)
     with pytest.raises(raw.SeriesCollision, match="the same write"):
-        samples, series = tables("miner-002", 1e15)
         raw.write_day(paths, DAY, samples, pa.concat_tables([series, tables("miner-003", 0)[1]]), "other")
     assert [f.read_bytes() for f in raw.sample_files(paths, DAY)] == before
     assert not list(paths.raw_samples.glob("date=*/.*tmp*")) and raw.raw_days(paths) == [DAY]

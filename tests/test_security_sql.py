@@ -128,7 +128,7 @@ OUTSIDE_READS = [
 ]
 
 
-@pytest.mark.parametrize("query, named", OUTSIDE_READS)
+@pytest.mark.parametrize(("query", "named"), OUTSIDE_READS)
 def test_files_outside_the_warehouse_are_not_readable(wh, query, named, capsys, monkeypatch):
     (wh / "secret.txt").write_text(f"token={CANARY}\n")
     code, out, err = billing_sql_in_process(wh, query, capsys, monkeypatch)
@@ -159,11 +159,11 @@ def test_environment_variables_are_not_readable(wh, query):
 
 
 @pytest.mark.parametrize(
-    "query, refused",
+    ("query", "refused"),
     [
         # an invoice line's amount rewritten in its partition, a raw day emptied
-        ("copy (select * replace (amount_minor * 100 as amount_minor) from fct_invoice_lines) "
-         "to 'data/models/fct_invoice_lines/month=2026-10/data.parquet' (format parquet)", "COPY"),
+        (("copy (select * replace (amount_minor * 100 as amount_minor) from fct_invoice_lines) "
+          "to 'data/models/fct_invoice_lines/month=2026-10/data.parquet' (format parquet)"), "COPY"),
         ("copy (select * from raw_samples where false) to 'data/raw/samples/date=2026-10-12/part-simulated.parquet' (format parquet)", "COPY"),
         ("copy (select 1) to 'outside.csv'", "COPY"),
         ("export database 'data/export'", "EXPORT"),
@@ -198,10 +198,10 @@ def test_statements_other_than_queries_are_refused(wh, query, refused, capsys, m
 
 
 @pytest.mark.parametrize(
-    "query, refused",
+    ("query", "refused"),
     [
-        ("copy (select * replace (amount_minor * 100 as amount_minor) from fct_invoice_lines) "
-         "to 'data/models/fct_invoice_lines/month=2026-10/data.parquet' (format parquet)", "COPY"),
+        (("copy (select * replace (amount_minor * 100 as amount_minor) from fct_invoice_lines) "
+          "to 'data/models/fct_invoice_lines/month=2026-10/data.parquet' (format parquet)"), "COPY"),
         ("attach 'data/warehouse.duckdb' as w; drop view w.fct_invoice_lines", "ATTACH"),
         ("select 1; copy (select * from raw_samples where false) to 'data/raw/samples/date=2026-10-12/part-simulated.parquet'", "COPY"),
     ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, timedelta
 
@@ -103,7 +104,7 @@ def test_month_totals_and_progress(month):
 
 
 def test_written_layout(month):
-    for d in DAYS[:3] + [DAYS[9], DAYS[19]]:
+    for d in [*DAYS[:3], DAYS[9], DAYS[19]]:
         samples, series = month["samples"][d], month["series"][d]
         assert [(f.name, f.type) for f in samples.schema] == [(f.name, f.type) for f in raw.SAMPLES_SCHEMA]
         assert [(f.name, f.type) for f in series.schema] == [(f.name, f.type) for f in raw.SERIES_SCHEMA]
@@ -112,7 +113,7 @@ def test_written_layout(month):
         start, end = raw.day_bounds_ms(d)
         assert ts.min() >= start and ts.max() < end and np.all(ts % 60_000 == 0)
         assert set(np.unique(sid)) == set(series["series_id"].to_pylist())
-        first = {k: v for k, v in zip(*np.unique(sid, return_index=True))}
+        first = dict(zip(*np.unique(sid, return_index=True)))
         for r in series.to_pylist():
             assert r["first_seen"] == ts[first[r["series_id"]]]
             labels = dict(r["labels"])
@@ -242,7 +243,7 @@ def test_interval_sets_the_grid(ten):
 
 
 @pytest.mark.parametrize(
-    "kwargs, words",
+    ("kwargs", "words"),
     [
         ({"n_customers": 51}, ["n_customers", "50", "pass a number"]),
         ({"n_customers": 0}, ["n_customers", "50"]),
@@ -252,7 +253,7 @@ def test_interval_sets_the_grid(ten):
     ],
 )
 def test_bad_input(customers, kwargs, words):
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ValueError, match=re.escape(words[0])) as e:
         simulate.simulate_day(date(2024, 5, 1), customers, **kwargs)
     for w in words:
         assert w in str(e.value)

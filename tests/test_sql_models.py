@@ -41,7 +41,8 @@ def runner():
 def test_dim_series_resolves_customer_meter_and_dimension(runner):
     runner.set_raw({}, SERIES)
     rows = {r["series_id"]: r for r in runner.query("dim_series", None).to_pylist()}
-    pick = lambda sid: (rows[sid]["meter_id"], rows[sid]["customer_id"], rows[sid]["dimension"], rows[sid]["kind"])
+    def pick(sid):
+        return (rows[sid]["meter_id"], rows[sid]["customer_id"], rows[sid]["dimension"], rows[sid]["kind"])
     assert pick(1) == ("proxy_bytes", "mp-003", "", "counter")
     assert pick(2) == ("proxy_bytes", "mp-003", "", "counter")  # a meter made of two metrics
     assert pick(3) == ("llm_output_tokens", "llm-002", "claude-3-5-sonnet", "counter")
@@ -180,7 +181,8 @@ def test_days_in_any_order_and_reruns_give_the_same_rows(runner):
         runner.run("int_gauge_peaks_by_day", day_window(d))
     backward = {d: runner.run("fct_usage_by_day", day_window(d)).to_pylist() for d in reversed(days)}
     rerun = runner.run("fct_usage_by_day", day_window(days[1])).to_pylist()
-    key = lambda rows: sorted(rows, key=lambda r: (r["customer_id"], r["meter_id"]))
+    def key(rows):
+        return sorted(rows, key=lambda r: (r["customer_id"], r["meter_id"]))
     for d in days:
         assert key(backward[d]) == key(forward.days[d])
     assert key(rerun) == key(forward.days[days[1]])
@@ -257,7 +259,7 @@ def test_missing_config_block_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "edit, message",
+    ("edit", "message"),
     [
         (lambda t: t.replace("-- A test model.\n", ""), "first line must be a '-- description'"),
         (lambda t: t.replace("materialized: table", "materialized: tabel"), "materialized must be table or view"),

@@ -204,7 +204,7 @@ def test_full_month_is_sent_and_a_rerun_sends_nothing(server, outbox_paths):
 
     # rerun: nothing is sent again, the server sees no request at all
     before = len(server.requests)
-    again_summary, again = send_days(outbox_paths, MONTH, client, now=NOW)
+    _again_summary, again = send_days(outbox_paths, MONTH, client, now=NOW)
     assert len(server.requests) == before
     assert again.stats["sent"] == 0 and again.stats["posted"] == 0
     assert all_rows(outbox_paths, MONTH) == rows
@@ -278,8 +278,8 @@ def test_a_400_marks_only_that_row_failed_with_stripes_message(server, outbox_pa
     bad = ob.read_outbox(outbox_paths, days[0])[2]["identifier"]
     server.reject_identifier(bad, "No such customer: 'cus_QXg1o8vcGmoR33'")
     # and one event whose meter does not exist in Stripe (a meter missing from sync-meters)
-    extra_meters = METERS + [{"meter_id": "unsynced", "kind": "counter", "aggregation": "sum", "stripe_event_name": "bd_unsynced"}]
-    extra = ob.build_outbox(days[1], [{"day": days[1], "customer_id": "gamma", "meter_id": "unsynced", "dimension": "", "kind": "counter", "usage": Decimal(3)}] + usage_rows(days[1]),
+    extra_meters = [*METERS, {"meter_id": "unsynced", "kind": "counter", "aggregation": "sum", "stripe_event_name": "bd_unsynced"}]
+    extra = ob.build_outbox(days[1], [{"day": days[1], "customer_id": "gamma", "meter_id": "unsynced", "dimension": "", "kind": "counter", "usage": Decimal(3)}, *usage_rows(days[1])],
                             CUSTOMERS, extra_meters, ob.read_outbox(outbox_paths, days[1]))
     ob.write_outbox(outbox_paths, days[1], extra)
     _, sender = send_days(outbox_paths, days, client_for(server), now=NOW)
@@ -313,7 +313,7 @@ def test_a_down_api_stops_the_run_after_consecutive_failures(server, outbox_path
 
 def test_dry_run_without_a_key_sends_nothing(server, outbox_paths):
     n = fill_outbox(outbox_paths, MONTH)
-    summary, sender = send_days(outbox_paths, MONTH, ob.make_client(None, server.url), now=NOW)
+    _summary, sender = send_days(outbox_paths, MONTH, ob.make_client(None, server.url), now=NOW)
     assert sender.mode == "dry_run" and sender.stats["dry_run"] == n
     assert {r["status"] for r in all_rows(outbox_paths, MONTH)} == {"dry_run"}
     assert server.requests == []
@@ -327,7 +327,7 @@ def test_too_old_and_future_events_are_flagged_not_sent(server, outbox_paths):
     synced(server)
     old_day, future_day, ok_day = date(2026, 2, 24), date(2026, 4, 2), date(2026, 2, 26)  # NOW is 2026-04-01 06:00
     fill_outbox(outbox_paths, [old_day, future_day, ok_day])
-    _, sender = send_days(outbox_paths, [old_day, future_day, ok_day], client_for(server), now=NOW)
+    _, _sender = send_days(outbox_paths, [old_day, future_day, ok_day], client_for(server), now=NOW)
     assert {r["status"] for r in ob.read_outbox(outbox_paths, old_day)} == {"too_old"}
     assert {r["status"] for r in ob.read_outbox(outbox_paths, future_day)} == {"future"}
     assert {r["status"] for r in ob.read_outbox(outbox_paths, ok_day)} == {"sent"}  # 34 days 6 h back

@@ -70,7 +70,7 @@ def test_a_seed_001_report_parses_exactly(schema):
 
 
 @pytest.mark.parametrize(
-    "doc, field, words",
+    ("doc", "field", "words"),
     [
         (b"[1, 2]", "body", "JSON object"),
         (b"{not json", "body", "not valid JSON"),
@@ -124,7 +124,7 @@ def test_tokens_are_per_customer_and_compared_by_hash(schema):
 def test_no_report_token_is_written_in_clear_in_seeds_or_docs():
     """Only hashes: no word of a seed file (snapshotted into every data dir) or of the docs hashes to a token hash."""
     hashes = {h for per_customer in ur.ReportSchema.from_seeds(SEEDS).tokens.values() for h in per_customer}
-    files = sorted(SEEDS.glob("*.csv")) + [PROJECT_ROOT / "README.md"] + sorted((PROJECT_ROOT / "docs").glob("*.md"))
+    files = [*sorted(SEEDS.glob("*.csv")), PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
     for f in files:
         for word in set(re.findall(r"[A-Za-z0-9._~+/=-]{8,}", f.read_text())):
             assert hashlib.sha256(word.encode()).hexdigest() not in hashes, f"a report token in clear in {f.name}"
@@ -235,7 +235,7 @@ def test_endpoint_answers_201_only_once_the_report_is_committed_then_200_for_a_r
 
 
 @pytest.mark.parametrize(
-    "token, doc, code, field",
+    ("token", "doc", "code", "field"),
     [
         (None, body(), 401, None),
         ("wrong", body(), 401, None),

@@ -97,12 +97,12 @@ def _json(doc: dict) -> str:
 @pytest.fixture
 def server(tmp_path):
     port = free_port()
-    log = open(tmp_path / "receiver.log", "ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "billing_dags.cli.main", "--data-dir", str(tmp_path / "data"), "--seeds-dir", str(PROJECT_ROOT / "seeds"),
-         "remote-write", "serve", "--listen", f"127.0.0.1:{port}", "--min-free-bytes", "0"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    with open(tmp_path / "receiver.log", "ab") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "billing_dags.cli.main", "--data-dir", str(tmp_path / "data"), "--seeds-dir", str(PROJECT_ROOT / "seeds"),
+             "remote-write", "serve", "--listen", f"127.0.0.1:{port}", "--min-free-bytes", "0"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while True:
@@ -118,7 +118,6 @@ def server(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
-        log.close()
 
 
 def _post(url, text, token=TOKEN):

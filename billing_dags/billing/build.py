@@ -152,7 +152,7 @@ def _grouped_lines(lines: list[dict], ctx: _Month) -> dict[str, list[Mapping]]:
     grouped: dict[str, list[Mapping]] = {}
     checked: set[str] = set()  # customer ids already found safe and in customers.csv
     for i, line in enumerate(lines):
-        where = lambda: f"invoice line {i} (customer {line.get('customer_id')!r}, line_number {line.get('line_number')!r})"  # noqa: E731
+        where = lambda i=i, line=line: f"invoice line {i} (customer {line.get('customer_id')!r}, line_number {line.get('line_number')!r})"  # noqa: E731
         cid = line.get("customer_id")
         if type(cid) is not str or cid not in checked:
             cid = safe_customer_id(cid, where())
@@ -224,7 +224,7 @@ def _charges(ctx: _Month, cid: str, rows: list[Mapping]) -> tuple[list[dict], An
     out_lines: list[dict] = []
     for r in rows:
         ln = parse_minor(r.get("line_number"), line_number_what)
-        where = lambda: f"invoice line {ln} of customer {cid!r} ({month_key})"  # noqa: E731
+        where = lambda ln=ln: f"invoice line {ln} of customer {cid!r} ({month_key})"  # noqa: E731
         if ln in seen_numbers:
             raise InvoiceError(f"{where()}: duplicate line_number; fct_invoice_lines must have one row per (month, customer_id, line_number)")
         seen_numbers.add(ln)
@@ -244,16 +244,16 @@ def _charges(ctx: _Month, cid: str, rows: list[Mapping]) -> tuple[list[dict], An
                 f"{where()}: line_type {line_type!r} is not a charge line type (e.g. {', '.join(LINE_TYPES)}); "
                 f"{', '.join(GENERATED_LINE_TYPES)} lines are added by the invoice builder, never by fct_invoice_lines"
             )
-        amount_minor = parse_minor(r.get("amount_minor"), lambda: f"{where()}: amount_minor")
+        amount_minor = parse_minor(r.get("amount_minor"), lambda where=where: f"{where()}: amount_minor")
         out = {
             "line_number": ln,
             "line_type": line_type,
             "meter_id": r.get("meter_id"),
             "dimension": r.get("dimension") or "",
             "description": r.get("description") or "",
-            "quantity": format_decimal(r.get("quantity"), lambda: f"{where()}: quantity"),
+            "quantity": format_decimal(r.get("quantity"), lambda where=where: f"{where()}: quantity"),
             "unit": r.get("unit") or "",
-            "unit_price": format_price(r.get("unit_price"), exp, lambda: f"{where()}: unit_price"),
+            "unit_price": format_price(r.get("unit_price"), exp, lambda where=where: f"{where()}: unit_price"),
             "amount": format_minor(amount_minor, exp),
             "amount_minor": amount_minor,
         }

@@ -8,12 +8,12 @@ Strings never use exponent notation. Every error is a ``MoneyError`` naming the 
 from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 from billing_dags.core.errors import InputError
 
 #: where a value comes from, for the message: text, or a function building it (only on an error)
-What = Union[str, Callable[[], str]]
+What = str | Callable[[], str]
 
 
 class MoneyError(InputError):

@@ -226,7 +226,7 @@ def _go_unquote(literal: str) -> str:
         elif e in "uU":
             n = 4 if e == "u" else 8
             digits = body[i + 2 : i + 2 + n]
-            if not re.fullmatch(r"[0-9a-fA-F]{%d}" % n, digits) or int(digits, 16) > 0x10FFFF or 0xD800 <= int(digits, 16) <= 0xDFFF:
+            if not re.fullmatch(rf"[0-9a-fA-F]{{{n}}}", digits) or int(digits, 16) > 0x10FFFF or 0xD800 <= int(digits, 16) <= 0xDFFF:
                 raise ValueError(f"bad escape \\{e}{digits} in {literal}")
             out += chr(int(digits, 16)).encode()
             i += 2 + n
@@ -947,16 +947,17 @@ def _fetch_day(client: PrometheusClient, sel: Selector, start: int, end: int, op
                refused: dict[str, None]) -> Iterator[tuple]:
     """Exact mode: the selector's samples of [start, end), over remote read in windows of
     ``remote_read_s`` (while the client reads remotely), else over the query API in ``chunk_s`` windows."""
-    a = start
+    resume = start
     if _reads_remotely(client):
         for a, b in plan_chunks(start, end, opt.remote_read_s * 1000):
             got = _remote_read_exact(client, sel, a, b)
             if got is None:  # auto mode, refused: the query API from this window on
+                resume = a
                 break
             yield from _parsed_remote(client, got, sel, a, b, refused)
         else:
             return
-    for a, b in plan_chunks(a, end, opt.chunk_s * 1000):
+    for a, b in plan_chunks(resume, end, opt.chunk_s * 1000):
         yield from _fetch_exact(client, sel, a, b, refused)
 
 
@@ -1153,7 +1154,7 @@ def fetch_carry_in(
             continue
         found: set[int] = set()
 
-        def take_last(a: int, b: int) -> None:
+        def take_last(a: int, b: int, sel: Selector = sel, found: set[int] = found) -> None:
             for sid, metric, labels, ts, values in _fetch_exact(client, sel, a, b, refused):
                 finite = np.isfinite(values)
                 if sid not in found and finite.any():
@@ -1178,7 +1179,7 @@ def fetch_carry_in(
                 labels = dict(item.get("metric") or {})
                 sid = raw.series_id(labels.pop("__name__", sel.metric), labels)
                 if sid not in found:
-                    ends.setdefault(sid, []).extend(int(round(float(t) * 1000)) + 1 for t, _ in item.get("values") or [])
+                    ends.setdefault(sid, []).extend(round(float(t) * 1000) + 1 for t, _ in item.get("values") or [])
         pending = {sid: sorted(set(e), reverse=True) for sid, e in ends.items()}
         while pending:
             b = max(e[0] for e in pending.values())

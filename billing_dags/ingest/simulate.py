@@ -461,7 +461,7 @@ def _render(day: date, specs: list[_Spec], seed: int, interval_s: int) -> tuple[
     for lo_i in range(0, n, chunk):
         rows = np.arange(lo_i, min(n, lo_i + chunk))
         S = sod[None, :]
-        col = lambda a: a[rows][:, None]  # noqa: E731
+        col = lambda a, rows=rows: a[rows][:, None]  # noqa: E731
 
         # counters: floor(integral since the latest start)
         t_int = integral(rows[:, None], WINDOW_DAYS * DAY_S + np.broadcast_to(S, (len(rows), len(ts))))

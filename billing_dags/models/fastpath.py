@@ -50,6 +50,7 @@ scale fits, or sums that could pass 2**62, run the SQL instead).
 
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -1266,7 +1267,7 @@ def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None, con=
     # the groups in ``threads`` slices of about as many samples each (the compiled code releases the GIL)
     work = np.cumsum(np.diff(sample0)[group_series])[np.maximum(group0[1:] - 1, 0)] if n else np.zeros(ngroups)
     cuts = [0, *np.searchsorted(work, [work[-1] * i / threads for i in range(1, threads)]).tolist(), ngroups] if ngroups else [0, 0]
-    slices = [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+    slices = [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
     if len(slices) <= 1:
         results = [(*sweep(a, b), a) for a, b in slices]
     else:

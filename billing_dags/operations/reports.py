@@ -206,7 +206,7 @@ def event_billed_lines(paths: Paths, month: date, n_customers: int | None = None
     lines = []
     for c in picked:
         cid, meters = c["customer_id"], usage.get(c["customer_id"], {})
-        get = lambda meter, i: meters.get(meter, (0, Decimal(0), Decimal(0)))[i]  # noqa: E731
+        get = lambda meter, i, meters=meters: meters.get(meter, (0, Decimal(0), Decimal(0)))[i]  # noqa: E731
         total = totals.get(cid, "no invoice")
         if c["usage_source"] == "usage_events":
             events = sum(m[0] for m in meters.values())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import re
 from dataclasses import dataclass
 from datetime import date
@@ -486,7 +487,7 @@ def _check_references(seeds_dir: Path, t: dict[str, pa.Table]) -> None:
             bounds = [r["up_to"] for r in rows]
             if bounds[-1] is not None or any(b is None for b in bounds[:-1]):
                 raise fail("price_tiers", rows[-1], "only the last tier has an empty up_to (no upper bound); give every other tier an up_to")
-            if any(a >= b for a, b in zip(bounds[:-2], bounds[1:-1])):
+            if any(a >= b for a, b in itertools.pairwise(bounds[:-1])):
                 raise fail("price_tiers", rows[0], f"up_to values of {key[2]} on plan {key[0]} v{key[1]} must increase tier by tier")
     for r in _rows(t["anomaly_rules"]):
         if r["meter_id"] and r["meter_id"] not in meters:
@@ -535,7 +536,7 @@ def _check_references(seeds_dir: Path, t: dict[str, pa.Table]) -> None:
         periods.setdefault(sub["customer_id"], []).append(sub)
     for subs in periods.values():
         subs.sort(key=lambda r: r["start_date"])
-        for a, b in zip(subs, subs[1:]):
+        for a, b in itertools.pairwise(subs):
             if a["end_date"] is None or a["end_date"] > b["start_date"]:
                 raise fail("subscriptions", b, f"subscription of {b['customer_id']} starting {b['start_date']} overlaps the one on line {a['seed_line']}; end that one on {b['start_date']} (end_date is exclusive)")
 

@@ -29,7 +29,7 @@ samples as (
         union all
         select series_id, ts_ms, value, true as carried from carry_in
     ) as candidates
-    where series_id in (select series_id from series) and isfinite(value)
+    where series_id in (select series.series_id from series) and isfinite(value)
     qualify row_number() over (partition by series_id, ts_ms order by value desc, carried) = 1
 ),
 

@@ -1,5 +1,7 @@
 -- Exact integer arithmetic for money and quantities. DuckDB divides DECIMALs into DOUBLE, so every
 -- division that reaches an amount goes through HUGEINT with an explicit rounding rule.
+-- (a macro's body is indented under its `create macro ... as` line)
+-- noqa: disable=LT02
 
 -- n / d rounded half-up (half away from zero for negative n); d > 0.
 create or replace macro div_half_up(n, d) as

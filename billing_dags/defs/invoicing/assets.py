@@ -59,7 +59,7 @@ def invoice_now(config: InvoiceConfig) -> datetime:
     ],
 )
 def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse: WarehouseResource):
-    """Invoice files per customer and month, month by month (JSON, CSV, HTML) under data/invoices/YYYY-MM/, with adjustments, prepaid credits and the credits ledger."""
+    """Invoice files per customer and month, month by month (JSON, CSV, HTML) under data/invoices/YYYY-MM/, with adjustments, prepaid credits and the credits ledger."""  # noqa: E501 (the asset description)
     paths = warehouse.paths()
     models = load_project().models
     by_check: dict[str, list] = {}

@@ -145,7 +145,7 @@ class Batch:
 def _snappy_declared_length(body: bytes) -> int:
     """The uncompressed length a snappy block declares in its varint preamble."""
     result = shift = 0
-    for i, b in enumerate(body[:5]):
+    for b in body[:5]:
         result |= (b & 0x7F) << shift
         if not b & 0x80:
             return result

@@ -86,7 +86,7 @@ sample_spans as (
         select series_id, ts_ms, value from deduplicated
         union all
         select series_id, ts_ms, value from carried
-    )
+    ) as points
     window by_time as (partition by series_id order by ts_ms)
 ),
 
@@ -136,8 +136,9 @@ changes as (
     from (
         select customer_id, meter_id, dimension, from_ms as at_ms, level as level_change, 1 as held_change from spans
         union all
-        select customer_id, meter_id, dimension, until_ms, -level, -1 from spans where until_ms < $end_ms
-    )
+        select customer_id, meter_id, dimension, until_ms as at_ms, -level as level_change, -1 as held_change
+        from spans where until_ms < $end_ms
+    ) as span_edges
     group by customer_id, meter_id, dimension, at_ms
 ),
 

@@ -63,7 +63,9 @@ in_force as (
     select
         * replace (
             case
-                when plan_version is null then error(
+                -- a case, not coalesce: error() is reached only for a null plan_version
+                when plan_version is null  -- noqa: ST02
+                    then error(
                     'subscription of ' || customer_id || ' to plan ' || subscribed_plan_id || ' from ' || period_start
                     || ': no version of the plan is in force; start it on or after the first version''s effective_from in plans.csv'
                 )

@@ -64,17 +64,19 @@ usage_lines as (
     from rated
 ),
 
+charges as (
+    select customer_id, period_start, amount_minor from base_fee_lines
+    union all
+    select customer_id, period_start, amount_minor from usage_lines
+),
+
 subtotals as (
     select
         periods.customer_id,
         periods.period_start,
         coalesce(sum(charges.amount_minor), 0)::hugeint as subtotal_minor
     from periods
-    left join (
-        select customer_id, period_start, amount_minor from base_fee_lines
-        union all
-        select customer_id, period_start, amount_minor from usage_lines
-    ) as charges
+    left join charges
         on periods.customer_id = charges.customer_id
         and periods.period_start = charges.period_start
     group by periods.customer_id, periods.period_start

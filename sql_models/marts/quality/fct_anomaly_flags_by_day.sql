@@ -83,7 +83,7 @@ rate_series as (
     select series.series_id, series.customer_id, series.meter_id
     from series
     where series.customer_id is not null
-        and series.meter_id in (select meter_id from meter_rules where rule = 'rate_per_minute')
+        and series.meter_id in (select meter_rules.meter_id from meter_rules where meter_rules.rule = 'rate_per_minute')
 ),
 
 rate_samples as (
@@ -91,7 +91,7 @@ rate_samples as (
     from stg_raw__samples
     where ts_ms >= $start_ms and ts_ms < $end_ms
         and isfinite(value)
-        and series_id in (select series_id from rate_series)
+        and series_id in (select rate_series.series_id from rate_series)
 ),
 
 rates as (
@@ -108,7 +108,7 @@ rates as (
             lag(ts_ms) over by_time as prev_ts_ms
         from rate_samples
         window by_time as (partition by series_id order by ts_ms)
-    )
+    ) as ordered_samples
     group by series_id
 ),
 
@@ -347,11 +347,14 @@ gap_runs as (
     from (
         select *, day - (row_number() over (partition by customer_id, meter_id order by day))::integer as island
         from gap_days
-    )
+    ) as islands
     group by customer_id, meter_id, island
     having max(day) = $start_date::date
 ),
 
+-- one union branch per rule: the column names are the first branch's, each branch reads its own
+-- CTEs (unqualified where one table is read)
+-- noqa: disable=AL03,RF02
 -- quantity: in base units, the one the message states (shown in billing units)
 candidates as (
     select week_over_week.customer_id, week_over_week.meter_id, rule,
@@ -466,6 +469,7 @@ candidates as (
         unmatched_series || ' series billed to nobody: ' || labels, null
     from unmatched
 ),
+-- noqa: enable=AL03,RF02
 
 -- the same rules for yesterday, for the conditions that last: a flag is raised on the day its
 -- condition starts (or reaches a higher level), not on every day it still holds
@@ -474,8 +478,8 @@ candidates_yesterday as (
     from week_over_week
     where last_week_before > 0
     union all
-    select allowances.customer_id, allowances.meter_id, 'allowance_used',
-        (month_to_date.usage * 100 / allowances.included_base)::decimal(38, 9)
+    select allowances.customer_id, allowances.meter_id, 'allowance_used' as rule,
+        (month_to_date.usage * 100 / allowances.included_base)::decimal(38, 9) as value
     from allowances
     inner join month_to_date
         on allowances.check_day = month_to_date.check_day
@@ -483,11 +487,11 @@ candidates_yesterday as (
         and allowances.meter_id = month_to_date.meter_id
     where allowances.check_day < $start_date::date
     union all
-    select customer_id, meter_id, 'scrape_gap', max_gap_ms::decimal(38, 9)
+    select customer_id, meter_id, 'scrape_gap' as rule, max_gap_ms::decimal(38, 9) as value
     from gaps_by_day
     where day = $start_date::date - interval 1 day
     union all
-    select '', meter_id, 'unmatched_series', unmatched_series::decimal(38, 9)
+    select '' as customer_id, meter_id, 'unmatched_series' as rule, unmatched_series::decimal(38, 9) as value
     from unmatched_by_day
     where day = $start_date::date - interval 1 day
 ),
