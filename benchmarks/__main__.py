@@ -2,6 +2,6 @@
 
 import sys
 
-from .suite import main
+from benchmarks.suite import main
 
 sys.exit(main())

@@ -48,11 +48,10 @@ from concurrent.futures import ProcessPoolExecutor
 from datetime import date, timedelta
 from pathlib import Path
 
-from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
+from benchmarks.figures import DEFAULT_OUT, Figure
+from benchmarks.proc import peak_rss_bytes
 from billing_dags.core.calendar import month_days
-
-from .figures import DEFAULT_OUT, Figure
-from .proc import peak_rss_bytes
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 
 MODELS = ["int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day"]
 FULL = {"customers": 500, "interval_s": 60}
@@ -62,10 +61,10 @@ BUSY_CORES = 1.5  # the parallel run must keep more than this many cores busy on
 
 
 def prepare(root: Path, n_customers: int, interval_s: int, month: date, log=print) -> tuple[Path, Path]:
-    from billing_dags.ingest import raw
     from billing_dags.defs.seeds.assets import write_seed_snapshots
-    from billing_dags.seeds.catalog import read_seed
+    from billing_dags.ingest import raw
     from billing_dags.ingest.simulate import simulate_month
+    from billing_dags.seeds.catalog import read_seed
 
     data_dir, seeds_dir = root / "data", root / "seeds"
     marker = root / "ready.json"
@@ -79,15 +78,17 @@ def prepare(root: Path, n_customers: int, interval_s: int, month: date, log=prin
     if n_customers <= 50:
         shutil.copytree(PROJECT_ROOT / "seeds", seeds_dir)
     else:
-        from .monthly import write_seeds
+        from benchmarks.monthly import write_seeds
 
         write_seeds(seeds_dir, n_customers, month, 0)
     paths = resolve_paths(data_dir, seeds_dir)
     write_seed_snapshots(paths)
     t0 = time.perf_counter()
     totals = simulate_month(paths, month, read_seed(seeds_dir, "customers"), interval_s=interval_s, n_customers=n_customers)
-    log(f"workload: simulated {totals['days']} days, {totals['samples']:,} samples, {totals['series']:,} series, "
-        f"{totals['bytes'] / 2**20:.0f} MB raw in {time.perf_counter() - t0:.1f}s")
+    log(
+        f"workload: simulated {totals['days']} days, {totals['samples']:,} samples, {totals['series']:,} series, "
+        f"{totals['bytes'] / 2**20:.0f} MB raw in {time.perf_counter() - t0:.1f}s"
+    )
     marker.write_text(json.dumps({"key": key, "totals": totals}))
     return data_dir, seeds_dir
 
@@ -109,7 +110,7 @@ def phase(data_dir: str, seeds_dir: str, model: str, month: date, workers: int) 
     import resource
 
     # imported before the pool forks, so that the workers do not each pay for importing duckdb, pyarrow, sqlglot
-    import billing_dags.models.fastpath  # noqa: F401
+    import billing_dags.models.fastpath
     import billing_dags.models.sqlmodels  # noqa: F401
 
     def cpu_s() -> float:
@@ -130,7 +131,11 @@ def phase(data_dir: str, seeds_dir: str, model: str, month: date, workers: int) 
             results = list(pool.map(_one, jobs))
     wall = time.perf_counter() - t0
     return {
-        "model": model, "workers": workers, "seconds": wall, "partitions": len(results), "rows": sum(r[2] for r in results),
+        "model": model,
+        "workers": workers,
+        "seconds": wall,
+        "partitions": len(results),
+        "rows": sum(r[2] for r in results),
         "sum_partition_s": sum(r[1] for r in results),
         "cpu_s": cpu_s() - cpu0,  # the pool's workers are joined (and so counted) when it shuts down
         "peak_rss_bytes": max([peak_rss_bytes()] + [r[3] for r in results]),
@@ -140,9 +145,22 @@ def phase(data_dir: str, seeds_dir: str, model: str, month: date, workers: int) 
 def run_phase(paths, model: str, month: date, workers: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.backfill", "--phase", str(paths.data_dir), str(paths.seeds_dir), model, str(workers),
-         "--month", month.strftime("%Y-%m")],
-        capture_output=True, text=True, env=env, cwd=paths.data_dir.parent,  # the workload's folder, not the repository
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.backfill",
+            "--phase",
+            str(paths.data_dir),
+            str(paths.seeds_dir),
+            model,
+            str(workers),
+            "--month",
+            month.strftime("%Y-%m"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=paths.data_dir.parent,  # the workload's folder, not the repository
     )
     if proc.returncode:
         raise SystemExit(f"backfill phase {model} x{workers} failed:\n{proc.stderr[-4000:]}")
@@ -177,11 +195,16 @@ def measure(out: Path, n_customers: int, interval_s: int, month: date, workers: 
         models.append({"model": model, "seq": seq, "par": par, "identical": got == ref and len(ref) == n_days})
     seq_s, par_s = sum(m["seq"]["seconds"] for m in models), sum(m["par"]["seconds"] for m in models)
     return {
-        "customers": n_customers, "interval_s": interval_s, "month": month.strftime("%Y-%m"), "days": n_days,
-        "workers": workers, "cores": os.cpu_count() or 1,
+        "customers": n_customers,
+        "interval_s": interval_s,
+        "month": month.strftime("%Y-%m"),
+        "days": n_days,
+        "workers": workers,
+        "cores": os.cpu_count() or 1,
         "totals": json.loads((root / "ready.json").read_text())["totals"],
         "models": models,
-        "seq_s": seq_s, "par_s": par_s,
+        "seq_s": seq_s,
+        "par_s": par_s,
         "seq_busy": sum(m["seq"]["cpu_s"] for m in models) / seq_s,
         "par_busy": sum(m["par"]["cpu_s"] for m in models) / par_s,
         "identical": all(m["identical"] for m in models),
@@ -193,15 +216,23 @@ def report(m: dict, console) -> None:
     from rich.table import Table
 
     info, w = m["totals"], m["workers"]
-    t = Table(title=f"{m['days']}-day backfill of {m['month']}: {m['customers']} customers, {info['series']:,} series, "
-                    f"{info['samples']:,} samples at {m['interval_s']} s; {m['cores']} cores")
+    t = Table(
+        title=f"{m['days']}-day backfill of {m['month']}: {m['customers']} customers, {info['series']:,} series, "
+        f"{info['samples']:,} samples at {m['interval_s']} s; {m['cores']} cores"
+    )
     for col in ("model", "one at a time (s)", f"{w} at a time (s)", "speed-up", "CPU s (1 / par)", "peak RSS per process (MB, 1 / par)", "byte-identical"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in m["models"]:
         seq, par = r["seq"], r["par"]
-        t.add_row(r["model"], f"{seq['seconds']:.1f}", f"{par['seconds']:.1f}", f"{seq['seconds'] / par['seconds']:.2f}x",
-                  f"{seq['cpu_s']:.0f} / {par['cpu_s']:.0f}", f"{seq['peak_rss_bytes'] / 2**20:.0f} / {par['peak_rss_bytes'] / 2**20:.0f}",
-                  "yes" if r["identical"] else "NO")
+        t.add_row(
+            r["model"],
+            f"{seq['seconds']:.1f}",
+            f"{par['seconds']:.1f}",
+            f"{seq['seconds'] / par['seconds']:.2f}x",
+            f"{seq['cpu_s']:.0f} / {par['cpu_s']:.0f}",
+            f"{seq['peak_rss_bytes'] / 2**20:.0f} / {par['peak_rss_bytes'] / 2**20:.0f}",
+            "yes" if r["identical"] else "NO",
+        )
     t.add_row("both", f"{m['seq_s']:.1f}", f"{m['par_s']:.1f}", f"{m['seq_s'] / m['par_s']:.2f}x", "", "", "")
     console.print(t)
     console.print(f"CPU use: one at a time {m['seq_busy']:.2f} cores busy on average, {w} at a time {m['par_busy']:.2f}")
@@ -219,9 +250,11 @@ def figure(m: dict, quick: bool) -> Figure:
         met = m["par_busy"] > BUSY_CORES
     return Figure(
         item=7,
-        figure=(f"{m['days']}-day backfill of the daily models ({m['customers']:,} customers, {info['series']:,} series, "
-                f"{info['samples']:,} samples at {m['interval_s']} s), {m['workers']} partitions at a time vs one at a time"
-                + (", quick size (judged: byte-identical only)" if quick else "")),
+        figure=(
+            f"{m['days']}-day backfill of the daily models ({m['customers']:,} customers, {info['series']:,} series, "
+            f"{info['samples']:,} samples at {m['interval_s']} s), {m['workers']} partitions at a time vs one at a time"
+            + (", quick size (judged: byte-identical only)" if quick else "")
+        ),
         ours=f"{m['par_s']:.1f} s, {m['par_busy']:.2f} cores busy" + ("" if m["identical"] else ", partitions DIFFER"),
         reference=f"{m['seq_s']:.1f} s one at a time ({m['seq_busy']:.2f} cores busy)",
         ratio=f"{m['seq_s'] / m['par_s']:.2f}x",

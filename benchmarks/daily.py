@@ -45,12 +45,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from billing_dags.ingest import raw
+from benchmarks import workload
+from benchmarks.figures import DEFAULT_OUT, Figure
 from billing_dags.core.settings import PROJECT_ROOT
+from billing_dags.ingest import raw
 from billing_dags.models.sqlmodels import Window, run_model
-
-from . import workload
-from .figures import DEFAULT_OUT, Figure
 
 QUICK_SERIES = 2_000
 STANDARD_SERIES = 20_000
@@ -69,7 +68,10 @@ def step(name: str, paths, repeat: int, warmup: int = 0) -> dict:
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.steps", name, str(paths.data_dir), "--repeat", str(repeat), "--warmup", str(warmup)],
-        capture_output=True, text=True, env=env, cwd=paths.data_dir.parent,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=paths.data_dir.parent,
     )
     if proc.returncode:
         raise SystemExit(f"benchmark step {name} failed:\n{proc.stderr[-3000:]}")
@@ -89,8 +91,7 @@ def prepare_previous_day(paths) -> None:
     run_model(paths, "int_series_edges_by_day", Window(prev, workload.DAY))
 
 
-def measure(n_series: int, interval_s: int = 15, repeat: int = 3, reference_parts: int | None = workload.CHUNKS,
-            out: Path = DEFAULT_OUT, log=print) -> dict:
+def measure(n_series: int, interval_s: int = 15, repeat: int = 3, reference_parts: int | None = workload.CHUNKS, out: Path = DEFAULT_OUT, log=print) -> dict:
     """Every step on the cached workload under ``out``; ``reference_parts`` None skips the SQL reference.
 
     Returns the workload's size, each step's JSON (seconds, peak_rss_bytes, ...), the cost growth
@@ -100,11 +101,13 @@ def measure(n_series: int, interval_s: int = 15, repeat: int = 3, reference_part
     paths = workload.standard(n_series, interval_s, log=log, out=out)
     prepare_previous_day(paths)
     n_samples, n_bytes = samples_of(paths)
-    m = {"series": n_series, "interval_s": interval_s, "repeat": repeat, "samples": n_samples, "raw_bytes": n_bytes,
-         "workload_s": time.perf_counter() - t0}
+    m = {"series": n_series, "interval_s": interval_s, "repeat": repeat, "samples": n_samples, "raw_bytes": n_bytes, "workload_s": time.perf_counter() - t0}
     log(f"workload ready in {m['workload_s']:.1f}s: {n_samples:,} samples, {n_series:,} series")
-    for name, label in [("scan1", "DuckDB scan: sum(value)"), ("scan3", "DuckDB scan: series_id, ts, value"),
-                        ("fast", "daily models: edges (fast path) + usage by day")]:
+    for name, label in [
+        ("scan1", "DuckDB scan: sum(value)"),
+        ("scan3", "DuckDB scan: series_id, ts, value"),
+        ("fast", "daily models: edges (fast path) + usage by day"),
+    ]:
         log(f"  running {label} ...")
         m[name] = step(name, paths, repeat, warmup=1)
     log("  running the scan and the daily models by turns in one process ...")
@@ -117,8 +120,15 @@ def measure(n_series: int, interval_s: int = 15, repeat: int = 3, reference_part
             prepare_previous_day(sub)
             log(f"  cost growth: {parts}/{workload.CHUNKS} of the series ...")
         r = step("fast", sub, max(1, repeat - 1), warmup=1) if parts < workload.CHUNKS else m["fast"]
-        m["growth"].append({"parts": parts, "series": n_series * parts // workload.CHUNKS, "samples": samples_of(sub)[0],
-                            "seconds": r["seconds"], "peak_rss_bytes": r["peak_rss_bytes"]})
+        m["growth"].append(
+            {
+                "parts": parts,
+                "series": n_series * parts // workload.CHUNKS,
+                "samples": samples_of(sub)[0],
+                "seconds": r["seconds"],
+                "peak_rss_bytes": r["peak_rss_bytes"],
+            }
+        )
     m["sql"] = None
     if reference_parts:
         parts = reference_parts
@@ -138,12 +148,14 @@ def measure(n_series: int, interval_s: int = 15, repeat: int = 3, reference_part
 def report(m: dict, console: Console) -> None:
     """The detailed tables: every step against the 3-column scan, the cost growth, bytes per sample."""
     base, fast, sql = m["scan3"]["seconds"], m["fast"], m["sql"]
-    rows = [("DuckDB scan: sum(value)", m["scan1"]), ("DuckDB scan: series_id, ts, value", m["scan3"]),
-            ("daily models: edges (fast path) + usage by day", fast)]
+    rows = [
+        ("DuckDB scan: sum(value)", m["scan1"]),
+        ("DuckDB scan: series_id, ts, value", m["scan3"]),
+        ("daily models: edges (fast path) + usage by day", fast),
+    ]
     if sql:
         rows.append((f"edges by the SQL reference (window functions; {sql['scope']})", sql))
-    t = Table(title=f"{m['samples']:,} samples, {m['series']:,} series, 1 UTC day at {m['interval_s']} s "
-                    f"(best of {m['repeat']}; SQL: 1 run)")
+    t = Table(title=f"{m['samples']:,} samples, {m['series']:,} series, 1 UTC day at {m['interval_s']} s (best of {m['repeat']}; SQL: 1 run)")
     for col in ("step", "wall (s)", "x 3-column scan", "peak RSS (MB)"):
         t.add_column(col, justify="left" if col == "step" else "right")
     for label, r in rows:
@@ -151,21 +163,29 @@ def report(m: dict, console: Console) -> None:
     t.add_row("  of which edges (fast path)", f"{fast['edges_s']:.2f}", f"{fast['edges_s'] / base:.2f}", "")
     t.add_row("  of which usage by day", f"{fast['usage_s']:.2f}", f"{fast['usage_s'] / base:.2f}", "")
     alt = m["alternate"]
-    t.add_row(f"daily models by turns with the scan in one process (best of {len(alt['fast_s'])}; item 1's ratio)",
-              f"{min(alt['fast_s']):.2f}", f"{min(alt['fast_s']) / min(alt['scan_s']):.2f}", "")
+    t.add_row(
+        f"daily models by turns with the scan in one process (best of {len(alt['fast_s'])}; item 1's ratio)",
+        f"{min(alt['fast_s']):.2f}",
+        f"{min(alt['fast_s']) / min(alt['scan_s']):.2f}",
+        "",
+    )
     g = Table(title="cost growth: the daily models (edges fast path + usage by day) at 1/4, 1/2 and all series")
     for col in ("series", "samples", "wall (s)", "ns/sample", "peak RSS (MB)", "RSS bytes/sample"):
         g.add_column(col, justify="right")
     for r in m["growth"]:
-        g.add_row(f"{r['series']:,}", f"{r['samples']:,}", f"{r['seconds']:.2f}", f"{r['seconds'] / r['samples'] * 1e9:.1f}",
-                  f"{r['peak_rss_bytes'] / MB:.0f}", f"{r['peak_rss_bytes'] / r['samples']:.2f}")
+        g.add_row(
+            f"{r['series']:,}",
+            f"{r['samples']:,}",
+            f"{r['seconds']:.2f}",
+            f"{r['seconds'] / r['samples'] * 1e9:.1f}",
+            f"{r['peak_rss_bytes'] / MB:.0f}",
+            f"{r['peak_rss_bytes'] / r['samples']:.2f}",
+        )
     console.print(t)
     console.print(g)
-    console.print(f"raw layout: {m['raw_bytes'] / m['samples']:.2f} bytes/sample "
-                  f"({m['raw_bytes'] / MB:.0f} MB for {m['samples']:,} samples)")
+    console.print(f"raw layout: {m['raw_bytes'] / m['samples']:.2f} bytes/sample ({m['raw_bytes'] / MB:.0f} MB for {m['samples']:,} samples)")
     if sql:
-        console.print(f"fast path equals the SQL reference to the unit: {'yes' if sql['equal_to_fast_path'] else 'NO'} "
-                      f"({sql['rows']:,} rows, {sql['scope']})")
+        console.print(f"fast path equals the SQL reference to the unit: {'yes' if sql['equal_to_fast_path'] else 'NO'} ({sql['rows']:,} rows, {sql['scope']})")
 
 
 def to_figures(m: dict) -> list[Figure]:
@@ -179,27 +199,49 @@ def to_figures(m: dict) -> list[Figure]:
     rounds = sorted(f / s for f, s in zip(alt["fast_s"], alt["scan_s"]))
     bps = m["raw_bytes"] / m["samples"]
     figs = [
-        Figure(1, f"exact daily usage (edges fast path + usage by day), {day} ({m['samples']:,} samples)",
-               f"{fast_s:.2f} s, {peak:.0f} MB (best of {len(rounds)} rounds alternating with the scan; per round "
-               f"{rounds[0]:.2f}-{rounds[-1]:.2f}x)", f"3-column DuckDB scan {scan_s:.2f} s", f"{ratio:.2f}x",
-               f"<= {SCAN_RATIO_MAX}x the 3-column scan, <= {PEAK_MB_MAX} MB", ratio <= SCAN_RATIO_MAX and peak <= PEAK_MB_MAX),
-        Figure(2, f"raw layout on disk, {day}", f"{bps:.2f} B/sample", "plain zstd Parquet 7.7 B/sample", "-",
-               f"<= {RAW_BYTES_MAX} B/sample", bps <= RAW_BYTES_MAX),
+        Figure(
+            1,
+            f"exact daily usage (edges fast path + usage by day), {day} ({m['samples']:,} samples)",
+            f"{fast_s:.2f} s, {peak:.0f} MB (best of {len(rounds)} rounds alternating with the scan; per round {rounds[0]:.2f}-{rounds[-1]:.2f}x)",
+            f"3-column DuckDB scan {scan_s:.2f} s",
+            f"{ratio:.2f}x",
+            f"<= {SCAN_RATIO_MAX}x the 3-column scan, <= {PEAK_MB_MAX} MB",
+            ratio <= SCAN_RATIO_MAX and peak <= PEAK_MB_MAX,
+        ),
+        Figure(
+            2, f"raw layout on disk, {day}", f"{bps:.2f} B/sample", "plain zstd Parquet 7.7 B/sample", "-", f"<= {RAW_BYTES_MAX} B/sample", bps <= RAW_BYTES_MAX
+        ),
     ]
     if sql:
         equal = bool(sql["equal_to_fast_path"])
-        figs.append(Figure(3, "fast path = SQL reference (DuckDB window) to the unit",
-                           f"{'equal' if equal else 'DIFFERENT'}, {sql['rows']:,} rows ({sql['scope']})",
-                           f"SQL reference {sql['seconds']:.2f} s", "-", "equal", equal))
+        figs.append(
+            Figure(
+                3,
+                "fast path = SQL reference (DuckDB window) to the unit",
+                f"{'equal' if equal else 'DIFFERENT'}, {sql['rows']:,} rows ({sql['scope']})",
+                f"SQL reference {sql['seconds']:.2f} s",
+                "-",
+                "equal",
+                equal,
+            )
+        )
     g = m["growth"]
     ns = [r["seconds"] / r["samples"] * 1e9 for r in g]
     rss = [r["peak_rss_bytes"] / r["samples"] for r in g]
     series = " / ".join(f"{r['series']:,}" for r in g)
     per_sample = " / ".join(f"{x:.1f}" for x in ns)
     peaks = " / ".join(f"{r['peak_rss_bytes'] / MB:.0f}" for r in g)
-    figs.append(Figure(8, f"cost growth at 1/4, 1/2, all series ({series})", f"{per_sample} ns per sample; {peaks} MB",
-                       "-", f"{ns[-1] / ns[0]:.2f}", "flat: no superlinear step",
-                       ns[-1] <= GROWTH_MAX * ns[0] and rss[-1] <= GROWTH_MAX * rss[0]))
+    figs.append(
+        Figure(
+            8,
+            f"cost growth at 1/4, 1/2, all series ({series})",
+            f"{per_sample} ns per sample; {peaks} MB",
+            "-",
+            f"{ns[-1] / ns[0]:.2f}",
+            "flat: no superlinear step",
+            ns[-1] <= GROWTH_MAX * ns[0] and rss[-1] <= GROWTH_MAX * rss[0],
+        )
+    )
     return figs
 
 
@@ -215,16 +257,19 @@ def figures(quick: bool, out: Path, console: Console) -> list[Figure]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.daily", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.daily", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--standard", action="store_true", help="the standard day: 20,000 series (115.2M samples)")
     ap.add_argument("--series", type=int, help="number of series (default 2,000; 20,000 with --standard)")
     ap.add_argument("--interval", type=int, default=15, help="scrape interval in seconds (default 15)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-sql", action="store_true", help="skip the SQL reference (slow, memory-hungry)")
-    ap.add_argument("--reference-parts", type=int, choices=[1, 2, 4, 8],
-                    help="run the SQL reference on this many of the 8 files of the day (default: all; 1 with "
-                         "--standard, where all takes about 15 min and 7.7 GB on 2 cores)")
+    ap.add_argument(
+        "--reference-parts",
+        type=int,
+        choices=[1, 2, 4, 8],
+        help="run the SQL reference on this many of the 8 files of the day (default: all; 1 with "
+        "--standard, where all takes about 15 min and 7.7 GB on 2 cores)",
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"cache and scratch folder (default {DEFAULT_OUT})")
     args = ap.parse_args()
     console = Console(width=130)

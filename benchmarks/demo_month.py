@@ -34,13 +34,12 @@ import sqlite3
 import subprocess
 import sys
 import time
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
-from billing_dags.core.settings import PROJECT_ROOT
+from benchmarks.figures import DEFAULT_OUT, Figure, scratch
 from billing_dags.core import calendar
-
-from .figures import DEFAULT_OUT, Figure, scratch
+from billing_dags.core.settings import PROJECT_ROOT
 
 FULL = {"customers": 50, "interval_s": 60}
 QUICK = {"customers": 10, "interval_s": 300}
@@ -56,7 +55,7 @@ def _children_cpu() -> float:
 
 
 def last_complete_month(today: date | None = None) -> str:
-    return calendar.last_complete_month(today or datetime.now(timezone.utc).date()).strftime("%Y-%m")
+    return calendar.last_complete_month(today or datetime.now(UTC).date()).strftime("%Y-%m")
 
 
 def reference_tree(out: Path, ref: str) -> tuple[Path, str]:
@@ -128,9 +127,10 @@ def _parquet_equal(a: Path, b: Path, drop: tuple[str, ...] = ()) -> bool:
     for name in ta.column_names:
         x, y = ta[name].combine_chunks(), tb[name].combine_chunks()
         if pa.types.is_floating(x.type):  # NaN equals NaN here: compare the bits and the nulls
-            if not (x.is_null().equals(y.is_null()) and np.array_equal(
-                    x.fill_null(0).to_numpy(zero_copy_only=False).view(np.int64),
-                    y.fill_null(0).to_numpy(zero_copy_only=False).view(np.int64))):
+            if not (
+                x.is_null().equals(y.is_null())
+                and np.array_equal(x.fill_null(0).to_numpy(zero_copy_only=False).view(np.int64), y.fill_null(0).to_numpy(zero_copy_only=False).view(np.int64))
+            ):
                 return False
         elif not x.equals(y):
             return False
@@ -182,8 +182,7 @@ def measure(out: Path, customers: int, interval_s: int, ref: str | None = "main"
     before = run_demo(ref_tree, out / "before", month, customers, interval_s, log) if ref_tree else None
     after = run_demo(PROJECT_ROOT, out / "after", month, customers, interval_s, log)
     same = compare(Path(before["data"]), Path(after["data"])) if before else {"files": 0, "differ": [], "only_in_one": [], "identical": True}
-    return {"ref": ref, "commit": commit, "month": month, "customers": customers, "interval_s": interval_s,
-            "before": before, "after": after, "compare": same}
+    return {"ref": ref, "commit": commit, "month": month, "customers": customers, "interval_s": interval_s, "before": before, "after": after, "compare": same}
 
 
 def report(m: dict, console) -> None:
@@ -197,14 +196,19 @@ def report(m: dict, console) -> None:
     keys = sorted(set(b["steps"]) | set(a["steps"]), key=lambda k: -b["steps"].get(k, 0.0))
     for k in keys:
         t.add_row(k, f"{b['steps'].get(k, 0.0):.1f}", f"{a['steps'].get(k, 0.0):.1f}")
-    for label, f in (("sum of steps", lambda r: sum(r["steps"].values())),
-                     ("outside steps", lambda r: r["seconds"] - sum(r["steps"].values())),
-                     ("wall", lambda r: r["seconds"]), ("CPU", lambda r: r["cpu_s"])):
+    for label, f in (
+        ("sum of steps", lambda r: sum(r["steps"].values())),
+        ("outside steps", lambda r: r["seconds"] - sum(r["steps"].values())),
+        ("wall", lambda r: r["seconds"]),
+        ("CPU", lambda r: r["cpu_s"]),
+    ):
         t.add_row(f"[bold]{label}", f"{f(b):.1f}", f"{f(a):.1f}")
     console.print(t)
     c = m["compare"]
-    console.print(f"data dirs: {c['files']} files compared, {'identical' if c['identical'] else 'DIFFERENT'}"
-                  + (f"; differ: {c['differ'][:10]}; only in one: {c['only_in_one'][:10]}" if not c["identical"] else ""))
+    console.print(
+        f"data dirs: {c['files']} files compared, {'identical' if c['identical'] else 'DIFFERENT'}"
+        + (f"; differ: {c['differ'][:10]}; only in one: {c['only_in_one'][:10]}" if not c["identical"] else "")
+    )
 
 
 def figure(m: dict, quick: bool) -> Figure:

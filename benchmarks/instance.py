@@ -24,10 +24,9 @@ import threading
 import time
 from pathlib import Path
 
-
-from .figures import DEFAULT_OUT
-
 from servers import DagsterServer  # the test harness starts and stops the instance
+
+from benchmarks.figures import DEFAULT_OUT
 
 
 def rss_bytes(pids: list[int]) -> int:
@@ -93,7 +92,7 @@ def measure(out: Path, days: int, customers: int | None, skip_backfill: bool = F
         if run["status"] != "SUCCESS":
             raise SystemExit(f"seeds run failed:\n{server.run_errors(run['id'])}")
         keys = server.partition_keys("raw_samples")
-        one_day, span = keys[-days - 2], keys[-days - 1:-1]
+        one_day, span = keys[-days - 2], keys[-days - 1 : -1]
 
         log(f"one day ({one_day}) through the daemon ...")
         with PeakRSS(server) as mem:
@@ -104,8 +103,14 @@ def measure(out: Path, days: int, customers: int | None, skip_backfill: bool = F
         if run["status"] != "SUCCESS":
             raise SystemExit(f"the run of {one_day} failed:\n{server.run_errors(run_id)}")
         stamps = run_times(server, run_id)
-        result["day"] = {"partition": one_day, "seconds": wall, "run_s": stamps["endTime"] - stamps["startTime"],
-                         "before_start_s": stamps["startTime"] - stamps["creationTime"], "peak_rss_bytes": mem.peak, "processes": mem.processes}
+        result["day"] = {
+            "partition": one_day,
+            "seconds": wall,
+            "run_s": stamps["endTime"] - stamps["startTime"],
+            "before_start_s": stamps["startTime"] - stamps["creationTime"],
+            "peak_rss_bytes": mem.peak,
+            "processes": mem.processes,
+        }
 
         if not skip_backfill:
             log(f"{days}-day asset backfill ({span[0]} .. {span[-1]}) ...")
@@ -124,8 +129,14 @@ def measure(out: Path, days: int, customers: int | None, skip_backfill: bool = F
             bad = [r for r in backfill["runs"] if r["status"] != "SUCCESS"]
             if backfill["status"] != "COMPLETED_SUCCESS" or bad:
                 raise SystemExit(f"backfill {backfill['status']}:\n" + "\n".join(server.run_errors(r["id"]) for r in bad))
-            result["backfill"] = {"first": span[0], "last": span[-1], "seconds": wall, "runs": len(backfill["runs"]),
-                                  "peak_rss_bytes": mem.peak, "processes": mem.processes}
+            result["backfill"] = {
+                "first": span[0],
+                "last": span[-1],
+                "seconds": wall,
+                "runs": len(backfill["runs"]),
+                "peak_rss_bytes": mem.peak,
+                "processes": mem.processes,
+            }
     return result
 
 
@@ -136,12 +147,22 @@ def report(m: dict, console) -> None:
     for col in ("what", "seconds", "detail", "peak RSS, all processes (MB)", "processes at most"):
         t.add_column(col, justify="left" if col in ("what", "detail") else "right")
     d = m["day"]
-    t.add_row(f"one day ({d['partition']}), job run via the daemon", f"{d['seconds']:.1f}",
-              f"run {d['run_s']:.1f} s, queue + launch {d['before_start_s']:.1f} s", f"{d['peak_rss_bytes'] / 2**20:.0f}", str(d["processes"]))
+    t.add_row(
+        f"one day ({d['partition']}), job run via the daemon",
+        f"{d['seconds']:.1f}",
+        f"run {d['run_s']:.1f} s, queue + launch {d['before_start_s']:.1f} s",
+        f"{d['peak_rss_bytes'] / 2**20:.0f}",
+        str(d["processes"]),
+    )
     if "backfill" in m:
         b = m["backfill"]
-        t.add_row(f"{m['days']}-day asset backfill ({b['first']} .. {b['last']})", f"{b['seconds']:.1f}",
-                  f"{b['runs']} run(s), {b['seconds'] / m['days']:.1f} s a day", f"{b['peak_rss_bytes'] / 2**20:.0f}", str(b["processes"]))
+        t.add_row(
+            f"{m['days']}-day asset backfill ({b['first']} .. {b['last']})",
+            f"{b['seconds']:.1f}",
+            f"{b['runs']} run(s), {b['seconds'] / m['days']:.1f} s a day",
+            f"{b['peak_rss_bytes'] / 2**20:.0f}",
+            str(b["processes"]),
+        )
     console.print(t)
     console.print(f"instance start-up (webserver + daemon, location loaded, daemons healthy): {m['startup_s']:.0f} s")
 

@@ -37,10 +37,9 @@ def main() -> None:
     if args.days < 2 or args.mb <= 0:
         ap.error("--days must be at least 2 and --mb positive")
 
-    from billing_dags.ingest import events, raw
-
-    from billing_dags.models import late_data
     from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
+    from billing_dags.ingest import events, raw
+    from billing_dags.models import late_data
     from billing_dags.models.sqlmodels import Window, load_project, partition_file
 
     root = Path(tempfile.mkdtemp(prefix="late-data-bench-"))

@@ -40,18 +40,17 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
+from benchmarks.figures import DEFAULT_OUT, Figure
+from benchmarks.proc import peak_rss_bytes
 from billing_dags.core.calendar import next_month
-
-from .figures import DEFAULT_OUT, Figure
-from .proc import peak_rss_bytes
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 
 FULL = {"customers": 10_000, "repeat": 2}
 QUICK = {"customers": 400, "repeat": 1}
@@ -212,8 +211,10 @@ def prepare(root: Path, n_customers: int, month: date, grants: int, log=print) -
         write_partition(paths, model, Window(day, day + timedelta(days=1)), table)
         rows += table.num_rows
         day += timedelta(days=1)
-    log(f"workload: seeds for {n_customers:,} customers validated and snapshotted in {t1 - t0:.1f}s; "
-        f"{rows:,} fct_usage_by_day rows written in {time.perf_counter() - t1:.1f}s")
+    log(
+        f"workload: seeds for {n_customers:,} customers validated and snapshotted in {t1 - t0:.1f}s; "
+        f"{rows:,} fct_usage_by_day rows written in {time.perf_counter() - t1:.1f}s"
+    )
     marker.write_text(json.dumps({"customers": n_customers, "month": month.isoformat(), "grants": grants}))
     return data_dir, seeds_dir, rows
 
@@ -224,13 +225,13 @@ def prepare(root: Path, n_customers: int, month: date, grants: int, log=print) -
 def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
     import pyarrow.parquet as pq
 
-    from billing_dags.billing import credits as cr
-    from billing_dags.seeds.catalog import load_grants
     from billing_dags.billing import build, settlement, store
+    from billing_dags.billing import credits as cr
     from billing_dags.billing.manifest import code_version, invoice_manifest
-    from billing_dags.stripe import outbox as ob
-    from billing_dags.operations.flags import unacknowledged_critical
     from billing_dags.models.sqlmodels import Window, load_project, partition_file, run_model, seed_snapshot_path
+    from billing_dags.operations.flags import unacknowledged_critical
+    from billing_dags.seeds.catalog import load_grants
+    from billing_dags.stripe import outbox as ob
 
     paths = resolve_paths(data_dir, seeds_dir)
     for model in MONTHLY_MODELS:  # start from the same state every run
@@ -252,20 +253,27 @@ def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
         seeds = {n: pq.read_table(seed_snapshot_path(paths, n)).to_pylist() for n in ("customers", "plans", "currencies")}
         grants = load_grants(paths.seeds_dir, seeds["customers"], seeds["currencies"])
         manifest = invoice_manifest(paths, window.start, paths.seeds_dir, code_version())
-        held = {c: "held" for c in unacknowledged_critical(paths, window.start)}
+        held = dict.fromkeys(unacknowledged_critical(paths, window.start), "held")
         t_build = time.perf_counter()
-        docs = build.build_invoices(lines, seeds["customers"], seeds["plans"], seeds["currencies"], window.start, now=now,
-                                    manifest=manifest, paths=paths, grants=grants, held=held)
+        docs = build.build_invoices(
+            lines, seeds["customers"], seeds["plans"], seeds["currencies"], window.start, now=now, manifest=manifest, paths=paths, grants=grants, held=held
+        )
         t_write = time.perf_counter()
         written = store.write_invoice_files(paths, docs)
         settlement.settle_drafts(paths, window.start, docs, grants)
         cr.write_ledger(paths, grants, {c["currency"]: int(c["minor_unit_exponent"]) for c in seeds["currencies"]})
-        return {"invoices": len(docs), "lines": len(lines), "by_status": written["by_status"], "files_written": len(written["written"]),
-                "build_s": t_write - t_build, "write_s": time.perf_counter() - t_write}
+        return {
+            "invoices": len(docs),
+            "lines": len(lines),
+            "by_status": written["by_status"],
+            "files_written": len(written["written"]),
+            "build_s": t_write - t_build,
+            "write_s": time.perf_counter() - t_write,
+        }
 
     for label, now in [
-        ("invoices: drafts (run on the 1st)", datetime.combine(window.end, datetime.min.time(), timezone.utc) + timedelta(minutes=30)),
-        ("invoices: finalized (run on the 4th)", datetime.combine(window.end + timedelta(days=3), datetime.min.time(), timezone.utc) + timedelta(minutes=30)),
+        ("invoices: drafts (run on the 1st)", datetime.combine(window.end, datetime.min.time(), UTC) + timedelta(minutes=30)),
+        ("invoices: finalized (run on the 4th)", datetime.combine(window.end + timedelta(days=3), datetime.min.time(), UTC) + timedelta(minutes=30)),
     ]:
         t0 = time.perf_counter()
         result = invoices_at(now)
@@ -300,8 +308,9 @@ def scan_month(paths, project, window, repeat: int = 3) -> tuple[float, int]:
     """The reference: best wall of a plain DuckDB scan of the month's fct_usage_by_day partitions."""
     from billing_dags.models.sqlmodels import connect, model_files
 
-    files = [f for f in model_files(paths, project.models["fct_usage_by_day"])
-             if window.start <= date.fromisoformat(f.parent.name.removeprefix("day=")) < window.end]
+    files = [
+        f for f in model_files(paths, project.models["fct_usage_by_day"]) if window.start <= date.fromisoformat(f.parent.name.removeprefix("day=")) < window.end
+    ]
     listing = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
     sql = f"select count(*), sum(usage), sum(gauge_integral), sum(samples) from read_parquet([{listing}])"
     con = connect()
@@ -321,7 +330,10 @@ def run_stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.monthly", "--stage", str(data_dir), str(seeds_dir), "--month", month.strftime("%Y-%m")],
-        capture_output=True, text=True, env=env, cwd=data_dir.parent,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=data_dir.parent,
     )
     if proc.returncode:
         raise SystemExit(f"monthly stage failed:\n{proc.stderr[-4000:]}")
@@ -373,11 +385,15 @@ def report(m: dict, console) -> None:
         if s["step"].startswith("invoices"):
             console.print(f"  {s['step']}: build {s['build_s']:.2f}s, write {s['write_s']:.2f}s ({s['files_written']:,} files), {s['by_status']}")
     walls = ", ".join(f"{r['seconds']:.2f}s" for r in m["runs"])
-    console.print(f"all runs: {walls}; peak RSS of the stage process (both invoice runs included) {peak / 2**20:,.0f} MB "
-                  f"({best['rss_after_imports_bytes'] / 2**20:.0f} MB after imports); invoice files {best['invoice_bytes'] / 2**20:.0f} MB")
-    console.print(f"target (30 s, 1 GB): wall {'met' if best['seconds'] < TARGET_S else 'MISSED'} ({best['seconds'] / TARGET_S:.2f} of the budget), "
-                  f"memory {'met' if peak < TARGET_BYTES else 'MISSED'} ({peak / TARGET_BYTES:.2f} of the budget); "
-                  f"{m['usage_rows']:,} customer-meter-month rows; {best['seconds'] / m['scan_seconds']:.0f}x the scan")
+    console.print(
+        f"all runs: {walls}; peak RSS of the stage process (both invoice runs included) {peak / 2**20:,.0f} MB "
+        f"({best['rss_after_imports_bytes'] / 2**20:.0f} MB after imports); invoice files {best['invoice_bytes'] / 2**20:.0f} MB"
+    )
+    console.print(
+        f"target (30 s, 1 GB): wall {'met' if best['seconds'] < TARGET_S else 'MISSED'} ({best['seconds'] / TARGET_S:.2f} of the budget), "
+        f"memory {'met' if peak < TARGET_BYTES else 'MISSED'} ({peak / TARGET_BYTES:.2f} of the budget); "
+        f"{m['usage_rows']:,} customer-meter-month rows; {best['seconds'] / m['scan_seconds']:.0f}x the scan"
+    )
 
 
 def figure(m: dict, quick: bool) -> Figure:
@@ -386,9 +402,10 @@ def figure(m: dict, quick: bool) -> Figure:
     per_customer = m["usage_rows"] / m["customers"]
     return Figure(
         item=4,
-        figure=(f"monthly stage (usage by month -> rated usage -> invoice lines -> invoice files and outbox), "
-                f"{m['customers']:,} customers x {per_customer:.1f} meter rows, {m['month']}"
-                + (", quick size" if quick else f", best of {m['repeat']}")),
+        figure=(
+            f"monthly stage (usage by month -> rated usage -> invoice lines -> invoice files and outbox), "
+            f"{m['customers']:,} customers x {per_customer:.1f} meter rows, {m['month']}" + (", quick size" if quick else f", best of {m['repeat']}")
+        ),
         ours=f"{best:.2f} s ({best / TARGET_S:.2f} of 30 s), peak {peak / 2**20:,.0f} MB ({peak / TARGET_BYTES:.2f} of 1 GB)",
         reference=f"{m['scan_seconds']:.3f} s (DuckDB scan of the month's fct_usage_by_day, {m['best']['scan_rows']:,} rows)",
         ratio=f"{best / m['scan_seconds']:.0f}x",

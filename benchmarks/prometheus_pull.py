@@ -22,15 +22,14 @@ import time
 from datetime import date
 from pathlib import Path
 
+import prometheus_harness as harness
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.figures import Figure, scratch
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.ingest import prometheus as prom
 from billing_dags.ingest import raw
-from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
-import prometheus_harness as harness
-
-from .figures import Figure, scratch
 
 DAY = date(2025, 6, 15)
 METRIC = "stratum_accepted_shares_total"
@@ -89,8 +88,7 @@ def prepare_tsdb(root: Path, n_series: int, interval_s: int, promtool: str, labe
     backfill_s = harness.backfill(om, tsdb, promtool)
     om.unlink()
     marker.write_text(params)
-    log(f"backfilled {n_series} series x 1 day at {interval_s}s = {n_samples:,} samples "
-        f"(generate {gen_s:.1f}s, promtool {backfill_s:.1f}s)")
+    log(f"backfilled {n_series} series x 1 day at {interval_s}s = {n_samples:,} samples (generate {gen_s:.1f}s, promtool {backfill_s:.1f}s)")
     return n_samples
 
 
@@ -108,9 +106,18 @@ def _ingest(url: str, paths, meters, label_values, opts: prom.IngestOptions, rea
     return report, files
 
 
-def measure(root: Path, *, series: int = FULL["series"], interval: int = FULL["interval"], chunk_s: int = 3600,
-            customers_per_query: int = 10, prometheus: str = PROMETHEUS, promtool: str = PROMTOOL, reuse: bool = True,
-            log=print) -> dict:
+def measure(
+    root: Path,
+    *,
+    series: int = FULL["series"],
+    interval: int = FULL["interval"],
+    chunk_s: int = 3600,
+    customers_per_query: int = 10,
+    prometheus: str = PROMETHEUS,
+    promtool: str = PROMTOOL,
+    reuse: bool = True,
+    log=print,
+) -> dict:
     """Backfill (or reuse) the day in ``root/tsdb``; ask Prometheus for its own evaluation time of the
     exact mode's queries; then ingest the day with ingest_day over the query API (JSON) and over
     remote read, one after the other in this process, each into its own data dir, and check both
@@ -150,14 +157,28 @@ def measure(root: Path, *, series: int = FULL["series"], interval: int = FULL["i
         for config in root.glob("prometheus-*.yml"):  # LocalPrometheus's, one per port
             config.unlink()
     if not query.samples == remote.samples == n_samples == counted:
-        raise RuntimeError(f"samples: ingested {query.samples:,} (query API) and {remote.samples:,} (remote read), "
-                           f"backfilled {n_samples:,}, counted by Prometheus {counted:,}")
+        raise RuntimeError(
+            f"samples: ingested {query.samples:,} (query API) and {remote.samples:,} (remote read), backfilled {n_samples:,}, counted by Prometheus {counted:,}"
+        )
     if remote_files != query_files:
         raise RuntimeError("remote read and the query API wrote different Parquet files for the same day")
-    return {"series": series, "interval": interval, "chunk_s": chunk_s, "customers_per_query": customers_per_query,
-            "report": query, "remote": remote, "identical_files": len(query_files), "samples": n_samples,
-            "rss_before_mb": rss_before, "rss_query_mb": rss_query, "rss_after_mb": rss_after,
-            "server_eval_s": server_eval, "count_eval_s": _exec_time(res), "count_wall_s": res.seconds, "counted": counted}
+    return {
+        "series": series,
+        "interval": interval,
+        "chunk_s": chunk_s,
+        "customers_per_query": customers_per_query,
+        "report": query,
+        "remote": remote,
+        "identical_files": len(query_files),
+        "samples": n_samples,
+        "rss_before_mb": rss_before,
+        "rss_query_mb": rss_query,
+        "rss_after_mb": rss_after,
+        "server_eval_s": server_eval,
+        "count_eval_s": _exec_time(res),
+        "count_wall_s": res.seconds,
+        "counted": counted,
+    }
 
 
 def figures(quick: bool, out: Path, console: Console) -> list[Figure]:
@@ -177,19 +198,32 @@ def figures(quick: bool, out: Path, console: Console) -> list[Figure]:
         for d in ("data", "data-query", "data-remote-read"):
             shutil.rmtree(root / d, ignore_errors=True)
     q, r, ev = m["report"], m["remote"], m["server_eval_s"]
-    reference = (f"{m['samples'] / ev:,.0f} samples/s (Prometheus's evaluation of the same queries: {ev:.2f} s, "
-                 "sum of execTotalTime, stats=all)") if ev else "-"
+    reference = (
+        (f"{m['samples'] / ev:,.0f} samples/s (Prometheus's evaluation of the same queries: {ev:.2f} s, sum of execTotalTime, stats=all)") if ev else "-"
+    )
 
     def ours(rep: prom.IngestReport) -> str:
         return f"{rep.samples / rep.seconds:,.0f} samples/s ({rep.seconds:.2f} s wall, {rep.query_seconds:.2f} s of it in HTTP, {rep.requests} requests)"
 
     return [
-        Figure(6, f"Prometheus pull over the query API (JSON): {day}", ours(q), reference,
-               f"our wall = {q.seconds / ev:.1f}x its evaluation time" if ev else "-", "reported as a ratio", None),
-        Figure(6, f"Prometheus pull over remote read (/api/v1/read, same run, same Parquet bytes): {day}",
-               ours(r) + f"; {q.seconds / r.seconds:.1f}x faster than JSON", reference,
-               f"our wall = {r.seconds / ev:.1f}x its evaluation time" if ev else "-",
-               "<= 3x Prometheus's evaluation time", (r.seconds <= 3 * ev) if ev else None),
+        Figure(
+            6,
+            f"Prometheus pull over the query API (JSON): {day}",
+            ours(q),
+            reference,
+            f"our wall = {q.seconds / ev:.1f}x its evaluation time" if ev else "-",
+            "reported as a ratio",
+            None,
+        ),
+        Figure(
+            6,
+            f"Prometheus pull over remote read (/api/v1/read, same run, same Parquet bytes): {day}",
+            ours(r) + f"; {q.seconds / r.seconds:.1f}x faster than JSON",
+            reference,
+            f"our wall = {r.seconds / ev:.1f}x its evaluation time" if ev else "-",
+            "<= 3x Prometheus's evaluation time",
+            (r.seconds <= 3 * ev) if ev else None,
+        ),
     ]
 
 
@@ -209,9 +243,17 @@ def main() -> None:
     console = Console(width=170)
     root = Path(args.keep or tempfile.mkdtemp(prefix="billing-prom-bench-"))
     try:
-        m = measure(root, series=args.series, interval=args.interval, chunk_s=args.chunk_s,
-                    customers_per_query=args.customers_per_query, prometheus=args.prometheus, promtool=args.promtool,
-                    reuse=bool(args.keep), log=console.print)
+        m = measure(
+            root,
+            series=args.series,
+            interval=args.interval,
+            chunk_s=args.chunk_s,
+            customers_per_query=args.customers_per_query,
+            prometheus=args.prometheus,
+            promtool=args.promtool,
+            reuse=bool(args.keep),
+            log=console.print,
+        )
     except RuntimeError as e:
         raise SystemExit(str(e)) from None
     finally:
@@ -219,20 +261,40 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
 
     server_eval, counted = m["server_eval_s"], m["counted"]
-    table = Table(title=f"Pull one day from Prometheus 2.42: {args.series} series at {args.interval}s, "
-                        f"{args.chunk_s}s chunks, {args.customers_per_query} customers/query")
+    table = Table(
+        title=f"Pull one day from Prometheus 2.42: {args.series} series at {args.interval}s, {args.chunk_s}s chunks, {args.customers_per_query} customers/query"
+    )
     for col in ("step", "samples", "wall s", "samples/s", "x eval", "notes"):
         table.add_column(col, justify="right" if col not in ("step", "notes") else "left")
-    for label, report, rss in (("ingest_day over the query API (JSON)", m["report"], m["rss_query_mb"]),
-                               ("ingest_day over remote read", m["remote"], m["rss_after_mb"])):
-        table.add_row(label, f"{report.samples:,}", f"{report.seconds:.2f}", f"{report.samples / report.seconds:,.0f}",
-                      f"{report.seconds / server_eval:.1f}x" if server_eval else "-",
-                      f"{report.requests} requests, {report.query_seconds:.2f}s in HTTP (until the body is read); peak RSS {rss:.0f} MB "
-                      f"(before {m['rss_before_mb']:.0f} MB); {report.bytes / max(report.samples, 1):.2f} bytes/sample")
-    table.add_row("Prometheus server time, same raw queries", f"{m['samples']:,}", f"{server_eval:.2f}",
-                  f"{m['samples'] / server_eval:,.0f}" if server_eval else "-", "1.0x", "sum of execTotalTime (stats=all)")
-    table.add_row(f"Prometheus count_over_time({METRIC}[1d])", f"{counted:,}", f"{m['count_eval_s']:.2f}",
-                  f"{counted / m['count_eval_s']:,.0f}" if m["count_eval_s"] else "-", "", f"server side; {m['count_wall_s']:.2f}s wall")
+    for label, report, rss in (
+        ("ingest_day over the query API (JSON)", m["report"], m["rss_query_mb"]),
+        ("ingest_day over remote read", m["remote"], m["rss_after_mb"]),
+    ):
+        table.add_row(
+            label,
+            f"{report.samples:,}",
+            f"{report.seconds:.2f}",
+            f"{report.samples / report.seconds:,.0f}",
+            f"{report.seconds / server_eval:.1f}x" if server_eval else "-",
+            f"{report.requests} requests, {report.query_seconds:.2f}s in HTTP (until the body is read); peak RSS {rss:.0f} MB "
+            f"(before {m['rss_before_mb']:.0f} MB); {report.bytes / max(report.samples, 1):.2f} bytes/sample",
+        )
+    table.add_row(
+        "Prometheus server time, same raw queries",
+        f"{m['samples']:,}",
+        f"{server_eval:.2f}",
+        f"{m['samples'] / server_eval:,.0f}" if server_eval else "-",
+        "1.0x",
+        "sum of execTotalTime (stats=all)",
+    )
+    table.add_row(
+        f"Prometheus count_over_time({METRIC}[1d])",
+        f"{counted:,}",
+        f"{m['count_eval_s']:.2f}",
+        f"{counted / m['count_eval_s']:,.0f}" if m["count_eval_s"] else "-",
+        "",
+        f"server side; {m['count_wall_s']:.2f}s wall",
+    )
     console.print(table)
 
 

@@ -34,17 +34,16 @@ import threading
 import time
 from pathlib import Path
 
+import remote_write_corpus as corpus
 import requests
 from rich.console import Console
 from rich.table import Table
-
-import remote_write_corpus as corpus
-from billing_dags.core.settings import PROJECT_ROOT
-from billing_dags.ingest.remote_write.proto import TimeSeries, WriteRequest
 from servers import free_port
 
-from .figures import DEFAULT_OUT, Figure, scratch
-from .proc import cpu_seconds
+from benchmarks.figures import DEFAULT_OUT, Figure, scratch
+from benchmarks.proc import cpu_seconds
+from billing_dags.core.settings import PROJECT_ROOT
+from billing_dags.ingest.remote_write.proto import TimeSeries, WriteRequest
 
 HEADERS = {"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy", "X-Prometheus-Remote-Write-Version": "0.1.0"}
 PROMETHEUS = "/usr/bin/prometheus"
@@ -103,8 +102,23 @@ def _wait_ready(url: str, proc: subprocess.Popen, what: str) -> None:
 
 def start_ours(root: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "billing_dags.cli.main", "--data-dir", str(root / "data"), "--seeds-dir", str(PROJECT_ROOT / "seeds"),
-           "remote-write", "serve", "--listen", f"127.0.0.1:{port}", "--min-free-bytes", "0", "--segment-max-age", "600"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "billing_dags.cli.main",
+        "--data-dir",
+        str(root / "data"),
+        "--seeds-dir",
+        str(PROJECT_ROOT / "seeds"),
+        "remote-write",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--min-free-bytes",
+        "0",
+        "--segment-max-age",
+        "600",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     _wait_ready(url, proc, "billing remote-write serve")
@@ -114,9 +128,15 @@ def start_ours(root: Path) -> tuple[subprocess.Popen, str]:
 def start_prometheus(root: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     (root / "prometheus.yml").write_text("global:\n  scrape_interval: 15s\n")
-    cmd = [PROMETHEUS, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'tsdb'}",
-           f"--web.listen-address=127.0.0.1:{port}", "--web.enable-remote-write-receiver", "--storage.tsdb.retention.time=10y",
-           "--log.level=warn"]
+    cmd = [
+        PROMETHEUS,
+        f"--config.file={root / 'prometheus.yml'}",
+        f"--storage.tsdb.path={root / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--web.enable-remote-write-receiver",
+        "--storage.tsdb.retention.time=10y",
+        "--log.level=warn",
+    ]
     with open(root / "prometheus.log", "wb") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -178,8 +198,16 @@ def _median(xs: list[float]) -> float:
     return xs[len(xs) // 2]
 
 
-def measure(out: Path, *, series: int = FULL["series"], samples_per_request: int = 2000, requests: int = FULL["requests"],
-            concurrency: int = 8, rounds: int = FULL["rounds"], log=print) -> dict:
+def measure(
+    out: Path,
+    *,
+    series: int = FULL["series"],
+    samples_per_request: int = 2000,
+    requests: int = FULL["requests"],
+    concurrency: int = 8,
+    rounds: int = FULL["rounds"],
+    log=print,
+) -> dict:
     """Both receivers, ``rounds`` times each on fresh servers with storage under ``out``.
 
     Returns the per-round results (``runs``), per receiver the best and median samples/s and the
@@ -194,8 +222,10 @@ def measure(out: Path, *, series: int = FULL["series"], samples_per_request: int
     n_bodies = sum(map(len, shards))
     kib = sum(len(b) for s in shards for b, _ in s) / n_bodies / 1024
     warm = max(1, -(-(series // concurrency) // samples_per_request))  # one scrape of each shard's series
-    log(f"corpus: {n_bodies} requests x {samples_per_request} samples over {series:,} series in {concurrency} shards, "
-        f"{kib:.1f} KiB/request, built in {time.perf_counter() - t0:.1f}s; {warm} request(s) per shard warm up, untimed")
+    log(
+        f"corpus: {n_bodies} requests x {samples_per_request} samples over {series:,} series in {concurrency} shards, "
+        f"{kib:.1f} KiB/request, built in {time.perf_counter() - t0:.1f}s; {warm} request(s) per shard warm up, untimed"
+    )
     runs: dict[str, list[dict]] = {"ours": [], "prometheus": []}
     # on the disk of `out` (the project's by default): fsync costs what it costs for data/
     work = scratch(out, "receiver-vs-prometheus")
@@ -212,8 +242,10 @@ def measure(out: Path, *, series: int = FULL["series"], samples_per_request: int
                 finally:
                     shutil.rmtree(root, ignore_errors=True)
                 runs[name].append(r)
-                log(f"  round {rnd + 1}, {name}: {r['samples'] / r['seconds']:,.0f} samples/s (server {r['cpu_s']:.2f} CPU s, "
-                    f"client {r['client_cpu_s']:.2f} CPU s, wall {r['seconds']:.2f} s)")
+                log(
+                    f"  round {rnd + 1}, {name}: {r['samples'] / r['seconds']:,.0f} samples/s (server {r['cpu_s']:.2f} CPU s, "
+                    f"client {r['client_cpu_s']:.2f} CPU s, wall {r['seconds']:.2f} s)"
+                )
     finally:
         try:
             work.rmdir()  # only when empty: nothing is kept
@@ -235,28 +267,32 @@ def figures(quick: bool, out: Path, console: Console) -> list[Figure]:
     target = ">= Prometheus's own (1.0x)"
 
     def figure(n_requests: int) -> str:
-        return (f"remote-write receiver, accepted samples/s with fsync: {size['series']:,} series, {n_requests} requests x 2,000 "
-                f"samples, 8 connections, same corpus and client")
+        return (
+            f"remote-write receiver, accepted samples/s with fsync: {size['series']:,} series, {n_requests} requests x 2,000 "
+            f"samples, 8 connections, same corpus and client"
+        )
 
     if prometheus_version() is None:
         return [Figure(5, figure(size["requests"]), f"not measured: prometheus not installed ({INSTALL})", "-", "-", target, None)]
     m = measure(out, **size, log=console.print)
     rounds = len(m["per_round"])
-    spread = (f"median of {rounds} rounds, per round {min(m['per_round']):.2f}-{max(m['per_round']):.2f}x Prometheus"
-              if rounds > 1 else "1 round")
+    spread = f"median of {rounds} rounds, per round {min(m['per_round']):.2f}-{max(m['per_round']):.2f}x Prometheus" if rounds > 1 else "1 round"
     version = m["version"].split()[2] if m["version"].startswith("prometheus, version ") else m["version"]
-    return [Figure(
-        5, figure(m["requests"]),
-        f"{m['ours']['median']:,.0f} samples/s ({spread})",
-        f"{m['prometheus']['median']:,.0f} samples/s (Prometheus {version} --web.enable-remote-write-receiver, "
-        "WAL not fsynced per request)",
-        f"{m['ratio']:.2f}x", target, m["ratio"] >= 1,
-    )]
+    return [
+        Figure(
+            5,
+            figure(m["requests"]),
+            f"{m['ours']['median']:,.0f} samples/s ({spread})",
+            f"{m['prometheus']['median']:,.0f} samples/s (Prometheus {version} --web.enable-remote-write-receiver, WAL not fsynced per request)",
+            f"{m['ratio']:.2f}x",
+            target,
+            m["ratio"] >= 1,
+        )
+    ]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.receiver_vs_prometheus", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.receiver_vs_prometheus", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--series", type=int, default=FULL["series"])
     ap.add_argument("--samples-per-request", type=int, default=2000, help="Prometheus max_samples_per_send (default 2000)")
     ap.add_argument("--requests", type=int, default=FULL["requests"], help="requests in the corpus (default 400: 800,000 samples)")
@@ -266,21 +302,33 @@ def main() -> None:
     args = ap.parse_args()
     console = Console(width=130)
     try:
-        m = measure(args.out, series=args.series, samples_per_request=args.samples_per_request, requests=args.requests,
-                    concurrency=args.concurrency, rounds=args.rounds, log=console.print)
+        m = measure(
+            args.out,
+            series=args.series,
+            samples_per_request=args.samples_per_request,
+            requests=args.requests,
+            concurrency=args.concurrency,
+            rounds=args.rounds,
+            log=console.print,
+        )
     except RuntimeError as e:
         raise SystemExit(str(e)) from None
-    t = Table(title=f"remote write, same corpus and client: {args.concurrency} connections, {args.samples_per_request} samples/request, "
-                    f"{m['timed_samples']:,} timed samples per run; {m['version']}")
+    t = Table(
+        title=f"remote write, same corpus and client: {args.concurrency} connections, {args.samples_per_request} samples/request, "
+        f"{m['timed_samples']:,} timed samples per run; {m['version']}"
+    )
     for col in ("receiver", "samples/s (best)", "samples/s (median)", "samples per CPU s", "durable at 204"):
         t.add_column(col, justify="left" if col in ("receiver", "durable at 204") else "right")
-    for name, label, durable in (("ours", "billing remote-write serve", "yes: landing segment fdatasync'ed"),
-                                 ("prometheus", "prometheus --web.enable-remote-write-receiver", "no: WAL written, not fsynced per request")):
+    for name, label, durable in (
+        ("ours", "billing remote-write serve", "yes: landing segment fdatasync'ed"),
+        ("prometheus", "prometheus --web.enable-remote-write-receiver", "no: WAL written, not fsynced per request"),
+    ):
         f = m[name]
         t.add_row(label, f"{f['best']:,.0f}", f"{f['median']:,.0f}", f"{f['per_cpu']:,.0f}", durable)
     console.print(t)
-    console.print(f"ours / Prometheus: {m['ratio']:.2f} (medians), per round {', '.join(f'{x:.2f}' for x in m['per_round'])}; "
-                  f"per CPU second {m['per_cpu_ratio']:.2f}")
+    console.print(
+        f"ours / Prometheus: {m['ratio']:.2f} (medians), per round {', '.join(f'{x:.2f}' for x in m['per_round'])}; per CPU second {m['per_cpu_ratio']:.2f}"
+    )
     console.print(f"target (ours >= Prometheus): {'met' if m['ratio'] >= 1 else 'MISSED'}")
 
 

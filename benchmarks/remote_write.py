@@ -19,15 +19,14 @@ import threading
 import time
 from pathlib import Path
 
+import remote_write_corpus as corpus
 import requests
 
-from billing_dags.ingest.compaction import compact
-import remote_write_corpus as corpus
-from billing_dags.ingest.remote_write.decode import Decoder
+from benchmarks.proc import cpu_seconds
+from benchmarks.receiver_vs_prometheus import HEADERS, start_ours, stop
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
-
-from .proc import cpu_seconds
-from .receiver_vs_prometheus import HEADERS, start_ours, stop
+from billing_dags.ingest.compaction import compact
+from billing_dags.ingest.remote_write.decode import Decoder
 
 START_MS = 1_780_000_000_000
 
@@ -52,8 +51,10 @@ def main() -> None:
     bodies = corpus.request_stream(args.series, args.samples_per_request, args.requests, START_MS)
     total_samples = args.samples_per_request * args.requests
     body_bytes = sum(map(len, bodies))
-    print(f"corpus: {args.requests} requests x {args.samples_per_request} samples over {args.series} series, "
-          f"{body_bytes / len(bodies) / 1024:.1f} KiB/request compressed, built in {time.perf_counter() - t0:.1f}s")
+    print(
+        f"corpus: {args.requests} requests x {args.samples_per_request} samples over {args.series} series, "
+        f"{body_bytes / len(bodies) / 1024:.1f} KiB/request compressed, built in {time.perf_counter() - t0:.1f}s"
+    )
 
     # decoding alone, one thread, for reference
     dec = Decoder()
@@ -113,14 +114,20 @@ def main() -> None:
     compact_s = time.perf_counter() - t0
     raw_bytes = sum(p.stat().st_size for p in paths.raw_samples.glob("date=*/part-remote_write.parquet"))
 
-    print(f"receiver: {accepted:,} samples acknowledged (fsynced) in {wall:.2f}s over {args.concurrency} connections "
-          f"= {accepted / wall:,.0f} samples/s, {len(codes) / wall:.0f} requests/s")
-    print(f"receiver CPU: {cpu:.2f}s ({cpu / wall:.0%} of one core); decoding {decode_cpu:.2f}s = {decode_cpu / cpu:.0%} of it; "
-          f"{fsyncs:.0f} fsyncs for {len(codes)} requests (group commit)")
+    print(
+        f"receiver: {accepted:,} samples acknowledged (fsynced) in {wall:.2f}s over {args.concurrency} connections "
+        f"= {accepted / wall:,.0f} samples/s, {len(codes) / wall:.0f} requests/s"
+    )
+    print(
+        f"receiver CPU: {cpu:.2f}s ({cpu / wall:.0%} of one core); decoding {decode_cpu:.2f}s = {decode_cpu / cpu:.0%} of it; "
+        f"{fsyncs:.0f} fsyncs for {len(codes)} requests (group commit)"
+    )
     print(f"decoding alone (one thread, warm series cache): {decode_alone:,.0f} samples/s")
     print(f"landing: {landing_bytes / total_samples:.1f} bytes/sample; raw parquet: {raw_bytes / max(result['new_samples'], 1):.2f} bytes/sample")
-    print(f"compaction: {result['landing_samples']:,} samples ({result['new_samples']:,} new) in {compact_s:.2f}s "
-          f"= {result['landing_samples'] / compact_s:,.0f} samples/s")
+    print(
+        f"compaction: {result['landing_samples']:,} samples ({result['new_samples']:,} new) in {compact_s:.2f}s "
+        f"= {result['landing_samples'] / compact_s:,.0f} samples/s"
+    )
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
 

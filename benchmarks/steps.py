@@ -14,12 +14,11 @@ import sys
 import time
 from datetime import timedelta
 
-from billing_dags.ingest import raw
+from benchmarks.proc import peak_rss_bytes
+from benchmarks.workload import DAY
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.ingest import raw
 from billing_dags.models.sqlmodels import Window, connect, load_project, partition_file, prepare, query, run_model
-
-from .proc import peak_rss_bytes
-from .workload import DAY
 
 WINDOW = Window(DAY, DAY + timedelta(days=1))
 
@@ -50,6 +49,7 @@ def main() -> None:
     elif args.step == "scan3":
         fn = _scan(files, "select sum(series_id), sum(ts), sum(value) from $f")
     elif args.step in ("fast", "fast_edges"):
+
         def fn():
             r = run_model(paths, "int_series_edges_by_day", WINDOW, project=project)
             extra["edges_rows"] = r.rows
@@ -87,6 +87,7 @@ def main() -> None:
                 extra["table"] = query(con, model, WINDOW)
             finally:
                 con.close()
+
     for _ in range(args.warmup):
         fn()
     extra.clear()  # the step-specific figures (best edges_s, usage_s) of the timed runs only

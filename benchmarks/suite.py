@@ -25,12 +25,12 @@ import os
 import platform
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.console import Console
 
-from .figures import DEFAULT_OUT, Figure, markdown, table
+from benchmarks.figures import DEFAULT_OUT, Figure, markdown, table
 
 #: module -> the items it measures (the numbers of the figures in benchmarks/README.md)
 MODULES = {
@@ -96,15 +96,25 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--only {args.only!r}: item numbers are 1-9")
     quick = not args.full
     console = Console(width=160)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     t0 = time.perf_counter()
     figures, errors = run(quick, args.out, items, console)
     mode_name = "quick (smoke sizes)" if quick else "full (standard workloads)"
-    title = (f"billing_dags benchmarks, {mode_name}: {started:%Y-%m-%d %H:%M} UTC, {time.perf_counter() - t0:.0f} s; {machine()}")
+    title = f"billing_dags benchmarks, {mode_name}: {started:%Y-%m-%d %H:%M} UTC, {time.perf_counter() - t0:.0f} s; {machine()}"
     console.print(table(figures, title))
     if args.json:
-        args.json.write_text(json.dumps({"mode": "quick" if quick else "full", "started": started.isoformat(), "machine": machine(),
-                                         "figures": [f.to_json() for f in figures], "errors": errors}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "mode": "quick" if quick else "full",
+                    "started": started.isoformat(),
+                    "machine": machine(),
+                    "figures": [f.to_json() for f in figures],
+                    "errors": errors,
+                },
+                indent=2,
+            )
+        )
     if args.markdown:
         args.markdown.write_text(f"{title}\n\n{markdown(figures)}\n")
     failed = [f for f in figures if f.met is False and (f.item in CORRECTNESS or not quick)]

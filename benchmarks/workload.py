@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from billing_dags.ingest import raw, simulate
+from benchmarks.figures import DEFAULT_OUT
 from billing_dags.core.settings import PROJECT_ROOT, Paths, resolve_paths
-
-from .figures import DEFAULT_OUT
+from billing_dags.ingest import raw, simulate
 
 DAY = date(2026, 10, 15)
 GENERATOR_VERSION = 3
@@ -38,8 +37,7 @@ P_RESET = 0.10
 P_GAP = 1 / 15
 P_NAN = 1 / 5000
 STALE_NAN = np.array([simulate.STALE_NAN_BITS], dtype=np.uint64).view(np.float64)[0]
-GAUGES = {"stratum_active_connections", "iot_storage_used_bytes", "iot_active_devices",
-          "container_memory_working_set_bytes", "kubelet_volume_stats_used_bytes"}
+GAUGES = {"stratum_active_connections", "iot_storage_used_bytes", "iot_active_devices", "container_memory_working_set_bytes", "kubelet_volume_stats_used_bytes"}
 
 
 def _templates(seed: int) -> list[dict]:
@@ -63,8 +61,7 @@ def _templates(seed: int) -> list[dict]:
         metric = row["metric"]
         gauge = metric in GAUGES
         level = float(np.median(v)) if gauge else max(float(np.median(np.abs(np.diff(v)))) / 4, 0.001 if "cpu_usage" in metric else 1.0)
-        out.append({"metric": metric, "labels": dict(row["labels"]), "gauge": gauge,
-                    "cpu": metric == "container_cpu_usage_seconds_total", "level": level})
+        out.append({"metric": metric, "labels": dict(row["labels"]), "gauge": gauge, "cpu": metric == "container_cpu_usage_seconds_total", "level": level})
     return out
 
 
@@ -123,7 +120,7 @@ def generate(root: Path, n_series: int, interval_s: int = 15, seed: int = 42, lo
     total = 0
     chunk_series = -(-len(cat) // CHUNKS)
     for c0 in range(0, len(cat), chunk_series):
-        chunk = cat[c0:c0 + chunk_series]
+        chunk = cat[c0 : c0 + chunk_series]
         k = len(chunk)
         sids = np.array([c["series_id"] for c in chunk], dtype=np.int64)
         offset = rng.integers(0, step, k)
@@ -134,19 +131,23 @@ def generate(root: Path, n_series: int, interval_s: int = 15, seed: int = 42, lo
             length = int(rng.integers(3600, 6 * 3600) * 1000 // step)
             g0 = int(rng.integers(1, n_steps - length))
             vals[i, g0] = STALE_NAN
-            keep[i, g0 + 1:g0 + length] = False
+            keep[i, g0 + 1 : g0 + length] = False
         vals[rng.random((k, n_steps)) < P_NAN] = np.nan
-        table = pa.table({
-            "series_id": np.repeat(sids, n_steps)[keep.ravel()],
-            "ts": ts.ravel()[keep.ravel()],
-            "value": vals.ravel()[keep.ravel()],
-        })
-        series = pa.table({
-            "series_id": sids,
-            "metric": [c["metric"] for c in chunk],
-            "labels": pa.array([list(c["labels"].items()) for c in chunk], pa.map_(pa.string(), pa.string())),
-            "first_seen": np.full(k, start_ms - step, dtype=np.int64),
-        })
+        table = pa.table(
+            {
+                "series_id": np.repeat(sids, n_steps)[keep.ravel()],
+                "ts": ts.ravel()[keep.ravel()],
+                "value": vals.ravel()[keep.ravel()],
+            }
+        )
+        series = pa.table(
+            {
+                "series_id": sids,
+                "metric": [c["metric"] for c in chunk],
+                "labels": pa.array([list(c["labels"].items()) for c in chunk], pa.map_(pa.string(), pa.string())),
+                "first_seen": np.full(k, start_ms - step, dtype=np.int64),
+            }
+        )
         source = f"bench{c0 // chunk_series:03d}"
         raw.write_day(paths, DAY, table, series, source)
         total += table.num_rows
@@ -156,12 +157,14 @@ def generate(root: Path, n_series: int, interval_s: int = 15, seed: int = 42, lo
         log(f"  generated {c0 + k:,}/{len(cat):,} series ({total:,} samples, {time.perf_counter() - t0:.0f}s)")
         del table, vals, ts, keep
     prev_table = pa.table({k: np.concatenate(v) for k, v in prev_rows.items()})
-    prev_series = pa.table({
-        "series_id": prev_table["series_id"],
-        "metric": [c["metric"] for c in cat],
-        "labels": pa.array([list(c["labels"].items()) for c in cat], pa.map_(pa.string(), pa.string())),
-        "first_seen": prev_table["ts"],
-    })
+    prev_series = pa.table(
+        {
+            "series_id": prev_table["series_id"],
+            "metric": [c["metric"] for c in cat],
+            "labels": pa.array([list(c["labels"].items()) for c in cat], pa.map_(pa.string(), pa.string())),
+            "first_seen": prev_table["ts"],
+        }
+    )
     raw.write_day(paths, prev_day, prev_table, prev_series, "bench")
     return paths
 
@@ -171,8 +174,7 @@ def standard(n_series: int = 20_000, interval_s: int = 15, seed: int = 42, log=p
     root = Path(out) / f"workload-{n_series}x{interval_s}s-seed{seed}"
     stamp = root / "workload.json"
     # the series ids in the cached files: a change of raw.series_id's encoding regenerates the workload
-    meta = {"version": GENERATOR_VERSION, "series": n_series, "interval_s": interval_s, "seed": seed,
-            "series_id_of_up": raw.series_id("up", {})}
+    meta = {"version": GENERATOR_VERSION, "series": n_series, "interval_s": interval_s, "seed": seed, "series_id_of_up": raw.series_id("up", {})}
     if stamp.exists() and json.loads(stamp.read_text()) == meta:
         return resolve_paths(root / "data", PROJECT_ROOT / "seeds")
     shutil.rmtree(root, ignore_errors=True)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from seed_copies import copy_small_seeds
 
 from billing_dags.core.settings import resolve_paths
-from seed_copies import copy_small_seeds  # noqa: F401 (tests import it from here too)
 
 
 @pytest.hookimpl(tryfirst=True)

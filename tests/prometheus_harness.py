@@ -6,12 +6,17 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
 import time
-from typing import Sequence
+from collections.abc import Sequence
+from pathlib import Path
 
+import requests
+from servers import free_port
 
 from billing_dags.ingest.prometheus import format_time
-from servers import free_port
 
 
 def openmetrics_label_value(value: str) -> str:
@@ -51,7 +56,9 @@ def backfill(openmetrics_file, tsdb_dir, promtool: str = "promtool", timeout_s: 
     t0 = time.perf_counter()
     proc = subprocess.run(
         [promtool, "tsdb", "create-blocks-from", "openmetrics", str(openmetrics_file), str(tsdb_dir)],
-        capture_output=True, text=True, timeout=timeout_s,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"promtool backfill of {openmetrics_file} failed: {proc.stderr.strip()[-2000:]}")
@@ -73,7 +80,7 @@ class LocalPrometheus:
         self.log_file = log_file
         self.proc = None
 
-    def start(self, ready_timeout_s: float = 30.0) -> "LocalPrometheus":
+    def start(self, ready_timeout_s: float = 30.0) -> LocalPrometheus:
         config = Path(self.tsdb_dir).parent / f"prometheus-{self.port}.yml"
         config.write_text("global:\n  scrape_interval: 1m\nscrape_configs: []\n")
         with open(self.log_file or os.devnull, "ab") as log:
@@ -87,7 +94,10 @@ class LocalPrometheus:
                     "--log.level=warn",
                     *self.extra_args,
                 ],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
@@ -114,7 +124,7 @@ class LocalPrometheus:
         except ProcessLookupError:
             pass
 
-    def __enter__(self) -> "LocalPrometheus":
+    def __enter__(self) -> LocalPrometheus:
         return self.start()
 
     def __exit__(self, *exc) -> None:

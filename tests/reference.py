@@ -12,10 +12,10 @@ value is therefore exactly that integer.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, localcontext
-from typing import Iterable, Optional, Sequence, Tuple
 
-Sample = Tuple[int, float]
+Sample = tuple[int, float]
 
 STALENESS_MS = 300_000
 DAY_MS = 86_400_000
@@ -38,7 +38,7 @@ def clean(samples: Iterable[Sample]) -> list[tuple[int, Decimal]]:
     return [(ts, sample_decimal(by_ts[ts])) for ts in sorted(by_ts)]
 
 
-def last_before(samples: Iterable[Sample], start_ms: int) -> Optional[Sample]:
+def last_before(samples: Iterable[Sample], start_ms: int) -> Sample | None:
     """The last finite sample strictly before ``start_ms`` (the 'edge' of earlier days), or None."""
     earlier = [(ts, v) for ts, v in samples if ts < start_ms and math.isfinite(v)]
     return max(earlier) if earlier else None
@@ -48,7 +48,7 @@ def counter_usage(
     samples: Sequence[Sample],
     start_ms: int,
     end_ms: int,
-    prev: Optional[Sample] = None,
+    prev: Sample | None = None,
     new_series: bool = True,
 ) -> Decimal:
     """Exact counter usage over the half-open window [start_ms, end_ms).
@@ -64,7 +64,7 @@ def counter_usage(
     if prev is not None:
         if prev[0] >= start_ms:
             raise ValueError("prev must be before the window")
-        last: Optional[Decimal] = sample_decimal(prev[1])
+        last: Decimal | None = sample_decimal(prev[1])
     else:
         last = None
     total = Decimal(0)
@@ -80,7 +80,7 @@ def counter_usage(
     return total
 
 
-def counter_resets(samples: Sequence[Sample], start_ms: int, end_ms: int, prev: Optional[Sample] = None) -> int:
+def counter_resets(samples: Sequence[Sample], start_ms: int, end_ms: int, prev: Sample | None = None) -> int:
     """Number of pairs whose later sample is in the window and whose value went down."""
     inside = [(ts, v) for ts, v in clean(samples) if start_ms <= ts < end_ms]
     last = sample_decimal(prev[1]) if prev is not None else None
@@ -96,7 +96,7 @@ def gauge_integral(
     samples: Sequence[Sample],
     start_ms: int,
     end_ms: int,
-    prev: Optional[Sample] = None,
+    prev: Sample | None = None,
     staleness_ms: int = STALENESS_MS,
 ) -> Decimal:
     """Rule 5: sum of value x milliseconds held inside [start_ms, end_ms).
@@ -121,21 +121,19 @@ def gauge_integral(
     return total
 
 
-def gauge_covered_ms(samples: Sequence[Sample], start_ms: int, end_ms: int, prev: Optional[Sample] = None,
-                     staleness_ms: int = STALENESS_MS) -> int:
+def gauge_covered_ms(samples: Sequence[Sample], start_ms: int, end_ms: int, prev: Sample | None = None, staleness_ms: int = STALENESS_MS) -> int:
     """Milliseconds of [start_ms, end_ms) covered by some held sample (the integral of 1)."""
     ones = [(ts, 1.0 if math.isfinite(v) else v) for ts, v in samples]
     p = (prev[0], 1.0) if prev is not None else None
     return int(gauge_integral(ones, start_ms, end_ms, p, staleness_ms))
 
 
-def gauge_peak(samples: Sequence[Sample], start_ms: int, end_ms: int, prev: Optional[Sample] = None,
-               staleness_ms: int = STALENESS_MS) -> Optional[Decimal]:
+def gauge_peak(samples: Sequence[Sample], start_ms: int, end_ms: int, prev: Sample | None = None, staleness_ms: int = STALENESS_MS) -> Decimal | None:
     """The highest level one series holds inside the window (``prev`` may hold into it)."""
     return peak_of_sum([(samples, prev)], start_ms, end_ms, staleness_ms)
 
 
-def _held(points: list[tuple[int, Decimal]], t: int, staleness_ms: int) -> Optional[Decimal]:
+def _held(points: list[tuple[int, Decimal]], t: int, staleness_ms: int) -> Decimal | None:
     """The level a series holds at instant ``t``: its last sample at or before t, until the next
     sample or the staleness limit."""
     level = None
@@ -150,11 +148,11 @@ def _held(points: list[tuple[int, Decimal]], t: int, staleness_ms: int) -> Optio
 
 
 def peak_of_sum(
-    series: Sequence[Tuple[Sequence[Sample], Optional[Sample]]],
+    series: Sequence[tuple[Sequence[Sample], Sample | None]],
     start_ms: int,
     end_ms: int,
     staleness_ms: int = STALENESS_MS,
-) -> Optional[Decimal]:
+) -> Decimal | None:
     """Rule 5: the maximum over instants t in [start_ms, end_ms) of the sum of the levels the series
     hold at t (instants where none holds do not count; None if there is none).
 
@@ -181,6 +179,7 @@ def peak_of_sum(
 
 
 # --- rating (rule 7) -----------------------------------------------------------------------------
+
 
 def round_half_up(x: Decimal) -> int:
     """Round to an integer, ties away from zero (Decimal's ROUND_HALF_UP)."""

@@ -11,9 +11,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import requests
 import uvicorn
@@ -94,8 +94,7 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 15) -> Non
 # --------------------------------------------------------------------------- a real Dagster instance
 
 #: variables of the developer's shell that would point the instance at real systems
-_ISOLATED = ("PROMETHEUS_URL", "STRIPE_API_KEY", "STRIPE_API_BASE", "BILLING_USAGE_EVENTS_DSN", "DAGSTER_HOME",
-             "BILLING_DATA_DIR", "BILLING_SEEDS_DIR")
+_ISOLATED = ("PROMETHEUS_URL", "STRIPE_API_KEY", "STRIPE_API_BASE", "BILLING_USAGE_EVENTS_DSN", "DAGSTER_HOME", "BILLING_DATA_DIR", "BILLING_SEEDS_DIR")
 
 _READY = """
 {
@@ -141,21 +140,23 @@ class DagsterServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = {k: v for k, v in os.environ.items() if k not in _ISOLATED}
-        self.env.update({
-            "DAGSTER_HOME": str(self.home),
-            "BILLING_DATA_DIR": str(self.data_dir),
-            # a loaded machine can take a while to start a run's process; launches time out after 60 s by default
-            "DAGSTER_GRPC_TIMEOUT_SECONDS": "180",
-            # this checkout's code, whatever is installed in the venv
-            "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-        })
+        self.env.update(
+            {
+                "DAGSTER_HOME": str(self.home),
+                "BILLING_DATA_DIR": str(self.data_dir),
+                # a loaded machine can take a while to start a run's process; launches time out after 60 s by default
+                "DAGSTER_GRPC_TIMEOUT_SECONDS": "180",
+                # this checkout's code, whatever is installed in the venv
+                "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+            }
+        )
         if seeds_dir is not None:
             self.env["BILLING_SEEDS_DIR"] = str(seeds_dir)
         self.env.update(env or {})
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, timeout: float = 180) -> "DagsterServer":
+    def start(self, timeout: float = 180) -> DagsterServer:
         self.home.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.home / "dagster.yaml").write_text((self.project / "dagster.yaml").read_text())
@@ -176,8 +177,9 @@ class DagsterServer:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         with open(self.root / f"{name}.log", "ab") as log:
-            self.procs[name] = subprocess.Popen(argv, cwd=self.project, env=self.env, stdin=subprocess.DEVNULL,
-                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.procs[name] = subprocess.Popen(
+                argv, cwd=self.project, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def stop(self, grace: float = 15) -> None:
         """SIGTERM both process groups, then SIGKILL whatever of them is left after ``grace`` seconds
@@ -195,7 +197,7 @@ class DagsterServer:
             _signal_group(proc.pid, signal.SIGKILL)
             proc.wait(10)
 
-    def __enter__(self) -> "DagsterServer":
+    def __enter__(self) -> DagsterServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -273,9 +275,13 @@ class DagsterServer:
             """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
                  ... on LaunchRunSuccess { run { id } } ... on PythonError { message } ... on Error { message }
                  ... on RunConfigValidationInvalid { errors { message } } } }""",
-            {"p": {"selector": {"repositoryLocationName": "billing_dags", "repositoryName": "__repository__", "jobName": job},
-                   "runConfigData": run_config or {},
-                   "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]}}},
+            {
+                "p": {
+                    "selector": {"repositoryLocationName": "billing_dags", "repositoryName": "__repository__", "jobName": job},
+                    "runConfigData": run_config or {},
+                    "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
+                }
+            },
         )
         got = data["launchRun"]
         if got["__typename"] != "LaunchRunSuccess":
@@ -288,8 +294,7 @@ class DagsterServer:
         return [{"path": n["assetKey"]["path"]} for n in nodes if job in n["jobNames"]]
 
     def partition_keys(self, asset: str) -> list[str]:
-        data = self.graphql("query($k: AssetKeyInput!) { assetNodeOrError(assetKey: $k) { ... on AssetNode { partitionKeys } } }",
-                            {"k": {"path": [asset]}})
+        data = self.graphql("query($k: AssetKeyInput!) { assetNodeOrError(assetKey: $k) { ... on AssetNode { partitionKeys } } }", {"k": {"path": [asset]}})
         return data["assetNodeOrError"]["partitionKeys"]
 
     def launch_asset_backfill(self, assets: list[dict], partitions: list[str]) -> str:
@@ -329,8 +334,10 @@ class DagsterServer:
         data = self.data_dir
         return {
             "raw samples": any((data / "raw" / "samples" / f"date={day}").glob("*.parquet")),
-            **{m: (data / "models" / m / f"day={day}" / "data.parquet").exists()
-               for m in ("int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day")},
+            **{
+                m: (data / "models" / m / f"day={day}" / "data.parquet").exists()
+                for m in ("int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day")
+            },
         }
 
     def run(self, run_id: str) -> dict:

@@ -8,24 +8,24 @@ day by day (delete-then-insert, as the real runs do).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import pyarrow as pa
 
-from billing_dags.models import sqlmodels
-from billing_dags.seeds.catalog import load_seeds
-from billing_dags.core.settings import PROJECT_ROOT
-from billing_dags.models.sqlmodels import Window
 from billing_dags.core.calendar import next_month
+from billing_dags.core.settings import PROJECT_ROOT
+from billing_dags.models import sqlmodels
+from billing_dags.models.sqlmodels import Window
+from billing_dags.seeds.catalog import load_seeds
 
 SEEDS_DIR = PROJECT_ROOT / "seeds"
 DAY_MS = 86_400_000
-UTC = timezone.utc
+UTC = UTC
 
 SAMPLES_SCHEMA = pa.schema([("series_id", pa.int64()), ("ts", pa.int64()), ("value", pa.float64())])
 SERIES_SCHEMA = pa.schema(
@@ -40,12 +40,24 @@ SERIES_SCHEMA = pa.schema(
 #: fct_usage_by_day rows, for fixture partitions
 USAGE_BY_DAY_SCHEMA = pa.schema(
     [
-        ("day", pa.date32()), ("customer_id", pa.string()), ("meter_id", pa.string()), ("dimension", pa.string()),
-        ("kind", pa.string()), ("usage", pa.decimal128(38, 9)), ("gauge_integral", pa.decimal128(38, 9)),
-        ("gauge_covered_ms", pa.int64()), ("gauge_peak", pa.decimal128(38, 9)), ("series", pa.int64()),
-        ("samples", pa.int64()), ("dropped_samples", pa.int64()), ("resets", pa.int64()),
-        ("reappeared_series", pa.int64()), ("max_gap_ms", pa.int64()), ("events", pa.int64()),
-        ("duplicate_conflicts", pa.int64()), ("gauge_held_ms", pa.int64()),
+        ("day", pa.date32()),
+        ("customer_id", pa.string()),
+        ("meter_id", pa.string()),
+        ("dimension", pa.string()),
+        ("kind", pa.string()),
+        ("usage", pa.decimal128(38, 9)),
+        ("gauge_integral", pa.decimal128(38, 9)),
+        ("gauge_covered_ms", pa.int64()),
+        ("gauge_peak", pa.decimal128(38, 9)),
+        ("series", pa.int64()),
+        ("samples", pa.int64()),
+        ("dropped_samples", pa.int64()),
+        ("resets", pa.int64()),
+        ("reappeared_series", pa.int64()),
+        ("max_gap_ms", pa.int64()),
+        ("events", pa.int64()),
+        ("duplicate_conflicts", pa.int64()),
+        ("gauge_held_ms", pa.int64()),
     ]
 )
 
@@ -86,7 +98,7 @@ def day_window(d: date) -> Window:
     return Window(d, next_day(d))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _real_seeds() -> dict[str, pa.Table]:
     return load_seeds(SEEDS_DIR)
 
@@ -101,9 +113,7 @@ _create_table = sqlmodels.create_table
 
 def _append_partition(con, name: str, table: pa.Table, time_column: str, window: Window) -> None:
     """Delete-window-then-insert into the table standing for an upstream table model."""
-    exists = con.execute(
-        "select count(*) from information_schema.tables where table_name = ?", [name]
-    ).fetchall()[0][0]
+    exists = con.execute("select count(*) from information_schema.tables where table_name = ?", [name]).fetchall()[0][0]
     if not exists:
         _create_table(con, name, table)
         return
@@ -160,7 +170,7 @@ class Runner:
     def close(self) -> None:
         self.con.close()
 
-    def __enter__(self) -> "Runner":
+    def __enter__(self) -> Runner:
         return self
 
     def __exit__(self, *exc) -> None:

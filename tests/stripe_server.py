@@ -39,7 +39,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -58,8 +58,16 @@ def load_fixtures(path: Path = FIXTURES) -> dict[str, dict]:
 
 
 class StripeHTTPError(Exception):
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.headers = status, headers or {}
         err: dict[str, Any] = {"message": message, "type": type_}
@@ -143,10 +151,10 @@ class StripeServer:
                 # delayed ACKs add ~40 ms to every keep-alive request
                 self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 outer._handle(self, "GET")
 
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):
                 outer._handle(self, "POST")
 
             def log_message(self, *args):
@@ -159,7 +167,7 @@ class StripeServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> "StripeServer":
+    def start(self) -> StripeServer:
         self._thread.start()
         return self
 
@@ -168,7 +176,7 @@ class StripeServer:
         self.httpd.server_close()
         self._thread.join(timeout=5)
 
-    def __enter__(self) -> "StripeServer":
+    def __enter__(self) -> StripeServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -194,9 +202,17 @@ class StripeServer:
 
     # ------------------------------------------------------------------ helpers for tests
 
-    def add_meter(self, event_name: str, *, display_name: str | None = None, formula: str = "sum",
-                  event_time_window: str | None = "day", customer_key: str = "stripe_customer_id",
-                  value_key: str = "value", status: str = "active") -> dict:
+    def add_meter(
+        self,
+        event_name: str,
+        *,
+        display_name: str | None = None,
+        formula: str = "sum",
+        event_time_window: str | None = "day",
+        customer_key: str = "stripe_customer_id",
+        value_key: str = "value",
+        status: str = "active",
+    ) -> dict:
         with self.lock:
             return self._create_meter(
                 {
@@ -221,7 +237,7 @@ class StripeServer:
             assert meter is not None, f"no meter for {event_name!r}"
             out: dict[tuple[str, date], int] = {}
             for (customer, start), value in self._windows(meter).items():
-                d = datetime.fromtimestamp(start, timezone.utc).date()
+                d = datetime.fromtimestamp(start, UTC).date()
                 out[(customer, d)] = out.get((customer, d), 0) + value
             return out
 
@@ -234,10 +250,11 @@ class StripeServer:
         query = split.query if method == "GET" else raw
         form = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
         auth = h.headers.get("Authorization") or ""
-        key = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
+        key = auth[len("Bearer ") :] if auth.startswith("Bearer ") else ""
         authorized = bool(key) and (key == self.api_key if self.api_key else key.startswith(("sk_test_", "rk_test_")))
-        rec = Received(method, split.path, form, h.headers.get("Idempotency-Key"), authorized, h.headers.get("Content-Type"),
-                       key_in_body=bool(key) and key in raw)
+        rec = Received(
+            method, split.path, form, h.headers.get("Idempotency-Key"), authorized, h.headers.get("Content-Type"), key_in_body=bool(key) and key in raw
+        )
         headers: dict[str, str] = {}
         delay = 0.0
         with self.lock:
@@ -245,13 +262,21 @@ class StripeServer:
             fault = self._take_fault(split.path, method)
         try:
             if not key:
-                raise StripeHTTPError(401, "You did not provide an API key. You need to provide your API key in the Authorization header, using Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY').")
+                raise StripeHTTPError(
+                    401,
+                    "You did not provide an API key. You need to provide your API key in the Authorization header, "
+                    "using Bearer auth (e.g. 'Authorization: Bearer YOUR_SECRET_KEY').",
+                )
             if not authorized:
                 raise StripeHTTPError(401, f"Invalid API Key provided: {key[:8]}{'*' * 8}{key[-4:]}", code="api_key_invalid")
             if fault is not None and fault.status is not None:
                 if fault.status == 429:
-                    raise StripeHTTPError(429, "Request rate limit exceeded. Retry after a short delay.", code="rate_limit",
-                                          headers={"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {})
+                    raise StripeHTTPError(
+                        429,
+                        "Request rate limit exceeded. Retry after a short delay.",
+                        code="rate_limit",
+                        headers={"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {},
+                    )
                 raise StripeHTTPError(fault.status, "An unknown error occurred while processing the request.", type_="api_error")
             if fault is not None:
                 delay = fault.delay_s
@@ -298,7 +323,12 @@ class StripeServer:
                 if saved is not None:
                     params, status, body = saved
                     if params != (path, form):
-                        raise StripeHTTPError(400, f"Keys for idempotent requests can only be used with the same parameters they were first used with. Try using a key other than '{idem}' if you meant to execute a different request.", type_="idempotency_error")
+                        raise StripeHTTPError(
+                            400,
+                            f"Keys for idempotent requests can only be used with the same parameters they were first used with. Try using a key other "
+                            f"than '{idem}' if you meant to execute a different request.",
+                            type_="idempotency_error",
+                        )
                     return status, copy.deepcopy(body), True
             status, body = self._execute(method, path, form)
             if method == "POST" and idem:
@@ -317,7 +347,9 @@ class StripeServer:
             return 200, self._get_meter(parts[3])
         if len(parts) == 5 and parts[:3] == ["v1", "billing", "meters"] and parts[4] == "event_summaries" and method == "GET":
             return 200, self._event_summaries(self._get_meter(parts[3]), form)
-        raise StripeHTTPError(404, f"Unrecognized request URL ({method}: {path}). Please see https://stripe.com/docs or we can help at https://support.stripe.com/.")
+        raise StripeHTTPError(
+            404, f"Unrecognized request URL ({method}: {path}). Please see https://stripe.com/docs or we can help at https://support.stripe.com/."
+        )
 
     # ------------------------------------------------------------------ meters
 
@@ -339,7 +371,9 @@ class StripeServer:
                 raise _missing(p)
         formula = form["default_aggregation[formula]"]
         if formula not in ("count", "sum", "last"):
-            raise _bad("Invalid default_aggregation[formula]: must be one of count, sum, or last", param="default_aggregation[formula]", code="parameter_invalid")
+            raise _bad(
+                "Invalid default_aggregation[formula]: must be one of count, sum, or last", param="default_aggregation[formula]", code="parameter_invalid"
+            )
         window = form.get("event_time_window") or None
         if window not in (None, "day", "hour"):
             raise _bad("Invalid event_time_window: must be one of day or hour", param="event_time_window", code="parameter_invalid")
@@ -385,7 +419,7 @@ class StripeServer:
         if form.get("starting_after"):
             if form["starting_after"] not in ids:
                 raise StripeHTTPError(404, f"No such billing.meter: '{form['starting_after']}'", code="resource_missing", param="starting_after")
-            items = items[ids.index(form["starting_after"]) + 1:]
+            items = items[ids.index(form["starting_after"]) + 1 :]
             page, has_more = items[:limit], len(items) > limit
         elif form.get("ending_before"):
             if form["ending_before"] not in ids:
@@ -409,12 +443,18 @@ class StripeServer:
         ckey, vkey = meter["customer_mapping"]["event_payload_key"], meter["value_settings"]["event_payload_key"]
         customer = form.get(f"payload[{ckey}]")
         if not customer:
-            raise _bad(f"The payload is missing the customer mapping key '{ckey}' required by the meter for event_name '{event_name}'.", param=f"payload[{ckey}]", code="parameter_missing")
+            raise _bad(
+                f"The payload is missing the customer mapping key '{ckey}' required by the meter for event_name '{event_name}'.",
+                param=f"payload[{ckey}]",
+                code="parameter_missing",
+            )
         value = form.get(f"payload[{vkey}]")
         if value is None:
             raise _bad(f"The payload is missing the value key '{vkey}'.", param=f"payload[{vkey}]", code="parameter_missing")
         if not _INT_RE.match(value):
-            raise _bad(f"Invalid value '{value}' for payload[{vkey}]: meter event values must be whole numbers.", param=f"payload[{vkey}]", code="parameter_invalid")
+            raise _bad(
+                f"Invalid value '{value}' for payload[{vkey}]: meter event values must be whole numbers.", param=f"payload[{vkey}]", code="parameter_invalid"
+            )
         identifier = form.get("identifier")
         if identifier is not None and not 1 <= len(identifier) <= IDENTIFIER_MAX:
             raise _bad(f"identifier must be between 1 and {IDENTIFIER_MAX} characters.", param="identifier", code="parameter_invalid")
@@ -433,11 +473,21 @@ class StripeServer:
         if identifier is None:
             identifier = f"auto_{self._seq + 1:012d}"
         if identifier in self.by_identifier:
-            raise _bad(f"An event with identifier '{identifier}' already exists. Identifiers must be unique.", param="identifier", code="resource_already_exists")
+            raise _bad(
+                f"An event with identifier '{identifier}' already exists. Identifiers must be unique.", param="identifier", code="resource_already_exists"
+            )
         self._seq += 1
         obj = copy.deepcopy(self.fixtures["billing.meter_event"])
-        obj.update({"created": self.now, "event_name": event_name, "identifier": identifier, "livemode": False,
-                    "payload": {k[len("payload["):-1]: v for k, v in form.items() if k.startswith("payload[")}, "timestamp": ts})
+        obj.update(
+            {
+                "created": self.now,
+                "event_name": event_name,
+                "identifier": identifier,
+                "livemode": False,
+                "payload": {k[len("payload[") : -1]: v for k, v in form.items() if k.startswith("payload[")},
+                "timestamp": ts,
+            }
+        )
         ev = AcceptedEvent(self._seq, meter["id"], event_name, customer, int(value), identifier, ts, None, obj)
         self.events.append(ev)
         self.by_identifier[identifier] = ev
@@ -474,7 +524,15 @@ class StripeServer:
         data = []
         for b in sorted(buckets):
             s = copy.deepcopy(self.fixtures["billing.meter_event_summary"])
-            s.update({"id": f"mtrusg_test_{meter['id'][-8:]}_{b}", "aggregated_value": buckets[b], "start_time": b,
-                      "end_time": b + size if size else end, "meter": meter["id"], "livemode": False})
+            s.update(
+                {
+                    "id": f"mtrusg_test_{meter['id'][-8:]}_{b}",
+                    "aggregated_value": buckets[b],
+                    "start_time": b,
+                    "end_time": b + size if size else end,
+                    "meter": meter["id"],
+                    "livemode": False,
+                }
+            )
             data.append(s)
         return {"object": "list", "data": data, "has_more": False, "url": f"/v1/billing/meters/{meter['id']}/event_summaries"}

@@ -5,20 +5,20 @@ credits apply after adjustments and a total never goes below zero."""
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import pytest
 
 from billing_dags.billing import credits as cr
-from billing_dags.seeds.credits import Grant
 from billing_dags.billing.build import build_invoices
 from billing_dags.billing.render import render_invoice
 from billing_dags.billing.settlement import settle_drafts
 from billing_dags.billing.store import write_invoice_files
 from billing_dags.core.settings import Paths
+from billing_dags.seeds.credits import Grant
 
-UTC = timezone.utc
+UTC = UTC
 JAN, FEB, MAR, APR = date(2025, 1, 1), date(2025, 2, 1), date(2025, 3, 1), date(2025, 4, 1)
 LATER = datetime(2025, 6, 1, tzinfo=UTC)  # January..April are final
 CUSTOMERS = [{"customer_id": "acme", "name": "Acme", "currency": "usd", "plan_id": "pro"}]
@@ -27,16 +27,39 @@ CURRENCIES = [{"currency": "usd", "minor_unit_exponent": 2}]
 
 
 def manifest(raw_hash: str = "aa") -> dict:
-    return {"month": "x", "raw_samples": {"raw/samples/date=2025-01-31/part-sim.parquet": raw_hash * 32}, "seeds": {"meters.csv": "cd" * 32}, "code_version": "1"}
+    return {
+        "month": "x",
+        "raw_samples": {"raw/samples/date=2025-01-31/part-sim.parquet": raw_hash * 32},
+        "seeds": {"meters.csv": "cd" * 32},
+        "code_version": "1",
+    }
 
 
 def lines(month: date, usage_minor: int) -> list[dict]:
     common = {"month": month, "customer_id": "acme", "plan_id": "pro", "plan_version": 1, "currency": "usd", "dimension": ""}
     return [
-        {**common, "line_number": 1, "line_type": "base_fee", "meter_id": None, "description": "Pro base fee",
-         "quantity": Decimal(1), "unit": "month", "unit_price": Decimal("10"), "amount_minor": 1000},
-        {**common, "line_number": 2, "line_type": "usage", "meter_id": "proxy_bytes", "description": "per GiB",
-         "quantity": Decimal("12.5"), "unit": "gib", "unit_price": Decimal("0.05"), "amount_minor": usage_minor},
+        {
+            **common,
+            "line_number": 1,
+            "line_type": "base_fee",
+            "meter_id": None,
+            "description": "Pro base fee",
+            "quantity": Decimal(1),
+            "unit": "month",
+            "unit_price": Decimal("10"),
+            "amount_minor": 1000,
+        },
+        {
+            **common,
+            "line_number": 2,
+            "line_type": "usage",
+            "meter_id": "proxy_bytes",
+            "description": "per GiB",
+            "quantity": Decimal("12.5"),
+            "unit": "gib",
+            "unit_price": Decimal("0.05"),
+            "amount_minor": usage_minor,
+        },
     ]
 
 
@@ -101,7 +124,9 @@ def test_negative_adjustment_and_only_the_new_difference_after_a_second_recomput
     # January recomputed again (now +1.00 against what was finalized): only what was not yet carried follows
     bill(p, JAN, 1334, raw="cc")
     mar = bill(p, MAR, 1000)
-    assert adjustments(mar) == [("2025-01", 334, "usage of 2025-01 recomputed after late data: INV-2025-000001 charges 22.34 -> 23.34 (-2.34 already adjusted)")]
+    assert adjustments(mar) == [
+        ("2025-01", 334, "usage of 2025-01 recomputed after late data: INV-2025-000001 charges 22.34 -> 23.34 (-2.34 already adjusted)")
+    ]
     # back to the finalized figures: the carried corrections are reversed once more
     bill(p, JAN, 1234)
     apr = bill(p, APR, 1000)
@@ -182,9 +207,7 @@ def test_a_late_usage_report_after_finalization_is_named_in_the_adjustment(p):
         store.accept(Report("h11", "acme", at + 3_600_000, 3600, {"active_devices": Decimal(5)}))
     bill_with(JAN, 1500, invoice_manifest(p, JAN, p.seeds_dir, "1"))
     feb = bill_with(FEB, 1000, invoice_manifest(p, FEB, p.seeds_dir, "1"))
-    assert adjustments(feb) == [
-        ("2025-01", 266, "usage of 2025-01 recomputed after 1 late usage report (2025-01-31): INV-2025-000001 charges 22.34 -> 25.00")
-    ]
+    assert adjustments(feb) == [("2025-01", 266, "usage of 2025-01 recomputed after 1 late usage report (2025-01-31): INV-2025-000001 charges 22.34 -> 25.00")]
 
 
 # --------------------------------------------------------------------------- customers who leave
@@ -211,7 +234,12 @@ def test_late_data_for_a_customer_who_left_is_billed_on_an_adjustment_invoice(p)
     feb = bill_all(p, FEB, {"acme": 1000})  # gone has no subscription in February, so no invoice lines
     assert feb["acme"]["invoice_number"] == "INV-2025-000003" and feb["acme"]["total_minor"] == 2000
     adj = feb["gone"]
-    assert (adj["invoice_number"], adj["status"], adj["document"], adj["corrects"]) == ("INV-2025-000004", "finalized", "adjustment_invoice", ["INV-2025-000002"])
+    assert (adj["invoice_number"], adj["status"], adj["document"], adj["corrects"]) == (
+        "INV-2025-000004",
+        "finalized",
+        "adjustment_invoice",
+        ["INV-2025-000002"],
+    )
     assert adj["period_start"] == "2025-02-01" and adj["finalized_on"] == "2025-03-04"
     assert [(l["line_number"], l["line_type"], l["amount_minor"], l["description"]) for l in adj["lines"]] == [
         (1, "adjustment", 1500 - 1234, "usage of 2025-01 recomputed after late data: INV-2025-000002 charges 22.34 -> 25.00"),
@@ -264,8 +292,18 @@ def test_a_subscription_that_ended_gets_its_last_months_late_data_on_an_adjustme
 
     def run(month: date, gib: int, raw: str = "aa") -> dict[str, dict]:
         window = month_window(month.year, month.month)
-        usage = [{"month": month, "customer_id": cid, "meter_id": "proxy_bytes", "dimension": "", "kind": "counter",
-                  "usage": Decimal(gib * 2**30), "period_ms": window.end_ms - window.start_ms} for cid in ("mp-001", "mp-004")]
+        usage = [
+            {
+                "month": month,
+                "customer_id": cid,
+                "meter_id": "proxy_bytes",
+                "dimension": "",
+                "kind": "counter",
+                "usage": Decimal(gib * 2**30),
+                "period_ms": window.end_ms - window.start_ms,
+            }
+            for cid in ("mp-001", "mp-004")
+        ]
         lines_ = [r for r in rate_month(usage, window, seeds)[1] if r["customer_id"] in ("mp-001", "mp-004")]
         docs = build_invoices(lines_, customers, plans, currencies, month, now=LATER, manifest=manifest(raw), paths=p)
         write_invoice_files(p, docs)
@@ -278,7 +316,12 @@ def test_a_subscription_that_ended_gets_its_last_months_late_data_on_an_adjustme
     feb = run(FEB, 150)  # mp-001 has no subscription in February: no invoice lines, an adjustment invoice
     assert [l["line_type"] for l in feb["mp-004"]["lines"]] == ["base_fee"]
     adj = feb["mp-001"]
-    assert (adj["invoice_number"], adj["document"], adj["status"], adj["plan_id"]) == ("INV-2025-000003", "adjustment_invoice", "finalized", "proxy_per_gb")  # numbered in customer order
+    assert (adj["invoice_number"], adj["document"], adj["status"], adj["plan_id"]) == (
+        "INV-2025-000003",
+        "adjustment_invoice",
+        "finalized",
+        "proxy_per_gb",
+    )  # numbered in customer order
     assert [(l["amount_minor"], l["description"]) for l in adj["lines"]] == [
         (1500 - 1000, "usage of 2025-01 recomputed after late data: INV-2025-000001 charges 10.00 -> 15.00")
     ]

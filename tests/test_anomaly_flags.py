@@ -6,7 +6,6 @@ from datetime import date, timedelta
 from decimal import Decimal
 
 import pyarrow as pa
-
 from sql_helpers import Runner, day_window, ms
 from test_pricing_models import DAY_SCHEMA, day_row
 
@@ -15,10 +14,20 @@ GIB = 2**30
 
 EDGE_SCHEMA = pa.schema(
     [
-        ("day", pa.date32()), ("series_id", pa.int64()), ("samples", pa.int64()), ("dropped_samples", pa.int64()),
-        ("first_ts_ms", pa.int64()), ("first_value", pa.float64()), ("last_ts_ms", pa.int64()), ("last_value", pa.float64()),
-        ("in_day_increase", pa.decimal128(38, 9)), ("resets", pa.int64()), ("peak", pa.decimal128(38, 9)),
-        ("in_day_integral", pa.decimal128(38, 9)), ("in_day_covered_ms", pa.int64()), ("max_gap_ms", pa.int64()),
+        ("day", pa.date32()),
+        ("series_id", pa.int64()),
+        ("samples", pa.int64()),
+        ("dropped_samples", pa.int64()),
+        ("first_ts_ms", pa.int64()),
+        ("first_value", pa.float64()),
+        ("last_ts_ms", pa.int64()),
+        ("last_value", pa.float64()),
+        ("in_day_increase", pa.decimal128(38, 9)),
+        ("resets", pa.int64()),
+        ("peak", pa.decimal128(38, 9)),
+        ("in_day_integral", pa.decimal128(38, 9)),
+        ("in_day_covered_ms", pa.int64()),
+        ("max_gap_ms", pa.int64()),
     ]
 )
 SERIES = {
@@ -30,9 +39,20 @@ SERIES = {
 
 def edge(series_id: int, max_gap_ms: int) -> dict:
     return {
-        "day": D, "series_id": series_id, "samples": 100, "dropped_samples": 0, "first_ts_ms": ms(D, 0), "first_value": 1.0,
-        "last_ts_ms": ms(D, 23), "last_value": 2.0, "in_day_increase": Decimal(1), "resets": 0, "peak": Decimal(2),
-        "in_day_integral": Decimal(0), "in_day_covered_ms": 0, "max_gap_ms": max_gap_ms,
+        "day": D,
+        "series_id": series_id,
+        "samples": 100,
+        "dropped_samples": 0,
+        "first_ts_ms": ms(D, 0),
+        "first_value": 1.0,
+        "last_ts_ms": ms(D, 23),
+        "last_value": 2.0,
+        "in_day_increase": Decimal(1),
+        "resets": 0,
+        "peak": Decimal(2),
+        "in_day_integral": Decimal(0),
+        "in_day_covered_ms": 0,
+        "max_gap_ms": max_gap_ms,
     }
 
 
@@ -72,7 +92,7 @@ def test_week_over_week_outlier_allowance_gap_and_unmatched():
 
 
 def test_quiet_customer_raises_nothing():
-    days = [day_row(D - timedelta(days=i), "mp-003", "proxy_bytes", usage=GIB // 10 + (i % 3)) for i in range(0, 20)]
+    days = [day_row(D - timedelta(days=i), "mp-003", "proxy_bytes", usage=GIB // 10 + (i % 3)) for i in range(20)]
     got = flags(days, [edge(1, 60_000)])
     assert not [k for k in got if k[0] == "mp-003"]
 
@@ -151,10 +171,14 @@ def test_usage_outside_every_subscription_is_flagged(tmp_path):
     seeds = _seeds_with_an_unsubscribed_customer(tmp_path)
     # tb-004 joins testbed_basic on 2026-10-10 (which prices API calls): 1,000 calls on the 5th are on no invoice
     before = date(2026, 10, 5)
-    got = _flags_of_day(seeds, before, [
-        day_row(before, "tb-004", "testbed_api_calls", usage=1000),
-        day_row(before, "tb-001", "testbed_api_calls", usage=500),  # subscribed since 2025: billed
-    ])
+    got = _flags_of_day(
+        seeds,
+        before,
+        [
+            day_row(before, "tb-004", "testbed_api_calls", usage=1000),
+            day_row(before, "tb-001", "testbed_api_calls", usage=500),  # subscribed since 2025: billed
+        ],
+    )
     flag = got[("tb-004", "testbed_api_calls", "outside_subscription")]
     assert flag["severity"] == "critical" and flag["value"] == 1000
     assert "before the subscription to testbed_basic starting 2026-10-10" in flag["detail"]
@@ -169,11 +193,15 @@ def test_usage_outside_every_subscription_is_flagged(tmp_path):
 
     # mp-nosub has no subscription: 2 GiB (a meter plans price) is critical; rejected shares, which
     # no plan prices, change no money: a warning
-    got = _flags_of_day(seeds, D, [
-        day_row(D, "mp-nosub", "proxy_bytes", usage=2 * GIB),
-        day_row(D, "mp-nosub", "proxy_rejected_shares", usage=7),
-        day_row(D, "tb-004", "testbed_api_calls", usage=1000),  # subscribed by now
-    ])
+    got = _flags_of_day(
+        seeds,
+        D,
+        [
+            day_row(D, "mp-nosub", "proxy_bytes", usage=2 * GIB),
+            day_row(D, "mp-nosub", "proxy_rejected_shares", usage=7),
+            day_row(D, "tb-004", "testbed_api_calls", usage=1000),  # subscribed by now
+        ],
+    )
     flag = got[("mp-nosub", "proxy_bytes", "outside_subscription")]
     assert flag["severity"] == "critical" and flag["value"] == 2 * GIB and "no subscription" in flag["detail"]
     flag = got[("mp-nosub", "proxy_rejected_shares", "outside_subscription_unpriced")]
@@ -240,7 +268,10 @@ def test_allowance_flag_is_raised_once_per_crossing_and_level_again_each_month()
     in_order = flags_per_day(days, [], run)
     got = raised(in_order, ("mp-003", "proxy_bytes", "allowance_used"))
     assert {d: f["threshold"] for d, f in got.items()} == {
-        date(2026, 10, 10): 80, date(2026, 10, 12): 100, date(2026, 11, 10): 80, date(2026, 11, 12): 100,
+        date(2026, 10, 10): 80,
+        date(2026, 10, 12): 100,
+        date(2026, 11, 10): 80,
+        date(2026, 11, 12): 100,
     }
     oct10 = got[date(2026, 10, 10)]
     assert oct10["severity"] == "info" and oct10["value"] == Decimal("83.333333333")

@@ -24,8 +24,25 @@ def test_quick_suite_measures_every_item_and_the_correctness_figures_hold(tmp_pa
     out, result = tmp_path / "out", tmp_path / "figures.json"
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--only", "1,2,3,4,5,6,7,8", "--out", str(out), "--json", str(result), "--markdown", str(tmp_path / "t.md")],
-        capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--only",
+            "1,2,3,4,5,6,7,8",
+            "--out",
+            str(out),
+            "--json",
+            str(result),
+            "--markdown",
+            str(tmp_path / "t.md"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=PROJECT_ROOT,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     doc = json.loads(result.read_text())

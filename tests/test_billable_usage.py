@@ -10,13 +10,13 @@ from decimal import Decimal
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from sql_helpers import USAGE_BY_DAY_SCHEMA as DAY_SCHEMA
 
 from billing_dags.cli.main import main
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.models import sqlmodels
 from billing_dags.models.sqlmodels import Window
 from billing_dags.seeds.catalog import load_seeds
-from sql_helpers import USAGE_BY_DAY_SCHEMA as DAY_SCHEMA
 
 OCT, NOV = date(2026, 10, 1), date(2026, 11, 1)
 GIB = 2**30
@@ -24,10 +24,24 @@ GIB = 2**30
 
 def counter_day(day: date, customer: str, meter: str, usage: int | str) -> dict:
     return {
-        "day": day, "customer_id": customer, "meter_id": meter, "dimension": "", "kind": "counter",
-        "usage": Decimal(usage), "gauge_integral": None, "gauge_covered_ms": None, "gauge_peak": None,
-        "series": 1, "samples": 1, "dropped_samples": 0, "resets": 0, "reappeared_series": 0, "max_gap_ms": 0,
-        "events": 0, "duplicate_conflicts": 0, "gauge_held_ms": None,
+        "day": day,
+        "customer_id": customer,
+        "meter_id": meter,
+        "dimension": "",
+        "kind": "counter",
+        "usage": Decimal(usage),
+        "gauge_integral": None,
+        "gauge_covered_ms": None,
+        "gauge_peak": None,
+        "series": 1,
+        "samples": 1,
+        "dropped_samples": 0,
+        "resets": 0,
+        "reappeared_series": 0,
+        "max_gap_ms": 0,
+        "events": 0,
+        "duplicate_conflicts": 0,
+        "gauge_held_ms": None,
     }
 
 

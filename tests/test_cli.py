@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import date
 
 import pytest
 
-from billing_dags.core.errors import InputError
 from billing_dags.cli.main import check_billable_month, last_complete_month, main, parse_month
-from datetime import date
+from billing_dags.core.errors import InputError
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -150,10 +150,7 @@ def test_run_rejects_a_subscription_that_starts_before_its_plans_first_version(c
 def test_run_rejects_a_catch_all_price_beside_per_model_prices(capsys, paths, small_seeds):
     # llm_payg prices llm_input_tokens per model ($2.50 per 1M gpt-4o tokens); a row with an empty
     # dimension ($1.00 per 1M, every model) would bill the same 1M gpt-4o tokens $2.50 + $1.00
-    gpt4o_line = next(
-        i for i, l in enumerate((small_seeds / "prices.csv").read_text().splitlines(), 1)
-        if l.startswith("llm_payg,1,llm_input_tokens,gpt-4o,")
-    )
+    gpt4o_line = next(i for i, l in enumerate((small_seeds / "prices.csv").read_text().splitlines(), 1) if l.startswith("llm_payg,1,llm_input_tokens,gpt-4o,"))
     line = _append(small_seeds / "prices.csv", "llm_payg,1,llm_input_tokens,,0,,per_unit,1.00,1,up,$1.00 per 1M tokens")
     code, _out, err = run_cli(capsys, "run", "--month", "2026-02")
     assert code == 2
@@ -170,17 +167,31 @@ def test_a_failed_blocking_check_shows_its_message_and_exits_2_without_a_traceba
 
     import pyarrow as pa
 
+    from billing_dags.core.settings import PROJECT_ROOT
     from billing_dags.ingest.events import EVENTS_SCHEMA, write_events_day
     from billing_dags.ingest.raw import day_bounds_ms
-    from billing_dags.core.settings import PROJECT_ROOT
 
     for day in (date(2026, 2, 1), date(2026, 2, 2)):
-        event = {"event_id": "req-42", "ts": day_bounds_ms(day)[0] + 3_600_000, "customer_key": "k", "meter_id": "llm_input_tokens",
-                 "dimension": "gpt-4o", "kind": "delta", "quantity": Decimal(5), "hold_ms": 0, "attributes": []}
+        event = {
+            "event_id": "req-42",
+            "ts": day_bounds_ms(day)[0] + 3_600_000,
+            "customer_key": "k",
+            "meter_id": "llm_input_tokens",
+            "dimension": "gpt-4o",
+            "kind": "delta",
+            "quantity": Decimal(5),
+            "hold_ms": 0,
+            "attributes": [],
+        }
         write_events_day(paths, day, pa.Table.from_pylist([event], schema=EVENTS_SCHEMA), "postgres")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-m", "billing_dags.cli.main", "run", "--month", "2026-02", "--customers", "1", "--interval", "3600"],
-                       capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "billing_dags.cli.main", "run", "--month", "2026-02", "--customers", "1", "--interval", "3600"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     out = (r.stdout + r.stderr).replace("\n", " ")
     assert r.returncode == 2, out
     assert "usage_events event_ids_unique_across_days" in out

@@ -10,10 +10,10 @@ import dagster as dg
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import remote_write_corpus as corpus
 
 from billing_dags.ingest import compaction, raw
 from billing_dags.ingest.compaction import compact, pending_days
-import remote_write_corpus as corpus
 from billing_dags.ingest.remote_write.customers import CustomerResolver
 from billing_dags.ingest.remote_write.decode import STALE_NAN_BITS, Decoder
 from billing_dags.ingest.remote_write.landing import SegmentWriter, sealed_segments

@@ -20,10 +20,9 @@ from decimal import Decimal
 from fractions import Fraction
 
 import pytest
+import reference as ref
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-
-import reference as ref
 from sql_helpers import DAY_MS, Runner, day_start_ms, ms, next_day, run_days, run_days_alone
 
 D0 = date(2025, 3, 10)
@@ -152,6 +151,7 @@ def scenario(draw, metas, ranges, gauge: bool):
 
 # --- running and comparing --------------------------------------------------------------------
 
+
 def run_chain(runner, metas, series, n_days):
     labels = {m.series_id: (m.metric, m.labels, min(t for t, _ in series[m.series_id])) for m in metas}
     days = [next_day(D0, k) for k in range(n_days)]
@@ -239,6 +239,7 @@ def check_gauges(runner, metas, n_days, series):
 
 
 # --- property tests ---------------------------------------------------------------------------
+
 
 @settings(max_examples=20, **PROPERTY)
 @given(scenario(COUNTERS, COUNTER_EXACT, gauge=False))
@@ -401,6 +402,7 @@ def test_large_integer_counter_value_is_exact(runner, value):
 
 
 # --- hand-written gauge case -------------------------------------------------------------------
+
 
 def test_gauge_sample_holds_across_midnight_up_to_staleness(runner):
     """10 devices at 23:58:00 on day 0, next sample 20 at 00:10:00 on day 1.

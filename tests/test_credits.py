@@ -4,7 +4,7 @@ never below zero, exact minor units, clear seed errors, a deterministic ledger."
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -13,16 +13,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from billing_dags.billing import credits as cr
-from billing_dags.seeds.catalog import load_grants
-from billing_dags.seeds.credits import Grant
 from billing_dags.billing.build import build_invoices
 from billing_dags.billing.render import render_invoice
 from billing_dags.billing.settlement import settle_drafts
 from billing_dags.billing.store import write_invoice_files
-from billing_dags.seeds.catalog import SeedError
 from billing_dags.core.settings import Paths
+from billing_dags.seeds.catalog import SeedError, load_grants
+from billing_dags.seeds.credits import Grant
 
-UTC = timezone.utc
+UTC = UTC
 JAN, FEB, MAR = date(2025, 1, 1), date(2025, 2, 1), date(2025, 3, 1)
 AFTER_ALL = datetime(2025, 6, 1, tzinfo=UTC)  # every month above is final (3 grace days)
 CUSTOMERS = [
@@ -38,10 +37,21 @@ MANIFEST = {"month": "x", "raw_samples": {}, "seeds": {}, "code_version": "test"
 def charges(cid: str, month: date, amount_minor: int, currency: str = "usd") -> list[dict]:
     return [
         {
-            "month": month, "customer_id": cid, "plan_id": "jp" if currency == "jpy" else "pro", "plan_version": 1,
-            "currency": currency, "line_number": 1, "line_type": "usage", "meter_id": "api_calls", "dimension": "",
-            "description": "API calls", "quantity": Decimal("100"), "unit": "call", "unit_price": Decimal("0.01"),
-            "amount_minor": amount_minor, "extra_column_from_a_newer_model": "ignored",
+            "month": month,
+            "customer_id": cid,
+            "plan_id": "jp" if currency == "jpy" else "pro",
+            "plan_version": 1,
+            "currency": currency,
+            "line_number": 1,
+            "line_type": "usage",
+            "meter_id": "api_calls",
+            "dimension": "",
+            "description": "API calls",
+            "quantity": Decimal("100"),
+            "unit": "call",
+            "unit_price": Decimal("0.01"),
+            "amount_minor": amount_minor,
+            "extra_column_from_a_newer_model": "ignored",
         }
     ]
 
@@ -123,8 +133,17 @@ def test_invoice_smaller_than_the_credit_goes_to_zero_and_the_balance_carries(p)
     (line,) = [l for l in jan["lines"] if l["line_type"] == "credit"]
     assert line["amount"] == "-12.34" and line["unit_price"] == "-12.34" and line["quantity"] == "1"
     assert line["description"] == "Prepaid credit big (Welcome credit; usable through 2026-12-31): 87.66 USD remaining"
-    assert jan["credits"] == [{"grant_id": "big", "description": "Welcome credit", "expires_on": "2027-01-01",
-                               "available": "100.00", "used": "12.34", "remaining": "87.66", "remaining_minor": 8766}]
+    assert jan["credits"] == [
+        {
+            "grant_id": "big",
+            "description": "Welcome credit",
+            "expires_on": "2027-01-01",
+            "available": "100.00",
+            "used": "12.34",
+            "remaining": "87.66",
+            "remaining_minor": 8766,
+        }
+    ]
     feb = bill(p, FEB, charges("acme", FEB, 2011), grants)
     assert credit_lines(feb) == [("big", -2011)] and feb["credits"][0]["remaining"] == "67.55"
 
@@ -276,7 +295,10 @@ def test_seed_file_loads_with_exact_minor_units(tmp_path):
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ("g1,acme,usd,10.005,2025-01-01,,x", "credits.csv:2: column amount: 10.005 has more decimal places than usd allows (2); round the grant to 2 decimal places"),
+        (
+            "g1,acme,usd,10.005,2025-01-01,,x",
+            "credits.csv:2: column amount: 10.005 has more decimal places than usd allows (2); round the grant to 2 decimal places",
+        ),
         ("g1,tokyo,jpy,100.5,2025-01-01,,x", "credits.csv:2: column amount: 100.5 has more decimal places than jpy allows (0)"),
         ("g1,acme,usd,0,2025-01-01,,x", "credits.csv:2: column amount: 0 must be greater than 0"),
         ("g1,acme,usd,-5,2025-01-01,,x", "credits.csv:2: column amount: '-5' is negative"),
@@ -305,8 +327,8 @@ def test_duplicate_grant_and_missing_file(tmp_path):
 
 
 def test_project_seed_credits_are_valid():
-    from billing_dags.seeds.catalog import read_seed
     from billing_dags.core.settings import PROJECT_ROOT
+    from billing_dags.seeds.catalog import read_seed
 
     seeds = PROJECT_ROOT / "seeds"
     grants = load_grants(seeds, read_seed(seeds, "customers").to_pylist(), read_seed(seeds, "currencies").to_pylist())

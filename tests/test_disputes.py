@@ -4,25 +4,25 @@ adjustment on the next invoice)."""
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pyarrow.parquet as pq
 import pytest
+from sql_helpers import ms, samples_table, series_table
 
-from billing_dags.ingest import raw
-from billing_dags.cli.main import main
-from billing_dags.defs.seeds.assets import write_seed_snapshots
 from billing_dags.billing.build import build_invoices
 from billing_dags.billing.manifest import code_version, invoice_manifest
 from billing_dags.billing.store import write_invoice_files
+from billing_dags.cli.main import main
+from billing_dags.defs.seeds.assets import write_seed_snapshots
+from billing_dags.ingest import raw
 from billing_dags.models.sqlmodels import Window, load_project, partition_file, run_model, seed_snapshot_path
-from sql_helpers import ms, samples_table, series_table
 
 FEB, MAR = date(2026, 2, 1), date(2026, 3, 1)
 D3, D4 = date(2026, 2, 3), date(2026, 2, 4)
 GIB = 2**30
-AFTER_GRACE = datetime(2026, 3, 10, tzinfo=timezone.utc)  # February is final
+AFTER_GRACE = datetime(2026, 3, 10, tzinfo=UTC)  # February is final
 
 
 def _samples(paths, day: date, start_gib: int, end_gib: int) -> None:
@@ -85,8 +85,10 @@ def test_late_data_after_finalization_shows_the_difference_and_the_pending_adjus
     out = dispute(capsys, paths)
     # raw and the recomputed month agree, but the finalized invoice bills what was known when it was finalized
     assert "usage proxy_bytes: invoice INV-2026-000004 (finalized) 10 gib, 1.00 vs recomputed 15 gib, 1.50 — DIFFERS" in out, out
-    assert ("The recomputed month differs from finalized invoice INV-2026-000004 because of late data after finalization; "
-            "a finalized invoice is never edited: 0.50 USD is pending as an adjustment on mp-001's next invoice") in out
+    assert (
+        "The recomputed month differs from finalized invoice INV-2026-000004 because of late data after finalization; "
+        "a finalized invoice is never edited: 0.50 USD is pending as an adjustment on mp-001's next invoice"
+    ) in out
     assert "proxy_bytes: raw 16106127360 vs recomputed month 16106127360 — ties out" in out
 
 
@@ -144,8 +146,7 @@ def test_lines_of_two_subscription_periods_are_all_compared(paths):
     def line(quantity, amount):
         return {"line_type": "usage", "meter_id": "proxy_bytes", "dimension": "", "unit": "gib", "quantity": quantity, "amount_minor": amount}
 
-    invoice = {"invoice_number": "DRAFT-2026-02-mp-001", "status": "draft", "period_start": "2026-02-01", "customer_id": "mp-001",
-               "minor_unit_exponent": 2}
+    invoice = {"invoice_number": "DRAFT-2026-02-mp-001", "status": "draft", "period_start": "2026-02-01", "customer_id": "mp-001", "minor_unit_exponent": 2}
     out = invoice_vs_recomputed(paths, invoice, [line("4", 40), line("6", 60)], [line(Decimal(5), 50), line(Decimal(6), 60)])
     assert not out["same"]
     assert [(r["invoiced_quantity"], r["invoiced_amount_minor"], r["recomputed_quantity"], r["recomputed_amount_minor"]) for r in out["lines"]] == [

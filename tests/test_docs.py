@@ -15,8 +15,20 @@ README_MAX_BYTES = 12 * 1024
 
 #: "issue 7", "Issue #12", "issue-7", "issue7"
 ISSUE_NUMBER = re.compile(r"issue[ -]?#?\d+", re.IGNORECASE)
-PRODUCT = ["README.md", "docs", "benchmarks", "billing_dags", "sql_models", "seeds", "grafana", "prometheus",
-           "Makefile", "pyproject.toml", "dagster.yaml", "workspace.yaml"]
+PRODUCT = [
+    "README.md",
+    "docs",
+    "benchmarks",
+    "billing_dags",
+    "sql_models",
+    "seeds",
+    "grafana",
+    "prometheus",
+    "Makefile",
+    "pyproject.toml",
+    "dagster.yaml",
+    "workspace.yaml",
+]
 TEXT_SUFFIXES = {".py", ".md", ".sql", ".toml", ".yaml", ".yml", ".txt", ".csv", ".json", ".cfg", ".ini", ""}
 SKIP_DIRS = {"__pycache__", "out", ".pytest_cache"}
 
@@ -31,8 +43,7 @@ def _product_files() -> list[Path]:
         if path.is_file():
             files.append(path)
         elif path.is_dir():
-            files += [p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES
-                      and not SKIP_DIRS & set(p.relative_to(ROOT).parts)]
+            files += [p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES and not SKIP_DIRS & set(p.relative_to(ROOT).parts)]
     return sorted(files)
 
 
@@ -43,8 +54,8 @@ def _markdown_files() -> list[Path]:
 def test_readme_is_a_short_guide():
     size = len(README.read_bytes())
     assert size < README_MAX_BYTES, (
-        f"README.md is {size:,} bytes (limit {README_MAX_BYTES:,}): move operations detail into docs/ "
-        "and performance figures into benchmarks/README.md")
+        f"README.md is {size:,} bytes (limit {README_MAX_BYTES:,}): move operations detail into docs/ and performance figures into benchmarks/README.md"
+    )
 
 
 def test_no_issue_numbers_in_the_product():

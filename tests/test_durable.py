@@ -6,16 +6,16 @@ from __future__ import annotations
 import ast
 import os
 import threading
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from sql_helpers import SEEDS_DIR, ms, samples_table, series_table, usage_month_table
 
 from billing_dags.core.settings import PROJECT_ROOT, Paths
-from sql_helpers import SEEDS_DIR, ms, samples_table, series_table, usage_month_table
 
 DAY = date(2025, 1, 10)
 JAN = date(2025, 1, 1)
@@ -39,7 +39,7 @@ class Recorder:
         i = renames[-1]
         tmp = self.events[i][1]
         assert ("fsync", tmp) in self.events[:i], f"{tmp} was not fsynced before it was renamed to {dest}"
-        assert ("fsync", os.path.dirname(dest)) in self.events[i + 1:], f"the folder of {dest} was not fsynced after the rename"
+        assert ("fsync", os.path.dirname(dest)) in self.events[i + 1 :], f"the folder of {dest} was not fsynced after the rename"
 
 
 @pytest.fixture
@@ -73,9 +73,22 @@ def p(tmp_path) -> Paths:
 # --- one setup and one publish per path ----------------------------------------------------------
 
 INVOICE_LINES = [
-    {"month": JAN, "customer_id": "acme", "plan_id": "pro", "plan_version": 1, "currency": "usd", "dimension": "", "line_number": 1,
-     "line_type": "base_fee", "meter_id": None, "description": "Pro base fee", "quantity": Decimal(1), "unit": "month",
-     "unit_price": Decimal("10"), "amount_minor": 1000},
+    {
+        "month": JAN,
+        "customer_id": "acme",
+        "plan_id": "pro",
+        "plan_version": 1,
+        "currency": "usd",
+        "dimension": "",
+        "line_number": 1,
+        "line_type": "base_fee",
+        "meter_id": None,
+        "description": "Pro base fee",
+        "quantity": Decimal(1),
+        "unit": "month",
+        "unit_price": Decimal("10"),
+        "amount_minor": 1000,
+    },
 ]
 
 
@@ -83,9 +96,16 @@ def _invoice_files(p: Paths):
     from billing_dags.billing.build import build_invoices
     from billing_dags.billing.store import write_invoice_files
 
-    docs = build_invoices(INVOICE_LINES, [{"customer_id": "acme", "name": "Acme", "currency": "usd"}],
-                          [{"plan_id": "pro", "version": 1, "name": "Pro"}], [{"currency": "usd", "minor_unit_exponent": 2}], JAN,
-                          now=datetime(2025, 1, 20, tzinfo=timezone.utc), manifest={}, paths=p)
+    docs = build_invoices(
+        INVOICE_LINES,
+        [{"customer_id": "acme", "name": "Acme", "currency": "usd"}],
+        [{"plan_id": "pro", "version": 1, "name": "Pro"}],
+        [{"currency": "usd", "minor_unit_exponent": 2}],
+        JAN,
+        now=datetime(2025, 1, 20, tzinfo=UTC),
+        manifest={},
+        paths=p,
+    )
     return lambda: [Path(f) for f in write_invoice_files(p, docs)["written"]]
 
 
@@ -129,8 +149,22 @@ def _raw_day(p: Paths):
 def _events_day(p: Paths):
     from billing_dags.ingest.events import EVENTS_SCHEMA, event_files, write_events_day
 
-    table = pa.Table.from_pylist([{"event_id": "e1", "ts": ms(DAY, 1), "customer_key": "k", "meter_id": "llm_input_tokens", "dimension": "",
-                                   "kind": "delta", "quantity": Decimal(1), "hold_ms": 0, "attributes": []}], schema=EVENTS_SCHEMA)
+    table = pa.Table.from_pylist(
+        [
+            {
+                "event_id": "e1",
+                "ts": ms(DAY, 1),
+                "customer_key": "k",
+                "meter_id": "llm_input_tokens",
+                "dimension": "",
+                "kind": "delta",
+                "quantity": Decimal(1),
+                "hold_ms": 0,
+                "attributes": [],
+            }
+        ],
+        schema=EVENTS_SCHEMA,
+    )
     return lambda: (write_events_day(p, DAY, table, "postgres"), event_files(p, DAY))[1]
 
 
@@ -188,8 +222,9 @@ def _dispute_evidence(p: Paths):
 
     evidence = pa.Table.from_pylist([{"series_id": 1, "ts_ms": ms(DAY, 1), "value": 1.0, "increase": Decimal(1)}])
     row = {"meter_id": "proxy_bytes", "series_id": 1, "ts": ms(DAY, 1), "event": "reset", "prev_value": 2.0, "value": 1.0, "gap_ms": 0}
-    dispute = Dispute("acme", JAN, "", "day", [{"meter_id": "proxy_bytes", "increase": Decimal(1)}], [], [row], None, [],
-                      tie_out={"meters": {}}, evidence=evidence)
+    dispute = Dispute(
+        "acme", JAN, "", "day", [{"meter_id": "proxy_bytes", "increase": Decimal(1)}], [], [row], None, [], tie_out={"meters": {}}, evidence=evidence
+    )
     return lambda: export_evidence(dispute, p.data_dir / "disputes" / "acme")
 
 
@@ -261,8 +296,10 @@ def test_only_the_durable_module_writes_files_in_place():
                 continue
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
-            if name in ("write_text", "write_bytes") and isinstance(func, ast.Attribute) and not (
-                isinstance(func.value, ast.Name) and func.value.id in ("durable", "batch")
+            if (
+                name in ("write_text", "write_bytes")
+                and isinstance(func, ast.Attribute)
+                and not (isinstance(func.value, ast.Name) and func.value.id in ("durable", "batch"))
             ):
                 offenders.append(f"{rel}:{node.lineno} {name}")
             elif name in ("copy", "copy2", "copyfile", "move") and isinstance(func, ast.Attribute) and getattr(func.value, "id", "") == "shutil":

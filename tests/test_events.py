@@ -9,15 +9,14 @@ from decimal import Decimal
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from sql_helpers import SEEDS_DIR, Runner, day_window, ms
 
+from billing_dags.core.settings import resolve_paths
 from billing_dags.ingest import events
-
-from billing_dags.operations import retention
 from billing_dags.ingest.events import EVENTS_SCHEMA, EventsLayoutError, write_events_day
 from billing_dags.ingest.postgres_events import PostgresEventsError, UsageEventsTable, rows_to_batch
-from billing_dags.core.settings import resolve_paths
 from billing_dags.models.sqlmodels import Window
-from sql_helpers import SEEDS_DIR, Runner, day_window, ms
+from billing_dags.operations import retention
 
 DAY = date(2025, 3, 10)
 K1 = "dba762d30bb922c294435ed9f0a9e1a3f638e96a796317d2ac728564afcca7ee"  # llm-001
@@ -26,8 +25,17 @@ UNKNOWN = hashlib.sha256(b"nobody").hexdigest()
 
 
 def ev(event_id, ts, key, meter, dim, qty, kind="delta", attrs=None, hold_ms=0):
-    return {"event_id": event_id, "ts": ts, "customer_key": key, "meter_id": meter, "dimension": dim,
-            "kind": kind, "quantity": Decimal(qty), "hold_ms": hold_ms, "attributes": list((attrs or {}).items())}
+    return {
+        "event_id": event_id,
+        "ts": ts,
+        "customer_key": key,
+        "meter_id": meter,
+        "dimension": dim,
+        "kind": kind,
+        "quantity": Decimal(qty),
+        "hold_ms": hold_ms,
+        "attributes": list((attrs or {}).items()),
+    }
 
 
 def table(rows):
@@ -66,8 +74,10 @@ def test_a_day_larger_than_a_batch_keeps_the_same_rows_as_a_day_in_memory(paths,
     import random
 
     rnd = random.Random(5)
-    rows = [ev(f"e{rnd.randrange(400)}:{'in' if i % 2 else 'out'}", ms(DAY, rnd.randrange(24)), K1, "llm_input_tokens",
-               rnd.choice(["gpt-4o", "claude"]), str(i)) for i in range(1000)]
+    rows = [
+        ev(f"e{rnd.randrange(400)}:{'in' if i % 2 else 'out'}", ms(DAY, rnd.randrange(24)), K1, "llm_input_tokens", rnd.choice(["gpt-4o", "claude"]), str(i))
+        for i in range(1000)
+    ]
     f = events.events_day_dir(paths, DAY) / "part-postgres.parquet"
     small = write_events_day(paths, DAY, table(rows), "postgres")
     in_memory = pq.read_table(f)
@@ -150,12 +160,22 @@ def test_delta_events_add_to_daily_usage_exactly_and_price_per_model():
         assert all(x["kind"] == "counter" and x["series"] == 0 and x["samples"] == 0 for x in day)
         assert sum(x["events"] for x in day) == sum(1 for x in rows if x["customer_key"] != UNKNOWN) - 1
         month = Window(date(2025, 3, 1), date(2025, 4, 1))
-        for model in ("fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_billable_usage_by_subscription_period",
-                      "fct_rated_usage_by_subscription_period", "fct_invoice_lines"):
+        for model in (
+            "fct_usage_by_month",
+            "dim_subscription_periods_by_month",
+            "fct_usage_by_subscription_period",
+            "fct_billable_usage_by_subscription_period",
+            "fct_rated_usage_by_subscription_period",
+            "fct_invoice_lines",
+        ):
             out = r.run(model, month)
         lines = out.to_pylist()
-    price = {("llm_input_tokens", "gpt-4o"): Decimal("2.50"), ("llm_output_tokens", "gpt-4o"): Decimal("10.00"),
-             ("llm_input_tokens", "gpt-4o-mini"): Decimal("0.15"), ("llm_output_tokens", "gpt-4o-mini"): Decimal("0.60")}
+    price = {
+        ("llm_input_tokens", "gpt-4o"): Decimal("2.50"),
+        ("llm_output_tokens", "gpt-4o"): Decimal("10.00"),
+        ("llm_input_tokens", "gpt-4o-mini"): Decimal("0.15"),
+        ("llm_output_tokens", "gpt-4o-mini"): Decimal("0.60"),
+    }
     for (c, m, model), q in want.items():
         cents = (q * price[(m, model)] / Decimal(1_000_000) * 100).quantize(Decimal(1), rounding="ROUND_HALF_UP")
         got_line = [l["amount_minor"] for l in lines if (l["customer_id"], l["meter_id"], l["dimension"]) == (c, m, model)]

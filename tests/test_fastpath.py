@@ -15,12 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from billing_dags.models import fastpath
-
-from billing_dags.ingest import raw, simulate
-from billing_dags.seeds.catalog import read_seed
 from billing_dags.core.settings import STALENESS_MS
+from billing_dags.ingest import raw, simulate
+from billing_dags.models import fastpath
 from billing_dags.models.sqlmodels import Window, load_project, run_model
+from billing_dags.seeds.catalog import read_seed
 
 DAY = date(2026, 3, 10)
 WINDOW = Window(DAY, date(2026, 3, 11))
@@ -264,10 +263,13 @@ def test_unsorted_series_raise_a_clear_error(paths):
 def test_exact_value_scales_match_duckdb():
     """The scale rule (k = rint(v * 10**s) when it round-trips) agrees with exact_value()."""
     rng = np.random.default_rng(11)
-    vals = np.concatenate([
-        [round(float(x), int(d)) for x, d in zip(rng.random(3000) * 10.0 ** rng.integers(-3, 15, 3000), rng.integers(0, 10, 3000))],
-        rng.normal(0, 1e9, 500), [0.0, -0.0, 2.0**53, 2.0**53 + 2, 1e-9, 5e-10, 4194303.999999999, 1e22],
-    ])
+    vals = np.concatenate(
+        [
+            [round(float(x), int(d)) for x, d in zip(rng.random(3000) * 10.0 ** rng.integers(-3, 15, 3000), rng.integers(0, 10, 3000))],
+            rng.normal(0, 1e9, 500),
+            [0.0, -0.0, 2.0**53, 2.0**53 + 2, 1e-9, 5e-10, 4194303.999999999, 1e22],
+        ]
+    )
     assert list(fastpath._nano_of(vals)) == list(fastpath._duckdb_nano(vals))
 
 

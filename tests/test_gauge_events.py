@@ -14,16 +14,16 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from sql_helpers import DAY_MS, SEEDS_DIR, Runner, day_start_ms, day_window, ms, run_days
 
-from billing_dags.ingest import events
+from billing_dags.core.settings import resolve_paths
 from billing_dags.defs.ingest.checks import event_ids_unique_across_days_check
 from billing_dags.defs.seeds.assets import write_seed_snapshots
 from billing_dags.defs.shared.partitions import billing_daily
 from billing_dags.defs.shared.resources import WarehouseResource
+from billing_dags.ingest import events
 from billing_dags.ingest.events import EVENTS_SCHEMA, EventsLayoutError, cross_day_duplicates, write_events_day
-from billing_dags.core.settings import resolve_paths
 from billing_dags.models.sqlmodels import run_model
-from sql_helpers import DAY_MS, SEEDS_DIR, Runner, day_start_ms, day_window, ms, run_days
 
 PREV, DAY, NEXT = date(2025, 3, 9), date(2025, 3, 10), date(2025, 3, 11)
 H, M = 3_600_000, 60_000
@@ -35,13 +35,31 @@ LLM_KEY = "dba762d30bb922c294435ed9f0a9e1a3f638e96a796317d2ac728564afcca7ee"  # 
 
 
 def gauge(event_id, ts, qty, hold_ms=65 * M, key=KEY, meter=METER, dim=""):
-    return {"event_id": event_id, "ts": ts, "customer_key": key, "meter_id": meter, "dimension": dim,
-            "kind": "gauge", "quantity": Decimal(qty), "hold_ms": hold_ms, "attributes": []}
+    return {
+        "event_id": event_id,
+        "ts": ts,
+        "customer_key": key,
+        "meter_id": meter,
+        "dimension": dim,
+        "kind": "gauge",
+        "quantity": Decimal(qty),
+        "hold_ms": hold_ms,
+        "attributes": [],
+    }
 
 
 def delta(event_id, ts, qty, key=LLM_KEY, meter="llm_input_tokens", dim="gpt-4o", hold_ms=0):
-    return {"event_id": event_id, "ts": ts, "customer_key": key, "meter_id": meter, "dimension": dim,
-            "kind": "delta", "quantity": Decimal(qty), "hold_ms": hold_ms, "attributes": []}
+    return {
+        "event_id": event_id,
+        "ts": ts,
+        "customer_key": key,
+        "meter_id": meter,
+        "dimension": dim,
+        "kind": "delta",
+        "quantity": Decimal(qty),
+        "hold_ms": hold_ms,
+        "attributes": [],
+    }
 
 
 def table(rows):
@@ -49,6 +67,7 @@ def table(rows):
 
 
 # --- the independent reference ------------------------------------------------------------------
+
 
 @dataclass
 class Expected:
@@ -112,7 +131,9 @@ CASES = {
         hourly({h: q for h, q in LEVELS.items() if h != 10}),
         Expected(
             sum(Decimal(q) for h, q in LEVELS.items() if h not in (9, 10)) * H + Decimal("109.125") * 65 * M,
-            24 * H - 55 * M, Decimal("123.125"), 23,
+            24 * H - 55 * M,
+            Decimal("123.125"),
+            23,
         ),
     ),
     # yesterday 23:30 (500, 65 min) carries in until today's first report at 00:10: it is not one of
@@ -189,11 +210,10 @@ def test_gauge_integral_stays_decimal_inside_the_model():
         r.run("int_gauge_peaks_by_day", day_window(DAY))
         r.query("fct_usage_by_day", day_window(DAY))
         sql = r.project.models["fct_usage_by_day"].sql
-        body = "events as (select * from stg_raw__events), " + sql[sql.index("event_spans as ("):sql.index("-- one row per series")]
+        body = "events as (select * from stg_raw__events), " + sql[sql.index("event_spans as (") : sql.index("-- one row per series")]
         params = day_window(DAY).params()
         types = r.con.execute(
-            "with " + body.rstrip().rstrip(",")
-            + " select typeof(any_value(quantity * covered_ms)), typeof(sum(quantity * covered_ms)),"
+            "with " + body.rstrip().rstrip(",") + " select typeof(any_value(quantity * covered_ms)), typeof(sum(quantity * covered_ms)),"
             " (select typeof(integral) from event_usage) from event_spans",
             {k: params[k] for k in ("start_ms", "end_ms")},
         ).fetchall()
@@ -258,6 +278,7 @@ def test_gauge_samples_and_gauge_events_of_a_customer_add_up():
 
 # --- the writer (billing_dags/ingest/events.py) ------------------------------------------------------
 
+
 @pytest.fixture
 def paths(tmp_path):
     return resolve_paths(tmp_path / "data", SEEDS_DIR)
@@ -277,8 +298,14 @@ def test_gauge_events_are_written_and_hold_ms_defaults_to_zero_for_deltas(paths)
 @pytest.mark.parametrize(
     ("row", "match"),
     [
-        (gauge("x", ms(DAY, 1), "1", meter="llm_input_tokens", key=LLM_KEY), r"meter 'llm_input_tokens' is a counter; gauge events need a gauge meter \(send its increments as kind 'delta'"),
-        (delta("x", ms(DAY, 1), "1", meter="k8s_memory", key=KEY, dim=""), r"meter 'k8s_memory' is a gauge; delta events need a counter meter \(send its levels as kind 'gauge'"),
+        (
+            gauge("x", ms(DAY, 1), "1", meter="llm_input_tokens", key=LLM_KEY),
+            r"meter 'llm_input_tokens' is a counter; gauge events need a gauge meter \(send its increments as kind 'delta'",
+        ),
+        (
+            delta("x", ms(DAY, 1), "1", meter="k8s_memory", key=KEY, dim=""),
+            r"meter 'k8s_memory' is a gauge; delta events need a counter meter \(send its levels as kind 'gauge'",
+        ),
         (gauge("x", ms(DAY, 1), "1", hold_ms=0), r"gauge event 'x' has hold_ms 0; give how long the level holds at most, 1\.\.86400000 ms"),
         (gauge("x", ms(DAY, 1), "1", hold_ms=DAY_MS + 1), r"gauge event 'x' has hold_ms 86400001"),
         (gauge("x", ms(DAY, 1), "1", hold_ms=-5), r"gauge event 'x' has hold_ms -5"),
@@ -297,6 +324,7 @@ def test_bad_gauge_and_delta_events_are_refused(paths, row, match):
 
 # --- the files as the models read them (the day before is read for the carry-in) -------------------
 
+
 def test_models_read_the_day_before_for_gauges_and_never_bill_its_deltas_twice(paths):
     write_seed_snapshots(paths)
     write_events_day(paths, PREV, table([gauge("y", ms(PREV, 23, 30), "500"), delta("p1", ms(PREV, 12), "1000")]), "reports")
@@ -308,11 +336,11 @@ def test_models_read_the_day_before_for_gauges_and_never_bill_its_deltas_twice(p
     assert got[("llm-001", "llm_input_tokens")]["usage"] == 7  # DAY's 7; PREV's 1000 is PREV's
     g = got[(CUSTOMER, METER)]
     # the 500 carried in from PREV holds 00:00-00:10: it is today's peak of the sum
-    assert (g["gauge_integral"], g["gauge_covered_ms"], g["gauge_peak"], g["events"]) == (
-        500 * 10 * M + 10 * 65 * M, 75 * M, 500, 1)
+    assert (g["gauge_integral"], g["gauge_covered_ms"], g["gauge_peak"], g["events"]) == (500 * 10 * M + 10 * 65 * M, 75 * M, 500, 1)
 
 
 # --- cross-day duplicate event ids ----------------------------------------------------------------
+
 
 def test_cross_day_duplicates_finds_ids_of_the_same_source_on_other_days(paths):
     d = lambda n: date.fromordinal(DAY.toordinal() + n)  # noqa: E731
@@ -349,8 +377,7 @@ def test_event_ids_unique_across_days_check_in_dagster(paths, overlap):
     instance = dg.DagsterInstance.ephemeral()
     evaluations = []
     for day in (PREV, DAY):
-        result = dg.materialize([_stub_usage_events(rows), check], partition_key=day.isoformat(), resources=resources,
-                                instance=instance, raise_on_error=False)
+        result = dg.materialize([_stub_usage_events(rows), check], partition_key=day.isoformat(), resources=resources, instance=instance, raise_on_error=False)
         evaluations += result.get_asset_check_evaluations()
     assert [e.asset_check_key.name for e in evaluations] == ["event_ids_unique_across_days"] * 2
     first, last = evaluations

@@ -14,14 +14,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "billing_dags"
 
 #: each top-level part of the package and its layer; a module may import only its own layer and the ones below
 LAYERS = {
-    "__init__": 0, "core": 0,
+    "__init__": 0,
+    "core": 0,
     "seeds": 1,
     "ingest": 2,
     "models": 3,
     "billing": 4,
     "stripe": 5,
     "operations": 6,
-    "cli": 7, "defs": 7, "definitions": 7,
+    "cli": 7,
+    "defs": 7,
+    "definitions": 7,
 }
 #: third-party packages only the top knows: Dagster (defs, and the CLI to run jobs), argparse and rich (the CLI)
 TOP_ONLY = {"dagster": {"defs", "definitions", "cli"}, "argparse": {"cli"}, "rich": {"cli"}}
@@ -98,15 +101,13 @@ def test_imports_point_one_way():
 
 def test_nothing_but_the_cli_imports_the_cli_and_defs_never_does():
     ours, _ = _graph()
-    wrong = [f"{a} imports {b}" for a, targets in sorted(ours.items()) for b in sorted(targets)
-             if _part(b) == "cli" and _part(a) != "cli"]
+    wrong = [f"{a} imports {b}" for a, targets in sorted(ours.items()) for b in sorted(targets) if _part(b) == "cli" and _part(a) != "cli"]
     assert not wrong, "\n".join(wrong)
 
 
 def test_only_the_top_knows_dagster_argparse_and_rich():
     _, theirs = _graph()
-    wrong = [f"{a} imports {lib}" for a, libs in sorted(theirs.items()) for lib in sorted(libs)
-             if lib in TOP_ONLY and _part(a) not in TOP_ONLY[lib]]
+    wrong = [f"{a} imports {lib}" for a, libs in sorted(theirs.items()) for lib in sorted(libs) if lib in TOP_ONLY and _part(a) not in TOP_ONLY[lib]]
     assert not wrong, "\n".join(wrong)
 
 
@@ -141,10 +142,13 @@ def test_there_is_no_import_cycle():
     assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
 
 
-@pytest.mark.parametrize(("source", "expected"), [
-    ("from billing_dags.cli.main import x\n", {"billing_dags.cli.main"}),
-    ("def f():\n    from billing_dags.billing import build\n", {"billing_dags.billing.build"}),
-])
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from billing_dags.cli.main import x\n", {"billing_dags.cli.main"}),
+        ("def f():\n    from billing_dags.billing import build\n", {"billing_dags.billing.build"}),
+    ],
+)
 def test_the_graph_sees_top_level_and_function_level_imports(tmp_path, source, expected):
     path = tmp_path / "probe.py"
     path.write_text(source)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from billing_dags.core import durable
 from billing_dags.billing import build as build_module
 from billing_dags.billing import manifest as manifest_module
 from billing_dags.billing.build import build_invoices, uninvoiced_customers
@@ -21,10 +20,11 @@ from billing_dags.billing.numbering import read_registry
 from billing_dags.billing.periods import invoice_status
 from billing_dags.billing.render import render_invoice
 from billing_dags.billing.store import write_invoice_files
+from billing_dags.core import durable
 from billing_dags.core.money import format_decimal, format_minor
 from billing_dags.core.settings import Paths
 
-UTC = timezone.utc
+UTC = UTC
 JAN = date(2025, 1, 1)
 FEB = date(2025, 2, 1)
 #: first instant at which January 2025 is final with the default 3 grace days
@@ -43,7 +43,12 @@ PLANS = [
     {"plan_id": "jp", "version": 2, "name": "Japan", "currency": "jpy"},
 ]
 CURRENCIES = [{"currency": "usd", "minor_unit_exponent": 2}, {"currency": "jpy", "minor_unit_exponent": 0}]
-MANIFEST = {"month": "2025-01", "raw_samples": {"raw/samples/date=2025-01-01/part-sim.parquet": "ab" * 32}, "seeds": {"meters.csv": "cd" * 32}, "code_version": "0.1.0"}
+MANIFEST = {
+    "month": "2025-01",
+    "raw_samples": {"raw/samples/date=2025-01-01/part-sim.parquet": "ab" * 32},
+    "seeds": {"meters.csv": "cd" * 32},
+    "code_version": "0.1.0",
+}
 
 
 def paths_for(tmp_path) -> Paths:
@@ -149,7 +154,7 @@ def test_total_is_the_sum_of_rounded_lines():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(min_value=-10**12, max_value=10**12), min_size=1, max_size=12))
+@given(st.lists(st.integers(min_value=-(10**12), max_value=10**12), min_size=1, max_size=12))
 def test_total_equals_sum_of_lines_property(amounts):
     base = lines_for("acme")[1]
     lines = [{**base, "line_number": i + 1, "meter_id": f"m{i:02d}", "amount_minor": a} for i, a in enumerate(amounts)]
@@ -292,7 +297,10 @@ def test_numbering_gap_free_across_months_and_stable_on_rerun(tmp_path):
 
     # reruns reuse the numbers; a later year starts again at 1
     assert [i["invoice_number"] for i in build(jan_lines, now=FEB_FINAL, paths=p)] == ["INV-2025-000001", "INV-2025-000002", "INV-2025-000003"]
-    assert [i["invoice_number"] for i in build(lines_for("cobalt", FEB) + lines_for("acme", FEB), FEB, now=FEB_FINAL, paths=p)] == ["INV-2025-000004", "INV-2025-000005"]
+    assert [i["invoice_number"] for i in build(lines_for("cobalt", FEB) + lines_for("acme", FEB), FEB, now=FEB_FINAL, paths=p)] == [
+        "INV-2025-000004",
+        "INV-2025-000005",
+    ]
     dec = date(2025, 12, 1)
     assert [i["invoice_number"] for i in build(lines_for("beta", dec), dec, now=datetime(2026, 1, 5, tzinfo=UTC), paths=p)] == ["INV-2025-000006"]
     jan26 = date(2026, 1, 1)
@@ -334,7 +342,7 @@ def test_render_formats():
 
 def test_csv_neutralises_formula_text():
     lines = lines_for("acme")
-    lines[1]["description"] = "=HYPERLINK(\"http://x\")"
+    lines[1]["description"] = '=HYPERLINK("http://x")'
     (invoice,) = build(lines)
     assert "'=HYPERLINK" in render_invoice(invoice, "csv")
 
@@ -368,8 +376,11 @@ def test_manifest_fingerprints_raw_events_and_usage_reports_of_the_month(tmp_pat
     from billing_dags.ingest.usage_reports import Report, ReportStore
 
     p = paths_for(tmp_path)
-    for d, name, content in [("2025-01-05", "part-postgres.parquet", b"pg"), ("2025-01-31", "part-usage_reports.parquet", b"ur"),
-                             ("2025-02-01", "part-postgres.parquet", b"next month")]:
+    for d, name, content in [
+        ("2025-01-05", "part-postgres.parquet", b"pg"),
+        ("2025-01-31", "part-usage_reports.parquet", b"ur"),
+        ("2025-02-01", "part-postgres.parquet", b"next month"),
+    ]:
         f = p.data_dir / "raw" / "events" / f"date={d}" / name
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(content)
@@ -422,8 +433,18 @@ def test_formula_uses_allowance_and_packages_when_the_line_has_them():
     lines[1].update({"included_quantity": Decimal("10"), "billable_quantity": Decimal("2.5"), "package_size": 1, "packages": None, "amount_minor": 13})
     (invoice,) = build(lines)
     assert invoice["lines"][1]["formula"] == "12.5 gib used − 10 included = 2.5 gib × 0.05 USD per gib = 0.13 USD"
-    lines[1].update({"quantity": Decimal("2500"), "unit": "request", "unit_price": Decimal("0.5"), "included_quantity": Decimal("0"),
-                     "billable_quantity": Decimal("2500"), "package_size": 1000, "packages": 3, "amount_minor": 150})
+    lines[1].update(
+        {
+            "quantity": Decimal("2500"),
+            "unit": "request",
+            "unit_price": Decimal("0.5"),
+            "included_quantity": Decimal("0"),
+            "billable_quantity": Decimal("2500"),
+            "package_size": 1000,
+            "packages": 3,
+            "amount_minor": 150,
+        }
+    )
     (invoice,) = build(lines)
     assert invoice["lines"][1]["formula"] == "2500 request used − 0 included = 2500 request → 3 packages of 1000 × 0.50 USD = 1.50 USD"
 
@@ -537,12 +558,15 @@ def test_customers_subscribed_or_using_the_service_without_an_invoice_are_named(
         sub("gone", "pro", "2025-01-01", "2026-10-01"),  # ended before October: nothing expected
         sub("joiner", "pro", "2026-10-31"),  # one day of October: expected
     ]
-    usage = [use("acme", usage=Decimal(5)), use("nosub", usage=Decimal(7)), use("flagged", peak=Decimal(3)),
-             use("idle", usage=Decimal(0))]
-    flags = [{"customer_id": "flagged", "meter_id": "iot_devices", "rule": "outside_subscription"},
-             {"customer_id": "nosub", "meter_id": "proxy_bytes", "rule": "scrape_gap"}]  # names nothing about billing
-    plans = [{"plan_id": "pro", "base_fee": Decimal(10), "minimum_charge": Decimal(0)},
-             {"plan_id": "proxy_new", "base_fee": Decimal(31), "minimum_charge": Decimal(0)}]
+    usage = [use("acme", usage=Decimal(5)), use("nosub", usage=Decimal(7)), use("flagged", peak=Decimal(3)), use("idle", usage=Decimal(0))]
+    flags = [
+        {"customer_id": "flagged", "meter_id": "iot_devices", "rule": "outside_subscription"},
+        {"customer_id": "nosub", "meter_id": "proxy_bytes", "rule": "scrape_gap"},
+    ]  # names nothing about billing
+    plans = [
+        {"plan_id": "pro", "base_fee": Decimal(10), "minimum_charge": Decimal(0)},
+        {"plan_id": "proxy_new", "base_fee": Decimal(31), "minimum_charge": Decimal(0)},
+    ]
     unbilled, named = uninvoiced_customers(oct_, subs, usage, {"acme"}, flags, plans)
     assert unbilled == {
         "joiner": "subscribed to pro in the month, no invoice",
@@ -557,8 +581,10 @@ def test_an_idle_customer_of_a_plan_without_fixed_charges_is_not_unbilled():
     # a pay-as-you-go customer with no usage in the month has nothing to bill: no invoice lines, and
     # that must not hold every other customer's invoices; a plan with a base fee or a minimum still must bill
     oct_ = date(2026, 10, 1)
-    subs = [{"customer_id": c, "plan_id": p, "start_date": date(2025, 1, 1), "end_date": None}
-            for c, p in (("idle", "payg"), ("fee", "pro"), ("minimum", "floor"), ("busy", "payg"))]
+    subs = [
+        {"customer_id": c, "plan_id": p, "start_date": date(2025, 1, 1), "end_date": None}
+        for c, p in (("idle", "payg"), ("fee", "pro"), ("minimum", "floor"), ("busy", "payg"))
+    ]
     plans = [
         {"plan_id": "payg", "version": 1, "base_fee": Decimal(0), "minimum_charge": Decimal(0)},
         {"plan_id": "pro", "version": 1, "base_fee": Decimal(0), "minimum_charge": Decimal(0)},
@@ -576,17 +602,17 @@ def test_an_idle_customer_of_a_plan_without_fixed_charges_is_not_unbilled():
 
 def test_invoices_failing_the_total_check_write_no_file(tmp_path, monkeypatch):
     """The invoices asset checks totals against fct_invoice_lines before writing: a failure leaves no invoice file."""
+    import shutil
+
     import dagster as dg
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from billing_dags.core.settings import PROJECT_ROOT
     from billing_dags.defs.invoicing.assets import invoices as invoices_asset
     from billing_dags.defs.seeds.assets import write_seed_snapshots
     from billing_dags.defs.shared.resources import WarehouseResource
-    from billing_dags.core.settings import PROJECT_ROOT
     from billing_dags.models.sqlmodels import Window, load_project, partition_file
-
-    import shutil
 
     seeds = shutil.copytree(PROJECT_ROOT / "seeds", tmp_path / "seeds")
     subs = (seeds / "subscriptions.csv").read_text().splitlines()
@@ -595,19 +621,42 @@ def test_invoices_failing_the_total_check_write_no_file(tmp_path, monkeypatch):
     write_seed_snapshots(p)
     common = {"month": JAN, "customer_id": "mp-001", "plan_id": "proxy_hybrid", "plan_version": 1, "currency": "usd", "dimension": ""}
     rows = [
-        {**common, "line_number": 1, "line_type": "base_fee", "meter_id": None, "description": "base fee", "quantity": Decimal(1),
-         "unit": "month", "unit_price": Decimal(5), "amount_minor": 500},
-        {**common, "line_number": 2, "line_type": "usage", "meter_id": "proxy_bytes", "description": "per GiB", "quantity": Decimal("12.5"),
-         "unit": "gib", "unit_price": Decimal("0.05"), "amount_minor": 63},
+        {
+            **common,
+            "line_number": 1,
+            "line_type": "base_fee",
+            "meter_id": None,
+            "description": "base fee",
+            "quantity": Decimal(1),
+            "unit": "month",
+            "unit_price": Decimal(5),
+            "amount_minor": 500,
+        },
+        {
+            **common,
+            "line_number": 2,
+            "line_type": "usage",
+            "meter_id": "proxy_bytes",
+            "description": "per GiB",
+            "quantity": Decimal("12.5"),
+            "unit": "gib",
+            "unit_price": Decimal("0.05"),
+            "amount_minor": 63,
+        },
     ]
     f = partition_file(p, load_project().models["fct_invoice_lines"], Window(JAN, FEB))
     f.parent.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows), f)
     usage = partition_file(p, load_project().models["fct_usage_by_month"], Window(JAN, FEB))
     usage.parent.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist([
-        {"customer_id": "mp-001", "usage": Decimal("12.5"), "gauge_peak": None, "gauge_integral": None},
-    ]), usage)
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {"customer_id": "mp-001", "usage": Decimal("12.5"), "gauge_peak": None, "gauge_integral": None},
+            ]
+        ),
+        usage,
+    )
     real_build = build_module.build_invoices
 
     def miscounted(*args, **kwargs):
@@ -617,8 +666,9 @@ def test_invoices_failing_the_total_check_write_no_file(tmp_path, monkeypatch):
 
     def materialize():
         resources = {"warehouse": WarehouseResource(data_dir=str(p.data_dir), seeds_dir=str(p.seeds_dir))}
-        return dg.materialize([invoices_asset], partition_key=JAN.isoformat(), resources=resources,
-                              instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+        return dg.materialize(
+            [invoices_asset], partition_key=JAN.isoformat(), resources=resources, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False
+        )
 
     monkeypatch.setattr(build_module, "build_invoices", miscounted)
     result = materialize()

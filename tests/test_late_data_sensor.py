@@ -11,11 +11,11 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from billing_dags.ingest import raw
-from billing_dags.definitions import defs as load_defs
-from billing_dags.ingest.events import event_files
 from conftest import copy_small_seeds
+
+from billing_dags.definitions import defs as load_defs
+from billing_dags.ingest import raw
+from billing_dags.ingest.events import event_files
 
 FIRST = date(2026, 11, 9)
 DAYS = [FIRST + timedelta(days=i) for i in range(4)]  # 11-09 .. 11-12
@@ -243,9 +243,9 @@ def test_rerun_ranges_run_from_the_first_late_day_through_the_computed_days_that
 
 
 def test_late_events_request_the_models_reading_them_and_their_downstream_not_the_edges_nor_ingest(paths):
-    from billing_dags.models import late_data
     from billing_dags.defs.ingest.sensors import rerun_plan
     from billing_dags.ingest.events import events_day_dir
+    from billing_dags.models import late_data
     from billing_dags.models.sqlmodels import Window, load_project, partition_file
 
     project = load_project()

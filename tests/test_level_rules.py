@@ -19,19 +19,28 @@ from decimal import Decimal
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import reference as ref
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import reference as ref
-from billing_dags.ingest import raw
-from billing_dags.defs.seeds.assets import write_seed_snapshots
-from billing_dags.core.settings import resolve_paths
-from billing_dags.models.sqlmodels import run_model
 from sql_helpers import (
-    DAILY_MODELS, SEEDS_DIR, Runner, day_window, month_window, ms, next_day, run_days, samples_table, seed_tables,
+    DAILY_MODELS,
+    SEEDS_DIR,
+    Runner,
+    day_window,
+    month_window,
+    ms,
+    next_day,
+    run_days,
+    samples_table,
+    seed_tables,
     series_table,
 )
 from test_anomaly_flags import POOL_SCHEMA
+
+from billing_dags.core.settings import resolve_paths
+from billing_dags.defs.seeds.assets import write_seed_snapshots
+from billing_dags.ingest import raw
+from billing_dags.models.sqlmodels import run_model
 
 M = 60_000
 D = date(2026, 10, 20)
@@ -63,7 +72,13 @@ def fast_days(paths, samples_by_series, series_labels, days, months=()) -> dict:
                 run_model(paths, name, w)  # the configured engine's partition stays
             out.setdefault(name, []).extend(got.to_pylist())
     for month in months:
-        for name in ("fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_billable_usage_by_subscription_period", "fct_rated_usage_by_subscription_period"):
+        for name in (
+            "fct_usage_by_month",
+            "dim_subscription_periods_by_month",
+            "fct_usage_by_subscription_period",
+            "fct_billable_usage_by_subscription_period",
+            "fct_rated_usage_by_subscription_period",
+        ):
             out.setdefault(name, []).extend(run_model(paths, name, month).table.to_pylist())
     return out
 

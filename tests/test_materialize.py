@@ -13,11 +13,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from billing_dags.ingest import raw
 from billing_dags.definitions import defs as load_defs
-from billing_dags.defs.shared.partitions import billing_daily, billing_monthly
 from billing_dags.defs.ingest.sources import SimulationResource, simulated_sources
+from billing_dags.defs.shared.partitions import billing_daily, billing_monthly
 from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
+from billing_dags.ingest import raw
 
 #: every asset of the code location, as loaded from the defs folder
 ASSETS = load_defs().assets
@@ -39,9 +39,7 @@ def _keys(partitions_def) -> list[dg.AssetKey]:
 
 
 def _materialize(paths, instance, selection, partition_key=None, **kw):
-    result = dg.materialize(
-        ASSETS, selection=selection, partition_key=partition_key, resources=_resources(paths), instance=instance, **kw
-    )
+    result = dg.materialize(ASSETS, selection=selection, partition_key=partition_key, resources=_resources(paths), instance=instance, **kw)
     assert result.success
     return result
 
@@ -99,8 +97,7 @@ def _exact_counter_usage(values: list[float]) -> Decimal:
 def test_month_usage_equals_independent_reference_from_raw(month_run):
     paths, _, _ = month_run
     series = pq.read_table(raw.series_files(paths)).to_pylist()
-    meters = {"stratum_accepted_shares_total": "proxy_accepted_shares", "pf_usage_api_calls": "testbed_api_calls",
-              "llm_tokens_input_total": "llm_input_tokens"}
+    meters = {"stratum_accepted_shares_total": "proxy_accepted_shares", "pf_usage_api_calls": "testbed_api_calls", "llm_tokens_input_total": "llm_input_tokens"}
     samples = pq.read_table([f for d in DAYS for f in raw.sample_files(paths, d)])
     by_meter: dict[str, Decimal] = {}
     for sid in {s["series_id"] for s in series if s["metric"] in meters and s["labels"] and dict(s["labels"]).get("client_id") != "miner-unknown"}:
@@ -275,9 +272,7 @@ def test_a_customer_with_usage_and_no_invoice_fails_the_blocking_check_unless_a_
     instance = dg.DagsterInstance.ephemeral()
     _materialize(paths, instance, [k for a in ASSETS for k in a.keys if a.group_names_by_key.get(k) == "seeds"])
     month = _keys(billing_monthly)
-    result = dg.materialize(
-        ASSETS, selection=month, partition_key="2026-10-01", resources=_resources(paths), instance=instance, raise_on_error=False
-    )
+    result = dg.materialize(ASSETS, selection=month, partition_key="2026-10-01", resources=_resources(paths), instance=instance, raise_on_error=False)
     assert not result.success
     check = next(e for e in result.get_asset_check_evaluations() if e.check_name == "every_customer_invoiced")
     assert check.passed is False and check.blocking
@@ -286,8 +281,15 @@ def test_a_customer_with_usage_and_no_invoice_fails_the_blocking_check_unless_a_
 
     # the daily flag (as fct_anomaly_flags_by_day raises it) names why mp-nosub has no invoice: the check passes
     flag = {
-        "day": day, "customer_id": "mp-nosub", "meter_id": "proxy_bytes", "rule": "outside_subscription",
-        "value": Decimal(2 * 2**30), "threshold": Decimal(0), "severity": "critical", "rule_description": "", "detail": "",
+        "day": day,
+        "customer_id": "mp-nosub",
+        "meter_id": "proxy_bytes",
+        "rule": "outside_subscription",
+        "value": Decimal(2 * 2**30),
+        "threshold": Decimal(0),
+        "severity": "critical",
+        "rule_description": "",
+        "detail": "",
     }
     f = paths.models / "fct_anomaly_flags_by_day" / f"day={day}" / "data.parquet"
     f.parent.mkdir(parents=True)

@@ -13,14 +13,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-from billing_dags.operations import metrics_export
+from test_projection import DAYS, GIB, OCT, TODAY, day_row, oct_paths, write_days  # noqa: F401 (fixture)
 
 from billing_dags.billing import projection
 from billing_dags.cli.main import main
-from billing_dags.seeds.catalog import load_seeds
 from billing_dags.models.sqlmodels import Window, run_model
-from test_projection import DAYS, GIB, OCT, TODAY, day_row, oct_paths, write_days  # noqa: F401 (fixture)
+from billing_dags.operations import metrics_export
+from billing_dags.seeds.catalog import load_seeds
 
 SEP = date(2026, 9, 1)
 WEIRD = 'gpt"4\\o\nx'  # a label value needing every escape of the exposition format
@@ -30,10 +29,16 @@ WEIRD = 'gpt"4\\o\nx'  # a label value needing every escape of the exposition fo
 def warehouse(oct_paths):
     """October (open) as in test_projection, plus a closed September, a 30-day rollup, an invoice, flags."""
     paths = oct_paths
-    write_days(paths, {SEP + timedelta(days=i): [
-        day_row(SEP + timedelta(days=i), "mp-003", "proxy_bytes", usage=GIB),
-        day_row(SEP + timedelta(days=i), "mp-003", "proxy_accepted_shares", usage=500),
-    ] for i in range(30)})
+    write_days(
+        paths,
+        {
+            SEP + timedelta(days=i): [
+                day_row(SEP + timedelta(days=i), "mp-003", "proxy_bytes", usage=GIB),
+                day_row(SEP + timedelta(days=i), "mp-003", "proxy_accepted_shares", usage=500),
+            ]
+            for i in range(30)
+        },
+    )
     # a dimension value with a quote, a backslash and a newline (the library escapes it)
     f = paths.models / "fct_usage_by_day" / f"day={OCT.isoformat()}" / "data.parquet"
     t = pq.read_table(f)
@@ -47,10 +52,22 @@ def warehouse(oct_paths):
     flags = paths.models / "fct_anomaly_flags_by_day"
     for day in (DAYS[2], DAYS[3]):
         (flags / f"day={day}").mkdir(parents=True)
-        pq.write_table(pa.Table.from_pylist([{
-            "day": day, "customer_id": "mp-003", "meter_id": "proxy_bytes", "rule": "allowance_used",
-            "value": Decimal("0.8"), "threshold": Decimal("0.8"), "severity": "warning",
-        }]), flags / f"day={day}" / "data.parquet")
+        pq.write_table(
+            pa.Table.from_pylist(
+                [
+                    {
+                        "day": day,
+                        "customer_id": "mp-003",
+                        "meter_id": "proxy_bytes",
+                        "rule": "allowance_used",
+                        "value": Decimal("0.8"),
+                        "threshold": Decimal("0.8"),
+                        "severity": "warning",
+                    }
+                ]
+            ),
+            flags / f"day={day}" / "data.parquet",
+        )
     return paths
 
 
@@ -143,6 +160,7 @@ def test_recording_rules_file_is_generated_from_the_seeds():
 
 @pytest.mark.skipif(not shutil.which("promtool", path="/usr/bin:/usr/local/bin"), reason="promtool not installed")
 def test_recording_rules_pass_promtool():
-    done = subprocess.run(["promtool", "check", "rules", str(metrics_export.RULES_FILE)], capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/usr/local/bin"})
+    done = subprocess.run(
+        ["promtool", "check", "rules", str(metrics_export.RULES_FILE)], capture_output=True, text=True, env={"PATH": "/usr/bin:/usr/local/bin"}
+    )
     assert done.returncode == 0, done.stdout + done.stderr

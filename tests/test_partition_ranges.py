@@ -14,8 +14,8 @@ import dagster as dg
 import pytest
 import yaml
 
-from billing_dags.defs.shared.partitions import billing_daily, billing_monthly
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.defs.shared.partitions import billing_daily, billing_monthly
 
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
@@ -44,9 +44,7 @@ def _config(**invoices) -> dict:
 
 def _run(defs, job: str, instance, *, key: str | None = None, first: str | None = None, last: str | None = None, config=None, ok=True):
     tags = {RANGE_START: first, RANGE_END: last} if first else None
-    result = defs.resolve_job_def(job).execute_in_process(
-        instance=instance, partition_key=key, tags=tags, run_config=config or _config(), raise_on_error=False
-    )
+    result = defs.resolve_job_def(job).execute_in_process(instance=instance, partition_key=key, tags=tags, run_config=config or _config(), raise_on_error=False)
     if ok:
         assert result.success, [e.step_failure_data.error.message for e in result.all_events if e.is_step_failure]
     return result
@@ -69,8 +67,8 @@ def _materialized(instance, key: str) -> set[str]:
 
 def _keys(defs, partitions_def) -> list[str]:
     return [
-        k.to_user_string() for k in defs.resolve_job_def("daily_usage" if partitions_def == billing_daily else "monthly_invoicing")
-        .asset_layer.executable_asset_keys
+        k.to_user_string()
+        for k in defs.resolve_job_def("daily_usage" if partitions_def == billing_daily else "monthly_invoicing").asset_layer.executable_asset_keys
     ]
 
 
@@ -107,7 +105,8 @@ def test_a_range_run_of_daily_usage_materializes_every_asset_for_every_day_as_pe
     evaluations = result.get_asset_check_evaluations()
     assert evaluations and all(e.passed for e in evaluations if e.blocking)
     assert {(e.asset_key.to_user_string(), e.check_name) for e in evaluations} >= {
-        ("fct_usage_by_day", "no_negative_usage"), ("usage_events", "event_ids_unique_across_days")
+        ("fct_usage_by_day", "no_negative_usage"),
+        ("usage_events", "event_ids_unique_across_days"),
     }
 
     a, b = _files(per_day), _files(ranged)
@@ -133,8 +132,9 @@ def test_a_range_run_of_months_equals_one_run_per_month(two_dirs, small_seeds, m
     result = _run(defs, "monthly_invoicing", instance, first="2026-01-01", last="2026-02-01", config=_config(as_of=AS_OF))
     for key in _keys(defs, billing_monthly):
         assert _materialized(instance, key) == {"2026-01-01", "2026-02-01"}, key
-    assert sorted(e.event_specific_data.materialization.partition for e in result.get_asset_materialization_events()
-                  if e.asset_key == dg.AssetKey("invoices")) == ["2026-01-01", "2026-02-01"]
+    assert sorted(
+        e.event_specific_data.materialization.partition for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey("invoices")
+    ) == ["2026-01-01", "2026-02-01"]
 
     a, b = _files(per_month), _files(ranged)
     assert any(k.startswith("invoices/2026-01/") for k in a) and any(k.startswith("invoices/2026-02/") for k in a)
@@ -153,8 +153,17 @@ def _duplicate_event(paths, days: tuple[date, ...]) -> list[Path]:
 
     written = []
     for day in days:
-        event = {"event_id": "req-42", "ts": day_bounds_ms(day)[0] + 3_600_000, "customer_key": "k", "meter_id": "llm_input_tokens",
-                 "dimension": "gpt-4o", "kind": "delta", "quantity": Decimal(5), "hold_ms": 0, "attributes": []}
+        event = {
+            "event_id": "req-42",
+            "ts": day_bounds_ms(day)[0] + 3_600_000,
+            "customer_key": "k",
+            "meter_id": "llm_input_tokens",
+            "dimension": "gpt-4o",
+            "kind": "delta",
+            "quantity": Decimal(5),
+            "hold_ms": 0,
+            "attributes": [],
+        }
         written.append(Path(write_events_day(paths, day, pa.Table.from_pylist([event], schema=EVENTS_SCHEMA), "postgres")["path"]))
     return written
 
@@ -180,7 +189,10 @@ def test_a_failed_range_run_says_which_day_and_reexecutes_from_failure(tmp_path,
     recon = ReconstructableRepository.for_module("billing_dags.definitions", "defs", working_directory=str(PROJECT_ROOT))
     parent = instance.get_run_by_id(result.run_id)
     with dg.execute_job(  # as the UI does: the parent's tags (its partition range) and config
-        recon.get_reconstructable_job("daily_usage"), instance=instance, tags=parent.tags, run_config=parent.run_config,
+        recon.get_reconstructable_job("daily_usage"),
+        instance=instance,
+        tags=parent.tags,
+        run_config=parent.run_config,
         reexecution_options=dg.ReexecutionOptions.from_failure(result.run_id, instance),
     ) as rerun:
         assert rerun.success, [e.step_failure_data.error.to_string() for e in rerun.all_events if e.is_step_failure] or rerun.all_events[-3:]
@@ -227,8 +239,9 @@ def test_cli_runs_carry_the_code_locations_origin_and_reexecute(tmp_path, small_
     runs.execute(defs.resolve_job_def("refresh_seeds_and_views"), instance, "seeds")
     bad = _duplicate_event(paths, (DAYS[0], DAYS[1]))
     with pytest.raises(RunFailed) as failed:
-        runs.execute(defs.resolve_job_def("daily_usage"), instance, f"days {DAYS[0]} to {DAYS[1]}", _config(),
-                     partition_range=(DAYS[0].isoformat(), DAYS[1].isoformat()))
+        runs.execute(
+            defs.resolve_job_def("daily_usage"), instance, f"days {DAYS[0]} to {DAYS[1]}", _config(), partition_range=(DAYS[0].isoformat(), DAYS[1].isoformat())
+        )
     assert f"days {DAYS[0]} to {DAYS[1]} failed" in str(failed.value) and f"rerun usage_events for {DAYS[1]}" in str(failed.value)
     run = instance.get_runs(filters=dg.RunsFilter(job_name="daily_usage"))[0]
     workspace = yaml.safe_load((PROJECT_ROOT / "workspace.yaml").read_text())["load_from"][0]["python_module"]
@@ -242,7 +255,10 @@ def test_cli_runs_carry_the_code_locations_origin_and_reexecute(tmp_path, small_
         f.unlink()
     recon = ReconstructableRepository.for_module("billing_dags.definitions", "defs", working_directory=str(PROJECT_ROOT))
     with dg.execute_job(
-        recon.get_reconstructable_job("daily_usage"), instance=instance, tags=run.tags, run_config=run.run_config,
+        recon.get_reconstructable_job("daily_usage"),
+        instance=instance,
+        tags=run.tags,
+        run_config=run.run_config,
         reexecution_options=dg.ReexecutionOptions.from_failure(run.run_id, instance),
     ) as rerun:
         assert rerun.success

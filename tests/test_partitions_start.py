@@ -40,9 +40,7 @@ def test_bad_partitions_start_names_the_variable_and_the_fix(value, fix):
 
 
 def test_default_is_the_first_month_of_the_earliest_subscription(tmp_path):
-    (tmp_path / "subscriptions.csv").write_text(
-        "customer_id,plan_id,start_date,end_date\na,p,2026-05-20,\nb,p,2026-03-17,2026-04-01\n"
-    )
+    (tmp_path / "subscriptions.csv").write_text("customer_id,plan_id,start_date,end_date\na,p,2026-05-20,\nb,p,2026-03-17,2026-04-01\n")
     assert partitions_start({}, seeds_dir=tmp_path) == date(2026, 3, 1)
     assert partitions_start({"BILLING_PARTITIONS_START": "2026-10"}, seeds_dir=tmp_path) == date(2026, 10, 1)
     (tmp_path / "subscriptions.csv").write_text("customer_id,plan_id,start_date,end_date\n")

@@ -14,19 +14,19 @@ import random
 import signal
 import subprocess
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
+from servers import free_port
 
-from billing_dags.ingest import events
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.definitions import defs as load_defs
 from billing_dags.defs.ingest.sources import PostgresEvents, SimulationResource, simulated_sources
 from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
-from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
-from servers import free_port
+from billing_dags.ingest import events
 
 #: every asset of the code location, as loaded from the defs folder
 ASSETS = load_defs().assets
@@ -44,8 +44,12 @@ K2 = "806fa31f757683af82faa077aa2c16c873ab6ecfe914edf145812061acdd50d4"  # llm-0
 UNKNOWN = hashlib.sha256(b"not-a-customer").hexdigest()
 DAYS = [date(2025, 4, 1) + timedelta(days=i) for i in range(30)]
 BAD_DAY = date(2025, 5, 2)
-PRICE = {("llm_input_tokens", "gpt-4o"): Decimal("2.50"), ("llm_output_tokens", "gpt-4o"): Decimal("10.00"),
-         ("llm_input_tokens", "claude-3-5-sonnet"): Decimal("3.00"), ("llm_output_tokens", "claude-3-5-sonnet"): Decimal("15.00")}
+PRICE = {
+    ("llm_input_tokens", "gpt-4o"): Decimal("2.50"),
+    ("llm_output_tokens", "gpt-4o"): Decimal("10.00"),
+    ("llm_input_tokens", "claude-3-5-sonnet"): Decimal("3.00"),
+    ("llm_output_tokens", "claude-3-5-sonnet"): Decimal("15.00"),
+}
 
 SCHEMA_003 = """
 create table usage_events (
@@ -77,12 +81,17 @@ def pg(tmp_path_factory):
         os.chmod(base, 0o755)
         for p_ in (base, sock):
             os.chown(p_, pw.pw_uid, pw.pw_gid)
-    subprocess.run([*user, f"{BINDIR}/initdb", "-D", str(data), "-A", "trust", "-U", "billing", "-E", "UTF8", "--no-sync"], check=True,
-                   capture_output=True, env=env)
+    subprocess.run(
+        [*user, f"{BINDIR}/initdb", "-D", str(data), "-A", "trust", "-U", "billing", "-E", "UTF8", "--no-sync"], check=True, capture_output=True, env=env
+    )
     port = free_port()
-    proc = subprocess.Popen([*user, f"{BINDIR}/postgres", "-D", str(data), "-p", str(port), "-k", str(sock), "-c",
-                             "listen_addresses=127.0.0.1", "-c", "fsync=off"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    proc = subprocess.Popen(
+        [*user, f"{BINDIR}/postgres", "-D", str(data), "-p", str(port), "-k", str(sock), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=env,
+    )
     dsn = f"host=127.0.0.1 port={port} user=billing dbname=postgres"
     try:
         for _ in range(100):
@@ -109,7 +118,7 @@ def _rows():
             key = rng.choice([K1, K2, K1, K2, UNKNOWN])
             model = rng.choice(["gpt-4o", "claude-3-5-sonnet"])
             status = rng.choice(["success", "success", "completed", "failed"])
-            ts = datetime(d.year, d.month, d.day, tzinfo=timezone.utc) + timedelta(seconds=rng.randrange(86_400))
+            ts = datetime(d.year, d.month, d.day, tzinfo=UTC) + timedelta(seconds=rng.randrange(86_400))
             rows.append((key, rng.randint(0, 50_000), rng.randint(0, 8_000), "openai", model, status, ts.replace(tzinfo=None)))
     # exactly at midnight of the first day and the first day after the month
     rows.append((K1, 1000, 10, "openai", "gpt-4o", "success", datetime(2025, 4, 1)))
@@ -121,7 +130,8 @@ def _rows():
 def _resources(paths, dsn):
     return {
         "warehouse": WarehouseResource(data_dir=str(paths.data_dir), seeds_dir=str(paths.seeds_dir)),
-        **simulated_sources(SimulationResource()), "stripe": StripeResource(),
+        **simulated_sources(SimulationResource()),
+        "stripe": StripeResource(),
         "event_source": PostgresEvents(dsn=dsn),
     }
 
@@ -130,8 +140,7 @@ def _run(paths, dsn, instance, names, key=None, days=None):
     """One run of the assets ``names``: of partition ``key``, or of the range ``days`` (first, last) as a backfill runs it."""
     sel = [k for a in ASSETS for k in a.keys if k.to_user_string() in names]
     tags = {"dagster/asset_partition_range_start": days[0], "dagster/asset_partition_range_end": days[1]} if days else None
-    return dg.materialize(ASSETS, selection=sel, partition_key=key, resources=_resources(paths, dsn),
-                          instance=instance, raise_on_error=False, tags=tags)
+    return dg.materialize(ASSETS, selection=sel, partition_key=key, resources=_resources(paths, dsn), instance=instance, raise_on_error=False, tags=tags)
 
 
 def test_month_of_usage_events_is_billed_exactly(pg, tmp_path):
@@ -139,16 +148,24 @@ def test_month_of_usage_events_is_billed_exactly(pg, tmp_path):
     with psycopg.connect(pg, autocommit=True) as conn:
         conn.execute(SCHEMA_003)
         with conn.cursor() as cur:
-            cur.executemany("insert into usage_events (api_key_hash, tokens_input, tokens_output, provider, model, status, "
-                            "created_at) values (%s, %s, %s, %s, %s, %s, %s)", rows)
+            cur.executemany(
+                "insert into usage_events (api_key_hash, tokens_input, tokens_output, provider, model, status, created_at) values (%s, %s, %s, %s, %s, %s, %s)",
+                rows,
+            )
     paths = resolve_paths(tmp_path / "data", PROJECT_ROOT / "seeds")
     instance = dg.DagsterInstance.ephemeral()
     assert _run(paths, pg, instance, {a.key.to_user_string() for a in ASSETS if a.key.to_user_string().startswith("seed_")}).success
     # the month's days in one run (as a backfill of the daily assets runs them), then the month's models in one run
     daily = {"usage_events", "int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day"}
     assert _run(paths, pg, instance, daily, days=(DAYS[0].isoformat(), DAYS[-1].isoformat())).success
-    month = {"fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period",
-             "fct_billable_usage_by_subscription_period", "fct_rated_usage_by_subscription_period", "fct_invoice_lines"}
+    month = {
+        "fct_usage_by_month",
+        "dim_subscription_periods_by_month",
+        "fct_usage_by_subscription_period",
+        "fct_billable_usage_by_subscription_period",
+        "fct_rated_usage_by_subscription_period",
+        "fct_invoice_lines",
+    }
     assert _run(paths, pg, instance, month, "2025-04-01").success
 
     want: dict[tuple, Decimal] = {}
@@ -158,9 +175,11 @@ def test_month_of_usage_events_is_billed_exactly(pg, tmp_path):
             for meter, q in (("llm_input_tokens", tin), ("llm_output_tokens", tout)):
                 if q:
                     want[(c, meter, model)] = want.get((c, meter, model), Decimal(0)) + q
-    got = {(r["customer_id"], r["meter_id"], r["dimension"]): r["usage"]
-           for r in pq.read_table(paths.models / "fct_usage_by_month" / "month=2025-04" / "data.parquet").to_pylist()
-           if r["meter_id"].startswith("llm_") and r["customer_id"] in ("llm-001", "llm-002")}
+    got = {
+        (r["customer_id"], r["meter_id"], r["dimension"]): r["usage"]
+        for r in pq.read_table(paths.models / "fct_usage_by_month" / "month=2025-04" / "data.parquet").to_pylist()
+        if r["meter_id"].startswith("llm_") and r["customer_id"] in ("llm-001", "llm-002")
+    }
     assert got == want
     lines = pq.read_table(paths.models / "fct_invoice_lines" / "month=2025-04" / "data.parquet").to_pylist()
     for (c, meter, model), q in want.items():

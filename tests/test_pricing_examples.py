@@ -13,7 +13,6 @@ import shutil
 from decimal import Decimal
 
 import pytest
-
 import reference as ref
 from sql_helpers import SEEDS_DIR, Runner, month_window, rate_month, seed_tables
 
@@ -23,8 +22,7 @@ APRIL_MS = 30 * 86_400_000
 assert APRIL.end_ms - APRIL.start_ms == APRIL_MS
 
 
-def usage(customer_id, meter_id, *, kind="counter", dimension="", usage=None, peak=None, integral=None,
-          covered_ms=None, window=APRIL):
+def usage(customer_id, meter_id, *, kind="counter", dimension="", usage=None, peak=None, integral=None, covered_ms=None, window=APRIL):
     return dict(
         month=window.start,
         customer_id=customer_id,
@@ -80,6 +78,7 @@ def nonzero(d: dict) -> dict:
 
 # --- seed 000: mining proxy, hybrid plan ----------------------------------------------------------
 
+
 def test_proxy_hybrid_plan():
     """mp-003 on proxy_hybrid: $5/month incl. 10 GiB + 10,000 shares; $0.05/GiB and $0.00005/share over.
 
@@ -129,16 +128,16 @@ IOT_STARTER_ROWS = [
 def test_iot_starter_overage():
     """iot-001 on IoT Starter: $29/month, 10 devices, 10 GiB traffic (MQTT + HTTP pooled), 5 GiB storage.
 
-      base                                                         $29.00 = 2900 cents
-      devices: peak 12, 10 included -> 2 x $2                       $4.00 =  400 cents
-      traffic: MQTT 8 GiB + HTTP 5 GiB = 13 GiB against a pooled 10 GiB allowance,
-               used by MQTT first (as the plan lists it): MQTT 8 GiB free; HTTP gets the
-               remaining 2 GiB -> 3 GiB HTTP over x $0.15           $0.45 =   45 cents
-               MQTT over: 0                                         $0.00 =    0 cents
-      API calls: 2,500 at $0.50 per 1,000, partial packages round up:
-               ceil(2,500 / 1,000) = 3 packages x $0.50             $1.50 =  150 cents
-      storage: peak 3 GiB <= 5 GiB included                         $0.00 =    0 cents
-      total                                                        $34.95 = 3495 cents
+    base                                                         $29.00 = 2900 cents
+    devices: peak 12, 10 included -> 2 x $2                       $4.00 =  400 cents
+    traffic: MQTT 8 GiB + HTTP 5 GiB = 13 GiB against a pooled 10 GiB allowance,
+             used by MQTT first (as the plan lists it): MQTT 8 GiB free; HTTP gets the
+             remaining 2 GiB -> 3 GiB HTTP over x $0.15           $0.45 =   45 cents
+             MQTT over: 0                                         $0.00 =    0 cents
+    API calls: 2,500 at $0.50 per 1,000, partial packages round up:
+             ceil(2,500 / 1,000) = 3 packages x $0.50             $1.50 =  150 cents
+    storage: peak 3 GiB <= 5 GiB included                         $0.00 =    0 cents
+    total                                                        $34.95 = 3495 cents
     """
     rated, lines = invoice(IOT_STARTER_ROWS, "iot-001")
     got = amounts(lines)
@@ -176,6 +175,7 @@ def test_iot_api_call_packages_round_up():
 
 
 # --- seed 002: agent testbed, Professional with risk multiplier ------------------------------------
+
 
 def test_testbed_professional_with_risk_multiplier():
     """tb-002 on Testbed Professional: $200/month, risk multiplier 0.9x.
@@ -229,11 +229,11 @@ LLM_001 = "dba762d30bb922c294435ed9f0a9e1a3f638e96a796317d2ac728564afcca7ee"  # 
 def test_llm_per_model_tokens():
     """llm-001 on pay-as-you-go, prices per 1M tokens, no base fee.
 
-      gpt-4o input: 1,234,567 x $2.50 / 1M = $3.0864175 -> 308.64175 -> 309 cents
-      gpt-4o output: 54,321 x $10.00 / 1M = $0.54321 -> 54.321 -> 54 cents
-      claude-3-5-sonnet input: 2,000,000 x $3.00 / 1M = $6.00 = 600 cents
-      gpt-4o-mini output: 10,000 x $0.60 / 1M = $0.006 -> 0.6 -> 1 cent
-      total 309 + 54 + 600 + 1 = 964 cents
+    gpt-4o input: 1,234,567 x $2.50 / 1M = $3.0864175 -> 308.64175 -> 309 cents
+    gpt-4o output: 54,321 x $10.00 / 1M = $0.54321 -> 54.321 -> 54 cents
+    claude-3-5-sonnet input: 2,000,000 x $3.00 / 1M = $6.00 = 600 cents
+    gpt-4o-mini output: 10,000 x $0.60 / 1M = $0.006 -> 0.6 -> 1 cent
+    total 309 + 54 + 600 + 1 = 964 cents
     """
     rows = [
         usage("llm-001", "llm_input_tokens", dimension="gpt-4o", usage=1_234_567),
@@ -254,6 +254,7 @@ def test_llm_per_model_tokens():
 
 
 # --- seed 004: Kubernetes Starter -----------------------------------------------------------------
+
 
 def test_k8s_starter():
     """k8s-001 on Kubernetes Starter in April (30 days = 720 h): $29/month; 720 core-hours,
@@ -298,13 +299,13 @@ def test_k8s_professional_large_storage_gauge():
       storage: 100 - 50 included = 50 GiB-months x $0.20 = $10.00 = 1000 cents
       base $99.00 = 9900 cents; total 10900 cents
     """
-    rows = [usage("k8s-002", "k8s_storage", kind="gauge", integral=100 * GIB * APRIL_MS,
-                  covered_ms=APRIL_MS, peak=100 * GIB)]
+    rows = [usage("k8s-002", "k8s_storage", kind="gauge", integral=100 * GIB * APRIL_MS, covered_ms=APRIL_MS, peak=100 * GIB)]
     _, lines = invoice(rows, "k8s-002")
     assert nonzero(amounts(lines)) == {"base_fee": 9900, "k8s_storage": 1000}
 
 
 # --- rounding (rule 7) ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("customer", "meter", "dimension", "quantity", "cents"),

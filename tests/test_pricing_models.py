@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-
-from billing_dags.models.sqlmodels import Window
 from sql_helpers import SEEDS_DIR, Runner, seed_tables
 from sql_helpers import USAGE_BY_DAY_SCHEMA as DAY_SCHEMA
+
+from billing_dags.models.sqlmodels import Window
 
 GIB = 2**30
 OCT = Window(date(2026, 10, 1), date(2026, 11, 1))  # 31 days
@@ -27,18 +27,37 @@ APR = Window(date(2025, 4, 1), date(2025, 5, 1))  # 30 days
 
 def day_row(day, customer, meter, *, usage=None, peak=None, kind="counter"):
     return {
-        "day": day, "customer_id": customer, "meter_id": meter, "dimension": "", "kind": kind,
-        "usage": None if usage is None else Decimal(usage), "gauge_integral": None if peak is None else Decimal(0),
-        "gauge_covered_ms": None if peak is None else 0, "gauge_peak": None if peak is None else Decimal(peak),
-        "series": 1, "samples": 1, "dropped_samples": 0, "resets": 0, "reappeared_series": 0, "max_gap_ms": 0,
-        "events": 0, "duplicate_conflicts": 0, "gauge_held_ms": None if peak is None else 86_400_000,
+        "day": day,
+        "customer_id": customer,
+        "meter_id": meter,
+        "dimension": "",
+        "kind": kind,
+        "usage": None if usage is None else Decimal(usage),
+        "gauge_integral": None if peak is None else Decimal(0),
+        "gauge_covered_ms": None if peak is None else 0,
+        "gauge_peak": None if peak is None else Decimal(peak),
+        "series": 1,
+        "samples": 1,
+        "dropped_samples": 0,
+        "resets": 0,
+        "reappeared_series": 0,
+        "max_gap_ms": 0,
+        "events": 0,
+        "duplicate_conflicts": 0,
+        "gauge_held_ms": None if peak is None else 86_400_000,
     }
 
 
 def bill(rows, window, seeds=None) -> list[dict]:
     with Runner(seeds) as r:
         r.set_table("fct_usage_by_day", pa.Table.from_pylist(rows, schema=DAY_SCHEMA))
-        for model in ("dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_billable_usage_by_subscription_period", "fct_rated_usage_by_subscription_period", "fct_invoice_lines"):
+        for model in (
+            "dim_subscription_periods_by_month",
+            "fct_usage_by_subscription_period",
+            "fct_billable_usage_by_subscription_period",
+            "fct_rated_usage_by_subscription_period",
+            "fct_invoice_lines",
+        ):
             out = r.run(model, window)
         return out.to_pylist()
 
@@ -176,8 +195,8 @@ def _seeds_with_a_late_plan(tmp_path, start: str) -> Path:
 def test_a_period_with_no_plan_version_in_force_fails_instead_of_vanishing(tmp_path):
     # seed validation rejects such a subscription; read file by file (no cross-checks) the model
     # must still not drop the period silently: it used to return no row (no invoice, no error)
-    from billing_dags.seeds.catalog import SPECS, read_seed
     from billing_dags.models.sqlmodels import ModelError
+    from billing_dags.seeds.catalog import SPECS, read_seed
 
     seeds = _seeds_with_a_late_plan(tmp_path, "2026-10-01")
     unchecked = {name: read_seed(seeds, name) for name in SPECS}

@@ -13,11 +13,11 @@ from decimal import Decimal
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from sql_helpers import USAGE_BY_DAY_SCHEMA as DAY_SCHEMA
 
 from billing_dags.billing import projection
 from billing_dags.cli.main import main
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
-from sql_helpers import USAGE_BY_DAY_SCHEMA as DAY_SCHEMA
 
 GIB = 2**30
 OCT = date(2026, 10, 1)
@@ -28,14 +28,24 @@ DAYS = [OCT + timedelta(days=i) for i in range(10)]
 def day_row(day, customer, meter, *, usage=None, peak=None, integral=None, covered=None, dimension=""):
     gauge = usage is None
     return {
-        "day": day, "customer_id": customer, "meter_id": meter, "dimension": dimension,
+        "day": day,
+        "customer_id": customer,
+        "meter_id": meter,
+        "dimension": dimension,
         "kind": "gauge" if gauge else "counter",
         "usage": None if gauge else Decimal(usage),
         "gauge_integral": Decimal(integral or 0) if gauge else None,
         "gauge_covered_ms": (covered or 0) if gauge else None,
         "gauge_peak": Decimal(peak or 0) if gauge else None,
-        "series": 1, "samples": 1, "dropped_samples": 0, "resets": 0, "reappeared_series": 0, "max_gap_ms": 0,
-        "events": 0, "duplicate_conflicts": 0, "gauge_held_ms": (covered or 0) if gauge else None,
+        "series": 1,
+        "samples": 1,
+        "dropped_samples": 0,
+        "resets": 0,
+        "reappeared_series": 0,
+        "max_gap_ms": 0,
+        "events": 0,
+        "duplicate_conflicts": 0,
+        "gauge_held_ms": (covered or 0) if gauge else None,
     }
 
 

@@ -23,17 +23,17 @@ from decimal import Decimal
 from pathlib import Path
 
 import dagster as dg
+import prometheus_harness as harness
 import pyarrow.parquet as pq
 import pytest
+from servers import HandlerServer
 
-from billing_dags.ingest import prometheus as prom
-from billing_dags.ingest import raw
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.definitions import defs as load_defs
 from billing_dags.defs.ingest.sources import NoEvents, PrometheusSamples, ReceivedReports
 from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
-from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
-import prometheus_harness as harness
-from servers import HandlerServer
+from billing_dags.ingest import prometheus as prom
+from billing_dags.ingest import raw
 
 #: every asset of the code location, as loaded from the defs folder
 ASSETS = load_defs().assets
@@ -77,20 +77,18 @@ def _generate() -> list[tuple[dict, list[int], list[float]]]:
     gap = [t for t in off if not (d1 + 13 * H <= t < d1 + 18 * H)]  # 5 hours without scrapes
     out = []
     # off the minute grid (midnight between two samples), a 5-hour gap and a reset on 03-02 10:00
-    out.append(({"__name__": "stratum_accepted_shares_total", "client_id": "miner-001", "pool_host": "eu1"},
-                gap, _counter(rng, gap, 1_000_000, reset_at=d2 + 10 * H)))
+    out.append(
+        ({"__name__": "stratum_accepted_shares_total", "client_id": "miner-001", "pool_host": "eu1"}, gap, _counter(rng, gap, 1_000_000, reset_at=d2 + 10 * H))
+    )
     # quote/backslash/non-ASCII label, values near 2**50, samples exactly at every midnight
-    out.append(({"__name__": "stratum_accepted_shares_total", "client_id": QUOTED},
-                grid, _counter(rng, grid, 2**50, step=(0, 5000))))
+    out.append(({"__name__": "stratum_accepted_shares_total", "client_id": QUOTED}, grid, _counter(rng, grid, 2**50, step=(0, 5000))))
     # born mid-period: its first value counts (rule 4)
     born = [t for t in off if t >= d2 + 7 * H + 13 * 60_000]
     out.append(({"__name__": "stratum_accepted_shares_total", "client_id": ZURICH}, born, _counter(rng, born, 5000)))
     # stops on 03-02 at noon, reset on 03-01 at 06:00
     gone = [t for t in grid if t <= d2 + 12 * H]
-    out.append(({"__name__": "stratum_bytes_sent_total", "client_id": "miner-001"}, gone,
-                _counter(rng, gone, 10**9, reset_at=d1 + 6 * H, step=(0, 10**6))))
-    out.append(({"__name__": "stratum_bytes_received_total", "client_id": ZURICH}, born,
-                _counter(rng, born, 0, step=(0, 10**5))))
+    out.append(({"__name__": "stratum_bytes_sent_total", "client_id": "miner-001"}, gone, _counter(rng, gone, 10**9, reset_at=d1 + 6 * H, step=(0, 10**6))))
+    out.append(({"__name__": "stratum_bytes_received_total", "client_id": ZURICH}, born, _counter(rng, born, 0, step=(0, 10**5))))
     # no such customer: ingested, counted as unmatched, billed to nobody
     out.append(({"__name__": "stratum_accepted_shares_total", "client_id": "miner-unknown"}, grid, _counter(rng, grid, 7)))
     # a gauge with a NaN sample
@@ -134,8 +132,7 @@ def _write_seeds(d: Path, customers: dict[str, str]) -> Path:
     base = next(r for r in rows if r["customer_id"] == "mp-001")
     picked = []
     for label, cid in customers.items():
-        picked.append({**base, "customer_id": cid, "name": f"Customer {cid}", "label_value": label,
-                       "stripe_customer_id": f"cus_{cid.replace('-', '')}"})
+        picked.append({**base, "customer_id": cid, "name": f"Customer {cid}", "label_value": label, "stripe_customer_id": f"cus_{cid.replace('-', '')}"})
     with (d / "customers.csv").open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -165,8 +162,11 @@ def seeds(tmp_path, monkeypatch) -> Path:
 
 
 def _assets(*names):
-    return [a for a in ASSETS if any(k.to_user_string() in names for k in a.keys) or (a.partitions_def is None and
-            any(k.to_user_string().startswith("seed_") for k in a.keys))]
+    return [
+        a
+        for a in ASSETS
+        if any(k.to_user_string() in names for k in a.keys) or (a.partitions_def is None and any(k.to_user_string().startswith("seed_") for k in a.keys))
+    ]
 
 
 def _resources(paths, url, **prom_kw) -> dict:
@@ -185,14 +185,16 @@ PULL = dict(chunk_s=6 * 3600, customers_per_query=2)
 def _run(paths, instance, url, names, partition_key=None, **kw):
     assets = _assets(*names)
     selection = [k for a in assets for k in a.keys if k.to_user_string() in names or (not names and a.partitions_def is None)]
-    return dg.materialize(assets, selection=selection, partition_key=partition_key,
-                          resources=_resources(paths, url, **{**PULL, **kw}), instance=instance)
+    return dg.materialize(assets, selection=selection, partition_key=partition_key, resources=_resources(paths, url, **{**PULL, **kw}), instance=instance)
 
 
 def _exact_reference(series, days, customers=CUSTOMERS) -> tuple[dict, dict]:
     """Usage per (day, customer, meter) from the generated samples: v - prev, or v after a reset or at birth."""
-    meters = {"stratum_accepted_shares_total": "proxy_accepted_shares", "stratum_bytes_sent_total": "proxy_bytes",
-              "stratum_bytes_received_total": "proxy_bytes"}
+    meters = {
+        "stratum_accepted_shares_total": "proxy_accepted_shares",
+        "stratum_bytes_sent_total": "proxy_bytes",
+        "stratum_bytes_received_total": "proxy_bytes",
+    }
     usage: dict[tuple, Decimal] = {}
     peaks: dict[tuple, Decimal] = {}
     for labels, ts, values in series:
@@ -300,8 +302,11 @@ def test_month_from_live_prometheus_equals_exact_usage(server, tmp_path, seeds):
     assert resets[("mp-001", "proxy_accepted_shares")] == 1 and resets[("mp-001", "proxy_bytes")] == 1
 
     # a rerun of a day gives the same bytes (its carry-in too); with 02-28 ingested and its edges, 03-01 is unchanged
-    files = [raw.samples_day_dir(paths, DAYS[1]) / "part-prometheus.parquet", raw.series_day_dir(paths, DAYS[1]) / "part-prometheus.parquet",
-             raw.carry_in_day_dir(paths, DAYS[1]) / "part-prometheus.parquet"]
+    files = [
+        raw.samples_day_dir(paths, DAYS[1]) / "part-prometheus.parquet",
+        raw.series_day_dir(paths, DAYS[1]) / "part-prometheus.parquet",
+        raw.carry_in_day_dir(paths, DAYS[1]) / "part-prometheus.parquet",
+    ]
     before = [f.read_bytes() for f in files]
     assert _run(paths, instance, p.url, ("raw_samples",), DAYS[1].isoformat()).success
     assert [f.read_bytes() for f in files] == before
@@ -327,7 +332,11 @@ def test_bad_query_fails_the_partition_naming_meter_query_and_server(server, tmp
     instance = dg.DagsterInstance.ephemeral()
     assets = _assets("raw_samples")
     result = dg.materialize(
-        assets, selection=["raw_samples"], partition_key=DAYS[0].isoformat(), instance=instance, raise_on_error=False,
+        assets,
+        selection=["raw_samples"],
+        partition_key=DAYS[0].isoformat(),
+        instance=instance,
+        raise_on_error=False,
         resources=_resources(paths, p.url, extra_matchers='job=~"("', **PULL),
     )
     assert not result.success
@@ -343,8 +352,11 @@ def test_stopped_server_fails_the_partition_naming_meter_query_and_server(tmp_pa
         url = p.url
     paths = resolve_paths(tmp_path / "data", seeds)
     result = dg.materialize(
-        _assets("raw_samples"), selection=["raw_samples"], partition_key=DAYS[0].isoformat(),
-        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False,
+        _assets("raw_samples"),
+        selection=["raw_samples"],
+        partition_key=DAYS[0].isoformat(),
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
         resources=_resources(paths, url, max_retries=2, backoff_s=0.01, **PULL),
     )
     assert not result.success
@@ -390,8 +402,7 @@ def _october() -> list[tuple[dict, list[int], list[float]]]:
     out.append(({"__name__": shares, "client_id": "miner-002"}, b, _counter(rng, b, 5 * 10**5)))
     # on the minute grid (a sample exactly at midnight), a reset on 10-01 at noon
     c = grid(sep30 + 20 * H, oct1 + 23 * H, offset=0)
-    out.append(({"__name__": "stratum_bytes_sent_total", "client_id": "miner-001"}, c,
-                _counter(rng, c, 10**9, reset_at=oct1 + 12 * H, step=(0, 10**6))))
+    out.append(({"__name__": "stratum_bytes_sent_total", "client_id": "miner-001"}, c, _counter(rng, c, 10**9, reset_at=oct1 + 12 * H, step=(0, 10**6))))
     # born in the month: its first value counts (rule 4)
     d = grid(oct1 + 3 * H, oct2 + 2 * H)
     out.append(({"__name__": "stratum_bytes_received_total", "client_id": "miner-002"}, d, _counter(rng, d, 0, step=(0, 10**5))))
@@ -418,8 +429,9 @@ def test_billing_run_of_a_first_month_against_prometheus_on_an_empty_data_dir(oc
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PROMETHEUS_", "STRIPE_", "BILLING_"))}
     env.update(PROMETHEUS_URL=p.url, BILLING_DATA_DIR=str(data), BILLING_SEEDS_DIR=str(seeds), DAGSTER_HOME=str(home))
-    proc = subprocess.run([sys.executable, "-m", "billing_dags.cli.main", "run", "--month", "2026-10"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "-m", "billing_dags.cli.main", "run", "--month", "2026-10"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1800
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     usage, _ = _exact_reference(series, set(OCTOBER), OCT_CUSTOMERS)
@@ -457,8 +469,9 @@ def test_days_materialized_in_any_order_give_the_usage_of_days_in_order(october_
     assert results["reverse"] == results["in order"]
     assert results["shuffled"] == results["in order"]
     usage, _ = _exact_reference(series, set(AROUND), OCT_CUSTOMERS)
-    got = {(day, r["customer_id"], r["meter_id"]): r["usage"]
-           for day, rows in results["in order"].items() for r in rows if r["kind"] == "counter" and r["usage"]}
+    got = {
+        (day, r["customer_id"], r["meter_id"]): r["usage"] for day, rows in results["in order"].items() for r in rows if r["kind"] == "counter" and r["usage"]
+    }
     assert got == {k: v for k, v in usage.items() if v}
     # the gauge's last sample of 09-30 (23:59:30) holds for the staleness limit (5 min), 4.5 min into 10-01
     _, _ts, values = next(s for s in series if s[0]["__name__"] == "stratum_active_connections")
@@ -475,8 +488,7 @@ def _ingest_files(url: str, root: Path, seeds: Path, days, read_api: str, chunks
     meters, label_values = prom.meters_and_label_values(seeds)
     logs: list[str] = []
     with prom.PrometheusClient(url, read_api=read_api, remote_read_chunks=chunks) as client:
-        reports = [prom.ingest_day(client, paths, day, meters, label_values, prom.IngestOptions(**PULL), log=logs.append)
-                   for day in days]
+        reports = [prom.ingest_day(client, paths, day, meters, label_values, prom.IngestOptions(**PULL), log=logs.append) for day in days]
     files = {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*.parquet"))}
     return files, reports, logs
 
@@ -508,9 +520,8 @@ def test_remote_read_drops_stale_markers_as_range_selectors_do(tmp_path, seeds):
     import struct
 
     import numpy as np
-    import requests
-
     import remote_write_corpus as corpus
+    import requests
 
     stale = struct.unpack("<d", struct.pack("<Q", prom.STALE_NAN_BITS))[0]
     day = DAYS[0]
@@ -523,14 +534,19 @@ def test_remote_read_drops_stale_markers_as_range_selectors_do(tmp_path, seeds):
         shares.append((t, value))
     # a gauge whose last sample before the day is a stale marker: the carry-in is the sample before it
     gauge = [(t, stale if t == s - 60_000 else float(t % 7)) for t in grid if t < s + H]
-    written = [({"__name__": "stratum_accepted_shares_total", "client_id": "miner-001", "pool_host": "eu1"}, shares),
-               ({"__name__": "stratum_active_connections", "client_id": "miner-001"}, gauge)]
+    written = [
+        ({"__name__": "stratum_accepted_shares_total", "client_id": "miner-001", "pool_host": "eu1"}, shares),
+        ({"__name__": "stratum_active_connections", "client_id": "miner-001"}, gauge),
+    ]
     tsdb = tmp_path / "tsdb"
     tsdb.mkdir()
-    with harness.LocalPrometheus(tsdb, PROMETHEUS, log_file=tmp_path / "prometheus.log",
-                              extra_args=["--web.enable-remote-write-receiver"]) as p:
-        resp = requests.post(p.url + "/api/v1/write", data=corpus.body(written), timeout=30, headers={
-            "Content-Type": "application/x-protobuf", "Content-Encoding": "snappy", "X-Prometheus-Remote-Write-Version": "0.1.0"})
+    with harness.LocalPrometheus(tsdb, PROMETHEUS, log_file=tmp_path / "prometheus.log", extra_args=["--web.enable-remote-write-receiver"]) as p:
+        resp = requests.post(
+            p.url + "/api/v1/write",
+            data=corpus.body(written),
+            timeout=30,
+            headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy", "X-Prometheus-Remote-Write-Version": "0.1.0"},
+        )
         assert resp.status_code == 204, resp.text
         for chunks in (True, False):  # remote read does send them, either way
             with prom.PrometheusClient(p.url, read_api="remote_read", remote_read_chunks=chunks) as client:
@@ -544,7 +560,9 @@ def test_remote_read_drops_stale_markers_as_range_selectors_do(tmp_path, seeds):
     r = reports[1]
     assert r.read_api == "remote_read" and r.non_finite_samples == 1 and r.carry_in_series == 2
     assert r.samples == sum(1 for t, v in shares if s <= t < e and v is not stale) + sum(1 for t, v in gauge if s <= t < e)
-    samples = pq.read_table(tmp_path / "read" / raw.samples_day_dir(resolve_paths(tmp_path / "read", seeds), day).relative_to(tmp_path / "read") / "part-prometheus.parquet")
+    samples = pq.read_table(
+        tmp_path / "read" / raw.samples_day_dir(resolve_paths(tmp_path / "read", seeds), day).relative_to(tmp_path / "read") / "part-prometheus.parquet"
+    )
     bits = np.asarray(samples["value"]).view(np.uint64)
     assert int((bits == prom.STALE_NAN_BITS).sum()) == 0 and int(np.isnan(samples["value"].to_numpy()).sum()) == 1
 
@@ -568,8 +586,7 @@ class _NoRemoteRead(HandlerServer):
                 if self.path.startswith("/api/v1/read"):
                     status, data, ctype = 404, b"404 page not found\n", "text/plain"
                 else:
-                    r = requests.request(method, upstream + self.path, data=body, timeout=60,
-                                         headers={"Content-Type": self.headers.get("Content-Type", "")})
+                    r = requests.request(method, upstream + self.path, data=body, timeout=60, headers={"Content-Type": self.headers.get("Content-Type", "")})
                     status, data, ctype = r.status_code, r.content, r.headers.get("Content-Type", "")
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)

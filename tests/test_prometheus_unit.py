@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from servers import HandlerServer, free_port
 
 from billing_dags.ingest import prometheus as prom
 from billing_dags.ingest import raw
-from servers import HandlerServer, free_port
 
 # --------------------------------------------------------------------------- escaping
 
@@ -49,7 +49,7 @@ def go_unquote(literal: str) -> str:
     return "".join(out)
 
 
-TRICKY = ['a"b', "back\\slash", "new\nline", "Zürich-矿工", "\u2028", 'end\\', '\\"', "tab\tx", "\x7f", "🙂", ""]
+TRICKY = ['a"b', "back\\slash", "new\nline", "Zürich-矿工", "\u2028", "end\\", '\\"', "tab\tx", "\x7f", "🙂", ""]
 
 
 @pytest.mark.parametrize("value", TRICKY)
@@ -97,8 +97,12 @@ def test_plan_selectors_batches_customers_and_adds_one_rest_selector():
     ]
     sels = prom.plan_selectors(meters, ["c3", "c1", "c2", "c1"], customers_per_query=2)
     assert [(s.metric, s.values) for s in sels] == [
-        ("a_total", ("c1", "c2")), ("a_total", ("c3",)), ("a_total", None),
-        ("b_total", ("c1", "c2")), ("b_total", ("c3",)), ("b_total", None),
+        ("a_total", ("c1", "c2")),
+        ("a_total", ("c3",)),
+        ("a_total", None),
+        ("b_total", ("c1", "c2")),
+        ("b_total", ("c3",)),
+        ("b_total", None),
     ]
     assert sels[2].promql() == '{__name__="a_total", client_id!~"c1|c2|c3"}'
     assert sels[1].promql() == '{__name__="a_total", client_id="c3"}'
@@ -167,8 +171,10 @@ def test_both_ends_samples_are_kept_once_and_midnight_goes_to_the_next_day():
 
 
 def test_parse_series_converts_prometheus_json_exactly():
-    item = {"metric": {"__name__": "m_total", "b": "2", "a": "ü"},
-            "values": [[1709251199.999, "9007199254740991"], [1709251200, "NaN"], [1709251200.001, "+Inf"]]}
+    item = {
+        "metric": {"__name__": "m_total", "b": "2", "a": "ü"},
+        "values": [[1709251199.999, "9007199254740991"], [1709251200, "NaN"], [1709251200.001, "+Inf"]],
+    }
     sid, metric, labels, ts, values = prom.parse_series(item, "x")
     assert metric == "m_total" and labels == (("a", "ü"), ("b", "2"))
     assert sid == raw.series_id("m_total", {"a": "ü", "b": "2"})
@@ -230,15 +236,16 @@ class FakePrometheus(HandlerServer):
         super().__init__(Handler, poll_interval=0.02)
 
 
-OK = {"status": "success", "data": {"resultType": "matrix", "result": [
-    {"metric": {"__name__": "m_total", "client_id": "c1"}, "values": [[100, "1"], [160, "2"]]}]}}
+OK = {
+    "status": "success",
+    "data": {"resultType": "matrix", "result": [{"metric": {"__name__": "m_total", "client_id": "c1"}, "values": [[100, "1"], [160, "2"]]}]},
+}
 BAD = {"status": "error", "errorType": "bad_data", "error": "1:5: parse error: unexpected character"}
 
 
 def test_retries_503_then_succeeds_with_backoff():
     sleeps = []
-    with FakePrometheus([(503, {"status": "error", "errorType": "unavailable", "error": "busy"}, None),
-                         (503, b"overloaded", None), (200, OK, None)]) as fake:
+    with FakePrometheus([(503, {"status": "error", "errorType": "unavailable", "error": "busy"}, None), (503, b"overloaded", None), (200, OK, None)]) as fake:
         client = prom.PrometheusClient(fake.url, max_retries=3, backoff_s=0.25, sleep=sleeps.append)
         res = client.query("m_total[1h]", 3_600_000, what="meter m")
     assert res.result[0]["values"] == [[100, "1"], [160, "2"]]
@@ -281,12 +288,10 @@ def test_warnings_fail_unless_allowed():
 
 
 def test_non_json_and_error_status_fail():
-    with FakePrometheus([(200, b"<html>proxy login</html>", None)]) as fake:
-        with pytest.raises(prom.PrometheusError, match="not JSON"):
-            prom.PrometheusClient(fake.url).query("m", 0, what="meter m")
-    with FakePrometheus([(200, {"status": "error", "error": "boom"}, None)]) as fake:
-        with pytest.raises(prom.PrometheusError, match="boom"):
-            prom.PrometheusClient(fake.url).query("m", 0, what="meter m")
+    with FakePrometheus([(200, b"<html>proxy login</html>", None)]) as fake, pytest.raises(prom.PrometheusError, match="not JSON"):
+        prom.PrometheusClient(fake.url).query("m", 0, what="meter m")
+    with FakePrometheus([(200, {"status": "error", "error": "boom"}, None)]) as fake, pytest.raises(prom.PrometheusError, match="boom"):
+        prom.PrometheusClient(fake.url).query("m", 0, what="meter m")
 
 
 def test_unreachable_server_names_the_server_and_the_query():
@@ -305,9 +310,8 @@ def test_auth_tenant_and_extra_headers_are_sent_and_never_printed():
         h1, h2 = fake.requests[0]["headers"], fake.requests[1]["headers"]
     assert h1["Authorization"] == "Bearer tok123" and h1["X-Scope-OrgID"] == "team-a" and h1["X-Extra"] == "1"
     assert h2["Authorization"] == "Basic " + base64.b64encode(b"alice:pw").decode()
-    with FakePrometheus([(400, BAD, None)]) as fake:
-        with pytest.raises(prom.PrometheusError) as e:
-            prom.PrometheusClient(fake.url.replace("http://", "http://alice:pw@"), password="pw", username="alice").query("m", 0)
+    with FakePrometheus([(400, BAD, None)]) as fake, pytest.raises(prom.PrometheusError) as e:
+        prom.PrometheusClient(fake.url.replace("http://", "http://alice:pw@"), password="pw", username="alice").query("m", 0)
     assert "pw" not in str(e.value).replace("alice", "") and "alice" not in str(e.value)
 
 
@@ -378,10 +382,9 @@ def test_parse_matchers_round_trips_any_text(value):
 
 
 def test_parse_matchers_other_quotes_and_errors():
-    assert prom.parse_matchers("a=`x\\y`, b='it\\'s', c=\"\\x41\\101\\u00fc\"") == [
-        (prom.EQ, "a", "x\\y"), (prom.EQ, "b", "it's"), (prom.EQ, "c", "AAü")]
+    assert prom.parse_matchers("a=`x\\y`, b='it\\'s', c=\"\\x41\\101\\u00fc\"") == [(prom.EQ, "a", "x\\y"), (prom.EQ, "b", "it's"), (prom.EQ, "c", "AAü")]
     assert prom.parse_matchers("  ") == []
-    for bad in ("job", 'job="x" cluster="y"', 'job=x', '1a="x"', 'a="\\q"', 'a="x'):
+    for bad in ("job", 'job="x" cluster="y"', "job=x", '1a="x"', 'a="\\q"', 'a="x'):
         with pytest.raises(ValueError, match=r"cannot read label matchers|bad escape"):
             prom.parse_matchers(bad)
 
@@ -430,10 +433,14 @@ def test_remote_read_rows_are_the_query_apis_rows(histogram):
     from billing_dags.ingest.remote_write.proto import ReadRequest
 
     a, b = 1_000_000, 2_000_000
-    series = [({"__name__": "m_total", "client_id": "c1", "job": "j"},
-               [(a - 1, 1.0), (a, 2.0), (a + 10, STALE), (a + 20, ODD_NAN), (a + 30, 2.5), (b - 1, 3.0), (b, 4.0)]),
-              ({"__name__": "m_total", "client_id": "c1", "job": "j", "pool": "x"}, [(a + 5, STALE)]),  # only a stale marker
-              ({"__name__": "m_total", "client_id": "c1", "job": "j", "bad-name": "x"}, [(a + 5, 1.0)])]
+    series = [
+        (
+            {"__name__": "m_total", "client_id": "c1", "job": "j"},
+            [(a - 1, 1.0), (a, 2.0), (a + 10, STALE), (a + 20, ODD_NAN), (a + 30, 2.5), (b - 1, 3.0), (b, 4.0)],
+        ),
+        ({"__name__": "m_total", "client_id": "c1", "job": "j", "pool": "x"}, [(a + 5, STALE)]),  # only a stale marker
+        ({"__name__": "m_total", "client_id": "c1", "job": "j", "bad-name": "x"}, [(a + 5, 1.0)]),
+    ]
     with FakePrometheus([(200, read_response(series, histogram), PB)]) as fake:
         client = prom.PrometheusClient(fake.url, read_api="remote_read", tenant="t1", bearer_token="tok")
         refused: dict = {}
@@ -478,9 +485,8 @@ def test_remote_read_errors_name_meter_query_and_server():
         with pytest.raises(prom.PrometheusError, match="cannot be decoded") as err:
             list(prom._fetch_exact(prom.PrometheusClient(fake.url, read_api="remote_read"), SEL, 0, 1000))
         assert fake.url in str(err.value)
-    with FakePrometheus([(404, b"404 page not found", None)]) as fake:
-        with pytest.raises(prom.PrometheusError, match=r"HTTP 404.*read_api"):
-            list(prom._fetch_exact(prom.PrometheusClient(fake.url, read_api="remote_read"), SEL, 0, 1000))
+    with FakePrometheus([(404, b"404 page not found", None)]) as fake, pytest.raises(prom.PrometheusError, match=r"HTTP 404.*read_api"):
+        list(prom._fetch_exact(prom.PrometheusClient(fake.url, read_api="remote_read"), SEL, 0, 1000))
     # once remote read worked, a refusal is an error, not a silent switch
     good = read_response([({"__name__": "m_total", "client_id": "c1"}, [(5, 1.0)])])
     with FakePrometheus([(200, good, PB), (404, b"gone", None)]) as fake:

@@ -17,10 +17,11 @@ from pathlib import Path
 import cramjam
 import numpy as np
 import pytest
+import remote_write_corpus as corpus
 import requests
+from servers import serve_app
 
 from billing_dags.ingest import raw
-import remote_write_corpus as corpus
 from billing_dags.ingest.remote_write.customers import CustomerResolver
 from billing_dags.ingest.remote_write.decode import STALE_NAN_BITS, BadRequest, Decoder, TooLarge
 from billing_dags.ingest.remote_write.landing import (
@@ -31,7 +32,6 @@ from billing_dags.ingest.remote_write.landing import (
     sealed_segments,
 )
 from billing_dags.ingest.remote_write.server import WRITE_PATH, ReceiverConfig, create_app
-from servers import serve_app
 
 STALE = struct.unpack("<d", struct.pack("<Q", STALE_NAN_BITS))[0]
 T0 = 1_780_000_000_000  # 2026-05-28 UTC, ms

@@ -20,13 +20,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import requests
+from servers import free_port, stop, wait_for
 
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.ingest import raw
 from billing_dags.ingest.compaction import compact
 from billing_dags.ingest.remote_write.decode import is_stale
 from billing_dags.ingest.remote_write.landing import read_segment
-from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
-from servers import free_port, stop, wait_for
 
 PROMETHEUS = "/usr/bin/prometheus"
 pytestmark = [
@@ -39,9 +39,23 @@ TOKEN = "it-token-123"
 class Receiver:
     def __init__(self, data_dir: Path, port: int, token_file: Path, log: Path):
         self.cmd = [
-            sys.executable, "-m", "billing_dags.cli.main", "--data-dir", str(data_dir), "--seeds-dir", str(PROJECT_ROOT / "seeds"),
-            "remote-write", "serve", "--listen", f"127.0.0.1:{port}", "--token-file", str(token_file),
-            "--segment-max-age", "1", "--min-free-bytes", "0",
+            sys.executable,
+            "-m",
+            "billing_dags.cli.main",
+            "--data-dir",
+            str(data_dir),
+            "--seeds-dir",
+            str(PROJECT_ROOT / "seeds"),
+            "remote-write",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--token-file",
+            str(token_file),
+            "--segment-max-age",
+            "1",
+            "--min-free-bytes",
+            "0",
         ]
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
@@ -127,11 +141,16 @@ remote_write:
         with open(tmp_path / "prometheus.log", "wb") as log:
             prom = subprocess.Popen(
                 [
-                    PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{prom_port}", "--storage.remote.flush-deadline=2s",
+                    PROMETHEUS,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                    "--storage.remote.flush-deadline=2s",
                     "--storage.tsdb.retention.time=1d",
                 ],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         wait_for(lambda: requests.get(prom_url + "/-/ready", timeout=1).ok, 20, "prometheus")
         wait_for(lambda: receiver.samples() > 20, 20, "the first remote-write batches")
@@ -158,9 +177,7 @@ remote_write:
         retried = sum(float(l.split()[-1]) for l in own.splitlines() if l.startswith("prometheus_remote_storage_samples_retried_total"))
         # what Prometheus itself stored for the exporter's series, raw, via a range selector
         window_s = math.ceil(t_end - t_start) + 1
-        resp = requests.get(
-            prom_url + "/api/v1/query", params={"query": f'{{job="exporter"}}[{window_s}s]', "time": f"{t_end:.3f}"}, timeout=10
-        ).json()
+        resp = requests.get(prom_url + "/api/v1/query", params={"query": f'{{job="exporter"}}[{window_s}s]', "time": f"{t_end:.3f}"}, timeout=10).json()
         assert resp["status"] == "success", resp
     finally:
         stop_exporter.set()

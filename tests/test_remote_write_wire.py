@@ -14,7 +14,6 @@ import struct
 
 import numpy as np
 import pytest
-
 import remote_write_corpus as corpus
 
 from billing_dags.ingest.remote_write import wire
@@ -127,7 +126,10 @@ def test_the_window_edges_are_accepted(compiled):
 @pytest.mark.parametrize(
     ("labels", "message"),
     [
-        ({"__name__": "up", "a": "1", "b": "2", "c": "3", "d": "4"}, "series 0: 5 labels, over the limit of 4 (--max-labels); drop some with write_relabel_configs"),
+        (
+            {"__name__": "up", "a": "1", "b": "2", "c": "3", "d": "4"},
+            "series 0: 5 labels, over the limit of 4 (--max-labels); drop some with write_relabel_configs",
+        ),
         ({"__name__": "up", "x" * 17: "1"}, "series 0: label name 'xxxxxxxxxxxxxxxxx' is 17 bytes, over the limit of 16 (--max-label-name-bytes)"),
         ({"__name__": "up", "a": "é" * 17}, "series 0: the value of label 'a' is 34 bytes, over the limit of 32 (--max-label-value-bytes)"),
         ({"__name__": "u" * 33}, "series 0: the value of label '__name__' is 33 bytes, over the limit of 32 (--max-label-value-bytes)"),

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 
-
-from billing_dags.operations import retention
 from billing_dags.cli.main import main
+from billing_dags.operations import retention
 
 
 def _raw_day(paths, day: date, size: int = 10) -> None:
@@ -63,7 +62,7 @@ def test_usage_reports_go_by_day_like_raw_days(paths):
     from billing_dags.ingest.usage_reports import Report, ReportStore, store_path
 
     today = date(2026, 11, 22)
-    ms = lambda d: int(datetime(d.year, d.month, d.day, 12, tzinfo=timezone.utc).timestamp()) * 1000  # noqa: E731
+    ms = lambda d: int(datetime(d.year, d.month, d.day, 12, tzinfo=UTC).timestamp()) * 1000  # noqa: E731
     with ReportStore.open(paths) as store:
         for i, d in enumerate((date(2026, 7, 30), date(2026, 8, 2), date(2026, 11, 1))):
             store.accept(Report(f"r{i}", "iot-001", ms(d), 3600, {"active_devices": Decimal(3)}))

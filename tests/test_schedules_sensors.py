@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 
 import dagster as dg
 import pyarrow as pa
 
-from billing_dags.ingest import raw
 from billing_dags.definitions import defs as load_defs
 from billing_dags.defs.ingest.sensors import late_days
+from billing_dags.ingest import raw
 from billing_dags.models.sqlmodels import Window, load_project, partition_file
 
 
@@ -22,9 +22,7 @@ def _defs() -> dg.Definitions:
 def test_finalization_schedule_requests_the_previous_month():
     defs = _defs()
     schedule = defs.resolve_schedule_def("monthly_invoice_finalization_schedule")
-    ctx = dg.build_schedule_context(
-        scheduled_execution_time=datetime(2026, 1, 4, 3, 0, tzinfo=timezone.utc), repository_def=defs.get_repository_def()
-    )
+    ctx = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 1, 4, 3, 0, tzinfo=UTC), repository_def=defs.get_repository_def())
     requests = list(schedule.evaluate_tick(ctx).run_requests)
     assert [r.partition_key for r in requests] == ["2025-12-01"]
     assert requests[0].tags["billing/reason"] == "finalize"
@@ -33,9 +31,7 @@ def test_finalization_schedule_requests_the_previous_month():
 def test_daily_schedule_runs_yesterday():
     defs = _defs()
     schedule = defs.resolve_schedule_def("daily_usage_schedule")
-    ctx = dg.build_schedule_context(
-        scheduled_execution_time=datetime(2026, 3, 1, 0, 30, tzinfo=timezone.utc), repository_def=defs.get_repository_def()
-    )
+    ctx = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 3, 1, 0, 30, tzinfo=UTC), repository_def=defs.get_repository_def())
     requests = list(schedule.evaluate_tick(ctx).run_requests)
     assert [r.partition_key for r in requests] == ["2026-02-28"]
 

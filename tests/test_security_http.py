@@ -21,16 +21,16 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import requests
-
 import remote_write_corpus as corpus
-from billing_dags.ingest.remote_write.server import REPORT_PATH, WRITE_PATH
-from billing_dags.core.settings import PROJECT_ROOT
+import requests
 from servers import free_port
+
+from billing_dags.core.settings import PROJECT_ROOT
+from billing_dags.ingest.remote_write.server import REPORT_PATH, WRITE_PATH
 
 pytestmark = pytest.mark.integration
 
@@ -68,10 +68,28 @@ def _start(tmp_path: Path, *flags: str, nofile: int | None = None) -> Receiver:
 
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "billing_dags.cli.main", "--data-dir", str(tmp_path / "data"), "--seeds-dir", str(seeds),
-             "remote-write", "serve", "--listen", f"127.0.0.1:{port}", "--token-file", str(tmp_path / "token"),
-             "--min-free-bytes", "0", *flags],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=limit_files,
+            [
+                sys.executable,
+                "-m",
+                "billing_dags.cli.main",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--seeds-dir",
+                str(seeds),
+                "remote-write",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--token-file",
+                str(tmp_path / "token"),
+                "--min-free-bytes",
+                "0",
+                *flags,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=limit_files,
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -114,9 +132,15 @@ def legit_write(r: Receiver, i: int) -> int:
 
 
 def report(i: int, **fields) -> dict:
-    now = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
-    return {"report_id": f"r-{i}", "customer_id": "iot-010", "reported_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "interval_seconds": 3600, "mqtt_bytes_sent": 1000 + i, **fields}
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    return {
+        "report_id": f"r-{i}",
+        "customer_id": "iot-010",
+        "reported_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "interval_seconds": 3600,
+        "mqtt_bytes_sent": 1000 + i,
+        **fields,
+    }
 
 
 def post_report(r: Receiver, body: bytes | str, token: str = REPORT_TOKEN) -> requests.Response:
@@ -146,8 +170,10 @@ def _status(answer: bytes) -> int | None:
 
 
 def _head(path: str, token: str, ctype: str, length: int) -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Encoding: snappy\r\nContent-Length: {length}\r\n\r\n").encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: {ctype}\r\n"
+        f"Content-Encoding: snappy\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 def _writer_during(r: Receiver, attack_over: threading.Event, figures: dict) -> None:
@@ -180,7 +206,7 @@ def test_slow_uploads_do_not_block_legitimate_writers(start):
                 s.send(b"\x00")
                 got = s.recv(65536)
                 break  # an answer, or b"" when the server closed the connection
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 break
@@ -262,7 +288,9 @@ def test_connections_beyond_a_low_file_limit_do_not_lock_writers_out(start):
     figures["legit_requests"] = len(codes)
     figures["legit_not_2xx"] = [c for c in codes if not 200 <= c < 300]
     metrics = requests.get(r.url + "/metrics", timeout=10).text
-    figures["evicted"] = next(float(l.split()[-1]) for l in metrics.splitlines() if l.startswith('billing_remote_write_connections_closed_total{reason="evicted"}'))
+    figures["evicted"] = next(
+        float(l.split()[-1]) for l in metrics.splitlines() if l.startswith('billing_remote_write_connections_closed_total{reason="evicted"}')
+    )
     r.figures = figures
     for s in idle:
         s.close()
@@ -326,7 +354,7 @@ def test_an_oversized_body_is_answered_before_it_is_read(start):
         s.settimeout(5)  # well under the read timeout: the server did not wait for the body
         try:
             answer = _answer(s)
-        except socket.timeout:
+        except TimeoutError:
             answer = b"(no answer within 5 s)"
         s.close()
         answers.append(_status(answer))
@@ -348,7 +376,7 @@ def test_bodies_being_received_are_bounded_in_bytes(start):
         s.settimeout(2)
         try:
             statuses.append(_status(_answer(s)))
-        except socket.timeout:
+        except TimeoutError:
             statuses.append(None)  # still being received
         s.close()
     r.figures = {"bodies": len(sockets), "answers": statuses}

@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import requests
-
-from billing_dags.ingest import raw
 import remote_write_corpus as corpus
+import requests
+from servers import free_port, stop, wait_for
+
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.ingest import raw
 from billing_dags.ingest.remote_write.decode import Batch, SeriesInfo
 from billing_dags.ingest.remote_write.landing import FILE_MAGIC, REC_HEADER, REC_MAGIC, encode_record
-from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
-from servers import free_port, stop, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -53,14 +53,27 @@ class Receiver:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [
-            sys.executable, "-m", "billing_dags.cli.main", "--data-dir", str(self.data_dir), "--seeds-dir", str(SEEDS),
-            "remote-write", "serve", "--listen", f"127.0.0.1:{self.port}", "--segment-max-age", "0.5", "--min-free-bytes", "0",
+            sys.executable,
+            "-m",
+            "billing_dags.cli.main",
+            "--data-dir",
+            str(self.data_dir),
+            "--seeds-dir",
+            str(SEEDS),
+            "remote-write",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--segment-max-age",
+            "0.5",
+            "--min-free-bytes",
+            "0",
             *extra,
         ]
         self.proc: subprocess.Popen | None = None
         self.session = requests.Session()
 
-    def start(self) -> "Receiver":
+    def start(self) -> Receiver:
         with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -191,11 +204,13 @@ def test_a_segment_that_cannot_be_indexed_is_quarantined_and_the_receiver_starts
     base = now_ms() - 7_200_000
     labels = {k: v for k, v in LEGIT.items() if k != "__name__"}
     # what the receiver wrote before it checked timestamps: acknowledged samples, then one at year 10000
-    stuck = FILE_MAGIC + _series_defs_record([
-        ([(LEGIT_SID, LEGIT["__name__"], labels)], [LEGIT_SID] * 3, [base, base + 1000, base + 2000], [1.0, 2.0, 3.0]),
-        ([], [LEGIT_SID, LEGIT_SID], [base + 3000, YEAR_10000_MS], [4.0, 5.0]),
-        ([], [LEGIT_SID], [base + 4000], [6.0]),
-    ])
+    stuck = FILE_MAGIC + _series_defs_record(
+        [
+            ([(LEGIT_SID, LEGIT["__name__"], labels)], [LEGIT_SID] * 3, [base, base + 1000, base + 2000], [1.0, 2.0, 3.0]),
+            ([], [LEGIT_SID, LEGIT_SID], [base + 3000, YEAR_10000_MS], [4.0, 5.0]),
+            ([], [LEGIT_SID], [base + 4000], [6.0]),
+        ]
+    )
     (rx.landing / "seg-20261101T000000000000Z-999-000001.open").write_bytes(stuck)
     # a record whose CRC is right but whose payload is not a record (garbage written by anything)
     junk = b"\x01\x00\x00\x00\xff\xff\xff\x7fnot json"
@@ -280,11 +295,16 @@ def test_salvage_never_merges_two_label_sets_a_segment_gives_one_id(tmp_path):
     labels = {k: v for k, v in LEGIT.items() if k != "__name__"}
     other = {**labels, "instance": "someone-else"}
     path = tmp_path / "seg-20261101T000000000000Z-999-000003.open"
-    path.write_bytes(FILE_MAGIC + _series_defs_record([
-        ([(LEGIT_SID, LEGIT["__name__"], labels)], [LEGIT_SID], [base], [1.0]),
-        ([(LEGIT_SID, LEGIT["__name__"], other)], [LEGIT_SID], [base + 1000], [1e15]),
-        ([(7, "other_metric", {})], [7, 7], [base, YEAR_10000_MS], [2.0, 3.0]),
-    ]))
+    path.write_bytes(
+        FILE_MAGIC
+        + _series_defs_record(
+            [
+                ([(LEGIT_SID, LEGIT["__name__"], labels)], [LEGIT_SID], [base], [1.0]),
+                ([(LEGIT_SID, LEGIT["__name__"], other)], [LEGIT_SID], [base + 1000], [1e15]),
+                ([(7, "other_metric", {})], [7, 7], [base, YEAR_10000_MS], [2.0, 3.0]),
+            ]
+        )
+    )
     (entry,) = [r for r in recover_orphans(tmp_path) if r.get("quarantined")]
     assert entry["salvaged_samples"] == 1  # only series 7's sample in the window
     salvaged = read_segment(next(tmp_path.glob(f"{entry['salvaged_segment']}.*")))

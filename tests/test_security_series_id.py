@@ -14,15 +14,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import remote_write_corpus as corpus
 import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from servers import free_port, serve_app
 
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.defs.seeds.assets import write_seed_snapshots
 from billing_dags.ingest import prometheus as prom
 from billing_dags.ingest import raw, simulate
 from billing_dags.ingest.compaction import compact
-from billing_dags.defs.seeds.assets import write_seed_snapshots
-import remote_write_corpus as corpus
 from billing_dags.ingest.remote_write.decode import BadRequest, Decoder
 from billing_dags.ingest.remote_write.landing import (
     FILE_MAGIC,
@@ -34,10 +36,8 @@ from billing_dags.ingest.remote_write.landing import (
     sealed_segments,
 )
 from billing_dags.ingest.remote_write.server import WRITE_PATH, ReceiverConfig, create_app
-from billing_dags.seeds.catalog import read_seed
-from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.models.sqlmodels import Window, run_model
-from servers import free_port, serve_app
+from billing_dags.seeds.catalog import read_seed
 
 DAY = date(2026, 5, 28)
 T0 = raw.day_bounds_ms(DAY)[0] + 3_600_000
@@ -55,8 +55,19 @@ class ReceiverProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
-            sys.executable, "-m", "billing_dags.cli.main", "--data-dir", str(data_dir), "--seeds-dir", str(PROJECT_ROOT / "seeds"),
-            "remote-write", "serve", "--listen", f"127.0.0.1:{self.port}", "--min-free-bytes", "0",
+            sys.executable,
+            "-m",
+            "billing_dags.cli.main",
+            "--data-dir",
+            str(data_dir),
+            "--seeds-dir",
+            str(PROJECT_ROOT / "seeds"),
+            "remote-write",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--min-free-bytes",
+            "0",
         ]
         with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -125,18 +136,21 @@ def test_a_crafted_metric_name_does_not_merge_into_another_customers_series(tmp_
     assert usage["mp-002"] == 300  # the victim's own counter: 100 (a new series) + 100 + 100
     series = _raw_series(paths)
     assert series[raw.series_id("stratum_bytes_sent_total", {"client_id": "miner-002", "instance": "x"})] == (
-        "stratum_bytes_sent_total", (("client_id", "miner-002"), ("instance", "x")))
+        "stratum_bytes_sent_total",
+        (("client_id", "miner-002"), ("instance", "x")),
+    )
     assert by_name.status_code == 400 and "series 0" in by_name.text and "metric name" in by_name.text
     assert by_value.status_code == 204  # its own series, billed to nobody (no customer has that label value)
-    assert series[raw.series_id(crafted_value["__name__"], {"client_id": crafted_value["client_id"]})][1] == (
-        ("client_id", "miner-002\x01instance\x00x"),)
+    assert series[raw.series_id(crafted_value["__name__"], {"client_id": crafted_value["client_id"]})][1] == (("client_id", "miner-002\x01instance\x00x"),)
     assert len(series) == 2
 
 
 # --- the encoding is injective ---------------------------------------------------------------------
 
 # around the separator bytes: 0x00, 0x01, 0xFF as code points, their UTF-8 neighbours, non-BMP
-TRICKY = st.sampled_from(["\x00", "\x01", "\x7f", "\x80", "\xfe", "\xff", "\u0100", "\u07ff", "\u0800", "\uffff", "\U00010000", "\U0010ffff", "=", ",", "{", "a", "_"])
+TRICKY = st.sampled_from(
+    ["\x00", "\x01", "\x7f", "\x80", "\xfe", "\xff", "\u0100", "\u07ff", "\u0800", "\uffff", "\U00010000", "\U0010ffff", "=", ",", "{", "a", "_"]
+)
 TEXT = st.lists(st.one_of(TRICKY, st.characters(blacklist_categories=("Cs",))), max_size=6).map("".join)
 LABELS = st.dictionaries(TEXT.filter(lambda k: k != "__name__"), TEXT, max_size=4)
 
@@ -291,9 +305,13 @@ def test_compaction_quarantines_a_series_whose_id_raw_series_holds_with_other_la
     other = date(2026, 5, 1)
     start = raw.day_bounds_ms(other)[0]
     labels = [("client_id", "miner-001"), ("instance", "a")]
-    raw.write_day(paths, other, pa.table({"series_id": [SID], "ts": [start], "value": [5.0]}),
-                  pa.table({"series_id": [SID], "metric": ["stratum_bytes_sent_total"], "labels": [labels], "first_seen": [start]},
-                           schema=raw.SERIES_SCHEMA), "test")
+    raw.write_day(
+        paths,
+        other,
+        pa.table({"series_id": [SID], "ts": [start], "value": [5.0]}),
+        pa.table({"series_id": [SID], "metric": ["stratum_bytes_sent_total"], "labels": [labels], "first_seen": [start]}, schema=raw.SERIES_SCHEMA),
+        "test",
+    )
     _land(paths, [(_series("miner-002"), [(T0, 1e15)])])
     [r] = compact(paths)["days"]
     assert _part(paths) == [] and r["quarantined_samples"] == 1
@@ -395,9 +413,13 @@ def test_write_day_refuses_an_id_raw_series_holds_with_other_labels_and_writes_n
     start = raw.day_bounds_ms(DAY)[0]
 
     def tables(client, value):
-        return (pa.table({"series_id": [SID], "ts": [start], "value": [value]}),
-                pa.table({"series_id": [SID], "metric": ["stratum_bytes_sent_total"], "labels": [[("client_id", client)]],
-                          "first_seen": [start]}, schema=raw.SERIES_SCHEMA))
+        return (
+            pa.table({"series_id": [SID], "ts": [start], "value": [value]}),
+            pa.table(
+                {"series_id": [SID], "metric": ["stratum_bytes_sent_total"], "labels": [[("client_id", client)]], "first_seen": [start]},
+                schema=raw.SERIES_SCHEMA,
+            ),
+        )
 
     raw.write_day(paths, DAY, *tables("miner-001", 1.0), "simulate")
     before = [f.read_bytes() for f in raw.sample_files(paths, DAY)]

@@ -51,9 +51,26 @@ def built(tmp_path_factory) -> Path:
             w.writeheader()
             w.writerows(rows)
     subprocess.run(
-        [sys.executable, "-m", "billing_dags.cli.main", "--data-dir", str(root / "data"), "--seeds-dir", str(seeds),
-         "run", "--month", "2026-10", "--interval", "3600"],
-        cwd=root, env=_env(root), capture_output=True, text=True, check=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "billing_dags.cli.main",
+            "--data-dir",
+            str(root / "data"),
+            "--seeds-dir",
+            str(seeds),
+            "run",
+            "--month",
+            "2026-10",
+            "--interval",
+            "3600",
+        ],
+        cwd=root,
+        env=_env(root),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=900,
     )
     return root
 
@@ -69,9 +86,25 @@ def wh(built, tmp_path) -> Path:
 def billing_sql(wh: Path, query: str, *args: str) -> subprocess.CompletedProcess:
     """`billing sql QUERY --format json`, run from the folder holding data/ (as the README does)."""
     return subprocess.run(
-        [sys.executable, "-m", "billing_dags.cli.main", "--data-dir", str(wh / "data"), "--seeds-dir", str(wh / "seeds"),
-         "sql", query, "--format", "json", *args],
-        cwd=wh, env=_env(wh, STRIPE_API_KEY=CANARY, BILLING_REPORT_TOKEN=CANARY), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "billing_dags.cli.main",
+            "--data-dir",
+            str(wh / "data"),
+            "--seeds-dir",
+            str(wh / "seeds"),
+            "sql",
+            query,
+            "--format",
+            "json",
+            *args,
+        ],
+        cwd=wh,
+        env=_env(wh, STRIPE_API_KEY=CANARY, BILLING_REPORT_TOKEN=CANARY),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -162,8 +195,13 @@ def test_environment_variables_are_not_readable(wh, query):
     ("query", "refused"),
     [
         # an invoice line's amount rewritten in its partition, a raw day emptied
-        (("copy (select * replace (amount_minor * 100 as amount_minor) from fct_invoice_lines) "
-          "to 'data/models/fct_invoice_lines/month=2026-10/data.parquet' (format parquet)"), "COPY"),
+        (
+            (
+                "copy (select * replace (amount_minor * 100 as amount_minor) from fct_invoice_lines) "
+                "to 'data/models/fct_invoice_lines/month=2026-10/data.parquet' (format parquet)"
+            ),
+            "COPY",
+        ),
         ("copy (select * from raw_samples where false) to 'data/raw/samples/date=2026-10-12/part-simulated.parquet' (format parquet)", "COPY"),
         ("copy (select 1) to 'outside.csv'", "COPY"),
         ("export database 'data/export'", "EXPORT"),
@@ -200,8 +238,13 @@ def test_statements_other_than_queries_are_refused(wh, query, refused, capsys, m
 @pytest.mark.parametrize(
     ("query", "refused"),
     [
-        (("copy (select * replace (amount_minor * 100 as amount_minor) from fct_invoice_lines) "
-          "to 'data/models/fct_invoice_lines/month=2026-10/data.parquet' (format parquet)"), "COPY"),
+        (
+            (
+                "copy (select * replace (amount_minor * 100 as amount_minor) from fct_invoice_lines) "
+                "to 'data/models/fct_invoice_lines/month=2026-10/data.parquet' (format parquet)"
+            ),
+            "COPY",
+        ),
         ("attach 'data/warehouse.duckdb' as w; drop view w.fct_invoice_lines", "ATTACH"),
         ("select 1; copy (select * from raw_samples where false) to 'data/raw/samples/date=2026-10-12/part-simulated.parquet'", "COPY"),
     ],

@@ -12,9 +12,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.ingest import raw, simulate
 from billing_dags.seeds.catalog import load_seeds
-from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 
 MONTH = date(2024, 5, 1)
 DAYS = [MONTH + timedelta(days=i) for i in range(31)]
@@ -176,9 +176,7 @@ def test_realism_occurs_in_a_month(month):
     pool_gone = [k for k in ids_by_day[DAYS[19]] - ids_by_day[DAYS[20]] if "client_id" in meta[k][1]]
     assert pool_born and set(pool_gone) == set(pool_born)
     day20 = month["samples"][DAYS[19]]
-    last = day20.filter(pc.is_in(day20["series_id"], pa.array(pool_gone))).group_by("series_id").aggregate(
-        [("ts", "max")]
-    )
+    last = day20.filter(pc.is_in(day20["series_id"], pa.array(pool_gone))).group_by("series_id").aggregate([("ts", "max")])
     for k, ts_max in zip(last["series_id"].to_pylist(), last["ts_max"].to_pylist()):
         row = day20.filter(pc.and_(pc.equal(day20["series_id"], k), pc.equal(day20["ts"], ts_max)))
         assert row["value"].to_numpy().view(np.uint64)[0] == stale_bits

@@ -10,11 +10,11 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-
-from billing_dags.models import sqlmodels
-from billing_dags.core.settings import SQL_MODELS_DIR
-from billing_dags.models.sqlmodels import ModelError, Window, parse_model
 from sql_helpers import DAY_MS, Runner, day_window, ms, next_day, run_days, usage_month_table
+
+from billing_dags.core.settings import SQL_MODELS_DIR
+from billing_dags.models import sqlmodels
+from billing_dags.models.sqlmodels import ModelError, Window, parse_model
 
 D0 = date(2025, 3, 30)  # the chain crosses into April
 NAN = float("nan")
@@ -38,11 +38,14 @@ def runner():
 
 # --- dim_series -------------------------------------------------------------------------------
 
+
 def test_dim_series_resolves_customer_meter_and_dimension(runner):
     runner.set_raw({}, SERIES)
     rows = {r["series_id"]: r for r in runner.query("dim_series", None).to_pylist()}
+
     def pick(sid):
         return (rows[sid]["meter_id"], rows[sid]["customer_id"], rows[sid]["dimension"], rows[sid]["kind"])
+
     assert pick(1) == ("proxy_bytes", "mp-003", "", "counter")
     assert pick(2) == ("proxy_bytes", "mp-003", "", "counter")  # a meter made of two metrics
     assert pick(3) == ("llm_output_tokens", "llm-002", "claude-3-5-sonnet", "counter")
@@ -81,6 +84,7 @@ def test_unknown_customer_is_excluded_from_usage(runner):
 
 
 # --- int_series_edges_by_day -------------------------------------------------------------------
+
 
 def test_edges_drop_nan_and_count_duplicates_once(runner):
     samples = {
@@ -122,8 +126,14 @@ def test_edges_gauge_integral_within_day(runner):
 # --- half-open windows --------------------------------------------------------------------------
 
 BOUNDARY_SAMPLES = {
-    1: [(ms(D0), 1.0), (ms(D0, 23, 59, 59, 999), 2.0), (ms(next_day(D0)), 4.0), (ms(next_day(D0), 23, 59, 59, 999), 8.0),
-        (ms(next_day(D0, 2)), 16.0), (ms(next_day(D0, 2), 12), 32.0)],
+    1: [
+        (ms(D0), 1.0),
+        (ms(D0, 23, 59, 59, 999), 2.0),
+        (ms(next_day(D0)), 4.0),
+        (ms(next_day(D0), 23, 59, 59, 999), 8.0),
+        (ms(next_day(D0, 2)), 16.0),
+        (ms(next_day(D0, 2), 12), 32.0),
+    ],
     6: [(ms(D0, 23, 58), 3.0), (ms(next_day(D0, 2), 0, 1), 5.0)],
 }
 
@@ -181,8 +191,10 @@ def test_days_in_any_order_and_reruns_give_the_same_rows(runner):
         runner.run("int_gauge_peaks_by_day", day_window(d))
     backward = {d: runner.run("fct_usage_by_day", day_window(d)).to_pylist() for d in reversed(days)}
     rerun = runner.run("fct_usage_by_day", day_window(days[1])).to_pylist()
+
     def key(rows):
         return sorted(rows, key=lambda r: (r["customer_id"], r["meter_id"]))
+
     for d in days:
         assert key(backward[d]) == key(forward.days[d])
     assert key(rerun) == key(forward.days[days[1]])
@@ -233,8 +245,13 @@ def test_parse_model_reads_refs_params_and_config(tmp_path):
 def test_real_project_dependencies_come_from_the_sql():
     project = sqlmodels.load_project()
     assert project.upstream_models("fct_usage_by_day") == {
-        "int_series_edges_by_day", "int_gauge_peaks_by_day", "dim_series", "stg_raw__events", "stg_raw__carry_in",
-        "stg_seeds__customers", "stg_seeds__meters",
+        "int_series_edges_by_day",
+        "int_gauge_peaks_by_day",
+        "dim_series",
+        "stg_raw__events",
+        "stg_raw__carry_in",
+        "stg_seeds__customers",
+        "stg_seeds__meters",
     }
     assert project.table_deps("fct_usage_by_day")[0] == {"int_series_edges_by_day", "int_gauge_peaks_by_day"}
     assert {"raw_series", "raw_events", "raw_carry_in", "seed_meters", "seed_customers"} <= project.table_deps("fct_usage_by_day")[1]
@@ -385,8 +402,8 @@ def test_a_seed_edited_in_place_is_read_again(tmp_path):
     """Seeds are parsed once per content: an edit of the same size, at once, is seen."""
     import shutil
 
-    from billing_dags.seeds.catalog import read_seed
     from billing_dags.core.settings import PROJECT_ROOT
+    from billing_dags.seeds.catalog import read_seed
 
     seeds = tmp_path / "seeds"
     shutil.copytree(PROJECT_ROOT / "seeds", seeds)
@@ -435,14 +452,18 @@ def test_a_process_with_a_session_database_can_fork_and_start_programs():
 
 STG_SAMPLES = "-- Raw samples.\n/* config\nmaterialized: view\n*/\nselect * from raw_samples\n"
 
+
 def test_models_are_found_in_subject_folders_and_audits_macros_analyses_are_not_models(tmp_path):
-    root = write_models(tmp_path / "models", {
-        "staging/raw/stg_raw__samples.sql": STG_SAMPLES,
-        "marts/usage/fct_x_by_day.sql": GOOD,
-        "marts/usage/audits/fct_x_by_day__never.sql": "-- Never.\n/* audit\nblocking: true\n*/\nselect * from fct_x_by_day where false\n",
-        "analyses/a.sql": "select * from nowhere\n",
-        "macros/m.sql": "create or replace macro one() as 1;\n",
-    })
+    root = write_models(
+        tmp_path / "models",
+        {
+            "staging/raw/stg_raw__samples.sql": STG_SAMPLES,
+            "marts/usage/fct_x_by_day.sql": GOOD,
+            "marts/usage/audits/fct_x_by_day__never.sql": "-- Never.\n/* audit\nblocking: true\n*/\nselect * from fct_x_by_day where false\n",
+            "analyses/a.sql": "select * from nowhere\n",
+            "macros/m.sql": "create or replace macro one() as 1;\n",
+        },
+    )
     project = sqlmodels.load_project(root)
     assert set(project.models) == {"stg_raw__samples", "fct_x_by_day"}
     model = project.models["fct_x_by_day"]
@@ -484,6 +505,7 @@ def test_every_table_model_name_states_its_grain():
 
 # --- lookbacks: declared once, in the config ------------------------------------------------------
 
+
 def test_lookback_parameters_come_from_the_models_lookback_days():
     w = day_window(D0)
     assert w.params(29)["lookback_start_date"] == date(2025, 3, 1)
@@ -492,12 +514,16 @@ def test_lookback_parameters_come_from_the_models_lookback_days():
 
 
 @pytest.mark.parametrize(
-    "edit, message",
+    ("edit", "message"),
     [
         (lambda t: t.replace("grain: [day, series_id]", "grain: [day, series_id]\nlookback_days: 3"), "reads no earlier day"),
         (lambda t: t.replace("where ts_ms >= $start_ms", "where ts_ms >= $lookback_start_ms"), "declares no lookback_days"),
-        (lambda t: t.replace("grain: [day, series_id]", "grain: [day, series_id]\nlookback_days: -1").replace(
-            "where ts_ms >= $start_ms", "where ts_ms >= $lookback_start_ms"), "whole number of days"),
+        (
+            lambda t: t.replace("grain: [day, series_id]", "grain: [day, series_id]\nlookback_days: -1").replace(
+                "where ts_ms >= $start_ms", "where ts_ms >= $lookback_start_ms"
+            ),
+            "whole number of days",
+        ),
     ],
 )
 def test_a_lookback_is_declared_once_in_the_config_and_read_as_a_parameter(tmp_path, edit, message):
@@ -519,8 +545,17 @@ def test_the_rolling_30_days_read_the_lookback_days_and_no_more(runner):
     assert model.lookback_days == 29
     end = date(2025, 4, 30)
     days = [date.fromordinal(end.toordinal() - k) for k in range(31)]
-    row = {"customer_id": "x", "meter_id": "m", "dimension": "", "kind": "counter", "gauge_integral": None,
-           "gauge_covered_ms": None, "gauge_peak": None, "samples": 1, "resets": 0}
+    row = {
+        "customer_id": "x",
+        "meter_id": "m",
+        "dimension": "",
+        "kind": "counter",
+        "gauge_integral": None,
+        "gauge_covered_ms": None,
+        "gauge_peak": None,
+        "samples": 1,
+        "resets": 0,
+    }
     import pyarrow as pa
 
     rows = [{**row, "day": d, "usage": Decimal(2) ** i} for i, d in enumerate(sorted(days))]
@@ -553,11 +588,14 @@ def test_the_projects_audits_sit_next_to_their_models():
             assert a.path.name == f"{a.model}__{a.name}.sql" and a.description
 
 
-AUDIT = "-- Nothing negative.\n/* audit\nblocking: true\n*/\nwith x as (\n    select * from fct_x_by_day\n),\n\nfinal as (\n    select * from x where series_id < 0\n)\n\nselect * from final\n"
+AUDIT = (
+    "-- Nothing negative.\n/* audit\nblocking: true\n*/\nwith x as (\n    select * from fct_x_by_day\n),\n\nfinal as (\n    select * from x where "
+    "series_id < 0\n)\n\nselect * from final\n"
+)
 
 
 @pytest.mark.parametrize(
-    "name, text, message",
+    ("name", "text", "message"),
     [
         ("fct_x_by_day_never.sql", AUDIT, "named <model>__<audit>.sql"),
         ("fct_y_by_day__never.sql", AUDIT, "audits fct_y_by_day, which is not a table model"),
@@ -570,9 +608,14 @@ AUDIT = "-- Nothing negative.\n/* audit\nblocking: true\n*/\nwith x as (\n    se
 def test_bad_audit_files_are_errors_naming_the_file(tmp_path, name, text, message):
     from billing_dags.models.audits import load_audits
 
-    root = write_models(tmp_path / "models", {
-        "staging/raw/stg_raw__samples.sql": STG_SAMPLES, "marts/usage/fct_x_by_day.sql": GOOD, f"marts/usage/audits/{name}": text,
-    })
+    root = write_models(
+        tmp_path / "models",
+        {
+            "staging/raw/stg_raw__samples.sql": STG_SAMPLES,
+            "marts/usage/fct_x_by_day.sql": GOOD,
+            f"marts/usage/audits/{name}": text,
+        },
+    )
     with pytest.raises(ModelError, match=re.escape(message)) as e:
         load_audits(root)
     assert name in str(e.value)
@@ -581,10 +624,14 @@ def test_bad_audit_files_are_errors_naming_the_file(tmp_path, name, text, messag
 def test_an_audit_sits_next_to_its_model(tmp_path):
     from billing_dags.models.audits import load_audits
 
-    root = write_models(tmp_path / "models", {
-        "staging/raw/stg_raw__samples.sql": STG_SAMPLES, "marts/usage/fct_x_by_day.sql": GOOD,
-        "marts/billing/audits/fct_x_by_day__never.sql": AUDIT,
-    })
+    root = write_models(
+        tmp_path / "models",
+        {
+            "staging/raw/stg_raw__samples.sql": STG_SAMPLES,
+            "marts/usage/fct_x_by_day.sql": GOOD,
+            "marts/billing/audits/fct_x_by_day__never.sql": AUDIT,
+        },
+    )
     with pytest.raises(ModelError, match=r"an audit sits next to its model, in .*marts/usage/audits"):
         load_audits(root)
 
@@ -593,8 +640,8 @@ def test_audits_return_the_failing_rows_of_the_rows_under_audit(tmp_path):
     """The model's name stands for the rows under audit; other models are read from their partitions."""
     import pyarrow as pa
 
-    from billing_dags.models.audits import run_audits
     from billing_dags.core.settings import Paths
+    from billing_dags.models.audits import run_audits
 
     paths = Paths(tmp_path / "data", tmp_path / "seeds")
     project = sqlmodels.load_project()
@@ -614,6 +661,10 @@ def test_audits_return_the_failing_rows_of_the_rows_under_audit(tmp_path):
     assert (ok.audit.name, ok.passed, ok.rows_checked) == ("daily_sum_equals_month", True, 1)
     assert not failed.passed and failed.failing_rows == 1 and failed.audit.blocking
     assert failed.examples[0]["usage_of_days"].startswith("3") and failed.examples[0]["usage_of_month"].startswith("4")
-    [negative] = run_audits(paths, day, day_window(date(2025, 3, 1)), days.slice(0, 1).set_column(
-        days.column_names.index("usage"), "usage", pa.array([Decimal(-1)], days.schema.field("usage").type)))
+    [negative] = run_audits(
+        paths,
+        day,
+        day_window(date(2025, 3, 1)),
+        days.slice(0, 1).set_column(days.column_names.index("usage"), "usage", pa.array([Decimal(-1)], days.schema.field("usage").type)),
+    )
     assert (negative.audit.name, negative.failing_rows) == ("no_negative_usage", 1)

@@ -10,10 +10,10 @@ import dagster as dg
 from dagster._core.definitions.data_version import StaleStatus
 from dagster._utils.test.data_versions import get_stale_status_resolver
 
+from billing_dags.core.settings import PROJECT_ROOT
 from billing_dags.definitions import defs as load_defs
 from billing_dags.defs.ingest.sources import SimulationResource, simulated_sources
 from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
-from billing_dags.core.settings import PROJECT_ROOT
 
 #: every asset of the code location, as loaded from the defs folder
 ASSETS = load_defs().assets
@@ -33,9 +33,7 @@ def _resources(paths, seed=7) -> dict:
 
 def _materialize(paths, instance, names, partition_key=None, seed=7):
     resources = _resources(paths, seed)
-    result = dg.materialize(
-        ASSETS, selection=[dg.AssetKey(n) for n in names], partition_key=partition_key, resources=resources, instance=instance
-    )
+    result = dg.materialize(ASSETS, selection=[dg.AssetKey(n) for n in names], partition_key=partition_key, resources=resources, instance=instance)
     assert result.success
     return result
 
@@ -125,7 +123,10 @@ def test_loading_the_code_location_prints_no_dagster_warnings():
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     proc = subprocess.run(
         [sys.executable, "-W", "always", "-c", "import billing_dags.definitions as d; d.defs()"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if "Warning:" in line]

@@ -8,21 +8,20 @@ depends on the wall clock except the CLI and Dagster tests, which use "yesterday
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 import requests
-
-from billing_dags.stripe import outbox as ob
-from billing_dags.core.settings import Paths
-from billing_dags.stripe.meters import desired_meters, send_days, sync_meters
-
 from stripe_server import StripeServer
+
+from billing_dags.core.settings import Paths
+from billing_dags.stripe import outbox as ob
+from billing_dags.stripe.meters import desired_meters, send_days, sync_meters
 
 pytestmark = pytest.mark.integration
 
-UTC = timezone.utc
+UTC = UTC
 NOW = datetime(2026, 4, 1, 6, 0, tzinfo=UTC)
 MONTH = [date(2026, 3, 1) + timedelta(days=i) for i in range(31)]
 API_KEY = "sk_test_51IntegrationKeyNeverLogged0123456789"
@@ -47,13 +46,45 @@ def usage_rows(day: date, bump: dict | None = None) -> list[dict]:
     for i, c in enumerate(CUSTOMERS):
         base = (i + 1) * 1000 + day.day
         for dim, share in (("GET", Decimal("0.75")), ("POST", Decimal("0.25"))):
-            rows.append({"day": day, "customer_id": c["customer_id"], "meter_id": "api_calls", "dimension": dim, "kind": "counter",
-                         "usage": Decimal(base) * share + bump.get((c["customer_id"], "api_calls"), 0),
-                         "gauge_integral": None, "gauge_covered_ms": None, "gauge_peak": None})
-        rows.append({"day": day, "customer_id": c["customer_id"], "meter_id": "devices", "dimension": "", "kind": "gauge", "usage": None,
-                     "gauge_integral": Decimal(0), "gauge_covered_ms": 0, "gauge_peak": Decimal(i + day.day) + Decimal("0.5")})
-        rows.append({"day": day, "customer_id": c["customer_id"], "meter_id": "internal", "dimension": "", "kind": "counter",
-                     "usage": Decimal(7), "gauge_integral": None, "gauge_covered_ms": None, "gauge_peak": None})
+            rows.append(
+                {
+                    "day": day,
+                    "customer_id": c["customer_id"],
+                    "meter_id": "api_calls",
+                    "dimension": dim,
+                    "kind": "counter",
+                    "usage": Decimal(base) * share + bump.get((c["customer_id"], "api_calls"), 0),
+                    "gauge_integral": None,
+                    "gauge_covered_ms": None,
+                    "gauge_peak": None,
+                }
+            )
+        rows.append(
+            {
+                "day": day,
+                "customer_id": c["customer_id"],
+                "meter_id": "devices",
+                "dimension": "",
+                "kind": "gauge",
+                "usage": None,
+                "gauge_integral": Decimal(0),
+                "gauge_covered_ms": 0,
+                "gauge_peak": Decimal(i + day.day) + Decimal("0.5"),
+            }
+        )
+        rows.append(
+            {
+                "day": day,
+                "customer_id": c["customer_id"],
+                "meter_id": "internal",
+                "dimension": "",
+                "kind": "counter",
+                "usage": Decimal(7),
+                "gauge_integral": None,
+                "gauge_covered_ms": None,
+                "gauge_peak": None,
+            }
+        )
     return rows
 
 
@@ -102,8 +133,8 @@ def synced(server) -> None:
 
 
 def test_sync_meters_creates_missing_once_then_is_a_no_op(server):
-    from billing_dags.seeds.catalog import load_seeds
     from billing_dags.core.settings import PROJECT_ROOT
+    from billing_dags.seeds.catalog import load_seeds
 
     seeds_meters = load_seeds(PROJECT_ROOT / "seeds")["meters"].to_pylist()
     wanted = desired_meters(seeds_meters)
@@ -199,7 +230,9 @@ def test_full_month_is_sent_and_a_rerun_sends_nothing(server, outbox_paths):
     start, end = ob.day_timestamp(MONTH[0]), ob.day_timestamp(MONTH[-1]) + 86_400
     month_total = client.v1.billing.meters.event_summaries.list(meter_id, params={"customer": "cus_QXg1o8vcGmoR32", "start_time": start, "end_time": end})
     assert [s.aggregated_value for s in month_total.data] == [sum(r["value"] for r in rows if r["customer_id"] == "acme" and r["meter_id"] == "api_calls")]
-    daily = client.v1.billing.meters.event_summaries.list(meter_id, params={"customer": "cus_QXg1o8vcGmoR32", "start_time": start, "end_time": end, "value_grouping_window": "day"})
+    daily = client.v1.billing.meters.event_summaries.list(
+        meter_id, params={"customer": "cus_QXg1o8vcGmoR32", "start_time": start, "end_time": end, "value_grouping_window": "day"}
+    )
     assert len(daily.data) == 31 and daily.data[0].object == "billing.meter_event_summary"
 
     # rerun: nothing is sent again, the server sees no request at all
@@ -279,8 +312,13 @@ def test_a_400_marks_only_that_row_failed_with_stripes_message(server, outbox_pa
     server.reject_identifier(bad, "No such customer: 'cus_QXg1o8vcGmoR33'")
     # and one event whose meter does not exist in Stripe (a meter missing from sync-meters)
     extra_meters = [*METERS, {"meter_id": "unsynced", "kind": "counter", "aggregation": "sum", "stripe_event_name": "bd_unsynced"}]
-    extra = ob.build_outbox(days[1], [{"day": days[1], "customer_id": "gamma", "meter_id": "unsynced", "dimension": "", "kind": "counter", "usage": Decimal(3)}, *usage_rows(days[1])],
-                            CUSTOMERS, extra_meters, ob.read_outbox(outbox_paths, days[1]))
+    extra = ob.build_outbox(
+        days[1],
+        [{"day": days[1], "customer_id": "gamma", "meter_id": "unsynced", "dimension": "", "kind": "counter", "usage": Decimal(3)}, *usage_rows(days[1])],
+        CUSTOMERS,
+        extra_meters,
+        ob.read_outbox(outbox_paths, days[1]),
+    )
     ob.write_outbox(outbox_paths, days[1], extra)
     _, sender = send_days(outbox_paths, days, client_for(server), now=NOW)
     rows = {r["identifier"]: r for r in all_rows(outbox_paths, days)}
@@ -403,8 +441,12 @@ def _write_seed_outbox(paths: Paths, day: date) -> list[dict]:
 
     seeds = load_seeds(paths.seeds_dir)
     customers, meters = seeds["customers"].to_pylist(), seeds["meters"].to_pylist()
-    usage = [{"day": day, "customer_id": c["customer_id"], "meter_id": m["meter_id"], "dimension": "", "kind": "counter",
-              "usage": Decimal(10 + i)} for i, c in enumerate(customers) for m in meters if m["kind"] == "counter"][:12]
+    usage = [
+        {"day": day, "customer_id": c["customer_id"], "meter_id": m["meter_id"], "dimension": "", "kind": "counter", "usage": Decimal(10 + i)}
+        for i, c in enumerate(customers)
+        for m in meters
+        if m["kind"] == "counter"
+    ][:12]
     rows = ob.build_outbox(day, usage, customers, meters, [])
     ob.write_outbox(paths, day, rows)
     return rows
@@ -458,8 +500,10 @@ def test_stripe_meter_events_asset_reports_counts(seed_paths, no_proxy):
 
         sync_meters(client, load_seeds(paths.seeds_dir)["meters"].to_pylist())
         s.reject_identifier(rows[0]["identifier"], "No such customer")
-        resources = {"warehouse": WarehouseResource(data_dir=str(paths.data_dir), seeds_dir=str(paths.seeds_dir)),
-                     "stripe": StripeResource(api_key=API_KEY, api_base=s.url, max_network_retries=1)}
+        resources = {
+            "warehouse": WarehouseResource(data_dir=str(paths.data_dir), seeds_dir=str(paths.seeds_dir)),
+            "stripe": StripeResource(api_key=API_KEY, api_base=s.url, max_network_retries=1),
+        }
         result = dg.materialize([stripe_meter_events], partition_key=day.isoformat(), resources=resources)
         assert result.success
         meta = result.asset_materializations_for_node("stripe_meter_events")[0].metadata

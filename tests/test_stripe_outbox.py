@@ -4,17 +4,18 @@ real HTTP round trip through the stripe library against a server on 127.0.0.1.""
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs
 
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import pyarrow as pa
+from servers import HandlerServer
+from sql_helpers import USAGE_BY_DAY_SCHEMA as DAY_SCHEMA
 
 from billing_dags.core.settings import Paths
 from billing_dags.stripe.outbox import (
@@ -30,10 +31,8 @@ from billing_dags.stripe.outbox import (
     send_outbox,
     write_outbox,
 )
-from servers import HandlerServer
-from sql_helpers import USAGE_BY_DAY_SCHEMA as DAY_SCHEMA
 
-UTC = timezone.utc
+UTC = UTC
 DAY = date(2025, 3, 10)
 NOW = datetime(2025, 3, 11, 0, 30, tzinfo=UTC)
 API_KEY = "sk_test_51SECRETkeyDoNotLeak0123456789"
@@ -56,24 +55,57 @@ CUSTOMERS = [
 
 #: the seed tables the billable-quantity model reads for the meters above (base unit = billing unit)
 SEEDS = {
-    "meters": pa.Table.from_pylist([
-        {"meter_id": m["meter_id"], "metrics": m["meter_id"], "kind": m["kind"], "aggregation": m["aggregation"], "unit": "u",
-         "billing_unit": "u", "customer_label": "customer_id", "dimension_label": "", "stripe_event_name": m["stripe_event_name"],
-         "description": m["meter_id"]}
-        for m in METERS.values()
-    ]),
+    "meters": pa.Table.from_pylist(
+        [
+            {
+                "meter_id": m["meter_id"],
+                "metrics": m["meter_id"],
+                "kind": m["kind"],
+                "aggregation": m["aggregation"],
+                "unit": "u",
+                "billing_unit": "u",
+                "customer_label": "customer_id",
+                "dimension_label": "",
+                "stripe_event_name": m["stripe_event_name"],
+                "description": m["meter_id"],
+            }
+            for m in METERS.values()
+        ]
+    ),
     "units": pa.Table.from_pylist([{"unit": "u", "billing_unit": "u", "divisor": 1}]),
 }
 
 
 def counter(cid, mid, usage, dimension="", day=DAY):
-    return {"day": day, "customer_id": cid, "meter_id": mid, "dimension": dimension, "kind": "counter", "usage": Decimal(usage),
-            "gauge_integral": None, "gauge_covered_ms": None, "gauge_peak": None, "samples": 1, "events": 0}
+    return {
+        "day": day,
+        "customer_id": cid,
+        "meter_id": mid,
+        "dimension": dimension,
+        "kind": "counter",
+        "usage": Decimal(usage),
+        "gauge_integral": None,
+        "gauge_covered_ms": None,
+        "gauge_peak": None,
+        "samples": 1,
+        "events": 0,
+    }
 
 
 def gauge(cid, mid, *, integral="0", covered=0, peak="0", dimension="", day=DAY):
-    return {"day": day, "customer_id": cid, "meter_id": mid, "dimension": dimension, "kind": "gauge", "usage": None,
-            "gauge_integral": Decimal(integral), "gauge_covered_ms": covered, "gauge_peak": Decimal(peak), "samples": 1, "events": 0}
+    return {
+        "day": day,
+        "customer_id": cid,
+        "meter_id": mid,
+        "dimension": dimension,
+        "kind": "gauge",
+        "usage": None,
+        "gauge_integral": Decimal(integral),
+        "gauge_covered_ms": covered,
+        "gauge_peak": Decimal(peak),
+        "samples": 1,
+        "events": 0,
+    }
 
 
 def outbox_of(day, rows, customers, meters, previous):
@@ -244,9 +276,9 @@ def test_dry_run_without_a_key():
 
 def test_too_old_rows_are_flagged_never_sent():
     class Exploding:
-        class v1:  # noqa: N801
-            class billing:  # noqa: N801
-                class meter_events:  # noqa: N801
+        class v1:
+            class billing:
+                class meter_events:
                     @staticmethod
                     def create(**kwargs):
                         raise AssertionError("a too-old event must not be sent")
@@ -286,7 +318,7 @@ class FakeStripe(HandlerServer):
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
                 form = {k: v[0] for k, v in parse_qs(raw, keep_blank_values=True).items()}
                 outer.requests.append(

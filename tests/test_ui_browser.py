@@ -81,11 +81,14 @@ def test_backfill_of_two_days_launched_from_the_lineage_page_succeeds(dagster_se
     backfill_id = got["backfillId"]
 
     backfill = server.wait_backfill(backfill_id, RUN_TIMEOUT)
-    detail = server.graphql('query($id: String!) { partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill { isAssetBackfill } } }',
-                            {"id": backfill_id})
+    detail = server.graphql(
+        "query($id: String!) { partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill { isAssetBackfill } } }", {"id": backfill_id}
+    )
     assert detail["partitionBackfillOrError"]["isAssetBackfill"], "the Lineage page launched a job backfill, not an asset backfill"
     assert backfill["status"] == "COMPLETED_SUCCESS" and all(r["status"] == "SUCCESS" for r in backfill["runs"]), (
-        backfill["status"], [(r["id"], r["status"], server.run_errors(r["id"])) for r in backfill["runs"] if r["status"] != "SUCCESS"])
+        backfill["status"],
+        [(r["id"], r["status"], server.run_errors(r["id"])) for r in backfill["runs"] if r["status"] != "SUCCESS"],
+    )
     for day in picked:
         assert all(server.published(day).values()), (day, server.published(day))
     # and the UI says so: the backfill's page shows the status Succeeded

@@ -78,8 +78,14 @@ def test_a_failed_backfill_run_is_reexecuted_from_the_failed_step(dagster_server
 def test_a_run_of_billing_run_is_reexecuted_from_the_ui(dagster_server, days):
     server, month = dagster_server, days[-60][:7]
     # the CLI with the instance's DAGSTER_HOME, warehouse and seeds; one customer scraped hourly keeps the month cheap
-    cli = subprocess.run([sys.executable, "-m", "billing_dags.cli.main", "run", "--month", month, "--customers", "1", "--interval", "3600"],
-                         cwd=server.project, env=server.env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    cli = subprocess.run(
+        [sys.executable, "-m", "billing_dags.cli.main", "run", "--month", month, "--customers", "1", "--interval", "3600"],
+        cwd=server.project,
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
     assert cli.returncode == 0, cli.stderr[-4000:]
     parents = server.runs("daily_usage", {"dagster/asset_partition_range_start": f"{month}-01"})
     assert len(parents) == 1, f"billing run made {len(parents)} runs of the range {month}-01.. (expected one)"

@@ -7,22 +7,21 @@ import json
 import re
 import sqlite3
 from contextlib import contextmanager
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 import requests
+from servers import serve_app
 
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.ingest import usage_reports as ur
 from billing_dags.ingest.remote_write.server import REPORT_PATH, ReceiverConfig, create_app
-from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
-
-from servers import serve_app
 
 SEEDS = PROJECT_ROOT / "seeds"
 TOKEN = ur.demo_report_token("iot-010")  # its SHA-256 is in seeds/report_tokens.csv
-NOW = datetime(2026, 11, 21, 14, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 21, 14, 0, tzinfo=UTC)
 NOW_MS = int(NOW.timestamp()) * 1000
 
 
@@ -62,7 +61,7 @@ def parse(doc, schema, **kw):
 def test_a_seed_001_report_parses_exactly(schema):
     r = parse(body(), schema)
     assert (r.customer_id, r.report_id, r.interval_s) == ("iot-010", "r-2026-11-21T13", 3600)
-    assert r.reported_at_ms == int(datetime(2026, 11, 21, 13, tzinfo=timezone.utc).timestamp()) * 1000
+    assert r.reported_at_ms == int(datetime(2026, 11, 21, 13, tzinfo=UTC).timestamp()) * 1000
     assert r.values["postgres_size_mb"] == Decimal("812.25")  # not the float 812.25000000000003...
     assert r.day == date(2026, 11, 21)
     # an offset is converted to UTC
@@ -108,8 +107,13 @@ def test_missing_fields_and_null_gauges_are_not_zero_readings(schema):
     assert "active_devices" not in r.values and "postgres_size_mb" not in r.values
     ev = ur.report_events([r], schema).to_pylist()
     assert {e["meter_id"] for e in ev} == {
-        "iot_devices_total", "iot_mqtt_messages", "iot_mqtt_bytes", "iot_mqtt_connections",
-        "iot_http_requests", "iot_http_bytes", "iot_influxdb_series",
+        "iot_devices_total",
+        "iot_mqtt_messages",
+        "iot_mqtt_bytes",
+        "iot_mqtt_connections",
+        "iot_http_requests",
+        "iot_http_bytes",
+        "iot_influxdb_series",
     }
 
 
@@ -144,7 +148,9 @@ def test_report_events_sum_fields_per_meter_and_scale_mb_to_bytes(schema):
     assert events["iot_mqtt_bytes"]["hold_ms"] == 0
     assert events["iot_storage"]["event_id"] == "iot-010/r-2026-11-21T13:iot_storage"
     assert dict(events["iot_storage"]["attributes"]) == {
-        "report_id": "r-2026-11-21T13", "influxdb_size_mb": "100.5", "postgres_size_mb": "812.25",
+        "report_id": "r-2026-11-21T13",
+        "influxdb_size_mb": "100.5",
+        "postgres_size_mb": "812.25",
     }
     assert events["iot_storage"]["customer_key"] == "iot-010"
 
@@ -202,8 +208,8 @@ def receiver(tmp_path: Path, **overrides):
 
 
 def recent(hours_ago: int = 1) -> str:
-    t = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0).timestamp() - hours_ago * 3600
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    t = datetime.now(UTC).replace(minute=0, second=0, microsecond=0).timestamp() - hours_ago * 3600
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def send(url, doc, token=TOKEN, **headers):
@@ -322,6 +328,9 @@ def test_an_unterminated_string_is_refused_in_bounded_time():
     import subprocess
     import sys
 
-    code = "from billing_dags.ingest import usage_reports as ur\ntry:\n    ur.decode_body(b'\"' + b'\\\\\"' * 32000)\nexcept ur.ReportError as e:\n    print(e.field)\n"
+    code = (
+        "from billing_dags.ingest import usage_reports as ur\ntry:\n    ur.decode_body(b'\"' + b'\\\\\"' * 32000)\nexcept ur.ReportError as e:\n    "
+        "print(e.field)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=10, cwd=PROJECT_ROOT)
     assert out.stdout.strip() == "body", out.stderr

@@ -16,22 +16,22 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 import requests
+from servers import free_port
 
-from billing_dags.ingest import events
 from billing_dags.core.calendar import last_complete_month, month_days, next_month
+from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.definitions import defs as load_defs
 from billing_dags.defs.ingest.sources import NoEvents, ReceivedReports, SimulatedSamples, SimulationResource
 from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
-from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
+from billing_dags.ingest import events
 from billing_dags.ingest.usage_reports import demo_report_token
-from servers import free_port
 
 #: every asset of the code location, as loaded from the defs folder
 ASSETS = load_defs().assets
@@ -46,15 +46,15 @@ HOUR_MS = 3_600_000
 
 def _month() -> date:
     """The last complete month: always inside the 90-day window the endpoint accepts."""
-    return last_complete_month(datetime.now(timezone.utc).date())
+    return last_complete_month(datetime.now(UTC).date())
 
 
 def _ms(d: date) -> int:
-    return int(datetime(d.year, d.month, d.day, tzinfo=timezone.utc).timestamp()) * 1000
+    return int(datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp()) * 1000
 
 
 def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _reports(month: date) -> list[dict]:
@@ -64,25 +64,27 @@ def _reports(month: date) -> list[dict]:
     storage_mb = Decimal("40000.00")
     for ts in range(start, end + HOUR_MS, HOUR_MS):  # the last one is 00:00 of the next month
         storage_mb += Decimal(rng.randrange(0, 5000)) / 100
-        out.append({
-            "report_id": f"h-{_iso(ts)}",
-            "customer_id": "iot-010",
-            "reported_at": _iso(ts),
-            "interval_seconds": 3600,
-            "active_devices": rng.randint(30, 60),
-            "total_devices": 70,
-            "mqtt_messages_published": rng.randint(0, 10_000),
-            "mqtt_messages_received": rng.randint(0, 10_000),
-            "mqtt_bytes_sent": rng.randint(0, 200) * MIB,
-            "mqtt_bytes_received": rng.randint(0, 100) * MIB,
-            "mqtt_connections": rng.randint(1, 9),
-            "http_requests": rng.randint(0, 900),
-            "http_bytes_sent": rng.randint(0, 20) * MIB,
-            "http_bytes_received": rng.randint(0, 5) * MIB,
-            "postgres_size_mb": f"{storage_mb:.2f}",  # placeholder, sent as a JSON number below
-            "influxdb_size_mb": "1500.50",
-            "influxdb_points": 1200,
-        })
+        out.append(
+            {
+                "report_id": f"h-{_iso(ts)}",
+                "customer_id": "iot-010",
+                "reported_at": _iso(ts),
+                "interval_seconds": 3600,
+                "active_devices": rng.randint(30, 60),
+                "total_devices": 70,
+                "mqtt_messages_published": rng.randint(0, 10_000),
+                "mqtt_messages_received": rng.randint(0, 10_000),
+                "mqtt_bytes_sent": rng.randint(0, 200) * MIB,
+                "mqtt_bytes_received": rng.randint(0, 100) * MIB,
+                "mqtt_connections": rng.randint(1, 9),
+                "http_requests": rng.randint(0, 900),
+                "http_bytes_sent": rng.randint(0, 20) * MIB,
+                "http_bytes_received": rng.randint(0, 5) * MIB,
+                "postgres_size_mb": f"{storage_mb:.2f}",  # placeholder, sent as a JSON number below
+                "influxdb_size_mb": "1500.50",
+                "influxdb_points": 1200,
+            }
+        )
     return out
 
 
@@ -99,9 +101,24 @@ def server(tmp_path):
     port = free_port()
     with open(tmp_path / "receiver.log", "ab") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
-            [sys.executable, "-m", "billing_dags.cli.main", "--data-dir", str(tmp_path / "data"), "--seeds-dir", str(PROJECT_ROOT / "seeds"),
-             "remote-write", "serve", "--listen", f"127.0.0.1:{port}", "--min-free-bytes", "0"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "billing_dags.cli.main",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--seeds-dir",
+                str(PROJECT_ROOT / "seeds"),
+                "remote-write",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--min-free-bytes",
+                "0",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
@@ -127,9 +144,11 @@ def _post(url, text, token=TOKEN):
 def _run(paths, instance, names, key=None):
     resources = {
         "warehouse": WarehouseResource(data_dir=str(paths.data_dir), seeds_dir=str(paths.seeds_dir)),
-        "sample_source": SimulatedSamples(simulation=SimulationResource()), "stripe": StripeResource(),
+        "sample_source": SimulatedSamples(simulation=SimulationResource()),
+        "stripe": StripeResource(),
         # only the reports the test POSTs: no simulated reports, no usage_events rows
-        "event_source": NoEvents(), "report_source": ReceivedReports(),
+        "event_source": NoEvents(),
+        "report_source": ReceivedReports(),
     }
     sel = [k for a in ASSETS for k in a.keys if k.to_user_string() in names]
     return dg.materialize(ASSETS, selection=sel, partition_key=key, resources=resources, instance=instance, raise_on_error=False)
@@ -147,7 +166,7 @@ def test_a_month_of_posted_reports_is_billed_exactly(server, tmp_path):
     for r in sent:
         resp = _post(server, _json(r))
         assert resp.status_code == 201, resp.text
-    for r in sent[:: 97]:  # retries of the same report are no-ops
+    for r in sent[::97]:  # retries of the same report are no-ops
         assert _post(server, _json(r)).status_code == 200
     changed = {**sent[5], "http_requests": sent[5]["http_requests"] + 1}
     resp = _post(server, _json(changed))
@@ -161,11 +180,18 @@ def test_a_month_of_posted_reports_is_billed_exactly(server, tmp_path):
     assert _run(paths, instance, {a.key.to_user_string() for a in ASSETS if a.key.to_user_string().startswith("seed_")}).success
     days = month_days(month)
     month_end_ms = _ms(next_month(month))
-    stamps = [int(datetime.strptime(r["reported_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()) * 1000 for r in sent]
+    stamps = [int(datetime.strptime(r["reported_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()) * 1000 for r in sent]
     for d in days:
         for names in (("usage_reports",), ("int_series_edges_by_day",), ("int_gauge_peaks_by_day",), ("fct_usage_by_day",)):
             assert _run(paths, instance, set(names), d.isoformat()).success, (d, names)
-    for m in ("fct_usage_by_month", "dim_subscription_periods_by_month", "fct_usage_by_subscription_period", "fct_billable_usage_by_subscription_period", "fct_rated_usage_by_subscription_period", "fct_invoice_lines"):
+    for m in (
+        "fct_usage_by_month",
+        "dim_subscription_periods_by_month",
+        "fct_usage_by_subscription_period",
+        "fct_billable_usage_by_subscription_period",
+        "fct_rated_usage_by_subscription_period",
+        "fct_invoice_lines",
+    ):
         assert _run(paths, instance, {m}, month.isoformat()).success, m
 
     # --- the independent bill, from what was sent (the next month's 00:00 report is not this month's)
@@ -176,8 +202,11 @@ def test_a_month_of_posted_reports_is_billed_exactly(server, tmp_path):
     peak_devices = max(r["active_devices"] for r in in_month)
     peak_storage = max((Decimal(r["postgres_size_mb"]) + Decimal(r["influxdb_size_mb"])) * MIB for r in in_month)
 
-    usage = {r["meter_id"]: r for r in pq.read_table(paths.models / "fct_usage_by_month" / f"month={month:%Y-%m}" / "data.parquet").to_pylist()
-             if r["customer_id"] == "iot-010"}
+    usage = {
+        r["meter_id"]: r
+        for r in pq.read_table(paths.models / "fct_usage_by_month" / f"month={month:%Y-%m}" / "data.parquet").to_pylist()
+        if r["customer_id"] == "iot-010"
+    }
     assert usage["iot_mqtt_bytes"]["usage"] == mqtt_b and usage["iot_http_bytes"]["usage"] == http_b
     assert usage["iot_http_requests"]["usage"] == total("http_requests")
     assert usage["iot_mqtt_messages"]["usage"] == total("mqtt_messages_published", "mqtt_messages_received")
@@ -205,7 +234,9 @@ def test_a_month_of_posted_reports_is_billed_exactly(server, tmp_path):
         "iot_http_requests": _cents((total("http_requests") / 1000).to_integral_value(rounding=ROUND_CEILING) * Decimal("0.50")),
     }
     assert all(want[m] > 0 for m in ("iot_mqtt_bytes", "iot_devices", "iot_storage", "iot_http_requests"))  # the data exercises overage
-    lines = [l for l in pq.read_table(paths.models / "fct_invoice_lines" / f"month={month:%Y-%m}" / "data.parquet").to_pylist() if l["customer_id"] == "iot-010"]
+    lines = [
+        l for l in pq.read_table(paths.models / "fct_invoice_lines" / f"month={month:%Y-%m}" / "data.parquet").to_pylist() if l["customer_id"] == "iot-010"
+    ]
     got = {l["meter_id"]: l["amount_minor"] for l in lines if l["meter_id"] in want}
     assert got == want
     base = [l["amount_minor"] for l in lines if l["line_type"] == "base_fee"]
@@ -219,6 +250,9 @@ def test_a_month_of_posted_reports_is_billed_exactly(server, tmp_path):
     assert f.read_bytes() == before
     assert _run(paths, instance, {"fct_usage_by_day"}, d.isoformat()).success
     assert _run(paths, instance, {"fct_usage_by_month"}, month.isoformat()).success
-    again = {r["meter_id"]: r["usage"] for r in pq.read_table(paths.models / "fct_usage_by_month" / f"month={month:%Y-%m}" / "data.parquet").to_pylist()
-             if r["customer_id"] == "iot-010"}
+    again = {
+        r["meter_id"]: r["usage"]
+        for r in pq.read_table(paths.models / "fct_usage_by_month" / f"month={month:%Y-%m}" / "data.parquet").to_pylist()
+        if r["customer_id"] == "iot-010"
+    }
     assert again["iot_mqtt_bytes"] == mqtt_b

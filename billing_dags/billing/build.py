@@ -20,10 +20,11 @@ document per customer.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 from billing_dags.billing import credits as _credits
 from billing_dags.billing.document import GENERATED_LINE_TYPES, LINE_TYPES, SCHEMA_VERSION, safe_customer_id
@@ -112,20 +113,22 @@ def build_invoices(
         grants_by_customer: dict[str, list[_credits.Grant]] = {}
         for g in grants:
             grants_by_customer.setdefault(g.customer_id, []).append(g)
-        invoices = [
-            _customer_invoice(ctx, cid, grouped[cid], stored_index, paths, grants_by_customer.get(cid, ()))
-            for cid in sorted(grouped)
-        ]
+        invoices = [_customer_invoice(ctx, cid, grouped[cid], stored_index, paths, grants_by_customer.get(cid, ())) for cid in sorted(grouped)]
         # an adjustment invoice (a credit note when negative) for each customer that has no invoice this month
-        invoices += [
-            _adjustment_invoice(ctx, cid, stored, adjustments, grants_by_customer.get(cid, ()))
-            for cid, (stored, adjustments) in leavers.items()
-        ]
+        invoices += [_adjustment_invoice(ctx, cid, stored, adjustments, grants_by_customer.get(cid, ())) for cid, (stored, adjustments) in leavers.items()]
     return sorted(invoices, key=lambda d: d["customer_id"])
 
 
-def _month_context(customers: list[dict], plans: list[dict], currencies: list[dict], month: date, now: datetime, grace_days: int,
-                   manifest: dict, held: Mapping[str, str] | None) -> _Month:
+def _month_context(
+    customers: list[dict],
+    plans: list[dict],
+    currencies: list[dict],
+    month: date,
+    now: datetime,
+    grace_days: int,
+    manifest: dict,
+    held: Mapping[str, str] | None,
+) -> _Month:
     """The month's status and dates, its manifest as plain JSON, the customers, currency exponents and plan names."""
     held = dict(held or {})
     month = checked_month(month)
@@ -140,8 +143,7 @@ def _month_context(customers: list[dict], plans: list[dict], currencies: list[di
         exponents[c["currency"]] = parse_minor(c["minor_unit_exponent"], f"currencies.csv {c['currency']}: minor_unit_exponent")
     # plans seed rows (version, name) or staged rows (plan_version, plan_name)
     plan_names = {
-        (p["plan_id"], int(p["version"] if "version" in p else p["plan_version"])): p.get("name") or p.get("plan_name") or p["plan_id"]
-        for p in plans
+        (p["plan_id"], int(p["version"] if "version" in p else p["plan_version"])): p.get("name") or p.get("plan_name") or p["plan_id"] for p in plans
     }
     return _Month(month, end, status, grace_days, fin_on, manifest_json, customers_by_id, exponents, plan_names, held)
 
@@ -166,8 +168,7 @@ def _grouped_lines(lines: list[dict], ctx: _Month) -> dict[str, list[Mapping]]:
     return grouped
 
 
-def _leaver_adjustments(paths: Paths, index: _credits.StoredInvoices, ctx: _Month, billed: set[str],
-                        closing: bool) -> dict[str, tuple[list[dict], list[dict]]]:
+def _leaver_adjustments(paths: Paths, index: _credits.StoredInvoices, ctx: _Month, billed: set[str], closing: bool) -> dict[str, tuple[list[dict], list[dict]]]:
     """Customers without lines in ``month`` (no subscription in it) whose earlier invoices leave adjustments:
     {customer_id: (their stored invoices, the open adjustments)}. ``closing``: the month's invoices are being
     finalized; if some were finalized by an earlier run, the month is closed and only a customer that already
@@ -202,9 +203,7 @@ def _numbers(ctx: _Month, numbers: Mapping[str, str] | None, paths: Paths | None
     month = ctx.month
     if numbers is None:
         if paths is None:
-            raise InvoiceError(
-                f"invoices of {month:%Y-%m} are finalized and need numbers: pass paths= (registry) or numbers="
-            )
+            raise InvoiceError(f"invoices of {month:%Y-%m} are finalized and need numbers: pass paths= (registry) or numbers=")
         numbers = assign_invoice_numbers(paths, month, numbered)
     missing = [c for c in numbered if not numbers.get(c)]
     if missing:
@@ -232,7 +231,11 @@ def _charges(ctx: _Month, cid: str, rows: list[Mapping]) -> tuple[list[dict], An
         if currency is None:
             currency, plan_id, plan_version = cur, r.get("plan_id"), r.get("plan_version")
         if (cur, r.get("plan_id"), r.get("plan_version")) != (currency, plan_id, plan_version):
-            raise InvoiceError(f"{where()}: currency/plan ({cur}, {r.get('plan_id')} v{r.get('plan_version')}) differs from line {out_lines[0]['line_number']} ({currency}, {plan_id} v{plan_version}); one invoice has one currency and plan version")
+            raise InvoiceError(
+                f"{where()}: currency/plan ({cur}, "
+                f"{r.get('plan_id')} v{r.get('plan_version')}) differs from line {out_lines[0]['line_number']} ({currency}, {plan_id} v{plan_version}); "
+                f"one invoice has one currency and plan version"
+            )
         if cur != customer.get("currency"):
             raise InvoiceError(f"{where()}: currency {cur!r} differs from the customer's currency {customer.get('currency')!r} in seeds/customers.csv")
         if cur not in ctx.exponents:
@@ -262,8 +265,9 @@ def _charges(ctx: _Month, cid: str, rows: list[Mapping]) -> tuple[list[dict], An
     return out_lines, currency, plan_id, plan_version
 
 
-def _customer_invoice(ctx: _Month, cid: str, rows: list[Mapping], stored_index: _credits.StoredInvoices | None, paths: Paths | None,
-                      grants: Iterable[_credits.Grant]) -> dict:
+def _customer_invoice(
+    ctx: _Month, cid: str, rows: list[Mapping], stored_index: _credits.StoredInvoices | None, paths: Paths | None, grants: Iterable[_credits.Grant]
+) -> dict:
     """The invoice of a customer with lines in the month: its charges, then what settlement adds."""
     out_lines, currency, plan_id, plan_version = _charges(ctx, cid, rows)
     exp = ctx.exponents[currency]
@@ -280,12 +284,20 @@ def _adjustment_invoice(ctx: _Month, cid: str, stored: list[dict], adjustments: 
     exp = ctx.exponents[currency]
     last = next((d for d in reversed(stored) if d["period_start"] < ctx.month.isoformat()), {})  # the plan of the last invoice
     settled = settle([], adjustments, grants, stored, ctx.month, currency, exp, credit_note=True)
-    return _document(ctx, cid, last.get("plan_id"), last.get("plan_version"), last.get("plan_name"), currency, exp, settled,
-                     **adjustment_document(adjustments, settled["total_minor"]))
+    return _document(
+        ctx,
+        cid,
+        last.get("plan_id"),
+        last.get("plan_version"),
+        last.get("plan_name"),
+        currency,
+        exp,
+        settled,
+        **adjustment_document(adjustments, settled["total_minor"]),
+    )
 
 
-def _document(ctx: _Month, cid: str, plan_id: Any, plan_version: Any, plan_name: Any, currency: str, exp: int, settled: dict,
-              **extra: Any) -> dict:
+def _document(ctx: _Month, cid: str, plan_id: Any, plan_version: Any, plan_name: Any, currency: str, exp: int, settled: dict, **extra: Any) -> dict:
     """The invoice document: number, status and dates of the month (a held customer stays a draft), the settled lines and figures."""
     customer_status = "draft" if cid in ctx.held else ctx.status
     number = ctx.numbers[cid] if customer_status == "finalized" else f"DRAFT-{ctx.month:%Y-%m}-{cid}"
@@ -346,10 +358,7 @@ def _dispute_text(number: str, status: str, finalized_on: date) -> str:
         "appears as an adjustment line on a later invoice."
     )
     if status == "draft":
-        text = (
-            f"DRAFT: figures may still change as late usage arrives; this invoice is finalized on "
-            f"{finalized_on.isoformat()} (UTC). " + text
-        )
+        text = f"DRAFT: figures may still change as late usage arrives; this invoice is finalized on {finalized_on.isoformat()} (UTC). " + text
     return text
 
 
@@ -396,10 +405,7 @@ def uninvoiced_customers(
     for sub in subscriptions:
         if sub["start_date"] < end and (sub["end_date"] is None or sub["end_date"] > start):
             subscribed.setdefault(sub["customer_id"], []).append(sub["plan_id"])
-    used = {
-        r["customer_id"] for r in usage
-        if any((r[c] or 0) > 0 for c in ("usage", "gauge_peak", "gauge_integral"))
-    }
+    used = {r["customer_id"] for r in usage if any((r[c] or 0) > 0 for c in ("usage", "gauge_peak", "gauge_integral"))}
     named: dict[str, set[str]] = {}
     for f in flags:
         if f["rule"] in OUTSIDE_SUBSCRIPTION_RULES:

@@ -32,10 +32,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable, Mapping
 from datetime import date
 from pathlib import Path
-from typing import Iterable, Mapping
-
 
 from billing_dags.core.money import format_minor
 from billing_dags.seeds.credits import Grant
@@ -81,7 +80,7 @@ class StoredInvoices:
         self.pending_dir = pending_dir
         self.months: list[tuple[str, frozenset[str], frozenset[str]]] = []  # (folder, file names, pending file names)
         try:
-            entries = sorted((e.name for e in os.scandir(self.dir) if _MONTH_DIR.fullmatch(e.name) and e.is_dir()))
+            entries = sorted(e.name for e in os.scandir(self.dir) if _MONTH_DIR.fullmatch(e.name) and e.is_dir())
         except (FileNotFoundError, NotADirectoryError):
             entries = []
         for name in entries:
@@ -121,10 +120,7 @@ def draws_of(invoice: Mapping) -> dict[str, int]:
 def drawn_before(invoices: Iterable[Mapping], period_start: str) -> list[dict]:
     """The stored invoices (of one customer) whose draws come before those of its invoice starting on
     ``period_start`` (ISO date): every finalized invoice of another month and every draft of an earlier month."""
-    return [
-        d for d in invoices
-        if d["period_start"] != period_start and (d.get("status") == "finalized" or d["period_start"] < period_start)
-    ]
+    return [d for d in invoices if d["period_start"] != period_start and (d.get("status") == "finalized" or d["period_start"] < period_start)]
 
 
 def balances_before(grants: Iterable[Grant], earlier_invoices: Iterable[Mapping]) -> dict[str, int]:
@@ -181,9 +177,16 @@ def ledger(grants: Iterable[Grant], invoices: Iterable[Mapping], exponents: Mapp
             row = rows.get(gid)
             if row is None:  # a grant removed from the seeds after an invoice drew from it
                 row = rows[gid] = {
-                    "grant_id": gid, "customer_id": inv["customer_id"], "currency": inv["currency"], "amount": None,
-                    "amount_minor": None, "granted_on": None, "expires_on": None,
-                    "description": "not in seeds/credits.csv any more", "draws": [], "balance_minor": None,
+                    "grant_id": gid,
+                    "customer_id": inv["customer_id"],
+                    "currency": inv["currency"],
+                    "amount": None,
+                    "amount_minor": None,
+                    "granted_on": None,
+                    "expires_on": None,
+                    "description": "not in seeds/credits.csv any more",
+                    "draws": [],
+                    "balance_minor": None,
                 }
             if row["balance_minor"] is not None:
                 row["balance_minor"] -= drawn

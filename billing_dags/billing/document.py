@@ -7,8 +7,9 @@ carry-forward). Only the charges are compared when a finalized month is recomput
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from decimal import Decimal
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from billing_dags.billing.errors import InvoiceError
 from billing_dags.seeds.catalog import SAFE_ID_RE

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
-from typing import Mapping
 
 from billing_dags import __version__
 from billing_dags.billing.periods import checked_month, period_end

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+from collections.abc import Iterable
 from datetime import date
 from pathlib import Path
-from typing import Iterable
 
 from billing_dags.billing.document import SCHEMA_VERSION, safe_customer_id
 from billing_dags.billing.errors import InvoiceError
@@ -54,7 +54,7 @@ def assign_invoice_numbers(paths: Paths, month: date, customer_ids: Iterable[str
         try:
             reg = read_registry(paths)
             numbers: dict[str, str] = reg["numbers"]
-            used = sorted(int(n[len(prefix):]) for n in numbers.values() if n.startswith(prefix))
+            used = sorted(int(n[len(prefix) :]) for n in numbers.values() if n.startswith(prefix))
             if used != list(range(1, len(used) + 1)):
                 raise InvoiceError(
                     f"{registry_path(paths)}: numbers {prefix}* are not a gap-free sequence from 1; "

@@ -7,7 +7,7 @@ its files are never rewritten (``billing.store``).
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 from billing_dags.billing.errors import InvoiceError
 from billing_dags.core import calendar
@@ -34,7 +34,7 @@ def _utc(now: datetime) -> datetime:
         raise InvoiceError(f"now {now!r} must be a datetime")
     if now.tzinfo is None or now.utcoffset() is None:
         raise InvoiceError(f"now {now.isoformat()} has no time zone; pass an aware datetime, e.g. datetime.now(timezone.utc)")
-    return now.astimezone(timezone.utc)
+    return now.astimezone(UTC)
 
 
 def checked_grace(grace_days: int) -> int:
@@ -52,5 +52,5 @@ def finalization_date(month_start: date, grace_days: int = DEFAULT_GRACE_DAYS) -
 def invoice_status(month_start: date, now: datetime, grace_days: int = DEFAULT_GRACE_DAYS) -> str:
     """``finalized`` once ``now`` >= period end (00:00 UTC of the next month's first day) + grace days, else ``draft``."""
     fin = finalization_date(month_start, grace_days)
-    cutoff = datetime(fin.year, fin.month, fin.day, tzinfo=timezone.utc)
+    cutoff = datetime(fin.year, fin.month, fin.day, tzinfo=UTC)
     return "finalized" if _utc(now) >= cutoff else "draft"

@@ -84,6 +84,7 @@ def check_open_month(month: date, today: date | None = None) -> None:
 
 # --- exact helpers -----------------------------------------------------------------------------
 
+
 def to_nano(x: Decimal | None) -> int:
     if x is None:
         return 0
@@ -110,10 +111,11 @@ def fmt(x: Decimal) -> str:
 
 # --- inputs ------------------------------------------------------------------------------------
 
+
 def seed_tables(paths: Paths) -> dict[str, pa.Table]:
     """The seed snapshots the invoices use (data/seeds/*.parquet), else the validated seed CSVs."""
-    from billing_dags.seeds.catalog import SPECS, load_seeds
     from billing_dags.models.sqlmodels import seed_snapshot_path
+    from billing_dags.seeds.catalog import SPECS, load_seeds
 
     snaps = {name: seed_snapshot_path(paths, name) for name in SPECS}
     if all(p.exists() for p in snaps.values()):
@@ -139,6 +141,7 @@ def daily_partitions(paths: Paths, month: date) -> tuple[list[date], pa.Table | 
 
 # --- the projection ----------------------------------------------------------------------------
 
+
 def project_days(actual: pa.Table, month: date, computed: list[date], aggregations: dict[str, str]) -> pa.Table:
     """The actual daily rows plus synthetic rows for the missing days (see the module docstring)."""
     days = month_days(month)
@@ -161,10 +164,22 @@ def project_days(actual: pa.Table, month: date, computed: list[date], aggregatio
         if agg is None:
             continue
         base = {
-            "customer_id": customer, "meter_id": meter, "dimension": dimension, "kind": g["kind"],
-            "usage": None, "gauge_integral": None, "gauge_covered_ms": None, "gauge_peak": None,
-            "series": 0, "samples": 0, "dropped_samples": 0, "resets": 0, "reappeared_series": 0, "max_gap_ms": 0,
-            "events": 0, "duplicate_conflicts": 0,
+            "customer_id": customer,
+            "meter_id": meter,
+            "dimension": dimension,
+            "kind": g["kind"],
+            "usage": None,
+            "gauge_integral": None,
+            "gauge_covered_ms": None,
+            "gauge_peak": None,
+            "series": 0,
+            "samples": 0,
+            "dropped_samples": 0,
+            "resets": 0,
+            "reappeared_series": 0,
+            "max_gap_ms": 0,
+            "events": 0,
+            "duplicate_conflicts": 0,
         }
         per_day: list[dict] = []
         if agg in ADDITIVE:
@@ -180,8 +195,7 @@ def project_days(actual: pa.Table, month: date, computed: list[date], aggregatio
         elif agg == "max":
             per_day = [{"gauge_integral": Decimal(0), "gauge_covered_ms": 0, "gauge_peak": g["peak"] or Decimal(0)}] * len(missing)
         elif agg == "avg" and g["covered"] > 0:
-            per_day = [{"gauge_integral": from_nano(g["integral"]), "gauge_covered_ms": g["covered"],
-                        "gauge_peak": g["peak"] or Decimal(0)}] * len(missing)
+            per_day = [{"gauge_integral": from_nano(g["integral"]), "gauge_covered_ms": g["covered"], "gauge_peak": g["peak"] or Decimal(0)}] * len(missing)
         for d, values in zip(missing, per_day):
             synthetic.append({**base, **values, "day": d})
     if not synthetic:
@@ -241,8 +255,9 @@ def project_month(paths: Paths, month: date, today: date | None = None) -> Proje
             sqlmodels.check_window(model, out, window)
             create_table(con, name, out)
             lines = out
-        allowances = con.sql(
-            """
+        allowances = (
+            con.sql(
+                """
             select p.customer_id, pr.meter_id, pr.dimension, pr.included_quantity, pr.included_pool,
                    m.billing_unit || case m.aggregation when 'unit_hours' then '-hour' when 'unit_months' then '-month' else '' end as unit
             from dim_subscription_periods_by_month p
@@ -251,38 +266,44 @@ def project_month(paths: Paths, month: date, today: date | None = None) -> Proje
             where p.is_invoice_plan
             order by p.customer_id, pr.price_line
             """
-        ).to_arrow_table().to_pylist()
+            )
+            .to_arrow_table()
+            .to_pylist()
+        )
         exponents = {r[0]: r[1] for r in con.execute("select currency, minor_unit_exponent from stg_seeds__currencies").fetchall()}
     finally:
         con.close()
     mtd_rows = sqlmodels.billable_quantities(actual, seeds, window, project=project)
-    proj_by_key = {
-        (r["customer_id"], r["meter_id"], r["dimension"]): r
-        for r in sqlmodels.billable_quantities(projected, seeds, window, project=project)
-    }
+    proj_by_key = {(r["customer_id"], r["meter_id"], r["dimension"]): r for r in sqlmodels.billable_quantities(projected, seeds, window, project=project)}
     usage = []
     for r in mtd_rows:
         p = proj_by_key.get((r["customer_id"], r["meter_id"], r["dimension"]), r)
         usage.append(
             {
-                "customer_id": r["customer_id"], "meter_id": r["meter_id"], "dimension": r["dimension"],
-                "kind": meters[r["meter_id"]]["kind"], "aggregation": r["aggregation"], "unit": r["unit"],
+                "customer_id": r["customer_id"],
+                "meter_id": r["meter_id"],
+                "dimension": r["dimension"],
+                "kind": meters[r["meter_id"]]["kind"],
+                "aggregation": r["aggregation"],
+                "unit": r["unit"],
                 "base_unit": r["base_unit"],
-                "month_to_date": r["quantity"], "projected": p["quantity"],
-                "month_to_date_base": r["base_quantity"], "projected_base": p["base_quantity"],
+                "month_to_date": r["quantity"],
+                "projected": p["quantity"],
+                "month_to_date_base": r["base_quantity"],
+                "projected_base": p["base_quantity"],
                 "days_with_data": r["days_with_data"],
             }
         )
     line_rows = lines.to_pylist() if lines is not None else []
     totals: dict[str, dict] = {}
     for line in line_rows:
-        t = totals.setdefault(line["customer_id"], {"currency": line["currency"], "amount_minor": 0,
-                                                     "exponent": exponents.get(line["currency"], 2)})
+        t = totals.setdefault(line["customer_id"], {"currency": line["currency"], "amount_minor": 0, "exponent": exponents.get(line["currency"], 2)})
         t["amount_minor"] += int(line["amount_minor"])
     return Projection(month, today, len(month_days(month)), computed, usage, line_rows, totals, allowances)
 
 
 # --- `billing usage` for an open month ---------------------------------------------------------
+
 
 def usage_report(paths: Paths, customer_id: str, month: date, today: date | None = None) -> dict:
     """One customer's month-to-date and projected usage and projected charges (JSON-ready)."""
@@ -301,17 +322,25 @@ def usage_report(paths: Paths, customer_id: str, month: date, today: date | None
         "last_computed_day": max(p.computed_days).isoformat(),
         "usage": [
             {
-                "meter": u["meter_id"], "dimension": u["dimension"], "aggregation": u["aggregation"],
-                "month_to_date": fmt(u["month_to_date"]), "projected": fmt(u["projected"]), "unit": u["unit"],
+                "meter": u["meter_id"],
+                "dimension": u["dimension"],
+                "aggregation": u["aggregation"],
+                "month_to_date": fmt(u["month_to_date"]),
+                "projected": fmt(u["projected"]),
+                "unit": u["unit"],
                 "days": u["days_with_data"],
             }
             for u in rows
         ],
         "projected_lines": [
             {
-                "line": l["line_number"], "type": l["line_type"], "description": l["description"],
-                "quantity": fmt(l["quantity"]) if l["quantity"] is not None else "", "unit": l["unit"],
-                "amount": format_minor(int(l["amount_minor"]), exponent), "amount_minor": int(l["amount_minor"]),
+                "line": l["line_number"],
+                "type": l["line_type"],
+                "description": l["description"],
+                "quantity": fmt(l["quantity"]) if l["quantity"] is not None else "",
+                "unit": l["unit"],
+                "amount": format_minor(int(l["amount_minor"]), exponent),
+                "amount_minor": int(l["amount_minor"]),
             }
             for l in lines
         ],
@@ -319,7 +348,5 @@ def usage_report(paths: Paths, customer_id: str, month: date, today: date | None
         "projected_total": format_minor(total["amount_minor"], exponent) if total else None,
         "projected_total_minor": total["amount_minor"] if total else None,
         "note": f"{NOTE}: month-to-date x {p.days_in_month}/{p.days_elapsed} days for additive meters, "
-                "month-to-date level for peaks and averages; before prepaid credits and adjustments",
+        "month-to-date level for peaks and averages; before prepaid credits and adjustments",
     }
-
-

@@ -9,8 +9,9 @@ import csv
 import functools
 import html
 import io
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jinja2
 
@@ -73,8 +74,8 @@ def _render_csv(invoice: dict) -> str:
     head = [invoice["invoice_number"], invoice["status"], invoice["customer_id"], invoice["period_start"], invoice["period_end"], invoice["currency"]]
     for line in invoice["lines"]:
         w.writerow(
-            head
-            + [
+            [
+                *head,
                 line["line_number"],
                 line["line_type"],
                 line["meter_id"] or "",
@@ -89,8 +90,8 @@ def _render_csv(invoice: dict) -> str:
         )
     if int(invoice.get("credits_used_minor") or 0):
         # a summary row (not a charge): the credit lines above already hold these amounts, negated
-        w.writerow(head + ["", "credits_used", "", "", "Prepaid credits used", "", "", "", invoice["credits_used"], invoice["credits_used_minor"]])
-    w.writerow(head + ["", "total", "", "", total_label(invoice), "", "", "", invoice["total"], invoice["total_minor"]])
+        w.writerow([*head, "", "credits_used", "", "", "Prepaid credits used", "", "", "", invoice["credits_used"], invoice["credits_used_minor"]])
+    w.writerow([*head, "", "total", "", "", total_label(invoice), "", "", "", invoice["total"], invoice["total_minor"]])
     return buf.getvalue()
 
 
@@ -120,10 +121,7 @@ def _render_table(invoice: dict) -> str:
         "",
     ]
     header = ("#", "type", "description", "quantity", "unit", "unit price", f"amount {cur}")
-    rows = [
-        (str(l["line_number"]), l["line_type"], l["description"], l["quantity"], l["unit"], l["unit_price"], l["amount"])
-        for l in invoice["lines"]
-    ]
+    rows = [(str(l["line_number"]), l["line_type"], l["description"], l["quantity"], l["unit"], l["unit_price"], l["amount"]) for l in invoice["lines"]]
     summary = _summary_rows(invoice)
     rows.extend(("", "", label, "", "", "", value) for label, value in summary[:-1])
     rows.append(("", "", total_label(invoice), "", "", "", invoice["total"]))
@@ -141,8 +139,10 @@ def _render_table(invoice: dict) -> str:
     out.extend(fmt(r) for r in rows[len(rows) - 1 - n_sum : -1])
     out.append(fmt(rows[-1]))
     for c in invoice.get("credits") or []:
-        out.append(f"Prepaid credit {c['grant_id']}: {c['available']} available, {c['used']} used, {c['remaining']} {cur} remaining"
-                   + (f" (expires {c['expires_on']}, exclusive)" if c.get("expires_on") else ""))
+        out.append(
+            f"Prepaid credit {c['grant_id']}: {c['available']} available, {c['used']} used, {c['remaining']} {cur} remaining"
+            + (f" (expires {c['expires_on']}, exclusive)" if c.get("expires_on") else "")
+        )
     out += ["", invoice["dispute_instructions"], ""]
     return "\n".join(out)
 

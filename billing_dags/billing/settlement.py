@@ -25,10 +25,11 @@ Rules (decided here):
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from billing_dags.billing import credits as _credits
 from billing_dags.billing.document import carried_adjustments, charge_lines
@@ -43,8 +44,7 @@ from billing_dags.core.settings import Paths
 from billing_dags.seeds.catalog import SAFE_ID_RE
 
 
-def open_adjustments(paths: Paths, cid: str, month: date, stored: list[dict], currency: str, exp: int,
-                      pending_files: list[Path] | None = None) -> list[dict]:
+def open_adjustments(paths: Paths, cid: str, month: date, stored: list[dict], currency: str, exp: int, pending_files: list[Path] | None = None) -> list[dict]:
     """What earlier invoices of ``cid`` still leave to settle on the invoice of ``month``.
 
     Two sources, each of a month before ``month``: a finalized invoice whose recomputed charges
@@ -66,8 +66,7 @@ def open_adjustments(paths: Paths, cid: str, month: date, stored: list[dict], cu
         pend = read_pending(f)
         if pend.get("currency") != currency:
             raise InvoiceError(
-                f"{f}: adjustment in {pend.get('currency')!r} cannot go on {cid}'s {mk} invoice in {currency!r}; "
-                "settle it by hand and remove the file"
+                f"{f}: adjustment in {pend.get('currency')!r} cannot go on {cid}'s {mk} invoice in {currency!r}; settle it by hand and remove the file"
             )
         fin = int(pend.get("finalized_charges_minor", pend.get("finalized_total_minor", 0)))
         rec = int(pend.get("recomputed_charges_minor", pend.get("recomputed_total_minor", 0)))
@@ -80,9 +79,18 @@ def open_adjustments(paths: Paths, cid: str, month: date, stored: list[dict], cu
         text = f"usage of {src} recomputed after {reason}: {number} charges {format_minor(fin, exp)} -> {format_minor(rec, exp)}"
         if done:
             text += f" ({format_minor(done, exp)} already adjusted)"
-        out.append({"kind": "recompute", "month": src, "invoice_number": number, "amount_minor": amount, "description": text,
-                    "formula": f"recomputed {format_minor(rec, exp)} − finalized {format_minor(fin, exp)}"
-                    + (f" − already adjusted {format_minor(done, exp)}" if done else "") + f" = {format_minor(amount, exp)} {currency.upper()}"})
+        out.append(
+            {
+                "kind": "recompute",
+                "month": src,
+                "invoice_number": number,
+                "amount_minor": amount,
+                "description": text,
+                "formula": f"recomputed {format_minor(rec, exp)} − finalized {format_minor(fin, exp)}"
+                + (f" − already adjusted {format_minor(done, exp)}" if done else "")
+                + f" = {format_minor(amount, exp)} {currency.upper()}",
+            }
+        )
     for d in stored:
         src = d["period_start"][:7]
         owed = int(d.get("carried_forward_minor") or 0)
@@ -91,9 +99,16 @@ def open_adjustments(paths: Paths, cid: str, month: date, stored: list[dict], cu
         amount = -owed - carried.get(("carry_forward", src), 0)
         if amount == 0:
             continue
-        out.append({"kind": "carry_forward", "month": src, "invoice_number": d["invoice_number"], "amount_minor": amount,
-                    "description": f"credit balance carried from {d['invoice_number']} ({src})",
-                    "formula": f"{format_minor(owed, exp)} {currency.upper()} owed back by {d['invoice_number']} = {format_minor(amount, exp)} {currency.upper()}"})
+        out.append(
+            {
+                "kind": "carry_forward",
+                "month": src,
+                "invoice_number": d["invoice_number"],
+                "amount_minor": amount,
+                "description": f"credit balance carried from {d['invoice_number']} ({src})",
+                "formula": f"{format_minor(owed, exp)} {currency.upper()} owed back by {d['invoice_number']} = {format_minor(amount, exp)} {currency.upper()}",
+            }
+        )
     return sorted(out, key=lambda a: (a["month"], a["kind"]))
 
 
@@ -135,8 +150,17 @@ def _settle(
     extra: list[dict] = []
     for a in adjustments:
         extra.append(
-            _generated_line(ln, "adjustment", a["amount_minor"], exp, dimension=a["month"], description=a["description"], unit="adjustment",
-                            adjusts={"kind": a["kind"], "month": a["month"], "invoice_number": a["invoice_number"]}, formula=a["formula"])
+            _generated_line(
+                ln,
+                "adjustment",
+                a["amount_minor"],
+                exp,
+                dimension=a["month"],
+                description=a["description"],
+                unit="adjustment",
+                adjusts={"kind": a["kind"], "month": a["month"], "invoice_number": a["invoice_number"]},
+                formula=a["formula"],
+            )
         )
         ln += 1
     adjustments_minor = sum(a["amount_minor"] for a in adjustments)
@@ -150,7 +174,13 @@ def _settle(
         label = f"{g.description}; {until}" if g.description else until
         extra.append(
             _generated_line(
-                ln, "credit", -d["drawn_minor"], exp, dimension=g.grant_id, unit="credit", grant_id=g.grant_id,
+                ln,
+                "credit",
+                -d["drawn_minor"],
+                exp,
+                dimension=g.grant_id,
+                unit="credit",
+                grant_id=g.grant_id,
                 description=f"Prepaid credit {g.grant_id} ({label}): {fmt(d['remaining_minor'])} {cur} remaining",
                 formula=f"min(balance {fmt(d['available_minor'])}, due {fmt(due)}) = {fmt(d['drawn_minor'])} {cur} applied; "
                 f"{fmt(d['remaining_minor'])} {cur} remains",
@@ -164,7 +194,11 @@ def _settle(
         carried_forward = -due
         extra.append(
             _generated_line(
-                ln, "carry_forward", carried_forward, exp, unit="adjustment",
+                ln,
+                "carry_forward",
+                carried_forward,
+                exp,
+                unit="adjustment",
                 description="negative balance carried to the next invoice as a credit (a total is never below zero)",
                 formula=f"charges and adjustments {fmt(subtotal)} {cur} < 0: {fmt(carried_forward)} {cur} carried forward, total 0",
             )
@@ -204,13 +238,31 @@ def _settle(
     return extra, summary
 
 
-def settle(charges: list[dict], adjustments: list[dict], grants: Iterable[_credits.Grant], stored: list[dict],
-           month: date, currency: str, exp: int, credit_note: bool = False) -> dict:
+def settle(
+    charges: list[dict],
+    adjustments: list[dict],
+    grants: Iterable[_credits.Grant],
+    stored: list[dict],
+    month: date,
+    currency: str,
+    exp: int,
+    credit_note: bool = False,
+) -> dict:
     """The lines (the charge lines ``charges``, then what ``_settle`` adds), summary figures and total of a
     customer's invoice of ``month``; ``stored`` are the customer's stored invoices (credit draws of other months)."""
     charges_minor = sum(line["amount_minor"] for line in charges)
-    extra, summary = _settle(charges, charges_minor, adjustments, [g for g in grants if g.currency == currency],
-                             _credits.drawn_before(stored, month.isoformat()), month, period_end(month), currency, exp, credit_note)
+    extra, summary = _settle(
+        charges,
+        charges_minor,
+        adjustments,
+        [g for g in grants if g.currency == currency],
+        _credits.drawn_before(stored, month.isoformat()),
+        month,
+        period_end(month),
+        currency,
+        exp,
+        credit_note,
+    )
     lines = [*charges, *extra]
     total_minor = sum(line["amount_minor"] for line in lines)
     return {"lines": lines, **summary, "total": format_minor(total_minor, exp), "total_minor": total_minor}

@@ -98,7 +98,7 @@ def write_invoice_files(paths: Paths, invoices: list[dict]) -> dict:
     unchanged: list[str] = []
     changed_after: list[str] = []
     pending: list[str] = []
-    by_status: dict[str, int] = {s: 0 for s in STATUSES}
+    by_status: dict[str, int] = dict.fromkeys(STATUSES, 0)
     totals_minor: dict[str, int] = {}
     exponents: dict[str, int] = {}
     # the files of a month are made durable together (see durable.Batch), before the next month is read
@@ -128,8 +128,18 @@ def write_invoice_files(paths: Paths, invoices: list[dict]) -> dict:
     }
 
 
-def _write_invoice(paths: Paths, inv: dict, batch: durable.Batch, written: list[str], unchanged: list[str], changed_after: list[str],
-                   pending: list[str], by_status: dict[str, int], totals_minor: dict[str, int], exponents: dict[str, int]) -> None:
+def _write_invoice(
+    paths: Paths,
+    inv: dict,
+    batch: durable.Batch,
+    written: list[str],
+    unchanged: list[str],
+    changed_after: list[str],
+    pending: list[str],
+    by_status: dict[str, int],
+    totals_minor: dict[str, int],
+    exponents: dict[str, int],
+) -> None:
     """One invoice of write_invoice_files: its files go into ``batch``; the figures are added up."""
     month_key = inv["period_start"][:7]
     cid = safe_customer_id(inv["customer_id"], f"invoice {inv.get('invoice_number')!r}")

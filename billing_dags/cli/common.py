@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import sys
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -39,17 +39,11 @@ class RunFailed(CliError):
 # --- argument parsing helpers ----------------------------------------------------------------
 
 
-
-
-
-
-
-
 def check_billable_month(month: date, today: date | None = None, seeds_dir: Path | None = None) -> None:
     """``month`` has ended and is a partition (the partitions start as the code location's do, for these seeds)."""
     from billing_dags.core.settings import partitions_start
 
-    today = today or datetime.now(timezone.utc).date()
+    today = today or datetime.now(UTC).date()
     start = partitions_start(seeds_dir=seeds_dir)
     if month < start:
         raise CliError(
@@ -57,10 +51,7 @@ def check_billable_month(month: date, today: date | None = None, seeds_dir: Path
             f"BILLING_PARTITIONS_START={month:%Y-%m} to start the partitions earlier"
         )
     if next_month(month) > today:
-        raise CliError(
-            f"month {month:%Y-%m} has not ended yet (today is {today}); the latest complete month is "
-            f"{last_complete_month(today):%Y-%m}"
-        )
+        raise CliError(f"month {month:%Y-%m} has not ended yet (today is {today}); the latest complete month is {last_complete_month(today):%Y-%m}")
 
 
 def paths_of(args) -> Paths:
@@ -91,7 +82,7 @@ def require_customer(paths: Paths, customer_id: str) -> dict:
         close = [c for c in customers if c.startswith(customer_id.split("-")[0])][:5] or sorted(customers)[:5]
         raise CliError(
             f"unknown customer {customer_id!r} in {paths.seeds_dir / 'customers.csv'}; known ids include "
-            f"{', '.join(close)} (see `billing sql \"select customer_id from seed_customers\"`)"
+            f'{", ".join(close)} (see `billing sql "select customer_id from seed_customers"`)'
         )
     return customers[customer_id]
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from billing_dags.core.money import format_minor
 from pathlib import Path
-from billing_dags.operations.disputes import BUCKETS_MS, DisputeError, _fmt, build_dispute, export_evidence
+
 from billing_dags.cli.common import CliError, console, emit, paths_of, require_customer
 from billing_dags.core.calendar import parse_month
+from billing_dags.core.money import format_minor
+from billing_dags.operations.disputes import BUCKETS_MS, DisputeError, _fmt, build_dispute, export_evidence
 
 
 def register(sub) -> None:
@@ -28,18 +29,43 @@ def cmd_dispute(args) -> int:
     except DisputeError as e:
         raise CliError(str(e)) from None
     if not len(dispute.evidence):
-        raise CliError(f"no raw samples for {args.customer} in {month:%Y-%m} under {paths.raw_samples}; raw data older than the retention period is gone — the invoice manifest lists the hashes it was billed from")
-    emit([{**r, "increase": _fmt(r["increase"])} for r in dispute.breakdown], "table", title=f"{args.customer} {month:%Y-%m}: usage by {args.by} from raw samples")
+        raise CliError(
+            f"no raw samples for {args.customer} in {month:%Y-%m} under {paths.raw_samples}; "
+            f"raw data older than the retention period is gone — the invoice manifest lists the hashes it was billed from"
+        )
+    emit(
+        [{**r, "increase": _fmt(r["increase"])} for r in dispute.breakdown],
+        "table",
+        title=f"{args.customer} {month:%Y-%m}: usage by {args.by} from raw samples",
+    )
     emit([{**t, "increase": _fmt(t["increase"])} for t in dispute.totals], "table", title="Totals per meter (raw evidence)")
     if dispute.events:
         emit(dispute.events[:200], "table", title=f"Resets, reappearances and gaps over 15 min ({len(dispute.events)})")
     else:
         console.print("No resets, reappearances or gaps over 15 minutes.")
     if dispute.lines:
-        emit([
-            {k: l.get(k) for k in ("line_number", "line_type", "meter_id", "dimension", "quantity", "unit", "included_quantity", "billable_quantity", "unit_price", "amount")}
-            for l in dispute.lines
-        ], "table", title=f"Invoice {dispute.invoice['invoice_number']} ({dispute.invoice['status']}) lines")
+        emit(
+            [
+                {
+                    k: l.get(k)
+                    for k in (
+                        "line_number",
+                        "line_type",
+                        "meter_id",
+                        "dimension",
+                        "quantity",
+                        "unit",
+                        "included_quantity",
+                        "billable_quantity",
+                        "unit_price",
+                        "amount",
+                    )
+                }
+                for l in dispute.lines
+            ],
+            "table",
+            title=f"Invoice {dispute.invoice['invoice_number']} ({dispute.invoice['status']}) lines",
+        )
     elif dispute.invoice is None:
         console.print(f"No invoice for {args.customer} in {month:%Y-%m} yet (billing run --month {month:%Y-%m}).")
     tie = dispute.tie_out

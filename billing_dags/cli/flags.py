@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from billing_dags.operations.flags import _ack_key, _quantity, acknowledge, month_flags, read_acks
 from billing_dags.cli.common import CliError, console, emit, paths_of, require_customer
 from billing_dags.core.calendar import parse_month
+from billing_dags.operations.flags import _ack_key, _quantity, acknowledge, month_flags, read_acks
 
 
 def register(sub) -> None:
@@ -36,12 +36,20 @@ def cmd_list(args) -> int:
             continue
         if args.customer and f["customer_id"] != args.customer:
             continue
-        rows.append({
-            "day": f["day"], "customer": f["customer_id"] or "(none)", "meter": f["meter_id"], "rule": f["rule"],
-            "severity": f["severity"], "value": f"{f['value'].normalize():f}", "threshold": f"{f['threshold'].normalize():f}",
-            "quantity": _quantity(f),
-            "acknowledged": (f["customer_id"], f"{month:%Y-%m}", f["meter_id"], f["rule"]) in acked, "detail": f["detail"],
-        })
+        rows.append(
+            {
+                "day": f["day"],
+                "customer": f["customer_id"] or "(none)",
+                "meter": f["meter_id"],
+                "rule": f["rule"],
+                "severity": f["severity"],
+                "value": f"{f['value'].normalize():f}",
+                "threshold": f"{f['threshold'].normalize():f}",
+                "quantity": _quantity(f),
+                "acknowledged": (f["customer_id"], f"{month:%Y-%m}", f["meter_id"], f["rule"]) in acked,
+                "detail": f["detail"],
+            }
+        )
     if not rows:
         console.print(f"no flags in {month:%Y-%m}" + (" (fct_anomaly_flags_by_day not materialized yet?)" if not month_flags(paths, month) else ""))
         return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -18,15 +18,15 @@ from rich.table import Table
 from billing_dags.billing.listing import invoice_rows
 from billing_dags.cli import disputes, flags, metrics, reports, retention, stripe
 from billing_dags.cli import remote_write as remote_write_cli
+from billing_dags.cli.common import CliError, check_billable_month, console, emit, err_console, paths_of, require_customer, seeds_of
 from billing_dags.cli.projection import emit_usage_report
-from billing_dags.cli.common import CliError, console, emit, err_console, paths_of, require_customer, seeds_of, check_billable_month
-from billing_dags.cli.runs import run_month, run_invoices
+from billing_dags.cli.runs import run_invoices, run_month
 from billing_dags.core.calendar import days_in_month, last_complete_month, next_month, parse_month
 from billing_dags.core.errors import InputError
 from billing_dags.core.settings import Paths
 
-
 # --- commands ----------------------------------------------------------------------------------
+
 
 def cmd_run(args) -> int:
     paths = paths_of(args)
@@ -52,14 +52,15 @@ def cmd_demo(args) -> int:
     console.print(f"[bold]billing_dags demo[/]: simulated usage for {month:%Y-%m}, Stripe dry-run, data in {paths.data_dir}")
     # the lifecycle as the schedules run it: drafts on the 1st of the next month, while late data
     # may still arrive; then finalization once the grace period has passed (here: now)
-    on_the_first = datetime.combine(next_month(month), datetime.min.time(), tzinfo=timezone.utc) + timedelta(hours=2)
+    on_the_first = datetime.combine(next_month(month), datetime.min.time(), tzinfo=UTC) + timedelta(hours=2)
     figures = run_month(paths, month, seed=args.seed, customers=args.customers, interval_s=args.interval, as_of=on_the_first.isoformat())
     drafts = invoice_rows(paths, month)
     example = next((r for r in drafts if not r["total"].startswith("0.00")), drafts[0] if drafts else None)
     console.print(
         f"\nOn {on_the_first:%Y-%m-%d %H:%M} UTC the month's invoices are drafts "
         f"({sum(r['status'] == 'draft' for r in drafts)} of {len(drafts)}), e.g. {example['invoice']} {example['total']}."
-        if drafts else "\nNo invoices."
+        if drafts
+        else "\nNo invoices."
     )
     run_invoices(paths, month)
     rows = invoice_rows(paths, month)
@@ -75,7 +76,7 @@ def cmd_demo(args) -> int:
         )
     console.print(f"\nRan {figures['days']} daily partitions and the month in {figures['seconds']:.1f}s.")
     console.print(f"Invoices (JSON, CSV, HTML): {paths.invoices / f'{month:%Y-%m}'}")
-    console.print(f"DuckDB warehouse (views): duckdb {paths.warehouse_db}   or   billing sql \"select * from fct_invoice_lines limit 5\"")
+    console.print(f'DuckDB warehouse (views): duckdb {paths.warehouse_db}   or   billing sql "select * from fct_invoice_lines limit 5"')
     console.print(f"Stripe outbox (dry-run): {paths.outbox} — {outbox_summary(paths, month)}")
     console.print("Dagster UI: make dev, then http://127.0.0.1:3000 (the runs above are in .dagster/)")
     return 0
@@ -91,11 +92,18 @@ def cmd_simulate(args) -> int:
     customers = seeds_of(paths)["customers"]
     n = args.customers
     if n is not None and not 1 <= n <= customers.num_rows:
-        raise CliError(f"--customers {n}: seeds have {customers.num_rows} customers; give 1..{customers.num_rows} or add customers to {paths.seeds_dir / 'customers.csv'}")
+        raise CliError(
+            f"--customers {n}: seeds have {customers.num_rows} customers; give 1..{customers.num_rows} or add customers to {paths.seeds_dir / 'customers.csv'}"
+        )
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console) as progress:
         task = progress.add_task(f"simulating {month:%Y-%m}", total=days_in_month(month))
         figures = simulate.simulate_month(
-            paths, month, customers, seed=args.seed, interval_s=args.interval, n_customers=n,
+            paths,
+            month,
+            customers,
+            seed=args.seed,
+            interval_s=args.interval,
+            n_customers=n,
             progress=lambda day: progress.advance(task),
         )
     console.print(f"wrote {figures['samples']:,} samples of {figures['series']:,} series over {figures['days']} days to {paths.raw_samples}")
@@ -167,10 +175,19 @@ def usage_rows(paths: Paths, customer_id: str, month: date) -> list[dict]:
         con.close()
     return [
         {
-            "period_start": period.isoformat(), "meter": meter, "dimension": dim, "kind": kind, "aggregation": agg,
-            "quantity": f"{qty.normalize():f}", "unit": unit,
-            "base_quantity": f"{base.normalize():f}", "base_unit": base_unit,
-            "days": days, "samples": samples, "resets": resets, "dropped_samples": dropped,
+            "period_start": period.isoformat(),
+            "meter": meter,
+            "dimension": dim,
+            "kind": kind,
+            "aggregation": agg,
+            "quantity": f"{qty.normalize():f}",
+            "unit": unit,
+            "base_quantity": f"{base.normalize():f}",
+            "base_unit": base_unit,
+            "days": days,
+            "samples": samples,
+            "resets": resets,
+            "dropped_samples": dropped,
         }
         for (period, meter, dim, kind, agg, qty, unit, base, base_unit, days, samples, resets, dropped) in result
     ]
@@ -204,12 +221,16 @@ def cmd_plans(args) -> int:
         lines = prices.get((plan["plan_id"], plan["version"]), [])
         rows.append(
             {
-                "plan": plan["plan_id"], "version": plan["version"], "from": str(plan["effective_from"]),
-                "name": plan["name"], "currency": plan["currency"], "base_fee": f"{plan['base_fee'].normalize():f}",
+                "plan": plan["plan_id"],
+                "version": plan["version"],
+                "from": str(plan["effective_from"]),
+                "name": plan["name"],
+                "currency": plan["currency"],
+                "base_fee": f"{plan['base_fee'].normalize():f}",
                 "risk_multiplier": f"{plan['risk_multiplier'].normalize():f}",
-                "prices": "; ".join(p["description"] for p in lines) if args.format == "table" else [
-                    {k: (f"{v.normalize():f}" if isinstance(v, Decimal) else v) for k, v in p.items()} for p in lines
-                ],
+                "prices": "; ".join(p["description"] for p in lines)
+                if args.format == "table"
+                else [{k: (f"{v.normalize():f}" if isinstance(v, Decimal) else v) for k, v in p.items()} for p in lines],
             }
         )
     if args.plan and not rows:
@@ -244,11 +265,9 @@ def cmd_sql(args) -> int:
             except RefusedStatement as e:
                 raise CliError(str(e)) from None
             except duckdb.PermissionException as e:
-                raise CliError(
-                    f"query refused: {str(e).splitlines()[0]}; billing sql reads only the warehouse's files under {paths.data_dir}"
-                ) from None
+                raise CliError(f"query refused: {str(e).splitlines()[0]}; billing sql reads only the warehouse's files under {paths.data_dir}") from None
             except duckdb.Error as e:
-                raise CliError(f"query failed: {str(e).splitlines()[0]}; list views with billing sql \"show tables\"") from None
+                raise CliError(f'query failed: {str(e).splitlines()[0]}; list views with billing sql "show tables"') from None
         finally:
             con.close()
     emit(rows, args.format)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from billing_dags.core import durable
-from billing_dags.core.settings import PROJECT_ROOT
-from pathlib import Path
 import argparse
 import sys
-from billing_dags.operations.metrics_export import RULES_FILE, export_metrics, render_recording_rules
+from pathlib import Path
+
 from billing_dags.cli.common import CliError, err_console, paths_of
+from billing_dags.core import durable
 from billing_dags.core.calendar import parse_month
+from billing_dags.core.settings import PROJECT_ROOT
+from billing_dags.operations.metrics_export import RULES_FILE, export_metrics, render_recording_rules
 
 
 def cmd_export_metrics(args) -> int:

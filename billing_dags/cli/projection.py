@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from billing_dags.core.settings import Paths
 from datetime import date
+
 from billing_dags.billing.projection import NOTE, _error, usage_report
 from billing_dags.cli.common import console, emit
+from billing_dags.core.settings import Paths
 
 
 def emit_usage_report(paths: Paths, customer_id: str, month: date, fmt_name: str) -> int:
@@ -23,13 +24,25 @@ def emit_usage_report(paths: Paths, customer_id: str, month: date, fmt_name: str
         print(json.dumps(report, indent=2))
     elif fmt_name == "csv":
         rows = [{**u, "days_elapsed": report["days_elapsed"], "days_in_month": report["days_in_month"]} for u in report["usage"]]
-        rows.append({"meter": "projected_total", "dimension": NOTE, "aggregation": "", "month_to_date": "",
-                     "projected": report["projected_total"] or "", "unit": report["currency"] or "", "days": "",
-                     "days_elapsed": report["days_elapsed"], "days_in_month": report["days_in_month"]})
+        rows.append(
+            {
+                "meter": "projected_total",
+                "dimension": NOTE,
+                "aggregation": "",
+                "month_to_date": "",
+                "projected": report["projected_total"] or "",
+                "unit": report["currency"] or "",
+                "days": "",
+                "days_elapsed": report["days_elapsed"],
+                "days_in_month": report["days_in_month"],
+            }
+        )
         emit(rows, "csv")
     else:
-        title = (f"Usage of {customer_id} in {month:%Y-%m} (open: {report['days_elapsed']} of "
-                 f"{report['days_in_month']} days computed, through {report['last_computed_day']})")
+        title = (
+            f"Usage of {customer_id} in {month:%Y-%m} (open: {report['days_elapsed']} of "
+            f"{report['days_in_month']} days computed, through {report['last_computed_day']})"
+        )
         emit(report["usage"], "table", title=title)
         lines = [{k: l[k] for k in ("line", "type", "description", "quantity", "unit", "amount")} for l in report["projected_lines"]]
         emit(lines, "table", title=f"Projected charges for {month:%Y-%m} ({NOTE})")

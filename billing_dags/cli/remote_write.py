@@ -7,7 +7,9 @@ import json
 import os
 import re
 import sys
+from datetime import UTC
 from pathlib import Path
+
 from billing_dags.cli.common import CliError
 
 _LISTEN_RE = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
@@ -53,7 +55,7 @@ def read_token(path: str | None) -> str | None:
 
 def _limits(args):
     """The receiver's input limits from the flags; a bad one is a CliError naming the flag."""
-    from datetime import date, datetime, timezone
+    from datetime import date, datetime
 
     from billing_dags.ingest.remote_write.decode import Limits
 
@@ -63,7 +65,7 @@ def _limits(args):
         raise CliError(f"--min-sample-time {args.min_sample_time!r}: give a UTC day as YYYY-MM-DD, e.g. 2000-01-01") from None
     try:
         return Limits(
-            min_sample_ms=int(datetime(day.year, day.month, day.day, tzinfo=timezone.utc).timestamp() * 1000),
+            min_sample_ms=int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() * 1000),
             max_future_ms=round(args.max_sample_future * 1000),
             max_labels=args.max_labels,
             max_label_name_bytes=args.max_label_name_bytes,
@@ -76,7 +78,6 @@ def _limits(args):
 
 def cmd_serve(args) -> int:
     from billing_dags.core.settings import resolve_paths
-
     from billing_dags.ingest.remote_write.server import ReceiverConfig, serve
 
     host, port = parse_listen(args.listen)
@@ -98,8 +99,7 @@ def cmd_serve(args) -> int:
         max_connections=args.max_connections,
     )
     print(
-        f"remote-write receiver on http://{host}:{port}/api/v1/write, usage reports on http://{host}:{port}/api/usage/report, "
-        f"landing in {paths.landing}",
+        f"remote-write receiver on http://{host}:{port}/api/v1/write, usage reports on http://{host}:{port}/api/usage/report, landing in {paths.landing}",
         file=sys.stderr,
         flush=True,
     )
@@ -108,8 +108,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_compact(args) -> int:
-    from billing_dags.ingest.compaction import compact
     from billing_dags.core.settings import resolve_paths
+    from billing_dags.ingest.compaction import compact
 
     paths = resolve_paths(args.data_dir, args.seeds_dir)
     days = None
@@ -126,9 +126,8 @@ def cmd_compact(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from billing_dags.ingest.compaction import landing_status
     from billing_dags.core.settings import resolve_paths
-
+    from billing_dags.ingest.compaction import landing_status
     from billing_dags.ingest.usage_reports import ReportStore
 
     paths = resolve_paths(args.data_dir, args.seeds_dir)
@@ -149,16 +148,24 @@ def register(sub) -> None:
     s.add_argument("--token-file", help="file holding the bearer token Prometheus must send (default: no auth)")
     s.add_argument("--max-body-bytes", type=_size, default=16 << 20, help="largest compressed body (default 16MiB); larger gets 413")
     s.add_argument("--max-decoded-bytes", type=_size, default=64 << 20, help="largest decompressed body (default 64MiB); larger gets 413")
-    s.add_argument("--max-in-flight", type=int, default=64, help="requests being decoded and written at once before answering 503 (default 64); bodies being received are bounded by this times --max-body-bytes")
+    s.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=64,
+        help="requests being decoded and written at once before answering 503 (default 64); bodies being received are bounded by this times --max-body-bytes",
+    )
     s.add_argument("--segment-max-bytes", type=_size, default=64 << 20, help="seal a landing segment at this size (default 64MiB)")
     s.add_argument("--segment-max-age", type=float, default=60.0, help="seal a landing segment after this many seconds (default 60)")
     s.add_argument("--read-timeout", type=_seconds, default=60.0, help="seconds a request body may take to arrive (default 60); slower gets 408")
     s.add_argument("--idle-timeout", type=_seconds, default=15.0, help="seconds a connection may go without sending a request head (default 15)")
-    s.add_argument("--max-connections", type=int, default=512, help="open connections at most (default 512, lowered to fit the file limit); the longest idle makes room")
+    s.add_argument(
+        "--max-connections", type=int, default=512, help="open connections at most (default 512, lowered to fit the file limit); the longest idle makes room"
+    )
     s.add_argument("--min-free-bytes", type=_size, default=64 << 20, help="answer 503 when the landing disk has less free (default 64MiB)")
     s.add_argument("--min-sample-time", default="2000-01-01", help="refuse (400) samples before this UTC day (default 2000-01-01; from 1970-01-01)")
-    s.add_argument("--max-sample-future", type=float, default=600.0,
-                   help="refuse (400) samples more than this many seconds ahead of the receiver's clock (default 600)")
+    s.add_argument(
+        "--max-sample-future", type=float, default=600.0, help="refuse (400) samples more than this many seconds ahead of the receiver's clock (default 600)"
+    )
     s.add_argument("--max-labels", type=int, default=64, help="refuse (400) series with more labels, __name__ included (default 64)")
     s.add_argument("--max-label-name-bytes", type=int, default=1024, help="refuse (400) series with a longer label name (default 1024)")
     s.add_argument("--max-label-value-bytes", type=int, default=2048, help="refuse (400) series with a longer label value or metric name (default 2048)")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import date
-from billing_dags.operations.reports import build_daily_summary, to_html, to_markdown, write_daily_summary
+
 from billing_dags.cli.common import CliError, paths_of
+from billing_dags.operations.reports import build_daily_summary, to_html, to_markdown, write_daily_summary
 
 
 def register(sub) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from billing_dags.cli.common import CliError, console, emit, paths_of
 from billing_dags.core.settings import DEFAULT_RETENTION_DAYS
 from billing_dags.operations.retention import apply, plan
-from billing_dags.cli.common import CliError, console, emit, paths_of
 
 
 def register(sub) -> None:

@@ -177,8 +177,12 @@ def run_invoices(paths: Paths, month: date, *, as_of: str = "") -> None:
 
     defs, instance = definitions_of(paths)
     execute(
-        defs.resolve_job_def("monthly_invoicing"), instance, f"invoices of {month:%Y-%m}",
-        {"ops": {"invoices": {"config": {"as_of": as_of}}}}, partition_key=month.isoformat(), asset_selection=[dg.AssetKey("invoices")],
+        defs.resolve_job_def("monthly_invoicing"),
+        instance,
+        f"invoices of {month:%Y-%m}",
+        {"ops": {"invoices": {"config": {"as_of": as_of}}}},
+        partition_key=month.isoformat(),
+        asset_selection=[dg.AssetKey("invoices")],
     )
 
 
@@ -219,15 +223,24 @@ def run_month(
         execute(daily_job, instance, f"warm-up day {warmup}", run_config, partition_key=warmup.isoformat(), asset_selection=edges_only)
     days = month_days(month)
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, disable=quiet,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=quiet,
     ) as progress:
         # the month's days are one run over the partition range, as a backfill from the UI is: each
         # step (asset) processes every day in order, after the assets it reads; the bar counts steps
         task = progress.add_task(f"days {days[0]} to {days[-1]} (one run, step by step)", total=None)
         execute(
-            daily_job, instance, f"days {days[0]} to {days[-1]}", run_config,
-            partition_range=(days[0].isoformat(), days[-1].isoformat()), asset_selection=selection, progress=(progress, task),
+            daily_job,
+            instance,
+            f"days {days[0]} to {days[-1]}",
+            run_config,
+            partition_range=(days[0].isoformat(), days[-1].isoformat()),
+            asset_selection=selection,
+            progress=(progress, task),
         )
         mtask = progress.add_task("month: rating and invoices", total=None)
         month_config = {"ops": {"invoices": {"config": {"as_of": as_of or ""}}}}

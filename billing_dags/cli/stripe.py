@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
 import os
 import sys
-from billing_dags.stripe.meters import StripeMeterError, send_days, sync_meters
+from datetime import UTC, date, datetime
+
 from billing_dags.cli.common import CliError, console, emit, paths_of
 from billing_dags.core.calendar import month_days, parse_month
+from billing_dags.stripe.meters import StripeMeterError, send_days, sync_meters
 
 
 def days_of(day: str | None, month: str | None) -> list[date]:
@@ -40,13 +41,17 @@ def cmd_sync_meters(args) -> int:
         report = sync_meters(_client_from_env(), seeds["meters"].to_pylist())
     except StripeMeterError as e:
         raise CliError(str(e)) from None
-    rows = [{"event_name": i.event_name, "meter": i.meter_id, "action": i.action, "stripe_meter": i.stripe_meter_id or "", "detail": i.detail} for i in report.items]
+    rows = [
+        {"event_name": i.event_name, "meter": i.meter_id, "action": i.action, "stripe_meter": i.stripe_meter_id or "", "detail": i.detail} for i in report.items
+    ]
     emit(rows, args.format, title=f"Stripe meters ({report.mode})")
     customers = seeds["customers"].to_pylist()
     without = [c["customer_id"] for c in customers if not c.get("stripe_customer_id")]
     if args.format == "table":
-        console.print(f"{report.by_action()}; {len(customers) - len(without)} of {len(customers)} customers have a stripe_customer_id"
-                      + (f" (not sent to Stripe: {', '.join(without[:10])}{' ...' if len(without) > 10 else ''})" if without else ""))
+        console.print(
+            f"{report.by_action()}; {len(customers) - len(without)} of {len(customers)} customers have a stripe_customer_id"
+            + (f" (not sent to Stripe: {', '.join(without[:10])}{' ...' if len(without) > 10 else ''})" if without else "")
+        )
         if report.mode == "dry_run":
             console.print("dry-run: set STRIPE_API_KEY (and STRIPE_API_BASE for a proxy or test server) to create them")
     return 0 if report.ok else 1
@@ -56,9 +61,11 @@ def cmd_send(args) -> int:
     paths = paths_of(args)
     days = days_of(args.day, args.month)
     client = _client_from_env()
-    summary, sender = send_days(paths, days, client, now=datetime.now(timezone.utc), log=lambda m: print(m, file=sys.stderr))
+    summary, sender = send_days(paths, days, client, now=datetime.now(UTC), log=lambda m: print(m, file=sys.stderr))
     if not summary:
-        console.print(f"no outbox for {days[0]}{'' if len(days) == 1 else f' .. {days[-1]}'} in {paths.outbox}; run the stripe_outbox asset (billing run) first")
+        console.print(
+            f"no outbox for {days[0]}{'' if len(days) == 1 else f' .. {days[-1]}'} in {paths.outbox}; run the stripe_outbox asset (billing run) first"
+        )
         return 0
     emit(summary, args.format, title=f"Stripe meter events ({sender.mode})")
     if args.format == "table":

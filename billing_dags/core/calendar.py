@@ -4,7 +4,7 @@ start, the next and previous month, a month's days and length, the last complete
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 from billing_dags.core.errors import InputError
 
@@ -13,7 +13,7 @@ DAY_MS = 86_400_000
 
 
 def utc_today() -> date:
-    return datetime.now(timezone.utc).date()
+    return datetime.now(UTC).date()
 
 
 def parse_month(value: str) -> date:

@@ -17,9 +17,10 @@ import json
 import os
 import re
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def fsync_path(path: Path | str) -> None:
@@ -71,9 +72,8 @@ def remove(path: Path | str) -> bool:
 
 def write_bytes(dest: Path | str, data: bytes) -> None:
     """Publish ``data`` as ``dest``."""
-    with staged(dest) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
+    with staged(dest) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def _syncfs_function() -> Any:
@@ -138,7 +138,7 @@ class Batch:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
 

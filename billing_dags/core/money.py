@@ -7,8 +7,9 @@ Strings never use exponent notation. Every error is a ``MoneyError`` naming the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable
+from typing import Any
 
 from billing_dags.core.errors import InputError
 

@@ -8,9 +8,9 @@ import re
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from billing_dags.core.errors import InputError
 
 from billing_dags.core.calendar import month_start
+from billing_dags.core.errors import InputError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SQL_MODELS_DIR = PROJECT_ROOT / "sql_models"
@@ -94,8 +94,7 @@ def parse_partitions_start(value: str) -> date:
         raise SettingsError(f"BILLING_PARTITIONS_START={value!r} is not a valid date; {fix}") from None
     if day != 1:
         raise SettingsError(
-            f"BILLING_PARTITIONS_START={value!r} is not the first day of a month (monthly invoices start with the "
-            f"daily partitions); use {start:%Y-%m}"
+            f"BILLING_PARTITIONS_START={value!r} is not the first day of a month (monthly invoices start with the daily partitions); use {start:%Y-%m}"
         )
     if start.year < 2000:
         raise SettingsError(f"BILLING_PARTITIONS_START={value!r} is before 2000; {fix}")

@@ -37,9 +37,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from billing_dags.ingest import raw
 from billing_dags.core import durable
 from billing_dags.core.durable import fsync_path
+from billing_dags.core.settings import Paths
+from billing_dags.ingest import raw
 from billing_dags.ingest.remote_write.customers import CustomerResolver
 from billing_dags.ingest.remote_write.landing import (
     SealedSegment,
@@ -50,7 +51,6 @@ from billing_dags.ingest.remote_write.landing import (
     remove_segment,
     sealed_segments,
 )
-from billing_dags.core.settings import Paths
 
 SOURCE = "remote_write"
 
@@ -175,8 +175,9 @@ def _resolve_series(paths: Paths, day: str, parts: list[tuple[SealedSegment, Seg
             _fsync_tree(path.parent, paths.data_dir)
             counts = np.bincount(inverse[bad], minlength=len(defs))
             for j in np.flatnonzero(refused).tolist():
-                quarantined.append({"segment": seg.name, "series": raw.describe(defs[j][1], defs[j][2]),
-                                    "samples": int(counts[j]), "reason": reasons[j], "file": str(path)})
+                quarantined.append(
+                    {"segment": seg.name, "series": raw.describe(defs[j][1], defs[j][2]), "samples": int(counts[j]), "reason": reasons[j], "file": str(path)}
+                )
         sids.append(ids[~bad])
         tss.append(ts[~bad])
         vals.append(val[~bad])
@@ -191,8 +192,18 @@ def compact_day(paths: Paths, day: str, cache: dict[str, SegmentData] | None = N
     cache = cache if cache is not None else {}
     with day_lock(paths, day):
         segs: list[SealedSegment] = [s for s in sealed_segments(paths.landing) if day in s.pending_days()]
-        result = {"day": day, "segments": len(segs), "landing_samples": 0, "new_samples": 0, "duplicates": 0,
-                  "existing_samples": 0, "samples": 0, "series": 0, "written": False, "segments_removed": 0}
+        result = {
+            "day": day,
+            "segments": len(segs),
+            "landing_samples": 0,
+            "new_samples": 0,
+            "duplicates": 0,
+            "existing_samples": 0,
+            "samples": 0,
+            "series": 0,
+            "written": False,
+            "segments_removed": 0,
+        }
         if not segs:
             return result
         figures: Counter = Counter()
@@ -222,9 +233,15 @@ def compact_day(paths: Paths, day: str, cache: dict[str, SegmentData] | None = N
         added = len(sid) - n_existing
         n_quarantined = sum(q["samples"] for q in quarantined)
         result.update(
-            landing_samples=len(new_ts) + n_quarantined, new_samples=added, duplicates=len(new_ts) - added, existing_samples=n_existing,
-            quarantined_samples=n_quarantined, quarantined=quarantined,
-            samples=len(sid), stale=figures.get("stale", 0), nonfinite=figures.get("nonfinite", 0),
+            landing_samples=len(new_ts) + n_quarantined,
+            new_samples=added,
+            duplicates=len(new_ts) - added,
+            existing_samples=n_existing,
+            quarantined_samples=n_quarantined,
+            quarantined=quarantined,
+            samples=len(sid),
+            stale=figures.get("stale", 0),
+            nonfinite=figures.get("nonfinite", 0),
             unknown_customer=figures.get("unknown_customer", 0),
             unknown_customers=dict(unknown.most_common(20)) if figures.get("unknown_customer") else {},
         )

@@ -35,19 +35,18 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Iterable
 from datetime import date
 from pathlib import Path
-from typing import Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from billing_dags.core import durable
-
-from billing_dags.ingest import raw
-from billing_dags.core.settings import Paths
 from billing_dags.core.errors import InputError
+from billing_dags.core.settings import Paths
+from billing_dags.ingest import raw
 
 EVENTS_SCHEMA = pa.schema(
     [
@@ -129,15 +128,17 @@ def _conform(batch: pa.RecordBatch | pa.Table, day: date, source: str, meter_kin
         if name != "attributes" and table[name].null_count:
             raise EventsLayoutError(f"{where}: column {name} has {table[name].null_count} null values")
     if table["attributes"].null_count:
-        table = table.set_column(table.schema.get_field_index("attributes"), "attributes", pc.if_else(pc.is_null(table["attributes"]), pa.scalar([], EVENTS_SCHEMA.field("attributes").type), table["attributes"]))
+        table = table.set_column(
+            table.schema.get_field_index("attributes"),
+            "attributes",
+            pc.if_else(pc.is_null(table["attributes"]), pa.scalar([], EVENTS_SCHEMA.field("attributes").type), table["attributes"]),
+        )
     if not n:
         return table.cast(EVENTS_SCHEMA)
     start_ms, end_ms = raw.day_bounds_ms(day)
     lo, hi = pc.min(table["ts"]).as_py(), pc.max(table["ts"]).as_py()
     if lo < start_ms or hi >= end_ms:
-        raise EventsLayoutError(
-            f"{where}: timestamps {lo}..{hi} ms outside [{start_ms}, {end_ms}); split events by UTC day before writing"
-        )
+        raise EventsLayoutError(f"{where}: timestamps {lo}..{hi} ms outside [{start_ms}, {end_ms}); split events by UTC day before writing")
     bad_kinds = set(pc.unique(table["kind"]).to_pylist()) - KINDS
     if bad_kinds:
         raise EventsLayoutError(f"{where}: kind {sorted(bad_kinds)} is not one of {sorted(KINDS)}")
@@ -147,14 +148,8 @@ def _conform(batch: pa.RecordBatch | pa.Table, day: date, source: str, meter_kin
         if meter_kind is None:
             raise EventsLayoutError(f"{where}: meter_id {meter!r} is not in seeds/meters.csv; add the meter or fix the source")
         if meter_kind != METER_KIND[kind]:
-            fix = (
-                "send its increments as kind 'delta' (hold_ms 0)" if meter_kind == "counter"
-                else "send its levels as kind 'gauge' with a hold_ms"
-            )
-            raise EventsLayoutError(
-                f"{where}: meter {meter!r} is a {meter_kind}; {kind} events need a {METER_KIND[kind]} meter ({fix}, "
-                "or fix meter_id)"
-            )
+            fix = "send its increments as kind 'delta' (hold_ms 0)" if meter_kind == "counter" else "send its levels as kind 'gauge' with a hold_ms"
+            raise EventsLayoutError(f"{where}: meter {meter!r} is a {meter_kind}; {kind} events need a {METER_KIND[kind]} meter ({fix}, or fix meter_id)")
     negative = pc.less(table["quantity"], pa.scalar(0, pa.decimal128(38, 9)))
     if pc.any(negative).as_py():
         first = table.filter(negative).slice(0, 1).to_pylist()[0]
@@ -182,9 +177,7 @@ def _conform(batch: pa.RecordBatch | pa.Table, day: date, source: str, meter_kin
     return table
 
 
-def write_events_day(
-    paths: Paths, day: date, table: pa.Table | pa.RecordBatch | Iterable[pa.RecordBatch], source: str
-) -> dict:
+def write_events_day(paths: Paths, day: date, table: pa.Table | pa.RecordBatch | Iterable[pa.RecordBatch], source: str) -> dict:
     """Replace one source's raw events partition of ``day`` with ``table`` (or a stream of batches).
 
     Every event must lie in the day's window. Duplicates of ``event_id`` are dropped, the last
@@ -259,9 +252,7 @@ def _latest_per_id_in_order(spill: pa.Table) -> pa.Table:
     return latest.sort_by([("ts", "ascending"), ("event_id", "ascending")]).drop_columns(["_seq"])
 
 
-def cross_day_duplicates(
-    paths: Paths, day: date, source: str, lookback_days: int = 35, lookahead_days: int = 35
-) -> list[tuple[str, str]]:
+def cross_day_duplicates(paths: Paths, day: date, source: str, lookback_days: int = 35, lookahead_days: int = 35) -> list[tuple[str, str]]:
     """(event_id, other_day) for each event id of ``source``'s partition of ``day`` that the same
     source also wrote in its partition of another day in [day - lookback_days, day + lookahead_days].
 

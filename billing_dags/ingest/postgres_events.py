@@ -15,15 +15,15 @@ nothing is written. A ``timestamp without time zone`` column is read as UTC.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Iterator
 
 import pyarrow as pa
 
-from billing_dags.ingest import events
 from billing_dags.core.settings import Paths
+from billing_dags.ingest import events
 
 SOURCE = "postgres"
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -61,8 +61,14 @@ def _query(cfg: UsageEventsTable):
         "from {table} where {ts} >= %(start)s and {ts} < %(end)s and {status} = any(%(statuses)s) "
         "order by {ts}, {id}"
     ).format(
-        id=col(cfg.id), ts=col(cfg.created_at), key=col(cfg.api_key_hash), model=col(cfg.model),
-        provider=col(cfg.provider), status=col(cfg.status), tin=col(cfg.tokens_input), tout=col(cfg.tokens_output),
+        id=col(cfg.id),
+        ts=col(cfg.created_at),
+        key=col(cfg.api_key_hash),
+        model=col(cfg.model),
+        provider=col(cfg.provider),
+        status=col(cfg.status),
+        tin=col(cfg.tokens_input),
+        tout=col(cfg.tokens_output),
         table=sql.Identifier(*cfg.table.split(".")),
     )
 
@@ -107,7 +113,7 @@ def rows_to_batch(rows: list[tuple], cfg: UsageEventsTable) -> pa.RecordBatch:
 
 def read_day(conn, day: date, cfg: UsageEventsTable, *, batch_rows: int = 10_000) -> Iterator[pa.RecordBatch]:
     """The day's billable rows as raw-events record batches (a server-side cursor, ``batch_rows`` at a time)."""
-    start = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
     params = {"start": start, "end": start + timedelta(days=1), "statuses": list(cfg.billable_statuses)}
     with conn.transaction():
         conn.execute("set local time zone 'UTC'")

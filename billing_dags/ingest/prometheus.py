@@ -59,9 +59,9 @@ import gc
 import json
 import re
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
-from typing import Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -69,9 +69,9 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from billing_dags.ingest import raw
-from billing_dags.core.settings import EDGE_LOOKBACK_DAYS, Paths
 from billing_dags.core.errors import InputError
+from billing_dags.core.settings import EDGE_LOOKBACK_DAYS, Paths
+from billing_dags.ingest import raw
 
 SOURCE = "prometheus"
 #: Prometheus refuses a query_range with more points per series than this
@@ -244,7 +244,7 @@ def parse_matchers(text: str) -> list[tuple[int, str, str]]:
     while pos < len(text):
         m = _MATCHER_RE.match(text, pos)
         if not m:
-            raise ValueError(f"cannot read label matchers from {text[pos:pos + 60]!r} (expected name op \"value\", ...)")
+            raise ValueError(f'cannot read label matchers from {text[pos : pos + 60]!r} (expected name op "value", ...)')
         out.append((_OPS[m.group(2)], m.group(1), _go_unquote(m.group(3))))
         pos = m.end()
         if m.group(4) == ",":
@@ -253,9 +253,7 @@ def parse_matchers(text: str) -> list[tuple[int, str, str]]:
     return out
 
 
-def plan_selectors(
-    meters: Sequence[dict], label_values: Sequence[str], customers_per_query: int, extra_matchers: str = ""
-) -> list[Selector]:
+def plan_selectors(meters: Sequence[dict], label_values: Sequence[str], customers_per_query: int, extra_matchers: str = "") -> list[Selector]:
     """One selector per meter metric and batch of customer label values, plus one for the rest."""
     if customers_per_query < 1:
         raise ValueError("customers_per_query must be at least 1")
@@ -369,7 +367,7 @@ class PrometheusClient:
     ):
         import requests
 
-        if not url or not urlsplit(url).scheme in ("http", "https") or not urlsplit(url).hostname:
+        if not url or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
             raise PrometheusError(f"PROMETHEUS_URL {redact_url(url or '')!r} is not an http(s) URL; set it like http://127.0.0.1:9090")
         if bearer_token and (username or password):
             raise PrometheusError("give either a bearer token or a username/password for Prometheus, not both")
@@ -430,8 +428,7 @@ class PrometheusClient:
         q = f"; query: {_short(promql)}" if promql else ""
         return PrometheusError(f"{what}: Prometheus at {self.server} {reason}{q}")
 
-    def _request(self, path: str, data, what: str, promql: str | None, headers: dict | None = None,
-                 refused_statuses: tuple[int, ...] = ()):
+    def _request(self, path: str, data, what: str, promql: str | None, headers: dict | None = None, refused_statuses: tuple[int, ...] = ()):
         """POST with bounded retries (connection errors, 5xx, 429); the response of a 2xx. Any other
         status raises PrometheusError, or _Refused when it is in ``refused_statuses``."""
         import requests
@@ -480,7 +477,8 @@ class PrometheusClient:
         if warnings:
             if self.fail_on_warnings:
                 raise self._fail(
-                    what, promql,
+                    what,
+                    promql,
                     f"returned warnings (a partial or incomplete result): {'; '.join(warnings)[:500]}",
                 )
             self.warnings.extend(warnings)
@@ -519,8 +517,9 @@ class PrometheusClient:
             raise self._fail(what, match, "sent a series response that is not a list")
         return body["data"]
 
-    def remote_read(self, matchers: Sequence[tuple[int, str, str]], start_ms: int, end_ms: int, *, what: str = "remote read",
-                    promql: str | None = None) -> "RemoteSeries":
+    def remote_read(
+        self, matchers: Sequence[tuple[int, str, str]], start_ms: int, end_ms: int, *, what: str = "remote read", promql: str | None = None
+    ) -> RemoteSeries:
         """Raw samples of [start, end] (both inclusive, as remote read defines them) of the series
         ``matchers`` select, over ``POST /api/v1/read`` (a snappy-compressed ReadRequest): every
         sample as stored, stale markers included (see :class:`RemoteSeries`). Asks for the stored
@@ -584,8 +583,7 @@ class PrometheusClient:
         data = body["data"]
         if not isinstance(data, dict) or "resultType" not in data or not isinstance(data.get("result"), list):
             raise self._fail(what, promql, "sent a malformed query response (no resultType/result)")
-        return QueryResult(data["resultType"], data["result"], [str(w) for w in body.get("warnings") or []],
-                           time.perf_counter() - t0, data.get("stats"))
+        return QueryResult(data["resultType"], data["result"], [str(w) for w in body.get("warnings") or []], time.perf_counter() - t0, data.get("stats"))
 
 
 def _json(resp):
@@ -714,7 +712,7 @@ def _chunked_series(body: bytes) -> RemoteSeries:
     return RemoteSeries(keys, before[ends] - before[ends - n_chunks], ts, values)
 
 
-def _labels_of_key(client: "PrometheusClient", key: bytes, default_metric: str) -> tuple[int, str, tuple]:
+def _labels_of_key(client: PrometheusClient, key: bytes, default_metric: str) -> tuple[int, str, tuple]:
     """(series_id, metric, sorted labels) of a series' encoded label fields; InvalidSeries as parse_series."""
     got = client._labels_cache.get(key)
     if got is None:
@@ -802,9 +800,7 @@ class Collector:
             val_col[n : n + k] = vals
             n += k
         self.samples = n
-        samples = pa.table(
-            {"series_id": sid_col[:n], "ts": ts_col[:n], "value": val_col[:n]}, schema=raw.SAMPLES_SCHEMA
-        )
+        samples = pa.table({"series_id": sid_col[:n], "ts": ts_col[:n], "value": val_col[:n]}, schema=raw.SAMPLES_SCHEMA)
         series = pa.table(
             {
                 "series_id": pa.array(ids, pa.int64()),
@@ -943,8 +939,7 @@ def _reads_remotely(client) -> bool:
     return isinstance(client, PrometheusClient) and client.remote_read_ok is not False
 
 
-def _fetch_day(client: PrometheusClient, sel: Selector, start: int, end: int, opt: IngestOptions,
-               refused: dict[str, None]) -> Iterator[tuple]:
+def _fetch_day(client: PrometheusClient, sel: Selector, start: int, end: int, opt: IngestOptions, refused: dict[str, None]) -> Iterator[tuple]:
     """Exact mode: the selector's samples of [start, end), over remote read in windows of
     ``remote_read_s`` (while the client reads remotely), else over the query API in ``chunk_s`` windows."""
     resume = start
@@ -996,8 +991,7 @@ def _remote_read_exact(client: PrometheusClient, sel: Selector, a: int, b: int) 
     return got
 
 
-def _parsed_remote(client: PrometheusClient, got: RemoteSeries, sel: Selector, a: int, b: int,
-                   refused: dict[str, None] | None) -> Iterator[tuple]:
+def _parsed_remote(client: PrometheusClient, got: RemoteSeries, sel: Selector, a: int, b: int, refused: dict[str, None] | None) -> Iterator[tuple]:
     """The series of a remote read as the query API gives them: samples in [a, b) (remote read's
     end is inclusive), without stale markers (range selectors skip them), every other NaN with the
     bits float('nan') has; series left without samples skipped; invalid series into ``refused``."""
@@ -1125,9 +1119,7 @@ def ingest_day(
     return report
 
 
-def fetch_carry_in(
-    client: PrometheusClient, day: date, selectors: Sequence[Selector], opt: IngestOptions, refused: dict[str, None] | None = None
-) -> Collector:
+def fetch_carry_in(client: PrometheusClient, day: date, selectors: Sequence[Selector], opt: IngestOptions, refused: dict[str, None] | None = None) -> Collector:
     """Each series' last finite sample before ``day``, at most ``edge_lookback_days`` earlier (rule 3).
 
     Per selector: the series of the lookback (``/api/v1/series``), then the chunk just before the day
@@ -1206,7 +1198,7 @@ def parse_headers(text: str | None) -> dict[str, str]:
         try:
             obj = json.loads(text)
         except ValueError as e:
-            raise PrometheusError(f"PROMETHEUS_HEADERS is not valid JSON ({e}); use {{\"Name\": \"value\"}} or Name: value; Name2: value") from None
+            raise PrometheusError(f'PROMETHEUS_HEADERS is not valid JSON ({e}); use {{"Name": "value"}} or Name: value; Name2: value') from None
         if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in obj.items()):
             raise PrometheusError("PROMETHEUS_HEADERS must be a JSON object of strings")
         return obj

@@ -31,7 +31,7 @@ import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +40,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from billing_dags.core import durable
-from billing_dags.core.settings import Paths
 from billing_dags.core.errors import InputError
+from billing_dags.core.settings import Paths
 
 SAMPLES_SCHEMA = pa.schema(
     [
@@ -143,8 +143,7 @@ class SeriesCollision(RawLayoutError):
         self.collisions = collisions
         shown = "; ".join(map(str, collisions[:5])) + (f"; and {len(collisions) - 5} more" if len(collisions) > 5 else "")
         super().__init__(
-            f"{context}: {len(collisions)} series share a series id with another label set, refused so that "
-            f"neither is merged into the other: {shown}"
+            f"{context}: {len(collisions)} series share a series id with another label set, refused so that neither is merged into the other: {shown}"
         )
 
 
@@ -205,13 +204,13 @@ def series_lock(paths: Paths):
 
 def day_bounds_ms(day: date) -> tuple[int, int]:
     """The half-open UTC window [start, end) of a day, in epoch milliseconds."""
-    start = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
     start_ms = int(start.timestamp()) * 1000
     return start_ms, start_ms + DAY_MS
 
 
 def day_of_ms(ts_ms: int) -> date:
-    return (datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(milliseconds=ts_ms)).date()
+    return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ts_ms)).date()
 
 
 def samples_day_dir(paths: Paths, day: date) -> Path:

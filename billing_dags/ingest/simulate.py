@@ -42,17 +42,17 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 
-from billing_dags.ingest import raw
-from billing_dags.core.settings import Paths
 from billing_dags.core.calendar import month_start, next_month, previous_month
+from billing_dags.core.settings import Paths
+from billing_dags.ingest import raw
 
 SOURCE = "simulate"
 #: Prometheus' staleness marker (value.StaleNaN): a NaN with this exact bit pattern
@@ -217,8 +217,16 @@ def _iot(c: dict, seed: int, day: date) -> list[_Spec]:
         _Spec("iot_http_requests_total", kind="counter", rate=requests * per_s, weekend=0.7, **common),
         _Spec("iot_http_bytes_sent_total", kind="counter", rate=http * http_sent * per_s, weekend=0.7, **common),
         _Spec("iot_http_bytes_received_total", kind="counter", rate=http * (1 - http_sent) * per_s, weekend=0.7, **common),
-        _Spec("iot_storage_used_bytes", kind="sawtooth", rate=storage, lo=0.6, period=90.0 * DAY_S,
-              phase=90.0 * DAY_S * u("storage-phase"), noise=1e-5 * storage, **common),
+        _Spec(
+            "iot_storage_used_bytes",
+            kind="sawtooth",
+            rate=storage,
+            lo=0.6,
+            period=90.0 * DAY_S,
+            phase=90.0 * DAY_S * u("storage-phase"),
+            noise=1e-5 * storage,
+            **common,
+        ),
         _Spec("iot_active_devices", kind="gauge", rate=devices, noise=1.0, **common),
     ]
 
@@ -230,8 +238,7 @@ def _testbed(c: dict, seed: int, day: date) -> list[_Spec]:
     cpu_ms = _lu(u("cpu"), 0.5, 10) * 3_600_000
     net = _lu(u("network"), 0.5, 30) * 1e9
     calls = _lu(u("api"), 5_000, 300_000)
-    common = dict(labels={"tenant_id": lv}, target=ck, ckey=ck, kind="counter", weekend=0.5,
-                  amp=0.4 + 0.4 * u("amp"), peak=DAY_S * (0.4 + 0.3 * u("peak")))
+    common = dict(labels={"tenant_id": lv}, target=ck, ckey=ck, kind="counter", weekend=0.5, amp=0.4 + 0.4 * u("amp"), peak=DAY_S * (0.4 + 0.3 * u("peak")))
     per_s = 1 / MONTH_S
     return [
         _Spec("pf_usage_cpu_ms", rate=cpu_ms * per_s, **common),
@@ -254,8 +261,7 @@ def _llm(c: dict, seed: int, day: date) -> list[_Spec]:
     specs = []
     for m, w in zip(models, weights):
         tokens = total * w / sum(weights) / MONTH_S
-        common = dict(labels={"api_key_hash": lv, "model": m}, target=ck, ckey=ck, kind="counter",
-                      weekend=0.6, amp=amp, peak=peak)
+        common = dict(labels={"api_key_hash": lv, "model": m}, target=ck, ckey=ck, kind="counter", weekend=0.6, amp=amp, peak=peak)
         specs.append(_Spec("llm_tokens_input_total", rate=tokens * (1 - out), **common))
         specs.append(_Spec("llm_tokens_output_total", rate=tokens * out, **common))
     return specs
@@ -296,14 +302,36 @@ def _k8s(c: dict, seed: int, day: date) -> list[_Spec]:
             _Spec("container_network_transmit_bytes_total", kind="counter", rate=net * tx * w / MONTH_S, **common),
             _Spec("container_network_receive_bytes_total", kind="counter", rate=net * (1 - tx) * w / MONTH_S, **common),
             _Spec("container_cpu_usage_seconds_total", kind="counter_ms", rate=cpu_ms * w / MONTH_S, **common),
-            _Spec("container_memory_working_set_bytes", kind="gauge", rate=mem * w / (1 - 0.15 / 2),
-                  noise=0.02 * mem * w, **{**common, "amp": 0.15}),
+            _Spec("container_memory_working_set_bytes", kind="gauge", rate=mem * w / (1 - 0.15 / 2), noise=0.02 * mem * w, **{**common, "amp": 0.15}),
         ]
-    specs.append(_Spec("kubelet_volume_stats_used_bytes", {"namespace": ns, "persistentvolumeclaim": "data-postgres-0"},
-                       f"{ck}/kubelet", ck, "sawtooth", storage, amp=0.0, lo=0.7, period=120.0 * DAY_S,
-                       phase=120.0 * DAY_S * u("storage-phase"), noise=1e-5 * storage))
-    specs.append(_Spec("nginx_ingress_controller_requests", {"namespace": ns, "ingress": f"{ns}-ingress"},
-                       f"{ck}/ingress", ck, "counter", requests / MONTH_S, amp=amp, peak=peak, weekend=0.8))
+    specs.append(
+        _Spec(
+            "kubelet_volume_stats_used_bytes",
+            {"namespace": ns, "persistentvolumeclaim": "data-postgres-0"},
+            f"{ck}/kubelet",
+            ck,
+            "sawtooth",
+            storage,
+            amp=0.0,
+            lo=0.7,
+            period=120.0 * DAY_S,
+            phase=120.0 * DAY_S * u("storage-phase"),
+            noise=1e-5 * storage,
+        )
+    )
+    specs.append(
+        _Spec(
+            "nginx_ingress_controller_requests",
+            {"namespace": ns, "ingress": f"{ns}-ingress"},
+            f"{ck}/ingress",
+            ck,
+            "counter",
+            requests / MONTH_S,
+            amp=amp,
+            peak=peak,
+            weekend=0.8,
+        )
+    )
     return specs
 
 
@@ -321,10 +349,7 @@ PROFILES: dict[str, Callable[[dict, int, date], list[_Spec]]] = {
 
 def _check_interval(interval_s: object) -> int:
     if isinstance(interval_s, bool) or not isinstance(interval_s, (int, np.integer)) or not 1 <= interval_s <= 3600:
-        raise ValueError(
-            f"interval_s={interval_s!r} is not a scrape interval; pass a whole number of seconds "
-            "between 1 and 3600 (e.g. interval_s=60)"
-        )
+        raise ValueError(f"interval_s={interval_s!r} is not a scrape interval; pass a whole number of seconds between 1 and 3600 (e.g. interval_s=60)")
     return int(interval_s)
 
 
@@ -341,9 +366,7 @@ def _customer_rows(customers: pa.Table, n_customers: int | None) -> list[dict]:
         raise ValueError("customers must be a pyarrow Table; pass load_seeds(seeds_dir)['customers']")
     missing = {"customer_id", "setup", "label_value"} - set(customers.column_names)
     if missing:
-        raise ValueError(
-            f"customers table lacks column(s) {', '.join(sorted(missing))}; pass load_seeds(seeds_dir)['customers']"
-        )
+        raise ValueError(f"customers table lacks column(s) {', '.join(sorted(missing))}; pass load_seeds(seeds_dir)['customers']")
     available = customers.num_rows
     if n_customers is not None:
         if isinstance(n_customers, bool) or not isinstance(n_customers, (int, np.integer)) or not 1 <= n_customers <= available:
@@ -357,9 +380,7 @@ def _customer_rows(customers: pa.Table, n_customers: int | None) -> list[dict]:
     for i, (r, source) in enumerate(zip(rows, sources)):
         r["usage_source"] = source or "prometheus"
         if r["setup"] not in PROFILES:
-            raise ValueError(
-                f"customers row {i} ({r['customer_id']!r}) has setup {r['setup']!r}; use one of {', '.join(SETUPS)}"
-            )
+            raise ValueError(f"customers row {i} ({r['customer_id']!r}) has setup {r['setup']!r}; use one of {', '.join(SETUPS)}")
         if r["label_value"] == UNKNOWN_CLIENT_ID:
             raise ValueError(f"customers row {i} uses label_value {UNKNOWN_CLIENT_ID!r}, reserved for the unknown customer; rename it")
     return rows
@@ -467,7 +488,7 @@ def _render(day: date, specs: list[_Spec], seed: int, interval_s: int) -> tuple[
         t_int = integral(rows[:, None], WINDOW_DAYS * DAY_S + np.broadcast_to(S, (len(rows), len(ts))))
         o_prev = integral(rows, origin_prev[rows])[:, None]
         o_today = integral(rows, origin_today[rows])[:, None]
-        use_today = (WINDOW_DAYS * DAY_S + S) >= col(origin_today)
+        use_today = col(origin_today) <= (WINDOW_DAYS * DAY_S + S)
         counter = np.floor(np.maximum(t_int - np.where(use_today, o_today, o_prev), 0.0))
         counter = np.where(col(kind) == "counter_ms", counter / 1000.0, counter)
 
@@ -480,8 +501,8 @@ def _render(day: date, specs: list[_Spec], seed: int, interval_s: int) -> tuple[
         vals = np.where(col(is_counter), counter, gauge)
 
         # lifetime, gaps, staleness markers, NaNs
-        alive = (S >= col(born_sod)) & (S < col(stop_sod))
-        in_gap = (S >= col(gap_start)) & (S < col(gap_end))
+        alive = (col(born_sod) <= S) & (col(stop_sod) > S)
+        in_gap = (col(gap_start) <= S) & (col(gap_end) > S)
         gi = np.searchsorted(sod, gap_start[rows])  # first missed scrape of the gap
         gap_mark = (np.arange(len(ts))[None, :] == gi[:, None]) & in_gap & alive
         stop_mark = (ts[None, :] == col(stop_mark_ms)) & ~in_gap
@@ -634,7 +655,7 @@ def _llm_requests(c: dict, seed: int, day: date) -> list[dict]:
     if day.weekday() >= 5:
         m *= 0.6
     rng = random.Random(_key(seed, "usage_events", lv, day.isoformat()))
-    start = datetime(day.year, day.month, day.day, tzinfo=timezone.utc)
+    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
     rows = []
     for _ in range(round(per_day * m)):
         while True:  # a diurnal time of day (rejection sampling)
@@ -659,9 +680,7 @@ def _llm_requests(c: dict, seed: int, day: date) -> list[dict]:
     return rows
 
 
-def simulate_usage_events_rows(
-    day: date, customers: pa.Table, *, seed: int = 42, n_customers: int | None = None
-) -> list[dict]:
+def simulate_usage_events_rows(day: date, customers: pa.Table, *, seed: int = 42, n_customers: int | None = None) -> list[dict]:
     """Seed-003 usage_events rows of one UTC day for the customers (first ``n_customers``) whose usage_source is usage_events.
 
     One row per API request: id, api_key_hash (the customer's label_value), tokens_input,
@@ -689,7 +708,7 @@ def _iot_report(c: dict, seed: int, day: date, hour: int) -> dict:
     t_s = hour * 3600
     # counters: the hour [t - 1h, t), a diurnal rate and a daily multiplier of the hour's day
     mid = t_s - 1800
-    mid_day = datetime.fromtimestamp(mid, timezone.utc).date()
+    mid_day = datetime.fromtimestamp(mid, UTC).date()
     amp, peak = 0.2 + 0.3 * u("amp"), DAY_S * u("peak")
     f = (1 + amp * math.cos(_W * (mid % DAY_S - peak))) * (0.75 + 0.5 * _u(seed, "usage_reports", lv, "day", mid_day.isoformat()))
     weekend = 0.7 if mid_day.weekday() >= 5 else 1.0
@@ -733,9 +752,7 @@ def _iot_report(c: dict, seed: int, day: date, hour: int) -> dict:
     return report
 
 
-def simulate_usage_reports(
-    day: date, customers: pa.Table, *, seed: int = 42, n_customers: int | None = None
-) -> list[dict]:
+def simulate_usage_reports(day: date, customers: pa.Table, *, seed: int = 42, n_customers: int | None = None) -> list[dict]:
     """Seed-001 usage reports of one UTC day for the customers (first ``n_customers``) whose usage_source is usage_reports.
 
     One report per customer at each HH:00 of the day, as the endpoint decodes it (numbers as
@@ -746,23 +763,16 @@ def simulate_usage_reports(
     """
     day = _check_day(day)
     first_hour = (day - date(1970, 1, 1)).days * 24
-    return [
-        _iot_report(c, int(seed), day, first_hour + i)
-        for c in _source_rows(customers, n_customers, "usage_reports", "iot")
-        for i in range(24)
-    ]
+    return [_iot_report(c, int(seed), day, first_hour + i) for c in _source_rows(customers, n_customers, "usage_reports", "iot") for i in range(24)]
 
 
 def _usage_events_tuple(row: dict) -> tuple:
     """A simulated row in the shape the PostgreSQL query returns (id and numbers as text, created_at in ms)."""
-    ms = (row["created_at"] - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(milliseconds=1)
-    return (str(row["id"]), ms, row["api_key_hash"], row["model"], row["provider"], row["status"],
-            str(row["tokens_input"]), str(row["tokens_output"]))
+    ms = (row["created_at"] - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+    return (str(row["id"]), ms, row["api_key_hash"], row["model"], row["provider"], row["status"], str(row["tokens_input"]), str(row["tokens_output"]))
 
 
-def write_simulated_usage_events(
-    paths: Paths, day: date, customers: pa.Table, *, seed: int = 42, n_customers: int | None = None, cfg=None
-) -> dict:
+def write_simulated_usage_events(paths: Paths, day: date, customers: pa.Table, *, seed: int = 42, n_customers: int | None = None, cfg=None) -> dict:
     """Simulate the day's usage_events rows and write them as raw events (source ``simulate``) through
     the PostgreSQL path's conversion (:func:`billing_dags.ingest.postgres_events.rows_to_batch`)."""
     from billing_dags.ingest import events, postgres_events
@@ -780,9 +790,7 @@ def write_simulated_usage_events(
     }
 
 
-def accept_simulated_usage_reports(
-    paths: Paths, day: date, customers: pa.Table, *, seed: int = 42, n_customers: int | None = None, schema=None
-) -> dict:
+def accept_simulated_usage_reports(paths: Paths, day: date, customers: pa.Table, *, seed: int = 42, n_customers: int | None = None, schema=None) -> dict:
     """Simulate the day's usage reports and accept them into the report store as the endpoint does
     (parse_report, then ReportStore.accept); returns {'reports', 'accepted', 'duplicate'}.
 
@@ -798,7 +806,7 @@ def accept_simulated_usage_reports(
     counts = {"reports": len(docs), "accepted": 0, "duplicate": 0}
     if not docs:
         return counts
-    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
     with ur.ReportStore.open(paths) as store:
         for doc in docs:
             reported_at = datetime.fromisoformat(doc["reported_at"].replace("Z", "+00:00"))

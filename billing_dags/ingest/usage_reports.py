@@ -34,16 +34,16 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from billing_dags.ingest import raw
-from billing_dags.core.settings import DEFAULT_RETENTION_DAYS, STALENESS_MS, Paths
 from billing_dags.core.errors import InputError
+from billing_dags.core.settings import DEFAULT_RETENTION_DAYS, STALENESS_MS, Paths
+from billing_dags.ingest import raw
 
 SOURCE = "usage_reports"
 REPORT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
@@ -61,7 +61,7 @@ MAX_NUMBER_CHARS = 64
 MAX_NUMBER_EXPONENT = 30
 #: reports older than the raw retention period are refused (they could never be billed)
 DEFAULT_MAX_AGE_DAYS = DEFAULT_RETENTION_DAYS
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class ReportError(InputError):
@@ -100,14 +100,11 @@ class ReportSchema:
         return [Path(seeds_dir) / SPECS[n].file for n in ("report_fields", "report_tokens", "customers", "meters")]
 
     @classmethod
-    def from_seeds(cls, seeds_dir: Path) -> "ReportSchema":
+    def from_seeds(cls, seeds_dir: Path) -> ReportSchema:
         from billing_dags.seeds.catalog import load_seeds
 
         seeds = load_seeds(Path(seeds_dir))
-        fields = {
-            r["field"]: ReportField(r["field"], r["meter_id"], r["kind"], r["scale"])
-            for r in seeds["report_fields"].to_pylist()
-        }
+        fields = {r["field"]: ReportField(r["field"], r["meter_id"], r["kind"], r["scale"]) for r in seeds["report_fields"].to_pylist()}
         tokens: dict[str, list[str]] = {}
         for r in seeds["report_tokens"].to_pylist():
             tokens.setdefault(r["customer_id"], []).append(r["token_sha256"])
@@ -148,7 +145,7 @@ class Report:
 
     @property
     def day(self) -> date:
-        return datetime.fromtimestamp(self.reported_at_ms / 1000, timezone.utc).date()
+        return datetime.fromtimestamp(self.reported_at_ms / 1000, UTC).date()
 
     def canonical(self) -> str:
         """The report as canonical JSON (sorted keys, numbers as text): what is stored and compared."""
@@ -217,7 +214,7 @@ def parse_customer_id(doc: object) -> str:
         raise ReportError("body", "must be a JSON object with report_id, customer_id, reported_at and usage fields")
     customer_id = doc.get("customer_id")
     if not isinstance(customer_id, str) or not customer_id:
-        raise ReportError("customer_id", "missing or not a string; send the customer id of your license (e.g. \"iot-010\")")
+        raise ReportError("customer_id", 'missing or not a string; send the customer id of your license (e.g. "iot-010")')
     return customer_id
 
 
@@ -237,22 +234,20 @@ def decode_body(body: bytes) -> object:
 
 def _parse_time(value: object) -> int:
     if not isinstance(value, str):
-        raise ReportError("reported_at", "must be an RFC 3339 string with a time zone, e.g. \"2026-11-21T13:00:00Z\"")
+        raise ReportError("reported_at", 'must be an RFC 3339 string with a time zone, e.g. "2026-11-21T13:00:00Z"')
     text = value.strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
     try:
         t = datetime.fromisoformat(text)
     except ValueError:
-        raise ReportError("reported_at", f"{value!r} is not an RFC 3339 time; send e.g. \"2026-11-21T13:00:00Z\"") from None
+        raise ReportError("reported_at", f'{value!r} is not an RFC 3339 time; send e.g. "2026-11-21T13:00:00Z"') from None
     if t.tzinfo is None:
         raise ReportError("reported_at", f"{value!r} has no time zone; add Z (UTC) or an offset like +01:00")
     return (t - _EPOCH) // timedelta(milliseconds=1)  # exact integer ms (no float)
 
 
-def parse_report(
-    doc: object, schema: ReportSchema, *, now_ms: int | None = None, max_age_days: int = DEFAULT_MAX_AGE_DAYS
-) -> Report:
+def parse_report(doc: object, schema: ReportSchema, *, now_ms: int | None = None, max_age_days: int = DEFAULT_MAX_AGE_DAYS) -> Report:
     """Validate a decoded report; raises ReportError naming the first bad field."""
     customer_id = parse_customer_id(doc)
     assert isinstance(doc, dict)
@@ -267,15 +262,13 @@ def parse_report(
             "(the same id when retrying, e.g. the hour's start time)",
         )
     if "reported_at" not in doc:
-        raise ReportError("reported_at", "missing; send the time the report covers up to, e.g. \"2026-11-21T13:00:00Z\"")
+        raise ReportError("reported_at", 'missing; send the time the report covers up to, e.g. "2026-11-21T13:00:00Z"')
     reported_at_ms = _parse_time(doc["reported_at"])
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     if reported_at_ms > now_ms + MAX_FUTURE_MS:
         raise ReportError("reported_at", f"{doc['reported_at']!r} is in the future; check the instance clock (NTP)")
     if reported_at_ms < now_ms - max_age_days * raw.DAY_MS:
-        raise ReportError(
-            "reported_at", f"{doc['reported_at']!r} is older than the {max_age_days}-day retention; it can no longer be billed"
-        )
+        raise ReportError("reported_at", f"{doc['reported_at']!r} is older than the {max_age_days}-day retention; it can no longer be billed")
     interval = doc.get("interval_seconds", Decimal(DEFAULT_INTERVAL_S))
     if isinstance(interval, bool) or not isinstance(interval, Decimal) or interval != interval.to_integral_value() or not 1 <= interval <= MAX_INTERVAL_S:
         raise ReportError("interval_seconds", f"must be a whole number of seconds from 1 to {MAX_INTERVAL_S} (seed 001 reports hourly: 3600)")
@@ -285,9 +278,7 @@ def parse_report(
             continue
         spec = schema.fields.get(name)
         if spec is None:
-            raise ReportError(
-                name, f"unknown field; known usage fields are {', '.join(sorted(schema.fields))} (seeds/report_fields.csv)"
-            )
+            raise ReportError(name, f"unknown field; known usage fields are {', '.join(sorted(schema.fields))} (seeds/report_fields.csv)")
         if value is None:
             continue  # not measured this time: no event (a gauge is not 0 because a reading is missing)
         if isinstance(value, OutOfRange):
@@ -311,6 +302,7 @@ def parse_report(
 
 
 # --- the durable landing ----------------------------------------------------------------------
+
 
 def store_path(paths: Paths) -> Path:
     return landing_store_path(paths.landing)
@@ -361,7 +353,7 @@ class ReportStore:
             self._con.executescript(_SCHEMA)
 
     @classmethod
-    def open(cls, paths: Paths, *, readonly: bool = False) -> "ReportStore":
+    def open(cls, paths: Paths, *, readonly: bool = False) -> ReportStore:
         return cls(store_path(paths), readonly=readonly)
 
     def close(self) -> None:
@@ -369,7 +361,7 @@ class ReportStore:
             self._con.close()
             self._con = None
 
-    def __enter__(self) -> "ReportStore":
+    def __enter__(self) -> ReportStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -401,8 +393,14 @@ class ReportStore:
                 con.execute(
                     "insert into reports values (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
-                        report.customer_id, report.report_id, report.day.isoformat(), report.reported_at_ms,
-                        report.interval_s, report.digest, report.canonical(), now_ms,
+                        report.customer_id,
+                        report.report_id,
+                        report.day.isoformat(),
+                        report.reported_at_ms,
+                        report.interval_s,
+                        report.digest,
+                        report.canonical(),
+                        now_ms,
                     ),
                 )
                 con.execute("commit")
@@ -418,9 +416,7 @@ class ReportStore:
         if self._con is None:
             return []
         with self._lock:
-            rows = self._con.execute(
-                "select report from reports where day = ? order by customer_id, report_id", (day.isoformat(),)
-            ).fetchall()
+            rows = self._con.execute("select report from reports where day = ? order by customer_id, report_id", (day.isoformat(),)).fetchall()
         return [_report_from_json(r[0]) for r in rows]
 
     def pending_days(self) -> dict[str, dict]:
@@ -496,6 +492,7 @@ def _report_from_json(text: str) -> Report:
 
 
 # --- reports -> raw events --------------------------------------------------------------------
+
 
 def report_events(reports: list[Report], schema: ReportSchema) -> pa.Table:
     """One event per report and meter (its fields summed, scaled to the meter's unit)."""

@@ -131,9 +131,7 @@ def run_audit(con: duckdb.DuckDBPyConnection, audit: Audit, model: Model, window
     return AuditResult(audit, len(failing), rows_checked, examples)
 
 
-def run_audits(
-    paths: Paths, model: Model, window: Window | None, table: pa.Table, *, project: Project | None = None
-) -> list[AuditResult]:
+def run_audits(paths: Paths, model: Model, window: Window | None, table: pa.Table, *, project: Project | None = None) -> list[AuditResult]:
     """Every audit of ``model`` on ``table`` (the rows under audit), in file name order."""
     audits = audits_of(model.name)
     if not audits:

@@ -63,8 +63,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from numba import njit
 
-from billing_dags.ingest import raw
 from billing_dags.core.settings import STALENESS_MS, Paths
+from billing_dags.ingest import raw
 from billing_dags.models.sqlmodels import UseSQLEngine
 
 #: output schema of int_series_edges_by_day (what DuckDB's to_arrow_table gives for the SQL)
@@ -105,8 +105,26 @@ _KMIN = -(2**63)
 _BLOCK = 256  # rows per block of the first pass (non-finite values are located per block)
 
 # the compiled pass's integer output, one row per series (columns), and its float output
-(_SID, _SAMPLES, _DROPPED, _FIRST_TS, _LAST_TS, _RESETS, _COVERED, _MAX_GAP,
- _K_FIRST, _S_FIRST, _K_LAST, _S_LAST, _K_PEAK, _S_PEAK, _SLOW, _ROW0, _ROW1, _CONFLICTS) = range(18)
+(
+    _SID,
+    _SAMPLES,
+    _DROPPED,
+    _FIRST_TS,
+    _LAST_TS,
+    _RESETS,
+    _COVERED,
+    _MAX_GAP,
+    _K_FIRST,
+    _S_FIRST,
+    _K_LAST,
+    _S_LAST,
+    _K_PEAK,
+    _S_PEAK,
+    _SLOW,
+    _ROW0,
+    _ROW1,
+    _CONFLICTS,
+) = range(18)
 _ACC = 18  # + 16 limb sums: integral high (4 scales), integral low, reset high, reset low
 _NCOL = _ACC + 16
 _FIRST_V, _LAST_V, _PEAK = range(3)
@@ -202,8 +220,7 @@ def _exact_all(values, k, i):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _put(o, f, s, nsamp, dropped, first_t, last_t, resets, covered, maxgap, kf, sf, kl, sl, kp, sp, slow, r0, r1,
-         conflicts, first_v, last_v, peak):
+def _put(o, f, s, nsamp, dropped, first_t, last_t, resets, covered, maxgap, kf, sf, kl, sl, kp, sp, slow, r0, r1, conflicts, first_v, last_v, peak):
     o[_SID] = s
     o[_SAMPLES] = nsamp
     o[_DROPPED] = dropped
@@ -319,7 +336,7 @@ def _pairs(ts, v, k, a, b, stale_ms):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _fast(s, sid, ts, v, start_ms, end_ms, stale_ms, scale, k, nanblocks, o, f):  # noqa: C901
+def _fast(s, sid, ts, v, start_ms, end_ms, stale_ms, scale, k, nanblocks, o, f):
     """One series (slices of its rows) when it is simple: timestamps strictly increasing inside
     the window, every finite value exact at ``scale`` (index into SCALES). Returns 0 (output row
     written), 1 (a value is not exact at this scale: try another) or 2 (not simple: duplicates,
@@ -393,9 +410,32 @@ def _fast(s, sid, ts, v, start_ms, end_ms, stale_ms, scale, k, nanblocks, o, f):
     p = 1.0
     for _ in range(scale):
         p *= 1000.0
-    _put(o, f, s, n - nonfin, nonfin, ts[first], ts[last], resets, covered, maxgap, k[first], scale, k[last], scale,
-         kmax, scale, np.int64(0), np.int64(0), np.int64(n), np.int64(0), v[first], v[last], kmax / p)
-    o[_ACC:_ACC + 16] = 0
+    _put(
+        o,
+        f,
+        s,
+        n - nonfin,
+        nonfin,
+        ts[first],
+        ts[last],
+        resets,
+        covered,
+        maxgap,
+        k[first],
+        scale,
+        k[last],
+        scale,
+        kmax,
+        scale,
+        np.int64(0),
+        np.int64(0),
+        np.int64(n),
+        np.int64(0),
+        v[first],
+        v[last],
+        kmax / p,
+    )
+    o[_ACC : _ACC + 16] = 0
     o[_ACC + scale] = ih
     o[_ACC + 4 + scale] = il
     o[_ACC + 8 + scale] = rh
@@ -404,13 +444,13 @@ def _fast(s, sid, ts, v, start_ms, end_ms, stale_ms, scale, k, nanblocks, o, f):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _general(s, ts, v, start_ms, end_ms, stale_ms, o, f):  # noqa: C901
+def _general(s, ts, v, start_ms, end_ms, stale_ms, o, f):
     """One series (its slices), sample by sample: the window, duplicates (the larger value is kept,
     a timestamp with different values counted once as a conflict) and each value at its own
     smallest scale. Returns (status, error row, error value); no row of
     the series inside the window leaves o[_SAMPLES] = o[_DROPPED] = 0."""
     m32 = np.int64(0xFFFFFFFF)
-    acc = o[_ACC:_ACC + 16]
+    acc = o[_ACC : _ACC + 16]
     acc[:] = 0
     n = len(ts)
     seen = np.int64(-9223372036854775807) - 1
@@ -504,8 +544,31 @@ def _general(s, ts, v, start_ms, end_ms, stale_ms, o, f):  # noqa: C901
         pv = x
         conflict = False
     kp, sp = _exact(peak)
-    _put(o, f, s, nsamp, dropped, first_t, last_t, resets, covered, maxgap, kf, sf, kl, sl, kp, sp, slow, np.int64(0), np.int64(n),
-         conflicts, first_v, last_v, peak)
+    _put(
+        o,
+        f,
+        s,
+        nsamp,
+        dropped,
+        first_t,
+        last_t,
+        resets,
+        covered,
+        maxgap,
+        kf,
+        sf,
+        kl,
+        sl,
+        kp,
+        sp,
+        slow,
+        np.int64(0),
+        np.int64(n),
+        conflicts,
+        first_v,
+        last_v,
+        peak,
+    )
     return _DONE, 0, 0
 
 
@@ -639,7 +702,7 @@ def _slow_sums(ts: np.ndarray, v: np.ndarray, spans: np.ndarray, start_ms: int, 
     out = []
     pos = 0
     for t, x in series:
-        nn = nano[pos:pos + len(x)]
+        nn = nano[pos : pos + len(x)]
         pos += len(x)
         held = np.minimum(np.diff(t, append=end_ms), STALENESS_MS).astype(object)
         before_reset = np.flatnonzero(x[1:] < x[:-1])
@@ -706,8 +769,18 @@ class _Sink:
                 self.oi = np.concatenate([self.oi, np.empty_like(self.oi)])
                 self.of = np.concatenate([self.of, np.empty_like(self.of)])
             nout, row, status, err_row, err_val, self.cur, self.have_cur = _edges(
-                sid, ts, v, row, self.cur, self.have_cur, partial, self.start_ms, self.end_ms, STALENESS_MS,
-                self.oi[self.n:], self.of[self.n:],
+                sid,
+                ts,
+                v,
+                row,
+                self.cur,
+                self.have_cur,
+                partial,
+                self.start_ms,
+                self.end_ms,
+                STALENESS_MS,
+                self.oi[self.n :],
+                self.of[self.n :],
             )
             if status == _TS_BACK:
                 raise raw.RawLayoutError(
@@ -719,7 +792,7 @@ class _Sink:
                     f"{_where(self.unit)}: series {int(sid[err_row])} follows series {err_val}: the rows are not sorted by "
                     "(series_id, ts) with each series contiguous; rewrite the day with raw.write_day"
                 )
-            new = self.oi[self.n:self.n + nout]
+            new = self.oi[self.n : self.n + nout]
             slow = np.flatnonzero(new[:, _SLOW])
             if len(slow):  # no decimal scale fits some value: DuckDB's exact_value for these series
                 sums = _slow_sums(ts, v, new[slow][:, [_ROW0, _ROW1]], self.start_ms, self.end_ms)
@@ -729,7 +802,7 @@ class _Sink:
                 return row
 
     def result(self) -> dict | None:
-        oi, of = self.oi[:self.n], self.of[:self.n]
+        oi, of = self.oi[: self.n], self.of[: self.n]
         if len(oi) == 0:
             return None
         unit = self.unit
@@ -739,7 +812,7 @@ class _Sink:
         integral = np.zeros(len(oi), dtype=object)
         increase = np.zeros(len(oi), dtype=object)
         for i in range(4):
-            a = oi[:, _ACC + i:_ACC + 16:4]  # integral high, low, reset high, low at scale i
+            a = oi[:, _ACC + i : _ACC + 16 : 4]  # integral high, low, reset high, low at scale i
             if a.any():
                 integral += (a[:, 0].astype(object) * (1 << _LIMB) + a[:, 1].astype(object)) * _NANO[i]
                 increase += (a[:, 2].astype(object) * (1 << _LIMB) + a[:, 3].astype(object)) * _NANO[i]
@@ -853,7 +926,7 @@ def _keep_freed_memory() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
         libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
-    except Exception:  # noqa: BLE001 - not glibc: keep the defaults
+    except Exception:
         pass
 
 
@@ -1011,8 +1084,27 @@ def _time_order(at, start_ms, end_ms):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _gauge_sweep(ts, v, sample0, carried_ts, carried_v, has_carried, group_series, group0,
-                 ev_group0, ev_from, ev_until, ev_k, ev_scale, start_ms, end_ms, stale_ms, peak_k, peak_scale, held_ms):
+def _gauge_sweep(
+    ts,
+    v,
+    sample0,
+    carried_ts,
+    carried_v,
+    has_carried,
+    group_series,
+    group0,
+    ev_group0,
+    ev_from,
+    ev_until,
+    ev_k,
+    ev_scale,
+    start_ms,
+    end_ms,
+    stale_ms,
+    peak_k,
+    peak_scale,
+    held_ms,
+):
     """For each group (its series group_series[group0[g]:group0[g + 1]], samples in
     rows sample0[s]:sample0[s + 1], and its event spans ev_*[ev_group0[g]:ev_group0[g + 1]]): the
     peak over time of the sum of the levels held (samples at ts ms after start_ms), exactly (int64 at the group's largest decimal
@@ -1153,14 +1245,14 @@ def _decimal_scaled(values) -> tuple[np.ndarray, np.ndarray]:
 def _gauge_rows_of(unit: _Unit, gsid: np.ndarray) -> int:
     """An upper bound on the unit's rows of the gauge series ``gsid``: its rows of those series (series ids only)."""
     return sum(
-        _gauge_count(np.ascontiguousarray(pq.ParquetFile(f).read_row_group(g, columns=["series_id"], use_threads=False)
-                                          .column(0).to_numpy(), dtype=np.int64), gsid)
+        _gauge_count(
+            np.ascontiguousarray(pq.ParquetFile(f).read_row_group(g, columns=["series_id"], use_threads=False).column(0).to_numpy(), dtype=np.int64), gsid
+        )
         for f, g in unit.parts
     )
 
 
-def _gauge_gather(unit: _Unit, gsid: np.ndarray, start_ms: int, end_ms: int, out_t: np.ndarray, out_v: np.ndarray,
-                  count: np.ndarray) -> tuple[int, int, int]:
+def _gauge_gather(unit: _Unit, gsid: np.ndarray, start_ms: int, end_ms: int, out_t: np.ndarray, out_v: np.ndarray, count: np.ndarray) -> tuple[int, int, int]:
     """The unit's samples of the gauge series into out_t, out_v (its own slice of the day's arrays),
     counted per series in ``count``: (rows written, first and last gauge series index, -1 if none)."""
     m, first, last = 0, -1, -1
@@ -1234,8 +1326,12 @@ def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None, con=
         ts = np.empty(int(offsets[-1]), dtype=np.int32)  # ms after start_ms (the window is under 2**30 ms)
         v = np.empty(len(ts), dtype=np.float64)
         count = np.zeros(n, dtype=np.int64)
-        got = list(each(lambda i: _gauge_gather(units[i], gsid, start_ms, end_ms, ts[offsets[i]:offsets[i + 1]],
-                                                 v[offsets[i]:offsets[i + 1]], count), range(len(units))))
+        got = list(
+            each(
+                lambda i: _gauge_gather(units[i], gsid, start_ms, end_ms, ts[offsets[i] : offsets[i + 1]], v[offsets[i] : offsets[i + 1]], count),
+                range(len(units)),
+            )
+        )
     finally:
         if pool:
             pool.shutdown()
@@ -1247,7 +1343,7 @@ def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None, con=
             raise raw.RawLayoutError(f"raw samples of {window.start}: series are not sorted within and across row groups; rewrite the day with raw.write_day")
         prev = last
         if pos != offsets[i]:
-            ts[pos:pos + m], v[pos:pos + m] = ts[offsets[i]:offsets[i] + m], v[offsets[i]:offsets[i] + m]
+            ts[pos : pos + m], v[pos : pos + m] = ts[offsets[i] : offsets[i] + m], v[offsets[i] : offsets[i] + m]
         pos += m
     ts, v = ts[:pos], v[:pos]
     sample0 = np.concatenate([[0], np.cumsum(count)]).astype(np.int64)
@@ -1259,9 +1355,25 @@ def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None, con=
 
     def sweep(a: int, b: int) -> tuple[int, int]:  # groups [a, b), on their own rows of the outputs
         return _gauge_sweep(
-            ts, v, sample0, carried_ts, carried_v, has_carried, group_series, group0[a:b + 1],
-            ev_group0[a:b + 1], ev_from, ev_until, ev_k, ev_scale, start_ms, end_ms, STALENESS_MS,
-            peak_k[a:b], peak_scale[a:b], held[a:b],
+            ts,
+            v,
+            sample0,
+            carried_ts,
+            carried_v,
+            has_carried,
+            group_series,
+            group0[a : b + 1],
+            ev_group0[a : b + 1],
+            ev_from,
+            ev_until,
+            ev_k,
+            ev_scale,
+            start_ms,
+            end_ms,
+            STALENESS_MS,
+            peak_k[a:b],
+            peak_scale[a:b],
+            held[a:b],
         )
 
     # the groups in ``threads`` slices of about as many samples each (the compiled code releases the GIL)

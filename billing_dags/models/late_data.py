@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Callable
 
 from billing_dags.core import durable
-
-from billing_dags.ingest import events, raw
 from billing_dags.core.settings import Paths
+from billing_dags.ingest import events, raw
 from billing_dags.models.sqlmodels import Model, Project, Window, load_project, model_files, partition_file
 
 INPUTS_FILE = "inputs.json"
@@ -88,9 +87,7 @@ class Record:
     written_ns: int  # the record's own modification time
 
 
-def snapshot(
-    paths: Paths, files: list[Path], records: list[Record | None] = (), cache: Entries | None = None, collect: Entries | None = None
-) -> Entries:
+def snapshot(paths: Paths, files: list[Path], records: list[Record | None] = (), cache: Entries | None = None, collect: Entries | None = None) -> Entries:
     """Size, time and SHA-256 of ``files`` (keyed by their path under the data dir). A file is read
     only when no record knows it (same size, older than the record) and neither ``collect`` nor
     ``cache`` does (same size and time); every file no record knows is added to ``collect``."""

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from functools import cache
 from graphlib import TopologicalSorter
 from pathlib import Path
-from typing import Callable
 
 import duckdb
 import pyarrow as pa
@@ -200,11 +200,12 @@ def is_model_file(path: Path, models_dir: Path) -> bool:
 
 # --- sources: what models read that is not a model -------------------------------------------
 
+
 @dataclass(frozen=True)
 class Source:
     name: str
     assets: tuple[str, ...]  # the Dagster assets that produce it
-    register: Callable[[duckdb.DuckDBPyConnection, Paths, "Window | None"], None]
+    register: Callable[[duckdb.DuckDBPyConnection, Paths, Window | None], None]
     #: earlier daily partitions of its assets a window reads too (raw_events: yesterday's gauge levels)
     lookback_days: int = 0
     #: what it holds depends on the window (else every window sees the same files)
@@ -253,7 +254,9 @@ def _register_raw_series(con, paths: Paths, window: Window | None) -> None:
             "map([]::varchar[], []::varchar[]) as labels, 0::bigint as first_seen) where false"
         )
         return
-    con.execute(f"create or replace view raw_series as select series_id, metric, labels, first_seen from read_parquet({_sql_list(files)}, hive_partitioning = false)")
+    con.execute(
+        f"create or replace view raw_series as select series_id, metric, labels, first_seen from read_parquet({_sql_list(files)}, hive_partitioning = false)"
+    )
 
 
 EVENTS_EMPTY_SQL = (
@@ -346,6 +349,7 @@ def sources() -> dict[str, Source]:
 
 # --- the project: every model, its dependencies, its order -------------------------------------
 
+
 @dataclass(frozen=True)
 class Project:
     models: dict[str, Model]
@@ -430,6 +434,7 @@ def macros_sql(models_dir: Path = SQL_MODELS_DIR) -> list[str]:
 
 
 # --- running ---------------------------------------------------------------------------------
+
 
 def create_table(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> None:
     """Replace table ``name`` in ``con`` with the rows of an Arrow table (fixtures, projections)."""
@@ -570,9 +575,7 @@ def check_grain(model: Model, table: pa.Table) -> None:
         )
 
 
-def write_partition(
-    paths: Paths, model: Model, window: Window | None, table: pa.Table, validate: Callable[[pa.Table], None] | None = None
-) -> Path:
+def write_partition(paths: Paths, model: Model, window: Window | None, table: pa.Table, validate: Callable[[pa.Table], None] | None = None) -> Path:
     """Delete-window-then-insert: the partition's file is replaced whole, durably, once it is valid.
 
     The window and grain are checked, then ``validate`` (e.g. the asset's blocking checks, raising to
@@ -689,8 +692,7 @@ def run_model_days(
     fn = python_engine(model) if python else None
     if (python and not getattr(fn, "takes_session", False)) or model.partitioned_by != "billing_daily" or len(windows) < 2:
         return [
-            run_model(paths, name, w, project=project, engine=engine, threads=threads,
-                      validate=(lambda t, w=w: validate(w, t)) if validate else None)
+            run_model(paths, name, w, project=project, engine=engine, threads=threads, validate=(lambda t, w=w: validate(w, t)) if validate else None)
             for w in windows
         ]
     results = []

@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 from billing_dags.billing.document import GENERATED_LINE_TYPES
 from billing_dags.billing.manifest import code_version, invoice_manifest, recompute_reason
 from billing_dags.billing.store import PENDING_DIR
-from billing_dags.core.errors import InputError
 from billing_dags.core import durable
 from billing_dags.core.calendar import next_month
+from billing_dags.core.errors import InputError
 from billing_dags.core.money import format_minor
 from billing_dags.core.settings import SQL_MODELS_DIR, Paths
 from billing_dags.ingest import raw
@@ -96,25 +96,33 @@ def build_dispute(paths: Paths, customer_id: str, month: date, *, meter_id: str 
         raise DisputeError(f"--by {by!r} is not one of hour, day")
     table = evidence(paths, customer_id, month, meter_id)
     if meter_id and not len(table):
-        raise DisputeError(f"no raw samples of meter {meter_id!r} for {customer_id} in {month:%Y-%m}; check the meter id (billing usage {customer_id} --month {month:%Y-%m} lists them)")
+        raise DisputeError(
+            f"no raw samples of meter {meter_id!r} for {customer_id} in {month:%Y-%m}; "
+            f"check the meter id (billing usage {customer_id} --month {month:%Y-%m} lists them)"
+        )
     con = duckdb.connect()
     try:
         con.register("evidence", table)
-        breakdown = _rows(con.execute(
-            f"""
+        breakdown = _rows(
+            con.execute(
+                f"""
             select meter_id, dimension, make_timestamp((ts_ms // {BUCKETS_MS[by]}) * {BUCKETS_MS[by]} * 1000) as bucket,
                    count(*) as samples, sum(increase)::decimal(38, 9) as increase, max(value) as peak,
                    count(*) filter (where is_reset) as resets, max(gap_ms) as max_gap_ms
             from evidence group by all order by all
             """
-        ))
-        totals = _rows(con.execute(
-            "select meter_id, any_value(kind) as kind, count(distinct series_id) as series, count(*) as samples, "
-            "sum(increase)::decimal(38, 9) as increase, count(*) filter (where is_reset) as resets "
-            "from evidence group by meter_id order by meter_id"
-        ))
-        events = _rows(con.execute(
-            f"""
+            )
+        )
+        totals = _rows(
+            con.execute(
+                "select meter_id, any_value(kind) as kind, count(distinct series_id) as series, count(*) as samples, "
+                "sum(increase)::decimal(38, 9) as increase, count(*) filter (where is_reset) as resets "
+                "from evidence group by meter_id order by meter_id"
+            )
+        )
+        events = _rows(
+            con.execute(
+                f"""
             select meter_id, series_id, ts,
                    case when is_reset then 'reset' when is_reappearance then 'reappeared after lookback' else 'gap' end as event,
                    prev_value, value, gap_ms
@@ -122,7 +130,8 @@ def build_dispute(paths: Paths, customer_id: str, month: date, *, meter_id: str 
             where is_reset or is_reappearance or gap_ms > {GAP_FLAG_MS}
             order by ts_ms, series_id
             """
-        ))
+            )
+        )
     finally:
         con.close()
     invoice = _read_invoice(paths, customer_id, month)
@@ -159,13 +168,18 @@ def tie_out(paths: Paths, dispute: Dispute) -> dict:
         meters[t["meter_id"]] = {"raw": got, "recomputed": want, "ties_out": want is not None and got == want}
     result: dict = {"meters": meters}
     if dispute.invoice:
-        lines = [l for l in _partition_rows(partition_file(paths, models["fct_invoice_lines"], Window(dispute.month, end)), dispute.customer_id)
-                 if not dispute.meter_id or l["meter_id"] == dispute.meter_id]
+        lines = [
+            l
+            for l in _partition_rows(partition_file(paths, models["fct_invoice_lines"], Window(dispute.month, end)), dispute.customer_id)
+            if not dispute.meter_id or l["meter_id"] == dispute.meter_id
+        ]
         result["invoice_vs_recomputed"] = invoice_vs_recomputed(paths, dispute.invoice, dispute.lines, lines)
         lines_sum = sum(int(l["amount_minor"]) for l in dispute.invoice["lines"])
         result["invoice_total_minor"] = int(dispute.invoice["total_minor"])
         result["lines_sum_minor"] = lines_sum
-        result["invoice_ties_out"] = lines_sum == int(dispute.invoice.get("subtotal_minor", dispute.invoice["total_minor"])) or lines_sum == int(dispute.invoice["total_minor"])
+        result["invoice_ties_out"] = lines_sum == int(dispute.invoice.get("subtotal_minor", dispute.invoice["total_minor"])) or lines_sum == int(
+            dispute.invoice["total_minor"]
+        )
     return result
 
 
@@ -196,9 +210,14 @@ def invoice_vs_recomputed(paths: Paths, invoice: dict, invoice_lines: list[dict]
     for k in sorted(set(billed) | set(again)):
         b, r = billed.get(k), again.get(k)
         row = {
-            "line_type": k[0], "meter_id": k[1], "dimension": k[2], "unit": (b or r)["unit"],
-            "invoiced_quantity": b["quantity"] if b else None, "invoiced_amount_minor": b["amount_minor"] if b else None,
-            "recomputed_quantity": r["quantity"] if r else None, "recomputed_amount_minor": r["amount_minor"] if r else None,
+            "line_type": k[0],
+            "meter_id": k[1],
+            "dimension": k[2],
+            "unit": (b or r)["unit"],
+            "invoiced_quantity": b["quantity"] if b else None,
+            "invoiced_amount_minor": b["amount_minor"] if b else None,
+            "recomputed_quantity": r["quantity"] if r else None,
+            "recomputed_amount_minor": r["amount_minor"] if r else None,
         }
         row["same"] = (row["invoiced_quantity"], row["invoiced_amount_minor"]) == (row["recomputed_quantity"], row["recomputed_amount_minor"])
         rows.append(row)
@@ -211,12 +230,20 @@ def invoice_vs_recomputed(paths: Paths, invoice: dict, invoice_lines: list[dict]
         return out
     pending_file = paths.invoices / month / PENDING_DIR / f"{cid}.json"
     pending = json.loads(pending_file.read_text()) if pending_file.exists() else None
-    manifest = pending["recomputed_manifest"] if pending else invoice_manifest(paths, date.fromisoformat(invoice["period_start"]), paths.seeds_dir, code_version())
+    manifest = (
+        pending["recomputed_manifest"] if pending else invoice_manifest(paths, date.fromisoformat(invoice["period_start"]), paths.seeds_dir, code_version())
+    )
     out["reason"] = recompute_reason(invoice, manifest)
-    text = f"the recomputed month differs from finalized invoice {invoice['invoice_number']} because of {out['reason']} after finalization; a finalized invoice is never edited: "
+    text = (
+        f"the recomputed month differs from finalized invoice {invoice['invoice_number']} because of {out['reason']} after finalization; "
+        f"a finalized invoice is never edited: "
+    )
     if pending:
         out["pending_adjustment_minor"] = int(pending["delta_minor"])
-        text += f"{format_minor(int(pending['delta_minor']), exp)} {invoice['currency'].upper()} is pending as an adjustment on {cid}'s next invoice ({pending_file})"
+        text += (
+            f"{format_minor(int(pending['delta_minor']), exp)} {invoice['currency'].upper()} is pending as an adjustment on {cid}'s next invoice "
+            f"({pending_file})"
+        )
     else:
         text += f"no adjustment is recorded yet; rerun the invoices of {month} (billing run) to record it for {cid}'s next invoice"
     out["explanation"] = text[0].upper() + text[1:]
@@ -241,21 +268,21 @@ def export_evidence(dispute: Dispute, folder: Path) -> list[Path]:
     breakdown = folder / f"breakdown_by_{dispute.by}.csv"
     events = folder / "events.csv"
     end = next_month(dispute.month)
-    params = _evidence_params(
-        dispute.customer_id, dispute.meter_id, Window(dispute.month, end), load_project().models[USAGE_MODEL].lookback_days
-    )
+    params = _evidence_params(dispute.customer_id, dispute.meter_id, Window(dispute.month, end), load_project().models[USAGE_MODEL].lookback_days)
     sql = folder / "reproduce.sql"
     summary = folder / "tie_out.json"
     batch = durable.Batch()
     try:
         batch.write(breakdown, csv_bytes(dispute.breakdown, list(dispute.breakdown[0]) if dispute.breakdown else []))
         batch.write(events, csv_bytes(dispute.events, ["meter_id", "series_id", "ts", "event", "prev_value", "value", "gap_ms"]))
-        batch.write(sql, (
-            "-- Reproduces raw_samples.parquet (the increase of every sample) from the warehouse:\n"
-            "--   duckdb data/warehouse.duckdb < reproduce.sql\n"
-            f"-- parameters: {json.dumps(params, sort_keys=True)}\n"
-            + _bind_literals(EVIDENCE_SQL.read_text(), params)
-        ).encode())
+        batch.write(
+            sql,
+            (
+                "-- Reproduces raw_samples.parquet (the increase of every sample) from the warehouse:\n"
+                "--   duckdb data/warehouse.duckdb < reproduce.sql\n"
+                f"-- parameters: {json.dumps(params, sort_keys=True)}\n" + _bind_literals(EVIDENCE_SQL.read_text(), params)
+            ).encode(),
+        )
         batch.write(summary, (json.dumps(dispute.tie_out, indent=2, sort_keys=True, default=str) + "\n").encode())
         batch.commit()
     finally:

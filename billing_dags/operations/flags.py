@@ -8,15 +8,15 @@ the customer's invoice for that month in draft.
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from billing_dags.core import durable
+from billing_dags.core.calendar import next_month
 from billing_dags.core.settings import Paths
 from billing_dags.models.sqlmodels import load_project, partition_dir
-from billing_dags.core.calendar import next_month
 
 
 def acks_path(paths: Paths) -> Path:
@@ -56,10 +56,7 @@ def unacknowledged_critical(paths: Paths, month: date) -> dict[str, list[dict]]:
 
 
 def acknowledge(paths: Paths, customer_id: str, month: date, rule: str, meter_id: str, by: str, reason: str, *, now: datetime | None = None) -> dict:
-    flags = [
-        f for f in month_flags(paths, month)
-        if f["customer_id"] == customer_id and f["rule"] == rule and (not meter_id or f["meter_id"] == meter_id)
-    ]
+    flags = [f for f in month_flags(paths, month) if f["customer_id"] == customer_id and f["rule"] == rule and (not meter_id or f["meter_id"] == meter_id)]
     if not flags:
         raise ValueError(
             f"no {rule!r} flag for {customer_id} in {month:%Y-%m}{' on meter ' + meter_id if meter_id else ''}; "
@@ -68,7 +65,7 @@ def acknowledge(paths: Paths, customer_id: str, month: date, rule: str, meter_id
     if not by.strip() or not reason.strip():
         raise ValueError("--by and --reason must say who acknowledges the flag and why")
     acks = read_acks(paths)
-    stamp = (now or datetime.now(timezone.utc)).isoformat(timespec="seconds")
+    stamp = (now or datetime.now(UTC)).isoformat(timespec="seconds")
     added = []
     for meter in sorted({f["meter_id"] for f in flags}):
         ack = {"customer_id": customer_id, "month": f"{month:%Y-%m}", "meter_id": meter, "rule": rule, "by": by, "reason": reason, "at": stamp}
@@ -82,5 +79,3 @@ def _quantity(flag: dict) -> str:
     """The quantity a flag states, in the meter's billing unit ("9.75 gib"); "" for flags without one."""
     q = flag.get("quantity")
     return "" if q is None else f"{q.normalize():f} {flag.get('unit') or ''}".strip()
-
-

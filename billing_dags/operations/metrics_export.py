@@ -50,8 +50,9 @@ def _model_rows(paths: Paths, model: str, key: str) -> list[dict]:
 
 def _daily_usage(paths: Paths, start: date, end: date) -> pa.Table | None:
     """The computed fct_usage_by_day partitions of the days in [start, end), None when there are none."""
-    files = [paths.models / "fct_usage_by_day" / f"day={d.isoformat()}" / "data.parquet"
-             for d in (start + timedelta(days=i) for i in range((end - start).days))]
+    files = [
+        paths.models / "fct_usage_by_day" / f"day={d.isoformat()}" / "data.parquet" for d in (start + timedelta(days=i) for i in range((end - start).days))
+    ]
     tables = [pq.read_table(f) for f in files if f.exists()]
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
@@ -59,9 +60,7 @@ def _daily_usage(paths: Paths, start: date, end: date) -> pa.Table | None:
 def _latest_30d(paths: Paths, before: date) -> date | None:
     """The last day before ``before`` whose rolling 30 days (fct_usage_30d_by_day) are computed."""
     folder = paths.models / "fct_usage_30d_by_day"
-    days = sorted(
-        date.fromisoformat(p.name[4:]) for p in folder.glob("day=*") if (p / "data.parquet").exists()
-    ) if folder.exists() else []
+    days = sorted(date.fromisoformat(p.name[4:]) for p in folder.glob("day=*") if (p / "data.parquet").exists()) if folder.exists() else []
     days = [d for d in days if d < before]
     return days[-1] if days else None
 
@@ -112,7 +111,8 @@ class BillingCollector:
         )
         flags = GaugeMetricFamily(
             "billing_anomaly_flags",
-            "Anomaly flags raised in the month (a condition lasting several days is raised once; seeds/anomaly_rules.csv); customer_id is empty for unmatched series",
+            "Anomaly flags raised in the month (a condition lasting several days is raised once; seeds/anomaly_rules.csv); "
+            "customer_id is empty for unmatched series",
             labels=["customer_id", "meter_id", "rule", "severity", "month"],
         )
         days = GaugeMetricFamily(
@@ -129,9 +129,7 @@ class BillingCollector:
 
         state = projection.month_state(month, today)
         if state == "future":
-            raise projection._error(
-                f"month {month:%Y-%m} has not started yet (today is {today}); give the current month {today:%Y-%m} or an earlier one"
-            )
+            raise projection._error(f"month {month:%Y-%m} has not started yet (today is {today}); give the current month {today:%Y-%m} or an earlier one")
         closed = month if state == "closed" else previous_month(month)
         if (paths.models / "fct_usage_by_month" / f"month={closed:%Y-%m}" / "data.parquet").exists():  # the month was closed
             for r in quantities(closed, next_month(closed)):
@@ -236,4 +234,3 @@ def recording_rules(seeds: dict) -> dict:
 
 def render_recording_rules(seeds: dict) -> str:
     return RULES_HEADER + yaml.safe_dump(recording_rules(seeds), sort_keys=False, width=200)
-

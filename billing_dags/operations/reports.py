@@ -15,9 +15,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from billing_dags.core import durable
-from billing_dags.seeds.catalog import OUTSIDE_SUBSCRIPTION_RULES
 from billing_dags.core.settings import Paths
 from billing_dags.models.sqlmodels import Window, load_project, partition_file, seed_snapshot_path
+from billing_dags.seeds.catalog import OUTSIDE_SUBSCRIPTION_RULES
 
 GIB = Decimal(2**30)
 
@@ -69,11 +69,17 @@ def build_daily_summary(paths: Paths, day: date) -> DailySummary:
         rows = [r for r in usage if r["meter_id"] == meter_id]
         kind = rows[0]["kind"]
         value = total(meter_id) if kind == "counter" else total(meter_id, "gauge_peak")
-        meter_rows.append({
-            "meter": meter_id, "kind": kind, "customers": len({r["customer_id"] for r in rows}),
-            "total": value, "unit": meters.get(meter_id, {}).get("unit", ""),
-            "resets": sum(r["resets"] for r in rows), "dropped_samples": sum(r["dropped_samples"] for r in rows),
-        })
+        meter_rows.append(
+            {
+                "meter": meter_id,
+                "kind": kind,
+                "customers": len({r["customer_id"] for r in rows}),
+                "total": value,
+                "unit": meters.get(meter_id, {}).get("unit", ""),
+                "resets": sum(r["resets"] for r in rows),
+                "dropped_samples": sum(r["dropped_samples"] for r in rows),
+            }
+        )
     return DailySummary(
         day=day,
         active_customers=len({r["customer_id"] for r in usage if (r["usage"] or 0) > 0 or (r["gauge_peak"] or 0) > 0}),
@@ -147,11 +153,15 @@ def to_html(s: DailySummary) -> str:
         "<h2>Top 10 customers by bytes</h2>"
         + table(["#", "customer", "bytes", "GiB"], [[t["rank"], t["customer"], _n(t["bytes"]), _n(t["gib"])] for t in s.top_by_bytes])
         + "<h2>Meters</h2>"
-        + table(["meter", "kind", "customers", "total", "unit", "resets", "dropped samples"],
-                [[m["meter"], m["kind"], m["customers"], _n(m["total"]), m["unit"], m["resets"], m["dropped_samples"]] for m in s.meters])
+        + table(
+            ["meter", "kind", "customers", "total", "unit", "resets", "dropped samples"],
+            [[m["meter"], m["kind"], m["customers"], _n(m["total"]), m["unit"], m["resets"], m["dropped_samples"]] for m in s.meters],
+        )
         + f"<h2>Anomalies ({len(s.flags)})</h2>"
-        + table(["severity", "customer", "meter", "rule", "detail"],
-                [[f["severity"], f["customer_id"] or "(none)", f["meter_id"], f["rule"], f["detail"]] for f in s.flags])
+        + table(
+            ["severity", "customer", "meter", "rule", "detail"],
+            [[f["severity"], f["customer_id"] or "(none)", f["meter_id"], f["rule"], f["detail"]] for f in s.flags],
+        )
         + "</body></html>\n"
     )
 
@@ -165,8 +175,6 @@ def write_daily_summary(paths: Paths, s: DailySummary) -> list[Path]:
         durable.write_bytes(dest, text.encode())
         written.append(dest)
     return written
-
-
 
 
 def event_billed_lines(paths: Paths, month: date, n_customers: int | None = None) -> list[str]:
@@ -211,10 +219,7 @@ def event_billed_lines(paths: Paths, month: date, n_customers: int | None = None
         if c["usage_source"] == "usage_events":
             events = sum(m[0] for m in meters.values())
             tokens_in, tokens_out = get("llm_input_tokens", 1) / mega, get("llm_output_tokens", 1) / mega
-            lines.append(
-                f"{cid} (usage_events): {events:,} events, {tokens_in:,.1f}M input / {tokens_out:,.1f}M output tokens, "
-                f"invoice total {total}"
-            )
+            lines.append(f"{cid} (usage_events): {events:,} events, {tokens_in:,.1f}M input / {tokens_out:,.1f}M output tokens, invoice total {total}")
         else:
             reports = max((m[0] for m in meters.values()), default=0)
             traffic = (get("iot_mqtt_bytes", 1) + get("iot_http_bytes", 1)) / GIB

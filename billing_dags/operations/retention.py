@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
-from billing_dags.core.settings import DEFAULT_RETENTION_DAYS, Paths
 from billing_dags.core.calendar import month_start
+from billing_dags.core.settings import DEFAULT_RETENTION_DAYS, Paths
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def plan(paths: Paths, *, today: date | None = None, retention_days: int = DEFAU
     """What retention would do today: every raw day and landing file older than the cut-off."""
     if retention_days < 1:
         raise ValueError(f"retention of {retention_days} days: give at least 1 (DESIGN default 90)")
-    today = today or datetime.now(timezone.utc).date()
+    today = today or datetime.now(UTC).date()
     cutoff = today - timedelta(days=retention_days)
     out: list[Candidate] = []
     finalized: dict[date, tuple[bool, str]] = {}
@@ -84,7 +84,7 @@ def plan(paths: Paths, *, today: date | None = None, retention_days: int = DEFAU
             action, reason = decide(day, f"{n} usage reports older than {retention_days} days ({cutoff})")
             out.append(Candidate(store_path(paths), day, 0, action, reason, what="reports"))
     if paths.landing.exists():
-        cutoff_ts = datetime(cutoff.year, cutoff.month, cutoff.day, tzinfo=timezone.utc).timestamp()
+        cutoff_ts = datetime(cutoff.year, cutoff.month, cutoff.day, tzinfo=UTC).timestamp()
         reports_dir = store_path(paths).parent
         for f in sorted(p for p in paths.landing.rglob("*") if p.is_file() and reports_dir not in p.parents):
             if f.stat().st_mtime < cutoff_ts:
@@ -115,5 +115,3 @@ def apply(candidates: list[Candidate], *, log=print) -> dict:
             kept += 1
             log(f"kept {c.path}: {c.reason}")
     return {"removed": removed, "kept": kept, "bytes_freed": freed}
-
-

@@ -15,10 +15,10 @@ from pathlib import Path
 import duckdb
 
 from billing_dags.core import durable
-from billing_dags.ingest.events import events_root
-from billing_dags.core.settings import Paths
-from billing_dags.models.sqlmodels import connect, load_project, macros_sql, partition_dir
 from billing_dags.core.errors import InputError
+from billing_dags.core.settings import Paths
+from billing_dags.ingest.events import events_root
+from billing_dags.models.sqlmodels import connect, load_project, macros_sql, partition_dir
 
 
 def _lit(path: Path | str) -> str:
@@ -128,8 +128,7 @@ def query_statements(con: duckdb.DuckDBPyConnection, sql: str) -> list[duckdb.St
         if kind not in QUERY_STATEMENTS:
             text = " ".join(statement.query.split())
             raise RefusedStatement(
-                f"statement {number} refused ({kind}): {text[:120]!r}; billing sql runs queries only "
-                "(SELECT, WITH, SHOW, DESCRIBE, SUMMARIZE) and ran nothing"
+                f"statement {number} refused ({kind}): {text[:120]!r}; billing sql runs queries only (SELECT, WITH, SHOW, DESCRIBE, SUMMARIZE) and ran nothing"
             )
     return statements
 

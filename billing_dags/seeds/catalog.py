@@ -12,13 +12,14 @@ import hashlib
 import io
 import itertools
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 import pyarrow as pa
+
 from billing_dags.seeds.credits import CREDITS_FILE, Grant, validate_grants
 from billing_dags.seeds.errors import SeedError
 
@@ -31,9 +32,20 @@ PACKAGE_ROUNDING = {"up", "down", "half_up"}
 #: the rules fct_anomaly_flags_by_day raises for usage on a day no subscription covers (it is on no invoice)
 OUTSIDE_SUBSCRIPTION_RULES = ("outside_subscription", "outside_subscription_unpriced")
 ANOMALY_RULES = {
-    "week_over_week", "allowance_used", "outlier_mad", "scrape_gap", "counter_resets",
-    "reappeared_series", "dropped_samples", "unmatched_series", "rate_per_minute", "pool_share_mismatch",
-    "unpriced_usage", *OUTSIDE_SUBSCRIPTION_RULES, "duplicate_conflicts", "low_coverage",
+    "week_over_week",
+    "allowance_used",
+    "outlier_mad",
+    "scrape_gap",
+    "counter_resets",
+    "reappeared_series",
+    "dropped_samples",
+    "unmatched_series",
+    "rate_per_minute",
+    "pool_share_mismatch",
+    "unpriced_usage",
+    *OUTSIDE_SUBSCRIPTION_RULES,
+    "duplicate_conflicts",
+    "low_coverage",
 }
 #: where a customer's usage arrives from (the simulator follows it; informational otherwise)
 USAGE_SOURCES = {"prometheus", "usage_events", "usage_reports"}
@@ -49,8 +61,7 @@ AGGREGATIONS = {
 def _safe_id(value: str) -> str:
     if not SAFE_ID_RE.match(value):
         raise ValueError(
-            f"{value!r} is not a safe identifier (lowercase letters, digits, '_', '-', '.', "
-            "at most 63 characters, starting with a letter or digit)"
+            f"{value!r} is not a safe identifier (lowercase letters, digits, '_', '-', '.', at most 63 characters, starting with a letter or digit)"
         )
     return value
 
@@ -367,7 +378,9 @@ def read_seed(seeds_dir: Path, name: str) -> pa.Table:
     spec = SPECS[name]
     path = Path(seeds_dir) / spec.file
     if not path.exists():
-        raise SeedError(f"{path}: seed file missing; create it (columns: {', '.join(c.name for c in spec.columns)}) or point BILLING_SEEDS_DIR at a folder that has it")
+        raise SeedError(
+            f"{path}: seed file missing; create it (columns: {', '.join(c.name for c in spec.columns)}) or point BILLING_SEEDS_DIR at a folder that has it"
+        )
     data = path.read_bytes()
     key = (name, str(path), hashlib.sha256(data).digest())
     table = _PARSED.get(key)
@@ -465,17 +478,26 @@ def _check_references(seeds_dir: Path, t: dict[str, pa.Table]) -> None:
         rows_of_meter.setdefault(p["dimension"] == "", p)
         if len(rows_of_meter) == 2:
             catch_all, specific = rows_of_meter[True], rows_of_meter[False]
-            raise fail("prices", catch_all, (
-                f"this row prices meter {p['meter_id']!r} on plan {p['plan_id']} v{p['version']} in every dimension, and line "
-                f"{specific['seed_line']} prices its dimension {specific['dimension']!r}: that usage would be billed twice; "
-                "give this row a dimension of its own, or remove the per-dimension rows of the meter"
-            ))
+            raise fail(
+                "prices",
+                catch_all,
+                (
+                    f"this row prices meter {p['meter_id']!r} on plan {p['plan_id']} v{p['version']} in every dimension, and line "
+                    f"{specific['seed_line']} prices its dimension {specific['dimension']!r}: that usage would be billed twice; "
+                    "give this row a dimension of its own, or remove the per-dimension rows of the meter"
+                ),
+            )
         priced[(p["plan_id"], p["version"], p["meter_id"], p["dimension"])] = p
     tiers: dict[tuple, list[dict]] = {}
     for r in _rows(t["price_tiers"]):
         key = (r["plan_id"], r["version"], r["meter_id"], r["dimension"])
         if key not in priced or priced[key]["pricing"] not in ("graduated", "volume"):
-            raise fail("price_tiers", r, f"no graduated or volume price row in prices.csv for plan {r['plan_id']} v{r['version']} meter {r['meter_id']} dimension {r['dimension']!r}; add one or remove the tier")
+            raise fail(
+                "price_tiers",
+                r,
+                f"no graduated or volume price row in prices.csv for plan {r['plan_id']} v{r['version']} meter {r['meter_id']} dimension "
+                f"{r['dimension']!r}; add one or remove the tier",
+            )
         tiers.setdefault(key, []).append(r)
     for key, p in priced.items():
         if p["pricing"] in ("graduated", "volume"):
@@ -498,7 +520,12 @@ def _check_references(seeds_dir: Path, t: dict[str, pa.Table]) -> None:
         if c["currency"] not in currencies:
             raise fail("customers", c, f"currency {c['currency']!r} is not in currencies.csv; add it there")
         if c["label_value"] in labels:
-            raise fail("customers", c, f"label_value {c['label_value']!r} already identifies the customer on line {labels[c['label_value']]['seed_line']}; each series must map to one customer")
+            raise fail(
+                "customers",
+                c,
+                f"label_value {c['label_value']!r} already identifies the customer on line {labels[c['label_value']]['seed_line']}; "
+                f"each series must map to one customer",
+            )
         labels[c["label_value"]] = c
     for f in _rows(t["report_fields"]):
         m = meters.get(f["meter_id"])
@@ -508,7 +535,9 @@ def _check_references(seeds_dir: Path, t: dict[str, pa.Table]) -> None:
         if m["kind"] != want:
             raise fail("report_fields", f, f"a {f['kind']} field needs a {want} meter but {f['meter_id']!r} is a {m['kind']}; fix kind or meter_id")
         if f["scale"] == 0:
-            raise fail("report_fields", f, "scale 0 would bill nothing; give the number of meter units per reported unit (e.g. 1048576 for MB as bytes / 1024 / 1024)")
+            raise fail(
+                "report_fields", f, "scale 0 would bill nothing; give the number of meter units per reported unit (e.g. 1048576 for MB as bytes / 1024 / 1024)"
+            )
     for tok in _rows(t["report_tokens"]):
         if tok["customer_id"] not in customers:
             raise fail("report_tokens", tok, f"customer {tok['customer_id']!r} is not in customers.csv; add the customer or remove the token")
@@ -526,11 +555,15 @@ def _check_references(seeds_dir: Path, t: dict[str, pa.Table]) -> None:
             raise fail("subscriptions", sub, f"plan {sub['plan_id']!r} is not priced in the customer's currency {currency!r}; use a plan in {currency}")
         first = min(plans[sub["plan_id"]], key=lambda p: p["effective_from"])
         if sub["start_date"] < first["effective_from"]:
-            raise fail("subscriptions", sub, (
-                f"start_date {sub['start_date']} is before the first version of plan {sub['plan_id']!r} (version {first['version']}, "
-                f"effective {first['effective_from']}, plans.csv line {first['seed_line']}): no price is in force on its first days; "
-                f"start it on or after {first['effective_from']}, or add a version of the plan effective on or before {sub['start_date']}"
-            ))
+            raise fail(
+                "subscriptions",
+                sub,
+                (
+                    f"start_date {sub['start_date']} is before the first version of plan {sub['plan_id']!r} (version {first['version']}, "
+                    f"effective {first['effective_from']}, plans.csv line {first['seed_line']}): no price is in force on its first days; "
+                    f"start it on or after {first['effective_from']}, or add a version of the plan effective on or before {sub['start_date']}"
+                ),
+            )
         if sub["end_date"] is not None and sub["end_date"] <= sub["start_date"]:
             raise fail("subscriptions", sub, f"end_date {sub['end_date']} is not after start_date {sub['start_date']} (end_date is exclusive)")
         periods.setdefault(sub["customer_id"], []).append(sub)
@@ -538,15 +571,18 @@ def _check_references(seeds_dir: Path, t: dict[str, pa.Table]) -> None:
         subs.sort(key=lambda r: r["start_date"])
         for a, b in itertools.pairwise(subs):
             if a["end_date"] is None or a["end_date"] > b["start_date"]:
-                raise fail("subscriptions", b, f"subscription of {b['customer_id']} starting {b['start_date']} overlaps the one on line {a['seed_line']}; end that one on {b['start_date']} (end_date is exclusive)")
+                raise fail(
+                    "subscriptions",
+                    b,
+                    f"subscription of {b['customer_id']} starting {b['start_date']} overlaps the one on line {a['seed_line']}; "
+                    f"end that one on {b['start_date']} (end_date is exclusive)",
+                )
 
 
 def seeds_digest(seeds_dir: Path) -> dict[str, str]:
     """SHA-256 of each seed file, for invoice manifests."""
     return {
-        spec.file: hashlib.sha256((Path(seeds_dir) / spec.file).read_bytes()).hexdigest()
-        for spec in SPECS.values()
-        if (Path(seeds_dir) / spec.file).exists()
+        spec.file: hashlib.sha256((Path(seeds_dir) / spec.file).read_bytes()).hexdigest() for spec in SPECS.values() if (Path(seeds_dir) / spec.file).exists()
     }
 
 

@@ -8,11 +8,11 @@ invoices draw them down is billing's (billing/credits.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from billing_dags.seeds.errors import SeedError
 
@@ -39,7 +39,9 @@ class Grant:
         return (self.expires_on is None, self.expires_on or date.max, self.granted_on, self.grant_id)
 
 
-def validate_grants(rows: Iterable[Mapping], customers: Iterable[Mapping], currencies: Iterable[Mapping], *, source: Path | str = "seeds/credits.csv") -> list[Grant]:
+def validate_grants(
+    rows: Iterable[Mapping], customers: Iterable[Mapping], currencies: Iterable[Mapping], *, source: Path | str = "seeds/credits.csv"
+) -> list[Grant]:
     """Grants from parsed credit rows, checked against customers and currencies.
 
     Every problem names the file, the line, the column and the fix: an amount that is not > 0 or
@@ -65,7 +67,10 @@ def validate_grants(rows: Iterable[Mapping], customers: Iterable[Mapping], curre
         if cur not in exponents:
             raise SeedError(f"{where}: column currency: {cur!r} is not in currencies.csv; add it there")
         if cur != by_customer[cid]["currency"]:
-            raise SeedError(f"{where}: column currency: {cur!r} is not the currency of customer {cid!r} ({by_customer[cid]['currency']!r}); grant credits in the customer's currency")
+            raise SeedError(
+                f"{where}: column currency: {cur!r} is not the currency of customer {cid!r} ({by_customer[cid]['currency']!r}); "
+                f"grant credits in the customer's currency"
+            )
         exp = exponents[cur]
         minor = amount.scaleb(exp)
         if minor != minor.to_integral_value():
@@ -75,6 +80,9 @@ def validate_grants(rows: Iterable[Mapping], customers: Iterable[Mapping], curre
             )
         granted_on, expires_on = r["granted_on"], r.get("expires_on")
         if expires_on is not None and expires_on <= granted_on:
-            raise SeedError(f"{where}: column expires_on: {expires_on} is not after granted_on {granted_on} (expires_on is exclusive); fix the dates or leave expires_on empty")
+            raise SeedError(
+                f"{where}: column expires_on: {expires_on} is not after granted_on {granted_on} (expires_on is exclusive); "
+                f"fix the dates or leave expires_on empty"
+            )
         out.append(Grant(r["grant_id"], cid, cur, int(minor), granted_on, expires_on, r.get("description") or "", int(r.get("seed_line") or 0)))
     return sorted(out, key=lambda g: (g.customer_id, g.order))

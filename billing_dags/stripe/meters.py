@@ -17,9 +17,11 @@ event name in the seeds.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
+
 from billing_dags.core.errors import InputError
 
 #: the settings every billing_dags meter has in Stripe
@@ -151,8 +153,16 @@ def sync_meters(client, meters: Iterable[Mapping]) -> SyncReport:
                 report.items.append(MeterSync(d["event_name"], d["meter_id"], "existing", _get(match, "id")))
             else:
                 m = candidates[0]
-                report.items.append(MeterSync(d["event_name"], d["meter_id"], "conflicting", _get(m, "id"),
-                                              "; ".join(differences(m, d)) + " (meters are immutable: fix it in the Stripe Dashboard or change stripe_event_name in seeds/meters.csv)"))
+                report.items.append(
+                    MeterSync(
+                        d["event_name"],
+                        d["meter_id"],
+                        "conflicting",
+                        _get(m, "id"),
+                        "; ".join(differences(m, d))
+                        + " (meters are immutable: fix it in the Stripe Dashboard or change stripe_event_name in seeds/meters.csv)",
+                    )
+                )
             continue
         params = {k: v for k, v in d.items() if k != "meter_id"}
         try:
@@ -182,14 +192,19 @@ def send_days(paths, days: list[date], client, *, now: datetime, log: Callable[[
         out = sender.send(rows)
         if out != rows:  # a rerun with nothing to do leaves the file alone
             ob.write_outbox(paths, d, out)
-        counts = {s: 0 for s in ob.STATUSES}
+        counts = dict.fromkeys(ob.STATUSES, 0)
         for r in out:
             counts[r["status"]] += 1
-        summary.append({"day": d.isoformat(), "events": len(out), "sent_now": sender.stats["sent"] - before["sent"],
-                        "failed_now": sender.stats["failed"] - before["failed"], **counts})
+        summary.append(
+            {
+                "day": d.isoformat(),
+                "events": len(out),
+                "sent_now": sender.stats["sent"] - before["sent"],
+                "failed_now": sender.stats["failed"] - before["failed"],
+                **counts,
+            }
+        )
     return summary, sender
 
 
 # --------------------------------------------------------------------------- CLI
-
-

@@ -19,18 +19,19 @@ import calendar
 import hashlib
 import re
 import time
-from datetime import date, datetime, timedelta, timezone
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, date, datetime, timedelta
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from billing_dags.core import durable
-from billing_dags.core.settings import EDGE_LOOKBACK_DAYS, Paths
-from billing_dags.core.errors import InputError
 from billing_dags.core.calendar import month_start, next_month
+from billing_dags.core.errors import InputError
+from billing_dags.core.settings import EDGE_LOOKBACK_DAYS, Paths
 from billing_dags.models.sqlmodels import Window, billable_quantities
 
 STATUSES = ("pending", "sent", "dry_run", "too_old", "future", "failed")
@@ -287,7 +288,7 @@ def _error_text(e: Exception) -> str:
 def _now_ts(now: datetime) -> int:
     if not isinstance(now, datetime) or now.tzinfo is None or now.utcoffset() is None:
         raise OutboxError(f"now {now!r} must be a timezone-aware datetime, e.g. datetime.now(timezone.utc)")
-    return calendar.timegm(now.astimezone(timezone.utc).utctimetuple())
+    return calendar.timegm(now.astimezone(UTC).utctimetuple())
 
 
 def _retry_after(e: Exception) -> float | None:
@@ -341,7 +342,7 @@ class Sender:
         self.aborted = False
         #: what this sender did: posted (HTTP calls made by the sender, library retries not counted),
         #: sent, failed, retried (429 retries), too_old, future, dry_run, skipped (left for a later run)
-        self.stats: dict[str, int] = {k: 0 for k in ("posted", "sent", "failed", "retried", "too_old", "future", "dry_run", "skipped")}
+        self.stats: dict[str, int] = dict.fromkeys(("posted", "sent", "failed", "retried", "too_old", "future", "dry_run", "skipped"), 0)
 
     @property
     def mode(self) -> str:
@@ -452,7 +453,7 @@ def send_outbox(
 
 def summarize(rows: Iterable[Mapping]) -> dict:
     """Counts by status and the total value per event name, for asset metadata."""
-    by_status = {s: 0 for s in STATUSES}
+    by_status = dict.fromkeys(STATUSES, 0)
     values: dict[str, int] = {}
     for r in rows:
         by_status[r["status"]] = by_status.get(r["status"], 0) + 1
@@ -465,6 +466,4 @@ def outbox_summary(paths: Paths, month: date) -> str:
     from billing_dags.core.calendar import month_days
 
     summary = summarize(row for day in month_days(month) for row in read_outbox(paths, day))
-    return f"{summary['rows']:,} meter events: " + ", ".join(
-        f"{n:,} {status}" for status, n in sorted(summary["by_status"].items()) if n
-    )
+    return f"{summary['rows']:,} meter events: " + ", ".join(f"{n:,} {status}" for status, n in sorted(summary["by_status"].items()) if n)

@@ -23,14 +23,28 @@ carry_in as (
 -- one sample per (series, timestamp): the larger value, as in the usage models (a raw sample before
 -- a carried-in copy of it)
 samples as (
-    select series_id, ts_ms, value, carried
+    select
+        series_id,
+        ts_ms,
+        value,
+        carried
     from (
-        select series_id, ts_ms, value, false as carried from raw_samples
+        select
+            series_id,
+            ts_ms,
+            value,
+            false as carried
+        from raw_samples
         union all
-        select series_id, ts_ms, value, true as carried from carry_in
+        select
+            series_id,
+            ts_ms,
+            value,
+            true as carried
+        from carry_in
     ) as candidates
     where series_id in (select series.series_id from series) and isfinite(value)
-    qualify row_number() over (partition by series_id, ts_ms order by value desc, carried) = 1
+    qualify row_number() over (partition by series_id, ts_ms order by value desc, carried asc) = 1
 ),
 
 ordered as (

@@ -1,7 +1,7 @@
 """Remote-write compaction: landing segments -> raw day partitions, and the sensor that runs it."""
 
 import json
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
 
@@ -35,8 +35,7 @@ def remote_write_samples(context: dg.AssetExecutionContext, warehouse: Warehouse
         )
         for q in r.get("quarantined", []):
             context.log.warning(
-                f"{r['day']}: {q['samples']} samples of {q['series']} from {q['segment']} quarantined in {q['file']}, "
-                f"not merged and not billed: {q['reason']}"
+                f"{r['day']}: {q['samples']} samples of {q['series']} from {q['segment']} quarantined in {q['file']}, not merged and not billed: {q['reason']}"
             )
         if r.get("unknown_customer"):
             context.log.warning(
@@ -83,7 +82,7 @@ def _figures(per_day: list[dict], seconds: float) -> dict:
 
 def partition_days(today: date | None = None) -> tuple[date, date]:
     """The first and last day that are billing_daily partitions (today is one once it has ended)."""
-    today = today or datetime.now(timezone.utc).date()
+    today = today or datetime.now(UTC).date()
     return date.fromisoformat(PARTITIONS_START), today - timedelta(days=1)
 
 

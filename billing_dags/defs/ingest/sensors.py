@@ -118,4 +118,3 @@ def late_days(paths) -> list[str]:
 
     late, _ = late_model_days(paths)
     return sorted({d.day.isoformat() for d in late})
-

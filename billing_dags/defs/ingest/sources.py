@@ -16,7 +16,6 @@ import os
 import time
 from abc import abstractmethod
 from datetime import date
-from typing import Optional
 
 import dagster as dg
 
@@ -29,7 +28,7 @@ class SimulationResource(dg.ConfigurableResource):
 
     seed: int = 42
     interval_s: int = 60
-    customers: Optional[int] = None
+    customers: int | None = None
 
     def customers_of(self, paths: Paths):
         from billing_dags.seeds.catalog import read_seed
@@ -55,26 +54,26 @@ class PrometheusSamples(SampleSource):
     from environment variables (EnvVar) so they never show in the UI or in run config.
     """
 
-    url: Optional[str] = None
+    url: str | None = None
     timeout_s: float = 60.0
     connect_timeout_s: float = 5.0
     max_retries: int = 4
     backoff_s: float = 0.5
-    bearer_token: Optional[str] = None
-    username: Optional[str] = None
-    password: Optional[str] = None
-    tenant: Optional[str] = None
+    bearer_token: str | None = None
+    username: str | None = None
+    password: str | None = None
+    tenant: str | None = None
     #: extra HTTP headers: a JSON object or "Name: value; Name2: value"
-    headers: Optional[str] = None
+    headers: str | None = None
     verify_tls: bool = True
-    ca_bundle: Optional[str] = None
+    ca_bundle: str | None = None
     #: "exact" (raw samples, the default) or "range" (query_range at step_s)
     mode: str = "exact"
     chunk_s: int = 3600
     customers_per_query: int = 20
     step_s: int = 60
     #: matchers added to every selector, e.g. job="billing" or cluster="prod"
-    extra_matchers: Optional[str] = None
+    extra_matchers: str | None = None
     fail_on_warnings: bool = True
     #: how exact mode reads raw samples: "auto" (remote read, /api/v1/read; the query API when the
     #: server refuses it, logged), "remote_read" (only remote read) or "query" (only the query API)
@@ -131,8 +130,7 @@ class PrometheusSamples(SampleSource):
             )
         if report.unmatched_series:
             context.log.warning(
-                f"{report.unmatched_series} series of {day} match no customer in customers.csv (billed to nobody): "
-                + ", ".join(report.unmatched_examples)
+                f"{report.unmatched_series} series of {day} match no customer in customers.csv (billed to nobody): " + ", ".join(report.unmatched_examples)
             )
         meta = report.metadata()
         meta["bytes_per_sample"] = round(report.bytes / max(report.samples, 1), 2)

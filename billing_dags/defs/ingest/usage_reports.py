@@ -36,8 +36,7 @@ def usage_reports(context: dg.AssetExecutionContext, warehouse: WarehouseResourc
             raise dg.Failure(description=f"usage_reports {window.start}: {e}; nothing was written for this day") from None
         if figures["unknown_customers"]:
             context.log.warning(
-                f"{window.start}: reports of customers no longer in seeds/customers.csv are kept but not billed: "
-                + ", ".join(figures["unknown_customers"])
+                f"{window.start}: reports of customers no longer in seeds/customers.csv are kept but not billed: " + ", ".join(figures["unknown_customers"])
             )
         return {
             **source,

@@ -1,21 +1,20 @@
 """Invoices: one per customer and month, as JSON, CSV and HTML, drafts until the grace period ends."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import dagster as dg
 import pyarrow.parquet as pq
 
-from billing_dags.billing import credits as cr
-from billing_dags.seeds.catalog import load_grants
-from billing_dags.operations.flags import month_flags, unacknowledged_critical
 from billing_dags.billing import build, settlement, store
+from billing_dags.billing import credits as cr
 from billing_dags.billing.manifest import code_version, invoice_manifest
-from billing_dags.seeds.catalog import SPECS, SeedError
-from billing_dags.defs.shared.partitions import SINGLE_RUN, billing_monthly, combined_check_result, materialize_each
-from billing_dags.defs.shared.resources import WarehouseResource
 from billing_dags.core.money import format_minor
 from billing_dags.core.settings import DEFAULT_GRACE_DAYS
+from billing_dags.defs.shared.partitions import SINGLE_RUN, billing_monthly, combined_check_result, materialize_each
+from billing_dags.defs.shared.resources import WarehouseResource
 from billing_dags.models.sqlmodels import load_project, partition_file, seed_snapshot_path
+from billing_dags.operations.flags import month_flags, unacknowledged_critical
+from billing_dags.seeds.catalog import SPECS, SeedError, load_grants
 
 
 class InvoiceConfig(dg.Config):
@@ -26,12 +25,12 @@ class InvoiceConfig(dg.Config):
 
 def invoice_now(config: InvoiceConfig) -> datetime:
     if not config.as_of:
-        return datetime.now(timezone.utc)
+        return datetime.now(UTC)
     try:
         now = datetime.fromisoformat(config.as_of)
     except ValueError:
         raise dg.Failure(f"as_of {config.as_of!r} is not an ISO timestamp; use e.g. 2026-11-04T00:00:00+00:00") from None
-    return now if now.tzinfo else now.replace(tzinfo=timezone.utc)
+    return now if now.tzinfo else now.replace(tzinfo=UTC)
 
 
 @dg.asset(
@@ -42,18 +41,27 @@ def invoice_now(config: InvoiceConfig) -> datetime:
     # seeds/credits.csv is read at invoicing time (validated against the customer and currency snapshots);
     # it is a dependency too once seeds.SPECS has a "credits" entry (then seed_credits is an asset)
     deps=[
-        "fct_invoice_lines", "fct_usage_by_month", "fct_anomaly_flags_by_day", "seed_customers", "seed_plans", "seed_currencies",
-        "seed_subscriptions", *(["seed_credits"] if "credits" in SPECS else []),
+        "fct_invoice_lines",
+        "fct_usage_by_month",
+        "fct_anomaly_flags_by_day",
+        "seed_customers",
+        "seed_plans",
+        "seed_currencies",
+        "seed_subscriptions",
+        *(["seed_credits"] if "credits" in SPECS else []),
     ],
     check_specs=[
         dg.AssetCheckSpec("total_equals_sum_of_lines", asset="invoices", blocking=True),
         dg.AssetCheckSpec(
-            "every_customer_invoiced", asset="invoices", blocking=True,
+            "every_customer_invoiced",
+            asset="invoices",
+            blocking=True,
             description="Every customer with a subscription or usage in the month has an invoice, or a flag naming "
             "why not (usage outside every subscription): nobody is left unbilled silently.",
         ),
         dg.AssetCheckSpec(
-            "critical_flags_acknowledged", asset="invoices",
+            "critical_flags_acknowledged",
+            asset="invoices",
             description="No invoice is held in draft by an unacknowledged critical anomaly flag (billing flags ack).",
         ),
     ],
@@ -114,8 +122,12 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
             columns=["customer_id", "usage", "gauge_peak", "gauge_integral"],
         ).to_pylist()
         unbilled, not_invoiced = build.uninvoiced_customers(
-            window.start, pq.read_table(seed_snapshot_path(paths, "subscriptions")).to_pylist(), usage,
-            {d["customer_id"] for d in docs}, month_flags(paths, window.start), seeds["plans"],
+            window.start,
+            pq.read_table(seed_snapshot_path(paths, "subscriptions")).to_pylist(),
+            usage,
+            {d["customer_id"] for d in docs},
+            month_flags(paths, window.start),
+            seeds["plans"],
         )
         if unbilled:
             context.log.error(f"customers with no invoice and no flag naming why: {unbilled}")
@@ -133,7 +145,9 @@ def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse
                     "no invoice and no flag naming why: "
                     + "; ".join(f"{c}: {why}" for c, why in sorted(unbilled.items()))
                     + ". Fix the customer's subscription in seeds/subscriptions.csv or rerun the month's models"
-                ) if unbilled else None,
+                )
+                if unbilled
+                else None,
                 metadata={"unbilled": dg.MetadataValue.json(unbilled), "not_invoiced_with_reason": dg.MetadataValue.json(not_invoiced)},
             ),
             dg.AssetCheckResult(

@@ -2,8 +2,8 @@
 
 import dagster as dg
 
-from billing_dags.core.settings import DEFAULT_GRACE_DAYS
 from billing_dags.core.calendar import last_complete_month
+from billing_dags.core.settings import DEFAULT_GRACE_DAYS
 from billing_dags.defs.jobs import monthly_invoicing
 
 monthly_invoice_draft_schedule = dg.build_schedule_from_partitioned_job(

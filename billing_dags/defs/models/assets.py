@@ -4,21 +4,19 @@ from datetime import date, timedelta
 
 import dagster as dg
 
+from billing_dags.core.settings import Paths
 from billing_dags.defs.models.checks import check_specs, evaluate, evaluate_published
-from billing_dags.ingest import raw
-from billing_dags.models import late_data
 from billing_dags.defs.shared.metadata import data_version, model_code_version, model_metadata
 from billing_dags.defs.shared.partitions import BY_NAME, SINGLE_RUN, combined_check_result, materialize_each, partitions_of
 from billing_dags.defs.shared.resources import WarehouseResource
-from billing_dags.core.settings import Paths
+from billing_dags.ingest import raw
+from billing_dags.models import late_data
 from billing_dags.models.sqlmodels import Model, ModelError, Project, Window, load_project, model_files, run_model, session, sources
 
 
 def _partition_mapping(model: Model, upstream: Model) -> dg.PartitionMapping | None:
     if upstream.partitioned_by == "billing_daily" and model.partitioned_by == "billing_daily" and model.lookback_days:
-        return dg.TimeWindowPartitionMapping(
-            start_offset=-model.lookback_days, end_offset=0, allow_nonexistent_upstream_partitions=True
-        )
+        return dg.TimeWindowPartitionMapping(start_offset=-model.lookback_days, end_offset=0, allow_nonexistent_upstream_partitions=True)
     return None
 
 
@@ -45,9 +43,7 @@ def _require_lookback(paths: Paths, project: Project, model: Model, window: Wind
         day = window.start - timedelta(days=model.lookback_days)
         missing = []
         while day < window.end:
-            if day in raw_present and day not in have and not (
-                day < window.start and {p.name for p in raw.sample_files(paths, day)} <= carried
-            ):
+            if day in raw_present and day not in have and not (day < window.start and {p.name for p in raw.sample_files(paths, day)} <= carried):
                 missing.append(day.isoformat())
             day += timedelta(days=1)
         if missing:
@@ -73,6 +69,7 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
         for a in known[s].assets:
             lookback[a] = max(lookback.get(a, 0), known[s].lookback_days)
     deps += [dg.AssetDep(a, partition_mapping=_source_mapping(model, lookback[a])) for a in sorted(lookback)]
+
     # a multi-asset of one asset, so that its checks can run alone (can_subset): from a check's page
     # they re-run on the published partition; with the asset they run on the new rows before publishing
     @dg.multi_asset(
@@ -132,8 +129,7 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
                 if failed:
                     raise dg.Failure(
                         description=f"{model.name} {_label(window)}: blocking check failed, nothing was published for it "
-                        "(its previous partition stays): "
-                        + "; ".join(f"{r.check_name} ({metadata_text(r.metadata)})" for r in failed)
+                        "(its previous partition stays): " + "; ".join(f"{r.check_name} ({metadata_text(r.metadata)})" for r in failed)
                     )
                 for r, _ in results:
                     by_check.setdefault(r.check_name, []).append((window, r))

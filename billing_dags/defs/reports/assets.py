@@ -41,13 +41,14 @@ def billing_metrics_textfile(warehouse: WarehouseResource) -> dg.MaterializeResu
     dest = paths.data_dir / "metrics" / "billing.prom"
     dest.parent.mkdir(parents=True, exist_ok=True)
     text = export_metrics(paths, None, dest)
-    return dg.MaterializeResult(
-        metadata={"bytes": len(text), "series": text.count(b"\n") - text.count(b"\n#"), "path": dg.MetadataValue.path(str(dest))}
-    )
+    return dg.MaterializeResult(metadata={"bytes": len(text), "series": text.count(b"\n") - text.count(b"\n#"), "path": dg.MetadataValue.path(str(dest))})
 
 
 metrics_job = dg.define_asset_job("billing_metrics_job", selection=[billing_metrics_textfile], description="Refresh data/metrics/billing.prom.")
 metrics_schedule = dg.ScheduleDefinition(
-    name="billing_metrics_schedule", job=metrics_job, cron_schedule="15 * * * *", execution_timezone="UTC",
+    name="billing_metrics_schedule",
+    job=metrics_job,
+    cron_schedule="15 * * * *",
+    execution_timezone="UTC",
     description="Every hour: refresh the billing metrics Grafana reads (month to date and projected).",
 )

@@ -2,8 +2,8 @@
 
 import dagster as dg
 
-from billing_dags.operations import retention
 from billing_dags.defs.shared.resources import WarehouseResource
+from billing_dags.operations import retention
 
 
 class RetentionConfig(dg.Config):
@@ -35,6 +35,9 @@ def raw_retention(context: dg.AssetExecutionContext, config: RetentionConfig, wa
 
 retention_job = dg.define_asset_job("raw_retention_job", selection=[raw_retention], description="Daily retention of raw data.")
 retention_schedule = dg.ScheduleDefinition(
-    name="raw_retention_schedule", job=retention_job, cron_schedule="0 1 * * *", execution_timezone="UTC",
+    name="raw_retention_schedule",
+    job=retention_job,
+    cron_schedule="0 1 * * *",
+    execution_timezone="UTC",
     description="Every day at 01:00 UTC: remove raw data past the retention period.",
 )

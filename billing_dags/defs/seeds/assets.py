@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 from billing_dags.core import durable
 from billing_dags.defs.shared.metadata import table_metadata
 from billing_dags.defs.shared.resources import WarehouseResource
-from billing_dags.seeds.catalog import SPECS, load_seeds
 from billing_dags.models.sqlmodels import seed_snapshot_path
+from billing_dags.seeds.catalog import SPECS, load_seeds
 
 
 def write_seed_snapshots(paths, names=None) -> dict[str, dict]:

@@ -98,9 +98,7 @@ def per_meter_totals(con: duckdb.DuckDBPyConnection, table: pa.Table, units: dic
             summed = [c for c in _SUMMED if c in names]
             maxed = [c for c in _MAXED if c in names]
             unit = "unit" if "unit" in names else None
-            cols = ", ".join(
-                [f"sum({c})::varchar as {c}" for c in summed] + [f"max({c})::varchar as max_{c}" for c in maxed]
-            )
+            cols = ", ".join([f"sum({c})::varchar as {c}" for c in summed] + [f"max({c})::varchar as max_{c}" for c in maxed])
             if cols:
                 keys = "meter_id" + (", unit" if unit else "")
                 rows = con.execute(f"select {keys}, count(*) as rows, {cols} from _t group by all order by all").fetchall()
@@ -115,9 +113,7 @@ def per_meter_totals(con: duckdb.DuckDBPyConnection, table: pa.Table, units: dic
                 order = ["meter_id", "unit", "rows", *summed, *(f"max_{c}" for c in maxed)]
                 out["totals_by_meter"] = dg.MetadataValue.table(
                     records=[dg.TableRecord({k: r[k] for k in order}) for r in records],
-                    schema=dg.TableSchema(
-                        columns=[dg.TableColumn(k, "int" if k == "rows" else "string") for k in order]
-                    ),
+                    schema=dg.TableSchema(columns=[dg.TableColumn(k, "int" if k == "rows" else "string") for k in order]),
                 )
         if "currency" in names and "amount_minor" in names:
             rows = con.execute("select currency, sum(amount_minor)::varchar from _t group by all order by all").fetchall()

@@ -86,9 +86,7 @@ def record(context: dg.AssetExecutionContext, key: str | None, metadata: dict[st
         context.add_asset_metadata(metadata, partition_key=key)
 
 
-def materialize_each(
-    context: dg.AssetExecutionContext, compute: Callable[[str | None, Window | None], dict[str, Any]]
-) -> dg.MaterializeResult:
+def materialize_each(context: dg.AssetExecutionContext, compute: Callable[[str | None, Window | None], dict[str, Any]]) -> dg.MaterializeResult:
     """``compute(key, window)`` for every partition of the run in order (once with None, None when
     unpartitioned); each returns the metadata of its own partition's materialization.
 
@@ -135,9 +133,7 @@ def combined_check_result(results: list[tuple[Window | None, dg.AssetCheckResult
             "failing_partitions": dg.MetadataValue.json([str(w.start) for w, _ in failing]),
             "by_partition": dg.MetadataValue.json({str(w.start): plain(r) for w, r in results}),
         },
-        description=(
-            "; ".join(f"{w.start}: {r.description or plain(r)}" for w, r in failing) if failing else first.description
-        ),
+        description=("; ".join(f"{w.start}: {r.description or plain(r)}" for w, r in failing) if failing else first.description),
     )
 
 

@@ -1,7 +1,6 @@
 """Resources: where the warehouse lives and how Stripe is reached (where usage comes from: defs/ingest/sources.py)."""
 
 import os
-from typing import Optional
 
 import dagster as dg
 
@@ -17,14 +16,14 @@ class WarehouseResource(dg.ConfigurableResource):
     partitioned assets is one run over the whole range (BackfillPolicy.single_run): it uses every core.
     """
 
-    data_dir: Optional[str] = None
-    seeds_dir: Optional[str] = None
+    data_dir: str | None = None
+    seeds_dir: str | None = None
     backfill_parallel: int = 2
 
     def paths(self) -> Paths:
         return resolve_paths(self.data_dir, self.seeds_dir)
 
-    def threads_for(self, run_tags: dict) -> Optional[int]:
+    def threads_for(self, run_tags: dict) -> int | None:
         """Threads for one partition: its share of the cores in a one-partition backfill run, every core (None) otherwise."""
         if "dagster/backfill" not in run_tags or self.backfill_parallel <= 1 or "dagster/asset_partition_range_start" in run_tags:
             return None
@@ -34,8 +33,8 @@ class WarehouseResource(dg.ConfigurableResource):
 class StripeResource(dg.ConfigurableResource):
     """Stripe meter events (STRIPE_API_KEY, STRIPE_API_BASE); no key means dry-run."""
 
-    api_key: Optional[str] = None
-    api_base: Optional[str] = None
+    api_key: str | None = None
+    api_base: str | None = None
     max_network_retries: int = 3
 
     def client(self):

@@ -26,7 +26,7 @@ class CustomerResolver:
     enabled: bool = False
 
     @classmethod
-    def from_seeds(cls, seeds_dir: Path | None) -> "CustomerResolver":
+    def from_seeds(cls, seeds_dir: Path | None) -> CustomerResolver:
         if seeds_dir is None:
             return cls()
         from billing_dags.seeds.catalog import SeedError, load_seeds

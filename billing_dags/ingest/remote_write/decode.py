@@ -19,18 +19,17 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import cramjam
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from billing_dags.core.errors import InputError
 from billing_dags.ingest import raw
-
 from billing_dags.ingest.remote_write import wire
 from billing_dags.ingest.remote_write.customers import UNKNOWN, CustomerResolver
 from billing_dags.ingest.remote_write.proto import TimeSeries, TimeSeriesKeyed, WriteRequestKeyed
-from billing_dags.core.errors import InputError
 
 #: Prometheus staleness marker: a NaN with this exact bit pattern
 STALE_NAN_BITS = 0x7FF0000000000002
@@ -46,7 +45,7 @@ CACHE_ENTRY_OVERHEAD, CACHE_LABEL_OVERHEAD = 400, 170
 #: Landing refuses to index anything outside it (landing.py), so nothing acknowledged can be.
 TS_FLOOR_MS = 0  # 1970-01-01T00:00Z
 TS_CEILING_MS = 7_258_118_400_000  # 2200-01-01T00:00Z
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def describe_ms(ms: int) -> str:
@@ -325,9 +324,7 @@ class Decoder:
         nonfinite = ~np.isfinite(val_a) & ~stale
         # unknown customers' label values numbered within this request (the decode threads share nothing here)
         names: dict[str | None, int] = {}
-        codes = np.array(
-            [names.setdefault(info.customer_label, len(names)) if info.customer == UNKNOWN else -1 for info in infos], dtype=np.int64
-        )
+        codes = np.array([names.setdefault(info.customer_label, len(names)) if info.customer == UNKNOWN else -1 for info in infos], dtype=np.int64)
         if codes.max() >= 0:
             unknown_series = codes >= 0
             unknown = np.repeat(unknown_series, counts)

@@ -46,18 +46,16 @@ import zlib
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import numpy as np
 
 from billing_dags.core import durable
-
+from billing_dags.core.errors import InputError
 from billing_dags.ingest import raw
-
 from billing_dags.ingest.remote_write.customers import UNKNOWN, CustomerResolver
 from billing_dags.ingest.remote_write.decode import STALE_NAN_BITS, TS_CEILING_MS, TS_FLOOR_MS, BadRequest, Batch, SeriesInfo, describe_ms
-from billing_dags.core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +135,7 @@ class IndexBuilder:
             "max_ts": self.max_ts,
             "days": {day_name(d): dict(sorted(c.items())) for d, c in sorted(self.days.items())},
             "unknown_customers": dict(self.unknown_customers.most_common(UNKNOWN_CUSTOMERS_KEPT)),
-            "sealed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "sealed_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "recovered": recovered,
         }
 
@@ -188,7 +186,7 @@ def _new_series(batch: Batch, held: dict[int, SeriesInfo], added: dict[int, Seri
 
 class _Segment:
     def __init__(self, directory: Path, seq: int):
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         self.name = f"seg-{stamp}-{os.getpid()}-{seq:06d}"
         self.path = directory / f"{self.name}{OPEN_SUFFIX}"
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -297,9 +295,7 @@ class SegmentWriter:
                 if group:
                     self._write_group(group)
                 if self._seg is not None and (
-                    stop
-                    or self._seg.size >= self.max_segment_bytes
-                    or time.monotonic() - self._seg.created >= self.max_segment_age_s
+                    stop or self._seg.size >= self.max_segment_bytes or time.monotonic() - self._seg.created >= self.max_segment_age_s
                 ):
                     self._seal_current()
             except Exception as e:  # a bug must cost one group a retry, never the writer
@@ -603,7 +599,7 @@ def set_aside(directory: Path, path: Path, seg: SegmentData, reason: str, resolv
         "samples": len(seg.ts),
         "salvaged_samples": int(np.count_nonzero(keep)),
         "salvaged_segment": None,
-        "quarantined_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "quarantined_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if keep.any():
         sids = seg.series_id[keep]

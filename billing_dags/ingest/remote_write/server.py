@@ -56,7 +56,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from billing_dags.seeds.catalog import SeedError
+from billing_dags.ingest.remote_write import wire
+from billing_dags.ingest.remote_write.customers import CustomerResolver
+from billing_dags.ingest.remote_write.decode import BadRequest, Decoder, Limits, OutOfWindow, TooLarge
+from billing_dags.ingest.remote_write.landing import DiskFull, SegmentWriter, Unindexable, recover_orphans
 from billing_dags.ingest.usage_reports import (
     ReportConflict,
     ReportError,
@@ -67,11 +70,7 @@ from billing_dags.ingest.usage_reports import (
     parse_customer_id,
     parse_report,
 )
-
-from billing_dags.ingest.remote_write import wire
-from billing_dags.ingest.remote_write.customers import CustomerResolver
-from billing_dags.ingest.remote_write.decode import BadRequest, Decoder, Limits, OutOfWindow, TooLarge
-from billing_dags.ingest.remote_write.landing import DiskFull, SegmentWriter, Unindexable, recover_orphans
+from billing_dags.seeds.catalog import SeedError
 
 log = logging.getLogger("billing_dags.ingest.remote_write")
 
@@ -129,8 +128,10 @@ class _Metrics:
         self.reports = Counter("billing_usage_reports", "Usage reports committed to the report store", registry=r)
         self.report_duplicates = Counter("billing_usage_report_duplicates", "Usage reports received again (idempotent retries)", registry=r)
         self.closed = Counter(
-            p + "connections_closed", "Connections closed by the receiver: idle, evicted (over the cap, idle) or refused (over the cap)",
-            ["reason"], registry=r,
+            p + "connections_closed",
+            "Connections closed by the receiver: idle, evicted (over the cap, idle) or refused (over the cap)",
+            ["reason"],
+            registry=r,
         )
         self.latency = Histogram(
             p + "request_duration_seconds",
@@ -297,7 +298,9 @@ def create_app(config: ReceiverConfig) -> Starlette:
                 continue
             log.warning(
                 "recovered landing segment %s left by a stopped receiver: %s records, %s torn tail bytes dropped",
-                r["segment"], r.get("records"), r.get("torn_tail_bytes_dropped", 0),
+                r["segment"],
+                r.get("records"),
+                r.get("torn_tail_bytes_dropped", 0),
             )
         state["decoder"] = Decoder(resolver, config.max_decoded_bytes, limits=config.limits)
         wire.parse(b"")  # load the compiled reader now rather than in the first request

@@ -186,6 +186,10 @@ def parse(data: bytes, lo: int = _INT64.min, hi: int = _INT64.max) -> Parsed | N
     keys = [data[a:b] for a, b in zip(lab_start[:n_series].tolist(), lab_end[:n_series].tolist())]
     n_out, series_index, first_ts = window.tolist()
     return Parsed(
-        keys, counts[:n_series].copy(), ts[:n_samples].copy(), bits[:n_samples].copy().view(np.float64),
-        n_out, (series_index, first_ts) if n_out else None,
+        keys,
+        counts[:n_series].copy(),
+        ts[:n_samples].copy(),
+        bits[:n_samples].copy().view(np.float64),
+        n_out,
+        (series_index, first_ts) if n_out else None,
     )

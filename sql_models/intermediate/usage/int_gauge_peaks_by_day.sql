@@ -46,7 +46,10 @@ meters as (
 
 -- one sample per (series, ts), as in int_series_edges_by_day: the larger value
 deduplicated as (
-    select samples.series_id, samples.ts_ms, max(samples.value) as value
+    select
+        samples.series_id,
+        samples.ts_ms,
+        max(samples.value) as value
     from samples
     inner join series
         on samples.series_id = series.series_id
@@ -57,16 +60,25 @@ deduplicated as (
 -- rule 3: each series' last sample before the day, the latest of the earlier days' edges and the
 -- day's carry-in (ties keep the larger value, as in fct_usage_by_day)
 earlier_samples as (
-    select series_id, last_ts_ms as ts_ms, last_value as value
+    select
+        series_id,
+        last_ts_ms as ts_ms,
+        last_value as value
     from edges
     union all
-    select series_id, ts_ms, value
+    select
+        series_id,
+        ts_ms,
+        value
     from carry_in
 ),
 
 -- rule 5: it holds into the day, at most the staleness limit
 carried as (
-    select earlier_samples.series_id, earlier_samples.value, earlier_samples.ts_ms
+    select
+        earlier_samples.series_id,
+        earlier_samples.value,
+        earlier_samples.ts_ms
     from earlier_samples
     inner join series
         on earlier_samples.series_id = series.series_id
@@ -83,9 +95,17 @@ sample_spans as (
         least(coalesce(lead(ts_ms) over by_time, $end_ms), ts_ms + $staleness_ms, $end_ms) as until_ms,
         exact_value(value) as level
     from (
-        select series_id, ts_ms, value from deduplicated
+        select
+            series_id,
+            ts_ms,
+            value
+        from deduplicated
         union all
-        select series_id, ts_ms, value from carried
+        select
+            series_id,
+            ts_ms,
+            value
+        from carried
     ) as points
     window by_time as (partition by series_id order by ts_ms)
 ),
@@ -112,32 +132,63 @@ event_spans as (
         window by_stream as (partition by customer_key, meter_id, dimension order by ts_ms, event_id)
     ) as streams
     inner join customers
-        on customers.label_value = streams.customer_key
+        on streams.customer_key = customers.label_value
     inner join meters
-        on meters.meter_id = streams.meter_id and meters.kind = 'gauge'
+        on streams.meter_id = meters.meter_id and meters.kind = 'gauge'
     where streams.until_ms > streams.from_ms
 ),
 
 spans as (
-    select series.customer_id, series.meter_id, series.dimension, sample_spans.from_ms, sample_spans.until_ms,
+    select
+        series.customer_id,
+        series.meter_id,
+        series.dimension,
+        sample_spans.from_ms,
+        sample_spans.until_ms,
         sample_spans.level
     from sample_spans
     inner join series
         on sample_spans.series_id = series.series_id
     where sample_spans.until_ms > sample_spans.from_ms
     union all
-    select customer_id, meter_id, dimension, from_ms, until_ms, level
+    select
+        customer_id,
+        meter_id,
+        dimension,
+        from_ms,
+        until_ms,
+        level
     from event_spans
 ),
 
 -- the customer's sum changes only where a span starts or ends
 changes as (
-    select customer_id, meter_id, dimension, at_ms, sum(level_change) as level_change, sum(held_change) as held_change
+    select
+        customer_id,
+        meter_id,
+        dimension,
+        at_ms,
+        sum(level_change) as level_change,
+        sum(held_change) as held_change
     from (
-        select customer_id, meter_id, dimension, from_ms as at_ms, level as level_change, 1 as held_change from spans
+        select
+            customer_id,
+            meter_id,
+            dimension,
+            from_ms as at_ms,
+            level as level_change,
+            1 as held_change
+        from spans
         union all
-        select customer_id, meter_id, dimension, until_ms as at_ms, -level as level_change, -1 as held_change
-        from spans where until_ms < $end_ms
+        select
+            customer_id,
+            meter_id,
+            dimension,
+            until_ms as at_ms,
+            -level as level_change,
+            -1 as held_change
+        from spans
+        where until_ms < $end_ms
     ) as span_edges
     group by customer_id, meter_id, dimension, at_ms
 ),

@@ -17,14 +17,20 @@ with samples as (
 -- one sample per (series, ts): of different values the larger (a counter never gets a reset that
 -- did not happen), each such timestamp counted as a conflict
 deduplicated as (
-    select series_id, ts_ms, max(value) as value, (min(value) <> max(value))::integer as conflict
+    select
+        series_id,
+        ts_ms,
+        max(value) as value,
+        (min(value) <> max(value))::integer as conflict
     from samples
     where isfinite(value)
     group by series_id, ts_ms
 ),
 
 dropped as (
-    select series_id, count(*) as dropped_samples
+    select
+        series_id,
+        count(*) as dropped_samples
     from samples
     where not isfinite(value)
     group by series_id

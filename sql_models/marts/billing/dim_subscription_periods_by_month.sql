@@ -50,11 +50,11 @@ versioned as (
     from periods
     left join plans
         on periods.plan_id = plans.plan_id
-        and plans.effective_from <= periods.period_start
+        and periods.period_start >= plans.effective_from
     qualify row_number() over (
-        partition by periods.customer_id, periods.period_start
-        order by plans.effective_from desc, plans.plan_version desc
-    ) = 1
+            partition by periods.customer_id, periods.period_start
+            order by plans.effective_from desc, plans.plan_version desc
+        ) = 1
 ),
 
 -- a period with no version of its plan in force would bill nothing: fail, never drop it (seed
@@ -66,9 +66,9 @@ in_force as (
                 -- a case, not coalesce: error() is reached only for a null plan_version
                 when plan_version is null  -- noqa: ST02
                     then error(
-                    'subscription of ' || customer_id || ' to plan ' || subscribed_plan_id || ' from ' || period_start
-                    || ': no version of the plan is in force; start it on or after the first version''s effective_from in plans.csv'
-                )
+                            'subscription of ' || customer_id || ' to plan ' || subscribed_plan_id || ' from ' || period_start
+                            || ': no version of the plan is in force; start it on or after the first version''s effective_from in plans.csv'
+                        )
                 else plan_version
             end as plan_version
         )
@@ -94,7 +94,7 @@ final as (
         in_force.discount_percent,
         in_force.risk_multiplier,
         currencies.minor_unit_exponent,
-        cast(pow(10, currencies.minor_unit_exponent) as bigint) as minor_per_major,
+        (pow(10, currencies.minor_unit_exponent))::bigint as minor_per_major,
         -- the plan the invoice is headed with: the last period of the month
         row_number() over (partition by in_force.customer_id order by in_force.period_start desc) = 1
             as is_invoice_plan

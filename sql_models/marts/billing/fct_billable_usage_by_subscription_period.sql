@@ -31,7 +31,7 @@ quantities as (
         meters.aggregation,
         meters.unit as base_unit,
         meters.billing_unit
-            || case meters.aggregation when 'unit_hours' then '-hour' when 'unit_months' then '-month' else '' end
+        || case meters.aggregation when 'unit_hours' then '-hour' when 'unit_months' then '-month' else '' end
             as unit,
         units.divisor,
         usage.days_with_data,
@@ -40,11 +40,12 @@ quantities as (
             when 'sum' then to_nano(usage.usage)
             when 'max' then to_nano(usage.gauge_peak)
             -- over the covered time; a period without a sample or event of its own bills nothing
-            when 'avg' then
-                case when usage.gauge_covered_ms > 0 and usage.observations > 0
-                    then div_half_up(to_nano(usage.gauge_integral), usage.gauge_covered_ms)
-                    else 0
-                end
+            when 'avg'
+                then
+                    case when usage.gauge_covered_ms > 0 and usage.observations > 0
+                            then div_half_up(to_nano(usage.gauge_integral), usage.gauge_covered_ms)
+                        else 0
+                    end
             when 'unit_hours' then div_half_up(to_nano(usage.gauge_integral), 3600000)
             when 'unit_months' then div_half_up(to_nano(usage.gauge_integral), usage.month_ms)
         end as quantity_nano

@@ -25,10 +25,10 @@ base_fee_lines as (
         null::varchar as meter_id,
         '' as dimension,
         plan_name || ' monthly base fee'
-            || case when period_days < month_days
+        || case when period_days < month_days
                 then ' (' || period_days || ' of ' || month_days || ' days)'
-                else ''
-            end as description,
+            else ''
+        end as description,
         from_nano(div_half_up(1000000000::hugeint * period_days, month_days)) as quantity,
         'month' as unit,
         base_fee as unit_price,
@@ -65,9 +65,17 @@ usage_lines as (
 ),
 
 charges as (
-    select customer_id, period_start, amount_minor from base_fee_lines
+    select
+        customer_id,
+        period_start,
+        amount_minor
+    from base_fee_lines
     union all
-    select customer_id, period_start, amount_minor from usage_lines
+    select
+        customer_id,
+        period_start,
+        amount_minor
+    from usage_lines
 ),
 
 subtotals as (

@@ -120,7 +120,7 @@ pooled as (
     select
         *,
         case when aggregation in ('max', 'avg')
-            then max(to_nano(included_quantity) * divisor) over pool
+                then max(to_nano(included_quantity) * divisor) over pool
             else div_half_up(max(to_nano(included_quantity) * divisor) over pool * period_days, month_days)
         end as pool_nano,
         coalesce(
@@ -163,15 +163,18 @@ tiered as (
         -- exact numerator over the denominator divisor x 1e18 (one rounding per line, below)
         sum(
             case
-                when billable.pricing = 'graduated' then
-                    greatest(0, least(billable.billable_nano, coalesce(to_nano(tier_bounds.up_to) * billable.divisor, billable.billable_nano))
-                        - to_nano(tier_bounds.lower_bound) * billable.divisor)
-                    * to_nano(tier_bounds.unit_price) * billable.minor_per_major
-                    + case
-                        when billable.billable_nano > to_nano(tier_bounds.lower_bound) * billable.divisor
-                            then to_nano(tier_bounds.flat_fee) * billable.minor_per_major * billable.divisor * 1000000000
-                        else 0
-                    end
+                when billable.pricing = 'graduated'
+                    then
+                        greatest(
+                            0, least(billable.billable_nano, coalesce(to_nano(tier_bounds.up_to) * billable.divisor, billable.billable_nano))
+                            - to_nano(tier_bounds.lower_bound) * billable.divisor
+                        )
+                        * to_nano(tier_bounds.unit_price) * billable.minor_per_major
+                        + case
+                            when billable.billable_nano > to_nano(tier_bounds.lower_bound) * billable.divisor
+                                then to_nano(tier_bounds.flat_fee) * billable.minor_per_major * billable.divisor * 1000000000
+                            else 0
+                        end
                 when billable.billable_nano > to_nano(tier_bounds.lower_bound) * billable.divisor
                     and (tier_bounds.up_to is null or billable.billable_nano <= to_nano(tier_bounds.up_to) * billable.divisor)
                     then billable.billable_nano * to_nano(tier_bounds.unit_price) * billable.minor_per_major
@@ -184,10 +187,10 @@ tiered as (
                 when billable.pricing = 'graduated'
                     and billable.billable_nano > to_nano(tier_bounds.lower_bound) * billable.divisor
                     then fmt_decimal(from_nano(div_half_up(
-                        least(billable.billable_nano, coalesce(to_nano(tier_bounds.up_to) * billable.divisor, billable.billable_nano))
+                            least(billable.billable_nano, coalesce(to_nano(tier_bounds.up_to) * billable.divisor, billable.billable_nano))
                             - to_nano(tier_bounds.lower_bound) * billable.divisor,
-                        billable.divisor
-                    ))) || ' x ' || fmt_decimal(tier_bounds.unit_price)
+                            billable.divisor
+                        ))) || ' x ' || fmt_decimal(tier_bounds.unit_price)
                 when billable.pricing = 'volume'
                     and billable.billable_nano > to_nano(tier_bounds.lower_bound) * billable.divisor
                     and (tier_bounds.up_to is null or billable.billable_nano <= to_nano(tier_bounds.up_to) * billable.divisor)
@@ -210,11 +213,11 @@ amounts as (
     select
         billable.*,
         case when billable.pricing = 'package' then
-            case billable.package_rounding
-                when 'up' then ceil_div(billable.billable_nano, billable.package_size::hugeint * billable.divisor * 1000000000)
-                when 'down' then billable.billable_nano // (billable.package_size::hugeint * billable.divisor * 1000000000)
-                else div_half_up(billable.billable_nano, billable.package_size::hugeint * billable.divisor * 1000000000)
-            end
+                case billable.package_rounding
+                    when 'up' then ceil_div(billable.billable_nano, billable.package_size::hugeint * billable.divisor * 1000000000)
+                    when 'down' then billable.billable_nano // (billable.package_size::hugeint * billable.divisor * 1000000000)
+                    else div_half_up(billable.billable_nano, billable.package_size::hugeint * billable.divisor * 1000000000)
+                end
         end as packages,
         tiered.numerator as tier_numerator,
         tiered.tier_formula
@@ -257,7 +260,7 @@ final as (
         aggregation,
         pricing,
         billing_unit
-            || case aggregation when 'unit_hours' then '-hour' when 'unit_months' then '-month' else '' end
+        || case aggregation when 'unit_hours' then '-hour' when 'unit_months' then '-month' else '' end
             as unit,
         from_nano(div_half_up(quantity_nano, divisor)) as quantity,
         from_nano(div_half_up(included_nano, divisor)) as included_quantity,

@@ -47,7 +47,10 @@ units as (
 
 -- quantities in messages are in the meter's billing unit (GiB, not bytes), rounded as invoice lines are
 meter_units as (
-    select meters.meter_id, meters.billing_unit, units.divisor
+    select
+        meters.meter_id,
+        meters.billing_unit,
+        units.divisor
     from meters
     inner join units
         on meters.unit = units.unit and meters.billing_unit = units.billing_unit
@@ -60,7 +63,9 @@ today as (
 
 -- a meter's own rule rows win over the rows for every meter ('')
 meter_rules as (
-    select meters.meter_id, rules.*
+    select
+        meters.meter_id,
+        rules.*
     from meters
     cross join rules
     where rules.rule_meter_id = meters.meter_id
@@ -80,14 +85,23 @@ pool_shares as (
 
 -- seed 000 rate limiting: the raw samples of the day, only for series of meters with a rate rule
 rate_series as (
-    select series.series_id, series.customer_id, series.meter_id
+    select
+        series.series_id,
+        series.customer_id,
+        series.meter_id
     from series
     where series.customer_id is not null
-        and series.meter_id in (select meter_rules.meter_id from meter_rules where meter_rules.rule = 'rate_per_minute')
+        and series.meter_id in (
+            select meter_rules.meter_id from meter_rules
+            where meter_rules.rule = 'rate_per_minute'
+        )
 ),
 
 rate_samples as (
-    select series_id, ts_ms, value
+    select
+        series_id,
+        ts_ms,
+        value
     from stg_raw__samples
     where ts_ms >= $start_ms and ts_ms < $end_ms
         and isfinite(value)
@@ -99,11 +113,14 @@ rates as (
         series_id,
         max(
             case when prev_ts_ms is not null and ts_ms > prev_ts_ms and ts_ms - prev_ts_ms <= $staleness_ms
-                then counter_increase(value, prev_value) * 60000 / (ts_ms - prev_ts_ms)
+                    then counter_increase(value, prev_value) * 60000 / (ts_ms - prev_ts_ms)
             end
         ) as max_per_minute
     from (
-        select series_id, ts_ms, value,
+        select
+            series_id,
+            ts_ms,
+            value,
             lag(value) over by_time as prev_value,
             lag(ts_ms) over by_time as prev_ts_ms
         from rate_samples
@@ -135,14 +152,21 @@ week_over_week as (
 
 -- a robust outlier against the customer's own previous 30 days: |x - median| / (1.4826 x MAD)
 baseline as (
-    select customer_id, meter_id, median(usage) as median_usage, count(*) as baseline_days
+    select
+        customer_id,
+        meter_id,
+        median(usage) as median_usage,
+        count(*) as baseline_days
     from daily
     where kind = 'counter' and day < $start_date::date and day >= $start_date::date - interval 30 day
     group by customer_id, meter_id
 ),
 
 deviation as (
-    select baseline.customer_id, baseline.meter_id, median(abs(daily.usage - baseline.median_usage)) as mad
+    select
+        baseline.customer_id,
+        baseline.meter_id,
+        median(abs(daily.usage - baseline.median_usage)) as mad
     from daily
     inner join baseline
         on daily.customer_id = baseline.customer_id and daily.meter_id = baseline.meter_id
@@ -160,22 +184,29 @@ check_days as (
 ),
 
 plan_on_day as (
-    select check_days.check_day, subscriptions.customer_id, plans.plan_id, plans.plan_version
+    select
+        check_days.check_day,
+        subscriptions.customer_id,
+        plans.plan_id,
+        plans.plan_version
     from check_days
     inner join subscriptions
-        on subscriptions.start_date <= check_days.check_day
+        on check_days.check_day >= subscriptions.start_date
         and coalesce(subscriptions.end_date, check_days.check_day + interval 1 day) > check_days.check_day
     inner join plans
         on subscriptions.plan_id = plans.plan_id
         and plans.effective_from <= greatest(subscriptions.start_date, date_trunc('month', $start_date::date))
     qualify row_number() over (
-        partition by check_days.check_day, subscriptions.customer_id
-        order by plans.effective_from desc, plans.plan_version desc
-    ) = 1
+            partition by check_days.check_day, subscriptions.customer_id
+            order by plans.effective_from desc, plans.plan_version desc
+        ) = 1
 ),
 
 plan_today as (
-    select customer_id, plan_id, plan_version
+    select
+        customer_id,
+        plan_id,
+        plan_version
     from plan_on_day
     where check_day = $start_date::date
 ),
@@ -198,10 +229,14 @@ allowances as (
 ),
 
 month_to_date as (
-    select check_days.check_day, daily.customer_id, daily.meter_id, sum(daily.usage) as usage
+    select
+        check_days.check_day,
+        daily.customer_id,
+        daily.meter_id,
+        sum(daily.usage) as usage
     from check_days
     inner join daily
-        on daily.day >= date_trunc('month', $start_date::date) and daily.day <= check_days.check_day
+        on daily.day >= date_trunc('month', $start_date::date) and check_days.check_day >= daily.day
     group by check_days.check_day, daily.customer_id, daily.meter_id
 ),
 
@@ -215,8 +250,8 @@ unpriced as (
         sum(coalesce(today.usage, today.gauge_peak)) as quantity,
         string_agg(
             coalesce(nullif(today.dimension, ''), '(none)') || ' ('
-                || fmt_decimal(to_billing_units(coalesce(today.usage, today.gauge_peak), meter_units.divisor))
-                || ' ' || meter_units.billing_unit || ')',
+            || fmt_decimal(to_billing_units(coalesce(today.usage, today.gauge_peak), meter_units.divisor))
+            || ' ' || meter_units.billing_unit || ')',
             ', ' order by today.dimension
         ) as detail
     from today
@@ -225,15 +260,15 @@ unpriced as (
     inner join meter_units
         on today.meter_id = meter_units.meter_id
     where exists (
-        select 1 from prices
-        where prices.plan_id = plan_today.plan_id and prices.plan_version = plan_today.plan_version
-            and prices.meter_id = today.meter_id
-    )
-    and not exists (
-        select 1 from prices
-        where prices.plan_id = plan_today.plan_id and prices.plan_version = plan_today.plan_version
-            and prices.meter_id = today.meter_id and (prices.dimension = '' or prices.dimension = today.dimension)
-    )
+            select 1 from prices
+            where prices.plan_id = plan_today.plan_id and prices.plan_version = plan_today.plan_version
+                and prices.meter_id = today.meter_id
+        )
+        and not exists (
+            select 1 from prices
+            where prices.plan_id = plan_today.plan_id and prices.plan_version = plan_today.plan_version
+                and prices.meter_id = today.meter_id and (prices.dimension = '' or prices.dimension = today.dimension)
+        )
     group by today.customer_id, today.meter_id
 ),
 
@@ -267,8 +302,14 @@ uncovered_context as (
                 on prices.plan_id = subscriptions.plan_id
             where prices.meter_id = uncovered.meter_id and subscriptions.customer_id = uncovered.customer_id
         ) or (
-            exists (select 1 from prices where prices.meter_id = uncovered.meter_id)
-            and not exists (select 1 from subscriptions where subscriptions.customer_id = uncovered.customer_id)
+            exists (
+                select 1 from prices
+                where prices.meter_id = uncovered.meter_id
+            )
+            and not exists (
+                select 1 from subscriptions
+                where subscriptions.customer_id = uncovered.customer_id
+            )
         ) as priced,
         (
             select arg_max(subscriptions.plan_id || ' ended ' || subscriptions.end_date, subscriptions.end_date)
@@ -318,7 +359,11 @@ series_gaps_by_day as (
 
 -- the longest gap between two samples of a customer's series of a meter, per day of the lookback
 gaps_by_day as (
-    select series_gaps_by_day.day, series.customer_id, series.meter_id, max(series_gaps_by_day.max_gap_ms) as max_gap_ms
+    select
+        series_gaps_by_day.day,
+        series.customer_id,
+        series.meter_id,
+        max(series_gaps_by_day.max_gap_ms) as max_gap_ms
     from series_gaps_by_day
     inner join series
         on series_gaps_by_day.series_id = series.series_id
@@ -334,7 +379,10 @@ gaps as (
 -- runs of consecutive days with a gap over the rule's (lowest) threshold: the first day of the run
 -- that reaches today (a day with no samples at all ends a run)
 gap_days as (
-    select gaps_by_day.day, gaps_by_day.customer_id, gaps_by_day.meter_id
+    select
+        gaps_by_day.day,
+        gaps_by_day.customer_id,
+        gaps_by_day.meter_id
     from gaps_by_day
     inner join meter_rules
         on gaps_by_day.meter_id = meter_rules.meter_id and meter_rules.rule = 'scrape_gap'
@@ -343,9 +391,15 @@ gap_days as (
 ),
 
 gap_runs as (
-    select customer_id, meter_id, min(day) as run_start, count(*) as run_days
+    select
+        customer_id,
+        meter_id,
+        min(day) as run_start,
+        count(*) as run_days
     from (
-        select *, day - (row_number() over (partition by customer_id, meter_id order by day))::integer as island
+        select
+            *,
+            day - (row_number() over (partition by customer_id, meter_id order by day))::integer as island
         from gap_days
     ) as islands
     group by customer_id, meter_id, island
@@ -357,21 +411,27 @@ gap_runs as (
 -- noqa: disable=AL03,RF02
 -- quantity: in base units, the one the message states (shown in billing units)
 candidates as (
-    select week_over_week.customer_id, week_over_week.meter_id, rule,
+    select
+        week_over_week.customer_id,
+        week_over_week.meter_id,
+        rule,
         (this_week / last_week)::decimal(38, 9) as value,
         'usage ' || fmt_decimal(to_billing_units(this_week, divisor)) || ' ' || billing_unit || ' in the last 7 days vs '
-            || fmt_decimal(to_billing_units(last_week, divisor)) || ' ' || billing_unit || ' the 7 before' as detail,
+        || fmt_decimal(to_billing_units(last_week, divisor)) || ' ' || billing_unit || ' the 7 before' as detail,
         this_week as quantity
     from week_over_week
     inner join meter_units on week_over_week.meter_id = meter_units.meter_id
     where last_week > 0
     union all
-    select today.customer_id, today.meter_id, 'outlier_mad',
+    select
+        today.customer_id,
+        today.meter_id,
+        'outlier_mad',
         (abs(today.usage - baseline.median_usage) / (1.4826 * deviation.mad))::decimal(38, 9),
         'usage ' || fmt_decimal(to_billing_units(today.usage, divisor)) || ' ' || billing_unit || ' vs 30-day median '
-            || fmt_decimal(to_billing_units(baseline.median_usage, divisor)) || ' ' || billing_unit
-            || ' (MAD ' || fmt_decimal(to_billing_units(deviation.mad, divisor)) || ' ' || billing_unit || ', '
-            || baseline.baseline_days || ' days)',
+        || fmt_decimal(to_billing_units(baseline.median_usage, divisor)) || ' ' || billing_unit
+        || ' (MAD ' || fmt_decimal(to_billing_units(deviation.mad, divisor)) || ' ' || billing_unit || ', '
+        || baseline.baseline_days || ' days)',
         today.usage
     from today
     inner join baseline on today.customer_id = baseline.customer_id and today.meter_id = baseline.meter_id
@@ -379,11 +439,14 @@ candidates as (
     inner join meter_units on today.meter_id = meter_units.meter_id
     where today.kind = 'counter' and baseline.baseline_days >= 7 and deviation.mad > 0
     union all
-    select allowances.customer_id, allowances.meter_id, 'allowance_used',
+    select
+        allowances.customer_id,
+        allowances.meter_id,
+        'allowance_used',
         (month_to_date.usage * 100 / allowances.included_base)::decimal(38, 9),
         fmt_decimal(to_billing_units(month_to_date.usage, meter_units.divisor)) || ' ' || meter_units.billing_unit
-            || ' used this month of ' || fmt_decimal(allowances.included_quantity) || ' ' || meter_units.billing_unit
-            || ' included',
+        || ' used this month of ' || fmt_decimal(allowances.included_quantity) || ' ' || meter_units.billing_unit
+        || ' included',
         month_to_date.usage
     from allowances
     inner join month_to_date
@@ -393,80 +456,128 @@ candidates as (
     inner join meter_units on allowances.meter_id = meter_units.meter_id
     where allowances.check_day = $start_date::date
     union all
-    select gaps.customer_id, gaps.meter_id, 'scrape_gap', gaps.max_gap_ms::decimal(38, 9),
+    select
+        gaps.customer_id,
+        gaps.meter_id,
+        'scrape_gap',
+        gaps.max_gap_ms::decimal(38, 9),
         'longest gap between two samples: ' || (gaps.max_gap_ms // 60000) || ' min'
-            || case
-                when gap_runs.run_start < $start_date::date
-                    then '; gaps every day since ' || gap_runs.run_start || ' (' || gap_runs.run_days || ' days)'
-                else ''
-            end,
+        || case
+            when gap_runs.run_start < $start_date::date
+                then '; gaps every day since ' || gap_runs.run_start || ' (' || gap_runs.run_days || ' days)'
+            else ''
+        end,
         null
     from gaps
     left join gap_runs on gaps.customer_id = gap_runs.customer_id and gaps.meter_id = gap_runs.meter_id
     union all
-    select customer_id, meter_id, 'counter_resets', resets::decimal(38, 9), resets || ' counter resets', null
+    select
+        customer_id,
+        meter_id,
+        'counter_resets',
+        resets::decimal(38, 9),
+        resets || ' counter resets',
+        null
     from today
     where kind = 'counter'
     union all
-    select customer_id, meter_id, 'reappeared_series', reappeared_series::decimal(38, 9),
-        reappeared_series || ' series back after more than 35 days; their first value was not billed', null
+    select
+        customer_id,
+        meter_id,
+        'reappeared_series',
+        reappeared_series::decimal(38, 9),
+        reappeared_series || ' series back after more than 35 days; their first value was not billed',
+        null
     from today
     union all
-    select customer_id, meter_id, 'dropped_samples', dropped_samples::decimal(38, 9),
-        dropped_samples || ' NaN or staleness samples dropped', null
+    select
+        customer_id,
+        meter_id,
+        'dropped_samples',
+        dropped_samples::decimal(38, 9),
+        dropped_samples || ' NaN or staleness samples dropped',
+        null
     from today
     union all
-    select customer_id, meter_id, 'duplicate_conflicts', duplicate_conflicts::decimal(38, 9),
-        duplicate_conflicts || ' timestamps of a series with different values (the larger was billed)', null
+    select
+        customer_id,
+        meter_id,
+        'duplicate_conflicts',
+        duplicate_conflicts::decimal(38, 9),
+        duplicate_conflicts || ' timestamps of a series with different values (the larger was billed)',
+        null
     from today
     union all
     -- a level meter's day is billed from the time some level holds: report the rest as uncovered
-    select customer_id, meter_id, 'low_coverage',
+    select
+        customer_id,
+        meter_id,
+        'low_coverage',
         from_nano(div_half_up((($end_ms - $start_ms) - gauge_held_ms)::hugeint * 100000000000, $end_ms - $start_ms)),
-        'a level held ' || (gauge_held_ms // 60000) || ' of ' || (($end_ms - $start_ms) // 60000) || ' min', null
+        'a level held ' || (gauge_held_ms // 60000) || ' of ' || (($end_ms - $start_ms) // 60000) || ' min',
+        null
     from today
     where kind = 'gauge'
     union all
-    select rate_series.customer_id, rate_series.meter_id, 'rate_per_minute',
+    select
+        rate_series.customer_id,
+        rate_series.meter_id,
+        'rate_per_minute',
         max(rates.max_per_minute)::decimal(38, 9),
-        'highest rate between two scrapes: ' || round(max(rates.max_per_minute), 1) || ' per minute', null
+        'highest rate between two scrapes: ' || round(max(rates.max_per_minute), 1) || ' per minute',
+        null
     from rates
     inner join rate_series on rates.series_id = rate_series.series_id
     where rates.max_per_minute is not null
     group by rate_series.customer_id, rate_series.meter_id
     union all
-    select today.customer_id, today.meter_id, 'pool_share_mismatch',
+    select
+        today.customer_id,
+        today.meter_id,
+        'pool_share_mismatch',
         (abs(today.usage - pool_shares.pool_accepted_shares) * 100 / pool_shares.pool_accepted_shares)::decimal(38, 9),
         'proxy counted ' || fmt_decimal(to_billing_units(today.usage, divisor)) || ' ' || billing_unit
-            || ', the pool reported ' || fmt_decimal(to_billing_units(pool_shares.pool_accepted_shares, divisor)) || ' ' || billing_unit,
+        || ', the pool reported ' || fmt_decimal(to_billing_units(pool_shares.pool_accepted_shares, divisor)) || ' ' || billing_unit,
         today.usage
     from today
     inner join pool_shares on today.customer_id = pool_shares.customer_id
     inner join meter_units on today.meter_id = meter_units.meter_id
     where today.kind = 'counter' and pool_shares.pool_accepted_shares > 0
     union all
-    select customer_id, meter_id, 'unpriced_usage', dimensions::decimal(38, 9),
-        'usage no price row of the plan covers (not billed): ' || detail, quantity
+    select
+        customer_id,
+        meter_id,
+        'unpriced_usage',
+        dimensions::decimal(38, 9),
+        'usage no price row of the plan covers (not billed): ' || detail,
+        quantity
     from unpriced
     union all
-    select customer_id, meter_id,
+    select
+        customer_id,
+        meter_id,
         case when priced then 'outside_subscription' else 'outside_subscription_unpriced' end,
         quantity::decimal(38, 9),
         fmt_decimal(to_billing_units(quantity, divisor)) || ' ' || billing_unit || ' used '
-            || case
-                when ended is not null and starting is not null
-                    then 'between the subscription to ' || ended || ' and the one to ' || starting
-                when ended is not null then 'after the subscription to ' || ended
-                when starting is not null then 'before the subscription to ' || starting
-                else 'with no subscription'
-            end
-            || ': on no invoice',
+        || case
+            when ended is not null and starting is not null
+                then 'between the subscription to ' || ended || ' and the one to ' || starting
+            when ended is not null then 'after the subscription to ' || ended
+            when starting is not null then 'before the subscription to ' || starting
+            else 'with no subscription'
+        end
+        || ': on no invoice',
         quantity
     from uncovered_context
     inner join meter_units using (meter_id)
     union all
-    select '' as customer_id, meter_id, 'unmatched_series', unmatched_series::decimal(38, 9),
-        unmatched_series || ' series billed to nobody: ' || labels, null
+    select
+        '' as customer_id,
+        meter_id,
+        'unmatched_series',
+        unmatched_series::decimal(38, 9),
+        unmatched_series || ' series billed to nobody: ' || labels,
+        null
     from unmatched
 ),
 -- noqa: enable=AL03,RF02
@@ -474,11 +585,18 @@ candidates as (
 -- the same rules for yesterday, for the conditions that last: a flag is raised on the day its
 -- condition starts (or reaches a higher level), not on every day it still holds
 candidates_yesterday as (
-    select customer_id, meter_id, rule, (this_week_before / last_week_before)::decimal(38, 9) as value
+    select
+        customer_id,
+        meter_id,
+        rule,
+        (this_week_before / last_week_before)::decimal(38, 9) as value
     from week_over_week
     where last_week_before > 0
     union all
-    select allowances.customer_id, allowances.meter_id, 'allowance_used' as rule,
+    select
+        allowances.customer_id,
+        allowances.meter_id,
+        'allowance_used' as rule,
         (month_to_date.usage * 100 / allowances.included_base)::decimal(38, 9) as value
     from allowances
     inner join month_to_date
@@ -487,34 +605,56 @@ candidates_yesterday as (
         and allowances.meter_id = month_to_date.meter_id
     where allowances.check_day < $start_date::date
     union all
-    select customer_id, meter_id, 'scrape_gap' as rule, max_gap_ms::decimal(38, 9) as value
+    select
+        customer_id,
+        meter_id,
+        'scrape_gap' as rule,
+        max_gap_ms::decimal(38, 9) as value
     from gaps_by_day
     where day = $start_date::date - interval 1 day
     union all
-    select '' as customer_id, meter_id, 'unmatched_series' as rule, unmatched_series::decimal(38, 9) as value
+    select
+        '' as customer_id,
+        meter_id,
+        'unmatched_series' as rule,
+        unmatched_series::decimal(38, 9) as value
     from unmatched_by_day
     where day = $start_date::date - interval 1 day
 ),
 
 -- every level (threshold row) a value crosses, today and yesterday
 levels as (
-    select all_candidates.*, meter_rules.threshold, meter_rules.severity, meter_rules.rule_description
+    select
+        all_candidates.*,
+        meter_rules.threshold,
+        meter_rules.severity,
+        meter_rules.rule_description
     from (
-        select *, true as is_today from candidates
+        select
+            *,
+            true as is_today
+        from candidates
         union all by name
-        select *, false as is_today from candidates_yesterday
+        select
+            *,
+            false as is_today
+        from candidates_yesterday
     ) as all_candidates
     inner join meter_rules
         on all_candidates.meter_id = meter_rules.meter_id
         and all_candidates.rule = meter_rules.rule
     where case when all_candidates.rule = 'allowance_used'
-        then all_candidates.value >= meter_rules.threshold
-        else all_candidates.value > meter_rules.threshold
-    end
+                then all_candidates.value >= meter_rules.threshold
+            else all_candidates.value > meter_rules.threshold
+        end
 ),
 
 crossed_yesterday as (
-    select customer_id, meter_id, rule, max(threshold) as threshold
+    select
+        customer_id,
+        meter_id,
+        rule,
+        max(threshold) as threshold
     from levels
     where not is_today
     group by customer_id, meter_id, rule

@@ -40,11 +40,17 @@ today as (
 -- rule 3: each series' last sample before the day: the latest of the edges of up to 35 earlier days
 -- and the day's carry-in (the same sample when both hold it; ties keep the larger value, like edges)
 earlier_samples as (
-    select series_id, last_ts_ms as ts_ms, last_value as value
+    select
+        series_id,
+        last_ts_ms as ts_ms,
+        last_value as value
     from edges
     where day < $start_date::date and samples > 0
     union all
-    select series_id, ts_ms, value
+    select
+        series_id,
+        ts_ms,
+        value
     from carry_in
 ),
 
@@ -103,9 +109,9 @@ per_series as (
         case
             when joined.prev_ts_ms is null then 0
             else greatest(
-                0,
-                least(coalesce(joined.first_ts_ms, $end_ms), joined.prev_ts_ms + $staleness_ms, $end_ms) - $start_ms
-            )
+                    0,
+                    least(coalesce(joined.first_ts_ms, $end_ms), joined.prev_ts_ms + $staleness_ms, $end_ms) - $start_ms
+                )
         end as carry_in_ms
     from joined
     inner join series
@@ -121,7 +127,14 @@ per_series as (
 -- its span inside today. Two scans with plain filters, so the Parquet reader skips what it can and
 -- only gauges are sorted for the window.
 event_spans as (
-    select customer_key, meter_id, dimension, kind, true as today, quantity, 0::bigint as covered_ms
+    select
+        customer_key,
+        meter_id,
+        dimension,
+        kind,
+        true as today,
+        quantity,
+        0::bigint as covered_ms
     from events
     where kind = 'delta' and ts_ms >= $start_ms and ts_ms < $end_ms
     union all
@@ -136,7 +149,7 @@ event_spans as (
         greatest(
             0,
             least(coalesce(lead(ts_ms) over by_stream, $end_ms), ts_ms + hold_ms, $end_ms)
-                - greatest(ts_ms, $start_ms)
+            - greatest(ts_ms, $start_ms)
         )::bigint as covered_ms
     from events
     where kind = 'gauge' and ts_ms >= $start_ms - 86400000 and ts_ms < $end_ms
@@ -150,16 +163,16 @@ event_usage as (
         event_spans.dimension,
         meters.kind,
         coalesce(sum(event_spans.quantity) filter (where event_spans.kind = 'delta'), 0)
-            ::decimal(38, 9) as increase,
+        ::decimal(38, 9) as increase,
         -- decimal(38, 9) * bigint stays decimal(38, 9): exact
         sum(event_spans.quantity * event_spans.covered_ms)::decimal(38, 9) as integral,
         sum(event_spans.covered_ms)::bigint as covered_ms,
         (count(*) filter (where event_spans.today))::bigint as events
     from event_spans
     inner join stg_seeds__customers as customers
-        on customers.label_value = event_spans.customer_key
+        on event_spans.customer_key = customers.label_value
     inner join stg_seeds__meters as meters
-        on meters.meter_id = event_spans.meter_id
+        on event_spans.meter_id = meters.meter_id
         and meters.kind = case event_spans.kind when 'delta' then 'counter' else 'gauge' end
     where event_spans.today or event_spans.covered_ms > 0
     group by customers.customer_id, event_spans.meter_id, event_spans.dimension, meters.kind
@@ -211,13 +224,13 @@ usage as (
         dimension,
         any_value(kind) as kind,
         case when any_value(kind) = 'counter'
-            then sum(increase)::decimal(38, 9)
+                then sum(increase)::decimal(38, 9)
         end as usage,
         case when any_value(kind) = 'gauge'
-            then sum(integral)::decimal(38, 9)
+                then sum(integral)::decimal(38, 9)
         end as gauge_integral,
         case when any_value(kind) = 'gauge'
-            then sum(covered_ms)::bigint
+                then sum(covered_ms)::bigint
         end as gauge_covered_ms,
         sum(series)::bigint as series,
         sum(samples)::bigint as samples,

@@ -16,7 +16,7 @@ final as (
         kind::varchar as kind,
         quantity::decimal(38, 9) as quantity,
         hold_ms::bigint as hold_ms,
-        attributes::map(varchar, varchar) as attributes
+        attributes::map (varchar, varchar) as attributes
     from source
 )
 

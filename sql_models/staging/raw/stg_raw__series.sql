@@ -10,7 +10,7 @@ final as (
     select
         series_id::bigint as series_id,
         metric::varchar as metric,
-        labels::map(varchar, varchar) as labels,
+        labels::map (varchar, varchar) as labels,
         first_seen::bigint as first_seen_ms
     from source
 )

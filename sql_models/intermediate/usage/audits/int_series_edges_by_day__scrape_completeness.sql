@@ -7,7 +7,11 @@ with edges as (
 ),
 
 final as (
-    select day, series_id, max_gap_ms, dropped_samples
+    select
+        day,
+        series_id,
+        max_gap_ms,
+        dropped_samples
     from edges
     where max_gap_ms > 900000
 )

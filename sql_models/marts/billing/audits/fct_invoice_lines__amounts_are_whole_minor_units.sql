@@ -7,7 +7,13 @@ with lines as (
 ),
 
 final as (
-    select month, customer_id, line_number, line_type, quantity, amount_minor
+    select
+        month,
+        customer_id,
+        line_number,
+        line_type,
+        quantity,
+        amount_minor
     from lines
     where amount_minor is null or (line_type <> 'risk_adjustment' and quantity < 0)
 )

@@ -17,23 +17,26 @@ prices as (
 ),
 
 final as (
-    select usage.customer_id, usage.meter_id, usage.dimension
+    select
+        usage.customer_id,
+        usage.meter_id,
+        usage.dimension
     from usage
     inner join periods
         on usage.customer_id = periods.customer_id
     where exists (
-        select 1 from prices
-        where prices.plan_id = periods.plan_id
-            and prices.plan_version = periods.plan_version
-            and prices.meter_id = usage.meter_id
-    )
-    and not exists (
-        select 1 from prices
-        where prices.plan_id = periods.plan_id
-            and prices.plan_version = periods.plan_version
-            and prices.meter_id = usage.meter_id
-            and (prices.dimension = '' or prices.dimension = usage.dimension)
-    )
+            select 1 from prices
+            where prices.plan_id = periods.plan_id
+                and prices.plan_version = periods.plan_version
+                and prices.meter_id = usage.meter_id
+        )
+        and not exists (
+            select 1 from prices
+            where prices.plan_id = periods.plan_id
+                and prices.plan_version = periods.plan_version
+                and prices.meter_id = usage.meter_id
+                and (prices.dimension = '' or prices.dimension = usage.dimension)
+        )
 )
 
 select * from final

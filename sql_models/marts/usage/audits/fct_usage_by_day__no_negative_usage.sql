@@ -7,7 +7,14 @@ with usage as (
 ),
 
 final as (
-    select day, customer_id, meter_id, dimension, usage, gauge_integral, gauge_peak
+    select
+        day,
+        customer_id,
+        meter_id,
+        dimension,
+        usage,
+        gauge_integral,
+        gauge_peak
     from usage
     where usage < 0 or gauge_integral < 0 or gauge_peak < 0
 )
