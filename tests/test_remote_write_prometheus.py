@@ -71,6 +71,13 @@ class Receiver:
         return next(float(l.split()[-1]) for l in text.splitlines() if l.startswith("billing_remote_write_samples_total"))
 
 
+def _send_failures(prom_url: str) -> float:
+    """Samples Prometheus's remote-write queue has retried or given up on so far (its own counters)."""
+    text = requests.get(prom_url + "/metrics", timeout=5).text
+    names = ("prometheus_remote_storage_samples_retried_total", "prometheus_remote_storage_samples_failed_total")
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(names))
+
+
 def landed(landing: Path) -> dict[tuple[int, int], float]:
     """Every sample durable in landing segments (open or sealed): a superset of what got 204."""
     out = {}
@@ -154,15 +161,17 @@ remote_write:
             )
         wait_for(lambda: requests.get(prom_url + "/-/ready", timeout=1).ok, 20, "prometheus")
         wait_for(lambda: receiver.samples() > 20, 20, "the first remote-write batches")
-        time.sleep(2.5)
+        seen = receiver.samples()
+        wait_for(lambda: receiver.samples() >= seen + 40, 20, "batches still streaming in")
 
         # SIGKILL mid-stream; Prometheus keeps scraping and retries while the receiver is down
         stop(receiver.proc, signal.SIGKILL)
         killed_at = time.time()
         orphan_open = list((data_dir / "landing").glob("seg-*.open"))
-        time.sleep(2.5)
+        unsent = _send_failures(prom_url)
+        wait_for(lambda: _send_failures(prom_url) > unsent, 30, "Prometheus to fail sending to the killed receiver")
         receiver.start()
-        time.sleep(4)
+        wait_for(lambda: receiver.samples() > 40, 30, "Prometheus to resend to the restarted receiver")
         t_end = time.time() - 1.0
 
         def series_caught_up() -> bool:
