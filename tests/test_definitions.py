@@ -61,8 +61,23 @@ def test_partition_mapping_reaches_back_35_days_for_usage():
     assert node.partitions_def is not None
 
 
+#: the seed snapshot assets (refresh_seeds_and_views materializes them with the warehouse views)
+SEED_ASSETS = {
+    "seed_anomaly_rules",
+    "seed_credits",
+    "seed_currencies",
+    "seed_customers",
+    "seed_meters",
+    "seed_plans",
+    "seed_price_tiers",
+    "seed_prices",
+    "seed_report_fields",
+    "seed_report_tokens",
+    "seed_subscriptions",
+    "seed_units",
+}
 #: everything the code location defines, by name: loading the defs folder finds exactly these
-EXPECTED_ASSETS = {
+EXPECTED_ASSETS = SEED_ASSETS | {
     "billing_metrics_textfile",
     "daily_summary",
     "dim_subscription_periods_by_month",
@@ -80,18 +95,6 @@ EXPECTED_ASSETS = {
     "raw_retention",
     "raw_samples",
     "remote_write_samples",
-    "seed_anomaly_rules",
-    "seed_credits",
-    "seed_currencies",
-    "seed_customers",
-    "seed_meters",
-    "seed_plans",
-    "seed_price_tiers",
-    "seed_prices",
-    "seed_report_fields",
-    "seed_report_tokens",
-    "seed_subscriptions",
-    "seed_units",
     "stripe_meter_events",
     "stripe_outbox",
     "usage_events",
@@ -145,21 +148,7 @@ EXPECTED_JOBS = {
         "fct_usage_by_subscription_period",
         "invoices",
     },
-    "refresh_seeds_and_views": {
-        "seed_anomaly_rules",
-        "seed_credits",
-        "seed_currencies",
-        "seed_customers",
-        "seed_meters",
-        "seed_plans",
-        "seed_price_tiers",
-        "seed_prices",
-        "seed_report_fields",
-        "seed_report_tokens",
-        "seed_subscriptions",
-        "seed_units",
-        "warehouse_views",
-    },
+    "refresh_seeds_and_views": SEED_ASSETS | {"warehouse_views"},
     "raw_retention_job": {"raw_retention"},
     "billing_metrics_job": {"billing_metrics_textfile"},
 }
