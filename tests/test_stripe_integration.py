@@ -88,10 +88,24 @@ def usage_rows(day: date, bump: dict | None = None) -> list[dict]:
     return rows
 
 
+def quantities(rows: list[dict]) -> list[dict]:
+    """The billable quantities of fct_usage_by_day-like rows of sum and max meters, as
+    ``ob.day_quantities`` gives them (that function is tested against the SQL model in test_stripe_outbox)."""
+    return [
+        {
+            "customer_id": r["customer_id"],
+            "meter_id": r["meter_id"],
+            "dimension": r["dimension"],
+            "base_quantity": r["usage"] if r["kind"] == "counter" else r["gauge_peak"],
+        }
+        for r in rows
+    ]
+
+
 def fill_outbox(paths: Paths, days: list[date]) -> int:
     n = 0
     for d in days:
-        rows = ob.build_outbox(d, usage_rows(d), CUSTOMERS, METERS, ob.read_outbox(paths, d))
+        rows = ob.build_outbox(d, quantities(usage_rows(d)), CUSTOMERS, METERS, ob.read_outbox(paths, d))
         ob.write_outbox(paths, d, rows)
         n += len(rows)
     return n
@@ -257,7 +271,7 @@ def test_a_corrected_day_sends_revision_2_and_the_daily_window_keeps_it(server, 
     day = days[1]
     old = {(r["customer_id"], r["meter_id"]): r for r in ob.read_outbox(outbox_paths, day)}
     # late data: beta's api calls on that day go up by 40
-    rows = ob.build_outbox(day, usage_rows(day, bump={("beta", "api_calls"): 20}), CUSTOMERS, METERS, ob.read_outbox(outbox_paths, day))
+    rows = ob.build_outbox(day, quantities(usage_rows(day, bump={("beta", "api_calls"): 20})), CUSTOMERS, METERS, ob.read_outbox(outbox_paths, day))
     ob.write_outbox(outbox_paths, day, rows)
     changed = [r for r in rows if r["status"] == "pending"]
     assert [(r["customer_id"], r["meter_id"], r["revision"], r["value"]) for r in changed] == [
@@ -314,7 +328,9 @@ def test_a_400_marks_only_that_row_failed_with_stripes_message(server, outbox_pa
     extra_meters = [*METERS, {"meter_id": "unsynced", "kind": "counter", "aggregation": "sum", "stripe_event_name": "bd_unsynced"}]
     extra = ob.build_outbox(
         days[1],
-        [{"day": days[1], "customer_id": "gamma", "meter_id": "unsynced", "dimension": "", "kind": "counter", "usage": Decimal(3)}, *usage_rows(days[1])],
+        quantities(
+            [{"day": days[1], "customer_id": "gamma", "meter_id": "unsynced", "dimension": "", "kind": "counter", "usage": Decimal(3)}, *usage_rows(days[1])]
+        ),
         CUSTOMERS,
         extra_meters,
         ob.read_outbox(outbox_paths, days[1]),
@@ -447,7 +463,7 @@ def _write_seed_outbox(paths: Paths, day: date) -> list[dict]:
         for m in meters
         if m["kind"] == "counter"
     ][:12]
-    rows = ob.build_outbox(day, usage, customers, meters, [])
+    rows = ob.build_outbox(day, quantities(usage), customers, meters, [])
     ob.write_outbox(paths, day, rows)
     return rows
 
