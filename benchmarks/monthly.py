@@ -281,10 +281,11 @@ def stage(data_dir: Path, seeds_dir: Path, month: date) -> dict:
 
     day = window.end - timedelta(days=1)
     t0 = time.perf_counter()
-    usage = pq.read_table(partition_file(paths, project.models["fct_usage_by_day"], Window(day, window.end))).to_pylist()
+    usage = pq.read_table(partition_file(paths, project.models["fct_usage_by_day"], Window(day, window.end)))
     customers = pq.read_table(seed_snapshot_path(paths, "customers")).to_pylist()
-    meters = pq.read_table(seed_snapshot_path(paths, "meters")).to_pylist()
-    rows = ob.build_outbox(day, usage, customers, meters, ob.read_outbox(paths, day))
+    seeds = {name: pq.read_table(seed_snapshot_path(paths, name)) for name in ("meters", "units")}
+    quantities = ob.day_quantities(day, usage, seeds)  # as the stripe_outbox asset builds it
+    rows = ob.build_outbox(day, quantities, customers, seeds["meters"].to_pylist(), ob.read_outbox(paths, day))
     ob.write_outbox(paths, day, rows)
     steps.append({"step": f"Stripe outbox of one day ({day})", "seconds": time.perf_counter() - t0, "rows": len(rows)})
     # the stage as the target counts it: models, invoice files (the run on the 1st) and the outbox; the run on the
