@@ -37,6 +37,7 @@ def main() -> None:
     if args.days < 2 or args.mb <= 0:
         ap.error("--days must be at least 2 and --mb positive")
 
+    from billing_dags.core import durable
     from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
     from billing_dags.ingest import events, raw
     from billing_dags.models import late_data
@@ -62,7 +63,7 @@ def main() -> None:
 
         (one,) = raw.sample_files(paths, days[0])
         t0 = time.perf_counter()
-        late_data.sha256_file(one)
+        durable.sha256_file(one)
         hash_s = time.perf_counter() - t0
         record_s = []
         for d in days:

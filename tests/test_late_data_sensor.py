@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import copy_small_seeds
 
+from billing_dags.core import durable
 from billing_dags.definitions import defs as load_defs
 from billing_dags.ingest import raw
 from billing_dags.ingest.events import event_files
@@ -193,7 +194,6 @@ def _late(paths, hashes=None):
 
 
 def test_a_touched_or_identically_rewritten_raw_file_is_not_late_and_is_hashed_once(paths, monkeypatch):
-    from billing_dags.models import late_data
 
     day = date(2026, 5, 1)
     _computed_edges(paths, day)
@@ -201,8 +201,8 @@ def test_a_touched_or_identically_rewritten_raw_file_is_not_late_and_is_hashed_o
     (f,) = raw.sample_files(paths, day)
     _rewrite_same_bytes(f)
     hashed = []
-    real = late_data.sha256_file
-    monkeypatch.setattr(late_data, "sha256_file", lambda p: hashed.append(p) or real(p))
+    real = durable.sha256_file
+    monkeypatch.setattr(durable, "sha256_file", lambda p: hashed.append(p) or real(p))
     late, used = _late(paths)
     assert late == [] and hashed == [f]
     late, used = _late(paths, used)  # the next evaluation passes the hashes back: nothing is read again
@@ -329,7 +329,7 @@ def test_the_record_holds_sizes_and_hashes_only_and_a_file_changed_during_the_ru
     (f,) = raw.sample_files(paths, day)
     record = json.loads(late_data.inputs_path(paths, model, window).read_text())
     # the same bytes for the same inputs, whenever and however the partition was computed
-    assert record["files"] == {f.relative_to(paths.data_dir).as_posix(): [f.stat().st_size, late_data.sha256_file(f)]}
+    assert record["files"] == {f.relative_to(paths.data_dir).as_posix(): [f.stat().st_size, durable.sha256_file(f)]}
     inputs = late_data.inputs_before(paths, project, model, window)
     _rewrite_same_bytes(f)  # while the model runs: it may have read either version
     late_data.record_inputs(paths, model, window, inputs)

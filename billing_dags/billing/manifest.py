@@ -17,12 +17,12 @@ from pathlib import Path
 from billing_dags import __version__
 from billing_dags.billing.periods import checked_month, period_end
 from billing_dags.core.calendar import month_days
+from billing_dags.core.durable import sha256_file
 from billing_dags.core.settings import PROJECT_ROOT, Paths
 from billing_dags.ingest.events import event_files
 from billing_dags.ingest.raw import sample_files
 from billing_dags.ingest.usage_reports import SOURCE as REPORTS_SOURCE
 from billing_dags.ingest.usage_reports import ReportStore
-from billing_dags.models.late_data import sha256_file
 from billing_dags.seeds.catalog import seeds_digest
 from billing_dags.seeds.credits import CREDITS_FILE
 

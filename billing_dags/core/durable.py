@@ -13,6 +13,7 @@ This module imports nothing from the package, so every layer can use it.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -206,3 +207,12 @@ def canonical_json(obj: Any) -> bytes:
         except TypeError:
             pass
     return (json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def sha256_file(path: Path | str) -> str:
+    """The SHA-256 hex digest of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

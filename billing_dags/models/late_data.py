@@ -73,14 +73,6 @@ def input_files(paths: Paths, reads: dict[str, int], window: Window, listed: dic
     return sorted(set(files))
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class Record:
     files: Recorded
@@ -103,7 +95,7 @@ def snapshot(paths: Paths, files: list[Path], records: list[Record | None] = (),
                     sha = prior[2]
                     break
             else:
-                sha = sha256_file(f)
+                sha = durable.sha256_file(f)
             if collect is not None:
                 collect[rel] = [st.st_size, st.st_mtime_ns, sha]
         out[rel] = [st.st_size, st.st_mtime_ns, sha]
