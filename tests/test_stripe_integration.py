@@ -17,6 +17,7 @@ from stripe_server import StripeServer
 
 from billing_dags.core.settings import Paths
 from billing_dags.stripe import outbox as ob
+from billing_dags.stripe import sender as sd
 from billing_dags.stripe.meters import desired_meters, send_days, sync_meters
 
 pytestmark = pytest.mark.integration
@@ -135,7 +136,7 @@ def outbox_paths(tmp_path) -> Paths:
 
 
 def client_for(server, **kw):
-    return ob.make_client(API_KEY, server.url, **kw)
+    return sd.make_client(API_KEY, server.url, **kw)
 
 
 def synced(server) -> None:
@@ -367,7 +368,7 @@ def test_a_down_api_stops_the_run_after_consecutive_failures(server, outbox_path
 
 def test_dry_run_without_a_key_sends_nothing(server, outbox_paths):
     n = fill_outbox(outbox_paths, MONTH)
-    _summary, sender = send_days(outbox_paths, MONTH, ob.make_client(None, server.url), now=NOW)
+    _summary, sender = send_days(outbox_paths, MONTH, sd.make_client(None, server.url), now=NOW)
     assert sender.mode == "dry_run" and sender.stats["dry_run"] == n
     assert {r["status"] for r in all_rows(outbox_paths, MONTH)} == {"dry_run"}
     assert server.requests == []
@@ -429,7 +430,7 @@ def test_server_enforces_stripes_documented_limits(server):
         client.v1.billing.meter_events.create(params={**ok, "identifier": "f", "timestamp": int(NOW.timestamp()) + 301})
     client.v1.billing.meter_events.create(params={**ok, "identifier": "f2", "timestamp": int(NOW.timestamp()) + 300})
     with pytest.raises(stripe.AuthenticationError):
-        ob.make_client("sk_test_wrong", server.url, max_network_retries=0).v1.billing.meter_events.create(params={**ok, "identifier": "a"})
+        sd.make_client("sk_test_wrong", server.url, max_network_retries=0).v1.billing.meter_events.create(params={**ok, "identifier": "a"})
     raw = requests.post(f"{server.url}/v1/billing/meter_events", data={"event_name": "bd_api_calls"}, timeout=5)
     assert raw.status_code == 401 and raw.json()["error"]["type"] == "invalid_request_error"
     listed = requests.get(f"{server.url}/v1/billing/meters", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5).json()
@@ -511,7 +512,7 @@ def test_stripe_meter_events_asset_reports_counts(seed_paths, no_proxy):
     day = _yesterday()
     rows = _write_seed_outbox(paths, day)
     with StripeServer(now=datetime.now(UTC), api_key=API_KEY) as s:
-        client = ob.make_client(API_KEY, s.url)
+        client = sd.make_client(API_KEY, s.url)
         from billing_dags.seeds.catalog import load_seeds
 
         sync_meters(client, load_seeds(paths.seeds_dir)["meters"].to_pylist())
@@ -532,7 +533,7 @@ def test_stripe_meter_events_asset_reports_counts(seed_paths, no_proxy):
 
 
 def test_backoff_is_exponential_bounded_and_honours_retry_after_up_to_a_cap():
-    s = ob.Sender(None, now=NOW, backoff_base=0.5, backoff_cap=8.0, retry_after_cap=30.0)
+    s = sd.Sender(None, now=NOW, backoff_base=0.5, backoff_cap=8.0, retry_after_cap=30.0)
     assert [s.backoff(a, None) for a in range(6)] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
     assert s.backoff(0, 3) == 3 and s.backoff(4, 3) == 8.0  # Retry-After is a floor ...
     assert s.backoff(0, 3600) == 30.0  # ... capped
@@ -552,7 +553,7 @@ def test_a_rate_limit_that_outlasts_the_retries_fails_the_row_and_a_wrong_key_st
     fill_outbox(outbox_paths, [MONTH[-2]])
     wrong = "sk_test_51WrongKeyAlsoNeverStored987654321"
     before = len(server.event_posts())
-    _, stopped = send_days(outbox_paths, [MONTH[-2]], ob.make_client(wrong, server.url), now=NOW)
+    _, stopped = send_days(outbox_paths, [MONTH[-2]], sd.make_client(wrong, server.url), now=NOW)
     assert stopped.aborted and len(server.event_posts()) == before + 1
     failed = [r for r in ob.read_outbox(outbox_paths, MONTH[-2]) if r["status"] == "failed"]
     assert len(failed) == 1 and "HTTP 401" in failed[0]["last_error"]

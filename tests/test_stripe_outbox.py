@@ -25,12 +25,11 @@ from billing_dags.stripe.outbox import (
     day_quantities,
     day_timestamp,
     event_identifier,
-    make_client,
     read_outbox,
     round_half_up,
-    send_outbox,
     write_outbox,
 )
+from billing_dags.stripe.sender import make_client, send_outbox
 
 UTC = UTC
 DAY = date(2025, 3, 10)

@@ -24,7 +24,7 @@ def days_of(day: str | None, month: str | None) -> list[date]:
 
 
 def _client_from_env():
-    from billing_dags.stripe.outbox import make_client
+    from billing_dags.stripe.sender import make_client
 
     retries = os.environ.get("STRIPE_MAX_NETWORK_RETRIES") or "3"
     if not retries.isdigit():

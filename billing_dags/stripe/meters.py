@@ -134,7 +134,7 @@ def sync_meters(client, meters: Iterable[Mapping]) -> SyncReport:
     (nothing listed, nothing created: every meter is reported ``missing``)."""
     import stripe
 
-    from billing_dags.stripe.outbox import _error_text
+    from billing_dags.stripe.sender import _error_text
 
     wanted = desired_meters(meters)
     if client is None:
@@ -181,8 +181,9 @@ def send_days(paths, days: list[date], client, *, now: datetime, log: Callable[[
     """Send the outbox of each day with one sender (so a down API stops the whole run) and store
     the outcome after each day. Returns (one summary row per day with an outbox, the sender)."""
     from billing_dags.stripe import outbox as ob
+    from billing_dags.stripe import sender as sd
 
-    sender = ob.Sender(client, now=now, log=log, **sender_options)
+    sender = sd.Sender(client, now=now, log=log, **sender_options)
     summary = []
     for d in days:
         rows = ob.read_outbox(paths, d)

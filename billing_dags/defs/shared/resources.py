@@ -38,7 +38,7 @@ class StripeResource(dg.ConfigurableResource):
     max_network_retries: int = 3
 
     def client(self):
-        from billing_dags.stripe.outbox import make_client
+        from billing_dags.stripe.sender import make_client
 
         return make_client(self.api_key, self.api_base, self.max_network_retries)
 

@@ -9,6 +9,7 @@ from billing_dags.defs.shared.partitions import SINGLE_RUN, billing_daily, mater
 from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
 from billing_dags.models.sqlmodels import load_project, partition_file, seed_snapshot_path
 from billing_dags.stripe import outbox as ob
+from billing_dags.stripe.sender import Sender
 
 
 def _by_status(rows: list[dict]) -> dict[str, int]:
@@ -57,7 +58,7 @@ def stripe_meter_events(context: dg.AssetExecutionContext, warehouse: WarehouseR
     paths = warehouse.paths()
 
     def one_day(key, window) -> dict:
-        sender = ob.Sender(stripe.client(), now=datetime.now(UTC), log=context.log.warning)
+        sender = Sender(stripe.client(), now=datetime.now(UTC), log=context.log.warning)
         rows = sender.send(ob.read_outbox(paths, window.start))
         path = ob.write_outbox(paths, window.start, rows)
         counts = _by_status(rows)
