@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from functools import cache
@@ -670,7 +670,24 @@ def run_model_days(
     """``run_model`` for each of ``windows`` in turn (e.g. every day of a range, in order): each
     partition is computed and written exactly as ``run_model`` alone would (same rows, same bytes),
     and a failure stops at its window (the earlier ones stay written). ``validate(window, rows)``
-    runs on each window's rows before they are published.
+    runs on each window's rows before they are published. See ``iter_model_days``."""
+    return list(iter_model_days(paths, name, windows, project=project, engine=engine, threads=threads, validate=validate))
+
+
+def iter_model_days(
+    paths: Paths,
+    name: str,
+    windows: list[Window],
+    *,
+    project: Project | None = None,
+    engine: str | None = None,
+    threads: int | None = None,
+    validate: Callable[[Window, pa.Table], None] | None = None,
+    before: Callable[[Window], None] | None = None,
+) -> Iterator[RunResult]:
+    """``run_model_days`` one window at a time: yields each window's result once it is written, so the
+    caller can record it before the next window runs. ``before(window)`` runs before a window is
+    computed (e.g. to check its inputs, or take their snapshot); raising stops there.
 
     Faster than one ``run_model`` per window for a SQL model partitioned by day: one DuckDB
     session for all windows, with the macros, view models, upstream tables' views and the
@@ -691,18 +708,20 @@ def run_model_days(
     python = (engine or model.config.get("engine", "sql")) == "python"
     fn = python_engine(model) if python else None
     if (python and not getattr(fn, "takes_session", False)) or model.partitioned_by != "billing_daily" or len(windows) < 2:
-        return [
-            run_model(paths, name, w, project=project, engine=engine, threads=threads, validate=(lambda t, w=w: validate(w, t)) if validate else None)
-            for w in windows
-        ]
-    results = []
+        for w in windows:
+            if before is not None:
+                before(w)
+            yield run_model(paths, name, w, project=project, engine=engine, threads=threads, validate=(lambda t, w=w: validate(w, t)) if validate else None)
+        return
     known = sources()
     with session(threads) as con:
-        t0 = time.perf_counter()
-        per_window = _prepare_range(con, project, name, paths, windows)
-        for i, window in enumerate(windows):
-            if i:
-                t0 = time.perf_counter()
+        per_window = None
+        for window in windows:
+            if before is not None:
+                before(window)
+            t0 = time.perf_counter()
+            if per_window is None:
+                per_window = _prepare_range(con, project, name, paths, windows)
             for s in per_window:
                 known[s].register(con, paths, window)
             table = None
@@ -714,8 +733,7 @@ def run_model_days(
             if table is None:
                 table = query(con, model, window)
             path = write_partition(paths, model, window, table, (lambda t, w=window: validate(w, t)) if validate else None)
-            results.append(RunResult(name, window, len(table), path, time.perf_counter() - t0, table))
-    return results
+            yield RunResult(name, window, len(table), path, time.perf_counter() - t0, table)
 
 
 # --- the billable quantity outside the monthly job ------------------------------------------------

@@ -11,7 +11,7 @@ from billing_dags.defs.shared.partitions import BY_NAME, SINGLE_RUN, combined_ch
 from billing_dags.defs.shared.resources import WarehouseResource
 from billing_dags.ingest import raw
 from billing_dags.models import late_data
-from billing_dags.models.sqlmodels import Model, ModelError, Project, Window, load_project, model_files, run_model, session, sources
+from billing_dags.models.sqlmodels import Model, ModelError, Project, Window, iter_model_days, load_project, model_files, run_model, session, sources
 
 
 def _partition_mapping(model: Model, upstream: Model) -> dg.PartitionMapping | None:
@@ -118,26 +118,38 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
         versions: dict[str | None, dg.DataVersion] = {}
         done: list = []  # (window, run_model's result) of each partition published
 
+        def run_checks(window: Window | None, table) -> None:
+            """The asset checks, on the new rows before they are published; a failed blocking one publishes nothing."""
+            results = evaluate(model, paths, window, table)
+            failed = [r for r, blocking in results if blocking and not r.passed]
+            if failed:
+                raise dg.Failure(
+                    description=f"{model.name} {_label(window)}: blocking check failed, nothing was published for it "
+                    "(its previous partition stays): " + "; ".join(f"{r.check_name} ({metadata_text(r.metadata)})" for r in failed)
+                )
+            for r, _ in results:
+                by_check.setdefault(r.check_name, []).append((window, r))
+
+        inputs: dict = {}
+
+        def before(window: Window) -> None:
+            _require_lookback(paths, project, model, window)
+            inputs[window] = late_data.inputs_before(paths, project, model, window)
+
+        parts = partitions_of(context)
+        # a range: the days in order in one DuckDB session (run_model_days), each recorded as it is published
+        windows = [w for _, w in parts]
+        days = iter_model_days(paths, model.name, windows, project=project, threads=threads, validate=run_checks, before=before) if parts else None
+
         def one_partition(key: str | None, window: Window | None) -> dict:
-            if window is not None:
-                _require_lookback(paths, project, model, window)
-
-            def run_checks(table) -> None:
-                """The asset checks, on the new rows before they are published; a failed blocking one publishes nothing."""
-                results = evaluate(model, paths, window, table)
-                failed = [r for r, blocking in results if blocking and not r.passed]
-                if failed:
-                    raise dg.Failure(
-                        description=f"{model.name} {_label(window)}: blocking check failed, nothing was published for it "
-                        "(its previous partition stays): " + "; ".join(f"{r.check_name} ({metadata_text(r.metadata)})" for r in failed)
-                    )
-                for r, _ in results:
-                    by_check.setdefault(r.check_name, []).append((window, r))
-
-            inputs = late_data.inputs_before(paths, project, model, window)
-            result = run_model(paths, model.name, window, project=project, threads=threads, validate=run_checks)
-            if inputs is not None:
-                late_data.record_inputs(paths, model, window, inputs)
+            if window is None:
+                result = run_model(paths, model.name, None, project=project, threads=threads, validate=lambda t: run_checks(None, t))
+            else:
+                result = next(days)
+                if result.window != window:  # the generator runs the run's partitions in their order
+                    raise RuntimeError(f"{model.name}: computed {result.window} for partition {key}")
+                if inputs.get(window) is not None:
+                    late_data.record_inputs(paths, model, window, inputs.pop(window))
             with session() as con:
                 standard = model_metadata(con, paths, project, model, result.table, partitioned=window is not None)
                 versions[key] = data_version(con, result.table)
@@ -149,7 +161,11 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
                 **standard,
             }
 
-        materialize_each(context, one_partition)
+        try:
+            materialize_each(context, one_partition)
+        finally:
+            if days is not None:
+                days.close()  # its DuckDB session
         # one line per step: each log line is an event the instance stores (a range's days have
         # their rows, seconds and path in their own materialization's metadata)
         on = f" on {threads} thread(s) (backfill)" if threads else ""
