@@ -38,7 +38,7 @@ PUBLISHED = ("raw", "models", "seeds", "invoices", "outbox", "reports")
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({"BILLING_EXECUTOR": "celry"}, "BILLING_EXECUTOR='celry' is not one of in_process, multiprocess, celery"),
+        ({"BILLING_EXECUTOR": "celry"}, "BILLING_EXECUTOR='celry' is not one of in_process, multiprocess, celery, k8s_job"),
         ({"BILLING_EXECUTOR": "celery"}, "BILLING_EXECUTOR=celery needs BILLING_CELERY_BROKER, which is not set; set it to the Celery broker's URL"),
         ({"BILLING_EXECUTOR": "celery", "BILLING_CELERY_BROKER": "127.0.0.1:6379"}, "BILLING_CELERY_BROKER='127.0.0.1:6379' is not a URL"),
         ({"BILLING_EXECUTOR": "celery", "BILLING_CELERY_BROKER": "http://h:6379"}, "http:// is not a Celery broker transport"),
@@ -74,6 +74,19 @@ def test_the_code_location_refuses_a_bad_executor_setting_when_it_loads(monkeypa
         executor.build_executor()
     monkeypatch.delenv("BILLING_EXECUTOR")
     assert executor.build_executor().name == "in_process"
+
+
+def test_the_kubernetes_job_executor_is_chosen_by_name_or_refused_naming_the_extra():
+    from billing_dags.defs.shared.executor import build_executor
+
+    settings = executor_settings({"BILLING_EXECUTOR": "k8s_job"})
+    try:
+        import dagster_k8s  # noqa: F401  (only the image of deploy/Dockerfile installs it)
+    except ImportError:
+        with pytest.raises(SettingsError, match=r"BILLING_EXECUTOR=k8s_job needs dagster-k8s.*billing_dags\[k8s\]"):
+            build_executor(settings)
+    else:
+        assert build_executor(settings).name == "k8s"
 
 
 def test_the_celery_executor_reads_its_urls_from_the_environment_not_from_config():

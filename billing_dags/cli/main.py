@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim_args(p)
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("run", help="materialize every asset for a month, in process")
+    p = sub.add_parser("run", help="materialize every asset for a month (steps in process, or as BILLING_EXECUTOR says)")
     p.add_argument("--month", required=True, help="YYYY-MM")
     p.add_argument("--no-ingest", action="store_true", help="use the raw samples already in the data dir")
     sim_args(p)

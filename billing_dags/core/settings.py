@@ -143,8 +143,9 @@ def partitions_start(environ: dict | None = None, seeds_dir: str | os.PathLike |
 # --------------------------------------------------------------------------- how runs execute their steps
 
 #: BILLING_EXECUTOR: in_process (the default: every step in the run's process), multiprocess (a process
-#: per step on the run's machine) or celery (each step a Celery task on workers anywhere, Redis broker)
-EXECUTORS = ("in_process", "multiprocess", "celery")
+#: per step on the run's machine), celery (each step a Celery task on workers anywhere, Redis broker) or
+#: k8s_job (each step a Kubernetes Job, on a cluster deployed with Dagster's Helm chart)
+EXECUTORS = ("in_process", "multiprocess", "celery", "k8s_job")
 #: broker transports a Celery worker of this project can use (kombu's names); Redis is the tested one
 CELERY_BROKER_SCHEMES = ("redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp", "sqs")
 #: the Celery queue the steps go to and the workers consume (dagster-celery's default queue)

@@ -8,6 +8,8 @@
   instead. A backfill is one run over the whole range (BackfillPolicy.single_run), so it too starts
   one process.
 - ``multiprocess``: Dagster's multiprocess executor (a process per step, on the run's machine).
+- ``k8s_job``: Dagster's Kubernetes job executor (dagster-k8s): each step a Kubernetes Job in the image
+  of the code location's user deployment (deploy/helm/values.yaml, docs/scale-out.md).
 - ``celery``: each step is a Celery task (dagster-celery) on the workers consuming the ``dagster``
   queue of the broker BILLING_CELERY_BROKER (Redis), on any number of machines that share the data
   directory and the Dagster instance's storage (docs/scale-out.md). Start a worker with
@@ -48,6 +50,17 @@ def _dagster_celery():
     return dagster_celery
 
 
+def _dagster_k8s():
+    try:
+        import dagster_k8s
+    except ImportError:
+        raise SettingsError(
+            "BILLING_EXECUTOR=k8s_job needs dagster-k8s, which is not installed; install the k8s extra "
+            "(pip install 'billing_dags[k8s]', as the image of deploy/Dockerfile does) or unset BILLING_EXECUTOR"
+        ) from None
+    return dagster_k8s
+
+
 def celery_executor_config(settings: ExecutorSettings) -> dict:
     """The celery executor's config: broker and backend read from their variables when a run starts."""
     return {
@@ -64,6 +77,8 @@ def build_executor(settings: ExecutorSettings | None = None) -> dg.ExecutorDefin
         return dg.in_process_executor
     if settings.kind == "multiprocess":
         return dg.multiprocess_executor
+    if settings.kind == "k8s_job":
+        return _dagster_k8s().k8s_job_executor
     executor = _dagster_celery().celery_executor
     # dagster-celery registers its step task again for every step it submits; Celery warns each time
     warnings.filterwarnings("ignore", message="Task name 'execute_plan' is already registered")
