@@ -169,15 +169,16 @@ def _published(data_dir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(data_dir)): p.read_bytes() for top in PUBLISHED for p in sorted((data_dir / top).rglob("*")) if p.is_file()}
 
 
-def _run_days_and_month(root: Path, seeds: Path, monkeypatch):
+def _run_days_and_month(root: Path, seeds: Path):
     """The days (one run over their range) and the month, launched as the CLI launches runs, with the
-    executor of BILLING_EXECUTOR; returns the Dagster instance, the run ids and the wall time of the runs."""
+    executor of BILLING_EXECUTOR (the caller sets the environment: BILLING_DATA_DIR, DAGSTER_HOME are
+    set here); returns the Dagster instance, the run ids and the wall time of the runs."""
     from billing_dags.cli.runs import definitions_of, execute
     from billing_dags.defs.seeds.assets import write_seed_snapshots
 
-    (root / "home").mkdir()
+    (root / "home").mkdir(parents=True)
     (root / "home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    monkeypatch.setenv("DAGSTER_HOME", str(root / "home"))
+    os.environ["DAGSTER_HOME"] = str(root / "home")
     paths = _resolve_paths(root / "data", seeds)
     write_seed_snapshots(paths)  # the seeds job's work, without its runs: the same files either way
     defs, instance = definitions_of(paths)
@@ -209,36 +210,38 @@ def test_days_and_month_on_two_celery_workers_match_the_in_process_run_byte_for_
 
     for var in ("PROMETHEUS_URL", "STRIPE_API_KEY", "STRIPE_API_BASE", "BILLING_USAGE_EVENTS_DSN", "BILLING_EXECUTOR", "BILLING_CELERY_BACKEND"):
         monkeypatch.delenv(var, raising=False)
+    # every process loads the code location with the same seeds and partitions
+    monkeypatch.setenv("BILLING_PARTITIONS_START", PARTITIONS_START[:7])
+    monkeypatch.setenv("BILLING_DATA_DIR", str(tmp_path / "celery" / "data"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "celery" / "home"))
     with ExitStack() as stack:
         port = stack.enter_context(redis_server(tmp_path))
         broker = f"redis://127.0.0.1:{port}/0"
-        # the workers load the code location as the runs' process does: the same data dir, seeds and partitions
-        env = {
-            **os.environ,
-            "BILLING_EXECUTOR": "celery",
-            "BILLING_CELERY_BROKER": broker,
-            "BILLING_DATA_DIR": str(tmp_path / "celery" / "data"),
-            "BILLING_SEEDS_DIR": str(small_seeds),
-            "BILLING_PARTITIONS_START": PARTITIONS_START[:7],
-        }
-        env.pop("DAGSTER_HOME", None)  # a worker opens each run's instance from the reference its task carries
+        env = {**os.environ, "BILLING_EXECUTOR": "celery", "BILLING_CELERY_BROKER": broker}
+        env.pop("DAGSTER_HOME")  # a worker opens each run's instance from the reference its task carries
         workers = [stack.enter_context(celery_worker(tmp_path, name, env)) for name in ("w1", "w2")]
-
-        # the embedded default first, while the workers load the code location
-        monkeypatch.setenv("BILLING_PARTITIONS_START", PARTITIONS_START[:7])
-        (tmp_path / "in_process").mkdir()
-        _, _, in_process_s = _run_days_and_month(tmp_path / "in_process", small_seeds, monkeypatch)
+        # the embedded default, in a process of its own, while the workers start and run the same days
+        baseline_log = (tmp_path / "in_process.log").open("wb")
+        stack.callback(baseline_log.close)
+        baseline = subprocess.Popen(
+            [sys.executable, __file__, str(tmp_path / "in_process"), str(small_seeds)],
+            env={k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"},
+            stdout=baseline_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        stack.callback(stop, baseline)
 
         for proc, log in workers:
             wait_for(lambda p=proc, f=log: p.poll() is not None or " ready." in f.read_text(errors="replace"), 300, f"Celery worker {log.stem} ready")
             assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
         monkeypatch.setenv("BILLING_EXECUTOR", "celery")
         monkeypatch.setenv("BILLING_CELERY_BROKER", broker)
-        (tmp_path / "celery").mkdir()
-        instance, run_ids, celery_s = _run_days_and_month(tmp_path / "celery", small_seeds, monkeypatch)
+        instance, run_ids, celery_s = _run_days_and_month(tmp_path / "celery", small_seeds)
         hosts = _celery_hosts_by_step(instance, run_ids)
+        assert baseline.wait(600) == 0, (tmp_path / "in_process.log").read_text(errors="replace")[-3000:]
 
-    print(f"\ndays {DAYS[0]}..{DAYS[1]} and the month: in process {in_process_s:.1f}s, on 2 Celery workers {celery_s:.1f}s")
+    print(f"\ndays {DAYS[0]}..{DAYS[1]} and the month on 2 Celery workers: {celery_s:.1f}s; {(tmp_path / 'in_process.log').read_text().splitlines()[-1]}")
     # every step of both runs ran on a worker, and both workers took steps
     steps = {f"{r[:8]}:{e.step_key}" for r in run_ids for e in instance.all_logs(r) if e.dagster_event and e.dagster_event.is_step_success}
     assert steps and set(hosts) == steps, f"steps not run on a worker: {sorted(steps - set(hosts))}"
@@ -250,3 +253,11 @@ def test_days_and_month_on_two_celery_workers_match_the_in_process_run_byte_for_
     assert sorted(got) == sorted(expected)
     differ = [k for k in expected if got[k] != expected[k]]
     assert not differ, f"files that differ from the in-process run: {differ}"
+
+
+if __name__ == "__main__":
+    # the in-process baseline of the test above, as a process of its own: ROOT SEEDS
+    root, seeds = Path(sys.argv[1]), Path(sys.argv[2])
+    os.environ["BILLING_DATA_DIR"] = str(root / "data")
+    _, _, seconds = _run_days_and_month(root, seeds)
+    print(f"in process: {seconds:.1f}s")
