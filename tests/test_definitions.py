@@ -172,7 +172,7 @@ def test_the_code_location_defines_exactly_these_assets_checks_jobs_schedules_an
     assert jobs == EXPECTED_JOBS
     assert {s.name: s.job_name for s in repo.schedule_defs} == EXPECTED_SCHEDULES
     assert {s.name for s in repo.sensor_defs} == EXPECTED_SENSORS
-    # every run of every job runs its steps in the run's own process
+    # by default (BILLING_EXECUTOR unset) every run of every job runs its steps in the run's own process
     assert {j.executor_def.name for j in repo.get_all_jobs()} == {"in_process"}
 
 
