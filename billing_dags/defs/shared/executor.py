@@ -21,8 +21,6 @@ The broker and result backend URLs are read from their environment variables whe
 
 from __future__ import annotations
 
-import warnings
-
 import dagster as dg
 
 from billing_dags.core.settings import CELERY_QUEUE, ExecutorSettings, SettingsError, executor_settings
@@ -79,10 +77,7 @@ def build_executor(settings: ExecutorSettings | None = None) -> dg.ExecutorDefin
         return dg.multiprocess_executor
     if settings.kind == "k8s_job":
         return _dagster_k8s().k8s_job_executor
-    executor = _dagster_celery().celery_executor
-    # dagster-celery registers its step task again for every step it submits; Celery warns each time
-    warnings.filterwarnings("ignore", message="Task name 'execute_plan' is already registered")
-    return executor.configured(celery_executor_config(settings))
+    return _dagster_celery().celery_executor.configured(celery_executor_config(settings))
 
 
 def celery_worker_app(settings: ExecutorSettings):
