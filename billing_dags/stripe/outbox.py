@@ -386,7 +386,7 @@ def period_to_date(daily: pa.Table, seeds: Mapping[str, pa.Table], month: date, 
         for name in ("fct_usage_by_subscription_period", BILLABLE_MODEL):
             prepare(con, project, name, None, window)
             create_table(con, name, query(con, project.models[name], window))
-        rows = con.execute(f"select customer_id, period_start, meter_id, dimension, aggregation, base_quantity from {BILLABLE_MODEL}").to_arrow_table()
+        rows = con.sql(f"select customer_id, period_start, meter_id, dimension, aggregation, base_quantity from {BILLABLE_MODEL}").to_arrow_table()
     out = []
     for r in rows.to_pylist():
         cid, day = r["customer_id"].split("\x1f")

@@ -66,7 +66,7 @@ def invoice_usage_lines(paths: Paths, month: date) -> list[dict]:
     model = load_project().models["fct_invoice_lines"]
     path = partition_file(paths, model, Window(month_start(month), next_month(month)))
     if not path.exists():
-        raise ReconcileError(f"no invoices for {month:%Y-%m} yet ({path} is missing); build them first (billing run / billing invoices) and reconcile again")
+        raise ReconcileError(f"no invoices for {month:%Y-%m} yet ({path} is missing); build them first (`billing run --month {month:%Y-%m}`) and reconcile again")
     return [r for r in pq.read_table(path, partitioning=None).to_pylist() if r["line_type"] == "usage"]
 
 
@@ -169,8 +169,9 @@ def explain(rows: list[dict], aggregation: str, stripe_value: int, invoice_nano:
     if too_old:
         causes.append(f"too old: {len(too_old)} events ({days(too_old)}) older than Stripe's 35 days; {ob.too_old_advice(too_old[-1])}")
     outbox_total = _expected(rows, aggregation, lambda r: int(r["value"]))
-    outbox_nano = ob.stripe_to_billing_nano(outbox_total, divisor, decimals)
-    if outbox_nano != invoice_nano and not (unsent or failed or too_old):
+    # the invoice's quantity in Stripe units: the outbox holds it up to the one rounding of a fraction
+    invoice_units = ob.round_half_up(ob.Fraction(invoice_nano * divisor * 10**decimals, 10**9))
+    if abs(outbox_total - invoice_units) > 1 and not (unsent or failed or too_old):
         causes.append(
             f"not yet sent: the outbox does not hold the invoice's quantity for {start}..{end - timedelta(days=1)} "
             "(days not built yet, or usage recomputed since): materialize stripe_outbox for the month, then send"
