@@ -57,11 +57,25 @@ def cmd_sync_meters(args) -> int:
     return 0 if report.ok else 1
 
 
+def as_of(value: str | None) -> datetime:
+    """``--as-of`` (ISO 8601 with a UTC offset, e.g. 2026-12-01T02:00:00Z) or now."""
+    if not value:
+        return datetime.now(UTC)
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        t = None
+    if t is None or t.tzinfo is None:
+        raise CliError(f"--as-of {value!r} is not an ISO 8601 time with a UTC offset; give e.g. 2026-12-01T02:00:00Z")
+    return t.astimezone(UTC)
+
+
 def cmd_send(args) -> int:
     paths = paths_of(args)
     days = days_of(args.day, args.month)
+    now = as_of(args.as_of)
     client = _client_from_env()
-    summary, sender = send_days(paths, days, client, now=datetime.now(UTC), log=lambda m: print(m, file=sys.stderr))
+    summary, sender = send_days(paths, days, client, now=now, log=lambda m: print(m, file=sys.stderr))
     if not summary:
         console.print(
             f"no outbox for {days[0]}{'' if len(days) == 1 else f' .. {days[-1]}'} in {paths.outbox}; run the stripe_outbox asset (billing run) first"
@@ -119,5 +133,6 @@ def register(sub) -> None:
     s = ssub.add_parser("send", help="send the outbox of a day or a month; already sent events are never sent again")
     s.add_argument("--day", help="YYYY-MM-DD")
     s.add_argument("--month", help="YYYY-MM")
+    s.add_argument("--as-of", help="judge Stripe's 35-day limit as of this time (ISO 8601, default now): replays and tests")
     s.add_argument("--format", choices=["table", "json", "csv"], default="table")
     s.set_defaults(func=cmd_send)

@@ -158,7 +158,10 @@ def build_outbox(
     meters: list[dict],
     previous: list[dict],
 ) -> list[dict]:
-    """The outbox rows of ``day``: one per customer (with a stripe_customer_id) and meter (with a
+    """Low level (tests, benchmarks of the sender): the outbox rows of ``day`` for given quantities,
+    one per customer and meter, every meter a ``sum`` meter of the day's value (the pipeline builds
+    the outbox with :func:`build_month_outbox`, which knows prices, subscriptions and levels). One
+    row per customer (with a stripe_customer_id) and meter (with a
     stripe_event_name), the base-unit quantities of ``quantities`` (``day_quantities``) summed exactly
     over dimensions and rounded once, half-up, to a whole number.
 
@@ -233,6 +236,8 @@ def build_outbox(
                 "attempts": 0,
                 "last_error": None,
                 "stripe_response_id": None,
+                **_ADDED_DEFAULTS,
+                "stripe_value": None if prev is None else (int(prev["value"]) if prev["status"] == "sent" else prev.get("stripe_value")),
             }
         )
     return out
