@@ -166,8 +166,9 @@ def test_a_month_in_stripe_equals_its_invoices_and_differences_are_named(env, ca
     server.reject_identifier(victim["identifier"], "This event was refused for the test.")
     code, out = cli(capsys, "stripe", "send", "--month", "2026-11", "--as-of", AS_OF)
     assert code == 1, out
-    code, out = cli(capsys, "stripe", "reconcile", "--month", "2026-11")
+    code, out = cli(capsys, "stripe", "reconcile", "--month", "2026-11", "--format", "json")
     assert code == 1 and "rejected: 1 events (2026-11-12)" in out and "refused for the test" in out, out
+    assert out.count('"status": "different"') == 1, out
 
     # Stripe accepts it on the next run: every line equal
     server.rejected_identifiers.clear()

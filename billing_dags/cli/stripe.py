@@ -112,6 +112,9 @@ def cmd_reconcile(args) -> int:
     emit([c.as_row() for c in checks], args.format, title=f"Stripe against the invoices of {month:%Y-%m}")
     counts = summary(checks)
     if args.format == "table":
+        for c in checks:
+            if c.status != "equal":
+                console.print(f"{c.customer_id} {c.event_name} from {c.period_start}: {'; '.join(c.causes)}", highlight=False, soft_wrap=True)
         console.print(f"{len(checks)} invoice lines billed through Stripe: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"))
     return 0 if all(c.status == "equal" for c in checks) else 1
 

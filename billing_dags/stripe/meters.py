@@ -45,12 +45,13 @@ def desired_meter(meter: Mapping, dimension: str = "", divisor: int | None = Non
     from billing_dags.stripe.outbox import stripe_event_name, stripe_formula, unit_decimals, unit_label
 
     divisor = 1 if divisor is None else divisor
-    decimals = unit_decimals(meter["aggregation"], meter["unit"], divisor)
-    formula = stripe_formula(meter["aggregation"])
+    aggregation, base_unit = meter.get("aggregation") or "sum", meter.get("unit") or "unit"
+    decimals = unit_decimals(aggregation, base_unit, divisor)
+    formula = stripe_formula(aggregation)
     name = meter.get("description") or meter["meter_id"]
     what = f"{meter['meter_id']}{' ' + dimension if dimension else ''}"
     how = "period-to-date, last value" if formula == "last" else "daily usage, summed"
-    unit = unit_label(meter["unit"], decimals) + {"unit_hours": "-hour", "unit_months": "-month"}.get(meter["aggregation"], "")
+    unit = unit_label(base_unit, decimals) + {"unit_hours": "-hour", "unit_months": "-month"}.get(aggregation, "")
     display = f"{name}{' - ' + dimension if dimension else ''} ({what}; {unit}; {how})"
     return {
         "display_name": display[:DISPLAY_NAME_MAX],
@@ -75,7 +76,7 @@ def desired_meters(meters: Iterable[Mapping], prices: Iterable[Mapping] | None =
     out: dict[str, dict] = {}
     for meter_id, dim in wanted:
         m = by_id[meter_id]
-        d = desired_meter(m, dim, divisors.get((m["unit"], m["billing_unit"])))
+        d = desired_meter(m, dim, divisors.get((m.get("unit"), m.get("billing_unit"))))
         ev = d["event_name"]
         if ev in out:
             raise StripeMeterError(
