@@ -286,7 +286,8 @@ def test_server_summaries_follow_the_formula_and_the_window(no_proxy):
 
 
 def _row(day, value, status, **kw):
-    return {"day": day, "value": value, "status": status, "customer_id": "c", "event_name": "ev", "unit_decimals": 0, "stripe_value": None, "last_error": None, **kw}
+    row = {"day": day, "value": value, "status": status, "customer_id": "c", "event_name": "ev", "unit_decimals": 0, "stripe_value": None, "last_error": None}
+    return {**row, **kw}
 
 
 def test_explain_names_each_cause():

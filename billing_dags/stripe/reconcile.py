@@ -66,7 +66,9 @@ def invoice_usage_lines(paths: Paths, month: date) -> list[dict]:
     model = load_project().models["fct_invoice_lines"]
     path = partition_file(paths, model, Window(month_start(month), next_month(month)))
     if not path.exists():
-        raise ReconcileError(f"no invoices for {month:%Y-%m} yet ({path} is missing); build them first (`billing run --month {month:%Y-%m}`) and reconcile again")
+        raise ReconcileError(
+            f"no invoices for {month:%Y-%m} yet ({path} is missing); build them first (`billing run --month {month:%Y-%m}`) and reconcile again"
+        )
     return [r for r in pq.read_table(path, partitioning=None).to_pylist() if r["line_type"] == "usage"]
 
 
