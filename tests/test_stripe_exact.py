@@ -13,6 +13,8 @@ import pyarrow as pa
 import pytest
 from sql_helpers import USAGE_BY_DAY_SCHEMA as DAY_SCHEMA
 from stripe_server import StripeServer
+from test_stripe_outbox import counter as outbox_counter
+from test_stripe_outbox import gauge as outbox_gauge
 
 from billing_dags.core.settings import Paths
 from billing_dags.seeds.catalog import load_seeds
@@ -38,35 +40,11 @@ def _day(i: int) -> date:
 
 
 def counter(cid, mid, day, usage, dimension=""):
-    return {
-        "day": day,
-        "customer_id": cid,
-        "meter_id": mid,
-        "dimension": dimension,
-        "kind": "counter",
-        "usage": Decimal(usage),
-        "gauge_integral": None,
-        "gauge_covered_ms": None,
-        "gauge_peak": None,
-        "samples": 10,
-        "events": 0,
-    }
+    return {**outbox_counter(cid, mid, usage, dimension, day=day), "samples": 10}
 
 
 def gauge(cid, mid, day, *, peak="0", integral="0", covered=0):
-    return {
-        "day": day,
-        "customer_id": cid,
-        "meter_id": mid,
-        "dimension": "",
-        "kind": "gauge",
-        "usage": None,
-        "gauge_integral": Decimal(integral),
-        "gauge_covered_ms": covered,
-        "gauge_peak": Decimal(peak),
-        "samples": 10,
-        "events": 0,
-    }
+    return {**outbox_gauge(cid, mid, peak=peak, integral=integral, covered=covered, day=day), "samples": 10}
 
 
 def usage_rows(last_day: int, bump: dict | None = None) -> list[dict]:
