@@ -12,6 +12,7 @@ SHA-256 in the seeds copy's api_keys.csv. Expected figures are computed here fro
 from __future__ import annotations
 
 import csv
+import os
 import random
 import re
 import subprocess
@@ -24,8 +25,9 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 from seed_copies import SEEDS
-from servers import stop, wait_for
+from servers import serve_app, stop, wait_for
 from sql_helpers import USAGE_BY_DAY_SCHEMA
+from stripe_server import StripeServer
 
 from billing_dags.billing import projection
 from billing_dags.core.calendar import month_start, next_month, previous_month
@@ -35,6 +37,7 @@ from billing_dags.seeds.api_keys import key_sha256
 pytestmark = pytest.mark.integration
 
 GIB = 2**30
+STRIPE_KEY = "sk_test_usage_api_0123456789"
 KEYS = {"mp-003": "bk_test_mp003_0123456789abcdef", "iot-001": "bk_test_iot001_0123456789abcdef", "zz-001": "bk_test_zz001_0123456789abcdef"}
 TODAY = datetime.now(UTC).date()
 OPEN = month_start(TODAY)
@@ -123,11 +126,16 @@ def start_server(paths, log, *extra, env=None):
 
 
 @pytest.fixture(scope="module")
-def server(warehouse, tmp_path_factory):
-    paths, _ = warehouse
-    import os
+def stripe_server():
+    with StripeServer(now=datetime.now(UTC), api_key=STRIPE_KEY) as s:
+        yield s
 
-    env = {k: v for k, v in os.environ.items() if k not in ("STRIPE_API_KEY", "STRIPE_API_BASE")}
+
+@pytest.fixture(scope="module")
+def server(warehouse, stripe_server, tmp_path_factory):
+    """The receiver's server with the customer API, its Stripe calls going to the local Stripe server."""
+    paths, _ = warehouse
+    env = {**os.environ, "STRIPE_API_KEY": STRIPE_KEY, "STRIPE_API_BASE": stripe_server.url}
     proc, url = start_server(paths, tmp_path_factory.mktemp("log") / "server.log", env=env)
     try:
         yield url
@@ -274,8 +282,49 @@ def test_defaults_are_this_month_to_today(server):
     assert doc["start_date"] == OPEN.isoformat() and doc["end_date"] == TODAY.isoformat()
 
 
-def test_portal_without_a_stripe_key_is_a_503_that_says_so(server):
-    r = requests.post(server + "/v1/billing/portal", json={"return_url": "https://example.com/billing"}, headers=auth("mp-003"), timeout=10)
-    assert r.status_code == 503 and "STRIPE_API_KEY" in r.json()["error"]
-    r = requests.post(server + "/v1/billing/portal", json={"return_url": "https://example.com/billing"}, timeout=10)
-    assert r.status_code == 401
+def portal(url, customer=None, **kw):
+    return requests.post(url + "/v1/billing/portal", headers=auth(customer) if customer else {}, timeout=30, **kw)
+
+
+def test_portal_returns_a_stripe_session_url_for_the_calling_customer(server, stripe_server):
+    r = portal(server, "mp-003", json={"return_url": "https://example.com/billing"})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    session = stripe_server.portal_sessions[-1]
+    assert doc == {"object": "billing_portal.session", "customer_id": "mp-003", "url": session["url"], "return_url": "https://example.com/billing"}
+    # Stripe was asked for the caller's own Stripe customer (seeds/customers.csv), with the server's key
+    (req,) = [q for q in stripe_server.requests if q.path == "/v1/billing_portal/sessions" and q.form.get("customer") == "cus_demoMP003"]
+    assert req.authorized and req.form["return_url"] == "https://example.com/billing"
+    r = portal(server, "iot-001")  # no body: Stripe's default return URL
+    assert r.status_code == 200 and stripe_server.portal_sessions[-1]["customer"] == "cus_demoIOT001"
+
+
+def test_portal_refuses_bad_requests_with_a_4xx(server, stripe_server):
+    before = len(stripe_server.portal_sessions)
+    assert portal(server, json={"return_url": "https://example.com"}).status_code == 401
+    r = portal(server, "mp-003", json={"return_url": "javascript:alert(1)"})
+    assert r.status_code == 400 and r.json()["param"] == "return_url"
+    r = portal(server, "mp-003", data="{not json")
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]
+    r = portal(server, "mp-003", json={"customer": "cus_demoIOT001"})  # no naming another customer
+    assert r.status_code == 400 and r.json()["param"] == "customer"
+    r = portal(server, "zz-001", json={})  # a customer without a Stripe customer
+    assert r.status_code == 409 and "no Stripe customer" in r.json()["error"]
+    assert len(stripe_server.portal_sessions) == before
+    stripe_server.unknown_customers.add("cus_demoMP003")
+    try:
+        r = portal(server, "mp-003", json={})
+        assert r.status_code == 502 and "No such customer" in r.json()["error"]
+    finally:
+        stripe_server.unknown_customers.discard("cus_demoMP003")
+
+
+def test_portal_without_a_stripe_key_is_a_503_that_says_so(warehouse):
+    from starlette.applications import Starlette
+
+    from billing_dags.operations.customer_api import CustomerApiConfig, customer_routes
+
+    paths, _ = warehouse
+    with serve_app(Starlette(routes=customer_routes(CustomerApiConfig(paths)))) as url:
+        r = portal(url, "mp-003", json={"return_url": "https://example.com/billing"})
+        assert r.status_code == 503 and "STRIPE_API_KEY" in r.json()["error"]
