@@ -116,3 +116,21 @@ def test_the_asset_fails_clearly_without_the_days_flags(tmp_path):
     paths = resolve_paths(tmp_path / "data", PROJECT_ROOT / "seeds")
     with pytest.raises(InputError, match="materialize fct_anomaly_flags_by_day"):
         notifications.build_day(paths, date(2026, 10, 10))
+
+
+def test_the_cli_lists_pending_and_marks_delivered(flagged, capsys):
+    from billing_dags.cli.main import main
+
+    paths = flagged
+    materialize(paths, date(2026, 11, 10), date(2026, 11, 12))
+    base = ["--data-dir", str(paths.data_dir), "--seeds-dir", str(paths.seeds_dir), "notifications"]
+    assert main([*base, "list", "--all", "--format", "json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    nov = [n for n in listed if n["period"] == "2026-11"]
+    assert [n["threshold_percent"] for n in nov] == ["80", "100"]
+    assert main([*base, "mark-delivered", nov[0]["id"], "--channel", "webhook"]) == 0
+    assert "1 marked delivered" in capsys.readouterr().out
+    assert main([*base, "list", "--format", "json"]) == 0
+    assert nov[0]["id"] not in {n["id"] for n in json.loads(capsys.readouterr().out)}
+    assert main([*base, "mark-delivered", "ntf_nope", "--channel", "webhook"]) == 2
+    assert "not in the outbox" in capsys.readouterr().err

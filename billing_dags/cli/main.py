@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from billing_dags.billing.listing import invoice_rows
-from billing_dags.cli import disputes, flags, metrics, reports, retention, stripe
+from billing_dags.cli import disputes, flags, metrics, notifications, reports, retention, stripe
 from billing_dags.cli import remote_write as remote_write_cli
 from billing_dags.cli.common import CliError, check_billable_month, console, emit, err_console, paths_of, require_customer, seeds_of
 from billing_dags.cli.projection import emit_usage_report
@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--limit", type=int, default=1000, help="rows to print at most (default 1000)")
     p.set_defaults(func=cmd_sql)
-    for commands in (stripe, remote_write_cli, disputes, retention, flags, reports, metrics):
+    for commands in (stripe, remote_write_cli, disputes, retention, flags, reports, metrics, notifications):
         commands.register(sub)
     return parser
 
