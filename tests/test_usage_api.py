@@ -12,6 +12,7 @@ SHA-256 in the seeds copy's api_keys.csv. Expected figures are computed here fro
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import re
@@ -106,7 +107,31 @@ def warehouse(tmp_path_factory):
         f = paths.models / "fct_usage_by_day" / f"day={d.isoformat()}" / "data.parquet"
         f.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows, schema=USAGE_BY_DAY_SCHEMA), f)
+    # one allowance notification each for mp-003 and iot-001 in the open month's outbox
+    outbox = paths.data_dir / "notifications" / "outbox" / f"day={OPEN.isoformat()}.jsonl"
+    outbox.parent.mkdir(parents=True)
+    notes = [_notification("mp-003", "proxy_bytes", "gib"), _notification("iot-001", "iot_mqtt_bytes", "gib")]
+    outbox.write_text("".join(json.dumps(n) + "\n" for n in notes))
     return paths, days
+
+
+def _notification(customer: str, meter: str, unit: str) -> dict:
+    from billing_dags.operations.notifications import notification_id
+
+    period = f"{OPEN:%Y-%m}"
+    return {
+        "id": notification_id(customer, meter, "", period, Decimal(80)),
+        "kind": "allowance_threshold",
+        "customer_id": customer,
+        "meter_id": meter,
+        "period": period,
+        "day": OPEN.isoformat(),
+        "threshold_percent": "80",
+        "quantity": "9",
+        "allowance": "10",
+        "unit": unit,
+        "subject": f"80% of an allowance used: {meter}",
+    }
 
 
 def start_server(paths, log, *extra, env=None):
@@ -213,6 +238,8 @@ def test_current_period_prices_the_open_month_with_the_invoice_models(server, wa
     assert Decimal(inv["total"]) * 100 == p.totals["mp-003"]["amount_minor"]
     assert [l["amount"] for l in inv["lines"]] == [f"{Decimal(l['amount_minor']) / 100:.2f}" for l in p.lines if l["customer_id"] == "mp-003"]
     assert "projected, not an invoice" in inv["note"]
+    # the customer's own allowance notifications of the period, nobody else's
+    assert [(n["meter_id"], n["threshold_percent"]) for n in doc["notifications"]] == [("proxy_bytes", "80")]
 
 
 def test_a_pooled_allowance_is_one_entry_over_its_meters(server, warehouse):
@@ -226,8 +253,6 @@ def test_a_pooled_allowance_is_one_entry_over_its_meters(server, warehouse):
 
 
 def r_text(doc) -> str:
-    import json
-
     return json.dumps(doc)
 
 

@@ -74,12 +74,30 @@ def cmd_demo(args) -> int:
             "(its demo token, derived now; the seeds hold only its SHA-256)",
             highlight=False,
         )
+    _print_usage_api_example(paths, month)
     console.print(f"\nRan {figures['days']} daily partitions and the month in {figures['seconds']:.1f}s.")
     console.print(f"Invoices (JSON, CSV, HTML): {paths.invoices / f'{month:%Y-%m}'}")
     console.print(f'DuckDB warehouse (views): duckdb {paths.warehouse_db}   or   billing sql "select * from fct_invoice_lines limit 5"')
     console.print(f"Stripe outbox (dry-run): {paths.outbox} — {outbox_summary(paths, month)}")
     console.print("Dagster UI: make dev, then http://127.0.0.1:3000 (the runs above are in .dagster/)")
     return 0
+
+
+def _print_usage_api_example(paths: Paths, month) -> None:
+    """The customer usage API call of one demo customer (its key derived now; the seeds hold its SHA-256)."""
+    from billing_dags.seeds.api_keys import demo_api_key, load_api_keys
+
+    keys = load_api_keys(paths.seeds_dir)
+    customer = next((c for c in sorted(keys.customers()) if keys.customer_of(demo_api_key(c)) == c), None)
+    if customer is None:
+        return
+    end = next_month(month) - timedelta(days=1)
+    console.print(
+        f"{customer} may read its usage (billing remote-write serve): curl -H 'Authorization: Bearer {demo_api_key(customer)}' "
+        f"'http://127.0.0.1:9201/v1/billing/usage?start_date={month.isoformat()}&end_date={end.isoformat()}'",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def cmd_simulate(args) -> int:

@@ -160,10 +160,11 @@ def read_outbox_file(f: Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
 
 
-def outbox(paths: Paths) -> list[dict]:
-    """Every notification in the outbox, once per id (the earliest day's), oldest first."""
+def outbox(paths: Paths, period: str | None = None) -> list[dict]:
+    """Every notification in the outbox (of the month ``period``, YYYY-MM), once per id (the earliest
+    day's), oldest first."""
     seen: dict[str, dict] = {}
-    for f in sorted((notifications_dir(paths) / "outbox").glob("day=*.jsonl")):
+    for f in sorted((notifications_dir(paths) / "outbox").glob(f"day={period + '-' if period else ''}*.jsonl")):
         for n in read_outbox_file(f):
             seen.setdefault(n["id"], n)
     return sorted(seen.values(), key=lambda n: (n["day"], n["customer_id"], n["meter_id"], n["threshold_percent"]))

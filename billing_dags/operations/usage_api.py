@@ -278,6 +278,14 @@ def allowances(p: projection.Projection, customer_id: str, thresholds: dict[str,
     return out
 
 
+def _notifications(paths: Paths, customer_id: str, period: str) -> list[dict]:
+    """The allowance notifications of the customer's period (operations.notifications' outbox)."""
+    from billing_dags.operations.notifications import outbox
+
+    keep = ("id", "day", "meter_id", "threshold_percent", "quantity", "allowance", "unit", "subject")
+    return [{k: n[k] for k in keep} for n in outbox(paths, period) if n["customer_id"] == customer_id]
+
+
 def current_period(paths: Paths, customer_id: str, today: date) -> dict:
     """``GET /v1/billing/usage/current-period``: the open month to date, allowances used and the projected invoice."""
     acct = account(paths, customer_id)
@@ -336,6 +344,7 @@ def current_period(paths: Paths, customer_id: str, today: date) -> dict:
     ]
     return {
         **base,
+        "notifications": _notifications(paths, customer_id, f"{month:%Y-%m}"),
         "days_computed": p.days_elapsed,
         "last_computed_day": max(p.computed_days).isoformat(),
         "meters": meters,
