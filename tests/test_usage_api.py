@@ -353,3 +353,20 @@ def test_portal_without_a_stripe_key_is_a_503_that_says_so(warehouse):
     with serve_app(Starlette(routes=customer_routes(CustomerApiConfig(paths)))) as url:
         r = portal(url, "mp-003", json={"return_url": "https://example.com/billing"})
         assert r.status_code == 503 and "STRIPE_API_KEY" in r.json()["error"]
+
+
+def test_answers_are_recomputed_when_a_day_is_computed_again(server, warehouse):
+    """The server keeps answers while the files they come from are unchanged: a recomputed day shows at once."""
+    paths, days = warehouse
+    before = get(server, "/v1/billing/usage/current-period", KEYS["mp-003"]).json()
+    assert get(server, "/v1/billing/usage/current-period", KEYS["mp-003"]).json() == before
+    f = paths.models / "fct_usage_by_day" / f"day={TODAY.isoformat()}" / "data.parquet"
+    original = f.read_bytes()
+    rows = [dict(r, usage=r["usage"] + GIB) if (r["customer_id"], r["meter_id"]) == ("mp-003", "proxy_bytes") else r for r in days[TODAY]]
+    try:
+        pq.write_table(pa.Table.from_pylist(rows, schema=USAGE_BY_DAY_SCHEMA), f)
+        after = get(server, "/v1/billing/usage/current-period", KEYS["mp-003"]).json()
+        mtd = {m["meter"]: Decimal(m["month_to_date"]) for m in before["meters"]}["proxy_bytes"]
+        assert {m["meter"]: Decimal(m["month_to_date"]) for m in after["meters"]}["proxy_bytes"] == mtd + 1
+    finally:
+        f.write_bytes(original)

@@ -115,6 +115,15 @@ def customer_routes(config: CustomerApiConfig) -> list[Route]:
             return _error(401, "the API key is not valid; check it, or ask support for a new one", **_CHALLENGE)
         return customer
 
+    answers = usage_api.AnswerCache()
+
+    def cached(endpoint: str, customer: str, start: date, end: date, today: date) -> dict:
+        """The answer of ``endpoint``, recomputed only when a file it reads has changed."""
+        key = (endpoint, customer, start, end, today, usage_api.inputs_stamp(config.paths, start, end))
+        if endpoint == "usage":
+            return answers.get(key, lambda: usage_api.usage(config.paths, customer, start, end, today))
+        return answers.get(key, lambda: usage_api.current_period(config.paths, customer, today))
+
     async def run(fn, *args) -> Response:
         if state["pending"] >= config.max_pending:
             return _error(503, f"over {config.max_pending} usage requests at once; retry in a moment", **{"Retry-After": "1"})
@@ -142,7 +151,7 @@ def customer_routes(config: CustomerApiConfig) -> list[Route]:
             start, end = usage_api.parse_range(request.query_params.multi_items(), today)
         except ApiError as e:
             return _error(e.status, str(e), e.param)
-        return await run(usage_api.usage, config.paths, customer, start, end, today)
+        return await run(cached, "usage", customer, start, end, today)
 
     async def current_period(request: Request) -> Response:
         customer = authenticate(request)
@@ -151,7 +160,8 @@ def customer_routes(config: CustomerApiConfig) -> list[Route]:
         if request.query_params:
             name = next(iter(request.query_params))
             return _error(400, f"unknown parameter {name[:40]!r}; current-period takes no parameters (for a range use {USAGE_PATH})", name[:40])
-        return await run(usage_api.current_period, config.paths, customer, config.today())
+        today = config.today()
+        return await run(cached, "current_period", customer, today, today, today)
 
     async def portal(request: Request) -> Response:
         customer = authenticate(request)

@@ -13,6 +13,7 @@ fct_invoice_lines, the customer's rows only). Quantities and amounts are decimal
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterable
 from datetime import date, timedelta
 from decimal import ROUND_HALF_UP, Decimal
@@ -42,6 +43,52 @@ class ApiError(InputError):
         super().__init__(message)
         self.status = status
         self.param = param
+
+
+# --- answers kept while their inputs are unchanged -----------------------------------------------
+
+
+def inputs_stamp(paths: Paths, start: date, end: date) -> tuple:
+    """What an answer about ``start``..``end`` is computed from, as (file, size, mtime) of the daily
+    usage partitions of the days and of the months they touch (a projection reads the whole month),
+    the seeds and their snapshots, and the notifications outbox: equal stamps, equal answers."""
+    first, last = month_start(start), next_month(month_start(end))
+    days = paths.models / "fct_usage_by_day"
+    files = [days / f"day={(first + timedelta(days=i)).isoformat()}" / "data.parquet" for i in range((last - first).days)]
+    files += sorted(paths.seeds_dir.glob("*.csv")) + sorted((paths.data_dir / "seeds").glob("*.parquet"))
+    files += sorted((paths.data_dir / "notifications" / "outbox").glob("*.jsonl"))
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            continue
+        out.append((str(f), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+class AnswerCache:
+    """The last ``size`` answers by (endpoint, customer, arguments, inputs stamp): a dashboard polling the
+    open month costs a stat of its files, not a pricing run, until a day is computed or a seed changes."""
+
+    def __init__(self, size: int = 256):
+        self.size = size
+        self._docs: dict[tuple, dict] = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def get(self, key: tuple, compute):
+        with self._lock:
+            doc = self._docs.get(key)
+            if doc is not None:
+                self.hits += 1
+                return doc
+        doc = compute()
+        with self._lock:
+            if len(self._docs) >= self.size:
+                self._docs.pop(next(iter(self._docs)))
+            self._docs[key] = doc
+        return doc
 
 
 # --- the customer ------------------------------------------------------------------------------
