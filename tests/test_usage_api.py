@@ -370,3 +370,10 @@ def test_answers_are_recomputed_when_a_day_is_computed_again(server, warehouse):
         assert {m["meter"]: Decimal(m["month_to_date"]) for m in after["meters"]}["proxy_bytes"] == mtd + 1
     finally:
         f.write_bytes(original)
+
+
+def test_serve_refuses_a_bad_default_portal_return_url(tmp_path, capsys):
+    from billing_dags.cli.main import main
+
+    assert main(["--data-dir", str(tmp_path), "remote-write", "serve", "--listen", "127.0.0.1:0", "--portal-return-url", "ftp://example.com"]) == 2
+    assert "--portal-return-url" in capsys.readouterr().err
