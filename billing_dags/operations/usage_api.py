@@ -355,7 +355,7 @@ def current_period(paths: Paths, customer_id: str, today: date) -> dict:
             "meters": [],
             "allowances": [],
             "projected_invoice": None,
-            "note": f"no day of {month:%Y-%m} has been computed yet: a day's usage is computed after it ends; ask again tomorrow",
+            "note": f"no day of {month:%Y-%m} has been computed yet: a day's usage appears once the day has ended and been computed",
         }
     p = projection.project_month(paths, month, today, customer_id=customer_id)
     daily = {(m["meter"], m["dimension"]): m for m in _by_meter(rows, _descriptions(paths))}
