@@ -505,7 +505,11 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config, extra_routes)
-    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # bound, not listening: until uvicorn listens (after the app's startup) connections are refused,
+    # as when uvicorn binds itself, rather than left waiting in a backlog
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
     port = sock.getsockname()[1]
     if bound is not None:
         bound(port)
