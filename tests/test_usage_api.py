@@ -377,3 +377,27 @@ def test_serve_refuses_a_bad_default_portal_return_url(tmp_path, capsys):
 
     assert main(["--data-dir", str(tmp_path), "remote-write", "serve", "--listen", "127.0.0.1:0", "--portal-return-url", "ftp://example.com"]) == 2
     assert "--portal-return-url" in capsys.readouterr().err
+
+
+def test_the_key_file_is_validated_and_holds_only_digests(tmp_path):
+    import shutil
+
+    from billing_dags.seeds.api_keys import load_api_keys
+    from billing_dags.seeds.errors import SeedError
+
+    seeds = tmp_path / "seeds"
+    shutil.copytree(SEEDS, seeds)
+    keys = load_api_keys(seeds)
+    assert keys.customer_of(None) is None and keys.customer_of("") is None
+    (seeds / "api_keys.csv").unlink()
+    assert load_api_keys(seeds).customers() == set()  # no file: nobody can use the API
+    header = "customer_id,key_sha256,description\n"
+    (seeds / "api_keys.csv").write_text(header + f"mp-003,{KEYS['mp-003']},the key itself\n")
+    with pytest.raises(SeedError, match=r"api_keys.csv:2: column key_sha256: .*store sha256"):
+        load_api_keys(seeds)
+    (seeds / "api_keys.csv").write_text(header + f"nobody,{key_sha256('k')},x\n")
+    with pytest.raises(SeedError, match=r"api_keys.csv:2: customer 'nobody' is not in customers.csv"):
+        load_api_keys(seeds)
+    (seeds / "api_keys.csv").write_text(header + f"mp-003,{key_sha256('k')},a\niot-001,{key_sha256('k')},b\n")
+    with pytest.raises(SeedError, match=r"api_keys.csv:3: duplicate key"):
+        load_api_keys(seeds)
