@@ -78,6 +78,7 @@ SEED_ASSETS = {
 }
 #: everything the code location defines, by name: loading the defs folder finds exactly these
 EXPECTED_ASSETS = SEED_ASSETS | {
+    "allowance_notifications",
     "billing_metrics_textfile",
     "daily_summary",
     "dim_subscription_periods_by_month",
@@ -127,6 +128,7 @@ EXPECTED_CHECKS = {
 }
 EXPECTED_JOBS = {
     "daily_usage": {
+        "allowance_notifications",
         "daily_summary",
         "fct_anomaly_flags_by_day",
         "int_gauge_peaks_by_day",
