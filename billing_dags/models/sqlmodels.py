@@ -657,21 +657,13 @@ def run_model(
     return RunResult(name, window, len(table), path, time.perf_counter() - t0, table)
 
 
-def run_model_days(
-    paths: Paths,
-    name: str,
-    windows: list[Window],
-    *,
-    project: Project | None = None,
-    engine: str | None = None,
-    threads: int | None = None,
-    validate: Callable[[Window, pa.Table], None] | None = None,
-) -> list[RunResult]:
+def run_model_days(paths: Paths, name: str, windows: list[Window], **options) -> list[RunResult]:
     """``run_model`` for each of ``windows`` in turn (e.g. every day of a range, in order): each
     partition is computed and written exactly as ``run_model`` alone would (same rows, same bytes),
-    and a failure stops at its window (the earlier ones stay written). ``validate(window, rows)``
-    runs on each window's rows before they are published. See ``iter_model_days``."""
-    return list(iter_model_days(paths, name, windows, project=project, engine=engine, threads=threads, validate=validate))
+    and a failure stops at its window (the earlier ones stay written). ``options`` are
+    ``iter_model_days``'s (project, engine, threads, validate(window, rows) run on each window's rows
+    before they are published, before)."""
+    return list(iter_model_days(paths, name, windows, **options))
 
 
 def iter_model_days(
