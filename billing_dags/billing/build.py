@@ -36,7 +36,7 @@ from billing_dags.billing.store import PENDING_DIR
 from billing_dags.core.money import MoneyError, format_decimal, format_minor, format_price, parse_minor
 from billing_dags.core.settings import DEFAULT_GRACE_DAYS, Paths
 from billing_dags.seeds.catalog import OUTSIDE_SUBSCRIPTION_RULES, SAFE_ID_RE, load_invoice_profile
-from billing_dags.seeds.invoicing import InvoiceProfile
+from billing_dags.seeds.invoicing import ISSUER_FILE, InvoiceProfile
 
 DISPUTE_DAYS = 30
 
@@ -104,13 +104,16 @@ def build_invoices(
     earlier invoices gets an adjustment invoice (or credit note) of ``month`` among the returned invoices.
 
     ``profile`` (issuer, bill-to, payment terms, tax rates, meter names; read from ``paths.seeds_dir``
-    when not given and ``paths`` is) adds the issuer and bill-to blocks, issue and due dates, the tax
+    when not given and ``paths`` is, if it has ``issuer.csv``) adds the issuer and bill-to blocks, issue and due dates, the tax
     line and the meters' names; without either, invoices have none of them.
     """
     with _as_invoice_error():
         grants = list(grants)
         ctx = _month_context(customers, plans, currencies, month, now, grace_days, manifest, held)
-        ctx.profile = profile if profile is not None or paths is None else load_invoice_profile(paths.seeds_dir)
+        if profile is None and paths is not None and (paths.seeds_dir / ISSUER_FILE).exists():
+            # the seed assets require the file; a seeds folder made by hand without it gives invoices without these blocks
+            profile = load_invoice_profile(paths.seeds_dir)
+        ctx.profile = profile
         grouped = _grouped_lines(lines, ctx)
         # every stored invoice and pending adjustment under paths.invoices, listed once (not a glob per customer)
         stored_index = _credits.StoredInvoices(paths.invoices, PENDING_DIR) if paths is not None else None
