@@ -16,6 +16,7 @@ import csv
 import functools
 import html
 import io
+import os
 from collections.abc import Mapping
 from datetime import date, timedelta
 from decimal import ROUND_HALF_UP, Decimal
@@ -275,6 +276,18 @@ def _render_html(invoice: dict) -> str:
         generated=GENERATED_LINE_TYPES,
         manifest=invoice.get("manifest") or {},
     )
+
+
+PDF_SETTING = "BILLING_INVOICE_PDF"
+
+
+def pdf_wanted(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether invoice PDFs are written: ``BILLING_INVOICE_PDF`` ``1`` (the default) or ``0``. A PDF costs about
+    0.3 s of CPU to lay out; a stage that only measures or checks figures may turn it off."""
+    value = (os.environ if environ is None else environ).get(PDF_SETTING, "1").strip()
+    if value not in ("0", "1"):
+        raise InvoiceError(f"{PDF_SETTING}={value!r} must be 1 (write invoice PDFs, the default) or 0 (do not)")
+    return value == "1"
 
 
 def _render_pdf(invoice: dict) -> bytes:

@@ -20,7 +20,7 @@ from pathlib import Path
 from billing_dags.billing import credits as _credits
 from billing_dags.billing.document import SCHEMA_VERSION, STATUSES, carried_adjustments, charge_lines, charges_minor, figures, safe_customer_id
 from billing_dags.billing.errors import InvoiceError
-from billing_dags.billing.render import FILE_FORMATS, render_bytes
+from billing_dags.billing.render import FILE_FORMATS, pdf_wanted, render_bytes
 from billing_dags.core import durable
 from billing_dags.core.money import format_minor
 from billing_dags.core.settings import Paths
@@ -90,6 +90,8 @@ def write_files(files: dict[str, Path], inv: dict, written: list[str], unchanged
     the page is unchanged and its PDF is there, the PDF is left alone without being laid out again."""
     html_unchanged = False
     for fmt in FILE_FORMATS:
+        if fmt == "pdf" and not pdf_wanted():
+            continue
         if fmt == "pdf" and html_unchanged and files[fmt].exists():
             unchanged.append(str(files[fmt]))
             continue
@@ -196,7 +198,7 @@ def _write_invoice(
             # usage went back to what was finalized: nothing left to adjust
             pending_path.unlink()
         for fmt in FILE_FORMATS[1:]:
-            if not files[fmt].exists():
+            if not files[fmt].exists() and (fmt != "pdf" or pdf_wanted()):
                 batch.write(files[fmt], render_bytes(stored, fmt))
                 written.append(str(files[fmt]))
     else:
