@@ -410,3 +410,17 @@ def test_json_stays_canonical_and_exact():
     assert not re.search(rb'"-?\d+(\.\d+)?[eE][+-]?\d+"', data)  # no exponent notation
     for key in ("quantity", "included_quantity", "billable_quantity", "unit_price", "amount"):
         assert isinstance(inv["lines"][1][key], str)
+
+
+def test_pdfs_can_be_turned_off(tmp_path, monkeypatch):
+    from billing_dags.billing.render import pdf_wanted
+    from billing_dags.billing.store import write_invoice_files
+    from billing_dags.core.settings import Paths
+
+    assert pdf_wanted({}) and not pdf_wanted({"BILLING_INVOICE_PDF": "0"})
+    with pytest.raises(InvoiceError, match="BILLING_INVOICE_PDF='yes' must be 1"):
+        pdf_wanted({"BILLING_INVOICE_PDF": "yes"})
+    monkeypatch.setenv("BILLING_INVOICE_PDF", "0")
+    p = Paths(tmp_path / "data", tmp_path / "seeds")
+    write_invoice_files(p, _build())
+    assert sorted(f.name for f in (p.invoices / "2026-11").iterdir()) == ["acme.csv", "acme.html", "acme.json"]
