@@ -143,8 +143,15 @@ def _render_table(invoice: dict) -> str:
         f"Customer: {invoice['customer_name']} ({invoice['customer_id']})",
         f"Plan: {invoice.get('plan_name') or invoice['plan_id']} (v{invoice['plan_version']})",
         f"Period: {invoice['period_start']} to {invoice['period_end']} (exclusive, UTC)",
-        "",
     ]
+    if invoice.get("issuer"):
+        out.append(f"Issued by: {invoice['issuer']['name']}, VAT ID {invoice['issuer']['tax_id']}")
+    if invoice.get("bill_to"):
+        bill_to = invoice["bill_to"]
+        out.append(f"Bill to: {', '.join([bill_to['name'], *bill_to['address']])}" + (f", tax ID {bill_to['tax_id']}" if bill_to.get("tax_id") else ""))
+    if invoice.get("issue_date"):
+        out.append(f"Issue date: {invoice['issue_date']}; due {invoice['due_date']} ({invoice['payment_terms']})")
+    out.append("")
     header = ("#", "type", "description", "quantity", "unit", "unit price", f"amount {cur}")
     rows = [(str(l["line_number"]), l["line_type"], l["description"], l["quantity"], l["unit"], l["unit_price"], l["amount"]) for l in invoice["lines"]]
     summary = _summary_rows(invoice)
@@ -163,6 +170,8 @@ def _render_table(invoice: dict) -> str:
     out.append("  ".join("-" * w for w in widths))
     out.extend(fmt(r) for r in rows[len(rows) - 1 - n_sum : -1])
     out.append(fmt(rows[-1]))
+    if (invoice.get("tax") or {}).get("note"):
+        out.append(f"{invoice['tax']['name']}: {invoice['tax']['note']}")
     for c in invoice.get("credits") or []:
         out.append(
             f"Prepaid credit {c['grant_id']}: {c['available']} available, {c['used']} used, {c['remaining']} {cur} remaining"
