@@ -125,6 +125,7 @@ EXPECTED_CHECKS = {
     "invoices:critical_flags_acknowledged",
     "invoices:every_customer_invoiced",
     "invoices:total_equals_sum_of_lines",
+    "stripe_meter_events:reconciled_with_invoices",
     "usage_events:event_ids_unique_across_days",
     "usage_reports:event_ids_unique_across_days",
 }
@@ -176,7 +177,7 @@ def test_the_code_location_defines_exactly_these_assets_checks_jobs_schedules_an
     assert jobs == EXPECTED_JOBS
     assert {s.name: s.job_name for s in repo.schedule_defs} == EXPECTED_SCHEDULES
     assert {s.name for s in repo.sensor_defs} == EXPECTED_SENSORS
-    # every run of every job runs its steps in the run's own process
+    # by default (BILLING_EXECUTOR unset) every run of every job runs its steps in the run's own process
     assert {j.executor_def.name for j in repo.get_all_jobs()} == {"in_process"}
 
 

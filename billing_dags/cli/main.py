@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from billing_dags.billing.listing import invoice_rows
-from billing_dags.cli import disputes, flags, metrics, reports, retention, stripe
+from billing_dags.cli import disputes, flags, metrics, reports, retention, stripe, worker
 from billing_dags.cli import remote_write as remote_write_cli
 from billing_dags.cli.common import CliError, check_billable_month, console, emit, err_console, paths_of, require_customer, seeds_of
 from billing_dags.cli.projection import emit_usage_report
@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim_args(p)
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("run", help="materialize every asset for a month, in process")
+    p = sub.add_parser("run", help="materialize every asset for a month (steps in process, or as BILLING_EXECUTOR says)")
     p.add_argument("--month", required=True, help="YYYY-MM")
     p.add_argument("--no-ingest", action="store_true", help="use the raw samples already in the data dir")
     sim_args(p)
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--limit", type=int, default=1000, help="rows to print at most (default 1000)")
     p.set_defaults(func=cmd_sql)
-    for commands in (stripe, remote_write_cli, disputes, retention, flags, reports, metrics):
+    for commands in (stripe, remote_write_cli, disputes, retention, flags, reports, metrics, worker):
         commands.register(sub)
     return parser
 
