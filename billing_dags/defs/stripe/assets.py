@@ -56,23 +56,27 @@ def stripe_outbox(context: dg.AssetExecutionContext, warehouse: WarehouseResourc
 def stripe_meter_events(context: dg.AssetExecutionContext, warehouse: WarehouseResource, stripe: StripeResource) -> dg.MaterializeResult:
     """Sends each day's pending outbox events to Stripe (dry-run without STRIPE_API_KEY) and records acks."""
     paths = warehouse.paths()
+    # one sender for every day of the run: a refused key or a down API stops the whole run
+    sender = Sender(stripe.client(), now=datetime.now(UTC), log=context.log.warning, **stripe.sender_options())
 
     def one_day(key, window) -> dict:
-        sender = Sender(stripe.client(), now=datetime.now(UTC), log=context.log.warning)
-        rows = sender.send(ob.read_outbox(paths, window.start))
-        path = ob.write_outbox(paths, window.start, rows)
+        before = dict(sender.stats)
+        rows = sender.send(ob.read_outbox(paths, window.start), on_progress=lambda out, _changed: ob.write_outbox(paths, window.start, out))
+        path = ob.outbox_path(paths, window.start)
+        now = {k: sender.stats[k] - before[k] for k in sender.stats}
         counts = _by_status(rows)
-        if sender.stats["failed"]:
-            context.log.warning(f"{window.start}: {sender.stats['failed']} meter events failed; they are retried on the next run (see last_error in {path})")
-        if sender.stats["too_old"]:
-            context.log.warning(f"{window.start}: {sender.stats['too_old']} meter events are older than Stripe accepts (35 days) and were not sent")
+        if now["failed"]:
+            context.log.warning(f"{window.start}: {now['failed']} meter events failed; they are retried on the next run (see last_error in {path})")
+        if now["too_old"]:
+            context.log.warning(f"{window.start}: {now['too_old']} meter events are older than Stripe accepts (35 days) and were not sent")
         return {
             "mode": sender.mode,
+            "api": sender.api,
             "events": len(rows),
             "by_status": dg.MetadataValue.json(counts),
-            "sent_now": sender.stats["sent"],
-            "failed_now": sender.stats["failed"],
-            "rate_limit_retries": sender.stats["retried"],
+            "sent_now": now["sent"],
+            "failed_now": now["failed"],
+            "rate_limit_retries": now["retried"],
             "flagged_too_old": counts.get("too_old", 0),
             "flagged_future": counts.get("future", 0),
             "stopped_early": sender.aborted,
