@@ -109,6 +109,7 @@ class Received:
     status: int = 0
     replayed: bool = False
     key_in_body: bool = False
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
 
 @dataclass
@@ -208,6 +209,7 @@ class StripeServer:
         #: seconds each v1 meter event takes to execute (its pair stays busy meanwhile): with a
         #: latency, calls for the same pair that overlap are caught, as Stripe catches them
         self.latency_s = 0.0
+        self.gate: threading.Event | None = None
         self.pairs_in_flight: set[tuple[str, str]] = set()
         self.concurrent_rejections = 0  # v1 meter events refused: their (customer, meter) was busy
         self.max_in_flight = 0  # the most v1 meter events executing at once (any pairs)
@@ -254,7 +256,11 @@ class StripeServer:
         return False
 
     def _hold_pair(self) -> None:
-        if getattr(self._claimed, "pair", None) is not None and self.latency_s:
+        if getattr(self._claimed, "pair", None) is None:
+            return
+        if self.gate is not None:
+            self.gate.wait(30)  # a test holds v1 meter events in flight until it opens the gate
+        if self.latency_s:
             time.sleep(self.latency_s)  # simulated processing time, not synchronisation
 
     def _release_pair(self) -> None:

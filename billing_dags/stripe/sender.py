@@ -144,15 +144,13 @@ class RateLimiter:
         self.lock = threading.Lock()
 
     def acquire(self) -> None:
-        while True:
-            with self.lock:
-                now = self.clock()
-                self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
-                self.stamp = now
-                if self.tokens >= 1.0:
-                    self.tokens -= 1.0
-                    return
-                wait_s = (1.0 - self.tokens) / self.rate
+        with self.lock:
+            now = self.clock()
+            self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            self.tokens -= 1.0  # reserved now; a negative balance is the wait of this caller
+            wait_s = -self.tokens / self.rate if self.tokens < 0 else 0.0
+        if wait_s > 0:
             self.sleep(wait_s)
 
 
@@ -204,7 +202,7 @@ class Sender:
         *,
         now: datetime,
         max_age_days: int = EDGE_LOOKBACK_DAYS,
-        retries: int = 4,
+        retries: int = 8,
         backoff_base: float = 0.5,
         backoff_cap: float = 8.0,
         retry_after_cap: float = 30.0,
@@ -587,7 +585,7 @@ def send_outbox(
     *,
     now: datetime,
     max_age_days: int = EDGE_LOOKBACK_DAYS,
-    rate_limit_retries: int = 4,
+    rate_limit_retries: int = 8,
     sleep: Callable[[float], None] = time.sleep,
     **sender_options: Any,
 ) -> list[dict]:
