@@ -275,7 +275,10 @@ class Sender:
         ``on_progress(out, changed)`` is called, from the calling thread, with the rows so far and
         the indexes changed since the previous call: after every ``checkpoint_rows`` changed rows
         or ``checkpoint_s`` seconds, and once at the end. The caller persists them (the outbox
-        files), so a run stopped mid-way loses at most what changed since the last call."""
+        files), so a run stopped mid-way loses at most what changed since the last calls. While
+        sending, the calls come from a writer thread (one at a time, on a copy of the rows), so
+        posting goes on while a file is written; if the writer falls behind by more than two
+        checkpoints, posting waits for it."""
         out = [dict(r) for r in rows]
         to_post: list[int] = []
         changed: set[int] = set()
@@ -303,10 +306,8 @@ class Sender:
             else:
                 to_post.append(i)
         if to_post:
-            run = _Run(self, out, changed, on_progress)
-            run.go(to_post)
-            changed = run.changed
-        if on_progress is not None and changed:
+            _Run(self, out, changed, on_progress).go(to_post)
+        elif on_progress is not None and changed:
             on_progress(out, set(changed))
         return out
 
@@ -363,12 +364,74 @@ class Sender:
                 self.log(f"Stripe refused the API key ({r['last_error']}); nothing more is sent this run")
 
 
+class _Saver:
+    """Calls ``on_progress`` from its own thread with a copy of the rows (the calling thread keeps
+    sending meanwhile); hands it what changed since its previous call, newest version of each row."""
+
+    def __init__(self, out: list[dict], on_progress: Callable[[list[dict], set[int]], None]):
+        self.mirror = [dict(r) for r in out]
+        self.on_progress = on_progress
+        self.cv = threading.Condition()
+        self.queue: dict[int, dict] = {}
+        self.busy = 0
+        self.error: BaseException | None = None
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="stripe-outbox-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, rows: dict[int, dict]) -> None:
+        with self.cv:
+            self._raise()
+            self.queue.update(rows)
+            self.cv.notify_all()
+
+    def wait_below(self, n: int) -> None:
+        with self.cv:
+            while len(self.queue) + self.busy > n and self.error is None:
+                self.cv.wait()
+            self._raise()
+
+    def close(self) -> None:
+        with self.cv:
+            self.closed = True
+            self.cv.notify_all()
+        self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.queue and not self.closed:
+                    self.cv.wait()
+                if not self.queue:
+                    return
+                batch, self.queue = self.queue, {}
+                self.busy = len(batch)
+            try:
+                for i, r in batch.items():
+                    self.mirror[i] = r
+                self.on_progress(self.mirror, set(batch))
+            except BaseException as e:  # the sending thread re-raises it
+                with self.cv:
+                    self.error, self.busy = e, 0
+                    self.cv.notify_all()
+                return
+            with self.cv:
+                self.busy = 0
+                self.cv.notify_all()
+
+
 class _Run:
     """One ``Sender.send`` call with a client: the scheduling state, touched only by the calling
     thread; worker threads only make HTTP calls and hand back the result or the exception."""
 
     def __init__(self, sender: Sender, out: list[dict], changed: set[int], on_progress):
-        self.s, self.out, self.changed, self.on_progress = sender, out, changed, on_progress
+        self.s, self.out, self.changed = sender, out, changed
+        self.saver = _Saver(out, on_progress) if on_progress is not None else None
         self.unsaved = 0
         self.saved_at = sender.clock()
         self.in_flight: dict[Future, tuple] = {}
@@ -399,6 +462,9 @@ class _Run:
             finally:
                 for f in list(self.in_flight):
                     f.cancel()
+                if self.saver is not None:
+                    self._checkpoint(force=True)
+                    self.saver.close()
         # what was never posted (the run stopped): left for the next run
         units = list(self.queues.values()) if s.api == "v1" else [*self.ready, *(u for _, _, u in self.delayed)]
         s.stats["skipped"] += sum(len(u) for u in units)
@@ -433,13 +499,15 @@ class _Run:
         self.unsaved += 1
 
     def _checkpoint(self, force: bool = False) -> None:
-        if self.on_progress is None or not self.changed:
+        if self.saver is None or not self.changed:
             return
         now = self.s.clock()
         if force or self.unsaved >= self.s.checkpoint_rows or now - self.saved_at >= self.s.checkpoint_s:
-            changed, self.changed = set(self.changed), set()
-            self.on_progress(self.out, changed)
+            self.saver.put({i: dict(self.out[i]) for i in self.changed})
+            self.changed = set()
             self.unsaved, self.saved_at = 0, self.s.clock()
+            # backpressure: never more than about two checkpoints acknowledged and not yet written
+            self.saver.wait_below(2 * self.s.checkpoint_rows + self.s.concurrency)
 
     # ------------------------------------------------------------------ v1 and v2 submissions
 
