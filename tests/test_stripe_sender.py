@@ -300,3 +300,20 @@ def test_a_sender_killed_mid_way_resends_nothing_it_recorded_and_nothing_counts_
         assert {r["status"] for r in stored(paths, days)} == {"sent"}
         assert len(server.events) == n == len({e.identifier for e in server.events})
         assert server.concurrent_rejections == 0
+
+
+def test_cli_refuses_bad_sender_options_with_the_fix(data_dir, monkeypatch, capsys):
+    from billing_dags.cli.main import main
+
+    for args, message in (
+        (["--api", "v3"], "--api='v3' is not a Stripe meter API; use v1"),
+        (["--concurrency", "0"], "--concurrency='0' is not a whole number of at least 1"),
+        (["--rate-limit", "fast"], "--rate-limit='fast' is not a positive number of requests per second"),
+    ):
+        assert main(["stripe", "send", "--day", "2026-03-01", *args]) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.setenv("STRIPE_RATE_LIMIT", "-5")
+    assert main(["stripe", "send", "--day", "2026-03-01"]) == 2
+    assert "STRIPE_RATE_LIMIT='-5'" in capsys.readouterr().err
+    assert sd.sender_options("v2", "4", "250", environ={}) == {"api": "v2", "concurrency": 4, "rate_limit": 250.0}
+    assert sd.sender_options(environ={"STRIPE_METER_API": "v2", "STRIPE_CONCURRENCY": "32"}) == {"api": "v2", "concurrency": 32}
