@@ -49,6 +49,8 @@ DEFAULT_CONCURRENCY = 16
 STREAM_BATCH_MAX = 100
 #: a session is renewed this long before Stripe says it expires
 SESSION_MARGIN_S = 60.0
+#: sessions that expire before a single batch goes through: then the batch fails (retryable)
+MAX_RENEWALS_IN_A_ROW = 3
 #: progress is written to the outbox files after this many rows changed, or this many seconds
 CHECKPOINT_ROWS = 50
 CHECKPOINT_S = 0.25
@@ -438,6 +440,7 @@ class _Run:
         self.delayed: list[tuple[float, int, Any]] = []  # (ready at, seq, unit), a heap
         self.ready: collections.deque = collections.deque()
         self.attempts: dict[Any, int] = {}  # 429 attempts of the unit's current head
+        self.renewals = 0  # sessions renewed since the last batch that went through
         self._seq = 0
 
     # units of work: v1 = a (customer, event name) pair with its rows in order; v2 = a batch of rows
@@ -560,6 +563,7 @@ class _Run:
         if self.s.api == "v1":
             self._v1_outcome(unit, fut.result() if exc is None else None, exc)
         elif exc is None:
+            self.renewals = 0
             for i in unit:
                 self.s._sent(self.out[i], f"stream:{self.s.session.id if self.s.session else 'session'}")
                 self._touch(i)
@@ -612,9 +616,10 @@ class _Run:
         import stripe
 
         s = self.s
-        if isinstance(e, stripe.TemporarySessionExpiredError):
+        if isinstance(e, stripe.TemporarySessionExpiredError) and self.renewals < MAX_RENEWALS_IN_A_ROW:
             if s.session is not None and s.session.generation == generation:
                 s.session = None  # renewed before the next batch goes out
+                self.renewals += 1
             self.ready.appendleft(batch)  # not a failure: the same batch again with a new session
             return
         if isinstance(e, stripe.RateLimitError):
