@@ -98,10 +98,10 @@ def write_month(paths: Paths, days: list[date], customers: int, meters: int) -> 
 class Server:
     """tests/stripe_server.py in its own process, on 127.0.0.1 port 0."""
 
-    def __init__(self, meters: int):
+    def __init__(self, meters: int, faults: bool = True):
         cmd = [sys.executable, str(PROJECT_ROOT / "tests" / "stripe_server.py"), "--now", str(int(NOW.timestamp())), "--api-key", API_KEY]
         cmd += [x for m in range(meters) for x in ("--meter", f"bench_meter{m:02d}")]
-        cmd += ["--rate-limit-every", str(RATE_LIMIT_EVERY), "--fail-every", str(FAIL_EVERY)]
+        cmd += ["--rate-limit-every", str(RATE_LIMIT_EVERY), "--fail-every", str(FAIL_EVERY)] if faults else []
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
         self.url = self.proc.stdout.readline().strip()
         if not self.url.startswith("http://127.0.0.1:"):
