@@ -117,14 +117,6 @@ def all_rows(paths: Paths, days: list[date]) -> list[dict]:
 
 
 @pytest.fixture
-def no_proxy(monkeypatch):
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
-@pytest.fixture
 def server(no_proxy):
     with StripeServer(now=NOW, api_key=API_KEY) as s:
         yield s
