@@ -43,7 +43,7 @@ def data_dir(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     (tmp_path / "dagster_home").mkdir()
     (tmp_path / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    for var in ("PROMETHEUS_URL", "STRIPE_API_KEY", "STRIPE_API_BASE", "STRIPE_METER_API", "STRIPE_CONCURRENCY", "STRIPE_RATE_LIMIT"):
+    for var in ("PROMETHEUS_URL", "STRIPE_API_KEY", "STRIPE_API_BASE", "STRIPE_METER_API", "STRIPE_CONCURRENCY", "STRIPE_RATE_LIMIT", "BILLING_EXECUTOR"):
         monkeypatch.delenv(var, raising=False)
     return d
 

@@ -26,7 +26,7 @@ def copy_small_seeds(d: Path) -> Path:
         w.writeheader()
         w.writerows(picked)
     keep = {row["customer_id"] for row in picked}
-    for name in ("subscriptions.csv", "credits.csv", "report_tokens.csv"):
+    for name in ("subscriptions.csv", "credits.csv", "report_tokens.csv", "api_keys.csv"):
         with (SEEDS / name).open(newline="") as f:
             reader = csv.DictReader(f)
             kept = [r for r in reader if r["customer_id"] in keep]

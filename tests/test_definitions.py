@@ -78,6 +78,7 @@ SEED_ASSETS = {
 }
 #: everything the code location defines, by name: loading the defs folder finds exactly these
 EXPECTED_ASSETS = SEED_ASSETS | {
+    "allowance_notifications",
     "billing_metrics_textfile",
     "daily_summary",
     "dim_subscription_periods_by_month",
@@ -121,11 +122,13 @@ EXPECTED_CHECKS = {
     "invoices:critical_flags_acknowledged",
     "invoices:every_customer_invoiced",
     "invoices:total_equals_sum_of_lines",
+    "stripe_meter_events:reconciled_with_invoices",
     "usage_events:event_ids_unique_across_days",
     "usage_reports:event_ids_unique_across_days",
 }
 EXPECTED_JOBS = {
     "daily_usage": {
+        "allowance_notifications",
         "daily_summary",
         "fct_anomaly_flags_by_day",
         "int_gauge_peaks_by_day",
@@ -172,7 +175,7 @@ def test_the_code_location_defines_exactly_these_assets_checks_jobs_schedules_an
     assert jobs == EXPECTED_JOBS
     assert {s.name: s.job_name for s in repo.schedule_defs} == EXPECTED_SCHEDULES
     assert {s.name for s in repo.sensor_defs} == EXPECTED_SENSORS
-    # every run of every job runs its steps in the run's own process
+    # by default (BILLING_EXECUTOR unset) every run of every job runs its steps in the run's own process
     assert {j.executor_def.name for j in repo.get_all_jobs()} == {"in_process"}
 
 
