@@ -370,14 +370,6 @@ class FakeStripe(HandlerServer):
         super().__init__(Handler)
 
 
-@pytest.fixture
-def no_proxy(monkeypatch):
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
 def test_http_round_trip_retries_with_the_same_idempotency_key(no_proxy):
     meters = list(METERS.values())
     usage = [counter("acme", "bytes", "1048576.5"), gauge("acme", "peak", peak="12"), counter("beta", "bytes", "42"), gauge("beta", "peak", peak="1")]
