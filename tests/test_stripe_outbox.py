@@ -187,6 +187,10 @@ def test_build_outbox_sums_dimensions_and_skips_non_stripe():
         "attempts": 0,
         "last_error": None,
         "stripe_response_id": None,
+        "dimension": "",
+        "unit_decimals": 0,
+        "stripe_value": None,
+        "formula": "sum",
     }
     assert day_timestamp(DAY) == int(datetime(2025, 3, 10, tzinfo=UTC).timestamp())
     # deterministic whatever the input order
