@@ -66,7 +66,10 @@ SEED_ASSETS = {
     "seed_anomaly_rules",
     "seed_credits",
     "seed_currencies",
+    "seed_customer_billing",
     "seed_customers",
+    "seed_issuer",
+    "seed_meter_display",
     "seed_meters",
     "seed_plans",
     "seed_price_tiers",
@@ -74,6 +77,7 @@ SEED_ASSETS = {
     "seed_report_fields",
     "seed_report_tokens",
     "seed_subscriptions",
+    "seed_tax_rates",
     "seed_units",
 }
 #: everything the code location defines, by name: loading the defs folder finds exactly these

@@ -117,14 +117,6 @@ def all_rows(paths: Paths, days: list[date]) -> list[dict]:
 
 
 @pytest.fixture
-def no_proxy(monkeypatch):
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
-@pytest.fixture
 def server(no_proxy):
     with StripeServer(now=NOW, api_key=API_KEY) as s:
         yield s
@@ -302,25 +294,30 @@ def test_500s_429s_and_a_timeout_are_retried_without_duplicates(server, outbox_p
     synced(server)
     days = MONTH[-2:]
     n = fill_outbox(outbox_paths, days)
-    # the first event meets: 500, 500 (the library retries), 429, 429 (the sender retries after
-    # Retry-After), then a response held back past the client's timeout (the library retries and
-    # the server replays the saved response for the same Idempotency-Key)
-    server.fail_next(2, status=500)
-    server.rate_limit_next(2, retry_after=2)
-    server.delay_next(1.5)
+    first = ob.read_outbox(outbox_paths, days[0])[0]["identifier"]
+    # one event meets: 500, 500 (the library retries), 429, 429 (the sender retries its pair after
+    # Retry-After while the other pairs carry on), then a response held back past the client's
+    # timeout (the library retries and the server replays the saved response for the same key)
+    server.fail_next(2, status=500, identifier=first)
+    server.rate_limit_next(2, retry_after=2, identifier=first)
+    server.delay_next(1.5, identifier=first)
     sleeps: list[float] = []
     client = client_for(server, max_network_retries=3, timeout_s=0.5)
     _, sender = send_days(outbox_paths, days, client, now=NOW, sleep=sleeps.append)
     rows = all_rows(outbox_paths, days)
     assert {r["status"] for r in rows} == {"sent"} and sender.stats["sent"] == n
-    assert sleeps == [2.0, 2.0]  # Retry-After honoured (it exceeds the 0.5 s / 1 s backoff)
-    first = rows[0]["identifier"]
+    assert sender.backoffs == [2.0, 2.0]  # Retry-After honoured (it exceeds the 0.5 s / 1 s backoff)
+    assert sum(sleeps) <= 4.0  # the sender waited (virtually) only once nothing else was left to send
     attempts = [p for p in server.event_posts() if p.form["identifier"] == first]
     assert [p.status for p in attempts] == [500, 500, 429, 429, 200, 200]
     assert [p.replayed for p in attempts] == [False] * 5 + [True]
     assert {p.idempotency_key for p in attempts} == {first}  # one key across every attempt
+    # the other events did not wait for it: they were all sent before its second 429 was retried
+    order = [p.form["identifier"] for p in server.event_posts() if p.status == 200]
+    assert order.index(first) >= n - 2
     # one accepted event per identifier, nothing twice
     assert len(server.events) == n == len({e.identifier for e in server.events})
+    assert server.concurrent_rejections == 0
     for event_name in ("bd_api_calls", "bd_devices"):
         assert server.window_values(event_name) == {(r["stripe_customer_id"], r["day"]): r["value"] for r in rows if r["event_name"] == event_name}
 
@@ -552,13 +549,15 @@ def test_a_rate_limit_that_outlasts_the_retries_fails_the_row_and_a_wrong_key_st
     synced(server)
     day = MONTH[-1]
     n = fill_outbox(outbox_paths, [day])
-    server.rate_limit_next(3, retry_after=100)
+    throttled = ob.read_outbox(outbox_paths, day)[0]["identifier"]
+    server.rate_limit_next(3, retry_after=100, identifier=throttled)
     sleeps: list[float] = []
     _, sender = send_days(outbox_paths, [day], client_for(server), now=NOW, sleep=sleeps.append, retries=2)
     rows = ob.read_outbox(outbox_paths, day)
-    assert sleeps == [30.0, 30.0] and rows[0]["status"] == "failed" and "429" in rows[0]["last_error"]
+    assert sender.backoffs == [30.0, 30.0] and rows[0]["status"] == "failed" and "429" in rows[0]["last_error"]
     assert sender.stats["sent"] == n - 1 and sender.stats["retried"] == 2
-    # a wrong key: the first 401 stops the run, the key is not in the stored error
+    # a wrong key: the first 401 stops the run (one request: nothing else is in flight before a
+    # first success), the key is not in the stored error
     fill_outbox(outbox_paths, [MONTH[-2]])
     wrong = "sk_test_51WrongKeyAlsoNeverStored987654321"
     before = len(server.event_posts())

@@ -76,7 +76,10 @@ def cmd_demo(args) -> int:
         )
     _print_usage_api_example(paths, month)
     console.print(f"\nRan {figures['days']} daily partitions and the month in {figures['seconds']:.1f}s.")
-    console.print(f"Invoices (JSON, CSV, HTML): {paths.invoices / f'{month:%Y-%m}'}")
+    console.print(f"Invoices (JSON, CSV, HTML, PDF): {paths.invoices / f'{month:%Y-%m}'}")
+    if example is not None and (paths.invoices / f"{month:%Y-%m}" / f"{example['customer']}.pdf").exists():
+        pdf = paths.invoices / f"{month:%Y-%m}" / f"{example['customer']}.pdf"
+        console.print(f"PDF of one invoice, as its customer receives it ({example['customer']}): {pdf}", highlight=False)
     console.print(f'DuckDB warehouse (views): duckdb {paths.warehouse_db}   or   billing sql "select * from fct_invoice_lines limit 5"')
     console.print(f"Stripe outbox (dry-run): {paths.outbox} — {outbox_summary(paths, month)}")
     console.print("Dagster UI: make dev, then http://127.0.0.1:3000 (the runs above are in .dagster/)")

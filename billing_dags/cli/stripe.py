@@ -73,9 +73,16 @@ def as_of(value: str | None) -> datetime:
 def cmd_send(args) -> int:
     paths = paths_of(args)
     days = days_of(args.day, args.month)
+    from billing_dags.stripe.outbox import OutboxError
+    from billing_dags.stripe.sender import sender_options
+
     now = as_of(args.as_of)
+    try:
+        options = sender_options(args.api, args.concurrency, args.rate_limit)
+    except OutboxError as e:
+        raise CliError(str(e)) from None
     client = _client_from_env()
-    summary, sender = send_days(paths, days, client, now=now, log=lambda m: print(m, file=sys.stderr))
+    summary, sender = send_days(paths, days, client, now=now, log=lambda m: print(m, file=sys.stderr), **options)
     if not summary:
         console.print(
             f"no outbox for {days[0]}{'' if len(days) == 1 else f' .. {days[-1]}'} in {paths.outbox}; run the stripe_outbox asset (billing run) first"
@@ -83,7 +90,7 @@ def cmd_send(args) -> int:
         return 0
     emit(summary, args.format, title=f"Stripe meter events ({sender.mode})")
     if args.format == "table":
-        console.print(f"{sender.mode}: {sender.stats}")
+        console.print(f"{sender.mode} ({sender.api}): {sender.stats}")
         if sender.stats["failed"]:
             from billing_dags.stripe import outbox as ob
 
@@ -136,6 +143,9 @@ def register(sub) -> None:
     s = ssub.add_parser("send", help="send the outbox of a day or a month; already sent events are never sent again")
     s.add_argument("--day", help="YYYY-MM-DD")
     s.add_argument("--month", help="YYYY-MM")
+    s.add_argument("--api", help="v1 (meter events, validated one by one; the default) or v2 (meter event stream, 100 per request) [STRIPE_METER_API]")
+    s.add_argument("--concurrency", help="requests in flight at once, at most one per customer and meter with v1 (default 16) [STRIPE_CONCURRENCY]")
+    s.add_argument("--rate-limit", help="at most this many requests per second, all threads together (default: none) [STRIPE_RATE_LIMIT]")
     s.add_argument("--as-of", help="judge Stripe's 35-day limit as of this time (ISO 8601, default now): replays and tests")
     s.add_argument("--format", choices=["table", "json", "csv"], default="table")
     s.set_defaults(func=cmd_send)

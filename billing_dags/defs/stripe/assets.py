@@ -99,8 +99,8 @@ def stripe_outbox(context: dg.AssetExecutionContext, warehouse: WarehouseResourc
 def stripe_meter_events(context: dg.AssetExecutionContext, warehouse: WarehouseResource, stripe: StripeResource) -> dg.MaterializeResult:
     """Sends each day's pending outbox events to Stripe (dry-run without STRIPE_API_KEY) and records acks."""
     paths = warehouse.paths()
-
-    sender = Sender(stripe.client(), now=datetime.now(UTC), log=context.log.warning)
+    # one sender for every day of the run: a refused key or a down API stops the whole run
+    sender = Sender(stripe.client(), now=datetime.now(UTC), log=context.log.warning, **stripe.sender_options())
     sent_months: set[date] = set()
 
     def one_day(key, window) -> dict:
@@ -110,13 +110,13 @@ def stripe_meter_events(context: dg.AssetExecutionContext, warehouse: WarehouseR
             sent_months.add(m)
             for d in _outbox_days(paths, m):
                 if d != window.start:
-                    before = ob.read_outbox(paths, d)
-                    after = sender.send(before)
-                    if after != before:
-                        ob.write_outbox(paths, d, after)
+                    sender.send(ob.read_outbox(paths, d), on_progress=lambda out, _changed, d=d: ob.write_outbox(paths, d, out))
         before_stats = dict(sender.stats)
-        rows = sender.send(ob.read_outbox(paths, window.start))
-        path = ob.write_outbox(paths, window.start, rows)
+        # the day's file is rewritten as Stripe acknowledges its events (a stopped run resends nothing it recorded)
+        rows = sender.send(ob.read_outbox(paths, window.start), on_progress=lambda out, _changed: ob.write_outbox(paths, window.start, out))
+        path = ob.outbox_path(paths, window.start)
+        if not path.exists():
+            ob.write_outbox(paths, window.start, rows)
         stats = {k: sender.stats[k] - before_stats[k] for k in sender.stats}
         counts = _by_status(rows)
         if stats["failed"]:
@@ -128,6 +128,7 @@ def stripe_meter_events(context: dg.AssetExecutionContext, warehouse: WarehouseR
             )
         return {
             "mode": sender.mode,
+            "api": sender.api,
             "events": len(rows),
             "by_status": dg.MetadataValue.json(counts),
             "sent_now": stats["sent"],
