@@ -7,7 +7,6 @@ import re
 import sys
 import time
 from datetime import date, timedelta
-from functools import cache
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -38,48 +37,7 @@ def dagster_instance():
     if not cfg.exists() and (PROJECT_ROOT / "dagster.yaml").exists():
         durable.write_bytes(cfg, (PROJECT_ROOT / "dagster.yaml").read_bytes())
     os.environ.setdefault(PLANNED_EVENTS_AS_RANGES, "true")
-    instance = dg.DagsterInstance.get()
-    _reuse_sqlite_engines(instance)
-    return instance
-
-
-def _reuse_sqlite_engines(instance) -> None:
-    """Dagster's SQLite event log opens a new SQLAlchemy engine for every write (and so compiles every
-    INSERT again): about half of the CPU time of storing an event. The CLI's instance keeps one engine
-    per database file instead; each write still opens and closes its own SQLite connection (NullPool),
-    so the files and their locking are exactly as with the stock storage, which `make dev` reads."""
-    from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
-
-    storage = instance.event_log_storage
-    if type(storage) is SqliteEventLogStorage:
-        storage.__class__ = _engine_reusing_storage_class()
-
-
-@cache
-def _engine_reusing_storage_class():
-    from contextlib import contextmanager
-
-    from dagster._core.storage.event_log.sqlite.sqlite_event_log import SQLITE_BUSY_TIMEOUT_SECONDS, SqliteEventLogStorage
-    from dagster._core.storage.sql import create_engine
-    from sqlalchemy.pool import NullPool
-
-    class EngineReusingSqliteEventLogStorage(SqliteEventLogStorage):
-        @contextmanager
-        def _connect(self, shard: str):
-            with self._db_lock:
-                engines = self.__dict__.setdefault("_billing_engines", {})
-                engine = engines.get(shard)
-                if engine is None:
-                    engine = engines[shard] = create_engine(
-                        self.conn_string_for_shard(shard), poolclass=NullPool, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}
-                    )
-                if shard not in self._initialized_dbs:
-                    self._initdb(engine)
-                    self._initialized_dbs.add(shard)
-                with engine.connect() as conn, conn.begin():
-                    yield conn
-
-    return EngineReusingSqliteEventLogStorage
+    return dg.DagsterInstance.get()
 
 
 #: Dagster's console logger stays silent (its failures carry stack traces); the CLI prints the run's
@@ -93,15 +51,18 @@ def definitions_of(paths: Paths):
     """The code location and the Dagster instance (DAGSTER_HOME), pointed at ``paths``."""
     os.environ["BILLING_DATA_DIR"] = str(paths.data_dir)
     os.environ["BILLING_SEEDS_DIR"] = str(paths.seeds_dir)
-    key = (str(paths.data_dir), str(paths.seeds_dir))
-    if key not in _DEFINITIONS:  # loading the code location costs seconds: once per process and data dir
+    # loading the code location costs seconds: once per process, data dir and configuration (the
+    # usage sources and the executor are chosen from the environment when it loads)
+    key = (str(paths.data_dir), str(paths.seeds_dir), tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_CONFIG_PREFIXES))))
+    if key not in _DEFINITIONS:
         from billing_dags.definitions import defs as load_defs
 
         _DEFINITIONS[key] = load_defs() if callable(load_defs) else load_defs
     return _DEFINITIONS[key], dagster_instance()
 
 
-_DEFINITIONS: dict[tuple[str, str], object] = {}
+_DEFINITIONS: dict[tuple, object] = {}
+_CONFIG_PREFIXES = ("BILLING_", "PROMETHEUS_", "STRIPE_")
 
 
 #: the code location of workspace.yaml (and pyproject's [tool.dagster]): the CLI's runs name it as their
