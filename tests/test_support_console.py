@@ -88,6 +88,18 @@ def test_a_mistyped_command_or_choice_gets_a_suggestion(capsys, paths, args, sug
     assert suggestion in err, err
 
 
+def test_a_mistyped_option_gets_a_suggestion_even_when_a_required_one_is_then_missing(capsys, paths):
+    err = parse_error(capsys, "invoices", "--mnth", "2026-02")
+    assert "unrecognized option '--mnth'; did you mean '--month'?" in err, err
+    err = parse_error(capsys, "customer", "mp-001", "--data-dri", "x")
+    assert "did you mean '--data-dir'?" in err, err
+
+
+def test_dispute_of_an_unknown_meter_suggests_the_closest(capsys, billed):
+    code, _out, err = run_cli(capsys, "dispute", "mp-001", "--month", "2026-02", "--meter", "proxy_byte")
+    assert code == 2 and "did you mean 'proxy_bytes'?" in err, err
+
+
 def test_an_unknown_customer_gets_a_suggestion_and_how_to_list_customers(capsys, paths):
     for args in (["customer", "mp-01"], ["usage", "mp-01", "--month", "2026-02"], ["dispute", "mp01", "--month", "2026-02"]):
         code, _out, err = run_cli(capsys, *args)

@@ -86,6 +86,19 @@ def subparsers_of(parser: argparse.ArgumentParser) -> list[argparse.ArgumentPars
     return found
 
 
+def check_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A mistyped ``--option`` gets "did you mean" before argparse parses (argparse would first complain about a
+    required option the typo left missing, or list the typo as unrecognized without a suggestion)."""
+    known = sorted({o for p in (parser, *subparsers_of(parser)) for a in p._actions for o in a.option_strings if o.startswith("--")})
+    for token in argv:
+        if token == "--":
+            return
+        name = token.split("=", 1)[0]
+        if not name.startswith("--") or len(name) < 3 or any(k.startswith(name) for k in known):  # argparse takes unique prefixes
+            continue
+        parser.error(f"unrecognized option {name!r}{did_you_mean(name, known)}")
+
+
 def month_hint(month: date, seeds_dir: Path | None = None, today: date | None = None, *, then: str = "") -> str:
     """What to do about a month with nothing billed yet, right for the month: `billing run --month M` only for a month
     `billing run` accepts (check_billable_month); else why not and what to look at instead (``then``: the command

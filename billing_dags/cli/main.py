@@ -24,6 +24,7 @@ from billing_dags.cli.common import (
     Parser,
     add_global_options,
     check_billable_month,
+    check_options,
     console,
     emit,
     err_console,
@@ -355,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    check_options(parser, sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

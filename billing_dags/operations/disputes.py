@@ -96,9 +96,15 @@ def build_dispute(paths: Paths, customer_id: str, month: date, *, meter_id: str 
         raise DisputeError(f"--by {by!r} is not one of hour, day")
     table = evidence(paths, customer_id, month, meter_id)
     if meter_id and not len(table):
+        from difflib import get_close_matches
+
+        from billing_dags.seeds.catalog import read_seed
+
+        close = get_close_matches(meter_id, read_seed(paths.seeds_dir, "meters").column("meter_id").to_pylist(), n=1)
         raise DisputeError(
-            f"no raw samples of meter {meter_id!r} for {customer_id} in {month:%Y-%m}; "
-            f"check the meter id (billing usage {customer_id} --month {month:%Y-%m} lists them)"
+            f"no raw samples of meter {meter_id!r} for {customer_id} in {month:%Y-%m}"
+            + (f"; did you mean {close[0]!r}?" if close else "")
+            + f" Check the meter id (billing usage {customer_id} --month {month:%Y-%m} lists them)"
         )
     con = duckdb.connect()
     try:
