@@ -134,6 +134,17 @@ def test_hints_never_suggest_billing_run_for_a_month_it_refuses(capsys, paths):
     assert code == 2 and "before the first partition" in err and "billing run --month 2020-01" not in err, err
 
 
+def test_report_daily_hint_fits_the_day(capsys, paths):
+    today = utc_today()
+    code, _out, err = run_cli(capsys, "report", "daily", "--date", today.isoformat())
+    assert code == 2 and "has not ended" in err and "billing run" not in err, err
+    code, _out, err = run_cli(capsys, "report", "daily", "--date", "2026-02-03")
+    assert code == 2 and "billing run --month 2026-02" in err, err
+    if today.day > 1:  # a day of the open month that has ended: computed by the daily schedule, not `billing run`
+        code, _out, err = run_cli(capsys, "report", "daily", "--date", current_month().isoformat())
+        assert code == 2 and "billing run" not in err and "Dagster UI" in err, err
+
+
 def test_dispute_on_an_empty_data_dir_says_to_run_the_month(capsys, paths):
     code, _out, err = run_cli(capsys, "dispute", "mp-001", "--month", "2026-02")
     assert code == 2
