@@ -82,19 +82,20 @@ def cmd_customer(args) -> int:
 
     invoices = doc["invoices"]
     if invoices:
-        rows = [
-            [
-                i["month"],
-                i["invoice"],
-                i["status"],
-                f"{i['total']} {i['currency'].upper()}",
-                i["credits_used"],
-                i["finalized_on"] or "",
-                i["pending_adjustment"] or "",
-            ]
-            for i in invoices
-        ]
-        cols = ["month", "invoice", "status", "total", "credits used", "finalized on", "pending adjustment"]
+        fields = {
+            "month": lambda i: i["month"],
+            "invoice": lambda i: i["invoice"],
+            "status": lambda i: i["status"],
+            "total": lambda i: f"{i['total']} {i['currency'].upper()}",
+            "credits used": lambda i: i["credits_used"],
+            "finalized on": lambda i: i["finalized_on"] or "",
+            "due": lambda i: i["due_date"] or "",
+            "pending adjustment": lambda i: i["pending_adjustment"] or "",
+        }
+        if not any(i["due_date"] for i in invoices):  # invoices written before they carried a due date
+            del fields["due"]
+        cols = list(fields)
+        rows = [[get(i) for get in fields.values()] for i in invoices]
         print_table(table(cols, rows, f"Last invoices ({len(invoices)})"))
         cid, latest = c["customer_id"], invoices[0]["month"]
         console.print(f"In full: billing invoice {cid} --month {latest}; how it follows from usage: billing dispute {cid} --month {latest}", highlight=False)
