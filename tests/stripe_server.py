@@ -508,28 +508,70 @@ class StripeServer:
         agg = {"sum": lambda evs: sum(e.value for e in evs), "count": len, "last": lambda evs: evs[-1].value}[formula]
         return {k: agg(v) for k, v in kept.items()}
 
+    # ------------------------------------------------------------------ meter event summaries
+
+    def _kept_events(self, meter: dict, customer: str) -> list[AcceptedEvent]:
+        """The customer's events the meter aggregates: with a day/hour ``event_time_window`` only the
+        newest event (the last accepted) of each window; without one, every event."""
+        evs = sorted((e for e in self.events if e.meter_id == meter["id"] and e.customer == customer), key=lambda e: e.seq)
+        size = {"day": 86_400, "hour": 3_600}.get(meter["event_time_window"] or "")
+        if not size:
+            return evs
+        kept: dict[int, AcceptedEvent] = {}
+        for ev in evs:
+            kept[ev.timestamp - ev.timestamp % size] = ev
+        return list(kept.values())
+
+    @staticmethod
+    def _aggregate(formula: str, evs: list[AcceptedEvent]) -> int:
+        """``sum`` adds the values, ``count`` counts the events, ``last`` is the value of the event with
+        the latest timestamp (the newest accepted among equal timestamps)."""
+        if formula == "count":
+            return len(evs)
+        if formula == "last":
+            return max(evs, key=lambda e: (e.timestamp, e.seq)).value if evs else 0
+        return sum(e.value for e in evs)
+
+    def summary_value(self, event_name: str, customer: str, start: int, end: int) -> int:
+        """Stripe's aggregated value of a meter for a customer over [start, end) (for tests)."""
+        with self.lock:
+            meter = self._meter_by_event(event_name)
+            assert meter is not None, f"no meter for {event_name!r}"
+            evs = [e for e in self._kept_events(meter, customer) if start <= e.timestamp < end]
+            return self._aggregate(meter["default_aggregation"]["formula"], evs)
+
     def _event_summaries(self, meter: dict, form: dict[str, str]) -> dict:
+        """One summary over [start_time, end_time), or one per day/hour with ``value_grouping_window``;
+        the meter's formula over the events it keeps; buckets without events are left out."""
         for p in ("customer", "start_time", "end_time"):
             if not form.get(p):
                 raise _missing(p)
+        for p in ("start_time", "end_time"):
+            if not _INT_RE.match(form[p]):
+                raise _bad(f"Invalid integer: {p}", param=p, code="parameter_invalid")
+            if int(form[p]) % 60:
+                raise _bad(f"{p} must be aligned with minute boundaries.", param=p, code="parameter_invalid")
         start, end = int(form["start_time"]), int(form["end_time"])
+        if start >= end:
+            raise _bad("start_time must be before end_time.", param="start_time", code="parameter_invalid")
         grouping = form.get("value_grouping_window")
+        if grouping not in (None, "", "day", "hour"):
+            raise _bad("Invalid value_grouping_window: must be one of day or hour", param="value_grouping_window", code="parameter_invalid")
         size = {"day": 86_400, "hour": 3_600}.get(grouping or "")
-        buckets: dict[int, int] = {}
-        for (customer, wstart), value in self._windows(meter).items():
-            if customer != form["customer"] or not start <= wstart < end:
-                continue
-            b = wstart - wstart % size if size else start
-            buckets[b] = buckets.get(b, 0) + value
+        buckets: dict[int, list[AcceptedEvent]] = {}
+        for ev in self._kept_events(meter, form["customer"]):
+            if start <= ev.timestamp < end:
+                b = ev.timestamp - ev.timestamp % size if size else start
+                buckets.setdefault(b, []).append(ev)
         data = []
         for b in sorted(buckets):
             s = copy.deepcopy(self.fixtures["billing.meter_event_summary"])
             s.update(
                 {
                     "id": f"mtrusg_test_{meter['id'][-8:]}_{b}",
-                    "aggregated_value": buckets[b],
+                    "aggregated_value": self._aggregate(meter["default_aggregation"]["formula"], buckets[b]),
                     "start_time": b,
-                    "end_time": b + size if size else end,
+                    "end_time": min(b + size, end) if size else end,
                     "meter": meter["id"],
                     "livemode": False,
                 }

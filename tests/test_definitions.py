@@ -121,6 +121,7 @@ EXPECTED_CHECKS = {
     "invoices:critical_flags_acknowledged",
     "invoices:every_customer_invoiced",
     "invoices:total_equals_sum_of_lines",
+    "stripe_meter_events:reconciled_with_invoices",
     "usage_events:event_ids_unique_across_days",
     "usage_reports:event_ids_unique_across_days",
 }

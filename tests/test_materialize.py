@@ -148,7 +148,7 @@ def test_stripe_outbox_has_one_event_per_customer_meter_day_and_flags_old_days(m
     rows = pq.read_table(paths.outbox / f"date={DAYS[5]}" / "outbox.parquet").to_pylist()
     # February 2026 is more than 35 days ago: Stripe would refuse it, so it is flagged, never sent
     assert rows and {r["status"] for r in rows} == {"too_old"}
-    keys = [(r["customer_id"], r["meter_id"]) for r in rows]
+    keys = [(r["customer_id"], r["meter_id"], r["dimension"]) for r in rows]
     assert len(keys) == len(set(keys))
     assert len({r["identifier"] for r in rows}) == len(rows)
 

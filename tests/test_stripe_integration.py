@@ -159,24 +159,30 @@ def test_sync_meters_creates_missing_once_then_is_a_no_op(server):
         server.add_meter(f"other_{i:03d}")
     right = server.add_meter("proxy_bytes", display_name="named by hand")
     wrong = server.add_meter("proxy_submits", event_time_window=None, formula="count")
+    # a level meter made as `sum` (as every meter used to be): Stripe would add the daily peaks
+    summed_peaks = server.add_meter("iot_devices", formula="sum")
     client = client_for(server)
 
     first = sync_meters(client, seeds_meters)
     by_event = {i.event_name: i for i in first.items}
+    assert by_event["iot_devices"].action == "conflicting" and by_event["iot_devices"].stripe_meter_id == summed_peaks["id"]
+    assert "formula is 'sum', needs 'last'" in by_event["iot_devices"].detail
     assert by_event["proxy_bytes"].action == "existing" and by_event["proxy_bytes"].stripe_meter_id == right["id"]
     conflict = by_event["proxy_submits"]
     assert conflict.action == "conflicting" and conflict.stripe_meter_id == wrong["id"]
     assert "event_time_window is None, needs 'day'" in conflict.detail and "formula is 'count', needs 'sum'" in conflict.detail
-    assert first.by_action() == {"existing": 1, "conflicting": 1, "created": len(wanted) - 2}
+    assert first.by_action() == {"existing": 1, "conflicting": 2, "created": len(wanted) - 3}
     assert not first.ok
     lists = [r for r in server.requests if r.method == "GET" and r.path == "/v1/billing/meters"]
     assert len(lists) == 2 and lists[1].form.get("starting_after")  # paginated
     # the conflicting meter was never modified (meters are immutable)
     assert server.meters[wrong["id"]] == wrong
     creates = [r for r in server.requests if r.method == "POST" and r.path == "/v1/billing/meters"]
-    assert len(creates) == len(wanted) - 2 and all(r.status == 200 and r.idempotency_key for r in creates)
+    assert len(creates) == len(wanted) - 3 and all(r.status == 200 and r.idempotency_key for r in creates)
+    aggregation = {m["stripe_event_name"]: m["aggregation"] for m in seeds_meters}
     for r in creates:
-        assert r.form["default_aggregation[formula]"] == "sum"
+        want = "last" if aggregation[r.form["event_name"]] in ("max", "avg", "unit_months") else "sum"
+        assert r.form["default_aggregation[formula]"] == want
         assert r.form["event_time_window"] == "day"
         assert r.form["customer_mapping[event_payload_key]"] == "stripe_customer_id"
         assert r.form["customer_mapping[type]"] == "by_id"
@@ -187,7 +193,7 @@ def test_sync_meters_creates_missing_once_then_is_a_no_op(server):
 
     n_requests = len(server.requests)
     second = sync_meters(client, seeds_meters)
-    assert second.by_action() == {"existing": len(wanted) - 1, "conflicting": 1}
+    assert second.by_action() == {"existing": len(wanted) - 2, "conflicting": 2}
     assert not [r for r in server.requests[n_requests:] if r.method == "POST"]
     assert len([m for m in server.meters.values() if m["event_name"] == "proxy_bytes"]) == 1
 
@@ -457,7 +463,10 @@ def _write_seed_outbox(paths: Paths, day: date) -> list[dict]:
     from billing_dags.seeds.catalog import load_seeds
 
     seeds = load_seeds(paths.seeds_dir)
-    customers, meters = seeds["customers"].to_pylist(), seeds["meters"].to_pylist()
+    customers = seeds["customers"].to_pylist()
+    # meters priced as a whole (sync-meters makes one Stripe meter per priced dimension)
+    whole = {p["meter_id"] for p in seeds["prices"].to_pylist() if not p["dimension"]}
+    meters = [m for m in seeds["meters"].to_pylist() if m["meter_id"] in whole]
     usage = [
         {"day": day, "customer_id": c["customer_id"], "meter_id": m["meter_id"], "dimension": "", "kind": "counter", "usage": Decimal(10 + i)}
         for i, c in enumerate(customers)
