@@ -127,6 +127,8 @@ def test_hints_never_suggest_billing_run_for_a_month_it_refuses(capsys, paths):
         assert code == 2, err
         assert f"billing run --month {month}" not in err and "has not ended" in err, err
         assert "retention" not in err, err
+    code, _out, err = run_cli(capsys, "stripe", "reconcile", "--month", month)
+    assert code == 2 and "has not ended" in err and f"billing run --month {month}" not in err, err
     future = f"{next_month(next_month(current_month())):%Y-%m}"
     code, _out, err = run_cli(capsys, "invoice", "mp-001", "--month", future)
     assert code == 2 and "has not started" in err and f"billing run --month {future}" not in err, err

@@ -99,6 +99,15 @@ def check_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         parser.error(f"unrecognized option {name!r}{did_you_mean(name, known)}")
 
 
+def billable(month: date, seeds_dir: Path | None = None, today: date | None = None) -> bool:
+    """Whether `billing run --month` accepts ``month`` (check_billable_month)."""
+    try:
+        check_billable_month(month, today=today, seeds_dir=seeds_dir)
+    except InputError:
+        return False
+    return True
+
+
 def month_hint(month: date, seeds_dir: Path | None = None, today: date | None = None, *, then: str = "") -> str:
     """What to do about a month with nothing billed yet, right for the month: `billing run --month M` only for a month
     `billing run` accepts (check_billable_month); else why not and what to look at instead (``then``: the command

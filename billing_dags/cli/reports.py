@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import date
 
-from billing_dags.cli.common import CliError, check_billable_month, paths_of
+from billing_dags.cli.common import CliError, billable, paths_of
 from billing_dags.operations.reports import build_daily_summary, to_html, to_markdown, write_daily_summary
 
 
@@ -43,8 +43,6 @@ def day_hint(paths, day: date) -> str:
     if day >= today:
         return f"{day} has not ended yet (today is {today}); its usage is computed after it ends"
     month = day.replace(day=1)
-    try:
-        check_billable_month(month, today=today, seeds_dir=paths.seeds_dir)
-    except CliError:
+    if not billable(month, paths.seeds_dir, today):
         return f"the daily schedule computes each UTC day after it ends; or materialize fct_usage_by_day for {day} in the Dagster UI"
     return f"materialize it with `billing run --month {month:%Y-%m}` (or fct_usage_by_day for {day} in the Dagster UI)"
