@@ -43,7 +43,7 @@ def data_dir(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     (tmp_path / "dagster_home").mkdir()
     (tmp_path / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    for var in ("PROMETHEUS_URL", "STRIPE_API_KEY", "STRIPE_API_BASE"):
+    for var in ("PROMETHEUS_URL", "STRIPE_API_KEY", "STRIPE_API_BASE", "BILLING_EXECUTOR"):
         monkeypatch.delenv(var, raising=False)
     return d
 

@@ -7,6 +7,8 @@ with ``base_addresses={"api": server.url}`` (STRIPE_API_BASE):
   ``starting_after``, ``ending_before``, ``status``), ``GET /v1/billing/meters/{id}``,
   ``POST /v1/billing/meters`` (create; a second active meter with the same ``event_name`` is a 400),
 - ``GET /v1/billing/meters/{id}/event_summaries`` (per day/hour or per whole range),
+- ``POST /v1/billing_portal/sessions`` (``customer`` required, ``return_url`` an absolute URL; a
+  customer in ``unknown_customers`` is a 400 ``resource_missing``),
 - ``POST /v1/billing/meter_events`` with the checks Stripe documents: a meter for ``event_name``,
   the meter's customer and value payload keys, an integer value, ``identifier`` at most 100
   characters and unique, ``timestamp`` within the past 35 days and at most 5 minutes ahead.
@@ -139,6 +141,8 @@ class StripeServer:
         self.idempotency: dict[str, tuple[dict, int, dict]] = {}  # key -> (params, status, body)
         self.faults: deque[Fault] = deque()
         self.rejected_identifiers: dict[str, str] = {}
+        self.portal_sessions: list[dict] = []  # billing_portal.session objects created, in order
+        self.unknown_customers: set[str] = set()  # customer ids the portal refuses as missing
         self._seq = 0
         outer = self
 
@@ -347,6 +351,8 @@ class StripeServer:
             return 200, self._get_meter(parts[3])
         if len(parts) == 5 and parts[:3] == ["v1", "billing", "meters"] and parts[4] == "event_summaries" and method == "GET":
             return 200, self._event_summaries(self._get_meter(parts[3]), form)
+        if method == "POST" and path == "/v1/billing_portal/sessions":
+            return 200, self._create_portal_session(form)
         raise StripeHTTPError(
             404, f"Unrecognized request URL ({method}: {path}). Please see https://stripe.com/docs or we can help at https://support.stripe.com/."
         )
@@ -578,3 +584,31 @@ class StripeServer:
             )
             data.append(s)
         return {"object": "list", "data": data, "has_more": False, "url": f"/v1/billing/meters/{meter['id']}/event_summaries"}
+
+    # ------------------------------------------------------------------ billing portal sessions
+
+    def _create_portal_session(self, form: dict[str, str]) -> dict:
+        """``POST /v1/billing_portal/sessions``: ``customer`` (required here), ``return_url`` (optional, absolute)."""
+        customer = form.get("customer")
+        if not customer:
+            raise _missing("customer")
+        if customer in self.unknown_customers or not customer.startswith("cus_"):
+            raise StripeHTTPError(400, f"No such customer: '{customer}'", code="resource_missing", param="customer")
+        return_url = form.get("return_url") or None
+        if return_url is not None and not re.match(r"^https?://[^\s/]+", return_url):
+            raise _bad("Invalid URL: return_url must be an absolute URL", param="return_url", code="url_invalid")
+        session = copy.deepcopy(self.fixtures["billing_portal.session"])
+        n = len(self.portal_sessions) + 1
+        session.update(
+            {
+                "id": f"bps_test_{n:06d}",
+                "created": self.now,
+                "customer": customer,
+                "flow": None,
+                "livemode": False,
+                "return_url": return_url,
+                "url": f"{self.url}/p/session/test_{n:06d}",
+            }
+        )
+        self.portal_sessions.append(session)
+        return session

@@ -63,13 +63,15 @@ def month_run(tmp_path_factory):
     keep = {r["customer_id"] for r in picked}
     grants = list(csv.DictReader((PROJECT_ROOT / "seeds" / "credits.csv").open()))
     tokens = list(csv.DictReader((PROJECT_ROOT / "seeds" / "report_tokens.csv").open()))
+    billing = list(csv.DictReader((PROJECT_ROOT / "seeds" / "customer_billing.csv").open(encoding="utf-8")))
     for name, table, fields in (
         ("customers.csv", picked, list(rows[0])),
         ("subscriptions.csv", [s for s in subs if s["customer_id"] in keep], list(subs[0])),
         ("credits.csv", [g for g in grants if g["customer_id"] in keep], list(grants[0])),
         ("report_tokens.csv", [r for r in tokens if r["customer_id"] in keep], list(tokens[0])),
+        ("customer_billing.csv", [r for r in billing if r["customer_id"] in keep], list(billing[0])),
     ):
-        with (seeds / name).open("w", newline="") as f:
+        with (seeds / name).open("w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             w.writerows(table)
