@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from billing_dags.cli.common import CliError, console, emit, paths_of, require_customer
-from billing_dags.core.calendar import parse_month
+from billing_dags.core.calendar import next_month, parse_month, utc_today
 from billing_dags.operations.flags import _ack_key, _quantity, acknowledge, month_flags, read_acks
 
 
@@ -67,5 +67,8 @@ def cmd_ack(args) -> int:
         raise CliError(str(e)) from None
     for a in result["acknowledged"]:
         console.print(f"acknowledged {a['rule']} on {a['meter_id']} for {a['customer_id']} {a['month']} by {a['by']}: {a['reason']}")
-    console.print(f"rerun the month's invoices to finalize: billing run --month {month:%Y-%m} --no-ingest (or the invoices asset in the UI)")
+    if next_month(month) <= utc_today():
+        console.print(f"rerun the month's invoices to finalize: billing run --month {month:%Y-%m} --no-ingest (or the invoices asset in the UI)")
+    else:
+        console.print(f"{month:%Y-%m} has not ended: its invoice, drafted after the month ends, finalizes with this acknowledgement")
     return 0

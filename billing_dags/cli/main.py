@@ -7,18 +7,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.text import Text
 
 from billing_dags.billing.listing import invoice_rows
-from billing_dags.cli import disputes, flags, metrics, notifications, reports, retention, stripe, worker
+from billing_dags.cli import customer, disputes, flags, metrics, notifications, reports, retention, stripe, worker
 from billing_dags.cli import remote_write as remote_write_cli
-from billing_dags.cli.common import CliError, check_billable_month, console, emit, err_console, paths_of, require_customer, seeds_of
+from billing_dags.cli.common import (
+    CliError,
+    Parser,
+    add_global_options,
+    check_billable_month,
+    check_options,
+    console,
+    emit,
+    err_console,
+    month_hint,
+    paths_of,
+    print_table,
+    require_customer,
+    seeds_of,
+    subparsers_of,
+    table,
+)
 from billing_dags.cli.projection import emit_usage_report
 from billing_dags.cli.runs import run_invoices, run_month
 from billing_dags.core.calendar import days_in_month, last_complete_month, next_month, parse_month
@@ -135,7 +152,10 @@ def _load_invoice(paths: Paths, customer_id: str, month: date) -> dict:
     require_customer(paths, customer_id)
     f = paths.invoices / f"{month:%Y-%m}" / f"{customer_id}.json"
     if not f.exists():
-        raise CliError(f"no invoice for {customer_id} in {month:%Y-%m} under {f.parent}; run `billing run --month {month:%Y-%m}` first")
+        raise CliError(
+            f"no invoice for {customer_id} in {month:%Y-%m} under {f.parent}; "
+            + month_hint(month, paths.seeds_dir, then=f"`billing usage {customer_id} --month {month:%Y-%m}`")
+        )
     return json.loads(f.read_text())
 
 
@@ -146,13 +166,13 @@ def cmd_invoice(args) -> int:
     month = parse_month(args.month)
     doc = _load_invoice(paths, args.customer, month)
     if args.format == "table":
-        table = Table(title=f"{document_title(doc)} {doc['invoice_number']} ({doc['status']}) {doc['customer_id']} {doc['period_start']}..{doc['period_end']}")
-        for col in ("#", "description", "quantity", "unit", "unit price", "amount"):
-            table.add_column(col, justify="right" if col in ("#", "quantity", "unit price", "amount") else "left")
-        for line in doc["lines"]:
-            table.add_row(str(line["line_number"]), line["description"], line["quantity"], line["unit"], line["unit_price"], line["amount"])
-        table.add_row("", f"[bold]{total_label(doc).lower()}", "", "", "", f"[bold]{doc['total']} {doc['currency'].upper()}")
-        console.print(table)
+        rows: list[list] = [
+            [line["line_number"], line["description"], line["quantity"], line["unit"], line["unit_price"], line["amount"]] for line in doc["lines"]
+        ]
+        rows.append(["", Text(total_label(doc).lower(), style="bold"), "", "", "", Text(f"{doc['total']} {doc['currency'].upper()}", style="bold")])
+        title = f"{document_title(doc)} {doc['invoice_number']} ({doc['status']}) {doc['customer_id']} {doc['period_start']}..{doc['period_end']}"
+        cols = ["#", "description", "quantity", "unit", "unit price", "amount"]
+        print_table(table(cols, rows, title, right={"#", "quantity", "unit price", "amount"}))
     else:
         sys.stdout.write(render_invoice(doc, args.format))
     return 0
@@ -163,7 +183,7 @@ def cmd_invoices(args) -> int:
     month = parse_month(args.month)
     rows = invoice_rows(paths, month)
     if not rows:
-        raise CliError(f"no invoices for {month:%Y-%m} under {paths.invoices}; run `billing run --month {month:%Y-%m}` first")
+        raise CliError(f"no invoices for {month:%Y-%m} under {paths.invoices}; {month_hint(month, paths.seeds_dir)}")
     emit(rows, args.format, title=f"Invoices {month:%Y-%m}")
     return 0
 
@@ -191,7 +211,7 @@ def usage_rows(paths: Paths, customer_id: str, month: date) -> list[dict]:
                 {"customer": customer_id, "month": month},
             ).fetchall()
         except Exception:
-            raise CliError(f"no usage computed for {month:%Y-%m} in {paths.data_dir}; run `billing run --month {month:%Y-%m}` first") from None
+            raise CliError(f"no usage computed for {month:%Y-%m} in {paths.data_dir}; {month_hint(month, paths.seeds_dir)}") from None
     finally:
         con.close()
     return [
@@ -224,7 +244,7 @@ def cmd_usage(args) -> int:
         return emit_usage_report(paths, args.customer, month, args.format)
     rows = usage_rows(paths, args.customer, month)
     if not rows:
-        raise CliError(f"no usage for {args.customer} in {month:%Y-%m}; check the month, or run `billing run --month {month:%Y-%m}`")
+        raise CliError(f"no usage for {args.customer} in {month:%Y-%m}; check the month, or {month_hint(month, paths.seeds_dir)}")
     emit(rows, args.format, title=f"Usage of {args.customer} in {month:%Y-%m}")
     return 0
 
@@ -296,9 +316,8 @@ def cmd_sql(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="billing", description="Prometheus-native usage billing: exact usage, invoices, Stripe meter events.")
-    parser.add_argument("--data-dir", help="warehouse folder (default $BILLING_DATA_DIR or ./data)")
-    parser.add_argument("--seeds-dir", help="seeds folder (default $BILLING_SEEDS_DIR or ./seeds)")
+    parser = Parser(prog="billing", description="Prometheus-native usage billing: exact usage, invoices, Stripe meter events.")
+    add_global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def sim_args(p):
@@ -349,19 +368,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--limit", type=int, default=1000, help="rows to print at most (default 1000)")
     p.set_defaults(func=cmd_sql)
-    for commands in (stripe, remote_write_cli, disputes, retention, flags, reports, metrics, notifications, worker):
+    for commands in (customer, stripe, remote_write_cli, disputes, retention, flags, reports, metrics, notifications, worker):
         commands.register(sub)
+    for child in subparsers_of(parser):  # --data-dir and --seeds-dir after the command as well as before it
+        add_global_options(child, top=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    check_options(parser, sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except InputError as e:
         err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         return e.exit_code if isinstance(e, CliError) else 2
+    except BrokenPipeError:  # `billing ... | head`: the reader has gone, nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import date
 
-from billing_dags.cli.common import CliError, paths_of
+from billing_dags.cli.common import CliError, billable, paths_of
 from billing_dags.operations.reports import build_daily_summary, to_html, to_markdown, write_daily_summary
 
 
@@ -27,8 +27,22 @@ def cmd_daily(args) -> int:
     paths = paths_of(args)
     try:
         summary = build_daily_summary(paths, day)
-    except FileNotFoundError as e:
-        raise CliError(str(e)) from None
+    except FileNotFoundError:
+        raise CliError(f"no usage computed for {day} under {paths.models / 'fct_usage_by_day'}; {day_hint(paths, day)}") from None
     write_daily_summary(paths, summary)
     sys.stdout.write(to_markdown(summary) if args.format == "markdown" else to_html(summary))
     return 0
+
+
+def day_hint(paths, day: date) -> str:
+    """What computes a day's usage, right for the day: nothing yet (it has not ended), `billing run` for a month it
+    accepts, else the daily schedule or the Dagster UI."""
+    from billing_dags.core.calendar import utc_today
+
+    today = utc_today()
+    if day >= today:
+        return f"{day} has not ended yet (today is {today}); its usage is computed after it ends"
+    month = day.replace(day=1)
+    if not billable(month, paths.seeds_dir, today):
+        return f"the daily schedule computes each UTC day after it ends; or materialize fct_usage_by_day for {day} in the Dagster UI"
+    return f"materialize it with `billing run --month {month:%Y-%m}` (or fct_usage_by_day for {day} in the Dagster UI)"

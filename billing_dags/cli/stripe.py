@@ -6,7 +6,7 @@ import os
 import sys
 from datetime import UTC, date, datetime
 
-from billing_dags.cli.common import CliError, console, emit, paths_of
+from billing_dags.cli.common import CliError, billable, console, emit, month_hint, paths_of
 from billing_dags.core.calendar import month_days, parse_month
 from billing_dags.stripe.meters import StripeMeterError, send_days, sync_meters
 
@@ -84,9 +84,13 @@ def cmd_send(args) -> int:
     client = _client_from_env()
     summary, sender = send_days(paths, days, client, now=now, log=lambda m: print(m, file=sys.stderr), **options)
     if not summary:
-        console.print(
-            f"no outbox for {days[0]}{'' if len(days) == 1 else f' .. {days[-1]}'} in {paths.outbox}; run the stripe_outbox asset (billing run) first"
+        month = days[0].replace(day=1)
+        how = (
+            f"billing run --month {month:%Y-%m}"
+            if billable(month, paths.seeds_dir)
+            else "the daily schedule builds it after each UTC day ends; or materialize it for those days in the Dagster UI"
         )
+        console.print(f"no outbox for {days[0]}{'' if len(days) == 1 else f' .. {days[-1]}'} in {paths.outbox}; run the stripe_outbox asset ({how}) first")
         return 0
     emit(summary, args.format, title=f"Stripe meter events ({sender.mode})")
     if args.format == "table":
@@ -107,6 +111,8 @@ def cmd_reconcile(args) -> int:
 
     paths = paths_of(args)
     month = parse_month(args.month)
+    if not billable(month, paths.seeds_dir):  # a month with no invoices to reconcile, whatever is in the data dir
+        raise CliError(f"no invoices for {month:%Y-%m} to reconcile: {month_hint(month, paths.seeds_dir)}")
     client = _client_from_env()
     try:
         if client is None:

@@ -96,9 +96,15 @@ def build_dispute(paths: Paths, customer_id: str, month: date, *, meter_id: str 
         raise DisputeError(f"--by {by!r} is not one of hour, day")
     table = evidence(paths, customer_id, month, meter_id)
     if meter_id and not len(table):
+        from difflib import get_close_matches
+
+        from billing_dags.seeds.catalog import read_seed
+
+        close = get_close_matches(meter_id, read_seed(paths.seeds_dir, "meters").column("meter_id").to_pylist(), n=1)
         raise DisputeError(
-            f"no raw samples of meter {meter_id!r} for {customer_id} in {month:%Y-%m}; "
-            f"check the meter id (billing usage {customer_id} --month {month:%Y-%m} lists them)"
+            f"no raw samples of meter {meter_id!r} for {customer_id} in {month:%Y-%m}"
+            + (f"; did you mean {close[0]!r}?" if close else "")
+            + f" Check the meter id (billing usage {customer_id} --month {month:%Y-%m} lists them)"
         )
     con = duckdb.connect()
     try:
@@ -136,6 +142,8 @@ def build_dispute(paths: Paths, customer_id: str, month: date, *, meter_id: str 
         con.close()
     invoice = _read_invoice(paths, customer_id, month)
     lines = [l for l in (invoice or {}).get("lines", []) if not meter_id or l.get("meter_id") == meter_id]
+    if lines:
+        lines = with_allowances(lines, _partition_rows(_invoice_lines_file(paths, month), customer_id))
     dispute = Dispute(customer_id, month, meter_id, by, breakdown, totals, events, invoice, lines, evidence=table)
     dispute.tie_out = tie_out(paths, dispute)
     return dispute
@@ -144,6 +152,32 @@ def build_dispute(paths: Paths, customer_id: str, month: date, *, meter_id: str 
 def _rows(cursor) -> list[dict]:
     cols = [d[0] for d in cursor.description]
     return [dict(zip(cols, r)) for r in cursor.fetchall()]
+
+
+def _invoice_lines_file(paths: Paths, month: date) -> Path:
+    return partition_file(paths, load_project().models["fct_invoice_lines"], Window(month, next_month(month)))
+
+
+ALLOWANCE_KEYS = ("included_quantity", "billable_quantity")
+
+
+def with_allowances(invoice_lines: list[dict], recomputed_lines: list[dict]) -> list[dict]:
+    """The invoice's lines with the included and billable quantity of each (quantity - included = billable, the
+    quantity the price applies to). A line that states them keeps its own; otherwise they come from the recomputed
+    month's line (fct_invoice_lines) of the same number, type, meter and dimension, and only when that line bills
+    the same quantity (a finalized invoice that differs from the recomputed month keeps them unknown: None)."""
+    by_key = {
+        (r["line_number"], r["line_type"], r.get("meter_id") or "", r.get("dimension") or ""): r for r in recomputed_lines if r.get("quantity") is not None
+    }
+    out = []
+    for line in invoice_lines:
+        if all(k in line for k in ALLOWANCE_KEYS):
+            out.append(line)
+            continue
+        r = by_key.get((line["line_number"], line["line_type"], line.get("meter_id") or "", line.get("dimension") or ""))
+        same = r is not None and line.get("quantity") not in (None, "") and Decimal(line["quantity"]) == Decimal(r["quantity"])
+        out.append({**line, **{k: (_fmt(r[k]) if same and r[k] is not None else None) for k in ALLOWANCE_KEYS if k not in line}})
+    return out
 
 
 def _read_invoice(paths: Paths, customer_id: str, month: date) -> dict | None:
@@ -156,7 +190,8 @@ def tie_out(paths: Paths, dispute: Dispute) -> dict:
     end = next_month(dispute.month)
     models = load_project().models
     recomputed: dict[str, Decimal] = {}
-    for r in _partition_rows(partition_file(paths, models["fct_usage_by_month"], Window(dispute.month, end)), dispute.customer_id):
+    month_file = partition_file(paths, models["fct_usage_by_month"], Window(dispute.month, end))
+    for r in _partition_rows(month_file, dispute.customer_id):
         if r["usage"] is not None:
             recomputed[r["meter_id"]] = recomputed.get(r["meter_id"], Decimal(0)) + r["usage"]
     meters = {}
@@ -166,11 +201,12 @@ def tie_out(paths: Paths, dispute: Dispute) -> dict:
         got = t["increase"] or Decimal(0)
         want = recomputed.get(t["meter_id"])
         meters[t["meter_id"]] = {"raw": got, "recomputed": want, "ties_out": want is not None and got == want}
-    result: dict = {"meters": meters}
+    # a month not computed yet has nothing to tie out against: that is not a difference
+    result: dict = {"month_computed": month_file.exists(), "meters": meters}
     if dispute.invoice:
         lines = [
             l
-            for l in _partition_rows(partition_file(paths, models["fct_invoice_lines"], Window(dispute.month, end)), dispute.customer_id)
+            for l in _partition_rows(_invoice_lines_file(paths, dispute.month), dispute.customer_id)
             if not dispute.meter_id or l["meter_id"] == dispute.meter_id
         ]
         result["invoice_vs_recomputed"] = invoice_vs_recomputed(paths, dispute.invoice, dispute.lines, lines)
