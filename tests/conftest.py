@@ -2,7 +2,10 @@
 
 `make test` runs the suite on several workers (pytest-xdist, ``--dist loadgroup``): a test that uses a
 fixture built once for many tests (session or module scope, defined here or in its module) runs on the
-worker that holds that fixture, so nothing expensive is built twice (see ``pytest_collection_modifyitems``)."""
+worker that holds that fixture, so nothing expensive is built twice (see ``pytest_collection_modifyitems``).
+A new expensive setup shared by several tests: make it a fixture of module (or session) scope that builds
+a template once, and a function-scoped fixture that copies it into the test's tmp_path (as test_security_sql's
+``built``/``wh`` do); its tests are then scheduled on one worker by themselves."""
 
 from __future__ import annotations
 
@@ -34,6 +37,25 @@ def pytest_collection_modifyitems(config, items):
                 module = module or item.nodeid.split("::")[0]
         if session or module:
             item.add_marker(pytest.mark.xdist_group(session or module))
+            if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
+                _suffix_group(item, session or module)
+
+
+def _suffix_group(item, group: str) -> None:
+    """Append ``@group`` to the test's id, which is what xdist's loadgroup scheduler reads. xdist's own
+    hook does it by setting ``item._nodeid``; since pytest 9.2 a node's id lives in ``item._id`` (a
+    ``NodeId``), so that suffix never reached the scheduler: every test was a unit of its own and a
+    fixture of module or session scope was built on both workers (the Dagster instance, each shared
+    month). Setting ``_id`` (or ``_nodeid`` on an older pytest) here fixes that for our groups."""
+    nodeid = item.nodeid
+    if nodeid.endswith("@" + group):
+        return
+    if hasattr(item, "_id"):
+        from _pytest.nodeid import NodeId
+
+        item._id = NodeId.parse(f"{nodeid}@{group}")
+    else:
+        item._nodeid = f"{nodeid}@{group}"
 
 
 @pytest.fixture
