@@ -17,11 +17,23 @@ from seed_copies import copy_small_seeds
 from billing_dags.core.settings import resolve_paths
 
 
+def pytest_configure(config):
+    """Under ``--dist loadgroup`` the controller hands out the groups in the order of the collection,
+    which pytest_collection_modifyitems below sets (xdist's own reordering, by number of tests per
+    group, would queue the Dagster instance's few long tests behind bigger groups of quick ones)."""
+    if getattr(config.option, "dist", "no") == "loadgroup":
+        config.option.loadscopereorder = False
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Group the tests of each shared fixture for xdist's loadgroup: those of a session-scoped fixture
     of ours (e.g. ``dagster_server``) under its name, those of a module-scoped one under their module.
-    Without xdist the marks change nothing."""
+    Under loadgroup the longest work goes first, so that both workers finish together: the session
+    groups, then the module groups (most tests first), then every other test in collection order.
+    Without xdist nothing changes."""
+    loadgroup = getattr(config.option, "loadgroup", False)  # an xdist worker under --dist loadgroup
+    tiers: dict[str, tuple[int, int]] = {}
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
         if info is None:
@@ -37,8 +49,17 @@ def pytest_collection_modifyitems(config, items):
                 module = module or item.nodeid.split("::")[0]
         if session or module:
             item.add_marker(pytest.mark.xdist_group(session or module))
-            if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
+            if loadgroup:
                 _suffix_group(item, session or module)
+                tier = tiers.setdefault(session or module, (0 if session else 1, 0))
+                tiers[session or module] = (tier[0], tier[1] - 1)  # more tests, earlier
+    if loadgroup:
+
+        def rank(item) -> tuple[int, int]:
+            group = item.nodeid.rpartition("@")[2] if "@" in item.nodeid else None
+            return tiers.get(group, (2, 0))
+
+        items.sort(key=rank)  # stable: a group's tests, and the rest, keep their order
 
 
 def _suffix_group(item, group: str) -> None:
