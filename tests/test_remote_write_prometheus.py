@@ -45,7 +45,7 @@ class Receiver:
     def start(self) -> None:
         with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: requests.get(self.url + "/-/ready", timeout=1).ok, 20, "the receiver")
+        wait_for(lambda: requests.get(self.url + "/-/ready", timeout=1).ok, 60, "the receiver")  # a wait on a condition: 60 s only on a loaded machine
 
     def samples(self) -> float:
         text = requests.get(self.url + "/metrics", timeout=2).text
