@@ -10,13 +10,13 @@ export DAGSTER_HOME := $(CURDIR)/.dagster
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv
-	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[test]'
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[test,celery]'
 	touch $(STAMP)
 
 # the linters: a stamp of their own, so `make test` does not install them
 LINT_STAMP := $(VENV)/.installed-lint
 $(LINT_STAMP): $(STAMP)
-	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[test,lint]'
+	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[test,celery,lint]'
 	touch $(LINT_STAMP)
 
 install: $(STAMP)

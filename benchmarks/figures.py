@@ -18,7 +18,7 @@ DEFAULT_OUT = PROJECT_ROOT / "benchmarks" / "out"
 
 @dataclass(frozen=True)
 class Figure:
-    item: int  # the figure's number (1-9, as in benchmarks/README.md)
+    item: int  # the figure's number (as in benchmarks/README.md)
     figure: str  # what is measured, with the workload
     ours: str  # our value, formatted with its unit
     reference: str  # the side-by-side reference ("-" when the target has none)

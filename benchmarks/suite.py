@@ -3,7 +3,8 @@
 Runs each benchmark module's ``figures()`` in turn — the daily models against a plain DuckDB
 scan (items 1, 2, 3, 8), the monthly stage (4), our remote-write receiver against Prometheus's
 own (5), the Prometheus pull against Prometheus's evaluation time (6), a 30-day backfill two
-partitions at a time against one at a time (7), `billing demo` against a reference commit (9) — and prints one table: figure, our value, the
+partitions at a time against one at a time (7), `billing demo` against a reference commit (9), a month of
+Stripe meter events sent concurrently and through the v2 stream against the sequential sender (10) — and prints one table: figure, our value, the
 side-by-side reference measured in the same run, the ratio, the target and whether it holds.
 
 --full (what `make bench` runs, by hand, about 15-20 minutes with cached workloads) uses the
@@ -40,9 +41,12 @@ MODULES = {
     "prometheus_pull": (6,),
     "backfill": (7,),
     "demo_month": (9,),
+    "stripe_send": (10,),
 }
+#: every item number
+ITEMS = sorted({i for covers in MODULES.values() for i in covers})
 #: figures about correctness, not speed: they must hold at any size, quick mode included
-CORRECTNESS = {2, 3, 7, 9}
+CORRECTNESS = {2, 3, 7, 9, 10}
 
 
 def machine() -> str:
@@ -81,19 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--full", action="store_true", help="the standard workloads (by hand; `make bench`)")
     mode.add_argument("--quick", action="store_true", help="small sizes, a smoke run (the default; `make bench-quick`)")
-    ap.add_argument("--only", help="comma-separated item numbers, e.g. --only 1,5 (default: all of 1-9)")
+    ap.add_argument("--only", help=f"comma-separated item numbers, e.g. --only 1,5 (default: all of {ITEMS[0]}-{ITEMS[-1]})")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"cache and scratch folder (default {DEFAULT_OUT})")
     ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     ap.add_argument("--markdown", type=Path, help="also write the table as Markdown (for the README) to this file")
     args = ap.parse_args(argv)
-    items = set(range(1, 10))
+    items = set(ITEMS)
     if args.only:
         try:
             items = {int(x) for x in args.only.split(",") if x.strip()}
         except ValueError:
-            ap.error(f"--only {args.only!r}: give item numbers 1-9 separated by commas, e.g. --only 1,5")
-        if not items or not items <= set(range(1, 10)):
-            ap.error(f"--only {args.only!r}: item numbers are 1-9")
+            ap.error(f"--only {args.only!r}: give item numbers {ITEMS[0]}-{ITEMS[-1]} separated by commas, e.g. --only 1,5")
+        if not items or not items <= set(ITEMS):
+            ap.error(f"--only {args.only!r}: item numbers are {ITEMS[0]}-{ITEMS[-1]}")
     quick = not args.full
     console = Console(width=160)
     started = datetime.now(UTC)

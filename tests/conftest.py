@@ -86,7 +86,7 @@ def data_dir(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     (tmp_path / "dagster_home").mkdir()
     (tmp_path / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    for var in ("PROMETHEUS_URL", "STRIPE_API_KEY", "STRIPE_API_BASE"):
+    for var in ("PROMETHEUS_URL", "STRIPE_API_KEY", "STRIPE_API_BASE", "STRIPE_METER_API", "STRIPE_CONCURRENCY", "STRIPE_RATE_LIMIT", "BILLING_EXECUTOR"):
         monkeypatch.delenv(var, raising=False)
     return d
 
@@ -117,3 +117,12 @@ def dagster_server(tmp_path_factory):
         run = server.wait_run(server.launch_run("refresh_seeds_and_views"), 600)
         assert run["status"] == "SUCCESS", server.run_errors(run["id"])
         yield server
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    """Requests to the local test servers go straight to 127.0.0.1, whatever proxy the environment names."""
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")

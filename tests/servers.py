@@ -116,7 +116,18 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 15) -> Non
 # --------------------------------------------------------------------------- a real Dagster instance
 
 #: variables of the developer's shell that would point the instance at real systems
-_ISOLATED = ("PROMETHEUS_URL", "STRIPE_API_KEY", "STRIPE_API_BASE", "BILLING_USAGE_EVENTS_DSN", "DAGSTER_HOME", "BILLING_DATA_DIR", "BILLING_SEEDS_DIR")
+_ISOLATED = (
+    "PROMETHEUS_URL",
+    "STRIPE_API_KEY",
+    "STRIPE_API_BASE",
+    "BILLING_USAGE_EVENTS_DSN",
+    "DAGSTER_HOME",
+    "BILLING_DATA_DIR",
+    "BILLING_SEEDS_DIR",
+    "BILLING_EXECUTOR",
+    "BILLING_CELERY_BROKER",
+    "BILLING_CELERY_BACKEND",
+)
 
 _READY = """
 {

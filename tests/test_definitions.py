@@ -66,7 +66,10 @@ SEED_ASSETS = {
     "seed_anomaly_rules",
     "seed_credits",
     "seed_currencies",
+    "seed_customer_billing",
     "seed_customers",
+    "seed_issuer",
+    "seed_meter_display",
     "seed_meters",
     "seed_plans",
     "seed_price_tiers",
@@ -74,10 +77,12 @@ SEED_ASSETS = {
     "seed_report_fields",
     "seed_report_tokens",
     "seed_subscriptions",
+    "seed_tax_rates",
     "seed_units",
 }
 #: everything the code location defines, by name: loading the defs folder finds exactly these
 EXPECTED_ASSETS = SEED_ASSETS | {
+    "allowance_notifications",
     "billing_metrics_textfile",
     "daily_summary",
     "dim_subscription_periods_by_month",
@@ -121,11 +126,13 @@ EXPECTED_CHECKS = {
     "invoices:critical_flags_acknowledged",
     "invoices:every_customer_invoiced",
     "invoices:total_equals_sum_of_lines",
+    "stripe_meter_events:reconciled_with_invoices",
     "usage_events:event_ids_unique_across_days",
     "usage_reports:event_ids_unique_across_days",
 }
 EXPECTED_JOBS = {
     "daily_usage": {
+        "allowance_notifications",
         "daily_summary",
         "fct_anomaly_flags_by_day",
         "int_gauge_peaks_by_day",
@@ -172,7 +179,7 @@ def test_the_code_location_defines_exactly_these_assets_checks_jobs_schedules_an
     assert jobs == EXPECTED_JOBS
     assert {s.name: s.job_name for s in repo.schedule_defs} == EXPECTED_SCHEDULES
     assert {s.name for s in repo.sensor_defs} == EXPECTED_SENSORS
-    # every run of every job runs its steps in the run's own process
+    # by default (BILLING_EXECUTOR unset) every run of every job runs its steps in the run's own process
     assert {j.executor_def.name for j in repo.get_all_jobs()} == {"in_process"}
 
 

@@ -26,8 +26,14 @@ LAYERS = {
     "defs": 7,
     "definitions": 7,
 }
-#: third-party packages only the top knows: Dagster (defs, and the CLI to run jobs), argparse and rich (the CLI)
-TOP_ONLY = {"dagster": {"defs", "definitions", "cli"}, "argparse": {"cli"}, "rich": {"cli"}}
+#: third-party packages only the top knows: Dagster and its Celery and Kubernetes executors (defs, and the CLI to
+#: run jobs and workers), argparse and rich (the CLI)
+TOP_ONLY = {
+    "dagster": {"defs", "definitions", "cli"},
+    **{lib: {"defs", "definitions", "cli"} for lib in ("dagster_celery", "dagster_k8s", "celery", "kombu", "redis")},
+    "argparse": {"cli"},
+    "rich": {"cli"},
+}
 
 
 def _module(path: Path) -> str:

@@ -274,6 +274,7 @@ def test_late_events_request_the_models_reading_them_and_their_downstream_not_th
     ]
     assert request.partition_key_range == dg.PartitionKeyRange("2026-05-04", "2026-05-05")
     assert sorted(k.to_user_string() for k in request.asset_selection) == [
+        "allowance_notifications",
         "daily_summary",
         "fct_anomaly_flags_by_day",
         "fct_usage_30d_by_day",

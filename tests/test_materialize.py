@@ -63,13 +63,15 @@ def month_run(tmp_path_factory):
     keep = {r["customer_id"] for r in picked}
     grants = list(csv.DictReader((PROJECT_ROOT / "seeds" / "credits.csv").open()))
     tokens = list(csv.DictReader((PROJECT_ROOT / "seeds" / "report_tokens.csv").open()))
+    billing = list(csv.DictReader((PROJECT_ROOT / "seeds" / "customer_billing.csv").open(encoding="utf-8")))
     for name, table, fields in (
         ("customers.csv", picked, list(rows[0])),
         ("subscriptions.csv", [s for s in subs if s["customer_id"] in keep], list(subs[0])),
         ("credits.csv", [g for g in grants if g["customer_id"] in keep], list(grants[0])),
         ("report_tokens.csv", [r for r in tokens if r["customer_id"] in keep], list(tokens[0])),
+        ("customer_billing.csv", [r for r in billing if r["customer_id"] in keep], list(billing[0])),
     ):
-        with (seeds / name).open("w", newline="") as f:
+        with (seeds / name).open("w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             w.writerows(table)
@@ -148,7 +150,7 @@ def test_stripe_outbox_has_one_event_per_customer_meter_day_and_flags_old_days(m
     rows = pq.read_table(paths.outbox / f"date={DAYS[5]}" / "outbox.parquet").to_pylist()
     # February 2026 is more than 35 days ago: Stripe would refuse it, so it is flagged, never sent
     assert rows and {r["status"] for r in rows} == {"too_old"}
-    keys = [(r["customer_id"], r["meter_id"]) for r in rows]
+    keys = [(r["customer_id"], r["meter_id"], r["dimension"]) for r in rows]
     assert len(keys) == len(set(keys))
     assert len({r["identifier"] for r in rows}) == len(rows)
 

@@ -41,12 +41,12 @@ def built(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("template")
     seeds = root / "seeds"
     shutil.copytree(PROJECT_ROOT / "seeds", seeds)
-    for name in ("customers.csv", "subscriptions.csv", "credits.csv", "report_tokens.csv"):
-        with (seeds / name).open(newline="") as f:
+    for name in ("customers.csv", "subscriptions.csv", "credits.csv", "report_tokens.csv", "customer_billing.csv"):
+        with (seeds / name).open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             rows = [r for r in reader if r["customer_id"] == CUSTOMER]
             fields = reader.fieldnames
-        with (seeds / name).open("w", newline="") as f:
+        with (seeds / name).open("w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             w.writerows(rows)

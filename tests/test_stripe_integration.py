@@ -117,14 +117,6 @@ def all_rows(paths: Paths, days: list[date]) -> list[dict]:
 
 
 @pytest.fixture
-def no_proxy(monkeypatch):
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
-@pytest.fixture
 def server(no_proxy):
     with StripeServer(now=NOW, api_key=API_KEY) as s:
         yield s
@@ -159,24 +151,30 @@ def test_sync_meters_creates_missing_once_then_is_a_no_op(server):
         server.add_meter(f"other_{i:03d}")
     right = server.add_meter("proxy_bytes", display_name="named by hand")
     wrong = server.add_meter("proxy_submits", event_time_window=None, formula="count")
+    # a level meter made as `sum` (as every meter used to be): Stripe would add the daily peaks
+    summed_peaks = server.add_meter("iot_devices", formula="sum")
     client = client_for(server)
 
     first = sync_meters(client, seeds_meters)
     by_event = {i.event_name: i for i in first.items}
+    assert by_event["iot_devices"].action == "conflicting" and by_event["iot_devices"].stripe_meter_id == summed_peaks["id"]
+    assert "formula is 'sum', needs 'last'" in by_event["iot_devices"].detail
     assert by_event["proxy_bytes"].action == "existing" and by_event["proxy_bytes"].stripe_meter_id == right["id"]
     conflict = by_event["proxy_submits"]
     assert conflict.action == "conflicting" and conflict.stripe_meter_id == wrong["id"]
     assert "event_time_window is None, needs 'day'" in conflict.detail and "formula is 'count', needs 'sum'" in conflict.detail
-    assert first.by_action() == {"existing": 1, "conflicting": 1, "created": len(wanted) - 2}
+    assert first.by_action() == {"existing": 1, "conflicting": 2, "created": len(wanted) - 3}
     assert not first.ok
     lists = [r for r in server.requests if r.method == "GET" and r.path == "/v1/billing/meters"]
     assert len(lists) == 2 and lists[1].form.get("starting_after")  # paginated
     # the conflicting meter was never modified (meters are immutable)
     assert server.meters[wrong["id"]] == wrong
     creates = [r for r in server.requests if r.method == "POST" and r.path == "/v1/billing/meters"]
-    assert len(creates) == len(wanted) - 2 and all(r.status == 200 and r.idempotency_key for r in creates)
+    assert len(creates) == len(wanted) - 3 and all(r.status == 200 and r.idempotency_key for r in creates)
+    aggregation = {m["stripe_event_name"]: m["aggregation"] for m in seeds_meters}
     for r in creates:
-        assert r.form["default_aggregation[formula]"] == "sum"
+        want = "last" if aggregation[r.form["event_name"]] in ("max", "avg", "unit_months") else "sum"
+        assert r.form["default_aggregation[formula]"] == want
         assert r.form["event_time_window"] == "day"
         assert r.form["customer_mapping[event_payload_key]"] == "stripe_customer_id"
         assert r.form["customer_mapping[type]"] == "by_id"
@@ -187,7 +185,7 @@ def test_sync_meters_creates_missing_once_then_is_a_no_op(server):
 
     n_requests = len(server.requests)
     second = sync_meters(client, seeds_meters)
-    assert second.by_action() == {"existing": len(wanted) - 1, "conflicting": 1}
+    assert second.by_action() == {"existing": len(wanted) - 2, "conflicting": 2}
     assert not [r for r in server.requests[n_requests:] if r.method == "POST"]
     assert len([m for m in server.meters.values() if m["event_name"] == "proxy_bytes"]) == 1
 
@@ -296,25 +294,30 @@ def test_500s_429s_and_a_timeout_are_retried_without_duplicates(server, outbox_p
     synced(server)
     days = MONTH[-2:]
     n = fill_outbox(outbox_paths, days)
-    # the first event meets: 500, 500 (the library retries), 429, 429 (the sender retries after
-    # Retry-After), then a response held back past the client's timeout (the library retries and
-    # the server replays the saved response for the same Idempotency-Key)
-    server.fail_next(2, status=500)
-    server.rate_limit_next(2, retry_after=2)
-    server.delay_next(1.5)
+    first = ob.read_outbox(outbox_paths, days[0])[0]["identifier"]
+    # one event meets: 500, 500 (the library retries), 429, 429 (the sender retries its pair after
+    # Retry-After while the other pairs carry on), then a response held back past the client's
+    # timeout (the library retries and the server replays the saved response for the same key)
+    server.fail_next(2, status=500, identifier=first)
+    server.rate_limit_next(2, retry_after=2, identifier=first)
+    server.delay_next(1.5, identifier=first)
     sleeps: list[float] = []
     client = client_for(server, max_network_retries=3, timeout_s=0.5)
     _, sender = send_days(outbox_paths, days, client, now=NOW, sleep=sleeps.append)
     rows = all_rows(outbox_paths, days)
     assert {r["status"] for r in rows} == {"sent"} and sender.stats["sent"] == n
-    assert sleeps == [2.0, 2.0]  # Retry-After honoured (it exceeds the 0.5 s / 1 s backoff)
-    first = rows[0]["identifier"]
+    assert sender.backoffs == [2.0, 2.0]  # Retry-After honoured (it exceeds the 0.5 s / 1 s backoff)
+    assert sum(sleeps) <= 4.0  # the sender waited (virtually) only once nothing else was left to send
     attempts = [p for p in server.event_posts() if p.form["identifier"] == first]
     assert [p.status for p in attempts] == [500, 500, 429, 429, 200, 200]
     assert [p.replayed for p in attempts] == [False] * 5 + [True]
     assert {p.idempotency_key for p in attempts} == {first}  # one key across every attempt
+    # the other events did not wait for it: they were all sent before its second 429 was retried
+    order = [p.form["identifier"] for p in server.event_posts() if p.status == 200]
+    assert order.index(first) >= n - 2
     # one accepted event per identifier, nothing twice
     assert len(server.events) == n == len({e.identifier for e in server.events})
+    assert server.concurrent_rejections == 0
     for event_name in ("bd_api_calls", "bd_devices"):
         assert server.window_values(event_name) == {(r["stripe_customer_id"], r["day"]): r["value"] for r in rows if r["event_name"] == event_name}
 
@@ -457,7 +460,10 @@ def _write_seed_outbox(paths: Paths, day: date) -> list[dict]:
     from billing_dags.seeds.catalog import load_seeds
 
     seeds = load_seeds(paths.seeds_dir)
-    customers, meters = seeds["customers"].to_pylist(), seeds["meters"].to_pylist()
+    customers = seeds["customers"].to_pylist()
+    # meters priced as a whole (sync-meters makes one Stripe meter per priced dimension)
+    whole = {p["meter_id"] for p in seeds["prices"].to_pylist() if not p["dimension"]}
+    meters = [m for m in seeds["meters"].to_pylist() if m["meter_id"] in whole]
     usage = [
         {"day": day, "customer_id": c["customer_id"], "meter_id": m["meter_id"], "dimension": "", "kind": "counter", "usage": Decimal(10 + i)}
         for i, c in enumerate(customers)
@@ -543,13 +549,15 @@ def test_a_rate_limit_that_outlasts_the_retries_fails_the_row_and_a_wrong_key_st
     synced(server)
     day = MONTH[-1]
     n = fill_outbox(outbox_paths, [day])
-    server.rate_limit_next(3, retry_after=100)
+    throttled = ob.read_outbox(outbox_paths, day)[0]["identifier"]
+    server.rate_limit_next(3, retry_after=100, identifier=throttled)
     sleeps: list[float] = []
     _, sender = send_days(outbox_paths, [day], client_for(server), now=NOW, sleep=sleeps.append, retries=2)
     rows = ob.read_outbox(outbox_paths, day)
-    assert sleeps == [30.0, 30.0] and rows[0]["status"] == "failed" and "429" in rows[0]["last_error"]
+    assert sender.backoffs == [30.0, 30.0] and rows[0]["status"] == "failed" and "429" in rows[0]["last_error"]
     assert sender.stats["sent"] == n - 1 and sender.stats["retried"] == 2
-    # a wrong key: the first 401 stops the run, the key is not in the stored error
+    # a wrong key: the first 401 stops the run (one request: nothing else is in flight before a
+    # first success), the key is not in the stored error
     fill_outbox(outbox_paths, [MONTH[-2]])
     wrong = "sk_test_51WrongKeyAlsoNeverStored987654321"
     before = len(server.event_posts())

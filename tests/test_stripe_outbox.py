@@ -187,6 +187,10 @@ def test_build_outbox_sums_dimensions_and_skips_non_stripe():
         "attempts": 0,
         "last_error": None,
         "stripe_response_id": None,
+        "dimension": "",
+        "unit_decimals": 0,
+        "stripe_value": None,
+        "formula": "sum",
     }
     assert day_timestamp(DAY) == int(datetime(2025, 3, 10, tzinfo=UTC).timestamp())
     # deterministic whatever the input order
@@ -368,14 +372,6 @@ class FakeStripe(HandlerServer):
                 pass
 
         super().__init__(Handler)
-
-
-@pytest.fixture
-def no_proxy(monkeypatch):
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
 
 
 def test_http_round_trip_retries_with_the_same_idempotency_key(no_proxy):

@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import date, datetime
+from dataclasses import asdict, dataclass
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from billing_dags.billing import credits as _credits
@@ -35,7 +35,8 @@ from billing_dags.billing.settlement import adjustment_document, open_adjustment
 from billing_dags.billing.store import PENDING_DIR
 from billing_dags.core.money import MoneyError, format_decimal, format_minor, format_price, parse_minor
 from billing_dags.core.settings import DEFAULT_GRACE_DAYS, Paths
-from billing_dags.seeds.catalog import OUTSIDE_SUBSCRIPTION_RULES, SAFE_ID_RE
+from billing_dags.seeds.catalog import OUTSIDE_SUBSCRIPTION_RULES, SAFE_ID_RE, load_invoice_profile
+from billing_dags.seeds.invoicing import ISSUER_FILE, InvoiceProfile
 
 DISPUTE_DAYS = 30
 
@@ -55,6 +56,7 @@ class _Month:
     plan_names: dict[tuple[Any, int], Any]
     held: dict[str, str]
     numbers: Mapping[str, str] | None = None
+    profile: InvoiceProfile | None = None
 
 
 @contextmanager
@@ -80,6 +82,7 @@ def build_invoices(
     paths: Paths | None = None,
     grants: Iterable[_credits.Grant] = (),
     held: Mapping[str, str] | None = None,
+    profile: InvoiceProfile | None = None,
 ) -> list[dict]:
     """One JSON-ready invoice per customer that has lines in ``month`` (fct_invoice_lines rows), in customer_id order.
 
@@ -99,10 +102,18 @@ def build_invoices(
 
     With ``paths``, a customer of ``customers`` without lines in ``month`` but with open adjustments of
     earlier invoices gets an adjustment invoice (or credit note) of ``month`` among the returned invoices.
+
+    ``profile`` (issuer, bill-to, payment terms, tax rates, meter names; read from ``paths.seeds_dir``
+    when not given and ``paths`` is, if it has ``issuer.csv``) adds the issuer and bill-to blocks, issue and due dates, the tax
+    line and the meters' names; without either, invoices have none of them.
     """
     with _as_invoice_error():
         grants = list(grants)
         ctx = _month_context(customers, plans, currencies, month, now, grace_days, manifest, held)
+        if profile is None and paths is not None and (paths.seeds_dir / ISSUER_FILE).exists():
+            # the seed assets require the file; a seeds folder made by hand without it gives invoices without these blocks
+            profile = load_invoice_profile(paths.seeds_dir)
+        ctx.profile = profile
         grouped = _grouped_lines(lines, ctx)
         # every stored invoice and pending adjustment under paths.invoices, listed once (not a glob per customer)
         stored_index = _credits.StoredInvoices(paths.invoices, PENDING_DIR) if paths is not None else None
@@ -260,6 +271,8 @@ def _charges(ctx: _Month, cid: str, rows: list[Mapping]) -> tuple[list[dict], An
             "amount": format_minor(amount_minor, exp),
             "amount_minor": amount_minor,
         }
+        if line_type == "usage":
+            out.update(_usage_details(r, ctx.profile, where))
         out["formula"] = _formula(r, out, cur, exp)
         out_lines.append(out)
     return out_lines, currency, plan_id, plan_version
@@ -273,7 +286,7 @@ def _customer_invoice(
     exp = ctx.exponents[currency]
     stored = stored_index.invoices(cid) if stored_index is not None else []
     adjustments = open_adjustments(paths, cid, ctx.month, stored, currency, exp, stored_index.pending(cid)) if stored_index is not None else []
-    settled = settle(out_lines, adjustments, grants, stored, ctx.month, currency, exp)
+    settled = settle(out_lines, adjustments, grants, stored, ctx.month, currency, exp, tax_rate=_tax_rate(ctx, cid))
     version = int(plan_version) if plan_version is not None else None
     return _document(ctx, cid, plan_id, version, ctx.plan_names.get((plan_id, version), plan_id), currency, exp, settled)
 
@@ -283,7 +296,7 @@ def _adjustment_invoice(ctx: _Month, cid: str, stored: list[dict], adjustments: 
     currency = ctx.customers[cid]["currency"]
     exp = ctx.exponents[currency]
     last = next((d for d in reversed(stored) if d["period_start"] < ctx.month.isoformat()), {})  # the plan of the last invoice
-    settled = settle([], adjustments, grants, stored, ctx.month, currency, exp, credit_note=True)
+    settled = settle([], adjustments, grants, stored, ctx.month, currency, exp, credit_note=True, tax_rate=_tax_rate(ctx, cid))
     return _document(
         ctx,
         cid,
@@ -318,16 +331,65 @@ def _document(ctx: _Month, cid: str, plan_id: Any, plan_version: Any, plan_name:
         "minor_unit_exponent": exp,
         "grace_days": ctx.grace_days,
         "finalized_on": ctx.finalized_on.isoformat() if customer_status == "finalized" else None,
+        **_parties(ctx, cid),
         **settled,
         "dispute_instructions": _dispute_text(number, customer_status, ctx.finalized_on),
         "manifest": ctx.manifest,
     }
 
 
+def _tax_rate(ctx: _Month, cid: str) -> dict | None:
+    """The customer's tax rate (tax_code, name, rate_percent, treatment, note), None without a profile."""
+    if ctx.profile is None:
+        return None
+    return asdict(ctx.profile.terms(cid, ctx.customers[cid].get("name")).tax)
+
+
+def payment_terms_text(days: int) -> str:
+    """``Due on receipt`` or ``Net 30 days``."""
+    return "Due on receipt" if days == 0 else f"Net {days} day" + ("s" if days != 1 else "")
+
+
+def _parties(ctx: _Month, cid: str) -> dict:
+    """Issuer and bill-to blocks, issue date (the finalization date: a draft shows the date it is to be
+    issued on), payment terms and due date. Nothing without a profile."""
+    if ctx.profile is None:
+        return {}
+    terms = ctx.profile.terms(cid, ctx.customers[cid].get("name"))
+    issued = ctx.finalized_on
+    return {
+        "issuer": ctx.profile.issuer.as_json(),
+        "bill_to": {"customer_id": cid, **terms.bill_to.as_json()},
+        "issue_date": issued.isoformat(),
+        "payment_terms_days": terms.payment_terms_days,
+        "payment_terms": payment_terms_text(terms.payment_terms_days),
+        "due_date": (issued + timedelta(days=terms.payment_terms_days)).isoformat(),
+    }
+
+
+def _usage_details(row: Mapping, profile: InvoiceProfile | None, where) -> dict:
+    """A usage line's exact allowance figures (included, billable, packages, tiers) and the meter's display name and unit."""
+    out: dict[str, Any] = {}
+    for key in ("included_quantity", "billable_quantity"):
+        if row.get(key) is not None:
+            out[key] = format_decimal(row[key], lambda key=key: f"{where()}: {key}")
+    if row.get("packages") is not None and row.get("package_size") is not None and int(row["package_size"]) > 1:
+        out["package_size"] = int(row["package_size"])
+        out["packages"] = int(row["packages"])
+    if row.get("tier_formula"):
+        out["tier_formula"] = str(row["tier_formula"])
+    shown = profile.meters.get(row.get("meter_id")) if profile is not None else None
+    if shown is not None:
+        out["meter_name"] = shown.name
+        out["display_unit"] = shown.unit
+        out["display_decimals"] = shown.decimals
+    return out
+
+
 def _formula(line: Mapping, out: dict, currency: str, exponent: int) -> str:
     """Human text showing how a line's amount comes about (exact figures; the amount is rounded half-up once)."""
     cur = currency.upper()
-    q, unit, price, amount = out["quantity"], out["unit"], out["unit_price"], out["amount"]
+    q, unit, price, amount = out["quantity"], out.get("display_unit") or out["unit"], out["unit_price"], out["amount"]
     if out["line_type"] == "base_fee":
         return f"{q} {unit} × {price} {cur} = {amount} {cur}"
     if out["line_type"] == "risk_adjustment":
@@ -341,6 +403,8 @@ def _formula(line: Mapping, out: dict, currency: str, exponent: int) -> str:
             head = f"{q} {unit} used − {format_decimal(included)} included = {format_decimal(billable)} {unit}"
             if packages is not None and package_size is not None and int(package_size) > 1:
                 return f"{head} → {format_decimal(packages)} packages of {format_decimal(package_size)} × {price} {cur} = {amount} {cur}"
+            if line.get("tier_formula"):
+                return f"{head}; tiers: {line['tier_formula']} = {amount} {cur}"
             return f"{head} × {price} {cur} per {unit} = {amount} {cur}"
         desc = out["description"]
         return f"{q} {unit} used; {desc}" if desc else f"{q} {unit} used at {price} {cur} per {unit}"

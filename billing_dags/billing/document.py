@@ -1,7 +1,7 @@
 """The invoice document: its schema version, statuses and line types, and what of it counts as the period's charges.
 
 An invoice's lines are the period's charges (from ``fct_invoice_lines``) followed by the lines the
-builder adds (``GENERATED_LINE_TYPES``: adjustments of earlier invoices, prepaid credits, a
+builder adds (``GENERATED_LINE_TYPES``: adjustments of earlier invoices, the tax line, prepaid credits, a
 carry-forward). Only the charges are compared when a finalized month is recomputed.
 """
 
@@ -19,7 +19,7 @@ STATUSES = ("draft", "finalized")
 #: charge line types fct_invoice_lines produces today; another safe identifier is accepted as a charge too
 LINE_TYPES = ("base_fee", "usage", "discount", "risk_adjustment", "minimum_charge")
 #: lines the invoice builder adds after the charges (never accepted from fct_invoice_lines)
-GENERATED_LINE_TYPES = ("adjustment", "credit", "carry_forward")
+GENERATED_LINE_TYPES = ("adjustment", "tax", "credit", "carry_forward")
 
 
 def safe_customer_id(value: Any, where: str) -> str:

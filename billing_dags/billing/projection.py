@@ -36,6 +36,7 @@ from datetime import date, timedelta
 from decimal import Decimal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from billing_dags.core.calendar import month_days, next_month, utc_today
@@ -142,6 +143,13 @@ def daily_partitions(paths: Paths, month: date) -> tuple[list[date], pa.Table | 
 # --- the projection ----------------------------------------------------------------------------
 
 
+def _only(table: pa.Table, customer_id: str) -> pa.Table:
+    """The rows of one customer of a seed table that has a customer_id column; other tables whole."""
+    if "customer_id" not in table.column_names:
+        return table
+    return table.filter(pc.equal(table["customer_id"], customer_id))
+
+
 def project_days(actual: pa.Table, month: date, computed: list[date], aggregations: dict[str, str]) -> pa.Table:
     """The actual daily rows plus synthetic rows for the missing days (see the module docstring)."""
     days = month_days(month)
@@ -220,8 +228,9 @@ class Projection:
         return len(self.computed_days)
 
 
-def project_month(paths: Paths, month: date, today: date | None = None) -> Projection:
-    """Month-to-date and projected usage and charges of every customer for the open ``month``.
+def project_month(paths: Paths, month: date, today: date | None = None, customer_id: str | None = None) -> Projection:
+    """Month-to-date and projected usage and charges of every customer (or only ``customer_id``) for the
+    open ``month``.
 
     Reads data/models and the seeds; writes nothing.
     """
@@ -237,6 +246,9 @@ def project_month(paths: Paths, month: date, today: date | None = None) -> Proje
             f"materialize the daily_usage job for the days of {month:%Y-%m} that have ended (e.g. in the Dagster UI)"
         )
     seeds = seed_tables(paths)
+    if customer_id is not None:  # one customer's rows only, from the start: nothing of another is priced
+        actual = actual.filter(pc.equal(actual["customer_id"], customer_id))
+        seeds = {name: _only(t, customer_id) for name, t in seeds.items()}
     meters = {m["meter_id"]: m for m in seeds["meters"].to_pylist()}
     aggregations = {k: m["aggregation"] for k, m in meters.items()}
     projected = project_days(actual, month, computed, aggregations)

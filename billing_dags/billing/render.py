@@ -1,25 +1,39 @@
-"""Rendering an invoice: canonical JSON (as stored), CSV, a self-contained printable HTML page, a plain-text table.
+"""Rendering an invoice: canonical JSON (as stored), CSV, a self-contained printable HTML page, its PDF, a plain-text table.
 
-Every renderer is deterministic: the same invoice gives the same bytes.
+Every renderer is deterministic: the same invoice gives the same bytes. The PDF is the HTML page
+(``templates/invoice.html``) laid out by WeasyPrint, so the two never disagree; its bytes also depend
+on the fonts installed (fontconfig), not on the time.
+
+The JSON keeps every quantity exact; the page shows quantities rounded to the meter's display decimals
+(``seeds/meter_display.csv``), with as many more decimals as it takes for the quantity shown times the
+unit price to give the amount shown.
 """
 
 from __future__ import annotations
 
+import calendar
 import csv
 import functools
 import html
 import io
+import os
 from collections.abc import Mapping
+from datetime import date, timedelta
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
-from billing_dags.billing.document import STATUSES
+from billing_dags.billing.document import GENERATED_LINE_TYPES, STATUSES
 from billing_dags.billing.errors import InvoiceError
+from billing_dags.billing.tax import TREATMENT_LABELS, rate_text
 from billing_dags.core import durable
 
 FORMATS = ("json", "csv", "html", "table")
+EN_DASH = "\u2013"
+#: the files of a stored invoice, in the order they are written
+FILE_FORMATS = ("json", "csv", "html", "pdf")
 TEMPLATES = Path(__file__).parent / "templates"
 
 CSV_COLUMNS = (
@@ -101,14 +115,25 @@ def _summary_rows(invoice: Mapping) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     if int(invoice.get("adjustments_minor") or 0):
         rows.append(("Adjustments of earlier invoices", invoice["adjustments"]))
+    tax = invoice.get("tax")
+    if tax:
+        rows.append((tax_summary_label(tax, invoice["currency"]), tax["amount"]))
     if int(invoice.get("credits_used_minor") or 0):
         rows.append(("Prepaid credits used", "-" + invoice["credits_used"]))
     if int(invoice.get("carried_forward_minor") or 0):
         rows.append(("Credit carried to the next invoice", invoice["carried_forward"]))
     if rows:
         rows.insert(0, ("Charges for the period", invoice["charges"]))
+        if tax and int(invoice.get("adjustments_minor") or 0):
+            rows.insert(2, ("Subtotal", invoice["subtotal"]))
     rows.append((total_label(invoice), invoice["total"]))
     return rows
+
+
+def tax_summary_label(tax: Mapping, currency: str) -> str:
+    """``VAT 19% on 71.61 USD`` or ``VAT 0% (reverse charge) on 180.00 USD``."""
+    label = TREATMENT_LABELS.get(tax["treatment"], tax["treatment"])
+    return f"{tax['name']} {rate_text(tax['rate_percent'])}" + (f" ({label})" if label else "") + f" on {tax['taxable']} {currency.upper()}"
 
 
 def _render_table(invoice: dict) -> str:
@@ -118,8 +143,15 @@ def _render_table(invoice: dict) -> str:
         f"Customer: {invoice['customer_name']} ({invoice['customer_id']})",
         f"Plan: {invoice.get('plan_name') or invoice['plan_id']} (v{invoice['plan_version']})",
         f"Period: {invoice['period_start']} to {invoice['period_end']} (exclusive, UTC)",
-        "",
     ]
+    if invoice.get("issuer"):
+        out.append(f"Issued by: {invoice['issuer']['name']}, VAT ID {invoice['issuer']['tax_id']}")
+    if invoice.get("bill_to"):
+        bill_to = invoice["bill_to"]
+        out.append(f"Bill to: {', '.join([bill_to['name'], *bill_to['address']])}" + (f", tax ID {bill_to['tax_id']}" if bill_to.get("tax_id") else ""))
+    if invoice.get("issue_date"):
+        out.append(f"Issue date: {invoice['issue_date']}; due {invoice['due_date']} ({invoice['payment_terms']})")
+    out.append("")
     header = ("#", "type", "description", "quantity", "unit", "unit price", f"amount {cur}")
     rows = [(str(l["line_number"]), l["line_type"], l["description"], l["quantity"], l["unit"], l["unit_price"], l["amount"]) for l in invoice["lines"]]
     summary = _summary_rows(invoice)
@@ -138,6 +170,8 @@ def _render_table(invoice: dict) -> str:
     out.append("  ".join("-" * w for w in widths))
     out.extend(fmt(r) for r in rows[len(rows) - 1 - n_sum : -1])
     out.append(fmt(rows[-1]))
+    if (invoice.get("tax") or {}).get("note"):
+        out.append(f"{invoice['tax']['name']}: {invoice['tax']['note']}")
     for c in invoice.get("credits") or []:
         out.append(
             f"Prepaid credit {c['grant_id']}: {c['available']} available, {c['used']} used, {c['remaining']} {cur} remaining"
@@ -155,19 +189,127 @@ def _escape(value: Any) -> str:
     return s
 
 
+def period_label(start: str, end: str) -> str:
+    """A half-open period [start, end) as people write it, with an en dash: ``1\u201330 November 2026``,
+    ``15 October \u2013 14 November 2026``."""
+    first, last = date.fromisoformat(start), date.fromisoformat(end) - timedelta(days=1)
+    if last < first:
+        return first.strftime(f"{first.day} %B %Y")
+    if (first.year, first.month) == (last.year, last.month):
+        return f"{first.day}{EN_DASH}{last.day} {calendar.month_name[first.month]} {first.year}"
+    if first.year == last.year:
+        return f"{first.day} {calendar.month_name[first.month]} {EN_DASH} {last.day} {calendar.month_name[last.month]} {last.year}"
+    return f"{first.day} {calendar.month_name[first.month]} {first.year} {EN_DASH} {last.day} {calendar.month_name[last.month]} {last.year}"
+
+
+def long_date(iso: str | None) -> str:
+    """``2026-12-04`` as ``4 December 2026``."""
+    if not iso:
+        return ""
+    d = date.fromisoformat(iso)
+    return f"{d.day} {calendar.month_name[d.month]} {d.year}"
+
+
+def group_digits(value: Decimal, decimals: int) -> str:
+    """``value`` rounded half-up to ``decimals`` places, with thousands separators: ``82,556``, ``18.99``."""
+    q = value.quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP)
+    return f"{q:,.{decimals}f}"
+
+
+def _round(value: Decimal, decimals: int) -> Decimal:
+    return value.quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP)
+
+
+def display_decimals(line: Mapping, exponent: int) -> int:
+    """The decimals a usage line's quantities are shown with: the meter's (``display_decimals``, default 2),
+    more if needed so that, as shown, used − included = billable and billable × unit price = amount."""
+    start = int(line.get("display_decimals", 2))
+    used = Decimal(line["quantity"])
+    included = Decimal(line.get("included_quantity") or 0)
+    billable = Decimal(line.get("billable_quantity") if line.get("billable_quantity") is not None else line["quantity"])
+    price = Decimal(line["unit_price"])
+    per_unit = "packages" not in line and "tier_formula" not in line
+    amount = Decimal(int(line["amount_minor"])).scaleb(-exponent)
+    for d in range(start, 10):
+        shown = _round(billable, d)
+        if _round(used, d) - _round(included, d) != shown:
+            continue
+        if per_unit and _round(shown * price, exponent) != amount:
+            continue
+        return d
+    return 9
+
+
+def _usage_row(line: Mapping, exponent: int) -> dict:
+    """What the page shows of a usage line: name, unit and the quantities at display precision."""
+    d = display_decimals(line, exponent)
+    unit = line.get("display_unit") or line["unit"]
+    billable = line.get("billable_quantity") if line.get("billable_quantity") is not None else line["quantity"]
+    price = line["unit_price"]
+    if "packages" in line:
+        how = f"{int(line['packages']):,} packages of {int(line['package_size']):,} {unit} × {price} = {line['amount']}"
+        price = f"{price} per {int(line['package_size']):,}"
+    elif "tier_formula" in line:
+        how = f"tiers: {line['tier_formula']} = {line['amount']}"
+        price = "tiered"
+    else:
+        how = ""
+    name = line.get("meter_name") or line["meter_id"]
+    return {
+        "name": f"{name} ({line['dimension']})" if line.get("dimension") else name,
+        "unit": unit,
+        "used": group_digits(Decimal(line["quantity"]), d),
+        "included": group_digits(Decimal(line.get("included_quantity") or 0), d),
+        "billable": group_digits(Decimal(billable), d),
+        "how": how,
+        "price": price,
+    }
+
+
 def _render_html(invoice: dict) -> str:
     """The self-contained printable page (``templates/invoice.html``); every value HTML-escaped."""
     status = invoice["status"] if invoice["status"] in STATUSES else "draft"
+    exp = int(invoice["minor_unit_exponent"])
     return _html_template().render(
         inv=invoice,
         title=document_title(invoice),
         total_label=total_label(invoice),
         status_class=status,
         cur=invoice["currency"].upper(),
-        usage=[l for l in invoice["lines"] if l["line_type"] == "usage"],
+        period=period_label(invoice["period_start"], invoice["period_end"]),
+        issue_date=long_date(invoice.get("issue_date")),
+        due_date=long_date(invoice.get("due_date")),
+        usage={l["line_number"]: _usage_row(l, exp) for l in invoice["lines"] if l["line_type"] == "usage"},
         summary=_summary_rows(invoice)[:-1],
+        tax=invoice.get("tax"),
+        generated=GENERATED_LINE_TYPES,
         manifest=invoice.get("manifest") or {},
     )
+
+
+PDF_SETTING = "BILLING_INVOICE_PDF"
+
+
+def pdf_wanted(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether invoice PDFs are written: ``BILLING_INVOICE_PDF`` ``1`` (the default) or ``0``. A PDF costs about
+    0.3 s of CPU to lay out; a stage that only measures or checks figures may turn it off."""
+    value = (os.environ if environ is None else environ).get(PDF_SETTING, "1").strip()
+    if value not in ("0", "1"):
+        raise InvoiceError(f"{PDF_SETTING}={value!r} must be 1 (write invoice PDFs, the default) or 0 (do not)")
+    return value == "1"
+
+
+def _render_pdf(invoice: dict) -> bytes:
+    """The HTML page laid out as a PDF by WeasyPrint (same template, same figures)."""
+    return pdf_from_html(_render_html(invoice))
+
+
+@functools.lru_cache(maxsize=8)
+def pdf_from_html(page: str) -> bytes:
+    """The PDF of an HTML page (the template is self-contained: it refers to no file or URL; every value in it is escaped)."""
+    import weasyprint  # imported when a PDF is made: it loads pango
+
+    return weasyprint.HTML(string=page).write_pdf()
 
 
 @functools.cache
@@ -186,9 +328,11 @@ def _html_template() -> jinja2.Template:
 
 
 def render_bytes(invoice: dict, fmt: str) -> bytes:
-    """The stored bytes of one of an invoice's files (json, csv or html)."""
+    """The stored bytes of one of an invoice's files (json, csv, html or pdf)."""
     if fmt == "json":
         return durable.canonical_json(invoice)
+    if fmt == "pdf":
+        return _render_pdf(invoice)
     return render_invoice(invoice, fmt).encode("utf-8")
 
 

@@ -15,6 +15,9 @@ Rules (decided here):
   the finalized invoice numbers). It follows the month: a draft while the month is, finalized
   with the month's invoices and numbered from the same gap-free series. A month already finalized
   by an earlier run issues no new one: a correction arriving after that goes to the next month's run.
+- **Tax** then: one ``tax`` line on the charges plus the recompute adjustments, at the customer's rate
+  (``billing_dags.billing.tax``: after discounts, before prepaid credits; a carried credit balance already
+  includes its tax and is not taxed again).
 - **Credits** then: prepaid grants drawn in expiry order against charges + adjustments (see
   ``billing_dags.billing.credits``: drafts draw in month order after every finalized draw), as negative
   ``credit`` lines; ``settle_drafts`` keeps the stored drafts of other months in step.
@@ -36,8 +39,8 @@ from billing_dags.billing.document import carried_adjustments, charge_lines
 from billing_dags.billing.errors import InvoiceError
 from billing_dags.billing.manifest import recompute_reason
 from billing_dags.billing.periods import checked_month, period_end
-from billing_dags.billing.render import render_bytes
-from billing_dags.billing.store import PENDING_DIR, invoice_files, read_pending, read_stored, withdraw, write_if_changed
+from billing_dags.billing.store import PENDING_DIR, invoice_files, read_pending, read_stored, withdraw, write_files
+from billing_dags.billing.tax import tax_block, tax_line
 from billing_dags.core import durable
 from billing_dags.core.money import format_minor, format_price
 from billing_dags.core.settings import Paths
@@ -139,11 +142,13 @@ def _settle(
     currency: str,
     exp: int,
     credit_note: bool = False,
+    tax_rate: Mapping | None = None,
 ) -> tuple[list[dict], dict]:
     """The lines after the charges (adjustments, credits, carry-forward) and the invoice's summary figures.
 
     ``drawn_before``: the stored invoices whose credit draws come first (``credits.drawn_before``).
-    A ``credit_note`` (an adjustment invoice) keeps a negative total: it is refunded, not carried."""
+    A ``credit_note`` (an adjustment invoice) keeps a negative total: it is refunded, not carried.
+    ``tax_rate`` (tax_code, name, rate_percent, treatment, note): the tax line's rate; None = no tax line."""
     cur = currency.upper()
     fmt = lambda m: format_minor(m, exp)  # noqa: E731
     ln = max((l["line_number"] for l in charges), default=0) + 1
@@ -165,9 +170,16 @@ def _settle(
         ln += 1
     adjustments_minor = sum(a["amount_minor"] for a in adjustments)
     subtotal = charges_minor + adjustments_minor
-    balances = _credits.balances_before(grants, drawn_before)
-    draws = _credits.draw(grants, balances, subtotal, month, end)
+    tax = None
     due = subtotal
+    if tax_rate is not None:
+        taxable = charges_minor + sum(a["amount_minor"] for a in adjustments if a["kind"] == "recompute")
+        tax = tax_block(dict(tax_rate), taxable, exp)
+        extra.append(tax_line(ln, tax, currency))
+        ln += 1
+        due += tax["amount_minor"]
+    balances = _credits.balances_before(grants, drawn_before)
+    draws = _credits.draw(grants, balances, due, month, end)
     for d in draws:
         g = d["grant"]
         until = f"usable through {(g.expires_on - timedelta(days=1)).isoformat()}" if g.expires_on else "no expiry"
@@ -200,7 +212,9 @@ def _settle(
                 exp,
                 unit="adjustment",
                 description="negative balance carried to the next invoice as a credit (a total is never below zero)",
-                formula=f"charges and adjustments {fmt(subtotal)} {cur} < 0: {fmt(carried_forward)} {cur} carried forward, total 0",
+                formula=f"charges and adjustments {fmt(subtotal)} {cur}"
+                + (f" and tax {fmt(tax['amount_minor'])} {cur}" if tax else "")
+                + f" < 0: {fmt(carried_forward)} {cur} carried forward, total 0",
             )
         )
         due = 0
@@ -229,6 +243,7 @@ def _settle(
         "adjustments_minor": adjustments_minor,
         "subtotal": fmt(subtotal),
         "subtotal_minor": subtotal,
+        **({"tax": tax} if tax is not None else {}),
         "credits_used": fmt(credits_used),
         "credits_used_minor": credits_used,
         "credits": credit_rows,
@@ -247,9 +262,11 @@ def settle(
     currency: str,
     exp: int,
     credit_note: bool = False,
+    tax_rate: Mapping | None = None,
 ) -> dict:
     """The lines (the charge lines ``charges``, then what ``_settle`` adds), summary figures and total of a
-    customer's invoice of ``month``; ``stored`` are the customer's stored invoices (credit draws of other months)."""
+    customer's invoice of ``month``; ``stored`` are the customer's stored invoices (credit draws of other months);
+    ``tax_rate``: the customer's rate (see ``_settle``), None for an invoice without a tax line."""
     charges_minor = sum(line["amount_minor"] for line in charges)
     extra, summary = _settle(
         charges,
@@ -262,6 +279,7 @@ def settle(
         currency,
         exp,
         credit_note,
+        tax_rate,
     )
     lines = [*charges, *extra]
     total_minor = sum(line["amount_minor"] for line in lines)
@@ -312,11 +330,10 @@ def settle_drafts(paths: Paths, month: date, invoices: Iterable[Mapping], grants
                 changed += withdraw(paths, start, cid)
                 del stored[position]
                 continue
-            settled = settle(charge_lines(doc), adjustments, own, stored, start, currency, exp, credit_note=bool(doc.get("document")))
+            settled = settle(charge_lines(doc), adjustments, own, stored, start, currency, exp, credit_note=bool(doc.get("document")), tax_rate=doc.get("tax"))
             new = {**doc, **settled}
             if doc.get("document"):
                 new.update(adjustment_document(adjustments, settled["total_minor"]))
             stored[position] = new
-            for fmt, path in invoice_files(paths, start, cid).items():
-                write_if_changed(path, render_bytes(new, fmt), changed, [], durable.write_bytes)
+            write_files(invoice_files(paths, start, cid), new, changed, [], durable.write_bytes)
     return changed

@@ -1,4 +1,4 @@
-"""The invoice files: ``<invoices>/YYYY-MM/<customer_id>.json|.csv|.html`` and the pending adjustments.
+"""The invoice files: ``<invoices>/YYYY-MM/<customer_id>.json|.csv|.html|.pdf`` and the pending adjustments.
 
 Files are published only through ``core.durable`` (atomic, the files of a month made durable
 together) and are deterministic: no wall-clock time inside, so rerunning unchanged inputs
@@ -20,7 +20,7 @@ from pathlib import Path
 from billing_dags.billing import credits as _credits
 from billing_dags.billing.document import SCHEMA_VERSION, STATUSES, carried_adjustments, charge_lines, charges_minor, figures, safe_customer_id
 from billing_dags.billing.errors import InvoiceError
-from billing_dags.billing.render import render_bytes
+from billing_dags.billing.render import FILE_FORMATS, pdf_wanted, render_bytes
 from billing_dags.core import durable
 from billing_dags.core.money import format_minor
 from billing_dags.core.settings import Paths
@@ -36,10 +36,10 @@ def invoice_dir(paths: Paths, month: date | str) -> Path:
 
 
 def invoice_files(paths: Paths, month: date | str, customer_id: str) -> dict[str, Path]:
-    """Where a customer's invoice of a month lives: {"json": ..., "csv": ..., "html": ...}."""
+    """Where a customer's invoice of a month lives: {"json": ..., "csv": ..., "html": ..., "pdf": ...}."""
     d = invoice_dir(paths, month)
     cid = safe_customer_id(customer_id, "invoice_files")
-    return {fmt: d / f"{cid}.{fmt}" for fmt in ("json", "csv", "html")}
+    return {fmt: d / f"{cid}.{fmt}" for fmt in FILE_FORMATS}
 
 
 def read_invoice(paths: Paths, month: date | str, customer_id: str) -> dict | None:
@@ -85,12 +85,28 @@ def write_if_changed(path: Path, data: bytes, written: list[str], unchanged: lis
     written.append(str(path))
 
 
+def write_files(files: dict[str, Path], inv: dict, written: list[str], unchanged: list[str], write) -> None:
+    """Write an invoice's files whose bytes would change. The PDF is laid out from the HTML page only: while
+    the page is unchanged and its PDF is there, the PDF is left alone without being laid out again."""
+    html_unchanged = False
+    for fmt in FILE_FORMATS:
+        if fmt == "pdf" and not pdf_wanted():
+            continue
+        if fmt == "pdf" and html_unchanged and files[fmt].exists():
+            unchanged.append(str(files[fmt]))
+            continue
+        before = len(unchanged)
+        write_if_changed(files[fmt], render_bytes(inv, fmt), written, unchanged, write)
+        if fmt == "html":
+            html_unchanged = len(unchanged) > before
+
+
 def write_invoice_files(paths: Paths, invoices: list[dict]) -> dict:
-    """Write each invoice as ``<invoices>/YYYY-MM/<customer_id>.json|.csv|.html`` (atomic, deterministic).
+    """Write each invoice as ``<invoices>/YYYY-MM/<customer_id>.json|.csv|.html|.pdf`` (atomic, deterministic).
 
     A finalized invoice already on disk is never rewritten (rule 8): if the recomputed figures
     differ, the customer is listed in ``changed_after_finalization`` and the new figures go to
-    ``YYYY-MM/pending_adjustments/<customer_id>.json``; a missing CSV/HTML of it is re-rendered from
+    ``YYYY-MM/pending_adjustments/<customer_id>.json``; a missing CSV/HTML/PDF of it is re-rendered from
     the stored JSON. Files whose bytes would not change are left alone. Returns figures: counts by
     status and totals by currency of the invoices as they now stand on disk, and the paths written.
     """
@@ -144,7 +160,7 @@ def _write_invoice(
     month_key = inv["period_start"][:7]
     cid = safe_customer_id(inv["customer_id"], f"invoice {inv.get('invoice_number')!r}")
     folder = invoice_dir(paths, month_key)
-    files = {fmt: folder / f"{cid}.{fmt}" for fmt in ("json", "csv", "html")}  # invoice_files
+    files = {fmt: folder / f"{cid}.{fmt}" for fmt in FILE_FORMATS}  # invoice_files
     pending_path = folder / PENDING_DIR / f"{cid}.json"
     stored = read_stored(files["json"])
     if stored is not None and stored.get("status") == "finalized":
@@ -181,14 +197,13 @@ def _write_invoice(
         elif pending_path.exists():
             # usage went back to what was finalized: nothing left to adjust
             pending_path.unlink()
-        for fmt in ("csv", "html"):
-            if not files[fmt].exists():
+        for fmt in FILE_FORMATS[1:]:
+            if not files[fmt].exists() and (fmt != "pdf" or pdf_wanted()):
                 batch.write(files[fmt], render_bytes(stored, fmt))
                 written.append(str(files[fmt]))
     else:
         effective = inv
-        for fmt in ("json", "csv", "html"):
-            write_if_changed(files[fmt], render_bytes(inv, fmt), written, unchanged, batch.write)
+        write_files(files, inv, written, unchanged, batch.write)
     by_status[effective["status"]] = by_status.get(effective["status"], 0) + 1
     cur = effective["currency"]
     totals_minor[cur] = totals_minor.get(cur, 0) + int(effective["total_minor"])

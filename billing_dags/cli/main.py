@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from billing_dags.billing.listing import invoice_rows
-from billing_dags.cli import disputes, flags, metrics, reports, retention, stripe
+from billing_dags.cli import disputes, flags, metrics, notifications, reports, retention, stripe, worker
 from billing_dags.cli import remote_write as remote_write_cli
 from billing_dags.cli.common import CliError, check_billable_month, console, emit, err_console, paths_of, require_customer, seeds_of
 from billing_dags.cli.projection import emit_usage_report
@@ -74,12 +74,33 @@ def cmd_demo(args) -> int:
             "(its demo token, derived now; the seeds hold only its SHA-256)",
             highlight=False,
         )
+    _print_usage_api_example(paths, month)
     console.print(f"\nRan {figures['days']} daily partitions and the month in {figures['seconds']:.1f}s.")
-    console.print(f"Invoices (JSON, CSV, HTML): {paths.invoices / f'{month:%Y-%m}'}")
+    console.print(f"Invoices (JSON, CSV, HTML, PDF): {paths.invoices / f'{month:%Y-%m}'}")
+    if example is not None and (paths.invoices / f"{month:%Y-%m}" / f"{example['customer']}.pdf").exists():
+        pdf = paths.invoices / f"{month:%Y-%m}" / f"{example['customer']}.pdf"
+        console.print(f"PDF of one invoice, as its customer receives it ({example['customer']}): {pdf}", highlight=False)
     console.print(f'DuckDB warehouse (views): duckdb {paths.warehouse_db}   or   billing sql "select * from fct_invoice_lines limit 5"')
     console.print(f"Stripe outbox (dry-run): {paths.outbox} — {outbox_summary(paths, month)}")
     console.print("Dagster UI: make dev, then http://127.0.0.1:3000 (the runs above are in .dagster/)")
     return 0
+
+
+def _print_usage_api_example(paths: Paths, month) -> None:
+    """The customer usage API call of one demo customer (its key derived now; the seeds hold its SHA-256)."""
+    from billing_dags.seeds.api_keys import demo_api_key, load_api_keys
+
+    keys = load_api_keys(paths.seeds_dir)
+    customer = next((c for c in sorted(keys.customers()) if keys.customer_of(demo_api_key(c)) == c), None)
+    if customer is None:
+        return
+    end = next_month(month) - timedelta(days=1)
+    console.print(
+        f"{customer} may read its usage (billing remote-write serve): curl -H 'Authorization: Bearer {demo_api_key(customer)}' "
+        f"'http://127.0.0.1:9201/v1/billing/usage?start_date={month.isoformat()}&end_date={end.isoformat()}'",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def cmd_simulate(args) -> int:
@@ -295,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim_args(p)
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("run", help="materialize every asset for a month, in process")
+    p = sub.add_parser("run", help="materialize every asset for a month (steps in process, or as BILLING_EXECUTOR says)")
     p.add_argument("--month", required=True, help="YYYY-MM")
     p.add_argument("--no-ingest", action="store_true", help="use the raw samples already in the data dir")
     sim_args(p)
@@ -328,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--limit", type=int, default=1000, help="rows to print at most (default 1000)")
     p.set_defaults(func=cmd_sql)
-    for commands in (stripe, remote_write_cli, disputes, retention, flags, reports, metrics):
+    for commands in (stripe, remote_write_cli, disputes, retention, flags, reports, metrics, notifications, worker):
         commands.register(sub)
     return parser
 

@@ -11,6 +11,7 @@ from datetime import UTC
 from pathlib import Path
 
 from billing_dags.cli.common import CliError
+from billing_dags.core.errors import InputError
 
 _LISTEN_RE = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
 
@@ -36,8 +37,8 @@ def _seconds(value: str) -> float:
 
 def parse_listen(value: str) -> tuple[str, int]:
     m = _LISTEN_RE.match(value or "")
-    if not m or not 0 < int(m.group("port")) < 65536:
-        raise CliError(f"--listen {value!r} is not HOST:PORT; give e.g. --listen 127.0.0.1:9201")
+    if not m or not 0 <= int(m.group("port")) < 65536:
+        raise CliError(f"--listen {value!r} is not HOST:PORT; give e.g. --listen 127.0.0.1:9201 (port 0: any free port)")
     return m.group("host").strip("[]"), int(m.group("port"))
 
 
@@ -98,12 +99,30 @@ def cmd_serve(args) -> int:
         idle_timeout_s=args.idle_timeout,
         max_connections=args.max_connections,
     )
-    print(
-        f"remote-write receiver on http://{host}:{port}/api/v1/write, usage reports on http://{host}:{port}/api/usage/report, landing in {paths.landing}",
-        file=sys.stderr,
-        flush=True,
-    )
-    serve(config, host, port)
+    routes = []
+    if not args.no_customer_api:
+        from billing_dags.operations.customer_api import CustomerApiConfig, customer_routes
+        from billing_dags.stripe.portal import check_return_url
+
+        default_return_url = None
+        if args.portal_return_url:
+            try:
+                default_return_url = check_return_url(args.portal_return_url)
+            except InputError as e:
+                raise CliError(f"--portal-return-url: {e}") from None
+        routes = customer_routes(CustomerApiConfig.from_env(paths, default_return_url=default_return_url))
+
+    def bound(port: int) -> None:
+        base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        print(
+            f"remote-write receiver on {base}/api/v1/write, usage reports on {base}/api/usage/report, "
+            + ("" if args.no_customer_api else f"customer usage API on {base}/v1/billing/usage, ")
+            + f"landing in {paths.landing}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    serve(config, host, port, extra_routes=routes, bound=bound)
     return 0
 
 
@@ -143,8 +162,10 @@ def register(sub) -> None:
     p = sub.add_parser("remote-write", help="receive Prometheus remote write into landing segments; compact them")
     rw = p.add_subparsers(dest="rw_command", required=True, metavar="SUBCOMMAND")
 
-    s = rw.add_parser("serve", help="run the receiver (POST /api/v1/write) and the usage-report endpoint (POST /api/usage/report)")
-    s.add_argument("--listen", default=os.environ.get("BILLING_REMOTE_WRITE_LISTEN", "127.0.0.1:9201"), help="HOST:PORT (default 127.0.0.1:9201)")
+    s = rw.add_parser(
+        "serve", help="run the receiver (POST /api/v1/write), the usage-report endpoint (POST /api/usage/report) and the customer API (/v1/billing/...)"
+    )
+    s.add_argument("--listen", default=os.environ.get("BILLING_REMOTE_WRITE_LISTEN", "127.0.0.1:9201"), help="HOST:PORT (default 127.0.0.1:9201; 0: free port)")
     s.add_argument("--token-file", help="file holding the bearer token Prometheus must send (default: no auth)")
     s.add_argument("--max-body-bytes", type=_size, default=16 << 20, help="largest compressed body (default 16MiB); larger gets 413")
     s.add_argument("--max-decoded-bytes", type=_size, default=64 << 20, help="largest decompressed body (default 64MiB); larger gets 413")
@@ -170,6 +191,16 @@ def register(sub) -> None:
     s.add_argument("--max-label-name-bytes", type=int, default=1024, help="refuse (400) series with a longer label name (default 1024)")
     s.add_argument("--max-label-value-bytes", type=int, default=2048, help="refuse (400) series with a longer label value or metric name (default 2048)")
     s.add_argument("--series-cache-bytes", type=_size, default=256 << 20, help="memory of the series cache before it starts over (default 256MiB)")
+    s.add_argument(
+        "--no-customer-api",
+        action="store_true",
+        help="do not serve the customer API (GET /v1/billing/usage, /v1/billing/usage/current-period, POST /v1/billing/portal)",
+    )
+    s.add_argument(
+        "--portal-return-url",
+        default=os.environ.get("BILLING_PORTAL_RETURN_URL"),
+        help="where Stripe's billing portal sends customers back when their request names no return_url",
+    )
     s.set_defaults(func=cmd_serve)
 
     c = rw.add_parser("compact", help="move sealed landing segments into the raw day partitions (any day, today included)")

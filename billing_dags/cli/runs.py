@@ -80,6 +80,19 @@ def remote_origin(job_name: str):
     return RemoteJobOrigin(RemoteRepositoryOrigin(location, "__repository__"), job_name)
 
 
+def runnable_job(job):
+    """``job`` as its executor runs it: in memory for the in-process executor (the default); for any other
+    (multiprocess, celery: BILLING_EXECUTOR) reconstructable from the code location's module, which each
+    step's process or Celery worker loads again by itself."""
+    from dagster._core.definitions.job_base import InMemoryJob
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+
+    if job.executor_def.name == "in_process":
+        return InMemoryJob(job)
+    repository = ReconstructableRepository.for_module("billing_dags.definitions", "defs", working_directory=str(PROJECT_ROOT))
+    return repository.get_reconstructable_job(job.name)
+
+
 def execute(
     job,
     instance,
@@ -95,12 +108,12 @@ def execute(
     warnings, and raise RunFailed naming why it failed.
 
     The run is created with the code location's origin (re-executable from the UI) and the
-    CLI's tags; its steps run one after another here, as the in-process executor runs them.
+    CLI's tags; its steps run as the code location's executor runs them (BILLING_EXECUTOR): one after
+    another in this process by default, else on processes or Celery workers while this process waits.
     ``progress`` (rich Progress, task id) advances by one per finished step.
     """
     import logging
 
-    from dagster._core.definitions.job_base import InMemoryJob
     from dagster._core.events import DagsterEventType
     from dagster._core.execution.api import create_execution_plan, execute_run_iterator
     from dagster._core.execution.execute_in_process_result import ExecuteInProcessResult
@@ -113,9 +126,8 @@ def execute(
     if partition_range is not None:
         tags[ASSET_PARTITION_RANGE_START_TAG], tags[ASSET_PARTITION_RANGE_END_TAG] = partition_range
     selection = frozenset(asset_selection) if asset_selection else None
-    recon = InMemoryJob(job)
-    if selection:
-        recon = recon.get_subset(asset_selection=selection)
+    runnable = runnable_job(job)
+    recon = runnable.get_subset(asset_selection=selection) if selection else runnable
     plan = create_execution_plan(recon, run_config=run_config, instance_ref=instance.get_ref() if instance.is_persistent else None, tags=tags)
     run = instance.create_run_for_job(
         job_def=recon.get_definition(),
@@ -129,7 +141,7 @@ def execute(
         bar, task = progress
         bar.update(task, total=len(plan.step_keys_to_execute), completed=0)
     events = []
-    for event in execute_run_iterator(InMemoryJob(job), run, instance):
+    for event in execute_run_iterator(runnable, run, instance):
         events.append(event)
         if progress is not None and event.event_type in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE, DagsterEventType.STEP_SKIPPED):
             bar.advance(task)

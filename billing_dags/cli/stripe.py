@@ -1,4 +1,4 @@
-"""`billing stripe sync-meters|send`: create the Stripe meters, send the outbox."""
+"""`billing stripe sync-meters|send|reconcile`: create the Stripe meters, send the outbox, compare Stripe with the invoices."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def cmd_sync_meters(args) -> int:
     paths = paths_of(args)
     seeds = load_seeds(paths.seeds_dir)
     try:
-        report = sync_meters(_client_from_env(), seeds["meters"].to_pylist())
+        report = sync_meters(_client_from_env(), seeds["meters"].to_pylist(), seeds["prices"].to_pylist(), seeds["units"].to_pylist())
     except StripeMeterError as e:
         raise CliError(str(e)) from None
     rows = [
@@ -57,11 +57,32 @@ def cmd_sync_meters(args) -> int:
     return 0 if report.ok else 1
 
 
+def as_of(value: str | None) -> datetime:
+    """``--as-of`` (ISO 8601 with a UTC offset, e.g. 2026-12-01T02:00:00Z) or now."""
+    if not value:
+        return datetime.now(UTC)
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        t = None
+    if t is None or t.tzinfo is None:
+        raise CliError(f"--as-of {value!r} is not an ISO 8601 time with a UTC offset; give e.g. 2026-12-01T02:00:00Z")
+    return t.astimezone(UTC)
+
+
 def cmd_send(args) -> int:
     paths = paths_of(args)
     days = days_of(args.day, args.month)
+    from billing_dags.stripe.outbox import OutboxError
+    from billing_dags.stripe.sender import sender_options
+
+    now = as_of(args.as_of)
+    try:
+        options = sender_options(args.api, args.concurrency, args.rate_limit)
+    except OutboxError as e:
+        raise CliError(str(e)) from None
     client = _client_from_env()
-    summary, sender = send_days(paths, days, client, now=datetime.now(UTC), log=lambda m: print(m, file=sys.stderr))
+    summary, sender = send_days(paths, days, client, now=now, log=lambda m: print(m, file=sys.stderr), **options)
     if not summary:
         console.print(
             f"no outbox for {days[0]}{'' if len(days) == 1 else f' .. {days[-1]}'} in {paths.outbox}; run the stripe_outbox asset (billing run) first"
@@ -69,7 +90,7 @@ def cmd_send(args) -> int:
         return 0
     emit(summary, args.format, title=f"Stripe meter events ({sender.mode})")
     if args.format == "table":
-        console.print(f"{sender.mode}: {sender.stats}")
+        console.print(f"{sender.mode} ({sender.api}): {sender.stats}")
         if sender.stats["failed"]:
             from billing_dags.stripe import outbox as ob
 
@@ -80,17 +101,51 @@ def cmd_send(args) -> int:
     return 1 if sender.stats["failed"] or sender.aborted else 0
 
 
+def cmd_reconcile(args) -> int:
+    from billing_dags.seeds.catalog import load_seeds
+    from billing_dags.stripe.reconcile import ReconcileError, reconcile_with_client, summary
+
+    paths = paths_of(args)
+    month = parse_month(args.month)
+    client = _client_from_env()
+    try:
+        if client is None:
+            raise ReconcileError(
+                "no STRIPE_API_KEY: reconciling reads Stripe's meter event summaries; set STRIPE_API_KEY (and STRIPE_API_BASE for a test server)"
+            )
+        checks = reconcile_with_client(paths, month, load_seeds(paths.seeds_dir), client)
+    except ReconcileError as e:
+        raise CliError(str(e)) from None
+    emit([c.as_row() for c in checks], args.format, title=f"Stripe against the invoices of {month:%Y-%m}")
+    counts = summary(checks)
+    if args.format == "table":
+        for c in checks:
+            if c.status != "equal":
+                console.print(f"{c.customer_id} {c.event_name} from {c.period_start}: {'; '.join(c.causes)}", highlight=False, soft_wrap=True)
+        console.print(f"{len(checks)} invoice lines billed through Stripe: " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"))
+    return 0 if all(c.status == "equal" for c in checks) else 1
+
+
 def register(sub) -> None:
     """Adds `billing stripe sync-meters` and `billing stripe send` to the `billing` parser."""
     p = sub.add_parser("stripe", help="Stripe: create the meters, send the outbox (dry-run without STRIPE_API_KEY)")
     ssub = p.add_subparsers(dest="stripe_command", required=True, metavar="SUBCOMMAND")
 
-    s = ssub.add_parser("sync-meters", help="create the Stripe meters the seeds need (sum, daily window); report conflicts")
+    s = ssub.add_parser("sync-meters", help="create the Stripe meters the seeds need (one per priced dimension, sum or last, daily window); report conflicts")
     s.add_argument("--format", choices=["table", "json", "csv"], default="table")
     s.set_defaults(func=cmd_sync_meters)
+
+    s = ssub.add_parser("reconcile", help="compare Stripe's meter event summaries with the month's invoice lines; name each difference's cause")
+    s.add_argument("--month", required=True, help="YYYY-MM")
+    s.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    s.set_defaults(func=cmd_reconcile)
 
     s = ssub.add_parser("send", help="send the outbox of a day or a month; already sent events are never sent again")
     s.add_argument("--day", help="YYYY-MM-DD")
     s.add_argument("--month", help="YYYY-MM")
+    s.add_argument("--api", help="v1 (meter events, validated one by one; the default) or v2 (meter event stream, 100 per request) [STRIPE_METER_API]")
+    s.add_argument("--concurrency", help="requests in flight at once, at most one per customer and meter with v1 (default 16) [STRIPE_CONCURRENCY]")
+    s.add_argument("--rate-limit", help="at most this many requests per second, all threads together (default: none) [STRIPE_RATE_LIMIT]")
+    s.add_argument("--as-of", help="judge Stripe's 35-day limit as of this time (ISO 8601, default now): replays and tests")
     s.add_argument("--format", choices=["table", "json", "csv"], default="table")
     s.set_defaults(func=cmd_send)

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from billing_dags.core.calendar import month_start
 from billing_dags.core.errors import InputError
@@ -137,3 +138,96 @@ def partitions_start(environ: dict | None = None, seeds_dir: str | os.PathLike |
             "BILLING_SEEDS_DIR to the seeds folder"
         )
     return first
+
+
+# --------------------------------------------------------------------------- how runs execute their steps
+
+#: BILLING_EXECUTOR: in_process (the default: every step in the run's process), multiprocess (a process
+#: per step on the run's machine), celery (each step a Celery task on workers anywhere, Redis broker) or
+#: k8s_job (each step a Kubernetes Job, on a cluster deployed with Dagster's Helm chart)
+EXECUTORS = ("in_process", "multiprocess", "celery", "k8s_job")
+#: broker transports a Celery worker of this project can use (kombu's names); Redis is the tested one
+CELERY_BROKER_SCHEMES = ("redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp", "sqs")
+#: the Celery queue the steps go to and the workers consume (dagster-celery's default queue)
+CELERY_QUEUE = "dagster"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (error messages and logs never show a credential)."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """The executor of every run, from the environment (``executor_settings``).
+
+    For celery: ``broker_var`` and ``backend_var`` name the variables holding the broker's and the result
+    backend's URLs (the executor reads them when a run starts, so no URL, password included, is ever in a
+    run's config or the UI); ``backend_var`` is None when results go back over the broker (``rpc://``).
+    """
+
+    kind: str = "in_process"
+    broker_var: str | None = None
+    backend_var: str | None = None
+
+    def broker(self, environ: dict | None = None) -> str | None:
+        env = os.environ if environ is None else environ
+        return env.get(self.broker_var) if self.broker_var else None
+
+    def backend(self, environ: dict | None = None) -> str:
+        env = os.environ if environ is None else environ
+        return env[self.backend_var] if self.backend_var else "rpc://"
+
+
+def _check_url(name: str, value: str, schemes: tuple[str, ...] | None, fix: str) -> None:
+    parts = urlsplit(value)
+    shown = redact_url(value)
+    if not parts.scheme or "://" not in value:
+        raise SettingsError(f"{name}={shown!r} is not a URL; {fix}")
+    if schemes is not None and parts.scheme not in schemes:
+        raise SettingsError(f"{name}={shown!r}: {parts.scheme}:// is not a Celery broker transport ({', '.join(schemes)}); {fix}")
+    if parts.scheme in ("redis", "rediss", "amqp", "amqps", "pyamqp") and not parts.hostname:
+        raise SettingsError(f"{name}={shown!r} names no host; {fix}")
+    try:
+        parts.port  # noqa: B018  (a bad port raises here)
+    except ValueError:
+        raise SettingsError(f"{name}={shown!r} has a port that is not a number; {fix}") from None
+
+
+def executor_settings(environ: dict | None = None) -> ExecutorSettings:
+    """BILLING_EXECUTOR (default in_process) and, for celery, BILLING_CELERY_BROKER and BILLING_CELERY_BACKEND.
+
+    The result backend defaults to the broker when the broker is Redis (Redis keeps the results too), else
+    to ``rpc://`` (results as messages over the broker). Every mistake is a SettingsError naming the
+    variable and the fix, raised when the code location loads, before any run starts.
+    """
+    env = os.environ if environ is None else environ
+    kind = env.get("BILLING_EXECUTOR", "").strip() or "in_process"
+    if kind not in EXECUTORS:
+        raise SettingsError(
+            f"BILLING_EXECUTOR={kind!r} is not one of {', '.join(EXECUTORS)}; unset it for the default (in_process: every step in the run's process)"
+        )
+    if kind != "celery":
+        return ExecutorSettings(kind)
+    broker_fix = "set it to the Celery broker's URL, e.g. BILLING_CELERY_BROKER=redis://127.0.0.1:6379/0 (docs/scale-out.md)"
+    broker = env.get("BILLING_CELERY_BROKER", "").strip()
+    if not broker:
+        raise SettingsError(f"BILLING_EXECUTOR=celery needs BILLING_CELERY_BROKER, which is not set; {broker_fix}")
+    _check_url("BILLING_CELERY_BROKER", broker, CELERY_BROKER_SCHEMES, broker_fix)
+    backend = env.get("BILLING_CELERY_BACKEND", "").strip()
+    if backend:
+        _check_url(
+            "BILLING_CELERY_BACKEND",
+            backend,
+            None,
+            "set it to the Celery result backend's URL, e.g. redis://127.0.0.1:6379/1, or unset it to keep results in a Redis broker",
+        )
+        return ExecutorSettings(kind, "BILLING_CELERY_BROKER", "BILLING_CELERY_BACKEND")
+    if urlsplit(broker).scheme in ("redis", "rediss", "sentinel"):
+        return ExecutorSettings(kind, "BILLING_CELERY_BROKER", "BILLING_CELERY_BROKER")
+    return ExecutorSettings(kind, "BILLING_CELERY_BROKER", None)

@@ -11,3 +11,6 @@ from dagster import BetaWarning, PreviewWarning
 
 warnings.filterwarnings("ignore", category=BetaWarning)
 warnings.filterwarnings("ignore", category=PreviewWarning)
+# with BILLING_EXECUTOR=celery, dagster-celery registers its step task again for every step it submits, and
+# Celery warns about the name once a run: nothing is wrong (it is the same task)
+warnings.filterwarnings("ignore", message="Task name 'execute_plan' is already registered")

@@ -7,7 +7,7 @@ HTML to data/reports/daily/YYYY-MM-DD.{md,html}; deterministic for the same inpu
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -18,6 +18,7 @@ from billing_dags.core import durable
 from billing_dags.core.settings import Paths
 from billing_dags.models.sqlmodels import Window, load_project, partition_file, seed_snapshot_path
 from billing_dags.seeds.catalog import OUTSIDE_SUBSCRIPTION_RULES
+from billing_dags.stripe.outbox import too_old_flags
 
 GIB = Decimal(2**30)
 
@@ -35,6 +36,8 @@ class DailySummary:
     flags: list[dict]
     #: "customer (meter, ...)" for usage on a day no subscription covers: on no invoice
     outside_subscription: list[str]
+    #: Stripe meter events too old to send (35 days), each with what to bill instead
+    stripe_too_old: list[str] = field(default_factory=list)
 
 
 def _read(path: Path) -> list[dict]:
@@ -91,6 +94,7 @@ def build_daily_summary(paths: Paths, day: date) -> DailySummary:
         top_by_bytes=[{"rank": i + 1, "customer": c, "bytes": b, "gib": (b / GIB).quantize(Decimal("0.001"))} for i, (c, b) in enumerate(top)],
         flags=sorted(flags, key=lambda f: ({"critical": 0, "warning": 1, "info": 2}[f["severity"]], f["customer_id"], f["meter_id"], f["rule"])),
         outside_subscription=[f"{c} ({', '.join(sorted(m))})" for c, m in sorted(outside.items())],
+        stripe_too_old=too_old_flags(paths, day),
     )
 
 
@@ -124,12 +128,18 @@ def to_markdown(s: DailySummary) -> str:
         f"## Anomalies ({len(s.flags)})",
         "",
     ]
+    tail = [
+        "",
+        f"## Stripe: meter events too old to send ({len(s.stripe_too_old)})",
+        "",
+        *([f"- {t}" for t in s.stripe_too_old] or ["None."]),
+    ]
     if s.flags:
         out += ["| severity | customer | meter | rule | detail |", "|---|---|---|---|---|"]
         out += [f"| {f['severity']} | {f['customer_id'] or '(none)'} | {f['meter_id']} | {f['rule']} | {f['detail']} |" for f in s.flags]
     else:
         out.append("None.")
-    return "\n".join(out) + "\n"
+    return "\n".join(out + tail) + "\n"
 
 
 def to_html(s: DailySummary) -> str:
@@ -162,6 +172,8 @@ def to_html(s: DailySummary) -> str:
             ["severity", "customer", "meter", "rule", "detail"],
             [[f["severity"], f["customer_id"] or "(none)", f["meter_id"], f["rule"], f["detail"]] for f in s.flags],
         )
+        + f"<h2>Stripe: meter events too old to send ({len(s.stripe_too_old)})</h2>"
+        + ("<ul>" + "".join(f"<li>{e(t)}</li>" for t in s.stripe_too_old) + "</ul>" if s.stripe_too_old else "<p>None.</p>")
         + "</body></html>\n"
     )
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from billing_dags.seeds.credits import CREDITS_FILE, Grant, validate_grants
 from billing_dags.seeds.errors import SeedError
+from billing_dags.seeds.invoicing import TAX_TREATMENTS, InvoiceProfile, country, email, jurisdiction, required_text, terms_days, validate_profile
 
 SAFE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -352,6 +353,59 @@ SPECS: dict[str, SeedSpec] = {
             ("token_sha256",),
         ),
         SeedSpec(
+            "issuer",
+            "issuer.csv",
+            (
+                Column("name", pa.string(), required_text),
+                Column("address", pa.string(), required_text),
+                Column("country", pa.string(), country),
+                Column("tax_id", pa.string(), required_text),
+                Column("email", pa.string(), _optional(email)),
+                Column("payment_terms_days", pa.int32(), terms_days),
+                Column("tax_code", pa.string(), _safe_id),
+            ),
+            ("name",),
+        ),
+        SeedSpec(
+            "tax_rates",
+            "tax_rates.csv",
+            (
+                Column("tax_code", pa.string(), _safe_id),
+                Column("jurisdiction", pa.string(), _optional(jurisdiction)),
+                Column("name", pa.string(), required_text),
+                Column("rate_percent", DEC, _percent),
+                Column("treatment", pa.string(), _one_of(TAX_TREATMENTS)),
+                Column("note", pa.string(), _text),
+            ),
+            ("tax_code",),
+        ),
+        SeedSpec(
+            "customer_billing",
+            "customer_billing.csv",
+            (
+                Column("customer_id", pa.string(), _safe_id),
+                Column("legal_name", pa.string(), required_text),
+                Column("address", pa.string(), required_text),
+                Column("country", pa.string(), country),
+                Column("tax_id", pa.string(), _optional(required_text)),
+                Column("email", pa.string(), _optional(email)),
+                Column("payment_terms_days", pa.int32(), _optional(terms_days)),
+                Column("tax_code", pa.string(), _optional(_safe_id)),
+            ),
+            ("customer_id",),
+        ),
+        SeedSpec(
+            "meter_display",
+            "meter_display.csv",
+            (
+                Column("meter_id", pa.string(), _safe_id),
+                Column("name", pa.string(), required_text),
+                Column("unit", pa.string(), required_text),
+                Column("decimals", pa.int32(), _non_negative_int),
+            ),
+            ("meter_id",),
+        ),
+        SeedSpec(
             "anomaly_rules",
             "anomaly_rules.csv",
             (
@@ -544,6 +598,8 @@ def _check_references(seeds_dir: Path, t: dict[str, pa.Table]) -> None:
     # prepaid credits: amounts, customers, currencies, expiry
 
     validate_grants(_rows(t["credits"]), customers.values(), _rows(t["currencies"]), source=seeds_dir / SPECS["credits"].file)
+    # what invoice documents say besides their figures: issuer, bill-to, payment terms, tax, meter names
+    _invoice_profile(seeds_dir, t)
     periods: dict[str, list[dict]] = {}
     for sub in _rows(t["subscriptions"]):
         if sub["customer_id"] not in customers:
@@ -595,3 +651,23 @@ def load_grants(seeds_dir: Path | str, customers: Iterable[Mapping], currencies:
     """Read and validate ``seeds/credits.csv`` against the given customer and currency rows."""
     seeds_dir = Path(seeds_dir)
     return validate_grants(read_credit_rows(seeds_dir), customers, currencies, source=seeds_dir / CREDITS_FILE)
+
+
+def _invoice_profile(seeds_dir: Path, t: Mapping[str, pa.Table]) -> InvoiceProfile:
+    return validate_profile(
+        _rows(t["issuer"]),
+        _rows(t["tax_rates"]),
+        _rows(t["customer_billing"]),
+        _rows(t["meter_display"]),
+        _rows(t["customers"]),
+        _rows(t["meters"]),
+        seeds_dir,
+    )
+
+
+def load_invoice_profile(seeds_dir: Path | str) -> InvoiceProfile:
+    """The issuer, customers' bill-to, payment terms and tax rates, and meter display names, validated
+    against customers.csv and meters.csv (``billing_dags.seeds.invoicing``)."""
+    seeds_dir = Path(seeds_dir)
+    names = ("issuer", "tax_rates", "customer_billing", "meter_display", "customers", "meters")
+    return _invoice_profile(seeds_dir, {n: read_seed(seeds_dir, n) for n in names})

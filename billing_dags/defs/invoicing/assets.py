@@ -1,4 +1,4 @@
-"""Invoices: one per customer and month, as JSON, CSV and HTML, drafts until the grace period ends."""
+"""Invoices: one per customer and month, as JSON, CSV, HTML and PDF, drafts until the grace period ends."""
 
 from datetime import UTC, datetime
 
@@ -49,6 +49,11 @@ def invoice_now(config: InvoiceConfig) -> datetime:
         "seed_currencies",
         "seed_subscriptions",
         *(["seed_credits"] if "credits" in SPECS else []),
+        # what the document says besides its figures (issuer, bill-to, terms, tax rates, meter names), read at invoicing time
+        "seed_issuer",
+        "seed_customer_billing",
+        "seed_tax_rates",
+        "seed_meter_display",
     ],
     check_specs=[
         dg.AssetCheckSpec("total_equals_sum_of_lines", asset="invoices", blocking=True),
@@ -67,7 +72,7 @@ def invoice_now(config: InvoiceConfig) -> datetime:
     ],
 )
 def invoices(context: dg.AssetExecutionContext, config: InvoiceConfig, warehouse: WarehouseResource):
-    """Invoice files per customer and month, month by month (JSON, CSV, HTML) under data/invoices/YYYY-MM/, with adjustments, prepaid credits and the credits ledger."""  # noqa: E501 (the asset description)
+    """Invoice files per customer and month, month by month (JSON, CSV, HTML, PDF) under data/invoices/YYYY-MM/, with adjustments, prepaid credits and the credits ledger."""  # noqa: E501 (the asset description)
     paths = warehouse.paths()
     models = load_project().models
     by_check: dict[str, list] = {}

@@ -31,11 +31,21 @@ class WarehouseResource(dg.ConfigurableResource):
 
 
 class StripeResource(dg.ConfigurableResource):
-    """Stripe meter events (STRIPE_API_KEY, STRIPE_API_BASE); no key means dry-run."""
+    """Stripe meter events (STRIPE_API_KEY, STRIPE_API_BASE); no key means dry-run. ``api`` (v1 | v2),
+    ``concurrency`` and ``rate_limit`` (requests/s) default to STRIPE_METER_API, STRIPE_CONCURRENCY
+    and STRIPE_RATE_LIMIT, then to the sender's defaults (docs/stripe.md)."""
 
     api_key: str | None = None
     api_base: str | None = None
     max_network_retries: int = 3
+    api: str | None = None
+    concurrency: int | None = None
+    rate_limit: float | None = None
+
+    def sender_options(self) -> dict:
+        from billing_dags.stripe.sender import sender_options
+
+        return sender_options(self.api, self.concurrency, self.rate_limit)
 
     def client(self):
         from billing_dags.stripe.sender import make_client

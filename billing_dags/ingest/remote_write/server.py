@@ -31,6 +31,9 @@ connection. Slow or idle clients cannot hold the receiver: see ``guarded_protoco
 idle limit) and the body read timeout; ``max_in_flight`` counts requests being decoded and written,
 and ``BodyBudget`` the bytes of bodies still arriving (503 over it).
 
+Routes handed to ``create_app(config, extra_routes)`` are served beside these (``billing remote-write
+serve`` mounts the customer API there: ``billing_dags.operations.customer_api``).
+
 ``GET /metrics`` exposes the receiver's counters (requests by code, samples, staleness markers,
 non-finite values, unknown-customer samples, samples refused for their timestamp, series-cache
 bytes, fsync and decode time); ``GET /-/ready``.
@@ -44,6 +47,7 @@ import logging
 import math
 import resource
 import sqlite3
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -54,7 +58,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from billing_dags.ingest.remote_write import wire
 from billing_dags.ingest.remote_write.customers import CustomerResolver
@@ -282,7 +286,9 @@ def _text(status: int, message: str, **headers) -> Response:
     return PlainTextResponse(message + "\n", status_code=status, headers=headers or None)
 
 
-def create_app(config: ReceiverConfig) -> Starlette:
+def create_app(config: ReceiverConfig, extra_routes: Sequence[BaseRoute] = ()) -> Starlette:
+    """The receiver's app; ``extra_routes`` are mounted beside its endpoints (the CLI adds the customer
+    API, ``billing_dags.operations.customer_api``, so this layer never imports billing code)."""
     metrics = _Metrics()
     state: dict = {"in_flight": 0}
     # as much as max_in_flight bodies of the largest size; bodies read then wait on max_in_flight
@@ -475,26 +481,51 @@ def create_app(config: ReceiverConfig) -> Starlette:
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/-/ready", ready, methods=["GET"]),
         Route("/-/healthy", ready, methods=["GET"]),
+        *extra_routes,
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.metrics = metrics
     return app
 
 
-def serve(config: ReceiverConfig, host: str, port: int, log_level: str = "warning") -> None:
-    """Run the receiver until SIGINT/SIGTERM; the open segment is sealed on the way out."""
+def serve(
+    config: ReceiverConfig,
+    host: str,
+    port: int,
+    log_level: str = "warning",
+    extra_routes: Sequence[BaseRoute] = (),
+    bound: Callable[[int], None] | None = None,
+) -> None:
+    """Run the receiver until SIGINT/SIGTERM; the open segment is sealed on the way out.
+
+    The socket is bound here first: ``port`` 0 takes a free port, and ``bound`` is told the port."""
+    import socket
+
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(config)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=False,  # no request details in logs (DESIGN rule 12)
-        timeout_graceful_shutdown=10,
-        server_header=False,
-        http=guarded_protocol(connection_cap(config.max_connections), config.idle_timeout_s, app.state.metrics.closed),
-        timeout_keep_alive=max(1, math.ceil(config.idle_timeout_s)),
+    app = create_app(config, extra_routes)
+    # bound, not listening: until uvicorn listens (after the app's startup) connections are refused,
+    # as when uvicorn binds itself, rather than left waiting in a backlog
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    port = sock.getsockname()[1]
+    if bound is not None:
+        bound(port)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=False,  # no request details in logs (DESIGN rule 12)
+            timeout_graceful_shutdown=10,
+            server_header=False,
+            http=guarded_protocol(connection_cap(config.max_connections), config.idle_timeout_s, app.state.metrics.closed),
+            timeout_keep_alive=max(1, math.ceil(config.idle_timeout_s)),
+        )
     )
+    server.run(sockets=[sock])
+    if not server.started:
+        raise SystemExit(3)  # uvicorn's exit status for a server that did not start
