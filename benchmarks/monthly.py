@@ -26,7 +26,7 @@ read, a plain DuckDB scan of the month's `fct_usage_by_day` partitions (count an
 gauge integral and samples over every row; best of 3) -- the cost of reading the stage's input
 once, so the ratio says how much the stage costs beyond that.
 
-`figures()` (for `python -m benchmarks`): full = 10,000 customers, best of 2; quick = 400
+`figures()` (for `python -m benchmarks`): full = 10,000 customers, best of 2; quick = 100
 customers, one run (the target is defined for 10,000 customers, so quick reports without a
 verdict).
 """
@@ -54,7 +54,7 @@ from billing_dags.core.calendar import next_month
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 
 FULL = {"customers": 10_000, "repeat": 2}
-QUICK = {"customers": 400, "repeat": 1}
+QUICK = {"customers": 100, "repeat": 1}
 TARGET_S, TARGET_BYTES = 30.0, 2**30
 SETUPS = {  # set-up -> (customer id prefix, plans to rotate through)
     "proxy": ("mp", ["proxy_per_gb", "proxy_per_share", "proxy_hybrid", "proxy_basic", "proxy_pro", "proxy_tiered"]),

@@ -18,7 +18,7 @@ fresh servers; the first scrape's requests of each shard warm both up (series cr
 not timed. Reported: samples/s acknowledged (204), server CPU seconds, and our/Prometheus ratios.
 
 Item 5 (``figures``): full is the defaults (10,000 series, 400 requests, 3 rounds), quick
-2,000 series, 200 requests, 1 round.
+2,000 series, 48 requests, 1 round.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -38,7 +37,7 @@ import remote_write_corpus as corpus
 import requests
 from rich.console import Console
 from rich.table import Table
-from servers import free_port
+from servers import free_port, receiver_command
 
 from benchmarks.figures import DEFAULT_OUT, Figure, scratch
 from benchmarks.proc import cpu_seconds
@@ -49,7 +48,7 @@ HEADERS = {"Content-Type": "application/x-protobuf", "Content-Encoding": "snappy
 PROMETHEUS = "/usr/bin/prometheus"
 INSTALL = "apt-get install -y --no-install-recommends prometheus"
 FULL = {"series": 10_000, "requests": 400, "rounds": 3}
-QUICK = {"series": 2_000, "requests": 200, "rounds": 1}
+QUICK = {"series": 2_000, "requests": 48, "rounds": 1}
 
 
 def sharded_corpus(n_series: int, samples_per_request: int, n_requests: int, shards: int, start_ms: int, interval_ms: int = 15_000):
@@ -102,23 +101,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, what: str) -> None:
 
 def start_ours(root: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "billing_dags.cli.main",
-        "--data-dir",
-        str(root / "data"),
-        "--seeds-dir",
-        str(PROJECT_ROOT / "seeds"),
-        "remote-write",
-        "serve",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--min-free-bytes",
-        "0",
-        "--segment-max-age",
-        "600",
-    ]
+    cmd = receiver_command(root / "data", PROJECT_ROOT / "seeds", port, "--segment-max-age", "600")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     _wait_ready(url, proc, "billing remote-write serve")

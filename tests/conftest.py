@@ -2,7 +2,10 @@
 
 `make test` runs the suite on several workers (pytest-xdist, ``--dist loadgroup``): a test that uses a
 fixture built once for many tests (session or module scope, defined here or in its module) runs on the
-worker that holds that fixture, so nothing expensive is built twice (see ``pytest_collection_modifyitems``)."""
+worker that holds that fixture, so nothing expensive is built twice (see ``pytest_collection_modifyitems``).
+A new expensive setup shared by several tests: make it a fixture of module (or session) scope that builds
+a template once, and a function-scoped fixture that copies it into the test's tmp_path (as test_security_sql's
+``built``/``wh`` do); its tests are then scheduled on one worker by themselves."""
 
 from __future__ import annotations
 
@@ -14,11 +17,23 @@ from seed_copies import copy_small_seeds
 from billing_dags.core.settings import resolve_paths
 
 
+def pytest_configure(config):
+    """Under ``--dist loadgroup`` the controller hands out the groups in the order of the collection,
+    which pytest_collection_modifyitems below sets (xdist's own reordering, by number of tests per
+    group, would queue the Dagster instance's few long tests behind bigger groups of quick ones)."""
+    if getattr(config.option, "dist", "no") == "loadgroup":
+        config.option.loadscopereorder = False
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Group the tests of each shared fixture for xdist's loadgroup: those of a session-scoped fixture
     of ours (e.g. ``dagster_server``) under its name, those of a module-scoped one under their module.
-    Without xdist the marks change nothing."""
+    Under loadgroup the longest work goes first, so that both workers finish together: the session
+    groups, then the module groups (most tests first), then every other test in collection order.
+    Without xdist nothing changes."""
+    loadgroup = getattr(config.option, "loadgroup", False)  # an xdist worker under --dist loadgroup
+    tiers: dict[str, tuple[int, int]] = {}
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
         if info is None:
@@ -34,6 +49,34 @@ def pytest_collection_modifyitems(config, items):
                 module = module or item.nodeid.split("::")[0]
         if session or module:
             item.add_marker(pytest.mark.xdist_group(session or module))
+            if loadgroup:
+                _suffix_group(item, session or module)
+                tier = tiers.setdefault(session or module, (0 if session else 1, 0))
+                tiers[session or module] = (tier[0], tier[1] - 1)  # more tests, earlier
+    if loadgroup:
+
+        def rank(item) -> tuple[int, int]:
+            group = item.nodeid.rpartition("@")[2] if "@" in item.nodeid else None
+            return tiers.get(group, (2, 0))
+
+        items.sort(key=rank)  # stable: a group's tests, and the rest, keep their order
+
+
+def _suffix_group(item, group: str) -> None:
+    """Append ``@group`` to the test's id, which is what xdist's loadgroup scheduler reads. xdist's own
+    hook does it by setting ``item._nodeid``; since pytest 9.2 a node's id lives in ``item._id`` (a
+    ``NodeId``), so that suffix never reached the scheduler: every test was a unit of its own and a
+    fixture of module or session scope was built on both workers (the Dagster instance, each shared
+    month). Setting ``_id`` (or ``_nodeid`` on an older pytest) here fixes that for our groups."""
+    nodeid = item.nodeid
+    if nodeid.endswith("@" + group):
+        return
+    if hasattr(item, "_id"):
+        from _pytest.nodeid import NodeId
+
+        item._id = NodeId.parse(f"{nodeid}@{group}")
+    else:
+        item._nodeid = f"{nodeid}@{group}"
 
 
 @pytest.fixture

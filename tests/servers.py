@@ -64,6 +64,28 @@ def serve_app(app, timeout_s: float = 10) -> Iterator[str]:
         thread.join(timeout_s)
 
 
+def receiver_command(data_dir: Path, seeds_dir: Path, port: int, *flags: str) -> list[str]:
+    """The argv of ``billing remote-write serve`` (the CLI, as an operator starts it) on 127.0.0.1:``port``
+    over ``data_dir`` and ``seeds_dir``, with the free-disk floor off (``--min-free-bytes 0``: a test or
+    benchmark must not depend on how full the machine's disk is); ``flags`` are appended."""
+    return [
+        sys.executable,
+        "-m",
+        "billing_dags.cli.main",
+        "--data-dir",
+        str(data_dir),
+        "--seeds-dir",
+        str(seeds_dir),
+        "remote-write",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--min-free-bytes",
+        "0",
+        *flags,
+    ]
+
+
 def wait_for(pred, timeout: float, what: str, step: float = 0.2):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -113,6 +135,26 @@ _READY = """
     locationOrLoadError { __typename ... on PythonError { message } } } } }
   instance { daemonHealth { allDaemonStatuses { daemonType required healthy } } }
 }
+"""
+
+#: seconds between two iterations of the daemon's backfill loop (Dagster's is 30 s, a constant, not a setting:
+#: an asset backfill of a few days takes several iterations, so the UI tests mostly waited on it). The daemon
+#: is `dagster-daemon run` itself, started through its entry point with that one constant lowered. Not lower:
+#: an iteration over a backfill in progress costs the daemon CPU (seconds on a loaded machine), taken from the
+#: runs it waits for.
+DAEMON_INTERVAL_S = 5
+_DAEMON = (
+    "import sys, dagster._daemon.controller as c; c.DEFAULT_DAEMON_INTERVAL_SECONDS = {interval}; "
+    "from dagster._daemon.cli import main; sys.argv[0] = 'dagster-daemon'; sys.exit(main())"
+)
+#: appended to the project's dagster.yaml in a test instance (see DagsterServer._instance_yaml)
+_FAST_QUEUE = """
+# tests/servers.py: the run queue polled every second (the default is 5 s)
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    dequeue_interval_seconds: 1
 """
 
 TERMINAL_RUN = {"SUCCESS", "FAILURE", "CANCELED"}
@@ -170,7 +212,7 @@ class DagsterServer:
     def start(self, timeout: float = 180) -> DagsterServer:
         self.home.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        (self.home / "dagster.yaml").write_text((self.project / "dagster.yaml").read_text())
+        (self.home / "dagster.yaml").write_text(self._instance_yaml())
         # the storage exists before two processes start: both creating it at once races on its schema
         from dagster import DagsterInstance
 
@@ -178,13 +220,18 @@ class DagsterServer:
             pass
         bin_dir = Path(sys.executable).parent
         self._spawn("webserver", [str(bin_dir / "dagster-webserver"), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(self.port)])
-        self._spawn("daemon", [str(bin_dir / "dagster-daemon"), "run", "-w", "workspace.yaml"])
+        self._spawn("daemon", [sys.executable, "-c", _DAEMON.format(interval=DAEMON_INTERVAL_S), "run", "-w", "workspace.yaml"])
         try:
             self.wait(self._ready, timeout, "webserver answering, code location LOADED, daemons healthy")
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _instance_yaml(self) -> str:
+        """The project's dagster.yaml, plus a run queue that is polled every second instead of every 5 s
+        (runs start as they would in production, only without the wait)."""
+        return (self.project / "dagster.yaml").read_text() + _FAST_QUEUE
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         with open(self.root / f"{name}.log", "ab") as log:

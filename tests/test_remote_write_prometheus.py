@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import requests
-from servers import free_port, stop, wait_for
+from servers import free_port, receiver_command, stop, wait_for
 
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.ingest import raw
@@ -38,25 +37,7 @@ TOKEN = "it-token-123"
 
 class Receiver:
     def __init__(self, data_dir: Path, port: int, token_file: Path, log: Path):
-        self.cmd = [
-            sys.executable,
-            "-m",
-            "billing_dags.cli.main",
-            "--data-dir",
-            str(data_dir),
-            "--seeds-dir",
-            str(PROJECT_ROOT / "seeds"),
-            "remote-write",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--token-file",
-            str(token_file),
-            "--segment-max-age",
-            "1",
-            "--min-free-bytes",
-            "0",
-        ]
+        self.cmd = receiver_command(data_dir, PROJECT_ROOT / "seeds", port, "--token-file", str(token_file), "--segment-max-age", "1")
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         self.proc: subprocess.Popen | None = None
@@ -64,7 +45,7 @@ class Receiver:
     def start(self) -> None:
         with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: requests.get(self.url + "/-/ready", timeout=1).ok, 20, "the receiver")
+        wait_for(lambda: requests.get(self.url + "/-/ready", timeout=1).ok, 60, "the receiver")  # a wait on a condition: 60 s only on a loaded machine
 
     def samples(self) -> float:
         text = requests.get(self.url + "/metrics", timeout=2).text

@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 import remote_write_corpus as corpus
 import requests
-from servers import free_port
+from servers import free_port, receiver_command
 
 from billing_dags.core.settings import PROJECT_ROOT
 from billing_dags.ingest.remote_write.server import REPORT_PATH, WRITE_PATH
@@ -68,24 +67,7 @@ def _start(tmp_path: Path, *flags: str, nofile: int | None = None) -> Receiver:
 
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "billing_dags.cli.main",
-                "--data-dir",
-                str(tmp_path / "data"),
-                "--seeds-dir",
-                str(seeds),
-                "remote-write",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--token-file",
-                str(tmp_path / "token"),
-                "--min-free-bytes",
-                "0",
-                *flags,
-            ],
+            receiver_command(tmp_path / "data", seeds, port, "--token-file", str(tmp_path / "token"), *flags),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

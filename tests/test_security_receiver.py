@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 import tracemalloc
 import zlib
@@ -23,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import remote_write_corpus as corpus
 import requests
-from servers import free_port, stop, wait_for
+from servers import free_port, receiver_command, stop, wait_for
 
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.ingest import raw
@@ -52,24 +51,7 @@ class Receiver:
         self.log = tmp_path / "receiver.log"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [
-            sys.executable,
-            "-m",
-            "billing_dags.cli.main",
-            "--data-dir",
-            str(self.data_dir),
-            "--seeds-dir",
-            str(SEEDS),
-            "remote-write",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{self.port}",
-            "--segment-max-age",
-            "0.5",
-            "--min-free-bytes",
-            "0",
-            *extra,
-        ]
+        self.cmd = receiver_command(self.data_dir, SEEDS, self.port, "--segment-max-age", "0.5", *extra)
         self.proc: subprocess.Popen | None = None
         self.session = requests.Session()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -18,7 +17,7 @@ import remote_write_corpus as corpus
 import requests
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from servers import free_port, serve_app
+from servers import free_port, receiver_command, serve_app
 
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.defs.seeds.assets import write_seed_snapshots
@@ -54,21 +53,7 @@ class ReceiverProcess:
     def __init__(self, data_dir: Path, log: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "billing_dags.cli.main",
-            "--data-dir",
-            str(data_dir),
-            "--seeds-dir",
-            str(PROJECT_ROOT / "seeds"),
-            "remote-write",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{self.port}",
-            "--min-free-bytes",
-            "0",
-        ]
+        cmd = receiver_command(data_dir, PROJECT_ROOT / "seeds", self.port)
         with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 30

@@ -14,7 +14,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from datetime import UTC, date, datetime
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
@@ -23,7 +22,7 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 import requests
-from servers import free_port
+from servers import free_port, receiver_command
 
 from billing_dags.core.calendar import last_complete_month, month_days, next_month
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
@@ -101,21 +100,7 @@ def server(tmp_path):
     port = free_port()
     with open(tmp_path / "receiver.log", "ab") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "billing_dags.cli.main",
-                "--data-dir",
-                str(tmp_path / "data"),
-                "--seeds-dir",
-                str(PROJECT_ROOT / "seeds"),
-                "remote-write",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--min-free-bytes",
-                "0",
-            ],
+            receiver_command(tmp_path / "data", PROJECT_ROOT / "seeds", port),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
