@@ -11,11 +11,12 @@ from billing_dags.operations.reports import build_daily_summary, write_daily_sum
     partitions_def=billing_daily,
     group_name="reports",
     kinds={"html", "markdown"},
-    deps=["fct_usage_by_day", "fct_anomaly_flags_by_day", "seed_meters"],
+    # after the day's meter events are sent: the summary lists the events Stripe no longer accepts
+    deps=["fct_usage_by_day", "fct_anomaly_flags_by_day", "seed_meters", "stripe_meter_events"],
     backfill_policy=SINGLE_RUN,
 )
 def daily_summary(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
-    """Daily summary: active customers, bytes, shares accepted/rejected, top 10 by bytes, anomalies."""
+    """Daily summary: active customers, bytes, shares accepted/rejected, top 10 by bytes, anomalies, meter events too old for Stripe."""
     paths = warehouse.paths()
 
     def one_day(key, window) -> dict:
