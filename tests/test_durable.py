@@ -275,11 +275,10 @@ def test_only_the_durable_module_renames_files():
 
 
 #: modules that write files in place on purpose: the receiver's landing log (appended and fsynced
-#: record by record; a segment is published by sealing it through durable.publish) and the
-#: invoice numbering lock file (opened to hold a lock, never published)
+#: record by record; a segment is published by sealing it through durable.publish); lock files are
+#: held through durable.exclusive_lock
 WRITES_IN_PLACE = {
     "ingest/remote_write/landing.py": "the append-only landing segment",
-    "billing/numbering.py": "the numbering lock file",
 }
 
 

@@ -7,7 +7,6 @@ atomically under an exclusive file lock, so concurrent runs never hand out a num
 
 from __future__ import annotations
 
-import fcntl
 import json
 from collections.abc import Iterable
 from datetime import date
@@ -49,30 +48,26 @@ def assign_invoice_numbers(paths: Paths, month: date, customer_ids: Iterable[str
     ids = sorted({safe_customer_id(c, "assign_invoice_numbers") for c in customer_ids})
     paths.invoices.mkdir(parents=True, exist_ok=True)
     prefix = f"INV-{month.year:04d}-"
-    with open(paths.invoices / REGISTRY_LOCK, "a+") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            reg = read_registry(paths)
-            numbers: dict[str, str] = reg["numbers"]
-            used = sorted(int(n[len(prefix) :]) for n in numbers.values() if n.startswith(prefix))
-            if used != list(range(1, len(used) + 1)):
-                raise InvoiceError(
-                    f"{registry_path(paths)}: numbers {prefix}* are not a gap-free sequence from 1; "
-                    "restore the registry from backup before finalizing more invoices"
-                )
-            nxt = len(used) + 1
-            out: dict[str, str] = {}
-            changed = False
-            for cid in ids:
-                key = f"{month:%Y-%m}/{cid}"
-                if key not in numbers:
-                    numbers[key] = f"{prefix}{nxt:06d}"
-                    nxt += 1
-                    changed = True
-                out[cid] = numbers[key]
-            if changed:
-                reg["schema_version"] = SCHEMA_VERSION
-                durable.write_bytes(registry_path(paths), durable.canonical_json(reg))
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    with durable.exclusive_lock(paths.invoices / REGISTRY_LOCK):
+        reg = read_registry(paths)
+        numbers: dict[str, str] = reg["numbers"]
+        used = sorted(int(n[len(prefix) :]) for n in numbers.values() if n.startswith(prefix))
+        if used != list(range(1, len(used) + 1)):
+            raise InvoiceError(
+                f"{registry_path(paths)}: numbers {prefix}* are not a gap-free sequence from 1; "
+                "restore the registry from backup before finalizing more invoices"
+            )
+        nxt = len(used) + 1
+        out: dict[str, str] = {}
+        changed = False
+        for cid in ids:
+            key = f"{month:%Y-%m}/{cid}"
+            if key not in numbers:
+                numbers[key] = f"{prefix}{nxt:06d}"
+                nxt += 1
+                changed = True
+            out[cid] = numbers[key]
+        if changed:
+            reg["schema_version"] = SCHEMA_VERSION
+            durable.write_bytes(registry_path(paths), durable.canonical_json(reg))
     return out

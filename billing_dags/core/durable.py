@@ -6,6 +6,7 @@ or the new ones, never a mix, and once it returns the new bytes and their name s
 :func:`staged` wraps the temporary name for a writer (removed again on an error, so nothing is
 published), :func:`write_bytes` publishes bytes, and :class:`Batch` publishes many files at once
 with one flush. Validate before publishing: inside ``staged``, raise to publish nothing.
+:func:`exclusive_lock` serialises a read-modify-write across processes (an flock on a lock file).
 
 This module imports nothing from the package, so every layer can use it.
 """
@@ -13,6 +14,7 @@ This module imports nothing from the package, so every layer can use it.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -216,3 +218,18 @@ def sha256_file(path: Path | str) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextmanager
+def exclusive_lock(lock_file: Path | str) -> Iterator[None]:
+    """Hold an exclusive flock on ``lock_file`` (created empty if missing, never written) for the
+    block: one read-modify-write at a time across the processes of the machine.
+    The lock is released when the block ends or the process dies."""
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -25,8 +25,6 @@ salvaged into a new segment) and listed by ``landing_status``; compaction carrie
 
 from __future__ import annotations
 
-import fcntl
-import os
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -58,14 +56,8 @@ SOURCE = "remote_write"
 @contextmanager
 def day_lock(paths: Paths, day: str):
     """One compaction of a day at a time (two runs of the same partition must not interleave)."""
-    lock_dir = paths.landing / ".locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_dir / f"{day}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with durable.exclusive_lock(paths.landing / ".locks" / f"{day}.lock"):
         yield
-    finally:
-        os.close(fd)
 
 
 def _resolver(paths: Paths) -> CustomerResolver:

@@ -25,9 +25,7 @@ label set (``SeriesCollision``), so two label sets are never merged under one id
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -193,13 +191,8 @@ def _collisions(paths: Paths, ids: list[int], defs: list[tuple[str, Labels]]) ->
 @contextmanager
 def series_lock(paths: Paths):
     """One check-and-publish of series at a time, across processes (flock on data/raw/.series.lock)."""
-    paths.raw_series.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(paths.raw_series.parent / ".series.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with durable.exclusive_lock(paths.raw_series.parent / ".series.lock"):
         yield
-    finally:
-        os.close(fd)
 
 
 def day_bounds_ms(day: date) -> tuple[int, int]:

@@ -17,7 +17,6 @@ recomputed day never forgets a delivery.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import re
@@ -182,14 +181,8 @@ def pending(paths: Paths) -> list[dict]:
 
 @contextmanager
 def _locked(paths: Paths):
-    lock = notifications_dir(paths) / ".delivered.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with durable.exclusive_lock(notifications_dir(paths) / ".delivered.lock"):
+        yield
 
 
 def mark_delivered(paths: Paths, ids: Iterable[str], channel: str, now: datetime | None = None) -> list[str]:
