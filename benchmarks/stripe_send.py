@@ -64,23 +64,7 @@ def outbox_rows(day: date, customers: int, meters: int) -> list[dict]:
         n_meters = meters - 1 if customers >= 20 and c >= customers - 7 else meters
         for m in range(n_meters):
             cid, mid = f"cust{c:03d}", f"meter{m:02d}"
-            rows.append(
-                {
-                    "customer_id": cid,
-                    "stripe_customer_id": f"cus_Bench{c:06d}",
-                    "meter_id": mid,
-                    "event_name": f"bench_{mid}",
-                    "day": day,
-                    "value": 1000 + 37 * c + m + day.day,
-                    "revision": 1,
-                    "identifier": ob.event_identifier(cid, mid, day, 1),
-                    "timestamp": ob.day_timestamp(day),
-                    "status": "pending",
-                    "attempts": 0,
-                    "last_error": None,
-                    "stripe_response_id": None,
-                }
-            )
+            rows.append(ob.pending_row(cid, f"cus_Bench{c:06d}", mid, f"bench_{mid}", day, 1000 + 37 * c + m + day.day, identifier_name=mid))
     return rows
 
 

@@ -36,23 +36,7 @@ def outbox_rows(day: date, customers: int, events=EVENTS) -> list[dict]:
     for c in range(customers):
         for m, event_name in enumerate(events):
             cid, mid = f"c{c:03d}", f"m{m}"
-            rows.append(
-                {
-                    "customer_id": cid,
-                    "stripe_customer_id": f"cus_T{c:06d}",
-                    "meter_id": mid,
-                    "event_name": event_name,
-                    "day": day,
-                    "value": 100 * c + 10 * m + day.day,
-                    "revision": 1,
-                    "identifier": ob.event_identifier(cid, mid, day, 1),
-                    "timestamp": ob.day_timestamp(day),
-                    "status": "pending",
-                    "attempts": 0,
-                    "last_error": None,
-                    "stripe_response_id": None,
-                }
-            )
+            rows.append(ob.pending_row(cid, f"cus_T{c:06d}", mid, event_name, day, 100 * c + 10 * m + day.day, identifier_name=mid))
     return rows
 
 

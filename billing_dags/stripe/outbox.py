@@ -151,6 +151,58 @@ def _row_day(row: Mapping) -> date | None:
     return date.fromisoformat(str(d))
 
 
+def pending_row(
+    customer_id: str,
+    stripe_customer_id: str,
+    meter_id: str,
+    event_name: str,
+    day: date,
+    value: int,
+    *,
+    revision: int = 1,
+    identifier_name: str | None = None,
+    timestamp: int | None = None,
+    dimension: str = "",
+    unit_decimals: int = 0,
+    formula: str = "sum",
+) -> dict:
+    """A new outbox row, ``pending``, never attempted. Its identifier is made of the customer,
+    ``identifier_name`` (the event name unless given), the day and the revision."""
+    return {
+        "customer_id": customer_id,
+        "stripe_customer_id": stripe_customer_id,
+        "meter_id": meter_id,
+        "dimension": dimension,
+        "event_name": event_name,
+        "day": day,
+        "value": value,
+        "revision": revision,
+        "identifier": event_identifier(customer_id, identifier_name or event_name, day, revision),
+        "timestamp": day_timestamp(day) if timestamp is None else timestamp,
+        "status": "pending",
+        "attempts": 0,
+        "last_error": None,
+        "stripe_response_id": None,
+        "unit_decimals": unit_decimals,
+        "stripe_value": None,
+        "formula": formula,
+    }
+
+
+def revised_row(prev: Mapping | None, row: dict, identifier_name: str | None = None) -> dict:
+    """``prev`` (the stored row of the same customer, meter and dimension) unchanged when ``row`` has
+    its value, Stripe customer and event name; else ``row`` as the next revision of ``prev``, with
+    the value Stripe holds from ``prev`` (its value if it was sent, else what it held)."""
+    if prev is None:
+        return row
+    if (int(prev["value"]), prev["stripe_customer_id"], prev["event_name"]) == (row["value"], row["stripe_customer_id"], row["event_name"]):
+        return dict(prev)
+    revision = int(prev["revision"]) + 1
+    name = identifier_name or row["event_name"]
+    held = int(prev["value"]) if prev["status"] == "sent" else prev.get("stripe_value")
+    return {**row, "revision": revision, "identifier": event_identifier(row["customer_id"], name, row["day"], revision), "stripe_value": held}
+
+
 def build_outbox(
     day: date,
     quantities: list[dict],
@@ -217,28 +269,12 @@ def build_outbox(
         value = round_half_up(sums[key])
         stripe_customer_id = customers_by_id[cid]["stripe_customer_id"]
         event_name = meters_by_id[mid]["stripe_event_name"]
-        if prev is not None and (int(prev["value"]), prev["stripe_customer_id"], prev["event_name"]) == (value, stripe_customer_id, event_name):
-            out.append(dict(prev))
-            continue
-        revision = int(prev["revision"]) + 1 if prev is not None else 1
         out.append(
-            {
-                "customer_id": cid,
-                "stripe_customer_id": stripe_customer_id,
-                "meter_id": mid,
-                "event_name": event_name,
-                "day": day,
-                "value": value,
-                "revision": revision,
-                "identifier": event_identifier(cid, mid, day, revision),
-                "timestamp": ts,
-                "status": "pending",
-                "attempts": 0,
-                "last_error": None,
-                "stripe_response_id": None,
-                **_ADDED_DEFAULTS,
-                "stripe_value": None if prev is None else (int(prev["value"]) if prev["status"] == "sent" else prev.get("stripe_value")),
-            }
+            revised_row(
+                prev,
+                pending_row(cid, stripe_customer_id, mid, event_name, day, value, identifier_name=mid, timestamp=ts),
+                identifier_name=mid,
+            )
         )
     return out
 
@@ -523,32 +559,8 @@ def _merge_day(day: date, wanted: Mapping[tuple[str, str, str], tuple[PricedLine
                 prev.get("unit_decimals") or 0,
                 prev.get("formula"),
             )
-        if prev is not None and (int(prev["value"]), prev["stripe_customer_id"], prev["event_name"]) == (value, stripe_customer_id, event_name):
-            rows.append(dict(prev))
-            continue
-        revision = int(prev["revision"]) + 1 if prev is not None else 1
-        held = None if prev is None else (int(prev["value"]) if prev["status"] == "sent" else prev.get("stripe_value"))
-        rows.append(
-            {
-                "customer_id": key[0],
-                "stripe_customer_id": stripe_customer_id,
-                "meter_id": key[1],
-                "dimension": key[2],
-                "event_name": event_name,
-                "day": day,
-                "value": value,
-                "revision": revision,
-                "identifier": event_identifier(key[0], event_name, day, revision),
-                "timestamp": ts,
-                "status": "pending",
-                "attempts": 0,
-                "last_error": None,
-                "stripe_response_id": None,
-                "unit_decimals": decimals,
-                "stripe_value": held,
-                "formula": formula,
-            }
-        )
+        row = pending_row(key[0], stripe_customer_id, key[1], event_name, day, value, timestamp=ts, dimension=key[2], unit_decimals=decimals, formula=formula)
+        rows.append(revised_row(prev, row))
     return rows
 
 
