@@ -339,3 +339,25 @@ def rate_month(
         if runner is None:
             r.close()
     return rated, lines
+
+
+def duplicate_event(paths, days: tuple[date, ...]) -> list[Path]:
+    """The same event id written by the postgres source on each of ``days`` (the check that ids are unique fails)."""
+    from billing_dags.ingest.events import EVENTS_SCHEMA, write_events_day
+    from billing_dags.ingest.raw import day_bounds_ms
+
+    written = []
+    for day in days:
+        event = {
+            "event_id": "req-42",
+            "ts": day_bounds_ms(day)[0] + 3_600_000,
+            "customer_key": "k",
+            "meter_id": "llm_input_tokens",
+            "dimension": "gpt-4o",
+            "kind": "delta",
+            "quantity": Decimal(5),
+            "hold_ms": 0,
+            "attributes": [],
+        }
+        written.append(Path(write_events_day(paths, day, pa.Table.from_pylist([event], schema=EVENTS_SCHEMA), "postgres")["path"]))
+    return written

@@ -163,27 +163,12 @@ def test_run_rejects_a_catch_all_price_beside_per_model_prices(capsys, paths, sm
 def test_a_failed_blocking_check_shows_its_message_and_exits_2_without_a_traceback(paths):
     """`billing run` where the source wrote the same event id on two days: the check's own message, no stack trace."""
     import os
-    from decimal import Decimal
 
-    import pyarrow as pa
+    from sql_helpers import duplicate_event
 
     from billing_dags.core.settings import PROJECT_ROOT
-    from billing_dags.ingest.events import EVENTS_SCHEMA, write_events_day
-    from billing_dags.ingest.raw import day_bounds_ms
 
-    for day in (date(2026, 2, 1), date(2026, 2, 2)):
-        event = {
-            "event_id": "req-42",
-            "ts": day_bounds_ms(day)[0] + 3_600_000,
-            "customer_key": "k",
-            "meter_id": "llm_input_tokens",
-            "dimension": "gpt-4o",
-            "kind": "delta",
-            "quantity": Decimal(5),
-            "hold_ms": 0,
-            "attributes": [],
-        }
-        write_events_day(paths, day, pa.Table.from_pylist([event], schema=EVENTS_SCHEMA), "postgres")
+    duplicate_event(paths, (date(2026, 2, 1), date(2026, 2, 2)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run(
         [sys.executable, "-m", "billing_dags.cli.main", "run", "--month", "2026-02", "--customers", "1", "--interval", "3600"],

@@ -13,6 +13,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
+from sql_helpers import duplicate_event
 
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.defs.shared.partitions import billing_daily, billing_monthly
@@ -142,32 +143,6 @@ def test_a_range_run_of_months_equals_one_run_per_month(two_dirs, small_seeds, m
     assert [k for k in a if a[k] != b[k]] == []
 
 
-def _duplicate_event(paths, days: tuple[date, ...]) -> list[Path]:
-    """The same event id written by the postgres source on each of ``days`` (the check that ids are unique fails)."""
-    from decimal import Decimal
-
-    import pyarrow as pa
-
-    from billing_dags.ingest.events import EVENTS_SCHEMA, write_events_day
-    from billing_dags.ingest.raw import day_bounds_ms
-
-    written = []
-    for day in days:
-        event = {
-            "event_id": "req-42",
-            "ts": day_bounds_ms(day)[0] + 3_600_000,
-            "customer_key": "k",
-            "meter_id": "llm_input_tokens",
-            "dimension": "gpt-4o",
-            "kind": "delta",
-            "quantity": Decimal(5),
-            "hold_ms": 0,
-            "attributes": [],
-        }
-        written.append(Path(write_events_day(paths, day, pa.Table.from_pylist([event], schema=EVENTS_SCHEMA), "postgres")["path"]))
-    return written
-
-
 def test_a_failed_range_run_says_which_day_and_reexecutes_from_failure(tmp_path, small_seeds, data_dir, monkeypatch):
     from dagster._core.definitions.reconstruct import ReconstructableRepository
 
@@ -175,7 +150,7 @@ def test_a_failed_range_run_says_which_day_and_reexecutes_from_failure(tmp_path,
     instance = dg.DagsterInstance.ephemeral()
     defs = _defs(data_dir, small_seeds, monkeypatch)
     _run(defs, "refresh_seeds_and_views", instance)
-    bad = _duplicate_event(paths, (DAYS[1], DAYS[2]))
+    bad = duplicate_event(paths, (DAYS[1], DAYS[2]))
     result = _run(defs, "daily_usage", instance, first=DAYS[0].isoformat(), last=DAYS[-1].isoformat(), ok=False)
     assert not result.success
     failed = [e for e in result.get_asset_check_evaluations() if not e.passed and e.blocking]
@@ -237,7 +212,7 @@ def test_cli_runs_carry_the_code_locations_origin_and_reexecute(tmp_path, small_
     paths = resolve_paths(data_dir, small_seeds)
     defs, instance = runs.definitions_of(paths)
     runs.execute(defs.resolve_job_def("refresh_seeds_and_views"), instance, "seeds")
-    bad = _duplicate_event(paths, (DAYS[0], DAYS[1]))
+    bad = duplicate_event(paths, (DAYS[0], DAYS[1]))
     with pytest.raises(RunFailed) as failed:
         runs.execute(
             defs.resolve_job_def("daily_usage"), instance, f"days {DAYS[0]} to {DAYS[1]}", _config(), partition_range=(DAYS[0].isoformat(), DAYS[1].isoformat())
