@@ -210,7 +210,7 @@ def _crc32c_bitwise(data: bytes) -> int:
 
 def test_crc32c_eight_bytes_a_step_equals_the_bitwise_definition():
     rng = random.Random(7)
-    for n in [*range(0, 40), 255, 1000, 4099]:
+    for n in [*range(40), 255, 1000, 4099]:
         data = rng.randbytes(n)
         assert xor.crc32c(data) == _crc32c_bitwise(data), n
 
@@ -354,7 +354,8 @@ def test_native_histogram_chunks_are_refused_by_name_and_the_float_samples_kept(
 
     a, b = 1_000_000, 2_000_000
     msg = ChunkedReadResponse()
-    for name, chunks in (("mixed", [(xor.XOR, xor_chunk([(a, _fbits(1.0)), (a + 1, _fbits(2.0))])), (xor.HISTOGRAM, b"\x00\x01")]), ("native", [(xor.FLOAT_HISTOGRAM, b"\x00\x01")])):
+    floats = xor_chunk([(a, _fbits(1.0)), (a + 1, _fbits(2.0))])
+    for name, chunks in (("mixed", [(xor.XOR, floats), (xor.HISTOGRAM, b"\x00\x01")]), ("native", [(xor.FLOAT_HISTOGRAM, b"\x00\x01")])):
         cs = msg.chunked_series.add()
         cs.labels.add(name="__name__", value="m_total")
         cs.labels.add(name="client_id", value="c1")
@@ -368,3 +369,15 @@ def test_native_histogram_chunks_are_refused_by_name_and_the_float_samples_kept(
         rows = list(prom._fetch_exact(prom.PrometheusClient(fake.url, read_api="remote_read"), sel, a, b, refused))
     assert [(labels, ts.tolist()) for _, _, labels, ts, _ in rows] == [((("client_id", "c1"), ("kind", "mixed")), [a, a + 1])]
     assert len(refused) == 2 and all("native histogram samples" in r and "m_total{client_id, kind}" in r and "meter m" in r for r in refused)
+
+
+def test_the_query_api_names_native_histogram_series_alike():
+    """A range selector gives histogram samples apart ("histograms"): the float samples are rows, the
+    series is named with the remote-read path's reason."""
+    sel = prom.Selector("m", "m_total", "client_id", ("c1",))
+    item = {"metric": {"__name__": "m_total", "client_id": "c1"}, "values": [[1000.0, "2"]], "histograms": [[1000.5, {"count": "1", "sum": "1"}]]}
+    refused: dict[str, None] = {}
+    rows = list(prom._parsed([item], sel, 0, 10**7, refused))
+    assert [ts.tolist() for *_, ts, _ in rows] == [[1_000_000]]
+    sid = prom.raw.series_id("m_total", {"client_id": "c1"})
+    assert list(refused) == [prom._histogram_reason(sel, sid, "m_total", (("client_id", "c1"),))]

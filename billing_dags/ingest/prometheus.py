@@ -880,7 +880,7 @@ class IngestOptions:
     step_s: int = 60  # range mode only
     extra_matchers: str = ""
     edge_lookback_days: int = EDGE_LOOKBACK_DAYS
-    skip_empty_metrics: bool = True  # ask /api/v1/series first; no series -> no sample queries
+    skip_empty_metrics: bool = True  # query API: ask /api/v1/series first; no series -> no sample queries
     #: exact mode over remote read: seconds of samples per request (the day: the stored chunks are
     #: sent whole, so shorter windows send the chunks across their bounds twice)
     remote_read_s: int = 86_400
@@ -969,7 +969,9 @@ def _reads_remotely(client) -> bool:
 
 def _fetch_day(client: PrometheusClient, sel: Selector, start: int, end: int, opt: IngestOptions, refused: dict[str, None]) -> Iterator[tuple]:
     """Exact mode: the selector's samples of [start, end), over remote read in windows of
-    ``remote_read_s`` (while the client reads remotely), else over the query API in ``chunk_s`` windows."""
+    ``remote_read_s`` (while the client reads remotely), else over the query API in ``chunk_s``
+    windows, after asking /api/v1/series whether it has series at all (``skip_empty_metrics``: one
+    request instead of a query per chunk; over remote read the day's one request says it)."""
     resume = start
     if _reads_remotely(client):
         for a, b in plan_chunks(start, end, opt.remote_read_s * 1000):
@@ -980,6 +982,8 @@ def _fetch_day(client: PrometheusClient, sel: Selector, start: int, end: int, op
             yield from _parsed_remote(client, got, sel, a, b, refused)
         else:
             return
+    if opt.skip_empty_metrics and not client.series(sel.promql(), resume, end - 1, what=_what(sel)):
+        return
     for a, b in plan_chunks(resume, end, opt.chunk_s * 1000):
         yield from _fetch_exact(client, sel, a, b, refused)
 
@@ -1108,14 +1112,11 @@ def ingest_day(
     col = Collector()
     refused = col.refused
     unmatched: dict[int, str] = {}
-    active: list[Selector] = []
     for sel in selectors:
-        if opt.skip_empty_metrics and not client.series(sel.promql(), start_ms, end_ms - 1, what=_what(sel)):
-            continue
-        active.append(sel)
-    for sel in active:
         if opt.mode == "exact":
             parts = _fetch_day(client, sel, start_ms, end_ms, opt, refused)
+        elif opt.skip_empty_metrics and not client.series(sel.promql(), start_ms, end_ms - 1, what=_what(sel)):
+            continue
         else:
             parts = _fetch_range(client, sel, start_ms, end_ms, opt.step_s * 1000, refused)
         for sid, metric, labels, ts, values in parts:
