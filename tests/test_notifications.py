@@ -10,6 +10,7 @@ then the allowance_notifications asset is materialized with Dagster for each day
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
@@ -66,7 +67,7 @@ def test_one_notification_per_crossing_and_again_next_month(flagged):
     paths = flagged
     materialize(paths, date(2026, 10, 9), date(2026, 10, 12))
     materialize(paths, date(2026, 11, 10), date(2026, 11, 12))
-    got = notifications.outbox(paths)
+    got = [n for n in notifications.outbox(paths) if n["customer_id"] == "mp-003"]
     assert [(n["day"], n["threshold_percent"]) for n in got] == [("2026-10-10", "80"), ("2026-10-12", "100"), ("2026-11-10", "80"), ("2026-11-12", "100")]
     oct80 = got[0]
     assert oct80["customer_id"] == "mp-003" and oct80["meter_id"] == "proxy_bytes" and oct80["period"] == "2026-10"
@@ -87,7 +88,7 @@ def test_recomputing_a_day_keeps_ids_and_created_at_and_bytes(flagged):
     materialize(paths, day)
     f = notifications.outbox_file(paths, day)
     before = f.read_bytes()
-    (n,) = [json.loads(line) for line in before.decode().splitlines()]
+    (n, *_) = [json.loads(line) for line in before.decode().splitlines()]
     later = datetime(2030, 1, 1, tzinfo=UTC)
     assert notifications.build_day(paths, day, now=later)[0]["created_at"] == n["created_at"]
     materialize(paths, day)
@@ -134,3 +135,24 @@ def test_the_cli_lists_pending_and_marks_delivered(flagged, capsys):
     assert nov[0]["id"] not in {n["id"] for n in json.loads(capsys.readouterr().out)}
     assert main([*base, "mark-delivered", "ntf_nope", "--channel", "webhook"]) == 2
     assert "not in the outbox" in capsys.readouterr().err
+
+
+def test_the_flag_carries_the_included_quantity_and_the_notification_states_it(flagged, tmp_path):
+    """The plan in force is resolved once, in SQL: the allowance_used flag carries the included quantity its
+    percentage was computed against, and the notification states that one (not the seeds read again)."""
+    paths = flagged
+    day = date(2026, 10, 10)
+    f = paths.models / "fct_anomaly_flags_by_day" / f"day={day}" / "data.parquet"
+    flags = pq.read_table(f).to_pylist()
+    assert {(r["rule"], r["included_quantity"]) for r in flags if r["customer_id"] == "mp-003"} >= {("allowance_used", Decimal(12))}
+    assert all(r["included_quantity"] is None for r in flags if r["rule"] != "allowance_used")
+    # the seeds change after the flags were computed (proxy_hybrid v2 now includes 24 GiB): the
+    # notification still says 10 of 12 GiB, 83.33%, as its flag does, until the day is computed again
+    seeds = tmp_path / "seeds"
+    shutil.copytree(PROJECT_ROOT / "seeds", seeds)
+    prices = (seeds / "prices.csv").read_text()
+    assert "proxy_hybrid,2,proxy_bytes,,12," in prices
+    (seeds / "prices.csv").write_text(prices.replace("proxy_hybrid,2,proxy_bytes,,12,", "proxy_hybrid,2,proxy_bytes,,24,"))
+    (n,) = [n for n in notifications.build_day(resolve_paths(paths.data_dir, seeds), day) if n["customer_id"] == "mp-003"]
+    assert (n["quantity"], n["allowance"], n["used_percent"]) == ("10", "12", "83.33")
+    assert "of the 12 gib included" in n["message"]

@@ -694,10 +694,17 @@ final as (
         raised.rule_description,
         raised.detail,
         to_billing_units(raised.quantity, meter_units.divisor) as quantity,
-        case when raised.quantity is not null then meter_units.billing_unit end as unit
+        case when raised.quantity is not null then meter_units.billing_unit end as unit,
+        -- allowance_used: the included quantity (billing units) of the plan in force that its value is a percentage of
+        allowances.included_quantity
     from raised
     left join meter_units
         on raised.meter_id = meter_units.meter_id
+    left join allowances
+        on raised.rule = 'allowance_used'
+        and raised.customer_id = allowances.customer_id
+        and raised.meter_id = allowances.meter_id
+        and allowances.check_day = $start_date::date
 )
 
 select * from final
