@@ -3,7 +3,8 @@ month, a stable id, created_at kept on recomputation, and a consumer that marks 
 
 The flags are computed by the real fct_anomaly_flags_by_day SQL on fixture daily usage (mp-003 on
 proxy_hybrid v2, 12 GiB included: 1 GiB a day in October and November 2026, so 80% is crossed on
-the 10th and 100% on the 12th of each month), published as the daily partitions the asset reads,
+the 10th and 100% on the 12th of each month; iot-001 on iot_starter, 10 devices included: a peak of 8
+devices on 10 October, 10 from the 12th), published as the daily partitions the asset reads,
 then the allowance_notifications asset is materialized with Dagster for each day.
 """
 
@@ -31,6 +32,7 @@ from billing_dags.operations import notifications
 GIB = 2**30
 RUN = [date(2026, 10, 1) + timedelta(days=i) for i in range(61)]  # October and November
 #: the days whose flags are computed and published (each day reads its own lookback of the usage)
+PEAKS = {date(2026, 10, 10): 8, date(2026, 10, 11): 9}
 FLAG_DAYS = [date(2026, 10, 9), date(2026, 10, 10), date(2026, 10, 11), date(2026, 10, 12), date(2026, 11, 10), date(2026, 11, 12)]
 
 
@@ -39,6 +41,8 @@ def flagged(tmp_path_factory):
     """A data dir with fct_anomaly_flags_by_day partitions of days of October and November 2026."""
     paths = resolve_paths(tmp_path_factory.mktemp("notifications") / "data", PROJECT_ROOT / "seeds")
     days = [day_row(d, "mp-003", "proxy_bytes", usage=GIB) for d in RUN]
+    # iot-001 (iot_starter, 10 devices included): a peak of 7 devices, 8 on 10 October, 9, then 10 from the 12th
+    days += [day_row(d, "iot-001", "iot_devices", peak=PEAKS.get(d, 7 if d < date(2026, 10, 10) else 10), kind="gauge") for d in RUN if d.month == 10]
     with Runner() as r:
         r.set_raw({}, SERIES)
         r.set_table("external_pool_shares", pa.Table.from_pylist([], schema=POOL_SCHEMA))
@@ -80,6 +84,20 @@ def test_one_notification_per_crossing_and_again_next_month(flagged):
     assert len(list((paths.data_dir / "notifications" / "outbox").glob("*.jsonl"))) == 4
     assert not notifications.outbox_file(paths, date(2026, 10, 11)).exists()
     assert not notifications.outbox_file(paths, date(2026, 10, 9)).exists()
+
+
+def test_a_peak_allowance_notifies_at_80_and_100_once_each(flagged):
+    """A max-aggregation meter (peak devices) with an included quantity notifies as a counter does: on the
+    day its month-to-date peak first reaches 80%, then 100%; a higher peak between the levels does not."""
+    paths = flagged
+    materialize(paths, date(2026, 10, 9), date(2026, 10, 12))
+    got = [n for n in notifications.outbox(paths) if n["customer_id"] == "iot-001"]
+    assert [(n["day"], n["meter_id"], n["threshold_percent"], n["used_percent"], n["quantity"], n["allowance"], n["unit"]) for n in got] == [
+        ("2026-10-10", "iot_devices", "80", "80.00", "8", "10", "device"),
+        ("2026-10-12", "iot_devices", "100", "100.00", "10", "10", "device"),
+    ]
+    assert got[0]["message"].startswith("Peak active devices reached 8 device in 2026-10: 80.00% of the 10 device included")
+    assert "a peak over it is billed" in got[1]["message"]
 
 
 def test_recomputing_a_day_keeps_ids_and_created_at_and_bytes(flagged):

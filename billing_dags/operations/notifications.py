@@ -1,4 +1,6 @@
 """Allowance notifications: "you have used 80% (100%) of an included allowance", for a mail or webhook sender.
+An allowance of a counted meter (bytes, shares) is used by the month's usage, one of a peak meter (devices,
+storage: aggregation max) by the month's peak.
 
 They are built on the ``allowance_used`` flags of fct_anomaly_flags_by_day, which already decide when a
 threshold is crossed (seeds/anomaly_rules.csv: the day month-to-date usage first reaches a level,
@@ -87,6 +89,7 @@ def build_day(paths: Paths, day: date, now: datetime | None = None) -> list[dict
         quantity = projection.fmt(f["quantity"]) if f["quantity"] is not None else None
         used = Decimal(f["value"]).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
         description = meters.get(f["meter_id"], {}).get("description") or f["meter_id"]
+        peak = meters.get(f["meter_id"], {}).get("aggregation") == "max"
         out.append(
             {
                 "id": nid,
@@ -104,9 +107,13 @@ def build_day(paths: Paths, day: date, now: datetime | None = None) -> list[dict
                 "unit": unit,
                 "severity": f["severity"],
                 "subject": f"{'Allowance used up' if threshold >= 100 else f'{t}% of an allowance used'}: {description}",
-                "message": f"{quantity} {unit} of {description} used in {period}: {used:f}% of the "
-                f"{projection.fmt(allowance) if allowance is not None else '?'} {unit} included in your plan"
-                + (" (usage over it is billed at the plan's price)" if threshold >= 100 else ""),
+                "message": (
+                    f"{description} reached {quantity} {unit} in {period}"  # a peak (devices, storage): the month's highest
+                    if peak
+                    else f"{quantity} {unit} of {description} used in {period}"
+                )
+                + f": {used:f}% of the {projection.fmt(allowance) if allowance is not None else '?'} {unit} included in your plan"
+                + (f" ({'a peak' if peak else 'usage'} over it is billed at the plan's price)" if threshold >= 100 else ""),
                 "created_at": before.get(nid, {}).get("created_at") or now.isoformat(timespec="seconds"),
             }
         )
