@@ -227,9 +227,10 @@ def test_too_old_events_are_flagged_in_the_daily_summary(env):
 
 
 def test_the_reconciliation_check_runs_live_in_a_dagster_run_that_sends_the_month(env, capsys, tmp_path):
-    """A run on a Dagster instance (on disk) materializes stripe_outbox and stripe_meter_events for the month's
-    days, sending to the Stripe server, and runs reconciled_with_invoices; the instance records each result.
-    A rejected event makes the check fail (a warning naming the line and the cause), the next run passes."""
+    """The daily run of the month's last day on a Dagster instance (on disk) materializes stripe_outbox and
+    stripe_meter_events (which send every day of the month built so far to the Stripe server) and runs
+    reconciled_with_invoices; the instance records each result. A rejected event makes the check fail (a
+    warning naming the line and the cause); the next run, sending alone, passes."""
     import dagster as dg
 
     from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
@@ -246,13 +247,12 @@ def test_the_reconciliation_check_runs_live_in_a_dagster_run_that_sends_the_mont
         # the sender judges Stripe's 35-day limit as of the month's close, as `billing stripe send --as-of` does
         "stripe": StripeResource(api_key=API_KEY, api_base=server.url, max_network_retries=0, as_of=AS_OF),
     }
-    tags = {"dagster/asset_partition_range_start": "2026-11-01", "dagster/asset_partition_range_end": "2026-11-30"}
     key = dg.AssetCheckKey(dg.AssetKey("stripe_meter_events"), "reconciled_with_invoices")
     (tmp_path / "dagster_home").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
 
-        def run():
-            result = dg.materialize([stripe_outbox, stripe_meter_events, reconciled_with_invoices], instance=instance, resources=resources, tags=tags)
+        def run(*assets):
+            result = dg.materialize([*assets, reconciled_with_invoices], instance=instance, resources=resources, partition_key="2026-11-30")
             assert result.success
             evaluations = result.get_asset_check_evaluations()
             assert len(evaluations) == 1, evaluations
@@ -262,12 +262,12 @@ def test_the_reconciliation_check_runs_live_in_a_dagster_run_that_sends_the_mont
             assert record.status.name == ("SUCCEEDED" if evaluation.passed else "FAILED")
             return evaluation
 
-        first = run()
+        first = run(stripe_outbox, stripe_meter_events)
         assert not first.passed and first.severity == dg.AssetCheckSeverity.WARN
         assert first.description.startswith("1 invoice lines differ from Stripe") and "k8s_network" in first.description
         assert "rejected: 1 events (2026-11-12)" in first.description
         server.rejected_identifiers.clear()
-        second = run()
+        second = run(stripe_meter_events)
         assert second.passed and second.metadata["differences"].value == []
         checked = stripe_vs_invoice(paths, server)
         assert second.metadata["lines"].value == {"equal": len(checked)}
