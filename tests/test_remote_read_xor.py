@@ -145,14 +145,20 @@ def test_frames_and_their_crc32c():
         xor.frames(_frame(b"abcdef")[:-2])
 
 
+def _one_series(labels: dict) -> tuple[ChunkedReadResponse, object]:
+    """A ChunkedReadResponse holding one series with ``labels`` (sorted by name), and that series."""
+    msg = ChunkedReadResponse()
+    cs = msg.chunked_series.add()
+    for k, v in sorted(labels.items()):
+        cs.labels.add(name=k, value=v)
+    return msg, cs
+
+
 def _streamed(series: list[tuple[dict, list[list[tuple[int, int]]]]]) -> bytes:
     """One frame per (series, chunk list) entry, as Prometheus streams them."""
     body = b""
     for labels, chunk_lists in series:
-        msg = ChunkedReadResponse()
-        cs = msg.chunked_series.add()
-        for k, v in sorted(labels.items()):
-            cs.labels.add(name=k, value=v)
+        msg, cs = _one_series(labels)
         for samples in chunk_lists:
             cs.chunks.add(min_time_ms=samples[0][0], max_time_ms=samples[-1][0], type=xor.XOR, data=xor_chunk(samples))
         cs.chunks.add(min_time_ms=0, max_time_ms=1, type=2, data=b"\x01\x02")  # a histogram chunk: not float samples
@@ -275,10 +281,7 @@ def _stream_body(rng: random.Random, a: int, b: int) -> bytes:
         # one frame per chunk or all in one (a series split over frames comes with its labels again)
         groups = [[c] for c in chunks] if rng.random() < 0.5 else [chunks]
         for group in groups or [[]]:
-            msg = ChunkedReadResponse()
-            cs = msg.chunked_series.add()
-            for k, val in sorted(labels.items()):
-                cs.labels.add(name=k, value=val)
+            msg, cs = _one_series(labels)
             for c in group:
                 cs.chunks.add(min_time_ms=c[0][0], max_time_ms=c[-1][0], type=xor.XOR, data=xor_chunk(c))
                 if rng.random() < 0.1:
