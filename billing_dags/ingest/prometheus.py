@@ -386,6 +386,8 @@ class PrometheusClient:
         #: remote read asks for the stored chunks first (STREAMED_XOR_CHUNKS), samples second
         self.remote_read_chunks = remote_read_chunks
         self._labels_cache: dict[bytes, tuple] = {}
+        #: exact mode over remote read has asked /api/v1/series once (see _fetch_day)
+        self.series_checked = False
         self._external_labels_checked = False
         self.base = url.rstrip("/")
         self.server = redact_url(self.base)
@@ -971,9 +973,18 @@ def _fetch_day(client: PrometheusClient, sel: Selector, start: int, end: int, op
     """Exact mode: the selector's samples of [start, end), over remote read in windows of
     ``remote_read_s`` (while the client reads remotely), else over the query API in ``chunk_s``
     windows, after asking /api/v1/series whether it has series at all (``skip_empty_metrics``: one
-    request instead of a query per chunk; over remote read the day's one request says it)."""
+    request instead of a query per chunk). Over remote read the day's one request says it, so the
+    series are asked for only once per client: that checks the selector's PromQL (bad extra matchers
+    are a 400 there, a 500 to remote read)."""
+    remote = _reads_remotely(client)
+    if opt.skip_empty_metrics and not (remote and client.series_checked):
+        empty = not client.series(sel.promql(), start, end - 1, what=_what(sel))
+        if remote:
+            client.series_checked = True
+        if empty:
+            return
     resume = start
-    if _reads_remotely(client):
+    if remote:
         for a, b in plan_chunks(start, end, opt.remote_read_s * 1000):
             got = _remote_read_exact(client, sel, a, b)
             if got is None:  # auto mode, refused: the query API from this window on
@@ -982,8 +993,6 @@ def _fetch_day(client: PrometheusClient, sel: Selector, start: int, end: int, op
             yield from _parsed_remote(client, got, sel, a, b, refused)
         else:
             return
-    if opt.skip_empty_metrics and not client.series(sel.promql(), resume, end - 1, what=_what(sel)):
-        return
     for a, b in plan_chunks(resume, end, opt.chunk_s * 1000):
         yield from _fetch_exact(client, sel, a, b, refused)
 
