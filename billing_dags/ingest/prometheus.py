@@ -386,6 +386,8 @@ class PrometheusClient:
         #: remote read asks for the stored chunks first (STREAMED_XOR_CHUNKS), samples second
         self.remote_read_chunks = remote_read_chunks
         self._labels_cache: dict[bytes, tuple] = {}
+        #: exact mode over remote read has asked /api/v1/series once (see _fetch_day)
+        self.series_checked = False
         self._external_labels_checked = False
         self.base = url.rstrip("/")
         self.server = redact_url(self.base)
@@ -518,20 +520,29 @@ class PrometheusClient:
         return body["data"]
 
     def remote_read(
-        self, matchers: Sequence[tuple[int, str, str]], start_ms: int, end_ms: int, *, what: str = "remote read", promql: str | None = None
+        self,
+        matchers: Sequence[tuple[int, str, str]],
+        start_ms: int,
+        end_ms: int,
+        *,
+        what: str = "remote read",
+        promql: str | None = None,
+        window: tuple[int, int] | None = None,
     ) -> RemoteSeries:
         """Raw samples of [start, end] (both inclusive, as remote read defines them) of the series
         ``matchers`` select, over ``POST /api/v1/read`` (a snappy-compressed ReadRequest): every
         sample as stored, stale markers included (see :class:`RemoteSeries`). Asks for the stored
         XOR chunks (STREAMED_XOR_CHUNKS: the server copies them, we decode them; whole chunks, so
         samples outside the range too) when ``remote_read_chunks``, else or when the server does
-        not stream, for samples (SAMPLES).
+        not stream, for samples (SAMPLES). With ``window`` (a, b), streamed chunks are decoded
+        straight into the rows of [a, b) without stale markers (``RemoteSeries.cut``).
 
         Raises _Refused when the server answers a status of REMOTE_READ_REFUSED or a body that is
         not a remote-read response (auto mode falls back on it), PrometheusError otherwise.
         """
         import cramjam
 
+        from billing_dags.ingest.remote_write import xor
         from billing_dags.ingest.remote_write.proto import ReadRequest
 
         req = ReadRequest()
@@ -556,6 +567,9 @@ class PrometheusClient:
             raise _Refused(f"HTTP {resp.status_code} with Content-Type {ctype or 'none'!r}, not a remote-read response")
         try:
             if streamed:
+                got = xor.read_stream(resp.content, *window) if window is not None else None
+                if got is not None:
+                    return RemoteSeries(got.keys, got.counts, got.ts, got.values, got.histograms, cut=True)
                 return _chunked_series(resp.content)
             results = _read_results(bytes(cramjam.snappy.decompress_raw(resp.content)))
             if len(results) != 1:
@@ -619,12 +633,16 @@ def _error_of(resp) -> str:
 @dataclass
 class RemoteSeries:
     """The series of one remote-read query result: per series its encoded label fields and sample
-    count, per sample (series after series) the timestamp in ms and the value with its exact bits."""
+    count, per sample (series after series) the timestamp in ms and the value with its exact bits;
+    per series whether it holds native histogram samples (not read: float samples only)."""
 
     keys: list[bytes]
     counts: np.ndarray
     ts: np.ndarray
     values: np.ndarray
+    histograms: np.ndarray | None = None
+    #: already the rows of the asked window: no sample outside it, no stale marker, NaNs as float('nan')
+    cut: bool = False
 
 
 def _read_results(data: bytes) -> list[bytes]:
@@ -668,19 +686,22 @@ def _query_result_series(payload: bytes) -> RemoteSeries:
         msg = QueryResultMessage.FromString(payload)
     except DecodeError as e:
         raise ValueError(str(e)) from None
-    keys, counts, ts, values = [], [], [], []
+    keys, counts, ts, values, histograms = [], [], [], [], []
     for series in msg.timeseries:
         keys.append(TimeSeries(labels=series.labels).SerializeToString())
         counts.append(len(series.samples))
+        histograms.append(len(series.histograms) > 0)
         for sample in series.samples:
             ts.append(sample.timestamp)
             values.append(sample.value)
-    return RemoteSeries(keys, np.array(counts, np.int64), np.array(ts, np.int64), np.array(values, np.float64))
+    return RemoteSeries(keys, np.array(counts, np.int64), np.array(ts, np.int64), np.array(values, np.float64), np.array(histograms, np.bool_))
 
 
 def _chunked_series(body: bytes) -> RemoteSeries:
-    """A STREAMED_XOR_CHUNKS response (one query): its frames, their series (a series split over
-    frames joined again) and their XOR chunks decoded."""
+    """A STREAMED_XOR_CHUNKS response (one query) read with the protobuf runtime (the reference
+    of xor.read_stream): its frames, their series (a series split over frames joined again) and
+    their XOR chunks decoded, every sample; native histogram chunks flagged, not decoded; a chunk
+    of another encoding is a ValueError."""
     from google.protobuf.message import DecodeError
 
     from billing_dags.ingest.remote_write import xor
@@ -688,6 +709,7 @@ def _chunked_series(body: bytes) -> RemoteSeries:
 
     keys: list[bytes] = []
     chunks_per_series: list[int] = []
+    histograms: list[bool] = []
     datas: list[bytes] = []
     for frame in xor.frames(body):
         try:
@@ -698,18 +720,24 @@ def _chunked_series(body: bytes) -> RemoteSeries:
             raise ValueError(f"chunks of query {msg.query_index} for 1 query")
         for series in msg.chunked_series:
             key = TimeSeries(labels=series.labels).SerializeToString()
+            unknown = sorted({c.type for c in series.chunks} - {xor.XOR, xor.HISTOGRAM, xor.FLOAT_HISTOGRAM})
+            if unknown:
+                raise ValueError(f"chunks of encoding {unknown[0]}, neither XOR ({xor.XOR}) nor a native histogram ({xor.HISTOGRAM}, {xor.FLOAT_HISTOGRAM})")
             mine = [c.data for c in series.chunks if c.type == xor.XOR]
+            hist = len(mine) < len(series.chunks)
             if keys and keys[-1] == key:
                 chunks_per_series[-1] += len(mine)
+                histograms[-1] = histograms[-1] or hist
             else:
                 keys.append(key)
                 chunks_per_series.append(len(mine))
+                histograms.append(hist)
             datas.extend(mine)
     per_chunk, ts, values = xor.decode_chunks(datas)
     n_chunks = np.array(chunks_per_series, dtype=np.int64)
     ends = np.cumsum(n_chunks)
     before = np.concatenate([np.zeros(1, np.int64), np.cumsum(per_chunk)])  # samples before chunk i
-    return RemoteSeries(keys, before[ends] - before[ends - n_chunks], ts, values)
+    return RemoteSeries(keys, before[ends] - before[ends - n_chunks], ts, values, np.array(histograms, np.bool_))
 
 
 def _labels_of_key(client: PrometheusClient, key: bytes, default_metric: str) -> tuple[int, str, tuple]:
@@ -854,7 +882,7 @@ class IngestOptions:
     step_s: int = 60  # range mode only
     extra_matchers: str = ""
     edge_lookback_days: int = EDGE_LOOKBACK_DAYS
-    skip_empty_metrics: bool = True  # ask /api/v1/series first; no series -> no sample queries
+    skip_empty_metrics: bool = True  # query API: ask /api/v1/series first; no series -> no sample queries
     #: exact mode over remote read: seconds of samples per request (the day: the stored chunks are
     #: sent whole, so shorter windows send the chunks across their bounds twice)
     remote_read_s: int = 86_400
@@ -914,6 +942,8 @@ def _parsed(result: list, sel: Selector, a: int, b: int, refused: dict[str, None
         except InvalidSeries as e:
             refused[f"{_what(sel)}: {e}"] = None
             continue
+        if item.get("histograms"):
+            refused[_histogram_reason(sel, sid, metric, labels)] = None
         ts, values = keep_window(ts, values, a, b)
         yield sid, metric, labels, ts, values
 
@@ -941,9 +971,20 @@ def _reads_remotely(client) -> bool:
 
 def _fetch_day(client: PrometheusClient, sel: Selector, start: int, end: int, opt: IngestOptions, refused: dict[str, None]) -> Iterator[tuple]:
     """Exact mode: the selector's samples of [start, end), over remote read in windows of
-    ``remote_read_s`` (while the client reads remotely), else over the query API in ``chunk_s`` windows."""
+    ``remote_read_s`` (while the client reads remotely), else over the query API in ``chunk_s``
+    windows, after asking /api/v1/series whether it has series at all (``skip_empty_metrics``: one
+    request instead of a query per chunk). Over remote read the day's one request says it, so the
+    series are asked for only once per client: that checks the selector's PromQL (bad extra matchers
+    are a 400 there, a 500 to remote read)."""
+    remote = _reads_remotely(client)
+    if opt.skip_empty_metrics and not (remote and client.series_checked):
+        empty = not client.series(sel.promql(), start, end - 1, what=_what(sel))
+        if remote:
+            client.series_checked = True
+        if empty:
+            return
     resume = start
-    if _reads_remotely(client):
+    if remote:
         for a, b in plan_chunks(start, end, opt.remote_read_s * 1000):
             got = _remote_read_exact(client, sel, a, b)
             if got is None:  # auto mode, refused: the query API from this window on
@@ -981,7 +1022,7 @@ def _remote_read_exact(client: PrometheusClient, sel: Selector, a: int, b: int) 
             # remote read adds them to each series (the query API does not): other series ids
             return _no_remote_read(client, what, desc, f"the server adds external_labels {sorted(ext)} to series read remotely")
     try:
-        got = client.remote_read(matchers, a, b - 1, what=what, promql=desc)
+        got = client.remote_read(matchers, a, b - 1, what=what, promql=desc, window=(a, b))
     except _Refused as e:
         if client.remote_read_ok is None:
             return _no_remote_read(client, what, desc, f"/api/v1/read answered {e}")
@@ -997,26 +1038,36 @@ def _parsed_remote(client: PrometheusClient, got: RemoteSeries, sel: Selector, a
     bits float('nan') has; series left without samples skipped; invalid series into ``refused``."""
     refused = {} if refused is None else refused
     ts, values, counts = got.ts, got.values, got.counts
-    keep = (ts >= a) & (ts < b) & (values.view(np.int64) != STALE_NAN_BITS)
-    if not keep.all():
-        owner = np.repeat(np.arange(len(counts)), counts)
-        counts = np.bincount(owner[keep], minlength=len(counts))
-        ts, values = ts[keep], values[keep]
-    nan = np.isnan(values)
-    if nan.any():
-        values[nan] = np.nan
+    if not got.cut:
+        keep = (ts >= a) & (ts < b) & (values.view(np.int64) != STALE_NAN_BITS)
+        if not keep.all():
+            owner = np.repeat(np.arange(len(counts)), counts)
+            counts = np.bincount(owner[keep], minlength=len(counts))
+            ts, values = ts[keep], values[keep]
+        nan = np.isnan(values)
+        if nan.any():
+            values[nan] = np.nan
+    hist = got.histograms if got.histograms is not None and got.histograms.any() else None
     ends = np.cumsum(counts).tolist()
     start = 0
-    for key, end in zip(got.keys, ends):
-        if end == start:
+    for i, (key, end) in enumerate(zip(got.keys, ends)):
+        if end == start and (hist is None or not hist[i]):
             continue
         try:
             sid, metric, labels = _labels_of_key(client, key, sel.metric)
         except InvalidSeries as e:
             refused[f"{_what(sel)}: {e}"] = None
         else:
-            yield sid, metric, labels, ts[start:end], values[start:end]
+            if hist is not None and hist[i]:
+                refused[_histogram_reason(sel, sid, metric, labels)] = None
+            if end > start:
+                yield sid, metric, labels, ts[start:end], values[start:end]
         start = end
+
+
+def _histogram_reason(sel: Selector, sid: int, metric: str, labels: tuple) -> str:
+    """Why a series' native histogram samples are not in the pull (both read APIs say it alike)."""
+    return f"{_what(sel)}: series {sid} ({raw.describe(metric, labels)}) holds native histogram samples, which are not pulled (float samples only)"
 
 
 def _fetch_range(client: PrometheusClient, sel: Selector, a: int, b: int, step_ms: int, refused: dict[str, None] | None = None) -> Iterator[tuple]:
@@ -1070,14 +1121,11 @@ def ingest_day(
     col = Collector()
     refused = col.refused
     unmatched: dict[int, str] = {}
-    active: list[Selector] = []
     for sel in selectors:
-        if opt.skip_empty_metrics and not client.series(sel.promql(), start_ms, end_ms - 1, what=_what(sel)):
-            continue
-        active.append(sel)
-    for sel in active:
         if opt.mode == "exact":
             parts = _fetch_day(client, sel, start_ms, end_ms, opt, refused)
+        elif opt.skip_empty_metrics and not client.series(sel.promql(), start_ms, end_ms - 1, what=_what(sel)):
+            continue
         else:
             parts = _fetch_range(client, sel, start_ms, end_ms, opt.step_s * 1000, refused)
         for sid, metric, labels, ts, values in parts:

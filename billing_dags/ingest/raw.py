@@ -251,6 +251,15 @@ def distinct_samples(sid, ts, value):
     return order, keep
 
 
+def _in_order(sid: np.ndarray, ts: np.ndarray) -> bool:
+    """Whether the rows are sorted by (series_id, ts) with no (series_id, ts) twice (what
+    ``distinct_samples`` would leave as it is)."""
+    if (sid[1:] < sid[:-1]).any():
+        return False
+    same = sid[1:] == sid[:-1]
+    return bool((ts[1:][same] > ts[:-1][same]).all())
+
+
 def _row_group_boundaries(series: pa.Array) -> list[int]:
     """Row offsets where a row group may end: only where the series id changes."""
     n = len(series)
@@ -317,11 +326,15 @@ def write_day(paths: Paths, day: date, samples: pa.Table, series: pa.Table, sour
                 f"samples for {day} from source {source!r} have timestamps {lo}..{hi} ms outside "
                 f"[{start_ms}, {end_ms}); split samples by UTC day before writing"
             )
-    if len(samples):
-        order, keep = distinct_samples(samples["series_id"].to_numpy(), samples["ts"].to_numpy(), samples["value"].to_numpy())
-        if not (keep.all() and (order == np.arange(len(order))).all()):  # already in order: no copy
-            samples = samples.take(pa.array(order[keep]))
-    missing = set(pc.unique(samples["series_id"]).to_pylist()) - set(series["series_id"].to_pylist())
+    sid = samples["series_id"].to_numpy()
+    if len(sid) > 1 and not _in_order(sid, samples["ts"].to_numpy()):  # in order already: no copy
+        order, keep = distinct_samples(sid, samples["ts"].to_numpy(), samples["value"].to_numpy())
+        samples = samples.take(pa.array(order[keep]))
+        sid = samples["series_id"].to_numpy()
+    # sorted by series_id now: its distinct values are where it changes
+    first = np.ones(len(sid), dtype=bool)
+    first[1:] = sid[1:] != sid[:-1]
+    missing = set(sid[first].tolist()) - set(series["series_id"].to_pylist())
     if missing:
         raise RawLayoutError(f"{len(missing)} series ids in samples of {day} have no row in the series table")
     ids = series["series_id"].to_pylist()
