@@ -342,6 +342,51 @@ def test_pdf_is_published_next_to_the_html_and_kept_once_finalized(tmp_path):
     assert write_invoice_files(p, [final])["written"] == []
 
 
+def test_a_draft_has_no_pdf_file_until_finalized(tmp_path):
+    """A draft changes until the grace period ends and nobody receives it: no PDF is laid out for it (a stale
+    one from an earlier version is removed); finalizing lays out the PDF, from the finalized HTML page."""
+    from billing_dags.billing.store import write_invoice_files
+    from billing_dags.core.settings import Paths
+
+    p = Paths(tmp_path / "data", tmp_path / "seeds")
+    folder = p.invoices / "2026-11"
+    draft = _build()
+    write_invoice_files(p, draft)
+    assert sorted(f.name for f in folder.iterdir()) == ["acme.csv", "acme.html", "acme.json"]
+    durable.write_bytes(folder / "acme.pdf", b"%PDF- an earlier version's draft")
+    write_invoice_files(p, draft)
+    assert not (folder / "acme.pdf").exists()
+    (final,) = _build(now=FINAL_NOW, numbers={"acme": "INV-2026-000001"})
+    res = write_invoice_files(p, [final])
+    assert str(folder / "acme.pdf") in res["written"]
+    assert (folder / "acme.pdf").read_bytes() == render_bytes(final, "pdf")
+
+
+def test_cli_lays_out_a_drafts_pdf_on_demand_and_prints_a_finalized_one_as_issued(tmp_path, capsysbinary, monkeypatch):
+    from billing_dags.billing.store import write_invoice_files
+    from billing_dags.cli.main import main
+    from billing_dags.core.settings import Paths
+
+    seeds = tmp_path / "seeds"
+    shutil.copytree(PROJECT_ROOT / "seeds", seeds)
+    monkeypatch.setenv("BILLING_SEEDS_DIR", str(seeds))
+    p = Paths(tmp_path / "data", seeds)
+    customer = load_seeds(seeds)["customers"].column("customer_id")[0].as_py()
+    stored = p.invoices / "2026-11" / f"{customer}.pdf"
+
+    def pdf_of() -> bytes:
+        assert main(["invoice", customer, "--month", "2026-11", "--format", "pdf", "--data-dir", str(p.data_dir)]) == 0
+        return capsysbinary.readouterr().out
+
+    write_invoice_files(p, [{**d, "customer_id": customer} for d in _build()])
+    preview = pdf_of()
+    assert "DRAFT" in _pdf_text(preview) and not stored.exists()
+    write_invoice_files(p, [{**d, "customer_id": customer} for d in _build(now=FINAL_NOW, numbers={"acme": "INV-2026-000001"})])
+    assert "INV-2026-000001" in _pdf_text(stored.read_bytes())
+    durable.write_bytes(stored, b"%PDF- the bytes as issued")
+    assert pdf_of() == b"%PDF- the bytes as issued"
+
+
 # --------------------------------------------------------------------------- the seeds
 
 

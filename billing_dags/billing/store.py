@@ -1,4 +1,4 @@
-"""The invoice files: ``<invoices>/YYYY-MM/<customer_id>.json|.csv|.html|.pdf`` and the pending adjustments.
+"""The invoice files: ``<invoices>/YYYY-MM/<customer_id>.json|.csv|.html`` (and ``.pdf`` once finalized) and the pending adjustments.
 
 Files are published only through ``core.durable`` (atomic, the files of a month made durable
 together) and are deterministic: no wall-clock time inside, so rerunning unchanged inputs
@@ -85,12 +85,24 @@ def write_if_changed(path: Path, data: bytes, written: list[str], unchanged: lis
     written.append(str(path))
 
 
+def pdf_stored(inv: dict) -> bool:
+    """Whether an invoice has a PDF file: a finalized one (the document sent to the customer, laid out once
+    when it is finalized and never again), while PDFs are on (``BILLING_INVOICE_PDF``). A draft has none: it
+    changes until the grace period ends and nobody receives it; ``billing invoice --format pdf`` lays out
+    a preview on demand."""
+    return inv.get("status") == "finalized" and pdf_wanted()
+
+
 def write_files(files: dict[str, Path], inv: dict, written: list[str], unchanged: list[str], write) -> None:
-    """Write an invoice's files whose bytes would change. The PDF is laid out from the HTML page only: while
-    the page is unchanged and its PDF is there, the PDF is left alone without being laid out again."""
+    """Write an invoice's files whose bytes would change. The PDF (a finalized invoice's only) is laid out from
+    the HTML page: while the page is unchanged and its PDF is there, the PDF is left alone without being laid
+    out again. A draft's PDF left by an earlier version is removed (it would show figures the draft no
+    longer has)."""
     html_unchanged = False
     for fmt in FILE_FORMATS:
-        if fmt == "pdf" and not pdf_wanted():
+        if fmt == "pdf" and not pdf_stored(inv):
+            if inv.get("status") != "finalized":
+                durable.remove(files[fmt])
             continue
         if fmt == "pdf" and html_unchanged and files[fmt].exists():
             unchanged.append(str(files[fmt]))
@@ -102,7 +114,8 @@ def write_files(files: dict[str, Path], inv: dict, written: list[str], unchanged
 
 
 def write_invoice_files(paths: Paths, invoices: list[dict]) -> dict:
-    """Write each invoice as ``<invoices>/YYYY-MM/<customer_id>.json|.csv|.html|.pdf`` (atomic, deterministic).
+    """Write each invoice as ``<invoices>/YYYY-MM/<customer_id>.json|.csv|.html`` and, once finalized, ``.pdf``
+    (atomic, deterministic).
 
     A finalized invoice already on disk is never rewritten (rule 8): if the recomputed figures
     differ, the customer is listed in ``changed_after_finalization`` and the new figures go to
@@ -198,7 +211,7 @@ def _write_invoice(
             # usage went back to what was finalized: nothing left to adjust
             pending_path.unlink()
         for fmt in FILE_FORMATS[1:]:
-            if not files[fmt].exists() and (fmt != "pdf" or pdf_wanted()):
+            if not files[fmt].exists() and (fmt != "pdf" or pdf_stored(stored)):
                 batch.write(files[fmt], render_bytes(stored, fmt))
                 written.append(str(files[fmt]))
     else:

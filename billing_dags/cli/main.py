@@ -93,10 +93,16 @@ def cmd_demo(args) -> int:
         )
     _print_usage_api_example(paths, month)
     console.print(f"\nRan {figures['days']} daily partitions and the month in {figures['seconds']:.1f}s.")
-    console.print(f"Invoices (JSON, CSV, HTML, PDF): {paths.invoices / f'{month:%Y-%m}'}")
+    console.print(f"Invoices (JSON, CSV, HTML; PDF once finalized): {paths.invoices / f'{month:%Y-%m}'}")
     if example is not None and (paths.invoices / f"{month:%Y-%m}" / f"{example['customer']}.pdf").exists():
         pdf = paths.invoices / f"{month:%Y-%m}" / f"{example['customer']}.pdf"
         console.print(f"PDF of one invoice, as its customer receives it ({example['customer']}): {pdf}", highlight=False)
+    elif example is not None:
+        console.print(
+            f"Drafts have no PDF file until finalized; a preview: billing invoice {example['customer']} --month {month:%Y-%m} "
+            f"--format pdf > {example['customer']}.pdf",
+            highlight=False,
+        )
     console.print(f'DuckDB warehouse (views): duckdb {paths.warehouse_db}   or   billing sql "select * from fct_invoice_lines limit 5"')
     console.print(f"Stripe outbox (dry-run): {paths.outbox} — {outbox_summary(paths, month)}")
     console.print("Dagster UI: make dev, then http://127.0.0.1:3000 (the runs above are in .dagster/)")
@@ -173,9 +179,25 @@ def cmd_invoice(args) -> int:
         title = f"{document_title(doc)} {doc['invoice_number']} ({doc['status']}) {doc['customer_id']} {doc['period_start']}..{doc['period_end']}"
         cols = ["#", "description", "quantity", "unit", "unit price", "amount"]
         print_table(table(cols, rows, title, right={"#", "quantity", "unit price", "amount"}))
+    elif args.format == "pdf":
+        sys.stdout.buffer.write(_invoice_pdf(paths, doc, month))
+        sys.stdout.flush()
     else:
         sys.stdout.write(render_invoice(doc, args.format))
     return 0
+
+
+def _invoice_pdf(paths: Paths, doc: dict, month: date) -> bytes:
+    """A finalized invoice's PDF as it was issued (its stored file; laid out from its stored JSON when the
+    file is missing), or a draft's preview laid out now (drafts have no PDF file: they change until finalized)."""
+    from billing_dags.billing.render import render_bytes
+
+    if sys.stdout.isatty():
+        raise CliError(f"--format pdf writes the PDF's bytes: redirect them to a file, e.g. > {doc['customer_id']}-{month:%Y-%m}.pdf")
+    stored = paths.invoices / f"{month:%Y-%m}" / f"{doc['customer_id']}.pdf"
+    if doc.get("status") == "finalized" and stored.exists():
+        return stored.read_bytes()
+    return render_bytes(doc, "pdf")
 
 
 def cmd_invoices(args) -> int:
@@ -344,7 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("invoice", help="show one customer's invoice for a month")
     p.add_argument("customer")
     p.add_argument("--month", required=True, help="YYYY-MM")
-    p.add_argument("--format", choices=["table", "json", "csv", "html"], default="table")
+    p.add_argument(
+        "--format",
+        choices=["table", "json", "csv", "html", "pdf"],
+        default="table",
+        help="pdf: the bytes of its PDF (a finalized invoice's as issued; a draft's preview, laid out now), to redirect to a file",
+    )
     p.set_defaults(func=cmd_invoice)
 
     p = sub.add_parser("invoices", help="list every invoice of a month with status and total")
