@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from functools import cache
 from graphlib import TopologicalSorter
+from itertools import pairwise
 from pathlib import Path
 
 import duckdb
@@ -736,7 +737,7 @@ RANGE_QUERY_DAYS = 31
 
 
 def _consecutive(windows: list[Window]) -> bool:
-    return all(a.end == b.start for a, b in zip(windows, windows[1:], strict=False))
+    return all(a.end == b.start for a, b in pairwise(windows))
 
 
 def _iter_range_query(

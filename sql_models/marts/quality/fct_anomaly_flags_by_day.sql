@@ -31,7 +31,7 @@ daily as (
         all_daily.*
     from days
     inner join all_daily
-        on all_daily.day >= days.lookback_start and all_daily.day <= days.check_day
+        on days.lookback_start <= all_daily.day and days.check_day >= all_daily.day
 ),
 
 -- the lookback too: a scrape gap or an unmatched series is raised on the first day of a run of days
@@ -276,8 +276,8 @@ month_to_date as (
         sum(daily.usage) as usage
     from check_days
     inner join daily
-        on daily.check_day = check_days.check_day
-        and daily.day >= date_trunc('month', check_days.check_day) and check_days.on_day >= daily.day
+        on check_days.check_day = daily.check_day
+        and date_trunc('month', check_days.check_day) <= daily.day and check_days.on_day >= daily.day
     group by check_days.check_day, check_days.on_day, daily.customer_id, daily.meter_id
 ),
 
@@ -424,7 +424,7 @@ series_gaps_by_day as (
         ) as max_gap_ms
     from days
     inner join series_samples_by_day
-        on series_samples_by_day.day >= days.lookback_start and series_samples_by_day.day <= days.check_day
+        on days.lookback_start <= series_samples_by_day.day and days.check_day >= series_samples_by_day.day
 ),
 
 -- the longest gap between two samples of a customer's series of a meter, per day of the lookback
