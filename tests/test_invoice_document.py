@@ -362,6 +362,31 @@ def test_a_draft_has_no_pdf_file_until_finalized(tmp_path):
     assert (folder / "acme.pdf").read_bytes() == render_bytes(final, "pdf")
 
 
+def test_pdfs_laid_out_on_every_core_have_the_bytes_of_one_laid_out_here(tmp_path, monkeypatch):
+    """Finalizing many invoices lays their PDFs out in worker processes at once: the files are the
+    bytes of each PDF laid out alone in this process."""
+    from billing_dags.billing import render
+    from billing_dags.billing.store import write_invoice_files
+    from billing_dags.core.settings import Paths
+
+    calls = []
+    real = render._lay_out_in_workers
+
+    def in_workers(pages, workers):
+        calls.append((len(pages), workers, len(done := real(pages, workers))))
+        return done
+
+    monkeypatch.setattr(render, "PARALLEL_MIN_PAGES", 2)
+    monkeypatch.setattr(render, "_lay_out_in_workers", in_workers)
+    monkeypatch.setattr(render.os, "cpu_count", lambda: 2)
+    p = Paths(tmp_path / "data", tmp_path / "seeds")
+    final = _build(cids=("acme", "frog"), now=FINAL_NOW, numbers={"acme": "INV-2026-000001", "frog": "INV-2026-000002"})
+    write_invoice_files(p, final)
+    assert calls == [(2, 2, 2)] and not render._LAID_OUT  # both pages came back from the 2 workers
+    for inv in final:
+        assert (p.invoices / "2026-11" / f"{inv['customer_id']}.pdf").read_bytes() == render.pdf_from_html(render.render_invoice(inv, "html"))
+
+
 def test_cli_lays_out_a_drafts_pdf_on_demand_and_prints_a_finalized_one_as_issued(tmp_path, capsysbinary, monkeypatch):
     from billing_dags.billing.store import write_invoice_files
     from billing_dags.cli.main import main

@@ -20,7 +20,7 @@ from pathlib import Path
 from billing_dags.billing import credits as _credits
 from billing_dags.billing.document import SCHEMA_VERSION, STATUSES, carried_adjustments, charge_lines, charges_minor, figures, safe_customer_id
 from billing_dags.billing.errors import InvoiceError
-from billing_dags.billing.render import FILE_FORMATS, pdf_wanted, render_bytes
+from billing_dags.billing.render import FILE_FORMATS, lay_out_ahead, pdf_wanted, render_bytes
 from billing_dags.core import durable
 from billing_dags.core.money import format_minor
 from billing_dags.core.settings import Paths
@@ -134,11 +134,12 @@ def write_invoice_files(paths: Paths, invoices: list[dict]) -> dict:
     batch = durable.Batch()
     batch_month = None
     try:
-        for inv in sorted(invoices, key=lambda i: (i["period_start"], i["customer_id"])):
-            if inv["period_start"][:7] != batch_month:
-                batch.commit()
-                batch_month = inv["period_start"][:7]
-            _write_invoice(paths, inv, batch, written, unchanged, changed_after, pending, by_status, totals_minor, exponents)
+        with lay_out_ahead(_pdfs_to_lay_out(paths, invoices)):
+            for inv in sorted(invoices, key=lambda i: (i["period_start"], i["customer_id"])):
+                if inv["period_start"][:7] != batch_month:
+                    batch.commit()
+                    batch_month = inv["period_start"][:7]
+                _write_invoice(paths, inv, batch, written, unchanged, changed_after, pending, by_status, totals_minor, exponents)
         batch.commit()
     except BaseException:
         batch.abort()
@@ -155,6 +156,23 @@ def write_invoice_files(paths: Paths, invoices: list[dict]) -> dict:
         "changed_after_finalization": changed_after,
         "pending_adjustments": pending,
     }
+
+
+def _pdfs_to_lay_out(paths: Paths, invoices: list[dict]) -> list[dict]:
+    """The invoices whose PDF write_invoice_files will lay out (laid out ahead, on every core): finalized
+    ones that are new or changed, and finalized ones on disk that lack their PDF (from the stored JSON)."""
+    if not pdf_wanted():
+        return []
+    out = []
+    for inv in invoices:
+        files = invoice_files(paths, inv["period_start"][:7], inv["customer_id"])
+        stored = read_stored(files["json"])
+        if stored is not None and stored.get("status") == "finalized":
+            if not files["pdf"].exists():
+                out.append(stored)
+        elif inv.get("status") == "finalized" and (not files["pdf"].exists() or not _same_bytes(files["html"], render_bytes(inv, "html"))):
+            out.append(inv)
+    return out
 
 
 def _write_invoice(
