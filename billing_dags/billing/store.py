@@ -101,7 +101,8 @@ def write_files(files: dict[str, Path], inv: dict, written: list[str], unchanged
     html_unchanged = False
     for fmt in FILE_FORMATS:
         if fmt == "pdf" and not pdf_stored(inv):
-            if inv.get("status") != "finalized":
+            # a draft has none; with PDFs off, a PDF of the page before would disagree with the invoice
+            if inv.get("status") != "finalized" or not html_unchanged:
                 durable.remove(files[fmt])
             continue
         if fmt == "pdf" and html_unchanged and files[fmt].exists():
@@ -239,6 +240,28 @@ def _write_invoice(
     cur = effective["currency"]
     totals_minor[cur] = totals_minor.get(cur, 0) + int(effective["total_minor"])
     exponents[cur] = int(effective["minor_unit_exponent"])
+
+
+def invoice_pdf(paths: Paths, month: date | str, customer_id: str) -> tuple[Path | None, bytes]:
+    """A stored invoice's PDF and where it is. A finalized invoice's: the stored file, else laid out from the
+    stored JSON (the same page, the same bytes an invoice run writes) and published beside it; a PDF on disk
+    is never rewritten. A draft's: a preview laid out now and not stored (None for the path: a draft has no
+    PDF file, ``write_files`` removes one)."""
+    files = invoice_files(paths, month, customer_id)
+    doc = read_stored(files["json"])
+    if doc is None:
+        raise InvoiceError(f"no invoice for {customer_id} in {month if isinstance(month, str) else f'{month:%Y-%m}'} under {files['json'].parent}")
+    if doc.get("status") != "finalized":
+        return None, render_bytes(doc, "pdf")
+    try:
+        return files["pdf"], files["pdf"].read_bytes()
+    except FileNotFoundError:
+        pass
+    data = render_bytes(doc, "pdf")
+    # published only while the JSON it was laid out from is still the stored one and no PDF has appeared
+    if read_stored(files["json"]) == doc and not files["pdf"].exists():
+        durable.write_bytes(files["pdf"], data)
+    return files["pdf"], data
 
 
 def read_pending(path: Path) -> dict:

@@ -171,6 +171,21 @@ def cmd_invoice(args) -> int:
     paths = paths_of(args)
     month = parse_month(args.month)
     doc = _load_invoice(paths, args.customer, month)
+    if args.format == "pdf":
+        from billing_dags.billing.store import invoice_pdf
+
+        pdf, data = invoice_pdf(paths, month, args.customer)
+        if sys.stdout.isatty() and pdf is None:  # a draft: no file, and PDF bytes would garble a terminal
+            console.print(f"{document_title(doc)} {doc['invoice_number']} is a draft: it has no PDF file until it is finalized.", highlight=False)
+            console.print(f"(redirect to save a preview: billing invoice {args.customer} --month {month:%Y-%m} --format pdf > preview.pdf)", highlight=False)
+        elif sys.stdout.isatty():  # PDF bytes would garble a terminal: say where the file is
+            console.print(f"{document_title(doc)} {doc['invoice_number']} ({doc['status']}) as PDF: {pdf}", highlight=False, soft_wrap=True)
+            console.print(f"(redirect to save a copy: billing invoice {args.customer} --month {month:%Y-%m} --format pdf > invoice.pdf)", highlight=False)
+        else:
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        return 0
     if args.format == "table":
         rows: list[list] = [
             [line["line_number"], line["description"], line["quantity"], line["unit"], line["unit_price"], line["amount"]] for line in doc["lines"]
@@ -179,25 +194,9 @@ def cmd_invoice(args) -> int:
         title = f"{document_title(doc)} {doc['invoice_number']} ({doc['status']}) {doc['customer_id']} {doc['period_start']}..{doc['period_end']}"
         cols = ["#", "description", "quantity", "unit", "unit price", "amount"]
         print_table(table(cols, rows, title, right={"#", "quantity", "unit price", "amount"}))
-    elif args.format == "pdf":
-        sys.stdout.buffer.write(_invoice_pdf(paths, doc, month))
-        sys.stdout.flush()
     else:
         sys.stdout.write(render_invoice(doc, args.format))
     return 0
-
-
-def _invoice_pdf(paths: Paths, doc: dict, month: date) -> bytes:
-    """A finalized invoice's PDF as it was issued (its stored file; laid out from its stored JSON when the
-    file is missing), or a draft's preview laid out now (drafts have no PDF file: they change until finalized)."""
-    from billing_dags.billing.render import render_bytes
-
-    if sys.stdout.isatty():
-        raise CliError(f"--format pdf writes the PDF's bytes: redirect them to a file, e.g. > {doc['customer_id']}-{month:%Y-%m}.pdf")
-    stored = paths.invoices / f"{month:%Y-%m}" / f"{doc['customer_id']}.pdf"
-    if doc.get("status") == "finalized" and stored.exists():
-        return stored.read_bytes()
-    return render_bytes(doc, "pdf")
 
 
 def cmd_invoices(args) -> int:
@@ -370,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=["table", "json", "csv", "html", "pdf"],
         default="table",
-        help="pdf: the bytes of its PDF (a finalized invoice's as issued; a draft's preview, laid out now), to redirect to a file",
+        help="pdf: a finalized invoice's stored PDF (stored first if missing) or a draft's preview (not stored), to stdout; on a terminal its path",
     )
     p.set_defaults(func=cmd_invoice)
 
