@@ -342,6 +342,76 @@ def test_pdf_is_published_next_to_the_html_and_kept_once_finalized(tmp_path):
     assert write_invoice_files(p, [final])["written"] == []
 
 
+def test_a_draft_has_no_pdf_file_until_finalized(tmp_path):
+    """A draft changes until the grace period ends and nobody receives it: no PDF is laid out for it (a stale
+    one from an earlier version is removed); finalizing lays out the PDF, from the finalized HTML page."""
+    from billing_dags.billing.store import write_invoice_files
+    from billing_dags.core.settings import Paths
+
+    p = Paths(tmp_path / "data", tmp_path / "seeds")
+    folder = p.invoices / "2026-11"
+    draft = _build()
+    write_invoice_files(p, draft)
+    assert sorted(f.name for f in folder.iterdir()) == ["acme.csv", "acme.html", "acme.json"]
+    durable.write_bytes(folder / "acme.pdf", b"%PDF- an earlier version's draft")
+    write_invoice_files(p, draft)
+    assert not (folder / "acme.pdf").exists()
+    (final,) = _build(now=FINAL_NOW, numbers={"acme": "INV-2026-000001"})
+    res = write_invoice_files(p, [final])
+    assert str(folder / "acme.pdf") in res["written"]
+    assert (folder / "acme.pdf").read_bytes() == render_bytes(final, "pdf")
+
+
+def test_pdfs_laid_out_on_every_core_have_the_bytes_of_one_laid_out_here(tmp_path, monkeypatch):
+    """Finalizing many invoices lays their PDFs out in worker processes at once: the files are the
+    bytes of each PDF laid out alone in this process."""
+    from billing_dags.billing import render
+    from billing_dags.billing.store import write_invoice_files
+    from billing_dags.core.settings import Paths
+
+    calls = []
+    real = render._lay_out_in_workers
+
+    def in_workers(pages, workers):
+        calls.append((len(pages), workers, len(done := real(pages, workers))))
+        return done
+
+    monkeypatch.setattr(render, "PARALLEL_MIN_PAGES", 2)
+    monkeypatch.setattr(render, "_lay_out_in_workers", in_workers)
+    monkeypatch.setattr(render.os, "cpu_count", lambda: 2)
+    p = Paths(tmp_path / "data", tmp_path / "seeds")
+    final = _build(cids=("acme", "frog"), now=FINAL_NOW, numbers={"acme": "INV-2026-000001", "frog": "INV-2026-000002"})
+    write_invoice_files(p, final)
+    assert calls == [(2, 2, 2)] and not render._LAID_OUT  # both pages came back from the 2 workers
+    for inv in final:
+        assert (p.invoices / "2026-11" / f"{inv['customer_id']}.pdf").read_bytes() == render.pdf_from_html(render.render_invoice(inv, "html"))
+
+
+def test_cli_lays_out_a_drafts_pdf_on_demand_and_prints_a_finalized_one_as_issued(tmp_path, capsysbinary, monkeypatch):
+    from billing_dags.billing.store import write_invoice_files
+    from billing_dags.cli.main import main
+    from billing_dags.core.settings import Paths
+
+    seeds = tmp_path / "seeds"
+    shutil.copytree(PROJECT_ROOT / "seeds", seeds)
+    monkeypatch.setenv("BILLING_SEEDS_DIR", str(seeds))
+    p = Paths(tmp_path / "data", seeds)
+    customer = load_seeds(seeds)["customers"].column("customer_id")[0].as_py()
+    stored = p.invoices / "2026-11" / f"{customer}.pdf"
+
+    def pdf_of() -> bytes:
+        assert main(["invoice", customer, "--month", "2026-11", "--format", "pdf", "--data-dir", str(p.data_dir)]) == 0
+        return capsysbinary.readouterr().out
+
+    write_invoice_files(p, [{**d, "customer_id": customer} for d in _build()])
+    preview = pdf_of()
+    assert "DRAFT" in _pdf_text(preview) and not stored.exists()
+    write_invoice_files(p, [{**d, "customer_id": customer} for d in _build(now=FINAL_NOW, numbers={"acme": "INV-2026-000001"})])
+    assert "INV-2026-000001" in _pdf_text(stored.read_bytes())
+    durable.write_bytes(stored, b"%PDF- the bytes as issued")
+    assert pdf_of() == b"%PDF- the bytes as issued"
+
+
 # --------------------------------------------------------------------------- the seeds
 
 
@@ -469,7 +539,8 @@ def test_a_redrafted_invoice_keeps_no_pdf_of_the_earlier_draft(tmp_path, monkeyp
 
     p, first = _stored_invoice(tmp_path, DRAFT_NOW)
     pdf = p.invoices / "2026-11" / "iot-001.pdf"
-    assert pdf.read_bytes() == render_bytes(first, "pdf")
+    assert not pdf.exists()  # a draft has no PDF file
+    durable.write_bytes(pdf, render_bytes(first, "pdf"))  # as an earlier version wrote one
     # the draft is computed again with other figures, PDFs turned off: the earlier draft's PDF goes
     monkeypatch.setenv("BILLING_INVOICE_PDF", "0")
     _, second = _stored_invoice(tmp_path, DRAFT_NOW, base_fee_only=True)
@@ -477,4 +548,4 @@ def test_a_redrafted_invoice_keeps_no_pdf_of_the_earlier_draft(tmp_path, monkeyp
     cmd = ["--data-dir", str(p.data_dir), "--seeds-dir", str(SEEDS), "invoice", "iot-001", "--month", "2026-11", "--format", "pdf"]
     assert main(cmd) == 0
     out = capsysbinary.readouterr().out
-    assert second["total"] in _pdf_text(out) and pdf.read_bytes() == out
+    assert second["total"] in _pdf_text(out) and not pdf.exists()  # a preview of the current draft, not stored

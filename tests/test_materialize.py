@@ -350,3 +350,32 @@ def test_run_model_days_stops_at_the_first_failing_day(month_run, tmp_path):
     with pytest.raises(ModelError, match="refused"):
         run_model_days(copy, model.name, windows, validate=refuse_the_fourth)
     assert [partition_file(copy, model, w).exists() for w in windows] == [True, True, True, False, False, False]
+
+
+@pytest.mark.parametrize("where", ["validate", "before"])
+def test_a_range_query_model_stops_at_the_first_failing_day(month_run, tmp_path, where):
+    """A model computing its days in one query (range_query) publishes the days before a refused one, as
+    a day-by-day run does, whether its checks (validate) or its input checks (before) refuse it."""
+    import shutil
+
+    from billing_dags.core.settings import Paths
+    from billing_dags.models.sqlmodels import ModelError, Window, load_project, partition_file, run_model_days
+
+    paths, _, _ = month_run
+    copy = Paths(tmp_path / "data", paths.seeds_dir)
+    shutil.copytree(paths.data_dir, copy.data_dir)
+    model = load_project().models["fct_anomaly_flags_by_day"]
+    assert model.config.get("range_query")
+    windows = [Window(d, d + timedelta(days=1)) for d in DAYS[:6]]
+    for w in windows:
+        partition_file(copy, model, w).unlink()
+
+    def refuse_the_fourth(window, table=None):
+        if window == windows[3]:
+            raise ModelError("refused")
+
+    with pytest.raises(ModelError, match="refused"):
+        run_model_days(copy, model.name, windows, **{where: refuse_the_fourth})
+    assert [partition_file(copy, model, w).exists() for w in windows] == [True, True, True, False, False, False]
+    for w in windows[:3]:
+        assert partition_file(copy, model, w).read_bytes() == partition_file(paths, model, w).read_bytes()

@@ -12,12 +12,13 @@ unit price to give the amount shown.
 from __future__ import annotations
 
 import calendar
+import contextlib
 import csv
 import functools
 import html
 import io
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import date, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -301,7 +302,59 @@ def pdf_wanted(environ: Mapping[str, str] | None = None) -> bool:
 
 def _render_pdf(invoice: dict) -> bytes:
     """The HTML page laid out as a PDF by WeasyPrint (same template, same figures)."""
-    return pdf_from_html(_render_html(invoice))
+    page = _render_html(invoice)
+    laid_out = _LAID_OUT.get(page)
+    return laid_out if laid_out is not None else pdf_from_html(page)
+
+
+#: PDFs laid out ahead (lay_out_ahead), by HTML page: _render_pdf takes them instead of laying them out again
+_LAID_OUT: dict[str, bytes] = {}
+#: fewer pages than this are laid out in this process (starting the workers costs about a second)
+PARALLEL_MIN_PAGES = 8
+
+
+@contextlib.contextmanager
+def lay_out_ahead(invoices: list[dict]) -> Iterator[None]:
+    """Lay out the PDFs of ``invoices`` on every core at once (one worker process per core; in this
+    process when there are few), for the ``render_bytes(..., "pdf")`` calls of the block to take: the
+    same bytes as laying each out here (the same page, the same fonts), in a fraction of the wall time."""
+    pages = sorted({_render_html(inv) for inv in invoices} - _LAID_OUT.keys())
+    workers = min(os.cpu_count() or 1, len(pages) // (PARALLEL_MIN_PAGES // 2))
+    if workers < 2 or len(pages) < PARALLEL_MIN_PAGES:
+        yield
+        return
+    done = _lay_out_in_workers(pages, workers)
+    _LAID_OUT.update(done)
+    try:
+        yield
+    finally:
+        for page in done:
+            _LAID_OUT.pop(page, None)
+
+
+def _lay_out_in_workers(pages: list[str], workers: int) -> dict[str, bytes]:
+    """PDFs of ``pages`` from ``workers`` processes (``python -m billing_dags.billing.render``, pages in
+    and PDFs out as pickles over pipes): fresh interpreters, so nothing of this process (threads, locks,
+    the main module) is inherited; a page a worker did not return is laid out later, here."""
+    import pickle
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    chunks = [pages[i::workers] for i in range(workers)]
+
+    def run(chunk: list[str]) -> dict[str, bytes]:
+        cmd = [sys.executable, "-m", "billing_dags.billing.render"]
+        done = subprocess.run(cmd, input=pickle.dumps(chunk), capture_output=True, check=False)
+        if done.returncode:
+            return {}
+        return dict(zip(chunk, pickle.loads(done.stdout), strict=True))
+
+    out: dict[str, bytes] = {}
+    with ThreadPoolExecutor(workers) as pool:
+        for part in pool.map(run, chunks):
+            out.update(part)
+    return out
 
 
 @functools.lru_cache(maxsize=8)
@@ -348,3 +401,10 @@ def render_invoice(invoice: dict, fmt: str = "json") -> str:
     if fmt == "table":
         return _render_table(invoice)
     raise InvoiceError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+
+
+if __name__ == "__main__":  # a worker of _lay_out_in_workers: HTML pages in, their PDFs out (pickles)
+    import pickle
+    import sys
+
+    sys.stdout.buffer.write(pickle.dumps([pdf_from_html(page) for page in pickle.loads(sys.stdin.buffer.read())]))

@@ -1,4 +1,4 @@
-"""The invoice files: ``<invoices>/YYYY-MM/<customer_id>.json|.csv|.html|.pdf`` and the pending adjustments.
+"""The invoice files: ``<invoices>/YYYY-MM/<customer_id>.json|.csv|.html`` (and ``.pdf`` once finalized) and the pending adjustments.
 
 Files are published only through ``core.durable`` (atomic, the files of a month made durable
 together) and are deterministic: no wall-clock time inside, so rerunning unchanged inputs
@@ -20,7 +20,7 @@ from pathlib import Path
 from billing_dags.billing import credits as _credits
 from billing_dags.billing.document import SCHEMA_VERSION, STATUSES, carried_adjustments, charge_lines, charges_minor, figures, safe_customer_id
 from billing_dags.billing.errors import InvoiceError
-from billing_dags.billing.render import FILE_FORMATS, pdf_wanted, render_bytes
+from billing_dags.billing.render import FILE_FORMATS, lay_out_ahead, pdf_wanted, render_bytes
 from billing_dags.core import durable
 from billing_dags.core.money import format_minor
 from billing_dags.core.settings import Paths
@@ -85,13 +85,24 @@ def write_if_changed(path: Path, data: bytes, written: list[str], unchanged: lis
     written.append(str(path))
 
 
+def pdf_stored(inv: dict) -> bool:
+    """Whether an invoice has a PDF file: a finalized one (the document sent to the customer, laid out once
+    when it is finalized and never again), while PDFs are on (``BILLING_INVOICE_PDF``). A draft has none: it
+    changes until the grace period ends and nobody receives it; ``billing invoice --format pdf`` lays out
+    a preview on demand."""
+    return inv.get("status") == "finalized" and pdf_wanted()
+
+
 def write_files(files: dict[str, Path], inv: dict, written: list[str], unchanged: list[str], write) -> None:
-    """Write an invoice's files whose bytes would change. The PDF is laid out from the HTML page only: while
-    the page is unchanged and its PDF is there, the PDF is left alone without being laid out again."""
+    """Write an invoice's files whose bytes would change. The PDF (a finalized invoice's only) is laid out from
+    the HTML page: while the page is unchanged and its PDF is there, the PDF is left alone without being laid
+    out again. A draft's PDF left by an earlier version is removed (it would show figures the draft no
+    longer has)."""
     html_unchanged = False
     for fmt in FILE_FORMATS:
-        if fmt == "pdf" and not pdf_wanted():
-            if not html_unchanged:  # a PDF of the page before (an earlier draft) would disagree with the invoice
+        if fmt == "pdf" and not pdf_stored(inv):
+            # a draft has none; with PDFs off, a PDF of the page before would disagree with the invoice
+            if inv.get("status") != "finalized" or not html_unchanged:
                 durable.remove(files[fmt])
             continue
         if fmt == "pdf" and html_unchanged and files[fmt].exists():
@@ -104,7 +115,8 @@ def write_files(files: dict[str, Path], inv: dict, written: list[str], unchanged
 
 
 def write_invoice_files(paths: Paths, invoices: list[dict]) -> dict:
-    """Write each invoice as ``<invoices>/YYYY-MM/<customer_id>.json|.csv|.html|.pdf`` (atomic, deterministic).
+    """Write each invoice as ``<invoices>/YYYY-MM/<customer_id>.json|.csv|.html`` and, once finalized, ``.pdf``
+    (atomic, deterministic).
 
     A finalized invoice already on disk is never rewritten (rule 8): if the recomputed figures
     differ, the customer is listed in ``changed_after_finalization`` and the new figures go to
@@ -123,11 +135,12 @@ def write_invoice_files(paths: Paths, invoices: list[dict]) -> dict:
     batch = durable.Batch()
     batch_month = None
     try:
-        for inv in sorted(invoices, key=lambda i: (i["period_start"], i["customer_id"])):
-            if inv["period_start"][:7] != batch_month:
-                batch.commit()
-                batch_month = inv["period_start"][:7]
-            _write_invoice(paths, inv, batch, written, unchanged, changed_after, pending, by_status, totals_minor, exponents)
+        with lay_out_ahead(_pdfs_to_lay_out(paths, invoices)):
+            for inv in sorted(invoices, key=lambda i: (i["period_start"], i["customer_id"])):
+                if inv["period_start"][:7] != batch_month:
+                    batch.commit()
+                    batch_month = inv["period_start"][:7]
+                _write_invoice(paths, inv, batch, written, unchanged, changed_after, pending, by_status, totals_minor, exponents)
         batch.commit()
     except BaseException:
         batch.abort()
@@ -144,6 +157,23 @@ def write_invoice_files(paths: Paths, invoices: list[dict]) -> dict:
         "changed_after_finalization": changed_after,
         "pending_adjustments": pending,
     }
+
+
+def _pdfs_to_lay_out(paths: Paths, invoices: list[dict]) -> list[dict]:
+    """The invoices whose PDF write_invoice_files will lay out (laid out ahead, on every core): finalized
+    ones that are new or changed, and finalized ones on disk that lack their PDF (from the stored JSON)."""
+    if not pdf_wanted():
+        return []
+    out = []
+    for inv in invoices:
+        files = invoice_files(paths, inv["period_start"][:7], inv["customer_id"])
+        stored = read_stored(files["json"])
+        if stored is not None and stored.get("status") == "finalized":
+            if not files["pdf"].exists():
+                out.append(stored)
+        elif inv.get("status") == "finalized" and (not files["pdf"].exists() or not _same_bytes(files["html"], render_bytes(inv, "html"))):
+            out.append(inv)
+    return out
 
 
 def _write_invoice(
@@ -200,7 +230,7 @@ def _write_invoice(
             # usage went back to what was finalized: nothing left to adjust
             pending_path.unlink()
         for fmt in FILE_FORMATS[1:]:
-            if not files[fmt].exists() and (fmt != "pdf" or pdf_wanted()):
+            if not files[fmt].exists() and (fmt != "pdf" or pdf_stored(stored)):
                 batch.write(files[fmt], render_bytes(stored, fmt))
                 written.append(str(files[fmt]))
     else:
@@ -212,21 +242,23 @@ def _write_invoice(
     exponents[cur] = int(effective["minor_unit_exponent"])
 
 
-def invoice_pdf(paths: Paths, month: date | str, customer_id: str) -> tuple[Path, bytes]:
-    """A stored invoice's PDF and where it is: the stored file, else laid out from the stored JSON (the same
-    page, the same bytes an invoice run writes) and published beside it. A PDF on disk is never rewritten:
-    it is the one of the invoice as stored (``write_files`` removes a draft's PDF when its page changes)."""
+def invoice_pdf(paths: Paths, month: date | str, customer_id: str) -> tuple[Path | None, bytes]:
+    """A stored invoice's PDF and where it is. A finalized invoice's: the stored file, else laid out from the
+    stored JSON (the same page, the same bytes an invoice run writes) and published beside it; a PDF on disk
+    is never rewritten. A draft's: a preview laid out now and not stored (None for the path: a draft has no
+    PDF file, ``write_files`` removes one)."""
     files = invoice_files(paths, month, customer_id)
+    doc = read_stored(files["json"])
+    if doc is None:
+        raise InvoiceError(f"no invoice for {customer_id} in {month if isinstance(month, str) else f'{month:%Y-%m}'} under {files['json'].parent}")
+    if doc.get("status") != "finalized":
+        return None, render_bytes(doc, "pdf")
     try:
         return files["pdf"], files["pdf"].read_bytes()
     except FileNotFoundError:
         pass
-    doc = read_stored(files["json"])
-    if doc is None:
-        raise InvoiceError(f"no invoice for {customer_id} in {month if isinstance(month, str) else f'{month:%Y-%m}'} under {files['json'].parent}")
     data = render_bytes(doc, "pdf")
-    # published only while the JSON it was laid out from is still the stored one (an invoice run may have
-    # replaced a draft meanwhile) and no PDF has appeared
+    # published only while the JSON it was laid out from is still the stored one and no PDF has appeared
     if read_stored(files["json"]) == doc and not files["pdf"].exists():
         durable.write_bytes(files["pdf"], data)
     return files["pdf"], data

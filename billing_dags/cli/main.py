@@ -93,10 +93,16 @@ def cmd_demo(args) -> int:
         )
     _print_usage_api_example(paths, month)
     console.print(f"\nRan {figures['days']} daily partitions and the month in {figures['seconds']:.1f}s.")
-    console.print(f"Invoices (JSON, CSV, HTML, PDF): {paths.invoices / f'{month:%Y-%m}'}")
+    console.print(f"Invoices (JSON, CSV, HTML; PDF once finalized): {paths.invoices / f'{month:%Y-%m}'}")
     if example is not None and (paths.invoices / f"{month:%Y-%m}" / f"{example['customer']}.pdf").exists():
         pdf = paths.invoices / f"{month:%Y-%m}" / f"{example['customer']}.pdf"
         console.print(f"PDF of one invoice, as its customer receives it ({example['customer']}): {pdf}", highlight=False)
+    elif example is not None:
+        console.print(
+            f"Drafts have no PDF file until finalized; a preview: billing invoice {example['customer']} --month {month:%Y-%m} "
+            f"--format pdf > {example['customer']}.pdf",
+            highlight=False,
+        )
     console.print(f'DuckDB warehouse (views): duckdb {paths.warehouse_db}   or   billing sql "select * from fct_invoice_lines limit 5"')
     console.print(f"Stripe outbox (dry-run): {paths.outbox} — {outbox_summary(paths, month)}")
     console.print("Dagster UI: make dev, then http://127.0.0.1:3000 (the runs above are in .dagster/)")
@@ -169,7 +175,10 @@ def cmd_invoice(args) -> int:
         from billing_dags.billing.store import invoice_pdf
 
         pdf, data = invoice_pdf(paths, month, args.customer)
-        if sys.stdout.isatty():  # PDF bytes would garble a terminal: say where the file is
+        if sys.stdout.isatty() and pdf is None:  # a draft: no file, and PDF bytes would garble a terminal
+            console.print(f"{document_title(doc)} {doc['invoice_number']} is a draft: it has no PDF file until it is finalized.", highlight=False)
+            console.print(f"(redirect to save a preview: billing invoice {args.customer} --month {month:%Y-%m} --format pdf > preview.pdf)", highlight=False)
+        elif sys.stdout.isatty():  # PDF bytes would garble a terminal: say where the file is
             console.print(f"{document_title(doc)} {doc['invoice_number']} ({doc['status']}) as PDF: {pdf}", highlight=False, soft_wrap=True)
             console.print(f"(redirect to save a copy: billing invoice {args.customer} --month {month:%Y-%m} --format pdf > invoice.pdf)", highlight=False)
         else:
@@ -360,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=["table", "json", "csv", "html", "pdf"],
         default="table",
-        help="pdf: the stored PDF (laid out and stored first if missing) to stdout, or its path on a terminal",
+        help="pdf: a finalized invoice's stored PDF (stored first if missing) or a draft's preview (not stored), to stdout; on a terminal its path",
     )
     p.set_defaults(func=cmd_invoice)
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from functools import cache
 from graphlib import TopologicalSorter
+from itertools import pairwise
 from pathlib import Path
 
 import duckdb
@@ -699,6 +700,9 @@ def iter_model_days(
         raise ModelError(f"model {name} is partitioned by {model.partitioned_by}; give a partition window")
     python = (engine or model.config.get("engine", "sql")) == "python"
     fn = python_engine(model) if python else None
+    if not python and model.config.get("range_query") and model.partitioned_by == "billing_daily" and len(windows) > 1 and _consecutive(windows):
+        yield from _iter_range_query(paths, project, model, windows, threads=threads, validate=validate, before=before)
+        return
     if (python and not getattr(fn, "takes_session", False)) or model.partitioned_by != "billing_daily" or len(windows) < 2:
         for w in windows:
             if before is not None:
@@ -726,6 +730,64 @@ def iter_model_days(
                 table = query(con, model, window)
             path = write_partition(paths, model, window, table, (lambda t, w=window: validate(w, t)) if validate else None)
             yield RunResult(name, window, len(table), path, time.perf_counter() - t0, table)
+
+
+#: the most days one query of a ``range_query`` model computes (a longer range runs in several queries)
+RANGE_QUERY_DAYS = 31
+
+
+def _consecutive(windows: list[Window]) -> bool:
+    return all(a.end == b.start for a, b in pairwise(windows))
+
+
+def _iter_range_query(
+    paths: Paths,
+    project: Project,
+    model: Model,
+    windows: list[Window],
+    *,
+    threads: int | None,
+    validate: Callable[[Window, pa.Table], None] | None,
+    before: Callable[[Window], None] | None,
+) -> Iterator[RunResult]:
+    """``iter_model_days`` for a model whose SQL computes every day of its window at once (config
+    ``range_query: true``: each day d of [$start_date, $end_date) from its own lookback only, so a
+    day's rows are those a run of that day alone gives). Up to RANGE_QUERY_DAYS consecutive days
+    run as one query (planned once instead of once per day); the result is split by day, and each
+    day is validated, written and yielded in order as ``run_model`` would. ``before`` runs for
+    each day of a query before it is computed; when it raises, the days before that one are still
+    computed and written, then the error propagates."""
+    known = sources()
+    with session(threads) as con:
+        per_window = None
+        for i in range(0, len(windows), RANGE_QUERY_DAYS):
+            chunk, ready, stop = windows[i : i + RANGE_QUERY_DAYS], [], None
+            for window in chunk:
+                if before is not None:
+                    try:
+                        before(window)
+                    except BaseException as e:
+                        stop = e
+                        break
+                ready.append(window)
+            if ready:
+                t0 = time.perf_counter()
+                if per_window is None:
+                    per_window = _prepare_range(con, project, model.name, paths, windows)
+                span = Window(ready[0].start, ready[-1].end)
+                for s in per_window:
+                    known[s].register(con, paths, span)
+                table = query(con, model, span)
+                check_window(model, table, span)
+                shared = (time.perf_counter() - t0) / len(ready)
+                days = table[model.time_column]
+                for window in ready:
+                    t1 = time.perf_counter()
+                    rows = table.filter(pc.equal(days, pa.scalar(window.start, days.type)))
+                    path = write_partition(paths, model, window, rows, (lambda t, w=window: validate(w, t)) if validate else None)
+                    yield RunResult(model.name, window, len(rows), path, shared + time.perf_counter() - t1, rows)
+            if stop is not None:
+                raise stop
 
 
 # --- the billable quantity outside the monthly job ------------------------------------------------

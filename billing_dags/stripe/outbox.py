@@ -594,6 +594,12 @@ def read_outbox(paths: Paths, day: date) -> list[dict]:
     return sorted(rows, key=_row_key)
 
 
+def _has_status(paths: Paths, day: date, status: str) -> bool:
+    """Whether a row of ``day``'s outbox has ``status`` (its status column alone is read)."""
+    path = outbox_path(paths, day)
+    return path.exists() and status in pq.read_table(path, columns=["status"]).column("status").to_pylist()
+
+
 def _row_key(r: Mapping) -> tuple[str, str, str]:
     return (r["customer_id"], r["meter_id"], r.get("dimension") or "")
 
@@ -629,7 +635,10 @@ def summarize(rows: Iterable[Mapping]) -> dict:
 def too_old_flags(paths: Paths, day: date, lookback_days: int = 62) -> list[str]:
     """The meter events of the ``lookback_days`` up to ``day`` that are too old for Stripe (35 days)
     and still matter, each with what to bill instead: "<customer> <event name> <day>: <advice>"."""
-    rows = [r for i in range(lookback_days, -1, -1) for r in read_outbox(paths, day - timedelta(days=i))]
+    days = [day - timedelta(days=i) for i in range(lookback_days, -1, -1)]
+    if not any(_has_status(paths, d, "too_old") for d in days):
+        return []  # the usual case: only the status column of each day was read
+    rows = [r for d in days for r in read_outbox(paths, d)]
     live = {(r["customer_id"], r["event_name"], r["day"]) for r in rows if r["status"] != "too_old"}
     out = []
     for r in rows:

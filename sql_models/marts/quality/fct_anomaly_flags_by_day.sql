@@ -5,10 +5,33 @@ partitioned_by: billing_daily
 time_column: day
 grain: [day, customer_id, meter_id, rule]
 lookback_days: 35
+range_query: true
 */
-with daily as (
+-- range_query: every day d of [$start_date, $end_date) is computed in one query, each from its own
+-- lookback [d - lookback_days, d] only, so a range gives every day the rows a run of that day alone
+-- gives (a range run plans the query once instead of once per day)
+with days as (
+    select
+        range::date as check_day,
+        (range::date - ($start_date::date - $lookback_start_date::date)::integer)::date as lookback_start,
+        epoch_ms(range::date::timestamp) as start_ms,
+        epoch_ms((range::date + 1)::timestamp) as end_ms
+    from range($start_date::date, $end_date::date, interval 1 day)
+),
+
+all_daily as (
     select * from fct_usage_by_day
     where day >= $lookback_start_date::date and day < $end_date::date
+),
+
+-- each day's lookback rows, keyed by the day they are read for (check_day)
+daily as (
+    select
+        days.check_day,
+        all_daily.*
+    from days
+    inner join all_daily
+        on days.lookback_start <= all_daily.day and days.check_day >= all_daily.day
 ),
 
 -- the lookback too: a scrape gap or an unmatched series is raised on the first day of a run of days
@@ -57,7 +80,7 @@ meter_units as (
 ),
 
 today as (
-    select * from daily
+    select * from all_daily
     where day >= $start_date::date
 ),
 
@@ -101,7 +124,8 @@ rate_samples as (
     select
         series_id,
         ts_ms,
-        value
+        value,
+        (date '1970-01-01' + (ts_ms // 86400000)::integer)::date as check_day
     from stg_raw__samples
     where ts_ms >= $start_ms and ts_ms < $end_ms
         and isfinite(value)
@@ -110,6 +134,7 @@ rate_samples as (
 
 rates as (
     select
+        check_day,
         series_id,
         max(
             case when prev_ts_ms is not null and ts_ms > prev_ts_ms and ts_ms - prev_ts_ms <= $staleness_ms
@@ -118,103 +143,117 @@ rates as (
         ) as max_per_minute
     from (
         select
+            check_day,
             series_id,
             ts_ms,
             value,
             lag(value) over by_time as prev_value,
             lag(ts_ms) over by_time as prev_ts_ms
         from rate_samples
-        window by_time as (partition by series_id order by ts_ms)
+        window by_time as (partition by series_id, check_day order by ts_ms)
     ) as ordered_samples
-    group by series_id
+    group by check_day, series_id
 ),
 
 -- seed 000: usage of the last 7 days against the 7 before
 week_over_week as (
     select
+        check_day,
         customer_id,
         meter_id,
         'week_over_week' as rule,
-        sum(usage) filter (where day > $start_date::date - interval 7 day) as this_week,
+        sum(usage) filter (where day > check_day - interval 7 day) as this_week,
         sum(usage) filter (
-            where day <= $start_date::date - interval 7 day and day > $start_date::date - interval 14 day
+            where day <= check_day - interval 7 day and day > check_day - interval 14 day
         ) as last_week,
         sum(usage) filter (
-            where day > $start_date::date - interval 8 day and day < $start_date::date
+            where day > check_day - interval 8 day and day < check_day
         ) as this_week_before,
         sum(usage) filter (
-            where day <= $start_date::date - interval 8 day and day > $start_date::date - interval 15 day
+            where day <= check_day - interval 8 day and day > check_day - interval 15 day
         ) as last_week_before
     from daily
     where kind = 'counter'
-    group by customer_id, meter_id
+    group by check_day, customer_id, meter_id
 ),
 
 -- a robust outlier against the customer's own previous 30 days: |x - median| / (1.4826 x MAD)
 baseline as (
     select
+        check_day,
         customer_id,
         meter_id,
         median(usage) as median_usage,
         count(*) as baseline_days
     from daily
-    where kind = 'counter' and day < $start_date::date and day >= $start_date::date - interval 30 day
-    group by customer_id, meter_id
+    where kind = 'counter' and day < check_day and day >= check_day - interval 30 day
+    group by check_day, customer_id, meter_id
 ),
 
 deviation as (
     select
+        baseline.check_day,
         baseline.customer_id,
         baseline.meter_id,
         median(abs(daily.usage - baseline.median_usage)) as mad
     from daily
     inner join baseline
-        on daily.customer_id = baseline.customer_id and daily.meter_id = baseline.meter_id
-    where daily.day < $start_date::date and daily.day >= $start_date::date - interval 30 day
-    group by baseline.customer_id, baseline.meter_id
+        on daily.check_day = baseline.check_day
+        and daily.customer_id = baseline.customer_id and daily.meter_id = baseline.meter_id
+    where daily.day < daily.check_day and daily.day >= daily.check_day - interval 30 day
+    group by baseline.check_day, baseline.customer_id, baseline.meter_id
 ),
 
 -- seed 001: month-to-date usage against the included allowance of the plan in force that day, today
 -- and yesterday (a level is raised on the day it is crossed); a peak allowance (devices, storage:
 -- aggregation max) against the month-to-date peak
 check_days as (
-    select $start_date::date as check_day
+    select
+        check_day,
+        check_day as on_day
+    from days
     union all
-    select ($start_date::date - interval 1 day)::date
-    where $start_date::date - interval 1 day >= date_trunc('month', $start_date::date)
+    select
+        check_day,
+        (check_day - interval 1 day)::date
+    from days
+    where check_day - interval 1 day >= date_trunc('month', check_day)
 ),
 
 plan_on_day as (
     select
         check_days.check_day,
+        check_days.on_day,
         subscriptions.customer_id,
         plans.plan_id,
         plans.plan_version
     from check_days
     inner join subscriptions
-        on check_days.check_day >= subscriptions.start_date
-        and coalesce(subscriptions.end_date, check_days.check_day + interval 1 day) > check_days.check_day
+        on check_days.on_day >= subscriptions.start_date
+        and coalesce(subscriptions.end_date, check_days.on_day + interval 1 day) > check_days.on_day
     inner join plans
         on subscriptions.plan_id = plans.plan_id
-        and plans.effective_from <= greatest(subscriptions.start_date, date_trunc('month', $start_date::date))
+        and plans.effective_from <= greatest(subscriptions.start_date, date_trunc('month', check_days.check_day))
     qualify row_number() over (
-            partition by check_days.check_day, subscriptions.customer_id
+            partition by check_days.check_day, check_days.on_day, subscriptions.customer_id
             order by plans.effective_from desc, plans.plan_version desc
         ) = 1
 ),
 
 plan_today as (
     select
+        check_day,
         customer_id,
         plan_id,
         plan_version
     from plan_on_day
-    where check_day = $start_date::date
+    where on_day = check_day
 ),
 
 allowances as (
     select
         plan_on_day.check_day,
+        plan_on_day.on_day,
         plan_on_day.customer_id,
         prices.meter_id,
         prices.included_quantity,
@@ -233,20 +272,23 @@ allowances as (
 month_to_date as (
     select
         check_days.check_day,
+        check_days.on_day,
         daily.customer_id,
         daily.meter_id,
         -- a counter's usage adds up; a gauge's (its usage is null) month-to-date peak is its highest day
         coalesce(sum(daily.usage), max(daily.gauge_peak)) as usage
     from check_days
     inner join daily
-        on daily.day >= date_trunc('month', $start_date::date) and check_days.check_day >= daily.day
-    group by check_days.check_day, daily.customer_id, daily.meter_id
+        on check_days.check_day = daily.check_day
+        and date_trunc('month', check_days.check_day) <= daily.day and check_days.on_day >= daily.day
+    group by check_days.check_day, check_days.on_day, daily.customer_id, daily.meter_id
 ),
 
 -- usage in a dimension (e.g. an LLM model) of a meter the plan in force prices per dimension, that no
 -- price row covers: it is not billed, never priced at zero silently
 unpriced as (
     select
+        today.day as check_day,
         today.customer_id,
         today.meter_id,
         count(*) as dimensions,
@@ -259,7 +301,7 @@ unpriced as (
         ) as detail
     from today
     inner join plan_today
-        on today.customer_id = plan_today.customer_id
+        on today.day = plan_today.check_day and today.customer_id = plan_today.customer_id
     inner join meter_units
         on today.meter_id = meter_units.meter_id
     where exists (
@@ -272,7 +314,7 @@ unpriced as (
             where prices.plan_id = plan_today.plan_id and prices.plan_version = plan_today.plan_version
                 and prices.meter_id = today.meter_id and (prices.dimension = '' or prices.dimension = today.dimension)
         )
-    group by today.customer_id, today.meter_id
+    group by today.day, today.customer_id, today.meter_id
 ),
 
 -- usage on a day no subscription of the customer covers (before it starts, after it ends, or none
@@ -280,6 +322,7 @@ unpriced as (
 -- customer's plans, or any plan for a customer with no subscription
 uncovered as (
     select
+        today.day as check_day,
         today.customer_id,
         today.meter_id,
         sum(coalesce(today.usage, today.gauge_peak)) as quantity
@@ -288,14 +331,15 @@ uncovered as (
         and not exists (
             select 1 from subscriptions
             where subscriptions.customer_id = today.customer_id
-                and subscriptions.start_date <= $start_date::date
-                and coalesce(subscriptions.end_date, $end_date::date) > $start_date::date
+                and subscriptions.start_date <= today.day
+                and coalesce(subscriptions.end_date, (today.day + 1)::date) > today.day
         )
-    group by today.customer_id, today.meter_id
+    group by today.day, today.customer_id, today.meter_id
 ),
 
 uncovered_context as (
     select
+        uncovered.check_day,
         uncovered.customer_id,
         uncovered.meter_id,
         uncovered.quantity,
@@ -317,12 +361,12 @@ uncovered_context as (
         (
             select arg_max(subscriptions.plan_id || ' ended ' || subscriptions.end_date, subscriptions.end_date)
             from subscriptions
-            where subscriptions.customer_id = uncovered.customer_id and subscriptions.end_date <= $start_date::date
+            where subscriptions.customer_id = uncovered.customer_id and subscriptions.end_date <= uncovered.check_day
         ) as ended,
         (
             select arg_min(subscriptions.plan_id || ' starting ' || subscriptions.start_date, subscriptions.start_date)
             from subscriptions
-            where subscriptions.customer_id = uncovered.customer_id and subscriptions.start_date > $start_date::date
+            where subscriptions.customer_id = uncovered.customer_id and subscriptions.start_date > uncovered.check_day
         ) as starting
     from uncovered
 ),
@@ -332,7 +376,10 @@ unmatched_by_day as (
         edges.day,
         series.meter_id,
         count(distinct series.series_id) as unmatched_series,
-        string_agg(distinct series.customer_label || '=' || coalesce(series.customer_label_value, '(missing)'), ', ') as labels
+        string_agg(
+            distinct series.customer_label || '=' || coalesce(series.customer_label_value, '(missing)'), ', '
+            order by series.customer_label || '=' || coalesce(series.customer_label_value, '(missing)')
+        ) as labels
     from edges
     inner join series
         on edges.series_id = series.series_id
@@ -343,26 +390,50 @@ unmatched_by_day as (
 
 unmatched as (
     select * from unmatched_by_day
-    where day = $start_date::date
+    where day >= $start_date::date
 ),
 
 -- per series and day of the lookback: the longest gap between two samples, with the one before the
 -- day's first sample from the series' last sample on an earlier day (across midnight, or whole days
 -- without samples)
-series_gaps_by_day as (
+-- (the sample before is one of the checked day's lookback only: a day reads no earlier day)
+series_samples_by_day as (
     select
         day,
         series_id,
-        greatest(
-            max_gap_ms, coalesce(first_ts_ms - lag(last_ts_ms) over (partition by series_id order by day), 0)
-        ) as max_gap_ms
+        max_gap_ms,
+        first_ts_ms,
+        lag(day) over by_day as previous_day,
+        lag(last_ts_ms) over by_day as previous_last_ts_ms
     from edges
     where samples > 0
+    window by_day as (partition by series_id order by day)
+),
+
+series_gaps_by_day as (
+    select
+        days.check_day,
+        series_samples_by_day.day,
+        series_samples_by_day.series_id,
+        greatest(
+            series_samples_by_day.max_gap_ms,
+            coalesce(
+                case
+                    when series_samples_by_day.previous_day >= days.lookback_start
+                        then series_samples_by_day.first_ts_ms - series_samples_by_day.previous_last_ts_ms
+                end,
+                0
+            )
+        ) as max_gap_ms
+    from days
+    inner join series_samples_by_day
+        on days.lookback_start <= series_samples_by_day.day and days.check_day >= series_samples_by_day.day
 ),
 
 -- the longest gap between two samples of a customer's series of a meter, per day of the lookback
 gaps_by_day as (
     select
+        series_gaps_by_day.check_day,
         series_gaps_by_day.day,
         series.customer_id,
         series.meter_id,
@@ -371,30 +442,32 @@ gaps_by_day as (
     inner join series
         on series_gaps_by_day.series_id = series.series_id
     where series.customer_id is not null
-    group by series_gaps_by_day.day, series.customer_id, series.meter_id
+    group by series_gaps_by_day.check_day, series_gaps_by_day.day, series.customer_id, series.meter_id
 ),
 
 gaps as (
     select * from gaps_by_day
-    where day = $start_date::date
+    where day = check_day
 ),
 
 -- runs of consecutive days with a gap over the rule's (lowest) threshold: the first day of the run
 -- that reaches today (a day with no samples at all ends a run)
 gap_days as (
     select
+        gaps_by_day.check_day,
         gaps_by_day.day,
         gaps_by_day.customer_id,
         gaps_by_day.meter_id
     from gaps_by_day
     inner join meter_rules
         on gaps_by_day.meter_id = meter_rules.meter_id and meter_rules.rule = 'scrape_gap'
-    group by gaps_by_day.day, gaps_by_day.customer_id, gaps_by_day.meter_id
+    group by gaps_by_day.check_day, gaps_by_day.day, gaps_by_day.customer_id, gaps_by_day.meter_id
     having max(gaps_by_day.max_gap_ms) > min(meter_rules.threshold)
 ),
 
 gap_runs as (
     select
+        check_day,
         customer_id,
         meter_id,
         min(day) as run_start,
@@ -402,11 +475,11 @@ gap_runs as (
     from (
         select
             *,
-            day - (row_number() over (partition by customer_id, meter_id order by day))::integer as island
+            day - (row_number() over (partition by check_day, customer_id, meter_id order by day))::integer as island
         from gap_days
     ) as islands
-    group by customer_id, meter_id, island
-    having max(day) = $start_date::date
+    group by check_day, customer_id, meter_id, island
+    having max(day) = check_day
 ),
 
 -- one union branch per rule: the column names are the first branch's, each branch reads its own
@@ -415,6 +488,8 @@ gap_runs as (
 -- quantity: in base units, the one the message states (shown in billing units)
 candidates as (
     select
+        week_over_week.check_day,
+        '' as dimension,
         week_over_week.customer_id,
         week_over_week.meter_id,
         rule,
@@ -427,6 +502,8 @@ candidates as (
     where last_week > 0
     union all
     select
+        today.day,
+        today.dimension,
         today.customer_id,
         today.meter_id,
         'outlier_mad',
@@ -437,12 +514,16 @@ candidates as (
         || baseline.baseline_days || ' days)',
         today.usage
     from today
-    inner join baseline on today.customer_id = baseline.customer_id and today.meter_id = baseline.meter_id
-    inner join deviation on today.customer_id = deviation.customer_id and today.meter_id = deviation.meter_id
+    inner join baseline
+        on today.day = baseline.check_day and today.customer_id = baseline.customer_id and today.meter_id = baseline.meter_id
+    inner join deviation
+        on today.day = deviation.check_day and today.customer_id = deviation.customer_id and today.meter_id = deviation.meter_id
     inner join meter_units on today.meter_id = meter_units.meter_id
     where today.kind = 'counter' and baseline.baseline_days >= 7 and deviation.mad > 0
     union all
     select
+        allowances.check_day,
+        '',
         allowances.customer_id,
         allowances.meter_id,
         'allowance_used',
@@ -456,27 +537,34 @@ candidates as (
     from allowances
     inner join month_to_date
         on allowances.check_day = month_to_date.check_day
+        and allowances.on_day = month_to_date.on_day
         and allowances.customer_id = month_to_date.customer_id
         and allowances.meter_id = month_to_date.meter_id
     inner join meter_units on allowances.meter_id = meter_units.meter_id
-    where allowances.check_day = $start_date::date
+    where allowances.on_day = allowances.check_day
     union all
     select
+        gaps.check_day,
+        '',
         gaps.customer_id,
         gaps.meter_id,
         'scrape_gap',
         gaps.max_gap_ms::decimal(38, 9),
         'longest gap between two samples: ' || (gaps.max_gap_ms // 60000) || ' min'
         || case
-            when gap_runs.run_start < $start_date::date
+            when gap_runs.run_start < gaps.check_day
                 then '; gaps every day since ' || gap_runs.run_start || ' (' || gap_runs.run_days || ' days)'
             else ''
         end,
         null
     from gaps
-    left join gap_runs on gaps.customer_id = gap_runs.customer_id and gaps.meter_id = gap_runs.meter_id
+    left join gap_runs
+        on gaps.check_day = gap_runs.check_day
+        and gaps.customer_id = gap_runs.customer_id and gaps.meter_id = gap_runs.meter_id
     union all
     select
+        day,
+        dimension,
         customer_id,
         meter_id,
         'counter_resets',
@@ -487,6 +575,8 @@ candidates as (
     where kind = 'counter'
     union all
     select
+        day,
+        dimension,
         customer_id,
         meter_id,
         'reappeared_series',
@@ -496,6 +586,8 @@ candidates as (
     from today
     union all
     select
+        day,
+        dimension,
         customer_id,
         meter_id,
         'dropped_samples',
@@ -505,6 +597,8 @@ candidates as (
     from today
     union all
     select
+        day,
+        dimension,
         customer_id,
         meter_id,
         'duplicate_conflicts',
@@ -515,16 +609,21 @@ candidates as (
     union all
     -- a level meter's day is billed from the time some level holds: report the rest as uncovered
     select
-        customer_id,
-        meter_id,
+        today.day,
+        today.dimension,
+        today.customer_id,
+        today.meter_id,
         'low_coverage',
-        from_nano(div_half_up((($end_ms - $start_ms) - gauge_held_ms)::hugeint * 100000000000, $end_ms - $start_ms)),
-        'a level held ' || (gauge_held_ms // 60000) || ' of ' || (($end_ms - $start_ms) // 60000) || ' min',
+        from_nano(div_half_up(((days.end_ms - days.start_ms) - today.gauge_held_ms)::hugeint * 100000000000, days.end_ms - days.start_ms)),
+        'a level held ' || (today.gauge_held_ms // 60000) || ' of ' || ((days.end_ms - days.start_ms) // 60000) || ' min',
         null
     from today
-    where kind = 'gauge'
+    inner join days on today.day = days.check_day
+    where today.kind = 'gauge'
     union all
     select
+        rates.check_day,
+        '',
         rate_series.customer_id,
         rate_series.meter_id,
         'rate_per_minute',
@@ -534,9 +633,11 @@ candidates as (
     from rates
     inner join rate_series on rates.series_id = rate_series.series_id
     where rates.max_per_minute is not null
-    group by rate_series.customer_id, rate_series.meter_id
+    group by rates.check_day, rate_series.customer_id, rate_series.meter_id
     union all
     select
+        today.day,
+        today.dimension,
         today.customer_id,
         today.meter_id,
         'pool_share_mismatch',
@@ -545,11 +646,13 @@ candidates as (
         || ', the pool reported ' || fmt_decimal(to_billing_units(pool_shares.pool_accepted_shares, divisor)) || ' ' || billing_unit,
         today.usage
     from today
-    inner join pool_shares on today.customer_id = pool_shares.customer_id
+    inner join pool_shares on today.day = pool_shares.day and today.customer_id = pool_shares.customer_id
     inner join meter_units on today.meter_id = meter_units.meter_id
     where today.kind = 'counter' and pool_shares.pool_accepted_shares > 0
     union all
     select
+        check_day,
+        '',
         customer_id,
         meter_id,
         'unpriced_usage',
@@ -559,6 +662,8 @@ candidates as (
     from unpriced
     union all
     select
+        check_day,
+        '',
         customer_id,
         meter_id,
         case when priced then 'outside_subscription' else 'outside_subscription_unpriced' end,
@@ -577,6 +682,8 @@ candidates as (
     inner join meter_units using (meter_id)
     union all
     select
+        day,
+        '',
         '' as customer_id,
         meter_id,
         'unmatched_series',
@@ -591,6 +698,7 @@ candidates as (
 -- condition starts (or reaches a higher level), not on every day it still holds
 candidates_yesterday as (
     select
+        check_day,
         customer_id,
         meter_id,
         rule,
@@ -599,6 +707,7 @@ candidates_yesterday as (
     where last_week_before > 0
     union all
     select
+        allowances.check_day,
         allowances.customer_id,
         allowances.meter_id,
         'allowance_used' as rule,
@@ -606,25 +715,28 @@ candidates_yesterday as (
     from allowances
     inner join month_to_date
         on allowances.check_day = month_to_date.check_day
+        and allowances.on_day = month_to_date.on_day
         and allowances.customer_id = month_to_date.customer_id
         and allowances.meter_id = month_to_date.meter_id
-    where allowances.check_day < $start_date::date
+    where allowances.on_day < allowances.check_day
     union all
     select
+        check_day,
         customer_id,
         meter_id,
         'scrape_gap' as rule,
         max_gap_ms::decimal(38, 9) as value
     from gaps_by_day
-    where day = $start_date::date - interval 1 day
+    where day = check_day - interval 1 day
     union all
     select
+        days.check_day,
         '' as customer_id,
-        meter_id,
+        unmatched_by_day.meter_id,
         'unmatched_series' as rule,
-        unmatched_series::decimal(38, 9) as value
+        unmatched_by_day.unmatched_series::decimal(38, 9) as value
     from unmatched_by_day
-    where day = $start_date::date - interval 1 day
+    inner join days on unmatched_by_day.day = days.check_day - interval 1 day
 ),
 
 -- every level (threshold row) a value crosses, today and yesterday
@@ -656,21 +768,27 @@ levels as (
 
 crossed_yesterday as (
     select
+        check_day,
         customer_id,
         meter_id,
         rule,
         max(threshold) as threshold
     from levels
     where not is_today
-    group by customer_id, meter_id, rule
+    group by check_day, customer_id, meter_id, rule
 ),
 
--- report the highest threshold crossed (80% and 100% of an allowance are two levels)
+-- report the highest threshold crossed (80% and 100% of an allowance are two levels); of a meter's
+-- dimensions (a rule on the day's rows has one candidate per dimension) the first, whatever order
+-- the rows arrive in
 crossed as (
     select * exclude (is_today)
     from levels
     where is_today
-    qualify row_number() over (partition by customer_id, meter_id, rule order by threshold desc) = 1
+    qualify row_number() over (
+            partition by check_day, customer_id, meter_id, rule
+            order by threshold desc, dimension asc
+        ) = 1
 ),
 
 -- a lasting condition is raised again on the 1st of a month while it holds, so each month lists it
@@ -678,18 +796,19 @@ raised as (
     select crossed.*
     from crossed
     left join crossed_yesterday
-        on crossed.customer_id = crossed_yesterday.customer_id
+        on crossed.check_day = crossed_yesterday.check_day
+        and crossed.customer_id = crossed_yesterday.customer_id
         and crossed.meter_id = crossed_yesterday.meter_id
         and crossed.rule = crossed_yesterday.rule
     where crossed.rule not in ('allowance_used', 'week_over_week', 'scrape_gap', 'unmatched_series')
         or crossed_yesterday.threshold is null
         or crossed.threshold > crossed_yesterday.threshold
-        or day($start_date::date) = 1
+        or day(crossed.check_day) = 1
 ),
 
 final as (
     select
-        $start_date::date as day,
+        raised.check_day as day,
         raised.customer_id,
         raised.meter_id,
         raised.rule,
@@ -707,9 +826,10 @@ final as (
         on raised.meter_id = meter_units.meter_id
     left join allowances
         on raised.rule = 'allowance_used'
+        and raised.check_day = allowances.check_day
+        and raised.check_day = allowances.on_day
         and raised.customer_id = allowances.customer_id
         and raised.meter_id = allowances.meter_id
-        and allowances.check_day = $start_date::date
 )
 
 select * from final
