@@ -85,7 +85,6 @@ def billed_month(tmp_path_factory):
         BILLING_DATA_DIR=str(root / "data"),
         BILLING_SEEDS_DIR=str(seeds),
         DAGSTER_HOME=str(root / "dagster_home"),
-        BILLING_INVOICE_PDF="0",  # Stripe reconciles invoice lines; no test here reads a PDF
         PYTHONPATH=os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]),
     )
     r = subprocess.run(
