@@ -66,7 +66,7 @@ def built(tmp_path_factory) -> Path:
             "3600",
         ],
         cwd=root,
-        env=_env(root),
+        env=_env(root, BILLING_INVOICE_PDF="0"),  # no test here reads a PDF: WeasyPrint costs seconds of CPU
         capture_output=True,
         text=True,
         check=True,
@@ -139,12 +139,14 @@ def test_readme_queries_are_found():
     assert any("fct_usage_by_day" in q for q in queries) and any("read_parquet('data/outbox" in q for q in queries)
 
 
-def test_every_readme_query_still_works(wh):
-    """The dispute queries and every other `billing sql` example of the docs answer with rows."""
+def test_every_readme_query_still_works(wh, capsys, monkeypatch):
+    """The dispute queries and every other `billing sql` example of the docs answer with rows (through
+    the CLI's entry point in process, from the folder holding data/ as the README runs them; the
+    subprocess tests below show the same entry point as its own process)."""
     for query in readme_queries() + CLI_QUERIES:
-        r = billing_sql(wh, query)
-        assert r.returncode == 0, (query, r.stderr)
-        rows = json.loads(r.stdout)
+        code, out, err = billing_sql_in_process(wh, query, capsys, monkeypatch)
+        assert code == 0, (query, err)
+        rows = json.loads(out)
         if "customer_id is null" not in query:  # series that bill to nobody: none may exist
             assert rows, query
 
@@ -186,9 +188,13 @@ def test_reading_etc_passwd_through_the_cli_is_refused(wh):
         "select * from duckdb_secrets()",
     ],
 )
-def test_environment_variables_are_not_readable(wh, query):
-    r = billing_sql(wh, query)
-    assert CANARY not in r.stdout + r.stderr
+def test_environment_variables_are_not_readable(wh, query, capsys, monkeypatch):
+    # in process (as the refused statements run): the canary is in this process's own environment
+    monkeypatch.setenv("STRIPE_API_KEY", CANARY)
+    monkeypatch.setenv("BILLING_REPORT_TOKEN", CANARY)
+    assert os.environ["STRIPE_API_KEY"] == CANARY
+    _code, out, err = billing_sql_in_process(wh, query, capsys, monkeypatch)
+    assert CANARY not in out + err
 
 
 @pytest.mark.parametrize(
