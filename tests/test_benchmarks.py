@@ -69,3 +69,33 @@ def test_bad_item_numbers_are_refused_with_the_fix(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "11"], capture_output=True, text=True, env=env, cwd=PROJECT_ROOT)
     assert proc.returncode == 2 and "item numbers are 1-10" in proc.stderr
+
+
+def test_scale_day_quick_runs_every_mode_and_all_publish_the_same_files(tmp_path):
+    """`python -m benchmarks.scale_day --quick`: the day's models in process, without Dagster, and on 1 and
+    2 Celery workers (real redis-server and `billing worker` processes), at smoke size: every figure is
+    measured and every mode publishes the same model files."""
+    import shutil
+
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed (apt-get install -y --no-install-recommends redis-server); CI installs it")
+    pytest.importorskip("dagster_celery")
+    result = tmp_path / "scale.json"
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scale_day", "--quick", "--out", str(tmp_path / "out"), "--json", str(result)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=PROJECT_ROOT,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    doc = json.loads(result.read_text())
+    summary = doc["summary"]
+    assert summary["identical_outputs"] == {"standard": True, "big": True}
+    assert {r["mode"] for r in doc["rows"]} == {"bare", "in_process", "celery_1", "celery_2"}
+    for mode in ("celery_1", "celery_2"):
+        s = summary[mode]
+        assert s["worker_peak_pss_mb"] > 0 and s["samples_per_s_per_worker"] > 0 and s["cpu_vs_in_process"], s
+    assert doc["days"]["big"]["samples"] > 5 * doc["days"]["standard"]["samples"]

@@ -1,0 +1,445 @@
+"""`python -m benchmarks.scale_day`: a day 10x the standard one on 1 and on 2 Celery workers, against the
+embedded run of the same day (by hand; `--quick` is the smoke size tests/test_benchmarks.py runs).
+
+Workloads (benchmarks/workload.py, cached under ``--out``): the big day (default 200,000 series at 15 s,
+1.15 billion samples) and the standard day (20,000 series), both in the real raw layout; the day before
+holds each series' last sample, and its edges and gauge peaks are computed once, untimed, as a day's
+run finds them.
+
+What runs: the daily models of the day (``int_series_edges_by_day``, ``int_gauge_peaks_by_day``,
+``fct_usage_by_day``, with their checks) as a run of the ``daily_usage`` job, as the CLI launches it,
+each run in a process of its own:
+
+- ``bare``: the three models called directly (``run_model``), no Dagster: the work itself;
+- ``in_process``: the embedded default (BILLING_EXECUTOR unset), a fresh SQLite instance;
+- ``celery_1`` / ``celery_2``: BILLING_EXECUTOR=celery on 1, then 2 ``billing worker`` processes
+  (concurrency 1 each, Redis on 127.0.0.1 on a free port).
+
+With ``--shards N`` (the code location's BILLING_SHARDS) the day is N (day, shard) partitions, one run
+each, launched at once, so 2 workers can split the day; without shards it is one partition and only
+the edges and the gauge peaks (which do not depend on each other) can run on two workers at once.
+With ``--data-url s3://bucket/prefix`` the runs read and write the warehouse there (BILLING_DATA_URL,
+the endpoint and credentials from the environment); the workload is uploaded once.
+
+Each mode runs the standard day, then the big day; ``--reps`` rounds of all modes, alternately, so a
+busy neighbour slows all of them alike. Reported per run: wall seconds, CPU seconds of the run's
+process and of each worker's process group, samples per second (of wall) per worker, the workers'
+peak memory (the largest PSS of a worker's process tree, sampled every 0.2 s, and the largest single
+process's VmHWM), and the cost per sample (CPU ns) of the big day against the standard day's in the
+same mode. The daily models' output files are hashed after every run: every mode must publish the
+same bytes. Needs Debian's `redis-server` and the `celery` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from benchmarks import workload
+from benchmarks.figures import DEFAULT_OUT
+from benchmarks.proc import cpu_seconds
+from billing_dags.core.settings import PROJECT_ROOT
+
+STANDARD_SERIES = 20_000
+BIG_SERIES = 200_000
+QUICK_STANDARD, QUICK_BIG = 200, 2_000
+MODELS = ("int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day")
+MODES = ("bare", "in_process", "celery_1", "celery_2")
+#: targets: a worker's peak memory, and the big day's cost per sample against the standard day's
+PEAK_MB_MAX, COST_RATIO_MAX = 1024, 1.25
+MB = 2**20
+
+#: one run of the day's models, in a process of its own: DATA SEEDS DAY MODE [PARTITION_KEY ...]
+RUN = """
+import json, sys, time
+from pathlib import Path
+from benchmarks.scale_day import MODELS as models
+from billing_dags.core.settings import resolve_paths
+data, seeds, day, mode, keys = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+paths = resolve_paths(data, seeds)
+if mode == "bare":
+    from datetime import date, timedelta
+    from billing_dags.models.sqlmodels import Window, load_project, run_model
+    project = load_project()
+    d = date.fromisoformat(day)
+    window = Window(d, d + timedelta(days=1))
+    start, cpu = time.perf_counter(), time.process_time()
+    for m in models:
+        run_model(paths, m, window, project=project)
+else:
+    import dagster as dg
+    from billing_dags.cli.runs import definitions_of, execute
+    defs, instance = definitions_of(paths)
+    job = defs.resolve_job_def("daily_usage")
+    selection = [dg.AssetKey(m) for m in models]
+    start, cpu = time.perf_counter(), time.process_time()
+    for key in keys:
+        execute(job, instance, key, partition_key=key, asset_selection=selection)
+wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+hwm = next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+print("RESULT " + json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": hwm}))
+"""
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _wait(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _group(pgid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid:
+                    pids.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _pss_kb(pid: int) -> int:
+    """Proportional set size: a page shared by a worker and the pool process it forked counts half in each."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class Worker:
+    """A `billing worker` process group; ``cpu()`` its CPU seconds so far; a sampler thread records the
+    largest PSS of the whole tree and the largest VmHWM of any of its processes while ``watch`` is set."""
+
+    def __init__(self, name: str, env: dict, root: Path):
+        self.name, self.log, self.data_dir = name, root / f"{name}.log", env["BILLING_DATA_DIR"]
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "billing_dags.cli", "worker", "--concurrency", "1", "--name", f"{name}@%h"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.peak_pss_kb = self.peak_hwm_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise SystemExit(f"worker {self.name} exited:\n{self.log.read_text(errors='replace')[-3000:]}")
+        return " ready." in self.log.read_text(errors="replace")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            pids = _group(self.proc.pid)
+            self.peak_pss_kb = max(self.peak_pss_kb, sum(_pss_kb(p) for p in pids))
+            self.peak_hwm_kb = max([self.peak_hwm_kb, *(_status_kb(p, "VmHWM") for p in pids)])
+
+    def reset_peaks(self) -> None:
+        """Peaks from now on (VmHWM cannot be reset: a process keeps its own; report the largest seen)."""
+        self.peak_pss_kb = 0
+
+    def cpu(self) -> float:
+        total = 0.0
+        for p in _group(self.proc.pid):
+            try:
+                total += cpu_seconds(p)
+            except (OSError, IndexError, ValueError):
+                pass
+        return total
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+            except ProcessLookupError:
+                pass
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _outputs(data_dir: Path, day: str) -> str:
+    """One digest of the day's model files (every shard's), to compare the modes."""
+    h = hashlib.sha256()
+    for m in MODELS:
+        for f in sorted((data_dir / "models" / m).rglob("*.parquet")):
+            if f"day={day}" in str(f):
+                h.update(str(f.relative_to(data_dir)).encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _partition_keys(day: str, shards: int) -> list[str]:
+    """The partitions of one day: the day, or with shards every (day, shard) key of the code location's
+    daily partitions (read from the loaded definitions, so the harness follows their naming)."""
+    if shards <= 1:
+        return [day]
+    from billing_dags.defs.shared import partitions
+
+    keys = [k for k in partitions.billing_daily.get_partition_keys() if day in k]
+    if len(keys) != shards:
+        raise SystemExit(f"BILLING_SHARDS={shards}: the code location's daily partitions of {day} are {keys or 'none'}; this tree has no customer shards")
+    return keys
+
+
+def _run(mode: str, workload_paths, day: str, keys: list[str], env: dict, root: Path) -> dict:
+    home = Path(tempfile.mkdtemp(prefix=f"home-{mode}-", dir=root))
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    run_env = {**env, "DAGSTER_HOME": str(home)}
+    if not mode.startswith("celery"):
+        run_env.pop("BILLING_EXECUTOR", None)
+        run_env.pop("BILLING_CELERY_BROKER", None)
+    argv = [sys.executable, "-c", RUN, str(workload_paths.data_dir), str(workload_paths.seeds_dir), day, mode]
+    if len(keys) > 1 and mode != "bare":  # one run per (day, shard), launched at once
+        procs = [subprocess.Popen([*argv, k], env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in keys]
+        outs = [(p, *p.communicate()) for p in procs]
+    else:
+        p = subprocess.Popen([*argv, *keys], env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        outs = [(p, *p.communicate())]
+    results = []
+    for p, out, err in outs:
+        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        if p.returncode or not lines:
+            raise SystemExit(f"{mode} run of {day} failed:\n{err[-4000:]}")
+        results.append(json.loads(lines[0][7:]))
+    shutil.rmtree(home, ignore_errors=True)
+    return {
+        "wall_s": max(r["wall_s"] for r in results),
+        "run_cpu_s": sum(r["cpu_s"] for r in results),
+        "run_peak_rss_bytes": max(r["peak_rss_bytes"] for r in results),
+    }
+
+
+def measure(
+    big: int,
+    standard: int,
+    reps: int = 1,
+    shards: int = 1,
+    data_url: str | None = None,
+    modes: tuple[str, ...] = MODES,
+    out: Path = DEFAULT_OUT,
+    log=print,
+) -> dict:
+    redis_bin = shutil.which("redis-server")
+    if not redis_bin and any(m.startswith("celery") for m in modes):
+        raise SystemExit("redis-server is not installed (apt-get install -y --no-install-recommends redis-server)")
+    days = {}
+    for label, n in (("standard", standard), ("big", big)):
+        paths = workload.standard(n, 15, log=log, out=out)
+        prev = workload.DAY - timedelta(days=1)
+        from billing_dags.models.sqlmodels import Window, run_model
+
+        for m in MODELS[:2]:  # the day before's edges and gauge peaks, which the day's usage reads
+            run_model(paths, m, Window(prev, workload.DAY))
+        import pyarrow.parquet as pq
+
+        from billing_dags.ingest import raw
+
+        files = raw.sample_files(paths, workload.DAY)
+        samples = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        days[label] = {"paths": paths, "series": n, "samples": samples, "raw_bytes": sum(f.stat().st_size for f in files)}
+        log(f"{label} day: {n:,} series, {samples:,} samples, {days[label]['raw_bytes'] / samples:.2f} B/sample raw")
+    day = workload.DAY.isoformat()
+    root = Path(tempfile.mkdtemp(prefix="scale-day-", dir=out))
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("BILLING_", "DAGSTER_", "PROMETHEUS_", "STRIPE_"))}
+    base_env.update(
+        PYTHONPATH=os.pathsep.join([str(PROJECT_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        BILLING_SEEDS_DIR=str(PROJECT_ROOT / "seeds"),
+        BILLING_PARTITIONS_START=f"{workload.DAY.replace(day=1) - timedelta(days=1):%Y-%m}",
+    )
+    if shards > 1:
+        base_env["BILLING_SHARDS"] = str(shards)
+        os.environ.update(BILLING_SHARDS=str(shards), BILLING_PARTITIONS_START=base_env["BILLING_PARTITIONS_START"])
+    if data_url:
+        base_env["BILLING_DATA_URL"] = data_url
+    keys = _partition_keys(day, shards)
+    rows: list[dict] = []
+    workers: list[Worker] = []
+    redis = None
+    try:
+        port = _free_port()
+        broker = f"redis://127.0.0.1:{port}/0"
+        if redis_bin:
+            redis = subprocess.Popen(
+                [redis_bin, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(root)],
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            _wait(lambda: _ping(port), 30, "redis-server")
+        # untimed: the fast path's kernels compile (or load from their cache) once, the page cache warms
+        _run("bare", days["standard"]["paths"], day, keys, {**base_env, "BILLING_DATA_DIR": str(days["standard"]["paths"].data_dir)}, root)
+        for rep in range(reps):
+            for label in ("standard", "big"):
+                paths = days[label]["paths"]
+                for mode in modes:
+                    n_workers = int(mode.split("_")[1]) if mode.startswith("celery") else 0
+                    env = {**base_env, "BILLING_DATA_DIR": str(paths.data_dir)}
+                    if n_workers:
+                        env.update(BILLING_EXECUTOR="celery", BILLING_CELERY_BROKER=broker)
+                    # a worker loads the code location of one data folder: others go, missing ones start
+                    keep = [w for w in workers if w.data_dir == str(paths.data_dir)][:n_workers]
+                    for w in workers:
+                        if w not in keep:
+                            w.stop()
+                    workers[:] = keep
+                    if n_workers:
+                        while len(workers) < n_workers:
+                            workers.append(Worker(f"w{len(workers) + 1}-{label}-{rep + 1}", env, root))
+                        t0 = time.perf_counter()
+                        for w in workers:
+                            _wait(w.ready, 900, f"worker {w.name}")
+                        log(f"  {n_workers} worker(s) ready in {time.perf_counter() - t0:.0f}s")
+                        for w in workers:
+                            w.reset_peaks()
+                    before = [w.cpu() for w in workers]
+                    r = _run(mode, paths, day, keys, env, root)
+                    after = [w.cpu() for w in workers]
+                    workers_cpu = [b - a for a, b in zip(before, after)]
+                    samples = days[label]["samples"]
+                    cpu = r["run_cpu_s"] + sum(workers_cpu)
+                    row = {
+                        "rep": rep + 1,
+                        "mode": mode,
+                        "day": label,
+                        "series": days[label]["series"],
+                        "samples": samples,
+                        "wall_s": round(r["wall_s"], 2),
+                        "run_cpu_s": round(r["run_cpu_s"], 2),
+                        "workers_cpu_s": [round(c, 2) for c in workers_cpu],
+                        "cpu_s": round(cpu, 2),
+                        "cpu_ns_per_sample": round(cpu / samples * 1e9, 2),
+                        "samples_per_s_per_worker": round(samples / r["wall_s"] / max(1, n_workers)),
+                        "worker_peak_pss_mb": [round(w.peak_pss_kb / 1024) for w in workers],
+                        "worker_peak_hwm_mb": [round(w.peak_hwm_kb / 1024) for w in workers],
+                        "run_peak_rss_mb": round(r["run_peak_rss_bytes"] / MB),
+                        "outputs": _outputs(paths.data_dir, day),
+                        "load_1m": round(os.getloadavg()[0], 1),
+                    }
+                    rows.append(row)
+                    log(json.dumps(row))
+    finally:
+        for w in workers:
+            w.stop()
+        if redis is not None:
+            os.killpg(redis.pid, signal.SIGTERM)
+            redis.wait(30)
+        shutil.rmtree(root, ignore_errors=True)
+    return {
+        "days": {k: {kk: vv for kk, vv in v.items() if kk != "paths"} for k, v in days.items()},
+        "shards": shards,
+        "data_url": data_url,
+        "rows": rows,
+        "summary": summarize(rows),
+    }
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per mode, the best (least CPU) run of each day; the big day's cost per sample over the standard
+    day's; each mode's CPU and wall against the embedded run's of the same day and round."""
+    out: dict = {}
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        best = {d: min((r for r in rows if r["mode"] == mode and r["day"] == d), key=lambda r: r["cpu_s"]) for d in ("standard", "big")}
+        big, std = best["big"], best["standard"]
+        out[mode] = {
+            "big_wall_s": big["wall_s"],
+            "big_cpu_s": big["cpu_s"],
+            "samples_per_s_per_worker": big["samples_per_s_per_worker"],
+            "worker_peak_pss_mb": max(big["worker_peak_pss_mb"], default=None),
+            "worker_peak_hwm_mb": max(big["worker_peak_hwm_mb"], default=None),
+            "run_peak_rss_mb": big["run_peak_rss_mb"],
+            "cost_ratio_big_vs_standard": round(big["cpu_ns_per_sample"] / std["cpu_ns_per_sample"], 3),
+            "wall_ratio_big_vs_standard": round((big["wall_s"] / big["samples"]) / (std["wall_s"] / std["samples"]), 3),
+        }
+    if "in_process" in out:
+        for mode, s in out.items():
+            pairs = [
+                (r, e) for r in rows for e in rows if r["mode"] == mode and e["mode"] == "in_process" and r["rep"] == e["rep"] and r["day"] == e["day"] == "big"
+            ]
+            s["cpu_vs_in_process"] = [round(r["cpu_s"] / e["cpu_s"], 2) for r, e in pairs]
+            s["wall_vs_in_process"] = [round(r["wall_s"] / e["wall_s"], 2) for r, e in pairs]
+    out["identical_outputs"] = {d: len({r["outputs"] for r in rows if r["day"] == d}) == 1 for d in ("standard", "big")}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.scale_day", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=f"smoke size: {QUICK_BIG:,} series against {QUICK_STANDARD:,}")
+    ap.add_argument("--series", type=int, default=None, help=f"series of the big day (default {BIG_SERIES:,})")
+    ap.add_argument("--standard-series", type=int, default=None, help=f"series of the standard day (default {STANDARD_SERIES:,})")
+    ap.add_argument("--reps", type=int, default=1, help="rounds of all modes (default 1)")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"some of {','.join(MODES)}")
+    ap.add_argument("--shards", type=int, default=1, help="BILLING_SHARDS of the code location (default 1: no shards)")
+    ap.add_argument("--data-url", default=None, help="BILLING_DATA_URL: the warehouse in object storage (s3://bucket/prefix)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="workloads and scratch (default benchmarks/out)")
+    ap.add_argument("--json", type=Path, default=None, help="write the figures there")
+    args = ap.parse_args()
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if unknown := sorted(set(modes) - set(MODES)):
+        ap.error(f"--modes: {', '.join(unknown)} not among {', '.join(MODES)}")
+    big = args.series or (QUICK_BIG if args.quick else BIG_SERIES)
+    standard = args.standard_series or (QUICK_STANDARD if args.quick else STANDARD_SERIES)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = measure(big, standard, args.reps, args.shards, args.data_url, modes, args.out)
+    result["load_1m_at_end"] = round(os.getloadavg()[0], 1)
+    print(json.dumps(result["summary"], indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    if not all(result["summary"]["identical_outputs"].values()):
+        raise SystemExit("the modes published different model files")
+
+
+if __name__ == "__main__":
+    main()
