@@ -69,20 +69,22 @@ from benchmarks.scale_day import MODELS as models
 from billing_dags.core.settings import resolve_paths
 data, seeds, day, mode, keys = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 paths = resolve_paths(data, seeds)
+shards = getattr(paths, "shards", 1)
 if mode == "bare":
-    from datetime import date, timedelta
-    from billing_dags.models.sqlmodels import Window, load_project, run_model
+    from datetime import date
+    from benchmarks.scale_day import day_windows
+    from billing_dags.models.sqlmodels import load_project, run_model
     project = load_project()
-    d = date.fromisoformat(day)
-    window = Window(d, d + timedelta(days=1))
+    windows = day_windows(paths, date.fromisoformat(day))
     start, cpu = time.perf_counter(), time.process_time()
-    for m in models:
-        run_model(paths, m, window, project=project)
+    for window in windows:
+        for m in models:
+            run_model(paths, m, window, project=project)
 else:
     import dagster as dg
     from billing_dags.cli.runs import definitions_of, execute
     defs, instance = definitions_of(paths)
-    job = defs.resolve_job_def("daily_usage")
+    job = defs.resolve_job_def("daily_shards" if shards > 1 else "daily_usage")
     selection = [dg.AssetKey(m) for m in models]
     start, cpu = time.perf_counter(), time.process_time()
     for key in keys:
@@ -222,17 +224,65 @@ def _outputs(data_dir: Path, day: str) -> str:
     return h.hexdigest()[:16]
 
 
+def day_windows(paths, day) -> list:
+    """The model windows of one day: the day, or each of its shards when the layout is sharded."""
+    from billing_dags.models.sqlmodels import Window
+
+    if getattr(paths, "shards", 1) > 1:
+        from billing_dags.core.shards import all_shards
+
+        return [Window(day, day + timedelta(days=1), s) for s in all_shards(paths.shards)]
+    return [Window(day, day + timedelta(days=1))]
+
+
 def _partition_keys(day: str, shards: int) -> list[str]:
-    """The partitions of one day: the day, or with shards every (day, shard) key of the code location's
-    daily partitions (read from the loaded definitions, so the harness follows their naming)."""
+    """The partitions of one day: the day, or with shards its (day, shard) partitions of ``daily_shards``
+    (one run each, so that workers can take different shards of the day at once)."""
     if shards <= 1:
         return [day]
-    from billing_dags.defs.shared import partitions
+    try:
+        from billing_dags.core.shards import shard_keys
+        from billing_dags.defs.shared.partitions import day_shard_key
+    except ImportError:
+        raise SystemExit(f"--shards {shards}: this tree has no customer shards (BILLING_SHARDS)") from None
+    return [day_shard_key(day, k) for k in shard_keys(shards)]
 
-    keys = [k for k in partitions.billing_daily.get_partition_keys() if day in k]
-    if len(keys) != shards:
-        raise SystemExit(f"BILLING_SHARDS={shards}: the code location's daily partitions of {day} are {keys or 'none'}; this tree has no customer shards")
-    return keys
+
+def sharded(paths, shards: int, log=print):
+    """The workload ``paths`` in the layout of ``shards`` shards by customer: each source's files of the
+    day and of the day before written again through ``raw.write_day`` with BILLING_SHARDS set (cached
+    beside the workload)."""
+    import pyarrow.parquet as pq
+
+    from billing_dags.core.settings import resolve_paths
+    from billing_dags.defs.seeds.assets import write_seed_snapshots
+    from billing_dags.ingest import raw
+
+    root = paths.data_dir.parent.with_name(f"{paths.data_dir.parent.name}-shards{shards}")
+    stamp = root / "sharded.json"
+    previous = os.environ.get("BILLING_SHARDS")
+    os.environ["BILLING_SHARDS"] = str(shards)
+    try:
+        sub = resolve_paths(root / "data", paths.seeds_dir)
+    finally:
+        if previous is None:
+            os.environ.pop("BILLING_SHARDS")
+        else:
+            os.environ["BILLING_SHARDS"] = previous
+    if getattr(sub, "shards", 1) != shards:
+        raise SystemExit(f"--shards {shards}: this tree has no customer shards (BILLING_SHARDS)")
+    if stamp.exists():
+        return sub
+    shutil.rmtree(root, ignore_errors=True)
+    write_seed_snapshots(sub)
+    t0 = time.perf_counter()
+    for d in (workload.DAY - timedelta(days=1), workload.DAY):
+        for f in sorted((paths.raw_samples / f"date={d.isoformat()}").glob("*.parquet")):
+            series = pq.read_table(paths.raw_series / f"date={d.isoformat()}" / f.name)
+            raw.write_day(sub, d, pq.read_table(f), series, f.stem.removeprefix("part-"))
+        log(f"  sharded {d} into {shards} shards ({time.perf_counter() - t0:.0f}s)")
+    stamp.write_text(json.dumps({"shards": shards}))
+    return sub
 
 
 def _run(mode: str, workload_paths, day: str, keys: list[str], env: dict, root: Path) -> dict:
@@ -279,16 +329,17 @@ def measure(
     days = {}
     for label, n in (("standard", standard), ("big", big)):
         paths = workload.standard(n, 15, log=log, out=out)
+        if shards > 1:
+            paths = sharded(paths, shards, log)
         prev = workload.DAY - timedelta(days=1)
-        from billing_dags.models.sqlmodels import Window, run_model
+        from billing_dags.models.sqlmodels import run_model
 
-        for m in MODELS[:2]:  # the day before's edges and gauge peaks, which the day's usage reads
-            run_model(paths, m, Window(prev, workload.DAY))
+        for window in day_windows(paths, prev):  # the day before's edges and gauge peaks, which the day's usage reads
+            for m in MODELS[:2]:
+                run_model(paths, m, window)
         import pyarrow.parquet as pq
 
-        from billing_dags.ingest import raw
-
-        files = raw.sample_files(paths, workload.DAY)
+        files = sorted((paths.raw_samples / f"date={workload.DAY.isoformat()}").rglob("*.parquet"))
         samples = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         days[label] = {"paths": paths, "series": n, "samples": samples, "raw_bytes": sum(f.stat().st_size for f in files)}
         log(f"{label} day: {n:,} series, {samples:,} samples, {days[label]['raw_bytes'] / samples:.2f} B/sample raw")
@@ -377,6 +428,8 @@ def measure(
             os.killpg(redis.pid, signal.SIGTERM)
             redis.wait(30)
         shutil.rmtree(root, ignore_errors=True)
+    for v in days.values():  # what the day's models add to the warehouse, next to its raw samples
+        v["model_bytes"] = {m: sum(f.stat().st_size for f in (v["paths"].data_dir / "models" / m).rglob("*.parquet") if f"day={day}" in str(f)) for m in MODELS}
     return {
         "days": {k: {kk: vv for kk, vv in v.items() if kk != "paths"} for k, v in days.items()},
         "shards": shards,
