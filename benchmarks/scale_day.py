@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from benchmarks import workload
+from benchmarks.celery_day import free_port, redis_ping, wait_until
 from benchmarks.figures import DEFAULT_OUT
 from benchmarks.proc import cpu_seconds
 from billing_dags.core.settings import PROJECT_ROOT
@@ -101,29 +101,6 @@ print("RESULT " + json.dumps({"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": hw
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def _wait(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def _group(pgid: int) -> list[int]:
@@ -366,7 +343,7 @@ def measure(
     workers: list[Worker] = []
     redis = None
     try:
-        port = _free_port()
+        port = free_port()
         broker = f"redis://127.0.0.1:{port}/0"
         if redis_bin:
             redis = subprocess.Popen(
@@ -374,7 +351,7 @@ def measure(
                 stdout=subprocess.DEVNULL,
                 start_new_session=True,
             )
-            _wait(lambda: _ping(port), 30, "redis-server")
+            wait_until(lambda: redis_ping(port), 30, "redis-server")
         # untimed: the fast path's kernels compile (or load from their cache) once, the page cache warms
         _run("bare", days["standard"]["paths"], day, keys, {**base_env, "BILLING_DATA_DIR": str(days["standard"]["paths"].data_dir)}, root)
         for rep in range(reps):
@@ -396,7 +373,7 @@ def measure(
                             workers.append(Worker(f"w{len(workers) + 1}-{label}-{rep + 1}", env, root))
                         t0 = time.perf_counter()
                         for w in workers:
-                            _wait(w.ready, 900, f"worker {w.name}")
+                            wait_until(w.ready, 900, f"worker {w.name}")
                         log(f"  {n_workers} worker(s) ready in {time.perf_counter() - t0:.0f}s")
                         for w in workers:
                             w.reset_peaks()

@@ -20,30 +20,15 @@ from billing_dags.core.settings import PROJECT_ROOT
 pytestmark = pytest.mark.integration
 
 
+def _benchmark(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` from the project's folder, this checkout's code first."""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, timeout=900)
+
+
 def test_quick_suite_measures_every_item_and_the_correctness_figures_hold(tmp_path):
     out, result = tmp_path / "out", tmp_path / "figures.json"
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--quick",
-            "--only",
-            "1,2,3,4,5,6,7,8,10",
-            "--out",
-            str(out),
-            "--json",
-            str(result),
-            "--markdown",
-            str(tmp_path / "t.md"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=PROJECT_ROOT,
-        timeout=900,
-    )
+    proc = _benchmark("benchmarks", "--quick", "--only", "1,2,3,4,5,6,7,8,10", "--out", str(out), "--json", str(result), "--markdown", str(tmp_path / "t.md"))
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     doc = json.loads(result.read_text())
     assert doc["errors"] == []
@@ -81,15 +66,7 @@ def test_scale_day_quick_runs_every_mode_and_all_publish_the_same_files(tmp_path
         pytest.skip("redis-server is not installed (apt-get install -y --no-install-recommends redis-server); CI installs it")
     pytest.importorskip("dagster_celery")
     result = tmp_path / "scale.json"
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.scale_day", "--quick", "--modes", "in_process,celery_2", "--out", str(tmp_path / "out"), "--json", str(result)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=PROJECT_ROOT,
-        timeout=900,
-    )
+    proc = _benchmark("benchmarks.scale_day", "--quick", "--modes", "in_process,celery_2", "--out", str(tmp_path / "out"), "--json", str(result))
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     doc = json.loads(result.read_text())
     summary = doc["summary"]
