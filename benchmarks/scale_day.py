@@ -18,8 +18,6 @@ each run in a process of its own:
 With ``--shards N`` (the code location's BILLING_SHARDS) the day is N (day, shard) partitions, one run
 each, launched at once, so 2 workers can split the day; without shards it is one partition and only
 the edges and the gauge peaks (which do not depend on each other) can run on two workers at once.
-With ``--data-url s3://bucket/prefix`` the runs read and write the warehouse there (BILLING_DATA_URL,
-the endpoint and credentials from the environment); the workload is uploaded once.
 
 Each mode runs the standard day, then the big day; ``--reps`` rounds of all modes, alternately, so a
 busy neighbour slows all of them alike. Reported per run: wall seconds, CPU seconds of the run's
@@ -300,7 +298,6 @@ def measure(
     standard: int,
     reps: int = 1,
     shards: int = 1,
-    data_url: str | None = None,
     modes: tuple[str, ...] = MODES,
     out: Path = DEFAULT_OUT,
     log=print,
@@ -336,8 +333,6 @@ def measure(
     if shards > 1:
         base_env["BILLING_SHARDS"] = str(shards)
         os.environ.update(BILLING_SHARDS=str(shards), BILLING_PARTITIONS_START=base_env["BILLING_PARTITIONS_START"])
-    if data_url:
-        base_env["BILLING_DATA_URL"] = data_url
     keys = _partition_keys(day, shards)
     rows: list[dict] = []
     workers: list[Worker] = []
@@ -415,7 +410,6 @@ def measure(
     return {
         "days": {k: {kk: vv for kk, vv in v.items() if kk != "paths"} for k, v in days.items()},
         "shards": shards,
-        "data_url": data_url,
         "rows": rows,
         "summary": summarize(rows),
     }
@@ -457,7 +451,6 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1, help="rounds of all modes (default 1)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"some of {','.join(MODES)}")
     ap.add_argument("--shards", type=int, default=1, help="BILLING_SHARDS of the code location (default 1: no shards)")
-    ap.add_argument("--data-url", default=None, help="BILLING_DATA_URL: the warehouse in object storage (s3://bucket/prefix)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="workloads and scratch (default benchmarks/out)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures there")
     args = ap.parse_args()
@@ -467,7 +460,7 @@ def main() -> None:
     big = args.series or (QUICK_BIG if args.quick else BIG_SERIES)
     standard = args.standard_series or (QUICK_STANDARD if args.quick else STANDARD_SERIES)
     args.out.mkdir(parents=True, exist_ok=True)
-    result = measure(big, standard, args.reps, args.shards, args.data_url, modes, args.out)
+    result = measure(big, standard, args.reps, args.shards, modes, args.out)
     result["load_1m_at_end"] = round(os.getloadavg()[0], 1)
     print(json.dumps(result["summary"], indent=1))
     if args.json:
