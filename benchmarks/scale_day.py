@@ -274,6 +274,10 @@ def _run(mode: str, workload_paths, day: str, keys: list[str], env: dict, root: 
         run_env.pop("BILLING_CELERY_BROKER", None)
     argv = [sys.executable, "-c", RUN, str(workload_paths.data_dir), str(workload_paths.seeds_dir), day, mode]
     if len(keys) > 1 and mode != "bare":  # one run per (day, shard), launched at once
+        from dagster import DagsterInstance
+
+        with DagsterInstance.from_config(str(home)):  # its storage first: two processes creating it race on its schema
+            pass
         procs = [subprocess.Popen([*argv, k], env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in keys]
         outs = [(p, *p.communicate()) for p in procs]
     else:
