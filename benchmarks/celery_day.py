@@ -45,13 +45,13 @@ print("RESULT", time.perf_counter() - start, time.process_time() - cpu)
 """
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _ping(port: int) -> bool:
+def redis_ping(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
             s.sendall(b"PING\r\n")
@@ -60,7 +60,7 @@ def _ping(port: int) -> bool:
         return False
 
 
-def _wait(pred, timeout: float, what: str) -> None:
+def wait_until(pred, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
@@ -96,7 +96,7 @@ def measure(root: Path, seeds: Path, reps: int, interval: int, customers: str, f
     redis_bin = shutil.which("redis-server")
     if not redis_bin:
         raise SystemExit("redis-server is not installed (apt-get install -y --no-install-recommends redis-server)")
-    port = _free_port()
+    port = free_port()
     broker = f"redis://127.0.0.1:{port}/0"
     start = first_day.replace(day=1) - timedelta(days=1)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("BILLING_", "DAGSTER_", "PROMETHEUS_", "STRIPE_"))}
@@ -109,7 +109,7 @@ def measure(root: Path, seeds: Path, reps: int, interval: int, customers: str, f
             start_new_session=True,
         )
         procs.append(redis)
-        _wait(lambda: _ping(port), 30, "redis-server")
+        wait_until(lambda: redis_ping(port), 30, "redis-server")
         worker_env = {**base_env, "BILLING_EXECUTOR": "celery", "BILLING_CELERY_BROKER": broker, "BILLING_DATA_DIR": str(root / "celery" / "data")}
         workers = []
         for i in (1, 2):
@@ -124,7 +124,7 @@ def measure(root: Path, seeds: Path, reps: int, interval: int, customers: str, f
                 )
             )
         procs.extend(workers)
-        _wait(lambda: all(" ready." in (root / f"worker{i}.log").read_text(errors="replace") for i in (1, 2)), 600, "the workers")
+        wait_until(lambda: all(" ready." in (root / f"worker{i}.log").read_text(errors="replace") for i in (1, 2)), 600, "the workers")
         rows, day = [], first_day
         for _ in range(reps):
             for mode in ("in_process", "celery"):

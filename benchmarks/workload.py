@@ -33,6 +33,9 @@ DAY = date(2026, 10, 15)
 GENERATOR_VERSION = 3
 #: files per day: the series are written in this many chunks (the cost-growth subsets are 1/4, 1/2, all)
 CHUNKS = 8
+#: a bigger day is written in more files of at most this many series each (generation memory stays that
+#: of the standard day's chunk, and a file holds what one of the standard day's holds)
+MAX_CHUNK_SERIES = 2_500
 P_RESET = 0.10
 P_GAP = 1 / 15
 P_NAN = 1 / 5000
@@ -118,7 +121,7 @@ def generate(root: Path, n_series: int, interval_s: int = 15, seed: int = 42, lo
     prev_rows = {"series_id": [], "ts": [], "value": []}
     t0 = time.perf_counter()
     total = 0
-    chunk_series = -(-len(cat) // CHUNKS)
+    chunk_series = min(-(-len(cat) // CHUNKS), MAX_CHUNK_SERIES)
     for c0 in range(0, len(cat), chunk_series):
         chunk = cat[c0 : c0 + chunk_series]
         k = len(chunk)

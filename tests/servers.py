@@ -113,6 +113,69 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 15) -> Non
         proc.wait(5)
 
 
+#: PostgreSQL's server binaries (Debian's `postgresql` package), newest major version first
+POSTGRES_BINDIRS = sorted((str(p.parent) for p in Path("/usr/lib/postgresql").glob("*/bin/initdb")), key=lambda d: int(Path(d).parent.name), reverse=True)
+
+
+@contextmanager
+def postgres_server(base: Path, user: str = "billing") -> Iterator[str]:
+    """A real PostgreSQL server for the block: initdb into a folder of its own, postgres on a free
+    127.0.0.1 port (socket in that folder, no fsync), in its own process group; yields the libpq DSN
+    (``host=127.0.0.1 port=N user=USER dbname=postgres``, trust authentication) once it accepts a connection.
+
+    As root (CI) the server runs as the package's ``postgres`` user, in a folder under /tmp that user can
+    enter (a test's tmp_path may not be). ``base`` is only used when not root. Needs psycopg and
+    POSTGRES_BINDIRS non-empty (skip the test otherwise)."""
+    import pwd
+    import shutil
+    import tempfile
+
+    import psycopg
+
+    bindir = POSTGRES_BINDIRS[0]
+    env = {**os.environ, "LC_ALL": "C"}
+    runas: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as the package's postgres user
+        pw = pwd.getpwnam("postgres")
+        runas = ["runuser", "-u", "postgres", "--"]
+        base = Path(tempfile.mkdtemp(prefix="billing-pg-"))
+    data, sock = base / "data", base / "sock"
+    sock.mkdir(parents=True)
+    if runas:
+        os.chmod(base, 0o755)
+        for p_ in (base, sock):
+            os.chown(p_, pw.pw_uid, pw.pw_gid)
+    proc = None
+    try:
+        initdb = [*runas, f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", user, "-E", "UTF8", "--no-sync"]
+        subprocess.run(initdb, check=True, capture_output=True, env=env)
+        port = free_port()
+        proc = subprocess.Popen(
+            [*runas, f"{bindir}/postgres", "-D", str(data), "-p", str(port), "-k", str(sock), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
+        dsn = f"host=127.0.0.1 port={port} user={user} dbname=postgres"
+
+        def accepts() -> bool:
+            assert proc.poll() is None, f"postgres exited with {proc.returncode} (port {port} taken?)"
+            try:
+                psycopg.connect(dsn, connect_timeout=2).close()
+                return True
+            except psycopg.OperationalError:
+                return False
+
+        wait_for(accepts, 60, f"PostgreSQL on port {port}", step=0.1)
+        yield dsn
+    finally:
+        if proc is not None:
+            stop(proc, timeout=30)
+        if runas:
+            shutil.rmtree(base, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- a real Dagster instance
 
 #: variables of the developer's shell that would point the instance at real systems

@@ -20,30 +20,15 @@ from billing_dags.core.settings import PROJECT_ROOT
 pytestmark = pytest.mark.integration
 
 
+def _benchmark(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` from the project's folder, this checkout's code first."""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=PROJECT_ROOT, timeout=900)
+
+
 def test_quick_suite_measures_every_item_and_the_correctness_figures_hold(tmp_path):
     out, result = tmp_path / "out", tmp_path / "figures.json"
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--quick",
-            "--only",
-            "1,2,3,4,5,6,7,8,10",
-            "--out",
-            str(out),
-            "--json",
-            str(result),
-            "--markdown",
-            str(tmp_path / "t.md"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=PROJECT_ROOT,
-        timeout=900,
-    )
+    proc = _benchmark("benchmarks", "--quick", "--only", "1,2,3,4,5,6,7,8,10", "--out", str(out), "--json", str(result), "--markdown", str(tmp_path / "t.md"))
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     doc = json.loads(result.read_text())
     assert doc["errors"] == []
@@ -69,3 +54,24 @@ def test_bad_item_numbers_are_refused_with_the_fix(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "11"], capture_output=True, text=True, env=env, cwd=PROJECT_ROOT)
     assert proc.returncode == 2 and "item numbers are 1-10" in proc.stderr
+
+
+def test_scale_day_quick_runs_every_mode_and_all_publish_the_same_files(tmp_path):
+    """`python -m benchmarks.scale_day --quick`: the day's models in process and on 2 Celery workers (real
+    redis-server and `billing worker` processes), at smoke size: every figure is measured and both modes
+    publish the same model files (the other modes, without Dagster and on 1 worker, run the same code)."""
+    import shutil
+
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed (apt-get install -y --no-install-recommends redis-server); CI installs it")
+    pytest.importorskip("dagster_celery")
+    result = tmp_path / "scale.json"
+    proc = _benchmark("benchmarks.scale_day", "--quick", "--modes", "in_process,celery_2", "--out", str(tmp_path / "out"), "--json", str(result))
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    doc = json.loads(result.read_text())
+    summary = doc["summary"]
+    assert summary["identical_outputs"] == {"standard": True, "big": True}
+    assert {(r["mode"], r["day"]) for r in doc["rows"]} == {(m, d) for m in ("in_process", "celery_2") for d in ("standard", "big")}
+    s = summary["celery_2"]
+    assert s["worker_peak_pss_mb"] > 0 and s["samples_per_s_per_worker"] > 0 and s["cpu_vs_in_process"], s
+    assert doc["days"]["big"]["samples"] > 5 * doc["days"]["standard"]["samples"]

@@ -1,7 +1,8 @@
 """Runs on Celery workers (BILLING_EXECUTOR=celery): a real redis-server and two `billing worker` processes
-on 127.0.0.1 execute the steps of a few simulated days and of their month, and every partition and invoice
-is byte-identical to the embedded in-process run of the same days. The settings are refused with the
-variable and the fix."""
+on 127.0.0.1 execute the steps of a few simulated days and of their month, with the Dagster instance's
+run, event-log and schedule storage on a real PostgreSQL server (dagster-postgres, as across machines),
+and every partition and invoice is byte-identical to the embedded in-process run of the same days (SQLite
+storage in DAGSTER_HOME). The settings are refused with the variable and the fix."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
-from servers import free_port, stop, wait_for
+from servers import POSTGRES_BINDIRS, free_port, postgres_server, stop, wait_for
 
 from billing_dags.core.settings import SettingsError, executor_settings, redact_url
 from billing_dags.core.settings import resolve_paths as _resolve_paths
@@ -30,6 +31,20 @@ SIMULATION = {"resources": {"simulation": {"config": {"seed": 7, "interval_s": 3
 MONTH_CONFIG = {"ops": {"invoices": {"config": {"as_of": "2026-03-10T00:00:00+00:00"}}}}
 #: what the runs publish (landing/ holds the receiver's own stores; warehouse.duckdb holds only views)
 PUBLISHED = ("raw", "models", "seeds", "invoices", "outbox", "reports")
+#: the instance of the embedded run: SQLite files in DAGSTER_HOME (the default)
+SQLITE_INSTANCE = "telemetry:\n  enabled: false\n"
+#: the instance of the Celery run: the storage block of docs/scale-out.md, on the test's PostgreSQL
+POSTGRES_INSTANCE = """telemetry:
+  enabled: false
+storage:
+  postgres:
+    postgres_db:
+      hostname: 127.0.0.1
+      port: {env: DAGSTER_PG_PORT}
+      username: billing
+      db_name: postgres
+      scheme: postgresql+psycopg2
+"""
 
 
 # --------------------------------------------------------------------------- settings (no server)
@@ -169,15 +184,16 @@ def _published(data_dir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(data_dir)): p.read_bytes() for top in PUBLISHED for p in sorted((data_dir / top).rglob("*")) if p.is_file()}
 
 
-def _run_days_and_month(root: Path, seeds: Path):
+def _run_days_and_month(root: Path, seeds: Path, instance_yaml: str = SQLITE_INSTANCE):
     """The days (one run over their range) and the month, launched as the CLI launches runs, with the
     executor of BILLING_EXECUTOR (the caller sets the environment: BILLING_DATA_DIR, DAGSTER_HOME are
-    set here); returns the Dagster instance, the run ids and the wall time of the runs."""
+    set here) and the instance of ``instance_yaml``; returns the Dagster instance, the run ids and the
+    wall time of the runs."""
     from billing_dags.cli.runs import definitions_of, execute
     from billing_dags.defs.seeds.assets import write_seed_snapshots
 
     (root / "home").mkdir(parents=True)
-    (root / "home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    (root / "home" / "dagster.yaml").write_text(instance_yaml)
     os.environ["DAGSTER_HOME"] = str(root / "home")
     paths = _resolve_paths(root / "data", seeds)
     write_seed_snapshots(paths)  # the seeds job's work, without its runs: the same files either way
@@ -202,10 +218,15 @@ def _celery_hosts_by_step(instance, run_ids) -> dict[str, str]:
 
 
 @pytest.mark.integration
-def test_days_and_month_on_two_celery_workers_match_the_in_process_run_byte_for_byte(tmp_path, monkeypatch, small_seeds):
+def test_days_and_month_on_two_celery_workers_with_postgres_storage_match_the_in_process_run_byte_for_byte(tmp_path, monkeypatch, small_seeds):
     if not Path(REDIS).exists():
         pytest.skip("redis-server is not installed (apt-get install -y --no-install-recommends redis-server); CI installs it")
+    if not POSTGRES_BINDIRS:
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install -y postgresql); CI installs them")
     pytest.importorskip("dagster_celery")
+    pytest.importorskip("dagster_postgres")
+    import psycopg
+
     from billing_dags.defs.shared.partitions import PARTITIONS_START
 
     for var in ("PROMETHEUS_URL", "STRIPE_API_KEY", "STRIPE_API_BASE", "BILLING_USAGE_EVENTS_DSN", "BILLING_EXECUTOR", "BILLING_CELERY_BACKEND"):
@@ -215,6 +236,9 @@ def test_days_and_month_on_two_celery_workers_match_the_in_process_run_byte_for_
     monkeypatch.setenv("BILLING_DATA_DIR", str(tmp_path / "celery" / "data"))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "celery" / "home"))
     with ExitStack() as stack:
+        dsn = stack.enter_context(postgres_server(tmp_path / "pg"))
+        # as documented: the instance's settings are env references, resolved by each worker from its own environment
+        monkeypatch.setenv("DAGSTER_PG_PORT", dsn.split("port=")[1].split()[0])
         port = stack.enter_context(redis_server(tmp_path))
         broker = f"redis://127.0.0.1:{port}/0"
         env = {**os.environ, "BILLING_EXECUTOR": "celery", "BILLING_CELERY_BROKER": broker}
@@ -237,15 +261,27 @@ def test_days_and_month_on_two_celery_workers_match_the_in_process_run_byte_for_
             assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
         monkeypatch.setenv("BILLING_EXECUTOR", "celery")
         monkeypatch.setenv("BILLING_CELERY_BROKER", broker)
-        instance, run_ids, celery_s = _run_days_and_month(tmp_path / "celery", small_seeds)
+        instance, run_ids, celery_s = _run_days_and_month(tmp_path / "celery", small_seeds, POSTGRES_INSTANCE)
         hosts = _celery_hosts_by_step(instance, run_ids)
+        steps = {f"{r[:8]}:{e.step_key}" for r in run_ids for e in instance.all_logs(r) if e.dagster_event and e.dagster_event.is_step_success}
+        storages = {type(s).__name__ for s in (instance.run_storage, instance.event_log_storage, instance.schedule_storage)}
+        with psycopg.connect(dsn) as conn:
+            in_pg = {
+                r: conn.execute("select count(*) from event_logs where run_id = %s and step_key is not null", (r,)).fetchone()[0]
+                for (r,) in conn.execute("select run_id from runs").fetchall()
+            }
+            schedule_tables = {t for (t,) in conn.execute("select tablename from pg_tables where tablename in ('jobs', 'job_ticks')").fetchall()}
         assert baseline.wait(600) == 0, (tmp_path / "in_process.log").read_text(errors="replace")[-3000:]
 
     print(f"\ndays {DAYS[0]}..{DAYS[1]} and the month on 2 Celery workers: {celery_s:.1f}s; {(tmp_path / 'in_process.log').read_text().splitlines()[-1]}")
     # every step of both runs ran on a worker, and both workers took steps
-    steps = {f"{r[:8]}:{e.step_key}" for r in run_ids for e in instance.all_logs(r) if e.dagster_event and e.dagster_event.is_step_success}
     assert steps and set(hosts) == steps, f"steps not run on a worker: {sorted(steps - set(hosts))}"
     assert {h.split("@")[0] for h in hosts.values()} == {"w1", "w2"}, hosts
+    # the runs and every step's events (written by the workers) are in PostgreSQL, none in DAGSTER_HOME
+    assert storages == {"PostgresRunStorage", "PostgresEventLogStorage", "PostgresScheduleStorage"}, storages
+    assert sorted(in_pg) == sorted(run_ids) and all(in_pg.values()), in_pg
+    assert schedule_tables == {"jobs", "job_ticks"}
+    assert not [p.name for p in (tmp_path / "celery" / "home").rglob("*.db")]
 
     expected = _published(tmp_path / "in_process" / "data")
     got = _published(tmp_path / "celery" / "data")

@@ -1,26 +1,21 @@
 """Against a real PostgreSQL (Debian's package): usage_events (seed 003) -> raw events -> billed tokens.
 
-initdb into tmp_path, postgres on a free 127.0.0.1 port with its socket in tmp_path, in its own
-process group; a month of rows for two LLM customers, a row of an unknown key, a failed row and,
+PostgreSQL started by tests/servers.py (initdb, a free 127.0.0.1 port, its own
+process group); a month of rows for two LLM customers, a row of an unknown key, a failed row and,
 on a separate day, a row holding a raw API key (that day must fail naming row and column).
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import os
 import random
-import signal
-import subprocess
-import time
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
-from servers import free_port
+from servers import POSTGRES_BINDIRS, postgres_server
 
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.definitions import defs as load_defs
@@ -33,10 +28,8 @@ ASSETS = load_defs().assets
 
 pytestmark = pytest.mark.integration
 
-BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-if not BIN:
+if not POSTGRES_BINDIRS:
     pytest.skip("PostgreSQL server binaries not installed (apt-get install -y postgresql); CI installs them", allow_module_level=True)
-BINDIR = os.path.dirname(BIN[-1])
 psycopg = pytest.importorskip("psycopg")
 
 K1 = "dba762d30bb922c294435ed9f0a9e1a3f638e96a796317d2ac728564afcca7ee"  # llm-001
@@ -62,52 +55,8 @@ create table usage_events (
 
 @pytest.fixture(scope="module")
 def pg(tmp_path_factory):
-    import pwd
-    import shutil
-    import tempfile
-
-    env = {**os.environ, "LC_ALL": "C"}
-    user: list[str] = []
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as the package's postgres user
-        try:
-            pw = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no postgres user to run the server as")
-        user = ["runuser", "-u", "postgres", "--"]
-    base = tmp_path_factory.mktemp("pg") if not user else __import__("pathlib").Path(tempfile.mkdtemp(prefix="billing-pg-"))
-    data, sock = base / "data", base / "sock"
-    sock.mkdir()
-    if user:
-        os.chmod(base, 0o755)
-        for p_ in (base, sock):
-            os.chown(p_, pw.pw_uid, pw.pw_gid)
-    subprocess.run(
-        [*user, f"{BINDIR}/initdb", "-D", str(data), "-A", "trust", "-U", "billing", "-E", "UTF8", "--no-sync"], check=True, capture_output=True, env=env
-    )
-    port = free_port()
-    proc = subprocess.Popen(
-        [*user, f"{BINDIR}/postgres", "-D", str(data), "-p", str(port), "-k", str(sock), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env=env,
-    )
-    dsn = f"host=127.0.0.1 port={port} user=billing dbname=postgres"
-    try:
-        for _ in range(100):
-            try:
-                psycopg.connect(dsn).close()
-                break
-            except psycopg.OperationalError:
-                time.sleep(0.1)
-        else:
-            raise RuntimeError(f"PostgreSQL did not start on port {port}")
+    with postgres_server(tmp_path_factory.mktemp("pg")) as dsn:
         yield dsn
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        if user:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 def _rows():
