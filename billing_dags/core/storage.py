@@ -227,9 +227,7 @@ class S3Store(Store):
             if code == "NoSuchBucket":
                 return StorageError(f"the bucket {self.bucket!r} of BILLING_DATA_URL does not exist at {where}; create it, or fix BILLING_DATA_URL")
             if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403") or status == 403:
-                return StorageError(
-                    f"{where} refused the credentials for {self._name()}{key} ({code}); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-                )
+                return StorageError(f"{where} refused the credentials for {self._name()}{key} ({code}); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
             if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
                 return ConcurrentWriteError(
                     f"{self._name()}{key} was changed by another writer since this working copy read it, and is not "
@@ -238,8 +236,7 @@ class S3Store(Store):
             return StorageError(f"{where} answered {code or status} for {self._name()}{key}: {e}")
         if isinstance(e, EndpointConnectionError) or "Could not connect" in str(e):
             return StorageError(
-                f"cannot reach the S3 endpoint {where} (AWS_ENDPOINT_URL) for BILLING_DATA_URL={self.url}: {e}; "
-                "start the server, or fix AWS_ENDPOINT_URL"
+                f"cannot reach the S3 endpoint {where} (AWS_ENDPOINT_URL) for BILLING_DATA_URL={self.url}: {e}; start the server, or fix AWS_ENDPOINT_URL"
             )
         return StorageError(f"S3 request to {where} for {self._name()}{key} failed: {e}; check AWS_ENDPOINT_URL and the network")
 
