@@ -47,6 +47,8 @@ LOCAL_ONLY_NAMES = ("warehouse.duckdb",)
 SYNC_DIR = ".sync"
 #: parallel transfers of a pull or a batch upload
 TRANSFER_THREADS = 8
+#: objects larger than this (and not conditional) are uploaded in parts of this size
+MULTIPART_BYTES = 256 << 20
 
 
 class StorageError(InputError):
@@ -102,6 +104,18 @@ class Store:
 
     def delete(self, key: str) -> None:
         raise NotImplementedError
+
+    def put_file(self, key: str, path: Path, *, if_match: str | None = None, if_none_match: bool = False) -> str:
+        """``put`` of a local file's bytes."""
+        return self.put(key, Path(path).read_bytes(), if_match=if_match, if_none_match=if_none_match)
+
+    def download(self, key: str, dest: Path) -> str | None:
+        """Write the object's bytes to ``dest``; returns the ETag of what was written, None when there is no object."""
+        data = self.read(key)
+        if data is None:
+            return None
+        Path(dest).write_bytes(data)
+        return _md5(data)
 
 
 def _md5(data: bytes) -> str:
@@ -287,7 +301,7 @@ class S3Store(Store):
         except BotoCoreError as e:
             raise self._error(e, key) from None
 
-    def put(self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
+    def put(self, key: str, data, *, if_match: str | None = None, if_none_match: bool = False) -> str:
         kwargs = {"Bucket": self.bucket, "Key": self.prefix + key, "Body": data}
         if if_match is not None:
             kwargs["IfMatch"] = f'"{if_match}"'
@@ -297,6 +311,35 @@ class S3Store(Store):
 
     def delete(self, key: str) -> None:
         self._call(key, self.client.delete_object, Bucket=self.bucket, Key=self.prefix + key)
+
+    def put_file(self, key: str, path: Path, *, if_match: str | None = None, if_none_match: bool = False) -> str:
+        """One PUT streamed from the file; beyond ``MULTIPART_BYTES`` (unconditional puts only) a multipart
+        upload, which S3 makes visible only when it completes: atomic as well."""
+        size = Path(path).stat().st_size
+        if size <= MULTIPART_BYTES or if_match is not None or if_none_match:
+            with open(path, "rb") as f:
+                return self.put(key, f, if_match=if_match, if_none_match=if_none_match)
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES, max_concurrency=4)
+        self._call(key, self.client.upload_file, Filename=str(path), Bucket=self.bucket, Key=self.prefix + key, Config=config)
+        return self._call(key, self.client.head_object, Bucket=self.bucket, Key=self.prefix + key)["ETag"].strip('"')
+
+    def download(self, key: str, dest: Path) -> str | None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+            with open(dest, "wb") as f:
+                for chunk in obj["Body"].iter_chunks(1 << 20):
+                    f.write(chunk)
+            return obj["ETag"].strip('"')
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise self._error(e, key) from None
+        except BotoCoreError as e:
+            raise self._error(e, key) from None
 
 
 def open_store(url: str, environ: dict | None = None) -> Store:
@@ -369,12 +412,11 @@ class WorkingCopy:
 
             def upload(item):
                 tmp, key = item
-                data = Path(tmp).read_bytes()
                 if is_guarded(key):
                     seen = self._current(index, key, self.root / key)
-                    etag = self.store.put(key, data, if_match=seen, if_none_match=seen is None)
+                    etag = self.store.put_file(key, tmp, if_match=seen, if_none_match=seen is None)
                 else:
-                    etag = self.store.put(key, data)
+                    etag = self.store.put_file(key, tmp)
                 st = Path(tmp).stat()  # the rename keeps size and mtime
                 return key, [etag, st.st_size, st.st_mtime_ns]
 
@@ -405,19 +447,18 @@ class WorkingCopy:
             stale = [k for k, e in remote.items() if self._current(index, k, self.root / k) != e.etag]
 
             def download(key):
-                data = self.store.read(key)
-                if data is None:  # removed since the listing
-                    return key, None
                 dest = self.root / key
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 tmp = durable.temp_path(dest)
                 try:
-                    tmp.write_bytes(data)
+                    etag = self.store.download(key, tmp)
+                    if etag is None:  # removed since the listing
+                        return key, None
                     os.replace(tmp, dest)  # a cache: no fsync (the bucket holds the durable copy)
                 finally:
                     tmp.unlink(missing_ok=True)
                 st = dest.stat()
-                return key, [remote[key].etag, st.st_size, st.st_mtime_ns]
+                return key, [etag, st.st_size, st.st_mtime_ns]
 
             downloaded = nbytes = 0
             try:
