@@ -255,3 +255,33 @@ def test_an_unreachable_endpoint_exits_2_naming_the_variable(small_seeds, tmp_pa
     assert r.returncode == 2, out
     assert "cannot reach the S3 endpoint http://127.0.0.1:" in out and "(AWS_ENDPOINT_URL)" in out and "fix AWS_ENDPOINT_URL" in out
     assert "Traceback" not in out
+
+
+# --------------------------------------------------------------------------- the default and what stays local
+
+
+def test_without_a_url_the_local_folder_is_the_warehouse_and_nothing_is_mirrored(paths, monkeypatch):
+    monkeypatch.delenv("BILLING_DATA_URL", raising=False)
+    from billing_dags.core.settings import resolve_paths
+
+    assert resolve_paths().data_dir == paths.data_dir and durable._MIRRORS == []
+
+
+@pytest.mark.parametrize(
+    ("key", "mirrored", "guarded"),
+    [
+        ("raw/samples/date=2026-02-01/part-simulate.parquet", True, False),
+        ("models/fct_usage_by_day/day=2026-02-01/data.parquet", True, False),
+        ("invoices/2026-02/mp-001.json", True, True),
+        ("invoices/registry.json", True, True),
+        ("outbox/date=2026-02-01/events.parquet", True, True),
+        ("invoices/.registry.lock", False, True),
+        ("raw/samples/date=2026-02-01/.part-simulate.parquet.tmp-1-2", False, False),
+        ("landing/2026-02-01/segment-1.bin", False, False),
+        ("warehouse.duckdb", False, False),
+        (".sync/index.json", False, False),
+    ],
+)
+def test_what_lives_in_the_bucket_and_what_is_put_conditionally(key, mirrored, guarded):
+    assert storage.is_mirrored(key) is mirrored
+    assert storage.is_guarded(key) is guarded
