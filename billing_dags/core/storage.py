@@ -254,52 +254,34 @@ class S3Store(Store):
             )
         return StorageError(f"S3 request to {where} for {self._name()}{key} failed: {e}; check AWS_ENDPOINT_URL and the network")
 
-    def _call(self, key: str, fn, **kwargs):
+    def _call(self, key: str, fn, *args, missing: bool = False, **kwargs):
+        """``fn(*args, **kwargs)`` with a failed request as a StorageError; with ``missing``, None for no such object."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return fn(**kwargs)
-        except (BotoCoreError, ClientError) as e:
-            raise self._error(e, key) from None
-
-    def list(self, prefix: str = "") -> dict[str, Entry]:
-        out = {}
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + prefix)
-        n = len(self.prefix)
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            for page in pages:
-                for obj in page.get("Contents", ()):
-                    out[obj["Key"][n:]] = Entry(obj["ETag"].strip('"'), obj["Size"])
-        except (BotoCoreError, ClientError) as e:
-            raise self._error(e, prefix) from None
-        return out
-
-    def read(self, key: str) -> bytes | None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read()
+            return fn(*args, **kwargs)
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if missing and (status == 404 or e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404")):
                 return None
             raise self._error(e, key) from None
         except BotoCoreError as e:
             raise self._error(e, key) from None
 
-    def exists(self, key: str) -> bool:
-        from botocore.exceptions import BotoCoreError, ClientError
+    def list(self, prefix: str = "") -> dict[str, Entry]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + prefix)
+        n = len(self.prefix)
+        return self._call(prefix, lambda: {o["Key"][n:]: Entry(o["ETag"].strip('"'), o["Size"]) for page in pages for o in page.get("Contents", ())})
 
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self.prefix + key)
-            return True
-        except ClientError as e:
-            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
-                return False
-            raise self._error(e, key) from None
-        except BotoCoreError as e:
-            raise self._error(e, key) from None
+    def _get(self, key: str):
+        return self._call(key, self.client.get_object, missing=True, Bucket=self.bucket, Key=self.prefix + key)
+
+    def read(self, key: str) -> bytes | None:
+        obj = self._get(key)
+        return None if obj is None else self._call(key, obj["Body"].read)
+
+    def exists(self, key: str) -> bool:
+        return self._call(key, self.client.head_object, missing=True, Bucket=self.bucket, Key=self.prefix + key) is not None
 
     def put(self, key: str, data, *, if_match: str | None = None, if_none_match: bool = False) -> str:
         kwargs = {"Bucket": self.bucket, "Key": self.prefix + key, "Body": data}
@@ -326,20 +308,17 @@ class S3Store(Store):
         return self._call(key, self.client.head_object, Bucket=self.bucket, Key=self.prefix + key)["ETag"].strip('"')
 
     def download(self, key: str, dest: Path) -> str | None:
-        from botocore.exceptions import BotoCoreError, ClientError
+        obj = self._get(key)
+        if obj is None:
+            return None
 
-        try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+        def copy():
             with open(dest, "wb") as f:
                 for chunk in obj["Body"].iter_chunks(1 << 20):
                     f.write(chunk)
-            return obj["ETag"].strip('"')
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
-            raise self._error(e, key) from None
-        except BotoCoreError as e:
-            raise self._error(e, key) from None
+
+        self._call(key, copy)
+        return obj["ETag"].strip('"')
 
 
 def open_store(url: str, environ: dict | None = None) -> Store:
