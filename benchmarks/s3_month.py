@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
 
     moto, url = start_moto()
     try:
-        client = boto3.client("s3", endpoint_url=url, region_name="us-east-1")
+        client = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="bench", aws_secret_access_key="bench")
         with tempfile.TemporaryDirectory(prefix="s3-month-") as tmp:
             root = Path(tmp)
             for rep in range(opts.reps):

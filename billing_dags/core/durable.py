@@ -24,7 +24,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -123,10 +123,36 @@ def remove_tree(folder: Path | str) -> int:
     return len(files)
 
 
-def write_bytes(dest: Path | str, data: bytes) -> None:
-    """Publish ``data`` as ``dest``."""
-    with staged(dest) as tmp, open(tmp, "wb") as f:
-        f.write(data)
+def write_bytes(dest: Path | str, data: bytes, *, mirrored: bool = True, sync: bool = True) -> None:
+    """Publish ``data`` as ``dest`` (``mirrored``, ``sync``: as for ``write_chunks``)."""
+    write_chunks(dest, (data,), mirrored=mirrored, sync=sync)
+
+
+def write_chunks(dest: Path | str, chunks: Iterable[bytes], *, mirrored: bool = True, sync: bool = True) -> None:
+    """Publish the concatenated ``chunks`` as ``dest``. ``mirrored=False, sync=False`` is for a local
+    copy of bytes held durably elsewhere (the working copy of a bucket, ``core.storage``): renamed into
+    place (a reader still sees old or new bytes) without fsync and without handing it to the mirrors."""
+    if mirrored and sync:
+        with staged(dest) as tmp, open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        return
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(dest)
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        if sync:
+            fsync_path(tmp)
+        if mirrored and _MIRRORS:
+            _mirror_put([(tmp, dest)])
+        os.replace(tmp, dest)
+        if sync:
+            fsync_path(dest.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _syncfs_function() -> Any:

@@ -110,11 +110,12 @@ class Store:
         return self.put(key, Path(path).read_bytes(), if_match=if_match, if_none_match=if_none_match)
 
     def download(self, key: str, dest: Path) -> str | None:
-        """Write the object's bytes to ``dest``; returns the ETag of what was written, None when there is no object."""
+        """Put the object's bytes in place as the local file ``dest`` (a copy: no fsync, no mirror); returns
+        the ETag of what was written, None when there is no object."""
         data = self.read(key)
         if data is None:
             return None
-        Path(dest).write_bytes(data)
+        durable.write_bytes(dest, data, mirrored=False, sync=False)
         return _md5(data)
 
 
@@ -155,14 +156,7 @@ class LocalStore(Store):
                     raise ConcurrentWriteError(f"{self.url}/{key} already exists; it is not overwritten")
                 if if_match is not None and (current is None or _md5(current) != if_match):
                     raise ConcurrentWriteError(f"{self.url}/{key} changed since it was read; rerun the step")
-            dest = self.root / key
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = durable.temp_path(dest)
-            try:
-                tmp.write_bytes(data)
-                os.replace(tmp, dest)
-            finally:
-                tmp.unlink(missing_ok=True)
+            durable.write_bytes(self.root / key, data, mirrored=False)
         return _md5(data)
 
     def delete(self, key: str) -> None:
@@ -311,13 +305,7 @@ class S3Store(Store):
         obj = self._get(key)
         if obj is None:
             return None
-
-        def copy():
-            with open(dest, "wb") as f:
-                for chunk in obj["Body"].iter_chunks(1 << 20):
-                    f.write(chunk)
-
-        self._call(key, copy)
+        self._call(key, durable.write_chunks, dest, obj["Body"].iter_chunks(1 << 20), mirrored=False, sync=False)
         return obj["ETag"].strip('"')
 
 
@@ -355,10 +343,7 @@ class WorkingCopy:
             return {}
 
     def _save(self, index: dict[str, list]) -> None:
-        self._sync.mkdir(parents=True, exist_ok=True)
-        tmp = durable.temp_path(self._index_path)
-        tmp.write_bytes(json.dumps(index, sort_keys=True).encode())
-        os.replace(tmp, self._index_path)
+        durable.write_bytes(self._index_path, json.dumps(index, sort_keys=True).encode(), mirrored=False, sync=False)
 
     def key_of(self, path: Path) -> str | None:
         """The object key of a local path, None for a path outside the copy or one that stays local."""
@@ -427,15 +412,9 @@ class WorkingCopy:
 
             def download(key):
                 dest = self.root / key
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                tmp = durable.temp_path(dest)
-                try:
-                    etag = self.store.download(key, tmp)
-                    if etag is None:  # removed since the listing
-                        return key, None
-                    os.replace(tmp, dest)  # a cache: no fsync (the bucket holds the durable copy)
-                finally:
-                    tmp.unlink(missing_ok=True)
+                etag = self.store.download(key, dest)  # a copy: no fsync (the bucket holds the durable one)
+                if etag is None:  # removed since the listing
+                    return key, None
                 st = dest.stat()
                 return key, [etag, st.st_size, st.st_mtime_ns]
 
