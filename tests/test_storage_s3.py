@@ -285,3 +285,24 @@ def test_without_a_url_the_local_folder_is_the_warehouse_and_nothing_is_mirrored
 def test_what_lives_in_the_bucket_and_what_is_put_conditionally(key, mirrored, guarded):
     assert storage.is_mirrored(key) is mirrored
     assert storage.is_guarded(key) is guarded
+
+
+def test_the_local_store_keeps_the_same_contract(tmp_path):
+    """The working copy over a folder as its store (no server): conditional puts, pulls and removals."""
+    store = storage.LocalStore(tmp_path / "bucket")
+    a, b = storage.WorkingCopy(store, tmp_path / "a"), storage.WorkingCopy(store, tmp_path / "b")
+    key = "invoices/2026-02/mp-001.json"
+    for wc in (a, b):
+        durable.add_mirror(wc)
+    try:
+        durable.write_bytes(a.root / key, b"finalized\n")
+        with pytest.raises(storage.ConcurrentWriteError, match="already exists"):
+            durable.write_bytes(b.root / key, b"other\n")
+        assert b.pull()["downloaded"] == 1 and (b.root / key).read_bytes() == b"finalized\n"
+        durable.write_bytes(a.root / "models/m/day=2026-02-01/data.parquet", b"rows")
+        assert store.exists("models/m/day=2026-02-01/data.parquet") and set(store.list()) == {key, "models/m/day=2026-02-01/data.parquet"}
+        durable.remove(a.root / key)
+        assert store.read(key) is None and b.pull()["removed"] == 1 and not (b.root / key).exists()
+    finally:
+        for wc in (a, b):
+            durable.remove_mirror(wc)
