@@ -63,9 +63,10 @@ def view_statements(paths: Paths) -> list[str]:
         model = project.models[name]
         if model.materialized == "table":
             if any(partition_dir(paths, model).rglob("data.parquet")):
+                # union_by_name: partitions computed before a column was added read it as null
                 stmts.append(
                     f"create or replace view {name} as select * from "
-                    f"read_parquet({_lit(partition_dir(paths, model) / '**' / 'data.parquet')}, hive_partitioning = false)"
+                    f"read_parquet({_lit(partition_dir(paths, model) / '**' / 'data.parquet')}, hive_partitioning = false, union_by_name = true)"
                 )
         else:
             stmts.append(f"create or replace view {name} as {model.sql.strip().rstrip(';')}")
