@@ -88,6 +88,7 @@ def data_dir(tmp_path, monkeypatch) -> Path:
     (tmp_path / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     for var in ("PROMETHEUS_URL", "STRIPE_API_KEY", "STRIPE_API_BASE", "STRIPE_METER_API", "STRIPE_CONCURRENCY", "STRIPE_RATE_LIMIT", "BILLING_EXECUTOR"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("BILLING_DATA_URL", raising=False)  # the warehouse of a test is its local folder
     return d
 
 

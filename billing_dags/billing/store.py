@@ -228,7 +228,7 @@ def _write_invoice(
             pending.append(str(pending_path))
         elif pending_path.exists():
             # usage went back to what was finalized: nothing left to adjust
-            pending_path.unlink()
+            durable.remove(pending_path)
         for fmt in FILE_FORMATS[1:]:
             if not files[fmt].exists() and (fmt != "pdf" or pdf_stored(stored)):
                 batch.write(files[fmt], render_bytes(stored, fmt))

@@ -8,6 +8,10 @@ published), :func:`write_bytes` publishes bytes, and :class:`Batch` publishes ma
 with one flush. Validate before publishing: inside ``staged``, raise to publish nothing.
 :func:`exclusive_lock` serialises a read-modify-write across processes (an flock on a lock file).
 
+A mirror (``add_mirror``: ``core.storage`` registers one when the warehouse lives in object storage)
+is handed every file before it is renamed into place and every path before it is removed, so the
+local folder is a working copy of the bucket: an upload that fails publishes nothing locally either.
+
 This module imports nothing from the package, so every layer can use it.
 """
 
@@ -20,7 +24,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,10 +44,39 @@ def temp_path(dest: Path, suffix: str = "") -> Path:
     return dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}{suffix}")
 
 
+#: the mirrors of published files (``add_mirror``); none by default
+_MIRRORS: list[Any] = []
+
+
+def add_mirror(mirror: Any) -> None:
+    """Hand every publish and removal from now on to ``mirror`` first: ``mirror.put([(tmp, dest), ...])``
+    before the renames (raise to publish nothing) and ``mirror.remove([path, ...])`` before the unlinks.
+    A mirror ignores paths it does not cover."""
+    if mirror not in _MIRRORS:
+        _MIRRORS.append(mirror)
+
+
+def remove_mirror(mirror: Any) -> None:
+    if mirror in _MIRRORS:
+        _MIRRORS.remove(mirror)
+
+
+def _mirror_put(pairs: list[tuple[Path, Path]]) -> None:
+    for mirror in _MIRRORS:
+        mirror.put([(Path(tmp), Path(dest)) for tmp, dest in pairs])
+
+
+def _mirror_remove(paths: list[Path]) -> None:
+    for mirror in _MIRRORS:
+        mirror.remove([Path(p) for p in paths])
+
+
 def publish(tmp: Path | str, dest: Path | str) -> None:
     """fsync ``tmp``, rename it over ``dest``, fsync ``dest``'s folder."""
     dest = Path(dest)
     fsync_path(tmp)
+    if _MIRRORS:
+        _mirror_put([(Path(tmp), dest)])
     os.replace(tmp, dest)
     fsync_path(dest.parent)
 
@@ -65,6 +98,8 @@ def staged(dest: Path | str) -> Iterator[Path]:
 def remove(path: Path | str) -> bool:
     """Remove ``path`` durably (unlink, fsync its folder); False when it was not there."""
     path = Path(path)
+    if _MIRRORS:
+        _mirror_remove([path])
     try:
         path.unlink()
     except FileNotFoundError:
@@ -73,10 +108,51 @@ def remove(path: Path | str) -> bool:
     return True
 
 
-def write_bytes(dest: Path | str, data: bytes) -> None:
-    """Publish ``data`` as ``dest``."""
-    with staged(dest) as tmp, open(tmp, "wb") as f:
-        f.write(data)
+def remove_tree(folder: Path | str) -> int:
+    """Remove ``folder`` and everything in it durably; returns the number of files removed."""
+    import shutil
+
+    folder = Path(folder)
+    if not folder.exists():
+        return 0
+    files = [p for p in folder.rglob("*") if not p.is_dir()]
+    if _MIRRORS:
+        _mirror_remove(files)
+    shutil.rmtree(folder)
+    fsync_path(folder.parent)
+    return len(files)
+
+
+def write_bytes(dest: Path | str, data: bytes, *, mirrored: bool = True, sync: bool = True) -> None:
+    """Publish ``data`` as ``dest`` (``mirrored``, ``sync``: as for ``write_chunks``)."""
+    write_chunks(dest, (data,), mirrored=mirrored, sync=sync)
+
+
+def write_chunks(dest: Path | str, chunks: Iterable[bytes], *, mirrored: bool = True, sync: bool = True) -> None:
+    """Publish the concatenated ``chunks`` as ``dest``. ``mirrored=False, sync=False`` is for a local
+    copy of bytes held durably elsewhere (the working copy of a bucket, ``core.storage``): renamed into
+    place (a reader still sees old or new bytes) without fsync and without handing it to the mirrors."""
+    if mirrored and sync:
+        with staged(dest) as tmp, open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        return
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(dest)
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        if sync:
+            fsync_path(tmp)
+        if mirrored and _MIRRORS:
+            _mirror_put([(tmp, dest)])
+        os.replace(tmp, dest)
+        if sync:
+            fsync_path(dest.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _syncfs_function() -> Any:
@@ -164,6 +240,8 @@ class Batch:
             return
         try:
             self._sync_files()
+            if _MIRRORS:
+                _mirror_put(self.pending)
         except BaseException:
             self.abort()
             raise

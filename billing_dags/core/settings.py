@@ -66,13 +66,28 @@ class Paths:
         return self.data_dir / "warehouse.duckdb"
 
 
-def resolve_paths(data_dir: str | os.PathLike | None = None, seeds_dir: str | os.PathLike | None = None) -> Paths:
-    """Paths from explicit arguments, else BILLING_DATA_DIR / BILLING_SEEDS_DIR, else ./data and ./seeds."""
-    data = data_dir or os.environ.get("BILLING_DATA_DIR") or "data"
+def resolve_paths(data_dir: str | os.PathLike | None = None, seeds_dir: str | os.PathLike | None = None, *, sync: bool = True) -> Paths:
+    """Paths from explicit arguments, else BILLING_DATA_DIR / BILLING_SEEDS_DIR, else ./data and ./seeds.
+
+    With BILLING_DATA_URL (an s3:// URL) the data folder is the local working copy of the bucket
+    (``core.storage``): unless ``sync`` is False it is brought in step with the bucket first, and every
+    publish from this process goes to the bucket too.
+    """
+    url = os.environ.get("BILLING_DATA_URL", "").strip()
+    data = data_dir or os.environ.get("BILLING_DATA_DIR")
+    if url and not data:
+        from billing_dags.core import storage
+
+        data = storage.default_working_copy(url)
     seeds = seeds_dir or os.environ.get("BILLING_SEEDS_DIR")
     if not seeds:
         seeds = "seeds" if Path("seeds/meters.csv").exists() else PROJECT_ROOT / "seeds"
-    return Paths(Path(data).expanduser().resolve(), Path(seeds).expanduser().resolve())
+    paths = Paths(Path(data or "data").expanduser().resolve(), Path(seeds).expanduser().resolve())
+    if url and sync:
+        from billing_dags.core import storage
+
+        storage.attach(url, paths.data_dir).pull()
+    return paths
 
 
 class SettingsError(InputError):
@@ -129,7 +144,7 @@ def partitions_start(environ: dict | None = None, seeds_dir: str | os.PathLike |
     value = env.get("BILLING_PARTITIONS_START", "").strip()
     if value:
         return parse_partitions_start(value)
-    seeds = resolve_paths(seeds_dir=seeds_dir or env.get("BILLING_SEEDS_DIR") or None).seeds_dir
+    seeds = resolve_paths(seeds_dir=seeds_dir or env.get("BILLING_SEEDS_DIR") or None, sync=False).seeds_dir
     first = earliest_subscription_month(seeds)
     if first is None:
         raise SettingsError(

@@ -69,6 +69,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from billing_dags.core import durable
 from billing_dags.core.errors import InputError
 from billing_dags.core.settings import EDGE_LOOKBACK_DAYS, Paths
 from billing_dags.ingest import raw
@@ -1141,8 +1142,8 @@ def ingest_day(
         carried = _without_collisions(paths, carry_in.tables(), refused)
         report.carry_in_series = raw.write_carry_in(paths, day, *carried, SOURCE, opt.edge_lookback_days)
     else:  # range mode records none; a carry-in of an earlier exact ingest would not match this day
-        (raw.carry_in_day_dir(paths, day) / f"part-{SOURCE}.parquet").unlink(missing_ok=True)
-        (raw.series_day_dir(paths, day) / f"part-{SOURCE}-carry-in.parquet").unlink(missing_ok=True)
+        durable.remove(raw.carry_in_day_dir(paths, day) / f"part-{SOURCE}.parquet")
+        durable.remove(raw.series_day_dir(paths, day) / f"part-{SOURCE}-carry-in.parquet")
     # no local reference to the samples table: write_day sorts a copy only when it is out of order
     figures = raw.write_day(paths, day, *_without_collisions(paths, col.tables(), refused), SOURCE)
     del col

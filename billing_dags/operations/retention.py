@@ -8,11 +8,11 @@ Aggregates (data/models), invoices and the Stripe outbox are never touched here.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+from billing_dags.core import durable
 from billing_dags.core.calendar import month_start
 from billing_dags.core.settings import DEFAULT_RETENTION_DAYS, Paths
 
@@ -105,9 +105,9 @@ def apply(candidates: list[Candidate], *, log=print) -> dict:
             log(f"removed {n} usage reports of {c.day} from {c.path}: {c.reason}")
         elif c.action == "remove":
             if c.path.is_dir():
-                shutil.rmtree(c.path)
+                durable.remove_tree(c.path)
             else:
-                c.path.unlink(missing_ok=True)
+                durable.remove(c.path)
             removed += 1
             freed += c.bytes
             log(f"removed {c.path} ({c.bytes} bytes): {c.reason}")

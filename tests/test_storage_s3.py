@@ -1,0 +1,308 @@
+"""The warehouse at an S3 URL (BILLING_DATA_URL): moto's standalone S3 server on 127.0.0.1 (its own process),
+`billing run` on an empty bucket gives objects byte-identical to the files of the same run on a local
+folder; a finalized invoice object is never overwritten by a writer that did not read it; a publish is one
+atomic object (a reader sees the old bytes or the new, a failed write leaves the old); bad settings exit 2
+naming the variable and the fix."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from servers import free_port, stop, wait_for
+
+from billing_dags.core import durable, storage
+from billing_dags.core.settings import PROJECT_ROOT
+
+boto3 = pytest.importorskip("boto3")
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+#: what a run publishes and must be byte-identical (notifications carry their creation time)
+PUBLISHED = ("raw/", "models/", "seeds/", "invoices/", "outbox/", "reports/")
+_BUCKETS = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server as its own process on 127.0.0.1, port 0 (read back from its startup line)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    found: dict[str, str] = {}
+
+    def read():
+        for line in proc.stdout:
+            m = re.search(r"Running on (http://127\.0\.0\.1:\d+)", line)
+            if m:
+                found["url"] = m.group(1)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        url = wait_for(lambda: found.get("url") or (proc.poll() is not None and "exited"), 60, "moto's S3 server to start")
+        assert url != "exited", "moto.server exited"
+        yield url
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def s3(s3_endpoint, monkeypatch):
+    """A new bucket of its own and the environment pointing at it; yields (url of the warehouse, client)."""
+    for k, v in {**CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(k, v)
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    bucket = f"wh-{os.getpid()}-{next(_BUCKETS)}"
+    client.create_bucket(Bucket=bucket)
+    yield f"s3://{bucket}/billing", client, bucket
+    storage.detach_all()
+
+
+def objects(client, bucket: str, prefix: str = "billing/") -> dict[str, bytes]:
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", ()):
+            out[obj["Key"][len(prefix) :]] = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
+    return out
+
+
+def cli_env(tmp_path: Path, name: str, seeds: Path, **extra) -> dict:
+    home = tmp_path / f"dagster_{name}"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BILLING_", "AWS_", "STRIPE_", "PROMETHEUS_"))}
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]),
+        DAGSTER_HOME=str(home),
+        BILLING_SEEDS_DIR=str(seeds),
+        BILLING_DATA_DIR=str(tmp_path / name),
+        **extra,
+    )
+    return env
+
+
+BILLING = [sys.executable, "-m", "billing_dags.cli.main"]
+
+
+# --------------------------------------------------------------------------- a month, local and on S3
+
+
+@pytest.mark.integration
+def test_a_month_on_s3_is_byte_identical_to_the_month_on_a_local_folder(s3, small_seeds, tmp_path):
+    """`billing run` for a month on an empty bucket and on an empty local folder, side by side; then a
+    second machine (an empty working copy) reads the finalized invoice from the bucket."""
+    url, client, bucket = s3
+    run = [*BILLING, "run", "--month", "2026-02", "--customers", "1", "--interval", "3600"]
+    on_s3 = {**CREDENTIALS, "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"], "BILLING_DATA_URL": url}
+    procs = {
+        "local": subprocess.Popen(run, env=cli_env(tmp_path, "local", small_seeds), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+        "s3": subprocess.Popen(run, env=cli_env(tmp_path, "copy", small_seeds, **on_s3), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+    }
+    outs = {name: p.communicate(timeout=900)[0] for name, p in procs.items()}
+    for name, p in procs.items():
+        assert p.returncode == 0, f"{name}: {outs[name][-3000:]}"
+
+    local = tmp_path / "local"
+    in_bucket = objects(client, bucket)
+    local_files = {p.relative_to(local).as_posix(): p for p in local.rglob("*") if p.is_file() and storage.is_mirrored(p.relative_to(local).as_posix())}
+    assert set(in_bucket) == set(local_files)
+    compared = [k for k in sorted(local_files) if k.startswith(PUBLISHED)]
+    assert {k.split("/")[0] for k in compared} >= {"raw", "models", "seeds", "invoices", "outbox"}
+    assert [k for k in compared if in_bucket[k] != local_files[k].read_bytes()] == []
+    assert any(re.fullmatch(r"invoices/2026-02/[^/]+\.json", k) for k in compared)
+
+    # another machine: an empty working copy shows the month's finalized invoice from the bucket
+    shown = subprocess.run(
+        [*BILLING, "invoices", "--month", "2026-02"],
+        env=cli_env(tmp_path, "second", small_seeds, **on_s3),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "finalized" in shown.stdout and "INV-2026-" in shown.stdout
+
+
+# --------------------------------------------------------------------------- immutability and atomicity
+
+
+def _copy(url: str, root: Path) -> storage.WorkingCopy:
+    wc = storage.attach(url, root)
+    wc.pull()
+    return wc
+
+
+def test_a_finalized_invoice_object_is_never_overwritten_by_a_writer_that_did_not_read_it(s3, tmp_path):
+    url, client, bucket = s3
+    key = "invoices/2026-02/mp-001.json"
+    a, b = _copy(url, tmp_path / "a"), _copy(url, tmp_path / "b")  # two machines, both before the invoice exists
+    finalized = b'{"status": "finalized", "total_minor": 100}\n'
+    durable.write_bytes(a.root / key, finalized)
+    assert objects(client, bucket)[key] == finalized
+    # b never saw it: its put (If-None-Match: *) is refused, and neither the object nor b's copy changes
+    with pytest.raises(storage.ConcurrentWriteError, match="changed by another writer"):
+        durable.write_bytes(b.root / key, b'{"status": "finalized", "total_minor": 999}\n')
+    assert objects(client, bucket)[key] == finalized and not (b.root / key).exists()
+    # once b has read it, b decides with the finalized invoice in front of it (billing.store keeps it)
+    b.pull()
+    assert (b.root / key).read_bytes() == finalized
+    # a writer whose copy went stale after reading (If-Match the ETag it read) is refused as well
+    durable.write_bytes(a.root / key, finalized.replace(b"100", b"101"))
+    with pytest.raises(storage.ConcurrentWriteError):
+        durable.write_bytes(b.root / key, b'{"status": "finalized", "total_minor": 999}\n')
+    assert objects(client, bucket)[key] == finalized.replace(b"100", b"101")
+
+
+def test_a_published_partition_is_one_atomic_object_and_a_failed_write_publishes_nothing(s3, tmp_path):
+    url, client, bucket = s3
+    wc = _copy(url, tmp_path / "wc")
+    key = "models/fct_usage_by_day/day=2026-02-01/data.parquet"
+    dest = wc.root / key
+    versions = [bytes([65 + i]) * (6 << 20) for i in range(3)]  # 6 MiB each: more than one part of a transfer
+    durable.write_bytes(dest, versions[0])
+    seen: set[bytes] = set()
+    done = threading.Event()
+
+    def reader():
+        while not done.is_set():
+            body = client.get_object(Bucket=bucket, Key=f"billing/{key}")["Body"].read()
+            seen.add(body[:1] + body[-1:] + str(len(body)).encode())
+            assert body in versions, "a reader saw a partial or mixed object"
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for v in versions[1:]:
+            durable.write_bytes(dest, v)
+    finally:
+        done.set()
+        t.join()
+    assert seen and all(x[:1] == x[1:2] for x in seen)
+
+    # a writer that fails before its publish leaves the object and the copy as they were
+    def failing_writer():
+        with durable.staged(dest) as tmp:
+            tmp.write_bytes(b"half a partition")
+            raise RuntimeError("validation failed")
+
+    with pytest.raises(RuntimeError):
+        failing_writer()
+    assert objects(client, bucket)[key] == versions[-1] == dest.read_bytes()
+    # a removal removes the object; another copy's pull removes its file
+    other = _copy(url, tmp_path / "other")
+    assert (other.root / key).read_bytes() == versions[-1]
+    durable.remove(dest)
+    assert key not in objects(client, bucket)
+    assert other.pull()["removed"] == 1 and not (other.root / key).exists()
+
+
+def test_an_upload_that_fails_publishes_nothing_locally(s3, tmp_path, monkeypatch):
+    url, client, bucket = s3
+    wc = _copy(url, tmp_path / "wc")
+    dest = wc.root / "outbox" / "day=2026-02-01.parquet"
+    durable.write_bytes(dest, b"old")
+    monkeypatch.setattr(wc.store, "endpoint", f"http://127.0.0.1:{free_port()}")
+    wc.store.client = boto3.client("s3", endpoint_url=wc.store.endpoint, region_name="us-east-1")
+    with pytest.raises(storage.StorageError, match=r"cannot reach the S3 endpoint .*AWS_ENDPOINT_URL"):
+        durable.write_bytes(dest, b"new")
+    assert dest.read_bytes() == b"old" and objects(client, bucket)["outbox/day=2026-02-01.parquet"] == b"old"
+
+
+# --------------------------------------------------------------------------- bad settings: exit 2, no traceback
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"BILLING_DATA_URL": "http://bucket/prefix"}, "BILLING_DATA_URL='http://bucket/prefix' is not an s3:// URL; set BILLING_DATA_URL to s3://"),
+        ({"BILLING_DATA_URL": "s3://Bad_Bucket/x"}, "names no valid bucket"),
+        ({"BILLING_DATA_URL": "s3://bucket/a//b"}, "empty, '.' or '..' path segment"),
+        ({"BILLING_DATA_URL": "s3://bucket/x", "AWS_ENDPOINT_URL": "127.0.0.1:9000"}, "AWS_ENDPOINT_URL='127.0.0.1:9000' is not an http(s) URL"),
+        ({"BILLING_DATA_URL": "s3://bucket/x", "AWS_ACCESS_KEY_ID": None}, "no S3 credentials were found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+        ({"BILLING_DATA_URL": "s3://no-such-bucket/x"}, "the bucket 'no-such-bucket' of BILLING_DATA_URL does not exist"),
+    ],
+)
+def test_bad_storage_settings_exit_2_naming_the_variable_and_the_fix(s3, paths, tmp_path, monkeypatch, capsys, env, expected):
+    from billing_dags.cli.main import main
+
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    for k, v in env.items():
+        if v is None:
+            monkeypatch.delenv(k)
+        else:
+            monkeypatch.setenv(k, v)
+    code = main(["invoices", "--month", "2026-02"])
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert code == 2 and expected in err, err
+    assert "Traceback" not in err and "testing" not in err
+
+
+def test_an_unreachable_endpoint_exits_2_naming_the_variable(small_seeds, tmp_path):
+    """The CLI as users run it, with an endpoint where nothing listens."""
+    env = cli_env(tmp_path, "data", small_seeds, **CREDENTIALS, BILLING_DATA_URL="s3://bucket/x", AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")
+    r = subprocess.run([*BILLING, "invoices", "--month", "2026-02"], env=env, capture_output=True, text=True, timeout=300)
+    out = (r.stdout + r.stderr).replace("\n", " ")
+    assert r.returncode == 2, out
+    assert "cannot reach the S3 endpoint http://127.0.0.1:" in out and "(AWS_ENDPOINT_URL)" in out and "fix AWS_ENDPOINT_URL" in out
+    assert "Traceback" not in out
+
+
+# --------------------------------------------------------------------------- the default and what stays local
+
+
+def test_without_a_url_the_local_folder_is_the_warehouse_and_nothing_is_mirrored(paths, monkeypatch):
+    monkeypatch.delenv("BILLING_DATA_URL", raising=False)
+    from billing_dags.core.settings import resolve_paths
+
+    assert resolve_paths().data_dir == paths.data_dir and durable._MIRRORS == []
+
+
+@pytest.mark.parametrize(
+    ("key", "mirrored", "guarded"),
+    [
+        ("raw/samples/date=2026-02-01/part-simulate.parquet", True, False),
+        ("models/fct_usage_by_day/day=2026-02-01/data.parquet", True, False),
+        ("invoices/2026-02/mp-001.json", True, True),
+        ("invoices/registry.json", True, True),
+        ("outbox/date=2026-02-01/events.parquet", True, True),
+        ("invoices/.registry.lock", False, True),
+        ("raw/samples/date=2026-02-01/.part-simulate.parquet.tmp-1-2", False, False),
+        ("landing/2026-02-01/segment-1.bin", False, False),
+        ("warehouse.duckdb", False, False),
+        (".sync/index.json", False, False),
+    ],
+)
+def test_what_lives_in_the_bucket_and_what_is_put_conditionally(key, mirrored, guarded):
+    assert storage.is_mirrored(key) is mirrored
+    assert storage.is_guarded(key) is guarded
+
+
+def test_the_local_store_keeps_the_same_contract(tmp_path):
+    """The working copy over a folder as its store (no server): conditional puts, pulls and removals."""
+    store = storage.LocalStore(tmp_path / "bucket")
+    a, b = storage.WorkingCopy(store, tmp_path / "a"), storage.WorkingCopy(store, tmp_path / "b")
+    key = "invoices/2026-02/mp-001.json"
+    for wc in (a, b):
+        durable.add_mirror(wc)
+    try:
+        durable.write_bytes(a.root / key, b"finalized\n")
+        with pytest.raises(storage.ConcurrentWriteError, match="already exists"):
+            durable.write_bytes(b.root / key, b"other\n")
+        assert b.pull()["downloaded"] == 1 and (b.root / key).read_bytes() == b"finalized\n"
+        durable.write_bytes(a.root / "models/m/day=2026-02-01/data.parquet", b"rows")
+        assert store.exists("models/m/day=2026-02-01/data.parquet") and set(store.list()) == {key, "models/m/day=2026-02-01/data.parquet"}
+        durable.remove(a.root / key)
+        assert store.read(key) is None and b.pull()["removed"] == 1 and not (b.root / key).exists()
+    finally:
+        for wc in (a, b):
+            durable.remove_mirror(wc)
