@@ -1093,8 +1093,10 @@ def ingest_day(
         carried = _without_collisions(paths, carry_in.tables(), refused)
         report.carry_in_series = raw.write_carry_in(paths, day, *carried, SOURCE, opt.edge_lookback_days)
     else:  # range mode records none; a carry-in of an earlier exact ingest would not match this day
-        (raw.carry_in_day_dir(paths, day) / f"part-{SOURCE}.parquet").unlink(missing_ok=True)
-        (raw.series_day_dir(paths, day) / f"part-{SOURCE}-carry-in.parquet").unlink(missing_ok=True)
+        for f in raw.carry_in_files(paths, day):
+            if f.name == f"part-{SOURCE}.parquet":
+                f.unlink()
+                (raw.series_day_dir(paths, day) / f.relative_to(raw.carry_in_day_dir(paths, day))).with_name(f"part-{SOURCE}-carry-in.parquet").unlink(missing_ok=True)
     # no local reference to the samples table: write_day sorts a copy only when it is out of order
     figures = raw.write_day(paths, day, *_without_collisions(paths, col.tables(), refused), SOURCE)
     del col

@@ -11,7 +11,7 @@ from billing_dags.defs.shared.partitions import BY_NAME, SINGLE_RUN, combined_ch
 from billing_dags.defs.shared.resources import WarehouseResource
 from billing_dags.ingest import raw
 from billing_dags.models import late_data
-from billing_dags.models.sqlmodels import Model, ModelError, Project, Window, iter_model_days, load_project, model_files, run_model, session, sources
+from billing_dags.models.sqlmodels import Model, ModelError, Project, Window, iter_model_days, load_project, model_files, partition_day, run_model, session, sources
 
 
 def _partition_mapping(model: Model, upstream: Model) -> dg.PartitionMapping | None:
@@ -34,16 +34,16 @@ def _require_lookback(paths: Paths, project: Project, model: Model, window: Wind
         return
     tables, _ = project.table_deps(model.name)
     raw_present = set(raw.raw_days(paths))
-    carried = {p.name for p in raw.carry_in_files(paths, window.start)}
+    carried = {p.name for p in raw.carry_in_files(paths, window.start, window.shard)}
     for name in tables:
         up = project.models[name]
         if up.partitioned_by != "billing_daily":
             continue
-        have = {date.fromisoformat(p.parent.name.split("=", 1)[1]) for p in model_files(paths, up)}
+        have = {partition_day(p) for p in model_files(paths, up, window.shard)}
         day = window.start - timedelta(days=model.lookback_days)
         missing = []
         while day < window.end:
-            if day in raw_present and day not in have and not (day < window.start and {p.name for p in raw.sample_files(paths, day)} <= carried):
+            if day in raw_present and day not in have and not (day < window.start and {p.name for p in raw.sample_files(paths, day, window.shard)} <= carried):
                 missing.append(day.isoformat())
             day += timedelta(days=1)
         if missing:
