@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 _SHARD_DIR_RE = re.compile(r"^shard=(\d+)-of-(\d+)$")
 
 

@@ -197,7 +197,8 @@ def write_events_day(paths: Paths, day: date, table: pa.Table | pa.RecordBatch |
             whole = Path(work) / "day.parquet"
             rows_in, rows_out = _write_whole_day(whole, work, day, table, source, meter_kinds)
             written = _split_by_shard(paths, day, pq.read_table(whole), source)
-        return {"events_in": rows_in, "events": rows_out, "duplicates_dropped": rows_in - rows_out, "bytes": sum(f.stat().st_size for f in written), "path": str(day_dir)}
+        size = sum(f.stat().st_size for f in written)
+        return {"events_in": rows_in, "events": rows_out, "duplicates_dropped": rows_in - rows_out, "bytes": size, "path": str(day_dir)}
     with durable.staged(dest) as tmp, tempfile.TemporaryDirectory(prefix=".events-", dir=dest.parent) as work:
         rows_in, rows_out = _write_whole_day(tmp, work, day, table, source, meter_kinds)
     return {

@@ -1096,7 +1096,8 @@ def ingest_day(
         for f in raw.carry_in_files(paths, day):
             if f.name == f"part-{SOURCE}.parquet":
                 f.unlink()
-                (raw.series_day_dir(paths, day) / f.relative_to(raw.carry_in_day_dir(paths, day))).with_name(f"part-{SOURCE}-carry-in.parquet").unlink(missing_ok=True)
+                series = raw.series_day_dir(paths, day) / f.relative_to(raw.carry_in_day_dir(paths, day))
+                series.with_name(f"part-{SOURCE}-carry-in.parquet").unlink(missing_ok=True)
     # no local reference to the samples table: write_day sorts a copy only when it is out of order
     figures = raw.write_day(paths, day, *_without_collisions(paths, col.tables(), refused), SOURCE)
     del col

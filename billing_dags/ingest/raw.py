@@ -28,9 +28,9 @@ from __future__ import annotations
 import hashlib
 import re
 from contextlib import contextmanager
-from functools import cache
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -291,9 +291,7 @@ def customer_labels(paths: Paths) -> dict[str, str]:
 
 def shards_of_series(paths: Paths, series: pa.Table) -> np.ndarray:
     """The shard index of each row of a series table (core/shards.py: customer label value, else series id)."""
-    return series_shards(
-        series["metric"].to_pylist(), series["labels"].to_pylist(), series["series_id"].to_pylist(), customer_labels(paths), paths.shards
-    )
+    return series_shards(series["metric"].to_pylist(), series["labels"].to_pylist(), series["series_id"].to_pylist(), customer_labels(paths), paths.shards)
 
 
 def split_by_shard(paths: Paths, samples: pa.Table, series: pa.Table) -> list[tuple[Shard | None, pa.Table, pa.Table]]:
@@ -305,10 +303,7 @@ def split_by_shard(paths: Paths, samples: pa.Table, series: pa.Table) -> list[tu
     ids = series["series_id"].to_numpy()
     order = np.argsort(ids, kind="stable")
     sample_shard = idx[order[np.searchsorted(ids[order], samples["series_id"].to_numpy())]] if len(samples) else np.zeros(0, dtype=np.int64)
-    return [
-        (s, samples.filter(pa.array(sample_shard == s.index)), series.filter(pa.array(idx == s.index)))
-        for s in all_shards(paths.shards)
-    ]
+    return [(s, samples.filter(pa.array(sample_shard == s.index)), series.filter(pa.array(idx == s.index))) for s in all_shards(paths.shards)]
 
 
 def read_source_day(paths: Paths, day: date, source: str) -> tuple[pa.Table | None, pa.Table | None]:

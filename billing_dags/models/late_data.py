@@ -24,8 +24,8 @@ from pathlib import Path
 
 from billing_dags.core import durable
 from billing_dags.core.settings import Paths
-from billing_dags.ingest import events, raw
 from billing_dags.core.shards import Shard, shard_of_dir
+from billing_dags.ingest import events, raw
 from billing_dags.models.sqlmodels import Model, Project, Window, load_project, model_files, partition_day, partition_file
 
 INPUTS_FILE = "inputs.json"

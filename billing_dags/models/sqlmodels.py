@@ -493,7 +493,7 @@ def read_day_partition(paths: Paths, model: Model, window: Window) -> pa.Table |
     files = day_partition_files(paths, model, window)
     if not files:
         return None
-    return pa.concat_tables([pq.read_table(f) for f in files]) if len(files) > 1 else pq.read_table(files[0])
+    return pa.concat_tables([pq.read_table(f, partitioning=None) for f in files]) if len(files) > 1 else pq.read_table(files[0], partitioning=None)
 
 
 def partition_day(path: Path) -> date:
