@@ -233,6 +233,7 @@ def run_month(
     interval_s: int = 60,
     as_of: str | None = None,
     quiet: bool = False,
+    through: date | None = None,
 ) -> dict:
     """Materialize every asset for ``month``: seeds, each day in order, the month, the views."""
     import dagster as dg
@@ -271,7 +272,7 @@ def run_month(
             execute(
                 daily_job, instance, f"warm-up day {warmup}", run_config, partition_key=warmup.isoformat(), asset_selection=[dg.AssetKey("raw_samples"), *edges]
             )
-    days = month_days(month)
+    days = [d for d in month_days(month) if through is None or d <= through]  # through: the first days only (tests)
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
