@@ -22,7 +22,7 @@ from seed_copies import copy_small_seeds
 
 from billing_dags.core import shards
 from billing_dags.core.settings import SettingsError, parse_shards, resolve_paths
-from billing_dags.ingest import raw, simulate
+from billing_dags.ingest import events, raw, simulate
 from billing_dags.models.sqlmodels import load_project, model_files, partition_day
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,16 +65,22 @@ def _write_sim_day(tmp_path: Path, n: int) -> Path:
     from billing_dags.seeds.catalog import read_seed
 
     simulate.write_simulated_day(paths, THROUGH, read_seed(seeds, "customers"), seed=7, interval_s=600)
-    return paths.data_dir
+    simulate.write_simulated_usage_events(paths, THROUGH, read_seed(seeds, "customers"), seed=7)
+    return paths
 
 
 def test_one_shard_is_the_unsharded_layout_and_shards_concatenate_to_it(tmp_path):
-    one, eight = _write_sim_day(tmp_path, 1), _write_sim_day(tmp_path, 8)
+    p1, p8 = _write_sim_day(tmp_path, 1), _write_sim_day(tmp_path, 8)
+    one, eight = p1.data_dir, p8.data_dir
     files = sorted(p.relative_to(one).as_posix() for p in one.rglob("*.parquet"))
-    assert files == ["raw/samples/date=2026-11-03/part-simulate.parquet", "raw/series/date=2026-11-03/part-simulate.parquet"]
+    assert files == [f"raw/{kind}/date=2026-11-03/part-simulate.parquet" for kind in ("events", "samples", "series")]
     sharded = sorted(p.relative_to(eight).as_posix() for p in eight.rglob("*.parquet"))
-    assert len(sharded) == 16 and all("/shard=" in f and f.endswith("-of-8/part-simulate.parquet") for f in sharded)
-    for kind, keys in (("samples", ["series_id", "ts"]), ("series", ["series_id"])):
+    assert len(sharded) == 24 and all("/shard=" in f and f.endswith("-of-8/part-simulate.parquet") for f in sharded)
+    # what an invoice manifest records of the day: the unsharded files' names and hashes, whatever N
+    assert raw.unsharded_sample_files(p8, THROUGH) == raw.unsharded_sample_files(p1, THROUGH)
+    assert events.unsharded_event_files(p8, THROUGH) == events.unsharded_event_files(p1, THROUGH)
+    assert len(events.unsharded_event_files(p1, THROUGH)) == 1
+    for kind, keys in (("samples", ["series_id", "ts"]), ("series", ["series_id"]), ("events", ["ts", "event_id"])):
         whole = pq.read_table(one / f"raw/{kind}/date=2026-11-03/part-simulate.parquet")
         parts = pa.concat_tables(pq.read_table(f) for f in sorted((eight / f"raw/{kind}/date=2026-11-03").rglob("*.parquet")))
         assert _bits(parts.sort_by([(k, "ascending") for k in keys])).equals(_bits(whole))

@@ -252,6 +252,20 @@ def _split_by_shard(paths: Paths, day: date, events: pa.Table, source: str) -> l
     return out
 
 
+def unsharded_event_files(paths: Paths, day: date) -> dict[str, str]:
+    """``raw.unsharded_files`` of a day's raw events: each source's rows sorted by (ts, event_id), in one
+    row group when the day fits one batch, else in batches of ``_BATCH_ROWS`` (as ``write_events_day`` writes them)."""
+
+    def write(table: pa.Table, path: Path) -> None:
+        table = table.cast(EVENTS_SCHEMA).sort_by([("ts", "ascending"), ("event_id", "ascending")])
+        with pq.ParquetWriter(path, EVENTS_SCHEMA, compression="zstd") as writer:
+            step = len(table) if len(table) <= _BATCH_ROWS else _BATCH_ROWS
+            for start in range(0, len(table), step or 1):
+                writer.write_table(table.slice(start, step))
+
+    return raw.unsharded_files(paths, events_day_dir(paths, day), write)
+
+
 def _latest_per_id_out_of_core(spill: Path, work: str, dest: Path) -> int:
     """``_latest_per_id_in_order`` of a spill file too large for memory, written to ``dest``; returns its rows."""
     import duckdb

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -436,6 +438,38 @@ def write_day(paths: Paths, day: date, samples: pa.Table, series: pa.Table, sour
         "bytes": sum(p.stat().st_size for _, p, _, _ in staged),
         "path": str(staged[0][1] if len(staged) == 1 else samples_day_dir(paths, day)),
     }
+
+
+def unsharded_files(paths: Paths, day_dir: Path, sha256_of: Callable[[pa.Table, Path], None]) -> dict[str, str]:
+    """{path relative to the data dir: SHA-256} of a day folder's files as the unsharded layout holds them:
+    the files themselves when unsharded; when sharded, each source's shard files concatenated and written
+    again as the one unsharded file would be (``sha256_of(table, temp path)`` writes it), under the
+    unsharded name. Records of a day (invoice manifests) then do not depend on the number of shards."""
+    files = day_files(paths, day_dir)
+    if paths.shards == 1:
+        return {f.relative_to(paths.data_dir).as_posix(): durable.sha256_file(f) for f in files}
+    by_name: dict[str, list[Path]] = {}
+    for f in files:
+        by_name.setdefault(f.name, []).append(f)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix=".unsharded-", dir=paths.data_dir) as work:
+        for name in sorted(by_name):
+            tmp = Path(work) / name
+            sha256_of(pa.concat_tables([pq.read_table(f, partitioning=None) for f in by_name[name]]), tmp)
+            out[(day_dir / name).relative_to(paths.data_dir).as_posix()] = durable.sha256_file(tmp)
+            tmp.unlink()
+    return out
+
+
+def unsharded_sample_files(paths: Paths, day: date) -> dict[str, str]:
+    """``unsharded_files`` of a day's raw samples (every writer's file is sorted and distinct: so is their union)."""
+
+    def write(table: pa.Table, path: Path) -> None:
+        table = table.cast(SAMPLES_SCHEMA)
+        order, keep = distinct_samples(table["series_id"].to_numpy(), table["ts"].to_numpy(), table["value"].to_numpy())
+        _write_samples(path, table.take(pa.array(order[keep])))
+
+    return unsharded_files(paths, samples_day_dir(paths, day), write)
 
 
 def _write_samples(path: Path, samples: pa.Table) -> None:
