@@ -185,3 +185,43 @@ def test_raw_files_of_a_sharded_run_list_per_shard(runs):
     every = raw.sample_files(paths, day)
     assert len(every) == 8 and every == [f for s in shards.all_shards(8) for f in raw.sample_files(paths, day, s)]
     assert raw.raw_days(paths)[:1] == [date(2026, 10, 31)]
+
+
+SHAPE_SCRIPT = """
+import json
+import dagster as dg
+from billing_dags.definitions import defs as load
+from billing_dags.defs.shared.partitions import SINGLE_RUN
+defs = load() if callable(load) else load
+graph = defs.resolve_asset_graph()
+usage = graph.get(dg.AssetKey("fct_usage_by_day"))
+p = usage.partitions_def
+month = [k for k in p.get_partition_keys() if k.startswith("2026-11-")]
+ranges = p.subset_with_partition_keys(month).get_partition_key_ranges(p)
+edges = graph.get_parents_partitions(dg.AssetKey("fct_usage_by_day"), "2026-11-10|3").parent_partitions
+monthly = graph.get_parents_partitions(dg.AssetKey("fct_usage_by_month"), "2026-11-01").parent_partitions
+print(json.dumps({
+    "policy": usage.backfill_policy == SINGLE_RUN,
+    "dims": [d.name for d in p.partitions_defs],
+    "ranges": [[r.start, r.end] for r in ranges],
+    "edges": sorted(x.partition_key for x in edges if x.asset_key.to_user_string() == "int_series_edges_by_day"),
+    "monthly": sorted(x.partition_key for x in monthly if x.asset_key.to_user_string() == "fct_usage_by_day"),
+    "jobs": sorted(j.name for j in defs.resolve_all_job_defs() if j.name in ("daily_usage", "daily_shards")),
+}))
+"""
+
+
+def test_day_by_shard_partitions_their_dependencies_and_backfill_ranges(tmp_path):
+    """BILLING_SHARDS=8: the daily models are (day, shard) partitions; a day reads its own shard's earlier days, a month
+    every (day, shard) of it; a month's single-run backfill is one run per shard over the month's days."""
+    env = {**os.environ, "BILLING_SHARDS": "8", "BILLING_DATA_DIR": str(tmp_path / "data"), "DAGSTER_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    env.pop("BILLING_EXECUTOR", None)
+    proc = subprocess.run([sys.executable, "-c", SHAPE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    shape = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert shape["policy"] and shape["dims"] == ["day", "shard"] and shape["jobs"] == ["daily_shards", "daily_usage"]
+    assert sorted(shape["ranges"]) == [[f"2026-11-01|{s}", f"2026-11-30|{s}"] for s in shards.shard_keys(8)]
+    assert shape["edges"][-1] == "2026-11-10|3" and all(k.endswith("|3") for k in shape["edges"]) and len(shape["edges"]) == 36
+    assert len(shape["monthly"]) == 30 * 8
