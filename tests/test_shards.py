@@ -225,3 +225,18 @@ def test_day_by_shard_partitions_their_dependencies_and_backfill_ranges(tmp_path
     assert sorted(shape["ranges"]) == [[f"2026-11-01|{s}", f"2026-11-30|{s}"] for s in shards.shard_keys(8)]
     assert shape["edges"][-1] == "2026-11-10|3" and all(k.endswith("|3") for k in shape["edges"]) and len(shape["edges"]) == 36
     assert len(shape["monthly"]) == 30 * 8
+
+
+def test_warehouse_views_read_every_shard_once(runs):
+    import duckdb
+
+    from billing_dags.operations.warehouse import view_statements
+
+    counts = []
+    for root, n in zip(runs, (1, 8)):
+        paths = type(resolve_paths(root / "data"))(root / "data", root / "seeds", n)
+        con = duckdb.connect()
+        for stmt in view_statements(paths):
+            con.execute(stmt)
+        counts.append([con.execute(f"select count(*) from {v}").fetchone()[0] for v in ("raw_samples", "raw_series", "raw_events", "fct_usage_by_day")])
+    assert counts[0] == counts[1] and all(counts[0])
