@@ -94,3 +94,20 @@ def test_flags_list_shows_the_quantity_in_billing_units(paths, capsys):
     assert main(["flags", "list", "--month", "2026-05", "--format", "json"]) == 0
     out = capsys.readouterr().out
     assert '"quantity": "9.75 gib"' in out and '"quantity": ""' in out
+
+
+def test_the_warehouse_view_reads_partitions_computed_before_a_column_was_added(tmp_path):
+    """Flags computed before fct_anomaly_flags_by_day had included_quantity sit beside newer ones: `billing sql`
+    reads both (the older ones with no value), instead of failing on the schema."""
+    from billing_dags.operations.warehouse import open_warehouse
+
+    paths = paths_for(tmp_path)
+    flag = {"customer_id": "acme", "meter_id": "proxy_bytes", "rule": "allowance_used", "severity": "info"}
+    _write_flags(paths, date(2025, 1, 9), [flag])
+    _write_flags(paths, date(2025, 1, 10), [{**flag, "included_quantity": Decimal(12)}])
+    con = open_warehouse(paths)
+    try:
+        got = con.sql("select day, included_quantity from fct_anomaly_flags_by_day order by day").fetchall()
+    finally:
+        con.close()
+    assert got == [(date(2025, 1, 9), None), (date(2025, 1, 10), Decimal(12))]

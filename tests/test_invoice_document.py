@@ -424,3 +424,57 @@ def test_pdfs_can_be_turned_off(tmp_path, monkeypatch):
     p = Paths(tmp_path / "data", tmp_path / "seeds")
     write_invoice_files(p, _build())
     assert sorted(f.name for f in (p.invoices / "2026-11").iterdir()) == ["acme.csv", "acme.html", "acme.json"]
+
+
+def _stored_invoice(tmp_path, now, numbers=None, base_fee_only=False):
+    """An invoice of iot-001 (a customer of the project's seeds, so the CLI knows it) written as an invoice run writes it."""
+    from billing_dags.billing.store import write_invoice_files
+    from billing_dags.core.settings import Paths
+
+    p = Paths(tmp_path / "data", SEEDS)
+    lines = _lines("iot-001")[: 1 if base_fee_only else None]
+    customers = [{"customer_id": "iot-001", "name": "IoT fleet 001", "currency": "usd"}]
+    (inv,) = build_invoices(lines, customers, PLANS, CURRENCIES, NOV, now=now, grace_days=3, manifest=MANIFEST, profile=PROFILE, numbers=numbers)
+    write_invoice_files(p, [inv])
+    return p, inv
+
+
+def test_the_cli_fetches_or_renders_an_invoice_pdf_and_never_rewrites_a_finalized_one(tmp_path, monkeypatch, capsysbinary):
+    import sys
+
+    from billing_dags.cli.main import main
+
+    monkeypatch.setenv("BILLING_INVOICE_PDF", "0")  # invoiced without PDFs: the PDF is made on demand
+    p, inv = _stored_invoice(tmp_path, FINAL_NOW, numbers={"iot-001": "INV-2026-000007"})
+    pdf = p.invoices / "2026-11" / "iot-001.pdf"
+    assert inv["status"] == "finalized" and not pdf.exists()
+    cmd = ["--data-dir", str(p.data_dir), "--seeds-dir", str(SEEDS), "invoice", "iot-001", "--month", "2026-11", "--format", "pdf"]
+    assert main(cmd) == 0
+    out = capsysbinary.readouterr().out
+    assert out.startswith(b"%PDF-") and "INV-2026-000007" in _pdf_text(out)
+    assert pdf.read_bytes() == out == render_bytes(inv, "pdf")  # published beside its JSON
+    # fetched again: the stored file, neither laid out again nor rewritten
+    stamp = pdf.stat().st_mtime_ns
+    assert main(cmd) == 0 and capsysbinary.readouterr().out == out and pdf.stat().st_mtime_ns == stamp
+    # on a terminal: where the file is, not PDF bytes
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(cmd) == 0
+    assert str(pdf) in capsysbinary.readouterr().out.decode().replace("\n", "")
+    assert main([*cmd[:-4], "--month", "2026-10", "--format", "pdf"]) == 2
+    assert b"no invoice for iot-001 in 2026-10" in capsysbinary.readouterr().err
+
+
+def test_a_redrafted_invoice_keeps_no_pdf_of_the_earlier_draft(tmp_path, monkeypatch, capsysbinary):
+    from billing_dags.cli.main import main
+
+    p, first = _stored_invoice(tmp_path, DRAFT_NOW)
+    pdf = p.invoices / "2026-11" / "iot-001.pdf"
+    assert pdf.read_bytes() == render_bytes(first, "pdf")
+    # the draft is computed again with other figures, PDFs turned off: the earlier draft's PDF goes
+    monkeypatch.setenv("BILLING_INVOICE_PDF", "0")
+    _, second = _stored_invoice(tmp_path, DRAFT_NOW, base_fee_only=True)
+    assert second["total"] != first["total"] and not pdf.exists()
+    cmd = ["--data-dir", str(p.data_dir), "--seeds-dir", str(SEEDS), "invoice", "iot-001", "--month", "2026-11", "--format", "pdf"]
+    assert main(cmd) == 0
+    out = capsysbinary.readouterr().out
+    assert second["total"] in _pdf_text(out) and pdf.read_bytes() == out

@@ -103,14 +103,38 @@ def test_projection_math_by_hand(oct_paths):
     # level: the month-to-date peak
     assert u["iot-001", "iot_devices"]["month_to_date"] == u["iot-001", "iot_devices"]["projected"] == 12
     # mp-003: base $6.00; bytes (62 - 12) x $0.05 = $2.50; shares (31,003.1 - 12,000) x $0.00005 = $0.950155 -> $0.95
+    # a US customer: VAT out of scope, a tax line of 0.00 that says so (as on its invoice)
     lines = {(l["line_type"], l["meter_id"]): l["amount_minor"] for l in p.lines if l["customer_id"] == "mp-003"}
-    assert lines == {("base_fee", None): 600, ("usage", "proxy_bytes"): 250, ("usage", "proxy_accepted_shares"): 95}
-    assert p.totals["mp-003"] == {"currency": "usd", "amount_minor": 945, "exponent": 2}
-    # iot-001: base $29.00 + (12 - 10) devices x $2 = $33.00 (other meters: no usage, $0)
-    assert p.totals["iot-001"]["amount_minor"] == 3300
+    assert lines == {("base_fee", None): 600, ("usage", "proxy_bytes"): 250, ("usage", "proxy_accepted_shares"): 95, ("tax", None): 0}
+    assert p.totals["mp-003"] == {"currency": "usd", "amount_minor": 945, "exponent": 2, "tax_minor": 0}
+    # iot-001: base $29.00 + (12 - 10) devices x $2 = $33.00 (other meters: no usage, $0), + 19% VAT $6.27
+    assert p.totals["iot-001"]["amount_minor"] == 3927
     # a projection never writes: data/ is exactly as before
     assert _files(oct_paths.data_dir) == before
     assert not (oct_paths.models / "fct_invoice_lines").exists()
+
+
+def test_the_projected_bill_has_the_tax_line_its_invoice_would_have(oct_paths, capsys, monkeypatch):
+    """One tax rule: the projection's tax line is billing.tax's line at the customer's rate (seeds/customer_billing.csv,
+    tax_rates.csv), on the projected charges, after the charge lines, in the total."""
+    from billing_dags.billing import tax
+    from billing_dags.seeds.catalog import load_invoice_profile
+
+    p = projection.project_month(oct_paths, OCT, TODAY, customer_id="iot-001")
+    lines = [l for l in p.lines if l["customer_id"] == "iot-001"]
+    charges = sum(int(l["amount_minor"]) for l in lines if l["line_type"] != "tax")
+    assert charges == 3300
+    rate = tax.customer_rate(load_invoice_profile(oct_paths.seeds_dir), "iot-001")
+    expected = tax.tax_line(len(lines), tax.tax_block(rate, charges, 2), "usd")
+    (line,) = [l for l in lines if l["line_type"] == "tax"]
+    assert line == {**line, **{k: expected[k] for k in ("line_number", "line_type", "description", "amount_minor", "formula")}}
+    assert line["line_number"] == max(l["line_number"] for l in lines) and line["amount_minor"] == 627  # 33.00 x 19%
+    assert p.totals["iot-001"]["amount_minor"] == 3927 and p.totals["iot-001"]["tax_minor"] == 627
+    monkeypatch.setattr(projection, "utc_today", lambda: TODAY)
+    assert main(["usage", "iot-001", "--month", "2026-10", "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["projected_lines"][-1]["type"] == "tax" and doc["projected_lines"][-1]["amount"] == "6.27"
+    assert doc["projected_total"] == "39.27" and "VAT 19%" in doc["projected_lines"][-1]["description"]
 
 
 def test_projected_days_sum_exactly_to_the_projection():

@@ -224,3 +224,51 @@ def test_too_old_events_are_flagged_in_the_daily_summary(env):
     # counters: the day's delta must be billed another way; levels: a later day carries the value
     assert "k8s_network 2026-11-02: Stripe holds 0, the invoice" in section and "as an invoice item" in section
     assert "iot_devices 2026-11-02" not in section
+
+
+def test_the_reconciliation_check_runs_live_in_a_dagster_run_that_sends_the_month(env, capsys, tmp_path):
+    """The daily run of the month's last day on a Dagster instance (on disk) materializes stripe_outbox and
+    stripe_meter_events (which send every day of the month built so far to the Stripe server) and runs
+    reconciled_with_invoices; the instance records each result. A rejected event makes the check fail (a
+    warning naming the line and the cause); the next run, sending alone, passes."""
+    import dagster as dg
+
+    from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
+    from billing_dags.defs.stripe.assets import stripe_meter_events, stripe_outbox
+    from billing_dags.defs.stripe.checks import reconciled_with_invoices
+
+    paths, server = env
+    code, out = cli(capsys, "stripe", "sync-meters")
+    assert code == 0, out
+    victim = next(r for r in ob.read_outbox(paths, date(2026, 11, 12)) if r["event_name"] == "k8s_network")
+    server.reject_identifier(victim["identifier"], "This event was refused for the test.")
+    resources = {
+        "warehouse": WarehouseResource(data_dir=str(paths.data_dir), seeds_dir=str(paths.seeds_dir)),
+        # the sender judges Stripe's 35-day limit as of the month's close, as `billing stripe send --as-of` does
+        "stripe": StripeResource(api_key=API_KEY, api_base=server.url, max_network_retries=0, as_of=AS_OF),
+    }
+    key = dg.AssetCheckKey(dg.AssetKey("stripe_meter_events"), "reconciled_with_invoices")
+    (tmp_path / "dagster_home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+
+        def run(*assets):
+            result = dg.materialize([*assets, reconciled_with_invoices], instance=instance, resources=resources, partition_key="2026-11-30")
+            assert result.success
+            evaluations = result.get_asset_check_evaluations()
+            assert len(evaluations) == 1, evaluations
+            evaluation = evaluations[0]
+            (record,) = instance.event_log_storage.get_asset_check_execution_history(key, limit=1)
+            assert record.run_id == result.run_id
+            assert record.status.name == ("SUCCEEDED" if evaluation.passed else "FAILED")
+            return evaluation
+
+        first = run(stripe_outbox, stripe_meter_events)
+        assert not first.passed and first.severity == dg.AssetCheckSeverity.WARN
+        assert first.description.startswith("1 invoice lines differ from Stripe") and "k8s_network" in first.description
+        assert "rejected: 1 events (2026-11-12)" in first.description
+        server.rejected_identifiers.clear()
+        second = run(stripe_meter_events)
+        assert second.passed and second.metadata["differences"].value == []
+        checked = stripe_vs_invoice(paths, server)
+        assert second.metadata["lines"].value == {"equal": len(checked)}
+        assert [c for c in checked if c[4] != c[5]] == []

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -275,6 +276,55 @@ def test_keys_only_ever_open_their_own_customer(server, path):
     assert r.status_code == 401
     r = get(server, path, KEYS["zz-001"])
     assert r.status_code == 403 and "no subscription" in r.json()["error"] and "proxy_bytes" not in r.text
+
+
+def _from(url: str, source: str, key: str, path: str = "/v1/billing/usage/current-period") -> tuple[int, Any, dict]:
+    """A request from another loopback address (127.0.0.2, ...): another client for the server."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    conn = http.client.HTTPConnection("127.0.0.1", urlsplit(url).port, timeout=60, source_address=(source, 0))
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {key}"})
+        r = conn.getresponse()
+        return r.status, r.headers, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def test_failed_api_keys_are_rate_limited_per_client_address(server):
+    """20 failed authentications from one address within a minute, then 429 with Retry-After for any key from
+    it (a blocked address cannot go on trying keys); other addresses are not affected."""
+    for i in range(20):
+        assert _from(server, "127.0.0.2", f"bk_guess_{i:04d}")[0] == 401
+    status, headers, body = _from(server, "127.0.0.2", "bk_guess_9999")
+    assert status == 429 and 1 <= int(headers["Retry-After"]) <= 60, (status, headers)
+    assert "too many requests with a missing or invalid API key" in body["error"] and headers["Retry-After"] in body["error"]
+    assert _from(server, "127.0.0.2", KEYS["mp-003"])[0] == 429
+    assert _from(server, "127.0.0.2", KEYS["mp-003"], "/v1/billing/usage")[0] == 429
+    # another client: its own count
+    assert _from(server, "127.0.0.3", "bk_guess_0000")[0] == 401
+    assert _from(server, "127.0.0.3", KEYS["mp-003"])[0] == 200
+
+
+def test_the_failed_authentication_window_slides():
+    from billing_dags.operations.customer_api import AuthFailures
+
+    now = [1000.0]
+    limiter = AuthFailures(limit=3, window_s=60, clock=lambda: now[0])
+    for t in (0, 10, 20):
+        now[0] = 1000 + t
+        assert limiter.retry_after("a") is None
+        limiter.failed("a")
+    assert limiter.retry_after("a") == 40 and limiter.retry_after("b") is None  # until the first failure is 60 s old
+    now[0] = 1060
+    assert limiter.retry_after("a") is None  # one failure left the window: one more try
+    limiter.failed("a")
+    assert limiter.retry_after("a") == 10
+    small = AuthFailures(limit=1, window_s=60, clock=lambda: now[0], max_clients=2)
+    for client in ("x", "y", "z"):
+        small.failed(client)
+    assert small.retry_after("x") is None and small.retry_after("z") == 60  # at most max_clients remembered
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -33,10 +33,11 @@ from billing_dags.billing.numbering import assign_invoice_numbers, read_registry
 from billing_dags.billing.periods import checked_grace, checked_month, finalization_date, invoice_status, period_end
 from billing_dags.billing.settlement import adjustment_document, open_adjustments, settle
 from billing_dags.billing.store import PENDING_DIR
+from billing_dags.billing.tax import customer_rate, invoice_profile
 from billing_dags.core.money import MoneyError, format_decimal, format_minor, format_price, parse_minor
 from billing_dags.core.settings import DEFAULT_GRACE_DAYS, Paths
-from billing_dags.seeds.catalog import OUTSIDE_SUBSCRIPTION_RULES, SAFE_ID_RE, load_invoice_profile
-from billing_dags.seeds.invoicing import ISSUER_FILE, InvoiceProfile
+from billing_dags.seeds.catalog import OUTSIDE_SUBSCRIPTION_RULES, SAFE_ID_RE
+from billing_dags.seeds.invoicing import InvoiceProfile
 
 DISPUTE_DAYS = 30
 
@@ -110,9 +111,9 @@ def build_invoices(
     with _as_invoice_error():
         grants = list(grants)
         ctx = _month_context(customers, plans, currencies, month, now, grace_days, manifest, held)
-        if profile is None and paths is not None and (paths.seeds_dir / ISSUER_FILE).exists():
-            # the seed assets require the file; a seeds folder made by hand without it gives invoices without these blocks
-            profile = load_invoice_profile(paths.seeds_dir)
+        if profile is None and paths is not None:
+            # the seed assets require issuer.csv; a seeds folder made by hand without it gives invoices without these blocks
+            profile = invoice_profile(paths.seeds_dir)
         ctx.profile = profile
         grouped = _grouped_lines(lines, ctx)
         # every stored invoice and pending adjustment under paths.invoices, listed once (not a glob per customer)
@@ -340,9 +341,7 @@ def _document(ctx: _Month, cid: str, plan_id: Any, plan_version: Any, plan_name:
 
 def _tax_rate(ctx: _Month, cid: str) -> dict | None:
     """The customer's tax rate (tax_code, name, rate_percent, treatment, note), None without a profile."""
-    if ctx.profile is None:
-        return None
-    return asdict(ctx.profile.terms(cid, ctx.customers[cid].get("name")).tax)
+    return customer_rate(ctx.profile, cid, ctx.customers[cid].get("name"))
 
 
 def payment_terms_text(days: int) -> str:

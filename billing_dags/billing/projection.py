@@ -26,7 +26,9 @@ How the month-end quantity is projected (per customer, meter and dimension):
   real and synthetic days has exactly the month-to-date average).
 
 The projected total is the sum of the projected invoice lines (base fees, usage, discount, risk,
-minimum top-up) before prepaid credits and adjustments; label it "projected, not an invoice".
+minimum top-up) and the tax line, before prepaid credits and adjustments; label it "projected, not
+an invoice". The tax line is the invoice's (``billing.tax``: the customer's rate, one half-up
+rounding) on the projected charges; a seeds folder without ``issuer.csv`` gives none, as invoices.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from billing_dags.billing import tax
 from billing_dags.core.calendar import month_days, next_month, utc_today
 from billing_dags.core.errors import InputError
 from billing_dags.core.money import format_minor
@@ -311,7 +314,35 @@ def project_month(paths: Paths, month: date, today: date | None = None, customer
     for line in line_rows:
         t = totals.setdefault(line["customer_id"], {"currency": line["currency"], "amount_minor": 0, "exponent": exponents.get(line["currency"], 2)})
         t["amount_minor"] += int(line["amount_minor"])
+    line_rows += _tax_lines(paths, seeds, line_rows, totals)
     return Projection(month, today, len(month_days(month)), computed, usage, line_rows, totals, allowances)
+
+
+def _tax_lines(paths: Paths, seeds: dict[str, pa.Table], lines: list[dict], totals: dict[str, dict]) -> list[dict]:
+    """Each customer's tax line on its projected charges, numbered after its last line, added to ``totals``
+    (``amount_minor``, and ``tax_minor``); none without an invoice profile (seeds without issuer.csv)."""
+    profile = tax.invoice_profile(paths.seeds_dir)
+    if profile is None:
+        return []
+    names = {c["customer_id"]: c["name"] for c in seeds["customers"].to_pylist()}
+    out = []
+    for cid, t in sorted(totals.items()):
+        block = tax.tax_block(tax.customer_rate(profile, cid, names.get(cid)), t["amount_minor"], t["exponent"])
+        last = max((l for l in lines if l["customer_id"] == cid), key=lambda l: l["line_number"])
+        line = tax.tax_line(last["line_number"] + 1, block, t["currency"])
+        # a row of fct_invoice_lines' columns (the plan and period of the customer's last line) plus the formula
+        out.append(
+            {
+                **last,
+                **dict.fromkeys(("included_quantity", "billable_quantity", "package_size", "packages", "tier_formula")),
+                **{k: line[k] for k in ("line_number", "line_type", "meter_id", "dimension", "description", "unit", "amount_minor", "formula")},
+                "quantity": Decimal(line["quantity"]),
+                "unit_price": Decimal(block["taxable_minor"]).scaleb(-t["exponent"]),
+            }
+        )
+        t["amount_minor"] += block["amount_minor"]
+        t["tax_minor"] = block["amount_minor"]
+    return out
 
 
 # --- `billing usage` for an open month ---------------------------------------------------------

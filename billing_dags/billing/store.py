@@ -91,6 +91,8 @@ def write_files(files: dict[str, Path], inv: dict, written: list[str], unchanged
     html_unchanged = False
     for fmt in FILE_FORMATS:
         if fmt == "pdf" and not pdf_wanted():
+            if not html_unchanged:  # a PDF of the page before (an earlier draft) would disagree with the invoice
+                durable.remove(files[fmt])
             continue
         if fmt == "pdf" and html_unchanged and files[fmt].exists():
             unchanged.append(str(files[fmt]))
@@ -208,6 +210,26 @@ def _write_invoice(
     cur = effective["currency"]
     totals_minor[cur] = totals_minor.get(cur, 0) + int(effective["total_minor"])
     exponents[cur] = int(effective["minor_unit_exponent"])
+
+
+def invoice_pdf(paths: Paths, month: date | str, customer_id: str) -> tuple[Path, bytes]:
+    """A stored invoice's PDF and where it is: the stored file, else laid out from the stored JSON (the same
+    page, the same bytes an invoice run writes) and published beside it. A PDF on disk is never rewritten:
+    it is the one of the invoice as stored (``write_files`` removes a draft's PDF when its page changes)."""
+    files = invoice_files(paths, month, customer_id)
+    try:
+        return files["pdf"], files["pdf"].read_bytes()
+    except FileNotFoundError:
+        pass
+    doc = read_stored(files["json"])
+    if doc is None:
+        raise InvoiceError(f"no invoice for {customer_id} in {month if isinstance(month, str) else f'{month:%Y-%m}'} under {files['json'].parent}")
+    data = render_bytes(doc, "pdf")
+    # published only while the JSON it was laid out from is still the stored one (an invoice run may have
+    # replaced a draft meanwhile) and no PDF has appeared
+    if read_stored(files["json"]) == doc and not files["pdf"].exists():
+        durable.write_bytes(files["pdf"], data)
+    return files["pdf"], data
 
 
 def read_pending(path: Path) -> dict:

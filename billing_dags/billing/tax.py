@@ -17,10 +17,14 @@ Rules (decided here):
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from decimal import Decimal
+from pathlib import Path
 
 from billing_dags.billing.errors import InvoiceError
 from billing_dags.core.money import format_decimal, format_minor
+from billing_dags.seeds.catalog import load_invoice_profile
+from billing_dags.seeds.invoicing import ISSUER_FILE, InvoiceProfile
 
 TREATMENT_LABELS = {
     "standard": "",
@@ -29,6 +33,22 @@ TREATMENT_LABELS = {
     "zero_rated": "zero-rated",
     "out_of_scope": "out of scope",
 }
+
+
+def invoice_profile(seeds_dir: Path) -> InvoiceProfile | None:
+    """The issuer, customers' terms and tax rates of ``seeds_dir``; None for a seeds folder made by hand
+    without ``issuer.csv`` (the seed assets require it): documents then have no tax line."""
+    if not (Path(seeds_dir) / ISSUER_FILE).exists():
+        return None
+    return load_invoice_profile(seeds_dir)
+
+
+def customer_rate(profile: InvoiceProfile | None, customer_id: str, name: str | None = None) -> dict | None:
+    """The customer's tax rate (tax_code, name, rate_percent, treatment, note, jurisdiction): its
+    customer_billing.csv row's, else the issuer's default; None without a profile (no tax line)."""
+    if profile is None:
+        return None
+    return asdict(profile.terms(customer_id, name).tax)
 
 
 def div_half_up(n: int, d: int) -> int:

@@ -165,6 +165,18 @@ def cmd_invoice(args) -> int:
     paths = paths_of(args)
     month = parse_month(args.month)
     doc = _load_invoice(paths, args.customer, month)
+    if args.format == "pdf":
+        from billing_dags.billing.store import invoice_pdf
+
+        pdf, data = invoice_pdf(paths, month, args.customer)
+        if sys.stdout.isatty():  # PDF bytes would garble a terminal: say where the file is
+            console.print(f"{document_title(doc)} {doc['invoice_number']} ({doc['status']}) as PDF: {pdf}", highlight=False, soft_wrap=True)
+            console.print(f"(redirect to save a copy: billing invoice {args.customer} --month {month:%Y-%m} --format pdf > invoice.pdf)", highlight=False)
+        else:
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        return 0
     if args.format == "table":
         rows: list[list] = [
             [line["line_number"], line["description"], line["quantity"], line["unit"], line["unit_price"], line["amount"]] for line in doc["lines"]
@@ -344,7 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("invoice", help="show one customer's invoice for a month")
     p.add_argument("customer")
     p.add_argument("--month", required=True, help="YYYY-MM")
-    p.add_argument("--format", choices=["table", "json", "csv", "html"], default="table")
+    p.add_argument(
+        "--format",
+        choices=["table", "json", "csv", "html", "pdf"],
+        default="table",
+        help="pdf: the stored PDF (laid out and stored first if missing) to stdout, or its path on a terminal",
+    )
     p.set_defaults(func=cmd_invoice)
 
     p = sub.add_parser("invoices", help="list every invoice of a month with status and total")

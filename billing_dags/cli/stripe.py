@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import UTC, date, datetime
+from datetime import date
 
 from billing_dags.cli.common import CliError, billable, console, emit, month_hint, paths_of
 from billing_dags.core.calendar import month_days, parse_month
@@ -57,27 +57,14 @@ def cmd_sync_meters(args) -> int:
     return 0 if report.ok else 1
 
 
-def as_of(value: str | None) -> datetime:
-    """``--as-of`` (ISO 8601 with a UTC offset, e.g. 2026-12-01T02:00:00Z) or now."""
-    if not value:
-        return datetime.now(UTC)
-    try:
-        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        t = None
-    if t is None or t.tzinfo is None:
-        raise CliError(f"--as-of {value!r} is not an ISO 8601 time with a UTC offset; give e.g. 2026-12-01T02:00:00Z")
-    return t.astimezone(UTC)
-
-
 def cmd_send(args) -> int:
     paths = paths_of(args)
     days = days_of(args.day, args.month)
     from billing_dags.stripe.outbox import OutboxError
-    from billing_dags.stripe.sender import sender_options
+    from billing_dags.stripe.sender import as_of, sender_options
 
-    now = as_of(args.as_of)
     try:
+        now = as_of(args.as_of)
         options = sender_options(args.api, args.concurrency, args.rate_limit)
     except OutboxError as e:
         raise CliError(str(e)) from None

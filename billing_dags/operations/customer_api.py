@@ -17,6 +17,11 @@ endpoint takes a customer id. 401 without a known key, 403 for a customer with n
 for a bad parameter (named), 503 when the server cannot answer now (key file invalid, busy, Stripe
 not configured). Work runs in a small thread pool, off the receiver's event loop; over
 ``max_pending`` requests at once the API answers 503 rather than queueing.
+
+Failed authentications (a missing or unknown key) are counted per client address: after
+``max_auth_failures`` of them within ``auth_failure_window_s``, every request of that address gets
+429 with ``Retry-After`` (the seconds until its oldest counted failure leaves the window), its right
+key included, so an address cannot go on trying keys; other addresses are not affected.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,6 +73,9 @@ class CustomerApiConfig:
     #: requests being computed or waiting at once before answering 503
     max_pending: int = 16
     today: Callable[[], date] = field(default=utc_today)
+    #: failed authentications a client address may make within auth_failure_window_s before it gets 429
+    max_auth_failures: int = 20
+    auth_failure_window_s: float = 60.0
 
     @classmethod
     def from_env(cls, paths: Paths, **kw) -> CustomerApiConfig:
@@ -88,6 +99,38 @@ class _KeyCache:
         return self._keys
 
 
+class AuthFailures:
+    """Failed authentications per client address in a sliding window of ``window_s`` seconds. At most
+    ``max_clients`` addresses are remembered (the one whose last failure is oldest is forgotten first), so
+    the memory is bounded whatever the number of addresses. Used from the event loop only."""
+
+    def __init__(self, limit: int, window_s: float, clock: Callable[[], float] = time.monotonic, max_clients: int = 100_000):
+        self.limit, self.window_s, self.clock, self.max_clients = limit, window_s, clock, max_clients
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, client: str) -> deque[float]:
+        failures = self._failures.get(client) or deque()
+        oldest_kept = self.clock() - self.window_s
+        while failures and failures[0] <= oldest_kept:
+            failures.popleft()
+        return failures
+
+    def retry_after(self, client: str) -> int | None:
+        """Whole seconds until ``client`` may try again; None when it may now."""
+        failures = self._recent(client)
+        if len(failures) < self.limit:
+            return None
+        return max(1, math.ceil(failures[-self.limit] + self.window_s - self.clock()))
+
+    def failed(self, client: str) -> None:
+        failures = self._recent(client)
+        failures.append(self.clock())
+        self._failures.pop(client, None)
+        self._failures[client] = failures
+        if len(self._failures) > self.max_clients:
+            self._failures.popitem(last=False)
+
+
 def _error(status: int, message: str, param: str | None = None, **headers) -> JSONResponse:
     body = {"error": message}
     if param is not None:
@@ -101,19 +144,37 @@ def customer_routes(config: CustomerApiConfig) -> list[Route]:
     pool = ThreadPoolExecutor(config.threads, thread_name_prefix="customer-api")
     state = {"pending": 0}
 
+    failures = AuthFailures(config.max_auth_failures, config.auth_failure_window_s)
+
     def authenticate(request: Request) -> str | JSONResponse:
+        client = request.client.host if request.client else ""
+        wait = failures.retry_after(client)
+        if wait is not None:
+            return _error(
+                429,
+                f"too many requests with a missing or invalid API key from this address (over {config.max_auth_failures} in "
+                f"{config.auth_failure_window_s:g} s); retry in {wait} s with a valid key",
+                **{"Retry-After": str(wait)},
+            )
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
-            return _error(401, "send Authorization: Bearer <your API key>", **_CHALLENGE)
+            return refused(client, "send Authorization: Bearer <your API key>")
         try:
             customer = keys.get().customer_of(key)
         except InputError as e:
             log.error("customer API refused: the key file cannot be used: %s", e)
             return _error(503, "the usage API is not configured on this server (its key file is invalid); retry later")
         if customer is None:
-            return _error(401, "the API key is not valid; check it, or ask support for a new one", **_CHALLENGE)
+            return refused(client, "the API key is not valid; check it, or ask support for a new one")
         return customer
+
+    def refused(client: str, message: str) -> JSONResponse:
+        failures.failed(client)
+        if failures.retry_after(client) is not None:
+            window = config.auth_failure_window_s
+            log.warning("customer API: %s failed to authenticate %s times in %g s; 429 for a while", client, config.max_auth_failures, window)
+        return _error(401, message, **_CHALLENGE)
 
     answers = usage_api.AnswerCache()
 

@@ -1,9 +1,12 @@
 """Allowance notifications: "you have used 80% (100%) of an included allowance", for a mail or webhook sender.
+An allowance of a counted meter (bytes, shares) is used by the month's usage, one of a peak meter (devices,
+storage: aggregation max) by the month's peak.
 
 They are built on the ``allowance_used`` flags of fct_anomaly_flags_by_day, which already decide when a
 threshold is crossed (seeds/anomaly_rules.csv: the day month-to-date usage first reaches a level,
-again at a higher level, again next month; the highest level reached that day). One flag is one
-notification; nothing here decides a crossing a second time.
+again at a higher level, again next month; the highest level reached that day) and carry the included
+quantity of the plan in force it is a percentage of. One flag is one notification; nothing here decides
+a crossing, or which plan is in force, a second time.
 
 The outbox is one JSON Lines file per day of crossing, ``data/notifications/outbox/day=YYYY-MM-DD.jsonl``,
 rewritten whole (durably) when the day is computed again: a notification keeps its ``created_at``, and
@@ -28,7 +31,6 @@ from pathlib import Path
 
 from billing_dags.billing import projection
 from billing_dags.core import durable
-from billing_dags.core.calendar import month_start
 from billing_dags.core.errors import InputError
 from billing_dags.core.settings import Paths
 
@@ -66,29 +68,6 @@ def _flags_of_day(paths: Paths, day: date) -> list[dict]:
     return flags.to_pylist()
 
 
-def _included(seeds: dict, customer_id: str, meter_id: str, day: date) -> Decimal | None:
-    """The included quantity of ``meter_id`` on the plan in force for ``customer_id`` on ``day``: the
-    subscription covering the day, its plan's latest version effective by the later of the subscription's
-    start and the month's first day (the rule fct_anomaly_flags_by_day applies)."""
-    subs = [
-        s
-        for s in seeds["subscriptions"].to_pylist()
-        if s["customer_id"] == customer_id and s["start_date"] <= day and (s["end_date"] is None or day < s["end_date"])
-    ]
-    if not subs:
-        return None
-    sub = subs[0]
-    since = max(sub["start_date"], month_start(day))
-    versions = [p for p in seeds["plans"].to_pylist() if p["plan_id"] == sub["plan_id"] and p["effective_from"] <= since]
-    if not versions:
-        return None
-    plan = max(versions, key=lambda p: (p["effective_from"], p["version"]))
-    for price in seeds["prices"].to_pylist():
-        if (price["plan_id"], price["version"], price["meter_id"], price["dimension"]) == (plan["plan_id"], plan["version"], meter_id, ""):
-            return price["included_quantity"]
-    return None
-
-
 def build_day(paths: Paths, day: date, now: datetime | None = None) -> list[dict]:
     """The notifications of the allowance thresholds crossed on ``day`` (from its flags), sorted by id;
     ``created_at`` is kept from the day's outbox file when a notification is already there."""
@@ -105,12 +84,13 @@ def build_day(paths: Paths, day: date, now: datetime | None = None) -> list[dict
     for f in flags:
         threshold = Decimal(f["threshold"])
         nid = notification_id(f["customer_id"], f["meter_id"], "", period, threshold)
-        allowance = _included(seeds, f["customer_id"], f["meter_id"], day)
+        allowance = f.get("included_quantity")  # the plan in force, resolved by the flags model
         t = f"{threshold.normalize():f}"
         unit = f["unit"] or meters.get(f["meter_id"], {}).get("billing_unit", "")
         quantity = projection.fmt(f["quantity"]) if f["quantity"] is not None else None
         used = Decimal(f["value"]).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
         description = meters.get(f["meter_id"], {}).get("description") or f["meter_id"]
+        peak = meters.get(f["meter_id"], {}).get("aggregation") == "max"
         out.append(
             {
                 "id": nid,
@@ -128,9 +108,13 @@ def build_day(paths: Paths, day: date, now: datetime | None = None) -> list[dict
                 "unit": unit,
                 "severity": f["severity"],
                 "subject": f"{'Allowance used up' if threshold >= 100 else f'{t}% of an allowance used'}: {description}",
-                "message": f"{quantity} {unit} of {description} used in {period}: {used:f}% of the "
-                f"{projection.fmt(allowance) if allowance is not None else '?'} {unit} included in your plan"
-                + (" (usage over it is billed at the plan's price)" if threshold >= 100 else ""),
+                "message": (
+                    f"{description} reached {quantity} {unit} in {period}"  # a peak (devices, storage): the month's highest
+                    if peak
+                    else f"{quantity} {unit} of {description} used in {period}"
+                )
+                + f": {used:f}% of the {projection.fmt(allowance) if allowance is not None else '?'} {unit} included in your plan"
+                + (f" ({'a peak' if peak else 'usage'} over it is billed at the plan's price)" if threshold >= 100 else ""),
                 "created_at": before.get(nid, {}).get("created_at") or now.isoformat(timespec="seconds"),
             }
         )

@@ -68,7 +68,8 @@ def view_statements(paths: Paths) -> list[str]:
             if model.partitioned_by == "billing_daily" and paths.shards > 1:
                 files = partition_dir(paths, model) / "day=*" / f"shard=*-of-{paths.shards}" / "data.parquet"
             if model_files(paths, model):
-                stmts.append(f"create or replace view {name} as select * from read_parquet({_lit(files)}, hive_partitioning = false)")
+                # union_by_name: partitions computed before a column was added read it as null
+                stmts.append(f"create or replace view {name} as select * from read_parquet({_lit(files)}, hive_partitioning = false, union_by_name = true)")
         else:
             stmts.append(f"create or replace view {name} as {model.sql.strip().rstrip(';')}")
     return stmts

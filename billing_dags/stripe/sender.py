@@ -671,6 +671,20 @@ def send_outbox(
 ENV_OPTIONS = {"STRIPE_METER_API": "api", "STRIPE_CONCURRENCY": "concurrency", "STRIPE_RATE_LIMIT": "rate_limit"}
 
 
+def as_of(value: str | None, what: str = "--as-of") -> datetime:
+    """The time Stripe's 35-day limit is judged at: ``value`` (ISO 8601 with a UTC offset, e.g.
+    2026-12-01T02:00:00Z; replays and tests), or now when it is empty."""
+    if not value:
+        return datetime.now(UTC)
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        t = None
+    if t is None or t.tzinfo is None:
+        raise OutboxError(f"{what} {value!r} is not an ISO 8601 time with a UTC offset; give e.g. 2026-12-01T02:00:00Z")
+    return t.astimezone(UTC)
+
+
 def sender_options(api: str | None = None, concurrency: int | str | None = None, rate_limit: float | str | None = None, *, environ=None) -> dict:
     """Sender options from explicit values, else STRIPE_METER_API (v1 | v2), STRIPE_CONCURRENCY
     (requests in flight) and STRIPE_RATE_LIMIT (requests per second); unset ones keep the defaults.

@@ -11,7 +11,7 @@ from billing_dags.operations.notifications import build_day, write_day
     partitions_def=billing_daily,
     group_name="notifications",
     kinds={"json"},
-    deps=["fct_anomaly_flags_by_day", "seed_subscriptions", "seed_plans", "seed_prices", "seed_customers", "seed_meters"],
+    deps=["fct_anomaly_flags_by_day", "seed_customers", "seed_meters"],
     backfill_policy=SINGLE_RUN,
     metadata={
         "outbox": "data/notifications/outbox/day=YYYY-MM-DD.jsonl (one JSON object a line)",

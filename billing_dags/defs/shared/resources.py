@@ -1,6 +1,7 @@
 """Resources: where the warehouse lives and how Stripe is reached (where usage comes from: defs/ingest/sources.py)."""
 
 import os
+from datetime import datetime
 
 import dagster as dg
 
@@ -41,6 +42,13 @@ class StripeResource(dg.ConfigurableResource):
     api: str | None = None
     concurrency: int | None = None
     rate_limit: float | None = None
+    #: judge Stripe's 35-day limit as of this time (ISO 8601 with a UTC offset) instead of now: replays, tests
+    as_of: str | None = None
+
+    def now(self) -> datetime:
+        from billing_dags.stripe.sender import as_of
+
+        return as_of(self.as_of, "the stripe resource's as_of")
 
     def sender_options(self) -> dict:
         from billing_dags.stripe.sender import sender_options

@@ -1,6 +1,6 @@
 """Stripe hand-off: a daily outbox of meter events, then a sender that records what Stripe acknowledged."""
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 
 import dagster as dg
 import pyarrow as pa
@@ -100,7 +100,7 @@ def stripe_meter_events(context: dg.AssetExecutionContext, warehouse: WarehouseR
     """Sends each day's pending outbox events to Stripe (dry-run without STRIPE_API_KEY) and records acks."""
     paths = warehouse.paths()
     # one sender for every day of the run: a refused key or a down API stops the whole run
-    sender = Sender(stripe.client(), now=datetime.now(UTC), log=context.log.warning, **stripe.sender_options())
+    sender = Sender(stripe.client(), now=stripe.now(), log=context.log.warning, **stripe.sender_options())
     sent_months: set[date] = set()
 
     def one_day(key, window) -> dict:

@@ -175,7 +175,8 @@ deviation as (
 ),
 
 -- seed 001: month-to-date usage against the included allowance of the plan in force that day, today
--- and yesterday (a level is raised on the day it is crossed)
+-- and yesterday (a level is raised on the day it is crossed); a peak allowance (devices, storage:
+-- aggregation max) against the month-to-date peak
 check_days as (
     select $start_date::date as check_day
     union all
@@ -217,7 +218,8 @@ allowances as (
         plan_on_day.customer_id,
         prices.meter_id,
         prices.included_quantity,
-        prices.included_quantity * meter_units.divisor as included_base
+        prices.included_quantity * meter_units.divisor as included_base,
+        meters.aggregation
     from plan_on_day
     inner join prices
         on plan_on_day.plan_id = prices.plan_id and plan_on_day.plan_version = prices.plan_version
@@ -225,7 +227,7 @@ allowances as (
         on prices.meter_id = meters.meter_id
     inner join meter_units
         on prices.meter_id = meter_units.meter_id
-    where prices.included_quantity > 0 and prices.dimension = '' and meters.aggregation = 'sum'
+    where prices.included_quantity > 0 and prices.dimension = '' and meters.aggregation in ('sum', 'max')
 ),
 
 month_to_date as (
@@ -233,7 +235,8 @@ month_to_date as (
         check_days.check_day,
         daily.customer_id,
         daily.meter_id,
-        sum(daily.usage) as usage
+        -- a counter's usage adds up; a gauge's (its usage is null) month-to-date peak is its highest day
+        coalesce(sum(daily.usage), max(daily.gauge_peak)) as usage
     from check_days
     inner join daily
         on daily.day >= date_trunc('month', $start_date::date) and check_days.check_day >= daily.day
@@ -444,8 +447,10 @@ candidates as (
         allowances.meter_id,
         'allowance_used',
         (month_to_date.usage * 100 / allowances.included_base)::decimal(38, 9),
-        fmt_decimal(to_billing_units(month_to_date.usage, meter_units.divisor)) || ' ' || meter_units.billing_unit
-        || ' used this month of ' || fmt_decimal(allowances.included_quantity) || ' ' || meter_units.billing_unit
+        case when allowances.aggregation = 'max' then 'peak ' else '' end
+        || fmt_decimal(to_billing_units(month_to_date.usage, meter_units.divisor)) || ' ' || meter_units.billing_unit
+        || case when allowances.aggregation = 'max' then ' this month of ' else ' used this month of ' end
+        || fmt_decimal(allowances.included_quantity) || ' ' || meter_units.billing_unit
         || ' included',
         month_to_date.usage
     from allowances
@@ -694,10 +699,17 @@ final as (
         raised.rule_description,
         raised.detail,
         to_billing_units(raised.quantity, meter_units.divisor) as quantity,
-        case when raised.quantity is not null then meter_units.billing_unit end as unit
+        case when raised.quantity is not null then meter_units.billing_unit end as unit,
+        -- allowance_used: the included quantity (billing units) of the plan in force that its value is a percentage of
+        allowances.included_quantity
     from raised
     left join meter_units
         on raised.meter_id = meter_units.meter_id
+    left join allowances
+        on raised.rule = 'allowance_used'
+        and raised.customer_id = allowances.customer_id
+        and raised.meter_id = allowances.meter_id
+        and allowances.check_day = $start_date::date
 )
 
 select * from final
