@@ -19,8 +19,8 @@ from billing_dags.billing.periods import checked_month, period_end
 from billing_dags.core.calendar import month_days
 from billing_dags.core.durable import sha256_file
 from billing_dags.core.settings import PROJECT_ROOT, Paths
-from billing_dags.ingest.events import event_files
-from billing_dags.ingest.raw import sample_files
+from billing_dags.ingest.events import unsharded_event_files
+from billing_dags.ingest.raw import unsharded_sample_files
 from billing_dags.ingest.usage_reports import SOURCE as REPORTS_SOURCE
 from billing_dags.ingest.usage_reports import ReportStore
 from billing_dags.seeds.catalog import seeds_digest
@@ -61,10 +61,9 @@ def invoice_manifest(paths: Paths, month: date, seeds_dir: Path | str, code_vers
     raw: dict[str, str] = {}
     raw_events: dict[str, str] = {}
     for day in month_days(month):
-        for f in sample_files(paths, day):
-            raw[f.relative_to(paths.data_dir).as_posix()] = sha256_file(f)
-        for f in event_files(paths, day):
-            raw_events[f.relative_to(paths.data_dir).as_posix()] = sha256_file(f)
+        # each file as the unsharded layout holds it: a month's manifest does not depend on BILLING_SHARDS
+        raw.update(unsharded_sample_files(paths, day))
+        raw_events.update(unsharded_event_files(paths, day))
     with ReportStore.open(paths, readonly=True) as store:
         reports = store.fingerprints(month, end)
     seeds = seeds_digest(Path(seeds_dir))

@@ -129,15 +129,15 @@ def seed_tables(paths: Paths) -> dict[str, pa.Table]:
 
 def daily_partitions(paths: Paths, month: date) -> tuple[list[date], pa.Table | None]:
     """The computed fct_usage_by_day partitions of the month (read only) and their rows."""
-    from billing_dags.models.sqlmodels import Window, load_project, partition_file
+    from billing_dags.models.sqlmodels import Window, load_project, read_day_partition
 
     model = load_project().models["fct_usage_by_day"]
     days, tables = [], []
     for d in month_days(month):
-        f = partition_file(paths, model, Window(d, d + timedelta(days=1)))
-        if f.exists():
+        t = read_day_partition(paths, model, Window(d, d + timedelta(days=1)))
+        if t is not None:
             days.append(d)
-            tables.append(pq.read_table(f))
+            tables.append(t)
     if not tables:
         return [], None
     return days, pa.concat_tables(tables, promote_options="default")

@@ -214,6 +214,15 @@ def run_invoices(paths: Paths, month: date, *, as_of: str = "") -> None:
     )
 
 
+def _shards_range(first: date, last: date) -> tuple[str, str]:
+    """The (day, shard) partition range of every shard of the days ``first`` to ``last``."""
+    from billing_dags.core.shards import shard_keys
+    from billing_dags.defs.shared.partitions import SHARDS, day_shard_key
+
+    keys = shard_keys(SHARDS)
+    return day_shard_key(first.isoformat(), keys[0]), day_shard_key(last.isoformat(), keys[-1])
+
+
 def run_month(
     paths: Paths,
     month: date,
@@ -224,6 +233,7 @@ def run_month(
     interval_s: int = 60,
     as_of: str | None = None,
     quiet: bool = False,
+    through: date | None = None,
 ) -> dict:
     """Materialize every asset for ``month``: seeds, each day in order, the month, the views."""
     import dagster as dg
@@ -244,12 +254,25 @@ def run_month(
     # rule 3/4: a counter's first sample only counts as new usage when nothing precedes it, so
     # the day before the month is ingested and its edges computed (not billed: it is not in the month)
     warmup = month - timedelta(days=1)
-    from billing_dags.defs.shared.partitions import PARTITIONS_START
+    from billing_dags.defs.shared.partitions import PARTITIONS_START, SHARDS
 
+    edges = [dg.AssetKey(k) for k in ("int_series_edges_by_day", "int_gauge_peaks_by_day")]
     if ingest and warmup >= date.fromisoformat(PARTITIONS_START):
-        edges_only = [dg.AssetKey(k) for k in ("raw_samples", "int_series_edges_by_day", "int_gauge_peaks_by_day")]
-        execute(daily_job, instance, f"warm-up day {warmup}", run_config, partition_key=warmup.isoformat(), asset_selection=edges_only)
-    days = month_days(month)
+        if SHARDS > 1:
+            execute(daily_job, instance, f"warm-up day {warmup}", run_config, partition_key=warmup.isoformat(), asset_selection=[dg.AssetKey("raw_samples")])
+            execute(
+                defs.resolve_job_def("daily_shards"),
+                instance,
+                f"warm-up day {warmup}",
+                run_config,
+                partition_range=_shards_range(warmup, warmup),
+                asset_selection=edges,
+            )
+        else:
+            execute(
+                daily_job, instance, f"warm-up day {warmup}", run_config, partition_key=warmup.isoformat(), asset_selection=[dg.AssetKey("raw_samples"), *edges]
+            )
+    days = [d for d in month_days(month) if through is None or d <= through]  # through: the first days only (tests)
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -261,15 +284,30 @@ def run_month(
         # the month's days are one run over the partition range, as a backfill from the UI is: each
         # step (asset) processes every day in order, after the assets it reads; the bar counts steps
         task = progress.add_task(f"days {days[0]} to {days[-1]} (one run, step by step)", total=None)
-        execute(
-            daily_job,
-            instance,
-            f"days {days[0]} to {days[-1]}",
-            run_config,
-            partition_range=(days[0].isoformat(), days[-1].isoformat()),
-            asset_selection=selection,
-            progress=(progress, task),
-        )
+        day_range = (days[0].isoformat(), days[-1].isoformat())
+        if SHARDS == 1:
+            execute(
+                daily_job,
+                instance,
+                f"days {days[0]} to {days[-1]}",
+                run_config,
+                partition_range=day_range,
+                asset_selection=selection,
+                progress=(progress, task),
+            )
+        else:
+            # sharded: the days' ingest (every shard of a day in one pass), the daily models over every (day,
+            # shard) of the range (shard by shard, each shard's days in order), then the daily assets after them
+            from billing_dags.defs.ingest.sensors import INGEST_ASSETS
+
+            keys = selection or list(daily_job.asset_layer.executable_asset_keys)
+            first = [k for k in keys if k.to_user_string() in INGEST_ASSETS]
+            after = [k for k in keys if k.to_user_string() not in INGEST_ASSETS]
+            what = f"days {days[0]} to {days[-1]}"
+            execute(daily_job, instance, f"{what} (ingest)", run_config, partition_range=day_range, asset_selection=first, progress=(progress, task))
+            shards_job = defs.resolve_job_def("daily_shards")
+            execute(shards_job, instance, f"{what} ({SHARDS} shards)", run_config, partition_range=_shards_range(days[0], days[-1]), progress=(progress, task))
+            execute(daily_job, instance, what, run_config, partition_range=day_range, asset_selection=after, progress=(progress, task))
         mtask = progress.add_task("month: rating and invoices", total=None)
         month_config = {"ops": {"invoices": {"config": {"as_of": as_of or ""}}}}
         execute(monthly_job, instance, f"month {month:%Y-%m}", month_config, partition_key=month.isoformat(), progress=(progress, mtask))

@@ -32,6 +32,8 @@ class Paths:
 
     data_dir: Path
     seeds_dir: Path
+    #: shards by customer (BILLING_SHARDS; core/shards.py): 1 is the unsharded layout
+    shards: int = 1
 
     @property
     def raw_samples(self) -> Path:
@@ -82,7 +84,7 @@ def resolve_paths(data_dir: str | os.PathLike | None = None, seeds_dir: str | os
     seeds = seeds_dir or os.environ.get("BILLING_SEEDS_DIR")
     if not seeds:
         seeds = "seeds" if Path("seeds/meters.csv").exists() else PROJECT_ROOT / "seeds"
-    paths = Paths(Path(data or "data").expanduser().resolve(), Path(seeds).expanduser().resolve())
+    paths = Paths(Path(data or "data").expanduser().resolve(), Path(seeds).expanduser().resolve(), shard_count())
     if url and sync:
         from billing_dags.core import storage
 
@@ -92,6 +94,30 @@ def resolve_paths(data_dir: str | os.PathLike | None = None, seeds_dir: str | os
 
 class SettingsError(InputError):
     """A setting from the environment that cannot be used; the message names the variable and the fix."""
+
+
+#: the largest BILLING_SHARDS: more only multiplies the files and runs of a day
+MAX_SHARDS = 256
+
+
+def parse_shards(value: str | None) -> int:
+    """BILLING_SHARDS as a number of shards: unset or empty is 1 (unsharded); else a whole number 1..MAX_SHARDS."""
+    text = (value or "").strip()
+    if not text:
+        return 1
+    fix = f"set it to a whole number of shards from 1 to {MAX_SHARDS} (e.g. BILLING_SHARDS=8), or unset it for one shard (the unsharded layout)"
+    if not (text.isascii() and text.isdigit()):
+        raise SettingsError(f"BILLING_SHARDS={value!r} is not a whole number; {fix}")
+    n = int(text)
+    if not 1 <= n <= MAX_SHARDS:
+        raise SettingsError(f"BILLING_SHARDS={value!r} is out of range; {fix}")
+    return n
+
+
+def shard_count(environ: dict | None = None) -> int:
+    """The number of shards by customer (BILLING_SHARDS, default 1: the unsharded layout; core/shards.py)."""
+    env = os.environ if environ is None else environ
+    return parse_shards(env.get("BILLING_SHARDS"))
 
 
 _MONTH_START_RE = re.compile(r"^(\d{4})-(\d{2})(?:-(\d{2}))?$")

@@ -4,7 +4,7 @@ from collections.abc import Set
 
 import dagster as dg
 
-from billing_dags.defs.shared.partitions import billing_daily, billing_monthly
+from billing_dags.defs.shared.partitions import billing_daily, billing_daily_shards, billing_monthly
 
 
 class PartitionedBy(dg.AssetSelection):
@@ -25,6 +25,17 @@ daily_usage = dg.define_asset_job(
     "daily_usage",
     selection=PartitionedBy(billing_daily),
     description="Ingest one UTC day, compute exact usage, and hand it to Stripe.",
+)
+#: sharded (BILLING_SHARDS > 1): the daily models per (day, shard); daily_usage keeps the ingest and the
+#: daily assets after the models. A backfill of a range of days over every shard runs one run per shard.
+daily_shards = (
+    dg.define_asset_job(
+        "daily_shards",
+        selection=PartitionedBy(billing_daily_shards),
+        description="The daily models of one (UTC day, shard of customers): exact usage, rolling sums, anomaly flags.",
+    )
+    if billing_daily_shards is not None
+    else None
 )
 monthly_invoicing = dg.define_asset_job(
     "monthly_invoicing",

@@ -213,8 +213,10 @@ def compact_day(paths: Paths, day: str, cache: dict[str, SegmentData] | None = N
 
         sample_path = raw.samples_day_dir(paths, d) / f"part-{SOURCE}.parquet"
         series_path = raw.series_day_dir(paths, d) / f"part-{SOURCE}.parquet"
-        existing = pq.read_table(sample_path) if sample_path.exists() else _empty_samples()
-        existing_series = pq.read_table(series_path) if series_path.exists() else raw.SERIES_SCHEMA.empty_table()
+        # the day as written (every shard's file when sharded: they concatenate to the day)
+        existing, existing_series = raw.read_source_day(paths, d, SOURCE)
+        existing = existing if existing is not None else _empty_samples()
+        existing_series = existing_series if existing_series is not None else raw.SERIES_SCHEMA.empty_table()
         n_existing = len(existing)
         sid = np.concatenate([existing["series_id"].to_numpy(), new_sid])
         ts = np.concatenate([existing["ts"].to_numpy(), new_ts])

@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 from billing_dags.core import durable
 from billing_dags.core.errors import InputError
 from billing_dags.core.settings import Paths
+from billing_dags.core.shards import Shard, all_shards, shard_of
 from billing_dags.ingest import raw
 
 EVENTS_SCHEMA = pa.schema(
@@ -84,8 +85,9 @@ def events_day_dir(paths: Paths, day: date) -> Path:
     return events_root(paths) / f"date={day.isoformat()}"
 
 
-def event_files(paths: Paths, day: date) -> list[Path]:
-    return sorted(events_day_dir(paths, day).glob("*.parquet"))
+def event_files(paths: Paths, day: date, shard: Shard | None = None) -> list[Path]:
+    """The day's event files: ``shard``'s, or the whole day's (every shard's when sharded; raw.day_files)."""
+    return raw.day_files(paths, events_day_dir(paths, day), shard)
 
 
 def _meter_kinds(paths: Paths) -> dict[str, str]:
@@ -187,28 +189,18 @@ def write_events_day(paths: Paths, day: date, table: pa.Table | pa.RecordBatch |
     if not _SOURCE_RE.match(source):
         raise EventsLayoutError(f"source name {source!r} must match {_SOURCE_RE.pattern}")
     meter_kinds = _meter_kinds(paths)
-    dest = events_day_dir(paths, day) / f"part-{source}.parquet"
-    rows_in = 0
+    day_dir = events_day_dir(paths, day)
+    dest = day_dir / f"part-{source}.parquet"
+    if paths.shards > 1:
+        day_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".events-", dir=day_dir) as work:
+            whole = Path(work) / "day.parquet"
+            rows_in, rows_out = _write_whole_day(whole, work, day, table, source, meter_kinds)
+            written = _split_by_shard(paths, day, pq.read_table(whole), source)
+        size = sum(f.stat().st_size for f in written)
+        return {"events_in": rows_in, "events": rows_out, "duplicates_dropped": rows_in - rows_out, "bytes": size, "path": str(day_dir)}
     with durable.staged(dest) as tmp, tempfile.TemporaryDirectory(prefix=".events-", dir=dest.parent) as work:
-        # 1. stream the input, checked, to a spill file with its input order (last write wins)
-        spill = Path(work) / "spill.parquet"
-        spill_schema = pa.schema([*[f.with_nullable(True) for f in EVENTS_SCHEMA], pa.field("_seq", pa.int64())])
-        with pq.ParquetWriter(spill, spill_schema, compression="zstd") as writer:
-            for batch in _as_batches(table):
-                t = _conform(batch, day, source, meter_kinds)
-                t = t.append_column("_seq", pa.array(range(rows_in, rows_in + len(t)), pa.int64()))
-                rows_in += len(t)
-                writer.write_table(t.cast(spill_schema))
-        # 2. de-duplicate and sort, write the day: a day that fits one batch in memory, else out of
-        # core (DuckDB spills to the work folder)
-        if rows_in <= _BATCH_ROWS:
-            out = _latest_per_id_in_order(pq.read_table(spill))
-            rows_out = len(out)
-            with pq.ParquetWriter(tmp, EVENTS_SCHEMA, compression="zstd") as writer:
-                if rows_out:
-                    writer.write_table(out.cast(EVENTS_SCHEMA))
-        else:
-            rows_out = _latest_per_id_out_of_core(spill, work, tmp)
+        rows_in, rows_out = _write_whole_day(tmp, work, day, table, source, meter_kinds)
     return {
         "events_in": rows_in,
         "events": rows_out,
@@ -216,6 +208,62 @@ def write_events_day(paths: Paths, day: date, table: pa.Table | pa.RecordBatch |
         "bytes": dest.stat().st_size,
         "path": str(dest),
     }
+
+
+def _write_whole_day(tmp: Path, work: str, day: date, table, source: str, meter_kinds: dict[str, str]) -> tuple[int, int]:
+    """The day's events, checked, de-duplicated and sorted, written to ``tmp``; (rows in, rows out)."""
+    rows_in = 0
+    # 1. stream the input, checked, to a spill file with its input order (last write wins)
+    spill = Path(work) / "spill.parquet"
+    spill_schema = pa.schema([*[f.with_nullable(True) for f in EVENTS_SCHEMA], pa.field("_seq", pa.int64())])
+    with pq.ParquetWriter(spill, spill_schema, compression="zstd") as writer:
+        for batch in _as_batches(table):
+            t = _conform(batch, day, source, meter_kinds)
+            t = t.append_column("_seq", pa.array(range(rows_in, rows_in + len(t)), pa.int64()))
+            rows_in += len(t)
+            writer.write_table(t.cast(spill_schema))
+    # 2. de-duplicate and sort, write the day: a day that fits one batch in memory, else out of
+    # core (DuckDB spills to the work folder)
+    if rows_in <= _BATCH_ROWS:
+        out = _latest_per_id_in_order(pq.read_table(spill))
+        rows_out = len(out)
+        with pq.ParquetWriter(tmp, EVENTS_SCHEMA, compression="zstd") as writer:
+            if rows_out:
+                writer.write_table(out.cast(EVENTS_SCHEMA))
+    else:
+        rows_out = _latest_per_id_out_of_core(spill, work, tmp)
+    return rows_in, rows_out
+
+
+def _split_by_shard(paths: Paths, day: date, events: pa.Table, source: str) -> list[Path]:
+    """Publish ``events`` (the day's, sorted) as one file per shard, by the shard of each ``customer_key``
+    (core/shards.py: the customer's label value, as for its series); the rows keep their order."""
+    keys = pc.unique(events["customer_key"])
+    shard_of_key = pa.array([shard_of(k, paths.shards) for k in keys.to_pylist()], pa.int64())
+    shard = pc.take(shard_of_key, pc.index_in(events["customer_key"], keys))
+    out = []
+    for s in all_shards(paths.shards):
+        dest = raw.shard_dir(events_day_dir(paths, day), s) / f"part-{source}.parquet"
+        with durable.staged(dest) as tmp, pq.ParquetWriter(tmp, EVENTS_SCHEMA, compression="zstd") as writer:
+            part = events.filter(pc.equal(shard, s.index))
+            if len(part):
+                writer.write_table(part.cast(EVENTS_SCHEMA))
+        out.append(dest)
+    return out
+
+
+def unsharded_event_files(paths: Paths, day: date) -> dict[str, str]:
+    """``raw.unsharded_files`` of a day's raw events: each source's rows sorted by (ts, event_id), in one
+    row group when the day fits one batch, else in batches of ``_BATCH_ROWS`` (as ``write_events_day`` writes them)."""
+
+    def write(table: pa.Table, path: Path) -> None:
+        table = table.cast(EVENTS_SCHEMA).sort_by([("ts", "ascending"), ("event_id", "ascending")])
+        with pq.ParquetWriter(path, EVENTS_SCHEMA, compression="zstd") as writer:
+            step = len(table) if len(table) <= _BATCH_ROWS else _BATCH_ROWS
+            for start in range(0, len(table), step or 1):
+                writer.write_table(table.slice(start, step))
+
+    return raw.unsharded_files(paths, events_day_dir(paths, day), write)
 
 
 def _latest_per_id_out_of_core(spill: Path, work: str, dest: Path) -> int:
@@ -267,15 +315,15 @@ def cross_day_duplicates(paths: Paths, day: date, source: str, lookback_days: in
     if lookback_days < 0 or lookahead_days < 0:
         raise EventsLayoutError(f"lookback_days ({lookback_days}) and lookahead_days ({lookahead_days}) must be >= 0")
     name = f"part-{source}.parquet"
-    mine = events_day_dir(paths, day) / name
-    if not mine.exists():
+    mine = [str(f) for f in event_files(paths, day) if f.name == name]
+    if not mine:
         return []
     others: dict[str, str] = {}
     for offset in range(-lookback_days, lookahead_days + 1):
         other = date.fromordinal(day.toordinal() + offset)
-        f = events_day_dir(paths, other) / name
-        if offset and f.exists():
-            others[str(f)] = other.isoformat()
+        for f in event_files(paths, other) if offset else []:
+            if f.name == name:
+                others[str(f)] = other.isoformat()
     if not others:
         return []
     with session() as con:
@@ -283,6 +331,6 @@ def cross_day_duplicates(paths: Paths, day: date, source: str, lookback_days: in
             "with mine as (select distinct event_id from read_parquet($mine, hive_partitioning = false)), "
             "others as (select event_id, filename from read_parquet($others, hive_partitioning = false, filename = true)) "
             "select distinct others.event_id, others.filename from others semi join mine on others.event_id = mine.event_id",
-            {"mine": [str(mine)], "others": list(others)},
+            {"mine": mine, "others": list(others)},
         ).fetchall()
     return sorted(((event_id, others[filename]) for event_id, filename in rows), key=lambda r: (r[1], r[0]))

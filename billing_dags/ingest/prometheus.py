@@ -1142,8 +1142,11 @@ def ingest_day(
         carried = _without_collisions(paths, carry_in.tables(), refused)
         report.carry_in_series = raw.write_carry_in(paths, day, *carried, SOURCE, opt.edge_lookback_days)
     else:  # range mode records none; a carry-in of an earlier exact ingest would not match this day
-        durable.remove(raw.carry_in_day_dir(paths, day) / f"part-{SOURCE}.parquet")
-        durable.remove(raw.series_day_dir(paths, day) / f"part-{SOURCE}-carry-in.parquet")
+        for f in raw.carry_in_files(paths, day):
+            if f.name == f"part-{SOURCE}.parquet":
+                durable.remove(f)
+                series = raw.series_day_dir(paths, day) / f.relative_to(raw.carry_in_day_dir(paths, day))
+                durable.remove(series.with_name(f"part-{SOURCE}-carry-in.parquet"))
     # no local reference to the samples table: write_day sorts a copy only when it is out of order
     figures = raw.write_day(paths, day, *_without_collisions(paths, col.tables(), refused), SOURCE)
     del col

@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,7 @@ import pyarrow.parquet as pq
 from billing_dags.core import durable
 from billing_dags.core.errors import InputError
 from billing_dags.core.settings import Paths
+from billing_dags.core.shards import Shard, all_shards, series_shards
 
 SAMPLES_SCHEMA = pa.schema(
     [
@@ -154,7 +158,7 @@ def known_series(paths: Paths, ids) -> dict[int, tuple[str, Labels, str]]:
     """
     want = np.unique(np.asarray(list(ids), dtype=np.int64))
     found: dict[int, tuple[str, Labels, str]] = {}
-    for f in sorted(series_files(paths), reverse=True):
+    for f in sorted(all_series_files(paths), reverse=True):
         if not len(want):
             break
         file_ids = pq.read_table(f, columns=["series_id"])["series_id"].to_numpy()
@@ -214,24 +218,103 @@ def series_day_dir(paths: Paths, day: date) -> Path:
     return paths.raw_series / f"date={day.isoformat()}"
 
 
-def sample_files(paths: Paths, day: date) -> list[Path]:
-    return sorted(samples_day_dir(paths, day).glob("*.parquet"))
-
-
 def carry_in_day_dir(paths: Paths, day: date) -> Path:
     return paths.raw_carry_in / f"date={day.isoformat()}"
 
 
-def carry_in_files(paths: Paths, day: date) -> list[Path]:
-    return sorted(carry_in_day_dir(paths, day).glob("*.parquet"))
+# --- shards (core/shards.py): the shard-aware file lists every reader and writer uses -----------------
 
 
-def series_files(paths: Paths) -> list[Path]:
-    return sorted(paths.raw_series.glob("date=*/*.parquet"))
+def shard_dir(day_dir: Path, shard: Shard | None) -> Path:
+    """The folder a shard's files of a day are in: the day's folder itself when unsharded."""
+    return day_dir if shard is None else day_dir / shard.dirname
+
+
+def day_files(paths: Paths, day_dir: Path, shard: Shard | None = None) -> list[Path]:
+    """The Parquet files of one day folder of the raw layout: ``shard``'s; with ``shard`` None, the
+    whole day (unsharded: the folder's files; with ``paths.shards`` > 1: every shard's, in shard order,
+    which concatenate to the day). Files of another number of shards are never listed."""
+    if shard is not None:
+        if shard.count != paths.shards:
+            raise ValueError(f"{shard} does not belong to the {paths.shards} shards configured (BILLING_SHARDS)")
+        return sorted((day_dir / shard.dirname).glob("*.parquet")) if paths.shards > 1 else sorted(day_dir.glob("*.parquet"))
+    if paths.shards == 1:
+        return sorted(day_dir.glob("*.parquet"))
+    return [f for s in all_shards(paths.shards) for f in sorted((day_dir / s.dirname).glob("*.parquet"))]
+
+
+def sample_files(paths: Paths, day: date, shard: Shard | None = None) -> list[Path]:
+    return day_files(paths, samples_day_dir(paths, day), shard)
+
+
+def carry_in_files(paths: Paths, day: date, shard: Shard | None = None) -> list[Path]:
+    return day_files(paths, carry_in_day_dir(paths, day), shard)
+
+
+def series_files(paths: Paths, shard: Shard | None = None) -> list[Path]:
+    """Every day's series files: ``shard``'s, or the whole layout's (every shard's when sharded)."""
+    if paths.shards == 1:
+        return sorted(paths.raw_series.glob("date=*/*.parquet"))
+    pattern = f"date=*/{shard.dirname}/*.parquet" if shard is not None else f"date=*/shard=*-of-{paths.shards}/*.parquet"
+    return sorted(paths.raw_series.glob(pattern))
+
+
+def all_series_files(paths: Paths) -> list[Path]:
+    """Every series file whatever the number of shards it was written with (series ids are checked across all)."""
+    return sorted([*paths.raw_series.glob("date=*/*.parquet"), *paths.raw_series.glob("date=*/shard=*/*.parquet")])
 
 
 def raw_days(paths: Paths) -> list[date]:
-    return sorted(date.fromisoformat(p.name[5:]) for p in paths.raw_samples.glob("date=*") if any(p.glob("*.parquet")))
+    return sorted(date.fromisoformat(p.name[5:]) for p in paths.raw_samples.glob("date=*") if sample_files(paths, date.fromisoformat(p.name[5:])))
+
+
+@cache
+def _customer_labels(meters_csv: str, stamp: tuple) -> dict[str, str]:
+    import csv
+
+    out: dict[str, str] = {}
+    with open(meters_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            label = (row.get("customer_label") or "").strip()
+            for metric in (row.get("metrics") or "").split():
+                if label:
+                    out.setdefault(metric, label)  # a metric of two meters: the first row's label
+    return out
+
+
+def customer_labels(paths: Paths) -> dict[str, str]:
+    """metric -> the customer label of the first meter (seeds/meters.csv order) that lists it."""
+    f = paths.seeds_dir / "meters.csv"
+    if not f.exists():
+        return {}
+    st = f.stat()
+    return _customer_labels(str(f), (st.st_mtime_ns, st.st_size))
+
+
+def shards_of_series(paths: Paths, series: pa.Table) -> np.ndarray:
+    """The shard index of each row of a series table (core/shards.py: customer label value, else series id)."""
+    return series_shards(series["metric"].to_pylist(), series["labels"].to_pylist(), series["series_id"].to_pylist(), customer_labels(paths), paths.shards)
+
+
+def split_by_shard(paths: Paths, samples: pa.Table, series: pa.Table) -> list[tuple[Shard | None, pa.Table, pa.Table]]:
+    """(shard, samples, series) of every shard (one entry with shard None when unsharded); ``series``
+    sorted by series_id holds a row for every sample's series. Row order is kept within each shard."""
+    if paths.shards == 1:
+        return [(None, samples, series)]
+    idx = shards_of_series(paths, series)
+    ids = series["series_id"].to_numpy()
+    order = np.argsort(ids, kind="stable")
+    sample_shard = idx[order[np.searchsorted(ids[order], samples["series_id"].to_numpy())]] if len(samples) else np.zeros(0, dtype=np.int64)
+    return [(s, samples.filter(pa.array(sample_shard == s.index)), series.filter(pa.array(idx == s.index))) for s in all_shards(paths.shards)]
+
+
+def read_source_day(paths: Paths, day: date, source: str) -> tuple[pa.Table | None, pa.Table | None]:
+    """One source's samples and series of ``day`` as written (every shard's, concatenated), or None each."""
+    name = f"part-{source}.parquet"
+    samples = [f for f in sample_files(paths, day) if f.name == name]
+    series = [f for f in day_files(paths, series_day_dir(paths, day)) if f.name == name]
+    read = lambda files, schema: pa.concat_tables([pq.read_table(f).cast(schema) for f in files]) if files else None  # noqa: E731
+    return read(samples, SAMPLES_SCHEMA), read(series, SERIES_SCHEMA)
 
 
 def distinct_samples(sid, ts, value):
@@ -340,42 +423,85 @@ def write_day(paths: Paths, day: date, samples: pa.Table, series: pa.Table, sour
     ids = series["series_id"].to_pylist()
     series = series.sort_by("series_id")
 
-    sample_path = samples_day_dir(paths, day) / f"part-{source}.parquet"
-    series_path = series_day_dir(paths, day) / f"part-{source}.parquet"
-    cuts = _row_group_boundaries(samples["series_id"])
-    sample_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = durable.temp_path(sample_path)
+    # one samples file and one series file per shard (one of each when unsharded), all published under one lock
+    staged: list[tuple[Path, Path, Path, pa.Table]] = []  # (temp, sample path, series path, series)
     try:
-        with pq.ParquetWriter(
-            tmp,
-            SAMPLES_SCHEMA,
-            compression="zstd",
-            use_dictionary=False,
-            column_encoding={"series_id": "DELTA_BINARY_PACKED", "ts": "DELTA_BINARY_PACKED", "value": "BYTE_STREAM_SPLIT"},
-            write_statistics=True,
-        ) as writer:
-            prev = 0
-            for cut in cuts:
-                writer.write_table(samples.slice(prev, cut - prev), row_group_size=cut - prev)
-                prev = cut
-            if not cuts:
-                writer.write_table(samples)
+        for shard, part_samples, part_series in split_by_shard(paths, samples, series):
+            sample_path = shard_dir(samples_day_dir(paths, day), shard) / f"part-{source}.parquet"
+            series_path = shard_dir(series_day_dir(paths, day), shard) / f"part-{source}.parquet"
+            sample_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = durable.temp_path(sample_path)
+            staged.append((tmp, sample_path, series_path, part_series))
+            _write_samples(tmp, part_samples)
         # checked and published under one lock: no other writer can take an id between check and rename
         with series_lock(paths):
             found = _collisions(paths, ids, defs)
             if found:
                 raise SeriesCollision(found, what)
-            durable.publish(tmp, sample_path)
-            with durable.staged(series_path) as series_tmp:
-                pq.write_table(series, series_tmp, compression="zstd")
+            for tmp, sample_path, series_path, part_series in staged:
+                durable.publish(tmp, sample_path)
+                with durable.staged(series_path) as series_tmp:
+                    pq.write_table(part_series, series_tmp, compression="zstd")
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp, *_ in staged:
+            tmp.unlink(missing_ok=True)
     return {
         "samples": len(samples),
         "series": len(series),
-        "bytes": sample_path.stat().st_size,
-        "path": str(sample_path),
+        "bytes": sum(p.stat().st_size for _, p, _, _ in staged),
+        "path": str(staged[0][1] if len(staged) == 1 else samples_day_dir(paths, day)),
     }
+
+
+def unsharded_files(paths: Paths, day_dir: Path, sha256_of: Callable[[pa.Table, Path], None]) -> dict[str, str]:
+    """{path relative to the data dir: SHA-256} of a day folder's files as the unsharded layout holds them:
+    the files themselves when unsharded; when sharded, each source's shard files concatenated and written
+    again as the one unsharded file would be (``sha256_of(table, temp path)`` writes it), under the
+    unsharded name. Records of a day (invoice manifests) then do not depend on the number of shards."""
+    files = day_files(paths, day_dir)
+    if paths.shards == 1:
+        return {f.relative_to(paths.data_dir).as_posix(): durable.sha256_file(f) for f in files}
+    by_name: dict[str, list[Path]] = {}
+    for f in files:
+        by_name.setdefault(f.name, []).append(f)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix=".unsharded-", dir=paths.data_dir) as work:
+        for name in sorted(by_name):
+            tmp = Path(work) / name
+            sha256_of(pa.concat_tables([pq.read_table(f, partitioning=None) for f in by_name[name]]), tmp)
+            out[(day_dir / name).relative_to(paths.data_dir).as_posix()] = durable.sha256_file(tmp)
+            tmp.unlink()
+    return out
+
+
+def unsharded_sample_files(paths: Paths, day: date) -> dict[str, str]:
+    """``unsharded_files`` of a day's raw samples (every writer's file is sorted and distinct: so is their union)."""
+
+    def write(table: pa.Table, path: Path) -> None:
+        table = table.cast(SAMPLES_SCHEMA)
+        order, keep = distinct_samples(table["series_id"].to_numpy(), table["ts"].to_numpy(), table["value"].to_numpy())
+        _write_samples(path, table.take(pa.array(order[keep])))
+
+    return unsharded_files(paths, samples_day_dir(paths, day), write)
+
+
+def _write_samples(path: Path, samples: pa.Table) -> None:
+    """A samples file: each series whole inside one row group (``_row_group_boundaries``)."""
+    cuts = _row_group_boundaries(samples["series_id"])
+    with pq.ParquetWriter(
+        path,
+        SAMPLES_SCHEMA,
+        compression="zstd",
+        use_dictionary=False,
+        column_encoding={"series_id": "DELTA_BINARY_PACKED", "ts": "DELTA_BINARY_PACKED", "value": "BYTE_STREAM_SPLIT"},
+        write_statistics=True,
+    ) as writer:
+        prev = 0
+        for cut in cuts:
+            writer.write_table(samples.slice(prev, cut - prev), row_group_size=cut - prev)
+            prev = cut
+        if not cuts:
+            writer.write_table(samples)
 
 
 def write_carry_in(paths: Paths, day: date, samples: pa.Table, series: pa.Table, source: str, lookback_days: int) -> int:
@@ -401,10 +527,11 @@ def write_carry_in(paths: Paths, day: date, samples: pa.Table, series: pa.Table,
         found = _collisions(paths, series["series_id"].to_pylist(), defs)
         if found:
             raise SeriesCollision(found, what)
-        for table, dest in (
-            (samples, carry_in_day_dir(paths, day) / f"part-{source}.parquet"),
-            (series, series_day_dir(paths, day) / f"part-{source}-carry-in.parquet"),
-        ):
-            with durable.staged(dest) as tmp:
-                pq.write_table(table, tmp, compression="zstd")
+        for shard, part_samples, part_series in split_by_shard(paths, samples, series):
+            for table, dest in (
+                (part_samples, shard_dir(carry_in_day_dir(paths, day), shard) / f"part-{source}.parquet"),
+                (part_series, shard_dir(series_day_dir(paths, day), shard) / f"part-{source}-carry-in.parquet"),
+            ):
+                with durable.staged(dest) as tmp:
+                    pq.write_table(table, tmp, compression="zstd")
     return len(samples)

@@ -965,7 +965,7 @@ def edges_by_day(paths: Paths, model, window, threads: int | None = None) -> pa.
     files = []
     d = window.start
     while d < window.end:
-        files += raw.sample_files(paths, d)
+        files += raw.sample_files(paths, d, window.shard)
         d = date.fromordinal(d.toordinal() + 1)
     return series_edges(files, window.start, window.start_ms, window.end_ms, threads=threads)
 
@@ -1313,7 +1313,7 @@ def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None, con=
     ev_until = np.array([e[2] for e in ev], dtype=np.int64)
 
     # the day's samples of these series, in series order (units are disjoint series ranges, in order)
-    units = _plan([Path(f) for f in raw.sample_files(paths, window.start)], start_ms, end_ms) if n else []
+    units = _plan([Path(f) for f in raw.sample_files(paths, window.start, window.shard)], start_ms, end_ms) if n else []
     # row groups whose series range holds no gauge series are not read
     units = [u for u in units if u.lo is None or np.searchsorted(gsid, u.lo) < np.searchsorted(gsid, u.hi, side="right")]
     threads = threads or min(2, os.cpu_count() or 1)

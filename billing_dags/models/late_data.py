@@ -24,13 +24,14 @@ from pathlib import Path
 
 from billing_dags.core import durable
 from billing_dags.core.settings import Paths
+from billing_dags.core.shards import Shard, shard_of_dir
 from billing_dags.ingest import events, raw
-from billing_dags.models.sqlmodels import Model, Project, Window, load_project, model_files, partition_file
+from billing_dags.models.sqlmodels import Model, Project, Window, load_project, model_files, partition_day, partition_file
 
 INPUTS_FILE = "inputs.json"
 
 #: the sources that are raw day files, and the files of one day of each
-DAY_FILES: dict[str, Callable[[Paths, date], list[Path]]] = {
+DAY_FILES: dict[str, Callable[..., list[Path]]] = {
     "raw_samples": raw.sample_files,
     "raw_carry_in": raw.carry_in_files,
     "raw_events": events.event_files,
@@ -66,9 +67,9 @@ def input_files(paths: Paths, reads: dict[str, int], window: Window, listed: dic
     for source, lookback in reads.items():
         d = window.start - timedelta(days=lookback)
         while d < window.end:
-            if (source, d) not in listed:
-                listed[source, d] = DAY_FILES[source](paths, d)
-            files += listed[source, d]
+            if (source, d, window.shard) not in listed:
+                listed[source, d, window.shard] = DAY_FILES[source](paths, d, window.shard)
+            files += listed[source, d, window.shard]
             d += timedelta(days=1)
     return sorted(set(files))
 
@@ -154,6 +155,7 @@ class LateDay:
     day: date
     why: str  # e.g. "raw/samples/date=.../part-x.parquet changed"
     inputs: str = ""  # SHA-256 over the current inputs' names and hashes (another change, another value)
+    shard: Shard | None = None  # the shard of the partition, when sharded
 
 
 def _changed(recorded: Recorded, current: Entries) -> str | None:
@@ -187,8 +189,8 @@ def late_model_days(paths: Paths, hashes: Entries | None = None, project: Projec
     for name, reads in raw_readers(project).items():
         model = project.models[name]
         for part in model_files(paths, model):
-            day = date.fromisoformat(part.parent.name.split("=", 1)[1])
-            window = Window(day, day + timedelta(days=1))
+            day = partition_day(part)
+            window = Window(day, day + timedelta(days=1), shard_of_dir(part.parent.name))
             files = input_files(paths, reads, window, listed)
             if not files:  # none left (retention removed the raw days) or none ever: nothing can be late
                 continue
@@ -196,18 +198,18 @@ def late_model_days(paths: Paths, hashes: Entries | None = None, project: Projec
             if record is None:
                 newest = max(f.stat().st_mtime_ns for f in files)
                 if newest > part.stat().st_mtime_ns:
-                    late.append(LateDay(name, day, "raw data newer than the partition (computed before inputs were recorded)"))
+                    late.append(LateDay(name, day, "raw data newer than the partition (computed before inputs were recorded)", shard=window.shard))
                 continue
             current = snapshot(paths, files, [record], hashes, used)
             why = _changed(record.files, current)
             if why:
                 digest = hashlib.sha256(json.dumps(sorted([rel, e[2]] for rel, e in current.items())).encode()).hexdigest()
-                late.append(LateDay(name, day, why, digest))
+                late.append(LateDay(name, day, why, digest, window.shard))
     return late, used
 
 
 def computed_days(paths: Paths, models: list[Model]) -> set[date]:
-    return {date.fromisoformat(p.parent.name.split("=", 1)[1]) for m in models for p in model_files(paths, m)}
+    return {partition_day(p) for m in models for p in model_files(paths, m)}
 
 
 def rerun_ranges(late_days: set[date], computed: set[date], follow_days: int) -> list[tuple[date, date]]:

@@ -53,6 +53,7 @@ from billing_dags.core import durable
 from billing_dags.core.duck import connect, session  # noqa: F401 - the models' connections (re-exported)
 from billing_dags.core.errors import InputError
 from billing_dags.core.settings import SQL_MODELS_DIR, STALENESS_MS, Paths
+from billing_dags.core.shards import Shard, shard_of_dir
 from billing_dags.ingest import raw
 
 PARTITIONINGS = {"billing_daily", "billing_monthly", "none"}
@@ -96,10 +97,14 @@ class Model:
 
 @dataclass(frozen=True)
 class Window:
-    """A half-open UTC window [start, end) in dates; the partition being computed."""
+    """A half-open UTC window [start, end) in dates; the partition being computed.
+
+    ``shard``: the shard of customers a daily partition covers when the warehouse is sharded
+    (BILLING_SHARDS > 1, core/shards.py); None is the whole day (unsharded, or every shard concatenated)."""
 
     start: date
     end: date
+    shard: Shard | None = None
 
     @property
     def start_ms(self) -> int:
@@ -223,10 +228,10 @@ def _sql_list(files: list[Path]) -> str:
     return "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
 
 
-def _register_day_samples(con, name: str, root: Path, files_of: Callable[[date], list[Path]], window: Window | None) -> None:
+def _register_day_samples(con, name: str, root: Path, files_of: Callable[[date], list[Path]], window: Window | None, paths: Paths) -> None:
     """View ``name`` (series_id, ts, value) over the day files of ``root``: the window's days, or all."""
     if window is None:
-        files = sorted(root.glob("date=*/*.parquet"))
+        files = [f for p in sorted(root.glob("date=*")) for f in raw.day_files(paths, p)]
     else:
         files = []
         d = window.start
@@ -240,15 +245,18 @@ def _register_day_samples(con, name: str, root: Path, files_of: Callable[[date],
 
 
 def _register_raw_samples(con, paths: Paths, window: Window | None) -> None:
-    _register_day_samples(con, "raw_samples", paths.raw_samples, lambda d: raw.sample_files(paths, d), window)
+    shard = window.shard if window else None
+    _register_day_samples(con, "raw_samples", paths.raw_samples, lambda d: raw.sample_files(paths, d, shard), window, paths)
 
 
 def _register_raw_carry_in(con, paths: Paths, window: Window | None) -> None:
-    _register_day_samples(con, "raw_carry_in", paths.raw_carry_in, lambda d: raw.carry_in_files(paths, d), window)
+    shard = window.shard if window else None
+    _register_day_samples(con, "raw_carry_in", paths.raw_carry_in, lambda d: raw.carry_in_files(paths, d, shard), window, paths)
 
 
 def _register_raw_series(con, paths: Paths, window: Window | None) -> None:
-    files = raw.series_files(paths)
+    # a shard's days read the series of that shard only (a series is always in its customer's shard)
+    files = raw.series_files(paths, window.shard if window else None)
     if not files:
         con.execute(
             "create or replace view raw_series as select * from (select 0::bigint as series_id, ''::varchar as metric, "
@@ -271,7 +279,7 @@ def _register_raw_events(con, paths: Paths, window: Window | None) -> None:
     from billing_dags.ingest import events
 
     if window is None:
-        files = sorted(events.events_root(paths).glob("date=*/*.parquet"))
+        files = [f for p in sorted(events.events_root(paths).glob("date=*")) for f in raw.day_files(paths, p)]
     else:
         # the window's days plus the day before: a gauge event of yesterday holds into today (up to
         # hold_ms <= one day), so its carry-in needs it. Models bill delta events, and gauge time,
@@ -279,7 +287,7 @@ def _register_raw_events(con, paths: Paths, window: Window | None) -> None:
         files = []
         d = date.fromordinal(window.start.toordinal() - 1)
         while d < window.end:
-            files += events.event_files(paths, d)
+            files += events.event_files(paths, d, window.shard)
             d = date.fromordinal(d.toordinal() + 1)
     if not files:
         con.execute(f"create or replace view raw_events as {EVENTS_EMPTY_SQL}")
@@ -452,16 +460,47 @@ def partition_dir(paths: Paths, model: Model) -> Path:
 
 
 def partition_file(paths: Paths, model: Model, window: Window | None) -> Path:
+    """The file of one partition: of a (day, shard) for a daily model of a sharded window."""
     base = partition_dir(paths, model)
     if model.partitioned_by == "billing_daily":
-        return base / f"day={window.start.isoformat()}" / "data.parquet"
+        return raw.shard_dir(base / f"day={window.start.isoformat()}", window.shard) / "data.parquet"
     if model.partitioned_by == "billing_monthly":
         return base / f"month={window.start.strftime('%Y-%m')}" / "data.parquet"
     return base / "data.parquet"
 
 
-def model_files(paths: Paths, model: Model) -> list[Path]:
-    return sorted(partition_dir(paths, model).rglob("data.parquet"))
+def model_files(paths: Paths, model: Model, shard: Shard | None = None) -> list[Path]:
+    """Every partition file of ``model``; of a daily model when sharded: ``shard``'s, else every shard's
+    (of the configured number of shards: a day's shards concatenate to the day), by day then shard."""
+    base = partition_dir(paths, model)
+    if model.partitioned_by != "billing_daily" or paths.shards == 1:
+        return sorted(base.rglob("data.parquet"))
+    pattern = f"day=*/{shard.dirname}/data.parquet" if shard is not None else f"day=*/shard=*-of-{paths.shards}/data.parquet"
+    return sorted(base.glob(pattern))
+
+
+def day_partition_files(paths: Paths, model: Model, window: Window) -> list[Path]:
+    """The files holding a daily model's rows of ``window`` (one day): the window's shard's, or the
+    whole day's (every shard's when sharded), existing ones only."""
+    if window.shard is not None or paths.shards == 1:
+        f = partition_file(paths, model, window)
+        return [f] if f.exists() else []
+    return [f for f in model_files(paths, model) if f.parent.parent.name == f"day={window.start.isoformat()}"]
+
+
+def read_day_partition(paths: Paths, model: Model, window: Window) -> pa.Table | None:
+    """A daily model's rows of ``window`` (the shards of a sharded day concatenated in shard order), or None
+    when the day has no partition."""
+    files = day_partition_files(paths, model, window)
+    if not files:
+        return None
+    return pa.concat_tables([pq.read_table(f, partitioning=None) for f in files]) if len(files) > 1 else pq.read_table(files[0], partitioning=None)
+
+
+def partition_day(path: Path) -> date:
+    """The day of a daily model's partition file (``day=D/data.parquet`` or ``day=D/shard=K-of-N/data.parquet``)."""
+    folder = path.parent.parent if shard_of_dir(path.parent.name) else path.parent
+    return date.fromisoformat(folder.name.split("=", 1)[1])
 
 
 def prepare(
@@ -500,10 +539,12 @@ def prepare_reads(
             known[s].register(con, paths, window)
         for t in sorted(tables):
             m = project.models[t]
+            # a shard's day reads its own shard of the daily models it reads; anything else every shard
+            shard = window.shard if window is not None and m.partitioned_by == "billing_daily" else None
             _view_over(
                 con,
                 t,
-                model_files(paths, m),
+                model_files(paths, m, shard),
                 f"materialized partitions of {t} under {partition_dir(paths, m)}",
                 f"materialize {t} first (its partitions for the window this run reads)",
             )
@@ -698,6 +739,14 @@ def iter_model_days(
     windows = list(windows)
     if model.partitioned_by != "none" and any(w is None for w in windows):
         raise ModelError(f"model {name} is partitioned by {model.partitioned_by}; give a partition window")
+    shards = list(dict.fromkeys(w.shard for w in windows))
+    if len(shards) > 1:
+        # one session per shard: the upstream views and the series a window reads are its shard's
+        for shard in shards:
+            yield from iter_model_days(
+                paths, name, [w for w in windows if w.shard == shard], project=project, engine=engine, threads=threads, validate=validate, before=before
+            )
+        return
     python = (engine or model.config.get("engine", "sql")) == "python"
     fn = python_engine(model) if python else None
     if not python and model.config.get("range_query") and model.partitioned_by == "billing_daily" and len(windows) > 1 and _consecutive(windows):

@@ -29,8 +29,6 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from billing_dags.billing import projection
 from billing_dags.core import durable
 from billing_dags.core.errors import InputError
@@ -58,13 +56,16 @@ def notification_id(customer_id: str, meter_id: str, dimension: str, period: str
 
 
 def _flags_of_day(paths: Paths, day: date) -> list[dict]:
-    from billing_dags.models.sqlmodels import Window, load_project, partition_file
+    from billing_dags.models.sqlmodels import Window, load_project, partition_file, read_day_partition
 
     model = load_project().models["fct_anomaly_flags_by_day"]
-    f = partition_file(paths, model, Window(day, day + timedelta(days=1)))
-    if not f.exists():
-        raise InputError(f"no anomaly flags computed for {day} under {f.parent}; materialize fct_anomaly_flags_by_day for {day} first")
-    return pq.read_table(f, partitioning=None).to_pylist()
+    window = Window(day, day + timedelta(days=1))
+    flags = read_day_partition(paths, model, window)
+    if flags is None:
+        raise InputError(
+            f"no anomaly flags computed for {day} under {partition_file(paths, model, window).parent}; materialize fct_anomaly_flags_by_day for {day} first"
+        )
+    return flags.to_pylist()
 
 
 def build_day(paths: Paths, day: date, now: datetime | None = None) -> list[dict]:

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from billing_dags.core import durable
 from billing_dags.core.settings import Paths
-from billing_dags.models.sqlmodels import Window, load_project, partition_file, seed_snapshot_path
+from billing_dags.models.sqlmodels import Window, load_project, partition_file, read_day_partition, seed_snapshot_path
 from billing_dags.seeds.catalog import OUTSIDE_SUBSCRIPTION_RULES
 from billing_dags.stripe.outbox import too_old_flags
 
@@ -47,11 +47,13 @@ def _read(path: Path) -> list[dict]:
 def build_daily_summary(paths: Paths, day: date) -> DailySummary:
     window = Window(day, day + timedelta(days=1))
     models = load_project().models
-    usage_file = partition_file(paths, models["fct_usage_by_day"], window)
-    if not usage_file.exists():
+    usage_table = read_day_partition(paths, models["fct_usage_by_day"], window)
+    if usage_table is None:
+        usage_file = partition_file(paths, models["fct_usage_by_day"], window)
         raise FileNotFoundError(f"no usage computed for {day}: {usage_file} is missing; materialize fct_usage_by_day for {day} (billing run)")
-    usage = _read(usage_file)
-    flags = _read(partition_file(paths, models["fct_anomaly_flags_by_day"], window))
+    usage = usage_table.to_pylist()
+    flags_table = read_day_partition(paths, models["fct_anomaly_flags_by_day"], window)
+    flags = flags_table.to_pylist() if flags_table is not None else []
     meters = {m["meter_id"]: m for m in _read(seed_snapshot_path(paths, "meters"))}
 
     def total(meter_id: str, column: str = "usage") -> Decimal:

@@ -165,15 +165,15 @@ def parse_range(params: Iterable[tuple[str, str]], today: date) -> tuple[date, d
 
 def _usage_rows(paths: Paths, customer_id: str, days: list[date]) -> tuple[list[date], pa.Table | None]:
     """The computed days among ``days`` and the customer's fct_usage_by_day rows of them (read only)."""
-    from billing_dags.models.sqlmodels import Window, load_project, partition_file
+    from billing_dags.models.sqlmodels import Window, day_partition_files, load_project
 
     model = load_project().models["fct_usage_by_day"]
     computed, tables = [], []
     for d in days:
-        f = partition_file(paths, model, Window(d, d + timedelta(days=1)))
-        if f.exists():
+        files = day_partition_files(paths, model, Window(d, d + timedelta(days=1)))
+        if files:
             computed.append(d)
-            t = pq.read_table(f, filters=[("customer_id", "=", customer_id)], partitioning=None)
+            t = pa.concat_tables([pq.read_table(f, filters=[("customer_id", "=", customer_id)], partitioning=None) for f in files])
             if t.num_rows:
                 tables.append(t)
     if not tables:

@@ -18,7 +18,7 @@ from billing_dags.core import durable
 from billing_dags.core.errors import InputError
 from billing_dags.core.settings import Paths
 from billing_dags.ingest.events import events_root
-from billing_dags.models.sqlmodels import connect, load_project, macros_sql, partition_dir
+from billing_dags.models.sqlmodels import connect, load_project, macros_sql, model_files, partition_dir
 
 
 def _lit(path: Path | str) -> str:
@@ -29,20 +29,22 @@ def view_statements(paths: Paths) -> list[str]:
     """CREATE VIEW statements for sources, seeds, view models and every materialized table model."""
     project = load_project()
     stmts = list(macros_sql())
-    if any(paths.raw_samples.glob("date=*/*.parquet")):
+    # the files of a day folder: its own, or (sharded) every shard's of the configured number of shards
+    in_day = "*.parquet" if paths.shards == 1 else f"shard=*-of-{paths.shards}/*.parquet"
+    if any(paths.raw_samples.glob(f"date=*/{in_day}")):
         stmts.append(
             "create or replace view raw_samples as select series_id, ts, value, date::date as date "
-            f"from read_parquet({_lit(paths.raw_samples / 'date=*' / '*.parquet')}, hive_partitioning = true)"
+            f"from read_parquet({_lit(paths.raw_samples / 'date=*' / in_day)}, hive_partitioning = true)"
         )
-    if any(paths.raw_series.glob("date=*/*.parquet")):
+    if any(paths.raw_series.glob(f"date=*/{in_day}")):
         stmts.append(
             "create or replace view raw_series as select series_id, metric, labels, first_seen "
-            f"from read_parquet({_lit(paths.raw_series / 'date=*' / '*.parquet')}, hive_partitioning = false)"
+            f"from read_parquet({_lit(paths.raw_series / 'date=*' / in_day)}, hive_partitioning = false)"
         )
-    if any(paths.raw_carry_in.glob("date=*/*.parquet")):
+    if any(paths.raw_carry_in.glob(f"date=*/{in_day}")):
         stmts.append(
             "create or replace view raw_carry_in as select series_id, ts, value, date::date as date "
-            f"from read_parquet({_lit(paths.raw_carry_in / 'date=*' / '*.parquet')}, hive_partitioning = true)"
+            f"from read_parquet({_lit(paths.raw_carry_in / 'date=*' / in_day)}, hive_partitioning = true)"
         )
     else:  # no pulled day yet: an empty carry-in, so the dispute evidence SQL runs on any warehouse
         stmts.append(
@@ -50,24 +52,24 @@ def view_statements(paths: Paths) -> list[str]:
             "(select 0::bigint as series_id, 0::bigint as ts, 0::double as value, null::date as date) where false"
         )
     events = events_root(paths)
-    if any(events.glob("date=*/*.parquet")):
+    if any(events.glob(f"date=*/{in_day}")):
         stmts.append(
             "create or replace view raw_events as select event_id, ts, customer_key, meter_id, dimension, kind, "
             "quantity, hold_ms, attributes, date::date as date, "
             "regexp_extract(filename, 'part-(.*)\\.parquet$', 1) as source "
-            f"from read_parquet({_lit(events / 'date=*' / '*.parquet')}, hive_partitioning = true, filename = true)"
+            f"from read_parquet({_lit(events / 'date=*' / in_day)}, hive_partitioning = true, filename = true)"
         )
     for seed in sorted((paths.data_dir / "seeds").glob("*.parquet")):
         stmts.append(f"create or replace view seed_{seed.stem} as select * from read_parquet({_lit(seed)})")
     for name in project.order():
         model = project.models[name]
         if model.materialized == "table":
-            if any(partition_dir(paths, model).rglob("data.parquet")):
+            files = partition_dir(paths, model) / "**" / "data.parquet"
+            if model.partitioned_by == "billing_daily" and paths.shards > 1:
+                files = partition_dir(paths, model) / "day=*" / f"shard=*-of-{paths.shards}" / "data.parquet"
+            if model_files(paths, model):
                 # union_by_name: partitions computed before a column was added read it as null
-                stmts.append(
-                    f"create or replace view {name} as select * from "
-                    f"read_parquet({_lit(partition_dir(paths, model) / '**' / 'data.parquet')}, hive_partitioning = false, union_by_name = true)"
-                )
+                stmts.append(f"create or replace view {name} as select * from read_parquet({_lit(files)}, hive_partitioning = false, union_by_name = true)")
         else:
             stmts.append(f"create or replace view {name} as {model.sql.strip().rstrip(';')}")
     return stmts

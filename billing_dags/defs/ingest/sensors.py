@@ -13,7 +13,7 @@ import json
 import dagster as dg
 
 from billing_dags.defs.jobs import daily_usage
-from billing_dags.defs.shared.partitions import billing_daily
+from billing_dags.defs.shared.partitions import billing_daily, billing_daily_shards
 from billing_dags.defs.shared.resources import WarehouseResource
 
 INGEST_ASSETS = ("raw_samples", "remote_write_samples", "usage_events", "usage_reports")
@@ -97,6 +97,13 @@ def late_raw_data_sensor(context: dg.SensorEvaluationContext, warehouse: Warehou
     if busy:
         return dg.SkipReason(f"waiting for {len(busy)} run(s) writing raw days or daily usage to finish: {', '.join(busy[:5])}")
     requests, used, late = rerun_plan(warehouse.paths(), context.repository_def.asset_graph, cursor.get("hashes"))
+    if late and billing_daily_shards is not None:
+        # sharded: the late (day, shard) partitions are named for a backfill, not rerun (docs/scale-out.md)
+        context.update_cursor(json.dumps({"hashes": used, "requested": cursor.get("requested", [])}, sort_keys=True))
+        cells = sorted({f"{d.day}|{d.shard.key}" for d in late if d.shard is not None})
+        return dg.SkipReason(
+            f"late raw data in {len(cells)} (day, shard) partitions: backfill daily_shards for them, then the day's Stripe hand-off: {', '.join(cells[:20])}"
+        )
     requested = set(cursor.get("requested", []))
     context.update_cursor(json.dumps({"hashes": used, "requested": sorted(r.run_key for r in requests)}, sort_keys=True))
     if not requests:

@@ -1,28 +1,47 @@
 """One Dagster asset per table model in sql_models/; dependencies come from the SQL itself."""
 
-from datetime import date, timedelta
+from datetime import timedelta
 
 import dagster as dg
 
 from billing_dags.core.settings import Paths
 from billing_dags.defs.models.checks import check_specs, evaluate, evaluate_published
 from billing_dags.defs.shared.metadata import data_version, model_code_version, model_metadata
-from billing_dags.defs.shared.partitions import BY_NAME, SINGLE_RUN, combined_check_result, materialize_each, partitions_of
+from billing_dags.defs.shared.partitions import BY_NAME, SINGLE_RUN, billing_daily_shards, combined_check_result, materialize_each, partitions_of
 from billing_dags.defs.shared.resources import WarehouseResource
 from billing_dags.ingest import raw
 from billing_dags.models import late_data
-from billing_dags.models.sqlmodels import Model, ModelError, Project, Window, iter_model_days, load_project, model_files, run_model, session, sources
+from billing_dags.models.sqlmodels import (
+    Model,
+    ModelError,
+    Project,
+    Window,
+    iter_model_days,
+    load_project,
+    model_files,
+    partition_day,
+    run_model,
+    session,
+    sources,
+)
 
 
 def _partition_mapping(model: Model, upstream: Model) -> dg.PartitionMapping | None:
     if upstream.partitioned_by == "billing_daily" and model.partitioned_by == "billing_daily" and model.lookback_days:
-        return dg.TimeWindowPartitionMapping(start_offset=-model.lookback_days, end_offset=0, allow_nonexistent_upstream_partitions=True)
-    return None
+        days = dg.TimeWindowPartitionMapping(start_offset=-model.lookback_days, end_offset=0, allow_nonexistent_upstream_partitions=True)
+        if billing_daily_shards is None:
+            return days
+        # (day, shard) reads the earlier days of its own shard
+        return dg.MultiPartitionMapping(
+            {"day": dg.DimensionPartitionMapping("day", days), "shard": dg.DimensionPartitionMapping("shard", dg.IdentityPartitionMapping())}
+        )
+    return None  # monthly models read every (day, shard) of their month: Dagster infers it (MultiToSingleDimensionPartitionMapping)
 
 
 def _source_mapping(model: Model, lookback_days: int) -> dg.PartitionMapping | None:
-    """A daily model that reads earlier days of a source depends on those days of its assets."""
-    if lookback_days and model.partitioned_by == "billing_daily":
+    """A daily model that reads earlier days of a source depends on those days of its assets (sharded: on
+    the day of its (day, shard), the mapping Dagster infers; the day before stays an input, not a dependency)."""
+    if lookback_days and model.partitioned_by == "billing_daily" and billing_daily_shards is None:
         return dg.TimeWindowPartitionMapping(start_offset=-lookback_days, end_offset=0, allow_nonexistent_upstream_partitions=True)
     return None
 
@@ -34,16 +53,16 @@ def _require_lookback(paths: Paths, project: Project, model: Model, window: Wind
         return
     tables, _ = project.table_deps(model.name)
     raw_present = set(raw.raw_days(paths))
-    carried = {p.name for p in raw.carry_in_files(paths, window.start)}
+    carried = {p.name for p in raw.carry_in_files(paths, window.start, window.shard)}
     for name in tables:
         up = project.models[name]
         if up.partitioned_by != "billing_daily":
             continue
-        have = {date.fromisoformat(p.parent.name.split("=", 1)[1]) for p in model_files(paths, up)}
+        have = {partition_day(p) for p in model_files(paths, up, window.shard)}
         day = window.start - timedelta(days=model.lookback_days)
         missing = []
         while day < window.end:
-            if day in raw_present and day not in have and not (day < window.start and {p.name for p in raw.sample_files(paths, day)} <= carried):
+            if day in raw_present and day not in have and not (day < window.start and {p.name for p in raw.sample_files(paths, day, window.shard)} <= carried):
                 missing.append(day.isoformat())
             day += timedelta(days=1)
         if missing:

@@ -12,7 +12,8 @@ from typing import Any
 
 import dagster as dg
 
-from billing_dags.core.settings import partitions_start
+from billing_dags.core.settings import partitions_start, shard_count
+from billing_dags.core.shards import shard_from_key, shard_keys
 from billing_dags.models.sqlmodels import Window
 
 #: the first day of both partitions (YYYY-MM-DD): BILLING_PARTITIONS_START, else the first month of the
@@ -24,8 +25,19 @@ billing_daily = dg.DailyPartitionsDefinition(start_date=PARTITIONS_START, timezo
 #: calendar months (UTC); the current month is not a partition until it has ended
 billing_monthly = dg.MonthlyPartitionsDefinition(start_date=PARTITIONS_START, timezone="UTC")
 
+#: shards by customer (BILLING_SHARDS, core/shards.py), read once, when the code location loads
+SHARDS = shard_count()
+#: with more than one shard, the daily models run per (day, shard): a partition per UTC day and shard
+#: ("2026-11-03|5"); the ingest assets (which write every shard of a day in one pass) and the daily assets
+#: after the models (Stripe hand-off, summaries) stay per day and read every shard of it. With one shard
+#: there is no shard dimension: the daily models keep their plain daily partitions (and their history).
+billing_shards = dg.StaticPartitionsDefinition(shard_keys(SHARDS)) if SHARDS > 1 else None
+billing_daily_shards = dg.MultiPartitionsDefinition({"day": billing_daily, "shard": billing_shards}) if SHARDS > 1 else None
+#: the partitions of the daily models: (day, shard) when sharded, else the days
+billing_daily_models = billing_daily_shards or billing_daily
+
 BY_NAME: dict[str, dg.PartitionsDefinition | None] = {
-    "billing_daily": billing_daily,
+    "billing_daily": billing_daily_models,
     "billing_monthly": billing_monthly,
     "none": None,
 }
@@ -53,8 +65,17 @@ def partitions_of(
     out = []
     for key in context.partition_keys:
         tw = partitions_def.time_window_for_partition_key(key)
-        out.append((key, Window(_as_date(tw.start), _as_date(tw.end))))
-    return out
+        shard = None
+        if isinstance(partitions_def, dg.MultiPartitionsDefinition):
+            shard = shard_from_key(partitions_def.get_partition_key_from_str(key).keys_by_dimension["shard"], SHARDS)
+        out.append((key, Window(_as_date(tw.start), _as_date(tw.end), shard)))
+    # (day, shard) partitions shard by shard, each shard's days in order (a day reads its shard's earlier days)
+    return sorted(out, key=lambda kw: (kw[1].shard is not None and kw[1].shard.index, kw[1].start))
+
+
+def day_shard_key(day: str, shard: str) -> str:
+    """The partition key of a (day, shard) partition of billing_daily_shards."""
+    return str(dg.MultiPartitionKey({"day": day, "shard": shard}))
 
 
 def days_of(context, partitions_def=None) -> list[Window]:

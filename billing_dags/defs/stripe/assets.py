@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from billing_dags.core.calendar import month_days, month_start
 from billing_dags.defs.shared.partitions import SINGLE_RUN, billing_daily, materialize_each, partitions_of
 from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
-from billing_dags.models.sqlmodels import Window, load_project, partition_file, seed_snapshot_path
+from billing_dags.models.sqlmodels import Window, load_project, read_day_partition, seed_snapshot_path
 from billing_dags.stripe import outbox as ob
 from billing_dags.stripe.sender import Sender
 
@@ -29,9 +29,9 @@ def _month_usage(paths, usage_model, month: date, through: date) -> pa.Table | N
     for d in month_days(month):
         if d > through:
             break
-        f = partition_file(paths, usage_model, Window(d, d + timedelta(days=1)))
-        if f.exists():
-            tables.append(pq.read_table(f, partitioning=None))
+        t = read_day_partition(paths, usage_model, Window(d, d + timedelta(days=1)))
+        if t is not None:
+            tables.append(t)
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
 
