@@ -125,7 +125,7 @@ rate_samples as (
         series_id,
         ts_ms,
         value,
-        (date '1970-01-01' + (ts_ms // 86400000)::integer)::date as check_day
+        epoch_ms(ts_ms)::date as check_day
     from stg_raw__samples
     where ts_ms >= $start_ms and ts_ms < $end_ms
         and isfinite(value)
