@@ -293,3 +293,47 @@ def test_cli_refuses_bad_sender_options_with_the_fix(data_dir, monkeypatch, caps
     assert "STRIPE_RATE_LIMIT='-5'" in capsys.readouterr().err
     assert sd.sender_options("v2", "4", "250", environ={}) == {"api": "v2", "concurrency": 4, "rate_limit": 250.0}
     assert sd.sender_options(environ={"STRIPE_METER_API": "v2", "STRIPE_CONCURRENCY": "32"}) == {"api": "v2", "concurrency": 32}
+
+
+class _HeldStream:
+    """A stand-in client for the v2 stream whose second batch (the first goes alone, to confirm the
+    key) is answered only after the third batch's session expired and a new session was made: the
+    second batch was posted with the old session and must be recorded under it, whatever session
+    is current when its answer arrives."""
+
+    def __init__(self):
+        self.sessions, self.posted = 0, []
+        self.renewed = threading.Event()
+        outer = self
+
+        class _Sessions:
+            def create(self):
+                outer.sessions += 1
+                if outer.sessions == 2:
+                    outer.renewed.set()
+                k = outer.sessions
+                return type("S", (), {"id": f"mes_test_{k}", "authentication_token": f"tok_{k}", "created": None, "expires_at": None})()
+
+        class _Stream:
+            def create(self, params, options):
+                first = params["events"][0]["identifier"]
+                outer.posted.append((first, options["api_key"]))
+                if len(outer.posted) == 2:  # the second batch: held until the session was renewed
+                    assert outer.renewed.wait(10), "the session was never renewed"
+                elif len(outer.posted) == 3:  # the third batch: its session expired
+                    raise stripe.TemporarySessionExpiredError("session expired")
+
+        self.v2 = type("V2", (), {"billing": type("B", (), {"meter_event_session": _Sessions(), "meter_event_stream": _Stream()})()})()
+
+
+def test_a_v2_batch_is_recorded_under_the_session_it_was_posted_with(paths):
+    n = fill(paths, DAYS[:1], customers=6)  # 12 events, batches of 4
+    client = _HeldStream()
+    _, sender = send_days(paths, DAYS[:1], client, now=NOW, api="v2", batch_size=4, concurrency=2)
+    rows = stored(paths, DAYS[:1])
+    assert sender.stats["sent"] == n and {r["status"] for r in rows} == {"sent"}
+    tokens = dict(client.posted)  # the first identifier of a batch -> the token it went out with (last post)
+    by_token = {"tok_1": "stream:mes_test_1", "tok_2": "stream:mes_test_2"}
+    for batch in (rows[:4], rows[4:8], rows[8:]):
+        assert {r["stripe_response_id"] for r in batch} == {by_token[tokens[batch[0]["identifier"]]]}
+    assert [t for _, t in client.posted] == ["tok_1", "tok_1", "tok_1", "tok_2"]
