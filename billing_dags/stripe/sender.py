@@ -552,24 +552,26 @@ class _Run:
             ]
             key = "billing-dags-stream-" + hashlib.sha256("\n".join(e["identifier"] for e in events).encode()).hexdigest()[:40]
             fut = self.pool.submit(s._post_v2, events, key, s.session.token)
-            self.in_flight[fut] = (unit, s.session.generation)
+            self.in_flight[fut] = (unit, s.session)
             s.stats["posted"] += 1
             return
         self.in_flight[fut] = (unit, None)
         s.stats["posted"] += 1
 
-    def _outcome(self, fut: Future, unit: Any, generation: int | None) -> None:
+    def _outcome(self, fut: Future, unit: Any, session: _Session | None) -> None:
+        """``session``: the v2 session the request went out with (another batch may have renewed
+        the current one since); its id is what the rows record."""
         exc = fut.exception()
         if self.s.api == "v1":
             self._v1_outcome(unit, fut.result() if exc is None else None, exc)
         elif exc is None:
             self.renewals = 0
             for i in unit:
-                self.s._sent(self.out[i], f"stream:{self.s.session.id if self.s.session else 'session'}")
+                self.s._sent(self.out[i], f"stream:{session.id}")
                 self._touch(i)
             self.attempts.pop(unit, None)
         else:
-            self._v2_error(unit, exc, generation)
+            self._v2_error(unit, exc, session.generation if session is not None else None)
 
     def _next_in_pair(self, pair: tuple) -> None:
         q = self.queues[pair]
