@@ -12,18 +12,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from seed_copies import copy_small_seeds
 
 from billing_dags.core import shards
-from billing_dags.core.settings import SettingsError, parse_shards, resolve_paths
+from billing_dags.core.settings import Paths, SettingsError, parse_shards, resolve_paths
+from billing_dags.defs.seeds.assets import write_seed_snapshots
 from billing_dags.ingest import events, raw, simulate
-from billing_dags.models.sqlmodels import load_project, model_files, partition_day
+from billing_dags.models.sqlmodels import Window, load_project, model_files, partition_day, run_model, run_model_days
+from billing_dags.seeds.catalog import read_seed
 
 ROOT = Path(__file__).resolve().parent.parent
 MONTH = date(2026, 11, 1)
@@ -243,3 +246,66 @@ def test_warehouse_views_read_every_shard_once(runs):
                 pass  # a view over a source this warehouse lacks (external pool shares), as `billing sql` skips it
         counts.append([con.execute(f"select count(*) from {v}").fetchone()[0] for v in ("raw_samples", "raw_series", "raw_events", "fct_usage_by_day")])
     assert counts[0] == counts[1] and counts[0][0] and counts[0][1] and counts[0][3]
+
+
+def test_a_range_of_days_of_one_shard_computes_what_its_days_alone_compute(tmp_path):
+    """A range run of a (day, shard) model that reads raw samples (``range_query`` models compute the range in
+    one query) reads that shard's samples only, as a run of each day alone does, and gives the same rows."""
+    seeds = copy_small_seeds(tmp_path / "seeds")
+    days = [date(2026, 11, 2), THROUGH]
+    per_day, ranged = Paths(tmp_path / "per_day", seeds, 8), Paths(tmp_path / "range", seeds, 8)
+    for paths in (per_day, ranged):
+        write_seed_snapshots(paths)
+        for day in days:
+            samples, series = simulate.simulate_day(day, read_seed(seeds, "customers"), seed=7, interval_s=60)
+            # every submit counter jumps by 1,000 at noon: over the 200-a-minute rate rule
+            submits = pa.array([m == "stratum_submits_total" for m in series["metric"].to_pylist()])
+            spiked = pc.is_in(samples["series_id"], value_set=series.filter(submits)["series_id"])
+            noon = int(datetime(day.year, day.month, day.day, 12, tzinfo=UTC).timestamp() * 1000)
+            jump = pc.if_else(pc.and_(spiked, pc.greater_equal(samples["ts"], noon)), 1000.0, 0.0)
+            samples = samples.set_column(2, "value", pc.add(samples["value"], jump))
+            raw.write_day(paths, day, samples, series, source=simulate.SOURCE)
+    project = load_project()
+    flags = "fct_anomaly_flags_by_day"
+    ups = [m for m in project.order() if m in _upstream(project, flags) and project.models[m].materialized == "table"]
+    windows = [Window(d, date.fromordinal(d.toordinal() + 1), s) for s in shards.all_shards(8) for d in days]
+    for paths in (per_day, ranged):
+        for name in ups:
+            if project.models[name].partitioned_by == "billing_daily":
+                for w in windows:
+                    run_model(paths, name, w, project=project)
+            else:
+                run_model(paths, name, None, project=project)
+    for w in windows:
+        run_model(per_day, flags, w, project=project)
+    for s in shards.all_shards(8):
+        # a worker may hold only its own shard's raw files: the others' are unreadable during its run
+        others = [f for d in days for f in raw.sample_files(ranged, d) if f not in raw.sample_files(ranged, d, s)]
+        kept = {f: f.read_bytes() for f in others}
+        for f in others:
+            f.write_bytes(b"not the shard's file")
+        try:
+            run_model_days(ranged, flags, [w for w in windows if w.shard == s], project=project)
+        finally:
+            for f, b in kept.items():
+                f.write_bytes(b)
+    rate = 0
+    for w in windows:
+        alone, together = (pq.read_table(model_files(p, project.models[flags], w.shard)[days.index(w.start)]) for p in (per_day, ranged))
+        assert together.equals(alone), w
+        rate += pc_count(alone, "rate_per_minute")
+    assert rate, "the simulated days raise a rate flag (else this test compares nothing that reads raw samples)"
+
+
+def _upstream(project, name: str) -> set[str]:
+    out, todo = set(), [name]
+    while todo:
+        for up in project.upstream_models(todo.pop()):
+            if up not in out:
+                out.add(up)
+                todo.append(up)
+    return out
+
+
+def pc_count(table: pa.Table, rule: str) -> int:
+    return sum(1 for r in table["rule"].to_pylist() if r == rule)
