@@ -823,7 +823,7 @@ def _iter_range_query(
                 t0 = time.perf_counter()
                 if per_window is None:
                     per_window = _prepare_range(con, project, model.name, paths, windows)
-                span = Window(ready[0].start, ready[-1].end)
+                span = Window(ready[0].start, ready[-1].end, ready[0].shard)
                 for s in per_window:
                     known[s].register(con, paths, span)
                 table = query(con, model, span)
