@@ -11,6 +11,7 @@ the last one, the CLI the month of the 60th last (tests/test_ui_browser.py takes
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -101,3 +102,144 @@ def test_a_run_of_billing_run_is_reexecuted_from_the_ui(dagster_server, days):
     tags = {t["key"]: t["value"] for t in child["tags"]}
     assert tags.get("dagster/asset_partition_range_start") == f"{month}-01", tags
     assert usage.exists()
+
+
+# --------------------------------------------------------------------------- sharded (BILLING_SHARDS > 1)
+
+#: shards of the sharded instance: enough to show that one late customer reruns one shard, not all
+SHARDS = 4
+_RUNS = """query($id: String!) { runsOrError(filter: {tags: [{key: "dagster/backfill", value: $id}]}) { ... on Runs {
+  results { id status startTime endTime assetSelection { path } tags { key value } } } } }"""
+_MATERIALIZATIONS = """query($k: AssetKeyInput!, $p: [String!]) { assetNodeOrError(assetKey: $k) { ... on AssetNode {
+  assetMaterializations(partitions: $p) { partition runId metadataEntries { label
+    ... on IntMetadataEntry { intValue } ... on JsonMetadataEntry { jsonString } } } } } }"""
+_CHECKS = """query($k: AssetKeyInput!, $c: String!, $p: String) { assetCheckExecutions(assetKey: $k, checkName: $c, partition: $p, limit: 20) {
+  runId status evaluation { partition success metadataEntries { label ... on JsonMetadataEntry { jsonString } } } } }"""
+_SENSOR = {"repositoryLocationName": "billing_dags", "repositoryName": "__repository__", "sensorName": "late_raw_data_sensor"}
+
+
+@pytest.fixture(scope="module")
+def sharded_server(tmp_path_factory):
+    """A real instance (webserver + daemon) of the code location with BILLING_SHARDS=4: the daily models are
+    (day, shard) partitions of their own job, daily_shards; the ingest and the assets after the models stay daily."""
+    from conftest import copy_small_seeds
+    from servers import DagsterServer
+
+    root = tmp_path_factory.mktemp("sharded")
+    with DagsterServer(root, seeds_dir=copy_small_seeds(root / "seeds"), env={"BILLING_SHARDS": str(SHARDS)}) as server:
+        run = server.wait_run(server.launch_run("refresh_seeds_and_views"), RUN_TIMEOUT)
+        assert run["status"] == "SUCCESS", server.run_errors(run["id"])
+        yield server
+
+
+@pytest.fixture(scope="module")
+def sharded_day(sharded_server) -> tuple[str, dict]:
+    """What the operator does after midnight UTC on the 1st, sharded: an asset backfill of yesterday (the last day of
+    the month just ended) over the ingest, the (day, shard) models and the daily assets after them, from the asset
+    graph; the day and the finished backfill."""
+    from datetime import date, timedelta
+
+    server = sharded_server
+    keys = server.asset_keys("daily_usage") + server.asset_keys("daily_shards")
+    assert {"raw_samples", "fct_usage_by_day", "stripe_outbox"} <= {k["path"][-1] for k in keys}
+    yesterday = server.partition_keys("raw_samples")[-1]
+    day = (date.fromisoformat(yesterday[:8] + "01") - timedelta(days=1)).isoformat()
+    return day, server.wait_backfill(server.launch_asset_backfill(keys, [day]), RUN_TIMEOUT)
+
+
+def _shard_file(server, model: str, day: str, shard: int):
+    return server.data_dir / "models" / model / f"day={day}" / f"shard={shard}-of-{SHARDS}" / "data.parquet"
+
+
+def _materializations(server, asset: str, partitions: list[str]) -> list[dict]:
+    node = server.graphql(_MATERIALIZATIONS, {"k": {"path": [asset]}, "p": partitions})["assetNodeOrError"]
+    return node["assetMaterializations"]
+
+
+def test_sharded_asset_backfill_of_yesterday_runs_in_dependency_order_then_the_month(sharded_server, sharded_day):
+    import pyarrow.parquet as pq
+
+    server, (day, backfill) = sharded_server, sharded_day
+    assert backfill["status"] == "COMPLETED_SUCCESS" and all(r["status"] == "SUCCESS" for r in backfill["runs"]), (
+        f"backfill {backfill['status']} {backfill['error']}\n{failures(server, backfill['runs'])}"
+    )
+    runs = server.graphql(_RUNS, {"id": backfill["id"]})["runsOrError"]["results"]
+    stage = {"raw_samples": 0, "fct_usage_by_day": 1, "stripe_outbox": 2}
+    spans = {}
+    for r in runs:
+        for a in {p["path"][-1] for p in r["assetSelection"]} & set(stage):
+            spans.setdefault(stage[a], []).append((r["startTime"], r["endTime"]))
+    # every shard of the day's models after the day's ingest, the Stripe hand-off after every shard
+    assert sorted(spans) == [0, 1, 2], runs
+    assert max(e for _, e in spans[0]) <= min(s for s, _ in spans[1]) and max(e for _, e in spans[1]) <= min(s for s, _ in spans[2]), spans
+
+    # each (day, shard) partition materialized, with its own rows and the table's rows as standard metadata
+    cells = [f"{day}|{s}" for s in range(SHARDS)]
+    rows = {s: pq.read_metadata(_shard_file(server, "fct_usage_by_day", day, s)).num_rows for s in range(SHARDS)}
+    got = {m["partition"]: {e["label"]: e.get("intValue") for e in m["metadataEntries"]} for m in _materializations(server, "fct_usage_by_day", cells)}
+    assert sorted(got) == cells
+    for s in range(SHARDS):
+        assert got[f"{day}|{s}"]["dagster/partition_row_count"] == rows[s]
+        assert got[f"{day}|{s}"]["dagster/row_count"] == sum(rows.values())
+    # a check of a (day, shard) partition is recorded against that partition and names every shard it covered
+    for cell in cells:
+        [execution] = server.graphql(_CHECKS, {"k": {"path": ["fct_usage_by_day"]}, "c": "grain_is_unique", "p": cell})["assetCheckExecutions"]
+        assert execution["status"] == "SUCCEEDED" and execution["evaluation"]["partition"] == cell, execution
+        meta = {e["label"]: e.get("jsonString") for e in execution["evaluation"]["metadataEntries"]}
+        if "by_partition" in meta:  # a run over several partitions: one entry per (day, shard)
+            assert cell in json.loads(meta["by_partition"]), meta
+
+    # the monthly stage then runs over every (day, shard) of the month
+    run = server.wait_run(server.launch_run("monthly_invoicing", f"{day[:7]}-01"), RUN_TIMEOUT)
+    assert run["status"] == "SUCCESS", server.run_errors(run["id"])
+
+
+def test_sharded_late_data_reruns_only_the_changed_shard_in_one_backfill_and_settles(sharded_server, sharded_day):
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    server, (day, backfill) = sharded_server, sharded_day
+    assert backfill["status"] == "COMPLETED_SUCCESS", backfill
+    cells = [f"{day}|{s}" for s in range(SHARDS)]
+    before = {m["partition"]: m["runId"] for m in _materializations(server, "fct_usage_by_day", cells)}
+    # a late correction of one series, in the one shard its customer is in
+    raw_day = server.data_dir / "raw" / "samples" / f"date={day}"
+    late = next(s for s in range(SHARDS) if pq.read_metadata(raw_day / f"shard={s}-of-{SHARDS}" / "part-simulate.parquet").num_rows)
+    f = raw_day / f"shard={late}-of-{SHARDS}" / "part-simulate.parquet"
+    t = pq.read_table(f)
+    values = t.column("value").to_pylist()
+    values[-1] += 1.0
+    pq.write_table(t.set_column(t.schema.get_field_index("value"), "value", pa.array(values, pa.float64())), f.with_name("late.tmp"))
+    os.replace(f.with_name("late.tmp"), f)
+
+    started = server.graphql("mutation($s: SensorSelector!) { startSensor(sensorSelector: $s) { __typename } }", {"s": _SENSOR})
+    assert started["startSensor"]["__typename"] == "Sensor", started
+    ids = server.wait(lambda: _backfills_tagged(server, "billing/reason", "late raw data"), RUN_TIMEOUT, "the sensor to request a backfill")
+    assert len(ids) == 1, ids
+    rerun = server.wait_backfill(ids[0], RUN_TIMEOUT)
+    assert rerun["status"] == "COMPLETED_SUCCESS" and all(r["status"] == "SUCCESS" for r in rerun["runs"]), (
+        f"backfill {rerun['status']} {rerun['error']}\n{failures(server, rerun['runs'])}"
+    )
+    # the late shard's (day, shard) partitions and the day's Stripe hand-off, nothing else: no ingest, no other shard
+    after = {m["partition"]: m["runId"] for m in _materializations(server, "fct_usage_by_day", cells)}
+    assert {c for c in cells if after[c] != before[c]} == {f"{day}|{late}"}, (before, after)
+    rerun_assets = {p["path"][-1] for r in server.graphql(_RUNS, {"id": ids[0]})["runsOrError"]["results"] for p in r["assetSelection"]}
+    assert "stripe_outbox" in rerun_assets and not rerun_assets & {"raw_samples", "usage_events", "usage_reports", "remote_write_samples"}, rerun_assets
+
+    # settled: evaluated again (with the cursor of its last tick), the sensor requests nothing
+    cursor = server.graphql(
+        "query($s: SensorSelector!) { sensorOrError(sensorSelector: $s) { ... on Sensor { sensorState { ticks(limit: 1) { cursor } } } } }", {"s": _SENSOR}
+    )["sensorOrError"]["sensorState"]["ticks"][0]["cursor"]
+    tick = server.graphql(
+        "mutation($s: SensorSelector!, $c: String) { sensorDryRun(selectorData: $s, cursor: $c) { __typename ... on DryRunInstigationTick {"
+        " evaluationResult { skipReason runRequests { runKey } error { message } } } } }",
+        {"s": _SENSOR, "c": cursor},
+    )["sensorDryRun"]["evaluationResult"]
+    assert not tick["runRequests"] and not tick["error"] and "no raw day file changed" in tick["skipReason"], tick
+
+
+def _backfills_tagged(server, key: str, value: str) -> list[str]:
+    data = server.graphql("{ partitionBackfillsOrError(limit: 50) { ... on PartitionBackfills { results { id tags { key value } } } } }")
+    return [b["id"] for b in data["partitionBackfillsOrError"]["results"] if {"key": key, "value": value} in b["tags"]]
