@@ -117,6 +117,8 @@ def test_a_range_run_of_daily_usage_materializes_every_asset_for_every_day_as_pe
         ("fct_usage_by_day", "no_negative_usage"),
         ("usage_events", "event_ids_unique_across_days"),
     }
+    # a model's checks are recorded against each day of the range, as a run of one day records them
+    assert sorted(e.partition for e in evaluations if e.asset_key == dg.AssetKey("fct_usage_by_day") and e.check_name == "grain_is_unique") == sorted(days)
 
     a, b = _files(per_day), _files(ranged)
     assert any(k.startswith("models/fct_usage_by_day/") for k in a)
