@@ -7,7 +7,15 @@ import dagster as dg
 from billing_dags.core.settings import Paths
 from billing_dags.defs.models.checks import check_specs, evaluate, evaluate_published
 from billing_dags.defs.shared.metadata import data_version, model_code_version, model_metadata
-from billing_dags.defs.shared.partitions import BY_NAME, SINGLE_RUN, billing_daily_shards, combined_check_result, materialize_each, partitions_of
+from billing_dags.defs.shared.partitions import (
+    BY_NAME,
+    SINGLE_RUN,
+    billing_daily_shards,
+    combined_check_result,
+    materialize_each,
+    partition_check_evaluations,
+    partitions_of,
+)
 from billing_dags.defs.shared.resources import WarehouseResource
 from billing_dags.ingest import raw
 from billing_dags.models import late_data
@@ -123,11 +131,12 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
         if dg.AssetKey(model.name) not in context.selected_asset_keys:
             # the checks alone (from a check's page): on the partitions as they were published
             published: dict[str, list[tuple[Window | None, dg.AssetCheckResult]]] = {}
-            for _, window in partitions_of(context) or [(None, None)]:
+            keys = partitions_of(context) or [(None, None)]
+            for _, window in keys:
                 for r in evaluate_published(model, paths, window):
                     if r.check_name in selected:
                         published.setdefault(r.check_name, []).append((window, r))
-            yield from (combined_check_result(results) for results in published.values())
+            yield from _check_outcomes(context, published, {w: k for k, w in keys})
             return
         threads = warehouse.threads_for(context.run.tags)
         # every partition of the run in order (a range: each day reads the earlier days this step
@@ -196,22 +205,34 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
                 f"{model.name} {_label(done[0][0])} to {_label(done[-1][0])}: {len(done)} partitions, "
                 f"{sum(r.rows for _, r in done)} rows in {sum(r.seconds for _, r in done):.2f}s{on}"
             )
+        outcomes = _check_outcomes(context, {name: results for name, results in by_check.items() if name in selected}, {w: k for k, w in parts})
         yield dg.MaterializeResult(
             asset_key=model.name,
-            check_results=[combined_check_result(results) for name, results in by_check.items() if name in selected],
+            check_results=[o for o in outcomes if isinstance(o, dg.AssetCheckResult)],
             # the rows' own version, when the run has one partition (Dagster records one data version for
             # every partition of a range run; there the default applies: code version + input versions)
             data_version=next(iter(versions.values())) if len(versions) == 1 else None,
         )
+        yield from (o for o in outcomes if isinstance(o, dg.AssetCheckEvaluation))
 
     return _asset
 
 
+def _check_outcomes(context, by_check: dict[str, list], key_of: dict) -> list:
+    """The checks' results over the run's partitions: a result per check for one partition (or none), else each
+    partition's own result recorded against it (a range run's results would have no partition)."""
+    if len(key_of) <= 1:
+        return [combined_check_result(results) for results in by_check.values()]
+    return [e for results in by_check.values() for e in partition_check_evaluations(context, [(key_of[w], r) for w, r in results])]
+
+
 def _label(window: Window | None) -> str:
-    """The partition a window is: its day, or its month."""
+    """The partition a window is: its day (with its shard when sharded), or its month."""
     if window is None:
         return "(unpartitioned)"
-    return window.start.isoformat() if (window.end - window.start).days == 1 else f"{window.start:%Y-%m}"
+    if (window.end - window.start).days != 1:
+        return f"{window.start:%Y-%m}"
+    return window.start.isoformat() + (f"|{window.shard.key}" if window.shard is not None else "")
 
 
 def build_model_assets() -> list[dg.AssetsDefinition]:

@@ -158,5 +158,27 @@ def combined_check_result(results: list[tuple[Window | None, dg.AssetCheckResult
     )
 
 
+def partition_check_evaluations(context, results: list[tuple[str, dg.AssetCheckResult]]) -> list[dg.AssetCheckEvaluation]:
+    """A check's result on each partition of a run over several partitions, recorded against that partition.
+
+    Dagster records an ``AssetCheckResult`` against the run's partition, and a run over a range has none: its
+    result would show no partition ("Partition —"), and a sharded day is always such a run (its shards).
+    """
+    spec = {s.key.name: s for s in context.assets_def.check_specs}
+    return [
+        dg.AssetCheckEvaluation(
+            asset_key=r.asset_key or context.assets_def.key,
+            check_name=r.check_name,
+            passed=r.passed,
+            metadata=r.metadata,
+            severity=r.severity,
+            description=r.description,
+            blocking=spec[r.check_name].blocking,
+            partition=key,
+        )
+        for key, r in results
+    ]
+
+
 def _as_date(d: datetime) -> date:
     return date(d.year, d.month, d.day)
