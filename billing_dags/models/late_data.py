@@ -208,8 +208,9 @@ def late_model_days(paths: Paths, hashes: Entries | None = None, project: Projec
     return late, used
 
 
-def computed_days(paths: Paths, models: list[Model]) -> set[date]:
-    return {partition_day(p) for m in models for p in model_files(paths, m)}
+def computed_days(paths: Paths, models: list[Model], shard: Shard | None = None) -> set[date]:
+    """The days with a partition of any of ``models`` (sharded: of ``shard``'s, else of any shard)."""
+    return {partition_day(p) for m in models for p in model_files(paths, m, shard)}
 
 
 def rerun_ranges(late_days: set[date], computed: set[date], follow_days: int) -> list[tuple[date, date]]:

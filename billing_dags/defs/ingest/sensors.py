@@ -5,18 +5,27 @@ The run never includes an ingest asset: the raw files are already what changed (
 from Prometheus again could lose samples it has since dropped). Later days are recomputed in the
 same run, not one a minute: a day's usage reads the days before it (last samples, yesterday's
 gauge levels, rolling 30-day sums, anomaly baselines), so a late day changes the days after it.
+
+Sharded (BILLING_SHARDS > 1), only the (day, shard) partitions of the shards whose raw files changed are
+recomputed (with the later days of those shards), and the daily assets after the models for those days:
+one asset backfill per evaluation, which the daemon runs in dependency order (the models of each shard,
+then the days' Stripe hand-off and summaries, which read every shard of their day).
 """
 
 import hashlib
 import json
+from datetime import timedelta
 
 import dagster as dg
+from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
 
 from billing_dags.defs.jobs import daily_usage
-from billing_dags.defs.shared.partitions import billing_daily, billing_daily_shards
+from billing_dags.defs.shared.partitions import billing_daily, billing_daily_shards, day_shard_key
 from billing_dags.defs.shared.resources import WarehouseResource
 
 INGEST_ASSETS = ("raw_samples", "remote_write_samples", "usage_events", "usage_reports")
+#: the tag holding a backfill request's key (the same late state, the same key)
+LATE_KEY = "billing/late_key"
 
 
 def rerun_plan(paths, asset_graph, hashes: dict | None = None) -> tuple[list[dg.RunRequest], dict, list]:
@@ -30,12 +39,15 @@ def rerun_plan(paths, asset_graph, hashes: dict | None = None) -> tuple[list[dg.
     if not late:
         return [], used, late
     late_models = sorted({d.model for d in late})
-    daily = {k for k in asset_graph.materializable_asset_keys if asset_graph.get(k).partitions_def == billing_daily}
+    by_day = [p for p in (billing_daily, billing_daily_shards) if p is not None]
+    daily = {k for k in asset_graph.materializable_asset_keys if asset_graph.get(k).partitions_def in by_day}
     selected = dg.AssetSelection.assets(*late_models).downstream().resolve(asset_graph) & daily
     selected -= {dg.AssetKey(a) for a in INGEST_ASSETS}
     models = [project.models[k.to_user_string()] for k in selected if k.to_user_string() in project.models]
     # later days read a late one through the lookback of every daily model (edges, usage) and of the sources
     follow = max([m.lookback_days for m in models] + [s.lookback_days for s in sources().values()] + [1])
+    if billing_daily_shards is not None:
+        return _sharded_requests(paths, asset_graph, late, selected, models, follow), used, late
     requests = []
     for start, end in rerun_ranges({d.day for d in late}, computed_days(paths, models), follow):
         days = [d for d in late if start <= d.day <= end]
@@ -54,6 +66,46 @@ def rerun_plan(paths, asset_graph, hashes: dict | None = None) -> tuple[list[dg.
             tags["dagster/asset_partition_range_end"] = end.isoformat()
             requests.append(dg.RunRequest(run_key=f"late-{start}-{end}-{key}", asset_selection=sorted(selected), tags=tags))
     return requests, used, late
+
+
+def _sharded_requests(paths, asset_graph, late: list, selected: set, models: list, follow: int) -> list[dg.RunRequest]:
+    """Sharded: one asset backfill of the late shards' (day, shard) partitions of ``selected`` (each shard from
+    its first late day through its computed days that read it) and of the daily assets after them for those days."""
+    from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
+    from dagster._core.definitions.events import AssetKeyPartitionKey
+
+    from billing_dags.models.late_data import computed_days, rerun_ranges
+
+    cells: set[tuple] = set()  # (day, shard) to recompute
+    for shard in sorted({d.shard for d in late if d.shard is not None}):
+        for start, end in rerun_ranges({d.day for d in late if d.shard == shard}, computed_days(paths, models, shard), follow):
+            cells |= {(start + timedelta(days=i), shard) for i in range((end - start).days + 1)}
+    days = sorted({day for day, _ in cells})
+    if not days:
+        return []
+    wanted = set()
+    for key in selected:
+        if asset_graph.get(key).partitions_def == billing_daily_shards:
+            wanted |= {AssetKeyPartitionKey(key, day_shard_key(day.isoformat(), shard.key)) for day, shard in cells}
+        else:  # a daily asset after the models: it reads every shard of its day
+            wanted |= {AssetKeyPartitionKey(key, day.isoformat()) for day in days}
+    state = json.dumps(sorted([d.model, d.day.isoformat(), d.shard.key if d.shard else "", d.why, d.inputs] for d in late))
+    key = hashlib.sha256(state.encode()).hexdigest()[:16]
+    late_cells = sorted({f"{d.day}|{d.shard.key}" for d in late if d.shard is not None})
+    tags = {
+        "billing/reason": "late raw data",
+        "billing/late_days": ",".join(sorted({d.day.isoformat() for d in late})),
+        "billing/late_partitions": ",".join(late_cells)[:200],
+        "billing/late_example": f"{late[0].model} {late[0].day}: {late[0].why}"[:200],
+    }
+    # a backfill request keeps no run key: the key is a tag, remembered in the cursor as a run's key is
+    tags[LATE_KEY] = f"late-{days[0]}-{days[-1]}-{key}"
+    return [dg.RunRequest.for_asset_graph_subset(AssetGraphSubset.from_asset_partition_set(wanted, asset_graph), tags)]
+
+
+def request_key(request: dg.RunRequest) -> str:
+    """What identifies a request of the sensor: its run key, or a backfill request's key tag."""
+    return request.run_key or request.tags[LATE_KEY]
 
 
 UNFINISHED = [
@@ -75,16 +127,30 @@ def runs_under_way(instance, asset_graph, job_name: str) -> list[str]:
         keys = run.asset_selection
         if (keys is None and run.job_name == job_name) or (keys and set(keys) & relevant):
             out.append(run.run_id[:8])
+    # an asset backfill of those assets still under way (between its runs, or before its first one)
+    for backfill in instance.get_backfills(filters=BulkActionsFilter(statuses=[BulkActionStatus.REQUESTED, BulkActionStatus.CANCELING]), limit=50):
+        if set(backfill.asset_selection or ()) & relevant:
+            out.append(f"backfill {backfill.backfill_id}")
     return out
 
 
+#: what the sensor requests: runs of daily_usage; sharded, asset backfills of the assets downstream of the ingest
+#: (a sensor launches a backfill only over an asset selection; it requests (day, shard) and day partitions of them)
+_TARGET = (
+    {"job": daily_usage}
+    if billing_daily_shards is None
+    else {"asset_selection": dg.AssetSelection.assets(*INGEST_ASSETS).downstream() - dg.AssetSelection.assets(*INGEST_ASSETS)}
+)
+
+
 @dg.sensor(
-    job=daily_usage,
+    **_TARGET,
     minimum_interval_seconds=60,
     name="late_raw_data_sensor",
     description=(
         "Recomputes the daily models (and Stripe hand-off, summaries) downstream of raw day files whose content "
-        "changed after they were computed, in one run from the first late day through the days that read it; "
+        "changed after they were computed, in one run from the first late day through the days that read it "
+        "(sharded: one asset backfill of the changed shards' (day, shard) partitions, then their days' Stripe hand-off); "
         "never re-ingests. A file only touched, or rewritten with the same bytes, requests nothing."
     ),
     default_status=dg.DefaultSensorStatus.STOPPED,
@@ -97,18 +163,11 @@ def late_raw_data_sensor(context: dg.SensorEvaluationContext, warehouse: Warehou
     if busy:
         return dg.SkipReason(f"waiting for {len(busy)} run(s) writing raw days or daily usage to finish: {', '.join(busy[:5])}")
     requests, used, late = rerun_plan(warehouse.paths(), context.repository_def.asset_graph, cursor.get("hashes"))
-    if late and billing_daily_shards is not None:
-        # sharded: the late (day, shard) partitions are named for a backfill, not rerun (docs/scale-out.md)
-        context.update_cursor(json.dumps({"hashes": used, "requested": cursor.get("requested", [])}, sort_keys=True))
-        cells = sorted({f"{d.day}|{d.shard.key}" for d in late if d.shard is not None})
-        return dg.SkipReason(
-            f"late raw data in {len(cells)} (day, shard) partitions: backfill daily_shards for them, then the day's Stripe hand-off: {', '.join(cells[:20])}"
-        )
     requested = set(cursor.get("requested", []))
-    context.update_cursor(json.dumps({"hashes": used, "requested": sorted(r.run_key for r in requests)}, sort_keys=True))
+    context.update_cursor(json.dumps({"hashes": used, "requested": sorted(request_key(r) for r in requests)}, sort_keys=True))
     if not requests:
         return dg.SkipReason("no raw day file changed by content since the models computed from it")
-    new = [r for r in requests if r.run_key not in requested]
+    new = [r for r in requests if request_key(r) not in requested]
     if not new:
         return dg.SkipReason(
             "the late days are requested already (their run has not finished, or failed: rerun it from the UI): "
