@@ -45,6 +45,19 @@ def test_shard_of_is_stable_and_spreads_customers():
     assert shards.shard_of_dir("shard=3-of-8") == shards.Shard(3, 8)
 
 
+def test_a_metric_shards_by_the_customer_label_of_its_first_meter(tmp_path):
+    # seeds/meters.csv order: a metric two meters list takes the first row's label; no meters file, no labels
+    seeds = copy_small_seeds(tmp_path / "seeds")
+    paths = resolve_paths(tmp_path / "data", seeds)
+    labels = raw.customer_labels(paths)
+    assert labels["stratum_bytes_sent_total"] == labels["stratum_bytes_received_total"] == "client_id"
+    text = (seeds / "meters.csv").read_text()
+    (seeds / "meters.csv").write_text(text + "other_bytes,stratum_bytes_sent_total,counter,sum,byte,gib,pool_id,,other_bytes,Same metric\n")
+    assert raw.customer_labels(paths)["stratum_bytes_sent_total"] == "client_id"
+    (seeds / "meters.csv").unlink()
+    assert raw.customer_labels(paths) == {}
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "eight", "2.5", "257", "٣"])
 def test_bad_shard_counts_are_refused(value):
     with pytest.raises(SettingsError, match="BILLING_SHARDS") as e:

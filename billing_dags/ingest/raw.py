@@ -32,7 +32,6 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -268,27 +267,18 @@ def raw_days(paths: Paths) -> list[date]:
     return sorted(date.fromisoformat(p.name[5:]) for p in paths.raw_samples.glob("date=*") if sample_files(paths, date.fromisoformat(p.name[5:])))
 
 
-@cache
-def _customer_labels(meters_csv: str, stamp: tuple) -> dict[str, str]:
-    import csv
-
-    out: dict[str, str] = {}
-    with open(meters_csv, newline="") as f:
-        for row in csv.DictReader(f):
-            label = (row.get("customer_label") or "").strip()
-            for metric in (row.get("metrics") or "").split():
-                if label:
-                    out.setdefault(metric, label)  # a metric of two meters: the first row's label
-    return out
-
-
 def customer_labels(paths: Paths) -> dict[str, str]:
-    """metric -> the customer label of the first meter (seeds/meters.csv order) that lists it."""
-    f = paths.seeds_dir / "meters.csv"
-    if not f.exists():
+    """metric -> the customer label of the first meter (seeds/meters.csv order) that lists it; {} without a
+    meters file."""
+    from billing_dags.seeds.catalog import read_seed
+
+    if not (paths.seeds_dir / "meters.csv").exists():
         return {}
-    st = f.stat()
-    return _customer_labels(str(f), (st.st_mtime_ns, st.st_size))
+    out: dict[str, str] = {}
+    for row in read_seed(paths.seeds_dir, "meters").select(["metrics", "customer_label"]).to_pylist():
+        for metric in row["metrics"].split():
+            out.setdefault(metric, row["customer_label"])  # a metric of two meters: the first row's label
+    return out
 
 
 def shards_of_series(paths: Paths, series: pa.Table) -> np.ndarray:
