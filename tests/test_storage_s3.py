@@ -287,9 +287,49 @@ def test_what_lives_in_the_bucket_and_what_is_put_conditionally(key, mirrored, g
     assert storage.is_guarded(key) is guarded
 
 
+class LocalStore(storage.Store):
+    """A folder as a store, for the working copy without a server: ETag = MD5 of the bytes (as S3's for a
+    single PUT), published with ``durable``, conditional puts checked under a lock file (one machine)."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.url = self.root.as_uri()
+
+    def list(self, prefix: str = "") -> dict[str, storage.Entry]:
+        out = {}
+        for p in sorted(self.root.rglob("*")):
+            key = p.relative_to(self.root).as_posix()
+            if p.is_file() and key.startswith(prefix) and not any(part.startswith(".") for part in key.split("/")):
+                out[key] = storage.Entry(storage._md5(p.read_bytes()), p.stat().st_size)
+        return out
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            return (self.root / key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def exists(self, key: str) -> bool:
+        return (self.root / key).is_file()
+
+    def put(self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
+        with durable.exclusive_lock(self.root / ".store.lock"):
+            if if_match is not None or if_none_match:
+                current = self.read(key)
+                if if_none_match and current is not None:
+                    raise storage.ConcurrentWriteError(f"{self.url}/{key} already exists; it is not overwritten")
+                if if_match is not None and (current is None or storage._md5(current) != if_match):
+                    raise storage.ConcurrentWriteError(f"{self.url}/{key} changed since it was read; rerun the step")
+            durable.write_bytes(self.root / key, data, mirrored=False)
+        return storage._md5(data)
+
+    def delete(self, key: str) -> None:
+        (self.root / key).unlink(missing_ok=True)
+
+
 def test_the_local_store_keeps_the_same_contract(tmp_path):
     """The working copy over a folder as its store (no server): conditional puts, pulls and removals."""
-    store = storage.LocalStore(tmp_path / "bucket")
+    store = LocalStore(tmp_path / "bucket")
     a, b = storage.WorkingCopy(store, tmp_path / "a"), storage.WorkingCopy(store, tmp_path / "b")
     key = "invoices/2026-02/mp-001.json"
     for wc in (a, b):
