@@ -52,6 +52,8 @@ def test_open_and_too_early_months_are_rejected():
         (["plans", "--plan", "gold"], "unknown plan 'gold'"),
         (["sql", "selec nothing"], "query failed"),
         (["sql", "   "], "empty query"),
+        (["sql", "select 1", "--limit", "-1"], "--limit -1 must be at least 1"),
+        (["flags", "list", "--month", "2026-10", "--customer", "nobody"], "unknown customer 'nobody'"),
     ],
 )
 def test_bad_input_exits_2_naming_input_and_fix(capsys, paths, args, expected):
