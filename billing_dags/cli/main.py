@@ -313,6 +313,8 @@ def cmd_sql(args) -> int:
     empty = 'empty query; give SQL, e.g. billing sql "select * from fct_invoice_lines limit 5"'
     if not args.query.strip():
         raise CliError(empty)
+    if args.limit < 1:
+        raise CliError(f"--limit {args.limit} must be at least 1 (rows to print; default 1000)")
     with tempfile.TemporaryDirectory(prefix="billing-sql-") as spill_dir:
         con = open_read_only(paths, Path(spill_dir))
         try:
