@@ -54,6 +54,7 @@ def test_open_and_too_early_months_are_rejected():
         (["sql", "   "], "empty query"),
         (["sql", "select 1", "--limit", "-1"], "--limit -1 must be at least 1"),
         (["flags", "list", "--month", "2026-10", "--customer", "nobody"], "unknown customer 'nobody'"),
+        (["notifications", "list", "--customer", "nobody"], "unknown customer 'nobody'"),
     ],
 )
 def test_bad_input_exits_2_naming_input_and_fix(capsys, paths, args, expected):
