@@ -563,6 +563,27 @@ def test_shard_pulls_write_the_files_of_one_pull_split_by_shard(server, tmp_path
     assert labelless in ids and len(ids) == 8
 
 
+def test_the_raw_samples_asset_pulls_a_sharded_day_shard_by_shard(server, tmp_path, seeds, monkeypatch):
+    """Sharded, the asset pulls each shard on its own (its metadata per shard) and writes the bytes of one pull split by shard."""
+    p, _ = server
+    monkeypatch.setenv("BILLING_SHARDS", str(SHARDS))
+    files = {}
+    for per_shard in (True, False):
+        paths = resolve_paths(tmp_path / str(per_shard), seeds)
+        instance = dg.DagsterInstance.ephemeral()
+        assert _run(paths, instance, p.url, ()).success
+        r = _run(paths, instance, p.url, ("raw_samples",), DAYS[0].isoformat(), pull_per_shard=per_shard)
+        md = r.asset_materializations_for_node("raw_samples")[0].metadata
+        files[per_shard] = {str(f.relative_to(paths.data_dir)): f.read_bytes() for f in sorted(paths.raw_samples.parent.rglob("*.parquet"))}
+        assert md["unmatched_series"].value == 2 and md["series"].value == 6
+        if per_shard:
+            assert md["pulls"].value == SHARDS
+            assert {k: v["unmatched_series"] for k, v in md["by_shard"].value.items()} == {"0": 0, "1": 0, "2": 1, "3": 0, "4": 1}
+        else:
+            assert "pulls" not in md
+    assert len(files[True]) == 4 * SHARDS and files[True] == files[False]
+
+
 def test_remote_read_drops_stale_markers_as_range_selectors_do(tmp_path, seeds):
     """Stale markers (written over remote write, as scrapes make them) are not samples on either path;
     an ordinary NaN is, with the same bits."""

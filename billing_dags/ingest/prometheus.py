@@ -62,6 +62,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -1262,6 +1263,23 @@ def ingest_day(
         f"{report.carry_in_series} carried in, {report.requests} requests ({report.read_api}) in {report.query_seconds:.2f}s"
     )
     return report
+
+
+def combined_report(reports: Sequence[IngestReport]) -> IngestReport:
+    """The report of a day pulled shard by shard: the shards' figures summed, their examples joined."""
+    first = reports[0]
+    out = IngestReport(first.day, read_api=first.read_api, path=str(Path(first.path).parent.parent) if first.path else "")
+    summed = ("series", "samples", "bytes", "non_finite_samples", "unmatched_series", "refused_series", "requests", "query_seconds", "seconds")
+    summed += ("carry_in_series",)
+    for r in reports:
+        for name in summed:
+            setattr(out, name, getattr(out, name) + getattr(r, name))
+        out.unmatched_examples += r.unmatched_examples
+        out.refused_examples += r.refused_examples
+        out.warnings += r.warnings
+    out.unmatched_examples = sorted(out.unmatched_examples)[:10]
+    out.refused_examples = out.refused_examples[:10]
+    return out
 
 
 def fetch_carry_in(
