@@ -309,3 +309,30 @@ def _upstream(project, name: str) -> set[str]:
 
 def pc_count(table: pa.Table, rule: str) -> int:
     return sum(1 for r in table["rule"].to_pylist() if r == rule)
+
+
+def test_a_writer_of_one_shard_writes_its_files_only_and_refuses_another_shards_series(tmp_path):
+    paths = type(resolve_paths(tmp_path / "data", copy_small_seeds(tmp_path / "seeds")))(tmp_path / "data", tmp_path / "seeds", 4)
+    start, _ = raw.day_bounds_ms(THROUGH)
+    labels = {v: {"client_id": v} for v in ("miner-001", "miner-002", "miner-003", "miner-004", "miner-005")}
+    by_shard: dict[int, list[str]] = {}
+    for v in labels:
+        by_shard.setdefault(shards.shard_of(v, 4), []).append(v)
+    (a, mine), (b, other) = sorted(by_shard.items())[:2]
+
+    def tables(values):
+        ids = [raw.series_id("stratum_accepted_shares_total", labels[v]) for v in values]
+        samples = pa.table({"series_id": ids, "ts": [start] * len(ids), "value": [1.0] * len(ids)})
+        metric = ["stratum_accepted_shares_total"] * len(ids)
+        rows = {"series_id": ids, "metric": metric, "labels": [list(labels[v].items()) for v in values], "first_seen": [start] * len(ids)}
+        series = pa.table(rows, schema=raw.SERIES_SCHEMA)
+        return samples, series
+
+    raw.write_day(paths, THROUGH, *tables(mine), "prometheus", shard=shards.Shard(a, 4))
+    written = sorted(p.relative_to(paths.data_dir).as_posix() for p in paths.data_dir.rglob("*.parquet"))
+    assert written == [f"raw/{kind}/date={THROUGH}/shard={a}-of-4/part-prometheus.parquet" for kind in ("samples", "series")]
+    with pytest.raises(raw.RawLayoutError, match=f"1 of {len(mine) + 1} series written for shard {a} of 4 belong to other shards"):
+        raw.write_day(paths, THROUGH, *tables([*mine, other[0]]), "prometheus", shard=shards.Shard(a, 4))
+    with pytest.raises(raw.RawLayoutError, match="is not a shard of the 4 shard"):
+        raw.write_day(paths, THROUGH, *tables(other), "prometheus", shard=shards.Shard(b, 8))
+    assert sorted(p.relative_to(paths.data_dir).as_posix() for p in paths.data_dir.rglob("*.parquet")) == written
