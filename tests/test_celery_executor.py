@@ -217,6 +217,7 @@ def _celery_hosts_by_step(instance, run_ids) -> dict[str, str]:
     return hosts
 
 
+@pytest.mark.acceptance
 @pytest.mark.integration
 def test_days_and_month_on_two_celery_workers_with_postgres_storage_match_the_in_process_run_byte_for_byte(tmp_path, monkeypatch, small_seeds):
     if not Path(REDIS).exists():

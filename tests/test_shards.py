@@ -134,6 +134,7 @@ def runs(tmp_path_factory):
     return _run(tmp, 1), _run(tmp, 8)
 
 
+@pytest.mark.acceptance
 def test_eight_shards_give_the_unsharded_invoices_and_models(runs):
     one, eight = runs
     # the (day, shard) partitions were materialized on the instance, each day's shards all there
@@ -181,6 +182,7 @@ def test_eight_shards_give_the_unsharded_invoices_and_models(runs):
     assert compared > 20
 
 
+@pytest.mark.acceptance
 def test_raw_files_of_a_sharded_run_list_per_shard(runs):
     _, eight = runs
     paths = type(resolve_paths(eight / "data"))(eight / "data", eight / "seeds", 8)
@@ -230,6 +232,7 @@ def test_day_by_shard_partitions_their_dependencies_and_backfill_ranges(tmp_path
     assert len(shape["monthly"]) == 30 * 8
 
 
+@pytest.mark.acceptance
 def test_warehouse_views_read_every_shard_once(runs):
     import duckdb
 

@@ -96,6 +96,7 @@ BILLING = [sys.executable, "-m", "billing_dags.cli.main"]
 # --------------------------------------------------------------------------- a month, local and on S3
 
 
+@pytest.mark.acceptance
 @pytest.mark.integration
 def test_a_month_on_s3_is_byte_identical_to_the_month_on_a_local_folder(s3, small_seeds, tmp_path):
     """`billing run` for a month on an empty bucket and on an empty local folder, side by side; then a
