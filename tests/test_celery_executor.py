@@ -138,6 +138,56 @@ def test_billing_worker_without_a_broker_exits_2_naming_the_variable(capsys, mon
     assert "a worker runs the steps of the celery executor" in capsys.readouterr().err.replace("\n", " ")
 
 
+def _step_of_a_run_launched_with(tags: dict, paths):
+    """One cheap step (a day's usage reports) executed here, by this process's code location and settings, of a
+    run created with ``tags``: as a worker executes a step of a run that another process launched."""
+    import dagster as dg
+    from dagster._core.execution.api import execute_run_iterator
+    from dagster._core.storage.tags import PARTITION_NAME_TAG
+
+    from billing_dags.cli.runs import QUIET_LOGS, definitions_of, runnable_job
+
+    defs, instance = definitions_of(paths)
+    job = defs.resolve_job_def("daily_usage")
+    selection = frozenset({dg.AssetKey("usage_reports")})
+    runnable = runnable_job(job).get_subset(asset_selection=selection)
+    run = instance.create_run_for_job(
+        job_def=runnable.get_definition(),
+        run_config=QUIET_LOGS,
+        tags={**job.run_tags, **tags, PARTITION_NAME_TAG: "2026-02-01"},
+        asset_selection=selection,
+    )
+    list(execute_run_iterator(runnable, run, instance))
+    run = instance.get_run_by_id(run.run_id)
+    errors = []
+    for entry in instance.all_logs(run.run_id):
+        error = getattr(entry.dagster_event.event_specific_data, "error", None) if entry.dagster_event else None
+        while error is not None:
+            errors.append(error.message)
+            error = error.cause
+    return run.status.value, " ".join(errors)
+
+
+@pytest.mark.parametrize(
+    ("launched", "expected"),
+    [
+        ({"billing/shards": "8"}, "launched with BILLING_SHARDS=8, but this process has BILLING_SHARDS=1"),
+        ({"billing/data_url": "s3://warehouse/billing"}, "launched with BILLING_DATA_URL=s3://warehouse/billing, but this process has BILLING_DATA_URL unset"),
+    ],
+)
+def test_a_step_refuses_a_run_launched_with_other_shards_or_another_warehouse(paths, monkeypatch, launched, expected):
+    """A worker started with another BILLING_SHARDS or BILLING_DATA_URL than where runs are launched would compute
+    its steps in another layout or folder (a month invoiced from no usage, silently): its steps fail, naming the
+    variable and the fix. Runs launched with this process's settings run."""
+    monkeypatch.delenv("BILLING_SHARDS", raising=False)
+    monkeypatch.delenv("BILLING_DATA_URL", raising=False)
+    monkeypatch.delenv("BILLING_EXECUTOR", raising=False)
+    status, error = _step_of_a_run_launched_with(launched, paths)
+    assert status == "FAILURE" and expected in error, (status, error)
+    assert "set the same" in error and "on every worker" in error
+    assert _step_of_a_run_launched_with({}, paths)[0] == "SUCCESS"
+
+
 # --------------------------------------------------------------------------- the real thing
 
 
