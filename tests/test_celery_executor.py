@@ -35,6 +35,8 @@ REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 DAYS = ("2026-02-01", "2026-02-03")
 #: the shards of the scaled run
 SHARDS = 8
+#: the steps that read the landing of the receivers (remote write, usage reports)
+LANDING_STEPS = ("remote_write_samples", "usage_reports")
 MONTH = "2026-02-01"
 SIMULATION = {"resources": {"simulation": {"config": {"seed": 7, "interval_s": 3600}}}}
 #: invoices as of a fixed moment after the grace period: finalized, numbered, the same in both runs
@@ -223,12 +225,12 @@ def redis_server(root: Path):
 
 
 @contextmanager
-def celery_worker(root: Path, name: str, env: dict, concurrency: int = 1):
+def celery_worker(root: Path, name: str, env: dict, concurrency: int = 1, *flags: str):
     """`billing worker` as its own process (group), ``concurrency`` steps at once; yields it and its log path."""
     log_path = root / f"{name}.log"
     log = log_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "billing_dags.cli", "worker", "--name", f"{name}@%h", "--concurrency", str(concurrency)],
+        [sys.executable, "-m", "billing_dags.cli", "worker", "--name", f"{name}@%h", "--concurrency", str(concurrency), *flags],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -345,8 +347,9 @@ def test_a_sharded_month_on_two_celery_workers_over_s3_matches_the_embedded_run_
     """The scaled mode as docs/scale-out.md sets it up, against the embedded default: the days and their month
     with BILLING_SHARDS=8, run on two `billing worker` processes (a real redis-server broker), the Dagster
     instance on a real PostgreSQL server, the warehouse in a bucket of moto's S3 server (BILLING_DATA_URL),
-    each worker and the launching process with a working copy of its own (as on three machines); and the
-    same days and month in one process, unsharded, on a local folder with SQLite storage."""
+    each worker and the launching process with a working copy of its own (as on three machines), the steps
+    reading the receivers' landing on the worker of its machine (--landing); and the same days and month in
+    one process, unsharded, on a local folder with SQLite storage."""
     if not Path(REDIS).exists():
         pytest.skip("redis-server is not installed (apt-get install -y --no-install-recommends redis-server); CI installs it")
     if not POSTGRES_BINDIRS:
@@ -381,10 +384,11 @@ def test_a_sharded_month_on_two_celery_workers_over_s3_matches_the_embedded_run_
             "DAGSTER_PG_PORT": dsn.split("port=")[1].split()[0],
         }
         # each worker with a working copy of its own, as on two machines; w2 runs two steps at once, whose processes
-        # share its copy (a worker opens each run's instance from the reference its task carries)
+        # share its copy; w1 is on the machine of the receivers' landing (a worker opens each run's instance from
+        # the reference its task carries)
         workers = [
-            stack.enter_context(celery_worker(tmp_path, name, {**scaled, "BILLING_DATA_DIR": str(tmp_path / name / "copy")}, concurrency))
-            for name, concurrency in (("w1", 1), ("w2", 2))
+            stack.enter_context(celery_worker(tmp_path, name, {**scaled, "BILLING_DATA_DIR": str(tmp_path / name / "copy")}, concurrency, *flags))
+            for name, concurrency, flags in (("w1", 1, ["--landing"]), ("w2", 2, []))
         ]
         for proc, log in workers:
             wait_for(lambda p=proc, f=log: p.poll() is not None or " ready." in f.read_text(errors="replace"), 300, f"Celery worker {log.stem} ready")
@@ -417,6 +421,9 @@ def test_a_sharded_month_on_two_celery_workers_over_s3_matches_the_embedded_run_
     # every step of every run ran on a worker, and both workers took steps
     assert steps and set(hosts) == steps, f"steps not run on a worker: {sorted(steps - set(hosts))}"
     assert {h.split("@")[0] for h in hosts.values()} == {"w1", "w2"}, hosts
+    # the steps that read the receivers' landing (local to its machine with a bucket) ran on the landing's machine only
+    landing = {step: host for step, host in hosts.items() if step.split(":")[1] in LANDING_STEPS}
+    assert len(landing) == len(LANDING_STEPS) and {h.split("@")[0] for h in landing.values()} == {"w1"}, landing
     # the (day, shard) partitions of every day were materialized
     day_keys = [date.fromordinal(d).isoformat() for d in range(date.fromisoformat(DAYS[0]).toordinal(), date.fromisoformat(DAYS[1]).toordinal() + 1)]
     assert set(sharded_keys) == {f"{d}|{s}" for d in day_keys for s in shards.shard_keys(SHARDS)}
