@@ -128,6 +128,14 @@ def test_the_celery_executor_reads_its_urls_from_the_environment_not_from_config
     assert build_executor(settings).name == "celery"
 
 
+def test_a_worker_takes_the_landing_steps_with_a_shared_folder_or_when_it_holds_the_landing():
+    from billing_dags.core.settings import LANDING_OP_TAGS, worker_queues
+
+    assert worker_queues(False, {}) == ["dagster", "billing-landing"]
+    assert worker_queues(False, {"BILLING_DATA_URL": "s3://warehouse/billing"}) == ["dagster"]
+    assert worker_queues(True, {"BILLING_DATA_URL": "s3://warehouse/billing"}) == ["dagster", "billing-landing"]
+    assert LANDING_OP_TAGS == {"dagster-celery/queue": "billing-landing"}
+
 def test_billing_worker_without_a_broker_exits_2_naming_the_variable(capsys, monkeypatch):
     from billing_dags.cli.main import main
 

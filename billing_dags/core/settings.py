@@ -220,6 +220,22 @@ EXECUTORS = ("in_process", "multiprocess", "celery", "k8s_job")
 CELERY_BROKER_SCHEMES = ("redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp", "sqs")
 #: the Celery queue the steps go to and the workers consume (dagster-celery's default queue)
 CELERY_QUEUE = "dagster"
+#: the queue of the steps that read the receivers' landing (remote-write segments, the usage-report store):
+#: with the warehouse in a bucket the landing is local to the receivers' machine (never an object), so only
+#: its worker (`billing worker --landing`) may compact it; with a shared folder every worker sees it
+CELERY_LANDING_QUEUE = "billing-landing"
+#: dagster-celery's step tag naming the queue a step goes to
+CELERY_QUEUE_TAG = "dagster-celery/queue"
+LANDING_OP_TAGS = {CELERY_QUEUE_TAG: CELERY_LANDING_QUEUE}
+
+
+def worker_queues(landing: bool, environ: dict | None = None) -> list[str]:
+    """The queues a `billing worker` consumes: the steps' queue, and the landing's with ``landing`` or when the
+    warehouse is a shared folder (no BILLING_DATA_URL: every machine sees the landing)."""
+    env = os.environ if environ is None else environ
+    if landing or not env.get("BILLING_DATA_URL", "").strip():
+        return [CELERY_QUEUE, CELERY_LANDING_QUEUE]
+    return [CELERY_QUEUE]
 
 
 def redact_url(url: str) -> str:
