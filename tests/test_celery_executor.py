@@ -136,6 +136,7 @@ def test_a_worker_takes_the_landing_steps_with_a_shared_folder_or_when_it_holds_
     assert worker_queues(True, {"BILLING_DATA_URL": "s3://warehouse/billing"}) == ["dagster", "billing-landing"]
     assert LANDING_OP_TAGS == {"dagster-celery/queue": "billing-landing"}
 
+
 def test_billing_worker_without_a_broker_exits_2_naming_the_variable(capsys, monkeypatch):
     from billing_dags.cli.main import main
 
