@@ -257,6 +257,7 @@ def test_exact_fetch_returns_every_raw_sample_once(server):
     assert added == len(want)  # after the window cut, no chunk returned a sample another chunk returned
 
 
+@pytest.mark.acceptance
 def test_month_from_live_prometheus_equals_exact_usage(server, tmp_path, seeds):
     p, series = server
     paths = resolve_paths(tmp_path / "data", seeds)
@@ -424,6 +425,7 @@ def october_server(tmp_path_factory):
         yield p, series
 
 
+@pytest.mark.acceptance
 def test_billing_run_of_a_first_month_against_prometheus_on_an_empty_data_dir(october_server, tmp_path):
     """`billing run --month` (the real CLI, a subprocess) on an empty data dir bills the exact usage."""
     p, series = october_server
@@ -455,6 +457,7 @@ def _usage_by_day(paths, day) -> list[dict]:
     return pq.read_table(paths.models / "fct_usage_by_day" / f"day={day}" / "data.parquet").to_pylist()
 
 
+@pytest.mark.acceptance
 def test_days_materialized_in_any_order_give_the_usage_of_days_in_order(october_server, tmp_path):
     """Rule 3: each day (raw_samples, its edges, its usage) materialized alone, in any order, on an empty data dir."""
     p, series = october_server

@@ -134,6 +134,7 @@ def runs(tmp_path_factory):
     return _run(tmp, 1), _run(tmp, 8)
 
 
+@pytest.mark.acceptance
 def test_eight_shards_give_the_unsharded_invoices_and_models(runs):
     one, eight = runs
     # the (day, shard) partitions were materialized on the instance, each day's shards all there
@@ -181,6 +182,7 @@ def test_eight_shards_give_the_unsharded_invoices_and_models(runs):
     assert compared > 20
 
 
+@pytest.mark.acceptance
 def test_raw_files_of_a_sharded_run_list_per_shard(runs):
     _, eight = runs
     paths = type(resolve_paths(eight / "data"))(eight / "data", eight / "seeds", 8)
@@ -210,13 +212,15 @@ print(json.dumps({
     "edges": sorted(x.partition_key for x in edges if x.asset_key.to_user_string() == "int_series_edges_by_day"),
     "monthly": sorted(x.partition_key for x in monthly if x.asset_key.to_user_string() == "fct_usage_by_day"),
     "jobs": sorted(j.name for j in defs.resolve_all_job_defs() if j.name in ("daily_usage", "daily_shards")),
+    "shards_tags": sorted({j.run_tags.get("billing/shards") for j in defs.resolve_all_job_defs() if not j.name.startswith("__")}),
 }))
 """
 
 
 def test_day_by_shard_partitions_their_dependencies_and_backfill_ranges(tmp_path):
     """BILLING_SHARDS=8: the daily models are (day, shard) partitions; a day reads its own shard's earlier days, a month
-    every (day, shard) of it; a month's single-run backfill is one run per shard over the month's days."""
+    every (day, shard) of it; a month's single-run backfill is one run per shard over the month's days; runs are tagged
+    with the shards."""
     env = {**os.environ, "BILLING_SHARDS": "8", "BILLING_DATA_DIR": str(tmp_path / "data"), "DAGSTER_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
     env.pop("BILLING_EXECUTOR", None)
     proc = subprocess.run([sys.executable, "-c", SHAPE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
@@ -225,11 +229,14 @@ def test_day_by_shard_partitions_their_dependencies_and_backfill_ranges(tmp_path
 
     shape = json.loads(proc.stdout.strip().splitlines()[-1])
     assert shape["policy"] and shape["dims"] == ["day", "shard"] and shape["jobs"] == ["daily_shards", "daily_usage"]
+    # every job's runs carry the shards they were launched with: a worker with other shards refuses their steps
+    assert shape["shards_tags"] == ["8"]
     assert sorted(shape["ranges"]) == [[f"2026-11-01|{s}", f"2026-11-30|{s}"] for s in shards.shard_keys(8)]
     assert shape["edges"][-1] == "2026-11-10|3" and all(k.endswith("|3") for k in shape["edges"]) and len(shape["edges"]) == 36
     assert len(shape["monthly"]) == 30 * 8
 
 
+@pytest.mark.acceptance
 def test_warehouse_views_read_every_shard_once(runs):
     import duckdb
 
