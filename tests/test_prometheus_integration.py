@@ -530,7 +530,7 @@ def test_remote_read_writes_the_raw_partitions_of_the_query_api_byte_for_byte(se
 SHARDS = 5
 
 
-@pytest.mark.parametrize("read_api", ["remote_read", "query"])
+@pytest.mark.parametrize("read_api", ["remote_read", pytest.param("query", marks=pytest.mark.acceptance)])
 def test_shard_pulls_write_the_files_of_one_pull_split_by_shard(server, tmp_path, seeds, read_api):
     """One pull per shard of label values writes, byte for byte, what one pull of the day split by shard
     writes: the same series (the unmatched ones included), samples and carry-in; each pull writes its own
