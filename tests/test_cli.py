@@ -113,6 +113,7 @@ def test_help_lists_every_command():
         assert command in out
 
 
+@pytest.mark.acceptance
 def test_run_a_month_in_process_then_show_invoices_usage_and_sql(capsys, paths):
     """`billing run` end to end on five customers (one per set-up) at an hourly scrape interval."""
     code, out, err = run_cli(capsys, "run", "--month", "2026-02", "--interval", "3600")

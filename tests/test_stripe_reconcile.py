@@ -25,7 +25,7 @@ from billing_dags.models.sqlmodels import Window, load_project, partition_file
 from billing_dags.seeds.catalog import load_seeds
 from billing_dags.stripe import outbox as ob
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.acceptance]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MONTH = date(2026, 11, 1)
