@@ -11,6 +11,7 @@ import pytest
 
 from billing_dags.cli.main import check_billable_month, last_complete_month, main, parse_month
 from billing_dags.core.errors import InputError
+from billing_dags.stripe.outbox import read_outbox
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -115,10 +116,14 @@ def test_help_lists_every_command():
 
 @pytest.mark.acceptance
 def test_run_a_month_in_process_then_show_invoices_usage_and_sql(capsys, paths):
-    """`billing run` end to end on five customers (one per set-up) at an hourly scrape interval."""
-    code, out, err = run_cli(capsys, "run", "--month", "2026-02", "--interval", "3600")
+    """`billing run` end to end on five customers (one per set-up) at an hourly scrape interval, judged as of
+    a fixed time (a replay): the invoices past their grace period, every day still within Stripe's 35 days."""
+    code, out, err = run_cli(capsys, "run", "--month", "2026-02", "--interval", "3600", "--as-of", "2026-03-05T00:00:00Z")
     assert code == 0, err
     assert "INV-2026-" in out and "28 days and the month" in out
+    # the dry-run outbox judged Stripe's 35-day limit as of March 5, not as of today: nothing is too old
+    outbox = [r for d in range(1, 29) for r in read_outbox(paths, date(2026, 2, d))]
+    assert outbox and {r["status"] for r in outbox} == {"dry_run"}
     code, out, err = run_cli(capsys, "invoice", "mp-001", "--month", "2026-02", "--format", "json")
     assert code == 0
     doc = json.loads(out)
