@@ -50,6 +50,8 @@ def test_open_and_too_early_months_are_rejected():
         (["simulate", "--month", "2026-10", "--customers", "999"], "seeds have 5 customers"),
         (["simulate", "--month", "2026-10", "--interval", "0"], "--interval 0 must be a positive"),
         (["run", "--month", "2026-10", "--customers", "0"], "--customers 0 must be at least 1"),
+        (["run", "--month", "2026-10", "--as-of", "yesterday"], "--as-of 'yesterday' is not an ISO 8601 time"),
+        (["run", "--month", "2026-10", "--as-of", "2026-11-01T00:00:00"], "with a UTC offset"),
         (["plans", "--plan", "gold"], "unknown plan 'gold'"),
         (["sql", "selec nothing"], "query failed"),
         (["sql", "   "], "empty query"),

@@ -275,7 +275,9 @@ def run_month(
         selection = [k for k in daily_job.asset_layer.executable_asset_keys if k.to_user_string() != "raw_samples"]
 
     execute(seeds_job, instance, "validating seeds")
-    run_config = {"resources": {"simulation": {"config": sim}}}
+    run_config: dict = {"resources": {"simulation": {"config": sim}}}
+    if as_of:  # the Stripe hand-off judges the 35-day limit as of the same time as the invoices
+        run_config["resources"]["stripe"] = {"config": {"as_of": as_of}}
     # rule 3/4: a counter's first sample only counts as new usage when nothing precedes it, so
     # the day before the month is ingested and its edges computed (not billed: it is not in the month)
     warmup = month - timedelta(days=1)
