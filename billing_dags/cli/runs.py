@@ -37,7 +37,13 @@ def dagster_instance():
     if not cfg.exists() and (PROJECT_ROOT / "dagster.yaml").exists():
         durable.write_bytes(cfg, (PROJECT_ROOT / "dagster.yaml").read_bytes())
     os.environ.setdefault(PLANNED_EVENTS_AS_RANGES, "true")
-    return dg.DagsterInstance.get()
+    # one instance per DAGSTER_HOME and process: creating one opens (and on first use creates) its databases
+    if home not in _INSTANCES:
+        _INSTANCES[home] = dg.DagsterInstance.get()
+    return _INSTANCES[home]
+
+
+_INSTANCES: dict[str, object] = {}
 
 
 #: Dagster's console logger stays silent (its failures carry stack traces); the CLI prints the run's
