@@ -46,8 +46,8 @@ value), then packed; compiled code turns them into level changes per customer,
 meter and dimension (one per sample, plus one where a level goes stale), orders them by time (a
 counting sort) and sums them exactly in int64 at the group's largest decimal scale (values no
 scale fits, or sums that could pass 2**62, run the SQL instead). When those arrays and the level
-changes of the groups swept at once would pass ``GAUGE_MEMORY_BYTES`` (a day of about 20,000 gauge
-series), the day is cut into time slices: the one pass over the raw rows appends each unit's samples
+changes of the groups swept at once would pass ``GAUGE_MEMORY_BYTES`` (256 MB: about 3,000 gauge
+series a day at 15 s), the day is cut into time slices: the one pass over the raw rows appends each unit's samples
 of every slice to that slice's file in a temporary directory (with each series' samples at its last
 ts before the slice, the level holding at its start), then the slices are read back and swept one at
 a time; a group's peak is the largest of its slices' peaks (the sum at an instant is the same in any
