@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DAGSTER_HOME := $(CURDIR)/.dagster
 
-.PHONY: demo test test-fast lint lint-fix dev bench bench-quick install clean
+.PHONY: demo test acceptance check test-fast lint lint-fix dev bench bench-quick install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,10 +24,19 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/billing demo
 
-# the whole suite on every core (pytest-xdist: tests that share a fixture run on one worker), then the 15 slowest
+# the suite without the acceptance tier, on every core (pytest-xdist: tests that share a fixture run on
+# one worker), then the 15 slowest
 test: $(STAMP)
 	$(BIN)/python -m compileall -q billing_dags tests benchmarks
-	$(BIN)/python -m pytest -q -n auto --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup --durations=15 -m "not acceptance"
+
+# the acceptance tier: whole months end to end against real servers, the Dagster UI, a browser, the benchmarks
+acceptance: $(STAMP)
+	$(BIN)/python -m compileall -q billing_dags tests benchmarks
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup --durations=15 -m acceptance
+
+# what CI runs: the linters, then both tiers
+check: lint test acceptance
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"

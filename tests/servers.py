@@ -176,6 +176,40 @@ def postgres_server(base: Path, user: str = "billing") -> Iterator[str]:
             shutil.rmtree(base, ignore_errors=True)
 
 
+#: credentials moto's S3 server accepts (any), for the tests' buckets
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+
+
+@contextmanager
+def moto_s3_server() -> Iterator[str]:
+    """moto's standalone S3 server as its own process (group) on 127.0.0.1, port 0; yields its URL (the port
+    read back from its startup line) once it listens."""
+    import re
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    found: dict[str, str] = {}
+
+    def read():
+        for line in proc.stdout:
+            m = re.search(r"Running on (http://127\.0\.0\.1:\d+)", line)
+            if m:
+                found["url"] = m.group(1)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        url = wait_for(lambda: found.get("url") or (proc.poll() is not None and "exited"), 60, "moto's S3 server to start")
+        assert url != "exited", "moto.server exited"
+        yield url
+    finally:
+        stop(proc)
+
+
 # --------------------------------------------------------------------------- a real Dagster instance
 
 #: variables of the developer's shell that would point the instance at real systems

@@ -346,3 +346,32 @@ def test_a_gap_across_midnight_or_over_whole_days_is_a_scrape_gap():
     gaps = raised(flags_per_day(days, edges, run), ("mp-003", "proxy_bytes", "scrape_gap"))
     assert {d: f["value"] for d, f in gaps.items()} == {date(2026, 10, 29): 25 * 3600_000, date(2026, 10, 31): 90 * 60_000}
     assert "longest gap between two samples: 1500 min" in gaps[date(2026, 10, 29)]["detail"]
+
+
+def test_outlier_baseline_is_per_dimension_of_a_meter():
+    # llm-001's input tokens per model: gpt-4o-mini ~20M a day, gpt-4o ~1M, claude ~1,000, for 19 days.
+    # Each model is priced on its own line, so each is measured against its own 30-day history
+    def tokens(day: date, model: str, usage: int) -> dict:
+        return {**day_row(day, "llm-001", "llm_input_tokens", usage=usage), "dimension": model}
+
+    history = []
+    for i in range(1, 20):
+        d = D - timedelta(days=i)
+        history += [
+            tokens(d, "gpt-4o-mini", 20_000_000 + 1000 * i),
+            tokens(d, "gpt-4o", 1_000_000 + 1000 * i),
+            tokens(d, "claude-3-5-sonnet", 1000 + i),
+        ]
+    key = ("llm-001", "llm_input_tokens", "outlier_mad")
+    # a usual day is no outlier (pooled, claude's 1,000 tokens sat far from a median of the three models)
+    usual = [tokens(D, "gpt-4o-mini", 20_005_000), tokens(D, "gpt-4o", 1_005_000), tokens(D, "claude-3-5-sonnet", 1005)]
+    assert key not in flags(history + usual, [])
+    # gpt-4o at 10x its usual day is (pooled, it sat between the models' medians); 19 days of history, not 57.
+    # claude at 1,100 is an outlier too (12 deviations), gpt-4o the furthest: the one reported
+    spike = [tokens(D, "gpt-4o-mini", 20_005_000), tokens(D, "gpt-4o", 10_000_000), tokens(D, "claude-3-5-sonnet", 1100)]
+    flag = flags(history + spike, [])[key]
+    assert flag["severity"] == "warning" and flag["quantity"] == 10
+    assert flag["detail"].startswith("gpt-4o: usage 10 mtok vs 30-day median 1.01 mtok")
+    assert flag["detail"].endswith(", 19 days)")
+    # median 1,010,000; MAD 5,000 (the deviations 1,000 .. 9,000 of the 19 days)
+    assert flag["value"] == (Decimal(8_990_000) / (Decimal("1.4826") * 5000)).quantize(Decimal("1e-9"))

@@ -17,7 +17,7 @@ import pytest
 
 from billing_dags.core.settings import PROJECT_ROOT
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.acceptance]
 
 
 def _benchmark(module: str, *args: str) -> subprocess.CompletedProcess:

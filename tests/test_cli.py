@@ -11,6 +11,7 @@ import pytest
 
 from billing_dags.cli.main import check_billable_month, last_complete_month, main, parse_month
 from billing_dags.core.errors import InputError
+from billing_dags.stripe.outbox import read_outbox
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -49,9 +50,14 @@ def test_open_and_too_early_months_are_rejected():
         (["simulate", "--month", "2026-10", "--customers", "999"], "seeds have 5 customers"),
         (["simulate", "--month", "2026-10", "--interval", "0"], "--interval 0 must be a positive"),
         (["run", "--month", "2026-10", "--customers", "0"], "--customers 0 must be at least 1"),
+        (["run", "--month", "2026-10", "--as-of", "yesterday"], "--as-of 'yesterday' is not an ISO 8601 time"),
+        (["run", "--month", "2026-10", "--as-of", "2026-11-01T00:00:00"], "with a UTC offset"),
         (["plans", "--plan", "gold"], "unknown plan 'gold'"),
         (["sql", "selec nothing"], "query failed"),
         (["sql", "   "], "empty query"),
+        (["sql", "select 1", "--limit", "-1"], "--limit -1 must be at least 1"),
+        (["flags", "list", "--month", "2026-10", "--customer", "nobody"], "unknown customer 'nobody'"),
+        (["notifications", "list", "--customer", "nobody"], "unknown customer 'nobody'"),
     ],
 )
 def test_bad_input_exits_2_naming_input_and_fix(capsys, paths, args, expected):
@@ -110,11 +116,16 @@ def test_help_lists_every_command():
         assert command in out
 
 
+@pytest.mark.acceptance
 def test_run_a_month_in_process_then_show_invoices_usage_and_sql(capsys, paths):
-    """`billing run` end to end on five customers (one per set-up) at an hourly scrape interval."""
-    code, out, err = run_cli(capsys, "run", "--month", "2026-02", "--interval", "3600")
+    """`billing run` end to end on five customers (one per set-up) at an hourly scrape interval, judged as of
+    a fixed time (a replay): the invoices past their grace period, every day still within Stripe's 35 days."""
+    code, out, err = run_cli(capsys, "run", "--month", "2026-02", "--interval", "3600", "--as-of", "2026-03-05T00:00:00Z")
     assert code == 0, err
     assert "INV-2026-" in out and "28 days and the month" in out
+    # the dry-run outbox judged Stripe's 35-day limit as of March 5, not as of today: nothing is too old
+    outbox = [r for d in range(1, 29) for r in read_outbox(paths, date(2026, 2, d))]
+    assert outbox and {r["status"] for r in outbox} == {"dry_run"}
     code, out, err = run_cli(capsys, "invoice", "mp-001", "--month", "2026-02", "--format", "json")
     assert code == 0
     doc = json.loads(out)

@@ -19,6 +19,8 @@ from billing_dags.defs.shared.partitions import billing_daily, billing_monthly
 from billing_dags.defs.shared.resources import StripeResource, WarehouseResource
 from billing_dags.ingest import raw
 
+pytestmark = pytest.mark.acceptance
+
 #: every asset of the code location, as loaded from the defs folder
 ASSETS = load_defs().assets
 

@@ -92,6 +92,7 @@ def _run(paths, dsn, instance, names, key=None, days=None):
     return dg.materialize(ASSETS, selection=sel, partition_key=key, resources=_resources(paths, dsn), instance=instance, raise_on_error=False, tags=tags)
 
 
+@pytest.mark.acceptance
 def test_month_of_usage_events_is_billed_exactly(pg, tmp_path):
     rows = _rows()
     with psycopg.connect(pg, autocommit=True) as conn:

@@ -12,6 +12,7 @@ directly from the generated samples.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import random
@@ -24,10 +25,12 @@ from pathlib import Path
 
 import dagster as dg
 import prometheus_harness as harness
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from servers import HandlerServer
 
+from billing_dags.core import shards
 from billing_dags.core.settings import PROJECT_ROOT, resolve_paths
 from billing_dags.definitions import defs as load_defs
 from billing_dags.defs.ingest.sources import NoEvents, PrometheusSamples, ReceivedReports
@@ -91,6 +94,8 @@ def _generate() -> list[tuple[dict, list[int], list[float]]]:
     out.append(({"__name__": "stratum_bytes_received_total", "client_id": ZURICH}, born, _counter(rng, born, 0, step=(0, 10**5))))
     # no such customer: ingested, counted as unmatched, billed to nobody
     out.append(({"__name__": "stratum_accepted_shares_total", "client_id": "miner-unknown"}, grid, _counter(rng, grid, 7)))
+    # no customer label at all: ingested and unmatched too (sharded by its series id)
+    out.append(({"__name__": "stratum_bytes_received_total", "pool_host": "eu9"}, grid, _counter(rng, grid, 0, step=(0, 10**4))))
     # a gauge with a NaN sample
     gv = [float(rng.randint(0, 40)) for _ in grid]
     gv[340] = math.nan  # 2025-03-01 01:40
@@ -252,6 +257,7 @@ def test_exact_fetch_returns_every_raw_sample_once(server):
     assert added == len(want)  # after the window cut, no chunk returned a sample another chunk returned
 
 
+@pytest.mark.acceptance
 def test_month_from_live_prometheus_equals_exact_usage(server, tmp_path, seeds):
     p, series = server
     paths = resolve_paths(tmp_path / "data", seeds)
@@ -264,17 +270,17 @@ def test_month_from_live_prometheus_equals_exact_usage(server, tmp_path, seeds):
         assert r.success
         reports[day] = r.asset_materializations_for_node("raw_samples")[0].metadata
     # each day recorded its own carry-in (every series' last sample before it) and wrote nothing elsewhere
-    assert reports[DAYS[0]]["carry_in_series"].value == 5  # miner-001 x3, quoted, unknown (not Zürich: born later)
-    assert reports[DAYS[1]]["carry_in_series"].value == 5
-    assert reports[DAYS[2]]["carry_in_series"].value == 7  # + the two Zürich series; bytes_sent stopped on 03-02
+    assert reports[DAYS[0]]["carry_in_series"].value == 6  # miner-001 x3, quoted, unknown, no label (not Zürich: born later)
+    assert reports[DAYS[1]]["carry_in_series"].value == 6
+    assert reports[DAYS[2]]["carry_in_series"].value == 8  # + the two Zürich series; bytes_sent stopped on 03-02
     assert sorted(d.name for d in paths.raw_samples.iterdir()) == [f"date={d}" for d in DAYS]
     assert sorted(d.name for d in paths.raw_carry_in.iterdir()) == [f"date={d}" for d in DAYS]
     for day in DAYS:
         md = reports[day]
-        assert md["unmatched_series"].value == 1
+        assert md["unmatched_series"].value == 2
         assert "miner-unknown" in str(md["unmatched_examples"].value)
         assert md["non_finite_samples"].value == (1 if day == DAYS[0] else 0)
-    assert reports[DAYS[2]]["series"].value == 6  # bytes_sent stopped on 03-02, the two Zürich series were born
+    assert reports[DAYS[2]]["series"].value == 7  # bytes_sent stopped on 03-02, the two Zürich series were born
     # the models: the days in order, then the month
     for day in DAYS:
         assert _run(paths, instance, p.url, ("int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day"), day.isoformat()).success
@@ -419,6 +425,7 @@ def october_server(tmp_path_factory):
         yield p, series
 
 
+@pytest.mark.acceptance
 def test_billing_run_of_a_first_month_against_prometheus_on_an_empty_data_dir(october_server, tmp_path):
     """`billing run --month` (the real CLI, a subprocess) on an empty data dir bills the exact usage."""
     p, series = october_server
@@ -450,6 +457,7 @@ def _usage_by_day(paths, day) -> list[dict]:
     return pq.read_table(paths.models / "fct_usage_by_day" / f"day={day}" / "data.parquet").to_pylist()
 
 
+@pytest.mark.acceptance
 def test_days_materialized_in_any_order_give_the_usage_of_days_in_order(october_server, tmp_path):
     """Rule 3: each day (raw_samples, its edges, its usage) materialized alone, in any order, on an empty data dir."""
     p, series = october_server
@@ -483,13 +491,15 @@ def test_days_materialized_in_any_order_give_the_usage_of_days_in_order(october_
 # --------------------------------------------------------------------------- remote read (/api/v1/read)
 
 
-def _ingest_files(url: str, root: Path, seeds: Path, days, read_api: str, chunks: bool = True) -> tuple[dict, list, list]:
-    """Every Parquet file ingest_day writes for ``days`` (relative path -> bytes), the reports and the log."""
-    paths = resolve_paths(root, seeds)
+def _ingest_files(url: str, root: Path, seeds: Path, days, read_api: str, chunks: bool = True, shards: int = 1, shard=None) -> tuple[dict, list, list]:
+    """Every Parquet file ingest_day writes for ``days`` (relative path -> bytes), the reports and the log;
+    with ``shards`` > 1, into that many shards (the day pulled once, or only ``shard``'s series)."""
+    paths = dataclasses.replace(resolve_paths(root, seeds), shards=shards)
     meters, label_values = prom.meters_and_label_values(seeds)
     logs: list[str] = []
     with prom.PrometheusClient(url, read_api=read_api, remote_read_chunks=chunks) as client:
-        reports = [prom.ingest_day(client, paths, day, meters, label_values, prom.IngestOptions(**PULL), log=logs.append) for day in days]
+        opt = prom.IngestOptions(**PULL)
+        reports = [prom.ingest_day(client, paths, day, meters, label_values, opt, log=logs.append, **({"shard": shard} if shard else {})) for day in days]
     files = {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*.parquet"))}
     return files, reports, logs
 
@@ -513,6 +523,68 @@ def test_remote_read_writes_the_raw_partitions_of_the_query_api_byte_for_byte(se
     assert by_day[date(2025, 3, 4)].samples == sum(1 for _, ts, _ in series for t in ts if t == s4) > 0
     want = sum(1 for _, ts, _ in series for t in ts if raw.day_bounds_ms(DAYS[2])[0] <= t < s4)
     assert by_day[DAYS[2]].samples == want
+
+
+#: miner-001 falls in shard 3 of 5, the quoted and the Zürich customers in 1, miner-unknown (no such customer) in 4,
+#: the series without a customer label (by its series id) in 2, nothing in 0
+SHARDS = 5
+
+
+@pytest.mark.parametrize("read_api", ["remote_read", pytest.param("query", marks=pytest.mark.acceptance)])
+def test_shard_pulls_write_the_files_of_one_pull_split_by_shard(server, tmp_path, seeds, read_api):
+    """One pull per shard of label values writes, byte for byte, what one pull of the day split by shard
+    writes: the same series (the unmatched ones included), samples and carry-in; each pull writes its own
+    shard's files and touches no other file."""
+    p, series = server
+    days = [DAYS[0], DAYS[2]]  # a NaN and a carry-in of every series; two series born the day before
+    assert [shards.shard_of(v, SHARDS) for v in ("miner-001", QUOTED, ZURICH, "miner-unknown")] == [3, 1, 1, 4]
+    lab = next(dict(lab) for lab, _, _ in series if "client_id" not in lab and "v" not in lab)
+    labelless = raw.series_id(lab.pop("__name__"), lab)
+    assert shards.shard_of_series_id(labelless, SHARDS) == 2
+    one, one_reports, _ = _ingest_files(p.url, tmp_path / "one", seeds, days, read_api, shards=SHARDS)
+    assert len(one) == 4 * len(days) * SHARDS  # samples, series, carry-in and its series, every (day, shard)
+    root = tmp_path / "per-shard"
+    reports = []
+    for shard in shards.all_shards(SHARDS):
+        before = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in root.rglob("*.parquet")}
+        files, got, _ = _ingest_files(p.url, root, seeds, days, read_api, shards=SHARDS, shard=shard)
+        reports.append(got)
+        assert {f for f in files if f"/{shard.dirname}/" in f} == {f for f in one if f"/{shard.dirname}/" in f}, shard
+        assert all(f"/{shard.dirname}/" in f for f in set(files) - {str(f.relative_to(root)) for f in before}), shard
+        assert {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in before} == before, shard  # the other shards' files untouched
+    assert files == one  # every file, byte for byte
+    for i, day in enumerate(days):
+        mine = [r[i] for r in reports]
+        assert [r.read_api for r in mine] == [one_reports[i].read_api] * SHARDS == [read_api] * SHARDS
+        for figure in ("series", "samples", "carry_in_series", "unmatched_series", "non_finite_samples"):
+            assert sum(getattr(r, figure) for r in mine) == getattr(one_reports[i], figure), (day, figure)
+        assert [r.unmatched_series for r in mine] == [0, 0, 1, 0, 1] and mine[0].series == 0
+    ids = set()
+    for name, data in one.items():
+        if name.startswith("raw/series/"):
+            ids.update(pq.read_table(pa.BufferReader(data))["series_id"].to_pylist())
+    assert labelless in ids and len(ids) == 8
+
+
+def test_the_raw_samples_asset_pulls_a_sharded_day_shard_by_shard(server, tmp_path, seeds, monkeypatch):
+    """Sharded, the asset pulls each shard on its own (its metadata per shard) and writes the bytes of one pull split by shard."""
+    p, _ = server
+    monkeypatch.setenv("BILLING_SHARDS", str(SHARDS))
+    files = {}
+    for per_shard in (True, False):
+        paths = resolve_paths(tmp_path / str(per_shard), seeds)
+        instance = dg.DagsterInstance.ephemeral()
+        assert _run(paths, instance, p.url, ()).success
+        r = _run(paths, instance, p.url, ("raw_samples",), DAYS[0].isoformat(), pull_per_shard=per_shard)
+        md = r.asset_materializations_for_node("raw_samples")[0].metadata
+        files[per_shard] = {str(f.relative_to(paths.data_dir)): f.read_bytes() for f in sorted(paths.raw_samples.parent.rglob("*.parquet"))}
+        assert md["unmatched_series"].value == 2 and md["series"].value == 6
+        if per_shard:
+            assert md["pulls"].value == SHARDS
+            assert {k: v["unmatched_series"] for k, v in md["by_shard"].value.items()} == {"0": 0, "1": 0, "2": 1, "3": 0, "4": 1}
+        else:
+            assert "pulls" not in md
+    assert len(files[True]) == 4 * SHARDS and files[True] == files[False]
 
 
 def test_remote_read_drops_stale_markers_as_range_selectors_do(tmp_path, seeds):

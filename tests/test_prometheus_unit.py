@@ -110,6 +110,40 @@ def test_plan_selectors_batches_customers_and_adds_one_rest_selector():
     assert extra == '{__name__="a_total", client_id="c1", job="billing"}'
 
 
+def test_a_shard_selects_its_customers_by_label_value_and_finds_its_unmatched_series_by_their_labels():
+    from billing_dags.core.shards import Shard, shard_of, shard_of_series_id
+
+    meters = [
+        {"meter_id": "bytes", "metrics": "a_total", "customer_label": "client_id"},
+        {"meter_id": "other", "metrics": "a_total", "customer_label": "tenant"},  # sharded by the first meter's label: pulled once
+    ]
+    values = [f"c{i}.x" for i in range(12)]
+    shard = Shard(1, 3)
+    mine = sorted(v for v in values if shard_of(v, 3) == 1)
+    sels, rests = prom.plan_shard_selectors(meters, values, 2, shard)
+    assert [s.values for s in sels] == [tuple(mine[i : i + 2]) for i in range(0, len(mine), 2)] and 2 < len(mine) < 12
+    assert {(s.metric, s.customer_label) for s in sels} == {("a_total", "client_id")}
+    quoted = lambda vs: prom.promql_string("|".join(v.replace(".", "\\.") for v in vs))  # noqa: E731  (c0\.x: the dot escaped)
+    assert sels[0].promql() == f'{{__name__="a_total", client_id=~{quoted(mine[:2])}}}'
+    assert [r.promql() for r in rests] == [f'{{__name__="a_total", client_id!~{quoted(sorted(values))}}}']
+
+    unknown = [f"u{i}" for i in range(20)]
+    labelless = [{"pool": f"p{i}"} for i in range(20)]
+    listed = [{"__name__": "a_total", "client_id": u} for u in unknown] + [{"__name__": "a_total", **lab} for lab in labelless]
+
+    class Listing:
+        def series(self, match, start_ms, end_ms, what=""):
+            assert match == rests[0].promql() and (start_ms, end_ms) == (0, 99)
+            return listed
+
+    got = prom.shard_rest_selectors(Listing(), rests[0], shard, {"a_total": "client_id"}, 0, 100, 2)
+    theirs = sorted(u for u in unknown if shard_of(u, 3) == 1)
+    assert [s.values for s in got[:-1]] == [tuple(theirs[i : i + 2]) for i in range(0, len(theirs), 2)]
+    assert any(shard_of_series_id(raw.series_id("a_total", lab), 3) == 1 for lab in labelless)
+    assert got[-1].values == ("",) and got[-1].promql() == '{__name__="a_total", client_id=""}'
+    assert all(s.unmatched and s.rest for s in got) and not any(s.unmatched for s in sels)
+
+
 def test_selector_rejects_bad_names():
     with pytest.raises(ValueError, match="meter m"):
         prom.Selector("m", "bad-metric", "client_id", ("x",)).promql()

@@ -70,6 +70,7 @@ def landed(landing: Path) -> dict[tuple[int, int], float]:
     return out
 
 
+@pytest.mark.acceptance
 def test_partitions_equal_prometheus_storage_across_a_sigkill(tmp_path):
     from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 

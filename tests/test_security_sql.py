@@ -22,6 +22,8 @@ import pytest
 from billing_dags.cli.main import main
 from billing_dags.core.settings import PROJECT_ROOT
 
+pytestmark = pytest.mark.acceptance
+
 DOCS = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
 CUSTOMER = "mp-003"  # the customer of the dispute queries in docs/disputes.md
 CANARY = "sk_test_canary_4f1d9a"  # an environment value no query may reveal

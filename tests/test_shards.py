@@ -45,6 +45,19 @@ def test_shard_of_is_stable_and_spreads_customers():
     assert shards.shard_of_dir("shard=3-of-8") == shards.Shard(3, 8)
 
 
+def test_a_metric_shards_by_the_customer_label_of_its_first_meter(tmp_path):
+    # seeds/meters.csv order: a metric two meters list takes the first row's label; no meters file, no labels
+    seeds = copy_small_seeds(tmp_path / "seeds")
+    paths = resolve_paths(tmp_path / "data", seeds)
+    labels = raw.customer_labels(paths)
+    assert labels["stratum_bytes_sent_total"] == labels["stratum_bytes_received_total"] == "client_id"
+    text = (seeds / "meters.csv").read_text()
+    (seeds / "meters.csv").write_text(text + "other_bytes,stratum_bytes_sent_total,counter,sum,byte,gib,pool_id,,other_bytes,Same metric\n")
+    assert raw.customer_labels(paths)["stratum_bytes_sent_total"] == "client_id"
+    (seeds / "meters.csv").unlink()
+    assert raw.customer_labels(paths) == {}
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "eight", "2.5", "257", "٣"])
 def test_bad_shard_counts_are_refused(value):
     with pytest.raises(SettingsError, match="BILLING_SHARDS") as e:
@@ -134,6 +147,7 @@ def runs(tmp_path_factory):
     return _run(tmp, 1), _run(tmp, 8)
 
 
+@pytest.mark.acceptance
 def test_eight_shards_give_the_unsharded_invoices_and_models(runs):
     one, eight = runs
     # the (day, shard) partitions were materialized on the instance, each day's shards all there
@@ -181,6 +195,7 @@ def test_eight_shards_give_the_unsharded_invoices_and_models(runs):
     assert compared > 20
 
 
+@pytest.mark.acceptance
 def test_raw_files_of_a_sharded_run_list_per_shard(runs):
     _, eight = runs
     paths = type(resolve_paths(eight / "data"))(eight / "data", eight / "seeds", 8)
@@ -210,13 +225,15 @@ print(json.dumps({
     "edges": sorted(x.partition_key for x in edges if x.asset_key.to_user_string() == "int_series_edges_by_day"),
     "monthly": sorted(x.partition_key for x in monthly if x.asset_key.to_user_string() == "fct_usage_by_day"),
     "jobs": sorted(j.name for j in defs.resolve_all_job_defs() if j.name in ("daily_usage", "daily_shards")),
+    "shards_tags": sorted({j.run_tags.get("billing/shards") for j in defs.resolve_all_job_defs() if not j.name.startswith("__")}),
 }))
 """
 
 
 def test_day_by_shard_partitions_their_dependencies_and_backfill_ranges(tmp_path):
     """BILLING_SHARDS=8: the daily models are (day, shard) partitions; a day reads its own shard's earlier days, a month
-    every (day, shard) of it; a month's single-run backfill is one run per shard over the month's days."""
+    every (day, shard) of it; a month's single-run backfill is one run per shard over the month's days; runs are tagged
+    with the shards."""
     env = {**os.environ, "BILLING_SHARDS": "8", "BILLING_DATA_DIR": str(tmp_path / "data"), "DAGSTER_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
     env.pop("BILLING_EXECUTOR", None)
     proc = subprocess.run([sys.executable, "-c", SHAPE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
@@ -225,11 +242,14 @@ def test_day_by_shard_partitions_their_dependencies_and_backfill_ranges(tmp_path
 
     shape = json.loads(proc.stdout.strip().splitlines()[-1])
     assert shape["policy"] and shape["dims"] == ["day", "shard"] and shape["jobs"] == ["daily_shards", "daily_usage"]
+    # every job's runs carry the shards they were launched with: a worker with other shards refuses their steps
+    assert shape["shards_tags"] == ["8"]
     assert sorted(shape["ranges"]) == [[f"2026-11-01|{s}", f"2026-11-30|{s}"] for s in shards.shard_keys(8)]
     assert shape["edges"][-1] == "2026-11-10|3" and all(k.endswith("|3") for k in shape["edges"]) and len(shape["edges"]) == 36
     assert len(shape["monthly"]) == 30 * 8
 
 
+@pytest.mark.acceptance
 def test_warehouse_views_read_every_shard_once(runs):
     import duckdb
 
@@ -309,3 +329,30 @@ def _upstream(project, name: str) -> set[str]:
 
 def pc_count(table: pa.Table, rule: str) -> int:
     return sum(1 for r in table["rule"].to_pylist() if r == rule)
+
+
+def test_a_writer_of_one_shard_writes_its_files_only_and_refuses_another_shards_series(tmp_path):
+    paths = type(resolve_paths(tmp_path / "data", copy_small_seeds(tmp_path / "seeds")))(tmp_path / "data", tmp_path / "seeds", 4)
+    start, _ = raw.day_bounds_ms(THROUGH)
+    labels = {v: {"client_id": v} for v in ("miner-001", "miner-002", "miner-003", "miner-004", "miner-005")}
+    by_shard: dict[int, list[str]] = {}
+    for v in labels:
+        by_shard.setdefault(shards.shard_of(v, 4), []).append(v)
+    (a, mine), (b, other) = sorted(by_shard.items())[:2]
+
+    def tables(values):
+        ids = [raw.series_id("stratum_accepted_shares_total", labels[v]) for v in values]
+        samples = pa.table({"series_id": ids, "ts": [start] * len(ids), "value": [1.0] * len(ids)})
+        metric = ["stratum_accepted_shares_total"] * len(ids)
+        rows = {"series_id": ids, "metric": metric, "labels": [list(labels[v].items()) for v in values], "first_seen": [start] * len(ids)}
+        series = pa.table(rows, schema=raw.SERIES_SCHEMA)
+        return samples, series
+
+    raw.write_day(paths, THROUGH, *tables(mine), "prometheus", shard=shards.Shard(a, 4))
+    written = sorted(p.relative_to(paths.data_dir).as_posix() for p in paths.data_dir.rglob("*.parquet"))
+    assert written == [f"raw/{kind}/date={THROUGH}/shard={a}-of-4/part-prometheus.parquet" for kind in ("samples", "series")]
+    with pytest.raises(raw.RawLayoutError, match=f"1 of {len(mine) + 1} series written for shard {a} of 4 belong to other shards"):
+        raw.write_day(paths, THROUGH, *tables([*mine, other[0]]), "prometheus", shard=shards.Shard(a, 4))
+    with pytest.raises(raw.RawLayoutError, match="is not a shard of the 4 shard"):
+        raw.write_day(paths, THROUGH, *tables(other), "prometheus", shard=shards.Shard(b, 8))
+    assert sorted(p.relative_to(paths.data_dir).as_posix() for p in paths.data_dir.rglob("*.parquet")) == written

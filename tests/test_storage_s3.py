@@ -1,58 +1,36 @@
-"""The warehouse at an S3 URL (BILLING_DATA_URL): moto's standalone S3 server on 127.0.0.1 (its own process),
-`billing run` on an empty bucket gives objects byte-identical to the files of the same run on a local
-folder; a finalized invoice object is never overwritten by a writer that did not read it; a publish is one
-atomic object (a reader sees the old bytes or the new, a failed write leaves the old); bad settings exit 2
-naming the variable and the fix."""
+"""The warehouse at an S3 URL (BILLING_DATA_URL): moto's standalone S3 server on 127.0.0.1 (its own process); a
+finalized invoice object is never overwritten by a writer that did not read it; a publish is one atomic object
+(a reader sees the old bytes or the new, a failed write leaves the old); bad settings exit 2 naming the variable
+and the fix. Runs on an empty bucket give objects byte-identical to the files of the same runs on a local folder:
+tests/test_celery_executor.py (days sharded 8 ways and their month, on Celery workers, each with a working copy
+of its own)."""
 
 from __future__ import annotations
 
 import itertools
 import os
-import re
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
-from servers import free_port, stop, wait_for
+from servers import S3_CREDENTIALS, free_port, moto_s3_server
 
 from billing_dags.core import durable, storage
 from billing_dags.core.settings import PROJECT_ROOT
 
 boto3 = pytest.importorskip("boto3")
 
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
-#: what a run publishes and must be byte-identical (notifications carry their creation time)
-PUBLISHED = ("raw/", "models/", "seeds/", "invoices/", "outbox/", "reports/")
+CREDENTIALS = S3_CREDENTIALS
 _BUCKETS = itertools.count()
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """moto's S3 server as its own process on 127.0.0.1, port 0 (read back from its startup line)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    found: dict[str, str] = {}
-
-    def read():
-        for line in proc.stdout:
-            m = re.search(r"Running on (http://127\.0\.0\.1:\d+)", line)
-            if m:
-                found["url"] = m.group(1)
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        url = wait_for(lambda: found.get("url") or (proc.poll() is not None and "exited"), 60, "moto's S3 server to start")
-        assert url != "exited", "moto.server exited"
+    with moto_s3_server() as url:
         yield url
-    finally:
-        stop(proc)
 
 
 @pytest.fixture
@@ -91,45 +69,6 @@ def cli_env(tmp_path: Path, name: str, seeds: Path, **extra) -> dict:
 
 
 BILLING = [sys.executable, "-m", "billing_dags.cli.main"]
-
-
-# --------------------------------------------------------------------------- a month, local and on S3
-
-
-@pytest.mark.integration
-def test_a_month_on_s3_is_byte_identical_to_the_month_on_a_local_folder(s3, small_seeds, tmp_path):
-    """`billing run` for a month on an empty bucket and on an empty local folder, side by side; then a
-    second machine (an empty working copy) reads the finalized invoice from the bucket."""
-    url, client, bucket = s3
-    run = [*BILLING, "run", "--month", "2026-02", "--customers", "1", "--interval", "3600"]
-    on_s3 = {**CREDENTIALS, "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"], "BILLING_DATA_URL": url}
-    procs = {
-        "local": subprocess.Popen(run, env=cli_env(tmp_path, "local", small_seeds), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
-        "s3": subprocess.Popen(run, env=cli_env(tmp_path, "copy", small_seeds, **on_s3), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
-    }
-    outs = {name: p.communicate(timeout=900)[0] for name, p in procs.items()}
-    for name, p in procs.items():
-        assert p.returncode == 0, f"{name}: {outs[name][-3000:]}"
-
-    local = tmp_path / "local"
-    in_bucket = objects(client, bucket)
-    local_files = {p.relative_to(local).as_posix(): p for p in local.rglob("*") if p.is_file() and storage.is_mirrored(p.relative_to(local).as_posix())}
-    assert set(in_bucket) == set(local_files)
-    compared = [k for k in sorted(local_files) if k.startswith(PUBLISHED)]
-    assert {k.split("/")[0] for k in compared} >= {"raw", "models", "seeds", "invoices", "outbox"}
-    assert [k for k in compared if in_bucket[k] != local_files[k].read_bytes()] == []
-    assert any(re.fullmatch(r"invoices/2026-02/[^/]+\.json", k) for k in compared)
-
-    # another machine: an empty working copy shows the month's finalized invoice from the bucket
-    shown = subprocess.run(
-        [*BILLING, "invoices", "--month", "2026-02"],
-        env=cli_env(tmp_path, "second", small_seeds, **on_s3),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert shown.returncode == 0, shown.stderr[-2000:]
-    assert "finalized" in shown.stdout and "INV-2026-" in shown.stdout
 
 
 # --------------------------------------------------------------------------- immutability and atomicity
@@ -287,9 +226,49 @@ def test_what_lives_in_the_bucket_and_what_is_put_conditionally(key, mirrored, g
     assert storage.is_guarded(key) is guarded
 
 
+class LocalStore(storage.Store):
+    """A folder as a store, for the working copy without a server: ETag = MD5 of the bytes (as S3's for a
+    single PUT), published with ``durable``, conditional puts checked under a lock file (one machine)."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.url = self.root.as_uri()
+
+    def list(self, prefix: str = "") -> dict[str, storage.Entry]:
+        out = {}
+        for p in sorted(self.root.rglob("*")):
+            key = p.relative_to(self.root).as_posix()
+            if p.is_file() and key.startswith(prefix) and not any(part.startswith(".") for part in key.split("/")):
+                out[key] = storage.Entry(storage._md5(p.read_bytes()), p.stat().st_size)
+        return out
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            return (self.root / key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def exists(self, key: str) -> bool:
+        return (self.root / key).is_file()
+
+    def put(self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
+        with durable.exclusive_lock(self.root / ".store.lock"):
+            if if_match is not None or if_none_match:
+                current = self.read(key)
+                if if_none_match and current is not None:
+                    raise storage.ConcurrentWriteError(f"{self.url}/{key} already exists; it is not overwritten")
+                if if_match is not None and (current is None or storage._md5(current) != if_match):
+                    raise storage.ConcurrentWriteError(f"{self.url}/{key} changed since it was read; rerun the step")
+            durable.write_bytes(self.root / key, data, mirrored=False)
+        return storage._md5(data)
+
+    def delete(self, key: str) -> None:
+        (self.root / key).unlink(missing_ok=True)
+
+
 def test_the_local_store_keeps_the_same_contract(tmp_path):
     """The working copy over a folder as its store (no server): conditional puts, pulls and removals."""
-    store = storage.LocalStore(tmp_path / "bucket")
+    store = LocalStore(tmp_path / "bucket")
     a, b = storage.WorkingCopy(store, tmp_path / "a"), storage.WorkingCopy(store, tmp_path / "b")
     key = "invoices/2026-02/mp-001.json"
     for wc in (a, b):

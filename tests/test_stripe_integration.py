@@ -205,6 +205,7 @@ def test_sync_meters_without_a_key_is_a_dry_run(server):
 # --------------------------------------------------------------------------- sending a month
 
 
+@pytest.mark.acceptance
 def test_full_month_is_sent_and_a_rerun_sends_nothing(server, outbox_paths):
     synced(server)
     n = fill_outbox(outbox_paths, MONTH)

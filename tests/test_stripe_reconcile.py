@@ -25,12 +25,14 @@ from billing_dags.models.sqlmodels import Window, load_project, partition_file
 from billing_dags.seeds.catalog import load_seeds
 from billing_dags.stripe import outbox as ob
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.acceptance]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MONTH = date(2026, 11, 1)
 AS_OF = "2026-12-01T02:00:00Z"
 NOW = datetime(2026, 12, 1, 2, 0, tzinfo=UTC)
+#: the time `billing run` judges the month as of: past the invoices' grace period
+RUN_AS_OF = "2026-12-04T06:00:00Z"
 API_KEY = "sk_test_51reconcileMonth0123456789"
 
 
@@ -88,7 +90,8 @@ def billed_month(tmp_path_factory):
         PYTHONPATH=os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]),
     )
     r = subprocess.run(
-        [sys.executable, "-m", "billing_dags.cli.main", "run", "--month", f"{MONTH:%Y-%m}", "--interval", "3600"],
+        # judged as of a fixed time (every day within Stripe's 35 days), not as of the day the suite runs
+        [sys.executable, "-m", "billing_dags.cli.main", "run", "--month", f"{MONTH:%Y-%m}", "--interval", "3600", "--as-of", RUN_AS_OF],
         capture_output=True,
         text=True,
         env=env,

@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.acceptance]
 
 RUN_TIMEOUT = 600
 #: the UI is slow to render on a loaded machine; every click and wait gets this long (ms)

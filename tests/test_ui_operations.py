@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.acceptance]
 
 #: generous: a day of five customers takes seconds, but the machine may be loaded
 RUN_TIMEOUT = 600

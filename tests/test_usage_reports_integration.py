@@ -143,6 +143,7 @@ def _cents(amount: Decimal) -> int:
     return int((amount * 100).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
+@pytest.mark.acceptance
 def test_a_month_of_posted_reports_is_billed_exactly(server, tmp_path):
     month = _month()
     reports = _reports(month)

@@ -29,6 +29,8 @@ def register(sub) -> None:
 def cmd_list(args) -> int:
     paths = paths_of(args)
     month = parse_month(args.month)
+    if args.customer:
+        require_customer(paths, args.customer)
     acked = {_ack_key(a) for a in read_acks(paths)}
     rows = []
     for f in month_flags(paths, month):

@@ -51,7 +51,12 @@ def cmd_run(args) -> int:
     check_billable_month(month, seeds_dir=paths.seeds_dir)
     if args.customers is not None and args.customers < 1:
         raise CliError(f"--customers {args.customers} must be at least 1")
-    figures = run_month(paths, month, ingest=not args.no_ingest, seed=args.seed, customers=args.customers, interval_s=args.interval)
+    as_of = None
+    if args.as_of is not None:
+        from billing_dags.stripe.sender import as_of as parse_as_of
+
+        as_of = parse_as_of(args.as_of, "--as-of").isoformat()
+    figures = run_month(paths, month, ingest=not args.no_ingest, seed=args.seed, customers=args.customers, interval_s=args.interval, as_of=as_of)
     rows = invoice_rows(paths, month)
     emit(rows, "table", title=f"Invoices {month:%Y-%m}")
     console.print(f"{figures['days']} days and the month in {figures['seconds']:.1f}s")
@@ -313,6 +318,8 @@ def cmd_sql(args) -> int:
     empty = 'empty query; give SQL, e.g. billing sql "select * from fct_invoice_lines limit 5"'
     if not args.query.strip():
         raise CliError(empty)
+    if args.limit < 1:
+        raise CliError(f"--limit {args.limit} must be at least 1 (rows to print; default 1000)")
     with tempfile.TemporaryDirectory(prefix="billing-sql-") as spill_dir:
         con = open_read_only(paths, Path(spill_dir))
         try:
@@ -359,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="materialize every asset for a month (steps in process, or as BILLING_EXECUTOR says)")
     p.add_argument("--month", required=True, help="YYYY-MM")
     p.add_argument("--no-ingest", action="store_true", help="use the raw samples already in the data dir")
+    p.add_argument(
+        "--as-of",
+        help="judge the month as of this time (ISO 8601, default now): the invoices' grace period and Stripe's 35-day limit; replays and tests",
+    )
     sim_args(p)
     p.set_defaults(func=cmd_run)
 

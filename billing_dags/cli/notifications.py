@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from billing_dags.cli.common import emit, paths_of
+from billing_dags.cli.common import emit, paths_of, require_customer
 
 
 def register(sub) -> None:
@@ -23,6 +23,8 @@ def cmd_list(args) -> int:
     from billing_dags.operations import notifications
 
     paths = paths_of(args)
+    if args.customer:
+        require_customer(paths, args.customer)
     rows = notifications.outbox(paths) if args.all else notifications.pending(paths)
     if args.customer:
         rows = [n for n in rows if n["customer_id"] == args.customer]

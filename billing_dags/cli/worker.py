@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from billing_dags.cli.common import CliError, err_console, paths_of
-from billing_dags.core.settings import CELERY_QUEUE, executor_settings, redact_url
+from billing_dags.core.settings import CELERY_LANDING_QUEUE, executor_settings, redact_url, worker_queues
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -15,6 +15,12 @@ def register(sub) -> None:
     p.add_argument("--concurrency", type=int, default=1, help="steps run at once, each in a process of its own (default 1: a step uses every core)")
     p.add_argument("--name", help="the worker's name (default billing-<pid>@<host>)")
     p.add_argument("--loglevel", choices=LOG_LEVELS, default="INFO", help="the worker's log level (default INFO)")
+    p.add_argument(
+        "--landing",
+        action="store_true",
+        help=f"also run the steps that read the receivers' landing (queue {CELERY_LANDING_QUEUE}): with BILLING_DATA_URL, "
+        "only on the receivers' machine (without it, every worker runs them)",
+    )
     p.set_defaults(func=cmd_worker)
 
 
@@ -49,11 +55,12 @@ def cmd_worker(args) -> int:
     settings = executor_settings()
     paths = paths_of(args)
     name = args.name or f"billing-{os.getpid()}@%h"
+    queues = worker_queues(args.landing)
     from billing_dags.defs.shared.executor import celery_worker_app
 
     app = celery_worker_app(settings)
     err_console.print(
-        f"worker {name}: broker {redact_url(settings.broker() or '')}, queue {CELERY_QUEUE}, concurrency {args.concurrency}, "
+        f"worker {name}: broker {redact_url(settings.broker() or '')}, queues {','.join(queues)}, concurrency {args.concurrency}, "
         f"data dir {paths.data_dir}, seeds {paths.seeds_dir}",
         highlight=False,
         soft_wrap=True,
@@ -61,7 +68,7 @@ def cmd_worker(args) -> int:
     preload(paths)
     argv = [
         "worker",
-        f"--queues={CELERY_QUEUE}",
+        f"--queues={','.join(queues)}",
         f"--concurrency={args.concurrency}",
         f"--hostname={name}",
         f"--loglevel={args.loglevel}",

@@ -120,6 +120,35 @@ def shard_count(environ: dict | None = None) -> int:
     return parse_shards(env.get("BILLING_SHARDS"))
 
 
+#: run tags recording the settings a run was launched with: its steps, wherever they execute (a Celery worker,
+#: a Kubernetes Job), refuse to run with others (check_launched_settings)
+SHARDS_TAG = "billing/shards"
+DATA_URL_TAG = "billing/data_url"
+
+
+def launched_settings_tags(environ: dict | None = None) -> dict[str, str]:
+    """The tags of every run launched by this process's code location: its BILLING_SHARDS and BILLING_DATA_URL
+    (empty: the local folder)."""
+    env = os.environ if environ is None else environ
+    return {SHARDS_TAG: str(shard_count(env)), DATA_URL_TAG: env.get("BILLING_DATA_URL", "").strip()}
+
+
+def check_launched_settings(tags, environ: dict | None = None) -> None:
+    """A SettingsError when this process's BILLING_SHARDS or BILLING_DATA_URL differ from those the run was
+    launched with (``tags``; a run without them is not checked). A worker with other shards would compute
+    its steps in another layout, one with another warehouse in another place: the run's results would be
+    wrong or missing, silently."""
+    env = os.environ if environ is None else environ
+    mine = launched_settings_tags(env)
+    for tag, var in ((SHARDS_TAG, "BILLING_SHARDS"), (DATA_URL_TAG, "BILLING_DATA_URL")):
+        if tag in tags and tags[tag] != mine[tag]:
+            shown = lambda v, var=var: f"{var}={v}" if v else f"{var} unset"  # noqa: E731
+            raise SettingsError(
+                f"this run was launched with {shown(tags[tag])}, but this process has {shown(mine[tag])}; set the same "
+                f"{var} wherever runs are launched and on every worker (docs/scale-out.md), restart the worker, and rerun"
+            )
+
+
 _MONTH_START_RE = re.compile(r"^(\d{4})-(\d{2})(?:-(\d{2}))?$")
 
 
@@ -191,6 +220,22 @@ EXECUTORS = ("in_process", "multiprocess", "celery", "k8s_job")
 CELERY_BROKER_SCHEMES = ("redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp", "sqs")
 #: the Celery queue the steps go to and the workers consume (dagster-celery's default queue)
 CELERY_QUEUE = "dagster"
+#: the queue of the steps that read the receivers' landing (remote-write segments, the usage-report store):
+#: with the warehouse in a bucket the landing is local to the receivers' machine (never an object), so only
+#: its worker (`billing worker --landing`) may compact it; with a shared folder every worker sees it
+CELERY_LANDING_QUEUE = "billing-landing"
+#: dagster-celery's step tag naming the queue a step goes to
+CELERY_QUEUE_TAG = "dagster-celery/queue"
+LANDING_OP_TAGS = {CELERY_QUEUE_TAG: CELERY_LANDING_QUEUE}
+
+
+def worker_queues(landing: bool, environ: dict | None = None) -> list[str]:
+    """The queues a `billing worker` consumes: the steps' queue, and the landing's with ``landing`` or when the
+    warehouse is a shared folder (no BILLING_DATA_URL: every machine sees the landing)."""
+    env = os.environ if environ is None else environ
+    if landing or not env.get("BILLING_DATA_URL", "").strip():
+        return [CELERY_QUEUE, CELERY_LANDING_QUEUE]
+    return [CELERY_QUEUE]
 
 
 def redact_url(url: str) -> str:

@@ -88,24 +88,30 @@ def shard_of_series_id(series_id: int, count: int) -> int:
     return int(series_id) % count if count > 1 else 0
 
 
+def series_shard(metric: str, labels, series_id: int, customer_label_of: dict[str, str], count: int, cache: dict[str, int] | None = None) -> int:
+    """The shard index of one series (metric, labels as a mapping or pairs, series id): its customer label
+    value's shard when ``customer_label_of`` (metric -> the customer label of its meter) maps its metric and
+    the series has that label, else its series id's shard. ``cache`` keeps label values' shards."""
+    if count <= 1:
+        return 0
+    name = customer_label_of.get(metric)
+    value = None if name is None else (labels if isinstance(labels, dict) else dict(labels)).get(name)
+    if value is None:
+        return shard_of_series_id(series_id, count)
+    if cache is None:
+        return shard_of(value, count)
+    s = cache.get(value)
+    if s is None:
+        s = cache[value] = shard_of(value, count)
+    return s
+
+
 def series_shards(metrics, labels, series_ids, customer_label_of: dict[str, str], count: int) -> np.ndarray:
-    """The shard index of each series (metric, labels as a mapping or pairs, series id): its customer
-    label value's shard when ``customer_label_of`` (metric -> the customer label of its meter) maps its
-    metric and the series has that label, else its series id's shard."""
+    """The shard index of each series (``series_shard`` of each)."""
     out = np.zeros(len(series_ids), dtype=np.int64)
     if count <= 1:
         return out
     cache: dict[str, int] = {}
     for i, (metric, labs, sid) in enumerate(zip(metrics, labels, series_ids)):
-        name = customer_label_of.get(metric)
-        value = None
-        if name is not None:
-            value = (labs if isinstance(labs, dict) else dict(labs)).get(name)
-        if value is None:
-            out[i] = shard_of_series_id(sid, count)
-        else:
-            s = cache.get(value)
-            if s is None:
-                s = cache[value] = shard_of(value, count)
-            out[i] = s
+        out[i] = series_shard(metric, labs, sid, customer_label_of, count, cache)
     return out

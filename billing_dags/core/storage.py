@@ -16,8 +16,8 @@ bucket (``WorkingCopy``):
   object since its pull) is refused with ``ConcurrentWriteError`` instead of overwriting: a finalized
   invoice is never overwritten by a writer that did not read it.
 
-``Store`` is the few operations this needs (list, read, exists, put, delete), implemented for a
-local folder (``LocalStore``) and for S3 (``S3Store``, boto3: the ``s3`` extra). Landing segments
+``Store`` is the few operations this needs (list, read, exists, put, delete), implemented for S3
+(``S3Store``, boto3: the ``s3`` extra). Landing segments
 (``landing/``: a remote-write receiver's own durable buffer), lock files, temporary names and the
 views-only ``warehouse.duckdb`` stay local to each machine.
 """
@@ -121,46 +121,6 @@ class Store:
 
 def _md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
-
-
-class LocalStore(Store):
-    """A folder as a store: ETag = MD5 of the bytes (as S3's for a single PUT), published with ``durable``,
-    conditional puts checked under a lock file (one machine)."""
-
-    def __init__(self, root: Path | str):
-        self.root = Path(root)
-        self.url = self.root.as_uri()
-
-    def list(self, prefix: str = "") -> dict[str, Entry]:
-        out = {}
-        for p in sorted(self.root.rglob("*")):
-            key = p.relative_to(self.root).as_posix()
-            if p.is_file() and key.startswith(prefix) and not any(part.startswith(".") for part in key.split("/")):
-                out[key] = Entry(_md5(p.read_bytes()), p.stat().st_size)
-        return out
-
-    def read(self, key: str) -> bytes | None:
-        try:
-            return (self.root / key).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def exists(self, key: str) -> bool:
-        return (self.root / key).is_file()
-
-    def put(self, key: str, data: bytes, *, if_match: str | None = None, if_none_match: bool = False) -> str:
-        with durable.exclusive_lock(self.root / ".store.lock"):
-            if if_match is not None or if_none_match:
-                current = self.read(key)
-                if if_none_match and current is not None:
-                    raise ConcurrentWriteError(f"{self.url}/{key} already exists; it is not overwritten")
-                if if_match is not None and (current is None or _md5(current) != if_match):
-                    raise ConcurrentWriteError(f"{self.url}/{key} changed since it was read; rerun the step")
-            durable.write_bytes(self.root / key, data, mirrored=False)
-        return _md5(data)
-
-    def delete(self, key: str) -> None:
-        (self.root / key).unlink(missing_ok=True)
 
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")

@@ -62,6 +62,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -72,6 +73,7 @@ import pyarrow.compute as pc
 from billing_dags.core import durable
 from billing_dags.core.errors import InputError
 from billing_dags.core.settings import EDGE_LOOKBACK_DAYS, Paths
+from billing_dags.core.shards import Shard, series_shard, shard_of
 from billing_dags.ingest import raw
 
 SOURCE = "prometheus"
@@ -145,7 +147,9 @@ _LABEL_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 @dataclass(frozen=True)
 class Selector:
     """The series of one meter metric: those of a batch of customer label values, or (``values``
-    None) those whose label matches none of ``others`` (the unmatched ones)."""
+    None) those whose label matches none of ``others`` (the unmatched ones). ``rest``: the batch
+    is of label values no customer has (``("",)``: the series without the label), found by a pull
+    per shard (:func:`shard_rest_selectors`); its series are unmatched too."""
 
     meter_id: str
     metric: str
@@ -153,6 +157,7 @@ class Selector:
     values: tuple[str, ...] | None
     others: tuple[str, ...] = ()
     extra_matchers: str = ""
+    rest: bool = False
 
     def promql(self) -> str:
         if not _METRIC_RE.match(self.metric):
@@ -188,7 +193,7 @@ class Selector:
 
     @property
     def unmatched(self) -> bool:
-        return self.values is None
+        return self.values is None or self.rest
 
 
 #: remote-read LabelMatcher types
@@ -269,6 +274,70 @@ def plan_selectors(meters: Sequence[dict], label_values: Sequence[str], customer
             for i in range(0, len(values), customers_per_query):
                 out.append(Selector(m["meter_id"], metric, m["customer_label"], values[i : i + customers_per_query], (), extra_matchers))
             out.append(Selector(m["meter_id"], metric, m["customer_label"], None, values, extra_matchers))
+    return out
+
+
+def plan_shard_selectors(
+    meters: Sequence[dict], label_values: Sequence[str], customers_per_query: int, shard: Shard, extra_matchers: str = ""
+) -> tuple[list[Selector], list[Selector]]:
+    """A pull of one shard: per meter metric (with the customer label of the first meter listing it, the
+    label its series are sharded by), a selector per batch of the customer label values in ``shard``;
+    and per metric the selector of its unmatched series (label matching no customer, or absent), whose
+    series :func:`shard_rest_selectors` sorts into shards. The other meters listing a metric select the
+    same series (by another label), so they are not pulled again."""
+    if customers_per_query < 1:
+        raise ValueError("customers_per_query must be at least 1")
+    values = tuple(sorted(set(label_values)))
+    mine = tuple(v for v in values if shard_of(v, shard.count) == shard.index)
+    out: list[Selector] = []
+    rest: list[Selector] = []
+    seen: set[str] = set()
+    for m in meters:
+        label = (m.get("customer_label") or "").strip()
+        for metric in m["metrics"].split():
+            if metric in seen or not label:
+                continue
+            seen.add(metric)
+            for i in range(0, len(mine), customers_per_query):
+                out.append(Selector(m["meter_id"], metric, label, mine[i : i + customers_per_query], (), extra_matchers))
+            rest.append(Selector(m["meter_id"], metric, label, None, values, extra_matchers))
+    return out, rest
+
+
+def shard_rest_selectors(
+    client: PrometheusClient,
+    rest: Selector,
+    shard: Shard,
+    customer_label_of: dict[str, str],
+    start_ms: int,
+    end_ms: int,
+    customers_per_query: int,
+) -> list[Selector]:
+    """The selectors pulling the unmatched series of ``rest`` (a metric's series whose customer label
+    matches no customer) that are in ``shard``, from their label sets in [start, end) (``/api/v1/series``:
+    labels only, no samples): a selector per batch of their label values (a label value no customer has
+    is sharded like a customer's), and ``label=""`` when a series without the label (sharded by its
+    series id) is in the shard; that one selects every shard's such series, the pull keeps its own."""
+    values: set[str] = set()
+    labelless = False
+    cache: dict[str, int] = {}
+    for item in client.series(rest.promql(), start_ms, end_ms - 1, what=_what(rest)):
+        labels = dict(item)
+        metric = labels.pop("__name__", rest.metric)
+        if series_shard(metric, labels, raw.series_id(metric, labels), customer_label_of, shard.count, cache) != shard.index:
+            continue
+        value = labels.get(rest.customer_label)
+        if value is None:
+            labelless = True
+        else:
+            values.add(value)
+    batch = sorted(values)
+    out = [
+        Selector(rest.meter_id, rest.metric, rest.customer_label, tuple(batch[i : i + customers_per_query]), (), rest.extra_matchers, rest=True)
+        for i in range(0, len(batch), customers_per_query)
+    ]
+    if labelless:
+        out.append(Selector(rest.meter_id, rest.metric, rest.customer_label, ("",), (), rest.extra_matchers, rest=True))
     return out
 
 
@@ -908,6 +977,8 @@ class IngestReport:
     carry_in_series: int = 0
     #: how raw samples were read: "remote_read" or "query" (range mode: "query_range")
     read_api: str = ""
+    #: the shard's key when the pull was of one shard
+    shard: str | None = None
 
     def metadata(self) -> dict:
         return {
@@ -927,6 +998,7 @@ class IngestReport:
             "warnings": self.warnings,
             "carry_in_series": self.carry_in_series,
             "read_api": self.read_api,
+            **({} if self.shard is None else {"shard": self.shard}),
         }
 
 
@@ -1104,20 +1176,41 @@ def ingest_day(
     label_values: Sequence[str],
     options: IngestOptions | None = None,
     log: Callable[[str], None] = lambda _: None,
+    shard: Shard | None = None,
 ) -> IngestReport:
     """Pull every meter's series for ``day`` and replace the day's ``part-prometheus`` files and, in
-    exact mode, its carry-in (each series' last sample before the day)."""
+    exact mode, its carry-in (each series' last sample before the day).
+
+    With ``shard`` (sharded data, ``paths.shards`` > 1): pull only that shard's series and replace only
+    its files. Its customers' series are selected by their label values; the unmatched series are
+    found by their labels first (:func:`shard_rest_selectors`). The N pulls of a day write what one pull
+    split by shard writes, byte for byte, and each touches no other shard's files."""
     opt = options or IngestOptions()
     if opt.mode not in ("exact", "range"):
         raise PrometheusError(f"mode {opt.mode!r} is not one of exact, range")
+    if shard is not None and shard.count != paths.shards:
+        raise raw.RawLayoutError(f"{shard} is not a shard of the {paths.shards} shard(s) BILLING_SHARDS sets")
+    if paths.shards == 1:
+        shard = None
     t0 = time.perf_counter()
     req0, sec0 = client.requests, client.request_seconds
     if isinstance(client, PrometheusClient):
         client.log = log
     start_ms, end_ms = raw.day_bounds_ms(day)
-    selectors = plan_selectors(meters, label_values, opt.customers_per_query, opt.extra_matchers)
     if opt.chunk_s <= 0 or opt.remote_read_s <= 0:
         raise PrometheusError(f"chunk_s ({opt.chunk_s}) and remote_read_s ({opt.remote_read_s}) must be positive seconds")
+    keep = None
+    if shard is None:
+        selectors = plan_selectors(meters, label_values, opt.customers_per_query, opt.extra_matchers)
+    else:
+        label_of = raw.customer_labels(paths)
+        selectors, rests = plan_shard_selectors(meters, label_values, opt.customers_per_query, shard, opt.extra_matchers)
+        # the carry-in looks back for series silent on the day: their labels are looked up as far back
+        lo = start_ms - opt.edge_lookback_days * raw.DAY_MS if opt.mode == "exact" else start_ms
+        for rest in rests:
+            selectors += shard_rest_selectors(client, rest, shard, label_of, lo, end_ms, opt.customers_per_query)
+        cache: dict[str, int] = {}
+        keep = lambda sid, metric, labels: series_shard(metric, labels, sid, label_of, shard.count, cache) == shard.index  # noqa: E731
     report = IngestReport(day)
     col = Collector()
     refused = col.refused
@@ -1130,25 +1223,25 @@ def ingest_day(
         else:
             parts = _fetch_range(client, sel, start_ms, end_ms, opt.step_s * 1000, refused)
         for sid, metric, labels, ts, values in parts:
-            if not len(ts) or not col.add(sid, metric, labels, ts, values):
+            if not len(ts) or (keep is not None and not keep(sid, metric, labels)) or not col.add(sid, metric, labels, ts, values):
                 continue
             if sel.unmatched and sid not in unmatched:
                 unmatched[sid] = f"{metric}{{{sel.customer_label}={_label_of(labels, sel.customer_label)!r}}}"
     non_finite = col.non_finite
     # every selector, not only those with series today: a gauge's last sample holds into the day
-    carry_in = fetch_carry_in(client, day, selectors, opt, refused) if opt.mode == "exact" else None
+    carry_in = fetch_carry_in(client, day, selectors, opt, refused, keep) if opt.mode == "exact" else None
     # the carry-in first: the day's samples file is what makes it a raw day
     if carry_in is not None:
         carried = _without_collisions(paths, carry_in.tables(), refused)
-        report.carry_in_series = raw.write_carry_in(paths, day, *carried, SOURCE, opt.edge_lookback_days)
+        report.carry_in_series = raw.write_carry_in(paths, day, *carried, SOURCE, opt.edge_lookback_days, shard)
     else:  # range mode records none; a carry-in of an earlier exact ingest would not match this day
-        for f in raw.carry_in_files(paths, day):
+        for f in raw.carry_in_files(paths, day, shard):
             if f.name == f"part-{SOURCE}.parquet":
                 durable.remove(f)
                 series = raw.series_day_dir(paths, day) / f.relative_to(raw.carry_in_day_dir(paths, day))
                 durable.remove(series.with_name(f"part-{SOURCE}-carry-in.parquet"))
     # no local reference to the samples table: write_day sorts a copy only when it is out of order
-    figures = raw.write_day(paths, day, *_without_collisions(paths, col.tables(), refused), SOURCE)
+    figures = raw.write_day(paths, day, *_without_collisions(paths, col.tables(), refused), SOURCE, shard)
     del col
     report.series = figures["series"]
     report.samples = figures["samples"]
@@ -1164,14 +1257,39 @@ def ingest_day(
     report.warnings = list(client.warnings)
     report.read_api = "query_range" if opt.mode == "range" else "remote_read" if _reads_remotely(client) else "query"
     report.seconds = time.perf_counter() - t0
+    report.shard = None if shard is None else shard.key
     log(
-        f"prometheus {day}: {report.series} series, {report.samples} samples, {report.unmatched_series} unmatched, "
+        f"prometheus {day}{'' if shard is None else f' ({shard})'}: {report.series} series, {report.samples} samples, {report.unmatched_series} unmatched, "
         f"{report.carry_in_series} carried in, {report.requests} requests ({report.read_api}) in {report.query_seconds:.2f}s"
     )
     return report
 
 
-def fetch_carry_in(client: PrometheusClient, day: date, selectors: Sequence[Selector], opt: IngestOptions, refused: dict[str, None] | None = None) -> Collector:
+def combined_report(reports: Sequence[IngestReport]) -> IngestReport:
+    """The report of a day pulled shard by shard: the shards' figures summed, their examples joined."""
+    first = reports[0]
+    out = IngestReport(first.day, read_api=first.read_api, path=str(Path(first.path).parent.parent) if first.path else "")
+    summed = ("series", "samples", "bytes", "non_finite_samples", "unmatched_series", "refused_series", "requests", "query_seconds", "seconds")
+    summed += ("carry_in_series",)
+    for r in reports:
+        for name in summed:
+            setattr(out, name, getattr(out, name) + getattr(r, name))
+        out.unmatched_examples += r.unmatched_examples
+        out.refused_examples += r.refused_examples
+        out.warnings += r.warnings
+    out.unmatched_examples = sorted(out.unmatched_examples)[:10]
+    out.refused_examples = out.refused_examples[:10]
+    return out
+
+
+def fetch_carry_in(
+    client: PrometheusClient,
+    day: date,
+    selectors: Sequence[Selector],
+    opt: IngestOptions,
+    refused: dict[str, None] | None = None,
+    keep: Callable[[int, str, tuple], bool] | None = None,
+) -> Collector:
     """Each series' last finite sample before ``day``, at most ``edge_lookback_days`` earlier (rule 3).
 
     Per selector: the series of the lookback (``/api/v1/series``), then the chunk just before the day
@@ -1180,7 +1298,8 @@ def fetch_carry_in(client: PrometheusClient, day: date, selectors: Sequence[Sele
     chunk that holds samples), and the chunks holding their last samples are read exactly, latest
     first; a chunk whose samples turn out all NaN (or only 1 ms before it, Prometheus 2.x's range
     end) sends its series on to their next chunk. Nothing depends on which days are on disk.
-    Invalid series are skipped, their reasons put in ``refused``.
+    Invalid series are skipped, their reasons put in ``refused``; with ``keep`` (a pull of one shard),
+    only the series ``keep(series_id, metric, sorted labels)`` holds are looked for and kept.
     """
     refused = {} if refused is None else refused
     start_ms, _ = raw.day_bounds_ms(day)
@@ -1193,7 +1312,9 @@ def fetch_carry_in(client: PrometheusClient, day: date, selectors: Sequence[Sele
             labels = dict(s)
             metric = labels.pop("__name__", sel.metric)
             if raw.series_problem(metric, labels) is None:  # an invalid one is refused where its samples come
-                expected.add(raw.series_id(metric, labels))
+                sid = raw.series_id(metric, labels)
+                if keep is None or keep(sid, metric, tuple(sorted(labels.items()))):
+                    expected.add(sid)
         if not expected:
             continue
         found: set[int] = set()
@@ -1201,7 +1322,7 @@ def fetch_carry_in(client: PrometheusClient, day: date, selectors: Sequence[Sele
         def take_last(a: int, b: int, sel: Selector = sel, found: set[int] = found) -> None:
             for sid, metric, labels, ts, values in _fetch_exact(client, sel, a, b, refused):
                 finite = np.isfinite(values)
-                if sid not in found and finite.any():
+                if sid not in found and finite.any() and (keep is None or keep(sid, metric, labels)):
                     i = int(np.argmax(np.where(finite, ts, np.iinfo(np.int64).min)))
                     if col.add(sid, metric, labels, ts[i : i + 1], values[i : i + 1]):
                         found.add(sid)
@@ -1221,8 +1342,9 @@ def fetch_carry_in(client: PrometheusClient, day: date, selectors: Sequence[Sele
             for item in res.result:
                 # count_over_time drops the metric name: the selector's one metric is the series' name
                 labels = dict(item.get("metric") or {})
-                sid = raw.series_id(labels.pop("__name__", sel.metric), labels)
-                if sid not in found:
+                metric = labels.pop("__name__", sel.metric)
+                sid = raw.series_id(metric, labels)
+                if sid not in found and (keep is None or sid in expected):
                     ends.setdefault(sid, []).extend(round(float(t) * 1000) + 1 for t, _ in item.get("values") or [])
         pending = {sid: sorted(set(e), reverse=True) for sid, e in ends.items()}
         while pending:

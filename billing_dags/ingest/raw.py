@@ -32,7 +32,6 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -268,27 +267,18 @@ def raw_days(paths: Paths) -> list[date]:
     return sorted(date.fromisoformat(p.name[5:]) for p in paths.raw_samples.glob("date=*") if sample_files(paths, date.fromisoformat(p.name[5:])))
 
 
-@cache
-def _customer_labels(meters_csv: str, stamp: tuple) -> dict[str, str]:
-    import csv
-
-    out: dict[str, str] = {}
-    with open(meters_csv, newline="") as f:
-        for row in csv.DictReader(f):
-            label = (row.get("customer_label") or "").strip()
-            for metric in (row.get("metrics") or "").split():
-                if label:
-                    out.setdefault(metric, label)  # a metric of two meters: the first row's label
-    return out
-
-
 def customer_labels(paths: Paths) -> dict[str, str]:
-    """metric -> the customer label of the first meter (seeds/meters.csv order) that lists it."""
-    f = paths.seeds_dir / "meters.csv"
-    if not f.exists():
+    """metric -> the customer label of the first meter (seeds/meters.csv order) that lists it; {} without a
+    meters file."""
+    from billing_dags.seeds.catalog import read_seed
+
+    if not (paths.seeds_dir / "meters.csv").exists():
         return {}
-    st = f.stat()
-    return _customer_labels(str(f), (st.st_mtime_ns, st.st_size))
+    out: dict[str, str] = {}
+    for row in read_seed(paths.seeds_dir, "meters").select(["metrics", "customer_label"]).to_pylist():
+        for metric in row["metrics"].split():
+            out.setdefault(metric, row["customer_label"])  # a metric of two meters: the first row's label
+    return out
 
 
 def shards_of_series(paths: Paths, series: pa.Table) -> np.ndarray:
@@ -296,12 +286,21 @@ def shards_of_series(paths: Paths, series: pa.Table) -> np.ndarray:
     return series_shards(series["metric"].to_pylist(), series["labels"].to_pylist(), series["series_id"].to_pylist(), customer_labels(paths), paths.shards)
 
 
-def split_by_shard(paths: Paths, samples: pa.Table, series: pa.Table) -> list[tuple[Shard | None, pa.Table, pa.Table]]:
+def split_by_shard(paths: Paths, samples: pa.Table, series: pa.Table, only: Shard | None = None) -> list[tuple[Shard | None, pa.Table, pa.Table]]:
     """(shard, samples, series) of every shard (one entry with shard None when unsharded); ``series``
-    sorted by series_id holds a row for every sample's series. Row order is kept within each shard."""
+    sorted by series_id holds a row for every sample's series. Row order is kept within each shard.
+    With ``only`` (a writer of one shard, e.g. a Prometheus pull per shard): that shard's entry alone,
+    once every series is checked to be in it (RawLayoutError naming how many are not)."""
+    if only is not None and only.count != paths.shards:
+        raise RawLayoutError(f"{only} is not a shard of the {paths.shards} shard(s) BILLING_SHARDS sets")
     if paths.shards == 1:
         return [(None, samples, series)]
     idx = shards_of_series(paths, series)
+    if only is not None:
+        other = int((idx != only.index).sum())
+        if other:
+            raise RawLayoutError(f"{other} of {len(series)} series written for {only} belong to other shards; write each shard's series to its own shard")
+        return [(only, samples, series)]
     ids = series["series_id"].to_numpy()
     order = np.argsort(ids, kind="stable")
     sample_shard = idx[order[np.searchsorted(ids[order], samples["series_id"].to_numpy())]] if len(samples) else np.zeros(0, dtype=np.int64)
@@ -386,8 +385,9 @@ def _checked_series(series: pa.Table, what: str) -> tuple[pa.Table, list[tuple[s
     return series, defs
 
 
-def write_day(paths: Paths, day: date, samples: pa.Table, series: pa.Table, source: str) -> dict:
-    """Replace one source's raw partition of ``day`` with ``samples`` and ``series``.
+def write_day(paths: Paths, day: date, samples: pa.Table, series: pa.Table, source: str, shard: Shard | None = None) -> dict:
+    """Replace one source's raw partition of ``day`` with ``samples`` and ``series`` (with ``shard``, when
+    sharded: that shard's files only, every series being in it; the other shards' files are not touched).
 
     Samples must lie in the day's window [00:00, 24:00) UTC. They are sorted by (series_id, ts,
     value) and identical rows are written once (``distinct_samples``).
@@ -426,9 +426,9 @@ def write_day(paths: Paths, day: date, samples: pa.Table, series: pa.Table, sour
     # one samples file and one series file per shard (one of each when unsharded), all published under one lock
     staged: list[tuple[Path, Path, Path, pa.Table]] = []  # (temp, sample path, series path, series)
     try:
-        for shard, part_samples, part_series in split_by_shard(paths, samples, series):
-            sample_path = shard_dir(samples_day_dir(paths, day), shard) / f"part-{source}.parquet"
-            series_path = shard_dir(series_day_dir(paths, day), shard) / f"part-{source}.parquet"
+        for part, part_samples, part_series in split_by_shard(paths, samples, series, shard):
+            sample_path = shard_dir(samples_day_dir(paths, day), part) / f"part-{source}.parquet"
+            series_path = shard_dir(series_day_dir(paths, day), part) / f"part-{source}.parquet"
             sample_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = durable.temp_path(sample_path)
             staged.append((tmp, sample_path, series_path, part_series))
@@ -504,9 +504,10 @@ def _write_samples(path: Path, samples: pa.Table) -> None:
             writer.write_table(samples)
 
 
-def write_carry_in(paths: Paths, day: date, samples: pa.Table, series: pa.Table, source: str, lookback_days: int) -> int:
+def write_carry_in(paths: Paths, day: date, samples: pa.Table, series: pa.Table, source: str, lookback_days: int, shard: Shard | None = None) -> int:
     """Replace ``source``'s carry-in of ``day``: one sample per series, each before the day and at most
-    ``lookback_days`` earlier (an empty table records that there is none). Returns the number of series."""
+    ``lookback_days`` earlier (an empty table records that there is none); with ``shard``, that shard's
+    files only, as ``write_day``. Returns the number of series."""
     if not _SOURCE_RE.match(source):
         raise RawLayoutError(f"source name {source!r} must match {_SOURCE_RE.pattern}")
     what = f"carry-in series of {day} from source {source!r}"
@@ -527,10 +528,10 @@ def write_carry_in(paths: Paths, day: date, samples: pa.Table, series: pa.Table,
         found = _collisions(paths, series["series_id"].to_pylist(), defs)
         if found:
             raise SeriesCollision(found, what)
-        for shard, part_samples, part_series in split_by_shard(paths, samples, series):
+        for part, part_samples, part_series in split_by_shard(paths, samples, series, shard):
             for table, dest in (
-                (part_samples, shard_dir(carry_in_day_dir(paths, day), shard) / f"part-{source}.parquet"),
-                (part_series, shard_dir(series_day_dir(paths, day), shard) / f"part-{source}-carry-in.parquet"),
+                (part_samples, shard_dir(carry_in_day_dir(paths, day), part) / f"part-{source}.parquet"),
+                (part_series, shard_dir(series_day_dir(paths, day), part) / f"part-{source}-carry-in.parquet"),
             ):
                 with durable.staged(dest) as tmp:
                     pq.write_table(table, tmp, compression="zstd")

@@ -5,6 +5,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
 
+from billing_dags.core.settings import LANDING_OP_TAGS
 from billing_dags.defs.shared.metadata import raw_metadata
 from billing_dags.defs.shared.partitions import PARTITIONS_START, SINGLE_RUN, billing_daily, partitions_of, record
 from billing_dags.defs.shared.resources import WarehouseResource
@@ -16,6 +17,7 @@ from billing_dags.defs.shared.resources import WarehouseResource
     kinds={"prometheus", "parquet"},
     backfill_policy=SINGLE_RUN,
     metadata={"source": "remote_write", "landing": "data/landing/seg-*.seg"},
+    op_tags=LANDING_OP_TAGS,  # on Celery, a worker of the landing's machine (settings.CELERY_LANDING_QUEUE)
 )
 def remote_write_samples(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
     """Remote-write landing segments of each UTC day merged into its raw partition, deduplicated on (series, ts)."""

@@ -80,6 +80,10 @@ class PrometheusSamples(SampleSource):
     read_api: str = "auto"
     #: seconds of samples per remote-read request (default a day)
     remote_read_s: int = 86_400
+    #: sharded data (BILLING_SHARDS > 1): pull the day shard by shard, each pull selecting its own customers'
+    #: series and writing its own shard's files (the step then holds one shard's samples at a time); False:
+    #: one pull of the day, split by shard as it is written. Both write the same bytes.
+    pull_per_shard: bool = True
 
     def client(self):
         from billing_dags.ingest.prometheus import PrometheusClient, parse_headers
@@ -113,16 +117,23 @@ class PrometheusSamples(SampleSource):
         )
 
     def write_day(self, context: dg.AssetExecutionContext, paths: Paths, day: date) -> dict:
+        from billing_dags.core.shards import all_shards
         from billing_dags.ingest import prometheus as prom
         from billing_dags.ingest.raw import RawLayoutError
         from billing_dags.seeds.catalog import SeedError
 
+        pulls = all_shards(paths.shards) if paths.shards > 1 and self.pull_per_shard else [None]
+        reports = []
         try:
             meters, label_values = prom.meters_and_label_values(paths.seeds_dir)
             with self.client() as client:
-                report = prom.ingest_day(client, paths, day, meters, label_values, self.options(), log=context.log.info)
+                for shard in pulls:
+                    reports.append(prom.ingest_day(client, paths, day, meters, label_values, self.options(), log=context.log.info, shard=shard))
         except (prom.PrometheusError, SeedError, RawLayoutError) as e:
-            raise dg.Failure(description=f"raw_samples {day}: {e}; nothing was written for this day") from None
+            done = f"shards {', '.join(r.shard for r in reports)} before it were written, rerun the day" if reports else "nothing was written for this day"
+            where = f" ({pulls[len(reports)]})" if pulls[0] is not None else ""
+            raise dg.Failure(description=f"raw_samples {day}{where}: {e}; {done}") from None
+        report = reports[0] if len(reports) == 1 else prom.combined_report(reports)
         if report.refused_series:
             context.log.warning(
                 f"{report.refused_series} series of {day} were refused (not written, not billed; fix them at the exporter or "
@@ -139,6 +150,10 @@ class PrometheusSamples(SampleSource):
         meta["unmatched_examples"] = dg.MetadataValue.json(report.unmatched_examples)
         meta["refused_examples"] = dg.MetadataValue.json(report.refused_examples)
         meta["warnings"] = dg.MetadataValue.json(report.warnings)
+        if len(reports) > 1:
+            meta["pulls"] = len(reports)
+            figures = ("series", "samples", "unmatched_series", "carry_in_series", "requests")
+            meta["by_shard"] = dg.MetadataValue.json({r.shard: {**{f: getattr(r, f) for f in figures}, "seconds": round(r.seconds, 3)} for r in reports})
         return meta
 
 

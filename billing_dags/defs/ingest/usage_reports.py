@@ -5,6 +5,7 @@ from datetime import date
 
 import dagster as dg
 
+from billing_dags.core.settings import LANDING_OP_TAGS
 from billing_dags.defs.ingest.compaction import partition_days, pending_days_sensor
 from billing_dags.defs.ingest.sources import ReportSource
 from billing_dags.defs.shared.metadata import materialize_raw_each
@@ -18,6 +19,7 @@ from billing_dags.defs.shared.resources import WarehouseResource
     kinds={"sqlite", "parquet"},
     backfill_policy=SINGLE_RUN,
     metadata={"source": "usage_reports", "layout": "data/raw/events/date=YYYY-MM-DD/part-usage_reports.parquet"},
+    op_tags=LANDING_OP_TAGS,  # on Celery, a worker of the landing's machine (settings.CELERY_LANDING_QUEUE)
 )
 def usage_reports(context: dg.AssetExecutionContext, warehouse: WarehouseResource, report_source: ReportSource) -> dg.MaterializeResult:
     """Usage reports of each UTC day from the report store (data/landing/reports; simulated ones first when simulating) as raw events."""

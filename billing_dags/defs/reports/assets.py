@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from billing_dags.core.settings import launched_settings_tags
 from billing_dags.defs.shared.partitions import SINGLE_RUN, billing_daily, materialize_each
 from billing_dags.defs.shared.resources import WarehouseResource
 from billing_dags.operations.reports import build_daily_summary, write_daily_summary
@@ -45,7 +46,9 @@ def billing_metrics_textfile(warehouse: WarehouseResource) -> dg.MaterializeResu
     return dg.MaterializeResult(metadata={"bytes": len(text), "series": text.count(b"\n") - text.count(b"\n#"), "path": dg.MetadataValue.path(str(dest))})
 
 
-metrics_job = dg.define_asset_job("billing_metrics_job", selection=[billing_metrics_textfile], description="Refresh data/metrics/billing.prom.")
+metrics_job = dg.define_asset_job(
+    "billing_metrics_job", selection=[billing_metrics_textfile], description="Refresh data/metrics/billing.prom.", tags=launched_settings_tags()
+)
 metrics_schedule = dg.ScheduleDefinition(
     name="billing_metrics_schedule",
     job=metrics_job,

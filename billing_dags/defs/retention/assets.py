@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from billing_dags.core.settings import launched_settings_tags
 from billing_dags.defs.shared.resources import WarehouseResource
 from billing_dags.operations import retention
 
@@ -33,7 +34,7 @@ def raw_retention(context: dg.AssetExecutionContext, config: RetentionConfig, wa
     )
 
 
-retention_job = dg.define_asset_job("raw_retention_job", selection=[raw_retention], description="Daily retention of raw data.")
+retention_job = dg.define_asset_job("raw_retention_job", selection=[raw_retention], description="Daily retention of raw data.", tags=launched_settings_tags())
 retention_schedule = dg.ScheduleDefinition(
     name="raw_retention_schedule",
     job=retention_job,

@@ -5,7 +5,7 @@ from datetime import datetime
 
 import dagster as dg
 
-from billing_dags.core.settings import Paths, resolve_paths
+from billing_dags.core.settings import Paths, check_launched_settings, resolve_paths
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -20,6 +20,11 @@ class WarehouseResource(dg.ConfigurableResource):
     data_dir: str | None = None
     seeds_dir: str | None = None
     backfill_parallel: int = 2
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # a step executing where BILLING_SHARDS or BILLING_DATA_URL differ from where its run was launched fails here
+        if context.dagster_run is not None:
+            check_launched_settings(context.dagster_run.tags)
 
     def paths(self) -> Paths:
         return resolve_paths(self.data_dir, self.seeds_dir)

@@ -177,17 +177,20 @@ week_over_week as (
     group by check_day, customer_id, meter_id
 ),
 
--- a robust outlier against the customer's own previous 30 days: |x - median| / (1.4826 x MAD)
+-- a robust outlier against the customer's own previous 30 days: |x - median| / (1.4826 x MAD), per
+-- dimension of a meter (an LLM model, priced on its own line): a day is one row of the dimension, and
+-- a spike of one model is not lost among, nor a quiet model's day measured against, the others
 baseline as (
     select
         check_day,
         customer_id,
         meter_id,
+        dimension,
         median(usage) as median_usage,
         count(*) as baseline_days
     from daily
     where kind = 'counter' and day < check_day and day >= check_day - interval 30 day
-    group by check_day, customer_id, meter_id
+    group by check_day, customer_id, meter_id, dimension
 ),
 
 deviation as (
@@ -195,13 +198,15 @@ deviation as (
         baseline.check_day,
         baseline.customer_id,
         baseline.meter_id,
+        baseline.dimension,
         median(abs(daily.usage - baseline.median_usage)) as mad
     from daily
     inner join baseline
         on daily.check_day = baseline.check_day
         and daily.customer_id = baseline.customer_id and daily.meter_id = baseline.meter_id
-    where daily.day < daily.check_day and daily.day >= daily.check_day - interval 30 day
-    group by baseline.check_day, baseline.customer_id, baseline.meter_id
+        and daily.dimension = baseline.dimension
+    where daily.kind = 'counter' and daily.day < daily.check_day and daily.day >= daily.check_day - interval 30 day
+    group by baseline.check_day, baseline.customer_id, baseline.meter_id, baseline.dimension
 ),
 
 -- seed 001: month-to-date usage against the included allowance of the plan in force that day, today
@@ -508,7 +513,8 @@ candidates as (
         today.meter_id,
         'outlier_mad',
         (abs(today.usage - baseline.median_usage) / (1.4826 * deviation.mad))::decimal(38, 9),
-        'usage ' || fmt_decimal(to_billing_units(today.usage, divisor)) || ' ' || billing_unit || ' vs 30-day median '
+        coalesce(nullif(today.dimension, '') || ': ', '')
+        || 'usage ' || fmt_decimal(to_billing_units(today.usage, divisor)) || ' ' || billing_unit || ' vs 30-day median '
         || fmt_decimal(to_billing_units(baseline.median_usage, divisor)) || ' ' || billing_unit
         || ' (MAD ' || fmt_decimal(to_billing_units(deviation.mad, divisor)) || ' ' || billing_unit || ', '
         || baseline.baseline_days || ' days)',
@@ -516,8 +522,10 @@ candidates as (
     from today
     inner join baseline
         on today.day = baseline.check_day and today.customer_id = baseline.customer_id and today.meter_id = baseline.meter_id
+        and today.dimension = baseline.dimension
     inner join deviation
         on today.day = deviation.check_day and today.customer_id = deviation.customer_id and today.meter_id = deviation.meter_id
+        and today.dimension = deviation.dimension
     inner join meter_units on today.meter_id = meter_units.meter_id
     where today.kind = 'counter' and baseline.baseline_days >= 7 and deviation.mad > 0
     union all
@@ -779,15 +787,15 @@ crossed_yesterday as (
 ),
 
 -- report the highest threshold crossed (80% and 100% of an allowance are two levels); of a meter's
--- dimensions (a rule on the day's rows has one candidate per dimension) the first, whatever order
--- the rows arrive in
+-- dimensions (a rule on the day's rows has one candidate per dimension) the one with the highest
+-- value (the furthest outlier), the first of equals, whatever order the rows arrive in
 crossed as (
     select * exclude (is_today)
     from levels
     where is_today
     qualify row_number() over (
             partition by check_day, customer_id, meter_id, rule
-            order by threshold desc, dimension asc
+            order by threshold desc, value desc, dimension asc
         ) = 1
 ),
 
