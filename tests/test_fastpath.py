@@ -83,6 +83,41 @@ def test_gauge_peaks_of_simulated_days_equal_the_sql(paths):
     for threads in (1, 2):
         fast = fastpath.gauge_peaks_by_day(paths, model, WINDOW, threads=threads).sort_by(key)
         assert_same(sql, fast)
+    # a day cut into time slices (spilled, then swept slice by slice): 7 uneven ones, and one a minute,
+    # whose cuts fall on the samples' own minutes
+    for threads, slices in ((1, 7), (2, 1440)):
+        assert_same(sql, fastpath.gauge_peaks(paths, model, WINDOW, threads=threads, slices=slices).sort_by(key))
+
+
+def test_gauge_peaks_hold_at_most_their_memory_budget_of_samples(paths, monkeypatch):
+    """A day whose gauge samples exceed GAUGE_MEMORY_BYTES is swept in time slices, spilled in one pass:
+    the samples held at once (Python-allocated arrays, as tracemalloc counts them) shrink with the budget,
+    and the result is the same, to the unit."""
+    import tracemalloc
+
+    from billing_dags.defs.seeds.assets import write_seed_snapshots
+
+    write_seed_snapshots(paths)
+    monkeypatch.setattr(raw, "ROW_GROUP_TARGET", 5_000)  # many row groups, as a big day has
+    simulate.write_simulated_day(paths, DAY, read_seed(paths.seeds_dir, "customers"), interval_s=15)
+    run_model(paths, "int_series_edges_by_day", WINDOW)
+    model = load_project().models["int_gauge_peaks_by_day"]
+
+    def peak_bytes() -> tuple[pa.Table, int]:
+        fastpath.gauge_peaks(paths, model, WINDOW, threads=1)  # warm: the first run's one-off allocations
+        tracemalloc.start()
+        try:
+            out = fastpath.gauge_peaks(paths, model, WINDOW, threads=1)
+            return out, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    whole, whole_peak = peak_bytes()
+    budget = whole_peak // 8
+    monkeypatch.setattr(fastpath, "GAUGE_MEMORY_BYTES", budget)
+    sliced, sliced_peak = peak_bytes()
+    assert sliced.equals(whole) and whole.num_rows >= 5
+    assert sliced_peak < whole_peak / 3, (sliced_peak, whole_peak)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

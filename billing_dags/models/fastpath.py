@@ -45,13 +45,21 @@ two arrays sized from its series ids (12 bytes a sample: ms after the day's star
 value), then packed; compiled code turns them into level changes per customer,
 meter and dimension (one per sample, plus one where a level goes stale), orders them by time (a
 counting sort) and sums them exactly in int64 at the group's largest decimal scale (values no
-scale fits, or sums that could pass 2**62, run the SQL instead).
+scale fits, or sums that could pass 2**62, run the SQL instead). When those arrays and the level
+changes of the groups swept at once would pass ``GAUGE_MEMORY_BYTES`` (256 MB: about 3,000 gauge
+series a day at 15 s), the day is cut into time slices: the one pass over the raw rows appends each unit's samples
+of every slice to that slice's file in a temporary directory (with each series' samples at its last
+ts before the slice, the level holding at its start), then the slices are read back and swept one at
+a time; a group's peak is the largest of its slices' peaks (the sum at an instant is the same in any
+slice holding it) and its held time their sum, so the result is the same, to the unit.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
@@ -983,6 +991,11 @@ PEAKS_SCHEMA = pa.schema(
     ]
 )
 _BOUND = 2.0**62  # the sum of a group's levels at one scale must stay below this (int64 sums)
+#: the gauge samples (12 bytes each) and level changes held at once; a day that needs more is swept in time
+#: slices, its samples spilled to files in TMPDIR in the one pass over the raw rows (BILLING_GAUGE_MEMORY_MB)
+GAUGE_MEMORY_BYTES = int(os.environ.get("BILLING_GAUGE_MEMORY_MB", "256")) << 20
+GAUGE_SWEEP_BYTES = 48  # per sample of a group being swept: two level changes (time, change, held) and their order
+GAUGE_MAX_SLICES = 1440
 
 
 @njit(nogil=True, cache=True, error_model="numpy", inline="always")
@@ -1001,8 +1014,9 @@ def _series_run(sid, r, gsid):
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _gauge_count(sid, gsid):
-    """Rows of ``sid`` (a row group's series ids) that belong to the gauge series ``gsid`` (sorted)."""
+def _gauge_count(sid, gsid, count):
+    """Rows of ``sid`` (a row group's series ids) that belong to the gauge series ``gsid`` (sorted),
+    also added per series to ``count``."""
     n = len(sid)
     m = 0
     r = 0
@@ -1010,35 +1024,82 @@ def _gauge_count(sid, gsid):
         r1, g = _series_run(sid, r, gsid)
         if g >= 0:
             m += r1 - r
+            count[g] += r1 - r
         r = r1
     return m
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _gauge_take(sid, ts, v, gsid, start_ms, end_ms, out_t, out_v, m, count, first, last):
+def _gauge_take(sid, ts, v, gsid, start_ms, end_ms, out_t, out_v, m, count, state):
     """Append the rows of the gauge series ``gsid`` (sorted) inside [start_ms, end_ms) with a finite
     value to out_t (ms after start_ms, int32) and out_v from position m, counting them per series
-    in ``count``. ``first``, ``last``: the indices in gsid of the first and the previous gauge series
-    seen (-1: none); returns (new m, first, last, status): status 1 when a gauge series comes after a
-    later one (rows not sorted by series)."""
+    in ``count``. ``state``: the indices in gsid of the first and the last gauge series seen (-1:
+    none) and the last row's ts taken; returns (new m, status): status 1 when a gauge series comes
+    after a later one (rows not sorted by series), 2 when the timestamps of series state[1] go back."""
     n = len(sid)
     r = 0
     while r < n:
         r1, g = _series_run(sid, r, gsid)
         if g >= 0:
-            if g < last:
-                return m, first, last, 1
-            if first < 0:
-                first = g
-            last = g
+            if g < state[1]:
+                return m, 1
+            if g > state[1]:
+                state[2] = _KMIN
+            if state[0] < 0:
+                state[0] = g
+            state[1] = g
             for j in range(r, r1):
                 if ts[j] >= start_ms and ts[j] < end_ms and np.isfinite(v[j]):
+                    if ts[j] < state[2]:
+                        return m, 2
+                    state[2] = ts[j]
                     out_t[m] = ts[j] - start_ms
                     out_v[m] = v[j]
                     m += 1
                     count[g] += 1
         r = r1
-    return m, first, last, 0
+    return m, 0
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _slice_counts(t, count, g0, g1, cuts, out_count):
+    """For the samples t of the gauge series g0..g1 (in series order, count[g] rows each, t sorted
+    within a series): each series' rows in each time slice [cuts[p], cuts[p + 1]) after its rows
+    at its last ts before the slice (the level holding at its start), into out_count[p, g]; returns
+    the first of those rows per (slice, series) in ``first`` and the total."""
+    nslices = len(cuts) - 1
+    first = np.empty((nslices, g1 - g0 + 1), dtype=np.int64)
+    total = 0
+    r0 = 0
+    for g in range(g0, g1 + 1):
+        r1 = r0 + count[g]
+        a = r0
+        for p in range(nslices):
+            q = a
+            while q > r0 and t[q - 1] == t[a - 1]:
+                q -= 1
+            b = a
+            while b < r1 and t[b] < cuts[p + 1]:
+                b += 1
+            first[p, g - g0] = q
+            out_count[p, g] = b - q
+            total += b - q
+            a = b
+        r0 = r1
+    return first, total
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _slice_copy(t, v, first, out_count, g0, out_t, out_v, offsets):
+    """The rows counted by ``_slice_counts`` into out_t, out_v: slice p's rows from offsets[p], in series order."""
+    for p in range(first.shape[0]):
+        m = offsets[p]
+        for i in range(first.shape[1]):
+            q = first[p, i]
+            for j in range(q, q + out_count[p, g0 + i]):
+                out_t[m] = t[j]
+                out_v[m] = v[j]
+                m += 1
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
@@ -1098,18 +1159,21 @@ def _gauge_sweep(
     ev_until,
     ev_k,
     ev_scale,
-    start_ms,
-    end_ms,
+    base_ms,
+    lo_ms,
+    hi_ms,
     stale_ms,
     peak_k,
     peak_scale,
     held_ms,
 ):
     """For each group (its series group_series[group0[g]:group0[g + 1]], samples in
-    rows sample0[s]:sample0[s + 1], and its event spans ev_*[ev_group0[g]:ev_group0[g + 1]]): the
-    peak over time of the sum of the levels held (samples at ts ms after start_ms), exactly (int64 at the group's largest decimal
-    scale), and the time some level holds. Returns (status, series or group): 0 done; 1 timestamps
-    of a series go back; 2 a value no decimal scale fits; 3 the group's sums could overflow."""
+    rows sample0[s]:sample0[s + 1], and its event spans ev_*[ev_group0[g]:ev_group0[g + 1]]), over
+    the time [lo_ms, hi_ms) (the day, or a slice of it whose samples include each series' last one
+    before lo_ms): the peak over time of the sum of the levels held (samples at ts ms after base_ms),
+    exactly (int64 at the group's largest decimal scale), and the time some level holds (0: none,
+    the peak is then meaningless). Returns (status, series or group): 0 done; 1 timestamps of a
+    series go back; 2 a value no decimal scale fits; 3 the group's sums could overflow."""
     ngroups = len(group0) - 1
     for g in range(ngroups):
         # the group's decimal scale and a bound on its sums (at most one level per series at a time)
@@ -1149,27 +1213,27 @@ def _gauge_sweep(
         nev = 2 * (npoints + ev_group0[g + 1] - ev_group0[g])
         at = np.empty(nev, dtype=np.int64)
         dk = np.empty(nev, dtype=np.int64)
-        dh = np.empty(nev, dtype=np.int64)
+        dh = np.empty(nev, dtype=np.int8)
         m = 0
         for q in range(group0[g], group0[g + 1]):
             s = group_series[q]
             j0, j1 = sample0[s], sample0[s + 1]
             j = j0 - 1 if has_carried[s] else j0  # j0 - 1 stands for the carried sample
             k_held = np.int64(0)  # the series' level holding at ``until_held``
-            until_held = start_ms
+            until_held = lo_ms
             holding = False
             while j < j1:
                 if j < j0:
                     t, x = carried_ts[s], carried_v[s]
                     nxt = j0
                 else:
-                    t, x = start_ms + ts[j], v[j]
+                    t, x = base_ms + ts[j], v[j]
                     nxt = j + 1
-                    while nxt < j1 and start_ms + ts[nxt] == t:  # duplicates of a ts: the larger value
+                    while nxt < j1 and base_ms + ts[nxt] == t:  # duplicates of a ts: the larger value
                         x = max(x, v[nxt])
                         nxt += 1
-                until = min(start_ms + ts[nxt] if nxt < j1 else end_ms, t + stale_ms, end_ms)
-                frm = max(t, start_ms)
+                until = min(base_ms + ts[nxt] if nxt < j1 else hi_ms, t + stale_ms, hi_ms)
+                frm = max(t, lo_ms)
                 if until > frm:
                     k, i = _exact(x)
                     k *= _pow1000(scale - i)
@@ -1183,17 +1247,21 @@ def _gauge_sweep(
                     m += 1
                     k_held, until_held, holding = k, until, True
                 j = nxt
-            if holding and until_held < end_ms:
+            if holding and until_held < hi_ms:
                 at[m], dk[m], dh[m] = until_held, -k_held, -1
                 m += 1
         for e in range(ev_group0[g], ev_group0[g + 1]):
+            frm = max(ev_from[e], lo_ms)
+            until = min(ev_until[e], hi_ms)
+            if until <= frm:
+                continue
             k = ev_k[e] * _pow1000(scale - ev_scale[e])
-            at[m], dk[m], dh[m] = ev_from[e], k, 1
+            at[m], dk[m], dh[m] = frm, k, 1
             m += 1
-            if ev_until[e] < end_ms:
-                at[m], dk[m], dh[m] = ev_until[e], -k, -1
+            if until < hi_ms:
+                at[m], dk[m], dh[m] = until, -k, -1
                 m += 1
-        order = _time_order(at[:m], start_ms, end_ms)
+        order = _time_order(at[:m], lo_ms, hi_ms)
         level = np.int64(0)
         held = np.int64(0)
         have = False
@@ -1209,7 +1277,7 @@ def _gauge_sweep(
                 if not have or level > best:
                     best = level
                     have = True
-                covered += (at[order[r + 1]] if r + 1 < m else end_ms) - at[i]
+                covered += (at[order[r + 1]] if r + 1 < m else hi_ms) - at[i]
         peak_k[g] = best
         peak_scale[g] = scale
         held_ms[g] = covered
@@ -1242,11 +1310,14 @@ def _decimal_scaled(values) -> tuple[np.ndarray, np.ndarray]:
     return ks, scales
 
 
-def _gauge_rows_of(unit: _Unit, gsid: np.ndarray) -> int:
-    """An upper bound on the unit's rows of the gauge series ``gsid``: its rows of those series (series ids only)."""
+def _gauge_rows_of(unit: _Unit, gsid: np.ndarray, count: np.ndarray) -> int:
+    """An upper bound on the unit's rows of the gauge series ``gsid``: its rows of those series (series ids only),
+    also added per series to ``count``."""
     return sum(
         _gauge_count(
-            np.ascontiguousarray(pq.ParquetFile(f).read_row_group(g, columns=["series_id"], use_threads=False).column(0).to_numpy(), dtype=np.int64), gsid
+            np.ascontiguousarray(pq.ParquetFile(f).read_row_group(g, columns=["series_id"], use_threads=False).column(0).to_numpy(), dtype=np.int64),
+            gsid,
+            count,
         )
         for f, g in unit.parts
     )
@@ -1255,12 +1326,73 @@ def _gauge_rows_of(unit: _Unit, gsid: np.ndarray) -> int:
 def _gauge_gather(unit: _Unit, gsid: np.ndarray, start_ms: int, end_ms: int, out_t: np.ndarray, out_v: np.ndarray, count: np.ndarray) -> tuple[int, int, int]:
     """The unit's samples of the gauge series into out_t, out_v (its own slice of the day's arrays),
     counted per series in ``count``: (rows written, first and last gauge series index, -1 if none)."""
-    m, first, last = 0, -1, -1
+    m, state = 0, np.array([-1, -1, _KMIN], dtype=np.int64)
     for sid, ts, v in _batches(unit, start_ms, end_ms):
-        m, first, last, status = _gauge_take(sid, ts, v, gsid, start_ms, end_ms, out_t, out_v, m, count, first, last)
-        if status:
+        m, status = _gauge_take(sid, ts, v, gsid, start_ms, end_ms, out_t, out_v, m, count, state)
+        if status == 1:
             raise raw.RawLayoutError(f"{_where(unit)}: series are not sorted by series_id; rewrite the day with raw.write_day")
-    return m, first, last
+        if status == 2:
+            raise raw.RawLayoutError(f"{_where(unit)}: timestamps of series {int(gsid[state[1]])} go back in time; rewrite the day with raw.write_day")
+    return m, int(state[0]), int(state[1])
+
+
+def _slice_count(rows: int, group_rows: np.ndarray, threads: int) -> int:
+    """Time slices of the day so that one slice's gauge samples (12 bytes each) and the level changes
+    of the groups swept at once (GAUGE_SWEEP_BYTES per sample) fit GAUGE_MEMORY_BYTES."""
+    largest = np.sort(group_rows)[::-1][:threads].sum() if len(group_rows) else 0
+    need = 12 * rows + GAUGE_SWEEP_BYTES * int(largest)
+    return int(min(GAUGE_MAX_SLICES, max(1, -(-need // max(1, GAUGE_MEMORY_BYTES)))))
+
+
+class _Spill:
+    """The day's gauge samples cut into time slices, in files of a temporary directory (TMPDIR): each
+    unit appends its rows of every slice (``put``), then each slice is read back whole (``read``), in
+    series order, with its rows per series in ``count[p]``."""
+
+    def __init__(self, cuts: list[int], n: int):
+        self.cuts = np.array(cuts, dtype=np.int64)
+        self.dir = tempfile.TemporaryDirectory(prefix="billing-gauge-")
+        self.files = [open(Path(self.dir.name) / f"slice-{p}", "w+b") for p in range(len(cuts) - 1)]  # noqa: SIM115 - closed in close()
+        self.chunks: list[list[tuple[int, int, int]]] = [[] for _ in self.files]  # per slice: (unit, offset, rows)
+        self.count = np.zeros((len(self.files), n), dtype=np.int64)
+        self.first_t = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)  # each series' first ts (ms after the day's start)
+        self.lock = threading.Lock()
+
+    def put(self, unit: int, t: np.ndarray, v: np.ndarray, first: int, last: int, count: np.ndarray) -> None:
+        c = count[first : last + 1]
+        live = c > 0
+        self.first_t[first : last + 1][live] = t[(np.cumsum(c) - c)[live]]
+        starts, total = _slice_counts(t, count, first, last, self.cuts, self.count)
+        sizes = self.count[:, first : last + 1].sum(axis=1)
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        out_t, out_v = np.empty(total, dtype=t.dtype), np.empty(total, dtype=v.dtype)
+        _slice_copy(t, v, starts, self.count, first, out_t, out_v, offsets)
+        with self.lock:
+            for p, f in enumerate(self.files):
+                a, b = int(offsets[p]), int(offsets[p + 1])
+                if b > a:
+                    offset = f.seek(0, os.SEEK_END)
+                    f.write(memoryview(out_t[a:b]))
+                    f.write(memoryview(out_v[a:b]))
+                    self.chunks[p].append((unit, offset, b - a))
+
+    def read(self, p: int) -> tuple[np.ndarray, np.ndarray]:
+        chunks = sorted(self.chunks[p])  # units in series order
+        rows = sum(m for _, _, m in chunks)
+        t, v = np.empty(rows, dtype=np.int32), np.empty(rows, dtype=np.float64)
+        pos, f = 0, self.files[p]
+        for _, offset, m in chunks:
+            f.seek(offset)
+            for a in (t[pos : pos + m], v[pos : pos + m]):
+                if f.readinto(memoryview(a).cast("B")) != a.nbytes:
+                    raise OSError(f"{f.name}: short read")
+            pos += m
+        return t, v
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+        self.dir.cleanup()
 
 
 #: the series with their carried sample, then the event spans, in one query (shared CTEs computed once)
@@ -1273,11 +1405,44 @@ _GAUGE_INPUTS = (
 )
 
 
-def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None, con=None) -> pa.Table:
+def _sweep_slice(
+    ts, v, rows, has_carried, carried_ts, carried_v, group_series, group0, ev_group0, ev_from, ev_until, ev_k, ev_scale, base_ms, lo_ms, hi_ms, threads, gsid
+):  # fmt: skip
+    """The compiled sweep of every group over [lo_ms, hi_ms), the series' samples ts, v in series order
+    (``rows`` each): (peak K, its scale index, held ms) per group, the groups in ``threads`` parts of
+    about as many samples each (the compiled code releases the GIL)."""
+    ngroups = len(group0) - 1
+    sample0 = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+    peak_k, peak_scale, held = np.zeros(ngroups, np.int64), np.zeros(ngroups, np.int64), np.zeros(ngroups, np.int64)
+
+    def sweep(a: int, b: int) -> tuple[int, int]:  # groups [a, b), on their own rows of the outputs
+        return _gauge_sweep(
+            ts, v, sample0, carried_ts, carried_v, has_carried, group_series, group0[a : b + 1], ev_group0[a : b + 1],
+            ev_from, ev_until, ev_k, ev_scale, base_ms, lo_ms, hi_ms, STALENESS_MS, peak_k[a:b], peak_scale[a:b], held[a:b],
+        )  # fmt: skip
+
+    work = np.cumsum(np.diff(sample0)[group_series])[np.maximum(group0[1:] - 1, 0)] if len(rows) else np.zeros(ngroups)
+    cuts = [0, *np.searchsorted(work, [work[-1] * i / threads for i in range(1, threads)]).tolist(), ngroups] if ngroups else [0, 0]
+    slices = [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
+    if len(slices) <= 1:
+        results = [(*sweep(a, b), a) for a, b in slices]
+    else:
+        with ThreadPoolExecutor(len(slices)) as pool:
+            results = [(*f.result(), a) for f, (a, b) in zip([pool.submit(sweep, a, b) for a, b in slices], slices)]
+    status, which = next(((st, w + (a if st == 3 else 0)) for st, w, a in results if st), (0, 0))
+    if status == 1:
+        raise raw.RawLayoutError(f"raw samples: timestamps of series {int(gsid[which])} go back in time; rewrite the day with raw.write_day")
+    if status in (2, 3):
+        raise FallbackToSQL("a gauge value no decimal scale fits, or sums beyond int64")
+    return peak_k, peak_scale, held
+
+
+def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None, con=None, slices: int | None = None) -> pa.Table:
     """int_gauge_peaks_by_day for ``window`` (one day): the series, carried samples and event spans
     come from the model's own CTEs (DuckDB, small), the day's gauge samples from the raw files.
     ``con``: a session where everything the model reads for the window is already created
-    (``sqlmodels.run_model_days``), else one is opened and prepared for the window."""
+    (``sqlmodels.run_model_days``), else one is opened and prepared for the window. ``slices``: cut
+    the day into that many time slices (default: as GAUGE_MEMORY_BYTES needs, usually 1)."""
     from billing_dags.models.sqlmodels import load_project, prepare, session
 
     start_ms, end_ms = window.start_ms, window.end_ms
@@ -1312,87 +1477,99 @@ def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None, con=
     ev_from = np.array([e[1] for e in ev], dtype=np.int64)
     ev_until = np.array([e[2] for e in ev], dtype=np.int64)
 
+    ngroups = len(groups)
+    group_series = np.argsort(sgroup, kind="stable").astype(np.int64)
+    group0 = np.searchsorted(sgroup[group_series], np.arange(ngroups + 1)).astype(np.int64)
+    ev_group0 = np.searchsorted(ev_group, np.arange(ngroups + 1)).astype(np.int64)
+
     # the day's samples of these series, in series order (units are disjoint series ranges, in order)
     units = _plan([Path(f) for f in raw.sample_files(paths, window.start, window.shard)], start_ms, end_ms) if n else []
     # row groups whose series range holds no gauge series are not read
     units = [u for u in units if u.lo is None or np.searchsorted(gsid, u.lo) < np.searchsorted(gsid, u.hi, side="right")]
     threads = threads or min(2, os.cpu_count() or 1)
     pool = ThreadPoolExecutor(threads) if threads > 1 and len(units) > 1 else None
+    count = np.zeros(n, dtype=np.int64)
+    spill = None
     try:
         each = pool.map if pool else map
-        # each unit gets its slice of the day's arrays (sized by its rows of gauge series), then the slices are packed
-        bounds = np.fromiter(each(lambda u: _gauge_rows_of(u, gsid), units), dtype=np.int64, count=len(units))
-        offsets = np.concatenate([[0], np.cumsum(bounds)])
-        ts = np.empty(int(offsets[-1]), dtype=np.int32)  # ms after start_ms (the window is under 2**30 ms)
-        v = np.empty(len(ts), dtype=np.float64)
-        count = np.zeros(n, dtype=np.int64)
-        got = list(
-            each(
-                lambda i: _gauge_gather(units[i], gsid, start_ms, end_ms, ts[offsets[i] : offsets[i + 1]], v[offsets[i] : offsets[i + 1]], count),
-                range(len(units)),
+        # the units' rows of each gauge series (an upper bound: series ids only) tell how many time slices the day needs
+        bounds = np.fromiter(each(lambda u: _gauge_rows_of(u, gsid, count), units), dtype=np.int64, count=len(units))
+        nslices = slices or _slice_count(int(bounds.sum()), np.bincount(sgroup, weights=count, minlength=ngroups), threads)
+        count[:] = 0
+        cuts = [(end_ms - start_ms) * p // nslices for p in range(nslices + 1)]  # ms after start_ms
+        if nslices == 1:
+            # each unit gets its slice of the day's arrays (sized by its rows of gauge series), then the slices are packed
+            offsets = np.concatenate([[0], np.cumsum(bounds)])
+            ts = np.empty(int(offsets[-1]), dtype=np.int32)  # ms after start_ms (the window is under 2**30 ms)
+            v = np.empty(len(ts), dtype=np.float64)
+            got = list(
+                each(
+                    lambda i: _gauge_gather(units[i], gsid, start_ms, end_ms, ts[offsets[i] : offsets[i + 1]], v[offsets[i] : offsets[i + 1]], count),
+                    range(len(units)),
+                )
             )
-        )
+        else:
+            # one pass over the raw rows: each unit's samples go to the slices' files, then the slices are swept one by one
+            spill = _Spill(cuts, n)
+
+            def gather_spill(i: int) -> tuple[int, int, int]:
+                t, x = np.empty(int(bounds[i]), dtype=np.int32), np.empty(int(bounds[i]), dtype=np.float64)
+                m, first, last = _gauge_gather(units[i], gsid, start_ms, end_ms, t, x, count)
+                if first >= 0:
+                    spill.put(i, t[:m], x[:m], first, last, count)
+                return m, first, last
+
+            got = list(each(gather_spill, range(len(units))))
+    except BaseException:
+        if spill is not None:
+            spill.close()
+        raise
     finally:
         if pool:
             pool.shutdown()
-    pos, prev = 0, -1
-    for i, (m, first, last) in enumerate(got):
+    prev = -1
+    for _, first, last in got:
         if first < 0:
             continue
         if first <= prev:
+            if spill is not None:
+                spill.close()
             raise raw.RawLayoutError(f"raw samples of {window.start}: series are not sorted within and across row groups; rewrite the day with raw.write_day")
         prev = last
-        if pos != offsets[i]:
-            ts[pos : pos + m], v[pos : pos + m] = ts[offsets[i] : offsets[i] + m], v[offsets[i] : offsets[i] + m]
-        pos += m
-    ts, v = ts[:pos], v[:pos]
-    sample0 = np.concatenate([[0], np.cumsum(count)]).astype(np.int64)
-    ngroups = len(groups)
-    group_series = np.argsort(sgroup, kind="stable").astype(np.int64)
-    group0 = np.searchsorted(sgroup[group_series], np.arange(ngroups + 1)).astype(np.int64)
-    ev_group0 = np.searchsorted(ev_group, np.arange(ngroups + 1)).astype(np.int64)
-    peak_k, peak_scale, held = np.zeros(ngroups, np.int64), np.zeros(ngroups, np.int64), np.zeros(ngroups, np.int64)
-
-    def sweep(a: int, b: int) -> tuple[int, int]:  # groups [a, b), on their own rows of the outputs
-        return _gauge_sweep(
-            ts,
-            v,
-            sample0,
-            carried_ts,
-            carried_v,
-            has_carried,
-            group_series,
-            group0[a : b + 1],
-            ev_group0[a : b + 1],
-            ev_from,
-            ev_until,
-            ev_k,
-            ev_scale,
-            start_ms,
-            end_ms,
-            STALENESS_MS,
-            peak_k[a:b],
-            peak_scale[a:b],
-            held[a:b],
-        )
-
-    # the groups in ``threads`` slices of about as many samples each (the compiled code releases the GIL)
-    work = np.cumsum(np.diff(sample0)[group_series])[np.maximum(group0[1:] - 1, 0)] if n else np.zeros(ngroups)
-    cuts = [0, *np.searchsorted(work, [work[-1] * i / threads for i in range(1, threads)]).tolist(), ngroups] if ngroups else [0, 0]
-    slices = [(a, b) for a, b in itertools.pairwise(cuts) if b > a]
-    if len(slices) <= 1:
-        results = [(*sweep(a, b), a) for a, b in slices]
-    else:
-        with ThreadPoolExecutor(len(slices)) as pool:
-            results = [(*f.result(), a) for f, (a, b) in zip([pool.submit(sweep, a, b) for a, b in slices], slices)]
-    status, which = next(((st, w + (a if st == 3 else 0)) for st, w, a in results if st), (0, 0))
-    if status == 1:
-        raise raw.RawLayoutError(f"raw samples of {window.start}: timestamps of series {int(gsid[which])} go back in time; rewrite the day with raw.write_day")
-    if status in (2, 3):
-        raise FallbackToSQL("a gauge value no decimal scale fits, or sums beyond int64")
+    if spill is None:
+        pos = 0
+        for i, (m, first, _) in enumerate(got):
+            if first < 0:
+                continue
+            if pos != offsets[i]:
+                ts[pos : pos + m], v[pos : pos + m] = ts[offsets[i] : offsets[i] + m], v[offsets[i] : offsets[i] + m]
+            pos += m
+        ts, v = ts[:pos], v[:pos]
+    peak = np.zeros(ngroups, dtype=object)  # 10**-9 units
+    held = np.zeros(ngroups, np.int64)
+    try:
+        for p in range(nslices):
+            if spill is not None:
+                ts, v = spill.read(p)
+                rows, carried = spill.count[p], has_carried & (spill.first_t >= cuts[p])
+            else:
+                rows, carried = count, has_carried
+            k, scale, covered = _sweep_slice(
+                ts, v, rows, carried, carried_ts, carried_v, group_series, group0, ev_group0, ev_from, ev_until, ev_k, ev_scale,
+                start_ms, start_ms + cuts[p], start_ms + cuts[p + 1], threads, gsid,
+            )  # fmt: skip
+            live = covered > 0
+            nano = k.astype(object) * _NANO[scale]
+            better = live & ((held == 0) | (nano > peak).astype(bool))
+            peak[better] = nano[better]
+            held += covered
+            ts = v = None
+    finally:
+        if spill is not None:
+            spill.close()
     keys = list(groups)
     live = np.flatnonzero(held > 0)
-    nano = peak_k[live].astype(object) * _NANO[peak_scale[live]]
+    nano = peak[live]
     return pa.table(
         [
             pa.array(np.full(len(live), (window.start - date(1970, 1, 1)).days, dtype=np.int32), pa.int32()).cast(pa.date32()),
