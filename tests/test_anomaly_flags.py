@@ -6,6 +6,7 @@ from datetime import date, timedelta
 from decimal import Decimal
 
 import pyarrow as pa
+import pytest
 from sql_helpers import Runner, day_window, ms
 from test_pricing_models import DAY_SCHEMA, day_row
 
@@ -258,6 +259,7 @@ def _span(first: date, last: date) -> list[date]:
     return [first + timedelta(days=i) for i in range((last - first).days + 1)]
 
 
+@pytest.mark.acceptance
 def test_allowance_flag_is_raised_once_per_crossing_and_level_again_each_month():
     # mp-003 (proxy_hybrid v2: 12 GiB included): 1 GiB a day in October and November. 80% (9.6 GiB)
     # is crossed on the 10th, 100% on the 12th; every other day already over a level raises nothing

@@ -248,6 +248,7 @@ def test_counter_days_match_reference_exact_range(runner, case):
     check_counters(runner, COUNTERS, n_days, series)
 
 
+@pytest.mark.acceptance
 @settings(max_examples=25, phases=NO_SHRINK, **PROPERTY)
 @given(scenario(COUNTERS, COUNTER_FULL, gauge=False))
 def test_counter_days_match_reference_full_range(runner, case):
@@ -262,6 +263,7 @@ def test_gauge_days_match_reference_exact_range(runner, case):
     check_gauges(runner, GAUGES, n_days, series)
 
 
+@pytest.mark.acceptance
 @settings(max_examples=20, phases=NO_SHRINK, **PROPERTY)
 @given(scenario(GAUGES, GAUGE_FULL, gauge=True))
 def test_gauge_days_match_reference_full_range(runner, case):

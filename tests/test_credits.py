@@ -235,6 +235,7 @@ GRANT_ROWS = st.lists(
 RUNS = st.lists(st.tuples(st.integers(min_value=0, max_value=3), st.integers(min_value=0, max_value=2500), st.booleans()), min_size=1, max_size=7)
 
 
+@pytest.mark.acceptance
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=GRANT_ROWS, runs=RUNS)
 def test_draws_never_exceed_a_grant_in_any_order_of_finalizing_and_recomputing(tmp_path_factory, rows, runs):

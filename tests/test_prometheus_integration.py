@@ -507,7 +507,7 @@ def _ingest_files(url: str, root: Path, seeds: Path, days, read_api: str, chunks
 READ_DAYS = [date(2025, 2, 28), *DAYS, date(2025, 3, 4)]  # 03-04: only the samples exactly at its midnight
 
 
-@pytest.mark.parametrize("chunks", [True, False], ids=["xor-chunks", "samples"])
+@pytest.mark.parametrize("chunks", [pytest.param(True, marks=pytest.mark.acceptance), False], ids=["xor-chunks", "samples"])
 def test_remote_read_writes_the_raw_partitions_of_the_query_api_byte_for_byte(server, tmp_path, seeds, chunks):
     """Resets, the 5-hour gap, a NaN, samples exactly at midnight, 6-hour chunk bounds on samples: same bytes."""
     p, series = server
@@ -587,6 +587,7 @@ def test_the_raw_samples_asset_pulls_a_sharded_day_shard_by_shard(server, tmp_pa
     assert len(files[True]) == 4 * SHARDS and files[True] == files[False]
 
 
+@pytest.mark.acceptance
 def test_remote_read_drops_stale_markers_as_range_selectors_do(tmp_path, seeds):
     """Stale markers (written over remote write, as scrapes make them) are not samples on either path;
     an ordinary NaN is, with the same bits."""

@@ -1351,8 +1351,8 @@ class _Spill:
 
     def __init__(self, cuts: list[int], n: int):
         self.cuts = np.array(cuts, dtype=np.int64)
-        self.dir = tempfile.TemporaryDirectory(prefix="billing-gauge-")
-        self.files = [open(Path(self.dir.name) / f"slice-{p}", "w+b") for p in range(len(cuts) - 1)]  # noqa: SIM115 - closed in close()
+        # scratch files without a name (nothing is published; they vanish when closed or when the process dies)
+        self.files = [tempfile.TemporaryFile(prefix="billing-gauge-") for _ in range(len(cuts) - 1)]  # noqa: SIM115 - closed in close()
         self.chunks: list[list[tuple[int, int, int]]] = [[] for _ in self.files]  # per slice: (unit, offset, rows)
         self.count = np.zeros((len(self.files), n), dtype=np.int64)
         self.first_t = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)  # each series' first ts (ms after the day's start)
@@ -1392,7 +1392,6 @@ class _Spill:
     def close(self) -> None:
         for f in self.files:
             f.close()
-        self.dir.cleanup()
 
 
 #: the series with their carried sample, then the event spans, in one query (shared CTEs computed once)
