@@ -485,7 +485,7 @@ def day_partition_files(paths: Paths, model: Model, window: Window) -> list[Path
     if window.shard is not None or paths.shards == 1:
         f = partition_file(paths, model, window)
         return [f] if f.exists() else []
-    return [f for f in model_files(paths, model) if f.parent.parent.name == f"day={window.start.isoformat()}"]
+    return sorted((partition_dir(paths, model) / f"day={window.start.isoformat()}").glob(f"shard=*-of-{paths.shards}/data.parquet"))
 
 
 def read_day_partition(paths: Paths, model: Model, window: Window) -> pa.Table | None:
