@@ -1520,6 +1520,9 @@ def gauge_peaks(paths: Paths, model, window, *, threads: int | None = None, con=
 
             got = list(each(gather_spill, range(len(units))))
     except BaseException:
+        if pool:
+            pool.shutdown()  # the other units' threads stop writing to the spill before it is closed
+            pool = None
         if spill is not None:
             spill.close()
         raise
