@@ -241,15 +241,24 @@ def _split_by_shard(paths: Paths, day: date, events: pa.Table, source: str) -> l
     keys = pc.unique(events["customer_key"])
     shard_of_key = pa.array([shard_of(k, paths.shards) for k in keys.to_pylist()], pa.int64())
     shard = pc.take(shard_of_key, pc.index_in(events["customer_key"], keys))
-    out = []
-    for s in all_shards(paths.shards):
-        dest = raw.shard_dir(events_day_dir(paths, day), s) / f"part-{source}.parquet"
-        with durable.staged(dest) as tmp, pq.ParquetWriter(tmp, EVENTS_SCHEMA, compression="zstd") as writer:
-            part = events.filter(pc.equal(shard, s.index))
-            if len(part):
-                writer.write_table(part.cast(EVENTS_SCHEMA))
-        out.append(dest)
-    return out
+    # every shard's file is written first, then all are published: a failure publishes none of them
+    staged: list[tuple[Path, Path]] = []  # (temp, destination)
+    try:
+        for s in all_shards(paths.shards):
+            dest = raw.shard_dir(events_day_dir(paths, day), s) / f"part-{source}.parquet"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = durable.temp_path(dest)
+            staged.append((tmp, dest))
+            with pq.ParquetWriter(tmp, EVENTS_SCHEMA, compression="zstd") as writer:
+                part = events.filter(pc.equal(shard, s.index))
+                if len(part):
+                    writer.write_table(part.cast(EVENTS_SCHEMA))
+        for tmp, dest in staged:
+            durable.publish(tmp, dest)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+    return [dest for _, dest in staged]
 
 
 def unsharded_event_files(paths: Paths, day: date) -> dict[str, str]:
