@@ -165,6 +165,8 @@ def test_an_upload_that_fails_publishes_nothing_locally(s3, tmp_path, monkeypatc
         ({"BILLING_DATA_URL": "http://bucket/prefix"}, "BILLING_DATA_URL='http://bucket/prefix' is not an s3:// URL; set BILLING_DATA_URL to s3://"),
         ({"BILLING_DATA_URL": "s3://Bad_Bucket/x"}, "names no valid bucket"),
         ({"BILLING_DATA_URL": "s3://bucket/a//b"}, "empty, '.' or '..' path segment"),
+        ({"BILLING_DATA_URL": "s3://[billing/x"}, "BILLING_DATA_URL='s3://[billing/x' is not a valid URL"),
+        ({"BILLING_DATA_URL": "s3://bucket/x", "AWS_ENDPOINT_URL": "http://[::1"}, "AWS_ENDPOINT_URL='http://[::1' is not an http(s) URL"),
         ({"BILLING_DATA_URL": "s3://bucket/x", "AWS_ENDPOINT_URL": "127.0.0.1:9000"}, "AWS_ENDPOINT_URL='127.0.0.1:9000' is not an http(s) URL"),
         ({"BILLING_DATA_URL": "s3://bucket/x", "AWS_ACCESS_KEY_ID": None}, "no S3 credentials were found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
         ({"BILLING_DATA_URL": "s3://no-such-bucket/x"}, "the bucket 'no-such-bucket' of BILLING_DATA_URL does not exist"),
