@@ -129,7 +129,10 @@ URL_FIX = "set BILLING_DATA_URL to s3://BUCKET/PREFIX (e.g. s3://billing/warehou
 
 def parse_s3_url(url: str) -> tuple[str, str]:
     """(bucket, prefix ending in ``/`` or empty) of ``s3://bucket/prefix``; a StorageError naming the fix otherwise."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # e.g. an unclosed '[' in the host
+        raise StorageError(f"BILLING_DATA_URL={url!r} is not a valid URL ({e}); {URL_FIX}") from None
     if parts.scheme != "s3" or "://" not in url:
         raise StorageError(f"BILLING_DATA_URL={url!r} is not an s3:// URL; {URL_FIX}")
     if not _BUCKET_RE.match(parts.netloc or ""):
@@ -158,8 +161,12 @@ class S3Store(Store):
             raise StorageError(f"BILLING_DATA_URL={url!r} needs boto3: pip install -e '.[s3]' (or unset BILLING_DATA_URL)") from None
         self.endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
         if self.endpoint:
-            ep = urlsplit(self.endpoint)
-            if ep.scheme not in ("http", "https") or not ep.hostname:
+            try:
+                ep = urlsplit(self.endpoint)
+                bad = ep.scheme not in ("http", "https") or not ep.hostname
+            except ValueError:  # e.g. an unclosed '[' in the host
+                bad = True
+            if bad:
                 raise StorageError(
                     f"AWS_ENDPOINT_URL={self.endpoint!r} is not an http(s) URL; set it to the S3 server's URL "
                     "(e.g. http://127.0.0.1:9000), or unset it for AWS itself"
