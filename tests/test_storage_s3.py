@@ -264,8 +264,12 @@ class LocalStore(storage.Store):
             durable.write_bytes(self.root / key, data, mirrored=False)
         return storage._md5(data)
 
-    def delete(self, key: str) -> None:
-        (self.root / key).unlink(missing_ok=True)
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        with durable.exclusive_lock(self.root / ".store.lock"):
+            current = self.read(key)
+            if if_match is not None and current is not None and storage._md5(current) != if_match:
+                raise storage.ConcurrentWriteError(f"{self.url}/{key} changed since it was read; rerun the step")
+            (self.root / key).unlink(missing_ok=True)
 
 
 def test_the_local_store_keeps_the_same_contract(tmp_path):
@@ -287,3 +291,112 @@ def test_the_local_store_keeps_the_same_contract(tmp_path):
     finally:
         for wc in (a, b):
             durable.remove_mirror(wc)
+
+
+def test_a_pull_between_reading_and_writing_the_number_registry_never_gives_a_number_out_twice(s3, tmp_path, monkeypatch):
+    """Two processes share machine 1's working copy; machine 2 numbers an invoice while process A is between
+    reading the registry and writing it back, and process B's pull brings that registry into the shared copy.
+    A's write must be refused (it read the version before machine 2's), not put over the object B pulled."""
+    from datetime import date
+
+    from billing_dags.billing import numbering
+    from billing_dags.core.settings import Paths
+
+    url, client, bucket = s3
+    month = date(2026, 2, 1)
+    m1, m2 = _copy(url, tmp_path / "m1"), _copy(url, tmp_path / "m2")
+    p1, p2 = (Paths(wc.root, tmp_path / "seeds", 1) for wc in (m1, m2))
+    assert numbering.assign_invoice_numbers(p2, month, ["c-a"]) == {"c-a": "INV-2026-000001"}
+    m1.pull()
+
+    read = numbering.read_registry
+    interleaved = []
+
+    def read_then_machine_2_numbers_and_process_b_pulls(paths):
+        reg = read(paths)
+        if paths is p1 and not interleaved:
+            interleaved.append(numbering.assign_invoice_numbers(p2, month, ["c-c"]))
+            storage.WorkingCopy(storage.open_store(url), m1.root).pull()  # process B, same folder as A
+        return reg
+
+    monkeypatch.setattr(numbering, "read_registry", read_then_machine_2_numbers_and_process_b_pulls)
+    with pytest.raises(storage.ConcurrentWriteError):
+        numbering.assign_invoice_numbers(p1, month, ["c-b"])
+    assert interleaved == [{"c-c": "INV-2026-000002"}]
+    monkeypatch.setattr(numbering, "read_registry", read)
+    stored = numbering.json.loads(objects(client, bucket)["invoices/registry.json"])["numbers"]
+    assert stored == {"2026-02/c-a": "INV-2026-000001", "2026-02/c-c": "INV-2026-000002"}
+    # the step rerun reads the registry as it now is and takes the next number
+    assert numbering.assign_invoice_numbers(p1, month, ["c-b"]) == {"c-b": "INV-2026-000003"}
+
+
+def test_a_draft_written_from_a_copy_a_pull_replaced_meanwhile_never_overwrites_the_finalized_invoice(s3, tmp_path, monkeypatch):
+    """Process A on machine 1 reads a customer's stored invoice (none yet) to write its draft; meanwhile machine 2
+    finalizes it and process B's pull brings the finalized files into machine 1's folder. A's JSON and its page
+    are refused: the bucket keeps machine 2's finalized invoice, every file of it."""
+    from datetime import UTC, date, datetime
+
+    from test_adjustments import CURRENCIES, CUSTOMERS, PLANS, lines, manifest
+
+    from billing_dags.billing import store
+    from billing_dags.billing.build import build_invoices
+    from billing_dags.core.settings import Paths
+
+    monkeypatch.setenv("BILLING_INVOICE_PDF", "0")
+    url, client, bucket = s3
+    jan = date(2025, 1, 1)
+    m1, m2 = _copy(url, tmp_path / "m1"), _copy(url, tmp_path / "m2")
+    p1, p2 = (Paths(wc.root, tmp_path / "seeds", 1) for wc in (m1, m2))
+
+    def invoices(p, now, usage_minor):
+        return build_invoices(lines(jan, usage_minor), CUSTOMERS, PLANS, CURRENCIES, jan, now=now, manifest=manifest(), paths=p)
+
+    finalized = invoices(p2, datetime(2025, 6, 1, tzinfo=UTC), 625)
+    draft = invoices(p1, datetime(2025, 2, 1, 1, tzinfo=UTC), 999)
+    assert (finalized[0]["status"], draft[0]["status"]) == ("finalized", "draft")
+    read = store.read_stored
+    interleaved = []
+
+    def read_then_machine_2_finalizes_and_process_b_pulls(path):
+        doc = read(path)
+        if path.is_relative_to(m1.root) and not interleaved:
+            interleaved.append(store.write_invoice_files(p2, finalized)["by_status"]["finalized"])
+            storage.WorkingCopy(storage.open_store(url), m1.root).pull()
+        return doc
+
+    monkeypatch.setattr(store, "read_stored", read_then_machine_2_finalizes_and_process_b_pulls)
+    with pytest.raises(storage.ConcurrentWriteError):
+        store.write_invoice_files(p1, draft)
+    assert interleaved == [1]
+    stored = objects(client, bucket)
+    assert json_of(stored["invoices/2025-01/acme.json"])["status"] == "finalized"
+    assert {k: v for k, v in stored.items() if k.startswith("invoices/2025-01/acme.")} == {
+        k: (m2.root / k).read_bytes() for k in stored if k.startswith("invoices/2025-01/acme.")
+    }
+    assert b"9.99" not in stored["invoices/2025-01/acme.html"]
+
+
+def json_of(data: bytes) -> dict:
+    import json
+
+    return json.loads(data)
+
+
+def test_a_removal_never_deletes_a_version_of_an_invoice_the_copy_did_not_see(s3, tmp_path):
+    """Machine 1 withdraws a draft (or drops a draft's PDF) from a copy made before machine 2 finalized the
+    invoice: the removal is refused and machine 2's objects stay; an object the copy did see is removed."""
+    url, client, bucket = s3
+    m1, m2 = _copy(url, tmp_path / "m1"), _copy(url, tmp_path / "m2")
+    page, pdf = "invoices/2025-01/acme.html", "invoices/2025-01/acme.pdf"
+    durable.write_bytes(m1.root / page, b"draft\n")
+    m2.pull()
+    durable.write_bytes(m2.root / page, b"finalized\n")
+    durable.write_bytes(m2.root / pdf, b"%PDF finalized\n")
+    with pytest.raises(storage.ConcurrentWriteError):
+        durable.remove(m1.root / page)  # m1 holds the draft's version: the object is another one now
+    with pytest.raises(storage.ConcurrentWriteError, match="not removed"):
+        durable.remove(m1.root / pdf)  # m1 never saw a PDF there
+    assert objects(client, bucket) == {page: b"finalized\n", pdf: b"%PDF finalized\n"}
+    m1.pull()
+    assert durable.remove(m1.root / pdf) and set(objects(client, bucket)) == {page}
+    assert durable.remove(m1.root / "invoices/2025-01/other.pdf") is False  # nothing anywhere: nothing to refuse

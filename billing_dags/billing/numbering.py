@@ -29,10 +29,11 @@ def registry_path(paths: Paths) -> Path:
 def read_registry(paths: Paths) -> dict:
     """The invoice-number registry: ``{"schema_version": 1, "numbers": {"YYYY-MM/<customer_id>": "INV-YYYY-000001"}}``."""
     path = registry_path(paths)
-    if not path.exists():
-        return {"schema_version": SCHEMA_VERSION, "numbers": {}}
     try:
-        reg = json.loads(path.read_text(encoding="utf-8"))
+        data = durable.read_for_update(path)
+        if data is None:
+            return {"schema_version": SCHEMA_VERSION, "numbers": {}}
+        reg = json.loads(data.decode("utf-8"))
     except (OSError, ValueError) as e:
         raise InvoiceError(f"{path}: invoice-number registry is unreadable ({e}); restore it from backup, never recreate it by hand") from None
     if not isinstance(reg, dict) or not isinstance(reg.get("numbers"), dict):

@@ -48,11 +48,11 @@ def read_invoice(paths: Paths, month: date | str, customer_id: str) -> dict | No
 
 
 def read_stored(path: Path) -> dict | None:
+    """A stored invoice JSON, None when there is none; read for an update (``durable.read_for_update``)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return None
+        data = durable.read_for_update(path)
+        if data is None:
+            return None
     except OSError as e:
         raise InvoiceError(f"{path}: stored invoice is unreadable ({e}); restore it from backup (a finalized invoice is never regenerated)") from None
     try:

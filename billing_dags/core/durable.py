@@ -50,7 +50,8 @@ _MIRRORS: list[Any] = []
 
 def add_mirror(mirror: Any) -> None:
     """Hand every publish and removal from now on to ``mirror`` first: ``mirror.put([(tmp, dest), ...])``
-    before the renames (raise to publish nothing) and ``mirror.remove([path, ...])`` before the unlinks.
+    before the renames (raise to publish nothing) and ``mirror.remove([path, ...])`` before the unlinks;
+    and every :func:`read_for_update` after it read (``mirror.read_at(path, stat or None)``).
     A mirror ignores paths it does not cover."""
     if mirror not in _MIRRORS:
         _MIRRORS.append(mirror)
@@ -69,6 +70,22 @@ def _mirror_put(pairs: list[tuple[Path, Path]]) -> None:
 def _mirror_remove(paths: list[Path]) -> None:
     for mirror in _MIRRORS:
         mirror.remove([Path(p) for p in paths])
+
+
+def read_for_update(path: Path | str) -> bytes | None:
+    """The bytes of ``path`` (None when there is none) read for a read-modify-write: the mirrors learn which
+    version was read (``read_at``), so that publishing ``path`` later is conditional on the stored object
+    still being that version, whatever another process put in the folder meanwhile (``core.storage``)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
+    except FileNotFoundError:
+        st, data = None, None
+    for mirror in _MIRRORS:
+        mirror.read_at(path, st)
+    return data
 
 
 def publish(tmp: Path | str, dest: Path | str) -> None:

@@ -11,10 +11,12 @@ bucket (``WorkingCopy``):
   a reader sees the old object or the new one), so an upload that fails publishes nothing; every
   removal deletes the object first;
 - the read-modify-write files (``GUARDED``: invoices and their number registry, the Stripe outbox,
-  notification deliveries) are put conditionally: ``If-Match`` the ETag this copy last saw, or
-  ``If-None-Match: *`` when it saw none. A writer whose copy is stale (another machine changed the
-  object since its pull) is refused with ``ConcurrentWriteError`` instead of overwriting: a finalized
-  invoice is never overwritten by a writer that did not read it.
+  notification deliveries, flag acknowledgements) are put conditionally: ``If-Match`` the ETag of the
+  version the writer read (``durable.read_for_update`` records it, whatever a pull by another process
+  sharing the folder puts there afterwards), else of the version the copy holds, or ``If-None-Match: *``
+  when there was none. A writer that read a version another machine has replaced since is refused with
+  ``ConcurrentWriteError`` instead of overwriting: a finalized invoice is never overwritten, and an
+  invoice number never given out twice, by a writer that did not read the latest.
 
 ``Store`` is the few operations this needs (list, read, exists, put, delete), implemented for S3
 (``S3Store``, boto3: the ``s3`` extra). Landing segments
@@ -39,7 +41,7 @@ from billing_dags.core import durable
 from billing_dags.core.errors import InputError
 
 #: key prefixes whose objects are read, changed and written back: conditional puts (see module doc)
-GUARDED = ("invoices/", "outbox/", "notifications/")
+GUARDED = ("invoices/", "outbox/", "notifications/", "flags/acks.json")
 #: key prefixes and names that stay local to each machine
 LOCAL_ONLY_PREFIXES = ("landing/",)
 LOCAL_ONLY_NAMES = ("warehouse.duckdb",)
@@ -102,7 +104,9 @@ class Store:
         ``if_none_match``: only when there is no object (else ``ConcurrentWriteError``)."""
         raise NotImplementedError
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Remove the object (nothing when there is none); ``if_match``: only that version (else
+        ``ConcurrentWriteError``)."""
         raise NotImplementedError
 
     def put_file(self, key: str, path: Path, *, if_match: str | None = None, if_none_match: bool = False) -> str:
@@ -252,8 +256,11 @@ class S3Store(Store):
             kwargs["IfNoneMatch"] = "*"
         return self._call(key, self.client.put_object, **kwargs)["ETag"].strip('"')
 
-    def delete(self, key: str) -> None:
-        self._call(key, self.client.delete_object, Bucket=self.bucket, Key=self.prefix + key)
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        kwargs = {"Bucket": self.bucket, "Key": self.prefix + key}
+        if if_match is not None:
+            kwargs["IfMatch"] = f'"{if_match}"'  # a conditional delete (S3 general purpose buckets, since 2025)
+        self._call(key, self.client.delete_object, missing=True, **kwargs)
 
     def put_file(self, key: str, path: Path, *, if_match: str | None = None, if_none_match: bool = False) -> str:
         """One PUT streamed from the file; beyond ``MULTIPART_BYTES`` (unconditional puts only) a multipart
@@ -298,6 +305,10 @@ class WorkingCopy:
         self._sync = self.root / SYNC_DIR
         self._index_path = self._sync / "index.json"
         self._lock = self._sync / "lock"
+        #: guarded key -> the ETag of the version this process read for an update (None: none, or unknown)
+        self._read_versions: dict[str, str | None] = {}
+        self._read_lock = threading.Lock()
+        self._index_cache: tuple[tuple, dict] = ((), {})
 
     # ---- bookkeeping
 
@@ -308,6 +319,17 @@ class WorkingCopy:
             return {}
         except ValueError:  # a damaged index only costs downloads
             return {}
+
+    def _load_cached(self) -> dict[str, list]:
+        """The index as last saved (by any process), parsed again only when its file changed."""
+        try:
+            st = self._index_path.stat()
+        except FileNotFoundError:
+            return {}
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if self._index_cache[0] != stamp:
+            self._index_cache = (stamp, self._load())
+        return self._index_cache[1]
 
     def _save(self, index: dict[str, list]) -> None:
         durable.write_bytes(self._index_path, json.dumps(index, sort_keys=True).encode(), mirrored=False, sync=False)
@@ -334,6 +356,29 @@ class WorkingCopy:
 
     # ---- the durable mirror
 
+    def read_at(self, path: Path, st: os.stat_result | None) -> None:
+        """Record the version of a guarded object a read for an update saw (``st``: the stat of the file it
+        read, None when there was none): the local file's version per the index, or None when the index
+        does not vouch for those bytes (a pull replacing them right now), which makes the later put refused
+        rather than unconditional."""
+        key = self.key_of(path)
+        if key is None or not is_guarded(key):
+            return
+        etag = None
+        if st is not None:
+            rec = self._load_cached().get(key)
+            if rec is not None and (st.st_size, st.st_mtime_ns) == (rec[1], rec[2]):
+                etag = rec[0]
+        with self._read_lock:
+            self._read_versions[key] = etag
+
+    def _condition(self, index: dict, key: str) -> tuple[bool, str | None]:
+        """(read for an update, the ETag a guarded put is conditional on: None for If-None-Match)."""
+        with self._read_lock:
+            if key in self._read_versions:
+                return True, self._read_versions[key]
+        return False, self._current(index, key, self.root / key)
+
     def put(self, pairs: list[tuple[Path, Path]]) -> None:
         todo = [(tmp, key) for tmp, dest in pairs if (key := self.key_of(dest)) is not None]
         if not todo:
@@ -344,16 +389,25 @@ class WorkingCopy:
             def upload(item):
                 tmp, key = item
                 if is_guarded(key):
-                    seen = self._current(index, key, self.root / key)
+                    was_read, seen = self._condition(index, key)
                     etag = self.store.put_file(key, tmp, if_match=seen, if_none_match=seen is None)
+                    if was_read:  # the writer now holds the version it wrote: its next put is conditional on it
+                        with self._read_lock:
+                            self._read_versions[key] = etag
                 else:
                     etag = self.store.put_file(key, tmp)
                 st = Path(tmp).stat()  # the rename keeps size and mtime
                 return key, [etag, st.st_size, st.st_mtime_ns]
 
+            # the objects written from a version read for an update go first: when one is refused, nothing
+            # else of the batch (an invoice's page beside its JSON) is put
+            with self._read_lock:
+                first = [item for item in todo if item[1] in self._read_versions]
+            rest = [item for item in todo if item not in first]
             try:
-                for key, rec in _map(upload, todo):
-                    index[key] = rec
+                for part in (first, rest):
+                    for key, rec in _map(upload, part):
+                        index[key] = rec
             finally:
                 self._save(index)
 
@@ -363,10 +417,25 @@ class WorkingCopy:
             return
         with durable.exclusive_lock(self._lock):
             index = self._load()
-            for key in keys:
-                self.store.delete(key)
-                index.pop(key, None)
-            self._save(index)
+            try:
+                for key in keys:
+                    if is_guarded(key):
+                        # only the version this copy read or holds; one it never saw is another writer's
+                        _, seen = self._condition(index, key)
+                        if seen is not None:
+                            self.store.delete(key, if_match=seen)
+                        elif self.store.exists(key):
+                            raise ConcurrentWriteError(
+                                f"{self.store.url.rstrip('/')}/{key} was written by another writer since this working copy "
+                                "read it, and is not removed; rerun the step (it starts from the bucket's current objects)"
+                            )
+                    else:
+                        self.store.delete(key)
+                    index.pop(key, None)
+                    with self._read_lock:
+                        self._read_versions.pop(key, None)
+            finally:
+                self._save(index)
 
     # ---- pull
 

@@ -24,8 +24,8 @@ def acks_path(paths: Paths) -> Path:
 
 
 def read_acks(paths: Paths) -> list[dict]:
-    f = acks_path(paths)
-    return json.loads(f.read_text()) if f.exists() else []
+    data = durable.read_for_update(acks_path(paths))
+    return json.loads(data) if data is not None else []
 
 
 def _ack_key(a: dict) -> tuple:

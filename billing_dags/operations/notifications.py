@@ -139,9 +139,11 @@ def _jsonl(rows: list[dict]) -> bytes:
 
 
 def read_outbox_file(f: Path) -> list[dict]:
-    if not f.exists():
+    """The rows of a JSON-lines file ([] when there is none), read for an update (``durable.read_for_update``)."""
+    data = durable.read_for_update(f)
+    if data is None:
         return []
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
 
 def outbox(paths: Paths, period: str | None = None) -> list[dict]:

@@ -586,10 +586,10 @@ def outbox_path(paths: Paths, day: date) -> Path:
 
 def read_outbox(paths: Paths, day: date) -> list[dict]:
     """The stored outbox rows of ``day`` ([] when none), sorted by (customer_id, meter_id)."""
-    path = outbox_path(paths, day)
-    if not path.exists():
+    data = durable.read_for_update(outbox_path(paths, day))
+    if data is None:
         return []
-    table = pq.read_table(path)
+    table = pq.read_table(pa.BufferReader(data))
     rows = [{**_ADDED_DEFAULTS, **r} for r in table.to_pylist()]
     return sorted(rows, key=_row_key)
 
