@@ -400,3 +400,27 @@ def test_a_removal_never_deletes_a_version_of_an_invoice_the_copy_did_not_see(s3
     m1.pull()
     assert durable.remove(m1.root / pdf) and set(objects(client, bucket)) == {page}
     assert durable.remove(m1.root / "invoices/2025-01/other.pdf") is False  # nothing anywhere: nothing to refuse
+
+
+def test_a_multipart_upload_records_its_own_version_even_when_another_writer_replaces_it_at_once(s3, tmp_path, monkeypatch):
+    """A file over MULTIPART_BYTES goes up in parts; another machine puts the same key right after the upload
+    completes. The copy records the version it uploaded (not the newer one), so its next pull brings the
+    other machine's bytes instead of keeping its own as if they were current."""
+    url, client, bucket = s3
+    monkeypatch.setattr(storage, "MULTIPART_BYTES", 5 << 20)  # S3's smallest part
+    wc = _copy(url, tmp_path / "m1")
+    key = "raw/samples/date=2026-02-01/part-sim.parquet"
+    ours, theirs = os.urandom(11 << 20), b"the other machine's bytes\n"
+    real_complete = wc.store.client.complete_multipart_upload
+    completed = []
+
+    def complete_then_another_writer_puts(**kwargs):
+        answer = real_complete(**kwargs)
+        completed.append(client.get_object(Bucket=bucket, Key=kwargs["Key"])["Body"].read() == ours)
+        client.put_object(Bucket=bucket, Key=kwargs["Key"], Body=theirs)
+        return answer
+
+    monkeypatch.setattr(wc.store.client, "complete_multipart_upload", complete_then_another_writer_puts)
+    durable.write_bytes(wc.root / key, ours)
+    assert completed == [True]  # it went up in parts, whole
+    assert wc.pull()["downloaded"] == 1 and (wc.root / key).read_bytes() == theirs

@@ -26,6 +26,7 @@ views-only ``warehouse.duckdb`` stay local to each machine.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -264,16 +265,31 @@ class S3Store(Store):
 
     def put_file(self, key: str, path: Path, *, if_match: str | None = None, if_none_match: bool = False) -> str:
         """One PUT streamed from the file; beyond ``MULTIPART_BYTES`` (unconditional puts only) a multipart
-        upload, which S3 makes visible only when it completes: atomic as well."""
+        upload, which S3 makes visible only when it completes: atomic as well. The ETag returned is the one
+        S3 answered for this upload (not read back afterwards, when another writer may have replaced it)."""
         size = Path(path).stat().st_size
         if size <= MULTIPART_BYTES or if_match is not None or if_none_match:
             with open(path, "rb") as f:
                 return self.put(key, f, if_match=if_match, if_none_match=if_none_match)
-        from boto3.s3.transfer import TransferConfig
+        target = {"Bucket": self.bucket, "Key": self.prefix + key}
+        upload_id = self._call(key, self.client.create_multipart_upload, **target)["UploadId"]
 
-        config = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES, max_concurrency=4)
-        self._call(key, self.client.upload_file, Filename=str(path), Bucket=self.bucket, Key=self.prefix + key, Config=config)
-        return self._call(key, self.client.head_object, Bucket=self.bucket, Key=self.prefix + key)["ETag"].strip('"')
+        def part(number: int) -> dict:
+            with open(path, "rb") as f:
+                f.seek((number - 1) * MULTIPART_BYTES)
+                body = f.read(MULTIPART_BYTES)
+            answer = self._call(key, self.client.upload_part, **target, UploadId=upload_id, PartNumber=number, Body=body)
+            return {"PartNumber": number, "ETag": answer["ETag"]}
+
+        try:
+            with ThreadPoolExecutor(4) as pool:  # 4 parts in flight: at most 1 GB of a file in memory
+                parts = list(pool.map(part, range(1, -(-size // MULTIPART_BYTES) + 1)))
+            answer = self._call(key, self.client.complete_multipart_upload, **target, UploadId=upload_id, MultipartUpload={"Parts": parts})
+        except BaseException:
+            with contextlib.suppress(StorageError):  # the parts are dropped; the upload's own error is the one to report
+                self._call(key, self.client.abort_multipart_upload, missing=True, **target, UploadId=upload_id)
+            raise
+        return answer["ETag"].strip('"')
 
     def download(self, key: str, dest: Path) -> str | None:
         obj = self._get(key)
