@@ -194,3 +194,35 @@ def test_a_failed_blocking_check_shows_its_message_and_exits_2_without_a_traceba
     assert "req-42 (also on 2026-02-02)" in out and "rerun usage_events for 2026-02-02" in out
     for noise in ("Traceback", "Stack Trace", "DagsterAssetCheckFailedError", "blocking asset check failed"):
         assert noise not in out, out
+
+
+@pytest.mark.acceptance
+def test_a_month_with_a_day_whose_usage_was_never_computed_is_not_invoiced(capsys, paths):
+    """The monthly run (as the schedule on the 1st starts it) over a month where one day has raw samples but no
+    fct_usage_by_day partition (its daily run failed, or, sharded, its models were never run): it stops before
+    rating, naming the day and the fix, instead of invoicing that day as zero; the invoices keep their bytes."""
+    import shutil
+
+    from billing_dags.cli import runs
+    from billing_dags.cli.common import RunFailed
+    from billing_dags.ingest import raw
+
+    code, _out, err = run_cli(capsys, "run", "--month", "2026-02", "--interval", "3600", "--as-of", "2026-03-02T00:00:00Z")
+    assert code == 0, err
+    day = date(2026, 2, 10)
+    assert raw.sample_files(paths, day)
+    invoices = {p: p.read_bytes() for p in sorted((paths.invoices / "2026-02").glob("*.json"))}
+    shutil.rmtree(paths.models / "fct_usage_by_day" / f"day={day}")
+    defs, instance = runs.definitions_of(paths)
+    with pytest.raises(RunFailed) as failed:
+        runs.execute(
+            defs.resolve_job_def("monthly_invoicing"),
+            instance,
+            "month 2026-02",
+            {"ops": {"invoices": {"config": {"as_of": "2026-03-02T00:00:00Z"}}}},
+            partition_key="2026-02-01",
+        )
+    message = str(failed.value)
+    assert failed.value.exit_code == 2, message
+    assert "fct_usage_by_day" in message and "2026-02-10" in message and "Materialize fct_usage_by_day" in message, message
+    assert {p: p.read_bytes() for p in sorted((paths.invoices / "2026-02").glob("*.json"))} == invoices

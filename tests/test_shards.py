@@ -356,3 +356,33 @@ def test_a_writer_of_one_shard_writes_its_files_only_and_refuses_another_shards_
     with pytest.raises(raw.RawLayoutError, match="is not a shard of the 4 shard"):
         raw.write_day(paths, THROUGH, *tables(other), "prometheus", shard=shards.Shard(b, 8))
     assert sorted(p.relative_to(paths.data_dir).as_posix() for p in paths.data_dir.rglob("*.parquet")) == written
+
+
+def test_a_month_is_refused_while_a_shard_of_a_day_with_raw_input_has_no_usage(tmp_path):
+    """Sharded, the monthly usage sums every (day, shard) partition of the month: a (day, shard) with raw samples
+    or raw events and no fct_usage_by_day partition is named (DAY|SHARD); a day without raw input needs none."""
+    from billing_dags.models.completeness import missing_period_days, require_computed_inputs
+    from billing_dags.models.sqlmodels import ModelError, partition_dir
+
+    paths = Paths(tmp_path / "data", tmp_path / "seeds", 2)
+    project = load_project()
+    usage, month = project.models["fct_usage_by_day"], project.models["fct_usage_by_month"]
+    first, second = shards.all_shards(2)
+
+    def touch(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+
+    for d in (1, 2, 3):
+        for s in (first, second):
+            touch(raw.samples_day_dir(paths, date(2026, 2, d)) / s.dirname / "part-sim.parquet")
+            if (d, s) != (2, second):
+                touch(partition_dir(paths, usage) / f"day=2026-02-0{d}" / s.dirname / "data.parquet")
+    touch(events.events_day_dir(paths, date(2026, 2, 4)) / first.dirname / "part-postgres.parquet")  # events only
+    window = Window(date(2026, 2, 1), date(2026, 3, 1))
+    assert missing_period_days(paths, project, month, window) == {"fct_usage_by_day": [f"2026-02-02|{second.key}", f"2026-02-04|{first.key}"]}
+    with pytest.raises(ModelError, match=r"2 day\(s\) with raw input have no fct_usage_by_day partition"):
+        require_computed_inputs(paths, project, month, window)
+    touch(partition_dir(paths, usage) / "day=2026-02-02" / second.dirname / "data.parquet")
+    touch(partition_dir(paths, usage) / "day=2026-02-04" / first.dirname / "data.parquet")
+    require_computed_inputs(paths, project, month, window)  # complete: nothing raised

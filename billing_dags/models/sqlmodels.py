@@ -20,6 +20,7 @@ and a ``/* config ... */`` block in YAML:
     grain: [day, customer_id, meter_id, dimension]   # unique key, checked
     lookback_days: 35            # earlier days it reads: $lookback_start_date / $lookback_start_ms
     require_complete_lookback: true  # fail if one of those days has raw data but no partition
+    require_complete_days: true  # a longer period's model: fail if a day of it has raw data but no partition
     */
 
 Every table the SQL reads is either another model (a dependency) or a source (raw samples,

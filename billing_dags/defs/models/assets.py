@@ -1,10 +1,7 @@
 """One Dagster asset per table model in sql_models/; dependencies come from the SQL itself."""
 
-from datetime import timedelta
-
 import dagster as dg
 
-from billing_dags.core.settings import Paths
 from billing_dags.defs.models.checks import check_specs, evaluate, evaluate_published
 from billing_dags.defs.shared.metadata import data_version, model_code_version, model_metadata
 from billing_dags.defs.shared.partitions import (
@@ -17,17 +14,14 @@ from billing_dags.defs.shared.partitions import (
     partitions_of,
 )
 from billing_dags.defs.shared.resources import WarehouseResource
-from billing_dags.ingest import raw
 from billing_dags.models import late_data
+from billing_dags.models.completeness import require_computed_inputs
 from billing_dags.models.sqlmodels import (
     Model,
-    ModelError,
     Project,
     Window,
     iter_model_days,
     load_project,
-    model_files,
-    partition_day,
     run_model,
     session,
     sources,
@@ -52,34 +46,6 @@ def _source_mapping(model: Model, lookback_days: int) -> dg.PartitionMapping | N
     if lookback_days and model.partitioned_by == "billing_daily" and billing_daily_shards is None:
         return dg.TimeWindowPartitionMapping(start_offset=-lookback_days, end_offset=0, allow_nonexistent_upstream_partitions=True)
     return None
-
-
-def _require_lookback(paths: Paths, project: Project, model: Model, window: Window) -> None:
-    """A day reads earlier days' partitions of its daily upstreams: they must exist where raw data does,
-    unless the day's own carry-in covers every source of that earlier day (rule 3)."""
-    if not model.lookback_days or not model.config.get("require_complete_lookback"):
-        return
-    tables, _ = project.table_deps(model.name)
-    raw_present = set(raw.raw_days(paths))
-    carried = {p.name for p in raw.carry_in_files(paths, window.start, window.shard)}
-    for name in tables:
-        up = project.models[name]
-        if up.partitioned_by != "billing_daily":
-            continue
-        have = {partition_day(p) for p in model_files(paths, up, window.shard)}
-        day = window.start - timedelta(days=model.lookback_days)
-        missing = []
-        while day < window.end:
-            if day in raw_present and day not in have and not (day < window.start and {p.name for p in raw.sample_files(paths, day, window.shard)} <= carried):
-                missing.append(day.isoformat())
-            day += timedelta(days=1)
-        if missing:
-            raise ModelError(
-                f"{model.name} for {window.start} reads {name} for the {model.lookback_days} days before it, but "
-                f"{len(missing)} of those days have raw samples and no {name} partition "
-                f"({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); materialize {name} for them first "
-                "(a backfill of the whole range runs them in order)"
-            )
 
 
 def metadata_text(metadata: dict) -> str:
@@ -161,7 +127,7 @@ def build_model_asset(project: Project, model: Model) -> dg.AssetsDefinition:
         inputs: dict = {}
 
         def before(window: Window) -> None:
-            _require_lookback(paths, project, model, window)
+            require_computed_inputs(paths, project, model, window)
             inputs[window] = late_data.inputs_before(paths, project, model, window)
 
         parts = partitions_of(context)

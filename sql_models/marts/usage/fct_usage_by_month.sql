@@ -4,6 +4,7 @@ materialized: table
 partitioned_by: billing_monthly
 time_column: month
 grain: [month, customer_id, meter_id, dimension]
+require_complete_days: true  # a day with raw input and no fct_usage_by_day partition would be billed as zero
 */
 with daily as (
     select * from fct_usage_by_day

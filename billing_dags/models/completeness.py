@@ -1,0 +1,93 @@
+"""Days a model would read that were never computed: an earlier or same-period partition of a daily upstream
+missing where raw input exists. Reading past such a day computes a wrong answer without an error: a daily
+model would bill a counter's whole value as new (``require_complete_lookback``), a monthly one would bill the
+day as zero (``require_complete_days``). Both are refused before the model runs, naming the days and the fix.
+"""
+
+from __future__ import annotations
+
+from datetime import date, timedelta
+
+from billing_dags.core.settings import Paths
+from billing_dags.core.shards import Shard, all_shards
+from billing_dags.ingest import events, raw
+from billing_dags.models.sqlmodels import Model, ModelError, Project, Window, model_files, partition_day
+
+
+def _days(start: date, end: date):
+    day = start
+    while day < end:
+        yield day
+        day += timedelta(days=1)
+
+
+def _has_raw_input(paths: Paths, day: date, shard: Shard | None) -> bool:
+    """Whether ``day`` (of ``shard``) has raw samples or raw events: something its daily models compute from."""
+    return bool(raw.sample_files(paths, day, shard) or events.event_files(paths, day, shard))
+
+
+def missing_lookback_days(paths: Paths, project: Project, model: Model, window: Window) -> dict[str, list[str]]:
+    """``require_complete_lookback`` (a daily model): the days of its lookback and window with raw samples and
+    no partition of a daily upstream, but for earlier days the window's own carry-in covers. {upstream: days}."""
+    if not model.lookback_days or not model.config.get("require_complete_lookback"):
+        return {}
+    tables, _ = project.table_deps(model.name)
+    raw_present = set(raw.raw_days(paths))
+    carried = {p.name for p in raw.carry_in_files(paths, window.start, window.shard)}
+    out = {}
+    for name in sorted(tables):
+        up = project.models[name]
+        if up.partitioned_by != "billing_daily":
+            continue
+        have = {partition_day(p) for p in model_files(paths, up, window.shard)}
+        missing = [
+            day.isoformat()
+            for day in _days(window.start - timedelta(days=model.lookback_days), window.end)
+            if day in raw_present and day not in have and not (day < window.start and {p.name for p in raw.sample_files(paths, day, window.shard)} <= carried)
+        ]
+        if missing:
+            out[name] = missing
+    return out
+
+
+def missing_period_days(paths: Paths, project: Project, model: Model, window: Window) -> dict[str, list[str]]:
+    """``require_complete_days`` (a model of a longer period, e.g. a month): the days of the window with raw
+    input and no partition of a daily upstream, per shard when sharded ("DAY|SHARD"). {upstream: days}."""
+    if not model.config.get("require_complete_days"):
+        return {}
+    tables, _ = project.table_deps(model.name)
+    shards = all_shards(paths.shards) if paths.shards > 1 else [None]
+    out = {}
+    for name in sorted(tables):
+        up = project.models[name]
+        if up.partitioned_by != "billing_daily":
+            continue
+        missing = []
+        for shard in shards:
+            have = {partition_day(p) for p in model_files(paths, up, shard)}
+            missing += [
+                day.isoformat() + (f"|{shard.key}" if shard is not None else "")
+                for day in _days(window.start, window.end)
+                if day not in have and _has_raw_input(paths, day, shard)
+            ]
+        if missing:
+            out[name] = sorted(missing)
+    return out
+
+
+def require_computed_inputs(paths: Paths, project: Project, model: Model, window: Window) -> None:
+    """Raise ModelError naming the missing days (and the fix) when ``model`` would read a day never computed."""
+    for name, missing in missing_lookback_days(paths, project, model, window).items():
+        raise ModelError(
+            f"{model.name} for {window.start} reads {name} for the {model.lookback_days} days before it, but "
+            f"{len(missing)} of those days have raw samples and no {name} partition "
+            f"({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); materialize {name} for them first "
+            "(a backfill of the whole range runs them in order)"
+        )
+    for name, missing in missing_period_days(paths, project, model, window).items():
+        raise ModelError(
+            f"{model.name} for {window.start} to {window.end - timedelta(days=1)} sums {name} over every day, but "
+            f"{len(missing)} day(s) with raw input have no {name} partition ({', '.join(missing[:5])}"
+            f"{'...' if len(missing) > 5 else ''}): they would be billed as zero. Materialize {name} for them first "
+            "(a backfill of those days, or of the month: docs/runs-and-backfills.md), then rerun this partition"
+        )
