@@ -386,3 +386,30 @@ def test_a_month_is_refused_while_a_shard_of_a_day_with_raw_input_has_no_usage(t
     touch(partition_dir(paths, usage) / "day=2026-02-02" / second.dirname / "data.parquet")
     touch(partition_dir(paths, usage) / "day=2026-02-04" / first.dirname / "data.parquet")
     require_computed_inputs(paths, project, month, window)  # complete: nothing raised
+
+
+def test_a_day_is_refused_while_an_earlier_day_it_reads_has_raw_samples_and_no_edges(tmp_path):
+    """fct_usage_by_day reads 35 earlier days of edges: an earlier day with raw samples and no edges partition is
+    named (its counters would be billed whole as new), unless the day's own carry-in holds that day's files."""
+    from billing_dags.models.completeness import missing_lookback_days, require_computed_inputs
+    from billing_dags.models.sqlmodels import ModelError, partition_dir
+
+    paths = Paths(tmp_path / "data", tmp_path / "seeds", 1)
+    project = load_project()
+    edges, peaks, usage = (project.models[m] for m in ("int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day"))
+
+    def touch(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+
+    for d in (7, 8, 9, 10):
+        touch(raw.samples_day_dir(paths, date(2026, 2, d)) / "part-sim.parquet")
+        touch(partition_dir(paths, peaks) / f"day=2026-02-{d:02d}" / "data.parquet")
+        if d != 8:
+            touch(partition_dir(paths, edges) / f"day=2026-02-{d:02d}" / "data.parquet")
+    window = Window(date(2026, 2, 10), date(2026, 2, 11))
+    assert missing_lookback_days(paths, project, usage, window) == {"int_series_edges_by_day": ["2026-02-08"]}
+    with pytest.raises(ModelError, match=r"1 of those days have raw samples and no int_series_edges_by_day partition \(2026-02-08\)"):
+        require_computed_inputs(paths, project, usage, window)
+    touch(raw.carry_in_day_dir(paths, date(2026, 2, 10)) / "part-sim.parquet")  # the day's carry-in holds Feb 8's file
+    assert missing_lookback_days(paths, project, usage, window) == {}

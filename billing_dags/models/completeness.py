@@ -75,19 +75,22 @@ def missing_period_days(paths: Paths, project: Project, model: Model, window: Wi
     return out
 
 
+def _listed(days: list[str]) -> str:
+    return ", ".join(days[:5]) + ("..." if len(days) > 5 else "")
+
+
 def require_computed_inputs(paths: Paths, project: Project, model: Model, window: Window) -> None:
     """Raise ModelError naming the missing days (and the fix) when ``model`` would read a day never computed."""
-    for name, missing in missing_lookback_days(paths, project, model, window).items():
-        raise ModelError(
-            f"{model.name} for {window.start} reads {name} for the {model.lookback_days} days before it, but "
-            f"{len(missing)} of those days have raw samples and no {name} partition "
-            f"({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); materialize {name} for them first "
-            "(a backfill of the whole range runs them in order)"
-        )
-    for name, missing in missing_period_days(paths, project, model, window).items():
-        raise ModelError(
-            f"{model.name} for {window.start} to {window.end - timedelta(days=1)} sums {name} over every day, but "
-            f"{len(missing)} day(s) with raw input have no {name} partition ({', '.join(missing[:5])}"
-            f"{'...' if len(missing) > 5 else ''}): they would be billed as zero. Materialize {name} for them first "
-            "(a backfill of those days, or of the month: docs/runs-and-backfills.md), then rerun this partition"
-        )
+    problems = [
+        f"{model.name} for {window.start} reads {name} for the {model.lookback_days} days before it, but {len(days)} of those "
+        f"days have raw samples and no {name} partition ({_listed(days)}); materialize {name} for them first (a backfill "
+        "of the whole range runs them in order)"
+        for name, days in missing_lookback_days(paths, project, model, window).items()
+    ] + [
+        f"{model.name} for {window.start} to {window.end - timedelta(days=1)} sums {name} over every day, but {len(days)} "
+        f"day(s) with raw input have no {name} partition ({_listed(days)}): they would be billed as zero. Materialize "
+        f"{name} for them first (a backfill of those days, or of the month: docs/runs-and-backfills.md), then rerun this partition"
+        for name, days in missing_period_days(paths, project, model, window).items()
+    ]
+    if problems:
+        raise ModelError("; ".join(problems))
