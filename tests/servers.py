@@ -422,18 +422,24 @@ class DagsterServer:
         r.raise_for_status()
         return body["data"]
 
-    def launch_run(self, job: str, partition: str | None = None, run_config: dict | None = None, tags: dict | None = None) -> str:
-        """Launch a run of ``job`` (of the partition) as the Launchpad does; its run id (it is queued for the daemon)."""
+    def launch_run(
+        self, job: str, partition: str | None = None, run_config: dict | None = None, tags: dict | None = None, assets: list[dict] | None = None
+    ) -> str:
+        """Launch a run of ``job`` (of the partition; of ``assets`` of it, as a schedule's request with an asset
+        selection does) as the Launchpad does; its run id (it is queued for the daemon)."""
         tags = dict(tags or {})
         if partition is not None:
             tags["dagster/partition"] = partition
+        selector = {"repositoryLocationName": "billing_dags", "repositoryName": "__repository__", "jobName": job}
+        if assets is not None:
+            selector["assetSelection"] = assets
         data = self.graphql(
             """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
                  ... on LaunchRunSuccess { run { id } } ... on PythonError { message } ... on Error { message }
                  ... on RunConfigValidationInvalid { errors { message } } } }""",
             {
                 "p": {
-                    "selector": {"repositoryLocationName": "billing_dags", "repositoryName": "__repository__", "jobName": job},
+                    "selector": selector,
                     "runConfigData": run_config or {},
                     "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
                 }

@@ -140,9 +140,9 @@ def sharded_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sharded_day(sharded_server) -> tuple[str, dict]:
-    """What the operator does every morning, sharded (the schedule ingests yesterday only): an asset backfill of
-    yesterday over the ingest, the (day, shard) models and the daily assets after them, from the asset graph; the
-    day and the finished backfill. (An earlier day would also run the later days of the models that look back.)"""
+    """An operator's asset backfill of yesterday over the ingest, the (day, shard) models and the daily assets
+    after them, from the asset graph (sharded_days_sensor requests the same after the schedule's ingest); the day
+    and the finished backfill. (An earlier day would also run the later days of the models that look back.)"""
     server = sharded_server
     keys = server.asset_keys("daily_usage") + server.asset_keys("daily_shards")
     assert {"raw_samples", "fct_usage_by_day", "stripe_outbox"} <= {k["path"][-1] for k in keys}
@@ -224,14 +224,7 @@ def test_sharded_late_data_reruns_only_the_changed_shard_in_one_backfill_and_set
     pq.write_table(t.set_column(t.schema.get_field_index("value"), "value", pa.array(values, pa.float64())), f.with_name("late.tmp"))
     os.replace(f.with_name("late.tmp"), f)
 
-    started = server.graphql("mutation($s: SensorSelector!) { startSensor(sensorSelector: $s) { __typename } }", {"s": _SENSOR})
-    assert started["startSensor"]["__typename"] == "Sensor", started
-    ids = server.wait(lambda: _backfills_tagged(server, "billing/reason", "late raw data"), RUN_TIMEOUT, "the sensor to request a backfill")
-    assert len(ids) == 1, ids
-    rerun = server.wait_backfill(ids[0], 2 * RUN_TIMEOUT)
-    assert rerun["status"] == "COMPLETED_SUCCESS" and all(r["status"] == "SUCCESS" for r in rerun["runs"]), (
-        f"backfill {rerun['status']} {rerun['error']}\n{failures(server, rerun['runs'])}"
-    )
+    ids = _sensor_backfill_succeeds(server, _SENSOR, "late raw data")
     # the late shard's (day, shard) partitions and the day's Stripe hand-off, nothing else: no ingest, no other shard
     after = {m["partition"]: m["runId"] for m in _materializations(server, "fct_usage_by_day", cells)}
     assert {c for c in cells if after[c] != before[c]} == {f"{day}|{late}"}, (before, after)
@@ -248,6 +241,53 @@ def test_sharded_late_data_reruns_only_the_changed_shard_in_one_backfill_and_set
         {"s": _SENSOR, "c": cursor},
     )["sensorDryRun"]["evaluationResult"]
     assert not tick["runRequests"] and not tick["error"] and "no raw day file changed" in tick["skipReason"], tick
+
+
+def test_sharded_days_sensor_computes_an_ingested_day_unattended_and_settles(sharded_server, sharded_day):
+    """Sharded, every day unattended: the schedule's run ingests the day (its ingest assets only), then
+    sharded_days_sensor requests one asset backfill of every (day, shard) of it and its Stripe hand-off; once that
+    has succeeded, the sensor requests nothing more."""
+    from datetime import date, timedelta
+
+    server, (day, _) = sharded_server, sharded_day
+    earlier = (date.fromisoformat(day) - timedelta(days=1)).isoformat()
+    ingest = [k for k in server.asset_keys("daily_usage") if k["path"][-1] in ("raw_samples", "remote_write_samples", "usage_events", "usage_reports")]
+    run = server.wait_run(server.launch_run("daily_usage", earlier, assets=ingest), RUN_TIMEOUT)
+    assert run["status"] == "SUCCESS", server.run_errors(run["id"])
+    cells = [f"{earlier}|{s}" for s in range(SHARDS)]
+    assert not any(_shard_file(server, "fct_usage_by_day", earlier, s).exists() for s in range(SHARDS))
+
+    sensor = {**_SENSOR, "sensorName": "sharded_days_sensor"}
+    ids = _sensor_backfill_succeeds(server, sensor, "ingested days without usage")
+    assert all(_shard_file(server, "fct_usage_by_day", earlier, s).exists() for s in range(SHARDS))
+    assert sorted(m["partition"] for m in _materializations(server, "fct_usage_by_day", cells)) == cells
+    assert [m["partition"] for m in _materializations(server, "stripe_outbox", [earlier])] == [earlier]
+    rerun_assets = {p["path"][-1] for r in server.graphql(_RUNS, {"id": ids[0]})["runsOrError"]["results"] for p in r["assetSelection"]}
+    assert not rerun_assets & {"raw_samples", "usage_events", "usage_reports", "remote_write_samples"}, rerun_assets
+
+    def settled():
+        tick = server.graphql(
+            "mutation($s: SensorSelector!) { sensorDryRun(selectorData: $s, cursor: null) { __typename ... on DryRunInstigationTick {"
+            " evaluationResult { skipReason runRequests { runKey } error { message } } } } }",
+            {"s": sensor},
+        )["sensorDryRun"]["evaluationResult"]
+        assert not tick["runRequests"] and not tick["error"], tick
+        return "has its usage computed" in (tick["skipReason"] or "")
+
+    server.wait(settled, RUN_TIMEOUT, "the sensor to find nothing left to compute (the late-data sensor may rerun the later day first)")
+
+
+def _sensor_backfill_succeeds(server, sensor: dict, reason: str) -> list[str]:
+    """Start ``sensor``; it requests one asset backfill tagged ``billing/reason: reason``, which succeeds: its id (a list of one)."""
+    started = server.graphql("mutation($s: SensorSelector!) { startSensor(sensorSelector: $s) { __typename } }", {"s": sensor})
+    assert started["startSensor"]["__typename"] == "Sensor", started
+    ids = server.wait(lambda: _backfills_tagged(server, "billing/reason", reason), RUN_TIMEOUT, "the sensor to request a backfill")
+    assert len(ids) == 1, ids
+    backfill = server.wait_backfill(ids[0], 2 * RUN_TIMEOUT)
+    assert backfill["status"] == "COMPLETED_SUCCESS" and all(r["status"] == "SUCCESS" for r in backfill["runs"]), (
+        f"backfill {backfill['status']} {backfill['error']}\n{failures(server, backfill['runs'])}"
+    )
+    return ids
 
 
 def _backfills_tagged(server, key: str, value: str) -> list[str]:

@@ -50,28 +50,27 @@ def missing_lookback_days(paths: Paths, project: Project, model: Model, window: 
     return out
 
 
+def uncomputed_cells(paths: Paths, model: Model, start: date, end: date) -> list[tuple[date, Shard | None]]:
+    """The (day, shard) of [start, end) with raw input and no partition of the daily ``model`` (shard None
+    when unsharded), by day then shard."""
+    shards = all_shards(paths.shards) if paths.shards > 1 else [None]
+    have = {shard: {partition_day(p) for p in model_files(paths, model, shard)} for shard in shards}
+    return [(day, shard) for day in _days(start, end) for shard in shards if day not in have[shard] and _has_raw_input(paths, day, shard)]
+
+
 def missing_period_days(paths: Paths, project: Project, model: Model, window: Window) -> dict[str, list[str]]:
     """``require_complete_days`` (a model of a longer period, e.g. a month): the days of the window with raw
     input and no partition of a daily upstream, per shard when sharded ("DAY|SHARD"). {upstream: days}."""
     if not model.config.get("require_complete_days"):
         return {}
     tables, _ = project.table_deps(model.name)
-    shards = all_shards(paths.shards) if paths.shards > 1 else [None]
     out = {}
     for name in sorted(tables):
-        up = project.models[name]
-        if up.partitioned_by != "billing_daily":
+        if project.models[name].partitioned_by != "billing_daily":
             continue
-        missing = []
-        for shard in shards:
-            have = {partition_day(p) for p in model_files(paths, up, shard)}
-            missing += [
-                day.isoformat() + (f"|{shard.key}" if shard is not None else "")
-                for day in _days(window.start, window.end)
-                if day not in have and _has_raw_input(paths, day, shard)
-            ]
-        if missing:
-            out[name] = sorted(missing)
+        cells = uncomputed_cells(paths, project.models[name], window.start, window.end)
+        if cells:
+            out[name] = [day.isoformat() + (f"|{shard.key}" if shard is not None else "") for day, shard in cells]
     return out
 
 

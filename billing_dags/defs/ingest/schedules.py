@@ -24,7 +24,7 @@ else:
         name="daily_usage_schedule",
         description=(
             "Sharded (BILLING_SHARDS > 1): every day at 00:30 UTC, yesterday's ingest only (every shard of the day). "
-            "Its (day, shard) models and the Stripe hand-off run by a backfill (docs/scale-out.md), never before the models."
+            "sharded_days_sensor then computes its (day, shard) models and the Stripe hand-off in one asset backfill."
         ),
     )
     def daily_usage_schedule(context: dg.ScheduleEvaluationContext):

@@ -71,9 +71,6 @@ def rerun_plan(paths, asset_graph, hashes: dict | None = None) -> tuple[list[dg.
 def _sharded_requests(paths, asset_graph, late: list, selected: set, models: list, follow: int) -> list[dg.RunRequest]:
     """Sharded: one asset backfill of the late shards' (day, shard) partitions of ``selected`` (each shard from
     its first late day through its computed days that read it) and of the daily assets after them for those days."""
-    from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
-    from dagster._core.definitions.events import AssetKeyPartitionKey
-
     from billing_dags.models.late_data import computed_days, rerun_ranges
 
     cells: set[tuple] = set()  # (day, shard) to recompute
@@ -83,12 +80,6 @@ def _sharded_requests(paths, asset_graph, late: list, selected: set, models: lis
     days = sorted({day for day, _ in cells})
     if not days:
         return []
-    wanted = set()
-    for key in selected:
-        if asset_graph.get(key).partitions_def == billing_daily_shards:
-            wanted |= {AssetKeyPartitionKey(key, day_shard_key(day.isoformat(), shard.key)) for day, shard in cells}
-        else:  # a daily asset after the models: it reads every shard of its day
-            wanted |= {AssetKeyPartitionKey(key, day.isoformat()) for day in days}
     state = json.dumps(sorted([d.model, d.day.isoformat(), d.shard.key if d.shard else "", d.why, d.inputs] for d in late))
     key = hashlib.sha256(state.encode()).hexdigest()[:16]
     late_cells = sorted({f"{d.day}|{d.shard.key}" for d in late if d.shard is not None})
@@ -100,7 +91,23 @@ def _sharded_requests(paths, asset_graph, late: list, selected: set, models: lis
     }
     # a backfill request keeps no run key: the key is a tag, remembered in the cursor as a run's key is
     tags[LATE_KEY] = f"late-{days[0]}-{days[-1]}-{key}"
-    return [dg.RunRequest.for_asset_graph_subset(AssetGraphSubset.from_asset_partition_set(wanted, asset_graph), tags)]
+    return [backfill_of_cells(asset_graph, selected, cells, tags)]
+
+
+def backfill_of_cells(asset_graph, selected: set, cells: set | list, tags: dict) -> dg.RunRequest:
+    """One asset backfill: the (day, shard) partitions ``cells`` of the sharded assets of ``selected``, and their
+    days of its daily assets (after the models: they read every shard of their day)."""
+    from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
+    from dagster._core.definitions.events import AssetKeyPartitionKey
+
+    days = sorted({day for day, _ in cells})
+    wanted = set()
+    for key in selected:
+        if asset_graph.get(key).partitions_def == billing_daily_shards:
+            wanted |= {AssetKeyPartitionKey(key, day_shard_key(day.isoformat(), shard.key)) for day, shard in cells}
+        else:
+            wanted |= {AssetKeyPartitionKey(key, day.isoformat()) for day in days}
+    return dg.RunRequest.for_asset_graph_subset(AssetGraphSubset.from_asset_partition_set(wanted, asset_graph), tags)
 
 
 def request_key(request: dg.RunRequest) -> str:
@@ -184,3 +191,77 @@ def late_days(paths) -> list[str]:
 
     late, _ = late_model_days(paths)
     return sorted({d.day.isoformat() for d in late})
+
+
+# --------------------------------------------------------------------------- sharded: ingested days without usage
+
+#: how far back the sharded-days sensor looks for ingested days without usage (Stripe takes meter events up to 35
+#: days old; older days are backfilled by hand: docs/going-live.md)
+UNCOMPUTED_LOOKBACK_DAYS = 35
+#: the tag holding a sharded-days request's key (the same uncomputed cells, the same key)
+UNCOMPUTED_KEY = "billing/uncomputed_key"
+
+
+def uncomputed_plan(paths, asset_graph, today) -> tuple[list[dg.RunRequest], list]:
+    """Sharded: one asset backfill of every (day, shard) of the last UNCOMPUTED_LOOKBACK_DAYS days before
+    ``today`` that has raw input and is missing a daily model's partition (the day was ingested, its models
+    never ran), with the daily assets after the models for those days; and those cells."""
+    from datetime import date
+
+    from billing_dags.defs.shared.partitions import PARTITIONS_START
+    from billing_dags.models.completeness import uncomputed_cells
+    from billing_dags.models.sqlmodels import load_project
+
+    project = load_project()
+    ingest = [dg.AssetKey(a) for a in INGEST_ASSETS if asset_graph.has(dg.AssetKey(a))]
+    daily = {k for k in asset_graph.materializable_asset_keys if asset_graph.get(k).partitions_def in (billing_daily, billing_daily_shards)}
+    selected = (dg.AssetSelection.assets(*ingest).downstream().resolve(asset_graph) & daily) - set(ingest)
+    models = [project.models[k.to_user_string()] for k in selected if asset_graph.get(k).partitions_def == billing_daily_shards]
+    start = max(date.fromisoformat(PARTITIONS_START), today - timedelta(days=UNCOMPUTED_LOOKBACK_DAYS))
+    cells = sorted({c for m in models for c in uncomputed_cells(paths, m, start, today)}, key=lambda c: (c[0], c[1].index))
+    if not cells:
+        return [], []
+    listed = [f"{day}|{shard.key}" for day, shard in cells]
+    tags = {
+        "billing/reason": "ingested days without usage",
+        "billing/days": ",".join(sorted({day.isoformat() for day, _ in cells})),
+        "billing/partitions": ",".join(listed)[:200],
+        UNCOMPUTED_KEY: "uncomputed-" + hashlib.sha256(",".join(listed).encode()).hexdigest()[:16],
+    }
+    return [backfill_of_cells(asset_graph, selected, cells, tags)], cells
+
+
+if billing_daily_shards is not None:
+
+    @dg.sensor(
+        asset_selection=_TARGET["asset_selection"],
+        minimum_interval_seconds=60,
+        name="sharded_days_sensor",
+        description=(
+            "Sharded (BILLING_SHARDS > 1): once an ingest has finished, computes the days it ingested: one asset backfill of "
+            "every (day, shard) of the last 35 days with raw input and no usage, then those days' Stripe hand-off and "
+            "summaries. With daily_usage_schedule (the ingest) it runs each day unattended."
+        ),
+        default_status=dg.DefaultSensorStatus.STOPPED,
+    )
+    def sharded_days_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource):
+        from datetime import UTC, datetime
+
+        busy = runs_under_way(context.instance, context.repository_def.asset_graph, daily_usage.name)
+        if busy:
+            return dg.SkipReason(f"waiting for {len(busy)} run(s) writing raw days or daily usage to finish: {', '.join(busy[:5])}")
+        today = datetime.now(UTC).date()  # the days before it: a day is ingested once it has ended
+        requests, cells = uncomputed_plan(warehouse.paths(), context.repository_def.asset_graph, today)
+        if not requests:
+            context.update_cursor(json.dumps({"requested": []}))
+            return dg.SkipReason("every (day, shard) with raw input of the last 35 days has its usage computed")
+        requested = set(json.loads(context.cursor).get("requested", [])) if context.cursor else set()
+        keys = [r.tags[UNCOMPUTED_KEY] for r in requests]
+        context.update_cursor(json.dumps({"requested": keys}))
+        if set(keys) <= requested:
+            return dg.SkipReason(
+                "these (day, shard) partitions were requested already and are still without usage (their backfill "
+                f"failed: see the Backfills page, rerun it): {requests[0].tags['billing/partitions']}"
+            )
+        context.log.info(f"{len(cells)} (day, shard) partitions with raw input and no usage: {requests[0].tags['billing/partitions']}")
+        return requests
