@@ -332,8 +332,8 @@ def test_a_pull_between_reading_and_writing_the_number_registry_never_gives_a_nu
 
 def test_a_draft_written_from_a_copy_a_pull_replaced_meanwhile_never_overwrites_the_finalized_invoice(s3, tmp_path, monkeypatch):
     """Process A on machine 1 reads a customer's stored invoice (none yet) to write its draft; meanwhile machine 2
-    finalizes it and process B's pull brings the finalized files into machine 1's folder. A's JSON and its page
-    are refused: the bucket keeps machine 2's finalized invoice, every file of it."""
+    finalizes it and process B's pull brings the finalized files into machine 1's folder. A's JSON, its page and
+    the removal of a draft's PDF are refused: the bucket keeps machine 2's finalized invoice, every file of it."""
     from datetime import UTC, date, datetime
 
     from test_adjustments import CURRENCIES, CUSTOMERS, PLANS, lines, manifest
@@ -342,7 +342,6 @@ def test_a_draft_written_from_a_copy_a_pull_replaced_meanwhile_never_overwrites_
     from billing_dags.billing.build import build_invoices
     from billing_dags.core.settings import Paths
 
-    monkeypatch.setenv("BILLING_INVOICE_PDF", "0")
     url, client, bucket = s3
     jan = date(2025, 1, 1)
     m1, m2 = _copy(url, tmp_path / "m1"), _copy(url, tmp_path / "m2")
@@ -359,7 +358,8 @@ def test_a_draft_written_from_a_copy_a_pull_replaced_meanwhile_never_overwrites_
 
     def read_then_machine_2_finalizes_and_process_b_pulls(path):
         doc = read(path)
-        if path.is_relative_to(m1.root) and not interleaved:
+        # at the read the draft is decided on (an earlier one, of the PDFs to lay out, only looks)
+        if path.is_relative_to(m1.root) and not interleaved and sys._getframe(1).f_code.co_name == "_write_invoice":
             interleaved.append(store.write_invoice_files(p2, finalized)["by_status"]["finalized"])
             storage.WorkingCopy(storage.open_store(url), m1.root).pull()
         return doc
@@ -374,6 +374,7 @@ def test_a_draft_written_from_a_copy_a_pull_replaced_meanwhile_never_overwrites_
         k: (m2.root / k).read_bytes() for k in stored if k.startswith("invoices/2025-01/acme.")
     }
     assert b"9.99" not in stored["invoices/2025-01/acme.html"]
+    assert stored["invoices/2025-01/acme.pdf"].startswith(b"%PDF")  # the draft's "remove my PDF" did not reach it
 
 
 def json_of(data: bytes) -> dict:
@@ -424,3 +425,32 @@ def test_a_multipart_upload_records_its_own_version_even_when_another_writer_rep
     durable.write_bytes(wc.root / key, ours)
     assert completed == [True]  # it went up in parts, whole
     assert wc.pull()["downloaded"] == 1 and (wc.root / key).read_bytes() == theirs
+
+
+def test_a_refused_invoice_in_a_batch_puts_none_of_its_files_and_the_others_whole(s3, tmp_path):
+    """A batch of two invoices (JSON and page each) where one JSON was read at a version another machine has
+    replaced since: that invoice's files are not put at all (no page beside a JSON it does not render); the
+    other invoice goes up whole, JSON and page."""
+    url, client, bucket = s3
+    m1, m2 = _copy(url, tmp_path / "m1"), _copy(url, tmp_path / "m2")
+    folder = "invoices/2026-02"
+    for name in ("a", "b"):
+        for ext in ("json", "html"):
+            durable.write_bytes(m1.root / folder / f"{name}.{ext}", f"{name} draft {ext}\n".encode())
+    m2.pull()
+    durable.write_bytes(m2.root / folder / "b.json", b"b finalized json\n")  # after machine 1's copy
+    for name in ("a", "b"):
+        durable.read_for_update(m1.root / folder / f"{name}.json")
+    batch = durable.Batch()
+    for name in ("a", "b"):
+        for ext in ("json", "html"):
+            batch.write(m1.root / folder / f"{name}.{ext}", f"{name} new {ext}\n".encode())
+    with pytest.raises(storage.ConcurrentWriteError):
+        batch.commit()  # (commit aborts the batch's temporary files when the publish fails)
+    batch.close()
+    assert {k[len(folder) + 1 :]: v for k, v in objects(client, bucket).items()} == {
+        "a.json": b"a new json\n",
+        "a.html": b"a new html\n",
+        "b.json": b"b finalized json\n",
+        "b.html": b"b draft html\n",
+    }

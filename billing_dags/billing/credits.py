@@ -59,8 +59,14 @@ def stored_invoices(invoices_dir: Path, customer_id: str | None = None) -> list[
 
 
 def _stored_invoice(f: Path) -> dict | None:
+    """A stored invoice JSON, read for an update (``durable.read_for_update``: settling a draft rewrites it)."""
+    from billing_dags.core import durable
+
     try:
-        doc = json.loads(f.read_text(encoding="utf-8"))
+        data = durable.read_for_update(f)
+        if data is None:
+            return None
+        doc = json.loads(data.decode("utf-8"))
     except (OSError, ValueError) as e:
         raise SeedError(f"{f}: stored invoice is unreadable ({e}); restore it from backup") from None
     return doc if isinstance(doc, dict) and "customer_id" in doc and "lines" in doc else None

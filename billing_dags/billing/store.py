@@ -93,7 +93,7 @@ def pdf_stored(inv: dict) -> bool:
     return inv.get("status") == "finalized" and pdf_wanted()
 
 
-def write_files(files: dict[str, Path], inv: dict, written: list[str], unchanged: list[str], write) -> None:
+def write_files(files: dict[str, Path], inv: dict, written: list[str], unchanged: list[str], write, remove=durable.remove) -> None:
     """Write an invoice's files whose bytes would change. The PDF (a finalized invoice's only) is laid out from
     the HTML page: while the page is unchanged and its PDF is there, the PDF is left alone without being laid
     out again. A draft's PDF left by an earlier version is removed (it would show figures the draft no
@@ -103,7 +103,7 @@ def write_files(files: dict[str, Path], inv: dict, written: list[str], unchanged
         if fmt == "pdf" and not pdf_stored(inv):
             # a draft has none; with PDFs off, a PDF of the page before would disagree with the invoice
             if inv.get("status") != "finalized" or not html_unchanged:
-                durable.remove(files[fmt])
+                remove(files[fmt])
             continue
         if fmt == "pdf" and html_unchanged and files[fmt].exists():
             unchanged.append(str(files[fmt]))
@@ -228,14 +228,14 @@ def _write_invoice(
             pending.append(str(pending_path))
         elif pending_path.exists():
             # usage went back to what was finalized: nothing left to adjust
-            durable.remove(pending_path)
+            batch.remove(pending_path)
         for fmt in FILE_FORMATS[1:]:
             if not files[fmt].exists() and (fmt != "pdf" or pdf_stored(stored)):
                 batch.write(files[fmt], render_bytes(stored, fmt))
                 written.append(str(files[fmt]))
     else:
         effective = inv
-        write_files(files, inv, written, unchanged, batch.write)
+        write_files(files, inv, written, unchanged, batch.write, batch.remove)
     by_status[effective["status"]] = by_status.get(effective["status"], 0) + 1
     cur = effective["currency"]
     totals_minor[cur] = totals_minor.get(cur, 0) + int(effective["total_minor"])

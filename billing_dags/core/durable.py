@@ -216,6 +216,7 @@ class Batch:
 
     def __init__(self) -> None:
         self.pending: list[tuple[Path, Path]] = []
+        self.removals: list[Path] = []
         self._folders: set[Path] = set()
         self._devices: dict[int, int] = {}  # st_dev -> descriptor of a folder on it, opened before its first file
 
@@ -252,9 +253,18 @@ class Batch:
         with ThreadPoolExecutor(min(16, len(self.pending))) as pool:
             list(pool.map(fsync_path, [tmp for tmp, _ in self.pending]))
 
+    def remove(self, path: Path | str) -> None:
+        """Remove ``path`` once the batch's files are published (``commit``); when their publish fails, it stays."""
+        self.removals.append(Path(path))
+
     def commit(self) -> None:
-        if not self.pending:
-            return
+        removals, self.removals = self.removals, []
+        if self.pending:
+            self._publish()
+        for path in removals:
+            remove(path)
+
+    def _publish(self) -> None:
         try:
             self._sync_files()
             if _MIRRORS:
@@ -274,6 +284,7 @@ class Batch:
         for tmp, _ in self.pending:
             tmp.unlink(missing_ok=True)
         self.pending = []
+        self.removals = []
 
     def close(self) -> None:
         """Close the descriptors kept for ``syncfs`` (after ``commit`` or ``abort``)."""

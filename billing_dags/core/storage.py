@@ -415,17 +415,33 @@ class WorkingCopy:
                 st = Path(tmp).stat()  # the rename keeps size and mtime
                 return key, [etag, st.st_size, st.st_mtime_ns]
 
-            # the objects written from a version read for an update go first: when one is refused, nothing
-            # else of the batch (an invoice's page beside its JSON) is put
+            # the files of one document (one name, several formats: an invoice's JSON, CSV, HTML and PDF) go
+            # up together, the ones written from a version read for an update first: when one of those is
+            # refused, the rest of its document is not put (no page beside a JSON it does not render)
             with self._read_lock:
-                first = [item for item in todo if item[1] in self._read_versions]
-            rest = [item for item in todo if item not in first]
+                noted = {key for _, key in todo if key in self._read_versions}
+            documents: dict[str, list] = {}
+            for item in todo:
+                documents.setdefault(item[1].rsplit(".", 1)[0], []).append(item)
+
+            def upload_document(items: list) -> tuple[list, Exception | None]:
+                done = []
+                for item in sorted(items, key=lambda i: i[1] not in noted):
+                    try:
+                        done.append(upload(item))
+                    except ConcurrentWriteError as e:
+                        return done, e
+                return done, None
+
+            refused = None
             try:
-                for part in (first, rest):
-                    for key, rec in _map(upload, part):
-                        index[key] = rec
+                for done, error in _map(upload_document, documents.values()):
+                    index.update(done)
+                    refused = refused or error
             finally:
                 self._save(index)
+            if refused is not None:
+                raise refused
 
     def remove(self, paths: list[Path]) -> None:
         keys = [key for p in paths if (key := self.key_of(p)) is not None]
