@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import date, timedelta
 
 from billing_dags.core.settings import Paths
-from billing_dags.core.shards import Shard, all_shards
+from billing_dags.core.shards import Shard, all_shards, shard_of_dir
 from billing_dags.ingest import events, raw
 from billing_dags.models.sqlmodels import Model, ModelError, Project, Window, model_files, partition_day
 
@@ -21,9 +21,19 @@ def _days(start: date, end: date):
         day += timedelta(days=1)
 
 
-def _has_raw_input(paths: Paths, day: date, shard: Shard | None) -> bool:
-    """Whether ``day`` (of ``shard``) has raw samples or raw events: something its daily models compute from."""
-    return bool(raw.sample_files(paths, day, shard) or events.event_files(paths, day, shard))
+def raw_input_cells(paths: Paths, start: date, end: date) -> set[tuple[date, Shard | None]]:
+    """The (day, shard) of [start, end) with raw samples or raw events: what daily models compute from (shard
+    None when unsharded). One listing per day and kind, whatever the number of shards."""
+    out = set()
+    for day in _days(start, end):
+        for folder in (raw.samples_day_dir(paths, day), events.events_day_dir(paths, day)):
+            if paths.shards == 1:
+                if any(folder.glob("*.parquet")):
+                    out.add((day, None))
+                continue
+            for f in folder.glob(f"shard=*-of-{paths.shards}/*.parquet"):
+                out.add((day, shard_of_dir(f.parent.name)))
+    return out
 
 
 def missing_lookback_days(paths: Paths, project: Project, model: Model, window: Window) -> dict[str, list[str]]:
@@ -50,12 +60,13 @@ def missing_lookback_days(paths: Paths, project: Project, model: Model, window: 
     return out
 
 
-def uncomputed_cells(paths: Paths, model: Model, start: date, end: date) -> list[tuple[date, Shard | None]]:
+def uncomputed_cells(paths: Paths, model: Model, start: date, end: date, raw_cells: set | None = None) -> list[tuple[date, Shard | None]]:
     """The (day, shard) of [start, end) with raw input and no partition of the daily ``model`` (shard None
-    when unsharded), by day then shard."""
+    when unsharded), by day then shard. ``raw_cells``: ``raw_input_cells`` of the same days, when known."""
     shards = all_shards(paths.shards) if paths.shards > 1 else [None]
+    cells = raw_input_cells(paths, start, end) if raw_cells is None else raw_cells
     have = {shard: {partition_day(p) for p in model_files(paths, model, shard)} for shard in shards}
-    return [(day, shard) for day in _days(start, end) for shard in shards if day not in have[shard] and _has_raw_input(paths, day, shard)]
+    return [(day, shard) for day in _days(start, end) for shard in shards if (day, shard) in cells and day not in have[shard]]
 
 
 def missing_period_days(paths: Paths, project: Project, model: Model, window: Window) -> dict[str, list[str]]:

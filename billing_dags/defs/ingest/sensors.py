@@ -209,7 +209,7 @@ def uncomputed_plan(paths, asset_graph, today) -> tuple[list[dg.RunRequest], lis
     from datetime import date
 
     from billing_dags.defs.shared.partitions import PARTITIONS_START
-    from billing_dags.models.completeness import uncomputed_cells
+    from billing_dags.models.completeness import raw_input_cells, uncomputed_cells
     from billing_dags.models.sqlmodels import load_project
 
     project = load_project()
@@ -218,7 +218,8 @@ def uncomputed_plan(paths, asset_graph, today) -> tuple[list[dg.RunRequest], lis
     selected = (dg.AssetSelection.assets(*ingest).downstream().resolve(asset_graph) & daily) - set(ingest)
     models = [project.models[k.to_user_string()] for k in selected if asset_graph.get(k).partitions_def == billing_daily_shards]
     start = max(date.fromisoformat(PARTITIONS_START), today - timedelta(days=UNCOMPUTED_LOOKBACK_DAYS))
-    cells = sorted({c for m in models for c in uncomputed_cells(paths, m, start, today)}, key=lambda c: (c[0], c[1].index))
+    raw_cells = raw_input_cells(paths, start, today)
+    cells = sorted({c for m in models for c in uncomputed_cells(paths, m, start, today, raw_cells)}, key=lambda c: (c[0], c[1].index))
     if not cells:
         return [], []
     listed = [f"{day}|{shard.key}" for day, shard in cells]
