@@ -413,3 +413,80 @@ def test_a_day_is_refused_while_an_earlier_day_it_reads_has_raw_samples_and_no_e
         require_computed_inputs(paths, project, usage, window)
     touch(raw.carry_in_day_dir(paths, date(2026, 2, 10)) / "part-sim.parquet")  # the day's carry-in holds Feb 8's file
     assert missing_lookback_days(paths, project, usage, window) == {}
+
+
+SENSOR_SCRIPT = """
+import json
+from datetime import UTC, datetime, timedelta
+import dagster as dg
+from billing_dags.definitions import defs as load
+from billing_dags.core import shards
+from billing_dags.core.settings import resolve_paths
+from billing_dags.defs.shared.resources import WarehouseResource
+from billing_dags.ingest import raw
+from billing_dags.models.sqlmodels import load_project, partition_dir
+
+defs = load() if callable(load) else load
+sensor = defs.resolve_sensor_def("sharded_days_sensor")
+paths = resolve_paths()
+today = datetime.now(UTC).date()
+yesterday = today - timedelta(days=1)
+both = shards.all_shards(2)
+
+def touch(p):
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(b"")
+
+def tick(cursor):
+    with dg.build_sensor_context(instance=dg.DagsterInstance.get(), cursor=cursor, definitions=defs, resources={"warehouse": WarehouseResource()}) as ctx:
+        got = sensor(ctx)
+        if isinstance(got, dg.SkipReason):
+            return {"skip": got.skip_message}, ctx.cursor
+        [request] = got
+        cells = {k.to_user_string(): sorted(request.asset_graph_subset.get_partitions_subset(k).get_partition_keys())
+                 for k in request.asset_graph_subset.asset_keys}
+        return {"cells": cells, "tags": request.tags}, ctx.cursor
+
+out = []
+state, cursor = tick(None)
+out.append(state)
+for s in both:
+    touch(raw.samples_day_dir(paths, yesterday) / s.dirname / "part-simulate.parquet")
+touch(raw.samples_day_dir(paths, today) / both[0].dirname / "part-simulate.parquet")  # the day under way
+state, cursor = tick(cursor)
+out.append(state)
+state, cursor = tick(cursor)  # its backfill failed, or has not run yet: not requested again
+out.append(state)
+project = load_project()
+for name, model in project.models.items():
+    if model.partitioned_by == "billing_daily" and model.materialized == "table":
+        for s in both:
+            touch(partition_dir(paths, model) / f"day={yesterday}" / s.dirname / "data.parquet")
+state, cursor = tick(cursor)
+out.append(state)
+print(json.dumps({"yesterday": yesterday.isoformat(), "ticks": out}))
+"""
+
+
+def test_the_sharded_days_sensor_requests_ingested_days_once_and_settles(tmp_path):
+    """BILLING_SHARDS=2, the sensor evaluated tick after tick: nothing to do on an empty warehouse; yesterday
+    ingested (both shards) is one asset backfill of its (day, shard) models and its daily assets after them, never
+    its ingest and never today (still under way); the same cells are not requested twice; computed, it settles."""
+    env = {**os.environ, "BILLING_SHARDS": "2", "BILLING_DATA_DIR": str(tmp_path / "data"), "DAGSTER_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    env.pop("BILLING_EXECUTOR", None)
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    proc = subprocess.run([sys.executable, "-c", SENSOR_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    day, (empty, requested, again, settled) = got["yesterday"], got["ticks"]
+    assert "has its usage computed" in empty["skip"]
+    cells = [f"{day}|0", f"{day}|1"]
+    assert requested["cells"] == {
+        **dict.fromkeys(("int_series_edges_by_day", "int_gauge_peaks_by_day", "fct_usage_by_day", "fct_usage_30d_by_day", "fct_anomaly_flags_by_day"), cells),
+        **{a: [day] for a in ("stripe_outbox", "stripe_meter_events", "allowance_notifications", "daily_summary")},
+    }
+    assert requested["tags"]["billing/reason"] == "ingested days without usage" and requested["tags"]["billing/partitions"] == ",".join(cells)
+    assert "requested already" in again["skip"] and cells[0] in again["skip"]
+    assert "has its usage computed" in settled["skip"]
