@@ -6,6 +6,7 @@ import calendar as stdlib
 from datetime import date, timedelta
 
 from billing_dags.core.calendar import (
+    days,
     days_in_month,
     last_complete_month,
     month_days,
@@ -25,7 +26,8 @@ def test_every_day_of_four_years():
         assert next_month(day) == first + timedelta(days=n)
         assert previous_month(day) == (first - timedelta(days=1)).replace(day=1)
         assert days_in_month(day) == n and month_ms(day) == n * 86_400_000
-        assert month_days(day) == [first + timedelta(days=i) for i in range(n)]
+        assert month_days(day) == [first + timedelta(days=i) for i in range(n)] == days(first, next_month(day))
+        assert days(day, day) == [] and days(next_month(day), day) == []
         assert last_complete_month(day) == previous_month(day)
         day += timedelta(days=1)
 

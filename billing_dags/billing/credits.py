@@ -36,6 +36,7 @@ from collections.abc import Iterable, Mapping
 from datetime import date
 from pathlib import Path
 
+from billing_dags.core import durable
 from billing_dags.core.money import format_minor
 from billing_dags.seeds.credits import Grant
 from billing_dags.seeds.errors import SeedError
@@ -60,8 +61,6 @@ def stored_invoices(invoices_dir: Path, customer_id: str | None = None) -> list[
 
 def _stored_invoice(f: Path) -> dict | None:
     """A stored invoice JSON, read for an update (``durable.read_for_update``: settling a draft rewrites it)."""
-    from billing_dags.core import durable
-
     try:
         data = durable.read_for_update(f)
         if data is None:
@@ -221,8 +220,6 @@ def ledger(grants: Iterable[Grant], invoices: Iterable[Mapping], exponents: Mapp
 def write_ledger(paths, grants: Iterable[Grant], exponents: Mapping[str, int]) -> dict:
     """Write ``<invoices>/credits_ledger.json`` from the grants and every stored invoice (only when its bytes change).
     Returns {"path", "written", "grants", "overdrawn"}."""
-    from billing_dags.core import durable
-
     doc = ledger(grants, stored_invoices(paths.invoices), exponents)
     data = durable.canonical_json(doc)
     path = Path(paths.invoices) / LEDGER_FILE

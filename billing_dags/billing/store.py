@@ -102,7 +102,7 @@ def write_files(files: dict[str, Path], inv: dict, written: list[str], unchanged
     for fmt in FILE_FORMATS:
         if fmt == "pdf" and not pdf_stored(inv):
             # a draft has none; with PDFs off, a PDF of the page before would disagree with the invoice
-            if inv.get("status") != "finalized" or not html_unchanged:
+            if (inv.get("status") != "finalized" or not html_unchanged) and files[fmt].exists():
                 remove(files[fmt])
             continue
         if fmt == "pdf" and html_unchanged and files[fmt].exists():

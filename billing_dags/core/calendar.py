@@ -1,5 +1,5 @@
 """Months and days in UTC, the one place month arithmetic is written: parsing ``YYYY-MM``, a month's
-start, the next and previous month, a month's days and length, the last complete month."""
+start, the next and previous month, a month's days and length, a range of days, the last complete month."""
 
 from __future__ import annotations
 
@@ -42,6 +42,11 @@ def previous_month(day: date) -> date:
 def days_in_month(day: date) -> int:
     """How many days the month of ``day`` has."""
     return (next_month(day) - month_start(day)).days
+
+
+def days(start: date, end: date) -> list[date]:
+    """Every day of the half-open range [start, end), in order."""
+    return [start + timedelta(days=i) for i in range((end - start).days)]
 
 
 def month_days(day: date) -> list[date]:

@@ -8,24 +8,18 @@ from __future__ import annotations
 
 from datetime import date, timedelta
 
+from billing_dags.core.calendar import days
 from billing_dags.core.settings import Paths
 from billing_dags.core.shards import Shard, all_shards, shard_of_dir
 from billing_dags.ingest import events, raw
 from billing_dags.models.sqlmodels import Model, ModelError, Project, Window, model_files, partition_day
 
 
-def _days(start: date, end: date):
-    day = start
-    while day < end:
-        yield day
-        day += timedelta(days=1)
-
-
 def raw_input_cells(paths: Paths, start: date, end: date) -> set[tuple[date, Shard | None]]:
     """The (day, shard) of [start, end) with raw samples or raw events: what daily models compute from (shard
     None when unsharded). One listing per day and kind, whatever the number of shards."""
     out = set()
-    for day in _days(start, end):
+    for day in days(start, end):
         for folder in (raw.samples_day_dir(paths, day), events.events_day_dir(paths, day)):
             if paths.shards == 1:
                 if any(folder.glob("*.parquet")):
@@ -52,7 +46,7 @@ def missing_lookback_days(paths: Paths, project: Project, model: Model, window: 
         have = {partition_day(p) for p in model_files(paths, up, window.shard)}
         missing = [
             day.isoformat()
-            for day in _days(window.start - timedelta(days=model.lookback_days), window.end)
+            for day in days(window.start - timedelta(days=model.lookback_days), window.end)
             if day in raw_present and day not in have and not (day < window.start and {p.name for p in raw.sample_files(paths, day, window.shard)} <= carried)
         ]
         if missing:
@@ -66,7 +60,7 @@ def uncomputed_cells(paths: Paths, model: Model, start: date, end: date, raw_cel
     shards = all_shards(paths.shards) if paths.shards > 1 else [None]
     cells = raw_input_cells(paths, start, end) if raw_cells is None else raw_cells
     have = {shard: {partition_day(p) for p in model_files(paths, model, shard)} for shard in shards}
-    return [(day, shard) for day in _days(start, end) for shard in shards if (day, shard) in cells and day not in have[shard]]
+    return [(day, shard) for day in days(start, end) for shard in shards if (day, shard) in cells and day not in have[shard]]
 
 
 def missing_period_days(paths: Paths, project: Project, model: Model, window: Window) -> dict[str, list[str]]:
@@ -85,22 +79,22 @@ def missing_period_days(paths: Paths, project: Project, model: Model, window: Wi
     return out
 
 
-def _listed(days: list[str]) -> str:
-    return ", ".join(days[:5]) + ("..." if len(days) > 5 else "")
+def _listed(missing: list[str]) -> str:
+    return ", ".join(missing[:5]) + ("..." if len(missing) > 5 else "")
 
 
 def require_computed_inputs(paths: Paths, project: Project, model: Model, window: Window) -> None:
     """Raise ModelError naming the missing days (and the fix) when ``model`` would read a day never computed."""
     problems = [
-        f"{model.name} for {window.start} reads {name} for the {model.lookback_days} days before it, but {len(days)} of those "
-        f"days have raw samples and no {name} partition ({_listed(days)}); materialize {name} for them first (a backfill "
+        f"{model.name} for {window.start} reads {name} for the {model.lookback_days} days before it, but {len(missing)} of those "
+        f"days have raw samples and no {name} partition ({_listed(missing)}); materialize {name} for them first (a backfill "
         "of the whole range runs them in order)"
-        for name, days in missing_lookback_days(paths, project, model, window).items()
+        for name, missing in missing_lookback_days(paths, project, model, window).items()
     ] + [
-        f"{model.name} for {window.start} to {window.end - timedelta(days=1)} sums {name} over every day, but {len(days)} "
-        f"day(s) with raw input have no {name} partition ({_listed(days)}): they would be billed as zero. Materialize "
+        f"{model.name} for {window.start} to {window.end - timedelta(days=1)} sums {name} over every day, but {len(missing)} "
+        f"day(s) with raw input have no {name} partition ({_listed(missing)}): they would be billed as zero. Materialize "
         f"{name} for them first (a backfill of those days, or of the month: docs/runs-and-backfills.md), then rerun this partition"
-        for name, days in missing_period_days(paths, project, model, window).items()
+        for name, missing in missing_period_days(paths, project, model, window).items()
     ]
     if problems:
         raise ModelError("; ".join(problems))

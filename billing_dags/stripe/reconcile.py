@@ -13,7 +13,7 @@ each difference is named with its cause from the outbox rows of the line's days:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import Decimal
@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from billing_dags.core.calendar import month_start, next_month
+from billing_dags.core.calendar import month_days, month_start, next_month
 from billing_dags.core.errors import InputError
 from billing_dags.core.settings import Paths
 from billing_dags.stripe import outbox as ob
@@ -104,7 +104,7 @@ def reconcile_month(
     units = {(u["unit"], u["billing_unit"]): int(u["divisor"]) for u in seeds["units"].to_pylist()}
     customers = {c["customer_id"]: c for c in seeds["customers"].to_pylist()}
     outbox: dict[tuple[str, str, str], list[dict]] = {}
-    for d in _days(month, next_month(month)):
+    for d in month_days(month):
         for r in ob.read_outbox(paths, d):
             outbox.setdefault((r["customer_id"], r["meter_id"], r.get("dimension") or ""), []).append(r)
     out = []
@@ -135,13 +135,6 @@ def reconcile_month(
             check.causes = explain(rows, m["aggregation"], value, invoice_nano, divisor, decimals, line["period_start"], line["period_end"])
         out.append(check)
     return out
-
-
-def _days(start: date, end: date) -> Iterable[date]:
-    d = start
-    while d < end:
-        yield d
-        d += timedelta(days=1)
 
 
 def _expected(rows: list[dict], aggregation: str, pick: Callable[[dict], int | None]) -> int:

@@ -14,7 +14,7 @@ then the days' Stripe hand-off and summaries, which read every shard of their da
 
 import hashlib
 import json
-from datetime import timedelta
+from datetime import date, timedelta
 
 import dagster as dg
 from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
@@ -28,6 +28,12 @@ INGEST_ASSETS = ("raw_samples", "remote_write_samples", "usage_events", "usage_r
 LATE_KEY = "billing/late_key"
 
 
+def _daily_assets(asset_graph) -> set:
+    """The materializable assets partitioned by day, or by (day, shard) when sharded."""
+    by_day = [p for p in (billing_daily, billing_daily_shards) if p is not None]
+    return {k for k in asset_graph.materializable_asset_keys if asset_graph.get(k).partitions_def in by_day}
+
+
 def rerun_plan(paths, asset_graph, hashes: dict | None = None) -> tuple[list[dg.RunRequest], dict, list]:
     """The run requests for the late model days of ``paths`` (see billing_dags.models.late_data), the hashes
     to keep for the next evaluation, and the late model days found."""
@@ -39,9 +45,7 @@ def rerun_plan(paths, asset_graph, hashes: dict | None = None) -> tuple[list[dg.
     if not late:
         return [], used, late
     late_models = sorted({d.model for d in late})
-    by_day = [p for p in (billing_daily, billing_daily_shards) if p is not None]
-    daily = {k for k in asset_graph.materializable_asset_keys if asset_graph.get(k).partitions_def in by_day}
-    selected = dg.AssetSelection.assets(*late_models).downstream().resolve(asset_graph) & daily
+    selected = dg.AssetSelection.assets(*late_models).downstream().resolve(asset_graph) & _daily_assets(asset_graph)
     selected -= {dg.AssetKey(a) for a in INGEST_ASSETS}
     models = [project.models[k.to_user_string()] for k in selected if k.to_user_string() in project.models]
     # later days read a late one through the lookback of every daily model (edges, usage) and of the sources
@@ -206,16 +210,13 @@ def uncomputed_plan(paths, asset_graph, today) -> tuple[list[dg.RunRequest], lis
     """Sharded: one asset backfill of every (day, shard) of the last UNCOMPUTED_LOOKBACK_DAYS days before
     ``today`` that has raw input and is missing a daily model's partition (the day was ingested, its models
     never ran), with the daily assets after the models for those days; and those cells."""
-    from datetime import date
-
     from billing_dags.defs.shared.partitions import PARTITIONS_START
     from billing_dags.models.completeness import raw_input_cells, uncomputed_cells
     from billing_dags.models.sqlmodels import load_project
 
     project = load_project()
     ingest = [dg.AssetKey(a) for a in INGEST_ASSETS if asset_graph.has(dg.AssetKey(a))]
-    daily = {k for k in asset_graph.materializable_asset_keys if asset_graph.get(k).partitions_def in (billing_daily, billing_daily_shards)}
-    selected = (dg.AssetSelection.assets(*ingest).downstream().resolve(asset_graph) & daily) - set(ingest)
+    selected = (dg.AssetSelection.assets(*ingest).downstream().resolve(asset_graph) & _daily_assets(asset_graph)) - set(ingest)
     models = [project.models[k.to_user_string()] for k in selected if asset_graph.get(k).partitions_def == billing_daily_shards]
     start = max(date.fromisoformat(PARTITIONS_START), today - timedelta(days=UNCOMPUTED_LOOKBACK_DAYS))
     raw_cells = raw_input_cells(paths, start, today)
@@ -240,22 +241,22 @@ if billing_daily_shards is not None:
         name="sharded_days_sensor",
         description=(
             "Sharded (BILLING_SHARDS > 1): once an ingest has finished, computes the days it ingested: one asset backfill of "
-            "every (day, shard) of the last 35 days with raw input and no usage, then those days' Stripe hand-off and "
+            f"every (day, shard) of the last {UNCOMPUTED_LOOKBACK_DAYS} days with raw input and no usage, then those days' Stripe hand-off and "
             "summaries. With daily_usage_schedule (the ingest) it runs each day unattended."
         ),
         default_status=dg.DefaultSensorStatus.STOPPED,
     )
     def sharded_days_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource):
-        from datetime import UTC, datetime
+        from billing_dags.core.calendar import utc_today
 
         busy = runs_under_way(context.instance, context.repository_def.asset_graph, daily_usage.name)
         if busy:
             return dg.SkipReason(f"waiting for {len(busy)} run(s) writing raw days or daily usage to finish: {', '.join(busy[:5])}")
-        today = datetime.now(UTC).date()  # the days before it: a day is ingested once it has ended
+        today = utc_today()  # the days before it: a day is ingested once it has ended
         requests, cells = uncomputed_plan(warehouse.paths(), context.repository_def.asset_graph, today)
         if not requests:
             context.update_cursor(json.dumps({"requested": []}))
-            return dg.SkipReason("every (day, shard) with raw input of the last 35 days has its usage computed")
+            return dg.SkipReason(f"every (day, shard) with raw input of the last {UNCOMPUTED_LOOKBACK_DAYS} days has its usage computed")
         requested = set(json.loads(context.cursor).get("requested", [])) if context.cursor else set()
         keys = [r.tags[UNCOMPUTED_KEY] for r in requests]
         context.update_cursor(json.dumps({"requested": keys}))

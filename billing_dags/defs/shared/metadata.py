@@ -19,6 +19,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from billing_dags.core.calendar import days
+
 #: owners shown on every asset (Dagster owner strings: an email or team:<name>)
 OWNERS = ["team:billing"]
 
@@ -203,15 +205,6 @@ def files_data_version(files) -> dg.DataVersion:
     return dg.DataVersion(h.hexdigest()[:16])
 
 
-def _days(window):
-    from datetime import timedelta
-
-    d = window.start
-    while d < window.end:
-        yield d
-        d += timedelta(days=1)
-
-
 def raw_metadata(paths, window, table: str = "raw_samples", sources=None) -> tuple[dict, dg.DataVersion]:
     """The standard metadata of the raw files an ingest asset wrote for ``window``, and their data version.
 
@@ -222,11 +215,11 @@ def raw_metadata(paths, window, table: str = "raw_samples", sources=None) -> tup
     from billing_dags.ingest.events import event_files, events_root
 
     if table == "raw_samples":
-        files = [f for d in _days(window) for f in raw.sample_files(paths, d)]
+        files = [f for d in days(window.start, window.end) for f in raw.sample_files(paths, d)]
         every = sorted(paths.raw_samples.glob("date=*/*.parquet"))
     else:
         parts = {f"part-{s}.parquet" for s in sources or ()}
-        files = [f for d in _days(window) for f in event_files(paths, d) if f.name in parts]
+        files = [f for d in days(window.start, window.end) for f in event_files(paths, d) if f.name in parts]
         every = sorted(f for f in events_root(paths).glob("date=*/*.parquet") if f.name in parts)
     meta = {}
     if files:
