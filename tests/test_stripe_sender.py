@@ -264,6 +264,10 @@ def test_a_sender_killed_mid_way_resends_nothing_it_recorded_and_nothing_counts_
         # record yet is at most three checkpoints' worth (one being written, one waiting, one
         # collecting) and what was in flight
         assert len(accepted - recorded) <= 3 * sd.CHECKPOINT_ROWS + 3 * concurrency, (len(accepted), len(recorded))
+        # the killed sender's last calls may still be executing in the server (its simulated latency): the
+        # rerun starts once they have ended, as a sender restarted after a crash finds Stripe; that the rerun
+        # itself never makes two calls at once for a pair is checked below
+        wait_for(lambda: not server.pairs_in_flight, 30, "the killed sender's calls to end in the server", step=0.005)
         before = len(server.event_posts())
         rerun = _cli(paths.data_dir, server.url, "--month", month)
         _out, err = rerun.communicate(timeout=300)
